@@ -1,0 +1,205 @@
+/* lib/common.c — error codes, allocator hooks, clocks, logging, fences. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <linux/membarrier.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <keel/version.h>
+
+#include "internal.h"
+
+/* ---- version ---- */
+
+KEEL_API const char *keel_version(void) { return KEEL_VERSION_STRING; }
+KEEL_API unsigned keel_version_num(void) { return KEEL_VERSION_NUM; }
+
+/* ---- errors ---- */
+
+KEEL_API const char *keel_strerror(int code)
+{
+    switch (code) {
+    case 0:
+        return "success";
+#define KEEL__ERR_MSG(name, val, msg)                                          \
+    case val:                                                                  \
+        return msg;
+        KEEL_ERRNO_MAP(KEEL__ERR_MSG)
+#undef KEEL__ERR_MSG
+    default:
+        return "unknown error";
+    }
+}
+
+KEEL_API const char *keel_err_name(int code)
+{
+    switch (code) {
+    case 0:
+        return "KEEL_OK";
+#define KEEL__ERR_NAME(name, val, msg)                                         \
+    case val:                                                                  \
+        return "KEEL_" #name;
+        KEEL_ERRNO_MAP(KEEL__ERR_NAME)
+#undef KEEL__ERR_NAME
+    default:
+        return "KEEL_EUNKNOWN";
+    }
+}
+
+/* ---- allocator ---- */
+
+static keel_allocator keel__alloc = {malloc, calloc, realloc, free};
+
+KEEL_API int keel_set_allocator(const keel_allocator *a)
+{
+    if (a == NULL) {
+        keel__alloc = (keel_allocator){malloc, calloc, realloc, free};
+        return 0;
+    }
+    if (!a->malloc_fn || !a->calloc_fn || !a->realloc_fn || !a->free_fn)
+        return KEEL_EINVAL;
+    keel__alloc = *a;
+    return 0;
+}
+
+void *keel__malloc(size_t size) { return keel__alloc.malloc_fn(size ? size : 1); }
+
+void *keel__calloc(size_t n, size_t size)
+{
+    return keel__alloc.calloc_fn(n ? n : 1, size ? size : 1);
+}
+
+void *keel__realloc(void *ptr, size_t size)
+{
+    return keel__alloc.realloc_fn(ptr, size ? size : 1);
+}
+
+void keel__free(void *ptr)
+{
+    if (ptr)
+        keel__alloc.free_fn(ptr);
+}
+
+/* The hooks promise max_align_t alignment only, so larger alignments
+ * over-allocate and keep the original pointer just below the block. */
+void *keel__aligned_alloc(size_t align, size_t size)
+{
+    size_t total;
+    if (align < sizeof(void *))
+        align = sizeof(void *);
+    if (__builtin_add_overflow(size, align + sizeof(void *), &total))
+        return NULL;
+    char *raw = keel__malloc(total);
+    if (raw == NULL)
+        return NULL;
+    uintptr_t p = ((uintptr_t)raw + sizeof(void *) + align - 1) & ~(uintptr_t)(align - 1);
+    ((void **)p)[-1] = raw;
+    return (void *)p;
+}
+
+void keel__aligned_free(void *ptr)
+{
+    if (ptr)
+        keel__free(((void **)ptr)[-1]);
+}
+
+/* ---- clocks ---- */
+
+static uint64_t keel__clock_ns(clockid_t id)
+{
+    struct timespec ts;
+    clock_gettime(id, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+KEEL_API uint64_t keel_now_ns(void) { return keel__clock_ns(CLOCK_MONOTONIC); }
+KEEL_API uint64_t keel_wall_ns(void) { return keel__clock_ns(CLOCK_REALTIME); }
+
+/* ---- logging ---- */
+
+/* The hook, its level and argument change together under a lock, and are
+ * read with one atomic load of the level on the path that logs nothing. */
+static pthread_mutex_t keel__log_mu = PTHREAD_MUTEX_INITIALIZER;
+static keel_log_fn keel__log_fn;
+static void *keel__log_ud;
+static atomic_int keel__log_max = -1;
+
+KEEL_API void keel_set_log(keel_log_fn fn, keel_log_level max_level, void *ud)
+{
+    pthread_mutex_lock(&keel__log_mu);
+    keel__log_fn = fn;
+    keel__log_ud = ud;
+    atomic_store(&keel__log_max, fn ? (int)max_level : -1);
+    pthread_mutex_unlock(&keel__log_mu);
+}
+
+KEEL_API const char *keel_log_level_name(keel_log_level level)
+{
+    switch (level) {
+    case KEEL_LOG_ERROR: return "error";
+    case KEEL_LOG_WARN: return "warn";
+    case KEEL_LOG_INFO: return "info";
+    case KEEL_LOG_DEBUG: return "debug";
+    }
+    return "unknown";
+}
+
+KEEL_API void keel_log_stderr(keel_log_level level, const char *module,
+                              const char *msg, void *ud)
+{
+    (void)ud;
+    fprintf(stderr, "keel[%s] %s: %s\n", module ? module : "?",
+            keel_log_level_name(level), msg ? msg : "");
+}
+
+bool keel__log_enabled(keel_log_level level)
+{
+    return (int)level <= atomic_load_explicit(&keel__log_max, memory_order_relaxed);
+}
+
+void keel__log(keel_log_level level, const char *module, const char *fmt, ...)
+{
+    if (!keel__log_enabled(level))
+        return;
+    char buf[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    pthread_mutex_lock(&keel__log_mu);
+    keel_log_fn fn = keel__log_fn;
+    void *ud = keel__log_ud;
+    pthread_mutex_unlock(&keel__log_mu);
+    if (fn)
+        fn(level, module, buf, ud);
+}
+
+/* ---- asymmetric fences ---- */
+
+bool keel__membarrier_ok;
+#if defined(__SANITIZE_THREAD__)
+int keel__fence_word;
+#endif
+static pthread_once_t keel__fences_once = PTHREAD_ONCE_INIT;
+
+static void keel__fences_setup(void)
+{
+    long ok = syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0);
+    __atomic_store_n(&keel__membarrier_ok, ok == 0, __ATOMIC_RELAXED);
+}
+
+void keel__fences_init(void) { pthread_once(&keel__fences_once, keel__fences_setup); }
+
+void keel__heavy_fence(void)
+{
+    if (__atomic_load_n(&keel__membarrier_ok, __ATOMIC_RELAXED) &&
+        syscall(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) == 0)
+        return;
+    /* Without membarrier the light side is a full fence too. */
+    KEEL__FULL_FENCE();
+}

@@ -1,0 +1,95 @@
+/* lib/internal.h — helpers shared by libkeel's sources. Never installed.
+ *
+ * Internal names that are not static carry the keel__ prefix; they are
+ * hidden by -fvisibility=hidden and checked by `make check-symbols`.
+ */
+#ifndef KEEL_INTERNAL_H
+#define KEEL_INTERNAL_H
+
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <keel/common.h>
+
+#define KEEL__CACHELINE 64
+/* Internal globals shared between files: hidden, so that code built with
+ * -fPIC reaches them without going through the GOT. */
+#define KEEL__HIDDEN __attribute__((visibility("hidden")))
+
+#if defined(__GNUC__) || defined(__clang__)
+#define KEEL__LIKELY(x) __builtin_expect(!!(x), 1)
+#define KEEL__UNLIKELY(x) __builtin_expect(!!(x), 0)
+#define KEEL__PRINTF(f, a) __attribute__((format(printf, f, a)))
+#else
+#define KEEL__LIKELY(x) (x)
+#define KEEL__UNLIKELY(x) (x)
+#define KEEL__PRINTF(f, a)
+#endif
+
+/* ---- memory (through the hooks of keel_set_allocator) ---- */
+void *keel__malloc(size_t size);
+void *keel__calloc(size_t n, size_t size);
+void *keel__realloc(void *ptr, size_t size);
+void keel__free(void *ptr);
+/* Memory aligned to `align` (a power of two), freed with
+ * keel__aligned_free. Built on the hooks by over-allocating. */
+void *keel__aligned_alloc(size_t align, size_t size);
+void keel__aligned_free(void *ptr);
+/* *out = a * b, false on overflow. */
+static inline bool keel__mul_ok(size_t a, size_t b, size_t *out)
+{
+    return !__builtin_mul_overflow(a, b, out);
+}
+
+/* ---- logging ---- */
+/* true when a message at `level` would reach a hook: lets callers skip
+ * formatting. */
+bool keel__log_enabled(keel_log_level level);
+void keel__log(keel_log_level level, const char *module, const char *fmt, ...)
+    KEEL__PRINTF(3, 4);
+
+/* ---- clock ---- */
+/* A clock and its argument as the options give them; NULL = keel_now_ns. */
+typedef struct keel__clock {
+    keel_clock_fn fn;
+    void *ud;
+} keel__clock;
+
+static inline uint64_t keel__clock_now(const keel__clock *c)
+{
+    return c->fn ? c->fn(c->ud) : keel_now_ns();
+}
+
+/* ---- asymmetric fences ----
+ *
+ * For protocols where one side (an owner thread's fast path) runs often and
+ * the other (a thief) rarely: the fast side only needs a compiler barrier,
+ * the slow side calls keel__heavy_fence(), which makes every thread of the
+ * process execute a full barrier (Linux membarrier). When membarrier is not
+ * available, keel__light_fence() becomes a real full fence instead.
+ */
+extern KEEL__HIDDEN bool keel__membarrier_ok;
+/* A full fence. GCC's ThreadSanitizer does not model fences and refuses
+ * them, so under it a locked read-modify-write (a full barrier on x86)
+ * stands in. */
+#if defined(__SANITIZE_THREAD__)
+extern KEEL__HIDDEN int keel__fence_word;
+#define KEEL__FULL_FENCE() ((void)__atomic_fetch_add(&keel__fence_word, 0, __ATOMIC_SEQ_CST))
+#else
+#define KEEL__FULL_FENCE() __atomic_thread_fence(__ATOMIC_SEQ_CST)
+#endif
+void keel__heavy_fence(void);
+static inline void keel__light_fence(void)
+{
+    if (KEEL__LIKELY(__atomic_load_n(&keel__membarrier_ok, __ATOMIC_RELAXED)))
+        __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    else
+        KEEL__FULL_FENCE();
+}
+/* Must be called (once is enough, any thread) before a protocol that relies
+ * on the pair is used; registers with membarrier. Thread-safe. */
+void keel__fences_init(void);
+
+#endif /* KEEL_INTERNAL_H */

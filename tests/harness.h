@@ -1,0 +1,37 @@
+/* tests/harness.h — what every Check suite shares: running a suite, the
+ * servers from tests/servers.sh, and a fake clock. */
+#ifndef KEEL_TEST_HARNESS_H
+#define KEEL_TEST_HARNESS_H
+
+#include <check.h>
+#include <stdatomic.h>
+#include <stdint.h>
+
+/* Runs the suite (Check's fork mode unless CK_FORK=no) and returns the
+ * process exit status: 0 when every test passed. */
+int kt_run(Suite *s);
+
+/* The value of a KEEL_TEST_* variable. A missing one fails the test with a
+ * message saying how to get it (run through `make check`): a missing server
+ * is a failure, never a silent skip. */
+const char *kt_env(const char *name);
+
+/* The i-th host:port of KEEL_TEST_REDIS, split into host and port. */
+void kt_redis_node(int i, char *host, size_t hostlen, int *port);
+int kt_redis_nodes(void);
+
+/* Runs `tests/servers.sh VERB NAME` (stop-one, start-one, pause-one,
+ * resume-one, promote); fails the test if it fails. */
+void kt_server(const char *verb, const char *name);
+
+/* A clock for the `clock` options: time moves only when the test says. */
+typedef struct kt_clock {
+    _Atomic uint64_t ns;
+} kt_clock;
+uint64_t kt_clock_now(void *clock); /* a keel_clock_fn over a kt_clock */
+void kt_clock_advance(kt_clock *c, uint64_t ns);
+
+#define KT_MS (1000000ull)
+#define KT_S (1000000000ull)
+
+#endif
