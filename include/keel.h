@@ -1,0 +1,10 @@
+/* keel.h — the umbrella header: includes every libkeel module header.
+ * Including a single module header (<keel/pool.h>) works as well. */
+#ifndef KEEL_H
+#define KEEL_H
+
+#include <keel/version.h>
+#include <keel/common.h>
+#include <keel/pool.h>
+
+#endif /* KEEL_H */

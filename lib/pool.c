@@ -1,0 +1,975 @@
+/* lib/pool.c — object pool: thread magazines over a shared depot, objects
+ * carved from slabs.
+ *
+ * Three layers, as in Bonwick & Adams' magazine allocator:
+ *
+ *  - thread cache: two magazines (arrays of idle objects) per thread and
+ *    pool. acquire pops from `loaded`, release pushes onto it; when it is
+ *    empty (full) and `prev` is full (empty) the two are swapped. No lock,
+ *    no atomic read-modify-write, no shared cache line is written.
+ *  - depot: magazines exchanged whole with the thread caches, under the
+ *    pool mutex, plus the list of thread caches.
+ *  - slabs: the memory; a slab holds many object slots and a stack of the
+ *    slots that hold no constructed object.
+ *
+ * Taking idle objects back from other threads (for a bounded pool at
+ * capacity, trim and destroy) uses an asymmetric handshake. The owner
+ * brackets every fast-path operation with `in_op = 1 ... in_op = 0` and
+ * checks the pool's `gate` in between, with only a compiler barrier
+ * (keel__light_fence). A thief raises `gate`, runs keel__heavy_fence() —
+ * a membarrier that puts a full fence in every thread — and then waits for
+ * each owner's `in_op` to read 0. After that point no owner is inside a
+ * fast path and every later fast path sees the raised gate and goes to the
+ * locked slow path, so the thief may move the owners' magazines.
+ *
+ * Per-thread state lives in a thread-local table indexed by pool id. Pool
+ * ids and generations are kept in a process-wide registry, so a thread that
+ * exits after its pool was destroyed, or a pool that reuses an id, is
+ * recognised without touching freed memory.
+ */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <sched.h>
+#include <stdalign.h>
+#include <stdatomic.h>
+#include <string.h>
+#include <time.h>
+
+#include <keel/pool.h>
+
+#include "internal.h"
+
+#define LD(x) atomic_load_explicit(&(x), memory_order_relaxed)
+#define ST(x, v) atomic_store_explicit(&(x), (v), memory_order_relaxed)
+
+#define MAX_ALIGN 4096
+#define SLAB_TARGET_BYTES (64 * 1024)
+#define MAG_DEFAULT 32
+#define MAG_MAX 4096
+
+/* gate: bit 0 while a thief works, + GATE_WAITER per waiting acquire. */
+#define GATE_STEAL 1u
+#define GATE_WAITER 2u
+
+enum { SLOT_FREE = 0, SLOT_IDLE = 1, SLOT_OUT = 2 }; /* debug states */
+
+typedef struct mag {
+    struct mag *next; /* in a depot list */
+    atomic_size_t n;  /* rounds held; read by stats without the handshake */
+    void *rounds[];
+} mag;
+
+typedef struct slab {
+    char *base;           /* first object */
+    size_t nobj;          /* slots */
+    size_t nfree;         /* slots holding no constructed object */
+    uint32_t *free_stack; /* indexes of those slots */
+    unsigned char *state; /* debug mode only: SLOT_* per slot */
+} slab;
+
+typedef struct tcache {
+    atomic_int in_op;
+    _Atomic(mag *) loaded;
+    _Atomic(mag *) prev;
+    atomic_uint_fast64_t hits; /* written by the owner only */
+    size_t id;                 /* the pool's id and generation, */
+    uint64_t gen;              /* so a stale cache is recognised */
+    struct tcache *next, *prevtc; /* the pool's list, under pool->mu */
+} tcache;
+
+struct keel_pool {
+    /* read-mostly, shared by every fast path */
+    size_t id;
+    uint64_t gen;
+    size_t stride, obj_size, align, capacity, mag_size;
+    int (*init)(void *, void *);
+    void (*reset)(void *, void *);
+    void (*fini)(void *, void *);
+    void *ud;
+    int debug;
+
+    alignas(KEEL__CACHELINE) atomic_uint gate;
+
+    alignas(KEEL__CACHELINE) pthread_mutex_t mu;
+    pthread_cond_t cv;
+    mag *full;   /* depot: magazines holding at least one object */
+    mag *empty;  /* depot: empty magazines */
+    size_t depot_objs;
+    tcache *tcs; /* thread caches */
+    slab **slabs; /* sorted by base address */
+    size_t nslabs, slabs_cap;
+    size_t slot_total; /* slots in all slabs */
+    size_t created;    /* constructed objects, idle or out */
+    uint64_t misses, waits, timeouts, steals, exited_hits;
+};
+
+/* ---- registry of pool ids, and the per-thread tables ---- */
+
+typedef struct ttable {
+    size_t cap, used;
+    tcache **slots; /* by pool id */
+} ttable;
+
+static pthread_mutex_t reg_mu = PTHREAD_MUTEX_INITIALIZER;
+static keel_pool **reg;
+static size_t reg_cap, reg_live;
+static uint64_t reg_gen;
+static pthread_key_t tt_key;
+static pthread_once_t tt_once = PTHREAD_ONCE_INIT;
+static __thread ttable *tt __attribute__((tls_model("initial-exec")));
+
+static void thread_exit(void *arg);
+
+static void tt_key_create(void) { (void)pthread_key_create(&tt_key, thread_exit); }
+
+static int reg_add(keel_pool *p)
+{
+    pthread_mutex_lock(&reg_mu);
+    size_t id = 0;
+    while (id < reg_cap && reg[id])
+        id++;
+    if (id == reg_cap) {
+        size_t ncap = reg_cap ? reg_cap * 2 : 16;
+        keel_pool **n = keel__realloc(reg, ncap * sizeof *n);
+        if (!n) {
+            pthread_mutex_unlock(&reg_mu);
+            return KEEL_ENOMEM;
+        }
+        memset(n + reg_cap, 0, (ncap - reg_cap) * sizeof *n);
+        reg = n;
+        reg_cap = ncap;
+    }
+    reg[id] = p;
+    reg_live++;
+    p->id = id;
+    p->gen = ++reg_gen;
+    pthread_mutex_unlock(&reg_mu);
+    return 0;
+}
+
+/* The live pool a cache belongs to, or NULL. Caller holds reg_mu. */
+static keel_pool *reg_owner(const tcache *tc)
+{
+    keel_pool *p = tc->id < reg_cap ? reg[tc->id] : NULL;
+    return p && p->gen == tc->gen ? p : NULL;
+}
+
+/* ---- depot (caller holds p->mu) ---- */
+
+static mag *mag_new(keel_pool *p)
+{
+    mag *m = keel__malloc(sizeof *m + p->mag_size * sizeof(void *));
+    if (m) {
+        m->next = NULL;
+        atomic_init(&m->n, 0);
+    }
+    return m;
+}
+
+static mag *depot_take_empty(keel_pool *p)
+{
+    mag *m = p->empty;
+    if (m) {
+        p->empty = m->next;
+        return m;
+    }
+    return mag_new(p);
+}
+
+static void depot_put(keel_pool *p, mag *m)
+{
+    size_t n = LD(m->n);
+    if (n) {
+        m->next = p->full;
+        p->full = m;
+        p->depot_objs += n;
+    } else {
+        m->next = p->empty;
+        p->empty = m;
+    }
+}
+
+static mag *depot_take_full(keel_pool *p)
+{
+    mag *m = p->full;
+    if (m) {
+        p->full = m->next;
+        p->depot_objs -= LD(m->n);
+    }
+    return m;
+}
+
+static void *depot_pop(keel_pool *p)
+{
+    mag *m = p->full;
+    if (!m)
+        return NULL;
+    size_t n = LD(m->n) - 1;
+    void *obj = m->rounds[n];
+    ST(m->n, n);
+    p->depot_objs--;
+    if (n == 0) {
+        p->full = m->next;
+        m->next = p->empty;
+        p->empty = m;
+    }
+    return obj;
+}
+
+static bool depot_push(keel_pool *p, void *obj)
+{
+    mag *m = p->full;
+    if (!m || LD(m->n) == p->mag_size) {
+        if (!(m = depot_take_empty(p)))
+            return false;
+        m->next = p->full;
+        p->full = m;
+    }
+    size_t n = LD(m->n);
+    m->rounds[n] = obj;
+    ST(m->n, n + 1);
+    p->depot_objs++;
+    return true;
+}
+
+/* ---- slabs (caller holds p->mu) ---- */
+
+static size_t slab_find(keel_pool *p, const void *obj)
+{
+    size_t lo = 0, hi = p->nslabs;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if ((const char *)obj < p->slabs[mid]->base)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    if (lo == 0)
+        return SIZE_MAX;
+    slab *s = p->slabs[lo - 1];
+    size_t off = (size_t)((const char *)obj - s->base);
+    if (off >= s->nobj * p->stride || off % p->stride)
+        return SIZE_MAX;
+    return lo - 1;
+}
+
+static slab *slab_new(keel_pool *p)
+{
+    size_t nobj = SLAB_TARGET_BYTES / p->stride;
+    if (nobj < 8)
+        nobj = 8;
+    if (nobj > UINT32_MAX)
+        nobj = UINT32_MAX;
+    if (p->capacity && nobj > p->capacity - p->slot_total)
+        nobj = p->capacity - p->slot_total;
+    size_t bytes;
+    if (nobj == 0 || !keel__mul_ok(nobj, p->stride, &bytes))
+        return NULL;
+    if (p->nslabs == p->slabs_cap) {
+        size_t ncap = p->slabs_cap ? p->slabs_cap * 2 : 8;
+        slab **n = keel__realloc(p->slabs, ncap * sizeof *n);
+        if (!n)
+            return NULL;
+        p->slabs = n;
+        p->slabs_cap = ncap;
+    }
+    slab *s = keel__calloc(1, sizeof *s);
+    if (!s)
+        return NULL;
+    s->nobj = nobj;
+    s->base = keel__aligned_alloc(p->align, bytes);
+    s->free_stack = keel__malloc(nobj * sizeof *s->free_stack);
+    s->state = p->debug ? keel__calloc(nobj, 1) : NULL;
+    if (!s->base || !s->free_stack || (p->debug && !s->state)) {
+        keel__aligned_free(s->base);
+        keel__free(s->free_stack);
+        keel__free(s->state);
+        keel__free(s);
+        return NULL;
+    }
+    for (size_t i = 0; i < nobj; i++) /* lowest address handed out first */
+        s->free_stack[i] = (uint32_t)(nobj - 1 - i);
+    s->nfree = nobj;
+    size_t at = 0;
+    while (at < p->nslabs && p->slabs[at]->base < s->base)
+        at++;
+    memmove(p->slabs + at + 1, p->slabs + at, (p->nslabs - at) * sizeof *p->slabs);
+    p->slabs[at] = s;
+    p->nslabs++;
+    p->slot_total += nobj;
+    return s;
+}
+
+static void slab_free(keel_pool *p, size_t at)
+{
+    slab *s = p->slabs[at];
+    p->slot_total -= s->nobj;
+    memmove(p->slabs + at, p->slabs + at + 1, (p->nslabs - at - 1) * sizeof *p->slabs);
+    p->nslabs--;
+    keel__aligned_free(s->base);
+    keel__free(s->free_stack);
+    keel__free(s->state);
+    keel__free(s);
+}
+
+/* A free slot for a new object, counted in `created`; NULL when the pool
+ * is at capacity or memory ran out (*err says which). */
+static void *slot_reserve(keel_pool *p, int *err)
+{
+    if (p->capacity && p->created >= p->capacity) {
+        *err = KEEL_ETIMEDOUT;
+        return NULL;
+    }
+    slab *s = NULL;
+    for (size_t i = p->nslabs; i-- > 0;) /* newest slabs are rarely full */
+        if (p->slabs[i]->nfree) {
+            s = p->slabs[i];
+            break;
+        }
+    if (!s && !(s = slab_new(p))) {
+        *err = KEEL_ENOMEM;
+        return NULL;
+    }
+    uint32_t idx = s->free_stack[--s->nfree];
+    if (s->state)
+        s->state[idx] = SLOT_OUT;
+    p->created++;
+    return s->base + (size_t)idx * p->stride;
+}
+
+/* Returns a slot whose object was finalised (or never initialised). */
+static void slot_unreserve(keel_pool *p, void *obj)
+{
+    size_t at = slab_find(p, obj);
+    slab *s = p->slabs[at];
+    size_t idx = (size_t)((char *)obj - s->base) / p->stride;
+    if (s->state)
+        s->state[idx] = SLOT_FREE;
+    s->free_stack[s->nfree++] = (uint32_t)idx;
+    p->created--;
+    if (s->nfree == s->nobj)
+        slab_free(p, at);
+}
+
+/* ---- thread caches ---- */
+
+static void tc_link(keel_pool *p, tcache *tc)
+{
+    tc->prevtc = NULL;
+    tc->next = p->tcs;
+    if (p->tcs)
+        p->tcs->prevtc = tc;
+    p->tcs = tc;
+}
+
+static void tc_unlink(keel_pool *p, tcache *tc)
+{
+    if (tc->prevtc)
+        tc->prevtc->next = tc->next;
+    else
+        p->tcs = tc->next;
+    if (tc->next)
+        tc->next->prevtc = tc->prevtc;
+}
+
+/* Moves a cache's magazines to the depot. Caller holds p->mu and knows the
+ * owner is not in a fast path (it is the owner, or the handshake ran). */
+static size_t tc_drain(keel_pool *p, tcache *tc)
+{
+    size_t moved = 0;
+    _Atomic(mag *) *slots[2] = {&tc->loaded, &tc->prev};
+    for (int i = 0; i < 2; i++) {
+        mag *m = LD(*slots[i]);
+        if (!m || LD(m->n) == 0)
+            continue;
+        mag *e = depot_take_empty(p);
+        if (!e)
+            continue; /* out of memory: the objects stay where they are */
+        moved += LD(m->n);
+        depot_put(p, m);
+        ST(*slots[i], e);
+    }
+    return moved;
+}
+
+/* Takes the idle objects of every thread cache into the depot. Caller holds
+ * p->mu. Returns how many were moved. */
+static size_t steal_all(keel_pool *p)
+{
+    if (!p->tcs)
+        return 0;
+    atomic_fetch_add(&p->gate, GATE_STEAL);
+    keel__heavy_fence();
+    size_t moved = 0;
+    for (tcache *tc = p->tcs; tc; tc = tc->next) {
+        while (atomic_load_explicit(&tc->in_op, memory_order_acquire))
+            sched_yield();
+        moved += tc_drain(p, tc);
+    }
+    atomic_fetch_sub_explicit(&p->gate, GATE_STEAL, memory_order_release);
+    if (moved)
+        p->steals++;
+    return moved;
+}
+
+static void thread_exit(void *arg)
+{
+    ttable *t = arg;
+    pthread_mutex_lock(&reg_mu);
+    for (size_t i = 0; i < t->cap; i++) {
+        tcache *tc = t->slots[i];
+        keel_pool *p = tc ? reg_owner(tc) : NULL;
+        if (p) {
+            pthread_mutex_lock(&p->mu);
+            size_t moved = LD(LD(tc->loaded)->n) + LD(LD(tc->prev)->n);
+            depot_put(p, LD(tc->loaded));
+            depot_put(p, LD(tc->prev));
+            p->exited_hits += LD(tc->hits);
+            tc_unlink(p, tc);
+            if (moved)
+                pthread_cond_broadcast(&p->cv);
+            pthread_mutex_unlock(&p->mu);
+        }
+        keel__free(tc);
+    }
+    pthread_mutex_unlock(&reg_mu);
+    keel__free(t->slots);
+    keel__free(t);
+    tt = NULL;
+}
+
+/* Frees the calling thread's cache for a destroyed pool (its magazines
+ * went with the pool), and the table when nothing is left in it. */
+static void tt_drop(ttable *t, size_t id, bool free_empty)
+{
+    keel__free(t->slots[id]);
+    t->slots[id] = NULL;
+    if (--t->used == 0 && free_empty) {
+        pthread_setspecific(tt_key, NULL);
+        keel__free(t->slots);
+        keel__free(t);
+        tt = NULL;
+    }
+}
+
+/* The calling thread's cache for p, created on first use; NULL when memory
+ * runs out (the caller then goes through the depot). */
+static tcache *tc_create(keel_pool *p)
+{
+    ttable *t = tt;
+    if (!t) {
+        pthread_once(&tt_once, tt_key_create);
+        if (!(t = keel__calloc(1, sizeof *t)))
+            return NULL;
+        if (pthread_setspecific(tt_key, t) != 0) {
+            keel__free(t);
+            return NULL;
+        }
+        tt = t;
+    }
+    if (p->id >= t->cap) {
+        size_t ncap = t->cap ? t->cap : 8;
+        while (ncap <= p->id)
+            ncap *= 2;
+        tcache **n = keel__realloc(t->slots, ncap * sizeof *n);
+        if (!n)
+            return NULL;
+        memset(n + t->cap, 0, (ncap - t->cap) * sizeof *n);
+        t->slots = n;
+        t->cap = ncap;
+    }
+    if (t->slots[p->id]) /* stale: its pool was destroyed and the id reused */
+        tt_drop(t, p->id, false);
+
+    tcache *tc = keel__calloc(1, sizeof *tc);
+    if (!tc)
+        return NULL;
+    tc->id = p->id;
+    tc->gen = p->gen;
+    pthread_mutex_lock(&p->mu);
+    mag *a = depot_take_empty(p), *b = depot_take_empty(p);
+    if (!a || !b) {
+        if (a)
+            depot_put(p, a);
+        if (b)
+            depot_put(p, b);
+        pthread_mutex_unlock(&p->mu);
+        keel__free(tc);
+        return NULL;
+    }
+    atomic_init(&tc->loaded, a);
+    atomic_init(&tc->prev, b);
+    tc_link(p, tc);
+    pthread_mutex_unlock(&p->mu);
+    t->slots[p->id] = tc;
+    t->used++;
+    return tc;
+}
+
+static inline __attribute__((always_inline)) tcache *tc_get(keel_pool *p)
+{
+    ttable *t = tt;
+    if (KEEL__LIKELY(t && p->id < t->cap)) {
+        tcache *tc = t->slots[p->id];
+        if (KEEL__LIKELY(tc && tc->gen == p->gen))
+            return tc;
+    }
+    return tc_create(p);
+}
+
+/* ---- debug checks (caller holds p->mu) ---- */
+
+static int debug_mark(keel_pool *p, void *obj, int from, int to)
+{
+    size_t at = slab_find(p, obj);
+    if (at == SIZE_MAX) {
+        keel__log(KEEL_LOG_ERROR, "pool",
+                  "release of %p: not an object of pool %p", obj, (void *)p);
+        return KEEL_EINVAL;
+    }
+    slab *s = p->slabs[at];
+    size_t idx = (size_t)((char *)obj - s->base) / p->stride;
+    if (s->state[idx] != from) {
+        keel__log(KEEL_LOG_ERROR, "pool", "release of %p: %s", obj,
+                  s->state[idx] == SLOT_IDLE ? "double release (object is idle)"
+                                             : "object was never handed out");
+        return KEEL_EINVAL;
+    }
+    s->state[idx] = (unsigned char)to;
+    return 0;
+}
+
+/* ---- acquire ---- */
+
+static void deadline_ts(uint64_t timeout_ns, struct timespec *ts)
+{
+    uint64_t now = keel_now_ns();
+    uint64_t at = UINT64_MAX - now < timeout_ns ? UINT64_MAX : now + timeout_ns;
+    ts->tv_sec = (time_t)(at / 1000000000u);
+    ts->tv_nsec = (long)(at % 1000000000u);
+}
+
+/* An idle object for the caller, from its own cache or the depot. Caller
+ * holds p->mu; tc may be NULL. */
+static void *take_idle(keel_pool *p, tcache *tc)
+{
+    if (tc) {
+        for (int i = 0; i < 2; i++) {
+            mag *m = i ? LD(tc->prev) : LD(tc->loaded);
+            size_t n = LD(m->n);
+            if (n) {
+                ST(m->n, n - 1);
+                return m->rounds[n - 1];
+            }
+        }
+        /* Both empty: swap a depot magazine in, Bonwick style, unless
+         * someone is waiting (then objects stay in the depot for them). */
+        if (p->full && LD(p->gate) == 0) {
+            mag *full = depot_take_full(p);
+            depot_put(p, LD(tc->prev));
+            ST(tc->prev, LD(tc->loaded));
+            ST(tc->loaded, full);
+            size_t n = LD(full->n) - 1;
+            ST(full->n, n);
+            return full->rounds[n];
+        }
+    }
+    return depot_pop(p);
+}
+
+static int acquire_slow(keel_pool *p, tcache *tc, uint64_t timeout_ns, void **out)
+{
+    int err = 0;
+    bool stolen = false, waiting = false;
+    struct timespec deadline;
+
+    *out = NULL;
+    pthread_mutex_lock(&p->mu);
+    p->misses++;
+    for (;;) {
+        void *obj = take_idle(p, tc);
+        if (obj) {
+            if (p->debug)
+                debug_mark(p, obj, SLOT_IDLE, SLOT_OUT);
+            *out = obj;
+            break;
+        }
+        obj = slot_reserve(p, &err);
+        if (obj) {
+            pthread_mutex_unlock(&p->mu);
+            err = p->init ? p->init(obj, p->ud) : 0;
+            pthread_mutex_lock(&p->mu);
+            if (err == 0) {
+                *out = obj;
+                break;
+            }
+            slot_unreserve(p, obj); /* capacity freed: let a waiter retry */
+            pthread_cond_broadcast(&p->cv);
+            break;
+        }
+        if (err != KEEL_ETIMEDOUT)
+            break;
+        /* At capacity. A waiter raises the gate before stealing, so every
+         * release that the steal misses sees it and feeds the depot. */
+        if (timeout_ns && !waiting) {
+            atomic_fetch_add(&p->gate, GATE_WAITER);
+            waiting = true;
+            deadline_ts(timeout_ns, &deadline);
+            p->waits++;
+            stolen = false;
+        }
+        if (!stolen) {
+            stolen = true;
+            if (steal_all(p))
+                continue;
+        }
+        if (!waiting) {
+            p->timeouts++;
+            break;
+        }
+        int rc = timeout_ns == KEEL_POOL_WAIT_FOREVER
+                     ? pthread_cond_wait(&p->cv, &p->mu)
+                     : pthread_cond_timedwait(&p->cv, &p->mu, &deadline);
+        if (rc != 0) {
+            obj = take_idle(p, tc); /* a last look after the timeout */
+            if (obj) {
+                if (p->debug)
+                    debug_mark(p, obj, SLOT_IDLE, SLOT_OUT);
+                *out = obj;
+                err = 0;
+                break;
+            }
+            p->timeouts++;
+            break;
+        }
+    }
+    if (waiting)
+        atomic_fetch_sub(&p->gate, GATE_WAITER);
+    pthread_mutex_unlock(&p->mu);
+    return *out ? 0 : err;
+}
+
+static inline void op_begin(tcache *tc)
+{
+    ST(tc->in_op, 1);
+    keel__light_fence();
+}
+
+static inline void op_end(tcache *tc)
+{
+    atomic_store_explicit(&tc->in_op, 0, memory_order_release);
+}
+
+/* The lock-free path: an object from the thread's magazines, or NULL. */
+static inline __attribute__((always_inline)) void *acquire_fast(keel_pool *p, tcache *tc)
+{
+    void *obj = NULL;
+    op_begin(tc);
+    if (KEEL__LIKELY(atomic_load_explicit(&p->gate, memory_order_acquire) == 0)) {
+        mag *m = LD(tc->loaded);
+        size_t n = LD(m->n);
+        if (KEEL__UNLIKELY(n == 0)) {
+            mag *pm = LD(tc->prev);
+            if ((n = LD(pm->n)) != 0) {
+                ST(tc->prev, m);
+                ST(tc->loaded, pm);
+                m = pm;
+            }
+        }
+        if (KEEL__LIKELY(n)) {
+            obj = m->rounds[--n];
+            ST(m->n, n);
+            ST(tc->hits, LD(tc->hits) + 1);
+        }
+    }
+    op_end(tc);
+    return obj;
+}
+
+KEEL_API void *keel_pool_acquire(keel_pool *p)
+{
+    void *obj = NULL;
+    tcache *tc = NULL;
+    if (KEEL__UNLIKELY(!p))
+        return NULL;
+    if (KEEL__LIKELY(!p->debug) && KEEL__LIKELY((tc = tc_get(p)) != NULL) &&
+        KEEL__LIKELY((obj = acquire_fast(p, tc)) != NULL))
+        return obj;
+    acquire_slow(p, tc, 0, &obj);
+    return obj;
+}
+
+KEEL_API int keel_pool_acquire_timeout(keel_pool *p, uint64_t timeout_ns, void **obj)
+{
+    tcache *tc = NULL;
+    if (!p || !obj)
+        return KEEL_EINVAL;
+    *obj = NULL;
+    if (!p->debug && (tc = tc_get(p)) && (*obj = acquire_fast(p, tc)))
+        return 0;
+    return acquire_slow(p, tc, timeout_ns, obj);
+}
+
+/* ---- release ---- */
+
+static void release_slow(keel_pool *p, tcache *tc, void *obj)
+{
+    pthread_mutex_lock(&p->mu);
+    if (tc && LD(p->gate) == 0) {
+        /* loaded is full, prev is full too: hand prev to the depot. */
+        mag *e = depot_take_empty(p);
+        if (e) {
+            depot_put(p, LD(tc->prev));
+            ST(tc->prev, LD(tc->loaded));
+            ST(tc->loaded, e);
+            e->rounds[0] = obj;
+            ST(e->n, 1);
+            pthread_mutex_unlock(&p->mu);
+            return;
+        }
+    }
+    if (depot_push(p, obj)) {
+        pthread_cond_signal(&p->cv);
+    } else {
+        /* No memory for a magazine: retire the object rather than lose it. */
+        if (p->fini)
+            p->fini(obj, p->ud);
+        slot_unreserve(p, obj);
+        pthread_cond_broadcast(&p->cv);
+    }
+    pthread_mutex_unlock(&p->mu);
+}
+
+KEEL_API int keel_pool_release(keel_pool *p, void *obj)
+{
+    if (!p || !obj)
+        return KEEL_EINVAL;
+    if (p->debug) {
+        pthread_mutex_lock(&p->mu);
+        int rc = debug_mark(p, obj, SLOT_OUT, SLOT_IDLE);
+        pthread_mutex_unlock(&p->mu);
+        if (rc)
+            return rc;
+        if (p->reset)
+            p->reset(obj, p->ud);
+        release_slow(p, NULL, obj);
+        return 0;
+    }
+    if (p->reset)
+        p->reset(obj, p->ud);
+    tcache *tc = tc_get(p);
+    if (tc) {
+        op_begin(tc);
+        if (KEEL__LIKELY(atomic_load_explicit(&p->gate, memory_order_acquire) == 0)) {
+            mag *m = LD(tc->loaded);
+            size_t n = LD(m->n);
+            if (KEEL__UNLIKELY(n == p->mag_size)) {
+                mag *pm = LD(tc->prev);
+                if ((n = LD(pm->n)) == 0) {
+                    ST(tc->prev, m);
+                    ST(tc->loaded, pm);
+                    m = pm;
+                }
+            }
+            if (KEEL__LIKELY(n < p->mag_size)) {
+                m->rounds[n] = obj;
+                ST(m->n, n + 1);
+                op_end(tc);
+                return 0;
+            }
+        }
+        op_end(tc);
+    }
+    release_slow(p, tc, obj);
+    return 0;
+}
+
+/* ---- create, trim, stats, destroy ---- */
+
+static size_t finalise_depot(keel_pool *p)
+{
+    size_t n = 0;
+    void *obj;
+    while ((obj = depot_pop(p))) {
+        if (p->fini)
+            p->fini(obj, p->ud);
+        slot_unreserve(p, obj);
+        n++;
+    }
+    return n;
+}
+
+KEEL_API size_t keel_pool_trim(keel_pool *p)
+{
+    if (!p)
+        return 0;
+    pthread_mutex_lock(&p->mu);
+    steal_all(p);
+    size_t n = finalise_depot(p);
+    while (p->empty) { /* the caches keep theirs; spare magazines go */
+        mag *m = p->empty;
+        p->empty = m->next;
+        keel__free(m);
+    }
+    if (n)
+        pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+    return n;
+}
+
+KEEL_API void keel_pool_stats_get(keel_pool *p, keel_pool_stats *st)
+{
+    if (!p || !st)
+        return;
+    memset(st, 0, sizeof *st);
+    pthread_mutex_lock(&p->mu);
+    uint64_t cached = 0, hits = p->exited_hits;
+    for (tcache *tc = p->tcs; tc; tc = tc->next) {
+        cached += LD(LD(tc->loaded)->n) + LD(LD(tc->prev)->n);
+        hits += LD(tc->hits);
+    }
+    st->created = p->created;
+    st->idle_cached = cached;
+    st->idle_depot = p->depot_objs;
+    st->live = p->created >= cached + p->depot_objs ? p->created - cached - p->depot_objs : 0;
+    st->hits = hits;
+    st->misses = p->misses;
+    st->waits = p->waits;
+    st->timeouts = p->timeouts;
+    st->steals = p->steals;
+    st->slabs = p->nslabs;
+    st->slab_bytes = (uint64_t)p->slot_total * p->stride;
+    pthread_mutex_unlock(&p->mu);
+}
+
+static int opts_check(const keel_pool_opts *o, size_t *stride, size_t *align)
+{
+    size_t a = o->align ? o->align : alignof(max_align_t);
+    if (o->obj_size == 0 || (a & (a - 1)) || a > MAX_ALIGN)
+        return KEEL_EINVAL;
+    if (o->obj_size > SIZE_MAX - a)
+        return KEEL_EINVAL;
+    size_t s = (o->obj_size + a - 1) & ~(a - 1);
+    size_t bytes;
+    /* Every object the pool may hold must be addressable. */
+    if (o->capacity && !keel__mul_ok(o->capacity, s, &bytes))
+        return KEEL_EINVAL;
+    if (!keel__mul_ok(o->prealloc, s, &bytes))
+        return KEEL_EINVAL;
+    if (o->capacity && o->prealloc > o->capacity)
+        return KEEL_EINVAL;
+    if (o->magazine_size > MAG_MAX)
+        return KEEL_EINVAL;
+    *stride = s;
+    *align = a;
+    return 0;
+}
+
+KEEL_API int keel_pool_create(keel_pool **out, const keel_pool_opts *opts)
+{
+    size_t stride, align;
+    if (!out || !opts)
+        return KEEL_EINVAL;
+    int rc = opts_check(opts, &stride, &align);
+    if (rc)
+        return rc;
+    keel_pool *p = keel__aligned_alloc(KEEL__CACHELINE, sizeof *p);
+    if (!p)
+        return KEEL_ENOMEM;
+    memset(p, 0, sizeof *p);
+    p->obj_size = opts->obj_size;
+    p->stride = stride;
+    p->align = align;
+    p->capacity = opts->capacity;
+    p->mag_size = opts->magazine_size;
+    if (!p->mag_size) {
+        p->mag_size = MAG_DEFAULT;
+        if (p->capacity && p->capacity / 16 < MAG_DEFAULT)
+            p->mag_size = p->capacity / 16 ? p->capacity / 16 : 1;
+    }
+    p->init = opts->init;
+    p->reset = opts->reset;
+    p->fini = opts->fini;
+    p->ud = opts->ud;
+    p->debug = opts->debug;
+    atomic_init(&p->gate, 0);
+    keel__fences_init();
+
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_cond_init(&p->cv, &ca);
+    pthread_condattr_destroy(&ca);
+    if ((rc = reg_add(p)) != 0) {
+        pthread_mutex_destroy(&p->mu);
+        pthread_cond_destroy(&p->cv);
+        keel__aligned_free(p);
+        return rc;
+    }
+
+    for (size_t i = 0; i < opts->prealloc && rc == 0; i++) {
+        pthread_mutex_lock(&p->mu);
+        void *obj = slot_reserve(p, &rc);
+        pthread_mutex_unlock(&p->mu);
+        if (!obj)
+            break;
+        if ((rc = p->init ? p->init(obj, p->ud) : 0) == 0) {
+            pthread_mutex_lock(&p->mu);
+            if (p->debug)
+                debug_mark(p, obj, SLOT_OUT, SLOT_IDLE);
+            if (!depot_push(p, obj))
+                rc = KEEL_ENOMEM;
+        } else {
+            pthread_mutex_lock(&p->mu);
+        }
+        if (rc)
+            slot_unreserve(p, obj);
+        pthread_mutex_unlock(&p->mu);
+    }
+    if (rc) {
+        keel_pool_destroy(p);
+        return rc;
+    }
+    *out = p;
+    return 0;
+}
+
+KEEL_API void keel_pool_destroy(keel_pool *p)
+{
+    if (!p)
+        return;
+    /* Unregister under reg_mu, so a thread exiting now either finished
+     * handing its cache back or will find the pool gone. */
+    pthread_mutex_lock(&reg_mu);
+    reg[p->id] = NULL;
+    if (--reg_live == 0) { /* nothing global stays allocated */
+        keel__free(reg);
+        reg = NULL;
+        reg_cap = 0;
+    }
+    for (tcache *tc = p->tcs; tc; tc = tc->next) {
+        for (int k = 0; k < 2; k++) {
+            mag *m = k ? LD(tc->prev) : LD(tc->loaded);
+            depot_put(p, m);
+        }
+        ST(tc->loaded, NULL);
+        ST(tc->prev, NULL);
+    }
+    pthread_mutex_unlock(&reg_mu);
+    ttable *t = tt;
+    if (t && p->id < t->cap && t->slots[p->id] && t->slots[p->id]->gen == p->gen)
+        tt_drop(t, p->id, true);
+
+    finalise_depot(p);
+    for (mag *m = p->empty, *next; m; m = next) {
+        next = m->next;
+        keel__free(m);
+    }
+    while (p->nslabs) /* objects still out go with their slabs */
+        slab_free(p, p->nslabs - 1);
+    keel__free(p->slabs);
+    pthread_mutex_destroy(&p->mu);
+    pthread_cond_destroy(&p->cv);
+    keel__aligned_free(p);
+}
