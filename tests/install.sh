@@ -1,0 +1,42 @@
+#!/bin/sh
+# tests/install.sh — installs libkeel into a temporary DESTDIR, then builds
+# and runs an outside program with nothing but `pkg-config keel`: once
+# against the shared library, once (with only libkeel.a installed) static.
+set -eu
+top=$(cd "$(dirname "$0")/.." && pwd)
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/keel-install.XXXXXX")
+trap 'rm -rf "$tmp"' EXIT
+prefix=/opt/keel-test
+root="$tmp/root"
+CC=${CC:-cc}
+
+make -C "$top" --no-print-directory -s install DESTDIR="$root" PREFIX="$prefix" >/dev/null
+libdir="$root$prefix/lib"
+cp "$top/tests/consumer/consumer.c" "$tmp/"
+cd "$tmp"
+pc() { PKG_CONFIG_PATH="$libdir/pkgconfig" pkg-config --define-variable=prefix="$root$prefix" "$@" keel; }
+
+# Shared.
+$CC -std=c11 -Wall -Werror consumer.c $(pc --cflags --libs) -o shared
+LD_LIBRARY_PATH="$libdir" ./shared
+LD_LIBRARY_PATH="$libdir" ldd ./shared | grep -q "libkeel.so.[0-9]* => $libdir/" ||
+    { echo "install: shared consumer does not use the installed libkeel.so" >&2; exit 1; }
+
+# Static: only the archive is left, and --static brings the private deps.
+rm -f "$libdir"/libkeel.so*
+$CC -std=c11 -Wall -Werror consumer.c $(pc --static --cflags --libs) -o static
+./static
+if ldd ./static | grep -q libkeel; then
+    echo "install: static consumer still needs libkeel.so" >&2
+    exit 1
+fi
+
+# Headers, man pages and their links are where the GNU variables say.
+for f in include/keel.h include/keel/common.h include/keel/pool.h share/man/man7/keel.7 \
+         share/man/man3/keel_pool.3 share/man/man3/keel_pool_acquire.3; do
+    [ -f "$root$prefix/$f" ] || { echo "install: $prefix/$f missing" >&2; exit 1; }
+done
+make -C "$top" --no-print-directory -s uninstall DESTDIR="$root" PREFIX="$prefix" >/dev/null
+left=$(find "$root" -type f | head -5)
+[ -z "$left" ] || { echo "install: uninstall left files behind: $left" >&2; exit 1; }
+echo "check-install: shared and static consumers built with pkg-config and ran"
