@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <linux/membarrier.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -197,9 +198,21 @@ void keel__fences_init(void) { pthread_once(&keel__fences_once, keel__fences_set
 
 void keel__heavy_fence(void)
 {
-    if (__atomic_load_n(&keel__membarrier_ok, __ATOMIC_RELAXED) &&
-        syscall(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) == 0)
+    if (!__atomic_load_n(&keel__membarrier_ok, __ATOMIC_RELAXED)) {
+        KEEL__FULL_FENCE(); /* without membarrier the light side is one too */
         return;
-    /* Without membarrier the light side is a full fence too. */
-    KEEL__FULL_FENCE();
+    }
+    /* Registered, so the other side relies on us: a transient failure is
+     * retried, then the slower global command tried; a fence that cannot
+     * be had at all would let a thief corrupt a fast path, so that stops
+     * the process rather than the data. */
+    for (int i = 0; i < 100; i++) {
+        if (syscall(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) == 0)
+            return;
+        sched_yield();
+    }
+    if (syscall(SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) == 0)
+        return;
+    keel__log(KEEL_LOG_ERROR, "common", "membarrier failed after registration: aborting");
+    abort();
 }

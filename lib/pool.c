@@ -372,19 +372,18 @@ static void tc_unlink(keel_pool *p, tcache *tc)
         tc->next->prevtc = tc->prevtc;
 }
 
-/* Moves a cache's magazines to the depot. Caller holds p->mu and knows the
- * owner is not in a fast path (it is the owner, or the handshake ran). */
+/* Moves a cache's non-empty magazines to the depot, replacing them with
+ * empty ones the caller made sure are there. Caller holds p->mu and knows
+ * the owner is not in a fast path (it is the owner, or the handshake ran). */
 static size_t tc_drain(keel_pool *p, tcache *tc)
 {
     size_t moved = 0;
     _Atomic(mag *) *slots[2] = {&tc->loaded, &tc->prev};
     for (int i = 0; i < 2; i++) {
-        mag *m = LD(*slots[i]);
-        if (!m || LD(m->n) == 0)
+        mag *m = LD(*slots[i]), *e = p->empty;
+        if (LD(m->n) == 0)
             continue;
-        mag *e = depot_take_empty(p);
-        if (!e)
-            continue; /* out of memory: the objects stay where they are */
+        p->empty = e->next;
         moved += LD(m->n);
         depot_put(p, m);
         ST(*slots[i], e);
@@ -392,10 +391,35 @@ static size_t tc_drain(keel_pool *p, tcache *tc)
     return moved;
 }
 
+/* Whether any thread cache seems to hold idle objects. Relaxed reads, so a
+ * release in flight may be missed: that release is then concurrent with
+ * the caller, who may linearise before it. Caller holds p->mu. */
+static bool caches_look_idle(keel_pool *p)
+{
+    for (tcache *tc = p->tcs; tc; tc = tc->next)
+        if (LD(LD(tc->loaded)->n) || LD(LD(tc->prev)->n))
+            return true;
+    return false;
+}
+
 /* Takes the idle objects of every thread cache into the depot. Caller holds
- * p->mu. Returns how many were moved. */
+ * p->mu. Returns how many were moved: 0 also when the empty magazines the
+ * exchange needs cannot be allocated (the objects then stay where they
+ * are, and nothing is half done). */
 static size_t steal_all(keel_pool *p)
 {
+    size_t need = 0, have = 0;
+    for (tcache *tc = p->tcs; tc; tc = tc->next)
+        need += 2;
+    for (mag *m = p->empty; m && have < need; m = m->next)
+        have++;
+    for (; have < need; have++) {
+        mag *m = mag_new(p);
+        if (!m)
+            return 0;
+        m->next = p->empty;
+        p->empty = m;
+    }
     if (!p->tcs)
         return 0;
     atomic_fetch_add(&p->gate, GATE_STEAL);
@@ -580,7 +604,7 @@ static void *take_idle(keel_pool *p, tcache *tc)
 static int acquire_slow(keel_pool *p, tcache *tc, uint64_t timeout_ns, void **out)
 {
     int err = 0;
-    bool stolen = false, waiting = false;
+    bool stolen = false, waiting = false, timed_out = false;
     struct timespec deadline;
 
     *out = NULL;
@@ -607,11 +631,13 @@ static int acquire_slow(keel_pool *p, tcache *tc, uint64_t timeout_ns, void **ou
             pthread_cond_broadcast(&p->cv);
             break;
         }
-        if (err != KEEL_ETIMEDOUT)
+        /* At capacity (ETIMEDOUT) or out of memory for a slab (ENOMEM):
+         * idle objects in other threads' magazines may still serve. */
+        if (timed_out || (err != KEEL_ETIMEDOUT && stolen))
             break;
-        /* At capacity. A waiter raises the gate before stealing, so every
-         * release that the steal misses sees it and feeds the depot. */
-        if (timeout_ns && !waiting) {
+        /* A waiter raises the gate before stealing, so every release that
+         * the steal misses sees it and feeds the depot. */
+        if (timeout_ns && !waiting && err == KEEL_ETIMEDOUT) {
             atomic_fetch_add(&p->gate, GATE_WAITER);
             waiting = true;
             deadline_ts(timeout_ns, &deadline);
@@ -620,29 +646,21 @@ static int acquire_slow(keel_pool *p, tcache *tc, uint64_t timeout_ns, void **ou
         }
         if (!stolen) {
             stolen = true;
-            if (steal_all(p))
+            /* Without a waiter's gate, skip the membarrier when no cache
+             * seems to hold anything (a polling caller must not flood every
+             * CPU with interrupts). */
+            if ((waiting || caches_look_idle(p)) && steal_all(p))
                 continue;
         }
-        if (!waiting) {
-            p->timeouts++;
+        if (!waiting)
             break;
-        }
         int rc = timeout_ns == KEEL_POOL_WAIT_FOREVER
                      ? pthread_cond_wait(&p->cv, &p->mu)
                      : pthread_cond_timedwait(&p->cv, &p->mu, &deadline);
-        if (rc != 0) {
-            obj = take_idle(p, tc); /* a last look after the timeout */
-            if (obj) {
-                if (p->debug)
-                    debug_mark(p, obj, SLOT_IDLE, SLOT_OUT);
-                *out = obj;
-                err = 0;
-                break;
-            }
-            p->timeouts++;
-            break;
-        }
+        timed_out = rc != 0; /* one more look at idle objects and capacity */
     }
+    if (!*out && err == KEEL_ETIMEDOUT)
+        p->timeouts++;
     if (waiting)
         atomic_fetch_sub(&p->gate, GATE_WAITER);
     pthread_mutex_unlock(&p->mu);
@@ -712,31 +730,54 @@ KEEL_API int keel_pool_acquire_timeout(keel_pool *p, uint64_t timeout_ns, void *
 
 /* ---- release ---- */
 
+static void mag_push(mag *m, void *obj)
+{
+    size_t n = LD(m->n);
+    m->rounds[n] = obj;
+    ST(m->n, n + 1);
+}
+
+/* Finalises an object whose slot is reserved but not in any magazine:
+ * `fini` runs outside p->mu (it may use other pools), then the slot goes
+ * back and waiters learn that capacity is free. Caller holds p->mu. */
+static void retire_locked(keel_pool *p, void *obj)
+{
+    if (p->fini) {
+        pthread_mutex_unlock(&p->mu);
+        p->fini(obj, p->ud);
+        pthread_mutex_lock(&p->mu);
+    }
+    slot_unreserve(p, obj);
+    pthread_cond_broadcast(&p->cv);
+}
+
 static void release_slow(keel_pool *p, tcache *tc, void *obj)
 {
     pthread_mutex_lock(&p->mu);
     if (tc && LD(p->gate) == 0) {
-        /* loaded is full, prev is full too: hand prev to the depot. */
-        mag *e = depot_take_empty(p);
-        if (e) {
-            depot_put(p, LD(tc->prev));
-            ST(tc->prev, LD(tc->loaded));
+        /* The gate may have dropped since the fast path: look again. */
+        mag *l = LD(tc->loaded), *pv = LD(tc->prev), *e;
+        if (LD(l->n) < p->mag_size) {
+            mag_push(l, obj);
+            pthread_mutex_unlock(&p->mu);
+            return;
+        }
+        if (LD(pv->n) == 0 || (e = depot_take_empty(p)) != NULL) {
+            if (LD(pv->n)) /* loaded is full and prev too: prev goes */
+                depot_put(p, pv);
+            else
+                e = pv;
+            ST(tc->prev, l);
             ST(tc->loaded, e);
-            e->rounds[0] = obj;
-            ST(e->n, 1);
+            mag_push(e, obj);
             pthread_mutex_unlock(&p->mu);
             return;
         }
     }
-    if (depot_push(p, obj)) {
+    if (depot_push(p, obj))
         pthread_cond_signal(&p->cv);
-    } else {
-        /* No memory for a magazine: retire the object rather than lose it. */
-        if (p->fini)
-            p->fini(obj, p->ud);
-        slot_unreserve(p, obj);
-        pthread_cond_broadcast(&p->cv);
-    }
+    else /* no memory for a magazine: retire the object rather than lose it */
+        retire_locked(p, obj);
     pthread_mutex_unlock(&p->mu);
 }
 
@@ -765,10 +806,11 @@ KEEL_API int keel_pool_release(keel_pool *p, void *obj)
             size_t n = LD(m->n);
             if (KEEL__UNLIKELY(n == p->mag_size)) {
                 mag *pm = LD(tc->prev);
-                if ((n = LD(pm->n)) == 0) {
+                if (LD(pm->n) == 0) {
                     ST(tc->prev, m);
                     ST(tc->loaded, pm);
                     m = pm;
+                    n = 0;
                 }
             }
             if (KEEL__LIKELY(n < p->mag_size)) {
@@ -786,15 +828,29 @@ KEEL_API int keel_pool_release(keel_pool *p, void *obj)
 
 /* ---- create, trim, stats, destroy ---- */
 
+/* Takes every magazine with objects out of the depot, finalises the
+ * objects with p->mu released (fini may use other pools), gives their
+ * slots back and frees the magazines. Caller holds p->mu. */
 static size_t finalise_depot(keel_pool *p)
 {
+    mag *full = p->full;
+    p->full = NULL;
+    p->depot_objs = 0;
+    if (!full)
+        return 0;
     size_t n = 0;
-    void *obj;
-    while ((obj = depot_pop(p))) {
-        if (p->fini)
-            p->fini(obj, p->ud);
-        slot_unreserve(p, obj);
-        n++;
+    if (p->fini) {
+        pthread_mutex_unlock(&p->mu);
+        for (mag *m = full; m; m = m->next)
+            for (size_t i = 0; i < LD(m->n); i++)
+                p->fini(m->rounds[i], p->ud);
+        pthread_mutex_lock(&p->mu);
+    }
+    for (mag *m = full, *next; m; m = next) {
+        next = m->next;
+        for (size_t i = 0; i < LD(m->n); i++, n++)
+            slot_unreserve(p, m->rounds[i]);
+        keel__free(m);
     }
     return n;
 }
@@ -914,17 +970,18 @@ KEEL_API int keel_pool_create(keel_pool **out, const keel_pool_opts *opts)
         pthread_mutex_unlock(&p->mu);
         if (!obj)
             break;
-        if ((rc = p->init ? p->init(obj, p->ud) : 0) == 0) {
-            pthread_mutex_lock(&p->mu);
+        rc = p->init ? p->init(obj, p->ud) : 0;
+        pthread_mutex_lock(&p->mu);
+        if (rc) {
+            slot_unreserve(p, obj);
+        } else {
             if (p->debug)
                 debug_mark(p, obj, SLOT_OUT, SLOT_IDLE);
-            if (!depot_push(p, obj))
+            if (!depot_push(p, obj)) {
                 rc = KEEL_ENOMEM;
-        } else {
-            pthread_mutex_lock(&p->mu);
+                retire_locked(p, obj); /* initialised: fini it */
+            }
         }
-        if (rc)
-            slot_unreserve(p, obj);
         pthread_mutex_unlock(&p->mu);
     }
     if (rc) {
@@ -961,7 +1018,9 @@ KEEL_API void keel_pool_destroy(keel_pool *p)
     if (t && p->id < t->cap && t->slots[p->id] && t->slots[p->id]->gen == p->gen)
         tt_drop(t, p->id, true);
 
+    pthread_mutex_lock(&p->mu);
     finalise_depot(p);
+    pthread_mutex_unlock(&p->mu);
     for (mag *m = p->empty, *next; m; m = next) {
         next = m->next;
         keel__free(m);

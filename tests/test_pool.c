@@ -242,6 +242,68 @@ START_TEST(trim_finalises_idle_objects_and_frees_slabs)
 }
 END_TEST
 
+/* magazines of 4 rounds are 48-byte allocations: make exactly those fail */
+static void *no_magazines(size_t n) { return n == 16 + 4 * sizeof(void *) ? NULL : malloc(n); }
+
+START_TEST(preallocation_out_of_memory_finalises_what_it_initialised)
+{
+    keel_allocator a = {no_magazines, calloc, realloc, free};
+    ck_assert_int_eq(keel_set_allocator(&a), 0);
+    counts c = {0};
+    keel_pool *p = NULL;
+    keel_pool_opts o = {.obj_size = 64, .prealloc = 3, .magazine_size = 4,
+                        .init = count_init, .fini = count_fini, .ud = &c};
+    ck_assert_int_eq(keel_pool_create(&p, &o), KEEL_ENOMEM);
+    ck_assert_ptr_null(p);
+    keel_set_allocator(NULL);
+    ck_assert_int_ge(atomic_load(&c.init), 1);
+    ck_assert_int_eq(atomic_load(&c.init), atomic_load(&c.fini));
+}
+END_TEST
+
+/* A fini that uses another pool: hooks run outside the pool's lock. */
+static void fini_with_pool(void *obj, void *ud)
+{
+    (void)obj;
+    keel_pool *q;
+    keel_pool_opts o = {.obj_size = 8};
+    if (keel_pool_create(&q, &o) == 0) {
+        keel_pool_release(q, keel_pool_acquire(q));
+        keel_pool_destroy(q);
+        atomic_fetch_add(&((counts *)ud)->fini, 1);
+    }
+}
+
+static void *use_and_exit(void *arg)
+{
+    keel_pool *p = arg;
+    for (int i = 0; i < 100; i++)
+        keel_pool_release(p, keel_pool_acquire(p));
+    return NULL;
+}
+
+START_TEST(hooks_may_use_other_pools_while_threads_exit)
+{
+    counts c = {0};
+    keel_pool *p;
+    keel_pool_opts o = {.obj_size = 32, .fini = fini_with_pool, .ud = &c};
+    ck_assert_int_eq(keel_pool_create(&p, &o), 0);
+    for (int round = 0; round < 50; round++) {
+        pthread_t t;
+        pthread_create(&t, NULL, use_and_exit, p); /* exits while we trim */
+        void *objs[8];
+        for (int i = 0; i < 8; i++)
+            objs[i] = keel_pool_acquire(p);
+        for (int i = 0; i < 8; i++)
+            keel_pool_release(p, objs[i]);
+        keel_pool_trim(p);
+        pthread_join(t, NULL);
+    }
+    keel_pool_destroy(p);
+    ck_assert_int_gt(atomic_load(&c.fini), 0);
+}
+END_TEST
+
 /* ---- threads ---- */
 
 typedef struct parked {
@@ -586,6 +648,7 @@ static Suite *pool_suite(void)
     tcase_add_test(tc, capacity_is_a_hard_bound);
     tcase_add_test(tc, trim_finalises_idle_objects_and_frees_slabs);
     tcase_add_test(tc, debug_mode_refuses_double_and_foreign_releases);
+    tcase_add_test(tc, preallocation_out_of_memory_finalises_what_it_initialised);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("threads");
@@ -599,6 +662,7 @@ static Suite *pool_suite(void)
     tcase_add_test(tc, no_object_has_two_owners_unbounded);
     tcase_add_test(tc, no_object_has_two_owners_and_capacity_holds);
     tcase_add_test(tc, blocking_acquires_share_a_small_pool);
+    tcase_add_test(tc, hooks_may_use_other_pools_while_threads_exit);
     suite_add_tcase(s, tc);
     return s;
 }
