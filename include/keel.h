@@ -6,5 +6,6 @@
 #include <keel/version.h>
 #include <keel/common.h>
 #include <keel/pool.h>
+#include <keel/ring.h>
 
 #endif /* KEEL_H */

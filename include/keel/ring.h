@@ -1,0 +1,156 @@
+/* keel/ring.h — consistent hashing: which node owns a key.
+ *
+ * Four algorithms, chosen at create time:
+ *
+ *  KEEL_RING_CONTINUUM (the default) — a hash ring with points per node in
+ *    proportion to its weight alone, hashed with XXH3. Removing a node moves
+ *    only the keys it owned; adding one moves about 1/(N+1) of the keys, all
+ *    to the new node. Lookup is O(1) on average (an index of the top bits of
+ *    the hash in front of the sorted points).
+ *  KEEL_RING_KETAMA — bit-exact with libmemcached's weighted ketama (and so
+ *    twemproxy with `hash: md5`), quirks included, for clusters shared with
+ *    clients in other languages. To match, name each node exactly as
+ *    libmemcached formats the server: "host" when its port is 11211, and
+ *    "host:port" otherwise (the name is hashed as "<name>-<n>"). Points
+ *    depend on the number of nodes, so, as in libmemcached, removing one
+ *    node also moves a few keys between the nodes that stay.
+ *  KEEL_RING_JUMP — Lamping & Veach's jump consistent hash over XXH3: no
+ *    memory per key range, perfect balance. A node of weight w owns w
+ *    buckets. Only the node added last can be removed (anything else is
+ *    KEEL_EINVAL): use it for a cluster that only grows and shrinks at the
+ *    end.
+ *  KEEL_RING_MAGLEV — Google's Maglev table (NSDI 2016): a prime-size table
+ *    (65537 entries unless set; keep it above 100 x nodes) filled from each
+ *    node's permutation; O(1) lookups, near-perfect balance, little
+ *    movement on change.
+ *
+ * Concurrency: lookups (lookup, lookup_n, assign, unassign, nodes) never
+ * take a lock and never wait for a writer; each sees the ring as it was
+ * before or after a concurrent add or remove, never a mix. add and remove
+ * serialise among themselves and wait until no lookup still reads the ring
+ * version they replaced, then free it. All functions are thread-safe except
+ * keel_ring_destroy().
+ *
+ * The name a lookup returns points into the ring and stays valid until
+ * keel_ring_destroy(), even after the node is removed: removed node records
+ * are kept, and reused when the same name is added again, so a ring grows
+ * by one small record per distinct name it has ever held.
+ */
+#ifndef KEEL_RING_H
+#define KEEL_RING_H
+
+#include <keel/common.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct keel_ring keel_ring;
+
+typedef enum keel_ring_algo {
+    KEEL_RING_CONTINUUM = 0,
+    KEEL_RING_KETAMA = 1,
+    KEEL_RING_JUMP = 2,
+    KEEL_RING_MAGLEV = 3
+} keel_ring_algo;
+
+typedef struct keel_ring_opts {
+    keel_ring_algo algo;
+    /* CONTINUUM: points per unit of weight, 1..10000; 0 = 160. */
+    unsigned points_per_weight;
+    /* MAGLEV: table size, a prime from 7 to 16777259; 0 = 65537. */
+    uint32_t maglev_size;
+    /* Bounded loads (keel_ring_assign): a node holds at most
+     * ceil((1 + epsilon) * average) assignments; 0 = 0.25. */
+    double load_epsilon;
+    /* Hash seed of CONTINUUM, JUMP and MAGLEV (KETAMA has none). Rings that
+     * must agree use the same seed. */
+    uint64_t seed;
+} keel_ring_opts;
+
+/* A node as lookups return it. */
+typedef struct keel_ring_node {
+    const void *name;  /* the bytes given to keel_ring_add() */
+    size_t name_len;
+    uint32_t weight;
+    void *ud;          /* the pointer given to keel_ring_add() */
+    uint64_t id;       /* unique per add in this ring, never reused */
+} keel_ring_node;
+
+/* One node for keel_ring_add_many(). */
+typedef struct keel_ring_node_spec {
+    const void *name;
+    size_t name_len;
+    uint32_t weight;
+    void *ud;
+} keel_ring_node_spec;
+
+/* Creates an empty ring. Returns 0, KEEL_EINVAL (NULL argument, unknown
+ * algorithm, points_per_weight > 10000, a maglev_size that is not a prime
+ * in range, a negative or NaN epsilon) or KEEL_ENOMEM. */
+KEEL_API int keel_ring_create(keel_ring **out, const keel_ring_opts *opts);
+
+/* Adds a node with a weight (> 0) and a user pointer. The name (1..1024
+ * bytes, any bytes) is copied. Returns 0; KEEL_EEXIST for a name already
+ * in the ring; KEEL_EINVAL for an empty or over-long name, a zero weight,
+ * or a ring that would pass 16,777,216 points (CONTINUUM, KETAMA) or
+ * buckets (JUMP), or more nodes than MAGLEV table entries; KEEL_ENOMEM.
+ * Blocks until lookups of the previous ring version have finished. */
+KEEL_API int keel_ring_add(keel_ring *r, const void *name, size_t len, uint32_t weight,
+                           void *ud);
+
+/* Adds n nodes with one rebuild: all or none. Errors as keel_ring_add(),
+ * plus KEEL_EEXIST for a name repeated within specs. */
+KEEL_API int keel_ring_add_many(keel_ring *r, const keel_ring_node_spec *specs, size_t n);
+
+/* Removes a node. Returns 0, KEEL_ENOTFOUND, or KEEL_EINVAL (NULL, or in
+ * JUMP a node that was not added last). Blocks like keel_ring_add(). */
+KEEL_API int keel_ring_remove(keel_ring *r, const void *name, size_t len);
+
+/* The node that owns key. Returns 0, KEEL_EUNAVAIL for an empty ring,
+ * KEEL_EINVAL for NULL arguments (an empty key is a valid key). Lock-free. */
+KEEL_API int keel_ring_lookup(keel_ring *r, const void *key, size_t len, keel_ring_node *node);
+
+/* Up to n distinct nodes for key in preference order: the owner first,
+ * then where the key would go if the nodes before were gone (the replica
+ * set). *found is set to min(n, nodes in the ring). Returns 0,
+ * KEEL_EUNAVAIL for an empty ring, KEEL_EINVAL, or KEEL_ENOMEM. */
+KEEL_API int keel_ring_lookup_n(keel_ring *r, const void *key, size_t len, size_t n,
+                                keel_ring_node *nodes, size_t *found);
+
+/* Bounded loads (Mirrokni, Thorup & Zadimoghaddam): assigns key to the
+ * first node in its preference order holding fewer than
+ * ceil((1 + epsilon) * m / N) assignments, where m counts the assignments
+ * including this one, and counts it there. Pair each success with one
+ * keel_ring_unassign(). The average is over nodes, whatever their weight.
+ * Returns 0, KEEL_EUNAVAIL (empty ring), KEEL_EINVAL, or KEEL_EBUSY when
+ * other threads kept every node full through several attempts. Lock-free. */
+KEEL_API int keel_ring_assign(keel_ring *r, const void *key, size_t len, keel_ring_node *node);
+
+/* Ends an assignment made by keel_ring_assign() on that node. Returns 0,
+ * KEEL_EINVAL (NULL, or the node holds no assignment), or KEEL_ENOTFOUND
+ * when the node has been removed since (its assignments ended with it).
+ * Lock-free. */
+KEEL_API int keel_ring_unassign(keel_ring *r, const keel_ring_node *node);
+
+/* Assignments a node holds now (0 for a node no longer in the ring). */
+KEEL_API uint64_t keel_ring_load(keel_ring *r, const keel_ring_node *node);
+
+/* Calls fn once per node, in the order the nodes were added, with the share
+ * of the hash space the node owns (0..1, summing to 1), from one
+ * consistent version of the ring. fn must not add or remove nodes of this
+ * ring. Returns 0 or KEEL_EINVAL. */
+typedef void (*keel_ring_visit_fn)(const keel_ring_node *node, double share, void *ud);
+KEEL_API int keel_ring_nodes(keel_ring *r, keel_ring_visit_fn fn, void *ud);
+
+/* Nodes in the ring now. */
+KEEL_API size_t keel_ring_count(keel_ring *r);
+
+/* Frees the ring. NULL is a no-op. Must not run concurrently with any other
+ * call on the ring. */
+KEEL_API void keel_ring_destroy(keel_ring *r);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KEEL_RING_H */

@@ -1,0 +1,77 @@
+/* lib/rcu.c — grace periods for lib/rcu.h. */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <sched.h>
+
+#include "rcu.h"
+
+_Atomic uint64_t keel__rcu_gp = 1;
+__thread keel__rcu_slot *keel__rcu_self __attribute__((tls_model("initial-exec")));
+
+static _Atomic(keel__rcu_slot *) slots;
+static pthread_mutex_t sync_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_key_t exit_key;
+static pthread_once_t exit_once = PTHREAD_ONCE_INIT;
+
+static void slot_release(void *arg)
+{
+    keel__rcu_slot *s = arg;
+    s->nest = 0;
+    atomic_store_explicit(&s->ctr, 0, memory_order_release);
+    atomic_store_explicit(&s->in_use, 0, memory_order_release);
+    keel__rcu_self = NULL;
+}
+
+static void exit_key_create(void)
+{
+    (void)pthread_key_create(&exit_key, slot_release);
+    keel__fences_init();
+}
+
+int keel__rcu_register(void)
+{
+    pthread_once(&exit_once, exit_key_create);
+    keel__rcu_slot *s;
+    /* A slot left by an exited thread first. */
+    for (s = atomic_load_explicit(&slots, memory_order_acquire); s; s = s->next) {
+        int free_slot = 0;
+        if (atomic_load_explicit(&s->in_use, memory_order_relaxed) == 0 &&
+            atomic_compare_exchange_strong(&s->in_use, &free_slot, 1))
+            break;
+    }
+    if (!s) {
+        if (!(s = keel__calloc(1, sizeof *s)))
+            return KEEL_ENOMEM;
+        atomic_init(&s->in_use, 1);
+        keel__rcu_slot *head = atomic_load_explicit(&slots, memory_order_relaxed);
+        do
+            s->next = head;
+        while (!atomic_compare_exchange_weak_explicit(&slots, &head, s, memory_order_release,
+                                                      memory_order_relaxed));
+    }
+    s->nest = 0;
+    if (pthread_setspecific(exit_key, s) != 0) {
+        atomic_store(&s->in_use, 0);
+        return KEEL_ENOMEM;
+    }
+    keel__rcu_self = s;
+    return 0;
+}
+
+void keel__rcu_synchronize(void)
+{
+    keel__fences_init(); /* the readers' light fences rely on it */
+    pthread_mutex_lock(&sync_mu);
+    /* Readers that entered before this increment hold an older number. */
+    uint64_t gp = atomic_fetch_add(&keel__rcu_gp, 1) + 1;
+    keel__heavy_fence();
+    for (keel__rcu_slot *s = atomic_load_explicit(&slots, memory_order_acquire); s; s = s->next) {
+        for (;;) {
+            uint64_t c = atomic_load_explicit(&s->ctr, memory_order_acquire);
+            if (c == 0 || c >= gp)
+                break;
+            sched_yield();
+        }
+    }
+    pthread_mutex_unlock(&sync_mu);
+}

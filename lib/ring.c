@@ -1,0 +1,865 @@
+/* lib/ring.c — consistent hashing: continuum, ketama, jump, maglev.
+ *
+ * Every ring version is an immutable snapshot: the nodes in insertion order
+ * plus the algorithm's lookup structure. Lookups read the current snapshot
+ * inside an RCU read section (lib/rcu.h); add and remove build a new one
+ * under the writers' mutex, publish it, wait for a grace period and free the
+ * old. Node structs are shared between snapshots and freed after the grace
+ * period that follows their removal.
+ *
+ * Removed node records are not freed but retired: a caller may still hold
+ * the name pointer of a node it looked up. Adding the same name again
+ * reuses the record, so memory grows only with the number of distinct names
+ * a ring has ever held.
+ *
+ * CONTINUUM and KETAMA share the continuum: 32-bit points sorted by (value,
+ * node index), and an index of the top `bits` bits of the hash that gives
+ * the first point of each bucket, so that a lookup reads one index entry
+ * and scans, on average, less than one point.
+ */
+#define _GNU_SOURCE
+#include <math.h>
+#include <md5.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <keel/ring.h>
+
+#include "hash.h"
+#include "internal.h"
+#include "rcu.h"
+
+#define NAME_MAX_LEN 1024
+#define MAX_POINTS (1u << 24)
+#define PPW_DEFAULT 160
+#define PPW_MAX 10000
+#define MAGLEV_DEFAULT 65537
+#define MAGLEV_MAX 16777259u
+#define KETAMA_POINTS 160 /* libmemcached's MEMCACHED_POINTS_PER_SERVER_KETAMA */
+#define LOAD_REMOVED (UINT64_C(1) << 63)
+#define NO_NODE UINT32_MAX
+
+typedef struct node {
+    uint64_t id;
+    void *ud;
+    uint32_t weight;
+    _Atomic uint64_t load; /* assignments; LOAD_REMOVED once removed */
+    size_t len;
+    unsigned char name[];
+} node;
+
+typedef struct point {
+    uint32_t val;
+    uint32_t idx; /* into snap->nodes */
+} point;
+
+typedef struct snap {
+    size_t n;
+    node **nodes; /* insertion order, so also ascending id */
+    /* CONTINUUM, KETAMA */
+    size_t npoints;
+    point *pts;
+    uint32_t *index; /* (1 << bits) + 1 entries */
+    unsigned shift;  /* 32 - bits */
+    /* JUMP */
+    uint32_t nbuckets;
+    uint32_t *bucket_node;
+    /* MAGLEV */
+    uint32_t *table;
+} snap;
+
+struct keel_ring {
+    keel_ring_algo algo;
+    unsigned ppw;
+    uint32_t msize;
+    double eps;
+    uint64_t seed;
+    _Atomic(snap *) cur;
+    pthread_mutex_t mu; /* writers */
+    uint64_t next_id;
+    _Atomic uint64_t total; /* assignments on nodes in the ring */
+    /* Removed nodes, kept so that names handed out stay valid until
+     * destroy, and reused when the same name is added again. */
+    node **retired;
+    size_t nretired, retired_cap;
+};
+
+/* ---- hashing ---- */
+
+static uint32_t md5_word(const void *data, size_t len, unsigned word)
+{
+    MD5_CTX ctx;
+    uint8_t d[MD5_DIGEST_LENGTH];
+    MD5Init(&ctx);
+    MD5Update(&ctx, data, len);
+    MD5Final(d, &ctx);
+    const uint8_t *b = d + 4 * word;
+    return (uint32_t)b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16 | (uint32_t)b[3] << 24;
+}
+
+static uint32_t key_hash32(const keel_ring *r, const void *key, size_t len)
+{
+    if (r->algo == KEEL_RING_KETAMA)
+        return md5_word(key, len, 0);
+    return (uint32_t)(keel__hash64(key, len, r->seed) >> 32);
+}
+
+/* Lamping & Veach, "A Fast, Minimal Memory, Consistent Hash Algorithm". */
+static uint32_t jump(uint64_t key, uint32_t buckets)
+{
+    int64_t b = -1, j = 0;
+    while (j < (int64_t)buckets) {
+        b = j;
+        key = key * 2862933555777941757ull + 1;
+        j = (int64_t)((double)(b + 1) * ((double)(1ull << 31) / (double)((key >> 33) + 1)));
+    }
+    return (uint32_t)b;
+}
+
+/* ---- snapshots ---- */
+
+static void snap_free(snap *s)
+{
+    if (!s)
+        return;
+    keel__free(s->nodes);
+    keel__free(s->pts);
+    keel__free(s->index);
+    keel__free(s->bucket_node);
+    keel__free(s->table);
+    keel__free(s);
+}
+
+/* Sorts points by (val, idx): LSD radix sort on the 64-bit pair, skipping
+ * the byte positions where every key agrees. */
+static int sort_points(point *pts, size_t n)
+{
+    uint64_t *a = keel__malloc(n * sizeof *a), *b = keel__malloc(n * sizeof *b);
+    if (!a || !b) {
+        keel__free(a);
+        keel__free(b);
+        return KEEL_ENOMEM;
+    }
+    for (size_t i = 0; i < n; i++)
+        a[i] = (uint64_t)pts[i].val << 32 | pts[i].idx;
+    for (unsigned shift = 0; shift < 64; shift += 8) {
+        size_t count[257] = {0};
+        for (size_t i = 0; i < n; i++)
+            count[((a[i] >> shift) & 0xff) + 1]++;
+        if (count[((a[0] >> shift) & 0xff) + 1] == n)
+            continue; /* one value in this byte: nothing to do */
+        for (int k = 0; k < 256; k++)
+            count[k + 1] += count[k];
+        for (size_t i = 0; i < n; i++)
+            b[count[(a[i] >> shift) & 0xff]++] = a[i];
+        uint64_t *t = a;
+        a = b;
+        b = t;
+    }
+    for (size_t i = 0; i < n; i++) {
+        pts[i].val = (uint32_t)(a[i] >> 32);
+        pts[i].idx = (uint32_t)a[i];
+    }
+    keel__free(a);
+    keel__free(b);
+    return 0;
+}
+
+static int build_index(snap *s)
+{
+    unsigned bits = 1;
+    while (bits < 24 && ((size_t)1 << bits) < s->npoints)
+        bits++;
+    size_t nb = (size_t)1 << bits;
+    if (!(s->index = keel__malloc((nb + 1) * sizeof *s->index)))
+        return KEEL_ENOMEM;
+    s->shift = 32 - bits;
+    size_t i = 0;
+    for (size_t t = 0; t <= nb; t++) {
+        while (i < s->npoints && (size_t)(s->pts[i].val >> s->shift) < t)
+            i++;
+        s->index[t] = (uint32_t)i;
+    }
+    return 0;
+}
+
+/* Points per node for libmemcached's weighted ketama, in float as it does,
+ * so that the same cluster sizes lose the same points (156, not 160, at
+ * 25, 50, 100 nodes). */
+static uint32_t ketama_points(uint32_t weight, uint64_t total_weight, size_t live)
+{
+    float pct = (float)weight / (float)total_weight;
+    float x = pct * KETAMA_POINTS;
+    x = x / 4;
+    x = x * (float)live;
+    x = x + 0.0000000001F;
+    return (uint32_t)(floor(x) * 4);
+}
+
+static int build_continuum(const keel_ring *r, snap *s)
+{
+    size_t total = 0;
+    uint64_t total_weight = 0;
+    for (size_t i = 0; i < s->n; i++)
+        total_weight += s->nodes[i]->weight;
+    for (size_t i = 0; i < s->n; i++)
+        total += r->algo == KEEL_RING_KETAMA
+                     ? ketama_points(s->nodes[i]->weight, total_weight, s->n)
+                     : (size_t)s->nodes[i]->weight * r->ppw;
+    if (total > MAX_POINTS)
+        return KEEL_EINVAL;
+    if (total == 0) /* ketama: weights so small that nobody gets a point */
+        return KEEL_EINVAL;
+    if (!(s->pts = keel__malloc(total * sizeof *s->pts)))
+        return KEEL_ENOMEM;
+    size_t at = 0;
+    for (size_t i = 0; i < s->n; i++) {
+        const node *nd = s->nodes[i];
+        if (r->algo == KEEL_RING_KETAMA) {
+            uint32_t pts = ketama_points(nd->weight, total_weight, s->n);
+            char buf[NAME_MAX_LEN + 16];
+            memcpy(buf, nd->name, nd->len);
+            for (uint32_t p = 0; p < pts / 4; p++) {
+                size_t len = nd->len + (size_t)snprintf(buf + nd->len, 16, "-%u", p);
+                MD5_CTX ctx;
+                uint8_t d[MD5_DIGEST_LENGTH];
+                MD5Init(&ctx);
+                MD5Update(&ctx, (const uint8_t *)buf, len);
+                MD5Final(d, &ctx);
+                for (int w = 0; w < 4; w++, at++) {
+                    const uint8_t *b = d + 4 * w;
+                    s->pts[at].val = (uint32_t)b[0] | (uint32_t)b[1] << 8 |
+                                     (uint32_t)b[2] << 16 | (uint32_t)b[3] << 24;
+                    s->pts[at].idx = (uint32_t)i;
+                }
+            }
+        } else {
+            /* The node's own points only: a splitmix64 sequence seeded by
+             * the hash of its name. */
+            uint64_t h = keel__hash64(nd->name, nd->len, r->seed);
+            size_t pts = (size_t)nd->weight * r->ppw;
+            for (size_t p = 0; p < pts; p++, at++) {
+                s->pts[at].val = (uint32_t)(keel__mix64(h + p * 0x9e3779b97f4a7c15ull) >> 32);
+                s->pts[at].idx = (uint32_t)i;
+            }
+        }
+    }
+    s->npoints = total;
+    int rc = sort_points(s->pts, total);
+    return rc ? rc : build_index(s);
+}
+
+static int build_jump(snap *s)
+{
+    uint64_t total = 0;
+    for (size_t i = 0; i < s->n; i++)
+        total += s->nodes[i]->weight;
+    if (total > MAX_POINTS)
+        return KEEL_EINVAL;
+    if (!(s->bucket_node = keel__malloc((size_t)total * sizeof *s->bucket_node)))
+        return KEEL_ENOMEM;
+    uint32_t b = 0;
+    for (size_t i = 0; i < s->n; i++)
+        for (uint32_t k = 0; k < s->nodes[i]->weight; k++)
+            s->bucket_node[b++] = (uint32_t)i;
+    s->nbuckets = b;
+    return 0;
+}
+
+/* Maglev population, weighted: in each round a node claims one entry per
+ * unit of credit, credit growing by weight / max weight; every node claims
+ * in the first round. Integer credits in units of the largest weight. */
+static int build_maglev(const keel_ring *r, snap *s)
+{
+    uint32_t m = r->msize;
+    if (s->n > m)
+        return KEEL_EINVAL;
+    uint64_t *offset = keel__malloc(s->n * sizeof *offset);
+    uint64_t *skip = keel__malloc(s->n * sizeof *skip);
+    uint64_t *next = keel__calloc(s->n, sizeof *next);
+    uint64_t *credit = keel__malloc(s->n * sizeof *credit);
+    s->table = keel__malloc((size_t)m * sizeof *s->table);
+    if (!offset || !skip || !next || !credit || !s->table) {
+        keel__free(offset);
+        keel__free(skip);
+        keel__free(next);
+        keel__free(credit);
+        return KEEL_ENOMEM;
+    }
+    uint32_t wmax = 0;
+    for (size_t i = 0; i < s->n; i++) {
+        const node *nd = s->nodes[i];
+        uint64_t h = keel__hash64(nd->name, nd->len, r->seed);
+        offset[i] = h % m;
+        skip[i] = keel__mix64(h) % (m - 1) + 1;
+        if (nd->weight > wmax)
+            wmax = nd->weight;
+    }
+    for (size_t i = 0; i < s->n; i++)
+        credit[i] = wmax - s->nodes[i]->weight;
+    memset(s->table, 0xff, (size_t)m * sizeof *s->table);
+    uint32_t filled = 0;
+    while (filled < m) {
+        for (size_t i = 0; i < s->n && filled < m; i++) {
+            credit[i] += s->nodes[i]->weight;
+            while (credit[i] >= wmax && filled < m) {
+                credit[i] -= wmax;
+                uint64_t c;
+                do
+                    c = (offset[i] + next[i]++ * skip[i]) % m;
+                while (s->table[c] != NO_NODE);
+                s->table[c] = (uint32_t)i;
+                filled++;
+            }
+        }
+    }
+    keel__free(offset);
+    keel__free(skip);
+    keel__free(next);
+    keel__free(credit);
+    return 0;
+}
+
+/* A snapshot over `nodes`, which it owns on success only. */
+static int snap_build(const keel_ring *r, node **nodes, size_t n, snap **out)
+{
+    snap *s = keel__calloc(1, sizeof *s);
+    if (!s)
+        return KEEL_ENOMEM;
+    s->nodes = nodes;
+    s->n = n;
+    int rc = 0;
+    if (n > 0) {
+        switch (r->algo) {
+        case KEEL_RING_CONTINUUM:
+        case KEEL_RING_KETAMA: rc = build_continuum(r, s); break;
+        case KEEL_RING_JUMP: rc = build_jump(s); break;
+        case KEEL_RING_MAGLEV: rc = build_maglev(r, s); break;
+        }
+    }
+    if (rc) {
+        s->nodes = NULL;
+        snap_free(s);
+        return rc;
+    }
+    *out = s;
+    return 0;
+}
+
+/* ---- lookups ---- */
+
+static size_t continuum_find(const snap *s, uint32_t h)
+{
+    size_t i = s->index[h >> s->shift], end = s->index[(h >> s->shift) + 1];
+    while (i < end && s->pts[i].val < h)
+        i++;
+    return i == s->npoints ? 0 : i;
+}
+
+/* Walks a key's preference order: calls `take` with node indexes (which may
+ * repeat) until it returns true or every node has been offered. */
+typedef bool (*take_fn)(const snap *s, uint32_t idx, void *ud);
+
+static void prefer(const keel_ring *r, const snap *s, const void *key, size_t len, take_fn take,
+                   void *ud)
+{
+    switch (r->algo) {
+    case KEEL_RING_CONTINUUM:
+    case KEEL_RING_KETAMA: {
+        size_t i = continuum_find(s, key_hash32(r, key, len));
+        for (size_t k = 0; k < s->npoints; k++) {
+            if (take(s, s->pts[i].idx, ud))
+                return;
+            if (++i == s->npoints)
+                i = 0;
+        }
+        break;
+    }
+    case KEEL_RING_MAGLEV: {
+        uint64_t i = keel__hash64(key, len, r->seed) % r->msize;
+        for (uint32_t k = 0; k < r->msize; k++) {
+            if (take(s, s->table[i], ud))
+                return;
+            if (++i == r->msize)
+                i = 0;
+        }
+        break;
+    }
+    case KEEL_RING_JUMP: {
+        /* The key's own bucket, then buckets for rehashes of the key: where
+         * it would go if the nodes before were gone. */
+        uint64_t h = keel__hash64(key, len, r->seed);
+        size_t tries = 8 * s->n + 64;
+        for (size_t k = 0; k < tries; k++)
+            if (take(s, s->bucket_node[jump(k ? keel__mix64(h + k) : h, s->nbuckets)], ud))
+                return;
+        for (size_t k = 0; k < s->n; k++) /* the unlikely rest, in order */
+            if (take(s, (uint32_t)((h + k) % s->n), ud))
+                return;
+        break;
+    }
+    }
+    /* every node was offered; none was taken */
+}
+
+static void node_out(const node *nd, keel_ring_node *out)
+{
+    out->name = nd->name;
+    out->name_len = nd->len;
+    out->weight = nd->weight;
+    out->ud = nd->ud;
+    out->id = nd->id;
+}
+
+static snap *read_begin(keel_ring *r, int *rc)
+{
+    if ((*rc = keel__rcu_read_lock()) != 0)
+        return NULL;
+    snap *s = atomic_load_explicit(&r->cur, memory_order_acquire);
+    if (s->n == 0) {
+        keel__rcu_read_unlock();
+        *rc = KEEL_EUNAVAIL;
+        return NULL;
+    }
+    return s;
+}
+
+KEEL_API int keel_ring_lookup(keel_ring *r, const void *key, size_t len, keel_ring_node *node_out_)
+{
+    if (!r || (!key && len) || !node_out_)
+        return KEEL_EINVAL;
+    int rc;
+    snap *s = read_begin(r, &rc);
+    if (!s)
+        return rc;
+    uint32_t idx;
+    switch (r->algo) {
+    case KEEL_RING_CONTINUUM:
+    case KEEL_RING_KETAMA: idx = s->pts[continuum_find(s, key_hash32(r, key, len))].idx; break;
+    case KEEL_RING_JUMP: idx = s->bucket_node[jump(keel__hash64(key, len, r->seed), s->nbuckets)]; break;
+    default: idx = s->table[keel__hash64(key, len, r->seed) % r->msize]; break;
+    }
+    node_out(s->nodes[idx], node_out_);
+    keel__rcu_read_unlock();
+    return 0;
+}
+
+typedef struct collect {
+    keel_ring_node *out;
+    size_t want, got;
+    uint32_t *seen; /* node indexes taken so far */
+} collect;
+
+static bool take_distinct(const snap *s, uint32_t idx, void *ud)
+{
+    collect *c = ud;
+    for (size_t k = 0; k < c->got; k++)
+        if (c->seen[k] == idx)
+            return false;
+    c->seen[c->got] = idx;
+    node_out(s->nodes[idx], &c->out[c->got++]);
+    return c->got == c->want;
+}
+
+KEEL_API int keel_ring_lookup_n(keel_ring *r, const void *key, size_t len, size_t n,
+                                keel_ring_node *nodes, size_t *found)
+{
+    if (!r || (!key && len) || (!nodes && n) || !found)
+        return KEEL_EINVAL;
+    *found = 0;
+    int rc;
+    snap *s = read_begin(r, &rc);
+    if (!s)
+        return rc;
+    if (n > s->n)
+        n = s->n;
+    uint32_t small[16];
+    collect c = {nodes, n, 0, n <= 16 ? small : keel__malloc(n * sizeof(uint32_t))};
+    if (!c.seen) {
+        keel__rcu_read_unlock();
+        return KEEL_ENOMEM;
+    }
+    if (n)
+        prefer(r, s, key, len, take_distinct, &c);
+    *found = c.got;
+    if (c.seen != small)
+        keel__free(c.seen);
+    keel__rcu_read_unlock();
+    return 0;
+}
+
+/* ---- bounded loads ---- */
+
+typedef struct bounded {
+    uint64_t cap;
+    const node *chosen;
+} bounded;
+
+static bool take_if_room(const snap *s, uint32_t idx, void *ud)
+{
+    bounded *b = ud;
+    node *nd = s->nodes[idx];
+    uint64_t l = atomic_load_explicit(&nd->load, memory_order_relaxed);
+    while (!(l & LOAD_REMOVED) && l < b->cap) {
+        if (atomic_compare_exchange_weak(&nd->load, &l, l + 1)) {
+            b->chosen = nd;
+            return true;
+        }
+    }
+    return false;
+}
+
+KEEL_API int keel_ring_assign(keel_ring *r, const void *key, size_t len, keel_ring_node *out)
+{
+    if (!r || (!key && len) || !out)
+        return KEEL_EINVAL;
+    int rc;
+    snap *s = read_begin(r, &rc);
+    if (!s)
+        return rc;
+    /* m counts this assignment; a concurrent removal subtracts the loads it
+     * takes away, so the total stays the sum over nodes in the ring. */
+    bounded b = {0, NULL};
+    for (int attempt = 0; attempt < 8 && !b.chosen; attempt++) {
+        uint64_t m = atomic_fetch_add(&r->total, 1) + 1;
+        b.cap = (uint64_t)ceil((1.0 + r->eps) * (double)m / (double)s->n);
+        prefer(r, s, key, len, take_if_room, &b);
+        if (!b.chosen) /* others filled the nodes meanwhile: retry */
+            atomic_fetch_sub(&r->total, 1);
+    }
+    if (b.chosen)
+        node_out(b.chosen, out);
+    keel__rcu_read_unlock();
+    return b.chosen ? 0 : KEEL_EBUSY;
+}
+
+/* The node with this id in the current snapshot, or NULL. Caller is in a
+ * read section. */
+static node *find_id(const snap *s, uint64_t id)
+{
+    size_t lo = 0, hi = s->n;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (s->nodes[mid]->id < id)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < s->n && s->nodes[lo]->id == id ? s->nodes[lo] : NULL;
+}
+
+KEEL_API int keel_ring_unassign(keel_ring *r, const keel_ring_node *n)
+{
+    if (!r || !n)
+        return KEEL_EINVAL;
+    int rc = keel__rcu_read_lock();
+    if (rc)
+        return rc;
+    snap *s = atomic_load_explicit(&r->cur, memory_order_acquire);
+    node *nd = find_id(s, n->id);
+    rc = KEEL_ENOTFOUND;
+    if (nd) {
+        uint64_t l = atomic_load_explicit(&nd->load, memory_order_relaxed);
+        while (!(l & LOAD_REMOVED)) {
+            if (l == 0) {
+                rc = KEEL_EINVAL; /* more unassigns than assigns */
+                break;
+            }
+            if (atomic_compare_exchange_weak(&nd->load, &l, l - 1)) {
+                atomic_fetch_sub(&r->total, 1);
+                rc = 0;
+                break;
+            }
+        }
+    }
+    keel__rcu_read_unlock();
+    return rc;
+}
+
+KEEL_API uint64_t keel_ring_load(keel_ring *r, const keel_ring_node *n)
+{
+    if (!r || !n || keel__rcu_read_lock() != 0)
+        return 0;
+    node *nd = find_id(atomic_load_explicit(&r->cur, memory_order_acquire), n->id);
+    uint64_t l = nd ? atomic_load(&nd->load) : LOAD_REMOVED;
+    keel__rcu_read_unlock();
+    return l & LOAD_REMOVED ? 0 : l;
+}
+
+/* ---- iteration ---- */
+
+KEEL_API int keel_ring_nodes(keel_ring *r, keel_ring_visit_fn fn, void *ud)
+{
+    if (!r || !fn)
+        return KEEL_EINVAL;
+    int rc = keel__rcu_read_lock();
+    if (rc)
+        return rc;
+    snap *s = atomic_load_explicit(&r->cur, memory_order_acquire);
+    double *share = s->n ? keel__calloc(s->n, sizeof *share) : NULL;
+    if (s->n && !share) {
+        keel__rcu_read_unlock();
+        return KEEL_ENOMEM;
+    }
+    if (s->n) {
+        switch (r->algo) {
+        case KEEL_RING_CONTINUUM:
+        case KEEL_RING_KETAMA:
+            /* A point owns the arc from the point before it (exclusive). */
+            for (size_t i = 0; i < s->npoints; i++) {
+                double prev = i ? s->pts[i - 1].val : (double)s->pts[s->npoints - 1].val - 4294967296.0;
+                share[s->pts[i].idx] += ((double)s->pts[i].val - prev) / 4294967296.0;
+            }
+            break;
+        case KEEL_RING_JUMP:
+            for (uint32_t b = 0; b < s->nbuckets; b++)
+                share[s->bucket_node[b]] += 1.0 / s->nbuckets;
+            break;
+        case KEEL_RING_MAGLEV:
+            for (uint32_t i = 0; i < r->msize; i++)
+                share[s->table[i]] += 1.0 / r->msize;
+            break;
+        }
+    }
+    for (size_t i = 0; i < s->n; i++) {
+        keel_ring_node n;
+        node_out(s->nodes[i], &n);
+        fn(&n, share[i], ud);
+    }
+    keel__free(share);
+    keel__rcu_read_unlock();
+    return 0;
+}
+
+KEEL_API size_t keel_ring_count(keel_ring *r)
+{
+    if (!r || keel__rcu_read_lock() != 0)
+        return 0;
+    size_t n = atomic_load_explicit(&r->cur, memory_order_acquire)->n;
+    keel__rcu_read_unlock();
+    return n;
+}
+
+/* ---- changes ---- */
+
+static snap *cur_locked(keel_ring *r)
+{
+    return atomic_load_explicit(&r->cur, memory_order_relaxed);
+}
+
+static ssize_t find_name(const snap *s, const void *name, size_t len)
+{
+    for (size_t i = 0; i < s->n; i++)
+        if (s->nodes[i]->len == len && memcmp(s->nodes[i]->name, name, len) == 0)
+            return (ssize_t)i;
+    return -1;
+}
+
+/* Publishes s, waits until nobody reads the old snapshot, frees it. */
+static void publish(keel_ring *r, snap *s)
+{
+    snap *old = cur_locked(r);
+    atomic_store_explicit(&r->cur, s, memory_order_release);
+    keel__rcu_synchronize();
+    snap_free(old);
+}
+
+static bool same_name(const node *nd, const keel_ring_node_spec *sp)
+{
+    return nd->len == sp->name_len && memcmp(nd->name, sp->name, sp->name_len) == 0;
+}
+
+/* Keeps a record no snapshot refers to any more (or never did). Caller
+ * holds r->mu. When the list cannot grow the record is freed: only the
+ * promise about old name pointers suffers, and only without memory. */
+static void retire(keel_ring *r, node *nd)
+{
+    if (r->nretired == r->retired_cap) {
+        size_t ncap = r->retired_cap ? r->retired_cap * 2 : 8;
+        node **n = keel__realloc(r->retired, ncap * sizeof *n);
+        if (!n) {
+            keel__free(nd);
+            return;
+        }
+        r->retired = n;
+        r->retired_cap = ncap;
+    }
+    r->retired[r->nretired++] = nd;
+}
+
+/* A retired record with this name, taken off the list. Caller holds r->mu. */
+static node *retired_take(keel_ring *r, const keel_ring_node_spec *sp)
+{
+    for (size_t i = 0; i < r->nretired; i++)
+        if (same_name(r->retired[i], sp)) {
+            node *nd = r->retired[i];
+            r->retired[i] = r->retired[--r->nretired];
+            return nd;
+        }
+    return NULL;
+}
+
+KEEL_API int keel_ring_add_many(keel_ring *r, const keel_ring_node_spec *specs, size_t n)
+{
+    if (!r || (!specs && n))
+        return KEEL_EINVAL;
+    for (size_t i = 0; i < n; i++)
+        if (!specs[i].name || specs[i].name_len == 0 || specs[i].name_len > NAME_MAX_LEN ||
+            specs[i].weight == 0)
+            return KEEL_EINVAL;
+    if (n == 0)
+        return 0;
+
+    pthread_mutex_lock(&r->mu);
+    snap *old = cur_locked(r);
+    node **nodes = keel__malloc((old->n + n) * sizeof *nodes);
+    node **fresh = nodes ? nodes + old->n : NULL;
+    size_t made = 0;
+    int rc = nodes ? 0 : KEEL_ENOMEM;
+    for (size_t i = 0; i < n && rc == 0; i++) {
+        if (find_name(old, specs[i].name, specs[i].name_len) >= 0)
+            rc = KEEL_EEXIST;
+        for (size_t k = 0; k < made && rc == 0; k++)
+            if (same_name(fresh[k], &specs[i]))
+                rc = KEEL_EEXIST;
+        node *nd = rc ? NULL : retired_take(r, &specs[i]);
+        if (!nd && !rc)
+            nd = keel__malloc(sizeof *nd + specs[i].name_len);
+        if (!nd) {
+            rc = rc ? rc : KEEL_ENOMEM;
+            break;
+        }
+        nd->id = r->next_id + made + 1;
+        nd->ud = specs[i].ud;
+        nd->weight = specs[i].weight;
+        atomic_init(&nd->load, 0);
+        nd->len = specs[i].name_len;
+        memcpy(nd->name, specs[i].name, nd->len);
+        fresh[made++] = nd;
+    }
+    snap *s = NULL;
+    if (rc == 0) {
+        if (old->n)
+            memcpy(nodes, old->nodes, old->n * sizeof *nodes);
+        rc = snap_build(r, nodes, old->n + n, &s);
+    }
+    if (rc == 0) {
+        r->next_id += n;
+        publish(r, s);
+    } else {
+        for (size_t k = 0; k < made; k++)
+            retire(r, fresh[k]);
+        keel__free(nodes);
+    }
+    pthread_mutex_unlock(&r->mu);
+    return rc;
+}
+
+KEEL_API int keel_ring_add(keel_ring *r, const void *name, size_t len, uint32_t weight, void *ud)
+{
+    keel_ring_node_spec spec = {name, len, weight, ud};
+    if (!name)
+        return KEEL_EINVAL;
+    return keel_ring_add_many(r, &spec, 1);
+}
+
+KEEL_API int keel_ring_remove(keel_ring *r, const void *name, size_t len)
+{
+    if (!r || !name || len == 0)
+        return KEEL_EINVAL;
+    pthread_mutex_lock(&r->mu);
+    snap *old = cur_locked(r);
+    ssize_t at = find_name(old, name, len);
+    int rc = 0;
+    if (at < 0)
+        rc = KEEL_ENOTFOUND;
+    else if (r->algo == KEEL_RING_JUMP && (size_t)at != old->n - 1)
+        rc = KEEL_EINVAL; /* jump hash can only drop its last bucket(s) */
+    node **nodes = NULL;
+    if (rc == 0 && old->n > 1 && !(nodes = keel__malloc((old->n - 1) * sizeof *nodes)))
+        rc = KEEL_ENOMEM;
+    snap *s = NULL;
+    if (rc == 0) {
+        size_t k = 0;
+        for (size_t i = 0; i < old->n; i++)
+            if (i != (size_t)at)
+                nodes[k++] = old->nodes[i];
+        rc = snap_build(r, nodes, old->n - 1, &s);
+    }
+    if (rc) {
+        keel__free(nodes);
+        pthread_mutex_unlock(&r->mu);
+        return rc;
+    }
+    node *gone = old->nodes[at];
+    publish(r, s);
+    /* Its assignments end with it (see keel_ring_unassign). The grace
+     * period in publish() also covers readers still holding `gone`. */
+    uint64_t l = atomic_fetch_or(&gone->load, LOAD_REMOVED);
+    atomic_fetch_sub(&r->total, l & ~LOAD_REMOVED);
+    retire(r, gone);
+    pthread_mutex_unlock(&r->mu);
+    return 0;
+}
+
+/* ---- create, destroy ---- */
+
+static bool is_prime(uint32_t m)
+{
+    if (m < 2)
+        return false;
+    for (uint32_t d = 2; (uint64_t)d * d <= m; d++)
+        if (m % d == 0)
+            return false;
+    return true;
+}
+
+KEEL_API int keel_ring_create(keel_ring **out, const keel_ring_opts *opts)
+{
+    if (!out || !opts)
+        return KEEL_EINVAL;
+    if ((unsigned)opts->algo > KEEL_RING_MAGLEV || opts->points_per_weight > PPW_MAX)
+        return KEEL_EINVAL;
+    uint32_t msize = opts->maglev_size ? opts->maglev_size : MAGLEV_DEFAULT;
+    if (msize < 7 || msize > MAGLEV_MAX || !is_prime(msize))
+        return KEEL_EINVAL;
+    double eps = opts->load_epsilon == 0 ? 0.25 : opts->load_epsilon;
+    if (!(eps > 0) || eps > 1e6) /* also rejects NaN */
+        return KEEL_EINVAL;
+
+    keel_ring *r = keel__calloc(1, sizeof *r);
+    snap *empty = keel__calloc(1, sizeof *empty);
+    if (!r || !empty) {
+        keel__free(r);
+        keel__free(empty);
+        return KEEL_ENOMEM;
+    }
+    r->algo = opts->algo;
+    r->ppw = opts->points_per_weight ? opts->points_per_weight : PPW_DEFAULT;
+    r->msize = msize;
+    r->eps = eps;
+    r->seed = opts->seed;
+    atomic_init(&r->cur, empty);
+    atomic_init(&r->total, 0);
+    pthread_mutex_init(&r->mu, NULL);
+    keel__fences_init();
+    *out = r;
+    return 0;
+}
+
+KEEL_API void keel_ring_destroy(keel_ring *r)
+{
+    if (!r)
+        return;
+    snap *s = cur_locked(r);
+    for (size_t i = 0; i < s->n; i++)
+        keel__free(s->nodes[i]);
+    for (size_t i = 0; i < r->nretired; i++)
+        keel__free(r->retired[i]);
+    keel__free(r->retired);
+    snap_free(s);
+    pthread_mutex_destroy(&r->mu);
+    keel__free(r);
+}
