@@ -22,15 +22,31 @@ static void slot_release(void *arg)
     keel__rcu_self = NULL;
 }
 
+static bool exit_key_ok;
+
+/* In a child of fork() only the forking thread lives on: the slots of the
+ * others would hold grace periods back forever. */
+static void after_fork_child(void)
+{
+    for (keel__rcu_slot *s = atomic_load(&slots); s; s = s->next)
+        if (s != keel__rcu_self) {
+            atomic_store(&s->ctr, 0);
+            atomic_store(&s->in_use, 0);
+        }
+}
+
 static void exit_key_create(void)
 {
-    (void)pthread_key_create(&exit_key, slot_release);
+    exit_key_ok = pthread_key_create(&exit_key, slot_release) == 0;
+    pthread_atfork(NULL, NULL, after_fork_child);
     keel__fences_init();
 }
 
 int keel__rcu_register(void)
 {
     pthread_once(&exit_once, exit_key_create);
+    if (!exit_key_ok) /* without the key a slot would never come back */
+        return KEEL_ENOMEM;
     keel__rcu_slot *s;
     /* A slot left by an exited thread first. */
     for (s = atomic_load_explicit(&slots, memory_order_acquire); s; s = s->next) {

@@ -17,6 +17,7 @@
 #define KEEL_RCU_H
 
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "internal.h"
@@ -60,6 +61,10 @@ static inline void keel__rcu_read_unlock(void)
     if (--s->nest == 0)
         atomic_store_explicit(&s->ctr, 0, memory_order_release);
 }
+
+/* Whether the calling thread is inside a read section: a writer that would
+ * synchronize must refuse then (KEEL_ESTATE), or it waits for itself. */
+static inline bool keel__rcu_in_read(void) { return keel__rcu_self && keel__rcu_self->nest; }
 
 /* Waits until every read section that began before the call has ended.
  * Must not be called from inside a read section. Blocks; thread-safe. */

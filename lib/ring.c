@@ -8,9 +8,10 @@
  * period that follows their removal.
  *
  * Removed node records are not freed but retired: a caller may still hold
- * the name pointer of a node it looked up. Adding the same name again
- * reuses the record, so memory grows only with the number of distinct names
- * a ring has ever held.
+ * the name pointer of a node it looked up. A table of every record by name
+ * finds duplicates and retired records in O(1); adding a retired name again
+ * reuses its record, so memory grows only with the number of distinct
+ * names a ring has ever held.
  *
  * CONTINUUM and KETAMA share the continuum: 32-bit points sorted by (value,
  * node index), and an index of the top `bits` bits of the hash that gives
@@ -45,7 +46,11 @@ typedef struct node {
     uint64_t id;
     void *ud;
     uint32_t weight;
+    bool live;      /* in the ring (else retired); under r->mu */
+    bool created;   /* allocated by the add_many call under way */
+    uint64_t stamp; /* the add_many call that claimed it; under r->mu */
     _Atomic uint64_t load; /* assignments; LOAD_REMOVED once removed */
+    uint64_t hash;  /* of the name, for the name table */
     size_t len;
     unsigned char name[];
 } node;
@@ -80,10 +85,13 @@ struct keel_ring {
     pthread_mutex_t mu; /* writers */
     uint64_t next_id;
     _Atomic uint64_t total; /* assignments on nodes in the ring */
-    /* Removed nodes, kept so that names handed out stay valid until
-     * destroy, and reused when the same name is added again. */
-    node **retired;
-    size_t nretired, retired_cap;
+    /* Every node record the ring has held, live or retired, by name (open
+     * addressing). Retired records stay so that name pointers handed out
+     * stay valid until destroy, and come back when the name is added
+     * again. Under mu. */
+    node **names;
+    size_t names_cap, names_used;
+    uint64_t calls;
 };
 
 /* ---- hashing ---- */
@@ -268,58 +276,102 @@ static int build_jump(snap *s)
     return 0;
 }
 
-/* Maglev population, weighted: in each round a node claims one entry per
- * unit of credit, credit growing by weight / max weight; every node claims
- * in the first round. Integer credits in units of the largest weight. */
+typedef struct rank_ctx {
+    const double *rem;    /* by remainder when set, */
+    const uint64_t *quota; /* else by quota */
+} rank_ctx;
+
+static int rank_desc(const void *a, const void *b, void *ud)
+{
+    const rank_ctx *c = ud;
+    uint32_t i = *(const uint32_t *)a, j = *(const uint32_t *)b;
+    if (c->rem)
+        return c->rem[i] < c->rem[j] ? 1 : c->rem[i] > c->rem[j] ? -1 : (i > j) - (i < j);
+    return c->quota[i] < c->quota[j] ? 1 : c->quota[i] > c->quota[j] ? -1 : (i > j) - (i < j);
+}
+
+/* Maglev population, weighted: each node gets a quota of entries in
+ * proportion to its weight (at least one; largest remainders settle the
+ * sum), then nodes with quota left take turns claiming the next free entry
+ * of their permutation. O(table + nodes) turns whatever the weights. */
 static int build_maglev(const keel_ring *r, snap *s)
 {
     uint32_t m = r->msize;
-    if (s->n > m)
+    size_t n = s->n;
+    if (n > m)
         return KEEL_EINVAL;
-    uint64_t *offset = keel__malloc(s->n * sizeof *offset);
-    uint64_t *skip = keel__malloc(s->n * sizeof *skip);
-    uint64_t *next = keel__calloc(s->n, sizeof *next);
-    uint64_t *credit = keel__malloc(s->n * sizeof *credit);
+    uint64_t *offset = keel__malloc(n * sizeof *offset);
+    uint64_t *skip = keel__malloc(n * sizeof *skip);
+    uint64_t *next = keel__calloc(n, sizeof *next);
+    uint64_t *quota = keel__malloc(n * sizeof *quota);
+    double *rem = keel__malloc(n * sizeof *rem);
+    uint32_t *turn = keel__malloc(n * sizeof *turn);
     s->table = keel__malloc((size_t)m * sizeof *s->table);
-    if (!offset || !skip || !next || !credit || !s->table) {
-        keel__free(offset);
-        keel__free(skip);
-        keel__free(next);
-        keel__free(credit);
-        return KEEL_ENOMEM;
+    int rc = 0;
+    if (!offset || !skip || !next || !quota || !rem || !turn || !s->table) {
+        rc = KEEL_ENOMEM;
+        goto out;
     }
-    uint32_t wmax = 0;
-    for (size_t i = 0; i < s->n; i++) {
+    uint64_t wsum = 0, given = 0;
+    for (size_t i = 0; i < n; i++)
+        wsum += s->nodes[i]->weight;
+    for (size_t i = 0; i < n; i++) {
         const node *nd = s->nodes[i];
         uint64_t h = keel__hash64(nd->name, nd->len, r->seed);
         offset[i] = h % m;
         skip[i] = keel__mix64(h) % (m - 1) + 1;
-        if (nd->weight > wmax)
-            wmax = nd->weight;
+        double exact = (double)m * nd->weight / (double)wsum;
+        quota[i] = (uint64_t)exact;
+        rem[i] = exact - (double)quota[i];
+        if (quota[i] == 0) { /* everyone gets an entry */
+            quota[i] = 1;
+            rem[i] = -1;
+        }
+        given += quota[i];
     }
-    for (size_t i = 0; i < s->n; i++)
-        credit[i] = wmax - s->nodes[i]->weight;
+    /* Settle the sum at m: hand the rest out by largest remainder (fewer
+     * than n entries), or take back from the largest quotas (only the
+     * minimum of one can overshoot, by fewer than n). */
+    for (size_t i = 0; i < n; i++)
+        turn[i] = (uint32_t)i;
+    if (given != m) {
+        rank_ctx ctx = {given < m ? rem : NULL, quota};
+        qsort_r(turn, n, sizeof *turn, rank_desc, &ctx);
+    }
+    for (size_t k = 0; given < m; k = (k + 1) % n, given++)
+        quota[turn[k]]++;
+    for (size_t k = 0; given > m; k = (k + 1) % n)
+        if (quota[turn[k]] > 1) {
+            quota[turn[k]]--;
+            given--;
+        }
     memset(s->table, 0xff, (size_t)m * sizeof *s->table);
-    uint32_t filled = 0;
-    while (filled < m) {
-        for (size_t i = 0; i < s->n && filled < m; i++) {
-            credit[i] += s->nodes[i]->weight;
-            while (credit[i] >= wmax && filled < m) {
-                credit[i] -= wmax;
-                uint64_t c;
-                do
-                    c = (offset[i] + next[i]++ * skip[i]) % m;
-                while (s->table[c] != NO_NODE);
-                s->table[c] = (uint32_t)i;
-                filled++;
-            }
+    size_t active = n;
+    for (size_t i = 0; i < n; i++)
+        turn[i] = (uint32_t)i;
+    for (uint32_t filled = 0; filled < m;) {
+        for (size_t k = 0; k < active;) {
+            uint32_t i = turn[k];
+            uint64_t c;
+            do
+                c = (offset[i] + next[i]++ * skip[i]) % m;
+            while (s->table[c] != NO_NODE);
+            s->table[c] = i;
+            filled++;
+            if (--quota[i] == 0)
+                turn[k] = turn[--active]; /* its turn goes to the last */
+            else
+                k++;
         }
     }
+out:
     keel__free(offset);
     keel__free(skip);
     keel__free(next);
-    keel__free(credit);
-    return 0;
+    keel__free(quota);
+    keel__free(rem);
+    keel__free(turn);
+    return rc;
 }
 
 /* A snapshot over `nodes`, which it owns on success only. */
@@ -395,13 +447,14 @@ static void prefer(const keel_ring *r, const snap *s, const void *key, size_t le
         for (size_t k = 0; k < tries; k++)
             if (take(s, s->bucket_node[jump(k ? keel__mix64(h + k) : h, s->nbuckets)], ud))
                 return;
-        for (size_t k = 0; k < s->n; k++) /* the unlikely rest, in order */
-            if (take(s, (uint32_t)((h + k) % s->n), ud))
-                return;
         break;
     }
     }
-    /* every node was offered; none was taken */
+    /* Nodes the walk never reached (jump's rehashes missed them, or ketama
+     * gave a tiny weight no point), in order. */
+    for (size_t k = 0; k < s->n; k++)
+        if (take(s, (uint32_t)k, ud))
+            return;
 }
 
 static void node_out(const node *nd, keel_ring_node *out)
@@ -449,16 +502,23 @@ KEEL_API int keel_ring_lookup(keel_ring *r, const void *key, size_t len, keel_ri
 typedef struct collect {
     keel_ring_node *out;
     size_t want, got;
-    uint32_t *seen; /* node indexes taken so far */
+    uint32_t small[16]; /* node indexes taken, when want <= 16 */
+    uint64_t *bits;     /* else a bitmap over the nodes */
 } collect;
 
 static bool take_distinct(const snap *s, uint32_t idx, void *ud)
 {
     collect *c = ud;
-    for (size_t k = 0; k < c->got; k++)
-        if (c->seen[k] == idx)
+    if (c->bits) {
+        if (c->bits[idx / 64] >> (idx % 64) & 1)
             return false;
-    c->seen[c->got] = idx;
+        c->bits[idx / 64] |= UINT64_C(1) << (idx % 64);
+    } else {
+        for (size_t k = 0; k < c->got; k++)
+            if (c->small[k] == idx)
+                return false;
+        c->small[c->got] = idx;
+    }
     node_out(s->nodes[idx], &c->out[c->got++]);
     return c->got == c->want;
 }
@@ -475,17 +535,15 @@ KEEL_API int keel_ring_lookup_n(keel_ring *r, const void *key, size_t len, size_
         return rc;
     if (n > s->n)
         n = s->n;
-    uint32_t small[16];
-    collect c = {nodes, n, 0, n <= 16 ? small : keel__malloc(n * sizeof(uint32_t))};
-    if (!c.seen) {
+    collect c = {.out = nodes, .want = n};
+    if (n > 16 && !(c.bits = keel__calloc((s->n + 63) / 64, sizeof *c.bits))) {
         keel__rcu_read_unlock();
         return KEEL_ENOMEM;
     }
     if (n)
         prefer(r, s, key, len, take_distinct, &c);
     *found = c.got;
-    if (c.seen != small)
-        keel__free(c.seen);
+    keel__free(c.bits);
     keel__rcu_read_unlock();
     return 0;
 }
@@ -649,14 +707,6 @@ static snap *cur_locked(keel_ring *r)
     return atomic_load_explicit(&r->cur, memory_order_relaxed);
 }
 
-static ssize_t find_name(const snap *s, const void *name, size_t len)
-{
-    for (size_t i = 0; i < s->n; i++)
-        if (s->nodes[i]->len == len && memcmp(s->nodes[i]->name, name, len) == 0)
-            return (ssize_t)i;
-    return -1;
-}
-
 /* Publishes s, waits until nobody reads the old snapshot, frees it. */
 static void publish(keel_ring *r, snap *s)
 {
@@ -666,40 +716,62 @@ static void publish(keel_ring *r, snap *s)
     snap_free(old);
 }
 
-static bool same_name(const node *nd, const keel_ring_node_spec *sp)
+/* ---- the name table (caller holds r->mu) ---- */
+
+static node **names_slot(node **tab, size_t cap, uint64_t h, const void *name, size_t len)
 {
-    return nd->len == sp->name_len && memcmp(nd->name, sp->name, sp->name_len) == 0;
+    for (size_t i = h & (cap - 1);; i = (i + 1) & (cap - 1))
+        if (!tab[i] || (tab[i]->hash == h && tab[i]->len == len && memcmp(tab[i]->name, name, len) == 0))
+            return &tab[i];
 }
 
-/* Keeps a record no snapshot refers to any more (or never did). Caller
- * holds r->mu. When the list cannot grow the record is freed: only the
- * promise about old name pointers suffers, and only without memory. */
-static void retire(keel_ring *r, node *nd)
+static node *names_find(keel_ring *r, const void *name, size_t len, uint64_t h)
 {
-    if (r->nretired == r->retired_cap) {
-        size_t ncap = r->retired_cap ? r->retired_cap * 2 : 8;
-        node **n = keel__realloc(r->retired, ncap * sizeof *n);
-        if (!n) {
-            keel__free(nd);
-            return;
+    return r->names_cap ? *names_slot(r->names, r->names_cap, h, name, len) : NULL;
+}
+
+/* Room for `more` records at a load of at most one half. */
+static int names_reserve(keel_ring *r, size_t more)
+{
+    size_t want = r->names_used + more;
+    if (want * 2 <= r->names_cap)
+        return 0;
+    size_t cap = r->names_cap ? r->names_cap : 16;
+    while (cap < want * 2)
+        cap *= 2;
+    node **tab = keel__calloc(cap, sizeof *tab);
+    if (!tab)
+        return KEEL_ENOMEM;
+    for (size_t i = 0; i < r->names_cap; i++)
+        if (r->names[i])
+            *names_slot(tab, cap, r->names[i]->hash, r->names[i]->name, r->names[i]->len) = r->names[i];
+    keel__free(r->names);
+    r->names = tab;
+    r->names_cap = cap;
+    return 0;
+}
+
+/* Linear probing's backward-shift deletion: no tombstones. */
+static void names_delete(keel_ring *r, node *nd)
+{
+    size_t mask = r->names_cap - 1, i = nd->hash & mask;
+    while (r->names[i] != nd)
+        i = (i + 1) & mask;
+    r->names[i] = NULL;
+    for (size_t j = (i + 1) & mask; r->names[j]; j = (j + 1) & mask) {
+        size_t home = r->names[j]->hash & mask;
+        /* stays put if its home lies cyclically in (i, j] */
+        bool stays = i <= j ? (home > i && home <= j) : (home > i || home <= j);
+        if (!stays) {
+            r->names[i] = r->names[j];
+            r->names[j] = NULL;
+            i = j;
         }
-        r->retired = n;
-        r->retired_cap = ncap;
     }
-    r->retired[r->nretired++] = nd;
+    r->names_used--;
 }
 
-/* A retired record with this name, taken off the list. Caller holds r->mu. */
-static node *retired_take(keel_ring *r, const keel_ring_node_spec *sp)
-{
-    for (size_t i = 0; i < r->nretired; i++)
-        if (same_name(r->retired[i], sp)) {
-            node *nd = r->retired[i];
-            r->retired[i] = r->retired[--r->nretired];
-            return nd;
-        }
-    return NULL;
-}
+static uint64_t name_hash(const void *name, size_t len) { return keel__hash64(name, len, 0x6b65656c); }
 
 KEEL_API int keel_ring_add_many(keel_ring *r, const keel_ring_node_spec *specs, size_t n)
 {
@@ -711,33 +783,45 @@ KEEL_API int keel_ring_add_many(keel_ring *r, const keel_ring_node_spec *specs, 
             return KEEL_EINVAL;
     if (n == 0)
         return 0;
+    if (keel__rcu_in_read()) /* a keel_ring_nodes callback, say */
+        return KEEL_ESTATE;
 
     pthread_mutex_lock(&r->mu);
     snap *old = cur_locked(r);
+    uint64_t call = ++r->calls;
     node **nodes = keel__malloc((old->n + n) * sizeof *nodes);
-    node **fresh = nodes ? nodes + old->n : NULL;
-    size_t made = 0;
-    int rc = nodes ? 0 : KEEL_ENOMEM;
+    int rc = nodes ? names_reserve(r, n) : KEEL_ENOMEM;
+    size_t made = 0; /* new records at nodes[old->n ..], reused ones too */
     for (size_t i = 0; i < n && rc == 0; i++) {
-        if (find_name(old, specs[i].name, specs[i].name_len) >= 0)
-            rc = KEEL_EEXIST;
-        for (size_t k = 0; k < made && rc == 0; k++)
-            if (same_name(fresh[k], &specs[i]))
-                rc = KEEL_EEXIST;
-        node *nd = rc ? NULL : retired_take(r, &specs[i]);
-        if (!nd && !rc)
-            nd = keel__malloc(sizeof *nd + specs[i].name_len);
-        if (!nd) {
-            rc = rc ? rc : KEEL_ENOMEM;
+        uint64_t h = name_hash(specs[i].name, specs[i].name_len);
+        node *nd = names_find(r, specs[i].name, specs[i].name_len, h);
+        if (nd && (nd->live || nd->stamp == call)) {
+            rc = KEEL_EEXIST; /* in the ring, or twice in specs */
             break;
         }
-        nd->id = r->next_id + made + 1;
+        if (!nd) {
+            if (!(nd = keel__malloc(sizeof *nd + specs[i].name_len))) {
+                rc = KEEL_ENOMEM;
+                break;
+            }
+            nd->live = false;
+            nd->created = true;
+            nd->hash = h;
+            nd->len = specs[i].name_len;
+            memcpy(nd->name, specs[i].name, nd->len);
+            /* in the table now, though not live: found again by a later
+             * spec with the same name, and freed if this call fails */
+            *names_slot(r->names, r->names_cap, h, nd->name, nd->len) = nd;
+            r->names_used++;
+        }
+        /* A retired record keeps its name bytes: callers may read them. No
+         * snapshot refers to it, so the other fields are ours to set. */
+        nd->stamp = call;
+        nd->id = r->next_id + i + 1;
         nd->ud = specs[i].ud;
         nd->weight = specs[i].weight;
         atomic_init(&nd->load, 0);
-        nd->len = specs[i].name_len;
-        memcpy(nd->name, specs[i].name, nd->len);
-        fresh[made++] = nd;
+        nodes[old->n + made++] = nd;
     }
     snap *s = NULL;
     if (rc == 0) {
@@ -745,12 +829,21 @@ KEEL_API int keel_ring_add_many(keel_ring *r, const keel_ring_node_spec *specs, 
             memcpy(nodes, old->nodes, old->n * sizeof *nodes);
         rc = snap_build(r, nodes, old->n + n, &s);
     }
+    for (size_t k = 0; k < made; k++) {
+        node *nd = nodes[old->n + k];
+        if (rc == 0) {
+            nd->live = true;
+        } else if (nd->created) { /* a failed call leaves nothing behind */
+            names_delete(r, nd);
+            keel__free(nd);
+            continue;
+        }
+        nd->created = false;
+    }
     if (rc == 0) {
         r->next_id += n;
         publish(r, s);
     } else {
-        for (size_t k = 0; k < made; k++)
-            retire(r, fresh[k]);
         keel__free(nodes);
     }
     pthread_mutex_unlock(&r->mu);
@@ -769,13 +862,20 @@ KEEL_API int keel_ring_remove(keel_ring *r, const void *name, size_t len)
 {
     if (!r || !name || len == 0)
         return KEEL_EINVAL;
+    if (len > NAME_MAX_LEN)
+        return KEEL_ENOTFOUND;
+    if (keel__rcu_in_read()) /* a keel_ring_nodes callback, say */
+        return KEEL_ESTATE;
     pthread_mutex_lock(&r->mu);
     snap *old = cur_locked(r);
-    ssize_t at = find_name(old, name, len);
+    node *gone = names_find(r, name, len, name_hash(name, len));
+    size_t at = 0;
+    while (gone && gone->live && old->nodes[at] != gone)
+        at++;
     int rc = 0;
-    if (at < 0)
+    if (!gone || !gone->live)
         rc = KEEL_ENOTFOUND;
-    else if (r->algo == KEEL_RING_JUMP && (size_t)at != old->n - 1)
+    else if (r->algo == KEEL_RING_JUMP && at != old->n - 1)
         rc = KEEL_EINVAL; /* jump hash can only drop its last bucket(s) */
     node **nodes = NULL;
     if (rc == 0 && old->n > 1 && !(nodes = keel__malloc((old->n - 1) * sizeof *nodes)))
@@ -784,7 +884,7 @@ KEEL_API int keel_ring_remove(keel_ring *r, const void *name, size_t len)
     if (rc == 0) {
         size_t k = 0;
         for (size_t i = 0; i < old->n; i++)
-            if (i != (size_t)at)
+            if (i != at)
                 nodes[k++] = old->nodes[i];
         rc = snap_build(r, nodes, old->n - 1, &s);
     }
@@ -793,13 +893,12 @@ KEEL_API int keel_ring_remove(keel_ring *r, const void *name, size_t len)
         pthread_mutex_unlock(&r->mu);
         return rc;
     }
-    node *gone = old->nodes[at];
     publish(r, s);
     /* Its assignments end with it (see keel_ring_unassign). The grace
      * period in publish() also covers readers still holding `gone`. */
     uint64_t l = atomic_fetch_or(&gone->load, LOAD_REMOVED);
     atomic_fetch_sub(&r->total, l & ~LOAD_REMOVED);
-    retire(r, gone);
+    gone->live = false;
     pthread_mutex_unlock(&r->mu);
     return 0;
 }
@@ -853,13 +952,10 @@ KEEL_API void keel_ring_destroy(keel_ring *r)
 {
     if (!r)
         return;
-    snap *s = cur_locked(r);
-    for (size_t i = 0; i < s->n; i++)
-        keel__free(s->nodes[i]);
-    for (size_t i = 0; i < r->nretired; i++)
-        keel__free(r->retired[i]);
-    keel__free(r->retired);
-    snap_free(s);
+    for (size_t i = 0; i < r->names_cap; i++) /* live and retired alike */
+        keel__free(r->names[i]);
+    keel__free(r->names);
+    snap_free(cur_locked(r));
     pthread_mutex_destroy(&r->mu);
     keel__free(r);
 }

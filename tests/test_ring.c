@@ -496,6 +496,74 @@ START_TEST(lookups_never_see_a_half_built_ring)
 }
 END_TEST
 
+START_TEST(a_ketama_node_without_points_still_serves_as_a_replica)
+{
+    /* weight 1 against 1000: libmemcached gives it no point at all */
+    keel_ring *r = ring_new(KEEL_RING_KETAMA);
+    ck_assert_int_eq(keel_ring_add(r, "big", 3, 1000, (void *)0), 0);
+    ck_assert_int_eq(keel_ring_add(r, "small", 5, 1, (void *)1), 0);
+    keel_ring_node rep[2], a[3];
+    size_t found;
+    ck_assert_int_eq(keel_ring_lookup_n(r, "k", 1, 2, rep, &found), 0);
+    ck_assert_uint_eq(found, 2);
+    ck_assert_ptr_eq(rep[1].ud, (void *)1);
+    for (int i = 0; i < 3; i++) /* cap ceil(1.25 * m / 2): the third must spill */
+        ck_assert_int_eq(keel_ring_assign(r, "k", 1, &a[i]), 0);
+    ck_assert_ptr_eq(a[2].ud, (void *)1);
+    keel_ring_destroy(r);
+}
+END_TEST
+
+static void add_from_inside(const keel_ring_node *n, double share, void *ud)
+{
+    (void)n;
+    (void)share;
+    keel_ring *other = ud;
+    ck_assert_int_eq(keel_ring_add(other, "x", 1, 1, NULL), KEEL_ESTATE);
+    ck_assert_int_eq(keel_ring_remove(other, "a", 1), KEEL_ESTATE);
+}
+
+START_TEST(changes_from_inside_a_visit_are_refused_not_deadlocked)
+{
+    keel_ring *r = ring_new(KEEL_RING_CONTINUUM), *other = ring_new(KEEL_RING_CONTINUUM);
+    add_nodes(r, 2, 0);
+    ck_assert_int_eq(keel_ring_add(other, "a", 1, 1, NULL), 0);
+    ck_assert_int_eq(keel_ring_nodes(r, add_from_inside, other), 0);
+    ck_assert_uint_eq(keel_ring_count(other), 1);
+    keel_ring_destroy(r);
+    keel_ring_destroy(other);
+}
+END_TEST
+
+START_TEST(a_failed_add_changes_nothing_and_names_come_back)
+{
+    keel_ring *r = ring_new(KEEL_RING_CONTINUUM);
+    ck_assert_int_eq(keel_ring_add(r, "a", 1, 1, (void *)1), 0);
+    keel_ring_node before;
+    keel_ring_lookup(r, "k", 1, &before);
+    keel_ring_node_spec specs[2] = {{"b", 1, 1, NULL}, {"a", 1, 1, NULL}};
+    ck_assert_int_eq(keel_ring_add_many(r, specs, 2), KEEL_EEXIST);
+    ck_assert_uint_eq(keel_ring_count(r), 1);
+    ck_assert_int_eq(keel_ring_add(r, "b", 1, 1, (void *)2), 0); /* b was not kept */
+    /* a removed name's bytes stay readable and the record returns on re-add */
+    const void *name = before.name;
+    ck_assert_int_eq(keel_ring_remove(r, "a", 1), 0);
+    ck_assert(memcmp(name, "a", 1) == 0);
+    ck_assert_int_eq(keel_ring_add(r, "a", 1, 3, (void *)3), 0);
+    keel_ring_node again = {0};
+    keel_ring_node all[2];
+    size_t found;
+    keel_ring_lookup_n(r, "k", 1, 2, all, &found);
+    for (size_t i = 0; i < found; i++)
+        if (all[i].ud == (void *)3)
+            again = all[i];
+    ck_assert_ptr_eq(again.name, name);
+    ck_assert_uint_gt(again.id, before.id); /* a new id for the new membership */
+    ck_assert_uint_eq(again.weight, 3);
+    keel_ring_destroy(r);
+}
+END_TEST
+
 /* ---- bad input ---- */
 
 START_TEST(bad_input_is_refused)
@@ -575,6 +643,9 @@ int main(void)
     tcase_add_test(tc, bounded_loads_never_exceed_the_cap_under_skew);
     tcase_add_test(tc, assignments_end_with_a_removed_node);
     tcase_add_test(tc, bad_input_is_refused);
+    tcase_add_test(tc, a_ketama_node_without_points_still_serves_as_a_replica);
+    tcase_add_test(tc, changes_from_inside_a_visit_are_refused_not_deadlocked);
+    tcase_add_test(tc, a_failed_add_changes_nothing_and_names_come_back);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("concurrency");

@@ -94,8 +94,10 @@ KEEL_API int keel_ring_create(keel_ring **out, const keel_ring_opts *opts);
  * bytes, any bytes) is copied. Returns 0; KEEL_EEXIST for a name already
  * in the ring; KEEL_EINVAL for an empty or over-long name, a zero weight,
  * or a ring that would pass 16,777,216 points (CONTINUUM, KETAMA) or
- * buckets (JUMP), or more nodes than MAGLEV table entries; KEEL_ENOMEM.
- * Blocks until lookups of the previous ring version have finished. */
+ * buckets (JUMP), or more nodes than MAGLEV table entries; KEEL_ENOMEM;
+ * KEEL_ESTATE when called from inside a keel_ring_nodes() callback (of any
+ * ring: it would wait for itself). Blocks until lookups of the previous
+ * ring version have finished. */
 KEEL_API int keel_ring_add(keel_ring *r, const void *name, size_t len, uint32_t weight,
                            void *ud);
 
@@ -103,12 +105,15 @@ KEEL_API int keel_ring_add(keel_ring *r, const void *name, size_t len, uint32_t 
  * plus KEEL_EEXIST for a name repeated within specs. */
 KEEL_API int keel_ring_add_many(keel_ring *r, const keel_ring_node_spec *specs, size_t n);
 
-/* Removes a node. Returns 0, KEEL_ENOTFOUND, or KEEL_EINVAL (NULL, or in
- * JUMP a node that was not added last). Blocks like keel_ring_add(). */
+/* Removes a node. Returns 0, KEEL_ENOTFOUND, KEEL_EINVAL (NULL, or in JUMP
+ * a node that was not added last), KEEL_ENOMEM (the ring is unchanged) or
+ * KEEL_ESTATE as keel_ring_add(). Blocks like keel_ring_add(). */
 KEEL_API int keel_ring_remove(keel_ring *r, const void *name, size_t len);
 
 /* The node that owns key. Returns 0, KEEL_EUNAVAIL for an empty ring,
- * KEEL_EINVAL for NULL arguments (an empty key is a valid key). Lock-free. */
+ * KEEL_EINVAL for NULL arguments (an empty key is a valid key). Lock-free.
+ * Like every lookup below, it may also return KEEL_ENOMEM on a thread's
+ * very first lookup, which allocates the thread's small reader record. */
 KEEL_API int keel_ring_lookup(keel_ring *r, const void *key, size_t len, keel_ring_node *node);
 
 /* Up to n distinct nodes for key in preference order: the owner first,
@@ -138,8 +143,9 @@ KEEL_API uint64_t keel_ring_load(keel_ring *r, const keel_ring_node *node);
 
 /* Calls fn once per node, in the order the nodes were added, with the share
  * of the hash space the node owns (0..1, summing to 1), from one
- * consistent version of the ring. fn must not add or remove nodes of this
- * ring. Returns 0 or KEEL_EINVAL. */
+ * consistent version of the ring. fn must not add or remove nodes of any
+ * ring (those calls return KEEL_ESTATE there). Returns 0, KEEL_EINVAL or
+ * KEEL_ENOMEM. */
 typedef void (*keel_ring_visit_fn)(const keel_ring_node *node, double share, void *ud);
 KEEL_API int keel_ring_nodes(keel_ring *r, keel_ring_visit_fn fn, void *ud);
 
