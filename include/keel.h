@@ -7,5 +7,8 @@
 #include <keel/common.h>
 #include <keel/pool.h>
 #include <keel/ring.h>
+#include <keel/backoff.h>
+#include <keel/breaker.h>
+#include <keel/lb.h>
 
 #endif /* KEEL_H */

@@ -7,6 +7,8 @@
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -86,6 +88,15 @@ void keel__free(void *ptr)
         keel__alloc.free_fn(ptr);
 }
 
+char *keel__strdup(const char *s)
+{
+    size_t n = strlen(s) + 1;
+    char *d = keel__malloc(n);
+    if (d)
+        memcpy(d, s, n);
+    return d;
+}
+
 /* The hooks promise max_align_t alignment only, so larger alignments
  * over-allocate and keep the original pointer just below the block. */
 void *keel__aligned_alloc(size_t align, size_t size)
@@ -107,6 +118,41 @@ void keel__aligned_free(void *ptr)
 {
     if (ptr)
         keel__free(((void **)ptr)[-1]);
+}
+
+/* ---- random numbers ---- */
+
+static uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+KEEL_API uint64_t keel_rand_u64(void *ud)
+{
+    static __thread uint64_t s[4];
+    static __thread int seeded;
+    (void)ud;
+    if (KEEL__UNLIKELY(!seeded)) {
+        uint64_t seed[4] = {0};
+        if (getrandom(seed, sizeof seed, 0) != (ssize_t)sizeof seed) {
+            /* no kernel entropy: time and address still differ per thread */
+            seed[0] = keel_now_ns() ^ (uint64_t)(uintptr_t)&seed;
+            seed[1] = keel_wall_ns();
+        }
+        for (int i = 0; i < 4; i++) { /* splitmix64: never all zero */
+            uint64_t z = seed[i] + 0x9e3779b97f4a7c15ull * (uint64_t)(i + 1);
+            z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+            z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+            s[i] = z ^ (z >> 31);
+        }
+        seeded = 1;
+    }
+    /* xoshiro256** (Blackman & Vigna) */
+    uint64_t result = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = rotl(s[3], 45);
+    return result;
 }
 
 /* ---- clocks ---- */

@@ -33,6 +33,8 @@ void *keel__malloc(size_t size);
 void *keel__calloc(size_t n, size_t size);
 void *keel__realloc(void *ptr, size_t size);
 void keel__free(void *ptr);
+/* A copy of a NUL-terminated string through the hooks; NULL if no memory. */
+char *keel__strdup(const char *s);
 /* Memory aligned to `align` (a power of two), freed with
  * keel__aligned_free. Built on the hooks by over-allocating. */
 void *keel__aligned_alloc(size_t align, size_t size);
@@ -60,6 +62,26 @@ typedef struct keel__clock {
 static inline uint64_t keel__clock_now(const keel__clock *c)
 {
     return c->fn ? c->fn(c->ud) : keel_now_ns();
+}
+
+/* ---- random numbers ---- */
+typedef struct keel__rand {
+    keel_rand_fn fn;
+    void *ud;
+} keel__rand;
+
+static inline uint64_t keel__rand_next(const keel__rand *r)
+{
+    return r->fn ? r->fn(r->ud) : keel_rand_u64(NULL);
+}
+
+/* Uniform in [0, n] (inclusive), n < 2^64 - 1; Lemire's multiply-shift,
+ * whose bias below 2^-64 per value is irrelevant here. */
+static inline uint64_t keel__rand_upto(const keel__rand *r, uint64_t n)
+{
+    if (n == UINT64_MAX)
+        return keel__rand_next(r);
+    return (uint64_t)(((unsigned __int128)keel__rand_next(r) * (n + 1)) >> 64);
 }
 
 /* ---- asymmetric fences ----

@@ -1,7 +1,8 @@
 #!/bin/sh
 # tests/run.sh TEST... — runs the Check suites and sums up.
 #   SAN=...      sanitizer build: stretch Check's timeouts, set sanitizer options
-#   VALGRIND=1   run each suite under valgrind (Check's fork disabled)
+#   VALGRIND=1   run each suite under valgrind (Check's fork disabled),
+#                without the cases tagged stress or slow
 #   TESTS=a,b    only the suites test_a, test_b
 set -u
 case "${SAN:-}" in
@@ -14,7 +15,11 @@ case "${SAN:-}" in
     export UBSAN_OPTIONS="print_stacktrace=1 halt_on_error=1 ${UBSAN_OPTIONS:-}" ;;
 esac
 if [ -n "${VALGRIND:-}" ]; then
+    # Cases tagged stress (hundreds of RCU grace periods, each a round of
+    # valgrind's thread scheduler) or slow (millions of hashes) are left to
+    # the sanitizer runs.
     export CK_FORK=no CK_TIMEOUT_MULTIPLIER=${CK_TIMEOUT_MULTIPLIER:-20}
+    export CK_EXCLUDE_TAGS="stress slow"
     wrap="valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite,possible --show-leak-kinds=definite,possible"
 else
     wrap=""

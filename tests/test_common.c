@@ -1,6 +1,7 @@
 /* tests/test_common.c — error codes, allocator hooks, clocks, logging,
  * version. */
 #define _GNU_SOURCE
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -61,6 +62,35 @@ START_TEST(clocks_move_forward)
     kt_clock c = {0};
     kt_clock_advance(&c, 5 * KT_S);
     ck_assert_uint_eq(kt_clock_now(&c), 5 * KT_S);
+}
+END_TEST
+
+static void *draw(void *arg)
+{
+    uint64_t *out = arg;
+    for (int i = 0; i < 4; i++)
+        out[i] = keel_rand_u64(NULL);
+    return NULL;
+}
+
+START_TEST(random_numbers_differ_between_draws_and_threads)
+{
+    uint64_t a[4], b[4];
+    pthread_t t;
+    draw(a);
+    pthread_create(&t, NULL, draw, b);
+    pthread_join(t, NULL);
+    for (int i = 0; i < 4; i++)
+        for (int k = 0; k < 4; k++) {
+            ck_assert(i == k || a[i] != a[k]);
+            ck_assert(a[i] != b[k]); /* seeded apart per thread */
+        }
+    /* roughly uniform: each bit set about half the time */
+    int ones = 0;
+    for (int i = 0; i < 1000; i++)
+        ones += __builtin_popcountll(keel_rand_u64(NULL));
+    ck_assert_int_gt(ones, 30000);
+    ck_assert_int_lt(ones, 34000);
 }
 END_TEST
 
@@ -151,6 +181,7 @@ int main(void)
     tcase_add_test(tc, unknown_codes_still_get_static_strings);
     tcase_add_test(tc, version_matches_the_header);
     tcase_add_test(tc, clocks_move_forward);
+    tcase_add_test(tc, random_numbers_differ_between_draws_and_threads);
     tcase_add_test(tc, all_memory_goes_through_the_allocator_hooks);
     tcase_add_test(tc, the_log_hook_gets_messages_up_to_its_level);
     suite_add_tcase(s, tc);

@@ -624,19 +624,25 @@ int main(void)
 {
     Suite *s = suite_create("ring");
     TCase *tc = tcase_create("ketama");
+    tcase_set_tags(tc, "slow"); /* a million MD5s: not under valgrind */
     tcase_set_timeout(tc, 30);
     tcase_add_loop_test(tc, ketama_matches_libmemcached, 0,
                         (int)(sizeof ketama_cases / sizeof ketama_cases[0]));
     tcase_add_test(tc, ketama_matches_libmemcached_after_a_removal);
     suite_add_tcase(s, tc);
 
-    tc = tcase_create("distribution");
+    tc = tcase_create("large");
+    tcase_set_tags(tc, "slow"); /* millions of lookups: not under valgrind */
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, every_algorithm_balances_within_its_bound);
-    tcase_add_test(tc, shares_sum_to_one_and_follow_weights);
     tcase_add_test(tc, continuum_removal_moves_only_the_removed_nodes_keys);
     tcase_add_test(tc, adding_a_node_moves_about_one_in_n_plus_one_all_to_it);
     tcase_add_test(tc, ketama_removal_also_moves_keys_between_survivors);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("distribution");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, shares_sum_to_one_and_follow_weights);
     tcase_add_test(tc, jump_removes_only_its_last_node);
     tcase_add_test(tc, replicas_are_distinct_stable_and_start_with_the_owner);
     tcase_add_test(tc, continuum_replica_set_survives_an_unrelated_removal);
@@ -649,6 +655,7 @@ int main(void)
     suite_add_tcase(s, tc);
 
     tc = tcase_create("concurrency");
+    tcase_set_tags(tc, "stress"); /* hundreds of grace periods: not under valgrind */
     tcase_set_timeout(tc, 60);
     tcase_add_loop_test(tc, lookups_never_see_a_half_built_ring, KEEL_RING_CONTINUUM,
                         KEEL_RING_MAGLEV + 1);

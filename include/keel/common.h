@@ -43,7 +43,8 @@ extern "C" {
     XX(ERANGE, -12, "value out of range or buffer too small")                 \
     XX(ENOTSUP, -13, "operation not supported")                                \
     XX(EPROTO, -14, "protocol error")                                          \
-    XX(ESTATE, -15, "operation not allowed in the current state")
+    XX(ESTATE, -15, "operation not allowed in the current state")              \
+    XX(ELIMIT, -16, "limit reached")
 
 typedef enum keel_err {
     KEEL_OK = 0,
@@ -97,6 +98,19 @@ KEEL_API uint64_t keel_now_ns(void);
 /* Wall-clock time (CLOCK_REALTIME) in nanoseconds since the Unix epoch, for
  * values that leave the process (timestamps, HTTP headers). Thread-safe. */
 KEEL_API uint64_t keel_wall_ns(void);
+
+/* ---- Random numbers ----------------------------------------------------
+ *
+ * Jitter, random peer choice and sampling take their numbers from a source
+ * the options can replace, so tests can script them. A source returns 64
+ * uniformly random bits and may be called from many threads at once.
+ */
+typedef uint64_t (*keel_rand_fn)(void *ud);
+
+/* The default source: a per-thread xoshiro256** generator seeded from the
+ * kernel (getrandom) on first use in each thread. Not for cryptography.
+ * Thread-safe, lock-free. ud is ignored. */
+KEEL_API uint64_t keel_rand_u64(void *ud);
 
 /* ---- Logging -----------------------------------------------------------
  *

@@ -1,0 +1,742 @@
+/* lib/lb.c — upstream selection: nginx round robin and least_conn, P2C,
+ * peak EWMA; nginx passive health; Envoy outlier ejection.
+ *
+ * The peer lists (primaries, then backups) are immutable snapshots read
+ * under RCU and replaced by add/remove/set_down. Round robin and
+ * least_conn mutate rotation state at every pick, so they pick under
+ * lb->mu, as nginx does inside one worker; that state lives in arrays of
+ * the snapshot (carried over to the next one), so that the common pick is
+ * a tight loop over three arrays. P2C and peak EWMA pick without a lock.
+ *
+ * Fast paths: while no peer has a failure on record or is ejected
+ * (lb->suspect == 0), the snapshot has no DOWN or max_conns peer, and the
+ * request has tried nothing, every primary is available and no clock is
+ * needed, so a pick skips the health checks. Any failure sends every pick
+ * through the full checks until the failure is forgiven.
+ *
+ * A removed peer leaves the snapshots at once; its memory is freed by a
+ * later add/remove (or destroy) once no pick is in flight on it, so that a
+ * handle returned by pick stays valid until keel_lb_done().
+ */
+#define _GNU_SOURCE
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <string.h>
+
+#include <keel/lb.h>
+
+#include "internal.h"
+#include "rcu.h"
+
+#define NS 1000000000ull
+#define MAX_WEIGHT 1000000u
+
+struct keel_lb_peer {
+    keel_lb *lb;
+    uint32_t id;
+    char *name;
+    void *ud;
+    uint32_t weight, max_fails, max_conns;
+    uint64_t fail_timeout;
+    _Atomic unsigned flags;
+    uint32_t slot; /* index in the current snapshot; under lb->mu */
+    struct keel_lb_peer *next_dead;
+
+    /* nginx passive health */
+    _Atomic uint32_t fails;
+    _Atomic uint64_t accessed, checked;
+    _Atomic uint32_t conns;
+    _Atomic uint64_t failures;
+    /* Envoy outlier ejection */
+    _Atomic uint32_t consecutive;
+    _Atomic uint64_t ejected_until; /* 0 = not ejected */
+    uint32_t ejections;             /* under lk */
+    uint64_t healthy_since;         /* under lk */
+    /* Finagle peak EWMA, under lk */
+    atomic_flag lk;
+    double ewma;
+    uint64_t ewma_stamp;
+};
+
+typedef struct snap {
+    size_t n, nb;          /* primaries, backups */
+    keel_lb_peer **peers;  /* primaries, then backups */
+    int64_t *cur, *eff;    /* nginx rotation state, under lb->mu */
+    int64_t *w;            /* weights, as int64 for the arithmetic */
+    bool equal_weights;    /* among primaries */
+    bool simple;           /* no DOWN, no max_conns among primaries */
+} snap;
+
+struct keel_lb {
+    keel_lb_policy policy;
+    bool locked; /* round robin and least_conn pick under mu */
+    uint32_t max_fails;
+    uint64_t fail_timeout;
+    double bias;
+    double tau;
+    uint32_t eject_consecutive, eject_pct;
+    uint64_t eject_base, eject_max, eject_decay;
+    keel__clock clock;
+    keel__rand rand;
+    _Atomic(snap *) cur;
+    pthread_mutex_t mu;  /* rotation state, and the scratch below */
+    bool *ok, *tie;      /* per-pick marks for round robin / least_conn */
+    pthread_mutex_t wmu; /* writers: add, remove, set_down, sweep */
+    uint32_t next_id;
+    keel_lb_peer *dead;  /* removed, waiting for their last done() */
+    _Atomic uint32_t nejected;
+    _Atomic uint32_t npeers;  /* primaries now, for the ejection percentage */
+    _Atomic uint32_t suspect; /* peers with failures on record or ejected */
+};
+
+static void lk_lock(keel_lb_peer *p)
+{
+    while (atomic_flag_test_and_set_explicit(&p->lk, memory_order_acquire))
+        sched_yield();
+}
+static void lk_unlock(keel_lb_peer *p) { atomic_flag_clear_explicit(&p->lk, memory_order_release); }
+
+/* ---- health ---- */
+
+static bool tried_has(const keel_lb_tried *t, uint32_t id)
+{
+    for (uint32_t i = 0; t && i < t->n && i < 16; i++)
+        if (t->ids[i] == id)
+            return true;
+    return false;
+}
+
+static void tried_add(keel_lb_tried *t, uint32_t id)
+{
+    if (t && t->n < 16)
+        t->ids[t->n++] = id;
+}
+
+/* Ends an ejection whose time is up. Returns whether p is ejected now. */
+static bool ejected(keel_lb *lb, keel_lb_peer *p, uint64_t now)
+{
+    uint64_t until = atomic_load_explicit(&p->ejected_until, memory_order_acquire);
+    if (until == 0)
+        return false;
+    if (now < until)
+        return true;
+    if (atomic_compare_exchange_strong(&p->ejected_until, &until, 0)) {
+        lk_lock(p);
+        p->healthy_since = until;
+        lk_unlock(p);
+        atomic_fetch_sub(&lb->nejected, 1);
+        atomic_fetch_sub(&lb->suspect, 1);
+    }
+    return false;
+}
+
+/* nginx: skipped while fails >= max_fails within fail_timeout of the last
+ * check. `single`: a group of one is never skipped for failures. */
+static bool available(keel_lb *lb, keel_lb_peer *p, const keel_lb_tried *t, uint64_t now,
+                      bool single)
+{
+    if ((atomic_load_explicit(&p->flags, memory_order_relaxed) & KEEL_LB_DOWN) ||
+        tried_has(t, p->id))
+        return false;
+    if (!single && p->max_fails != KEEL_LB_NO_MAX_FAILS &&
+        atomic_load_explicit(&p->fails, memory_order_relaxed) >= p->max_fails &&
+        now - atomic_load_explicit(&p->checked, memory_order_relaxed) <= p->fail_timeout)
+        return false;
+    if (p->max_conns && atomic_load_explicit(&p->conns, memory_order_relaxed) >= p->max_conns)
+        return false;
+    return !ejected(lb, p, now);
+}
+
+/* The probe: a pick after fail_timeout moves `checked`, so that this
+ * pick's success may reset the failure count. Only matters to a peer with
+ * failures on record, so the fast paths skip it. */
+static void probe(keel_lb_peer *p, uint64_t now)
+{
+    uint64_t c = atomic_load_explicit(&p->checked, memory_order_relaxed);
+    if (now - c > p->fail_timeout)
+        atomic_compare_exchange_strong(&p->checked, &c, now);
+}
+
+/* ---- nginx round robin and least_conn (caller holds lb->mu) ---- */
+
+/* Adds one round of effective weights over [from, to) of the candidates
+ * marked in `ok` (NULL: all, the fast path), returns the winner (first on
+ * a tie) after taking the total off it, or -1. One loop over three plain
+ * arrays: about 1 ns a peer. */
+static long rr_round(snap *s, size_t from, size_t to, const bool *ok)
+{
+    int64_t total = 0, best_cur = 0;
+    long best = -1;
+    for (size_t i = from; i < to; i++) {
+        if (ok && !ok[i - from])
+            continue;
+        s->cur[i] += s->eff[i];
+        total += s->eff[i];
+        if (s->eff[i] < s->w[i])
+            s->eff[i]++;
+        if (best < 0 || s->cur[i] > best_cur) {
+            best = (long)i;
+            best_cur = s->cur[i];
+        }
+    }
+    if (best >= 0)
+        s->cur[best] -= total;
+    return best;
+}
+
+/* The fast path of rr_round, when every primary is available: the same
+ * arithmetic on local, non-aliasing pointers, about 0.8 ns a peer. */
+static long rr_all(int64_t *restrict cur, int64_t *restrict eff, const int64_t *restrict w,
+                   size_t n)
+{
+    int64_t total = 0, best_cur = INT64_MIN;
+    size_t best = 0;
+    for (size_t i = 0; i < n; i++) {
+        int64_t c = cur[i] + eff[i];
+        cur[i] = c;
+        total += eff[i];
+        eff[i] += eff[i] < w[i];
+        if (c > best_cur) {
+            best_cur = c;
+            best = i;
+        }
+    }
+    cur[best] -= total;
+    return (long)best;
+}
+
+static long lc_pick(snap *s, size_t from, size_t to, const bool *ok, bool *tie)
+{
+    long best = -1;
+    uint64_t bc = 0;
+    bool many = false;
+    for (size_t i = from; i < to; i++) {
+        if (ok && !ok[i - from])
+            continue;
+        uint64_t c = atomic_load_explicit(&s->peers[i]->conns, memory_order_relaxed);
+        if (best < 0 || c * (uint64_t)s->w[best] < bc * (uint64_t)s->w[i]) {
+            best = (long)i;
+            bc = c;
+            many = false;
+        } else if (c * (uint64_t)s->w[best] == bc * (uint64_t)s->w[i]) {
+            many = true;
+        }
+    }
+    if (best < 0 || !many)
+        return best;
+    /* Several with the same load: smooth round robin among them. */
+    for (size_t i = from; i < to; i++) {
+        uint64_t c = atomic_load_explicit(&s->peers[i]->conns, memory_order_relaxed);
+        tie[i - from] = (!ok || ok[i - from]) && i >= (size_t)best &&
+                        c * (uint64_t)s->w[best] == bc * (uint64_t)s->w[i];
+    }
+    return rr_round(s, from, to, tie);
+}
+
+/* ---- P2C and peak EWMA (no lock) ---- */
+
+static double ewma_now(keel_lb *lb, keel_lb_peer *p, uint64_t now)
+{
+    lk_lock(p);
+    double e = p->ewma;
+    uint64_t stamp = p->ewma_stamp;
+    lk_unlock(p);
+    if (now > stamp && e > 0)
+        e *= exp(-(double)(now - stamp) / lb->tau);
+    return e;
+}
+
+/* Whether b is a better choice than a (strictly). */
+static bool p2c_better(keel_lb *lb, keel_lb_peer *b, keel_lb_peer *a, uint64_t now, bool equal)
+{
+    uint64_t ca = atomic_load_explicit(&a->conns, memory_order_relaxed);
+    uint64_t cb = atomic_load_explicit(&b->conns, memory_order_relaxed);
+    if (lb->policy == KEEL_LB_PEAK_EWMA) {
+        /* cost = estimate x (active + 1); no estimate yet but busy:
+         * Finagle's penalty */
+        double ea = ewma_now(lb, a, now), eb = ewma_now(lb, b, now);
+        double xa = ea == 0 && ca ? 1e18 + (double)ca : ea * (double)(ca + 1);
+        double xb = eb == 0 && cb ? 1e18 + (double)cb : eb * (double)(cb + 1);
+        return xb < xa;
+    }
+    if (equal)
+        return cb < ca;
+    if (lb->bias == 1.0) /* weight / (active + 1), cross-multiplied */
+        return (uint64_t)b->weight * (ca + 1) > (uint64_t)a->weight * (cb + 1);
+    return b->weight / pow((double)(cb + 1), lb->bias) > a->weight / pow((double)(ca + 1), lb->bias);
+}
+
+static long p2c_pick(keel_lb *lb, snap *s, size_t from, size_t to, const keel_lb_tried *t,
+                     uint64_t now, bool fast)
+{
+    size_t n = to - from;
+    if (n == 0)
+        return -1;
+    long c[2] = {-1, -1};
+    if (fast) { /* all available: two distinct random peers */
+        c[0] = (long)(from + keel__rand_upto(&lb->rand, n - 1));
+        if (n > 1) {
+            size_t j = keel__rand_upto(&lb->rand, n - 2);
+            c[1] = (long)(from + j + (from + j >= (size_t)c[0]));
+        }
+    } else {
+        /* random probes first (O(1) when most are available)... */
+        for (int tries = 0; tries < 8 && c[1] < 0; tries++) {
+            size_t i = from + keel__rand_upto(&lb->rand, n - 1);
+            if ((long)i != c[0] && available(lb, s->peers[i], t, now, false))
+                c[c[0] < 0 ? 0 : 1] = (long)i;
+        }
+        if (c[1] < 0) { /* ...then an honest scan from a random start */
+            size_t start = keel__rand_upto(&lb->rand, n - 1);
+            for (size_t k = 0; k < n && c[1] < 0; k++) {
+                size_t i = from + (start + k) % n;
+                if ((long)i != c[0] && available(lb, s->peers[i], t, now, false))
+                    c[c[0] < 0 ? 0 : 1] = (long)i;
+            }
+        }
+    }
+    if (c[1] < 0)
+        return c[0];
+    bool equal = from == 0 && s->equal_weights;
+    return p2c_better(lb, s->peers[c[1]], s->peers[c[0]], now, equal) ? c[1] : c[0];
+}
+
+/* ---- pick / done ---- */
+
+/* A pick among peers [from, to) of s, checking each one's health. */
+static long pick_checked(keel_lb *lb, snap *s, size_t from, size_t to, const keel_lb_tried *t,
+                         uint64_t now)
+{
+    size_t n = to - from;
+    if (n == 0)
+        return -1;
+    if (from == 0 && n == 1) /* nginx: a single primary is never failed out */
+        return available(lb, s->peers[0], t, now, true) ? 0 : -1;
+    if (!lb->locked)
+        return p2c_pick(lb, s, from, to, t, now, false);
+    for (size_t i = 0; i < n; i++)
+        lb->ok[i] = available(lb, s->peers[from + i], t, now, false);
+    return lb->policy == KEEL_LB_ROUND_ROBIN ? rr_round(s, from, to, lb->ok)
+                                             : lc_pick(s, from, to, lb->ok, lb->tie);
+}
+
+KEEL_API int keel_lb_pick(keel_lb *lb, keel_lb_tried *tried, keel_lb_peer **out)
+{
+    if (!lb || !out)
+        return KEEL_EINVAL;
+    *out = NULL;
+    int rc = keel__rcu_read_lock();
+    if (rc)
+        return rc;
+    if (lb->locked)
+        pthread_mutex_lock(&lb->mu);
+    snap *s = atomic_load_explicit(&lb->cur, memory_order_acquire);
+    bool fast = s->simple && s->n > 0 && (!tried || tried->n == 0) &&
+                atomic_load_explicit(&lb->suspect, memory_order_relaxed) == 0;
+    uint64_t now = 0;
+    long at;
+    if (fast && lb->policy != KEEL_LB_PEAK_EWMA) { /* no clock needed */
+        if (lb->policy == KEEL_LB_ROUND_ROBIN)
+            at = rr_all(s->cur, s->eff, s->w, s->n);
+        else if (lb->policy == KEEL_LB_LEAST_CONN)
+            at = lc_pick(s, 0, s->n, NULL, lb->tie);
+        else
+            at = p2c_pick(lb, s, 0, s->n, NULL, 0, true);
+    } else {
+        now = keel__clock_now(&lb->clock);
+        at = fast ? p2c_pick(lb, s, 0, s->n, NULL, now, true)
+                  : pick_checked(lb, s, 0, s->n, tried, now);
+        if (at < 0)
+            at = pick_checked(lb, s, s->n, s->n + s->nb, tried, now);
+    }
+    keel_lb_peer *p = at >= 0 ? s->peers[at] : NULL;
+    if (p) {
+        if (!fast)
+            probe(p, now);
+        atomic_fetch_add_explicit(&p->conns, 1, memory_order_relaxed);
+        tried_add(tried, p->id);
+    }
+    if (lb->locked)
+        pthread_mutex_unlock(&lb->mu);
+    keel__rcu_read_unlock();
+    *out = p;
+    return p ? 0 : KEEL_EUNAVAIL;
+}
+
+/* Envoy's consecutive-failures detector. Caller holds p->lk. */
+static void maybe_eject(keel_lb *lb, keel_lb_peer *p, uint64_t now)
+{
+    if (atomic_load(&p->consecutive) < lb->eject_consecutive || atomic_load(&p->ejected_until) != 0)
+        return;
+    uint32_t npeers = atomic_load_explicit(&lb->npeers, memory_order_relaxed);
+    uint32_t ej = atomic_load(&lb->nejected);
+    do { /* never more than the percentage, but always at least one */
+        if (ej > 0 && (uint64_t)(ej + 1) * 100 > (uint64_t)lb->eject_pct * npeers)
+            return;
+    } while (!atomic_compare_exchange_weak(&lb->nejected, &ej, ej + 1));
+    if (p->ejections && p->healthy_since && now > p->healthy_since) { /* decay while healthy */
+        uint64_t steps = (now - p->healthy_since) / lb->eject_decay;
+        p->ejections = steps >= p->ejections ? 0 : p->ejections - (uint32_t)steps;
+    }
+    p->ejections++;
+    uint64_t span = p->ejections > lb->eject_max / lb->eject_base ? lb->eject_max
+                                                                   : lb->eject_base * p->ejections;
+    atomic_store(&p->consecutive, 0);
+    atomic_fetch_add(&lb->suspect, 1);
+    atomic_store_explicit(&p->ejected_until, now > UINT64_MAX - span ? UINT64_MAX : now + span,
+                          memory_order_release);
+}
+
+static void on_failure(keel_lb *lb, keel_lb_peer *p, uint64_t now)
+{
+    atomic_fetch_add_explicit(&p->failures, 1, memory_order_relaxed);
+    if (p->max_fails != KEEL_LB_NO_MAX_FAILS) { /* nginx */
+        atomic_store(&p->accessed, now);
+        atomic_store(&p->checked, now);
+        if (atomic_fetch_add(&p->fails, 1) == 0)
+            atomic_fetch_add(&lb->suspect, 1);
+        if (lb->locked) {
+            pthread_mutex_lock(&lb->mu);
+            snap *s = atomic_load_explicit(&lb->cur, memory_order_relaxed);
+            if (p->slot < s->n + s->nb && s->peers[p->slot] == p) {
+                s->eff[p->slot] -= p->weight / p->max_fails;
+                if (s->eff[p->slot] < 0)
+                    s->eff[p->slot] = 0;
+            }
+            pthread_mutex_unlock(&lb->mu);
+        }
+    }
+    if (lb->eject_consecutive) { /* Envoy */
+        atomic_fetch_add(&p->consecutive, 1);
+        lk_lock(p);
+        maybe_eject(lb, p, now);
+        lk_unlock(p);
+    }
+}
+
+KEEL_API int keel_lb_done(keel_lb *lb, keel_lb_peer *p, int ok, uint64_t latency)
+{
+    if (!lb || !p || p->lb != lb)
+        return KEEL_EINVAL;
+    bool ewma = lb->policy == KEEL_LB_PEAK_EWMA && latency;
+    uint64_t now = ewma || !ok ? keel__clock_now(&lb->clock) : 0;
+    if (ok) {
+        /* nginx: a success resets the count only when its pick came after
+         * a check that followed the last failure */
+        if (atomic_load_explicit(&p->fails, memory_order_relaxed) &&
+            atomic_load(&p->accessed) < atomic_load(&p->checked) && atomic_exchange(&p->fails, 0))
+            atomic_fetch_sub(&lb->suspect, 1);
+        if (atomic_load_explicit(&p->consecutive, memory_order_relaxed))
+            atomic_store(&p->consecutive, 0);
+    } else {
+        on_failure(lb, p, now);
+    }
+    if (ewma) { /* Finagle's peak EWMA: up at once, down with decay */
+        lk_lock(p);
+        double w = now > p->ewma_stamp ? exp(-(double)(now - p->ewma_stamp) / lb->tau) : 1.0;
+        p->ewma = (double)latency > p->ewma ? (double)latency
+                                             : p->ewma * w + (double)latency * (1 - w);
+        p->ewma_stamp = now;
+        lk_unlock(p);
+    }
+    /* The last touch: after it a removed peer may be freed. */
+    atomic_fetch_sub_explicit(&p->conns, 1, memory_order_release);
+    return 0;
+}
+
+/* ---- peers ---- */
+
+static void snap_free(snap *s)
+{
+    if (s) {
+        keel__free(s->peers);
+        keel__free(s->cur);
+        keel__free(s->eff);
+        keel__free(s->w);
+        keel__free(s);
+    }
+}
+
+static snap *snap_new(size_t total)
+{
+    snap *s = keel__calloc(1, sizeof *s);
+    size_t m = total ? total : 1;
+    if (s) {
+        s->peers = keel__calloc(m, sizeof *s->peers);
+        s->cur = keel__calloc(m, sizeof *s->cur);
+        s->eff = keel__calloc(m, sizeof *s->eff);
+        s->w = keel__calloc(m, sizeof *s->w);
+    }
+    if (!s || !s->peers || !s->cur || !s->eff || !s->w) {
+        snap_free(s);
+        return NULL;
+    }
+    return s;
+}
+
+static void peer_free(keel_lb_peer *p)
+{
+    keel__free(p->name);
+    keel__free(p);
+}
+
+/* Frees removed peers that no pick holds any more. Caller holds lb->wmu,
+ * after the grace period of their removal. */
+static void sweep(keel_lb *lb)
+{
+    for (keel_lb_peer **pp = &lb->dead; *pp;) {
+        keel_lb_peer *p = *pp;
+        if (atomic_load_explicit(&p->conns, memory_order_acquire) == 0) {
+            *pp = p->next_dead;
+            peer_free(p);
+        } else {
+            pp = &p->next_dead;
+        }
+    }
+}
+
+/* Publishes a snapshot with peer `add` added, or `drop` removed, or
+ * `flip`'s flags replaced by `flags`, keeping the rotation state of the
+ * peers that stay; then waits out the old one. Caller holds lb->wmu. */
+static int rebuild(keel_lb *lb, keel_lb_peer *add, keel_lb_peer *drop, keel_lb_peer *flip,
+                   unsigned flags)
+{
+    snap *old = atomic_load_explicit(&lb->cur, memory_order_relaxed);
+    size_t total = old->n + old->nb + (add ? 1 : 0);
+    snap *s = snap_new(total);
+    bool *ok = keel__calloc(total ? total : 1, sizeof *ok);
+    bool *tie = keel__calloc(total ? total : 1, sizeof *tie);
+    if (!s || !ok || !tie) {
+        snap_free(s);
+        keel__free(ok);
+        keel__free(tie);
+        return KEEL_ENOMEM;
+    }
+    s->equal_weights = s->simple = true;
+    pthread_mutex_lock(&lb->mu); /* the rotation state must not move meanwhile */
+    keel__free(lb->ok);
+    keel__free(lb->tie);
+    lb->ok = ok;
+    lb->tie = tie;
+    /* primaries first, then backups, each in order of addition */
+    for (int pass = 0; pass < 2; pass++) {
+        for (size_t i = 0; i <= old->n + old->nb; i++) {
+            keel_lb_peer *p = i < old->n + old->nb ? old->peers[i] : add;
+            if (!p || p == drop)
+                continue;
+            unsigned f = p == flip ? flags : atomic_load(&p->flags);
+            if (!!(f & KEEL_LB_BACKUP) != pass)
+                continue;
+            size_t at = pass ? s->n + s->nb++ : s->n++;
+            s->peers[at] = p;
+            s->w[at] = p->weight;
+            s->cur[at] = p == add ? 0 : old->cur[i];
+            s->eff[at] = p == add ? p->weight : old->eff[i];
+            p->slot = (uint32_t)at;
+            if (!pass) {
+                s->equal_weights &= p->weight == s->peers[0]->weight;
+                s->simple &= !(f & KEEL_LB_DOWN) && !p->max_conns;
+            }
+        }
+    }
+    if (flip)
+        atomic_store(&flip->flags, flags);
+    atomic_store_explicit(&lb->cur, s, memory_order_release);
+    atomic_store(&lb->npeers, (uint32_t)s->n);
+    pthread_mutex_unlock(&lb->mu);
+    keel__rcu_synchronize();
+    snap_free(old);
+    return 0;
+}
+
+KEEL_API int keel_lb_add(keel_lb *lb, const keel_lb_peer_opts *o, keel_lb_peer **out)
+{
+    if (!lb || !o || o->weight > MAX_WEIGHT || (o->flags & ~(KEEL_LB_BACKUP | KEEL_LB_DOWN)))
+        return KEEL_EINVAL;
+    keel_lb_peer *p = keel__calloc(1, sizeof *p);
+    if (!p)
+        return KEEL_ENOMEM;
+    if (o->name && !(p->name = keel__strdup(o->name))) {
+        keel__free(p);
+        return KEEL_ENOMEM;
+    }
+    p->lb = lb;
+    p->ud = o->ud;
+    p->weight = o->weight ? o->weight : 1;
+    p->max_fails = o->max_fails ? o->max_fails : lb->max_fails;
+    p->fail_timeout = o->fail_timeout_ns ? o->fail_timeout_ns : lb->fail_timeout;
+    p->max_conns = o->max_conns;
+    atomic_init(&p->flags, o->flags);
+    atomic_flag_clear(&p->lk);
+    if (keel__rcu_in_read()) { /* inside some read section: would wait for itself */
+        peer_free(p);
+        return KEEL_ESTATE;
+    }
+    pthread_mutex_lock(&lb->wmu);
+    p->id = ++lb->next_id;
+    int rc = rebuild(lb, p, NULL, NULL, 0);
+    if (rc == 0)
+        sweep(lb);
+    pthread_mutex_unlock(&lb->wmu);
+    if (rc) {
+        peer_free(p);
+        return rc;
+    }
+    if (out)
+        *out = p;
+    return 0;
+}
+
+/* Whether p is a peer of lb now, found by its address alone: a handle
+ * whose peer was removed and freed is never dereferenced. Caller holds
+ * lb->wmu. */
+static bool is_member(keel_lb *lb, keel_lb_peer *p)
+{
+    snap *s = atomic_load_explicit(&lb->cur, memory_order_relaxed);
+    for (size_t i = 0; i < s->n + s->nb; i++)
+        if (s->peers[i] == p)
+            return true;
+    return false;
+}
+
+KEEL_API int keel_lb_remove(keel_lb *lb, keel_lb_peer *p)
+{
+    if (!lb || !p)
+        return KEEL_EINVAL;
+    if (keel__rcu_in_read())
+        return KEEL_ESTATE;
+    pthread_mutex_lock(&lb->wmu);
+    int rc = is_member(lb, p) ? rebuild(lb, NULL, p, NULL, 0) : KEEL_ENOTFOUND;
+    if (rc == 0) {
+        /* it no longer counts as ejected or suspect */
+        if (atomic_exchange(&p->ejected_until, 0)) {
+            atomic_fetch_sub(&lb->nejected, 1);
+            atomic_fetch_sub(&lb->suspect, 1);
+        }
+        if (atomic_exchange(&p->fails, 0))
+            atomic_fetch_sub(&lb->suspect, 1);
+        p->next_dead = lb->dead;
+        lb->dead = p;
+        sweep(lb);
+    }
+    pthread_mutex_unlock(&lb->wmu);
+    return rc;
+}
+
+KEEL_API int keel_lb_set_down(keel_lb *lb, keel_lb_peer *p, int down)
+{
+    if (!lb || !p)
+        return KEEL_EINVAL;
+    if (keel__rcu_in_read())
+        return KEEL_ESTATE;
+    pthread_mutex_lock(&lb->wmu);
+    int rc = KEEL_ENOTFOUND;
+    if (is_member(lb, p)) {
+        unsigned f = atomic_load(&p->flags);
+        rc = rebuild(lb, NULL, NULL, p, down ? f | KEEL_LB_DOWN : f & ~KEEL_LB_DOWN);
+    }
+    pthread_mutex_unlock(&lb->wmu);
+    return rc;
+}
+
+KEEL_API void *keel_lb_peer_ud(const keel_lb_peer *p) { return p ? p->ud : NULL; }
+KEEL_API const char *keel_lb_peer_name(const keel_lb_peer *p) { return p && p->name ? p->name : ""; }
+
+KEEL_API int keel_lb_peer_stats_get(keel_lb *lb, keel_lb_peer *p, keel_lb_peer_stats *st)
+{
+    if (!lb || !p || !st)
+        return KEEL_EINVAL;
+    pthread_mutex_lock(&lb->wmu);
+    bool member = is_member(lb, p);
+    if (member) {
+        uint64_t now = keel__clock_now(&lb->clock);
+        memset(st, 0, sizeof *st);
+        st->name = keel_lb_peer_name(p);
+        st->weight = p->weight;
+        pthread_mutex_lock(&lb->mu);
+        snap *s = atomic_load_explicit(&lb->cur, memory_order_relaxed);
+        st->effective_weight = s->eff[p->slot];
+        st->current_weight = s->cur[p->slot];
+        pthread_mutex_unlock(&lb->mu);
+        st->fails = atomic_load(&p->fails);
+        st->conns = atomic_load(&p->conns);
+        st->failures = atomic_load(&p->failures);
+        st->consecutive_failures = atomic_load(&p->consecutive);
+        st->ejected = ejected(lb, p, now);
+        lk_lock(p);
+        st->ejections = p->ejections;
+        lk_unlock(p);
+        st->ewma_ns = ewma_now(lb, p, now);
+        st->available = available(lb, p, NULL, now, false);
+    }
+    pthread_mutex_unlock(&lb->wmu);
+    return member ? 0 : KEEL_ENOTFOUND;
+}
+
+KEEL_API size_t keel_lb_count(keel_lb *lb)
+{
+    if (!lb || keel__rcu_read_lock() != 0)
+        return 0;
+    snap *s = atomic_load_explicit(&lb->cur, memory_order_acquire);
+    size_t n = s->n + s->nb;
+    keel__rcu_read_unlock();
+    return n;
+}
+
+KEEL_API int keel_lb_create(keel_lb **out, const keel_lb_opts *o)
+{
+    if (!out || !o || (unsigned)o->policy > KEEL_LB_PEAK_EWMA || o->eject_max_percent > 100 ||
+        !(o->p2c_bias >= 0) || o->p2c_bias > 64)
+        return KEEL_EINVAL;
+    keel_lb *lb = keel__calloc(1, sizeof *lb);
+    snap *s = snap_new(0);
+    if (!lb || !s) {
+        keel__free(lb);
+        snap_free(s);
+        return KEEL_ENOMEM;
+    }
+    lb->policy = o->policy;
+    lb->locked = o->policy == KEEL_LB_ROUND_ROBIN || o->policy == KEEL_LB_LEAST_CONN;
+    lb->max_fails = o->max_fails ? o->max_fails : 1;
+    lb->fail_timeout = o->fail_timeout_ns ? o->fail_timeout_ns : 10 * NS;
+    lb->bias = o->p2c_bias > 0 ? o->p2c_bias : 1.0;
+    lb->tau = (double)(o->ewma_tau_ns ? o->ewma_tau_ns : 10 * NS);
+    lb->eject_consecutive = o->eject_consecutive;
+    lb->eject_base = o->eject_base_ns ? o->eject_base_ns : 30 * NS;
+    lb->eject_max = o->eject_max_ns ? o->eject_max_ns : 300 * NS;
+    if (lb->eject_max < lb->eject_base)
+        lb->eject_max = lb->eject_base;
+    lb->eject_pct = o->eject_max_percent ? o->eject_max_percent : 10;
+    lb->eject_decay = o->eject_decay_ns ? o->eject_decay_ns : 10 * NS;
+    lb->clock = (keel__clock){o->clock, o->clock_ud};
+    lb->rand = (keel__rand){o->rand, o->rand_ud};
+    s->equal_weights = s->simple = true;
+    atomic_init(&lb->cur, s);
+    pthread_mutex_init(&lb->mu, NULL);
+    pthread_mutex_init(&lb->wmu, NULL);
+    keel__fences_init();
+    *out = lb;
+    return 0;
+}
+
+KEEL_API void keel_lb_destroy(keel_lb *lb)
+{
+    if (!lb)
+        return;
+    snap *s = atomic_load_explicit(&lb->cur, memory_order_relaxed);
+    for (size_t i = 0; i < s->n + s->nb; i++)
+        peer_free(s->peers[i]);
+    while (lb->dead) {
+        keel_lb_peer *p = lb->dead;
+        lb->dead = p->next_dead;
+        peer_free(p);
+    }
+    snap_free(s);
+    keel__free(lb->ok);
+    keel__free(lb->tie);
+    pthread_mutex_destroy(&lb->mu);
+    pthread_mutex_destroy(&lb->wmu);
+    keel__free(lb);
+}
