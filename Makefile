@@ -74,7 +74,9 @@ HEADERS := $(wildcard include/keel/*.h) include/keel.h
 TEST_SRC := $(sort $(wildcard tests/test_*.c))
 TEST_BIN := $(TEST_SRC:tests/%.c=$(B)/tests/%)
 TEST_HELP := $(B)/obj/tests/harness.o
-EXAMPLE_SRC := $(sort $(wildcard examples/*.c))
+# examples/metrics.c serves HTTP with libmicrohttpd: built when it is there.
+HAVE_MHD := $(shell $(PKG_CONFIG) --exists libmicrohttpd 2>/dev/null && echo yes)
+EXAMPLE_SRC := $(sort $(filter-out $(if $(HAVE_MHD),,examples/metrics.c),$(wildcard examples/*.c)))
 EXAMPLE_BIN := $(EXAMPLE_SRC:examples/%.c=$(B)/examples/%)
 BENCH_SRC := $(sort $(wildcard bench/*.c))
 BENCH_BIN := $(BENCH_SRC:bench/%.c=$(B)/bench/%)

@@ -10,5 +10,7 @@
 #include <keel/backoff.h>
 #include <keel/breaker.h>
 #include <keel/lb.h>
+#include <keel/metrics.h>
+#include <keel/alert.h>
 
 #endif /* KEEL_H */

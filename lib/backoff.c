@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include <keel/backoff.h>
+#include <keel/metrics.h>
 
 #include "internal.h"
 
@@ -95,6 +96,13 @@ struct keel_retry_budget {
     uint64_t slot_epoch[SLOTS]; /* which tenth each slot holds */
     int64_t slot_sum[SLOTS];
     keel__clock clock;
+    keel_metrics *metrics;
+};
+
+static double m_tokens(void *ud) { return (double)keel_retry_budget_balance(ud) / MILLI; }
+
+static const keel__mfunc budget_metrics[] = {
+    {1, "keel_retry_budget_tokens", "Retries the budget holds now.", NULL, NULL, m_tokens},
 };
 
 KEEL_API int keel_retry_budget_create(keel_retry_budget **out, const keel_retry_budget_opts *o)
@@ -130,6 +138,12 @@ KEEL_API int keel_retry_budget_create(keel_retry_budget **out, const keel_retry_
         for (int i = 0; i < SLOTS; i++)
             b->slot_epoch[i] = UINT64_MAX;
     }
+    int rc = keel__metrics_funcs(o->metrics, "budget", o->metrics_name, budget_metrics, 1, b);
+    if (rc) {
+        keel_retry_budget_destroy(b);
+        return rc;
+    }
+    b->metrics = o->metrics;
     *out = b;
     return 0;
 }
@@ -216,6 +230,8 @@ KEEL_API void keel_retry_budget_destroy(keel_retry_budget *b)
 {
     if (!b)
         return;
+    if (b->metrics)
+        keel_metrics_func_remove(b->metrics, b);
     if (b->kind == KEEL_BUDGET_PERCENT)
         pthread_mutex_destroy(&b->mu);
     keel__free(b);

@@ -22,6 +22,7 @@
 #include <string.h>
 
 #include <keel/breaker.h>
+#include <keel/metrics.h>
 
 #include "internal.h"
 
@@ -45,6 +46,7 @@ struct keel_breaker {
     bool has_backoff;
     keel_breaker_state_fn on_state;
     void *ud;
+    keel_metrics *metrics;
 
     alignas(KEEL__CACHELINE) _Atomic uint64_t word; /* state | gen << 3 | permits << 32 */
     _Atomic uint64_t until; /* OPEN: end of the wait; HALF_OPEN: give-up time */
@@ -367,6 +369,33 @@ KEEL_API const char *keel_breaker_state_name(keel_breaker_state s)
     return "unknown";
 }
 
+/* ---- metrics ---- */
+
+#define BR_STATE(fn, st)                                                                           \
+    static double fn(void *ud) { return keel_breaker_state_get(ud) == (st); }
+BR_STATE(m_closed, KEEL_BREAKER_CLOSED)
+BR_STATE(m_open, KEEL_BREAKER_OPEN)
+BR_STATE(m_half, KEEL_BREAKER_HALF_OPEN)
+BR_STATE(m_disabled, KEEL_BREAKER_DISABLED)
+BR_STATE(m_forced, KEEL_BREAKER_FORCED_OPEN)
+#undef BR_STATE
+static double m_failed(void *ud) { return (double)atomic_load(&((keel_breaker *)ud)->failed); }
+static double m_slow(void *ud) { return (double)atomic_load(&((keel_breaker *)ud)->slow); }
+static double m_rejected(void *ud) { return (double)atomic_load(&((keel_breaker *)ud)->rejected); }
+static double m_trans(void *ud) { return (double)atomic_load(&((keel_breaker *)ud)->transitions); }
+
+static const keel__mfunc breaker_metrics[] = {
+    {1, "keel_breaker_state", "1 for the state the breaker is in, else 0.", "state", "closed", m_closed},
+    {1, "keel_breaker_state", NULL, "state", "open", m_open},
+    {1, "keel_breaker_state", NULL, "state", "half_open", m_half},
+    {1, "keel_breaker_state", NULL, "state", "disabled", m_disabled},
+    {1, "keel_breaker_state", NULL, "state", "forced_open", m_forced},
+    {0, "keel_breaker_failed_calls_total", "Calls recorded as failed.", NULL, NULL, m_failed},
+    {0, "keel_breaker_slow_calls_total", "Calls recorded as slow.", NULL, NULL, m_slow},
+    {0, "keel_breaker_rejected_calls_total", "Calls the breaker refused.", NULL, NULL, m_rejected},
+    {0, "keel_breaker_transitions_total", "State changes.", NULL, NULL, m_trans},
+};
+
 KEEL_API int keel_breaker_create(keel_breaker **out, const keel_breaker_opts *o)
 {
     if (!out || !o || (unsigned)o->window > KEEL_BREAKER_TIME)
@@ -410,6 +439,13 @@ KEEL_API int keel_breaker_create(keel_breaker **out, const keel_breaker_opts *o)
     pthread_mutex_init(&b->mu, NULL);
     atomic_init(&b->word, mkword(KEEL_BREAKER_CLOSED, 0, 0));
     atomic_init(&b->until, UINT64_MAX);
+    int rc = keel__metrics_funcs(o->metrics, "breaker", o->metrics_name, breaker_metrics,
+                                 sizeof breaker_metrics / sizeof breaker_metrics[0], b);
+    if (rc) {
+        keel_breaker_destroy(b);
+        return rc;
+    }
+    b->metrics = o->metrics;
     *out = b;
     return 0;
 }
@@ -418,6 +454,8 @@ KEEL_API void keel_breaker_destroy(keel_breaker *b)
 {
     if (!b)
         return;
+    if (b->metrics)
+        keel_metrics_func_remove(b->metrics, b);
     keel__free((void *)b->ring);
     keel__free(b->buckets);
     pthread_mutex_destroy(&b->mu);

@@ -88,6 +88,8 @@ void keel__free(void *ptr)
         keel__alloc.free_fn(ptr);
 }
 
+KEEL_API void keel_free(void *ptr) { keel__free(ptr); }
+
 char *keel__strdup(const char *s)
 {
     size_t n = strlen(s) + 1;

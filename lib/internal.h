@@ -64,6 +64,26 @@ static inline uint64_t keel__clock_now(const keel__clock *c)
     return c->fn ? c->fn(c->ud) : keel_now_ns();
 }
 
+/* ---- module statistics as metrics ---- */
+typedef struct keel__mfunc {
+    int type;          /* KEEL_METRIC_COUNTER or KEEL_METRIC_GAUGE */
+    const char *name, *help;
+    const char *label, *value; /* a second label, or NULL */
+    double (*fn)(void *ud);
+} keel__mfunc;
+
+/* Registers series computed by fn(ud), each labelled inst_label=inst_value
+ * (plus its own label). All or nothing: on failure the ones added are
+ * removed. m NULL: nothing to do. Returns 0 or the registry's error. */
+int keel__metrics_funcs(keel_metrics *m, const char *inst_label, const char *inst_value,
+                        const keel__mfunc *fs, size_t n, void *ud);
+
+/* A gauge family several instances share: created by the first, found by
+ * the others (same type and labels, else KEEL_EEXIST). */
+struct keel_gauge;
+int keel__metrics_gauge_shared(keel_metrics *m, const char *name, const char *help,
+                               const char *const *labels, size_t nlabels, struct keel_gauge **out);
+
 /* ---- random numbers ---- */
 typedef struct keel__rand {
     keel_rand_fn fn;

@@ -23,9 +23,11 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <string.h>
 
 #include <keel/lb.h>
+#include <keel/metrics.h>
 
 #include "internal.h"
 #include "rcu.h"
@@ -89,6 +91,8 @@ struct keel_lb {
     _Atomic uint32_t nejected;
     _Atomic uint32_t npeers;  /* primaries now, for the ejection percentage */
     _Atomic uint32_t suspect; /* peers with failures on record or ejected */
+    keel_metrics *metrics;
+    char *metrics_name;
 };
 
 static void lk_lock(keel_lb_peer *p)
@@ -551,6 +555,32 @@ static int rebuild(keel_lb *lb, keel_lb_peer *add, keel_lb_peer *drop, keel_lb_p
     return 0;
 }
 
+/* ---- metrics, per peer ---- */
+
+static double m_in_flight(void *ud) { return atomic_load(&((keel_lb_peer *)ud)->conns); }
+static double m_failures(void *ud) { return (double)atomic_load(&((keel_lb_peer *)ud)->failures); }
+static double m_ejected(void *ud) { return atomic_load(&((keel_lb_peer *)ud)->ejected_until) != 0; }
+static double m_fails(void *ud) { return atomic_load(&((keel_lb_peer *)ud)->fails); }
+
+/* Registered after the peer is published and removed before it leaves,
+ * never under lb->wmu: a render (registry lock) reads peers, so the
+ * registry lock always comes first. */
+static int peer_metrics(keel_lb *lb, keel_lb_peer *p)
+{
+    if (!lb->metrics)
+        return 0;
+    char id[24];
+    snprintf(id, sizeof id, "#%u", p->id);
+    const char *peer = p->name ? p->name : id;
+    keel__mfunc fs[] = {
+        {1, "keel_lb_peer_in_flight", "Picks not yet done.", "peer", peer, m_in_flight},
+        {0, "keel_lb_peer_failures_total", "Requests reported failed.", "peer", peer, m_failures},
+        {1, "keel_lb_peer_fails", "Failures counted against max_fails now.", "peer", peer, m_fails},
+        {1, "keel_lb_peer_ejected", "1 while the peer is ejected as an outlier.", "peer", peer, m_ejected},
+    };
+    return keel__metrics_funcs(lb->metrics, "lb", lb->metrics_name, fs, sizeof fs / sizeof fs[0], p);
+}
+
 KEEL_API int keel_lb_add(keel_lb *lb, const keel_lb_peer_opts *o, keel_lb_peer **out)
 {
     if (!lb || !o || o->weight > MAX_WEIGHT || (o->flags & ~(KEEL_LB_BACKUP | KEEL_LB_DOWN)))
@@ -584,6 +614,10 @@ KEEL_API int keel_lb_add(keel_lb *lb, const keel_lb_peer_opts *o, keel_lb_peer *
         peer_free(p);
         return rc;
     }
+    if ((rc = peer_metrics(lb, p)) != 0) {
+        keel_lb_remove(lb, p);
+        return rc;
+    }
     if (out)
         *out = p;
     return 0;
@@ -607,6 +641,13 @@ KEEL_API int keel_lb_remove(keel_lb *lb, keel_lb_peer *p)
         return KEEL_EINVAL;
     if (keel__rcu_in_read())
         return KEEL_ESTATE;
+    pthread_mutex_lock(&lb->wmu);
+    bool member = is_member(lb, p);
+    pthread_mutex_unlock(&lb->wmu);
+    if (!member)
+        return KEEL_ENOTFOUND;
+    if (lb->metrics) /* before the peer can go away, outside wmu */
+        keel_metrics_func_remove(lb->metrics, p);
     pthread_mutex_lock(&lb->wmu);
     int rc = is_member(lb, p) ? rebuild(lb, NULL, p, NULL, 0) : KEEL_ENOTFOUND;
     if (rc == 0) {
@@ -712,6 +753,12 @@ KEEL_API int keel_lb_create(keel_lb **out, const keel_lb_opts *o)
     lb->eject_decay = o->eject_decay_ns ? o->eject_decay_ns : 10 * NS;
     lb->clock = (keel__clock){o->clock, o->clock_ud};
     lb->rand = (keel__rand){o->rand, o->rand_ud};
+    lb->metrics = o->metrics;
+    if (o->metrics_name && !(lb->metrics_name = keel__strdup(o->metrics_name))) {
+        keel__free(lb);
+        snap_free(s);
+        return KEEL_ENOMEM;
+    }
     s->equal_weights = s->simple = true;
     atomic_init(&lb->cur, s);
     pthread_mutex_init(&lb->mu, NULL);
@@ -726,6 +773,9 @@ KEEL_API void keel_lb_destroy(keel_lb *lb)
     if (!lb)
         return;
     snap *s = atomic_load_explicit(&lb->cur, memory_order_relaxed);
+    for (size_t i = 0; lb->metrics && i < s->n + s->nb; i++)
+        keel_metrics_func_remove(lb->metrics, s->peers[i]);
+    keel__free(lb->metrics_name);
     for (size_t i = 0; i < s->n + s->nb; i++)
         peer_free(s->peers[i]);
     while (lb->dead) {

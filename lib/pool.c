@@ -22,10 +22,9 @@
  * fast path and every later fast path sees the raised gate and goes to the
  * locked slow path, so the thief may move the owners' magazines.
  *
- * Per-thread state lives in a thread-local table indexed by pool id. Pool
- * ids and generations are kept in a process-wide registry, so a thread that
- * exits after its pool was destroyed, or a pool that reuses an id, is
- * recognised without touching freed memory.
+ * Per-thread state lives in lib/tslot.h's thread tables, which recognise a
+ * thread that exits after its pool was destroyed, or a pool that reuses an
+ * id, without touching freed memory.
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -35,9 +34,11 @@
 #include <string.h>
 #include <time.h>
 
+#include <keel/metrics.h>
 #include <keel/pool.h>
 
 #include "internal.h"
+#include "tslot.h"
 
 #define LD(x) atomic_load_explicit(&(x), memory_order_relaxed)
 #define ST(x, v) atomic_store_explicit(&(x), (v), memory_order_relaxed)
@@ -72,21 +73,19 @@ typedef struct tcache {
     _Atomic(mag *) loaded;
     _Atomic(mag *) prev;
     atomic_uint_fast64_t hits; /* written by the owner only */
-    size_t id;                 /* the pool's id and generation, */
-    uint64_t gen;              /* so a stale cache is recognised */
     struct tcache *next, *prevtc; /* the pool's list, under pool->mu */
 } tcache;
 
 struct keel_pool {
     /* read-mostly, shared by every fast path */
-    size_t id;
-    uint64_t gen;
+    keel__towner owner; /* per-thread caches */
     size_t stride, obj_size, align, capacity, mag_size;
     int (*init)(void *, void *);
     void (*reset)(void *, void *);
     void (*fini)(void *, void *);
     void *ud;
     int debug;
+    keel_metrics *metrics;
 
     alignas(KEEL__CACHELINE) atomic_uint gate;
 
@@ -102,57 +101,6 @@ struct keel_pool {
     size_t created;    /* constructed objects, idle or out */
     uint64_t misses, waits, timeouts, steals, exited_hits;
 };
-
-/* ---- registry of pool ids, and the per-thread tables ---- */
-
-typedef struct ttable {
-    size_t cap, used;
-    tcache **slots; /* by pool id */
-} ttable;
-
-static pthread_mutex_t reg_mu = PTHREAD_MUTEX_INITIALIZER;
-static keel_pool **reg;
-static size_t reg_cap, reg_live;
-static uint64_t reg_gen;
-static pthread_key_t tt_key;
-static pthread_once_t tt_once = PTHREAD_ONCE_INIT;
-static __thread ttable *tt __attribute__((tls_model("initial-exec")));
-
-static void thread_exit(void *arg);
-
-static void tt_key_create(void) { (void)pthread_key_create(&tt_key, thread_exit); }
-
-static int reg_add(keel_pool *p)
-{
-    pthread_mutex_lock(&reg_mu);
-    size_t id = 0;
-    while (id < reg_cap && reg[id])
-        id++;
-    if (id == reg_cap) {
-        size_t ncap = reg_cap ? reg_cap * 2 : 16;
-        keel_pool **n = keel__realloc(reg, ncap * sizeof *n);
-        if (!n) {
-            pthread_mutex_unlock(&reg_mu);
-            return KEEL_ENOMEM;
-        }
-        memset(n + reg_cap, 0, (ncap - reg_cap) * sizeof *n);
-        reg = n;
-        reg_cap = ncap;
-    }
-    reg[id] = p;
-    reg_live++;
-    p->id = id;
-    p->gen = ++reg_gen;
-    pthread_mutex_unlock(&reg_mu);
-    return 0;
-}
-
-/* The live pool a cache belongs to, or NULL. Caller holds reg_mu. */
-static keel_pool *reg_owner(const tcache *tc)
-{
-    keel_pool *p = tc->id < reg_cap ? reg[tc->id] : NULL;
-    return p && p->gen == tc->gen ? p : NULL;
-}
 
 /* ---- depot (caller holds p->mu) ---- */
 
@@ -436,80 +384,32 @@ static size_t steal_all(keel_pool *p)
     return moved;
 }
 
-static void thread_exit(void *arg)
+/* A thread with a cache for p exits: its magazines go to the depot. */
+static void thread_exit(keel__towner *o, void *data)
 {
-    ttable *t = arg;
-    pthread_mutex_lock(&reg_mu);
-    for (size_t i = 0; i < t->cap; i++) {
-        tcache *tc = t->slots[i];
-        keel_pool *p = tc ? reg_owner(tc) : NULL;
-        if (p) {
-            pthread_mutex_lock(&p->mu);
-            size_t moved = LD(LD(tc->loaded)->n) + LD(LD(tc->prev)->n);
-            depot_put(p, LD(tc->loaded));
-            depot_put(p, LD(tc->prev));
-            p->exited_hits += LD(tc->hits);
-            tc_unlink(p, tc);
-            if (moved)
-                pthread_cond_broadcast(&p->cv);
-            pthread_mutex_unlock(&p->mu);
-        }
-        keel__free(tc);
-    }
-    pthread_mutex_unlock(&reg_mu);
-    keel__free(t->slots);
-    keel__free(t);
-    tt = NULL;
+    keel_pool *p = (keel_pool *)((char *)o - offsetof(keel_pool, owner));
+    tcache *tc = data;
+    pthread_mutex_lock(&p->mu);
+    size_t moved = LD(LD(tc->loaded)->n) + LD(LD(tc->prev)->n);
+    depot_put(p, LD(tc->loaded));
+    depot_put(p, LD(tc->prev));
+    p->exited_hits += LD(tc->hits);
+    tc_unlink(p, tc);
+    if (moved)
+        pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+    keel__free(tc);
 }
 
-/* Frees the calling thread's cache for a destroyed pool (its magazines
- * went with the pool), and the table when nothing is left in it. */
-static void tt_drop(ttable *t, size_t id, bool free_empty)
-{
-    keel__free(t->slots[id]);
-    t->slots[id] = NULL;
-    if (--t->used == 0 && free_empty) {
-        pthread_setspecific(tt_key, NULL);
-        keel__free(t->slots);
-        keel__free(t);
-        tt = NULL;
-    }
-}
+static void tc_free(void *tc) { keel__free(tc); } /* its pool is gone */
 
 /* The calling thread's cache for p, created on first use; NULL when memory
  * runs out (the caller then goes through the depot). */
 static tcache *tc_create(keel_pool *p)
 {
-    ttable *t = tt;
-    if (!t) {
-        pthread_once(&tt_once, tt_key_create);
-        if (!(t = keel__calloc(1, sizeof *t)))
-            return NULL;
-        if (pthread_setspecific(tt_key, t) != 0) {
-            keel__free(t);
-            return NULL;
-        }
-        tt = t;
-    }
-    if (p->id >= t->cap) {
-        size_t ncap = t->cap ? t->cap : 8;
-        while (ncap <= p->id)
-            ncap *= 2;
-        tcache **n = keel__realloc(t->slots, ncap * sizeof *n);
-        if (!n)
-            return NULL;
-        memset(n + t->cap, 0, (ncap - t->cap) * sizeof *n);
-        t->slots = n;
-        t->cap = ncap;
-    }
-    if (t->slots[p->id]) /* stale: its pool was destroyed and the id reused */
-        tt_drop(t, p->id, false);
-
     tcache *tc = keel__calloc(1, sizeof *tc);
     if (!tc)
         return NULL;
-    tc->id = p->id;
-    tc->gen = p->gen;
     pthread_mutex_lock(&p->mu);
     mag *a = depot_take_empty(p), *b = depot_take_empty(p);
     if (!a || !b) {
@@ -525,20 +425,22 @@ static tcache *tc_create(keel_pool *p)
     atomic_init(&tc->prev, b);
     tc_link(p, tc);
     pthread_mutex_unlock(&p->mu);
-    t->slots[p->id] = tc;
-    t->used++;
+    if (keel__tslot_set(&p->owner, tc, tc_free) != 0) {
+        pthread_mutex_lock(&p->mu);
+        tc_unlink(p, tc);
+        depot_put(p, a);
+        depot_put(p, b);
+        pthread_mutex_unlock(&p->mu);
+        keel__free(tc);
+        return NULL;
+    }
     return tc;
 }
 
 static inline __attribute__((always_inline)) tcache *tc_get(keel_pool *p)
 {
-    ttable *t = tt;
-    if (KEEL__LIKELY(t && p->id < t->cap)) {
-        tcache *tc = t->slots[p->id];
-        if (KEEL__LIKELY(tc && tc->gen == p->gen))
-            return tc;
-    }
-    return tc_create(p);
+    tcache *tc = keel__tslot_get(&p->owner);
+    return KEEL__LIKELY(tc != NULL) ? tc : tc_create(p);
 }
 
 /* ---- debug checks (caller holds p->mu) ---- */
@@ -898,6 +800,38 @@ KEEL_API void keel_pool_stats_get(keel_pool *p, keel_pool_stats *st)
     pthread_mutex_unlock(&p->mu);
 }
 
+/* ---- metrics: computed from the statistics when a registry renders ---- */
+
+#define POOL_STAT(fn, expr)                                                                        \
+    static double fn(void *ud)                                                                     \
+    {                                                                                              \
+        keel_pool_stats st;                                                                        \
+        keel_pool_stats_get(ud, &st);                                                              \
+        return (double)(expr);                                                                     \
+    }
+POOL_STAT(m_live, st.live)
+POOL_STAT(m_cached, st.idle_cached)
+POOL_STAT(m_depot, st.idle_depot)
+POOL_STAT(m_hits, st.hits)
+POOL_STAT(m_misses, st.misses)
+POOL_STAT(m_waits, st.waits)
+POOL_STAT(m_timeouts, st.timeouts)
+POOL_STAT(m_steals, st.steals)
+POOL_STAT(m_bytes, st.slab_bytes)
+#undef POOL_STAT
+
+static const keel__mfunc pool_metrics[] = {
+    {1, "keel_pool_objects", "Objects of the pool by state.", "state", "live", m_live},
+    {1, "keel_pool_objects", NULL, "state", "idle_cached", m_cached},
+    {1, "keel_pool_objects", NULL, "state", "idle_depot", m_depot},
+    {0, "keel_pool_acquires_total", "Acquires, by where the object came from.", "result", "hit", m_hits},
+    {0, "keel_pool_acquires_total", NULL, "result", "miss", m_misses},
+    {0, "keel_pool_waits_total", "Acquires that waited for a release.", NULL, NULL, m_waits},
+    {0, "keel_pool_timeouts_total", "Acquires that gave up.", NULL, NULL, m_timeouts},
+    {0, "keel_pool_steals_total", "Times idle objects were taken back from threads.", NULL, NULL, m_steals},
+    {1, "keel_pool_slab_bytes", "Memory held in slabs.", NULL, NULL, m_bytes},
+};
+
 static int opts_check(const keel_pool_opts *o, size_t *stride, size_t *align)
 {
     size_t a = o->align ? o->align : alignof(max_align_t);
@@ -949,6 +883,7 @@ KEEL_API int keel_pool_create(keel_pool **out, const keel_pool_opts *opts)
     p->ud = opts->ud;
     p->debug = opts->debug;
     atomic_init(&p->gate, 0);
+    p->owner.thread_exit = thread_exit;
     keel__fences_init();
 
     pthread_condattr_t ca;
@@ -957,7 +892,7 @@ KEEL_API int keel_pool_create(keel_pool **out, const keel_pool_opts *opts)
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->cv, &ca);
     pthread_condattr_destroy(&ca);
-    if ((rc = reg_add(p)) != 0) {
+    if ((rc = keel__towner_register(&p->owner)) != 0) {
         pthread_mutex_destroy(&p->mu);
         pthread_cond_destroy(&p->cv);
         keel__aligned_free(p);
@@ -984,6 +919,9 @@ KEEL_API int keel_pool_create(keel_pool **out, const keel_pool_opts *opts)
         }
         pthread_mutex_unlock(&p->mu);
     }
+    if (rc == 0 && (rc = keel__metrics_funcs(opts->metrics, "pool", opts->metrics_name, pool_metrics,
+                                             sizeof pool_metrics / sizeof pool_metrics[0], p)) == 0)
+        p->metrics = opts->metrics;
     if (rc) {
         keel_pool_destroy(p);
         return rc;
@@ -992,31 +930,28 @@ KEEL_API int keel_pool_create(keel_pool **out, const keel_pool_opts *opts)
     return 0;
 }
 
+static void detach_caches(void *ud)
+{
+    keel_pool *p = ud;
+    for (tcache *tc = p->tcs; tc; tc = tc->next) {
+        depot_put(p, LD(tc->loaded));
+        depot_put(p, LD(tc->prev));
+        ST(tc->loaded, NULL);
+        ST(tc->prev, NULL);
+    }
+    p->tcs = NULL;
+}
+
 KEEL_API void keel_pool_destroy(keel_pool *p)
 {
     if (!p)
         return;
-    /* Unregister under reg_mu, so a thread exiting now either finished
-     * handing its cache back or will find the pool gone. */
-    pthread_mutex_lock(&reg_mu);
-    reg[p->id] = NULL;
-    if (--reg_live == 0) { /* nothing global stays allocated */
-        keel__free(reg);
-        reg = NULL;
-        reg_cap = 0;
-    }
-    for (tcache *tc = p->tcs; tc; tc = tc->next) {
-        for (int k = 0; k < 2; k++) {
-            mag *m = k ? LD(tc->prev) : LD(tc->loaded);
-            depot_put(p, m);
-        }
-        ST(tc->loaded, NULL);
-        ST(tc->prev, NULL);
-    }
-    pthread_mutex_unlock(&reg_mu);
-    ttable *t = tt;
-    if (t && p->id < t->cap && t->slots[p->id] && t->slots[p->id]->gen == p->gen)
-        tt_drop(t, p->id, true);
+    if (p->metrics)
+        keel_metrics_func_remove(p->metrics, p);
+    /* Once unregistered no exiting thread hands its cache back: take the
+     * magazines of every cache (their threads free the husks). */
+    keel__towner_unregister(&p->owner, detach_caches, p);
+    keel__tslot_drop(&p->owner); /* the calling thread's own, at once */
 
     pthread_mutex_lock(&p->mu);
     finalise_depot(p);

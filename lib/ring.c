@@ -26,6 +26,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include <keel/metrics.h>
 #include <keel/ring.h>
 
 #include "hash.h"
@@ -92,6 +93,7 @@ struct keel_ring {
     node **names;
     size_t names_cap, names_used;
     uint64_t calls;
+    keel_metrics *metrics;
 };
 
 /* ---- hashing ---- */
@@ -903,6 +905,16 @@ KEEL_API int keel_ring_remove(keel_ring *r, const void *name, size_t len)
     return 0;
 }
 
+/* ---- metrics ---- */
+
+static double m_nodes(void *ud) { return (double)keel_ring_count(ud); }
+static double m_assigned(void *ud) { return (double)atomic_load(&((keel_ring *)ud)->total); }
+
+static const keel__mfunc ring_metrics[] = {
+    {1, "keel_ring_nodes", "Nodes in the ring.", NULL, NULL, m_nodes},
+    {1, "keel_ring_assignments", "Bounded-load assignments held.", NULL, NULL, m_assigned},
+};
+
 /* ---- create, destroy ---- */
 
 static bool is_prime(uint32_t m)
@@ -944,6 +956,13 @@ KEEL_API int keel_ring_create(keel_ring **out, const keel_ring_opts *opts)
     atomic_init(&r->total, 0);
     pthread_mutex_init(&r->mu, NULL);
     keel__fences_init();
+    int rc = keel__metrics_funcs(opts->metrics, "ring", opts->metrics_name, ring_metrics,
+                                 sizeof ring_metrics / sizeof ring_metrics[0], r);
+    if (rc) {
+        keel_ring_destroy(r);
+        return rc;
+    }
+    r->metrics = opts->metrics;
     *out = r;
     return 0;
 }
@@ -952,6 +971,8 @@ KEEL_API void keel_ring_destroy(keel_ring *r)
 {
     if (!r)
         return;
+    if (r->metrics)
+        keel_metrics_func_remove(r->metrics, r);
     for (size_t i = 0; i < r->names_cap; i++) /* live and retired alike */
         keel__free(r->names[i]);
     keel__free(r->names);

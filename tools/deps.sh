@@ -9,7 +9,9 @@ mode=${1:-check}
 BUILD="pkg-config libhiredis-dev libpq-dev libxxhash-dev libmd-dev"
 # Tests, examples and benchmarks: Check, the servers, and the references
 # the ring is compared against.
-TEST="check redis-server redis-tools postgresql libmemcached-dev"
+# promtool (Debian's prometheus) checks the exposition; libmicrohttpd
+# serves it in examples/metrics.c.
+TEST="check redis-server redis-tools postgresql libmemcached-dev prometheus libmicrohttpd-dev"
 
 if [ "$mode" = check ]; then want=$BUILD; else want="$BUILD $TEST"; fi
 

@@ -107,6 +107,10 @@ typedef struct keel_retry_budget_opts {
     uint32_t min_per_sec;
     keel_clock_fn clock; /* PERCENT; NULL = keel_now_ns */
     void *clock_ud;
+    /* Optional: a keel_retry_budget_tokens gauge (the balance in retries)
+     * labelled budget=metrics_name (default "default") in this registry. */
+    keel_metrics *metrics;
+    const char *metrics_name;
 } keel_retry_budget_opts;
 
 /* An explicit zero for the PERCENT options (whose 0 means the default). */

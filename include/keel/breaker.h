@@ -74,6 +74,10 @@ typedef struct keel_breaker_opts {
     keel_breaker_state_fn on_state; /* called after every change, from the
                                        thread that made it; may be NULL */
     void *ud;
+    /* Optional: keel_breaker_state{state} and keel_breaker_*_total series
+     * labelled breaker=metrics_name (default "default") in this registry. */
+    keel_metrics *metrics;
+    const char *metrics_name;
 } keel_breaker_opts;
 
 typedef struct keel_breaker_stats {

@@ -77,6 +77,10 @@ typedef struct keel_allocator {
     void (*free_fn)(void *ptr);
 } keel_allocator;
 
+/* Frees memory that a libkeel function returned for the caller to free
+ * (its page says so), through the current allocator. NULL is a no-op. */
+KEEL_API void keel_free(void *ptr);
+
 /* Replaces the allocator. Call once, before any other libkeel call: memory
  * allocated before the switch would be freed by the new free_fn. NULL
  * restores malloc/calloc/realloc/free. Returns 0, or KEEL_EINVAL when one
@@ -98,6 +102,15 @@ KEEL_API uint64_t keel_now_ns(void);
 /* Wall-clock time (CLOCK_REALTIME) in nanoseconds since the Unix epoch, for
  * values that leave the process (timestamps, HTTP headers). Thread-safe. */
 KEEL_API uint64_t keel_wall_ns(void);
+
+/* ---- Metrics ----------------------------------------------------------
+ *
+ * Every module's options take an optional registry (keel/metrics.h) and a
+ * name for the instance; given one, the module reports its statistics
+ * there as Prometheus series labelled with that name. The registry must
+ * outlive the module.
+ */
+typedef struct keel_metrics keel_metrics;
 
 /* ---- Random numbers ----------------------------------------------------
  *

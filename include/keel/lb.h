@@ -82,6 +82,11 @@ typedef struct keel_lb_opts {
     void *clock_ud;
     keel_rand_fn rand;        /* NULL = keel_rand_u64 */
     void *rand_ud;
+    /* Optional: per-peer keel_lb_peer_* series labelled lb=metrics_name
+     * (default "default") and peer=<peer name, or its id> in this
+     * registry. */
+    keel_metrics *metrics;
+    const char *metrics_name;
 } keel_lb_opts;
 
 typedef struct keel_lb_peer_opts {

@@ -55,6 +55,10 @@ typedef struct keel_pool_opts {
      * logged (module "pool") instead of corrupting the pool. Costs a lock
      * per acquire and release. */
     int debug;
+    /* Optional: report the statistics below as keel_pool_* series labelled
+     * pool=metrics_name (default "default") in this registry. */
+    keel_metrics *metrics;
+    const char *metrics_name;
 } keel_pool_opts;
 
 typedef struct keel_pool_stats {
@@ -77,8 +81,10 @@ typedef struct keel_pool_stats {
 /* Creates a pool and its `prealloc` objects. Returns 0; KEEL_EINVAL for a
  * NULL argument, a zero obj_size, an alignment that is not a power of two
  * or exceeds 4096, prealloc > capacity of a bounded pool, or sizes whose
- * product overflows; KEEL_ENOMEM; or the code of a failing `init` during
- * preallocation. On failure *out is left untouched and nothing leaks. */
+ * product overflows; KEEL_ENOMEM; KEEL_EEXIST when the metrics registry
+ * already has a pool of that metrics_name; or the code of a failing `init`
+ * during preallocation. On failure *out is left untouched and nothing
+ * leaks. */
 KEEL_API int keel_pool_create(keel_pool **out, const keel_pool_opts *opts);
 
 /* An object, or NULL when the pool is at capacity with nothing idle, when

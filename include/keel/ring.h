@@ -66,6 +66,10 @@ typedef struct keel_ring_opts {
     /* Hash seed of CONTINUUM, JUMP and MAGLEV (KETAMA has none). Rings that
      * must agree use the same seed. */
     uint64_t seed;
+    /* Optional: keel_ring_nodes and keel_ring_assignments gauges labelled
+     * ring=metrics_name (default "default") in this registry. */
+    keel_metrics *metrics;
+    const char *metrics_name;
 } keel_ring_opts;
 
 /* A node as lookups return it. */

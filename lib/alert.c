@@ -1,0 +1,988 @@
+/* lib/alert.c — alert rules with Prometheus's state machine.
+ *
+ * Each evaluation reads the registry once (keel_metrics_visit), adds one
+ * sample per selector to its history, evaluates every rule over those
+ * histories, and moves each rule's alert through pending, firing and
+ * resolved as Prometheus's rules/alerting.go does.
+ */
+#define _GNU_SOURCE
+#include <ctype.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <keel/alert.h>
+#include <keel/metrics.h>
+
+#include "internal.h"
+
+#define MIN_NS 60000000000ull
+#define MAX_MATCHERS 8
+
+/* ---- selectors and their histories ---- */
+
+typedef struct selector {
+    char *name;
+    size_t nm;
+    char *mk[MAX_MATCHERS], *mv[MAX_MATCHERS];
+    uint64_t keep;  /* the longest window over it */
+    size_t width;   /* values per sample: 1, or 1 + buckets for histograms */
+    double *bounds; /* histograms: upper bounds, +Inf last */
+    /* history: samples t[i] with values v[i * width ...] */
+    uint64_t *t;
+    double *v;
+    size_t n, cap;
+    /* the sample being gathered by the current evaluation */
+    double *acc;
+    size_t acc_width;
+    bool matched;
+} selector;
+
+/* ---- expressions ---- */
+
+typedef enum { N_NUM, N_RATE, N_RATIO, N_QUANT, N_AVG, N_MIN, N_MAX, N_LAST } ntype;
+
+typedef struct expr {
+    ntype t;
+    double num;             /* N_NUM; N_QUANT: q */
+    struct expr *a, *b;     /* N_RATIO */
+    size_t sel;             /* selector index */
+    uint64_t win;           /* window */
+} expr;
+
+enum { OP_GT, OP_GE, OP_LT, OP_LE, OP_EQ, OP_NE };
+
+typedef struct cond {
+    expr *lhs;
+    int op;
+    double rhs;
+} cond;
+
+typedef struct rule {
+    char *name;
+    cond conds[8];
+    size_t nconds;
+    uint64_t for_ns, keep_firing_ns;
+    char **labels, **annotations; /* pairs */
+    size_t nlabels, nannotations;
+    /* the alert */
+    keel_alert_state state;
+    double value;
+    uint64_t active_mono, fired_mono, resolved_mono, keep_since_mono, last_sent_mono;
+    bool sent; /* since it became this alert */
+    uint64_t active_wall, fired_wall, resolved_wall, valid_until_wall;
+} rule;
+
+struct keel_alerts {
+    pthread_mutex_t mu;
+    keel_metrics *m;
+    keel_gauge *gauge; /* keel_alerts{alertname, alertstate} */
+    uint64_t interval, resend, keep_resolved;
+    char *generator_url;
+    keel_alert_change_fn on_change;
+    void *ud;
+    keel__clock clock, wall;
+    bool evaluated;
+    uint64_t last_eval, last_eval_wall;
+    selector *sels;
+    size_t nsels, sels_cap;
+    rule *rules;
+    size_t nrules, rules_cap;
+};
+
+/* ---- the parser ---- */
+
+typedef struct parser {
+    keel_alerts *a;
+    const char *s, *p;
+    bool bad;
+    uint64_t longest;
+} parser;
+
+static void ws(parser *ps)
+{
+    while (isspace((unsigned char)*ps->p))
+        ps->p++;
+}
+
+static bool lit(parser *ps, const char *w)
+{
+    if (ps->bad) /* stay where the error is */
+        return false;
+    ws(ps);
+    size_t n = strlen(w);
+    if (strncmp(ps->p, w, n) != 0)
+        return false;
+    /* a word must end: "for" is not "format" */
+    if (isalpha((unsigned char)w[n - 1]) && (isalnum((unsigned char)ps->p[n]) || ps->p[n] == '_'))
+        return false;
+    ps->p += n;
+    return true;
+}
+
+static bool need(parser *ps, const char *w)
+{
+    if (!lit(ps, w))
+        ps->bad = true;
+    return !ps->bad;
+}
+
+static double number(parser *ps)
+{
+    if (ps->bad)
+        return 0;
+    ws(ps);
+    char *end;
+    double v = strtod(ps->p, &end);
+    if (end == ps->p || !isfinite(v) || isalpha((unsigned char)*end) || *end == '.') {
+        ps->bad = true;
+        return 0;
+    }
+    ps->p = end;
+    return v;
+}
+
+static uint64_t duration(parser *ps)
+{
+    if (ps->bad)
+        return 0;
+    ws(ps);
+    char *end;
+    double v = strtod(ps->p, &end);
+    if (end == ps->p || !(v > 0)) {
+        ps->bad = true;
+        return 0;
+    }
+    ps->p = end;
+    static const struct {
+        const char *unit;
+        double ns;
+    } units[] = {{"ms", 1e6}, {"s", 1e9}, {"m", 60e9}, {"h", 3600e9}, {"d", 86400e9}};
+    for (size_t i = 0; i < sizeof units / sizeof units[0]; i++) {
+        size_t n = strlen(units[i].unit);
+        if (strncmp(ps->p, units[i].unit, n) == 0 && !isalpha((unsigned char)ps->p[n])) {
+            ps->p += n;
+            double ns = v * units[i].ns;
+            if (ns > 1e18) { /* about 31 years */
+                ps->bad = true;
+                return 0;
+            }
+            return (uint64_t)ns;
+        }
+    }
+    ps->bad = true;
+    return 0;
+}
+
+/* [a-zA-Z_:][a-zA-Z0-9_:]* into a new string */
+static char *ident(parser *ps, bool metric)
+{
+    if (ps->bad)
+        return NULL;
+    ws(ps);
+    const char *q = ps->p;
+    while (isalpha((unsigned char)*q) || *q == '_' || (metric && *q == ':') ||
+           (q > ps->p && isdigit((unsigned char)*q)))
+        q++;
+    if (q == ps->p) {
+        ps->bad = true;
+        return NULL;
+    }
+    char *id = keel__malloc((size_t)(q - ps->p) + 1);
+    if (!id) {
+        ps->bad = true;
+        return NULL;
+    }
+    memcpy(id, ps->p, (size_t)(q - ps->p));
+    id[q - ps->p] = '\0';
+    ps->p = q;
+    return id;
+}
+
+static char *quoted(parser *ps)
+{
+    if (ps->bad)
+        return NULL;
+    ws(ps);
+    if (*ps->p != '"') {
+        ps->bad = true;
+        return NULL;
+    }
+    const char *q = ++ps->p;
+    size_t n = 0;
+    for (; *q && *q != '"'; q++, n++)
+        if (*q == '\\' && q[1])
+            q++;
+    if (*q != '"') {
+        ps->bad = true;
+        return NULL;
+    }
+    char *v = keel__malloc(n + 1);
+    if (!v) {
+        ps->bad = true;
+        return NULL;
+    }
+    size_t k = 0;
+    for (const char *r = ps->p; r < q; r++) {
+        if (*r == '\\' && r + 1 < q) {
+            r++;
+            v[k++] = *r == 'n' ? '\n' : *r;
+        } else {
+            v[k++] = *r;
+        }
+    }
+    v[k] = '\0';
+    ps->p = q + 1;
+    return v;
+}
+
+static void sel_free(selector *s)
+{
+    keel__free(s->name);
+    for (size_t i = 0; i < s->nm; i++) {
+        keel__free(s->mk[i]);
+        keel__free(s->mv[i]);
+    }
+    keel__free(s->bounds);
+    keel__free(s->t);
+    keel__free(s->v);
+    keel__free(s->acc);
+}
+
+/* sel "[" dur "]": the index of an equal selector, or a new one. */
+static size_t selector_window(parser *ps, uint64_t *win)
+{
+    selector s = {0};
+    s.name = ident(ps, true);
+    if (lit(ps, "{")) {
+        do {
+            if (s.nm == MAX_MATCHERS) {
+                ps->bad = true;
+                break;
+            }
+            s.mk[s.nm] = ident(ps, false);
+            if (!need(ps, "="))
+                break;
+            s.mv[s.nm++] = quoted(ps);
+        } while (!ps->bad && lit(ps, ","));
+        need(ps, "}");
+    }
+    need(ps, "[");
+    *win = duration(ps);
+    need(ps, "]");
+    keel_alerts *a = ps->a;
+    if (ps->bad) {
+        sel_free(&s);
+        return 0;
+    }
+    for (size_t i = 0; i < a->nsels; i++) { /* the same selector: share history */
+        selector *o = &a->sels[i];
+        bool same = strcmp(o->name, s.name) == 0 && o->nm == s.nm;
+        for (size_t k = 0; same && k < s.nm; k++)
+            same = strcmp(o->mk[k], s.mk[k]) == 0 && strcmp(o->mv[k], s.mv[k]) == 0;
+        if (same) {
+            sel_free(&s);
+            if (*win > o->keep)
+                o->keep = *win;
+            return i;
+        }
+    }
+    if (a->nsels == a->sels_cap) {
+        size_t cap = a->sels_cap ? 2 * a->sels_cap : 8;
+        selector *n = keel__realloc(a->sels, cap * sizeof *n);
+        if (!n) {
+            sel_free(&s);
+            ps->bad = true;
+            return 0;
+        }
+        a->sels = n;
+        a->sels_cap = cap;
+    }
+    s.keep = *win;
+    a->sels[a->nsels] = s;
+    return a->nsels++;
+}
+
+static void expr_free(expr *e)
+{
+    if (e) {
+        expr_free(e->a);
+        expr_free(e->b);
+        keel__free(e);
+    }
+}
+
+static expr *parse_expr(parser *ps, int depth)
+{
+    expr *e = keel__calloc(1, sizeof *e);
+    if (!e || depth > 16) {
+        keel__free(e);
+        ps->bad = true;
+        return NULL;
+    }
+    static const struct {
+        const char *word;
+        ntype t;
+    } fns[] = {{"rate", N_RATE}, {"avg", N_AVG}, {"min", N_MIN}, {"max", N_MAX}, {"last", N_LAST}};
+    if (lit(ps, "ratio")) {
+        e->t = N_RATIO;
+        need(ps, "(");
+        e->a = ps->bad ? NULL : parse_expr(ps, depth + 1);
+        need(ps, ",");
+        e->b = ps->bad ? NULL : parse_expr(ps, depth + 1);
+        need(ps, ")");
+    } else if (lit(ps, "quantile")) {
+        e->t = N_QUANT;
+        need(ps, "(");
+        e->num = number(ps);
+        need(ps, ",");
+        if (!ps->bad)
+            e->sel = selector_window(ps, &e->win);
+        need(ps, ")");
+    } else {
+        size_t i;
+        for (i = 0; i < sizeof fns / sizeof fns[0]; i++)
+            if (lit(ps, fns[i].word))
+                break;
+        if (i < sizeof fns / sizeof fns[0]) {
+            e->t = fns[i].t;
+            need(ps, "(");
+            if (!ps->bad)
+                e->sel = selector_window(ps, &e->win);
+            need(ps, ")");
+        } else {
+            e->t = N_NUM;
+            e->num = number(ps);
+        }
+    }
+    if (e->t != N_NUM && e->t != N_RATIO && e->win > ps->longest)
+        ps->longest = e->win;
+    return e;
+}
+
+static bool parse_rule(parser *ps, rule *r)
+{
+    static const struct {
+        const char *op;
+        int code;
+    } ops[] = {{">=", OP_GE}, {"<=", OP_LE}, {"==", OP_EQ}, {"!=", OP_NE}, {">", OP_GT}, {"<", OP_LT}};
+    do {
+        if (r->nconds == 8) {
+            ps->bad = true;
+            break;
+        }
+        cond *c = &r->conds[r->nconds++];
+        c->lhs = parse_expr(ps, 0);
+        size_t i;
+        for (i = 0; !ps->bad && i < sizeof ops / sizeof ops[0]; i++)
+            if (lit(ps, ops[i].op))
+                break;
+        if (i == sizeof ops / sizeof ops[0])
+            ps->bad = true;
+        if (ps->bad)
+            break;
+        c->op = ops[i].code;
+        c->rhs = number(ps);
+    } while (!ps->bad && lit(ps, "and"));
+    if (!ps->bad && lit(ps, "for"))
+        r->for_ns = duration(ps);
+    if (!ps->bad && lit(ps, "keep_firing_for"))
+        r->keep_firing_ns = duration(ps);
+    ws(ps);
+    if (*ps->p)
+        ps->bad = true; /* trailing text */
+    return !ps->bad;
+}
+
+/* ---- evaluation (caller holds a->mu) ---- */
+
+/* Matching series add up into the selector's sample being gathered. */
+static void gather(const keel_metrics_sample *s, void *ud)
+{
+    keel_alerts *a = ud;
+    for (size_t i = 0; i < a->nsels; i++) {
+        selector *sel = &a->sels[i];
+        if (strcmp(sel->name, s->name) != 0)
+            continue;
+        bool match = true;
+        for (size_t k = 0; match && k < sel->nm; k++) {
+            match = false;
+            for (size_t j = 0; j < s->nlabels; j++)
+                if (strcmp(s->label_names[j], sel->mk[k]) == 0)
+                    match = strcmp(s->label_values[j], sel->mv[k]) == 0;
+        }
+        if (!match)
+            continue;
+        size_t w = s->type == KEEL_METRIC_HISTOGRAM ? 1 + s->nbuckets : 1;
+        if (!sel->matched) {
+            if (sel->acc_width != w) {
+                double *acc = keel__realloc(sel->acc, w * sizeof *acc);
+                if (!acc)
+                    continue;
+                sel->acc = acc;
+                sel->acc_width = w;
+            }
+            memset(sel->acc, 0, w * sizeof *sel->acc);
+            if (w > 1 && !sel->bounds && (sel->bounds = keel__malloc(s->nbuckets * sizeof(double))))
+                memcpy(sel->bounds, s->bounds, s->nbuckets * sizeof(double));
+            sel->matched = true;
+        }
+        if (w != sel->acc_width)
+            continue; /* a family that changed shape: ignore it */
+        if (w == 1) {
+            sel->acc[0] += s->value;
+        } else {
+            sel->acc[0] += (double)s->count;
+            for (size_t b = 0; b < s->nbuckets; b++)
+                sel->acc[1 + b] += (double)s->cumulative[b];
+        }
+    }
+}
+
+static void history_push(keel_alerts *a, selector *s, uint64_t now)
+{
+    if (!s->matched)
+        return;
+    if (s->width != s->acc_width) { /* first sample, or a new shape */
+        s->n = 0;
+        s->width = s->acc_width;
+    }
+    /* drop what no window reaches any more (one interval of slack) */
+    size_t drop = 0;
+    while (drop < s->n && s->t[drop] + s->keep + a->interval < now)
+        drop++;
+    if (drop) {
+        memmove(s->t, s->t + drop, (s->n - drop) * sizeof *s->t);
+        memmove(s->v, s->v + drop * s->width, (s->n - drop) * s->width * sizeof *s->v);
+        s->n -= drop;
+    }
+    if (s->n == s->cap) {
+        size_t cap = s->cap ? 2 * s->cap : 16;
+        uint64_t *t = keel__realloc(s->t, cap * sizeof *t);
+        if (t)
+            s->t = t;
+        double *v = t ? keel__realloc(s->v, cap * s->width * sizeof *v) : NULL;
+        if (!v)
+            return; /* out of memory: this sample is lost */
+        s->v = v;
+        s->cap = cap;
+    }
+    s->t[s->n] = now;
+    memcpy(s->v + s->n * s->width, s->acc, s->width * sizeof *s->v);
+    s->n++;
+}
+
+/* Samples of s in (now - win, now]: [*from, s->n). */
+static size_t window_from(const selector *s, uint64_t now, uint64_t win)
+{
+    size_t i = 0;
+    while (i < s->n && s->t[i] + win <= now)
+        i++;
+    return i;
+}
+
+/* Prometheus's extrapolatedRate() for value k of each sample, as a rate. */
+static double rate_of(const selector *s, size_t k, uint64_t now, uint64_t win)
+{
+    size_t from = window_from(s, now, win), n = s->n - from;
+    if (n < 2)
+        return NAN;
+    const double *v = s->v;
+    size_t w = s->width;
+    double first = v[from * w + k], last = v[(s->n - 1) * w + k], result = last - first;
+    for (size_t i = from + 1; i < s->n; i++) /* counter resets */
+        if (v[i * w + k] < v[(i - 1) * w + k])
+            result += v[(i - 1) * w + k];
+    double t_first = (double)s->t[from] / 1e9, t_last = (double)s->t[s->n - 1] / 1e9;
+    double range_start = ((double)now - (double)win) / 1e9, range_end = (double)now / 1e9;
+    double to_start = t_first - range_start, to_end = range_end - t_last;
+    double sampled = t_last - t_first, avg = sampled / (double)(n - 1);
+    if (result > 0 && first >= 0) { /* a counter does not go below zero */
+        double to_zero = sampled * (first / result);
+        if (to_zero < to_start)
+            to_start = to_zero;
+    }
+    double threshold = avg * 1.1, extrapolate = sampled;
+    extrapolate += to_start < threshold ? to_start : avg / 2;
+    extrapolate += to_end < threshold ? to_end : avg / 2;
+    result *= extrapolate / sampled;
+    return result / ((double)win / 1e9);
+}
+
+/* Prometheus's histogram_quantile() over the window's bucket rates. */
+static double quantile_of(const selector *s, double q, uint64_t now, uint64_t win)
+{
+    if (!s->bounds || s->width < 2)
+        return NAN;
+    size_t nb = s->width - 1;
+    double c[257];
+    if (nb > 257)
+        return NAN;
+    for (size_t b = 0; b < nb; b++) {
+        c[b] = rate_of(s, 1 + b, now, win);
+        if (c[b] != c[b])
+            return NAN;
+        if (b && c[b] < c[b - 1]) /* Prometheus's ensureMonotonic */
+            c[b] = c[b - 1];
+    }
+    if (q < 0)
+        return -INFINITY;
+    if (q > 1)
+        return INFINITY;
+    double total = c[nb - 1];
+    if (nb < 2 || !(total > 0))
+        return NAN;
+    double rank = q * total;
+    size_t b = 0;
+    while (b < nb - 1 && c[b] < rank)
+        b++;
+    if (b == nb - 1) /* the +Inf bucket: the highest finite bound */
+        return s->bounds[nb - 2];
+    if (b == 0 && s->bounds[0] <= 0)
+        return s->bounds[0];
+    double start = b ? s->bounds[b - 1] : 0, end = s->bounds[b];
+    double below = b ? c[b - 1] : 0, count = c[b] - below;
+    return start + (end - start) * ((rank - below) / count);
+}
+
+static double gauge_over(const selector *s, ntype t, uint64_t now, uint64_t win)
+{
+    size_t from = window_from(s, now, win);
+    if (from == s->n || s->width != 1)
+        return NAN;
+    double acc = t == N_MIN ? INFINITY : t == N_MAX ? -INFINITY : 0;
+    for (size_t i = from; i < s->n; i++) {
+        double v = s->v[i];
+        acc = t == N_MIN ? fmin(acc, v) : t == N_MAX ? fmax(acc, v) : acc + v;
+    }
+    if (t == N_LAST)
+        return s->v[s->n - 1];
+    return t == N_AVG ? acc / (double)(s->n - from) : acc;
+}
+
+static double eval(keel_alerts *a, const expr *e, uint64_t now)
+{
+    switch (e->t) {
+    case N_NUM: return e->num;
+    case N_RATIO: {
+        double x = eval(a, e->a, now), y = eval(a, e->b, now);
+        return x / y; /* 0/0 is NaN, x/0 infinite: IEEE, as Prometheus */
+    }
+    case N_RATE: {
+        const selector *s = &a->sels[e->sel];
+        return s->width == 1 ? rate_of(s, 0, now, e->win) : NAN;
+    }
+    case N_QUANT: return quantile_of(&a->sels[e->sel], e->num, now, e->win);
+    default: return gauge_over(&a->sels[e->sel], e->t, now, e->win);
+    }
+}
+
+static bool holds(const cond *c, double v)
+{
+    switch (c->op) { /* NaN compares false everywhere, != included */
+    case OP_GT: return v > c->rhs;
+    case OP_GE: return v >= c->rhs;
+    case OP_LT: return v < c->rhs;
+    case OP_LE: return v <= c->rhs;
+    case OP_EQ: return v == c->rhs;
+    default: return v == v && v != c->rhs;
+    }
+}
+
+static void info_of(const rule *r, keel_alert_info *in)
+{
+    *in = (keel_alert_info){r->name, r->state, r->value, r->nlabels, r->nannotations,
+                            (const char *const *)r->labels, (const char *const *)r->annotations,
+                            r->active_wall, r->fired_wall, r->resolved_wall};
+}
+
+typedef struct change {
+    size_t rule;
+    keel_alert_state from, to;
+} change;
+
+/* Moves r's alert for this evaluation as Prometheus does, recording each
+ * change for the callback and the keel_alerts series. */
+static void step(keel_alerts *a, rule *r, bool active, uint64_t now, uint64_t wall, change *ch,
+                 size_t *nch)
+{
+    size_t idx = (size_t)(r - a->rules);
+    keel_alert_state from = r->state;
+    if (active) {
+        if (from == KEEL_ALERT_INACTIVE || from == KEEL_ALERT_RESOLVED) { /* a new alert */
+            r->state = KEEL_ALERT_PENDING;
+            r->active_mono = now;
+            r->active_wall = wall;
+            r->fired_mono = r->fired_wall = r->resolved_mono = r->resolved_wall = 0;
+            r->last_sent_mono = 0;
+            r->sent = false;
+            ch[(*nch)++] = (change){idx, from, KEEL_ALERT_PENDING};
+        }
+        r->keep_since_mono = 0;
+        if (r->state == KEEL_ALERT_PENDING && now - r->active_mono >= r->for_ns) {
+            r->state = KEEL_ALERT_FIRING;
+            r->fired_mono = now;
+            r->fired_wall = wall;
+            ch[(*nch)++] = (change){idx, KEEL_ALERT_PENDING, KEEL_ALERT_FIRING};
+        }
+    } else if (from == KEEL_ALERT_PENDING) {
+        r->state = KEEL_ALERT_INACTIVE; /* dropped, never sent */
+    } else if (from == KEEL_ALERT_FIRING) {
+        if (r->keep_firing_ns && r->keep_since_mono == 0)
+            r->keep_since_mono = now;
+        if (!r->keep_firing_ns || now - r->keep_since_mono >= r->keep_firing_ns) {
+            r->state = KEEL_ALERT_RESOLVED;
+            r->resolved_mono = now;
+            r->resolved_wall = wall;
+        }
+    } else if (from == KEEL_ALERT_RESOLVED && now - r->resolved_mono > a->keep_resolved) {
+        r->state = KEEL_ALERT_INACTIVE; /* kept long enough */
+    }
+    if (!active && r->state != from)
+        ch[(*nch)++] = (change){idx, from, r->state};
+    uint64_t delta = a->interval > a->resend ? a->interval : a->resend;
+    r->valid_until_wall = wall + 4 * delta;
+}
+
+static void series_update(keel_alerts *a, const rule *r, keel_alert_state from, keel_alert_state to)
+{
+    static const char *names[] = {NULL, "pending", "firing", NULL};
+    if (names[from])
+        keel_gauge_remove(a->gauge, (const char *[]){r->name, names[from]}, 2);
+    if (names[to])
+        keel_gauge_set(keel_gauge_with(a->gauge, r->name, names[to]), 1);
+}
+
+KEEL_API int keel_alerts_tick(keel_alerts *a)
+{
+    if (!a)
+        return KEEL_EINVAL;
+    pthread_mutex_lock(&a->mu);
+    uint64_t now = keel__clock_now(&a->clock), wall = keel__clock_now(&a->wall);
+    if (a->evaluated && now - a->last_eval < a->interval) {
+        pthread_mutex_unlock(&a->mu);
+        return 0;
+    }
+    a->evaluated = true;
+    a->last_eval = now;
+    a->last_eval_wall = wall;
+    for (size_t i = 0; i < a->nsels; i++)
+        a->sels[i].matched = false;
+    int rc = keel_metrics_visit(a->m, gather, a);
+    for (size_t i = 0; rc == 0 && i < a->nsels; i++)
+        history_push(a, &a->sels[i], now);
+    change *ch = keel__malloc((2 * a->nrules + 1) * sizeof *ch);
+    size_t nch = 0;
+    if (!ch && rc == 0)
+        rc = KEEL_ENOMEM;
+    for (size_t i = 0; rc == 0 && i < a->nrules; i++) {
+        rule *r = &a->rules[i];
+        bool active = true;
+        for (size_t k = 0; k < r->nconds; k++) {
+            double v = eval(a, r->conds[k].lhs, now);
+            if (k == 0)
+                r->value = v;
+            active = active && holds(&r->conds[k], v);
+        }
+        step(a, r, active, now, wall, ch, &nch);
+    }
+    for (size_t i = 0; rc == 0 && i < nch; i++) {
+        rule *r = &a->rules[ch[i].rule];
+        series_update(a, r, ch[i].from, ch[i].to);
+        if (a->on_change) {
+            keel_alert_info in;
+            info_of(r, &in);
+            in.state = ch[i].to;
+            a->on_change(&in, ch[i].from, ch[i].to, a->ud);
+        }
+    }
+    keel__free(ch);
+    pthread_mutex_unlock(&a->mu);
+    return rc ? rc : 1;
+}
+
+/* ---- rules ---- */
+
+static char **pairs_dup(const char *const *kv, size_t n, bool *ok)
+{
+    char **p = keel__calloc(2 * n + 1, sizeof *p);
+    *ok = p != NULL;
+    for (size_t i = 0; *ok && i < 2 * n; i++)
+        *ok = kv[i] && (p[i] = keel__strdup(kv[i])) != NULL;
+    return p;
+}
+
+static void pairs_free(char **p, size_t n)
+{
+    for (size_t i = 0; p && i < 2 * n; i++)
+        keel__free(p[i]);
+    keel__free(p);
+}
+
+static void rule_free(rule *r)
+{
+    keel__free(r->name);
+    for (size_t k = 0; k < r->nconds; k++)
+        expr_free(r->conds[k].lhs);
+    pairs_free(r->labels, r->nlabels);
+    pairs_free(r->annotations, r->nannotations);
+}
+
+KEEL_API int keel_alerts_add(keel_alerts *a, const char *name, const char *text,
+                             const char *const *labels, size_t nlabels,
+                             const char *const *annotations, size_t nannotations, size_t *err_pos)
+{
+    if (err_pos)
+        *err_pos = 0;
+    if (!a || !name || !*name || !text || (nlabels && !labels) || (nannotations && !annotations))
+        return KEEL_EINVAL;
+    pthread_mutex_lock(&a->mu);
+    for (size_t i = 0; i < a->nrules; i++)
+        if (strcmp(a->rules[i].name, name) == 0) {
+            pthread_mutex_unlock(&a->mu);
+            return KEEL_EEXIST;
+        }
+    rule r = {0};
+    size_t nsels_before = a->nsels;
+    parser ps = {a, text, text, false, 0};
+    bool ok = parse_rule(&ps, &r);
+    if (!ok && err_pos)
+        *err_pos = (size_t)(ps.p - text);
+    int rc = ok ? 0 : KEEL_EINVAL;
+    bool okl = true, oka = true;
+    if (rc == 0) {
+        r.name = keel__strdup(name);
+        r.labels = pairs_dup(labels, nlabels, &okl);
+        r.nlabels = nlabels;
+        r.annotations = pairs_dup(annotations, nannotations, &oka);
+        r.nannotations = nannotations;
+        if (!r.name || !okl || !oka)
+            rc = okl && oka ? KEEL_ENOMEM : KEEL_EINVAL;
+    }
+    if (rc == 0 && a->nrules == a->rules_cap) {
+        size_t cap = a->rules_cap ? 2 * a->rules_cap : 8;
+        rule *n = keel__realloc(a->rules, cap * sizeof *n);
+        if (!n)
+            rc = KEEL_ENOMEM;
+        else {
+            a->rules = n;
+            a->rules_cap = cap;
+        }
+    }
+    if (rc == 0) {
+        a->rules[a->nrules++] = r;
+    } else {
+        rule_free(&r);
+        while (a->nsels > nsels_before) /* selectors only this rule made */
+            sel_free(&a->sels[--a->nsels]);
+    }
+    pthread_mutex_unlock(&a->mu);
+    return rc;
+}
+
+KEEL_API int keel_alerts_get(keel_alerts *a, const char *name,
+                             void (*fn)(const keel_alert_info *alert, void *ud), void *ud)
+{
+    if (!a || !name || !fn)
+        return KEEL_EINVAL;
+    pthread_mutex_lock(&a->mu);
+    int rc = KEEL_ENOTFOUND;
+    for (size_t i = 0; i < a->nrules; i++)
+        if (strcmp(a->rules[i].name, name) == 0) {
+            keel_alert_info in;
+            info_of(&a->rules[i], &in);
+            fn(&in, ud);
+            rc = 0;
+        }
+    pthread_mutex_unlock(&a->mu);
+    return rc;
+}
+
+/* ---- the Alertmanager JSON ---- */
+
+typedef struct jbuf {
+    char *p;
+    size_t len, cap;
+    bool oom;
+} jbuf;
+
+static void jput(jbuf *b, const char *s, size_t n)
+{
+    if (b->oom)
+        return;
+    if (b->len + n + 1 > b->cap) {
+        size_t cap = b->cap ? 2 * b->cap : 1024;
+        while (cap < b->len + n + 1)
+            cap *= 2;
+        char *p = keel__realloc(b->p, cap);
+        if (!p) {
+            b->oom = true;
+            return;
+        }
+        b->p = p;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+    b->p[b->len] = '\0';
+}
+
+static void jstr(jbuf *b, const char *s)
+{
+    jput(b, "\"", 1);
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+        char esc[8];
+        if (*p == '"' || *p == '\\') {
+            esc[0] = '\\';
+            esc[1] = (char)*p;
+            jput(b, esc, 2);
+        } else if (*p < 0x20) {
+            snprintf(esc, sizeof esc, "\\u%04x", *p);
+            jput(b, esc, 6);
+        } else {
+            jput(b, (const char *)p, 1);
+        }
+    }
+    jput(b, "\"", 1);
+}
+
+static void jtime(jbuf *b, uint64_t wall_ns)
+{
+    time_t sec = (time_t)(wall_ns / 1000000000u);
+    struct tm tm;
+    gmtime_r(&sec, &tm);
+    char t[40];
+    size_t n = strftime(t, sizeof t, "%Y-%m-%dT%H:%M:%S", &tm);
+    n += (size_t)snprintf(t + n, sizeof t - n, ".%03uZ", (unsigned)(wall_ns / 1000000u % 1000u));
+    jput(b, "\"", 1);
+    jput(b, t, n);
+    jput(b, "\"", 1);
+}
+
+static void jpairs(jbuf *b, const char *key, char **kv, size_t n, const char *first_k,
+                   const char *first_v)
+{
+    jstr(b, key);
+    jput(b, ":{", 2);
+    if (first_k) {
+        jstr(b, first_k);
+        jput(b, ":", 1);
+        jstr(b, first_v);
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (first_k || i)
+            jput(b, ",", 1);
+        jstr(b, kv[2 * i]);
+        jput(b, ":", 1);
+        jstr(b, kv[2 * i + 1]);
+    }
+    jput(b, "}", 1);
+}
+
+KEEL_API int keel_alerts_to_send(keel_alerts *a, char **json, size_t *len)
+{
+    if (!a || !json)
+        return KEEL_EINVAL;
+    jbuf b = {0};
+    jput(&b, "[", 1);
+    pthread_mutex_lock(&a->mu);
+    uint64_t now = a->last_eval;
+    size_t sent = 0;
+    for (size_t i = 0; i < a->nrules; i++) {
+        rule *r = &a->rules[i];
+        bool due;
+        if (r->state == KEEL_ALERT_FIRING)
+            due = !r->sent || r->last_sent_mono + a->resend <= now;
+        else if (r->state == KEEL_ALERT_RESOLVED) /* sent at once, then every resend */
+            due = !r->sent || r->resolved_mono > r->last_sent_mono ||
+                  r->last_sent_mono + a->resend <= now;
+        else
+            due = false;
+        if (!due)
+            continue;
+        if (sent++)
+            jput(&b, ",", 1);
+        jput(&b, "{", 1);
+        jpairs(&b, "labels", r->labels, r->nlabels, "alertname", r->name);
+        jput(&b, ",", 1);
+        jpairs(&b, "annotations", r->annotations, r->nannotations, NULL, NULL);
+        jput(&b, ",\"startsAt\":", 12);
+        jtime(&b, r->fired_wall);
+        jput(&b, ",\"endsAt\":", 10);
+        jtime(&b, r->state == KEEL_ALERT_RESOLVED ? r->resolved_wall : r->valid_until_wall);
+        jput(&b, ",\"generatorURL\":", 16);
+        jstr(&b, a->generator_url ? a->generator_url : "");
+        jput(&b, "}", 1);
+        r->last_sent_mono = now;
+        r->sent = true;
+    }
+    pthread_mutex_unlock(&a->mu);
+    jput(&b, "]", 1);
+    if (b.oom) {
+        keel__free(b.p);
+        return KEEL_ENOMEM;
+    }
+    *json = b.p;
+    if (len)
+        *len = b.len;
+    return 0;
+}
+
+/* ---- create, destroy ---- */
+
+static uint64_t wall_ns(void *ud)
+{
+    (void)ud;
+    return keel_wall_ns();
+}
+
+KEEL_API int keel_alerts_create(keel_alerts **out, const keel_alerts_opts *o)
+{
+    if (!out || !o || !o->metrics)
+        return KEEL_EINVAL;
+    keel_alerts *a = keel__calloc(1, sizeof *a);
+    if (!a)
+        return KEEL_ENOMEM;
+    a->m = o->metrics;
+    a->interval = o->eval_interval_ns ? o->eval_interval_ns : MIN_NS;
+    a->resend = o->resend_delay_ns ? o->resend_delay_ns : MIN_NS;
+    a->keep_resolved = o->resolved_keep_ns ? o->resolved_keep_ns : 15 * MIN_NS;
+    a->on_change = o->on_change;
+    a->ud = o->ud;
+    a->clock = (keel__clock){o->clock, o->clock_ud};
+    a->wall = (keel__clock){o->wall_clock ? o->wall_clock : wall_ns, o->clock_ud};
+    int rc = 0;
+    if (o->generator_url && !(a->generator_url = keel__strdup(o->generator_url)))
+        rc = KEEL_ENOMEM;
+    if (rc == 0)
+        rc = keel__metrics_gauge_shared(a->m, "keel_alerts", "Active alerts (1 while pending or firing).",
+                                        (const char *[]){"alertname", "alertstate"}, 2, &a->gauge);
+    if (rc) {
+        keel__free(a->generator_url);
+        keel__free(a);
+        return rc;
+    }
+    pthread_mutex_init(&a->mu, NULL);
+    *out = a;
+    return 0;
+}
+
+KEEL_API void keel_alerts_destroy(keel_alerts *a)
+{
+    if (!a)
+        return;
+    for (size_t i = 0; i < a->nrules; i++) {
+        series_update(a, &a->rules[i], a->rules[i].state, KEEL_ALERT_INACTIVE);
+        rule_free(&a->rules[i]);
+    }
+    for (size_t i = 0; i < a->nsels; i++)
+        sel_free(&a->sels[i]);
+    keel__free(a->rules);
+    keel__free(a->sels);
+    keel__free(a->generator_url);
+    pthread_mutex_destroy(&a->mu);
+    keel__free(a);
+}

@@ -1,0 +1,427 @@
+/* tests/test_alert.c — keel_alert: Prometheus's state machine under a fake
+ * clock, rate with counter resets, ratio NaN, quantile interpolation, the
+ * rule language and its errors, the keel_alerts series, the JSON. */
+#define _GNU_SOURCE
+#include <ctype.h>
+#include <math.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <keel.h>
+
+#include "harness.h"
+
+#define MIN (60 * KT_S)
+
+typedef struct fixture {
+    kt_clock clock;
+    keel_metrics *m;
+    keel_alerts *a;
+    int changes;
+    keel_alert_state last_from, last_to;
+    char last_name[64];
+} fixture;
+
+static uint64_t wall(void *ud)
+{
+    /* 2026-11-26T00:00:00Z plus the fake monotonic time */
+    return 1795651200ull * KT_S + kt_clock_now(ud);
+}
+
+static void on_change(const keel_alert_info *al, keel_alert_state from, keel_alert_state to, void *ud)
+{
+    fixture *f = ud;
+    f->changes++;
+    f->last_from = from;
+    f->last_to = to;
+    snprintf(f->last_name, sizeof f->last_name, "%s", al->name);
+}
+
+static void setup(fixture *f)
+{
+    memset(f, 0, sizeof *f);
+    keel_metrics_opts mo = {0};
+    ck_assert_int_eq(keel_metrics_create(&f->m, &mo), 0);
+    keel_alerts_opts o = {.metrics = f->m, .eval_interval_ns = MIN, .on_change = on_change, .ud = f,
+                          .clock = kt_clock_now, .wall_clock = wall, .clock_ud = &f->clock,
+                          .generator_url = "http://svc/alerts"};
+    ck_assert_int_eq(keel_alerts_create(&f->a, &o), 0);
+}
+
+static void teardown(fixture *f)
+{
+    keel_alerts_destroy(f->a);
+    keel_metrics_destroy(f->m);
+}
+
+/* One evaluation, a minute after the previous one. */
+static void tick(fixture *f)
+{
+    ck_assert_int_eq(keel_alerts_tick(f->a), 1);
+    kt_clock_advance(&f->clock, MIN);
+}
+
+static void read_state(const keel_alert_info *al, void *ud) { *(keel_alert_info *)ud = *al; }
+
+static keel_alert_state state(fixture *f, const char *name)
+{
+    keel_alert_info in;
+    ck_assert_int_eq(keel_alerts_get(f->a, name, read_state, &in), 0);
+    return in.state;
+}
+
+static keel_gauge_child *gauge(fixture *f, const char *name)
+{
+    keel_gauge *g;
+    ck_assert_int_eq(keel_metrics_gauge(f->m, name, "", NULL, 0, &g), 0);
+    return keel_gauge_with(g);
+}
+
+START_TEST(pending_then_firing_after_for_then_resolved)
+{
+    fixture f;
+    setup(&f);
+    keel_gauge_child *mem = gauge(&f, "memory_usage_ratio");
+    ck_assert_int_eq(keel_alerts_add(f.a, "MemoryHigh", "last(memory_usage_ratio[1m]) > 0.9 for 2m",
+                                     (const char *[]){"severity", "page"}, 1,
+                                     (const char *[]){"summary", "memory is \"high\""}, 1, NULL), 0);
+    keel_gauge_set(mem, 0.95);
+    tick(&f); /* t=0: pending */
+    ck_assert_int_eq(state(&f, "MemoryHigh"), KEEL_ALERT_PENDING);
+    ck_assert_int_eq(f.last_to, KEEL_ALERT_PENDING);
+    tick(&f); /* t=1m: still pending */
+    ck_assert_int_eq(state(&f, "MemoryHigh"), KEEL_ALERT_PENDING);
+    tick(&f); /* t=2m: true for 2m: firing */
+    ck_assert_int_eq(state(&f, "MemoryHigh"), KEEL_ALERT_FIRING);
+    ck_assert_int_eq(f.last_from, KEEL_ALERT_PENDING);
+    ck_assert_int_eq(f.changes, 2);
+    keel_gauge_set(mem, 0.5);
+    tick(&f); /* t=3m: resolved */
+    ck_assert_int_eq(state(&f, "MemoryHigh"), KEEL_ALERT_RESOLVED);
+    ck_assert_int_eq(f.last_to, KEEL_ALERT_RESOLVED);
+    for (int i = 0; i < 15; i++) /* kept for 15 minutes ... */
+        tick(&f);
+    ck_assert_int_eq(state(&f, "MemoryHigh"), KEEL_ALERT_RESOLVED);
+    tick(&f); /* ... then gone */
+    ck_assert_int_eq(state(&f, "MemoryHigh"), KEEL_ALERT_INACTIVE);
+    teardown(&f);
+}
+END_TEST
+
+START_TEST(a_condition_that_clears_while_pending_is_dropped_silently)
+{
+    fixture f;
+    setup(&f);
+    keel_gauge_child *g = gauge(&f, "queue_depth");
+    ck_assert_int_eq(keel_alerts_add(f.a, "Deep", "last(queue_depth[1m]) >= 100 for 5m", NULL, 0,
+                                     NULL, 0, NULL), 0);
+    keel_gauge_set(g, 150);
+    tick(&f);
+    tick(&f);
+    keel_gauge_set(g, 10);
+    tick(&f);
+    ck_assert_int_eq(state(&f, "Deep"), KEEL_ALERT_INACTIVE);
+    ck_assert_int_eq(f.last_from, KEEL_ALERT_PENDING);
+    char *json;
+    ck_assert_int_eq(keel_alerts_to_send(f.a, &json, NULL), 0);
+    ck_assert_str_eq(json, "[]"); /* never sent */
+    keel_free(json);
+    teardown(&f);
+}
+END_TEST
+
+START_TEST(no_for_fires_at_once_and_keep_firing_for_holds_it)
+{
+    fixture f;
+    setup(&f);
+    keel_gauge_child *g = gauge(&f, "errors_now");
+    ck_assert_int_eq(keel_alerts_add(f.a, "Flappy", "last(errors_now[1m]) > 0 keep_firing_for 3m",
+                                     NULL, 0, NULL, 0, NULL), 0);
+    keel_gauge_set(g, 1);
+    tick(&f);
+    ck_assert_int_eq(state(&f, "Flappy"), KEEL_ALERT_FIRING); /* pending and firing in one go */
+    ck_assert_int_eq(f.changes, 2);
+    keel_gauge_set(g, 0);
+    tick(&f); /* false since now: kept */
+    tick(&f);
+    tick(&f);
+    ck_assert_int_eq(state(&f, "Flappy"), KEEL_ALERT_FIRING);
+    keel_gauge_set(g, 1); /* true again: the hold starts over */
+    tick(&f);
+    keel_gauge_set(g, 0);
+    tick(&f);
+    tick(&f);
+    tick(&f);
+    ck_assert_int_eq(state(&f, "Flappy"), KEEL_ALERT_FIRING);
+    tick(&f); /* 3 minutes false */
+    ck_assert_int_eq(state(&f, "Flappy"), KEEL_ALERT_RESOLVED);
+    teardown(&f);
+}
+END_TEST
+
+START_TEST(rate_corrects_counter_resets_and_empty_windows_never_fire)
+{
+    fixture f;
+    setup(&f);
+    keel_gauge_child *reqs = gauge(&f, "requests_seen"); /* set as a counter would count */
+    ck_assert_int_eq(keel_alerts_add(f.a, "Busy", "rate(requests_seen[5m]) > 1", NULL, 0, NULL, 0,
+                                     NULL), 0);
+    tick(&f); /* no samples at all */
+    ck_assert_int_eq(state(&f, "Busy"), KEEL_ALERT_INACTIVE);
+    /* a restart (the counter back to 0) in the middle of the window */
+    double values[] = {0, 120, 240, 360, 60, 180, 300};
+    keel_alert_info in;
+    for (size_t i = 0; i < sizeof values / sizeof values[0]; i++) {
+        keel_gauge_set(reqs, values[i]);
+        tick(&f);
+    }
+    ck_assert_int_eq(keel_alerts_get(f.a, "Busy", read_state, &in), 0);
+    /* Prometheus's extrapolatedRate on (1m, 6m]: 240 360 60 180 300 is an
+     * increase of 60 + 360 (the reset) = 420 over 4 minutes, extrapolated
+     * by one more minute to the window start: 525 / 300 s. Without the
+     * reset correction it would be 60. */
+    ck_assert_double_eq_tol(in.value, 1.75, 1e-9);
+    ck_assert_int_eq(in.state, KEEL_ALERT_FIRING);
+    teardown(&f);
+}
+END_TEST
+
+START_TEST(ratio_of_nothing_is_nan_and_never_fires)
+{
+    fixture f;
+    setup(&f);
+    keel_counter *err, *all;
+    keel_metrics_counter(f.m, "errors_total", "", NULL, 0, &err);
+    keel_metrics_counter(f.m, "requests_total", "", NULL, 0, &all);
+    keel_counter_child *e = keel_counter_with(err), *r = keel_counter_with(all);
+    ck_assert_int_eq(keel_alerts_add(f.a, "ErrorRatio",
+                                     "ratio(rate(errors_total[5m]), rate(requests_total[5m])) > 0.05 for 5m",
+                                     NULL, 0, NULL, 0, NULL), 0);
+    /* no traffic: 0/0 */
+    for (int i = 0; i < 8; i++)
+        tick(&f);
+    keel_alert_info in;
+    keel_alerts_get(f.a, "ErrorRatio", read_state, &in);
+    ck_assert(isnan(in.value));
+    ck_assert_int_eq(in.state, KEEL_ALERT_INACTIVE);
+    /* 10% errors for long enough */
+    for (int i = 0; i < 8; i++) {
+        keel_counter_add(r, 100);
+        keel_counter_add(e, 10);
+        tick(&f);
+    }
+    keel_alerts_get(f.a, "ErrorRatio", read_state, &in);
+    ck_assert_double_eq_tol(in.value, 0.1, 1e-9);
+    ck_assert_int_eq(in.state, KEEL_ALERT_FIRING);
+    teardown(&f);
+}
+END_TEST
+
+static double quantile_after(fixture *f, const char *rule, const double *obs, size_t n)
+{
+    keel_histogram *h;
+    keel_metrics_histogram(f->m, "lat_seconds", "", NULL, 0, (const double[]){0.1, 0.5, 1}, 3, &h);
+    keel_histogram_child *c = keel_histogram_with(h);
+    ck_assert_int_eq(keel_alerts_add(f->a, "Q", rule, NULL, 0, NULL, 0, NULL), 0);
+    tick(f);
+    for (size_t i = 0; i < n; i++)
+        keel_histogram_observe(c, obs[i]);
+    tick(f);
+    keel_alert_info in;
+    keel_alerts_get(f->a, "Q", read_state, &in);
+    return in.value;
+}
+
+START_TEST(quantiles_interpolate_as_prometheus)
+{
+    fixture f;
+    /* 10 observations in (0.1, 0.5]: p50 halfway into that bucket */
+    double mid[10];
+    for (int i = 0; i < 10; i++)
+        mid[i] = 0.3;
+    setup(&f);
+    ck_assert_double_eq_tol(quantile_after(&f, "quantile(0.5, lat_seconds[5m]) > 0", mid, 10), 0.3, 1e-9);
+    teardown(&f);
+    /* all in the first bucket: its lower edge is 0 */
+    double low[4] = {0.01, 0.02, 0.03, 0.04};
+    setup(&f);
+    ck_assert_double_eq_tol(quantile_after(&f, "quantile(0.5, lat_seconds[5m]) > 0", low, 4), 0.05, 1e-9);
+    teardown(&f);
+    /* beyond the last bound: the highest finite bound */
+    double high[4] = {5, 6, 7, 8};
+    setup(&f);
+    ck_assert_double_eq_tol(quantile_after(&f, "quantile(0.95, lat_seconds[5m]) > 0", high, 4), 1.0, 1e-9);
+    teardown(&f);
+    /* nothing observed: NaN */
+    setup(&f);
+    ck_assert(isnan(quantile_after(&f, "quantile(0.95, lat_seconds[5m]) > 0", NULL, 0)));
+    teardown(&f);
+}
+END_TEST
+
+START_TEST(malformed_rules_report_where)
+{
+    fixture f;
+    setup(&f);
+    struct {
+        const char *rule;
+        size_t pos;
+    } bad[] = {
+        {"rate(x[5m]) >", 13},
+        {"rate(x[5q]) > 1", 8},
+        {"rate(x[5m] > 1", 11},
+        {"foo(x[5m]) > 1", 0},
+        {"last(x[1m]) > 1 for", 19},
+        {"last(x[1m]) > 1 extra", 16},
+        {"last(x{a=\"b\"[1m]) > 1", 12},
+        {"", 0},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        size_t pos = 99;
+        ck_assert_int_eq(keel_alerts_add(f.a, "Bad", bad[i].rule, NULL, 0, NULL, 0, &pos), KEEL_EINVAL);
+        ck_assert_msg(pos == bad[i].pos, "\"%s\": error at %zu, want %zu", bad[i].rule, pos, bad[i].pos);
+    }
+    ck_assert_int_eq(keel_alerts_add(f.a, "Ok", "max(x{a=\"b\",c=\"d\"}[90s]) <= 1.5e3 and last(y[1h]) != 0",
+                                     NULL, 0, NULL, 0, NULL), 0);
+    ck_assert_int_eq(keel_alerts_add(f.a, "Ok", "last(x[1m]) > 1", NULL, 0, NULL, 0, NULL), KEEL_EEXIST);
+    ck_assert_int_eq(keel_alerts_add(NULL, "x", "last(x[1m]) > 1", NULL, 0, NULL, 0, NULL), KEEL_EINVAL);
+    ck_assert_int_eq(keel_alerts_tick(NULL), KEEL_EINVAL);
+    keel_alerts *bad_a;
+    keel_alerts_opts none = {0};
+    ck_assert_int_eq(keel_alerts_create(&bad_a, &none), KEEL_EINVAL);
+    teardown(&f);
+}
+END_TEST
+
+/* A small JSON validator: value := object | array | string | number | literal */
+static const char *json_value(const char *p);
+static const char *json_ws(const char *p)
+{
+    while (isspace((unsigned char)*p))
+        p++;
+    return p;
+}
+static const char *json_string(const char *p)
+{
+    if (*p++ != '"')
+        return NULL;
+    for (; *p && *p != '"'; p++)
+        if (*p == '\\' && !*++p)
+            return NULL;
+    return *p == '"' ? p + 1 : NULL;
+}
+static const char *json_value(const char *p)
+{
+    p = json_ws(p);
+    if (*p == '{' || *p == '[') {
+        char close = *p == '{' ? '}' : ']';
+        bool obj = *p == '{';
+        p = json_ws(p + 1);
+        if (*p == close)
+            return p + 1;
+        for (;;) {
+            if (obj) {
+                if (!(p = json_string(json_ws(p))) || *(p = json_ws(p)) != ':')
+                    return NULL;
+                p++;
+            }
+            if (!(p = json_value(p)))
+                return NULL;
+            p = json_ws(p);
+            if (*p == close)
+                return p + 1;
+            if (*p++ != ',')
+                return NULL;
+        }
+    }
+    if (*p == '"')
+        return json_string(p);
+    char *end;
+    strtod(p, &end);
+    return end > p ? end : NULL;
+}
+
+START_TEST(alertmanager_json_parses_and_resends)
+{
+    fixture f;
+    setup(&f);
+    keel_gauge_child *g = gauge(&f, "temperature_celsius");
+    ck_assert_int_eq(keel_alerts_add(f.a, "Hot", "last(temperature_celsius[1m]) > 30", 
+                                     (const char *[]){"severity", "warn"}, 1,
+                                     (const char *[]){"summary", "it is \"hot\"\n"}, 1, NULL), 0);
+    keel_gauge_set(g, 35);
+    tick(&f); /* fires at t=0 (wall 2026-11-26T00:00:00Z) */
+    char *json;
+    ck_assert_int_eq(keel_alerts_to_send(f.a, &json, NULL), 0);
+    const char *end = json_value(json);
+    ck_assert_msg(end && *json_ws(end) == '\0', "not JSON: %s", json);
+    ck_assert_ptr_nonnull(strstr(json, "\"labels\":{\"alertname\":\"Hot\",\"severity\":\"warn\"}"));
+    ck_assert_ptr_nonnull(strstr(json, "\"annotations\":{\"summary\":\"it is \\\"hot\\\"\\u000a\"}"));
+    ck_assert_ptr_nonnull(strstr(json, "\"startsAt\":\"2026-11-26T00:00:00.000Z\""));
+    /* endsAt = eval time + 4 x max(interval, resend) = +4 min */
+    ck_assert_ptr_nonnull(strstr(json, "\"endsAt\":\"2026-11-26T00:04:00.000Z\""));
+    ck_assert_ptr_nonnull(strstr(json, "\"generatorURL\":\"http://svc/alerts\""));
+    keel_free(json);
+    ck_assert_int_eq(keel_alerts_to_send(f.a, &json, NULL), 0);
+    ck_assert_str_eq(json, "[]"); /* sent already */
+    keel_free(json);
+    tick(&f); /* a minute later: re-sent */
+    ck_assert_int_eq(keel_alerts_to_send(f.a, &json, NULL), 0);
+    ck_assert_ptr_nonnull(strstr(json, "\"alertname\":\"Hot\""));
+    keel_free(json);
+    keel_gauge_set(g, 20);
+    tick(&f); /* resolved: sent at once with endsAt = resolution */
+    ck_assert_int_eq(keel_alerts_to_send(f.a, &json, NULL), 0);
+    ck_assert_ptr_nonnull(strstr(json, "\"endsAt\":\"2026-11-26T00:02:00.000Z\""));
+    keel_free(json);
+    teardown(&f);
+}
+END_TEST
+
+START_TEST(active_alerts_show_as_keel_alerts_series)
+{
+    fixture f;
+    setup(&f);
+    keel_gauge_child *g = gauge(&f, "load");
+    keel_alerts_add(f.a, "Load", "last(load[1m]) > 1 for 1m", NULL, 0, NULL, 0, NULL);
+    keel_gauge_set(g, 2);
+    tick(&f);
+    char *text;
+    keel_metrics_render_buf(f.m, KEEL_METRICS_PROMETHEUS, &text, NULL);
+    ck_assert_ptr_nonnull(strstr(text, "keel_alerts{alertname=\"Load\",alertstate=\"pending\"} 1\n"));
+    keel_free(text);
+    tick(&f);
+    keel_metrics_render_buf(f.m, KEEL_METRICS_PROMETHEUS, &text, NULL);
+    ck_assert_ptr_null(strstr(text, "alertstate=\"pending\""));
+    ck_assert_ptr_nonnull(strstr(text, "keel_alerts{alertname=\"Load\",alertstate=\"firing\"} 1\n"));
+    keel_free(text);
+    keel_gauge_set(g, 0);
+    tick(&f);
+    keel_metrics_render_buf(f.m, KEEL_METRICS_PROMETHEUS, &text, NULL);
+    ck_assert_ptr_null(strstr(text, "keel_alerts{"));
+    keel_free(text);
+    /* a tick before the interval is up does nothing */
+    ck_assert_int_eq(keel_alerts_tick(f.a), 1);
+    ck_assert_int_eq(keel_alerts_tick(f.a), 0);
+    teardown(&f);
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("alert");
+    TCase *tc = tcase_create("alert");
+    tcase_add_test(tc, pending_then_firing_after_for_then_resolved);
+    tcase_add_test(tc, a_condition_that_clears_while_pending_is_dropped_silently);
+    tcase_add_test(tc, no_for_fires_at_once_and_keep_firing_for_holds_it);
+    tcase_add_test(tc, rate_corrects_counter_resets_and_empty_windows_never_fire);
+    tcase_add_test(tc, ratio_of_nothing_is_nan_and_never_fires);
+    tcase_add_test(tc, quantiles_interpolate_as_prometheus);
+    tcase_add_test(tc, malformed_rules_report_where);
+    tcase_add_test(tc, alertmanager_json_parses_and_resends);
+    tcase_add_test(tc, active_alerts_show_as_keel_alerts_series);
+    suite_add_tcase(s, tc);
+    return kt_run(s);
+}

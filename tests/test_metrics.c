@@ -1,0 +1,547 @@
+/* tests/test_metrics.c — keel_metrics: exposition in both formats against
+ * golden files, checks promtool does not make, exact totals from threads,
+ * escaping, validation, caps, removal, module metrics through promtool. */
+#define _GNU_SOURCE
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <keel.h>
+
+#include "harness.h"
+
+static uint64_t fixed_wall(void *ud)
+{
+    (void)ud;
+    return 1700000000ull * KT_S + 250 * KT_MS; /* 1700000000.25 */
+}
+
+static keel_metrics *registry(void)
+{
+    keel_metrics *m = NULL;
+    keel_metrics_opts o = {.wall_clock = fixed_wall};
+    ck_assert_int_eq(keel_metrics_create(&m, &o), 0);
+    return m;
+}
+
+static char *render(keel_metrics *m, keel_metrics_format f)
+{
+    char *text = NULL;
+    size_t len = 0;
+    ck_assert_int_eq(keel_metrics_render_buf(m, f, &text, &len), 0);
+    ck_assert_uint_eq(strlen(text), len);
+    return text;
+}
+
+static char *slurp(const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    ck_assert_msg(f != NULL, "%s missing: run the tests from the top of the tree", path);
+    static char buf[65536];
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    return buf;
+}
+
+/* The registry behind the golden files. */
+static keel_metrics *golden_registry(void)
+{
+    keel_metrics *m = registry();
+    keel_counter *req;
+    keel_gauge *temp;
+    keel_histogram *lat;
+    ck_assert_int_eq(keel_metrics_counter(m, "http_requests_total", "Requests served.",
+                                          (const char *[]){"method", "code"}, 2, &req), 0);
+    ck_assert_int_eq(keel_metrics_gauge(m, "room_temperature_celsius",
+                                        "Temperature with \"quotes\", a \\ and a\nnewline.", NULL,
+                                        0, &temp), 0);
+    ck_assert_int_eq(keel_metrics_histogram(m, "request_duration_seconds", "Latency.",
+                                            (const char *[]){"route"}, 1,
+                                            (const double[]){0.001, 0.01, 0.1, 1, 10}, 5, &lat), 0);
+    keel_counter_add(keel_counter_with(req, "GET", "200"), 1027);
+    keel_counter_add_f(keel_counter_with(req, "POST", "500"), 3.5);
+    keel_counter_inc(keel_counter_with(req, "weird \"one\"\\\n", "ünïcødé"));
+    keel_gauge_set(keel_gauge_with(temp), -21.25);
+    keel_histogram_child *h = keel_histogram_with(lat, "/api");
+    double obs[] = {0.0005, 0.001, 0.003, 0.05, 0.05, 2, 100};
+    for (size_t i = 0; i < sizeof obs / sizeof obs[0]; i++)
+        keel_histogram_observe(h, obs[i]);
+    keel_histogram_with(lat, "/idle"); /* a child with nothing observed */
+    return m;
+}
+
+START_TEST(prometheus_text_matches_the_golden_file)
+{
+    keel_metrics *m = golden_registry();
+    char *text = render(m, KEEL_METRICS_PROMETHEUS);
+    ck_assert_str_eq(text, slurp("tests/golden/metrics.prom"));
+    keel_free(text);
+    keel_metrics_destroy(m);
+}
+END_TEST
+
+START_TEST(openmetrics_matches_the_golden_file)
+{
+    keel_metrics *m = golden_registry();
+    char *text = render(m, KEEL_METRICS_OPENMETRICS);
+    ck_assert_str_eq(text, slurp("tests/golden/metrics.om"));
+    keel_free(text);
+    keel_metrics_destroy(m);
+}
+END_TEST
+
+/* ---- what promtool does not check ---- */
+
+/* Families contiguous, no duplicate series, buckets in le order ending in
+ * +Inf, +Inf == _count, cumulative counts never falling. */
+static void check_exposition(const char *text, int om)
+{
+    char seen_families[256][128];
+    int nfam = 0;
+    char last_family[128] = "";
+    char **series = calloc(20000, sizeof *series);
+    int nseries = 0;
+    double last_le = -INFINITY, last_bucket = 0, inf_bucket = -1;
+    char line[4096];
+    for (const char *p = text; *p;) {
+        const char *nl = strchr(p, '\n');
+        ck_assert_msg(nl != NULL, "exposition does not end with a newline");
+        size_t n = (size_t)(nl - p);
+        ck_assert(n < sizeof line);
+        memcpy(line, p, n);
+        line[n] = '\0';
+        p = nl + 1;
+        if (strcmp(line, "# EOF") == 0) {
+            ck_assert_msg(om && *p == '\0', "# EOF must be last, and only in OpenMetrics");
+            continue;
+        }
+        if (strncmp(line, "# TYPE ", 7) == 0 || strncmp(line, "# HELP ", 7) == 0) {
+            char fam[128];
+            sscanf(line + 7, "%127s", fam);
+            if (strcmp(fam, last_family) != 0) {
+                for (int i = 0; i < nfam; i++)
+                    ck_assert_msg(strcmp(seen_families[i], fam) != 0, "family %s split", fam);
+                snprintf(seen_families[nfam++], 128, "%s", fam);
+                snprintf(last_family, sizeof last_family, "%s", fam);
+                last_le = -INFINITY;
+            }
+            continue;
+        }
+        ck_assert_msg(line[0] != '#', "stray comment: %s", line);
+        ck_assert_msg(strncmp(line, last_family, strlen(last_family)) == 0,
+                      "sample %s outside its family %s", line, last_family);
+        char *sp = strrchr(line, ' ');
+        ck_assert(sp != NULL);
+        *sp = '\0';
+        double v = strtod(sp + 1, NULL);
+        for (int i = 0; i < nseries; i++)
+            ck_assert_msg(strcmp(series[i], line) != 0, "duplicate series %s", line);
+        series[nseries++] = strdup(line);
+        char *le = strstr(line, "le=\"");
+        if (le && strstr(line, "_bucket")) {
+            double b = strncmp(le + 4, "+Inf", 4) == 0 ? INFINITY : strtod(le + 4, NULL);
+            if (b < last_le) /* a new child starts over */
+                last_bucket = 0;
+            else
+                ck_assert_msg(v >= last_bucket, "cumulative bucket fell: %s", line);
+            ck_assert_msg(b != last_le, "bucket repeated: %s", line);
+            last_le = b;
+            last_bucket = v;
+            if (isinf(b))
+                inf_bucket = v;
+        } else if (strstr(line, "_count")) {
+            ck_assert_msg(inf_bucket == v, "+Inf bucket %g != _count %g", inf_bucket, v);
+            last_le = -INFINITY; /* the next child starts over */
+            last_bucket = 0;
+        }
+    }
+    ck_assert_msg(!om || strstr(text, "# EOF\n"), "OpenMetrics without # EOF");
+    for (int i = 0; i < nseries; i++)
+        free(series[i]);
+    free(series);
+}
+
+START_TEST(expositions_keep_families_whole_and_histograms_consistent)
+{
+    keel_metrics *m = golden_registry();
+    for (int om = 0; om < 2; om++) {
+        char *text = render(m, om ? KEEL_METRICS_OPENMETRICS : KEEL_METRICS_PROMETHEUS);
+        check_exposition(text, om);
+        keel_free(text);
+    }
+    keel_metrics_destroy(m);
+}
+END_TEST
+
+START_TEST(values_round_trip_and_le_is_canonical)
+{
+    keel_metrics *m = registry();
+    keel_gauge *g;
+    ck_assert_int_eq(keel_metrics_gauge(m, "v", "", (const char *[]){"k"}, 1, &g), 0);
+    double vals[] = {0.1, 1.0 / 3, 1e-5, 123456, 1234567, 9007199254740993.0, 5e-324, -0.0, 2.5,
+                     NAN, INFINITY, -INFINITY, 1e300};
+    char key[8];
+    for (size_t i = 0; i < sizeof vals / sizeof vals[0]; i++) {
+        snprintf(key, sizeof key, "%02zu", i);
+        keel_gauge_set(keel_gauge_with(g, key), vals[i]);
+    }
+    char *text = render(m, KEEL_METRICS_PROMETHEUS);
+    for (size_t i = 0; i < sizeof vals / sizeof vals[0]; i++) {
+        char pat[32];
+        snprintf(pat, sizeof pat, "v{k=\"%02zu\"} ", i);
+        char *at = strstr(text, pat);
+        ck_assert_ptr_nonnull(at);
+        double back = strtod(at + strlen(pat), NULL);
+        if (isnan(vals[i]))
+            ck_assert(strncmp(at + strlen(pat), "NaN\n", 4) == 0);
+        else
+            ck_assert_msg(back == vals[i], "%.17g came back as %.17g", vals[i], back);
+    }
+    ck_assert_ptr_nonnull(strstr(text, "v{k=\"10\"} +Inf\n"));
+    ck_assert_ptr_nonnull(strstr(text, "v{k=\"11\"} -Inf\n"));
+    ck_assert_ptr_nonnull(strstr(text, "v{k=\"02\"} 1e-05\n")); /* Go's %g */
+    ck_assert_ptr_nonnull(strstr(text, "v{k=\"03\"} 123456\n"));
+    ck_assert_ptr_nonnull(strstr(text, "v{k=\"04\"} 1.234567e+06\n"));
+    keel_free(text);
+    /* OpenMetrics le values: Go's %g with .0 on integers */
+    keel_histogram *h;
+    ck_assert_int_eq(keel_metrics_histogram(m, "h", "", NULL, 0,
+                                            (const double[]){1e-10, 0.001, 0.95, 1, 10, 1e5, 1e6}, 7,
+                                            &h), 0);
+    keel_histogram_with(h);
+    text = render(m, KEEL_METRICS_OPENMETRICS);
+    const char *les[] = {"1e-10", "0.001", "0.95", "1.0", "10.0", "100000.0", "1e+06", "+Inf"};
+    for (size_t i = 0; i < 8; i++) {
+        char pat[64];
+        snprintf(pat, sizeof pat, "h_bucket{le=\"%s\"} 0\n", les[i]);
+        ck_assert_msg(strstr(text, pat) != NULL, "missing %s", pat);
+    }
+    keel_free(text);
+    keel_metrics_destroy(m);
+}
+END_TEST
+
+/* ---- threads ---- */
+
+typedef struct hammer {
+    keel_counter_child *c;
+    keel_histogram_child *h;
+    keel_gauge_child *g;
+    long n;
+} hammer;
+
+static void *hammer_run(void *arg)
+{
+    hammer *hm = arg;
+    for (long i = 0; i < hm->n; i++) {
+        keel_counter_inc(hm->c);
+        if (i % 4 == 0)
+            keel_histogram_observe(hm->h, (double)(i % 1000) / 1000.0);
+        if (i % 64 == 0)
+            keel_gauge_inc(hm->g);
+    }
+    return NULL; /* and the thread's values are folded in at exit */
+}
+
+/* The value of the sample line that starts with `pattern`. */
+static double sample_value(keel_metrics *m, const char *pattern)
+{
+    char *text = render(m, KEEL_METRICS_PROMETHEUS);
+    char *at = text;
+    while (at && strncmp(at, pattern, strlen(pattern)) != 0)
+        at = (at = strchr(at, '\n')) ? at + 1 : NULL;
+    ck_assert_msg(at != NULL, "no %s", pattern);
+    double v = strtod(at + strlen(pattern), NULL);
+    keel_free(text);
+    return v;
+}
+
+START_TEST(two_threads_count_exactly)
+{
+    keel_metrics *m = registry();
+    keel_counter *c;
+    keel_histogram *h;
+    keel_gauge *g;
+    ck_assert_int_eq(keel_metrics_counter(m, "ops_total", "", NULL, 0, &c), 0);
+    ck_assert_int_eq(keel_metrics_histogram(m, "op_seconds", "", NULL, 0, NULL, 0, &h), 0);
+    ck_assert_int_eq(keel_metrics_gauge(m, "g", "", NULL, 0, &g), 0);
+    const long n = 2000000;
+    hammer hm = {keel_counter_with(c), keel_histogram_with(h), keel_gauge_with(g), n};
+    pthread_t t[2];
+    for (int i = 0; i < 2; i++)
+        pthread_create(&t[i], NULL, hammer_run, &hm);
+    /* a render while they run must not disturb anything */
+    keel_free(render(m, KEEL_METRICS_OPENMETRICS));
+    for (int i = 0; i < 2; i++)
+        pthread_join(t[i], NULL);
+    keel_counter_add(hm.c, 5); /* and this thread's own block */
+    ck_assert_double_eq(sample_value(m, "ops_total "), 2.0 * n + 5);
+    ck_assert_double_eq(sample_value(m, "op_seconds_count "), 2.0 * n / 4);
+    ck_assert_double_eq(sample_value(m, "op_seconds_bucket{le=\"+Inf\"} "), 2.0 * n / 4);
+    ck_assert_double_eq(sample_value(m, "g "), 2.0 * (double)((n + 63) / 64));
+    keel_metrics_destroy(m);
+}
+END_TEST
+
+/* ---- validation, caps, removal ---- */
+
+START_TEST(names_and_labels_are_validated)
+{
+    keel_metrics *m = registry();
+    keel_counter *c;
+    keel_gauge *g;
+    keel_histogram *h;
+    ck_assert_int_eq(keel_metrics_counter(m, "requests", "", NULL, 0, &c), KEEL_EINVAL); /* _total */
+    ck_assert_int_eq(keel_metrics_counter(m, "9lives_total", "", NULL, 0, &c), KEEL_EINVAL);
+    ck_assert_int_eq(keel_metrics_gauge(m, "bad-name", "", NULL, 0, &g), KEEL_EINVAL);
+    ck_assert_int_eq(keel_metrics_gauge(m, "", "", NULL, 0, &g), KEEL_EINVAL);
+    ck_assert_int_eq(keel_metrics_gauge(m, NULL, "", NULL, 0, &g), KEEL_EINVAL);
+    const char *bad_labels[][1] = {{"le"}, {"quantile"}, {"__x"}, {"a-b"}, {""}, {NULL}};
+    for (size_t i = 0; i < 6; i++)
+        ck_assert_int_eq(keel_metrics_gauge(m, "ok", "", bad_labels[i], 1, &g), KEEL_EINVAL);
+    ck_assert_int_eq(keel_metrics_gauge(m, "ok", "", (const char *[]){"a", "a"}, 2, &g), KEEL_EINVAL);
+    ck_assert_int_eq(keel_metrics_histogram(m, "h", "", NULL, 0, (const double[]){1, 1}, 2, &h),
+                     KEEL_EINVAL);
+    ck_assert_int_eq(keel_metrics_histogram(m, "h", "", NULL, 0, (const double[]){NAN}, 1, &h),
+                     KEEL_EINVAL);
+    ck_assert_int_eq(keel_metrics_gauge(m, "ns:ok_name", "", NULL, 0, &g), 0);
+    ck_assert_int_eq(keel_metrics_gauge(m, "ns:ok_name", "", NULL, 0, &g), KEEL_EEXIST);
+    ck_assert_int_eq(keel_metrics_histogram(m, "lat", "", NULL, 0, NULL, 0, &h), 0);
+    ck_assert_int_eq(keel_metrics_gauge(m, "lat_count", "", NULL, 0, &g), KEEL_EEXIST);
+    ck_assert_int_eq(keel_metrics_counter(m, "x_total", "", NULL, 0, &c), 0);
+    ck_assert_int_eq(keel_metrics_gauge(m, "x", "", NULL, 0, &g), KEEL_EEXIST); /* OM family x */
+    /* children: wrong counts */
+    keel_counter *two;
+    ck_assert_int_eq(keel_metrics_counter(m, "two_total", "", (const char *[]){"a", "b"}, 2, &two), 0);
+    keel_counter_child *ch;
+    ck_assert_int_eq(keel_counter_get(two, (const char *[]){"x"}, 1, &ch), KEEL_EINVAL);
+    ck_assert_int_eq(keel_counter_get(two, (const char *[]){"x", NULL}, 2, &ch), KEEL_EINVAL);
+    ck_assert_int_eq(keel_counter_get(NULL, NULL, 0, &ch), KEEL_EINVAL);
+    keel_counter_inc(NULL); /* harmless */
+    keel_histogram_observe(NULL, 1);
+    keel_gauge_set(NULL, 1);
+    keel_metrics_destroy(m);
+}
+END_TEST
+
+START_TEST(children_are_bound_once_capped_and_removable)
+{
+    keel_metrics *m = NULL;
+    keel_metrics_opts o = {.max_children = 3, .wall_clock = fixed_wall};
+    ck_assert_int_eq(keel_metrics_create(&m, &o), 0);
+    keel_counter *c;
+    ck_assert_int_eq(keel_metrics_counter(m, "hits_total", "", (const char *[]){"k"}, 1, &c), 0);
+    keel_counter_child *a = keel_counter_with(c, "a");
+    ck_assert_ptr_nonnull(a);
+    ck_assert_ptr_eq(keel_counter_with(c, "a"), a); /* the same handle */
+    ck_assert_ptr_nonnull(keel_counter_with(c, "b"));
+    ck_assert_ptr_nonnull(keel_counter_with(c, "c"));
+    keel_counter_child *d;
+    ck_assert_int_eq(keel_counter_get(c, (const char *[]){"d"}, 1, &d), KEEL_EFULL);
+    ck_assert_ptr_null(keel_counter_with(c, "d"));
+    keel_counter_add(a, 7);
+    ck_assert_int_eq(keel_counter_remove(c, (const char *[]){"a"}, 1), 0);
+    ck_assert_int_eq(keel_counter_remove(c, (const char *[]){"a"}, 1), KEEL_ENOTFOUND);
+    /* room again; the new child reuses a's slots but starts at zero */
+    keel_counter_child *e = keel_counter_with(c, "e");
+    ck_assert_ptr_nonnull(e);
+    keel_counter_inc(e);
+    char *text = render(m, KEEL_METRICS_PROMETHEUS);
+    ck_assert_ptr_null(strstr(text, "k=\"a\""));
+    ck_assert_ptr_nonnull(strstr(text, "hits_total{k=\"e\"} 1\n"));
+    keel_free(text);
+    keel_metrics_destroy(m);
+}
+END_TEST
+
+START_TEST(accept_headers_choose_the_format)
+{
+    ck_assert_int_eq(keel_metrics_negotiate(NULL), KEEL_METRICS_PROMETHEUS);
+    ck_assert_int_eq(keel_metrics_negotiate(""), KEEL_METRICS_PROMETHEUS);
+    ck_assert_int_eq(keel_metrics_negotiate("text/plain;version=0.0.4"), KEEL_METRICS_PROMETHEUS);
+    ck_assert_int_eq(keel_metrics_negotiate("application/openmetrics-text;version=1.0.0,text/plain;"
+                                            "version=0.0.4;q=0.5,*/*;q=0.1"),
+                     KEEL_METRICS_OPENMETRICS);
+    ck_assert_int_eq(keel_metrics_negotiate("application/openmetrics-text;q=0,text/plain"),
+                     KEEL_METRICS_PROMETHEUS);
+    ck_assert_str_eq(keel_metrics_content_type(KEEL_METRICS_PROMETHEUS),
+                     "text/plain; version=0.0.4; charset=utf-8");
+    ck_assert_str_eq(keel_metrics_content_type(KEEL_METRICS_OPENMETRICS),
+                     "application/openmetrics-text; version=1.0.0; charset=utf-8");
+}
+END_TEST
+
+static int writes;
+static int stop_after_one(const char *buf, size_t len, void *ud)
+{
+    (void)buf;
+    (void)len;
+    (void)ud;
+    return ++writes > 1 ? 42 : 0;
+}
+
+START_TEST(a_failing_writer_stops_the_rendering)
+{
+    keel_metrics *m = registry();
+    keel_gauge *g;
+    keel_metrics_gauge(m, "g", "", (const char *[]){"k"}, 1, &g);
+    char key[16];
+    for (int i = 0; i < 2000; i++) { /* more than one buffer's worth */
+        snprintf(key, sizeof key, "%d", i);
+        keel_gauge_set(keel_gauge_with(g, key), i);
+    }
+    writes = 0;
+    ck_assert_int_eq(keel_metrics_render(m, KEEL_METRICS_PROMETHEUS, stop_after_one, NULL), 42);
+    ck_assert_int_eq(writes, 2);
+    ck_assert_int_eq(keel_metrics_render(m, (keel_metrics_format)5, stop_after_one, NULL), KEEL_EINVAL);
+    keel_metrics_destroy(m);
+}
+END_TEST
+
+static double forty_two(void *ud)
+{
+    (void)ud;
+    return 42;
+}
+
+typedef struct visit {
+    int series;
+    double hist_sum;
+    uint64_t hist_count, inf;
+} visit;
+
+static void on_sample(const keel_metrics_sample *s, void *ud)
+{
+    visit *v = ud;
+    v->series++;
+    if (s->type == KEEL_METRIC_HISTOGRAM) {
+        v->hist_sum = s->value;
+        v->hist_count = s->count;
+        v->inf = s->cumulative[s->nbuckets - 1];
+    }
+}
+
+START_TEST(computed_series_and_the_visitor)
+{
+    keel_metrics *m = golden_registry();
+    int token;
+    ck_assert_int_eq(keel_metrics_func(m, KEEL_METRIC_GAUGE, "answer", "The answer.",
+                                       (const char *[]){"k"}, (const char *[]){"v"}, 1, forty_two,
+                                       &token), 0);
+    ck_assert_int_eq(keel_metrics_func(m, KEEL_METRIC_GAUGE, "answer", NULL, (const char *[]){"k"},
+                                       (const char *[]){"v"}, 1, forty_two, &token), KEEL_EEXIST);
+    ck_assert_int_eq(keel_metrics_func(m, KEEL_METRIC_COUNTER, "answer", NULL, (const char *[]){"k"},
+                                       (const char *[]){"w"}, 1, forty_two, &token), KEEL_EEXIST);
+    ck_assert_double_eq(sample_value(m, "answer{k=\"v\"} "), 42);
+    visit v = {0};
+    ck_assert_int_eq(keel_metrics_visit(m, on_sample, &v), 0);
+    ck_assert_int_eq(v.series, 3 + 1 + 2 + 1); /* counters, gauge, histograms, answer */
+    keel_metrics_func_remove(m, &token);
+    char *text = render(m, KEEL_METRICS_PROMETHEUS);
+    ck_assert_ptr_null(strstr(text, "answer{"));
+    keel_free(text);
+    keel_metrics_destroy(m);
+}
+END_TEST
+
+/* ---- every module's metrics through promtool ---- */
+
+START_TEST(module_metrics_pass_promtool)
+{
+    keel_metrics *m = golden_registry();
+    keel_pool *pool;
+    keel_pool_opts po = {.obj_size = 64, .metrics = m, .metrics_name = "buffers"};
+    ck_assert_int_eq(keel_pool_create(&pool, &po), 0);
+    keel_pool_release(pool, keel_pool_acquire(pool));
+    keel_pool *dup;
+    ck_assert_int_eq(keel_pool_create(&dup, &po), KEEL_EEXIST); /* same name twice */
+    keel_ring *ring;
+    keel_ring_opts ro = {.metrics = m, .metrics_name = "cache"};
+    ck_assert_int_eq(keel_ring_create(&ring, &ro), 0);
+    keel_ring_add(ring, "a", 1, 1, NULL);
+    keel_breaker *br;
+    keel_breaker_opts bo = {.metrics = m, .metrics_name = "db"};
+    ck_assert_int_eq(keel_breaker_create(&br, &bo), 0);
+    keel_lb *lb;
+    keel_lb_opts lo = {.metrics = m, .metrics_name = "api"};
+    ck_assert_int_eq(keel_lb_create(&lb, &lo), 0);
+    keel_lb_peer *p1;
+    ck_assert_int_eq(keel_lb_add(lb, &(keel_lb_peer_opts){.name = "10.0.0.1:80"}, &p1), 0);
+    ck_assert_int_eq(keel_lb_add(lb, &(keel_lb_peer_opts){0}, NULL), 0);
+    keel_retry_budget *rb;
+    keel_retry_budget_opts bu = {.metrics = m};
+    ck_assert_int_eq(keel_retry_budget_create(&rb, &bu), 0);
+
+    char *text = render(m, KEEL_METRICS_PROMETHEUS);
+    ck_assert_ptr_nonnull(strstr(text, "keel_pool_objects{pool=\"buffers\",state=\"idle_cached\"} 1\n"));
+    ck_assert_ptr_nonnull(strstr(text, "keel_ring_nodes{ring=\"cache\"} 1\n"));
+    ck_assert_ptr_nonnull(strstr(text, "keel_breaker_state{breaker=\"db\",state=\"closed\"} 1\n"));
+    ck_assert_ptr_nonnull(strstr(text, "keel_lb_peer_in_flight{lb=\"api\",peer=\"10.0.0.1:80\"} 0\n"));
+    ck_assert_ptr_nonnull(strstr(text, "keel_retry_budget_tokens{budget=\"default\"} 10\n"));
+    check_exposition(text, 0);
+    for (int om = 0; om < 2; om++) {
+        char *t = render(m, om ? KEEL_METRICS_OPENMETRICS : KEEL_METRICS_PROMETHEUS);
+        check_exposition(t, om);
+        char path[] = "/tmp/keel-metrics-XXXXXX";
+        int fd = mkstemp(path);
+        ck_assert(fd >= 0);
+        ck_assert(write(fd, t, strlen(t)) == (ssize_t)strlen(t));
+        close(fd);
+        char cmd[256];
+        snprintf(cmd, sizeof cmd, "promtool check metrics < %s 2>&1", path);
+        FILE *pr = popen(cmd, "r");
+        char msg[4096] = "";
+        size_t got = fread(msg, 1, sizeof msg - 1, pr);
+        msg[got] = '\0';
+        int st = pclose(pr);
+        unlink(path);
+        ck_assert_msg(st != -1 && WEXITSTATUS(st) != 127,
+                      "promtool not found: install Debian's prometheus package");
+        if (!om) /* promtool lints the 0.0.4 text format */
+            ck_assert_msg(st == 0, "promtool check metrics failed:\n%s", msg);
+        keel_free(t);
+    }
+    keel_free(text);
+
+    /* Destroying a module takes its series away. */
+    keel_lb_remove(lb, p1);
+    keel_pool_destroy(pool);
+    keel_ring_destroy(ring);
+    keel_breaker_destroy(br);
+    keel_lb_destroy(lb);
+    keel_retry_budget_destroy(rb);
+    text = render(m, KEEL_METRICS_PROMETHEUS);
+    ck_assert_ptr_null(strstr(text, "keel_pool_objects{"));
+    ck_assert_ptr_null(strstr(text, "keel_lb_peer_in_flight{"));
+    keel_free(text);
+    keel_metrics_destroy(m);
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("metrics");
+    TCase *tc = tcase_create("exposition");
+    tcase_add_test(tc, prometheus_text_matches_the_golden_file);
+    tcase_add_test(tc, openmetrics_matches_the_golden_file);
+    tcase_add_test(tc, expositions_keep_families_whole_and_histograms_consistent);
+    tcase_add_test(tc, values_round_trip_and_le_is_canonical);
+    tcase_add_test(tc, accept_headers_choose_the_format);
+    tcase_add_test(tc, a_failing_writer_stops_the_rendering);
+    tcase_add_test(tc, computed_series_and_the_visitor);
+    tcase_add_test(tc, names_and_labels_are_validated);
+    tcase_add_test(tc, children_are_bound_once_capped_and_removable);
+    tcase_set_timeout(tc, 20);
+    tcase_add_test(tc, module_metrics_pass_promtool);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("threads");
+    tcase_set_tags(tc, "slow");
+    tcase_set_timeout(tc, 30);
+    tcase_add_test(tc, two_threads_count_exactly);
+    suite_add_tcase(s, tc);
+    return kt_run(s);
+}
