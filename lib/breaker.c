@@ -84,10 +84,16 @@ typedef struct tally {
 static void window_clear(keel_breaker *b)
 {
     if (b->kind == KEEL_BREAKER_COUNT) {
-        for (uint32_t i = 0; i < b->size; i++)
-            atomic_store_explicit(&b->ring[i], 0, memory_order_relaxed);
-        atomic_store(&b->wfailed, 0);
-        atomic_store(&b->wslow, 0);
+        /* Take each slot's outcome off the counts rather than zeroing them:
+         * a recorder between its exchange and its count update would
+         * otherwise leave the counts off for good. */
+        for (uint32_t i = 0; i < b->size; i++) {
+            unsigned old = atomic_exchange_explicit(&b->ring[i], 0, memory_order_relaxed);
+            if (old & OUT_FAILED)
+                atomic_fetch_sub(&b->wfailed, 1);
+            if (old & OUT_SLOW)
+                atomic_fetch_sub(&b->wslow, 1);
+        }
         atomic_store(&b->pos, 0);
     } else {
         for (uint32_t i = 0; i < b->size; i++) {
@@ -210,6 +216,9 @@ static void transition(keel_breaker *b, uint64_t expect, keel_breaker_state to, 
         permits = b->permitted;
         if (b->max_half_open_ns)
             until = add_sat(now, b->max_half_open_ns);
+        /* the trials of this generation start from zero, before anyone can
+         * take a permit of it */
+        atomic_store(&b->hwin, ((gen_of(w) + 1) & 0xffffff) << 39);
         break;
     case KEEL_BREAKER_CLOSED:
         window_clear(b);
@@ -280,10 +289,9 @@ static void half_open_result(keel_breaker *b, uint64_t w, unsigned out, uint64_t
     uint64_t g = gen_of(w) & 0xffffff;
     uint64_t h = atomic_load(&b->hwin), n;
     do {
-        uint64_t base = (h >> 39) == g ? h : g << 39; /* another generation's: start over */
-        if ((base & M13) >= b->permitted)
-            return; /* all trials are in; this one is late */
-        n = base + 1 + ((out & OUT_FAILED) ? UINT64_C(1) << 13 : 0) +
+        if ((h >> 39) != g || (h & M13) >= b->permitted)
+            return; /* another generation's tally, or all trials are in */
+        n = h + 1 + ((out & OUT_FAILED) ? UINT64_C(1) << 13 : 0) +
             ((out & OUT_SLOW) ? UINT64_C(1) << 26 : 0);
     } while (!atomic_compare_exchange_weak(&b->hwin, &h, n));
     if ((n & M13) < b->permitted)
@@ -407,7 +415,11 @@ KEEL_API int keel_breaker_create(keel_breaker **out, const keel_breaker_opts *o)
     if (size > (o->window == KEEL_BREAKER_COUNT ? 1000000u : 3600u) || fr > 100 || sr > 100 ||
         permitted > MAX_PERMITS)
         return KEEL_EINVAL;
-    if (o->open_backoff && (unsigned)o->open_backoff->policy > KEEL_BACKOFF_DECORRELATED)
+    /* a growing open wait needs a start and a cap, or it could grow to
+     * forever (cap 0 means none for a plain schedule) */
+    if (o->open_backoff &&
+        ((unsigned)o->open_backoff->policy > KEEL_BACKOFF_DECORRELATED || !o->open_backoff->base_ns ||
+         !o->open_backoff->cap_ns || o->open_backoff->cap_ns < o->open_backoff->base_ns))
         return KEEL_EINVAL;
     keel_breaker *b = keel__aligned_alloc(KEEL__CACHELINE, sizeof *b);
     if (!b)

@@ -43,6 +43,8 @@ struct keel_lb_peer {
     uint32_t weight, max_fails, max_conns;
     uint64_t fail_timeout;
     _Atomic unsigned flags;
+    bool backup;            /* fixed at add */
+    _Atomic bool removed;   /* its late results change nothing shared */
     uint32_t slot; /* index in the current snapshot; under lb->mu */
     struct keel_lb_peer *next_dead;
 
@@ -85,15 +87,24 @@ struct keel_lb {
     _Atomic(snap *) cur;
     pthread_mutex_t mu;  /* rotation state, and the scratch below */
     bool *ok, *tie;      /* per-pick marks for round robin / least_conn */
+    uint64_t *cc;        /* least_conn: the conns read by the first pass */
     pthread_mutex_t wmu; /* writers: add, remove, set_down, sweep */
     uint32_t next_id;
     keel_lb_peer *dead;  /* removed, waiting for their last done() */
     _Atomic uint32_t nejected;
-    _Atomic uint32_t npeers;  /* primaries now, for the ejection percentage */
-    _Atomic uint32_t suspect; /* peers with failures on record or ejected */
+    _Atomic uint32_t npeers;  /* peers now, for the ejection percentage */
+    _Atomic uint32_t suspect; /* primaries with failures on record or ejected */
     keel_metrics *metrics;
     char *metrics_name;
 };
+
+/* suspect counts primaries only: a failing backup must not slow the fast
+ * path, which never looks at backups. */
+static void suspect_add(keel_lb *lb, keel_lb_peer *p, int d)
+{
+    if (!p->backup)
+        atomic_fetch_add(&lb->suspect, (uint32_t)d);
+}
 
 static void lk_lock(keel_lb_peer *p)
 {
@@ -131,7 +142,7 @@ static bool ejected(keel_lb *lb, keel_lb_peer *p, uint64_t now)
         p->healthy_since = until;
         lk_unlock(p);
         atomic_fetch_sub(&lb->nejected, 1);
-        atomic_fetch_sub(&lb->suspect, 1);
+        suspect_add(lb, p, -1);
     }
     return false;
 }
@@ -144,9 +155,10 @@ static bool available(keel_lb *lb, keel_lb_peer *p, const keel_lb_tried *t, uint
     if ((atomic_load_explicit(&p->flags, memory_order_relaxed) & KEEL_LB_DOWN) ||
         tried_has(t, p->id))
         return false;
+    uint64_t checked = atomic_load_explicit(&p->checked, memory_order_relaxed);
     if (!single && p->max_fails != KEEL_LB_NO_MAX_FAILS &&
         atomic_load_explicit(&p->fails, memory_order_relaxed) >= p->max_fails &&
-        now - atomic_load_explicit(&p->checked, memory_order_relaxed) <= p->fail_timeout)
+        (now < checked || now - checked <= p->fail_timeout)) /* another thread's newer check */
         return false;
     if (p->max_conns && atomic_load_explicit(&p->conns, memory_order_relaxed) >= p->max_conns)
         return false;
@@ -159,7 +171,7 @@ static bool available(keel_lb *lb, keel_lb_peer *p, const keel_lb_tried *t, uint
 static void probe(keel_lb_peer *p, uint64_t now)
 {
     uint64_t c = atomic_load_explicit(&p->checked, memory_order_relaxed);
-    if (now - c > p->fail_timeout)
+    if (now > c && now - c > p->fail_timeout)
         atomic_compare_exchange_strong(&p->checked, &c, now);
 }
 
@@ -211,7 +223,9 @@ static long rr_all(int64_t *restrict cur, int64_t *restrict eff, const int64_t *
     return (long)best;
 }
 
-static long lc_pick(snap *s, size_t from, size_t to, const bool *ok, bool *tie)
+/* Reads each peer's conns once (into cc): done() changes them without the
+ * lock, and the tie pass must see what the first pass saw. */
+static long lc_pick(snap *s, size_t from, size_t to, const bool *ok, bool *tie, uint64_t *cc)
 {
     long best = -1;
     uint64_t bc = 0;
@@ -219,7 +233,7 @@ static long lc_pick(snap *s, size_t from, size_t to, const bool *ok, bool *tie)
     for (size_t i = from; i < to; i++) {
         if (ok && !ok[i - from])
             continue;
-        uint64_t c = atomic_load_explicit(&s->peers[i]->conns, memory_order_relaxed);
+        uint64_t c = cc[i - from] = atomic_load_explicit(&s->peers[i]->conns, memory_order_relaxed);
         if (best < 0 || c * (uint64_t)s->w[best] < bc * (uint64_t)s->w[i]) {
             best = (long)i;
             bc = c;
@@ -231,11 +245,9 @@ static long lc_pick(snap *s, size_t from, size_t to, const bool *ok, bool *tie)
     if (best < 0 || !many)
         return best;
     /* Several with the same load: smooth round robin among them. */
-    for (size_t i = from; i < to; i++) {
-        uint64_t c = atomic_load_explicit(&s->peers[i]->conns, memory_order_relaxed);
+    for (size_t i = from; i < to; i++)
         tie[i - from] = (!ok || ok[i - from]) && i >= (size_t)best &&
-                        c * (uint64_t)s->w[best] == bc * (uint64_t)s->w[i];
-    }
+                        cc[i - from] * (uint64_t)s->w[best] == bc * (uint64_t)s->w[i];
     return rr_round(s, from, to, tie);
 }
 
@@ -316,14 +328,14 @@ static long pick_checked(keel_lb *lb, snap *s, size_t from, size_t to, const kee
     size_t n = to - from;
     if (n == 0)
         return -1;
-    if (from == 0 && n == 1) /* nginx: a single primary is never failed out */
+    if (from == 0 && n == 1 && s->nb == 0) /* nginx: a lone peer is never failed out */
         return available(lb, s->peers[0], t, now, true) ? 0 : -1;
     if (!lb->locked)
         return p2c_pick(lb, s, from, to, t, now, false);
     for (size_t i = 0; i < n; i++)
         lb->ok[i] = available(lb, s->peers[from + i], t, now, false);
     return lb->policy == KEEL_LB_ROUND_ROBIN ? rr_round(s, from, to, lb->ok)
-                                             : lc_pick(s, from, to, lb->ok, lb->tie);
+                                             : lc_pick(s, from, to, lb->ok, lb->tie, lb->cc);
 }
 
 KEEL_API int keel_lb_pick(keel_lb *lb, keel_lb_tried *tried, keel_lb_peer **out)
@@ -345,7 +357,7 @@ KEEL_API int keel_lb_pick(keel_lb *lb, keel_lb_tried *tried, keel_lb_peer **out)
         if (lb->policy == KEEL_LB_ROUND_ROBIN)
             at = rr_all(s->cur, s->eff, s->w, s->n);
         else if (lb->policy == KEEL_LB_LEAST_CONN)
-            at = lc_pick(s, 0, s->n, NULL, lb->tie);
+            at = lc_pick(s, 0, s->n, NULL, lb->tie, lb->cc);
         else
             at = p2c_pick(lb, s, 0, s->n, NULL, 0, true);
     } else {
@@ -374,6 +386,15 @@ static void maybe_eject(keel_lb *lb, keel_lb_peer *p, uint64_t now)
 {
     if (atomic_load(&p->consecutive) < lb->eject_consecutive || atomic_load(&p->ejected_until) != 0)
         return;
+    /* Ejections end lazily, when a pick looks at the peer: end the expired
+     * ones now, or they would count against the percentage. Rare path. */
+    if (atomic_load(&lb->nejected) && keel__rcu_read_lock() == 0) {
+        snap *s = atomic_load_explicit(&lb->cur, memory_order_acquire);
+        for (size_t i = 0; i < s->n + s->nb; i++)
+            if (s->peers[i] != p)
+                ejected(lb, s->peers[i], now);
+        keel__rcu_read_unlock();
+    }
     uint32_t npeers = atomic_load_explicit(&lb->npeers, memory_order_relaxed);
     uint32_t ej = atomic_load(&lb->nejected);
     do { /* never more than the percentage, but always at least one */
@@ -388,19 +409,22 @@ static void maybe_eject(keel_lb *lb, keel_lb_peer *p, uint64_t now)
     uint64_t span = p->ejections > lb->eject_max / lb->eject_base ? lb->eject_max
                                                                    : lb->eject_base * p->ejections;
     atomic_store(&p->consecutive, 0);
-    atomic_fetch_add(&lb->suspect, 1);
+    suspect_add(lb, p, 1);
     atomic_store_explicit(&p->ejected_until, now > UINT64_MAX - span ? UINT64_MAX : now + span,
                           memory_order_release);
 }
 
-static void on_failure(keel_lb *lb, keel_lb_peer *p, uint64_t now)
+static void on_failure(keel_lb *lb, keel_lb_peer *p, uint64_t now, bool alone)
 {
     atomic_fetch_add_explicit(&p->failures, 1, memory_order_relaxed);
-    if (p->max_fails != KEEL_LB_NO_MAX_FAILS) { /* nginx */
+    if (p->max_fails != KEEL_LB_NO_MAX_FAILS && !alone) { /* nginx (not for a lone peer) */
         atomic_store(&p->accessed, now);
         atomic_store(&p->checked, now);
-        if (atomic_fetch_add(&p->fails, 1) == 0)
-            atomic_fetch_add(&lb->suspect, 1);
+        uint32_t f = atomic_load(&p->fails); /* saturating: never wraps to 0 */
+        while (f < UINT32_MAX && !atomic_compare_exchange_weak(&p->fails, &f, f + 1))
+            ;
+        if (f == 0)
+            suspect_add(lb, p, 1);
         if (lb->locked) {
             pthread_mutex_lock(&lb->mu);
             snap *s = atomic_load_explicit(&lb->cur, memory_order_relaxed);
@@ -420,22 +444,40 @@ static void on_failure(keel_lb *lb, keel_lb_peer *p, uint64_t now)
     }
 }
 
+/* Whether p is the lb's only peer (nginx keeps no failure accounting for
+ * it, and never fails it out). */
+static bool alone(keel_lb *lb, keel_lb_peer *p)
+{
+    bool one = false;
+    if (keel__rcu_read_lock() == 0) {
+        snap *s = atomic_load_explicit(&lb->cur, memory_order_acquire);
+        one = s->n == 1 && s->nb == 0 && s->peers[0] == p;
+        keel__rcu_read_unlock();
+    }
+    return one;
+}
+
 KEEL_API int keel_lb_done(keel_lb *lb, keel_lb_peer *p, int ok, uint64_t latency)
 {
     if (!lb || !p || p->lb != lb)
         return KEEL_EINVAL;
+    uint32_t c = atomic_load_explicit(&p->conns, memory_order_relaxed);
+    if (c == 0)
+        return KEEL_ESTATE; /* no pick in flight on it: a second done() */
     bool ewma = lb->policy == KEEL_LB_PEAK_EWMA && latency;
     uint64_t now = ewma || !ok ? keel__clock_now(&lb->clock) : 0;
-    if (ok) {
+    if (atomic_load(&p->removed)) {
+        /* gone: its late result must not count against anything shared */
+    } else if (ok) {
         /* nginx: a success resets the count only when its pick came after
          * a check that followed the last failure */
         if (atomic_load_explicit(&p->fails, memory_order_relaxed) &&
             atomic_load(&p->accessed) < atomic_load(&p->checked) && atomic_exchange(&p->fails, 0))
-            atomic_fetch_sub(&lb->suspect, 1);
+            suspect_add(lb, p, -1);
         if (atomic_load_explicit(&p->consecutive, memory_order_relaxed))
             atomic_store(&p->consecutive, 0);
     } else {
-        on_failure(lb, p, now);
+        on_failure(lb, p, now, alone(lb, p));
     }
     if (ewma) { /* Finagle's peak EWMA: up at once, down with decay */
         lk_lock(p);
@@ -446,8 +488,10 @@ KEEL_API int keel_lb_done(keel_lb *lb, keel_lb_peer *p, int ok, uint64_t latency
         lk_unlock(p);
     }
     /* The last touch: after it a removed peer may be freed. */
-    atomic_fetch_sub_explicit(&p->conns, 1, memory_order_release);
-    return 0;
+    while (c > 0 && !atomic_compare_exchange_weak_explicit(&p->conns, &c, c - 1, memory_order_release,
+                                                           memory_order_relaxed))
+        ;
+    return c > 0 ? 0 : KEEL_ESTATE;
 }
 
 /* ---- peers ---- */
@@ -494,6 +538,13 @@ static void sweep(keel_lb *lb)
         keel_lb_peer *p = *pp;
         if (atomic_load_explicit(&p->conns, memory_order_acquire) == 0) {
             *pp = p->next_dead;
+            /* a done() that raced the removal may have counted it again */
+            if (atomic_exchange(&p->ejected_until, 0)) {
+                atomic_fetch_sub(&lb->nejected, 1);
+                suspect_add(lb, p, -1);
+            }
+            if (atomic_exchange(&p->fails, 0))
+                suspect_add(lb, p, -1);
             peer_free(p);
         } else {
             pp = &p->next_dead;
@@ -512,18 +563,22 @@ static int rebuild(keel_lb *lb, keel_lb_peer *add, keel_lb_peer *drop, keel_lb_p
     snap *s = snap_new(total);
     bool *ok = keel__calloc(total ? total : 1, sizeof *ok);
     bool *tie = keel__calloc(total ? total : 1, sizeof *tie);
-    if (!s || !ok || !tie) {
+    uint64_t *cc = keel__calloc(total ? total : 1, sizeof *cc);
+    if (!s || !ok || !tie || !cc) {
         snap_free(s);
         keel__free(ok);
         keel__free(tie);
+        keel__free(cc);
         return KEEL_ENOMEM;
     }
     s->equal_weights = s->simple = true;
     pthread_mutex_lock(&lb->mu); /* the rotation state must not move meanwhile */
     keel__free(lb->ok);
     keel__free(lb->tie);
+    keel__free(lb->cc);
     lb->ok = ok;
     lb->tie = tie;
+    lb->cc = cc;
     /* primaries first, then backups, each in order of addition */
     for (int pass = 0; pass < 2; pass++) {
         for (size_t i = 0; i <= old->n + old->nb; i++) {
@@ -548,7 +603,7 @@ static int rebuild(keel_lb *lb, keel_lb_peer *add, keel_lb_peer *drop, keel_lb_p
     if (flip)
         atomic_store(&flip->flags, flags);
     atomic_store_explicit(&lb->cur, s, memory_order_release);
-    atomic_store(&lb->npeers, (uint32_t)s->n);
+    atomic_store(&lb->npeers, (uint32_t)(s->n + s->nb));
     pthread_mutex_unlock(&lb->mu);
     keel__rcu_synchronize();
     snap_free(old);
@@ -599,6 +654,7 @@ KEEL_API int keel_lb_add(keel_lb *lb, const keel_lb_peer_opts *o, keel_lb_peer *
     p->fail_timeout = o->fail_timeout_ns ? o->fail_timeout_ns : lb->fail_timeout;
     p->max_conns = o->max_conns;
     atomic_init(&p->flags, o->flags);
+    p->backup = o->flags & KEEL_LB_BACKUP;
     atomic_flag_clear(&p->lk);
     if (keel__rcu_in_read()) { /* inside some read section: would wait for itself */
         peer_free(p);
@@ -651,13 +707,15 @@ KEEL_API int keel_lb_remove(keel_lb *lb, keel_lb_peer *p)
     pthread_mutex_lock(&lb->wmu);
     int rc = is_member(lb, p) ? rebuild(lb, NULL, p, NULL, 0) : KEEL_ENOTFOUND;
     if (rc == 0) {
-        /* it no longer counts as ejected or suspect */
+        /* it no longer counts as ejected or suspect, and late results of
+         * picks in flight on it will not make it count again */
+        atomic_store(&p->removed, true);
         if (atomic_exchange(&p->ejected_until, 0)) {
             atomic_fetch_sub(&lb->nejected, 1);
-            atomic_fetch_sub(&lb->suspect, 1);
+            suspect_add(lb, p, -1);
         }
         if (atomic_exchange(&p->fails, 0))
-            atomic_fetch_sub(&lb->suspect, 1);
+            suspect_add(lb, p, -1);
         p->next_dead = lb->dead;
         lb->dead = p;
         sweep(lb);
@@ -786,6 +844,7 @@ KEEL_API void keel_lb_destroy(keel_lb *lb)
     snap_free(s);
     keel__free(lb->ok);
     keel__free(lb->tie);
+    keel__free(lb->cc);
     pthread_mutex_destroy(&lb->mu);
     pthread_mutex_destroy(&lb->wmu);
     keel__free(lb);

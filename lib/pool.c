@@ -728,6 +728,18 @@ KEEL_API int keel_pool_release(keel_pool *p, void *obj)
     return 0;
 }
 
+KEEL_API int keel_pool_discard(keel_pool *p, void *obj)
+{
+    if (!p || !obj)
+        return KEEL_EINVAL;
+    pthread_mutex_lock(&p->mu);
+    int rc = p->debug ? debug_mark(p, obj, SLOT_OUT, SLOT_IDLE) : 0;
+    if (rc == 0)
+        retire_locked(p, obj); /* fini unlocked, slot back, waiters told */
+    pthread_mutex_unlock(&p->mu);
+    return rc;
+}
+
 /* ---- create, trim, stats, destroy ---- */
 
 /* Takes every magazine with objects out of the depot, finalises the

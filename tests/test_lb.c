@@ -193,6 +193,51 @@ START_TEST(backups_serve_only_when_every_primary_is_down)
 }
 END_TEST
 
+START_TEST(one_primary_with_a_backup_is_failed_out_like_any_other)
+{
+    keel_lb *lb;
+    kt_clock clk = {0};
+    kt_clock_advance(&clk, 1000 * S);
+    keel_lb_opts o = {.policy = KEEL_LB_ROUND_ROBIN, .clock = kt_clock_now, .clock_ud = &clk};
+    ck_assert_int_eq(keel_lb_create(&lb, &o), 0);
+    keel_lb_peer *a, *b, *p;
+    keel_lb_add(lb, &(keel_lb_peer_opts){.name = "a"}, &a);
+    keel_lb_add(lb, &(keel_lb_peer_opts){.name = "b", .flags = KEEL_LB_BACKUP}, &b);
+    keel_lb_pick(lb, NULL, &p);
+    ck_assert_ptr_eq(p, a);
+    keel_lb_done(lb, p, 0, 0); /* nginx: not "single" when backups exist */
+    keel_lb_pick(lb, NULL, &p);
+    ck_assert_ptr_eq(p, b);
+    keel_lb_done(lb, p, 1, 0);
+    ck_assert_int_eq(keel_lb_done(lb, p, 1, 0), KEEL_ESTATE); /* done twice */
+    keel_lb_destroy(lb);
+}
+END_TEST
+
+START_TEST(a_removed_peers_late_failure_counts_against_nothing)
+{
+    fixture f;
+    setup(&f, (keel_lb_opts){.policy = KEEL_LB_ROUND_ROBIN, .eject_consecutive = 1,
+                             .eject_max_percent = 50},
+          (uint32_t[]){1, 1, 1, 1}, 4, "abcd");
+    keel_lb_peer *p;
+    keel_lb_pick(f.lb, NULL, &p);
+    ck_assert_int_eq(keel_lb_remove(f.lb, p), 0);
+    keel_lb_done(f.lb, p, 0, 0); /* it fails after it was removed */
+    /* another peer that fails can still be ejected: the removed one did
+     * not take the slot of the percentage */
+    keel_lb_peer *q;
+    do {
+        keel_lb_pick(f.lb, NULL, &q);
+        keel_lb_done(f.lb, q, q != f.p[1], 0);
+    } while (q != f.p[1]);
+    keel_lb_peer_stats st;
+    keel_lb_peer_stats_get(f.lb, f.p[1], &st);
+    ck_assert_int_eq(st.ejected, 1);
+    keel_lb_destroy(f.lb);
+}
+END_TEST
+
 START_TEST(a_group_of_one_is_never_marked_down)
 {
     fixture f;
@@ -546,6 +591,8 @@ int main(void)
     tcase_add_test(tc, a_success_inside_the_window_keeps_the_count);
     tcase_add_test(tc, backups_serve_only_when_every_primary_is_down);
     tcase_add_test(tc, a_group_of_one_is_never_marked_down);
+    tcase_add_test(tc, one_primary_with_a_backup_is_failed_out_like_any_other);
+    tcase_add_test(tc, a_removed_peers_late_failure_counts_against_nothing);
     tcase_add_test(tc, tried_peers_are_skipped_by_retries);
     tcase_add_test(tc, least_conn_prefers_idle_and_rotates_ties);
     suite_add_tcase(s, tc);

@@ -213,6 +213,26 @@ START_TEST(capacity_is_a_hard_bound)
 }
 END_TEST
 
+START_TEST(a_discarded_object_is_finalised_and_its_capacity_reused)
+{
+    counts c = {0};
+    keel_pool *p = counted_pool(&c, 2, 0);
+    void *a = keel_pool_acquire(p), *b = keel_pool_acquire(p);
+    ck_assert_ptr_null(keel_pool_acquire(p));
+    ck_assert_int_eq(keel_pool_discard(p, a), 0);
+    ck_assert_int_eq(atomic_load(&c.fini), 1);
+    ck_assert_int_eq(atomic_load(&c.reset), 0); /* not reset: finalised */
+    void *n = keel_pool_acquire(p);               /* a new one in its place */
+    ck_assert_ptr_nonnull(n);
+    ck_assert_int_eq(atomic_load(&c.init), 3);
+    ck_assert_int_eq(keel_pool_discard(p, NULL), KEEL_EINVAL);
+    keel_pool_release(p, b);
+    keel_pool_release(p, n);
+    keel_pool_destroy(p);
+    ck_assert_int_eq(atomic_load(&c.init), atomic_load(&c.fini));
+}
+END_TEST
+
 START_TEST(trim_finalises_idle_objects_and_frees_slabs)
 {
     counts c = {0};
@@ -647,6 +667,7 @@ static Suite *pool_suite(void)
     tcase_add_test(tc, prealloc_creates_up_front_and_failure_cleans_up);
     tcase_add_test(tc, capacity_is_a_hard_bound);
     tcase_add_test(tc, trim_finalises_idle_objects_and_frees_slabs);
+    tcase_add_test(tc, a_discarded_object_is_finalised_and_its_capacity_reused);
     tcase_add_test(tc, debug_mode_refuses_double_and_foreign_releases);
     tcase_add_test(tc, preallocation_out_of_memory_finalises_what_it_initialised);
     suite_add_tcase(s, tc);

@@ -66,7 +66,7 @@ typedef struct keel_breaker_opts {
     uint64_t wait_open_ns;  /* 0 = 60 s */
     /* Growth of the open wait: the n-th consecutive opening waits
      * keel_backoff_delay(open_backoff, n - 1, previous wait). NULL: always
-     * wait_open_ns. Copied at create. */
+     * wait_open_ns. Needs a base and a cap (> 0). Copied at create. */
     const keel_backoff_opts *open_backoff;
     /* Longest stay in HALF_OPEN before going back to OPEN when trial
      * results do not arrive; 0 = wait for all of them. */

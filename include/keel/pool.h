@@ -108,6 +108,12 @@ KEEL_API int keel_pool_acquire_timeout(keel_pool *p, uint64_t timeout_ns,
  * Without debug mode such misuse is undefined behaviour. Never blocks. */
 KEEL_API int keel_pool_release(keel_pool *p, void *obj);
 
+/* Gives an object back as broken (a connection that saw an error): calls
+ * `fini` instead of `reset`, and frees its slot, so that capacity is free
+ * for a new object and a waiting acquire may create one. Returns 0, or
+ * KEEL_EINVAL as keel_pool_release(). Never blocks beyond `fini`. */
+KEEL_API int keel_pool_discard(keel_pool *p, void *obj);
+
 /* Takes every idle object back from the threads' magazines and the depot,
  * calls `fini` on each, and frees the slabs left empty. Live objects are
  * untouched. Returns the number of objects finalised. */
