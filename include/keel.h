@@ -12,5 +12,6 @@
 #include <keel/lb.h>
 #include <keel/metrics.h>
 #include <keel/alert.h>
+#include <keel/redis.h>
 
 #endif /* KEEL_H */

@@ -1,0 +1,180 @@
+/* keel/redis.h — Redis connections for a multi-threaded program: pools of
+ * hiredis contexts per node, keys sharded over nodes with keel_ring,
+ * pipelines, Lua scripts by SHA1, a pub/sub listener, and nodes that are
+ * skipped while they fail.
+ *
+ * Nodes are given as URLs: redis://[[user]:password@]host[:port][/db]
+ * (port 6379 and db 0 by default) or unix:///path/to/socket[?db=N]. With
+ * several nodes, the routing key of each command picks the node through a
+ * consistent hash ring (node names "host:port"); a key with a hash tag,
+ * `{...}`, is routed by the tag alone, as Redis Cluster does, so related
+ * keys can share a node.
+ *
+ * Replies are hiredis's redisReply (hiredis 0.14, RESP2): the caller frees
+ * every reply it receives with freeReplyObject(), including error replies.
+ * Command arguments are passed as argv/argvlen and are binary-safe; nothing
+ * is ever formatted into a command string.
+ *
+ * Failures: a connection that saw any error is discarded, never reused. A
+ * node whose commands failed max_fails times in a row is skipped (its keys
+ * fail at once with KEEL_EUNAVAIL) for fail_timeout, then one command
+ * probes it (nginx's semantics). A server that does not answer within the
+ * command timeout gives KEEL_ETIMEDOUT; an error reply gives KEEL_EBACKEND,
+ * with the reply (and so its text) returned and the text logged.
+ *
+ * SIGPIPE: hiredis writes with write(2), which raises SIGPIPE on a closed
+ * socket. libkeel blocks SIGPIPE in the calling thread around every write
+ * and consumes a SIGPIPE it caused, so the host program is never killed
+ * and its own handler never sees ours.
+ *
+ * Thread safety: a keel_redis is used by any number of threads at once;
+ * hiredis contexts are not thread-safe, so each call takes one from the
+ * node's pool for its duration. A call waits at most the command timeout
+ * for a free connection and the connect timeout for a new one, then makes
+ * one round trip per node, each bounded by the command timeout
+ * (keel_redis_eval makes up to three when the script must be loaded again).
+ */
+#ifndef KEEL_REDIS_H
+#define KEEL_REDIS_H
+
+#include <hiredis/hiredis.h>
+#include <keel/common.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct keel_redis keel_redis;
+typedef struct keel_redis_script keel_redis_script;
+typedef struct keel_redis_sub keel_redis_sub;
+
+typedef struct keel_redis_opts {
+    const char *const *nodes;   /* URLs; at least one */
+    size_t nnodes;
+    uint64_t connect_timeout_ns; /* 0 = 1 s */
+    uint64_t command_timeout_ns; /* 0 = 1 s */
+    size_t conns_per_node;       /* 0 = 8 */
+    uint32_t max_fails;          /* 0 = 3 */
+    uint64_t fail_timeout_ns;    /* 0 = 10 s */
+    keel_clock_fn clock;         /* for fail_timeout; NULL = keel_now_ns */
+    void *clock_ud;
+    keel_metrics *metrics;       /* keel_redis_* series; may be NULL */
+    const char *metrics_name;
+} keel_redis_opts;
+
+/* Parses the URLs and prepares the pools; connects lazily. Returns 0,
+ * KEEL_EINVAL (no node, a malformed URL: bad scheme, port, db or empty
+ * host, a duplicate node) or KEEL_ENOMEM. */
+KEEL_API int keel_redis_create(keel_redis **out, const keel_redis_opts *opts);
+
+/* Closes every connection. NULL is a no-op. Must not run concurrently with
+ * other calls on r; subscriptions must be stopped first. */
+KEEL_API void keel_redis_destroy(keel_redis *r);
+
+/* The node index a key routes to (hash tags honoured); 0..nnodes-1. */
+KEEL_API size_t keel_redis_node_of(keel_redis *r, const void *key, size_t len);
+
+/* One command on the node of `key` (NULL: the first node). argv/argvlen
+ * hold argc arguments. Returns 0 with *reply set; KEEL_EBACKEND with *reply
+ * set to the error reply; KEEL_EUNAVAIL (node down or skipped),
+ * KEEL_ETIMEDOUT, KEEL_EPROTO or KEEL_EINVAL with *reply NULL. */
+KEEL_API int keel_redis_command(keel_redis *r, const void *key, size_t keylen, int argc,
+                                const char *const *argv, const size_t *argvlen,
+                                redisReply **reply);
+
+/* Like keel_redis_command() for a command about several keys: they must
+ * all route to one node (use a common hash tag), else KEEL_EINVAL. */
+KEEL_API int keel_redis_command_keys(keel_redis *r, const void *const *keys, const size_t *keylens,
+                                     size_t nkeys, int argc, const char *const *argv,
+                                     const size_t *argvlen, redisReply **reply);
+
+/* One command of a pipeline: its routing key and arguments in; its result
+ * and reply out (the caller frees every non-NULL reply). */
+typedef struct keel_redis_cmd {
+    const void *key;
+    size_t keylen;
+    int argc;
+    const char *const *argv;
+    const size_t *argvlen;
+    int rc;            /* out: as keel_redis_command() */
+    redisReply *reply; /* out */
+} keel_redis_cmd;
+
+/* Sends n commands with one round trip per node involved, replies matched
+ * to commands in order. Returns 0 when every command got a reply (error
+ * replies included: see each rc), or the first failure's code when some
+ * node failed (its commands have rc set to it and no reply). */
+KEEL_API int keel_redis_pipeline(keel_redis *r, keel_redis_cmd *cmds, size_t n);
+
+/* A Lua script, identified by its SHA1 and loaded on each node when first
+ * needed. Freed with keel_redis_script_free(). Returns 0, KEEL_EINVAL or
+ * KEEL_ENOMEM. */
+KEEL_API int keel_redis_script_create(keel_redis *r, const char *lua, size_t len,
+                                      keel_redis_script **out);
+KEEL_API void keel_redis_script_free(keel_redis_script *s);
+/* The script's SHA1 as 40 hex digits (valid while s lives). */
+KEEL_API const char *keel_redis_script_sha(const keel_redis_script *s);
+
+/* Runs a script with EVALSHA on the node of keys[0] (all keys must route
+ * there, else KEEL_EINVAL; with no keys, the node of `route`, which may be
+ * NULL for the first node). A server that lost the script (NOSCRIPT: a
+ * restart, SCRIPT FLUSH) gets it loaded again and the call retried once,
+ * transparently. Returns as keel_redis_command(). */
+KEEL_API int keel_redis_eval(keel_redis *r, keel_redis_script *s, size_t nkeys,
+                             const void *const *keys, const size_t *keylens, size_t nargs,
+                             const char *const *args, const size_t *arglens, const void *route,
+                             size_t routelen, redisReply **reply);
+
+/* ---- pub/sub ---- */
+
+typedef struct keel_redis_sub_opts {
+    const char *const *channels;  /* SUBSCRIBE */
+    size_t nchannels;
+    const char *const *patterns;  /* PSUBSCRIBE */
+    size_t npatterns;
+    size_t node;                  /* the node to listen on (an index) */
+    /* A message: channel and payload (binary-safe), and the pattern that
+     * matched (NULL for plain subscriptions). Runs in the listener thread. */
+    void (*on_message)(const char *channel, size_t chlen, const char *msg, size_t len,
+                       const char *pattern, void *ud);
+    /* The listener reconnected and subscribed again after a failure:
+     * messages may have been missed meanwhile (a cache must flush). */
+    void (*on_reconnect)(void *ud);
+    void *ud;
+    uint64_t heartbeat_ns;        /* PING when silent this long; 0 = 1 s */
+    uint64_t reconnect_min_ns;    /* backoff with full jitter; 0 = 50 ms */
+    uint64_t reconnect_max_ns;    /* 0 = 2 s */
+} keel_redis_sub_opts;
+
+/* Starts a listener thread with its own connection; it subscribes, calls
+ * on_message for each message, and after any failure (including a heartbeat
+ * that gets no answer within the command timeout) reconnects with backoff,
+ * subscribes again and calls on_reconnect. Returns 0 once the first
+ * subscription is confirmed, KEEL_EUNAVAIL/KEEL_ETIMEDOUT if it cannot be
+ * made, KEEL_EINVAL or KEEL_ENOMEM. */
+KEEL_API int keel_redis_subscribe(keel_redis *r, const keel_redis_sub_opts *opts,
+                                  keel_redis_sub **out);
+
+/* Stops the listener and joins its thread; no callback runs after it
+ * returns. NULL is a no-op. Must not be called from a callback. */
+KEEL_API void keel_redis_unsubscribe(keel_redis_sub *s);
+
+/* ---- statistics ---- */
+
+typedef struct keel_redis_node_stats {
+    const char *name;     /* "host:port" or the socket path */
+    int skipped;          /* failing: skipped until the next probe */
+    uint32_t fails;       /* failures in a row */
+    uint64_t commands;    /* calls that reached a connection */
+    uint64_t errors;      /* error replies */
+    uint64_t timeouts, unavailable;
+    uint64_t connects;    /* connections made */
+} keel_redis_node_stats;
+
+KEEL_API size_t keel_redis_nodes(keel_redis *r);
+KEEL_API int keel_redis_node_stats_get(keel_redis *r, size_t node, keel_redis_node_stats *st);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KEEL_REDIS_H */

@@ -1,0 +1,757 @@
+/* lib/redis/redis.c — Redis nodes, pools of hiredis contexts, routing,
+ * commands, pipelines and scripts. The pub/sub listener is in sub.c.
+ *
+ * Each node has a keel_pool of connections whose `init` connects (outside
+ * every lock, so a slow connect blocks only its caller) and whose `fini`
+ * closes. A call takes a connection for its duration: hiredis contexts are
+ * not thread-safe. A connection that saw an I/O or protocol error goes
+ * back with keel_pool_discard(), never to be reused.
+ *
+ * Node health follows nginx's max_fails / fail_timeout: failures in a row
+ * (connect errors, I/O errors, timeouts; not error replies) count; at
+ * max_fails the node is skipped until fail_timeout has passed, and then
+ * exactly one call probes it, the others still skipping, until a success
+ * resets the count.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <sha1.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <keel/metrics.h>
+#include <keel/pool.h>
+#include <keel/redis.h>
+#include <keel/ring.h>
+
+#include "redis_int.h"
+
+/* ---- URLs ---- */
+
+static bool all_digits(const char *s, size_t n)
+{
+    if (n == 0)
+        return false;
+    for (size_t i = 0; i < n; i++)
+        if (s[i] < '0' || s[i] > '9')
+            return false;
+    return true;
+}
+
+/* A decimal in [lo, hi] made of s[0..n), else -1. */
+static long parse_num(const char *s, size_t n, long lo, long hi)
+{
+    if (!all_digits(s, n) || n > 9)
+        return -1;
+    long v = 0;
+    for (size_t i = 0; i < n; i++)
+        v = v * 10 + (s[i] - '0');
+    return v >= lo && v <= hi ? v : -1;
+}
+
+static char *dup_n(const char *s, size_t n)
+{
+    char *d = keel__malloc(n + 1);
+    if (d) {
+        memcpy(d, s, n);
+        d[n] = '\0';
+    }
+    return d;
+}
+
+/* Percent-decoding for the user and password parts. */
+static char *dup_decoded(const char *s, size_t n)
+{
+    char *d = keel__malloc(n + 1);
+    size_t k = 0;
+    for (size_t i = 0; d && i < n; i++) {
+        if (s[i] == '%' && i + 2 < n) {
+            char hex[3] = {s[i + 1], s[i + 2], 0};
+            char *end;
+            long v = strtol(hex, &end, 16);
+            if (*end == '\0' && hex[0] && hex[1]) {
+                d[k++] = (char)v;
+                i += 2;
+                continue;
+            }
+        }
+        d[k++] = s[i];
+    }
+    if (d)
+        d[k] = '\0';
+    return d;
+}
+
+int keel__redis_url(const char *url, keel__rurl *u)
+{
+    memset(u, 0, sizeof *u);
+    if (!url)
+        return KEEL_EINVAL;
+    if (strncmp(url, "unix://", 7) == 0) {
+        const char *path = url + 7, *q = strchr(path, '?');
+        size_t plen = q ? (size_t)(q - path) : strlen(path);
+        if (plen == 0 || path[0] != '/')
+            return KEEL_EINVAL;
+        if (q) {
+            if (strncmp(q, "?db=", 4) != 0 || (u->db = (int)parse_num(q + 4, strlen(q + 4), 0, 65535)) < 0)
+                return KEEL_EINVAL;
+        }
+        return (u->path = dup_n(path, plen)) ? 0 : KEEL_ENOMEM;
+    }
+    if (strncmp(url, "redis://", 8) != 0)
+        return KEEL_EINVAL;
+    const char *p = url + 8, *end = p + strlen(p);
+    const char *slash = strchr(p, '/');
+    const char *auth_end = memchr(p, '@', (size_t)((slash ? slash : end) - p));
+    if (auth_end) { /* [user]:password@ or password@ */
+        const char *colon = memchr(p, ':', (size_t)(auth_end - p));
+        if (colon) {
+            if (colon > p && !(u->user = dup_decoded(p, (size_t)(colon - p))))
+                return KEEL_ENOMEM;
+            u->pass = dup_decoded(colon + 1, (size_t)(auth_end - colon - 1));
+        } else {
+            u->pass = dup_decoded(p, (size_t)(auth_end - p));
+        }
+        if (!u->pass)
+            return KEEL_ENOMEM;
+        p = auth_end + 1;
+    }
+    const char *hend = slash ? slash : end, *port = NULL;
+    if (*p == '[') { /* [IPv6] */
+        const char *rb = memchr(p, ']', (size_t)(hend - p));
+        if (!rb || rb == p + 1)
+            return KEEL_EINVAL;
+        u->host = dup_n(p + 1, (size_t)(rb - p - 1));
+        if (rb + 1 < hend) {
+            if (rb[1] != ':')
+                return KEEL_EINVAL;
+            port = rb + 2;
+        }
+    } else {
+        const char *colon = memchr(p, ':', (size_t)(hend - p));
+        if ((colon ? colon : hend) == p)
+            return KEEL_EINVAL; /* empty host */
+        u->host = dup_n(p, (size_t)((colon ? colon : hend) - p));
+        if (colon)
+            port = colon + 1;
+    }
+    if (!u->host)
+        return KEEL_ENOMEM;
+    u->port = 6379;
+    if (port && (u->port = (int)parse_num(port, (size_t)(hend - port), 1, 65535)) < 0)
+        return KEEL_EINVAL;
+    if (slash && slash + 1 < end && (u->db = (int)parse_num(slash + 1, (size_t)(end - slash - 1), 0, 65535)) < 0)
+        return KEEL_EINVAL;
+    return 0;
+}
+
+void keel__redis_url_free(keel__rurl *u)
+{
+    keel__free(u->host);
+    keel__free(u->path);
+    keel__free(u->user);
+    keel__free(u->pass);
+    memset(u, 0, sizeof *u);
+}
+
+/* ---- errors, SIGPIPE ---- */
+
+/* The keel code for a context in error: a timeout (EAGAIN from a read with
+ * SO_RCVTIMEO, or a timed-out connect) or anything else that lost the
+ * server. */
+int keel__redis_ctx_error(const redisContext *c)
+{
+    if (c->err == REDIS_ERR_PROTOCOL || c->err == REDIS_ERR_OOM)
+        return c->err == REDIS_ERR_OOM ? KEEL_ENOMEM : KEEL_EPROTO;
+    if (strstr(c->errstr, "temporarily unavailable") || strstr(c->errstr, "timed out") ||
+        strstr(c->errstr, "Timeout"))
+        return KEEL_ETIMEDOUT;
+    return KEEL_EUNAVAIL;
+}
+
+/* hiredis writes with write(2): a closed peer raises SIGPIPE, which must
+ * not kill the host program. Block it around our writes and swallow one
+ * that we caused (not one that was pending before). */
+void keel__sigpipe_block(keel__sigpipe *s)
+{
+    sigset_t pipe, pending;
+    sigemptyset(&pipe);
+    sigaddset(&pipe, SIGPIPE);
+    sigpending(&pending);
+    s->was_pending = sigismember(&pending, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &pipe, &s->old);
+}
+
+void keel__sigpipe_restore(const keel__sigpipe *s)
+{
+    sigset_t pipe, pending;
+    sigemptyset(&pipe);
+    sigaddset(&pipe, SIGPIPE);
+    sigpending(&pending);
+    if (!s->was_pending && sigismember(&pending, SIGPIPE)) {
+        struct timespec zero = {0, 0};
+        while (sigtimedwait(&pipe, NULL, &zero) < 0 && errno == EINTR)
+            ;
+    }
+    pthread_sigmask(SIG_SETMASK, &s->old, NULL);
+}
+
+struct timeval keel__tv(uint64_t ns)
+{
+    return (struct timeval){(time_t)(ns / 1000000000u), (suseconds_t)(ns % 1000000000u / 1000u)};
+}
+
+/* ---- connections ---- */
+
+/* AUTH and SELECT on a fresh context. */
+static int conn_setup(rnode *n, redisContext *c)
+{
+    keel_redis *r = n->r;
+    redisSetTimeout(c, keel__tv(r->cmd_timeout));
+    redisEnableKeepAlive(c);
+    if (n->url.pass) {
+        const char *argv[3] = {"AUTH", n->url.user ? n->url.user : n->url.pass, n->url.pass};
+        int argc = n->url.user ? 3 : 2;
+        redisReply *rep = redisCommandArgv(c, argc, argv, NULL);
+        int rc = !rep ? keel__redis_ctx_error(c) : rep->type == REDIS_REPLY_ERROR ? KEEL_EBACKEND : 0;
+        if (rep && rep->type == REDIS_REPLY_ERROR)
+            keel__log(KEEL_LOG_ERROR, "redis", "%s: AUTH: %s", n->name, rep->str);
+        if (rep)
+            freeReplyObject(rep);
+        if (rc)
+            return rc;
+    }
+    if (n->url.db) {
+        char db[16];
+        snprintf(db, sizeof db, "%d", n->url.db);
+        const char *argv[2] = {"SELECT", db};
+        redisReply *rep = redisCommandArgv(c, 2, argv, NULL);
+        int rc = !rep ? keel__redis_ctx_error(c) : rep->type == REDIS_REPLY_ERROR ? KEEL_EBACKEND : 0;
+        if (rep)
+            freeReplyObject(rep);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+int keel__redis_connect(rnode *n, redisContext **out)
+{
+    keel_redis *r = n->r;
+    struct timeval tv = keel__tv(r->connect_timeout);
+    redisContext *c = n->url.path ? redisConnectUnixWithTimeout(n->url.path, tv)
+                                  : redisConnectWithTimeout(n->url.host, n->url.port, tv);
+    if (!c)
+        return KEEL_ENOMEM; /* hiredis could not even allocate */
+    int rc = c->err ? keel__redis_ctx_error(c) : 0;
+    if (rc)
+        keel__log(KEEL_LOG_WARN, "redis", "%s: connect: %s", n->name, c->errstr);
+    if (rc == 0) {
+        keel__sigpipe sp;
+        keel__sigpipe_block(&sp);
+        rc = conn_setup(n, c);
+        keel__sigpipe_restore(&sp);
+    }
+    if (rc) {
+        redisFree(c);
+        return rc;
+    }
+    atomic_fetch_add_explicit(&n->connects, 1, memory_order_relaxed);
+    *out = c;
+    return 0;
+}
+
+/* A connect that timed out is a node that is down, like one that refused:
+ * KEEL_ETIMEDOUT from the pool then only ever means "no connection free". */
+static int conn_init(void *obj, void *ud)
+{
+    int rc = keel__redis_connect(ud, &((rconn *)obj)->c);
+    return rc == KEEL_ETIMEDOUT ? KEEL_EUNAVAIL : rc;
+}
+
+static void conn_fini(void *obj, void *ud)
+{
+    (void)ud;
+    redisFree(((rconn *)obj)->c);
+}
+
+/* ---- node health (nginx's max_fails / fail_timeout) ---- */
+
+/* Whether a call may go to n now: not skipped, or the one probe after
+ * fail_timeout (which pushes the next probe a fail_timeout further). */
+static bool node_usable(rnode *n, uint64_t now)
+{
+    uint64_t until = atomic_load_explicit(&n->skip_until, memory_order_acquire);
+    if (until == 0 || atomic_load(&n->fails) < n->r->max_fails)
+        return true;
+    if (now < until)
+        return false;
+    return atomic_compare_exchange_strong(&n->skip_until, &until, now + n->r->fail_timeout);
+}
+
+static void node_result(rnode *n, int rc, uint64_t now)
+{
+    if (rc == KEEL_EUNAVAIL || rc == KEEL_ETIMEDOUT || rc == KEEL_EPROTO) {
+        uint32_t f = atomic_fetch_add(&n->fails, 1) + 1;
+        if (f >= n->r->max_fails)
+            atomic_store_explicit(&n->skip_until, now + n->r->fail_timeout, memory_order_release);
+        if (f == n->r->max_fails)
+            keel__log(KEEL_LOG_WARN, "redis", "%s: %u failures in a row: skipped for %llu ms",
+                      n->name, f, (unsigned long long)(n->r->fail_timeout / 1000000u));
+        atomic_fetch_add_explicit(rc == KEEL_ETIMEDOUT ? &n->timeouts : &n->unavailable, 1,
+                                  memory_order_relaxed);
+    } else if (atomic_load_explicit(&n->fails, memory_order_relaxed)) {
+        atomic_store(&n->fails, 0);
+        atomic_store(&n->skip_until, 0);
+    }
+}
+
+/* Runs fn(context, arg) on a connection of n: the whole life of one call. */
+static int with_conn(rnode *n, int (*fn)(redisContext *c, void *arg), void *arg)
+{
+    keel_redis *r = n->r;
+    uint64_t now = keel__clock_now(&r->clock);
+    if (!node_usable(n, now)) {
+        atomic_fetch_add_explicit(&n->unavailable, 1, memory_order_relaxed);
+        return KEEL_EUNAVAIL;
+    }
+    rconn *c;
+    int rc = keel_pool_acquire_timeout(n->pool, r->cmd_timeout, (void **)&c);
+    if (rc) { /* every connection busy (ETIMEDOUT), or a connect failed */
+        if (rc != KEEL_ETIMEDOUT)
+            node_result(n, rc, keel__clock_now(&r->clock));
+        return rc;
+    }
+    keel__sigpipe sp;
+    keel__sigpipe_block(&sp);
+    rc = fn(c->c, arg);
+    keel__sigpipe_restore(&sp);
+    atomic_fetch_add_explicit(&n->commands, 1, memory_order_relaxed);
+    if (c->c->err) /* the context saw an error: never reuse it */
+        keel_pool_discard(n->pool, c);
+    else
+        keel_pool_release(n->pool, c);
+    node_result(n, rc, keel__clock_now(&r->clock));
+    return rc;
+}
+
+/* ---- routing ---- */
+
+/* Redis Cluster's hash tag: the part between the first '{' and the next
+ * '}', when not empty; else the whole key. */
+static void hash_tag(const void *key, size_t len, const void **tag, size_t *taglen)
+{
+    const char *k = key, *open = len ? memchr(k, '{', len) : NULL;
+    if (open) {
+        const char *close = memchr(open + 1, '}', len - (size_t)(open + 1 - k));
+        if (close && close > open + 1) {
+            *tag = open + 1;
+            *taglen = (size_t)(close - open - 1);
+            return;
+        }
+    }
+    *tag = key;
+    *taglen = len;
+}
+
+size_t keel__redis_route(keel_redis *r, const void *key, size_t len)
+{
+    if (r->nnodes == 1 || !key)
+        return 0;
+    const void *tag;
+    size_t taglen;
+    hash_tag(key, len, &tag, &taglen);
+    keel_ring_node nd;
+    if (keel_ring_lookup(r->ring, tag, taglen, &nd) != 0)
+        return 0;
+    return (size_t)(uintptr_t)nd.ud;
+}
+
+KEEL_API size_t keel_redis_node_of(keel_redis *r, const void *key, size_t len)
+{
+    return r ? keel__redis_route(r, key, len) : 0;
+}
+
+/* ---- commands ---- */
+
+typedef struct one {
+    int argc;
+    const char *const *argv;
+    const size_t *argvlen;
+    redisReply *reply;
+} one;
+
+/* The result of a reply that came: an error reply is KEEL_EBACKEND,
+ * counted and logged with the server's text. */
+static int reply_rc(rnode *n, const redisReply *rep)
+{
+    if (rep->type == REDIS_REPLY_ERROR) {
+        atomic_fetch_add_explicit(&n->errors, 1, memory_order_relaxed);
+        keel__log(KEEL_LOG_WARN, "redis", "%s: %.*s", n->name, (int)rep->len, rep->str);
+        return KEEL_EBACKEND;
+    }
+    return 0;
+}
+
+static int run_one(redisContext *c, void *arg)
+{
+    one *o = arg;
+    o->reply = redisCommandArgv(c, o->argc, (const char **)o->argv, o->argvlen);
+    return o->reply ? 0 : keel__redis_ctx_error(c);
+}
+
+static bool args_ok(int argc, const char *const *argv, const size_t *argvlen)
+{
+    if (argc <= 0 || !argv || !argvlen)
+        return false;
+    for (int i = 0; i < argc; i++)
+        if (!argv[i] && argvlen[i])
+            return false;
+    return true;
+}
+
+static int command_on(keel_redis *r, size_t node, int argc, const char *const *argv,
+                      const size_t *argvlen, redisReply **reply)
+{
+    rnode *n = &r->nodes[node];
+    one o = {argc, argv, argvlen, NULL};
+    int rc = with_conn(n, run_one, &o);
+    if (rc == 0)
+        rc = reply_rc(n, o.reply);
+    *reply = o.reply;
+    return rc;
+}
+
+KEEL_API int keel_redis_command(keel_redis *r, const void *key, size_t keylen, int argc,
+                                const char *const *argv, const size_t *argvlen, redisReply **reply)
+{
+    if (reply)
+        *reply = NULL;
+    if (!r || !reply || !args_ok(argc, argv, argvlen) || (!key && keylen))
+        return KEEL_EINVAL;
+    return command_on(r, keel__redis_route(r, key, keylen), argc, argv, argvlen, reply);
+}
+
+KEEL_API int keel_redis_command_keys(keel_redis *r, const void *const *keys, const size_t *keylens,
+                                     size_t nkeys, int argc, const char *const *argv,
+                                     const size_t *argvlen, redisReply **reply)
+{
+    if (reply)
+        *reply = NULL;
+    if (!r || !reply || !args_ok(argc, argv, argvlen) || (nkeys && (!keys || !keylens)))
+        return KEEL_EINVAL;
+    size_t node = nkeys ? keel__redis_route(r, keys[0], keylens[0]) : 0;
+    for (size_t i = 1; i < nkeys; i++)
+        if (keel__redis_route(r, keys[i], keylens[i]) != node)
+            return KEEL_EINVAL; /* keys on several nodes: give them a hash tag */
+    return command_on(r, node, argc, argv, argvlen, reply);
+}
+
+/* ---- pipelines ---- */
+
+typedef struct batch {
+    keel_redis_cmd *cmds;
+    const size_t *node_of;
+    size_t n, node;
+} batch;
+
+/* Sends every command of the batch for this node, then reads the replies
+ * in order. A reply that fails to come ends the batch: the rest get the
+ * context's error. */
+static int run_batch(redisContext *c, void *arg)
+{
+    batch *b = arg;
+    for (size_t i = 0; i < b->n; i++) {
+        keel_redis_cmd *cmd = &b->cmds[i];
+        if (b->node_of[i] == b->node &&
+            redisAppendCommandArgv(c, cmd->argc, (const char **)cmd->argv, cmd->argvlen) != REDIS_OK)
+            return KEEL_ENOMEM;
+    }
+    int rc = 0;
+    for (size_t i = 0; i < b->n; i++) {
+        keel_redis_cmd *cmd = &b->cmds[i];
+        if (b->node_of[i] != b->node)
+            continue;
+        void *rep = NULL;
+        if (rc == 0 && redisGetReply(c, &rep) != REDIS_OK)
+            rc = keel__redis_ctx_error(c);
+        cmd->reply = rep;
+        cmd->rc = rc;
+    }
+    return rc;
+}
+
+KEEL_API int keel_redis_pipeline(keel_redis *r, keel_redis_cmd *cmds, size_t n)
+{
+    if (!r || (!cmds && n))
+        return KEEL_EINVAL;
+    for (size_t i = 0; i < n; i++)
+        if (!args_ok(cmds[i].argc, cmds[i].argv, cmds[i].argvlen) || (!cmds[i].key && cmds[i].keylen))
+            return KEEL_EINVAL;
+    size_t *node_of = keel__malloc((n ? n : 1) * sizeof *node_of);
+    bool *used = keel__calloc(r->nnodes, sizeof *used);
+    if (!node_of || !used) {
+        keel__free(node_of);
+        keel__free(used);
+        return KEEL_ENOMEM;
+    }
+    for (size_t i = 0; i < n; i++) {
+        node_of[i] = keel__redis_route(r, cmds[i].key, cmds[i].keylen);
+        used[node_of[i]] = true;
+        cmds[i].reply = NULL;
+        cmds[i].rc = KEEL_EUNAVAIL; /* until a reply says otherwise */
+    }
+    int first = 0;
+    for (size_t node = 0; node < r->nnodes; node++) {
+        if (!used[node])
+            continue;
+        batch b = {cmds, node_of, n, node};
+        int rc = with_conn(&r->nodes[node], run_batch, &b);
+        for (size_t i = 0; i < n; i++) {
+            if (node_of[i] != node)
+                continue;
+            keel_redis_cmd *cmd = &cmds[i];
+            cmd->rc = cmd->reply ? reply_rc(&r->nodes[node], cmd->reply)
+                                 : (rc ? rc : KEEL_EUNAVAIL);
+            if (cmd->rc && cmd->rc != KEEL_EBACKEND && !first)
+                first = cmd->rc;
+        }
+    }
+    keel__free(node_of);
+    keel__free(used);
+    return first;
+}
+
+/* ---- scripts ---- */
+
+KEEL_API int keel_redis_script_create(keel_redis *r, const char *lua, size_t len,
+                                      keel_redis_script **out)
+{
+    if (!r || !lua || !len || !out)
+        return KEEL_EINVAL;
+    keel_redis_script *s = keel__calloc(1, sizeof *s);
+    if (!s || !(s->lua = dup_n(lua, len))) {
+        keel__free(s);
+        return KEEL_ENOMEM;
+    }
+    s->len = len;
+    SHA1_CTX ctx;
+    uint8_t d[SHA1_DIGEST_LENGTH];
+    SHA1Init(&ctx);
+    SHA1Update(&ctx, (const uint8_t *)lua, len);
+    SHA1Final(d, &ctx);
+    for (int i = 0; i < SHA1_DIGEST_LENGTH; i++)
+        snprintf(s->sha + 2 * i, 3, "%02x", d[i]);
+    *out = s;
+    return 0;
+}
+
+KEEL_API void keel_redis_script_free(keel_redis_script *s)
+{
+    if (s) {
+        keel__free(s->lua);
+        keel__free(s);
+    }
+}
+
+KEEL_API const char *keel_redis_script_sha(const keel_redis_script *s) { return s ? s->sha : ""; }
+
+typedef struct evalcall {
+    keel_redis_script *s;
+    int argc;
+    const char **argv;
+    size_t *argvlen;
+    redisReply *reply;
+} evalcall;
+
+static int run_eval(redisContext *c, void *arg)
+{
+    evalcall *e = arg;
+    e->reply = redisCommandArgv(c, e->argc, e->argv, e->argvlen);
+    if (e->reply && e->reply->type == REDIS_REPLY_ERROR && strncmp(e->reply->str, "NOSCRIPT", 8) == 0) {
+        /* the server forgot it (restart, SCRIPT FLUSH): load and retry once */
+        freeReplyObject(e->reply);
+        const char *load[3] = {"SCRIPT", "LOAD", e->s->lua};
+        size_t lens[3] = {6, 4, e->s->len};
+        redisReply *rep = redisCommandArgv(c, 3, load, lens);
+        e->reply = NULL;
+        if (!rep)
+            return keel__redis_ctx_error(c);
+        bool loaded = rep->type == REDIS_REPLY_STRING;
+        if (!loaded) {
+            e->reply = rep; /* the load's error, for the caller */
+            return 0;
+        }
+        freeReplyObject(rep);
+        e->reply = redisCommandArgv(c, e->argc, e->argv, e->argvlen);
+    }
+    return e->reply ? 0 : keel__redis_ctx_error(c);
+}
+
+KEEL_API int keel_redis_eval(keel_redis *r, keel_redis_script *s, size_t nkeys,
+                             const void *const *keys, const size_t *keylens, size_t nargs,
+                             const char *const *args, const size_t *arglens, const void *route,
+                             size_t routelen, redisReply **reply)
+{
+    if (reply)
+        *reply = NULL;
+    if (!r || !s || !reply || (nkeys && (!keys || !keylens)) || (nargs && (!args || !arglens)) ||
+        nkeys + nargs > 1000000)
+        return KEEL_EINVAL;
+    size_t node = nkeys ? keel__redis_route(r, keys[0], keylens[0])
+                        : keel__redis_route(r, route, route ? routelen : 0);
+    for (size_t i = 1; i < nkeys; i++)
+        if (keel__redis_route(r, keys[i], keylens[i]) != node)
+            return KEEL_EINVAL;
+    int argc = (int)(3 + nkeys + nargs);
+    const char **argv = keel__malloc((size_t)argc * sizeof *argv);
+    size_t *lens = keel__malloc((size_t)argc * sizeof *lens);
+    char nk[24];
+    if (!argv || !lens) {
+        keel__free(argv);
+        keel__free(lens);
+        return KEEL_ENOMEM;
+    }
+    snprintf(nk, sizeof nk, "%zu", nkeys);
+    argv[0] = "EVALSHA", lens[0] = 7;
+    argv[1] = s->sha, lens[1] = 40;
+    argv[2] = nk, lens[2] = strlen(nk);
+    for (size_t i = 0; i < nkeys; i++)
+        argv[3 + i] = keys[i], lens[3 + i] = keylens[i];
+    for (size_t i = 0; i < nargs; i++)
+        argv[3 + nkeys + i] = args[i], lens[3 + nkeys + i] = arglens[i];
+    evalcall e = {s, argc, argv, lens, NULL};
+    rnode *n = &r->nodes[node];
+    int rc = with_conn(n, run_eval, &e);
+    if (rc == 0)
+        rc = reply_rc(n, e.reply);
+    keel__free(argv);
+    keel__free(lens);
+    *reply = e.reply;
+    return rc;
+}
+
+/* ---- statistics and metrics ---- */
+
+KEEL_API size_t keel_redis_nodes(keel_redis *r) { return r ? r->nnodes : 0; }
+
+KEEL_API int keel_redis_node_stats_get(keel_redis *r, size_t node, keel_redis_node_stats *st)
+{
+    if (!r || !st || node >= r->nnodes)
+        return KEEL_EINVAL;
+    rnode *n = &r->nodes[node];
+    uint64_t now = keel__clock_now(&r->clock);
+    st->name = n->name;
+    st->fails = atomic_load(&n->fails);
+    uint64_t until = atomic_load(&n->skip_until);
+    st->skipped = st->fails >= r->max_fails && until > now;
+    st->commands = atomic_load(&n->commands);
+    st->errors = atomic_load(&n->errors);
+    st->timeouts = atomic_load(&n->timeouts);
+    st->unavailable = atomic_load(&n->unavailable);
+    st->connects = atomic_load(&n->connects);
+    return 0;
+}
+
+#define NODE_STAT(fn, field)                                                                       \
+    static double fn(void *ud) { return (double)atomic_load(&((rnode *)ud)->field); }
+NODE_STAT(m_commands, commands)
+NODE_STAT(m_errors, errors)
+NODE_STAT(m_timeouts, timeouts)
+NODE_STAT(m_unavailable, unavailable)
+NODE_STAT(m_connects, connects)
+#undef NODE_STAT
+static double m_skipped(void *ud)
+{
+    keel_redis_node_stats st;
+    rnode *n = ud;
+    keel_redis_node_stats_get(n->r, n->idx, &st);
+    return st.skipped;
+}
+
+static int node_metrics(keel_redis *r, rnode *n, const char *name)
+{
+    keel__mfunc fs[] = {
+        {0, "keel_redis_commands_total", "Calls that reached a connection.", "node", n->name, m_commands},
+        {0, "keel_redis_error_replies_total", "Calls answered with an error reply.", "node", n->name, m_errors},
+        {0, "keel_redis_timeouts_total", "Calls that timed out.", "node", n->name, m_timeouts},
+        {0, "keel_redis_unavailable_total", "Calls that found the node down or skipped.", "node", n->name,
+         m_unavailable},
+        {0, "keel_redis_connects_total", "Connections made.", "node", n->name, m_connects},
+        {1, "keel_redis_node_skipped", "1 while the node is skipped for failing.", "node", n->name, m_skipped},
+    };
+    return keel__metrics_funcs(r->metrics, "redis", name, fs, sizeof fs / sizeof fs[0], n);
+}
+
+/* ---- create, destroy ---- */
+
+KEEL_API int keel_redis_create(keel_redis **out, const keel_redis_opts *o)
+{
+    if (!out || !o || !o->nodes || o->nnodes == 0 || o->nnodes > 4096)
+        return KEEL_EINVAL;
+    keel_redis *r = keel__calloc(1, sizeof *r);
+    if (!r)
+        return KEEL_ENOMEM;
+    r->connect_timeout = o->connect_timeout_ns ? o->connect_timeout_ns : 1000000000u;
+    r->cmd_timeout = o->command_timeout_ns ? o->command_timeout_ns : 1000000000u;
+    r->max_fails = o->max_fails ? o->max_fails : 3;
+    r->fail_timeout = o->fail_timeout_ns ? o->fail_timeout_ns : 10000000000u;
+    r->clock = (keel__clock){o->clock, o->clock_ud};
+    r->nnodes = o->nnodes;
+    r->metrics = o->metrics;
+    int rc = (r->nodes = keel__calloc(o->nnodes, sizeof *r->nodes)) ? 0 : KEEL_ENOMEM;
+    for (size_t i = 0; rc == 0 && i < o->nnodes; i++) {
+        rnode *n = &r->nodes[i];
+        n->r = r;
+        n->idx = i;
+        if ((rc = keel__redis_url(o->nodes[i], &n->url)) != 0)
+            break;
+        if (n->url.path)
+            snprintf(n->name, sizeof n->name, "%s", n->url.path);
+        else
+            snprintf(n->name, sizeof n->name, "%s:%d", n->url.host, n->url.port);
+        for (size_t k = 0; k < i; k++)
+            if (strcmp(r->nodes[k].name, n->name) == 0 && r->nodes[k].url.db == n->url.db)
+                rc = KEEL_EINVAL; /* the same node twice */
+        keel_pool_opts po = {.obj_size = sizeof(rconn),
+                             .capacity = o->conns_per_node ? o->conns_per_node : 8,
+                             .init = conn_init, .fini = conn_fini, .ud = n};
+        if (rc == 0)
+            rc = keel_pool_create(&n->pool, &po);
+    }
+    if (rc == 0 && r->nnodes > 1) {
+        keel_ring_opts ro = {.algo = KEEL_RING_CONTINUUM};
+        rc = keel_ring_create(&r->ring, &ro);
+        for (size_t i = 0; rc == 0 && i < r->nnodes; i++)
+            rc = keel_ring_add(r->ring, r->nodes[i].name, strlen(r->nodes[i].name), 1,
+                               (void *)(uintptr_t)i);
+    }
+    for (size_t i = 0; rc == 0 && r->metrics && i < r->nnodes; i++)
+        rc = node_metrics(r, &r->nodes[i], o->metrics_name);
+    if (rc) {
+        keel_redis_destroy(r);
+        return rc;
+    }
+    *out = r;
+    return 0;
+}
+
+KEEL_API void keel_redis_destroy(keel_redis *r)
+{
+    if (!r)
+        return;
+    for (size_t i = 0; r->nodes && i < r->nnodes; i++) {
+        if (r->metrics)
+            keel_metrics_func_remove(r->metrics, &r->nodes[i]);
+        keel_pool_destroy(r->nodes[i].pool);
+        keel__redis_url_free(&r->nodes[i].url);
+    }
+    keel_ring_destroy(r->ring);
+    keel__free(r->nodes);
+    keel__free(r);
+}

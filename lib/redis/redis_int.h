@@ -1,0 +1,68 @@
+/* lib/redis/redis_int.h — what redis.c and sub.c share. Private. */
+#ifndef KEEL_REDIS_INT_H
+#define KEEL_REDIS_INT_H
+
+#include <signal.h>
+#include <stdatomic.h>
+#include <sys/time.h>
+
+#include <keel/pool.h>
+#include <keel/redis.h>
+#include <keel/ring.h>
+
+#include "../internal.h"
+
+typedef struct keel__rurl {
+    char *host; /* or */
+    char *path; /* a unix socket */
+    int port, db;
+    char *user, *pass;
+} keel__rurl;
+
+typedef struct rconn {
+    redisContext *c;
+} rconn;
+
+typedef struct rnode {
+    keel_redis *r;
+    size_t idx;
+    keel__rurl url;
+    char name[300];
+    keel_pool *pool;
+    _Atomic uint32_t fails;
+    _Atomic uint64_t skip_until;
+    _Atomic uint64_t commands, errors, timeouts, unavailable, connects;
+} rnode;
+
+struct keel_redis {
+    rnode *nodes;
+    size_t nnodes;
+    keel_ring *ring;
+    uint64_t connect_timeout, cmd_timeout, fail_timeout;
+    uint32_t max_fails;
+    keel__clock clock;
+    keel_metrics *metrics;
+};
+
+struct keel_redis_script {
+    char *lua;
+    size_t len;
+    char sha[41];
+};
+
+typedef struct keel__sigpipe {
+    sigset_t old;
+    int was_pending;
+} keel__sigpipe;
+
+int keel__redis_url(const char *url, keel__rurl *u);
+void keel__redis_url_free(keel__rurl *u);
+int keel__redis_ctx_error(const redisContext *c);
+void keel__sigpipe_block(keel__sigpipe *s);
+void keel__sigpipe_restore(const keel__sigpipe *s);
+struct timeval keel__tv(uint64_t ns);
+/* A new connection to n, authenticated and on its db. */
+int keel__redis_connect(rnode *n, redisContext **out);
+size_t keel__redis_route(keel_redis *r, const void *key, size_t len);
+
+#endif

@@ -1,0 +1,539 @@
+/* tests/test_redis.c — keel_redis against real redis-server nodes from
+ * tests/servers.sh: routing, binary keys, pipelines, scripts, AUTH, a node
+ * stopped and paused mid-run, the pub/sub listener, SIGPIPE, bad URLs. */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <hiredis/hiredis.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <keel/redis.h>
+
+#include "harness.h"
+#include "redis/redis_int.h"
+
+#define MS KT_MS
+
+static char urls[8][160];
+static const char *url_ptrs[8];
+
+/* redis:// URLs of the test nodes, with an optional "user:pass@" part. */
+static int node_urls(const char *auth)
+{
+    int n = kt_redis_nodes();
+    for (int i = 0; i < n && i < 8; i++) {
+        char host[64];
+        int port;
+        kt_redis_node(i, host, sizeof host, &port);
+        snprintf(urls[i], sizeof urls[i], "redis://%s%s%s:%d", auth ? auth : "", auth ? "@" : "", host,
+                 port);
+        url_ptrs[i] = urls[i];
+    }
+    return n;
+}
+
+static keel_redis *connect_nodes(size_t n, kt_clock *clock)
+{
+    node_urls(NULL);
+    keel_redis *r = NULL;
+    keel_redis_opts o = {.nodes = url_ptrs, .nnodes = n, .connect_timeout_ns = 300 * MS,
+                         .command_timeout_ns = 300 * MS, .max_fails = 2, .fail_timeout_ns = 5 * KT_S,
+                         .clock = clock ? kt_clock_now : NULL, .clock_ud = clock};
+    ck_assert_int_eq(keel_redis_create(&r, &o), 0);
+    return r;
+}
+
+/* A command from a C string's words (no binary data). */
+static int cmd(keel_redis *r, const char *key, redisReply **rep, int argc, ...)
+{
+    const char *argv[16];
+    size_t lens[16];
+    va_list ap;
+    va_start(ap, argc);
+    for (int i = 0; i < argc; i++) {
+        argv[i] = va_arg(ap, const char *);
+        lens[i] = strlen(argv[i]);
+    }
+    va_end(ap);
+    return keel_redis_command(r, key, key ? strlen(key) : 0, argc, argv, lens, rep);
+}
+
+static redisContext *direct(int node)
+{
+    char host[64];
+    int port;
+    kt_redis_node(node, host, sizeof host, &port);
+    redisContext *c = redisConnect(host, port);
+    ck_assert(c && !c->err);
+    return c;
+}
+
+static char logged[256];
+static void capture_log(keel_log_level level, const char *module, const char *msg, void *ud)
+{
+    (void)level, (void)ud;
+    snprintf(logged, sizeof logged, "%s: %s", module, msg);
+}
+
+START_TEST(binary_keys_and_values_round_trip)
+{
+    keel_redis *r = connect_nodes(1, NULL);
+    const char key[] = "kt:bin\0key\n\"x", val[] = "\0\1\2value with\0nul";
+    const char *argv[3] = {"SET", key, val};
+    size_t lens[3] = {3, sizeof key - 1, sizeof val - 1};
+    redisReply *rep;
+    ck_assert_int_eq(keel_redis_command(r, key, sizeof key - 1, 3, argv, lens, &rep), 0);
+    ck_assert_int_eq(rep->type, REDIS_REPLY_STATUS);
+    freeReplyObject(rep);
+    const char *get[2] = {"GET", key};
+    size_t getl[2] = {3, sizeof key - 1};
+    ck_assert_int_eq(keel_redis_command(r, key, sizeof key - 1, 2, get, getl, &rep), 0);
+    ck_assert_int_eq(rep->type, REDIS_REPLY_STRING);
+    ck_assert_uint_eq(rep->len, sizeof val - 1);
+    ck_assert(memcmp(rep->str, val, sizeof val - 1) == 0);
+    freeReplyObject(rep);
+    /* an error reply comes back with its text, as KEEL_EBACKEND, and the
+     * text goes to the log hook too */
+    keel_set_log(capture_log, KEEL_LOG_WARN, NULL);
+    ck_assert_int_eq(cmd(r, "kt:x", &rep, 2, "NOSUCHCOMMAND", "x"), KEEL_EBACKEND);
+    keel_set_log(NULL, KEEL_LOG_ERROR, NULL);
+    ck_assert_ptr_nonnull(rep);
+    ck_assert_int_eq(rep->type, REDIS_REPLY_ERROR);
+    ck_assert_ptr_nonnull(strstr(rep->str, "unknown command"));
+    ck_assert_msg(strstr(logged, "redis: ") == logged && strstr(logged, "unknown command"),
+                  "logged: %s", logged);
+    freeReplyObject(rep);
+    keel_redis_node_stats st;
+    ck_assert_int_eq(keel_redis_node_stats_get(r, 0, &st), 0);
+    ck_assert_uint_eq(st.commands, 3);
+    ck_assert_uint_eq(st.errors, 1);
+    ck_assert_uint_eq(st.connects, 1);
+    keel_redis_destroy(r);
+}
+END_TEST
+
+START_TEST(keys_land_on_the_node_the_ring_says)
+{
+    keel_redis *r = connect_nodes(3, NULL);
+    int per_node[3] = {0};
+    for (int i = 0; i < 300; i++) {
+        char key[32];
+        snprintf(key, sizeof key, "kt:spread:%d", i);
+        redisReply *rep;
+        ck_assert_int_eq(cmd(r, key, &rep, 3, "SET", key, "1"), 0);
+        freeReplyObject(rep);
+        size_t node = keel_redis_node_of(r, key, strlen(key));
+        per_node[node]++;
+        /* it is on that node and on no other */
+        for (int k = 0; k < 3; k++) {
+            redisContext *c = direct(k);
+            redisReply *e = redisCommand(c, "EXISTS %s", key);
+            ck_assert_int_eq(e->integer, (size_t)k == node);
+            freeReplyObject(e);
+            redisFree(c);
+        }
+    }
+    for (int k = 0; k < 3; k++)
+        ck_assert_int_gt(per_node[k], 50);
+    /* a hash tag keeps keys together; spanning nodes needs one */
+    const void *together[2] = {"kt:{user:7}:name", "kt:{user:7}:email"};
+    size_t tl[2] = {16, 17};
+    ck_assert_uint_eq(keel_redis_node_of(r, together[0], tl[0]), keel_redis_node_of(r, together[1], tl[1]));
+    const char *mset[5] = {"MSET", together[0], "ann", together[1], "ann@x"};
+    size_t ml[5] = {4, tl[0], 3, tl[1], 5};
+    redisReply *rep;
+    ck_assert_int_eq(keel_redis_command_keys(r, together, tl, 2, 5, mset, ml, &rep), 0);
+    freeReplyObject(rep);
+    int i = 0;
+    char a[32], b[32];
+    do { /* two keys on different nodes */
+        snprintf(a, sizeof a, "kt:a%d", i);
+        snprintf(b, sizeof b, "kt:b%d", i++);
+    } while (keel_redis_node_of(r, a, strlen(a)) == keel_redis_node_of(r, b, strlen(b)));
+    const void *apart[2] = {a, b};
+    size_t al[2] = {strlen(a), strlen(b)};
+    ck_assert_int_eq(keel_redis_command_keys(r, apart, al, 2, 5, mset, ml, &rep), KEEL_EINVAL);
+    ck_assert_ptr_null(rep);
+    keel_redis_destroy(r);
+}
+END_TEST
+
+START_TEST(pipeline_replies_come_back_in_order)
+{
+    keel_redis *r = connect_nodes(3, NULL);
+    enum { N = 150 };
+    keel_redis_cmd cmds[N];
+    char keys[N][32], vals[N][16];
+    const char *argv[N][3];
+    size_t lens[N][3];
+    for (int i = 0; i < N; i++) {
+        snprintf(keys[i], sizeof keys[i], "kt:pipe:%d", i % 50);
+        snprintf(vals[i], sizeof vals[i], "%d", i);
+        argv[i][0] = i < 50 ? "DEL" : "INCRBY";
+        argv[i][1] = keys[i];
+        argv[i][2] = vals[i];
+        for (int k = 0; k < 3; k++)
+            lens[i][k] = strlen(argv[i][k]);
+        cmds[i] = (keel_redis_cmd){keys[i], strlen(keys[i]), i < 50 ? 2 : 3, argv[i], lens[i]};
+    }
+    ck_assert_int_eq(keel_redis_pipeline(r, cmds, N), 0);
+    for (int i = 50; i < N; i++) {
+        ck_assert_int_eq(cmds[i].rc, 0);
+        ck_assert_int_eq(cmds[i].reply->type, REDIS_REPLY_INTEGER);
+        /* key i%50 got i-50... first (if i < 100), then i added to it */
+        long long want = i < 100 ? i : i + (i - 50);
+        ck_assert_int_eq(cmds[i].reply->integer, want);
+    }
+    for (int i = 0; i < N; i++)
+        freeReplyObject(cmds[i].reply);
+    keel_redis_destroy(r);
+}
+END_TEST
+
+START_TEST(scripts_survive_script_flush_and_a_restart)
+{
+    keel_redis *r = connect_nodes(3, NULL);
+    const char *lua = "return redis.call('INCRBY', KEYS[1], ARGV[1])";
+    keel_redis_script *s;
+    ck_assert_int_eq(keel_redis_script_create(r, lua, strlen(lua), &s), 0);
+    ck_assert_uint_eq(strlen(keel_redis_script_sha(s)), 40);
+    const void *key[1] = {"kt:script"};
+    size_t kl[1] = {9};
+    const char *arg[1] = {"5"};
+    size_t argl[1] = {1};
+    redisReply *rep;
+    ck_assert_int_eq(keel_redis_eval(r, s, 1, key, kl, 1, arg, argl, NULL, 0, &rep), 0);
+    long long first = rep->integer;
+    freeReplyObject(rep);
+    /* SCRIPT FLUSH on the node: the next call loads it again */
+    size_t node = keel_redis_node_of(r, key[0], kl[0]);
+    redisContext *c = direct((int)node);
+    freeReplyObject(redisCommand(c, "SCRIPT FLUSH"));
+    redisFree(c);
+    ck_assert_int_eq(keel_redis_eval(r, s, 1, key, kl, 1, arg, argl, NULL, 0, &rep), 0);
+    ck_assert_int_eq(rep->integer, first + 5);
+    freeReplyObject(rep);
+    /* a restart: the pooled connection is dead and the script forgotten */
+    char name[16];
+    snprintf(name, sizeof name, "redis%zu", node + 1);
+    kt_server("stop-one", name);
+    kt_server("start-one", name);
+    int rc;
+    for (int tries = 0; (rc = keel_redis_eval(r, s, 1, key, kl, 1, arg, argl, NULL, 0, &rep)) != 0 &&
+                        tries < 3; tries++)
+        ; /* the dead pooled connection fails once, then a new one works */
+    ck_assert_int_eq(rc, 0);
+    ck_assert_int_eq(rep->integer, 5); /* a fresh server: no data */
+    freeReplyObject(rep);
+    keel_redis_script_free(s);
+    keel_redis_destroy(r);
+}
+END_TEST
+
+START_TEST(auth_with_a_password_and_with_a_user)
+{
+    redisContext *c = direct(2);
+    freeReplyObject(redisCommand(c, "ACL SETUSER kt-user on >kt-secret ~* &* +@all"));
+    freeReplyObject(redisCommand(c, "CONFIG SET requirepass kt-pass"));
+    redisFree(c);
+    const char *auths[] = {":kt-pass", "kt-user:kt-secret", ":wrong"};
+    for (int i = 0; i < 3; i++) {
+        node_urls(auths[i]);
+        keel_redis *r;
+        keel_redis_opts o = {.nodes = &url_ptrs[2], .nnodes = 1, .command_timeout_ns = 500 * MS};
+        ck_assert_int_eq(keel_redis_create(&r, &o), 0);
+        redisReply *rep = NULL;
+        int rc = cmd(r, "k", &rep, 1, "PING");
+        if (i < 2) {
+            ck_assert_int_eq(rc, 0);
+            ck_assert_str_eq(rep->str, "PONG");
+        } else {
+            ck_assert_int_eq(rc, KEEL_EBACKEND); /* the AUTH error */
+        }
+        if (rep)
+            freeReplyObject(rep);
+        keel_redis_destroy(r);
+    }
+    c = direct(2);
+    freeReplyObject(redisCommand(c, "AUTH kt-pass"));
+    freeReplyObject(redisCommand(c, "CONFIG SET requirepass %s", ""));
+    freeReplyObject(redisCommand(c, "ACL DELUSER kt-user"));
+    redisFree(c);
+}
+END_TEST
+
+START_TEST(a_stopped_node_fails_fast_while_the_others_serve)
+{
+    kt_clock clk = {0};
+    kt_clock_advance(&clk, 1000 * KT_S);
+    keel_redis *r = connect_nodes(3, &clk);
+    char on1[32] = "", on0[32] = "";
+    for (int i = 0; !on1[0] || !on0[0]; i++) {
+        char k[32];
+        snprintf(k, sizeof k, "kt:f%d", i);
+        size_t n = keel_redis_node_of(r, k, strlen(k));
+        if (n == 1 && !on1[0])
+            strcpy(on1, k);
+        if (n == 0 && !on0[0])
+            strcpy(on0, k);
+    }
+    redisReply *rep;
+    ck_assert_int_eq(cmd(r, on1, &rep, 3, "SET", on1, "v"), 0);
+    freeReplyObject(rep);
+    kt_server("stop-one", "redis2");
+    for (int i = 0; i < 4; i++) {
+        uint64_t t0 = keel_now_ns();
+        int rc = cmd(r, on1, &rep, 2, "GET", on1);
+        ck_assert_int_eq(rc, KEEL_EUNAVAIL);
+        ck_assert_ptr_null(rep);
+        ck_assert_uint_lt(keel_now_ns() - t0, 700 * MS); /* within the timeouts */
+        ck_assert_int_eq(cmd(r, on0, &rep, 2, "PING", "x"), 0); /* the others serve */
+        freeReplyObject(rep);
+    }
+    keel_redis_node_stats st;
+    keel_redis_node_stats_get(r, 1, &st);
+    ck_assert_int_eq(st.skipped, 1);
+    kt_server("start-one", "redis2");
+    ck_assert_int_eq(cmd(r, on1, &rep, 2, "PING", "x"), KEEL_EUNAVAIL); /* still skipped */
+    kt_clock_advance(&clk, 6 * KT_S); /* fail_timeout: the probe goes through */
+    ck_assert_int_eq(cmd(r, on1, &rep, 2, "PING", "x"), 0);
+    freeReplyObject(rep);
+    keel_redis_node_stats_get(r, 1, &st);
+    ck_assert_int_eq(st.skipped, 0);
+    keel_redis_destroy(r);
+}
+END_TEST
+
+START_TEST(a_server_that_never_answers_times_out)
+{
+    keel_redis *r = connect_nodes(3, NULL);
+    char k[32];
+    for (int i = 0;; i++) {
+        snprintf(k, sizeof k, "kt:t%d", i);
+        if (keel_redis_node_of(r, k, strlen(k)) == 2)
+            break;
+    }
+    redisReply *rep;
+    ck_assert_int_eq(cmd(r, k, &rep, 1, "PING"), 0); /* a pooled connection */
+    freeReplyObject(rep);
+    kt_server("pause-one", "redis3");
+    uint64_t t0 = keel_now_ns();
+    int rc = cmd(r, k, &rep, 1, "PING");
+    uint64_t took = keel_now_ns() - t0;
+    kt_server("resume-one", "redis3");
+    ck_assert_int_eq(rc, KEEL_ETIMEDOUT);
+    ck_assert_uint_ge(took, 250 * MS);
+    ck_assert_uint_lt(took, 1000 * MS);
+    keel_redis_destroy(r);
+}
+END_TEST
+
+typedef struct inbox {
+    pthread_mutex_t mu;
+    char last[64];
+    int messages, reconnects;
+    char last_pattern[32];
+} inbox;
+
+static void got(const char *ch, size_t chlen, const char *msg, size_t len, const char *pattern, void *ud)
+{
+    (void)ch;
+    (void)chlen;
+    inbox *in = ud;
+    pthread_mutex_lock(&in->mu);
+    snprintf(in->last, sizeof in->last, "%.*s", (int)len, msg);
+    snprintf(in->last_pattern, sizeof in->last_pattern, "%s", pattern ? pattern : "");
+    in->messages++;
+    pthread_mutex_unlock(&in->mu);
+}
+
+static void reconnected(void *ud)
+{
+    inbox *in = ud;
+    pthread_mutex_lock(&in->mu);
+    in->reconnects++;
+    pthread_mutex_unlock(&in->mu);
+}
+
+/* Publishes until the listener has seen `want` messages (a real wait on a
+ * real server, bounded by 10 s). */
+static void publish_until(keel_redis *r, inbox *in, const char *channel, const char *msg, int want)
+{
+    uint64_t deadline = keel_now_ns() + 10 * KT_S;
+    for (;;) {
+        pthread_mutex_lock(&in->mu);
+        int n = in->messages;
+        pthread_mutex_unlock(&in->mu);
+        if (n >= want)
+            return;
+        ck_assert_msg(keel_now_ns() < deadline, "no message on %s after 10 s", channel);
+        redisReply *rep;
+        if (cmd(r, NULL, &rep, 3, "PUBLISH", channel, msg) == 0)
+            freeReplyObject(rep);
+        struct timespec ts = {0, 20 * 1000000};
+        nanosleep(&ts, NULL);
+    }
+}
+
+START_TEST(the_listener_reconnects_and_says_so)
+{
+    keel_redis *r = connect_nodes(1, NULL);
+    inbox in = {PTHREAD_MUTEX_INITIALIZER};
+    keel_redis_sub *s;
+    keel_redis_sub_opts so = {.channels = (const char *[]){"kt:events"}, .nchannels = 1,
+                              .patterns = (const char *[]){"kt:p.*"}, .npatterns = 1,
+                              .on_message = got, .on_reconnect = reconnected, .ud = &in,
+                              .heartbeat_ns = 200 * MS, .reconnect_min_ns = 20 * MS,
+                              .reconnect_max_ns = 200 * MS};
+    ck_assert_int_eq(keel_redis_subscribe(r, &so, &s), 0);
+    publish_until(r, &in, "kt:events", "hello\0binary", 1);
+    ck_assert_str_eq(in.last, "hello");
+    publish_until(r, &in, "kt:p.x", "patterned", 2);
+    ck_assert_str_eq(in.last_pattern, "kt:p.*");
+    kt_server("stop-one", "redis1");
+    kt_server("start-one", "redis1");
+    uint64_t deadline = keel_now_ns() + 10 * KT_S;
+    for (;;) {
+        pthread_mutex_lock(&in.mu);
+        int rec = in.reconnects;
+        pthread_mutex_unlock(&in.mu);
+        if (rec)
+            break;
+        ck_assert_msg(keel_now_ns() < deadline, "no reconnect after 10 s");
+        struct timespec ts = {0, 20 * 1000000};
+        nanosleep(&ts, NULL);
+    }
+    int before = in.messages;
+    publish_until(r, &in, "kt:events", "after", before + 1);
+    ck_assert_str_eq(in.last, "after");
+    keel_redis_unsubscribe(s);
+    keel_redis_destroy(r);
+}
+END_TEST
+
+/* hiredis writes with write(2). Blocking hiredis rarely gets as far as a
+ * second write on a reset socket, but when it does the kernel raises
+ * SIGPIPE: the guard around every write must swallow ours and leave the
+ * program's own alone. A socket pair whose other end is closed raises it
+ * on the first write. */
+START_TEST(the_write_guard_swallows_our_sigpipe_and_keeps_the_programs)
+{
+    signal(SIGPIPE, SIG_DFL); /* the default: death, if one gets through */
+    int sv[2];
+    ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+    close(sv[1]);
+    keel__sigpipe g;
+    keel__sigpipe_block(&g);
+    ck_assert_int_eq(write(sv[0], "x", 1), -1); /* EPIPE, and SIGPIPE pending */
+    keel__sigpipe_restore(&g);
+    sigset_t pending;
+    sigpending(&pending);
+    ck_assert(!sigismember(&pending, SIGPIPE)); /* ours was consumed */
+    /* one the program raised itself, while it blocks SIGPIPE, stays */
+    sigset_t pipe;
+    sigemptyset(&pipe);
+    sigaddset(&pipe, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &pipe, NULL);
+    raise(SIGPIPE);
+    keel__sigpipe_block(&g);
+    ck_assert_int_eq(write(sv[0], "x", 1), -1);
+    keel__sigpipe_restore(&g);
+    sigpending(&pending);
+    ck_assert(sigismember(&pending, SIGPIPE));
+    struct timespec zero = {0, 0};
+    sigtimedwait(&pipe, NULL, &zero);
+    pthread_sigmask(SIG_UNBLOCK, &pipe, NULL);
+    close(sv[0]);
+}
+END_TEST
+
+START_TEST(a_restarted_server_is_survived)
+{
+    signal(SIGPIPE, SIG_DFL);
+    node_urls(NULL);
+    keel_redis *r;
+    keel_redis_opts o = {.nodes = url_ptrs, .nnodes = 1, .command_timeout_ns = 300 * MS,
+                         .fail_timeout_ns = 1 * MS}; /* probe again at once */
+    ck_assert_int_eq(keel_redis_create(&r, &o), 0);
+    redisReply *rep;
+    keel_redis_cmd warm[4];
+    const char *ping[1] = {"PING"};
+    size_t pl[1] = {4};
+    for (int i = 0; i < 4; i++) /* several pooled connections */
+        warm[i] = (keel_redis_cmd){"k", 1, 1, ping, pl};
+    ck_assert_int_eq(keel_redis_pipeline(r, warm, 4), 0);
+    for (int i = 0; i < 4; i++)
+        freeReplyObject(warm[i].reply);
+    kt_server("stop-one", "redis1");
+    kt_server("start-one", "redis1");
+    int ok = 0;
+    for (int i = 0; i < 20; i++) /* the dead pooled connections fail, then new ones work */
+        if (cmd(r, "k", &rep, 1, "PING") == 0) {
+            freeReplyObject(rep);
+            ok++;
+        }
+    ck_assert_int_gt(ok, 10);
+    keel_redis_destroy(r);
+}
+END_TEST
+
+START_TEST(malformed_urls_are_refused)
+{
+    const char *bad[] = {
+        "http://localhost:6379", "redis://", "redis://:6379", "redis://host:0", "redis://host:70000",
+        "redis://host:12ab", "redis://host:6379/x", "redis://host:6379/99999999", "unix://relative/path",
+        "unix://", "unix:///tmp/s?db=x", "redis://[::1", "redis://[]:6379", "", NULL,
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        keel_redis *r = (keel_redis *)0x1;
+        keel_redis_opts o = {.nodes = &bad[i], .nnodes = 1};
+        ck_assert_msg(keel_redis_create(&r, &o) == KEEL_EINVAL, "accepted %s", bad[i] ? bad[i] : "NULL");
+        ck_assert_ptr_eq(r, (keel_redis *)0x1);
+    }
+    const char *good[] = {"redis://h", "redis://h:1/0", "redis://u:p%40ss@h:6380/3", "redis://:p@[::1]:7000",
+                          "unix:///tmp/redis.sock?db=2"};
+    keel_redis *r;
+    keel_redis_opts o = {.nodes = good, .nnodes = 5};
+    ck_assert_int_eq(keel_redis_create(&r, &o), 0);
+    ck_assert_uint_eq(keel_redis_nodes(r), 5);
+    keel_redis_node_stats st;
+    keel_redis_node_stats_get(r, 2, &st);
+    ck_assert_str_eq(st.name, "h:6380");
+    keel_redis_destroy(r);
+    const char *dup[] = {"redis://h:1", "redis://h:1"};
+    keel_redis_opts od = {.nodes = dup, .nnodes = 2};
+    ck_assert_int_eq(keel_redis_create(&r, &od), KEEL_EINVAL);
+    keel_redis_opts none = {0};
+    ck_assert_int_eq(keel_redis_create(&r, &none), KEEL_EINVAL);
+    ck_assert_int_eq(keel_redis_command(NULL, NULL, 0, 1, NULL, NULL, NULL), KEEL_EINVAL);
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("redis");
+    TCase *tc = tcase_create("redis");
+    tcase_set_timeout(tc, 30);
+    tcase_add_test(tc, malformed_urls_are_refused);
+    tcase_add_test(tc, binary_keys_and_values_round_trip);
+    tcase_add_test(tc, keys_land_on_the_node_the_ring_says);
+    tcase_add_test(tc, pipeline_replies_come_back_in_order);
+    tcase_add_test(tc, scripts_survive_script_flush_and_a_restart);
+    tcase_add_test(tc, auth_with_a_password_and_with_a_user);
+    tcase_add_test(tc, a_stopped_node_fails_fast_while_the_others_serve);
+    tcase_add_test(tc, a_server_that_never_answers_times_out);
+    tcase_add_test(tc, the_listener_reconnects_and_says_so);
+    tcase_add_test(tc, the_write_guard_swallows_our_sigpipe_and_keeps_the_programs);
+    tcase_add_test(tc, a_restarted_server_is_survived);
+    suite_add_tcase(s, tc);
+    return kt_run(s);
+}
