@@ -19,7 +19,8 @@
 # Variables given to CMD (and written to $KEEL_TEST_DIR/env):
 #   KEEL_TEST_DIR         the folder
 #   KEEL_TEST_SERVERS     this script, for stop-one/start-one from a test
-#   KEEL_TEST_REDIS       host:port,host:port,... (KEEL_TEST_REDIS_NODES, 3)
+#   KEEL_TEST_REDIS       host:port,host:port,... (KEEL_TEST_REDIS_NODES, 3);
+#                         node i also listens on $KEEL_TEST_DIR/redis<i>/redis.sock
 #   KEEL_TEST_PG          conninfo of the primary
 #   KEEL_TEST_PG_REPLICA  conninfo of a streaming replica of it
 # PostgreSQL refuses to run as root, so as root it runs as `postgres`.
@@ -39,11 +40,15 @@ as_pg() {
 
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-# A loopback port nothing listens on, different from those taken already.
+# A loopback port nothing listens on, different from those taken already,
+# and below the kernel's ephemeral range: a client socket never takes it,
+# so a stopped server can always bind it again.
 pick_port() {
-    local p tries=0
+    local p tries=0 lo=20000 hi
+    hi=$(awk '{print $1 - 1}' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32767)
+    [ "$hi" -gt $((lo + 1000)) ] || { lo=10000; hi=$((lo + 10000)); }
     while :; do
-        p=$((20000 + RANDOM % 40000))
+        p=$((lo + RANDOM % (hi - lo + 1)))
         case " $TAKEN " in *" $p "*) continue ;; esac
         port_busy "$p" || { TAKEN="$TAKEN $p"; echo "$p"; return; }
         tries=$((tries + 1))
@@ -66,6 +71,7 @@ redis_start() { # name
     local d="$DIR/$1"
     [ -f "$d/port" ] || die "unknown server $1"
     redis-server --port "$(cat "$d/port")" --bind 127.0.0.1 --dir "$d" \
+        --unixsocket "$d/redis.sock" --unixsocketperm 700 \
         --daemonize yes --pidfile "$d/redis.pid" --logfile "$d/redis.log" \
         --save '' --appendonly no --protected-mode no >/dev/null ||
         die "redis-server $1 did not start: $(tail -n 5 "$d/redis.log" 2>/dev/null)"

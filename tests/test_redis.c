@@ -252,15 +252,19 @@ START_TEST(auth_with_a_password_and_with_a_user)
         keel_redis_opts o = {.nodes = &url_ptrs[2], .nnodes = 1, .command_timeout_ns = 500 * MS};
         ck_assert_int_eq(keel_redis_create(&r, &o), 0);
         redisReply *rep = NULL;
+        logged[0] = '\0';
+        keel_set_log(capture_log, KEEL_LOG_ERROR, NULL);
         int rc = cmd(r, "k", &rep, 1, "PING");
+        keel_set_log(NULL, KEEL_LOG_ERROR, NULL);
         if (i < 2) {
             ck_assert_int_eq(rc, 0);
             ck_assert_str_eq(rep->str, "PONG");
-        } else {
-            ck_assert_int_eq(rc, KEEL_EBACKEND); /* the AUTH error */
-        }
-        if (rep)
             freeReplyObject(rep);
+        } else { /* a refused AUTH: the node is unusable, the server says why */
+            ck_assert_int_eq(rc, KEEL_EUNAVAIL);
+            ck_assert_ptr_null(rep);
+            ck_assert_msg(strstr(logged, "AUTH") && strstr(logged, "WRONGPASS"), "logged: %s", logged);
+        }
         keel_redis_destroy(r);
     }
     c = direct(2);
@@ -302,6 +306,15 @@ START_TEST(a_stopped_node_fails_fast_while_the_others_serve)
     keel_redis_node_stats st;
     keel_redis_node_stats_get(r, 1, &st);
     ck_assert_int_eq(st.skipped, 1);
+    /* a pipeline over both nodes: the live one answers, the other fails */
+    const char *g1[2] = {"GET", on1}, *g0[2] = {"GET", on0};
+    size_t l1[2] = {3, strlen(on1)}, l0[2] = {3, strlen(on0)};
+    keel_redis_cmd both[2] = {{on1, l1[1], 2, g1, l1, 0, NULL}, {on0, l0[1], 2, g0, l0, 0, NULL}};
+    ck_assert_int_eq(keel_redis_pipeline(r, both, 2), KEEL_EUNAVAIL);
+    ck_assert_int_eq(both[0].rc, KEEL_EUNAVAIL);
+    ck_assert_ptr_null(both[0].reply);
+    ck_assert_int_eq(both[1].rc, 0);
+    freeReplyObject(both[1].reply);
     kt_server("start-one", "redis2");
     ck_assert_int_eq(cmd(r, on1, &rep, 2, "PING", "x"), KEEL_EUNAVAIL); /* still skipped */
     kt_clock_advance(&clk, 6 * KT_S); /* fail_timeout: the probe goes through */
@@ -456,33 +469,91 @@ START_TEST(the_write_guard_swallows_our_sigpipe_and_keeps_the_programs)
 }
 END_TEST
 
+typedef struct warm_job {
+    keel_redis *r;
+    pthread_barrier_t *b;
+} warm_job;
+
+/* Holds a connection while the others are taken, so the pool opens four. */
+static void *hold_one(void *arg)
+{
+    warm_job *j = arg;
+    redisReply *rep;
+    pthread_barrier_wait(j->b);
+    ck_assert_int_eq(cmd(j->r, "k", &rep, 3, "BLPOP", "kt:nothing", "0.05"), 0);
+    freeReplyObject(rep);
+    return NULL;
+}
+
 START_TEST(a_restarted_server_is_survived)
 {
     signal(SIGPIPE, SIG_DFL);
+    kt_clock clk = {0};
+    kt_clock_advance(&clk, 1000 * KT_S);
     node_urls(NULL);
     keel_redis *r;
     keel_redis_opts o = {.nodes = url_ptrs, .nnodes = 1, .command_timeout_ns = 300 * MS,
-                         .fail_timeout_ns = 1 * MS}; /* probe again at once */
+                         .max_fails = 1, .fail_timeout_ns = 10 * KT_S, .clock = kt_clock_now,
+                         .clock_ud = &clk};
     ck_assert_int_eq(keel_redis_create(&r, &o), 0);
-    redisReply *rep;
-    keel_redis_cmd warm[4];
-    const char *ping[1] = {"PING"};
-    size_t pl[1] = {4};
-    for (int i = 0; i < 4; i++) /* several pooled connections */
-        warm[i] = (keel_redis_cmd){"k", 1, 1, ping, pl};
-    ck_assert_int_eq(keel_redis_pipeline(r, warm, 4), 0);
+    pthread_barrier_t b;
+    pthread_barrier_init(&b, NULL, 4);
+    pthread_t t[4];
+    warm_job j = {r, &b};
     for (int i = 0; i < 4; i++)
-        freeReplyObject(warm[i].reply);
+        pthread_create(&t[i], NULL, hold_one, &j);
+    for (int i = 0; i < 4; i++)
+        pthread_join(t[i], NULL);
+    pthread_barrier_destroy(&b);
+    keel_redis_node_stats st;
+    keel_redis_node_stats_get(r, 0, &st);
+    ck_assert_uint_eq(st.connects, 4);
+
     kt_server("stop-one", "redis1");
     kt_server("start-one", "redis1");
-    int ok = 0;
-    for (int i = 0; i < 20; i++) /* the dead pooled connections fail, then new ones work */
-        if (cmd(r, "k", &rep, 1, "PING") == 0) {
-            freeReplyObject(rep);
-            ok++;
-        }
-    ck_assert_int_gt(ok, 10);
+    redisReply *rep;
+    /* the first call finds its connection dead and skips the node... */
+    ck_assert_int_eq(cmd(r, "k", &rep, 1, "PING"), KEEL_EUNAVAIL);
+    ck_assert_int_eq(cmd(r, "k", &rep, 1, "PING"), KEEL_EUNAVAIL);
+    /* ...and the probe after fail_timeout does not take another stale
+     * connection: it connects afresh and the node is back */
+    kt_clock_advance(&clk, 11 * KT_S);
+    for (int i = 0; i < 10; i++) {
+        ck_assert_int_eq(cmd(r, "k", &rep, 1, "PING"), 0);
+        freeReplyObject(rep);
+    }
     keel_redis_destroy(r);
+}
+END_TEST
+
+START_TEST(a_unix_socket_and_a_database)
+{
+    char url[2][300];
+    const char *u[2] = {url[0], url[1]};
+    char host[64];
+    int port;
+    kt_redis_node(0, host, sizeof host, &port);
+    snprintf(url[0], sizeof url[0], "unix://%s/redis1/redis.sock?db=2", kt_env("KEEL_TEST_DIR"));
+    snprintf(url[1], sizeof url[1], "redis://%s:%d/3", host, port);
+    for (int i = 0; i < 2; i++) {
+        keel_redis *r;
+        keel_redis_opts o = {.nodes = &u[i], .nnodes = 1};
+        ck_assert_int_eq(keel_redis_create(&r, &o), 0);
+        redisReply *rep;
+        ck_assert_int_eq(cmd(r, "kt:db", &rep, 3, "SET", "kt:db", i ? "three" : "two"), 0);
+        freeReplyObject(rep);
+        keel_redis_destroy(r);
+    }
+    redisContext *c = direct(0);
+    for (int db = 0; db < 4; db++) {
+        redisReply *rep = redisCommand(c, "SELECT %d", db);
+        freeReplyObject(rep);
+        rep = redisCommand(c, "GET kt:db");
+        ck_assert_str_eq(rep->type == REDIS_REPLY_STRING ? rep->str : "nil",
+                         db == 2 ? "two" : db == 3 ? "three" : "nil");
+        freeReplyObject(rep);
+    }
+    redisFree(c);
 }
 END_TEST
 
@@ -492,6 +563,8 @@ START_TEST(malformed_urls_are_refused)
         "http://localhost:6379", "redis://", "redis://:6379", "redis://host:0", "redis://host:70000",
         "redis://host:12ab", "redis://host:6379/x", "redis://host:6379/99999999", "unix://relative/path",
         "unix://", "unix:///tmp/s?db=x", "redis://[::1", "redis://[]:6379", "", NULL,
+        "redis://:%zz@h", "redis://:%-1@h", "redis://:p%00x@h", "redis://:p%4@h", "redis://h st:6379",
+        "redis://[not-an-ip]:6379", "redis://h%41:1",
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         keel_redis *r = (keel_redis *)0x1;
@@ -509,6 +582,19 @@ START_TEST(malformed_urls_are_refused)
     keel_redis_node_stats_get(r, 2, &st);
     ck_assert_str_eq(st.name, "h:6380");
     keel_redis_destroy(r);
+    /* the last '@' ends the credentials; ":@" alone means no AUTH */
+    keel__rurl u;
+    ck_assert_int_eq(keel__redis_url("redis://:p@ss@h:1", &u), 0);
+    ck_assert_str_eq(u.pass, "p@ss");
+    ck_assert_str_eq(u.host, "h");
+    keel__redis_url_free(&u);
+    ck_assert_int_eq(keel__redis_url("redis://:@h", &u), 0);
+    ck_assert_ptr_null(u.pass);
+    keel__redis_url_free(&u);
+    ck_assert_int_eq(keel__redis_url("redis://u%3Ax:p%25@h", &u), 0);
+    ck_assert_str_eq(u.user, "u:x");
+    ck_assert_str_eq(u.pass, "p%");
+    keel__redis_url_free(&u);
     const char *dup[] = {"redis://h:1", "redis://h:1"};
     keel_redis_opts od = {.nodes = dup, .nnodes = 2};
     ck_assert_int_eq(keel_redis_create(&r, &od), KEEL_EINVAL);
@@ -524,6 +610,7 @@ int main(void)
     TCase *tc = tcase_create("redis");
     tcase_set_timeout(tc, 30);
     tcase_add_test(tc, malformed_urls_are_refused);
+    tcase_add_test(tc, a_unix_socket_and_a_database);
     tcase_add_test(tc, binary_keys_and_values_round_trip);
     tcase_add_test(tc, keys_land_on_the_node_the_ring_says);
     tcase_add_test(tc, pipeline_replies_come_back_in_order);

@@ -18,9 +18,13 @@
  * Failures: a connection that saw any error is discarded, never reused. A
  * node whose commands failed max_fails times in a row is skipped (its keys
  * fail at once with KEEL_EUNAVAIL) for fail_timeout, then one command
- * probes it (nginx's semantics). A server that does not answer within the
+ * probes it (nginx's semantics). Before any node is skipped, connections
+ * made before its last failure are dropped unused, so the probe after a
+ * restart connects afresh. A server that does not answer within the
  * command timeout gives KEEL_ETIMEDOUT; an error reply gives KEEL_EBACKEND,
- * with the reply (and so its text) returned and the text logged.
+ * with the reply (and so its text) returned and the text logged. A new
+ * connection whose AUTH or SELECT is refused makes the node unusable:
+ * KEEL_EUNAVAIL, counted as a failure, with the server's text logged.
  *
  * SIGPIPE: hiredis writes with write(2), which raises SIGPIPE on a closed
  * socket. libkeel blocks SIGPIPE in the calling thread around every write
@@ -128,6 +132,7 @@ KEEL_API int keel_redis_eval(keel_redis *r, keel_redis_script *s, size_t nkeys,
 /* ---- pub/sub ---- */
 
 typedef struct keel_redis_sub_opts {
+    /* Channel names and patterns are C strings (copied). */
     const char *const *channels;  /* SUBSCRIBE */
     size_t nchannels;
     const char *const *patterns;  /* PSUBSCRIBE */

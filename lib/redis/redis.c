@@ -64,27 +64,49 @@ static char *dup_n(const char *s, size_t n)
     return d;
 }
 
-/* Percent-decoding for the user and password parts. */
-static char *dup_decoded(const char *s, size_t n)
+static int hex_digit(char c)
+{
+    return c >= '0' && c <= '9' ? c - '0'
+           : c >= 'a' && c <= 'f' ? c - 'a' + 10
+           : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                  : -1;
+}
+
+/* Percent-decoding for the user and password parts: %XX with two hex
+ * digits, never %00 (they travel as C strings). KEEL_EINVAL for a bad
+ * escape. */
+static int dup_decoded(const char *s, size_t n, char **out)
 {
     char *d = keel__malloc(n + 1);
+    if (!d)
+        return KEEL_ENOMEM;
     size_t k = 0;
-    for (size_t i = 0; d && i < n; i++) {
-        if (s[i] == '%' && i + 2 < n) {
-            char hex[3] = {s[i + 1], s[i + 2], 0};
-            char *end;
-            long v = strtol(hex, &end, 16);
-            if (*end == '\0' && hex[0] && hex[1]) {
-                d[k++] = (char)v;
-                i += 2;
-                continue;
-            }
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] != '%') {
+            d[k++] = s[i];
+            continue;
         }
-        d[k++] = s[i];
+        int hi = i + 2 < n ? hex_digit(s[i + 1]) : -1;
+        int lo = hi >= 0 ? hex_digit(s[i + 2]) : -1;
+        if (lo < 0 || (hi | lo) == 0) {
+            keel__free(d);
+            return KEEL_EINVAL;
+        }
+        d[k++] = (char)(hi << 4 | lo);
+        i += 2;
     }
-    if (d)
-        d[k] = '\0';
-    return d;
+    d[k] = '\0';
+    *out = d;
+    return 0;
+}
+
+/* A host name or address: no spaces, controls or URL delimiters. */
+static bool host_ok(const char *h, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)h[i] <= ' ' || strchr("@/?#[]%\\", h[i]) || h[i] == 0x7f)
+            return false;
+    return n > 0;
 }
 
 int keel__redis_url(const char *url, keel__rurl *u)
@@ -107,25 +129,30 @@ int keel__redis_url(const char *url, keel__rurl *u)
         return KEEL_EINVAL;
     const char *p = url + 8, *end = p + strlen(p);
     const char *slash = strchr(p, '/');
-    const char *auth_end = memchr(p, '@', (size_t)((slash ? slash : end) - p));
+    const char *auth_end = NULL; /* the last '@' before the path */
+    for (const char *q = p; q < (slash ? slash : end); q++)
+        if (*q == '@')
+            auth_end = q;
     if (auth_end) { /* [user]:password@ or password@ */
         const char *colon = memchr(p, ':', (size_t)(auth_end - p));
-        if (colon) {
-            if (colon > p && !(u->user = dup_decoded(p, (size_t)(colon - p))))
-                return KEEL_ENOMEM;
-            u->pass = dup_decoded(colon + 1, (size_t)(auth_end - colon - 1));
-        } else {
-            u->pass = dup_decoded(p, (size_t)(auth_end - p));
-        }
-        if (!u->pass)
-            return KEEL_ENOMEM;
+        const char *pw = colon ? colon + 1 : p;
+        int rc = 0;
+        if (colon && colon > p)
+            rc = dup_decoded(p, (size_t)(colon - p), &u->user);
+        if (rc == 0 && (u->user || auth_end > pw)) /* ":@" alone: no AUTH */
+            rc = dup_decoded(pw, (size_t)(auth_end - pw), &u->pass);
+        if (rc)
+            return rc;
         p = auth_end + 1;
     }
     const char *hend = slash ? slash : end, *port = NULL;
     if (*p == '[') { /* [IPv6] */
         const char *rb = memchr(p, ']', (size_t)(hend - p));
-        if (!rb || rb == p + 1)
-            return KEEL_EINVAL;
+        if (!rb || !memchr(p + 1, ':', (size_t)(rb - p - 1)))
+            return KEEL_EINVAL; /* not an IPv6 address */
+        for (const char *q = p + 1; q < rb; q++)
+            if (hex_digit(*q) < 0 && *q != ':' && *q != '.')
+                return KEEL_EINVAL;
         u->host = dup_n(p + 1, (size_t)(rb - p - 1));
         if (rb + 1 < hend) {
             if (rb[1] != ':')
@@ -134,8 +161,8 @@ int keel__redis_url(const char *url, keel__rurl *u)
         }
     } else {
         const char *colon = memchr(p, ':', (size_t)(hend - p));
-        if ((colon ? colon : hend) == p)
-            return KEEL_EINVAL; /* empty host */
+        if (!host_ok(p, (size_t)((colon ? colon : hend) - p)))
+            return KEEL_EINVAL; /* empty, or not a host name */
         u->host = dup_n(p, (size_t)((colon ? colon : hend) - p));
         if (colon)
             port = colon + 1;
@@ -161,15 +188,19 @@ void keel__redis_url_free(keel__rurl *u)
 
 /* ---- errors, SIGPIPE ---- */
 
-/* The keel code for a context in error: a timeout (EAGAIN from a read with
- * SO_RCVTIMEO, or a timed-out connect) or anything else that lost the
- * server. */
+/* The keel code for a context in error, called right after the hiredis
+ * call that failed: a timeout (EAGAIN from a read with SO_RCVTIMEO,
+ * ETIMEDOUT from a connect) or anything else that lost the server. errno
+ * tells, since hiredis's message follows the program's locale; the
+ * messages of the C locale are the fallback. */
 int keel__redis_ctx_error(const redisContext *c)
 {
+    int e = errno;
     if (c->err == REDIS_ERR_PROTOCOL || c->err == REDIS_ERR_OOM)
         return c->err == REDIS_ERR_OOM ? KEEL_ENOMEM : KEEL_EPROTO;
-    if (strstr(c->errstr, "temporarily unavailable") || strstr(c->errstr, "timed out") ||
-        strstr(c->errstr, "Timeout"))
+    if (c->err == REDIS_ERR_IO && (e == EAGAIN || e == EWOULDBLOCK || e == ETIMEDOUT))
+        return KEEL_ETIMEDOUT;
+    if (strstr(c->errstr, "temporarily unavailable") || strstr(c->errstr, "timed out"))
         return KEEL_ETIMEDOUT;
     return KEEL_EUNAVAIL;
 }
@@ -201,43 +232,54 @@ void keel__sigpipe_restore(const keel__sigpipe *s)
     pthread_sigmask(SIG_SETMASK, &s->old, NULL);
 }
 
+/* A timeout for hiredis: at least 1 us, since zero means "none" there. */
 struct timeval keel__tv(uint64_t ns)
 {
+    if (ns < 1000)
+        ns = 1000;
     return (struct timeval){(time_t)(ns / 1000000000u), (suseconds_t)(ns % 1000000000u / 1000u)};
 }
 
 /* ---- connections ---- */
 
-/* AUTH and SELECT on a fresh context. */
+/* One setup command. A refusal (a wrong password, a db out of range)
+ * makes the node unusable: KEEL_EUNAVAIL, with the server's text logged. */
+static int setup_command(rnode *n, redisContext *c, int argc, const char **argv)
+{
+    redisReply *rep = redisCommandArgv(c, argc, argv, NULL);
+    if (!rep)
+        return keel__redis_ctx_error(c);
+    int rc = 0;
+    if (rep->type == REDIS_REPLY_ERROR) {
+        keel__log(KEEL_LOG_ERROR, "redis", "%s: %s: %s", n->name, argv[0], rep->str);
+        rc = KEEL_EUNAVAIL;
+    }
+    freeReplyObject(rep);
+    return rc;
+}
+
+/* Timeouts, keepalive (TCP only: it fails on a unix socket), AUTH and
+ * SELECT on a fresh context. */
 static int conn_setup(rnode *n, redisContext *c)
 {
     keel_redis *r = n->r;
-    redisSetTimeout(c, keel__tv(r->cmd_timeout));
-    redisEnableKeepAlive(c);
+    if (redisSetTimeout(c, keel__tv(r->cmd_timeout)) != REDIS_OK ||
+        (!n->url.path && redisEnableKeepAlive(c) != REDIS_OK)) {
+        keel__log(KEEL_LOG_WARN, "redis", "%s: socket options: %s", n->name, c->errstr);
+        return KEEL_EUNAVAIL;
+    }
+    int rc = 0;
     if (n->url.pass) {
         const char *argv[3] = {"AUTH", n->url.user ? n->url.user : n->url.pass, n->url.pass};
-        int argc = n->url.user ? 3 : 2;
-        redisReply *rep = redisCommandArgv(c, argc, argv, NULL);
-        int rc = !rep ? keel__redis_ctx_error(c) : rep->type == REDIS_REPLY_ERROR ? KEEL_EBACKEND : 0;
-        if (rep && rep->type == REDIS_REPLY_ERROR)
-            keel__log(KEEL_LOG_ERROR, "redis", "%s: AUTH: %s", n->name, rep->str);
-        if (rep)
-            freeReplyObject(rep);
-        if (rc)
-            return rc;
+        rc = setup_command(n, c, n->url.user ? 3 : 2, argv);
     }
-    if (n->url.db) {
+    if (rc == 0 && n->url.db) {
         char db[16];
         snprintf(db, sizeof db, "%d", n->url.db);
         const char *argv[2] = {"SELECT", db};
-        redisReply *rep = redisCommandArgv(c, 2, argv, NULL);
-        int rc = !rep ? keel__redis_ctx_error(c) : rep->type == REDIS_REPLY_ERROR ? KEEL_EBACKEND : 0;
-        if (rep)
-            freeReplyObject(rep);
-        if (rc)
-            return rc;
+        rc = setup_command(n, c, 2, argv);
     }
-    return 0;
+    return rc;
 }
 
 int keel__redis_connect(rnode *n, redisContext **out)
@@ -248,7 +290,7 @@ int keel__redis_connect(rnode *n, redisContext **out)
                                   : redisConnectWithTimeout(n->url.host, n->url.port, tv);
     if (!c)
         return KEEL_ENOMEM; /* hiredis could not even allocate */
-    int rc = c->err ? keel__redis_ctx_error(c) : 0;
+    int rc = c->err ? KEEL_EUNAVAIL : 0; /* refused, unreachable, timed out */
     if (rc)
         keel__log(KEEL_LOG_WARN, "redis", "%s: connect: %s", n->name, c->errstr);
     if (rc == 0) {
@@ -266,12 +308,17 @@ int keel__redis_connect(rnode *n, redisContext **out)
     return 0;
 }
 
-/* A connect that timed out is a node that is down, like one that refused:
- * KEEL_ETIMEDOUT from the pool then only ever means "no connection free". */
+/* KEEL_ETIMEDOUT from the pool means "no connection free"; a server that
+ * went silent during AUTH or SELECT comes back as this code instead. */
+#define SETUP_TIMEOUT (-1000)
+
 static int conn_init(void *obj, void *ud)
 {
-    int rc = keel__redis_connect(ud, &((rconn *)obj)->c);
-    return rc == KEEL_ETIMEDOUT ? KEEL_EUNAVAIL : rc;
+    rnode *n = ud;
+    rconn *c = obj;
+    c->gen = atomic_load(&n->gen);
+    int rc = keel__redis_connect(n, &c->c);
+    return rc == KEEL_ETIMEDOUT ? SETUP_TIMEOUT : rc;
 }
 
 static void conn_fini(void *obj, void *ud)
@@ -297,6 +344,7 @@ static bool node_usable(rnode *n, uint64_t now)
 static void node_result(rnode *n, int rc, uint64_t now)
 {
     if (rc == KEEL_EUNAVAIL || rc == KEEL_ETIMEDOUT || rc == KEEL_EPROTO) {
+        atomic_fetch_add(&n->gen, 1); /* its idle connections are suspect too */
         uint32_t f = atomic_fetch_add(&n->fails, 1) + 1;
         if (f >= n->r->max_fails)
             atomic_store_explicit(&n->skip_until, now + n->r->fail_timeout, memory_order_release);
@@ -321,10 +369,18 @@ static int with_conn(rnode *n, int (*fn)(redisContext *c, void *arg), void *arg)
         return KEEL_EUNAVAIL;
     }
     rconn *c;
-    int rc = keel_pool_acquire_timeout(n->pool, r->cmd_timeout, (void **)&c);
+    int rc;
+    /* A connection made before the node last failed is dropped unused:
+     * after a restart, the probe must not fail on a stale socket. */
+    while ((rc = keel_pool_acquire_timeout(n->pool, r->cmd_timeout, (void **)&c)) == 0 &&
+           c->gen != atomic_load(&n->gen))
+        keel_pool_discard(n->pool, c);
     if (rc) { /* every connection busy (ETIMEDOUT), or a connect failed */
-        if (rc != KEEL_ETIMEDOUT)
-            node_result(n, rc, keel__clock_now(&r->clock));
+        if (rc == SETUP_TIMEOUT)
+            rc = KEEL_ETIMEDOUT;
+        else if (rc == KEEL_ETIMEDOUT)
+            return rc;
+        node_result(n, rc, keel__clock_now(&r->clock));
         return rc;
     }
     keel__sigpipe sp;
@@ -701,6 +757,8 @@ KEEL_API int keel_redis_create(keel_redis **out, const keel_redis_opts *o)
     r->cmd_timeout = o->command_timeout_ns ? o->command_timeout_ns : 1000000000u;
     r->max_fails = o->max_fails ? o->max_fails : 3;
     r->fail_timeout = o->fail_timeout_ns ? o->fail_timeout_ns : 10000000000u;
+    if (r->fail_timeout > UINT64_MAX / 4)
+        r->fail_timeout = UINT64_MAX / 4; /* now + fail_timeout must not wrap */
     r->clock = (keel__clock){o->clock, o->clock_ud};
     r->nnodes = o->nnodes;
     r->metrics = o->metrics;

@@ -21,6 +21,7 @@ typedef struct keel__rurl {
 
 typedef struct rconn {
     redisContext *c;
+    uint64_t gen; /* the node's generation when connected */
 } rconn;
 
 typedef struct rnode {
@@ -31,6 +32,7 @@ typedef struct rnode {
     keel_pool *pool;
     _Atomic uint32_t fails;
     _Atomic uint64_t skip_until;
+    _Atomic uint64_t gen; /* bumped at every failure */
     _Atomic uint64_t commands, errors, timeouts, unavailable, connects;
 } rnode;
 

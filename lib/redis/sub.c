@@ -175,7 +175,7 @@ static void *run(void *arg)
             first = false;
         } else if (rc == 0) {
             keel_backoff_reset(&bo);
-            if (s->o.on_reconnect)
+            if (s->o.on_reconnect && !stopping(s))
                 s->o.on_reconnect(s->o.ud);
         }
         if (rc == 0) {
