@@ -13,5 +13,6 @@
 #include <keel/metrics.h>
 #include <keel/alert.h>
 #include <keel/redis.h>
+#include <keel/pg.h>
 
 #endif /* KEEL_H */

@@ -58,6 +58,51 @@ void kt_server(const char *verb, const char *name)
     ck_assert_msg(rc == 0, "`%s` failed (status %d)", cmd, rc);
 }
 
+void kt_private_start(kt_private *p)
+{
+    memset(p, 0, sizeof *p);
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd, "KEEL_TEST_REDIS_NODES=0 '%s' start", kt_env("KEEL_TEST_SERVERS"));
+    FILE *f = popen(cmd, "r");
+    ck_assert_msg(f != NULL, "cannot run %s", cmd);
+    char line[512];
+    while (fgets(line, sizeof line, f))
+        snprintf(p->dir, sizeof p->dir, "%.*s", (int)strcspn(line, "\n"), line);
+    int rc = pclose(f);
+    ck_assert_msg(rc == 0 && p->dir[0], "`%s` failed (status %d)", cmd, rc);
+    snprintf(cmd, sizeof cmd, "%s/env", p->dir);
+    f = fopen(cmd, "r");
+    ck_assert_msg(f != NULL, "no %s", cmd);
+    while (fgets(line, sizeof line, f)) {
+        char *v = strchr(line, '\'');
+        if (!v)
+            continue;
+        v[strcspn(v + 1, "'") + 1] = '\0';
+        if (strncmp(line, "export KEEL_TEST_PG=", 20) == 0)
+            snprintf(p->pg, sizeof p->pg, "%s", v + 1);
+        else if (strncmp(line, "export KEEL_TEST_PG_REPLICA=", 28) == 0)
+            snprintf(p->pg_replica, sizeof p->pg_replica, "%s", v + 1);
+    }
+    fclose(f);
+    ck_assert_msg(p->pg[0] && p->pg_replica[0], "%s/env names no PostgreSQL", p->dir);
+}
+
+void kt_private_server(kt_private *p, const char *verb, const char *name)
+{
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd, "KEEL_TEST_DIR='%s' '%s' %s %s", p->dir, kt_env("KEEL_TEST_SERVERS"),
+             verb, name);
+    int rc = system(cmd);
+    ck_assert_msg(rc == 0, "`%s` failed (status %d)", cmd, rc);
+}
+
+void kt_private_stop(kt_private *p)
+{
+    if (p->dir[0])
+        kt_private_server(p, "stop", "");
+    p->dir[0] = '\0';
+}
+
 uint64_t kt_clock_now(void *clock)
 {
     return atomic_load(&((kt_clock *)clock)->ns);

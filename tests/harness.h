@@ -24,6 +24,18 @@ int kt_redis_nodes(void);
  * resume-one, promote); fails the test if it fails. */
 void kt_server(const char *verb, const char *name);
 
+/* A server set of a test's own (PostgreSQL primary and replica, no Redis),
+ * for faults that would spoil the shared one (a failover). Start it from
+ * an unchecked fixture's setup and stop it in its teardown, which run in
+ * Check's parent process: it is stopped even when a test fails. */
+typedef struct kt_private {
+    char dir[512];
+    char pg[256], pg_replica[256]; /* conninfos */
+} kt_private;
+void kt_private_start(kt_private *p);
+void kt_private_server(kt_private *p, const char *verb, const char *name);
+void kt_private_stop(kt_private *p);
+
 /* A clock for the `clock` options: time moves only when the test says. */
 typedef struct kt_clock {
     _Atomic uint64_t ns;

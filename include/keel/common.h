@@ -44,7 +44,8 @@ extern "C" {
     XX(ENOTSUP, -13, "operation not supported")                                \
     XX(EPROTO, -14, "protocol error")                                          \
     XX(ESTATE, -15, "operation not allowed in the current state")              \
-    XX(ELIMIT, -16, "limit reached")
+    XX(ELIMIT, -16, "limit reached")                                           \
+    XX(EABORTED, -17, "aborted with its batch")
 
 typedef enum keel_err {
     KEEL_OK = 0,

@@ -1,0 +1,504 @@
+/* lib/pg/exec.c — statements on a connection: sending with parameters,
+ * waiting for results with a deadline, prepared statements, batches in
+ * pipeline mode.
+ *
+ * Every wait is a poll() on the connection's socket with the connection in
+ * non-blocking mode, so a server that stops answering costs at most the
+ * query timeout; the connection is then marked broken and closed on
+ * release, never reused.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "pg_int.h"
+
+/* ---- waiting ---- */
+
+int keel__pg_wait_fd(int fd, short events, uint64_t deadline)
+{
+    if (fd < 0)
+        return KEEL_EUNAVAIL;
+    for (;;) {
+        int ms = -1;
+        if (deadline) {
+            uint64_t now = keel_now_ns();
+            if (now >= deadline)
+                return KEEL_ETIMEDOUT;
+            uint64_t left = (deadline - now + 999999u) / 1000000u;
+            ms = left > 60000 ? 60000 : (int)left;
+        }
+        struct pollfd p = {.fd = fd, .events = events};
+        int n = poll(&p, 1, ms);
+        if (n > 0)
+            return 0;
+        if (n < 0 && errno != EINTR)
+            return KEEL_EUNAVAIL;
+    }
+}
+
+uint64_t keel__pg_deadline(const keel_pg *pg, uint64_t timeout)
+{
+    (void)pg;
+    return timeout ? keel_now_ns() + timeout : 0;
+}
+
+uint64_t keel__pg_lsn_parse(const char *s)
+{
+    unsigned hi, lo;
+    if (!s || sscanf(s, "%X/%X", &hi, &lo) != 2)
+        return 0;
+    return (uint64_t)hi << 32 | lo;
+}
+
+/* ---- results ---- */
+
+static void lost(keel_pg_conn *c, const char *what)
+{
+    c->broken = true;
+    keel__log(KEEL_LOG_WARN, "pg", "%s: %s: %s", c->h->name, what,
+              c->conn ? PQerrorMessage(c->conn) : "no connection");
+    keel__pg_host_failed(c->h);
+}
+
+/* Whether a SQLSTATE means the session is gone (class 08, or the server
+ * shutting down or not accepting connections). */
+static bool state_lost(const char *st)
+{
+    return st && (strncmp(st, "08", 2) == 0 || strcmp(st, "57P01") == 0 ||
+                  strcmp(st, "57P02") == 0 || strcmp(st, "57P03") == 0);
+}
+
+/* The code for a statement's final result; *res is kept only for 0 and
+ * KEEL_EBACKEND. */
+static int result_rc(keel_pg_conn *c, PGresult **res)
+{
+    PGresult *r = *res;
+    ExecStatusType st = r ? PQresultStatus(r) : PGRES_FATAL_ERROR;
+    switch (st) {
+    case PGRES_COMMAND_OK:
+    case PGRES_TUPLES_OK:
+    case PGRES_EMPTY_QUERY:
+    case PGRES_SINGLE_TUPLE:
+    case PGRES_COPY_IN:
+    case PGRES_COPY_OUT:
+    case PGRES_COPY_BOTH:
+        return 0;
+    default:
+        break;
+    }
+    const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
+    int rc;
+    if (st == PGRES_BAD_RESPONSE) {
+        c->broken = true;
+        rc = KEEL_EPROTO;
+    } else if (!r || PQstatus(c->conn) != CONNECTION_OK || state_lost(state)) {
+        lost(c, "connection lost");
+        rc = KEEL_EUNAVAIL;
+    } else if (!state) { /* an error of libpq's own, the session intact */
+        keel__log(KEEL_LOG_WARN, "pg", "%s: %s", c->h->name, PQresultErrorMessage(r));
+        rc = KEEL_EINVAL;
+    } else {
+        atomic_fetch_add_explicit(&c->h->errors, 1, memory_order_relaxed);
+        if (keel__log_enabled(KEEL_LOG_WARN)) {
+            const char *msg = PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY);
+            keel__log(KEEL_LOG_WARN, "pg", "%s: %s: %s", c->h->name, state, msg ? msg : "");
+        }
+        return KEEL_EBACKEND;
+    }
+    PQclear(r);
+    *res = NULL;
+    return rc;
+}
+
+/* Waits until the socket is ready for events, then reads what came. A
+ * connection that times out is never used again. */
+static int wait_and_read(keel_pg_conn *c, short events, uint64_t deadline)
+{
+    int rc = keel__pg_wait_fd(PQsocket(c->conn), events, deadline);
+    if (rc) {
+        if (rc == KEEL_ETIMEDOUT)
+            keel__log(KEEL_LOG_WARN, "pg", "%s: no answer in time: connection dropped", c->h->name);
+        c->broken = true;
+        return rc;
+    }
+    if (!PQconsumeInput(c->conn)) {
+        lost(c, "receive");
+        return KEEL_EUNAVAIL;
+    }
+    return 0;
+}
+
+/* Flushes what libpq holds for the server, reading meanwhile so that a
+ * server blocked on its own output cannot block us. */
+static int flush(keel_pg_conn *c, uint64_t deadline)
+{
+    int f;
+    while ((f = PQflush(c->conn)) != 0) {
+        if (f < 0) {
+            lost(c, "send");
+            return KEEL_EUNAVAIL;
+        }
+        int rc = wait_and_read(c, POLLIN | POLLOUT, deadline);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+/* Waits until libpq has the next result (or knows there is none). */
+static int ready(keel_pg_conn *c, uint64_t deadline)
+{
+    while (PQisBusy(c->conn)) {
+        int rc = wait_and_read(c, POLLIN, deadline);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+/* Reads a statement's results to the end and keeps the last one (an error
+ * wins over what follows it); stops at COPY, which the caller drives. */
+static int await(keel_pg_conn *c, uint64_t deadline, PGresult **out)
+{
+    PGresult *last = NULL;
+    for (;;) {
+        int rc = ready(c, deadline);
+        if (rc) {
+            PQclear(last);
+            return rc;
+        }
+        PGresult *r = PQgetResult(c->conn);
+        if (!r)
+            break;
+        ExecStatusType st = PQresultStatus(r);
+        if (last && PQresultStatus(last) == PGRES_FATAL_ERROR) {
+            PQclear(r);
+        } else {
+            PQclear(last);
+            last = r;
+        }
+        if (st == PGRES_COPY_IN || st == PGRES_COPY_OUT || st == PGRES_COPY_BOTH)
+            break;
+    }
+    *out = last;
+    return 0;
+}
+
+static const keel_pg_params no_params = {0};
+
+static bool params_ok(const keel_pg_params *p)
+{
+    return p->n >= 0 && p->n <= 65535 && (p->n == 0 || p->values) &&
+           (p->result_format == 0 || p->result_format == 1);
+}
+
+/* Sends one statement (SQL, or a prepared statement by name) without
+ * waiting. */
+static int send_one(keel_pg_conn *c, const char *sql, const char *name, const keel_pg_params *p)
+{
+    int ok = name ? PQsendQueryPrepared(c->conn, name, p->n, p->values, p->lengths, p->formats,
+                                        p->result_format)
+                  : PQsendQueryParams(c->conn, sql, p->n, p->types, p->values, p->lengths,
+                                      p->formats, p->result_format);
+    if (ok)
+        return 0;
+    if (PQstatus(c->conn) != CONNECTION_OK) {
+        lost(c, "send");
+        return KEEL_EUNAVAIL;
+    }
+    /* refused by libpq before sending: busy, or bad arguments */
+    keel__log(KEEL_LOG_WARN, "pg", "%s: %s", c->h->name, PQerrorMessage(c->conn));
+    return KEEL_EINVAL;
+}
+
+/* One statement, start to end: send, flush, await, classify; timeout 0:
+ * the query timeout. */
+static int run(keel_pg_conn *c, const char *sql, const char *name, const keel_pg_params *p,
+               uint64_t timeout, PGresult **res)
+{
+    *res = NULL;
+    if (c->broken || PQstatus(c->conn) != CONNECTION_OK)
+        return KEEL_EUNAVAIL;
+    uint64_t deadline = keel__pg_deadline(c->h->pg, timeout ? timeout : c->h->pg->query_timeout);
+    PQsetnonblocking(c->conn, 1);
+    int rc = send_one(c, sql, name, p);
+    if (rc == 0)
+        rc = flush(c, deadline);
+    if (rc == 0)
+        rc = await(c, deadline, res);
+    if (!c->broken)
+        PQsetnonblocking(c->conn, 0);
+    atomic_fetch_add_explicit(&c->h->queries, 1, memory_order_relaxed);
+    return rc ? rc : result_rc(c, res);
+}
+
+int keel__pg_run(keel_pg_conn *c, const char *sql, const keel_pg_params *p, uint64_t timeout,
+                 PGresult **res)
+{
+    return run(c, sql, NULL, p ? p : &no_params, timeout, res);
+}
+
+int keel__pg_query_bool(keel_pg_conn *c, const char *sql, const char *param)
+{
+    keel_pg_params p = {.n = param ? 1 : 0, .values = &param};
+    PGresult *r;
+    int rc = run(c, sql, NULL, &p, 0, &r);
+    if (rc == KEEL_EBACKEND)
+        PQclear(r);
+    if (rc)
+        return rc;
+    int v = PQntuples(r) == 1 && !PQgetisnull(r, 0, 0) && PQgetvalue(r, 0, 0)[0] == 't';
+    PQclear(r);
+    return v;
+}
+
+KEEL_API int keel_pg_conn_exec(keel_pg_conn *c, const char *sql, const keel_pg_params *params,
+                               PGresult **res)
+{
+    if (res)
+        *res = NULL;
+    if (!c || !sql || !res || (params && !params_ok(params)))
+        return KEEL_EINVAL;
+    return run(c, sql, NULL, params ? params : &no_params, 0, res);
+}
+
+/* ---- prepared statements ---- */
+
+static bool is_prepared(const keel_pg_conn *c, uint32_t id)
+{
+    return id / 64 < c->nwords && (c->prepared[id / 64] >> (id % 64) & 1);
+}
+
+static int mark_prepared(keel_pg_conn *c, uint32_t id, bool on)
+{
+    if (id / 64 >= c->nwords) {
+        if (!on)
+            return 0;
+        size_t n = id / 64 + 1;
+        uint64_t *w = keel__realloc(c->prepared, n * sizeof *w);
+        if (!w)
+            return KEEL_ENOMEM;
+        memset(w + c->nwords, 0, (n - c->nwords) * sizeof *w);
+        c->prepared = w;
+        c->nwords = n;
+    }
+    if (on)
+        c->prepared[id / 64] |= (uint64_t)1 << (id % 64);
+    else
+        c->prepared[id / 64] &= ~((uint64_t)1 << (id % 64));
+    return 0;
+}
+
+/* Prepares s on this connection unless it already is. On KEEL_EBACKEND
+ * (the SQL is wrong) *res holds the server's answer. */
+static int prepare(keel_pg_conn *c, keel_pg_stmt *s, PGresult **res)
+{
+    *res = NULL;
+    if (is_prepared(c, s->id))
+        return 0;
+    if (c->broken || PQstatus(c->conn) != CONNECTION_OK)
+        return KEEL_EUNAVAIL;
+    uint64_t deadline = keel__pg_deadline(c->h->pg, c->h->pg->query_timeout);
+    PQsetnonblocking(c->conn, 1);
+    int rc = 0;
+    if (!PQsendPrepare(c->conn, s->name, s->sql, s->ntypes, s->types)) {
+        lost(c, "prepare");
+        rc = KEEL_EUNAVAIL;
+    }
+    if (rc == 0)
+        rc = flush(c, deadline);
+    if (rc == 0)
+        rc = await(c, deadline, res);
+    if (!c->broken)
+        PQsetnonblocking(c->conn, 0);
+    if (rc == 0)
+        rc = result_rc(c, res);
+    if (rc == KEEL_EBACKEND &&
+        strcmp(PQresultErrorField(*res, PG_DIAG_SQLSTATE), "42P05") == 0) {
+        PQclear(*res); /* duplicate_prepared_statement: it is there already */
+        *res = NULL;
+        rc = 0;
+    }
+    if (rc == 0) {
+        PQclear(*res);
+        *res = NULL;
+        rc = mark_prepared(c, s->id, true);
+    }
+    return rc;
+}
+
+KEEL_API int keel_pg_conn_exec_stmt(keel_pg_conn *c, keel_pg_stmt *s, const keel_pg_params *params,
+                                    PGresult **res)
+{
+    if (res)
+        *res = NULL;
+    if (!c || !s || !res || s->pg != c->h->pg || (params && !params_ok(params)))
+        return KEEL_EINVAL;
+    const keel_pg_params *p = params ? params : &no_params;
+    /* A failed Bind aborts an open transaction: the statement can be
+     * prepared again and retried only outside one. */
+    bool idle = PQtransactionStatus(c->conn) == PQTRANS_IDLE;
+    int rc = prepare(c, s, res);
+    if (rc == 0)
+        rc = run(c, NULL, s->name, p, 0, res);
+    if (rc == KEEL_EBACKEND && idle &&
+        strcmp(PQresultErrorField(*res, PG_DIAG_SQLSTATE), "26000") == 0) {
+        /* invalid_sql_statement_name: the server forgot it (DISCARD ALL,
+         * DEALLOCATE, a pooler in between): prepare again, once */
+        PQclear(*res);
+        mark_prepared(c, s->id, false);
+        rc = prepare(c, s, res);
+        if (rc == 0)
+            rc = run(c, NULL, s->name, p, 0, res);
+    }
+    return rc;
+}
+
+/* ---- batches ---- */
+
+static bool query_ok(const keel_pg_query *q, const keel_pg *pg)
+{
+    return (!q->sql != !q->stmt) && (!q->stmt || q->stmt->pg == pg) && params_ok(&q->params);
+}
+
+/* Takes the next result of a batch in flight: assigns it to the query it
+ * belongs to, or notes the end. *cur is the query whose results are being
+ * read, *has whether it got one. Returns 1 at the Sync, 0 to go on, -1
+ * when nothing more is available yet. */
+static int take(keel_pg_conn *c, keel_pg_query *q, size_t n, size_t *cur, bool *has)
+{
+    PGresult *r = PQgetResult(c->conn);
+    if (!r) {
+        if (!*has)
+            return -1;
+        (*cur)++;
+        *has = false;
+        return 0;
+    }
+    ExecStatusType st = PQresultStatus(r);
+    if (st == PGRES_PIPELINE_SYNC) {
+        PQclear(r);
+        return 1;
+    }
+    *has = true;
+    if (*cur >= n) { /* nothing should come: ignore it */
+        PQclear(r);
+        return 0;
+    }
+    keel_pg_query *x = &q[*cur];
+    PQclear(x->res); /* a statement has one result here: keep the last */
+    x->res = r;
+    x->rc = st == PGRES_PIPELINE_ABORTED ? KEEL_EABORTED : result_rc(c, &x->res);
+    if (x->rc == KEEL_EABORTED) {
+        PQclear(x->res);
+        x->res = NULL;
+    }
+    return 0;
+}
+
+/* Sends everything and reads results as they come, until the Sync. */
+static int pipeline(keel_pg_conn *c, keel_pg_query *q, size_t n, uint64_t deadline)
+{
+    size_t sent = 0, cur = 0;
+    bool synced = false, has = false;
+    for (;;) {
+        while (sent < n) {
+            keel_pg_query *x = &q[sent];
+            int rc = send_one(c, x->sql, x->stmt ? x->stmt->name : NULL, &x->params);
+            if (rc)
+                return rc;
+            sent++;
+            if (sent % 256 == 0 && PQflush(c->conn) != 0) /* the socket is full: read first */
+                break;
+        }
+        if (sent == n && !synced) {
+            if (!PQpipelineSync(c->conn)) {
+                lost(c, "sync");
+                return KEEL_EUNAVAIL;
+            }
+            synced = true;
+        }
+        int f = PQflush(c->conn);
+        if (f < 0) {
+            lost(c, "send");
+            return KEEL_EUNAVAIL;
+        }
+        int rc = wait_and_read(c, (short)(POLLIN | (f ? POLLOUT : 0)), deadline);
+        if (rc)
+            return rc;
+        while (!PQisBusy(c->conn)) {
+            int t = take(c, q, n, &cur, &has);
+            if (t == 1)
+                return 0;
+            if (t < 0)
+                break;
+            if (c->broken)
+                return KEEL_EUNAVAIL;
+        }
+    }
+}
+
+KEEL_API int keel_pg_conn_batch(keel_pg_conn *c, keel_pg_query *q, size_t n)
+{
+    if (!c || (!q && n))
+        return KEEL_EINVAL;
+    for (size_t i = 0; i < n; i++)
+        if (!query_ok(&q[i], c->h->pg))
+            return KEEL_EINVAL;
+    for (size_t i = 0; i < n; i++) {
+        q[i].rc = KEEL_EABORTED;
+        q[i].res = NULL;
+    }
+    if (n == 0)
+        return 0;
+    if (c->broken || PQstatus(c->conn) != CONNECTION_OK)
+        return KEEL_EUNAVAIL;
+    if (PQpipelineStatus(c->conn) != PQ_PIPELINE_OFF || PQisBusy(c->conn))
+        return KEEL_ESTATE;
+    /* statements first, outside the pipeline */
+    for (size_t i = 0; i < n; i++) {
+        if (!q[i].stmt)
+            continue;
+        int rc = prepare(c, q[i].stmt, &q[i].res);
+        if (rc) {
+            q[i].rc = rc;
+            return rc;
+        }
+    }
+    uint64_t deadline = keel__pg_deadline(c->h->pg, c->h->pg->query_timeout);
+    PQsetnonblocking(c->conn, 1);
+    if (!PQenterPipelineMode(c->conn)) {
+        lost(c, "pipeline mode");
+        return KEEL_EUNAVAIL;
+    }
+    int rc = pipeline(c, q, n, deadline);
+    atomic_fetch_add_explicit(&c->h->queries, n, memory_order_relaxed);
+    if (rc == 0 && !PQexitPipelineMode(c->conn))
+        lost(c, "leaving pipeline mode");
+    if (!c->broken)
+        PQsetnonblocking(c->conn, 0);
+    /* all or nothing: one failure aborts the others */
+    int first = rc;
+    for (size_t i = 0; i < n && !first; i++)
+        if (q[i].rc && q[i].rc != KEEL_EABORTED)
+            first = q[i].rc;
+    for (size_t i = 0; i < n; i++) {
+        if (rc && q[i].rc != KEEL_EBACKEND)
+            q[i].rc = rc; /* the connection failed: outcome unknown */
+        else if (first && q[i].rc == 0)
+            q[i].rc = KEEL_EABORTED;
+        if (q[i].rc != 0 && q[i].rc != KEEL_EBACKEND) {
+            PQclear(q[i].res);
+            q[i].res = NULL;
+        }
+    }
+    if (first == 0 && rc == 0) {
+        for (size_t i = 0; i < n; i++)
+            if (q[i].rc == KEEL_EABORTED) /* no failure seen, yet not run */
+                first = KEEL_EPROTO;
+    }
+    return first;
+}

@@ -1,0 +1,804 @@
+/* lib/pg/pg.c — keel_pg's hosts: connection parameters, pools, health
+ * checks, the choice of the write host, and routing of acquires.
+ *
+ * State. Each host's role, WAL position and lag are written by a check
+ * under pg->mu; the write host's index is also an atomic so that a WRITE
+ * acquire reads it without a lock. Replicas are peers of a keel_lb (round
+ * robin), set down while they may not serve reads. A host whose connection
+ * fails between checks gets down_until (a READ or WRITE skips it) and a
+ * new generation (its pooled connections, made before, are dropped when
+ * next taken), and the health thread is woken.
+ *
+ * Lag. At each check the write host's WAL insert position is remembered
+ * with the time (only when it moved: the earliest time of a position is
+ * the one that counts). A replica's lag is the time since the oldest
+ * remembered position it has not replayed; none: zero.
+ *
+ * Locks: check_mu (one check at a time) before mu; keel_lb's own lock is
+ * taken outside mu; the metrics registry's lock before mu.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <keel/metrics.h>
+
+#include "pg_int.h"
+
+/* One round trip tells a host's role, WAL position and timeline (from the
+ * current WAL file's name, which starts with it). */
+static const char HEALTH_SQL[] =
+    "SELECT pg_is_in_recovery(),"
+    " CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
+    " ELSE pg_current_wal_insert_lsn() END,"
+    " CASE WHEN pg_is_in_recovery() THEN NULL"
+    " ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END";
+
+/* ---- connection parameters ---- */
+
+static void free_params(pghost *h)
+{
+    for (size_t i = 0; h->kw && h->kw[i]; i++) {
+        keel__free((char *)h->kw[i]);
+        keel__free((char *)h->val[i]);
+    }
+    keel__free(h->kw);
+    keel__free(h->val);
+    h->kw = h->val = NULL;
+}
+
+static int add_param(pghost *h, size_t *n, const char *k, const char *v)
+{
+    char *kc = keel__strdup(k), *vc = keel__strdup(v);
+    if (!kc || !vc) {
+        keel__free(kc);
+        keel__free(vc);
+        return KEEL_ENOMEM;
+    }
+    h->kw[*n] = kc;
+    h->val[*n] = vc;
+    (*n)++;
+    return 0;
+}
+
+/* The conninfo's parameters, plus libkeel's: a fallback application name
+ * and the statement timeout (added to `options`). */
+static int host_params(pghost *h, const char *conninfo, uint64_t statement_timeout)
+{
+    char *err = NULL;
+    PQconninfoOption *opts = PQconninfoParse(conninfo, &err);
+    if (!opts) {
+        keel__log(KEEL_LOG_ERROR, "pg", "malformed conninfo: %s", err ? err : "out of memory");
+        int rc = err ? KEEL_EINVAL : KEEL_ENOMEM;
+        PQfreemem(err);
+        return rc;
+    }
+    size_t count = 0;
+    for (PQconninfoOption *o = opts; o->keyword; o++)
+        count++;
+    h->kw = keel__calloc(count + 3, sizeof *h->kw);
+    h->val = keel__calloc(count + 3, sizeof *h->val);
+    int rc = h->kw && h->val ? 0 : KEEL_ENOMEM;
+    char st[64] = "";
+    if (statement_timeout)
+        snprintf(st, sizeof st, "-c statement_timeout=%llu",
+                 (unsigned long long)((statement_timeout + 999999u) / 1000000u));
+    const char *host = NULL, *hostaddr = NULL, *port = NULL;
+    bool have_options = false;
+    size_t n = 0;
+    for (PQconninfoOption *o = opts; rc == 0 && o->keyword; o++) {
+        if (!o->val)
+            continue;
+        if (strcmp(o->keyword, "options") == 0 && st[0]) {
+            char *both = keel__malloc(strlen(o->val) + strlen(st) + 2);
+            if (!both) {
+                rc = KEEL_ENOMEM;
+                break;
+            }
+            sprintf(both, "%s %s", o->val, st);
+            rc = add_param(h, &n, "options", both);
+            keel__free(both);
+            have_options = true;
+            continue;
+        }
+        rc = add_param(h, &n, o->keyword, o->val);
+        if (strcmp(o->keyword, "host") == 0)
+            host = h->val[n - 1];
+        else if (strcmp(o->keyword, "hostaddr") == 0)
+            hostaddr = h->val[n - 1];
+        else if (strcmp(o->keyword, "port") == 0)
+            port = h->val[n - 1];
+    }
+    if (rc == 0 && st[0] && !have_options)
+        rc = add_param(h, &n, "options", st);
+    if (rc == 0)
+        rc = add_param(h, &n, "fallback_application_name", "libkeel");
+    PQconninfoFree(opts);
+    snprintf(h->name, sizeof h->name, "%s:%s", host ? host : hostaddr ? hostaddr : "localhost",
+             port ? port : "5432");
+    return rc;
+}
+
+/* ---- connecting ---- */
+
+/* A new connection within the connect timeout (libpq's own has a 2 s
+ * floor): PQconnectStartParams, then PQconnectPoll on our own poll(). */
+static int connect_host(pghost *h, PGconn **out)
+{
+    keel_pg *pg = h->pg;
+    PGconn *c = PQconnectStartParams(h->kw, h->val, 0);
+    if (!c)
+        return KEEL_ENOMEM;
+    uint64_t deadline = keel_now_ns() + pg->connect_timeout;
+    PostgresPollingStatusType st = PGRES_POLLING_WRITING;
+    int rc = PQstatus(c) == CONNECTION_BAD ? KEEL_EUNAVAIL : 0;
+    while (rc == 0 && st != PGRES_POLLING_OK) {
+        if (st == PGRES_POLLING_FAILED) {
+            rc = KEEL_EUNAVAIL;
+            break;
+        }
+        rc = keel__pg_wait_fd(PQsocket(c), st == PGRES_POLLING_READING ? POLLIN : POLLOUT, deadline);
+        if (rc == 0)
+            st = PQconnectPoll(c);
+    }
+    if (rc) {
+        atomic_fetch_add_explicit(&h->conn_failures, 1, memory_order_relaxed);
+        keel__log(KEEL_LOG_WARN, "pg", "%s: connect: %s", h->name,
+                  rc == KEEL_ETIMEDOUT ? "timed out" : PQerrorMessage(c));
+        PQfinish(c);
+        return KEEL_EUNAVAIL; /* a timeout too: the host is not there */
+    }
+    atomic_fetch_add_explicit(&h->connects, 1, memory_order_relaxed);
+    *out = c;
+    return 0;
+}
+
+static int conn_init(void *obj, void *ud)
+{
+    pghost *h = ud;
+    keel_pg_conn *c = obj;
+    memset(c, 0, sizeof *c);
+    c->h = h;
+    c->gen = atomic_load(&h->gen);
+    return connect_host(h, &c->conn);
+}
+
+static void conn_fini(void *obj, void *ud)
+{
+    (void)ud;
+    keel_pg_conn *c = obj;
+    PQfinish(c->conn);
+    keel__free(c->prepared);
+}
+
+/* ---- host state ---- */
+
+static void kick(keel_pg *pg)
+{
+    pthread_mutex_lock(&pg->tmu);
+    pg->kick = true;
+    pthread_cond_signal(&pg->tcv);
+    pthread_mutex_unlock(&pg->tmu);
+}
+
+void keel__pg_host_failed(pghost *h)
+{
+    keel_pg *pg = h->pg;
+    atomic_fetch_add(&h->gen, 1);
+    uint64_t until = keel__clock_now(&pg->clock) + pg->interval;
+    uint64_t cur = atomic_load(&h->down_until);
+    while (cur < until && !atomic_compare_exchange_weak(&h->down_until, &cur, until))
+        ;
+    kick(pg);
+}
+
+static bool usable(pghost *h, uint64_t now)
+{
+    return atomic_load_explicit(&h->down_until, memory_order_acquire) <= now;
+}
+
+int keel__pg_conn_get(pghost *h, keel_pg_conn **out)
+{
+    keel_pg_conn *c;
+    int rc;
+    while ((rc = keel_pool_acquire_timeout(h->pool, h->pg->acquire_timeout, (void **)&c)) == 0 &&
+           c->gen != atomic_load(&h->gen))
+        keel_pool_discard(h->pool, c); /* made before the host last failed */
+    if (rc == KEEL_EUNAVAIL)
+        keel__pg_host_failed(h);
+    if (rc == 0)
+        *out = c;
+    return rc;
+}
+
+/* ---- health ---- */
+
+typedef struct probe {
+    bool ok, recovery;
+    uint64_t lsn;
+    uint32_t timeline;
+} probe;
+
+static void probe_host(pghost *h, probe *out)
+{
+    keel_pg *pg = h->pg;
+    memset(out, 0, sizeof *out);
+    if (h->hconn && PQstatus(h->hconn) != CONNECTION_OK) {
+        PQfinish(h->hconn);
+        h->hconn = NULL;
+    }
+    atomic_fetch_add_explicit(&h->checks, 1, memory_order_relaxed);
+    if (!h->hconn && connect_host(h, &h->hconn) != 0) {
+        atomic_fetch_add_explicit(&h->check_failures, 1, memory_order_relaxed);
+        return;
+    }
+    keel_pg_conn tmp = {.conn = h->hconn, .h = h};
+    PGresult *r;
+    int rc = keel__pg_run(&tmp, HEALTH_SQL, NULL, pg->connect_timeout, &r);
+    if (rc == 0 && PQntuples(r) == 1 && PQnfields(r) == 3) {
+        out->ok = true;
+        out->recovery = PQgetvalue(r, 0, 0)[0] == 't';
+        out->lsn = keel__pg_lsn_parse(PQgetisnull(r, 0, 1) ? NULL : PQgetvalue(r, 0, 1));
+        out->timeline = (uint32_t)strtoul(PQgetvalue(r, 0, 2), NULL, 16);
+    }
+    PQclear(r);
+    if (!out->ok) {
+        atomic_fetch_add_explicit(&h->check_failures, 1, memory_order_relaxed);
+        PQfinish(h->hconn);
+        h->hconn = NULL;
+    }
+}
+
+/* Under mu. */
+static void remember(keel_pg *pg, uint64_t now, uint64_t lsn)
+{
+    if (pg->nhist && pg->hist[(pg->hhead + pg->nhist - 1) % PG_HIST].lsn >= lsn)
+        return; /* not moved: keep the earliest time of this position */
+    if (pg->nhist == PG_HIST) {
+        pg->hhead = (pg->hhead + 1) % PG_HIST;
+        pg->nhist--;
+    }
+    size_t i = (pg->hhead + pg->nhist++) % PG_HIST;
+    pg->hist[i].t = now;
+    pg->hist[i].lsn = lsn;
+}
+
+/* Under mu: how long ago the write host was at a position that `lsn`
+ * has not reached. */
+static uint64_t lag_of(const keel_pg *pg, uint64_t lsn, uint64_t now)
+{
+    for (size_t k = 0; k < pg->nhist; k++) {
+        size_t i = (pg->hhead + k) % PG_HIST;
+        if (pg->hist[i].lsn > lsn)
+            return now > pg->hist[i].t ? now - pg->hist[i].t : 0;
+    }
+    return 0;
+}
+
+static int check_round(keel_pg *pg)
+{
+    pthread_mutex_lock(&pg->check_mu);
+    probe *pr = keel__calloc(pg->nhosts, sizeof *pr);
+    if (!pr) {
+        pthread_mutex_unlock(&pg->check_mu);
+        return KEEL_ENOMEM;
+    }
+    /* the write host first: its position must not be newer than what the
+     * replicas are then compared with */
+    size_t w = atomic_load(&pg->writer);
+    if (w != PG_NONE)
+        probe_host(&pg->hosts[w], &pr[w]);
+    for (size_t i = 0; i < pg->nhosts; i++)
+        if (i != w)
+            probe_host(&pg->hosts[i], &pr[i]);
+    uint64_t now = keel__clock_now(&pg->clock);
+
+    pthread_mutex_lock(&pg->mu);
+    size_t best = PG_NONE; /* not in recovery, newest timeline, first given */
+    for (size_t i = 0; i < pg->nhosts; i++)
+        if (pr[i].ok && !pr[i].recovery && (best == PG_NONE || pr[i].timeline > pr[best].timeline))
+            best = i;
+    if (best != PG_NONE)
+        remember(pg, now, pr[best].lsn);
+    for (size_t i = 0; i < pg->nhosts; i++) {
+        pghost *h = &pg->hosts[i];
+        if (!pr[i].ok) {
+            if (h->role != KEEL_PG_ROLE_DOWN)
+                atomic_fetch_add(&h->gen, 1);
+            h->role = KEEL_PG_ROLE_DOWN;
+            h->readable = false;
+            atomic_store(&h->down_until, UINT64_MAX);
+            continue;
+        }
+        atomic_store(&h->down_until, 0);
+        h->lsn = pr[i].lsn;
+        h->timeline = pr[i].timeline;
+        h->lag_ns = pr[i].recovery ? lag_of(pg, pr[i].lsn, now) : 0;
+        h->role = pr[i].recovery ? KEEL_PG_ROLE_REPLICA
+                  : i == best    ? KEEL_PG_ROLE_PRIMARY
+                                 : KEEL_PG_ROLE_FENCED;
+        h->readable = pr[i].recovery && h->lag_ns <= pg->max_lag;
+    }
+    if (best != PG_NONE && best != pg->last_writer) {
+        if (pg->last_writer != PG_NONE) {
+            pg->failovers++;
+            keel__log(KEEL_LOG_WARN, "pg", "writes go to %s now (was %s)", pg->hosts[best].name,
+                      pg->hosts[pg->last_writer].name);
+        }
+        pg->last_writer = best;
+    }
+    atomic_store(&pg->writer, best);
+    bool readable[64]; /* nhosts <= 64 */
+    for (size_t i = 0; i < pg->nhosts; i++)
+        readable[i] = pg->hosts[i].readable;
+    pthread_mutex_unlock(&pg->mu);
+
+    for (size_t i = 0; i < pg->nhosts; i++) {
+        pghost *h = &pg->hosts[i];
+        if (h->lb_down != !readable[i]) {
+            h->lb_down = !readable[i];
+            keel_lb_set_down(pg->lb, h->peer, h->lb_down);
+        }
+    }
+    keel__free(pr);
+    pthread_mutex_unlock(&pg->check_mu);
+    return best == PG_NONE ? KEEL_EUNAVAIL : 0;
+}
+
+KEEL_API int keel_pg_check(keel_pg *pg)
+{
+    return pg ? check_round(pg) : KEEL_EINVAL;
+}
+
+static void *health_main(void *arg)
+{
+    keel_pg *pg = arg;
+    pthread_mutex_lock(&pg->tmu);
+    while (!pg->stop) {
+        pg->kick = false;
+        pthread_mutex_unlock(&pg->tmu);
+        uint64_t started = keel_now_ns();
+        check_round(pg);
+        pthread_mutex_lock(&pg->tmu);
+        /* the next check after the interval, or soon after a kick (a host
+         * failed), but not more than ten times a second */
+        uint64_t soon = pg->interval < 100000000u ? pg->interval : 100000000u;
+        for (;;) {
+            uint64_t due = started + (pg->kick ? soon : pg->interval);
+            uint64_t now = keel_now_ns();
+            if (pg->stop || now >= due)
+                break;
+            struct timespec ts;
+            clock_gettime(CLOCK_MONOTONIC, &ts);
+            uint64_t at = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec + (due - now);
+            ts.tv_sec = (time_t)(at / 1000000000u);
+            ts.tv_nsec = (long)(at % 1000000000u);
+            pthread_cond_timedwait(&pg->tcv, &pg->tmu, &ts);
+        }
+    }
+    pthread_mutex_unlock(&pg->tmu);
+    return NULL;
+}
+
+/* ---- acquiring ---- */
+
+static int get_write(keel_pg *pg, keel_pg_conn **out)
+{
+    size_t w = atomic_load(&pg->writer);
+    if (w == PG_NONE || !usable(&pg->hosts[w], keel__clock_now(&pg->clock)))
+        return KEEL_EUNAVAIL;
+    return keel__pg_conn_get(&pg->hosts[w], out);
+}
+
+/* Whether the connection's host has replayed lsn: known from the last
+ * check, else asked. */
+static bool has_replayed(keel_pg_conn *c, uint64_t lsn)
+{
+    keel_pg *pg = c->h->pg;
+    pthread_mutex_lock(&pg->mu);
+    bool known = c->h->lsn >= lsn;
+    pthread_mutex_unlock(&pg->mu);
+    if (known)
+        return true;
+    char text[32];
+    snprintf(text, sizeof text, "%X/%X", (unsigned)(lsn >> 32), (unsigned)lsn);
+    return keel__pg_query_bool(c, "SELECT pg_last_wal_replay_lsn() >= $1::pg_lsn", text) == 1;
+}
+
+/* A replica that may serve reads, round robin: KEEL_EUNAVAIL when none. */
+static int get_replica(keel_pg *pg, keel_pg_conn **out)
+{
+    keel_lb_tried tried = {0};
+    uint64_t now = keel__clock_now(&pg->clock);
+    for (size_t k = 0; k < pg->nhosts; k++) {
+        keel_lb_peer *peer;
+        if (keel_lb_pick(pg->lb, &tried, &peer) != 0)
+            break;
+        keel_lb_done(pg->lb, peer, 1, 0);
+        pghost *h = keel_lb_peer_ud(peer);
+        if (usable(h, now) && keel__pg_conn_get(h, out) == 0)
+            return 0;
+    }
+    return KEEL_EUNAVAIL;
+}
+
+/* A replica that has replayed lsn, whatever its lag otherwise (that lsn
+ * is all the read needs): KEEL_EUNAVAIL when none. */
+static int get_replica_after(keel_pg *pg, uint64_t lsn, keel_pg_conn **out)
+{
+    uint64_t now = keel__clock_now(&pg->clock);
+    size_t start = atomic_fetch_add(&pg->rotor, 1);
+    for (size_t k = 0; k < pg->nhosts; k++) {
+        pghost *h = &pg->hosts[(start + k) % pg->nhosts];
+        pthread_mutex_lock(&pg->mu);
+        bool replica = h->role == KEEL_PG_ROLE_REPLICA;
+        pthread_mutex_unlock(&pg->mu);
+        keel_pg_conn *c;
+        if (!replica || !usable(h, now) || keel__pg_conn_get(h, &c) != 0)
+            continue;
+        if (has_replayed(c, lsn)) {
+            *out = c;
+            return 0;
+        }
+        keel_pg_release(c);
+    }
+    return KEEL_EUNAVAIL;
+}
+
+KEEL_API int keel_pg_acquire(keel_pg *pg, keel_pg_mode mode, keel_pg_conn **out)
+{
+    if (out)
+        *out = NULL;
+    if (!pg || !out || (mode != KEEL_PG_WRITE && mode != KEEL_PG_READ))
+        return KEEL_EINVAL;
+    if (mode == KEEL_PG_READ && get_replica(pg, out) == 0)
+        return 0;
+    return get_write(pg, out);
+}
+
+KEEL_API int keel_pg_acquire_after(keel_pg *pg, uint64_t lsn, uint64_t wait_ns, keel_pg_conn **out)
+{
+    if (out)
+        *out = NULL;
+    if (!pg || !out)
+        return KEEL_EINVAL;
+    uint64_t deadline = keel_now_ns() + wait_ns, pause = 1000000u;
+    for (;;) {
+        if (get_replica_after(pg, lsn, out) == 0)
+            return 0;
+        uint64_t now = keel_now_ns();
+        if (now >= deadline)
+            break;
+        if (pause > deadline - now)
+            pause = deadline - now;
+        struct timespec ts = {(time_t)(pause / 1000000000u), (long)(pause % 1000000000u)};
+        nanosleep(&ts, NULL);
+        if (pause < 50000000u)
+            pause *= 2;
+    }
+    return get_write(pg, out);
+}
+
+KEEL_API void keel_pg_release(keel_pg_conn *c)
+{
+    if (!c)
+        return;
+    pghost *h = c->h;
+    bool keep = !c->broken && PQstatus(c->conn) == CONNECTION_OK &&
+                PQpipelineStatus(c->conn) == PQ_PIPELINE_OFF && c->gen == atomic_load(&h->gen);
+    if (keep && PQisnonblocking(c->conn))
+        keep = PQsetnonblocking(c->conn, 0) == 0;
+    if (keep) {
+        PGTransactionStatusType ts = PQtransactionStatus(c->conn);
+        if (ts == PQTRANS_INTRANS || ts == PQTRANS_INERROR) {
+            PGresult *r;
+            keel_pg *pg = h->pg;
+            keep = keel__pg_run(c, "ROLLBACK", NULL,
+                                pg->query_timeout ? pg->query_timeout : pg->connect_timeout, &r) == 0;
+            PQclear(r);
+        } else if (ts != PQTRANS_IDLE) { /* a statement or COPY in progress */
+            keep = false;
+        }
+    }
+    for (PGnotify *n; keep && (n = PQnotifies(c->conn)) != NULL;)
+        PQfreemem(n);
+    if (keep)
+        keel_pool_release(h->pool, c);
+    else
+        keel_pool_discard(h->pool, c);
+}
+
+KEEL_API PGconn *keel_pg_conn_raw(keel_pg_conn *c)
+{
+    return c ? c->conn : NULL;
+}
+
+KEEL_API size_t keel_pg_conn_host(const keel_pg_conn *c)
+{
+    return c ? c->h->idx : 0;
+}
+
+/* ---- one-call helpers ---- */
+
+static int exec_any(keel_pg *pg, keel_pg_mode mode, const char *sql, keel_pg_stmt *s,
+                    const keel_pg_params *p, PGresult **res)
+{
+    if (mode == KEEL_PG_AUTO)
+        mode = s ? s->mode : keel_pg_classify(sql);
+    for (int attempt = 0;; attempt++) {
+        keel_pg_conn *c;
+        int rc = keel_pg_acquire(pg, mode, &c);
+        if (rc)
+            return rc;
+        rc = s ? keel_pg_conn_exec_stmt(c, s, p, res) : keel_pg_conn_exec(c, sql, p, res);
+        /* a read that lost its connection goes once more, elsewhere (its
+         * host is down now); a write never does */
+        bool again = mode == KEEL_PG_READ && rc == KEEL_EUNAVAIL && c->broken && attempt == 0;
+        keel_pg_release(c);
+        if (!again)
+            return rc;
+    }
+}
+
+KEEL_API int keel_pg_exec(keel_pg *pg, keel_pg_mode mode, const char *sql,
+                          const keel_pg_params *params, PGresult **res)
+{
+    if (res)
+        *res = NULL;
+    if (!pg || !sql || !res || mode > KEEL_PG_AUTO)
+        return KEEL_EINVAL;
+    return exec_any(pg, mode, sql, NULL, params, res);
+}
+
+KEEL_API int keel_pg_exec_stmt(keel_pg *pg, keel_pg_mode mode, keel_pg_stmt *s,
+                               const keel_pg_params *params, PGresult **res)
+{
+    if (res)
+        *res = NULL;
+    if (!pg || !s || s->pg != pg || !res || mode > KEEL_PG_AUTO)
+        return KEEL_EINVAL;
+    return exec_any(pg, mode, NULL, s, params, res);
+}
+
+KEEL_API int keel_pg_batch(keel_pg *pg, keel_pg_query *q, size_t n)
+{
+    if (!pg || (!q && n))
+        return KEEL_EINVAL;
+    keel_pg_conn *c;
+    int rc = keel_pg_acquire(pg, KEEL_PG_WRITE, &c);
+    if (rc)
+        return rc;
+    rc = keel_pg_conn_batch(c, q, n);
+    keel_pg_release(c);
+    return rc;
+}
+
+KEEL_API int keel_pg_write_lsn(keel_pg *pg, uint64_t *lsn)
+{
+    if (!pg || !lsn)
+        return KEEL_EINVAL;
+    keel_pg_conn *c;
+    int rc = keel_pg_acquire(pg, KEEL_PG_WRITE, &c);
+    if (rc)
+        return rc;
+    PGresult *r;
+    rc = keel__pg_run(c, "SELECT pg_current_wal_insert_lsn()", NULL, 0, &r);
+    if (rc == 0)
+        *lsn = keel__pg_lsn_parse(PQgetvalue(r, 0, 0));
+    PQclear(r);
+    keel_pg_release(c);
+    return rc;
+}
+
+/* ---- statements ---- */
+
+KEEL_API int keel_pg_stmt_create(keel_pg *pg, const char *sql, int ntypes, const Oid *types,
+                                 keel_pg_stmt **out)
+{
+    if (out)
+        *out = NULL;
+    if (!pg || !sql || !out || ntypes < 0 || ntypes > 65535 || (ntypes && !types))
+        return KEEL_EINVAL;
+    keel_pg_stmt *s = keel__calloc(1, sizeof *s);
+    if (!s || !(s->sql = keel__strdup(sql)) ||
+        (ntypes && !(s->types = keel__malloc((size_t)ntypes * sizeof *types)))) {
+        keel_pg_stmt_free(s);
+        return KEEL_ENOMEM;
+    }
+    if (ntypes)
+        memcpy(s->types, types, (size_t)ntypes * sizeof *types);
+    s->pg = pg;
+    s->ntypes = ntypes;
+    s->id = atomic_fetch_add(&pg->next_stmt, 1);
+    snprintf(s->name, sizeof s->name, "keel_%u", s->id);
+    s->mode = keel_pg_classify(sql);
+    *out = s;
+    return 0;
+}
+
+KEEL_API void keel_pg_stmt_free(keel_pg_stmt *s)
+{
+    if (s) {
+        keel__free(s->sql);
+        keel__free(s->types);
+        keel__free(s);
+    }
+}
+
+/* ---- statistics and metrics ---- */
+
+KEEL_API size_t keel_pg_hosts(keel_pg *pg)
+{
+    return pg ? pg->nhosts : 0;
+}
+
+KEEL_API int keel_pg_host_stats_get(keel_pg *pg, size_t host, keel_pg_host_stats *st)
+{
+    if (!pg || !st || host >= pg->nhosts)
+        return KEEL_EINVAL;
+    pghost *h = &pg->hosts[host];
+    pthread_mutex_lock(&pg->mu);
+    st->name = h->name;
+    st->role = h->role;
+    st->lsn = h->lsn;
+    st->lag_ns = h->lag_ns;
+    st->readable = h->readable && usable(h, keel__clock_now(&pg->clock));
+    pthread_mutex_unlock(&pg->mu);
+    st->checks = atomic_load(&h->checks);
+    st->check_failures = atomic_load(&h->check_failures);
+    st->connects = atomic_load(&h->connects);
+    st->conn_failures = atomic_load(&h->conn_failures);
+    st->queries = atomic_load(&h->queries);
+    st->errors = atomic_load(&h->errors);
+    return 0;
+}
+
+static double m_stat(pghost *h, int which)
+{
+    keel_pg_host_stats st;
+    keel_pg_host_stats_get(h->pg, h->idx, &st);
+    switch (which) {
+    case 0: return st.role == KEEL_PG_ROLE_PRIMARY || st.role == KEEL_PG_ROLE_REPLICA ||
+                   st.role == KEEL_PG_ROLE_FENCED;
+    case 1: return st.role == KEEL_PG_ROLE_PRIMARY;
+    case 2: return st.readable;
+    default: return (double)st.lag_ns / 1e9;
+    }
+}
+static double m_up(void *ud) { return m_stat(ud, 0); }
+static double m_primary(void *ud) { return m_stat(ud, 1); }
+static double m_readable(void *ud) { return m_stat(ud, 2); }
+static double m_lag(void *ud) { return m_stat(ud, 3); }
+#define HOST_COUNTER(fn, field)                                                                    \
+    static double fn(void *ud) { return (double)atomic_load(&((pghost *)ud)->field); }
+HOST_COUNTER(m_queries, queries)
+HOST_COUNTER(m_errors, errors)
+HOST_COUNTER(m_connects, connects)
+HOST_COUNTER(m_conn_failures, conn_failures)
+HOST_COUNTER(m_check_failures, check_failures)
+#undef HOST_COUNTER
+
+static int host_metrics(keel_pg *pg, pghost *h, const char *name)
+{
+    keel__mfunc fs[] = {
+        {1, "keel_pg_host_up", "1 when the host answered its last health check.", "host", h->name, m_up},
+        {1, "keel_pg_host_primary", "1 for the host that takes writes.", "host", h->name, m_primary},
+        {1, "keel_pg_host_readable", "1 while the host may serve reads.", "host", h->name, m_readable},
+        {1, "keel_pg_replica_lag_seconds", "Replay lag behind the write host.", "host", h->name, m_lag},
+        {0, "keel_pg_queries_total", "Statements sent.", "host", h->name, m_queries},
+        {0, "keel_pg_errors_total", "Statements the server refused.", "host", h->name, m_errors},
+        {0, "keel_pg_connects_total", "Connections made.", "host", h->name, m_connects},
+        {0, "keel_pg_connect_failures_total", "Connections that failed.", "host", h->name,
+         m_conn_failures},
+        {0, "keel_pg_check_failures_total", "Health checks that failed.", "host", h->name,
+         m_check_failures},
+    };
+    return keel__metrics_funcs(pg->metrics, "pg", name, fs, sizeof fs / sizeof fs[0], h);
+}
+
+/* ---- create, destroy ---- */
+
+static int add_host(keel_pg *pg, size_t i, const char *conninfo, const keel_pg_opts *o)
+{
+    pghost *h = &pg->hosts[i];
+    h->pg = pg;
+    h->idx = i;
+    h->role = KEEL_PG_ROLE_UNKNOWN;
+    h->lb_down = true;
+    if (!conninfo)
+        return KEEL_EINVAL;
+    int rc = host_params(h, conninfo, o->statement_timeout_ns);
+    for (size_t k = 0; rc == 0 && k < i; k++)
+        if (strcmp(pg->hosts[k].name, h->name) == 0) {
+            keel__log(KEEL_LOG_ERROR, "pg", "%s is given twice", h->name);
+            rc = KEEL_EINVAL;
+        }
+    keel_pool_opts po = {.obj_size = sizeof(keel_pg_conn),
+                         .capacity = o->conns_per_host ? o->conns_per_host : 8,
+                         .init = conn_init, .fini = conn_fini, .ud = h};
+    if (rc == 0)
+        rc = keel_pool_create(&h->pool, &po);
+    keel_lb_peer_opts lo = {.name = h->name, .flags = KEEL_LB_DOWN, .ud = h};
+    if (rc == 0)
+        rc = keel_lb_add(pg->lb, &lo, &h->peer);
+    if (rc == 0 && pg->metrics)
+        rc = host_metrics(pg, h, o->metrics_name);
+    return rc;
+}
+
+KEEL_API int keel_pg_create(keel_pg **out, const keel_pg_opts *o)
+{
+    if (out)
+        *out = NULL;
+    if (!out || !o || !o->primary || (o->nreplicas && !o->replicas) || o->nreplicas > 63)
+        return KEEL_EINVAL;
+    keel_pg *pg = keel__calloc(1, sizeof *pg);
+    if (!pg)
+        return KEEL_ENOMEM;
+    pg->connect_timeout = o->connect_timeout_ns ? o->connect_timeout_ns : 5000000000u;
+    pg->acquire_timeout = o->acquire_timeout_ns ? o->acquire_timeout_ns : 5000000000u;
+    pg->query_timeout = o->query_timeout_ns;
+    pg->interval = o->health_interval_ns ? o->health_interval_ns : 1000000000u;
+    pg->max_lag = o->max_replica_lag_ns ? o->max_replica_lag_ns : 5000000000u;
+    pg->clock = (keel__clock){o->clock, o->clock_ud};
+    pg->metrics = o->metrics;
+    pg->writer = 0; /* the configured primary, until a check says otherwise */
+    pg->last_writer = 0;
+    pthread_mutex_init(&pg->mu, NULL);
+    pthread_mutex_init(&pg->check_mu, NULL);
+    pthread_mutex_init(&pg->tmu, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&pg->tcv, &ca);
+    pthread_condattr_destroy(&ca);
+    pg->nhosts = 1 + o->nreplicas;
+    keel_lb_opts lo = {.policy = KEEL_LB_ROUND_ROBIN, .max_fails = KEEL_LB_NO_MAX_FAILS};
+    int rc = (pg->hosts = keel__calloc(pg->nhosts, sizeof *pg->hosts)) ? 0 : KEEL_ENOMEM;
+    if (rc == 0)
+        rc = keel_lb_create(&pg->lb, &lo);
+    for (size_t i = 0; rc == 0 && i < pg->nhosts; i++)
+        rc = add_host(pg, i, i ? o->replicas[i - 1] : o->primary, o);
+    if (rc == 0 && !o->manual_health) {
+        rc = pthread_create(&pg->thread, NULL, health_main, pg) ? KEEL_ENOMEM : 0;
+        pg->thread_started = rc == 0;
+    }
+    if (rc) {
+        keel_pg_destroy(pg);
+        return rc;
+    }
+    *out = pg;
+    return 0;
+}
+
+KEEL_API void keel_pg_destroy(keel_pg *pg)
+{
+    if (!pg)
+        return;
+    if (pg->thread_started) {
+        pthread_mutex_lock(&pg->tmu);
+        pg->stop = true;
+        pthread_cond_signal(&pg->tcv);
+        pthread_mutex_unlock(&pg->tmu);
+        pthread_join(pg->thread, NULL);
+    }
+    for (size_t i = 0; pg->hosts && i < pg->nhosts; i++) {
+        pghost *h = &pg->hosts[i];
+        if (pg->metrics && h->pg)
+            keel_metrics_func_remove(pg->metrics, h);
+        keel_pool_destroy(h->pool);
+        PQfinish(h->hconn);
+        free_params(h);
+    }
+    keel_lb_destroy(pg->lb);
+    keel__free(pg->hosts);
+    pthread_mutex_destroy(&pg->mu);
+    pthread_mutex_destroy(&pg->check_mu);
+    pthread_mutex_destroy(&pg->tmu);
+    pthread_cond_destroy(&pg->tcv);
+    keel__free(pg);
+}

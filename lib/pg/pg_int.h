@@ -1,0 +1,110 @@
+/* lib/pg/pg_int.h — what the files of keel_pg share. Private. */
+#ifndef KEEL_PG_INT_H
+#define KEEL_PG_INT_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+
+#include <libpq-fe.h>
+
+#include <keel/lb.h>
+#include <keel/pg.h>
+#include <keel/pool.h>
+
+#include "../internal.h"
+
+#define PG_NONE SIZE_MAX /* no write host */
+#define PG_HIST 64       /* primary WAL positions remembered for lag */
+
+typedef struct pghost pghost;
+
+/* A pooled connection, and the handle a caller leases. */
+struct keel_pg_conn {
+    PGconn *conn;
+    pghost *h;
+    uint64_t gen;       /* the host's generation when it connected */
+    uint64_t *prepared; /* bitset of statement ids prepared here */
+    size_t nwords;
+    bool broken;        /* lost, timed out or left in an unknown state */
+};
+
+struct pghost {
+    keel_pg *pg;
+    size_t idx;
+    char name[160];
+    const char **kw, **val; /* connection parameters, NULL-terminated */
+    keel_pool *pool;
+    keel_lb_peer *peer;
+    bool lb_down; /* as last set in the lb, under pg->check_mu */
+    _Atomic uint64_t gen;        /* bumped when the host fails: older connections are dropped */
+    _Atomic uint64_t down_until; /* clock ns; UINT64_MAX: until a check says otherwise */
+    /* health, under pg->mu */
+    keel_pg_role role;
+    bool readable;
+    uint64_t lsn, lag_ns;
+    uint32_t timeline;
+    /* the health check's own connection, under pg->check_mu */
+    PGconn *hconn;
+    _Atomic uint64_t checks, check_failures, connects, conn_failures, queries, errors;
+};
+
+struct keel_pg {
+    pghost *hosts;
+    size_t nhosts;
+    keel_lb *lb;
+    uint64_t connect_timeout, acquire_timeout, query_timeout, interval, max_lag;
+    keel__clock clock;
+    keel_metrics *metrics;
+
+    pthread_mutex_t mu; /* health state: writer, history, hosts' roles */
+    _Atomic size_t writer;
+    struct {
+        uint64_t t, lsn;
+    } hist[PG_HIST];
+    size_t nhist, hhead; /* entries, and the index of the oldest */
+    size_t last_writer;  /* the last known write host, for the log */
+    uint64_t failovers;
+
+    pthread_mutex_t check_mu; /* one check at a time */
+
+    /* the health thread */
+    pthread_t thread;
+    bool thread_started, stop, kick;
+    pthread_mutex_t tmu;
+    pthread_cond_t tcv;
+
+    _Atomic uint32_t next_stmt;
+    _Atomic size_t rotor; /* where the next read-after-LSN starts */
+};
+
+struct keel_pg_stmt {
+    keel_pg *pg;
+    uint32_t id;
+    char name[32];
+    char *sql;
+    int ntypes;
+    Oid *types;
+    keel_pg_mode mode;
+};
+
+/* pg.c */
+int keel__pg_conn_get(pghost *h, keel_pg_conn **out);
+void keel__pg_host_failed(pghost *h);
+
+/* exec.c */
+/* Waits until fd is ready for events (POLLIN/POLLOUT) or the deadline
+ * (keel_now_ns; 0 = none) passes: 0 or KEEL_ETIMEDOUT. */
+int keel__pg_wait_fd(int fd, short events, uint64_t deadline);
+/* A deadline query_timeout from now, or 0 (none). */
+uint64_t keel__pg_deadline(const keel_pg *pg, uint64_t timeout);
+/* Runs sql with at most one text parameter and returns its one boolean
+ * value: 1, 0 (false or NULL) or a negative code. */
+int keel__pg_query_bool(keel_pg_conn *c, const char *sql, const char *param);
+/* Runs sql and returns its result as keel_pg_conn_exec() does, waiting
+ * at most timeout (0: the query timeout). */
+int keel__pg_run(keel_pg_conn *c, const char *sql, const keel_pg_params *p, uint64_t timeout,
+                 PGresult **res);
+/* "16/B374D848" to a number; 0 for NULL or garbage. */
+uint64_t keel__pg_lsn_parse(const char *s);
+
+#endif

@@ -1,0 +1,645 @@
+/* tests/test_pg.c — keel_pg against a real PostgreSQL primary and
+ * streaming replica from tests/servers.sh: routing proven with
+ * pg_is_in_recovery(), SQL classification, replica lag, a stopped replica,
+ * failover to a promoted replica, read-your-writes, pipeline batches,
+ * prepared statements, parameters that stay data, bad conninfos. */
+#define _GNU_SOURCE
+#include <libpq-fe.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <keel/metrics.h>
+#include <keel/pg.h>
+
+#include "harness.h"
+
+#define MS KT_MS
+
+static kt_clock clk;
+
+static keel_pg *open_pg(const char *primary, const char *replica, uint64_t query_timeout)
+{
+    keel_pg *pg = NULL;
+    const char *replicas[1] = {replica};
+    keel_pg_opts o = {.primary = primary, .replicas = replicas, .nreplicas = replica ? 1 : 0,
+                      .connect_timeout_ns = 2 * KT_S, .acquire_timeout_ns = 2 * KT_S,
+                      .query_timeout_ns = query_timeout, .max_replica_lag_ns = 1 * KT_S,
+                      .health_interval_ns = 1 * KT_S, .manual_health = 1,
+                      .clock = kt_clock_now, .clock_ud = &clk};
+    ck_assert_int_eq(keel_pg_create(&pg, &o), 0);
+    ck_assert_int_eq(keel_pg_check(pg), 0);
+    return pg;
+}
+
+static keel_pg *open_shared(void)
+{
+    return open_pg(kt_env("KEEL_TEST_PG"), kt_env("KEEL_TEST_PG_REPLICA"), 10 * KT_S);
+}
+
+/* A direct libpq connection, for what the test does behind keel_pg. */
+static PGconn *direct(const char *conninfo)
+{
+    PGconn *c = PQconnectdb(conninfo);
+    ck_assert_msg(PQstatus(c) == CONNECTION_OK, "%s", PQerrorMessage(c));
+    return c;
+}
+
+static void direct_exec(PGconn *c, const char *sql)
+{
+    PGresult *r = PQexec(c, sql);
+    ck_assert_msg(PQresultStatus(r) == PGRES_COMMAND_OK || PQresultStatus(r) == PGRES_TUPLES_OK,
+                  "%s: %s", sql, PQerrorMessage(c));
+    PQclear(r);
+}
+
+/* The text of the first value of a statement run through keel_pg. */
+static void value(keel_pg *pg, keel_pg_mode mode, const char *sql, char *out, size_t len)
+{
+    PGresult *r;
+    int rc = keel_pg_exec(pg, mode, sql, NULL, &r);
+    ck_assert_msg(rc == 0, "%s: %s", sql, keel_strerror(rc));
+    ck_assert_int_ge(PQntuples(r), 1);
+    snprintf(out, len, "%s", PQgetvalue(r, 0, 0));
+    PQclear(r);
+}
+
+/* Whether a leased connection is on a server in recovery. */
+static int in_recovery(keel_pg_conn *c)
+{
+    PGresult *r;
+    ck_assert_int_eq(keel_pg_conn_exec(c, "SELECT pg_is_in_recovery()", NULL, &r), 0);
+    int v = PQgetvalue(r, 0, 0)[0] == 't';
+    PQclear(r);
+    return v;
+}
+
+static void write_sql(keel_pg *pg, const char *sql)
+{
+    PGresult *r;
+    int rc = keel_pg_exec(pg, KEEL_PG_WRITE, sql, NULL, &r);
+    ck_assert_msg(rc == 0, "%s: %s (%s)", sql, keel_strerror(rc),
+                  r ? PQresultErrorMessage(r) : "");
+    PQclear(r);
+}
+
+/* ---- classification, no server ---- */
+
+START_TEST(sql_is_classified_better_than_by_its_first_word)
+{
+    static const struct {
+        const char *sql;
+        keel_pg_mode mode;
+    } cases[] = {
+        {"SELECT 1", KEEL_PG_READ},
+        {"  select * from t", KEEL_PG_READ},
+        {"-- a comment\n/* and /* a nested */ one */ SELECT 1", KEEL_PG_READ},
+        {"(SELECT 1) UNION (SELECT 2)", KEEL_PG_READ},
+        {"VALUES (1), (2)", KEEL_PG_READ},
+        {"TABLE t", KEEL_PG_READ},
+        {"SHOW work_mem", KEEL_PG_READ},
+        {"WITH x AS (SELECT 1) SELECT * FROM x", KEEL_PG_READ},
+        {"SELECT 'insert into t values (1)', \"update\" FROM t", KEEL_PG_READ},
+        {"SELECT $$ delete $$, $tag$ update $x$ $tag$, E'\\' delete'", KEEL_PG_READ},
+        {"SELECT * FROM t WHERE a = $1 -- for update", KEEL_PG_READ},
+        {"SELECT substring(s for 2) FROM t", KEEL_PG_READ},
+        {"EXPLAIN SELECT 1", KEEL_PG_READ},
+        {"EXPLAIN (ANALYZE, BUFFERS) SELECT 1", KEEL_PG_READ},
+        {"COPY t TO STDOUT", KEEL_PG_READ},
+        {"COPY (SELECT a FROM b) TO STDOUT", KEEL_PG_READ},
+        {"SELECT 1; SELECT 2", KEEL_PG_READ},
+        {"INSERT INTO t VALUES (1)", KEEL_PG_WRITE},
+        {"  /* x */ update t set a = 1", KEEL_PG_WRITE},
+        {"DELETE FROM t", KEEL_PG_WRITE},
+        {"MERGE INTO t USING s ON true WHEN MATCHED THEN DELETE", KEEL_PG_WRITE},
+        {"WITH x AS (INSERT INTO t VALUES (1) RETURNING *) SELECT * FROM x", KEEL_PG_WRITE},
+        {"WITH d AS (DELETE FROM t RETURNING *) SELECT count(*) FROM d", KEEL_PG_WRITE},
+        {"SELECT * FROM t FOR UPDATE", KEEL_PG_WRITE},
+        {"SELECT * FROM t FOR NO KEY UPDATE", KEEL_PG_WRITE},
+        {"SELECT * FROM t for share", KEEL_PG_WRITE},
+        {"SELECT * FROM t FOR KEY SHARE", KEEL_PG_WRITE},
+        {"SELECT nextval('s')", KEEL_PG_WRITE},
+        {"select pg_catalog.setval('s', 1)", KEEL_PG_WRITE},
+        {"SELECT txid_current()", KEEL_PG_WRITE},
+        {"SELECT pg_notify('c', 'x')", KEEL_PG_WRITE},
+        {"SELECT lo_create(0)", KEEL_PG_WRITE},
+        {"SELECT * INTO new_t FROM t", KEEL_PG_WRITE},
+        {"EXPLAIN ANALYZE INSERT INTO t VALUES (1)", KEEL_PG_WRITE},
+        {"COPY t FROM STDIN", KEEL_PG_WRITE},
+        {"COPY (INSERT INTO t VALUES (1) RETURNING *) TO STDOUT", KEEL_PG_WRITE},
+        {"CREATE TABLE t (a int)", KEEL_PG_WRITE},
+        {"ALTER TABLE t ADD b int", KEEL_PG_WRITE},
+        {"DROP TABLE t", KEEL_PG_WRITE},
+        {"TRUNCATE t", KEEL_PG_WRITE},
+        {"CALL p()", KEEL_PG_WRITE},
+        {"DO $$ BEGIN PERFORM 1; END $$", KEEL_PG_WRITE},
+        {"BEGIN", KEEL_PG_WRITE},
+        {"SET work_mem = '1MB'", KEEL_PG_WRITE},
+        {"VACUUM t", KEEL_PG_WRITE},
+        {"LOCK TABLE t", KEEL_PG_WRITE},
+        {"SELECT 1; DELETE FROM t", KEEL_PG_WRITE},
+        {"frobnicate the database", KEEL_PG_WRITE},
+        {"", KEEL_PG_WRITE},
+        {"-- only a comment", KEEL_PG_WRITE},
+        {"SELECT 'unterminated", KEEL_PG_READ},
+        {"SELECT 1 /* unterminated", KEEL_PG_READ},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+        ck_assert_msg(keel_pg_classify(cases[i].sql) == cases[i].mode, "%s: expected %s",
+                      cases[i].sql, cases[i].mode == KEEL_PG_READ ? "read" : "write");
+    ck_assert_int_eq(keel_pg_classify(NULL), KEEL_PG_WRITE);
+}
+END_TEST
+
+START_TEST(malformed_conninfos_are_refused)
+{
+    const char *bad[] = {"host='unterminated", "nonsense_keyword=1", "postgresql://[::1",
+                         "= x", "host", "postgresql://h:5432/db?sslmode", NULL};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        keel_pg *pg = (keel_pg *)0x1;
+        keel_pg_opts o = {.primary = bad[i], .manual_health = 1};
+        ck_assert_msg(keel_pg_create(&pg, &o) == KEEL_EINVAL, "accepted %s", bad[i] ? bad[i] : "NULL");
+        ck_assert_ptr_null(pg);
+    }
+    const char *same[1] = {"host=h port=1 dbname=x"};
+    keel_pg *pg;
+    keel_pg_opts dup = {.primary = "host=h port=1", .replicas = same, .nreplicas = 1,
+                        .manual_health = 1};
+    ck_assert_int_eq(keel_pg_create(&pg, &dup), KEEL_EINVAL);
+    keel_pg_opts none = {.primary = "host=h", .nreplicas = 1, .manual_health = 1};
+    ck_assert_int_eq(keel_pg_create(&pg, &none), KEEL_EINVAL);
+    keel_pg_opts uri = {.primary = "postgresql://u@h1:5433/db", .replicas = same, .nreplicas = 1,
+                        .manual_health = 1};
+    ck_assert_int_eq(keel_pg_create(&pg, &uri), 0);
+    keel_pg_host_stats st;
+    ck_assert_int_eq(keel_pg_host_stats_get(pg, 0, &st), 0);
+    ck_assert_str_eq(st.name, "h1:5433");
+    ck_assert_int_eq(st.role, KEEL_PG_ROLE_UNKNOWN);
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_AUTO, &(keel_pg_conn *){NULL}), KEEL_EINVAL);
+    keel_pg_destroy(pg);
+    ck_assert_int_eq(keel_pg_exec(NULL, KEEL_PG_READ, "SELECT 1", NULL, &(PGresult *){NULL}),
+                     KEEL_EINVAL);
+}
+END_TEST
+
+/* ---- the shared servers ---- */
+
+START_TEST(reads_reach_the_replica_and_writes_the_primary)
+{
+    keel_pg *pg = open_shared();
+    keel_pg_host_stats st;
+    keel_pg_host_stats_get(pg, 0, &st);
+    ck_assert_int_eq(st.role, KEEL_PG_ROLE_PRIMARY);
+    keel_pg_host_stats_get(pg, 1, &st);
+    ck_assert_int_eq(st.role, KEEL_PG_ROLE_REPLICA);
+    ck_assert_int_eq(st.readable, 1);
+
+    keel_pg_conn *c;
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_READ, &c), 0);
+    ck_assert_int_eq(in_recovery(c), 1);
+    ck_assert_uint_eq(keel_pg_conn_host(c), 1);
+    keel_pg_release(c);
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &c), 0);
+    ck_assert_int_eq(in_recovery(c), 0);
+    ck_assert_uint_eq(keel_pg_conn_host(c), 0);
+    keel_pg_release(c);
+
+    /* AUTO: the helpers classify */
+    write_sql(pg, "CREATE TABLE IF NOT EXISTS kt_rw (id serial PRIMARY KEY, v text)");
+    write_sql(pg, "CREATE SEQUENCE IF NOT EXISTS kt_seq");
+    char v[64];
+    value(pg, KEEL_PG_AUTO, "/* read */ SELECT pg_is_in_recovery()", v, sizeof v);
+    ck_assert_str_eq(v, "t");
+    value(pg, KEEL_PG_AUTO, "WITH x AS (SELECT pg_is_in_recovery() r) SELECT r FROM x", v, sizeof v);
+    ck_assert_str_eq(v, "t");
+    value(pg, KEEL_PG_AUTO, "INSERT INTO kt_rw (v) VALUES ('a') RETURNING pg_is_in_recovery()", v,
+          sizeof v);
+    ck_assert_str_eq(v, "f");
+    value(pg, KEEL_PG_AUTO, "SELECT nextval('kt_seq') > 0, pg_is_in_recovery()", v, sizeof v);
+    ck_assert_str_eq(v, "t"); /* it ran, so on the primary: a replica refuses nextval */
+    value(pg, KEEL_PG_AUTO, "SELECT pg_is_in_recovery() FROM kt_rw LIMIT 1 FOR UPDATE", v, sizeof v);
+    ck_assert_str_eq(v, "f");
+    keel_pg_destroy(pg);
+}
+END_TEST
+
+START_TEST(parameters_stay_data)
+{
+    keel_pg *pg = open_shared();
+    write_sql(pg, "CREATE TABLE IF NOT EXISTS kt_inj (id int, v text, b bytea)");
+    const char *evil = "x'); DROP TABLE kt_inj; --";
+    const char bin[] = "\0\1\2'\0;DROP";
+    const char *vals[3] = {"1", evil, bin};
+    int lens[3] = {0, 0, sizeof bin - 1};
+    int fmts[3] = {0, 0, 1};
+    keel_pg_params p = {.n = 3, .values = vals, .lengths = lens, .formats = fmts};
+    PGresult *r;
+    ck_assert_int_eq(keel_pg_exec(pg, KEEL_PG_AUTO, "INSERT INTO kt_inj VALUES ($1, $2, $3)", &p, &r),
+                     0);
+    PQclear(r);
+    /* stacked statements are refused, parameters or not */
+    ck_assert_int_eq(keel_pg_exec(pg, KEEL_PG_WRITE, "SELECT 1; DROP TABLE kt_inj", NULL, &r),
+                     KEEL_EBACKEND);
+    ck_assert_str_eq(PQresultErrorField(r, PG_DIAG_SQLSTATE), "42601");
+    PQclear(r);
+    keel_pg_params q = {.n = 1, .values = vals, .result_format = 1};
+    ck_assert_int_eq(keel_pg_exec(pg, KEEL_PG_WRITE, "SELECT v, b FROM kt_inj WHERE id = $1", &q, &r),
+                     0);
+    ck_assert_int_eq(PQntuples(r), 1);
+    ck_assert_str_eq(PQgetvalue(r, 0, 0), evil);
+    ck_assert_int_eq(PQgetlength(r, 0, 1), (int)sizeof bin - 1);
+    ck_assert(memcmp(PQgetvalue(r, 0, 1), bin, sizeof bin - 1) == 0);
+    PQclear(r);
+    /* a SQL error: KEEL_EBACKEND with the SQLSTATE and message */
+    ck_assert_int_eq(keel_pg_exec(pg, KEEL_PG_WRITE, "SELECT * FROM kt_no_such_table", NULL, &r),
+                     KEEL_EBACKEND);
+    ck_assert_str_eq(PQresultErrorField(r, PG_DIAG_SQLSTATE), "42P01");
+    ck_assert_ptr_nonnull(strstr(PQresultErrorMessage(r), "kt_no_such_table"));
+    PQclear(r);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
+START_TEST(a_lagging_replica_sends_reads_to_the_primary)
+{
+    keel_pg *pg = open_shared();
+    PGconn *rep = direct(kt_env("KEEL_TEST_PG_REPLICA"));
+    direct_exec(rep, "SELECT pg_wal_replay_pause()");
+    write_sql(pg, "CREATE TABLE IF NOT EXISTS kt_lag (v int)");
+    write_sql(pg, "INSERT INTO kt_lag VALUES (1)");
+    ck_assert_int_eq(keel_pg_check(pg), 0); /* the primary's position is noted now... */
+    kt_clock_advance(&clk, 3 * KT_S);       /* ...and the replica still has not replayed it */
+    ck_assert_int_eq(keel_pg_check(pg), 0);
+    keel_pg_host_stats st;
+    keel_pg_host_stats_get(pg, 1, &st);
+    ck_assert_int_eq(st.role, KEEL_PG_ROLE_REPLICA);
+    ck_assert_uint_ge(st.lag_ns, 3 * KT_S);
+    ck_assert_int_eq(st.readable, 0);
+    char v[8];
+    value(pg, KEEL_PG_READ, "SELECT pg_is_in_recovery()", v, sizeof v);
+    ck_assert_str_eq(v, "f");
+
+    direct_exec(rep, "SELECT pg_wal_replay_resume()");
+    uint64_t lsn;
+    ck_assert_int_eq(keel_pg_write_lsn(pg, &lsn), 0);
+    keel_pg_conn *c;
+    ck_assert_int_eq(keel_pg_acquire_after(pg, lsn, 20 * KT_S, &c), 0);
+    ck_assert_uint_eq(keel_pg_conn_host(c), 1); /* it caught up */
+    keel_pg_release(c);
+    ck_assert_int_eq(keel_pg_check(pg), 0);
+    keel_pg_host_stats_get(pg, 1, &st);
+    ck_assert_uint_eq(st.lag_ns, 0);
+    ck_assert_int_eq(st.readable, 1);
+    value(pg, KEEL_PG_READ, "SELECT pg_is_in_recovery()", v, sizeof v);
+    ck_assert_str_eq(v, "t");
+    PQfinish(rep);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
+typedef struct after_job {
+    keel_pg *pg;
+    uint64_t lsn, wait;
+    size_t host;
+    char seen[16];
+} after_job;
+
+static void *read_after(void *arg)
+{
+    after_job *j = arg;
+    keel_pg_conn *c;
+    ck_assert_int_eq(keel_pg_acquire_after(j->pg, j->lsn, j->wait, &c), 0);
+    j->host = keel_pg_conn_host(c);
+    PGresult *r;
+    ck_assert_int_eq(keel_pg_conn_exec(c, "SELECT v FROM kt_ryw WHERE id = 7", NULL, &r), 0);
+    snprintf(j->seen, sizeof j->seen, "%s", PQntuples(r) ? PQgetvalue(r, 0, 0) : "(none)");
+    PQclear(r);
+    keel_pg_release(c);
+    return NULL;
+}
+
+START_TEST(read_your_writes_waits_for_the_replica_or_uses_the_primary)
+{
+    keel_pg *pg = open_shared();
+    write_sql(pg, "CREATE TABLE IF NOT EXISTS kt_ryw (id int PRIMARY KEY, v text)");
+    write_sql(pg, "DELETE FROM kt_ryw");
+    PGconn *rep = direct(kt_env("KEEL_TEST_PG_REPLICA"));
+    direct_exec(rep, "SELECT pg_wal_replay_pause()");
+    /* a durable commit (the test servers run with synchronous_commit off),
+     * so the replica can receive it at once */
+    PGconn *prim = direct(kt_env("KEEL_TEST_PG"));
+    direct_exec(prim, "SET synchronous_commit = on; INSERT INTO kt_ryw VALUES (7, 'mine')");
+    PQfinish(prim);
+    uint64_t lsn;
+    ck_assert_int_eq(keel_pg_write_lsn(pg, &lsn), 0);
+    ck_assert_uint_gt(lsn, 0);
+
+    /* no wait: the replica has not replayed it, so the primary serves */
+    after_job now = {pg, lsn, 0, 99, ""};
+    read_after(&now);
+    ck_assert_uint_eq(now.host, 0);
+    ck_assert_str_eq(now.seen, "mine");
+
+    /* with a wait: it returns once the replica has replayed the write */
+    after_job later = {pg, lsn, 20 * KT_S, 99, ""};
+    pthread_t t;
+    pthread_create(&t, NULL, read_after, &later);
+    direct_exec(rep, "SELECT pg_wal_replay_resume()");
+    pthread_join(t, NULL);
+    ck_assert_uint_eq(later.host, 1);
+    ck_assert_str_eq(later.seen, "mine");
+    PQfinish(rep);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
+START_TEST(a_batch_is_one_pipeline_and_all_or_nothing)
+{
+    keel_pg *pg = open_shared();
+    write_sql(pg, "CREATE TABLE IF NOT EXISTS kt_batch (id int PRIMARY KEY, v text)");
+    write_sql(pg, "DELETE FROM kt_batch");
+    keel_pg_stmt *ins;
+    ck_assert_int_eq(keel_pg_stmt_create(pg, "INSERT INTO kt_batch VALUES ($1, $2)", 0, NULL, &ins), 0);
+    enum { N = 1000 };
+    static char ids[N][12];
+    static const char *vals[N][2];
+    static keel_pg_query q[N];
+    for (int i = 0; i < N; i++) {
+        snprintf(ids[i], sizeof ids[i], "%d", i);
+        vals[i][0] = ids[i];
+        vals[i][1] = "row";
+        q[i] = (keel_pg_query){.stmt = ins, .params = {.n = 2, .values = vals[i]}};
+    }
+    /* a duplicate key in the middle: that row fails, the rest is aborted */
+    vals[500][0] = "3";
+    ck_assert_int_eq(keel_pg_batch(pg, q, N), KEEL_EBACKEND);
+    for (int i = 0; i < N; i++) {
+        if (i == 500) {
+            ck_assert_int_eq(q[i].rc, KEEL_EBACKEND);
+            ck_assert_str_eq(PQresultErrorField(q[i].res, PG_DIAG_SQLSTATE), "23505");
+            PQclear(q[i].res);
+        } else {
+            ck_assert_msg(q[i].rc == KEEL_EABORTED, "row %d: %d", i, q[i].rc);
+            ck_assert_ptr_null(q[i].res);
+        }
+    }
+    char v[16];
+    value(pg, KEEL_PG_WRITE, "SELECT count(*) FROM kt_batch", v, sizeof v);
+    ck_assert_str_eq(v, "0");
+
+    /* all good: every row in, SQL and statements mixed, results kept */
+    vals[500][0] = ids[500];
+    q[N - 1] = (keel_pg_query){.sql = "SELECT count(*) FROM kt_batch"};
+    ck_assert_int_eq(keel_pg_batch(pg, q, N), 0);
+    for (int i = 0; i < N; i++) {
+        ck_assert_int_eq(q[i].rc, 0);
+        ck_assert_ptr_nonnull(q[i].res);
+    }
+    ck_assert_str_eq(PQgetvalue(q[N - 1].res, 0, 0), "999"); /* it sees the rows before it */
+    for (int i = 0; i < N; i++)
+        PQclear(q[i].res);
+    value(pg, KEEL_PG_READ, "SELECT 1", v, sizeof v);
+    value(pg, KEEL_PG_WRITE, "SELECT count(*) FROM kt_batch", v, sizeof v);
+    ck_assert_str_eq(v, "999");
+    ck_assert_int_eq(keel_pg_batch(pg, NULL, 0), 0);
+    keel_pg_query bad = {.sql = "SELECT 1", .stmt = ins};
+    ck_assert_int_eq(keel_pg_batch(pg, &bad, 1), KEEL_EINVAL);
+    keel_pg_stmt_free(ins);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
+START_TEST(statements_are_prepared_again_when_the_server_forgets)
+{
+    keel_pg *pg = open_shared();
+    keel_pg_stmt *s;
+    ck_assert_int_eq(keel_pg_stmt_create(pg, "SELECT $1::int + 1, pg_backend_pid()", 0, NULL, &s), 0);
+    const char *one = "1";
+    keel_pg_params p = {.n = 1, .values = &one};
+    keel_pg_conn *c;
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &c), 0);
+    PGresult *r;
+    ck_assert_int_eq(keel_pg_conn_exec_stmt(c, s, &p, &r), 0);
+    ck_assert_str_eq(PQgetvalue(r, 0, 0), "2");
+    char pid[16];
+    snprintf(pid, sizeof pid, "%s", PQgetvalue(r, 0, 1));
+    PQclear(r);
+    /* the session forgets it behind our back: prepared again, once */
+    PQclear(PQexec(keel_pg_conn_raw(c), "DEALLOCATE ALL"));
+    ck_assert_int_eq(keel_pg_conn_exec_stmt(c, s, &p, &r), 0);
+    ck_assert_str_eq(PQgetvalue(r, 0, 0), "2");
+    PQclear(r);
+    keel_pg_release(c);
+
+    /* the connection dies: a write is not retried, but the next call gets
+     * a new connection and the statement is prepared there */
+    PGconn *d = direct(kt_env("KEEL_TEST_PG"));
+    char sql[96];
+    snprintf(sql, sizeof sql, "SELECT pg_terminate_backend(%s)", pid);
+    direct_exec(d, sql);
+    PQfinish(d);
+    ck_assert_int_eq(keel_pg_exec_stmt(pg, KEEL_PG_WRITE, s, &p, &r), KEEL_EUNAVAIL);
+    ck_assert_ptr_null(r);
+    ck_assert_int_eq(keel_pg_check(pg), 0);
+    ck_assert_int_eq(keel_pg_exec_stmt(pg, KEEL_PG_WRITE, s, &p, &r), 0);
+    ck_assert_str_eq(PQgetvalue(r, 0, 0), "2");
+    ck_assert_str_ne(PQgetvalue(r, 0, 1), pid);
+    PQclear(r);
+    /* a statement that does not compile: KEEL_EBACKEND from the prepare */
+    keel_pg_stmt *bad;
+    ck_assert_int_eq(keel_pg_stmt_create(pg, "SELEC nothing", 0, NULL, &bad), 0);
+    ck_assert_int_eq(keel_pg_exec_stmt(pg, KEEL_PG_WRITE, bad, NULL, &r), KEEL_EBACKEND);
+    ck_assert_str_eq(PQresultErrorField(r, PG_DIAG_SQLSTATE), "42601");
+    PQclear(r);
+    keel_pg_stmt_free(bad);
+    keel_pg_stmt_free(s);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
+START_TEST(release_rolls_back_and_drops_what_it_cannot_reuse)
+{
+    keel_pg *pg = open_shared();
+    write_sql(pg, "CREATE TABLE IF NOT EXISTS kt_tx (v int)");
+    write_sql(pg, "DELETE FROM kt_tx");
+    keel_pg_conn *c;
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &c), 0);
+    PGconn *raw = keel_pg_conn_raw(c);
+    PQclear(PQexec(raw, "BEGIN"));
+    PQclear(PQexec(raw, "INSERT INTO kt_tx VALUES (1)"));
+    keel_pg_release(c); /* no COMMIT */
+    keel_pg_host_stats before, after;
+    keel_pg_host_stats_get(pg, 0, &before);
+    char v[16];
+    value(pg, KEEL_PG_WRITE, "SELECT count(*) FROM kt_tx", v, sizeof v);
+    ck_assert_str_eq(v, "0");
+    /* a failed transaction too, and the connection is reused */
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &c), 0);
+    PQclear(PQexec(keel_pg_conn_raw(c), "BEGIN"));
+    PQclear(PQexec(keel_pg_conn_raw(c), "SELECT 1/0"));
+    keel_pg_release(c);
+    value(pg, KEEL_PG_WRITE, "SELECT 1", v, sizeof v);
+    keel_pg_host_stats_get(pg, 0, &after);
+    ck_assert_uint_eq(after.connects, before.connects);
+    /* one left in COPY is closed */
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &c), 0);
+    PQclear(PQexec(keel_pg_conn_raw(c), "COPY kt_tx FROM STDIN"));
+    keel_pg_release(c);
+    value(pg, KEEL_PG_WRITE, "SELECT 1", v, sizeof v);
+    keel_pg_host_stats_get(pg, 0, &after);
+    ck_assert_uint_eq(after.connects, before.connects + 1);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
+START_TEST(timeouts_client_and_server)
+{
+    keel_pg *pg = open_pg(kt_env("KEEL_TEST_PG"), NULL, 200 * MS);
+    PGresult *r;
+    uint64_t t0 = keel_now_ns();
+    ck_assert_int_eq(keel_pg_exec(pg, KEEL_PG_WRITE, "SELECT pg_sleep(5)", NULL, &r), KEEL_ETIMEDOUT);
+    ck_assert_ptr_null(r);
+    ck_assert_uint_lt(keel_now_ns() - t0, 2 * KT_S);
+    keel_pg_destroy(pg);
+
+    keel_pg_opts o = {.primary = kt_env("KEEL_TEST_PG"), .statement_timeout_ns = 100 * MS,
+                      .manual_health = 1};
+    ck_assert_int_eq(keel_pg_create(&pg, &o), 0);
+    ck_assert_int_eq(keel_pg_exec(pg, KEEL_PG_WRITE, "SELECT pg_sleep(5)", NULL, &r), KEEL_EBACKEND);
+    ck_assert_str_eq(PQresultErrorField(r, PG_DIAG_SQLSTATE), "57014"); /* query_canceled */
+    PQclear(r);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
+START_TEST(a_stopped_replica_is_skipped)
+{
+    keel_pg *pg = open_shared();
+    char v[8];
+    value(pg, KEEL_PG_READ, "SELECT pg_is_in_recovery()", v, sizeof v);
+    ck_assert_str_eq(v, "t");
+    kt_server("stop-one", "pg-replica");
+    /* the pooled connection to it fails; a read is tried again elsewhere */
+    value(pg, KEEL_PG_READ, "SELECT pg_is_in_recovery()", v, sizeof v);
+    ck_assert_str_eq(v, "f");
+    value(pg, KEEL_PG_READ, "SELECT pg_is_in_recovery()", v, sizeof v);
+    ck_assert_str_eq(v, "f");
+    ck_assert_int_eq(keel_pg_check(pg), 0);
+    keel_pg_host_stats st;
+    keel_pg_host_stats_get(pg, 1, &st);
+    ck_assert_int_eq(st.role, KEEL_PG_ROLE_DOWN);
+    kt_server("start-one", "pg-replica");
+    ck_assert_int_eq(keel_pg_check(pg), 0);
+    keel_pg_host_stats_get(pg, 1, &st);
+    ck_assert_int_eq(st.role, KEEL_PG_ROLE_REPLICA);
+    value(pg, KEEL_PG_READ, "SELECT pg_is_in_recovery()", v, sizeof v);
+    ck_assert_str_eq(v, "t");
+    keel_pg_destroy(pg);
+}
+END_TEST
+
+START_TEST(the_health_thread_checks_by_itself)
+{
+    keel_pg *pg;
+    const char *replicas[1] = {kt_env("KEEL_TEST_PG_REPLICA")};
+    keel_metrics *m;
+    ck_assert_int_eq(keel_metrics_create(&m, &(keel_metrics_opts){0}), 0);
+    keel_pg_opts o = {.primary = kt_env("KEEL_TEST_PG"), .replicas = replicas, .nreplicas = 1,
+                      .health_interval_ns = 20 * MS, .metrics = m};
+    ck_assert_int_eq(keel_pg_create(&pg, &o), 0);
+    keel_pg_host_stats st = {0};
+    for (int i = 0; i < 500 && st.checks < 3; i++) { /* a real thread: wait for it, 10 s at most */
+        nanosleep(&(struct timespec){0, 20 * MS}, NULL);
+        keel_pg_host_stats_get(pg, 1, &st);
+    }
+    ck_assert_uint_ge(st.checks, 3);
+    ck_assert_int_eq(st.role, KEEL_PG_ROLE_REPLICA);
+    char *text;
+    ck_assert_int_eq(keel_metrics_render_buf(m, KEEL_METRICS_PROMETHEUS, &text, NULL), 0);
+    char want[256];
+    keel_pg_host_stats_get(pg, 0, &st);
+    snprintf(want, sizeof want, "keel_pg_host_primary{pg=\"default\",host=\"%s\"} 1", st.name);
+    ck_assert_msg(strstr(text, want), "no %s in\n%s", want, text);
+    keel_free(text);
+    keel_pg_destroy(pg);
+    keel_metrics_destroy(m);
+}
+END_TEST
+
+/* ---- failover, on servers of its own ---- */
+
+static kt_private priv;
+static void priv_start(void) { kt_private_start(&priv); }
+static void priv_stop(void) { kt_private_stop(&priv); }
+
+START_TEST(writes_follow_a_promoted_replica)
+{
+    keel_pg *pg = open_pg(priv.pg, priv.pg_replica, 5 * KT_S);
+    write_sql(pg, "CREATE TABLE kt_fo (v int)");
+    write_sql(pg, "INSERT INTO kt_fo VALUES (1)");
+    kt_private_server(&priv, "stop-one", "pg-primary");
+    /* a write that lost its server is not retried: its outcome is unknown */
+    PGresult *r;
+    ck_assert_int_eq(keel_pg_exec(pg, KEEL_PG_WRITE, "INSERT INTO kt_fo VALUES (2)", NULL, &r),
+                     KEEL_EUNAVAIL);
+    ck_assert_int_eq(keel_pg_check(pg), KEEL_EUNAVAIL); /* no primary now */
+    ck_assert_int_eq(keel_pg_exec(pg, KEEL_PG_WRITE, "INSERT INTO kt_fo VALUES (2)", NULL, &r),
+                     KEEL_EUNAVAIL);
+    char v[16];
+    value(pg, KEEL_PG_READ, "SELECT count(*) FROM kt_fo", v, sizeof v); /* reads go on */
+    ck_assert_str_eq(v, "1");
+
+    kt_private_server(&priv, "promote", "pg-replica");
+    ck_assert_int_eq(keel_pg_check(pg), 0);
+    keel_pg_host_stats st;
+    keel_pg_host_stats_get(pg, 1, &st);
+    ck_assert_int_eq(st.role, KEEL_PG_ROLE_PRIMARY);
+    value(pg, KEEL_PG_AUTO, "INSERT INTO kt_fo VALUES (2) RETURNING pg_is_in_recovery()", v,
+          sizeof v);
+    ck_assert_str_eq(v, "f");
+
+    /* the old primary comes back on its old timeline: fenced, unused */
+    kt_private_server(&priv, "start-one", "pg-primary");
+    ck_assert_int_eq(keel_pg_check(pg), 0);
+    keel_pg_host_stats_get(pg, 0, &st);
+    ck_assert_int_eq(st.role, KEEL_PG_ROLE_FENCED);
+    value(pg, KEEL_PG_WRITE, "SELECT count(*) FROM kt_fo", v, sizeof v);
+    ck_assert_str_eq(v, "2");
+    value(pg, KEEL_PG_READ, "SELECT count(*) FROM kt_fo", v, sizeof v);
+    ck_assert_str_eq(v, "2"); /* no replica left: the write host serves reads */
+    keel_pg_destroy(pg);
+}
+END_TEST
+
+int main(void)
+{
+    atomic_store(&clk.ns, 1000 * KT_S);
+    Suite *s = suite_create("pg");
+    TCase *offline = tcase_create("offline");
+    tcase_add_test(offline, sql_is_classified_better_than_by_its_first_word);
+    tcase_add_test(offline, malformed_conninfos_are_refused);
+    suite_add_tcase(s, offline);
+
+    TCase *tc = tcase_create("servers");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, reads_reach_the_replica_and_writes_the_primary);
+    tcase_add_test(tc, parameters_stay_data);
+    tcase_add_test(tc, a_lagging_replica_sends_reads_to_the_primary);
+    tcase_add_test(tc, read_your_writes_waits_for_the_replica_or_uses_the_primary);
+    tcase_add_test(tc, a_batch_is_one_pipeline_and_all_or_nothing);
+    tcase_add_test(tc, statements_are_prepared_again_when_the_server_forgets);
+    tcase_add_test(tc, release_rolls_back_and_drops_what_it_cannot_reuse);
+    tcase_add_test(tc, timeouts_client_and_server);
+    tcase_add_test(tc, a_stopped_replica_is_skipped);
+    tcase_add_test(tc, the_health_thread_checks_by_itself);
+    suite_add_tcase(s, tc);
+
+    TCase *fo = tcase_create("failover");
+    tcase_set_timeout(fo, 120);
+    tcase_add_unchecked_fixture(fo, priv_start, priv_stop);
+    tcase_add_test(fo, writes_follow_a_promoted_replica);
+    suite_add_tcase(s, fo);
+    return kt_run(s);
+}
