@@ -85,6 +85,13 @@ static void write_sql(keel_pg *pg, const char *sql)
     PQclear(r);
 }
 
+static char logged[512];
+static void capture_log(keel_log_level level, const char *module, const char *msg, void *ud)
+{
+    (void)level, (void)module, (void)ud;
+    snprintf(logged, sizeof logged, "%s", msg);
+}
+
 /* ---- classification, no server ---- */
 
 START_TEST(sql_is_classified_better_than_by_its_first_word)
@@ -145,6 +152,21 @@ START_TEST(sql_is_classified_better_than_by_its_first_word)
         {"-- only a comment", KEEL_PG_WRITE},
         {"SELECT 'unterminated", KEEL_PG_READ},
         {"SELECT 1 /* unterminated", KEEL_PG_READ},
+        /* found by review: each of these fails on a standby */
+        {"SELECT E'x'\n'\\'', nextval('s')", KEEL_PG_WRITE},
+        {"SELECT E'x'\n'\\'' FROM t FOR UPDATE", KEEL_PG_WRITE},
+        {"SELECT 'a' 'b', 1", KEEL_PG_READ},
+        {"COPY (SELECT nextval('s')) TO STDOUT", KEEL_PG_WRITE},
+        {"COPY (SELECT * FROM t FOR SHARE) TO STDOUT", KEEL_PG_WRITE},
+        {"SELECT \"nextval\"('s')", KEEL_PG_WRITE},
+        {"SELECT pg_catalog.\"nextval\"('s')", KEEL_PG_WRITE},
+        {"SELECT U&\"nextval\"('s')", KEEL_PG_WRITE},
+        {"SELECT pg_walfile_name('0/0')", KEEL_PG_WRITE},
+        {"SELECT pg_logical_emit_message(true, 'p', 'x')", KEEL_PG_WRITE},
+        {"SELECT pg_replication_origin_create('o')", KEEL_PG_WRITE},
+        {"SELECT pg_advisory_lock(1)", KEEL_PG_WRITE},
+        {"SELECT pg_try_advisory_xact_lock(1)", KEEL_PG_WRITE},
+        {"SELECT \"nextval_of\"(1), txid_current_snapshot()", KEEL_PG_READ},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
         ck_assert_msg(keel_pg_classify(cases[i].sql) == cases[i].mode, "%s: expected %s",
@@ -252,6 +274,13 @@ START_TEST(parameters_stay_data)
     ck_assert_int_eq(PQgetlength(r, 0, 1), (int)sizeof bin - 1);
     ck_assert(memcmp(PQgetvalue(r, 0, 1), bin, sizeof bin - 1) == 0);
     PQclear(r);
+    /* the server's notices reach the log hook, not stderr */
+    logged[0] = '\0';
+    keel_set_log(capture_log, KEEL_LOG_INFO, NULL);
+    ck_assert_int_eq(keel_pg_exec(pg, KEEL_PG_WRITE, "DROP TABLE IF EXISTS kt_never_there", NULL, &r), 0);
+    keel_set_log(NULL, KEEL_LOG_ERROR, NULL);
+    PQclear(r);
+    ck_assert_msg(strstr(logged, "kt_never_there"), "logged: %s", logged);
     /* a SQL error: KEEL_EBACKEND with the SQLSTATE and message */
     ck_assert_int_eq(keel_pg_exec(pg, KEEL_PG_WRITE, "SELECT * FROM kt_no_such_table", NULL, &r),
                      KEEL_EBACKEND);
@@ -280,6 +309,14 @@ START_TEST(a_lagging_replica_sends_reads_to_the_primary)
     char v[8];
     value(pg, KEEL_PG_READ, "SELECT pg_is_in_recovery()", v, sizeof v);
     ck_assert_str_eq(v, "f");
+    /* more positions than the history holds: the lag keeps growing */
+    for (int i = 0; i < 80; i++) {
+        write_sql(pg, "INSERT INTO kt_lag VALUES (2)");
+        kt_clock_advance(&clk, 100 * MS);
+        ck_assert_int_eq(keel_pg_check(pg), 0);
+    }
+    keel_pg_host_stats_get(pg, 1, &st);
+    ck_assert_uint_ge(st.lag_ns, 11 * KT_S);
 
     direct_exec(rep, "SELECT pg_wal_replay_resume()");
     uint64_t lsn;
@@ -294,6 +331,22 @@ START_TEST(a_lagging_replica_sends_reads_to_the_primary)
     ck_assert_int_eq(st.readable, 1);
     value(pg, KEEL_PG_READ, "SELECT pg_is_in_recovery()", v, sizeof v);
     ck_assert_str_eq(v, "t");
+
+    /* a WAL switch on an idle primary leaves its insert position after a
+     * page header no replica reaches: that is not lag */
+    PGconn *prim = direct(kt_env("KEEL_TEST_PG"));
+    direct_exec(prim, "SELECT pg_switch_wal()");
+    PQfinish(prim);
+    ck_assert_int_eq(keel_pg_write_lsn(pg, &lsn), 0);
+    ck_assert_int_eq(keel_pg_acquire_after(pg, lsn, 20 * KT_S, &c), 0);
+    ck_assert_uint_eq(keel_pg_conn_host(c), 1);
+    keel_pg_release(c);
+    ck_assert_int_eq(keel_pg_check(pg), 0);
+    kt_clock_advance(&clk, 3 * KT_S);
+    ck_assert_int_eq(keel_pg_check(pg), 0);
+    keel_pg_host_stats_get(pg, 1, &st);
+    ck_assert_uint_eq(st.lag_ns, 0);
+    ck_assert_int_eq(st.readable, 1);
     PQfinish(rep);
     keel_pg_destroy(pg);
 }
@@ -406,6 +459,31 @@ START_TEST(a_batch_is_one_pipeline_and_all_or_nothing)
     ck_assert_int_eq(keel_pg_batch(pg, NULL, 0), 0);
     keel_pg_query bad = {.sql = "SELECT 1", .stmt = ins};
     ck_assert_int_eq(keel_pg_batch(pg, &bad, 1), KEEL_EINVAL);
+    int binary = 1;
+    keel_pg_query nolen = {.sql = "SELECT $1::bytea", .params = {.n = 1, .values = vals[0],
+                                                                 .formats = &binary}};
+    ck_assert_int_eq(keel_pg_batch(pg, &nolen, 1), KEEL_EINVAL);
+
+    /* the session forgot the statement: the batch, rolled back whole, is
+     * prepared again and run once more */
+    write_sql(pg, "DELETE FROM kt_batch");
+    keel_pg_conn *c;
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &c), 0);
+    ck_assert_int_eq(keel_pg_conn_batch(c, q, 3), 0);
+    for (int i = 0; i < 3; i++)
+        PQclear(q[i].res);
+    PQclear(PQexec(keel_pg_conn_raw(c), "DEALLOCATE ALL; DELETE FROM kt_batch"));
+    ck_assert_int_eq(keel_pg_conn_batch(c, q, 3), 0);
+    for (int i = 0; i < 3; i++)
+        PQclear(q[i].res);
+    /* COPY has no place in a pipeline: refused, the connection given up */
+    keel_pg_query copy[2] = {{.sql = "SELECT 1"}, {.sql = "COPY kt_batch TO STDOUT"}};
+    ck_assert_int_eq(keel_pg_conn_batch(c, copy, 2), KEEL_ENOTSUP);
+    ck_assert_int_eq(copy[1].rc, KEEL_ENOTSUP);
+    ck_assert_int_eq(copy[0].rc, KEEL_EABORTED);
+    keel_pg_release(c);
+    value(pg, KEEL_PG_WRITE, "SELECT count(*) FROM kt_batch", v, sizeof v);
+    ck_assert_str_eq(v, "3");
     keel_pg_stmt_free(ins);
     keel_pg_destroy(pg);
 }
@@ -442,7 +520,7 @@ START_TEST(statements_are_prepared_again_when_the_server_forgets)
     PQfinish(d);
     ck_assert_int_eq(keel_pg_exec_stmt(pg, KEEL_PG_WRITE, s, &p, &r), KEEL_EUNAVAIL);
     ck_assert_ptr_null(r);
-    ck_assert_int_eq(keel_pg_check(pg), 0);
+    /* one killed backend is not a dead server: no check needed */
     ck_assert_int_eq(keel_pg_exec_stmt(pg, KEEL_PG_WRITE, s, &p, &r), 0);
     ck_assert_str_eq(PQgetvalue(r, 0, 0), "2");
     ck_assert_str_ne(PQgetvalue(r, 0, 1), pid);
@@ -540,6 +618,18 @@ START_TEST(a_stopped_replica_is_skipped)
 }
 END_TEST
 
+static void *busy_client(void *arg)
+{
+    keel_pg *pg = arg;
+    for (int i = 0; i < 200; i++) {
+        PGresult *r;
+        int rc = keel_pg_exec(pg, i % 2 ? KEEL_PG_READ : KEEL_PG_WRITE, "SELECT 1", NULL, &r);
+        ck_assert_int_eq(rc, 0);
+        PQclear(r);
+    }
+    return NULL;
+}
+
 START_TEST(the_health_thread_checks_by_itself)
 {
     keel_pg *pg;
@@ -556,6 +646,12 @@ START_TEST(the_health_thread_checks_by_itself)
     }
     ck_assert_uint_ge(st.checks, 3);
     ck_assert_int_eq(st.role, KEEL_PG_ROLE_REPLICA);
+    /* clients and the thread at once (for the sanitizers' eyes) */
+    pthread_t t[2];
+    for (int i = 0; i < 2; i++)
+        pthread_create(&t[i], NULL, busy_client, pg);
+    for (int i = 0; i < 2; i++)
+        pthread_join(t[i], NULL);
     char *text;
     ck_assert_int_eq(keel_metrics_render_buf(m, KEEL_METRICS_PROMETHEUS, &text, NULL), 0);
     char want[256];
@@ -609,6 +705,15 @@ START_TEST(writes_follow_a_promoted_replica)
     ck_assert_str_eq(v, "2");
     value(pg, KEEL_PG_READ, "SELECT count(*) FROM kt_fo", v, sizeof v);
     ck_assert_str_eq(v, "2"); /* no replica left: the write host serves reads */
+
+    /* the new primary goes too: the old one, on an older timeline, must
+     * still never take writes (split brain) */
+    kt_private_server(&priv, "stop-one", "pg-replica");
+    ck_assert_int_eq(keel_pg_check(pg), KEEL_EUNAVAIL);
+    ck_assert_int_eq(keel_pg_exec(pg, KEEL_PG_WRITE, "INSERT INTO kt_fo VALUES (3)", NULL, &r),
+                     KEEL_EUNAVAIL);
+    keel_pg_host_stats_get(pg, 0, &st);
+    ck_assert_int_eq(st.role, KEEL_PG_ROLE_FENCED);
     keel_pg_destroy(pg);
 }
 END_TEST

@@ -14,14 +14,17 @@
  * newest timeline: so when the primary is gone and a replica has been
  * promoted, writes go to the replica without restarting the program, and
  * an old primary that comes back on its old timeline is fenced (used for
- * nothing). A replica is used for reads while it answers and its lag is at
+ * nothing, even when no other host is writable: a host on a timeline older
+ * than one a write host was seen on never takes writes). A replica is used for reads while it answers and its lag is at
  * most max_replica_lag_ns. Lag is measured in time with the library's
- * clock: a replica is as far behind as the oldest primary WAL position,
- * seen at a check, that it has not replayed yet (zero when it has replayed
- * all of them). Checks run in a background thread every
+ * clock: a replica is as far behind as the oldest position the write
+ * host had flushed at a check that it has not replayed yet (zero when it
+ * has replayed all of them). Checks run in a background thread every
  * health_interval_ns, or only when the program calls keel_pg_check()
- * (manual_health). A connection that fails between checks marks its host
- * down at once, and the next check brings it back.
+ * (manual_health). A connect that fails marks its host down until a check
+ * finds it up (or for one interval); a connection lost in use retires the
+ * host's older connections and wakes the health thread, but one killed
+ * backend does not make the host down.
  *
  * Modes. KEEL_PG_WRITE: the write host. KEEL_PG_READ: a usable replica,
  * round robin (keel_lb), else the write host. KEEL_PG_AUTO (exec helpers
@@ -40,7 +43,8 @@
  * query_timeout_ns (the connection is dropped). KEEL_EBACKEND: the server
  * refused the statement; the PGresult is returned, with its SQLSTATE
  * (PQresultErrorField(res, PG_DIAG_SQLSTATE)) and message, and the message
- * goes to the log hook. libpq's own messages reach the log hook too.
+ * goes to the log hook. libpq's own messages and the server's notices reach
+ * the log hook too (notices at KEEL_LOG_INFO).
  *
  * Thread safety: a keel_pg is used by any number of threads at once. A
  * leased keel_pg_conn belongs to one thread at a time, like a PGconn.
@@ -79,7 +83,9 @@ typedef struct keel_pg_opts {
     size_t conns_per_host;            /* 0 = 8 */
     uint64_t connect_timeout_ns;      /* 0 = 5 s (any value, unlike libpq's 2 s floor) */
     uint64_t acquire_timeout_ns;      /* wait for a free connection; 0 = 5 s */
-    uint64_t query_timeout_ns;        /* wait for an answer; 0 = no limit */
+    uint64_t query_timeout_ns;        /* wait for an answer; 0 = no limit (the
+                                       * server then stops what we dropped:
+                                       * client_connection_check_interval) */
     uint64_t statement_timeout_ns;    /* the server's statement_timeout; 0 = unset */
     uint64_t health_interval_ns;      /* 0 = 1 s */
     uint64_t max_replica_lag_ns;      /* 0 = 5 s */
@@ -185,7 +191,9 @@ typedef struct keel_pg_query {
 /* Sends n statements in one pipeline (no round trip between them, one
  * Sync at the end), reading results as they come so neither side blocks.
  * Without an open transaction the batch is one transaction: all or
- * nothing. When a statement fails, it gets KEEL_EBACKEND and its result,
+ * nothing (and, rolled back whole, it is run once more if the server had
+ * forgotten one of its prepared statements). COPY is refused
+ * (KEEL_ENOTSUP, the connection given up). When a statement fails, it gets KEEL_EBACKEND and its result,
  * and every other statement KEEL_EABORTED (those before it were rolled
  * back, those after it not run). Returns 0, the failing statement's
  * KEEL_EBACKEND, or the connection's failure (KEEL_EUNAVAIL: lost, the
@@ -197,8 +205,10 @@ KEEL_API int keel_pg_batch(keel_pg *pg, keel_pg_query *q, size_t n);
 
 /* ---- read-your-writes ---- */
 
-/* The write host's WAL insert position now: every transaction committed
- * before the call is at or before it. Pass it to keel_pg_acquire_after(). */
+/* The write host's WAL insert position now (less a page header it may sit
+ * just after, which no replica reaches on an idle primary): every
+ * transaction committed before the call is at or before it. Pass it to
+ * keel_pg_acquire_after(). */
 KEEL_API int keel_pg_write_lsn(keel_pg *pg, uint64_t *lsn);
 
 /* ---- classification ---- */
@@ -208,9 +218,10 @@ KEEL_API int keel_pg_write_lsn(keel_pg *pg, uint64_t *lsn);
  * quoted names and dollar quotes are not looked into. Reads: SELECT,
  * VALUES, TABLE, SHOW, EXPLAIN of a read, WITH of reads, COPY ... TO;
  * unless they lock rows (FOR UPDATE/SHARE), create a table (SELECT INTO),
- * contain INSERT/UPDATE/DELETE/MERGE, or call nextval, setval,
- * txid_current, pg_current_xact_id, pg_notify, a lo_* function or a WAL
- * function that fails during recovery. Everything else (DML, DDL, CALL, DO,
+ * contain INSERT/UPDATE/DELETE/MERGE, or call (by name, quoted or not)
+ * nextval, setval, txid_current, pg_current_xact_id, pg_notify, a lo_*,
+ * advisory lock, replication origin or slot function, or a WAL function
+ * that fails during recovery. Everything else (DML, DDL, CALL, DO,
  * COPY ... FROM, SET, transaction control, several statements of which one
  * writes, anything unknown) is a write. A SELECT of a user function that
  * writes is classified a read: name the mode. */

@@ -2,7 +2,7 @@
  *
  * A small lexer that knows what it must not look into (comments, nested
  * block comments, strings with their escapes, quoted names, dollar
- * quotes) yields words and parentheses; each statement is then judged by
+ * quotes) yields words, quoted names and parentheses; each statement is then judged by
  * its first word and, for the read kinds, by words that betray a write.
  * Anything not recognised as a read is a write: sending a read to the
  * primary costs a little load, sending a write to a replica fails.
@@ -11,7 +11,7 @@
 
 #include "pg_int.h"
 
-typedef enum kind { T_END, T_WORD, T_LPAREN, T_RPAREN, T_SEMI, T_OTHER } kind;
+typedef enum kind { T_END, T_WORD, T_QUOTED, T_LPAREN, T_RPAREN, T_SEMI, T_OTHER } kind;
 
 typedef struct tok {
     kind k;
@@ -73,6 +73,23 @@ static const char *skip_quoted(const char *p, char q, bool backslash)
     return p;
 }
 
+/* Past a string constant at p (its opening quote), with the continuations
+ * PostgreSQL joins to it: another quoted part after whitespace holding a
+ * newline, read in the same mode (E'a'<newline>'\'' is one string). */
+static const char *skip_string(const char *p, bool backslash)
+{
+    for (;;) {
+        p = skip_quoted(p, '\'', backslash);
+        const char *q = p;
+        bool newline = false;
+        for (; *q == ' ' || *q == '\t' || *q == '\n' || *q == '\r' || *q == '\f' || *q == '\v'; q++)
+            newline |= *q == '\n' || *q == '\r';
+        if (!newline || *q != '\'')
+            return p;
+        p = q;
+    }
+}
+
 /* A dollar quote $tag$...$tag$ at p, or NULL if p does not open one. */
 static const char *skip_dollar(const char *p)
 {
@@ -99,10 +116,11 @@ static tok next(const char **pp)
         t.k = T_END;
         t.n = 0;
     } else if (c == '\'') {
-        p = skip_quoted(p, '\'', false);
+        p = skip_string(p, false);
         t.n = (size_t)(p - t.s);
     } else if (c == '"') {
         p = skip_quoted(p, '"', false);
+        t.k = T_QUOTED;
         t.n = (size_t)(p - t.s);
     } else if (c == '$') {
         const char *end = skip_dollar(p);
@@ -115,11 +133,15 @@ static tok next(const char **pp)
         t.n = (size_t)(p - t.s);
         /* E'...' (backslash escapes), B'', X'', N'', U&'' are strings */
         if (*p == '\'' && t.n == 1) {
-            bool esc = c == 'e' || c == 'E';
-            p = skip_quoted(p, '\'', esc);
+            p = skip_string(p, c == 'e' || c == 'E');
             t.n = (size_t)(p - t.s);
-        } else if (t.n == 1 && (c == 'u' || c == 'U') && p[0] == '&' && (p[1] == '\'' || p[1] == '"')) {
-            p = skip_quoted(p + 1, p[1], false);
+        } else if (t.n == 1 && (c == 'u' || c == 'U') && p[0] == '&' && p[1] == '\'') {
+            p = skip_string(p + 1, false);
+            t.n = (size_t)(p - t.s);
+        } else if (t.n == 1 && (c == 'u' || c == 'U') && p[0] == '&' && p[1] == '"') {
+            t.s = p + 1; /* U&"name": a quoted name */
+            p = skip_quoted(p + 1, '"', false);
+            t.k = T_QUOTED;
             t.n = (size_t)(p - t.s);
         } else {
             t.k = T_WORD;
@@ -153,35 +175,71 @@ static bool is_any(tok t, const char *const *words)
     return false;
 }
 
-/* Functions that write, or that fail during recovery. */
+/* A function's name, lower-cased (a quoted one as written): false when
+ * it is not a name or is too long to be one of ours. */
+static bool fn_name(tok t, char *out, size_t size)
+{
+    const char *s = t.s;
+    size_t n = t.n;
+    if (t.k == T_QUOTED) { /* "name": no doubled quotes in the names we look for */
+        s++;
+        n = n >= 2 ? n - 2 : 0;
+    } else if (t.k != T_WORD) {
+        return false;
+    }
+    if (n == 0 || n >= size)
+        return false;
+    for (size_t i = 0; i < n; i++)
+        out[i] = t.k == T_WORD && s[i] >= 'A' && s[i] <= 'Z' ? (char)(s[i] + 32) : s[i];
+    out[n] = '\0';
+    return true;
+}
+
+/* Functions that write, that fail during recovery, or whose effect must be
+ * on the primary (advisory locks): whole names, then prefixes. */
 static bool write_function(tok t)
 {
-    static const char *const fns[] = {
+    static const char *const names[] = {
         "nextval", "setval", "txid_current", "pg_current_xact_id", "pg_notify",
-        "pg_current_wal_lsn", "pg_current_wal_insert_lsn", "pg_current_wal_flush_lsn",
-        "pg_switch_wal", "pg_create_restore_point", NULL,
+        "pg_switch_wal", "pg_walfile_name", "pg_walfile_name_offset",
+        "pg_logical_emit_message", "pg_import_system_collations", "pg_drop_replication_slot",
+        NULL,
     };
-    if (t.k != T_WORD)
+    static const char *const prefixes[] = {
+        "lo_", "pg_current_wal_", "pg_create_", "pg_advisory_", "pg_try_advisory_",
+        "pg_replication_origin_", NULL,
+    };
+    char name[64];
+    if (!fn_name(t, name, sizeof name))
         return false;
-    if (t.n > 3 && (t.s[0] == 'l' || t.s[0] == 'L') && (t.s[1] == 'o' || t.s[1] == 'O') &&
-        t.s[2] == '_')
-        return true; /* the large object functions */
-    return is_any(t, fns);
+    for (const char *const *w = names; *w; w++)
+        if (strcmp(name, *w) == 0)
+            return true;
+    for (const char *const *w = prefixes; *w; w++)
+        if (strncmp(name, *w, strlen(*w)) == 0)
+            return true;
+    return false;
 }
 
 static const char *const dml[] = {"insert", "update", "delete", "merge", "into", NULL};
 
+/* Whether token t, after prev, betrays a write inside a read. */
+static bool writes(tok prev, tok t)
+{
+    static const char *const locks[] = {"share", "no", "key", NULL}; /* FOR SHARE, FOR NO KEY.. */
+    return is_any(t, dml) || (is(prev, "for") && is_any(t, locks)) ||
+           (t.k == T_LPAREN && write_function(prev));
+}
+
 /* The rest of a read statement, to its end: does anything in it write? */
 static bool body_writes(const char **pp)
 {
-    static const char *const locks[] = {"share", "no", "key", NULL}; /* FOR SHARE, FOR NO KEY.. */
     tok prev = {T_END, NULL, 0};
     for (;;) {
         tok t = next(pp);
         if (t.k == T_END || t.k == T_SEMI)
             return false;
-        if (is_any(t, dml) || (is(prev, "for") && is_any(t, locks)) ||
-            (t.k == T_LPAREN && write_function(prev)))
+        if (writes(prev, t))
             return true;
         prev = t;
     }
@@ -225,15 +283,17 @@ static int statement(const char **pp)
         return body_writes(pp) ? 0 : 1;
     if (is(t, "copy")) { /* COPY ... TO reads; FROM writes */
         int depth = 0;
+        tok prev = t;
         for (;;) {
             t = next(pp);
             if (t.k == T_END || t.k == T_SEMI)
                 return 0;
-            if (is_any(t, dml)) /* COPY (INSERT ... RETURNING) TO */
+            if (writes(prev, t)) /* COPY (INSERT ... RETURNING), (SELECT nextval..) TO */
                 return 0;
             depth += t.k == T_LPAREN ? 1 : t.k == T_RPAREN ? -1 : 0;
             if (depth == 0 && (is(t, "to") || is(t, "from")))
                 break;
+            prev = t;
         }
         return is(t, "to") ? !body_writes(pp) : 0;
     }

@@ -42,7 +42,8 @@ int keel__pg_wait_fd(int fd, short events, uint64_t deadline)
 uint64_t keel__pg_deadline(const keel_pg *pg, uint64_t timeout)
 {
     (void)pg;
-    return timeout ? keel_now_ns() + timeout : 0;
+    uint64_t now = keel_now_ns();
+    return !timeout ? 0 : timeout > UINT64_MAX - now ? UINT64_MAX : now + timeout;
 }
 
 uint64_t keel__pg_lsn_parse(const char *s)
@@ -60,7 +61,7 @@ static void lost(keel_pg_conn *c, const char *what)
     c->broken = true;
     keel__log(KEEL_LOG_WARN, "pg", "%s: %s: %s", c->h->name, what,
               c->conn ? PQerrorMessage(c->conn) : "no connection");
-    keel__pg_host_failed(c->h);
+    keel__pg_conn_lost(c->h);
 }
 
 /* Whether a SQLSTATE means the session is gone (class 08, or the server
@@ -191,8 +192,13 @@ static const keel_pg_params no_params = {0};
 
 static bool params_ok(const keel_pg_params *p)
 {
-    return p->n >= 0 && p->n <= 65535 && (p->n == 0 || p->values) &&
-           (p->result_format == 0 || p->result_format == 1);
+    if (p->n < 0 || p->n > 65535 || (p->n && !p->values) ||
+        (p->result_format != 0 && p->result_format != 1))
+        return false;
+    for (int i = 0; p->formats && i < p->n; i++) /* a binary value needs its length */
+        if (p->formats[i] != 0 && (p->formats[i] != 1 || !p->lengths))
+            return false;
+    return true;
 }
 
 /* Sends one statement (SQL, or a prepared statement by name) without
@@ -305,8 +311,13 @@ static int prepare(keel_pg_conn *c, keel_pg_stmt *s, PGresult **res)
     PQsetnonblocking(c->conn, 1);
     int rc = 0;
     if (!PQsendPrepare(c->conn, s->name, s->sql, s->ntypes, s->types)) {
-        lost(c, "prepare");
-        rc = KEEL_EUNAVAIL;
+        if (PQstatus(c->conn) != CONNECTION_OK) {
+            lost(c, "prepare");
+            rc = KEEL_EUNAVAIL;
+        } else { /* busy with the caller's own libpq use */
+            keel__log(KEEL_LOG_WARN, "pg", "%s: %s", c->h->name, PQerrorMessage(c->conn));
+            rc = KEEL_EINVAL;
+        }
     }
     if (rc == 0)
         rc = flush(c, deadline);
@@ -367,7 +378,7 @@ static bool query_ok(const keel_pg_query *q, const keel_pg *pg)
 /* Takes the next result of a batch in flight: assigns it to the query it
  * belongs to, or notes the end. *cur is the query whose results are being
  * read, *has whether it got one. Returns 1 at the Sync, 0 to go on, -1
- * when nothing more is available yet. */
+ * when nothing more is available yet, -2 for a COPY (unsupported). */
 static int take(keel_pg_conn *c, keel_pg_query *q, size_t n, size_t *cur, bool *has)
 {
     PGresult *r = PQgetResult(c->conn);
@@ -382,6 +393,14 @@ static int take(keel_pg_conn *c, keel_pg_query *q, size_t n, size_t *cur, bool *
     if (st == PGRES_PIPELINE_SYNC) {
         PQclear(r);
         return 1;
+    }
+    if (st == PGRES_COPY_IN || st == PGRES_COPY_OUT || st == PGRES_COPY_BOTH) {
+        PQclear(r); /* COPY has no place in a pipeline: give the connection up */
+        keel__log(KEEL_LOG_WARN, "pg", "%s: COPY in a batch", c->h->name);
+        c->broken = true;
+        if (*cur < n)
+            q[*cur].rc = KEEL_ENOTSUP;
+        return -2;
     }
     *has = true;
     if (*cur >= n) { /* nothing should come: ignore it */
@@ -433,12 +452,79 @@ static int pipeline(keel_pg_conn *c, keel_pg_query *q, size_t n, uint64_t deadli
             int t = take(c, q, n, &cur, &has);
             if (t == 1)
                 return 0;
+            if (t == -2)
+                return KEEL_ENOTSUP;
             if (t < 0)
                 break;
             if (c->broken)
                 return KEEL_EUNAVAIL;
         }
     }
+}
+
+/* One attempt at a batch: statements prepared first, outside the
+ * pipeline, then the pipeline. */
+static int batch_once(keel_pg_conn *c, keel_pg_query *q, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        q[i].rc = KEEL_EABORTED;
+        q[i].res = NULL;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (!q[i].stmt)
+            continue;
+        int rc = prepare(c, q[i].stmt, &q[i].res);
+        if (rc) {
+            q[i].rc = rc;
+            return rc;
+        }
+    }
+    uint64_t deadline = keel__pg_deadline(c->h->pg, c->h->pg->query_timeout);
+    PQsetnonblocking(c->conn, 1);
+    if (!PQenterPipelineMode(c->conn)) {
+        lost(c, "pipeline mode");
+        return KEEL_EUNAVAIL;
+    }
+    int rc = pipeline(c, q, n, deadline);
+    atomic_fetch_add_explicit(&c->h->queries, n, memory_order_relaxed);
+    if (rc) /* left inside the pipeline: the connection is spent (and, closed,
+             * it takes the unfinished transaction with it) */
+        c->broken = true;
+    else if (!PQexitPipelineMode(c->conn))
+        lost(c, "leaving pipeline mode");
+    if (!c->broken)
+        PQsetnonblocking(c->conn, 0);
+    /* all or nothing: one failure aborts the others */
+    int first = rc;
+    for (size_t i = 0; i < n && !first; i++)
+        if (q[i].rc && q[i].rc != KEEL_EABORTED)
+            first = q[i].rc;
+    for (size_t i = 0; i < n; i++) {
+        if (q[i].rc == KEEL_EBACKEND || q[i].rc == KEEL_ENOTSUP)
+            continue;
+        if (rc == KEEL_EUNAVAIL || rc == KEEL_ETIMEDOUT || rc == KEEL_EPROTO)
+            q[i].rc = rc; /* the connection failed: outcome unknown */
+        else if (first)
+            q[i].rc = KEEL_EABORTED;
+        if (q[i].rc != 0) {
+            PQclear(q[i].res);
+            q[i].res = NULL;
+        }
+    }
+    for (size_t i = 0; i < n && !first; i++)
+        if (q[i].rc == KEEL_EABORTED) /* no failure seen, yet not run */
+            first = KEEL_EPROTO;
+    return first;
+}
+
+/* Whether a statement of the batch failed because the server forgot it. */
+static bool forgotten(const keel_pg_query *q, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (q[i].stmt && q[i].rc == KEEL_EBACKEND &&
+            strcmp(PQresultErrorField(q[i].res, PG_DIAG_SQLSTATE), "26000") == 0)
+            return true;
+    return false;
 }
 
 KEEL_API int keel_pg_conn_batch(keel_pg_conn *c, keel_pg_query *q, size_t n)
@@ -458,47 +544,17 @@ KEEL_API int keel_pg_conn_batch(keel_pg_conn *c, keel_pg_query *q, size_t n)
         return KEEL_EUNAVAIL;
     if (PQpipelineStatus(c->conn) != PQ_PIPELINE_OFF || PQisBusy(c->conn))
         return KEEL_ESTATE;
-    /* statements first, outside the pipeline */
-    for (size_t i = 0; i < n; i++) {
-        if (!q[i].stmt)
-            continue;
-        int rc = prepare(c, q[i].stmt, &q[i].res);
-        if (rc) {
-            q[i].rc = rc;
-            return rc;
-        }
-    }
-    uint64_t deadline = keel__pg_deadline(c->h->pg, c->h->pg->query_timeout);
-    PQsetnonblocking(c->conn, 1);
-    if (!PQenterPipelineMode(c->conn)) {
-        lost(c, "pipeline mode");
-        return KEEL_EUNAVAIL;
-    }
-    int rc = pipeline(c, q, n, deadline);
-    atomic_fetch_add_explicit(&c->h->queries, n, memory_order_relaxed);
-    if (rc == 0 && !PQexitPipelineMode(c->conn))
-        lost(c, "leaving pipeline mode");
-    if (!c->broken)
-        PQsetnonblocking(c->conn, 0);
-    /* all or nothing: one failure aborts the others */
-    int first = rc;
-    for (size_t i = 0; i < n && !first; i++)
-        if (q[i].rc && q[i].rc != KEEL_EABORTED)
-            first = q[i].rc;
-    for (size_t i = 0; i < n; i++) {
-        if (rc && q[i].rc != KEEL_EBACKEND)
-            q[i].rc = rc; /* the connection failed: outcome unknown */
-        else if (first && q[i].rc == 0)
-            q[i].rc = KEEL_EABORTED;
-        if (q[i].rc != 0 && q[i].rc != KEEL_EBACKEND) {
+    bool idle = PQtransactionStatus(c->conn) == PQTRANS_IDLE;
+    int rc = batch_once(c, q, n);
+    if (rc == KEEL_EBACKEND && idle && forgotten(q, n)) {
+        /* the batch was rolled back whole: prepare again, run it once more */
+        for (size_t i = 0; i < n; i++) {
             PQclear(q[i].res);
             q[i].res = NULL;
+            if (q[i].stmt)
+                mark_prepared(c, q[i].stmt->id, false);
         }
+        rc = batch_once(c, q, n);
     }
-    if (first == 0 && rc == 0) {
-        for (size_t i = 0; i < n; i++)
-            if (q[i].rc == KEEL_EABORTED) /* no failure seen, yet not run */
-                first = KEEL_EPROTO;
-    }
-    return first;
+    return rc;
 }

@@ -30,11 +30,12 @@
 #include "pg_int.h"
 
 /* One round trip tells a host's role, WAL position and timeline (from the
- * current WAL file's name, which starts with it). */
+ * current WAL file's name, which starts with it). A primary's position is
+ * what it has flushed: all a replica can ever receive. */
 static const char HEALTH_SQL[] =
     "SELECT pg_is_in_recovery(),"
     " CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
-    " ELSE pg_current_wal_insert_lsn() END,"
+    " ELSE pg_current_wal_flush_lsn() END,"
     " CASE WHEN pg_is_in_recovery() THEN NULL"
     " ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END";
 
@@ -66,8 +67,11 @@ static int add_param(pghost *h, size_t *n, const char *k, const char *v)
 }
 
 /* The conninfo's parameters, plus libkeel's: a fallback application name
- * and the statement timeout (added to `options`). */
-static int host_params(pghost *h, const char *conninfo, uint64_t statement_timeout)
+ * and, added to `options`, the statement timeout and, with a query
+ * timeout, client_connection_check_interval (so that the server notices
+ * a connection we dropped in the middle of a query and stops it). */
+static int host_params(pghost *h, const char *conninfo, uint64_t statement_timeout,
+                       uint64_t query_timeout)
 {
     char *err = NULL;
     PQconninfoOption *opts = PQconninfoParse(conninfo, &err);
@@ -83,10 +87,15 @@ static int host_params(pghost *h, const char *conninfo, uint64_t statement_timeo
     h->kw = keel__calloc(count + 3, sizeof *h->kw);
     h->val = keel__calloc(count + 3, sizeof *h->val);
     int rc = h->kw && h->val ? 0 : KEEL_ENOMEM;
-    char st[64] = "";
+    char st[128] = "";
     if (statement_timeout)
         snprintf(st, sizeof st, "-c statement_timeout=%llu",
                  (unsigned long long)((statement_timeout + 999999u) / 1000000u));
+    if (query_timeout) {
+        uint64_t ms = (query_timeout + 999999u) / 1000000u;
+        snprintf(st + strlen(st), sizeof st - strlen(st), "%s-c client_connection_check_interval=%llu",
+                 st[0] ? " " : "", (unsigned long long)(ms < 1000 ? ms : 1000));
+    }
     const char *host = NULL, *hostaddr = NULL, *port = NULL;
     bool have_options = false;
     size_t n = 0;
@@ -105,7 +114,8 @@ static int host_params(pghost *h, const char *conninfo, uint64_t statement_timeo
             have_options = true;
             continue;
         }
-        rc = add_param(h, &n, o->keyword, o->val);
+        if ((rc = add_param(h, &n, o->keyword, o->val)) != 0)
+            break;
         if (strcmp(o->keyword, "host") == 0)
             host = h->val[n - 1];
         else if (strcmp(o->keyword, "hostaddr") == 0)
@@ -124,6 +134,13 @@ static int host_params(pghost *h, const char *conninfo, uint64_t statement_timeo
 }
 
 /* ---- connecting ---- */
+
+/* The server's notices and warnings go to the log hook, not to stderr. */
+static void notice(void *arg, const char *msg)
+{
+    const pghost *h = arg;
+    keel__log(KEEL_LOG_INFO, "pg", "%s: %.*s", h->name, (int)strcspn(msg, "\n"), msg);
+}
 
 /* A new connection within the connect timeout (libpq's own has a 2 s
  * floor): PQconnectStartParams, then PQconnectPoll on our own poll(). */
@@ -153,6 +170,7 @@ static int connect_host(pghost *h, PGconn **out)
         return KEEL_EUNAVAIL; /* a timeout too: the host is not there */
     }
     atomic_fetch_add_explicit(&h->connects, 1, memory_order_relaxed);
+    PQsetNoticeProcessor(c, notice, h);
     *out = c;
     return 0;
 }
@@ -185,7 +203,15 @@ static void kick(keel_pg *pg)
     pthread_mutex_unlock(&pg->tmu);
 }
 
-void keel__pg_host_failed(pghost *h)
+void keel__pg_conn_lost(pghost *h)
+{
+    atomic_fetch_add(&h->gen, 1);
+    kick(h->pg);
+}
+
+/* A connect failed: the host is skipped until the next check finds it up,
+ * or for one interval. */
+static void host_down(pghost *h)
 {
     keel_pg *pg = h->pg;
     atomic_fetch_add(&h->gen, 1);
@@ -209,7 +235,7 @@ int keel__pg_conn_get(pghost *h, keel_pg_conn **out)
            c->gen != atomic_load(&h->gen))
         keel_pool_discard(h->pool, c); /* made before the host last failed */
     if (rc == KEEL_EUNAVAIL)
-        keel__pg_host_failed(h);
+        host_down(h);
     if (rc == 0)
         *out = c;
     return rc;
@@ -253,29 +279,33 @@ static void probe_host(pghost *h, probe *out)
     }
 }
 
-/* Under mu. */
+/* Under mu. The history keeps its oldest entry (so a replica stuck behind
+ * it sees its lag grow without end) and, when full, drops the entry whose
+ * removal blurs the times least. */
 static void remember(keel_pg *pg, uint64_t now, uint64_t lsn)
 {
-    if (pg->nhist && pg->hist[(pg->hhead + pg->nhist - 1) % PG_HIST].lsn >= lsn)
+    if (pg->nhist && pg->hist[pg->nhist - 1].lsn >= lsn)
         return; /* not moved: keep the earliest time of this position */
     if (pg->nhist == PG_HIST) {
-        pg->hhead = (pg->hhead + 1) % PG_HIST;
+        size_t drop = 1;
+        for (size_t j = 2; j + 1 < PG_HIST; j++)
+            if (pg->hist[j + 1].t - pg->hist[j - 1].t < pg->hist[drop + 1].t - pg->hist[drop - 1].t)
+                drop = j;
+        memmove(&pg->hist[drop], &pg->hist[drop + 1], (PG_HIST - drop - 1) * sizeof pg->hist[0]);
         pg->nhist--;
     }
-    size_t i = (pg->hhead + pg->nhist++) % PG_HIST;
-    pg->hist[i].t = now;
-    pg->hist[i].lsn = lsn;
+    pg->hist[pg->nhist].t = now;
+    pg->hist[pg->nhist].lsn = lsn;
+    pg->nhist++;
 }
 
 /* Under mu: how long ago the write host was at a position that `lsn`
  * has not reached. */
 static uint64_t lag_of(const keel_pg *pg, uint64_t lsn, uint64_t now)
 {
-    for (size_t k = 0; k < pg->nhist; k++) {
-        size_t i = (pg->hhead + k) % PG_HIST;
+    for (size_t i = 0; i < pg->nhist; i++)
         if (pg->hist[i].lsn > lsn)
             return now > pg->hist[i].t ? now - pg->hist[i].t : 0;
-    }
     return 0;
 }
 
@@ -298,12 +328,19 @@ static int check_round(keel_pg *pg)
     uint64_t now = keel__clock_now(&pg->clock);
 
     pthread_mutex_lock(&pg->mu);
-    size_t best = PG_NONE; /* not in recovery, newest timeline, first given */
+    /* not in recovery, newest timeline, first given; never on a timeline
+     * older than one a write host was seen on: that is an old primary */
+    size_t best = PG_NONE;
     for (size_t i = 0; i < pg->nhosts; i++)
-        if (pr[i].ok && !pr[i].recovery && (best == PG_NONE || pr[i].timeline > pr[best].timeline))
+        if (pr[i].ok && !pr[i].recovery && pr[i].timeline >= pg->timeline &&
+            (best == PG_NONE || pr[i].timeline > pr[best].timeline))
             best = i;
-    if (best != PG_NONE)
+    if (best != PG_NONE) {
+        if (best != pg->last_writer || pr[best].timeline != pg->timeline)
+            pg->nhist = 0; /* another primary: its positions only */
+        pg->timeline = pr[best].timeline;
         remember(pg, now, pr[best].lsn);
+    }
     for (size_t i = 0; i < pg->nhosts; i++) {
         pghost *h = &pg->hosts[i];
         if (!pr[i].ok) {
@@ -317,7 +354,10 @@ static int check_round(keel_pg *pg)
         atomic_store(&h->down_until, 0);
         h->lsn = pr[i].lsn;
         h->timeline = pr[i].timeline;
-        h->lag_ns = pr[i].recovery ? lag_of(pg, pr[i].lsn, now) : 0;
+        if (!pr[i].recovery)
+            h->lag_ns = 0;
+        else if (best != PG_NONE) /* with no write host, lags stay as they were */
+            h->lag_ns = lag_of(pg, pr[i].lsn, now);
         h->role = pr[i].recovery ? KEEL_PG_ROLE_REPLICA
                   : i == best    ? KEEL_PG_ROLE_PRIMARY
                                  : KEEL_PG_ROLE_FENCED;
@@ -585,10 +625,23 @@ KEEL_API int keel_pg_write_lsn(keel_pg *pg, uint64_t *lsn)
     int rc = keel_pg_acquire(pg, KEEL_PG_WRITE, &c);
     if (rc)
         return rc;
+    /* The insert position, less a page header it may sit just after (no
+     * record ends there, and an idle primary may never flush it). */
     PGresult *r;
-    rc = keel__pg_run(c, "SELECT pg_current_wal_insert_lsn()", NULL, 0, &r);
-    if (rc == 0)
-        *lsn = keel__pg_lsn_parse(PQgetvalue(r, 0, 0));
+    rc = keel__pg_run(c,
+                      "SELECT pg_current_wal_insert_lsn(), current_setting('wal_block_size'),"
+                      " (SELECT setting FROM pg_settings WHERE name = 'wal_segment_size')",
+                      NULL, 0, &r);
+    if (rc == 0) {
+        uint64_t v = keel__pg_lsn_parse(PQgetvalue(r, 0, 0));
+        uint64_t block = strtoull(PQgetvalue(r, 0, 1), NULL, 10);
+        uint64_t segment = strtoull(PQgetvalue(r, 0, 2), NULL, 10);
+        if (segment && v % segment == 40) /* after a long page header */
+            v -= 40;
+        else if (block && v % block == 24) /* after a short one */
+            v -= 24;
+        *lsn = v;
+    }
     PQclear(r);
     keel_pg_release(c);
     return rc;
@@ -711,7 +764,7 @@ static int add_host(keel_pg *pg, size_t i, const char *conninfo, const keel_pg_o
     h->lb_down = true;
     if (!conninfo)
         return KEEL_EINVAL;
-    int rc = host_params(h, conninfo, o->statement_timeout_ns);
+    int rc = host_params(h, conninfo, o->statement_timeout_ns, o->query_timeout_ns);
     for (size_t k = 0; rc == 0 && k < i; k++)
         if (strcmp(pg->hosts[k].name, h->name) == 0) {
             keel__log(KEEL_LOG_ERROR, "pg", "%s is given twice", h->name);

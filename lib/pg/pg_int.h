@@ -61,8 +61,9 @@ struct keel_pg {
     struct {
         uint64_t t, lsn;
     } hist[PG_HIST];
-    size_t nhist, hhead; /* entries, and the index of the oldest */
-    size_t last_writer;  /* the last known write host, for the log */
+    size_t nhist;        /* entries, oldest first */
+    uint32_t timeline;   /* the newest a write host was seen on */
+    size_t last_writer;  /* the last known write host */
     uint64_t failovers;
 
     pthread_mutex_t check_mu; /* one check at a time */
@@ -89,7 +90,11 @@ struct keel_pg_stmt {
 
 /* pg.c */
 int keel__pg_conn_get(pghost *h, keel_pg_conn **out);
-void keel__pg_host_failed(pghost *h);
+/* A connection of h was lost: the host's other connections, made before,
+ * are dropped when next taken, and a health check runs soon. Whether the
+ * host is down is for a connect or a check to say (one killed backend is
+ * not a dead server). */
+void keel__pg_conn_lost(pghost *h);
 
 /* exec.c */
 /* Waits until fd is ready for events (POLLIN/POLLOUT) or the deadline
