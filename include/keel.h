@@ -14,5 +14,6 @@
 #include <keel/alert.h>
 #include <keel/redis.h>
 #include <keel/pg.h>
+#include <keel/limiter.h>
 
 #endif /* KEEL_H */

@@ -1,0 +1,62 @@
+/* lib/limiter/limiter_int.h — what the files of keel_limiter share. Private. */
+#ifndef KEEL_LIMITER_INT_H
+#define KEEL_LIMITER_INT_H
+
+#include <stdatomic.h>
+
+#include <keel/limiter.h>
+
+#include "../internal.h"
+
+#define LIM_MAX_KEY 4096
+
+typedef enum lop { OP_TAKE, OP_PEEK, OP_REFUND } lop;
+
+/* The policy every key of a limiter shares. */
+typedef struct lcfg {
+    keel_limit_algo algo;
+    uint64_t limit, window, burst; /* window in ns */
+} lcfg;
+
+/* ---- the in-process store (local.c) ---- */
+
+typedef struct lstore lstore;
+
+int keel__lstore_create(lstore **out, const lcfg *cfg, size_t max_keys, const keel__clock *clock);
+void keel__lstore_destroy(lstore *s);
+/* Decides for one key. Returns 0 or KEEL_ERANGE (cost over the limit),
+ * *r filled either way; KEEL_ENOMEM when a new key could not be stored
+ * (the request is then rejected, nothing kept). */
+int keel__lstore_decide(lstore *s, const void *key, size_t len, uint64_t cost, lop op,
+                        keel_limit_result *r);
+void keel__lstore_reset(lstore *s, const void *key, size_t len);
+void keel__lstore_stats(lstore *s, keel_limiter_stats *st);
+
+/* ---- the Redis store (redis_store.c) ---- */
+
+typedef struct rstore rstore;
+
+int keel__rstore_create(rstore **out, const lcfg *cfg, struct keel_redis *redis, const char *prefix);
+void keel__rstore_destroy(rstore *s);
+/* Decides for n keys in one pipeline; each gets rc 0, KEEL_ERANGE,
+ * KEEL_EBACKEND, or a store failure (KEEL_EUNAVAIL, KEEL_ETIMEDOUT,
+ * KEEL_EPROTO, KEEL_ENOMEM) for the caller's policy. */
+void keel__rstore_decide(rstore *s, keel_limit_req *reqs, size_t n, lop op);
+int keel__rstore_reset(rstore *s, const void *key, size_t len);
+/* The script's SHA1 (for benchmarks comparing against redis-benchmark). */
+const char *keel__rstore_sha(const rstore *s);
+
+/* ---- the limiter (limiter.c) ---- */
+
+struct keel_limiter {
+    lcfg cfg;
+    char name[64];
+    keel__clock clock;
+    lstore *local;    /* the in-process store, or Redis's fallback */
+    rstore *remote;
+    keel_limit_on_error on_error;
+    _Atomic uint64_t store_errors, remote_allowed, remote_rejected;
+    keel_metrics *metrics;
+};
+
+#endif

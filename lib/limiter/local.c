@@ -1,0 +1,551 @@
+/* lib/limiter/local.c — the in-process store and the three algorithms.
+ *
+ * Keys live in shards (the top bits of their hash choose one), each an
+ * open-addressing table with linear probing, backward-shift deletion and
+ * a spinlock held only for one decision (tens of nanoseconds). A slot is
+ * 48 bytes: the hash, two words of state and the key (inline up to 16
+ * bytes). Tables grow by doubling up to what the shard's share of
+ * max_keys needs.
+ *
+ * At max_keys, a new key takes the place of an old one: of a sample of
+ * slots, one whose state is that of a fresh key (GCRA: bucket full;
+ * window: both windows over; log: every entry expired) — dropping it
+ * loses nothing, since the key would start from the same state — else the
+ * one least recently active (counted: it may then get more than its due).
+ *
+ * Exactness: GCRA keeps its theoretical arrival time scaled by the limit
+ * (time x limit, 128 bits), so an emission interval of window / limit is
+ * exact; the window compares limit x window with the weighted counts, also
+ * in 128 bits. No rounding anywhere decides a request.
+ */
+#define _GNU_SOURCE
+#include <sched.h>
+#include <string.h>
+
+#include "../hash.h"
+#include "limiter_int.h"
+
+typedef unsigned __int128 u128;
+
+typedef struct lslot {
+    uint64_t hash; /* 0: empty */
+    uint64_t a, b; /* the algorithm's state */
+    uint32_t len;
+    uint32_t unused;
+    union {
+        char in[16];
+        char *out;
+    } k;
+} lslot;
+
+/* A sliding log: admissions (time, units), oldest first, in a ring. */
+typedef struct llog {
+    uint32_t cap, head, n;
+    uint64_t sum;
+    struct {
+        uint64_t t, cost;
+    } e[];
+} llog;
+
+typedef struct lshard {
+    _Alignas(KEEL__CACHELINE) atomic_int lock;
+    uint32_t mask, count, cap, rotor;
+    lslot *slots;
+    uint64_t bytes;
+    uint64_t allowed, rejected, evicted_idle, evicted_active;
+} lshard;
+
+struct lstore {
+    lcfg cfg;
+    keel__clock clock;
+    lshard *shards;
+    unsigned shift;
+    size_t nshards;
+};
+
+/* ---- locking ---- */
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ volatile("yield");
+#endif
+}
+
+static void lock(lshard *sh)
+{
+    int spins = 0;
+    while (atomic_exchange_explicit(&sh->lock, 1, memory_order_acquire)) {
+        while (atomic_load_explicit(&sh->lock, memory_order_relaxed)) {
+            if (++spins < 64)
+                cpu_relax();
+            else
+                sched_yield(); /* the holder may not be running */
+        }
+    }
+}
+
+static void unlock(lshard *sh)
+{
+    atomic_store_explicit(&sh->lock, 0, memory_order_release);
+}
+
+/* ---- slots ---- */
+
+static const char *slot_key(const lslot *s)
+{
+    return s->len <= sizeof s->k.in ? s->k.in : s->k.out;
+}
+
+static size_t log_bytes(const llog *g)
+{
+    return g ? sizeof *g + g->cap * sizeof g->e[0] : 0;
+}
+
+/* Frees what the slot owns outside the table. */
+static void slot_free(const lstore *st, lshard *sh, lslot *s)
+{
+    if (s->len > sizeof s->k.in) {
+        keel__free(s->k.out);
+        sh->bytes -= s->len;
+    }
+    if (st->cfg.algo == KEEL_LIMIT_SLIDING_LOG) {
+        llog *g = (llog *)(uintptr_t)s->a;
+        sh->bytes -= log_bytes(g);
+        keel__free(g);
+    }
+}
+
+static lslot *find(lshard *sh, uint64_t h, const void *key, size_t len, size_t *pos)
+{
+    if (!sh->slots)
+        return NULL;
+    for (size_t i = h & sh->mask;; i = (i + 1) & sh->mask) {
+        lslot *s = &sh->slots[i];
+        if (!s->hash) {
+            *pos = i;
+            return NULL;
+        }
+        if (s->hash == h && s->len == len && memcmp(slot_key(s), key, len) == 0)
+            return s;
+    }
+}
+
+/* Backward-shift deletion: later slots of the same run move up, so that
+ * probing never meets a hole before the key it looks for. */
+static void remove_at(const lstore *st, lshard *sh, size_t i)
+{
+    slot_free(st, sh, &sh->slots[i]);
+    for (size_t j = (i + 1) & sh->mask; sh->slots[j].hash; j = (j + 1) & sh->mask) {
+        size_t home = sh->slots[j].hash & sh->mask;
+        /* j may move to i unless its home lies cyclically in (i, j] */
+        bool stays = i < j ? (home > i && home <= j) : (home > i || home <= j);
+        if (!stays) {
+            sh->slots[i] = sh->slots[j];
+            i = j;
+        }
+    }
+    memset(&sh->slots[i], 0, sizeof sh->slots[i]);
+    sh->count--;
+}
+
+static int grow(lshard *sh)
+{
+    size_t n = sh->slots ? (size_t)sh->mask + 1 : 0, m = n ? n * 2 : 16;
+    lslot *t = keel__calloc(m, sizeof *t);
+    if (!t)
+        return KEEL_ENOMEM;
+    for (size_t i = 0; i < n; i++) {
+        lslot *s = &sh->slots[i];
+        if (!s->hash)
+            continue;
+        size_t j = s->hash & (m - 1);
+        while (t[j].hash)
+            j = (j + 1) & (m - 1);
+        t[j] = *s;
+    }
+    keel__free(sh->slots);
+    sh->slots = t;
+    sh->mask = (uint32_t)(m - 1);
+    sh->bytes += (m - n) * sizeof *t;
+    return 0;
+}
+
+/* ---- arithmetic ---- */
+
+/* a / b, saturated to 64 bits. The operands nearly always fit in 64 bits,
+ * and a 64-bit division is several times cheaper than a 128-bit one (a
+ * library call): that is most of a decision's cost otherwise. */
+static inline uint64_t div64(u128 a, uint64_t b)
+{
+    if (!(a >> 64))
+        return (uint64_t)a / b;
+    u128 q = a / b;
+    return q >> 64 ? UINT64_MAX : (uint64_t)q;
+}
+
+static inline uint64_t div64_up(u128 a, uint64_t b)
+{
+    return a ? div64(a - 1, b) + (div64(a - 1, b) != UINT64_MAX) : 0;
+}
+
+/* ---- idleness, for eviction ---- */
+
+/* Whether the key's state is that of a fresh key; and how recently it was
+ * active (larger: more recent). */
+static bool slot_idle(const lstore *st, const lslot *s, uint64_t now, uint64_t *activity)
+{
+    const lcfg *c = &st->cfg;
+    switch (c->algo) {
+    case KEEL_LIMIT_GCRA: {
+        u128 tat = (u128)s->a << 64 | s->b;
+        *activity = div64(tat, c->limit);
+        return tat <= (u128)now * c->limit;
+    }
+    case KEEL_LIMIT_SLIDING_WINDOW:
+        *activity = s->a;
+        return s->a == 0 || s->a + 1 <= now / c->window; /* stored index + 2 <= now's */
+    default: {
+        const llog *g = (const llog *)(uintptr_t)s->a;
+        if (!g || g->n == 0) {
+            *activity = 0;
+            return true;
+        }
+        uint64_t newest = g->e[(g->head + g->n - 1) % g->cap].t;
+        *activity = newest;
+        return newest + c->window <= now;
+    }
+    }
+}
+
+/* Makes room for one key at max_keys: drops an idle key of a sample, else
+ * the least recently active one. */
+static void evict_one(lstore *st, lshard *sh, uint64_t now)
+{
+    size_t n = (size_t)sh->mask + 1, best = SIZE_MAX;
+    uint64_t best_act = UINT64_MAX;
+    bool idle = false;
+    for (size_t k = 0, seen = 0; k < n && seen < 16 && !idle; k++) {
+        size_t i = (sh->rotor + k) & sh->mask;
+        if (!sh->slots[i].hash)
+            continue;
+        seen++;
+        uint64_t act;
+        idle = slot_idle(st, &sh->slots[i], now, &act);
+        if (idle || act < best_act) {
+            best = i;
+            best_act = act;
+        }
+    }
+    sh->rotor = (uint32_t)((best + 1) & sh->mask);
+    if (idle)
+        sh->evicted_idle++;
+    else
+        sh->evicted_active++;
+    remove_at(st, sh, best);
+}
+
+static lslot *insert(lstore *st, lshard *sh, uint64_t h, const void *key, size_t len, uint64_t now)
+{
+    if (sh->count >= sh->cap)
+        evict_one(st, sh, now);
+    else if (!sh->slots || (sh->count + 1) * 4 > ((size_t)sh->mask + 1) * 3) {
+        if (grow(sh) != 0)
+            return NULL;
+    }
+    char *out = NULL;
+    if (len > sizeof ((lslot *)0)->k.in && !(out = keel__malloc(len)))
+        return NULL;
+    size_t pos;
+    find(sh, h, key, len, &pos); /* the empty slot that ends its run */
+    lslot *s = &sh->slots[pos];
+    memset(s, 0, sizeof *s);
+    s->hash = h;
+    s->len = (uint32_t)len;
+    if (out) {
+        memcpy(out, key, len);
+        s->k.out = out;
+        sh->bytes += len;
+    } else {
+        memcpy(s->k.in, key, len);
+    }
+    sh->count++;
+    return s;
+}
+
+/* ---- the algorithms ---- */
+
+static int gcra(const lcfg *c, lslot *s, uint64_t now, uint64_t cost, lop op, keel_limit_result *r)
+{
+    u128 L = c->limit, W = c->window, nows = (u128)now * L;
+    u128 tat = (u128)s->a << 64 | s->b, cap = (u128)c->burst * W, inc = (u128)cost * W;
+    if (tat < nows)
+        tat = nows;
+    r->allowed = 1;
+    if (op == OP_REFUND) {
+        tat = tat - nows > inc ? tat - inc : nows;
+    } else {
+        u128 next = tat + inc;
+        r->allowed = next - nows <= cap;
+        if (r->allowed && op == OP_TAKE)
+            tat = next;
+        else if (!r->allowed)
+            r->retry_after_ns = cost > c->burst ? UINT64_MAX : div64_up(next - cap - nows, c->limit);
+    }
+    if (op != OP_PEEK) {
+        s->a = (uint64_t)(tat >> 64);
+        s->b = (uint64_t)tat;
+    }
+    r->limit = c->burst;
+    r->remaining = div64(cap - (tat - nows), c->window);
+    r->reset_ns = div64_up(tat - nows, c->limit);
+    return cost > c->burst && op != OP_REFUND ? KEEL_ERANGE : 0;
+}
+
+static int window(const lcfg *c, lslot *s, uint64_t now, uint64_t cost, lop op, keel_limit_result *r)
+{
+    uint64_t W = c->window, k = now / W, f = now % W, L = c->limit;
+    uint64_t prev = s->b >> 32, cur = (uint32_t)s->b;
+    if (s->a == 0) {
+        prev = cur = 0;
+    } else if (s->a - 1 > k) { /* the clock went back: stay in the stored window */
+        k = s->a - 1;
+        f = 0;
+    } else if (s->a - 1 + 1 == k) {
+        prev = cur;
+        cur = 0;
+    } else if (s->a - 1 != k) {
+        prev = cur = 0;
+    }
+    u128 lim = (u128)L * W;
+    r->allowed = 1;
+    if (op == OP_REFUND) {
+        cur -= cost < cur ? cost : cur;
+    } else {
+        u128 est = (u128)prev * (W - f) + (u128)(cur + cost) * W;
+        r->allowed = est <= lim;
+        if (r->allowed && op == OP_TAKE) {
+            cur += cost;
+        } else if (!r->allowed) {
+            if (cost > L) {
+                r->retry_after_ns = UINT64_MAX;
+            } else if (cur + cost <= L) { /* in this window, once prev weighs less */
+                uint64_t x = div64((u128)(L - cur - cost) * W, prev);
+                r->retry_after_ns = W - x - f;
+            } else { /* in the next one, where cur becomes prev */
+                uint64_t x = cur ? div64((u128)(L - cost) * W, cur) : W;
+                r->retry_after_ns = (W - f) + (x >= W ? 0 : W - x);
+            }
+        }
+    }
+    if (op != OP_PEEK) {
+        s->a = k + 1;
+        s->b = prev << 32 | cur;
+    }
+    u128 used = (u128)prev * (W - f) + (u128)cur * W;
+    r->limit = L;
+    r->remaining = used >= lim ? 0 : div64(lim - used, W);
+    r->reset_ns = cur ? 2 * W - f : prev ? W - f : 0;
+    return cost > L && op != OP_REFUND ? KEEL_ERANGE : 0;
+}
+
+#define LOG_AT(g, i) ((g)->e[((g)->head + (i)) % (g)->cap])
+
+/* Room for one more entry; NULL if memory ran out. */
+static llog *log_reserve(lshard *sh, lslot *s, uint64_t limit)
+{
+    llog *g = (llog *)(uintptr_t)s->a;
+    if (g && g->n < g->cap)
+        return g;
+    uint64_t cap = g ? (uint64_t)g->cap * 2 : 4;
+    if (cap > limit)
+        cap = limit < 4 ? 4 : limit;
+    llog *ng = keel__malloc(sizeof *ng + cap * sizeof ng->e[0]);
+    if (!ng)
+        return NULL;
+    ng->cap = (uint32_t)cap;
+    ng->head = 0;
+    ng->n = 0;
+    ng->sum = 0;
+    for (uint32_t i = 0; g && i < g->n; i++)
+        ng->e[ng->n++] = LOG_AT(g, i);
+    if (g)
+        ng->sum = g->sum;
+    sh->bytes += log_bytes(ng) - log_bytes(g);
+    keel__free(g);
+    s->a = (uintptr_t)ng;
+    return ng;
+}
+
+static int slog(const lcfg *c, lshard *sh, lslot *s, uint64_t now, uint64_t cost, lop op,
+                keel_limit_result *r)
+{
+    llog *g = (llog *)(uintptr_t)s->a;
+    uint64_t W = c->window, L = c->limit;
+    while (g && g->n && LOG_AT(g, 0).t + W <= now) { /* (now - W, now] only */
+        g->sum -= LOG_AT(g, 0).cost;
+        g->head = (g->head + 1) % g->cap;
+        g->n--;
+    }
+    uint64_t sum = g ? g->sum : 0;
+    r->allowed = 1;
+    if (op == OP_REFUND) {
+        for (uint64_t left = cost; g && g->n && left;) { /* the newest first */
+            uint64_t *e = &LOG_AT(g, g->n - 1).cost, take = *e < left ? *e : left;
+            *e -= take;
+            g->sum -= take;
+            left -= take;
+            if (*e == 0)
+                g->n--;
+        }
+    } else {
+        r->allowed = sum + cost <= L;
+        if (r->allowed && op == OP_TAKE) {
+            if (g && g->n && LOG_AT(g, g->n - 1).t == now) {
+                LOG_AT(g, g->n - 1).cost += cost;
+            } else {
+                if (!(g = log_reserve(sh, s, L)))
+                    return KEEL_ENOMEM;
+                LOG_AT(g, g->n).t = now;
+                LOG_AT(g, g->n).cost = cost;
+                g->n++;
+            }
+            g->sum += cost;
+        } else if (!r->allowed) {
+            r->retry_after_ns = UINT64_MAX;
+            uint64_t need = sum + cost - L, freed = 0;
+            for (uint32_t i = 0; cost <= L && i < g->n; i++) {
+                freed += LOG_AT(g, i).cost;
+                if (freed >= need) {
+                    r->retry_after_ns = LOG_AT(g, i).t + W - now;
+                    break;
+                }
+            }
+        }
+    }
+    sum = g ? g->sum : 0;
+    r->limit = L;
+    r->remaining = L - sum;
+    r->reset_ns = g && g->n ? LOG_AT(g, g->n - 1).t + W - now : 0;
+    return cost > L && op != OP_REFUND ? KEEL_ERANGE : 0;
+}
+
+/* ---- the store ---- */
+
+int keel__lstore_create(lstore **out, const lcfg *cfg, size_t max_keys, const keel__clock *clock)
+{
+    lstore *st = keel__calloc(1, sizeof *st);
+    if (!st)
+        return KEEL_ENOMEM;
+    st->cfg = *cfg;
+    st->clock = *clock;
+    size_t n = 64;
+    while (n > 1 && max_keys / n < 64) /* small limiters: fewer, fuller shards */
+        n /= 2;
+    st->nshards = n;
+    st->shift = 64;
+    for (size_t m = n; m > 1; m /= 2)
+        st->shift--;
+    st->shards = keel__aligned_alloc(KEEL__CACHELINE, n * sizeof *st->shards);
+    if (!st->shards) {
+        keel__free(st);
+        return KEEL_ENOMEM;
+    }
+    memset(st->shards, 0, n * sizeof *st->shards);
+    for (size_t i = 0; i < n; i++) {
+        size_t cap = max_keys / n + (i < max_keys % n);
+        st->shards[i].cap = (uint32_t)(cap ? cap : 1);
+    }
+    *out = st;
+    return 0;
+}
+
+void keel__lstore_destroy(lstore *st)
+{
+    if (!st)
+        return;
+    for (size_t i = 0; i < st->nshards; i++) {
+        lshard *sh = &st->shards[i];
+        for (size_t j = 0; sh->slots && j <= sh->mask; j++)
+            if (sh->slots[j].hash)
+                slot_free(st, sh, &sh->slots[j]);
+        keel__free(sh->slots);
+    }
+    keel__aligned_free(st->shards);
+    keel__free(st);
+}
+
+static lshard *shard_of(lstore *st, const void *key, size_t len, uint64_t *h)
+{
+    *h = keel__hash64(key, len, 0x6b65656c6c696d);
+    if (*h == 0)
+        *h = 1;
+    return &st->shards[st->shift == 64 ? 0 : *h >> st->shift];
+}
+
+int keel__lstore_decide(lstore *st, const void *key, size_t len, uint64_t cost, lop op,
+                        keel_limit_result *r)
+{
+    uint64_t now = keel__clock_now(&st->clock), h;
+    memset(r, 0, sizeof *r);
+    r->now_ns = now;
+    r->source = KEEL_LIMIT_SRC_LOCAL;
+    lshard *sh = shard_of(st, key, len, &h);
+    lock(sh);
+    size_t pos;
+    lslot *s = find(sh, h, key, len, &pos), fresh = {0};
+    if (!s && op == OP_TAKE)
+        s = insert(st, sh, h, key, len, now);
+    else if (!s)
+        s = &fresh; /* a peek or refund of an unknown key stores nothing */
+    int rc;
+    if (!s) {
+        rc = KEEL_ENOMEM;
+    } else {
+        switch (st->cfg.algo) {
+        case KEEL_LIMIT_GCRA: rc = gcra(&st->cfg, s, now, cost, op, r); break;
+        case KEEL_LIMIT_SLIDING_WINDOW: rc = window(&st->cfg, s, now, cost, op, r); break;
+        default: rc = slog(&st->cfg, sh, s, now, cost, op, r); break;
+        }
+    }
+    if (rc == KEEL_ENOMEM)
+        r->allowed = 0;
+    if (op == OP_TAKE) {
+        if (r->allowed)
+            sh->allowed++;
+        else
+            sh->rejected++;
+    }
+    unlock(sh);
+    return rc;
+}
+
+void keel__lstore_reset(lstore *st, const void *key, size_t len)
+{
+    uint64_t h;
+    lshard *sh = shard_of(st, key, len, &h);
+    lock(sh);
+    size_t pos;
+    lslot *s = find(sh, h, key, len, &pos);
+    if (s)
+        remove_at(st, sh, (size_t)(s - sh->slots));
+    unlock(sh);
+}
+
+void keel__lstore_stats(lstore *st, keel_limiter_stats *out)
+{
+    out->bytes = sizeof *st + st->nshards * sizeof *st->shards;
+    for (size_t i = 0; i < st->nshards; i++) {
+        lshard *sh = &st->shards[i];
+        lock(sh);
+        out->keys += sh->count;
+        out->bytes += sh->bytes;
+        out->allowed += sh->allowed;
+        out->rejected += sh->rejected;
+        out->evicted_idle += sh->evicted_idle;
+        out->evicted_active += sh->evicted_active;
+        unlock(sh);
+    }
+}

@@ -1,0 +1,303 @@
+/* lib/limiter/redis_store.c — keel_limiter's Redis store: one Lua script
+ * per algorithm, run by EVALSHA, atomic, with the Redis server's TIME.
+ *
+ * Keys are prefix "{#" key "}" (and, for the log, the same with ":s" for
+ * its sequence): the hash tag is never empty, whatever the key's bytes, so
+ * both keys of one limiter key share a node. Time is in microseconds (what
+ * TIME gives); Lua numbers are doubles, exact below 2^53, which
+ * keel_limiter_create checks the policy stays under. Numbers that Redis
+ * stores are formatted with string.format, never with Lua's default 14
+ * digits.
+ *
+ * Every script answers {allowed, remaining, reset_us, retry_us (-1:
+ * never), now_us}, and writes nothing for a rejected request.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <keel/redis.h>
+
+#include "limiter_int.h"
+
+/* ARGV: op ("take", "peek", "refund"), cost, limit, window_us, burst. */
+#define LUA_HEAD                                                                                   \
+    "local op, cost, limit, w, burst = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]),"            \
+    " tonumber(ARGV[4]), tonumber(ARGV[5])\n"                                                      \
+    "local t = redis.call('TIME')\n"                                                               \
+    "local now = tonumber(t[1]) * 1000000 + tonumber(t[2])\n"                                      \
+    "local allowed, retry = 1, 0\n"
+
+static const char LUA_GCRA[] = LUA_HEAD
+    "local T = w / limit\n"
+    "local cap = burst * T\n"
+    "local tat = tonumber(redis.call('GET', KEYS[1]) or '0')\n"
+    "if tat < now then tat = now end\n"
+    "if op == 'refund' then\n"
+    "  tat = math.max(tat - cost * T, now)\n"
+    "else\n"
+    "  local nxt = tat + cost * T\n"
+    "  if nxt - now > cap + 1e-6 then\n"
+    "    allowed = 0\n"
+    "    if cost > burst then retry = -1 else retry = math.ceil(nxt - cap - now) end\n"
+    "  elseif op == 'take' then\n"
+    "    tat = nxt\n"
+    "  end\n"
+    "end\n"
+    "if op ~= 'peek' and allowed == 1 then\n"
+    "  if tat > now then\n"
+    "    redis.call('SET', KEYS[1], string.format('%.17g', tat), 'PX',"
+    " string.format('%.0f', math.ceil((tat - now) / 1000) + 1))\n"
+    "  else\n"
+    "    redis.call('DEL', KEYS[1])\n"
+    "  end\n"
+    "end\n"
+    "return {allowed, math.floor((cap - (tat - now)) / T + 1e-9), math.ceil(tat - now), retry, now}\n";
+
+static const char LUA_WINDOW[] = LUA_HEAD
+    "local k = math.floor(now / w)\n"
+    "local f = now - k * w\n"
+    "local s = redis.call('HMGET', KEYS[1], 'k', 'p', 'c')\n"
+    "local sk, p, c = tonumber(s[1]), tonumber(s[2]) or 0, tonumber(s[3]) or 0\n"
+    "if sk == nil then p, c = 0, 0\n"
+    "elseif sk > k then k, f = sk, 0\n"
+    "elseif sk == k - 1 then p, c = c, 0\n"
+    "elseif sk ~= k then p, c = 0, 0 end\n"
+    "if op == 'refund' then\n"
+    "  c = math.max(c - cost, 0)\n"
+    "elseif p * (w - f) + (c + cost) * w > limit * w then\n"
+    "  allowed = 0\n"
+    "  if cost > limit then retry = -1\n"
+    "  elseif c + cost <= limit then retry = w - math.floor((limit - c - cost) * w / p) - f\n"
+    "  else\n"
+    "    local g = 0\n"
+    "    if c > 0 then\n"
+    "      local x = math.floor((limit - cost) * w / c)\n"
+    "      if x < w then g = w - x end\n"
+    "    end\n"
+    "    retry = (w - f) + g\n"
+    "  end\n"
+    "elseif op == 'take' then\n"
+    "  c = c + cost\n"
+    "end\n"
+    "if op ~= 'peek' and allowed == 1 then\n"
+    "  redis.call('HSET', KEYS[1], 'k', string.format('%.0f', k), 'p', string.format('%.0f', p),"
+    " 'c', string.format('%.0f', c))\n"
+    "  redis.call('PEXPIRE', KEYS[1], string.format('%.0f', math.ceil(2 * w / 1000) + 1))\n"
+    "end\n"
+    "local used, rem, reset = p * (w - f) + c * w, 0, 0\n"
+    "if used < limit * w then rem = math.floor((limit * w - used) / w) end\n"
+    "if c > 0 then reset = 2 * w - f elseif p > 0 then reset = w - f end\n"
+    "return {allowed, rem, reset, retry, now}\n";
+
+/* One member per unit, named by a sequence (KEYS[2]) so that requests in
+ * the same microsecond are all counted. */
+static const char LUA_LOG[] = LUA_HEAD
+    "redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.0f', now - w))\n"
+    "local n = redis.call('ZCARD', KEYS[1])\n"
+    "if op == 'refund' then\n"
+    "  local k = math.min(cost, n)\n"
+    "  if k > 0 then redis.call('ZPOPMAX', KEYS[1], k) end\n"
+    "  n = n - k\n"
+    "elseif n + cost > limit then\n"
+    "  allowed = 0\n"
+    "  if cost > limit then retry = -1\n"
+    "  else\n"
+    "    local e = redis.call('ZRANGE', KEYS[1], n + cost - limit - 1, n + cost - limit - 1,"
+    " 'WITHSCORES')\n"
+    "    retry = tonumber(e[2]) + w - now\n"
+    "  end\n"
+    "elseif op == 'take' then\n"
+    "  local seq = redis.call('INCRBY', KEYS[2], cost)\n"
+    "  local sc, args = string.format('%.0f', now), {}\n"
+    "  for i = 1, cost do\n"
+    "    args[#args + 1] = sc\n"
+    "    args[#args + 1] = string.format('%.0f', seq - cost + i)\n"
+    "    if #args >= 2000 then redis.call('ZADD', KEYS[1], unpack(args)); args = {} end\n"
+    "  end\n"
+    "  if #args > 0 then redis.call('ZADD', KEYS[1], unpack(args)) end\n"
+    "  local ttl = string.format('%.0f', math.ceil(w / 1000) + 1)\n"
+    "  redis.call('PEXPIRE', KEYS[1], ttl)\n"
+    "  redis.call('PEXPIRE', KEYS[2], ttl)\n"
+    "  n = n + cost\n"
+    "end\n"
+    "local reset = 0\n"
+    "if n > 0 then\n"
+    "  local e = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')\n"
+    "  reset = tonumber(e[2]) + w - now\n"
+    "end\n"
+    "return {allowed, limit - n, reset, retry, now}\n";
+
+struct rstore {
+    lcfg cfg;
+    keel_redis *r;
+    keel_redis_script *script;
+    char *prefix;
+    size_t plen;
+    int nkeys;
+    char limit_s[24], window_s[24], burst_s[24];
+};
+
+int keel__rstore_create(rstore **out, const lcfg *cfg, keel_redis *redis, const char *prefix)
+{
+    rstore *s = keel__calloc(1, sizeof *s);
+    if (!s || !(s->prefix = keel__strdup(prefix))) {
+        keel__free(s);
+        return KEEL_ENOMEM;
+    }
+    s->cfg = *cfg;
+    s->r = redis;
+    s->plen = strlen(prefix);
+    s->nkeys = cfg->algo == KEEL_LIMIT_SLIDING_LOG ? 2 : 1;
+    snprintf(s->limit_s, sizeof s->limit_s, "%llu", (unsigned long long)cfg->limit);
+    snprintf(s->window_s, sizeof s->window_s, "%llu", (unsigned long long)(cfg->window / 1000));
+    snprintf(s->burst_s, sizeof s->burst_s, "%llu", (unsigned long long)cfg->burst);
+    const char *lua = cfg->algo == KEEL_LIMIT_GCRA              ? LUA_GCRA
+                      : cfg->algo == KEEL_LIMIT_SLIDING_WINDOW ? LUA_WINDOW
+                                                               : LUA_LOG;
+    int rc = keel_redis_script_create(redis, lua, strlen(lua), &s->script);
+    if (rc) {
+        keel__rstore_destroy(s);
+        return rc;
+    }
+    *out = s;
+    return 0;
+}
+
+void keel__rstore_destroy(rstore *s)
+{
+    if (s) {
+        keel_redis_script_free(s->script);
+        keel__free(s->prefix);
+        keel__free(s);
+    }
+}
+
+/* prefix "{#" key "}" [":s"] into buf; returns its length. */
+static size_t build_key(const rstore *s, const void *key, size_t len, bool seq, char *buf)
+{
+    char *p = buf;
+    memcpy(p, s->prefix, s->plen);
+    p += s->plen;
+    *p++ = '{';
+    *p++ = '#';
+    memcpy(p, key, len);
+    p += len;
+    *p++ = '}';
+    if (seq) {
+        *p++ = ':';
+        *p++ = 's';
+    }
+    return (size_t)(p - buf);
+}
+
+/* The script's answer into a result. */
+static int parse(const rstore *s, const redisReply *rep, uint64_t cost, keel_limit_result *r)
+{
+    if (!rep || rep->type != REDIS_REPLY_ARRAY || rep->elements != 5)
+        return KEEL_EPROTO;
+    for (size_t i = 0; i < 5; i++)
+        if (rep->element[i]->type != REDIS_REPLY_INTEGER)
+            return KEEL_EPROTO;
+    long long v[5];
+    for (size_t i = 0; i < 5; i++)
+        v[i] = rep->element[i]->integer;
+    memset(r, 0, sizeof *r);
+    r->allowed = v[0] == 1;
+    r->source = KEEL_LIMIT_SRC_REDIS;
+    r->limit = s->cfg.algo == KEEL_LIMIT_GCRA ? s->cfg.burst : s->cfg.limit;
+    r->remaining = v[1] > 0 ? (uint64_t)v[1] : 0;
+    r->reset_ns = v[2] > 0 ? (uint64_t)v[2] * 1000u : 0;
+    r->retry_after_ns = r->allowed ? 0 : v[3] < 0 ? UINT64_MAX : (uint64_t)v[3] * 1000u;
+    r->now_ns = v[4] > 0 ? (uint64_t)v[4] * 1000u : 0;
+    return cost > r->limit && !r->allowed ? KEEL_ERANGE : 0;
+}
+
+static bool noscript(int rc, const redisReply *rep)
+{
+    return rc == KEEL_EBACKEND && rep && rep->type == REDIS_REPLY_ERROR &&
+           strncmp(rep->str, "NOSCRIPT", 8) == 0;
+}
+
+void keel__rstore_decide(rstore *s, keel_limit_req *reqs, size_t n, lop op)
+{
+    static const char *const ops[] = {"take", "peek", "refund"};
+    enum { ARGS = 10 };
+    size_t keymax = s->plen + LIM_MAX_KEY + 8;
+    /* one allocation: commands, argument vectors, keys and costs */
+    size_t per = sizeof(keel_redis_cmd) + ARGS * (sizeof(char *) + sizeof(size_t)) + 2 * keymax + 24;
+    char *mem = keel__malloc(n * per);
+    if (!mem) {
+        for (size_t i = 0; i < n; i++)
+            reqs[i].rc = KEEL_ENOMEM;
+        return;
+    }
+    keel_redis_cmd *cmds = (keel_redis_cmd *)mem;
+    const char **argv = (const char **)(cmds + n);
+    size_t *lens = (size_t *)(argv + n * ARGS);
+    char *text = (char *)(lens + n * ARGS);
+    for (size_t i = 0; i < n; i++) {
+        keel_limit_req *q = &reqs[i];
+        const char **a = argv + i * ARGS;
+        size_t *l = lens + i * ARGS;
+        char *k1 = text + i * (2 * keymax + 24), *k2 = k1 + keymax, *cost = k2 + keymax;
+        int c = 0;
+        a[c] = "EVALSHA", l[c++] = 7;
+        a[c] = keel_redis_script_sha(s->script), l[c++] = 40;
+        a[c] = s->nkeys == 2 ? "2" : "1", l[c++] = 1;
+        a[c] = k1, l[c++] = build_key(s, q->key, q->len, false, k1);
+        if (s->nkeys == 2)
+            a[c] = k2, l[c++] = build_key(s, q->key, q->len, true, k2);
+        a[c] = ops[op], l[c++] = strlen(ops[op]);
+        l[c] = (size_t)snprintf(cost, 24, "%llu", (unsigned long long)q->cost), a[c++] = cost;
+        a[c] = s->limit_s, l[c++] = strlen(s->limit_s);
+        a[c] = s->window_s, l[c++] = strlen(s->window_s);
+        a[c] = s->burst_s, l[c++] = strlen(s->burst_s);
+        cmds[i] = (keel_redis_cmd){.key = k1, .keylen = l[3], .argc = c, .argv = a, .argvlen = l};
+    }
+    keel_redis_pipeline(s->r, cmds, n);
+    for (size_t i = 0; i < n; i++) {
+        keel_limit_req *q = &reqs[i];
+        redisReply *rep = cmds[i].reply;
+        int rc = cmds[i].rc;
+        if (noscript(rc, rep)) { /* a restarted server: load it again, once */
+            freeReplyObject(rep);
+            const char **a = argv + i * ARGS;
+            size_t *l = lens + i * ARGS;
+            const void *keys[2] = {a[3], a[4]};
+            size_t keylens[2] = {l[3], l[4]};
+            int k = s->nkeys;
+            rc = keel_redis_eval(s->r, s->script, (size_t)k, keys, keylens, 5,
+                                 (const char *const *)a + 3 + k, l + 3 + k, NULL, 0, &rep);
+        }
+        q->rc = rc ? rc : parse(s, rep, q->cost, &q->result);
+        if (rc == KEEL_EBACKEND && rep && rep->type == REDIS_REPLY_ERROR)
+            keel__log(KEEL_LOG_ERROR, "limiter", "redis refused the script: %s", rep->str);
+        if (rep)
+            freeReplyObject(rep);
+    }
+    keel__free(mem);
+}
+
+const char *keel__rstore_sha(const rstore *s)
+{
+    return keel_redis_script_sha(s->script);
+}
+
+int keel__rstore_reset(rstore *s, const void *key, size_t len)
+{
+    size_t keymax = s->plen + LIM_MAX_KEY + 8;
+    char *buf = keel__malloc(2 * keymax);
+    if (!buf)
+        return KEEL_ENOMEM;
+    const char *argv[3] = {"DEL", buf, buf + keymax};
+    size_t lens[3] = {3, build_key(s, key, len, false, buf), build_key(s, key, len, true, buf + keymax)};
+    const void *keys[2] = {argv[1], argv[2]};
+    size_t keylens[2] = {lens[1], lens[2]};
+    redisReply *rep;
+    int rc = keel_redis_command_keys(s->r, keys, keylens, 2, 3, argv, lens, &rep);
+    if (rep)
+        freeReplyObject(rep);
+    keel__free(buf);
+    return rc;
+}

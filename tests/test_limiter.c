@@ -1,0 +1,728 @@
+/* tests/test_limiter.c — keel_limiter: exactness of the three algorithms
+ * under the fake clock (boundaries, bursts, costs, refund, peek, reset),
+ * retrying clients, threads on one key, bounded memory, header text; and
+ * against real Redis: processes and threads on one key never exceed the
+ * limit, same-instant requests all count, scripts survive a flush and a
+ * restart, each failure policy, binary keys. */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <keel/limiter.h>
+#include <keel/redis.h>
+
+#include "harness.h"
+
+#define MS KT_MS
+#define S KT_S
+
+static kt_clock clk;
+
+static keel_limiter *local(keel_limit_algo algo, uint64_t limit, uint64_t window, uint64_t burst)
+{
+    keel_limiter *l;
+    keel_limiter_opts o = {.algo = algo, .limit = limit, .window_ns = window, .burst = burst,
+                           .clock = kt_clock_now, .clock_ud = &clk};
+    ck_assert_int_eq(keel_limiter_create(&l, &o), 0);
+    return l;
+}
+
+static void set_time(uint64_t ns)
+{
+    atomic_store(&clk.ns, ns);
+}
+
+static int take(keel_limiter *l, const char *key, uint64_t cost, keel_limit_result *r)
+{
+    keel_limit_result tmp;
+    int rc = keel_limiter_take(l, key, strlen(key), cost, r ? r : &tmp);
+    ck_assert_msg(rc == 0 || rc == KEEL_ERANGE, "take: %s", keel_strerror(rc));
+    return (r ? r : &tmp)->allowed;
+}
+
+/* ---- GCRA ---- */
+
+START_TEST(gcra_is_a_token_bucket_to_the_nanosecond)
+{
+    set_time(1000 * S);
+    keel_limiter *l = local(KEEL_LIMIT_GCRA, 10, 1 * S, 5); /* one unit per 100 ms, 5 at once */
+    keel_limit_result r;
+    for (int i = 0; i < 5; i++) {
+        ck_assert(take(l, "k", 1, &r));
+        ck_assert_uint_eq(r.remaining, (uint64_t)(4 - i));
+        ck_assert_uint_eq(r.limit, 5);
+    }
+    ck_assert_uint_eq(r.reset_ns, 500 * MS);
+    ck_assert(!take(l, "k", 1, &r));
+    ck_assert_uint_eq(r.retry_after_ns, 100 * MS);
+    kt_clock_advance(&clk, 100 * MS - 1);
+    ck_assert(!take(l, "k", 1, &r)); /* a rejection changes nothing */
+    ck_assert_uint_eq(r.retry_after_ns, 1);
+    kt_clock_advance(&clk, 1);
+    ck_assert(take(l, "k", 1, &r));
+    ck_assert(!take(l, "k", 1, &r));
+    /* costs: 3 units need 300 ms of refill */
+    kt_clock_advance(&clk, 250 * MS);
+    ck_assert(!take(l, "k", 3, &r));
+    ck_assert_uint_eq(r.retry_after_ns, 50 * MS);
+    ck_assert(take(l, "k", 2, &r));
+    /* more than the burst can never pass */
+    ck_assert_int_eq(keel_limiter_take(l, "k", 1, 6, &r), KEEL_ERANGE);
+    ck_assert(!r.allowed);
+    ck_assert_uint_eq(r.retry_after_ns, UINT64_MAX);
+    keel_limiter_destroy(l);
+
+    /* an emission interval that is not a whole number of nanoseconds */
+    set_time(1000 * S);
+    l = local(KEEL_LIMIT_GCRA, 3, 1 * S, 1);
+    ck_assert(take(l, "k", 1, &r));
+    kt_clock_advance(&clk, 333333333);
+    ck_assert(!take(l, "k", 1, &r));
+    ck_assert_uint_eq(r.retry_after_ns, 1); /* 1/3 s is 333333333.33 ns */
+    kt_clock_advance(&clk, 1);
+    ck_assert(take(l, "k", 1, &r));
+    keel_limiter_destroy(l);
+}
+END_TEST
+
+/* ---- sliding window ---- */
+
+START_TEST(the_sliding_window_weighs_the_previous_window)
+{
+    set_time(1000 * S);
+    keel_limiter *l = local(KEEL_LIMIT_SLIDING_WINDOW, 10, 1 * S, 0);
+    keel_limit_result r;
+    for (int i = 0; i < 10; i++)
+        ck_assert(take(l, "k", 1, &r));
+    ck_assert_uint_eq(r.remaining, 0);
+    ck_assert(!take(l, "k", 1, &r));
+    /* next window at 10% in: 10 x 0.9 + 0 = 9, so one more fits */
+    ck_assert_uint_eq(r.retry_after_ns, 1100 * MS);
+    kt_clock_advance(&clk, 1100 * MS - 1);
+    ck_assert(!take(l, "k", 1, &r));
+    kt_clock_advance(&clk, 1);
+    ck_assert(take(l, "k", 1, &r));
+    ck_assert(!take(l, "k", 1, &r));
+    /* in this window: prev 10, cur 1; one more needs prev's weight <= 8 */
+    ck_assert_uint_eq(r.retry_after_ns, 100 * MS);
+    kt_clock_advance(&clk, 100 * MS);
+    ck_assert(take(l, "k", 1, &r));
+    /* two windows later, all is forgotten */
+    kt_clock_advance(&clk, 2 * S);
+    for (int i = 0; i < 10; i++)
+        ck_assert(take(l, "k", 1, &r));
+    ck_assert_int_eq(keel_limiter_take(l, "k", 1, 11, &r), KEEL_ERANGE);
+    ck_assert_uint_eq(r.retry_after_ns, UINT64_MAX);
+    keel_limiter_destroy(l);
+}
+END_TEST
+
+/* ---- sliding log ---- */
+
+START_TEST(the_sliding_log_is_exact)
+{
+    set_time(1000 * S);
+    keel_limiter *l = local(KEEL_LIMIT_SLIDING_LOG, 3, 1 * S, 0);
+    keel_limit_result r;
+    ck_assert(take(l, "k", 1, &r));
+    kt_clock_advance(&clk, 100 * MS);
+    ck_assert(take(l, "k", 1, &r));
+    kt_clock_advance(&clk, 100 * MS);
+    ck_assert(take(l, "k", 1, &r));
+    ck_assert_uint_eq(r.reset_ns, 1 * S);
+    kt_clock_advance(&clk, 100 * MS);
+    ck_assert(!take(l, "k", 1, &r));
+    ck_assert_uint_eq(r.retry_after_ns, 700 * MS);
+    ck_assert(!take(l, "k", 2, &r));
+    ck_assert_uint_eq(r.retry_after_ns, 800 * MS);
+    kt_clock_advance(&clk, 700 * MS - 1);
+    ck_assert(!take(l, "k", 1, &r));
+    kt_clock_advance(&clk, 1); /* the first admission leaves the window */
+    ck_assert(take(l, "k", 1, &r));
+    ck_assert(!take(l, "k", 1, &r));
+    ck_assert_int_eq(keel_limiter_take(l, "k", 1, 4, &r), KEEL_ERANGE);
+    keel_limiter_destroy(l);
+}
+END_TEST
+
+/* Random traffic with random costs: no window of length W ever holds more
+ * than `limit` admitted units (checked by brute force). */
+START_TEST(no_window_of_the_log_holds_more_than_the_limit)
+{
+    set_time(1000 * S);
+    keel_limiter *l = local(KEEL_LIMIT_SLIDING_LOG, 20, 1 * S, 0);
+    enum { N = 4000 };
+    static uint64_t at[N], units[N];
+    size_t n = 0;
+    srand(7);
+    for (int i = 0; i < N; i++) {
+        kt_clock_advance(&clk, (uint64_t)(rand() % 20) * MS + (uint64_t)(rand() % 1000));
+        uint64_t cost = 1 + (uint64_t)(rand() % 4);
+        keel_limit_result r;
+        if (take(l, "k", cost, &r)) {
+            at[n] = r.now_ns;
+            units[n++] = cost;
+        }
+    }
+    ck_assert_uint_gt(n, 300);
+    for (size_t i = 0; i < n; i++) {
+        uint64_t sum = 0;
+        for (size_t j = i + 1; j-- > 0 && at[j] + S > at[i];)
+            sum += units[j];
+        ck_assert_msg(sum <= 20, "window ending at admission %zu holds %llu", i,
+                      (unsigned long long)sum);
+    }
+    keel_limiter_destroy(l);
+}
+END_TEST
+
+/* ---- common behaviour ---- */
+
+START_TEST(a_client_retrying_above_the_limit_still_gets_its_share)
+{
+    for (int algo = 0; algo < 3; algo++) {
+        set_time(1000 * S);
+        keel_limiter *l = local((keel_limit_algo)algo, 10, 1 * S, 10);
+        int per_window[10] = {0};
+        for (int t = 0; t < 1000; t++) { /* every 10 ms for 10 s: 10x the limit */
+            if (take(l, "k", 1, NULL))
+                per_window[t / 100]++;
+            kt_clock_advance(&clk, 10 * MS);
+        }
+        int total = 0;
+        for (int w = 0; w < 10; w++) {
+            total += per_window[w];
+            if (algo == KEEL_LIMIT_SLIDING_LOG)
+                ck_assert_int_eq(per_window[w], 10);
+            else
+                ck_assert_int_ge(per_window[w], 8);
+        }
+        if (algo == KEEL_LIMIT_GCRA)
+            ck_assert_int_eq(total, 10 + 99); /* the burst, then one per 100 ms */
+        keel_limiter_destroy(l);
+    }
+}
+END_TEST
+
+START_TEST(peek_refund_and_reset)
+{
+    for (int algo = 0; algo < 3; algo++) {
+        set_time(1000 * S);
+        keel_limiter *l = local((keel_limit_algo)algo, 5, 1 * S, 0);
+        keel_limit_result r;
+        ck_assert_int_eq(keel_limiter_peek(l, "k", 1, 5, &r), 0);
+        ck_assert(r.allowed);
+        ck_assert_uint_eq(r.remaining, 5); /* a peek consumes nothing */
+        ck_assert(take(l, "k", 5, &r));
+        ck_assert_int_eq(keel_limiter_peek(l, "k", 1, 1, &r), 0);
+        ck_assert(!r.allowed);
+        ck_assert_int_eq(keel_limiter_refund(l, "k", 1, 2, &r), 0);
+        ck_assert_uint_eq(r.remaining, 2);
+        ck_assert(take(l, "k", 2, &r));
+        ck_assert(!take(l, "k", 1, &r));
+        ck_assert_int_eq(keel_limiter_refund(l, "k", 1, 100, NULL), 0); /* never more than held */
+        ck_assert_int_eq(keel_limiter_peek(l, "k", 1, 1, &r), 0);
+        ck_assert_uint_eq(r.remaining, 5);
+        ck_assert(take(l, "k", 5, &r));
+        ck_assert_int_eq(keel_limiter_reset(l, "k", 1), 0);
+        ck_assert(take(l, "k", 5, &r));
+        /* a peek of a key never seen stores nothing */
+        keel_limiter_stats st;
+        keel_limiter_stats_get(l, &st);
+        uint64_t keys = st.keys;
+        ck_assert_int_eq(keel_limiter_peek(l, "other", 5, 1, &r), 0);
+        keel_limiter_stats_get(l, &st);
+        ck_assert_uint_eq(st.keys, keys);
+        keel_limiter_destroy(l);
+    }
+}
+END_TEST
+
+START_TEST(keys_are_bytes)
+{
+    set_time(1000 * S);
+    keel_limiter *l = local(KEEL_LIMIT_GCRA, 1, 1 * S, 0);
+    keel_limit_result r;
+    ck_assert_int_eq(keel_limiter_take(l, "a\0b", 3, 1, &r), 0);
+    ck_assert(r.allowed);
+    ck_assert_int_eq(keel_limiter_take(l, "a\0c", 3, 1, &r), 0);
+    ck_assert(r.allowed);
+    ck_assert_int_eq(keel_limiter_take(l, "a\0b", 3, 1, &r), 0);
+    ck_assert(!r.allowed);
+    char longkey[300];
+    memset(longkey, 'x', sizeof longkey);
+    ck_assert_int_eq(keel_limiter_take(l, longkey, sizeof longkey, 1, &r), 0);
+    ck_assert(r.allowed);
+    ck_assert_int_eq(keel_limiter_take(l, longkey, sizeof longkey, 1, &r), 0);
+    ck_assert(!r.allowed);
+    keel_limiter_destroy(l);
+}
+END_TEST
+
+typedef struct hammer {
+    keel_limiter *l;
+    pthread_barrier_t *b;
+    int allowed;
+} hammer;
+
+static void *hammer_one_key(void *arg)
+{
+    hammer *h = arg;
+    pthread_barrier_wait(h->b);
+    for (int i = 0; i < 20000; i++) {
+        keel_limit_result r;
+        keel_limiter_take(h->l, "hot", 3, 1, &r);
+        h->allowed += r.allowed;
+    }
+    return NULL;
+}
+
+START_TEST(two_threads_on_one_key_never_exceed_the_limit)
+{
+    for (int algo = 0; algo < 3; algo++) {
+        set_time(1000 * S); /* time stands still: exactly `limit` may pass */
+        keel_limiter *l = local((keel_limit_algo)algo, 1000, 1 * S, 0);
+        pthread_barrier_t b;
+        pthread_barrier_init(&b, NULL, 2);
+        hammer h[2] = {{l, &b, 0}, {l, &b, 0}};
+        pthread_t t[2];
+        for (int i = 0; i < 2; i++)
+            pthread_create(&t[i], NULL, hammer_one_key, &h[i]);
+        for (int i = 0; i < 2; i++)
+            pthread_join(t[i], NULL);
+        pthread_barrier_destroy(&b);
+        ck_assert_int_eq(h[0].allowed + h[1].allowed, 1000);
+        keel_limiter_stats st;
+        keel_limiter_stats_get(l, &st);
+        ck_assert_uint_eq(st.allowed, 1000);
+        ck_assert_uint_eq(st.rejected, 39000);
+        keel_limiter_destroy(l);
+    }
+}
+END_TEST
+
+START_TEST(memory_stays_bounded_over_a_million_keys)
+{
+    set_time(1000 * S);
+    keel_limiter *l;
+    keel_limiter_opts o = {.algo = KEEL_LIMIT_GCRA, .limit = 10, .window_ns = 1 * S,
+                           .max_keys = 10000, .clock = kt_clock_now, .clock_ud = &clk};
+    ck_assert_int_eq(keel_limiter_create(&l, &o), 0);
+    char key[32];
+    for (int i = 0; i < 1000000; i++) {
+        int n = snprintf(key, sizeof key, "client-%d", i);
+        keel_limit_result r;
+        ck_assert_int_eq(keel_limiter_take(l, key, (size_t)n, 10, &r), 0);
+        ck_assert(r.allowed);
+        if (i % 100 == 99) /* 10,000 keys span 5 s: most have refilled */
+            kt_clock_advance(&clk, 50 * MS);
+    }
+    keel_limiter_stats st;
+    keel_limiter_stats_get(l, &st);
+    ck_assert_uint_le(st.keys, 10000);
+    ck_assert_uint_ge(st.keys, 9000);
+    ck_assert_uint_le(st.bytes, 10000 * 200); /* a few dozen bytes a key, tables included */
+    ck_assert_uint_eq(st.evicted_idle + st.evicted_active, 1000000 - st.keys);
+    /* every key emptied its bucket; a second later it is full again, idle,
+     * and dropping it loses nothing */
+    ck_assert_uint_gt(st.evicted_idle, 900000);
+    keel_limiter_destroy(l);
+}
+END_TEST
+
+START_TEST(at_max_keys_an_active_key_may_go_and_is_counted)
+{
+    set_time(1000 * S);
+    keel_limiter *l;
+    keel_limiter_opts o = {.algo = KEEL_LIMIT_SLIDING_LOG, .limit = 2, .window_ns = S,
+                           .max_keys = 64, .clock = kt_clock_now, .clock_ud = &clk};
+    ck_assert_int_eq(keel_limiter_create(&l, &o), 0);
+    char key[16];
+    for (int i = 0; i < 1000; i++) { /* time stands still: every key stays active */
+        int n = snprintf(key, sizeof key, "k%d", i);
+        keel_limit_result r;
+        ck_assert_int_eq(keel_limiter_take(l, key, (size_t)n, 1, &r), 0);
+    }
+    keel_limiter_stats st;
+    keel_limiter_stats_get(l, &st);
+    ck_assert_uint_le(st.keys, 64);
+    ck_assert_uint_eq(st.evicted_idle, 0);
+    ck_assert_uint_eq(st.evicted_active, 1000 - st.keys);
+    keel_limiter_destroy(l);
+}
+END_TEST
+
+START_TEST(header_fields)
+{
+    set_time(1000 * S);
+    keel_limiter *l;
+    keel_limiter_opts o = {.algo = KEEL_LIMIT_SLIDING_LOG, .limit = 3, .window_ns = 60 * S,
+                           .name = "per-client", .clock = kt_clock_now, .clock_ud = &clk};
+    ck_assert_int_eq(keel_limiter_create(&l, &o), 0);
+    keel_limit_result r;
+    take(l, "k", 1, &r);
+    kt_clock_advance(&clk, 1500 * MS);
+    take(l, "k", 2, &r);
+    char buf[512];
+    size_t len;
+    ck_assert_int_eq(keel_limiter_headers(l, &r, buf, sizeof buf, &len), 0);
+    ck_assert_str_eq(buf, "X-RateLimit-Limit: 3\r\n"
+                          "X-RateLimit-Remaining: 0\r\n"
+                          "X-RateLimit-Reset: 60\r\n"
+                          "RateLimit-Policy: \"per-client\";q=3;w=60\r\n"
+                          "RateLimit: \"per-client\";r=0;t=60\r\n");
+    ck_assert_uint_eq(len, strlen(buf));
+    ck_assert(!take(l, "k", 1, &r));
+    ck_assert_int_eq(keel_limiter_headers(l, &r, buf, sizeof buf, &len), 0);
+    ck_assert_ptr_nonnull(strstr(buf, "Retry-After: 59\r\n")); /* 58.5 s, rounded up */
+    ck_assert_int_eq(keel_limiter_headers(l, &r, buf, 10, &len), KEEL_ERANGE);
+    ck_assert_uint_gt(len, 100);
+    keel_limiter_destroy(l);
+}
+END_TEST
+
+START_TEST(bad_input_is_refused)
+{
+    keel_limiter *l;
+    keel_limiter_opts ok = {.algo = KEEL_LIMIT_GCRA, .limit = 1, .window_ns = S};
+    keel_limiter_opts bad[] = {
+        {.algo = KEEL_LIMIT_GCRA, .limit = 0, .window_ns = S},
+        {.algo = KEEL_LIMIT_GCRA, .limit = 1, .window_ns = 0},
+        {.algo = KEEL_LIMIT_GCRA, .limit = (uint64_t)UINT32_MAX + 1, .window_ns = S},
+        {.algo = (keel_limit_algo)7, .limit = 1, .window_ns = S},
+        {.algo = KEEL_LIMIT_GCRA, .limit = 1, .window_ns = S, .prefix = "app{x}:"},
+        {.algo = KEEL_LIMIT_GCRA, .limit = 1, .window_ns = S, .name = "a\"b"},
+        {.algo = KEEL_LIMIT_GCRA, .limit = 1, .window_ns = S, .on_store_error = 9},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        ck_assert_msg(keel_limiter_create(&l, &bad[i]) == KEEL_EINVAL, "case %zu accepted", i);
+    ck_assert_int_eq(keel_limiter_create(&l, NULL), KEEL_EINVAL);
+    ck_assert_int_eq(keel_limiter_create(&l, &ok), 0);
+    keel_limit_result r;
+    static char huge[4097];
+    ck_assert_int_eq(keel_limiter_take(l, NULL, 1, 1, &r), KEEL_EINVAL);
+    ck_assert_int_eq(keel_limiter_take(l, "k", 0, 1, &r), KEEL_EINVAL);
+    ck_assert_int_eq(keel_limiter_take(l, huge, sizeof huge, 1, &r), KEEL_EINVAL);
+    ck_assert_int_eq(keel_limiter_take(l, huge, sizeof huge - 1, 1, &r), 0);
+    ck_assert_int_eq(keel_limiter_take(l, "k", 1, 1, NULL), KEEL_EINVAL);
+    ck_assert_int_eq(keel_limiter_take(NULL, "k", 1, 1, &r), KEEL_EINVAL);
+    ck_assert_int_eq(keel_limiter_take(l, "k", 1, UINT64_MAX, &r), KEEL_ERANGE);
+    ck_assert_int_eq(keel_limiter_take_many(l, NULL, 1), KEEL_EINVAL);
+    keel_limiter_destroy(l);
+    keel_limiter_destroy(NULL);
+}
+END_TEST
+
+/* ---- Redis ---- */
+
+static keel_redis *redis_nodes(int n)
+{
+    static char urls[8][96];
+    static const char *u[8];
+    for (int i = 0; i < n; i++) {
+        char host[64];
+        int port;
+        kt_redis_node(i, host, sizeof host, &port);
+        snprintf(urls[i], sizeof urls[i], "redis://%s:%d", host, port);
+        u[i] = urls[i];
+    }
+    keel_redis *r;
+    keel_redis_opts o = {.nodes = u, .nnodes = (size_t)n, .connect_timeout_ns = 300 * MS,
+                         .command_timeout_ns = 500 * MS, .fail_timeout_ns = 1};
+    ck_assert_int_eq(keel_redis_create(&r, &o), 0);
+    return r;
+}
+
+static keel_limiter *remote(keel_redis *redis, keel_limit_algo algo, uint64_t limit,
+                            uint64_t window, const char *prefix, keel_limit_on_error on_error)
+{
+    keel_limiter *l;
+    keel_limiter_opts o = {.algo = algo, .limit = limit, .window_ns = window, .redis = redis,
+                           .prefix = prefix, .on_store_error = on_error};
+    ck_assert_int_eq(keel_limiter_create(&l, &o), 0);
+    return l;
+}
+
+START_TEST(redis_decides_like_the_local_store)
+{
+    keel_redis *redis = redis_nodes(3);
+    static const char *const names[] = {"log", "window", "gcra"};
+    for (int algo = 0; algo < 3; algo++) {
+        char prefix[64];
+        snprintf(prefix, sizeof prefix, "kt:%s:%d:", names[algo], getpid());
+        keel_limiter *l = remote(redis, (keel_limit_algo)algo, 5, 10 * S, prefix, KEEL_LIMIT_FAIL_CLOSED);
+        keel_limit_result r;
+        for (int i = 0; i < 5; i++) {
+            ck_assert(take(l, "user:1", 1, &r));
+            ck_assert_int_eq(r.source, KEEL_LIMIT_SRC_REDIS);
+            ck_assert_uint_eq(r.remaining, (uint64_t)(4 - i));
+        }
+        ck_assert(!take(l, "user:1", 1, &r));
+        ck_assert_uint_gt(r.retry_after_ns, 0);
+        ck_assert_uint_le(r.retry_after_ns, 20 * S); /* the window: up to two windows */
+        ck_assert_uint_gt(r.now_ns, 1600000000ull * S); /* the server's clock */
+        ck_assert_int_eq(keel_limiter_peek(l, "user:2", 6, 5, &r), 0);
+        ck_assert(r.allowed);
+        ck_assert_int_eq(keel_limiter_refund(l, "user:1", 6, 2, &r), 0);
+        ck_assert(take(l, "user:1", 2, &r));
+        ck_assert(!take(l, "user:1", 1, &r));
+        ck_assert_int_eq(keel_limiter_take(l, "user:1", 6, 6, &r), KEEL_ERANGE);
+        ck_assert_uint_eq(r.retry_after_ns, UINT64_MAX);
+        /* binary keys, and reset */
+        ck_assert_int_eq(keel_limiter_take(l, "a\0b}{", 5, 5, &r), 0);
+        ck_assert(r.allowed);
+        ck_assert_int_eq(keel_limiter_take(l, "a\0c}{", 5, 5, &r), 0);
+        ck_assert(r.allowed);
+        ck_assert_int_eq(keel_limiter_take(l, "a\0b}{", 5, 1, &r), 0);
+        ck_assert(!r.allowed);
+        ck_assert_int_eq(keel_limiter_reset(l, "a\0b}{", 5), 0);
+        ck_assert_int_eq(keel_limiter_take(l, "a\0b}{", 5, 5, &r), 0);
+        ck_assert(r.allowed);
+        keel_limiter_destroy(l);
+    }
+    keel_redis_destroy(redis);
+}
+END_TEST
+
+START_TEST(requests_in_the_same_instant_all_count)
+{
+    keel_redis *redis = redis_nodes(3);
+    char prefix[64];
+    snprintf(prefix, sizeof prefix, "kt:same:%d:", getpid());
+    keel_limiter *l = remote(redis, KEEL_LIMIT_SLIDING_LOG, 100, 10 * S, prefix, KEEL_LIMIT_FAIL_CLOSED);
+    keel_limit_req q[150];
+    for (int i = 0; i < 150; i++)
+        q[i] = (keel_limit_req){.key = "burst", .len = 5, .cost = 1};
+    ck_assert_int_eq(keel_limiter_take_many(l, q, 150), 0); /* one pipeline */
+    int allowed = 0;
+    for (int i = 0; i < 150; i++) {
+        ck_assert_int_eq(q[i].rc, 0);
+        allowed += q[i].result.allowed;
+        ck_assert_int_eq(q[i].result.allowed, i < 100);
+    }
+    ck_assert_int_eq(allowed, 100);
+    keel_limiter_destroy(l);
+    keel_redis_destroy(redis);
+}
+END_TEST
+
+START_TEST(scripts_come_back_after_a_flush_and_a_restart)
+{
+    keel_redis *redis = redis_nodes(1);
+    char prefix[64];
+    snprintf(prefix, sizeof prefix, "kt:reload:%d:", getpid());
+    keel_limiter *l = remote(redis, KEEL_LIMIT_GCRA, 100, 1 * S, prefix, KEEL_LIMIT_FAIL_CLOSED);
+    keel_limit_result r;
+    ck_assert(take(l, "k", 1, &r));
+    redisReply *rep;
+    const char *flush[2] = {"SCRIPT", "FLUSH"};
+    size_t fl[2] = {6, 5};
+    ck_assert_int_eq(keel_redis_command(redis, NULL, 0, 2, flush, fl, &rep), 0);
+    freeReplyObject(rep);
+    ck_assert(take(l, "k", 1, &r)); /* NOSCRIPT: loaded again */
+    ck_assert_int_eq(r.source, KEEL_LIMIT_SRC_REDIS);
+    ck_assert_int_eq(keel_redis_command(redis, NULL, 0, 2, flush, fl, &rep), 0);
+    freeReplyObject(rep);
+    keel_limit_req q[3] = {{.key = "a", .len = 1}, {.key = "b", .len = 1}, {.key = "c", .len = 1}};
+    ck_assert_int_eq(keel_limiter_take_many(l, q, 3), 0); /* in a pipeline too */
+    for (int i = 0; i < 3; i++) {
+        ck_assert_int_eq(q[i].rc, 0);
+        ck_assert_int_eq(q[i].result.source, KEEL_LIMIT_SRC_REDIS);
+    }
+    kt_server("stop-one", "redis1");
+    kt_server("start-one", "redis1");
+    int redis_answered = 0;
+    for (int i = 0; i < 3 && !redis_answered; i++) { /* the stale connection fails once */
+        ck_assert_int_eq(keel_limiter_take(l, "k", 1, 1, &r), 0);
+        redis_answered = r.source == KEEL_LIMIT_SRC_REDIS;
+    }
+    ck_assert(redis_answered);
+    keel_limiter_destroy(l);
+    keel_redis_destroy(redis);
+}
+END_TEST
+
+START_TEST(each_failure_policy_does_what_it_says)
+{
+    keel_redis *redis = redis_nodes(1);
+    keel_limiter *open = remote(redis, KEEL_LIMIT_GCRA, 3, 1 * S, "kt:p1:", KEEL_LIMIT_FAIL_OPEN);
+    keel_limiter *closed = remote(redis, KEEL_LIMIT_GCRA, 3, 1 * S, "kt:p2:", KEEL_LIMIT_FAIL_CLOSED);
+    keel_limiter *fallback;
+    keel_limiter_opts o = {.algo = KEEL_LIMIT_GCRA, .limit = 3, .window_ns = 1 * S,
+                           .redis = redis, .prefix = "kt:p3:", .on_store_error = KEEL_LIMIT_FALL_BACK,
+                           .clock = kt_clock_now, .clock_ud = &clk};
+    ck_assert_int_eq(keel_limiter_create(&fallback, &o), 0);
+    kt_server("stop-one", "redis1");
+    keel_limit_result r;
+    uint64_t t0 = keel_now_ns();
+    for (int i = 0; i < 5; i++) {
+        ck_assert(take(open, "k", 1, &r));
+        ck_assert_int_eq(r.source, KEEL_LIMIT_SRC_OPEN);
+        ck_assert(!take(closed, "k", 1, &r));
+        ck_assert_int_eq(r.source, KEEL_LIMIT_SRC_CLOSED);
+        ck_assert_uint_gt(r.retry_after_ns, 0);
+        ck_assert_int_eq(take(fallback, "k", 1, &r), i < 3); /* the limit, in process */
+        ck_assert_int_eq(r.source, KEEL_LIMIT_SRC_FALLBACK);
+    }
+    ck_assert_uint_lt(keel_now_ns() - t0, 5 * S); /* never past the timeouts */
+    keel_limiter_stats st;
+    keel_limiter_stats_get(closed, &st);
+    ck_assert_uint_eq(st.store_errors, 5);
+    kt_server("start-one", "redis1");
+    keel_limiter_destroy(open);
+    keel_limiter_destroy(closed);
+    keel_limiter_destroy(fallback);
+    keel_redis_destroy(redis);
+}
+END_TEST
+
+/* 4 processes x 2 threads take from one key for a few windows; each
+ * process writes the server times of its admissions to a pipe. */
+typedef struct proc_job {
+    keel_limiter *l;
+    uint64_t until_ns;
+    uint64_t at[4096];
+    size_t n;
+} proc_job;
+
+static void *proc_thread(void *arg)
+{
+    proc_job *j = arg;
+    while (keel_now_ns() < j->until_ns && j->n < 4096) {
+        keel_limit_result r;
+        if (keel_limiter_take(j->l, "shared", 6, 1, &r) == 0 && r.allowed &&
+            r.source == KEEL_LIMIT_SRC_REDIS)
+            j->at[j->n++] = r.now_ns;
+    }
+    return NULL;
+}
+
+static size_t run_processes(keel_limit_algo algo, uint64_t limit, uint64_t window, uint64_t **out)
+{
+    char prefix[64];
+    snprintf(prefix, sizeof prefix, "kt:procs:%d:%d:", getpid(), (int)algo);
+    int fds[2];
+    ck_assert_int_eq(pipe(fds), 0);
+    pid_t kids[4];
+    uint64_t until = keel_now_ns() + 4 * window;
+    for (int p = 0; p < 4; p++) {
+        kids[p] = fork();
+        ck_assert_int_ge(kids[p], 0);
+        if (kids[p] == 0) {
+            close(fds[0]);
+            keel_redis *redis = redis_nodes(3);
+            keel_limiter *l = remote(redis, algo, limit, window, prefix, KEEL_LIMIT_FAIL_CLOSED);
+            static proc_job jobs[2];
+            pthread_t t[2];
+            for (int i = 0; i < 2; i++) {
+                jobs[i] = (proc_job){.l = l, .until_ns = until};
+                pthread_create(&t[i], NULL, proc_thread, &jobs[i]);
+            }
+            for (int i = 0; i < 2; i++) {
+                pthread_join(t[i], NULL);
+                if (write(fds[1], jobs[i].at, jobs[i].n * sizeof(uint64_t)) < 0)
+                    _exit(1);
+            }
+            keel_limiter_destroy(l);
+            keel_redis_destroy(redis);
+            _exit(0);
+        }
+    }
+    close(fds[1]);
+    size_t cap = 1 << 16, n = 0;
+    uint64_t *all = malloc(cap * sizeof *all);
+    ssize_t got;
+    while ((got = read(fds[0], (char *)all + n * sizeof *all, (cap - n) * sizeof *all)) > 0)
+        n += (size_t)got / sizeof *all;
+    close(fds[0]);
+    for (int p = 0; p < 4; p++) {
+        int status;
+        waitpid(kids[p], &status, 0);
+        ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "process %d failed", p);
+    }
+    for (size_t i = 1; i < n; i++) /* insertion sort: a few hundred entries */
+        for (size_t j = i; j > 0 && all[j - 1] > all[j]; j--) {
+            uint64_t t = all[j];
+            all[j] = all[j - 1];
+            all[j - 1] = t;
+        }
+    *out = all;
+    return n;
+}
+
+START_TEST(processes_and_threads_never_exceed_the_limit_through_redis)
+{
+    const uint64_t W = 250 * MS, L = 20;
+    uint64_t *at;
+    /* the log: no window of length W holds more than L */
+    size_t n = run_processes(KEEL_LIMIT_SLIDING_LOG, L, W, &at);
+    ck_assert_uint_ge(n, 3 * L);
+    for (size_t i = 0; i < n; i++) {
+        size_t in = 0;
+        for (size_t j = i + 1; j-- > 0 && at[j] + W > at[i];)
+            in++;
+        ck_assert_msg(in <= L, "log: %zu admissions in one window", in);
+    }
+    free(at);
+    /* GCRA: over any interval of length t, at most burst + t x L / W */
+    n = run_processes(KEEL_LIMIT_GCRA, L, W, &at);
+    ck_assert_uint_ge(n, 3 * L);
+    for (size_t i = 0; i < n; i++)
+        for (size_t j = i; j < n; j++) {
+            double allowed = (double)L + (double)(at[j] - at[i]) * (double)L / (double)W + 1e-6;
+            ck_assert_msg((double)(j - i + 1) <= allowed, "gcra: %zu admissions in %llu ns",
+                          j - i + 1, (unsigned long long)(at[j] - at[i]));
+        }
+    free(at);
+    /* the window: at most L per fixed window, 2 L per sliding one */
+    n = run_processes(KEEL_LIMIT_SLIDING_WINDOW, L, W, &at);
+    ck_assert_uint_ge(n, 3 * L);
+    for (size_t i = 0; i < n; i++) {
+        size_t fixed = 0, sliding = 0;
+        for (size_t j = i + 1; j-- > 0 && at[j] + W > at[i];) {
+            sliding++;
+            fixed += at[j] / W == at[i] / W;
+        }
+        ck_assert_msg(fixed <= L && sliding <= 2 * L, "window: %zu in a fixed, %zu in a sliding one",
+                      fixed, sliding);
+    }
+    free(at);
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("limiter");
+    TCase *tc = tcase_create("local");
+    tcase_add_test(tc, gcra_is_a_token_bucket_to_the_nanosecond);
+    tcase_add_test(tc, the_sliding_window_weighs_the_previous_window);
+    tcase_add_test(tc, the_sliding_log_is_exact);
+    tcase_add_test(tc, no_window_of_the_log_holds_more_than_the_limit);
+    tcase_add_test(tc, a_client_retrying_above_the_limit_still_gets_its_share);
+    tcase_add_test(tc, peek_refund_and_reset);
+    tcase_add_test(tc, keys_are_bytes);
+    tcase_add_test(tc, two_threads_on_one_key_never_exceed_the_limit);
+    tcase_add_test(tc, at_max_keys_an_active_key_may_go_and_is_counted);
+    tcase_add_test(tc, header_fields);
+    tcase_add_test(tc, bad_input_is_refused);
+    suite_add_tcase(s, tc);
+    TCase *big = tcase_create("million");
+    tcase_add_test(big, memory_stays_bounded_over_a_million_keys);
+    tcase_set_tags(big, "slow"); /* a million decisions: not under valgrind */
+    tcase_set_timeout(big, 60);
+    suite_add_tcase(s, big);
+    TCase *rd = tcase_create("redis");
+    tcase_set_timeout(rd, 60);
+    tcase_add_test(rd, redis_decides_like_the_local_store);
+    tcase_add_test(rd, requests_in_the_same_instant_all_count);
+    tcase_add_test(rd, scripts_come_back_after_a_flush_and_a_restart);
+    tcase_add_test(rd, each_failure_policy_does_what_it_says);
+    tcase_add_test(rd, processes_and_threads_never_exceed_the_limit_through_redis);
+    suite_add_tcase(s, rd);
+    return kt_run(s);
+}
