@@ -357,6 +357,21 @@ START_TEST(at_max_keys_an_active_key_may_go_and_is_counted)
 }
 END_TEST
 
+START_TEST(a_decision_with_an_older_clock_reading_stays_sane)
+{
+    /* two threads read the clock, the later one decides first */
+    set_time(1000 * S);
+    keel_limiter *l = local(KEEL_LIMIT_GCRA, 1000000, 1 * S, 1);
+    keel_limit_result r;
+    ck_assert(take(l, "k", 1, &r));
+    set_time(1000 * S - 1);
+    ck_assert(!take(l, "k", 1, &r));
+    ck_assert_uint_eq(r.remaining, 0);
+    ck_assert_uint_le(r.reset_ns, 1001);
+    keel_limiter_destroy(l);
+}
+END_TEST
+
 START_TEST(header_fields)
 {
     set_time(1000 * S);
@@ -398,6 +413,8 @@ START_TEST(bad_input_is_refused)
         {.algo = KEEL_LIMIT_GCRA, .limit = 1, .window_ns = S, .prefix = "app{x}:"},
         {.algo = KEEL_LIMIT_GCRA, .limit = 1, .window_ns = S, .name = "a\"b"},
         {.algo = KEEL_LIMIT_GCRA, .limit = 1, .window_ns = S, .on_store_error = 9},
+        {.algo = KEEL_LIMIT_GCRA, .limit = 1, .window_ns = S, .max_keys = (size_t)1 << 38},
+        {.algo = KEEL_LIMIT_GCRA, .limit = 1, .window_ns = UINT64_MAX},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
         ck_assert_msg(keel_limiter_create(&l, &bad[i]) == KEEL_EINVAL, "case %zu accepted", i);
@@ -485,6 +502,120 @@ START_TEST(redis_decides_like_the_local_store)
         ck_assert(r.allowed);
         keel_limiter_destroy(l);
     }
+    keel_redis_destroy(redis);
+}
+END_TEST
+
+/* The bytes of a key's state, as DUMP gives them (empty: no key). */
+static void dump(const char *key, size_t len, char *out, size_t size, size_t *n)
+{
+    char host[64];
+    int port;
+    kt_redis_node(0, host, sizeof host, &port);
+    redisContext *c = redisConnect(host, port);
+    ck_assert(c && !c->err);
+    const char *argv[2] = {"DUMP", key};
+    size_t lens[2] = {4, len};
+    redisReply *rep = redisCommandArgv(c, 2, argv, lens);
+    ck_assert_ptr_nonnull(rep);
+    *n = rep->type == REDIS_REPLY_STRING ? rep->len : 0;
+    ck_assert_uint_le(*n, size);
+    memcpy(out, rep->str ? rep->str : "", *n);
+    freeReplyObject(rep);
+    redisFree(c);
+}
+
+START_TEST(a_rejection_writes_nothing_to_redis)
+{
+    keel_redis *redis = redis_nodes(1);
+    for (int algo = 0; algo < 3; algo++) {
+        char prefix[64], k1[96], k2[96];
+        snprintf(prefix, sizeof prefix, "kt:rej:%d:%d:", getpid(), algo);
+        snprintf(k1, sizeof k1, "%s{#k}", prefix);
+        snprintf(k2, sizeof k2, "%s{#k}:s", prefix);
+        keel_limiter *l = remote(redis, (keel_limit_algo)algo, 3, 60 * S, prefix, KEEL_LIMIT_FAIL_CLOSED);
+        keel_limit_result r;
+        for (int i = 0; i < 3; i++)
+            ck_assert(take(l, "k", 1, &r));
+        char before[2][512], after[2][512];
+        size_t nb[2], na[2];
+        dump(k1, strlen(k1), before[0], sizeof before[0], &nb[0]);
+        dump(k2, strlen(k2), before[1], sizeof before[1], &nb[1]);
+        ck_assert_uint_gt(nb[0], 0);
+        for (int i = 0; i < 20; i++) /* a client retrying above the limit */
+            ck_assert(!take(l, "k", 1, &r));
+        dump(k1, strlen(k1), after[0], sizeof after[0], &na[0]);
+        dump(k2, strlen(k2), after[1], sizeof after[1], &na[1]);
+        for (int k = 0; k < 2; k++) {
+            ck_assert_uint_eq(na[k], nb[k]);
+            ck_assert(memcmp(before[k], after[k], nb[k]) == 0);
+        }
+        keel_limiter_destroy(l);
+    }
+    keel_redis_destroy(redis);
+}
+END_TEST
+
+START_TEST(redis_gcra_keeps_sub_microsecond_intervals)
+{
+    keel_redis *redis = redis_nodes(1);
+    char prefix[64];
+    snprintf(prefix, sizeof prefix, "kt:fine:%d:", getpid());
+    keel_limiter *l;
+    keel_limiter_opts o = {.algo = KEEL_LIMIT_GCRA, .limit = 10000000, .window_ns = 1 * S,
+                           .burst = 10, .redis = redis, .prefix = prefix};
+    ck_assert_int_eq(keel_limiter_create(&l, &o), 0);
+    keel_limit_result r;
+    ck_assert(take(l, "fresh", 1, &r)); /* one unit is 0.1 us */
+    ck_assert_int_eq(r.source, KEEL_LIMIT_SRC_REDIS);
+    ck_assert_uint_eq(r.remaining, 9);
+    keel_limiter_destroy(l);
+    keel_redis_destroy(redis);
+}
+END_TEST
+
+typedef struct busy_job {
+    char host[64];
+    int port;
+} busy_job;
+
+static void *busy_script(void *arg)
+{
+    busy_job *j = arg;
+    redisContext *c = redisConnect(j->host, j->port);
+    redisReply *rep = redisCommand(c, "EVAL %s 0", "while true do end");
+    if (rep)
+        freeReplyObject(rep); /* the SCRIPT KILL's error */
+    redisFree(c);
+    return NULL;
+}
+
+START_TEST(a_busy_server_is_a_store_failure)
+{
+    busy_job j;
+    kt_redis_node(0, j.host, sizeof j.host, &j.port);
+    redisContext *c = redisConnect(j.host, j.port);
+    freeReplyObject(redisCommand(c, "CONFIG SET busy-reply-threshold 50"));
+    keel_redis *redis = redis_nodes(1);
+    keel_limiter *l = remote(redis, KEEL_LIMIT_GCRA, 3, 1 * S, "kt:busy:", KEEL_LIMIT_FAIL_OPEN);
+    keel_limit_result r;
+    ck_assert(take(l, "k", 1, &r)); /* the script is loaded */
+    pthread_t t;
+    pthread_create(&t, NULL, busy_script, &j);
+    int open = 0;
+    for (int i = 0; i < 200 && !open; i++) { /* until the server says BUSY */
+        nanosleep(&(struct timespec){0, 10 * MS}, NULL);
+        ck_assert_int_eq(keel_limiter_take(l, "k", 1, 1, &r), 0);
+        open = r.source == KEEL_LIMIT_SRC_OPEN;
+    }
+    redisReply *rep = redisCommand(c, "SCRIPT KILL");
+    freeReplyObject(rep);
+    pthread_join(t, NULL);
+    freeReplyObject(redisCommand(c, "CONFIG SET busy-reply-threshold 5000"));
+    redisFree(c);
+    ck_assert_msg(open, "BUSY did not reach the failure policy");
+    ck_assert(r.allowed);
+    keel_limiter_destroy(l);
     keel_redis_destroy(redis);
 }
 END_TEST
@@ -708,6 +839,7 @@ int main(void)
     tcase_add_test(tc, keys_are_bytes);
     tcase_add_test(tc, two_threads_on_one_key_never_exceed_the_limit);
     tcase_add_test(tc, at_max_keys_an_active_key_may_go_and_is_counted);
+    tcase_add_test(tc, a_decision_with_an_older_clock_reading_stays_sane);
     tcase_add_test(tc, header_fields);
     tcase_add_test(tc, bad_input_is_refused);
     suite_add_tcase(s, tc);
@@ -720,6 +852,9 @@ int main(void)
     tcase_set_timeout(rd, 60);
     tcase_add_test(rd, redis_decides_like_the_local_store);
     tcase_add_test(rd, requests_in_the_same_instant_all_count);
+    tcase_add_test(rd, a_rejection_writes_nothing_to_redis);
+    tcase_add_test(rd, redis_gcra_keeps_sub_microsecond_intervals);
+    tcase_add_test(rd, a_busy_server_is_a_store_failure);
     tcase_add_test(rd, scripts_come_back_after_a_flush_and_a_restart);
     tcase_add_test(rd, each_failure_policy_does_what_it_says);
     tcase_add_test(rd, processes_and_threads_never_exceed_the_limit_through_redis);

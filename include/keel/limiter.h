@@ -3,7 +3,7 @@
  * of a service through Redis.
  *
  * A limiter has one policy (algorithm, limit, window) and any number of
- * keys (a client, a route: bytes, NUL allowed, at most 4096). Each request
+ * keys (a client, a route: 1 to 4096 bytes, NUL allowed). Each request
  * has a cost in units (default 1). A rejected request changes nothing (as
  * nginx's limit_req): a client that keeps retrying above the limit still
  * gets its `limit` units per window.
@@ -11,7 +11,7 @@
  * Algorithms:
  *  - KEEL_LIMIT_SLIDING_LOG: exact. In no window of length window_ns are
  *    more than `limit` units admitted; the log keeps one entry per
- *    admission (per unit in Redis).
+ *    admission (its time and units).
  *  - KEEL_LIMIT_SLIDING_WINDOW: Cloudflare's two counters: the previous
  *    fixed window's count weighted by how much of it the sliding window
  *    still covers, plus the current count. O(1) state. Never more than
@@ -29,10 +29,11 @@
  * at most max_keys; time from the clock option. Through Redis (opts.redis):
  * one atomic Lua script per decision, run by EVALSHA with the Redis
  * server's TIME (so the clocks of application servers do not matter), keys
- * `prefix{key}` so that one key's state stays on one node. When Redis is
- * unreachable, on_store_error decides: fail open, fail closed, or decide
- * in process (this process's requests only: with N processes, up to N
- * times the limit) — and the answer says which happened.
+ * `prefix{#key}` so that one key's state stays on one node. When Redis is
+ * unreachable or says it cannot serve (BUSY, LOADING, OOM, READONLY...),
+ * on_store_error decides: fail open, fail closed, or decide in process
+ * (this process's requests only: with N processes, up to N times the
+ * limit) — and the answer says which happened.
  *
  * Thread safety: every call may be made from any number of threads.
  */
@@ -73,10 +74,13 @@ typedef enum keel_limit_source {
 typedef struct keel_limiter_opts {
     keel_limit_algo algo;
     uint64_t limit;        /* units per window; 1..2^32-1 */
-    uint64_t window_ns;    /* required; at least 1 ms with Redis (it counts microseconds) */
+    uint64_t window_ns;    /* required, at most 2^60; with Redis at least 1 ms (it counts
+                            * microseconds) and 3 x limit x window_us under 2^53 */
     uint64_t burst;        /* GCRA: units that may pass at once; 0 = limit */
     const char *name;      /* the policy's name in the RateLimit fields; NULL = "default" */
-    size_t max_keys;       /* in process: 0 = 1,000,000 */
+    size_t max_keys;       /* in process: 0 = 1,000,000; at most 2^32. Each of up to 64
+                            * shards holds its share: eviction may begin a little
+                            * before max_keys keys in all */
     struct keel_redis *redis; /* NULL: in process */
     const char *prefix;    /* Redis keys; NULL = "keel:rl:"; must not contain '{' */
     keel_limit_on_error on_store_error;
@@ -107,13 +111,16 @@ KEEL_API void keel_limiter_destroy(keel_limiter *l);
 /* Asks for `cost` units (0 means 1) for key and consumes them if allowed.
  * Returns 0 with *r filled (allowed or not); KEEL_ERANGE, *r filled as a
  * rejection with retry_after_ns UINT64_MAX, when cost exceeds the limit
- * (GCRA: the burst); KEEL_EINVAL (NULL, a key over 4096 bytes); with
- * Redis, KEEL_EBACKEND when Redis refused the script (the key holds
- * another type), logged. A store failure is not an error: see source. */
+ * (GCRA: the burst), whatever the store; KEEL_EINVAL (NULL, an empty key
+ * or one over 4096 bytes); with Redis, KEEL_EBACKEND when Redis refused
+ * the script (the key holds another type), logged, with *r a rejection.
+ * A store failure is not an error: see source. */
 KEEL_API int keel_limiter_take(keel_limiter *l, const void *key, size_t len, uint64_t cost,
                                keel_limit_result *r);
 
-/* The answer keel_limiter_take() would give, consuming nothing. */
+/* Whether keel_limiter_take() would allow the request, consuming nothing:
+ * `allowed` and `retry_after_ns` are take's; `remaining` and `reset_ns`
+ * are as they stand (before any consumption). */
 KEEL_API int keel_limiter_peek(keel_limiter *l, const void *key, size_t len, uint64_t cost,
                                keel_limit_result *r);
 

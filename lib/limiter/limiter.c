@@ -44,16 +44,18 @@ KEEL_API int keel_limiter_create(keel_limiter **out, const keel_limiter_opts *o)
     if (out)
         *out = NULL;
     if (!out || !o || o->algo > KEEL_LIMIT_GCRA || o->limit == 0 || o->limit > UINT32_MAX ||
-        o->window_ns == 0 || o->burst > UINT32_MAX || o->on_store_error > KEEL_LIMIT_FALL_BACK)
+        o->window_ns == 0 || o->window_ns > (UINT64_C(1) << 60) || o->burst > UINT32_MAX ||
+        o->on_store_error > KEEL_LIMIT_FALL_BACK || o->max_keys > (UINT64_C(1) << 32))
         return KEEL_EINVAL;
     const char *name = o->name ? o->name : "default";
     const char *prefix = o->prefix ? o->prefix : "keel:rl:";
     if (strlen(name) >= sizeof ((keel_limiter *)0)->name || !name_ok(name) || strchr(prefix, '{') ||
         strlen(prefix) > 256)
         return KEEL_EINVAL;
-    /* Redis counts microseconds in doubles: exact while limit x window
-     * stays under 2^53 */
-    if (o->redis && (o->window_ns < 1000000 || (double)o->limit * (double)(o->window_ns / 1000) >= 9e15))
+    /* Redis counts microseconds in doubles: exact while the window's
+     * comparisons (up to 3 x limit x window) stay under 2^53 */
+    if (o->redis && (o->window_ns < 1000000 ||
+                     3.0 * (double)o->limit * (double)(o->window_ns / 1000) >= 9e15))
         return KEEL_EINVAL;
     keel_limiter *l = keel__calloc(1, sizeof *l);
     if (!l)
@@ -120,11 +122,13 @@ static uint64_t clamp_cost(const keel_limiter *l, uint64_t cost)
 /* The answer when Redis failed (rc), as the policy says. */
 static int on_failure(keel_limiter *l, keel_limit_req *q, lop op)
 {
-    atomic_fetch_add_explicit(&l->store_errors, 1, memory_order_relaxed);
-    keel__log(KEEL_LOG_WARN, "limiter", "%s: store failed (%s): %s", l->name, keel_strerror(q->rc),
-              l->on_error == KEEL_LIMIT_FAIL_OPEN     ? "allowing"
-              : l->on_error == KEEL_LIMIT_FAIL_CLOSED ? "rejecting"
-                                                      : "deciding in process");
+    uint64_t n = atomic_fetch_add_explicit(&l->store_errors, 1, memory_order_relaxed) + 1;
+    if ((n & (n - 1)) == 0) /* the 1st, 2nd, 4th, 8th...: an outage does not flood the log */
+        keel__log(KEEL_LOG_WARN, "limiter", "%s: store failed (%s), %llu time(s): %s", l->name,
+                  keel_strerror(q->rc), (unsigned long long)n,
+                  l->on_error == KEEL_LIMIT_FAIL_OPEN     ? "allowing"
+                  : l->on_error == KEEL_LIMIT_FAIL_CLOSED ? "rejecting"
+                                                          : "deciding in process");
     keel_limit_result *r = &q->result;
     if (l->on_error == KEEL_LIMIT_FALL_BACK) {
         int rc = keel__lstore_decide(l->local, q->key, q->len, q->cost, op, r);
@@ -133,7 +137,12 @@ static int on_failure(keel_limiter *l, keel_limit_req *q, lop op)
     }
     memset(r, 0, sizeof *r);
     r->now_ns = keel__clock_now(&l->clock);
-    r->limit = l->cfg.algo == KEEL_LIMIT_GCRA ? l->cfg.burst : l->cfg.limit;
+    r->limit = l->cfg.burst; /* the limit, or GCRA's burst */
+    if (q->cost > r->limit && op != OP_REFUND) { /* never passes, whatever the policy */
+        r->source = l->on_error == KEEL_LIMIT_FAIL_OPEN ? KEEL_LIMIT_SRC_OPEN : KEEL_LIMIT_SRC_CLOSED;
+        r->retry_after_ns = UINT64_MAX;
+        return KEEL_ERANGE;
+    }
     if (l->on_error == KEEL_LIMIT_FAIL_OPEN) {
         r->allowed = 1;
         r->source = KEEL_LIMIT_SRC_OPEN;
@@ -150,26 +159,35 @@ static bool store_failure(int rc)
     return rc == KEEL_EUNAVAIL || rc == KEEL_ETIMEDOUT || rc == KEEL_EPROTO || rc == KEEL_ENOMEM;
 }
 
-/* Decides every request (already checked), locally or in one pipeline. */
+/* Decides every request (already checked), locally or in one pipeline.
+ * Costs are normalised in place for the stores and put back after. */
 static void decide(keel_limiter *l, keel_limit_req *reqs, size_t n, lop op)
 {
+    uint64_t one[1], *given = n == 1 ? one : keel__malloc(n * sizeof *given);
+    for (size_t i = 0; given && i < n; i++)
+        given[i] = reqs[i].cost;
     for (size_t i = 0; i < n; i++)
         reqs[i].cost = clamp_cost(l, reqs[i].cost);
     if (!l->remote) {
         for (size_t i = 0; i < n; i++)
             reqs[i].rc = keel__lstore_decide(l->local, reqs[i].key, reqs[i].len, reqs[i].cost, op,
                                              &reqs[i].result);
-        return;
+    } else {
+        keel__rstore_decide(l->remote, reqs, n, op);
+        for (size_t i = 0; i < n; i++) {
+            keel_limit_req *q = &reqs[i];
+            if (store_failure(q->rc))
+                q->rc = on_failure(l, q, op);
+            if (q->result.source != KEEL_LIMIT_SRC_FALLBACK && (q->rc == 0 || q->rc == KEEL_ERANGE) &&
+                op == OP_TAKE) /* the fallback store counts its own */
+                atomic_fetch_add_explicit(q->result.allowed ? &l->remote_allowed : &l->remote_rejected,
+                                          1, memory_order_relaxed);
+        }
     }
-    keel__rstore_decide(l->remote, reqs, n, op);
-    for (size_t i = 0; i < n; i++) {
-        keel_limit_req *q = &reqs[i];
-        if (store_failure(q->rc))
-            q->rc = on_failure(l, q, op);
-        else if ((q->rc == 0 || q->rc == KEEL_ERANGE) && op == OP_TAKE)
-            atomic_fetch_add_explicit(q->result.allowed ? &l->remote_allowed : &l->remote_rejected,
-                                      1, memory_order_relaxed);
-    }
+    for (size_t i = 0; given && i < n; i++)
+        reqs[i].cost = given[i];
+    if (given != one)
+        keel__free(given);
 }
 
 static int one(keel_limiter *l, const void *key, size_t len, uint64_t cost, lop op,

@@ -299,7 +299,9 @@ static int gcra(const lcfg *c, lslot *s, uint64_t now, uint64_t cost, lop op, ke
         s->b = (uint64_t)tat;
     }
     r->limit = c->burst;
-    r->remaining = div64(cap - (tat - nows), c->window);
+    /* the clock is read before the shard's lock: another thread may have
+     * stored a state from a little later than `now` */
+    r->remaining = tat - nows >= cap ? 0 : div64(cap - (tat - nows), c->window);
     r->reset_ns = div64_up(tat - nows, c->limit);
     return cost > c->burst && op != OP_REFUND ? KEEL_ERANGE : 0;
 }
@@ -454,7 +456,7 @@ int keel__lstore_create(lstore **out, const lcfg *cfg, size_t max_keys, const ke
         return KEEL_ENOMEM;
     }
     memset(st->shards, 0, n * sizeof *st->shards);
-    for (size_t i = 0; i < n; i++) {
+    for (size_t i = 0; i < n; i++) { /* max_keys <= 2^32 (checked): no overflow */
         size_t cap = max_keys / n + (i < max_keys % n);
         st->shards[i].cap = (uint32_t)(cap ? cap : 1);
     }

@@ -28,10 +28,16 @@
     "local now = tonumber(t[1]) * 1000000 + tonumber(t[2])\n"                                      \
     "local allowed, retry = 1, 0\n"
 
+/* Time is kept relative to the key's own start (field b, an exact integer)
+ * so the arrival time (field t) stays a small double with ample precision;
+ * absolute microseconds near 2^51 would be resolved only to 0.25 us. */
 static const char LUA_GCRA[] = LUA_HEAD
     "local T = w / limit\n"
     "local cap = burst * T\n"
-    "local tat = tonumber(redis.call('GET', KEYS[1]) or '0')\n"
+    "local s = redis.call('HMGET', KEYS[1], 'b', 't')\n"
+    "local base = tonumber(s[1]) or now\n"
+    "now = now - base\n"
+    "local tat = tonumber(s[2]) or 0\n"
     "if tat < now then tat = now end\n"
     "if op == 'refund' then\n"
     "  tat = math.max(tat - cost * T, now)\n"
@@ -46,13 +52,16 @@ static const char LUA_GCRA[] = LUA_HEAD
     "end\n"
     "if op ~= 'peek' and allowed == 1 then\n"
     "  if tat > now then\n"
-    "    redis.call('SET', KEYS[1], string.format('%.17g', tat), 'PX',"
-    " string.format('%.0f', math.ceil((tat - now) / 1000) + 1))\n"
+    "    redis.call('HSET', KEYS[1], 'b', string.format('%.0f', base), 't',"
+    " string.format('%.17g', tat))\n"
+    "    redis.call('PEXPIRE', KEYS[1], string.format('%.0f', math.ceil((tat - now) / 1000) + 1))\n"
     "  else\n"
     "    redis.call('DEL', KEYS[1])\n"
     "  end\n"
     "end\n"
-    "return {allowed, math.floor((cap - (tat - now)) / T + 1e-9), math.ceil(tat - now), retry, now}\n";
+    "local rem = 0\n"
+    "if tat - now < cap then rem = math.floor((cap - (tat - now)) / T + 1e-9) end\n"
+    "return {allowed, rem, math.ceil(tat - now), retry, now + base}\n";
 
 static const char LUA_WINDOW[] = LUA_HEAD
     "local k = math.floor(now / w)\n"
@@ -90,36 +99,58 @@ static const char LUA_WINDOW[] = LUA_HEAD
     "if c > 0 then reset = 2 * w - f elseif p > 0 then reset = w - f end\n"
     "return {allowed, rem, reset, retry, now}\n";
 
-/* One member per unit, named by a sequence (KEYS[2]) so that requests in
- * the same microsecond are all counted. */
+/* One member per admission, named "seq:cost" (the sequence in KEYS[2], so
+ * requests in the same microsecond all count); KEYS[2] also holds the sum
+ * of the units in the log, kept as entries expire. A take costs O(1) plus
+ * the entries that expired since the last call. */
 static const char LUA_LOG[] = LUA_HEAD
-    "redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.0f', now - w))\n"
-    "local n = redis.call('ZCARD', KEYS[1])\n"
+    "local edge = string.format('%.0f', now - w)\n"
+    "local old = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', edge)\n"
+    "if #old > 0 then\n"
+    "  local freed = 0\n"
+    "  for _, m in ipairs(old) do freed = freed + tonumber(string.match(m, ':(%d+)$')) end\n"
+    "  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', edge)\n"
+    "  redis.call('HINCRBY', KEYS[2], 'sum', -freed)\n"
+    "end\n"
+    "local n = tonumber(redis.call('HGET', KEYS[2], 'sum') or '0')\n"
     "if op == 'refund' then\n"
-    "  local k = math.min(cost, n)\n"
-    "  if k > 0 then redis.call('ZPOPMAX', KEYS[1], k) end\n"
-    "  n = n - k\n"
+    "  local left = math.min(cost, n)\n"
+    "  n = n - left\n"
+    "  while left > 0 do\n"
+    "    local e = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')\n"
+    "    local seq, c = string.match(e[1], '^(%d+):(%d+)$')\n"
+    "    c = tonumber(c)\n"
+    "    redis.call('ZREM', KEYS[1], e[1])\n"
+    "    if c > left then\n"
+    "      redis.call('ZADD', KEYS[1], e[2], seq .. ':' .. string.format('%.0f', c - left))\n"
+    "      c = left\n"
+    "    end\n"
+    "    left = left - c\n"
+    "  end\n"
+    "  redis.call('HSET', KEYS[2], 'sum', string.format('%.0f', n))\n"
     "elseif n + cost > limit then\n"
     "  allowed = 0\n"
     "  if cost > limit then retry = -1\n"
     "  else\n"
-    "    local e = redis.call('ZRANGE', KEYS[1], n + cost - limit - 1, n + cost - limit - 1,"
-    " 'WITHSCORES')\n"
-    "    retry = tonumber(e[2]) + w - now\n"
+    "    local need, freed, i = n + cost - limit, 0, 0\n"
+    "    while freed < need do\n"
+    "      local e = redis.call('ZRANGE', KEYS[1], i, i + 99, 'WITHSCORES')\n"
+    "      if #e == 0 then break end\n"
+    "      for k = 1, #e, 2 do\n"
+    "        freed = freed + tonumber(string.match(e[k], ':(%d+)$'))\n"
+    "        if freed >= need then retry = tonumber(e[k + 1]) + w - now break end\n"
+    "      end\n"
+    "      i = i + 100\n"
+    "    end\n"
     "  end\n"
     "elseif op == 'take' then\n"
-    "  local seq = redis.call('INCRBY', KEYS[2], cost)\n"
-    "  local sc, args = string.format('%.0f', now), {}\n"
-    "  for i = 1, cost do\n"
-    "    args[#args + 1] = sc\n"
-    "    args[#args + 1] = string.format('%.0f', seq - cost + i)\n"
-    "    if #args >= 2000 then redis.call('ZADD', KEYS[1], unpack(args)); args = {} end\n"
-    "  end\n"
-    "  if #args > 0 then redis.call('ZADD', KEYS[1], unpack(args)) end\n"
+    "  local seq = redis.call('HINCRBY', KEYS[2], 'seq', 1)\n"
+    "  redis.call('ZADD', KEYS[1], string.format('%.0f', now),"
+    " string.format('%.0f', seq) .. ':' .. string.format('%.0f', cost))\n"
+    "  n = redis.call('HINCRBY', KEYS[2], 'sum', cost)\n"
     "  local ttl = string.format('%.0f', math.ceil(w / 1000) + 1)\n"
     "  redis.call('PEXPIRE', KEYS[1], ttl)\n"
     "  redis.call('PEXPIRE', KEYS[2], ttl)\n"
-    "  n = n + cost\n"
     "end\n"
     "local reset = 0\n"
     "if n > 0 then\n"
@@ -213,20 +244,38 @@ static int parse(const rstore *s, const redisReply *rep, uint64_t cost, keel_lim
     return cost > r->limit && !r->allowed ? KEEL_ERANGE : 0;
 }
 
-static bool noscript(int rc, const redisReply *rep)
+static bool error_is(int rc, const redisReply *rep, const char *prefix)
 {
     return rc == KEEL_EBACKEND && rep && rep->type == REDIS_REPLY_ERROR &&
-           strncmp(rep->str, "NOSCRIPT", 8) == 0;
+           strncmp(rep->str, prefix, strlen(prefix)) == 0;
+}
+
+/* Error replies that say the server cannot serve now (busy with a script,
+ * loading its data, out of memory, a read-only replica...) are store
+ * failures for the policy; others (WRONGTYPE, a script error) are not. */
+static bool unavailable(int rc, const redisReply *rep)
+{
+    static const char *const codes[] = {"BUSY", "LOADING", "OOM", "READONLY", "MASTERDOWN",
+                                        "NOREPLICAS", "CLUSTERDOWN", "TRYAGAIN", NULL};
+    for (const char *const *c = codes; *c; c++)
+        if (error_is(rc, rep, *c))
+            return true;
+    return false;
 }
 
 void keel__rstore_decide(rstore *s, keel_limit_req *reqs, size_t n, lop op)
 {
     static const char *const ops[] = {"take", "peek", "refund"};
     enum { ARGS = 10 };
-    size_t keymax = s->plen + LIM_MAX_KEY + 8;
-    /* one allocation: commands, argument vectors, keys and costs */
-    size_t per = sizeof(keel_redis_cmd) + ARGS * (sizeof(char *) + sizeof(size_t)) + 2 * keymax + 24;
-    char *mem = keel__malloc(n * per);
+    /* one allocation: commands, argument vectors, then each request's two
+     * keys and its cost as text, sized by its key */
+    size_t fixed = sizeof(keel_redis_cmd) + ARGS * (sizeof(char *) + sizeof(size_t)), text_len = 0;
+    for (size_t i = 0; i < n; i++)
+        text_len += 2 * (s->plen + reqs[i].len + 8) + 24; /* keys are <= 4096 bytes: no overflow */
+    size_t total;
+    char *mem = keel__mul_ok(n, fixed, &total) && total <= SIZE_MAX - text_len
+                    ? keel__malloc(total + text_len)
+                    : NULL;
     if (!mem) {
         for (size_t i = 0; i < n; i++)
             reqs[i].rc = KEEL_ENOMEM;
@@ -240,7 +289,8 @@ void keel__rstore_decide(rstore *s, keel_limit_req *reqs, size_t n, lop op)
         keel_limit_req *q = &reqs[i];
         const char **a = argv + i * ARGS;
         size_t *l = lens + i * ARGS;
-        char *k1 = text + i * (2 * keymax + 24), *k2 = k1 + keymax, *cost = k2 + keymax;
+        char *k1 = text, *k2 = k1 + s->plen + q->len + 8, *cost = k2 + s->plen + q->len + 8;
+        text = cost + 24;
         int c = 0;
         a[c] = "EVALSHA", l[c++] = 7;
         a[c] = keel_redis_script_sha(s->script), l[c++] = 40;
@@ -260,7 +310,7 @@ void keel__rstore_decide(rstore *s, keel_limit_req *reqs, size_t n, lop op)
         keel_limit_req *q = &reqs[i];
         redisReply *rep = cmds[i].reply;
         int rc = cmds[i].rc;
-        if (noscript(rc, rep)) { /* a restarted server: load it again, once */
+        if (error_is(rc, rep, "NOSCRIPT")) { /* a restarted server: load it again, once */
             freeReplyObject(rep);
             const char **a = argv + i * ARGS;
             size_t *l = lens + i * ARGS;
@@ -270,9 +320,16 @@ void keel__rstore_decide(rstore *s, keel_limit_req *reqs, size_t n, lop op)
             rc = keel_redis_eval(s->r, s->script, (size_t)k, keys, keylens, 5,
                                  (const char *const *)a + 3 + k, l + 3 + k, NULL, 0, &rep);
         }
+        if (unavailable(rc, rep))
+            rc = KEEL_EUNAVAIL;
         q->rc = rc ? rc : parse(s, rep, q->cost, &q->result);
-        if (rc == KEEL_EBACKEND && rep && rep->type == REDIS_REPLY_ERROR)
-            keel__log(KEEL_LOG_ERROR, "limiter", "redis refused the script: %s", rep->str);
+        if (q->rc == KEEL_EBACKEND) { /* refused: a rejection, and the text logged */
+            keel__log(KEEL_LOG_ERROR, "limiter", "redis refused the script: %s",
+                      rep && rep->type == REDIS_REPLY_ERROR ? rep->str : "?");
+            memset(&q->result, 0, sizeof q->result);
+            q->result.source = KEEL_LIMIT_SRC_REDIS;
+            q->result.limit = s->cfg.algo == KEEL_LIMIT_GCRA ? s->cfg.burst : s->cfg.limit;
+        }
         if (rep)
             freeReplyObject(rep);
     }
