@@ -15,5 +15,6 @@
 #include <keel/redis.h>
 #include <keel/pg.h>
 #include <keel/limiter.h>
+#include <keel/batch.h>
 
 #endif /* KEEL_H */

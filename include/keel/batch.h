@@ -1,0 +1,141 @@
+/* keel/batch.h — a batch processor: items added by any number of threads
+ * are handed to a handler in batches, flushed by count, bytes or linger;
+ * a bounded queue with a policy when full; retries with backoff; a
+ * dead-letter callback; and a close that loses nothing.
+ *
+ * The promise: every accepted item is accounted for. Once closed,
+ *   accepted = handled + dead_lettered + dropped
+ * exactly, and no item reaches the handler's success path twice.
+ *
+ * Flow. keel_batch_add() puts an item (an opaque pointer and its size in
+ * bytes) into a lock-free bounded ring: producers claim a slot with one
+ * compare-and-swap and allocate nothing. One batcher thread takes items in
+ * order and closes a batch when it holds max_items, or max_bytes, or when
+ * its oldest item has waited linger_ns (measured from its add), or when a
+ * flush or close asks. With workers = 1 the batcher runs the handler
+ * itself, so batches are handled one at a time in the order items were
+ * accepted. With workers > 1, batches go to that many threads: items
+ * within a batch keep their order, batches may be handled out of order,
+ * and a batch being retried holds up only its own thread.
+ *
+ * Failures. The handler returns 0 for success. It may mark single items
+ * failed with keel_batch_fail(); then only those are retried (and the
+ * others count as handled). Without marks, a nonzero return fails the
+ * whole batch. Failed items are retried after exponential backoff with
+ * full jitter (keel_backoff), up to max_retries times, then handed to
+ * dead_letter with the handler's last nonzero return (KEEL_EBACKEND when
+ * it only marked items). With workers = 1 a retry holds up the batches
+ * behind it: that is what keeps the order.
+ *
+ * Full queue (capacity items): KEEL_BATCH_BLOCK waits for room (at most
+ * block_timeout_ns, then KEEL_ETIMEDOUT; 0 waits for ever);
+ * KEEL_BATCH_REJECT returns KEEL_EFULL at once; KEEL_BATCH_DROP_OLDEST
+ * takes the oldest queued item out, hands it to dead_letter (err
+ * KEEL_EFULL, in the adding thread) and counts it as dropped. A rejected
+ * or timed-out item is not accepted: the caller still owns it.
+ *
+ * Time. linger and backoff read the clock option; with one given (a test's
+ * fake clock) the threads look at it at least every millisecond.
+ *
+ * Thread safety: add, flush and stats may be called from any thread,
+ * including from the handler (an add from a handler never blocks: with a
+ * full queue it behaves as KEEL_BATCH_REJECT, since the batcher it would
+ * wait for is the caller; flush and close from a handler give
+ * KEEL_ESTATE). Callbacks run in the batch's threads, one batch at a time
+ * per thread.
+ */
+#ifndef KEEL_BATCH_H
+#define KEEL_BATCH_H
+
+#include <keel/common.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct keel_batch keel_batch;
+typedef struct keel_batch_ctx keel_batch_ctx;
+
+/* Handles n >= 1 items; returns 0 for success. Called from a batch thread. */
+typedef int (*keel_batch_handler)(void *const *items, size_t n, keel_batch_ctx *ctx, void *ud);
+
+/* Receives items that will not be handled: retries spent (err: the
+ * handler's last return) or dropped from a full queue (err KEEL_EFULL).
+ * The items are the callback's to free. */
+typedef void (*keel_batch_dead_letter)(void *const *items, size_t n, int err, void *ud);
+
+typedef enum keel_batch_full {
+    KEEL_BATCH_BLOCK = 0,
+    KEEL_BATCH_REJECT = 1,
+    KEEL_BATCH_DROP_OLDEST = 2
+} keel_batch_full;
+
+typedef struct keel_batch_opts {
+    keel_batch_handler handler;   /* required */
+    keel_batch_dead_letter dead_letter; /* NULL: such items are logged, counted, and dropped */
+    void *ud;                     /* for both callbacks */
+    size_t max_items;             /* per batch; 0 = 100 */
+    size_t max_bytes;             /* per batch; 0 = no limit (a bigger item goes alone) */
+    uint64_t linger_ns;           /* 0 = 5 ms */
+    size_t capacity;              /* queued items; rounded up to a power of two; 0 = 65536 */
+    keel_batch_full on_full;
+    uint64_t block_timeout_ns;    /* KEEL_BATCH_BLOCK: 0 = no limit */
+    size_t workers;               /* handler threads; 0 = 1 (order kept) */
+    uint32_t max_retries;         /* retries after the first attempt; 0 = none */
+    uint64_t retry_base_ns;       /* 0 = 100 ms */
+    uint64_t retry_max_ns;        /* 0 = 10 s */
+    keel_clock_fn clock;          /* NULL = keel_now_ns */
+    void *clock_ud;
+    keel_rand_fn rand;            /* backoff jitter; NULL = keel_rand_u64 */
+    void *rand_ud;
+    keel_metrics *metrics;        /* keel_batch_* series; may be NULL */
+    const char *metrics_name;
+} keel_batch_opts;
+
+/* Starts the batcher (and worker) threads. Returns 0, KEEL_EINVAL (no
+ * handler, an unknown policy, more than 1024 workers or max_items over
+ * capacity) or KEEL_ENOMEM. */
+KEEL_API int keel_batch_create(keel_batch **out, const keel_batch_opts *opts);
+
+/* Accepts an item: 0; KEEL_EFULL, KEEL_ETIMEDOUT (full queue, by policy);
+ * KEEL_ECLOSED after close; KEEL_EINVAL for NULL b or item. */
+KEEL_API int keel_batch_add(keel_batch *b, void *item, size_t bytes);
+
+/* Returns once every item accepted before the call has been handled,
+ * dead-lettered or dropped (batches are closed at once, whatever their
+ * linger). 0, or KEEL_ESTATE from a handler, KEEL_EINVAL for NULL. */
+KEEL_API int keel_batch_flush(keel_batch *b);
+
+/* Refuses new items, flushes everything (retries included), stops the
+ * threads. Returns 0, KEEL_ESTATE from a handler, KEEL_EINVAL for NULL;
+ * closing twice is fine. */
+KEEL_API int keel_batch_close(keel_batch *b);
+
+/* Closes if needed and frees. NULL is a no-op. */
+KEEL_API void keel_batch_destroy(keel_batch *b);
+
+/* From the handler: item `index` (of this call's items) failed and is to
+ * be retried; the others of the batch succeeded. Returns 0 or KEEL_EINVAL
+ * for an index out of range. */
+KEEL_API int keel_batch_fail(keel_batch_ctx *ctx, size_t index);
+
+/* From the handler: 0 on the first attempt at these items, then 1, 2... */
+KEEL_API uint32_t keel_batch_attempt(const keel_batch_ctx *ctx);
+
+/* Distributions as log2 buckets: bucket i counts values v with
+ * 2^(i-1) < v <= 2^i (bucket 0: v <= 1). */
+#define KEEL_BATCH_BUCKETS 48
+
+typedef struct keel_batch_stats {
+    uint64_t accepted, handled, retried, dead_lettered, dropped, batches;
+    uint64_t queued;      /* in the queue now */
+    uint64_t size[KEEL_BATCH_BUCKETS]; /* items per batch (first attempts) */
+    uint64_t wait[KEEL_BATCH_BUCKETS]; /* ns a batch's oldest item waited for the handler */
+} keel_batch_stats;
+
+KEEL_API void keel_batch_stats_get(keel_batch *b, keel_batch_stats *st);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KEEL_BATCH_H */

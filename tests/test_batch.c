@@ -1,0 +1,622 @@
+/* tests/test_batch.c — keel_batch: flushing by count, bytes and linger
+ * under the fake clock; flush and close with concurrent producers; each
+ * full-queue policy; partial failure, backoff, dead letters; the
+ * accounting invariant over two million items with random failures;
+ * re-entrant adds; bad input; and rows into a real PostgreSQL that is
+ * stopped mid-run. */
+#define _GNU_SOURCE
+#include <libpq-fe.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <keel/backoff.h>
+#include <keel/batch.h>
+#include <keel/pg.h>
+
+#include "harness.h"
+
+#define MS KT_MS
+#define S KT_S
+#define ID(p) ((size_t)(uintptr_t)(p))
+#define ITEM(i) ((void *)(uintptr_t)(i))
+
+static kt_clock clk;
+
+/* What the handlers saw, for the tests to wait on. */
+typedef struct seen {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    size_t batches, items, dead, attempts;
+    size_t sizes[64];
+    uint64_t attempt_at[16];
+    int dead_err;
+    int fail_mode;          /* 0 none, 1 odd ids on the first attempt, 2 always */
+    int block;              /* the handler waits while this is set */
+    keel_batch *self;       /* for re-entrant adds */
+} seen;
+
+static void seen_init(seen *s)
+{
+    memset(s, 0, sizeof *s);
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->cv, NULL);
+}
+
+/* Waits (10 s at most, real time: the handler runs in another thread)
+ * until *field reaches want. */
+static void wait_for(seen *s, size_t *field, size_t want)
+{
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += 10;
+    pthread_mutex_lock(&s->mu);
+    while (*field < want && pthread_cond_timedwait(&s->cv, &s->mu, &until) == 0)
+        ;
+    size_t got = *field;
+    pthread_mutex_unlock(&s->mu);
+    ck_assert_msg(got >= want, "waited for %zu, have %zu", want, got);
+}
+
+/* Gives the batch threads a moment, to check that something did NOT
+ * happen: a slow machine can only make such a check pass, not fail. */
+static void settle(void)
+{
+    nanosleep(&(struct timespec){0, 30 * MS}, NULL);
+}
+
+/* Waits until the batch has counted `n` retries: its backoff has begun. */
+static void wait_retried(keel_batch *b, uint64_t n)
+{
+    keel_batch_stats st;
+    for (int i = 0; i < 10000; i++) {
+        keel_batch_stats_get(b, &st);
+        if (st.retried >= n)
+            return;
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    }
+    ck_abort_msg("no retry came");
+}
+
+static size_t get(seen *s, size_t *field)
+{
+    pthread_mutex_lock(&s->mu);
+    size_t v = *field;
+    pthread_mutex_unlock(&s->mu);
+    return v;
+}
+
+static int handler(void *const *items, size_t n, keel_batch_ctx *ctx, void *ud)
+{
+    seen *s = ud;
+    pthread_mutex_lock(&s->mu);
+    while (s->block)
+        pthread_cond_wait(&s->cv, &s->mu);
+    uint32_t attempt = keel_batch_attempt(ctx);
+    if (s->attempts < 16)
+        s->attempt_at[s->attempts] = kt_clock_now(&clk);
+    s->attempts++;
+    int rc = s->fail_mode == 2 ? KEEL_EBACKEND : 0;
+    size_t failed = 0;
+    for (size_t i = 0; rc == 0 && i < n; i++)
+        if (s->fail_mode == 1 && attempt == 0 && ID(items[i]) % 2) {
+            keel_batch_fail(ctx, i);
+            failed++;
+        }
+    if (rc == 0) {
+        s->batches++;
+        s->sizes[s->batches < 64 ? s->batches - 1 : 63] = n;
+        s->items += n - failed;
+    }
+    pthread_cond_broadcast(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+    return rc;
+}
+
+static void dead_letter(void *const *items, size_t n, int err, void *ud)
+{
+    (void)items;
+    seen *s = ud;
+    pthread_mutex_lock(&s->mu);
+    s->dead += n;
+    s->dead_err = err;
+    pthread_cond_broadcast(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+}
+
+static keel_batch *make(seen *s, keel_batch_opts o)
+{
+    o.handler = handler;
+    o.dead_letter = dead_letter;
+    o.ud = s;
+    o.clock = kt_clock_now;
+    o.clock_ud = &clk;
+    keel_batch *b;
+    ck_assert_int_eq(keel_batch_create(&b, &o), 0);
+    return b;
+}
+
+static void check_invariant(keel_batch *b)
+{
+    keel_batch_stats st;
+    keel_batch_stats_get(b, &st);
+    ck_assert_uint_eq(st.accepted, st.handled + st.dead_lettered + st.dropped);
+    ck_assert_uint_eq(st.queued, 0);
+}
+
+START_TEST(a_batch_closes_at_max_items)
+{
+    seen s;
+    seen_init(&s);
+    keel_batch *b = make(&s, (keel_batch_opts){.max_items = 10, .linger_ns = 3600 * S});
+    for (int i = 1; i <= 25; i++)
+        ck_assert_int_eq(keel_batch_add(b, ITEM(i), 1), 0);
+    wait_for(&s, &s.batches, 2);
+    settle();
+    ck_assert_uint_eq(get(&s, &s.batches), 2); /* the last 5 linger */
+    ck_assert_uint_eq(s.sizes[0], 10);
+    ck_assert_uint_eq(s.sizes[1], 10);
+    kt_clock_advance(&clk, 3600 * S);
+    wait_for(&s, &s.batches, 3);
+    ck_assert_uint_eq(s.sizes[2], 5);
+    keel_batch_close(b);
+    check_invariant(b);
+    keel_batch_destroy(b);
+}
+END_TEST
+
+START_TEST(a_batch_closes_at_max_bytes)
+{
+    seen s;
+    seen_init(&s);
+    keel_batch *b = make(&s, (keel_batch_opts){.max_items = 100, .max_bytes = 100,
+                                               .linger_ns = 3600 * S});
+    for (int i = 1; i <= 7; i++) /* 30 bytes each: three fit, the fourth would not */
+        ck_assert_int_eq(keel_batch_add(b, ITEM(i), 30), 0);
+    ck_assert_int_eq(keel_batch_add(b, ITEM(8), 150), 0); /* too big for any batch: alone */
+    ck_assert_int_eq(keel_batch_add(b, ITEM(9), 10), 0);
+    wait_for(&s, &s.batches, 3);
+    ck_assert_uint_eq(s.sizes[0], 3);
+    ck_assert_uint_eq(s.sizes[1], 3);
+    ck_assert_uint_eq(s.sizes[2], 1);
+    ck_assert_int_eq(keel_batch_flush(b), 0);
+    ck_assert_uint_eq(s.sizes[3], 1); /* the 150-byte item, alone */
+    ck_assert_uint_eq(s.sizes[4], 1);
+    keel_batch_destroy(b);
+}
+END_TEST
+
+START_TEST(a_batch_closes_when_its_oldest_item_has_lingered)
+{
+    seen s;
+    seen_init(&s);
+    keel_batch *b = make(&s, (keel_batch_opts){.max_items = 100, .linger_ns = 5 * S});
+    ck_assert_int_eq(keel_batch_add(b, ITEM(1), 1), 0);
+    kt_clock_advance(&clk, 3 * S);
+    ck_assert_int_eq(keel_batch_add(b, ITEM(2), 1), 0); /* the linger counts from item 1 */
+    kt_clock_advance(&clk, 2 * S - 1);
+    settle();
+    ck_assert_uint_eq(get(&s, &s.batches), 0);
+    kt_clock_advance(&clk, 1);
+    wait_for(&s, &s.batches, 1);
+    ck_assert_uint_eq(s.sizes[0], 2);
+    keel_batch_stats st;
+    keel_batch_stats_get(b, &st);
+    ck_assert_uint_eq(st.wait[33], 1); /* 5 s: 2^32 < 5e9 <= 2^33 */
+    keel_batch_destroy(b);
+}
+END_TEST
+
+typedef struct producer {
+    keel_batch *b;
+    size_t from, n;
+    _Atomic size_t *accepted;
+} producer;
+
+static void *produce(void *arg)
+{
+    producer *p = arg;
+    for (size_t i = 0; i < p->n; i++)
+        if (keel_batch_add(p->b, ITEM(p->from + i), 1) == 0)
+            atomic_fetch_add(p->accepted, 1);
+    return NULL;
+}
+
+START_TEST(flush_and_close_wait_for_everything_accepted_before)
+{
+    seen s;
+    seen_init(&s);
+    keel_batch *b = make(&s, (keel_batch_opts){.max_items = 64, .linger_ns = 3600 * S,
+                                               .workers = 3});
+    _Atomic size_t accepted = 0;
+    producer p[2] = {{b, 1, 200000, &accepted}, {b, 1000001, 200000, &accepted}};
+    pthread_t t[2];
+    for (int i = 0; i < 2; i++)
+        pthread_create(&t[i], NULL, produce, &p[i]);
+    for (int k = 0; k < 20; k++) { /* flushes while they add */
+        size_t before = atomic_load(&accepted);
+        ck_assert_int_eq(keel_batch_flush(b), 0);
+        ck_assert_uint_ge(get(&s, &s.items), before);
+    }
+    for (int i = 0; i < 2; i++)
+        pthread_join(t[i], NULL);
+    ck_assert_int_eq(keel_batch_close(b), 0);
+    ck_assert_uint_eq(get(&s, &s.items), 400000);
+    ck_assert_int_eq(keel_batch_add(b, ITEM(1), 1), KEEL_ECLOSED);
+    ck_assert_int_eq(keel_batch_close(b), 0); /* twice is fine */
+    check_invariant(b);
+    keel_batch_destroy(b);
+}
+END_TEST
+
+START_TEST(each_full_queue_policy)
+{
+    for (int policy = 0; policy < 3; policy++) {
+        seen s;
+        seen_init(&s);
+        s.block = 1; /* the handler holds item 1; the queue holds 8 */
+        keel_batch *b = make(&s, (keel_batch_opts){.max_items = 1, .capacity = 8,
+                                                   .on_full = (keel_batch_full)policy,
+                                                   .block_timeout_ns = 50 * MS});
+        ck_assert_int_eq(keel_batch_add(b, ITEM(1), 1), 0);
+        for (int spin = 0; get(&s, &s.attempts) == 0 && spin < 1000; spin++)
+            nanosleep(&(struct timespec){0, 1000000}, NULL); /* until item 1 is taken */
+        for (int i = 2; i <= 9; i++)
+            ck_assert_int_eq(keel_batch_add(b, ITEM(i), 1), 0);
+        int rc = keel_batch_add(b, ITEM(10), 1);
+        keel_batch_stats st;
+        keel_batch_stats_get(b, &st);
+        if (policy == KEEL_BATCH_BLOCK) {
+            ck_assert_int_eq(rc, KEEL_ETIMEDOUT);
+            ck_assert_uint_eq(st.accepted, 9);
+        } else if (policy == KEEL_BATCH_REJECT) {
+            ck_assert_int_eq(rc, KEEL_EFULL);
+            ck_assert_uint_eq(st.accepted, 9);
+        } else {
+            ck_assert_int_eq(rc, 0); /* item 2, the oldest queued, made room */
+            ck_assert_uint_eq(st.accepted, 10);
+            ck_assert_uint_eq(st.dropped, 1);
+            ck_assert_uint_eq(get(&s, &s.dead), 1);
+            ck_assert_int_eq(s.dead_err, KEEL_EFULL);
+        }
+        pthread_mutex_lock(&s.mu);
+        s.block = 0;
+        pthread_cond_broadcast(&s.cv);
+        pthread_mutex_unlock(&s.mu);
+        ck_assert_int_eq(keel_batch_close(b), 0);
+        ck_assert_uint_eq(get(&s, &s.items), policy == KEEL_BATCH_DROP_OLDEST ? 9 : 9);
+        check_invariant(b);
+        keel_batch_destroy(b);
+    }
+}
+END_TEST
+
+START_TEST(only_the_items_marked_failed_are_retried)
+{
+    seen s;
+    seen_init(&s);
+    s.fail_mode = 1;
+    keel_batch *b = make(&s, (keel_batch_opts){.max_items = 10, .linger_ns = 3600 * S,
+                                               .max_retries = 1, .retry_base_ns = 1 * MS});
+    for (int i = 1; i <= 10; i++)
+        keel_batch_add(b, ITEM(i), 1);
+    wait_retried(b, 5);
+    kt_clock_advance(&clk, 1 * MS);
+    wait_for(&s, &s.attempts, 2);
+    ck_assert_uint_eq(s.sizes[0], 10);
+    ck_assert_uint_eq(s.sizes[1], 5); /* the odd ones, once more */
+    keel_batch_close(b);
+    keel_batch_stats st;
+    keel_batch_stats_get(b, &st);
+    ck_assert_uint_eq(st.handled, 10);
+    ck_assert_uint_eq(st.retried, 5);
+    ck_assert_uint_eq(st.dead_lettered, 0);
+    keel_batch_destroy(b);
+}
+END_TEST
+
+static uint64_t top_rand(void *ud)
+{
+    (void)ud;
+    return UINT64_MAX; /* full jitter at its top: the delays are the caps */
+}
+
+START_TEST(retries_follow_the_backoff_then_the_dead_letter)
+{
+    seen s;
+    seen_init(&s);
+    s.fail_mode = 2;
+    keel_batch *b = make(&s, (keel_batch_opts){.max_items = 4, .linger_ns = 1 * MS,
+                                               .max_retries = 3, .retry_base_ns = 100 * MS,
+                                               .retry_max_ns = 1 * S, .rand = top_rand});
+    for (int i = 1; i <= 4; i++)
+        keel_batch_add(b, ITEM(i), 1);
+    wait_for(&s, &s.attempts, 1);
+    keel_backoff_opts bo = {KEEL_BACKOFF_FULL_JITTER, 100 * MS, 1 * S, top_rand, NULL};
+    for (uint32_t k = 0; k < 3; k++) {
+        uint64_t delay = keel_backoff_delay(&bo, k, 0);
+        wait_retried(b, 4 * (k + 1));
+        kt_clock_advance(&clk, delay - 1);
+        settle();
+        ck_assert_uint_eq(get(&s, &s.attempts), k + 1); /* not yet */
+        kt_clock_advance(&clk, 1);
+        wait_for(&s, &s.attempts, k + 2);
+        ck_assert_uint_ge(s.attempt_at[k + 1] - s.attempt_at[k], delay);
+    }
+    wait_for(&s, &s.dead, 4);
+    ck_assert_int_eq(s.dead_err, KEEL_EBACKEND);
+    keel_batch_close(b);
+    keel_batch_stats st;
+    keel_batch_stats_get(b, &st);
+    ck_assert_uint_eq(st.handled, 0);
+    ck_assert_uint_eq(st.retried, 12);
+    ck_assert_uint_eq(st.dead_lettered, 4);
+    check_invariant(b);
+    keel_batch_destroy(b);
+}
+END_TEST
+
+/* ---- two million items, random failures ---- */
+
+enum { PER = 1000000 };
+static _Atomic unsigned char fate[2 * PER + 1]; /* 0 pending, 1 handled, 2 dead */
+static _Atomic size_t doubles;
+
+static uint64_t rng_state = 88172645463325252ull;
+static uint64_t xorshift(void)
+{
+    uint64_t x = __atomic_load_n(&rng_state, __ATOMIC_RELAXED);
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    __atomic_store_n(&rng_state, x, __ATOMIC_RELAXED);
+    return x;
+}
+
+/* Fails a whole batch now and then, else marks about one item in a
+ * hundred; every item it lets succeed must be new to the success path. */
+static int flaky_tracked(void *const *items, size_t n, keel_batch_ctx *ctx, void *ud)
+{
+    (void)ud;
+    if (xorshift() % 50 == 0)
+        return KEEL_EBACKEND;
+    unsigned char mark[512] = {0};
+    for (size_t i = 0; i < n && i < sizeof mark; i++)
+        if (xorshift() % 100 == 0) {
+            keel_batch_fail(ctx, i);
+            mark[i] = 1;
+        }
+    for (size_t i = 0; i < n; i++) {
+        if (mark[i])
+            continue;
+        unsigned char expect = 0;
+        if (!atomic_compare_exchange_strong(&fate[ID(items[i])], &expect, 1))
+            atomic_fetch_add(&doubles, 1);
+    }
+    return 0;
+}
+
+static void dead_tracked(void *const *items, size_t n, int err, void *ud)
+{
+    (void)err, (void)ud;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char expect = 0;
+        if (!atomic_compare_exchange_strong(&fate[ID(items[i])], &expect, 2))
+            atomic_fetch_add(&doubles, 1);
+    }
+}
+
+static void two_million(size_t workers)
+{
+    memset(fate, 0, sizeof fate);
+    atomic_store(&doubles, 0);
+    keel_batch *b;
+    keel_batch_opts o = {.handler = flaky_tracked, .dead_letter = dead_tracked, .max_items = 256,
+                         .linger_ns = 100000, .capacity = 4096, .workers = workers,
+                         .max_retries = 2, .retry_base_ns = 1000, .retry_max_ns = 10000};
+    ck_assert_int_eq(keel_batch_create(&b, &o), 0);
+    _Atomic size_t accepted = 0;
+    producer p[2] = {{b, 1, PER, &accepted}, {b, PER + 1, PER, &accepted}};
+    pthread_t t[2];
+    for (int i = 0; i < 2; i++)
+        pthread_create(&t[i], NULL, produce, &p[i]);
+    for (int i = 0; i < 2; i++)
+        pthread_join(t[i], NULL);
+    ck_assert_int_eq(keel_batch_close(b), 0);
+    keel_batch_stats st;
+    keel_batch_stats_get(b, &st);
+    ck_assert_uint_eq(st.accepted, 2 * PER);
+    ck_assert_uint_eq(st.accepted, st.handled + st.dead_lettered + st.dropped);
+    ck_assert_uint_eq(atomic_load(&doubles), 0);
+    size_t handled = 0, dead = 0;
+    for (size_t i = 1; i <= 2 * PER; i++) {
+        handled += fate[i] == 1;
+        dead += fate[i] == 2;
+    }
+    ck_assert_uint_eq(handled, st.handled);
+    ck_assert_uint_eq(dead, st.dead_lettered);
+    ck_assert_uint_eq(handled + dead, 2 * PER); /* every item, exactly once */
+    ck_assert_uint_gt(st.retried, 0);
+    ck_assert_uint_gt(dead, 0);
+    keel_batch_destroy(b);
+}
+
+START_TEST(two_million_items_all_accounted_for_one_worker)
+{
+    two_million(1);
+}
+END_TEST
+
+START_TEST(two_million_items_all_accounted_for_three_workers)
+{
+    two_million(3);
+}
+END_TEST
+
+/* ---- re-entrancy, bad input ---- */
+
+static int reentrant(void *const *items, size_t n, keel_batch_ctx *ctx, void *ud)
+{
+    (void)ctx;
+    seen *s = ud;
+    for (size_t i = 0; i < n; i++)
+        if (ID(items[i]) < 100) /* each first-generation item adds a follow-up */
+            ck_assert_int_eq(keel_batch_add(s->self, ITEM(ID(items[i]) + 100), 1), 0);
+    ck_assert_int_eq(keel_batch_flush(s->self), KEEL_ESTATE);
+    ck_assert_int_eq(keel_batch_close(s->self), KEEL_ESTATE);
+    pthread_mutex_lock(&s->mu);
+    s->items += n;
+    pthread_cond_broadcast(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+    return 0;
+}
+
+START_TEST(a_handler_may_add_items)
+{
+    seen s;
+    seen_init(&s);
+    keel_batch_opts o = {.handler = reentrant, .ud = &s, .max_items = 7, .linger_ns = 1,
+                         .capacity = 16};
+    ck_assert_int_eq(keel_batch_create(&s.self, &o), 0);
+    for (int i = 1; i <= 10; i++)
+        ck_assert_int_eq(keel_batch_add(s.self, ITEM(i), 1), 0);
+    wait_for(&s, &s.items, 20);
+    ck_assert_int_eq(keel_batch_close(s.self), 0);
+    ck_assert_uint_eq(s.items, 20);
+    check_invariant(s.self);
+    keel_batch_destroy(s.self);
+}
+END_TEST
+
+START_TEST(bad_input_is_refused)
+{
+    keel_batch *b;
+    ck_assert_int_eq(keel_batch_create(&b, NULL), KEEL_EINVAL);
+    ck_assert_int_eq(keel_batch_create(&b, &(keel_batch_opts){0}), KEEL_EINVAL);
+    ck_assert_int_eq(keel_batch_create(&b, &(keel_batch_opts){.handler = handler, .on_full = 9}),
+                     KEEL_EINVAL);
+    ck_assert_int_eq(keel_batch_create(&b, &(keel_batch_opts){.handler = handler, .workers = 5000}),
+                     KEEL_EINVAL);
+    ck_assert_int_eq(keel_batch_create(&b, &(keel_batch_opts){.handler = handler, .max_items = 100,
+                                                               .capacity = 16}),
+                     KEEL_EINVAL);
+    seen s;
+    seen_init(&s);
+    b = make(&s, (keel_batch_opts){0});
+    ck_assert_int_eq(keel_batch_add(b, NULL, 1), KEEL_EINVAL);
+    ck_assert_int_eq(keel_batch_add(NULL, ITEM(1), 1), KEEL_EINVAL);
+    ck_assert_int_eq(keel_batch_fail(NULL, 0), KEEL_EINVAL);
+    ck_assert_int_eq(keel_batch_flush(NULL), KEEL_EINVAL);
+    keel_batch_destroy(b); /* without close: it closes */
+    keel_batch_destroy(NULL);
+}
+END_TEST
+
+/* ---- rows into PostgreSQL ---- */
+
+typedef struct rows {
+    keel_pg *pg;
+    keel_pg_stmt *ins;
+} rows;
+
+static int insert_rows(void *const *items, size_t n, keel_batch_ctx *ctx, void *ud)
+{
+    (void)ctx;
+    rows *r = ud;
+    keel_pg_query q[256];
+    char ids[256][24];
+    const char *vals[256][1];
+    for (size_t i = 0; i < n; i++) {
+        snprintf(ids[i], sizeof ids[i], "%zu", ID(items[i]));
+        vals[i][0] = ids[i];
+        q[i] = (keel_pg_query){.stmt = r->ins, .params = {.n = 1, .values = vals[i]}};
+    }
+    int rc = keel_pg_batch(r->pg, q, n);
+    for (size_t i = 0; i < n; i++)
+        PQclear(q[i].res);
+    return rc;
+}
+
+START_TEST(rows_reach_postgresql_through_a_restart)
+{
+    keel_pg *pg;
+    keel_pg_opts po = {.primary = kt_env("KEEL_TEST_PG"), .manual_health = 1,
+                       .connect_timeout_ns = 1 * S, .query_timeout_ns = 5 * S,
+                       .health_interval_ns = 100 * MS};
+    ck_assert_int_eq(keel_pg_create(&pg, &po), 0);
+    PGresult *res;
+    ck_assert_int_eq(keel_pg_exec(pg, KEEL_PG_WRITE,
+                                  "CREATE TABLE IF NOT EXISTS kt_batch_rows (id bigint PRIMARY KEY)",
+                                  NULL, &res), 0);
+    PQclear(res);
+    ck_assert_int_eq(keel_pg_exec(pg, KEEL_PG_WRITE, "TRUNCATE kt_batch_rows", NULL, &res), 0);
+    PQclear(res);
+    rows r = {pg, NULL};
+    /* at-least-once delivery: a batch whose connection died may have been
+     * committed; the insert is idempotent so a retry does no harm */
+    ck_assert_int_eq(keel_pg_stmt_create(pg, "INSERT INTO kt_batch_rows VALUES ($1) "
+                                             "ON CONFLICT (id) DO NOTHING", 0, NULL, &r.ins), 0);
+    keel_batch *b;
+    keel_batch_opts o = {.handler = insert_rows, .ud = &r, .max_items = 200, .linger_ns = 2 * MS,
+                         .max_retries = 100, .retry_base_ns = 20 * MS, .retry_max_ns = 200 * MS};
+    ck_assert_int_eq(keel_batch_create(&b, &o), 0);
+    size_t n = 0;
+    for (; n < 3000; n++)
+        ck_assert_int_eq(keel_batch_add(b, ITEM(n + 1), 8), 0);
+    ck_assert_int_eq(keel_batch_flush(b), 0);
+    kt_server("stop-one", "pg-primary");
+    for (; n < 6000; n++) /* accepted while the server is down */
+        ck_assert_int_eq(keel_batch_add(b, ITEM(n + 1), 8), 0);
+    kt_server("start-one", "pg-primary");
+    for (; n < 9000; n++)
+        ck_assert_int_eq(keel_batch_add(b, ITEM(n + 1), 8), 0);
+    ck_assert_int_eq(keel_batch_close(b), 0);
+    keel_batch_stats st;
+    keel_batch_stats_get(b, &st);
+    ck_assert_uint_eq(st.accepted, 9000);
+    ck_assert_uint_eq(st.handled, 9000);
+    ck_assert_uint_eq(st.dead_lettered, 0);
+    ck_assert_uint_gt(st.retried, 0); /* the outage was felt */
+    keel_batch_destroy(b);
+    keel_pg_check(pg);
+    ck_assert_int_eq(keel_pg_exec(pg, KEEL_PG_WRITE, "SELECT count(*), min(id), max(id) FROM kt_batch_rows",
+                                  NULL, &res), 0);
+    ck_assert_str_eq(PQgetvalue(res, 0, 0), "9000");
+    ck_assert_str_eq(PQgetvalue(res, 0, 1), "1");
+    ck_assert_str_eq(PQgetvalue(res, 0, 2), "9000");
+    PQclear(res);
+    keel_pg_stmt_free(r.ins);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
+int main(void)
+{
+    atomic_store(&clk.ns, 1000 * S);
+    Suite *s = suite_create("batch");
+    TCase *tc = tcase_create("batch");
+    tcase_set_timeout(tc, 30);
+    tcase_add_test(tc, a_batch_closes_at_max_items);
+    tcase_add_test(tc, a_batch_closes_at_max_bytes);
+    tcase_add_test(tc, a_batch_closes_when_its_oldest_item_has_lingered);
+    tcase_add_test(tc, flush_and_close_wait_for_everything_accepted_before);
+    tcase_add_test(tc, each_full_queue_policy);
+    tcase_add_test(tc, only_the_items_marked_failed_are_retried);
+    tcase_add_test(tc, retries_follow_the_backoff_then_the_dead_letter);
+    tcase_add_test(tc, a_handler_may_add_items);
+    tcase_add_test(tc, bad_input_is_refused);
+    suite_add_tcase(s, tc);
+    TCase *big = tcase_create("million");
+    tcase_set_timeout(big, 120);
+    tcase_add_test(big, two_million_items_all_accounted_for_one_worker);
+    tcase_add_test(big, two_million_items_all_accounted_for_three_workers);
+    tcase_set_tags(big, "slow"); /* millions of items: not under valgrind */
+    suite_add_tcase(s, big);
+    TCase *pgc = tcase_create("postgresql");
+    tcase_set_timeout(pgc, 60);
+    tcase_add_test(pgc, rows_reach_postgresql_through_a_restart);
+    suite_add_tcase(s, pgc);
+    return kt_run(s);
+}
