@@ -303,15 +303,6 @@ static void run_job(keel_batch *b, bjob *j)
 
 /* ---- the batcher ---- */
 
-static inline void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ volatile("yield");
-#endif
-}
-
 /* Under mu: waits until `need` items are published (at most `ns` of real
  * time; 0: until woken), or a flush or close asks, without missing the
  * producer's wake-up. */
@@ -320,7 +311,7 @@ static void wait_items(keel_batch *b, uint64_t need, uint64_t ns)
     for (int spin = 0; spin < 2000; spin++) { /* tens of microseconds */
         if (peek_at(b, need - 1))
             return;
-        cpu_relax();
+        keel__cpu_relax();
     }
     atomic_store(&b->wake_pos, b->deq + need);
     keel__heavy_fence();

@@ -104,6 +104,16 @@ static inline uint64_t keel__rand_upto(const keel__rand *r, uint64_t n)
     return (uint64_t)(((unsigned __int128)keel__rand_next(r) * (n + 1)) >> 64);
 }
 
+/* A spin-wait hint: lets the sibling hyperthread run, saves power. */
+static inline void keel__cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ volatile("yield");
+#endif
+}
+
 /* ---- asymmetric fences ----
  *
  * For protocols where one side (an owner thread's fast path) runs often and

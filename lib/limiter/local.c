@@ -65,22 +65,13 @@ struct lstore {
 
 /* ---- locking ---- */
 
-static inline void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ volatile("yield");
-#endif
-}
-
 static void lock(lshard *sh)
 {
     int spins = 0;
     while (atomic_exchange_explicit(&sh->lock, 1, memory_order_acquire)) {
         while (atomic_load_explicit(&sh->lock, memory_order_relaxed)) {
             if (++spins < 64)
-                cpu_relax();
+                keel__cpu_relax();
             else
                 sched_yield(); /* the holder may not be running */
         }
