@@ -8,6 +8,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 /* SHORT=1 in the environment: a quick pass that only keeps the code
@@ -54,6 +55,39 @@ static inline void bench_row(const char *what, double value, const char *unit,
 {
     printf("%-44s %10.2f %-8s | %-22s %10.2f %-8s | ratio %6.2fx | goal: %s\n", what, value,
            unit, base_what, base, unit, base > 0 ? value / base : 0.0, goal);
+}
+
+/* The first Redis of KEEL_TEST_REDIS (`make bench` starts it); false, with
+ * a message, when it is not set. */
+static inline int bench_redis_addr(const char *who, char host[64], int *port)
+{
+    const char *env = getenv("KEEL_TEST_REDIS");
+    if (!env || sscanf(env, "%63[^:]:%d", host, port) != 2) {
+        fprintf(stderr, "bench/%s: KEEL_TEST_REDIS is not set (run it through `make bench`)\n", who);
+        return 0;
+    }
+    return 1;
+}
+
+/* redis-benchmark's requests per second for a command on one connection,
+ * from its CSV; 0 if it did not run. */
+static inline double bench_redis_reference(const char *host, int port, int pipeline, uint64_t n,
+                                           const char *command)
+{
+    char cmd[1024], line[1024];
+    snprintf(cmd, sizeof cmd, "redis-benchmark -h %s -p %d -c 1 -P %d -n %llu --csv -q %s 2>/dev/null",
+             host, port, pipeline, (unsigned long long)n, command);
+    FILE *f = popen(cmd, "r");
+    double rps = 0;
+    while (f && fgets(line, sizeof line, f)) {
+        const char *last = strrchr(line, '"'); /* the command's name holds commas: */
+        char *p = strstr(line, "\",\"");       /* its closing quote is the first "," */
+        if (p && strncmp(line, "\"test\"", 6) != 0 && last)
+            rps = strtod(p + 3, NULL);
+    }
+    if (f)
+        pclose(f);
+    return rps;
 }
 
 #endif

@@ -79,25 +79,6 @@ static double floor_ns(int hot, uint64_t iters)
     return ns_per(NULL, 1, hot, iters);
 }
 
-/* redis-benchmark's requests per second for the command, from its CSV. */
-static double reference(const char *host, int port, int pipeline, uint64_t n, const char *command)
-{
-    char cmd[1024], line[1024];
-    snprintf(cmd, sizeof cmd, "redis-benchmark -h %s -p %d -c 1 -P %d -n %llu --csv -q %s 2>/dev/null",
-             host, port, pipeline, (unsigned long long)n, command);
-    FILE *f = popen(cmd, "r");
-    double rps = 0;
-    while (f && fgets(line, sizeof line, f)) {
-        const char *last = strrchr(line, '"'); /* the command's name holds commas: */
-        char *p = strstr(line, "\",\"");       /* its closing quote is the first "," */
-        if (p && strncmp(line, "\"test\"", 6) != 0 && last)
-            rps = strtod(p + 3, NULL);
-    }
-    if (f)
-        pclose(f);
-    return rps;
-}
-
 static void local_section(void)
 {
     bench_section("limiter: in-process decisions, ns each (per thread)");
@@ -126,13 +107,10 @@ static void local_section(void)
 
 static void redis_section(void)
 {
-    const char *env = getenv("KEEL_TEST_REDIS");
     char host[64];
     int port;
-    if (!env || sscanf(env, "%63[^:]:%d", host, &port) != 2) {
-        fprintf(stderr, "bench/limiter: KEEL_TEST_REDIS is not set (run it through `make bench`)\n");
+    if (!bench_redis_addr("limiter", host, &port))
         return;
-    }
     char url[96];
     snprintf(url, sizeof url, "redis://%s:%d", host, port);
     const char *nodes[1] = {url};
@@ -153,14 +131,14 @@ static void redis_section(void)
 
     bench_section("limiter: Redis decisions per second (GCRA), vs redis-benchmark EVALSHA");
     uint64_t n = bench_iters(100000);
-    double ref1 = reference(host, port, 1, n, command);
+    double ref1 = bench_redis_reference(host, port, 1, n, command);
     uint64_t t0 = bench_ns();
     for (uint64_t i = 0; i < n; i++)
         keel_limiter_take(l, "k", 1, 1, &r);
     double one = (double)n / ((double)(bench_ns() - t0) / 1e9);
     bench_row("one at a time", one / 1000, "k/s", "redis-benchmark -P 1", ref1 / 1000, ">= 0.8x");
 
-    double ref16 = reference(host, port, 16, n, command);
+    double ref16 = bench_redis_reference(host, port, 16, n, command);
     keel_limit_req q[16];
     t0 = bench_ns();
     for (uint64_t i = 0; i < n / 16; i++) {

@@ -16,5 +16,6 @@
 #include <keel/pg.h>
 #include <keel/limiter.h>
 #include <keel/batch.h>
+#include <keel/bus.h>
 
 #endif /* KEEL_H */

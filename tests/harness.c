@@ -4,6 +4,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <keel/redis.h>
+
 #include "harness.h"
 
 int kt_run(Suite *s)
@@ -31,6 +33,25 @@ int kt_redis_nodes(void)
     for (; *v; v++)
         n += *v == ',';
     return n;
+}
+
+struct keel_redis *kt_redis_open(int n, uint64_t cmd_timeout_ns)
+{
+    static char urls[8][96];
+    static const char *u[8];
+    ck_assert_int_le(n, 8);
+    for (int i = 0; i < n; i++) {
+        char host[64];
+        int port;
+        kt_redis_node(i, host, sizeof host, &port);
+        snprintf(urls[i], sizeof urls[i], "redis://%s:%d", host, port);
+        u[i] = urls[i];
+    }
+    keel_redis *r;
+    keel_redis_opts o = {.nodes = u, .nnodes = (size_t)n, .connect_timeout_ns = 300 * KT_MS,
+                         .command_timeout_ns = cmd_timeout_ns, .fail_timeout_ns = 1};
+    ck_assert_int_eq(keel_redis_create(&r, &o), 0);
+    return r;
 }
 
 void kt_redis_node(int i, char *host, size_t hostlen, int *port)

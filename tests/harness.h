@@ -20,6 +20,12 @@ const char *kt_env(const char *name);
 void kt_redis_node(int i, char *host, size_t hostlen, int *port);
 int kt_redis_nodes(void);
 
+/* A keel_redis over the first n nodes of KEEL_TEST_REDIS, with short
+ * timeouts (connect 300 ms, commands cmd_timeout_ns) and a fail_timeout of
+ * 1 ns, so that a restarted node is tried again at once. */
+struct keel_redis;
+struct keel_redis *kt_redis_open(int n, uint64_t cmd_timeout_ns);
+
 /* Runs `tests/servers.sh VERB NAME` (stop-one, start-one, pause-one,
  * resume-one, promote); fails the test if it fails. */
 void kt_server(const char *verb, const char *name);

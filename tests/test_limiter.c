@@ -437,23 +437,7 @@ END_TEST
 
 /* ---- Redis ---- */
 
-static keel_redis *redis_nodes(int n)
-{
-    static char urls[8][96];
-    static const char *u[8];
-    for (int i = 0; i < n; i++) {
-        char host[64];
-        int port;
-        kt_redis_node(i, host, sizeof host, &port);
-        snprintf(urls[i], sizeof urls[i], "redis://%s:%d", host, port);
-        u[i] = urls[i];
-    }
-    keel_redis *r;
-    keel_redis_opts o = {.nodes = u, .nnodes = (size_t)n, .connect_timeout_ns = 300 * MS,
-                         .command_timeout_ns = 500 * MS, .fail_timeout_ns = 1};
-    ck_assert_int_eq(keel_redis_create(&r, &o), 0);
-    return r;
-}
+static keel_redis *redis_nodes(int n) { return kt_redis_open(n, 500 * MS); }
 
 static keel_limiter *remote(keel_redis *redis, keel_limit_algo algo, uint64_t limit,
                             uint64_t window, const char *prefix, keel_limit_on_error on_error)

@@ -1,0 +1,210 @@
+/* keel/bus.h — an event bus: publish to subjects, subscribe with NATS
+ * wildcards, synchronous or asynchronous delivery with per-subject order,
+ * queue groups; and, with a keel_redis, Redis Streams with consumer groups
+ * for at-least-once delivery across processes.
+ *
+ * Subjects are dot-separated tokens ("user.created", "order.eu.paid"): at
+ * most 1024 bytes and 64 tokens, no empty token, no space or control
+ * character. A subscription pattern may use NATS's wildcards as whole
+ * tokens: `*` matches exactly one token, `>` one or more trailing tokens
+ * and only as the last token ("foo.>" matches "foo.bar" and "foo.bar.baz",
+ * not "foo"). A published subject has no wildcard.
+ *
+ * Matching walks a token trie (literal children hashed), so a publish
+ * costs what its matching subscriptions cost, not what all of them do. The
+ * trie is read under RCU: publishers take no lock.
+ *
+ * In process (no redis): KEEL_BUS_SYNC subscribers run in the publisher's
+ * thread, in the order they subscribed; KEEL_BUS_ASYNC subscribers run in
+ * worker threads, and each receives the messages of one subject in the
+ * order they were published (a subject always goes to the same worker).
+ * Async messages wait in a bounded queue per worker, with keel_batch's
+ * policies when full. Subscribers that share a queue group split the
+ * messages: each message that matches members of a group goes to one
+ * member (round robin).
+ *
+ * With redis: publish appends to a Redis Stream (XADD, approximate MAXLEN
+ * trimming); subjects are spread over `partitions` streams by hash, so one
+ * subject's entries are stored in order. keel_bus_start() starts one
+ * reader thread per partition, consuming through the consumer group
+ * `service` as `consumer`: that consumer's own pending entries first (left
+ * by a previous run: give a stable consumer name for this to apply), then
+ * new ones. A new group starts at the beginning of what the stream holds.
+ * An entry is acknowledged (XACK) only once every matching handler
+ * returned 0; entries matching no subscription are acknowledged and
+ * skipped. Entries left pending longer than min_idle_ns (a consumer that
+ * died, a handler that failed) are taken over with XAUTOCLAIM and
+ * delivered again, out of order; one delivered max_deliveries times goes
+ * to the dead-letter stream (prefix + "dead") and is acknowledged. An
+ * entry trimmed away while pending is acknowledged unread. Handlers run in
+ * the reader threads, one entry at a time per partition, whatever their
+ * mode; with several consumers in a group, each sees only its share.
+ *
+ * Handlers return 0 for success. A failure does not stop other handlers:
+ * it is counted and passed to on_error.
+ *
+ * Thread safety: every function may be called from any thread, including
+ * from inside a handler (keel_bus_destroy excepted). Once
+ * keel_bus_unsubscribe() returns, that subscription's handler is never
+ * called again, and its ud may be freed.
+ */
+#ifndef KEEL_BUS_H
+#define KEEL_BUS_H
+
+#include <keel/common.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct keel_bus keel_bus;
+typedef struct keel_bus_sub keel_bus_sub;
+struct keel_redis;
+
+#define KEEL_BUS_SUBJECT_MAX 1024
+#define KEEL_BUS_ID_MAX 48 /* an id's text, NUL included */
+
+typedef struct keel_bus_header {
+    const char *key;   /* C strings */
+    const char *value;
+} keel_bus_header;
+
+/* A message as a handler sees it; valid during the call only. */
+typedef struct keel_bus_msg {
+    const char *subject; /* NUL-terminated */
+    size_t subject_len;
+    const void *data;
+    size_t len;
+    const keel_bus_header *headers;
+    size_t nheaders;
+    const char *id;      /* "ms-seq", time-ordered, unique (with Redis: the entry's ID) */
+    uint64_t time_ns;    /* wall-clock time of the publish (with Redis: milliseconds) */
+} keel_bus_msg;
+
+typedef int (*keel_bus_handler)(const keel_bus_msg *msg, void *ud);
+
+typedef enum keel_bus_mode { KEEL_BUS_SYNC = 0, KEEL_BUS_ASYNC = 1 } keel_bus_mode;
+
+/* What an async publish does when a worker's queue is full (keel_batch's
+ * policies). */
+typedef enum keel_bus_full {
+    KEEL_BUS_BLOCK = 0,      /* wait, at most block_timeout_ns, then KEEL_ETIMEDOUT */
+    KEEL_BUS_REJECT = 1,     /* KEEL_EFULL at once */
+    KEEL_BUS_DROP_OLDEST = 2 /* the oldest queued delivery goes to on_error (KEEL_EFULL) */
+} keel_bus_full;
+
+typedef struct keel_bus_opts {
+    size_t workers;                 /* async workers; 0 = 2 */
+    size_t capacity;                /* queued async deliveries per worker; 0 = 65536;
+                                       rounded up to a power of two, at least 2 */
+    keel_bus_full on_full;
+    uint64_t block_timeout_ns;      /* KEEL_BUS_BLOCK: 0 = no limit */
+    /* A handler failed (err: its return), or a delivery was dropped
+     * (KEEL_EFULL); sub is NULL for an entry moved to the dead-letter
+     * stream (err KEEL_ELIMIT). Runs where the event happened. */
+    void (*on_error)(keel_bus_sub *sub, const keel_bus_msg *msg, int err, void *ud);
+    void *ud;
+    /* Redis Streams */
+    struct keel_redis *redis;       /* NULL: in process */
+    const char *service;            /* the consumer group; required to consume */
+    const char *consumer;           /* NULL = "<hostname>-<pid>" */
+    const char *prefix;             /* stream names; NULL = "keel:bus:" */
+    size_t partitions;              /* streams; 0 = 1, at most 64 */
+    size_t maxlen;                  /* approximate trimming; 0 = 1,000,000 */
+    uint64_t min_idle_ns;           /* before a pending entry is taken over; 0 = 30 s */
+    uint32_t max_deliveries;        /* before the dead-letter stream; 0 = 5 */
+    uint64_t block_ns;              /* a read's wait for new entries; 0 = 200 ms
+                                       (also how long a stop may wait) */
+    size_t read_count;              /* entries per read; 0 = 100 */
+    keel_metrics *metrics;          /* keel_bus_* series; may be NULL */
+    const char *metrics_name;
+} keel_bus_opts;
+
+/* opts may be NULL (in process, the defaults). Returns 0, KEEL_EINVAL
+ * (more than 1024 workers or 64 partitions, an unknown policy, a consumer
+ * or service empty or with spaces, an empty prefix) or KEEL_ENOMEM. */
+KEEL_API int keel_bus_create(keel_bus **out, const keel_bus_opts *opts);
+
+/* Redis: starts consuming (creates the group if needed, MKSTREAM). Add
+ * the subscriptions first: entries matching none are acknowledged and
+ * skipped. Returns 0, KEEL_ESTATE (no redis or service, or started),
+ * KEEL_EUNAVAIL or KEEL_ENOMEM. */
+KEEL_API int keel_bus_start(keel_bus *bus);
+
+typedef struct keel_bus_sub_opts {
+    const char *pattern;     /* required */
+    keel_bus_handler handler; /* required */
+    void *ud;
+    keel_bus_mode mode;
+    const char *group;       /* a queue group; NULL: none */
+} keel_bus_sub_opts;
+
+/* Returns 0, KEEL_EINVAL (a bad pattern or mode, no handler) or
+ * KEEL_ENOMEM. */
+KEEL_API int keel_bus_subscribe(keel_bus *bus, const keel_bus_sub_opts *opts, keel_bus_sub **out);
+
+/* Ends a subscription: waits for calls of its handler in other threads to
+ * return (not for the caller's own, when called from that handler); its
+ * queued async deliveries are skipped. Then the handler is never called
+ * again and no on_error names it. Two handlers that unsubscribe each other
+ * from two threads at once wait for each other forever. Returns 0,
+ * KEEL_EINVAL (NULL, or already being unsubscribed) or KEEL_ESTATE (inside
+ * a libkeel read section, where it would wait for itself). */
+KEEL_API int keel_bus_unsubscribe(keel_bus_sub *sub);
+
+/* Publishes. In process: runs the sync handlers, queues the async ones;
+ * returns 0, KEEL_EFULL or KEEL_ETIMEDOUT (an async queue was full; the
+ * other deliveries were made), KEEL_ENOMEM. With Redis: appends; 0 only
+ * once the entry is in the stream, else KEEL_EUNAVAIL, KEEL_ETIMEDOUT,
+ * KEEL_EBACKEND, KEEL_EPROTO or KEEL_ENOMEM (then nothing was accepted).
+ * Bad subject or headers: KEEL_EINVAL. id (may be NULL) receives the
+ * message's id. */
+KEEL_API int keel_bus_publish(keel_bus *bus, const char *subject, const void *data, size_t len,
+                              const keel_bus_header *headers, size_t nheaders,
+                              char id[KEEL_BUS_ID_MAX]);
+
+/* One message of a batch of publishes. */
+typedef struct keel_bus_pub {
+    const char *subject;
+    const void *data;
+    size_t len;
+    const keel_bus_header *headers;
+    size_t nheaders;
+    int rc;                     /* out */
+    char id[KEEL_BUS_ID_MAX];   /* out */
+} keel_bus_pub;
+
+/* Publishes n messages; with Redis in one pipeline. Returns 0 when all
+ * went through, else the first failure (see each rc). */
+KEEL_API int keel_bus_publish_many(keel_bus *bus, keel_bus_pub *pubs, size_t n);
+
+/* Waits until every async delivery queued before the call has run (or
+ * was dropped); with Redis, until each reader has handled its stream's
+ * last entry as of the call, or found no new entry in a read begun after
+ * it. Returns 0, KEEL_ESTATE from a worker or reader thread, KEEL_EINVAL;
+ * with Redis also KEEL_EUNAVAIL (a reader cannot reach it) or the error of
+ * asking Redis for the last entry. */
+KEEL_API int keel_bus_drain(keel_bus *bus);
+
+/* Stops the readers, runs the queued async deliveries (and those their
+ * handlers queue), stops the workers, and frees the bus and its
+ * subscriptions. Not from a handler, nor concurrently with other calls.
+ * NULL is a no-op. */
+KEEL_API void keel_bus_destroy(keel_bus *bus);
+
+typedef struct keel_bus_stats {
+    uint64_t published, delivered, failed, dropped, rejected, queued;
+    uint64_t acked, claimed, dead_lettered; /* Redis */
+    uint64_t subscriptions;
+} keel_bus_stats;
+
+KEEL_API void keel_bus_stats_get(keel_bus *bus, keel_bus_stats *st);
+
+/* Whether subject matches pattern (NATS rules); for tests and tools.
+ * Returns 1, 0, or KEEL_EINVAL for an invalid subject or pattern. */
+KEEL_API int keel_bus_match(const char *pattern, const char *subject);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KEEL_BUS_H */

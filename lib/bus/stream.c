@@ -1,0 +1,736 @@
+/* lib/bus/stream.c — keel_bus over Redis Streams.
+ *
+ * Publishing goes through keel_redis's pooled connections (one pipeline
+ * for a batch). Consuming: one reader thread per partition, each with a
+ * connection of its own so that a blocking XREADGROUP does not hold a
+ * pooled one. A reader reads its consumer's pending entries first (cursor
+ * from 0 up), then new ones (">"), and every min_idle/2 takes care of the
+ * group's stuck entries: those delivered max_deliveries times go to the
+ * dead-letter stream, the rest idle longer than min_idle are claimed with
+ * XAUTOCLAIM and delivered again. A failed connection is dropped and
+ * made again with jittered backoff; the pending entries are read again
+ * then, since the last acknowledgements may not have reached the server.
+ *
+ * Stopping: the flag is raised, and the reader's socket shut down only
+ * while the reader waits in a blocking read (as in lib/redis/sub.c), so
+ * that the acknowledgements of a batch in progress still reach Redis.
+ */
+#define _GNU_SOURCE
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <keel/backoff.h>
+
+#include "../hash.h"
+#include "../redis/redis_int.h"
+#include "bus_int.h"
+
+#define KEY_MAX 300
+
+typedef struct breader {
+    bstream *s;
+    size_t part;
+    rnode *node;
+    pthread_t th;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    redisContext *ctx; /* the live connection, for shutdown */
+    atomic_bool stop;
+    bool healthy, waiting; /* healthy: its last read worked; waiting: in a read
+                              that may block; under mu */
+    uint64_t reads;      /* reads begun */
+    uint64_t empty_read; /* the number of the last read of new entries that found none */
+    uint64_t done_ms, done_seq; /* the highest entry ID handled (acknowledged or not) */
+} breader;
+
+struct bstream {
+    keel_bus *bus;
+    keel_redis *r;
+    char *group, *consumer, *prefix;
+    char keys[64][KEY_MAX];
+    char dead[KEY_MAX];
+    size_t parts, count;
+    char maxlen[24], count_s[24], block_s[24], idle_s[24];
+    uint64_t min_idle, block_ns;
+    uint32_t max_deliveries;
+    breader *readers;
+    bool started;
+};
+
+static bool stopping(breader *rd) { return atomic_load_explicit(&rd->stop, memory_order_relaxed); }
+
+/* Marks the reader as in (or out of) a read that stop may interrupt by
+ * shutting the socket down. */
+static void set_waiting(breader *rd, bool w)
+{
+    pthread_mutex_lock(&rd->mu);
+    rd->waiting = w;
+    pthread_mutex_unlock(&rd->mu);
+}
+
+static uint64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* An entry ID "ms-seq" as two numbers; false if it is not one. */
+static bool parse_id(const char *id, uint64_t *ms, uint64_t *seq)
+{
+    char *end;
+    *ms = strtoull(id, &end, 10);
+    if (end == id || *end != '-')
+        return false;
+    const char *p = end + 1;
+    *seq = strtoull(p, &end, 10);
+    return end != p && *end == '\0';
+}
+
+/* One command on the reader's own connection. */
+static int cmd(redisContext *c, int argc, const char **argv, const size_t *lens, redisReply **out)
+{
+    keel__sigpipe sp;
+    keel__sigpipe_block(&sp);
+    redisReply *rep = redisCommandArgv(c, argc, argv, lens);
+    keel__sigpipe_restore(&sp);
+    *out = rep;
+    if (!rep)
+        return keel__redis_ctx_error(c);
+    if (rep->type != REDIS_REPLY_ERROR)
+        return 0;
+    if (strncmp(rep->str, "NOGROUP", 7) != 0 && strncmp(rep->str, "BUSYGROUP", 9) != 0)
+        keel__log(KEEL_LOG_ERROR, "bus", "%s %s: %s", argv[0], argc > 1 ? argv[1] : "", rep->str);
+    return KEEL_EBACKEND;
+}
+
+/* A command of C strings on the pooled connections of the node of key. */
+static int pooled(bstream *s, const char *key, int argc, const char **argv, redisReply **out)
+{
+    size_t lens[8];
+    for (int i = 0; i < argc; i++)
+        lens[i] = strlen(argv[i]);
+    return keel_redis_command(s->r, key, strlen(key), argc, argv, lens, out);
+}
+
+static bool reply_is(const redisReply *rep, const char *prefix)
+{
+    return rep && rep->type == REDIS_REPLY_ERROR && strncmp(rep->str, prefix, strlen(prefix)) == 0;
+}
+
+/* XGROUP CREATE ... MKSTREAM; an existing group is fine. */
+static int create_group(bstream *s, size_t part, redisContext *c)
+{
+    const char *argv[] = {"XGROUP", "CREATE", s->keys[part], s->group, "0", "MKSTREAM"};
+    redisReply *rep = NULL;
+    int rc = c ? cmd(c, 6, argv, NULL, &rep) : pooled(s, s->keys[part], 6, argv, &rep);
+    if (rc == KEEL_EBACKEND && reply_is(rep, "BUSYGROUP"))
+        rc = 0; /* other error replies were logged on the way */
+    if (rep)
+        freeReplyObject(rep);
+    return rc;
+}
+
+/* ---- delivery ---- */
+
+/* An entry's fields as a message (pointers into the reply). */
+static void parse_fields(const redisReply *f, const char *id, keel_bus_msg *v, keel_bus_header hdr[64])
+{
+    *v = (keel_bus_msg){NULL, 0, "", 0, hdr, 0, id, 0};
+    for (size_t i = 0; i + 1 < f->elements; i += 2) {
+        const redisReply *k = f->element[i], *x = f->element[i + 1];
+        if (k->type != REDIS_REPLY_STRING || x->type != REDIS_REPLY_STRING)
+            continue;
+        if (k->len == 1 && k->str[0] == 's') {
+            v->subject = x->str;
+            v->subject_len = x->len;
+        } else if (k->len == 1 && k->str[0] == 'd') {
+            v->data = x->str;
+            v->len = x->len;
+        } else if (k->len > 2 && k->str[0] == 'h' && k->str[1] == ':' && v->nheaders < 64) {
+            hdr[v->nheaders].key = k->str + 2;
+            hdr[v->nheaders++].value = x->str;
+        }
+    }
+    uint64_t ms = 0, seq;
+    parse_id(id, &ms, &seq);
+    v->time_ns = ms * 1000000u;
+}
+
+/* Delivers one entry [id, fields] to the matching handlers. Returns 0 when
+ * it may be acknowledged (handled, or one that cannot be: no fields, a bad
+ * subject), 1 when a handler failed, or KEEL_ENOMEM. */
+static int deliver(bstream *s, const redisReply *e)
+{
+    if (e->type != REDIS_REPLY_ARRAY || e->elements != 2 || e->element[0]->type != REDIS_REPLY_STRING)
+        return 0;
+    const redisReply *f = e->element[1];
+    if (f->type != REDIS_REPLY_ARRAY) /* deleted (trimmed) while pending */
+        return 0;
+    keel_bus_header hdr[64];
+    keel_bus_msg v;
+    parse_fields(f, e->element[0]->str, &v, hdr);
+    btoks t;
+    if (!v.subject || strlen(v.subject) != v.subject_len || keel__bus_tokens(v.subject, v.subject_len, false, &t)) {
+        keel__log(KEEL_LOG_WARN, "bus", "entry %s has no valid subject: acknowledged unread", v.id);
+        return 0;
+    }
+    bmatch m;
+    int rc = keel__bus_match(s->bus, &t, &m);
+    if (rc)
+        return rc;
+    bool failed = false;
+    for (size_t i = 0; i < m.n; i++) {
+        failed |= keel__bus_call(m.subs[i], &v) != 0;
+        keel__bus_sub_unref(m.subs[i]);
+    }
+    keel__bus_match_free(&m);
+    return failed;
+}
+
+/* Delivers the entries of a reply array, acknowledges those handled, and
+ * records the highest ID seen for drain. */
+static int handle(breader *rd, redisContext *c, const redisReply *entries)
+{
+    bstream *s = rd->s;
+    size_t n = entries->elements;
+    if (!n)
+        return 0;
+    const char **argv = keel__malloc((n + 3) * sizeof *argv);
+    if (!argv)
+        return KEEL_ENOMEM;
+    argv[0] = "XACK";
+    argv[1] = s->keys[rd->part];
+    argv[2] = s->group;
+    int nack = 3, rc = 0;
+    uint64_t top_ms = 0, top_seq = 0;
+    for (size_t i = 0; i < n && rc >= 0 && !stopping(rd); i++) {
+        const redisReply *e = entries->element[i];
+        rc = deliver(s, e);
+        if (rc < 0 || e->type != REDIS_REPLY_ARRAY || e->elements < 1 || e->element[0]->type != REDIS_REPLY_STRING)
+            continue;
+        if (rc == 0)
+            argv[nack++] = e->element[0]->str;
+        uint64_t ms, seq; /* handled, acknowledged or not: drain goes by it */
+        if (parse_id(e->element[0]->str, &ms, &seq) && (ms > top_ms || (ms == top_ms && seq > top_seq))) {
+            top_ms = ms;
+            top_seq = seq;
+        }
+    }
+    int arc = 0;
+    if (nack > 3) {
+        redisReply *rep = NULL;
+        arc = cmd(c, nack, argv, NULL, &rep);
+        if (arc == 0)
+            atomic_fetch_add_explicit(&keel__bus_counters(s->bus)->acked, (uint64_t)(nack - 3),
+                                      memory_order_relaxed);
+        if (rep)
+            freeReplyObject(rep);
+    }
+    keel__free(argv);
+    if (top_ms) {
+        pthread_mutex_lock(&rd->mu);
+        if (top_ms > rd->done_ms || (top_ms == rd->done_ms && top_seq > rd->done_seq)) {
+            rd->done_ms = top_ms;
+            rd->done_seq = top_seq;
+        }
+        pthread_cond_broadcast(&rd->cv);
+        pthread_mutex_unlock(&rd->mu);
+    }
+    return rc < 0 ? rc : arc;
+}
+
+/* ---- stuck entries ---- */
+
+/* Moves entry `id` to the dead-letter stream and acknowledges it; one
+ * trimmed away meanwhile is only acknowledged. */
+static int bury(breader *rd, redisContext *c, const char *id)
+{
+    bstream *s = rd->s;
+    const char *key = s->keys[rd->part];
+    const char *rargv[] = {"XRANGE", key, id, id};
+    redisReply *got = NULL, *rep = NULL;
+    int rc = cmd(c, 4, rargv, NULL, &got);
+    const redisReply *e = rc == 0 && got->type == REDIS_REPLY_ARRAY && got->elements == 1 ? got->element[0] : NULL;
+    const redisReply *f = e && e->type == REDIS_REPLY_ARRAY && e->elements == 2 &&
+                                  e->element[1]->type == REDIS_REPLY_ARRAY
+                              ? e->element[1]
+                              : NULL;
+    if (rc == 0 && f) {
+        const char *head[] = {"XADD", s->dead, "MAXLEN", "~", s->maxlen, "*", "stream", key, "id", id, "group", s->group};
+        enum { H = sizeof head / sizeof head[0] };
+        size_t argc = H + f->elements;
+        const char **argv = keel__malloc(argc * sizeof *argv);
+        size_t *lens = keel__malloc(argc * sizeof *lens);
+        if (!argv || !lens) {
+            rc = KEEL_ENOMEM;
+        } else {
+            for (size_t i = 0; i < argc; i++) {
+                const redisReply *x = i < H ? NULL : f->element[i - H];
+                argv[i] = !x ? head[i] : x->str ? x->str : "";
+                lens[i] = !x ? strlen(head[i]) : x->str ? x->len : 0;
+            }
+            rc = keel_redis_command(s->r, s->dead, strlen(s->dead), (int)argc, argv, lens, &rep);
+            if (rep)
+                freeReplyObject(rep);
+        }
+        keel__free(argv);
+        keel__free(lens);
+    }
+    if (rc == 0) {
+        const char *aargv[] = {"XACK", key, s->group, id};
+        rc = cmd(c, 4, aargv, NULL, &rep);
+        if (rep)
+            freeReplyObject(rep);
+    }
+    if (rc == 0 && f) {
+        atomic_fetch_add_explicit(&keel__bus_counters(s->bus)->dead, 1, memory_order_relaxed);
+        keel_bus_header hdr[64];
+        keel_bus_msg v;
+        parse_fields(f, id, &v, hdr);
+        if (!v.subject)
+            v.subject = "";
+        keel__log(KEEL_LOG_WARN, "bus", "%s: entry %s delivered %u times: moved to %s", key, id,
+                  s->max_deliveries, s->dead);
+        keel__bus_error(s->bus, NULL, &v, KEEL_ELIMIT);
+    }
+    if (got)
+        freeReplyObject(got);
+    return rc;
+}
+
+/* Buries the entries delivered too often (XPENDING, page by page), then
+ * claims and delivers the ones idle too long (XAUTOCLAIM). */
+static int reclaim(breader *rd, redisContext *c)
+{
+    bstream *s = rd->s;
+    const char *key = s->keys[rd->part];
+    char from[KEEL_BUS_ID_MAX + 1] = "-";
+    int rc = 0;
+    for (bool more = true; rc == 0 && more && !stopping(rd);) {
+        const char *pargv[] = {"XPENDING", key, s->group, "IDLE", s->idle_s, from, "+", s->count_s};
+        redisReply *rep = NULL;
+        rc = cmd(c, 8, pargv, NULL, &rep);
+        more = rc == 0 && rep->type == REDIS_REPLY_ARRAY && rep->elements == s->count;
+        for (size_t i = 0; rc == 0 && rep->type == REDIS_REPLY_ARRAY && i < rep->elements; i++) {
+            const redisReply *p = rep->element[i];
+            if (p->type != REDIS_REPLY_ARRAY || p->elements != 4 || p->element[0]->type != REDIS_REPLY_STRING ||
+                p->element[3]->type != REDIS_REPLY_INTEGER) {
+                more = false;
+                break;
+            }
+            snprintf(from, sizeof from, "(%s", p->element[0]->str); /* the next page starts after it */
+            if (p->element[3]->integer >= (long long)s->max_deliveries)
+                rc = bury(rd, c, p->element[0]->str);
+        }
+        if (rep)
+            freeReplyObject(rep);
+    }
+    char cursor[KEEL_BUS_ID_MAX] = "0-0";
+    for (bool more = true; rc == 0 && more && !stopping(rd);) {
+        const char *cargv[] = {"XAUTOCLAIM", key, s->group, s->consumer, s->idle_s, cursor, "COUNT", s->count_s};
+        redisReply *rep = NULL;
+        rc = cmd(c, 8, cargv, NULL, &rep);
+        more = false;
+        if (rc == 0 && rep->type == REDIS_REPLY_ARRAY && rep->elements >= 2 &&
+            rep->element[0]->type == REDIS_REPLY_STRING && rep->element[1]->type == REDIS_REPLY_ARRAY) {
+            const redisReply *entries = rep->element[1];
+            atomic_fetch_add_explicit(&keel__bus_counters(s->bus)->claimed, entries->elements,
+                                      memory_order_relaxed);
+            rc = handle(rd, c, entries);
+            snprintf(cursor, sizeof cursor, "%s", rep->element[0]->str);
+            more = strcmp(cursor, "0-0") != 0;
+        }
+        if (rep)
+            freeReplyObject(rep);
+    }
+    return rc;
+}
+
+/* ---- the reader ---- */
+
+/* Reads and delivers until the connection fails or the reader stops. */
+static int consume(breader *rd, redisContext *c)
+{
+    bstream *s = rd->s;
+    char cursor[48] = "0"; /* own pending entries, then ">" */
+    bool pending = true;
+    uint64_t next_reclaim = 0;
+    int rc = 0;
+    while (rc == 0 && !stopping(rd)) {
+        if (!pending && mono_ns() >= next_reclaim) {
+            /* An error reply here (an ACL, an old server) must not keep
+             * the reader from new entries: logged, tried again later.
+             * Only a lost connection ends the loop. */
+            rc = reclaim(rd, c);
+            if (rc == KEEL_EBACKEND) { /* cmd() logged the reply */
+                rc = 0;
+            } else if (rc) {
+                break;
+            }
+            next_reclaim = mono_ns() + s->min_idle / 2;
+        }
+        pthread_mutex_lock(&rd->mu);
+        uint64_t nr = ++rd->reads;
+        pthread_mutex_unlock(&rd->mu);
+        const char *argv[] = {"XREADGROUP", "GROUP", s->group, s->consumer, "COUNT", s->count_s,
+                              "BLOCK", s->block_s, "STREAMS", s->keys[rd->part], pending ? cursor : ">"};
+        redisReply *rep = NULL;
+        if (pending) { /* no BLOCK: the pending list answers at once */
+            memmove(&argv[6], &argv[8], 3 * sizeof argv[0]);
+            rc = cmd(c, 9, argv, NULL, &rep);
+        } else {
+            set_waiting(rd, true);
+            if (stopping(rd)) {
+                set_waiting(rd, false);
+                break;
+            }
+            rc = cmd(c, 11, argv, NULL, &rep);
+            set_waiting(rd, false);
+        }
+        if (rc == KEEL_EBACKEND && reply_is(rep, "NOGROUP")) { /* the server lost it: a restart */
+            freeReplyObject(rep);
+            if ((rc = create_group(s, rd->part, c)) != 0)
+                break;
+            pending = true;
+            strcpy(cursor, "0");
+            continue;
+        }
+        const redisReply *entries = NULL;
+        if (rc == 0 && rep->type == REDIS_REPLY_ARRAY && rep->elements == 1 &&
+            rep->element[0]->type == REDIS_REPLY_ARRAY && rep->element[0]->elements == 2 &&
+            rep->element[0]->element[1]->type == REDIS_REPLY_ARRAY)
+            entries = rep->element[0]->element[1];
+        if (rc == 0 && entries && entries->elements) {
+            const redisReply *last = entries->element[entries->elements - 1];
+            if (pending && last->type == REDIS_REPLY_ARRAY && last->elements >= 1 &&
+                last->element[0]->type == REDIS_REPLY_STRING)
+                snprintf(cursor, sizeof cursor, "%s", last->element[0]->str);
+            rc = handle(rd, c, entries);
+        } else if (rc == 0 && pending) {
+            pending = false;
+        } else if (rc == 0) {
+            pthread_mutex_lock(&rd->mu);
+            rd->empty_read = nr;
+            pthread_cond_broadcast(&rd->cv);
+            pthread_mutex_unlock(&rd->mu);
+        }
+        if (rc == 0) {
+            pthread_mutex_lock(&rd->mu);
+            if (!rd->healthy) {
+                rd->healthy = true;
+                pthread_cond_broadcast(&rd->cv);
+            }
+            pthread_mutex_unlock(&rd->mu);
+        }
+        if (rep)
+            freeReplyObject(rep);
+    }
+    return rc;
+}
+
+static void set_ctx(breader *rd, redisContext *c)
+{
+    pthread_mutex_lock(&rd->mu);
+    rd->ctx = c;
+    if (!c)
+        rd->healthy = false;
+    pthread_cond_broadcast(&rd->cv);
+    pthread_mutex_unlock(&rd->mu);
+}
+
+static void *reader_main(void *arg)
+{
+    breader *rd = arg;
+    bstream *s = rd->s;
+    keel__bus_set_worker(s->bus);
+    keel_backoff bo;
+    keel_backoff_opts bopts = {KEEL_BACKOFF_FULL_JITTER, 50000000u, 2000000000u, NULL, NULL};
+    keel_backoff_init(&bo, &bopts);
+    while (!stopping(rd)) {
+        redisContext *c = NULL;
+        int rc = keel__redis_connect(rd->node, &c);
+        if (rc == 0 && !stopping(rd)) {
+            /* the socket waits for a blocking read plus a command's time */
+            redisSetTimeout(c, keel__tv(s->r->cmd_timeout + s->block_ns));
+            set_ctx(rd, c);
+            set_waiting(rd, true); /* nothing to lose: stop may cut it short */
+            rc = stopping(rd) ? KEEL_ESTATE : create_group(s, rd->part, c);
+            set_waiting(rd, false);
+            if (rc)
+                set_ctx(rd, NULL);
+        }
+        if (rc == 0) {
+            keel_backoff_reset(&bo);
+            rc = consume(rd, c);
+            set_ctx(rd, NULL);
+            if (rc && !stopping(rd))
+                keel__log(KEEL_LOG_WARN, "bus", "%s: reader: %s; reconnecting", s->keys[rd->part],
+                          keel_strerror(rc));
+        }
+        if (c)
+            redisFree(c);
+        if (stopping(rd))
+            break;
+        uint64_t at = mono_ns() + keel_backoff_next(&bo);
+        struct timespec ts = {(time_t)(at / 1000000000u), (long)(at % 1000000000u)};
+        pthread_mutex_lock(&rd->mu);
+        while (!stopping(rd) && pthread_cond_timedwait(&rd->cv, &rd->mu, &ts) == 0)
+            ;
+        pthread_mutex_unlock(&rd->mu);
+    }
+    return NULL;
+}
+
+/* ---- the transport's lifetime ---- */
+
+int keel__bus_stream_create(keel_bus *bus, const keel_bus_opts *o, bstream **out)
+{
+    bstream *s = keel__calloc(1, sizeof *s);
+    if (!s)
+        return KEEL_ENOMEM;
+    s->bus = bus;
+    s->r = o->redis;
+    s->parts = o->partitions ? o->partitions : 1;
+    s->count = o->read_count ? o->read_count : 100;
+    s->min_idle = o->min_idle_ns ? o->min_idle_ns : 30 * 1000000000ull;
+    s->max_deliveries = o->max_deliveries ? o->max_deliveries : 5;
+    s->block_ns = o->block_ns ? o->block_ns : 200000000u;
+    snprintf(s->maxlen, sizeof s->maxlen, "%zu", o->maxlen ? o->maxlen : 1000000);
+    snprintf(s->count_s, sizeof s->count_s, "%zu", s->count);
+    snprintf(s->block_s, sizeof s->block_s, "%llu",
+             (unsigned long long)(s->block_ns / 1000000u ? s->block_ns / 1000000u : 1));
+    snprintf(s->idle_s, sizeof s->idle_s, "%llu",
+             (unsigned long long)(s->min_idle / 1000000u ? s->min_idle / 1000000u : 1));
+    s->prefix = keel__strdup(o->prefix ? o->prefix : "keel:bus:");
+    s->consumer = o->consumer ? keel__strdup(o->consumer) : NULL; /* default: at start */
+    s->group = o->service ? keel__strdup(o->service) : NULL;
+    if (!s->prefix || (o->consumer && !s->consumer) || (o->service && !s->group)) {
+        keel__bus_stream_destroy(s);
+        return KEEL_ENOMEM;
+    }
+    if (strlen(s->prefix) > KEY_MAX - 8) {
+        keel__bus_stream_destroy(s);
+        return KEEL_EINVAL;
+    }
+    for (size_t p = 0; p < s->parts; p++)
+        snprintf(s->keys[p], KEY_MAX, "%s%zu", s->prefix, p);
+    snprintf(s->dead, KEY_MAX, "%sdead", s->prefix);
+    *out = s;
+    return 0;
+}
+
+/* Stops and joins the first n readers. */
+static void stop_readers(bstream *s, size_t n)
+{
+    for (size_t p = 0; p < n; p++) {
+        breader *rd = &s->readers[p];
+        pthread_mutex_lock(&rd->mu);
+        atomic_store(&rd->stop, true);
+        if (rd->ctx && rd->waiting) /* else it sees the flag itself, its acknowledgements sent */
+            shutdown(rd->ctx->fd, SHUT_RDWR);
+        pthread_cond_broadcast(&rd->cv);
+        pthread_mutex_unlock(&rd->mu);
+    }
+    for (size_t p = 0; p < n; p++) {
+        pthread_join(s->readers[p].th, NULL);
+        pthread_mutex_destroy(&s->readers[p].mu);
+        pthread_cond_destroy(&s->readers[p].cv);
+    }
+    keel__free(s->readers);
+    s->readers = NULL;
+}
+
+int keel__bus_stream_start(bstream *s)
+{
+    if (!s->group || s->started)
+        return KEEL_ESTATE;
+    if (!s->consumer) { /* here, not at create: a bus made before fork() */
+        char host[256] = "", me[300];
+        gethostname(host, sizeof host - 1);
+        snprintf(me, sizeof me, "%s-%ld", host[0] ? host : "keel", (long)getpid());
+        if (!(s->consumer = keel__strdup(me)))
+            return KEEL_ENOMEM;
+    }
+    for (size_t p = 0; p < s->parts; p++) {
+        int rc = create_group(s, p, NULL);
+        if (rc)
+            return rc;
+    }
+    if (!(s->readers = keel__calloc(s->parts, sizeof *s->readers)))
+        return KEEL_ENOMEM;
+    size_t started = 0;
+    for (; started < s->parts; started++) {
+        breader *rd = &s->readers[started];
+        rd->s = s;
+        rd->part = started;
+        rd->node = &s->r->nodes[keel__redis_route(s->r, s->keys[started], strlen(s->keys[started]))];
+        pthread_mutex_init(&rd->mu, NULL);
+        pthread_condattr_t ca;
+        pthread_condattr_init(&ca);
+        pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+        pthread_cond_init(&rd->cv, &ca);
+        pthread_condattr_destroy(&ca);
+        if (pthread_create(&rd->th, NULL, reader_main, rd) != 0) {
+            pthread_mutex_destroy(&rd->mu);
+            pthread_cond_destroy(&rd->cv);
+            stop_readers(s, started);
+            return KEEL_ENOMEM;
+        }
+    }
+    s->started = true;
+    return 0;
+}
+
+void keel__bus_stream_stop(bstream *s)
+{
+    if (s->started)
+        stop_readers(s, s->parts);
+    s->started = false;
+}
+
+void keel__bus_stream_destroy(bstream *s)
+{
+    keel__free(s->prefix);
+    keel__free(s->consumer);
+    keel__free(s->group);
+    keel__free(s);
+}
+
+/* ---- publish ---- */
+
+int keel__bus_stream_publish(bstream *s, keel_bus_pub *pubs, size_t n)
+{
+    size_t ncmd = 0, nargs = 0, hbytes = 0;
+    for (size_t i = 0; i < n; i++)
+        if (pubs[i].rc == 0) {
+            ncmd++;
+            nargs += 10 + 2 * pubs[i].nheaders;
+            for (size_t h = 0; h < pubs[i].nheaders; h++)
+                hbytes += strlen(pubs[i].headers[h].key) + 3;
+        }
+    if (!ncmd)
+        return 0;
+    keel_redis_cmd *cmds = keel__calloc(ncmd, sizeof *cmds);
+    const char **argv = keel__malloc(nargs * sizeof *argv);
+    size_t *lens = keel__malloc(nargs * sizeof *lens);
+    char *arena = keel__malloc(hbytes + 1);
+    if (!cmds || !argv || !lens || !arena) {
+        keel__free(cmds);
+        keel__free(argv);
+        keel__free(lens);
+        keel__free(arena);
+        for (size_t i = 0; i < n; i++)
+            if (pubs[i].rc == 0)
+                pubs[i].rc = KEEL_ENOMEM;
+        return KEEL_ENOMEM;
+    }
+    size_t a = 0, c = 0;
+    char *h = arena;
+    for (size_t i = 0; i < n; i++) {
+        keel_bus_pub *p = &pubs[i];
+        if (p->rc)
+            continue;
+        const char *key = s->keys[keel__hash64(p->subject, strlen(p->subject), 0) % s->parts];
+        keel_redis_cmd *k = &cmds[c++];
+        k->key = key;
+        k->keylen = strlen(key);
+        k->argv = argv + a;
+        k->argvlen = lens + a;
+        const char *head[] = {"XADD", key, "MAXLEN", "~", s->maxlen, "*", "s", p->subject, "d"};
+        for (size_t j = 0; j < 9; j++) {
+            argv[a] = head[j];
+            lens[a++] = strlen(head[j]);
+        }
+        argv[a] = p->len ? p->data : "";
+        lens[a++] = p->len;
+        for (size_t j = 0; j < p->nheaders; j++) {
+            size_t kl = strlen(p->headers[j].key);
+            memcpy(h, "h:", 2);
+            memcpy(h + 2, p->headers[j].key, kl + 1);
+            argv[a] = h;
+            lens[a++] = kl + 2;
+            h += kl + 3;
+            argv[a] = p->headers[j].value;
+            lens[a++] = strlen(p->headers[j].value);
+        }
+        k->argc = (int)(a - (size_t)(k->argv - argv));
+    }
+    int prc = keel_redis_pipeline(s->r, cmds, ncmd);
+    c = 0;
+    uint64_t ok = 0;
+    for (size_t i = 0; i < n; i++) {
+        keel_bus_pub *p = &pubs[i];
+        if (p->rc)
+            continue;
+        keel_redis_cmd *k = &cmds[c++];
+        p->rc = k->rc;
+        if (k->rc == 0 && k->reply && k->reply->type == REDIS_REPLY_STRING && k->reply->len < KEEL_BUS_ID_MAX) {
+            memcpy(p->id, k->reply->str, k->reply->len + 1);
+            ok++;
+        } else if (k->rc == 0) { /* no reply: the pipeline failed before it got there */
+            p->rc = k->reply ? KEEL_EPROTO : prc ? prc : KEEL_EPROTO;
+        }
+        if (k->reply)
+            freeReplyObject(k->reply);
+    }
+    atomic_fetch_add_explicit(&keel__bus_counters(s->bus)->published, ok, memory_order_relaxed);
+    keel__free(cmds);
+    keel__free(argv);
+    keel__free(lens);
+    keel__free(arena);
+    return 0;
+}
+
+/* ---- drain ---- */
+
+/* Waits until each reader has handled its stream's last entry as of the
+ * call, or found no new entry in a read begun after the call. */
+int keel__bus_stream_drain(bstream *s)
+{
+    if (!s->started)
+        return 0;
+    for (size_t p = 0; p < s->parts; p++) {
+        breader *rd = &s->readers[p];
+        pthread_mutex_lock(&rd->mu);
+        uint64_t after = rd->reads;
+        pthread_mutex_unlock(&rd->mu);
+        const char *argv[] = {"XREVRANGE", s->keys[p], "+", "-", "COUNT", "1"};
+        redisReply *rep = NULL;
+        int rc = pooled(s, s->keys[p], 6, argv, &rep);
+        uint64_t ms = 0, seq = 0;
+        if (rc == 0 && rep->type == REDIS_REPLY_ARRAY && rep->elements == 1 &&
+            rep->element[0]->type == REDIS_REPLY_ARRAY && rep->element[0]->elements == 2 &&
+            rep->element[0]->element[0]->type == REDIS_REPLY_STRING)
+            parse_id(rep->element[0]->element[0]->str, &ms, &seq);
+        if (rep)
+            freeReplyObject(rep);
+        if (rc)
+            return rc;
+        /* A reader that cannot read gets a reconnect's time (counted from
+         * when drain first finds it so), then drain reports it. */
+        uint64_t down_until = 0;
+        pthread_mutex_lock(&rd->mu);
+        while (rc == 0 && rd->empty_read <= after &&
+               (rd->done_ms < ms || (rd->done_ms == ms && rd->done_seq < seq))) {
+            if (rd->healthy) {
+                down_until = 0;
+                pthread_cond_wait(&rd->cv, &rd->mu);
+                continue;
+            }
+            if (!down_until)
+                down_until = mono_ns() + s->r->connect_timeout + s->r->cmd_timeout + s->block_ns;
+            struct timespec ts = {(time_t)(down_until / 1000000000u), (long)(down_until % 1000000000u)};
+            if (pthread_cond_timedwait(&rd->cv, &rd->mu, &ts) != 0 && !rd->healthy)
+                rc = KEEL_EUNAVAIL;
+        }
+        pthread_mutex_unlock(&rd->mu);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}

@@ -1,0 +1,1384 @@
+/* tests/test_bus.c — keel_bus: the NATS wildcard table, checked against
+ * the trie; sync order; async per-subject order with 2 workers; queue
+ * groups; unsubscribe from inside a handler and from another thread while
+ * publishing; failure isolation; drain and destroy losing nothing; the
+ * full-queue policies; bad input. Redis Streams on real servers: sharing a
+ * group across processes, a consumer killed mid-batch, a poison entry
+ * reaching the dead-letter stream, a server restarted mid-run. */
+#define _GNU_SOURCE
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <keel/bus.h>
+#include <keel/metrics.h>
+#include <keel/redis.h>
+
+#include "harness.h"
+
+#define MS KT_MS
+#define S KT_S
+
+static void nap(uint64_t ns)
+{
+    struct timespec ts = {(time_t)(ns / S), (long)(ns % S)};
+    nanosleep(&ts, NULL);
+}
+
+/* A handler's log: which subscription saw what. */
+typedef struct rec {
+    pthread_mutex_t mu;
+    int tag;
+    size_t n;
+    int fail;          /* return this */
+    int order[4096];   /* tags in call order (shared logs) */
+    size_t norder;
+    struct rec *log;   /* a shared log to append the tag to */
+} rec;
+
+static int on_rec(const keel_bus_msg *m, void *ud)
+{
+    (void)m;
+    rec *r = ud;
+    pthread_mutex_lock(&r->mu);
+    r->n++;
+    pthread_mutex_unlock(&r->mu);
+    if (r->log) {
+        pthread_mutex_lock(&r->log->mu);
+        if (r->log->norder < 4096)
+            r->log->order[r->log->norder++] = r->tag;
+        pthread_mutex_unlock(&r->log->mu);
+    }
+    return r->fail;
+}
+
+static rec *rec_new(int tag, rec *log)
+{
+    rec *r = calloc(1, sizeof *r);
+    pthread_mutex_init(&r->mu, NULL);
+    r->tag = tag;
+    r->log = log;
+    return r;
+}
+
+static keel_bus *bus_new(size_t workers, size_t capacity, keel_bus_full on_full)
+{
+    keel_bus *b;
+    keel_bus_opts o = {.workers = workers, .capacity = capacity, .on_full = on_full};
+    ck_assert_int_eq(keel_bus_create(&b, &o), 0);
+    return b;
+}
+
+static keel_bus_sub *sub(keel_bus *b, const char *pattern, keel_bus_handler h, void *ud, keel_bus_mode mode,
+                         const char *group)
+{
+    keel_bus_sub *s;
+    keel_bus_sub_opts o = {.pattern = pattern, .handler = h, .ud = ud, .mode = mode, .group = group};
+    ck_assert_int_eq(keel_bus_subscribe(b, &o, &s), 0);
+    return s;
+}
+
+static int pub(keel_bus *b, const char *subject)
+{
+    return keel_bus_publish(b, subject, "x", 1, NULL, 0, NULL);
+}
+
+/* ---- wildcards ---- */
+
+static const struct {
+    const char *pattern, *subject;
+    int want;
+} cases[] = {
+    {"foo", "foo", 1},
+    {"foo", "bar", 0},
+    {"foo.bar", "foo.bar", 1},
+    {"foo.bar", "foo", 0},
+    {"foo", "foo.bar", 0},
+    {"*", "foo", 1},
+    {"*", "foo.bar", 0},
+    {">", "foo", 1},
+    {">", "foo.bar.baz", 1},
+    {"foo.*", "foo.bar", 1},
+    {"foo.*", "foo", 0},             /* * is exactly one token */
+    {"foo.*", "foo.bar.baz", 0},
+    {"foo.>", "foo", 0},             /* > is one or more */
+    {"foo.>", "foo.bar", 1},
+    {"foo.>", "foo.bar.baz", 1},
+    {"foo.*.baz", "foo.bar.baz", 1},
+    {"foo.*.baz", "foo.bar.qux", 0},
+    {"foo.*.baz", "foo.baz", 0},
+    {"*.*", "a.b", 1},
+    {"*.*", "a", 0},
+    {"*.>", "a.b", 1},
+    {"*.>", "a", 0},
+    {"*.bar.>", "foo.bar.baz.q", 1},
+    {"*.bar.>", "foo.baz.bar.q", 0},
+    {"foo*", "foo*", 1},             /* a wildcard character inside a token is a literal */
+    {"foo*", "foox", 0},
+    {"f>", "f>", 1},
+    {"FOO", "foo", 0},               /* case matters */
+    {"order.eu.paid", "order.eu.paid", 1},
+    {"order.*.paid", "order.us.paid", 1},
+    {"order.*.paid", "order.us.refunded", 0},
+    {"a.b.c.d.e.f", "a.b.c.d.e.f", 1},
+    {"a.*.*.d.>", "a.b.c.d.e", 1},
+    {"a.*.*.d.>", "a.b.c.d", 0},
+    {"\xc3\xa9t\xc3\xa9.*", "\xc3\xa9t\xc3\xa9.x", 1}, /* UTF-8 bytes are literals */
+};
+
+static const char *bad_patterns[] = {
+    "", ".", "foo.", ".foo", "foo..bar", "foo.>.bar", ">.foo", "foo bar", "foo\tbar", "foo.\x7f", "a.>.>",
+};
+static const char *bad_subjects[] = {
+    "", ".", "foo.", "foo..bar", "foo.*", "*", ">", "foo.>", "a b", "a\nb",
+};
+
+START_TEST(the_wildcard_table)
+{
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+        ck_assert_msg(keel_bus_match(cases[i].pattern, cases[i].subject) == cases[i].want, "%s vs %s",
+                      cases[i].pattern, cases[i].subject);
+    for (size_t i = 0; i < sizeof bad_patterns / sizeof bad_patterns[0]; i++)
+        ck_assert_int_eq(keel_bus_match(bad_patterns[i], "foo"), KEEL_EINVAL);
+    for (size_t i = 0; i < sizeof bad_subjects / sizeof bad_subjects[0]; i++)
+        ck_assert_int_eq(keel_bus_match(">", bad_subjects[i]), KEEL_EINVAL);
+    char big[1100];
+    memset(big, 'a', sizeof big);
+    big[1024] = '\0';
+    ck_assert_int_eq(keel_bus_match(">", big), 1); /* 1024 bytes is the limit */
+    big[1024] = 'a';
+    big[1025] = '\0';
+    ck_assert_int_eq(keel_bus_match(">", big), KEEL_EINVAL);
+    char toks[200] = "";
+    for (int i = 0; i < 64; i++)
+        strcat(toks, i ? ".a" : "a");
+    ck_assert_int_eq(keel_bus_match(">", toks), 1); /* 64 tokens */
+    strcat(toks, ".a");
+    ck_assert_int_eq(keel_bus_match(">", toks), KEEL_EINVAL);
+    ck_assert_int_eq(keel_bus_match(NULL, "a"), KEEL_EINVAL);
+    ck_assert_int_eq(keel_bus_match("a", NULL), KEEL_EINVAL);
+}
+END_TEST
+
+/* Every pattern of the table subscribed on one bus; every subject
+ * published: the trie delivers exactly where keel_bus_match says. */
+START_TEST(the_trie_agrees_with_the_table)
+{
+    enum { N = sizeof cases / sizeof cases[0] };
+    keel_bus *b = bus_new(0, 0, KEEL_BUS_BLOCK);
+    rec *r[N];
+    keel_bus_sub *s[N];
+    for (size_t i = 0; i < N; i++) {
+        r[i] = rec_new((int)i, NULL);
+        s[i] = sub(b, cases[i].pattern, on_rec, r[i], KEEL_BUS_SYNC, NULL);
+    }
+    for (int round = 0; round < 2; round++) {
+        for (size_t j = 0; j < N; j++) {
+            size_t before[N];
+            for (size_t i = 0; i < N; i++)
+                before[i] = r[i]->n;
+            ck_assert_int_eq(pub(b, cases[j].subject), 0);
+            for (size_t i = 0; i < N; i++) {
+                if (!s[i])
+                    continue;
+                int want = keel_bus_match(cases[i].pattern, cases[j].subject);
+                ck_assert_msg(r[i]->n - before[i] == (size_t)want, "%s got %s %zu times", cases[i].pattern,
+                              cases[j].subject, r[i]->n - before[i]);
+            }
+        }
+        /* half of them leave: the rest still match exactly */
+        for (size_t i = 0; round == 0 && i < N; i += 2) {
+            ck_assert_int_eq(keel_bus_unsubscribe(s[i]), 0);
+            s[i] = NULL;
+        }
+    }
+    keel_bus_stats st;
+    keel_bus_stats_get(b, &st);
+    ck_assert_uint_eq(st.subscriptions, N / 2);
+    keel_bus_destroy(b);
+    for (size_t i = 0; i < N; i++)
+        free(r[i]);
+}
+END_TEST
+
+START_TEST(a_group_member_keeps_its_place_in_the_order)
+{
+    keel_bus *b = bus_new(0, 0, KEEL_BUS_BLOCK);
+    rec *log = rec_new(0, NULL), *r[3];
+    for (int i = 0; i < 3; i++)
+        r[i] = rec_new(i, log);
+    sub(b, "g", on_rec, r[0], KEEL_BUS_SYNC, "grp");
+    sub(b, "g", on_rec, r[1], KEEL_BUS_SYNC, NULL);
+    sub(b, "g", on_rec, r[2], KEEL_BUS_SYNC, "grp");
+    for (int i = 0; i < 4; i++)
+        ck_assert_int_eq(pub(b, "g"), 0);
+    static const int want[8] = {0, 1, 1, 2, 0, 1, 1, 2};
+    ck_assert_uint_eq(log->norder, 8);
+    for (int i = 0; i < 8; i++)
+        ck_assert_int_eq(log->order[i], want[i]);
+    keel_bus_destroy(b);
+    for (int i = 0; i < 3; i++)
+        free(r[i]);
+    free(log);
+}
+END_TEST
+
+START_TEST(sync_handlers_run_in_subscription_order)
+{
+    keel_bus *b = bus_new(0, 0, KEEL_BUS_BLOCK);
+    rec *log = rec_new(0, NULL);
+    const char *pats[] = {"a.>", "a.b.c", "*.b.*", ">", "a.b.c", "a.*.c"};
+    rec *r[6];
+    for (int i = 0; i < 6; i++) {
+        r[i] = rec_new(i, log);
+        sub(b, pats[i], on_rec, r[i], KEEL_BUS_SYNC, NULL);
+    }
+    ck_assert_int_eq(pub(b, "a.b.c"), 0);
+    ck_assert_uint_eq(log->norder, 6);
+    for (int i = 0; i < 6; i++)
+        ck_assert_int_eq(log->order[i], i);
+    keel_bus_destroy(b);
+    for (int i = 0; i < 6; i++)
+        free(r[i]);
+    free(log);
+}
+END_TEST
+
+/* The message a handler sees: subject, data, headers, id, time. */
+typedef struct look {
+    char subject[64], data[16], hk[16], hv[16], id[KEEL_BUS_ID_MAX];
+    size_t len, nheaders;
+    uint64_t time_ns;
+    int calls;
+} look;
+
+static int on_look(const keel_bus_msg *m, void *ud)
+{
+    look *l = ud;
+    snprintf(l->subject, sizeof l->subject, "%s", m->subject);
+    ck_assert_uint_eq(strlen(m->subject), m->subject_len);
+    memcpy(l->data, m->data, m->len < 16 ? m->len : 16);
+    l->len = m->len;
+    l->nheaders = m->nheaders;
+    if (m->nheaders) {
+        snprintf(l->hk, sizeof l->hk, "%s", m->headers[m->nheaders - 1].key);
+        snprintf(l->hv, sizeof l->hv, "%s", m->headers[m->nheaders - 1].value);
+    }
+    snprintf(l->id, sizeof l->id, "%s", m->id);
+    l->time_ns = m->time_ns;
+    l->calls++;
+    return 0;
+}
+
+START_TEST(messages_carry_their_fields_and_ordered_ids)
+{
+    keel_bus *b = bus_new(1, 0, KEEL_BUS_BLOCK);
+    look ls = {0}, la = {0};
+    sub(b, "user.*", on_look, &ls, KEEL_BUS_SYNC, NULL);
+    sub(b, "user.*", on_look, &la, KEEL_BUS_ASYNC, NULL);
+    keel_bus_header h[2] = {{"trace", "abc"}, {"tenant", "t1"}};
+    char id[KEEL_BUS_ID_MAX], prev[KEEL_BUS_ID_MAX] = "0-0";
+    unsigned long long pms = 0, pseq = 0;
+    for (int i = 0; i < 1000; i++) {
+        ck_assert_int_eq(keel_bus_publish(b, "user.created", "a\0b", 3, h, 2, id), 0);
+        unsigned long long ms, seq;
+        ck_assert_int_eq(sscanf(id, "%llu-%llu", &ms, &seq), 2);
+        ck_assert_msg(ms > pms || (ms == pms && seq > pseq), "%s after %s", id, prev);
+        pms = ms, pseq = seq;
+        snprintf(prev, sizeof prev, "%s", id);
+    }
+    ck_assert_int_eq(keel_bus_drain(b), 0);
+    for (look *l = &ls; l; l = l == &ls ? &la : NULL) {
+        ck_assert_int_eq(l->calls, 1000);
+        ck_assert_str_eq(l->subject, "user.created");
+        ck_assert_uint_eq(l->len, 3);
+        ck_assert_int_eq(memcmp(l->data, "a\0b", 3), 0);
+        ck_assert_uint_eq(l->nheaders, 2);
+        ck_assert_str_eq(l->hk, "tenant");
+        ck_assert_str_eq(l->hv, "t1");
+        ck_assert_str_eq(l->id, id); /* the last one */
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        uint64_t now = (uint64_t)ts.tv_sec * S + (uint64_t)ts.tv_nsec;
+        ck_assert(l->time_ns <= now && l->time_ns + 60 * S > now);
+    }
+    keel_bus_destroy(b);
+}
+END_TEST
+
+/* ---- async order ---- */
+
+typedef struct order {
+    uint32_t next[16];
+    _Atomic size_t total, bad;
+} order;
+
+static int on_order(const keel_bus_msg *m, void *ud)
+{
+    order *o = ud;
+    uint32_t subj = (uint32_t)(m->subject[4] - 'a'), seq;
+    memcpy(&seq, m->data, 4);
+    if (seq != o->next[subj])
+        atomic_fetch_add(&o->bad, 1);
+    o->next[subj] = seq + 1; /* one subject, one worker: no race */
+    atomic_fetch_add(&o->total, 1);
+    return 0;
+}
+
+START_TEST(async_keeps_each_subjects_order_over_two_workers)
+{
+    keel_bus *b = bus_new(2, 1024, KEEL_BUS_BLOCK);
+    order *o1 = calloc(1, sizeof *o1), *o2 = calloc(1, sizeof *o2);
+    sub(b, "ord.>", on_order, o1, KEEL_BUS_ASYNC, NULL);
+    sub(b, "ord.*", on_order, o2, KEEL_BUS_ASYNC, NULL);
+    enum { SUBJ = 12, PER = 5000 };
+    char subj[SUBJ][8];
+    for (int s = 0; s < SUBJ; s++)
+        snprintf(subj[s], sizeof subj[s], "ord.%c", 'a' + s);
+    for (uint32_t i = 0; i < PER; i++)
+        for (int s = 0; s < SUBJ; s++)
+            ck_assert_int_eq(keel_bus_publish(b, subj[s], &i, 4, NULL, 0, NULL), 0);
+    ck_assert_int_eq(keel_bus_drain(b), 0);
+    for (order *o = o1; o; o = o == o1 ? o2 : NULL) {
+        ck_assert_uint_eq(atomic_load(&o->total), SUBJ * PER);
+        ck_assert_uint_eq(atomic_load(&o->bad), 0);
+    }
+    keel_bus_stats st;
+    keel_bus_stats_get(b, &st);
+    ck_assert_uint_eq(st.published, SUBJ * PER);
+    ck_assert_uint_eq(st.delivered, 2 * SUBJ * PER);
+    ck_assert_uint_eq(st.queued, 0);
+    keel_bus_destroy(b);
+    free(o1);
+    free(o2);
+}
+END_TEST
+
+/* ---- queue groups ---- */
+
+START_TEST(a_queue_group_splits_the_messages_each_to_one_member)
+{
+    for (int mode = 0; mode < 2; mode++) {
+        keel_bus *b = bus_new(2, 0, KEEL_BUS_BLOCK);
+        rec *m[3], *all = rec_new(9, NULL), *other[2];
+        for (int i = 0; i < 3; i++)
+            m[i] = rec_new(i, NULL);
+        sub(b, "job.*", on_rec, m[0], (keel_bus_mode)mode, "workers");
+        sub(b, "job.>", on_rec, m[1], (keel_bus_mode)mode, "workers");
+        sub(b, "job.run", on_rec, m[2], (keel_bus_mode)mode, "workers");
+        sub(b, ">", on_rec, all, (keel_bus_mode)mode, NULL);
+        for (int i = 0; i < 2; i++) {
+            other[i] = rec_new(20 + i, NULL);
+            sub(b, "job.run", on_rec, other[i], (keel_bus_mode)mode, "audit");
+        }
+        for (int i = 0; i < 3000; i++)
+            ck_assert_int_eq(pub(b, "job.run"), 0);
+        ck_assert_int_eq(pub(b, "job.x.y"), 0); /* only m[1] matches */
+        ck_assert_int_eq(keel_bus_drain(b), 0);
+        size_t sum = 0;
+        for (int i = 0; i < 3; i++) {
+            ck_assert_uint_ge(m[i]->n, 800); /* evenly-ish: round robin */
+            sum += m[i]->n;
+        }
+        ck_assert_uint_eq(sum, 3001); /* each message to exactly one member */
+        ck_assert_uint_eq(all->n, 3001);
+        ck_assert_uint_eq(other[0]->n + other[1]->n, 3000);
+        ck_assert_uint_eq(other[0]->n, 1500);
+        keel_bus_destroy(b);
+        for (int i = 0; i < 3; i++)
+            free(m[i]);
+        free(all);
+        free(other[0]);
+        free(other[1]);
+    }
+}
+END_TEST
+
+/* ---- unsubscribe ---- */
+
+typedef struct selfish {
+    keel_bus_sub *me, *victim;
+    int calls, limit;
+    rec *victim_rec;
+} selfish;
+
+static int on_selfish(const keel_bus_msg *m, void *ud)
+{
+    (void)m;
+    selfish *s = ud;
+    if (++s->calls == s->limit) {
+        ck_assert_int_eq(keel_bus_unsubscribe(s->me), 0); /* returns: its own call is in progress */
+        ck_assert_int_eq(keel_bus_unsubscribe(s->me), KEEL_EINVAL); /* once only */
+        if (s->victim)
+            ck_assert_int_eq(keel_bus_unsubscribe(s->victim), 0);
+    }
+    return 0;
+}
+
+START_TEST(a_handler_can_unsubscribe_itself_and_others)
+{
+    for (int mode = 0; mode < 2; mode++) {
+        keel_bus *b = bus_new(1, 0, KEEL_BUS_BLOCK);
+        selfish s = {.limit = 3};
+        s.victim_rec = rec_new(1, NULL);
+        s.me = sub(b, "t.*", on_selfish, &s, (keel_bus_mode)mode, NULL);
+        s.victim = sub(b, "t.>", on_rec, s.victim_rec, (keel_bus_mode)mode, NULL);
+        for (int i = 0; i < 10; i++)
+            ck_assert_int_eq(pub(b, "t.x"), 0);
+        ck_assert_int_eq(keel_bus_drain(b), 0);
+        ck_assert_int_eq(s.calls, 3);
+        /* the victim ran for the first two; the third publish's call to it
+         * came after its unsubscribe and was skipped */
+        ck_assert_uint_eq(s.victim_rec->n, 2);
+        keel_bus_stats st;
+        keel_bus_stats_get(b, &st);
+        ck_assert_uint_eq(st.subscriptions, 0);
+        keel_bus_destroy(b);
+        free(s.victim_rec);
+    }
+}
+END_TEST
+
+/* Publishers run flat out while the main thread subscribes and
+ * unsubscribes; each subscription's ud is freed (and poisoned) as soon as
+ * unsubscribe returns, so a late call is a use after free (ASan) or a
+ * poisoned counter (here). */
+typedef struct churn_ud {
+    _Atomic uint32_t magic;
+    _Atomic size_t calls;
+} churn_ud;
+
+static int on_churn(const keel_bus_msg *m, void *ud)
+{
+    (void)m;
+    churn_ud *c = ud;
+    ck_assert_uint_eq(atomic_load(&c->magic), 0x600dcafe);
+    atomic_fetch_add(&c->calls, 1);
+    return 0;
+}
+
+typedef struct churn_pub {
+    keel_bus *b;
+    _Atomic int *stop;
+    size_t n;
+} churn_pub;
+
+static void *churn_publisher(void *arg)
+{
+    churn_pub *p = arg;
+    while (!atomic_load(p->stop)) {
+        ck_assert_int_eq(pub(p->b, "churn.a.b"), 0);
+        p->n++;
+    }
+    return NULL;
+}
+
+START_TEST(unsubscribe_from_another_thread_while_publishing)
+{
+    keel_bus *b = bus_new(2, 1 << 12, KEEL_BUS_BLOCK);
+    _Atomic int stop = 0;
+    churn_pub p[2] = {{b, &stop, 0}, {b, &stop, 0}};
+    pthread_t t[2];
+    for (int i = 0; i < 2; i++)
+        pthread_create(&t[i], NULL, churn_publisher, &p[i]);
+    const char *pats[] = {"churn.>", "churn.*.b", "churn.a.b", ">"};
+    size_t seen = 0;
+    for (int i = 0; i < 200; i++) {
+        churn_ud *u[4];
+        keel_bus_sub *s[4];
+        for (int k = 0; k < 4; k++) {
+            u[k] = calloc(1, sizeof *u[k]);
+            atomic_store(&u[k]->magic, 0x600dcafe);
+            s[k] = sub(b, pats[k], on_churn, u[k], k % 2 ? KEEL_BUS_ASYNC : KEEL_BUS_SYNC, k == 3 ? "g" : NULL);
+        }
+        nap(200 * 1000); /* let publishes reach them: a real-thread wait */
+        for (int k = 0; k < 4; k++) {
+            ck_assert_int_eq(keel_bus_unsubscribe(s[k]), 0);
+            seen += atomic_load(&u[k]->calls);
+            atomic_store(&u[k]->magic, 0xdeadbeef);
+            free(u[k]);
+        }
+    }
+    atomic_store(&stop, 1);
+    for (int i = 0; i < 2; i++)
+        pthread_join(t[i], NULL);
+    ck_assert_uint_gt(seen, 0);
+    ck_assert_uint_gt(p[0].n + p[1].n, 0);
+    keel_bus_destroy(b);
+}
+END_TEST
+
+/* Several threads subscribe and unsubscribe at once while others
+ * publish: each unsubscribe must wait for its own grace period even when
+ * another thread collected the garbage first. */
+typedef struct churner {
+    keel_bus *b;
+    int rounds;
+} churner;
+
+static void *churn_subscriber(void *arg)
+{
+    churner *c = arg;
+    for (int i = 0; i < c->rounds; i++) {
+        churn_ud *u = calloc(1, sizeof *u);
+        atomic_store(&u->magic, 0x600dcafe);
+        keel_bus_sub *s = sub(c->b, i % 2 ? "churn.*.b" : "churn.a.>", on_churn, u, KEEL_BUS_SYNC, NULL);
+        ck_assert_int_eq(keel_bus_unsubscribe(s), 0);
+        atomic_store(&u->magic, 0xdeadbeef);
+        free(u);
+    }
+    return NULL;
+}
+
+START_TEST(many_threads_unsubscribe_while_others_publish)
+{
+    keel_bus *b = bus_new(0, 0, KEEL_BUS_BLOCK);
+    _Atomic int stop = 0;
+    churn_pub p[2] = {{b, &stop, 0}, {b, &stop, 0}};
+    pthread_t pt[2], st[3];
+    for (int i = 0; i < 2; i++)
+        pthread_create(&pt[i], NULL, churn_publisher, &p[i]);
+    churner c = {b, 300};
+    for (int i = 0; i < 3; i++)
+        pthread_create(&st[i], NULL, churn_subscriber, &c);
+    for (int i = 0; i < 3; i++)
+        pthread_join(st[i], NULL);
+    atomic_store(&stop, 1);
+    for (int i = 0; i < 2; i++)
+        pthread_join(pt[i], NULL);
+    keel_bus_stats s;
+    keel_bus_stats_get(b, &s);
+    ck_assert_uint_eq(s.subscriptions, 0);
+    keel_bus_destroy(b);
+}
+END_TEST
+
+/* ---- failures ---- */
+
+typedef struct errs {
+    int n, last;
+    keel_bus_sub *sub;
+    char subject[32];
+} errs;
+
+static void on_error(keel_bus_sub *s, const keel_bus_msg *m, int err, void *ud)
+{
+    errs *e = ud;
+    e->n++;
+    e->last = err;
+    e->sub = s;
+    snprintf(e->subject, sizeof e->subject, "%s", m->subject);
+}
+
+START_TEST(a_failing_handler_does_not_stop_the_others)
+{
+    errs e = {0};
+    keel_bus *b;
+    keel_bus_opts o = {.workers = 1, .on_error = on_error, .ud = &e};
+    ck_assert_int_eq(keel_bus_create(&b, &o), 0);
+    rec *r[3];
+    keel_bus_sub *s[3];
+    for (int i = 0; i < 3; i++) {
+        r[i] = rec_new(i, NULL);
+        s[i] = sub(b, "f.x", on_rec, r[i], KEEL_BUS_SYNC, NULL);
+    }
+    r[1]->fail = -42;
+    ck_assert_int_eq(pub(b, "f.x"), 0); /* a handler's failure is not the publisher's */
+    for (int i = 0; i < 3; i++)
+        ck_assert_uint_eq(r[i]->n, 1);
+    ck_assert_int_eq(e.n, 1);
+    ck_assert_int_eq(e.last, -42);
+    ck_assert_ptr_eq(e.sub, s[1]);
+    ck_assert_str_eq(e.subject, "f.x");
+    keel_bus_stats st;
+    keel_bus_stats_get(b, &st);
+    ck_assert_uint_eq(st.delivered, 2);
+    ck_assert_uint_eq(st.failed, 1);
+    keel_bus_destroy(b);
+    for (int i = 0; i < 3; i++)
+        free(r[i]);
+}
+END_TEST
+
+/* ---- drain, destroy, full queues ---- */
+
+typedef struct gate {
+    _Atomic int closed;
+    _Atomic size_t entered, n;
+} gate;
+
+static int on_gate(const keel_bus_msg *m, void *ud)
+{
+    (void)m;
+    gate *g = ud;
+    atomic_fetch_add(&g->entered, 1);
+    while (atomic_load(&g->closed))
+        nap(100 * 1000); /* a real-thread wait: the test opens the gate */
+    atomic_fetch_add(&g->n, 1);
+    return 0;
+}
+
+START_TEST(drain_and_destroy_lose_nothing)
+{
+    gate *g = calloc(1, sizeof *g);
+    keel_bus *b = bus_new(2, 100000, KEEL_BUS_BLOCK);
+    sub(b, "d.>", on_gate, g, KEEL_BUS_ASYNC, NULL);
+    char subj[16];
+    for (int i = 0; i < 50000; i++) {
+        snprintf(subj, sizeof subj, "d.%d", i % 7);
+        ck_assert_int_eq(pub(b, subj), 0);
+    }
+    ck_assert_int_eq(keel_bus_drain(b), 0);
+    ck_assert_uint_eq(atomic_load(&g->n), 50000);
+    for (int i = 0; i < 20000; i++)
+        ck_assert_int_eq(pub(b, "d.x"), 0);
+    keel_bus_destroy(b); /* runs what is queued */
+    ck_assert_uint_eq(atomic_load(&g->n), 70000);
+    /* the smallest queue (capacity 1 is rounded up to 2) */
+    b = bus_new(1, 1, KEEL_BUS_BLOCK);
+    sub(b, "d", on_gate, g, KEEL_BUS_ASYNC, NULL);
+    for (int i = 0; i < 1000; i++)
+        ck_assert_int_eq(pub(b, "d"), 0);
+    ck_assert_int_eq(keel_bus_drain(b), 0);
+    ck_assert_uint_eq(atomic_load(&g->n), 71000);
+    keel_bus_destroy(b);
+    free(g);
+}
+END_TEST
+
+/* Each handler publishes the next hop to another subject (and so,
+ * likely, another worker) until the tenth: destroy runs them all. */
+typedef struct hops {
+    keel_bus *b;
+    _Atomic int n;
+} hops;
+
+static int on_hop(const keel_bus_msg *m, void *ud)
+{
+    hops *h = ud;
+    atomic_fetch_add(&h->n, 1);
+    int k = atoi(m->subject + 4);
+    if (k < 9) {
+        char next[16];
+        snprintf(next, sizeof next, "hop.%d", k + 1);
+        ck_assert_int_eq(pub(h->b, next), 0);
+    }
+    return 0;
+}
+
+START_TEST(destroy_runs_what_handlers_queue_meanwhile)
+{
+    hops h = {bus_new(4, 0, KEEL_BUS_BLOCK), 0};
+    sub(h.b, "hop.*", on_hop, &h, KEEL_BUS_ASYNC, NULL);
+    for (int i = 0; i < 20; i++)
+        ck_assert_int_eq(pub(h.b, "hop.0"), 0);
+    keel_bus_destroy(h.b);
+    ck_assert_int_eq(atomic_load(&h.n), 200);
+}
+END_TEST
+
+START_TEST(each_full_queue_policy)
+{
+    for (int pol = 0; pol < 3; pol++) {
+        gate *g = calloc(1, sizeof *g);
+        atomic_store(&g->closed, 1);
+        errs e = {0};
+        keel_bus *b;
+        keel_bus_opts o = {.workers = 1, .capacity = 4, .on_full = (keel_bus_full)pol,
+                           .block_timeout_ns = 20 * MS, .on_error = on_error, .ud = &e};
+        ck_assert_int_eq(keel_bus_create(&b, &o), 0);
+        keel_bus_sub *s = sub(b, "q", on_gate, g, KEEL_BUS_ASYNC, NULL);
+        ck_assert_int_eq(pub(b, "q"), 0);
+        while (atomic_load(&g->entered) == 0) /* the worker holds the first one */
+            nap(100 * 1000);
+        for (int i = 0; i < 4; i++)
+            ck_assert_int_eq(pub(b, "q"), 0);
+        uint64_t t0 = keel_now_ns();
+        int rc = pub(b, "q");
+        uint64_t waited = keel_now_ns() - t0;
+        keel_bus_stats st;
+        keel_bus_stats_get(b, &st);
+        ck_assert_uint_eq(st.queued, 4);
+        if (pol == KEEL_BUS_BLOCK) {
+            ck_assert_int_eq(rc, KEEL_ETIMEDOUT);
+            ck_assert_uint_ge(waited, 19 * MS); /* it did wait its timeout */
+            ck_assert_uint_eq(st.rejected, 1);
+        } else if (pol == KEEL_BUS_REJECT) {
+            ck_assert_int_eq(rc, KEEL_EFULL);
+            ck_assert_uint_eq(st.rejected, 1);
+        } else {
+            ck_assert_int_eq(rc, 0);
+            ck_assert_uint_eq(st.dropped, 1);
+            ck_assert_int_eq(e.n, 1); /* the oldest, reported */
+            ck_assert_int_eq(e.last, KEEL_EFULL);
+            ck_assert_ptr_eq(e.sub, s);
+        }
+        atomic_store(&g->closed, 0);
+        ck_assert_int_eq(keel_bus_drain(b), 0);
+        ck_assert_uint_eq(atomic_load(&g->n), 5);
+        keel_bus_destroy(b);
+        free(g);
+    }
+}
+END_TEST
+
+/* A publisher blocked on a full queue gets through once the worker makes
+ * room (no timeout). */
+typedef struct blocked {
+    keel_bus *b;
+    int rc;
+} blocked;
+
+static void *blocked_pub(void *arg)
+{
+    blocked *x = arg;
+    x->rc = pub(x->b, "q");
+    return NULL;
+}
+
+START_TEST(a_blocked_publisher_goes_on_when_room_is_made)
+{
+    gate *g = calloc(1, sizeof *g);
+    atomic_store(&g->closed, 1);
+    keel_bus *b = bus_new(1, 2, KEEL_BUS_BLOCK);
+    sub(b, "q", on_gate, g, KEEL_BUS_ASYNC, NULL);
+    for (int i = 0; i < 3; i++)
+        ck_assert_int_eq(pub(b, "q"), 0);
+    while (atomic_load(&g->entered) == 0)
+        nap(100 * 1000);
+    blocked x = {b, 99};
+    pthread_t t;
+    pthread_create(&t, NULL, blocked_pub, &x);
+    nap(20 * MS); /* settle: it must still be waiting */
+    ck_assert_uint_eq(atomic_load(&g->n), 0);
+    atomic_store(&g->closed, 0);
+    pthread_join(t, NULL);
+    ck_assert_int_eq(x.rc, 0);
+    ck_assert_int_eq(keel_bus_drain(b), 0);
+    ck_assert_uint_eq(atomic_load(&g->n), 4);
+    keel_bus_destroy(b);
+    free(g);
+}
+END_TEST
+
+/* Handlers that call back into the bus: publish (sync and async), drain. */
+typedef struct reent {
+    keel_bus *b;
+    int drain_rc, depth;
+    _Atomic int echoes;
+} reent;
+
+static int on_reent(const keel_bus_msg *m, void *ud)
+{
+    reent *r = ud;
+    if (strcmp(m->subject, "re.in") == 0) {
+        r->drain_rc = keel_bus_drain(r->b);
+        ck_assert_int_eq(pub(r->b, "re.echo"), 0);
+    } else {
+        atomic_fetch_add(&r->echoes, 1);
+    }
+    return 0;
+}
+
+START_TEST(handlers_may_publish_but_a_worker_may_not_drain)
+{
+    keel_bus *b = bus_new(2, 0, KEEL_BUS_BLOCK);
+    reent r = {.b = b, .drain_rc = 99};
+    sub(b, "re.*", on_reent, &r, KEEL_BUS_ASYNC, NULL);
+    ck_assert_int_eq(pub(b, "re.in"), 0);
+    ck_assert_int_eq(keel_bus_drain(b), 0);
+    ck_assert_int_eq(keel_bus_drain(b), 0); /* the echo was queued by the first */
+    ck_assert_int_eq(r.drain_rc, KEEL_ESTATE);
+    ck_assert_int_eq(atomic_load(&r.echoes), 1);
+    keel_bus_destroy(b);
+}
+END_TEST
+
+START_TEST(many_subscriptions_come_and_go)
+{
+    keel_bus *b = bus_new(0, 0, KEEL_BUS_BLOCK);
+    enum { N = 5000 };
+    keel_bus_sub **s = calloc(N, sizeof *s);
+    rec *hit = rec_new(0, NULL);
+    char pat[32];
+    for (int i = 0; i < N; i++) {
+        snprintf(pat, sizeof pat, "svc%d.%s", i, i % 3 == 0 ? "*" : i % 3 == 1 ? ">" : "evt");
+        s[i] = sub(b, pat, on_rec, hit, KEEL_BUS_SYNC, NULL);
+    }
+    for (int i = 0; i < N; i++) {
+        snprintf(pat, sizeof pat, "svc%d.evt", i);
+        ck_assert_int_eq(pub(b, pat), 0);
+    }
+    ck_assert_uint_eq(hit->n, N);
+    for (int i = 0; i < N; i += 2)
+        ck_assert_int_eq(keel_bus_unsubscribe(s[i]), 0);
+    for (int i = 0; i < N; i++) {
+        snprintf(pat, sizeof pat, "svc%d.evt", i);
+        ck_assert_int_eq(pub(b, pat), 0);
+    }
+    ck_assert_uint_eq(hit->n, N + N / 2);
+    keel_bus_destroy(b); /* frees the rest */
+    free(hit);
+    free(s);
+}
+END_TEST
+
+START_TEST(metrics_report_the_counters)
+{
+    keel_metrics *m;
+    keel_metrics_opts mo = {0};
+    ck_assert_int_eq(keel_metrics_create(&m, &mo), 0);
+    keel_bus *b;
+    keel_bus_opts o = {.metrics = m, .metrics_name = "events"};
+    ck_assert_int_eq(keel_bus_create(&b, &o), 0);
+    rec *r = rec_new(0, NULL);
+    sub(b, "m", on_rec, r, KEEL_BUS_SYNC, NULL);
+    ck_assert_int_eq(pub(b, "m"), 0);
+    char *text;
+    size_t len;
+    ck_assert_int_eq(keel_metrics_render_buf(m, KEEL_METRICS_PROMETHEUS, &text, &len), 0);
+    ck_assert_ptr_nonnull(strstr(text, "keel_bus_published_total{bus=\"events\"} 1\n"));
+    ck_assert_ptr_nonnull(strstr(text, "keel_bus_delivered_total{bus=\"events\"} 1\n"));
+    ck_assert_ptr_nonnull(strstr(text, "keel_bus_subscriptions{bus=\"events\"} 1\n"));
+    keel_free(text);
+    keel_bus_destroy(b);
+    keel_metrics_destroy(m);
+    free(r);
+}
+END_TEST
+
+START_TEST(bad_input_is_refused)
+{
+    keel_bus *b;
+    keel_bus_opts bad[] = {{.workers = 2000}, {.partitions = 65}, {.on_full = (keel_bus_full)7},
+                           {.service = "a b"}, {.consumer = ""}, {.prefix = ""}};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        ck_assert_int_eq(keel_bus_create(&b, &bad[i]), KEEL_EINVAL);
+    ck_assert_int_eq(keel_bus_create(NULL, NULL), KEEL_EINVAL);
+    ck_assert_int_eq(keel_bus_create(&b, NULL), 0);
+    ck_assert_int_eq(keel_bus_start(b), KEEL_ESTATE); /* no redis */
+    ck_assert_int_eq(keel_bus_start(NULL), KEEL_EINVAL);
+    rec *r = rec_new(0, NULL);
+    keel_bus_sub *s = NULL;
+    for (size_t i = 0; i < sizeof bad_patterns / sizeof bad_patterns[0]; i++) {
+        keel_bus_sub_opts so = {.pattern = bad_patterns[i], .handler = on_rec, .ud = r};
+        ck_assert_int_eq(keel_bus_subscribe(b, &so, &s), KEEL_EINVAL);
+    }
+    keel_bus_sub_opts so = {.pattern = "a", .handler = NULL};
+    ck_assert_int_eq(keel_bus_subscribe(b, &so, &s), KEEL_EINVAL);
+    so = (keel_bus_sub_opts){.pattern = NULL, .handler = on_rec};
+    ck_assert_int_eq(keel_bus_subscribe(b, &so, &s), KEEL_EINVAL);
+    so = (keel_bus_sub_opts){.pattern = "a", .handler = on_rec, .mode = (keel_bus_mode)5};
+    ck_assert_int_eq(keel_bus_subscribe(b, &so, &s), KEEL_EINVAL);
+    so = (keel_bus_sub_opts){.pattern = "a", .handler = on_rec, .group = ""};
+    ck_assert_int_eq(keel_bus_subscribe(b, &so, &s), KEEL_EINVAL);
+    ck_assert_int_eq(keel_bus_subscribe(NULL, &so, &s), KEEL_EINVAL);
+    ck_assert_ptr_null(s);
+    for (size_t i = 0; i < sizeof bad_subjects / sizeof bad_subjects[0]; i++)
+        ck_assert_int_eq(pub(b, bad_subjects[i]), KEEL_EINVAL);
+    ck_assert_int_eq(pub(b, NULL), KEEL_EINVAL);
+    ck_assert_int_eq(keel_bus_publish(b, "a", NULL, 3, NULL, 0, NULL), KEEL_EINVAL);
+    ck_assert_int_eq(keel_bus_publish(b, "a", NULL, 0, NULL, 0, NULL), 0); /* empty payload */
+    keel_bus_header h[65] = {{NULL, "v"}};
+    ck_assert_int_eq(keel_bus_publish(b, "a", "x", 1, h, 1, NULL), KEEL_EINVAL);
+    h[0] = (keel_bus_header){"", "v"};
+    ck_assert_int_eq(keel_bus_publish(b, "a", "x", 1, h, 1, NULL), KEEL_EINVAL);
+    for (int i = 0; i < 65; i++)
+        h[i] = (keel_bus_header){"k", "v"};
+    ck_assert_int_eq(keel_bus_publish(b, "a", "x", 1, h, 65, NULL), KEEL_EINVAL);
+    ck_assert_int_eq(keel_bus_publish(b, "a", "x", 1, NULL, 1, NULL), KEEL_EINVAL);
+    ck_assert_int_eq(keel_bus_publish(NULL, "a", "x", 1, NULL, 0, NULL), KEEL_EINVAL);
+    keel_bus_pub many[3] = {{.subject = "ok"}, {.subject = "bad..one"}, {.subject = "ok.too"}};
+    ck_assert_int_eq(keel_bus_publish_many(b, many, 3), KEEL_EINVAL);
+    ck_assert_int_eq(many[0].rc, 0);
+    ck_assert_int_eq(many[1].rc, KEEL_EINVAL);
+    ck_assert_int_eq(many[2].rc, 0);
+    ck_assert_int_ne(many[2].id[0], '\0');
+    ck_assert_int_eq(keel_bus_unsubscribe(NULL), KEEL_EINVAL);
+    ck_assert_int_eq(keel_bus_drain(NULL), KEEL_EINVAL);
+    keel_bus_stats st;
+    keel_bus_stats_get(NULL, &st);
+    ck_assert_uint_eq(st.published, 0);
+    keel_bus_destroy(b);
+    keel_bus_destroy(NULL);
+    free(r);
+}
+END_TEST
+
+/* ---- Redis Streams ---- */
+
+static keel_redis *redis_nodes(int n) { return kt_redis_open(n, 1000 * MS); }
+
+/* A command of C strings. */
+static int rcmd(keel_redis *r, const char *key, int argc, const char **argv, redisReply **rep)
+{
+    size_t lens[8];
+    for (int i = 0; i < argc; i++)
+        lens[i] = strlen(argv[i]);
+    return keel_redis_command(r, key, strlen(key), argc, argv, lens, rep);
+}
+
+/* A bus over redis; service NULL for a publisher only. */
+static keel_bus *rbus(keel_redis *r, const char *prefix, const char *service, const char *consumer,
+                      size_t parts, uint64_t min_idle, void (*err)(keel_bus_sub *, const keel_bus_msg *, int, void *),
+                      void *ud)
+{
+    keel_bus *b;
+    keel_bus_opts o = {.redis = r, .prefix = prefix, .service = service, .consumer = consumer,
+                       .partitions = parts, .min_idle_ns = min_idle, .max_deliveries = 3,
+                       .block_ns = 50 * MS, .read_count = 20, .on_error = err, .ud = ud};
+    ck_assert_int_eq(keel_bus_create(&b, &o), 0);
+    return b;
+}
+
+static void unique_prefix(char *p, size_t n, const char *what)
+{
+    snprintf(p, n, "kt:bus:%d:%s:%llu:", getpid(), what, (unsigned long long)keel_now_ns());
+}
+
+/* Per subject, the sequence numbers seen (single process). */
+typedef struct rseen {
+    pthread_mutex_t mu;
+    uint32_t next[8];
+    size_t n, bad, hdr_ok;
+} rseen;
+
+static int on_rseen(const keel_bus_msg *m, void *ud)
+{
+    rseen *r = ud;
+    uint32_t seq, subj = (uint32_t)(m->subject[2] - '0');
+    ck_assert_uint_eq(m->len, 5);
+    memcpy(&seq, m->data, 4);
+    ck_assert_int_eq(((const char *)m->data)[4], '\0');
+    pthread_mutex_lock(&r->mu);
+    if (seq != r->next[subj])
+        r->bad++;
+    r->next[subj] = seq + 1;
+    r->n++;
+    r->hdr_ok += m->nheaders == 1 && strcmp(m->headers[0].key, "k") == 0 && strcmp(m->headers[0].value, "v") == 0;
+    pthread_mutex_unlock(&r->mu);
+    return 0;
+}
+
+START_TEST(streams_deliver_in_subject_order_across_partitions_and_nodes)
+{
+    keel_redis *r = redis_nodes(3);
+    char prefix[96];
+    unique_prefix(prefix, sizeof prefix, "order");
+    keel_bus *p = rbus(r, prefix, NULL, NULL, 4, 0, NULL, NULL);
+    keel_bus *c = rbus(r, prefix, "svc", "c1", 4, 0, NULL, NULL);
+    rseen *seen = calloc(1, sizeof *seen);
+    pthread_mutex_init(&seen->mu, NULL);
+    sub(c, "s.*", on_rseen, seen, KEEL_BUS_ASYNC, NULL); /* runs in the readers whatever the mode */
+    ck_assert_int_eq(keel_bus_start(c), 0);
+    ck_assert_int_eq(keel_bus_start(c), KEEL_ESTATE);
+    ck_assert_int_eq(keel_bus_start(p), KEEL_ESTATE); /* no service */
+    keel_bus_header h = {"k", "v"};
+    enum { PER = 250, SUBJ = 8 };
+    keel_bus_pub batch[SUBJ];
+    char subj[SUBJ][8];
+    char data[SUBJ][5];
+    for (uint32_t i = 0; i < PER; i++) {
+        for (int s = 0; s < SUBJ; s++) {
+            snprintf(subj[s], sizeof subj[s], "s.%d", s);
+            memcpy(data[s], &i, 4);
+            data[s][4] = '\0';
+            batch[s] = (keel_bus_pub){.subject = subj[s], .data = data[s], .len = 5, .headers = &h, .nheaders = 1};
+        }
+        ck_assert_int_eq(keel_bus_publish_many(p, batch, SUBJ), 0);
+        for (int s = 0; s < SUBJ; s++)
+            ck_assert_int_ne(batch[s].id[0], '\0');
+    }
+    ck_assert_int_eq(keel_bus_publish(p, "nobody.listens", "x", 1, NULL, 0, NULL), 0);
+    ck_assert_int_eq(keel_bus_drain(c), 0);
+    pthread_mutex_lock(&seen->mu);
+    ck_assert_uint_eq(seen->n, PER * SUBJ);
+    ck_assert_uint_eq(seen->bad, 0);
+    ck_assert_uint_eq(seen->hdr_ok, PER * SUBJ);
+    pthread_mutex_unlock(&seen->mu);
+    keel_bus_stats st;
+    keel_bus_stats_get(c, &st);
+    ck_assert_uint_eq(st.acked, PER * SUBJ + 1); /* the unmatched one too */
+    keel_bus_stats_get(p, &st);
+    ck_assert_uint_eq(st.published, PER * SUBJ + 1);
+    keel_bus_destroy(c);
+    keel_bus_destroy(p);
+    keel_redis_destroy(r);
+    free(seen);
+}
+END_TEST
+
+/* A child consumer: reports each handled message's number on `out` until
+ * `ctl` reaches end of file. A victim blocks forever in its first call. */
+typedef struct child_ctx {
+    int out;
+    bool victim;
+} child_ctx;
+
+static int on_child(const keel_bus_msg *m, void *ud)
+{
+    child_ctx *c = ud;
+    uint32_t n;
+    memcpy(&n, m->data, 4);
+    if (write(c->out, &n, 4) != 4)
+        _exit(3);
+    while (c->victim)
+        pause(); /* killed here */
+    return 0;
+}
+
+static pid_t child(const char *prefix, const char *consumer, bool victim, const int out[2], const int ctl[2])
+{
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid)
+        return pid;
+    close(out[0]);
+    close(ctl[1]); /* so that the parent's close is an end of file */
+    keel_redis *r = redis_nodes(1);
+    keel_bus *b = rbus(r, prefix, "grp", consumer, 1, 30 * S, NULL, NULL);
+    child_ctx c = {out[1], victim};
+    keel_bus_sub *s;
+    keel_bus_sub_opts so = {.pattern = "work.>", .handler = on_child, .ud = &c};
+    if (keel_bus_subscribe(b, &so, &s) || keel_bus_start(b))
+        _exit(2);
+    char x;
+    while (read(ctl[0], &x, 1) > 0)
+        ;
+    keel_bus_destroy(b);
+    keel_redis_destroy(r);
+    _exit(0);
+}
+
+/* Reads message numbers from fd until each of 0..n-1 was seen or the
+ * deadline; `distinct` of them were seen before; returns how many now. */
+static size_t collect_seen(int fd, uint8_t *seen, size_t n, size_t distinct, uint64_t deadline_ns)
+{
+    while (distinct < n && keel_now_ns() < deadline_ns) {
+        struct pollfd pf = {fd, POLLIN, 0};
+        if (poll(&pf, 1, 100) <= 0)
+            continue;
+        uint32_t v;
+        if (read(fd, &v, 4) != 4)
+            break;
+        ck_assert_uint_lt(v, n);
+        distinct += seen[v]++ == 0;
+    }
+    return distinct;
+}
+
+static void publish_numbers(keel_bus *p, uint32_t from, uint32_t to)
+{
+    for (uint32_t i = from; i < to; i++) {
+        char subj[32];
+        snprintf(subj, sizeof subj, "work.%u", i % 5);
+        ck_assert_int_eq(keel_bus_publish(p, subj, &i, 4, NULL, 0, NULL), 0);
+    }
+}
+
+START_TEST(two_processes_share_a_group_and_miss_nothing)
+{
+    char prefix[96];
+    unique_prefix(prefix, sizeof prefix, "share");
+    int out[2], ctl[2];
+    ck_assert_int_eq(pipe(out), 0);
+    ck_assert_int_eq(pipe(ctl), 0);
+    pid_t a = child(prefix, "c1", false, out, ctl);
+    pid_t b = child(prefix, "c2", false, out, ctl);
+    close(ctl[0]);
+    keel_redis *r = redis_nodes(1);
+    keel_bus *p = rbus(r, prefix, NULL, NULL, 1, 0, NULL, NULL);
+    enum { N = 2000 };
+    uint8_t *seen = calloc(N, 1);
+    size_t got = 0;
+    for (uint32_t i = 0; i < N; i += 100) { /* in waves, so both readers get work */
+        publish_numbers(p, i, i + 100);
+        got = collect_seen(out[0], seen, N, got, keel_now_ns() + 20 * MS);
+    }
+    got = collect_seen(out[0], seen, N, got, keel_now_ns() + 30 * S);
+    close(ctl[1]);
+    int st;
+    waitpid(a, &st, 0);
+    ck_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    waitpid(b, &st, 0);
+    ck_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    size_t distinct = 0;
+    for (size_t i = 0; i < N; i++)
+        distinct += seen[i] > 0;
+    ck_assert_uint_eq(distinct, N); /* at least once */
+    ck_assert_uint_eq(got, N);
+    /* and shared: XINFO CONSUMERS shows both with work done */
+    const char *argv[] = {"XINFO", "CONSUMERS", NULL, "grp"};
+    char key[128];
+    snprintf(key, sizeof key, "%s0", prefix);
+    argv[2] = key;
+    redisReply *rep;
+    ck_assert_int_eq(rcmd(r, key, 4, argv, &rep), 0);
+    ck_assert_uint_eq(rep->elements, 2);
+    freeReplyObject(rep);
+    keel_bus_destroy(p);
+    keel_redis_destroy(r);
+    free(seen);
+    close(out[0]);
+    close(out[1]);
+}
+END_TEST
+
+typedef struct count {
+    pthread_mutex_t mu;
+    uint8_t seen[64];
+    size_t n;
+} count;
+
+static int on_count(const keel_bus_msg *m, void *ud)
+{
+    count *c = ud;
+    uint32_t v;
+    memcpy(&v, m->data, 4);
+    pthread_mutex_lock(&c->mu);
+    if (v < 64 && c->seen[v]++ == 0)
+        c->n++;
+    pthread_mutex_unlock(&c->mu);
+    return 0;
+}
+
+static size_t count_n(count *c)
+{
+    pthread_mutex_lock(&c->mu);
+    size_t n = c->n;
+    pthread_mutex_unlock(&c->mu);
+    return n;
+}
+
+START_TEST(a_consumer_killed_mid_batch_is_taken_over)
+{
+    char prefix[96];
+    unique_prefix(prefix, sizeof prefix, "kill");
+    keel_redis *r = redis_nodes(1);
+    keel_bus *p = rbus(r, prefix, NULL, NULL, 1, 0, NULL, NULL);
+    publish_numbers(p, 0, 15); /* before the victim starts: it reads them all at once */
+    int out[2], ctl[2];
+    ck_assert_int_eq(pipe(out), 0);
+    ck_assert_int_eq(pipe(ctl), 0);
+    pid_t v = child(prefix, "victim", true, out, ctl);
+    uint32_t first;
+    struct pollfd pf = {out[0], POLLIN, 0};
+    ck_assert_int_eq(poll(&pf, 1, 10000), 1);
+    ck_assert_int_eq(read(out[0], &first, 4), 4);
+    kill(v, SIGKILL); /* mid-batch: 15 entries delivered to it, none acknowledged */
+    int st;
+    waitpid(v, &st, 0);
+    count *c = calloc(1, sizeof *c);
+    pthread_mutex_init(&c->mu, NULL);
+    keel_bus *sv = rbus(r, prefix, "grp", "survivor", 1, 300 * MS, NULL, NULL);
+    sub(sv, "work.>", on_count, c, KEEL_BUS_SYNC, NULL);
+    ck_assert_int_eq(keel_bus_start(sv), 0);
+    publish_numbers(p, 15, 20); /* new ones go straight to the survivor */
+    uint64_t deadline = keel_now_ns() + 20 * S;
+    while (count_n(c) < 20 && keel_now_ns() < deadline)
+        nap(20 * MS); /* real time: Redis measures idleness on its own clock */
+    ck_assert_uint_eq(count_n(c), 20);
+    keel_bus_stats s;
+    keel_bus_stats_get(sv, &s);
+    ck_assert_uint_ge(s.claimed, 15);
+    keel_bus_destroy(sv);
+    keel_bus_destroy(p);
+    keel_redis_destroy(r);
+    close(ctl[0]);
+    close(ctl[1]);
+    close(out[0]);
+    close(out[1]);
+    free(c);
+}
+END_TEST
+
+typedef struct poison {
+    _Atomic int bad_calls, ok_calls, buried;
+    char buried_subject[32];
+} poison;
+
+static int on_poison(const keel_bus_msg *m, void *ud)
+{
+    poison *p = ud;
+    if (strcmp(m->subject, "p.bad") == 0) {
+        atomic_fetch_add(&p->bad_calls, 1);
+        return -7;
+    }
+    atomic_fetch_add(&p->ok_calls, 1);
+    return 0;
+}
+
+static void on_buried(keel_bus_sub *s, const keel_bus_msg *m, int err, void *ud)
+{
+    poison *p = ud;
+    if (!s && err == KEEL_ELIMIT) {
+        snprintf(p->buried_subject, sizeof p->buried_subject, "%s", m->subject);
+        atomic_fetch_add(&p->buried, 1);
+    }
+}
+
+START_TEST(a_poison_message_reaches_the_dead_letter_stream)
+{
+    char prefix[96];
+    unique_prefix(prefix, sizeof prefix, "poison");
+    keel_redis *r = redis_nodes(1);
+    poison *ps = calloc(1, sizeof *ps);
+    keel_bus *b = rbus(r, prefix, "grp", "c1", 1, 100 * MS, on_buried, ps);
+    sub(b, "p.*", on_poison, ps, KEEL_BUS_SYNC, NULL);
+    ck_assert_int_eq(keel_bus_start(b), 0);
+    ck_assert_int_eq(keel_bus_publish(b, "p.bad", "boom", 4, NULL, 0, NULL), 0);
+    ck_assert_int_eq(keel_bus_publish(b, "p.ok", "fine", 4, NULL, 0, NULL), 0);
+    uint64_t deadline = keel_now_ns() + 20 * S;
+    while (atomic_load(&ps->buried) == 0 && keel_now_ns() < deadline)
+        nap(20 * MS);
+    ck_assert_int_eq(atomic_load(&ps->buried), 1);
+    ck_assert_str_eq(ps->buried_subject, "p.bad");
+    ck_assert_int_eq(atomic_load(&ps->bad_calls), 3); /* max_deliveries */
+    ck_assert_int_eq(atomic_load(&ps->ok_calls), 1);
+    char dead[128], key[128];
+    snprintf(dead, sizeof dead, "%sdead", prefix);
+    snprintf(key, sizeof key, "%s0", prefix);
+    const char *argv[] = {"XRANGE", dead, "-", "+"};
+    redisReply *rep;
+    ck_assert_int_eq(rcmd(r, dead, 4, argv, &rep), 0);
+    ck_assert_uint_eq(rep->elements, 1);
+    redisReply *f = rep->element[0]->element[1];
+    bool subject = false, data = false;
+    for (size_t i = 0; i + 1 < f->elements; i += 2) {
+        subject |= strcmp(f->element[i]->str, "s") == 0 && strcmp(f->element[i + 1]->str, "p.bad") == 0;
+        data |= strcmp(f->element[i]->str, "d") == 0 && strcmp(f->element[i + 1]->str, "boom") == 0;
+    }
+    ck_assert(subject && data);
+    freeReplyObject(rep);
+    const char *pargv[] = {"XPENDING", key, "grp"};
+    ck_assert_int_eq(rcmd(r, key, 3, pargv, &rep), 0);
+    ck_assert_int_eq(rep->element[0]->integer, 0); /* nothing left pending */
+    freeReplyObject(rep);
+    keel_bus_stats st;
+    keel_bus_stats_get(b, &st);
+    ck_assert_uint_eq(st.dead_lettered, 1);
+    ck_assert_uint_eq(st.failed, 3);
+    keel_bus_destroy(b);
+    keel_redis_destroy(r);
+    free(ps);
+}
+END_TEST
+
+static int on_slow(const keel_bus_msg *m, void *ud)
+{
+    nap(20 * MS); /* a slow handler, so that destroy comes mid-batch */
+    return on_count(m, ud);
+}
+
+START_TEST(stopping_mid_batch_acknowledges_what_was_handled)
+{
+    char prefix[96], key[128];
+    unique_prefix(prefix, sizeof prefix, "stop");
+    snprintf(key, sizeof key, "%s0", prefix);
+    keel_redis *r = redis_nodes(1);
+    keel_bus *p = rbus(r, prefix, NULL, NULL, 1, 0, NULL, NULL);
+    publish_numbers(p, 0, 20);
+    count *c = calloc(1, sizeof *c);
+    pthread_mutex_init(&c->mu, NULL);
+    keel_bus *b = rbus(r, prefix, "grp", "c1", 1, 30 * S, NULL, NULL);
+    sub(b, "work.>", on_slow, c, KEEL_BUS_SYNC, NULL);
+    ck_assert_int_eq(keel_bus_start(b), 0);
+    while (count_n(c) < 3)
+        nap(5 * MS);
+    keel_bus_destroy(b); /* mid-batch: the reader read all 20 at once */
+    size_t handled = count_n(c);
+    ck_assert_uint_lt(handled, 20);
+    const char *pargv[] = {"XPENDING", key, "grp"};
+    redisReply *rep;
+    ck_assert_int_eq(rcmd(r, key, 3, pargv, &rep), 0);
+    ck_assert_int_eq(rep->element[0]->integer, 20 - (long long)handled); /* the handled ones were acked */
+    freeReplyObject(rep);
+    keel_bus_destroy(p);
+    keel_redis_destroy(r);
+    free(c);
+}
+END_TEST
+
+START_TEST(a_redis_restart_fails_publishes_then_consumers_resume)
+{
+    char prefix[96];
+    unique_prefix(prefix, sizeof prefix, "restart");
+    keel_redis *r = redis_nodes(1);
+    keel_bus *p = rbus(r, prefix, NULL, NULL, 1, 0, NULL, NULL);
+    count *c = calloc(1, sizeof *c);
+    pthread_mutex_init(&c->mu, NULL);
+    keel_bus *b = rbus(r, prefix, "grp", "c1", 1, 30 * S, NULL, NULL);
+    sub(b, "work.>", on_count, c, KEEL_BUS_SYNC, NULL);
+    ck_assert_int_eq(keel_bus_start(b), 0);
+    publish_numbers(p, 0, 10);
+    ck_assert_int_eq(keel_bus_drain(b), 0);
+    ck_assert_uint_eq(count_n(c), 10);
+    kt_server("stop-one", "redis1");
+    uint32_t n = 10;
+    for (int i = 0; i < 5; i++) {
+        char id[KEEL_BUS_ID_MAX] = "unchanged";
+        ck_assert_int_eq(keel_bus_publish(p, "work.x", &n, 4, NULL, 0, id), KEEL_EUNAVAIL);
+        ck_assert_str_eq(id, ""); /* nothing reported accepted */
+    }
+    ck_assert_int_eq(keel_bus_drain(b), KEEL_EUNAVAIL);
+    kt_server("start-one", "redis1"); /* empty: no persistence, the group is gone */
+    int rc = KEEL_EUNAVAIL;
+    for (int i = 0; i < 5 && rc; i++)
+        rc = keel_bus_publish(p, "work.x", &n, 4, NULL, 0, NULL);
+    ck_assert_int_eq(rc, 0);
+    for (n = 11; n < 20; n++)
+        ck_assert_int_eq(keel_bus_publish(p, "work.x", &n, 4, NULL, 0, NULL), 0);
+    uint64_t deadline = keel_now_ns() + 20 * S;
+    while (count_n(c) < 20 && keel_now_ns() < deadline)
+        nap(20 * MS);
+    ck_assert_uint_eq(count_n(c), 20);
+    keel_bus_destroy(b);
+    keel_bus_destroy(p);
+    keel_redis_destroy(r);
+    free(c);
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("bus");
+    TCase *tc = tcase_create("local");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, the_wildcard_table);
+    tcase_add_test(tc, the_trie_agrees_with_the_table);
+    tcase_add_test(tc, sync_handlers_run_in_subscription_order);
+    tcase_add_test(tc, a_group_member_keeps_its_place_in_the_order);
+    tcase_add_test(tc, messages_carry_their_fields_and_ordered_ids);
+    tcase_add_test(tc, async_keeps_each_subjects_order_over_two_workers);
+    tcase_add_test(tc, a_queue_group_splits_the_messages_each_to_one_member);
+    tcase_add_test(tc, a_handler_can_unsubscribe_itself_and_others);
+    tcase_add_test(tc, unsubscribe_from_another_thread_while_publishing);
+    tcase_add_test(tc, many_threads_unsubscribe_while_others_publish);
+    tcase_add_test(tc, a_failing_handler_does_not_stop_the_others);
+    tcase_add_test(tc, drain_and_destroy_lose_nothing);
+    tcase_add_test(tc, each_full_queue_policy);
+    tcase_add_test(tc, destroy_runs_what_handlers_queue_meanwhile);
+    tcase_add_test(tc, a_blocked_publisher_goes_on_when_room_is_made);
+    tcase_add_test(tc, handlers_may_publish_but_a_worker_may_not_drain);
+    tcase_add_test(tc, many_subscriptions_come_and_go);
+    tcase_add_test(tc, metrics_report_the_counters);
+    tcase_add_test(tc, bad_input_is_refused);
+    suite_add_tcase(s, tc);
+    TCase *rd = tcase_create("redis");
+    tcase_set_timeout(rd, 90);
+    tcase_add_test(rd, streams_deliver_in_subject_order_across_partitions_and_nodes);
+    tcase_add_test(rd, two_processes_share_a_group_and_miss_nothing);
+    tcase_add_test(rd, a_consumer_killed_mid_batch_is_taken_over);
+    tcase_add_test(rd, a_poison_message_reaches_the_dead_letter_stream);
+    tcase_add_test(rd, stopping_mid_batch_acknowledges_what_was_handled);
+    tcase_add_test(rd, a_redis_restart_fails_publishes_then_consumers_resume);
+    suite_add_tcase(s, rd);
+    return kt_run(s);
+}
