@@ -17,5 +17,6 @@
 #include <keel/limiter.h>
 #include <keel/batch.h>
 #include <keel/bus.h>
+#include <keel/cqrs.h>
 
 #endif /* KEEL_H */

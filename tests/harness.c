@@ -3,6 +3,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <keel/redis.h>
 
@@ -24,6 +25,13 @@ const char *kt_env(const char *name)
                   "%s is not set: this test needs the servers that `make check` "
                   "starts (tests/servers.sh run <test>)", name);
     return v;
+}
+
+void kt_nap(uint64_t ns)
+{
+    struct timespec ts = {(time_t)(ns / 1000000000u), (long)(ns % 1000000000u)};
+    while (nanosleep(&ts, &ts) != 0)
+        ;
 }
 
 int kt_redis_nodes(void)

@@ -49,6 +49,10 @@ typedef struct kt_clock {
 uint64_t kt_clock_now(void *clock); /* a keel_clock_fn over a kt_clock */
 void kt_clock_advance(kt_clock *c, uint64_t ns);
 
+/* Sleeps for real: for waits on real servers and threads, never for the
+ * time of the code under test (that comes from a kt_clock). */
+void kt_nap(uint64_t ns);
+
 #define KT_MS (1000000ull)
 #define KT_S (1000000000ull)
 

@@ -26,11 +26,7 @@
 #define MS KT_MS
 #define S KT_S
 
-static void nap(uint64_t ns)
-{
-    struct timespec ts = {(time_t)(ns / S), (long)(ns % S)};
-    nanosleep(&ts, NULL);
-}
+#define nap kt_nap
 
 /* A handler's log: which subscription saw what. */
 typedef struct rec {

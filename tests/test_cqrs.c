@@ -1,0 +1,943 @@
+/* tests/test_cqrs.c — keel_cqrs: registration and dispatch errors;
+ * middleware order and short-circuit; optimistic concurrency from two
+ * threads (one winner per version) and the retry option; idempotent
+ * repeats, also across two processes; events on the bus after commit;
+ * and on a real PostgreSQL: an append held open while another commits
+ * (no projection skips or repeats an event), a projection process killed
+ * mid-catch-up, queries on the replica with read-your-writes, the memory
+ * and PostgreSQL stores agreeing, monthly partitions, a missing schema. */
+#define _GNU_SOURCE
+#include <libpq-fe.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <keel/bus.h>
+#include <keel/cqrs.h>
+#include <keel/pg.h>
+
+#include "cqrs/cqrs_int.h"
+#include "harness.h"
+
+#define MS KT_MS
+#define S KT_S
+
+#define nap kt_nap
+
+/* ---- the domain: counters and users ---- */
+
+typedef struct app {
+    _Atomic int calls;
+} app;
+
+/* inc: the payload names a counter stream; emits its next value. */
+static int cmd_inc(keel_cqrs_ctx *x, const void *payload, size_t len, void *ud)
+{
+    app *a = ud;
+    atomic_fetch_add(&a->calls, 1);
+    char stream[64];
+    snprintf(stream, sizeof stream, "%.*s", (int)len, (const char *)payload);
+    const keel_cqrs_event *evs;
+    size_t n;
+    int rc = keel_cqrs_load(x, stream, &evs, &n);
+    if (rc)
+        return rc;
+    for (size_t i = 0; i < n; i++) /* the history is dense and in order */
+        if (evs[i].version != i + 1)
+            return KEEL_EPROTO;
+    uint64_t next = n + 1;
+    rc = keel_cqrs_emit(x, stream, "counter.incremented", &next, sizeof next, "m", 1);
+    return rc ? rc : keel_cqrs_reply(x, &next, sizeof next);
+}
+
+/* register: a user stream that must be new. */
+static int cmd_register(keel_cqrs_ctx *x, const void *payload, size_t len, void *ud)
+{
+    app *a = ud;
+    atomic_fetch_add(&a->calls, 1);
+    char stream[96];
+    snprintf(stream, sizeof stream, "user-%.*s", (int)len, (const char *)payload);
+    int rc = keel_cqrs_emit(x, stream, "user.registered", payload, len, NULL, 0);
+    return rc ? rc : keel_cqrs_reply(x, "welcome", 7);
+}
+
+static char *uniq(const char *what)
+{
+    static char p[64];
+    static int n;
+    snprintf(p, sizeof p, "t%d_%s%d_", (int)getpid(), what, n++);
+    return p;
+}
+
+static keel_pg *open_pg(void)
+{
+    keel_pg *pg = NULL;
+    const char *replicas[1] = {kt_env("KEEL_TEST_PG_REPLICA")};
+    keel_pg_opts o = {.primary = kt_env("KEEL_TEST_PG"), .replicas = replicas, .nreplicas = 1,
+                      .connect_timeout_ns = 2 * S, .acquire_timeout_ns = 5 * S, .query_timeout_ns = 20 * S,
+                      .max_replica_lag_ns = 10 * S, .manual_health = 1, .conns_per_host = 4};
+    ck_assert_int_eq(keel_pg_create(&pg, &o), 0);
+    ck_assert_int_eq(keel_pg_check(pg), 0);
+    return pg;
+}
+
+/* A cqrs over the memory store (pg NULL) or PostgreSQL with its schema. */
+static keel_cqrs *open_cqrs(keel_pg *pg, const char *prefix, uint32_t retries, app *a)
+{
+    keel_cqrs *c;
+    keel_cqrs_opts o = {.pg = pg, .prefix = prefix, .max_retries = retries, .read_your_writes = 1};
+    ck_assert_int_eq(keel_cqrs_create(&c, &o), 0);
+    ck_assert_int_eq(keel_cqrs_create_schema(c), 0);
+    ck_assert_int_eq(keel_cqrs_command(c, "inc", cmd_inc, a), 0);
+    ck_assert_int_eq(keel_cqrs_command(c, "register", cmd_register, a), 0);
+    return c;
+}
+
+/* ---- dispatch ---- */
+
+static int q_echo(keel_cqrs_ctx *x, const void *payload, size_t len, void *ud)
+{
+    (void)ud;
+    return keel_cqrs_reply(x, payload, len);
+}
+
+static int q_misuse(keel_cqrs_ctx *x, const void *payload, size_t len, void *ud)
+{
+    (void)payload, (void)len, (void)ud;
+    const keel_cqrs_event *e;
+    size_t n;
+    ck_assert_int_eq(keel_cqrs_load(x, "s", &e, &n), KEEL_EINVAL); /* not in a query */
+    ck_assert_int_eq(keel_cqrs_emit(x, "s", "t", "", 0, NULL, 0), KEEL_EINVAL);
+    ck_assert_ptr_null(keel_cqrs_conn(x)); /* the memory store has none */
+    return 0;
+}
+
+static int cmd_bad_events(keel_cqrs_ctx *x, const void *payload, size_t len, void *ud)
+{
+    (void)payload, (void)len, (void)ud;
+    char big[200];
+    memset(big, 'a', sizeof big);
+    big[sizeof big - 1] = '\0';
+    ck_assert_int_eq(keel_cqrs_emit(x, "s", "a..b", "", 0, NULL, 0), KEEL_EINVAL);
+    ck_assert_int_eq(keel_cqrs_emit(x, "s", "user.*", "", 0, NULL, 0), KEEL_EINVAL);
+    ck_assert_int_eq(keel_cqrs_emit(x, "", "ok", "", 0, NULL, 0), KEEL_EINVAL);
+    ck_assert_int_eq(keel_cqrs_emit(x, "s", big, "", 0, NULL, 0), KEEL_EINVAL); /* over 128 */
+    ck_assert_int_eq(keel_cqrs_emit(x, "s", "ok", NULL, 3, NULL, 0), KEEL_EINVAL);
+    ck_assert_int_eq(keel_cqrs_emit(x, "s", "ok", big, 100, NULL, 0), KEEL_EINVAL); /* over max_payload */
+    ck_assert_int_eq(keel_cqrs_reply(x, big, 100), KEEL_EINVAL);
+    return 0;
+}
+
+START_TEST(registration_and_dispatch_errors)
+{
+    app a = {0};
+    keel_cqrs *c;
+    keel_cqrs_opts o = {.max_payload = 16};
+    ck_assert_int_eq(keel_cqrs_create(&c, &o), 0);
+    ck_assert_int_eq(keel_cqrs_command(c, "inc", cmd_inc, &a), 0);
+    ck_assert_int_eq(keel_cqrs_command(c, "inc", cmd_inc, &a), KEEL_EEXIST);
+    ck_assert_int_eq(keel_cqrs_query(c, "inc", q_echo, NULL), 0); /* queries have their own names */
+    ck_assert_int_eq(keel_cqrs_query(c, "inc", q_echo, NULL), KEEL_EEXIST);
+    ck_assert_int_eq(keel_cqrs_query(c, "misuse", q_misuse, NULL), 0);
+    ck_assert_int_eq(keel_cqrs_command(c, "bad", cmd_bad_events, NULL), 0);
+    char long_name[200];
+    memset(long_name, 'n', sizeof long_name);
+    long_name[sizeof long_name - 1] = '\0';
+    ck_assert_int_eq(keel_cqrs_command(c, long_name, cmd_inc, &a), KEEL_EINVAL);
+    ck_assert_int_eq(keel_cqrs_command(c, "", cmd_inc, &a), KEEL_EINVAL);
+    ck_assert_int_eq(keel_cqrs_command(c, NULL, cmd_inc, &a), KEEL_EINVAL);
+    ck_assert_int_eq(keel_cqrs_command(c, "x", NULL, &a), KEEL_EINVAL);
+    ck_assert_int_eq(keel_cqrs_command(NULL, "x", cmd_inc, &a), KEEL_EINVAL);
+    keel_cqrs_result r;
+    ck_assert_int_eq(keel_cqrs_send(c, "nope", "s", 1, NULL, &r), KEEL_ENOTFOUND);
+    ck_assert_int_eq(keel_cqrs_ask(c, "nope", "s", 1, 0, &r), KEEL_ENOTFOUND);
+    ck_assert_int_eq(keel_cqrs_ask(c, "bad", "s", 1, 0, &r), KEEL_ENOTFOUND); /* a command, not a query */
+    ck_assert_int_eq(keel_cqrs_send(c, long_name, "s", 1, NULL, &r), KEEL_EINVAL);
+    ck_assert_int_eq(keel_cqrs_send(c, "inc", "0123456789abcdefX", 17, NULL, &r), KEEL_EINVAL); /* > 16 */
+    ck_assert_int_eq(keel_cqrs_send(c, "inc", NULL, 3, NULL, &r), KEEL_EINVAL);
+    ck_assert_int_eq(keel_cqrs_send(c, "inc", "s", 1, "", &r), KEEL_EINVAL); /* an empty key */
+    ck_assert_int_eq(atomic_load(&a.calls), 0);
+    ck_assert_int_eq(keel_cqrs_send(c, "inc", "s", 1, NULL, &r), 0);
+    ck_assert_uint_eq(r.len, 8);
+    ck_assert_uint_eq(*(uint64_t *)r.reply, 1);
+    ck_assert_uint_eq(r.position, 1);
+    keel_cqrs_result_free(&r);
+    ck_assert_ptr_null(r.reply);
+    ck_assert_int_eq(keel_cqrs_ask(c, "inc", "echo", 4, 0, &r), 0);
+    ck_assert_int_eq(memcmp(r.reply, "echo", 4), 0);
+    keel_cqrs_result_free(&r);
+    ck_assert_int_eq(keel_cqrs_ask(c, "misuse", "", 0, 0, NULL), 0);
+    ck_assert_int_eq(keel_cqrs_send(c, "bad", "", 0, NULL, NULL), 0);
+    keel_cqrs_opts bad = {.prefix = "Bad-Prefix"};
+    ck_assert_int_eq(keel_cqrs_create(&c, &bad) == KEEL_EINVAL, 1);
+    keel_cqrs_stats st;
+    keel_cqrs_stats_get(c, &st);
+    ck_assert_uint_eq(st.appended, 1);
+    keel_cqrs_destroy(c);
+    keel_cqrs_destroy(NULL);
+}
+END_TEST
+
+/* ---- middleware ---- */
+
+typedef struct trail {
+    char log[64];
+    size_t n;
+} trail;
+
+static int link_a(keel_cqrs_req *q, void *ud)
+{
+    trail *t = ud;
+    t->log[t->n++] = keel_cqrs_req_kind(q) == KEEL_CQRS_COMMAND ? 'A' : 'a';
+    int rc = keel_cqrs_next(q);
+    t->log[t->n++] = ')';
+    return rc;
+}
+
+static int link_b(keel_cqrs_req *q, void *ud) /* commands only: refuses "deny" */
+{
+    trail *t = ud;
+    t->log[t->n++] = 'B';
+    size_t len;
+    const char *p = keel_cqrs_req_payload(q, &len);
+    if (len == 4 && memcmp(p, "deny", 4) == 0)
+        return KEEL_ESTATE;
+    ck_assert_str_eq(keel_cqrs_req_name(q), "inc");
+    return keel_cqrs_next(q);
+}
+
+static int link_c(keel_cqrs_req *q, void *ud) /* queries only */
+{
+    trail *t = ud;
+    t->log[t->n++] = 'c';
+    return keel_cqrs_next(q);
+}
+
+START_TEST(middleware_runs_in_order_and_can_stop_a_dispatch)
+{
+    app a = {0};
+    trail t = {{0}, 0};
+    keel_cqrs *c = open_cqrs(NULL, NULL, 0, &a);
+    ck_assert_int_eq(keel_cqrs_query(c, "echo", q_echo, NULL), 0);
+    ck_assert_int_eq(keel_cqrs_use(c, KEEL_CQRS_COMMAND | KEEL_CQRS_QUERY, link_a, &t), 0);
+    ck_assert_int_eq(keel_cqrs_use(c, KEEL_CQRS_COMMAND, link_b, &t), 0);
+    ck_assert_int_eq(keel_cqrs_use(c, KEEL_CQRS_QUERY, link_c, &t), 0);
+    ck_assert_int_eq(keel_cqrs_use(c, 0, link_c, &t), KEEL_EINVAL);
+    ck_assert_int_eq(keel_cqrs_use(c, 8, link_c, &t), KEEL_EINVAL);
+    ck_assert_int_eq(keel_cqrs_send(c, "inc", "s1", 2, NULL, NULL), 0);
+    ck_assert_int_eq(keel_cqrs_ask(c, "echo", "x", 1, 0, NULL), 0);
+    ck_assert_int_eq(keel_cqrs_send(c, "inc", "deny", 4, NULL, NULL), KEEL_ESTATE);
+    t.log[t.n] = '\0';
+    ck_assert_str_eq(t.log, "AB)ac)AB)");
+    ck_assert_int_eq(atomic_load(&a.calls), 1); /* the denied one never reached its handler */
+    for (int i = 3; i < 32; i++)
+        ck_assert_int_eq(keel_cqrs_use(c, KEEL_CQRS_QUERY, link_c, &t), 0);
+    ck_assert_int_eq(keel_cqrs_use(c, KEEL_CQRS_QUERY, link_c, &t), KEEL_ELIMIT);
+    keel_cqrs_destroy(c);
+}
+END_TEST
+
+/* A retry link: runs the rest twice. A later link must run each time. */
+static int link_twice(keel_cqrs_req *q, void *ud)
+{
+    (void)ud;
+    int rc = keel_cqrs_next(q);
+    return rc ? rc : keel_cqrs_next(q);
+}
+
+static int link_count(keel_cqrs_req *q, void *ud)
+{
+    ++*(int *)ud;
+    return keel_cqrs_next(q);
+}
+
+START_TEST(a_link_may_run_the_rest_of_the_chain_twice)
+{
+    app a = {0};
+    int later = 0;
+    keel_cqrs *c = open_cqrs(NULL, NULL, 0, &a);
+    ck_assert_int_eq(keel_cqrs_use(c, KEEL_CQRS_COMMAND, link_twice, NULL), 0);
+    ck_assert_int_eq(keel_cqrs_use(c, KEEL_CQRS_COMMAND, link_count, &later), 0);
+    keel_cqrs_result r;
+    ck_assert_int_eq(keel_cqrs_send(c, "inc", "twice", 5, NULL, &r), 0);
+    ck_assert_int_eq(later, 2);
+    ck_assert_int_eq(atomic_load(&a.calls), 2);
+    ck_assert_uint_eq(*(uint64_t *)r.reply, 2); /* the second run's reply; the first's freed */
+    keel_cqrs_result_free(&r);
+    ck_assert_ptr_null(keel_cqrs_req_name(NULL));
+    keel_cqrs_destroy(c);
+}
+END_TEST
+
+START_TEST(idempotency_keys_belong_to_their_command)
+{
+    app a = {0};
+    keel_cqrs *c = open_cqrs(NULL, NULL, 0, &a);
+    keel_cqrs_result r;
+    ck_assert_int_eq(keel_cqrs_send(c, "inc", "k", 1, "same-key", NULL), 0);
+    ck_assert_int_eq(keel_cqrs_send(c, "register", "bob", 3, "same-key", &r), 0);
+    ck_assert_int_eq(r.repeated, 0); /* another command: it runs */
+    ck_assert_int_eq(memcmp(r.reply, "welcome", 7), 0);
+    keel_cqrs_result_free(&r);
+    ck_assert_int_eq(atomic_load(&a.calls), 2);
+    keel_cqrs_opts bad[] = {{.subject_prefix = "a..b."}, {.subject_prefix = "x.*."}, {.max_payload = (size_t)1 << 31}};
+    keel_cqrs *d;
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        ck_assert_int_eq(keel_cqrs_create(&d, &bad[i]), KEEL_EINVAL);
+    keel_cqrs_destroy(c);
+}
+END_TEST
+
+/* Fails on the event at position `fail_at` once. */
+typedef struct flaky {
+    uint64_t fail_at;
+    size_t n;
+} flaky;
+
+static int apply_flaky(keel_cqrs_ctx *x, const keel_cqrs_event *e, void *ud)
+{
+    (void)x;
+    flaky *f = ud;
+    if (e->position == f->fail_at) {
+        f->fail_at = 0;
+        return KEEL_EBACKEND;
+    }
+    f->n++;
+    return 0;
+}
+
+START_TEST(projections_keep_their_own_checkpoints)
+{
+    app a = {0};
+    keel_cqrs *c = open_cqrs(NULL, NULL, 0, &a);
+    for (int i = 0; i < 10; i++)
+        ck_assert_int_eq(keel_cqrs_send(c, "inc", "s", 1, NULL, NULL), 0);
+    flaky fa = {4, 0}, fb = {0, 0};
+    keel_cqrs_projection *pa, *pb;
+    keel_cqrs_projection_opts oa = {.name = "a", .handler = apply_flaky, .ud = &fa, .batch = 3};
+    keel_cqrs_projection_opts ob = {.name = "b", .handler = apply_flaky, .ud = &fb, .batch = 3};
+    ck_assert_int_eq(keel_cqrs_projection_create(c, &oa, &pa), 0);
+    ck_assert_int_eq(keel_cqrs_projection_create(c, &ob, &pb), 0);
+    size_t n;
+    ck_assert_int_eq(keel_cqrs_projection_run(pa, &n), KEEL_EBACKEND);
+    ck_assert_uint_eq(n, 3); /* 1..3 applied, stopped at 4 */
+    ck_assert_uint_eq(keel_cqrs_projection_position(pa), 3);
+    ck_assert_int_eq(keel_cqrs_projection_run(pb, &n), 0);
+    ck_assert_uint_eq(n, 10);
+    ck_assert_int_eq(keel_cqrs_projection_run(pa, &n), 0);
+    ck_assert_uint_eq(n, 7);
+    ck_assert_uint_eq(fa.n, 10); /* each once */
+    ck_assert_uint_eq(keel_cqrs_projection_position(pa), 10);
+    ck_assert_uint_eq(keel_cqrs_projection_position(pb), 10);
+    keel_cqrs_projection_destroy(pa);
+    keel_cqrs_projection_destroy(pb);
+    keel_cqrs_destroy(c);
+}
+END_TEST
+
+/* ---- concurrency ---- */
+
+typedef struct racer {
+    keel_cqrs *c;
+    int ok, conflicts, other;
+} racer;
+
+static void *race(void *arg)
+{
+    racer *r = arg;
+    for (int i = 0; i < 150; i++) {
+        int rc = keel_cqrs_send(r->c, "inc", "counter", 7, NULL, NULL);
+        if (rc == 0)
+            r->ok++;
+        else if (rc == KEEL_ECONFLICT)
+            r->conflicts++;
+        else
+            r->other++;
+    }
+    return NULL;
+}
+
+/* The stream's events, checked dense, each value its version (one winner
+ * per version); returns how many. */
+static size_t check_counter(keel_cqrs *c)
+{
+    size_t n = 0;
+    ck_assert_int_eq(keel_cqrs_send(c, "inc", "counter", 7, NULL, NULL), 0); /* one more, reading them all */
+    keel_cqrs_result r;
+    ck_assert_int_eq(keel_cqrs_send(c, "inc", "counter", 7, NULL, &r), 0);
+    memcpy(&n, r.reply, sizeof n);
+    keel_cqrs_result_free(&r);
+    return n - 2;
+}
+
+static void two_threads(keel_pg *pg, uint32_t retries)
+{
+    app a = {0};
+    keel_cqrs *c = open_cqrs(pg, uniq("race"), retries, &a);
+    racer r[2] = {{c, 0, 0, 0}, {c, 0, 0, 0}};
+    pthread_t t[2];
+    for (int i = 0; i < 2; i++)
+        pthread_create(&t[i], NULL, race, &r[i]);
+    for (int i = 0; i < 2; i++)
+        pthread_join(t[i], NULL);
+    ck_assert_int_eq(r[0].other + r[1].other, 0);
+    ck_assert_int_eq(r[0].ok + r[0].conflicts + r[1].ok + r[1].conflicts, 300);
+    size_t n = check_counter(c); /* cmd_inc fails on a gap: the history is dense */
+    ck_assert_uint_eq(n, (size_t)(r[0].ok + r[1].ok));
+    keel_cqrs_stats st;
+    keel_cqrs_stats_get(c, &st);
+    ck_assert_uint_eq(st.appended, n + 2);
+    if (retries) {
+        ck_assert_int_eq(r[0].conflicts + r[1].conflicts, 0);
+        ck_assert_uint_eq(n, 300);
+        ck_assert_uint_eq(st.retries, st.conflicts);
+    }
+    keel_cqrs_destroy(c);
+}
+
+START_TEST(two_threads_on_one_stream_one_winner_per_version) { two_threads(NULL, 0); }
+END_TEST
+
+START_TEST(the_retry_option_runs_a_command_again) { two_threads(NULL, 1000); }
+END_TEST
+
+START_TEST(pg_two_threads_on_one_stream_one_winner_per_version)
+{
+    keel_pg *pg = open_pg();
+    two_threads(pg, 0);
+    two_threads(pg, 1000);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
+/* ---- idempotency ---- */
+
+static void idempotent(keel_pg *pg)
+{
+    app a = {0};
+    keel_cqrs *c = open_cqrs(pg, uniq("idem"), 0, &a);
+    keel_cqrs_result r1, r2;
+    ck_assert_int_eq(keel_cqrs_send(c, "register", "ada", 3, "req-1", &r1), 0);
+    ck_assert_int_eq(r1.repeated, 0);
+    ck_assert_int_eq(keel_cqrs_send(c, "register", "ada", 3, "req-1", &r2), 0);
+    ck_assert_int_eq(r2.repeated, 1);
+    ck_assert_uint_eq(r2.len, r1.len);
+    ck_assert_int_eq(memcmp(r1.reply, r2.reply, r1.len), 0);
+    ck_assert_int_eq(atomic_load(&a.calls), 1); /* not run again */
+    keel_cqrs_result_free(&r1);
+    keel_cqrs_result_free(&r2);
+    /* without the key: the stream exists, so a new registration conflicts */
+    ck_assert_int_eq(keel_cqrs_send(c, "register", "ada", 3, NULL, NULL), KEEL_ECONFLICT);
+    keel_cqrs_destroy(c);
+}
+
+START_TEST(an_idempotent_repeat_returns_the_first_result) { idempotent(NULL); }
+END_TEST
+
+START_TEST(pg_an_idempotent_repeat_returns_the_first_result)
+{
+    keel_pg *pg = open_pg();
+    idempotent(pg);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
+START_TEST(pg_idempotency_holds_across_processes)
+{
+    char prefix[64];
+    snprintf(prefix, sizeof prefix, "%s", uniq("procs"));
+    pid_t kid = fork(); /* before this process opens anything: the child owns what it opens */
+    ck_assert_int_ge(kid, 0);
+    if (kid == 0) {
+        keel_pg *p2 = open_pg();
+        app b = {0};
+        keel_cqrs *c2 = open_cqrs(p2, prefix, 0, &b);
+        int rc = keel_cqrs_send(c2, "register", "grace", 5, "signup-7", NULL);
+        keel_cqrs_destroy(c2);
+        keel_pg_destroy(p2);
+        _exit(rc == 0 && atomic_load(&b.calls) == 1 ? 0 : 1);
+    }
+    int st;
+    waitpid(kid, &st, 0);
+    ck_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    keel_pg *pg = open_pg();
+    app a = {0};
+    keel_cqrs *c = open_cqrs(pg, prefix, 0, &a);
+    keel_cqrs_result r;
+    ck_assert_int_eq(keel_cqrs_send(c, "register", "grace", 5, "signup-7", &r), 0);
+    ck_assert_int_eq(r.repeated, 1);
+    ck_assert_int_eq(memcmp(r.reply, "welcome", 7), 0);
+    keel_cqrs_result_free(&r);
+    ck_assert_int_eq(atomic_load(&a.calls), 0);
+    keel_cqrs_destroy(c);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
+/* ---- the bus ---- */
+
+typedef struct heard {
+    int n;
+    char subject[64], stream[32], version[8], position[8];
+} heard;
+
+static int on_event(const keel_bus_msg *m, void *ud)
+{
+    heard *h = ud;
+    h->n++;
+    snprintf(h->subject, sizeof h->subject, "%s", m->subject);
+    for (size_t i = 0; i < m->nheaders; i++) {
+        const char *k = m->headers[i].key, *v = m->headers[i].value;
+        char *dst = strcmp(k, "stream") == 0 ? h->stream : strcmp(k, "version") == 0 ? h->version
+                    : strcmp(k, "position") == 0                                   ? h->position
+                                                                                   : NULL;
+        if (dst)
+            snprintf(dst, 8, "%s", v);
+    }
+    return 0;
+}
+
+START_TEST(events_are_published_on_the_bus_after_commit)
+{
+    keel_bus *bus;
+    ck_assert_int_eq(keel_bus_create(&bus, NULL), 0);
+    heard h = {0};
+    keel_bus_sub *s;
+    keel_bus_sub_opts so = {.pattern = "app.counter.>", .handler = on_event, .ud = &h};
+    ck_assert_int_eq(keel_bus_subscribe(bus, &so, &s), 0);
+    app a = {0};
+    keel_cqrs *c;
+    keel_cqrs_opts o = {.bus = bus, .subject_prefix = "app."};
+    ck_assert_int_eq(keel_cqrs_create(&c, &o), 0);
+    ck_assert_int_eq(keel_cqrs_command(c, "inc", cmd_inc, &a), 0);
+    ck_assert_int_eq(keel_cqrs_send(c, "inc", "c1", 2, NULL, NULL), 0);
+    ck_assert_int_eq(keel_cqrs_send(c, "inc", "c1", 2, NULL, NULL), 0);
+    ck_assert_int_eq(h.n, 2);
+    ck_assert_str_eq(h.subject, "app.counter.incremented");
+    ck_assert_str_eq(h.stream, "c1");
+    ck_assert_str_eq(h.version, "2");
+    ck_assert_str_eq(h.position, "2");
+    keel_cqrs_stats st;
+    keel_cqrs_stats_get(c, &st);
+    ck_assert_uint_eq(st.published, 2);
+    keel_cqrs_destroy(c);
+    keel_bus_destroy(bus);
+}
+END_TEST
+
+/* ---- projections ---- */
+
+/* A projection into memory: the positions it applied, in order. */
+typedef struct seen {
+    uint64_t pos[4096];
+    char line[4096][48];
+    size_t n;
+} seen;
+
+static int apply_seen(keel_cqrs_ctx *x, const keel_cqrs_event *e, void *ud)
+{
+    (void)x;
+    seen *s = ud;
+    ck_assert_uint_lt(s->n, 4096);
+    s->pos[s->n] = e->position;
+    uint64_t v = 0;
+    if (e->len == 8)
+        memcpy(&v, e->data, 8);
+    snprintf(s->line[s->n], sizeof s->line[0], "%s/%llu/%s/%llu/%zu", e->stream, (unsigned long long)e->version,
+             e->type, (unsigned long long)v, e->meta_len);
+    s->n++;
+    return 0;
+}
+
+/* The same scenario on a store; its projection's lines. */
+static seen *scenario(keel_pg *pg)
+{
+    app a = {0};
+    keel_cqrs *c = open_cqrs(pg, uniq("parity"), 0, &a);
+    const char *streams[3] = {"a", "b", "c"};
+    for (int i = 0; i < 30; i++)
+        ck_assert_int_eq(keel_cqrs_send(c, "inc", streams[i % 3], 1, NULL, NULL), 0);
+    ck_assert_int_eq(keel_cqrs_send(c, "register", "ken", 3, NULL, NULL), 0);
+    ck_assert_int_eq(keel_cqrs_send(c, "register", "ken", 3, NULL, NULL), KEEL_ECONFLICT);
+    seen *s = calloc(1, sizeof *s);
+    keel_cqrs_projection *p;
+    keel_cqrs_projection_opts po = {.name = "lines", .handler = apply_seen, .ud = s, .batch = 7};
+    ck_assert_int_eq(keel_cqrs_projection_create(c, &po, &p), 0);
+    size_t applied;
+    ck_assert_int_eq(keel_cqrs_projection_run(p, &applied), 0);
+    ck_assert_uint_eq(applied, 31);
+    ck_assert_int_eq(keel_cqrs_projection_run(p, &applied), 0); /* nothing new */
+    ck_assert_uint_eq(applied, 0);
+    ck_assert_uint_eq(keel_cqrs_projection_position(p), s->pos[30]);
+    keel_cqrs_projection_destroy(p);
+    keel_cqrs_destroy(c);
+    return s;
+}
+
+START_TEST(pg_and_memory_stores_agree)
+{
+    keel_pg *pg = open_pg();
+    seen *m = scenario(NULL), *p = scenario(pg);
+    ck_assert_uint_eq(m->n, p->n);
+    for (size_t i = 0; i < m->n; i++) {
+        ck_assert_str_eq(m->line[i], p->line[i]);
+        ck_assert(i == 0 || p->pos[i] > p->pos[i - 1]);
+    }
+    free(m);
+    free(p);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
+static PGconn *direct(void)
+{
+    PGconn *c = PQconnectdb(kt_env("KEEL_TEST_PG"));
+    ck_assert_msg(PQstatus(c) == CONNECTION_OK, "%s", PQerrorMessage(c));
+    return c;
+}
+
+static void direct_exec(PGconn *c, const char *sql)
+{
+    PGresult *r = PQexec(c, sql);
+    ck_assert_msg(PQresultStatus(r) == PGRES_COMMAND_OK || PQresultStatus(r) == PGRES_TUPLES_OK, "%s: %s", sql,
+                  PQerrorMessage(c));
+    PQclear(r);
+}
+
+typedef struct sender {
+    keel_cqrs *c;
+    int rc;
+    _Atomic int done;
+} sender;
+
+static void *send_one(void *arg)
+{
+    sender *s = arg;
+    s->rc = keel_cqrs_send(s->c, "inc", "late", 4, NULL, NULL);
+    atomic_store(&s->done, 1);
+    return NULL;
+}
+
+/* One append is held open (its transaction has the append lock and an
+ * event at position p) while another command tries to commit and the
+ * projection runs: the projection must not pass p, and afterwards applies
+ * both, in order, once each. */
+START_TEST(pg_an_append_held_open_is_not_skipped)
+{
+    char prefix[64], sql[512];
+    snprintf(prefix, sizeof prefix, "%s", uniq("order"));
+    keel_pg *pg = open_pg();
+    app a = {0};
+    keel_cqrs *c = open_cqrs(pg, prefix, 0, &a);
+    ck_assert_int_eq(keel_cqrs_send(c, "inc", "early", 5, NULL, NULL), 0);
+    seen *s = calloc(1, sizeof *s);
+    keel_cqrs_projection *p;
+    keel_cqrs_projection_opts po = {.name = "ordered", .handler = apply_seen, .ud = s};
+    ck_assert_int_eq(keel_cqrs_projection_create(c, &po, &p), 0);
+    ck_assert_int_eq(keel_cqrs_projection_run(p, NULL), 0);
+    ck_assert_uint_eq(s->n, 1);
+
+    PGconn *held = direct(); /* an append, as the store makes it, left open */
+    direct_exec(held, "BEGIN");
+    snprintf(sql, sizeof sql, "SELECT pg_advisory_xact_lock(%lld)", (long long)keel__cqrs_lock_key(prefix));
+    direct_exec(held, sql);
+    snprintf(sql, sizeof sql,
+             "INSERT INTO \"%sevents\" (stream_id, version, type, data, metadata) "
+             "VALUES ('held', 1, 'counter.incremented', '\\x0100000000000000', '')",
+             prefix);
+    direct_exec(held, sql);
+
+    sender snd = {c, 99, 0};
+    pthread_t t;
+    pthread_create(&t, NULL, send_one, &snd);
+    nap(200 * MS); /* settle: the second append must be waiting for the lock */
+    ck_assert_int_eq(atomic_load(&snd.done), 0);
+    size_t applied;
+    ck_assert_int_eq(keel_cqrs_projection_run(p, &applied), 0);
+    ck_assert_uint_eq(applied, 0); /* nothing committed past what it saw */
+
+    direct_exec(held, "COMMIT");
+    pthread_join(t, NULL);
+    ck_assert_int_eq(snd.rc, 0);
+    ck_assert_int_eq(keel_cqrs_projection_run(p, &applied), 0);
+    ck_assert_uint_eq(applied, 2);
+    ck_assert_uint_eq(s->n, 3);
+    ck_assert(s->pos[0] < s->pos[1] && s->pos[1] < s->pos[2]);
+    ck_assert(strncmp(s->line[1], "held/", 5) == 0); /* the held one first: it committed first */
+    ck_assert(strncmp(s->line[2], "late/", 5) == 0);
+    PQfinish(held);
+    keel_cqrs_projection_destroy(p);
+    keel_cqrs_destroy(c);
+    keel_pg_destroy(pg);
+    free(s);
+}
+END_TEST
+
+/* A projection writing a read model in its transaction: a row per event,
+ * keyed by position, so an event applied twice fails the projection. */
+typedef struct rm {
+    char table[96];
+    int slow;
+} rm;
+
+static int apply_row(keel_cqrs_ctx *x, const keel_cqrs_event *e, void *ud)
+{
+    rm *r = ud;
+    keel_pg_conn *conn = keel_cqrs_conn(x);
+    if (!conn)
+        return KEEL_EUNAVAIL;
+    char sql[256], pos[24], ver[24];
+    snprintf(sql, sizeof sql, "INSERT INTO %s (position, stream, version) VALUES ($1::bigint, $2, $3::bigint)",
+             r->table);
+    snprintf(pos, sizeof pos, "%llu", (unsigned long long)e->position);
+    snprintf(ver, sizeof ver, "%llu", (unsigned long long)e->version);
+    const char *v[3] = {pos, e->stream, ver};
+    keel_pg_params p = {3, v, NULL, NULL, NULL, 0};
+    PGresult *res = NULL;
+    int rc = keel_pg_conn_exec(conn, sql, &p, &res);
+    PQclear(res);
+    if (r->slow)
+        nap(2 * MS); /* so that the kill lands mid-catch-up */
+    return rc;
+}
+
+static int64_t count_rows(PGconn *c, const char *sql)
+{
+    PGresult *r = PQexec(c, sql);
+    ck_assert_msg(PQresultStatus(r) == PGRES_TUPLES_OK, "%s: %s", sql, PQerrorMessage(c));
+    int64_t n = atoll(PQgetvalue(r, 0, 0));
+    PQclear(r);
+    return n;
+}
+
+START_TEST(pg_a_projection_killed_mid_catch_up_resumes_exactly)
+{
+    char prefix[64], sql[512];
+    snprintf(prefix, sizeof prefix, "%s", uniq("kill"));
+    keel_pg *pg = open_pg();
+    app a = {0};
+    keel_cqrs *c = open_cqrs(pg, prefix, 0, &a);
+    PGconn *d = direct();
+    for (int i = 0; i < 2; i++) {
+        snprintf(sql, sizeof sql, "CREATE TABLE \"%srm%d\" (position bigint PRIMARY KEY, stream text, version bigint)",
+                 prefix, i);
+        direct_exec(d, sql);
+    }
+    enum { N = 400 };
+    for (int i = 0; i < N; i++) {
+        char stream[16];
+        snprintf(stream, sizeof stream, "s%d", i % 13);
+        ck_assert_int_eq(keel_cqrs_send(c, "inc", stream, strlen(stream), NULL, NULL), 0);
+    }
+    pid_t kid = fork();
+    ck_assert_int_ge(kid, 0);
+    if (kid == 0) {
+        keel_pg *p2 = open_pg();
+        keel_cqrs *c2;
+        keel_cqrs_opts o = {.pg = p2, .prefix = prefix};
+        rm r;
+        snprintf(r.table, sizeof r.table, "\"%srm0\"", prefix);
+        r.slow = 1;
+        keel_cqrs_projection *p;
+        keel_cqrs_projection_opts po = {.name = "rm", .handler = apply_row, .ud = &r, .batch = 10};
+        if (keel_cqrs_create(&c2, &o) || keel_cqrs_projection_create(c2, &po, &p))
+            _exit(2);
+        keel_cqrs_projection_run(p, NULL);
+        _exit(3); /* never: killed first */
+    }
+    snprintf(sql, sizeof sql, "SELECT coalesce(max(position), 0) FROM \"%scheckpoints\" WHERE name = 'rm'", prefix);
+    uint64_t deadline = keel_now_ns() + 30 * S;
+    while (count_rows(d, sql) < 100 && keel_now_ns() < deadline)
+        nap(5 * MS);
+    kill(kid, SIGKILL);
+    int st;
+    waitpid(kid, &st, 0);
+    ck_assert(WIFSIGNALED(st));
+    int64_t at_kill = count_rows(d, sql);
+    ck_assert_int_ge(at_kill, 100);
+    ck_assert_int_lt(at_kill, N); /* mid-catch-up */
+
+    rm r0, r1;
+    snprintf(r0.table, sizeof r0.table, "\"%srm0\"", prefix);
+    snprintf(r1.table, sizeof r1.table, "\"%srm1\"", prefix);
+    r0.slow = r1.slow = 0;
+    keel_cqrs_projection *p0, *p1;
+    keel_cqrs_projection_opts po0 = {.name = "rm", .handler = apply_row, .ud = &r0, .batch = 10};
+    keel_cqrs_projection_opts po1 = {.name = "reference", .handler = apply_row, .ud = &r1, .batch = 64};
+    ck_assert_int_eq(keel_cqrs_projection_create(c, &po0, &p0), 0);
+    ck_assert_uint_eq(keel_cqrs_projection_position(p0), (uint64_t)at_kill);
+    ck_assert_int_eq(keel_cqrs_projection_create(c, &po1, &p1), 0);
+    ck_assert_int_eq(keel_cqrs_projection_run(p0, NULL), 0); /* a row applied twice would fail here */
+    ck_assert_int_eq(keel_cqrs_projection_run(p1, NULL), 0);
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM \"%srm0\"", prefix);
+    ck_assert_int_eq(count_rows(d, sql), N);
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM ((TABLE \"%srm0\" EXCEPT TABLE \"%srm1\") UNION ALL "
+             "(TABLE \"%srm1\" EXCEPT TABLE \"%srm0\")) diff",
+             prefix, prefix, prefix, prefix);
+    ck_assert_int_eq(count_rows(d, sql), 0); /* the same read model as without the crash */
+    PQfinish(d);
+    keel_cqrs_projection_destroy(p0);
+    keel_cqrs_projection_destroy(p1);
+    keel_cqrs_destroy(c);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
+/* ---- queries ---- */
+
+typedef struct qctx {
+    char prefix[64];
+} qctx;
+
+static int q_where(keel_cqrs_ctx *x, const void *payload, size_t len, void *ud)
+{
+    qctx *q = ud;
+    keel_pg_conn *conn = keel_cqrs_conn(x);
+    if (!conn)
+        return KEEL_EUNAVAIL;
+    char sql[256], stream[32];
+    snprintf(stream, sizeof stream, "%.*s", (int)len, (const char *)payload);
+    snprintf(sql, sizeof sql,
+             "SELECT pg_is_in_recovery()::text || ' ' || count(*) FROM \"%sevents\" WHERE stream_id = $1", q->prefix);
+    const char *v[1] = {stream};
+    keel_pg_params p = {1, v, NULL, NULL, NULL, 0};
+    PGresult *res = NULL;
+    int rc = keel_pg_conn_exec(conn, sql, &p, &res);
+    if (rc == 0)
+        rc = keel_cqrs_reply(x, PQgetvalue(res, 0, 0), strlen(PQgetvalue(res, 0, 0)) + 1);
+    PQclear(res);
+    return rc;
+}
+
+START_TEST(pg_queries_go_to_the_replica_and_read_their_writes)
+{
+    keel_pg *pg = open_pg();
+    app a = {0};
+    qctx q;
+    snprintf(q.prefix, sizeof q.prefix, "%s", uniq("query"));
+    keel_cqrs *c = open_cqrs(pg, q.prefix, 0, &a);
+    ck_assert_int_eq(keel_cqrs_query(c, "where", q_where, &q), 0);
+    keel_cqrs_result r;
+    for (int i = 1; i <= 5; i++) {
+        ck_assert_int_eq(keel_cqrs_send(c, "inc", "ryw", 3, NULL, &r), 0);
+        ck_assert_uint_gt(r.lsn, 0);
+        uint64_t lsn = r.lsn;
+        keel_cqrs_result_free(&r);
+        ck_assert_int_eq(keel_cqrs_ask(c, "where", "ryw", 3, lsn, &r), 0);
+        char want[32];
+        snprintf(want, sizeof want, "true %d", i);
+        ck_assert_str_eq(r.reply, want); /* on the replica, and it sees the write */
+        keel_cqrs_result_free(&r);
+    }
+    keel_cqrs_destroy(c);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
+START_TEST(pg_monthly_partitions)
+{
+    keel_pg *pg = open_pg();
+    app a = {0};
+    keel_cqrs *c;
+    keel_cqrs_opts o = {.pg = pg, .prefix = uniq("part"), .partition_by_month = 1};
+    ck_assert_int_eq(keel_cqrs_create(&c, &o), 0);
+    ck_assert_int_eq(keel_cqrs_create_schema(c), 0);
+    ck_assert_int_eq(keel_cqrs_create_schema(c), 0); /* idempotent */
+    ck_assert_int_eq(keel_cqrs_command(c, "register", cmd_register, &a), 0);
+    ck_assert_int_eq(keel_cqrs_command(c, "inc", cmd_inc, &a), 0);
+    ck_assert_int_eq(keel_cqrs_send(c, "register", "edsger", 6, NULL, NULL), 0);
+    ck_assert_int_eq(keel_cqrs_send(c, "register", "edsger", 6, NULL, NULL), KEEL_ECONFLICT); /* across partitions too */
+    for (int i = 0; i < 5; i++)
+        ck_assert_int_eq(keel_cqrs_send(c, "inc", "p", 1, NULL, NULL), 0);
+    char sql[256];
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = '%sevents'",
+             o.prefix);
+    PGconn *d = direct();
+    ck_assert_int_eq(count_rows(d, sql), 2); /* this month and the next */
+    PQfinish(d);
+    keel_cqrs_destroy(c);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
+START_TEST(pg_a_missing_schema_is_a_clear_error)
+{
+    keel_pg *pg = open_pg();
+    app a = {0};
+    keel_cqrs *c;
+    keel_cqrs_opts o = {.pg = pg, .prefix = uniq("none")};
+    ck_assert_int_eq(keel_cqrs_create(&c, &o), 0);
+    ck_assert_int_eq(keel_cqrs_command(c, "inc", cmd_inc, &a), 0);
+    ck_assert_int_eq(keel_cqrs_command(c, "register", cmd_register, &a), 0);
+    ck_assert_int_eq(keel_cqrs_send(c, "inc", "s", 1, NULL, NULL), KEEL_EBACKEND); /* load fails */
+    ck_assert_int_eq(keel_cqrs_send(c, "register", "x", 1, NULL, NULL), KEEL_EBACKEND); /* append fails */
+    keel_cqrs_projection *p;
+    keel_cqrs_projection_opts po = {.name = "x", .handler = apply_seen, .ud = NULL};
+    ck_assert_int_eq(keel_cqrs_projection_create(c, &po, &p), KEEL_EBACKEND);
+    keel_cqrs_destroy(c);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
+START_TEST(a_projection_follows_in_the_background)
+{
+    app a = {0};
+    keel_cqrs *c = open_cqrs(NULL, NULL, 0, &a);
+    seen *s = calloc(1, sizeof *s);
+    keel_cqrs_projection *p;
+    keel_cqrs_projection_opts po = {.name = "bg", .handler = apply_seen, .ud = s, .follow_interval_ns = 5 * MS};
+    ck_assert_int_eq(keel_cqrs_projection_create(c, &po, &p), 0);
+    for (int i = 0; i < 20; i++)
+        ck_assert_int_eq(keel_cqrs_send(c, "inc", "bg", 2, NULL, NULL), 0);
+    uint64_t deadline = keel_now_ns() + 10 * S;
+    while (keel_cqrs_projection_position(p) < 20 && keel_now_ns() < deadline)
+        nap(MS); /* a real-thread wait */
+    ck_assert_uint_eq(keel_cqrs_projection_position(p), 20);
+    keel_cqrs_projection_destroy(p);
+    ck_assert_uint_eq(s->n, 20);
+    /* a new projection of the same name resumes at its checkpoint */
+    ck_assert_int_eq(keel_cqrs_projection_create(c, &po, &p), 0);
+    ck_assert_uint_eq(keel_cqrs_projection_position(p), 20);
+    keel_cqrs_projection_destroy(p);
+    keel_cqrs_destroy(c);
+    free(s);
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("cqrs");
+    TCase *tc = tcase_create("memory");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, registration_and_dispatch_errors);
+    tcase_add_test(tc, middleware_runs_in_order_and_can_stop_a_dispatch);
+    tcase_add_test(tc, two_threads_on_one_stream_one_winner_per_version);
+    tcase_add_test(tc, the_retry_option_runs_a_command_again);
+    tcase_add_test(tc, an_idempotent_repeat_returns_the_first_result);
+    tcase_add_test(tc, events_are_published_on_the_bus_after_commit);
+    tcase_add_test(tc, a_projection_follows_in_the_background);
+    tcase_add_test(tc, a_link_may_run_the_rest_of_the_chain_twice);
+    tcase_add_test(tc, idempotency_keys_belong_to_their_command);
+    tcase_add_test(tc, projections_keep_their_own_checkpoints);
+    suite_add_tcase(s, tc);
+    TCase *pg = tcase_create("pg");
+    tcase_set_timeout(pg, 120);
+    tcase_add_test(pg, pg_two_threads_on_one_stream_one_winner_per_version);
+    tcase_add_test(pg, pg_an_idempotent_repeat_returns_the_first_result);
+    tcase_add_test(pg, pg_idempotency_holds_across_processes);
+    tcase_add_test(pg, pg_and_memory_stores_agree);
+    tcase_add_test(pg, pg_an_append_held_open_is_not_skipped);
+    tcase_add_test(pg, pg_a_projection_killed_mid_catch_up_resumes_exactly);
+    tcase_add_test(pg, pg_queries_go_to_the_replica_and_read_their_writes);
+    tcase_add_test(pg, pg_monthly_partitions);
+    tcase_add_test(pg, pg_a_missing_schema_is_a_clear_error);
+    suite_add_tcase(s, pg);
+    return kt_run(s);
+}
