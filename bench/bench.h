@@ -69,6 +69,22 @@ static inline int bench_redis_addr(const char *who, char host[64], int *port)
     return 1;
 }
 
+/* A keel_redis over that first Redis (declare keel/redis.h first to use
+ * it); NULL, with a message, when there is none. */
+#ifdef KEEL_REDIS_H
+static inline keel_redis *bench_redis_open(const char *who, char host[64], int *port)
+{
+    if (!bench_redis_addr(who, host, port))
+        return NULL;
+    char url[96];
+    snprintf(url, sizeof url, "redis://%s:%d", host, *port);
+    const char *nodes[1] = {url};
+    keel_redis *r;
+    keel_redis_opts ro = {.nodes = nodes, .nnodes = 1};
+    return keel_redis_create(&r, &ro) == 0 ? r : NULL;
+}
+#endif
+
 /* redis-benchmark's requests per second for a command on one connection,
  * from its CSV; 0 if it did not run. */
 static inline double bench_redis_reference(const char *host, int port, int pipeline, uint64_t n,

@@ -95,14 +95,8 @@ static void redis_section(void)
 {
     char host[64];
     int port;
-    if (!bench_redis_addr("bus", host, &port))
-        return;
-    char url[96];
-    snprintf(url, sizeof url, "redis://%s:%d", host, port);
-    const char *nodes[1] = {url};
-    keel_redis *r;
-    keel_redis_opts ro = {.nodes = nodes, .nnodes = 1};
-    if (keel_redis_create(&r, &ro) != 0)
+    keel_redis *r = bench_redis_open("bus", host, &port);
+    if (!r)
         return;
     keel_bus *b;
     keel_bus_opts bo = {.redis = r, .prefix = "bench:bus:"};

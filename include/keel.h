@@ -18,5 +18,6 @@
 #include <keel/batch.h>
 #include <keel/bus.h>
 #include <keel/cqrs.h>
+#include <keel/cache.h>
 
 #endif /* KEEL_H */

@@ -483,6 +483,14 @@ static int command_on(keel_redis *r, size_t node, int argc, const char *const *a
     return rc;
 }
 
+int keel__redis_command_on(keel_redis *r, size_t node, int argc, const char *const *argv, const size_t *argvlen,
+                           redisReply **reply)
+{
+    if (!r || node >= r->nnodes || !reply || !args_ok(argc, argv, argvlen))
+        return KEEL_EINVAL;
+    return command_on(r, node, argc, argv, argvlen, reply);
+}
+
 KEEL_API int keel_redis_command(keel_redis *r, const void *key, size_t keylen, int argc,
                                 const char *const *argv, const size_t *argvlen, redisReply **reply)
 {

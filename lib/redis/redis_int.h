@@ -66,5 +66,8 @@ struct timeval keel__tv(uint64_t ns);
 /* A new connection to n, authenticated and on its db. */
 int keel__redis_connect(rnode *n, redisContext **out);
 size_t keel__redis_route(keel_redis *r, const void *key, size_t len);
+/* keel_redis_command() on a given node (SCAN and the like visit each). */
+int keel__redis_command_on(keel_redis *r, size_t node, int argc, const char *const *argv, const size_t *argvlen,
+                           redisReply **reply);
 
 #endif

@@ -1,0 +1,167 @@
+/* keel/cache.h — a multi-level cache: L1 in process, L2 Redis, L3
+ * PostgreSQL; read-through with single-flight; tag and prefix
+ * invalidation; L1 kept coherent across processes.
+ *
+ * Keys and values are bytes. keel_cache_get() copies the value into the
+ * caller's buffer (KEEL_ERANGE with the size needed when it is too small).
+ * An L1 hit takes no lock: the L1 is a hash table read under RCU, sharded,
+ * with S3-FIFO eviction (a small FIFO for new entries, a main FIFO for
+ * those used again, a ghost list of recent evictions), which a hit only
+ * marks with a counter, so one-pass scans do not push out the hot set.
+ * Entries expire by the injectable clock, their TTL capped by l1_max_ttl.
+ *
+ * Tiers. L1 always; L2 when `redis` is given (values under redis_prefix,
+ * PX TTLs, sharded by keel_redis's ring); L3 when `pg` is given (a table,
+ * UNLOGGED unless l3_logged, key bytea primary key, value, expires_at,
+ * tags; upserts; expired rows ignored on read and deleted by
+ * keel_cache_sweep() in bounded batches). get: L1, then L2, then L3, then
+ * the loader; a hit below fills the tiers above (L1's TTL capped). set
+ * writes through every tier; del removes from every tier.
+ *
+ * Single-flight: concurrent misses of one key in one process call the
+ * loader once; the others wait for its result. With `lease`, a Redis lease
+ * (SET NX PX) makes one process load while the others wait for its value
+ * in L2 (at most lease_ns, then they load too). With xfetch_beta > 0, a
+ * hit close to its expiry may be treated as a miss (XFetch), so that one
+ * caller refreshes it early rather than all at once. A loader may answer
+ * KEEL_ENOTFOUND: that absence is cached in L1 for negative_ttl_ns.
+ *
+ * Invalidation. set, del, invalidate_tag and invalidate_prefix act on all
+ * tiers here and publish on the Redis channel redis_prefix + "inv"; every
+ * process using the same Redis and prefix drops the same L1 entries. When
+ * that link is lost and made again, L1 is flushed, since invalidations may
+ * have been missed (until it is back, L1 may serve what other processes
+ * changed: l1_max_ttl_ns bounds that). A value read from L2 or L3 (or
+ * loaded) while any invalidation arrived is returned but not put into L1,
+ * so a late reply never brings back what was just invalidated; fills of
+ * the lower tiers never overwrite a value set meanwhile (SET NX, an upsert
+ * over expired rows only). L3 is read on the primary.
+ *
+ * Tags. set may name tags. L1 entries record each tag's version at set;
+ * invalidating a tag bumps its version (here and, through the channel, in
+ * every process), which makes those entries miss. L2 keeps a set of keys
+ * per tag (redis_prefix + "t:" + tag; PEXPIRE NX/GT: Redis 7.0 or later)
+ * whose keys are deleted; L3 deletes the rows whose tags contain it.
+ *
+ * Degraded mode: a tier that fails (down, timed out; not an error reply)
+ * is counted and skipped by gets for tier_retry_ns; they are served by
+ * the others and the loader. Writes and invalidations still try it (one
+ * skipped would leave an old value there) and return its error.
+ *
+ * Thread safety: every function may be called from any thread. Calls
+ * block on the servers they use, and L1 writers now and then on an RCU
+ * grace period. A loader must not get its own key (it would wait for
+ * itself). A cache must not be used in a child forked after its creation.
+ */
+#ifndef KEEL_CACHE_H
+#define KEEL_CACHE_H
+
+#include <keel/common.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct keel_cache keel_cache;
+typedef struct keel_cache_load keel_cache_load;
+struct keel_redis;
+struct keel_pg;
+
+/* Fills a miss: calls keel_cache_load_set() and returns 0, or returns
+ * KEEL_ENOTFOUND (absent, cached negatively) or another error (returned to
+ * every caller waiting for it, nothing cached). */
+typedef int (*keel_cache_loader)(const void *key, size_t klen, keel_cache_load *ld, void *ud);
+
+typedef struct keel_cache_opts {
+    size_t l1_max_bytes;        /* keys + values + overhead; 0 = 64 MiB */
+    size_t l1_max_items;        /* 0 = no limit but bytes; kept per shard (32),
+                                   so rounded up to a multiple of 32 */
+    uint64_t l1_max_ttl_ns;     /* 0 = no cap */
+    size_t max_key;             /* bytes; 0 = 1024 (the most) */
+    size_t max_value;           /* bytes; 0 = 1 MiB */
+    uint64_t default_ttl_ns;    /* a set or load without a TTL; 0 = 1 hour */
+    struct keel_redis *redis;   /* L2; NULL: none */
+    const char *redis_prefix;   /* NULL = "kc:" */
+    struct keel_pg *pg;         /* L3; NULL: none */
+    const char *table;          /* NULL = "keel_cache" ([a-z0-9_]) */
+    int l3_logged;              /* a logged table (crash-safe, slower) */
+    uint64_t sweep_interval_ns; /* L3: a thread runs keel_cache_sweep() this often; 0: none */
+    keel_cache_loader loader;   /* NULL: misses stay misses */
+    void *loader_ud;
+    uint64_t negative_ttl_ns;   /* 0 = 10 s */
+    int lease;                  /* a cross-process load lease in Redis */
+    uint64_t lease_ns;          /* 0 = 5 s */
+    double xfetch_beta;         /* 0: off; 1 is XFetch's usual value */
+    uint64_t tier_retry_ns;     /* a failed tier is skipped this long; 0 = 1 s */
+    keel_clock_fn clock;        /* L1 expiry, XFetch, tier retries; NULL = keel_now_ns */
+    void *clock_ud;
+    keel_metrics *metrics;      /* keel_cache_* series; may be NULL */
+    const char *metrics_name;
+} keel_cache_opts;
+
+/* Returns 0, KEEL_EINVAL (a bad table name or Redis prefix, l1_max_bytes
+ * under 64 KiB, max_key over 1024, max_value over 512 MiB) or
+ * KEEL_ENOMEM. With redis, subscribes to
+ * the invalidation channel (KEEL_EUNAVAIL if Redis cannot be reached). */
+KEEL_API int keel_cache_create(keel_cache **out, const keel_cache_opts *opts);
+
+/* L3: creates the table and its index if missing (idempotent). */
+KEEL_API int keel_cache_create_schema(keel_cache *c);
+
+KEEL_API void keel_cache_destroy(keel_cache *c);
+
+/* Copies the value of key into buf (cap bytes) and sets *len. Returns 0;
+ * KEEL_ERANGE (buf too small: *len is the size needed; call again);
+ * KEEL_ENOTFOUND (absent everywhere, or the loader said so); KEEL_EINVAL
+ * (bad arguments, key over max_key); a loader's error. */
+KEEL_API int keel_cache_get(keel_cache *c, const void *key, size_t klen, void *buf, size_t cap, size_t *len);
+
+/* One key of a multi-get: key and buffer in, result out. */
+typedef struct keel_cache_item {
+    const void *key;
+    size_t klen;
+    void *buf;
+    size_t cap;
+    size_t len; /* out */
+    int rc;     /* out: as keel_cache_get() */
+} keel_cache_item;
+
+/* Gets n keys: L1 first, then one MGET per Redis node for the misses
+ * (batches of 512), then each key still missing through L3 and the loader
+ * as keel_cache_get() does. Returns 0 when every item has its value, else
+ * the first item's error (see each rc). */
+KEEL_API int keel_cache_get_many(keel_cache *c, keel_cache_item *items, size_t n);
+
+/* Writes through every tier; ttl_ns 0 = default_ttl_ns. tags: C strings
+ * (at most 16, each 1..200 bytes). Returns 0, KEEL_EINVAL, KEEL_ENOMEM, or
+ * the first tier error (the tiers that worked keep the value). */
+KEEL_API int keel_cache_set(keel_cache *c, const void *key, size_t klen, const void *val, size_t vlen,
+                            uint64_t ttl_ns, const char *const *tags, size_t ntags);
+
+/* Removes from every tier and every process's L1. */
+KEEL_API int keel_cache_del(keel_cache *c, const void *key, size_t klen);
+KEEL_API int keel_cache_invalidate_tag(keel_cache *c, const char *tag);
+/* Every key that starts with prefix (bytes; SCAN MATCH with the glob
+ * characters escaped on Redis, an escaped LIKE on PostgreSQL). */
+KEEL_API int keel_cache_invalidate_prefix(keel_cache *c, const void *prefix, size_t len);
+
+/* L3: deletes up to `batch` expired rows (0 = 1000); *deleted may be NULL. */
+KEEL_API int keel_cache_sweep(keel_cache *c, size_t batch, size_t *deleted);
+
+/* From a loader: the value (copied), its TTL (0 = default) and tags. */
+KEEL_API int keel_cache_load_set(keel_cache_load *ld, const void *val, size_t vlen, uint64_t ttl_ns,
+                                 const char *const *tags, size_t ntags);
+
+typedef struct keel_cache_stats {
+    uint64_t hits_l1, hits_l2, hits_l3, misses, negative_hits, loads, load_waits;
+    uint64_t evictions, expirations, invalidations_received, flushes;
+    uint64_t errors_l2, errors_l3;
+    uint64_t l1_items, l1_bytes;
+} keel_cache_stats;
+
+KEEL_API void keel_cache_stats_get(keel_cache *c, keel_cache_stats *st);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KEEL_CACHE_H */

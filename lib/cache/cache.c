@@ -1,0 +1,1388 @@
+/* lib/cache/cache.c — keel_cache: the tiers, read-through with
+ * single-flight, write-through, invalidation across processes.
+ *
+ * The invalidation epoch: every invalidation this process applies (its
+ * own or one announced by another process, a flush after the link came
+ * back) bumps c->epoch before it touches L1. A value read from a lower
+ * tier or loaded goes into L1 only if the epoch is still what it was when
+ * the read began, checked under the L1 shard's mutex (keel__l1_set), and
+ * invalidations delete under that same mutex: so a reply that was already
+ * on its way when an invalidation came never lands in L1 after it.
+ *
+ * Redis keys: prefix + "v:" + key (the value, with a small header: its
+ * tags and the time it took to load, for XFetch), prefix + "t:" + tag (a
+ * set of value keys), prefix + "l:" + key (a load lease). Messages on
+ * prefix + "inv": 16 bytes naming the sending cache, then 'K' and a key,
+ * 'T' and a tag, or 'P' and a prefix. A cache ignores its own messages.
+ */
+#define _GNU_SOURCE
+#include <endian.h>
+#include <libpq-fe.h>
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <keel/metrics.h>
+#include <keel/pg.h>
+#include <keel/redis.h>
+
+#include "../hash.h"
+#include "../redis/redis_int.h"
+#include "cache_int.h"
+
+enum { L2 = 0, L3 = 1 };
+#define ID_LEN 16
+#define PREFIX_MAX 200
+#define RKEY_MAX (PREFIX_MAX + 2 + 1024)        /* prefix, "v:", a key */
+#define TKEY_MAX (PREFIX_MAX + 2 + CACHE_MAX_TAG) /* prefix, "t:", a tag */
+
+struct keel_cache_load {
+    void *val;
+    size_t vlen;
+    uint64_t ttl;
+    const char *tags[CACHE_MAX_TAGS];
+    size_t ntags;
+    char *tagcopy;
+    bool set;
+    size_t max_value;
+};
+
+/* One in-process load of a key; the callers that missed meanwhile wait. */
+typedef struct flight {
+    uint64_t h, seen; /* seen: the epoch it started at; later callers join only while it holds */
+    void *key;
+    size_t klen;
+    int rc;
+    void *val;
+    size_t vlen;
+    bool done;
+    unsigned refs;
+    pthread_cond_t cv;
+    struct flight *next;
+} flight;
+
+struct keel_cache {
+    keel_cache_opts o;
+    char *rprefix, *table;
+    char chan[256];
+    unsigned char self[ID_LEN];
+    keel__clock clock;
+    keel__rand rand;
+    l1 *l1;
+    pthread_mutex_t tags_mu;
+    ctag *tags[256];
+    pthread_mutex_t fl_mu;
+    flight *flights;
+    _Atomic uint64_t epoch;
+    _Atomic uint64_t down_until[2];
+    keel_redis_sub *sub;
+    keel_pg_stmt *st_get, *st_put, *st_fill, *st_del, *st_del_tag, *st_del_prefix, *st_sweep;
+    pthread_t sweeper;
+    pthread_mutex_t sweep_mu;
+    pthread_cond_t sweep_cv;
+    bool sweeping;
+    atomic_bool stop;
+    struct {
+        _Atomic uint64_t hits_l1, hits_l2, hits_l3, misses, negative_hits, loads, load_waits;
+        _Atomic uint64_t invalidations_received, flushes, errors[2];
+    } st;
+};
+
+static uint64_t now_ns(keel_cache *c) { return keel__clock_now(&c->clock); }
+static uint64_t key_hash(const void *k, size_t n) { return keel__hash64(k, n, 0x6b63); }
+
+/* ---- tags ---- */
+
+/* A tag's record; with `create`, made when missing (NULL: no memory). */
+static ctag *tag_lookup(keel_cache *c, const char *name, bool create)
+{
+    size_t b = keel__hash64(name, strlen(name), 0) % 256;
+    pthread_mutex_lock(&c->tags_mu);
+    ctag *t = c->tags[b];
+    while (t && strcmp(t->name, name) != 0)
+        t = t->next;
+    if (!t && create && (t = keel__calloc(1, sizeof *t))) {
+        if ((t->name = keel__strdup(name))) {
+            t->next = c->tags[b];
+            c->tags[b] = t;
+        } else {
+            keel__free(t);
+            t = NULL;
+        }
+    }
+    pthread_mutex_unlock(&c->tags_mu);
+    return t;
+}
+
+static ctag *tag_get(keel_cache *c, const char *name) { return tag_lookup(c, name, true); }
+static ctag *tag_find(keel_cache *c, const char *name) { return tag_lookup(c, name, false); }
+
+static bool good_tags(const char *const *tags, size_t n)
+{
+    if (n > CACHE_MAX_TAGS || (n && !tags))
+        return false;
+    for (size_t i = 0; i < n; i++) {
+        size_t l = tags[i] ? strnlen(tags[i], CACHE_MAX_TAG + 1) : 0;
+        if (l == 0 || l > CACHE_MAX_TAG || memchr(tags[i], '\x1f', l))
+            return false;
+    }
+    return true;
+}
+
+/* Each tag with its current version; false when out of memory. */
+static bool tag_refs(keel_cache *c, const char *const *tags, size_t n, l1_tagref *out)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (!(out[i].tag = tag_get(c, tags[i])))
+            return false;
+        out[i].version = atomic_load(&out[i].tag->version);
+    }
+    return true;
+}
+
+/* ---- tiers' health ---- */
+
+static bool tier_up(keel_cache *c, int t)
+{
+    return now_ns(c) >= atomic_load_explicit(&c->down_until[t], memory_order_relaxed);
+}
+
+static int tier_failed(keel_cache *c, int t, int rc)
+{
+    atomic_fetch_add_explicit(&c->st.errors[t], 1, memory_order_relaxed);
+    if (rc == KEEL_EBACKEND || rc == KEEL_ENOMEM || rc == KEEL_EINVAL)
+        return rc; /* the server answered: not down */
+    atomic_store_explicit(&c->down_until[t], now_ns(c) + c->o.tier_retry_ns, memory_order_relaxed);
+    keel__log(KEEL_LOG_WARN, "cache", "%s failed (%s): skipped for %llu ms", t == L2 ? "L2 (Redis)" : "L3 (PostgreSQL)",
+              keel_strerror(rc), (unsigned long long)(c->o.tier_retry_ns / 1000000));
+    return rc;
+}
+
+/* ---- L2: Redis ---- */
+
+/* prefix + tag + bytes, in buf (at least plen + 2 + n + 1). */
+static size_t rkey(const keel_cache *c, char kind, const void *k, size_t n, char *buf)
+{
+    size_t p = strlen(c->rprefix);
+    memcpy(buf, c->rprefix, p);
+    buf[p] = kind;
+    buf[p + 1] = ':';
+    memcpy(buf + p + 2, k, n);
+    return p + 2 + n;
+}
+
+static uint64_t wall_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+/* The L2 value: 'K', ntags, delta (8 bytes), expiry (wall-clock ms, 8
+ * bytes: what L1 may keep it for, without asking Redis for a PTTL), tags
+ * (length byte + bytes), value. */
+#define L2_HEAD 18
+static void *l2_encode(const void *val, size_t vlen, const char *const *tags, size_t ntags, uint64_t delta,
+                       uint64_t ttl, size_t *len)
+{
+    size_t n = L2_HEAD + vlen;
+    for (size_t i = 0; i < ntags; i++)
+        n += 1 + strlen(tags[i]);
+    unsigned char *b = keel__malloc(n), *p = b;
+    if (!b)
+        return NULL;
+    *p++ = 'K';
+    *p++ = (unsigned char)ntags;
+    uint64_t d = htobe64(delta), e = htobe64(wall_ms() + ttl / 1000000u);
+    memcpy(p, &d, 8);
+    memcpy(p + 8, &e, 8);
+    p += 16;
+    for (size_t i = 0; i < ntags; i++) {
+        size_t l = strlen(tags[i]);
+        *p++ = (unsigned char)l;
+        memcpy(p, tags[i], l);
+        p += l;
+    }
+    if (vlen)
+        memcpy(p, val, vlen);
+    *len = n;
+    return b;
+}
+
+typedef struct decoded {
+    const char *val;
+    size_t vlen;
+    uint64_t delta, ttl; /* ttl: what is left of it now */
+    char tagbuf[CACHE_MAX_TAGS * (CACHE_MAX_TAG + 1)];
+    const char *tags[CACHE_MAX_TAGS];
+    size_t ntags;
+} decoded;
+
+static bool l2_decode(const char *b, size_t n, decoded *d)
+{
+    if (n < L2_HEAD || b[0] != 'K' || (unsigned char)b[1] > CACHE_MAX_TAGS)
+        return false;
+    d->ntags = (unsigned char)b[1];
+    uint64_t v, e, now = wall_ms();
+    memcpy(&v, b + 2, 8);
+    memcpy(&e, b + 10, 8);
+    d->delta = be64toh(v);
+    e = be64toh(e);
+    d->ttl = e > now ? (e - now) * 1000000u : 1000000u;
+    size_t at = L2_HEAD;
+    char *tb = d->tagbuf;
+    for (size_t i = 0; i < d->ntags; i++) {
+        if (at >= n)
+            return false;
+        size_t l = (unsigned char)b[at++];
+        if (l == 0 || at + l > n)
+            return false;
+        memcpy(tb, b + at, l);
+        tb[l] = '\0';
+        d->tags[i] = tb;
+        tb += l + 1;
+        at += l;
+    }
+    d->val = b + at;
+    d->vlen = n - at;
+    return true;
+}
+
+/* GET; 0 with *val holding the reply. */
+static int l2_get(keel_cache *c, const void *key, size_t klen, redisReply **val)
+{
+    char k[RKEY_MAX];
+    size_t kl = rkey(c, 'v', key, klen, k);
+    const char *a[2] = {"GET", k};
+    size_t l[2] = {3, kl};
+    redisReply *r = NULL;
+    int rc = keel_redis_command(c->o.redis, k, kl, 2, a, l, &r);
+    if (rc == 0 && r->type != REDIS_REPLY_STRING)
+        rc = KEEL_ENOTFOUND;
+    if (rc == 0)
+        *val = r;
+    else if (r)
+        freeReplyObject(r);
+    return rc;
+}
+
+/* SET (NX: only where nothing is, for fills) with the tag sets. */
+static int l2_put(keel_cache *c, const void *key, size_t klen, const void *val, size_t vlen, uint64_t ttl,
+                  const char *const *tags, size_t ntags, uint64_t delta, bool nx)
+{
+    size_t elen;
+    void *enc = l2_encode(val, vlen, tags, ntags, delta, ttl, &elen);
+    if (!enc)
+        return KEEL_ENOMEM;
+    char k[RKEY_MAX], tk[CACHE_MAX_TAGS][TKEY_MAX], ms[24];
+    size_t kl = rkey(c, 'v', key, klen, k), tkl[CACHE_MAX_TAGS];
+    snprintf(ms, sizeof ms, "%llu", (unsigned long long)(ttl / 1000000u ? ttl / 1000000u : 1));
+    const char *sa[6] = {"SET", k, enc, "PX", ms, "NX"};
+    size_t sl[6] = {3, kl, elen, 2, strlen(ms), 2};
+    keel_redis_cmd cmds[1 + 3 * CACHE_MAX_TAGS];
+    const char *ta[CACHE_MAX_TAGS][4];
+    size_t tl[CACHE_MAX_TAGS][4];
+    size_t n = 0;
+    cmds[n++] = (keel_redis_cmd){k, kl, nx ? 6 : 5, sa, sl, 0, NULL};
+    for (size_t i = 0; i < ntags; i++) { /* the tag's set, living as long as its longest member */
+        tkl[i] = rkey(c, 't', tags[i], strlen(tags[i]), tk[i]);
+        ta[i][0] = "SADD", ta[i][1] = tk[i], ta[i][2] = k;
+        tl[i][0] = 4, tl[i][1] = tkl[i], tl[i][2] = kl;
+        cmds[n++] = (keel_redis_cmd){tk[i], tkl[i], 3, ta[i], tl[i], 0, NULL};
+    }
+    const char *pa[2][CACHE_MAX_TAGS][4];
+    size_t pl[2][CACHE_MAX_TAGS][4];
+    for (int g = 0; g < 2; g++) /* NX: a new set gets the TTL; GT: a longer one extends it */
+        for (size_t i = 0; i < ntags; i++) {
+            pa[g][i][0] = "PEXPIRE", pa[g][i][1] = tk[i], pa[g][i][2] = ms, pa[g][i][3] = g ? "GT" : "NX";
+            pl[g][i][0] = 7, pl[g][i][1] = tkl[i], pl[g][i][2] = strlen(ms), pl[g][i][3] = 2;
+            cmds[n++] = (keel_redis_cmd){tk[i], tkl[i], 4, pa[g][i], pl[g][i], 0, NULL};
+        }
+    int rc = keel_redis_pipeline(c->o.redis, cmds, n);
+    for (size_t i = 0; i < n; i++) {
+        if (rc == 0 && cmds[i].rc)
+            rc = cmds[i].rc;
+        if (cmds[i].reply)
+            freeReplyObject(cmds[i].reply);
+    }
+    keel__free(enc);
+    return rc;
+}
+
+static int l2_set(keel_cache *c, const void *key, size_t klen, const void *val, size_t vlen, uint64_t ttl,
+                  const char *const *tags, size_t ntags, uint64_t delta)
+{
+    return l2_put(c, key, klen, val, vlen, ttl, tags, ntags, delta, false);
+}
+
+static int l2_set_nx(keel_cache *c, const void *key, size_t klen, const void *val, size_t vlen, uint64_t ttl,
+                     const char *const *tags, size_t ntags, uint64_t delta)
+{
+    return l2_put(c, key, klen, val, vlen, ttl, tags, ntags, delta, true);
+}
+
+static int l2_del(keel_cache *c, const void *key, size_t klen)
+{
+    char k[RKEY_MAX];
+    size_t kl = rkey(c, 'v', key, klen, k);
+    const char *a[2] = {"DEL", k};
+    size_t l[2] = {3, kl};
+    redisReply *r = NULL;
+    int rc = keel_redis_command(c->o.redis, k, kl, 2, a, l, &r);
+    if (r)
+        freeReplyObject(r);
+    return rc;
+}
+
+/* Tells the other processes; a failure only costs them staleness until
+ * their L1 entries expire, so it is logged, not returned. */
+static void announce(keel_cache *c, char kind, const void *p, size_t n)
+{
+    if (!c->o.redis)
+        return;
+    char msg[ID_LEN + 1 + 1024];
+    memcpy(msg, c->self, ID_LEN);
+    msg[ID_LEN] = kind;
+    memcpy(msg + ID_LEN + 1, p, n);
+    const char *a[3] = {"PUBLISH", c->chan, msg};
+    size_t l[3] = {7, strlen(c->chan), ID_LEN + 1 + n};
+    redisReply *r = NULL;
+    int rc = keel_redis_command(c->o.redis, c->chan, strlen(c->chan), 3, a, l, &r);
+    if (r)
+        freeReplyObject(r);
+    if (rc)
+        keel__log(KEEL_LOG_WARN, "cache", "invalidation not announced: %s", keel_strerror(rc));
+}
+
+/* ---- L3: PostgreSQL ---- */
+
+static int l3_get(keel_cache *c, const void *key, size_t klen, PGresult **res)
+{
+    const char *v[1] = {key};
+    int l[1] = {(int)klen}, f[1] = {1};
+    keel_pg_params p = {1, v, l, f, NULL, 1};
+    /* the primary: a replica cannot read an UNLOGGED table, and a lagging
+     * one would hand back what was just deleted */
+    int rc = keel_pg_exec_stmt(c->o.pg, KEEL_PG_WRITE, c->st_get, &p, res);
+    if (rc == 0 && PQntuples(*res) == 0)
+        rc = KEEL_ENOTFOUND;
+    if (rc) {
+        PQclear(*res);
+        *res = NULL;
+    }
+    return rc;
+}
+
+/* An upsert; `fill`: only over an expired row (a fill must not replace
+ * a value someone set meanwhile). */
+static int l3_put(keel_cache *c, const void *key, size_t klen, const void *val, size_t vlen, uint64_t ttl,
+                  const char *const *tags, size_t ntags, bool fill)
+{
+    char ms[24], tagtext[CACHE_MAX_TAGS * (CACHE_MAX_TAG + 1) + 1] = "";
+    snprintf(ms, sizeof ms, "%llu", (unsigned long long)(ttl / 1000000u ? ttl / 1000000u : 1));
+    for (size_t i = 0; i < ntags; i++) {
+        if (i)
+            strcat(tagtext, "\x1f");
+        strcat(tagtext, tags[i]);
+    }
+    const char *v[4] = {key, vlen ? val : "", ms, tagtext};
+    int l[4] = {(int)klen, (int)vlen, 0, 0}, f[4] = {1, 1, 0, 0};
+    keel_pg_params p = {4, v, l, f, NULL, 0};
+    PGresult *r = NULL;
+    int rc = keel_pg_exec_stmt(c->o.pg, KEEL_PG_WRITE, fill ? c->st_fill : c->st_put, &p, &r);
+    PQclear(r);
+    return rc;
+}
+
+/* One statement with one parameter (binary when len != -1), on the primary;
+ * *rows (may be NULL) the rows it touched. */
+static int l3_one(keel_cache *c, keel_pg_stmt *s, const void *arg, int len, size_t *rows)
+{
+    const char *v[1] = {arg};
+    int l[1] = {len < 0 ? 0 : len}, f[1] = {len < 0 ? 0 : 1};
+    keel_pg_params p = {1, v, l, f, NULL, 0};
+    PGresult *r = NULL;
+    int rc = keel_pg_exec_stmt(c->o.pg, KEEL_PG_WRITE, s, &p, &r);
+    if (rc == 0 && rows)
+        *rows = (size_t)strtoull(PQcmdTuples(r), NULL, 10);
+    PQclear(r);
+    return rc;
+}
+
+/* ---- read-through ---- */
+
+/* Joins the flight of key, or starts one (true: the caller leads it). */
+static bool sf_join(keel_cache *c, const void *key, size_t klen, uint64_t h, flight **out)
+{
+    uint64_t now_epoch = atomic_load(&c->epoch);
+    pthread_mutex_lock(&c->fl_mu);
+    for (flight *f = c->flights; f; f = f->next)
+        if (f->h == h && f->seen == now_epoch && f->klen == klen && memcmp(f->key, key, klen) == 0) {
+            f->refs++;
+            *out = f;
+            pthread_mutex_unlock(&c->fl_mu);
+            return false;
+        }
+    flight *f = keel__calloc(1, sizeof *f);
+    if (f && !(f->key = keel__malloc(klen ? klen : 1))) {
+        keel__free(f);
+        f = NULL;
+    }
+    if (f) {
+        memcpy(f->key, key, klen);
+        f->klen = klen;
+        f->h = h;
+        f->seen = now_epoch;
+        f->refs = 1;
+        pthread_cond_init(&f->cv, NULL);
+        f->next = c->flights;
+        c->flights = f;
+    }
+    pthread_mutex_unlock(&c->fl_mu);
+    *out = f; /* NULL: no memory, load alone */
+    return true;
+}
+
+static void sf_finish(keel_cache *c, flight *f, int rc, const void *val, size_t vlen)
+{
+    if (!f)
+        return;
+    void *copy = rc == 0 ? keel__malloc(vlen ? vlen : 1) : NULL;
+    if (rc == 0 && !copy)
+        rc = KEEL_ENOMEM;
+    if (copy && vlen)
+        memcpy(copy, val, vlen);
+    pthread_mutex_lock(&c->fl_mu);
+    for (flight **pp = &c->flights; *pp; pp = &(*pp)->next)
+        if (*pp == f) {
+            *pp = f->next; /* later misses start a flight of their own */
+            break;
+        }
+    f->rc = rc;
+    f->val = copy;
+    f->vlen = vlen;
+    f->done = true;
+    pthread_cond_broadcast(&f->cv);
+    pthread_mutex_unlock(&c->fl_mu);
+}
+
+static void sf_leave(keel_cache *c, flight *f)
+{
+    if (!f)
+        return;
+    pthread_mutex_lock(&c->fl_mu);
+    bool last = --f->refs == 0;
+    pthread_mutex_unlock(&c->fl_mu);
+    if (!last)
+        return;
+    pthread_cond_destroy(&f->cv);
+    keel__free(f->key);
+    keel__free(f->val);
+    keel__free(f);
+}
+
+static int copy_out(const void *val, size_t vlen, void *buf, size_t cap, size_t *len)
+{
+    *len = vlen;
+    if (vlen > cap)
+        return KEEL_ERANGE;
+    if (vlen)
+        memcpy(buf, val, vlen);
+    return 0;
+}
+
+static uint64_t l1_expiry(keel_cache *c, uint64_t ttl)
+{
+    if (c->o.l1_max_ttl_ns && ttl > c->o.l1_max_ttl_ns)
+        ttl = c->o.l1_max_ttl_ns;
+    uint64_t now = now_ns(c);
+    return ttl > UINT64_MAX - now ? UINT64_MAX : now + ttl;
+}
+
+/* L1, unless an invalidation came since `seen`. */
+static void l1_fill(keel_cache *c, const void *key, size_t klen, uint64_t h, const void *val, size_t vlen,
+                    uint64_t ttl, uint64_t delta, const char *const *tags, size_t ntags, uint64_t seen)
+{
+    l1_tagref refs[CACHE_MAX_TAGS];
+    if (tag_refs(c, tags, ntags, refs))
+        keel__l1_set(c->l1, key, klen, h, val, vlen, l1_expiry(c, ttl), delta, refs, ntags, false, &c->epoch, seen);
+}
+
+/* Every tier below L1, then L1 (with the epoch check when seen != 0). */
+/* L1 after a write: the new value, or (it does not fit, no memory) no
+ * value at all, never the old one. With `check`, only if no invalidation
+ * came since `seen`. */
+static int l1_put(keel_cache *c, const void *key, size_t klen, uint64_t h, const void *val, size_t vlen,
+                  uint64_t ttl, uint64_t delta, const char *const *tags, size_t ntags, bool check, uint64_t seen)
+{
+    l1_tagref refs[CACHE_MAX_TAGS];
+    int rc = tag_refs(c, tags, ntags, refs) ? keel__l1_set(c->l1, key, klen, h, val, vlen, l1_expiry(c, ttl), delta,
+                                                            refs, ntags, false, check ? &c->epoch : NULL, seen)
+                                             : KEEL_ENOMEM;
+    if (rc && rc != KEEL_ECONFLICT)
+        keel__l1_del(c->l1, key, klen, h);
+    return rc == KEEL_ENOMEM ? rc : 0;
+}
+
+/* A user's set: every tier, tried even when one was failing (a write
+ * skipped would leave the old value there for later). The epoch moves
+ * after the lower tiers have the value, so a get that read them before
+ * cannot put the old one into L1 after ours. */
+static int write_through(keel_cache *c, const void *key, size_t klen, uint64_t h, const void *val, size_t vlen,
+                         uint64_t ttl, const char *const *tags, size_t ntags)
+{
+    int first = 0, rc;
+    if (c->o.redis && (rc = l2_set(c, key, klen, val, vlen, ttl, tags, ntags, 0)) != 0)
+        first = tier_failed(c, L2, rc);
+    if (c->o.pg && (rc = l3_put(c, key, klen, val, vlen, ttl, tags, ntags, false)) != 0 && !first)
+        first = tier_failed(c, L3, rc);
+    atomic_fetch_add(&c->epoch, 1);
+    rc = l1_put(c, key, klen, h, val, vlen, ttl, 0, tags, ntags, false, 0);
+    return first ? first : rc;
+}
+
+/* A loaded value: the lower tiers only where nothing newer is (SET NX, an
+ * upsert over expired rows only), and only if no invalidation came during
+ * the load; L1 under the same condition. */
+static void fill_through(keel_cache *c, const void *key, size_t klen, uint64_t h, const void *val, size_t vlen,
+                         uint64_t ttl, const char *const *tags, size_t ntags, uint64_t delta, uint64_t seen)
+{
+    int rc;
+    if (atomic_load(&c->epoch) != seen)
+        return;
+    if (c->o.redis && tier_up(c, L2) && (rc = l2_set_nx(c, key, klen, val, vlen, ttl, tags, ntags, delta)) != 0)
+        tier_failed(c, L2, rc);
+    if (c->o.pg && tier_up(c, L3) && (rc = l3_put(c, key, klen, val, vlen, ttl, tags, ntags, true)) != 0)
+        tier_failed(c, L3, rc);
+    l1_put(c, key, klen, h, val, vlen, ttl, delta, tags, ntags, true, seen);
+}
+
+/* Waits for another process's load: its value in L2, or the lease's end. */
+static int lease_wait(keel_cache *c, const void *key, size_t klen, redisReply **val)
+{
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (uint64_t waited = 0; waited < c->o.lease_ns; waited += 5000000u) {
+        struct timespec ts = {0, 5000000};
+        nanosleep(&ts, NULL);
+        int rc = l2_get(c, key, klen, val);
+        if (rc != KEEL_ENOTFOUND)
+            return rc;
+    }
+    return KEEL_ENOTFOUND;
+}
+
+/* *out: a copy of the value (through the hooks). */
+static int dup_out(const void *val, size_t vlen, void **out, size_t *outlen)
+{
+    *out = keel__malloc(vlen ? vlen : 1);
+    if (!*out)
+        return KEEL_ENOMEM;
+    if (vlen)
+        memcpy(*out, val, vlen);
+    *outlen = vlen;
+    return 0;
+}
+
+/* The lower tiers (L2 unless the caller just asked it), then the loader;
+ * *out (malloc'd) is the value. */
+static int fill(keel_cache *c, const void *key, size_t klen, uint64_t h, bool try_l2, void **out, size_t *outlen)
+{
+    uint64_t seen = atomic_load(&c->epoch);
+    redisReply *r = NULL;
+    uint64_t ttl = 0;
+    int rc;
+    if (try_l2 && c->o.redis && tier_up(c, L2)) {
+        rc = l2_get(c, key, klen, &r);
+        decoded d;
+        if (rc == 0 && l2_decode(r->str, r->len, &d)) {
+            atomic_fetch_add_explicit(&c->st.hits_l2, 1, memory_order_relaxed);
+            l1_fill(c, key, klen, h, d.val, d.vlen, d.ttl, d.delta, d.tags, d.ntags, seen);
+            rc = dup_out(d.val, d.vlen, out, outlen);
+            freeReplyObject(r);
+            return rc;
+        }
+        if (r)
+            freeReplyObject(r);
+        if (rc && rc != KEEL_ENOTFOUND)
+            tier_failed(c, L2, rc);
+    }
+    if (c->o.pg && tier_up(c, L3)) {
+        PGresult *res = NULL;
+        rc = l3_get(c, key, klen, &res);
+        if (rc == 0) {
+            atomic_fetch_add_explicit(&c->st.hits_l3, 1, memory_order_relaxed);
+            size_t vlen = (size_t)PQgetlength(res, 0, 0);
+            const char *val = PQgetvalue(res, 0, 0);
+            decoded d;
+            d.ntags = 0;
+            char *tb = d.tagbuf, *tt = PQgetvalue(res, 0, 1);
+            while (*tt && d.ntags < CACHE_MAX_TAGS) { /* the tags, joined by 0x1f */
+                size_t l = strcspn(tt, "\x1f");
+                memcpy(tb, tt, l);
+                tb[l] = '\0';
+                d.tags[d.ntags++] = tb;
+                tb += l + 1;
+                tt += l + (tt[l] != '\0');
+            }
+            uint64_t ms_left;
+            memcpy(&ms_left, PQgetvalue(res, 0, 2), 8);
+            ttl = be64toh(ms_left) * 1000000u;
+            if (c->o.redis && tier_up(c, L2) && atomic_load(&c->epoch) == seen &&
+                (rc = l2_set_nx(c, key, klen, val, vlen, ttl, d.tags, d.ntags, 0)))
+                tier_failed(c, L2, rc);
+            l1_fill(c, key, klen, h, val, vlen, ttl, 0, d.tags, d.ntags, seen);
+            rc = dup_out(val, vlen, out, outlen);
+            PQclear(res);
+            return rc;
+        }
+        if (rc != KEEL_ENOTFOUND)
+            tier_failed(c, L3, rc);
+    }
+    if (!c->o.loader)
+        return KEEL_ENOTFOUND;
+    char lk[RKEY_MAX];
+    size_t lkl = 0;
+    bool leased = false;
+    if (c->o.lease && c->o.redis && tier_up(c, L2)) {
+        lkl = rkey(c, 'l', key, klen, lk);
+        char ms[24];
+        snprintf(ms, sizeof ms, "%llu", (unsigned long long)(c->o.lease_ns / 1000000u ? c->o.lease_ns / 1000000u : 1));
+        const char *a[6] = {"SET", lk, (const char *)c->self, "NX", "PX", ms};
+        size_t l[6] = {3, lkl, ID_LEN, 2, 2, strlen(ms)};
+        rc = keel_redis_command(c->o.redis, lk, lkl, 6, a, l, &r);
+        leased = rc == 0 && r->type == REDIS_REPLY_STATUS;
+        bool other = rc == 0 && r->type == REDIS_REPLY_NIL;
+        if (r)
+            freeReplyObject(r);
+        r = NULL;
+        if (other) { /* another process loads: wait for its value */
+            atomic_fetch_add_explicit(&c->st.load_waits, 1, memory_order_relaxed);
+            decoded d;
+            if (lease_wait(c, key, klen, &r) == 0 && l2_decode(r->str, r->len, &d)) {
+                l1_fill(c, key, klen, h, d.val, d.vlen, d.ttl, d.delta, d.tags, d.ntags, seen);
+                rc = dup_out(d.val, d.vlen, out, outlen);
+                freeReplyObject(r);
+                return rc;
+            }
+            if (r)
+                freeReplyObject(r);
+        }
+    }
+    keel_cache_load ld = {.max_value = c->o.max_value};
+    uint64_t t0 = now_ns(c);
+    atomic_fetch_add_explicit(&c->st.loads, 1, memory_order_relaxed);
+    rc = c->o.loader(key, klen, &ld, c->o.loader_ud);
+    uint64_t delta = now_ns(c) - t0;
+    if (rc == 0 && !ld.set)
+        rc = KEEL_EPROTO; /* said yes, gave nothing */
+    if (rc == KEEL_ENOTFOUND) {
+        keel__l1_set(c->l1, key, klen, h, NULL, 0, l1_expiry(c, c->o.negative_ttl_ns), 0, NULL, 0, true, &c->epoch,
+                     seen);
+    } else if (rc == 0) {
+        uint64_t lttl = ld.ttl ? ld.ttl : c->o.default_ttl_ns;
+        fill_through(c, key, klen, h, ld.val, ld.vlen, lttl, ld.tags, ld.ntags, delta, seen);
+        *out = ld.val;
+        *outlen = ld.vlen;
+        ld.val = NULL;
+    }
+    if (leased) {
+        const char *a[2] = {"DEL", lk};
+        size_t l[2] = {3, lkl};
+        if (keel_redis_command(c->o.redis, lk, lkl, 2, a, l, &r) == 0 || r)
+            freeReplyObject(r);
+    }
+    keel__free(ld.val);
+    keel__free(ld.tagcopy);
+    return rc;
+}
+
+KEEL_API int keel_cache_load_set(keel_cache_load *ld, const void *val, size_t vlen, uint64_t ttl_ns,
+                                 const char *const *tags, size_t ntags)
+{
+    if (!ld || (vlen && !val) || vlen > ld->max_value || !good_tags(tags, ntags))
+        return KEEL_EINVAL;
+    size_t tl = 0;
+    for (size_t i = 0; i < ntags; i++)
+        tl += strlen(tags[i]) + 1;
+    void *copy = keel__malloc(vlen ? vlen : 1);
+    char *tc = keel__malloc(tl ? tl : 1);
+    if (!copy || !tc) {
+        keel__free(copy);
+        keel__free(tc);
+        return KEEL_ENOMEM;
+    }
+    if (vlen)
+        memcpy(copy, val, vlen);
+    keel__free(ld->val);
+    keel__free(ld->tagcopy);
+    ld->val = copy;
+    ld->vlen = vlen;
+    ld->ttl = ttl_ns;
+    ld->tagcopy = tc;
+    for (size_t i = 0; i < ntags; i++) {
+        ld->tags[i] = strcpy(tc, tags[i]);
+        tc += strlen(tags[i]) + 1;
+    }
+    ld->ntags = ntags;
+    ld->set = true;
+    return 0;
+}
+
+/* XFetch: refresh early with probability rising as expiry nears. */
+static bool refresh_early(keel_cache *c, const l1_hit *hit)
+{
+    if (c->o.xfetch_beta <= 0 || !hit->delta)
+        return false;
+    double u = ((double)(keel__rand_next(&c->rand) >> 11) + 1.0) / 9007199254740993.0; /* (0, 1] */
+    double gap = -(double)hit->delta * c->o.xfetch_beta * log(u);
+    return (double)now_ns(c) + gap >= (double)hit->expires;
+}
+
+static bool key_ok(const keel_cache *c, const void *key, size_t klen)
+{
+    return key && klen && klen <= c->o.max_key;
+}
+
+static int miss(keel_cache *c, const void *key, size_t klen, uint64_t h, bool try_l2, bool stale_ok, void *buf,
+                size_t cap, size_t *len);
+
+KEEL_API int keel_cache_get(keel_cache *c, const void *key, size_t klen, void *buf, size_t cap, size_t *len)
+{
+    if (!c || !key_ok(c, key, klen) || !len || (cap && !buf))
+        return KEEL_EINVAL;
+    uint64_t h = key_hash(key, klen);
+    l1_hit hit;
+    int rc = keel__l1_get(c->l1, key, klen, h, buf, cap, len, &hit);
+    bool stale_ok = false;
+    if (rc == 0 || rc == KEEL_ERANGE) {
+        if (hit.negative) {
+            atomic_fetch_add_explicit(&c->st.negative_hits, 1, memory_order_relaxed);
+            return KEEL_ENOTFOUND;
+        }
+        if (rc != 0 || !refresh_early(c, &hit)) {
+            atomic_fetch_add_explicit(&c->st.hits_l1, 1, memory_order_relaxed);
+            return rc;
+        }
+        stale_ok = true; /* refreshing early: the value in buf stands if that fails */
+    } else {
+        atomic_fetch_add_explicit(&c->st.misses, 1, memory_order_relaxed);
+    }
+    return miss(c, key, klen, h, !stale_ok, stale_ok, buf, cap, len); /* a refresh asks the loader */
+}
+
+/* A miss (or an early refresh: stale_ok, the value already in buf), with
+ * single-flight. */
+static int miss(keel_cache *c, const void *key, size_t klen, uint64_t h, bool try_l2, bool stale_ok, void *buf,
+                size_t cap, size_t *len)
+{
+    int rc;
+    flight *f;
+    bool leader = sf_join(c, key, klen, h, &f);
+    if (!leader && stale_ok) { /* someone refreshes it already: ours stands */
+        sf_leave(c, f);
+        return 0;
+    }
+    if (!leader) { /* another thread loads it */
+        atomic_fetch_add_explicit(&c->st.load_waits, 1, memory_order_relaxed);
+        pthread_mutex_lock(&c->fl_mu);
+        while (!f->done)
+            pthread_cond_wait(&f->cv, &c->fl_mu);
+        pthread_mutex_unlock(&c->fl_mu);
+        rc = f->rc == 0 ? copy_out(f->val, f->vlen, buf, cap, len) : f->rc;
+        sf_leave(c, f);
+        return rc;
+    }
+    void *val = NULL;
+    size_t vlen = 0;
+    rc = fill(c, key, klen, h, try_l2, &val, &vlen);
+    sf_finish(c, f, rc, val, vlen);
+    sf_leave(c, f);
+    if (rc == 0)
+        rc = copy_out(val, vlen, buf, cap, len);
+    else if (stale_ok)
+        rc = 0;
+    keel__free(val);
+    return rc;
+}
+
+/* L2 for the items still missing (rc KEEL_ENOTFOUND, len SIZE_MAX): one
+ * MGET per node, at most 512 keys each. */
+static void l2_get_many(keel_cache *c, keel_cache_item *it, size_t n)
+{
+    uint64_t seen = atomic_load(&c->epoch);
+    size_t nodes = keel_redis_nodes(c->o.redis);
+    const char **argv = keel__malloc(513 * sizeof *argv);
+    size_t *lens = keel__malloc(513 * sizeof *lens), *idx = keel__malloc(512 * sizeof *idx);
+    char *keys = keel__malloc(512 * 1300);
+    for (size_t node = 0; argv && lens && idx && keys && node < nodes; node++) {
+        size_t from = 0;
+        while (from < n) {
+            size_t k = 0;
+            argv[0] = "MGET";
+            lens[0] = 4;
+            for (; from < n && k < 512; from++) {
+                if (it[from].len != SIZE_MAX)
+                    continue;
+                char *kb = keys + k * 1300;
+                size_t kl = rkey(c, 'v', it[from].key, it[from].klen, kb);
+                if (keel_redis_node_of(c->o.redis, kb, kl) != node)
+                    continue;
+                argv[k + 1] = kb;
+                lens[k + 1] = kl;
+                idx[k++] = from;
+            }
+            if (!k)
+                break;
+            redisReply *r = NULL;
+            int rc = keel__redis_command_on(c->o.redis, node, (int)k + 1, argv, lens, &r);
+            if (rc == 0 && (r->type != REDIS_REPLY_ARRAY || r->elements != k))
+                rc = KEEL_EPROTO;
+            for (size_t j = 0; rc == 0 && j < k; j++) {
+                decoded d;
+                redisReply *e = r->element[j];
+                if (e->type != REDIS_REPLY_STRING || !l2_decode(e->str, e->len, &d))
+                    continue;
+                keel_cache_item *x = &it[idx[j]];
+                atomic_fetch_add_explicit(&c->st.hits_l2, 1, memory_order_relaxed);
+                l1_fill(c, x->key, x->klen, key_hash(x->key, x->klen), d.val, d.vlen, d.ttl, d.delta, d.tags,
+                        d.ntags, seen);
+                x->rc = copy_out(d.val, d.vlen, x->buf, x->cap, &x->len);
+            }
+            if (r)
+                freeReplyObject(r);
+            if (rc) {
+                tier_failed(c, L2, rc);
+                node = nodes;
+                break;
+            }
+        }
+    }
+    keel__free(argv);
+    keel__free(lens);
+    keel__free(idx);
+    keel__free(keys);
+}
+
+KEEL_API int keel_cache_get_many(keel_cache *c, keel_cache_item *items, size_t n)
+{
+    if (!c || (n && !items))
+        return KEEL_EINVAL;
+    size_t missing = 0;
+    for (size_t i = 0; i < n; i++) {
+        keel_cache_item *x = &items[i];
+        if (!key_ok(c, x->key, x->klen) || (x->cap && !x->buf)) {
+            x->rc = KEEL_EINVAL;
+            x->len = 0;
+            continue;
+        }
+        l1_hit hit;
+        x->rc = keel__l1_get(c->l1, x->key, x->klen, key_hash(x->key, x->klen), x->buf, x->cap, &x->len, &hit);
+        if ((x->rc == 0 || x->rc == KEEL_ERANGE) && hit.negative) {
+            atomic_fetch_add_explicit(&c->st.negative_hits, 1, memory_order_relaxed);
+            x->rc = KEEL_ENOTFOUND;
+        } else if (x->rc == 0 || x->rc == KEEL_ERANGE) {
+            atomic_fetch_add_explicit(&c->st.hits_l1, 1, memory_order_relaxed);
+        } else {
+            atomic_fetch_add_explicit(&c->st.misses, 1, memory_order_relaxed);
+            x->len = SIZE_MAX; /* still to find */
+            missing++;
+        }
+    }
+    if (missing && c->o.redis && tier_up(c, L2))
+        l2_get_many(c, items, n);
+    int first = 0;
+    for (size_t i = 0; i < n; i++) {
+        keel_cache_item *x = &items[i];
+        if (x->len == SIZE_MAX) /* L3 and the loader, one at a time */
+            x->rc = miss(c, x->key, x->klen, key_hash(x->key, x->klen), false, false, x->buf, x->cap, &x->len);
+        if (x->rc != 0 && x->len == SIZE_MAX)
+            x->len = 0;
+        if (!first)
+            first = x->rc;
+    }
+    return first;
+}
+
+KEEL_API int keel_cache_set(keel_cache *c, const void *key, size_t klen, const void *val, size_t vlen,
+                            uint64_t ttl_ns, const char *const *tags, size_t ntags)
+{
+    if (!c || !key_ok(c, key, klen) || (vlen && !val) || vlen > c->o.max_value || !good_tags(tags, ntags))
+        return KEEL_EINVAL;
+    uint64_t h = key_hash(key, klen);
+    int rc = write_through(c, key, klen, h, val, vlen, ttl_ns ? ttl_ns : c->o.default_ttl_ns, tags, ntags);
+    announce(c, 'K', key, klen);
+    return rc;
+}
+
+KEEL_API int keel_cache_del(keel_cache *c, const void *key, size_t klen)
+{
+    if (!c || !key_ok(c, key, klen))
+        return KEEL_EINVAL;
+    uint64_t h = key_hash(key, klen);
+    atomic_fetch_add(&c->epoch, 1);
+    keel__l1_del(c->l1, key, klen, h);
+    int first = 0, rc; /* tried even when failing: a delete must not be skipped */
+    if (c->o.redis && (rc = l2_del(c, key, klen)) != 0)
+        first = tier_failed(c, L2, rc);
+    if (c->o.pg && (rc = l3_one(c, c->st_del, key, (int)klen, NULL)) != 0 && !first)
+        first = tier_failed(c, L3, rc);
+    atomic_fetch_add(&c->epoch, 1); /* and again: a get that read a lower tier meanwhile */
+    keel__l1_del(c->l1, key, klen, h);
+    announce(c, 'K', key, klen);
+    return first;
+}
+
+/* L2: the keys of a tag's set, deleted with the set. */
+static int l2_del_tag(keel_cache *c, const char *tag)
+{
+    char tk[TKEY_MAX];
+    size_t tkl = rkey(c, 't', tag, strlen(tag), tk);
+    const char *a[2] = {"SMEMBERS", tk};
+    size_t l[2] = {8, tkl};
+    redisReply *m = NULL;
+    int rc = keel_redis_command(c->o.redis, tk, tkl, 2, a, l, &m);
+    size_t n = rc == 0 && m->type == REDIS_REPLY_ARRAY ? m->elements : 0;
+    /* each key DEL'd on its node, then SREM of exactly those from the set
+     * (a member added meanwhile stays for the next invalidation) */
+    keel_redis_cmd *cmds = rc == 0 && n ? keel__calloc(n + 1, sizeof *cmds) : NULL;
+    const char **argv = cmds ? keel__malloc((3 * n + 2) * sizeof *argv) : NULL;
+    size_t *lens = cmds ? keel__malloc((3 * n + 2) * sizeof *lens) : NULL;
+    if (rc == 0 && n && (!cmds || !argv || !lens))
+        rc = KEEL_ENOMEM;
+    const char **srem = argv ? argv + 2 * n : NULL;
+    size_t *sreml = lens ? lens + 2 * n : NULL;
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        const char *k = m->element[i]->str;
+        size_t kl = m->element[i]->len;
+        argv[2 * i] = "DEL", argv[2 * i + 1] = k;
+        lens[2 * i] = 3, lens[2 * i + 1] = kl;
+        cmds[i] = (keel_redis_cmd){k, kl, 2, &argv[2 * i], &lens[2 * i], 0, NULL};
+        srem[2 + i] = k;
+        sreml[2 + i] = kl;
+    }
+    if (rc == 0 && n) {
+        srem[0] = "SREM", srem[1] = tk;
+        sreml[0] = 4, sreml[1] = tkl;
+        rc = keel_redis_pipeline(c->o.redis, cmds, n);
+        for (size_t i = 0; rc == 0 && i < n; i++)
+            rc = cmds[i].rc;
+        if (rc == 0) {
+            redisReply *x = NULL;
+            rc = keel_redis_command(c->o.redis, tk, tkl, (int)n + 2, srem, sreml, &x);
+            if (x)
+                freeReplyObject(x);
+        }
+    }
+    for (size_t i = 0; cmds && i < n; i++)
+        if (cmds[i].reply)
+            freeReplyObject(cmds[i].reply);
+    keel__free(cmds);
+    keel__free(argv);
+    keel__free(lens);
+    if (m)
+        freeReplyObject(m);
+    return rc;
+}
+
+/* Makes L1's entries carrying the tag miss. `create`: a tag this process
+ * may not know yet (an announced one only matters if some entry has it). */
+static void bump_tag(keel_cache *c, const char *tag, bool create)
+{
+    ctag *t = create ? tag_get(c, tag) : tag_find(c, tag);
+    atomic_fetch_add(&c->epoch, 1);
+    if (t)
+        atomic_fetch_add(&t->version, 1);
+    else if (create) /* no memory to remember the tag: forget everything instead */
+        keel__l1_flush(c->l1);
+}
+
+KEEL_API int keel_cache_invalidate_tag(keel_cache *c, const char *tag)
+{
+    if (!c || !good_tags(&tag, 1))
+        return KEEL_EINVAL;
+    bump_tag(c, tag, true);
+    int first = 0, rc;
+    if (c->o.redis && (rc = l2_del_tag(c, tag)) != 0)
+        first = tier_failed(c, L2, rc);
+    if (c->o.pg && (rc = l3_one(c, c->st_del_tag, tag, -1, NULL)) != 0 && !first)
+        first = tier_failed(c, L3, rc);
+    bump_tag(c, tag, true); /* a get that read a lower tier meanwhile */
+    announce(c, 'T', tag, strlen(tag));
+    return first;
+}
+
+/* L2: SCAN each node for prefix* (glob characters escaped), DEL them. */
+static int l2_del_prefix(keel_cache *c, const void *prefix, size_t len)
+{
+    char raw[1400], pat[2900];
+    size_t rl = rkey(c, 'v', prefix, len, raw), pl = 0;
+    for (size_t i = 0; i < rl; i++) {
+        if (strchr("*?[]\\", raw[i]) && raw[i])
+            pat[pl++] = '\\';
+        pat[pl++] = raw[i];
+    }
+    pat[pl++] = '*';
+    int rc = 0;
+    for (size_t node = 0; rc == 0 && node < keel_redis_nodes(c->o.redis); node++) {
+        char cursor[32] = "0";
+        do {
+            const char *a[6] = {"SCAN", cursor, "MATCH", pat, "COUNT", "1000"};
+            size_t l[6] = {4, strlen(cursor), 5, pl, 5, 4};
+            redisReply *r = NULL;
+            rc = keel__redis_command_on(c->o.redis, node, 6, a, l, &r);
+            if (rc == 0 && (r->type != REDIS_REPLY_ARRAY || r->elements != 2))
+                rc = KEEL_EPROTO;
+            if (rc == 0) {
+                snprintf(cursor, sizeof cursor, "%s", r->element[0]->str);
+                redisReply *keys = r->element[1];
+                for (size_t i = 0; rc == 0 && i < keys->elements; i++) {
+                    const char *d[2] = {"DEL", keys->element[i]->str};
+                    size_t dl[2] = {3, keys->element[i]->len};
+                    redisReply *x = NULL;
+                    rc = keel__redis_command_on(c->o.redis, node, 2, d, dl, &x);
+                    if (x)
+                        freeReplyObject(x);
+                }
+            }
+            if (r)
+                freeReplyObject(r);
+        } while (rc == 0 && strcmp(cursor, "0") != 0);
+    }
+    return rc;
+}
+
+KEEL_API int keel_cache_invalidate_prefix(keel_cache *c, const void *prefix, size_t len)
+{
+    if (!c || (len && !prefix) || len > c->o.max_key)
+        return KEEL_EINVAL;
+    if (!len)
+        prefix = "";
+    atomic_fetch_add(&c->epoch, 1);
+    keel__l1_del_prefix(c->l1, prefix, len);
+    int first = 0, rc;
+    if (c->o.redis && (rc = l2_del_prefix(c, prefix, len)) != 0)
+        first = tier_failed(c, L2, rc);
+    if (c->o.pg) {
+        unsigned char pat[2 * 1024 + 1]; /* LIKE: \, % and _ escaped, then % */
+        size_t pl = 0;
+        for (size_t i = 0; i < len; i++) {
+            unsigned char ch = ((const unsigned char *)prefix)[i];
+            if (ch == '\\' || ch == '%' || ch == '_')
+                pat[pl++] = '\\';
+            pat[pl++] = ch;
+        }
+        pat[pl++] = '%';
+        if ((rc = l3_one(c, c->st_del_prefix, pat, (int)pl, NULL)) != 0 && !first)
+            first = tier_failed(c, L3, rc);
+    }
+    atomic_fetch_add(&c->epoch, 1);
+    keel__l1_del_prefix(c->l1, prefix, len);
+    announce(c, 'P', prefix, len);
+    return first;
+}
+
+KEEL_API int keel_cache_sweep(keel_cache *c, size_t batch, size_t *deleted)
+{
+    if (deleted)
+        *deleted = 0;
+    if (!c)
+        return KEEL_EINVAL;
+    if (!c->o.pg)
+        return 0;
+    char n[24];
+    snprintf(n, sizeof n, "%zu", batch ? batch : 1000);
+    return l3_one(c, c->st_sweep, n, -1, deleted);
+}
+
+static void *sweeper(void *arg)
+{
+    keel_cache *c = arg;
+    pthread_mutex_lock(&c->sweep_mu);
+    while (!c->stop) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        uint64_t at = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec + c->o.sweep_interval_ns;
+        ts.tv_sec = (time_t)(at / 1000000000u);
+        ts.tv_nsec = (long)(at % 1000000000u);
+        if (pthread_cond_timedwait(&c->sweep_cv, &c->sweep_mu, &ts) == 0 || c->stop)
+            continue;
+        pthread_mutex_unlock(&c->sweep_mu);
+        size_t n = 0;
+        do /* batch after batch while they come back full */
+            if (keel_cache_sweep(c, 1000, &n) != 0)
+                n = 0;
+        while (n == 1000 && !c->stop);
+        pthread_mutex_lock(&c->sweep_mu);
+    }
+    pthread_mutex_unlock(&c->sweep_mu);
+    return NULL;
+}
+
+/* ---- messages from other processes ---- */
+
+static void on_message(const char *channel, size_t chlen, const char *msg, size_t len, const char *pattern, void *ud)
+{
+    (void)channel, (void)chlen, (void)pattern;
+    keel_cache *c = ud;
+    if (len < ID_LEN + 1 || memcmp(msg, c->self, ID_LEN) == 0)
+        return;
+    const char *p = msg + ID_LEN + 1;
+    size_t n = len - ID_LEN - 1;
+    atomic_fetch_add_explicit(&c->st.invalidations_received, 1, memory_order_relaxed);
+    atomic_fetch_add(&c->epoch, 1);
+    if (msg[ID_LEN] == 'K' && n) {
+        keel__l1_del(c->l1, p, n, key_hash(p, n));
+    } else if (msg[ID_LEN] == 'T' && n && n <= CACHE_MAX_TAG) {
+        char tag[CACHE_MAX_TAG + 1];
+        memcpy(tag, p, n);
+        tag[n] = '\0';
+        bump_tag(c, tag, false);
+    } else if (msg[ID_LEN] == 'P') {
+        keel__l1_del_prefix(c->l1, p, n);
+    } else {
+        keel__l1_flush(c->l1); /* a message we do not understand: be safe */
+    }
+}
+
+static void on_reconnect(void *ud)
+{
+    keel_cache *c = ud;
+    atomic_fetch_add(&c->epoch, 1);
+    keel__l1_flush(c->l1);
+    atomic_fetch_add_explicit(&c->st.flushes, 1, memory_order_relaxed);
+}
+
+/* ---- lifetime ---- */
+
+KEEL_API void keel_cache_stats_get(keel_cache *c, keel_cache_stats *st)
+{
+    if (!st)
+        return;
+    memset(st, 0, sizeof *st);
+    if (!c)
+        return;
+    st->hits_l1 = atomic_load(&c->st.hits_l1);
+    st->hits_l2 = atomic_load(&c->st.hits_l2);
+    st->hits_l3 = atomic_load(&c->st.hits_l3);
+    st->misses = atomic_load(&c->st.misses);
+    st->negative_hits = atomic_load(&c->st.negative_hits);
+    st->loads = atomic_load(&c->st.loads);
+    st->load_waits = atomic_load(&c->st.load_waits);
+    st->invalidations_received = atomic_load(&c->st.invalidations_received);
+    st->flushes = atomic_load(&c->st.flushes);
+    st->errors_l2 = atomic_load(&c->st.errors[L2]);
+    st->errors_l3 = atomic_load(&c->st.errors[L3]);
+    l1_stats ls;
+    keel__l1_stats(c->l1, &ls);
+    st->evictions = ls.evictions;
+    st->expirations = ls.expirations;
+    st->l1_items = ls.items;
+    st->l1_bytes = ls.bytes;
+}
+
+#define STAT_FN(fn, field)                                                                         \
+    static double fn(void *ud)                                                                     \
+    {                                                                                              \
+        keel_cache_stats st;                                                                       \
+        keel_cache_stats_get(ud, &st);                                                             \
+        return (double)st.field;                                                                   \
+    }
+STAT_FN(m_hits_l1, hits_l1)
+STAT_FN(m_hits_l2, hits_l2)
+STAT_FN(m_hits_l3, hits_l3)
+STAT_FN(m_misses, misses)
+STAT_FN(m_loads, loads)
+STAT_FN(m_evictions, evictions)
+STAT_FN(m_items, l1_items)
+STAT_FN(m_err_l2, errors_l2)
+STAT_FN(m_err_l3, errors_l3)
+
+static bool good_table(const char *t)
+{
+    size_t n = strlen(t);
+    if (n == 0 || n > 48)
+        return false;
+    for (; *t; t++)
+        if (!((*t >= 'a' && *t <= 'z') || (*t >= '0' && *t <= '9') || *t == '_'))
+            return false;
+    return true;
+}
+
+static int prepare(keel_cache *c)
+{
+    char sql[640];
+    const char *t = c->table;
+    struct {
+        keel_pg_stmt **out;
+        const char *fmt;
+    } s[] = {
+        {&c->st_get, "SELECT value, array_to_string(tags, E'\\x1f'), "
+                     "GREATEST(1, (extract(epoch from expires_at - now()) * 1000)::bigint) "
+                     "FROM \"%s\" WHERE key = $1 AND expires_at > now()"},
+        {&c->st_put, "INSERT INTO \"%s\" (key, value, expires_at, tags) VALUES ($1, $2, now() + $3::bigint * "
+                     "interval '1 millisecond', string_to_array(NULLIF($4, ''), E'\\x1f')) ON CONFLICT (key) DO "
+                     "UPDATE SET value = excluded.value, expires_at = excluded.expires_at, tags = excluded.tags"},
+        {&c->st_fill, "INSERT INTO \"%1$s\" (key, value, expires_at, tags) VALUES ($1, $2, now() + $3::bigint * "
+                      "interval '1 millisecond', string_to_array(NULLIF($4, ''), E'\\x1f')) ON CONFLICT (key) DO "
+                      "UPDATE SET value = excluded.value, expires_at = excluded.expires_at, tags = excluded.tags "
+                      "WHERE \"%1$s\".expires_at <= now()"},
+        {&c->st_del, "DELETE FROM \"%s\" WHERE key = $1"},
+        {&c->st_del_tag, "DELETE FROM \"%s\" WHERE tags @> ARRAY[$1::text]"},
+        {&c->st_del_prefix, "DELETE FROM \"%s\" WHERE key LIKE $1"},
+        {&c->st_sweep, "DELETE FROM \"%1$s\" WHERE key IN (SELECT key FROM \"%1$s\" WHERE expires_at <= now() "
+                       "LIMIT $1::bigint)"},
+    };
+    for (size_t i = 0; i < sizeof s / sizeof s[0]; i++) {
+        snprintf(sql, sizeof sql, s[i].fmt, t);
+        int rc = keel_pg_stmt_create(c->o.pg, sql, 0, NULL, s[i].out);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+KEEL_API int keel_cache_create_schema(keel_cache *c)
+{
+    if (!c)
+        return KEEL_EINVAL;
+    if (!c->o.pg)
+        return 0;
+    char sql[3][400];
+    snprintf(sql[0], sizeof sql[0],
+             "CREATE %sTABLE IF NOT EXISTS \"%s\" (key bytea PRIMARY KEY, value bytea NOT NULL, "
+             "expires_at timestamptz NOT NULL, tags text[])",
+             c->o.l3_logged ? "" : "UNLOGGED ", c->table);
+    snprintf(sql[1], sizeof sql[1], "CREATE INDEX IF NOT EXISTS \"%s_expires\" ON \"%s\" (expires_at)", c->table,
+             c->table);
+    snprintf(sql[2], sizeof sql[2], "CREATE INDEX IF NOT EXISTS \"%s_tags\" ON \"%s\" USING gin (tags)", c->table,
+             c->table);
+    keel_pg_query q[4] = {{.sql = "SELECT pg_advisory_xact_lock(7020303)"}, {.sql = sql[0]}, {.sql = sql[1]},
+                          {.sql = sql[2]}};
+    int rc = keel_pg_batch(c->o.pg, q, 4);
+    for (int i = 0; i < 4; i++)
+        PQclear(q[i].res);
+    return rc;
+}
+
+KEEL_API int keel_cache_create(keel_cache **out, const keel_cache_opts *opts)
+{
+    keel_cache_opts o = opts ? *opts : (keel_cache_opts){0};
+    if (!out || (o.table && !good_table(o.table)) || o.max_value > ((size_t)512 << 20) || o.max_key > 1024 ||
+        (o.l1_max_bytes && o.l1_max_bytes < ((size_t)64 << 10)) ||
+        (o.redis_prefix && (!o.redis_prefix[0] || strlen(o.redis_prefix) > PREFIX_MAX)) || o.xfetch_beta < 0)
+        return KEEL_EINVAL;
+    if (!o.l1_max_bytes)
+        o.l1_max_bytes = (size_t)64 << 20;
+    if (!o.max_key)
+        o.max_key = 1024;
+    if (!o.max_value)
+        o.max_value = (size_t)1 << 20;
+    if (!o.default_ttl_ns)
+        o.default_ttl_ns = 3600ull * 1000000000u;
+    if (!o.negative_ttl_ns)
+        o.negative_ttl_ns = 10ull * 1000000000u;
+    if (!o.lease_ns)
+        o.lease_ns = 5ull * 1000000000u;
+    if (!o.tier_retry_ns)
+        o.tier_retry_ns = 1000000000u;
+    keel_cache *c = keel__calloc(1, sizeof *c);
+    if (!c)
+        return KEEL_ENOMEM;
+    c->o = o;
+    c->clock = (keel__clock){o.clock, o.clock_ud};
+    pthread_mutex_init(&c->tags_mu, NULL);
+    pthread_mutex_init(&c->fl_mu, NULL);
+    pthread_mutex_init(&c->sweep_mu, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&c->sweep_cv, &ca);
+    pthread_condattr_destroy(&ca);
+    /* The name on our messages: random, and mixed with the pid and the
+     * time, since a forked child starts from its parent's random state. */
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    uint64_t mix[2] = {keel_rand_u64(NULL) ^ (uint64_t)getpid(),
+                       keel_rand_u64(NULL) ^ ((uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec)};
+    for (size_t i = 0; i < 2; i++)
+        mix[i] = keel__mix64(mix[i] + (uint64_t)(uintptr_t)c);
+    memcpy(c->self, mix, ID_LEN);
+    c->rprefix = keel__strdup(o.redis_prefix ? o.redis_prefix : "kc:");
+    c->table = keel__strdup(o.table ? o.table : "keel_cache");
+    int rc = c->rprefix && c->table ? keel__l1_create(&c->l1, o.l1_max_bytes, o.l1_max_items, &c->clock) : KEEL_ENOMEM;
+    if (rc == 0 && o.pg)
+        rc = prepare(c);
+    if (rc == 0 && o.redis) {
+        snprintf(c->chan, sizeof c->chan, "%sinv", c->rprefix);
+        const char *chans[1] = {c->chan};
+        keel_redis_sub_opts so = {.channels = chans, .nchannels = 1,
+                                  .node = keel_redis_node_of(o.redis, c->chan, strlen(c->chan)),
+                                  .on_message = on_message, .on_reconnect = on_reconnect, .ud = c};
+        rc = keel_redis_subscribe(o.redis, &so, &c->sub);
+    }
+    if (rc == 0 && o.pg && o.sweep_interval_ns) {
+        if (pthread_create(&c->sweeper, NULL, sweeper, c) == 0)
+            c->sweeping = true;
+        else
+            rc = KEEL_ENOMEM;
+    }
+    if (rc == 0 && o.metrics) {
+        keel__mfunc fs[] = {
+            {0, "keel_cache_hits_total", "Hits.", "tier", "l1", m_hits_l1},
+            {0, "keel_cache_hits_total", "Hits.", "tier", "l2", m_hits_l2},
+            {0, "keel_cache_hits_total", "Hits.", "tier", "l3", m_hits_l3},
+            {0, "keel_cache_misses_total", "Gets that missed L1.", NULL, NULL, m_misses},
+            {0, "keel_cache_loads_total", "Loader calls.", NULL, NULL, m_loads},
+            {0, "keel_cache_evictions_total", "L1 evictions.", NULL, NULL, m_evictions},
+            {1, "keel_cache_items", "L1 entries.", NULL, NULL, m_items},
+            {0, "keel_cache_tier_errors_total", "Tier failures.", "tier", "l2", m_err_l2},
+            {0, "keel_cache_tier_errors_total", "Tier failures.", "tier", "l3", m_err_l3},
+        };
+        rc = keel__metrics_funcs(o.metrics, "cache", o.metrics_name, fs, sizeof fs / sizeof fs[0], c);
+        if (rc)
+            c->o.metrics = NULL;
+    }
+    if (rc) {
+        keel_cache_destroy(c);
+        return rc;
+    }
+    *out = c;
+    return 0;
+}
+
+KEEL_API void keel_cache_destroy(keel_cache *c)
+{
+    if (!c)
+        return;
+    if (c->sub)
+        keel_redis_unsubscribe(c->sub);
+    if (c->sweeping) {
+        pthread_mutex_lock(&c->sweep_mu);
+        c->stop = true;
+        pthread_cond_broadcast(&c->sweep_cv);
+        pthread_mutex_unlock(&c->sweep_mu);
+        pthread_join(c->sweeper, NULL);
+    }
+    pthread_mutex_destroy(&c->sweep_mu);
+    pthread_cond_destroy(&c->sweep_cv);
+    if (c->o.metrics)
+        keel_metrics_func_remove(c->o.metrics, c);
+    keel_pg_stmt *all[] = {c->st_get, c->st_put, c->st_fill, c->st_del, c->st_del_tag, c->st_del_prefix, c->st_sweep};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        keel_pg_stmt_free(all[i]);
+    keel__l1_destroy(c->l1);
+    for (size_t b = 0; b < 256; b++)
+        for (ctag *t = c->tags[b], *n; t; t = n) {
+            n = t->next;
+            keel__free(t->name);
+            keel__free(t);
+        }
+    pthread_mutex_destroy(&c->tags_mu);
+    pthread_mutex_destroy(&c->fl_mu);
+    keel__free(c->rprefix);
+    keel__free(c->table);
+    keel__free(c);
+}

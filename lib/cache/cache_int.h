@@ -1,0 +1,58 @@
+/* lib/cache/cache_int.h — what the files of keel_cache share. Private. */
+#ifndef KEEL_CACHE_INT_H
+#define KEEL_CACHE_INT_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+
+#include <keel/cache.h>
+
+#include "../internal.h"
+
+#define CACHE_MAX_TAGS 16
+#define CACHE_MAX_TAG 200
+
+/* A tag's version: bumped by each invalidation, here or announced by
+ * another process. Tags live as long as the cache. */
+typedef struct ctag {
+    char *name;
+    _Atomic uint64_t version;
+    struct ctag *next;
+} ctag;
+
+typedef struct l1_tagref {
+    ctag *tag;
+    uint64_t version;
+} l1_tagref;
+
+/* ---- L1 (l1.c): sharded, S3-FIFO, read under RCU ---- */
+
+typedef struct l1 l1;
+
+typedef struct l1_hit {
+    uint64_t expires, delta; /* for XFetch */
+    bool negative;
+} l1_hit;
+
+typedef struct l1_stats {
+    uint64_t evictions, expirations, items, bytes;
+} l1_stats;
+
+int keel__l1_create(l1 **out, size_t max_bytes, size_t max_items, const keel__clock *clock);
+void keel__l1_destroy(l1 *c);
+/* 0: a hit, the value copied (or KEEL_ERANGE, *len the size); KEEL_ENOTFOUND:
+ * a miss (expired, or a tag invalidated since). */
+int keel__l1_get(l1 *c, const void *key, size_t klen, uint64_t h, void *buf, size_t cap, size_t *len, l1_hit *hit);
+/* Inserts (replacing) unless *epoch moved past `seen` (an invalidation
+ * arrived meanwhile: the value may be stale). Returns 0, KEEL_ENOMEM,
+ * KEEL_ECONFLICT (skipped) or KEEL_ERANGE (larger than an L1 shard, a
+ * 32nd of the L1). */
+int keel__l1_set(l1 *c, const void *key, size_t klen, uint64_t h, const void *val, size_t vlen, uint64_t expires,
+                 uint64_t delta, const l1_tagref *tags, size_t ntags, bool negative, _Atomic uint64_t *epoch,
+                 uint64_t seen);
+void keel__l1_del(l1 *c, const void *key, size_t klen, uint64_t h);
+void keel__l1_del_prefix(l1 *c, const void *prefix, size_t len);
+void keel__l1_flush(l1 *c);
+void keel__l1_stats(l1 *c, l1_stats *st);
+
+#endif

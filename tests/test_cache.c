@@ -1,0 +1,673 @@
+/* tests/test_cache.c — keel_cache: tier fill and TTL caps under the fake
+ * clock; write-through and delete through real Redis and PostgreSQL;
+ * 8 threads missing one key call the loader once; negative caching;
+ * invalidation across processes (a forked second cache), and an L1 flush
+ * when the link drops; tags across tiers and processes; prefixes holding
+ * glob and LIKE characters and NUL bytes; Redis and PostgreSQL stopped
+ * mid-run; S3-FIFO keeping a hot set through a scan; XFetch; bad input. */
+#define _GNU_SOURCE
+#include <libpq-fe.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <keel/cache.h>
+#include <keel/pg.h>
+#include <keel/redis.h>
+
+#include "harness.h"
+
+#define MS KT_MS
+#define S KT_S
+
+static kt_clock clk;
+
+typedef struct loader_state {
+    _Atomic int calls;
+    int absent;          /* answer KEEL_ENOTFOUND */
+    uint64_t take_ns;    /* advance the fake clock by this (the load's duration) */
+    uint64_t sleep_ns;   /* really wait (for the single-flight test) */
+    const char *tag;
+} loader_state;
+
+static int load(const void *key, size_t klen, keel_cache_load *ld, void *ud)
+{
+    loader_state *s = ud;
+    atomic_fetch_add(&s->calls, 1);
+    if (s->sleep_ns)
+        kt_nap(s->sleep_ns);
+    if (s->take_ns)
+        kt_clock_advance(&clk, s->take_ns);
+    if (s->absent)
+        return KEEL_ENOTFOUND;
+    char v[64];
+    int n = snprintf(v, sizeof v, "loaded:%.*s", (int)klen, (const char *)key);
+    const char *tags[1] = {s->tag};
+    return keel_cache_load_set(ld, v, (size_t)n, 60 * S, tags, s->tag ? 1 : 0);
+}
+
+static char *uniq(const char *what)
+{
+    static char p[64];
+    static int n;
+    snprintf(p, sizeof p, "t%d%s%d", (int)getpid(), what, n++);
+    return p;
+}
+
+static keel_pg *open_pg(void)
+{
+    keel_pg *pg = NULL;
+    keel_pg_opts o = {.primary = kt_env("KEEL_TEST_PG"), .connect_timeout_ns = 1 * S, .acquire_timeout_ns = 2 * S,
+                      .query_timeout_ns = 2 * S, .manual_health = 1};
+    ck_assert_int_eq(keel_pg_create(&pg, &o), 0);
+    ck_assert_int_eq(keel_pg_check(pg), 0);
+    return pg;
+}
+
+/* A cache over the tiers given; prefix/table unique to the test. */
+typedef struct rig {
+    keel_redis *redis;
+    keel_pg *pg;
+    keel_cache *c;
+    char prefix[80], table[80];
+    loader_state ls;
+} rig;
+
+static void rig_open(rig *r, bool redis, bool pg, uint64_t l1_max_ttl, size_t max_items)
+{
+    memset(&r->ls, 0, sizeof r->ls);
+    snprintf(r->prefix, sizeof r->prefix, "%s:", uniq("c"));
+    snprintf(r->table, sizeof r->table, "%s", uniq("tbl"));
+    r->redis = redis ? kt_redis_open(kt_redis_nodes(), 500 * MS) : NULL;
+    r->pg = pg ? open_pg() : NULL;
+    keel_cache_opts o = {.redis = r->redis, .redis_prefix = r->prefix, .pg = r->pg, .table = r->table,
+                         .loader = load, .loader_ud = &r->ls, .l1_max_ttl_ns = l1_max_ttl, .l1_max_items = max_items,
+                         .clock = kt_clock_now, .clock_ud = &clk};
+    ck_assert_int_eq(keel_cache_create(&r->c, &o), 0);
+    ck_assert_int_eq(keel_cache_create_schema(r->c), 0);
+}
+
+static void rig_close(rig *r)
+{
+    keel_cache_destroy(r->c);
+    keel_redis_destroy(r->redis);
+    keel_pg_destroy(r->pg);
+}
+
+/* get as a string; returns the result code. */
+static int get(keel_cache *c, const char *key, char *out, size_t cap)
+{
+    size_t len = 0;
+    int rc = keel_cache_get(c, key, strlen(key), out, cap - 1, &len);
+    out[rc == 0 ? len : 0] = '\0';
+    return rc;
+}
+
+static int set(keel_cache *c, const char *key, const char *val, const char *const *tags, size_t ntags)
+{
+    return keel_cache_set(c, key, strlen(key), val, strlen(val), 0, tags, ntags);
+}
+
+/* Whether Redis holds the value key (prefix "v:" key). */
+static bool in_l2(rig *r, const void *key, size_t klen)
+{
+    char k[256];
+    size_t pl = strlen(r->prefix);
+    memcpy(k, r->prefix, pl);
+    memcpy(k + pl, "v:", 2);
+    memcpy(k + pl + 2, key, klen);
+    const char *a[2] = {"EXISTS", k};
+    size_t l[2] = {6, pl + 2 + klen};
+    redisReply *rep;
+    ck_assert_int_eq(keel_redis_command(r->redis, k, l[1], 2, a, l, &rep), 0);
+    bool yes = rep->integer == 1;
+    freeReplyObject(rep);
+    return yes;
+}
+
+static void l2_drop(rig *r, const char *key)
+{
+    char k[256];
+    int n = snprintf(k, sizeof k, "%sv:%s", r->prefix, key);
+    const char *a[2] = {"DEL", k};
+    size_t l[2] = {3, (size_t)n};
+    redisReply *rep;
+    ck_assert_int_eq(keel_redis_command(r->redis, k, (size_t)n, 2, a, l, &rep), 0);
+    freeReplyObject(rep);
+}
+
+static bool in_l3(rig *r, const void *key, size_t klen)
+{
+    char sql[200];
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM \"%s\" WHERE key = $1 AND expires_at > now()", r->table);
+    const char *v[1] = {key};
+    int l[1] = {(int)klen}, f[1] = {1};
+    keel_pg_params p = {1, v, l, f, NULL, 0};
+    PGresult *res;
+    ck_assert_int_eq(keel_pg_exec(r->pg, KEEL_PG_WRITE, sql, &p, &res), 0);
+    bool yes = strcmp(PQgetvalue(res, 0, 0), "1") == 0;
+    PQclear(res);
+    return yes;
+}
+
+/* ---- tiers ---- */
+
+START_TEST(a_miss_fills_every_tier_and_l1_ttl_is_capped)
+{
+    rig r;
+    rig_open(&r, true, true, 1 * S, 0);
+    char v[64];
+    ck_assert_int_eq(get(r.c, "user:1", v, sizeof v), 0);
+    ck_assert_str_eq(v, "loaded:user:1");
+    ck_assert_int_eq(atomic_load(&r.ls.calls), 1);
+    ck_assert(in_l2(&r, "user:1", 6));
+    ck_assert(in_l3(&r, "user:1", 6));
+    ck_assert_int_eq(get(r.c, "user:1", v, sizeof v), 0); /* L1 */
+    kt_clock_advance(&clk, 2 * S);                          /* past L1's cap of 1 s, within the 60 s TTL */
+    ck_assert_int_eq(get(r.c, "user:1", v, sizeof v), 0); /* L2, and L1 again */
+    ck_assert_int_eq(get(r.c, "user:1", v, sizeof v), 0);
+    l2_drop(&r, "user:1");
+    kt_clock_advance(&clk, 2 * S);
+    ck_assert_int_eq(get(r.c, "user:1", v, sizeof v), 0); /* L3, which fills L2 again */
+    ck_assert_str_eq(v, "loaded:user:1");
+    ck_assert(in_l2(&r, "user:1", 6));
+    keel_cache_stats st;
+    keel_cache_stats_get(r.c, &st);
+    ck_assert_uint_eq(st.hits_l1, 2);
+    ck_assert_uint_eq(st.hits_l2, 1);
+    ck_assert_uint_eq(st.hits_l3, 1);
+    ck_assert_uint_eq(st.loads, 1);
+    ck_assert_int_eq(atomic_load(&r.ls.calls), 1);
+    /* a small buffer: KEEL_ERANGE and the size */
+    size_t len;
+    char tiny[4];
+    ck_assert_int_eq(keel_cache_get(r.c, "user:1", 6, tiny, sizeof tiny, &len), KEEL_ERANGE);
+    ck_assert_uint_eq(len, strlen("loaded:user:1"));
+    rig_close(&r);
+}
+END_TEST
+
+START_TEST(set_and_del_go_through_every_tier)
+{
+    rig r;
+    rig_open(&r, true, true, 0, 0);
+    const char bin[] = "k\0ey";
+    ck_assert_int_eq(keel_cache_set(r.c, bin, 4, "v\0alue", 6, 0, NULL, 0), 0);
+    ck_assert(in_l2(&r, bin, 4));
+    ck_assert(in_l3(&r, bin, 4));
+    char v[16];
+    size_t len;
+    ck_assert_int_eq(keel_cache_get(r.c, bin, 4, v, sizeof v, &len), 0);
+    ck_assert_uint_eq(len, 6);
+    ck_assert_int_eq(memcmp(v, "v\0alue", 6), 0);
+    ck_assert_int_eq(keel_cache_del(r.c, bin, 4), 0);
+    ck_assert(!in_l2(&r, bin, 4));
+    ck_assert(!in_l3(&r, bin, 4));
+    r.ls.absent = 1;
+    ck_assert_int_eq(keel_cache_get(r.c, bin, 4, v, sizeof v, &len), KEEL_ENOTFOUND);
+    size_t swept = 99;
+    ck_assert_int_eq(keel_cache_set(r.c, "short", 5, "x", 1, 1 * MS, NULL, 0), 0);
+    kt_nap(20 * MS); /* the server's clock: the row's time must really pass */
+    ck_assert_int_eq(keel_cache_sweep(r.c, 10, &swept), 0);
+    ck_assert_uint_eq(swept, 1);
+    rig_close(&r);
+}
+END_TEST
+
+START_TEST(a_multi_get_asks_each_node_once)
+{
+    rig r;
+    rig_open(&r, true, false, 0, 0);
+    enum { N = 60 };
+    char keys[N + 2][16], bufs[N + 2][64];
+    keel_cache_item it[N + 2];
+    for (int i = 0; i < N + 2; i++) {
+        snprintf(keys[i], sizeof keys[i], "m%d", i);
+        if (i < N)
+            ck_assert_int_eq(set(r.c, keys[i], keys[i], NULL, 0), 0);
+    }
+    keel_cache *cold; /* a second process, in effect: its L1 is empty */
+    keel_cache_opts o = {.redis = r.redis, .redis_prefix = r.prefix, .loader = load, .loader_ud = &r.ls};
+    ck_assert_int_eq(keel_cache_create(&cold, &o), 0);
+    for (int i = 0; i < N + 2; i++)
+        it[i] = (keel_cache_item){keys[i], strlen(keys[i]), bufs[i], sizeof bufs[i], 0, 99};
+    ck_assert_int_eq(keel_cache_get_many(cold, it, N + 2), 0);
+    for (int i = 0; i < N + 2; i++) {
+        ck_assert_int_eq(it[i].rc, 0);
+        bufs[i][it[i].len] = '\0';
+        if (i < N)
+            ck_assert_str_eq(bufs[i], keys[i]);
+        else
+            ck_assert(strncmp(bufs[i], "loaded:", 7) == 0); /* the two not in L2: the loader */
+    }
+    keel_cache_stats st;
+    keel_cache_stats_get(cold, &st);
+    ck_assert_uint_eq(st.hits_l2, N);
+    ck_assert_uint_eq(st.loads, 2);
+    ck_assert_int_eq(keel_cache_get_many(cold, it, N + 2), 0); /* now all from L1 */
+    keel_cache_stats_get(cold, &st);
+    ck_assert_uint_eq(st.hits_l1, N + 2);
+    keel_cache_destroy(cold);
+    rig_close(&r);
+}
+END_TEST
+
+/* ---- single-flight, negative caching, XFetch ---- */
+
+typedef struct getter {
+    keel_cache *c;
+    int rc;
+    char v[64];
+} getter;
+
+static void *get_thread(void *arg)
+{
+    getter *g = arg;
+    g->rc = get(g->c, "hot", g->v, sizeof g->v);
+    return NULL;
+}
+
+START_TEST(eight_threads_missing_one_key_load_it_once)
+{
+    rig r;
+    rig_open(&r, false, false, 0, 0);
+    r.ls.sleep_ns = 100 * MS; /* a slow loader: the others arrive meanwhile */
+    getter g[8];
+    pthread_t t[8];
+    for (int i = 0; i < 8; i++) {
+        g[i] = (getter){r.c, 99, ""};
+        pthread_create(&t[i], NULL, get_thread, &g[i]);
+    }
+    for (int i = 0; i < 8; i++) {
+        pthread_join(t[i], NULL);
+        ck_assert_int_eq(g[i].rc, 0);
+        ck_assert_str_eq(g[i].v, "loaded:hot");
+    }
+    ck_assert_int_eq(atomic_load(&r.ls.calls), 1);
+    keel_cache_stats st;
+    keel_cache_stats_get(r.c, &st);
+    ck_assert_uint_eq(st.loads, 1);
+    ck_assert_uint_eq(st.load_waits + st.hits_l1, 7);
+    rig_close(&r);
+}
+END_TEST
+
+START_TEST(an_absent_answer_is_cached_for_negative_ttl)
+{
+    rig r;
+    memset(&r, 0, sizeof r);
+    r.ls.absent = 1;
+    keel_cache_opts o = {.loader = load, .loader_ud = &r.ls, .negative_ttl_ns = 5 * S, .clock = kt_clock_now,
+                         .clock_ud = &clk};
+    ck_assert_int_eq(keel_cache_create(&r.c, &o), 0);
+    char v[64];
+    ck_assert_int_eq(get(r.c, "ghost", v, sizeof v), KEEL_ENOTFOUND);
+    ck_assert_int_eq(get(r.c, "ghost", v, sizeof v), KEEL_ENOTFOUND);
+    ck_assert_int_eq(atomic_load(&r.ls.calls), 1);
+    kt_clock_advance(&clk, 6 * S);
+    r.ls.absent = 0;
+    ck_assert_int_eq(get(r.c, "ghost", v, sizeof v), 0);
+    ck_assert_int_eq(atomic_load(&r.ls.calls), 2);
+    keel_cache_stats st;
+    keel_cache_stats_get(r.c, &st);
+    ck_assert_uint_eq(st.negative_hits, 1);
+    keel_cache_destroy(r.c);
+}
+END_TEST
+
+START_TEST(xfetch_refreshes_early_near_expiry_only)
+{
+    rig r;
+    memset(&r, 0, sizeof r);
+    r.ls.take_ns = 100 * MS; /* each load "takes" 100 ms on the fake clock */
+    keel_cache_opts o = {.loader = load, .loader_ud = &r.ls, .xfetch_beta = 1, .default_ttl_ns = 10 * S,
+                         .l1_max_ttl_ns = 10 * S, .clock = kt_clock_now, .clock_ud = &clk};
+    ck_assert_int_eq(keel_cache_create(&r.c, &o), 0);
+    char v[64];
+    ck_assert_int_eq(get(r.c, "x", v, sizeof v), 0);
+    for (int i = 0; i < 50; i++) /* far from expiry: -100 ms * ln(u) reaches 10 s only for u < e^-100 */
+        ck_assert_int_eq(get(r.c, "x", v, sizeof v), 0);
+    ck_assert_int_eq(atomic_load(&r.ls.calls), 1);
+    kt_clock_advance(&clk, 9990 * MS); /* 10 ms left: nearly every get would refresh */
+    for (int i = 0; i < 20 && atomic_load(&r.ls.calls) == 1; i++)
+        ck_assert_int_eq(get(r.c, "x", v, sizeof v), 0);
+    ck_assert_int_eq(atomic_load(&r.ls.calls), 2);
+    keel_cache_destroy(r.c);
+}
+END_TEST
+
+/* ---- invalidation across processes ---- */
+
+/* Waits (real time: messages travel through Redis) until get gives want
+ * (NULL: absent). */
+static bool eventually(keel_cache *c, const char *key, const char *want)
+{
+    for (int i = 0; i < 300; i++) {
+        char v[64];
+        int rc = get(c, key, v, sizeof v);
+        if (want ? rc == 0 && strcmp(v, want) == 0 : rc == KEEL_ENOTFOUND)
+            return true;
+        kt_nap(10 * MS);
+    }
+    return false;
+}
+
+START_TEST(another_process_invalidates_this_l1)
+{
+    char prefix[80];
+    snprintf(prefix, sizeof prefix, "%s:", uniq("x"));
+    int go[2], done[2];
+    ck_assert_int_eq(pipe(go), 0);
+    ck_assert_int_eq(pipe(done), 0);
+    pid_t kid = fork(); /* before this process opens anything */
+    ck_assert_int_ge(kid, 0);
+    if (kid == 0) {
+        char x;
+        if (read(go[0], &x, 1) != 1)
+            _exit(2);
+        keel_redis *redis = kt_redis_open(kt_redis_nodes(), 500 * MS);
+        keel_cache *b;
+        keel_cache_opts o = {.redis = redis, .redis_prefix = prefix};
+        int rc = keel_cache_create(&b, &o);
+        rc = rc ? rc : set(b, "k", "v2", NULL, 0);
+        rc = rc ? rc : keel_cache_invalidate_tag(b, "team");
+        rc = rc ? rc : keel_cache_invalidate_prefix(b, "pre", 3);
+        keel_cache_destroy(b);
+        keel_redis_destroy(redis);
+        _exit(rc == 0 && write(done[1], "!", 1) == 1 ? 0 : 1);
+    }
+    keel_redis *redis = kt_redis_open(kt_redis_nodes(), 500 * MS);
+    keel_cache *a;
+    keel_cache_opts o = {.redis = redis, .redis_prefix = prefix, .clock = kt_clock_now, .clock_ud = &clk};
+    ck_assert_int_eq(keel_cache_create(&a, &o), 0);
+    const char *team[1] = {"team"};
+    ck_assert_int_eq(set(a, "k", "v1", NULL, 0), 0);
+    ck_assert_int_eq(set(a, "member", "m", team, 1), 0);
+    ck_assert_int_eq(set(a, "prefixed", "p", NULL, 0), 0);
+    char v[64];
+    ck_assert_int_eq(get(a, "k", v, sizeof v), 0); /* all three in this L1 */
+    ck_assert_int_eq(write(go[1], "!", 1), 1);
+    char x;
+    ck_assert_int_eq(read(done[0], &x, 1), 1);
+    int st;
+    waitpid(kid, &st, 0);
+    ck_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    ck_assert_msg(eventually(a, "k", "v2"), "this L1 kept the old value");
+    ck_assert(eventually(a, "member", NULL)); /* the tag, in L1 and L2 */
+    ck_assert(eventually(a, "prefixed", NULL));
+    keel_cache_stats s;
+    keel_cache_stats_get(a, &s);
+    ck_assert_uint_ge(s.invalidations_received, 3);
+    keel_cache_destroy(a);
+    keel_redis_destroy(redis);
+}
+END_TEST
+
+START_TEST(a_dropped_link_flushes_l1)
+{
+    rig r;
+    rig_open(&r, true, false, 0, 0);
+    char v[64];
+    for (int i = 0; i < 10; i++) {
+        char k[16];
+        snprintf(k, sizeof k, "k%d", i);
+        ck_assert_int_eq(get(r.c, k, v, sizeof v), 0);
+    }
+    keel_cache_stats st;
+    keel_cache_stats_get(r.c, &st);
+    ck_assert_uint_eq(st.l1_items, 10);
+    /* kill the listener's connection on the node the channel lives on */
+    char chan[96];
+    snprintf(chan, sizeof chan, "%sinv", r.prefix);
+    const char *a[4] = {"CLIENT", "KILL", "TYPE", "pubsub"};
+    size_t l[4] = {6, 4, 4, 6};
+    redisReply *rep;
+    ck_assert_int_eq(keel_redis_command(r.redis, chan, strlen(chan), 4, a, l, &rep), 0);
+    freeReplyObject(rep);
+    for (int i = 0; i < 500 && st.flushes == 0; i++) { /* real time: the listener reconnects */
+        kt_nap(10 * MS);
+        keel_cache_stats_get(r.c, &st);
+    }
+    ck_assert_uint_ge(st.flushes, 1);
+    ck_assert_uint_eq(st.l1_items, 0);
+    rig_close(&r);
+}
+END_TEST
+
+/* ---- tags and prefixes ---- */
+
+START_TEST(a_tag_goes_from_every_tier)
+{
+    rig r;
+    rig_open(&r, true, true, 0, 0);
+    const char *a[1] = {"a"}, *ab[2] = {"a", "b"}, *b[1] = {"b"};
+    ck_assert_int_eq(set(r.c, "k1", "1", a, 1), 0);
+    ck_assert_int_eq(set(r.c, "k2", "2", ab, 2), 0);
+    ck_assert_int_eq(set(r.c, "k3", "3", b, 1), 0);
+    ck_assert_int_eq(keel_cache_invalidate_tag(r.c, "a"), 0);
+    r.ls.absent = 1;
+    char v[16];
+    ck_assert_int_eq(get(r.c, "k1", v, sizeof v), KEEL_ENOTFOUND);
+    ck_assert_int_eq(get(r.c, "k2", v, sizeof v), KEEL_ENOTFOUND);
+    ck_assert_int_eq(get(r.c, "k3", v, sizeof v), 0);
+    ck_assert(!in_l2(&r, "k1", 2) && !in_l2(&r, "k2", 2) && in_l2(&r, "k3", 2));
+    ck_assert(!in_l3(&r, "k1", 2) && !in_l3(&r, "k2", 2) && in_l3(&r, "k3", 2));
+    /* a loaded value carries its tags too */
+    r.ls.absent = 0;
+    r.ls.tag = "b";
+    ck_assert_int_eq(get(r.c, "k4", v, sizeof v), 0);
+    ck_assert_int_eq(keel_cache_invalidate_tag(r.c, "b"), 0);
+    ck_assert(!in_l2(&r, "k4", 2) && !in_l3(&r, "k4", 2) && !in_l2(&r, "k3", 2));
+    rig_close(&r);
+}
+END_TEST
+
+START_TEST(prefixes_with_glob_and_like_characters_and_nul)
+{
+    rig r;
+    rig_open(&r, true, true, 0, 0);
+    static const struct {
+        const char *k;
+        size_t n;
+    } keys[] = {{"p*1", 3}, {"p%2", 3}, {"p_3", 3}, {"p\0x4", 4}, {"px5", 3}, {"pp6", 3}, {"q*7", 3}};
+    enum { N = sizeof keys / sizeof keys[0] };
+    for (size_t i = 0; i < N; i++)
+        ck_assert_int_eq(keel_cache_set(r.c, keys[i].k, keys[i].n, "v", 1, 0, NULL, 0), 0);
+    static const struct {
+        const char *p;
+        size_t n;
+        size_t gone;
+    } cuts[] = {{"p*", 2, 0}, {"p%", 2, 1}, {"p_", 2, 2}, {"p\0", 2, 3}};
+    bool gone[N] = {false};
+    for (size_t c = 0; c < sizeof cuts / sizeof cuts[0]; c++) {
+        ck_assert_int_eq(keel_cache_invalidate_prefix(r.c, cuts[c].p, cuts[c].n), 0);
+        gone[cuts[c].gone] = true;
+        for (size_t i = 0; i < N; i++) {
+            ck_assert_msg(in_l2(&r, keys[i].k, keys[i].n) == !gone[i], "L2 key %zu after cut %zu", i, c);
+            ck_assert_msg(in_l3(&r, keys[i].k, keys[i].n) == !gone[i], "L3 key %zu after cut %zu", i, c);
+        }
+    }
+    rig_close(&r);
+}
+END_TEST
+
+/* ---- tiers down ---- */
+
+START_TEST(redis_down_then_back)
+{
+    rig r;
+    rig_open(&r, true, true, 0, 0);
+    char v[64];
+    ck_assert_int_eq(set(r.c, "a", "A", NULL, 0), 0);
+    kt_server("stop-one", "redis1");
+    kt_server("stop-one", "redis2");
+    kt_server("stop-one", "redis3");
+    ck_assert_int_eq(get(r.c, "a", v, sizeof v), 0); /* L1 */
+    ck_assert_int_eq(get(r.c, "b", v, sizeof v), 0); /* L2 fails: L3 misses, the loader */
+    ck_assert_str_eq(v, "loaded:b");
+    keel_cache_stats st;
+    keel_cache_stats_get(r.c, &st);
+    ck_assert_uint_eq(st.errors_l2, 1);
+    for (int i = 0; i < 5; i++) { /* skipped now: no more errors, no more timeouts */
+        char k[8];
+        snprintf(k, sizeof k, "c%d", i);
+        ck_assert_int_eq(get(r.c, k, v, sizeof v), 0);
+    }
+    keel_cache_stats_get(r.c, &st);
+    ck_assert_uint_eq(st.errors_l2, 1);
+    ck_assert_uint_eq(st.hits_l3, 0);
+    ck_assert(in_l3(&r, "c4", 2)); /* the loads went to L3 */
+    kt_server("start-one", "redis1");
+    kt_server("start-one", "redis2");
+    kt_server("start-one", "redis3");
+    kt_clock_advance(&clk, 2 * S); /* past tier_retry */
+    int rc = -1;
+    for (int i = 0; i < 5 && rc != 0; i++) { /* the pool's stale connections fail once */
+        rc = set(r.c, "d", "D", NULL, 0);
+        kt_clock_advance(&clk, 2 * S);
+    }
+    ck_assert_int_eq(rc, 0);
+    ck_assert(in_l2(&r, "d", 1));
+    rig_close(&r);
+}
+END_TEST
+
+START_TEST(postgres_down_then_back)
+{
+    rig r;
+    rig_open(&r, true, true, 0, 0);
+    char v[64];
+    kt_server("stop-one", "pg-primary");
+    ck_assert_int_eq(get(r.c, "e", v, sizeof v), 0); /* L2 misses, L3 fails, the loader */
+    ck_assert_str_eq(v, "loaded:e");
+    ck_assert(in_l2(&r, "e", 1));
+    keel_cache_stats st;
+    keel_cache_stats_get(r.c, &st);
+    ck_assert_uint_ge(st.errors_l3, 1);
+    uint64_t errs = st.errors_l3;
+    ck_assert_int_eq(get(r.c, "f", v, sizeof v), 0);
+    keel_cache_stats_get(r.c, &st);
+    ck_assert_uint_eq(st.errors_l3, errs); /* skipped meanwhile */
+    kt_server("start-one", "pg-primary");
+    int rc = -1;
+    for (int i = 0; i < 20 && rc != 0; i++) {
+        keel_pg_check(r.pg); /* manual health: the check finds the host up */
+        kt_clock_advance(&clk, 2 * S);
+        rc = set(r.c, "g", "G", NULL, 0);
+        if (rc)
+            kt_nap(200 * MS); /* real time: the server is starting */
+    }
+    ck_assert_int_eq(rc, 0);
+    ck_assert(in_l3(&r, "g", 1));
+    rig_close(&r);
+}
+END_TEST
+
+/* ---- eviction ---- */
+
+START_TEST(the_hot_set_survives_a_scan)
+{
+    rig r;
+    rig_open(&r, false, false, 0, 3200); /* 100 entries a shard */
+    char k[32], v[64];
+    for (int round = 0; round < 3; round++) /* 1000 hot keys, each used repeatedly */
+        for (int i = 0; i < 1000; i++) {
+            snprintf(k, sizeof k, "hot%d", i);
+            ck_assert_int_eq(get(r.c, k, v, sizeof v), 0);
+        }
+    int before = atomic_load(&r.ls.calls);
+    for (int i = 0; i < 20000; i++) { /* a one-pass scan, six times the cache */
+        snprintf(k, sizeof k, "scan%d", i);
+        ck_assert_int_eq(get(r.c, k, v, sizeof v), 0);
+    }
+    int scan = atomic_load(&r.ls.calls) - before;
+    ck_assert_int_eq(scan, 20000);
+    for (int i = 0; i < 1000; i++) {
+        snprintf(k, sizeof k, "hot%d", i);
+        ck_assert_int_eq(get(r.c, k, v, sizeof v), 0);
+    }
+    int reloaded = atomic_load(&r.ls.calls) - before - scan;
+    ck_assert_msg(reloaded < 100, "%d of 1000 hot keys were pushed out by the scan", reloaded);
+    keel_cache_stats st;
+    keel_cache_stats_get(r.c, &st);
+    ck_assert_uint_le(st.l1_items, 3200);
+    ck_assert_uint_gt(st.evictions, 0);
+    rig_close(&r);
+}
+END_TEST
+
+START_TEST(bad_input_is_refused)
+{
+    keel_cache *c;
+    keel_cache_opts bad[] = {{.table = "Bad-Name"}, {.l1_max_bytes = 1}, {.max_key = 4096},
+                             {.max_value = (size_t)1 << 30}, {.redis_prefix = ""}, {.xfetch_beta = -1}};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        ck_assert_int_eq(keel_cache_create(&c, &bad[i]), KEEL_EINVAL);
+    ck_assert_int_eq(keel_cache_create(NULL, NULL), KEEL_EINVAL);
+    keel_cache_opts o = {.max_key = 8, .max_value = 16};
+    ck_assert_int_eq(keel_cache_create(&c, &o), 0);
+    char v[32];
+    size_t len;
+    ck_assert_int_eq(keel_cache_get(c, "123456789", 9, v, sizeof v, &len), KEEL_EINVAL); /* key over 8 */
+    ck_assert_int_eq(keel_cache_get(c, "", 0, v, sizeof v, &len), KEEL_EINVAL);
+    ck_assert_int_eq(keel_cache_get(c, NULL, 3, v, sizeof v, &len), KEEL_EINVAL);
+    ck_assert_int_eq(keel_cache_get(c, "k", 1, NULL, 5, &len), KEEL_EINVAL);
+    ck_assert_int_eq(keel_cache_get(c, "k", 1, v, sizeof v, NULL), KEEL_EINVAL);
+    ck_assert_int_eq(keel_cache_get(c, "k", 1, v, sizeof v, &len), KEEL_ENOTFOUND); /* no loader */
+    ck_assert_int_eq(keel_cache_set(c, "k", 1, "0123456789abcdefX", 17, 0, NULL, 0), KEEL_EINVAL);
+    const char *many[17];
+    for (int i = 0; i < 17; i++)
+        many[i] = "t";
+    ck_assert_int_eq(keel_cache_set(c, "k", 1, "v", 1, 0, many, 17), KEEL_EINVAL);
+    const char *sep[1] = {"a\x1f" "b"}, *empty[1] = {""}, *null[1] = {NULL};
+    ck_assert_int_eq(keel_cache_set(c, "k", 1, "v", 1, 0, sep, 1), KEEL_EINVAL);
+    ck_assert_int_eq(keel_cache_set(c, "k", 1, "v", 1, 0, empty, 1), KEEL_EINVAL);
+    ck_assert_int_eq(keel_cache_set(c, "k", 1, "v", 1, 0, null, 1), KEEL_EINVAL);
+    ck_assert_int_eq(keel_cache_invalidate_tag(c, NULL), KEEL_EINVAL);
+    ck_assert_int_eq(keel_cache_invalidate_prefix(c, NULL, 2), KEEL_EINVAL);
+    ck_assert_int_eq(keel_cache_del(c, NULL, 0), KEEL_EINVAL);
+    ck_assert_int_eq(keel_cache_set(c, "k", 1, "v", 1, 0, NULL, 0), 0);
+    ck_assert_int_eq(keel_cache_get(c, "k", 1, v, sizeof v, &len), 0);
+    ck_assert_int_eq(keel_cache_load_set(NULL, "v", 1, 0, NULL, 0), KEEL_EINVAL);
+    keel_cache_destroy(c);
+    keel_cache_destroy(NULL);
+    /* a value too big for L1 (a 32nd of 64 KiB) replaces the old one: by nothing */
+    keel_cache_opts small = {.l1_max_bytes = 64 << 10};
+    ck_assert_int_eq(keel_cache_create(&c, &small), 0);
+    ck_assert_int_eq(keel_cache_set(c, "k", 1, "small", 5, 0, NULL, 0), 0);
+    static char big[3000];
+    ck_assert_int_eq(keel_cache_set(c, "k", 1, big, sizeof big, 0, NULL, 0), 0);
+    ck_assert_int_eq(keel_cache_get(c, "k", 1, v, sizeof v, &len), KEEL_ENOTFOUND);
+    keel_cache_destroy(c);
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("cache");
+    TCase *tc = tcase_create("local");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, eight_threads_missing_one_key_load_it_once);
+    tcase_add_test(tc, an_absent_answer_is_cached_for_negative_ttl);
+    tcase_add_test(tc, xfetch_refreshes_early_near_expiry_only);
+    tcase_add_test(tc, the_hot_set_survives_a_scan);
+    tcase_add_test(tc, bad_input_is_refused);
+    suite_add_tcase(s, tc);
+    TCase *sv = tcase_create("servers");
+    tcase_set_timeout(sv, 120);
+    tcase_add_test(sv, a_miss_fills_every_tier_and_l1_ttl_is_capped);
+    tcase_add_test(sv, set_and_del_go_through_every_tier);
+    tcase_add_test(sv, a_multi_get_asks_each_node_once);
+    tcase_add_test(sv, another_process_invalidates_this_l1);
+    tcase_add_test(sv, a_dropped_link_flushes_l1);
+    tcase_add_test(sv, a_tag_goes_from_every_tier);
+    tcase_add_test(sv, prefixes_with_glob_and_like_characters_and_nul);
+    tcase_add_test(sv, redis_down_then_back);
+    tcase_add_test(sv, postgres_down_then_back);
+    suite_add_tcase(s, sv);
+    return kt_run(s);
+}
