@@ -397,7 +397,7 @@ static int consume(breader *rd, redisContext *c)
             if ((rc = create_group(s, rd->part, c)) != 0)
                 break;
             pending = true;
-            strcpy(cursor, "0");
+            snprintf(cursor, sizeof cursor, "0");
             continue;
         }
         const redisReply *entries = NULL;

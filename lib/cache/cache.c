@@ -382,11 +382,9 @@ static int l3_put(keel_cache *c, const void *key, size_t klen, const void *val, 
 {
     char ms[24], tagtext[CACHE_MAX_TAGS * (CACHE_MAX_TAG + 1) + 1] = "";
     snprintf(ms, sizeof ms, "%llu", (unsigned long long)(ttl / 1000000u ? ttl / 1000000u : 1));
-    for (size_t i = 0; i < ntags; i++) {
-        if (i)
-            strcat(tagtext, "\x1f");
-        strcat(tagtext, tags[i]);
-    }
+    size_t at = 0; /* the tags joined by 0x1f (good_tags bounded them) */
+    for (size_t i = 0; i < ntags; i++)
+        at += (size_t)snprintf(tagtext + at, sizeof tagtext - at, "%s%s", i ? "\x1f" : "", tags[i]);
     const char *v[4] = {key, vlen ? val : "", ms, tagtext};
     int l[4] = {(int)klen, (int)vlen, 0, 0}, f[4] = {1, 1, 0, 0};
     keel_pg_params p = {4, v, l, f, NULL, 0};
@@ -722,9 +720,10 @@ KEEL_API int keel_cache_load_set(keel_cache_load *ld, const void *val, size_t vl
     ld->vlen = vlen;
     ld->ttl = ttl_ns;
     ld->tagcopy = tc;
-    for (size_t i = 0; i < ntags; i++) {
-        ld->tags[i] = strcpy(tc, tags[i]);
-        tc += strlen(tags[i]) + 1;
+    for (size_t i = 0; i < ntags; i++) { /* tc was sized for them all */
+        size_t l = strlen(tags[i]) + 1;
+        ld->tags[i] = memcpy(tc, tags[i], l);
+        tc += l;
     }
     ld->ntags = ntags;
     ld->set = true;
