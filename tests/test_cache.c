@@ -340,6 +340,68 @@ START_TEST(xfetch_refreshes_early_near_expiry_only)
 }
 END_TEST
 
+/* Two caches (two processes, in effect: each has its own single-flight)
+ * with a lease: one loads, the other waits for its value in L2. */
+typedef struct lease_getter {
+    keel_cache *c;
+    const char *key;
+    int rc;
+    char v[64];
+} lease_getter;
+
+static void *lease_get(void *arg)
+{
+    lease_getter *g = arg;
+    g->rc = get(g->c, g->key, g->v, sizeof g->v);
+    return NULL;
+}
+
+START_TEST(a_lease_makes_one_process_load)
+{
+    rig r;
+    rig_open(&r, true, false, 0, 0);
+    r.ls.sleep_ns = 300 * MS; /* slow: the other cache finds the lease taken */
+    keel_cache *c2[2];
+    for (int i = 0; i < 2; i++) {
+        keel_cache_opts o = {.redis = r.redis, .redis_prefix = r.prefix, .loader = load, .loader_ud = &r.ls,
+                             .lease = 1, .lease_ns = 5 * S};
+        ck_assert_int_eq(keel_cache_create(&c2[i], &o), 0);
+    }
+    lease_getter g[2] = {{c2[0], "leased", 99, ""}, {c2[1], "leased", 99, ""}};
+    pthread_t t[2];
+    for (int i = 0; i < 2; i++)
+        pthread_create(&t[i], NULL, lease_get, &g[i]);
+    for (int i = 0; i < 2; i++) {
+        pthread_join(t[i], NULL);
+        ck_assert_int_eq(g[i].rc, 0);
+        ck_assert_str_eq(g[i].v, "loaded:leased");
+    }
+    ck_assert_int_eq(atomic_load(&r.ls.calls), 1);
+    /* a holder that finds nothing releases its lease (and only its own):
+     * the other sees it gone and asks the loader itself */
+    r.ls.absent = 1;
+    lease_getter h[2] = {{c2[0], "nothing", 99, ""}, {c2[1], "nothing", 99, ""}};
+    for (int i = 0; i < 2; i++)
+        pthread_create(&t[i], NULL, lease_get, &h[i]);
+    for (int i = 0; i < 2; i++) {
+        pthread_join(t[i], NULL);
+        ck_assert_int_eq(h[i].rc, KEEL_ENOTFOUND);
+    }
+    ck_assert_int_eq(atomic_load(&r.ls.calls), 3);
+    char lk[128];
+    int n = snprintf(lk, sizeof lk, "%sl:nothing", r.prefix);
+    const char *a[2] = {"EXISTS", lk};
+    size_t l[2] = {6, (size_t)n};
+    redisReply *rep;
+    ck_assert_int_eq(keel_redis_command(r.redis, lk, (size_t)n, 2, a, l, &rep), 0);
+    ck_assert_int_eq(rep->integer, 0); /* released */
+    freeReplyObject(rep);
+    for (int i = 0; i < 2; i++)
+        keel_cache_destroy(c2[i]);
+    rig_close(&r);
+}
+END_TEST
+
 /* ---- invalidation across processes ---- */
 
 /* Waits (real time: messages travel through Redis) until get gives want
@@ -662,6 +724,7 @@ int main(void)
     tcase_add_test(sv, a_miss_fills_every_tier_and_l1_ttl_is_capped);
     tcase_add_test(sv, set_and_del_go_through_every_tier);
     tcase_add_test(sv, a_multi_get_asks_each_node_once);
+    tcase_add_test(sv, a_lease_makes_one_process_load);
     tcase_add_test(sv, another_process_invalidates_this_l1);
     tcase_add_test(sv, a_dropped_link_flushes_l1);
     tcase_add_test(sv, a_tag_goes_from_every_tier);

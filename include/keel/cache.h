@@ -21,7 +21,8 @@
  * Single-flight: concurrent misses of one key in one process call the
  * loader once; the others wait for its result. With `lease`, a Redis lease
  * (SET NX PX) makes one process load while the others wait for its value
- * in L2 (at most lease_ns, then they load too). With xfetch_beta > 0, a
+ * in L2 (until the lease is gone without one, at most lease_ns, then they
+ * load too); the holder releases only its own lease. With xfetch_beta > 0, a
  * hit close to its expiry may be treated as a miss (XFetch), so that one
  * caller refreshes it early rather than all at once. A loader may answer
  * KEEL_ENOTFOUND: that absence is cached in L1 for negative_ttl_ns.

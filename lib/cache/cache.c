@@ -78,6 +78,7 @@ struct keel_cache {
     _Atomic uint64_t epoch;
     _Atomic uint64_t down_until[2];
     keel_redis_sub *sub;
+    keel_redis_script *release; /* a lease's compare-and-delete */
     keel_pg_stmt *st_get, *st_put, *st_fill, *st_del, *st_del_tag, *st_del_prefix, *st_sweep;
     pthread_t sweeper;
     pthread_mutex_t sweep_mu;
@@ -558,16 +559,34 @@ static void fill_through(keel_cache *c, const void *key, size_t klen, uint64_t h
 }
 
 /* Waits for another process's load: its value in L2, or the lease's end. */
-static int lease_wait(keel_cache *c, const void *key, size_t klen, redisReply **val)
+/* Waits (real time: another process works) until the value is in L2, or
+ * the lease `lk` is gone without one (that holder failed or found
+ * nothing: the caller loads), or lease_ns passed. */
+static int lease_wait(keel_cache *c, const void *key, size_t klen, const char *lk, size_t lkl, redisReply **val)
 {
-    struct timespec t0;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
+    char k[RKEY_MAX];
+    size_t kl = rkey(c, 'v', key, klen, k);
     for (uint64_t waited = 0; waited < c->o.lease_ns; waited += 5000000u) {
         struct timespec ts = {0, 5000000};
         nanosleep(&ts, NULL);
-        int rc = l2_get(c, key, klen, val);
-        if (rc != KEEL_ENOTFOUND)
-            return rc;
+        const char *a1[2] = {"GET", k}, *a2[2] = {"EXISTS", lk};
+        size_t n1[2] = {3, kl}, n2[2] = {6, lkl};
+        keel_redis_cmd cmds[2] = {{k, kl, 2, a1, n1, 0, NULL}, {lk, lkl, 2, a2, n2, 0, NULL}};
+        int rc = keel_redis_pipeline(c->o.redis, cmds, 2);
+        bool got = rc == 0 && cmds[0].rc == 0 && cmds[0].reply->type == REDIS_REPLY_STRING;
+        bool gone = rc == 0 && cmds[1].rc == 0 && cmds[1].reply->type == REDIS_REPLY_INTEGER &&
+                    cmds[1].reply->integer == 0;
+        if (got) {
+            *val = cmds[0].reply;
+            cmds[0].reply = NULL;
+        }
+        for (int i = 0; i < 2; i++)
+            if (cmds[i].reply)
+                freeReplyObject(cmds[i].reply);
+        if (got)
+            return 0;
+        if (rc || gone)
+            return rc ? rc : KEEL_ENOTFOUND;
     }
     return KEEL_ENOTFOUND;
 }
@@ -659,7 +678,7 @@ static int fill(keel_cache *c, const void *key, size_t klen, uint64_t h, bool tr
         if (other) { /* another process loads: wait for its value */
             atomic_fetch_add_explicit(&c->st.load_waits, 1, memory_order_relaxed);
             decoded d;
-            if (lease_wait(c, key, klen, &r) == 0 && l2_decode(r->str, r->len, &d)) {
+            if (lease_wait(c, key, klen, lk, lkl, &r) == 0 && l2_decode(r->str, r->len, &d)) {
                 l1_fill(c, key, klen, h, d.val, d.vlen, d.ttl, d.delta, d.tags, d.ntags, seen);
                 rc = dup_out(d.val, d.vlen, out, outlen);
                 freeReplyObject(r);
@@ -686,10 +705,13 @@ static int fill(keel_cache *c, const void *key, size_t klen, uint64_t h, bool tr
         *outlen = ld.vlen;
         ld.val = NULL;
     }
-    if (leased) {
-        const char *a[2] = {"DEL", lk};
-        size_t l[2] = {3, lkl};
-        if (keel_redis_command(c->o.redis, lk, lkl, 2, a, l, &r) == 0 || r)
+    if (leased) { /* ours only: it may have expired and gone to another process */
+        const void *keys[1] = {lk};
+        const char *args[1] = {(const char *)c->self};
+        size_t ks[1] = {lkl}, as[1] = {ID_LEN};
+        r = NULL;
+        keel_redis_eval(c->o.redis, c->release, 1, keys, ks, 1, args, as, NULL, 0, &r);
+        if (r)
             freeReplyObject(r);
     }
     keel__free(ld.val);
@@ -1314,6 +1336,10 @@ KEEL_API int keel_cache_create(keel_cache **out, const keel_cache_opts *opts)
     int rc = c->rprefix && c->table ? keel__l1_create(&c->l1, o.l1_max_bytes, o.l1_max_items, &c->clock) : KEEL_ENOMEM;
     if (rc == 0 && o.pg)
         rc = prepare(c);
+    static const char release[] =
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
+    if (rc == 0 && o.redis && o.lease)
+        rc = keel_redis_script_create(o.redis, release, sizeof release - 1, &c->release);
     if (rc == 0 && o.redis) {
         snprintf(c->chan, sizeof c->chan, "%sinv", c->rprefix);
         const char *chans[1] = {c->chan};
@@ -1367,6 +1393,7 @@ KEEL_API void keel_cache_destroy(keel_cache *c)
     }
     pthread_mutex_destroy(&c->sweep_mu);
     pthread_cond_destroy(&c->sweep_cv);
+    keel_redis_script_free(c->release);
     if (c->o.metrics)
         keel_metrics_func_remove(c->o.metrics, c);
     keel_pg_stmt *all[] = {c->st_get, c->st_put, c->st_fill, c->st_del, c->st_del_tag, c->st_del_prefix, c->st_sweep};
