@@ -26,10 +26,12 @@
  * load for it, and one producer per batch pays a wake-up.
  *
  * Linger: the first add after a batch was taken stamps the time the next
- * batch opened (`need_stamp`), so only one add per batch reads the clock.
+ * batch opened (`opened`, UNSTAMPED until then, set by compare-and-swap),
+ * so only one add per batch reads the clock.
  */
 #define _GNU_SOURCE
 #include <pthread.h>
+#include <stdint.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
@@ -42,6 +44,7 @@
 #include "internal.h"
 
 #define CLOSED (UINT64_C(1) << 63)
+#define UNSTAMPED UINT64_MAX
 #define POLL_NS 1000000u /* how often a fake clock is looked at */
 
 typedef struct bslot {
@@ -75,8 +78,7 @@ struct keel_batch {
 
     _Alignas(KEEL__CACHELINE) _Atomic uint64_t enq; /* accepted; CLOSED bit */
     _Alignas(KEEL__CACHELINE) _Atomic uint64_t wake_pos; /* the batcher waits for this item */
-    _Atomic int need_stamp;
-    _Atomic uint64_t opened;
+    _Atomic uint64_t opened; /* when the open batch's first item came; UNSTAMPED */
 
     _Alignas(KEEL__CACHELINE) pthread_mutex_t mu;
     pthread_cond_t batcher_cv, space_cv, done_cv, work_cv;
@@ -110,9 +112,14 @@ static unsigned bucket(uint64_t v)
 }
 
 /* An absolute CLOCK_MONOTONIC time `ns` from now (keel_now_ns's clock). */
+/* a + b, or UINT64_MAX (a timeout of "forever" must not wrap to the past) */
+static uint64_t sat_add(uint64_t a, uint64_t b) { return b > UINT64_MAX - a ? UINT64_MAX : a + b; }
+
 static struct timespec abs_in(uint64_t ns)
 {
-    uint64_t at = keel_now_ns() + ns;
+    uint64_t at = sat_add(keel_now_ns(), ns);
+    if (at / 1000000000u > (uint64_t)INT32_MAX) /* far enough: a wait that ends on a wake-up */
+        at = (uint64_t)INT32_MAX * 1000000000u;
     return (struct timespec){(time_t)(at / 1000000000u), (long)(at % 1000000000u)};
 }
 
@@ -289,7 +296,7 @@ static void run_job(keel_batch *b, bjob *j)
         }
         /* the wait starts now; only then is the retry counted (so a test
          * that sees the count may move its clock) */
-        uint64_t until = keel__clock_now(&b->clock) + keel_backoff_next(&bo);
+        uint64_t until = sat_add(keel__clock_now(&b->clock), keel_backoff_next(&bo));
         atomic_fetch_add_explicit(&b->retried, n, memory_order_release);
         sleep_until(b, until);
     }
@@ -308,14 +315,18 @@ static void run_job(keel_batch *b, bjob *j)
  * producer's wake-up. */
 static void wait_items(keel_batch *b, uint64_t need, uint64_t ns)
 {
-    for (int spin = 0; spin < 2000; spin++) { /* tens of microseconds */
-        if (peek_at(b, need - 1))
+    /* the slot to wait for: the one that completes `need`, or the head
+     * when its producer has claimed it but not yet written it (waiting for
+     * a later one would return at once and spin, holding mu) */
+    uint64_t k = peek_at(b, 0) ? need - 1 : 0;
+    for (int spin = 0; spin < 2000; spin++) { /* up to a hundred microseconds */
+        if (peek_at(b, k))
             return;
         keel__cpu_relax();
     }
-    atomic_store(&b->wake_pos, b->deq + need);
+    atomic_store(&b->wake_pos, b->deq + k + 1);
     keel__heavy_fence();
-    if (!peek_at(b, need - 1)) {
+    if (!peek_at(b, k)) {
         if (ns) {
             struct timespec ts = abs_in(ns);
             pthread_cond_timedwait(&b->batcher_cv, &b->mu, &ts);
@@ -345,9 +356,12 @@ static bjob *form(keel_batch *b)
     }
     j->lo = b->deq;
     live_add(b, j);
-    if (atomic_exchange(&b->need_stamp, 0)) /* items no add stamped */
-        atomic_store(&b->opened, keel__clock_now(&b->clock));
     j->opened = atomic_load(&b->opened);
+    if (j->opened == UNSTAMPED) { /* items no add stamped (yet): now */
+        uint64_t now = keel__clock_now(&b->clock), want = UNSTAMPED;
+        atomic_compare_exchange_strong(&b->opened, &want, now == UNSTAMPED ? now - 1 : now);
+        j->opened = atomic_load(&b->opened);
+    }
     size_t bytes = 0;
     for (;;) {
         bslot *s;
@@ -364,7 +378,7 @@ static bjob *form(keel_batch *b)
         if (full || j->n == b->o.max_items || (b->o.max_bytes && bytes >= b->o.max_bytes) ||
             b->closing || b->flush_target > j->lo)
             break;
-        uint64_t due = j->opened + b->o.linger_ns;
+        uint64_t due = sat_add(j->opened, b->o.linger_ns);
         uint64_t ns = real_wait(b, due);
         if (ns == 0)
             break; /* lingered long enough */
@@ -372,11 +386,18 @@ static bjob *form(keel_batch *b)
             ns = POLL_NS; /* producers cannot tell when bytes fill it: look */
         wait_items(b, b->o.max_items - j->n, ns);
     }
-    /* the next batch opens with the next add, or now if items are waiting */
-    if (peek_slot(b))
-        atomic_store(&b->opened, keel__clock_now(&b->clock));
-    else
-        atomic_store(&b->need_stamp, 1);
+    /* The next batch opens now if items are waiting, else with the next
+     * add. The add publishes, fences, then looks for UNSTAMPED; here the
+     * store of UNSTAMPED, a heavy fence, a look at the ring: one of the
+     * two sees the other, so the next batch is stamped by someone. */
+    if (!peek_slot(b)) {
+        atomic_store(&b->opened, UNSTAMPED);
+        keel__heavy_fence();
+    }
+    if (peek_slot(b)) {
+        uint64_t now = keel__clock_now(&b->clock);
+        atomic_store(&b->opened, now == UNSTAMPED ? now - 1 : now);
+    }
     atomic_fetch_add_explicit(&b->batches, 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&b->size_hist[bucket(j->n)], 1, memory_order_relaxed);
     return j;
@@ -441,6 +462,10 @@ static void *batcher_main(void *arg)
 static void drop_oldest(keel_batch *b)
 {
     pthread_mutex_lock(&b->mu);
+    if (atomic_load(&b->enq) & CLOSED) { /* closing: the add fails anyway, drop nothing */
+        pthread_mutex_unlock(&b->mu);
+        return;
+    }
     bslot *s = peek_slot(b);
     if (!s) { /* its producer is still writing it: let it finish */
         pthread_mutex_unlock(&b->mu);
@@ -507,16 +532,17 @@ KEEL_API int keel_batch_add(keel_batch *b, void *item, size_t bytes)
             continue;
         }
         if (b->o.block_timeout_ns && !deadline)
-            deadline = keel_now_ns() + b->o.block_timeout_ns;
+            deadline = sat_add(keel_now_ns(), b->o.block_timeout_ns);
         if ((rc = wait_space(b, deadline)) != 0)
             return rc;
     }
     if (rc)
         return rc;
-    if (atomic_load_explicit(&b->need_stamp, memory_order_relaxed) &&
-        atomic_exchange(&b->need_stamp, 0))
-        atomic_store(&b->opened, keel__clock_now(&b->clock)); /* this add opens a batch */
-    keel__light_fence();
+    keel__light_fence(); /* the publish before the loads below: see form() and wait_items() */
+    if (atomic_load_explicit(&b->opened, memory_order_relaxed) == UNSTAMPED) { /* this add opens a batch */
+        uint64_t now = keel__clock_now(&b->clock), want = UNSTAMPED;
+        atomic_compare_exchange_strong(&b->opened, &want, now == UNSTAMPED ? now - 1 : now);
+    }
     if (atomic_load_explicit(&b->enq, memory_order_relaxed) >=
         atomic_load_explicit(&b->wake_pos, memory_order_relaxed))
         wake_batcher(b); /* the awaited item, or one after it */
@@ -656,7 +682,7 @@ KEEL_API int keel_batch_create(keel_batch **out, const keel_batch_opts *o)
     if (b->o.retry_max_ns < b->o.retry_base_ns)
         b->o.retry_max_ns = b->o.retry_base_ns;
     b->clock = (keel__clock){o->clock, o->clock_ud};
-    b->cap = 1;
+    b->cap = 2; /* a Vyukov ring needs two slots: with one, "written" and "free" look alike */
     while (b->cap < (o->capacity ? o->capacity : 65536))
         b->cap <<= 1;
     b->mask = b->cap - 1;
@@ -665,7 +691,7 @@ KEEL_API int keel_batch_create(keel_batch **out, const keel_batch_opts *o)
         return KEEL_EINVAL;
     }
     b->nworkers = o->workers > 1 ? o->workers : 0;
-    atomic_init(&b->need_stamp, 1);
+    atomic_init(&b->opened, UNSTAMPED);
     atomic_init(&b->wake_pos, UINT64_MAX);
     keel__fences_init();
     pthread_mutex_init(&b->mu, NULL);
@@ -721,6 +747,10 @@ KEEL_API void keel_batch_destroy(keel_batch *b)
 {
     if (!b)
         return;
+    if (in_callback == b) { /* its threads run us: freeing it would pull the floor away */
+        keel__log(KEEL_LOG_ERROR, "batch", "keel_batch_destroy from its own callback: ignored");
+        return;
+    }
     if (b->started)
         keel_batch_close(b);
     if (b->o.metrics)

@@ -592,6 +592,42 @@ START_TEST(rows_reach_postgresql_through_a_restart)
 }
 END_TEST
 
+static int count_items(void *const *items, size_t n, keel_batch_ctx *ctx, void *ud)
+{
+    (void)items, (void)ctx;
+    atomic_fetch_add((_Atomic size_t *)ud, n);
+    return 0;
+}
+
+/* The smallest queue (one slot asked, two given) and "forever" limits
+ * that must not wrap around to the past. */
+START_TEST(edge_sizes_and_forever)
+{
+    _Atomic size_t handled = 0;
+    keel_batch *b;
+    keel_batch_opts o = {.handler = count_items, .ud = &handled, .capacity = 1, .max_items = 1};
+    ck_assert_int_eq(keel_batch_create(&b, &o), 0);
+    for (uintptr_t i = 1; i <= 200; i++)
+        ck_assert_int_eq(keel_batch_add(b, ITEM(i), 1), 0);
+    ck_assert_int_eq(keel_batch_close(b), 0);
+    ck_assert_uint_eq(atomic_load(&handled), 200);
+    keel_batch_destroy(b);
+
+    atomic_store(&handled, 0);
+    keel_batch_opts f = {.handler = count_items, .ud = &handled, .max_items = 10, .linger_ns = UINT64_MAX,
+                         .block_timeout_ns = UINT64_MAX};
+    ck_assert_int_eq(keel_batch_create(&b, &f), 0);
+    ck_assert_int_eq(keel_batch_add(b, ITEM(1), 1), 0);
+    kt_nap(50 * MS); /* settle: a linger of "forever" must not close it */
+    keel_batch_stats st;
+    keel_batch_stats_get(b, &st);
+    ck_assert_uint_eq(st.batches, 0);
+    ck_assert_int_eq(keel_batch_flush(b), 0);
+    ck_assert_uint_eq(atomic_load(&handled), 1);
+    keel_batch_destroy(b);
+}
+END_TEST
+
 int main(void)
 {
     atomic_store(&clk.ns, 1000 * S);
@@ -599,6 +635,7 @@ int main(void)
     TCase *tc = tcase_create("batch");
     tcase_set_timeout(tc, 30);
     tcase_add_test(tc, a_batch_closes_at_max_items);
+    tcase_add_test(tc, edge_sizes_and_forever);
     tcase_add_test(tc, a_batch_closes_at_max_bytes);
     tcase_add_test(tc, a_batch_closes_when_its_oldest_item_has_lingered);
     tcase_add_test(tc, flush_and_close_wait_for_everything_accepted_before);

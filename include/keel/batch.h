@@ -11,7 +11,8 @@
  * bytes) into a lock-free bounded ring: producers claim a slot with one
  * compare-and-swap and allocate nothing. One batcher thread takes items in
  * order and closes a batch when it holds max_items, or max_bytes, or when
- * its oldest item has waited linger_ns (measured from its add), or when a
+ * its oldest item has waited linger_ns (measured from the add that opened
+ * the batch, or from when the batcher took items that were waiting), or a
  * flush or close asks. With workers = 1 the batcher runs the handler
  * itself, so batches are handled one at a time in the order items were
  * accepted. With workers > 1, batches go to that many threads: items
@@ -35,14 +36,18 @@
  * or timed-out item is not accepted: the caller still owns it.
  *
  * Time. linger and backoff read the clock option; with one given (a test's
- * fake clock) the threads look at it at least every millisecond.
+ * fake clock) the threads look at it at least every millisecond. The block
+ * timeout is real time. A batch full by max_bytes is noticed within a
+ * millisecond (producers wake the batcher by count only).
  *
  * Thread safety: add, flush and stats may be called from any thread,
  * including from the handler (an add from a handler never blocks: with a
  * full queue it behaves as KEEL_BATCH_REJECT, since the batcher it would
  * wait for is the caller; flush and close from a handler give
- * KEEL_ESTATE). Callbacks run in the batch's threads, one batch at a time
- * per thread.
+ * KEEL_ESTATE; destroy from a callback is refused, logged). The handler
+ * runs in the batch's threads, one batch at a time per thread; dead_letter
+ * also runs in adding threads (KEEL_BATCH_DROP_OLDEST), concurrently with
+ * the handler and with itself: it must be thread-safe.
  */
 #ifndef KEEL_BATCH_H
 #define KEEL_BATCH_H
@@ -77,7 +82,8 @@ typedef struct keel_batch_opts {
     size_t max_items;             /* per batch; 0 = 100 */
     size_t max_bytes;             /* per batch; 0 = no limit (a bigger item goes alone) */
     uint64_t linger_ns;           /* 0 = 5 ms */
-    size_t capacity;              /* queued items; rounded up to a power of two; 0 = 65536 */
+    size_t capacity;              /* queued items; rounded up to a power of two, at least 2;
+                                     0 = 65536 */
     keel_batch_full on_full;
     uint64_t block_timeout_ns;    /* KEEL_BATCH_BLOCK: 0 = no limit */
     size_t workers;               /* handler threads; 0 = 1 (order kept) */
