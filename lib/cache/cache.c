@@ -1059,14 +1059,25 @@ static int l2_del_prefix(keel_cache *c, const void *prefix, size_t len)
             if (rc == 0) {
                 snprintf(cursor, sizeof cursor, "%s", r->element[0]->str);
                 redisReply *keys = r->element[1];
-                for (size_t i = 0; rc == 0 && i < keys->elements; i++) {
-                    const char *d[2] = {"DEL", keys->element[i]->str};
-                    size_t dl[2] = {3, keys->element[i]->len};
+                size_t n = keys->elements; /* one UNLINK for the page */
+                const char **d = n ? keel__malloc((n + 1) * sizeof *d) : NULL;
+                size_t *dl = n ? keel__malloc((n + 1) * sizeof *dl) : NULL;
+                if (n && (!d || !dl))
+                    rc = KEEL_ENOMEM;
+                if (rc == 0 && n) {
+                    d[0] = "UNLINK";
+                    dl[0] = 6;
+                    for (size_t i = 0; i < n; i++) {
+                        d[i + 1] = keys->element[i]->str;
+                        dl[i + 1] = keys->element[i]->len;
+                    }
                     redisReply *x = NULL;
-                    rc = keel__redis_command_on(c->o.redis, node, 2, d, dl, &x);
+                    rc = keel__redis_command_on(c->o.redis, node, (int)n + 1, d, dl, &x);
                     if (x)
                         freeReplyObject(x);
                 }
+                keel__free(d);
+                keel__free(dl);
             }
             if (r)
                 freeReplyObject(r);
