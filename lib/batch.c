@@ -645,20 +645,13 @@ KEEL_API void keel_batch_stats_get(keel_batch *b, keel_batch_stats *st)
     }
 }
 
-#define BATCH_STAT(fn, field)                                                                      \
-    static double fn(void *ud)                                                                     \
-    {                                                                                              \
-        keel_batch_stats st;                                                                       \
-        keel_batch_stats_get(ud, &st);                                                             \
-        return (double)st.field;                                                                   \
-    }
-BATCH_STAT(m_accepted, accepted)
-BATCH_STAT(m_handled, handled)
-BATCH_STAT(m_retried, retried)
-BATCH_STAT(m_dead, dead_lettered)
-BATCH_STAT(m_dropped, dropped)
-BATCH_STAT(m_batches, batches)
-BATCH_STAT(m_queued, queued)
+KEEL__STAT_FN(m_accepted, keel_batch_stats, keel_batch_stats_get, accepted)
+KEEL__STAT_FN(m_handled, keel_batch_stats, keel_batch_stats_get, handled)
+KEEL__STAT_FN(m_retried, keel_batch_stats, keel_batch_stats_get, retried)
+KEEL__STAT_FN(m_dead, keel_batch_stats, keel_batch_stats_get, dead_lettered)
+KEEL__STAT_FN(m_dropped, keel_batch_stats, keel_batch_stats_get, dropped)
+KEEL__STAT_FN(m_batches, keel_batch_stats, keel_batch_stats_get, batches)
+KEEL__STAT_FN(m_queued, keel_batch_stats, keel_batch_stats_get, queued)
 #undef BATCH_STAT
 
 /* ---- create, destroy ---- */

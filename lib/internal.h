@@ -72,6 +72,16 @@ typedef struct keel__mfunc {
     double (*fn)(void *ud);
 } keel__mfunc;
 
+/* A keel__mfunc callback reading one field of a module's stats struct:
+ * static double fn(void *ud) { stats_get(ud, &st); return st.field; }. */
+#define KEEL__STAT_FN(fn, stats_type, stats_get, field)                                            \
+    static double fn(void *ud)                                                                     \
+    {                                                                                              \
+        stats_type st;                                                                             \
+        stats_get(ud, &st);                                                                        \
+        return (double)st.field;                                                                   \
+    }
+
 /* Registers series computed by fn(ud), each labelled inst_label=inst_value
  * (plus its own label). All or nothing: on failure the ones added are
  * removed. m NULL: nothing to do. Returns 0 or the registry's error. */

@@ -1155,23 +1155,16 @@ KEEL_API void keel_bus_stats_get(keel_bus *bus, keel_bus_stats *st)
     }
 }
 
-#define STAT_FN(name, field)                                                                       \
-    static double name(void *ud)                                                                   \
-    {                                                                                              \
-        keel_bus_stats st;                                                                         \
-        keel_bus_stats_get(ud, &st);                                                               \
-        return (double)st.field;                                                                   \
-    }
-STAT_FN(m_published, published)
-STAT_FN(m_delivered, delivered)
-STAT_FN(m_failed, failed)
-STAT_FN(m_dropped, dropped)
-STAT_FN(m_rejected, rejected)
-STAT_FN(m_queued, queued)
-STAT_FN(m_acked, acked)
-STAT_FN(m_claimed, claimed)
-STAT_FN(m_dead, dead_lettered)
-STAT_FN(m_subs, subscriptions)
+KEEL__STAT_FN(m_published, keel_bus_stats, keel_bus_stats_get, published)
+KEEL__STAT_FN(m_delivered, keel_bus_stats, keel_bus_stats_get, delivered)
+KEEL__STAT_FN(m_failed, keel_bus_stats, keel_bus_stats_get, failed)
+KEEL__STAT_FN(m_dropped, keel_bus_stats, keel_bus_stats_get, dropped)
+KEEL__STAT_FN(m_rejected, keel_bus_stats, keel_bus_stats_get, rejected)
+KEEL__STAT_FN(m_queued, keel_bus_stats, keel_bus_stats_get, queued)
+KEEL__STAT_FN(m_acked, keel_bus_stats, keel_bus_stats_get, acked)
+KEEL__STAT_FN(m_claimed, keel_bus_stats, keel_bus_stats_get, claimed)
+KEEL__STAT_FN(m_dead, keel_bus_stats, keel_bus_stats_get, dead_lettered)
+KEEL__STAT_FN(m_subs, keel_bus_stats, keel_bus_stats_get, subscriptions)
 
 static bool plain_name(const char *s)
 {

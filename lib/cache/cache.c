@@ -603,6 +603,22 @@ static int dup_out(const void *val, size_t vlen, void **out, size_t *outlen)
     return 0;
 }
 
+/* An L2 reply in hand: decoded into L1 and *out, the reply freed. false
+ * (the reply freed too) when it is not a value of ours. */
+static bool l2_take(keel_cache *c, const void *key, size_t klen, uint64_t h, redisReply *r, uint64_t seen, void **out,
+                    size_t *outlen, int *rc)
+{
+    decoded d;
+    bool ok = r && l2_decode(r->str, r->len, &d);
+    if (ok) {
+        l1_fill(c, key, klen, h, d.val, d.vlen, d.ttl, d.delta, d.tags, d.ntags, seen);
+        *rc = dup_out(d.val, d.vlen, out, outlen);
+    }
+    if (r)
+        freeReplyObject(r);
+    return ok;
+}
+
 /* The lower tiers (L2 unless the caller just asked it), then the loader;
  * *out (malloc'd) is the value. */
 static int fill(keel_cache *c, const void *key, size_t klen, uint64_t h, bool try_l2, void **out, size_t *outlen)
@@ -613,16 +629,10 @@ static int fill(keel_cache *c, const void *key, size_t klen, uint64_t h, bool tr
     int rc;
     if (try_l2 && c->o.redis && tier_up(c, L2)) {
         rc = l2_get(c, key, klen, &r);
-        decoded d;
-        if (rc == 0 && l2_decode(r->str, r->len, &d)) {
+        if (l2_take(c, key, klen, h, rc == 0 ? r : NULL, seen, out, outlen, &rc)) {
             atomic_fetch_add_explicit(&c->st.hits_l2, 1, memory_order_relaxed);
-            l1_fill(c, key, klen, h, d.val, d.vlen, d.ttl, d.delta, d.tags, d.ntags, seen);
-            rc = dup_out(d.val, d.vlen, out, outlen);
-            freeReplyObject(r);
             return rc;
         }
-        if (r)
-            freeReplyObject(r);
         if (rc && rc != KEEL_ENOTFOUND)
             tier_failed(c, L2, rc);
     }
@@ -677,15 +687,10 @@ static int fill(keel_cache *c, const void *key, size_t klen, uint64_t h, bool tr
         r = NULL;
         if (other) { /* another process loads: wait for its value */
             atomic_fetch_add_explicit(&c->st.load_waits, 1, memory_order_relaxed);
-            decoded d;
-            if (lease_wait(c, key, klen, lk, lkl, &r) == 0 && l2_decode(r->str, r->len, &d)) {
-                l1_fill(c, key, klen, h, d.val, d.vlen, d.ttl, d.delta, d.tags, d.ntags, seen);
-                rc = dup_out(d.val, d.vlen, out, outlen);
-                freeReplyObject(r);
+            r = NULL;
+            int wrc = lease_wait(c, key, klen, lk, lkl, &r);
+            if (l2_take(c, key, klen, h, wrc == 0 ? r : NULL, seen, out, outlen, &rc))
                 return rc;
-            }
-            if (r)
-                freeReplyObject(r);
         }
     }
     keel_cache_load ld = {.max_value = c->o.max_value};
@@ -1215,22 +1220,15 @@ KEEL_API void keel_cache_stats_get(keel_cache *c, keel_cache_stats *st)
     st->l1_bytes = ls.bytes;
 }
 
-#define STAT_FN(fn, field)                                                                         \
-    static double fn(void *ud)                                                                     \
-    {                                                                                              \
-        keel_cache_stats st;                                                                       \
-        keel_cache_stats_get(ud, &st);                                                             \
-        return (double)st.field;                                                                   \
-    }
-STAT_FN(m_hits_l1, hits_l1)
-STAT_FN(m_hits_l2, hits_l2)
-STAT_FN(m_hits_l3, hits_l3)
-STAT_FN(m_misses, misses)
-STAT_FN(m_loads, loads)
-STAT_FN(m_evictions, evictions)
-STAT_FN(m_items, l1_items)
-STAT_FN(m_err_l2, errors_l2)
-STAT_FN(m_err_l3, errors_l3)
+KEEL__STAT_FN(m_hits_l1, keel_cache_stats, keel_cache_stats_get, hits_l1)
+KEEL__STAT_FN(m_hits_l2, keel_cache_stats, keel_cache_stats_get, hits_l2)
+KEEL__STAT_FN(m_hits_l3, keel_cache_stats, keel_cache_stats_get, hits_l3)
+KEEL__STAT_FN(m_misses, keel_cache_stats, keel_cache_stats_get, misses)
+KEEL__STAT_FN(m_loads, keel_cache_stats, keel_cache_stats_get, loads)
+KEEL__STAT_FN(m_evictions, keel_cache_stats, keel_cache_stats_get, evictions)
+KEEL__STAT_FN(m_items, keel_cache_stats, keel_cache_stats_get, l1_items)
+KEEL__STAT_FN(m_err_l2, keel_cache_stats, keel_cache_stats_get, errors_l2)
+KEEL__STAT_FN(m_err_l3, keel_cache_stats, keel_cache_stats_get, errors_l3)
 
 static bool good_table(const char *t)
 {

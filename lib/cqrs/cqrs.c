@@ -389,17 +389,25 @@ static cexpect *find_exp(keel_cqrs_ctx *x, const char *stream)
     return NULL;
 }
 
+/* Room for one more element in an array of n of cap; false: no memory. */
+static bool grow(void **arr, size_t n, size_t *cap, size_t size)
+{
+    if (n < *cap)
+        return true;
+    size_t ncap = *cap ? *cap * 2 : 4;
+    void *na = keel__realloc(*arr, ncap * size);
+    if (!na)
+        return false;
+    *arr = na;
+    *cap = ncap;
+    return true;
+}
+
 /* A new entry for stream (version 0, nothing loaded); NULL: no memory. */
 static cexpect *add_exp(keel_cqrs_ctx *x, const char *stream)
 {
-    if (x->nexp == x->capexp) {
-        size_t cap = x->capexp ? x->capexp * 2 : 4;
-        cexpect *ne = keel__realloc(x->exp, cap * sizeof *ne);
-        if (!ne)
-            return NULL;
-        x->exp = ne;
-        x->capexp = cap;
-    }
+    if (!grow((void **)&x->exp, x->nexp, &x->capexp, sizeof *x->exp))
+        return NULL;
     cexpect *e = &x->exp[x->nexp];
     *e = (cexpect){keel__strdup(stream), 0, NULL, 0, NULL};
     if (!e->stream)
@@ -446,14 +454,8 @@ KEEL_API int keel_cqrs_emit(keel_cqrs_ctx *x, const char *stream, const char *ty
     if (!x || x->kind != CTX_COMMAND || !good_name(stream, KEEL_CQRS_STREAM_MAX) || !good_type(x->c, type) ||
         (len && !data) || (meta_len && !meta) || len > x->c->o.max_payload || meta_len > x->c->o.max_payload)
         return KEEL_EINVAL;
-    if (x->nev == x->capev) {
-        size_t cap = x->capev ? x->capev * 2 : 4;
-        cpending *ne = keel__realloc(x->ev, cap * sizeof *ne);
-        if (!ne)
-            return KEEL_ENOMEM;
-        x->ev = ne;
-        x->capev = cap;
-    }
+    if (!grow((void **)&x->ev, x->nev, &x->capev, sizeof *x->ev))
+        return KEEL_ENOMEM;
     cpending p = {keel__strdup(stream), keel__strdup(type), dup_bytes(data, len), dup_bytes(meta, meta_len),
                   len, meta_len, 0};
     if (!p.stream || !p.type || !p.data || !p.meta) {
@@ -969,20 +971,13 @@ KEEL_API void keel_cqrs_stats_get(keel_cqrs *c, keel_cqrs_stats *st)
     st->failed = atomic_load(&c->st.failed);
 }
 
-#define STAT_FN(fn, field)                                                                         \
-    static double fn(void *ud)                                                                     \
-    {                                                                                              \
-        keel_cqrs_stats st;                                                                        \
-        keel_cqrs_stats_get(ud, &st);                                                              \
-        return (double)st.field;                                                                   \
-    }
-STAT_FN(m_commands, commands)
-STAT_FN(m_queries, queries)
-STAT_FN(m_conflicts, conflicts)
-STAT_FN(m_repeats, repeats)
-STAT_FN(m_appended, appended)
-STAT_FN(m_applied, applied)
-STAT_FN(m_failed, failed)
+KEEL__STAT_FN(m_commands, keel_cqrs_stats, keel_cqrs_stats_get, commands)
+KEEL__STAT_FN(m_queries, keel_cqrs_stats, keel_cqrs_stats_get, queries)
+KEEL__STAT_FN(m_conflicts, keel_cqrs_stats, keel_cqrs_stats_get, conflicts)
+KEEL__STAT_FN(m_repeats, keel_cqrs_stats, keel_cqrs_stats_get, repeats)
+KEEL__STAT_FN(m_appended, keel_cqrs_stats, keel_cqrs_stats_get, appended)
+KEEL__STAT_FN(m_applied, keel_cqrs_stats, keel_cqrs_stats_get, applied)
+KEEL__STAT_FN(m_failed, keel_cqrs_stats, keel_cqrs_stats_get, failed)
 
 static bool good_prefix(const char *p)
 {

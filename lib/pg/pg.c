@@ -103,12 +103,13 @@ static int host_params(pghost *h, const char *conninfo, uint64_t statement_timeo
         if (!o->val)
             continue;
         if (strcmp(o->keyword, "options") == 0 && st[0]) {
-            char *both = keel__malloc(strlen(o->val) + strlen(st) + 2);
+            size_t len = strlen(o->val) + strlen(st) + 2;
+            char *both = keel__malloc(len);
             if (!both) {
                 rc = KEEL_ENOMEM;
                 break;
             }
-            sprintf(both, "%s %s", o->val, st);
+            snprintf(both, len, "%s %s", o->val, st);
             rc = add_param(h, &n, "options", both);
             keel__free(both);
             have_options = true;
