@@ -109,25 +109,26 @@ static void lru_free(lru *l)
 
 #define HOT 100000
 
-typedef struct job {
+typedef struct job { /* a line each: threads must not share one */
     keel_cache *c;
     lru *l;
     uint64_t iters, seed, sink;
-} job;
+} __attribute__((aligned(64))) job;
 
 static void *hit_cache(void *arg)
 {
     job *j = arg;
     char key[16], v[16];
-    uint64_t x = j->seed;
+    uint64_t x = j->seed, sink = 0;
     for (uint64_t i = 0; i < j->iters; i++) {
         x = keel__mix64(x + i);
         uint64_t k = x % HOT;
         memcpy(key, &k, 8);
         size_t len;
         if (keel_cache_get(j->c, key, 8, v, sizeof v, &len) == 0)
-            j->sink += len;
+            sink += len;
     }
+    j->sink = sink;
     return NULL;
 }
 
@@ -135,11 +136,12 @@ static void *hit_lru(void *arg)
 {
     job *j = arg;
     char v[16];
-    uint64_t x = j->seed;
+    uint64_t x = j->seed, sink = 0;
     for (uint64_t i = 0; i < j->iters; i++) {
         x = keel__mix64(x + i);
-        j->sink += lru_get(j->l, x % HOT, v);
+        sink += lru_get(j->l, x % HOT, v);
     }
+    j->sink = sink;
     return NULL;
 }
 

@@ -168,6 +168,7 @@ static uint64_t keel__clock_ns(clockid_t id)
 
 KEEL_API uint64_t keel_now_ns(void) { return keel__clock_ns(CLOCK_MONOTONIC); }
 KEEL_API uint64_t keel_wall_ns(void) { return keel__clock_ns(CLOCK_REALTIME); }
+uint64_t keel__coarse_now_ns(void) { return keel__clock_ns(CLOCK_MONOTONIC_COARSE); }
 
 /* ---- logging ---- */
 

@@ -64,6 +64,18 @@ static inline uint64_t keel__clock_now(const keel__clock *c)
     return c->fn ? c->fn(c->ud) : keel_now_ns();
 }
 
+/* CLOCK_MONOTONIC_COARSE: CLOCK_MONOTONIC as of the last kernel tick, so
+ * behind it by less than a tick (1 to 10 ms). Four times cheaper, and no
+ * serializing TSC read: loads after it need not wait. */
+uint64_t keel__coarse_now_ns(void);
+
+/* For checks on a hot path that may run late by a tick (an expiry): the
+ * coarse clock, unless a clock was injected, which is used as it is. */
+static inline uint64_t keel__clock_coarse(const keel__clock *c)
+{
+    return c->fn ? c->fn(c->ud) : keel__coarse_now_ns();
+}
+
 /* ---- module statistics as metrics ---- */
 typedef struct keel__mfunc {
     int type;          /* KEEL_METRIC_COUNTER or KEEL_METRIC_GAUGE */

@@ -662,6 +662,72 @@ START_TEST(the_hot_set_survives_a_scan)
 }
 END_TEST
 
+/* Readers go on while a writer makes the table double many times: every
+ * key set before a read began is found, with its own value. */
+typedef struct grow_job {
+    keel_cache *c;
+    _Atomic int *written; /* keys 0 .. *written-1 are in */
+    atomic_bool *done;
+    long found;
+} grow_job;
+
+static void *grow_reader(void *arg)
+{
+    grow_job *j = arg;
+    uint64_t x = (uint64_t)(uintptr_t)arg;
+    while (!atomic_load(j->done)) {
+        int n = atomic_load(j->written);
+        if (n == 0)
+            continue;
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        int i = (int)((x >> 33) % (uint64_t)n);
+        char k[16], v[16];
+        size_t len;
+        snprintf(k, sizeof k, "g%d", i);
+        ck_assert_int_eq(keel_cache_get(j->c, k, strlen(k), v, sizeof v, &len), 0);
+        ck_assert_uint_eq(len, sizeof(int));
+        int got;
+        memcpy(&got, v, sizeof got);
+        ck_assert_int_eq(got, i);
+        j->found++;
+    }
+    return NULL;
+}
+
+START_TEST(readers_go_on_while_the_table_grows)
+{
+    keel_cache *c;
+    keel_cache_opts o = {.l1_max_bytes = (size_t)64 << 20};
+    ck_assert_int_eq(keel_cache_create(&c, &o), 0);
+    _Atomic int written = 0;
+    atomic_bool done = false;
+    grow_job jobs[3];
+    pthread_t t[3];
+    for (int i = 0; i < 3; i++) {
+        jobs[i] = (grow_job){c, &written, &done, 0};
+        ck_assert_int_eq(pthread_create(&t[i], NULL, grow_reader, &jobs[i]), 0);
+    }
+    for (int i = 0; i < 60000; i++) { /* 64 buckets a shard at first: ten doublings */
+        char k[16];
+        snprintf(k, sizeof k, "g%d", i);
+        ck_assert_int_eq(keel_cache_set(c, k, strlen(k), &i, sizeof i, 0, NULL, 0), 0);
+        atomic_store(&written, i + 1);
+    }
+    atomic_store(&done, true);
+    long found = 0;
+    for (int i = 0; i < 3; i++) {
+        pthread_join(t[i], NULL);
+        found += jobs[i].found;
+    }
+    ck_assert_int_gt(found, 0);
+    keel_cache_stats st;
+    keel_cache_stats_get(c, &st);
+    ck_assert_uint_eq(st.l1_items, 60000);
+    ck_assert_uint_eq(st.evictions, 0);
+    keel_cache_destroy(c);
+}
+END_TEST
+
 START_TEST(bad_input_is_refused)
 {
     keel_cache *c;
@@ -717,6 +783,7 @@ int main(void)
     tcase_add_test(tc, an_absent_answer_is_cached_for_negative_ttl);
     tcase_add_test(tc, xfetch_refreshes_early_near_expiry_only);
     tcase_add_test(tc, the_hot_set_survives_a_scan);
+    tcase_add_test(tc, readers_go_on_while_the_table_grows);
     tcase_add_test(tc, bad_input_is_refused);
     suite_add_tcase(s, tc);
     TCase *sv = tcase_create("servers");

@@ -9,6 +9,10 @@
  * those used again, a ghost list of recent evictions), which a hit only
  * marks with a counter, so one-pass scans do not push out the hot set.
  * Entries expire by the injectable clock, their TTL capped by l1_max_ttl.
+ * With the default clock a hit checks expiry against CLOCK_MONOTONIC_COARSE
+ * (a precise read costs more than the rest of the hit and stalls the
+ * loads after it), so an L1 entry may be served up to one kernel tick
+ * (1 to 10 ms) past its expiry.
  *
  * Tiers. L1 always; L2 when `redis` is given (values under redis_prefix,
  * PX TTLs, sharded by keel_redis's ring); L3 when `pg` is given (a table,

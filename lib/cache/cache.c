@@ -50,6 +50,14 @@ struct keel_cache_load {
 };
 
 /* One in-process load of a key; the callers that missed meanwhile wait. */
+/* The counters every get bumps, one set a stripe: each thread takes a
+ * stripe of its own (until more than STRIPES threads have used caches),
+ * so that readers on different cores do not fight over one line. */
+#define STRIPES 16
+typedef struct lookup_stats {
+    _Atomic uint64_t hits_l1, negative_hits, misses;
+} __attribute__((aligned(KEEL__CACHELINE))) lookup_stats;
+
 typedef struct flight {
     uint64_t h, seen; /* seen: the epoch it started at; later callers join only while it holds */
     void *key;
@@ -86,10 +94,20 @@ struct keel_cache {
     bool sweeping;
     atomic_bool stop;
     struct {
-        _Atomic uint64_t hits_l1, hits_l2, hits_l3, misses, negative_hits, loads, load_waits;
+        _Atomic uint64_t hits_l2, hits_l3, loads, load_waits;
         _Atomic uint64_t invalidations_received, flushes, errors[2];
     } st;
+    lookup_stats lk[STRIPES];
 };
+
+static lookup_stats *my_stripe(keel_cache *c)
+{
+    static _Atomic unsigned next_stripe;
+    static __thread unsigned mine; /* 1 + the stripe; 0: none yet */
+    if (KEEL__UNLIKELY(!mine))
+        mine = atomic_fetch_add_explicit(&next_stripe, 1, memory_order_relaxed) % STRIPES + 1;
+    return &c->lk[mine - 1];
+}
 
 static uint64_t now_ns(keel_cache *c) { return keel__clock_now(&c->clock); }
 static uint64_t key_hash(const void *k, size_t n) { return keel__hash64(k, n, 0x6b63); }
@@ -785,16 +803,16 @@ KEEL_API int keel_cache_get(keel_cache *c, const void *key, size_t klen, void *b
     bool stale_ok = false;
     if (rc == 0 || rc == KEEL_ERANGE) {
         if (hit.negative) {
-            atomic_fetch_add_explicit(&c->st.negative_hits, 1, memory_order_relaxed);
+            atomic_fetch_add_explicit(&my_stripe(c)->negative_hits, 1, memory_order_relaxed);
             return KEEL_ENOTFOUND;
         }
         if (rc != 0 || !refresh_early(c, &hit)) {
-            atomic_fetch_add_explicit(&c->st.hits_l1, 1, memory_order_relaxed);
+            atomic_fetch_add_explicit(&my_stripe(c)->hits_l1, 1, memory_order_relaxed);
             return rc;
         }
         stale_ok = true; /* refreshing early: the value in buf stands if that fails */
     } else {
-        atomic_fetch_add_explicit(&c->st.misses, 1, memory_order_relaxed);
+        atomic_fetch_add_explicit(&my_stripe(c)->misses, 1, memory_order_relaxed);
     }
     return miss(c, key, klen, h, !stale_ok, stale_ok, buf, cap, len); /* a refresh asks the loader */
 }
@@ -907,12 +925,12 @@ KEEL_API int keel_cache_get_many(keel_cache *c, keel_cache_item *items, size_t n
         l1_hit hit;
         x->rc = keel__l1_get(c->l1, x->key, x->klen, key_hash(x->key, x->klen), x->buf, x->cap, &x->len, &hit);
         if ((x->rc == 0 || x->rc == KEEL_ERANGE) && hit.negative) {
-            atomic_fetch_add_explicit(&c->st.negative_hits, 1, memory_order_relaxed);
+            atomic_fetch_add_explicit(&my_stripe(c)->negative_hits, 1, memory_order_relaxed);
             x->rc = KEEL_ENOTFOUND;
         } else if (x->rc == 0 || x->rc == KEEL_ERANGE) {
-            atomic_fetch_add_explicit(&c->st.hits_l1, 1, memory_order_relaxed);
+            atomic_fetch_add_explicit(&my_stripe(c)->hits_l1, 1, memory_order_relaxed);
         } else {
-            atomic_fetch_add_explicit(&c->st.misses, 1, memory_order_relaxed);
+            atomic_fetch_add_explicit(&my_stripe(c)->misses, 1, memory_order_relaxed);
             x->len = SIZE_MAX; /* still to find */
             missing++;
         }
@@ -1201,11 +1219,13 @@ KEEL_API void keel_cache_stats_get(keel_cache *c, keel_cache_stats *st)
     memset(st, 0, sizeof *st);
     if (!c)
         return;
-    st->hits_l1 = atomic_load(&c->st.hits_l1);
+    for (size_t i = 0; i < STRIPES; i++) {
+        st->hits_l1 += atomic_load_explicit(&c->lk[i].hits_l1, memory_order_relaxed);
+        st->misses += atomic_load_explicit(&c->lk[i].misses, memory_order_relaxed);
+        st->negative_hits += atomic_load_explicit(&c->lk[i].negative_hits, memory_order_relaxed);
+    }
     st->hits_l2 = atomic_load(&c->st.hits_l2);
     st->hits_l3 = atomic_load(&c->st.hits_l3);
-    st->misses = atomic_load(&c->st.misses);
-    st->negative_hits = atomic_load(&c->st.negative_hits);
     st->loads = atomic_load(&c->st.loads);
     st->load_waits = atomic_load(&c->st.load_waits);
     st->invalidations_received = atomic_load(&c->st.invalidations_received);
@@ -1318,9 +1338,10 @@ KEEL_API int keel_cache_create(keel_cache **out, const keel_cache_opts *opts)
         o.lease_ns = 5ull * 1000000000u;
     if (!o.tier_retry_ns)
         o.tier_retry_ns = 1000000000u;
-    keel_cache *c = keel__calloc(1, sizeof *c);
+    keel_cache *c = keel__aligned_alloc(KEEL__CACHELINE, sizeof *c);
     if (!c)
         return KEEL_ENOMEM;
+    memset(c, 0, sizeof *c);
     c->o = o;
     c->clock = (keel__clock){o.clock, o.clock_ud};
     pthread_mutex_init(&c->tags_mu, NULL);
@@ -1419,5 +1440,5 @@ KEEL_API void keel_cache_destroy(keel_cache *c)
     pthread_mutex_destroy(&c->fl_mu);
     keel__free(c->rprefix);
     keel__free(c->table);
-    keel__free(c);
+    keel__aligned_free(c);
 }

@@ -8,6 +8,13 @@
  * old one unlinked (its own `next` left alone, so a reader standing on it
  * walks on) and freed after a grace period, in batches.
  *
+ * A get is bound by cache misses, so both things it touches are kept
+ * small: the shard's bucket table grows with the entries it holds (at most
+ * one bucket an entry; doubled while readers go on, as in Triplett,
+ * McKenney and Walpole's relativistic hash tables), and an entry starts
+ * with what a reader needs, then its key and value; the FIFO links, the
+ * tags and the load time come after them.
+ *
  * S3-FIFO: new entries go to a small FIFO (a tenth of the shard), or to
  * the main FIFO when the ghost remembers their key was evicted recently.
  * Evicting from the small FIFO moves an entry used since its insert to the
@@ -19,6 +26,7 @@
  */
 #define _GNU_SOURCE
 #include <stdalign.h>
+#include <stddef.h>
 #include <string.h>
 
 #include "../rcu.h"
@@ -27,21 +35,33 @@
 #define NSHARDS 32
 #define GARBAGE_BATCH 128
 
+#define MIN_BUCKETS 64
+
+/* An entry: what a reader needs in 31 bytes, then the key and the value,
+ * then `cold` (its tags, and after them the load time when has_delta). */
 typedef struct l1e {
-    /* what a reader touches first, in the first half line */
     _Atomic(struct l1e *) next; /* the bucket chain */
-    uint64_t h, expires;
-    uint32_t klen, vlen;
-    uint16_t ntags;
-    uint8_t main, negative;
+    uint64_t expires;
+    uint32_t h;      /* the key hash's low half: the bucket, a quick compare */
+    uint32_t vlen;   /* at most 512 MiB */
+    uint16_t klen;   /* at most 1024 */
+    uint8_t ntags;   /* at most CACHE_MAX_TAGS */
+    uint8_t main, negative, has_delta;
     _Atomic uint8_t freq;
-    l1_tagref *tags;
-    uint64_t delta;
-    size_t charge;
-    struct l1e *qprev, *qnext;  /* its FIFO; under the shard's mutex */
-    struct l1e *gnext;          /* the garbage list */
-    char data[]; /* key, value, tags */
+    char data[];
 } l1e;
+
+typedef struct l1cold {
+    l1e *qprev, *qnext; /* its FIFO, under the shard's mutex; once retired,
+                           qnext links the garbage list */
+    l1_tagref tags[];
+} l1cold;
+
+/* A shard's buckets, replaced as a whole when the table grows. */
+typedef struct ltab {
+    size_t mask;
+    _Atomic(l1e *) b[];
+} ltab;
 
 typedef struct fifo {
     l1e *head, *tail; /* insert at head, evict at tail */
@@ -49,12 +69,10 @@ typedef struct fifo {
 } fifo;
 
 typedef struct shard {
-    pthread_mutex_t mu;
-    _Atomic(l1e *) *buckets;
-    size_t mask;
+    _Atomic(ltab *) tab; /* alone in its line: readers load it on every get */
+    _Alignas(KEEL__CACHELINE) pthread_mutex_t mu;
     fifo small, main;
-    uint64_t *ghost;
-    size_t gmask;
+    uint32_t *ghost; /* hashes' low halves, as many as the table has buckets */
     size_t bytes, items, max_bytes, max_items;
     l1e *garbage;
     size_t ngarbage, gbytes;
@@ -69,14 +87,40 @@ struct l1 {
 static void del(l1 *c, const void *key, size_t klen, uint64_t h, bool only_expired);
 
 static shard *shard_of(l1 *c, uint64_t h) { return &c->shards[h >> 59]; }
-static _Atomic(l1e *) *bucket_of(shard *s, uint64_t h) { return &s->buckets[h & s->mask]; }
+static l1e *next_of(l1e *e) { return atomic_load_explicit(&e->next, memory_order_relaxed); }
 
-static size_t pow2_at_least(size_t n)
+/* Under the shard's mutex (readers load the table with acquire). */
+static ltab *tab_of(shard *s) { return atomic_load_explicit(&s->tab, memory_order_relaxed); }
+static _Atomic(l1e *) *bucket_of(shard *s, uint64_t h)
 {
-    size_t p = 1;
-    while (p < n)
-        p <<= 1;
-    return p;
+    ltab *t = tab_of(s);
+    return &t->b[h & t->mask];
+}
+
+static l1cold *cold(const l1e *e)
+{
+    uintptr_t end = (uintptr_t)(e->data + e->klen + e->vlen);
+    return (l1cold *)((end + alignof(l1cold) - 1) & ~(uintptr_t)(alignof(l1cold) - 1));
+}
+
+static uint64_t *delta_of(const l1e *e) { return (uint64_t *)&cold(e)->tags[e->ntags]; }
+
+static size_t entry_size(size_t klen, size_t vlen, size_t ntags, bool has_delta)
+{
+    size_t head = offsetof(l1e, data) + klen + vlen;
+    head = (head + alignof(l1cold) - 1) & ~(alignof(l1cold) - 1);
+    return head + sizeof(l1cold) + ntags * sizeof(l1_tagref) + (has_delta ? sizeof(uint64_t) : 0);
+}
+
+/* What an entry counts against the bounds: its size and the allocator's. */
+static size_t charge_of(const l1e *e) { return entry_size(e->klen, e->vlen, e->ntags, e->has_delta) + 16; }
+
+static ltab *tab_new(size_t n)
+{
+    ltab *t = keel__calloc(1, sizeof *t + n * sizeof t->b[0]);
+    if (t)
+        t->mask = n - 1;
+    return t;
 }
 
 int keel__l1_create(l1 **out, size_t max_bytes, size_t max_items, const keel__clock *clock)
@@ -86,19 +130,15 @@ int keel__l1_create(l1 **out, size_t max_bytes, size_t max_items, const keel__cl
         return KEEL_ENOMEM;
     memset(c, 0, sizeof *c);
     c->clock = *clock;
-    /* buckets: one per expected entry (items, or bytes at 512 a piece: a
-     * table sized for tiny entries would cost cache misses on every get) */
-    size_t expect = max_items ? max_items : max_bytes / 512;
-    size_t nb = pow2_at_least(expect / NSHARDS + 16);
     int rc = 0;
     for (size_t i = 0; i < NSHARDS; i++) {
         shard *s = &c->shards[i];
         pthread_mutex_init(&s->mu, NULL);
         s->max_bytes = max_bytes / NSHARDS ? max_bytes / NSHARDS : 1;
         s->max_items = max_items ? (max_items + NSHARDS - 1) / NSHARDS : SIZE_MAX;
-        s->mask = nb - 1;
-        s->gmask = nb - 1;
-        if (!(s->buckets = keel__calloc(nb, sizeof *s->buckets)) || !(s->ghost = keel__calloc(nb, sizeof *s->ghost)))
+        ltab *t = tab_new(MIN_BUCKETS);
+        atomic_init(&s->tab, t);
+        if (!t || !(s->ghost = keel__calloc(MIN_BUCKETS, sizeof *s->ghost)))
             rc = KEEL_ENOMEM;
     }
     if (rc) {
@@ -114,7 +154,7 @@ static void free_list(l1e *e)
 {
     while (e) {
         l1e *x = e;
-        e = e->gnext;
+        e = cold(e)->qnext;
         keel__free(x);
     }
 }
@@ -125,13 +165,14 @@ void keel__l1_destroy(l1 *c)
         return;
     for (size_t i = 0; i < NSHARDS; i++) {
         shard *s = &c->shards[i];
-        for (size_t b = 0; s->buckets && b <= s->mask; b++)
-            for (l1e *e = atomic_load_explicit(&s->buckets[b], memory_order_relaxed), *n; e; e = n) {
-                n = atomic_load_explicit(&e->next, memory_order_relaxed);
+        ltab *t = tab_of(s);
+        for (size_t b = 0; t && b <= t->mask; b++)
+            for (l1e *e = atomic_load_explicit(&t->b[b], memory_order_relaxed), *n; e; e = n) {
+                n = next_of(e);
                 keel__free(e);
             }
         free_list(s->garbage);
-        keel__free(s->buckets);
+        keel__free(t);
         keel__free(s->ghost);
         pthread_mutex_destroy(&s->mu);
     }
@@ -140,8 +181,9 @@ void keel__l1_destroy(l1 *c)
 
 static bool tags_current(const l1e *e)
 {
+    const l1_tagref *t = cold(e)->tags;
     for (uint16_t i = 0; i < e->ntags; i++)
-        if (atomic_load_explicit(&e->tags[i].tag->version, memory_order_acquire) != e->tags[i].version)
+        if (atomic_load_explicit(&t[i].tag->version, memory_order_acquire) != t[i].version)
             return false;
     return true;
 }
@@ -154,21 +196,22 @@ int keel__l1_get(l1 *c, const void *key, size_t klen, uint64_t h, void *buf, siz
         return KEEL_ENOTFOUND; /* no slot for this thread: go below */
     rc = KEEL_ENOTFOUND;
     bool expired = false;
-    for (l1e *e = atomic_load_explicit(bucket_of(s, h), memory_order_acquire); e;
+    ltab *t = atomic_load_explicit(&s->tab, memory_order_acquire);
+    for (l1e *e = atomic_load_explicit(&t->b[h & t->mask], memory_order_acquire); e;
          e = atomic_load_explicit(&e->next, memory_order_acquire)) {
-        if (e->h != h || e->klen != klen || memcmp(e->data, key, klen) != 0)
+        if (e->h != (uint32_t)h || e->klen != klen || memcmp(e->data, key, klen) != 0)
             continue;
-        if (e->expires <= keel__clock_now(&c->clock)) {
+        if (e->expires <= keel__clock_coarse(&c->clock)) { /* may be a tick late */
             expired = true;
             break;
         }
-        if (!tags_current(e))
+        if (e->ntags && !tags_current(e))
             break;
         uint8_t f = atomic_load_explicit(&e->freq, memory_order_relaxed);
         if (f < 3)
             atomic_store_explicit(&e->freq, (uint8_t)(f + 1), memory_order_relaxed);
         hit->expires = e->expires;
-        hit->delta = e->delta;
+        hit->delta = e->has_delta ? *delta_of(e) : 0;
         hit->negative = e->negative;
         *len = e->vlen;
         if (e->negative) {
@@ -189,29 +232,31 @@ int keel__l1_get(l1 *c, const void *key, size_t klen, uint64_t h, void *buf, siz
 
 static void fifo_unlink(fifo *q, l1e *e)
 {
-    if (e->qprev)
-        e->qprev->qnext = e->qnext;
+    l1cold *x = cold(e);
+    if (x->qprev)
+        cold(x->qprev)->qnext = x->qnext;
     else
-        q->head = e->qnext;
-    if (e->qnext)
-        e->qnext->qprev = e->qprev;
+        q->head = x->qnext;
+    if (x->qnext)
+        cold(x->qnext)->qprev = x->qprev;
     else
-        q->tail = e->qprev;
-    e->qprev = e->qnext = NULL;
-    q->bytes -= e->charge;
+        q->tail = x->qprev;
+    x->qprev = x->qnext = NULL;
+    q->bytes -= charge_of(e);
     q->n--;
 }
 
 static void fifo_push(fifo *q, l1e *e)
 {
-    e->qprev = NULL;
-    e->qnext = q->head;
+    l1cold *x = cold(e);
+    x->qprev = NULL;
+    x->qnext = q->head;
     if (q->head)
-        q->head->qprev = e;
+        cold(q->head)->qprev = e;
     else
         q->tail = e;
     q->head = e;
-    q->bytes += e->charge;
+    q->bytes += charge_of(e);
     q->n++;
 }
 
@@ -225,12 +270,74 @@ static void retire(shard *s, l1e *e)
             break;
         }
     fifo_unlink(e->main ? &s->main : &s->small, e);
-    s->bytes -= e->charge;
+    size_t charge = charge_of(e);
+    s->bytes -= charge;
     s->items--;
-    e->gnext = s->garbage;
+    cold(e)->qnext = s->garbage;
     s->garbage = e;
     s->ngarbage++;
-    s->gbytes += e->charge;
+    s->gbytes += charge;
+}
+
+/* The first entry from e on (e included) that belongs in bucket j of a
+ * table of the given mask. */
+static l1e *first_of(l1e *e, size_t mask, size_t j)
+{
+    while (e && (e->h & mask) != j)
+        e = next_of(e);
+    return e;
+}
+
+/* Doubles the shard's table while readers go on. Each new bucket starts
+ * at the first entry of its old chain that belongs to it; the old chains,
+ * which interleave entries of two new buckets, are then unzipped one link
+ * a chain at a time, with a grace period between rounds, so that a reader
+ * of one bucket standing on an entry of the other always finds its way
+ * back. The ghost grows with the table. Called with the mutex held and
+ * outside any read section; on no memory the table stays as it is. */
+static void grow(shard *s)
+{
+    ltab *old = tab_of(s), *t;
+    size_t n = old->mask + 1;
+    if (n >= (size_t)1 << 31) /* entries keep 32 bits of their hash */
+        return;
+    l1e **cur = keel__malloc(n * sizeof *cur);
+    uint32_t *ghost = keel__calloc(2 * n, sizeof *ghost);
+    if (!cur || !ghost || !(t = tab_new(2 * n))) {
+        keel__free(cur);
+        keel__free(ghost);
+        return;
+    }
+    for (size_t j = 0; j < 2 * n; j++)
+        atomic_init(&t->b[j], first_of(atomic_load_explicit(&old->b[j & (n - 1)], memory_order_relaxed), t->mask, j));
+    for (size_t i = 0; i < n; i++) {
+        cur[i] = atomic_load_explicit(&old->b[i], memory_order_relaxed);
+        if (s->ghost[i])
+            ghost[s->ghost[i] & t->mask] = s->ghost[i];
+    }
+    keel__free(s->ghost);
+    s->ghost = ghost;
+    atomic_store_explicit(&s->tab, t, memory_order_release);
+    keel__rcu_synchronize(); /* nobody reads the old table any more */
+    keel__free(old);
+    for (bool more = true; more;) {
+        more = false;
+        for (size_t i = 0; i < n; i++) {
+            l1e *x = cur[i], *y;
+            if (!x)
+                continue;
+            while ((y = next_of(x)) != NULL && (y->h & n) == (x->h & n))
+                x = y; /* x: the end of a run of one bucket's entries */
+            if (y) { /* skip the other bucket's run that follows */
+                atomic_store_explicit(&x->next, first_of(y, n, x->h & n), memory_order_release);
+                more = true;
+            }
+            cur[i] = y;
+        }
+        if (more)
+            keel__rcu_synchronize();
+    }
+    keel__free(cur);
 }
 
 /* The shard's garbage, when enough has gathered (or `all`): taken under
@@ -265,9 +372,8 @@ static void del(l1 *c, const void *key, size_t klen, uint64_t h, bool only_expir
     shard *s = shard_of(c, h);
     uint64_t now = keel__clock_now(&c->clock);
     pthread_mutex_lock(&s->mu);
-    for (l1e *x = atomic_load_explicit(bucket_of(s, h), memory_order_relaxed); x;
-         x = atomic_load_explicit(&x->next, memory_order_relaxed))
-        if (x->h == h && x->klen == klen && memcmp(x->data, key, klen) == 0) {
+    for (l1e *x = atomic_load_explicit(bucket_of(s, h), memory_order_relaxed); x; x = next_of(x))
+        if (x->h == (uint32_t)h && x->klen == klen && memcmp(x->data, key, klen) == 0) {
             bool expired = x->expires <= now;
             if (!only_expired || expired) {
                 s->expirations += expired;
@@ -308,7 +414,7 @@ static void evict_step(shard *s, uint64_t now, bool force)
     else
         s->evictions++;
     if (from_small)
-        s->ghost[e->h & s->gmask] = e->h;
+        s->ghost[e->h & tab_of(s)->mask] = e->h;
     retire(s, e);
 }
 
@@ -317,28 +423,28 @@ int keel__l1_set(l1 *c, const void *key, size_t klen, uint64_t h, const void *va
                  uint64_t seen)
 {
     shard *s = shard_of(c, h);
-    size_t charge = sizeof(l1e) + klen + vlen + ntags * sizeof(l1_tagref) + 16;
-    if (charge > s->max_bytes)
+    size_t size = entry_size(klen, vlen, ntags, delta != 0);
+    if (size + 16 > s->max_bytes)
         return KEEL_ERANGE;
-    l1e *e = keel__malloc(sizeof *e + klen + vlen + ntags * sizeof(l1_tagref) + alignof(l1_tagref));
+    l1e *e = keel__malloc(size);
     if (!e)
         return KEEL_ENOMEM;
     memset(e, 0, sizeof *e);
-    e->h = h;
+    e->h = (uint32_t)h;
     e->expires = expires;
-    e->delta = delta;
-    e->klen = (uint32_t)klen;
+    e->klen = (uint16_t)klen;
     e->vlen = (uint32_t)vlen;
-    e->ntags = (uint16_t)ntags;
+    e->ntags = (uint8_t)ntags;
     e->negative = negative;
-    e->charge = charge;
+    e->has_delta = delta != 0;
     memcpy(e->data, key, klen);
     if (vlen)
         memcpy(e->data + klen, val, vlen);
-    uintptr_t t = ((uintptr_t)(e->data + klen + vlen) + alignof(l1_tagref) - 1) & ~(uintptr_t)(alignof(l1_tagref) - 1);
-    e->tags = (l1_tagref *)t;
     if (ntags)
-        memcpy(e->tags, tags, ntags * sizeof *tags);
+        memcpy(cold(e)->tags, tags, ntags * sizeof *tags);
+    if (delta)
+        *delta_of(e) = delta;
+    size_t charge = charge_of(e);
     uint64_t now = keel__clock_now(&c->clock);
     pthread_mutex_lock(&s->mu);
     if (epoch && atomic_load(epoch) != seen) { /* an invalidation came while the value was read */
@@ -346,15 +452,15 @@ int keel__l1_set(l1 *c, const void *key, size_t klen, uint64_t h, const void *va
         keel__free(e);
         return KEEL_ECONFLICT;
     }
-    for (l1e *x = atomic_load_explicit(bucket_of(s, h), memory_order_relaxed); x;
-         x = atomic_load_explicit(&x->next, memory_order_relaxed))
-        if (x->h == h && x->klen == klen && memcmp(x->data, key, klen) == 0) {
-            retire(s, x);
+    for (l1e *o = atomic_load_explicit(bucket_of(s, h), memory_order_relaxed); o; o = next_of(o))
+        if (o->h == (uint32_t)h && o->klen == klen && memcmp(o->data, key, klen) == 0) {
+            retire(s, o);
             break;
         }
-    if (s->ghost[h & s->gmask] == h) {
+    uint32_t *g = &s->ghost[h & tab_of(s)->mask];
+    if (*g == (uint32_t)h) {
         e->main = 1;
-        s->ghost[h & s->gmask] = 0;
+        *g = 0;
     }
     fifo_push(e->main ? &s->main : &s->small, e);
     s->bytes += charge;
@@ -363,9 +469,11 @@ int keel__l1_set(l1 *c, const void *key, size_t klen, uint64_t h, const void *va
     atomic_store_explicit(bucket_of(s, h), e, memory_order_release);
     for (size_t steps = 0; s->bytes > s->max_bytes || s->items > s->max_items; steps++)
         evict_step(s, now, steps > 4 * s->items + 8);
-    l1e *g = take_garbage(s, false);
+    if (s->items > (tab_of(s)->mask + 1) / 2 && !keel__rcu_in_read())
+        grow(s);
+    l1e *garbage = take_garbage(s, false);
     pthread_mutex_unlock(&s->mu);
-    free_garbage(g);
+    free_garbage(garbage);
     return 0;
 }
 
@@ -380,7 +488,7 @@ static void sweep(l1 *c, const void *prefix, size_t len, bool all)
         for (int which = 0; which < 2; which++) {
             fifo *q = which ? &s->main : &s->small;
             for (l1e *e = q->head, *n; e; e = n) {
-                n = e->qnext;
+                n = cold(e)->qnext;
                 if (all || (e->klen >= len && memcmp(e->data, prefix, len) == 0))
                     retire(s, e);
             }
