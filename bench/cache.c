@@ -287,9 +287,43 @@ static void mget_section(void)
         keel_cache_set(w, &k, 8, v, sizeof v, 600ull * 1000000000u, NULL, 0);
     bench_section("cache: L2 multi-get, 16 keys a call, keys/s, vs redis-benchmark MGET of 16");
     uint64_t calls = bench_iters(100000);
-    char cmd[512] = "MGET";
+    /* the reference reads as many keys, as large as the ones keel_cache
+     * stored (the value and its header), chosen at random the same way */
+    uint64_t k0 = 0;
+    size_t stored = 0;
+    redisReply *sr = NULL;
+    char sk[64] = "bench:c:v";
+    memcpy(sk + 9, &k0, 8);
+    const char *sa[2] = {"STRLEN", sk};
+    size_t sl[2] = {6, 17};
+    if (keel_redis_command(r, NULL, 0, 2, sa, sl, &sr) == 0 && sr->type == REDIS_REPLY_INTEGER)
+        stored = (size_t)sr->integer;
+    if (sr)
+        freeReplyObject(sr);
+    static char fill[KEYS / 500][500][24];
+    char val[256];
+    memset(val, 'x', sizeof val);
+    for (int m = 0; m < KEYS / 500 && stored && stored <= sizeof val; m++) { /* MSET key:%012d, 500 a time */
+        const char *ma[1001];
+        size_t ml[1001];
+        ma[0] = "MSET";
+        ml[0] = 4;
+        for (int i = 0; i < 500; i++) {
+            snprintf(fill[m][i], sizeof fill[m][i], "key:%012d", m * 500 + i);
+            ma[1 + 2 * i] = fill[m][i];
+            ml[1 + 2 * i] = strlen(fill[m][i]);
+            ma[2 + 2 * i] = val;
+            ml[2 + 2 * i] = stored;
+        }
+        redisReply *mr = NULL;
+        keel_redis_command(r, NULL, 0, 1001, ma, ml, &mr);
+        if (mr)
+            freeReplyObject(mr);
+    }
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, "-r %d MGET", KEYS);
     for (int i = 0; i < BATCH; i++)
-        snprintf(cmd + strlen(cmd), sizeof cmd - strlen(cmd), " key:__rand_int__%d", i);
+        snprintf(cmd + strlen(cmd), sizeof cmd - strlen(cmd), " key:__rand_int__");
     double ref = bench_redis_reference(host, port, 1, calls, cmd) * BATCH;
     uint64_t kk[BATCH], x = 7, got = 0;
     char bufs[BATCH][32];
@@ -314,6 +348,20 @@ static void mget_section(void)
         fprintf(stderr, "bench/cache: %llu of %llu keys missing\n", (unsigned long long)(calls * BATCH - got),
                 (unsigned long long)(calls * BATCH));
     keel_cache_invalidate_prefix(w, "", 0);
+    for (int m = 0; m < KEYS / 500; m++) {
+        const char *da[501];
+        size_t dl[501];
+        da[0] = "UNLINK";
+        dl[0] = 6;
+        for (int i = 0; i < 500; i++) {
+            da[1 + i] = fill[m][i];
+            dl[1 + i] = strlen(fill[m][i]);
+        }
+        redisReply *dr = NULL;
+        keel_redis_command(r, NULL, 0, 501, da, dl, &dr);
+        if (dr)
+            freeReplyObject(dr);
+    }
     keel_cache_destroy(c);
     keel_cache_destroy(w);
     keel_redis_destroy(r);

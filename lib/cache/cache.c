@@ -858,19 +858,20 @@ static void l2_get_many(keel_cache *c, keel_cache_item *it, size_t n)
 {
     uint64_t seen = atomic_load(&c->epoch);
     size_t nodes = keel_redis_nodes(c->o.redis);
-    const char **argv = keel__malloc(513 * sizeof *argv);
-    size_t *lens = keel__malloc(513 * sizeof *lens), *idx = keel__malloc(512 * sizeof *idx);
-    char *keys = keel__malloc(512 * 1300);
+    size_t most = n < 512 ? n : 512; /* keys in one MGET */
+    const char **argv = keel__malloc((most + 1) * sizeof *argv);
+    size_t *lens = keel__malloc((most + 1) * sizeof *lens), *idx = keel__malloc(most * sizeof *idx);
+    char *keys = keel__malloc(most * RKEY_MAX);
     for (size_t node = 0; argv && lens && idx && keys && node < nodes; node++) {
         size_t from = 0;
         while (from < n) {
             size_t k = 0;
             argv[0] = "MGET";
             lens[0] = 4;
-            for (; from < n && k < 512; from++) {
+            for (; from < n && k < most; from++) {
                 if (it[from].len != SIZE_MAX)
                     continue;
-                char *kb = keys + k * 1300;
+                char *kb = keys + k * RKEY_MAX;
                 size_t kl = rkey(c, 'v', it[from].key, it[from].klen, kb);
                 if (keel_redis_node_of(c->o.redis, kb, kl) != node)
                     continue;
