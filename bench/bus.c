@@ -13,7 +13,6 @@
 
 #include "bench.h"
 
-static _Atomic uint64_t handled;
 static uint64_t plain;
 
 static int on_msg(const keel_bus_msg *m, void *ud)
@@ -23,12 +22,30 @@ static int on_msg(const keel_bus_msg *m, void *ud)
     return 0;
 }
 
+/* Counts per worker thread, on lines of their own: a counter the workers
+ * shared would cost more than the delivery it counts. */
+static struct {
+    _Atomic uint64_t n;
+} __attribute__((aligned(64))) per_worker[64];
+static _Atomic unsigned workers_seen;
+
 static int on_async(const keel_bus_msg *m, void *ud)
 {
     (void)m;
     (void)ud;
-    atomic_fetch_add_explicit(&handled, 1, memory_order_relaxed);
+    static __thread unsigned mine; /* 1 + this thread's counter */
+    if (!mine)
+        mine = atomic_fetch_add(&workers_seen, 1) % 64 + 1;
+    atomic_fetch_add_explicit(&per_worker[mine - 1].n, 1, memory_order_relaxed);
     return 0;
+}
+
+static uint64_t handled_total(void)
+{
+    uint64_t n = 0;
+    for (int i = 0; i < 64; i++)
+        n += atomic_load(&per_worker[i].n);
+    return n;
 }
 
 static int (*volatile direct)(const keel_bus_msg *, void *) = on_msg;
@@ -81,12 +98,12 @@ static void async_section(void)
     for (uint64_t i = 0; i < iters; i++)
         keel_bus_publish(b, subjects[4 + (i & 3)], "x", 1, NULL, 0, NULL);
     double base = (double)iters / ((double)(bench_ns() - t0) / 1e9);
-    atomic_store(&handled, 0);
+    uint64_t before = handled_total();
     t0 = bench_ns();
     for (uint64_t i = 0; i < iters; i++)
         keel_bus_publish(b, subjects[i & 3], "x", 1, NULL, 0, NULL);
     keel_bus_drain(b);
-    double rate = (double)atomic_load(&handled) / ((double)(bench_ns() - t0) / 1e9);
+    double rate = (double)(handled_total() - before) / ((double)(bench_ns() - t0) / 1e9);
     bench_row("async, publish to handled", rate / 1e6, "M/s", "sync publish+call", base / 1e6, ">= 5 M/s");
     keel_bus_destroy(b);
 }

@@ -170,6 +170,18 @@ KEEL_API uint64_t keel_now_ns(void) { return keel__clock_ns(CLOCK_MONOTONIC); }
 KEEL_API uint64_t keel_wall_ns(void) { return keel__clock_ns(CLOCK_REALTIME); }
 uint64_t keel__coarse_now_ns(void) { return keel__clock_ns(CLOCK_MONOTONIC_COARSE); }
 
+/* ---- striped counters ---- */
+
+__thread unsigned keel__stripe_tl __attribute__((tls_model("initial-exec")));
+
+unsigned keel__stripe_take(void)
+{
+    static _Atomic unsigned next;
+    unsigned s = atomic_fetch_add_explicit(&next, 1, memory_order_relaxed) % KEEL__STRIPES;
+    keel__stripe_tl = s + 1;
+    return s;
+}
+
 /* ---- logging ---- */
 
 /* The hook, its level and argument change together under a lock, and are

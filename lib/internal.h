@@ -6,6 +6,7 @@
 #ifndef KEEL_INTERNAL_H
 #define KEEL_INTERNAL_H
 
+#include <sched.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -76,6 +77,22 @@ static inline uint64_t keel__clock_coarse(const keel__clock *c)
     return c->fn ? c->fn(c->ud) : keel__coarse_now_ns();
 }
 
+/* ---- striped counters ----
+ * Counters that every call bumps (hits, deliveries) are kept KEEL__STRIPES
+ * times over, a cache line each, and summed when read: each thread takes
+ * the next stripe on its first use, so that threads on different cores
+ * seldom write the same line. A stripe is a struct of the module's
+ * counters aligned to KEEL__CACHELINE; the owner must be allocated with
+ * keel__aligned_alloc. */
+#define KEEL__STRIPES 16
+extern KEEL__HIDDEN __thread unsigned keel__stripe_tl __attribute__((tls_model("initial-exec")));
+unsigned keel__stripe_take(void);
+static inline unsigned keel__stripe(void)
+{
+    unsigned s = keel__stripe_tl; /* 1 + the stripe; 0: none yet */
+    return KEEL__LIKELY(s) ? s - 1 : keel__stripe_take();
+}
+
 /* ---- module statistics as metrics ---- */
 typedef struct keel__mfunc {
     int type;          /* KEEL_METRIC_COUNTER or KEEL_METRIC_GAUGE */
@@ -134,6 +151,20 @@ static inline void keel__cpu_relax(void)
 #elif defined(__aarch64__)
     __asm__ volatile("yield");
 #endif
+}
+
+/* Step i of a wait that spins before it sleeps: a pause for the first
+ * KEEL__SPIN_PAUSES steps, a yield of the CPU after them. With more
+ * runnable threads than cores (a publisher and two workers on two), a
+ * waiter that only paused would hold the core that the thread it waits
+ * for needs. */
+#define KEEL__SPIN_PAUSES 100
+static inline void keel__spin(int i)
+{
+    if (i < KEEL__SPIN_PAUSES)
+        keel__cpu_relax();
+    else
+        sched_yield();
 }
 
 /* ---- asymmetric fences ----

@@ -160,7 +160,7 @@ struct keel_bus {
     bgroup *g_groups;
     size_t g_count;
     _Atomic uint64_t nsubs, idstate;
-    bcounters c;
+    bcounters c[KEEL__STRIPES];
     bworker *workers;
     size_t nworkers, cap, mask;
     bool workers_started;
@@ -172,7 +172,7 @@ struct keel_bus {
  * publisher and free in a worker contend on glibc's arena lock. */
 #define BUS_SMALL_MSG 512
 
-bcounters *keel__bus_counters(keel_bus *bus) { return &bus->c; }
+bcounters *keel__bus_counters(keel_bus *bus) { return &bus->c[keel__stripe()]; }
 
 static bnode *kid_find(const bnode *n, const char *tok, size_t len, uint64_t h)
 {
@@ -544,20 +544,27 @@ static bool enter(keel_bus_sub *sub)
 
 static void leave(keel_bus_sub *sub) { atomic_fetch_sub_explicit(&sub->calls, 1, memory_order_release); }
 
+/* The handler's call and its outcome; between enter() and leave(). */
+static int call_entered(keel_bus_sub *sub, const keel_bus_msg *msg)
+{
+    keel_bus *bus = sub->bus;
+    int rc = sub->handler(msg, sub->ud);
+    if (rc == 0) {
+        atomic_fetch_add_explicit(&keel__bus_counters(bus)->delivered, 1, memory_order_relaxed);
+    } else { /* reported before leaving: on_error never follows an unsubscribe */
+        atomic_fetch_add_explicit(&keel__bus_counters(bus)->failed, 1, memory_order_relaxed);
+        keel__bus_error(bus, sub, msg, rc);
+    }
+    return rc;
+}
+
 int keel__bus_call(keel_bus_sub *sub, const keel_bus_msg *msg)
 {
     if (!enter(sub))
         return 0;
     bframe f = {sub, tl_frames};
     tl_frames = &f;
-    keel_bus *bus = sub->bus;
-    int rc = sub->handler(msg, sub->ud);
-    if (rc == 0) {
-        atomic_fetch_add_explicit(&bus->c.delivered, 1, memory_order_relaxed);
-    } else { /* reported before leaving: on_error never follows an unsubscribe */
-        atomic_fetch_add_explicit(&bus->c.failed, 1, memory_order_relaxed);
-        keel__bus_error(bus, sub, msg, rc);
-    }
+    int rc = call_entered(sub, msg);
     tl_frames = f.up;
     leave(sub);
     return rc;
@@ -643,6 +650,29 @@ static void finished(bworker *w, uint64_t n)
         wake(w, &w->done_cv);
 }
 
+/* Delivers a run of queued messages for one subscription, entering it
+ * once rather than once a message (the shared lines of a subscription
+ * are what a delivery costs most); a handler that unsubscribes, or an
+ * unsubscribe from elsewhere, stops the run. Drops the run's references. */
+static void deliver_run(bslot *run, size_t n)
+{
+    keel_bus_sub *sub = run[0].sub;
+    if (enter(sub)) {
+        bframe f = {sub, tl_frames};
+        tl_frames = &f;
+        for (size_t i = 0; i < n && !atomic_load(&sub->dead); i++)
+            call_entered(sub, &run[i].m->v);
+        tl_frames = f.up;
+        leave(sub);
+    }
+    for (size_t i = 0; i < n; i++)
+        msg_unref(run[i].m);
+    if (atomic_fetch_sub_explicit(&sub->refs, n, memory_order_acq_rel) == n) {
+        keel__free(sub->pattern);
+        keel__free(sub);
+    }
+}
+
 static void *worker_main(void *arg)
 {
     bworker *w = arg;
@@ -657,18 +687,19 @@ static void *worker_main(void *arg)
             KEEL__FULL_FENCE(); /* the pops before the load: a blocked publisher is woken */
             if (atomic_load_explicit(&w->space_waiters, memory_order_relaxed))
                 wake(w, &w->space);
-            for (size_t i = 0; i < got; i++) {
-                keel__bus_call(batch[i].sub, &batch[i].m->v);
-                keel__bus_sub_unref(batch[i].sub);
-                msg_unref(batch[i].m);
+            for (size_t i = 0, n; i < got; i += n) {
+                n = 1;
+                while (i + n < got && batch[i + n].sub == batch[i].sub)
+                    n++;
+                deliver_run(&batch[i], n);
             }
             finished(w, got);
             continue;
         }
-        /* Empty: spin a while, then sleep. */
+        /* Empty: spin a while (pausing, then yielding), then sleep. */
         bool ready = false;
-        for (int i = 0; i < 2000 && !(ready = ring_ready(w, mask)); i++)
-            keel__cpu_relax();
+        for (int i = 0; i < 300 && !(ready = ring_ready(w, mask)); i++)
+            keel__spin(i);
         if (ready)
             continue;
         atomic_store_explicit(&w->sleeping, 1, memory_order_relaxed);
@@ -700,7 +731,7 @@ static void drop_oldest(keel_bus *bus, bworker *w)
     bslot v;
     if (!ring_pop(w, bus->mask, &v))
         return;
-    atomic_fetch_add_explicit(&bus->c.dropped, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&keel__bus_counters(bus)->dropped, 1, memory_order_relaxed);
     if (enter(v.sub)) {
         bframe f = {v.sub, tl_frames};
         tl_frames = &f;
@@ -745,7 +776,7 @@ static int enqueue(keel_bus *bus, keel_bus_sub *sub, bmsg *m, uint64_t subject_h
         break;
     }
     if (rc) {
-        atomic_fetch_add_explicit(&bus->c.rejected, 1, memory_order_relaxed);
+        atomic_fetch_add_explicit(&keel__bus_counters(bus)->rejected, 1, memory_order_relaxed);
         return rc;
     }
     keel__light_fence(); /* the push before the load: see worker_main */
@@ -900,7 +931,7 @@ static int publish_local(keel_bus *bus, keel_bus_pub *p)
     bmatch m;
     if ((rc = keel__bus_match(bus, &t, &m)))
         return rc;
-    atomic_fetch_add_explicit(&bus->c.published, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&keel__bus_counters(bus)->published, 1, memory_order_relaxed);
     size_t async = 0;
     for (size_t i = 0; i < m.n; i++)
         async += m.subs[i]->mode == KEEL_BUS_ASYNC;
@@ -1138,15 +1169,17 @@ KEEL_API void keel_bus_stats_get(keel_bus *bus, keel_bus_stats *st)
     memset(st, 0, sizeof *st);
     if (!bus)
         return;
-    bcounters *c = &bus->c;
-    st->published = atomic_load_explicit(&c->published, memory_order_relaxed);
-    st->delivered = atomic_load_explicit(&c->delivered, memory_order_relaxed);
-    st->failed = atomic_load_explicit(&c->failed, memory_order_relaxed);
-    st->dropped = atomic_load_explicit(&c->dropped, memory_order_relaxed);
-    st->rejected = atomic_load_explicit(&c->rejected, memory_order_relaxed);
-    st->acked = atomic_load_explicit(&c->acked, memory_order_relaxed);
-    st->claimed = atomic_load_explicit(&c->claimed, memory_order_relaxed);
-    st->dead_lettered = atomic_load_explicit(&c->dead, memory_order_relaxed);
+    for (size_t i = 0; i < KEEL__STRIPES; i++) {
+        bcounters *c = &bus->c[i];
+        st->published += atomic_load_explicit(&c->published, memory_order_relaxed);
+        st->delivered += atomic_load_explicit(&c->delivered, memory_order_relaxed);
+        st->failed += atomic_load_explicit(&c->failed, memory_order_relaxed);
+        st->dropped += atomic_load_explicit(&c->dropped, memory_order_relaxed);
+        st->rejected += atomic_load_explicit(&c->rejected, memory_order_relaxed);
+        st->acked += atomic_load_explicit(&c->acked, memory_order_relaxed);
+        st->claimed += atomic_load_explicit(&c->claimed, memory_order_relaxed);
+        st->dead_lettered += atomic_load_explicit(&c->dead, memory_order_relaxed);
+    }
     st->subscriptions = atomic_load_explicit(&bus->nsubs, memory_order_relaxed);
     for (size_t i = 0; i < bus->nworkers; i++) {
         bworker *w = &bus->workers[i];
@@ -1183,9 +1216,10 @@ KEEL_API int keel_bus_create(keel_bus **out, const keel_bus_opts *opts)
         (o.service && !plain_name(o.service)) || (o.consumer && !plain_name(o.consumer)) ||
         (o.prefix && !o.prefix[0]) || o.capacity > ((size_t)1 << 32))
         return KEEL_EINVAL;
-    keel_bus *bus = keel__calloc(1, sizeof *bus);
+    keel_bus *bus = keel__aligned_alloc(KEEL__CACHELINE, sizeof *bus);
     if (!bus)
         return KEEL_ENOMEM;
+    memset(bus, 0, sizeof *bus);
     bus->o = o;
     bus->nworkers = o.workers ? o.workers : 2;
     for (bus->cap = 2; bus->cap < (o.capacity ? o.capacity : 65536);) /* the ring needs two */
@@ -1292,5 +1326,5 @@ KEEL_API void keel_bus_destroy(keel_bus *bus)
     garbage_free(bus->g_arrs, bus->g_kids, bus->g_nodes, bus->g_groups);
     garbage_free(NULL, NULL, NULL, bus->groups);
     pthread_mutex_destroy(&bus->mu);
-    keel__free(bus);
+    keel__aligned_free(bus);
 }

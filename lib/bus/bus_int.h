@@ -75,10 +75,11 @@ int keel__bus_stream_drain(bstream *s);
 
 /* ---- counters (bus.c) ---- */
 
-typedef struct bcounters {
+typedef struct bcounters { /* one stripe of them (internal.h) */
     _Atomic uint64_t published, delivered, failed, dropped, rejected, acked, claimed, dead;
-} bcounters;
+} __attribute__((aligned(KEEL__CACHELINE))) bcounters;
 
+/* The calling thread's stripe of the counters. */
 bcounters *keel__bus_counters(keel_bus *bus);
 
 /* Whether the calling thread is one of bus's workers or readers, which

@@ -50,10 +50,7 @@ struct keel_cache_load {
 };
 
 /* One in-process load of a key; the callers that missed meanwhile wait. */
-/* The counters every get bumps, one set a stripe: each thread takes a
- * stripe of its own (until more than STRIPES threads have used caches),
- * so that readers on different cores do not fight over one line. */
-#define STRIPES 16
+/* The counters every get bumps, striped (internal.h). */
 typedef struct lookup_stats {
     _Atomic uint64_t hits_l1, negative_hits, misses;
 } __attribute__((aligned(KEEL__CACHELINE))) lookup_stats;
@@ -97,17 +94,10 @@ struct keel_cache {
         _Atomic uint64_t hits_l2, hits_l3, loads, load_waits;
         _Atomic uint64_t invalidations_received, flushes, errors[2];
     } st;
-    lookup_stats lk[STRIPES];
+    lookup_stats lk[KEEL__STRIPES];
 };
 
-static lookup_stats *my_stripe(keel_cache *c)
-{
-    static _Atomic unsigned next_stripe;
-    static __thread unsigned mine; /* 1 + the stripe; 0: none yet */
-    if (KEEL__UNLIKELY(!mine))
-        mine = atomic_fetch_add_explicit(&next_stripe, 1, memory_order_relaxed) % STRIPES + 1;
-    return &c->lk[mine - 1];
-}
+static lookup_stats *my_stripe(keel_cache *c) { return &c->lk[keel__stripe()]; }
 
 static uint64_t now_ns(keel_cache *c) { return keel__clock_now(&c->clock); }
 static uint64_t key_hash(const void *k, size_t n) { return keel__hash64(k, n, 0x6b63); }
@@ -1220,7 +1210,7 @@ KEEL_API void keel_cache_stats_get(keel_cache *c, keel_cache_stats *st)
     memset(st, 0, sizeof *st);
     if (!c)
         return;
-    for (size_t i = 0; i < STRIPES; i++) {
+    for (size_t i = 0; i < KEEL__STRIPES; i++) {
         st->hits_l1 += atomic_load_explicit(&c->lk[i].hits_l1, memory_order_relaxed);
         st->misses += atomic_load_explicit(&c->lk[i].misses, memory_order_relaxed);
         st->negative_hits += atomic_load_explicit(&c->lk[i].negative_hits, memory_order_relaxed);
