@@ -126,12 +126,22 @@ void keel__aligned_free(void *ptr)
 
 static uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
 
+/* Moved on in a forked child, whose thread would otherwise go on with the
+ * parent's sequence (the same jitter, the same ids in both): a thread
+ * seeded in an older generation seeds again. */
+static _Atomic unsigned fork_gen = 1;
+static pthread_once_t fork_watch = PTHREAD_ONCE_INIT;
+static void forked(void) { atomic_fetch_add_explicit(&fork_gen, 1, memory_order_relaxed); }
+static void watch_forks(void) { pthread_atfork(NULL, NULL, forked); }
+
 KEEL_API uint64_t keel_rand_u64(void *ud)
 {
     static __thread uint64_t s[4];
-    static __thread int seeded;
+    static __thread unsigned seeded; /* the fork generation seeded in */
     (void)ud;
-    if (KEEL__UNLIKELY(!seeded)) {
+    unsigned gen = atomic_load_explicit(&fork_gen, memory_order_relaxed);
+    if (KEEL__UNLIKELY(seeded != gen)) {
+        pthread_once(&fork_watch, watch_forks);
         uint64_t seed[4] = {0};
         if (getrandom(seed, sizeof seed, 0) != (ssize_t)sizeof seed) {
             /* no kernel entropy: time and address still differ per thread */
@@ -144,7 +154,7 @@ KEEL_API uint64_t keel_rand_u64(void *ud)
             z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
             s[i] = z ^ (z >> 31);
         }
-        seeded = 1;
+        seeded = gen;
     }
     /* xoshiro256** (Blackman & Vigna) */
     uint64_t result = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;

@@ -5,6 +5,8 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <keel.h>
 
@@ -112,6 +114,33 @@ static void cnt_free(void *p)
     free(p);
 }
 
+/* A forked child does not repeat its parent's numbers. */
+START_TEST(a_forked_child_draws_other_numbers)
+{
+    keel_rand_u64(NULL); /* seeded before the fork */
+    int fds[2];
+    ck_assert_int_eq(pipe(fds), 0);
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        uint64_t mine[4];
+        for (int i = 0; i < 4; i++)
+            mine[i] = keel_rand_u64(NULL);
+        _exit(write(fds[1], mine, sizeof mine) == (ssize_t)sizeof mine ? 0 : 1);
+    }
+    uint64_t ours[4], theirs[4];
+    for (int i = 0; i < 4; i++)
+        ours[i] = keel_rand_u64(NULL);
+    ck_assert_int_eq(read(fds[0], theirs, sizeof theirs), (ssize_t)sizeof theirs);
+    int status;
+    ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    ck_assert_msg(memcmp(ours, theirs, sizeof ours) != 0, "the child drew the parent's numbers");
+    close(fds[0]);
+    close(fds[1]);
+}
+END_TEST
+
 START_TEST(all_memory_goes_through_the_allocator_hooks)
 {
     keel_allocator bad = {cnt_malloc, NULL, cnt_realloc, cnt_free};
@@ -182,6 +211,7 @@ int main(void)
     tcase_add_test(tc, version_matches_the_header);
     tcase_add_test(tc, clocks_move_forward);
     tcase_add_test(tc, random_numbers_differ_between_draws_and_threads);
+    tcase_add_test(tc, a_forked_child_draws_other_numbers);
     tcase_add_test(tc, all_memory_goes_through_the_allocator_hooks);
     tcase_add_test(tc, the_log_hook_gets_messages_up_to_its_level);
     suite_add_tcase(s, tc);

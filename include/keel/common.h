@@ -122,8 +122,9 @@ typedef struct keel_metrics keel_metrics;
 typedef uint64_t (*keel_rand_fn)(void *ud);
 
 /* The default source: a per-thread xoshiro256** generator seeded from the
- * kernel (getrandom) on first use in each thread. Not for cryptography.
- * Thread-safe, lock-free. ud is ignored. */
+ * kernel (getrandom) on first use in each thread, and again in a forked
+ * child (which would otherwise repeat its parent's numbers). Not for
+ * cryptography. Thread-safe, lock-free. ud is ignored. */
 KEEL_API uint64_t keel_rand_u64(void *ud);
 
 /* ---- Logging -----------------------------------------------------------

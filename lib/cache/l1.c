@@ -9,11 +9,11 @@
  * walks on) and freed after a grace period, in batches.
  *
  * A get is bound by cache misses, so both things it touches are kept
- * small: the shard's bucket table grows with the entries it holds (at most
- * one bucket an entry; doubled while readers go on, as in Triplett,
- * McKenney and Walpole's relativistic hash tables), and an entry starts
- * with what a reader needs, then its key and value; the FIFO links, the
- * tags and the load time come after them.
+ * small: the shard's bucket table grows with the entries it holds (two to
+ * four buckets an entry; doubled while readers go on, as in Triplett,
+ * McKenney and Walpole's relativistic hash tables; never shrunk), and an
+ * entry starts with what a reader needs, then its key and value; the FIFO
+ * links, the tags and the load time come after them.
  *
  * S3-FIFO: new entries go to a small FIFO (a tenth of the shard), or to
  * the main FIFO when the ghost remembers their key was evicted recently.
