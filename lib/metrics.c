@@ -1262,9 +1262,11 @@ static uint64_t wall_ns(void *ud)
     return keel_wall_ns();
 }
 
-KEEL_API int keel_metrics_create(keel_metrics **out, const keel_metrics_opts *opts)
+KEEL_API int keel_metrics_create(keel_metrics **out, const keel_metrics_opts *given)
 {
-    if (!out || !opts)
+    static const keel_metrics_opts defaults;
+    const keel_metrics_opts *opts = given ? given : &defaults;
+    if (!out)
         return KEEL_EINVAL;
     keel_metrics *m = keel__calloc(1, sizeof *m);
     if (!m)

@@ -927,9 +927,11 @@ static bool is_prime(uint32_t m)
     return true;
 }
 
-KEEL_API int keel_ring_create(keel_ring **out, const keel_ring_opts *opts)
+KEEL_API int keel_ring_create(keel_ring **out, const keel_ring_opts *given)
 {
-    if (!out || !opts)
+    static const keel_ring_opts defaults;
+    const keel_ring_opts *opts = given ? given : &defaults;
+    if (!out)
         return KEEL_EINVAL;
     if ((unsigned)opts->algo > KEEL_RING_MAGLEV || opts->points_per_weight > PPW_MAX)
         return KEEL_EINVAL;

@@ -291,6 +291,10 @@ END_TEST
 
 START_TEST(names_and_labels_are_validated)
 {
+    keel_metrics *d;
+    ck_assert_int_eq(keel_metrics_create(NULL, NULL), KEEL_EINVAL);
+    ck_assert_int_eq(keel_metrics_create(&d, NULL), 0); /* the defaults */
+    keel_metrics_destroy(d);
     keel_metrics *m = registry();
     keel_counter *c;
     keel_gauge *g;

@@ -581,6 +581,10 @@ START_TEST(bad_input_is_refused)
         ck_assert_msg(keel_ring_create(&r, &bad[i]) == KEEL_EINVAL, "opts %zu accepted", i);
     ck_assert_ptr_eq(r, (keel_ring *)0x1);
     ck_assert_int_eq(keel_ring_create(NULL, &bad[0]), KEEL_EINVAL);
+    ck_assert_int_eq(keel_ring_create(&r, NULL), 0); /* the defaults */
+    ck_assert_int_eq(keel_ring_add(r, "a", 1, 1, NULL), 0);
+    ck_assert_uint_eq(keel_ring_count(r), 1);
+    keel_ring_destroy(r);
 
     r = ring_new(KEEL_RING_CONTINUUM);
     keel_ring_node nd;

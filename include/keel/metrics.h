@@ -48,7 +48,8 @@ typedef struct keel_metrics_opts {
     void *clock_ud;
 } keel_metrics_opts;
 
-/* Returns 0, KEEL_EINVAL or KEEL_ENOMEM. */
+/* Creates an empty registry; opts may be NULL (the defaults). Returns 0,
+ * KEEL_EINVAL (NULL out) or KEEL_ENOMEM. */
 KEEL_API int keel_metrics_create(keel_metrics **out, const keel_metrics_opts *opts);
 /* Frees the registry and every family and child. NULL is a no-op. Must not
  * run concurrently with other calls on it or on its handles. */

@@ -89,7 +89,8 @@ typedef struct keel_ring_node_spec {
     void *ud;
 } keel_ring_node_spec;
 
-/* Creates an empty ring. Returns 0, KEEL_EINVAL (NULL argument, unknown
+/* Creates an empty ring; opts may be NULL (the defaults: continuum, 160
+ * points a unit of weight...). Returns 0, KEEL_EINVAL (NULL out, unknown
  * algorithm, points_per_weight > 10000, a maglev_size that is not a prime
  * in range, a negative or NaN epsilon) or KEEL_ENOMEM. */
 KEEL_API int keel_ring_create(keel_ring **out, const keel_ring_opts *opts);
