@@ -34,9 +34,10 @@
  * Invalidation. set, del, invalidate_tag and invalidate_prefix act on all
  * tiers here and publish on the Redis channel redis_prefix + "inv"; every
  * process using the same Redis and prefix drops the same L1 entries. When
- * that link is lost and made again, L1 is flushed, since invalidations may
- * have been missed (until it is back, L1 may serve what other processes
- * changed: l1_max_ttl_ns bounds that). A value read from L2 or L3 (or
+ * that link is lost, L1 is flushed, and again when it is made again, since
+ * invalidations may have been missed (during the outage L1 fills as usual
+ * from L3 and the loader, and may serve what other processes change
+ * meanwhile: l1_max_ttl_ns bounds that). A value read from L2 or L3 (or
  * loaded) while any invalidation arrived is returned but not put into L1,
  * so a late reply never brings back what was just invalidated; fills of
  * the lower tiers never overwrite a value set meanwhile (SET NX, an upsert

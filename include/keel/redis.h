@@ -145,6 +145,9 @@ typedef struct keel_redis_sub_opts {
     /* The listener reconnected and subscribed again after a failure:
      * messages may have been missed meanwhile (a cache must flush). */
     void (*on_reconnect)(void *ud);
+    /* The listener's connection failed (not called on unsubscribe): from
+     * now until on_reconnect, messages are being missed. May be NULL. */
+    void (*on_disconnect)(void *ud);
     void *ud;
     uint64_t heartbeat_ns;        /* PING when silent this long; 0 = 1 s */
     uint64_t reconnect_min_ns;    /* backoff with full jitter; 0 = 50 ms */
@@ -153,8 +156,8 @@ typedef struct keel_redis_sub_opts {
 
 /* Starts a listener thread with its own connection; it subscribes, calls
  * on_message for each message, and after any failure (including a heartbeat
- * that gets no answer within the command timeout) reconnects with backoff,
- * subscribes again and calls on_reconnect. Returns 0 once the first
+ * that gets no answer within the command timeout) calls on_disconnect,
+ * reconnects with backoff, subscribes again and calls on_reconnect. Returns 0 once the first
  * subscription is confirmed, KEEL_EUNAVAIL/KEEL_ETIMEDOUT if it cannot be
  * made, KEEL_EINVAL or KEEL_ENOMEM. */
 KEEL_API int keel_redis_subscribe(keel_redis *r, const keel_redis_sub_opts *opts,

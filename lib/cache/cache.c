@@ -1193,7 +1193,10 @@ static void on_message(const char *channel, size_t chlen, const char *msg, size_
     }
 }
 
-static void on_reconnect(void *ud)
+/* The invalidation link dropped, or came back: invalidations were or may
+ * have been missed. Both flush, so that nothing cached before the drop or
+ * during the outage outlives it. */
+static void link_changed(void *ud)
 {
     keel_cache *c = ud;
     atomic_fetch_add(&c->epoch, 1);
@@ -1366,7 +1369,8 @@ KEEL_API int keel_cache_create(keel_cache **out, const keel_cache_opts *opts)
         const char *chans[1] = {c->chan};
         keel_redis_sub_opts so = {.channels = chans, .nchannels = 1,
                                   .node = keel_redis_node_of(o.redis, c->chan, strlen(c->chan)),
-                                  .on_message = on_message, .on_reconnect = on_reconnect, .ud = c};
+                                  .on_message = on_message, .on_reconnect = link_changed,
+                                  .on_disconnect = link_changed, .ud = c};
         rc = keel_redis_subscribe(o.redis, &so, &c->sub);
     }
     if (rc == 0 && o.pg && o.sweep_interval_ns) {

@@ -183,6 +183,8 @@ static void *run(void *arg)
             set_ctx(s, c);
             listen_loop(s, c);
             set_ctx(s, NULL);
+            if (s->o.on_disconnect && !stopping(s))
+                s->o.on_disconnect(s->o.ud);
         }
         if (c)
             redisFree(c);
