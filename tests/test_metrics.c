@@ -479,6 +479,13 @@ START_TEST(module_metrics_pass_promtool)
     keel_retry_budget *rb;
     keel_retry_budget_opts bu = {.metrics = m};
     ck_assert_int_eq(keel_retry_budget_create(&rb, &bu), 0);
+    keel_cache *cache;
+    keel_cache_opts co = {.metrics = m, .metrics_name = "sessions"};
+    ck_assert_int_eq(keel_cache_create(&cache, &co), 0);
+    char v[8];
+    size_t vl;
+    ck_assert_int_eq(keel_cache_set(cache, "k", 1, "v", 1, 0, NULL, 0), 0);
+    ck_assert_int_eq(keel_cache_get(cache, "k", 1, v, sizeof v, &vl), 0);
 
     char *text = render(m, KEEL_METRICS_PROMETHEUS);
     ck_assert_ptr_nonnull(strstr(text, "keel_pool_objects{pool=\"buffers\",state=\"idle_cached\"} 1\n"));
@@ -486,6 +493,9 @@ START_TEST(module_metrics_pass_promtool)
     ck_assert_ptr_nonnull(strstr(text, "keel_breaker_state{breaker=\"db\",state=\"closed\"} 1\n"));
     ck_assert_ptr_nonnull(strstr(text, "keel_lb_peer_in_flight{lb=\"api\",peer=\"10.0.0.1:80\"} 0\n"));
     ck_assert_ptr_nonnull(strstr(text, "keel_retry_budget_tokens{budget=\"default\"} 10\n"));
+    ck_assert_ptr_nonnull(strstr(text, "keel_cache_hits_total{cache=\"sessions\",tier=\"l1\"} 1\n"));
+    ck_assert_ptr_nonnull(strstr(text, "keel_cache_items{cache=\"sessions\"} 1\n"));
+    ck_assert_ptr_nonnull(strstr(text, "keel_cache_flushes_total{cache=\"sessions\"} 0\n"));
     check_exposition(text, 0);
     for (int om = 0; om < 2; om++) {
         char *t = render(m, om ? KEEL_METRICS_OPENMETRICS : KEEL_METRICS_PROMETHEUS);
@@ -518,9 +528,11 @@ START_TEST(module_metrics_pass_promtool)
     keel_breaker_destroy(br);
     keel_lb_destroy(lb);
     keel_retry_budget_destroy(rb);
+    keel_cache_destroy(cache);
     text = render(m, KEEL_METRICS_PROMETHEUS);
     ck_assert_ptr_null(strstr(text, "keel_pool_objects{"));
     ck_assert_ptr_null(strstr(text, "keel_lb_peer_in_flight{"));
+    ck_assert_ptr_null(strstr(text, "keel_cache_hits_total{"));
     keel_free(text);
     keel_metrics_destroy(m);
 }

@@ -1243,6 +1243,12 @@ KEEL__STAT_FN(m_evictions, keel_cache_stats, keel_cache_stats_get, evictions)
 KEEL__STAT_FN(m_items, keel_cache_stats, keel_cache_stats_get, l1_items)
 KEEL__STAT_FN(m_err_l2, keel_cache_stats, keel_cache_stats_get, errors_l2)
 KEEL__STAT_FN(m_err_l3, keel_cache_stats, keel_cache_stats_get, errors_l3)
+KEEL__STAT_FN(m_negative, keel_cache_stats, keel_cache_stats_get, negative_hits)
+KEEL__STAT_FN(m_load_waits, keel_cache_stats, keel_cache_stats_get, load_waits)
+KEEL__STAT_FN(m_expirations, keel_cache_stats, keel_cache_stats_get, expirations)
+KEEL__STAT_FN(m_inval, keel_cache_stats, keel_cache_stats_get, invalidations_received)
+KEEL__STAT_FN(m_flushes, keel_cache_stats, keel_cache_stats_get, flushes)
+KEEL__STAT_FN(m_bytes, keel_cache_stats, keel_cache_stats_get, l1_bytes)
 
 static bool good_table(const char *t)
 {
@@ -1390,6 +1396,15 @@ KEEL_API int keel_cache_create(keel_cache **out, const keel_cache_opts *opts)
             {1, "keel_cache_items", "L1 entries.", NULL, NULL, m_items},
             {0, "keel_cache_tier_errors_total", "Tier failures.", "tier", "l2", m_err_l2},
             {0, "keel_cache_tier_errors_total", "Tier failures.", "tier", "l3", m_err_l3},
+            {0, "keel_cache_negative_hits_total", "Gets answered by a cached absence.", NULL, NULL, m_negative},
+            {0, "keel_cache_load_waits_total", "Gets that waited for another caller's load.", NULL, NULL,
+             m_load_waits},
+            {0, "keel_cache_expirations_total", "L1 entries dropped on expiry.", NULL, NULL, m_expirations},
+            {0, "keel_cache_invalidations_received_total", "Invalidations announced by other processes.", NULL,
+             NULL, m_inval},
+            {0, "keel_cache_flushes_total", "L1 flushes: the invalidation link lost or back.", NULL, NULL,
+             m_flushes},
+            {1, "keel_cache_bytes", "L1 bytes, with the allocator's share.", NULL, NULL, m_bytes},
         };
         rc = keel__metrics_funcs(o.metrics, "cache", o.metrics_name, fs, sizeof fs / sizeof fs[0], c);
         if (rc)
