@@ -486,6 +486,15 @@ START_TEST(module_metrics_pass_promtool)
     size_t vl;
     ck_assert_int_eq(keel_cache_set(cache, "k", 1, "v", 1, 0, NULL, 0), 0);
     ck_assert_int_eq(keel_cache_get(cache, "k", 1, v, sizeof v, &vl), 0);
+    keel_limiter *lim;
+    keel_limiter_opts lmo = {.algo = KEEL_LIMIT_GCRA, .limit = 10, .window_ns = 1000000000u, .metrics = m,
+                             .metrics_name = "api"};
+    ck_assert_int_eq(keel_limiter_create(&lim, &lmo), 0);
+    keel_limit_result lr;
+    ck_assert_int_eq(keel_limiter_take(lim, "client", 6, 1, &lr), 0);
+    keel_cqrs *cq;
+    keel_cqrs_opts cqo = {.metrics = m, .metrics_name = "orders"};
+    ck_assert_int_eq(keel_cqrs_create(&cq, &cqo), 0);
 
     char *text = render(m, KEEL_METRICS_PROMETHEUS);
     ck_assert_ptr_nonnull(strstr(text, "keel_pool_objects{pool=\"buffers\",state=\"idle_cached\"} 1\n"));
@@ -496,6 +505,10 @@ START_TEST(module_metrics_pass_promtool)
     ck_assert_ptr_nonnull(strstr(text, "keel_cache_hits_total{cache=\"sessions\",tier=\"l1\"} 1\n"));
     ck_assert_ptr_nonnull(strstr(text, "keel_cache_items{cache=\"sessions\"} 1\n"));
     ck_assert_ptr_nonnull(strstr(text, "keel_cache_flushes_total{cache=\"sessions\"} 0\n"));
+    ck_assert_ptr_nonnull(strstr(text, "keel_limiter_allowed_total{limiter=\"api\"} 1\n"));
+    ck_assert_ptr_nonnull(strstr(text, "keel_limiter_bytes{limiter=\"api\"} "));
+    ck_assert_ptr_nonnull(strstr(text, "keel_cqrs_retries_total{cqrs=\"orders\"} 0\n"));
+    ck_assert_ptr_nonnull(strstr(text, "keel_cqrs_published_total{cqrs=\"orders\"} 0\n"));
     check_exposition(text, 0);
     for (int om = 0; om < 2; om++) {
         char *t = render(m, om ? KEEL_METRICS_OPENMETRICS : KEEL_METRICS_PROMETHEUS);
@@ -529,6 +542,8 @@ START_TEST(module_metrics_pass_promtool)
     keel_lb_destroy(lb);
     keel_retry_budget_destroy(rb);
     keel_cache_destroy(cache);
+    keel_limiter_destroy(lim);
+    keel_cqrs_destroy(cq);
     text = render(m, KEEL_METRICS_PROMETHEUS);
     ck_assert_ptr_null(strstr(text, "keel_pool_objects{"));
     ck_assert_ptr_null(strstr(text, "keel_lb_peer_in_flight{"));

@@ -974,6 +974,8 @@ KEEL_API void keel_cqrs_stats_get(keel_cqrs *c, keel_cqrs_stats *st)
 KEEL__STAT_FN(m_commands, keel_cqrs_stats, keel_cqrs_stats_get, commands)
 KEEL__STAT_FN(m_queries, keel_cqrs_stats, keel_cqrs_stats_get, queries)
 KEEL__STAT_FN(m_conflicts, keel_cqrs_stats, keel_cqrs_stats_get, conflicts)
+KEEL__STAT_FN(m_retries, keel_cqrs_stats, keel_cqrs_stats_get, retries)
+KEEL__STAT_FN(m_published, keel_cqrs_stats, keel_cqrs_stats_get, published)
 KEEL__STAT_FN(m_repeats, keel_cqrs_stats, keel_cqrs_stats_get, repeats)
 KEEL__STAT_FN(m_appended, keel_cqrs_stats, keel_cqrs_stats_get, appended)
 KEEL__STAT_FN(m_applied, keel_cqrs_stats, keel_cqrs_stats_get, applied)
@@ -1025,8 +1027,10 @@ KEEL_API int keel_cqrs_create(keel_cqrs **out, const keel_cqrs_opts *opts)
             {0, "keel_cqrs_commands_total", "Commands dispatched.", NULL, NULL, m_commands},
             {0, "keel_cqrs_queries_total", "Queries dispatched.", NULL, NULL, m_queries},
             {0, "keel_cqrs_conflicts_total", "Appends that lost to a concurrent writer.", NULL, NULL, m_conflicts},
+            {0, "keel_cqrs_retries_total", "Commands run again after a conflict.", NULL, NULL, m_retries},
             {0, "keel_cqrs_repeats_total", "Idempotent repeats answered from the store.", NULL, NULL, m_repeats},
             {0, "keel_cqrs_appended_total", "Events appended.", NULL, NULL, m_appended},
+            {0, "keel_cqrs_published_total", "Events published on the bus.", NULL, NULL, m_published},
             {0, "keel_cqrs_applied_total", "Events applied by projections.", NULL, NULL, m_applied},
             {0, "keel_cqrs_failed_total", "Dispatches that failed.", NULL, NULL, m_failed},
         };

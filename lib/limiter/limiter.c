@@ -30,6 +30,7 @@ static double m_stat(keel_limiter *l, int which)
     case 1: return (double)st.rejected;
     case 2: return (double)st.keys;
     case 3: return (double)(st.evicted_idle + st.evicted_active);
+    case 4: return (double)st.bytes;
     default: return (double)st.store_errors;
     }
 }
@@ -37,7 +38,8 @@ static double m_allowed(void *ud) { return m_stat(ud, 0); }
 static double m_rejected(void *ud) { return m_stat(ud, 1); }
 static double m_keys(void *ud) { return m_stat(ud, 2); }
 static double m_evicted(void *ud) { return m_stat(ud, 3); }
-static double m_errors(void *ud) { return m_stat(ud, 4); }
+static double m_bytes(void *ud) { return m_stat(ud, 4); }
+static double m_errors(void *ud) { return m_stat(ud, 5); }
 
 KEEL_API int keel_limiter_create(keel_limiter **out, const keel_limiter_opts *o)
 {
@@ -77,6 +79,7 @@ KEEL_API int keel_limiter_create(keel_limiter **out, const keel_limiter_opts *o)
             {0, "keel_limiter_allowed_total", "Requests allowed.", NULL, NULL, m_allowed},
             {0, "keel_limiter_rejected_total", "Requests rejected.", NULL, NULL, m_rejected},
             {1, "keel_limiter_keys", "Keys held in process.", NULL, NULL, m_keys},
+            {1, "keel_limiter_bytes", "Memory held in process for keys and logs.", NULL, NULL, m_bytes},
             {0, "keel_limiter_evictions_total", "Keys dropped at max_keys.", NULL, NULL, m_evicted},
             {0, "keel_limiter_store_errors_total", "Redis failures handled by the policy.", NULL,
              NULL, m_errors},
