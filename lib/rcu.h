@@ -9,6 +9,10 @@
  * version. The asymmetric fences of internal.h make this cheap for readers
  * (the membarrier is paid by the writer).
  *
+ * A read section never runs user code (callbacks are called after it) and
+ * never waits for a lock, so a writer may wait for a grace period while
+ * holding its own mutex: no reader can be waiting for that mutex.
+ *
  * One process-wide domain. Reader slots are registered lock-free on a
  * thread's first read section and recycled when the thread exits; the list
  * of slots only grows (a few dozen bytes per thread that ever read).

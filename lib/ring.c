@@ -658,9 +658,13 @@ KEEL_API int keel_ring_nodes(keel_ring *r, keel_ring_visit_fn fn, void *ud)
     if (rc)
         return rc;
     snap *s = atomic_load_explicit(&r->cur, memory_order_acquire);
-    double *share = s->n ? keel__calloc(s->n, sizeof *share) : NULL;
-    if (s->n && !share) {
+    size_t n = s->n;
+    double *share = n ? keel__calloc(n, sizeof *share) : NULL;
+    keel_ring_node *nodes = n ? keel__malloc(n * sizeof *nodes) : NULL;
+    if (n && (!share || !nodes)) {
         keel__rcu_read_unlock();
+        keel__free(share);
+        keel__free(nodes);
         return KEEL_ENOMEM;
     }
     if (s->n) {
@@ -683,13 +687,13 @@ KEEL_API int keel_ring_nodes(keel_ring *r, keel_ring_visit_fn fn, void *ud)
             break;
         }
     }
-    for (size_t i = 0; i < s->n; i++) {
-        keel_ring_node n;
-        node_out(s->nodes[i], &n);
-        fn(&n, share[i], ud);
-    }
-    keel__free(share);
+    for (size_t i = 0; i < n; i++)
+        node_out(s->nodes[i], &nodes[i]); /* node records outlive the version */
     keel__rcu_read_unlock();
+    for (size_t i = 0; i < n; i++) /* outside the read section: fn may do anything */
+        fn(&nodes[i], share[i], ud);
+    keel__free(share);
+    keel__free(nodes);
     return 0;
 }
 
@@ -785,7 +789,7 @@ KEEL_API int keel_ring_add_many(keel_ring *r, const keel_ring_node_spec *specs, 
             return KEEL_EINVAL;
     if (n == 0)
         return 0;
-    if (keel__rcu_in_read()) /* a keel_ring_nodes callback, say */
+    if (keel__rcu_in_read()) /* a guard: it would wait for itself */
         return KEEL_ESTATE;
 
     pthread_mutex_lock(&r->mu);
@@ -866,7 +870,7 @@ KEEL_API int keel_ring_remove(keel_ring *r, const void *name, size_t len)
         return KEEL_EINVAL;
     if (len > NAME_MAX_LEN)
         return KEEL_ENOTFOUND;
-    if (keel__rcu_in_read()) /* a keel_ring_nodes callback, say */
+    if (keel__rcu_in_read()) /* a guard: it would wait for itself */
         return KEEL_ESTATE;
     pthread_mutex_lock(&r->mu);
     snap *old = cur_locked(r);

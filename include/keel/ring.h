@@ -99,10 +99,8 @@ KEEL_API int keel_ring_create(keel_ring **out, const keel_ring_opts *opts);
  * bytes, any bytes) is copied. Returns 0; KEEL_EEXIST for a name already
  * in the ring; KEEL_EINVAL for an empty or over-long name, a zero weight,
  * or a ring that would pass 16,777,216 points (CONTINUUM, KETAMA) or
- * buckets (JUMP), or more nodes than MAGLEV table entries; KEEL_ENOMEM;
- * KEEL_ESTATE when called from inside a keel_ring_nodes() callback (of any
- * ring: it would wait for itself). Blocks until lookups of the previous
- * ring version have finished. */
+ * buckets (JUMP), or more nodes than MAGLEV table entries; KEEL_ENOMEM.
+ * Blocks until lookups of the previous ring version have finished. */
 KEEL_API int keel_ring_add(keel_ring *r, const void *name, size_t len, uint32_t weight,
                            void *ud);
 
@@ -111,8 +109,8 @@ KEEL_API int keel_ring_add(keel_ring *r, const void *name, size_t len, uint32_t 
 KEEL_API int keel_ring_add_many(keel_ring *r, const keel_ring_node_spec *specs, size_t n);
 
 /* Removes a node. Returns 0, KEEL_ENOTFOUND, KEEL_EINVAL (NULL, or in JUMP
- * a node that was not added last), KEEL_ENOMEM (the ring is unchanged) or
- * KEEL_ESTATE as keel_ring_add(). Blocks like keel_ring_add(). */
+ * a node that was not added last) or KEEL_ENOMEM (the ring is unchanged).
+ * Blocks like keel_ring_add(). */
 KEEL_API int keel_ring_remove(keel_ring *r, const void *name, size_t len);
 
 /* The node that owns key. Returns 0, KEEL_EUNAVAIL for an empty ring,
@@ -148,9 +146,9 @@ KEEL_API uint64_t keel_ring_load(keel_ring *r, const keel_ring_node *node);
 
 /* Calls fn once per node, in the order the nodes were added, with the share
  * of the hash space the node owns (0..1, summing to 1), from one
- * consistent version of the ring. fn must not add or remove nodes of any
- * ring (those calls return KEEL_ESTATE there). Returns 0, KEEL_EINVAL or
- * KEEL_ENOMEM. */
+ * consistent version of the ring, taken before the first call. fn may
+ * call anything, this ring's add and remove included (later versions do
+ * not change the visit). Returns 0, KEEL_EINVAL or KEEL_ENOMEM. */
 typedef void (*keel_ring_visit_fn)(const keel_ring_node *node, double share, void *ud);
 KEEL_API int keel_ring_nodes(keel_ring *r, keel_ring_visit_fn fn, void *ud);
 

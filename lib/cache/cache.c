@@ -49,12 +49,12 @@ struct keel_cache_load {
     size_t max_value;
 };
 
-/* One in-process load of a key; the callers that missed meanwhile wait. */
 /* The counters every get bumps, striped (internal.h). */
 typedef struct lookup_stats {
     _Atomic uint64_t hits_l1, negative_hits, misses;
 } __attribute__((aligned(KEEL__CACHELINE))) lookup_stats;
 
+/* One in-process load of a key; the callers that missed meanwhile wait. */
 typedef struct flight {
     uint64_t h, seen; /* seen: the epoch it started at; later callers join only while it holds */
     void *key;

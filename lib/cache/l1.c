@@ -293,7 +293,9 @@ static l1e *first_of(l1e *e, size_t mask, size_t j)
  * which interleave entries of two new buckets, are then unzipped one link
  * a chain at a time, with a grace period between rounds, so that a reader
  * of one bucket standing on an entry of the other always finds its way
- * back. The ghost grows with the table. Called with the mutex held and
+ * back. The ghost grows with the table. It waits for grace periods with
+ * the shard's mutex held: safe because no read section runs user code or
+ * waits for a lock (lib/rcu.h), so no reader waits for this mutex. Called
  * outside any read section; on no memory the table stays as it is. */
 static void grow(shard *s)
 {
@@ -423,6 +425,8 @@ int keel__l1_set(l1 *c, const void *key, size_t klen, uint64_t h, const void *va
                  uint64_t seen)
 {
     shard *s = shard_of(c, h);
+    if (klen > UINT16_MAX || vlen > UINT32_MAX || ntags > UINT8_MAX) /* the entry's fields */
+        return KEEL_ERANGE;
     size_t size = entry_size(klen, vlen, ntags, delta != 0);
     if (size + 16 > s->max_bytes)
         return KEEL_ERANGE;
