@@ -414,14 +414,24 @@ static int on_selfish(const keel_bus_msg *m, void *ud)
         ck_assert_int_eq(keel_bus_unsubscribe(s->me), KEEL_EINVAL); /* once only */
         if (s->victim)
             ck_assert_int_eq(keel_bus_unsubscribe(s->victim), 0);
+        return -5; /* a failure after its unsubscribe: no on_error names it */
     }
     return 0;
+}
+
+static void count_error(keel_bus_sub *s, const keel_bus_msg *m, int err, void *ud)
+{
+    (void)s, (void)m, (void)err;
+    ++*(int *)ud;
 }
 
 START_TEST(a_handler_can_unsubscribe_itself_and_others)
 {
     for (int mode = 0; mode < 2; mode++) {
-        keel_bus *b = bus_new(1, 0, KEEL_BUS_BLOCK);
+        int errors = 0;
+        keel_bus *b;
+        keel_bus_opts o = {.workers = 1, .on_error = count_error, .ud = &errors};
+        ck_assert_int_eq(keel_bus_create(&b, &o), 0);
         selfish s = {.limit = 3};
         s.victim_rec = rec_new(1, NULL);
         s.me = sub(b, "t.*", on_selfish, &s, (keel_bus_mode)mode, NULL);
@@ -436,6 +446,8 @@ START_TEST(a_handler_can_unsubscribe_itself_and_others)
         keel_bus_stats st;
         keel_bus_stats_get(b, &st);
         ck_assert_uint_eq(st.subscriptions, 0);
+        ck_assert_uint_eq(st.failed, 1); /* counted, not reported */
+        ck_assert_int_eq(errors, 0);
         keel_bus_destroy(b);
         free(s.victim_rec);
     }

@@ -551,9 +551,11 @@ static int call_entered(keel_bus_sub *sub, const keel_bus_msg *msg)
     int rc = sub->handler(msg, sub->ud);
     if (rc == 0) {
         atomic_fetch_add_explicit(&keel__bus_counters(bus)->delivered, 1, memory_order_relaxed);
-    } else { /* reported before leaving: on_error never follows an unsubscribe */
+    } else { /* reported before leaving, and only while subscribed (the handler
+                * may have unsubscribed itself): on_error never follows an unsubscribe */
         atomic_fetch_add_explicit(&keel__bus_counters(bus)->failed, 1, memory_order_relaxed);
-        keel__bus_error(bus, sub, msg, rc);
+        if (!atomic_load(&sub->dead))
+            keel__bus_error(bus, sub, msg, rc);
     }
     return rc;
 }
