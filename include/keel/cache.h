@@ -79,7 +79,9 @@ struct keel_pg;
 typedef int (*keel_cache_loader)(const void *key, size_t klen, keel_cache_load *ld, void *ud);
 
 typedef struct keel_cache_opts {
-    size_t l1_max_bytes;        /* keys + values + overhead; 0 = 64 MiB */
+    size_t l1_max_bytes;        /* entries: keys, values, their overhead; 0 =
+                                   64 MiB (the tables that find them, 24 to 48
+                                   bytes an entry, come on top) */
     size_t l1_max_items;        /* 0 = no limit but bytes; kept per shard (32),
                                    so rounded up to a multiple of 32 */
     uint64_t l1_max_ttl_ns;     /* 0 = no cap */

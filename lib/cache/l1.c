@@ -72,7 +72,7 @@ typedef struct shard {
     _Atomic(ltab *) tab; /* alone in its line: readers load it on every get */
     _Alignas(KEEL__CACHELINE) pthread_mutex_t mu;
     fifo small, main;
-    uint32_t *ghost; /* hashes' low halves, as many as the table has buckets */
+    uint32_t *ghost; /* ghost_tag()s, as many as the table has buckets */
     size_t bytes, items, max_bytes, max_items;
     l1e *garbage;
     size_t ngarbage, gbytes;
@@ -96,6 +96,11 @@ static _Atomic(l1e *) *bucket_of(shard *s, uint64_t h)
     ltab *t = tab_of(s);
     return &t->b[h & t->mask];
 }
+
+/* What the ghost keeps of a hash: its low half with the top bit set, so
+ * that 0 means an empty slot. The top bit is never an index bit (tables
+ * stop growing below 2^31 buckets). */
+static uint32_t ghost_tag(uint64_t h) { return (uint32_t)h | 0x80000000u; }
 
 static l1cold *cold(const l1e *e)
 {
@@ -416,7 +421,7 @@ static void evict_step(shard *s, uint64_t now, bool force)
     else
         s->evictions++;
     if (from_small)
-        s->ghost[e->h & tab_of(s)->mask] = e->h;
+        s->ghost[e->h & tab_of(s)->mask] = ghost_tag(e->h);
     retire(s, e);
 }
 
@@ -462,7 +467,7 @@ int keel__l1_set(l1 *c, const void *key, size_t klen, uint64_t h, const void *va
             break;
         }
     uint32_t *g = &s->ghost[h & tab_of(s)->mask];
-    if (*g == (uint32_t)h) {
+    if (*g == ghost_tag(h)) {
         e->main = 1;
         *g = 0;
     }
