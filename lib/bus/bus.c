@@ -517,13 +517,16 @@ typedef struct bframe {
 static __thread bframe *tl_frames;
 static __thread keel_bus *tl_worker; /* the bus whose worker or reader this thread is */
 
-void keel__bus_sub_unref(keel_bus_sub *sub)
+/* Drops n references; the last frees the subscription. */
+static void sub_unref_n(keel_bus_sub *sub, uint64_t n)
 {
-    if (atomic_fetch_sub_explicit(&sub->refs, 1, memory_order_acq_rel) == 1) {
+    if (atomic_fetch_sub_explicit(&sub->refs, n, memory_order_acq_rel) == n) {
         keel__free(sub->pattern);
         keel__free(sub);
     }
 }
+
+void keel__bus_sub_unref(keel_bus_sub *sub) { sub_unref_n(sub, 1); }
 
 void keel__bus_error(keel_bus *bus, keel_bus_sub *sub, const keel_bus_msg *msg, int err)
 {
@@ -669,10 +672,7 @@ static void deliver_run(bslot *run, size_t n)
     }
     for (size_t i = 0; i < n; i++)
         msg_unref(run[i].m);
-    if (atomic_fetch_sub_explicit(&sub->refs, n, memory_order_acq_rel) == n) {
-        keel__free(sub->pattern);
-        keel__free(sub);
-    }
+    sub_unref_n(sub, n);
 }
 
 static void *worker_main(void *arg)

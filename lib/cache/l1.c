@@ -372,6 +372,15 @@ static void free_garbage(l1e *g)
     free_list(g);
 }
 
+/* key's entry, or NULL; under the shard's mutex. */
+static l1e *find_locked(shard *s, const void *key, size_t klen, uint64_t h)
+{
+    for (l1e *x = atomic_load_explicit(bucket_of(s, h), memory_order_relaxed); x; x = next_of(x))
+        if (x->h == (uint32_t)h && x->klen == klen && memcmp(x->data, key, klen) == 0)
+            return x;
+    return NULL;
+}
+
 /* Retires key's entry (only if expired: a reader that found it so must
  * not take out a fresh one set meanwhile). */
 static void del(l1 *c, const void *key, size_t klen, uint64_t h, bool only_expired)
@@ -379,15 +388,11 @@ static void del(l1 *c, const void *key, size_t klen, uint64_t h, bool only_expir
     shard *s = shard_of(c, h);
     uint64_t now = keel__clock_now(&c->clock);
     pthread_mutex_lock(&s->mu);
-    for (l1e *x = atomic_load_explicit(bucket_of(s, h), memory_order_relaxed); x; x = next_of(x))
-        if (x->h == (uint32_t)h && x->klen == klen && memcmp(x->data, key, klen) == 0) {
-            bool expired = x->expires <= now;
-            if (!only_expired || expired) {
-                s->expirations += expired;
-                retire(s, x);
-            }
-            break;
-        }
+    l1e *x = find_locked(s, key, klen, h);
+    if (x && (!only_expired || x->expires <= now)) {
+        s->expirations += x->expires <= now;
+        retire(s, x);
+    }
     l1e *g = take_garbage(s, false);
     pthread_mutex_unlock(&s->mu);
     free_garbage(g);
@@ -461,11 +466,9 @@ int keel__l1_set(l1 *c, const void *key, size_t klen, uint64_t h, const void *va
         keel__free(e);
         return KEEL_ECONFLICT;
     }
-    for (l1e *o = atomic_load_explicit(bucket_of(s, h), memory_order_relaxed); o; o = next_of(o))
-        if (o->h == (uint32_t)h && o->klen == klen && memcmp(o->data, key, klen) == 0) {
-            retire(s, o);
-            break;
-        }
+    l1e *old = find_locked(s, key, klen, h);
+    if (old)
+        retire(s, old);
     uint32_t *g = &s->ghost[h & tab_of(s)->mask];
     if (*g == ghost_tag(h)) {
         e->main = 1;
