@@ -184,10 +184,40 @@ uint64_t keel__coarse_now_ns(void) { return keel__clock_ns(CLOCK_MONOTONIC_COARS
 
 __thread unsigned keel__stripe_tl __attribute__((tls_model("initial-exec")));
 
+#define SHARED_STRIPE (KEEL__STRIPES - 1)
+static _Atomic uint32_t stripes_taken; /* bit s: stripe s has an owner */
+static pthread_key_t stripe_key;
+static bool stripe_key_ok;
+static pthread_once_t stripe_once = PTHREAD_ONCE_INIT;
+
+/* At thread exit. The last plain stores to the stripe happen before the
+ * release; the next owner's claim acquires them. Should a later
+ * destructor of this thread bump a counter, it does so as a sharer. */
+static void stripe_release(void *v)
+{
+    unsigned s = (unsigned)(uintptr_t)v - 1;
+    keel__stripe_tl = SHARED_STRIPE + 1;
+    atomic_fetch_and_explicit(&stripes_taken, ~(UINT32_C(1) << s), memory_order_release);
+}
+
+static void stripe_key_create(void) { stripe_key_ok = pthread_key_create(&stripe_key, stripe_release) == 0; }
+
 unsigned keel__stripe_take(void)
 {
-    static _Atomic unsigned next;
-    unsigned s = atomic_fetch_add_explicit(&next, 1, memory_order_relaxed) % KEEL__STRIPES;
+    pthread_once(&stripe_once, stripe_key_create);
+    uint32_t t = atomic_load_explicit(&stripes_taken, memory_order_relaxed);
+    unsigned s = SHARED_STRIPE;
+    while (stripe_key_ok && (~t & ((UINT32_C(1) << SHARED_STRIPE) - 1))) {
+        unsigned free = (unsigned)__builtin_ctz(~t);
+        if (atomic_compare_exchange_weak_explicit(&stripes_taken, &t, t | UINT32_C(1) << free,
+                                                  memory_order_acquire, memory_order_relaxed)) {
+            if (pthread_setspecific(stripe_key, (void *)(uintptr_t)(free + 1)) == 0)
+                s = free;
+            else /* no destructor to give it back: leave it taken, share */
+                s = SHARED_STRIPE;
+            break;
+        }
+    }
     keel__stripe_tl = s + 1;
     return s;
 }

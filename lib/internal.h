@@ -10,6 +10,7 @@
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdatomic.h>
 #include <stdint.h>
 
 #include <keel/common.h>
@@ -79,11 +80,16 @@ static inline uint64_t keel__clock_coarse(const keel__clock *c)
 
 /* ---- striped counters ----
  * Counters that every call bumps (hits, deliveries) are kept KEEL__STRIPES
- * times over, a cache line each, and summed when read: each thread takes
- * the next stripe on its first use, so that threads on different cores
- * seldom write the same line. A stripe is a struct of the module's
- * counters aligned to KEEL__CACHELINE; the owner must be allocated with
- * keel__aligned_alloc. */
+ * times over, a cache line each, and summed when read, so that threads on
+ * different cores do not write the same line. On its first use a thread
+ * takes a stripe of its own, process-wide, and gives it back when it
+ * exits; it bumps its counters with a plain load and store (no locked
+ * instruction: a locked one is a full barrier that stops the next call's
+ * cache misses from overlapping this one's). Once KEEL__STRIPES - 1
+ * threads hold one, the others share the last stripe and add atomically.
+ * A stripe is a struct of the module's counters aligned to
+ * KEEL__CACHELINE; the owner must be allocated with keel__aligned_alloc.
+ * Only the thread that called keel__stripe() may bump that stripe. */
 #define KEEL__STRIPES 16
 extern KEEL__HIDDEN __thread unsigned keel__stripe_tl __attribute__((tls_model("initial-exec")));
 unsigned keel__stripe_take(void);
@@ -91,6 +97,15 @@ static inline unsigned keel__stripe(void)
 {
     unsigned s = keel__stripe_tl; /* 1 + the stripe; 0: none yet */
     return KEEL__LIKELY(s) ? s - 1 : keel__stripe_take();
+}
+
+/* Adds n to a counter of the calling thread's stripe. */
+static inline void keel__stripe_add(_Atomic uint64_t *c, uint64_t n)
+{
+    if (KEEL__LIKELY(keel__stripe_tl != KEEL__STRIPES))
+        atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + n, memory_order_relaxed);
+    else
+        atomic_fetch_add_explicit(c, n, memory_order_relaxed);
 }
 
 /* ---- module statistics as metrics ---- */

@@ -750,6 +750,40 @@ START_TEST(readers_go_on_while_the_table_grows)
 }
 END_TEST
 
+static void *hit_thread(void *arg)
+{
+    keel_cache *c = arg;
+    for (int i = 0; i < 1000; i++) {
+        char v[8];
+        size_t len;
+        ck_assert_int_eq(keel_cache_get(c, "k", 1, v, sizeof v, &len), 0);
+    }
+    return NULL;
+}
+
+/* Threads own their counter stripes while they live and give them back
+ * when they exit; more threads than stripes share the last one. No hit
+ * may be lost either way. */
+START_TEST(hits_from_many_threads_are_all_counted)
+{
+    keel_cache *c;
+    ck_assert_int_eq(keel_cache_create(&c, NULL), 0);
+    ck_assert_int_eq(keel_cache_set(c, "k", 1, "v", 1, 0, NULL, 0), 0);
+    enum { WAVES = 3, THREADS = 24 }; /* more than the 16 stripes, and again once they are back */
+    for (int w = 0; w < WAVES; w++) {
+        pthread_t t[THREADS];
+        for (int i = 0; i < THREADS; i++)
+            ck_assert_int_eq(pthread_create(&t[i], NULL, hit_thread, c), 0);
+        for (int i = 0; i < THREADS; i++)
+            pthread_join(t[i], NULL);
+    }
+    keel_cache_stats st;
+    keel_cache_stats_get(c, &st);
+    ck_assert_uint_eq(st.hits_l1, WAVES * THREADS * 1000);
+    keel_cache_destroy(c);
+}
+END_TEST
+
 START_TEST(bad_input_is_refused)
 {
     keel_cache *c;
@@ -806,6 +840,7 @@ int main(void)
     tcase_add_test(tc, xfetch_refreshes_early_near_expiry_only);
     tcase_add_test(tc, the_hot_set_survives_a_scan);
     tcase_add_test(tc, readers_go_on_while_the_table_grows);
+    tcase_add_test(tc, hits_from_many_threads_are_all_counted);
     tcase_add_test(tc, bad_input_is_refused);
     suite_add_tcase(s, tc);
     TCase *sv = tcase_create("servers");

@@ -134,14 +134,17 @@ typedef struct bslot {
     bmsg *m;
 } bslot;
 
+/* A line each for what publishers write, what they only read (written
+ * seldom), and what the worker writes on every pop: a pop must not take
+ * away the line a push reads. */
 typedef struct bworker {
-    _Atomic uint64_t tail;                                   /* publishers */
-    _Atomic uint64_t head __attribute__((aligned(KEEL__CACHELINE))); /* the worker */
-    _Atomic uint64_t done;     /* deliveries run or dropped */
+    _Atomic uint64_t tail; /* publishers */
+    bslot *ring __attribute__((aligned(KEEL__CACHELINE)));
+    keel_bus *bus;
     _Atomic int sleeping;
     _Atomic unsigned space_waiters, drain_waiters;
-    keel_bus *bus;
-    bslot *ring;
+    _Atomic uint64_t head __attribute__((aligned(KEEL__CACHELINE))); /* the worker */
+    _Atomic uint64_t done; /* deliveries run or dropped */
     pthread_t th;
     pthread_mutex_t mu; /* for the condition variables, and stop */
     pthread_cond_t work, space, done_cv;
@@ -553,10 +556,10 @@ static int call_entered(keel_bus_sub *sub, const keel_bus_msg *msg)
     keel_bus *bus = sub->bus;
     int rc = sub->handler(msg, sub->ud);
     if (rc == 0) {
-        atomic_fetch_add_explicit(&keel__bus_counters(bus)->delivered, 1, memory_order_relaxed);
+        keel__stripe_add(&keel__bus_counters(bus)->delivered, 1);
     } else { /* reported before leaving, and only while subscribed (the handler
                 * may have unsubscribed itself): on_error never follows an unsubscribe */
-        atomic_fetch_add_explicit(&keel__bus_counters(bus)->failed, 1, memory_order_relaxed);
+        keel__stripe_add(&keel__bus_counters(bus)->failed, 1);
         if (!atomic_load(&sub->dead))
             keel__bus_error(bus, sub, msg, rc);
     }
@@ -733,7 +736,7 @@ static void drop_oldest(keel_bus *bus, bworker *w)
     bslot v;
     if (!ring_pop(w, bus->mask, &v))
         return;
-    atomic_fetch_add_explicit(&keel__bus_counters(bus)->dropped, 1, memory_order_relaxed);
+    keel__stripe_add(&keel__bus_counters(bus)->dropped, 1);
     if (enter(v.sub)) {
         bframe f = {v.sub, tl_frames};
         tl_frames = &f;
@@ -778,7 +781,7 @@ static int enqueue(keel_bus *bus, keel_bus_sub *sub, bmsg *m, uint64_t subject_h
         break;
     }
     if (rc) {
-        atomic_fetch_add_explicit(&keel__bus_counters(bus)->rejected, 1, memory_order_relaxed);
+        keel__stripe_add(&keel__bus_counters(bus)->rejected, 1);
         return rc;
     }
     keel__light_fence(); /* the push before the load: see worker_main */
@@ -935,7 +938,7 @@ static int publish_local(keel_bus *bus, keel_bus_pub *p)
     bmatch m;
     if ((rc = keel__bus_match(bus, &t, &m)))
         return rc;
-    atomic_fetch_add_explicit(&keel__bus_counters(bus)->published, 1, memory_order_relaxed);
+    keel__stripe_add(&keel__bus_counters(bus)->published, 1);
     size_t async = 0;
     for (size_t i = 0; i < m.n; i++)
         async += m.subs[i]->mode == KEEL_BUS_ASYNC;

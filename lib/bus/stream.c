@@ -226,8 +226,7 @@ static int handle(breader *rd, redisContext *c, const redisReply *entries)
         redisReply *rep = NULL;
         arc = cmd(c, nack, argv, NULL, &rep);
         if (arc == 0)
-            atomic_fetch_add_explicit(&keel__bus_counters(s->bus)->acked, (uint64_t)(nack - 3),
-                                      memory_order_relaxed);
+            keel__stripe_add(&keel__bus_counters(s->bus)->acked, (uint64_t)(nack - 3));
         if (rep)
             freeReplyObject(rep);
     }
@@ -288,7 +287,7 @@ static int bury(breader *rd, redisContext *c, const char *id)
             freeReplyObject(rep);
     }
     if (rc == 0 && f) {
-        atomic_fetch_add_explicit(&keel__bus_counters(s->bus)->dead, 1, memory_order_relaxed);
+        keel__stripe_add(&keel__bus_counters(s->bus)->dead, 1);
         keel_bus_header hdr[64];
         keel_bus_msg v;
         parse_fields(f, id, &v, hdr);
@@ -339,8 +338,7 @@ static int reclaim(breader *rd, redisContext *c)
         if (rc == 0 && rep->type == REDIS_REPLY_ARRAY && rep->elements >= 2 &&
             rep->element[0]->type == REDIS_REPLY_STRING && rep->element[1]->type == REDIS_REPLY_ARRAY) {
             const redisReply *entries = rep->element[1];
-            atomic_fetch_add_explicit(&keel__bus_counters(s->bus)->claimed, entries->elements,
-                                      memory_order_relaxed);
+            keel__stripe_add(&keel__bus_counters(s->bus)->claimed, entries->elements);
             rc = handle(rd, c, entries);
             snprintf(cursor, sizeof cursor, "%s", rep->element[0]->str);
             more = strcmp(cursor, "0-0") != 0;
@@ -678,7 +676,7 @@ int keel__bus_stream_publish(bstream *s, keel_bus_pub *pubs, size_t n)
         if (k->reply)
             freeReplyObject(k->reply);
     }
-    atomic_fetch_add_explicit(&keel__bus_counters(s->bus)->published, ok, memory_order_relaxed);
+    keel__stripe_add(&keel__bus_counters(s->bus)->published, ok);
     keel__free(cmds);
     keel__free(argv);
     keel__free(lens);

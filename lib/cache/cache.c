@@ -793,16 +793,16 @@ KEEL_API int keel_cache_get(keel_cache *c, const void *key, size_t klen, void *b
     bool stale_ok = false;
     if (rc == 0 || rc == KEEL_ERANGE) {
         if (hit.negative) {
-            atomic_fetch_add_explicit(&my_stripe(c)->negative_hits, 1, memory_order_relaxed);
+            keel__stripe_add(&my_stripe(c)->negative_hits, 1);
             return KEEL_ENOTFOUND;
         }
         if (rc != 0 || !refresh_early(c, &hit)) {
-            atomic_fetch_add_explicit(&my_stripe(c)->hits_l1, 1, memory_order_relaxed);
+            keel__stripe_add(&my_stripe(c)->hits_l1, 1);
             return rc;
         }
         stale_ok = true; /* refreshing early: the value in buf stands if that fails */
     } else {
-        atomic_fetch_add_explicit(&my_stripe(c)->misses, 1, memory_order_relaxed);
+        keel__stripe_add(&my_stripe(c)->misses, 1);
     }
     return miss(c, key, klen, h, !stale_ok, stale_ok, buf, cap, len); /* a refresh asks the loader */
 }
@@ -916,12 +916,12 @@ KEEL_API int keel_cache_get_many(keel_cache *c, keel_cache_item *items, size_t n
         l1_hit hit;
         x->rc = keel__l1_get(c->l1, x->key, x->klen, key_hash(x->key, x->klen), x->buf, x->cap, &x->len, &hit);
         if ((x->rc == 0 || x->rc == KEEL_ERANGE) && hit.negative) {
-            atomic_fetch_add_explicit(&my_stripe(c)->negative_hits, 1, memory_order_relaxed);
+            keel__stripe_add(&my_stripe(c)->negative_hits, 1);
             x->rc = KEEL_ENOTFOUND;
         } else if (x->rc == 0 || x->rc == KEEL_ERANGE) {
-            atomic_fetch_add_explicit(&my_stripe(c)->hits_l1, 1, memory_order_relaxed);
+            keel__stripe_add(&my_stripe(c)->hits_l1, 1);
         } else {
-            atomic_fetch_add_explicit(&my_stripe(c)->misses, 1, memory_order_relaxed);
+            keel__stripe_add(&my_stripe(c)->misses, 1);
             x->len = SIZE_MAX; /* still to find */
             missing++;
         }
