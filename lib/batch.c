@@ -1,29 +1,48 @@
-/* lib/batch.c — keel_batch: a bounded lock-free ring in front of one
- * batcher thread, optional worker threads, retries and a lossless close.
+/* lib/batch.c — keel_batch: a queue of its own for each producing thread
+ * in front of one batcher thread, optional worker threads, retries and a
+ * lossless close.
  *
- * The ring (Vyukov's bounded queue). Each slot has a sequence number:
- * slot i starts at i; a producer that finds seq == pos claims the position
- * by compare-and-swap on `enq`, writes the item and publishes seq = pos+1;
- * the consumer takes a slot whose seq is pos+1 and frees it with
- * seq = pos + capacity. `enq` counts every accepted item; its top bit is
- * the closed flag, so that close and a claim can never both succeed: an
- * item is accepted if and only if its claim went through.
+ * Lanes. Each thread that adds gets a lane (found through lib/tslot.h):
+ * a single-producer, single-consumer queue of blocks of BLOCK_ITEMS
+ * items. The thread writes an item into its current block and publishes
+ * it by storing the lane's `tail` (release); no other thread writes that
+ * line, so producers on different cores never share one. The batcher
+ * takes items under `mu` and publishes how far it got in `head`. Blocks
+ * the batcher is done with go back to the lane's spare list, so a lane in
+ * its steady state allocates nothing. A thread's lane outlives it: when
+ * the thread exits the lane is left for the next new thread to adopt (its
+ * queued items stay queued, in order).
  *
- * The consumer side (the batcher's dequeues, a producer dropping the
- * oldest item, the list of batches in flight, flush and close) is
- * serialised by `mu`. A batch is in flight from its first dequeue until
- * its last item is handled or dead-lettered; the flush watermark is the
- * first position of the oldest batch in flight (or the dequeue position):
- * every item before it is done. flush and close wait on that.
+ * Capacity. `room` counts free places; a producer reserves them in steps
+ * of `chunk` and spends its reserve one item at a time, and the batcher
+ * gives places back as it takes items: one shared atomic per chunk, not
+ * per item. With one producing thread, or chunk 1 (capacity under 128),
+ * the bound is exact; otherwise up to chunk - 1 places per other thread
+ * may sit reserved but unused.
+ *
+ * Close. An add sets its lane's `busy`, runs a light fence and looks at
+ * `closed`; close sets `closed`, runs a heavy fence (membarrier) and
+ * waits until no lane is busy. So either the add sees the close and
+ * accepts nothing, or close sees the add and waits for its item to be
+ * published: an item is accepted if and only if its add returned 0, and
+ * every accepted item is counted by the final drain.
+ *
+ * The consumer side (the batcher taking items, a producer dropping the
+ * oldest one, the list of batches in flight, flush and close) is
+ * serialised by `mu`. A batch is in flight from its first item until its
+ * last item is handled or dead-lettered; batches are numbered as they are
+ * formed. A flush waits until every lane's head has passed the tail it
+ * read, then until every batch formed by then is done.
  *
  * Sleeping without losing wake-ups: before it waits, the batcher spins a
  * little (at high rates the batch fills meanwhile), then publishes in
- * `wake_pos` the position whose arrival it waits for (the first item, or
- * the one that fills the batch), runs a heavy fence (membarrier) and looks
- * at the ring once more; a producer publishes, runs a light fence (a
- * compiler barrier when membarrier works) and wakes the batcher only if
- * its item is the awaited one or later. So the fast path pays one relaxed
- * load for it, and one producer per batch pays a wake-up.
+ * `wake_need` how many items a single lane must hold to wake it (the
+ * items it waits for, divided among the lanes: when enough have come, one
+ * lane holds at least that share), runs a heavy fence and looks at the
+ * lanes once more; a producer publishes, runs a light fence and wakes the
+ * batcher only when its lane holds that many. With several lanes the
+ * batcher also looks every POLL_NS (a share can be missed by an add that
+ * raced with the look).
  *
  * Linger: the first add after a batch was taken stamps the time the next
  * batch opened (`opened`, UNSTAMPED until then, set by compare-and-swap),
@@ -31,6 +50,7 @@
  */
 #define _GNU_SOURCE
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -42,22 +62,47 @@
 #include <keel/metrics.h>
 
 #include "internal.h"
+#include "tslot.h"
 
-#define CLOSED (UINT64_C(1) << 63)
 #define UNSTAMPED UINT64_MAX
-#define POLL_NS 1000000u /* how often a fake clock is looked at */
+#define NOT_WAITING UINT64_MAX
+#define POLL_NS 1000000u /* how often a fake clock, or the lanes, are looked at */
+#define BLOCK_ITEMS 255  /* a block of 4 KiB */
+#define STREAM_NS 50000u
+#define CHUNK_MAX 256 /* places a producer reserves at a time, at most */
 
-typedef struct bslot {
-    _Atomic uint64_t seq;
+typedef struct bitem {
     void *item;
     size_t bytes;
-} bslot;
+} bitem;
+
+typedef struct bblock {
+    _Atomic(struct bblock *) next; /* the lane's next block, or the next spare */
+    bitem it[BLOCK_ITEMS];
+} bblock;
+
+typedef struct lane {
+    /* the producer's line: only the lane's thread writes it */
+    _Atomic uint64_t tail; /* items published */
+    _Atomic int busy;      /* publishing (see close) */
+    bblock *wblk;          /* the block being written, and where */
+    size_t widx;
+    size_t credit; /* places reserved in room */
+    bblock *mine;  /* spares the producer has taken over */
+    /* the batcher's line: written under mu */
+    _Alignas(KEEL__CACHELINE) _Atomic uint64_t head; /* items taken */
+    bblock *rblk; /* the block being read, and where */
+    size_t ridx;
+    _Atomic(bblock *) spares; /* blocks given back, for the producer */
+    _Atomic int owned;        /* a live thread adds through it */
+    struct lane *next;        /* every lane of the batch */
+} __attribute__((aligned(KEEL__CACHELINE))) lane;
 
 /* A batch in flight (or an item being dropped, n = 1). */
 typedef struct bjob {
     struct bjob *next;      /* the list it is on: in flight, work queue or spare */
     struct bjob *next_live; /* the in-flight list */
-    uint64_t lo;            /* its first item's position */
+    uint64_t seq;           /* formed before every batch with a higher one */
     uint64_t opened;        /* when its oldest item was added */
     size_t n;
     void **items;
@@ -73,18 +118,24 @@ struct keel_batch_ctx {
 struct keel_batch {
     keel_batch_opts o;
     keel__clock clock;
-    bslot *ring;
-    uint64_t cap, mask;
+    size_t chunk;          /* places a producer reserves at a time */
+    keel__towner owner;    /* each thread's lane */
+    bool registered;
 
-    _Alignas(KEEL__CACHELINE) _Atomic uint64_t enq; /* accepted; CLOSED bit */
-    _Alignas(KEEL__CACHELINE) _Atomic uint64_t wake_pos; /* the batcher waits for this item */
-    _Atomic uint64_t opened; /* when the open batch's first item came; UNSTAMPED */
+    _Alignas(KEEL__CACHELINE) _Atomic uint64_t room; /* free places */
+    /* read by every add, written seldom */
+    _Alignas(KEEL__CACHELINE) _Atomic uint64_t opened; /* when the open batch's first item came; UNSTAMPED */
+    _Atomic uint64_t wake_need; /* a lane holding this many wakes the batcher */
+    _Atomic int closed;
 
     _Alignas(KEEL__CACHELINE) pthread_mutex_t mu;
     pthread_cond_t batcher_cv, space_cv, done_cv, work_cv;
-    uint64_t deq;          /* taken from the ring */
-    uint64_t flush_target; /* a flush waits for the items before it */
-    bjob *live;            /* in flight, oldest first */
+    lane *lanes, *rr;       /* every lane; where the next batch starts taking */
+    size_t nlanes;
+    uint64_t next_seq;      /* the next batch's number */
+    size_t flushers;        /* threads in flush or close: batches close early */
+    bool streaming;         /* the last batch filled up: no wake-ups, look every STREAM_NS */
+    bjob *live;             /* in flight, oldest first */
     bjob *work, *work_tail;
     size_t nwork;
     bjob *spare;
@@ -111,10 +162,10 @@ static unsigned bucket(uint64_t v)
     return i < KEEL_BATCH_BUCKETS ? i : KEEL_BATCH_BUCKETS - 1;
 }
 
-/* An absolute CLOCK_MONOTONIC time `ns` from now (keel_now_ns's clock). */
 /* a + b, or UINT64_MAX (a timeout of "forever" must not wrap to the past) */
 static uint64_t sat_add(uint64_t a, uint64_t b) { return b > UINT64_MAX - a ? UINT64_MAX : a + b; }
 
+/* An absolute CLOCK_MONOTONIC time `ns` from now (keel_now_ns's clock). */
 static struct timespec abs_in(uint64_t ns)
 {
     uint64_t at = sat_add(keel_now_ns(), ns);
@@ -132,61 +183,201 @@ static uint64_t real_wait(const keel_batch *b, uint64_t until)
     return b->o.clock && left > POLL_NS ? POLL_NS : left;
 }
 
-/* ---- the ring ---- */
+/* ---- lanes ---- */
 
-static int try_enqueue(keel_batch *b, void *item, size_t bytes)
+static bblock *block_new(void)
 {
-    uint64_t pos = atomic_load_explicit(&b->enq, memory_order_relaxed);
-    bslot *s;
-    for (;;) {
-        if (pos & CLOSED)
-            return KEEL_ECLOSED;
-        s = &b->ring[pos & b->mask];
-        uint64_t seq = atomic_load_explicit(&s->seq, memory_order_acquire);
-        int64_t d = (int64_t)(seq - pos);
-        if (d == 0) {
-            if (atomic_compare_exchange_weak_explicit(&b->enq, &pos, pos + 1, memory_order_relaxed,
-                                                      memory_order_relaxed))
-                break;
-        } else if (d < 0) {
-            return KEEL_EFULL;
-        } else {
-            pos = atomic_load_explicit(&b->enq, memory_order_relaxed);
-        }
+    bblock *k = keel__malloc(sizeof *k);
+    if (k)
+        atomic_init(&k->next, NULL);
+    return k;
+}
+
+/* The producer: a block for its lane, from the spares if it can. */
+static KEEL__COLD bblock *block_get(lane *l)
+{
+    if (!l->mine)
+        l->mine = atomic_exchange_explicit(&l->spares, NULL, memory_order_acquire);
+    bblock *k = l->mine;
+    if (!k)
+        return block_new();
+    l->mine = atomic_load_explicit(&k->next, memory_order_relaxed);
+    atomic_store_explicit(&k->next, NULL, memory_order_relaxed);
+    return k;
+}
+
+/* The batcher (under mu) is done with block k of lane l. */
+static void block_put(lane *l, bblock *k)
+{
+    bblock *top = atomic_load_explicit(&l->spares, memory_order_relaxed);
+    do
+        atomic_store_explicit(&k->next, top, memory_order_relaxed);
+    while (!atomic_compare_exchange_weak_explicit(&l->spares, &top, k, memory_order_release,
+                                                  memory_order_relaxed));
+}
+
+static void blocks_free(bblock *k)
+{
+    while (k) {
+        bblock *next = atomic_load_explicit(&k->next, memory_order_relaxed);
+        keel__free(k);
+        k = next;
     }
-    s->item = item;
-    s->bytes = bytes;
-    atomic_store_explicit(&s->seq, pos + 1, memory_order_release);
-    return 0;
 }
 
-/* Under mu: the item `ahead` places after the next one, if published. */
-static bslot *peek_at(keel_batch *b, uint64_t ahead)
+/* Under mu (head is written only there). */
+static uint64_t lane_queued(lane *l)
 {
-    uint64_t pos = b->deq + ahead;
-    bslot *s = &b->ring[pos & b->mask];
-    return atomic_load_explicit(&s->seq, memory_order_acquire) == pos + 1 ? s : NULL;
+    return atomic_load_explicit(&l->tail, memory_order_acquire) -
+           atomic_load_explicit(&l->head, memory_order_relaxed);
 }
 
-static bslot *peek_slot(keel_batch *b)
+static bool any_queued(keel_batch *b)
 {
-    return peek_at(b, 0);
+    for (lane *l = b->lanes; l; l = l->next)
+        if (lane_queued(l))
+            return true;
+    return false;
 }
 
-/* Under mu: takes the next item (peek_slot said it is there). */
-static void *take_slot(keel_batch *b, bslot *s)
+static uint64_t queued(keel_batch *b)
 {
-    void *item = s->item;
-    atomic_store_explicit(&s->seq, b->deq + b->cap, memory_order_release);
-    b->deq++;
+    uint64_t n = 0;
+    for (lane *l = b->lanes; l; l = l->next)
+        n += lane_queued(l);
+    return n;
+}
+
+/* Under mu: places taken out of the lanes are free again. */
+static void room_give(keel_batch *b, uint64_t n)
+{
+    atomic_fetch_add(&b->room, n);
     if (b->space_waiters)
         pthread_cond_broadcast(&b->space_cv);
-    return item;
 }
 
-static uint64_t accepted(keel_batch *b)
+/* Under mu: moves items of lane l into j, until it holds `limit` or the
+ * next item would not fit in max_bytes (*bytes so far; then returns
+ * true). */
+static bool take(keel_batch *b, lane *l, bjob *j, size_t *bytes, size_t limit)
 {
-    return atomic_load(&b->enq) & ~CLOSED;
+    uint64_t h = atomic_load_explicit(&l->head, memory_order_relaxed);
+    uint64_t t = atomic_load_explicit(&l->tail, memory_order_acquire);
+    size_t max = b->o.max_bytes, took = 0;
+    bool full = false;
+    while (!full && h < t && j->n < limit) {
+        if (l->ridx == BLOCK_ITEMS) { /* the producer has moved on to the next block */
+            bblock *next = atomic_load_explicit(&l->rblk->next, memory_order_acquire);
+            block_put(l, l->rblk);
+            l->rblk = next;
+            l->ridx = 0;
+        }
+        const bitem *it = &l->rblk->it[l->ridx];
+        size_t run = BLOCK_ITEMS - l->ridx, k = 0; /* what this block holds */
+        run = run < t - h ? run : (size_t)(t - h);
+        run = run < limit - j->n ? run : limit - j->n;
+        if (!max) {
+            for (; k < run; k++)
+                j->items[j->n + k] = it[k].item;
+        } else {
+            for (; k < run; k++) {
+                if (j->n + k && it[k].bytes > max - *bytes) {
+                    full = true;
+                    break;
+                }
+                *bytes += it[k].bytes < max - *bytes ? it[k].bytes : max - *bytes;
+                j->items[j->n + k] = it[k].item;
+            }
+        }
+        j->n += k;
+        l->ridx += k;
+        h += k;
+        took += k;
+    }
+    if (took) {
+        atomic_store_explicit(&l->head, h, memory_order_release);
+        room_give(b, took);
+    }
+    return full;
+}
+
+/* A thread with a lane exits: its reserve goes back, the lane waits for
+ * the next new thread. */
+static void lane_exit(keel__towner *o, void *data)
+{
+    keel_batch *b = (keel_batch *)((char *)o - offsetof(keel_batch, owner));
+    lane *l = data;
+    pthread_mutex_lock(&b->mu);
+    if (l->credit)
+        room_give(b, l->credit);
+    l->credit = 0;
+    atomic_store_explicit(&l->owned, 0, memory_order_release);
+    pthread_mutex_unlock(&b->mu);
+}
+
+static void lane_forget(void *data) { (void)data; } /* its batch is gone, and freed it */
+
+/* The calling thread's lane: adopts a free one or makes one. NULL with
+ * *rc KEEL_ECLOSED or KEEL_ENOMEM. */
+static KEEL__COLD lane *lane_attach(keel_batch *b, int *rc)
+{
+    pthread_mutex_lock(&b->mu);
+    lane *l = NULL;
+    if (atomic_load(&b->closed)) {
+        *rc = KEEL_ECLOSED;
+        pthread_mutex_unlock(&b->mu);
+        return NULL;
+    }
+    for (lane *x = b->lanes; x && !l; x = x->next) {
+        int want = 0;
+        if (atomic_compare_exchange_strong_explicit(&x->owned, &want, 1, memory_order_acquire,
+                                                    memory_order_relaxed))
+            l = x;
+    }
+    if (!l) {
+        bblock *k = block_new();
+        if (k && (l = keel__aligned_alloc(KEEL__CACHELINE, sizeof *l)) != NULL) {
+            memset(l, 0, sizeof *l);
+            l->wblk = l->rblk = k;
+            atomic_init(&l->owned, 1);
+            l->next = b->lanes;
+            b->lanes = l;
+            b->nlanes++;
+            if (atomic_load(&b->wake_need) != NOT_WAITING) /* its share was for fewer lanes */
+                pthread_cond_signal(&b->batcher_cv);
+        } else {
+            keel__free(k);
+        }
+    }
+    pthread_mutex_unlock(&b->mu);
+    if (l && keel__tslot_set(&b->owner, l, lane_forget) != 0) {
+        atomic_store_explicit(&l->owned, 0, memory_order_release);
+        l = NULL;
+    }
+    if (!l)
+        *rc = KEEL_ENOMEM;
+    return l;
+}
+
+static inline lane *my_lane(keel_batch *b, int *rc)
+{
+    lane *l = keel__tslot_get(&b->owner);
+    return KEEL__LIKELY(l != NULL) ? l : lane_attach(b, rc);
+}
+
+/* Reserves places for lane l: false when the queue is full. */
+static bool reserve(keel_batch *b, lane *l)
+{
+    uint64_t r = atomic_load_explicit(&b->room, memory_order_relaxed);
+    while (r) {
+        uint64_t k = r < b->chunk ? r : b->chunk;
+        if (atomic_compare_exchange_weak_explicit(&b->room, &r, r - k, memory_order_relaxed,
+                                                  memory_order_relaxed)) {
+            l->credit += k;
+            return true;
+        }
+    }
+    return false;
 }
 
 /* ---- jobs in flight ---- */
@@ -210,9 +401,10 @@ static bjob *job_get(keel_batch *b)
     return j;
 }
 
-/* Under mu: j joins the in-flight list (positions only grow). */
+/* Under mu: j joins the in-flight list, numbered after every other. */
 static void live_add(keel_batch *b, bjob *j)
 {
+    j->seq = b->next_seq++;
     bjob **p = &b->live;
     while (*p)
         p = &(*p)->next_live;
@@ -230,14 +422,10 @@ static void live_remove(keel_batch *b, bjob *j)
     pthread_cond_broadcast(&b->done_cv);
 }
 
-/* Under mu: every item before this position is done. */
+/* Under mu: every batch numbered below this is done. */
 static uint64_t watermark(keel_batch *b)
 {
-    uint64_t w = b->deq;
-    for (bjob *j = b->live; j; j = j->next_live)
-        if (j->lo < w)
-            w = j->lo;
-    return w;
+    return b->live ? b->live->seq : b->next_seq;
 }
 
 /* ---- running a batch ---- */
@@ -310,23 +498,23 @@ static void run_job(keel_batch *b, bjob *j)
 
 /* ---- the batcher ---- */
 
-/* Under mu: waits until `need` items are published (at most `ns` of real
+/* Under mu: waits until `need` items are queued (at most `ns` of real
  * time; 0: until woken), or a flush or close asks, without missing the
  * producer's wake-up. */
 static void wait_items(keel_batch *b, uint64_t need, uint64_t ns)
 {
-    /* the slot to wait for: the one that completes `need`, or the head
-     * when its producer has claimed it but not yet written it (waiting for
-     * a later one would return at once and spin, holding mu) */
-    uint64_t k = peek_at(b, 0) ? need - 1 : 0;
     for (int spin = 0; spin < 2000; spin++) { /* up to a hundred microseconds */
-        if (peek_at(b, k))
+        if (spin % 32 == 0 && queued(b) >= need) /* each look takes the lanes' lines away */
             return;
         keel__cpu_relax();
     }
-    atomic_store(&b->wake_pos, b->deq + k + 1);
+    uint64_t share = need / (b->nlanes ? b->nlanes : 1);
+    share = share ? share : 1;
+    if (share > 1 && b->nlanes > 1 && (ns == 0 || ns > POLL_NS))
+        ns = POLL_NS; /* a share can be missed: look again soon */
+    atomic_store(&b->wake_need, share);
     keel__heavy_fence();
-    if (!peek_at(b, k)) {
+    if (queued(b) < need) {
         if (ns) {
             struct timespec ts = abs_in(ns);
             pthread_cond_timedwait(&b->batcher_cv, &b->mu, &ts);
@@ -334,7 +522,22 @@ static void wait_items(keel_batch *b, uint64_t need, uint64_t ns)
             pthread_cond_wait(&b->batcher_cv, &b->mu);
         }
     }
-    atomic_store(&b->wake_pos, UINT64_MAX);
+    atomic_store(&b->wake_need, NOT_WAITING);
+}
+
+/* Under mu: fills j from the lanes, one after another, each time starting
+ * one lane further, so that no lane waits behind a busy one. Returns
+ * true when the bytes left are too few for the next item. */
+static bool fill(keel_batch *b, bjob *j, size_t *bytes)
+{
+    lane *start = b->rr ? b->rr : b->lanes, *l = start;
+    bool full = false;
+    do {
+        full = take(b, l, j, bytes, b->o.max_items);
+        l = l->next ? l->next : b->lanes;
+    } while (!full && j->n < b->o.max_items && l != start);
+    b->rr = start->next ? start->next : b->lanes;
+    return full;
 }
 
 /* Under mu: the next batch, closed by count, bytes, linger, flush or
@@ -343,8 +546,8 @@ static bjob *form(keel_batch *b)
 {
     bjob *j = NULL;
     while (!j) {
-        while (!peek_slot(b)) {
-            if (b->closing && b->deq == accepted(b))
+        while (!any_queued(b)) {
+            if (b->closing)
                 return NULL;
             wait_items(b, 1, 0);
         }
@@ -354,7 +557,6 @@ static bjob *form(keel_batch *b)
             pthread_mutex_lock(&b->mu);
         }
     }
-    j->lo = b->deq;
     live_add(b, j);
     j->opened = atomic_load(&b->opened);
     if (j->opened == UNSTAMPED) { /* items no add stamped (yet): now */
@@ -364,37 +566,39 @@ static bjob *form(keel_batch *b)
     }
     size_t bytes = 0;
     for (;;) {
-        bslot *s;
-        bool full = false;
-        while (j->n < b->o.max_items && (s = peek_slot(b))) {
-            if (b->o.max_bytes && j->n && s->bytes > b->o.max_bytes - bytes) {
-                full = true; /* the next one would not fit */
-                break;
-            }
-            if (b->o.max_bytes)
-                bytes += s->bytes < b->o.max_bytes - bytes ? s->bytes : b->o.max_bytes - bytes;
-            j->items[j->n++] = take_slot(b, s);
-        }
-        if (full || j->n == b->o.max_items || (b->o.max_bytes && bytes >= b->o.max_bytes) ||
-            b->closing || b->flush_target > j->lo)
+        size_t had = j->n;
+        bool full = fill(b, j, &bytes);
+        full = full || j->n == b->o.max_items || (b->o.max_bytes && bytes >= b->o.max_bytes);
+        if (full || b->closing || b->flushers) {
+            b->streaming = full;
             break;
+        }
+        if (j->n == had)
+            b->streaming = false; /* a look found nothing: be woken again */
         uint64_t due = sat_add(j->opened, b->o.linger_ns);
         uint64_t ns = real_wait(b, due);
-        if (ns == 0)
+        if (ns == 0) {
+            b->streaming = false;
             break; /* lingered long enough */
+        }
         if (b->o.max_bytes && ns > POLL_NS)
             ns = POLL_NS; /* producers cannot tell when bytes fill it: look */
-        wait_items(b, b->o.max_items - j->n, ns);
+        if (b->streaming) { /* batches fill by count: look again soon, unwoken */
+            struct timespec ts = abs_in(ns < STREAM_NS ? ns : STREAM_NS);
+            pthread_cond_timedwait(&b->batcher_cv, &b->mu, &ts);
+        } else {
+            wait_items(b, b->o.max_items - j->n, ns);
+        }
     }
     /* The next batch opens now if items are waiting, else with the next
      * add. The add publishes, fences, then looks for UNSTAMPED; here the
-     * store of UNSTAMPED, a heavy fence, a look at the ring: one of the
+     * store of UNSTAMPED, a heavy fence, a look at the lanes: one of the
      * two sees the other, so the next batch is stamped by someone. */
-    if (!peek_slot(b)) {
+    if (!any_queued(b)) {
         atomic_store(&b->opened, UNSTAMPED);
         keel__heavy_fence();
     }
-    if (peek_slot(b)) {
+    if (any_queued(b)) {
         uint64_t now = keel__clock_now(&b->clock);
         atomic_store(&b->opened, now == UNSTAMPED ? now - 1 : now);
     }
@@ -437,7 +641,7 @@ static void *batcher_main(void *arg)
             pthread_mutex_lock(&b->mu);
             continue;
         }
-        while (b->nwork >= 2 * b->nworkers) /* workers busy: let the ring fill */
+        while (b->nwork >= 2 * b->nworkers) /* workers busy: let the lanes fill */
             pthread_cond_wait(&b->work_cv, &b->mu);
         j->next = NULL;
         if (b->work_tail)
@@ -458,23 +662,28 @@ static void *batcher_main(void *arg)
 
 /* ---- producers ---- */
 
-/* Takes the oldest queued item out and dead-letters it (KEEL_EFULL). */
-static void drop_oldest(keel_batch *b)
+/* Takes the oldest item queued by the caller's thread (or, when it has
+ * none queued, another thread's oldest) out and dead-letters it
+ * (KEEL_EFULL). */
+static void drop_oldest(keel_batch *b, lane *mine)
 {
     pthread_mutex_lock(&b->mu);
-    if (atomic_load(&b->enq) & CLOSED) { /* closing: the add fails anyway, drop nothing */
+    if (atomic_load(&b->closed)) { /* closing: the add fails anyway, drop nothing */
         pthread_mutex_unlock(&b->mu);
         return;
     }
-    bslot *s = peek_slot(b);
-    if (!s) { /* its producer is still writing it: let it finish */
+    lane *l = mine;
+    for (lane *x = b->lanes; x && !lane_queued(l); x = x->next)
+        l = x;
+    if (!lane_queued(l)) { /* taken meanwhile: room came back */
         pthread_mutex_unlock(&b->mu);
-        sched_yield();
         return;
     }
-    bjob d = {.lo = b->deq, .n = 1};
+    void *item;
+    bjob d = {.n = 0, .items = &item};
+    size_t bytes = 0;
     live_add(b, &d);
-    void *item = take_slot(b, s);
+    take(b, l, &d, &bytes, 1);
     atomic_fetch_add_explicit(&b->dropped, 1, memory_order_relaxed);
     pthread_mutex_unlock(&b->mu);
     keel_batch *outer = in_callback;
@@ -492,8 +701,8 @@ static int wait_space(keel_batch *b, uint64_t deadline)
     int rc = 0;
     pthread_mutex_lock(&b->mu);
     b->space_waiters++;
-    /* under mu the batcher cannot dequeue: full now means a wake-up comes */
-    while (!b->closing && accepted(b) - b->deq >= b->cap) {
+    /* places come back under mu: none now means a wake-up comes */
+    while (!b->closing && atomic_load(&b->room) == 0) {
         if (deadline) {
             uint64_t now = keel_now_ns();
             if (now >= deadline) {
@@ -511,41 +720,77 @@ static int wait_space(keel_batch *b, uint64_t deadline)
     return rc;
 }
 
-static void wake_batcher(keel_batch *b)
+static KEEL__COLD void wake_batcher(keel_batch *b)
 {
     pthread_mutex_lock(&b->mu);
     pthread_cond_signal(&b->batcher_cv);
     pthread_mutex_unlock(&b->mu);
 }
 
-KEEL_API int keel_batch_add(keel_batch *b, void *item, size_t bytes)
+/* The slow part of an add: a place in a full queue, by policy. */
+static KEEL__COLD int make_room(keel_batch *b, lane *l)
 {
-    if (!b || !item)
-        return KEEL_EINVAL;
     uint64_t deadline = 0;
-    int rc;
-    while ((rc = try_enqueue(b, item, bytes)) == KEEL_EFULL) {
+    while (!reserve(b, l)) {
+        if (atomic_load(&b->closed))
+            return KEEL_ECLOSED;
         if (in_callback == b || b->o.on_full == KEEL_BATCH_REJECT)
             return KEEL_EFULL; /* from a handler, waiting would wait for ourselves */
         if (b->o.on_full == KEEL_BATCH_DROP_OLDEST) {
-            drop_oldest(b);
+            drop_oldest(b, l);
             continue;
         }
         if (b->o.block_timeout_ns && !deadline)
             deadline = sat_add(keel_now_ns(), b->o.block_timeout_ns);
-        if ((rc = wait_space(b, deadline)) != 0)
+        int rc = wait_space(b, deadline);
+        if (rc)
             return rc;
     }
-    if (rc)
+    return 0;
+}
+
+KEEL_API int keel_batch_add(keel_batch *b, void *item, size_t bytes)
+{
+    if (!b || !item)
+        return KEEL_EINVAL;
+    int rc = 0;
+    lane *l = my_lane(b, &rc);
+    if (!l)
         return rc;
+    if (KEEL__UNLIKELY(l->credit == 0) && (rc = make_room(b, l)) != 0)
+        return rc;
+    bblock *k = l->wblk;
+    if (KEEL__UNLIKELY(l->widx == BLOCK_ITEMS) && !(k = block_get(l)))
+        return KEEL_ENOMEM;
+    atomic_store_explicit(&l->busy, 1, memory_order_relaxed);
+    keel__light_fence(); /* busy before closed: see keel_batch_close() */
+    if (atomic_load_explicit(&b->closed, memory_order_relaxed)) {
+        atomic_store_explicit(&l->busy, 0, memory_order_release);
+        if (k != l->wblk) { /* not linked: keep it for later */
+            atomic_store_explicit(&k->next, l->mine, memory_order_relaxed);
+            l->mine = k;
+        }
+        return KEEL_ECLOSED;
+    }
+    if (k != l->wblk) {
+        atomic_store_explicit(&l->wblk->next, k, memory_order_release);
+        l->wblk = k;
+        l->widx = 0;
+    }
+    k->it[l->widx++] = (bitem){item, bytes};
+    uint64_t t = atomic_load_explicit(&l->tail, memory_order_relaxed) + 1;
+    atomic_store_explicit(&l->tail, t, memory_order_release);
+    atomic_store_explicit(&l->busy, 0, memory_order_release);
+    l->credit--;
     keel__light_fence(); /* the publish before the loads below: see form() and wait_items() */
     if (atomic_load_explicit(&b->opened, memory_order_relaxed) == UNSTAMPED) { /* this add opens a batch */
         uint64_t now = keel__clock_now(&b->clock), want = UNSTAMPED;
-        atomic_compare_exchange_strong(&b->opened, &want, now == UNSTAMPED ? now - 1 : now);
+        if (atomic_load(&l->head) < t) /* not taken already (a late stamp would shorten the next linger) */
+            atomic_compare_exchange_strong(&b->opened, &want, now == UNSTAMPED ? now - 1 : now);
     }
-    if (atomic_load_explicit(&b->enq, memory_order_relaxed) >=
-        atomic_load_explicit(&b->wake_pos, memory_order_relaxed))
-        wake_batcher(b); /* the awaited item, or one after it */
+    uint64_t need = atomic_load_explicit(&b->wake_need, memory_order_relaxed);
+    if (KEEL__UNLIKELY(need != NOT_WAITING) && t - atomic_load_explicit(&l->head, memory_order_relaxed) >= need)
+        wake_batcher(b);
     return 0;
 }
 
@@ -555,12 +800,17 @@ KEEL_API int keel_batch_add(keel_batch *b, void *item, size_t bytes)
  * every one of them to be done. */
 static void drain(keel_batch *b)
 {
-    uint64_t target = accepted(b);
-    if (target > b->flush_target)
-        b->flush_target = target;
+    b->flushers++;
     pthread_cond_signal(&b->batcher_cv);
-    while (watermark(b) < target)
+    for (lane *l = b->lanes; l; l = l->next) { /* lanes made meanwhile hold only later items */
+        uint64_t t = atomic_load_explicit(&l->tail, memory_order_acquire);
+        while (atomic_load_explicit(&l->head, memory_order_relaxed) < t)
+            pthread_cond_wait(&b->done_cv, &b->mu);
+    }
+    uint64_t formed = b->next_seq; /* every item above is in one of these */
+    while (watermark(b) < formed)
         pthread_cond_wait(&b->done_cv, &b->mu);
+    b->flushers--;
 }
 
 KEEL_API int keel_batch_flush(keel_batch *b)
@@ -581,7 +831,8 @@ KEEL_API int keel_batch_close(keel_batch *b)
         return KEEL_EINVAL;
     if (in_callback == b)
         return KEEL_ESTATE;
-    atomic_fetch_or(&b->enq, CLOSED); /* no claim succeeds after this */
+    atomic_store(&b->closed, 1);
+    keel__heavy_fence(); /* closed before busy: see keel_batch_add() */
     pthread_mutex_lock(&b->mu);
     if (b->close_state) {
         while (b->close_state != 2)
@@ -590,6 +841,9 @@ KEEL_API int keel_batch_close(keel_batch *b)
         return 0;
     }
     b->close_state = 1;
+    for (lane *l = b->lanes; l; l = l->next) /* an add that missed `closed` publishes now */
+        while (atomic_load_explicit(&l->busy, memory_order_acquire))
+            sched_yield();
     b->closing = true;
     pthread_cond_broadcast(&b->space_cv); /* blocked adds give up: closed */
     drain(b);
@@ -631,8 +885,10 @@ KEEL_API void keel_batch_stats_get(keel_batch *b, keel_batch_stats *st)
     if (!b)
         return;
     pthread_mutex_lock(&b->mu);
-    st->accepted = accepted(b);
-    st->queued = st->accepted - b->deq;
+    for (lane *l = b->lanes; l; l = l->next) {
+        st->accepted += atomic_load_explicit(&l->tail, memory_order_acquire);
+        st->queued += lane_queued(l);
+    }
     pthread_mutex_unlock(&b->mu);
     st->handled = atomic_load(&b->handled);
     st->retried = atomic_load(&b->retried);
@@ -675,17 +931,17 @@ KEEL_API int keel_batch_create(keel_batch **out, const keel_batch_opts *o)
     if (b->o.retry_max_ns < b->o.retry_base_ns)
         b->o.retry_max_ns = b->o.retry_base_ns;
     b->clock = (keel__clock){o->clock, o->clock_ud};
-    b->cap = 2; /* a Vyukov ring needs two slots: with one, "written" and "free" look alike */
-    while (b->cap < (o->capacity ? o->capacity : 65536))
-        b->cap <<= 1;
-    b->mask = b->cap - 1;
-    if (b->o.max_items > b->cap) {
+    b->o.capacity = o->capacity ? o->capacity : 65536;
+    b->chunk = b->o.capacity / 64 > CHUNK_MAX ? CHUNK_MAX : b->o.capacity / 64 ? b->o.capacity / 64 : 1;
+    if (b->o.max_items > b->o.capacity) {
         keel__aligned_free(b);
         return KEEL_EINVAL;
     }
     b->nworkers = o->workers > 1 ? o->workers : 0;
     atomic_init(&b->opened, UNSTAMPED);
-    atomic_init(&b->wake_pos, UINT64_MAX);
+    atomic_init(&b->wake_need, NOT_WAITING);
+    atomic_init(&b->room, b->o.capacity);
+    b->owner.thread_exit = lane_exit;
     keel__fences_init();
     pthread_mutex_init(&b->mu, NULL);
     pthread_condattr_t ca;
@@ -696,9 +952,8 @@ KEEL_API int keel_batch_create(keel_batch **out, const keel_batch_opts *o)
     pthread_cond_init(&b->done_cv, &ca);
     pthread_cond_init(&b->work_cv, &ca);
     pthread_condattr_destroy(&ca);
-    int rc = (b->ring = keel__aligned_alloc(KEEL__CACHELINE, b->cap * sizeof *b->ring)) ? 0 : KEEL_ENOMEM;
-    for (uint64_t i = 0; rc == 0 && i < b->cap; i++)
-        atomic_init(&b->ring[i].seq, i);
+    int rc = keel__towner_register(&b->owner);
+    b->registered = rc == 0;
     if (rc == 0 && b->nworkers && !(b->workers = keel__calloc(b->nworkers, sizeof *b->workers)))
         rc = KEEL_ENOMEM;
     if (rc == 0 && o->metrics) {
@@ -753,7 +1008,17 @@ KEEL_API void keel_batch_destroy(keel_batch *b)
         b->spare = j->next;
         keel__free(j);
     }
-    keel__aligned_free(b->ring);
+    if (b->registered) { /* no thread exit hands a lane back after this */
+        keel__towner_unregister(&b->owner, NULL, NULL);
+        keel__tslot_drop(&b->owner);
+    }
+    for (lane *l = b->lanes, *next; l; l = next) {
+        next = l->next;
+        blocks_free(l->rblk); /* the blocks in use, up to the one being written */
+        blocks_free(atomic_load(&l->spares));
+        blocks_free(l->mine);
+        keel__aligned_free(l);
+    }
     keel__free(b->workers);
     pthread_mutex_destroy(&b->mu);
     pthread_cond_destroy(&b->batcher_cv);

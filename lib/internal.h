@@ -23,10 +23,12 @@
 #if defined(__GNUC__) || defined(__clang__)
 #define KEEL__LIKELY(x) __builtin_expect(!!(x), 1)
 #define KEEL__UNLIKELY(x) __builtin_expect(!!(x), 0)
+#define KEEL__COLD __attribute__((cold, noinline)) /* a slow path, kept out of its caller */
 #define KEEL__PRINTF(f, a) __attribute__((format(printf, f, a)))
 #else
 #define KEEL__LIKELY(x) (x)
 #define KEEL__UNLIKELY(x) (x)
+#define KEEL__COLD
 #define KEEL__PRINTF(f, a)
 #endif
 

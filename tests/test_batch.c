@@ -7,6 +7,7 @@
 #define _GNU_SOURCE
 #include <libpq-fe.h>
 #include <pthread.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -456,6 +457,192 @@ START_TEST(two_million_items_all_accounted_for_three_workers)
 }
 END_TEST
 
+/* ---- each thread's order; threads that exit; close among adds ---- */
+
+static int count_items(void *const *items, size_t n, keel_batch_ctx *ctx, void *ud)
+{
+    (void)items, (void)ctx;
+    atomic_fetch_add((_Atomic size_t *)ud, n);
+    return 0;
+}
+
+
+enum { ORDER_THREADS = 3, ORDER_PER = 100000 };
+static _Atomic size_t order_next[ORDER_THREADS]; /* the next sequence number each thread's items must show */
+static _Atomic size_t order_breaks;
+
+static int in_order(void *const *items, size_t n, keel_batch_ctx *ctx, void *ud)
+{
+    (void)ctx, (void)ud;
+    for (size_t i = 0; i < n; i++) {
+        size_t id = ID(items[i]), t = id / (ORDER_PER + 1), seq = id % (ORDER_PER + 1);
+        if (atomic_load(&order_next[t]) != seq)
+            atomic_fetch_add(&order_breaks, 1);
+        atomic_store(&order_next[t], seq + 1);
+    }
+    return 0;
+}
+
+static void *add_in_order(void *arg)
+{
+    producer *p = arg;
+    for (size_t i = 0; i < p->n; i++)
+        ck_assert_int_eq(keel_batch_add(p->b, ITEM(p->from + i), 1), 0);
+    return NULL;
+}
+
+/* One worker: each thread's items reach the handler in the order that
+ * thread added them, though the threads' items interleave. */
+START_TEST(each_thread_keeps_its_order)
+{
+    keel_batch *b;
+    keel_batch_opts o = {.handler = in_order, .max_items = 64, .linger_ns = 100000, .capacity = 1000};
+    ck_assert_int_eq(keel_batch_create(&b, &o), 0);
+    pthread_t t[ORDER_THREADS];
+    producer p[ORDER_THREADS];
+    for (size_t i = 0; i < ORDER_THREADS; i++) {
+        atomic_store(&order_next[i], 1);
+        p[i] = (producer){b, i * (ORDER_PER + 1) + 1, ORDER_PER, NULL};
+        ck_assert_int_eq(pthread_create(&t[i], NULL, add_in_order, &p[i]), 0);
+    }
+    for (size_t i = 0; i < ORDER_THREADS; i++)
+        pthread_join(t[i], NULL);
+    ck_assert_int_eq(keel_batch_close(b), 0);
+    ck_assert_uint_eq(atomic_load(&order_breaks), 0);
+    for (size_t i = 0; i < ORDER_THREADS; i++)
+        ck_assert_uint_eq(atomic_load(&order_next[i]), ORDER_PER + 1);
+    check_invariant(b);
+    keel_batch_destroy(b);
+}
+END_TEST
+
+static void *add_one(void *arg)
+{
+    producer *p = arg;
+    ck_assert_int_eq(keel_batch_add(p->b, ITEM(p->from), 1), 0);
+    return NULL;
+}
+
+/* A thread that added and exited leaves its item queued and its reserve
+ * of room behind: the next thread takes over its queue, and the whole
+ * capacity is there for the adds that follow. */
+START_TEST(an_exited_thread_leaves_its_items_and_its_room)
+{
+    seen s;
+    seen_init(&s);
+    s.block = 1; /* the handler holds item 1; the queue holds the rest */
+    keel_batch *b = make(&s, (keel_batch_opts){.max_items = 1, .capacity = 1000, .on_full = KEEL_BATCH_REJECT});
+    ck_assert_int_eq(keel_batch_add(b, ITEM(1), 1), 0);
+    for (int spin = 0; get(&s, &s.attempts) == 0 && spin < 1000; spin++)
+        nanosleep(&(struct timespec){0, 1000000}, NULL); /* until item 1 is taken */
+    producer p = {b, 5000, 1, NULL};
+    pthread_t t;
+    ck_assert_int_eq(pthread_create(&t, NULL, add_one, &p), 0);
+    pthread_join(t, NULL); /* it reserved 15 places and used one */
+    ck_assert_int_eq(pthread_create(&t, NULL, add_one, &(producer){b, 5001, 1, NULL}), 0);
+    pthread_join(t, NULL); /* a new thread: the same queue */
+    size_t n = 0;
+    while (keel_batch_add(b, ITEM(n + 2), 1) == 0)
+        n++;
+    ck_assert_uint_eq(n, 998); /* exactly the rest: nothing is held by the threads that left */
+    keel_batch_stats st;
+    keel_batch_stats_get(b, &st);
+    ck_assert_uint_eq(st.accepted, 1001);
+    ck_assert_uint_eq(st.queued, 1000);
+    pthread_mutex_lock(&s.mu);
+    s.block = 0;
+    pthread_cond_broadcast(&s.cv);
+    pthread_mutex_unlock(&s.mu);
+    ck_assert_int_eq(keel_batch_close(b), 0);
+    ck_assert_uint_eq(get(&s, &s.items), 1001);
+    check_invariant(b);
+    keel_batch_destroy(b);
+}
+END_TEST
+
+typedef struct racer {
+    keel_batch *b;
+    size_t base, ok;
+} racer;
+
+static void *add_until_closed(void *arg)
+{
+    racer *r = arg;
+    for (size_t i = 1;; i++) {
+        int rc = keel_batch_add(r->b, ITEM(r->base + i), 1);
+        if (rc == KEEL_ECLOSED)
+            return NULL;
+        ck_assert_int_eq(rc, 0);
+        r->ok++;
+    }
+}
+
+/* Close while threads add: every add that returned 0 is handled, no other. */
+START_TEST(close_among_adds_keeps_what_it_accepted)
+{
+    _Atomic size_t handled = 0;
+    keel_batch *b;
+    keel_batch_opts o = {.handler = count_items, .ud = &handled, .max_items = 100, .linger_ns = 100000};
+    ck_assert_int_eq(keel_batch_create(&b, &o), 0);
+    racer r[2] = {{b, 0, 0}, {b, 1u << 30, 0}};
+    pthread_t t[2];
+    for (int i = 0; i < 2; i++)
+        ck_assert_int_eq(pthread_create(&t[i], NULL, add_until_closed, &r[i]), 0);
+    keel_batch_stats st;
+    do /* until both are well under way */
+        keel_batch_stats_get(b, &st);
+    while (st.accepted < 100000);
+    ck_assert_int_eq(keel_batch_close(b), 0);
+    for (int i = 0; i < 2; i++)
+        pthread_join(t[i], NULL);
+    keel_batch_stats_get(b, &st);
+    ck_assert_uint_eq(st.accepted, r[0].ok + r[1].ok);
+    ck_assert_uint_eq(atomic_load(&handled), st.accepted);
+    check_invariant(b);
+    keel_batch_destroy(b);
+}
+END_TEST
+
+static void *add_98(void *arg)
+{
+    keel_batch *b = arg;
+    for (uintptr_t i = 3; i <= 100; i++)
+        ck_assert_int_eq(keel_batch_add(b, ITEM(i), 1), 0);
+    return NULL;
+}
+
+static void wait_stat(keel_batch *b, _Atomic size_t *handled, size_t want_handled, bool want_empty)
+{
+    keel_batch_stats st;
+    for (int i = 0; i < 10000; i++) {
+        keel_batch_stats_get(b, &st);
+        if (want_empty ? st.accepted && !st.queued : atomic_load(handled) >= want_handled)
+            return;
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    }
+    ck_abort_msg("waited 10 s: %zu handled, %llu queued", atomic_load(handled), (unsigned long long)st.queued);
+}
+
+/* The batcher waits for a batch to fill, asking each thread's queue for
+ * its share; a thread that starts adding meanwhile changes the shares and
+ * must not leave a full batch waiting for its (hour-long) linger. */
+START_TEST(a_thread_joining_a_filling_batch_does_not_leave_it_waiting)
+{
+    _Atomic size_t handled = 0;
+    keel_batch *b;
+    keel_batch_opts o = {.handler = count_items, .ud = &handled, .max_items = 100, .linger_ns = 3600 * S};
+    ck_assert_int_eq(keel_batch_create(&b, &o), 0);
+    ck_assert_int_eq(keel_batch_add(b, ITEM(1), 1), 0);
+    wait_stat(b, &handled, 0, true); /* the batcher holds it, waiting for 99 more */
+    ck_assert_int_eq(keel_batch_add(b, ITEM(2), 1), 0);
+    pthread_t t;
+    ck_assert_int_eq(pthread_create(&t, NULL, add_98, b), 0);
+    pthread_join(t, NULL);
+    wait_stat(b, &handled, 100, false);
+    keel_batch_destroy(b);
+}
+END_TEST
+
 /* ---- re-entrancy, bad input ---- */
 
 static int reentrant(void *const *items, size_t n, keel_batch_ctx *ctx, void *ud)
@@ -593,14 +780,7 @@ START_TEST(rows_reach_postgresql_through_a_restart)
 }
 END_TEST
 
-static int count_items(void *const *items, size_t n, keel_batch_ctx *ctx, void *ud)
-{
-    (void)items, (void)ctx;
-    atomic_fetch_add((_Atomic size_t *)ud, n);
-    return 0;
-}
-
-/* The smallest queue (one slot asked, two given) and "forever" limits
+/* The smallest queue (one place) and "forever" limits
  * that must not wrap around to the past. */
 START_TEST(edge_sizes_and_forever)
 {
@@ -644,12 +824,16 @@ int main(void)
     tcase_add_test(tc, only_the_items_marked_failed_are_retried);
     tcase_add_test(tc, retries_follow_the_backoff_then_the_dead_letter);
     tcase_add_test(tc, a_handler_may_add_items);
+    tcase_add_test(tc, an_exited_thread_leaves_its_items_and_its_room);
+    tcase_add_test(tc, close_among_adds_keeps_what_it_accepted);
+    tcase_add_test(tc, a_thread_joining_a_filling_batch_does_not_leave_it_waiting);
     tcase_add_test(tc, bad_input_is_refused);
     suite_add_tcase(s, tc);
     TCase *big = tcase_create("million");
     tcase_set_timeout(big, 120);
     tcase_add_test(big, two_million_items_all_accounted_for_one_worker);
     tcase_add_test(big, two_million_items_all_accounted_for_three_workers);
+    tcase_add_test(big, each_thread_keeps_its_order);
     tcase_set_tags(big, "slow"); /* millions of items: not under valgrind */
     suite_add_tcase(s, big);
     TCase *pgc = tcase_create("postgresql");

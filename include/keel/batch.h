@@ -8,16 +8,23 @@
  * exactly, and no item reaches the handler's success path twice.
  *
  * Flow. keel_batch_add() puts an item (an opaque pointer and its size in
- * bytes) into a lock-free bounded ring: producers claim a slot with one
- * compare-and-swap and allocate nothing. One batcher thread takes items in
- * order and closes a batch when it holds max_items, or max_bytes, or when
- * its oldest item has waited linger_ns (measured from the add that opened
- * the batch, or from when the batcher took items that were waiting), or a
- * flush or close asks. With workers = 1 the batcher runs the handler
- * itself, so batches are handled one at a time in the order items were
- * accepted. With workers > 1, batches go to that many threads: items
- * within a batch keep their order, batches may be handled out of order,
- * and a batch being retried holds up only its own thread.
+ * bytes) into the calling thread's own queue: producers share no cache
+ * line per item, take no lock and, once their queue has grown to what
+ * they keep queued, allocate nothing. One batcher thread takes items from
+ * the threads' queues in turn and closes a batch when it holds max_items,
+ * or max_bytes, or when its oldest item has waited linger_ns (measured
+ * from the add that opened the batch, or from when the batcher took items
+ * that were waiting), or a flush or close asks.
+ *
+ * Order. Items added by one thread are handled in the order that thread
+ * added them. Items added by different threads interleave in no promised
+ * order, even when one add happens before the other (a thread that needs
+ * its items handled before another thread's should flush first). With
+ * workers = 1 the batcher runs the handler itself, one batch at a time,
+ * so that order holds across batches. With workers > 1, batches go to
+ * that many threads: items within a batch keep their order, batches may be
+ * handled out of order, and a batch being retried holds up only its own
+ * thread.
  *
  * Failures. The handler returns 0 for success. It may mark single items
  * failed with keel_batch_fail(); then only those are retried (and the
@@ -31,14 +38,28 @@
  * Full queue (capacity items): KEEL_BATCH_BLOCK waits for room (at most
  * block_timeout_ns, then KEEL_ETIMEDOUT; 0 waits for ever);
  * KEEL_BATCH_REJECT returns KEEL_EFULL at once; KEEL_BATCH_DROP_OLDEST
- * takes the oldest queued item out, hands it to dead_letter (err
+ * takes the oldest item the adding thread has queued (or, when it has
+ * none, another thread's oldest) out, hands it to dead_letter (err
  * KEEL_EFULL, in the adding thread) and counts it as dropped. A rejected
- * or timed-out item is not accepted: the caller still owns it.
+ * or timed-out item is not accepted: the caller still owns it. Threads
+ * reserve room a step at a time (capacity / 64 places, at least 1 and at
+ * most 256), so with several threads adding, a full queue may turn an add
+ * away while other threads hold up to a step each reserved but unused;
+ * with one adding thread, or a capacity under 128, the bound is exact.
+ *
+ * Memory. Each thread that adds gets a queue of 4 KiB blocks, grown to
+ * what it keeps queued and reused after; when a thread exits its queue
+ * goes to the next new thread that adds (its items stay queued, in
+ * order). So a batch holds about 16 bytes per item queued, a block per
+ * thread that has added, and max_items pointers per batch in flight.
  *
  * Time. linger and backoff read the clock option; with one given (a test's
  * fake clock) the threads look at it at least every millisecond. The block
  * timeout is real time. A batch full by max_bytes is noticed within a
- * millisecond (producers wake the batcher by count only).
+ * millisecond (producers wake the batcher by count only), and so is one
+ * full by count when several threads add. While batches keep filling up,
+ * the batcher is not woken by producers at all: it looks every 50
+ * microseconds, so that a busy stream of adds pays for no wake-ups.
  *
  * Thread safety: add, flush and stats may be called from any thread,
  * including from the handler (an add from a handler never blocks: with a
@@ -82,8 +103,7 @@ typedef struct keel_batch_opts {
     size_t max_items;             /* per batch; 0 = 100 */
     size_t max_bytes;             /* per batch; 0 = no limit (a bigger item goes alone) */
     uint64_t linger_ns;           /* 0 = 5 ms */
-    size_t capacity;              /* queued items; rounded up to a power of two, at least 2;
-                                     0 = 65536 */
+    size_t capacity;              /* queued items, at most; 0 = 65536 */
     keel_batch_full on_full;
     uint64_t block_timeout_ns;    /* KEEL_BATCH_BLOCK: 0 = no limit */
     size_t workers;               /* handler threads; 0 = 1 (order kept) */
@@ -104,7 +124,8 @@ typedef struct keel_batch_opts {
 KEEL_API int keel_batch_create(keel_batch **out, const keel_batch_opts *opts);
 
 /* Accepts an item: 0; KEEL_EFULL, KEEL_ETIMEDOUT (full queue, by policy);
- * KEEL_ECLOSED after close; KEEL_EINVAL for NULL b or item. */
+ * KEEL_ECLOSED after close; KEEL_EINVAL for NULL b or item; KEEL_ENOMEM
+ * when the thread's queue cannot grow (its first add, or a new block). */
 KEEL_API int keel_batch_add(keel_batch *b, void *item, size_t bytes);
 
 /* Returns once every item accepted before the call has been handled,
