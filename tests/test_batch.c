@@ -539,7 +539,8 @@ START_TEST(an_exited_thread_leaves_its_items_and_its_room)
     pthread_t t;
     ck_assert_int_eq(pthread_create(&t, NULL, add_one, &p), 0);
     pthread_join(t, NULL); /* it reserved 15 places and used one */
-    ck_assert_int_eq(pthread_create(&t, NULL, add_one, &(producer){b, 5001, 1, NULL}), 0);
+    p.from = 5001;
+    ck_assert_int_eq(pthread_create(&t, NULL, add_one, &p), 0);
     pthread_join(t, NULL); /* a new thread: the same queue */
     size_t n = 0;
     while (keel_batch_add(b, ITEM(n + 2), 1) == 0)
