@@ -487,7 +487,8 @@ static void *add_in_order(void *arg)
 {
     producer *p = arg;
     for (size_t i = 0; i < p->n; i++)
-        ck_assert_int_eq(keel_batch_add(p->b, ITEM(p->from + i), 1), 0);
+        if (keel_batch_add(p->b, ITEM(p->from + i), 1) != 0) /* not ck_assert: each call writes to a pipe */
+            atomic_fetch_add(&order_breaks, 1);
     return NULL;
 }
 
@@ -564,6 +565,7 @@ END_TEST
 typedef struct racer {
     keel_batch *b;
     size_t base, ok;
+    int bad; /* an answer other than 0 or KEEL_ECLOSED */
 } racer;
 
 static void *add_until_closed(void *arg)
@@ -573,8 +575,10 @@ static void *add_until_closed(void *arg)
         int rc = keel_batch_add(r->b, ITEM(r->base + i), 1);
         if (rc == KEEL_ECLOSED)
             return NULL;
-        ck_assert_int_eq(rc, 0);
-        r->ok++;
+        if (rc != 0)
+            r->bad = rc;
+        else
+            r->ok++;
     }
 }
 
@@ -585,18 +589,19 @@ START_TEST(close_among_adds_keeps_what_it_accepted)
     keel_batch *b;
     keel_batch_opts o = {.handler = count_items, .ud = &handled, .max_items = 100, .linger_ns = 100000};
     ck_assert_int_eq(keel_batch_create(&b, &o), 0);
-    racer r[2] = {{b, 0, 0}, {b, 1u << 30, 0}};
+    racer r[2] = {{b, 0, 0, 0}, {b, 1u << 30, 0, 0}};
     pthread_t t[2];
     for (int i = 0; i < 2; i++)
         ck_assert_int_eq(pthread_create(&t[i], NULL, add_until_closed, &r[i]), 0);
     keel_batch_stats st;
     do /* until both are well under way */
         keel_batch_stats_get(b, &st);
-    while (st.accepted < 100000);
+    while (st.accepted < 20000);
     ck_assert_int_eq(keel_batch_close(b), 0);
     for (int i = 0; i < 2; i++)
         pthread_join(t[i], NULL);
     keel_batch_stats_get(b, &st);
+    ck_assert_int_eq(r[0].bad | r[1].bad, 0);
     ck_assert_uint_eq(st.accepted, r[0].ok + r[1].ok);
     ck_assert_uint_eq(atomic_load(&handled), st.accepted);
     check_invariant(b);
