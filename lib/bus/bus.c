@@ -132,7 +132,7 @@ typedef struct bslot {
     _Atomic uint64_t seq;
     keel_bus_sub *sub;
     bmsg *m;
-} bslot;
+} __attribute__((aligned(32))) bslot; /* two a line: see slot_at() */
 
 /* A line each for what publishers write, what they only read (written
  * seldom), and what the worker writes on every pop: a pop must not take
@@ -166,6 +166,7 @@ struct keel_bus {
     bcounters c[KEEL__STRIPES];
     bworker *workers;
     size_t nworkers, cap, mask;
+    unsigned rot; /* log2(cap) - 1: see slot_at() */
     bool workers_started;
     bstream *stream;
     keel_pool *msgs; /* small message copies, for async delivery */
@@ -525,7 +526,7 @@ static void sub_unref_n(keel_bus_sub *sub, uint64_t n)
 {
     if (atomic_fetch_sub_explicit(&sub->refs, n, memory_order_acq_rel) == n) {
         keel__free(sub->pattern);
-        keel__free(sub);
+        keel__aligned_free(sub);
     }
 }
 
@@ -593,11 +594,21 @@ static void msg_unref(bmsg *m)
         keel__free(m);
 }
 
+/* The slot of a queue position. Consecutive positions go to consecutive
+ * cache lines (the index rotated left by one bit), and the two slots of a
+ * line are half the ring apart: the worker freeing one slot and a
+ * publisher filling the next never write the same line. */
+static inline bslot *slot_at(const bworker *w, size_t mask, uint64_t pos)
+{
+    uint64_t i = pos & mask;
+    return &w->ring[((i << 1) | (i >> w->bus->rot)) & mask];
+}
+
 static bool ring_push(bworker *w, size_t mask, keel_bus_sub *sub, bmsg *m)
 {
     uint64_t pos = atomic_load_explicit(&w->tail, memory_order_relaxed);
     for (;;) {
-        bslot *sl = &w->ring[pos & mask];
+        bslot *sl = slot_at(w, mask, pos);
         int64_t dif = (int64_t)(atomic_load_explicit(&sl->seq, memory_order_acquire) - pos);
         if (dif == 0) {
             if (atomic_compare_exchange_weak_explicit(&w->tail, &pos, pos + 1, memory_order_relaxed,
@@ -619,7 +630,7 @@ static bool ring_pop(bworker *w, size_t mask, bslot *out)
 {
     uint64_t pos = atomic_load_explicit(&w->head, memory_order_relaxed);
     for (;;) {
-        bslot *sl = &w->ring[pos & mask];
+        bslot *sl = slot_at(w, mask, pos);
         int64_t dif = (int64_t)(atomic_load_explicit(&sl->seq, memory_order_acquire) - (pos + 1));
         if (dif == 0) {
             if (atomic_compare_exchange_weak_explicit(&w->head, &pos, pos + 1, memory_order_relaxed,
@@ -640,7 +651,7 @@ static bool ring_pop(bworker *w, size_t mask, bslot *out)
 static bool ring_ready(bworker *w, size_t mask)
 {
     uint64_t pos = atomic_load_explicit(&w->head, memory_order_relaxed);
-    return atomic_load_explicit(&w->ring[pos & mask].seq, memory_order_acquire) == pos + 1;
+    return atomic_load_explicit(&slot_at(w, mask, pos)->seq, memory_order_acquire) == pos + 1;
 }
 
 static void wake(bworker *w, pthread_cond_t *cv)
@@ -823,7 +834,7 @@ static int start_workers(keel_bus *bus)
                 break;
             }
             for (size_t i = 0; i < bus->cap; i++)
-                atomic_init(&w->ring[i].seq, i);
+                atomic_init(&slot_at(w, bus->mask, i)->seq, i);
         }
         if (pthread_create(&w->th, NULL, worker_main, w) != 0) {
             rc = KEEL_ENOMEM;
@@ -1052,9 +1063,11 @@ KEEL_API int keel_bus_subscribe(keel_bus *bus, const keel_bus_sub_opts *o, keel_
         (o->mode != KEEL_BUS_SYNC && o->mode != KEEL_BUS_ASYNC) || (o->group && !o->group[0]) ||
         keel__bus_tokens(o->pattern, strnlen(o->pattern, KEEL_BUS_SUBJECT_MAX + 1), true, &t))
         return KEEL_EINVAL;
-    keel_bus_sub *s = keel__calloc(1, sizeof *s);
+    keel_bus_sub *s = keel__aligned_alloc(KEEL__CACHELINE, sizeof *s);
+    if (s)
+        memset(s, 0, sizeof *s);
     if (!s || !(s->pattern = keel__strdup(o->pattern))) {
-        keel__free(s);
+        keel__aligned_free(s);
         return KEEL_ENOMEM;
     }
     s->bus = bus;
@@ -1081,7 +1094,7 @@ KEEL_API int keel_bus_subscribe(keel_bus *bus, const keel_bus_sub_opts *o, keel_
         collect_garbage(bus, false);
     if (rc) {
         keel__free(s->pattern);
-        keel__free(s);
+        keel__aligned_free(s);
         return rc;
     }
     *out = s;
@@ -1232,6 +1245,7 @@ KEEL_API int keel_bus_create(keel_bus **out, const keel_bus_opts *opts)
     for (bus->cap = 2; bus->cap < (o.capacity ? o.capacity : 65536);) /* the ring needs two */
         bus->cap <<= 1;
     bus->mask = bus->cap - 1;
+    bus->rot = (unsigned)__builtin_ctzll(bus->cap) - 1;
     pthread_mutex_init(&bus->mu, NULL);
     keel__fences_init();
     int rc = 0;

@@ -22,6 +22,10 @@ typedef struct btoks {
 /* Cuts a subject (wildcards refused) or a pattern: 0 or KEEL_EINVAL. */
 int keel__bus_tokens(const char *s, size_t len, bool pattern, btoks *t);
 
+/* A line for what publishers and workers only read, one for the
+ * references (every publish and every delivery run writes them), one for
+ * the calls in progress (the workers'): a publisher reading `group` must
+ * not wait for a line a worker has just written. Allocated aligned. */
 struct keel_bus_sub {
     keel_bus *bus;
     uint64_t seq;           /* subscription order */
@@ -30,10 +34,10 @@ struct keel_bus_sub {
     void *ud;
     keel_bus_mode mode;
     struct bgroup *group;
-    _Atomic uint64_t refs;  /* the trie's, queued deliveries', publishes in progress */
-    _Atomic uint64_t calls; /* handler calls in progress */
     _Atomic int dead;
     struct keel_bus_sub *next_dead; /* the bus's list of subscriptions to free */
+    _Atomic uint64_t refs __attribute__((aligned(KEEL__CACHELINE))); /* the trie's, queued deliveries', publishes in progress */
+    _Atomic uint64_t calls __attribute__((aligned(KEEL__CACHELINE))); /* handler calls in progress */
 };
 
 /* A queue group: the subscriptions of a bus that share a name. */
