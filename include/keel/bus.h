@@ -97,7 +97,8 @@ typedef enum keel_bus_full {
 typedef struct keel_bus_opts {
     size_t workers;                 /* async workers; 0 = 2 */
     size_t capacity;                /* queued async deliveries per worker; 0 = 65536;
-                                       rounded up to a power of two, at least 2 */
+                                       rounded up to a power of two, at least 2;
+                                       32 bytes each, from the first async subscription */
     keel_bus_full on_full;
     uint64_t block_timeout_ns;      /* KEEL_BUS_BLOCK: 0 = no limit */
     /* A handler failed (err: its return), or a delivery was dropped
