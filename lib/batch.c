@@ -42,7 +42,11 @@
  * lanes once more; a producer publishes, runs a light fence and wakes the
  * batcher only when its lane holds that many. With several lanes the
  * batcher also looks every POLL_NS (a share can be missed by an add that
- * raced with the look).
+ * raced with the look), and a lane made meanwhile wakes it (the shares
+ * were for fewer lanes). While batches fill up by count (`streaming`) the
+ * batcher does not ask to be woken at all, since a wake-up costs the
+ * producer a system call per batch: it looks every STREAM_NS, until a
+ * look finds nothing new.
  *
  * Linger: the first add after a batch was taken stamps the time the next
  * batch opened (`opened`, UNSTAMPED until then, set by compare-and-swap),
