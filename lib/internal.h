@@ -88,7 +88,9 @@ static inline uint64_t keel__clock_coarse(const keel__clock *c)
  * exits; it bumps its counters with a plain load and store (no locked
  * instruction: a locked one is a full barrier that stops the next call's
  * cache misses from overlapping this one's). Once KEEL__STRIPES - 1
- * threads hold one, the others share the last stripe and add atomically.
+ * threads hold one, the others share the last stripe and add atomically
+ * (in a child of fork(), the stripes of the parent's other threads stay
+ * taken: its new threads share).
  * A stripe is a struct of the module's counters aligned to
  * KEEL__CACHELINE; the owner must be allocated with keel__aligned_alloc.
  * Only the thread that called keel__stripe() may bump that stripe. */
