@@ -6,6 +6,7 @@
 #include "tslot.h"
 
 __thread keel__ttable *keel__tt __attribute__((tls_model("initial-exec")));
+__thread keel__tlast keel__tl_last __attribute__((tls_model("initial-exec")));
 
 static pthread_mutex_t reg_mu = PTHREAD_MUTEX_INITIALIZER;
 static keel__towner **reg;
@@ -18,6 +19,7 @@ static bool exit_key_ok;
 static void thread_exit(void *arg)
 {
     keel__ttable *t = arg;
+    keel__tl_last = (keel__tlast){0};
     pthread_mutex_lock(&reg_mu);
     for (size_t i = 0; i < t->cap; i++) {
         keel__tentry *e = &t->e[i];
@@ -50,6 +52,7 @@ static void table_free_if_empty(keel__ttable *t)
 int keel__tslot_set(keel__towner *o, void *data, void (*free_fn)(void *))
 {
     keel__ttable *t = keel__tt;
+    keel__tl_last = (keel__tlast){0};
     if (!t) {
         pthread_once(&exit_once, exit_key_create);
         if (!exit_key_ok || !(t = keel__calloc(1, sizeof *t)))
@@ -85,6 +88,7 @@ int keel__tslot_set(keel__towner *o, void *data, void (*free_fn)(void *))
 void keel__tslot_drop(keel__towner *o)
 {
     keel__ttable *t = keel__tt;
+    keel__tl_last = (keel__tlast){0};
     if (!t || o->id >= t->cap || !t->e[o->id].data || t->e[o->id].gen != o->gen)
         return;
     t->e[o->id].free_fn(t->e[o->id].data);

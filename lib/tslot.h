@@ -40,12 +40,26 @@ typedef struct keel__ttable {
 
 extern KEEL__HIDDEN __thread keel__ttable *keel__tt __attribute__((tls_model("initial-exec")));
 
+/* The last entry found, so that a thread working with one owner at a time
+ * skips the table; any change to the thread's table clears it. */
+typedef struct keel__tlast {
+    const keel__towner *o;
+    uint64_t gen;
+    void *data;
+} keel__tlast;
+extern KEEL__HIDDEN __thread keel__tlast keel__tl_last __attribute__((tls_model("initial-exec")));
+
 /* The calling thread's data for o, or NULL. Lock-free. */
 static inline __attribute__((always_inline)) void *keel__tslot_get(const keel__towner *o)
 {
+    keel__tlast *l = &keel__tl_last;
+    if (KEEL__LIKELY(l->o == o && l->gen == o->gen))
+        return l->data;
     keel__ttable *t = keel__tt;
-    if (KEEL__LIKELY(t && o->id < t->cap && t->e[o->id].gen == o->gen))
-        return t->e[o->id].data;
+    if (KEEL__LIKELY(t && o->id < t->cap && t->e[o->id].gen == o->gen)) {
+        *l = (keel__tlast){o, o->gen, t->e[o->id].data};
+        return l->data;
+    }
     return NULL;
 }
 
