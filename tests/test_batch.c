@@ -31,6 +31,7 @@ typedef struct seen {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     size_t batches, items, dead, attempts;
+    size_t entered;         /* handler calls begun, blocked or not */
     size_t sizes[64];
     uint64_t attempt_at[16];
     int dead_err;
@@ -81,6 +82,15 @@ static void wait_retried(keel_batch *b, uint64_t n)
     ck_abort_msg("no retry came");
 }
 
+/* Lets a handler held by s->block go on. */
+static void unblock(seen *s)
+{
+    pthread_mutex_lock(&s->mu);
+    s->block = 0;
+    pthread_cond_broadcast(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+}
+
 static size_t get(seen *s, size_t *field)
 {
     pthread_mutex_lock(&s->mu);
@@ -93,6 +103,8 @@ static int handler(void *const *items, size_t n, keel_batch_ctx *ctx, void *ud)
 {
     seen *s = ud;
     pthread_mutex_lock(&s->mu);
+    s->entered++;
+    pthread_cond_broadcast(&s->cv);
     while (s->block)
         pthread_cond_wait(&s->cv, &s->mu);
     uint32_t attempt = keel_batch_attempt(ctx);
@@ -262,8 +274,7 @@ START_TEST(each_full_queue_policy)
                                                    .on_full = (keel_batch_full)policy,
                                                    .block_timeout_ns = 50 * MS});
         ck_assert_int_eq(keel_batch_add(b, ITEM(1), 1), 0);
-        for (int spin = 0; get(&s, &s.attempts) == 0 && spin < 1000; spin++)
-            nanosleep(&(struct timespec){0, 1000000}, NULL); /* until item 1 is taken */
+        wait_for(&s, &s.entered, 1); /* item 1 is taken */
         for (int i = 2; i <= 9; i++)
             ck_assert_int_eq(keel_batch_add(b, ITEM(i), 1), 0);
         int rc = keel_batch_add(b, ITEM(10), 1);
@@ -282,10 +293,7 @@ START_TEST(each_full_queue_policy)
             ck_assert_uint_eq(get(&s, &s.dead), 1);
             ck_assert_int_eq(s.dead_err, KEEL_EFULL);
         }
-        pthread_mutex_lock(&s.mu);
-        s.block = 0;
-        pthread_cond_broadcast(&s.cv);
-        pthread_mutex_unlock(&s.mu);
+        unblock(&s);
         ck_assert_int_eq(keel_batch_close(b), 0);
         /* handled: 1 to 9 (10 refused), or 1 and 3 to 10 (2 dropped) */
         ck_assert_uint_eq(get(&s, &s.items), 9);
@@ -534,8 +542,7 @@ START_TEST(an_exited_thread_leaves_its_items_and_its_room)
     s.block = 1; /* the handler holds item 1; the queue holds the rest */
     keel_batch *b = make(&s, (keel_batch_opts){.max_items = 1, .capacity = 1000, .on_full = KEEL_BATCH_REJECT});
     ck_assert_int_eq(keel_batch_add(b, ITEM(1), 1), 0);
-    for (int spin = 0; get(&s, &s.attempts) == 0 && spin < 1000; spin++)
-        nanosleep(&(struct timespec){0, 1000000}, NULL); /* until item 1 is taken */
+    wait_for(&s, &s.entered, 1); /* item 1 is taken */
     producer p = {b, 5000, 1, NULL};
     pthread_t t;
     ck_assert_int_eq(pthread_create(&t, NULL, add_one, &p), 0);
@@ -551,10 +558,7 @@ START_TEST(an_exited_thread_leaves_its_items_and_its_room)
     keel_batch_stats_get(b, &st);
     ck_assert_uint_eq(st.accepted, 1001);
     ck_assert_uint_eq(st.queued, 1000);
-    pthread_mutex_lock(&s.mu);
-    s.block = 0;
-    pthread_cond_broadcast(&s.cv);
-    pthread_mutex_unlock(&s.mu);
+    unblock(&s);
     ck_assert_int_eq(keel_batch_close(b), 0);
     ck_assert_uint_eq(get(&s, &s.items), 1001);
     check_invariant(b);
