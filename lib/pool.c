@@ -404,7 +404,9 @@ static void thread_exit(keel__towner *o, void *data)
 static void tc_free(void *tc) { keel__free(tc); } /* its pool is gone */
 
 /* The calling thread's cache for p, created on first use; NULL when memory
- * runs out (the caller then goes through the depot). */
+ * runs out (the caller then goes through the depot). Never called for a
+ * debug pool: the fast paths take "this thread has a cache" to mean "not
+ * in debug mode". */
 static tcache *tc_create(keel_pool *p)
 {
     tcache *tc = keel__calloc(1, sizeof *tc);
@@ -590,33 +592,45 @@ static inline __attribute__((always_inline)) void *acquire_fast(keel_pool *p, tc
         size_t n = LD(m->n);
         if (KEEL__UNLIKELY(n == 0)) {
             mag *pm = LD(tc->prev);
-            if ((n = LD(pm->n)) != 0) {
-                ST(tc->prev, m);
-                ST(tc->loaded, pm);
-                m = pm;
-            }
+            if ((n = LD(pm->n)) == 0)
+                goto out;
+            ST(tc->prev, m);
+            ST(tc->loaded, pm);
+            m = pm;
         }
-        if (KEEL__LIKELY(n)) {
-            obj = m->rounds[--n];
-            ST(m->n, n);
-            ST(tc->hits, LD(tc->hits) + 1);
-        }
+        obj = m->rounds[--n];
+        if (!obj) /* never: tells the callers' tests that a pop succeeds */
+            __builtin_unreachable();
+        ST(m->n, n);
+        ST(tc->hits, LD(tc->hits) + 1);
     }
+out:
     op_end(tc);
+    return obj;
+}
+
+/* Everything but a hit in an existing thread cache: a debug pool (which
+ * never has one), a first call on this thread, empty magazines. */
+static KEEL__COLD void *acquire_miss(keel_pool *p)
+{
+    void *obj = NULL;
+    tcache *tc = NULL;
+    if (!p)
+        return NULL;
+    if (!p->debug && (tc = tc_get(p)) != NULL && (obj = acquire_fast(p, tc)) != NULL)
+        return obj;
+    acquire_slow(p, tc, 0, &obj);
     return obj;
 }
 
 KEEL_API void *keel_pool_acquire(keel_pool *p)
 {
-    void *obj = NULL;
-    tcache *tc = NULL;
-    if (KEEL__UNLIKELY(!p))
-        return NULL;
-    if (KEEL__LIKELY(!p->debug) && KEEL__LIKELY((tc = tc_get(p)) != NULL) &&
+    tcache *tc;
+    void *obj;
+    if (KEEL__LIKELY(p != NULL) && KEEL__LIKELY((tc = keel__tslot_get(&p->owner)) != NULL) &&
         KEEL__LIKELY((obj = acquire_fast(p, tc)) != NULL))
         return obj;
-    acquire_slow(p, tc, 0, &obj);
-    return obj;
+    return acquire_miss(p);
 }
 
 KEEL_API int keel_pool_acquire_timeout(keel_pool *p, uint64_t timeout_ns, void **obj)
@@ -683,7 +697,35 @@ static void release_slow(keel_pool *p, tcache *tc, void *obj)
     pthread_mutex_unlock(&p->mu);
 }
 
-KEEL_API int keel_pool_release(keel_pool *p, void *obj)
+/* The lock-free path: obj onto the thread's magazines, or false. */
+static inline __attribute__((always_inline)) bool release_fast(keel_pool *p, tcache *tc, void *obj)
+{
+    bool done = false;
+    op_begin(tc);
+    if (KEEL__LIKELY(atomic_load_explicit(&p->gate, memory_order_acquire) == 0)) {
+        mag *m = LD(tc->loaded);
+        size_t n = LD(m->n);
+        if (KEEL__UNLIKELY(n == p->mag_size)) {
+            mag *pm = LD(tc->prev);
+            if (LD(pm->n) != 0)
+                goto out;
+            ST(tc->prev, m);
+            ST(tc->loaded, pm);
+            m = pm;
+            n = 0;
+        }
+        m->rounds[n] = obj;
+        ST(m->n, n + 1);
+        done = true;
+    }
+out:
+    op_end(tc);
+    return done;
+}
+
+/* Everything but a plain push onto an existing thread cache: bad
+ * arguments, a debug pool, a reset hook, a first call, full magazines. */
+static KEEL__COLD int release_miss(keel_pool *p, void *obj)
 {
     if (!p || !obj)
         return KEEL_EINVAL;
@@ -701,31 +743,18 @@ KEEL_API int keel_pool_release(keel_pool *p, void *obj)
     if (p->reset)
         p->reset(obj, p->ud);
     tcache *tc = tc_get(p);
-    if (tc) {
-        op_begin(tc);
-        if (KEEL__LIKELY(atomic_load_explicit(&p->gate, memory_order_acquire) == 0)) {
-            mag *m = LD(tc->loaded);
-            size_t n = LD(m->n);
-            if (KEEL__UNLIKELY(n == p->mag_size)) {
-                mag *pm = LD(tc->prev);
-                if (LD(pm->n) == 0) {
-                    ST(tc->prev, m);
-                    ST(tc->loaded, pm);
-                    m = pm;
-                    n = 0;
-                }
-            }
-            if (KEEL__LIKELY(n < p->mag_size)) {
-                m->rounds[n] = obj;
-                ST(m->n, n + 1);
-                op_end(tc);
-                return 0;
-            }
-        }
-        op_end(tc);
-    }
-    release_slow(p, tc, obj);
+    if (!tc || !release_fast(p, tc, obj))
+        release_slow(p, tc, obj);
     return 0;
+}
+
+KEEL_API int keel_pool_release(keel_pool *p, void *obj)
+{
+    tcache *tc;
+    if (KEEL__LIKELY(p != NULL) && KEEL__LIKELY(obj != NULL) && KEEL__LIKELY(p->reset == NULL) &&
+        KEEL__LIKELY((tc = keel__tslot_get(&p->owner)) != NULL) && KEEL__LIKELY(release_fast(p, tc, obj)))
+        return 0;
+    return release_miss(p, obj);
 }
 
 KEEL_API int keel_pool_discard(keel_pool *p, void *obj)

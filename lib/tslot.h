@@ -53,8 +53,11 @@ extern KEEL__HIDDEN __thread keel__tlast keel__tl_last __attribute__((tls_model(
 static inline __attribute__((always_inline)) void *keel__tslot_get(const keel__towner *o)
 {
     keel__tlast *l = &keel__tl_last;
-    if (KEEL__LIKELY(l->o == o && l->gen == o->gen))
+    if (KEEL__LIKELY(l->o == o && l->gen == o->gen)) {
+        if (!l->data) /* never: entries hold data */
+            __builtin_unreachable();
         return l->data;
+    }
     keel__ttable *t = keel__tt;
     if (KEEL__LIKELY(t && o->id < t->cap && t->e[o->id].gen == o->gen)) {
         *l = (keel__tlast){o, o->gen, t->e[o->id].data};
@@ -63,7 +66,7 @@ static inline __attribute__((always_inline)) void *keel__tslot_get(const keel__t
     return NULL;
 }
 
-/* Stores the calling thread's data for o (replacing a stale entry of a
+/* Stores the calling thread's data (not NULL) for o (replacing a stale entry of a
  * dead owner with the same id, which is freed). Returns 0 or KEEL_ENOMEM. */
 int keel__tslot_set(keel__towner *o, void *data, void (*free_fn)(void *data));
 
