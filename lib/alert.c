@@ -263,10 +263,9 @@ static size_t selector_window(parser *ps, uint64_t *win)
                 ps->bad = true;
                 break;
             }
-            s.mk[s.nm] = ident(ps, false);
-            if (!need(ps, "="))
-                break;
-            s.mv[s.nm++] = quoted(ps);
+            s.mk[s.nm] = ident(ps, false); /* counted at once: freed if bad */
+            s.mv[s.nm] = need(ps, "=") ? quoted(ps) : NULL;
+            s.nm++;
         } while (!ps->bad && lit(ps, ","));
         need(ps, "}");
     }

@@ -276,6 +276,8 @@ START_TEST(malformed_rules_report_where)
         {"last(x[1m]) > 1 for", 19},
         {"last(x[1m]) > 1 extra", 16},
         {"last(x{a=\"b\"[1m]) > 1", 12},
+        {"last(x{a\"b\"[1m]) > 1", 8}, /* a label name without "=" (once leaked it) */
+        {"last(x{a=\"b\",c[1m]) > 1", 14},
         {"", 0},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
