@@ -166,7 +166,7 @@ static uint64_t duration(parser *ps)
         if (strncmp(ps->p, units[i].unit, n) == 0 && !isalpha((unsigned char)ps->p[n])) {
             ps->p += n;
             double ns = v * units[i].ns;
-            if (ns > 1e18) { /* about 31 years */
+            if (ns > 1e18 || ns < 1) { /* about 31 years; not even a nanosecond */
                 ps->bad = true;
                 return 0;
             }

@@ -418,7 +418,8 @@ static int family_new(keel_metrics *m, keel_metric_type type, const char *name, 
                       size_t nbounds, bool func, family **out)
 {
     if (!m || !out || !name_ok(name, true) || nlabels > MAX_LABELS || (nlabels && !labels) ||
-        (type == KEEL_METRIC_COUNTER && !ends_with(name, "_total")) || strlen(name) > 200)
+        (type == KEEL_METRIC_COUNTER && (!ends_with(name, "_total") || strcmp(name, "_total") == 0)) ||
+        strlen(name) > 200)
         return KEEL_EINVAL;
     for (size_t i = 0; i < nlabels; i++) {
         if (!label_name_ok(labels[i]))

@@ -271,6 +271,7 @@ START_TEST(malformed_rules_report_where)
     } bad[] = {
         {"rate(x[5m]) >", 13},
         {"rate(x[5q]) > 1", 8},
+        {"rate(x[1e-300ms]) > 1", 15}, /* rounds to no window at all */
         {"rate(x[5m] > 1", 11},
         {"foo(x[5m]) > 1", 0},
         {"last(x[1m]) > 1 for", 19},

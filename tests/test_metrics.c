@@ -301,6 +301,7 @@ START_TEST(names_and_labels_are_validated)
     keel_histogram *h;
     ck_assert_int_eq(keel_metrics_counter(m, "requests", "", NULL, 0, &c), KEEL_EINVAL); /* _total */
     ck_assert_int_eq(keel_metrics_counter(m, "9lives_total", "", NULL, 0, &c), KEEL_EINVAL);
+    ck_assert_int_eq(keel_metrics_counter(m, "_total", "", NULL, 0, &c), KEEL_EINVAL); /* no family name */
     ck_assert_int_eq(keel_metrics_gauge(m, "bad-name", "", NULL, 0, &g), KEEL_EINVAL);
     ck_assert_int_eq(keel_metrics_gauge(m, "", "", NULL, 0, &g), KEEL_EINVAL);
     ck_assert_int_eq(keel_metrics_gauge(m, NULL, "", NULL, 0, &g), KEEL_EINVAL);

@@ -565,6 +565,7 @@ START_TEST(malformed_urls_are_refused)
         "unix://", "unix:///tmp/s?db=x", "redis://[::1", "redis://[]:6379", "", NULL,
         "redis://:%zz@h", "redis://:%-1@h", "redis://:p%00x@h", "redis://:p%4@h", "redis://h st:6379",
         "redis://[not-an-ip]:6379", "redis://h%41:1",
+        "unix:///tmp/a-socket-path-longer-than-a-sockaddr_un-holds/.............................................................x.sock",
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         keel_redis *r = (keel_redis *)0x1;

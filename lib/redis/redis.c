@@ -22,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/un.h>
 #include <time.h>
 
 #include <keel/metrics.h>
@@ -117,8 +118,8 @@ int keel__redis_url(const char *url, keel__rurl *u)
     if (strncmp(url, "unix://", 7) == 0) {
         const char *path = url + 7, *q = strchr(path, '?');
         size_t plen = q ? (size_t)(q - path) : strlen(path);
-        if (plen == 0 || path[0] != '/')
-            return KEEL_EINVAL;
+        if (plen == 0 || path[0] != '/' || plen >= sizeof(((struct sockaddr_un *)0)->sun_path))
+            return KEEL_EINVAL; /* a longer path would be cut short by the connect */
         if (q) {
             if (strncmp(q, "?db=", 4) != 0 || (u->db = (int)parse_num(q + 4, strlen(q + 4), 0, 65535)) < 0)
                 return KEEL_EINVAL;
