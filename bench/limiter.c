@@ -156,9 +156,11 @@ static void redis_section(void)
 int main(void)
 {
     keys = malloc(NKEYS * sizeof *keys);
-    table = calloc(TABLE_WORDS, sizeof *table);
+    table = malloc(TABLE_WORDS * sizeof *table);
     if (!keys || !table)
         return 1;
+    for (size_t i = 0; i < TABLE_WORDS; i++) /* written: pages of their own, not the zero page */
+        table[i] = i;
     for (int i = 0; i < NKEYS; i++)
         snprintf(keys[i], sizeof keys[i], "key%08d", i);
     local_section();
