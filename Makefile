@@ -78,6 +78,9 @@ TEST_HELP := $(B)/obj/tests/harness.o
 HAVE_MHD := $(shell $(PKG_CONFIG) --exists libmicrohttpd 2>/dev/null && echo yes)
 EXAMPLE_SRC := $(sort $(filter-out $(if $(HAVE_MHD),,examples/metrics.c),$(wildcard examples/*.c)))
 EXAMPLE_BIN := $(EXAMPLE_SRC:examples/%.c=$(B)/examples/%)
+FUZZ_SRC := $(sort $(wildcard tests/fuzz/fuzz_*.c))
+FUZZ_TARGETS := $(FUZZ_SRC:tests/fuzz/fuzz_%.c=%)
+FUZZ_BIN := $(FUZZ_TARGETS:%=$(B)/fuzz/%)
 BENCH_SRC := $(sort $(wildcard bench/*.c))
 BENCH_BIN := $(BENCH_SRC:bench/%.c=$(B)/bench/%)
 MAN3 := $(wildcard man/man3/*.3)
@@ -143,11 +146,13 @@ $(B)/tests/%: $(B)/obj/tests/%.o $(TEST_HELP) $(STATIC)
 	@mkdir -p $(dir $@)
 	$(call say,LD,$@)$(CC) $(KEEL_LDFLAGS) $(LDFLAGS) -o $@ $^ $(LIBS_$*) $(CHECK_LIBS) $(DEP_LIBS)
 
-.PHONY: tests check check-all check-unit check-headers check-symbols check-install check-man
+.PHONY: tests check check-all check-unit check-fuzz check-headers check-symbols check-install check-man
 tests: $(TEST_BIN)
 
 # The whole suite: unit and server tests with throwaway servers, and (outside
-# sanitizer builds) the header, symbol, man-page and install checks.
+# sanitizer builds) the header, symbol, man-page and install checks; then
+# the fuzz targets, after the suite rather than beside it, so that they do
+# not take a core from its timing-sensitive cases.
 check: deps
 	@$(MAKE) --no-print-directory check-all
 ifeq ($(SAN),)
@@ -155,6 +160,7 @@ check-all: check-headers check-symbols check-man check-unit check-install
 else
 check-all: check-unit
 endif
+	+@$(MAKE) --no-print-directory check-fuzz
 
 check-unit: $(TEST_BIN)
 	@SAN='$(SAN)' TESTS='$(TESTS)' tests/servers.sh run tests/run.sh $(TEST_BIN)
@@ -184,6 +190,39 @@ check-install: all
 check-valgrind: deps
 	@$(MAKE) --no-print-directory tests
 	@VALGRIND=1 TESTS='$(TESTS)' tests/servers.sh run tests/run.sh $(TEST_BIN)
+
+# ---- fuzzing --------------------------------------------------------------------
+# tests/fuzz/fuzz_<name>.c is a libFuzzer target. check-fuzz links each with
+# tests/fuzz/driver.c (any compiler, SAN= honoured) and runs it over
+# tests/fuzz/seeds/<name> and FUZZ_RUNS deterministic mutations of them
+# (empty: the driver's default). `make fuzz` runs libFuzzer itself, with
+# clang, in its own build folder; the sub-make there links without the
+# driver (FUZZ_MAIN) and with libFuzzer's main (FUZZ_LDFLAGS).
+FUZZ_MAIN := $(B)/obj/tests/fuzz/driver.o
+FUZZ_LDFLAGS :=
+FUZZ_RUNS ?=
+FUZZ_TIME ?= 60
+FUZZ_B := build/fuzz-clang
+
+$(B)/obj/tests/fuzz/%.o: tests/fuzz/%.c tests/fuzz/fuzz.h $(HEADERS) $(wildcard lib/*.h lib/*/*.h)
+	@mkdir -p $(dir $@)
+	$(call say,CC,$<)$(CC) $(KEEL_CFLAGS) $(KEEL_WARN) $(CFLAGS) -Ilib -c $< -o $@
+
+$(B)/fuzz/%: $(B)/obj/tests/fuzz/fuzz_%.o $(FUZZ_MAIN) $(STATIC)
+	@mkdir -p $(dir $@)
+	$(call say,LD,$@)$(CC) $(KEEL_LDFLAGS) $(FUZZ_LDFLAGS) $(LDFLAGS) -o $@ $^ $(DEP_LIBS)
+
+check-fuzz: $(FUZZ_BIN)
+	@for t in $(FUZZ_TARGETS); do \
+		$(B)/fuzz/$$t tests/fuzz/seeds/$$t $(FUZZ_RUNS) || { echo "check-fuzz: $$t failed"; exit 1; }; \
+	done
+
+.PHONY: fuzz
+fuzz:
+	@tests/fuzz/libfuzzer.sh check '$(FUZZ)' $(FUZZ_TARGETS)
+	+@$(MAKE) --no-print-directory CC=clang SAN=fuzzer-no-link,address,undefined B=$(FUZZ_B) \
+		FUZZ_MAIN= FUZZ_LDFLAGS=-fsanitize=fuzzer $(FUZZ_B)/fuzz/$(FUZZ)
+	@tests/fuzz/libfuzzer.sh run $(FUZZ) $(FUZZ_TIME) $(FUZZ_B)
 
 # ---- examples ------------------------------------------------------------------
 $(B)/examples/%: examples/%.c $(STATIC)
@@ -255,6 +294,8 @@ help:
 	@echo '  check-man      every public function named in a man page'
 	@echo '  check-install  install to a temporary DESTDIR, link an outside program with pkg-config'
 	@echo '  check-valgrind the Check suites under valgrind'
+	@echo '  check-fuzz     the fuzz targets over their seeds and mutations (part of check)'
+	@echo '  fuzz           libFuzzer with clang: FUZZ=<target> FUZZ_TIME=<seconds, 60>'
 	@echo '  examples       build examples/*.c'
 	@echo '  bench          run the benchmarks (SHORT=1 for a quick pass)'
 	@echo '  install        install under PREFIX (DESTDIR, libdir, includedir, mandir honoured)'
@@ -262,4 +303,5 @@ help:
 	@echo '  deps           install missing Debian packages (as root) or print the command'
 	@echo '  clean          remove build/'
 	@echo 'Variables: V=1 (show commands), SAN=address,undefined | SAN=thread,'
-	@echo '  CFLAGS/LDFLAGS (appended to the project flags), PREFIX, DESTDIR, TESTS=name,...'
+	@echo '  CFLAGS/LDFLAGS (appended to the project flags), PREFIX, DESTDIR, TESTS=name,...,'
+	@echo '  FUZZ_RUNS=<mutations per fuzz target in check-fuzz>'
