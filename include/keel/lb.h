@@ -71,7 +71,7 @@ typedef struct keel_lb_opts {
     keel_lb_policy policy;
     uint32_t max_fails;       /* default per peer; 0 = 1 (nginx) */
     uint64_t fail_timeout_ns; /* default per peer; 0 = 10 s (nginx) */
-    double p2c_bias;          /* P2C weighted exponent; 0 = 1.0 */
+    double p2c_bias;          /* P2C weighted exponent, at most 64; 0 = 1.0 */
     uint64_t ewma_tau_ns;     /* PEAK_EWMA decay; 0 = 10 s */
     uint32_t eject_consecutive; /* 0 = no outlier ejection (Envoy: 5) */
     uint64_t eject_base_ns;   /* 0 = 30 s */
@@ -120,8 +120,8 @@ typedef struct keel_lb_peer_stats {
     uint64_t picks, failures;
 } keel_lb_peer_stats;
 
-/* Returns 0, KEEL_EINVAL (NULL, unknown policy, bias < 0 or NaN, percent
- * > 100) or KEEL_ENOMEM. */
+/* Returns 0, KEEL_EINVAL (NULL, unknown policy, bias < 0, > 64 or NaN,
+ * percent > 100) or KEEL_ENOMEM. */
 KEEL_API int keel_lb_create(keel_lb **out, const keel_lb_opts *opts);
 
 /* Adds a peer; *peer (may be NULL) receives its handle. Peers keep the
