@@ -137,7 +137,7 @@ typedef struct keel_cache_item {
 /* Gets n keys: L1 first, then one MGET per Redis node for the misses
  * (batches of 512), then each key still missing through L3 and the loader
  * as keel_cache_get() does. Returns 0 when every item has its value, else
- * the first item's error (see each rc). */
+ * the error of the first item without one (see each rc). */
 KEEL_API int keel_cache_get_many(keel_cache *c, keel_cache_item *items, size_t n);
 
 /* Writes through every tier; ttl_ns 0 = default_ttl_ns. tags: C strings

@@ -102,9 +102,9 @@ typedef struct keel_limit_result {
     uint64_t now_ns;         /* the store's time of the decision (Redis: its TIME) */
 } keel_limit_result;
 
-/* Returns 0, KEEL_EINVAL (no window, a limit of 0 or over 2^32-1, a burst
- * under 1 with GCRA, a prefix with '{', an unknown algorithm or policy)
- * or KEEL_ENOMEM. With Redis, loads nothing yet. */
+/* Returns 0, KEEL_EINVAL (no window, a limit or a burst over 2^32-1, a
+ * limit of 0, a prefix with '{', an unknown algorithm or policy) or
+ * KEEL_ENOMEM. With Redis, loads nothing yet. */
 KEEL_API int keel_limiter_create(keel_limiter **out, const keel_limiter_opts *opts);
 KEEL_API void keel_limiter_destroy(keel_limiter *l);
 

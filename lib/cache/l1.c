@@ -244,7 +244,8 @@ int keel__l1_get(l1 *c, const void *key, size_t klen, uint64_t h, void *buf, siz
         } else if (e->vlen > cap) {
             rc = KEEL_ERANGE;
         } else {
-            memcpy(buf, e->data + e->klen, e->vlen);
+            if (e->vlen) /* buf may be NULL with cap 0 */
+                memcpy(buf, e->data + e->klen, e->vlen);
             rc = 0;
         }
         break;

@@ -318,14 +318,11 @@ static void check_get(state *st, key k, const uint8_t *buf, size_t cap, int rc, 
              e->vlen);
 }
 
-/* The buffer a get passes: NULL with cap 0, as cache.h allows, except
- * for an empty value: lib/cache/l1.c:238 then calls memcpy(NULL, p, 0),
- * undefined behaviour that UBSan reports (found by this target; the
- * library is to guard that memcpy as copy_out() in cache.c does). */
-static void *buf_arg(state *st, key k, uint8_t *b, size_t cap)
+/* The buffer a get passes: NULL with cap 0, as cache.h allows (an empty
+ * value into no buffer once reached memcpy(NULL, p, 0) in L1: UBSan). */
+static void *buf_arg(uint8_t *b, size_t cap)
 {
-    entry *e = key_ok(st, k) ? find(st, k) : NULL;
-    return cap || (e && e->vlen == 0) ? b : NULL;
+    return cap ? b : NULL;
 }
 
 /* A buffer for a get: cap bytes and a canary after them. */
@@ -370,7 +367,7 @@ static void op_get(state *st)
     else if (misuse == 2)
         rc = keel_cache_get(st->c, k.p, k.len, b, cap, NULL);
     else
-        rc = keel_cache_get(st->c, k.p, k.len, buf_arg(st, k, b, cap), cap, &len);
+        rc = keel_cache_get(st->c, k.p, k.len, buf_arg(b, cap), cap, &len);
     if (misuse == 1 || misuse == 2 || !key_ok(st, k))
         KF_CHECK(rc == KEEL_EINVAL, "get with bad arguments (%d, %zu-byte key): %d", misuse, k.len, rc);
     else
@@ -391,7 +388,7 @@ static void op_get_many(state *st)
         size_t cap = cap_of(st, k[j], (uint8_t)(cs >> (2 * j)));
         it[j] = (keel_cache_item){.key = k[j].p, .klen = k[j].len, .buf = buf_new(cap), .cap = cap};
         bufs[j] = it[j].buf;
-        it[j].buf = buf_arg(st, k[j], bufs[j], cap);
+        it[j].buf = buf_arg(bufs[j], cap);
     }
     int rc = keel_cache_get_many(st->c, it, 3), first = 0;
     for (size_t j = 0; j < 3; j++) {
