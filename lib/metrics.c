@@ -622,13 +622,21 @@ static int slots_take(keel_metrics *m, family *f, size_t *slot, bool *reused)
     return 0;
 }
 
-static int child_get(family *f, const char *const *values, size_t n, child **out)
+/* Whether n label values are there, none of them NULL. */
+static bool values_ok(const char *const *values, size_t n)
 {
-    if (!f || (n && !values) || n != f->nlabels || !out)
-        return KEEL_EINVAL;
+    if (n && !values)
+        return false;
     for (size_t i = 0; i < n; i++)
         if (!values[i])
-            return KEEL_EINVAL;
+            return false;
+    return true;
+}
+
+static int child_get(family *f, const char *const *values, size_t n, child **out)
+{
+    if (!f || !values_ok(values, n) || n != f->nlabels || !out)
+        return KEEL_EINVAL;
     keel_metrics *m = f->m;
     uint64_t h = values_hash(values, n);
     pthread_mutex_lock(&m->mu);
@@ -681,7 +689,7 @@ static int child_get(family *f, const char *const *values, size_t n, child **out
 
 static int child_remove(family *f, const char *const *values, size_t n)
 {
-    if (!f || (n && !values) || n != f->nlabels)
+    if (!f || !values_ok(values, n) || n != f->nlabels)
         return KEEL_EINVAL;
     keel_metrics *m = f->m;
     pthread_mutex_lock(&m->mu);
@@ -770,7 +778,8 @@ KEEL_API int keel_metrics_func(keel_metrics *m, keel_metric_type type, const cha
                                const char *const *label_values, size_t nlabels,
                                keel_metrics_value_fn fn, void *ud)
 {
-    if (!m || !fn || !name || (type != KEEL_METRIC_COUNTER && type != KEEL_METRIC_GAUGE))
+    if (!m || !fn || !name || (type != KEEL_METRIC_COUNTER && type != KEEL_METRIC_GAUGE) ||
+        !values_ok(label_values, nlabels))
         return KEEL_EINVAL;
     pthread_mutex_lock(&m->mu);
     family *f = family_find(m, name);

@@ -351,6 +351,7 @@ START_TEST(children_are_bound_once_capped_and_removable)
     keel_counter_add(a, 7);
     ck_assert_int_eq(keel_counter_remove(c, (const char *[]){"a"}, 1), 0);
     ck_assert_int_eq(keel_counter_remove(c, (const char *[]){"a"}, 1), KEEL_ENOTFOUND);
+    ck_assert_int_eq(keel_counter_remove(c, (const char *[]){NULL}, 1), KEEL_EINVAL); /* once crashed */
     /* room again; the new child reuses a's slots but starts at zero */
     keel_counter_child *e = keel_counter_with(c, "e");
     ck_assert_ptr_nonnull(e);
@@ -441,6 +442,10 @@ START_TEST(computed_series_and_the_visitor)
                                        (const char *[]){"v"}, 1, forty_two, &token), KEEL_EEXIST);
     ck_assert_int_eq(keel_metrics_func(m, KEEL_METRIC_COUNTER, "answer", NULL, (const char *[]){"k"},
                                        (const char *[]){"w"}, 1, forty_two, &token), KEEL_EEXIST);
+    ck_assert_int_eq(keel_metrics_func(m, KEEL_METRIC_GAUGE, "answer", NULL, (const char *[]){"k"}, NULL, 1,
+                                       forty_two, &token), KEEL_EINVAL); /* once crashed */
+    ck_assert_int_eq(keel_metrics_func(m, KEEL_METRIC_GAUGE, "answer", NULL, (const char *[]){"k"},
+                                       (const char *[]){NULL}, 1, forty_two, &token), KEEL_EINVAL);
     ck_assert_double_eq(sample_value(m, "answer{k=\"v\"} "), 42);
     visit v = {0};
     ck_assert_int_eq(keel_metrics_visit(m, on_sample, &v), 0);
