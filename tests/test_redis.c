@@ -599,6 +599,9 @@ START_TEST(malformed_urls_are_refused)
     const char *dup[] = {"redis://h:1", "redis://h:1"};
     keel_redis_opts od = {.nodes = dup, .nnodes = 2};
     ck_assert_int_eq(keel_redis_create(&r, &od), KEEL_EINVAL);
+    const char *two_dbs[] = {"redis://h:1/0", "redis://h:1/1"}; /* one ring name: once KEEL_EEXIST */
+    od.nodes = two_dbs;
+    ck_assert_int_eq(keel_redis_create(&r, &od), KEEL_EINVAL);
     keel_redis_opts none = {0};
     ck_assert_int_eq(keel_redis_create(&r, &none), KEEL_EINVAL);
     ck_assert_int_eq(keel_redis_command(NULL, NULL, 0, 1, NULL, NULL, NULL), KEEL_EINVAL);

@@ -53,7 +53,7 @@ typedef struct keel_redis_script keel_redis_script;
 typedef struct keel_redis_sub keel_redis_sub;
 
 typedef struct keel_redis_opts {
-    const char *const *nodes;   /* URLs; at least one */
+    const char *const *nodes;   /* URLs; at least one, at most 4096 */
     size_t nnodes;
     uint64_t connect_timeout_ns; /* 0 = 1 s */
     uint64_t command_timeout_ns; /* 0 = 1 s */
@@ -63,12 +63,12 @@ typedef struct keel_redis_opts {
     keel_clock_fn clock;         /* for fail_timeout; NULL = keel_now_ns */
     void *clock_ud;
     keel_metrics *metrics;       /* keel_redis_* series; may be NULL */
-    const char *metrics_name;
+    const char *metrics_name; /* "default" if NULL; taken twice in one registry: KEEL_EEXIST */
 } keel_redis_opts;
 
 /* Parses the URLs and prepares the pools; connects lazily. Returns 0,
  * KEEL_EINVAL (no node, a malformed URL: bad scheme, port, db or empty
- * host, a duplicate node) or KEEL_ENOMEM. */
+ * host, a server given twice, even with two databases) or KEEL_ENOMEM. */
 KEEL_API int keel_redis_create(keel_redis **out, const keel_redis_opts *opts);
 
 /* Closes every connection. NULL is a no-op. Must not run concurrently with
@@ -106,8 +106,9 @@ typedef struct keel_redis_cmd {
 
 /* Sends n commands with one round trip per node involved, replies matched
  * to commands in order. Returns 0 when every command got a reply (error
- * replies included: see each rc), or the first failure's code when some
- * node failed (its commands have rc set to it and no reply). */
+ * replies included: see each rc), or, when some node failed (its commands
+ * have rc set to its failure and no reply), the rc of the first such
+ * command in the order given. */
 KEEL_API int keel_redis_pipeline(keel_redis *r, keel_redis_cmd *cmds, size_t n);
 
 /* A Lua script, identified by its SHA1 and loaded on each node when first
@@ -159,7 +160,8 @@ typedef struct keel_redis_sub_opts {
  * that gets no answer within the command timeout) calls on_disconnect,
  * reconnects with backoff, subscribes again and calls on_reconnect. Returns 0 once the first
  * subscription is confirmed, KEEL_EUNAVAIL/KEEL_ETIMEDOUT if it cannot be
- * made, KEEL_EINVAL or KEEL_ENOMEM. */
+ * made, KEEL_EBACKEND if the server refuses it, KEEL_EPROTO, KEEL_EINVAL
+ * or KEEL_ENOMEM. */
 KEEL_API int keel_redis_subscribe(keel_redis *r, const keel_redis_sub_opts *opts,
                                   keel_redis_sub **out);
 

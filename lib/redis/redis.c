@@ -571,7 +571,6 @@ KEEL_API int keel_redis_pipeline(keel_redis *r, keel_redis_cmd *cmds, size_t n)
         cmds[i].reply = NULL;
         cmds[i].rc = KEEL_EUNAVAIL; /* until a reply says otherwise */
     }
-    int first = 0;
     for (size_t node = 0; node < r->nnodes; node++) {
         if (!used[node])
             continue;
@@ -583,10 +582,12 @@ KEEL_API int keel_redis_pipeline(keel_redis *r, keel_redis_cmd *cmds, size_t n)
             keel_redis_cmd *cmd = &cmds[i];
             cmd->rc = cmd->reply ? reply_rc(&r->nodes[node], cmd->reply)
                                  : (rc ? rc : KEEL_EUNAVAIL);
-            if (cmd->rc && cmd->rc != KEEL_EBACKEND && !first)
-                first = cmd->rc;
         }
     }
+    int first = 0; /* in command order, not node order */
+    for (size_t i = 0; i < n && !first; i++)
+        if (cmds[i].rc != KEEL_EBACKEND)
+            first = cmds[i].rc;
     keel__free(node_of);
     keel__free(used);
     return first;
@@ -783,8 +784,8 @@ KEEL_API int keel_redis_create(keel_redis **out, const keel_redis_opts *o)
         else
             snprintf(n->name, sizeof n->name, "%s:%d", n->url.host, n->url.port);
         for (size_t k = 0; k < i; k++)
-            if (strcmp(r->nodes[k].name, n->name) == 0 && r->nodes[k].url.db == n->url.db)
-                rc = KEEL_EINVAL; /* the same node twice */
+            if (strcmp(r->nodes[k].name, n->name) == 0)
+                rc = KEEL_EINVAL; /* the same server twice, whatever the database */
         keel_pool_opts po = {.obj_size = sizeof(rconn),
                              .capacity = o->conns_per_node ? o->conns_per_node : 8,
                              .init = conn_init, .fini = conn_fini, .ud = n};
