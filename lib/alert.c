@@ -145,14 +145,16 @@ static double number(parser *ps)
     return v;
 }
 
-static uint64_t duration(parser *ps)
+/* A duration: a positive number and a unit, 0 too when zero_ok (a "for"
+ * of 0 fires at once, as in Prometheus; a window of 0 holds nothing). */
+static uint64_t duration(parser *ps, bool zero_ok)
 {
     if (ps->bad)
         return 0;
     ws(ps);
     char *end;
     double v = strtod(ps->p, &end);
-    if (end == ps->p || !(v > 0)) {
+    if (end == ps->p || !(v > 0 || (zero_ok && v == 0))) {
         ps->bad = true;
         return 0;
     }
@@ -166,7 +168,7 @@ static uint64_t duration(parser *ps)
         if (strncmp(ps->p, units[i].unit, n) == 0 && !isalpha((unsigned char)ps->p[n])) {
             ps->p += n;
             double ns = v * units[i].ns;
-            if (ns > 1e18 || ns < 1) { /* about 31 years; not even a nanosecond */
+            if (ns > 1e18 || (ns < 1 && v != 0)) { /* about 31 years; not even a nanosecond */
                 ps->bad = true;
                 return 0;
             }
@@ -270,7 +272,7 @@ static size_t selector_window(parser *ps, uint64_t *win)
         need(ps, "}");
     }
     need(ps, "[");
-    *win = duration(ps);
+    *win = duration(ps, false);
     need(ps, "]");
     keel_alerts *a = ps->a;
     if (ps->bad) {
@@ -387,9 +389,9 @@ static bool parse_rule(parser *ps, rule *r)
         c->rhs = number(ps);
     } while (!ps->bad && lit(ps, "and"));
     if (!ps->bad && lit(ps, "for"))
-        r->for_ns = duration(ps);
+        r->for_ns = duration(ps, true);
     if (!ps->bad && lit(ps, "keep_firing_for"))
-        r->keep_firing_ns = duration(ps);
+        r->keep_firing_ns = duration(ps, true);
     ws(ps);
     if (*ps->p)
         ps->bad = true; /* trailing text */

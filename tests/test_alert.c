@@ -272,6 +272,7 @@ START_TEST(malformed_rules_report_where)
         {"rate(x[5m]) >", 13},
         {"rate(x[5q]) > 1", 8},
         {"rate(x[1e-300ms]) > 1", 15}, /* rounds to no window at all */
+        {"rate(x[0s]) > 1", 7},
         {"rate(x[5m] > 1", 11},
         {"foo(x[5m]) > 1", 0},
         {"last(x[1m]) > 1 for", 19},
@@ -289,6 +290,8 @@ START_TEST(malformed_rules_report_where)
     ck_assert_int_eq(keel_alerts_add(f.a, "Ok", "max(x{a=\"b\",c=\"d\"}[90s]) <= 1.5e3 and last(y[1h]) != 0",
                                      NULL, 0, NULL, 0, NULL), 0);
     ck_assert_int_eq(keel_alerts_add(f.a, "Ok", "last(x[1m]) > 1", NULL, 0, NULL, 0, NULL), KEEL_EEXIST);
+    ck_assert_int_eq(keel_alerts_add(f.a, "Now", "last(x[1m]) > 1 for 0s keep_firing_for 0m", NULL, 0, NULL, 0,
+                                     NULL), 0); /* fires at once, as in Prometheus */
     ck_assert_int_eq(keel_alerts_add(NULL, "x", "last(x[1m]) > 1", NULL, 0, NULL, 0, NULL), KEEL_EINVAL);
     ck_assert_int_eq(keel_alerts_tick(NULL), KEEL_EINVAL);
     keel_alerts *bad_a;

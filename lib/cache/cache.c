@@ -1322,7 +1322,7 @@ KEEL_API int keel_cache_create(keel_cache **out, const keel_cache_opts *opts)
     keel_cache_opts o = opts ? *opts : (keel_cache_opts){0};
     if (!out || (o.table && !good_table(o.table)) || o.max_value > ((size_t)512 << 20) || o.max_key > 1024 ||
         (o.l1_max_bytes && o.l1_max_bytes < ((size_t)64 << 10)) ||
-        (o.redis_prefix && (!o.redis_prefix[0] || strlen(o.redis_prefix) > PREFIX_MAX)) || o.xfetch_beta < 0)
+        (o.redis_prefix && (!o.redis_prefix[0] || strlen(o.redis_prefix) > PREFIX_MAX)) || !(o.xfetch_beta >= 0))
         return KEEL_EINVAL;
     if (!o.l1_max_bytes)
         o.l1_max_bytes = (size_t)64 << 20;

@@ -57,7 +57,7 @@ KEEL_API int keel_limiter_create(keel_limiter **out, const keel_limiter_opts *o)
     /* Redis counts microseconds in doubles: exact while the window's
      * comparisons (up to 3 x limit x window) stay under 2^53 */
     if (o->redis && (o->window_ns < 1000000 ||
-                     3.0 * (double)o->limit * (double)(o->window_ns / 1000) >= 9e15))
+                     3.0 * (double)o->limit * (double)(o->window_ns / 1000) >= 9007199254740992.0))
         return KEEL_EINVAL;
     keel_limiter *l = keel__calloc(1, sizeof *l);
     if (!l)
@@ -167,7 +167,12 @@ static bool store_failure(int rc)
 static void decide(keel_limiter *l, keel_limit_req *reqs, size_t n, lop op)
 {
     uint64_t one[1], *given = n == 1 ? one : keel__malloc(n * sizeof *given);
-    for (size_t i = 0; given && i < n; i++)
+    if (!given) { /* the costs could not be put back: decide nothing */
+        for (size_t i = 0; i < n; i++)
+            reqs[i].rc = KEEL_ENOMEM;
+        return;
+    }
+    for (size_t i = 0; i < n; i++)
         given[i] = reqs[i].cost;
     for (size_t i = 0; i < n; i++)
         reqs[i].cost = clamp_cost(l, reqs[i].cost);
@@ -187,7 +192,7 @@ static void decide(keel_limiter *l, keel_limit_req *reqs, size_t n, lop op)
                                           1, memory_order_relaxed);
         }
     }
-    for (size_t i = 0; given && i < n; i++)
+    for (size_t i = 0; i < n; i++)
         reqs[i].cost = given[i];
     if (given != one)
         keel__free(given);

@@ -507,11 +507,12 @@ KEEL_API int keel_pg_acquire_after(keel_pg *pg, uint64_t lsn, uint64_t wait_ns, 
         *out = NULL;
     if (!pg || !out)
         return KEEL_EINVAL;
-    uint64_t deadline = keel_now_ns() + wait_ns, pause = 1000000u;
+    uint64_t now = keel_now_ns(), pause = 1000000u;
+    uint64_t deadline = wait_ns > UINT64_MAX - now ? UINT64_MAX : now + wait_ns;
     for (;;) {
         if (get_replica_after(pg, lsn, out) == 0)
             return 0;
-        uint64_t now = keel_now_ns();
+        now = keel_now_ns();
         if (now >= deadline)
             break;
         if (pause > deadline - now)
