@@ -92,13 +92,14 @@ typedef struct keel_alerts_opts {
     void *clock_ud;              /* passed to both */
 } keel_alerts_opts;
 
-/* Returns 0, KEEL_EINVAL (NULL, no registry) or KEEL_ENOMEM. The registry
+/* Returns 0, KEEL_EINVAL (NULL, no registry), KEEL_EEXIST (the registry
+ * has a keel_alerts family of another shape) or KEEL_ENOMEM. The registry
  * must outlive the alerts. */
 KEEL_API int keel_alerts_create(keel_alerts **out, const keel_alerts_opts *opts);
 
 /* Adds a rule. labels and annotations are name/value pairs (n pairs each;
  * "summary" and "description" are the usual annotations). Returns 0;
- * KEEL_EINVAL for NULL, a bad name, or a rule that does not parse — then
+ * KEEL_EINVAL for NULL, an empty name, or a rule that does not parse — then
  * *err_pos (may be NULL) is the byte offset where parsing stopped;
  * KEEL_EEXIST for a name in use; KEEL_ENOMEM. */
 KEEL_API int keel_alerts_add(keel_alerts *a, const char *name, const char *rule,

@@ -100,7 +100,8 @@ typedef struct keel_retry_budget_opts {
     uint32_t ratio_milli;
     /* PERCENT: retries allowed per 100 requests (0 = 20, Finagle's
      * default; at most 1000), over a window (0 = 10 s, 1 s..1 h), plus a
-     * reserve of min_per_sec x window-seconds retries (0 = 10 per second;
+     * reserve of min_per_sec x window-seconds retries (0 = 10 per second,
+     * at most 1,000,000;
      * KEEL_BUDGET_NONE for a real zero, in either field). */
     uint32_t percent;
     uint64_t window_ns;
@@ -110,7 +111,7 @@ typedef struct keel_retry_budget_opts {
     /* Optional: a keel_retry_budget_tokens gauge (the balance in retries)
      * labelled budget=metrics_name (default "default") in this registry. */
     keel_metrics *metrics;
-    const char *metrics_name;
+    const char *metrics_name; /* "default" if NULL; taken twice in one registry: KEEL_EEXIST */
 } keel_retry_budget_opts;
 
 /* An explicit zero for the PERCENT options (whose 0 means the default). */

@@ -31,8 +31,8 @@
  * others count as handled). Without marks, a nonzero return fails the
  * whole batch. Failed items are retried after exponential backoff with
  * full jitter (keel_backoff), up to max_retries times, then handed to
- * dead_letter with the handler's last nonzero return (KEEL_EBACKEND when
- * it only marked items). With workers = 1 a retry holds up the batches
+ * dead_letter with the last attempt's nonzero return (KEEL_EBACKEND when
+ * that attempt only marked items). With workers = 1 a retry holds up the batches
  * behind it: that is what keeps the order.
  *
  * Full queue (capacity items): KEEL_BATCH_BLOCK waits for room (at most
@@ -103,7 +103,7 @@ typedef struct keel_batch_opts {
     size_t max_items;             /* per batch; 0 = 100 */
     size_t max_bytes;             /* per batch; 0 = no limit (a bigger item goes alone) */
     uint64_t linger_ns;           /* 0 = 5 ms */
-    size_t capacity;              /* queued items, at most; 0 = 65536 */
+    size_t capacity;              /* queued items, at most; 0 = 65536; up to 2^40 */
     keel_batch_full on_full;
     uint64_t block_timeout_ns;    /* KEEL_BATCH_BLOCK: 0 = no limit */
     size_t workers;               /* handler threads; 0 = 1 (order kept) */
@@ -115,7 +115,7 @@ typedef struct keel_batch_opts {
     keel_rand_fn rand;            /* backoff jitter; NULL = keel_rand_u64 */
     void *rand_ud;
     keel_metrics *metrics;        /* keel_batch_* series; may be NULL */
-    const char *metrics_name;
+    const char *metrics_name; /* "default" if NULL; taken twice in one registry: KEEL_EEXIST */
 } keel_batch_opts;
 
 /* Starts the batcher (and worker) threads. Returns 0, KEEL_EINVAL (no

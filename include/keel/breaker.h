@@ -77,7 +77,7 @@ typedef struct keel_breaker_opts {
     /* Optional: keel_breaker_state{state} and keel_breaker_*_total series
      * labelled breaker=metrics_name (default "default") in this registry. */
     keel_metrics *metrics;
-    const char *metrics_name;
+    const char *metrics_name; /* "default" if NULL; taken twice in one registry: KEEL_EEXIST */
 } keel_breaker_opts;
 
 typedef struct keel_breaker_stats {

@@ -89,14 +89,16 @@ typedef enum keel_bus_mode { KEEL_BUS_SYNC = 0, KEEL_BUS_ASYNC = 1 } keel_bus_mo
 /* What an async publish does when a worker's queue is full (keel_batch's
  * policies). */
 typedef enum keel_bus_full {
-    KEEL_BUS_BLOCK = 0,      /* wait, at most block_timeout_ns, then KEEL_ETIMEDOUT */
+    KEEL_BUS_BLOCK = 0,      /* wait, at most block_timeout_ns, then KEEL_ETIMEDOUT;
+                                from a handler (a worker or reader thread), which
+                                may be the one to make room: KEEL_EFULL at once */
     KEEL_BUS_REJECT = 1,     /* KEEL_EFULL at once */
     KEEL_BUS_DROP_OLDEST = 2 /* the oldest queued delivery goes to on_error (KEEL_EFULL) */
 } keel_bus_full;
 
 typedef struct keel_bus_opts {
     size_t workers;                 /* async workers; 0 = 2 */
-    size_t capacity;                /* queued async deliveries per worker; 0 = 65536;
+    size_t capacity;                /* queued async deliveries per worker; 0 = 65536, up to 2^32;
                                        rounded up to a power of two, at least 2;
                                        32 bytes each, from the first async subscription */
     keel_bus_full on_full;
@@ -110,7 +112,7 @@ typedef struct keel_bus_opts {
     struct keel_redis *redis;       /* NULL: in process */
     const char *service;            /* the consumer group; required to consume */
     const char *consumer;           /* NULL = "<hostname>-<pid>" */
-    const char *prefix;             /* stream names; NULL = "keel:bus:" */
+    const char *prefix;             /* stream names; NULL = "keel:bus:"; up to 292 bytes */
     size_t partitions;              /* streams; 0 = 1, at most 64 */
     size_t maxlen;                  /* approximate trimming; 0 = 1,000,000 */
     uint64_t min_idle_ns;           /* before a pending entry is taken over; 0 = 30 s */
@@ -119,7 +121,7 @@ typedef struct keel_bus_opts {
                                        (also how long a stop may wait) */
     size_t read_count;              /* entries per read; 0 = 100 */
     keel_metrics *metrics;          /* keel_bus_* series; may be NULL */
-    const char *metrics_name;
+    const char *metrics_name; /* "default" if NULL; taken twice in one registry: KEEL_EEXIST */
 } keel_bus_opts;
 
 /* opts may be NULL (in process, the defaults). Returns 0, KEEL_EINVAL
@@ -130,7 +132,8 @@ KEEL_API int keel_bus_create(keel_bus **out, const keel_bus_opts *opts);
 /* Redis: starts consuming (creates the group if needed, MKSTREAM). Add
  * the subscriptions first: entries matching none are acknowledged and
  * skipped. Returns 0, KEEL_ESTATE (no redis or service, or started),
- * KEEL_EUNAVAIL or KEEL_ENOMEM. */
+ * KEEL_EUNAVAIL, KEEL_ETIMEDOUT, KEEL_EBACKEND (Redis refused the group,
+ * e.g. the key holds another type), KEEL_EPROTO or KEEL_ENOMEM. */
 KEEL_API int keel_bus_start(keel_bus *bus);
 
 typedef struct keel_bus_sub_opts {
@@ -159,7 +162,7 @@ KEEL_API int keel_bus_unsubscribe(keel_bus_sub *sub);
  * other deliveries were made), KEEL_ENOMEM. With Redis: appends; 0 only
  * once the entry is in the stream, else KEEL_EUNAVAIL, KEEL_ETIMEDOUT,
  * KEEL_EBACKEND, KEEL_EPROTO or KEEL_ENOMEM (then nothing was accepted).
- * Bad subject or headers: KEEL_EINVAL. id (may be NULL) receives the
+ * Bad subject or headers (more than 64 of them too): KEEL_EINVAL. id (may be NULL) receives the
  * message's id. */
 KEEL_API int keel_bus_publish(keel_bus *bus, const char *subject, const void *data, size_t len,
                               const keel_bus_header *headers, size_t nheaders,

@@ -89,9 +89,9 @@ typedef struct keel_cache_opts {
     size_t max_value;           /* bytes; 0 = 1 MiB */
     uint64_t default_ttl_ns;    /* a set or load without a TTL; 0 = 1 hour */
     struct keel_redis *redis;   /* L2; NULL: none */
-    const char *redis_prefix;   /* NULL = "kc:" */
+    const char *redis_prefix;   /* NULL = "kc:"; up to 200 bytes */
     struct keel_pg *pg;         /* L3; NULL: none */
-    const char *table;          /* NULL = "keel_cache" ([a-z0-9_]) */
+    const char *table;          /* NULL = "keel_cache" ([a-z0-9_], up to 48) */
     int l3_logged;              /* a logged table (crash-safe, slower) */
     uint64_t sweep_interval_ns; /* L3: a thread runs keel_cache_sweep() this often; 0: none */
     keel_cache_loader loader;   /* NULL: misses stay misses */
@@ -104,13 +104,14 @@ typedef struct keel_cache_opts {
     keel_clock_fn clock;        /* L1 expiry, XFetch, tier retries; NULL = keel_now_ns */
     void *clock_ud;
     keel_metrics *metrics;      /* keel_cache_* series; may be NULL */
-    const char *metrics_name;
+    const char *metrics_name; /* "default" if NULL; taken twice in one registry: KEEL_EEXIST */
 } keel_cache_opts;
 
 /* Returns 0, KEEL_EINVAL (a bad table name or Redis prefix, l1_max_bytes
  * under 64 KiB, max_key over 1024, max_value over 512 MiB) or
  * KEEL_ENOMEM. With redis, subscribes to
- * the invalidation channel (KEEL_EUNAVAIL if Redis cannot be reached). */
+ * the invalidation channel (KEEL_EUNAVAIL if Redis cannot be reached, or
+ * keel_redis_subscribe()'s other failures). */
 KEEL_API int keel_cache_create(keel_cache **out, const keel_cache_opts *opts);
 
 /* L3: creates the table and its index if missing (idempotent). */

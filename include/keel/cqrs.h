@@ -80,16 +80,16 @@ struct keel_bus;
 
 typedef struct keel_cqrs_opts {
     struct keel_pg *pg;         /* NULL: the in-memory store */
-    const char *prefix;         /* table names; NULL = "keel_" (identifier-safe: [a-z0-9_]) */
+    const char *prefix;         /* table names; NULL = "keel_" ([a-z0-9_], up to 40) */
     int partition_by_month;     /* PostgreSQL: events partitioned by month */
     struct keel_bus *bus;       /* events published here after commit; may be NULL */
-    const char *subject_prefix; /* NULL = "cqrs." */
+    const char *subject_prefix; /* NULL = "cqrs."; under 512 bytes */
     uint32_t max_retries;       /* re-runs of a command on KEEL_ECONFLICT */
     int read_your_writes;       /* PostgreSQL: a command's result carries the write
                                    position (keel_pg_write_lsn, one more round trip) */
     size_t max_payload;         /* payloads, replies, event data; 0 = 1 MiB */
     keel_metrics *metrics;      /* keel_cqrs_* series; may be NULL */
-    const char *metrics_name;
+    const char *metrics_name; /* "default" if NULL; taken twice in one registry: KEEL_EEXIST */
 } keel_cqrs_opts;
 
 /* Returns 0, KEEL_EINVAL (a bad prefix or subject prefix, max_payload
@@ -142,7 +142,8 @@ typedef struct keel_cqrs_result {
     int repeated;     /* an idempotent repeat: the first result */
 } keel_cqrs_result;
 
-/* Runs a command. idempotency_key may be NULL. res may be NULL. Returns
+/* Runs a command. idempotency_key (1..128 bytes) may be NULL. res may
+ * be NULL. Returns
  * the handler's (or a middleware's) result, or KEEL_ENOTFOUND (no such
  * command), KEEL_ECONFLICT (a concurrent append, after the retries),
  * KEEL_EINVAL (bad name, payload over max_payload, bad events), a store

@@ -86,7 +86,7 @@ typedef struct keel_lb_opts {
      * (default "default") and peer=<peer name, or its id> in this
      * registry. */
     keel_metrics *metrics;
-    const char *metrics_name;
+    const char *metrics_name; /* "default" if NULL; taken twice in one registry: KEEL_EEXIST */
 } keel_lb_opts;
 
 typedef struct keel_lb_peer_opts {
@@ -126,7 +126,8 @@ KEEL_API int keel_lb_create(keel_lb **out, const keel_lb_opts *opts);
 
 /* Adds a peer; *peer (may be NULL) receives its handle. Peers keep the
  * order of addition, which breaks ties. Returns 0, KEEL_EINVAL (weight out
- * of range, unknown flags) or KEEL_ENOMEM. */
+ * of range, unknown flags), KEEL_EEXIST (with metrics: a peer name already
+ * in this lb) or KEEL_ENOMEM. */
 KEEL_API int keel_lb_add(keel_lb *lb, const keel_lb_peer_opts *opts, keel_lb_peer **peer);
 
 /* Removes a peer: no later pick returns it. A pick still in flight may
@@ -135,18 +136,21 @@ KEEL_API int keel_lb_add(keel_lb *lb, const keel_lb_peer_opts *opts, keel_lb_pee
  * handle is checked by address, never dereferenced). */
 KEEL_API int keel_lb_remove(keel_lb *lb, keel_lb_peer *peer);
 
-/* Marks a peer administratively down (1) or up (0). */
+/* Marks a peer administratively down (1) or up (0). Returns 0, KEEL_EINVAL,
+ * KEEL_ENOTFOUND (not a peer of this lb) or KEEL_ENOMEM. */
 KEEL_API int keel_lb_set_down(keel_lb *lb, keel_lb_peer *peer, int down);
 
 /* Picks a peer for a request, skipping those in *tried (may be NULL) and
  * adding the choice to it. Returns 0, KEEL_EUNAVAIL when no peer is
- * available, or KEEL_EINVAL. Each success must be ended with
+ * available, KEEL_EINVAL, or KEEL_ENOMEM (a thread's first pick registers
+ * the thread with libkeel's read sections). Each success must be ended with
  * keel_lb_done(). Never blocks. */
 KEEL_API int keel_lb_pick(keel_lb *lb, keel_lb_tried *tried, keel_lb_peer **peer);
 
 /* Ends a pick: whether the request succeeded and how long it took (for
  * PEAK_EWMA; 0 if unknown). A failure feeds max_fails and the outlier
- * detector. Returns 0 or KEEL_EINVAL. */
+ * detector. Returns 0, KEEL_EINVAL, or KEEL_ESTATE when no pick of the
+ * peer is in flight (a second done() for one pick). */
 KEEL_API int keel_lb_done(keel_lb *lb, keel_lb_peer *peer, int ok, uint64_t latency_ns);
 
 KEEL_API void *keel_lb_peer_ud(const keel_lb_peer *peer);

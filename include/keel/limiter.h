@@ -77,17 +77,18 @@ typedef struct keel_limiter_opts {
     uint64_t window_ns;    /* required, at most 2^60; with Redis at least 1 ms (it counts
                             * microseconds) and 3 x limit x window_us under 2^53 */
     uint64_t burst;        /* GCRA: units that may pass at once; 0 = limit */
-    const char *name;      /* the policy's name in the RateLimit fields; NULL = "default" */
+    const char *name;      /* the policy's name in the RateLimit fields (up to 63
+                              bytes); NULL = "default" */
     size_t max_keys;       /* in process: 0 = 1,000,000; at most 2^32. Each of up to 64
                             * shards holds its share: eviction may begin a little
                             * before max_keys keys in all */
     struct keel_redis *redis; /* NULL: in process */
-    const char *prefix;    /* Redis keys; NULL = "keel:rl:"; must not contain '{' */
+    const char *prefix;    /* Redis keys; NULL = "keel:rl:"; no '{', up to 256 bytes */
     keel_limit_on_error on_store_error;
     keel_clock_fn clock;   /* in process; NULL = keel_now_ns */
     void *clock_ud;
     keel_metrics *metrics; /* keel_limiter_* series; may be NULL */
-    const char *metrics_name;
+    const char *metrics_name; /* "default" if NULL; taken twice in one registry: KEEL_EEXIST */
 } keel_limiter_opts;
 
 /* A decision. Times are nanoseconds from now. */

@@ -57,9 +57,10 @@ KEEL_API void keel_metrics_destroy(keel_metrics *m);
 
 /* ---- families ----
  *
- * Names follow Prometheus: metric names [a-zA-Z_:][a-zA-Z0-9_:]*, label
- * names [a-zA-Z_][a-zA-Z0-9_]* not starting with "__" and not "le" or
- * "quantile"; a counter's name ends in "_total"; at most 16 labels. A name
+ * Names follow Prometheus: metric names [a-zA-Z_:][a-zA-Z0-9_:]* of at
+ * most 200 bytes, label names [a-zA-Z_][a-zA-Z0-9_]* not starting with
+ * "__" and not "le" or "quantile", each once; a counter's name ends in
+ * "_total" (and is more than that); at most 16 labels. A name
  * whose samples would collide with another family's (a histogram "x"
  * makes x_bucket, x_count, x_sum) is KEEL_EEXIST. Returns 0, KEEL_EINVAL,
  * KEEL_EEXIST or KEEL_ENOMEM. */

@@ -43,8 +43,9 @@
  * query_timeout_ns (the connection is dropped). KEEL_EBACKEND: the server
  * refused the statement; the PGresult is returned, with its SQLSTATE
  * (PQresultErrorField(res, PG_DIAG_SQLSTATE)) and message, and the message
- * goes to the log hook. libpq's own messages and the server's notices reach
- * the log hook too (notices at KEEL_LOG_INFO).
+ * goes to the log hook. KEEL_EPROTO: an answer libpq could not make sense
+ * of (PGRES_BAD_RESPONSE). libpq's own messages and the server's notices
+ * reach the log hook too (notices at KEEL_LOG_INFO).
  *
  * Thread safety: a keel_pg is used by any number of threads at once. A
  * leased keel_pg_conn belongs to one thread at a time, like a PGconn.
@@ -78,7 +79,7 @@ typedef enum keel_pg_mode {
 
 typedef struct keel_pg_opts {
     const char *primary;              /* conninfo; required */
-    const char *const *replicas;      /* conninfos; may be none */
+    const char *const *replicas;      /* conninfos; none to 63 */
     size_t nreplicas;
     size_t conns_per_host;            /* 0 = 8 */
     uint64_t connect_timeout_ns;      /* 0 = 5 s (any value, unlike libpq's 2 s floor) */
@@ -93,7 +94,7 @@ typedef struct keel_pg_opts {
     keel_clock_fn clock;              /* for lag and down times; NULL = keel_now_ns */
     void *clock_ud;
     keel_metrics *metrics;            /* keel_pg_* series; may be NULL */
-    const char *metrics_name;
+    const char *metrics_name; /* "default" if NULL; taken twice in one registry: KEEL_EEXIST */
 } keel_pg_opts;
 
 /* Parses the conninfos and prepares the pools; connects lazily (the health

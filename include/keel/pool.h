@@ -58,7 +58,7 @@ typedef struct keel_pool_opts {
     /* Optional: report the statistics below as keel_pool_* series labelled
      * pool=metrics_name (default "default") in this registry. */
     keel_metrics *metrics;
-    const char *metrics_name;
+    const char *metrics_name; /* "default" if NULL; taken twice in one registry: KEEL_EEXIST */
 } keel_pool_opts;
 
 typedef struct keel_pool_stats {
@@ -80,8 +80,8 @@ typedef struct keel_pool_stats {
 
 /* Creates a pool and its `prealloc` objects. Returns 0; KEEL_EINVAL for a
  * NULL argument, a zero obj_size, an alignment that is not a power of two
- * or exceeds 4096, prealloc > capacity of a bounded pool, or sizes whose
- * product overflows; KEEL_ENOMEM; KEEL_EEXIST when the metrics registry
+ * or exceeds 4096, a magazine_size over 4096, prealloc > capacity of a
+ * bounded pool, or sizes whose product overflows; KEEL_ENOMEM; KEEL_EEXIST when the metrics registry
  * already has a pool of that metrics_name; or the code of a failing `init`
  * during preallocation. On failure *out is left untouched and nothing
  * leaks. */

@@ -61,7 +61,7 @@ typedef struct keel_ring_opts {
     /* MAGLEV: table size, a prime from 7 to 16777259; 0 = 65537. */
     uint32_t maglev_size;
     /* Bounded loads (keel_ring_assign): a node holds at most
-     * ceil((1 + epsilon) * average) assignments; 0 = 0.25. */
+     * ceil((1 + epsilon) * average) assignments; 0 = 0.25; at most 1e6. */
     double load_epsilon;
     /* Hash seed of CONTINUUM, JUMP and MAGLEV (KETAMA has none). Rings that
      * must agree use the same seed. */
@@ -69,7 +69,7 @@ typedef struct keel_ring_opts {
     /* Optional: keel_ring_nodes and keel_ring_assignments gauges labelled
      * ring=metrics_name (default "default") in this registry. */
     keel_metrics *metrics;
-    const char *metrics_name;
+    const char *metrics_name; /* "default" if NULL; taken twice in one registry: KEEL_EEXIST */
 } keel_ring_opts;
 
 /* A node as lookups return it. */
