@@ -180,7 +180,7 @@ KEEL_API int keel_cqrs_load(keel_cqrs_ctx *ctx, const char *stream, const keel_c
                             size_t *n);
 
 /* A command handler emits an event (copied). Returns 0, KEEL_EINVAL (bad
- * stream or type, data over max_payload; not in a command) or
+ * stream or type, data or meta over max_payload; not in a command) or
  * KEEL_ENOMEM. */
 KEEL_API int keel_cqrs_emit(keel_cqrs_ctx *ctx, const char *stream, const char *type, const void *data,
                             size_t len, const void *meta, size_t meta_len);

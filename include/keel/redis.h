@@ -81,7 +81,8 @@ KEEL_API size_t keel_redis_node_of(keel_redis *r, const void *key, size_t len);
 /* One command on the node of `key` (NULL: the first node). argv/argvlen
  * hold argc arguments. Returns 0 with *reply set; KEEL_EBACKEND with *reply
  * set to the error reply; KEEL_EUNAVAIL (node down or skipped),
- * KEEL_ETIMEDOUT, KEEL_EPROTO or KEEL_EINVAL with *reply NULL. */
+ * KEEL_ETIMEDOUT, KEEL_EPROTO, KEEL_EINVAL or KEEL_ENOMEM with *reply
+ * NULL. */
 KEEL_API int keel_redis_command(keel_redis *r, const void *key, size_t keylen, int argc,
                                 const char *const *argv, const size_t *argvlen,
                                 redisReply **reply);
