@@ -285,7 +285,7 @@ static bool take(keel_batch *b, lane *l, bjob *j, size_t *bytes, size_t limit)
                 j->items[j->n + k] = it[k].item;
         } else {
             for (; k < run; k++) {
-                if (j->n + k && it[k].bytes > max - *bytes) {
+                if (j->n + k && (*bytes >= max || it[k].bytes > max - *bytes)) { /* full: even 0 bytes wait */
                     full = true;
                     break;
                 }

@@ -201,6 +201,26 @@ START_TEST(a_batch_closes_at_max_bytes)
 }
 END_TEST
 
+START_TEST(an_item_over_max_bytes_goes_alone_even_before_empty_ones)
+{
+    seen s;
+    seen_init(&s);
+    s.block = 1; /* the handler holds item 1 while the others queue */
+    keel_batch *b = make(&s, (keel_batch_opts){.max_items = 4, .max_bytes = 10, .linger_ns = 3600 * S});
+    ck_assert_int_eq(keel_batch_add(b, ITEM(1), 10), 0); /* full at once */
+    wait_for(&s, &s.entered, 1);
+    ck_assert_int_eq(keel_batch_add(b, ITEM(2), 100), 0);
+    ck_assert_int_eq(keel_batch_add(b, ITEM(3), 0), 0); /* these once joined item 2: */
+    ck_assert_int_eq(keel_batch_add(b, ITEM(4), 0), 0); /* they "fit" in 0 bytes left */
+    unblock(&s);
+    ck_assert_int_eq(keel_batch_flush(b), 0);
+    ck_assert_uint_eq(get(&s, &s.batches), 3);
+    ck_assert_uint_eq(s.sizes[1], 1);
+    ck_assert_uint_eq(s.sizes[2], 2);
+    keel_batch_destroy(b);
+}
+END_TEST
+
 START_TEST(a_batch_closes_when_its_oldest_item_has_lingered)
 {
     seen s;
@@ -828,6 +848,7 @@ int main(void)
     tcase_add_test(tc, a_batch_closes_at_max_items);
     tcase_add_test(tc, edge_sizes_and_forever);
     tcase_add_test(tc, a_batch_closes_at_max_bytes);
+    tcase_add_test(tc, an_item_over_max_bytes_goes_alone_even_before_empty_ones);
     tcase_add_test(tc, a_batch_closes_when_its_oldest_item_has_lingered);
     tcase_add_test(tc, flush_and_close_wait_for_everything_accepted_before);
     tcase_add_test(tc, each_full_queue_policy);

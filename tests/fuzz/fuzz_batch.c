@@ -118,19 +118,16 @@ static uint32_t id_of(const state *st, const void *p)
 static void first_attempt(state *st, const uint32_t *ids, size_t n)
 {
     KF_CHECK(n <= st->max_items, "a batch of %zu items, max_items %zu", n, st->max_items);
-    size_t bytes = 0, sized = 0;
+    size_t bytes = 0;
     for (size_t i = 0; i < n; i++) {
         item *x = &st->it[ids[i]];
         KF_CHECK(x->status == QUEUED, "item %u in a first attempt with status %d", ids[i], x->status);
         x->status = IN_FLIGHT;
         x->batch_first = ids[0];
         bytes += x->bytes;
-        sized += x->bytes > 0;
     }
-    /* "a bigger item goes alone": but lib/batch.c's take() lets zero-byte
-     * items queued behind it join it (they fit in the 0 bytes left), so
-     * only items with bytes count here */
-    KF_CHECK(!st->max_bytes || sized <= 1 || bytes <= st->max_bytes,
+    /* "a bigger item goes alone": alone, not even with zero-byte items */
+    KF_CHECK(!st->max_bytes || n <= 1 || bytes <= st->max_bytes,
              "a batch of %zu items, %zu bytes, max_bytes %zu", n, bytes, st->max_bytes);
     if (st->workers <= 1) {
         KF_CHECK((int64_t)ids[0] > st->max_seen, "batch from item %u after item %lld", ids[0],
@@ -323,12 +320,6 @@ static void check_segment(state *st, uint32_t from)
             continue;
         bool fits = n < st->max_items && (!st->max_bytes || x->bytes <= st->max_bytes - bytes);
         bool at_max = st->max_bytes && bytes >= st->max_bytes;
-        /* A batch that reached max_bytes is closed, but lib/batch.c's
-         * take() still lets in the zero-byte items queued right behind it
-         * (they fit): whether they join depends on whether they were
-         * queued when the batcher looked. */
-        if (fits && at_max && x->bytes == 0 && x->batch_first == first)
-            at_max = false;
         if (first == UINT32_MAX || !fits || at_max) {
             first = id; /* a new batch */
             n = 0;
