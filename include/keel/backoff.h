@@ -17,12 +17,13 @@
  * server is not buried under retries:
  *
  *   KEEL_BUDGET_TOKENS   gRPC's retry throttling: tokens start at max,
- *                        each failure takes 1, each success gives `ratio`
- *                        (capped at max); a retry is allowed only while
- *                        tokens > max / 2. Integer milli-tokens.
+ *                        each failure takes 1 (never below 0), each success
+ *                        gives `ratio` (capped at max); a retry is allowed
+ *                        only while tokens > max / 2. Integer milli-tokens.
  *   KEEL_BUDGET_PERCENT  Finagle's RetryBudget: every request deposits
  *                        `percent`% of a retry, a retry withdraws one,
- *                        both expire after `window`, and a reserve of
+ *                        both expire after `window` (counted in tenths of
+ *                        it: 0.9 to 1 window later), and a reserve of
  *                        `min_per_sec` x window-seconds retries is always
  *                        there, for clients with little traffic.
  *

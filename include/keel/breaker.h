@@ -66,13 +66,16 @@ typedef struct keel_breaker_opts {
     uint64_t wait_open_ns;  /* 0 = 60 s */
     /* Growth of the open wait: the n-th consecutive opening waits
      * keel_backoff_delay(open_backoff, n - 1, previous wait). NULL: always
-     * wait_open_ns. Needs a base and a cap (> 0). Copied at create. */
+     * wait_open_ns. Needs a base and a cap (> 0, cap >= base). Copied at
+     * create. */
     const keel_backoff_opts *open_backoff;
     /* Longest stay in HALF_OPEN before going back to OPEN when trial
      * results do not arrive; 0 = wait for all of them. */
     uint64_t max_half_open_ns;
-    keel_breaker_state_fn on_state; /* called after every change, from the
-                                       thread that made it; may be NULL */
+    keel_breaker_state_fn on_state; /* called after every transition (a forced
+                                       one to the same state too, as it resets
+                                       the window), from the thread that made
+                                       it; may be NULL */
     void *ud;
     /* Optional: keel_breaker_state{state} and keel_breaker_*_total series
      * labelled breaker=metrics_name (default "default") in this registry. */
