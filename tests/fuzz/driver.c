@@ -68,15 +68,13 @@ static void seed_load(seeds *s, const char *path)
 {
     FILE *f = fopen(path, "rb");
     KF_CHECK(f != NULL, "%s: %s", path, strerror(errno));
-    blob b = {malloc(MAX_LEN), 0};
-    KF_CHECK(b.p != NULL, "out of memory");
+    blob b = {kf_malloc(MAX_LEN), 0};
     b.len = fread(b.p, 1, MAX_LEN, f);
     KF_CHECK(!ferror(f) && fgetc(f) == EOF, "%s: unreadable or longer than %d bytes", path, MAX_LEN);
     fclose(f);
     if (s->n == s->cap) {
         s->cap = s->cap ? 2 * s->cap : 16;
-        s->v = realloc(s->v, s->cap * sizeof *s->v);
-        KF_CHECK(s->v != NULL, "out of memory");
+        s->v = kf_realloc(s->v, s->cap * sizeof *s->v);
     }
     s->v[s->n++] = b;
 }
@@ -96,11 +94,9 @@ static void seeds_load_dir(seeds *s, const char *dir)
     for (struct dirent *e; (e = readdir(d)) != NULL;) {
         if (e->d_name[0] == '.')
             continue;
-        names = realloc(names, (n + 1) * sizeof *names);
-        KF_CHECK(names != NULL, "out of memory");
+        names = kf_realloc(names, (n + 1) * sizeof *names);
         size_t len = strlen(dir) + strlen(e->d_name) + 2;
-        names[n] = malloc(len);
-        KF_CHECK(names[n] != NULL, "out of memory");
+        names[n] = kf_malloc(len);
         snprintf(names[n++], len, "%s/%s", dir, e->d_name);
     }
     closedir(d);
@@ -167,8 +163,7 @@ static void crash_handlers(void)
 
 static void run(const uint8_t *p, size_t len)
 {
-    uint8_t *exact = malloc(len ? len : 1);
-    KF_CHECK(exact != NULL, "out of memory");
+    uint8_t *exact = kf_malloc(len);
     if (len)
         memcpy(exact, p, len);
     running = exact;
@@ -239,8 +234,7 @@ static void mutate_once(blob *b, const seeds *s)
 /* Runs n seeds, each changed one to four times. */
 static void run_mutations(const seeds *s, size_t n)
 {
-    blob b = {malloc(MAX_LEN), 0};
-    KF_CHECK(b.p != NULL, "out of memory");
+    blob b = {kf_malloc(MAX_LEN), 0};
     for (size_t i = 0; i < n; i++) {
         const blob *from = &s->v[below(s->n)];
         memcpy(b.p, from->p, from->len);
@@ -270,8 +264,7 @@ int main(int argc, char **argv)
         return 2;
     }
     size_t plen = strlen(argv[0]) + sizeof ".crash";
-    char *path = malloc(plen);
-    KF_CHECK(path != NULL, "out of memory");
+    char *path = kf_malloc(plen);
     snprintf(path, plen, "%s.crash", argv[0]);
     program = argv[0];
     crash_path = path;

@@ -31,14 +31,35 @@ static void kf_fail(const char *file, int line, const char *cond, const char *fm
     abort();
 }
 
+/* Memory a target or the driver cannot do without: aborts when there is
+ * none, so that callers need no check of their own. */
+__attribute__((unused))
+static void *kf_realloc(void *p, size_t n)
+{
+    p = realloc(p, n ? n : 1);
+    KF_CHECK(p != NULL, "out of memory (%zu bytes)", n);
+    return p;
+}
+
+__attribute__((unused))
+static void *kf_malloc(size_t n)
+{
+    return kf_realloc(NULL, n);
+}
+
+__attribute__((unused))
+static void *kf_calloc(size_t n)
+{
+    return memset(kf_malloc(n), 0, n);
+}
+
 /* A copy of the input with a NUL after it, freed with free(): the C string
  * of the input up to its first NUL, and the fields after it for targets
  * that read NUL-separated fields. */
 __attribute__((unused))
 static char *kf_cstr(const uint8_t *data, size_t size)
 {
-    char *s = malloc(size + 1);
-    KF_CHECK(s != NULL, "out of memory");
+    char *s = kf_malloc(size + 1);
     if (size)
         memcpy(s, data, size);
     s[size] = '\0';

@@ -250,14 +250,12 @@ static void model_set(state *st, key k, const uint8_t *val, size_t vlen, uint64_
             return;
         e = &st->e[st->n++];
         memset(e, 0, sizeof *e);
-        e->key = malloc(k.len);
-        KF_CHECK(e->key != NULL, "out of memory");
+        e->key = kf_malloc(k.len);
         memcpy(e->key, k.p, k.len);
         e->klen = k.len;
     }
     free(e->val);
-    e->val = malloc(vlen ? vlen : 1);
-    KF_CHECK(e->val != NULL, "out of memory");
+    e->val = kf_malloc(vlen);
     if (vlen)
         memcpy(e->val, val, vlen);
     e->vlen = vlen;
@@ -328,8 +326,7 @@ static void *buf_arg(uint8_t *b, size_t cap)
 /* A buffer for a get: cap bytes and a canary after them. */
 static uint8_t *buf_new(size_t cap)
 {
-    uint8_t *b = malloc(cap + CANARY);
-    KF_CHECK(b != NULL, "out of memory");
+    uint8_t *b = kf_malloc(cap + CANARY);
     memset(b + cap, 0xa5, CANARY);
     return b;
 }
@@ -497,16 +494,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *d, size_t size)
 {
     if (size < 4)
         return 0;
-    state *st = calloc(1, sizeof *st);
-    KF_CHECK(st != NULL, "out of memory");
+    state *st = kf_calloc(sizeof *st);
     st->d = d;
     st->size = size;
     st->i = 4;
     st->now = d[3] * SECOND_NS;
     st->c = cache_create(st);
     if (st->c) {
-        st->kbuf = malloc(st->max_key + 1);
-        KF_CHECK(st->kbuf != NULL, "out of memory");
+        st->kbuf = kf_malloc(st->max_key + 1);
         memset(st->kbuf, 'k', st->max_key + 1);
         check_null_arguments(st->c);
         run_ops(st);

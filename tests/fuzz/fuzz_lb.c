@@ -183,8 +183,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *d, size_t size)
 {
     if (size < 8)
         return 0;
-    state *st = calloc(1, sizeof *st);
-    KF_CHECK(st != NULL, "out of memory");
+    state *st = kf_calloc(sizeof *st);
     st->d = d;
     st->size = size;
     st->now = SECOND_NS;

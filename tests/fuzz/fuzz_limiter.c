@@ -316,8 +316,7 @@ static void op_decide(state *st, key k, uint64_t cost, bool take, keel_limit_res
  * KEEL_ERANGE with their length; never past size. */
 static void op_headers(const state *st, const keel_limit_result *r, size_t size)
 {
-    char full[512], *b = malloc(size + 16);
-    KF_CHECK(b != NULL, "out of memory");
+    char full[512], *b = kf_malloc(size + 16);
     size_t n = 0, len = 0;
     KF_CHECK(keel_limiter_headers(st->l, r, full, sizeof full, &n) == 0, "headers into 512 bytes");
     KF_CHECK(strlen(full) == n, "headers: length %zu, %zu written", n, strlen(full));
@@ -401,8 +400,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *d, size_t size)
 {
     if (size < 4)
         return 0;
-    state *st = calloc(1, sizeof *st);
-    KF_CHECK(st != NULL, "out of memory");
+    state *st = kf_calloc(sizeof *st);
     st->d = d;
     st->size = size;
     st->now = 5 * SECOND_NS;

@@ -133,8 +133,7 @@ static int sink_write(const char *buf, size_t len, void *ud)
     sink *s = ud;
     if (s->stop_at && ++s->calls >= s->stop_at)
         return STOPPED;
-    s->text = realloc(s->text, s->len + len + 1);
-    KF_CHECK(s->text != NULL, "out of memory");
+    s->text = kf_realloc(s->text, s->len + len + 1);
     memcpy(s->text + s->len, buf, len);
     s->len += len;
     s->text[s->len] = '\0';

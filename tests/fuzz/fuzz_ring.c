@@ -184,8 +184,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *d, size_t size)
     keel_ring *r = ring_create(d);
     if (!r)
         return 0;
-    state *st = calloc(1, sizeof *st);
-    KF_CHECK(st != NULL, "out of memory");
+    state *st = kf_calloc(sizeof *st);
     st->r = r;
     for (size_t i = 4; i + 2 <= size;) {
         int op = d[i] % 7;
