@@ -609,28 +609,28 @@ out:
     return obj;
 }
 
-/* Everything but a hit in an existing thread cache: a debug pool (which
- * never has one), a first call on this thread, empty magazines. */
-static KEEL__COLD void *acquire_miss(keel_pool *p)
+/* Everything but a hit in the thread's cache: tc, when there is one, has
+ * just missed; without one, a debug pool (which never has one) or a first
+ * call on this thread, whose new magazines start empty. */
+static KEEL__COLD void *acquire_miss(keel_pool *p, tcache *tc)
 {
     void *obj = NULL;
-    tcache *tc = NULL;
     if (!p)
         return NULL;
-    if (!p->debug && (tc = tc_get(p)) != NULL && (obj = acquire_fast(p, tc)) != NULL)
-        return obj;
+    if (!tc && !p->debug)
+        tc = tc_create(p);
     acquire_slow(p, tc, 0, &obj);
     return obj;
 }
 
 KEEL_API void *keel_pool_acquire(keel_pool *p)
 {
-    tcache *tc;
+    tcache *tc = NULL;
     void *obj;
     if (KEEL__LIKELY(p != NULL) && KEEL__LIKELY((tc = keel__tslot_get(&p->owner)) != NULL) &&
         KEEL__LIKELY((obj = acquire_fast(p, tc)) != NULL))
         return obj;
-    return acquire_miss(p);
+    return acquire_miss(p, tc);
 }
 
 KEEL_API int keel_pool_acquire_timeout(keel_pool *p, uint64_t timeout_ns, void **obj)
@@ -723,9 +723,10 @@ out:
     return done;
 }
 
-/* Everything but a plain push onto an existing thread cache: bad
- * arguments, a debug pool, a reset hook, a first call, full magazines. */
-static KEEL__COLD int release_miss(keel_pool *p, void *obj)
+/* Everything but a plain push onto the thread's cache: bad arguments, a
+ * debug pool, a reset hook, a first call, or (tc given: the push failed
+ * on it) full magazines. */
+static KEEL__COLD int release_miss(keel_pool *p, void *obj, tcache *tc)
 {
     if (!p || !obj)
         return KEEL_EINVAL;
@@ -742,19 +743,21 @@ static KEEL__COLD int release_miss(keel_pool *p, void *obj)
     }
     if (p->reset)
         p->reset(obj, p->ud);
-    tcache *tc = tc_get(p);
-    if (!tc || !release_fast(p, tc, obj))
+    bool tried = tc != NULL;
+    if (!tc)
+        tc = tc_get(p);
+    if (!tc || tried || !release_fast(p, tc, obj))
         release_slow(p, tc, obj);
     return 0;
 }
 
 KEEL_API int keel_pool_release(keel_pool *p, void *obj)
 {
-    tcache *tc;
+    tcache *tc = NULL;
     if (KEEL__LIKELY(p != NULL) && KEEL__LIKELY(obj != NULL) && KEEL__LIKELY(p->reset == NULL) &&
         KEEL__LIKELY((tc = keel__tslot_get(&p->owner)) != NULL) && KEEL__LIKELY(release_fast(p, tc, obj)))
         return 0;
-    return release_miss(p, obj);
+    return release_miss(p, obj, tc);
 }
 
 KEEL_API int keel_pool_discard(keel_pool *p, void *obj)
