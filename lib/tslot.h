@@ -41,10 +41,10 @@ typedef struct keel__ttable {
 extern KEEL__HIDDEN __thread keel__ttable *keel__tt __attribute__((tls_model("initial-exec")));
 
 /* The last entry found, so that a thread working with one owner at a time
- * skips the table; any change to the thread's table clears it. */
+ * skips the table; any change to the thread's table clears it. Generations
+ * are never reused, so the generation alone names the owner. */
 typedef struct keel__tlast {
-    const keel__towner *o;
-    uint64_t gen;
+    uint64_t gen; /* 0: none */
     void *data;
 } keel__tlast;
 extern KEEL__HIDDEN __thread keel__tlast keel__tl_last __attribute__((tls_model("initial-exec")));
@@ -53,14 +53,14 @@ extern KEEL__HIDDEN __thread keel__tlast keel__tl_last __attribute__((tls_model(
 static inline __attribute__((always_inline)) void *keel__tslot_get(const keel__towner *o)
 {
     keel__tlast *l = &keel__tl_last;
-    if (KEEL__LIKELY(l->o == o && l->gen == o->gen)) {
+    if (KEEL__LIKELY(l->gen == o->gen)) {
         if (!l->data) /* never: entries hold data */
             __builtin_unreachable();
         return l->data;
     }
     keel__ttable *t = keel__tt;
     if (KEEL__LIKELY(t && o->id < t->cap && t->e[o->id].gen == o->gen)) {
-        *l = (keel__tlast){o, o->gen, t->e[o->id].data};
+        *l = (keel__tlast){o->gen, t->e[o->id].data};
         return l->data;
     }
     return NULL;
