@@ -5,8 +5,13 @@
  *
  *  - thread cache: two magazines (arrays of idle objects) per thread and
  *    pool. acquire pops from `loaded`, release pushes onto it; when it is
- *    empty (full) and `prev` is full (empty) the two are swapped. No lock,
- *    no atomic read-modify-write, no shared cache line is written.
+ *    empty (full) and `prev` is full (empty) the two are swapped. In front
+ *    of them one `hot` object: a release parks its object there when the
+ *    slot is free and an acquire takes it first, so that the commonest
+ *    pattern (acquire, use, release) loads and stores one word. Every
+ *    magazine has a spare round, so that a thread's hot object always fits
+ *    onto its loaded magazine when the cache is emptied. No lock, no atomic
+ *    read-modify-write, no shared cache line is written.
  *  - depot: magazines exchanged whole with the thread caches, under the
  *    pool mutex, plus the list of thread caches.
  *  - slabs: the memory; a slab holds many object slots and a stack of the
@@ -15,10 +20,11 @@
  * Taking idle objects back from other threads (for a bounded pool at
  * capacity, trim and destroy) uses an asymmetric handshake. The owner
  * brackets every fast-path operation with `in_op = 1 ... in_op = 0` and
- * checks the pool's `gate` in between, with only a compiler barrier
- * (keel__light_fence). A thief raises `gate`, runs keel__heavy_fence() —
- * a membarrier that puts a full fence in every thread — and then waits for
- * each owner's `in_op` to read 0. After that point no owner is inside a
+ * checks the pool's `gate` in between, with only a compiler barrier (a
+ * real fence on a kernel without membarrier, see op_begin()). A thief
+ * raises `gate`, runs keel__heavy_fence() — a membarrier that puts a full
+ * fence in every thread — and then waits for each owner's `in_op` to read
+ * 0. After that point no owner is inside a
  * fast path and every later fast path sees the raised gate and goes to the
  * locked slow path, so the thief may move the owners' magazines.
  *
@@ -48,9 +54,13 @@
 #define MAG_DEFAULT 32
 #define MAG_MAX 4096
 
-/* gate: bit 0 while a thief works, + GATE_WAITER per waiting acquire. */
+/* gate: GATE_STEAL while a thief works, + GATE_WAITER per waiting acquire;
+ * GATE_FENCE for good when the kernel has no membarrier, which makes the
+ * fast paths run a real fence before they go on (see op_begin()). */
 #define GATE_STEAL 1u
 #define GATE_WAITER 2u
+#define GATE_FENCE (1u << 31)
+#define GATE_SHUT(g) (((g) & ~GATE_FENCE) != 0) /* fast paths closed */
 
 enum { SLOT_FREE = 0, SLOT_IDLE = 1, SLOT_OUT = 2 }; /* debug states */
 
@@ -68,10 +78,12 @@ typedef struct slab {
     unsigned char *state; /* debug mode only: SLOT_* per slot */
 } slab;
 
+/* One cache line of its own: two threads' caches never share one. */
 typedef struct tcache {
-    atomic_int in_op;
+    alignas(KEEL__CACHELINE) atomic_int in_op;
     _Atomic(mag *) loaded;
     _Atomic(mag *) prev;
+    _Atomic(void *) hot;       /* an idle object, or NULL */
     atomic_uint_fast64_t hits; /* written by the owner only */
     struct tcache *next, *prevtc; /* the pool's list, under pool->mu */
 } tcache;
@@ -106,12 +118,19 @@ struct keel_pool {
 
 static mag *mag_new(keel_pool *p)
 {
-    mag *m = keel__malloc(sizeof *m + p->mag_size * sizeof(void *));
+    mag *m = keel__malloc(sizeof *m + (p->mag_size + 1) * sizeof(void *)); /* + tc_unhot()'s */
     if (m) {
         m->next = NULL;
         atomic_init(&m->n, 0);
     }
     return m;
+}
+
+static void mag_push(mag *m, void *obj)
+{
+    size_t n = LD(m->n);
+    m->rounds[n] = obj;
+    ST(m->n, n + 1);
 }
 
 static mag *depot_take_empty(keel_pool *p)
@@ -167,7 +186,7 @@ static void *depot_pop(keel_pool *p)
 static bool depot_push(keel_pool *p, void *obj)
 {
     mag *m = p->full;
-    if (!m || LD(m->n) == p->mag_size) {
+    if (!m || LD(m->n) >= p->mag_size) {
         if (!(m = depot_take_empty(p)))
             return false;
         m->next = p->full;
@@ -320,12 +339,27 @@ static void tc_unlink(keel_pool *p, tcache *tc)
         tc->next->prevtc = tc->prevtc;
 }
 
-/* Moves a cache's non-empty magazines to the depot, replacing them with
- * empty ones the caller made sure are there. Caller holds p->mu and knows
- * the owner is not in a fast path (it is the owner, or the handshake ran). */
+/* Moves a cache's hot object onto its loaded magazine, which holds up to
+ * mag_size + 1 rounds for this. The owner is not in a fast path, and the
+ * caller moves that magazine to the depot before the owner's next one,
+ * whose pushes see it full. */
+static void tc_unhot(tcache *tc)
+{
+    void *obj = LD(tc->hot);
+    if (obj) {
+        ST(tc->hot, NULL);
+        mag_push(LD(tc->loaded), obj);
+    }
+}
+
+/* Moves a cache's idle objects to the depot, replacing its non-empty
+ * magazines with empty ones the caller made sure are there. Caller holds
+ * p->mu and knows the owner is not in a fast path (it is the owner, or the
+ * handshake ran). */
 static size_t tc_drain(keel_pool *p, tcache *tc)
 {
     size_t moved = 0;
+    tc_unhot(tc);
     _Atomic(mag *) *slots[2] = {&tc->loaded, &tc->prev};
     for (int i = 0; i < 2; i++) {
         mag *m = LD(*slots[i]), *e = p->empty;
@@ -345,7 +379,7 @@ static size_t tc_drain(keel_pool *p, tcache *tc)
 static bool caches_look_idle(keel_pool *p)
 {
     for (tcache *tc = p->tcs; tc; tc = tc->next)
-        if (LD(LD(tc->loaded)->n) || LD(LD(tc->prev)->n))
+        if (LD(tc->hot) || LD(LD(tc->loaded)->n) || LD(LD(tc->prev)->n))
             return true;
     return false;
 }
@@ -390,6 +424,7 @@ static void thread_exit(keel__towner *o, void *data)
     keel_pool *p = (keel_pool *)((char *)o - offsetof(keel_pool, owner));
     tcache *tc = data;
     pthread_mutex_lock(&p->mu);
+    tc_unhot(tc);
     size_t moved = LD(LD(tc->loaded)->n) + LD(LD(tc->prev)->n);
     depot_put(p, LD(tc->loaded));
     depot_put(p, LD(tc->prev));
@@ -398,10 +433,10 @@ static void thread_exit(keel__towner *o, void *data)
     if (moved)
         pthread_cond_broadcast(&p->cv);
     pthread_mutex_unlock(&p->mu);
-    keel__free(tc);
+    keel__aligned_free(tc);
 }
 
-static void tc_free(void *tc) { keel__free(tc); } /* its pool is gone */
+static void tc_free(void *tc) { keel__aligned_free(tc); } /* its pool is gone */
 
 /* The calling thread's cache for p, created on first use; NULL when memory
  * runs out (the caller then goes through the depot). Never called for a
@@ -409,9 +444,10 @@ static void tc_free(void *tc) { keel__free(tc); } /* its pool is gone */
  * in debug mode". */
 static tcache *tc_create(keel_pool *p)
 {
-    tcache *tc = keel__calloc(1, sizeof *tc);
+    tcache *tc = keel__aligned_alloc(KEEL__CACHELINE, sizeof *tc);
     if (!tc)
         return NULL;
+    memset(tc, 0, sizeof *tc);
     pthread_mutex_lock(&p->mu);
     mag *a = depot_take_empty(p), *b = depot_take_empty(p);
     if (!a || !b) {
@@ -420,7 +456,7 @@ static tcache *tc_create(keel_pool *p)
         if (b)
             depot_put(p, b);
         pthread_mutex_unlock(&p->mu);
-        keel__free(tc);
+        keel__aligned_free(tc);
         return NULL;
     }
     atomic_init(&tc->loaded, a);
@@ -433,7 +469,7 @@ static tcache *tc_create(keel_pool *p)
         depot_put(p, a);
         depot_put(p, b);
         pthread_mutex_unlock(&p->mu);
-        keel__free(tc);
+        keel__aligned_free(tc);
         return NULL;
     }
     return tc;
@@ -482,6 +518,11 @@ static void deadline_ts(uint64_t timeout_ns, struct timespec *ts)
 static void *take_idle(keel_pool *p, tcache *tc)
 {
     if (tc) {
+        void *obj = LD(tc->hot);
+        if (obj) {
+            ST(tc->hot, NULL);
+            return obj;
+        }
         for (int i = 0; i < 2; i++) {
             mag *m = i ? LD(tc->prev) : LD(tc->loaded);
             size_t n = LD(m->n);
@@ -492,7 +533,7 @@ static void *take_idle(keel_pool *p, tcache *tc)
         }
         /* Both empty: swap a depot magazine in, Bonwick style, unless
          * someone is waiting (then objects stay in the depot for them). */
-        if (p->full && LD(p->gate) == 0) {
+        if (p->full && !GATE_SHUT(LD(p->gate))) {
             mag *full = depot_take_full(p);
             depot_put(p, LD(tc->prev));
             ST(tc->prev, LD(tc->loaded));
@@ -571,10 +612,23 @@ static int acquire_slow(keel_pool *p, tcache *tc, uint64_t timeout_ns, void **ou
     return *out ? 0 : err;
 }
 
-static inline void op_begin(tcache *tc)
+/* Without membarrier the thief's heavy fence is an ordinary one, so the
+ * owner must fence for real between its in_op store and its gate load. */
+static inline __attribute__((always_inline)) bool op_begin_fenced(keel_pool *p)
+{
+    KEEL__FULL_FENCE();
+    return atomic_load_explicit(&p->gate, memory_order_acquire) == GATE_FENCE;
+}
+
+/* Starts a fast-path operation: false when the gate is shut. The flag that
+ * says whether membarrier works lives in the gate, so that the fast path
+ * loads and tests one word. */
+static inline __attribute__((always_inline)) bool op_begin(keel_pool *p, tcache *tc)
 {
     ST(tc->in_op, 1);
-    keel__light_fence();
+    atomic_signal_fence(memory_order_seq_cst);
+    unsigned g = atomic_load_explicit(&p->gate, memory_order_acquire);
+    return KEEL__LIKELY(g == 0) || (KEEL__UNLIKELY(g == GATE_FENCE) && op_begin_fenced(p));
 }
 
 static inline void op_end(tcache *tc)
@@ -586,22 +640,25 @@ static inline void op_end(tcache *tc)
 static inline __attribute__((always_inline)) void *acquire_fast(keel_pool *p, tcache *tc)
 {
     void *obj = NULL;
-    op_begin(tc);
-    if (KEEL__LIKELY(atomic_load_explicit(&p->gate, memory_order_acquire) == 0)) {
-        mag *m = LD(tc->loaded);
-        size_t n = LD(m->n);
-        if (KEEL__UNLIKELY(n == 0)) {
-            mag *pm = LD(tc->prev);
-            if ((n = LD(pm->n)) == 0)
-                goto out;
-            ST(tc->prev, m);
-            ST(tc->loaded, pm);
-            m = pm;
+    if (KEEL__LIKELY(op_begin(p, tc))) {
+        if (KEEL__LIKELY((obj = LD(tc->hot)) != NULL)) {
+            ST(tc->hot, NULL);
+        } else {
+            mag *m = LD(tc->loaded);
+            size_t n = LD(m->n);
+            if (KEEL__UNLIKELY(n == 0)) {
+                mag *pm = LD(tc->prev);
+                if ((n = LD(pm->n)) == 0)
+                    goto out;
+                ST(tc->prev, m);
+                ST(tc->loaded, pm);
+                m = pm;
+            }
+            obj = m->rounds[--n];
+            ST(m->n, n);
         }
-        obj = m->rounds[--n];
         if (!obj) /* never: tells the callers' tests that a pop succeeds */
             __builtin_unreachable();
-        ST(m->n, n);
         ST(tc->hits, LD(tc->hits) + 1);
     }
 out:
@@ -646,13 +703,6 @@ KEEL_API int keel_pool_acquire_timeout(keel_pool *p, uint64_t timeout_ns, void *
 
 /* ---- release ---- */
 
-static void mag_push(mag *m, void *obj)
-{
-    size_t n = LD(m->n);
-    m->rounds[n] = obj;
-    ST(m->n, n + 1);
-}
-
 /* Finalises an object whose slot is reserved but not in any magazine:
  * `fini` runs outside p->mu (it may use other pools), then the slot goes
  * back and waiters learn that capacity is free. Caller holds p->mu. */
@@ -670,7 +720,7 @@ static void retire_locked(keel_pool *p, void *obj)
 static void release_slow(keel_pool *p, tcache *tc, void *obj)
 {
     pthread_mutex_lock(&p->mu);
-    if (tc && LD(p->gate) == 0) {
+    if (tc && !GATE_SHUT(LD(p->gate))) {
         /* The gate may have dropped since the fast path: look again. */
         mag *l = LD(tc->loaded), *pv = LD(tc->prev), *e;
         if (LD(l->n) < p->mag_size) {
@@ -701,21 +751,24 @@ static void release_slow(keel_pool *p, tcache *tc, void *obj)
 static inline __attribute__((always_inline)) bool release_fast(keel_pool *p, tcache *tc, void *obj)
 {
     bool done = false;
-    op_begin(tc);
-    if (KEEL__LIKELY(atomic_load_explicit(&p->gate, memory_order_acquire) == 0)) {
-        mag *m = LD(tc->loaded);
-        size_t n = LD(m->n);
-        if (KEEL__UNLIKELY(n == p->mag_size)) {
-            mag *pm = LD(tc->prev);
-            if (LD(pm->n) != 0)
-                goto out;
-            ST(tc->prev, m);
-            ST(tc->loaded, pm);
-            m = pm;
-            n = 0;
+    if (KEEL__LIKELY(op_begin(p, tc))) {
+        if (KEEL__LIKELY(LD(tc->hot) == NULL)) {
+            ST(tc->hot, obj);
+        } else {
+            mag *m = LD(tc->loaded);
+            size_t n = LD(m->n);
+            if (KEEL__UNLIKELY(n >= p->mag_size)) {
+                mag *pm = LD(tc->prev);
+                if (LD(pm->n) != 0)
+                    goto out;
+                ST(tc->prev, m);
+                ST(tc->loaded, pm);
+                m = pm;
+                n = 0;
+            }
+            m->rounds[n] = obj;
+            ST(m->n, n + 1);
         }
-        m->rounds[n] = obj;
-        ST(m->n, n + 1);
         done = true;
     }
 out:
@@ -827,7 +880,7 @@ KEEL_API void keel_pool_stats_get(keel_pool *p, keel_pool_stats *st)
     pthread_mutex_lock(&p->mu);
     uint64_t cached = 0, hits = p->exited_hits;
     for (tcache *tc = p->tcs; tc; tc = tc->next) {
-        cached += LD(LD(tc->loaded)->n) + LD(LD(tc->prev)->n);
+        cached += (LD(tc->hot) != NULL) + LD(LD(tc->loaded)->n) + LD(LD(tc->prev)->n);
         hits += LD(tc->hits);
     }
     st->created = p->created;
@@ -926,9 +979,9 @@ KEEL_API int keel_pool_create(keel_pool **out, const keel_pool_opts *opts)
     p->fini = opts->fini;
     p->ud = opts->ud;
     p->debug = opts->debug;
-    atomic_init(&p->gate, 0);
     p->owner.thread_exit = thread_exit;
     keel__fences_init();
+    atomic_init(&p->gate, __atomic_load_n(&keel__membarrier_ok, __ATOMIC_RELAXED) ? 0 : GATE_FENCE);
 
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
@@ -978,6 +1031,7 @@ static void detach_caches(void *ud)
 {
     keel_pool *p = ud;
     for (tcache *tc = p->tcs; tc; tc = tc->next) {
+        tc_unhot(tc);
         depot_put(p, LD(tc->loaded));
         depot_put(p, LD(tc->prev));
         ST(tc->loaded, NULL);

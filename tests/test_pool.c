@@ -12,6 +12,7 @@
 #include <keel/pool.h>
 
 #include "harness.h"
+#include "internal.h"
 
 /* ---- hook counters ---- */
 
@@ -262,8 +263,9 @@ START_TEST(trim_finalises_idle_objects_and_frees_slabs)
 }
 END_TEST
 
-/* magazines of 4 rounds are 48-byte allocations: make exactly those fail */
-static void *no_magazines(size_t n) { return n == 16 + 4 * sizeof(void *) ? NULL : malloc(n); }
+/* magazines of 4 rounds (and the spare one) are 56-byte allocations: make
+ * exactly those fail */
+static void *no_magazines(size_t n) { return n == 16 + 5 * sizeof(void *) ? NULL : malloc(n); }
 
 START_TEST(preallocation_out_of_memory_finalises_what_it_initialised)
 {
@@ -394,6 +396,29 @@ START_TEST(idle_objects_in_another_thread_are_not_lost_capacity)
     for (int i = 0; i < 64; i++)
         keel_pool_release(p, objs[i]);
     park_finish(&pk, t);
+    keel_pool_destroy(p);
+}
+END_TEST
+
+START_TEST(stats_count_every_idle_object_and_hit)
+{
+    counts c = {0};
+    keel_pool *p = counted_pool(&c, 0, 0);
+    void *a = keel_pool_acquire(p); /* a miss: created */
+    keel_pool_release(p, a);        /* parked in the thread's hot slot */
+    keel_pool_stats st = stats(p);
+    ck_assert_uint_eq(st.idle_cached, 1);
+    ck_assert_uint_eq(st.live, 0);
+    ck_assert_ptr_eq(keel_pool_acquire(p), a);
+    void *b = keel_pool_acquire(p); /* nothing idle: a second miss */
+    keel_pool_release(p, a);        /* hot slot */
+    keel_pool_release(p, b);        /* magazine */
+    st = stats(p);
+    ck_assert_uint_eq(st.hits, 1);
+    ck_assert_uint_eq(st.misses, 2);
+    ck_assert_uint_eq(st.idle_cached, 2);
+    ck_assert_uint_eq(keel_pool_trim(p), 2); /* both found and finalised */
+    ck_assert_int_eq(atomic_load(&c.fini), 2);
     keel_pool_destroy(p);
 }
 END_TEST
@@ -610,6 +635,18 @@ START_TEST(blocking_acquires_share_a_small_pool)
 }
 END_TEST
 
+START_TEST(without_membarrier_the_fast_paths_fence_themselves)
+{
+    /* As on a kernel without membarrier: pools created now put the fence
+     * on both sides. Steals and waits must still keep every promise. */
+    bool had = keel__membarrier_ok;
+    keel__membarrier_ok = false;
+    hammer_pool(6, 0, 4);
+    hammer_pool(9, 1, 4);
+    keel__membarrier_ok = had;
+}
+END_TEST
+
 /* ---- debug mode ---- */
 
 static atomic_int log_count;
@@ -675,6 +712,7 @@ static Suite *pool_suite(void)
     tc = tcase_create("threads");
     tcase_set_timeout(tc, 20);
     tcase_add_test(tc, idle_objects_in_another_thread_are_not_lost_capacity);
+    tcase_add_test(tc, stats_count_every_idle_object_and_hit);
     tcase_add_test(tc, exiting_thread_gives_its_magazines_back);
     tcase_add_test(tc, destroy_finalises_objects_idle_in_other_threads);
     tcase_add_test(tc, a_reused_pool_id_does_not_confuse_a_live_thread);
@@ -683,6 +721,7 @@ static Suite *pool_suite(void)
     tcase_add_test(tc, no_object_has_two_owners_unbounded);
     tcase_add_test(tc, no_object_has_two_owners_and_capacity_holds);
     tcase_add_test(tc, blocking_acquires_share_a_small_pool);
+    tcase_add_test(tc, without_membarrier_the_fast_paths_fence_themselves);
     tcase_add_test(tc, hooks_may_use_other_pools_while_threads_exit);
     suite_add_tcase(s, tc);
     return s;

@@ -64,9 +64,9 @@ typedef struct keel_pool_opts {
 typedef struct keel_pool_stats {
     uint64_t created;     /* objects constructed and not yet finalised */
     uint64_t live;        /* objects handed out and not yet released */
-    uint64_t idle_cached; /* idle objects in threads' magazines */
+    uint64_t idle_cached; /* idle objects in threads' caches */
     uint64_t idle_depot;  /* idle objects in the shared depot */
-    uint64_t hits;        /* acquires served from the thread's magazines */
+    uint64_t hits;        /* acquires served from the thread's cache */
     uint64_t misses;      /* acquires that went to the depot or created */
     uint64_t waits;       /* acquires that had to wait for a release */
     uint64_t timeouts;    /* acquires that gave up (timeout or at capacity) */
