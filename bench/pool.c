@@ -5,8 +5,10 @@
  *
  * Two patterns: depth 1 releases each object right after acquiring it (the
  * best case of glibc's per-thread tcache, which keeps 7 chunks per size),
- * depth 32 holds 32 objects before releasing them, as a pool of buffers or
- * connections is used. */
+ * with the pointer in a local as a caller that acquires, uses and releases
+ * keeps it; depth 32 holds 32 objects in an array before releasing them,
+ * as a pool of buffers or connections is used. Both sides run the same
+ * loops. */
 #include <string.h>
 
 #include <keel/pool.h>
@@ -26,6 +28,16 @@ static void *run_pool(void *arg)
 {
     job *j = arg;
     char *held[MAX_DEPTH];
+    if (j->depth == 1) {
+        keel_pool *p = j->pool;
+        for (uint64_t i = 0, n = j->iters; i < n; i++) {
+            char *obj = keel_pool_acquire(p);
+            obj[0] = (char)i;
+            BENCH_KEEP(obj);
+            keel_pool_release(p, obj);
+        }
+        return NULL;
+    }
     for (uint64_t i = 0; i < j->iters; i += (uint64_t)j->depth) {
         for (int k = 0; k < j->depth; k++) {
             held[k] = keel_pool_acquire(j->pool);
@@ -42,6 +54,15 @@ static void *run_malloc(void *arg)
 {
     job *j = arg;
     char *held[MAX_DEPTH];
+    if (j->depth == 1) {
+        for (uint64_t i = 0, n = j->iters, size = j->size; i < n; i++) {
+            char *obj = malloc(size);
+            obj[0] = (char)i;
+            BENCH_KEEP(obj);
+            free(obj);
+        }
+        return NULL;
+    }
     for (uint64_t i = 0; i < j->iters; i += (uint64_t)j->depth) {
         for (int k = 0; k < j->depth; k++) {
             held[k] = malloc(j->size);
