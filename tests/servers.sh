@@ -201,7 +201,15 @@ run)
     # shellcheck disable=SC1091
     . "$DIR/env"
     set +e
-    "$@"
+    # In the background, so that a signal to this shell is handled at once
+    # (a foreground command would delay the trap until it ends): the
+    # command gets SIGTERM, the servers stop. stdin is passed on explicitly,
+    # since a background command would get /dev/null.
+    "$@" <&0 &
+    child=$!
+    trap 'kill -TERM "$child" 2>/dev/null; exit 130' INT
+    trap 'kill -TERM "$child" 2>/dev/null; exit 143' TERM
+    wait "$child"
     exit $?
     ;;
 start)
