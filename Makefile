@@ -118,7 +118,14 @@ $(B)/libkeel.so: $(B)/$(SONAME)
 # Directories under the prefix are written relative to it, so that
 # `pkg-config --define-variable=prefix=...` relocates an installed tree.
 pcrel = $(patsubst $(prefix),$${prefix},$(patsubst $(prefix)/%,$${prefix}/%,$(1)))
-$(B)/keel.pc: pkgconfig/keel.pc.in include/keel/version.h Makefile
+# keel.pc names the install directories, so it is made again when they
+# change (`make && make install PREFIX=/opt/x` must not install /usr/local).
+PC_VARS := $(prefix)|$(exec_prefix)|$(libdir)|$(includedir)
+$(B)/pc-vars: FORCE
+	$(Q)mkdir -p $(B) && [ "$$(cat $@ 2>/dev/null)" = '$(PC_VARS)' ] || printf '%s\n' '$(PC_VARS)' > $@
+.PHONY: FORCE
+FORCE:
+$(B)/keel.pc: pkgconfig/keel.pc.in include/keel/version.h Makefile $(B)/pc-vars
 	$(call say,GEN,$@)mkdir -p $(B) && sed -e 's|@prefix@|$(prefix)|' \
 		-e 's|@exec_prefix@|$(call pcrel,$(exec_prefix))|' \
 		-e 's|@libdir@|$(call pcrel,$(libdir))|' -e 's|@includedir@|$(call pcrel,$(includedir))|' \

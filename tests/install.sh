@@ -12,6 +12,8 @@ CC=${CC:-cc}
 
 make -C "$top" --no-print-directory -s install DESTDIR="$root" PREFIX="$prefix" >/dev/null
 libdir="$root$prefix/lib"
+grep -qx "prefix=$prefix" "$libdir/pkgconfig/keel.pc" ||
+    { echo "install: keel.pc does not name the install prefix $prefix" >&2; exit 1; }
 cp "$top/tests/consumer/consumer.c" "$tmp/"
 cd "$tmp"
 pc() { PKG_CONFIG_PATH="$libdir/pkgconfig" pkg-config --define-variable=prefix="$root$prefix" "$@" keel; }
