@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include <keel/redis.h>
+#include <keel/ring.h>
 
 #include "harness.h"
 #include "redis/redis_int.h"
@@ -124,6 +125,19 @@ END_TEST
 START_TEST(keys_land_on_the_node_the_ring_says)
 {
     keel_redis *r = connect_nodes(3, NULL);
+    /* The ring redis.h documents, built here on its own: a continuum ring
+     * of the nodes' "host:port" names, weight 1 each. */
+    keel_ring *ring;
+    keel_ring_opts ro = {.algo = KEEL_RING_CONTINUUM};
+    ck_assert_int_eq(keel_ring_create(&ring, &ro), 0);
+    char names[3][80];
+    for (int k = 0; k < 3; k++) {
+        char host[64];
+        int port;
+        kt_redis_node(k, host, sizeof host, &port);
+        snprintf(names[k], sizeof names[k], "%s:%d", host, port);
+        ck_assert_int_eq(keel_ring_add(ring, names[k], strlen(names[k]), 1, (void *)(uintptr_t)k), 0);
+    }
     int per_node[3] = {0};
     for (int i = 0; i < 300; i++) {
         char key[32];
@@ -131,7 +145,10 @@ START_TEST(keys_land_on_the_node_the_ring_says)
         redisReply *rep;
         ck_assert_int_eq(cmd(r, key, &rep, 3, "SET", key, "1"), 0);
         freeReplyObject(rep);
-        size_t node = keel_redis_node_of(r, key, strlen(key));
+        keel_ring_node rn;
+        ck_assert_int_eq(keel_ring_lookup(ring, key, strlen(key), &rn), 0);
+        size_t node = (size_t)(uintptr_t)rn.ud;
+        ck_assert_uint_eq(keel_redis_node_of(r, key, strlen(key)), node);
         per_node[node]++;
         /* it is on that node and on no other */
         for (int k = 0; k < 3; k++) {
@@ -163,6 +180,7 @@ START_TEST(keys_land_on_the_node_the_ring_says)
     size_t al[2] = {strlen(a), strlen(b)};
     ck_assert_int_eq(keel_redis_command_keys(r, apart, al, 2, 5, mset, ml, &rep), KEEL_EINVAL);
     ck_assert_ptr_null(rep);
+    keel_ring_destroy(ring);
     keel_redis_destroy(r);
 }
 END_TEST
@@ -326,6 +344,53 @@ START_TEST(a_stopped_node_fails_fast_while_the_others_serve)
 }
 END_TEST
 
+static uint32_t fails_of(keel_redis *r)
+{
+    keel_redis_node_stats st;
+    ck_assert_int_eq(keel_redis_node_stats_get(r, 0, &st), 0);
+    return st.fails;
+}
+
+START_TEST(a_node_that_stays_down_is_probed_ever_less_often)
+{
+    const uint64_t T = KT_S, CAP = 8 * KT_S; /* fail_timeout, reconnect_max */
+    kt_clock clk = {0};
+    kt_clock_advance(&clk, 1000 * KT_S);
+    node_urls(NULL);
+    keel_redis *r;
+    keel_redis_opts o = {.nodes = url_ptrs, .nnodes = 1, .connect_timeout_ns = 300 * MS,
+                         .command_timeout_ns = 300 * MS, .max_fails = 2, .fail_timeout_ns = T,
+                         .reconnect_max_ns = CAP, .clock = kt_clock_now, .clock_ud = &clk};
+    ck_assert_int_eq(keel_redis_create(&r, &o), 0);
+    redisReply *rep;
+    kt_server("stop-one", "redis1");
+    ck_assert_int_eq(cmd(r, "k", &rep, 2, "PING", "x"), KEEL_EUNAVAIL);
+    ck_assert_int_eq(cmd(r, "k", &rep, 2, "PING", "x"), KEEL_EUNAVAIL);
+    ck_assert_uint_eq(fails_of(r), 2); /* skipped for T, then the probes */
+    uint64_t waited = 0;
+    for (uint32_t probe = 0; probe < 6; probe++) {
+        /* after `probe` failed probes the wait is e/2 + U(0, e/2), e the
+         * doubled fail_timeout under the cap; the first is T exactly */
+        uint64_t e = probe == 0 ? T : (T << probe < CAP ? T << probe : CAP);
+        uint64_t lo = probe == 0 ? T : e / 2;
+        kt_clock_advance(&clk, lo - 1);
+        ck_assert_int_eq(cmd(r, "k", &rep, 2, "PING", "x"), KEEL_EUNAVAIL);
+        ck_assert_uint_eq(fails_of(r), 2 + probe); /* too early: no probe */
+        kt_clock_advance(&clk, e - (lo - 1));
+        ck_assert_int_eq(cmd(r, "k", &rep, 2, "PING", "x"), KEEL_EUNAVAIL);
+        ck_assert_uint_eq(fails_of(r), 3 + probe); /* by the wait's end: one probe */
+        waited += e;
+    }
+    ck_assert_uint_gt(waited, 6 * T); /* a probe a fail_timeout would be 6 */
+    kt_server("start-one", "redis1");
+    kt_clock_advance(&clk, CAP);
+    ck_assert_int_eq(cmd(r, "k", &rep, 2, "PING", "x"), 0);
+    freeReplyObject(rep);
+    ck_assert_uint_eq(fails_of(r), 0);
+    keel_redis_destroy(r);
+}
+END_TEST
+
 START_TEST(a_server_that_never_answers_times_out)
 {
     keel_redis *r = connect_nodes(3, NULL);
@@ -352,7 +417,8 @@ END_TEST
 
 typedef struct inbox {
     pthread_mutex_t mu;
-    char last[64];
+    char last[64]; /* the bytes of the last message (and a NUL) */
+    size_t last_len;
     int messages, reconnects;
     char last_pattern[32];
 } inbox;
@@ -363,7 +429,9 @@ static void got(const char *ch, size_t chlen, const char *msg, size_t len, const
     (void)chlen;
     inbox *in = ud;
     pthread_mutex_lock(&in->mu);
-    snprintf(in->last, sizeof in->last, "%.*s", (int)len, msg);
+    in->last_len = len < sizeof in->last ? len : sizeof in->last - 1;
+    memcpy(in->last, msg, in->last_len);
+    in->last[in->last_len] = '\0';
     snprintf(in->last_pattern, sizeof in->last_pattern, "%s", pattern ? pattern : "");
     in->messages++;
     pthread_mutex_unlock(&in->mu);
@@ -379,7 +447,7 @@ static void reconnected(void *ud)
 
 /* Publishes until the listener has seen `want` messages (a real wait on a
  * real server, bounded by 10 s). */
-static void publish_until(keel_redis *r, inbox *in, const char *channel, const char *msg, int want)
+static void publish_until(keel_redis *r, inbox *in, const char *channel, const char *msg, size_t len, int want)
 {
     uint64_t deadline = keel_now_ns() + 10 * KT_S;
     for (;;) {
@@ -390,7 +458,9 @@ static void publish_until(keel_redis *r, inbox *in, const char *channel, const c
             return;
         ck_assert_msg(keel_now_ns() < deadline, "no message on %s after 10 s", channel);
         redisReply *rep;
-        if (cmd(r, NULL, &rep, 3, "PUBLISH", channel, msg) == 0)
+        const char *argv[] = {"PUBLISH", channel, msg};
+        size_t lens[] = {7, strlen(channel), len};
+        if (keel_redis_command(r, NULL, 0, 3, argv, lens, &rep) == 0)
             freeReplyObject(rep);
         struct timespec ts = {0, 20 * 1000000};
         nanosleep(&ts, NULL);
@@ -408,9 +478,10 @@ START_TEST(the_listener_reconnects_and_says_so)
                               .heartbeat_ns = 200 * MS, .reconnect_min_ns = 20 * MS,
                               .reconnect_max_ns = 200 * MS};
     ck_assert_int_eq(keel_redis_subscribe(r, &so, &s), 0);
-    publish_until(r, &in, "kt:events", "hello\0binary", 1);
-    ck_assert_str_eq(in.last, "hello");
-    publish_until(r, &in, "kt:p.x", "patterned", 2);
+    publish_until(r, &in, "kt:events", "hello\0binary", 12, 1); /* binary-safe */
+    ck_assert_uint_eq(in.last_len, 12);
+    ck_assert_mem_eq(in.last, "hello\0binary", 12);
+    publish_until(r, &in, "kt:p.x", "patterned", 9, 2);
     ck_assert_str_eq(in.last_pattern, "kt:p.*");
     kt_server("stop-one", "redis1");
     kt_server("start-one", "redis1");
@@ -426,7 +497,7 @@ START_TEST(the_listener_reconnects_and_says_so)
         nanosleep(&ts, NULL);
     }
     int before = in.messages;
-    publish_until(r, &in, "kt:events", "after", before + 1);
+    publish_until(r, &in, "kt:events", "after", 5, before + 1);
     ck_assert_str_eq(in.last, "after");
     keel_redis_unsubscribe(s);
     keel_redis_destroy(r);
@@ -621,6 +692,7 @@ int main(void)
     tcase_add_test(tc, scripts_survive_script_flush_and_a_restart);
     tcase_add_test(tc, auth_with_a_password_and_with_a_user);
     tcase_add_test(tc, a_stopped_node_fails_fast_while_the_others_serve);
+    tcase_add_test(tc, a_node_that_stays_down_is_probed_ever_less_often);
     tcase_add_test(tc, a_server_that_never_answers_times_out);
     tcase_add_test(tc, the_listener_reconnects_and_says_so);
     tcase_add_test(tc, the_write_guard_swallows_our_sigpipe_and_keeps_the_programs);

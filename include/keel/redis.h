@@ -6,7 +6,8 @@
  * Nodes are given as URLs: redis://[[user]:password@]host[:port][/db]
  * (port 6379 and db 0 by default) or unix:///path/to/socket[?db=N]. With
  * several nodes, the routing key of each command picks the node through a
- * consistent hash ring (node names "host:port"); a key with a hash tag,
+ * consistent hash ring (KEEL_RING_CONTINUUM, node names "host:port",
+ * weight 1; keel_redis_node_of() says which); a key with a hash tag,
  * `{...}`, is routed by the tag alone, as Redis Cluster does, so related
  * keys can share a node.
  *
@@ -60,6 +61,11 @@ typedef struct keel_redis_opts {
     size_t conns_per_node;       /* 0 = 8 */
     uint32_t max_fails;          /* 0 = 3 */
     uint64_t fail_timeout_ns;    /* 0 = 10 s */
+    uint64_t reconnect_max_ns;   /* each failed probe of a skipped node
+                                    doubles the wait before the next one,
+                                    from fail_timeout up to this, with equal
+                                    jitter; 0 (or under fail_timeout) = a
+                                    probe every fail_timeout, as nginx */
     keel_clock_fn clock;         /* for fail_timeout; NULL = keel_now_ns */
     void *clock_ud;
     keel_metrics *metrics;       /* keel_redis_* series; may be NULL */

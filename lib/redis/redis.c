@@ -11,7 +11,10 @@
  * (connect errors, I/O errors, timeouts; not error replies) count; at
  * max_fails the node is skipped until fail_timeout has passed, and then
  * exactly one call probes it, the others still skipping, until a success
- * resets the count.
+ * resets the count. With reconnect_max above fail_timeout, each failed
+ * probe doubles the wait before the next (keel_backoff's equal jitter), so
+ * that a node that stays down is probed ever less often, and clients that
+ * lost it together do not probe it together.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -25,6 +28,7 @@
 #include <sys/un.h>
 #include <time.h>
 
+#include <keel/backoff.h>
 #include <keel/metrics.h>
 #include <keel/pool.h>
 #include <keel/redis.h>
@@ -330,25 +334,42 @@ static void conn_fini(void *obj, void *ud)
 
 /* ---- node health (nginx's max_fails / fail_timeout) ---- */
 
-/* Whether a call may go to n now: not skipped, or the one probe after
- * fail_timeout (which pushes the next probe a fail_timeout further). */
-static bool node_usable(rnode *n, uint64_t now)
+/* Whether a call may go to n now: not skipped, or the one probe after the
+ * skip (which pushes the next probe a fail_timeout further while it runs);
+ * *probe says which. */
+static bool node_usable(rnode *n, uint64_t now, bool *probe)
 {
+    *probe = false;
     uint64_t until = atomic_load_explicit(&n->skip_until, memory_order_acquire);
     if (until == 0 || atomic_load(&n->fails) < n->r->max_fails)
         return true;
     if (now < until)
         return false;
-    return atomic_compare_exchange_strong(&n->skip_until, &until, now + n->r->fail_timeout);
+    return (*probe = atomic_compare_exchange_strong(&n->skip_until, &until, now + n->r->fail_timeout));
 }
 
-static void node_result(rnode *n, int rc, uint64_t now)
+/* How long a failing node is skipped after `probes` failed probes. */
+static uint64_t skip_for(const keel_redis *r, uint32_t probes)
+{
+    if (probes == 0 || r->reconnect_max <= r->fail_timeout)
+        return r->fail_timeout;
+    keel_backoff b;
+    keel_backoff_init(&b, &(keel_backoff_opts){KEEL_BACKOFF_EQUAL_JITTER, r->fail_timeout, r->reconnect_max,
+                                               NULL, NULL});
+    uint64_t d = 0;
+    for (uint32_t i = 0; i <= probes && i < 64; i++) /* the delay of attempt `probes` */
+        d = keel_backoff_next(&b);
+    return d;
+}
+
+static void node_result(rnode *n, int rc, uint64_t now, bool probe)
 {
     if (rc == KEEL_EUNAVAIL || rc == KEEL_ETIMEDOUT || rc == KEEL_EPROTO) {
         atomic_fetch_add(&n->gen, 1); /* its idle connections are suspect too */
         uint32_t f = atomic_fetch_add(&n->fails, 1) + 1;
+        uint32_t p = probe ? atomic_fetch_add(&n->probes_failed, 1) + 1 : atomic_load(&n->probes_failed);
         if (f >= n->r->max_fails)
-            atomic_store_explicit(&n->skip_until, now + n->r->fail_timeout, memory_order_release);
+            atomic_store_explicit(&n->skip_until, now + skip_for(n->r, p), memory_order_release);
         if (f == n->r->max_fails)
             keel__log(KEEL_LOG_WARN, "redis", "%s: %u failures in a row: skipped for %llu ms",
                       n->name, f, (unsigned long long)(n->r->fail_timeout / 1000000u));
@@ -356,6 +377,7 @@ static void node_result(rnode *n, int rc, uint64_t now)
                                   memory_order_relaxed);
     } else if (atomic_load_explicit(&n->fails, memory_order_relaxed)) {
         atomic_store(&n->fails, 0);
+        atomic_store(&n->probes_failed, 0);
         atomic_store(&n->skip_until, 0);
     }
 }
@@ -365,7 +387,8 @@ static int with_conn(rnode *n, int (*fn)(redisContext *c, void *arg), void *arg)
 {
     keel_redis *r = n->r;
     uint64_t now = keel__clock_now(&r->clock);
-    if (!node_usable(n, now)) {
+    bool probe;
+    if (!node_usable(n, now, &probe)) {
         atomic_fetch_add_explicit(&n->unavailable, 1, memory_order_relaxed);
         return KEEL_EUNAVAIL;
     }
@@ -381,7 +404,7 @@ static int with_conn(rnode *n, int (*fn)(redisContext *c, void *arg), void *arg)
             rc = KEEL_ETIMEDOUT;
         else if (rc == KEEL_ETIMEDOUT)
             return rc;
-        node_result(n, rc, keel__clock_now(&r->clock));
+        node_result(n, rc, keel__clock_now(&r->clock), probe);
         return rc;
     }
     keel__sigpipe sp;
@@ -393,7 +416,7 @@ static int with_conn(rnode *n, int (*fn)(redisContext *c, void *arg), void *arg)
         keel_pool_discard(n->pool, c);
     else
         keel_pool_release(n->pool, c);
-    node_result(n, rc, keel__clock_now(&r->clock));
+    node_result(n, rc, keel__clock_now(&r->clock), probe);
     return rc;
 }
 
@@ -769,6 +792,7 @@ KEEL_API int keel_redis_create(keel_redis **out, const keel_redis_opts *o)
     r->fail_timeout = o->fail_timeout_ns ? o->fail_timeout_ns : 10000000000u;
     if (r->fail_timeout > UINT64_MAX / 4)
         r->fail_timeout = UINT64_MAX / 4; /* now + fail_timeout must not wrap */
+    r->reconnect_max = o->reconnect_max_ns > UINT64_MAX / 4 ? UINT64_MAX / 4 : o->reconnect_max_ns;
     r->clock = (keel__clock){o->clock, o->clock_ud};
     r->nnodes = o->nnodes;
     r->metrics = o->metrics;

@@ -31,6 +31,7 @@ typedef struct rnode {
     char name[300];
     keel_pool *pool;
     _Atomic uint32_t fails;
+    _Atomic uint32_t probes_failed; /* since it was last skipped afresh */
     _Atomic uint64_t skip_until;
     _Atomic uint64_t gen; /* bumped at every failure */
     _Atomic uint64_t commands, errors, timeouts, unavailable, connects;
@@ -40,7 +41,7 @@ struct keel_redis {
     rnode *nodes;
     size_t nnodes;
     keel_ring *ring;
-    uint64_t connect_timeout, cmd_timeout, fail_timeout;
+    uint64_t connect_timeout, cmd_timeout, fail_timeout, reconnect_max;
     uint32_t max_fails;
     keel__clock clock;
     keel_metrics *metrics;
