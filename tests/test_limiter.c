@@ -17,6 +17,7 @@
 #include <keel/redis.h>
 
 #include "harness.h"
+#include "limiter/limiter_int.h"
 
 #define MS KT_MS
 #define S KT_S
@@ -46,6 +47,44 @@ static int take(keel_limiter *l, const char *key, uint64_t cost, keel_limit_resu
 }
 
 /* ---- GCRA ---- */
+
+/* The decisions divide by the limit and the window with a multiply: the
+ * quotient is the hardware's for every numerator, at the edges and at
+ * random, for divisors of every size. */
+START_TEST(division_by_a_fixed_divisor_is_exact)
+{
+    static const uint64_t edges[] = {1, 2, 3, 5, 7, 10, 1000, 1000000, 1000000007, (1ull << 32) - 1,
+                                     1ull << 32, (1ull << 32) + 1, 1ull << 62, (1ull << 63) - 1,
+                                     1ull << 63, (1ull << 63) + 1, UINT64_MAX - 1, UINT64_MAX};
+    uint64_t x = 0x9e3779b97f4a7c15u;
+    for (size_t i = 0; i < 2000; i++) {
+        uint64_t d;
+        if (i < sizeof edges / sizeof edges[0]) {
+            d = edges[i];
+        } else {
+            x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+            d = x >> (x % 64); /* divisors of every width */
+            if (d == 0)
+                d = 1;
+        }
+        ldivisor v = keel__ldivisor(d);
+        for (size_t j = 0; j < 500; j++) {
+            uint64_t n;
+            if (j < sizeof edges / sizeof edges[0]) {
+                n = edges[j];
+            } else if (j < 40) { /* around multiples of d */
+                uint64_t k = j * 0x5851f42d4c957f2du % (UINT64_MAX / d); /* d == 1: below max */
+                n = k * d + (j % 3) - 1;
+            } else {
+                x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+                n = x >> (x % 64);
+            }
+            ck_assert_msg(keel__ldivide(&v, n) == n / d, "%llu / %llu", (unsigned long long)n,
+                          (unsigned long long)d);
+        }
+    }
+}
+END_TEST
 
 START_TEST(gcra_is_a_token_bucket_to_the_nanosecond)
 {
@@ -814,6 +853,7 @@ int main(void)
 {
     Suite *s = suite_create("limiter");
     TCase *tc = tcase_create("local");
+    tcase_add_test(tc, division_by_a_fixed_divisor_is_exact);
     tcase_add_test(tc, gcra_is_a_token_bucket_to_the_nanosecond);
     tcase_add_test(tc, the_sliding_window_weighs_the_previous_window);
     tcase_add_test(tc, the_sliding_log_is_exact);

@@ -203,6 +203,10 @@ static int one(keel_limiter *l, const void *key, size_t len, uint64_t cost, lop 
 {
     if (!l || !key_ok(key, len) || (!r && op != OP_REFUND))
         return KEEL_EINVAL;
+    if (!l->remote) { /* in process: straight into the caller's result */
+        keel_limit_result unused;
+        return keel__lstore_decide(l->local, key, len, clamp_cost(l, cost), op, r ? r : &unused);
+    }
     keel_limit_req q = {.key = key, .len = len, .cost = cost};
     decide(l, &q, 1, op);
     if (r)

@@ -20,6 +20,18 @@ typedef struct lcfg {
 
 /* ---- the in-process store (local.c) ---- */
 
+/* n / d for a divisor fixed when the limiter is made, by a multiply and
+ * shifts (Granlund and Montgomery, "Division by invariant integers using
+ * multiplication", PLDI 1994, figure 4.1): a decision divides by the limit
+ * and the window up to three times, and a hardware divide costs several
+ * multiplies. Exact for every n and every d >= 1. */
+typedef struct ldivisor {
+    uint64_t d, m;
+    unsigned shift; /* l - 1, l = ceil(log2 d); unused when d == 1 */
+} ldivisor;
+ldivisor keel__ldivisor(uint64_t d);
+uint64_t keel__ldivide(const ldivisor *v, uint64_t n);
+
 typedef struct lstore lstore;
 
 int keel__lstore_create(lstore **out, const lcfg *cfg, size_t max_keys, const keel__clock *clock);

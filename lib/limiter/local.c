@@ -57,6 +57,7 @@ typedef struct lshard {
 
 struct lstore {
     lcfg cfg;
+    ldivisor by_limit, by_window;
     keel__clock clock;
     lshard *shards;
     unsigned shift;
@@ -166,9 +167,47 @@ static int grow(lshard *sh)
 
 /* ---- arithmetic ---- */
 
-/* a / b, saturated to 64 bits. The operands nearly always fit in 64 bits,
- * and a 64-bit division is several times cheaper than a 128-bit one (a
- * library call): that is most of a decision's cost otherwise. */
+ldivisor keel__ldivisor(uint64_t d)
+{
+    ldivisor v = {d, 0, 0};
+    if (d > 1) {
+        unsigned l = 64 - (unsigned)__builtin_clzll(d - 1);
+        /* 2^l - d < d, so the quotient fits in 64 bits */
+        v.m = (uint64_t)(((((u128)1 << l) - d) << 64) / d) + 1;
+        v.shift = l - 1;
+    }
+    return v;
+}
+
+static inline uint64_t ldivide(const ldivisor *v, uint64_t n)
+{
+    if (v->d == 1)
+        return n;
+    uint64_t t = (uint64_t)(((u128)v->m * n) >> 64);
+    return (t + ((n - t) >> 1)) >> v->shift;
+}
+
+uint64_t keel__ldivide(const ldivisor *v, uint64_t n) { return ldivide(v, n); }
+
+/* a / the divisor, saturated to 64 bits: the operands nearly always fit
+ * in 64 bits (a 128-bit division is a library call). */
+static inline uint64_t divf(u128 a, const ldivisor *v)
+{
+    if (!(a >> 64))
+        return ldivide(v, (uint64_t)a);
+    u128 q = a / v->d;
+    return q >> 64 ? UINT64_MAX : (uint64_t)q;
+}
+
+static inline uint64_t divf_up(u128 a, const ldivisor *v)
+{
+    if (!a)
+        return 0;
+    uint64_t q = divf(a - 1, v);
+    return q + (q != UINT64_MAX);
+}
+
+/* a / b, saturated to 64 bits, for a divisor known only now. */
 static inline uint64_t div64(u128 a, uint64_t b)
 {
     if (!(a >> 64))
@@ -177,10 +216,6 @@ static inline uint64_t div64(u128 a, uint64_t b)
     return q >> 64 ? UINT64_MAX : (uint64_t)q;
 }
 
-static inline uint64_t div64_up(u128 a, uint64_t b)
-{
-    return a ? div64(a - 1, b) + (div64(a - 1, b) != UINT64_MAX) : 0;
-}
 
 /* ---- idleness, for eviction ---- */
 
@@ -192,12 +227,12 @@ static bool slot_idle(const lstore *st, const lslot *s, uint64_t now, uint64_t *
     switch (c->algo) {
     case KEEL_LIMIT_GCRA: {
         u128 tat = (u128)s->a << 64 | s->b;
-        *activity = div64(tat, c->limit);
+        *activity = divf(tat, &st->by_limit);
         return tat <= (u128)now * c->limit;
     }
     case KEEL_LIMIT_SLIDING_WINDOW:
         *activity = s->a;
-        return s->a == 0 || s->a + 1 <= now / c->window; /* stored index + 2 <= now's */
+        return s->a == 0 || s->a + 1 <= ldivide(&st->by_window, now); /* stored index + 2 <= now's */
     default: {
         const llog *g = (const llog *)(uintptr_t)s->a;
         if (!g || g->n == 0) {
@@ -268,8 +303,9 @@ static lslot *insert(lstore *st, lshard *sh, uint64_t h, const void *key, size_t
 
 /* ---- the algorithms ---- */
 
-static int gcra(const lcfg *c, lslot *s, uint64_t now, uint64_t cost, lop op, keel_limit_result *r)
+static int gcra(const lstore *st, lslot *s, uint64_t now, uint64_t cost, lop op, keel_limit_result *r)
 {
+    const lcfg *c = &st->cfg;
     u128 L = c->limit, W = c->window, nows = (u128)now * L;
     u128 tat = (u128)s->a << 64 | s->b, cap = (u128)c->burst * W, inc = (u128)cost * W;
     if (tat < nows)
@@ -283,7 +319,7 @@ static int gcra(const lcfg *c, lslot *s, uint64_t now, uint64_t cost, lop op, ke
         if (r->allowed && op == OP_TAKE)
             tat = next;
         else if (!r->allowed)
-            r->retry_after_ns = cost > c->burst ? UINT64_MAX : div64_up(next - cap - nows, c->limit);
+            r->retry_after_ns = cost > c->burst ? UINT64_MAX : divf_up(next - cap - nows, &st->by_limit);
     }
     if (op != OP_PEEK) {
         s->a = (uint64_t)(tat >> 64);
@@ -292,14 +328,15 @@ static int gcra(const lcfg *c, lslot *s, uint64_t now, uint64_t cost, lop op, ke
     r->limit = c->burst;
     /* the clock is read before the shard's lock: another thread may have
      * stored a state from a little later than `now` */
-    r->remaining = tat - nows >= cap ? 0 : div64(cap - (tat - nows), c->window);
-    r->reset_ns = div64_up(tat - nows, c->limit);
+    r->remaining = tat - nows >= cap ? 0 : divf(cap - (tat - nows), &st->by_window);
+    r->reset_ns = divf_up(tat - nows, &st->by_limit);
     return cost > c->burst && op != OP_REFUND ? KEEL_ERANGE : 0;
 }
 
-static int window(const lcfg *c, lslot *s, uint64_t now, uint64_t cost, lop op, keel_limit_result *r)
+static int window(const lstore *st, lslot *s, uint64_t now, uint64_t cost, lop op, keel_limit_result *r)
 {
-    uint64_t W = c->window, k = now / W, f = now % W, L = c->limit;
+    const lcfg *c = &st->cfg;
+    uint64_t W = c->window, k = ldivide(&st->by_window, now), f = now - k * W, L = c->limit;
     uint64_t prev = s->b >> 32, cur = (uint32_t)s->b;
     if (s->a == 0) {
         prev = cur = 0;
@@ -339,7 +376,7 @@ static int window(const lcfg *c, lslot *s, uint64_t now, uint64_t cost, lop op, 
     }
     u128 used = (u128)prev * (W - f) + (u128)cur * W;
     r->limit = L;
-    r->remaining = used >= lim ? 0 : div64(lim - used, W);
+    r->remaining = used >= lim ? 0 : divf(lim - used, &st->by_window);
     r->reset_ns = cur ? 2 * W - f : prev ? W - f : 0;
     return cost > L && op != OP_REFUND ? KEEL_ERANGE : 0;
 }
@@ -433,6 +470,8 @@ int keel__lstore_create(lstore **out, const lcfg *cfg, size_t max_keys, const ke
     if (!st)
         return KEEL_ENOMEM;
     st->cfg = *cfg;
+    st->by_limit = keel__ldivisor(cfg->limit);
+    st->by_window = keel__ldivisor(cfg->window);
     st->clock = *clock;
     size_t n = 64;
     while (n > 1 && max_keys / n < 64) /* small limiters: fewer, fuller shards */
@@ -498,8 +537,8 @@ int keel__lstore_decide(lstore *st, const void *key, size_t len, uint64_t cost, 
         rc = KEEL_ENOMEM;
     } else {
         switch (st->cfg.algo) {
-        case KEEL_LIMIT_GCRA: rc = gcra(&st->cfg, s, now, cost, op, r); break;
-        case KEEL_LIMIT_SLIDING_WINDOW: rc = window(&st->cfg, s, now, cost, op, r); break;
+        case KEEL_LIMIT_GCRA: rc = gcra(st, s, now, cost, op, r); break;
+        case KEEL_LIMIT_SLIDING_WINDOW: rc = window(st, s, now, cost, op, r); break;
         default: rc = slog(&st->cfg, sh, s, now, cost, op, r); break;
         }
     }
