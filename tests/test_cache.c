@@ -91,6 +91,17 @@ static void rig_open(rig *r, bool redis, bool pg, uint64_t l1_max_ttl, size_t ma
     ck_assert_int_eq(keel_cache_create_schema(r->c), 0);
 }
 
+/* A second cache on the rig's tiers, as another process has: L1 of its
+ * own, L2 only when `redis`. */
+static keel_cache *rig_peer(rig *r, bool redis)
+{
+    keel_cache *c;
+    keel_cache_opts o = {.redis = redis ? r->redis : NULL, .redis_prefix = r->prefix, .pg = r->pg,
+                         .table = r->table, .clock = kt_clock_now, .clock_ud = &clk};
+    ck_assert_int_eq(keel_cache_create(&c, &o), 0);
+    return c;
+}
+
 static void rig_close(rig *r)
 {
     keel_cache_destroy(r->c);
@@ -574,6 +585,12 @@ START_TEST(prefixes_with_glob_and_like_characters_and_nul)
             ck_assert_msg(in_l3(&r, keys[i].k, keys[i].n) == !gone[i], "L3 key %zu after cut %zu", i, c);
         }
     }
+    for (size_t i = 0; i < N; i++) { /* and L1: a cut key is asked of the loader, not served stale */
+        char buf[64];
+        size_t len = 0;
+        ck_assert_int_eq(keel_cache_get(r.c, keys[i].k, keys[i].n, buf, sizeof buf, &len), 0);
+        ck_assert_msg((len == 1 && buf[0] == 'v') == !gone[i], "L1 key %zu", i);
+    }
     rig_close(&r);
 }
 END_TEST
@@ -616,6 +633,15 @@ START_TEST(redis_down_then_back)
     }
     ck_assert_int_eq(rc, 0);
     ck_assert(in_l2(&r, "d", 1));
+    /* and gets read L2 again: a key another process wrote meanwhile */
+    keel_cache *peer = rig_peer(&r, true);
+    ck_assert_int_eq(set(peer, "d2", "D2", NULL, 0), 0);
+    keel_cache_stats_get(r.c, &st0);
+    ck_assert_int_eq(get(r.c, "d2", v, sizeof v), 0);
+    ck_assert_str_eq(v, "D2");
+    keel_cache_stats_get(r.c, &st);
+    ck_assert_uint_eq(st.hits_l2, st0.hits_l2 + 1);
+    keel_cache_destroy(peer);
     rig_close(&r);
 }
 END_TEST
@@ -647,6 +673,16 @@ START_TEST(postgres_down_then_back)
     }
     ck_assert_int_eq(rc, 0);
     ck_assert(in_l3(&r, "g", 1));
+    /* and gets read L3 again: a key another process put only there */
+    keel_cache *peer = rig_peer(&r, false);
+    ck_assert_int_eq(set(peer, "h", "H", NULL, 0), 0);
+    keel_cache_stats_get(r.c, &st);
+    uint64_t l3 = st.hits_l3;
+    ck_assert_int_eq(get(r.c, "h", v, sizeof v), 0);
+    ck_assert_str_eq(v, "H");
+    keel_cache_stats_get(r.c, &st);
+    ck_assert_uint_eq(st.hits_l3, l3 + 1);
+    keel_cache_destroy(peer);
     rig_close(&r);
 }
 END_TEST

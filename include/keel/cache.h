@@ -80,10 +80,10 @@ typedef int (*keel_cache_loader)(const void *key, size_t klen, keel_cache_load *
 
 typedef struct keel_cache_opts {
     size_t l1_max_bytes;        /* entries: keys, values, their overhead; 0 =
-                                   64 MiB (the tables that find them, 24 to 48
+                                   64 MiB (the tables that find them, 18 to 36
                                    bytes an entry, come on top) */
-    size_t l1_max_items;        /* 0 = no limit but bytes; kept per shard (32),
-                                   so rounded up to a multiple of 32 */
+    size_t l1_max_items;        /* 0 = no limit but bytes; split over 32
+                                   shards, one each at least (so 32 at least) */
     uint64_t l1_max_ttl_ns;     /* 0 = no cap */
     size_t max_key;             /* bytes; 0 = 1024 (the most) */
     size_t max_value;           /* bytes; 0 = 1 MiB */

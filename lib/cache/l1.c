@@ -149,7 +149,10 @@ int keel__l1_create(l1 **out, size_t max_bytes, size_t max_items, const keel__cl
         shard *s = &c->shards[i];
         pthread_mutex_init(&s->mu, NULL);
         s->max_bytes = max_bytes / NSHARDS ? max_bytes / NSHARDS : 1;
-        s->max_items = max_items ? (max_items + NSHARDS - 1) / NSHARDS : SIZE_MAX;
+        /* split exactly, so that the shards together hold max_items (but
+         * one each at least) */
+        size_t share = max_items / NSHARDS + (i < max_items % NSHARDS);
+        s->max_items = !max_items ? SIZE_MAX : share ? share : 1;
         ltab *t = tab_new(MIN_BUCKETS);
         atomic_init(&s->tab, t);
         if (!t || !(s->ghost = keel__calloc(MIN_BUCKETS >> GHOST_SHIFT, sizeof *s->ghost)))
