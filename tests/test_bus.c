@@ -1023,11 +1023,14 @@ START_TEST(streams_deliver_in_subject_order_across_partitions_and_nodes)
 }
 END_TEST
 
-/* A child consumer: reports each handled message's number on `out` until
- * `ctl` reaches end of file. A victim blocks forever in its first call. */
+/* A child consumer: reports each handled message's number on `out`, with
+ * the top bit set by consumer "c2", until `ctl` reaches end of file. A
+ * victim blocks forever in its first call. */
+#define FROM_C2 0x80000000u
 typedef struct child_ctx {
     int out;
     bool victim;
+    uint32_t tag;
 } child_ctx;
 
 static int on_child(const keel_bus_msg *m, void *ud)
@@ -1035,6 +1038,7 @@ static int on_child(const keel_bus_msg *m, void *ud)
     child_ctx *c = ud;
     uint32_t n;
     memcpy(&n, m->data, 4);
+    n |= c->tag;
     if (write(c->out, &n, 4) != 4)
         _exit(3);
     while (c->victim)
@@ -1052,7 +1056,7 @@ static pid_t child(const char *prefix, const char *consumer, bool victim, const 
     close(ctl[1]); /* so that the parent's close is an end of file */
     keel_redis *r = redis_nodes(1);
     keel_bus *b = rbus(r, prefix, "grp", consumer, 1, 30 * S, NULL, NULL);
-    child_ctx c = {out[1], victim};
+    child_ctx c = {out[1], victim, strcmp(consumer, "c2") == 0 ? FROM_C2 : 0};
     keel_bus_sub *s;
     keel_bus_sub_opts so = {.pattern = "work.>", .handler = on_child, .ud = &c};
     if (keel_bus_subscribe(b, &so, &s) || keel_bus_start(b))
@@ -1066,8 +1070,9 @@ static pid_t child(const char *prefix, const char *consumer, bool victim, const 
 }
 
 /* Reads message numbers from fd until each of 0..n-1 was seen or the
- * deadline; `distinct` of them were seen before; returns how many now. */
-static size_t collect_seen(int fd, uint8_t *seen, size_t n, size_t distinct, uint64_t deadline_ns)
+ * deadline; `distinct` of them were seen before; returns how many now.
+ * by_c2 counts the reports of consumer "c2". */
+static size_t collect_seen(int fd, uint8_t *seen, size_t n, size_t distinct, uint64_t deadline_ns, size_t *by_c2)
 {
     while (distinct < n && keel_now_ns() < deadline_ns) {
         struct pollfd pf = {fd, POLLIN, 0};
@@ -1076,6 +1081,8 @@ static size_t collect_seen(int fd, uint8_t *seen, size_t n, size_t distinct, uin
         uint32_t v;
         if (read(fd, &v, 4) != 4)
             break;
+        *by_c2 += (v & FROM_C2) != 0;
+        v &= ~FROM_C2;
         ck_assert_uint_lt(v, n);
         distinct += seen[v]++ == 0;
     }
@@ -1105,12 +1112,12 @@ START_TEST(two_processes_share_a_group_and_miss_nothing)
     keel_bus *p = rbus(r, prefix, NULL, NULL, 1, 0, NULL, NULL);
     enum { N = 2000 };
     uint8_t *seen = calloc(N, 1);
-    size_t got = 0;
+    size_t got = 0, by_c2 = 0, reports = 0;
     for (uint32_t i = 0; i < N; i += 100) { /* in waves, so both readers get work */
         publish_numbers(p, i, i + 100);
-        got = collect_seen(out[0], seen, N, got, keel_now_ns() + 20 * MS);
+        got = collect_seen(out[0], seen, N, got, keel_now_ns() + 20 * MS, &by_c2);
     }
-    got = collect_seen(out[0], seen, N, got, keel_now_ns() + 30 * S);
+    got = collect_seen(out[0], seen, N, got, keel_now_ns() + 30 * S, &by_c2);
     close(ctl[1]);
     int st;
     waitpid(a, &st, 0);
@@ -1118,11 +1125,15 @@ START_TEST(two_processes_share_a_group_and_miss_nothing)
     waitpid(b, &st, 0);
     ck_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0);
     size_t distinct = 0;
-    for (size_t i = 0; i < N; i++)
+    for (size_t i = 0; i < N; i++) {
         distinct += seen[i] > 0;
+        reports += seen[i];
+    }
     ck_assert_uint_eq(distinct, N); /* at least once */
     ck_assert_uint_eq(got, N);
-    /* and shared: XINFO CONSUMERS shows both with work done */
+    /* and shared: each consumer handled some, and the group knows both */
+    ck_assert_uint_gt(by_c2, 0);
+    ck_assert_uint_lt(by_c2, reports);
     const char *argv[] = {"XINFO", "CONSUMERS", NULL, "grp"};
     char key[128];
     snprintf(key, sizeof key, "%s0", prefix);
@@ -1165,45 +1176,77 @@ static size_t count_n(count *c)
     return n;
 }
 
+/* A consumer named `name` reads entries 0..14 of the prefix's stream (p
+ * publishes them first) and is killed in its first handler call: all 15
+ * delivered to it, none acknowledged. */
+static void kill_mid_batch(const char *prefix, keel_bus *p, const char *name)
+{
+    publish_numbers(p, 0, 15); /* before it starts: it reads them all at once */
+    int out[2], ctl[2];
+    ck_assert_int_eq(pipe(out), 0);
+    ck_assert_int_eq(pipe(ctl), 0);
+    pid_t v = child(prefix, name, true, out, ctl);
+    uint32_t first;
+    struct pollfd pf = {out[0], POLLIN, 0};
+    ck_assert_int_eq(poll(&pf, 1, 10000), 1);
+    ck_assert_int_eq(read(out[0], &first, 4), 4);
+    kill(v, SIGKILL);
+    int st;
+    waitpid(v, &st, 0);
+    for (int i = 0; i < 2; i++) {
+        close(out[i]);
+        close(ctl[i]);
+    }
+}
+
+/* Starts a consumer named `name` counting into a new `count`, then waits
+ * (real time: Redis measures idleness on its own clock) until it has
+ * seen n distinct entries or 20 s passed; returns its claims. */
+static uint64_t consume_until(keel_redis *r, const char *prefix, const char *name, uint64_t min_idle, keel_bus *p,
+                              size_t n)
+{
+    count *c = calloc(1, sizeof *c);
+    pthread_mutex_init(&c->mu, NULL);
+    keel_bus *b = rbus(r, prefix, "grp", name, 1, min_idle, NULL, NULL);
+    sub(b, "work.>", on_count, c, KEEL_BUS_SYNC, NULL);
+    ck_assert_int_eq(keel_bus_start(b), 0);
+    publish_numbers(p, 15, (uint32_t)n); /* new ones go straight to it */
+    uint64_t deadline = keel_now_ns() + 20 * S;
+    while (count_n(c) < n && keel_now_ns() < deadline)
+        nap(20 * MS);
+    ck_assert_uint_eq(count_n(c), n);
+    keel_bus_stats s;
+    keel_bus_stats_get(b, &s);
+    keel_bus_destroy(b);
+    free(c);
+    return s.claimed;
+}
+
 START_TEST(a_consumer_killed_mid_batch_is_taken_over)
 {
     char prefix[96];
     unique_prefix(prefix, sizeof prefix, "kill");
     keel_redis *r = redis_nodes(1);
     keel_bus *p = rbus(r, prefix, NULL, NULL, 1, 0, NULL, NULL);
-    publish_numbers(p, 0, 15); /* before the victim starts: it reads them all at once */
-    int out[2], ctl[2];
-    ck_assert_int_eq(pipe(out), 0);
-    ck_assert_int_eq(pipe(ctl), 0);
-    pid_t v = child(prefix, "victim", true, out, ctl);
-    uint32_t first;
-    struct pollfd pf = {out[0], POLLIN, 0};
-    ck_assert_int_eq(poll(&pf, 1, 10000), 1);
-    ck_assert_int_eq(read(out[0], &first, 4), 4);
-    kill(v, SIGKILL); /* mid-batch: 15 entries delivered to it, none acknowledged */
-    int st;
-    waitpid(v, &st, 0);
-    count *c = calloc(1, sizeof *c);
-    pthread_mutex_init(&c->mu, NULL);
-    keel_bus *sv = rbus(r, prefix, "grp", "survivor", 1, 300 * MS, NULL, NULL);
-    sub(sv, "work.>", on_count, c, KEEL_BUS_SYNC, NULL);
-    ck_assert_int_eq(keel_bus_start(sv), 0);
-    publish_numbers(p, 15, 20); /* new ones go straight to the survivor */
-    uint64_t deadline = keel_now_ns() + 20 * S;
-    while (count_n(c) < 20 && keel_now_ns() < deadline)
-        nap(20 * MS); /* real time: Redis measures idleness on its own clock */
-    ck_assert_uint_eq(count_n(c), 20);
-    keel_bus_stats s;
-    keel_bus_stats_get(sv, &s);
-    ck_assert_uint_ge(s.claimed, 15);
-    keel_bus_destroy(sv);
+    kill_mid_batch(prefix, p, "victim");
+    ck_assert_uint_ge(consume_until(r, prefix, "survivor", 300 * MS, p, 20), 15);
     keel_bus_destroy(p);
     keel_redis_destroy(r);
-    close(ctl[0]);
-    close(ctl[1]);
-    close(out[0]);
-    close(out[1]);
-    free(c);
+}
+END_TEST
+
+START_TEST(a_consumer_restarted_under_its_name_reads_its_pending_first)
+{
+    char prefix[96];
+    unique_prefix(prefix, sizeof prefix, "restart");
+    keel_redis *r = redis_nodes(1);
+    keel_bus *p = rbus(r, prefix, NULL, NULL, 1, 0, NULL, NULL);
+    kill_mid_batch(prefix, p, "same");
+    /* The same name again, with a claim idleness no test waits out: only
+     * its own pending list (read from ID 0) can give it the 15 back. */
+    ck_assert_uint_eq(consume_until(r, prefix, "same", 3600 * S, p, 15), 0);
+    keel_bus_destroy(p);
+    keel_redis_destroy(r);
 }
 END_TEST
 
@@ -1384,6 +1427,7 @@ int main(void)
     tcase_add_test(rd, streams_deliver_in_subject_order_across_partitions_and_nodes);
     tcase_add_test(rd, two_processes_share_a_group_and_miss_nothing);
     tcase_add_test(rd, a_consumer_killed_mid_batch_is_taken_over);
+    tcase_add_test(rd, a_consumer_restarted_under_its_name_reads_its_pending_first);
     tcase_add_test(rd, a_poison_message_reaches_the_dead_letter_stream);
     tcase_add_test(rd, stopping_mid_batch_acknowledges_what_was_handled);
     tcase_add_test(rd, a_redis_restart_fails_publishes_then_consumers_resume);

@@ -77,7 +77,7 @@ typedef struct keel_bus_msg {
     size_t len;
     const keel_bus_header *headers;
     size_t nheaders;
-    const char *id;      /* "ms-seq", time-ordered, unique (with Redis: the entry's ID) */
+    const char *id;      /* "ms-seq", time-ordered, unique in the process (with Redis: the entry's ID) */
     uint64_t time_ns;    /* wall-clock time of the publish, to the kernel tick (1-10 ms:
                             CLOCK_REALTIME_COARSE; with Redis: milliseconds) */
 } keel_bus_msg;

@@ -162,7 +162,7 @@ struct keel_bus {
     bnode *g_nodes;
     bgroup *g_groups;
     size_t g_count;
-    _Atomic uint64_t nsubs, idstate;
+    _Atomic uint64_t nsubs;
     bcounters c[KEEL__STRIPES];
     bworker *workers;
     size_t nworkers, cap, mask;
@@ -864,20 +864,24 @@ static char *put_u64(char *p, uint64_t v)
     return p;
 }
 
-/* A time-ordered unique id: milliseconds, then a sequence within them
- * (20 bits; one that overflows borrows the next millisecond). The time is
- * the coarse clock's, as of the last kernel tick: a precise read cost a
- * fifth of an asynchronous delivery. */
-static void make_id(keel_bus *bus, char id[KEEL_BUS_ID_MAX], uint64_t *time_ns)
+/* The last id handed out, by every bus of the process: two buses publishing
+ * in the same millisecond still give different ids. */
+static _Atomic uint64_t idstate;
+
+/* A time-ordered id, unique in the process: milliseconds, then a sequence
+ * within them (20 bits; one that overflows borrows the next millisecond).
+ * The time is the coarse clock's, as of the last kernel tick: a precise
+ * read cost a fifth of an asynchronous delivery. */
+static void make_id(char id[KEEL_BUS_ID_MAX], uint64_t *time_ns)
 {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME_COARSE, &ts);
     uint64_t ns = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
     uint64_t want = ns / 1000000u << 20;
-    uint64_t cur = atomic_load_explicit(&bus->idstate, memory_order_relaxed), next;
+    uint64_t cur = atomic_load_explicit(&idstate, memory_order_relaxed), next;
     do
         next = want > cur ? want : cur + 1;
-    while (!atomic_compare_exchange_weak_explicit(&bus->idstate, &cur, next, memory_order_relaxed,
+    while (!atomic_compare_exchange_weak_explicit(&idstate, &cur, next, memory_order_relaxed,
                                                   memory_order_relaxed));
     *time_ns = ns;
     static __thread uint64_t tl_ms = UINT64_MAX; /* the last millisecond written, as text */
@@ -945,7 +949,7 @@ static int publish_local(keel_bus *bus, keel_bus_pub *p)
     if (rc)
         return rc;
     keel_bus_msg v = {p->subject, slen, p->data, p->len, p->headers, p->nheaders, p->id, 0};
-    make_id(bus, p->id, &v.time_ns);
+    make_id(p->id, &v.time_ns);
     bmatch m;
     if ((rc = keel__bus_match(bus, &t, &m)))
         return rc;
