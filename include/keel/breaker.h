@@ -23,7 +23,8 @@
  *
  * Thread safety: every function is thread-safe except destroy. The CLOSED
  * path (try_acquire and on_result) takes no lock: atomic loads and a few
- * atomic increments. State changes take a short internal lock. A result
+ * atomic increments; with a TIME window, the one call a second that moves
+ * the window on does it under a short internal lock, as do state changes. A result
  * is counted in the state current when it arrives, as resilience4j does.
  */
 #ifndef KEEL_BREAKER_H
