@@ -229,6 +229,24 @@ START_TEST(set_and_del_go_through_every_tier)
 }
 END_TEST
 
+/* MGETs a Redis node has run so far (INFO commandstats), asked through a
+ * connection of the test's own. */
+static long long mgets_on(int node)
+{
+    char host[64];
+    int port;
+    kt_redis_node(node, host, sizeof host, &port);
+    redisContext *c = redisConnect(host, port);
+    ck_assert(c && !c->err);
+    redisReply *rep = redisCommand(c, "INFO commandstats");
+    ck_assert(rep && rep->type == REDIS_REPLY_STRING);
+    const char *at = strstr(rep->str, "cmdstat_mget:calls=");
+    long long n = at ? atoll(at + strlen("cmdstat_mget:calls=")) : 0;
+    freeReplyObject(rep);
+    redisFree(c);
+    return n;
+}
+
 START_TEST(a_multi_get_asks_each_node_once)
 {
     rig r;
@@ -244,9 +262,26 @@ START_TEST(a_multi_get_asks_each_node_once)
     keel_cache *cold; /* a second process, in effect: its L1 is empty */
     keel_cache_opts o = {.redis = r.redis, .redis_prefix = r.prefix, .loader = load, .loader_ud = &r.ls};
     ck_assert_int_eq(keel_cache_create(&cold, &o), 0);
-    for (int i = 0; i < N + 2; i++)
+    int nodes = kt_redis_nodes();
+    ck_assert_int_le(nodes, 8);
+    int holds[8] = {0}, busy = 0;
+    long long before[8];
+    for (int i = 0; i < N + 2; i++) {
         it[i] = (keel_cache_item){keys[i], strlen(keys[i]), bufs[i], sizeof bufs[i], 0, 99};
+        char k[64];
+        int n = snprintf(k, sizeof k, "%sv:%s", r.prefix, keys[i]); /* the key in Redis */
+        holds[keel_redis_node_of(r.redis, k, (size_t)n)]++;
+    }
+    for (int i = 0; i < nodes; i++) {
+        busy += holds[i] > 0;
+        before[i] = mgets_on(i);
+    }
+    ck_assert_int_gt(busy, 1); /* else one MGET in all proves nothing */
     ck_assert_int_eq(keel_cache_get_many(cold, it, N + 2), 0);
+    for (int i = 0; i < nodes; i++) { /* one MGET for all of a node's keys, none elsewhere */
+        long long got = mgets_on(i) - before[i];
+        ck_assert_msg(got == (holds[i] > 0), "node %d (%d keys): %lld MGETs", i, holds[i], got);
+    }
     for (int i = 0; i < N + 2; i++) {
         ck_assert_int_eq(it[i].rc, 0);
         bufs[i][it[i].len] = '\0';
@@ -259,9 +294,13 @@ START_TEST(a_multi_get_asks_each_node_once)
     keel_cache_stats_get(cold, &st);
     ck_assert_uint_eq(st.hits_l2, N);
     ck_assert_uint_eq(st.loads, 2);
+    for (int i = 0; i < nodes; i++)
+        before[i] = mgets_on(i);
     ck_assert_int_eq(keel_cache_get_many(cold, it, N + 2), 0); /* now all from L1 */
     keel_cache_stats_get(cold, &st);
     ck_assert_uint_eq(st.hits_l1, N + 2);
+    for (int i = 0; i < nodes; i++)
+        ck_assert_int_eq(mgets_on(i), before[i]); /* Redis not asked */
     keel_cache_destroy(cold);
     rig_close(&r);
 }

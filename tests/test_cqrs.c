@@ -98,6 +98,30 @@ static keel_cqrs *open_cqrs(keel_pg *pg, const char *prefix, uint32_t retries, a
     return c;
 }
 
+static PGconn *direct(void)
+{
+    PGconn *c = PQconnectdb(kt_env("KEEL_TEST_PG"));
+    ck_assert_msg(PQstatus(c) == CONNECTION_OK, "%s", PQerrorMessage(c));
+    return c;
+}
+
+static void direct_exec(PGconn *c, const char *sql)
+{
+    PGresult *r = PQexec(c, sql);
+    ck_assert_msg(PQresultStatus(r) == PGRES_COMMAND_OK || PQresultStatus(r) == PGRES_TUPLES_OK, "%s: %s", sql,
+                  PQerrorMessage(c));
+    PQclear(r);
+}
+
+static int64_t count_rows(PGconn *c, const char *sql)
+{
+    PGresult *r = PQexec(c, sql);
+    ck_assert_msg(PQresultStatus(r) == PGRES_TUPLES_OK, "%s: %s", sql, PQerrorMessage(c));
+    int64_t n = atoll(PQgetvalue(r, 0, 0));
+    PQclear(r);
+    return n;
+}
+
 /* ---- dispatch ---- */
 
 static int q_echo(keel_cqrs_ctx *x, const void *payload, size_t len, void *ud)
@@ -415,6 +439,117 @@ START_TEST(pg_two_threads_on_one_stream_one_winner_per_version)
 }
 END_TEST
 
+/* inc_raced: inc, but on its first run another writer (`rival`, a second
+ * dispatcher on the same store, or the same one) appends to the stream
+ * between this run's read and its append, which must then conflict. */
+typedef struct raced {
+    keel_cqrs *rival;
+    _Atomic int runs;
+} raced;
+
+static int cmd_inc_raced(keel_cqrs_ctx *x, const void *payload, size_t len, void *ud)
+{
+    raced *r = ud;
+    char stream[64];
+    snprintf(stream, sizeof stream, "%.*s", (int)len, (const char *)payload);
+    const keel_cqrs_event *evs;
+    size_t n;
+    int rc = keel_cqrs_load(x, stream, &evs, &n);
+    if (rc)
+        return rc;
+    if (atomic_fetch_add(&r->runs, 1) == 0 && (rc = keel_cqrs_send(r->rival, "inc", payload, len, NULL, NULL)))
+        return rc;
+    uint64_t next = n + 1;
+    rc = keel_cqrs_emit(x, stream, "counter.incremented", &next, sizeof next, NULL, 0);
+    return rc ? rc : keel_cqrs_reply(x, &next, sizeof next);
+}
+
+/* peek: replies how many events the stream has, after checking that each
+ * one's version is its place and its value (an inc's) is its version. */
+static int cmd_peek(keel_cqrs_ctx *x, const void *payload, size_t len, void *ud)
+{
+    (void)ud;
+    char stream[64];
+    snprintf(stream, sizeof stream, "%.*s", (int)len, (const char *)payload);
+    const keel_cqrs_event *evs;
+    size_t n;
+    int rc = keel_cqrs_load(x, stream, &evs, &n);
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        uint64_t v = 0;
+        if (evs[i].len == sizeof v)
+            memcpy(&v, evs[i].data, sizeof v);
+        if (evs[i].version != i + 1 || v != i + 1)
+            rc = KEEL_EPROTO;
+    }
+    return rc ? rc : keel_cqrs_reply(x, &n, sizeof n);
+}
+
+static size_t peek(keel_cqrs *c, const char *stream)
+{
+    keel_cqrs_result r;
+    size_t n;
+    ck_assert_int_eq(keel_cqrs_send(c, "peek", stream, strlen(stream), NULL, &r), 0);
+    ck_assert_uint_eq(r.len, sizeof n);
+    memcpy(&n, r.reply, sizeof n);
+    keel_cqrs_result_free(&r);
+    return n;
+}
+
+/* The stream holds one event when inc_raced starts; the rival's append
+ * makes its read stale. */
+static void forced_conflict(keel_pg *pg, uint32_t retries)
+{
+    char prefix[64];
+    snprintf(prefix, sizeof prefix, "%s", uniq("forced"));
+    app a = {0};
+    keel_cqrs *c = open_cqrs(pg, prefix, retries, &a);
+    keel_cqrs *rival = pg ? open_cqrs(pg, prefix, 0, &a) : c; /* the memory store is one dispatcher's */
+    raced rr = {rival, 0};
+    ck_assert_int_eq(keel_cqrs_command(c, "inc_raced", cmd_inc_raced, &rr), 0);
+    ck_assert_int_eq(keel_cqrs_command(c, "peek", cmd_peek, NULL), 0);
+    ck_assert_int_eq(keel_cqrs_send(c, "inc", "raced", 5, NULL, NULL), 0);
+    keel_cqrs_result res;
+    int rc = keel_cqrs_send(c, "inc_raced", "raced", 5, NULL, &res);
+    keel_cqrs_stats st;
+    keel_cqrs_stats_get(c, &st);
+    ck_assert_uint_eq(st.conflicts, 1); /* the first run's append lost */
+    if (retries) {
+        ck_assert_int_eq(rc, 0);
+        ck_assert_int_eq(atomic_load(&rr.runs), 2); /* run again, on a fresh read */
+        ck_assert_uint_eq(st.retries, 1);
+        uint64_t v;
+        ck_assert_uint_eq(res.len, sizeof v);
+        memcpy(&v, res.reply, sizeof v);
+        ck_assert_uint_eq(v, 3); /* after the first event and the rival's */
+        keel_cqrs_result_free(&res);
+        ck_assert_uint_eq(peek(c, "raced"), 3); /* versions 1, 2, 3, no gap, none twice */
+    } else {
+        ck_assert_int_eq(rc, KEEL_ECONFLICT);
+        ck_assert_int_eq(atomic_load(&rr.runs), 1);
+        ck_assert_uint_eq(st.retries, 0);
+        ck_assert_uint_eq(peek(c, "raced"), 2); /* only the rival's append went in */
+    }
+    if (rival != c)
+        keel_cqrs_destroy(rival);
+    keel_cqrs_destroy(c);
+}
+
+START_TEST(a_conflicting_append_is_retried_on_a_fresh_read)
+{
+    forced_conflict(NULL, 0);
+    forced_conflict(NULL, 3);
+}
+END_TEST
+
+START_TEST(pg_a_conflicting_append_is_retried_on_a_fresh_read)
+{
+    keel_pg *pg = open_pg();
+    forced_conflict(pg, 0);
+    forced_conflict(pg, 3);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
 /* ---- idempotency ---- */
 
 static void idempotent(keel_pg *pg)
@@ -481,9 +616,15 @@ END_TEST
 
 /* ---- the bus ---- */
 
+/* What the bus handler heard, and what the store held when it heard it:
+ * a projection of the same dispatcher had the event's position applied,
+ * and (PostgreSQL) another session saw the row, so it was committed. */
 typedef struct heard {
-    int n;
+    int n, projected, committed;
     char subject[64], stream[32], version[8], position[8];
+    keel_cqrs_projection *p;
+    PGconn *pq;
+    const char *prefix;
 } heard;
 
 static int on_event(const keel_bus_msg *m, void *ud)
@@ -499,22 +640,47 @@ static int on_event(const keel_bus_msg *m, void *ud)
         if (dst)
             snprintf(dst, 8, "%s", v);
     }
+    /* No ck_assert here: the handler runs inside keel_bus_publish. */
+    uint64_t pos = strtoull(h->position, NULL, 10);
+    if (keel_cqrs_projection_run(h->p, NULL) == 0 && keel_cqrs_projection_position(h->p) >= pos)
+        h->projected++;
+    if (h->pq) {
+        char sql[256];
+        snprintf(sql, sizeof sql,
+                 "SELECT count(*) FROM \"%sevents\" WHERE position = %llu AND stream_id = '%s' AND version = %s",
+                 h->prefix, (unsigned long long)pos, h->stream, h->version);
+        PGresult *r = PQexec(h->pq, sql);
+        if (PQresultStatus(r) == PGRES_TUPLES_OK && atoll(PQgetvalue(r, 0, 0)) == 1)
+            h->committed++;
+        PQclear(r);
+    }
     return 0;
 }
 
-START_TEST(events_are_published_on_the_bus_after_commit)
+static int apply_nothing(keel_cqrs_ctx *x, const keel_cqrs_event *e, void *ud)
+{
+    (void)x, (void)e, (void)ud;
+    return 0;
+}
+
+static void published(keel_pg *pg)
 {
     keel_bus *bus;
     ck_assert_int_eq(keel_bus_create(&bus, NULL), 0);
-    heard h = {0};
+    char prefix[64];
+    snprintf(prefix, sizeof prefix, "%s", uniq("bus"));
+    heard h = {.pq = pg ? direct() : NULL, .prefix = prefix};
     keel_bus_sub *s;
     keel_bus_sub_opts so = {.pattern = "app.counter.>", .handler = on_event, .ud = &h};
     ck_assert_int_eq(keel_bus_subscribe(bus, &so, &s), 0);
     app a = {0};
     keel_cqrs *c;
-    keel_cqrs_opts o = {.bus = bus, .subject_prefix = "app."};
+    keel_cqrs_opts o = {.pg = pg, .prefix = prefix, .bus = bus, .subject_prefix = "app."};
     ck_assert_int_eq(keel_cqrs_create(&c, &o), 0);
+    ck_assert_int_eq(keel_cqrs_create_schema(c), 0);
     ck_assert_int_eq(keel_cqrs_command(c, "inc", cmd_inc, &a), 0);
+    keel_cqrs_projection_opts po = {.name = "on-bus", .handler = apply_nothing};
+    ck_assert_int_eq(keel_cqrs_projection_create(c, &po, &h.p), 0);
     ck_assert_int_eq(keel_cqrs_send(c, "inc", "c1", 2, NULL, NULL), 0);
     ck_assert_int_eq(keel_cqrs_send(c, "inc", "c1", 2, NULL, NULL), 0);
     ck_assert_int_eq(h.n, 2);
@@ -522,11 +688,26 @@ START_TEST(events_are_published_on_the_bus_after_commit)
     ck_assert_str_eq(h.stream, "c1");
     ck_assert_str_eq(h.version, "2");
     ck_assert_str_eq(h.position, "2");
+    ck_assert_int_eq(h.projected, 2); /* each message came after its event was in the store */
+    ck_assert_int_eq(h.committed, pg ? 2 : 0);
     keel_cqrs_stats st;
     keel_cqrs_stats_get(c, &st);
     ck_assert_uint_eq(st.published, 2);
+    keel_cqrs_projection_destroy(h.p);
     keel_cqrs_destroy(c);
     keel_bus_destroy(bus);
+    if (h.pq)
+        PQfinish(h.pq);
+}
+
+START_TEST(events_are_published_on_the_bus_after_commit) { published(NULL); }
+END_TEST
+
+START_TEST(pg_events_are_published_on_the_bus_after_commit)
+{
+    keel_pg *pg = open_pg();
+    published(pg);
+    keel_pg_destroy(pg);
 }
 END_TEST
 
@@ -593,21 +774,6 @@ START_TEST(pg_and_memory_stores_agree)
     keel_pg_destroy(pg);
 }
 END_TEST
-
-static PGconn *direct(void)
-{
-    PGconn *c = PQconnectdb(kt_env("KEEL_TEST_PG"));
-    ck_assert_msg(PQstatus(c) == CONNECTION_OK, "%s", PQerrorMessage(c));
-    return c;
-}
-
-static void direct_exec(PGconn *c, const char *sql)
-{
-    PGresult *r = PQexec(c, sql);
-    ck_assert_msg(PQresultStatus(r) == PGRES_COMMAND_OK || PQresultStatus(r) == PGRES_TUPLES_OK, "%s: %s", sql,
-                  PQerrorMessage(c));
-    PQclear(r);
-}
 
 typedef struct sender {
     keel_cqrs *c;
@@ -704,15 +870,6 @@ static int apply_row(keel_cqrs_ctx *x, const keel_cqrs_event *e, void *ud)
     if (r->slow)
         nap(2 * MS); /* so that the kill lands mid-catch-up */
     return rc;
-}
-
-static int64_t count_rows(PGconn *c, const char *sql)
-{
-    PGresult *r = PQexec(c, sql);
-    ck_assert_msg(PQresultStatus(r) == PGRES_TUPLES_OK, "%s: %s", sql, PQerrorMessage(c));
-    int64_t n = atoll(PQgetvalue(r, 0, 0));
-    PQclear(r);
-    return n;
 }
 
 START_TEST(pg_a_projection_killed_mid_catch_up_resumes_exactly)
@@ -931,6 +1088,7 @@ int main(void)
     tcase_add_test(tc, middleware_runs_in_order_and_can_stop_a_dispatch);
     tcase_add_test(tc, two_threads_on_one_stream_one_winner_per_version);
     tcase_add_test(tc, the_retry_option_runs_a_command_again);
+    tcase_add_test(tc, a_conflicting_append_is_retried_on_a_fresh_read);
     tcase_add_test(tc, an_idempotent_repeat_returns_the_first_result);
     tcase_add_test(tc, events_are_published_on_the_bus_after_commit);
     tcase_add_test(tc, a_projection_follows_in_the_background);
@@ -941,8 +1099,10 @@ int main(void)
     TCase *pg = tcase_create("pg");
     tcase_set_timeout(pg, 120);
     tcase_add_test(pg, pg_two_threads_on_one_stream_one_winner_per_version);
+    tcase_add_test(pg, pg_a_conflicting_append_is_retried_on_a_fresh_read);
     tcase_add_test(pg, pg_an_idempotent_repeat_returns_the_first_result);
     tcase_add_test(pg, pg_idempotency_holds_across_processes);
+    tcase_add_test(pg, pg_events_are_published_on_the_bus_after_commit);
     tcase_add_test(pg, pg_and_memory_stores_agree);
     tcase_add_test(pg, pg_an_append_held_open_is_not_skipped);
     tcase_add_test(pg, pg_a_projection_killed_mid_catch_up_resumes_exactly);
