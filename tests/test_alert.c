@@ -39,16 +39,19 @@ static void on_change(const keel_alert_info *al, keel_alert_state from, keel_ale
     snprintf(f->last_name, sizeof f->last_name, "%s", al->name);
 }
 
-static void setup(fixture *f)
+/* Alerts evaluated every minute, re-sent every resend_ns (0: the default). */
+static void setup_resend(fixture *f, uint64_t resend_ns)
 {
     memset(f, 0, sizeof *f);
     keel_metrics_opts mo = {0};
     ck_assert_int_eq(keel_metrics_create(&f->m, &mo), 0);
-    keel_alerts_opts o = {.metrics = f->m, .eval_interval_ns = MIN, .on_change = on_change, .ud = f,
-                          .clock = kt_clock_now, .wall_clock = wall, .clock_ud = &f->clock,
-                          .generator_url = "http://svc/alerts"};
+    keel_alerts_opts o = {.metrics = f->m, .eval_interval_ns = MIN, .resend_delay_ns = resend_ns,
+                          .on_change = on_change, .ud = f, .clock = kt_clock_now, .wall_clock = wall,
+                          .clock_ud = &f->clock, .generator_url = "http://svc/alerts"};
     ck_assert_int_eq(keel_alerts_create(&f->a, &o), 0);
 }
+
+static void setup(fixture *f) { setup_resend(f, 0); }
 
 static void teardown(fixture *f)
 {
@@ -386,6 +389,47 @@ START_TEST(alertmanager_json_parses_and_resends)
 }
 END_TEST
 
+START_TEST(resolved_alerts_are_resent_every_resend_delay_for_15_minutes)
+{
+    fixture f;
+    setup_resend(&f, 3 * MIN); /* apart from the 1-minute evaluations */
+    keel_gauge_child *g = gauge(&f, "temperature_celsius");
+    ck_assert_int_eq(keel_alerts_add(f.a, "Hot", "last(temperature_celsius[1m]) > 30", NULL, 0, NULL, 0,
+                                     NULL), 0);
+    keel_gauge_set(g, 35);
+    tick(&f); /* t=0: fires, sent */
+    char *json;
+    ck_assert_int_eq(keel_alerts_to_send(f.a, &json, NULL), 0);
+    ck_assert_ptr_nonnull(strstr(json, "\"alertname\":\"Hot\""));
+    keel_free(json);
+    keel_gauge_set(g, 20);
+    /* t=1m: resolved, and sent at once though the firing one went out
+     * within the resend delay; then again every 3 minutes while kept, the
+     * last at t=16m, 15 minutes after the resolution; gone at t=17m */
+    for (int t = 1; t <= 20; t++) {
+        tick(&f);
+        ck_assert_int_eq(state(&f, "Hot"), t <= 16 ? KEEL_ALERT_RESOLVED : KEEL_ALERT_INACTIVE);
+        bool due = t <= 16 && (t - 1) % 3 == 0;
+        ck_assert_int_eq(keel_alerts_to_send(f.a, &json, NULL), 0);
+        if (due) {
+            ck_assert_msg(strstr(json, "\"alertname\":\"Hot\""), "t=%dm: not sent: %s", t, json);
+            const char *end = json_value(json);
+            ck_assert_msg(end && *json_ws(end) == '\0', "not JSON: %s", json);
+            ck_assert_ptr_nonnull(strstr(json, "\"startsAt\":\"2026-11-26T00:00:00.000Z\""));
+            ck_assert_msg(strstr(json, "\"endsAt\":\"2026-11-26T00:01:00.000Z\""), /* the resolution */
+                          "t=%dm: %s", t, json);
+        } else {
+            ck_assert_msg(strcmp(json, "[]") == 0, "t=%dm: sent %s", t, json);
+        }
+        keel_free(json);
+        ck_assert_int_eq(keel_alerts_to_send(f.a, &json, NULL), 0);
+        ck_assert_str_eq(json, "[]"); /* once per due time */
+        keel_free(json);
+    }
+    teardown(&f);
+}
+END_TEST
+
 START_TEST(active_alerts_show_as_keel_alerts_series)
 {
     fixture f;
@@ -427,6 +471,7 @@ int main(void)
     tcase_add_test(tc, quantiles_interpolate_as_prometheus);
     tcase_add_test(tc, malformed_rules_report_where);
     tcase_add_test(tc, alertmanager_json_parses_and_resends);
+    tcase_add_test(tc, resolved_alerts_are_resent_every_resend_delay_for_15_minutes);
     tcase_add_test(tc, active_alerts_show_as_keel_alerts_series);
     suite_add_tcase(s, tc);
     return kt_run(s);
