@@ -111,7 +111,9 @@ typedef struct keel_bus_opts {
     /* Redis Streams */
     struct keel_redis *redis;       /* NULL: in process */
     const char *service;            /* the consumer group; required to consume */
-    const char *consumer;           /* NULL = "<hostname>-<pid>" */
+    const char *consumer;           /* NULL = "<hostname>-<pid>"; a stable name lets a
+                                       restarted process read its own pending
+                                       entries at once, not after min_idle */
     const char *prefix;             /* stream names; NULL = "keel:bus:"; up to 292 bytes */
     size_t partitions;              /* streams; 0 = 1, at most 64 */
     size_t maxlen;                  /* approximate trimming; 0 = 1,000,000 */
