@@ -216,7 +216,6 @@ static inline uint64_t div64(u128 a, uint64_t b)
     return q >> 64 ? UINT64_MAX : (uint64_t)q;
 }
 
-
 /* ---- idleness, for eviction ---- */
 
 /* Whether the key's state is that of a fresh key; and how recently it was
