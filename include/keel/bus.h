@@ -33,7 +33,7 @@
  * An entry is acknowledged (XACK) only once every matching handler
  * returned 0; entries matching no subscription are acknowledged and
  * skipped. Entries left pending longer than min_idle_ns (a consumer that
- * died, a handler that failed) are taken over with XAUTOCLAIM and
+ * died, a handler that failed) are taken over with XCLAIM and
  * delivered again, out of order; one delivered max_deliveries times goes
  * to the dead-letter stream (prefix + "dead") and is acknowledged. An
  * entry trimmed away while pending is acknowledged unread. Handlers run in
@@ -121,14 +121,15 @@ typedef struct keel_bus_opts {
     uint32_t max_deliveries;        /* before the dead-letter stream; 0 = 5 */
     uint64_t block_ns;              /* a read's wait for new entries; 0 = 200 ms
                                        (also how long a stop may wait) */
-    size_t read_count;              /* entries per read; 0 = 100 */
+    size_t read_count;              /* entries per read; 0 = 100, at most 100,000 */
     keel_metrics *metrics;          /* keel_bus_* series; may be NULL */
     const char *metrics_name; /* "default" if NULL; taken twice in one registry: KEEL_EEXIST */
 } keel_bus_opts;
 
 /* opts may be NULL (in process, the defaults). Returns 0, KEEL_EINVAL
  * (more than 1024 workers or 64 partitions, an unknown policy, a consumer
- * or service empty or with spaces, an empty prefix) or KEEL_ENOMEM. */
+ * or service empty or with spaces, an empty prefix, a read_count over
+ * 100,000) or KEEL_ENOMEM. */
 KEEL_API int keel_bus_create(keel_bus **out, const keel_bus_opts *opts);
 
 /* Redis: starts consuming (creates the group if needed, MKSTREAM). Add

@@ -1238,7 +1238,7 @@ KEEL_API int keel_bus_create(keel_bus **out, const keel_bus_opts *opts)
     keel_bus_opts o = opts ? *opts : (keel_bus_opts){0};
     if (!out || o.workers > 1024 || o.partitions > 64 || (unsigned)o.on_full > KEEL_BUS_DROP_OLDEST ||
         (o.service && !plain_name(o.service)) || (o.consumer && !plain_name(o.consumer)) ||
-        (o.prefix && !o.prefix[0]) || o.capacity > ((size_t)1 << 32))
+        (o.prefix && !o.prefix[0]) || o.capacity > ((size_t)1 << 32) || o.read_count > 100000)
         return KEEL_EINVAL;
     keel_bus *bus = keel__aligned_alloc(KEEL__CACHELINE, sizeof *bus);
     if (!bus)

@@ -5,9 +5,11 @@
  * connection of its own so that a blocking XREADGROUP does not hold a
  * pooled one. A reader reads its consumer's pending entries first (cursor
  * from 0 up), then new ones (">"), and every min_idle/2 takes care of the
- * group's stuck entries: those delivered max_deliveries times go to the
- * dead-letter stream, the rest idle longer than min_idle are claimed with
- * XAUTOCLAIM and delivered again. A failed connection is dropped and
+ * group's stuck entries, a page of XPENDING at a time: those delivered
+ * max_deliveries times go to the dead-letter stream, the rest idle longer
+ * than min_idle are claimed by id with XCLAIM (which skips any taken
+ * meanwhile) and delivered again. Deciding on the counts of the same page
+ * keeps an entry from being delivered more than max_deliveries times. A failed connection is dropped and
  * made again with jittered backoff; the pending entries are read again
  * then, since the last acknowledgements may not have reached the server.
  *
@@ -302,19 +304,42 @@ static int bury(breader *rd, redisContext *c, const char *id)
     return rc;
 }
 
-/* Buries the entries delivered too often (XPENDING, page by page), then
- * claims and delivers the ones idle too long (XAUTOCLAIM). */
+/* Claims the entries named in argv[5..n-1] that are still idle, and
+ * delivers them again. */
+static int claim(breader *rd, redisContext *c, int n, const char **argv)
+{
+    redisReply *rep = NULL;
+    int rc = cmd(c, n, argv, NULL, &rep);
+    if (rc == 0 && rep->type == REDIS_REPLY_ARRAY) {
+        uint64_t got = 0; /* nil: deleted while pending */
+        for (size_t i = 0; i < rep->elements; i++)
+            got += rep->element[i]->type == REDIS_REPLY_ARRAY;
+        keel__stripe_add(&keel__bus_counters(rd->s->bus)->claimed, got);
+        rc = handle(rd, c, rep);
+    }
+    if (rep)
+        freeReplyObject(rep);
+    return rc;
+}
+
+/* Goes through the group's entries idle longer than min_idle (XPENDING,
+ * page by page): buries those delivered too often, claims the others. */
 static int reclaim(breader *rd, redisContext *c)
 {
     bstream *s = rd->s;
     const char *key = s->keys[rd->part];
     char from[KEEL_BUS_ID_MAX + 1] = "-";
+    const char **cargv = keel__malloc((5 + s->count) * sizeof *cargv);
+    if (!cargv)
+        return KEEL_ENOMEM;
     int rc = 0;
     for (bool more = true; rc == 0 && more && !stopping(rd);) {
         const char *pargv[] = {"XPENDING", key, s->group, "IDLE", s->idle_s, from, "+", s->count_s};
         redisReply *rep = NULL;
         rc = cmd(c, 8, pargv, NULL, &rep);
         more = rc == 0 && rep->type == REDIS_REPLY_ARRAY && rep->elements == s->count;
+        int n = 5;
+        cargv[0] = "XCLAIM", cargv[1] = key, cargv[2] = s->group, cargv[3] = s->consumer, cargv[4] = s->idle_s;
         for (size_t i = 0; rc == 0 && rep->type == REDIS_REPLY_ARRAY && i < rep->elements; i++) {
             const redisReply *p = rep->element[i];
             if (p->type != REDIS_REPLY_ARRAY || p->elements != 4 || p->element[0]->type != REDIS_REPLY_STRING ||
@@ -325,27 +350,15 @@ static int reclaim(breader *rd, redisContext *c)
             snprintf(from, sizeof from, "(%s", p->element[0]->str); /* the next page starts after it */
             if (p->element[3]->integer >= (long long)s->max_deliveries)
                 rc = bury(rd, c, p->element[0]->str);
+            else
+                cargv[n++] = p->element[0]->str;
         }
+        if (rc == 0 && n > 5 && !stopping(rd))
+            rc = claim(rd, c, n, cargv);
         if (rep)
             freeReplyObject(rep);
     }
-    char cursor[KEEL_BUS_ID_MAX] = "0-0";
-    for (bool more = true; rc == 0 && more && !stopping(rd);) {
-        const char *cargv[] = {"XAUTOCLAIM", key, s->group, s->consumer, s->idle_s, cursor, "COUNT", s->count_s};
-        redisReply *rep = NULL;
-        rc = cmd(c, 8, cargv, NULL, &rep);
-        more = false;
-        if (rc == 0 && rep->type == REDIS_REPLY_ARRAY && rep->elements >= 2 &&
-            rep->element[0]->type == REDIS_REPLY_STRING && rep->element[1]->type == REDIS_REPLY_ARRAY) {
-            const redisReply *entries = rep->element[1];
-            keel__stripe_add(&keel__bus_counters(s->bus)->claimed, entries->elements);
-            rc = handle(rd, c, entries);
-            snprintf(cursor, sizeof cursor, "%s", rep->element[0]->str);
-            more = strcmp(cursor, "0-0") != 0;
-        }
-        if (rep)
-            freeReplyObject(rep);
-    }
+    keel__free(cargv);
     return rc;
 }
 
