@@ -866,7 +866,7 @@ START_TEST(bad_input_is_refused)
 {
     keel_bus *b;
     keel_bus_opts bad[] = {{.workers = 2000}, {.partitions = 65}, {.on_full = (keel_bus_full)7},
-                           {.service = "a b"}, {.consumer = ""}, {.prefix = ""}};
+                           {.service = "a b"}, {.consumer = ""}, {.prefix = ""}, {.read_count = 100001}};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
         ck_assert_int_eq(keel_bus_create(&b, &bad[i]), KEEL_EINVAL);
     ck_assert_int_eq(keel_bus_create(NULL, NULL), KEEL_EINVAL);
