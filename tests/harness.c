@@ -43,7 +43,7 @@ int kt_redis_nodes(void)
     return n;
 }
 
-struct keel_redis *kt_redis_open(int n, uint64_t cmd_timeout_ns)
+const char *const *kt_redis_urls(int n)
 {
     static char urls[8][96];
     static const char *u[8];
@@ -55,8 +55,13 @@ struct keel_redis *kt_redis_open(int n, uint64_t cmd_timeout_ns)
         snprintf(urls[i], sizeof urls[i], "redis://%s:%d", host, port);
         u[i] = urls[i];
     }
+    return u;
+}
+
+struct keel_redis *kt_redis_open(int n, uint64_t cmd_timeout_ns)
+{
     keel_redis *r;
-    keel_redis_opts o = {.nodes = u, .nnodes = (size_t)n, .connect_timeout_ns = 300 * KT_MS,
+    keel_redis_opts o = {.nodes = kt_redis_urls(n), .nnodes = (size_t)n, .connect_timeout_ns = 300 * KT_MS,
                          .command_timeout_ns = cmd_timeout_ns, .fail_timeout_ns = 1};
     ck_assert_int_eq(keel_redis_create(&r, &o), 0);
     return r;

@@ -20,6 +20,10 @@ const char *kt_env(const char *name);
 void kt_redis_node(int i, char *host, size_t hostlen, int *port);
 int kt_redis_nodes(void);
 
+/* "redis://host:port" of the first n (at most 8) nodes of KEEL_TEST_REDIS,
+ * in a static array that the next call rewrites. */
+const char *const *kt_redis_urls(int n);
+
 /* A keel_redis over the first n nodes of KEEL_TEST_REDIS, with short
  * timeouts (connect 300 ms, commands cmd_timeout_ns) and a fail_timeout of
  * 1 ns, so that a restarted node is tried again at once. */

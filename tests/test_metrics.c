@@ -572,19 +572,9 @@ END_TEST
 /* A keel_redis over every node of the harness, reporting to m. */
 static keel_redis *redis_reporting(keel_metrics *m)
 {
-    static char urls[8][96];
-    static const char *u[8];
     int n = kt_redis_nodes();
-    ck_assert_int_le(n, 8);
-    for (int i = 0; i < n; i++) {
-        char host[64];
-        int port;
-        kt_redis_node(i, host, sizeof host, &port);
-        snprintf(urls[i], sizeof urls[i], "redis://%s:%d", host, port);
-        u[i] = urls[i];
-    }
     keel_redis *r;
-    keel_redis_opts o = {.nodes = u, .nnodes = (size_t)n, .connect_timeout_ns = 1 * KT_S,
+    keel_redis_opts o = {.nodes = kt_redis_urls(n), .nnodes = (size_t)n, .connect_timeout_ns = 1 * KT_S,
                          .command_timeout_ns = 2 * KT_S, .metrics = m, .metrics_name = "sessions"};
     ck_assert_int_eq(keel_redis_create(&r, &o), 0);
     redisReply *rep;
