@@ -353,13 +353,8 @@ static uint64_t skip_for(const keel_redis *r, uint32_t probes)
 {
     if (probes == 0 || r->reconnect_max <= r->fail_timeout)
         return r->fail_timeout;
-    keel_backoff b;
-    keel_backoff_init(&b, &(keel_backoff_opts){KEEL_BACKOFF_EQUAL_JITTER, r->fail_timeout, r->reconnect_max,
-                                               NULL, NULL});
-    uint64_t d = 0;
-    for (uint32_t i = 0; i <= probes && i < 64; i++) /* the delay of attempt `probes` */
-        d = keel_backoff_next(&b);
-    return d;
+    keel_backoff_opts o = {KEEL_BACKOFF_EQUAL_JITTER, r->fail_timeout, r->reconnect_max, NULL, NULL};
+    return keel_backoff_delay(&o, probes, 0);
 }
 
 static void node_result(rnode *n, int rc, uint64_t now, bool probe)
