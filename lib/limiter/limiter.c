@@ -162,10 +162,22 @@ static bool store_failure(int rc)
     return rc == KEEL_EUNAVAIL || rc == KEEL_ETIMEDOUT || rc == KEEL_EPROTO || rc == KEEL_ENOMEM;
 }
 
-/* Decides every request (already checked), locally or in one pipeline.
- * Costs are normalised in place for the stores and put back after. */
+/* One request (already checked) in process, straight into r. */
+static int decide_local(keel_limiter *l, const void *key, size_t len, uint64_t cost, lop op,
+                        keel_limit_result *r)
+{
+    return keel__lstore_decide(l->local, key, len, clamp_cost(l, cost), op, r);
+}
+
+/* Decides every request (already checked), in process or in one pipeline.
+ * For Redis, costs are normalised in place and put back after. */
 static void decide(keel_limiter *l, keel_limit_req *reqs, size_t n, lop op)
 {
+    if (!l->remote) {
+        for (size_t i = 0; i < n; i++)
+            reqs[i].rc = decide_local(l, reqs[i].key, reqs[i].len, reqs[i].cost, op, &reqs[i].result);
+        return;
+    }
     uint64_t one[1], *given = n == 1 ? one : keel__malloc(n * sizeof *given);
     if (!given) { /* the costs could not be put back: decide nothing */
         for (size_t i = 0; i < n; i++)
@@ -176,21 +188,15 @@ static void decide(keel_limiter *l, keel_limit_req *reqs, size_t n, lop op)
         given[i] = reqs[i].cost;
     for (size_t i = 0; i < n; i++)
         reqs[i].cost = clamp_cost(l, reqs[i].cost);
-    if (!l->remote) {
-        for (size_t i = 0; i < n; i++)
-            reqs[i].rc = keel__lstore_decide(l->local, reqs[i].key, reqs[i].len, reqs[i].cost, op,
-                                             &reqs[i].result);
-    } else {
-        keel__rstore_decide(l->remote, reqs, n, op);
-        for (size_t i = 0; i < n; i++) {
-            keel_limit_req *q = &reqs[i];
-            if (store_failure(q->rc))
-                q->rc = on_failure(l, q, op);
-            if (q->result.source != KEEL_LIMIT_SRC_FALLBACK && (q->rc == 0 || q->rc == KEEL_ERANGE) &&
-                op == OP_TAKE) /* the fallback store counts its own */
-                atomic_fetch_add_explicit(q->result.allowed ? &l->remote_allowed : &l->remote_rejected,
-                                          1, memory_order_relaxed);
-        }
+    keel__rstore_decide(l->remote, reqs, n, op);
+    for (size_t i = 0; i < n; i++) {
+        keel_limit_req *q = &reqs[i];
+        if (store_failure(q->rc))
+            q->rc = on_failure(l, q, op);
+        if (q->result.source != KEEL_LIMIT_SRC_FALLBACK && (q->rc == 0 || q->rc == KEEL_ERANGE) &&
+            op == OP_TAKE) /* the fallback store counts its own */
+            atomic_fetch_add_explicit(q->result.allowed ? &l->remote_allowed : &l->remote_rejected, 1,
+                                      memory_order_relaxed);
     }
     for (size_t i = 0; i < n; i++)
         reqs[i].cost = given[i];
@@ -203,9 +209,9 @@ static int one(keel_limiter *l, const void *key, size_t len, uint64_t cost, lop 
 {
     if (!l || !key_ok(key, len) || (!r && op != OP_REFUND))
         return KEEL_EINVAL;
-    if (!l->remote) { /* in process: straight into the caller's result */
+    if (!l->remote) { /* no request to build: straight into the caller's result */
         keel_limit_result unused;
-        return keel__lstore_decide(l->local, key, len, clamp_cost(l, cost), op, r ? r : &unused);
+        return decide_local(l, key, len, cost, op, r ? r : &unused);
     }
     keel_limit_req q = {.key = key, .len = len, .cost = cost};
     decide(l, &q, 1, op);
