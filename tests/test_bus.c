@@ -1250,6 +1250,16 @@ START_TEST(a_consumer_restarted_under_its_name_reads_its_pending_first)
 }
 END_TEST
 
+/* Waits (real time: the reader's thread) until *n reaches want or 20 s. */
+static void wait_for(_Atomic int *n, int want)
+{
+    uint64_t deadline = keel_now_ns() + 20 * S;
+    while (atomic_load(n) < want && keel_now_ns() < deadline)
+        nap(20 * MS);
+    int got = atomic_load(n);
+    ck_assert_int_eq(got, want);
+}
+
 typedef struct poison {
     _Atomic int bad_calls, ok_calls, buried;
     char buried_subject[32];
@@ -1286,10 +1296,7 @@ START_TEST(a_poison_message_reaches_the_dead_letter_stream)
     ck_assert_int_eq(keel_bus_start(b), 0);
     ck_assert_int_eq(keel_bus_publish(b, "p.bad", "boom", 4, NULL, 0, NULL), 0);
     ck_assert_int_eq(keel_bus_publish(b, "p.ok", "fine", 4, NULL, 0, NULL), 0);
-    uint64_t deadline = keel_now_ns() + 20 * S;
-    while (atomic_load(&ps->buried) == 0 && keel_now_ns() < deadline)
-        nap(20 * MS);
-    ck_assert_int_eq(atomic_load(&ps->buried), 1);
+    wait_for(&ps->buried, 1);
     ck_assert_str_eq(ps->buried_subject, "p.bad");
     ck_assert_int_eq(atomic_load(&ps->bad_calls), 3); /* max_deliveries */
     ck_assert_int_eq(atomic_load(&ps->ok_calls), 1);
@@ -1317,6 +1324,40 @@ START_TEST(a_poison_message_reaches_the_dead_letter_stream)
     ck_assert_uint_eq(st.dead_lettered, 1);
     ck_assert_uint_eq(st.failed, 3);
     keel_bus_destroy(b);
+    keel_redis_destroy(r);
+    free(ps);
+}
+END_TEST
+
+START_TEST(restarts_do_not_deliver_a_poison_message_again)
+{
+    char prefix[96];
+    unique_prefix(prefix, sizeof prefix, "relive");
+    keel_redis *r = redis_nodes(1);
+    poison *ps = calloc(1, sizeof *ps);
+    keel_bus *p = rbus(r, prefix, NULL, NULL, 1, 0, NULL, NULL);
+    ck_assert_int_eq(keel_bus_publish(p, "p.bad", "boom", 4, NULL, 0, NULL), 0);
+    /* Each life of "same" fails the entry once; no claim idleness a test
+     * waits out, so only its own pending list gives the entry back. Redis
+     * counts each re-read: after max_deliveries (3) lives the fourth must
+     * bury it without calling the handler. */
+    for (int life = 1; life <= 4; life++) {
+        keel_bus *b = rbus(r, prefix, "grp", "same", 1, 3600 * S, on_buried, ps);
+        sub(b, "p.*", on_poison, ps, KEEL_BUS_SYNC, NULL);
+        ck_assert_int_eq(keel_bus_start(b), 0);
+        wait_for(life < 4 ? &ps->bad_calls : &ps->buried, life < 4 ? life : 1);
+        keel_bus_destroy(b);
+    }
+    ck_assert_int_eq(atomic_load(&ps->bad_calls), 3);
+    ck_assert_str_eq(ps->buried_subject, "p.bad");
+    char key[128];
+    snprintf(key, sizeof key, "%s0", prefix);
+    const char *pargv[] = {"XPENDING", key, "grp"};
+    redisReply *rep;
+    ck_assert_int_eq(rcmd(r, key, 3, pargv, &rep), 0);
+    ck_assert_int_eq(rep->element[0]->integer, 0);
+    freeReplyObject(rep);
+    keel_bus_destroy(p);
     keel_redis_destroy(r);
     free(ps);
 }
@@ -1428,6 +1469,7 @@ int main(void)
     tcase_add_test(rd, two_processes_share_a_group_and_miss_nothing);
     tcase_add_test(rd, a_consumer_killed_mid_batch_is_taken_over);
     tcase_add_test(rd, a_consumer_restarted_under_its_name_reads_its_pending_first);
+    tcase_add_test(rd, restarts_do_not_deliver_a_poison_message_again);
     tcase_add_test(rd, a_poison_message_reaches_the_dead_letter_stream);
     tcase_add_test(rd, stopping_mid_batch_acknowledges_what_was_handled);
     tcase_add_test(rd, a_redis_restart_fails_publishes_then_consumers_resume);

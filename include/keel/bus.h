@@ -35,7 +35,8 @@
  * skipped. Entries left pending longer than min_idle_ns (a consumer that
  * died, a handler that failed) are taken over with XCLAIM and
  * delivered again, out of order; one delivered max_deliveries times goes
- * to the dead-letter stream (prefix + "dead") and is acknowledged. An
+ * to the dead-letter stream (prefix + "dead") and is acknowledged, also
+ * when its own consumer finds it pending after a restart. An
  * entry trimmed away while pending is acknowledged unread. Handlers run in
  * the reader threads, one entry at a time per partition, whatever their
  * mode; with several consumers in a group, each sees only its share.

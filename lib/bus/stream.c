@@ -4,14 +4,16 @@
  * for a batch). Consuming: one reader thread per partition, each with a
  * connection of its own so that a blocking XREADGROUP does not hold a
  * pooled one. A reader reads its consumer's pending entries first (cursor
- * from 0 up), then new ones (">"), and every min_idle/2 takes care of the
- * group's stuck entries, a page of XPENDING at a time: those delivered
- * max_deliveries times go to the dead-letter stream, the rest idle longer
- * than min_idle are claimed by id with XCLAIM (which skips any taken
- * meanwhile) and delivered again. Deciding on the counts of the same page
- * keeps an entry from being delivered more than max_deliveries times. A failed connection is dropped and
- * made again with jittered backoff; the pending entries are read again
- * then, since the last acknowledgements may not have reached the server.
+ * from 0 up, burying those delivered max_deliveries times already), then
+ * new ones (">"), and every min_idle/2 takes care of the group's stuck
+ * entries, a page of XPENDING at a time: those delivered max_deliveries
+ * times go to the dead-letter stream, the rest idle longer than min_idle
+ * are claimed by id with XCLAIM (which skips any taken meanwhile) and
+ * delivered again. Deciding on the counts of the same page keeps an entry
+ * from being delivered more than max_deliveries times. A failed
+ * connection is dropped and made again with jittered backoff; the pending
+ * entries are read again then, since the last acknowledgements may not
+ * have reached the server.
  *
  * Stopping: the flag is raised, and the reader's socket shut down only
  * while the reader waits in a blocking read (as in lib/redis/sub.c), so
@@ -194,9 +196,12 @@ static int deliver(bstream *s, const redisReply *e)
     return failed;
 }
 
+static int bury(breader *rd, redisContext *c, const char *id);
+
 /* Delivers the entries of a reply array, acknowledges those handled, and
- * records the highest ID seen for drain. */
-static int handle(breader *rd, redisContext *c, const redisReply *entries)
+ * records the highest ID seen for drain. Entries marked in `over` (may be
+ * NULL) go to the dead-letter stream instead. */
+static int handle(breader *rd, redisContext *c, const redisReply *entries, const bool *over)
 {
     bstream *s = rd->s;
     size_t n = entries->elements;
@@ -212,6 +217,11 @@ static int handle(breader *rd, redisContext *c, const redisReply *entries)
     uint64_t top_ms = 0, top_seq = 0;
     for (size_t i = 0; i < n && rc >= 0 && !stopping(rd); i++) {
         const redisReply *e = entries->element[i];
+        if (over && over[i]) { /* count_own() checked its ID */
+            if ((rc = bury(rd, c, e->element[0]->str)) != 0)
+                break;
+            continue;
+        }
         rc = deliver(s, e);
         if (rc < 0 || e->type != REDIS_REPLY_ARRAY || e->elements < 1 || e->element[0]->type != REDIS_REPLY_STRING)
             continue;
@@ -315,7 +325,7 @@ static int claim(breader *rd, redisContext *c, int n, const char **argv)
         for (size_t i = 0; i < rep->elements; i++)
             got += rep->element[i]->type == REDIS_REPLY_ARRAY;
         keel__stripe_add(&keel__bus_counters(rd->s->bus)->claimed, got);
-        rc = handle(rd, c, rep);
+        rc = handle(rd, c, rep, NULL);
     }
     if (rep)
         freeReplyObject(rep);
@@ -359,6 +369,48 @@ static int reclaim(breader *rd, redisContext *c)
             freeReplyObject(rep);
     }
     keel__free(cargv);
+    return rc;
+}
+
+/* Marks in over[] the entries of a page of the consumer's own pending
+ * list that this read delivered more than max_deliveries times. A
+ * consumer restarted under its name reads them again, and Redis counts
+ * each such read as a delivery: without this check every restart would
+ * deliver a poison entry once more. */
+static int count_own(breader *rd, redisContext *c, const redisReply *entries, bool *over)
+{
+    bstream *s = rd->s;
+    size_t n = entries->elements;
+    const char *id[2];
+    for (int k = 0; k < 2; k++) {
+        const redisReply *e = entries->element[k ? n - 1 : 0];
+        if (e->type != REDIS_REPLY_ARRAY || e->elements < 1 || e->element[0]->type != REDIS_REPLY_STRING)
+            return 0; /* handle() acknowledges such entries unread */
+        id[k] = e->element[0]->str;
+    }
+    char count[24];
+    snprintf(count, sizeof count, "%zu", n);
+    const char *argv[] = {"XPENDING", s->keys[rd->part], s->group, id[0], id[1], count, s->consumer};
+    redisReply *rep = NULL;
+    int rc = cmd(c, 7, argv, NULL, &rep);
+    /* Both lists go up by ID, and the counts name a subset of the entries
+     * (others may have claimed some since): match them walking forward. */
+    for (size_t i = 0, j = 0; rc == 0 && rep->type == REDIS_REPLY_ARRAY && i < rep->elements; i++) {
+        const redisReply *p = rep->element[i];
+        if (p->type != REDIS_REPLY_ARRAY || p->elements != 4 || p->element[0]->type != REDIS_REPLY_STRING ||
+            p->element[3]->type != REDIS_REPLY_INTEGER)
+            break;
+        for (; j < n; j++) {
+            const redisReply *e = entries->element[j];
+            if (e->type == REDIS_REPLY_ARRAY && e->elements >= 1 && e->element[0]->type == REDIS_REPLY_STRING &&
+                strcmp(e->element[0]->str, p->element[0]->str) == 0)
+                break;
+        }
+        if (j < n)
+            over[j++] = p->element[3]->integer > (long long)s->max_deliveries;
+    }
+    if (rep)
+        freeReplyObject(rep);
     return rc;
 }
 
@@ -421,7 +473,14 @@ static int consume(breader *rd, redisContext *c)
             if (pending && last->type == REDIS_REPLY_ARRAY && last->elements >= 1 &&
                 last->element[0]->type == REDIS_REPLY_STRING)
                 snprintf(cursor, sizeof cursor, "%s", last->element[0]->str);
-            rc = handle(rd, c, entries);
+            bool *over = pending ? keel__calloc(entries->elements, sizeof *over) : NULL;
+            if (pending && !over)
+                rc = KEEL_ENOMEM;
+            if (rc == 0 && over)
+                rc = count_own(rd, c, entries, over);
+            if (rc == 0)
+                rc = handle(rd, c, entries, over);
+            keel__free(over);
         } else if (rc == 0 && pending) {
             pending = false;
         } else if (rc == 0) {
