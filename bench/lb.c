@@ -41,7 +41,7 @@ static double ns_per_pick(keel_lb *lb, uint32_t npeers, int threads, uint64_t it
 {
     atomic_ulong counter = 0;
     job jobs[2];
-    for (int i = 0; i < threads; i++)
+    for (int i = 0; i < threads && i < 2; i++) /* two at most */
         jobs[i] = (job){lb, &counter, iters, npeers};
     uint64_t ns = bench_threads(threads, lb ? run_lb : run_counter, jobs, sizeof(job));
     return (double)ns / (double)iters; /* per pick per thread: wall time / picks each */

@@ -83,7 +83,7 @@ static double mops(size_t size, int depth, int threads, int use_pool, uint64_t i
     if (use_pool && keel_pool_create(&p, &o) != 0)
         abort();
     job jobs[2];
-    for (int i = 0; i < threads; i++)
+    for (int i = 0; i < threads && i < 2; i++) /* two at most */
         jobs[i] = (job){p, size, iters, depth};
     /* warm up the thread caches and the allocator */
     job warm = {p, size, iters / 10 + 1, depth};
