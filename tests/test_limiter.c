@@ -282,6 +282,44 @@ START_TEST(peek_refund_and_reset)
 }
 END_TEST
 
+/* In process, take_many() hashes and prefetches 16 requests ahead and
+ * reads the clock once for 16: its answers must be those of the same
+ * requests taken one at a time, with keys repeated inside a batch and
+ * tables growing under it. */
+START_TEST(take_many_answers_as_one_at_a_time)
+{
+    enum { N = 600 };
+    static keel_limit_req q[N];
+    static char names[N][16];
+    for (int algo = 0; algo < 3; algo++) {
+        set_time(1000 * S);
+        keel_limiter *many = local((keel_limit_algo)algo, 4, 1 * S, 0), *one = local((keel_limit_algo)algo, 4, 1 * S, 0);
+        for (int i = 0; i < N; i++) {
+            /* the first half on 250 keys (new ones make the tables grow),
+             * the second on 5 (each asked for again and again) */
+            int k = i < N / 2 ? i * 7 % 250 : i % 5;
+            snprintf(names[i], sizeof names[i], "key-%d", k);
+            q[i] = (keel_limit_req){.key = names[i], .len = strlen(names[i]), .cost = 1 + (uint64_t)(i % 3)};
+        }
+        ck_assert_int_eq(keel_limiter_take_many(many, q, N), 0);
+        size_t allowed = 0;
+        for (int i = 0; i < N; i++) {
+            keel_limit_result r;
+            int rc = keel_limiter_take(one, names[i], strlen(names[i]), q[i].cost, &r);
+            ck_assert_int_eq(q[i].rc, rc);
+            ck_assert_int_eq(q[i].result.allowed, r.allowed);
+            ck_assert_uint_eq(q[i].result.remaining, r.remaining);
+            ck_assert_uint_eq(q[i].result.retry_after_ns, r.retry_after_ns);
+            allowed += r.allowed;
+        }
+        ck_assert_uint_gt(allowed, 0);
+        ck_assert_uint_lt(allowed, N);
+        keel_limiter_destroy(many);
+        keel_limiter_destroy(one);
+    }
+}
+END_TEST
+
 START_TEST(keys_are_bytes)
 {
     set_time(1000 * S);
@@ -306,17 +344,33 @@ END_TEST
 typedef struct hammer {
     keel_limiter *l;
     pthread_barrier_t *b;
-    int allowed;
+    int id, allowed;
 } hammer;
 
+/* 20,000 takes of "hot"; every tenth goes with 15 new keys in a
+ * take_many(), whose prefetches read the tables the other thread grows. */
 static void *hammer_one_key(void *arg)
 {
     hammer *h = arg;
     pthread_barrier_wait(h->b);
     for (int i = 0; i < 20000; i++) {
         keel_limit_result r;
-        keel_limiter_take(h->l, "hot", 3, 1, &r);
-        h->allowed += r.allowed;
+        if (i % 10) {
+            keel_limiter_take(h->l, "hot", 3, 1, &r);
+            h->allowed += r.allowed;
+            continue;
+        }
+        keel_limit_req q[16];
+        char fresh[15][24];
+        q[0] = (keel_limit_req){.key = "hot", .len = 3, .cost = 1};
+        for (int k = 0; k < 15; k++) {
+            snprintf(fresh[k], sizeof fresh[k], "%d-%d-%d", h->id, i, k);
+            q[k + 1] = (keel_limit_req){.key = fresh[k], .len = strlen(fresh[k]), .cost = 1};
+        }
+        ck_assert_int_eq(keel_limiter_take_many(h->l, q, 16), 0);
+        h->allowed += q[0].result.allowed;
+        for (int k = 1; k < 16; k++)
+            ck_assert(q[k].result.allowed); /* a new key's first unit */
     }
     return NULL;
 }
@@ -328,7 +382,7 @@ START_TEST(two_threads_on_one_key_never_exceed_the_limit)
         keel_limiter *l = local((keel_limit_algo)algo, 1000, 1 * S, 0);
         pthread_barrier_t b;
         pthread_barrier_init(&b, NULL, 2);
-        hammer h[2] = {{l, &b, 0}, {l, &b, 0}};
+        hammer h[2] = {{l, &b, 0, 0}, {l, &b, 1, 0}};
         pthread_t t[2];
         for (int i = 0; i < 2; i++)
             pthread_create(&t[i], NULL, hammer_one_key, &h[i]);
@@ -338,7 +392,7 @@ START_TEST(two_threads_on_one_key_never_exceed_the_limit)
         ck_assert_int_eq(h[0].allowed + h[1].allowed, 1000);
         keel_limiter_stats st;
         keel_limiter_stats_get(l, &st);
-        ck_assert_uint_eq(st.allowed, 1000);
+        ck_assert_uint_eq(st.allowed, 1000 + 2 * 2000 * 15); /* and each new key's */
         ck_assert_uint_eq(st.rejected, 39000);
         keel_limiter_destroy(l);
     }
@@ -872,6 +926,7 @@ int main(void)
     tcase_add_test(tc, no_window_of_the_log_holds_more_than_the_limit);
     tcase_add_test(tc, a_client_retrying_above_the_limit_still_gets_its_share);
     tcase_add_test(tc, peek_refund_and_reset);
+    tcase_add_test(tc, take_many_answers_as_one_at_a_time);
     tcase_add_test(tc, keys_are_bytes);
     tcase_add_test(tc, two_threads_on_one_key_never_exceed_the_limit);
     tcase_add_test(tc, at_max_keys_an_active_key_may_go_and_is_counted);

@@ -134,7 +134,8 @@ static int on_failure(keel_limiter *l, keel_limit_req *q, lop op)
                                                           : "deciding in process");
     keel_limit_result *r = &q->result;
     if (l->on_error == KEEL_LIMIT_FALL_BACK) {
-        int rc = keel__lstore_decide(l->local, q->key, q->len, q->cost, op, r);
+        int rc = keel__lstore_decide(l->local, q->key, q->len, keel__lstore_hash(l->local, q->key, q->len, false),
+                                     keel__lstore_now(l->local), q->cost, op, r);
         r->source = KEEL_LIMIT_SRC_FALLBACK;
         return rc;
     }
@@ -163,10 +164,10 @@ static bool store_failure(int rc)
 }
 
 /* One request (already checked) in process, straight into r. */
-static int decide_local(keel_limiter *l, const void *key, size_t len, uint64_t cost, lop op,
-                        keel_limit_result *r)
+static int decide_local(keel_limiter *l, const void *key, size_t len, uint64_t h, uint64_t now, uint64_t cost,
+                        lop op, keel_limit_result *r)
 {
-    return keel__lstore_decide(l->local, key, len, clamp_cost(l, cost), op, r);
+    return keel__lstore_decide(l->local, key, len, h, now, clamp_cost(l, cost), op, r);
 }
 
 /* Decides every request (already checked), in process or in one pipeline.
@@ -174,8 +175,22 @@ static int decide_local(keel_limiter *l, const void *key, size_t len, uint64_t c
 static void decide(keel_limiter *l, keel_limit_req *reqs, size_t n, lop op)
 {
     if (!l->remote) {
-        for (size_t i = 0; i < n; i++)
-            reqs[i].rc = decide_local(l, reqs[i].key, reqs[i].len, reqs[i].cost, op, &reqs[i].result);
+        /* Each key hashed and its slot prefetched 16 requests ahead, so
+         * that the cache misses of 16 keys overlap; the clock read once
+         * for 16 decisions. */
+        enum { AHEAD = 16 };
+        uint64_t h[AHEAD], now = 0;
+        for (size_t i = 0; i < n && i < AHEAD; i++)
+            h[i] = keel__lstore_hash(l->local, reqs[i].key, reqs[i].len, n > 1);
+        for (size_t i = 0; i < n; i++) {
+            keel_limit_req *q = &reqs[i];
+            uint64_t hq = h[i % AHEAD];
+            if (i + AHEAD < n)
+                h[i % AHEAD] = keel__lstore_hash(l->local, reqs[i + AHEAD].key, reqs[i + AHEAD].len, true);
+            if (i % AHEAD == 0)
+                now = keel__lstore_now(l->local);
+            q->rc = decide_local(l, q->key, q->len, hq, now, q->cost, op, &q->result);
+        }
         return;
     }
     uint64_t one[1], *given = n == 1 ? one : keel__malloc(n * sizeof *given);
@@ -211,7 +226,8 @@ static int one(keel_limiter *l, const void *key, size_t len, uint64_t cost, lop 
         return KEEL_EINVAL;
     if (!l->remote) { /* no request to build: straight into the caller's result */
         keel_limit_result unused;
-        return decide_local(l, key, len, cost, op, r ? r : &unused);
+        return decide_local(l, key, len, keel__lstore_hash(l->local, key, len, false), keel__lstore_now(l->local),
+                            cost, op, r ? r : &unused);
     }
     keel_limit_req q = {.key = key, .len = len, .cost = cost};
     decide(l, &q, 1, op);

@@ -36,10 +36,16 @@ typedef struct lstore lstore;
 
 int keel__lstore_create(lstore **out, const lcfg *cfg, size_t max_keys, const keel__clock *clock);
 void keel__lstore_destroy(lstore *s);
-/* Decides for one key. Returns 0 or KEEL_ERANGE (cost over the limit),
- * *r filled either way; KEEL_ENOMEM when a new key could not be stored
- * (the request is then rejected, nothing kept). */
-int keel__lstore_decide(lstore *s, const void *key, size_t len, uint64_t cost, lop op,
+/* A key's hash, for keel__lstore_decide(). With prefetch, its slot is
+ * also on its way into the cache: a batch hashes every key first so that
+ * the cache misses of its keys overlap. */
+uint64_t keel__lstore_hash(lstore *s, const void *key, size_t len, bool prefetch);
+/* The store's clock. */
+uint64_t keel__lstore_now(lstore *s);
+/* Decides for one key of hash h at time now. Returns 0 or KEEL_ERANGE
+ * (cost over the limit), *r filled either way; KEEL_ENOMEM when a new key
+ * could not be stored (the request is then rejected, nothing kept). */
+int keel__lstore_decide(lstore *s, const void *key, size_t len, uint64_t h, uint64_t now, uint64_t cost, lop op,
                         keel_limit_result *r);
 void keel__lstore_reset(lstore *s, const void *key, size_t len);
 void keel__lstore_stats(lstore *s, keel_limiter_stats *st);

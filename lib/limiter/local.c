@@ -5,7 +5,9 @@
  * a spinlock held only for one decision (tens of nanoseconds). A slot is
  * 48 bytes: the hash, two words of state and the key (inline up to 16
  * bytes). Tables grow by doubling up to what the shard's share of
- * max_keys needs.
+ * max_keys needs. A batch prefetches each key's home slot before taking
+ * the lock (keel__lstore_hash()): the table and its mask are read there
+ * without the lock, so they are stored atomically.
  *
  * At max_keys, a new key takes the place of an old one: of a sample of
  * slots, one whose state is that of a fresh key (GCRA: bucket full;
@@ -159,8 +161,9 @@ static int grow(lshard *sh)
         t[j] = *s;
     }
     keel__free(sh->slots);
-    sh->slots = t;
-    sh->mask = (uint32_t)(m - 1);
+    /* atomic for keel__lstore_hash(), which reads them without the lock */
+    __atomic_store_n(&sh->slots, t, __ATOMIC_RELAXED);
+    __atomic_store_n(&sh->mask, (uint32_t)(m - 1), __ATOMIC_RELAXED);
     sh->bytes += (m - n) * sizeof *t;
     return 0;
 }
@@ -508,22 +511,34 @@ void keel__lstore_destroy(lstore *st)
     keel__free(st);
 }
 
-static lshard *shard_of(lstore *st, const void *key, size_t len, uint64_t *h)
+static lshard *shard_of(lstore *st, uint64_t h) { return &st->shards[st->shift == 64 ? 0 : h >> st->shift]; }
+
+uint64_t keel__lstore_hash(lstore *st, const void *key, size_t len, bool prefetch)
 {
-    *h = keel__hash64(key, len, 0x6b65656c6c696d);
-    if (*h == 0)
-        *h = 1;
-    return &st->shards[st->shift == 64 ? 0 : *h >> st->shift];
+    uint64_t h = keel__hash64(key, len, 0x6b65656c6c696d);
+    if (h == 0)
+        h = 1;
+    if (prefetch) { /* a stale table (grown meanwhile) only wastes it */
+        lshard *sh = shard_of(st, h);
+        lslot *t = __atomic_load_n(&sh->slots, __ATOMIC_RELAXED);
+        uint32_t mask = __atomic_load_n(&sh->mask, __ATOMIC_RELAXED);
+        if (t) { /* a slot may straddle two lines */
+            __builtin_prefetch(&t[h & mask], 1);
+            __builtin_prefetch((const char *)&t[h & mask] + sizeof *t - 1, 1);
+        }
+    }
+    return h;
 }
 
-int keel__lstore_decide(lstore *st, const void *key, size_t len, uint64_t cost, lop op,
+uint64_t keel__lstore_now(lstore *st) { return keel__clock_now(&st->clock); }
+
+int keel__lstore_decide(lstore *st, const void *key, size_t len, uint64_t h, uint64_t now, uint64_t cost, lop op,
                         keel_limit_result *r)
 {
-    uint64_t now = keel__clock_now(&st->clock), h;
     memset(r, 0, sizeof *r);
     r->now_ns = now;
     r->source = KEEL_LIMIT_SRC_LOCAL;
-    lshard *sh = shard_of(st, key, len, &h);
+    lshard *sh = shard_of(st, h);
     lock(sh);
     size_t pos;
     lslot *s = find(sh, h, key, len, &pos), fresh = {0};
@@ -555,8 +570,8 @@ int keel__lstore_decide(lstore *st, const void *key, size_t len, uint64_t cost, 
 
 void keel__lstore_reset(lstore *st, const void *key, size_t len)
 {
-    uint64_t h;
-    lshard *sh = shard_of(st, key, len, &h);
+    uint64_t h = keel__lstore_hash(st, key, len, false);
+    lshard *sh = shard_of(st, h);
     lock(sh);
     size_t pos;
     lslot *s = find(sh, h, key, len, &pos);
