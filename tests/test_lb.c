@@ -273,7 +273,7 @@ START_TEST(least_conn_prefers_idle_and_rotates_ties)
 {
     fixture f;
     setup(&f, (keel_lb_opts){.policy = KEEL_LB_LEAST_CONN}, (uint32_t[]){1, 1, 1}, 3, "abc");
-    char got[8];
+    char got[8], got14[16];
     picks(&f, 6, 1, got); /* all idle: round robin among the tie */
     ck_assert_str_eq(got, "abcabc");
     keel_lb_peer *held, *p;
@@ -297,6 +297,12 @@ START_TEST(least_conn_prefers_idle_and_rotates_ties)
     ck_assert_uint_eq(sb.conns, 1);
     for (int i = 0; i < 3; i++)
         keel_lb_done(f.lb, h[i], 1, 0);
+    keel_lb_destroy(f.lb);
+    /* a tie of weighted peers goes by smooth weighted round robin among
+     * them, as nginx's least_conn does: 5, 1, 1 give nginx's aabacaa */
+    setup(&f, (keel_lb_opts){.policy = KEEL_LB_LEAST_CONN}, (uint32_t[]){5, 1, 1}, 3, "abc");
+    picks(&f, 14, 1, got14);
+    ck_assert_str_eq(got14, "aabacaaaabacaa");
     keel_lb_destroy(f.lb);
 }
 END_TEST

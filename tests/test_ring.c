@@ -46,7 +46,7 @@ static int owner(keel_ring *r, int key)
 typedef struct cluster {
     int nodes;
     int port; /* 0: a different port per node */
-    int weighted;
+    int weighted; /* 0: all 1; 1: 1 to 10 in turn; 2: one in four 100, the rest 1 to 3 */
 } cluster;
 
 static void ketama_against_libmemcached(cluster c)
@@ -62,7 +62,9 @@ static void ketama_against_libmemcached(cluster c)
         char host[32];
         snprintf(host, sizeof host, "10.%d.%d.%d", i / 65536, (i / 256) % 256, i % 256 + 1);
         int port = c.port ? c.port : 11000 + i;
-        uint32_t w = c.weighted ? (uint32_t)(1 + (i * 7) % 10) : 1;
+        uint32_t w = c.weighted == 2 ? (i % 4 ? (uint32_t)(1 + i % 3) : 100)
+                     : c.weighted   ? (uint32_t)(1 + (i * 7) % 10)
+                                    : 1;
         ck_assert_int_eq(memcached_server_add_with_weight(m, host, (in_port_t)port, w),
                          MEMCACHED_SUCCESS);
         /* libmemcached's naming: "host" at 11211, "host:port" otherwise */
@@ -94,6 +96,7 @@ static const cluster ketama_cases[] = {
     {25, 11211, 0}, /* 156 points per node, not 160 */
     {50, 0, 0},     /* 156 too */
     {100, 11211, 0}, {100, 0, 1}, {3, 11211, 1}, {2, 0, 0},
+    {7, 0, 2}, {40, 11211, 2}, /* weights far apart */
 };
 
 START_TEST(ketama_matches_libmemcached)
