@@ -633,7 +633,10 @@ static bool values_ok(const char *const *values, size_t n)
     return true;
 }
 
-static int child_get(family *f, const char *const *values, size_t n, child **out)
+/* The child with these label values, made if new. A computed series (fn
+ * given) gets fn before it can be seen, and is made only once. */
+static int child_get(family *f, const char *const *values, size_t n, keel_metrics_value_fn fn, void *ud,
+                     child **out)
 {
     if (!f || !values_ok(values, n) || n != f->nlabels || !out)
         return KEEL_EINVAL;
@@ -642,7 +645,10 @@ static int child_get(family *f, const char *const *values, size_t n, child **out
     pthread_mutex_lock(&m->mu);
     child *c = f->tab_cap ? *child_slot(f, h, values) : NULL;
     int rc = 0;
-    if (!c) {
+    if (c && fn) {
+        rc = KEEL_EEXIST;
+        c = NULL;
+    } else if (!c) {
         if (f->nchildren >= m->max_children)
             rc = KEEL_EFULL;
         else if ((rc = tab_grow(f)) == 0 && !(c = keel__calloc(1, sizeof *c)))
@@ -670,6 +676,8 @@ static int child_get(family *f, const char *const *values, size_t n, child **out
             c->m = m;
             c->fam = f;
             c->hash = h;
+            c->fn = fn;
+            c->ud = ud;
             uint64_t ns = keel__clock_now(&m->wall);
             c->created = (double)(ns / 1000000000u) + (double)(ns % 1000000000u) / 1e9;
             *child_slot(f, h, values) = c;
@@ -721,16 +729,16 @@ static int child_remove(family *f, const char *const *values, size_t n)
 
 KEEL_API int keel_counter_get(keel_counter *c, const char *const *v, size_t n, keel_counter_child **out)
 {
-    return child_get(c ? &c->f : NULL, v, n, (child **)out);
+    return child_get(c ? &c->f : NULL, v, n, NULL, NULL, (child **)out);
 }
 KEEL_API int keel_gauge_get(keel_gauge *g, const char *const *v, size_t n, keel_gauge_child **out)
 {
-    return child_get(g ? &g->f : NULL, v, n, (child **)out);
+    return child_get(g ? &g->f : NULL, v, n, NULL, NULL, (child **)out);
 }
 KEEL_API int keel_histogram_get(keel_histogram *h, const char *const *v, size_t n,
                                 keel_histogram_child **out)
 {
-    return child_get(h ? &h->f : NULL, v, n, (child **)out);
+    return child_get(h ? &h->f : NULL, v, n, NULL, NULL, (child **)out);
 }
 KEEL_API int keel_counter_remove(keel_counter *c, const char *const *v, size_t n)
 {
@@ -753,7 +761,7 @@ static child *child_with(family *f, va_list ap)
     for (size_t i = 0; i < f->nlabels; i++)
         v[i] = va_arg(ap, const char *);
     child *c = NULL;
-    child_get(f, v, f->nlabels, &c);
+    child_get(f, v, f->nlabels, NULL, NULL, &c);
     return c;
 }
 
@@ -801,19 +809,8 @@ KEEL_API int keel_metrics_func(keel_metrics *m, keel_metric_type type, const cha
     for (size_t i = 0; i < nlabels; i++)
         if (!label_names || !label_names[i] || strcmp(f->labels[i], label_names[i]) != 0)
             return KEEL_EEXIST;
-    pthread_mutex_lock(&m->mu);
-    bool taken = f->tab_cap && *child_slot(f, values_hash(label_values, nlabels), label_values);
-    pthread_mutex_unlock(&m->mu);
-    if (taken)
-        return KEEL_EEXIST;
     child *c;
-    if ((rc = child_get(f, label_values, nlabels, &c)) != 0)
-        return rc;
-    pthread_mutex_lock(&m->mu);
-    c->fn = fn;
-    c->ud = ud;
-    pthread_mutex_unlock(&m->mu);
-    return 0;
+    return child_get(f, label_values, nlabels, fn, ud, &c);
 }
 
 KEEL_API void keel_metrics_func_remove(keel_metrics *m, void *ud)

@@ -902,7 +902,7 @@ KEEL_API void keel_pool_stats_get(keel_pool *p, keel_pool_stats *st)
 #define POOL_STAT(fn, expr)                                                                        \
     static double fn(void *ud)                                                                     \
     {                                                                                              \
-        keel_pool_stats st;                                                                        \
+        keel_pool_stats st = {0};                                                                  \
         keel_pool_stats_get(ud, &st);                                                              \
         return (double)(expr);                                                                     \
     }

@@ -714,7 +714,7 @@ KEEL_API int keel_pg_host_stats_get(keel_pg *pg, size_t host, keel_pg_host_stats
 
 static double m_stat(pghost *h, int which)
 {
-    keel_pg_host_stats st;
+    keel_pg_host_stats st = {0};
     keel_pg_host_stats_get(h->pg, h->idx, &st);
     switch (which) {
     case 0: return st.role == KEEL_PG_ROLE_PRIMARY || st.role == KEEL_PG_ROLE_REPLICA ||

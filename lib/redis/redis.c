@@ -752,7 +752,7 @@ NODE_STAT(m_connects, connects)
 #undef NODE_STAT
 static double m_skipped(void *ud)
 {
-    keel_redis_node_stats st;
+    keel_redis_node_stats st = {0};
     rnode *n = ud;
     keel_redis_node_stats_get(n->r, n->idx, &st);
     return st.skipped;
