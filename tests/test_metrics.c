@@ -567,6 +567,66 @@ START_TEST(computed_series_and_the_visitor)
 }
 END_TEST
 
+/* Series computed by forty_two(), registered by two threads at once (each
+ * name by both: one must win) while a third visits the registry. */
+typedef struct regjob {
+    keel_metrics *m;
+    int made;
+    atomic_int *done;
+} regjob;
+
+static void *register_series(void *arg)
+{
+    regjob *j = arg;
+    for (int i = 0; i < 3000; i++) {
+        char n[16];
+        snprintf(n, sizeof n, "%d", i);
+        int rc = keel_metrics_func(j->m, KEEL_METRIC_COUNTER, "answers_total", NULL, (const char *[]){"n"},
+                                   (const char *[]){n}, 1, forty_two, j);
+        ck_assert(rc == 0 || rc == KEEL_EEXIST);
+        j->made += rc == 0;
+    }
+    atomic_fetch_add(j->done, 1);
+    return NULL;
+}
+
+typedef struct census {
+    size_t seen, wrong;
+} census;
+
+static void on_answer(const keel_metrics_sample *s, void *ud)
+{
+    census *c = ud;
+    if (strcmp(s->name, "answers_total") == 0) {
+        c->seen++;
+        c->wrong += s->value != 42;
+    }
+}
+
+START_TEST(computed_series_are_whole_from_the_moment_they_show)
+{
+    keel_metrics *m;
+    ck_assert_int_eq(keel_metrics_create(&m, NULL), 0);
+    atomic_int done = 0;
+    regjob j[2] = {{m, 0, &done}, {m, 0, &done}};
+    pthread_t t[2];
+    for (int i = 0; i < 2; i++)
+        pthread_create(&t[i], NULL, register_series, &j[i]);
+    census c = {0};
+    while (atomic_load(&done) < 2)
+        ck_assert_int_eq(keel_metrics_visit(m, on_answer, &c), 0);
+    for (int i = 0; i < 2; i++)
+        pthread_join(t[i], NULL);
+    ck_assert_uint_eq(c.wrong, 0); /* a series never shows before its function */
+    ck_assert_int_eq(j[0].made + j[1].made, 3000);
+    census last = {0};
+    ck_assert_int_eq(keel_metrics_visit(m, on_answer, &last), 0);
+    ck_assert_uint_eq(last.seen, 3000);
+    ck_assert_uint_eq(last.wrong, 0);
+    keel_metrics_destroy(m);
+}
+END_TEST
+
 /* ---- every module's metrics through promtool ---- */
 
 /* A keel_redis over every node of the harness, reporting to m. */
@@ -784,6 +844,7 @@ int main(void)
     tcase_add_test(tc, accept_headers_choose_the_format);
     tcase_add_test(tc, a_failing_writer_stops_the_rendering);
     tcase_add_test(tc, computed_series_and_the_visitor);
+    tcase_add_test(tc, computed_series_are_whole_from_the_moment_they_show);
     tcase_add_test(tc, names_and_labels_are_validated);
     tcase_add_test(tc, children_are_bound_once_capped_and_removable);
     tcase_set_timeout(tc, 20);
