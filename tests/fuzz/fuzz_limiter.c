@@ -12,7 +12,7 @@
  *   [3] bits 0-1 burst: 0 (the limit), 1, bits 2-5, 2^32 (bad, refused as
  *       lib/limiter/limiter.c does, though limiter.h does not say so);
  *       bit 6 a name with '"' (bad); bit 7 max_keys 2^32 + 1 (bad).
- * op % 8: 0, 1 take; 2 peek; 3 refund (r NULL when arg is odd); 4 reset;
+ * op % 8: 0 take; 1 keel_limiter_take_many() of arg % 3 + 1 such takes; 2 peek; 3 refund (r NULL when arg is odd); 4 reset;
  * 5 clock step by arg; 6 take, then headers into arg bytes; 7 take with r
  * NULL (KEEL_EINVAL).
  *   key % 8: "a", "b", 4096 x's, "a\0", empty, 4097 x's, NULL, "b".
@@ -312,6 +312,27 @@ static void op_decide(state *st, key k, uint64_t cost, bool take, keel_limit_res
         check_remaining(st, k, r->remaining);
 }
 
+/* n takes of the key in one keel_limiter_take_many(): each answered as
+ * the same takes one after another. */
+static void op_many(state *st, key k, uint64_t cost, size_t n)
+{
+    uint64_t c = cost ? cost : 1;
+    keel_limit_req q[3];
+    for (size_t i = 0; i < n; i++)
+        q[i] = (keel_limit_req){.key = k.p, .len = k.len, .cost = cost};
+    KF_CHECK(keel_limiter_take_many(st->l, q, n) == 0, "take_many of %zu", n);
+    for (size_t i = 0; i < n && !st->full; i++) {
+        check_result(st, &q[i].result, q[i].rc, c);
+        if (c > st->burst)
+            continue;
+        bool want = model_allows(st, &st->k[k.model], c);
+        KF_CHECK(q[i].result.allowed == want, "take %zu of %zu, cost %llu at %llu: allowed %d, the model %d", i + 1,
+                 n, (unsigned long long)c, (unsigned long long)st->now, q[i].result.allowed, want);
+        if (want)
+            model_take(st, &st->k[k.model], c);
+    }
+}
+
 /* Headers of r into size bytes: as a large buffer has them, or
  * KEEL_ERANGE with their length; never past size. */
 static void op_headers(const state *st, const keel_limit_result *r, size_t size)
@@ -381,8 +402,8 @@ static void run_op(state *st, uint8_t op, key k, uint8_t cb, uint8_t arg)
         return;
     }
     switch (op % 8) {
-    case 0:
-    case 1: op_decide(st, k, cost, true, &r); break;
+    case 0: op_decide(st, k, cost, true, &r); break;
+    case 1: op_many(st, k, cost, arg % 3 + 1u); break;
     case 2: op_decide(st, k, cost, false, &r); break;
     case 3: op_refund(st, k, cost, arg & 1); break;
     case 4:
