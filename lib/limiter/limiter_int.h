@@ -48,7 +48,7 @@ uint64_t keel__lstore_now(lstore *s);
 int keel__lstore_decide(lstore *s, const void *key, size_t len, uint64_t h, uint64_t now, uint64_t cost, lop op,
                         keel_limit_result *r);
 void keel__lstore_reset(lstore *s, const void *key, size_t len);
-void keel__lstore_stats(lstore *s, keel_limiter_stats *st);
+void keel__lstore_stats(lstore *s, keel_limiter_stats *out);
 
 /* ---- the Redis store (redis_store.c) ---- */
 
