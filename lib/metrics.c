@@ -901,7 +901,8 @@ static int sorted(keel_metrics *m, family ***fams, child ****kids)
     *kids = keel__calloc(m->nfams ? m->nfams : 1, sizeof **kids);
     if (!*fams || !*kids)
         return KEEL_ENOMEM;
-    memcpy(*fams, m->fams, m->nfams * sizeof **fams);
+    if (m->nfams) /* m->fams is NULL in an empty registry */
+        memcpy(*fams, m->fams, m->nfams * sizeof **fams);
     qsort(*fams, m->nfams, sizeof **fams, cmp_family);
     for (size_t k = 0; k < m->nfams; k++) {
         family *f = (*fams)[k];
