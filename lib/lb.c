@@ -617,7 +617,7 @@ static double m_failures(void *ud) { return (double)atomic_load(&((keel_lb_peer 
 static double m_ejected(void *ud) { return atomic_load(&((keel_lb_peer *)ud)->ejected_until) != 0; }
 static double m_fails(void *ud) { return atomic_load(&((keel_lb_peer *)ud)->fails); }
 
-/* Registered after the peer is published and removed before it leaves,
+/* Registered before the peer is published and removed before it leaves,
  * never under lb->wmu: a render (registry lock) reads peers, so the
  * registry lock always comes first. */
 static int peer_metrics(keel_lb *lb, keel_lb_peer *p)
@@ -662,16 +662,24 @@ KEEL_API int keel_lb_add(keel_lb *lb, const keel_lb_peer_opts *o, keel_lb_peer *
     }
     pthread_mutex_lock(&lb->wmu);
     p->id = ++lb->next_id;
-    int rc = rebuild(lb, p, NULL, NULL, 0);
-    if (rc == 0)
-        sweep(lb);
     pthread_mutex_unlock(&lb->wmu);
+    /* The series first: once published, the peer can be picked and removed
+     * by another thread, and series registered after that removal would
+     * outlive the peer. */
+    int rc = peer_metrics(lb, p);
     if (rc) {
         peer_free(p);
         return rc;
     }
-    if ((rc = peer_metrics(lb, p)) != 0) {
-        keel_lb_remove(lb, p);
+    pthread_mutex_lock(&lb->wmu);
+    rc = rebuild(lb, p, NULL, NULL, 0);
+    if (rc == 0)
+        sweep(lb);
+    pthread_mutex_unlock(&lb->wmu);
+    if (rc) {
+        if (lb->metrics)
+            keel_metrics_func_remove(lb->metrics, p);
+        peer_free(p);
         return rc;
     }
     if (out)

@@ -5,9 +5,11 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <keel/lb.h>
+#include <keel/metrics.h>
 
 #include "harness.h"
 
@@ -587,6 +589,72 @@ START_TEST(bad_input_is_refused)
 }
 END_TEST
 
+/* An allocator that, once armed, picks the lb's only peer and removes it
+ * from inside the first allocation made after that peer is published, as
+ * another thread holding a pick could: keel_lb_add() is then between
+ * publishing the peer and returning. */
+static struct {
+    keel_lb *lb;
+    atomic_int armed, removed;
+} midway;
+
+static void remove_midway(void)
+{
+    if (!atomic_exchange(&midway.armed, 0)) /* also keeps our own allocations out */
+        return;
+    if (keel_lb_count(midway.lb) != 1) {
+        atomic_store(&midway.armed, 1);
+        return;
+    }
+    keel_lb_peer *p;
+    if (keel_lb_pick(midway.lb, NULL, &p) == 0) {
+        keel_lb_done(midway.lb, p, 1, 0);
+        if (keel_lb_remove(midway.lb, p) == 0)
+            atomic_store(&midway.removed, 1);
+    }
+}
+
+static void *malloc_midway(size_t n)
+{
+    remove_midway();
+    return malloc(n);
+}
+
+static void *calloc_midway(size_t n, size_t size)
+{
+    remove_midway();
+    return calloc(n, size);
+}
+
+START_TEST(a_peer_removed_while_it_is_added_leaves_no_series)
+{
+    keel_allocator a = {malloc_midway, calloc_midway, realloc, free};
+    ck_assert_int_eq(keel_set_allocator(&a), 0);
+    keel_metrics *m;
+    ck_assert_int_eq(keel_metrics_create(&m, NULL), 0);
+    keel_lb_opts o = {.metrics = m};
+    ck_assert_int_eq(keel_lb_create(&midway.lb, &o), 0);
+    keel_lb_peer *p;
+    atomic_store(&midway.armed, 1);
+    int rc = keel_lb_add(midway.lb, &(keel_lb_peer_opts){.name = "backend-1"}, &p);
+    atomic_store(&midway.armed, 0);
+    if (!atomic_load(&midway.removed)) { /* not caught midway: removed now */
+        ck_assert_int_eq(rc, 0);
+        ck_assert_int_eq(keel_lb_pick(midway.lb, NULL, &p), 0);
+        keel_lb_done(midway.lb, p, 1, 0);
+        ck_assert_int_eq(keel_lb_remove(midway.lb, p), 0);
+    }
+    ck_assert_uint_eq(keel_lb_count(midway.lb), 0);
+    char *text;
+    ck_assert_int_eq(keel_metrics_render_buf(m, KEEL_METRICS_PROMETHEUS, &text, NULL), 0);
+    ck_assert_msg(!strstr(text, "keel_lb_peer_in_flight{"), "series of a removed peer:\n%s", text);
+    keel_free(text);
+    keel_lb_destroy(midway.lb);
+    keel_metrics_destroy(m);
+    keel_set_allocator(NULL);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("lb");
@@ -611,6 +679,7 @@ int main(void)
     tcase_add_test(tc, ejection_time_grows_with_each_ejection_and_caps);
     tcase_add_test(tc, ejection_never_passes_the_percentage_but_one_is_allowed);
     tcase_add_test(tc, bad_input_is_refused);
+    tcase_add_test(tc, a_peer_removed_while_it_is_added_leaves_no_series);
     suite_add_tcase(s, tc);
     tc = tcase_create("threads");
     tcase_set_tags(tc, "stress"); /* hundreds of grace periods: not under valgrind */
