@@ -1023,6 +1023,62 @@ START_TEST(streams_deliver_in_subject_order_across_partitions_and_nodes)
 }
 END_TEST
 
+typedef struct starter {
+    keel_bus *b;
+    pthread_barrier_t *go;
+    int rc;
+} starter;
+
+static void *start_at_once(void *arg)
+{
+    starter *st = arg;
+    pthread_barrier_wait(st->go);
+    st->rc = keel_bus_start(st->b);
+    return NULL;
+}
+
+static int count_msg(const keel_bus_msg *m, void *ud)
+{
+    (void)m;
+    atomic_fetch_add((atomic_int *)ud, 1);
+    return 0;
+}
+
+START_TEST(two_threads_starting_at_once_start_one_set_of_readers)
+{
+    keel_redis *r = redis_nodes(1);
+    char prefix[96];
+    unique_prefix(prefix, sizeof prefix, "start2");
+    keel_bus *p = rbus(r, prefix, NULL, NULL, 8, 0, NULL, NULL);
+    keel_bus *c = rbus(r, prefix, "svc", "c1", 8, 0, NULL, NULL);
+    atomic_int got = 0;
+    sub(c, "s.*", count_msg, &got, KEEL_BUS_SYNC, NULL);
+    pthread_barrier_t go;
+    pthread_barrier_init(&go, NULL, 2);
+    starter st[2] = {{c, &go, -1}, {c, &go, -1}};
+    pthread_t t[2];
+    for (int i = 0; i < 2; i++)
+        pthread_create(&t[i], NULL, start_at_once, &st[i]);
+    for (int i = 0; i < 2; i++)
+        pthread_join(t[i], NULL);
+    pthread_barrier_destroy(&go);
+    /* the start of eight partitions takes eight round trips: the second
+     * caller comes while the first is under way */
+    ck_assert_int_eq(st[0].rc == 0 ? st[1].rc : st[0].rc, KEEL_ESTATE);
+    ck_assert_int_eq(st[0].rc == 0 || st[1].rc == 0, 1);
+    for (int i = 0; i < 40; i++) {
+        char subj[8];
+        snprintf(subj, sizeof subj, "s.%d", i % 8);
+        ck_assert_int_eq(keel_bus_publish(p, subj, "x", 1, NULL, 0, NULL), 0);
+    }
+    ck_assert_int_eq(keel_bus_drain(c), 0);
+    ck_assert_int_eq(atomic_load(&got), 40);
+    keel_bus_destroy(c);
+    keel_bus_destroy(p);
+    keel_redis_destroy(r);
+}
+END_TEST
+
 /* A child consumer: reports each handled message's number on `out`, with
  * the top bit set by consumer "c2", until `ctl` reaches end of file. A
  * victim blocks forever in its first call. */
@@ -1466,6 +1522,7 @@ int main(void)
     TCase *rd = tcase_create("redis");
     tcase_set_timeout(rd, 90);
     tcase_add_test(rd, streams_deliver_in_subject_order_across_partitions_and_nodes);
+    tcase_add_test(rd, two_threads_starting_at_once_start_one_set_of_readers);
     tcase_add_test(rd, two_processes_share_a_group_and_miss_nothing);
     tcase_add_test(rd, a_consumer_killed_mid_batch_is_taken_over);
     tcase_add_test(rd, a_consumer_restarted_under_its_name_reads_its_pending_first);

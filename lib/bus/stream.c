@@ -61,6 +61,7 @@ struct bstream {
     char maxlen[24], count_s[24], block_s[24], idle_s[24];
     uint64_t min_idle, block_ns;
     uint32_t max_deliveries;
+    pthread_mutex_t start_mu; /* start, and drain's look at started */
     breader *readers;
     bool started;
 };
@@ -565,6 +566,7 @@ int keel__bus_stream_create(keel_bus *bus, const keel_bus_opts *o, bstream **out
         return KEEL_ENOMEM;
     s->bus = bus;
     s->r = o->redis;
+    pthread_mutex_init(&s->start_mu, NULL);
     s->parts = o->partitions ? o->partitions : 1;
     s->count = o->read_count ? o->read_count : 100;
     s->min_idle = o->min_idle_ns ? o->min_idle_ns : 30 * 1000000000ull;
@@ -615,7 +617,10 @@ static void stop_readers(bstream *s, size_t n)
     s->readers = NULL;
 }
 
-int keel__bus_stream_start(bstream *s)
+/* Under start_mu for the whole start: two threads starting at once must
+ * not both find it unstarted and each start a set of readers. A reader's
+ * handler that starts its own bus is told at once, without the lock. */
+static int start_locked(bstream *s)
 {
     if (!s->group || s->started)
         return KEEL_ESTATE;
@@ -656,6 +661,16 @@ int keel__bus_stream_start(bstream *s)
     return 0;
 }
 
+int keel__bus_stream_start(bstream *s)
+{
+    if (keel__bus_in_worker(s->bus))
+        return KEEL_ESTATE; /* a reader: started already */
+    pthread_mutex_lock(&s->start_mu);
+    int rc = start_locked(s);
+    pthread_mutex_unlock(&s->start_mu);
+    return rc;
+}
+
 void keel__bus_stream_stop(bstream *s)
 {
     if (s->started)
@@ -665,6 +680,7 @@ void keel__bus_stream_stop(bstream *s)
 
 void keel__bus_stream_destroy(bstream *s)
 {
+    pthread_mutex_destroy(&s->start_mu);
     keel__free(s->prefix);
     keel__free(s->consumer);
     keel__free(s->group);
@@ -762,7 +778,10 @@ int keel__bus_stream_publish(bstream *s, keel_bus_pub *pubs, size_t n)
  * call, or found no new entry in a read begun after the call. */
 int keel__bus_stream_drain(bstream *s)
 {
-    if (!s->started)
+    pthread_mutex_lock(&s->start_mu);
+    bool started = s->started; /* then readers stay until destroy */
+    pthread_mutex_unlock(&s->start_mu);
+    if (!started)
         return 0;
     for (size_t p = 0; p < s->parts; p++) {
         breader *rd = &s->readers[p];
