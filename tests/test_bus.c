@@ -6,6 +6,7 @@
  * group across processes, a consumer killed mid-batch, a poison entry
  * reaching the dead-letter stream, a server restarted mid-run. */
 #define _GNU_SOURCE
+#include <malloc.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -920,6 +921,67 @@ START_TEST(bad_input_is_refused)
 }
 END_TEST
 
+/* Allocations of fail_size bytes fail; while quarantining, freed blocks
+ * are filled with a pattern and kept, so that a write after free shows. */
+static atomic_size_t fail_size;
+static atomic_int quarantining;
+static void *kept[256];
+static atomic_size_t nkept;
+
+static void *q_malloc(size_t n) { return n == atomic_load(&fail_size) ? NULL : malloc(n); }
+
+static void q_free(void *p)
+{
+    size_t i = atomic_load(&quarantining) ? atomic_fetch_add(&nkept, 1) : SIZE_MAX;
+    if (i >= sizeof kept / sizeof kept[0]) {
+        free(p);
+        return;
+    }
+    memset(p, 0xdb, malloc_usable_size(p));
+    kept[i] = p;
+}
+
+static bool quarantine_intact(void)
+{
+    size_t n = atomic_load(&nkept);
+    for (size_t i = 0; i < n && i < sizeof kept / sizeof kept[0]; i++)
+        for (size_t k = 0; k < malloc_usable_size(kept[i]); k++)
+            if (((unsigned char *)kept[i])[k] != 0xdb)
+                return false;
+    return true;
+}
+
+static int count_call(const keel_bus_msg *m, void *ud)
+{
+    (void)m;
+    atomic_fetch_add((atomic_int *)ud, 1);
+    return 0;
+}
+
+START_TEST(a_group_outlives_a_member_left_in_the_trie_by_a_failed_unsubscribe)
+{
+    keel_allocator a = {q_malloc, calloc, realloc, q_free};
+    ck_assert_int_eq(keel_set_allocator(&a), 0);
+    keel_bus *b = bus_new(1, 0, KEEL_BUS_BLOCK);
+    atomic_int na = 0, ng = 0;
+    sub(b, "x", count_call, &na, KEEL_BUS_SYNC, NULL);
+    keel_bus_sub *g = sub(b, "x", count_call, &ng, KEEL_BUS_SYNC, "g");
+    /* the array of the one subscription left is 24 bytes: no memory for it */
+    atomic_store(&quarantining, 1);
+    atomic_store(&fail_size, 16 + sizeof(void *));
+    ck_assert_int_eq(keel_bus_unsubscribe(g), 0);
+    atomic_store(&fail_size, 0);
+    for (int i = 0; i < 4; i++)
+        ck_assert_int_eq(pub(b, "x"), 0); /* the group is picked through the dead member */
+    atomic_store(&quarantining, 0);
+    ck_assert_msg(quarantine_intact(), "freed memory written");
+    ck_assert_int_eq(atomic_load(&na), 4);
+    ck_assert_int_eq(atomic_load(&ng), 0);
+    keel_bus_destroy(b);
+    keel_set_allocator(NULL);
+}
+END_TEST
+
 /* ---- Redis Streams ---- */
 
 static keel_redis *redis_nodes(int n) { return kt_redis_open(n, 1000 * MS); }
@@ -1518,6 +1580,7 @@ int main(void)
     tcase_add_test(tc, many_subscriptions_come_and_go);
     tcase_add_test(tc, metrics_report_the_counters);
     tcase_add_test(tc, bad_input_is_refused);
+    tcase_add_test(tc, a_group_outlives_a_member_left_in_the_trie_by_a_failed_unsubscribe);
     suite_add_tcase(s, tc);
     TCase *rd = tcase_create("redis");
     tcase_set_timeout(rd, 90);

@@ -1124,9 +1124,11 @@ KEEL_API int keel_bus_unsubscribe(keel_bus_sub *sub)
     keel_bus *bus = sub->bus;
     pthread_mutex_lock(&bus->mu);
     /* Out of memory for the smaller array: the subscription stays in the
-     * trie, dead (never called), until destroy frees it. */
+     * trie, dead (never called), until destroy frees it; so does its
+     * group, which publishers still reach through it. */
     bool removed = trie_change(bus, sub, false) == 0;
-    group_leave(bus, sub->group);
+    if (removed)
+        group_leave(bus, sub->group);
     atomic_fetch_sub_explicit(&bus->nsubs, 1, memory_order_relaxed);
     pthread_mutex_unlock(&bus->mu);
     collect_garbage(bus, true); /* after this no reader can take a new reference */
