@@ -648,13 +648,15 @@ static void step(keel_alerts *a, rule *r, bool active, uint64_t now, uint64_t wa
     r->valid_until_wall = wall + 4 * delta;
 }
 
+/* The family is shared: another keel_alerts with a rule of the same name
+ * may remove a series between a keel_gauge_with() and its set. */
 static void series_update(keel_alerts *a, const rule *r, keel_alert_state from, keel_alert_state to)
 {
     static const char *names[] = {NULL, "pending", "firing", NULL};
     if (names[from])
         keel_gauge_remove(a->gauge, (const char *[]){r->name, names[from]}, 2);
     if (names[to])
-        keel_gauge_set(keel_gauge_with(a->gauge, r->name, names[to]), 1);
+        keel__gauge_put(a->gauge, (const char *[]){r->name, names[to]}, 2, 1);
 }
 
 KEEL_API int keel_alerts_tick(keel_alerts *a)

@@ -141,6 +141,11 @@ int keel__metrics_funcs(keel_metrics *m, const char *inst_label, const char *ins
 struct keel_gauge;
 int keel__metrics_gauge_shared(keel_metrics *m, const char *name, const char *help,
                                const char *const *labels, size_t nlabels, struct keel_gauge **out);
+/* Sets a gauge's series (made if new) in one step, under the registry
+ * lock: in a shared family another instance may remove the series, and
+ * free the child keel_gauge_with() returned, before a keel_gauge_set() on
+ * it. Returns 0 or the registry's error. */
+int keel__gauge_put(struct keel_gauge *g, const char *const *values, size_t n, double v);
 
 /* ---- random numbers ---- */
 typedef struct keel__rand {

@@ -634,9 +634,11 @@ static bool values_ok(const char *const *values, size_t n)
 }
 
 /* The child with these label values, made if new. A computed series (fn
- * given) gets fn before it can be seen, and is made only once. */
+ * given) gets fn before it can be seen, and is made only once. With `set`,
+ * a gauge's value is stored before the lock goes, so that a remove from
+ * another thread cannot free the child first. */
 static int child_get(family *f, const char *const *values, size_t n, keel_metrics_value_fn fn, void *ud,
-                     child **out)
+                     const double *set, child **out)
 {
     if (!f || !values_ok(values, n) || n != f->nlabels || !out)
         return KEEL_EINVAL;
@@ -690,6 +692,8 @@ static int child_get(family *f, const char *const *values, size_t n, keel_metric
             c = NULL;
         }
     }
+    if (c && set)
+        atomic_store_explicit(&c->gauge, d_bits(*set), memory_order_relaxed);
     pthread_mutex_unlock(&m->mu);
     *out = c;
     return rc;
@@ -729,16 +733,16 @@ static int child_remove(family *f, const char *const *values, size_t n)
 
 KEEL_API int keel_counter_get(keel_counter *c, const char *const *v, size_t n, keel_counter_child **out)
 {
-    return child_get(c ? &c->f : NULL, v, n, NULL, NULL, (child **)out);
+    return child_get(c ? &c->f : NULL, v, n, NULL, NULL, NULL, (child **)out);
 }
 KEEL_API int keel_gauge_get(keel_gauge *g, const char *const *v, size_t n, keel_gauge_child **out)
 {
-    return child_get(g ? &g->f : NULL, v, n, NULL, NULL, (child **)out);
+    return child_get(g ? &g->f : NULL, v, n, NULL, NULL, NULL, (child **)out);
 }
 KEEL_API int keel_histogram_get(keel_histogram *h, const char *const *v, size_t n,
                                 keel_histogram_child **out)
 {
-    return child_get(h ? &h->f : NULL, v, n, NULL, NULL, (child **)out);
+    return child_get(h ? &h->f : NULL, v, n, NULL, NULL, NULL, (child **)out);
 }
 KEEL_API int keel_counter_remove(keel_counter *c, const char *const *v, size_t n)
 {
@@ -761,7 +765,7 @@ static child *child_with(family *f, va_list ap)
     for (size_t i = 0; i < f->nlabels; i++)
         v[i] = va_arg(ap, const char *);
     child *c = NULL;
-    child_get(f, v, f->nlabels, NULL, NULL, &c);
+    child_get(f, v, f->nlabels, NULL, NULL, NULL, &c);
     return c;
 }
 
@@ -810,7 +814,7 @@ KEEL_API int keel_metrics_func(keel_metrics *m, keel_metric_type type, const cha
         if (!label_names || !label_names[i] || strcmp(f->labels[i], label_names[i]) != 0)
             return KEEL_EEXIST;
     child *c;
-    return child_get(f, label_values, nlabels, fn, ud, &c);
+    return child_get(f, label_values, nlabels, fn, ud, NULL, &c);
 }
 
 KEEL_API void keel_metrics_func_remove(keel_metrics *m, void *ud)
@@ -855,6 +859,12 @@ int keel__metrics_gauge_shared(keel_metrics *m, const char *name, const char *he
         return KEEL_EEXIST;
     *out = (keel_gauge *)f;
     return 0;
+}
+
+int keel__gauge_put(struct keel_gauge *g, const char *const *values, size_t n, double v)
+{
+    child *c;
+    return child_get(g ? &g->f : NULL, values, n, NULL, NULL, &v, &c);
 }
 
 int keel__metrics_funcs(keel_metrics *m, const char *inst_label, const char *inst_value,

@@ -4,6 +4,7 @@
 #define _GNU_SOURCE
 #include <ctype.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -459,6 +460,55 @@ START_TEST(active_alerts_show_as_keel_alerts_series)
 }
 END_TEST
 
+/* One keel_alerts of two on one registry, with a rule of the name the
+ * other uses too, flipping between firing and resolved at every tick. */
+typedef struct twin {
+    keel_metrics *m;
+    const char *gauge;
+    int ticks;
+} twin;
+
+static void *flip(void *arg)
+{
+    twin *t = arg;
+    kt_clock clock = {0};
+    keel_alerts *a;
+    keel_alerts_opts o = {.metrics = t->m, .eval_interval_ns = MIN, .clock = kt_clock_now, .clock_ud = &clock};
+    if (keel_alerts_create(&a, &o) != 0)
+        return NULL;
+    char rule[64];
+    snprintf(rule, sizeof rule, "last(%s[1m]) > 0", t->gauge);
+    keel_alerts_add(a, "Twin", rule, NULL, 0, NULL, 0, NULL);
+    keel_gauge *g;
+    keel_metrics_gauge(t->m, t->gauge, "", NULL, 0, &g);
+    keel_gauge_child *on = keel_gauge_with(g);
+    for (int i = 0; i < t->ticks; i++) {
+        keel_gauge_set(on, i % 2); /* firing (through pending), then resolved */
+        keel_alerts_tick(a);
+        kt_clock_advance(&clock, MIN);
+    }
+    keel_alerts_destroy(a);
+    return NULL;
+}
+
+START_TEST(two_instances_with_a_rule_of_one_name_share_the_series_safely)
+{
+    keel_metrics *m;
+    ck_assert_int_eq(keel_metrics_create(&m, NULL), 0);
+    twin t[2] = {{m, "left", 20000}, {m, "right", 20000}};
+    pthread_t th[2];
+    for (int i = 0; i < 2; i++)
+        pthread_create(&th[i], NULL, flip, &t[i]);
+    for (int i = 0; i < 2; i++)
+        pthread_join(th[i], NULL);
+    char *text;
+    ck_assert_int_eq(keel_metrics_render_buf(m, KEEL_METRICS_PROMETHEUS, &text, NULL), 0);
+    ck_assert_ptr_null(strstr(text, "keel_alerts{")); /* both destroyed */
+    keel_free(text);
+    keel_metrics_destroy(m);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("alert");
@@ -473,6 +523,11 @@ int main(void)
     tcase_add_test(tc, alertmanager_json_parses_and_resends);
     tcase_add_test(tc, resolved_alerts_are_resent_every_resend_delay_for_15_minutes);
     tcase_add_test(tc, active_alerts_show_as_keel_alerts_series);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("threads");
+    tcase_set_tags(tc, "stress"); /* its window is a few instructions: for the sanitizer runs */
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, two_instances_with_a_rule_of_one_name_share_the_series_safely);
     suite_add_tcase(s, tc);
     return kt_run(s);
 }
