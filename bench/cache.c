@@ -20,6 +20,16 @@
 #include "../lib/hash.h"
 #include "bench.h"
 
+/* The buckets of a chained table for cap entries: a power of two, two
+ * buckets an entry at least. */
+static size_t buckets_for(size_t cap)
+{
+    size_t b = 1;
+    while (b < cap * 2)
+        b <<= 1;
+    return b;
+}
+
 /* ---- exact LRU: chained hash of integer keys, a list, one mutex ---- */
 
 typedef struct lnode {
@@ -38,9 +48,7 @@ static void lru_init(lru *l, size_t cap)
 {
     memset(l, 0, sizeof *l);
     pthread_mutex_init(&l->mu, NULL);
-    size_t b = 1;
-    while (b < cap * 2)
-        b <<= 1;
+    size_t b = buckets_for(cap);
     l->tab = calloc(b, sizeof *l->tab);
     l->mask = b - 1;
     l->cap = cap;
@@ -296,9 +304,7 @@ static void tl_front(tlist *l, tnode *x)
 static void tiny_init(tinylfu *t, size_t cap)
 {
     memset(t, 0, sizeof *t);
-    size_t b = 1;
-    while (b < cap * 2)
-        b <<= 1;
+    size_t b = buckets_for(cap);
     t->tab = calloc(b, sizeof *t->tab);
     t->mask = b - 1;
     t->cap = cap;

@@ -86,6 +86,14 @@ static keel_pg *open_pg(void)
     return pg;
 }
 
+/* Runs a scenario written for both stores on PostgreSQL. */
+static void with_pg(void (*scenario)(keel_pg *pg))
+{
+    keel_pg *pg = open_pg();
+    scenario(pg);
+    keel_pg_destroy(pg);
+}
+
 /* A cqrs over the memory store (pg NULL) or PostgreSQL with its schema. */
 static keel_cqrs *open_cqrs(keel_pg *pg, const char *prefix, uint32_t retries, app *a)
 {
@@ -574,12 +582,7 @@ static void idempotent(keel_pg *pg)
 START_TEST(an_idempotent_repeat_returns_the_first_result) { idempotent(NULL); }
 END_TEST
 
-START_TEST(pg_an_idempotent_repeat_returns_the_first_result)
-{
-    keel_pg *pg = open_pg();
-    idempotent(pg);
-    keel_pg_destroy(pg);
-}
+START_TEST(pg_an_idempotent_repeat_returns_the_first_result) { with_pg(idempotent); }
 END_TEST
 
 START_TEST(pg_idempotency_holds_across_processes)
@@ -703,12 +706,7 @@ static void published(keel_pg *pg)
 START_TEST(events_are_published_on_the_bus_after_commit) { published(NULL); }
 END_TEST
 
-START_TEST(pg_events_are_published_on_the_bus_after_commit)
-{
-    keel_pg *pg = open_pg();
-    published(pg);
-    keel_pg_destroy(pg);
-}
+START_TEST(pg_events_are_published_on_the_bus_after_commit) { with_pg(published); }
 END_TEST
 
 /* ---- projections ---- */

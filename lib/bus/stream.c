@@ -199,6 +199,15 @@ static int deliver(bstream *s, const redisReply *e)
 
 static int bury(breader *rd, redisContext *c, const char *id);
 
+/* The ID of a stream entry [id, fields] of a reply, or NULL when the
+ * reply is not shaped so. */
+static const char *entry_id(const redisReply *e)
+{
+    return e->type == REDIS_REPLY_ARRAY && e->elements >= 1 && e->element[0]->type == REDIS_REPLY_STRING
+               ? e->element[0]->str
+               : NULL;
+}
+
 /* Delivers the entries of a reply array, acknowledges those handled, and
  * records the highest ID seen for drain. Entries marked in `over` (may be
  * NULL) go to the dead-letter stream instead. */
@@ -224,12 +233,13 @@ static int handle(breader *rd, redisContext *c, const redisReply *entries, const
             continue;
         }
         rc = deliver(s, e);
-        if (rc < 0 || e->type != REDIS_REPLY_ARRAY || e->elements < 1 || e->element[0]->type != REDIS_REPLY_STRING)
+        const char *id = entry_id(e);
+        if (rc < 0 || !id)
             continue;
         if (rc == 0)
-            argv[nack++] = e->element[0]->str;
+            argv[nack++] = id;
         uint64_t ms, seq; /* handled, acknowledged or not: drain goes by it */
-        if (parse_id(e->element[0]->str, &ms, &seq) && (ms > top_ms || (ms == top_ms && seq > top_seq))) {
+        if (parse_id(id, &ms, &seq) && (ms > top_ms || (ms == top_ms && seq > top_seq))) {
             top_ms = ms;
             top_seq = seq;
         }
@@ -382,13 +392,9 @@ static int count_own(breader *rd, redisContext *c, const redisReply *entries, bo
 {
     bstream *s = rd->s;
     size_t n = entries->elements;
-    const char *id[2];
-    for (int k = 0; k < 2; k++) {
-        const redisReply *e = entries->element[k ? n - 1 : 0];
-        if (e->type != REDIS_REPLY_ARRAY || e->elements < 1 || e->element[0]->type != REDIS_REPLY_STRING)
-            return 0; /* handle() acknowledges such entries unread */
-        id[k] = e->element[0]->str;
-    }
+    const char *id[2] = {entry_id(entries->element[0]), entry_id(entries->element[n - 1])};
+    if (!id[0] || !id[1])
+        return 0; /* handle() acknowledges such entries unread */
     char count[24];
     snprintf(count, sizeof count, "%zu", n);
     const char *argv[] = {"XPENDING", s->keys[rd->part], s->group, id[0], id[1], count, s->consumer};
@@ -401,12 +407,9 @@ static int count_own(breader *rd, redisContext *c, const redisReply *entries, bo
         if (p->type != REDIS_REPLY_ARRAY || p->elements != 4 || p->element[0]->type != REDIS_REPLY_STRING ||
             p->element[3]->type != REDIS_REPLY_INTEGER)
             break;
-        for (; j < n; j++) {
-            const redisReply *e = entries->element[j];
-            if (e->type == REDIS_REPLY_ARRAY && e->elements >= 1 && e->element[0]->type == REDIS_REPLY_STRING &&
-                strcmp(e->element[0]->str, p->element[0]->str) == 0)
+        for (const char *eid; j < n; j++)
+            if ((eid = entry_id(entries->element[j])) != NULL && strcmp(eid, p->element[0]->str) == 0)
                 break;
-        }
         if (j < n)
             over[j++] = p->element[3]->integer > (long long)s->max_deliveries;
     }
@@ -470,10 +473,9 @@ static int consume(breader *rd, redisContext *c)
             rep->element[0]->element[1]->type == REDIS_REPLY_ARRAY)
             entries = rep->element[0]->element[1];
         if (rc == 0 && entries && entries->elements) {
-            const redisReply *last = entries->element[entries->elements - 1];
-            if (pending && last->type == REDIS_REPLY_ARRAY && last->elements >= 1 &&
-                last->element[0]->type == REDIS_REPLY_STRING)
-                snprintf(cursor, sizeof cursor, "%s", last->element[0]->str);
+            const char *last = entry_id(entries->element[entries->elements - 1]);
+            if (pending && last)
+                snprintf(cursor, sizeof cursor, "%s", last);
             bool *over = pending ? keel__calloc(entries->elements, sizeof *over) : NULL;
             if (pending && !over)
                 rc = KEEL_ENOMEM;
