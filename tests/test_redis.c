@@ -370,9 +370,8 @@ START_TEST(a_node_that_stays_down_is_probed_ever_less_often)
     uint64_t waited = 0;
     for (uint32_t probe = 0; probe < 6; probe++) {
         /* after `probe` failed probes the wait is e/2 + U(0, e/2), e the
-         * doubled fail_timeout under the cap; the first is T exactly */
-        uint64_t e = probe == 0 ? T : (T << probe < CAP ? T << probe : CAP);
-        uint64_t lo = probe == 0 ? T : e / 2;
+         * doubled fail_timeout under the cap */
+        uint64_t e = T << probe < CAP ? T << probe : CAP, lo = e / 2;
         kt_clock_advance(&clk, lo - 1);
         ck_assert_int_eq(cmd(r, "k", &rep, 2, "PING", "x"), KEEL_EUNAVAIL);
         ck_assert_uint_eq(fails_of(r), 2 + probe); /* too early: no probe */
@@ -387,6 +386,62 @@ START_TEST(a_node_that_stays_down_is_probed_ever_less_often)
     ck_assert_int_eq(cmd(r, "k", &rep, 2, "PING", "x"), 0);
     freeReplyObject(rep);
     ck_assert_uint_eq(fails_of(r), 0);
+    keel_redis_destroy(r);
+}
+END_TEST
+
+static void *ping_once(void *arg)
+{
+    redisReply *rep = NULL;
+    intptr_t rc = cmd(arg, "k", &rep, 1, "PING");
+    freeReplyObject(rep);
+    return (void *)rc;
+}
+
+START_TEST(a_probe_in_flight_leaves_the_node_skipped_for_the_others)
+{
+    kt_clock clk = {0};
+    kt_clock_advance(&clk, 1000 * KT_S);
+    node_urls(NULL);
+    keel_redis *r;
+    keel_redis_opts o = {.nodes = &url_ptrs[2], .nnodes = 1, .connect_timeout_ns = 300 * MS,
+                         .command_timeout_ns = 300 * MS, .max_fails = 1, .fail_timeout_ns = 5 * KT_S,
+                         .clock = kt_clock_now, .clock_ud = &clk};
+    ck_assert_int_eq(keel_redis_create(&r, &o), 0);
+    redisReply *rep;
+    ck_assert_int_eq(cmd(r, "k", &rep, 1, "PING"), 0);
+    freeReplyObject(rep);
+    kt_server("pause-one", "redis3");
+    ck_assert_int_eq(cmd(r, "k", &rep, 1, "PING"), KEEL_ETIMEDOUT); /* skipped from here */
+    ck_assert_int_eq(cmd(r, "k", &rep, 1, "PING"), KEEL_EUNAVAIL);
+    kt_clock_advance(&clk, 6 * KT_S);
+    pthread_t t;
+    pthread_create(&t, NULL, ping_once, r); /* the probe: connects, then waits */
+    keel_redis_node_stats st;
+    for (int i = 0; i < 2000; i++) {
+        keel_redis_node_stats_get(r, 0, &st);
+        if (st.connects == 2)
+            break;
+        kt_nap(MS);
+    }
+    ck_assert_uint_eq(st.connects, 2);
+    /* while the probe waits for its answer, the node stays skipped */
+    ck_assert_int_eq(cmd(r, "k", &rep, 1, "PING"), KEEL_EUNAVAIL);
+    void *probe_rc;
+    pthread_join(t, &probe_rc);
+    kt_server("resume-one", "redis3");
+    ck_assert_int_eq((intptr_t)probe_rc, KEEL_ETIMEDOUT);
+    keel_redis_node_stats_get(r, 0, &st);
+    ck_assert_uint_eq(st.fails, 2);    /* the first timeout and the probe's, no third */
+    ck_assert_uint_eq(st.timeouts, 2);
+    ck_assert_int_eq(st.skipped, 1);
+    ck_assert_int_eq(cmd(r, "k", &rep, 1, "PING"), KEEL_EUNAVAIL); /* a new fail_timeout */
+    kt_clock_advance(&clk, 6 * KT_S);
+    ck_assert_int_eq(cmd(r, "k", &rep, 1, "PING"), 0);
+    freeReplyObject(rep);
+    keel_redis_node_stats_get(r, 0, &st);
+    ck_assert_int_eq(st.skipped, 0);
+    ck_assert_uint_eq(st.fails, 0);
     keel_redis_destroy(r);
 }
 END_TEST
@@ -670,6 +725,11 @@ START_TEST(malformed_urls_are_refused)
     const char *dup[] = {"redis://h:1", "redis://h:1"};
     keel_redis_opts od = {.nodes = dup, .nnodes = 2};
     ck_assert_int_eq(keel_redis_create(&r, &od), KEEL_EINVAL);
+    keel_redis_opts huge = {.nodes = good, .nnodes = 1, .max_fails = 1000001};
+    ck_assert_int_eq(keel_redis_create(&r, &huge), KEEL_EINVAL);
+    huge.max_fails = 1000000;
+    ck_assert_int_eq(keel_redis_create(&r, &huge), 0);
+    keel_redis_destroy(r);
     const char *two_dbs[] = {"redis://h:1/0", "redis://h:1/1"}; /* one ring name: once KEEL_EEXIST */
     od.nodes = two_dbs;
     ck_assert_int_eq(keel_redis_create(&r, &od), KEEL_EINVAL);
@@ -694,6 +754,7 @@ int main(void)
     tcase_add_test(tc, a_stopped_node_fails_fast_while_the_others_serve);
     tcase_add_test(tc, a_node_that_stays_down_is_probed_ever_less_often);
     tcase_add_test(tc, a_server_that_never_answers_times_out);
+    tcase_add_test(tc, a_probe_in_flight_leaves_the_node_skipped_for_the_others);
     tcase_add_test(tc, the_listener_reconnects_and_says_so);
     tcase_add_test(tc, the_write_guard_swallows_our_sigpipe_and_keeps_the_programs);
     tcase_add_test(tc, a_restarted_server_is_survived);

@@ -19,7 +19,10 @@
  * Failures: a connection that saw any error is discarded, never reused. A
  * node whose commands failed max_fails times in a row is skipped (its keys
  * fail at once with KEEL_EUNAVAIL) for fail_timeout, then one command
- * probes it (nginx's semantics). Before any node is skipped, connections
+ * probes it (nginx's semantics) while the others still skip it; the
+ * probe's success ends the skip. Each node's health is a keel_breaker(3):
+ * a count window of max_fails calls tripping at 100% failures, one
+ * half-open permit. Before any node is skipped, connections
  * made before its last failure are dropped unused, so the probe after a
  * restart connects afresh. A server that does not answer within the
  * command timeout gives KEEL_ETIMEDOUT; an error reply gives KEEL_EBACKEND,
@@ -59,12 +62,13 @@ typedef struct keel_redis_opts {
     uint64_t connect_timeout_ns; /* 0 = 1 s */
     uint64_t command_timeout_ns; /* 0 = 1 s */
     size_t conns_per_node;       /* 0 = 8 */
-    uint32_t max_fails;          /* 0 = 3 */
+    uint32_t max_fails;          /* 0 = 3, <= 1000000 */
     uint64_t fail_timeout_ns;    /* 0 = 10 s */
     uint64_t reconnect_max_ns;   /* each failed probe of a skipped node
                                     doubles the wait before the next one,
                                     from fail_timeout up to this, with equal
-                                    jitter; 0 (or under fail_timeout) = a
+                                    jitter (the first skip too: e/2 + U(0,
+                                    e/2)); 0 (or up to fail_timeout) = a
                                     probe every fail_timeout, as nginx */
     keel_clock_fn clock;         /* for fail_timeout; NULL = keel_now_ns */
     void *clock_ud;
@@ -74,7 +78,8 @@ typedef struct keel_redis_opts {
 
 /* Parses the URLs and prepares the pools; connects lazily. Returns 0,
  * KEEL_EINVAL (no node, a malformed URL: bad scheme, port, db or empty
- * host, a server given twice, even with two databases) or KEEL_ENOMEM. */
+ * host, a server given twice, even with two databases; max_fails over
+ * 1000000) or KEEL_ENOMEM. */
 KEEL_API int keel_redis_create(keel_redis **out, const keel_redis_opts *opts);
 
 /* Closes every connection. NULL is a no-op. Must not run concurrently with
@@ -180,7 +185,7 @@ KEEL_API void keel_redis_unsubscribe(keel_redis_sub *s);
 
 typedef struct keel_redis_node_stats {
     const char *name;     /* "host:port" or the socket path */
-    int skipped;          /* failing: skipped until the next probe */
+    int skipped;          /* failing: skipped until a probe succeeds */
     uint32_t fails;       /* failures in a row */
     uint64_t commands;    /* calls that reached a connection */
     uint64_t errors;      /* error replies */

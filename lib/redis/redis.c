@@ -7,14 +7,16 @@
  * not thread-safe. A connection that saw an I/O or protocol error goes
  * back with keel_pool_discard(), never to be reused.
  *
- * Node health follows nginx's max_fails / fail_timeout: failures in a row
- * (connect errors, I/O errors, timeouts; not error replies) count; at
- * max_fails the node is skipped until fail_timeout has passed, and then
- * exactly one call probes it, the others still skipping, until a success
- * resets the count. With reconnect_max above fail_timeout, each failed
- * probe doubles the wait before the next (keel_backoff's equal jitter), so
- * that a node that stays down is probed ever less often, and clients that
- * lost it together do not probe it together.
+ * Node health is a keel_breaker per node set to nginx's max_fails /
+ * fail_timeout: a count window of max_fails calls that trips when all of
+ * them failed (connect errors, I/O errors, timeouts; not error replies),
+ * that is after max_fails failures in a row; OPEN for fail_timeout; then
+ * HALF_OPEN with one permit, so exactly one call probes the node while
+ * the others still skip it, and its success closes the breaker. With
+ * reconnect_max above fail_timeout, the open wait is keel_backoff's equal
+ * jitter from fail_timeout up to reconnect_max, so that a node that stays
+ * down is probed ever less often, and clients that lost it together do
+ * not probe it together.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -29,6 +31,7 @@
 #include <time.h>
 
 #include <keel/backoff.h>
+#include <keel/breaker.h>
 #include <keel/metrics.h>
 #include <keel/pool.h>
 #include <keel/redis.h>
@@ -332,58 +335,39 @@ static void conn_fini(void *obj, void *ud)
     redisFree(((rconn *)obj)->c);
 }
 
-/* ---- node health (nginx's max_fails / fail_timeout) ---- */
+/* ---- node health (a keel_breaker per node) ---- */
 
-/* Whether a call may go to n now: not skipped, or the one probe after the
- * skip (which pushes the next probe a fail_timeout further while it runs);
- * *probe says which. */
-static bool node_usable(rnode *n, uint64_t now, bool *probe)
+static void node_state(keel_breaker *b, keel_breaker_state from, keel_breaker_state to, void *ud)
 {
-    *probe = false;
-    uint64_t until = atomic_load_explicit(&n->skip_until, memory_order_acquire);
-    if (until == 0 || atomic_load(&n->fails) < n->r->max_fails)
-        return true;
-    if (now < until)
-        return false;
-    return (*probe = atomic_compare_exchange_strong(&n->skip_until, &until, now + n->r->fail_timeout));
+    (void)b;
+    rnode *n = ud;
+    if (to == KEEL_BREAKER_OPEN && from == KEEL_BREAKER_CLOSED)
+        keel__log(KEEL_LOG_WARN, "redis", "%s: %u failures in a row: skipped", n->name,
+                  atomic_load(&n->fails));
+    else if (to == KEEL_BREAKER_CLOSED && from == KEEL_BREAKER_HALF_OPEN)
+        keel__log(KEEL_LOG_INFO, "redis", "%s: answers again", n->name);
 }
 
-/* How long a failing node is skipped after `probes` failed probes. */
-static uint64_t skip_for(const keel_redis *r, uint32_t probes)
+/* The outcome of a call that the breaker let through. */
+static void node_result(rnode *n, int rc)
 {
-    if (probes == 0 || r->reconnect_max <= r->fail_timeout)
-        return r->fail_timeout;
-    keel_backoff_opts o = {KEEL_BACKOFF_EQUAL_JITTER, r->fail_timeout, r->reconnect_max, NULL, NULL};
-    return keel_backoff_delay(&o, probes, 0);
-}
-
-static void node_result(rnode *n, int rc, uint64_t now, bool probe)
-{
-    if (rc == KEEL_EUNAVAIL || rc == KEEL_ETIMEDOUT || rc == KEEL_EPROTO) {
+    bool failed = rc == KEEL_EUNAVAIL || rc == KEEL_ETIMEDOUT || rc == KEEL_EPROTO;
+    if (failed) {
         atomic_fetch_add(&n->gen, 1); /* its idle connections are suspect too */
-        uint32_t f = atomic_fetch_add(&n->fails, 1) + 1;
-        uint32_t p = probe ? atomic_fetch_add(&n->probes_failed, 1) + 1 : atomic_load(&n->probes_failed);
-        if (f >= n->r->max_fails)
-            atomic_store_explicit(&n->skip_until, now + skip_for(n->r, p), memory_order_release);
-        if (f == n->r->max_fails)
-            keel__log(KEEL_LOG_WARN, "redis", "%s: %u failures in a row: skipped for %llu ms",
-                      n->name, f, (unsigned long long)(n->r->fail_timeout / 1000000u));
+        atomic_fetch_add(&n->fails, 1);
         atomic_fetch_add_explicit(rc == KEEL_ETIMEDOUT ? &n->timeouts : &n->unavailable, 1,
                                   memory_order_relaxed);
     } else if (atomic_load_explicit(&n->fails, memory_order_relaxed)) {
         atomic_store(&n->fails, 0);
-        atomic_store(&n->probes_failed, 0);
-        atomic_store(&n->skip_until, 0);
     }
+    keel_breaker_on_result(n->health, keel__clock_now(&n->r->clock), 0, failed);
 }
 
 /* Runs fn(context, arg) on a connection of n: the whole life of one call. */
 static int with_conn(rnode *n, int (*fn)(redisContext *c, void *arg), void *arg)
 {
     keel_redis *r = n->r;
-    uint64_t now = keel__clock_now(&r->clock);
-    bool probe;
-    if (!node_usable(n, now, &probe)) {
+    if (keel_breaker_try_acquire(n->health, keel__clock_now(&r->clock)) != 0) {
         atomic_fetch_add_explicit(&n->unavailable, 1, memory_order_relaxed);
         return KEEL_EUNAVAIL;
     }
@@ -395,11 +379,13 @@ static int with_conn(rnode *n, int (*fn)(redisContext *c, void *arg), void *arg)
            c->gen != atomic_load(&n->gen))
         keel_pool_discard(n->pool, c);
     if (rc) { /* every connection busy (ETIMEDOUT), or a connect failed */
-        if (rc == SETUP_TIMEOUT)
+        if (rc == SETUP_TIMEOUT) {
             rc = KEEL_ETIMEDOUT;
-        else if (rc == KEEL_ETIMEDOUT)
+        } else if (rc == KEEL_ETIMEDOUT) { /* says nothing about the node */
+            keel_breaker_release(n->health);
             return rc;
-        node_result(n, rc, keel__clock_now(&r->clock), probe);
+        }
+        node_result(n, rc);
         return rc;
     }
     keel__sigpipe sp;
@@ -411,7 +397,7 @@ static int with_conn(rnode *n, int (*fn)(redisContext *c, void *arg), void *arg)
         keel_pool_discard(n->pool, c);
     else
         keel_pool_release(n->pool, c);
-    node_result(n, rc, keel__clock_now(&r->clock), probe);
+    node_result(n, rc);
     return rc;
 }
 
@@ -729,11 +715,9 @@ KEEL_API int keel_redis_node_stats_get(keel_redis *r, size_t node, keel_redis_no
     if (!r || !st || node >= r->nnodes)
         return KEEL_EINVAL;
     rnode *n = &r->nodes[node];
-    uint64_t now = keel__clock_now(&r->clock);
     st->name = n->name;
     st->fails = atomic_load(&n->fails);
-    uint64_t until = atomic_load(&n->skip_until);
-    st->skipped = st->fails >= r->max_fails && until > now;
+    st->skipped = keel_breaker_state_get(n->health) != KEEL_BREAKER_CLOSED;
     st->commands = atomic_load(&n->commands);
     st->errors = atomic_load(&n->errors);
     st->timeouts = atomic_load(&n->timeouts);
@@ -783,11 +767,16 @@ KEEL_API int keel_redis_create(keel_redis **out, const keel_redis_opts *o)
         return KEEL_ENOMEM;
     r->connect_timeout = o->connect_timeout_ns ? o->connect_timeout_ns : 1000000000u;
     r->cmd_timeout = o->command_timeout_ns ? o->command_timeout_ns : 1000000000u;
-    r->max_fails = o->max_fails ? o->max_fails : 3;
-    r->fail_timeout = o->fail_timeout_ns ? o->fail_timeout_ns : 10000000000u;
-    if (r->fail_timeout > UINT64_MAX / 4)
-        r->fail_timeout = UINT64_MAX / 4; /* now + fail_timeout must not wrap */
-    r->reconnect_max = o->reconnect_max_ns > UINT64_MAX / 4 ? UINT64_MAX / 4 : o->reconnect_max_ns;
+    uint64_t fail_timeout = o->fail_timeout_ns ? o->fail_timeout_ns : 10000000000u;
+    keel_backoff_opts grow = {KEEL_BACKOFF_EQUAL_JITTER, fail_timeout, o->reconnect_max_ns, NULL, NULL};
+    keel_breaker_opts health = {.window = KEEL_BREAKER_COUNT,
+                                .window_size = o->max_fails ? o->max_fails : 3,
+                                .minimum_calls = o->max_fails ? o->max_fails : 3,
+                                .failure_rate = 100,
+                                .permitted_in_half_open = 1,
+                                .wait_open_ns = fail_timeout,
+                                .open_backoff = o->reconnect_max_ns > fail_timeout ? &grow : NULL,
+                                .on_state = node_state};
     r->clock = (keel__clock){o->clock, o->clock_ud};
     r->nnodes = o->nnodes;
     r->metrics = o->metrics;
@@ -810,6 +799,9 @@ KEEL_API int keel_redis_create(keel_redis **out, const keel_redis_opts *o)
                              .init = conn_init, .fini = conn_fini, .ud = n};
         if (rc == 0)
             rc = keel_pool_create(&n->pool, &po);
+        health.ud = n;
+        if (rc == 0)
+            rc = keel_breaker_create(&n->health, &health);
     }
     if (rc == 0 && r->nnodes > 1) {
         keel_ring_opts ro = {.algo = KEEL_RING_CONTINUUM};
@@ -836,6 +828,7 @@ KEEL_API void keel_redis_destroy(keel_redis *r)
         if (r->metrics)
             keel_metrics_func_remove(r->metrics, &r->nodes[i]);
         keel_pool_destroy(r->nodes[i].pool);
+        keel_breaker_destroy(r->nodes[i].health);
         keel__redis_url_free(&r->nodes[i].url);
     }
     keel_ring_destroy(r->ring);

@@ -6,6 +6,7 @@
 #include <stdatomic.h>
 #include <sys/time.h>
 
+#include <keel/breaker.h>
 #include <keel/pool.h>
 #include <keel/redis.h>
 #include <keel/ring.h>
@@ -30,9 +31,8 @@ typedef struct rnode {
     keel__rurl url;
     char name[300];
     keel_pool *pool;
-    _Atomic uint32_t fails;
-    _Atomic uint32_t probes_failed; /* since it was last skipped afresh */
-    _Atomic uint64_t skip_until;
+    keel_breaker *health;
+    _Atomic uint32_t fails; /* in a row, for the stats */
     _Atomic uint64_t gen; /* bumped at every failure */
     _Atomic uint64_t commands, errors, timeouts, unavailable, connects;
 } rnode;
@@ -41,8 +41,7 @@ struct keel_redis {
     rnode *nodes;
     size_t nnodes;
     keel_ring *ring;
-    uint64_t connect_timeout, cmd_timeout, fail_timeout, reconnect_max;
-    uint32_t max_fails;
+    uint64_t connect_timeout, cmd_timeout;
     keel__clock clock;
     keel_metrics *metrics;
 };
