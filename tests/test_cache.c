@@ -661,6 +661,14 @@ START_TEST(redis_down_then_back)
     ck_assert_uint_eq(st.errors_l2, 1);
     ck_assert_uint_eq(st.hits_l3, st0.hits_l3);
     ck_assert(in_l3(&r, "c4", 2)); /* the loads went to L3 */
+    kt_clock_advance(&clk, 2 * S); /* past tier_retry, still down: one get probes, and fails */
+    for (int i = 0; i < 3; i++) {
+        char k[8];
+        snprintf(k, sizeof k, "p%d", i);
+        ck_assert_int_eq(get(r.c, k, v, sizeof v), 0);
+        keel_cache_stats_get(r.c, &st);
+        ck_assert_uint_eq(st.errors_l2, 2); /* the probe's, then skipped again */
+    }
     kt_server("start-one", "redis1");
     kt_server("start-one", "redis2");
     kt_server("start-one", "redis3");

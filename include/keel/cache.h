@@ -51,8 +51,11 @@
  *
  * Degraded mode: a tier that fails (down, timed out; not an error reply)
  * is counted and skipped by gets for tier_retry_ns; they are served by
- * the others and the loader. Writes and invalidations still try it (one
- * skipped would leave an old value there) and return its error.
+ * the others and the loader. Then one get probes it while the others
+ * still skip it, and its success ends the skip (a keel_breaker(3) per
+ * tier). Writes and invalidations still try a failing tier (one skipped
+ * would leave an old value there), count its errors and return the
+ * first.
  *
  * Thread safety: every function may be called from any thread. Calls
  * block on the servers they use, and L1 writers now and then on an RCU

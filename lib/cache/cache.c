@@ -24,6 +24,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <keel/breaker.h>
 #include <keel/metrics.h>
 #include <keel/pg.h>
 #include <keel/redis.h>
@@ -81,7 +82,7 @@ struct keel_cache {
     pthread_mutex_t fl_mu;
     flight *flights;
     _Atomic uint64_t epoch;
-    _Atomic uint64_t down_until[2];
+    keel_breaker *tier[2]; /* L2, L3 health */
     keel_redis_sub *sub;
     keel_redis_script *release; /* a lease's compare-and-delete */
     keel_pg_stmt *st_get, *st_put, *st_fill, *st_del, *st_del_tag, *st_del_prefix, *st_sweep;
@@ -151,22 +152,42 @@ static bool tag_refs(keel_cache *c, const char *const *tags, size_t n, l1_tagref
     return true;
 }
 
-/* ---- tiers' health ---- */
+/* ---- tiers' health ----
+ *
+ * A keel_breaker per tier: one failure trips it, it stays OPEN for
+ * tier_retry_ns, then one get probes the tier. Gets take a permit with
+ * tier_up() and give every permit back through tier_done(). Writes are
+ * tried even on a failing tier, with no permit, and report too: a failed
+ * write trips the breaker as a failed get does, and a write that a server
+ * answers during HALF_OPEN counts as the probe. */
 
 static bool tier_up(keel_cache *c, int t)
 {
-    return now_ns(c) >= atomic_load_explicit(&c->down_until[t], memory_order_relaxed);
+    return keel_breaker_try_acquire(c->tier[t], now_ns(c)) == 0;
 }
 
-static int tier_failed(keel_cache *c, int t, int rc)
+/* The outcome of a call on tier t; returns rc. Answers (found or not, an
+ * error reply) and our own errors are not failures of the tier. */
+static int tier_done(keel_cache *c, int t, int rc)
 {
-    atomic_fetch_add_explicit(&c->st.errors[t], 1, memory_order_relaxed);
-    if (rc == KEEL_EBACKEND || rc == KEEL_ENOMEM || rc == KEEL_EINVAL)
-        return rc; /* the server answered: not down */
-    atomic_store_explicit(&c->down_until[t], now_ns(c) + c->o.tier_retry_ns, memory_order_relaxed);
-    keel__log(KEEL_LOG_WARN, "cache", "%s failed (%s): skipped for %llu ms", t == L2 ? "L2 (Redis)" : "L3 (PostgreSQL)",
-              keel_strerror(rc), (unsigned long long)(c->o.tier_retry_ns / 1000000));
+    bool down = rc && rc != KEEL_ENOTFOUND && rc != KEEL_EBACKEND && rc != KEEL_ENOMEM && rc != KEEL_EINVAL;
+    if (rc && rc != KEEL_ENOTFOUND)
+        atomic_fetch_add_explicit(&c->st.errors[t], 1, memory_order_relaxed);
+    if (down)
+        keel__log(KEEL_LOG_DEBUG, "cache", "%s: %s", t == L2 ? "L2 (Redis)" : "L3 (PostgreSQL)", keel_strerror(rc));
+    keel_breaker_on_result(c->tier[t], now_ns(c), 0, down);
     return rc;
+}
+
+static void tier_state(keel_breaker *b, keel_breaker_state from, keel_breaker_state to, void *ud)
+{
+    keel_cache *c = ud;
+    const char *name = b == c->tier[L2] ? "L2 (Redis)" : "L3 (PostgreSQL)";
+    if (to == KEEL_BREAKER_OPEN && from == KEEL_BREAKER_CLOSED)
+        keel__log(KEEL_LOG_WARN, "cache", "%s failed: skipped by gets for %llu ms at a time", name,
+                  (unsigned long long)(c->o.tier_retry_ns / 1000000));
+    else if (to == KEEL_BREAKER_CLOSED && from == KEEL_BREAKER_HALF_OPEN)
+        keel__log(KEEL_LOG_INFO, "cache", "%s answers again", name);
 }
 
 /* ---- L2: Redis ---- */
@@ -541,10 +562,10 @@ static int write_through(keel_cache *c, const void *key, size_t klen, uint64_t h
                          uint64_t ttl, const char *const *tags, size_t ntags)
 {
     int first = 0, rc;
-    if (c->o.redis && (rc = l2_set(c, key, klen, val, vlen, ttl, tags, ntags, 0)) != 0)
-        first = tier_failed(c, L2, rc);
-    if (c->o.pg && (rc = l3_put(c, key, klen, val, vlen, ttl, tags, ntags, false)) != 0 && !first)
-        first = tier_failed(c, L3, rc);
+    if (c->o.redis && (rc = tier_done(c, L2, l2_set(c, key, klen, val, vlen, ttl, tags, ntags, 0))) != 0)
+        first = rc;
+    if (c->o.pg && (rc = tier_done(c, L3, l3_put(c, key, klen, val, vlen, ttl, tags, ntags, false))) != 0 && !first)
+        first = rc;
     atomic_fetch_add(&c->epoch, 1);
     rc = l1_put(c, key, klen, h, val, vlen, ttl, 0, tags, ntags, false, 0);
     return first ? first : rc;
@@ -556,13 +577,12 @@ static int write_through(keel_cache *c, const void *key, size_t klen, uint64_t h
 static void fill_through(keel_cache *c, const void *key, size_t klen, uint64_t h, const void *val, size_t vlen,
                          uint64_t ttl, const char *const *tags, size_t ntags, uint64_t delta, uint64_t seen)
 {
-    int rc;
     if (atomic_load(&c->epoch) != seen)
         return;
-    if (c->o.redis && tier_up(c, L2) && (rc = l2_set_nx(c, key, klen, val, vlen, ttl, tags, ntags, delta)) != 0)
-        tier_failed(c, L2, rc);
-    if (c->o.pg && tier_up(c, L3) && (rc = l3_put(c, key, klen, val, vlen, ttl, tags, ntags, true)) != 0)
-        tier_failed(c, L3, rc);
+    if (c->o.redis && tier_up(c, L2))
+        tier_done(c, L2, l2_set_nx(c, key, klen, val, vlen, ttl, tags, ntags, delta));
+    if (c->o.pg && tier_up(c, L3))
+        tier_done(c, L3, l3_put(c, key, klen, val, vlen, ttl, tags, ntags, true));
     l1_put(c, key, klen, h, val, vlen, ttl, delta, tags, ntags, true, seen);
 }
 
@@ -636,17 +656,15 @@ static int fill(keel_cache *c, const void *key, size_t klen, uint64_t h, bool tr
     uint64_t ttl = 0;
     int rc;
     if (try_l2 && c->o.redis && tier_up(c, L2)) {
-        rc = l2_get(c, key, klen, &r);
+        rc = tier_done(c, L2, l2_get(c, key, klen, &r));
         if (l2_take(c, key, klen, h, rc == 0 ? r : NULL, seen, out, outlen, &rc)) {
             atomic_fetch_add_explicit(&c->st.hits_l2, 1, memory_order_relaxed);
             return rc;
         }
-        if (rc && rc != KEEL_ENOTFOUND)
-            tier_failed(c, L2, rc);
     }
     if (c->o.pg && tier_up(c, L3)) {
         PGresult *res = NULL;
-        rc = l3_get(c, key, klen, &res);
+        rc = tier_done(c, L3, l3_get(c, key, klen, &res));
         if (rc == 0) {
             atomic_fetch_add_explicit(&c->st.hits_l3, 1, memory_order_relaxed);
             size_t vlen = (size_t)PQgetlength(res, 0, 0);
@@ -665,16 +683,13 @@ static int fill(keel_cache *c, const void *key, size_t klen, uint64_t h, bool tr
             uint64_t ms_left;
             memcpy(&ms_left, PQgetvalue(res, 0, 2), 8);
             ttl = be64toh(ms_left) * 1000000u;
-            if (c->o.redis && tier_up(c, L2) && atomic_load(&c->epoch) == seen &&
-                (rc = l2_set_nx(c, key, klen, val, vlen, ttl, d.tags, d.ntags, 0)))
-                tier_failed(c, L2, rc);
+            if (c->o.redis && atomic_load(&c->epoch) == seen && tier_up(c, L2))
+                tier_done(c, L2, l2_set_nx(c, key, klen, val, vlen, ttl, d.tags, d.ntags, 0));
             l1_fill(c, key, klen, h, val, vlen, ttl, 0, d.tags, d.ntags, seen);
             rc = dup_out(val, vlen, out, outlen);
             PQclear(res);
             return rc;
         }
-        if (rc != KEEL_ENOTFOUND)
-            tier_failed(c, L3, rc);
     }
     if (!c->o.loader)
         return KEEL_ENOTFOUND;
@@ -687,7 +702,7 @@ static int fill(keel_cache *c, const void *key, size_t klen, uint64_t h, bool tr
         snprintf(ms, sizeof ms, "%llu", (unsigned long long)(c->o.lease_ns / 1000000u ? c->o.lease_ns / 1000000u : 1));
         const char *a[6] = {"SET", lk, (const char *)c->self, "NX", "PX", ms};
         size_t l[6] = {3, lkl, ID_LEN, 2, 2, strlen(ms)};
-        rc = keel_redis_command(c->o.redis, lk, lkl, 6, a, l, &r);
+        rc = tier_done(c, L2, keel_redis_command(c->o.redis, lk, lkl, 6, a, l, &r));
         leased = rc == 0 && r->type == REDIS_REPLY_STATUS;
         bool other = rc == 0 && r->type == REDIS_REPLY_NIL;
         if (r)
@@ -843,9 +858,11 @@ static int miss(keel_cache *c, const void *key, size_t klen, uint64_t h, bool tr
 }
 
 /* L2 for the items still missing (rc KEEL_ENOTFOUND, len SIZE_MAX): one
- * MGET per node, at most 512 keys each. */
-static void l2_get_many(keel_cache *c, keel_cache_item *it, size_t n)
+ * MGET per node, at most 512 keys each. Returns 0 or the first failure,
+ * which ends it. */
+static int l2_get_many(keel_cache *c, keel_cache_item *it, size_t n)
 {
+    int failed = 0;
     uint64_t seen = atomic_load(&c->epoch);
     size_t nodes = keel_redis_nodes(c->o.redis);
     size_t most = n < 512 ? n : 512; /* keys in one MGET */
@@ -889,16 +906,19 @@ static void l2_get_many(keel_cache *c, keel_cache_item *it, size_t n)
             if (r)
                 freeReplyObject(r);
             if (rc) {
-                tier_failed(c, L2, rc);
+                failed = rc;
                 node = nodes;
                 break;
             }
         }
     }
+    if (!argv || !lens || !idx || !keys)
+        failed = KEEL_ENOMEM;
     keel__free(argv);
     keel__free(lens);
     keel__free(idx);
     keel__free(keys);
+    return failed;
 }
 
 KEEL_API int keel_cache_get_many(keel_cache *c, keel_cache_item *items, size_t n)
@@ -927,7 +947,7 @@ KEEL_API int keel_cache_get_many(keel_cache *c, keel_cache_item *items, size_t n
         }
     }
     if (missing && c->o.redis && tier_up(c, L2))
-        l2_get_many(c, items, n);
+        tier_done(c, L2, l2_get_many(c, items, n));
     int first = 0;
     for (size_t i = 0; i < n; i++) {
         keel_cache_item *x = &items[i];
@@ -960,10 +980,10 @@ KEEL_API int keel_cache_del(keel_cache *c, const void *key, size_t klen)
     atomic_fetch_add(&c->epoch, 1);
     keel__l1_del(c->l1, key, klen, h);
     int first = 0, rc; /* tried even when failing: a delete must not be skipped */
-    if (c->o.redis && (rc = l2_del(c, key, klen)) != 0)
-        first = tier_failed(c, L2, rc);
-    if (c->o.pg && (rc = l3_one(c, c->st_del, key, (int)klen, NULL)) != 0 && !first)
-        first = tier_failed(c, L3, rc);
+    if (c->o.redis && (rc = tier_done(c, L2, l2_del(c, key, klen))) != 0)
+        first = rc;
+    if (c->o.pg && (rc = tier_done(c, L3, l3_one(c, c->st_del, key, (int)klen, NULL))) != 0 && !first)
+        first = rc;
     atomic_fetch_add(&c->epoch, 1); /* and again: a get that read a lower tier meanwhile */
     keel__l1_del(c->l1, key, klen, h);
     announce(c, 'K', key, klen);
@@ -1040,10 +1060,10 @@ KEEL_API int keel_cache_invalidate_tag(keel_cache *c, const char *tag)
         return KEEL_EINVAL;
     bump_tag(c, tag, true);
     int first = 0, rc;
-    if (c->o.redis && (rc = l2_del_tag(c, tag)) != 0)
-        first = tier_failed(c, L2, rc);
-    if (c->o.pg && (rc = l3_one(c, c->st_del_tag, tag, -1, NULL)) != 0 && !first)
-        first = tier_failed(c, L3, rc);
+    if (c->o.redis && (rc = tier_done(c, L2, l2_del_tag(c, tag))) != 0)
+        first = rc;
+    if (c->o.pg && (rc = tier_done(c, L3, l3_one(c, c->st_del_tag, tag, -1, NULL))) != 0 && !first)
+        first = rc;
     bump_tag(c, tag, true); /* a get that read a lower tier meanwhile */
     announce(c, 'T', tag, strlen(tag));
     return first;
@@ -1109,8 +1129,8 @@ KEEL_API int keel_cache_invalidate_prefix(keel_cache *c, const void *prefix, siz
     atomic_fetch_add(&c->epoch, 1);
     keel__l1_del_prefix(c->l1, prefix, len);
     int first = 0, rc;
-    if (c->o.redis && (rc = l2_del_prefix(c, prefix, len)) != 0)
-        first = tier_failed(c, L2, rc);
+    if (c->o.redis && (rc = tier_done(c, L2, l2_del_prefix(c, prefix, len))) != 0)
+        first = rc;
     if (c->o.pg) {
         unsigned char pat[2 * 1024 + 1]; /* LIKE: \, % and _ escaped, then % */
         size_t pl = 0;
@@ -1121,8 +1141,8 @@ KEEL_API int keel_cache_invalidate_prefix(keel_cache *c, const void *prefix, siz
             pat[pl++] = ch;
         }
         pat[pl++] = '%';
-        if ((rc = l3_one(c, c->st_del_prefix, pat, (int)pl, NULL)) != 0 && !first)
-            first = tier_failed(c, L3, rc);
+        if ((rc = tier_done(c, L3, l3_one(c, c->st_del_prefix, pat, (int)pl, NULL))) != 0 && !first)
+            first = rc;
     }
     atomic_fetch_add(&c->epoch, 1);
     keel__l1_del_prefix(c->l1, prefix, len);
@@ -1364,6 +1384,11 @@ KEEL_API int keel_cache_create(keel_cache **out, const keel_cache_opts *opts)
     c->rprefix = keel__strdup(o.redis_prefix ? o.redis_prefix : "kc:");
     c->table = keel__strdup(o.table ? o.table : "keel_cache");
     int rc = c->rprefix && c->table ? keel__l1_create(&c->l1, o.l1_max_bytes, o.l1_max_items, &c->clock) : KEEL_ENOMEM;
+    keel_breaker_opts health = {.window = KEEL_BREAKER_COUNT, .window_size = 1, .minimum_calls = 1,
+                                .failure_rate = 100, .permitted_in_half_open = 1,
+                                .wait_open_ns = o.tier_retry_ns, .on_state = tier_state, .ud = c};
+    for (int t = L2; rc == 0 && t <= L3; t++)
+        rc = keel_breaker_create(&c->tier[t], &health);
     if (rc == 0 && o.pg)
         rc = prepare(c);
     static const char release[] =
@@ -1440,6 +1465,8 @@ KEEL_API void keel_cache_destroy(keel_cache *c)
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
         keel_pg_stmt_free(all[i]);
     keel__l1_destroy(c->l1);
+    keel_breaker_destroy(c->tier[L2]);
+    keel_breaker_destroy(c->tier[L3]);
     for (size_t b = 0; b < 256; b++)
         for (ctag *t = c->tags[b], *n; t; t = n) {
             n = t->next;
