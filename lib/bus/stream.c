@@ -102,7 +102,7 @@ static int cmd(redisContext *c, int argc, const char **argv, const size_t *lens,
     keel__sigpipe sp;
     keel__sigpipe_block(&sp);
     redisReply *rep = redisCommandArgv(c, argc, argv, lens);
-    keel__sigpipe_restore(&sp);
+    keel__sigpipe_restore(&sp, c);
     *out = rep;
     if (!rep)
         return keel__redis_ctx_error(c);

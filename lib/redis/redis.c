@@ -218,24 +218,34 @@ int keel__redis_ctx_error(const redisContext *c)
  * that we caused (not one that was pending before). */
 void keel__sigpipe_block(keel__sigpipe *s)
 {
-    sigset_t pipe, pending;
+    sigset_t pipe;
     sigemptyset(&pipe);
     sigaddset(&pipe, SIGPIPE);
-    sigpending(&pending);
-    s->was_pending = sigismember(&pending, SIGPIPE);
     pthread_sigmask(SIG_BLOCK, &pipe, &s->old);
+    /* A SIGPIPE pending for us from before can only exist if the thread
+     * already blocked it; else it would have been delivered. */
+    s->was_pending = 0;
+    if (sigismember(&s->old, SIGPIPE)) {
+        sigset_t pending;
+        sigpending(&pending);
+        s->was_pending = sigismember(&pending, SIGPIPE);
+    }
 }
 
-void keel__sigpipe_restore(const keel__sigpipe *s)
+void keel__sigpipe_restore(const keel__sigpipe *s, const redisContext *c)
 {
-    sigset_t pipe, pending;
-    sigemptyset(&pipe);
-    sigaddset(&pipe, SIGPIPE);
-    sigpending(&pending);
-    if (!s->was_pending && sigismember(&pending, SIGPIPE)) {
-        struct timespec zero = {0, 0};
-        while (sigtimedwait(&pipe, NULL, &zero) < 0 && errno == EINTR)
-            ;
+    /* A write that raised SIGPIPE failed with EPIPE, which hiredis keeps
+     * in c->err: without an error there is nothing to take back. */
+    if (c->err && !s->was_pending) {
+        sigset_t pipe, pending;
+        sigemptyset(&pipe);
+        sigaddset(&pipe, SIGPIPE);
+        sigpending(&pending);
+        if (sigismember(&pending, SIGPIPE)) {
+            struct timespec zero = {0, 0};
+            while (sigtimedwait(&pipe, NULL, &zero) < 0 && errno == EINTR)
+                ;
+        }
     }
     pthread_sigmask(SIG_SETMASK, &s->old, NULL);
 }
@@ -305,7 +315,7 @@ int keel__redis_connect(rnode *n, redisContext **out)
         keel__sigpipe sp;
         keel__sigpipe_block(&sp);
         rc = conn_setup(n, c);
-        keel__sigpipe_restore(&sp);
+        keel__sigpipe_restore(&sp, c);
     }
     if (rc) {
         redisFree(c);
@@ -391,7 +401,7 @@ static int with_conn(rnode *n, int (*fn)(redisContext *c, void *arg), void *arg)
     keel__sigpipe sp;
     keel__sigpipe_block(&sp);
     rc = fn(c->c, arg);
-    keel__sigpipe_restore(&sp);
+    keel__sigpipe_restore(&sp, c->c);
     atomic_fetch_add_explicit(&n->commands, 1, memory_order_relaxed);
     if (c->c->err) /* the context saw an error: never reuse it */
         keel_pool_discard(n->pool, c);

@@ -61,7 +61,9 @@ int keel__redis_url(const char *url, keel__rurl *u);
 void keel__redis_url_free(keel__rurl *u);
 int keel__redis_ctx_error(const redisContext *c);
 void keel__sigpipe_block(keel__sigpipe *s);
-void keel__sigpipe_restore(const keel__sigpipe *s);
+/* Blocks SIGPIPE in this thread around hiredis's writes on c; restore
+ * takes back a SIGPIPE they raised (c->err set) and the old mask. */
+void keel__sigpipe_restore(const keel__sigpipe *s, const redisContext *c);
 struct timeval keel__tv(uint64_t ns);
 /* A new connection to n, authenticated and on its db. */
 int keel__redis_connect(rnode *n, redisContext **out);

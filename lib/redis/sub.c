@@ -113,7 +113,7 @@ static void listen_loop(keel_redis_sub *s, redisContext *c)
         keel__sigpipe sp;
         keel__sigpipe_block(&sp);
         int ok = redisGetReply(c, (void **)&rep);
-        keel__sigpipe_restore(&sp);
+        keel__sigpipe_restore(&sp, c);
         if (ok == REDIS_OK) {
             bool pong = false;
             bool sane = deliver(s, rep, &pong);
@@ -138,7 +138,7 @@ static void listen_loop(keel_redis_sub *s, redisContext *c)
         int done = 0;
         while (ok == REDIS_OK && !done)
             ok = redisBufferWrite(c, &done);
-        keel__sigpipe_restore(&sp);
+        keel__sigpipe_restore(&sp, c);
         if (ok != REDIS_OK)
             return;
         waiting_pong = true;
@@ -162,7 +162,7 @@ static void *run(void *arg)
             keel__sigpipe sp;
             keel__sigpipe_block(&sp);
             rc = subscribe_all(s, c);
-            keel__sigpipe_restore(&sp);
+            keel__sigpipe_restore(&sp, c);
         }
         if (first) { /* subscribe() waits for this outcome */
             pthread_mutex_lock(&s->mu);
