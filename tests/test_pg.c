@@ -541,6 +541,66 @@ START_TEST(statements_are_prepared_again_when_the_server_forgets)
 }
 END_TEST
 
+/* How many of this session's prepared statements have this name. */
+static int prepared_as(keel_pg_conn *c, const char *name)
+{
+    const char *v[1] = {name};
+    PGresult *r = PQexecParams(keel_pg_conn_raw(c), "SELECT count(*) FROM pg_prepared_statements WHERE name = $1",
+                               1, NULL, v, NULL, NULL, 0);
+    ck_assert_int_eq(PQresultStatus(r), PGRES_TUPLES_OK);
+    int n = atoi(PQgetvalue(r, 0, 0));
+    PQclear(r);
+    return n;
+}
+
+START_TEST(freed_statements_are_deallocated_where_they_were_prepared)
+{
+    keel_pg *pg = NULL;
+    keel_pg_opts o = {.primary = kt_env("KEEL_TEST_PG"), .conns_per_host = 1, .manual_health = 1};
+    ck_assert_int_eq(keel_pg_create(&pg, &o), 0);
+    ck_assert_int_eq(keel_pg_check(pg), 0);
+    keel_pg_stmt *s[3];
+    for (int i = 0; i < 3; i++)
+        ck_assert_int_eq(keel_pg_stmt_create(pg, "SELECT $1::int", 0, NULL, &s[i]), 0);
+    char name[3][32];
+    const char *one = "1";
+    keel_pg_params p = {.n = 1, .values = &one};
+    keel_pg_conn *c;
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &c), 0); /* the one connection */
+    keel_pg_host_stats st0, st;
+    keel_pg_host_stats_get(pg, 0, &st0);
+    for (int i = 0; i < 2; i++) { /* s[2] is never run here */
+        PGresult *r;
+        ck_assert_int_eq(keel_pg_conn_exec_stmt(c, s[i], &p, &r), 0);
+        PQclear(r);
+    }
+    PGresult *r = PQexec(keel_pg_conn_raw(c), "SELECT name FROM pg_prepared_statements ORDER BY name");
+    ck_assert_int_eq(PQntuples(r), 2);
+    for (int i = 0; i < 2; i++)
+        snprintf(name[i], sizeof name[i], "%s", PQgetvalue(r, i, 0));
+    PQclear(r);
+    keel_pg_stmt_free(s[0]); /* while the connection is out: done at its release */
+    keel_pg_stmt_free(s[2]);
+    ck_assert_int_eq(prepared_as(c, name[0]), 1);
+    keel_pg_release(c);
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &c), 0);
+    ck_assert_int_eq(prepared_as(c, name[0]), 0);
+    ck_assert_int_eq(prepared_as(c, name[1]), 1); /* the live one stays */
+    /* one the server forgot already: the DEALLOCATE's error reply is fine */
+    PQclear(PQexec(keel_pg_conn_raw(c), "DEALLOCATE ALL"));
+    keel_pg_stmt_free(s[1]);
+    keel_pg_release(c);
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &c), 0);
+    r = PQexec(keel_pg_conn_raw(c), "SELECT 1"); /* the same session, still good */
+    ck_assert_int_eq(PQresultStatus(r), PGRES_TUPLES_OK);
+    PQclear(r);
+    keel_pg_host_stats_get(pg, 0, &st);
+    ck_assert_uint_eq(st.connects, st0.connects); /* one session all along */
+    keel_pg_release(c);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
 START_TEST(release_rolls_back_and_drops_what_it_cannot_reuse)
 {
     keel_pg *pg = open_shared();
@@ -740,6 +800,7 @@ int main(void)
     tcase_add_test(tc, a_batch_is_one_pipeline_and_all_or_nothing);
     tcase_add_test(tc, statements_are_prepared_again_when_the_server_forgets);
     tcase_add_test(tc, release_rolls_back_and_drops_what_it_cannot_reuse);
+    tcase_add_test(tc, freed_statements_are_deallocated_where_they_were_prepared);
     tcase_add_test(tc, timeouts_client_and_server);
     tcase_add_test(tc, a_stopped_replica_is_skipped);
     tcase_add_test(tc, the_health_thread_checks_by_itself);

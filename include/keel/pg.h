@@ -166,8 +166,13 @@ KEEL_API int keel_pg_conn_exec(keel_pg_conn *c, const char *sql, const keel_pg_p
 /* A statement prepared on each connection the first time it runs there,
  * and again on a connection opened later (after a reconnect, a failover)
  * or whose server forgot it. Its SQL is classified once for KEEL_PG_AUTO.
- * Statements are meant to be created once: freeing one does not deallocate
- * it on open connections. Returns 0, KEEL_EINVAL or KEEL_ENOMEM. */
+ * Returns 0, KEEL_EINVAL or KEEL_ENOMEM.
+ *
+ * keel_pg_stmt_free: each connection that prepared the statement
+ * deallocates it when next released (one DEALLOCATE round trip then), so
+ * statements made and freed at runtime do not pile up on the server. Free
+ * a statement before destroying its keel_pg, and not while a call uses
+ * it. NULL is a no-op. */
 KEEL_API int keel_pg_stmt_create(keel_pg *pg, const char *sql, int ntypes, const Oid *types,
                                  keel_pg_stmt **out);
 KEEL_API void keel_pg_stmt_free(keel_pg_stmt *s);

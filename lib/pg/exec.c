@@ -298,6 +298,32 @@ static int mark_prepared(keel_pg_conn *c, uint32_t id, bool on)
     return 0;
 }
 
+int keel__pg_forget_freed(keel_pg_conn *c, uint64_t timeout)
+{
+    keel_pg *pg = c->h->pg;
+    pthread_mutex_lock(&pg->freed_mu);
+    uint64_t seen = atomic_load(&pg->nfreed);
+    pthread_mutex_unlock(&pg->freed_mu);
+    for (size_t i = 0; i < c->nwords; i++) {
+        pthread_mutex_lock(&pg->freed_mu); /* freed may move when it grows */
+        uint64_t gone = i < pg->freed_words ? c->prepared[i] & pg->freed[i] : 0;
+        pthread_mutex_unlock(&pg->freed_mu);
+        for (; gone; gone &= gone - 1) {
+            uint32_t id = (uint32_t)(i * 64 + (size_t)__builtin_ctzll(gone));
+            char sql[32];
+            snprintf(sql, sizeof sql, "DEALLOCATE keel_%u", id);
+            PGresult *r = NULL;
+            int rc = keel__pg_run(c, sql, NULL, timeout, &r);
+            PQclear(r);
+            if (rc && rc != KEEL_EBACKEND) /* an error reply: it was gone already */
+                return rc;
+            mark_prepared(c, id, false);
+        }
+    }
+    c->freed_seen = seen;
+    return 0;
+}
+
 /* Prepares s on this connection unless it already is. On KEEL_EBACKEND
  * (the SQL is wrong) *res holds the server's answer. */
 static int prepare(keel_pg_conn *c, keel_pg_stmt *s, PGresult **res)

@@ -546,6 +546,10 @@ KEEL_API void keel_pg_release(keel_pg_conn *c)
             keep = false;
         }
     }
+    if (keep && c->freed_seen != atomic_load_explicit(&h->pg->nfreed, memory_order_relaxed)) {
+        keel_pg *pg = h->pg;
+        keep = keel__pg_forget_freed(c, pg->query_timeout ? pg->query_timeout : pg->connect_timeout) == 0;
+    }
     for (PGnotify *n; keep && (n = PQnotifies(c->conn)) != NULL;)
         PQfreemem(n);
     if (keep)
@@ -675,8 +679,28 @@ KEEL_API int keel_pg_stmt_create(keel_pg *pg, const char *sql, int ntypes, const
     return 0;
 }
 
+/* The id joins pg->freed; each connection that prepared it deallocates
+ * it when next released. Out of memory, it stays prepared. */
 KEEL_API void keel_pg_stmt_free(keel_pg_stmt *s)
 {
+    keel_pg *pg = s ? s->pg : NULL;
+    if (pg) {
+        pthread_mutex_lock(&pg->freed_mu);
+        size_t need = s->id / 64 + 1;
+        if (need > pg->freed_words) {
+            uint64_t *w = keel__realloc(pg->freed, need * sizeof *w);
+            if (w) {
+                memset(w + pg->freed_words, 0, (need - pg->freed_words) * sizeof *w);
+                pg->freed = w;
+                pg->freed_words = need;
+            }
+        }
+        if (need <= pg->freed_words) {
+            pg->freed[s->id / 64] |= (uint64_t)1 << (s->id % 64);
+            atomic_fetch_add(&pg->nfreed, 1);
+        }
+        pthread_mutex_unlock(&pg->freed_mu);
+    }
     if (s) {
         keel__free(s->sql);
         keel__free(s->types);
@@ -805,6 +829,7 @@ KEEL_API int keel_pg_create(keel_pg **out, const keel_pg_opts *o)
     pg->last_writer = 0;
     pthread_mutex_init(&pg->mu, NULL);
     pthread_mutex_init(&pg->check_mu, NULL);
+    pthread_mutex_init(&pg->freed_mu, NULL);
     pthread_mutex_init(&pg->tmu, NULL);
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
@@ -853,6 +878,8 @@ KEEL_API void keel_pg_destroy(keel_pg *pg)
     keel__free(pg->hosts);
     pthread_mutex_destroy(&pg->mu);
     pthread_mutex_destroy(&pg->check_mu);
+    pthread_mutex_destroy(&pg->freed_mu);
+    keel__free(pg->freed);
     pthread_mutex_destroy(&pg->tmu);
     pthread_cond_destroy(&pg->tcv);
     keel__free(pg);

@@ -25,6 +25,7 @@ struct keel_pg_conn {
     uint64_t gen;       /* the host's generation when it connected */
     uint64_t *prepared; /* bitset of statement ids prepared here */
     size_t nwords;
+    uint64_t freed_seen; /* pg->nfreed when last deallocated */
     bool broken;        /* lost, timed out or left in an unknown state */
 };
 
@@ -75,6 +76,10 @@ struct keel_pg {
     pthread_cond_t tcv;
 
     _Atomic uint32_t next_stmt;
+    pthread_mutex_t freed_mu;
+    uint64_t *freed;          /* bitset of freed statement ids, under freed_mu */
+    size_t freed_words;
+    _Atomic uint64_t nfreed;  /* statements freed, ever */
     _Atomic size_t rotor; /* where the next read-after-LSN starts */
 };
 
@@ -107,6 +112,9 @@ uint64_t keel__pg_deadline(const keel_pg *pg, uint64_t timeout);
 int keel__pg_query_bool(keel_pg_conn *c, const char *sql, const char *param);
 /* Runs sql and returns its result as keel_pg_conn_exec() does, waiting
  * at most timeout (0: the query timeout). */
+/* Deallocates on c the statements freed since it last looked, that were
+ * prepared on it. 0, or the error that left c unusable. */
+int keel__pg_forget_freed(keel_pg_conn *c, uint64_t timeout);
 int keel__pg_run(keel_pg_conn *c, const char *sql, const keel_pg_params *p, uint64_t timeout,
                  PGresult **res);
 /* "16/B374D848" to a number; 0 for NULL or garbage. */
