@@ -395,7 +395,7 @@ static void family_free(family *f)
         keel__free(c);
     }
     keel__free(f->tab);
-    for (size_t k = 0; k < f->nlabels; k++)
+    for (size_t k = 0; f->labels && k < f->nlabels; k++) /* NULL: out of memory in family_new */
         keel__free(f->labels[k]);
     keel__free(f->labels);
     keel__free(f->bounds);
