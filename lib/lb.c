@@ -706,13 +706,6 @@ KEEL_API int keel_lb_remove(keel_lb *lb, keel_lb_peer *p)
     if (keel__rcu_in_read())
         return KEEL_ESTATE;
     pthread_mutex_lock(&lb->wmu);
-    bool member = is_member(lb, p);
-    pthread_mutex_unlock(&lb->wmu);
-    if (!member)
-        return KEEL_ENOTFOUND;
-    if (lb->metrics) /* before the peer can go away, outside wmu */
-        keel_metrics_func_remove(lb->metrics, p);
-    pthread_mutex_lock(&lb->wmu);
     int rc = is_member(lb, p) ? rebuild(lb, NULL, p, NULL, 0) : KEEL_ENOTFOUND;
     if (rc == 0) {
         /* it no longer counts as ejected or suspect, and late results of
@@ -724,12 +717,20 @@ KEEL_API int keel_lb_remove(keel_lb *lb, keel_lb_peer *p)
         }
         if (atomic_exchange(&p->fails, 0))
             suspect_add(lb, p, -1);
-        p->next_dead = lb->dead;
-        lb->dead = p;
-        sweep(lb);
     }
     pthread_mutex_unlock(&lb->wmu);
-    return rc;
+    if (rc) /* a failed rebuild leaves the peer, and so its series */
+        return rc;
+    /* Its series go only once it is out (so that a failure leaves them),
+     * outside wmu, and before it joins the dead that sweep() may free. */
+    if (lb->metrics)
+        keel_metrics_func_remove(lb->metrics, p);
+    pthread_mutex_lock(&lb->wmu);
+    p->next_dead = lb->dead;
+    lb->dead = p;
+    sweep(lb);
+    pthread_mutex_unlock(&lb->wmu);
+    return 0;
 }
 
 KEEL_API int keel_lb_set_down(keel_lb *lb, keel_lb_peer *p, int down)

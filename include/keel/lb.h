@@ -132,8 +132,9 @@ KEEL_API int keel_lb_add(keel_lb *lb, const keel_lb_peer_opts *opts, keel_lb_pee
 
 /* Removes a peer: no later pick returns it. A pick still in flight may
  * finish with keel_lb_done(); the handle stays valid for that. Returns 0,
- * KEEL_EINVAL, or KEEL_ENOTFOUND (not a peer of this lb, or removed: the
- * handle is checked by address, never dereferenced). */
+ * KEEL_EINVAL, KEEL_ENOTFOUND (not a peer of this lb, or removed: the
+ * handle is checked by address, never dereferenced) or KEEL_ENOMEM (the
+ * peer stays, with its series). */
 KEEL_API int keel_lb_remove(keel_lb *lb, keel_lb_peer *peer);
 
 /* Marks a peer administratively down (1) or up (0). Returns 0, KEEL_EINVAL,
