@@ -86,6 +86,7 @@ struct keel_alerts {
     void *ud;
     keel__clock clock, wall;
     bool evaluated;
+    bool gather_failed; /* memory ran out in the current evaluation's gather */
     uint64_t last_eval, last_eval_wall;
     selector *sels;
     size_t nsels, sels_cap;
@@ -99,8 +100,16 @@ typedef struct parser {
     keel_alerts *a;
     const char *s, *p;
     bool bad;
+    bool nomem; /* bad because memory ran out, not because of the text */
     uint64_t longest;
 } parser;
+
+/* Stops the parse for want of memory. */
+static void out_of_memory(parser *ps)
+{
+    ps->bad = true;
+    ps->nomem = true;
+}
 
 static void ws(parser *ps)
 {
@@ -195,7 +204,7 @@ static char *ident(parser *ps, bool metric)
     }
     char *id = keel__malloc((size_t)(q - ps->p) + 1);
     if (!id) {
-        ps->bad = true;
+        out_of_memory(ps);
         return NULL;
     }
     memcpy(id, ps->p, (size_t)(q - ps->p));
@@ -224,7 +233,7 @@ static char *quoted(parser *ps)
     }
     char *v = keel__malloc(n + 1);
     if (!v) {
-        ps->bad = true;
+        out_of_memory(ps);
         return NULL;
     }
     size_t k = 0;
@@ -296,7 +305,7 @@ static size_t selector_window(parser *ps, uint64_t *win)
         selector *n = keel__realloc(a->sels, cap * sizeof *n);
         if (!n) {
             sel_free(&s);
-            ps->bad = true;
+            out_of_memory(ps);
             return 0;
         }
         a->sels = n;
@@ -321,7 +330,10 @@ static expr *parse_expr(parser *ps, int depth)
     expr *e = keel__calloc(1, sizeof *e);
     if (!e || depth > 16) {
         keel__free(e);
-        ps->bad = true;
+        if (e)
+            ps->bad = true;
+        else
+            out_of_memory(ps);
         return NULL;
     }
     static const struct {
@@ -421,14 +433,20 @@ static void gather(const keel_metrics_sample *s, void *ud)
         if (!sel->matched) {
             if (sel->acc_width != w) {
                 double *acc = keel__realloc(sel->acc, w * sizeof *acc);
-                if (!acc)
+                if (!acc) {
+                    a->gather_failed = true;
                     continue;
+                }
                 sel->acc = acc;
                 sel->acc_width = w;
             }
             memset(sel->acc, 0, w * sizeof *sel->acc);
-            if (w > 1 && !sel->bounds && (sel->bounds = keel__malloc(s->nbuckets * sizeof(double))))
-                memcpy(sel->bounds, s->bounds, s->nbuckets * sizeof(double));
+            if (w > 1 && !sel->bounds) {
+                if (!(sel->bounds = keel__malloc(s->nbuckets * sizeof(double))))
+                    a->gather_failed = true;
+                else
+                    memcpy(sel->bounds, s->bounds, s->nbuckets * sizeof(double));
+            }
             sel->matched = true;
         }
         if (w != sel->acc_width)
@@ -443,10 +461,11 @@ static void gather(const keel_metrics_sample *s, void *ud)
     }
 }
 
-static void history_push(keel_alerts *a, selector *s, uint64_t now)
+/* Makes room for the sample gathered into s. Returns 0 or KEEL_ENOMEM. */
+static int history_room(keel_alerts *a, selector *s, uint64_t now)
 {
     if (!s->matched)
-        return;
+        return 0;
     if (s->width != s->acc_width) { /* first sample, or a new shape */
         s->n = 0;
         s->width = s->acc_width;
@@ -467,10 +486,17 @@ static void history_push(keel_alerts *a, selector *s, uint64_t now)
             s->t = t;
         double *v = t ? keel__realloc(s->v, cap * s->width * sizeof *v) : NULL;
         if (!v)
-            return; /* out of memory: this sample is lost */
+            return KEEL_ENOMEM;
         s->v = v;
         s->cap = cap;
     }
+    return 0;
+}
+
+static void history_push(selector *s, uint64_t now)
+{
+    if (!s->matched)
+        return;
     s->t[s->n] = now;
     memcpy(s->v + s->n * s->width, s->acc, s->width * sizeof *s->v);
     s->n++;
@@ -607,10 +633,9 @@ typedef struct change {
 
 /* Moves r's alert for this evaluation as Prometheus does, recording each
  * change for the callback and the keel_alerts series. */
-static void step(keel_alerts *a, rule *r, bool active, uint64_t now, uint64_t wall, change *ch,
-                 size_t *nch)
+static void step(keel_alerts *a, size_t idx, rule *r, bool active, uint64_t now, uint64_t wall,
+                 change *ch, size_t *nch)
 {
-    size_t idx = (size_t)(r - a->rules);
     keel_alert_state from = r->state;
     if (active) {
         if (from == KEEL_ALERT_INACTIVE || from == KEEL_ALERT_RESOLVED) { /* a new alert */
@@ -648,15 +673,91 @@ static void step(keel_alerts *a, rule *r, bool active, uint64_t now, uint64_t wa
     r->valid_until_wall = wall + 4 * delta;
 }
 
-/* The family is shared: another keel_alerts with a rule of the same name
- * may remove a series between a keel_gauge_with() and its set. */
-static void series_update(keel_alerts *a, const rule *r, keel_alert_state from, keel_alert_state to)
+/* The keel_alerts series of an alert in each state (none when inactive or
+ * resolved). The family is shared: another keel_alerts with a rule of the
+ * same name may remove a series between a keel_gauge_with() and its set. */
+static const char *const series_names[] = {NULL, "pending", "firing", NULL};
+
+static void series_drop(keel_alerts *a, const char *rule_name, keel_alert_state st)
 {
-    static const char *names[] = {NULL, "pending", "firing", NULL};
-    if (names[from])
-        keel_gauge_remove(a->gauge, (const char *[]){r->name, names[from]}, 2);
-    if (names[to])
-        keel__gauge_put(a->gauge, (const char *[]){r->name, names[to]}, 2, 1);
+    if (series_names[st]) /* a gauge's remove allocates nothing */
+        keel_gauge_remove(a->gauge, (const char *[]){rule_name, series_names[st]}, 2);
+}
+
+/* Shows the new state of every rule whose state changes, beside the old
+ * one's series: all of them, or none and KEEL_ENOMEM. (A registry that
+ * refuses a series for another reason, max_children, only goes without
+ * it.) */
+static int series_show(keel_alerts *a, const rule *next)
+{
+    for (size_t i = 0; i < a->nrules; i++) {
+        const char *st = series_names[next[i].state];
+        if (next[i].state == a->rules[i].state || !st)
+            continue;
+        if (keel__gauge_put(a->gauge, (const char *[]){next[i].name, st}, 2, 1) == KEEL_ENOMEM) {
+            while (i--)
+                if (next[i].state != a->rules[i].state)
+                    series_drop(a, next[i].name, next[i].state);
+            return KEEL_ENOMEM;
+        }
+    }
+    return 0;
+}
+
+/* One evaluation at now: all of it, or KEEL_ENOMEM and nothing (but
+ * history no window reaches any more dropped), so that the next tick
+ * tries again. */
+static int evaluate(keel_alerts *a, uint64_t now, uint64_t wall)
+{
+    for (size_t i = 0; i < a->nsels; i++)
+        a->sels[i].matched = false;
+    a->gather_failed = false;
+    int rc = keel_metrics_visit(a->m, gather, a);
+    if (rc == 0 && a->gather_failed)
+        rc = KEEL_ENOMEM;
+    for (size_t i = 0; rc == 0 && i < a->nsels; i++)
+        rc = history_room(a, &a->sels[i], now);
+    change *ch = rc ? NULL : keel__malloc((2 * a->nrules + 1) * sizeof *ch);
+    rule *next = ch ? keel__malloc((a->nrules ? a->nrules : 1) * sizeof *next) : NULL;
+    if (!next) {
+        keel__free(ch);
+        return rc ? rc : KEEL_ENOMEM;
+    }
+    for (size_t i = 0; i < a->nsels; i++)
+        history_push(&a->sels[i], now);
+    size_t nch = 0;
+    for (size_t i = 0; i < a->nrules; i++) {
+        rule *r = &next[i];
+        *r = a->rules[i];
+        bool active = true;
+        for (size_t k = 0; k < r->nconds; k++) {
+            double v = eval(a, r->conds[k].lhs, now);
+            if (k == 0)
+                r->value = v;
+            active = active && holds(&r->conds[k], v);
+        }
+        step(a, i, r, active, now, wall, ch, &nch);
+    }
+    rc = series_show(a, next);
+    if (rc) {
+        for (size_t i = 0; i < a->nsels; i++)
+            a->sels[i].n -= a->sels[i].matched; /* the sample pushed */
+    } else {
+        for (size_t i = 0; i < a->nrules; i++) {
+            if (next[i].state != a->rules[i].state)
+                series_drop(a, next[i].name, a->rules[i].state);
+            a->rules[i] = next[i];
+        }
+        for (size_t i = 0; a->on_change && i < nch; i++) {
+            keel_alert_info in;
+            info_of(&a->rules[ch[i].rule], &in);
+            in.state = ch[i].to;
+            a->on_change(&in, ch[i].from, ch[i].to, a->ud);
+        }
+    }
+    keel__free(next);
+    keel__free(ch);
+    return rc;
 }
 
 KEEL_API int keel_alerts_tick(keel_alerts *a)
@@ -669,53 +770,32 @@ KEEL_API int keel_alerts_tick(keel_alerts *a)
         pthread_mutex_unlock(&a->mu);
         return 0;
     }
-    a->evaluated = true;
-    a->last_eval = now;
-    a->last_eval_wall = wall;
-    for (size_t i = 0; i < a->nsels; i++)
-        a->sels[i].matched = false;
-    int rc = keel_metrics_visit(a->m, gather, a);
-    for (size_t i = 0; rc == 0 && i < a->nsels; i++)
-        history_push(a, &a->sels[i], now);
-    change *ch = keel__malloc((2 * a->nrules + 1) * sizeof *ch);
-    size_t nch = 0;
-    if (!ch && rc == 0)
-        rc = KEEL_ENOMEM;
-    for (size_t i = 0; rc == 0 && i < a->nrules; i++) {
-        rule *r = &a->rules[i];
-        bool active = true;
-        for (size_t k = 0; k < r->nconds; k++) {
-            double v = eval(a, r->conds[k].lhs, now);
-            if (k == 0)
-                r->value = v;
-            active = active && holds(&r->conds[k], v);
-        }
-        step(a, r, active, now, wall, ch, &nch);
+    int rc = evaluate(a, now, wall);
+    if (rc == 0) {
+        a->evaluated = true;
+        a->last_eval = now;
+        a->last_eval_wall = wall;
     }
-    for (size_t i = 0; rc == 0 && i < nch; i++) {
-        rule *r = &a->rules[ch[i].rule];
-        series_update(a, r, ch[i].from, ch[i].to);
-        if (a->on_change) {
-            keel_alert_info in;
-            info_of(r, &in);
-            in.state = ch[i].to;
-            a->on_change(&in, ch[i].from, ch[i].to, a->ud);
-        }
-    }
-    keel__free(ch);
     pthread_mutex_unlock(&a->mu);
     return rc ? rc : 1;
 }
 
 /* ---- rules ---- */
 
-static char **pairs_dup(const char *const *kv, size_t n, bool *ok)
+/* Copies n name/value pairs into *out (freed with pairs_free(), also on
+ * failure). Returns 0, KEEL_EINVAL (a NULL string) or KEEL_ENOMEM. */
+static int pairs_dup(const char *const *kv, size_t n, char ***out)
 {
-    char **p = keel__calloc(2 * n + 1, sizeof *p);
-    *ok = p != NULL;
-    for (size_t i = 0; *ok && i < 2 * n; i++)
-        *ok = kv[i] && (p[i] = keel__strdup(kv[i])) != NULL;
-    return p;
+    char **p = *out = keel__calloc(2 * n + 1, sizeof *p);
+    if (!p)
+        return KEEL_ENOMEM;
+    for (size_t i = 0; i < 2 * n; i++) {
+        if (!kv[i])
+            return KEEL_EINVAL;
+        if (!(p[i] = keel__strdup(kv[i])))
+            return KEEL_ENOMEM;
+    }
+    return 0;
 }
 
 static void pairs_free(char **p, size_t n)
@@ -750,20 +830,18 @@ KEEL_API int keel_alerts_add(keel_alerts *a, const char *name, const char *text,
         }
     rule r = {0};
     size_t nsels_before = a->nsels;
-    parser ps = {a, text, text, false, 0};
-    bool ok = parse_rule(&ps, &r);
-    if (!ok && err_pos)
+    parser ps = {a, text, text, false, false, 0};
+    int rc = parse_rule(&ps, &r) ? 0 : ps.nomem ? KEEL_ENOMEM : KEEL_EINVAL;
+    if (rc == KEEL_EINVAL && err_pos)
         *err_pos = (size_t)(ps.p - text);
-    int rc = ok ? 0 : KEEL_EINVAL;
-    bool okl = true, oka = true;
     if (rc == 0) {
-        r.name = keel__strdup(name);
-        r.labels = pairs_dup(labels, nlabels, &okl);
         r.nlabels = nlabels;
-        r.annotations = pairs_dup(annotations, nannotations, &oka);
         r.nannotations = nannotations;
-        if (!r.name || !okl || !oka)
-            rc = okl && oka ? KEEL_ENOMEM : KEEL_EINVAL;
+        rc = pairs_dup(labels, nlabels, &r.labels);
+        if (rc == 0)
+            rc = pairs_dup(annotations, nannotations, &r.annotations);
+        if (rc == 0 && !(r.name = keel__strdup(name)))
+            rc = KEEL_ENOMEM;
     }
     if (rc == 0 && a->nrules == a->rules_cap) {
         size_t cap = a->rules_cap ? 2 * a->rules_cap : 8;
@@ -885,6 +963,16 @@ static void jpairs(jbuf *b, const char *key, char **kv, size_t n, const char *fi
     jput(b, "}", 1);
 }
 
+/* Whether r's alert is to be sent (again) at now. */
+static bool due(const keel_alerts *a, const rule *r, uint64_t now)
+{
+    if (r->state == KEEL_ALERT_FIRING)
+        return !r->sent || r->last_sent_mono + a->resend <= now;
+    if (r->state == KEEL_ALERT_RESOLVED) /* sent at once, then every resend */
+        return !r->sent || r->resolved_mono > r->last_sent_mono || r->last_sent_mono + a->resend <= now;
+    return false;
+}
+
 KEEL_API int keel_alerts_to_send(keel_alerts *a, char **json, size_t *len)
 {
     if (!a || !json)
@@ -896,15 +984,7 @@ KEEL_API int keel_alerts_to_send(keel_alerts *a, char **json, size_t *len)
     size_t sent = 0;
     for (size_t i = 0; i < a->nrules; i++) {
         rule *r = &a->rules[i];
-        bool due;
-        if (r->state == KEEL_ALERT_FIRING)
-            due = !r->sent || r->last_sent_mono + a->resend <= now;
-        else if (r->state == KEEL_ALERT_RESOLVED) /* sent at once, then every resend */
-            due = !r->sent || r->resolved_mono > r->last_sent_mono ||
-                  r->last_sent_mono + a->resend <= now;
-        else
-            due = false;
-        if (!due)
+        if (!due(a, r, now))
             continue;
         if (sent++)
             jput(&b, ",", 1);
@@ -919,8 +999,13 @@ KEEL_API int keel_alerts_to_send(keel_alerts *a, char **json, size_t *len)
         jput(&b, ",\"generatorURL\":", 16);
         jstr(&b, a->generator_url ? a->generator_url : "");
         jput(&b, "}", 1);
-        r->last_sent_mono = now;
-        r->sent = true;
+    }
+    for (size_t i = 0; !b.oom && i < a->nrules; i++) { /* sent only once the JSON is whole */
+        rule *r = &a->rules[i];
+        if (due(a, r, now)) {
+            r->last_sent_mono = now;
+            r->sent = true;
+        }
     }
     pthread_mutex_unlock(&a->mu);
     jput(&b, "]", 1);
@@ -978,7 +1063,7 @@ KEEL_API void keel_alerts_destroy(keel_alerts *a)
     if (!a)
         return;
     for (size_t i = 0; i < a->nrules; i++) {
-        series_update(a, &a->rules[i], a->rules[i].state, KEEL_ALERT_INACTIVE);
+        series_drop(a, a->rules[i].name, a->rules[i].state);
         rule_free(&a->rules[i]);
     }
     for (size_t i = 0; i < a->nsels; i++)

@@ -108,7 +108,8 @@ KEEL_API int keel_alerts_add(keel_alerts *a, const char *name, const char *rule,
 
 /* Evaluates every rule if eval_interval has passed since the last
  * evaluation (the first call always evaluates). Returns 1 when it
- * evaluated, 0 when it was not due, or an error. */
+ * evaluated, 0 when it was not due, or an error (KEEL_ENOMEM: nothing was
+ * evaluated, and the next call tries again). */
 KEEL_API int keel_alerts_tick(keel_alerts *a);
 
 /* The alert of a rule now. Returns 0, KEEL_ENOTFOUND or KEEL_EINVAL; fn
@@ -121,7 +122,8 @@ KEEL_API int keel_alerts_get(keel_alerts *a, const char *name,
  * while kept), as the JSON array Alertmanager's POST /api/v2/alerts takes:
  * labels (alertname included), annotations, startsAt, endsAt,
  * generatorURL. They count as sent. *json is freed with keel_free(); "[]"
- * when there is nothing to send. Returns 0, KEEL_EINVAL or KEEL_ENOMEM. */
+ * when there is nothing to send. Returns 0, KEEL_EINVAL or KEEL_ENOMEM
+ * (then none counts as sent). */
 KEEL_API int keel_alerts_to_send(keel_alerts *a, char **json, size_t *len);
 
 /* NULL is a no-op; removes the keel_alerts series from the registry. */
