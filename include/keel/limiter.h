@@ -114,8 +114,10 @@ KEEL_API void keel_limiter_destroy(keel_limiter *l);
  * rejection with retry_after_ns UINT64_MAX, when cost exceeds the limit
  * (GCRA: the burst), whatever the store; KEEL_EINVAL (NULL, an empty key
  * or one over 4096 bytes); with Redis, KEEL_EBACKEND when Redis refused
- * the script (the key holds another type), logged, with *r a rejection.
- * A store failure is not an error: see source. */
+ * the script (the key holds another type), logged, with *r a rejection;
+ * in process, KEEL_ENOMEM when the key's state could not be stored (*r a
+ * rejection; nothing was consumed). A store failure is not an error: see
+ * source. */
 KEEL_API int keel_limiter_take(keel_limiter *l, const void *key, size_t len, uint64_t cost,
                                keel_limit_result *r);
 

@@ -542,7 +542,8 @@ int keel__lstore_decide(lstore *st, const void *key, size_t len, uint64_t h, uin
     lock(sh);
     size_t pos;
     lslot *s = find(sh, h, key, len, &pos), fresh = {0};
-    if (!s && op == OP_TAKE)
+    bool inserted = !s && op == OP_TAKE;
+    if (inserted)
         s = insert(st, sh, h, key, len, now);
     else if (!s)
         s = &fresh; /* a peek or refund of an unknown key stores nothing */
@@ -556,8 +557,11 @@ int keel__lstore_decide(lstore *st, const void *key, size_t len, uint64_t h, uin
         default: rc = slog(&st->cfg, sh, s, now, cost, op, r); break;
         }
     }
-    if (rc == KEEL_ENOMEM)
+    if (rc == KEEL_ENOMEM) {
         r->allowed = 0;
+        if (inserted && s) /* a new key whose sliding log could not start */
+            remove_at(st, sh, (size_t)(s - sh->slots));
+    }
     if (op == OP_TAKE) {
         if (r->allowed)
             sh->allowed++;
