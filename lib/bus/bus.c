@@ -417,11 +417,14 @@ static int match_add(bmatch *m, keel_bus_sub *s)
     return 0;
 }
 
+/* Skips unsubscribed ones (still in the trie until their removal, or for
+ * good when it ran out of memory): a queue group must not pick a member
+ * that would never be called. */
 static int match_arr(bmatch *m, _Atomic(sarr *) *slot)
 {
     sarr *a = atomic_load_explicit(slot, memory_order_acquire);
     for (size_t i = 0; a && i < a->n; i++)
-        if (match_add(m, a->s[i]))
+        if (!atomic_load_explicit(&a->s[i]->dead, memory_order_relaxed) && match_add(m, a->s[i]))
             return KEEL_ENOMEM;
     return 0;
 }
