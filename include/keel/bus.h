@@ -163,7 +163,8 @@ KEEL_API int keel_bus_unsubscribe(keel_bus_sub *sub);
 
 /* Publishes. In process: runs the sync handlers, queues the async ones;
  * returns 0, KEEL_EFULL or KEEL_ETIMEDOUT (an async queue was full; the
- * other deliveries were made), KEEL_ENOMEM. With Redis: appends; 0 only
+ * other deliveries were made), KEEL_ENOMEM (no delivery was made, so the
+ * message may be published again). With Redis: appends; 0 only
  * once the entry is in the stream, else KEEL_EUNAVAIL, KEEL_ETIMEDOUT,
  * KEEL_EBACKEND, KEEL_EPROTO or KEEL_ENOMEM (then nothing was accepted).
  * Bad subject or headers (more than 64 of them too): KEEL_EINVAL. id (may be NULL) receives the

@@ -956,24 +956,27 @@ static int publish_local(keel_bus *bus, keel_bus_pub *p)
     bmatch m;
     if ((rc = keel__bus_match(bus, &t, &m)))
         return rc;
-    keel__stripe_add(&keel__bus_counters(bus)->published, 1);
     size_t async = 0;
     for (size_t i = 0; i < m.n; i++)
         async += m.subs[i]->mode == KEEL_BUS_ASYNC;
     bmsg *copy = NULL;
-    if (async && !(copy = msg_copy(bus, &v, async)))
-        rc = KEEL_ENOMEM;
+    if (async && !(copy = msg_copy(bus, &v, async))) { /* before any delivery: then none is made */
+        for (size_t i = 0; i < m.n; i++)
+            keel__bus_sub_unref(m.subs[i]);
+        keel__bus_match_free(&m);
+        return KEEL_ENOMEM;
+    }
+    keel__stripe_add(&keel__bus_counters(bus)->published, 1);
     uint64_t sh = async ? keel__hash64(p->subject, slen, 0) : 0;
     for (size_t i = 0; i < m.n; i++) {
         keel_bus_sub *s = m.subs[i];
         if (s->mode == KEEL_BUS_SYNC) {
             keel__bus_call(s, &v);
         } else {
-            int e = copy ? enqueue(bus, s, copy, sh) : KEEL_ENOMEM;
+            int e = enqueue(bus, s, copy, sh);
             if (e == 0)
                 continue; /* the worker drops both references */
-            if (copy)
-                msg_unref(copy);
+            msg_unref(copy);
             if (!rc)
                 rc = e;
         }
