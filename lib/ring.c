@@ -83,6 +83,7 @@ struct keel_ring {
     double eps;
     uint64_t seed;
     _Atomic(snap *) cur;
+    _Atomic size_t count; /* cur's nodes: keel_ring_count() needs no read section */
     pthread_mutex_t mu; /* writers */
     uint64_t next_id;
     _Atomic uint64_t total; /* assignments on nodes in the ring */
@@ -697,13 +698,11 @@ KEEL_API int keel_ring_nodes(keel_ring *r, keel_ring_visit_fn fn, void *ud)
     return 0;
 }
 
+/* Without a read section, whose first use in a thread may find no memory
+ * (and a count cannot say so). */
 KEEL_API size_t keel_ring_count(keel_ring *r)
 {
-    if (!r || keel__rcu_read_lock() != 0)
-        return 0;
-    size_t n = atomic_load_explicit(&r->cur, memory_order_acquire)->n;
-    keel__rcu_read_unlock();
-    return n;
+    return r ? atomic_load_explicit(&r->count, memory_order_acquire) : 0;
 }
 
 /* ---- changes ---- */
@@ -718,6 +717,7 @@ static void publish(keel_ring *r, snap *s)
 {
     snap *old = cur_locked(r);
     atomic_store_explicit(&r->cur, s, memory_order_release);
+    atomic_store_explicit(&r->count, s->n, memory_order_release);
     keel__rcu_synchronize();
     snap_free(old);
 }
@@ -959,6 +959,7 @@ KEEL_API int keel_ring_create(keel_ring **out, const keel_ring_opts *given)
     r->eps = eps;
     r->seed = opts->seed;
     atomic_init(&r->cur, empty);
+    atomic_init(&r->count, 0);
     atomic_init(&r->total, 0);
     pthread_mutex_init(&r->mu, NULL);
     keel__fences_init();
