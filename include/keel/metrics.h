@@ -99,7 +99,8 @@ KEEL_API int keel_gauge_remove(keel_gauge *g, const char *const *values, size_t 
 KEEL_API int keel_histogram_remove(keel_histogram *h, const char *const *values, size_t n);
 
 /* ---- the hot path: never blocks, never allocates after a thread's first
- * use of a registry ---- */
+ * use of a registry (that first use allocates the thread's block; without
+ * memory for it, the update is dropped) ---- */
 KEEL_API void keel_counter_inc(keel_counter_child *c);
 KEEL_API void keel_counter_add(keel_counter_child *c, uint64_t n);
 /* Adds a non-negative amount; negative or NaN amounts are ignored. */

@@ -101,8 +101,9 @@ KEEL_API void *keel_pool_acquire(keel_pool *p);
 KEEL_API int keel_pool_acquire_timeout(keel_pool *p, uint64_t timeout_ns,
                                        void **obj);
 
-/* Gives an object back: calls `reset`, then keeps it for the next acquire.
- * Returns 0, or KEEL_EINVAL for NULL arguments. In debug mode also
+/* Gives an object back: calls `reset`, then keeps it for the next acquire
+ * (when no memory is left for the magazine that would hold it, the object
+ * is finalised instead, freeing its capacity). Returns 0, or KEEL_EINVAL for NULL arguments. In debug mode also
  * KEEL_EINVAL, with a log message, for an object that is not out (a double
  * release) or that this pool never handed out; the pool is left unchanged.
  * Without debug mode such misuse is undefined behaviour. Never blocks. */
