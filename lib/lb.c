@@ -445,16 +445,11 @@ static void on_failure(keel_lb *lb, keel_lb_peer *p, uint64_t now, bool alone)
 }
 
 /* Whether p is the lb's only peer (nginx keeps no failure accounting for
- * it, and never fails it out). */
+ * it, and never fails it out): a member, a primary, and one peer in all.
+ * From the count, not a read section, which could find no memory. */
 static bool alone(keel_lb *lb, keel_lb_peer *p)
 {
-    bool one = false;
-    if (keel__rcu_read_lock() == 0) {
-        snap *s = atomic_load_explicit(&lb->cur, memory_order_acquire);
-        one = s->n == 1 && s->nb == 0 && s->peers[0] == p;
-        keel__rcu_read_unlock();
-    }
-    return one;
+    return atomic_load(&lb->npeers) == 1 && !p->backup && !atomic_load(&p->removed);
 }
 
 KEEL_API int keel_lb_done(keel_lb *lb, keel_lb_peer *p, int ok, uint64_t latency)

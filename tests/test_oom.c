@@ -1210,6 +1210,7 @@ static void hold_release(pthread_t *t, size_t n)
 typedef struct first_read {
     keel_ring *ring;
     keel_lb *lb;
+    keel_lb_peer *peer; /* picked: count_first fails it */
     keel_bus *bus;
     keel_cache *cache;
 } first_read;
@@ -1258,6 +1259,8 @@ static void *count_first(void *arg)
     oom_assert(n == 1, "the ring counts %zu nodes", n);
     n = keel_lb_count(f->lb);
     oom_assert(n == 1, "the lb counts %zu peers", n);
+    /* a lone peer's failure is not counted (nginx), slot or no slot */
+    oom_assert(keel_lb_done(f->lb, f->peer, 0, 0) == 0, "done on the lone peer");
     return NULL;
 }
 
@@ -1287,10 +1290,14 @@ START_TEST(a_thread_whose_first_read_section_lacks_memory_is_told_so)
     pthread_t holders[256], t;
     size_t n = hold_all_slots(holders, 256);
     first_read both = {.ring = r, .lb = lb};
+    ck_assert_int_eq(keel_lb_pick(lb, NULL, &both.peer), 0);
     ck_assert_int_eq(pthread_create(&t, NULL, count_first, &both), 0);
     ck_assert_int_eq(pthread_join(t, NULL), 0);
     atomic_store(&fail_at, 0);
     hold_release(holders, n);
+    keel_lb_peer_stats st;
+    ck_assert_int_eq(keel_lb_peer_stats_get(lb, both.peer, &st), 0);
+    ck_assert_uint_eq(st.fails, 0);
     keel_cache_destroy(c);
     keel_bus_destroy(bus);
     keel_lb_destroy(lb);

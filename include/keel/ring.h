@@ -141,7 +141,8 @@ KEEL_API int keel_ring_assign(keel_ring *r, const void *key, size_t len, keel_ri
  * Lock-free. */
 KEEL_API int keel_ring_unassign(keel_ring *r, const keel_ring_node *node);
 
-/* Assignments a node holds now (0 for a node no longer in the ring). */
+/* Assignments a node holds now (0 for a node no longer in the ring, and
+ * when the calling thread's first lock-free read finds no memory). */
 KEEL_API uint64_t keel_ring_load(keel_ring *r, const keel_ring_node *node);
 
 /* Calls fn once per node, in the order the nodes were added, with the share
