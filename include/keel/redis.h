@@ -120,7 +120,8 @@ typedef struct keel_redis_cmd {
  * to commands in order. Returns 0 when every command got a reply (error
  * replies included: see each rc), or, when some node failed (its commands
  * have rc set to its failure and no reply), the rc of the first such
- * command in the order given. */
+ * command in the order given; out of memory before anything was sent,
+ * every command has rc KEEL_ENOMEM and no reply. */
 KEEL_API int keel_redis_pipeline(keel_redis *r, keel_redis_cmd *cmds, size_t n);
 
 /* A Lua script, identified by its SHA1 and loaded on each node when first

@@ -574,9 +574,13 @@ KEEL_API int keel_redis_pipeline(keel_redis *r, keel_redis_cmd *cmds, size_t n)
             return KEEL_EINVAL;
     size_t *node_of = keel__malloc((n ? n : 1) * sizeof *node_of);
     bool *used = keel__calloc(r->nnodes, sizeof *used);
-    if (!node_of || !used) {
+    if (!node_of || !used) { /* nothing sent: every command says so */
         keel__free(node_of);
         keel__free(used);
+        for (size_t i = 0; i < n; i++) {
+            cmds[i].reply = NULL;
+            cmds[i].rc = KEEL_ENOMEM;
+        }
         return KEEL_ENOMEM;
     }
     for (size_t i = 0; i < n; i++) {
