@@ -108,7 +108,9 @@ KEEL_API int keel_pg_create(keel_pg **out, const keel_pg_opts *opts);
 KEEL_API void keel_pg_destroy(keel_pg *pg);
 
 /* Runs one health check of every host now, in the calling thread. Returns
- * 0 when a write host is known afterwards, else KEEL_EUNAVAIL. */
+ * 0 when a write host is known afterwards, else KEEL_EUNAVAIL; or
+ * KEEL_ENOMEM when memory ran out (the roles found stand, but a replica's
+ * use for reads may be left as it was until the next check). */
 KEEL_API int keel_pg_check(keel_pg *pg);
 
 /* ---- leased connections ---- */

@@ -378,16 +378,19 @@ static int check_round(keel_pg *pg)
         readable[i] = pg->hosts[i].readable;
     pthread_mutex_unlock(&pg->mu);
 
+    int rc = best == PG_NONE ? KEEL_EUNAVAIL : 0;
     for (size_t i = 0; i < pg->nhosts; i++) {
         pghost *h = &pg->hosts[i];
-        if (h->lb_down != !readable[i]) {
+        if (h->lb_down == !readable[i])
+            continue;
+        if (keel_lb_set_down(pg->lb, h->peer, !readable[i]) == 0)
             h->lb_down = !readable[i];
-            keel_lb_set_down(pg->lb, h->peer, h->lb_down);
-        }
+        else if (!rc) /* no memory: the next check sets it */
+            rc = KEEL_ENOMEM;
     }
     keel__free(pr);
     pthread_mutex_unlock(&pg->check_mu);
-    return best == PG_NONE ? KEEL_EUNAVAIL : 0;
+    return rc;
 }
 
 KEEL_API int keel_pg_check(keel_pg *pg)
