@@ -278,24 +278,30 @@ static bool is_prepared(const keel_pg_conn *c, uint32_t id)
     return id / 64 < c->nwords && (c->prepared[id / 64] >> (id % 64) & 1);
 }
 
-static int mark_prepared(keel_pg_conn *c, uint32_t id, bool on)
+/* Room in c's bitset for statement id. */
+static int bit_room(keel_pg_conn *c, uint32_t id)
 {
-    if (id / 64 >= c->nwords) {
-        if (!on)
-            return 0;
-        size_t n = id / 64 + 1;
-        uint64_t *w = keel__realloc(c->prepared, n * sizeof *w);
-        if (!w)
-            return KEEL_ENOMEM;
-        memset(w + c->nwords, 0, (n - c->nwords) * sizeof *w);
-        c->prepared = w;
-        c->nwords = n;
-    }
+    if (id / 64 < c->nwords)
+        return 0;
+    size_t n = id / 64 + 1;
+    uint64_t *w = keel__realloc(c->prepared, n * sizeof *w);
+    if (!w)
+        return KEEL_ENOMEM;
+    memset(w + c->nwords, 0, (n - c->nwords) * sizeof *w);
+    c->prepared = w;
+    c->nwords = n;
+    return 0;
+}
+
+/* Setting a bit needs bit_room() first. */
+static void mark_prepared(keel_pg_conn *c, uint32_t id, bool on)
+{
+    if (id / 64 >= c->nwords)
+        return;
     if (on)
         c->prepared[id / 64] |= (uint64_t)1 << (id % 64);
     else
         c->prepared[id / 64] &= ~((uint64_t)1 << (id % 64));
-    return 0;
 }
 
 int keel__pg_forget_freed(keel_pg_conn *c, uint64_t timeout)
@@ -333,9 +339,14 @@ static int prepare(keel_pg_conn *c, keel_pg_stmt *s, PGresult **res)
         return 0;
     if (c->broken || PQstatus(c->conn) != CONNECTION_OK)
         return KEEL_EUNAVAIL;
+    /* Its bit's room first: prepared on the server but not marked here, it
+     * would be prepared again, and the duplicate's error would abort an
+     * open transaction. */
+    int rc = bit_room(c, s->id);
+    if (rc)
+        return rc;
     uint64_t deadline = keel__pg_deadline(c->h->pg, c->h->pg->query_timeout);
     PQsetnonblocking(c->conn, 1);
-    int rc = 0;
     if (!PQsendPrepare(c->conn, s->name, s->sql, s->ntypes, s->types)) {
         if (PQstatus(c->conn) != CONNECTION_OK) {
             lost(c, "prepare");
@@ -362,7 +373,7 @@ static int prepare(keel_pg_conn *c, keel_pg_stmt *s, PGresult **res)
     if (rc == 0) {
         PQclear(*res);
         *res = NULL;
-        rc = mark_prepared(c, s->id, true);
+        mark_prepared(c, s->id, true);
     }
     return rc;
 }
