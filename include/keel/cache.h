@@ -125,7 +125,10 @@ KEEL_API void keel_cache_destroy(keel_cache *c);
 /* Copies the value of key into buf (cap bytes) and sets *len. Returns 0;
  * KEEL_ERANGE (buf too small: *len is the size needed; call again);
  * KEEL_ENOTFOUND (absent everywhere, or the loader said so); KEEL_EINVAL
- * (bad arguments, key over max_key); a loader's error. */
+ * (bad arguments, key over max_key); KEEL_ENOMEM (also when L2 or L3
+ * could not be read for want of memory: unlike a tier that is down, it is
+ * not passed over for the loader, whose value may not be the tier's); a
+ * loader's error. */
 KEEL_API int keel_cache_get(keel_cache *c, const void *key, size_t klen, void *buf, size_t cap, size_t *len);
 
 /* One key of a multi-get: key and buffer in, result out. */
@@ -140,8 +143,9 @@ typedef struct keel_cache_item {
 
 /* Gets n keys: L1 first, then one MGET per Redis node for the misses
  * (batches of 512), then each key still missing through L3 and the loader
- * as keel_cache_get() does. Returns 0 when every item has its value, else
- * the error of the first item without one (see each rc). */
+ * as keel_cache_get() does (through L2 too when the MGETs failed). Returns
+ * 0 when every item has its value, else the error of the first item
+ * without one (see each rc). */
 KEEL_API int keel_cache_get_many(keel_cache *c, keel_cache_item *items, size_t n);
 
 /* Writes through every tier; ttl_ns 0 = default_ttl_ns. tags: C strings

@@ -661,10 +661,14 @@ static int fill(keel_cache *c, const void *key, size_t klen, uint64_t h, bool tr
             atomic_fetch_add_explicit(&c->st.hits_l2, 1, memory_order_relaxed);
             return rc;
         }
+        if (rc == KEEL_ENOMEM) /* not a miss: L2 may hold a value the loader does not */
+            return rc;
     }
     if (c->o.pg && tier_up(c, L3)) {
         PGresult *res = NULL;
         rc = tier_done(c, L3, l3_get(c, key, klen, &res));
+        if (rc == KEEL_ENOMEM)
+            return rc;
         if (rc == 0) {
             atomic_fetch_add_explicit(&c->st.hits_l3, 1, memory_order_relaxed);
             size_t vlen = (size_t)PQgetlength(res, 0, 0);
@@ -946,13 +950,14 @@ KEEL_API int keel_cache_get_many(keel_cache *c, keel_cache_item *items, size_t n
             missing++;
         }
     }
+    int l2 = 0; /* the MGETs failed: each key still missing asks L2 again alone */
     if (missing && c->o.redis && tier_up(c, L2))
-        tier_done(c, L2, l2_get_many(c, items, n));
+        l2 = tier_done(c, L2, l2_get_many(c, items, n));
     int first = 0;
     for (size_t i = 0; i < n; i++) {
         keel_cache_item *x = &items[i];
         if (x->len == SIZE_MAX) /* L3 and the loader, one at a time */
-            x->rc = miss(c, x->key, x->klen, key_hash(x->key, x->klen), false, false, x->buf, x->cap, &x->len);
+            x->rc = miss(c, x->key, x->klen, key_hash(x->key, x->klen), l2 != 0, false, x->buf, x->cap, &x->len);
         if (x->rc != 0 && x->len == SIZE_MAX)
             x->len = 0;
         if (!first)
