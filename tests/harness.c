@@ -1,5 +1,6 @@
 /* tests/harness.c — helpers shared by the Check suites. */
 #define _GNU_SOURCE
+#include <libpq-fe.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -90,6 +91,30 @@ void kt_server(const char *verb, const char *name)
     snprintf(cmd, sizeof cmd, "'%s' %s %s", kt_env("KEEL_TEST_SERVERS"), verb, name);
     int rc = system(cmd);
     ck_assert_msg(rc == 0, "`%s` failed (status %d)", cmd, rc);
+}
+
+PGconn *kt_pg_connect(const char *conninfo)
+{
+    PGconn *c = PQconnectdb(conninfo);
+    ck_assert_msg(PQstatus(c) == CONNECTION_OK, "%s", PQerrorMessage(c));
+    return c;
+}
+
+void kt_pg_exec(PGconn *c, const char *sql)
+{
+    PGresult *r = PQexec(c, sql);
+    ck_assert_msg(PQresultStatus(r) == PGRES_COMMAND_OK || PQresultStatus(r) == PGRES_TUPLES_OK, "%s: %s", sql,
+                  PQerrorMessage(c));
+    PQclear(r);
+}
+
+long long kt_pg_number(PGconn *c, const char *sql)
+{
+    PGresult *r = PQexec(c, sql);
+    ck_assert_msg(PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) > 0, "%s: %s", sql, PQerrorMessage(c));
+    long long n = atoll(PQgetvalue(r, 0, 0));
+    PQclear(r);
+    return n;
 }
 
 void kt_private_start(kt_private *p)

@@ -34,6 +34,16 @@ struct keel_redis *kt_redis_open(int n, uint64_t cmd_timeout_ns);
  * resume-one, promote); fails the test if it fails. */
 void kt_server(const char *verb, const char *name);
 
+/* A libpq connection of the test's own, to look behind keel_pg (PGconn:
+ * include <libpq-fe.h> to use it further). Fails the test when it cannot
+ * be made. */
+struct pg_conn;
+struct pg_conn *kt_pg_connect(const char *conninfo);
+/* Runs sql (one or more statements); fails the test on an error. */
+void kt_pg_exec(struct pg_conn *c, const char *sql);
+/* The first value of a query's first row, as a number. */
+long long kt_pg_number(struct pg_conn *c, const char *sql);
+
 /* A server set of a test's own (PostgreSQL primary and replica, no Redis),
  * for faults that would spoil the shared one (a failover). Start it from
  * an unchecked fixture's setup and stop it in its teardown, which run in

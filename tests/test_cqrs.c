@@ -106,30 +106,6 @@ static keel_cqrs *open_cqrs(keel_pg *pg, const char *prefix, uint32_t retries, a
     return c;
 }
 
-static PGconn *direct(void)
-{
-    PGconn *c = PQconnectdb(kt_env("KEEL_TEST_PG"));
-    ck_assert_msg(PQstatus(c) == CONNECTION_OK, "%s", PQerrorMessage(c));
-    return c;
-}
-
-static void direct_exec(PGconn *c, const char *sql)
-{
-    PGresult *r = PQexec(c, sql);
-    ck_assert_msg(PQresultStatus(r) == PGRES_COMMAND_OK || PQresultStatus(r) == PGRES_TUPLES_OK, "%s: %s", sql,
-                  PQerrorMessage(c));
-    PQclear(r);
-}
-
-static int64_t count_rows(PGconn *c, const char *sql)
-{
-    PGresult *r = PQexec(c, sql);
-    ck_assert_msg(PQresultStatus(r) == PGRES_TUPLES_OK, "%s: %s", sql, PQerrorMessage(c));
-    int64_t n = atoll(PQgetvalue(r, 0, 0));
-    PQclear(r);
-    return n;
-}
-
 /* ---- dispatch ---- */
 
 static int q_echo(keel_cqrs_ctx *x, const void *payload, size_t len, void *ud)
@@ -672,7 +648,7 @@ static void published(keel_pg *pg)
     ck_assert_int_eq(keel_bus_create(&bus, NULL), 0);
     char prefix[64];
     snprintf(prefix, sizeof prefix, "%s", uniq("bus"));
-    heard h = {.pq = pg ? direct() : NULL, .prefix = prefix};
+    heard h = {.pq = pg ? kt_pg_connect(kt_env("KEEL_TEST_PG")) : NULL, .prefix = prefix};
     keel_bus_sub *s;
     keel_bus_sub_opts so = {.pattern = "app.counter.>", .handler = on_event, .ud = &h};
     ck_assert_int_eq(keel_bus_subscribe(bus, &so, &s), 0);
@@ -806,15 +782,15 @@ START_TEST(pg_an_append_held_open_is_not_skipped)
     ck_assert_int_eq(keel_cqrs_projection_run(p, NULL), 0);
     ck_assert_uint_eq(s->n, 1);
 
-    PGconn *held = direct(); /* an append, as the store makes it, left open */
-    direct_exec(held, "BEGIN");
+    PGconn *held = kt_pg_connect(kt_env("KEEL_TEST_PG")); /* an append, as the store makes it, left open */
+    kt_pg_exec(held, "BEGIN");
     snprintf(sql, sizeof sql, "SELECT pg_advisory_xact_lock(%lld)", (long long)keel__cqrs_lock_key(prefix));
-    direct_exec(held, sql);
+    kt_pg_exec(held, sql);
     snprintf(sql, sizeof sql,
              "INSERT INTO \"%sevents\" (stream_id, version, type, data, metadata) "
              "VALUES ('held', 1, 'counter.incremented', '\\x0100000000000000', '')",
              prefix);
-    direct_exec(held, sql);
+    kt_pg_exec(held, sql);
 
     sender snd = {c, 99, 0};
     pthread_t t;
@@ -825,7 +801,7 @@ START_TEST(pg_an_append_held_open_is_not_skipped)
     ck_assert_int_eq(keel_cqrs_projection_run(p, &applied), 0);
     ck_assert_uint_eq(applied, 0); /* nothing committed past what it saw */
 
-    direct_exec(held, "COMMIT");
+    kt_pg_exec(held, "COMMIT");
     pthread_join(t, NULL);
     ck_assert_int_eq(snd.rc, 0);
     ck_assert_int_eq(keel_cqrs_projection_run(p, &applied), 0);
@@ -877,11 +853,11 @@ START_TEST(pg_a_projection_killed_mid_catch_up_resumes_exactly)
     keel_pg *pg = open_pg();
     app a = {0};
     keel_cqrs *c = open_cqrs(pg, prefix, 0, &a);
-    PGconn *d = direct();
+    PGconn *d = kt_pg_connect(kt_env("KEEL_TEST_PG"));
     for (int i = 0; i < 2; i++) {
         snprintf(sql, sizeof sql, "CREATE TABLE \"%srm%d\" (position bigint PRIMARY KEY, stream text, version bigint)",
                  prefix, i);
-        direct_exec(d, sql);
+        kt_pg_exec(d, sql);
     }
     enum { N = 400 };
     for (int i = 0; i < N; i++) {
@@ -907,13 +883,13 @@ START_TEST(pg_a_projection_killed_mid_catch_up_resumes_exactly)
     }
     snprintf(sql, sizeof sql, "SELECT coalesce(max(position), 0) FROM \"%scheckpoints\" WHERE name = 'rm'", prefix);
     uint64_t deadline = keel_now_ns() + 30 * S;
-    while (count_rows(d, sql) < 100 && keel_now_ns() < deadline)
+    while (kt_pg_number(d, sql) < 100 && keel_now_ns() < deadline)
         nap(5 * MS);
     kill(kid, SIGKILL);
     int st;
     waitpid(kid, &st, 0);
     ck_assert(WIFSIGNALED(st));
-    int64_t at_kill = count_rows(d, sql);
+    int64_t at_kill = kt_pg_number(d, sql);
     ck_assert_int_ge(at_kill, 100);
     ck_assert_int_lt(at_kill, N); /* mid-catch-up */
 
@@ -930,12 +906,12 @@ START_TEST(pg_a_projection_killed_mid_catch_up_resumes_exactly)
     ck_assert_int_eq(keel_cqrs_projection_run(p0, NULL), 0); /* a row applied twice would fail here */
     ck_assert_int_eq(keel_cqrs_projection_run(p1, NULL), 0);
     snprintf(sql, sizeof sql, "SELECT count(*) FROM \"%srm0\"", prefix);
-    ck_assert_int_eq(count_rows(d, sql), N);
+    ck_assert_int_eq(kt_pg_number(d, sql), N);
     snprintf(sql, sizeof sql,
              "SELECT count(*) FROM ((TABLE \"%srm0\" EXCEPT TABLE \"%srm1\") UNION ALL "
              "(TABLE \"%srm1\" EXCEPT TABLE \"%srm0\")) diff",
              prefix, prefix, prefix, prefix);
-    ck_assert_int_eq(count_rows(d, sql), 0); /* the same read model as without the crash */
+    ck_assert_int_eq(kt_pg_number(d, sql), 0); /* the same read model as without the crash */
     PQfinish(d);
     keel_cqrs_projection_destroy(p0);
     keel_cqrs_projection_destroy(p1);
@@ -1014,8 +990,8 @@ START_TEST(pg_monthly_partitions)
     snprintf(sql, sizeof sql,
              "SELECT count(*) FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = '%sevents'",
              o.prefix);
-    PGconn *d = direct();
-    ck_assert_int_eq(count_rows(d, sql), 2); /* this month and the next */
+    PGconn *d = kt_pg_connect(kt_env("KEEL_TEST_PG"));
+    ck_assert_int_eq(kt_pg_number(d, sql), 2); /* this month and the next */
     /* A process that outlives its months finds the month's partition
      * missing: the append makes it and goes through. */
     time_t now = time(NULL);
@@ -1023,10 +999,10 @@ START_TEST(pg_monthly_partitions)
     gmtime_r(&now, &tm);
     char drop[256];
     snprintf(drop, sizeof drop, "DROP TABLE \"%sevents_%04d_%02d\"", o.prefix, tm.tm_year + 1900, tm.tm_mon + 1);
-    direct_exec(d, drop);
-    ck_assert_int_eq(count_rows(d, sql), 1);
+    kt_pg_exec(d, drop);
+    ck_assert_int_eq(kt_pg_number(d, sql), 1);
     ck_assert_int_eq(keel_cqrs_send(c, "register", "dijkstra", 8, NULL, NULL), 0);
-    ck_assert_int_eq(count_rows(d, sql), 2);
+    ck_assert_int_eq(kt_pg_number(d, sql), 2);
     PQfinish(d);
     keel_cqrs_destroy(c);
     keel_pg_destroy(pg);

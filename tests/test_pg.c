@@ -39,22 +39,6 @@ static keel_pg *open_shared(void)
     return open_pg(kt_env("KEEL_TEST_PG"), kt_env("KEEL_TEST_PG_REPLICA"), 10 * KT_S);
 }
 
-/* A direct libpq connection, for what the test does behind keel_pg. */
-static PGconn *direct(const char *conninfo)
-{
-    PGconn *c = PQconnectdb(conninfo);
-    ck_assert_msg(PQstatus(c) == CONNECTION_OK, "%s", PQerrorMessage(c));
-    return c;
-}
-
-static void direct_exec(PGconn *c, const char *sql)
-{
-    PGresult *r = PQexec(c, sql);
-    ck_assert_msg(PQresultStatus(r) == PGRES_COMMAND_OK || PQresultStatus(r) == PGRES_TUPLES_OK,
-                  "%s: %s", sql, PQerrorMessage(c));
-    PQclear(r);
-}
-
 /* The text of the first value of a statement run through keel_pg. */
 static void value(keel_pg *pg, keel_pg_mode mode, const char *sql, char *out, size_t len)
 {
@@ -294,13 +278,13 @@ END_TEST
 START_TEST(a_lagging_replica_sends_reads_to_the_primary)
 {
     keel_pg *pg = open_shared();
-    PGconn *rep = direct(kt_env("KEEL_TEST_PG_REPLICA"));
-    direct_exec(rep, "SELECT pg_wal_replay_pause()");
+    PGconn *rep = kt_pg_connect(kt_env("KEEL_TEST_PG_REPLICA"));
+    kt_pg_exec(rep, "SELECT pg_wal_replay_pause()");
     write_sql(pg, "CREATE TABLE IF NOT EXISTS kt_lag (v int)");
     /* a durable commit (the test servers run with synchronous_commit off):
      * else the primary's flushed position may not have moved yet */
-    PGconn *prim = direct(kt_env("KEEL_TEST_PG"));
-    direct_exec(prim, "SET synchronous_commit = on; INSERT INTO kt_lag VALUES (1)");
+    PGconn *prim = kt_pg_connect(kt_env("KEEL_TEST_PG"));
+    kt_pg_exec(prim, "SET synchronous_commit = on; INSERT INTO kt_lag VALUES (1)");
     PQfinish(prim);
     ck_assert_int_eq(keel_pg_check(pg), 0); /* the primary's position is noted now... */
     kt_clock_advance(&clk, 3 * KT_S);       /* ...and the replica still has not replayed it */
@@ -322,7 +306,7 @@ START_TEST(a_lagging_replica_sends_reads_to_the_primary)
     keel_pg_host_stats_get(pg, 1, &st);
     ck_assert_uint_ge(st.lag_ns, 11 * KT_S);
 
-    direct_exec(rep, "SELECT pg_wal_replay_resume()");
+    kt_pg_exec(rep, "SELECT pg_wal_replay_resume()");
     uint64_t lsn;
     ck_assert_int_eq(keel_pg_write_lsn(pg, &lsn), 0);
     keel_pg_conn *c;
@@ -338,8 +322,8 @@ START_TEST(a_lagging_replica_sends_reads_to_the_primary)
 
     /* a WAL switch on an idle primary leaves its insert position after a
      * page header no replica reaches: that is not lag */
-    prim = direct(kt_env("KEEL_TEST_PG"));
-    direct_exec(prim, "SELECT pg_switch_wal()");
+    prim = kt_pg_connect(kt_env("KEEL_TEST_PG"));
+    kt_pg_exec(prim, "SELECT pg_switch_wal()");
     PQfinish(prim);
     ck_assert_int_eq(keel_pg_write_lsn(pg, &lsn), 0);
     ck_assert_int_eq(keel_pg_acquire_after(pg, lsn, 20 * KT_S, &c), 0);
@@ -382,12 +366,12 @@ START_TEST(read_your_writes_waits_for_the_replica_or_uses_the_primary)
     keel_pg *pg = open_shared();
     write_sql(pg, "CREATE TABLE IF NOT EXISTS kt_ryw (id int PRIMARY KEY, v text)");
     write_sql(pg, "DELETE FROM kt_ryw");
-    PGconn *rep = direct(kt_env("KEEL_TEST_PG_REPLICA"));
-    direct_exec(rep, "SELECT pg_wal_replay_pause()");
+    PGconn *rep = kt_pg_connect(kt_env("KEEL_TEST_PG_REPLICA"));
+    kt_pg_exec(rep, "SELECT pg_wal_replay_pause()");
     /* a durable commit (the test servers run with synchronous_commit off),
      * so the replica can receive it at once */
-    PGconn *prim = direct(kt_env("KEEL_TEST_PG"));
-    direct_exec(prim, "SET synchronous_commit = on; INSERT INTO kt_ryw VALUES (7, 'mine')");
+    PGconn *prim = kt_pg_connect(kt_env("KEEL_TEST_PG"));
+    kt_pg_exec(prim, "SET synchronous_commit = on; INSERT INTO kt_ryw VALUES (7, 'mine')");
     PQfinish(prim);
     uint64_t lsn;
     ck_assert_int_eq(keel_pg_write_lsn(pg, &lsn), 0);
@@ -403,7 +387,7 @@ START_TEST(read_your_writes_waits_for_the_replica_or_uses_the_primary)
     after_job later = {pg, lsn, 20 * KT_S, 99, ""};
     pthread_t t;
     pthread_create(&t, NULL, read_after, &later);
-    direct_exec(rep, "SELECT pg_wal_replay_resume()");
+    kt_pg_exec(rep, "SELECT pg_wal_replay_resume()");
     pthread_join(t, NULL);
     ck_assert_uint_eq(later.host, 1);
     ck_assert_str_eq(later.seen, "mine");
@@ -517,10 +501,10 @@ START_TEST(statements_are_prepared_again_when_the_server_forgets)
 
     /* the connection dies: a write is not retried, but the next call gets
      * a new connection and the statement is prepared there */
-    PGconn *d = direct(kt_env("KEEL_TEST_PG"));
+    PGconn *d = kt_pg_connect(kt_env("KEEL_TEST_PG"));
     char sql[96];
     snprintf(sql, sizeof sql, "SELECT pg_terminate_backend(%s)", pid);
-    direct_exec(d, sql);
+    kt_pg_exec(d, sql);
     PQfinish(d);
     ck_assert_int_eq(keel_pg_exec_stmt(pg, KEEL_PG_WRITE, s, &p, &r), KEEL_EUNAVAIL);
     ck_assert_ptr_null(r);
