@@ -151,7 +151,13 @@ $(B)/obj/tests/%.o: tests/%.c tests/harness.h $(HEADERS)
 
 $(B)/tests/%: $(B)/obj/tests/%.o $(TEST_HELP) $(STATIC)
 	@mkdir -p $(dir $@)
-	$(call say,LD,$@)$(CC) $(KEEL_LDFLAGS) $(LDFLAGS) -o $@ $^ $(LIBS_$*) $(CHECK_LIBS) $(DEP_LIBS)
+	$(call say,LD,$@)$(CC) $(KEEL_LDFLAGS) $(LDFLAGS) -o $@ $(filter %.o,$^) $(STATIC) $(LIBS_$*) \
+		$(CHECK_LIBS) $(DEP_LIBS)
+
+# The out-of-memory sweeps share their failing allocator and sweep.
+OOM_TESTS := test_oom
+$(OOM_TESTS:%=$(B)/tests/%): $(B)/obj/tests/oom.o
+$(OOM_TESTS:%=$(B)/obj/tests/%.o) $(B)/obj/tests/oom.o: tests/oom.h
 
 .PHONY: tests check check-all check-unit check-fuzz check-headers check-symbols check-install check-man
 tests: $(TEST_BIN)

@@ -8,10 +8,11 @@
  * since the failure is over by then); and once everything is destroyed,
  * nothing the run allocated may be left. Threads of the modules allocate
  * too, and meet failures: what they accept must still arrive. Last, a
- * thread's first lock-free read, which allocates, fails. */
+ * thread's first lock-free read, which allocates, fails. The allocator
+ * and the sweep are tests/oom.c's, which tests/test_oom_servers.c shares
+ * for the paths that need the servers. */
 #define _GNU_SOURCE
 #include <pthread.h>
-#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -31,172 +32,8 @@
 #include <keel/ring.h>
 
 #include "harness.h"
+#include "oom.h"
 #include "rcu.h"
-
-/* ---- the failing allocator ---- */
-
-static atomic_long live;     /* blocks allocated and not yet freed */
-static atomic_long allocs;   /* malloc, calloc and realloc calls in this run */
-static atomic_long fail_at;  /* the call that fails (1-based); 0 = none */
-static atomic_long failures; /* injected failures in this run, in any thread */
-static __thread long failures_here; /* ... in the calling thread */
-/* The second pass of a sweep: once allocation fail_at has failed in a
- * call made by CALL() below, every later allocation of that thread fails
- * too until the call returns, so that the paths that clean up after a
- * failure run without memory as well. */
-static bool persist;
-static __thread int in_call;  /* CALL()s under way in this thread */
-static __thread bool failing; /* this thread's call met the failure: persist */
-
-static bool fail_now(void)
-{
-    long n = atomic_fetch_add(&allocs, 1) + 1;
-    if (n == atomic_load(&fail_at))
-        failing = persist && in_call;
-    else if (!failing)
-        return false;
-    atomic_fetch_add(&failures, 1);
-    failures_here++;
-    return true;
-}
-
-static void *oom_malloc(size_t n)
-{
-    void *p = fail_now() ? NULL : malloc(n);
-    if (p)
-        atomic_fetch_add(&live, 1);
-    return p;
-}
-
-static void *oom_calloc(size_t n, size_t size)
-{
-    void *p = fail_now() ? NULL : calloc(n, size);
-    if (p)
-        atomic_fetch_add(&live, 1);
-    return p;
-}
-
-/* A failing realloc leaves the old block alone, as realloc does. */
-static void *oom_realloc(void *old, size_t n)
-{
-    void *p = fail_now() ? NULL : realloc(old, n);
-    if (p && !old)
-        atomic_fetch_add(&live, 1);
-    return p;
-}
-
-static void oom_free(void *p)
-{
-    if (p)
-        atomic_fetch_sub(&live, 1);
-    free(p);
-}
-
-/* ---- the sweep ---- */
-
-static const char *scenario; /* for the messages */
-static long run_n;           /* the allocation failing in this run */
-
-/* A check whose message names the scenario and the failing allocation. */
-#define oom_assert(cond, ...)                                                                      \
-    do {                                                                                           \
-        if (!(cond))                                                                               \
-            ck_abort_msg("%s, allocation %ld failing%s: %s", scenario, run_n,                      \
-                         persist ? " (and every later one of its call)" : "", oom_msg(__VA_ARGS__)); \
-    } while (0)
-
-static const char *oom_msg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static const char *oom_msg(const char *fmt, ...)
-{
-    static __thread char buf[512];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(buf, sizeof buf, fmt, ap);
-    va_end(ap);
-    return buf;
-}
-
-/* What a call returned, once it is known whether it met the failure: true
- * when the caller may go on; false when it met the failure and said so,
- * and is to be made again. A call that met the failure and returned
- * anything but KEEL_ENOMEM hid it; one that did not and returned
- * KEEL_ENOMEM invented it. */
-static bool settle(int line, const char *call, int rc, int want, bool met, bool copes, int attempt)
-{
-    if (met && copes && rc == want)
-        return true;
-    if (met) {
-        oom_assert(rc == KEEL_ENOMEM, "line %d: %s met the failure and returned %s, not KEEL_ENOMEM",
-                   line, call, keel_err_name(rc));
-        oom_assert(attempt == 0, "line %d: %s failed twice", line, call);
-        return false;
-    }
-    oom_assert(rc == want, "line %d: %s returned %s, not %s", line, call, keel_err_name(rc),
-               keel_err_name(want));
-    return true;
-}
-
-/* Makes a call that may meet the failure, and again when it said it did.
- * copes: the call may also do without the memory (a cache it could not
- * make) and succeed; only where the module documents it. after_fail: a
- * statement that checks what a failed call left, before the call is made
- * again. */
-#define CALL_(copes, want, expr, after_fail)                                                       \
-    do {                                                                                           \
-        for (int attempt_ = 0;; attempt_++) {                                                      \
-            long seen_ = failures_here;                                                            \
-            in_call++;                                                                             \
-            int rc_ = (expr);                                                                      \
-            if (--in_call == 0)                                                                    \
-                failing = false;                                                                   \
-            if (settle(__LINE__, #expr, rc_, (want), failures_here != seen_, (copes), attempt_))   \
-                break;                                                                             \
-            after_fail;                                                                            \
-        }                                                                                          \
-    } while (0)
-#define CALL(want, expr) CALL_(false, want, expr, (void)0)
-#define CALL_COPES(want, expr) CALL_(true, want, expr, (void)0)
-#define CALL_THEN(want, expr, after_fail) CALL_(false, want, expr, after_fail)
-/* For CALL(), a call that answers NULL when it cannot allocate. */
-#define PTR_RC(ptr, expr) (((ptr) = (expr)) ? 0 : KEEL_ENOMEM)
-
-/* Runs fn with allocation 1, 2, 3... failing, until a run reaches none;
- * each run must give back all it took. */
-static void sweep_pass(const char *name, void (*fn)(void))
-{
-    for (long n = 1;; n++) {
-        long before = atomic_load(&live);
-        run_n = n;
-        atomic_store(&allocs, 0);
-        atomic_store(&failures, 0);
-        atomic_store(&fail_at, n);
-        fn();
-        atomic_store(&fail_at, 0);
-        long leaked = atomic_load(&live) - before;
-        oom_assert(leaked == 0, "%ld blocks leaked", leaked);
-        if (atomic_load(&failures) == 0) {
-            if (getenv("OOM_DEBUG")) /* how long each sweep is, for keeping them short */
-                fprintf(stderr, "%s%s: %ld runs\n", name, persist ? " (persisting)" : "", n);
-            break;
-        }
-        oom_assert(n < 100000, "the sweep does not end");
-    }
-}
-
-/* A first run without failures makes what lives as long as the process
- * (a thread's RCU reader slot); then a pass with single failures, and one
- * with failures persisting in their calls. */
-static void sweep(const char *name, void (*fn)(void))
-{
-    scenario = name;
-    run_n = 0;
-    persist = false;
-    atomic_store(&fail_at, 0);
-    fn();
-    sweep_pass(name, fn);
-    persist = true;
-    sweep_pass(name, fn);
-}
 
 /* ---- metrics, as the modules report them ---- */
 
@@ -217,15 +54,6 @@ static size_t series(keel_metrics *m, const char *family)
     series_count c = {family, 0};
     CALL(0, (c.n = 0, keel_metrics_visit(m, count_series, &c)));
     return c.n;
-}
-
-/* A registry for the modules to report to, or none. */
-static keel_metrics *registry(bool with)
-{
-    keel_metrics *m = NULL;
-    if (with)
-        CALL(0, keel_metrics_create(&m, NULL));
-    return m;
 }
 
 /* ---- keel_pool ---- */
@@ -952,24 +780,6 @@ END_TEST
 
 /* ---- keel_cqrs, in memory ---- */
 
-/* Handlers pass on what the context calls return, as they should. */
-static int open_account(keel_cqrs_ctx *x, const void *payload, size_t len, void *ud)
-{
-    (void)ud;
-    char stream[64];
-    snprintf(stream, sizeof stream, "acct-%.*s", (int)len, (const char *)payload);
-    const keel_cqrs_event *evs;
-    size_t n;
-    int rc = keel_cqrs_load(x, stream, &evs, &n);
-    if (rc)
-        return rc;
-    if (n)
-        return KEEL_EEXIST;
-    if ((rc = keel_cqrs_emit(x, stream, "account.opened", payload, len, "m", 1)))
-        return rc;
-    return keel_cqrs_reply(x, stream, strlen(stream));
-}
-
 /* More events than a command keeps room for on the stack. */
 static int deposit_many(keel_cqrs_ctx *x, const void *payload, size_t len, void *ud)
 {
@@ -1023,7 +833,7 @@ static void cqrs_scenario(void)
     keel_cqrs *c = NULL;
     keel_cqrs_opts o = {.bus = bus, .metrics = m};
     CALL(0, keel_cqrs_create(&c, &o));
-    CALL(0, keel_cqrs_command(c, "open", open_account, NULL));
+    CALL(0, keel_cqrs_command(c, "open", oom_open_account, NULL));
     CALL(0, keel_cqrs_command(c, "deposit", deposit_many, NULL));
     CALL(0, keel_cqrs_query(c, "balance", balance, NULL));
     CALL(0, keel_cqrs_use(c, KEEL_CQRS_COMMAND | KEEL_CQRS_QUERY, count_link, NULL));
@@ -1071,39 +881,13 @@ END_TEST
 
 /* ---- keel_cache, L1 only ---- */
 
-static atomic_int loads;
-
-/* "absent" is absent; any other key loads as "loaded:<key>", tagged. */
-static int loader(const void *key, size_t klen, keel_cache_load *ld, void *ud)
-{
-    (void)ud;
-    atomic_fetch_add(&loads, 1);
-    if (klen == 6 && memcmp(key, "absent", 6) == 0)
-        return KEEL_ENOTFOUND;
-    char v[80];
-    int n = snprintf(v, sizeof v, "loaded:%.*s", (int)klen, (const char *)key);
-    return keel_cache_load_set(ld, v, (size_t)n, 0, (const char *[]){"loaded"}, 1);
-}
-
-/* A get: the value (NUL-terminated in buf), or the error. A get may meet
- * the failure where L1 is only being filled, and do without. */
-static int get(keel_cache *c, const char *key, char *buf, size_t cap)
-{
-    size_t len = 0;
-    int rc;
-    CALL_COPES(0, (rc = keel_cache_get(c, key, strlen(key), buf, cap - 1, &len)) == KEEL_ENOTFOUND ? 0 : rc);
-    buf[rc ? 0 : len] = '\0';
-    return rc;
-}
-
 static void cache_scenario(void)
 {
     static kt_clock clock;
     atomic_store(&clock.ns, 1000 * KT_S);
-    atomic_store(&loads, 0);
     keel_metrics *m = registry(true);
     keel_cache *c = NULL;
-    keel_cache_opts o = {.l1_max_bytes = 64 << 10, .l1_max_items = 64, .loader = loader,
+    keel_cache_opts o = {.l1_max_bytes = 64 << 10, .l1_max_items = 64, .loader = oom_cache_loader,
                          .clock = kt_clock_now, .clock_ud = &clock, .metrics = m};
     CALL(0, keel_cache_create(&c, &o));
     char buf[128];
@@ -1116,13 +900,13 @@ static void cache_scenario(void)
             snprintf(v, sizeof v, "v%d.%d", i, round);
             const char *tags[] = {i % 2 ? "odd" : "even", "all"};
             CALL_(true, 0, keel_cache_set(c, k, strlen(k), v, strlen(v), 0, tags, 2), {
-                get(c, k, buf, sizeof buf); /* loaded, then: no value of a set */
+                oom_cache_get(c, k, buf, sizeof buf); /* loaded, then: no value of a set */
                 oom_assert(strncmp(buf, "v", 1) != 0, "%s kept %s", k, buf);
             });
         }
-    oom_assert(get(c, "k3", buf, sizeof buf) == 0 && strcmp(buf, "v3.1") == 0, "k3 is %s", buf);
-    oom_assert(get(c, "fresh", buf, sizeof buf) == 0 && strcmp(buf, "loaded:fresh") == 0, "fresh is %s", buf);
-    oom_assert(get(c, "absent", buf, sizeof buf) == KEEL_ENOTFOUND, "absent is %s", buf);
+    oom_assert(oom_cache_get(c, "k3", buf, sizeof buf) == 0 && strcmp(buf, "v3.1") == 0, "k3 is %s", buf);
+    oom_assert(oom_cache_get(c, "fresh", buf, sizeof buf) == 0 && strcmp(buf, "loaded:fresh") == 0, "fresh is %s", buf);
+    oom_assert(oom_cache_get(c, "absent", buf, sizeof buf) == KEEL_ENOTFOUND, "absent is %s", buf);
     keel_cache_item items[3] = {{"k4", 2, buf, 40}, {"k5", 2, buf + 40, 40}, {"other", 5, buf + 80, 40}};
     long seen = failures_here;
     int rc = keel_cache_get_many(c, items, 3);
@@ -1132,11 +916,12 @@ static void cache_scenario(void)
         else
             oom_assert(items[i].rc == 0, "item %d: %s", i, keel_err_name(items[i].rc));
     CALL_COPES(0, keel_cache_invalidate_tag(c, "odd")); /* no memory for the tag: all of L1 goes */
-    oom_assert(get(c, "k3", buf, sizeof buf) == 0 && strcmp(buf, "loaded:k3") == 0, "k3 after its tag: %s", buf);
+    oom_assert(oom_cache_get(c, "k3", buf, sizeof buf) == 0 && strcmp(buf, "loaded:k3") == 0, "k3 after its tag: %s",
+               buf);
     CALL(0, keel_cache_invalidate_prefix(c, "k1", 2));
-    oom_assert(get(c, "k12", buf, sizeof buf) == 0 && strcmp(buf, "loaded:k12") == 0, "k12: %s", buf);
+    oom_assert(oom_cache_get(c, "k12", buf, sizeof buf) == 0 && strcmp(buf, "loaded:k12") == 0, "k12: %s", buf);
     CALL(0, keel_cache_del(c, "k4", 2));
-    oom_assert(get(c, "k4", buf, sizeof buf) == 0 && strcmp(buf, "loaded:k4") == 0, "k4: %s", buf);
+    oom_assert(oom_cache_get(c, "k4", buf, sizeof buf) == 0 && strcmp(buf, "loaded:k4") == 0, "k4: %s", buf);
     keel_cache_stats st;
     keel_cache_stats_get(c, &st);
     oom_assert(st.l1_items <= 64, "%llu items over the bound", (unsigned long long)st.l1_items);
@@ -1284,7 +1069,7 @@ START_TEST(a_thread_whose_first_read_section_lacks_memory_is_told_so)
                                                                   .ud = (void *)AUDIT}, &sub), 0);
     read_first_in_new_thread((first_read){.bus = bus});
     keel_cache *c;
-    ck_assert_int_eq(keel_cache_create(&c, &(keel_cache_opts){.loader = loader}), 0);
+    ck_assert_int_eq(keel_cache_create(&c, &(keel_cache_opts){.loader = oom_cache_loader}), 0);
     read_first_in_new_thread((first_read){.cache = c});
     /* counts cannot say that they failed: they must not need a slot */
     pthread_t holders[256], t;
@@ -1307,9 +1092,7 @@ END_TEST
 
 int main(void)
 {
-    /* Before any other libkeel call, and inherited by Check's forks. */
-    static const keel_allocator a = {oom_malloc, oom_calloc, oom_realloc, oom_free};
-    if (keel_set_allocator(&a) != 0)
+    if (oom_install() != 0)
         return 1;
     Suite *s = suite_create("oom");
     TCase *tc = tcase_create("oom");
