@@ -155,7 +155,7 @@ $(B)/tests/%: $(B)/obj/tests/%.o $(TEST_HELP) $(STATIC)
 		$(CHECK_LIBS) $(DEP_LIBS)
 
 # The out-of-memory sweeps share their failing allocator and sweep.
-OOM_TESTS := test_oom
+OOM_TESTS := test_oom test_oom_servers
 $(OOM_TESTS:%=$(B)/tests/%): $(B)/obj/tests/oom.o
 $(OOM_TESTS:%=$(B)/obj/tests/%.o) $(B)/obj/tests/oom.o: tests/oom.h
 
