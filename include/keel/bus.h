@@ -39,7 +39,10 @@
  * when its own consumer finds it pending after a restart. An
  * entry trimmed away while pending is acknowledged unread. Handlers run in
  * the reader threads, one entry at a time per partition, whatever their
- * mode; with several consumers in a group, each sees only its share.
+ * mode; with several consumers in a group, each sees only its share. A
+ * reader that runs out of memory acknowledges what it handled, then does
+ * as after a lost connection: reconnects after a backoff (logged) and
+ * reads its pending entries again, so delivery is only delayed.
  *
  * Handlers return 0 for success. A failure does not stop other handlers:
  * it is counted and passed to on_error.

@@ -33,7 +33,9 @@
  *
  * Invalidation. set, del, invalidate_tag and invalidate_prefix act on all
  * tiers here and publish on the Redis channel redis_prefix + "inv"; every
- * process using the same Redis and prefix drops the same L1 entries. When
+ * process using the same Redis and prefix drops the same L1 entries (a
+ * publish that fails, Redis down or no memory, is logged, not returned:
+ * the others keep their entries until they expire). When
  * that link is lost, L1 is flushed, and again when it is made again, since
  * invalidations may have been missed (during the outage L1 fills as usual
  * from L3 and the loader, and may serve what other processes change

@@ -117,7 +117,8 @@ KEEL_API void keel_limiter_destroy(keel_limiter *l);
  * the script (the key holds another type), logged, with *r a rejection;
  * in process, KEEL_ENOMEM when the key's state could not be stored (*r a
  * rejection; nothing was consumed). A store failure is not an error: see
- * source. */
+ * source. With Redis, a request that runs out of memory on its way there
+ * is a store failure too (nothing was consumed). */
 KEEL_API int keel_limiter_take(keel_limiter *l, const void *key, size_t len, uint64_t cost,
                                keel_limit_result *r);
 
@@ -148,7 +149,9 @@ typedef struct keel_limit_req {
  * trip per node); in process, 16 at a time with their slots fetched from
  * memory together, which over many keys (slots out of the CPU's caches)
  * makes each decision several times cheaper than alone. Returns 0 when every request got an answer (see each
- * rc), else KEEL_EINVAL for bad arguments, checked before anything. */
+ * rc: with Redis, KEEL_ENOMEM in every one, nothing decided, when there is
+ * no memory for the batch itself), else KEEL_EINVAL for bad arguments,
+ * checked before anything. */
 KEEL_API int keel_limiter_take_many(keel_limiter *l, keel_limit_req *reqs, size_t n);
 
 /* Formats the response header fields for a decision, CRLF-terminated:
