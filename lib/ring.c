@@ -469,13 +469,34 @@ static void node_out(const node *nd, keel_ring_node *out)
     out->id = nd->id;
 }
 
-static snap *read_begin(keel_ring *r, int *rc)
+/* Enters a read of r and returns the current version: a read section, or,
+ * in a thread whose first read section finds no memory for its slot, the
+ * writers' mutex, under which no version is replaced or freed (such a
+ * thread is in no read section, so waiting for it is safe). Reads never
+ * fail for memory. *locked says how to leave. */
+static snap *read_enter(keel_ring *r, bool *locked)
 {
-    if ((*rc = keel__rcu_read_lock()) != 0)
-        return NULL;
-    snap *s = atomic_load_explicit(&r->cur, memory_order_acquire);
-    if (s->n == 0) {
+    if ((*locked = keel__rcu_read_lock() != 0))
+        pthread_mutex_lock(&r->mu);
+    return atomic_load_explicit(&r->cur, memory_order_acquire);
+}
+
+static void read_leave(keel_ring *r, bool locked)
+{
+    if (locked)
+        pthread_mutex_unlock(&r->mu);
+    else
         keel__rcu_read_unlock();
+}
+
+/* read_enter, for a version with nodes: NULL and KEEL_EUNAVAIL (left
+ * again) for an empty ring. */
+static snap *read_begin(keel_ring *r, bool *locked, int *rc)
+{
+    snap *s = read_enter(r, locked);
+    *rc = 0;
+    if (s->n == 0) {
+        read_leave(r, *locked);
         *rc = KEEL_EUNAVAIL;
         return NULL;
     }
@@ -487,7 +508,8 @@ KEEL_API int keel_ring_lookup(keel_ring *r, const void *key, size_t len, keel_ri
     if (!r || (!key && len) || !node_out_)
         return KEEL_EINVAL;
     int rc;
-    snap *s = read_begin(r, &rc);
+    bool locked;
+    snap *s = read_begin(r, &locked, &rc);
     if (!s)
         return rc;
     uint32_t idx;
@@ -498,7 +520,7 @@ KEEL_API int keel_ring_lookup(keel_ring *r, const void *key, size_t len, keel_ri
     default: idx = s->table[keel__hash64(key, len, r->seed) % r->msize]; break;
     }
     node_out(s->nodes[idx], node_out_);
-    keel__rcu_read_unlock();
+    read_leave(r, locked);
     return 0;
 }
 
@@ -533,21 +555,22 @@ KEEL_API int keel_ring_lookup_n(keel_ring *r, const void *key, size_t len, size_
         return KEEL_EINVAL;
     *found = 0;
     int rc;
-    snap *s = read_begin(r, &rc);
+    bool locked;
+    snap *s = read_begin(r, &locked, &rc);
     if (!s)
         return rc;
     if (n > s->n)
         n = s->n;
     collect c = {.out = nodes, .want = n};
     if (n > 16 && !(c.bits = keel__calloc((s->n + 63) / 64, sizeof *c.bits))) {
-        keel__rcu_read_unlock();
+        read_leave(r, locked);
         return KEEL_ENOMEM;
     }
     if (n)
         prefer(r, s, key, len, take_distinct, &c);
     *found = c.got;
     keel__free(c.bits);
-    keel__rcu_read_unlock();
+    read_leave(r, locked);
     return 0;
 }
 
@@ -577,7 +600,8 @@ KEEL_API int keel_ring_assign(keel_ring *r, const void *key, size_t len, keel_ri
     if (!r || (!key && len) || !out)
         return KEEL_EINVAL;
     int rc;
-    snap *s = read_begin(r, &rc);
+    bool locked;
+    snap *s = read_begin(r, &locked, &rc);
     if (!s)
         return rc;
     /* m counts this assignment; a concurrent removal subtracts the loads it
@@ -592,7 +616,7 @@ KEEL_API int keel_ring_assign(keel_ring *r, const void *key, size_t len, keel_ri
     }
     if (b.chosen)
         node_out(b.chosen, out);
-    keel__rcu_read_unlock();
+    read_leave(r, locked);
     return b.chosen ? 0 : KEEL_EBUSY;
 }
 
@@ -615,12 +639,9 @@ KEEL_API int keel_ring_unassign(keel_ring *r, const keel_ring_node *n)
 {
     if (!r || !n)
         return KEEL_EINVAL;
-    int rc = keel__rcu_read_lock();
-    if (rc)
-        return rc;
-    snap *s = atomic_load_explicit(&r->cur, memory_order_acquire);
-    node *nd = find_id(s, n->id);
-    rc = KEEL_ENOTFOUND;
+    bool locked;
+    node *nd = find_id(read_enter(r, &locked), n->id);
+    int rc = KEEL_ENOTFOUND;
     if (nd) {
         uint64_t l = atomic_load_explicit(&nd->load, memory_order_relaxed);
         while (!(l & LOAD_REMOVED)) {
@@ -635,17 +656,18 @@ KEEL_API int keel_ring_unassign(keel_ring *r, const keel_ring_node *n)
             }
         }
     }
-    keel__rcu_read_unlock();
+    read_leave(r, locked);
     return rc;
 }
 
 KEEL_API uint64_t keel_ring_load(keel_ring *r, const keel_ring_node *n)
 {
-    if (!r || !n || keel__rcu_read_lock() != 0)
+    if (!r || !n)
         return 0;
-    node *nd = find_id(atomic_load_explicit(&r->cur, memory_order_acquire), n->id);
+    bool locked;
+    node *nd = find_id(read_enter(r, &locked), n->id);
     uint64_t l = nd ? atomic_load(&nd->load) : LOAD_REMOVED;
-    keel__rcu_read_unlock();
+    read_leave(r, locked);
     return l & LOAD_REMOVED ? 0 : l;
 }
 
@@ -655,15 +677,13 @@ KEEL_API int keel_ring_nodes(keel_ring *r, keel_ring_visit_fn fn, void *ud)
 {
     if (!r || !fn)
         return KEEL_EINVAL;
-    int rc = keel__rcu_read_lock();
-    if (rc)
-        return rc;
-    snap *s = atomic_load_explicit(&r->cur, memory_order_acquire);
+    bool locked;
+    snap *s = read_enter(r, &locked);
     size_t n = s->n;
     double *share = n ? keel__calloc(n, sizeof *share) : NULL;
     keel_ring_node *nodes = n ? keel__malloc(n * sizeof *nodes) : NULL;
     if (n && (!share || !nodes)) {
-        keel__rcu_read_unlock();
+        read_leave(r, locked);
         keel__free(share);
         keel__free(nodes);
         return KEEL_ENOMEM;
@@ -690,7 +710,7 @@ KEEL_API int keel_ring_nodes(keel_ring *r, keel_ring_visit_fn fn, void *ud)
     }
     for (size_t i = 0; i < n; i++)
         node_out(s->nodes[i], &nodes[i]); /* node records outlive the version */
-    keel__rcu_read_unlock();
+    read_leave(r, locked);
     for (size_t i = 0; i < n; i++) /* outside the read section: fn may do anything */
         fn(&nodes[i], share[i], ud);
     keel__free(share);

@@ -1009,8 +1009,15 @@ static void *read_first(void *arg)
     char buf[16];
     size_t len;
     atomic_store(&fail_at, atomic_load(&allocs) + 1);
-    if (f->ring) {
-        CALL(0, keel_ring_lookup(f->ring, "k", 1, &nd));
+    if (f->ring) { /* without a reader slot it reads under the writers' lock: no failure */
+        int rc = keel_ring_lookup(f->ring, "k", 1, &nd);
+        oom_assert(rc == 0, "a lookup with no reader slot: %s", keel_err_name(rc));
+        oom_assert(keel_ring_load(f->ring, &nd) == 0, "the load of an unassigned node");
+        rc = keel_ring_assign(f->ring, "k", 1, &nd);
+        oom_assert(rc == 0 && keel_ring_load(f->ring, &nd) == 1, "assign with no reader slot: %s",
+                   keel_err_name(rc));
+        rc = keel_ring_unassign(f->ring, &nd);
+        oom_assert(rc == 0, "unassign with no reader slot: %s", keel_err_name(rc));
         oom_assert(keel_ring_count(f->ring) == 1, "the ring counts %zu nodes", keel_ring_count(f->ring));
     } else if (f->lb) {
         CALL(0, keel_lb_pick(f->lb, NULL, &p));

@@ -28,8 +28,10 @@
  * take a lock and never wait for a writer; each sees the ring as it was
  * before or after a concurrent add or remove, never a mix. add and remove
  * serialise among themselves and wait until no lookup still reads the ring
- * version they replaced, then free it. All functions are thread-safe except
- * keel_ring_destroy().
+ * version they replaced, then free it. (A thread whose very first lookup
+ * finds no memory for its small reader record reads under the writers'
+ * lock instead, so that lookups never fail for memory.) All functions are
+ * thread-safe except keel_ring_destroy().
  *
  * The name a lookup returns points into the ring and stays valid until
  * keel_ring_destroy(), even after the node is removed: removed node records
@@ -114,15 +116,14 @@ KEEL_API int keel_ring_add_many(keel_ring *r, const keel_ring_node_spec *specs, 
 KEEL_API int keel_ring_remove(keel_ring *r, const void *name, size_t len);
 
 /* The node that owns key. Returns 0, KEEL_EUNAVAIL for an empty ring,
- * KEEL_EINVAL for NULL arguments (an empty key is a valid key). Lock-free.
- * Like every lookup below, it may also return KEEL_ENOMEM on a thread's
- * very first lookup, which allocates the thread's small reader record. */
+ * KEEL_EINVAL for NULL arguments (an empty key is a valid key). Lock-free. */
 KEEL_API int keel_ring_lookup(keel_ring *r, const void *key, size_t len, keel_ring_node *node);
 
 /* Up to n distinct nodes for key in preference order: the owner first,
  * then where the key would go if the nodes before were gone (the replica
  * set). *found is set to min(n, nodes in the ring). Returns 0,
- * KEEL_EUNAVAIL for an empty ring, KEEL_EINVAL, or KEEL_ENOMEM. */
+ * KEEL_EUNAVAIL for an empty ring, KEEL_EINVAL, or KEEL_ENOMEM (n > 16
+ * needs a small bitmap). */
 KEEL_API int keel_ring_lookup_n(keel_ring *r, const void *key, size_t len, size_t n,
                                 keel_ring_node *nodes, size_t *found);
 
@@ -141,8 +142,7 @@ KEEL_API int keel_ring_assign(keel_ring *r, const void *key, size_t len, keel_ri
  * Lock-free. */
 KEEL_API int keel_ring_unassign(keel_ring *r, const keel_ring_node *node);
 
-/* Assignments a node holds now (0 for a node no longer in the ring, and
- * when the calling thread's first lock-free read finds no memory). */
+/* Assignments a node holds now (0 for a node no longer in the ring). */
 KEEL_API uint64_t keel_ring_load(keel_ring *r, const keel_ring_node *node);
 
 /* Calls fn once per node, in the order the nodes were added, with the share
