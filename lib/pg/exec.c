@@ -278,22 +278,21 @@ static bool is_prepared(const keel_pg_conn *c, uint32_t id)
     return id / 64 < c->nwords && (c->prepared[id / 64] >> (id % 64) & 1);
 }
 
-/* Room in c's bitset for statement id. */
-static int bit_room(keel_pg_conn *c, uint32_t id)
+int keel__pg_bit_room(uint64_t **words, size_t *nwords, uint32_t id)
 {
-    if (id / 64 < c->nwords)
+    if (id / 64 < *nwords)
         return 0;
     size_t n = id / 64 + 1;
-    uint64_t *w = keel__realloc(c->prepared, n * sizeof *w);
+    uint64_t *w = keel__realloc(*words, n * sizeof *w);
     if (!w)
         return KEEL_ENOMEM;
-    memset(w + c->nwords, 0, (n - c->nwords) * sizeof *w);
-    c->prepared = w;
-    c->nwords = n;
+    memset(w + *nwords, 0, (n - *nwords) * sizeof *w);
+    *words = w;
+    *nwords = n;
     return 0;
 }
 
-/* Setting a bit needs bit_room() first. */
+/* Setting a bit needs keel__pg_bit_room() first. */
 static void mark_prepared(keel_pg_conn *c, uint32_t id, bool on)
 {
     if (id / 64 >= c->nwords)
@@ -342,7 +341,7 @@ static int prepare(keel_pg_conn *c, keel_pg_stmt *s, PGresult **res)
     /* Its bit's room first: prepared on the server but not marked here, it
      * would be prepared again, and the duplicate's error would abort an
      * open transaction. */
-    int rc = bit_room(c, s->id);
+    int rc = keel__pg_bit_room(&c->prepared, &c->nwords, s->id);
     if (rc)
         return rc;
     uint64_t deadline = keel__pg_deadline(c->h->pg, c->h->pg->query_timeout);

@@ -689,16 +689,7 @@ KEEL_API void keel_pg_stmt_free(keel_pg_stmt *s)
     keel_pg *pg = s ? s->pg : NULL;
     if (pg) {
         pthread_mutex_lock(&pg->freed_mu);
-        size_t need = s->id / 64 + 1;
-        if (need > pg->freed_words) {
-            uint64_t *w = keel__realloc(pg->freed, need * sizeof *w);
-            if (w) {
-                memset(w + pg->freed_words, 0, (need - pg->freed_words) * sizeof *w);
-                pg->freed = w;
-                pg->freed_words = need;
-            }
-        }
-        if (need <= pg->freed_words) {
+        if (keel__pg_bit_room(&pg->freed, &pg->freed_words, s->id) == 0) {
             pg->freed[s->id / 64] |= (uint64_t)1 << (s->id % 64);
             atomic_fetch_add(&pg->nfreed, 1);
         }

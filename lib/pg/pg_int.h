@@ -112,6 +112,9 @@ uint64_t keel__pg_deadline(const keel_pg *pg, uint64_t timeout);
 int keel__pg_query_bool(keel_pg_conn *c, const char *sql, const char *param);
 /* Runs sql and returns its result as keel_pg_conn_exec() does, waiting
  * at most timeout (0: the query timeout). */
+/* Room for bit id in a bitset of *nwords words (zeroed as it grows):
+ * 0 or KEEL_ENOMEM, the bitset unchanged. */
+int keel__pg_bit_room(uint64_t **words, size_t *nwords, uint32_t id);
 /* Deallocates on c the statements freed since it last looked, that were
  * prepared on it. 0, or the error that left c unusable. */
 int keel__pg_forget_freed(keel_pg_conn *c, uint64_t timeout);
