@@ -396,6 +396,24 @@ START_TEST(read_your_writes_waits_for_the_replica_or_uses_the_primary)
 }
 END_TEST
 
+/* Nothing to wait for: no replica configured, or the one there is down.
+ * The wait asked for is an hour, past the case's timeout. */
+START_TEST(read_your_writes_with_no_replica_up_uses_the_primary_at_once)
+{
+    const char *down = "host=127.0.0.1 port=1 dbname=postgres connect_timeout=2";
+    for (int i = 0; i < 2; i++) {
+        keel_pg *pg = open_pg(kt_env("KEEL_TEST_PG"), i ? down : NULL, 10 * KT_S);
+        uint64_t lsn;
+        ck_assert_int_eq(keel_pg_write_lsn(pg, &lsn), 0);
+        keel_pg_conn *c;
+        ck_assert_int_eq(keel_pg_acquire_after(pg, lsn, 3600 * KT_S, &c), 0);
+        ck_assert_uint_eq(keel_pg_conn_host(c), 0);
+        keel_pg_release(c);
+        keel_pg_destroy(pg);
+    }
+}
+END_TEST
+
 START_TEST(a_batch_is_one_pipeline_and_all_or_nothing)
 {
     keel_pg *pg = open_shared();
@@ -781,6 +799,7 @@ int main(void)
     tcase_add_test(tc, parameters_stay_data);
     tcase_add_test(tc, a_lagging_replica_sends_reads_to_the_primary);
     tcase_add_test(tc, read_your_writes_waits_for_the_replica_or_uses_the_primary);
+    tcase_add_test(tc, read_your_writes_with_no_replica_up_uses_the_primary_at_once);
     tcase_add_test(tc, a_batch_is_one_pipeline_and_all_or_nothing);
     tcase_add_test(tc, statements_are_prepared_again_when_the_server_forgets);
     tcase_add_test(tc, release_rolls_back_and_drops_what_it_cannot_reuse);

@@ -471,11 +471,13 @@ static int get_replica(keel_pg *pg, keel_pg_conn **out)
 }
 
 /* A replica that has replayed lsn, whatever its lag otherwise (that lsn
- * is all the read needs): KEEL_EUNAVAIL when none. */
+ * is all the read needs). KEEL_EBUSY when the replicas that answered are
+ * all behind it (waiting may help); KEEL_EUNAVAIL when none answered. */
 static int get_replica_after(keel_pg *pg, uint64_t lsn, keel_pg_conn **out)
 {
     uint64_t now = keel__clock_now(&pg->clock);
     size_t start = atomic_fetch_add(&pg->rotor, 1);
+    int rc = KEEL_EUNAVAIL;
     for (size_t k = 0; k < pg->nhosts; k++) {
         pghost *h = &pg->hosts[(start + k) % pg->nhosts];
         pthread_mutex_lock(&pg->mu);
@@ -489,8 +491,9 @@ static int get_replica_after(keel_pg *pg, uint64_t lsn, keel_pg_conn **out)
             return 0;
         }
         keel_pg_release(c);
+        rc = KEEL_EBUSY;
     }
-    return KEEL_EUNAVAIL;
+    return rc;
 }
 
 KEEL_API int keel_pg_acquire(keel_pg *pg, keel_pg_mode mode, keel_pg_conn **out)
@@ -513,8 +516,11 @@ KEEL_API int keel_pg_acquire_after(keel_pg *pg, uint64_t lsn, uint64_t wait_ns, 
     uint64_t now = keel_now_ns(), pause = 1000000u;
     uint64_t deadline = wait_ns > UINT64_MAX - now ? UINT64_MAX : now + wait_ns;
     for (;;) {
-        if (get_replica_after(pg, lsn, out) == 0)
+        int rc = get_replica_after(pg, lsn, out);
+        if (rc == 0)
             return 0;
+        if (rc != KEEL_EBUSY) /* no replica to wait for */
+            break;
         now = keel_now_ns();
         if (now >= deadline)
             break;
