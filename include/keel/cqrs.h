@@ -102,7 +102,8 @@ KEEL_API int keel_cqrs_create(keel_cqrs **out, const keel_cqrs_opts *opts);
 
 /* PostgreSQL: creates the tables if missing (idempotent): prefix+events,
  * prefix+idempotency, prefix+checkpoints; with partition_by_month, the
- * partitions of this month and the next (an append into a month without
+ * partitions of this month and the next by the server's clock, which
+ * created_at follows (an append into a month without
  * one creates it and tries again).
  * The in-memory store: nothing to do. */
 KEEL_API int keel_cqrs_create_schema(keel_cqrs *c);

@@ -23,7 +23,6 @@
 #include <libpq-fe.h>
 #include <stdio.h>
 #include <string.h>
-#include <time.h>
 
 #include <keel/pg.h>
 
@@ -134,11 +133,20 @@ int keel__cqrs_pg_schema(cpg *s)
         snprintf(sql[n++], sizeof sql[0],
                  "CREATE TABLE IF NOT EXISTS %s (stream_id text, version bigint, PRIMARY KEY (stream_id, version))",
                  s->versions);
-        time_t now = time(NULL);
-        struct tm tm;
-        gmtime_r(&now, &tm);
+        /* The server's month, which created_at's now() will use: the
+         * client's clock may be on the other side of a month's end. */
+        PGresult *r = NULL;
+        int rc = keel_pg_exec(s->pg, KEEL_PG_WRITE,
+                              "SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY MM')", NULL, &r);
+        int year = 0, month = 0;
+        if (rc == 0 && (PQntuples(r) != 1 || sscanf(PQgetvalue(r, 0, 0), "%d %d", &year, &month) != 2 ||
+                        month < 1 || month > 12))
+            rc = KEEL_EPROTO;
+        PQclear(r);
+        if (rc)
+            return rc;
         for (int k = 0; k < 2; k++) { /* this month and the next */
-            int y = tm.tm_year + 1900, m = tm.tm_mon + 1 + k;
+            int y = year, m = month + k;
             if (m > 12)
                 m -= 12, y++;
             int ny = m == 12 ? y + 1 : y, nm = m == 12 ? 1 : m + 1;
