@@ -960,6 +960,11 @@ KEEL_API int keel_batch_create(keel_batch **out, const keel_batch_opts *o)
     b->registered = rc == 0;
     if (rc == 0 && b->nworkers && !(b->workers = keel__calloc(b->nworkers, sizeof *b->workers)))
         rc = KEEL_ENOMEM;
+    /* One batch now: a max_items no memory can hold fails here, not in a
+     * batcher that would retry for ever; and with it the batcher always
+     * gets a batch back in the end, if not a new one. */
+    if (rc == 0 && !(b->spare = job_get(b)))
+        rc = KEEL_ENOMEM;
     if (rc == 0 && o->metrics) {
         keel__mfunc fs[] = {
             {0, "keel_batch_accepted_total", "Items accepted.", NULL, NULL, m_accepted},

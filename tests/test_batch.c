@@ -732,6 +732,28 @@ START_TEST(bad_input_is_refused)
 }
 END_TEST
 
+/* An allocator with no block over 1 GiB to give. */
+static void *small_malloc(size_t n) { return n > ((size_t)1 << 30) ? NULL : malloc(n); }
+static void *small_calloc(size_t n, size_t size)
+{
+    return size && n > ((size_t)1 << 30) / size ? NULL : calloc(n, size);
+}
+static void *small_realloc(void *p, size_t n) { return n > ((size_t)1 << 30) ? NULL : realloc(p, n); }
+
+/* A batch of max_items that memory cannot hold: create says so, rather
+ * than start a batcher that retries for ever at the first item. */
+START_TEST(a_batch_memory_cannot_hold_fails_at_create)
+{
+    keel_allocator small = {small_malloc, small_calloc, small_realloc, free};
+    ck_assert_int_eq(keel_set_allocator(&small), 0);
+    keel_batch *b;
+    keel_batch_opts o = {.handler = handler, .max_items = (size_t)1 << 30, .capacity = (size_t)1 << 30};
+    ck_assert_int_eq(keel_batch_create(&b, &o), KEEL_ENOMEM);
+    ck_assert_ptr_null(b);
+    ck_assert_int_eq(keel_set_allocator(NULL), 0);
+}
+END_TEST
+
 /* ---- rows into PostgreSQL ---- */
 
 typedef struct rows {
@@ -859,6 +881,7 @@ int main(void)
     tcase_add_test(tc, close_among_adds_keeps_what_it_accepted);
     tcase_add_test(tc, a_thread_joining_a_filling_batch_does_not_leave_it_waiting);
     tcase_add_test(tc, bad_input_is_refused);
+    tcase_add_test(tc, a_batch_memory_cannot_hold_fails_at_create);
     suite_add_tcase(s, tc);
     TCase *big = tcase_create("million");
     tcase_set_timeout(big, 120);

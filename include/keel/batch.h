@@ -120,7 +120,8 @@ typedef struct keel_batch_opts {
 
 /* Starts the batcher (and worker) threads. Returns 0, KEEL_EINVAL (no
  * handler, an unknown policy, more than 1024 workers or max_items over
- * capacity) or KEEL_ENOMEM. */
+ * capacity) or KEEL_ENOMEM (also when the first batch, max_items
+ * pointers, cannot be allocated). */
 KEEL_API int keel_batch_create(keel_batch **out, const keel_batch_opts *opts);
 
 /* Accepts an item: 0; KEEL_EFULL, KEEL_ETIMEDOUT (full queue, by policy);
