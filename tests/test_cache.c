@@ -390,6 +390,39 @@ START_TEST(xfetch_refreshes_early_near_expiry_only)
 }
 END_TEST
 
+/* XFetch refreshes a value near its own expiry. An L1 entry cut short by
+ * l1_max_ttl expires while L2 still holds the value for long: it is
+ * filled from L2 again then, never reloaded early by the loader. */
+START_TEST(xfetch_leaves_an_entry_capped_by_l1_max_ttl_to_l2)
+{
+    rig r;
+    memset(&r, 0, sizeof r);
+    snprintf(r.prefix, sizeof r.prefix, "%s:", uniq("xf"));
+    r.redis = kt_redis_open(kt_redis_nodes(), 500 * MS);
+    r.ls.take_ns = 100 * MS; /* each load "takes" 100 ms on the fake clock */
+    keel_cache_opts o = {.redis = r.redis, .redis_prefix = r.prefix, .loader = load, .loader_ud = &r.ls,
+                         .xfetch_beta = 1, .l1_max_ttl_ns = 1 * S, .clock = kt_clock_now, .clock_ud = &clk};
+    ck_assert_int_eq(keel_cache_create(&r.c, &o), 0);
+    char v[64];
+    ck_assert_int_eq(get(r.c, "x", v, sizeof v), 0); /* loaded: 60 s in L2, 1 s in L1 */
+    ck_assert_int_eq(atomic_load(&r.ls.calls), 1);
+    kt_clock_advance(&clk, 990 * MS); /* 10 ms left in L1, 59 s in L2 */
+    for (int i = 0; i < 20; i++) {
+        ck_assert_int_eq(get(r.c, "x", v, sizeof v), 0);
+        ck_assert_str_eq(v, "loaded:x");
+    }
+    ck_assert_int_eq(atomic_load(&r.ls.calls), 1);
+    kt_clock_advance(&clk, 20 * MS); /* L1's entry expired: L2 has it */
+    ck_assert_int_eq(get(r.c, "x", v, sizeof v), 0);
+    ck_assert_str_eq(v, "loaded:x");
+    ck_assert_int_eq(atomic_load(&r.ls.calls), 1);
+    keel_cache_stats st;
+    keel_cache_stats_get(r.c, &st);
+    ck_assert_uint_eq(st.hits_l2, 1);
+    rig_close(&r);
+}
+END_TEST
+
 /* Two caches (two processes, in effect: each has its own single-flight)
  * with a lease: one loads, the other waits for its value in L2. */
 typedef struct lease_getter {
@@ -932,6 +965,7 @@ int main(void)
     tcase_add_test(sv, set_and_del_go_through_every_tier);
     tcase_add_test(sv, a_multi_get_asks_each_node_once);
     tcase_add_test(sv, a_lease_makes_one_process_load);
+    tcase_add_test(sv, xfetch_leaves_an_entry_capped_by_l1_max_ttl_to_l2);
     tcase_add_test(sv, another_process_invalidates_this_l1);
     tcase_add_test(sv, a_dropped_link_flushes_l1);
     tcase_add_test(sv, a_tag_goes_from_every_tier);

@@ -529,13 +529,25 @@ static uint64_t l1_expiry(keel_cache *c, uint64_t ttl)
     return ttl > UINT64_MAX - now ? UINT64_MAX : now + ttl;
 }
 
+/* The load time an L1 entry keeps for XFetch: none when l1_max_ttl cuts
+ * the entry short and a tier below keeps the value, since the entry's
+ * expiry is then not the value's: refreshing near it would call the
+ * loader for a value the tier below still holds (a get after it finds
+ * it there). */
+static uint64_t l1_delta(const keel_cache *c, uint64_t ttl, uint64_t delta)
+{
+    bool capped = c->o.l1_max_ttl_ns && ttl > c->o.l1_max_ttl_ns;
+    return capped && (c->o.redis || c->o.pg) ? 0 : delta;
+}
+
 /* L1, unless an invalidation came since `seen`. */
 static void l1_fill(keel_cache *c, const void *key, size_t klen, uint64_t h, const void *val, size_t vlen,
                     uint64_t ttl, uint64_t delta, const char *const *tags, size_t ntags, uint64_t seen)
 {
     l1_tagref refs[CACHE_MAX_TAGS];
     if (tag_refs(c, tags, ntags, refs))
-        keel__l1_set(c->l1, key, klen, h, val, vlen, l1_expiry(c, ttl), delta, refs, ntags, false, &c->epoch, seen);
+        keel__l1_set(c->l1, key, klen, h, val, vlen, l1_expiry(c, ttl), l1_delta(c, ttl, delta), refs, ntags, false,
+                     &c->epoch, seen);
 }
 
 /* Every tier below L1, then L1 (with the epoch check when seen != 0). */
@@ -546,8 +558,9 @@ static int l1_put(keel_cache *c, const void *key, size_t klen, uint64_t h, const
                   uint64_t ttl, uint64_t delta, const char *const *tags, size_t ntags, bool check, uint64_t seen)
 {
     l1_tagref refs[CACHE_MAX_TAGS];
-    int rc = tag_refs(c, tags, ntags, refs) ? keel__l1_set(c->l1, key, klen, h, val, vlen, l1_expiry(c, ttl), delta,
-                                                            refs, ntags, false, check ? &c->epoch : NULL, seen)
+    int rc = tag_refs(c, tags, ntags, refs) ? keel__l1_set(c->l1, key, klen, h, val, vlen, l1_expiry(c, ttl),
+                                                            l1_delta(c, ttl, delta), refs, ntags, false,
+                                                            check ? &c->epoch : NULL, seen)
                                              : KEEL_ENOMEM;
     if (rc && rc != KEEL_ECONFLICT)
         keel__l1_del(c->l1, key, klen, h);
