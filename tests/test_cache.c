@@ -31,6 +31,7 @@ typedef struct loader_state {
     int absent;          /* answer KEEL_ENOTFOUND */
     uint64_t take_ns;    /* advance the fake clock by this (the load's duration) */
     uint64_t sleep_ns;   /* really wait (for the single-flight test) */
+    _Atomic int hold;    /* wait while set: the test releases the load */
     const char *tag;
 } loader_state;
 
@@ -40,6 +41,8 @@ static int load(const void *key, size_t klen, keel_cache_load *ld, void *ud)
     atomic_fetch_add(&s->calls, 1);
     if (s->sleep_ns)
         kt_nap(s->sleep_ns);
+    while (atomic_load(&s->hold))
+        kt_nap(1 * MS);
     if (s->take_ns)
         kt_clock_advance(&clk, s->take_ns);
     if (s->absent)
@@ -342,6 +345,59 @@ START_TEST(eight_threads_missing_one_key_load_it_once)
     keel_cache_stats_get(r.c, &st);
     ck_assert_uint_eq(st.loads, 1);
     ck_assert_uint_eq(st.load_waits + st.hits_l1, 7);
+    rig_close(&r);
+}
+END_TEST
+
+/* Waits until a second get of "hot" either waits for the load in flight
+ * or calls the loader itself; returns the loader's calls then. */
+static int second_caller_settles(rig *r, int calls)
+{
+    keel_cache_stats st0, st;
+    keel_cache_stats_get(r->c, &st0);
+    for (;;) {
+        keel_cache_stats_get(r->c, &st);
+        if (st.load_waits > st0.load_waits || atomic_load(&r->ls.calls) > calls)
+            return atomic_load(&r->ls.calls);
+        kt_nap(1 * MS);
+    }
+}
+
+/* A write of another key while "hot" loads does not make a later miss of
+ * "hot" load again; a delete of "hot" itself does (the load in flight may
+ * have read what it deleted). */
+START_TEST(only_an_invalidation_of_the_key_splits_its_flight)
+{
+    rig r;
+    rig_open(&r, false, false, 0, 0);
+    getter g[2];
+    pthread_t t[2];
+    for (int round = 0; round < 2; round++) {
+        int calls = atomic_load(&r.ls.calls);
+        atomic_store(&r.ls.hold, 1);
+        g[0] = (getter){r.c, 99, ""};
+        pthread_create(&t[0], NULL, get_thread, &g[0]);
+        while (atomic_load(&r.ls.calls) == calls) /* the first caller loads */
+            kt_nap(1 * MS);
+        if (round == 0) {
+            const char *tags[1] = {"other"};
+            ck_assert_int_eq(set(r.c, "other", "o", tags, 1), 0);
+            ck_assert_int_eq(keel_cache_del(r.c, "other2", 6), 0);
+        } else {
+            ck_assert_int_eq(keel_cache_del(r.c, "hot", 3), 0);
+        }
+        g[1] = (getter){r.c, 99, ""};
+        pthread_create(&t[1], NULL, get_thread, &g[1]);
+        int now = second_caller_settles(&r, calls + 1);
+        atomic_store(&r.ls.hold, 0);
+        for (int i = 0; i < 2; i++) {
+            pthread_join(t[i], NULL);
+            ck_assert_int_eq(g[i].rc, 0);
+            ck_assert_str_eq(g[i].v, "loaded:hot");
+        }
+        ck_assert_int_eq(now, calls + (round == 0 ? 1 : 2));
+        ck_assert_int_eq(keel_cache_del(r.c, "hot", 3), 0);
+    }
     rig_close(&r);
 }
 END_TEST
@@ -952,6 +1008,7 @@ int main(void)
     TCase *tc = tcase_create("local");
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, eight_threads_missing_one_key_load_it_once);
+    tcase_add_test(tc, only_an_invalidation_of_the_key_splits_its_flight);
     tcase_add_test(tc, an_absent_answer_is_cached_for_negative_ttl);
     tcase_add_test(tc, xfetch_refreshes_early_near_expiry_only);
     tcase_add_test(tc, the_hot_set_survives_a_scan);

@@ -23,14 +23,15 @@
  * writes through every tier; del removes from every tier.
  *
  * Single-flight: concurrent misses of one key in one process call the
- * loader once; the others wait for its result. With `lease`, a Redis lease
- * (SET NX PX) makes one process load while the others wait for its value
- * in L2 (until the lease is gone without one, at most lease_ns, then they
- * load too); the holder releases only its own lease. With xfetch_beta > 0, a
- * hit close to its expiry may be treated as a miss (XFetch), so that one
- * caller refreshes it early rather than all at once (not an L1 entry cut
- * short by l1_max_ttl over L2 or L3: that one is filled again from them
- * when it expires). A loader may answer
+ * loader once; the others wait for its result (a miss after an
+ * invalidation of that key starts a load of its own). With `lease`, a
+ * Redis lease (SET NX PX) makes one process load while the others wait
+ * for its value in L2 (until the lease is gone without one, at most
+ * lease_ns, then they load too); the holder releases only its own lease.
+ * With xfetch_beta > 0, a hit close to its expiry may be treated as a
+ * miss (XFetch), so that one caller refreshes it early rather than all at
+ * once (not an L1 entry cut short by l1_max_ttl over L2 or L3: that one
+ * is filled again from them when it expires). A loader may answer
  * KEEL_ENOTFOUND: that absence is cached in L1 for negative_ttl_ns.
  *
  * Invalidation. set, del, invalidate_tag and invalidate_prefix act on all

@@ -7,7 +7,10 @@
  * tier or loaded goes into L1 only if the epoch is still what it was when
  * the read began, checked under the L1 shard's mutex (keel__l1_set), and
  * invalidations delete under that same mutex: so a reply that was already
- * on its way when an invalidation came never lands in L1 after it.
+ * on its way when an invalidation came never lands in L1 after it. The
+ * loads in flight of the keys an invalidation covers stop taking callers
+ * (a get after it waits for no value read before it); those of other keys
+ * go on, so that one load still serves every miss of a key.
  *
  * Redis keys: prefix + "v:" + key (the value, with a small header: its
  * tags and the time it took to load, for XFetch), prefix + "t:" + tag (a
@@ -57,13 +60,14 @@ typedef struct lookup_stats {
 
 /* One in-process load of a key; the callers that missed meanwhile wait. */
 typedef struct flight {
-    uint64_t h, seen; /* seen: the epoch it started at; later callers join only while it holds */
+    uint64_t h;
     void *key;
     size_t klen;
     int rc;
     void *val;
     size_t vlen;
     bool done;
+    bool stale; /* an invalidation of the key came: later callers start a load of their own */
     unsigned refs;
     pthread_cond_t cv;
     struct flight *next;
@@ -444,10 +448,9 @@ static int l3_one(keel_cache *c, keel_pg_stmt *s, const void *arg, int len, size
 /* Joins the flight of key, or starts one (true: the caller leads it). */
 static bool sf_join(keel_cache *c, const void *key, size_t klen, uint64_t h, flight **out)
 {
-    uint64_t now_epoch = atomic_load(&c->epoch);
     pthread_mutex_lock(&c->fl_mu);
     for (flight *f = c->flights; f; f = f->next)
-        if (f->h == h && f->seen == now_epoch && f->klen == klen && memcmp(f->key, key, klen) == 0) {
+        if (f->h == h && !f->stale && f->klen == klen && memcmp(f->key, key, klen) == 0) {
             f->refs++;
             *out = f;
             pthread_mutex_unlock(&c->fl_mu);
@@ -462,7 +465,6 @@ static bool sf_join(keel_cache *c, const void *key, size_t klen, uint64_t h, fli
         memcpy(f->key, key, klen);
         f->klen = klen;
         f->h = h;
-        f->seen = now_epoch;
         f->refs = 1;
         pthread_cond_init(&f->cv, NULL);
         f->next = c->flights;
@@ -471,6 +473,21 @@ static bool sf_join(keel_cache *c, const void *key, size_t klen, uint64_t h, fli
     pthread_mutex_unlock(&c->fl_mu);
     *out = f; /* NULL: no memory, load alone */
     return true;
+}
+
+/* An invalidation is applied: the epoch moves (a value read before it
+ * stays out of L1), and the loads in flight of the keys it covers take no
+ * more callers, whose gets began after it (the load may have read what it
+ * removed). key: that key, or with `prefix` every key it starts; NULL:
+ * every key. Other keys' loads go on gathering their callers. */
+static void invalidated(keel_cache *c, const void *key, size_t klen, bool prefix)
+{
+    atomic_fetch_add(&c->epoch, 1);
+    pthread_mutex_lock(&c->fl_mu);
+    for (flight *f = c->flights; f; f = f->next)
+        if (!key || ((prefix ? f->klen >= klen : f->klen == klen) && memcmp(f->key, key, klen) == 0))
+            f->stale = true;
+    pthread_mutex_unlock(&c->fl_mu);
 }
 
 static void sf_finish(keel_cache *c, flight *f, int rc, const void *val, size_t vlen)
@@ -579,7 +596,7 @@ static int write_through(keel_cache *c, const void *key, size_t klen, uint64_t h
         first = rc;
     if (c->o.pg && (rc = tier_done(c, L3, l3_put(c, key, klen, val, vlen, ttl, tags, ntags, false))) != 0 && !first)
         first = rc;
-    atomic_fetch_add(&c->epoch, 1);
+    invalidated(c, key, klen, false);
     rc = l1_put(c, key, klen, h, val, vlen, ttl, 0, tags, ntags, false, 0);
     return first ? first : rc;
 }
@@ -995,14 +1012,14 @@ KEEL_API int keel_cache_del(keel_cache *c, const void *key, size_t klen)
     if (!c || !key_ok(c, key, klen))
         return KEEL_EINVAL;
     uint64_t h = key_hash(key, klen);
-    atomic_fetch_add(&c->epoch, 1);
+    invalidated(c, key, klen, false);
     keel__l1_del(c->l1, key, klen, h);
     int first = 0, rc; /* tried even when failing: a delete must not be skipped */
     if (c->o.redis && (rc = tier_done(c, L2, l2_del(c, key, klen))) != 0)
         first = rc;
     if (c->o.pg && (rc = tier_done(c, L3, l3_one(c, c->st_del, key, (int)klen, NULL))) != 0 && !first)
         first = rc;
-    atomic_fetch_add(&c->epoch, 1); /* and again: a get that read a lower tier meanwhile */
+    invalidated(c, key, klen, false); /* and again: a get that read a lower tier meanwhile */
     keel__l1_del(c->l1, key, klen, h);
     announce(c, 'K', key, klen);
     return first;
@@ -1065,7 +1082,7 @@ static int l2_del_tag(keel_cache *c, const char *tag)
 static void bump_tag(keel_cache *c, const char *tag, bool create)
 {
     ctag *t = create ? tag_get(c, tag) : tag_find(c, tag);
-    atomic_fetch_add(&c->epoch, 1);
+    invalidated(c, NULL, 0, false);
     if (t)
         atomic_fetch_add(&t->version, 1);
     else if (create) /* no memory to remember the tag: forget everything instead */
@@ -1144,7 +1161,7 @@ KEEL_API int keel_cache_invalidate_prefix(keel_cache *c, const void *prefix, siz
         return KEEL_EINVAL;
     if (!len)
         prefix = "";
-    atomic_fetch_add(&c->epoch, 1);
+    invalidated(c, prefix, len, true);
     keel__l1_del_prefix(c->l1, prefix, len);
     int first = 0, rc;
     if (c->o.redis && (rc = tier_done(c, L2, l2_del_prefix(c, prefix, len))) != 0)
@@ -1162,7 +1179,7 @@ KEEL_API int keel_cache_invalidate_prefix(keel_cache *c, const void *prefix, siz
         if ((rc = tier_done(c, L3, l3_one(c, c->st_del_prefix, pat, (int)pl, NULL))) != 0 && !first)
             first = rc;
     }
-    atomic_fetch_add(&c->epoch, 1);
+    invalidated(c, prefix, len, true);
     keel__l1_del_prefix(c->l1, prefix, len);
     announce(c, 'P', prefix, len);
     return first;
@@ -1216,8 +1233,8 @@ static void on_message(const char *channel, size_t chlen, const char *msg, size_
     const char *p = msg + ID_LEN + 1;
     size_t n = len - ID_LEN - 1;
     atomic_fetch_add_explicit(&c->st.invalidations_received, 1, memory_order_relaxed);
-    atomic_fetch_add(&c->epoch, 1);
     if (msg[ID_LEN] == 'K' && n) {
+        invalidated(c, p, n, false);
         keel__l1_del(c->l1, p, n, key_hash(p, n));
     } else if (msg[ID_LEN] == 'T' && n && n <= CACHE_MAX_TAG) {
         char tag[CACHE_MAX_TAG + 1];
@@ -1225,8 +1242,10 @@ static void on_message(const char *channel, size_t chlen, const char *msg, size_
         tag[n] = '\0';
         bump_tag(c, tag, false);
     } else if (msg[ID_LEN] == 'P') {
+        invalidated(c, p, n, true);
         keel__l1_del_prefix(c->l1, p, n);
     } else {
+        invalidated(c, NULL, 0, false);
         keel__l1_flush(c->l1); /* a message we do not understand: be safe */
     }
 }
@@ -1237,7 +1256,7 @@ static void on_message(const char *channel, size_t chlen, const char *msg, size_
 static void link_changed(void *ud)
 {
     keel_cache *c = ud;
-    atomic_fetch_add(&c->epoch, 1);
+    invalidated(c, NULL, 0, false);
     keel__l1_flush(c->l1);
     atomic_fetch_add_explicit(&c->st.flushes, 1, memory_order_relaxed);
 }
