@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <keel/cache.h>
@@ -723,6 +724,53 @@ START_TEST(prefixes_with_glob_and_like_characters_and_nul)
 }
 END_TEST
 
+/* Values in L2 and rows in L3 that keel_cache did not write (another
+ * program under the prefix, a row put by hand) are not values of ours
+ * when their tags do not fit: the loader answers, nothing overflows. */
+START_TEST(foreign_tags_too_long_are_not_values_of_ours)
+{
+    rig r;
+    rig_open(&r, true, true, 0, 0);
+    unsigned char enc[18 + 16 * 256 + 1], *p = enc;
+    *p++ = 'K';
+    *p++ = 16; /* tags */
+    memset(p, 0, 8); /* no load time */
+    p += 8;
+    uint64_t until = (uint64_t)time(NULL) * 1000u + 60000u;
+    for (int i = 7; i >= 0; i--, until >>= 8)
+        p[i] = (unsigned char)until; /* expiry, wall-clock ms, big-endian */
+    p += 8;
+    for (int i = 0; i < 16; i++) { /* 16 tags of 255 bytes: over 200 each */
+        *p++ = 255;
+        memset(p, 'a' + i, 255);
+        p += 255;
+    }
+    *p++ = 'v';
+    char k[128];
+    int kl = snprintf(k, sizeof k, "%sv:l2bad", r.prefix);
+    const char *a[3] = {"SET", k, (const char *)enc};
+    size_t l[3] = {3, (size_t)kl, (size_t)(p - enc)};
+    redisReply *rep;
+    ck_assert_int_eq(keel_redis_command(r.redis, k, (size_t)kl, 3, a, l, &rep), 0);
+    freeReplyObject(rep);
+    char sql[300];
+    snprintf(sql, sizeof sql,
+             "INSERT INTO \"%s\" VALUES ('l3bad'::bytea, 'v'::bytea, now() + interval '1 hour', "
+             "array_fill(repeat('a', 300), ARRAY[16]))",
+             r.table);
+    PGresult *res;
+    ck_assert_int_eq(keel_pg_exec(r.pg, KEEL_PG_WRITE, sql, NULL, &res), 0);
+    PQclear(res);
+    char v[64];
+    ck_assert_int_eq(get(r.c, "l2bad", v, sizeof v), 0);
+    ck_assert_str_eq(v, "loaded:l2bad");
+    ck_assert_int_eq(get(r.c, "l3bad", v, sizeof v), 0);
+    ck_assert_str_eq(v, "loaded:l3bad");
+    ck_assert_int_eq(atomic_load(&r.ls.calls), 2);
+    rig_close(&r);
+}
+END_TEST
+
 /* ---- tiers down ---- */
 
 START_TEST(redis_down_then_back)
@@ -1027,6 +1075,7 @@ int main(void)
     tcase_add_test(sv, a_dropped_link_flushes_l1);
     tcase_add_test(sv, a_tag_goes_from_every_tier);
     tcase_add_test(sv, prefixes_with_glob_and_like_characters_and_nul);
+    tcase_add_test(sv, foreign_tags_too_long_are_not_values_of_ours);
     tcase_add_test(sv, redis_down_then_back);
     tcase_add_test(sv, postgres_down_then_back);
     suite_add_tcase(s, sv);

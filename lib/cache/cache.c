@@ -271,7 +271,7 @@ static bool l2_decode(const char *b, size_t n, decoded *d)
         if (at >= n)
             return false;
         size_t l = (unsigned char)b[at++];
-        if (l == 0 || at + l > n)
+        if (l == 0 || l > CACHE_MAX_TAG || at + l > n) /* tagbuf holds ours only */
             return false;
         memcpy(tb, b + at, l);
         tb[l] = '\0';
@@ -677,6 +677,24 @@ static bool l2_take(keel_cache *c, const void *key, size_t klen, uint64_t h, red
     return ok;
 }
 
+/* An L3 row's tags, joined by 0x1f, into d; false when they are not ours
+ * (too many, or one too long for d->tagbuf). */
+static bool l3_tags(const char *tt, decoded *d)
+{
+    char *tb = d->tagbuf;
+    for (d->ntags = 0; *tt; d->ntags++) {
+        size_t l = strcspn(tt, "\x1f");
+        if (d->ntags == CACHE_MAX_TAGS || l == 0 || l > CACHE_MAX_TAG)
+            return false;
+        memcpy(tb, tt, l);
+        tb[l] = '\0';
+        d->tags[d->ntags] = tb;
+        tb += l + 1;
+        tt += l + (tt[l] != '\0');
+    }
+    return true;
+}
+
 /* The lower tiers (L2 unless the caller just asked it), then the loader;
  * *out (malloc'd) is the value. */
 static int fill(keel_cache *c, const void *key, size_t klen, uint64_t h, bool try_l2, void **out, size_t *outlen)
@@ -699,21 +717,15 @@ static int fill(keel_cache *c, const void *key, size_t klen, uint64_t h, bool tr
         rc = tier_done(c, L3, l3_get(c, key, klen, &res));
         if (rc == KEEL_ENOMEM)
             return rc;
+        decoded d;
+        if (rc == 0 && !l3_tags(PQgetvalue(res, 0, 1), &d)) { /* a row we did not write: a miss */
+            PQclear(res);
+            rc = KEEL_ENOTFOUND;
+        }
         if (rc == 0) {
             atomic_fetch_add_explicit(&c->st.hits_l3, 1, memory_order_relaxed);
             size_t vlen = (size_t)PQgetlength(res, 0, 0);
             const char *val = PQgetvalue(res, 0, 0);
-            decoded d;
-            d.ntags = 0;
-            char *tb = d.tagbuf, *tt = PQgetvalue(res, 0, 1);
-            while (*tt && d.ntags < CACHE_MAX_TAGS) { /* the tags, joined by 0x1f */
-                size_t l = strcspn(tt, "\x1f");
-                memcpy(tb, tt, l);
-                tb[l] = '\0';
-                d.tags[d.ntags++] = tb;
-                tb += l + 1;
-                tt += l + (tt[l] != '\0');
-            }
             uint64_t ms_left;
             memcpy(&ms_left, PQgetvalue(res, 0, 2), 8);
             ttl = be64toh(ms_left) * 1000000u;
