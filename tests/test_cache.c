@@ -403,6 +403,37 @@ START_TEST(only_an_invalidation_of_the_key_splits_its_flight)
 }
 END_TEST
 
+/* A write of another key while "hot" loads does not keep the loaded
+ * value from L2 and L3, where other processes wait for it; a delete of
+ * "hot" itself does. */
+START_TEST(only_an_invalidation_of_the_key_keeps_a_load_from_the_lower_tiers)
+{
+    rig r;
+    rig_open(&r, true, true, 0, 0);
+    for (int round = 0; round < 2; round++) {
+        ck_assert_int_eq(keel_cache_del(r.c, "hot", 3), 0);
+        int calls = atomic_load(&r.ls.calls);
+        atomic_store(&r.ls.hold, 1);
+        getter g = {r.c, 99, ""};
+        pthread_t t;
+        pthread_create(&t, NULL, get_thread, &g);
+        while (atomic_load(&r.ls.calls) == calls) /* it loads */
+            kt_nap(1 * MS);
+        if (round == 0)
+            ck_assert_int_eq(set(r.c, "other", "o", NULL, 0), 0);
+        else
+            ck_assert_int_eq(keel_cache_del(r.c, "hot", 3), 0);
+        atomic_store(&r.ls.hold, 0);
+        pthread_join(t, NULL);
+        ck_assert_int_eq(g.rc, 0);
+        ck_assert_str_eq(g.v, "loaded:hot");
+        ck_assert_int_eq(in_l2(&r, "hot", 3), (round == 0));
+        ck_assert_int_eq(in_l3(&r, "hot", 3), (round == 0));
+    }
+    rig_close(&r);
+}
+END_TEST
+
 START_TEST(an_absent_answer_is_cached_for_negative_ttl)
 {
     rig r;
@@ -1069,6 +1100,7 @@ int main(void)
     tcase_add_test(sv, a_miss_fills_every_tier_and_l1_ttl_is_capped);
     tcase_add_test(sv, set_and_del_go_through_every_tier);
     tcase_add_test(sv, a_multi_get_asks_each_node_once);
+    tcase_add_test(sv, only_an_invalidation_of_the_key_keeps_a_load_from_the_lower_tiers);
     tcase_add_test(sv, a_lease_makes_one_process_load);
     tcase_add_test(sv, xfetch_leaves_an_entry_capped_by_l1_max_ttl_to_l2);
     tcase_add_test(sv, another_process_invalidates_this_l1);

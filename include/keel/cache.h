@@ -46,7 +46,9 @@
  * loaded) while any invalidation arrived is returned but not put into L1,
  * so a late reply never brings back what was just invalidated; fills of
  * the lower tiers never overwrite a value set meanwhile (SET NX, an upsert
- * over expired rows only). L3 is read on the primary.
+ * over expired rows only), and are skipped when an invalidation of that
+ * key (a del, set, prefix or tag, here or announced) came during the
+ * read. L3 is read on the primary.
  *
  * Tags. set may name tags. L1 entries record each tag's version at set;
  * invalidating a tag bumps its version (here and, through the channel, in

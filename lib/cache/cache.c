@@ -601,13 +601,28 @@ static int write_through(keel_cache *c, const void *key, size_t klen, uint64_t h
     return first ? first : rc;
 }
 
-/* A loaded value: the lower tiers only where nothing newer is (SET NX, an
- * upsert over expired rows only), and only if no invalidation came during
- * the load; L1 under the same condition. */
-static void fill_through(keel_cache *c, const void *key, size_t klen, uint64_t h, const void *val, size_t vlen,
-                         uint64_t ttl, const char *const *tags, size_t ntags, uint64_t delta, uint64_t seen)
+/* Whether an invalidation of the flight's key came since it began; with
+ * no flight (no memory for one), whether any came since `seen`. */
+static bool flight_stale(keel_cache *c, flight *f, uint64_t seen)
 {
-    if (atomic_load(&c->epoch) != seen)
+    if (!f)
+        return atomic_load(&c->epoch) != seen;
+    pthread_mutex_lock(&c->fl_mu);
+    bool stale = f->stale;
+    pthread_mutex_unlock(&c->fl_mu);
+    return stale;
+}
+
+/* A loaded value: the lower tiers only where nothing newer is (SET NX, an
+ * upsert over expired rows only), and only if no invalidation of the key
+ * came during the load (one of another key does not keep it from the
+ * processes waiting on the lease); L1 only if no invalidation at all came
+ * (keel__l1_set checks that under the shard's mutex). */
+static void fill_through(keel_cache *c, flight *f, const void *key, size_t klen, uint64_t h, const void *val,
+                         size_t vlen, uint64_t ttl, const char *const *tags, size_t ntags, uint64_t delta,
+                         uint64_t seen)
+{
+    if (flight_stale(c, f, seen))
         return;
     if (c->o.redis && tier_up(c, L2))
         tier_done(c, L2, l2_set_nx(c, key, klen, val, vlen, ttl, tags, ntags, delta));
@@ -695,9 +710,10 @@ static bool l3_tags(const char *tt, decoded *d)
     return true;
 }
 
-/* The lower tiers (L2 unless the caller just asked it), then the loader;
- * *out (malloc'd) is the value. */
-static int fill(keel_cache *c, const void *key, size_t klen, uint64_t h, bool try_l2, void **out, size_t *outlen)
+/* The lower tiers (L2 unless the caller just asked it), then the loader,
+ * for the flight f the caller leads; *out (malloc'd) is the value. */
+static int fill(keel_cache *c, flight *f, const void *key, size_t klen, uint64_t h, bool try_l2, void **out,
+                size_t *outlen)
 {
     uint64_t seen = atomic_load(&c->epoch);
     redisReply *r = NULL;
@@ -729,7 +745,7 @@ static int fill(keel_cache *c, const void *key, size_t klen, uint64_t h, bool tr
             uint64_t ms_left;
             memcpy(&ms_left, PQgetvalue(res, 0, 2), 8);
             ttl = be64toh(ms_left) * 1000000u;
-            if (c->o.redis && atomic_load(&c->epoch) == seen && tier_up(c, L2))
+            if (c->o.redis && !flight_stale(c, f, seen) && tier_up(c, L2))
                 tier_done(c, L2, l2_set_nx(c, key, klen, val, vlen, ttl, d.tags, d.ntags, 0));
             l1_fill(c, key, klen, h, val, vlen, ttl, 0, d.tags, d.ntags, seen);
             rc = dup_out(val, vlen, out, outlen);
@@ -774,7 +790,7 @@ static int fill(keel_cache *c, const void *key, size_t klen, uint64_t h, bool tr
                      seen);
     } else if (rc == 0) {
         uint64_t lttl = ld.ttl ? ld.ttl : c->o.default_ttl_ns;
-        fill_through(c, key, klen, h, ld.val, ld.vlen, lttl, ld.tags, ld.ntags, delta, seen);
+        fill_through(c, f, key, klen, h, ld.val, ld.vlen, lttl, ld.tags, ld.ntags, delta, seen);
         *out = ld.val;
         *outlen = ld.vlen;
         ld.val = NULL;
@@ -892,7 +908,7 @@ static int miss(keel_cache *c, const void *key, size_t klen, uint64_t h, bool tr
     }
     void *val = NULL;
     size_t vlen = 0;
-    rc = fill(c, key, klen, h, try_l2, &val, &vlen);
+    rc = fill(c, f, key, klen, h, try_l2, &val, &vlen);
     sf_finish(c, f, rc, val, vlen);
     sf_leave(c, f);
     if (rc == 0)
