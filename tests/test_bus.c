@@ -777,6 +777,60 @@ START_TEST(a_blocked_publisher_goes_on_when_room_is_made)
 }
 END_TEST
 
+/* A publisher whose wait for room times out tries once more, and that try
+ * may find room: then the delivery is queued exactly once and the publish
+ * returns 0. Publishers with a 1 ns limit race a worker that empties a
+ * queue of two: every publish that returned 0 is delivered once, and no
+ * other. */
+static int count_call(const keel_bus_msg *m, void *ud)
+{
+    (void)m;
+    atomic_fetch_add((atomic_int *)ud, 1);
+    return 0;
+}
+
+typedef struct racer {
+    keel_bus *b;
+    size_t ok, timedout;
+} racer;
+
+static void *race_full_queue(void *arg)
+{
+    racer *x = arg;
+    for (int i = 0; i < 20000; i++) {
+        int rc = pub(x->b, "q");
+        ck_assert(rc == 0 || rc == KEEL_ETIMEDOUT);
+        if (rc == 0)
+            x->ok++;
+        else
+            x->timedout++;
+    }
+    return NULL;
+}
+
+START_TEST(a_timed_out_wait_that_finds_room_queues_once)
+{
+    keel_bus *b;
+    keel_bus_opts o = {.workers = 1, .capacity = 2, .on_full = KEEL_BUS_BLOCK, .block_timeout_ns = 1};
+    ck_assert_int_eq(keel_bus_create(&b, &o), 0);
+    atomic_int calls = 0;
+    sub(b, "q", count_call, &calls, KEEL_BUS_ASYNC, NULL);
+    racer x[3] = {{b, 0, 0}, {b, 0, 0}, {b, 0, 0}};
+    pthread_t t[3];
+    for (int i = 0; i < 3; i++)
+        pthread_create(&t[i], NULL, race_full_queue, &x[i]);
+    for (int i = 0; i < 3; i++)
+        pthread_join(t[i], NULL);
+    ck_assert_int_eq(keel_bus_drain(b), 0);
+    size_t ok = x[0].ok + x[1].ok + x[2].ok, timedout = x[0].timedout + x[1].timedout + x[2].timedout;
+    keel_bus_stats st;
+    keel_bus_stats_get(b, &st);
+    ck_assert_uint_eq(st.rejected, timedout);
+    ck_assert_uint_eq((size_t)atomic_load(&calls), ok);
+    keel_bus_destroy(b);
+}
+END_TEST
+
 /* Handlers that call back into the bus: publish (sync and async), drain. */
 typedef struct reent {
     keel_bus *b;
@@ -949,13 +1003,6 @@ static bool quarantine_intact(void)
             if (((unsigned char *)kept[i])[k] != 0xdb)
                 return false;
     return true;
-}
-
-static int count_call(const keel_bus_msg *m, void *ud)
-{
-    (void)m;
-    atomic_fetch_add((atomic_int *)ud, 1);
-    return 0;
 }
 
 START_TEST(a_group_outlives_a_member_left_in_the_trie_by_a_failed_unsubscribe)
@@ -1571,6 +1618,7 @@ int main(void)
     tcase_add_test(tc, each_full_queue_policy);
     tcase_add_test(tc, destroy_runs_what_handlers_queue_meanwhile);
     tcase_add_test(tc, a_blocked_publisher_goes_on_when_room_is_made);
+    tcase_add_test(tc, a_timed_out_wait_that_finds_room_queues_once);
     tcase_add_test(tc, handlers_may_publish_but_a_worker_may_not_drain);
     tcase_add_test(tc, many_subscriptions_come_and_go);
     tcase_add_test(tc, metrics_report_the_counters);

@@ -785,11 +785,18 @@ static int enqueue(keel_bus *bus, keel_bus_sub *sub, bmsg *m, uint64_t subject_h
             deadline(bus->o.block_timeout_ns, &ts);
         pthread_mutex_lock(&w->mu);
         atomic_fetch_add(&w->space_waiters, 1);
-        while (rc == 0 && !ring_push(w, bus->mask, sub, m))
+        /* one push after the time is up: room made at the last moment is
+         * taken, and a push that succeeded is never tried again */
+        for (bool late = false; !ring_push(w, bus->mask, sub, m);) {
+            if (late) {
+                rc = KEEL_ETIMEDOUT;
+                break;
+            }
             if (!bus->o.block_timeout_ns)
                 pthread_cond_wait(&w->space, &w->mu);
-            else if (pthread_cond_timedwait(&w->space, &w->mu, &ts) != 0 && !ring_push(w, bus->mask, sub, m))
-                rc = KEEL_ETIMEDOUT;
+            else
+                late = pthread_cond_timedwait(&w->space, &w->mu, &ts) != 0;
+        }
         atomic_fetch_sub(&w->space_waiters, 1);
         pthread_mutex_unlock(&w->mu);
         break;
