@@ -1382,6 +1382,59 @@ static uint64_t consume_until(keel_redis *r, const char *prefix, const char *nam
     return s.claimed;
 }
 
+/* A handler that fails once, then holds the reader until drain has
+ * returned (at most 1.5 s, real time: what drain allows an unreachable
+ * reader is counted on the real clock). */
+typedef struct holder {
+    _Atomic int calls, entered, drained;
+} holder;
+
+static int on_hold(const keel_bus_msg *m, void *ud)
+{
+    (void)m;
+    holder *h = ud;
+    if (atomic_fetch_add(&h->calls, 1) == 0)
+        return -1;
+    atomic_store(&h->entered, 1);
+    uint64_t deadline = keel_now_ns() + 1500 * MS;
+    while (!atomic_load(&h->drained) && keel_now_ns() < deadline)
+        nap(10 * MS);
+    return 0;
+}
+
+/* A reader busy with its pending entries after a (re)start has reached
+ * Redis: drain waits for it rather than report it unreachable once an
+ * unreachable reader's allowance (connect + command timeouts + block_ns,
+ * 450 ms here) has passed. */
+START_TEST(drain_waits_for_a_reader_busy_with_its_pending_entries)
+{
+    char prefix[96];
+    unique_prefix(prefix, sizeof prefix, "busy");
+    keel_redis *r = kt_redis_open(1, 100 * MS);
+    keel_bus *p = rbus(r, prefix, NULL, NULL, 1, 0, NULL, NULL);
+    holder *h = calloc(1, sizeof *h);
+    keel_bus *c = rbus(r, prefix, "grp", "same", 1, 3600 * S, NULL, NULL);
+    sub(c, "work.>", on_hold, h, KEEL_BUS_SYNC, NULL);
+    ck_assert_int_eq(keel_bus_start(c), 0);
+    ck_assert_int_eq(keel_bus_publish(p, "work.x", "x", 1, NULL, 0, NULL), 0);
+    ck_assert_int_eq(keel_bus_drain(c), 0);
+    ck_assert_int_eq(atomic_load(&h->calls), 1); /* failed: pending on "same" */
+    keel_bus_destroy(c);
+    c = rbus(r, prefix, "grp", "same", 1, 3600 * S, NULL, NULL);
+    sub(c, "work.>", on_hold, h, KEEL_BUS_SYNC, NULL);
+    ck_assert_int_eq(keel_bus_start(c), 0);
+    while (!atomic_load(&h->entered)) /* its pending list gave the entry back */
+        nap(MS);
+    ck_assert_int_eq(keel_bus_drain(c), 0);
+    atomic_store(&h->drained, 1);
+    ck_assert_int_eq(atomic_load(&h->calls), 2);
+    keel_bus_destroy(c);
+    keel_bus_destroy(p);
+    keel_redis_destroy(r);
+    free(h);
+}
+END_TEST
+
 START_TEST(a_consumer_killed_mid_batch_is_taken_over)
 {
     char prefix[96];
@@ -1632,6 +1685,7 @@ int main(void)
     tcase_add_test(rd, two_processes_share_a_group_and_miss_nothing);
     tcase_add_test(rd, a_consumer_killed_mid_batch_is_taken_over);
     tcase_add_test(rd, a_consumer_restarted_under_its_name_reads_its_pending_first);
+    tcase_add_test(rd, drain_waits_for_a_reader_busy_with_its_pending_entries);
     tcase_add_test(rd, restarts_do_not_deliver_a_poison_message_again);
     tcase_add_test(rd, a_poison_message_reaches_the_dead_letter_stream);
     tcase_add_test(rd, stopping_mid_batch_acknowledges_what_was_handled);

@@ -420,6 +420,17 @@ static int count_own(breader *rd, redisContext *c, const redisReply *entries, bo
 
 /* ---- the reader ---- */
 
+/* The reader's last read was answered: tells drain it can reach Redis. */
+static void set_healthy(breader *rd)
+{
+    pthread_mutex_lock(&rd->mu);
+    if (!rd->healthy) {
+        rd->healthy = true;
+        pthread_cond_broadcast(&rd->cv);
+    }
+    pthread_mutex_unlock(&rd->mu);
+}
+
 /* Reads and delivers until the connection fails or the reader stops. */
 static int consume(breader *rd, redisContext *c)
 {
@@ -467,6 +478,8 @@ static int consume(breader *rd, redisContext *c)
             snprintf(cursor, sizeof cursor, "0");
             continue;
         }
+        if (rc == 0) /* Redis answered: so before handling what it gave, which may take long */
+            set_healthy(rd);
         const redisReply *entries = NULL;
         if (rc == 0 && rep->type == REDIS_REPLY_ARRAY && rep->elements == 1 &&
             rep->element[0]->type == REDIS_REPLY_ARRAY && rep->element[0]->elements == 2 &&
@@ -490,14 +503,6 @@ static int consume(breader *rd, redisContext *c)
             pthread_mutex_lock(&rd->mu);
             rd->empty_read = nr;
             pthread_cond_broadcast(&rd->cv);
-            pthread_mutex_unlock(&rd->mu);
-        }
-        if (rc == 0) {
-            pthread_mutex_lock(&rd->mu);
-            if (!rd->healthy) {
-                rd->healthy = true;
-                pthread_cond_broadcast(&rd->cv);
-            }
             pthread_mutex_unlock(&rd->mu);
         }
         if (rep)
