@@ -1019,7 +1019,7 @@ START_TEST(a_group_outlives_a_member_left_in_the_trie_by_a_failed_unsubscribe)
     ck_assert_int_eq(keel_bus_unsubscribe(g), 0);
     atomic_store(&fail_size, 0);
     for (int i = 0; i < 4; i++)
-        ck_assert_int_eq(pub(b, "x"), 0); /* the group is picked through the dead member */
+        ck_assert_int_eq(pub(b, "x"), 0); /* the dead member, left in the trie, is skipped; its group stays valid */
     atomic_store(&quarantining, 0);
     ck_assert_msg(quarantine_intact(), "freed memory written");
     ck_assert_int_eq(atomic_load(&na), 4);

@@ -771,8 +771,11 @@ static int enqueue(keel_bus *bus, keel_bus_sub *sub, bmsg *m, uint64_t subject_h
     while (!ring_push(w, bus->mask, sub, m)) {
         if (bus->o.on_full == KEEL_BUS_DROP_OLDEST) {
             /* a push can fail while the worker is releasing a slot: drop
-             * only from a queue that is really full */
-            if (atomic_load(&w->tail) - atomic_load(&w->head) >= bus->cap)
+             * only from a queue that is really full. The head first: read
+             * after it, the tail is never behind it, so the difference
+             * cannot wrap. */
+            uint64_t head = atomic_load(&w->head);
+            if (atomic_load(&w->tail) - head >= bus->cap)
                 drop_oldest(bus, w);
             continue;
         }
