@@ -414,6 +414,31 @@ START_TEST(read_your_writes_with_no_replica_up_uses_the_primary_at_once)
 }
 END_TEST
 
+/* A replica whose connections are all out is nothing to wait for either:
+ * the write host at once, not after the acquire timeout (an hour here,
+ * past the case's timeout). */
+START_TEST(read_your_writes_with_no_free_replica_connection_uses_the_primary_at_once)
+{
+    const char *replicas[1] = {kt_env("KEEL_TEST_PG_REPLICA")};
+    keel_pg_opts o = {.primary = kt_env("KEEL_TEST_PG"), .replicas = replicas, .nreplicas = 1,
+                      .conns_per_host = 1, .acquire_timeout_ns = 3600 * KT_S,
+                      .manual_health = 1, .clock = kt_clock_now, .clock_ud = &clk};
+    keel_pg *pg;
+    ck_assert_int_eq(keel_pg_create(&pg, &o), 0);
+    ck_assert_int_eq(keel_pg_check(pg), 0);
+    keel_pg_conn *held, *c;
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_READ, &held), 0);
+    ck_assert_uint_eq(keel_pg_conn_host(held), 1); /* the replica's one connection */
+    for (int i = 0; i < 2; i++) { /* no wait, and a long one */
+        ck_assert_int_eq(keel_pg_acquire_after(pg, 1, i ? 3600 * KT_S : 0, &c), 0);
+        ck_assert_uint_eq(keel_pg_conn_host(c), 0);
+        keel_pg_release(c);
+    }
+    keel_pg_release(held);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
 START_TEST(a_batch_is_one_pipeline_and_all_or_nothing)
 {
     keel_pg *pg = open_shared();
@@ -800,6 +825,7 @@ int main(void)
     tcase_add_test(tc, a_lagging_replica_sends_reads_to_the_primary);
     tcase_add_test(tc, read_your_writes_waits_for_the_replica_or_uses_the_primary);
     tcase_add_test(tc, read_your_writes_with_no_replica_up_uses_the_primary_at_once);
+    tcase_add_test(tc, read_your_writes_with_no_free_replica_connection_uses_the_primary_at_once);
     tcase_add_test(tc, a_batch_is_one_pipeline_and_all_or_nothing);
     tcase_add_test(tc, statements_are_prepared_again_when_the_server_forgets);
     tcase_add_test(tc, release_rolls_back_and_drops_what_it_cannot_reuse);

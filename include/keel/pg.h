@@ -125,7 +125,8 @@ KEEL_API int keel_pg_acquire(keel_pg *pg, keel_pg_mode mode, keel_pg_conn **out)
  * (from keel_pg_write_lsn()): on a replica that has replayed it (even one
  * over the lag limit: that position is all the read needs), waiting up to
  * wait_ns for one to catch up, else on the write host; at once on the
- * write host when no replica is up to wait for. */
+ * write host when no replica is up to wait for (none configured, all
+ * down, none with a free connection). */
 KEEL_API int keel_pg_acquire_after(keel_pg *pg, uint64_t lsn, uint64_t wait_ns,
                                    keel_pg_conn **out);
 

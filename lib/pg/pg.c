@@ -228,11 +228,11 @@ static bool usable(pghost *h, uint64_t now)
     return atomic_load_explicit(&h->down_until, memory_order_acquire) <= now;
 }
 
-int keel__pg_conn_get(pghost *h, keel_pg_conn **out)
+int keel__pg_conn_get(pghost *h, uint64_t timeout, keel_pg_conn **out)
 {
     keel_pg_conn *c;
     int rc;
-    while ((rc = keel_pool_acquire_timeout(h->pool, h->pg->acquire_timeout, (void **)&c)) == 0 &&
+    while ((rc = keel_pool_acquire_timeout(h->pool, timeout, (void **)&c)) == 0 &&
            c->gen != atomic_load(&h->gen))
         keel_pool_discard(h->pool, c); /* made before the host last failed */
     if (rc == KEEL_EUNAVAIL)
@@ -435,7 +435,7 @@ static int get_write(keel_pg *pg, keel_pg_conn **out)
     size_t w = atomic_load(&pg->writer);
     if (w == PG_NONE || !usable(&pg->hosts[w], keel__clock_now(&pg->clock)))
         return KEEL_EUNAVAIL;
-    return keel__pg_conn_get(&pg->hosts[w], out);
+    return keel__pg_conn_get(&pg->hosts[w], pg->acquire_timeout, out);
 }
 
 /* Whether the connection's host has replayed lsn: known from the last
@@ -464,7 +464,7 @@ static int get_replica(keel_pg *pg, keel_pg_conn **out)
             break;
         keel_lb_done(pg->lb, peer, 1, 0);
         pghost *h = keel_lb_peer_ud(peer);
-        if (usable(h, now) && keel__pg_conn_get(h, out) == 0)
+        if (usable(h, now) && keel__pg_conn_get(h, pg->acquire_timeout, out) == 0)
             return 0;
     }
     return KEEL_EUNAVAIL;
@@ -472,7 +472,8 @@ static int get_replica(keel_pg *pg, keel_pg_conn **out)
 
 /* A replica that has replayed lsn, whatever its lag otherwise (that lsn
  * is all the read needs). KEEL_EBUSY when the replicas that answered are
- * all behind it (waiting may help); KEEL_EUNAVAIL when none answered. */
+ * all behind it (waiting may help); KEEL_EUNAVAIL when none answered or
+ * had a connection free. */
 static int get_replica_after(keel_pg *pg, uint64_t lsn, keel_pg_conn **out)
 {
     uint64_t now = keel__clock_now(&pg->clock);
@@ -483,8 +484,8 @@ static int get_replica_after(keel_pg *pg, uint64_t lsn, keel_pg_conn **out)
         pthread_mutex_lock(&pg->mu);
         bool replica = h->role == KEEL_PG_ROLE_REPLICA;
         pthread_mutex_unlock(&pg->mu);
-        keel_pg_conn *c;
-        if (!replica || !usable(h, now) || keel__pg_conn_get(h, &c) != 0)
+        keel_pg_conn *c; /* none free now: not one to wait for */
+        if (!replica || !usable(h, now) || keel__pg_conn_get(h, 0, &c) != 0)
             continue;
         if (has_replayed(c, lsn)) {
             *out = c;

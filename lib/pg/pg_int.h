@@ -94,7 +94,8 @@ struct keel_pg_stmt {
 };
 
 /* pg.c */
-int keel__pg_conn_get(pghost *h, keel_pg_conn **out);
+/* A connection of h, waiting up to timeout for a free one (0: none). */
+int keel__pg_conn_get(pghost *h, uint64_t timeout, keel_pg_conn **out);
 /* A connection of h was lost: the host's other connections, made before,
  * are dropped when next taken, and a health check runs soon. Whether the
  * host is down is for a connect or a check to say (one killed backend is
