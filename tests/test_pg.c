@@ -151,6 +151,14 @@ START_TEST(sql_is_classified_better_than_by_its_first_word)
         {"SELECT pg_advisory_lock(1)", KEEL_PG_WRITE},
         {"SELECT pg_try_advisory_xact_lock(1)", KEEL_PG_WRITE},
         {"SELECT \"nextval_of\"(1), txid_current_snapshot()", KEEL_PG_READ},
+        /* PostgreSQL ends a -- comment at a carriage return too */
+        {"SELECT 1 --\r, nextval('s')", KEEL_PG_WRITE},
+        {"WITH x AS (SELECT 1) --\rDELETE FROM t", KEEL_PG_WRITE},
+        {"SELECT 1 -- for update\r\n", KEEL_PG_READ},
+        /* and joins a string continued after -- comments, in its mode */
+        {"SELECT E'x' -- c\n'\\' ', txid_current() --'", KEEL_PG_WRITE},
+        {"SELECT E'x'\n-- c\n-- d\n'\\' ' FROM t FOR UPDATE --'", KEEL_PG_WRITE},
+        {"SELECT E'x' -- c\n'\\'' --'\n, 1", KEEL_PG_READ},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
         ck_assert_msg(keel_pg_classify(cases[i].sql) == cases[i].mode, "%s: expected %s",

@@ -35,8 +35,8 @@ static const char *skip_space_and_comments(const char *p)
     for (;;) {
         while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r' || *p == '\f' || *p == '\v')
             p++;
-        if (p[0] == '-' && p[1] == '-') {
-            while (*p && *p != '\n')
+        if (p[0] == '-' && p[1] == '-') { /* to a newline, \n or \r */
+            while (*p && *p != '\n' && *p != '\r')
                 p++;
         } else if (p[0] == '/' && p[1] == '*') { /* they nest in PostgreSQL */
             int depth = 0;
@@ -74,16 +74,26 @@ static const char *skip_quoted(const char *p, char q, bool backslash)
 }
 
 /* Past a string constant at p (its opening quote), with the continuations
- * PostgreSQL joins to it: another quoted part after whitespace holding a
- * newline, read in the same mode (E'a'<newline>'\'' is one string). */
+ * PostgreSQL joins to it: another quoted part after whitespace and --
+ * comments holding a newline, read in the same mode (E'a'<newline>'\''
+ * and E'a' -- c<newline>'\'' are one string). */
 static const char *skip_string(const char *p, bool backslash)
 {
     for (;;) {
         p = skip_quoted(p, '\'', backslash);
         const char *q = p;
         bool newline = false;
-        for (; *q == ' ' || *q == '\t' || *q == '\n' || *q == '\r' || *q == '\f' || *q == '\v'; q++)
-            newline |= *q == '\n' || *q == '\r';
+        for (;;) {
+            if (*q == ' ' || *q == '\t' || *q == '\n' || *q == '\r' || *q == '\f' || *q == '\v') {
+                newline |= *q == '\n' || *q == '\r';
+                q++;
+            } else if (q[0] == '-' && q[1] == '-') {
+                while (*q && *q != '\n' && *q != '\r')
+                    q++;
+            } else {
+                break;
+            }
+        }
         if (!newline || *q != '\'')
             return p;
         p = q;
