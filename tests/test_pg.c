@@ -150,6 +150,12 @@ START_TEST(sql_is_classified_better_than_by_its_first_word)
         {"SELECT pg_replication_origin_create('o')", KEEL_PG_WRITE},
         {"SELECT pg_advisory_lock(1)", KEEL_PG_WRITE},
         {"SELECT pg_try_advisory_xact_lock(1)", KEEL_PG_WRITE},
+        {"SELECT * FROM pg_logical_slot_get_changes('s', NULL, NULL)", KEEL_PG_WRITE},
+        {"SELECT * FROM pg_logical_slot_peek_binary_changes('s', NULL, NULL)", KEEL_PG_WRITE},
+        {"SELECT pg_replication_slot_advance('s', '0/1')", KEEL_PG_WRITE},
+        {"SELECT pg_copy_logical_replication_slot('s', 't')", KEEL_PG_WRITE},
+        {"SELECT pg_copy_physical_replication_slot('s', 't')", KEEL_PG_WRITE},
+        {"SELECT slot_name FROM pg_replication_slots", KEEL_PG_READ},
         {"SELECT \"nextval_of\"(1), txid_current_snapshot()", KEEL_PG_READ},
         /* PostgreSQL ends a -- comment at a carriage return too */
         {"SELECT 1 --\r, nextval('s')", KEEL_PG_WRITE},

@@ -213,11 +213,12 @@ static bool write_function(tok t)
         "nextval", "setval", "txid_current", "pg_current_xact_id", "pg_notify",
         "pg_switch_wal", "pg_walfile_name", "pg_walfile_name_offset",
         "pg_logical_emit_message", "pg_import_system_collations", "pg_drop_replication_slot",
-        NULL,
+        "pg_copy_physical_replication_slot", "pg_copy_logical_replication_slot",
+        "pg_replication_slot_advance", NULL,
     };
     static const char *const prefixes[] = {
         "lo_", "pg_current_wal_", "pg_create_", "pg_advisory_", "pg_try_advisory_",
-        "pg_replication_origin_", NULL,
+        "pg_replication_origin_", "pg_logical_slot_", NULL,
     };
     char name[64];
     if (!fn_name(t, name, sizeof name))
