@@ -153,6 +153,7 @@ START_TEST(sql_is_classified_better_than_by_its_first_word)
         {"SELECT * FROM pg_logical_slot_get_changes('s', NULL, NULL)", KEEL_PG_WRITE},
         {"SELECT * FROM pg_logical_slot_peek_binary_changes('s', NULL, NULL)", KEEL_PG_WRITE},
         {"SELECT pg_replication_slot_advance('s', '0/1')", KEEL_PG_WRITE},
+        {"SELECT pg_promote(false)", KEEL_PG_WRITE}, /* on a replica it would promote it */
         {"SELECT pg_copy_logical_replication_slot('s', 't')", KEEL_PG_WRITE},
         {"SELECT pg_copy_physical_replication_slot('s', 't')", KEEL_PG_WRITE},
         {"SELECT slot_name FROM pg_replication_slots", KEEL_PG_READ},

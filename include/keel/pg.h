@@ -231,8 +231,8 @@ KEEL_API int keel_pg_write_lsn(keel_pg *pg, uint64_t *lsn);
  * unless they lock rows (FOR UPDATE/SHARE), create a table (SELECT INTO),
  * contain INSERT/UPDATE/DELETE/MERGE, or call (by name, quoted or not)
  * nextval, setval, txid_current, pg_current_xact_id, pg_notify, a lo_*,
- * advisory lock, replication origin or slot function, or a WAL function
- * that fails during recovery. Everything else (DML, DDL, CALL, DO,
+ * advisory lock, replication origin or slot function, pg_promote, or a
+ * WAL function that fails during recovery. Everything else (DML, DDL, CALL, DO,
  * COPY ... FROM, SET, transaction control, several statements of which one
  * writes, anything unknown) is a write. A SELECT of a user function that
  * writes is classified a read: name the mode. */

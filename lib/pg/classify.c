@@ -214,7 +214,7 @@ static bool write_function(tok t)
         "pg_switch_wal", "pg_walfile_name", "pg_walfile_name_offset",
         "pg_logical_emit_message", "pg_import_system_collations", "pg_drop_replication_slot",
         "pg_copy_physical_replication_slot", "pg_copy_logical_replication_slot",
-        "pg_replication_slot_advance", NULL,
+        "pg_replication_slot_advance", "pg_promote", NULL,
     };
     static const char *const prefixes[] = {
         "lo_", "pg_current_wal_", "pg_create_", "pg_advisory_", "pg_try_advisory_",
