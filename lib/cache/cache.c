@@ -631,7 +631,6 @@ static void fill_through(keel_cache *c, flight *f, const void *key, size_t klen,
     l1_put(c, key, klen, h, val, vlen, ttl, delta, tags, ntags, true, seen);
 }
 
-/* Waits for another process's load: its value in L2, or the lease's end. */
 /* Waits (real time: another process works) until the value is in L2, or
  * the lease `lk` is gone without one (that holder failed or found
  * nothing: the caller loads), or lease_ns passed. */
