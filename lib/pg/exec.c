@@ -481,6 +481,11 @@ static int pipeline(keel_pg_conn *c, keel_pg_query *q, size_t n, uint64_t deadli
             lost(c, "send");
             return KEEL_EUNAVAIL;
         }
+        /* The socket took it all after all: send on. Waiting to read now
+         * could wait for ever, since the server may keep its answers
+         * until a Sync. */
+        if (f == 0 && sent < n)
+            continue;
         int rc = wait_and_read(c, (short)(POLLIN | (f ? POLLOUT : 0)), deadline);
         if (rc)
             return rc;
