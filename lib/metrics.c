@@ -25,6 +25,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include <keel/metrics.h>
 
@@ -998,13 +999,58 @@ KEEL_API int keel_metrics_visit(keel_metrics *m, keel_metrics_visit_fn fn, void 
 
 /* ---- exposition ---- */
 
+/* Past a token, or a quoted string with its escapes, of an Accept header. */
+static const char *accept_word(const char *p)
+{
+    if (*p != '"') {
+        while (*p && !strchr(",;= \t\"", *p))
+            p++;
+        return p;
+    }
+    for (p++; *p && *p != '"'; p++)
+        if (*p == '\\' && p[1])
+            p++;
+    return *p ? p + 1 : p;
+}
+
+static const char *accept_ows(const char *p)
+{
+    while (*p == ' ' || *p == '\t')
+        p++;
+    return p;
+}
+
+/* Media ranges are split at commas outside quoted strings; the type and
+ * the "q" parameter's name are case-insensitive (RFC 9110 8.3.1, 12.4.2). */
 KEEL_API keel_metrics_format keel_metrics_negotiate(const char *accept)
 {
-    for (const char *p = accept; p && (p = strstr(p, "application/openmetrics-text")); p++) {
-        const char *end = strchr(p, ',');
-        const char *q = strstr(p, "q=");
-        if (!q || (end && q > end) || strtod(q + 2, NULL) > 0)
+    static const char om[] = "application/openmetrics-text";
+    for (const char *p = accept; p && *p;) {
+        p = accept_ows(p);
+        const char *type = p;
+        p = accept_word(p);
+        bool is_om = (size_t)(p - type) == sizeof om - 1 && strncasecmp(type, om, sizeof om - 1) == 0;
+        double q = 1;
+        while (*p && *p != ',') {
+            if (*p != ';') { /* whitespace, stray text; a quoted string whole */
+                p = *p == '"' ? accept_word(p) : p + 1;
+                continue;
+            }
+            const char *name = accept_ows(p + 1);
+            p = accept_word(name);
+            bool is_q = p - name == 1 && (*name == 'q' || *name == 'Q');
+            p = accept_ows(p);
+            if (*p != '=')
+                continue;
+            const char *value = accept_ows(p + 1);
+            p = accept_word(value);
+            if (is_q)
+                q = strtod(value, NULL);
+        }
+        if (is_om && q > 0)
             return KEEL_METRICS_OPENMETRICS;
+        if (*p == ',')
+            p++;
     }
     return KEEL_METRICS_PROMETHEUS;
 }

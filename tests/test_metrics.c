@@ -484,6 +484,21 @@ START_TEST(accept_headers_choose_the_format)
                      KEEL_METRICS_OPENMETRICS);
     ck_assert_int_eq(keel_metrics_negotiate("application/openmetrics-text;q=0,text/plain"),
                      KEEL_METRICS_PROMETHEUS);
+    /* HTTP media types and the q parameter are case-insensitive (RFC 9110
+     * 8.3.1, 12.4.2), and only a whole media range counts. */
+    ck_assert_int_eq(keel_metrics_negotiate("Application/OpenMetrics-Text; version=1.0.0"),
+                     KEEL_METRICS_OPENMETRICS);
+    ck_assert_int_eq(keel_metrics_negotiate("application/openmetrics-text;Q=0, text/plain"),
+                     KEEL_METRICS_PROMETHEUS);
+    ck_assert_int_eq(keel_metrics_negotiate("application/openmetrics-text;version=1.0.0 ; q=0"),
+                     KEEL_METRICS_PROMETHEUS);
+    ck_assert_int_eq(keel_metrics_negotiate("text/plain;q=0.5, application/openmetrics-text-v2"),
+                     KEEL_METRICS_PROMETHEUS);
+    ck_assert_int_eq(keel_metrics_negotiate("application/openmetrics-text;foo=\"a,b\";q=0"),
+                     KEEL_METRICS_PROMETHEUS);
+    ck_assert_int_eq(keel_metrics_negotiate("application/openmetrics-text;q=0,"
+                                            "application/openmetrics-text;version=1.0.0;q=0.5"),
+                     KEEL_METRICS_OPENMETRICS);
     ck_assert_str_eq(keel_metrics_content_type(KEEL_METRICS_PROMETHEUS),
                      "text/plain; version=0.0.4; charset=utf-8");
     ck_assert_str_eq(keel_metrics_content_type(KEEL_METRICS_OPENMETRICS),
