@@ -13,9 +13,13 @@
  * added to the registry's `retired` words.
  *
  * A removed child's slots are reused by a later child of the same size,
- * which records their sum at its creation as a baseline and reports the
- * difference: per-thread words only ever grow, so nothing needs to be
- * zeroed in memory other threads own.
+ * which zeroes them (in `retired` and in every live thread's block) when
+ * it takes them. No thread writes them meanwhile: a removed child's handle
+ * is no longer used. Keeping their old sum as a baseline instead does not
+ * work for the floating-point slots: a thread's exit folds its word into
+ * `retired` and so changes the order of the additions, and with it the
+ * rounded sum, leaving a never-touched child a few ULPs off zero, below
+ * zero for a counter.
  */
 #define _GNU_SOURCE
 #include <math.h>
@@ -55,7 +59,6 @@ typedef struct child {
     family *fam;
     size_t slot;       /* counters and histograms */
     word gauge;        /* gauges: the bits of a double */
-    uint64_t *baseline; /* per slot, for reused slots; NULL = zero */
     double created;    /* seconds since the epoch */
     keel_metrics_value_fn fn; /* series computed at render time */
     void *ud;
@@ -392,7 +395,6 @@ static void family_free(family *f)
         for (size_t k = 0; k < f->nlabels; k++)
             keel__free(c->values[k]);
         keel__free(c->values);
-        keel__free(c->baseline);
         keel__free(c);
     }
     keel__free(f->tab);
@@ -623,6 +625,19 @@ static int slots_take(keel_metrics *m, family *f, size_t *slot, bool *reused)
     return 0;
 }
 
+/* Zeroes a run of a removed child's slots for a new child, in `retired`
+ * and in every live thread's block (all of it within one chunk). Caller
+ * holds m->mu, which keeps exiting threads from folding their blocks. */
+static void slots_zero(keel_metrics *m, size_t slot, size_t width)
+{
+    memset(m->retired + slot, 0, width * sizeof *m->retired);
+    for (block *b = m->blocks; b; b = b->next) {
+        word *ch = atomic_load_explicit(&b->dir[slot / CHUNK], memory_order_acquire);
+        for (size_t i = 0; ch && i < width; i++)
+            atomic_store_explicit(&ch[slot % CHUNK + i], 0, memory_order_relaxed);
+    }
+}
+
 /* Whether n label values are there, none of them NULL. */
 static bool values_ok(const char *const *values, size_t n)
 {
@@ -664,14 +679,8 @@ static int child_get(family *f, const char *const *values, size_t n, keel_metric
         bool reused = false;
         if (rc == 0 && f->width)
             rc = slots_take(m, f, &c->slot, &reused);
-        if (rc == 0 && reused) { /* start from what the slots hold now */
-            if (!(c->baseline = keel__malloc(f->width * sizeof *c->baseline)))
-                rc = KEEL_ENOMEM;
-            for (size_t i = 0; rc == 0 && i < f->width; i++)
-                c->baseline[i] = slot_sum(m, c->slot + i);
-            if (rc) /* give the run back */
-                m->free[m->nfree++] = (freeslot){c->slot, f->width};
-        }
+        if (rc == 0 && reused)
+            slots_zero(m, c->slot, f->width);
         if (rc == 0) {
             for (size_t i = 0; i < f->width; i++) /* the sums are doubles */
                 m->kind[c->slot + i] = (f->type == KEEL_METRIC_COUNTER ? i == 1 : i == f->width - 1)
@@ -725,7 +734,6 @@ static int child_remove(family *f, const char *const *values, size_t n)
         for (size_t i = 0; i < n; i++)
             keel__free(c->values[i]);
         keel__free(c->values);
-        keel__free(c->baseline);
         keel__free(c);
     }
     pthread_mutex_unlock(&m->mu);
@@ -948,12 +956,8 @@ static double child_value(keel_metrics *m, const family *f, const child *c, uint
     if (f->type == KEEL_METRIC_GAUGE)
         return bits_d(atomic_load_explicit(&c->gauge, memory_order_relaxed));
     uint64_t raw[MAX_BUCKETS + 2];
-    for (size_t i = 0; i < f->width; i++) {
+    for (size_t i = 0; i < f->width; i++)
         raw[i] = slot_sum(m, c->slot + i);
-        if (c->baseline)
-            raw[i] = m->kind[c->slot + i] == K_DBL ? d_bits(bits_d(raw[i]) - bits_d(c->baseline[i]))
-                                                   : raw[i] - c->baseline[i];
-    }
     if (f->type == KEEL_METRIC_COUNTER)
         return (double)raw[0] + bits_d(raw[1]);
     uint64_t run = 0;
