@@ -145,7 +145,7 @@ static double number(parser *ps)
         return 0;
     ws(ps);
     char *end;
-    double v = strtod(ps->p, &end);
+    double v = keel__strtod(ps->p, &end);
     if (end == ps->p || !isfinite(v) || isalpha((unsigned char)*end) || *end == '.') {
         ps->bad = true;
         return 0;
@@ -162,7 +162,7 @@ static uint64_t duration(parser *ps, bool zero_ok)
         return 0;
     ws(ps);
     char *end;
-    double v = strtod(ps->p, &end);
+    double v = keel__strtod(ps->p, &end);
     if (end == ps->p || !(v > 0 || (zero_ok && v == 0))) {
         ps->bad = true;
         return 0;

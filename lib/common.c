@@ -2,7 +2,9 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <linux/membarrier.h>
+#include <locale.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -316,4 +318,30 @@ void keel__heavy_fence(void)
         return;
     keel__log(KEEL_LOG_ERROR, "common", "membarrier failed after registration: aborting");
     abort();
+}
+
+/* ---- numbers in text ---- */
+
+static pthread_once_t c_numeric_once = PTHREAD_ONCE_INIT;
+static locale_t c_numeric; /* (locale_t)0 if it could not be made */
+
+static void make_c_numeric(void) { c_numeric = newlocale(LC_NUMERIC_MASK, "C", (locale_t)0); }
+
+double keel__strtod(const char *s, char **end)
+{
+    pthread_once(&c_numeric_once, make_c_numeric);
+    return c_numeric ? strtod_l(s, end, c_numeric) : strtod(s, end);
+}
+
+int keel__snprintf_c(char *buf, size_t size, const char *fmt, ...)
+{
+    pthread_once(&c_numeric_once, make_c_numeric);
+    locale_t old = c_numeric ? uselocale(c_numeric) : (locale_t)0;
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(buf, size, fmt, ap);
+    va_end(ap);
+    if (old)
+        uselocale(old);
+    return n;
 }

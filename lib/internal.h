@@ -147,6 +147,14 @@ int keel__metrics_gauge_shared(keel_metrics *m, const char *name, const char *he
  * it. Returns 0 or the registry's error. */
 int keel__gauge_put(struct keel_gauge *g, const char *const *values, size_t n, double v);
 
+/* ---- numbers in text ---- */
+
+/* strtod and snprintf in the C locale, whatever LC_NUMERIC the host
+ * program chose: a decimal comma would corrupt the exposition formats
+ * and misread alert rules. */
+double keel__strtod(const char *s, char **end);
+int keel__snprintf_c(char *buf, size_t size, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
 /* ---- random numbers ---- */
 typedef struct keel__rand {
     keel_rand_fn fn;

@@ -1049,7 +1049,7 @@ KEEL_API keel_metrics_format keel_metrics_negotiate(const char *accept)
             const char *value = accept_ows(p + 1);
             p = accept_word(value);
             if (is_q)
-                q = strtod(value, NULL);
+                q = keel__strtod(value, NULL);
         }
         if (is_om && q > 0)
             return KEEL_METRICS_OPENMETRICS;
@@ -1131,15 +1131,15 @@ static void fmt_number(double v, char *buf, size_t size, bool om_canonical)
     char e[40];
     int p;
     for (p = 1; p <= 17; p++) {
-        snprintf(e, sizeof e, "%.*e", p - 1, v);
-        if (strtod(e, NULL) == v)
+        keel__snprintf_c(e, sizeof e, "%.*e", p - 1, v);
+        if (keel__strtod(e, NULL) == v)
             break;
     }
     int exp = atoi(strchr(e, 'e') + 1);
     if (exp < -4 || exp >= 6)
         snprintf(buf, size, "%s", e);
     else
-        snprintf(buf, size, "%.*f", p - 1 - exp > 0 ? p - 1 - exp : 0, v);
+        keel__snprintf_c(buf, size, "%.*f", p - 1 - exp > 0 ? p - 1 - exp : 0, v);
     if (om_canonical && !strpbrk(buf, ".e"))
         strncat(buf, ".0", size - strlen(buf) - 1);
 }
@@ -1156,7 +1156,7 @@ static void put_number(sink *o, double v)
 static void put_timestamp(sink *o, double v)
 {
     char b[64];
-    snprintf(b, sizeof b, "%.6f", v);
+    keel__snprintf_c(b, sizeof b, "%.6f", v);
     size_t n = strlen(b);
     while (b[n - 1] == '0')
         b[--n] = '\0';

@@ -1,6 +1,7 @@
 /* tests/harness.c — helpers shared by the Check suites. */
 #define _GNU_SOURCE
 #include <libpq-fe.h>
+#include <locale.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -170,4 +171,31 @@ uint64_t kt_clock_now(void *clock)
 void kt_clock_advance(kt_clock *c, uint64_t ns)
 {
     atomic_fetch_add(&c->ns, ns);
+}
+
+void kt_decimal_comma(void)
+{
+    char dir[] = "/tmp/keel-locale-XXXXXX";
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    char path[128], cmd[512];
+    snprintf(path, sizeof path, "%s/comma.def", dir);
+    FILE *f = fopen(path, "w");
+    ck_assert_ptr_nonnull(f);
+    fputs("LC_NUMERIC\ndecimal_point \",\"\nthousands_sep \"\"\ngrouping -1\nEND LC_NUMERIC\n", f);
+    fclose(f);
+    snprintf(path, sizeof path, "%s/ascii.map", dir);
+    ck_assert_ptr_nonnull(f = fopen(path, "w"));
+    fputs("<code_set_name> KT\n<escape_char> /\nCHARMAP\n<U002C> /x2c COMMA\n<U002E> /x2e FULL STOP\nEND CHARMAP\n", f);
+    fclose(f);
+    /* -c: the definition is partial on purpose; localedef says so, loudly */
+    snprintf(cmd, sizeof cmd, "localedef -c -i %s/comma.def -f %s/ascii.map %s/kt_COMMA >/dev/null 2>&1", dir, dir,
+             dir);
+    ck_assert_int_ne(system(cmd), -1);
+    setenv("LOCPATH", dir, 1);
+    ck_assert_msg(setlocale(LC_NUMERIC, "kt_COMMA") != NULL, "localedef made no decimal-comma locale in %s", dir);
+    char probe[8];
+    snprintf(probe, sizeof probe, "%.1f", 1.5);
+    ck_assert_str_eq(probe, "1,5");
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    ck_assert_int_eq(system(cmd), 0);
 }

@@ -67,6 +67,12 @@ void kt_clock_advance(kt_clock *c, uint64_t ns);
  * time of the code under test (that comes from a kt_clock). */
 void kt_nap(uint64_t ns);
 
+/* Makes the calling process write numbers with a decimal comma
+ * (LC_NUMERIC), as a host program may have chosen: a locale of only that,
+ * built with localedef (libc-bin) in a temporary folder. Fails the test
+ * when it cannot. */
+void kt_decimal_comma(void);
+
 #define KT_MS (1000000ull)
 #define KT_S (1000000000ull)
 

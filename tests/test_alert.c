@@ -3,6 +3,7 @@
  * rule language and its errors, the keel_alerts series, the JSON. */
 #define _GNU_SOURCE
 #include <ctype.h>
+#include <locale.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdbool.h>
@@ -111,6 +112,27 @@ START_TEST(pending_then_firing_after_for_then_resolved)
     tick(&f); /* ... then gone */
     ck_assert_int_eq(state(&f, "MemoryHigh"), KEEL_ALERT_INACTIVE);
     teardown(&f);
+}
+END_TEST
+
+/* A host program that chose a decimal comma for its numbers: rules are
+ * still read with a point. */
+START_TEST(rules_read_a_point_under_a_decimal_comma_locale)
+{
+    kt_decimal_comma();
+    fixture f;
+    setup(&f);
+    keel_gauge_child *mem = gauge(&f, "memory_usage_ratio");
+    ck_assert_int_eq(keel_alerts_add(f.a, "MemoryHigh", "last(memory_usage_ratio[1.5m]) > 0.9", NULL, 0, NULL, 0,
+                                     NULL), 0);
+    keel_gauge_set(mem, 0.5); /* over 0 (what a comma reading of 0.9 gives), under 0.9 */
+    tick(&f);
+    ck_assert_int_eq(state(&f, "MemoryHigh"), KEEL_ALERT_INACTIVE);
+    keel_gauge_set(mem, 0.95);
+    tick(&f);
+    ck_assert_int_eq(state(&f, "MemoryHigh"), KEEL_ALERT_FIRING);
+    teardown(&f);
+    setlocale(LC_NUMERIC, "C");
 }
 END_TEST
 
@@ -514,6 +536,7 @@ int main(void)
     Suite *s = suite_create("alert");
     TCase *tc = tcase_create("alert");
     tcase_add_test(tc, pending_then_firing_after_for_then_resolved);
+    tcase_add_test(tc, rules_read_a_point_under_a_decimal_comma_locale);
     tcase_add_test(tc, a_condition_that_clears_while_pending_is_dropped_silently);
     tcase_add_test(tc, no_for_fires_at_once_and_keep_firing_for_holds_it);
     tcase_add_test(tc, rate_corrects_counter_resets_and_empty_windows_never_fire);

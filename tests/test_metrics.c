@@ -5,6 +5,7 @@
  * which promtool cannot read, through checks of our own. */
 #define _GNU_SOURCE
 #include <libpq-fe.h>
+#include <locale.h>
 #include <math.h>
 #include <pthread.h>
 #include <sched.h>
@@ -577,6 +578,32 @@ static int stop_after_one(const char *buf, size_t len, void *ud)
     return ++writes > 1 ? 42 : 0;
 }
 
+/* A host program that chose a decimal comma for its numbers: the
+ * expositions keep the formats' point, and Accept's q values are read
+ * with one. */
+START_TEST(numbers_keep_their_point_under_a_decimal_comma_locale)
+{
+    kt_decimal_comma();
+    keel_metrics *m = registry();
+    keel_gauge *g;
+    ck_assert_int_eq(keel_metrics_gauge(m, "g", "", NULL, 0, &g), 0);
+    keel_gauge_set(keel_gauge_with(g), 0.25);
+    keel_histogram *h;
+    ck_assert_int_eq(keel_metrics_histogram(m, "h", "", NULL, 0, (const double[]){0.5}, 1, &h), 0);
+    keel_histogram_observe(keel_histogram_with(h), 0.375);
+    for (int f = 0; f < 2; f++) {
+        char *text = render(m, f ? KEEL_METRICS_OPENMETRICS : KEEL_METRICS_PROMETHEUS);
+        ck_assert_msg(strstr(text, "g 0.25\n") && strstr(text, "h_bucket{le=\"0.5\"} 1\n") &&
+                          strstr(text, "h_sum 0.375\n") && !strstr(text, "0,"),
+                      "%s", text);
+        keel_free(text);
+    }
+    ck_assert_int_eq(keel_metrics_negotiate("application/openmetrics-text;q=0.5"), KEEL_METRICS_OPENMETRICS);
+    keel_metrics_destroy(m);
+    setlocale(LC_NUMERIC, "C");
+}
+END_TEST
+
 START_TEST(a_failing_writer_stops_the_rendering)
 {
     keel_metrics *m = registry();
@@ -933,6 +960,7 @@ int main(void)
     tcase_add_test(tc, expositions_keep_families_whole_and_histograms_consistent);
     tcase_add_test(tc, values_round_trip_and_le_is_canonical);
     tcase_add_test(tc, accept_headers_choose_the_format);
+    tcase_add_test(tc, numbers_keep_their_point_under_a_decimal_comma_locale);
     tcase_add_test(tc, a_failing_writer_stops_the_rendering);
     tcase_add_test(tc, computed_series_and_the_visitor);
     tcase_add_test(tc, computed_series_are_whole_from_the_moment_they_show);
