@@ -645,6 +645,63 @@ START_TEST(a_rejection_writes_nothing_to_redis)
 }
 END_TEST
 
+/* A number a command on node 0 answers (PTTL, EXISTS). */
+static long long node0_number(const char *cmd, const char *key)
+{
+    char host[64];
+    int port;
+    kt_redis_node(0, host, sizeof host, &port);
+    redisContext *c = redisConnect(host, port);
+    ck_assert(c && !c->err);
+    const char *argv[2] = {cmd, key};
+    size_t lens[2] = {strlen(cmd), strlen(key)};
+    redisReply *rep = redisCommandArgv(c, 2, argv, lens);
+    ck_assert(rep && rep->type == REDIS_REPLY_INTEGER);
+    long long v = rep->integer;
+    freeReplyObject(rep);
+    redisFree(c);
+    return v;
+}
+
+/* A refund rewrites the log's newest entry: the set it recreates must
+ * expire with the sum beside it. A set that outlived its sum came back as
+ * a negative sum when its entries expired, and a burst then got more than
+ * the limit. A refund of a key that holds nothing stores nothing. */
+START_TEST(a_log_refund_through_redis_leaves_nothing_that_never_expires)
+{
+    keel_redis *redis = redis_nodes(1);
+    char prefix[64], k1[96], k2[96];
+    snprintf(prefix, sizeof prefix, "kt:refund:%d:", getpid());
+    snprintf(k1, sizeof k1, "%s{#k}", prefix);
+    snprintf(k2, sizeof k2, "%s{#k}:s", prefix);
+    keel_limiter *l = remote(redis, KEEL_LIMIT_SLIDING_LOG, 3, 5 * MS, prefix, KEEL_LIMIT_FAIL_CLOSED);
+    keel_limit_result r;
+    ck_assert_int_eq(keel_limiter_refund(l, "k", 1, 1, &r), 0); /* nothing to give back */
+    ck_assert_int_eq(node0_number("EXISTS", k1) + node0_number("EXISTS", k2), 0);
+    ck_assert(take(l, "k", 3, &r));
+    ck_assert_int_eq(keel_limiter_refund(l, "k", 1, 1, &r), 0);
+    ck_assert_uint_eq(r.remaining, 1);
+    ck_assert_int_ne(node0_number("PTTL", k1), -1); /* -1: a key without expiry */
+    ck_assert_int_ne(node0_number("PTTL", k2), -1);
+    /* the sum expires (about 6 ms): then a burst gets the limit, not more */
+    for (int i = 0; i < 2000 && node0_number("EXISTS", k2); i++)
+        nanosleep(&(struct timespec){0, 1 * MS}, NULL);
+    ck_assert_int_eq(node0_number("EXISTS", k2), 0);
+    keel_limit_req q[3] = {{.key = "k", .len = 1, .cost = 3}, {.key = "k", .len = 1, .cost = 2},
+                           {.key = "k", .len = 1, .cost = 1}};
+    ck_assert_int_eq(keel_limiter_take_many(l, q, 3), 0); /* one round trip, well within 5 ms */
+    for (int i = 0; i < 3; i++) {
+        ck_assert_int_eq(q[i].rc, 0);
+        ck_assert_int_eq(q[i].result.source, KEEL_LIMIT_SRC_REDIS);
+    }
+    ck_assert_msg(q[0].result.allowed && !q[1].result.allowed && !q[2].result.allowed,
+                  "a burst after the refund got %d+%d+%d", q[0].result.allowed * 3,
+                  q[1].result.allowed * 2, q[2].result.allowed);
+    keel_limiter_destroy(l);
+    keel_redis_destroy(redis);
+}
+END_TEST
+
 START_TEST(redis_gcra_keeps_sub_microsecond_intervals)
 {
     keel_redis *redis = redis_nodes(1);
@@ -945,6 +1002,7 @@ int main(void)
     tcase_add_test(rd, requests_in_the_same_instant_all_count);
     tcase_add_test(rd, a_rejection_writes_nothing_to_redis);
     tcase_add_test(rd, redis_gcra_keeps_sub_microsecond_intervals);
+    tcase_add_test(rd, a_log_refund_through_redis_leaves_nothing_that_never_expires);
     tcase_add_test(rd, a_busy_server_is_a_store_failure);
     tcase_add_test(rd, scripts_come_back_after_a_flush_and_a_restart);
     tcase_add_test(rd, each_failure_policy_does_what_it_says);
