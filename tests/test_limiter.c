@@ -462,6 +462,32 @@ START_TEST(at_max_keys_an_active_key_may_go_and_is_counted)
 }
 END_TEST
 
+/* A request that can never pass (cost over the limit) changes nothing:
+ * at max_keys, a new key's rejection must not push out a key that still
+ * holds units, which would then get more than its due. */
+START_TEST(a_request_over_the_limit_pushes_out_no_key)
+{
+    for (int algo = 0; algo < 3; algo++) {
+        set_time(1000 * S);
+        keel_limiter *l;
+        keel_limiter_opts o = {.algo = (keel_limit_algo)algo, .limit = 3, .window_ns = S,
+                               .max_keys = 1, .clock = kt_clock_now, .clock_ud = &clk};
+        ck_assert_int_eq(keel_limiter_create(&l, &o), 0);
+        keel_limit_result r;
+        ck_assert(take(l, "a", 3, &r));
+        ck_assert_int_eq(keel_limiter_take(l, "b", 1, 4, &r), KEEL_ERANGE);
+        ck_assert(!r.allowed);
+        ck_assert_uint_eq(r.retry_after_ns, UINT64_MAX);
+        keel_limiter_stats st;
+        keel_limiter_stats_get(l, &st);
+        ck_assert_uint_eq(st.keys, 1);
+        ck_assert_uint_eq(st.evicted_active, 0);
+        ck_assert_msg(!take(l, "a", 1, &r), "algo %d: the key pushed out got more than the limit", algo);
+        keel_limiter_destroy(l);
+    }
+}
+END_TEST
+
 START_TEST(a_decision_with_an_older_clock_reading_stays_sane)
 {
     /* two threads read the clock, the later one decides first */
@@ -988,6 +1014,7 @@ int main(void)
     tcase_add_test(tc, two_threads_on_one_key_never_exceed_the_limit);
     tcase_add_test(tc, at_max_keys_an_active_key_may_go_and_is_counted);
     tcase_add_test(tc, a_decision_with_an_older_clock_reading_stays_sane);
+    tcase_add_test(tc, a_request_over_the_limit_pushes_out_no_key);
     tcase_add_test(tc, header_fields);
     tcase_add_test(tc, bad_input_is_refused);
     suite_add_tcase(s, tc);

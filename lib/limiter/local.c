@@ -542,11 +542,13 @@ int keel__lstore_decide(lstore *st, const void *key, size_t len, uint64_t h, uin
     lock(sh);
     size_t pos;
     lslot *s = find(sh, h, key, len, &pos), fresh = {0};
-    bool inserted = !s && op == OP_TAKE;
+    /* a cost over the limit (burst: the limit but for GCRA) never passes:
+     * storing its key could push out one that holds units */
+    bool inserted = !s && op == OP_TAKE && cost <= st->cfg.burst;
     if (inserted)
         s = insert(st, sh, h, key, len, now);
     else if (!s)
-        s = &fresh; /* a peek or refund of an unknown key stores nothing */
+        s = &fresh; /* a peek, refund or hopeless take of an unknown key stores nothing */
     int rc;
     if (!s) {
         rc = KEEL_ENOMEM;
