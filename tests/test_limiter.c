@@ -503,6 +503,27 @@ START_TEST(a_decision_with_an_older_clock_reading_stays_sane)
 }
 END_TEST
 
+/* The same race on the log: the older reading is admitted after a newer
+ * one. Its times to wait must stay times, not wrap around below zero. */
+START_TEST(a_log_decision_with_an_older_clock_reading_stays_sane)
+{
+    set_time(1000 * S + 5);
+    keel_limiter *l = local(KEEL_LIMIT_SLIDING_LOG, 2, 1 * S, 0);
+    keel_limit_result r;
+    ck_assert(take(l, "k", 1, &r));
+    set_time(1000 * S);
+    ck_assert(take(l, "k", 1, &r));
+    ck_assert_uint_le(r.reset_ns, 1 * S + 5);
+    set_time(1001 * S + 2); /* both leave the window at 1001 s + 5 at the latest */
+    ck_assert(!take(l, "k", 2, &r));
+    ck_assert_uint_le(r.retry_after_ns, 3);
+    ck_assert_uint_le(r.reset_ns, 3);
+    set_time(1001 * S + 5);
+    ck_assert(take(l, "k", 2, &r));
+    keel_limiter_destroy(l);
+}
+END_TEST
+
 START_TEST(header_fields)
 {
     set_time(1000 * S);
@@ -1014,6 +1035,7 @@ int main(void)
     tcase_add_test(tc, two_threads_on_one_key_never_exceed_the_limit);
     tcase_add_test(tc, at_max_keys_an_active_key_may_go_and_is_counted);
     tcase_add_test(tc, a_decision_with_an_older_clock_reading_stays_sane);
+    tcase_add_test(tc, a_log_decision_with_an_older_clock_reading_stays_sane);
     tcase_add_test(tc, a_request_over_the_limit_pushes_out_no_key);
     tcase_add_test(tc, header_fields);
     tcase_add_test(tc, bad_input_is_refused);

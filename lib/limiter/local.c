@@ -435,7 +435,11 @@ static int slog(const lcfg *c, lshard *sh, lslot *s, uint64_t now, uint64_t cost
     } else {
         r->allowed = sum + cost <= L;
         if (r->allowed && op == OP_TAKE) {
-            if (g && g->n && LOG_AT(g, g->n - 1).t == now) {
+            /* the same instant, or an older clock reading (read before
+             * the lock) than the newest entry's: joining that entry keeps
+             * the log in time order, which the expiry, retry_after_ns and
+             * reset_ns rely on, and holds the units no shorter */
+            if (g && g->n && LOG_AT(g, g->n - 1).t >= now) {
                 LOG_AT(g, g->n - 1).cost += cost;
             } else {
                 if (!(g = log_reserve(sh, s, L)))
