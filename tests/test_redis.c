@@ -748,12 +748,40 @@ START_TEST(malformed_urls_are_refused)
 }
 END_TEST
 
+/* Bad input is KEEL_EINVAL, never a crash: a key or an argument of a
+ * script given as NULL with a length is refused like one of a command. */
+START_TEST(a_script_with_a_null_key_or_argument_is_refused)
+{
+    keel_redis *r = connect_nodes(1, NULL);
+    keel_redis_script *sc;
+    const char *lua = "return 1";
+    ck_assert_int_eq(keel_redis_script_create(r, lua, strlen(lua), &sc), 0);
+    const void *keys[2] = {"k", NULL};
+    size_t keylens[2] = {1, 3};
+    const char *args[1] = {NULL};
+    size_t arglens[1] = {3};
+    redisReply *rep = (redisReply *)0x1;
+    ck_assert_int_eq(keel_redis_eval(r, sc, 2, keys, keylens, 0, NULL, NULL, NULL, 0, &rep), KEEL_EINVAL);
+    ck_assert_ptr_null(rep);
+    ck_assert_int_eq(keel_redis_eval(r, sc, 1, keys, keylens, 1, args, arglens, NULL, 0, &rep), KEEL_EINVAL);
+    const char *argv[2] = {"MGET", "k"};
+    size_t argvlen[2] = {4, 1};
+    ck_assert_int_eq(keel_redis_command_keys(r, keys, keylens, 2, 2, argv, argvlen, &rep), KEEL_EINVAL);
+    ck_assert_int_eq(keel_redis_eval(r, sc, 1, keys, keylens, 0, NULL, NULL, NULL, 0, &rep), 0);
+    ck_assert_int_eq(rep->integer, 1);
+    freeReplyObject(rep);
+    keel_redis_script_free(sc);
+    keel_redis_destroy(r);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("redis");
     TCase *tc = tcase_create("redis");
     tcase_set_timeout(tc, 30);
     tcase_add_test(tc, malformed_urls_are_refused);
+    tcase_add_test(tc, a_script_with_a_null_key_or_argument_is_refused);
     tcase_add_test(tc, a_unix_socket_and_a_database);
     tcase_add_test(tc, binary_keys_and_values_round_trip);
     tcase_add_test(tc, keys_land_on_the_node_the_ring_says);

@@ -476,14 +476,20 @@ static int run_one(redisContext *c, void *arg)
     return o->reply ? 0 : keel__redis_ctx_error(c);
 }
 
-static bool args_ok(int argc, const char *const *argv, const size_t *argvlen)
+/* n byte strings, none NULL with a length (NULL lists for n == 0). */
+static bool bytes_ok(size_t n, const void *const *p, const size_t *len)
 {
-    if (argc <= 0 || !argv || !argvlen)
+    if (n && (!p || !len))
         return false;
-    for (int i = 0; i < argc; i++)
-        if (!argv[i] && argvlen[i])
+    for (size_t i = 0; i < n; i++)
+        if (!p[i] && len[i])
             return false;
     return true;
+}
+
+static bool args_ok(int argc, const char *const *argv, const size_t *argvlen)
+{
+    return argc > 0 && argv && argvlen && bytes_ok((size_t)argc, (const void *const *)argv, argvlen);
 }
 
 static int command_on(keel_redis *r, size_t node, int argc, const char *const *argv,
@@ -522,7 +528,7 @@ KEEL_API int keel_redis_command_keys(keel_redis *r, const void *const *keys, con
 {
     if (reply)
         *reply = NULL;
-    if (!r || !reply || !args_ok(argc, argv, argvlen) || (nkeys && (!keys || !keylens)))
+    if (!r || !reply || !args_ok(argc, argv, argvlen) || !bytes_ok(nkeys, keys, keylens))
         return KEEL_EINVAL;
     size_t node = nkeys ? keel__redis_route(r, keys[0], keylens[0]) : 0;
     for (size_t i = 1; i < nkeys; i++)
@@ -684,7 +690,8 @@ KEEL_API int keel_redis_eval(keel_redis *r, keel_redis_script *s, size_t nkeys,
 {
     if (reply)
         *reply = NULL;
-    if (!r || !s || !reply || (nkeys && (!keys || !keylens)) || (nargs && (!args || !arglens)) ||
+    if (!r || !s || !reply || !bytes_ok(nkeys, keys, keylens) ||
+        !bytes_ok(nargs, (const void *const *)args, arglens) ||
         nkeys + nargs > 1000000)
         return KEEL_EINVAL;
     size_t node = nkeys ? keel__redis_route(r, keys[0], keylens[0])
