@@ -215,7 +215,9 @@ static int build_continuum(const keel_ring *r, snap *s)
     uint64_t total_weight = 0;
     for (size_t i = 0; i < s->n; i++)
         total_weight += s->nodes[i]->weight;
-    for (size_t i = 0; i < s->n; i++)
+    /* Stop once past the limit: a node adds under 2^46 points, so the sum
+     * cannot wrap back under it, however many nodes an add_many brings. */
+    for (size_t i = 0; i < s->n && total <= MAX_POINTS; i++)
         total += r->algo == KEEL_RING_KETAMA
                      ? ketama_points(s->nodes[i]->weight, total_weight, s->n)
                      : (size_t)s->nodes[i]->weight * r->ppw;

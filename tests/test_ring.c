@@ -662,6 +662,31 @@ START_TEST(bad_input_is_refused)
 }
 END_TEST
 
+/* The point count is summed over every node of an add_many: enough huge
+ * weights must not wrap the sum back under the limit (2^19 nodes of weight
+ * 2^32 - 1 at 8192 points a unit make 2^64 + 8192 points). */
+START_TEST(a_point_count_past_the_limit_is_refused_even_when_its_sum_wraps)
+{
+    keel_ring *r = NULL;
+    keel_ring_opts o = {.points_per_weight = 8192};
+    ck_assert_int_eq(keel_ring_create(&r, &o), 0);
+    size_t n = ((size_t)1 << 19) + 1;
+    keel_ring_node_spec *specs = calloc(n, sizeof *specs);
+    uint32_t *names = calloc(n, sizeof *names);
+    ck_assert(specs && names);
+    for (size_t i = 0; i < n; i++) {
+        names[i] = (uint32_t)i;
+        specs[i] = (keel_ring_node_spec){&names[i], sizeof names[i], UINT32_MAX, NULL};
+    }
+    specs[n - 1].weight = (uint32_t)n; /* the sum of weights: 2^51 + 1 */
+    ck_assert_int_eq(keel_ring_add_many(r, specs, n), KEEL_EINVAL);
+    ck_assert_uint_eq(keel_ring_count(r), 0);
+    free(specs);
+    free(names);
+    keel_ring_destroy(r);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("ring");
@@ -695,6 +720,7 @@ int main(void)
     tcase_add_test(tc, a_ketama_node_without_points_still_serves_as_a_replica);
     tcase_add_test(tc, changes_from_inside_a_visit_work);
     tcase_add_test(tc, a_failed_add_changes_nothing_and_names_come_back);
+    tcase_add_test(tc, a_point_count_past_the_limit_is_refused_even_when_its_sum_wraps);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("concurrency");
