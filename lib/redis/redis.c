@@ -361,6 +361,11 @@ static void node_state(keel_breaker *b, keel_breaker_state from, keel_breaker_st
 /* The outcome of a call that the breaker let through. */
 static void node_result(rnode *n, int rc)
 {
+    if (rc == KEEL_ENOMEM) { /* says nothing of the node: a probe that
+                              * never reached it must not close the breaker */
+        keel_breaker_release(n->health);
+        return;
+    }
     bool failed = rc == KEEL_EUNAVAIL || rc == KEEL_ETIMEDOUT || rc == KEEL_EPROTO;
     if (failed) {
         atomic_fetch_add(&n->gen, 1); /* its idle connections are suspect too */
