@@ -38,7 +38,8 @@
  * Thread safety: a keel_redis is used by any number of threads at once;
  * hiredis contexts are not thread-safe, so each call takes one from the
  * node's pool for its duration. A call waits at most the command timeout
- * for a free connection and the connect timeout for a new one, then makes
+ * for a free connection and, for a new one, the connect timeout (and the
+ * command timeout for each of its AUTH and SELECT), then makes
  * one round trip per node, each bounded by the command timeout
  * (keel_redis_eval makes up to three when the script must be loaded again).
  */
@@ -119,8 +120,9 @@ typedef struct keel_redis_cmd {
 /* Sends n commands with one round trip per node involved, replies matched
  * to commands in order. Returns 0 when every command got a reply (error
  * replies included: see each rc), or, when some node failed (its commands
- * have rc set to its failure and no reply), the rc of the first such
- * command in the order given; out of memory before anything was sent,
+ * left unanswered have rc set to its failure and no reply; those it
+ * answered first keep theirs), the rc of the first such command in the
+ * order given; out of memory before anything was sent,
  * every command has rc KEEL_ENOMEM and no reply. */
 KEEL_API int keel_redis_pipeline(keel_redis *r, keel_redis_cmd *cmds, size_t n);
 
