@@ -1245,7 +1245,10 @@ static void render_family(sink *o, keel_metrics *m, const family *f, child **cs,
                 put_sample(o, f->name, "_bucket", f, c, "le", le, (double)cum[b]);
             }
             put_sample(o, f->name, "_count", f, c, NULL, NULL, (double)count);
-            put_sample(o, f->name, "_sum", f, c, NULL, NULL, v);
+            /* OpenMetrics: with a negative bucket bound the sum is no
+             * counter, and must not be exposed */
+            if (!om || !f->nbounds || f->bounds[0] >= 0)
+                put_sample(o, f->name, "_sum", f, c, NULL, NULL, v);
             if (om)
                 put_sample(o, f->name, "_created", f, c, NULL, NULL, c->created);
         }
