@@ -9,6 +9,8 @@ _Atomic uint64_t keel__rcu_gp = 1;
 __thread keel__rcu_slot *keel__rcu_self __attribute__((tls_model("initial-exec")));
 
 static _Atomic(keel__rcu_slot *) slots;
+static keel__rcu_slot reserve[KEEL__RCU_RESERVE];
+static atomic_uint reserved; /* reserve slots taken (they are recycled as any) */
 static pthread_mutex_t sync_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_key_t exit_key;
 static pthread_once_t exit_once = PTHREAD_ONCE_INIT;
@@ -42,6 +44,20 @@ static void exit_key_create(void)
     keel__fences_init();
 }
 
+/* A slot for the list: allocated, else one of the reserve's. */
+static keel__rcu_slot *new_slot(void)
+{
+    keel__rcu_slot *s = keel__calloc(1, sizeof *s);
+    if (s)
+        return s;
+    unsigned i = atomic_load(&reserved);
+    do
+        if (i == KEEL__RCU_RESERVE)
+            return NULL;
+    while (!atomic_compare_exchange_weak(&reserved, &i, i + 1));
+    return &reserve[i];
+}
+
 int keel__rcu_register(void)
 {
     pthread_once(&exit_once, exit_key_create);
@@ -56,7 +72,7 @@ int keel__rcu_register(void)
             break;
     }
     if (!s) {
-        if (!(s = keel__calloc(1, sizeof *s)))
+        if (!(s = new_slot()))
             return KEEL_ENOMEM;
         atomic_init(&s->in_use, 1);
         keel__rcu_slot *head = atomic_load_explicit(&slots, memory_order_relaxed);

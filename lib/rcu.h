@@ -15,7 +15,8 @@
  *
  * One process-wide domain. Reader slots are registered lock-free on a
  * thread's first read section and recycled when the thread exits; the list
- * of slots only grows (a few dozen bytes per thread that ever read).
+ * of slots only grows (a few dozen bytes per thread that ever read), from
+ * a static reserve when allocation fails.
  */
 #ifndef KEEL_RCU_H
 #define KEEL_RCU_H
@@ -36,6 +37,11 @@ typedef struct keel__rcu_slot {
 extern KEEL__HIDDEN _Atomic uint64_t keel__rcu_gp;
 extern KEEL__HIDDEN __thread keel__rcu_slot *keel__rcu_self
     __attribute__((tls_model("initial-exec")));
+
+/* Slots that need no allocation: a thread whose first read section finds
+ * no memory for a slot takes one of these, so that lookups keep working
+ * when memory runs out; only with all of them held is it KEEL_ENOMEM. */
+#define KEEL__RCU_RESERVE 32
 
 /* Claims or creates the calling thread's slot; KEEL_ENOMEM if it cannot. */
 int keel__rcu_register(void);

@@ -941,18 +941,26 @@ END_TEST
  * get a reader slot on a thread's first read section, reusing one an
  * exited thread left; the sweeps above never see that allocation fail.
  * Here threads that hold every spare slot make a new thread allocate
- * one, and that allocation fails. */
+ * one, and that allocation fails: the thread reads with a slot of the
+ * reserve (the ring, with none, under its writers' lock); with the whole
+ * reserve held too, it is told so. */
 
 static pthread_mutex_t hold_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t hold_cv = PTHREAD_COND_INITIALIZER;
 static int holders_in;
 static bool holders_go;
 
+/* Keeps the slot of its first read section; arg: where to say whether it
+ * got one (NULL: it must). */
 static void *hold_slot(void *arg)
 {
-    (void)arg;
-    ck_assert_int_eq(keel__rcu_read_lock(), 0);
-    keel__rcu_read_unlock();
+    int rc = keel__rcu_read_lock();
+    if (rc == 0)
+        keel__rcu_read_unlock();
+    if (arg)
+        *(int *)arg = rc;
+    else
+        ck_assert_int_eq(rc, 0);
     pthread_mutex_lock(&hold_mu);
     holders_in++;
     pthread_cond_broadcast(&hold_cv);
@@ -1020,13 +1028,15 @@ static void *read_first(void *arg)
         oom_assert(rc == 0, "unassign with no reader slot: %s", keel_err_name(rc));
         oom_assert(keel_ring_count(f->ring) == 1, "the ring counts %zu nodes", keel_ring_count(f->ring));
     } else if (f->lb) {
-        CALL(0, keel_lb_pick(f->lb, NULL, &p));
-        CALL(0, keel_lb_done(f->lb, p, 1, 0));
+        int rc = keel_lb_pick(f->lb, NULL, &p);
+        oom_assert(rc == 0, "a pick with a reserve slot: %s", keel_err_name(rc));
+        oom_assert(keel_lb_done(f->lb, p, 1, 0) == 0, "done");
     } else if (f->bus) {
-        CALL(0, keel_bus_publish(f->bus, "a.b", "x", 1, NULL, 0, NULL));
+        int rc = keel_bus_publish(f->bus, "a.b", "x", 1, NULL, 0, NULL);
+        oom_assert(rc == 0, "a publish with a reserve slot: %s", keel_err_name(rc));
     } else {
-        /* the cache goes below L1 (here: to the loader) */
-        CALL_COPES(0, keel_cache_get(f->cache, "k", 1, buf, sizeof buf, &len));
+        int rc = keel_cache_get(f->cache, "k", 1, buf, sizeof buf, &len);
+        oom_assert(rc == 0, "a get with a reserve slot: %s", keel_err_name(rc));
     }
     oom_assert(atomic_load(&failures) == 1, "%ld failures", atomic_load(&failures));
     return NULL;
@@ -1056,7 +1066,17 @@ static void *count_first(void *arg)
     return NULL;
 }
 
-START_TEST(a_thread_whose_first_read_section_lacks_memory_is_told_so)
+/* With the reserve all held: a pick is told there is no memory. */
+static void *pick_past_the_reserve(void *arg)
+{
+    keel_lb_peer *p;
+    atomic_store(&fail_at, atomic_load(&allocs) + 1);
+    int rc = keel_lb_pick(arg, NULL, &p);
+    oom_assert(rc == KEEL_ENOMEM, "a pick with the reserve all held: %s", keel_err_name(rc));
+    return NULL;
+}
+
+START_TEST(a_thread_whose_first_read_section_lacks_memory_reads_from_a_reserve)
 {
     scenario = "first read section";
     run_n = 0;
@@ -1090,6 +1110,31 @@ START_TEST(a_thread_whose_first_read_section_lacks_memory_is_told_so)
     keel_lb_peer_stats st;
     ck_assert_int_eq(keel_lb_peer_stats_get(lb, both.peer, &st), 0);
     ck_assert_uint_eq(st.fails, 0);
+    /* every spare slot held, then what is left of the reserve, each by a
+     * thread whose own allocation failed, until one finds none: the next
+     * thread is told */
+    pthread_t many[256 + KEEL__RCU_RESERVE + 1];
+    int got[256 + KEEL__RCU_RESERVE + 1];
+    n = hold_all_slots(many, 256);
+    size_t from_reserve = 0;
+    for (;;) {
+        ck_assert_uint_le(from_reserve, KEEL__RCU_RESERVE);
+        atomic_store(&fail_at, atomic_load(&allocs) + 1);
+        ck_assert_int_eq(pthread_create(&many[n], NULL, hold_slot, &got[n]), 0);
+        pthread_mutex_lock(&hold_mu);
+        while (holders_in < (int)n + 1)
+            pthread_cond_wait(&hold_cv, &hold_mu);
+        pthread_mutex_unlock(&hold_mu);
+        if (got[n++])
+            break;
+        from_reserve++;
+    }
+    ck_assert_int_eq(got[n - 1], KEEL_ENOMEM);
+    ck_assert_uint_gt(from_reserve, 0);
+    ck_assert_int_eq(pthread_create(&t, NULL, pick_past_the_reserve, lb), 0);
+    ck_assert_int_eq(pthread_join(t, NULL), 0);
+    atomic_store(&fail_at, 0);
+    hold_release(many, n);
     keel_cache_destroy(c);
     keel_bus_destroy(bus);
     keel_lb_destroy(lb);
@@ -1115,7 +1160,7 @@ int main(void)
     tcase_add_test(tc, a_bus_survives_every_failed_allocation);
     tcase_add_test(tc, cqrs_survives_every_failed_allocation);
     tcase_add_test(tc, a_cache_survives_every_failed_allocation);
-    tcase_add_test(tc, a_thread_whose_first_read_section_lacks_memory_is_told_so);
+    tcase_add_test(tc, a_thread_whose_first_read_section_lacks_memory_reads_from_a_reserve);
     suite_add_tcase(s, tc);
     return kt_run(s);
 }

@@ -144,8 +144,9 @@ KEEL_API int keel_lb_set_down(keel_lb *lb, keel_lb_peer *peer, int down);
 /* Picks a peer for a request, skipping those in *tried (may be NULL) and
  * adding the choice to it. Returns 0, KEEL_EUNAVAIL when no peer is
  * available, KEEL_EINVAL, or KEEL_ENOMEM (a thread's first pick registers
- * the thread with libkeel's read sections). Each success must be ended with
- * keel_lb_done(). Never blocks. */
+ * the thread with libkeel's read sections, from a reserve of 32 places
+ * when memory has run out: only with that held too). Each success must be
+ * ended with keel_lb_done(). Never blocks. */
 KEEL_API int keel_lb_pick(keel_lb *lb, keel_lb_tried *tried, keel_lb_peer **peer);
 
 /* Ends a pick: whether the request succeeded and how long it took (for
