@@ -350,15 +350,15 @@ START_TEST(eight_threads_missing_one_key_load_it_once)
 }
 END_TEST
 
-/* Waits until a second get of "hot" either waits for the load in flight
- * or calls the loader itself; returns the loader's calls then. */
-static int second_caller_settles(rig *r, int calls)
+/* Waits until a second get of "hot", started after the stats st0 were
+ * read, either waits for the load in flight or calls the loader itself;
+ * returns the loader's calls then. */
+static int second_caller_settles(rig *r, const keel_cache_stats *st0, int calls)
 {
-    keel_cache_stats st0, st;
-    keel_cache_stats_get(r->c, &st0);
+    keel_cache_stats st;
     for (;;) {
         keel_cache_stats_get(r->c, &st);
-        if (st.load_waits > st0.load_waits || atomic_load(&r->ls.calls) > calls)
+        if (st.load_waits > st0->load_waits || atomic_load(&r->ls.calls) > calls)
             return atomic_load(&r->ls.calls);
         kt_nap(1 * MS);
     }
@@ -387,9 +387,11 @@ START_TEST(only_an_invalidation_of_the_key_splits_its_flight)
         } else {
             ck_assert_int_eq(keel_cache_del(r.c, "hot", 3), 0);
         }
+        keel_cache_stats st0;
+        keel_cache_stats_get(r.c, &st0);
         g[1] = (getter){r.c, 99, ""};
         pthread_create(&t[1], NULL, get_thread, &g[1]);
-        int now = second_caller_settles(&r, calls + 1);
+        int now = second_caller_settles(&r, &st0, calls + 1);
         atomic_store(&r.ls.hold, 0);
         for (int i = 0; i < 2; i++) {
             pthread_join(t[i], NULL);
