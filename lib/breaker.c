@@ -258,8 +258,10 @@ KEEL_API int keel_breaker_try_acquire(keel_breaker *b, uint64_t now)
             transition(b, w, KEEL_BREAKER_HALF_OPEN, now, false);
             continue;
         }
-        /* HALF_OPEN */
-        if (now >= until) { /* trial results never came */
+        /* HALF_OPEN; until UINT64_MAX: no time limit (also when one
+         * saturated), which now == UINT64_MAX must not take for one that
+         * passed, or OPEN and HALF_OPEN would follow each other for ever */
+        if (until != UINT64_MAX && now >= until) { /* trial results never came */
             transition(b, w, KEEL_BREAKER_OPEN, now, false);
             continue;
         }

@@ -297,6 +297,15 @@ START_TEST(bad_input_is_refused)
     keel_breaker_stats_get(b, NULL);
     keel_breaker_destroy(b);
     keel_breaker_destroy(NULL);
+    /* The last nanosecond is a time like any other: an open breaker whose
+     * wait is over goes half-open and lets a trial through, rather than
+     * spinning between OPEN and HALF_OPEN for ever. */
+    b = make((keel_breaker_opts){.permitted_in_half_open = 1});
+    ck_assert_int_eq(keel_breaker_force(b, KEEL_BREAKER_OPEN, 0), 0);
+    ck_assert_int_eq(keel_breaker_try_acquire(b, UINT64_MAX), 0);
+    ck_assert_int_eq(keel_breaker_state_get(b), KEEL_BREAKER_HALF_OPEN);
+    ck_assert_int_eq(keel_breaker_try_acquire(b, UINT64_MAX), KEEL_EUNAVAIL);
+    keel_breaker_destroy(b);
 }
 END_TEST
 
