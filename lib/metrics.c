@@ -656,7 +656,7 @@ static bool values_ok(const char *const *values, size_t n)
 static int child_get(family *f, const char *const *values, size_t n, keel_metrics_value_fn fn, void *ud,
                      const double *set, child **out)
 {
-    if (!f || !values_ok(values, n) || n != f->nlabels || !out)
+    if (!f || n != f->nlabels || !values_ok(values, n) || !out) /* the count first: values has n */
         return KEEL_EINVAL;
     keel_metrics *m = f->m;
     uint64_t h = values_hash(values, n);
@@ -711,7 +711,7 @@ static int child_get(family *f, const char *const *values, size_t n, keel_metric
 
 static int child_remove(family *f, const char *const *values, size_t n)
 {
-    if (!f || !values_ok(values, n) || n != f->nlabels)
+    if (!f || n != f->nlabels || !values_ok(values, n))
         return KEEL_EINVAL;
     keel_metrics *m = f->m;
     pthread_mutex_lock(&m->mu);

@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -437,6 +438,19 @@ START_TEST(names_and_labels_are_validated)
     ck_assert_int_eq(keel_counter_get(two, (const char *[]){"x"}, 1, &ch), KEEL_EINVAL);
     ck_assert_int_eq(keel_counter_get(two, (const char *[]){"x", NULL}, 2, &ch), KEEL_EINVAL);
     ck_assert_int_eq(keel_counter_get(NULL, NULL, 0, &ch), KEEL_EINVAL);
+    /* A count past the family's is refused before the values are read:
+     * two values, just before a page that cannot be read. */
+    long pg = sysconf(_SC_PAGESIZE);
+    char *pages = mmap(NULL, 2 * (size_t)pg, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    ck_assert_ptr_ne(pages, MAP_FAILED);
+    ck_assert_int_eq(mprotect(pages + pg, (size_t)pg, PROT_NONE), 0);
+    const char **edge = (const char **)(pages + pg) - 2;
+    edge[0] = "x";
+    edge[1] = "y";
+    ck_assert_int_eq(keel_counter_get(two, edge, 3, &ch), KEEL_EINVAL);
+    ck_assert_int_eq(keel_counter_get(two, edge, SIZE_MAX, &ch), KEEL_EINVAL);
+    ck_assert_int_eq(keel_counter_remove(two, edge, 3), KEEL_EINVAL);
+    munmap(pages, 2 * (size_t)pg);
     keel_counter_inc(NULL); /* harmless */
     keel_histogram_observe(NULL, 1);
     keel_gauge_set(NULL, 1);
