@@ -820,7 +820,8 @@ KEEL_API int keel_alerts_add(keel_alerts *a, const char *name, const char *text,
 {
     if (err_pos)
         *err_pos = 0;
-    if (!a || !name || !*name || !text || (nlabels && !labels) || (nannotations && !annotations))
+    if (!a || !name || !*name || !text || (nlabels && !labels) || (nannotations && !annotations) ||
+        nlabels >= SIZE_MAX / 2 || nannotations >= SIZE_MAX / 2) /* 2 n + 1 strings would wrap */
         return KEEL_EINVAL;
     pthread_mutex_lock(&a->mu);
     for (size_t i = 0; i < a->nrules; i++)

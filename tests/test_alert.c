@@ -319,6 +319,15 @@ START_TEST(malformed_rules_report_where)
     ck_assert_int_eq(keel_alerts_add(f.a, "Now", "last(x[1m]) > 1 for 0s keep_firing_for 0m", NULL, 0, NULL, 0,
                                      NULL), 0); /* fires at once, as in Prometheus */
     ck_assert_int_eq(keel_alerts_add(NULL, "x", "last(x[1m]) > 1", NULL, 0, NULL, 0, NULL), KEEL_EINVAL);
+    /* pair counts whose name-and-value count overflows (once one wrapped
+     * to an empty list, was taken, and crashed keel_alerts_to_send()) */
+    const char *pair[] = {"severity", "page"};
+    ck_assert_int_eq(keel_alerts_add(f.a, "Big", "last(x[1m]) > 1", pair, SIZE_MAX / 2 + 1, NULL, 0, NULL),
+                     KEEL_EINVAL);
+    ck_assert_int_eq(keel_alerts_add(f.a, "Big", "last(x[1m]) > 1", NULL, 0, pair, SIZE_MAX / 2 + 1, NULL),
+                     KEEL_EINVAL);
+    ck_assert_int_eq(keel_alerts_add(f.a, "Big", "last(x[1m]) > 1", pair, SIZE_MAX, NULL, 0, NULL), KEEL_EINVAL);
+    ck_assert_int_eq(keel_alerts_add(f.a, "Big", "last(x[1m]) > 1", pair, 1, pair, 1, NULL), 0);
     ck_assert_int_eq(keel_alerts_tick(NULL), KEEL_EINVAL);
     keel_alerts *bad_a;
     keel_alerts_opts none = {0};
