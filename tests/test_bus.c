@@ -964,6 +964,13 @@ START_TEST(bad_input_is_refused)
     ck_assert_int_eq(many[1].rc, KEEL_EINVAL);
     ck_assert_int_eq(many[2].rc, 0);
     ck_assert_int_ne(many[2].id[0], '\0');
+    /* A length no copy for async deliveries can hold is refused before any
+     * delivery, not wrapped to a small copy (once a heap overrun). */
+    so = (keel_bus_sub_opts){.pattern = "big", .handler = on_rec, .ud = r, .mode = KEEL_BUS_ASYNC};
+    ck_assert_int_eq(keel_bus_subscribe(b, &so, &s), 0);
+    ck_assert_int_eq(keel_bus_publish(b, "big", "x", SIZE_MAX - 8, NULL, 0, NULL), KEEL_ENOMEM);
+    ck_assert_int_eq(keel_bus_publish(b, "big", "x", SIZE_MAX, h, 1, NULL), KEEL_ENOMEM);
+    ck_assert_int_eq(keel_bus_unsubscribe(s), 0);
     ck_assert_int_eq(keel_bus_unsubscribe(NULL), KEEL_EINVAL);
     ck_assert_int_eq(keel_bus_drain(NULL), KEEL_EINVAL);
     keel_bus_stats st;

@@ -927,9 +927,12 @@ static int check_headers(const keel_bus_header *h, size_t n)
 /* A copy of the message the async deliveries share. */
 static bmsg *msg_copy(keel_bus *bus, const keel_bus_msg *v, size_t refs)
 {
-    size_t sz = sizeof(bmsg) + v->nheaders * sizeof(keel_bus_header) + v->subject_len + 1 + v->len;
+    size_t sz = sizeof(bmsg) + v->nheaders * sizeof(keel_bus_header) + v->subject_len + 1;
     for (size_t i = 0; i < v->nheaders; i++)
         sz += strlen(v->headers[i].key) + strlen(v->headers[i].value) + 2;
+    if (v->len > SIZE_MAX - sz) /* no copy can hold it: not a wrapped small one */
+        return NULL;
+    sz += v->len;
     keel_pool *pool = sz <= BUS_SMALL_MSG ? bus->msgs : NULL;
     bmsg *m = pool ? keel_pool_acquire(pool) : keel__malloc(sz);
     if (!m)
