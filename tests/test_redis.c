@@ -767,6 +767,11 @@ START_TEST(a_script_with_a_null_key_or_argument_is_refused)
     const char *argv[2] = {"MGET", "k"};
     size_t argvlen[2] = {4, 1};
     ck_assert_int_eq(keel_redis_command_keys(r, keys, keylens, 2, 2, argv, argvlen, &rep), KEEL_EINVAL);
+    /* a length with no room for the copy's NUL: no copy, not a short one
+     * overrun (once a heap overflow) */
+    keel_redis_script *huge = (keel_redis_script *)0x1;
+    ck_assert_int_eq(keel_redis_script_create(r, lua, SIZE_MAX, &huge), KEEL_ENOMEM);
+    ck_assert_ptr_eq(huge, (keel_redis_script *)0x1);
     ck_assert_int_eq(keel_redis_eval(r, sc, 1, keys, keylens, 0, NULL, NULL, NULL, 0, &rep), 0);
     ck_assert_int_eq(rep->integer, 1);
     freeReplyObject(rep);

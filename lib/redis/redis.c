@@ -64,7 +64,7 @@ static long parse_num(const char *s, size_t n, long lo, long hi)
 
 static char *dup_n(const char *s, size_t n)
 {
-    char *d = keel__malloc(n + 1);
+    char *d = n < SIZE_MAX ? keel__malloc(n + 1) : NULL; /* n + 1 would wrap to 0 */
     if (d) {
         memcpy(d, s, n);
         d[n] = '\0';
