@@ -202,6 +202,24 @@ START_TEST(malformed_conninfos_are_refused)
     keel_pg_destroy(pg);
     ck_assert_int_eq(keel_pg_exec(NULL, KEEL_PG_READ, "SELECT 1", NULL, &(PGresult *){NULL}),
                      KEEL_EINVAL);
+    /* Bad parameters are KEEL_EINVAL before a connection is asked for: not
+     * KEEL_EUNAVAIL from a host that is down, nor a wait for one. */
+    keel_pg_opts down = {.primary = "host=127.0.0.1 port=1 dbname=x", .manual_health = 1,
+                         .connect_timeout_ns = 200 * KT_MS, .acquire_timeout_ns = 200 * KT_MS};
+    ck_assert_int_eq(keel_pg_create(&pg, &down), 0);
+    keel_pg_params neg = {.n = -1};
+    PGresult *res = (PGresult *)0x1;
+    ck_assert_int_eq(keel_pg_exec(pg, KEEL_PG_WRITE, "SELECT 1", &neg, &res), KEEL_EINVAL);
+    ck_assert_ptr_null(res);
+    keel_pg_stmt *stmt;
+    ck_assert_int_eq(keel_pg_stmt_create(pg, "SELECT 1", 0, NULL, &stmt), 0);
+    ck_assert_int_eq(keel_pg_exec_stmt(pg, KEEL_PG_READ, stmt, &neg, &res), KEEL_EINVAL);
+    keel_pg_query q[2] = {{.sql = "SELECT 1"}, {.sql = NULL, .stmt = NULL}};
+    ck_assert_int_eq(keel_pg_batch(pg, q, 2), KEEL_EINVAL);
+    q[1] = (keel_pg_query){.sql = "SELECT 1", .params = {.n = 2}};
+    ck_assert_int_eq(keel_pg_batch(pg, q, 2), KEEL_EINVAL);
+    keel_pg_stmt_free(stmt);
+    keel_pg_destroy(pg);
 }
 END_TEST
 

@@ -190,7 +190,7 @@ static int await(keel_pg_conn *c, uint64_t deadline, PGresult **out)
 
 static const keel_pg_params no_params = {0};
 
-static bool params_ok(const keel_pg_params *p)
+bool keel__pg_params_ok(const keel_pg_params *p)
 {
     if (p->n < 0 || p->n > 65535 || (p->n && !p->values) ||
         (p->result_format != 0 && p->result_format != 1))
@@ -266,7 +266,7 @@ KEEL_API int keel_pg_conn_exec(keel_pg_conn *c, const char *sql, const keel_pg_p
 {
     if (res)
         *res = NULL;
-    if (!c || !sql || !res || (params && !params_ok(params)))
+    if (!c || !sql || !res || (params && !keel__pg_params_ok(params)))
         return KEEL_EINVAL;
     return run(c, sql, NULL, params ? params : &no_params, 0, res);
 }
@@ -382,7 +382,7 @@ KEEL_API int keel_pg_conn_exec_stmt(keel_pg_conn *c, keel_pg_stmt *s, const keel
 {
     if (res)
         *res = NULL;
-    if (!c || !s || !res || s->pg != c->h->pg || (params && !params_ok(params)))
+    if (!c || !s || !res || s->pg != c->h->pg || (params && !keel__pg_params_ok(params)))
         return KEEL_EINVAL;
     const keel_pg_params *p = params ? params : &no_params;
     /* A failed Bind aborts an open transaction: the statement can be
@@ -406,9 +406,9 @@ KEEL_API int keel_pg_conn_exec_stmt(keel_pg_conn *c, keel_pg_stmt *s, const keel
 
 /* ---- batches ---- */
 
-static bool query_ok(const keel_pg_query *q, const keel_pg *pg)
+bool keel__pg_query_ok(const keel_pg_query *q, const keel_pg *pg)
 {
-    return (!q->sql != !q->stmt) && (!q->stmt || q->stmt->pg == pg) && params_ok(&q->params);
+    return (!q->sql != !q->stmt) && (!q->stmt || q->stmt->pg == pg) && keel__pg_params_ok(&q->params);
 }
 
 /* Takes the next result of a batch in flight: assigns it to the query it
@@ -573,7 +573,7 @@ KEEL_API int keel_pg_conn_batch(keel_pg_conn *c, keel_pg_query *q, size_t n)
     if (!c || (!q && n))
         return KEEL_EINVAL;
     for (size_t i = 0; i < n; i++)
-        if (!query_ok(&q[i], c->h->pg))
+        if (!keel__pg_query_ok(&q[i], c->h->pg))
             return KEEL_EINVAL;
     for (size_t i = 0; i < n; i++) {
         q[i].rc = KEEL_EABORTED;

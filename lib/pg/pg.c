@@ -605,7 +605,7 @@ KEEL_API int keel_pg_exec(keel_pg *pg, keel_pg_mode mode, const char *sql,
 {
     if (res)
         *res = NULL;
-    if (!pg || !sql || !res || mode > KEEL_PG_AUTO)
+    if (!pg || !sql || !res || mode > KEEL_PG_AUTO || (params && !keel__pg_params_ok(params)))
         return KEEL_EINVAL;
     return exec_any(pg, mode, sql, NULL, params, res);
 }
@@ -615,7 +615,8 @@ KEEL_API int keel_pg_exec_stmt(keel_pg *pg, keel_pg_mode mode, keel_pg_stmt *s,
 {
     if (res)
         *res = NULL;
-    if (!pg || !s || s->pg != pg || !res || mode > KEEL_PG_AUTO)
+    if (!pg || !s || s->pg != pg || !res || mode > KEEL_PG_AUTO ||
+        (params && !keel__pg_params_ok(params)))
         return KEEL_EINVAL;
     return exec_any(pg, mode, NULL, s, params, res);
 }
@@ -624,6 +625,9 @@ KEEL_API int keel_pg_batch(keel_pg *pg, keel_pg_query *q, size_t n)
 {
     if (!pg || (!q && n))
         return KEEL_EINVAL;
+    for (size_t i = 0; i < n; i++) /* bad input is refused before a connection is taken */
+        if (!keel__pg_query_ok(&q[i], pg))
+            return KEEL_EINVAL;
     keel_pg_conn *c;
     int rc = keel_pg_acquire(pg, KEEL_PG_WRITE, &c);
     if (rc)

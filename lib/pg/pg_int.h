@@ -119,6 +119,10 @@ int keel__pg_bit_room(uint64_t **words, size_t *nwords, uint32_t id);
 /* Deallocates on c the statements freed since it last looked, that were
  * prepared on it. 0, or the error that left c unusable. */
 int keel__pg_forget_freed(keel_pg_conn *c, uint64_t timeout);
+/* Whether parameters, and a batch's query, are well formed (exec.c): the
+ * one-call helpers check before they take a connection. */
+bool keel__pg_params_ok(const keel_pg_params *p);
+bool keel__pg_query_ok(const keel_pg_query *q, const keel_pg *pg);
 int keel__pg_run(keel_pg_conn *c, const char *sql, const keel_pg_params *p, uint64_t timeout,
                  PGresult **res);
 /* "16/B374D848" to a number; 0 for NULL or garbage. */
