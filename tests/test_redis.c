@@ -764,6 +764,8 @@ START_TEST(a_script_with_a_null_key_or_argument_is_refused)
     ck_assert_int_eq(keel_redis_eval(r, sc, 2, keys, keylens, 0, NULL, NULL, NULL, 0, &rep), KEEL_EINVAL);
     ck_assert_ptr_null(rep);
     ck_assert_int_eq(keel_redis_eval(r, sc, 1, keys, keylens, 1, args, arglens, NULL, 0, &rep), KEEL_EINVAL);
+    /* a route length with no route, as keel_redis_command refuses it */
+    ck_assert_int_eq(keel_redis_eval(r, sc, 0, NULL, NULL, 0, NULL, NULL, NULL, 5, &rep), KEEL_EINVAL);
     const char *argv[2] = {"MGET", "k"};
     size_t argvlen[2] = {4, 1};
     ck_assert_int_eq(keel_redis_command_keys(r, keys, keylens, 2, 2, argv, argvlen, &rep), KEEL_EINVAL);

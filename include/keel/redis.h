@@ -137,7 +137,7 @@ KEEL_API const char *keel_redis_script_sha(const keel_redis_script *s);
 
 /* Runs a script with EVALSHA on the node of keys[0] (all keys must route
  * there, else KEEL_EINVAL; with no keys, the node of `route`, which may be
- * NULL for the first node). A server that lost the script (NOSCRIPT: a
+ * NULL, with length 0, for the first node). A server that lost the script (NOSCRIPT: a
  * restart, SCRIPT FLUSH) gets it loaded again and the call retried once,
  * transparently. Returns as keel_redis_command(). */
 KEEL_API int keel_redis_eval(keel_redis *r, keel_redis_script *s, size_t nkeys,

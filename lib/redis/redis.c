@@ -697,10 +697,9 @@ KEEL_API int keel_redis_eval(keel_redis *r, keel_redis_script *s, size_t nkeys,
         *reply = NULL;
     if (!r || !s || !reply || !bytes_ok(nkeys, keys, keylens) ||
         !bytes_ok(nargs, (const void *const *)args, arglens) ||
-        nkeys + nargs > 1000000)
+        nkeys + nargs > 1000000 || (!route && routelen))
         return KEEL_EINVAL;
-    size_t node = nkeys ? keel__redis_route(r, keys[0], keylens[0])
-                        : keel__redis_route(r, route, route ? routelen : 0);
+    size_t node = nkeys ? keel__redis_route(r, keys[0], keylens[0]) : keel__redis_route(r, route, routelen);
     for (size_t i = 1; i < nkeys; i++)
         if (keel__redis_route(r, keys[i], keylens[i]) != node)
             return KEEL_EINVAL;
