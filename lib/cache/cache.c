@@ -85,6 +85,7 @@ struct keel_cache {
     ctag *tags[256];
     pthread_mutex_t fl_mu;
     flight *flights;
+    _Atomic size_t nflights; /* on the list: invalidations skip fl_mu at 0 */
     _Atomic uint64_t epoch;
     keel_breaker *tier[2]; /* L2, L3 health */
     keel_redis_sub *sub;
@@ -469,6 +470,7 @@ static bool sf_join(keel_cache *c, const void *key, size_t klen, uint64_t h, fli
         pthread_cond_init(&f->cv, NULL);
         f->next = c->flights;
         c->flights = f;
+        atomic_fetch_add(&c->nflights, 1);
     }
     pthread_mutex_unlock(&c->fl_mu);
     *out = f; /* NULL: no memory, load alone */
@@ -479,10 +481,14 @@ static bool sf_join(keel_cache *c, const void *key, size_t klen, uint64_t h, fli
  * stays out of L1), and the loads in flight of the keys it covers take no
  * more callers, whose gets began after it (the load may have read what it
  * removed). key: that key, or with `prefix` every key it starts; NULL:
- * every key. Other keys' loads go on gathering their callers. */
+ * every key. Other keys' loads go on gathering their callers. With no
+ * load in flight (a flight counted after the epoch moved began its load
+ * after it) writes take no shared lock. */
 static void invalidated(keel_cache *c, const void *key, size_t klen, bool prefix)
 {
     atomic_fetch_add(&c->epoch, 1);
+    if (atomic_load(&c->nflights) == 0)
+        return;
     pthread_mutex_lock(&c->fl_mu);
     for (flight *f = c->flights; f; f = f->next)
         if (!key || ((prefix ? f->klen >= klen : f->klen == klen) && memcmp(f->key, key, klen) == 0))
@@ -503,6 +509,7 @@ static void sf_finish(keel_cache *c, flight *f, int rc, const void *val, size_t 
     for (flight **pp = &c->flights; *pp; pp = &(*pp)->next)
         if (*pp == f) {
             *pp = f->next; /* later misses start a flight of their own */
+            atomic_fetch_sub(&c->nflights, 1);
             break;
         }
     f->rc = rc;
