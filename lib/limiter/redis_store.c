@@ -104,6 +104,13 @@ static const char LUA_WINDOW[] = LUA_HEAD
  * of the units in the log, kept as entries expire. A take costs O(1) plus
  * the entries that expired since the last call. */
 static const char LUA_LOG[] = LUA_HEAD
+    /* both keys live a window past the last write: together, since the
+     * sum must never outlive the entries it counts, nor they it */
+    "local function keep()\n"
+    "  local ttl = string.format('%.0f', math.ceil(w / 1000) + 1)\n"
+    "  redis.call('PEXPIRE', KEYS[1], ttl)\n"
+    "  redis.call('PEXPIRE', KEYS[2], ttl)\n"
+    "end\n"
     "local edge = string.format('%.0f', now - w)\n"
     "local old = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', edge)\n"
     "if #old > 0 then\n"
@@ -130,11 +137,8 @@ static const char LUA_LOG[] = LUA_HEAD
     "    end\n"
     "    redis.call('HSET', KEYS[2], 'sum', string.format('%.0f', n))\n"
     /* the ZREM of a last member deletes the set and the ZADD makes a new
-     * one, without expiry: it must vanish with the sum, else its entries
-     * would later be taken off a sum that no longer holds them */
-    "    local ttl = string.format('%.0f', math.ceil(w / 1000) + 1)\n"
-    "    redis.call('PEXPIRE', KEYS[1], ttl)\n"
-    "    redis.call('PEXPIRE', KEYS[2], ttl)\n"
+     * one, without expiry */
+    "    keep()\n"
     "  end\n"
     "elseif n + cost > limit then\n"
     "  allowed = 0\n"
@@ -156,9 +160,7 @@ static const char LUA_LOG[] = LUA_HEAD
     "  redis.call('ZADD', KEYS[1], string.format('%.0f', now),"
     " string.format('%.0f', seq) .. ':' .. string.format('%.0f', cost))\n"
     "  n = redis.call('HINCRBY', KEYS[2], 'sum', cost)\n"
-    "  local ttl = string.format('%.0f', math.ceil(w / 1000) + 1)\n"
-    "  redis.call('PEXPIRE', KEYS[1], ttl)\n"
-    "  redis.call('PEXPIRE', KEYS[2], ttl)\n"
+    "  keep()\n"
     "end\n"
     "local reset = 0\n"
     "if n > 0 then\n"
