@@ -797,7 +797,7 @@ START_TEST(a_busy_server_is_a_store_failure)
     pthread_create(&t, NULL, busy_script, &j);
     int open = 0;
     for (int i = 0; i < 200 && !open; i++) { /* until the server says BUSY */
-        nanosleep(&(struct timespec){0, 10 * MS}, NULL);
+        kt_nap(10 * MS);
         ck_assert_int_eq(keel_limiter_take(l, "k", 1, 1, &r), 0);
         open = r.source == KEEL_LIMIT_SRC_OPEN;
     }
