@@ -30,14 +30,26 @@ static bool word_start(unsigned char c)
     return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_' || c >= 0x80;
 }
 
+static bool is_space(char c)
+{
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v';
+}
+
+/* Past a -- comment at p: to a newline, \n or \r, as PostgreSQL ends it. */
+static const char *skip_line_comment(const char *p)
+{
+    while (*p && *p != '\n' && *p != '\r')
+        p++;
+    return p;
+}
+
 static const char *skip_space_and_comments(const char *p)
 {
     for (;;) {
-        while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r' || *p == '\f' || *p == '\v')
+        while (is_space(*p))
             p++;
-        if (p[0] == '-' && p[1] == '-') { /* to a newline, \n or \r */
-            while (*p && *p != '\n' && *p != '\r')
-                p++;
+        if (p[0] == '-' && p[1] == '-') {
+            p = skip_line_comment(p);
         } else if (p[0] == '/' && p[1] == '*') { /* they nest in PostgreSQL */
             int depth = 0;
             do {
@@ -84,12 +96,11 @@ static const char *skip_string(const char *p, bool backslash)
         const char *q = p;
         bool newline = false;
         for (;;) {
-            if (*q == ' ' || *q == '\t' || *q == '\n' || *q == '\r' || *q == '\f' || *q == '\v') {
+            if (is_space(*q)) {
                 newline |= *q == '\n' || *q == '\r';
                 q++;
             } else if (q[0] == '-' && q[1] == '-') {
-                while (*q && *q != '\n' && *q != '\r')
-                    q++;
+                q = skip_line_comment(q);
             } else {
                 break;
             }
