@@ -422,10 +422,11 @@ static void gather(const keel_metrics_sample *s, void *ud)
             continue;
         bool match = true;
         for (size_t k = 0; match && k < sel->nm; k++) {
-            match = false;
+            const char *v = ""; /* an absent label matches an empty value, as in Prometheus */
             for (size_t j = 0; j < s->nlabels; j++)
                 if (strcmp(s->label_names[j], sel->mk[k]) == 0)
-                    match = strcmp(s->label_values[j], sel->mv[k]) == 0;
+                    v = s->label_values[j];
+            match = strcmp(v, sel->mv[k]) == 0;
         }
         if (!match)
             continue;
@@ -467,7 +468,7 @@ static int history_room(keel_alerts *a, selector *s, uint64_t now)
     if (!s->matched)
         return 0;
     if (s->width != s->acc_width) { /* first sample, or a new shape */
-        s->n = 0;
+        s->n = s->cap = 0; /* v was sized for the old width */
         s->width = s->acc_width;
     }
     /* drop what no window reaches any more (one interval of slack) */

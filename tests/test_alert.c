@@ -245,6 +245,54 @@ START_TEST(ratio_of_nothing_is_nan_and_never_fires)
 }
 END_TEST
 
+static double value_of(fixture *f, const char *name)
+{
+    keel_alert_info in;
+    ck_assert_int_eq(keel_alerts_get(f->a, name, read_state, &in), 0);
+    return in.value;
+}
+
+/* A selector adds up the series whose labels match; as in Prometheus, a
+ * matcher with an empty value also matches series without that label. */
+START_TEST(selectors_add_up_matching_series_and_empty_matches_absent)
+{
+    fixture f;
+    setup(&f);
+    keel_gauge *g;
+    ck_assert_int_eq(keel_metrics_gauge(f.m, "inflight", "", (const char *[]){"method", "code"}, 2, &g), 0);
+    keel_gauge_set(keel_gauge_with(g, "GET", "200"), 1);
+    keel_gauge_set(keel_gauge_with(g, "GET", "500"), 10);
+    keel_gauge_set(keel_gauge_with(g, "POST", "500"), 100);
+    static const struct {
+        const char *rule;
+        double want; /* NaN: no series matched */
+    } cases[] = {
+        {"last(inflight[1m]) > 0", 111},
+        {"last(inflight{code=\"500\"}[1m]) > 0", 110},
+        {"last(inflight{code=\"500\",method=\"GET\"}[1m]) > 0", 10},
+        {"last(inflight{region=\"\"}[1m]) > 0", 111},
+        {"last(inflight{region=\"\",code=\"200\"}[1m]) > 0", 1},
+        {"last(inflight{region=\"eu\"}[1m]) > 0", NAN},
+        {"last(inflight{code=\"\"}[1m]) > 0", NAN},
+    };
+    char name[8];
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        snprintf(name, sizeof name, "R%zu", i);
+        ck_assert_int_eq(keel_alerts_add(f.a, name, cases[i].rule, NULL, 0, NULL, 0, NULL), 0);
+    }
+    tick(&f);
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        snprintf(name, sizeof name, "R%zu", i);
+        double v = value_of(&f, name);
+        if (isnan(cases[i].want))
+            ck_assert_msg(isnan(v), "%s: %g, want NaN", cases[i].rule, v);
+        else
+            ck_assert_msg(v == cases[i].want, "%s: %g, want %g", cases[i].rule, v, cases[i].want);
+    }
+    teardown(&f);
+}
+END_TEST
+
 static double quantile_after(fixture *f, const char *rule, const double *obs, size_t n)
 {
     keel_histogram *h;
@@ -552,6 +600,7 @@ int main(void)
     tcase_add_test(tc, ratio_of_nothing_is_nan_and_never_fires);
     tcase_add_test(tc, quantiles_interpolate_as_prometheus);
     tcase_add_test(tc, malformed_rules_report_where);
+    tcase_add_test(tc, selectors_add_up_matching_series_and_empty_matches_absent);
     tcase_add_test(tc, alertmanager_json_parses_and_resends);
     tcase_add_test(tc, resolved_alerts_are_resent_every_resend_delay_for_15_minutes);
     tcase_add_test(tc, active_alerts_show_as_keel_alerts_series);

@@ -24,7 +24,8 @@
  *            | number
  *   sel      = name [ "{" label "=" "\"value\"" { "," ... } "}" ]
  *   dur      = number ( "ms" | "s" | "m" | "h" | "d" )
- * A selector adds up every series of the family whose labels match.
+ * A selector adds up every series of the family whose labels match; an
+ * empty value also matches a series without that label, as in Prometheus.
  * Comparisons with NaN are false, so an empty window never fires.
  *
  * State machine, exactly Prometheus's: a true condition makes the alert
