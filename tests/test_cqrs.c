@@ -593,6 +593,60 @@ START_TEST(pg_idempotency_holds_across_processes)
 }
 END_TEST
 
+/* signup: registers a user once, refusing one already there (it reads
+ * the stream first). On its first run another first attempt with the
+ * same key gets in between its idempotency check and its read. */
+typedef struct signup {
+    keel_cqrs *c;
+    _Atomic int runs;
+} signup;
+
+static int cmd_signup(keel_cqrs_ctx *x, const void *payload, size_t len, void *ud)
+{
+    signup *s = ud;
+    char stream[96];
+    snprintf(stream, sizeof stream, "user-%.*s", (int)len, (const char *)payload);
+    if (atomic_fetch_add(&s->runs, 1) == 0) {
+        int rc = keel_cqrs_send(s->c, "signup", payload, len, "signup-1", NULL);
+        if (rc)
+            return rc;
+    }
+    const keel_cqrs_event *evs;
+    size_t n;
+    int rc = keel_cqrs_load(x, stream, &evs, &n);
+    if (rc)
+        return rc;
+    if (n)
+        return KEEL_EEXIST; /* already registered */
+    rc = keel_cqrs_emit(x, stream, "user.registered", payload, len, NULL, 0);
+    return rc ? rc : keel_cqrs_reply(x, "welcome", 7);
+}
+
+/* The first attempt commits while the second's handler runs: the second,
+ * refused by its handler for what the first did, returns the first's
+ * result as a repeat, not its handler's refusal. */
+static void racing_first_attempts(keel_pg *pg)
+{
+    app a = {0};
+    keel_cqrs *c = open_cqrs(pg, uniq("race1st"), 0, &a);
+    signup s = {c, 0};
+    ck_assert_int_eq(keel_cqrs_command(c, "signup", cmd_signup, &s), 0);
+    keel_cqrs_result r;
+    ck_assert_int_eq(keel_cqrs_send(c, "signup", "ada", 3, "signup-1", &r), 0);
+    ck_assert_int_eq(atomic_load(&s.runs), 2);
+    ck_assert_int_eq(r.repeated, 1);
+    ck_assert_uint_eq(r.len, 7);
+    ck_assert_int_eq(memcmp(r.reply, "welcome", 7), 0);
+    keel_cqrs_result_free(&r);
+    keel_cqrs_destroy(c);
+}
+
+START_TEST(a_repeat_refused_by_its_handler_returns_the_first_result) { racing_first_attempts(NULL); }
+END_TEST
+
+START_TEST(pg_a_repeat_refused_by_its_handler_returns_the_first_result) { with_pg(racing_first_attempts); }
+END_TEST
+
 /* ---- the bus ---- */
 
 /* What the bus handler heard, and what the store held when it heard it:
@@ -1090,6 +1144,7 @@ int main(void)
     tcase_add_test(tc, the_retry_option_runs_a_command_again);
     tcase_add_test(tc, a_conflicting_append_is_retried_on_a_fresh_read);
     tcase_add_test(tc, an_idempotent_repeat_returns_the_first_result);
+    tcase_add_test(tc, a_repeat_refused_by_its_handler_returns_the_first_result);
     tcase_add_test(tc, events_are_published_on_the_bus_after_commit);
     tcase_add_test(tc, a_projection_follows_in_the_background);
     tcase_add_test(tc, a_link_may_run_the_rest_of_the_chain_twice);
@@ -1102,6 +1157,7 @@ int main(void)
     tcase_add_test(pg, pg_a_conflicting_append_is_retried_on_a_fresh_read);
     tcase_add_test(pg, pg_an_idempotent_repeat_returns_the_first_result);
     tcase_add_test(pg, pg_idempotency_holds_across_processes);
+    tcase_add_test(pg, pg_a_repeat_refused_by_its_handler_returns_the_first_result);
     tcase_add_test(pg, pg_events_are_published_on_the_bus_after_commit);
     tcase_add_test(pg, pg_and_memory_stores_agree);
     tcase_add_test(pg, pg_an_append_held_open_is_not_skipped);

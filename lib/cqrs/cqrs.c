@@ -622,6 +622,10 @@ static int run_command(keel_cqrs_req *q)
             break; /* a repeat (also after losing a race), or a store error */
         ctx_reset(&x);
         rc = q->h->fn(&x, q->payload, q->len, q->h->ud);
+        if (rc && q->key && idem_get(c, key, res) == 0) { /* refused for what a racing first attempt did */
+            rc = 0;
+            break;
+        }
         if (rc || (!x.nev && !q->key))
             break;
         for (size_t i = 0; i < x.nev; i++) { /* versions: after what was read, or from 1 */
