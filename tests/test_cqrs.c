@@ -1133,6 +1133,31 @@ START_TEST(a_projection_follows_in_the_background)
 }
 END_TEST
 
+/* An interval near UINT64_MAX (in effect: catch up once, then never)
+ * is a long wait, not a deadline that wrapped into the past. */
+START_TEST(a_projection_following_at_the_longest_interval_waits)
+{
+    app a = {0};
+    keel_cqrs *c = open_cqrs(NULL, NULL, 0, &a);
+    ck_assert_int_eq(keel_cqrs_send(c, "inc", "rare", 4, NULL, NULL), 0);
+    seen *s = calloc(1, sizeof *s);
+    keel_cqrs_projection *p;
+    keel_cqrs_projection_opts po = {.name = "rare", .handler = apply_seen, .ud = s, .follow_interval_ns = UINT64_MAX};
+    ck_assert_int_eq(keel_cqrs_projection_create(c, &po, &p), 0);
+    uint64_t deadline = keel_now_ns() + 10 * S;
+    while (keel_cqrs_projection_position(p) < 1 && keel_now_ns() < deadline)
+        nap(MS); /* the thread's first run */
+    ck_assert_uint_eq(keel_cqrs_projection_position(p), 1);
+    ck_assert_int_eq(keel_cqrs_send(c, "inc", "rare", 4, NULL, NULL), 0);
+    nap(200 * MS);
+    ck_assert_uint_eq(keel_cqrs_projection_position(p), 1); /* still waiting */
+    keel_cqrs_projection_destroy(p); /* and woken by destroy */
+    ck_assert_uint_eq(s->n, 1);
+    keel_cqrs_destroy(c);
+    free(s);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("cqrs");
@@ -1147,6 +1172,7 @@ int main(void)
     tcase_add_test(tc, a_repeat_refused_by_its_handler_returns_the_first_result);
     tcase_add_test(tc, events_are_published_on_the_bus_after_commit);
     tcase_add_test(tc, a_projection_follows_in_the_background);
+    tcase_add_test(tc, a_projection_following_at_the_longest_interval_waits);
     tcase_add_test(tc, a_link_may_run_the_rest_of_the_chain_twice);
     tcase_add_test(tc, idempotency_keys_belong_to_their_command);
     tcase_add_test(tc, projections_keep_their_own_checkpoints);

@@ -865,7 +865,8 @@ static void *follow(void *arg)
                       (unsigned long long)atomic_load(&p->position), keel_strerror(rc));
         struct timespec ts;
         clock_gettime(CLOCK_MONOTONIC, &ts);
-        uint64_t at = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec + p->o.follow_interval_ns;
+        uint64_t now = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+        uint64_t at = p->o.follow_interval_ns > UINT64_MAX - now ? UINT64_MAX : now + p->o.follow_interval_ns;
         ts.tv_sec = (time_t)(at / 1000000000u);
         ts.tv_nsec = (long)(at % 1000000000u);
         pthread_mutex_lock(&p->mu);
