@@ -803,6 +803,33 @@ START_TEST(pg_and_memory_stores_agree)
 }
 END_TEST
 
+/* A batch of SIZE_MAX (in effect: everything at once) is as good as
+ * any other size on either store. */
+static void largest_batch(keel_pg *pg)
+{
+    app a = {0};
+    keel_cqrs *c = open_cqrs(pg, uniq("bigbatch"), 0, &a);
+    for (int i = 0; i < 5; i++)
+        ck_assert_int_eq(keel_cqrs_send(c, "inc", "b", 1, NULL, NULL), 0);
+    seen *s = calloc(1, sizeof *s);
+    keel_cqrs_projection *p;
+    keel_cqrs_projection_opts po = {.name = "all", .handler = apply_seen, .ud = s, .batch = SIZE_MAX};
+    ck_assert_int_eq(keel_cqrs_projection_create(c, &po, &p), 0);
+    size_t applied;
+    ck_assert_int_eq(keel_cqrs_projection_run(p, &applied), 0);
+    ck_assert_uint_eq(applied, 5);
+    ck_assert_uint_eq(s->n, 5);
+    keel_cqrs_projection_destroy(p);
+    keel_cqrs_destroy(c);
+    free(s);
+}
+
+START_TEST(a_projection_with_the_largest_batch_applies_everything) { largest_batch(NULL); }
+END_TEST
+
+START_TEST(pg_a_projection_with_the_largest_batch_applies_everything) { with_pg(largest_batch); }
+END_TEST
+
 typedef struct sender {
     keel_cqrs *c;
     int rc;
@@ -1176,6 +1203,7 @@ int main(void)
     tcase_add_test(tc, a_link_may_run_the_rest_of_the_chain_twice);
     tcase_add_test(tc, idempotency_keys_belong_to_their_command);
     tcase_add_test(tc, projections_keep_their_own_checkpoints);
+    tcase_add_test(tc, a_projection_with_the_largest_batch_applies_everything);
     suite_add_tcase(s, tc);
     TCase *pg = tcase_create("pg");
     tcase_set_timeout(pg, 120);
@@ -1186,6 +1214,7 @@ int main(void)
     tcase_add_test(pg, pg_a_repeat_refused_by_its_handler_returns_the_first_result);
     tcase_add_test(pg, pg_events_are_published_on_the_bus_after_commit);
     tcase_add_test(pg, pg_and_memory_stores_agree);
+    tcase_add_test(pg, pg_a_projection_with_the_largest_batch_applies_everything);
     tcase_add_test(pg, pg_an_append_held_open_is_not_skipped);
     tcase_add_test(pg, pg_a_projection_killed_mid_catch_up_resumes_exactly);
     tcase_add_test(pg, pg_queries_go_to_the_replica_and_read_their_writes);

@@ -382,7 +382,7 @@ int keel__cqrs_pg_project(cpg *s, const char *name, size_t batch, keel_cqrs_ctx 
     uint64_t at = rc == 0 && PQntuples(cp) == 1 ? be64(PQgetvalue(cp, 0, 0)) : 0;
     if (rc == 0) {
         snprintf(from, sizeof from, "%llu", (unsigned long long)at);
-        snprintf(limit, sizeof limit, "%zu", batch);
+        snprintf(limit, sizeof limit, "%zu", batch < INT64_MAX ? batch : (size_t)INT64_MAX); /* bigint's */
         const char *ev[2] = {from, limit};
         keel_pg_params p2 = {2, ev, NULL, NULL, NULL, 1};
         snprintf(sql, sizeof sql, "SELECT " COLS " FROM %s WHERE position > $1::bigint ORDER BY position LIMIT $2::bigint",
