@@ -830,6 +830,40 @@ END_TEST
 START_TEST(pg_a_projection_with_the_largest_batch_applies_everything) { with_pg(largest_batch); }
 END_TEST
 
+/* Two runners of one projection name (two processes, say, one of them
+ * standing by): a run of the one that finds the other did the work
+ * reports the checkpoint the other reached. */
+static void two_runners(keel_pg *pg)
+{
+    app a = {0};
+    keel_cqrs *c = open_cqrs(pg, uniq("runners"), 0, &a);
+    seen *s = calloc(1, sizeof *s);
+    keel_cqrs_projection *p1, *p2;
+    keel_cqrs_projection_opts po = {.name = "shared", .handler = apply_seen, .ud = s};
+    ck_assert_int_eq(keel_cqrs_projection_create(c, &po, &p1), 0);
+    ck_assert_int_eq(keel_cqrs_projection_create(c, &po, &p2), 0);
+    for (int i = 0; i < 3; i++)
+        ck_assert_int_eq(keel_cqrs_send(c, "inc", "r", 1, NULL, NULL), 0);
+    size_t applied;
+    ck_assert_int_eq(keel_cqrs_projection_run(p1, &applied), 0);
+    ck_assert_uint_eq(applied, 3);
+    uint64_t at = keel_cqrs_projection_position(p1);
+    ck_assert_uint_eq(at, s->pos[2]);
+    ck_assert_int_eq(keel_cqrs_projection_run(p2, &applied), 0);
+    ck_assert_uint_eq(applied, 0); /* nothing left */
+    ck_assert_uint_eq(keel_cqrs_projection_position(p2), at);
+    keel_cqrs_projection_destroy(p1);
+    keel_cqrs_projection_destroy(p2);
+    keel_cqrs_destroy(c);
+    free(s);
+}
+
+START_TEST(a_run_with_nothing_left_reports_the_checkpoint) { two_runners(NULL); }
+END_TEST
+
+START_TEST(pg_a_run_with_nothing_left_reports_the_checkpoint) { with_pg(two_runners); }
+END_TEST
+
 typedef struct sender {
     keel_cqrs *c;
     int rc;
@@ -1204,6 +1238,7 @@ int main(void)
     tcase_add_test(tc, idempotency_keys_belong_to_their_command);
     tcase_add_test(tc, projections_keep_their_own_checkpoints);
     tcase_add_test(tc, a_projection_with_the_largest_batch_applies_everything);
+    tcase_add_test(tc, a_run_with_nothing_left_reports_the_checkpoint);
     suite_add_tcase(s, tc);
     TCase *pg = tcase_create("pg");
     tcase_set_timeout(pg, 120);
@@ -1215,6 +1250,7 @@ int main(void)
     tcase_add_test(pg, pg_events_are_published_on_the_bus_after_commit);
     tcase_add_test(pg, pg_and_memory_stores_agree);
     tcase_add_test(pg, pg_a_projection_with_the_largest_batch_applies_everything);
+    tcase_add_test(pg, pg_a_run_with_nothing_left_reports_the_checkpoint);
     tcase_add_test(pg, pg_an_append_held_open_is_not_skipped);
     tcase_add_test(pg, pg_a_projection_killed_mid_catch_up_resumes_exactly);
     tcase_add_test(pg, pg_queries_go_to_the_replica_and_read_their_writes);

@@ -22,6 +22,7 @@
 #include <endian.h>
 #include <libpq-fe.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <keel/pg.h>
@@ -78,7 +79,7 @@ int keel__cqrs_pg_create(keel_pg *pg, const char *prefix, int partitioned, cpg *
     char lock[96], pending[512];
     snprintf(lock, sizeof lock, "SELECT pg_advisory_xact_lock(%s)", s->lock_s);
     snprintf(pending, sizeof pending,
-             "SELECT EXISTS (SELECT 1 FROM %s WHERE position > (SELECT position FROM %s WHERE name = $1))",
+             "SELECT c.position, EXISTS (SELECT 1 FROM %s e WHERE e.position > c.position) FROM %s c WHERE c.name = $1",
              s->events, s->cps);
     int rc = 0;
     rc = rc ? rc : stmt(pg, &s->load, "SELECT " COLS " FROM %s WHERE stream_id = $1 ORDER BY version", s->events);
@@ -362,12 +363,15 @@ int keel__cqrs_pg_project(cpg *s, const char *name, size_t batch, keel_cqrs_ctx 
     keel_pg_params pp = {1, pv, NULL, NULL, NULL, 0};
     PGresult *pend = NULL;
     rc = keel_pg_conn_exec_stmt(c, s->pending, &pp, &pend);
-    bool idle = rc == 0 && PQntuples(pend) == 1 && PQgetvalue(pend, 0, 0)[0] == 'f';
+    bool found = rc == 0 && PQntuples(pend) == 1;
+    bool idle = rc == 0 && (!found || PQgetvalue(pend, 0, 1)[0] == 'f');
+    /* another runner of the name may have moved it */
+    uint64_t was = found ? strtoull(PQgetvalue(pend, 0, 0), NULL, 10) : UINT64_MAX;
     PQclear(pend);
     if (rc || idle) {
         keel_pg_release(c);
         if (rc == 0)
-            *checkpoint = UINT64_MAX; /* unchanged */
+            *checkpoint = was; /* UINT64_MAX: unchanged */
         return rc;
     }
     char sql[512], limit[24], from[24];
