@@ -158,6 +158,9 @@ START_TEST(registration_and_dispatch_errors)
     long_name[sizeof long_name - 1] = '\0';
     ck_assert_int_eq(keel_cqrs_command(c, long_name, cmd_inc, &a), KEEL_EINVAL);
     ck_assert_int_eq(keel_cqrs_command(c, "", cmd_inc, &a), KEEL_EINVAL);
+    /* idempotency keys are stored as name, 0x1f, key: a name with 0x1f
+     * would share keys with another command */
+    ck_assert_int_eq(keel_cqrs_command(c, "inc\x1fx", cmd_inc, &a), KEEL_EINVAL);
     ck_assert_int_eq(keel_cqrs_command(c, NULL, cmd_inc, &a), KEEL_EINVAL);
     ck_assert_int_eq(keel_cqrs_command(c, "x", NULL, &a), KEEL_EINVAL);
     ck_assert_int_eq(keel_cqrs_command(NULL, "x", cmd_inc, &a), KEEL_EINVAL);

@@ -115,8 +115,9 @@ KEEL_API void keel_cqrs_destroy(keel_cqrs *c);
 
 typedef int (*keel_cqrs_handler)(keel_cqrs_ctx *ctx, const void *payload, size_t len, void *ud);
 
-/* One handler per name (1..128 bytes): KEEL_EEXIST on a second,
- * KEEL_EINVAL for a bad name. */
+/* One handler per name (1..128 bytes; a command name without the byte
+ * 0x1f, which separates it from idempotency keys): KEEL_EEXIST on a
+ * second, KEEL_EINVAL for a bad name. */
 KEEL_API int keel_cqrs_command(keel_cqrs *c, const char *name, keel_cqrs_handler h, void *ud);
 KEEL_API int keel_cqrs_query(keel_cqrs *c, const char *name, keel_cqrs_handler h, void *ud);
 

@@ -501,6 +501,8 @@ static int reg(keel_cqrs *c, int kind, const char *name, keel_cqrs_handler h, vo
 {
     if (!c || !h || !good_name(name, KEEL_CQRS_NAME_MAX))
         return KEEL_EINVAL;
+    if (kind == KEEL_CQRS_COMMAND && strchr(name, '\x1f')) /* it ends the name in idempotency keys */
+        return KEEL_EINVAL;
     chandler *n = keel__calloc(1, sizeof *n);
     if (!n || !(n->name = keel__strdup(name))) {
         keel__free(n);
