@@ -96,15 +96,15 @@ static void window_clear(keel_breaker *b)
         }
         atomic_store(&b->pos, 0);
     } else {
+        /* The same for the buckets: a recorder between its bucket and its
+         * total update would otherwise leave the totals off for good. */
         for (uint32_t i = 0; i < b->size; i++) {
-            atomic_store(&b->buckets[i].sec, 0);
-            atomic_store(&b->buckets[i].calls, 0);
-            atomic_store(&b->buckets[i].failed, 0);
-            atomic_store(&b->buckets[i].slow, 0);
+            bucket *bk = &b->buckets[i];
+            atomic_store(&bk->sec, 0);
+            atomic_fetch_sub(&b->tcalls, atomic_exchange(&bk->calls, 0));
+            atomic_fetch_sub(&b->tfailed, atomic_exchange(&bk->failed, 0));
+            atomic_fetch_sub(&b->tslow, atomic_exchange(&bk->slow, 0));
         }
-        atomic_store(&b->tcalls, 0);
-        atomic_store(&b->tfailed, 0);
-        atomic_store(&b->tslow, 0);
         atomic_store(&b->head, 0);
     }
 }

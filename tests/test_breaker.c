@@ -274,6 +274,49 @@ START_TEST(concurrent_callers_drive_it_through_every_state)
 }
 END_TEST
 
+typedef struct recorder {
+    keel_breaker *b;
+    atomic_int *stop;
+} recorder;
+
+static void *record_failures(void *arg)
+{
+    recorder *r = arg;
+    while (!atomic_load(r->stop))
+        keel_breaker_on_result(r->b, 5 * S, MS, 1);
+    return NULL;
+}
+
+/* A forced CLOSED empties a time window while results keep coming: a
+ * result counted in its bucket but not yet in the window's totals when the
+ * window is emptied must leave neither behind, or the window keeps phantom
+ * calls and failures for good. */
+START_TEST(emptying_a_time_window_under_load_leaves_no_phantom_calls)
+{
+    for (int round = 0; round < 20; round++) {
+        keel_breaker *b = make((keel_breaker_opts){.window = KEEL_BREAKER_TIME, .window_size = 1,
+                                                   .minimum_calls = UINT32_MAX});
+        atomic_int stop = 0;
+        recorder r = {b, &stop};
+        pthread_t t[2];
+        for (int i = 0; i < 2; i++)
+            pthread_create(&t[i], NULL, record_failures, &r);
+        for (int i = 0; i < 50000; i++)
+            keel_breaker_force(b, KEEL_BREAKER_CLOSED, 5 * S);
+        atomic_store(&stop, 1);
+        for (int i = 0; i < 2; i++)
+            pthread_join(t[i], NULL);
+        /* a later second: every earlier call has left the window */
+        keel_breaker_on_result(b, 100 * S, MS, 0);
+        keel_breaker_stats st;
+        keel_breaker_stats_get(b, &st);
+        ck_assert_uint_eq(st.window_calls, 1);
+        ck_assert_uint_eq(st.window_failed, 0);
+        keel_breaker_destroy(b);
+    }
+}
+END_TEST
+
 START_TEST(bad_input_is_refused)
 {
     keel_breaker *b = (keel_breaker *)0x1;
@@ -327,6 +370,7 @@ int main(void)
     tc = tcase_create("threads");
     tcase_set_timeout(tc, 30);
     tcase_add_test(tc, concurrent_callers_drive_it_through_every_state);
+    tcase_add_test(tc, emptying_a_time_window_under_load_leaves_no_phantom_calls);
     suite_add_tcase(s, tc);
     return kt_run(s);
 }
