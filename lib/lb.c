@@ -315,7 +315,8 @@ static long p2c_pick(keel_lb *lb, snap *s, size_t from, size_t to, const keel_lb
     }
     if (c[1] < 0)
         return c[0];
-    bool equal = from == 0 && s->equal_weights;
+    /* equal_weights is about the primaries; backups alone also start at 0 */
+    bool equal = from == 0 && to == s->n && s->equal_weights;
     return p2c_better(lb, s->peers[c[1]], s->peers[c[0]], now, equal) ? c[1] : c[0];
 }
 

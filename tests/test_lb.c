@@ -386,6 +386,30 @@ START_TEST(weighted_p2c_compares_weight_over_load)
 }
 END_TEST
 
+START_TEST(weighted_p2c_among_backups_alone_still_weighs)
+{
+    keel_lb *lb;
+    chooser ch = {2, 0, 1, 0}; /* always the pair (a, b) */
+    keel_lb_opts o = {.policy = KEEL_LB_P2C, .rand = choose, .rand_ud = &ch};
+    ck_assert_int_eq(keel_lb_create(&lb, &o), 0);
+    keel_lb_peer *a, *b, *held[5];
+    /* no primary (all removed, say): the backups are all there is */
+    keel_lb_add(lb, &(keel_lb_peer_opts){.name = "a", .weight = 4, .flags = KEEL_LB_BACKUP}, &a);
+    keel_lb_add(lb, &(keel_lb_peer_opts){.name = "b", .weight = 1, .flags = KEEL_LB_BACKUP}, &b);
+    for (int i = 0; i < 4; i++) {
+        ch.k = 0;
+        ck_assert_int_eq(keel_lb_pick(lb, NULL, &held[i]), 0);
+        ck_assert_ptr_eq(held[i], a); /* 4/(c+1) >= 1/1 */
+    }
+    ch.k = 0;
+    ck_assert_int_eq(keel_lb_pick(lb, NULL, &held[4]), 0);
+    ck_assert_ptr_eq(held[4], b); /* 4/5 < 1/1 */
+    for (int i = 0; i < 5; i++)
+        keel_lb_done(lb, held[i], 1, 0);
+    keel_lb_destroy(lb);
+}
+END_TEST
+
 START_TEST(peak_ewma_moves_away_from_a_slow_peer_and_back)
 {
     fixture f;
@@ -673,6 +697,7 @@ int main(void)
     tc = tcase_create("p2c");
     tcase_add_test(tc, p2c_never_picks_the_busier_of_two);
     tcase_add_test(tc, weighted_p2c_compares_weight_over_load);
+    tcase_add_test(tc, weighted_p2c_among_backups_alone_still_weighs);
     tcase_add_test(tc, peak_ewma_moves_away_from_a_slow_peer_and_back);
     suite_add_tcase(s, tc);
     tc = tcase_create("ejection");
