@@ -52,7 +52,7 @@ struct keel_lb_peer {
     _Atomic uint32_t fails;
     _Atomic uint64_t accessed, checked;
     _Atomic uint32_t conns;
-    _Atomic uint64_t failures;
+    _Atomic uint64_t picks, failures;
     /* Envoy outlier ejection */
     _Atomic uint32_t consecutive;
     _Atomic uint64_t ejected_until; /* 0 = not ejected */
@@ -373,6 +373,7 @@ KEEL_API int keel_lb_pick(keel_lb *lb, keel_lb_tried *tried, keel_lb_peer **out)
         if (!fast)
             probe(p, now);
         atomic_fetch_add_explicit(&p->conns, 1, memory_order_relaxed);
+        atomic_fetch_add_explicit(&p->picks, 1, memory_order_relaxed);
         tried_add(tried, p->id);
     }
     if (lb->locked)
@@ -766,6 +767,7 @@ KEEL_API int keel_lb_peer_stats_get(keel_lb *lb, keel_lb_peer *p, keel_lb_peer_s
         pthread_mutex_unlock(&lb->mu);
         st->fails = atomic_load(&p->fails);
         st->conns = atomic_load(&p->conns);
+        st->picks = atomic_load(&p->picks);
         st->failures = atomic_load(&p->failures);
         st->consecutive_failures = atomic_load(&p->consecutive);
         st->ejected = ejected(lb, p, now);

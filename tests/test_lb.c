@@ -253,6 +253,31 @@ START_TEST(a_group_of_one_is_never_marked_down)
 }
 END_TEST
 
+START_TEST(stats_count_picks_and_failures)
+{
+    fixture f;
+    setup(&f, (keel_lb_opts){.policy = KEEL_LB_ROUND_ROBIN, .max_fails = KEEL_LB_NO_MAX_FAILS},
+          (uint32_t[]){1, 1}, 2, "ab");
+    char got[8];
+    picks(&f, 6, 1, got); /* three each */
+    keel_lb_peer *p;
+    ck_assert_int_eq(keel_lb_pick(f.lb, NULL, &p), 0); /* a, still in flight */
+    ck_assert_ptr_eq(p, f.p[0]);
+    keel_lb_peer_stats st;
+    keel_lb_peer_stats_get(f.lb, f.p[0], &st);
+    ck_assert_uint_eq(st.picks, 4);
+    ck_assert_uint_eq(st.conns, 1);
+    keel_lb_done(f.lb, p, 0, 0);
+    keel_lb_peer_stats_get(f.lb, f.p[0], &st);
+    ck_assert_uint_eq(st.picks, 4);
+    ck_assert_uint_eq(st.failures, 1);
+    keel_lb_peer_stats_get(f.lb, f.p[1], &st);
+    ck_assert_uint_eq(st.picks, 3);
+    ck_assert_uint_eq(st.failures, 0);
+    keel_lb_destroy(f.lb);
+}
+END_TEST
+
 START_TEST(tried_peers_are_skipped_by_retries)
 {
     fixture f;
@@ -692,6 +717,7 @@ int main(void)
     tcase_add_test(tc, one_primary_with_a_backup_is_failed_out_like_any_other);
     tcase_add_test(tc, a_removed_peers_late_failure_counts_against_nothing);
     tcase_add_test(tc, tried_peers_are_skipped_by_retries);
+    tcase_add_test(tc, stats_count_picks_and_failures);
     tcase_add_test(tc, least_conn_prefers_idle_and_rotates_ties);
     suite_add_tcase(s, tc);
     tc = tcase_create("p2c");
