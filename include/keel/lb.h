@@ -39,7 +39,9 @@
  * Thread safety: every function is thread-safe except destroy; peers may
  * be added and removed while other threads pick. ROUND_ROBIN and
  * LEAST_CONN keep shared rotation state and pick under a short lock; P2C
- * and PEAK_EWMA pick without one. Nothing blocks.
+ * and PEAK_EWMA pick without one, so for them max_conns and the one probe
+ * per fail_timeout are approximate under concurrent picks (two threads
+ * may both take a peer's last connection or its probe). Nothing blocks.
  */
 #ifndef KEEL_LB_H
 #define KEEL_LB_H
@@ -127,18 +129,22 @@ KEEL_API int keel_lb_create(keel_lb **out, const keel_lb_opts *opts);
 /* Adds a peer; *peer (may be NULL) receives its handle. Peers keep the
  * order of addition, which breaks ties. Returns 0, KEEL_EINVAL (weight out
  * of range, unknown flags), KEEL_EEXIST (with metrics: a peer name already
- * in this lb) or KEEL_ENOMEM. */
+ * in this lb), KEEL_ESTATE (called inside one of libkeel's own read
+ * sections, such as a callback, where it would wait for itself) or
+ * KEEL_ENOMEM. */
 KEEL_API int keel_lb_add(keel_lb *lb, const keel_lb_peer_opts *opts, keel_lb_peer **peer);
 
 /* Removes a peer: no later pick returns it. A pick still in flight may
  * finish with keel_lb_done(); the handle stays valid for that. Returns 0,
  * KEEL_EINVAL, KEEL_ENOTFOUND (not a peer of this lb, or removed: the
- * handle is checked by address, never dereferenced) or KEEL_ENOMEM (the
- * peer stays, with its series). */
+ * handle is checked by address, never dereferenced), KEEL_ESTATE (inside
+ * a read section, as for add) or KEEL_ENOMEM (the peer stays, with its
+ * series). */
 KEEL_API int keel_lb_remove(keel_lb *lb, keel_lb_peer *peer);
 
 /* Marks a peer administratively down (1) or up (0). Returns 0, KEEL_EINVAL,
- * KEEL_ENOTFOUND (not a peer of this lb) or KEEL_ENOMEM. */
+ * KEEL_ENOTFOUND (not a peer of this lb), KEEL_ESTATE (inside a read
+ * section, as for add) or KEEL_ENOMEM. */
 KEEL_API int keel_lb_set_down(keel_lb *lb, keel_lb_peer *peer, int down);
 
 /* Picks a peer for a request, skipping those in *tried (may be NULL) and
