@@ -165,8 +165,10 @@ static void window_add(keel_retry_budget *b, uint64_t now, int64_t amount)
 {
     uint64_t epoch = now / b->slot_ns;
     int i = (int)(epoch % SLOTS);
-    if (b->slot_epoch[i] != epoch) { /* that tenth expired: start it over */
-        b->slot_epoch[i] = epoch;
+    if (b->slot_epoch[i] != epoch) {
+        if (b->slot_epoch[i] != UINT64_MAX && b->slot_epoch[i] > epoch)
+            return; /* read before a stall of a window or more: its tenth is gone */
+        b->slot_epoch[i] = epoch; /* that tenth expired: start it over */
         b->slot_sum[i] = 0;
     }
     b->slot_sum[i] += amount;

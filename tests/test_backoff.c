@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stdint.h>
 
 #include <keel/backoff.h>
@@ -220,6 +221,44 @@ START_TEST(percent_budget_allows_its_share_plus_the_reserve)
 }
 END_TEST
 
+/* A caller that read the clock, then stalled a whole window before taking
+ * the budget's lock, brings a reading older than the deposits made since:
+ * its own deposit is out of the window, and the newer ones stay. */
+typedef struct stale_clock {
+    kt_clock now;
+    bool stale; /* the next reading is 0 */
+} stale_clock;
+
+static uint64_t stale_once(void *ud)
+{
+    stale_clock *c = ud;
+    if (c->stale) {
+        c->stale = false;
+        return 0;
+    }
+    return kt_clock_now(&c->now);
+}
+
+START_TEST(a_stale_clock_reading_does_not_wipe_newer_deposits)
+{
+    stale_clock clk = {0};
+    keel_retry_budget *b;
+    keel_retry_budget_opts o = {.kind = KEEL_BUDGET_PERCENT, .percent = 20, .window_ns = 10 * KT_S,
+                                .min_per_sec = KEEL_BUDGET_NONE, .clock = stale_once, .clock_ud = &clk};
+    ck_assert_int_eq(keel_retry_budget_create(&b, &o), 0);
+    kt_clock_advance(&clk.now, 10 * KT_S);
+    for (int i = 0; i < 100; i++) /* 20 retries' worth, in the tenth at 10 s */
+        keel_retry_budget_on_request(b);
+    clk.stale = true; /* the next reading is from 0 s, the same tenth of an older window */
+    keel_retry_budget_on_request(b);
+    int allowed = 0;
+    while (keel_retry_budget_try_retry(b) == 0)
+        allowed++;
+    ck_assert_int_eq(allowed, 20);
+    keel_retry_budget_destroy(b);
+}
+END_TEST
+
 START_TEST(bad_budgets_are_refused)
 {
     keel_retry_budget *b;
@@ -255,6 +294,7 @@ int main(void)
     tcase_add_test(tc, grpc_token_arithmetic);
     tcase_add_test(tc, token_updates_from_two_threads_stay_in_bounds);
     tcase_add_test(tc, percent_budget_allows_its_share_plus_the_reserve);
+    tcase_add_test(tc, a_stale_clock_reading_does_not_wipe_newer_deposits);
     tcase_add_test(tc, bad_budgets_are_refused);
     suite_add_tcase(s, tc);
     return kt_run(s);
