@@ -130,8 +130,8 @@ KEEL_API int keel_lb_create(keel_lb **out, const keel_lb_opts *opts);
  * order of addition, which breaks ties. Returns 0, KEEL_EINVAL (weight out
  * of range, unknown flags), KEEL_EEXIST (with metrics: a peer name already
  * in this lb), KEEL_ESTATE (called inside one of libkeel's own read
- * sections, such as a callback, where it would wait for itself) or
- * KEEL_ENOMEM. */
+ * sections, where it would wait for itself: a guard, since no callback of
+ * libkeel runs in one) or KEEL_ENOMEM. */
 KEEL_API int keel_lb_add(keel_lb *lb, const keel_lb_peer_opts *opts, keel_lb_peer **peer);
 
 /* Removes a peer: no later pick returns it. A pick still in flight may
