@@ -210,6 +210,16 @@ static KEEL__COLD bblock *block_get(lane *l)
     return k;
 }
 
+/* The producer got block k for an add that failed: if not linked, it is
+ * kept for later. */
+static void block_keep(lane *l, bblock *k)
+{
+    if (k != l->wblk) {
+        atomic_store_explicit(&k->next, l->mine, memory_order_relaxed);
+        l->mine = k;
+    }
+}
+
 /* The batcher (under mu) is done with block k of lane l. */
 static void block_put(lane *l, bblock *k)
 {
@@ -761,19 +771,19 @@ KEEL_API int keel_batch_add(keel_batch *b, void *item, size_t bytes)
     lane *l = my_lane(b, &rc);
     if (!l)
         return rc;
-    if (KEEL__UNLIKELY(l->credit == 0) && (rc = make_room(b, l)) != 0)
-        return rc;
+    /* the block first: a place made by dropping an item must be used */
     bblock *k = l->wblk;
     if (KEEL__UNLIKELY(l->widx == BLOCK_ITEMS) && !(k = block_get(l)))
         return KEEL_ENOMEM;
+    if (KEEL__UNLIKELY(l->credit == 0) && (rc = make_room(b, l)) != 0) {
+        block_keep(l, k);
+        return rc;
+    }
     atomic_store_explicit(&l->busy, 1, memory_order_relaxed);
     keel__light_fence(); /* busy before closed: see keel_batch_close() */
     if (atomic_load_explicit(&b->closed, memory_order_relaxed)) {
         atomic_store_explicit(&l->busy, 0, memory_order_release);
-        if (k != l->wblk) { /* not linked: keep it for later */
-            atomic_store_explicit(&k->next, l->mine, memory_order_relaxed);
-            l->mine = k;
-        }
+        block_keep(l, k);
         return KEEL_ECLOSED;
     }
     if (k != l->wblk) {

@@ -754,6 +754,50 @@ START_TEST(a_batch_memory_cannot_hold_fails_at_create)
 }
 END_TEST
 
+/* An allocator that gives nothing while `starved` is set. */
+static _Atomic int starved;
+static void *starve_malloc(size_t n) { return atomic_load(&starved) ? NULL : malloc(n); }
+static void *starve_calloc(size_t n, size_t size) { return atomic_load(&starved) ? NULL : calloc(n, size); }
+static void *starve_realloc(void *p, size_t n) { return atomic_load(&starved) ? NULL : realloc(p, n); }
+
+/* KEEL_BATCH_DROP_OLDEST drops an item to accept the new one: an add that
+ * cannot accept it (no memory for its queue's next block) drops nothing. */
+START_TEST(a_drop_oldest_add_without_memory_drops_nothing)
+{
+    keel_allocator starving = {starve_malloc, starve_calloc, starve_realloc, free};
+    ck_assert_int_eq(keel_set_allocator(&starving), 0);
+    seen s;
+    seen_init(&s);
+    keel_batch *b = make(&s, (keel_batch_opts){.max_items = 1, .capacity = 8,
+                                               .on_full = KEEL_BATCH_DROP_OLDEST});
+    for (int i = 1; i <= 246; i++) { /* into this thread's first block of 255, dropping none */
+        ck_assert_int_eq(keel_batch_add(b, ITEM(i), 1), 0);
+        ck_assert_int_eq(keel_batch_flush(b), 0);
+    }
+    s.block = 1; /* the handler holds item 247; 248 to 255 fill the queue and the block */
+    ck_assert_int_eq(keel_batch_add(b, ITEM(247), 1), 0);
+    wait_for(&s, &s.entered, 247);
+    for (int i = 248; i <= 255; i++)
+        ck_assert_int_eq(keel_batch_add(b, ITEM(i), 1), 0);
+    atomic_store(&starved, 1);
+    int rc = keel_batch_add(b, ITEM(256), 1); /* needs a new block */
+    atomic_store(&starved, 0);
+    ck_assert_int_eq(rc, KEEL_ENOMEM);
+    keel_batch_stats st;
+    keel_batch_stats_get(b, &st);
+    ck_assert_uint_eq(st.dropped, 0);
+    ck_assert_uint_eq(get(&s, &s.dead), 0);
+    ck_assert_int_eq(keel_batch_add(b, ITEM(256), 1), 0); /* with memory: 248 makes room */
+    unblock(&s);
+    ck_assert_int_eq(keel_batch_close(b), 0);
+    keel_batch_stats_get(b, &st);
+    ck_assert_uint_eq(st.dropped, 1);
+    check_invariant(b);
+    keel_batch_destroy(b);
+    ck_assert_int_eq(keel_set_allocator(NULL), 0);
+}
+END_TEST
+
 /* ---- rows into PostgreSQL ---- */
 
 typedef struct rows {
@@ -882,6 +926,7 @@ int main(void)
     tcase_add_test(tc, a_thread_joining_a_filling_batch_does_not_leave_it_waiting);
     tcase_add_test(tc, bad_input_is_refused);
     tcase_add_test(tc, a_batch_memory_cannot_hold_fails_at_create);
+    tcase_add_test(tc, a_drop_oldest_add_without_memory_drops_nothing);
     suite_add_tcase(s, tc);
     TCase *big = tcase_create("million");
     tcase_set_timeout(big, 120);
