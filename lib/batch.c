@@ -938,7 +938,6 @@ KEEL_API int keel_batch_create(keel_batch **out, const keel_batch_opts *o)
         return KEEL_ENOMEM;
     memset(b, 0, sizeof *b);
     b->o = *o;
-    b->o.max_items = o->max_items ? o->max_items : 100;
     b->o.linger_ns = o->linger_ns ? o->linger_ns : 5000000u;
     b->o.retry_base_ns = o->retry_base_ns ? o->retry_base_ns : 100000000u;
     b->o.retry_max_ns = o->retry_max_ns ? o->retry_max_ns : 10000000000u;
@@ -946,6 +945,7 @@ KEEL_API int keel_batch_create(keel_batch **out, const keel_batch_opts *o)
         b->o.retry_max_ns = b->o.retry_base_ns;
     b->clock = (keel__clock){o->clock, o->clock_ud};
     b->o.capacity = o->capacity ? o->capacity : 65536;
+    b->o.max_items = o->max_items ? o->max_items : b->o.capacity < 100 ? b->o.capacity : 100;
     b->chunk = b->o.capacity / 64 > CHUNK_MAX ? CHUNK_MAX : b->o.capacity / 64 ? b->o.capacity / 64 : 1;
     if (b->o.max_items > b->o.capacity) {
         keel__aligned_free(b);

@@ -722,6 +722,13 @@ START_TEST(bad_input_is_refused)
                      KEEL_EINVAL);
     seen s;
     seen_init(&s);
+    /* the default max_items is 100, or the capacity when that is smaller */
+    b = make(&s, (keel_batch_opts){.capacity = 16, .linger_ns = 3600 * S});
+    for (int i = 1; i <= 16; i++)
+        ck_assert_int_eq(keel_batch_add(b, ITEM(i), 1), 0);
+    wait_for(&s, &s.batches, 1);
+    ck_assert_uint_eq(s.sizes[0], 16);
+    keel_batch_destroy(b);
     b = make(&s, (keel_batch_opts){0});
     ck_assert_int_eq(keel_batch_add(b, NULL, 1), KEEL_EINVAL);
     ck_assert_int_eq(keel_batch_add(NULL, ITEM(1), 1), KEEL_EINVAL);

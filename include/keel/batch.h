@@ -100,7 +100,7 @@ typedef struct keel_batch_opts {
     keel_batch_handler handler;   /* required */
     keel_batch_dead_letter dead_letter; /* NULL: such items are logged, counted, and dropped */
     void *ud;                     /* for both callbacks */
-    size_t max_items;             /* per batch; 0 = 100 */
+    size_t max_items;             /* per batch; 0 = 100, or capacity if smaller */
     size_t max_bytes;             /* per batch; 0 = no limit (a bigger item goes alone) */
     uint64_t linger_ns;           /* 0 = 5 ms */
     size_t capacity;              /* queued items, at most; 0 = 65536; up to 2^40 */
@@ -131,15 +131,18 @@ KEEL_API int keel_batch_add(keel_batch *b, void *item, size_t bytes);
 
 /* Returns once every item accepted before the call has been handled,
  * dead-lettered or dropped (batches are closed at once, whatever their
- * linger). 0, or KEEL_ESTATE from a handler, KEEL_EINVAL for NULL. */
+ * linger). 0, or KEEL_ESTATE from a handler or dead-letter callback,
+ * KEEL_EINVAL for NULL. */
 KEEL_API int keel_batch_flush(keel_batch *b);
 
 /* Refuses new items, flushes everything (retries included), stops the
- * threads. Returns 0, KEEL_ESTATE from a handler, KEEL_EINVAL for NULL;
- * closing twice is fine. */
+ * threads. Returns 0, KEEL_ESTATE from a handler or dead-letter callback,
+ * KEEL_EINVAL for NULL; closing twice is fine. */
 KEEL_API int keel_batch_close(keel_batch *b);
 
-/* Closes if needed and frees. NULL is a no-op. */
+/* Closes if needed and frees. NULL is a no-op; from one of the batch's own
+ * callbacks it only logs an error (freeing would pull its thread's floor
+ * away). */
 KEEL_API void keel_batch_destroy(keel_batch *b);
 
 /* From the handler: item `index` (of this call's items) failed and is to
