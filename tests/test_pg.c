@@ -742,6 +742,29 @@ START_TEST(a_stopped_replica_is_skipped)
 }
 END_TEST
 
+/* The check's own connection, killed between checks (an admin, an
+ * idle_session_timeout, a restart): the host answers a new one, so it is
+ * up, and writes go on. */
+START_TEST(a_check_whose_connection_was_killed_asks_again)
+{
+    char conninfo[256];
+    snprintf(conninfo, sizeof conninfo, "%s application_name=kt_hc_killed", kt_env("KEEL_TEST_PG"));
+    keel_pg *pg = open_pg(conninfo, NULL, 10 * KT_S);
+    PGconn *d = kt_pg_connect(kt_env("KEEL_TEST_PG"));
+    ck_assert_int_eq(kt_pg_number(d, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                                      " WHERE application_name = 'kt_hc_killed'"),
+                     1);
+    PQfinish(d);
+    ck_assert_int_eq(keel_pg_check(pg), 0);
+    keel_pg_host_stats st;
+    keel_pg_host_stats_get(pg, 0, &st);
+    ck_assert_int_eq(st.role, KEEL_PG_ROLE_PRIMARY);
+    char v[8];
+    value(pg, KEEL_PG_WRITE, "SELECT 1", v, sizeof v);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
 static void *busy_client(void *arg)
 {
     keel_pg *pg = arg;
@@ -865,6 +888,7 @@ int main(void)
     tcase_add_test(tc, freed_statements_are_deallocated_where_they_were_prepared);
     tcase_add_test(tc, timeouts_client_and_server);
     tcase_add_test(tc, a_stopped_replica_is_skipped);
+    tcase_add_test(tc, a_check_whose_connection_was_killed_asks_again);
     tcase_add_test(tc, the_health_thread_checks_by_itself);
     suite_add_tcase(s, tc);
 

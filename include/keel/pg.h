@@ -9,7 +9,8 @@
  * configured primary, hosts 1..n the replicas, in the order given.
  *
  * Health. A check asks every host whether it is in recovery and how far
- * its WAL is (one query on a connection of its own). The write host is the
+ * its WAL is (one query on a connection of its own, made again once when
+ * the one kept was lost since the last check). The write host is the
  * reachable host that is not in recovery, and of several, the one on the
  * newest timeline: so when the primary is gone and a replica has been
  * promoted, writes go to the replica without restarting the program, and

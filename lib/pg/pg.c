@@ -259,25 +259,32 @@ static void probe_host(pghost *h, probe *out)
         h->hconn = NULL;
     }
     atomic_fetch_add_explicit(&h->checks, 1, memory_order_relaxed);
-    if (!h->hconn && connect_host(h, &h->hconn) != 0) {
+    /* A connection kept from an earlier check may have been lost since (a
+     * killed backend, a restart): that says nothing of the host, so the
+     * check asks once more on a new one. */
+    for (int attempt = 0; attempt < 2 && !out->ok; attempt++) {
+        bool kept = h->hconn != NULL;
+        if (!h->hconn && connect_host(h, &h->hconn) != 0)
+            break;
+        keel_pg_conn tmp = {.conn = h->hconn, .h = h};
+        PGresult *r;
+        int rc = keel__pg_run(&tmp, HEALTH_SQL, NULL, pg->connect_timeout, &r);
+        if (rc == 0 && PQntuples(r) == 1 && PQnfields(r) == 3) {
+            out->ok = true;
+            out->recovery = PQgetvalue(r, 0, 0)[0] == 't';
+            out->lsn = keel__pg_lsn_parse(PQgetisnull(r, 0, 1) ? NULL : PQgetvalue(r, 0, 1));
+            out->timeline = (uint32_t)strtoul(PQgetvalue(r, 0, 2), NULL, 16);
+        }
+        PQclear(r);
+        if (!out->ok) {
+            PQfinish(h->hconn);
+            h->hconn = NULL;
+        }
+        if (!kept || rc != KEEL_EUNAVAIL)
+            break;
+    }
+    if (!out->ok)
         atomic_fetch_add_explicit(&h->check_failures, 1, memory_order_relaxed);
-        return;
-    }
-    keel_pg_conn tmp = {.conn = h->hconn, .h = h};
-    PGresult *r;
-    int rc = keel__pg_run(&tmp, HEALTH_SQL, NULL, pg->connect_timeout, &r);
-    if (rc == 0 && PQntuples(r) == 1 && PQnfields(r) == 3) {
-        out->ok = true;
-        out->recovery = PQgetvalue(r, 0, 0)[0] == 't';
-        out->lsn = keel__pg_lsn_parse(PQgetisnull(r, 0, 1) ? NULL : PQgetvalue(r, 0, 1));
-        out->timeline = (uint32_t)strtoul(PQgetvalue(r, 0, 2), NULL, 16);
-    }
-    PQclear(r);
-    if (!out->ok) {
-        atomic_fetch_add_explicit(&h->check_failures, 1, memory_order_relaxed);
-        PQfinish(h->hconn);
-        h->hconn = NULL;
-    }
 }
 
 /* Under mu. The history keeps its oldest entry (so a replica stuck behind
