@@ -308,6 +308,30 @@ START_TEST(parameters_stay_data)
 }
 END_TEST
 
+/* A binary value of negative length is bad input: libpq would copy
+ * SIZE_MAX bytes of it. A NULL value has no length to look at. */
+START_TEST(a_binary_parameter_of_negative_length_is_refused)
+{
+    keel_pg *pg = open_shared();
+    const char *vals[2] = {"x", NULL};
+    int lens[2] = {-1, -1};
+    int fmts[2] = {1, 1};
+    keel_pg_params p = {.n = 2, .values = vals, .lengths = lens, .formats = fmts};
+    PGresult *r;
+    ck_assert_int_eq(keel_pg_exec(pg, KEEL_PG_WRITE, "SELECT $1::bytea, $2::bytea", &p, &r),
+                     KEEL_EINVAL);
+    ck_assert_ptr_null(r);
+    keel_pg_query q = {.sql = "SELECT $1::bytea, $2::bytea", .params = p};
+    ck_assert_int_eq(keel_pg_batch(pg, &q, 1), KEEL_EINVAL);
+    vals[0] = NULL;
+    const char *sql = "SELECT $1::bytea IS NULL AND $2::bytea IS NULL";
+    ck_assert_int_eq(keel_pg_exec(pg, KEEL_PG_WRITE, sql, &p, &r), 0);
+    ck_assert_str_eq(PQgetvalue(r, 0, 0), "t");
+    PQclear(r);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
 START_TEST(a_lagging_replica_sends_reads_to_the_primary)
 {
     keel_pg *pg = open_shared();
@@ -878,6 +902,7 @@ int main(void)
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, reads_reach_the_replica_and_writes_the_primary);
     tcase_add_test(tc, parameters_stay_data);
+    tcase_add_test(tc, a_binary_parameter_of_negative_length_is_refused);
     tcase_add_test(tc, a_lagging_replica_sends_reads_to_the_primary);
     tcase_add_test(tc, read_your_writes_waits_for_the_replica_or_uses_the_primary);
     tcase_add_test(tc, read_your_writes_with_no_replica_up_uses_the_primary_at_once);

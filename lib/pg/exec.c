@@ -196,7 +196,8 @@ bool keel__pg_params_ok(const keel_pg_params *p)
         (p->result_format != 0 && p->result_format != 1))
         return false;
     for (int i = 0; p->formats && i < p->n; i++) /* a binary value needs its length */
-        if (p->formats[i] != 0 && (p->formats[i] != 1 || !p->lengths))
+        if (p->formats[i] != 0 &&
+            (p->formats[i] != 1 || !p->lengths || (p->values[i] && p->lengths[i] < 0)))
             return false;
     return true;
 }
