@@ -332,6 +332,34 @@ START_TEST(a_binary_parameter_of_negative_length_is_refused)
 }
 END_TEST
 
+/* The server answers a wrong number of parameters with an ERROR of class
+ * 08 (protocol_violation): the statement is refused, the session lives. */
+START_TEST(a_wrong_parameter_count_is_refused_and_the_connection_kept)
+{
+    keel_pg *pg = open_shared();
+    const char *vals[2] = {"1", "2"};
+    keel_pg_params p = {.n = 2, .values = vals};
+    keel_pg_conn *c;
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &c), 0);
+    PGresult *r;
+    ck_assert_int_eq(keel_pg_conn_exec(c, "SELECT $1::int", &p, &r), KEEL_EBACKEND);
+    ck_assert_str_eq(PQresultErrorField(r, PG_DIAG_SQLSTATE), "08P01");
+    PQclear(r);
+    ck_assert_int_eq(keel_pg_conn_exec(c, "SELECT 1", NULL, &r), 0);
+    PQclear(r);
+    keel_pg_release(c);
+    keel_pg_host_stats before, after;
+    keel_pg_host_stats_get(pg, 0, &before);
+    ck_assert_int_eq(keel_pg_exec(pg, KEEL_PG_WRITE, "SELECT $1::int", &p, &r), KEEL_EBACKEND);
+    PQclear(r);
+    char v[8];
+    value(pg, KEEL_PG_WRITE, "SELECT 1", v, sizeof v);
+    keel_pg_host_stats_get(pg, 0, &after);
+    ck_assert_uint_eq(after.connects, before.connects); /* the pooled one, still good */
+    keel_pg_destroy(pg);
+}
+END_TEST
+
 START_TEST(a_lagging_replica_sends_reads_to_the_primary)
 {
     keel_pg *pg = open_shared();
@@ -903,6 +931,7 @@ int main(void)
     tcase_add_test(tc, reads_reach_the_replica_and_writes_the_primary);
     tcase_add_test(tc, parameters_stay_data);
     tcase_add_test(tc, a_binary_parameter_of_negative_length_is_refused);
+    tcase_add_test(tc, a_wrong_parameter_count_is_refused_and_the_connection_kept);
     tcase_add_test(tc, a_lagging_replica_sends_reads_to_the_primary);
     tcase_add_test(tc, read_your_writes_waits_for_the_replica_or_uses_the_primary);
     tcase_add_test(tc, read_your_writes_with_no_replica_up_uses_the_primary_at_once);

@@ -64,10 +64,15 @@ static void lost(keel_pg_conn *c, const char *what)
     keel__pg_conn_lost(c->h);
 }
 
-/* Whether a SQLSTATE means the session is gone (class 08, or the server
- * shutting down or not accepting connections). */
-static bool state_lost(const char *st)
+/* Whether an error means the session is gone (class 08, or the server
+ * shutting down or not accepting connections), unless it is a mere ERROR,
+ * after which the server goes on (a Bind with the wrong number of
+ * parameters is an ERROR 08P01). */
+static bool state_lost(const PGresult *r, const char *st)
 {
+    const char *sev = PQresultErrorField(r, PG_DIAG_SEVERITY_NONLOCALIZED);
+    if (sev && strcmp(sev, "ERROR") == 0)
+        return false;
     return st && (strncmp(st, "08", 2) == 0 || strcmp(st, "57P01") == 0 ||
                   strcmp(st, "57P02") == 0 || strcmp(st, "57P03") == 0);
 }
@@ -95,7 +100,7 @@ static int result_rc(keel_pg_conn *c, PGresult **res)
     if (st == PGRES_BAD_RESPONSE) {
         c->broken = true;
         rc = KEEL_EPROTO;
-    } else if (!r || PQstatus(c->conn) != CONNECTION_OK || state_lost(state)) {
+    } else if (!r || PQstatus(c->conn) != CONNECTION_OK || state_lost(r, state)) {
         lost(c, "connection lost");
         rc = KEEL_EUNAVAIL;
     } else if (!state) { /* an error of libpq's own, the session intact */
