@@ -605,6 +605,42 @@ START_TEST(a_batch_is_one_pipeline_and_all_or_nothing)
 }
 END_TEST
 
+/* A connection busy with the caller's own libpq use (a result not read
+ * yet, a COPY) takes no batch: KEEL_ESTATE, the host's other connections
+ * untouched. */
+START_TEST(a_batch_on_a_busy_connection_is_refused)
+{
+    keel_pg *pg = open_shared();
+    write_sql(pg, "CREATE TABLE IF NOT EXISTS kt_busy (v int)");
+    keel_pg_conn *c, *other;
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &other), 0);
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &c), 0);
+    keel_pg_release(other);
+    PGconn *raw = keel_pg_conn_raw(c);
+    ck_assert_int_eq(PQsendQuery(raw, "SELECT 1"), 1);
+    for (int i = 0; i < 1000 && PQisBusy(raw); i++) { /* its result arrived, unread */
+        kt_nap(2 * MS);
+        PQconsumeInput(raw);
+    }
+    ck_assert_int_eq(PQisBusy(raw), 0);
+    keel_pg_query q = {.sql = "SELECT 2"};
+    ck_assert_int_eq(keel_pg_conn_batch(c, &q, 1), KEEL_ESTATE);
+    for (PGresult *r; (r = PQgetResult(raw)) != NULL;)
+        PQclear(r);
+    PQclear(PQexec(raw, "COPY kt_busy FROM STDIN"));
+    ck_assert_int_eq(keel_pg_conn_batch(c, &q, 1), KEEL_ESTATE);
+    keel_pg_release(c); /* in COPY: closed */
+    keel_pg_host_stats before, after;
+    keel_pg_host_stats_get(pg, 0, &before);
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &c), 0);
+    ck_assert_int_eq(in_recovery(c), 0);
+    keel_pg_release(c);
+    keel_pg_host_stats_get(pg, 0, &after);
+    ck_assert_uint_eq(after.connects, before.connects); /* the other one was kept */
+    keel_pg_destroy(pg);
+}
+END_TEST
+
 START_TEST(statements_are_prepared_again_when_the_server_forgets)
 {
     keel_pg *pg = open_shared();
@@ -937,6 +973,7 @@ int main(void)
     tcase_add_test(tc, read_your_writes_with_no_replica_up_uses_the_primary_at_once);
     tcase_add_test(tc, read_your_writes_with_no_free_replica_connection_uses_the_primary_at_once);
     tcase_add_test(tc, a_batch_is_one_pipeline_and_all_or_nothing);
+    tcase_add_test(tc, a_batch_on_a_busy_connection_is_refused);
     tcase_add_test(tc, statements_are_prepared_again_when_the_server_forgets);
     tcase_add_test(tc, release_rolls_back_and_drops_what_it_cannot_reuse);
     tcase_add_test(tc, freed_statements_are_deallocated_where_they_were_prepared);

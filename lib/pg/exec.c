@@ -589,7 +589,10 @@ KEEL_API int keel_pg_conn_batch(keel_pg_conn *c, keel_pg_query *q, size_t n)
         return 0;
     if (c->broken || PQstatus(c->conn) != CONNECTION_OK)
         return KEEL_EUNAVAIL;
-    if (PQpipelineStatus(c->conn) != PQ_PIPELINE_OFF || PQisBusy(c->conn))
+    /* busy: a result not read yet (which PQisBusy() does not count) or a
+     * COPY, all of which PQenterPipelineMode() refuses */
+    if (PQpipelineStatus(c->conn) != PQ_PIPELINE_OFF ||
+        PQtransactionStatus(c->conn) == PQTRANS_ACTIVE)
         return KEEL_ESTATE;
     bool idle = PQtransactionStatus(c->conn) == PQTRANS_IDLE;
     int rc = batch_once(c, q, n);
