@@ -425,6 +425,45 @@ START_TEST(a_lagging_replica_sends_reads_to_the_primary)
 }
 END_TEST
 
+/* The remembered positions are thinned as they age, but not near the
+ * present: after minutes of checks a replica that stopped replaying a few
+ * checks ago is still seen that far behind, not one check behind. */
+START_TEST(a_replica_lag_is_measured_after_many_checks)
+{
+    keel_pg *pg = open_shared();
+    write_sql(pg, "CREATE TABLE IF NOT EXISTS kt_lag2 (v int)");
+    PGconn *prim = kt_pg_connect(kt_env("KEEL_TEST_PG"));
+    kt_pg_exec(prim, "SET synchronous_commit = on"); /* each check sees the position move */
+    for (int i = 0; i < 300; i++) {
+        kt_pg_exec(prim, "INSERT INTO kt_lag2 VALUES (1)");
+        kt_clock_advance(&clk, 1 * KT_S);
+        ck_assert_int_eq(keel_pg_check(pg), 0);
+    }
+    uint64_t lsn;
+    ck_assert_int_eq(keel_pg_write_lsn(pg, &lsn), 0);
+    keel_pg_conn *c;
+    ck_assert_int_eq(keel_pg_acquire_after(pg, lsn, 20 * KT_S, &c), 0);
+    ck_assert_uint_eq(keel_pg_conn_host(c), 1); /* caught up */
+    keel_pg_release(c);
+    PGconn *rep = kt_pg_connect(kt_env("KEEL_TEST_PG_REPLICA"));
+    kt_pg_exec(rep, "SELECT pg_wal_replay_pause()");
+    for (int i = 0; i < 6; i++) {
+        kt_pg_exec(prim, "INSERT INTO kt_lag2 VALUES (2)");
+        kt_clock_advance(&clk, 1 * KT_S);
+        ck_assert_int_eq(keel_pg_check(pg), 0);
+    }
+    keel_pg_host_stats st;
+    keel_pg_host_stats_get(pg, 1, &st);
+    kt_pg_exec(rep, "SELECT pg_wal_replay_resume()");
+    /* behind the first of the 6 checks since it stopped: 5 s, over 1 s */
+    ck_assert_msg(st.lag_ns >= 4 * KT_S, "lag %llu ns", (unsigned long long)st.lag_ns);
+    ck_assert_int_eq(st.readable, 0);
+    PQfinish(rep);
+    PQfinish(prim);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
 typedef struct after_job {
     keel_pg *pg;
     uint64_t lsn, wait;
@@ -969,6 +1008,7 @@ int main(void)
     tcase_add_test(tc, a_binary_parameter_of_negative_length_is_refused);
     tcase_add_test(tc, a_wrong_parameter_count_is_refused_and_the_connection_kept);
     tcase_add_test(tc, a_lagging_replica_sends_reads_to_the_primary);
+    tcase_add_test(tc, a_replica_lag_is_measured_after_many_checks);
     tcase_add_test(tc, read_your_writes_waits_for_the_replica_or_uses_the_primary);
     tcase_add_test(tc, read_your_writes_with_no_replica_up_uses_the_primary_at_once);
     tcase_add_test(tc, read_your_writes_with_no_free_replica_connection_uses_the_primary_at_once);

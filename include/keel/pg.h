@@ -20,12 +20,13 @@
  * most max_replica_lag_ns. Lag is measured in time with the library's
  * clock: a replica is as far behind as the oldest position the write
  * host had flushed at a check that it has not replayed yet (zero when it
- * has replayed all of them). Checks run in a background thread every
- * health_interval_ns, or only when the program calls keel_pg_check()
- * (manual_health). A connect that fails marks its host down until a check
- * finds it up (or for one interval); a connection lost in use retires the
- * host's older connections and wakes the health thread, but one killed
- * backend does not make the host down.
+ * has replayed all of them; older positions are thinned out, so a long
+ * lag is known to within a fraction of itself). Checks run in a
+ * background thread every health_interval_ns, or only when the program
+ * calls keel_pg_check() (manual_health). A connect that fails marks its
+ * host down until a check finds it up (or for one interval); a
+ * connection lost in use retires the host's older connections and wakes
+ * the health thread, but one killed backend does not make the host down.
  *
  * Modes. KEEL_PG_WRITE: the write host. KEEL_PG_READ: a usable replica,
  * round robin (keel_lb), else the write host. KEEL_PG_AUTO (exec helpers

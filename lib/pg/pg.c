@@ -287,6 +287,16 @@ static void probe_host(pghost *h, probe *out)
         atomic_fetch_add_explicit(&h->check_failures, 1, memory_order_relaxed);
 }
 
+/* How much dropping history entry j would blur the lags it tells: the
+ * gap left, relative to the age of its older side (an absolute gap would
+ * spread the entries evenly over the whole history, whose oldest entry
+ * stays, so that after an hour of checks none is left near the present). */
+static double blur(const keel_pg *pg, size_t j, uint64_t now)
+{
+    uint64_t age = now - pg->hist[j - 1].t;
+    return age ? (double)(pg->hist[j + 1].t - pg->hist[j - 1].t) / (double)age : 0;
+}
+
 /* Under mu. The history keeps its oldest entry (so a replica stuck behind
  * it sees its lag grow without end) and, when full, drops the entry whose
  * removal blurs the times least. */
@@ -297,7 +307,7 @@ static void remember(keel_pg *pg, uint64_t now, uint64_t lsn)
     if (pg->nhist == PG_HIST) {
         size_t drop = 1;
         for (size_t j = 2; j + 1 < PG_HIST; j++)
-            if (pg->hist[j + 1].t - pg->hist[j - 1].t < pg->hist[drop + 1].t - pg->hist[drop - 1].t)
+            if (blur(pg, j, now) < blur(pg, drop, now))
                 drop = j;
         memmove(&pg->hist[drop], &pg->hist[drop + 1], (PG_HIST - drop - 1) * sizeof pg->hist[0]);
         pg->nhist--;
