@@ -156,6 +156,7 @@ START_TEST(sql_is_classified_better_than_by_its_first_word)
         {"SELECT pg_promote(false)", KEEL_PG_WRITE}, /* on a replica it would promote it */
         {"SELECT pg_copy_logical_replication_slot('s', 't')", KEEL_PG_WRITE},
         {"SELECT pg_copy_physical_replication_slot('s', 't')", KEEL_PG_WRITE},
+        {"SELECT pg_log_standby_snapshot()", KEEL_PG_WRITE}, /* writes WAL (PostgreSQL 16) */
         {"SELECT slot_name FROM pg_replication_slots", KEEL_PG_READ},
         {"SELECT \"nextval_of\"(1), txid_current_snapshot()", KEEL_PG_READ},
         /* PostgreSQL ends a -- comment at a carriage return too */

@@ -222,7 +222,7 @@ static bool write_function(tok t)
 {
     static const char *const names[] = {
         "nextval", "setval", "txid_current", "pg_current_xact_id", "pg_notify",
-        "pg_switch_wal", "pg_walfile_name", "pg_walfile_name_offset",
+        "pg_switch_wal", "pg_walfile_name", "pg_walfile_name_offset", "pg_log_standby_snapshot",
         "pg_logical_emit_message", "pg_import_system_collations", "pg_drop_replication_slot",
         "pg_copy_physical_replication_slot", "pg_copy_logical_replication_slot",
         "pg_replication_slot_advance", "pg_promote", NULL,
