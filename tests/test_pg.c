@@ -703,20 +703,35 @@ START_TEST(statements_are_prepared_again_when_the_server_forgets)
     PQclear(r);
     keel_pg_release(c);
 
-    /* the connection dies: a write is not retried, but the next call gets
-     * a new connection and the statement is prepared there */
+    /* the server ends the idle session (a restart, an admin): the pool
+     * sees the closed socket, and the write goes on a new connection, where
+     * the statement is prepared again; one killed backend is not a dead
+     * server, so no check is needed */
     PGconn *d = kt_pg_connect(kt_env("KEEL_TEST_PG"));
     char sql[96];
     snprintf(sql, sizeof sql, "SELECT pg_terminate_backend(%s)", pid);
     kt_pg_exec(d, sql);
-    PQfinish(d);
-    ck_assert_int_eq(keel_pg_exec_stmt(pg, KEEL_PG_WRITE, s, &p, &r), KEEL_EUNAVAIL);
-    ck_assert_ptr_null(r);
-    /* one killed backend is not a dead server: no check needed */
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", pid);
+    for (int i = 0; i < 500 && kt_pg_number(d, sql) != 0; i++)
+        kt_nap(10 * KT_MS);
+    kt_nap(50 * KT_MS); /* the backend has gone: its socket closes as it exits */
     ck_assert_int_eq(keel_pg_exec_stmt(pg, KEEL_PG_WRITE, s, &p, &r), 0);
     ck_assert_str_eq(PQgetvalue(r, 0, 0), "2");
     ck_assert_str_ne(PQgetvalue(r, 0, 1), pid);
+    snprintf(pid, sizeof pid, "%s", PQgetvalue(r, 0, 1));
     PQclear(r);
+    /* a session ended while a caller holds it: the call on it fails, and
+     * a write is never retried */
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &c), 0);
+    snprintf(sql, sizeof sql, "SELECT pg_terminate_backend(%s)", pid);
+    kt_pg_exec(d, sql);
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", pid);
+    for (int i = 0; i < 500 && kt_pg_number(d, sql) != 0; i++)
+        kt_nap(10 * KT_MS);
+    PQfinish(d);
+    ck_assert_int_eq(keel_pg_conn_exec_stmt(c, s, &p, &r), KEEL_EUNAVAIL);
+    ck_assert_ptr_null(r);
+    keel_pg_release(c);
     /* a statement that does not compile: KEEL_EBACKEND from the prepare */
     keel_pg_stmt *bad;
     ck_assert_int_eq(keel_pg_stmt_create(pg, "SELEC nothing", 0, NULL, &bad), 0);

@@ -27,6 +27,9 @@
  * host down until a check finds it up (or for one interval); a
  * connection lost in use retires the host's older connections and wakes
  * the health thread, but one killed backend does not make the host down.
+ * An idle pooled connection whose session the server has already closed
+ * is dropped when taken (a poll of its socket), so a call made after a
+ * restart goes on a new connection instead of failing.
  *
  * Modes. KEEL_PG_WRITE: the write host. KEEL_PG_READ: a usable replica,
  * round robin (keel_lb), else the write host. KEEL_PG_AUTO (exec helpers

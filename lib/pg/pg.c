@@ -228,13 +228,32 @@ static bool usable(pghost *h, uint64_t now)
     return atomic_load_explicit(&h->down_until, memory_order_acquire) <= now;
 }
 
+/* Whether an idle connection is known dead: the server that ended the
+ * session (a restart, pg_terminate_backend, idle_session_timeout) has
+ * already closed the socket, which then reads. A poll costs little beside
+ * a round trip, and a write sent on such a connection would come back
+ * "outcome unknown". */
+static bool idle_conn_dead(PGconn *conn)
+{
+    struct pollfd p = {.fd = PQsocket(conn), .events = POLLIN};
+    if (p.fd < 0)
+        return true;
+    /* a notice or a NOTIFY reads too: only a closed session is dead; the
+     * server's FATAL comes in one read and the end of the stream in the
+     * next */
+    for (int i = 0; i < 4 && poll(&p, 1, 0) > 0; i++)
+        if (!PQconsumeInput(conn) || PQstatus(conn) != CONNECTION_OK)
+            return true;
+    return false; /* nothing more said: alive as far as anyone can tell */
+}
+
 int keel__pg_conn_get(pghost *h, uint64_t timeout, keel_pg_conn **out)
 {
     keel_pg_conn *c;
     int rc;
     while ((rc = keel_pool_acquire_timeout(h->pool, timeout, (void **)&c)) == 0 &&
-           c->gen != atomic_load(&h->gen))
-        keel_pool_discard(h->pool, c); /* made before the host last failed */
+           (c->gen != atomic_load(&h->gen) || idle_conn_dead(c->conn)))
+        keel_pool_discard(h->pool, c); /* made before the host last failed, or closed by the server */
     if (rc == KEEL_EUNAVAIL)
         host_down(h);
     if (rc == 0)
