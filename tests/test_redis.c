@@ -559,6 +559,72 @@ START_TEST(the_listener_reconnects_and_says_so)
 }
 END_TEST
 
+typedef struct hammer {
+    atomic_bool stop;
+    atomic_int sent;
+} hammer;
+
+/* Publishes to kt:hot as fast as one connection can, until told to stop. */
+static void *publish_hard(void *arg)
+{
+    hammer *h = arg;
+    redisContext *c = direct(0);
+    while (!atomic_load(&h->stop)) {
+        for (int i = 0; i < 50; i++)
+            redisAppendCommand(c, "PUBLISH kt:hot x");
+        for (int i = 0; i < 50; i++) {
+            void *rep;
+            ck_assert_int_eq(redisGetReply(c, &rep), REDIS_OK);
+            freeReplyObject(rep);
+        }
+        atomic_fetch_add(&h->sent, 50);
+    }
+    redisFree(c);
+    return NULL;
+}
+
+static void count_only(const char *ch, size_t chlen, const char *msg, size_t len, const char *pattern, void *ud)
+{
+    (void)ch, (void)chlen, (void)msg, (void)len, (void)pattern;
+    atomic_fetch_add((atomic_int *)ud, 1);
+}
+
+/* A message may come between the confirmations of SUBSCRIBE and those of
+ * PSUBSCRIBE (Redis runs the second only once it has read all of it, and
+ * serves other clients meanwhile): it is a message, delivered, not a
+ * refusal of the subscription (once KEEL_EBACKEND, and the message lost). */
+START_TEST(a_message_among_the_confirmations_is_delivered)
+{
+    keel_redis *r = connect_nodes(1, NULL);
+    enum { NPAT = 5000 };
+    static char pats[NPAT][48];
+    static const char *pat_ptrs[NPAT];
+    for (int i = 0; i < NPAT; i++) {
+        snprintf(pats[i], sizeof pats[i], "kt:padding-pattern-that-never-matches:%d", i);
+        pat_ptrs[i] = pats[i];
+    }
+    hammer h = {0};
+    pthread_t t;
+    pthread_create(&t, NULL, publish_hard, &h);
+    while (atomic_load(&h.sent) < 500)
+        kt_nap(MS);
+    atomic_int got_msgs = 0;
+    for (int i = 0; i < 20; i++) {
+        keel_redis_sub *s;
+        keel_redis_sub_opts so = {.channels = (const char *[]){"kt:hot"}, .nchannels = 1,
+                                  .patterns = pat_ptrs, .npatterns = NPAT, .on_message = count_only,
+                                  .ud = &got_msgs};
+        int rc = keel_redis_subscribe(r, &so, &s);
+        ck_assert_msg(rc == 0, "subscription %d: %s", i, keel_strerror(rc));
+        keel_redis_unsubscribe(s);
+    }
+    atomic_store(&h.stop, true);
+    pthread_join(t, NULL);
+    ck_assert_int_gt(atomic_load(&got_msgs), 0);
+    keel_redis_destroy(r);
+}
+END_TEST
+
 /* hiredis writes with write(2). Blocking hiredis rarely gets as far as a
  * second write on a reset socket, but when it does the kernel raises
  * SIGPIPE: the guard around every write must swallow ours and leave the
@@ -800,6 +866,7 @@ int main(void)
     tcase_add_test(tc, a_server_that_never_answers_times_out);
     tcase_add_test(tc, a_probe_in_flight_leaves_the_node_skipped_for_the_others);
     tcase_add_test(tc, the_listener_reconnects_and_says_so);
+    tcase_add_test(tc, a_message_among_the_confirmations_is_delivered);
     tcase_add_test(tc, the_write_guard_swallows_our_sigpipe_and_keeps_the_programs);
     tcase_add_test(tc, a_restarted_server_is_survived);
     suite_add_tcase(s, tc);

@@ -48,7 +48,11 @@ static bool stopping(keel_redis_sub *s)
     return st;
 }
 
-/* SUBSCRIBE and PSUBSCRIBE, and their confirmations. */
+static bool deliver(keel_redis_sub *s, redisReply *rep, bool *pong);
+
+/* SUBSCRIBE and PSUBSCRIBE, and their confirmations. A message may come
+ * among them (Redis serves other clients' PUBLISH between the two commands
+ * when it reads the second in parts): it is delivered. */
 static int subscribe_all(keel_redis_sub *s, redisContext *c)
 {
     size_t want = 0;
@@ -69,19 +73,27 @@ static int subscribe_all(keel_redis_sub *s, redisContext *c)
             return KEEL_ENOMEM;
         want += n;
     }
-    for (size_t got = 0; got < want; got++) {
+    for (size_t got = 0; got < want;) {
         redisReply *rep = NULL;
         if (redisGetReply(c, (void **)&rep) != REDIS_OK)
             return keel__redis_ctx_error(c);
-        bool ok = rep->type == REDIS_REPLY_ARRAY && rep->elements == 3 &&
-                  rep->element[0]->type == REDIS_REPLY_STRING &&
+        bool kind = rep->type == REDIS_REPLY_ARRAY && rep->elements >= 3 &&
+                    rep->element[0]->type == REDIS_REPLY_STRING;
+        bool ok = kind && rep->elements == 3 &&
                   (strcmp(rep->element[0]->str, "subscribe") == 0 ||
                    strcmp(rep->element[0]->str, "psubscribe") == 0);
+        bool message = kind && !ok &&
+                       (strcmp(rep->element[0]->str, "message") == 0 ||
+                        strcmp(rep->element[0]->str, "pmessage") == 0);
+        bool pong = false;
+        if (message)
+            deliver(s, rep, &pong);
         if (rep->type == REDIS_REPLY_ERROR)
             keel__log(KEEL_LOG_ERROR, "redis", "%s: subscribe: %s", s->node->name, rep->str);
         freeReplyObject(rep);
-        if (!ok)
+        if (!ok && !message)
             return KEEL_EBACKEND;
+        got += ok;
     }
     return 0;
 }
