@@ -217,6 +217,27 @@ START_TEST(pipeline_replies_come_back_in_order)
 }
 END_TEST
 
+/* A pipeline refused for a bad command sends nothing and says so in every
+ * command, as it does when out of memory: no rc left at a value that reads
+ * as success, no reply pointer left from an earlier use of the array (once
+ * both were left as they were, and a caller freeing every non-NULL reply
+ * freed a stale one). */
+START_TEST(a_refused_pipeline_says_so_in_every_command)
+{
+    keel_redis *r = connect_nodes(1, NULL);
+    const char *ok[2] = {"SET", "kt:refused"}, *bad[2] = {"GET", NULL};
+    size_t okl[2] = {3, 10}, badl[2] = {3, 4};
+    keel_redis_cmd cmds[2] = {{"kt:refused", 10, 2, ok, okl, 0, (redisReply *)0x1},
+                              {"kt:refused", 10, 2, bad, badl, 0, (redisReply *)0x1}};
+    ck_assert_int_eq(keel_redis_pipeline(r, cmds, 2), KEEL_EINVAL);
+    for (int i = 0; i < 2; i++) {
+        ck_assert_int_eq(cmds[i].rc, KEEL_EINVAL);
+        ck_assert_ptr_null(cmds[i].reply);
+    }
+    keel_redis_destroy(r);
+}
+END_TEST
+
 START_TEST(scripts_survive_script_flush_and_a_restart)
 {
     keel_redis *r = connect_nodes(3, NULL);
@@ -859,6 +880,7 @@ int main(void)
     tcase_add_test(tc, binary_keys_and_values_round_trip);
     tcase_add_test(tc, keys_land_on_the_node_the_ring_says);
     tcase_add_test(tc, pipeline_replies_come_back_in_order);
+    tcase_add_test(tc, a_refused_pipeline_says_so_in_every_command);
     tcase_add_test(tc, scripts_survive_script_flush_and_a_restart);
     tcase_add_test(tc, auth_with_a_password_and_with_a_user);
     tcase_add_test(tc, a_stopped_node_fails_fast_while_the_others_serve);

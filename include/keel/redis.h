@@ -123,7 +123,9 @@ typedef struct keel_redis_cmd {
  * left unanswered have rc set to its failure and no reply; those it
  * answered first keep theirs), the rc of the first such command in the
  * order given; out of memory before anything was sent,
- * every command has rc KEEL_ENOMEM and no reply. */
+ * every command has rc KEEL_ENOMEM and no reply, and with a command's
+ * arguments malformed (or r NULL), nothing is sent and every command has
+ * rc KEEL_EINVAL and no reply. */
 KEEL_API int keel_redis_pipeline(keel_redis *r, keel_redis_cmd *cmds, size_t n);
 
 /* A Lua script, identified by its SHA1 and loaded on each node when first

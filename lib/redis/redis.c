@@ -578,11 +578,18 @@ static int run_batch(redisContext *c, void *arg)
 
 KEEL_API int keel_redis_pipeline(keel_redis *r, keel_redis_cmd *cmds, size_t n)
 {
-    if (!r || (!cmds && n))
+    if (!cmds && n)
         return KEEL_EINVAL;
-    for (size_t i = 0; i < n; i++)
-        if (!args_ok(cmds[i].argc, cmds[i].argv, cmds[i].argvlen) || (!cmds[i].key && cmds[i].keylen))
-            return KEEL_EINVAL;
+    bool bad = !r;
+    for (size_t i = 0; i < n && !bad; i++)
+        bad = !args_ok(cmds[i].argc, cmds[i].argv, cmds[i].argvlen) || (!cmds[i].key && cmds[i].keylen);
+    if (bad) { /* nothing sent: every command says so */
+        for (size_t i = 0; i < n; i++) {
+            cmds[i].reply = NULL;
+            cmds[i].rc = KEEL_EINVAL;
+        }
+        return KEEL_EINVAL;
+    }
     size_t *node_of = keel__malloc((n ? n : 1) * sizeof *node_of);
     bool *used = keel__calloc(r->nnodes, sizeof *used);
     if (!node_of || !used) { /* nothing sent: every command says so */
