@@ -646,6 +646,46 @@ START_TEST(a_message_among_the_confirmations_is_delivered)
 }
 END_TEST
 
+static void *flush_scripts(void *arg)
+{
+    hammer *h = arg;
+    redisContext *c = direct(0);
+    while (!atomic_load(&h->stop)) {
+        freeReplyObject(redisCommand(c, "SCRIPT FLUSH"));
+        atomic_fetch_add(&h->sent, 1);
+    }
+    redisFree(c);
+    return NULL;
+}
+
+/* A SCRIPT FLUSH can come between the reload and the retry: the retry
+ * must not answer NOSCRIPT (it did for about half the calls while
+ * another client flushed in a loop), since callers never see NOSCRIPT. */
+START_TEST(a_script_flushed_between_load_and_retry_still_runs)
+{
+    keel_redis *r = connect_nodes(1, NULL);
+    const char *lua = "return 7";
+    keel_redis_script *s;
+    ck_assert_int_eq(keel_redis_script_create(r, lua, strlen(lua), &s), 0);
+    hammer h = {0};
+    pthread_t t;
+    pthread_create(&t, NULL, flush_scripts, &h);
+    while (atomic_load(&h.sent) < 10)
+        kt_nap(MS);
+    for (int i = 0; i < 2000; i++) {
+        redisReply *rep;
+        int rc = keel_redis_eval(r, s, 0, NULL, NULL, 0, NULL, NULL, NULL, 0, &rep);
+        ck_assert_msg(rc == 0, "call %d: %s: %s", i, keel_strerror(rc), rep ? rep->str : "no reply");
+        ck_assert_int_eq(rep->integer, 7);
+        freeReplyObject(rep);
+    }
+    atomic_store(&h.stop, true);
+    pthread_join(t, NULL);
+    keel_redis_script_free(s);
+    keel_redis_destroy(r);
+}
+END_TEST
+
 /* hiredis writes with write(2). Blocking hiredis rarely gets as far as a
  * second write on a reset socket, but when it does the kernel raises
  * SIGPIPE: the guard around every write must swallow ours and leave the
@@ -889,6 +929,7 @@ int main(void)
     tcase_add_test(tc, a_probe_in_flight_leaves_the_node_skipped_for_the_others);
     tcase_add_test(tc, the_listener_reconnects_and_says_so);
     tcase_add_test(tc, a_message_among_the_confirmations_is_delivered);
+    tcase_add_test(tc, a_script_flushed_between_load_and_retry_still_runs);
     tcase_add_test(tc, the_write_guard_swallows_our_sigpipe_and_keeps_the_programs);
     tcase_add_test(tc, a_restarted_server_is_survived);
     suite_add_tcase(s, tc);

@@ -690,6 +690,10 @@ static int run_eval(redisContext *c, void *arg)
             return 0;
         }
         freeReplyObject(rep);
+        /* the retry is EVAL with the body: a flush since the load cannot
+         * make it answer NOSCRIPT again */
+        e->argv[0] = "EVAL", e->argvlen[0] = 4;
+        e->argv[1] = e->s->lua, e->argvlen[1] = e->s->len;
         e->reply = redisCommandArgv(c, e->argc, e->argv, e->argvlen);
     }
     return e->reply ? 0 : keel__redis_ctx_error(c);
