@@ -139,9 +139,10 @@ KEEL_API const char *keel_redis_script_sha(const keel_redis_script *s);
 
 /* Runs a script with EVALSHA on the node of keys[0] (all keys must route
  * there, else KEEL_EINVAL; with no keys, the node of `route`, which may be
- * NULL, with length 0, for the first node). A server that lost the script (NOSCRIPT: a
- * restart, SCRIPT FLUSH) gets it loaded again and the call retried once,
- * transparently (by EVAL, which a flush in between cannot fail). Returns as keel_redis_command(). */
+ * NULL, with length 0, for the first node). A server that lost the script
+ * (NOSCRIPT: a restart, SCRIPT FLUSH) gets the call once more as EVAL with
+ * the script's text, which caches it again and cannot answer NOSCRIPT:
+ * callers never see it. Returns as keel_redis_command(). */
 KEEL_API int keel_redis_eval(keel_redis *r, keel_redis_script *s, size_t nkeys,
                              const void *const *keys, const size_t *keylens, size_t nargs,
                              const char *const *args, const size_t *arglens, const void *route,

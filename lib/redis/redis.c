@@ -676,22 +676,10 @@ static int run_eval(redisContext *c, void *arg)
     evalcall *e = arg;
     e->reply = redisCommandArgv(c, e->argc, e->argv, e->argvlen);
     if (e->reply && e->reply->type == REDIS_REPLY_ERROR && strncmp(e->reply->str, "NOSCRIPT", 8) == 0) {
-        /* the server forgot it (restart, SCRIPT FLUSH): load and retry once */
+        /* the server forgot it (restart, SCRIPT FLUSH): once more with
+         * EVAL and the body, which caches it again for later EVALSHAs and
+         * cannot answer NOSCRIPT */
         freeReplyObject(e->reply);
-        const char *load[3] = {"SCRIPT", "LOAD", e->s->lua};
-        size_t lens[3] = {6, 4, e->s->len};
-        redisReply *rep = redisCommandArgv(c, 3, load, lens);
-        e->reply = NULL;
-        if (!rep)
-            return keel__redis_ctx_error(c);
-        bool loaded = rep->type == REDIS_REPLY_STRING;
-        if (!loaded) {
-            e->reply = rep; /* the load's error, for the caller */
-            return 0;
-        }
-        freeReplyObject(rep);
-        /* the retry is EVAL with the body: a flush since the load cannot
-         * make it answer NOSCRIPT again */
         e->argv[0] = "EVAL", e->argvlen[0] = 4;
         e->argv[1] = e->s->lua, e->argvlen[1] = e->s->len;
         e->reply = redisCommandArgv(c, e->argc, e->argv, e->argvlen);
