@@ -238,6 +238,55 @@ START_TEST(a_refused_pipeline_says_so_in_every_command)
 }
 END_TEST
 
+/* A pooled connection goes from caller to caller: commands that would
+ * change it for the next one are refused, and a transaction must end in
+ * the pipeline that opens it. With one connection, a MULTI left open once
+ * made another caller's GET answer QUEUED, and a SELECT moved later
+ * commands to another database. */
+START_TEST(commands_that_would_change_a_pooled_connection_are_refused)
+{
+    node_urls(NULL);
+    keel_redis *r = NULL;
+    keel_redis_opts o = {.nodes = url_ptrs, .nnodes = 1, .conns_per_node = 1,
+                         .connect_timeout_ns = 300 * MS, .command_timeout_ns = 300 * MS};
+    ck_assert_int_eq(keel_redis_create(&r, &o), 0);
+    redisReply *rep = (redisReply *)0x1;
+    static const char *const refused[][3] = {
+        {"SELECT", "5"}, {"select", "5"}, {"MULTI"}, {"multi"}, {"WATCH", "kt:tx"},
+        {"SUBSCRIBE", "kt:ch"}, {"PSUBSCRIBE", "kt:*"}, {"SSUBSCRIBE", "kt:ch"}, {"MONITOR"},
+        {"HELLO", "3"}, {"RESET"}, {"QUIT"}, {"AUTH", "x"}, {"CLIENT", "REPLY", "OFF"},
+        {"client", "tracking", "on"}};
+    for (size_t i = 0; i < sizeof refused / sizeof refused[0]; i++) {
+        int argc = refused[i][2] ? 3 : refused[i][1] ? 2 : 1;
+        size_t lens[3];
+        for (int k = 0; k < argc; k++)
+            lens[k] = strlen(refused[i][k]);
+        ck_assert_msg(keel_redis_command(r, NULL, 0, argc, refused[i], lens, &rep) == KEEL_EINVAL,
+                      "%s was not refused", refused[i][0]);
+        ck_assert_ptr_null(rep);
+    }
+    /* CLIENT's harmless subcommands, and a transaction ended in its pipeline */
+    ck_assert_int_eq(cmd(r, NULL, &rep, 2, "CLIENT", "ID"), 0);
+    freeReplyObject(rep);
+    const char *multi[1] = {"MULTI"}, *set[3] = {"SET", "kt:tx", "1"}, *exec[1] = {"EXEC"};
+    size_t ml[1] = {5}, sl[3] = {3, 5, 1}, el[1] = {4};
+    keel_redis_cmd tx[3] = {{"kt:tx", 5, 1, multi, ml}, {"kt:tx", 5, 3, set, sl}, {"kt:tx", 5, 1, exec, el}};
+    ck_assert_int_eq(keel_redis_pipeline(r, tx, 3), 0);
+    ck_assert_int_eq(tx[2].reply->type, REDIS_REPLY_ARRAY);
+    for (int i = 0; i < 3; i++)
+        freeReplyObject(tx[i].reply);
+    keel_redis_cmd open_tx[2] = {{"kt:tx", 5, 1, multi, ml}, {"kt:tx", 5, 3, set, sl}};
+    ck_assert_int_eq(keel_redis_pipeline(r, open_tx, 2), KEEL_EINVAL);
+    ck_assert_int_eq(open_tx[0].rc, KEEL_EINVAL);
+    /* the one connection is as it was: the key is read back from db 0 */
+    ck_assert_int_eq(cmd(r, "kt:tx", &rep, 2, "GET", "kt:tx"), 0);
+    ck_assert_int_eq(rep->type, REDIS_REPLY_STRING);
+    ck_assert_str_eq(rep->str, "1");
+    freeReplyObject(rep);
+    keel_redis_destroy(r);
+}
+END_TEST
+
 START_TEST(scripts_survive_script_flush_and_a_restart)
 {
     keel_redis *r = connect_nodes(3, NULL);
@@ -921,6 +970,7 @@ int main(void)
     tcase_add_test(tc, keys_land_on_the_node_the_ring_says);
     tcase_add_test(tc, pipeline_replies_come_back_in_order);
     tcase_add_test(tc, a_refused_pipeline_says_so_in_every_command);
+    tcase_add_test(tc, commands_that_would_change_a_pooled_connection_are_refused);
     tcase_add_test(tc, scripts_survive_script_flush_and_a_restart);
     tcase_add_test(tc, auth_with_a_password_and_with_a_user);
     tcase_add_test(tc, a_stopped_node_fails_fast_while_the_others_serve);

@@ -27,6 +27,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/un.h>
 #include <time.h>
 
@@ -492,9 +493,39 @@ static bool bytes_ok(size_t n, const void *const *p, const size_t *len)
     return true;
 }
 
+static bool is_cmd(const char *a, size_t n, const char *name)
+{
+    return n == strlen(name) && strncasecmp(a, name, n) == 0;
+}
+
+/* Whether a command would change its pooled connection for whoever takes
+ * it next (the database, the protocol, a subscription, replies switched
+ * off, a watch). MULTI is judged by the caller. */
+static bool changes_conn(int argc, const char *const *argv, const size_t *argvlen)
+{
+    static const char *const names[] = {"SELECT", "AUTH", "HELLO", "RESET", "QUIT", "WATCH",
+                                        "MONITOR", "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE",
+                                        "SYNC", "PSYNC"};
+    size_t n = argvlen[0];
+    if (n < 4 || n > 11)
+        return false;
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if (is_cmd(argv[0], n, names[i]))
+            return true;
+    return argc > 1 && is_cmd(argv[0], n, "CLIENT") &&
+           (is_cmd(argv[1], argvlen[1], "REPLY") || is_cmd(argv[1], argvlen[1], "TRACKING"));
+}
+
 static bool args_ok(int argc, const char *const *argv, const size_t *argvlen)
 {
-    return argc > 0 && argv && argvlen && bytes_ok((size_t)argc, (const void *const *)argv, argvlen);
+    return argc > 0 && argv && argvlen && bytes_ok((size_t)argc, (const void *const *)argv, argvlen) &&
+           !changes_conn(argc, argv, argvlen);
+}
+
+/* A lone command: MULTI too would leave its connection in a transaction. */
+static bool lone_ok(int argc, const char *const *argv, const size_t *argvlen)
+{
+    return args_ok(argc, argv, argvlen) && !is_cmd(argv[0], argvlen[0], "MULTI");
 }
 
 static int command_on(keel_redis *r, size_t node, int argc, const char *const *argv,
@@ -512,7 +543,7 @@ static int command_on(keel_redis *r, size_t node, int argc, const char *const *a
 int keel__redis_command_on(keel_redis *r, size_t node, int argc, const char *const *argv, const size_t *argvlen,
                            redisReply **reply)
 {
-    if (!r || node >= r->nnodes || !reply || !args_ok(argc, argv, argvlen))
+    if (!r || node >= r->nnodes || !reply || !lone_ok(argc, argv, argvlen))
         return KEEL_EINVAL;
     return command_on(r, node, argc, argv, argvlen, reply);
 }
@@ -522,7 +553,7 @@ KEEL_API int keel_redis_command(keel_redis *r, const void *key, size_t keylen, i
 {
     if (reply)
         *reply = NULL;
-    if (!r || !reply || !args_ok(argc, argv, argvlen) || (!key && keylen))
+    if (!r || !reply || !lone_ok(argc, argv, argvlen) || (!key && keylen))
         return KEEL_EINVAL;
     return command_on(r, keel__redis_route(r, key, keylen), argc, argv, argvlen, reply);
 }
@@ -533,7 +564,7 @@ KEEL_API int keel_redis_command_keys(keel_redis *r, const void *const *keys, con
 {
     if (reply)
         *reply = NULL;
-    if (!r || !reply || !args_ok(argc, argv, argvlen) || !bytes_ok(nkeys, keys, keylens))
+    if (!r || !reply || !lone_ok(argc, argv, argvlen) || !bytes_ok(nkeys, keys, keylens))
         return KEEL_EINVAL;
     size_t node = nkeys ? keel__redis_route(r, keys[0], keylens[0]) : 0;
     for (size_t i = 1; i < nkeys; i++)
@@ -591,7 +622,7 @@ KEEL_API int keel_redis_pipeline(keel_redis *r, keel_redis_cmd *cmds, size_t n)
         return KEEL_EINVAL;
     }
     size_t *node_of = keel__malloc((n ? n : 1) * sizeof *node_of);
-    bool *used = keel__calloc(r->nnodes, sizeof *used);
+    unsigned char *used = keel__calloc(r->nnodes, sizeof *used); /* USED, IN_MULTI */
     if (!node_of || !used) { /* nothing sent: every command says so */
         keel__free(node_of);
         keel__free(used);
@@ -601,11 +632,27 @@ KEEL_API int keel_redis_pipeline(keel_redis *r, keel_redis_cmd *cmds, size_t n)
         }
         return KEEL_ENOMEM;
     }
+    enum { USED = 1, IN_MULTI = 2 };
     for (size_t i = 0; i < n; i++) {
-        node_of[i] = keel__redis_route(r, cmds[i].key, cmds[i].keylen);
-        used[node_of[i]] = true;
+        size_t node = node_of[i] = keel__redis_route(r, cmds[i].key, cmds[i].keylen);
+        const char *a = cmds[i].argv[0];
+        size_t alen = cmds[i].argvlen[0];
+        used[node] |= USED;
+        if (is_cmd(a, alen, "MULTI"))
+            used[node] |= IN_MULTI;
+        else if (is_cmd(a, alen, "EXEC") || is_cmd(a, alen, "DISCARD"))
+            used[node] &= (unsigned char)~IN_MULTI;
+    }
+    for (size_t node = 0; node < r->nnodes; node++)
+        bad = bad || (used[node] & IN_MULTI); /* a transaction left open on a pooled connection */
+    for (size_t i = 0; i < n; i++) {
         cmds[i].reply = NULL;
-        cmds[i].rc = KEEL_EUNAVAIL; /* until a reply says otherwise */
+        cmds[i].rc = bad ? KEEL_EINVAL : KEEL_EUNAVAIL; /* until a reply says otherwise */
+    }
+    if (bad) { /* nothing sent */
+        keel__free(node_of);
+        keel__free(used);
+        return KEEL_EINVAL;
     }
     for (size_t node = 0; node < r->nnodes; node++) {
         if (!used[node])
