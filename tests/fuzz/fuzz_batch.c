@@ -390,8 +390,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *d, size_t size)
         o.on_full = (keel_batch_full)3;
     if (bad == 6)
         o.workers = 1025;
-    if (bad == 7)
-        o.capacity = mi > 1 ? mi - 1 : ((size_t)1 << 40) + 1;
+    if (bad == 7) /* a max_items of 0 shrinks to a small capacity: then only an oversized one fails */
+        o.capacity = o.max_items > 1 ? o.max_items - 1 : ((size_t)1 << 40) + 1;
     keel_batch *b = NULL;
     int rc = keel_batch_create(&b, &o);
     KF_CHECK((rc == 0) == (bad < 4), "bad option %u: create returned %d", bad, rc);
