@@ -710,6 +710,57 @@ static void *flush_scripts(void *arg)
 /* A SCRIPT FLUSH can come between the reload and the retry: the retry
  * must not answer NOSCRIPT (it did for about half the calls while
  * another client flushed in a loop), since callers never see NOSCRIPT. */
+/* A handler that unsubscribes its own listener: the handle it was given
+ * through ud is freed by the listener once the handler returns. */
+typedef struct self_stop {
+    keel_redis_sub *s;
+    atomic_int calls;
+} self_stop;
+
+static void stop_myself(const char *ch, size_t chlen, const char *msg, size_t len, const char *pattern, void *ud)
+{
+    (void)ch, (void)chlen, (void)msg, (void)len, (void)pattern;
+    self_stop *st = ud;
+    if (atomic_fetch_add(&st->calls, 1) == 0)
+        keel_redis_unsubscribe(st->s);
+}
+
+START_TEST(a_handler_may_unsubscribe_its_own_listener)
+{
+    keel_redis *r = connect_nodes(1, NULL);
+    self_stop st = {0};
+    keel_redis_sub_opts so = {.channels = (const char *[]){"kt:self"}, .nchannels = 1,
+                              .on_message = stop_myself, .ud = &st};
+    ck_assert_int_eq(keel_redis_subscribe(r, &so, &st.s), 0);
+    redisContext *c = direct(0);
+    for (int i = 0; i < 3; i++) /* one round trip: all three are in flight together */
+        redisAppendCommand(c, "PUBLISH kt:self m%d", i);
+    for (int i = 0; i < 3; i++) {
+        redisReply *rep;
+        ck_assert_int_eq(redisGetReply(c, (void **)&rep), REDIS_OK);
+        freeReplyObject(rep);
+    }
+    for (int i = 0; i < 500 && atomic_load(&st.calls) == 0; i++)
+        kt_nap(10 * MS);
+    /* the listener has gone: nobody hears the channel any more */
+    redisReply *n = NULL;
+    for (int i = 0; i < 500; i++) {
+        n = redisCommand(c, "PUBSUB NUMSUB kt:self");
+        ck_assert_ptr_nonnull(n);
+        if (n->element[1]->integer == 0)
+            break;
+        freeReplyObject(n);
+        n = NULL;
+        kt_nap(10 * MS);
+    }
+    ck_assert_ptr_nonnull(n);
+    freeReplyObject(n);
+    ck_assert_int_eq(atomic_load(&st.calls), 1);
+    redisFree(c);
+    keel_redis_destroy(r);
+}
+END_TEST
+
 START_TEST(a_script_flushed_between_load_and_retry_still_runs)
 {
     keel_redis *r = connect_nodes(1, NULL);
@@ -979,6 +1030,7 @@ int main(void)
     tcase_add_test(tc, a_probe_in_flight_leaves_the_node_skipped_for_the_others);
     tcase_add_test(tc, the_listener_reconnects_and_says_so);
     tcase_add_test(tc, a_message_among_the_confirmations_is_delivered);
+    tcase_add_test(tc, a_handler_may_unsubscribe_its_own_listener);
     tcase_add_test(tc, a_script_flushed_between_load_and_retry_still_runs);
     tcase_add_test(tc, the_write_guard_swallows_our_sigpipe_and_keeps_the_programs);
     tcase_add_test(tc, a_restarted_server_is_survived);

@@ -41,7 +41,7 @@
  * for a free connection and, for a new one, the connect timeout (and the
  * command timeout for each of its AUTH and SELECT), then makes
  * one round trip per node, each bounded by the command timeout
- * (keel_redis_eval makes up to three when the script must be loaded again).
+ * (keel_redis_eval makes two when the server has forgotten the script).
  */
 #ifndef KEEL_REDIS_H
 #define KEEL_REDIS_H
@@ -191,7 +191,10 @@ KEEL_API int keel_redis_subscribe(keel_redis *r, const keel_redis_sub_opts *opts
                                   keel_redis_sub **out);
 
 /* Stops the listener and joins its thread; no callback runs after it
- * returns. NULL is a no-op. Must not be called from a callback. */
+ * returns. NULL is a no-op. From one of the listener's own callbacks it
+ * returns at once: no callback runs after the current one, and the
+ * listener's thread frees itself when that returns (destroy the
+ * keel_redis only after that). */
 KEEL_API void keel_redis_unsubscribe(keel_redis_sub *s);
 
 /* ---- statistics ---- */

@@ -30,6 +30,7 @@ struct keel_redis_sub {
     pthread_cond_t cv;
     redisContext *ctx; /* the live connection, under mu (for shutdown) */
     bool stop, started;
+    bool self_free; /* unsubscribed from a callback: the thread frees s */
     int first_rc; /* the first subscription's outcome, for subscribe() */
 };
 
@@ -49,6 +50,7 @@ static bool stopping(keel_redis_sub *s)
 }
 
 static bool deliver(keel_redis_sub *s, redisReply *rep, bool *pong);
+static void sub_free(keel_redis_sub *s);
 
 /* SUBSCRIBE and PSUBSCRIBE, and their confirmations. A message may come
  * among them (Redis serves other clients' PUBLISH between the two commands
@@ -214,6 +216,14 @@ static void *run(void *arg)
             ;
         pthread_mutex_unlock(&s->mu);
     }
+    pthread_mutex_lock(&s->mu);
+    bool self_free = s->self_free;
+    pthread_mutex_unlock(&s->mu);
+    if (self_free) {
+        pthread_mutex_destroy(&s->mu);
+        pthread_cond_destroy(&s->cv);
+        sub_free(s);
+    }
     return NULL;
 }
 
@@ -298,12 +308,18 @@ KEEL_API void keel_redis_unsubscribe(keel_redis_sub *s)
 {
     if (!s)
         return;
+    bool inside = pthread_equal(pthread_self(), s->thread); /* from a callback */
     pthread_mutex_lock(&s->mu);
     s->stop = true;
+    s->self_free = inside;
     if (s->ctx) /* wake a blocked read; the thread closes it */
         shutdown(s->ctx->fd, SHUT_RDWR);
     pthread_cond_broadcast(&s->cv);
     pthread_mutex_unlock(&s->mu);
+    if (inside) { /* the thread ends when the callback returns, and frees s */
+        pthread_detach(s->thread);
+        return;
+    }
     pthread_join(s->thread, NULL);
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cv);
