@@ -275,6 +275,11 @@ void keel__log(keel_log_level level, const char *module, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(buf, sizeof buf, fmt, ap);
     va_end(ap);
+    size_t n = strlen(buf); /* one line, as the hook is promised: servers' texts end in newlines */
+    while (n && (buf[n - 1] == '\n' || buf[n - 1] == ' '))
+        buf[--n] = '\0';
+    for (char *p = buf; (p = strchr(p, '\n')) != NULL;)
+        *p = ' ';
     pthread_mutex_lock(&keel__log_mu);
     keel_log_fn fn = keel__log_fn;
     void *ud = keel__log_ud;
