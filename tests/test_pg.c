@@ -908,6 +908,41 @@ START_TEST(a_check_whose_connection_was_killed_asks_again)
 }
 END_TEST
 
+/* A connect refused for the server's connection limit (too_many_connections)
+ * fails only that call: the server is up, serving the pool's other
+ * connections, so the host is not taken down and writes go on. */
+static char connect_log[512];
+static void capture_connect(keel_log_level level, const char *module, const char *msg, void *ud)
+{
+    (void)level, (void)ud;
+    if (strcmp(module, "pg") == 0 && strstr(msg, "connect:"))
+        snprintf(connect_log, sizeof connect_log, "%s", msg);
+}
+
+START_TEST(a_connect_refused_for_the_connection_limit_leaves_the_host_up)
+{
+    PGconn *d = kt_pg_connect(kt_env("KEEL_TEST_PG"));
+    kt_pg_exec(d, "SET client_min_messages = warning; DROP ROLE IF EXISTS kt_limited");
+    kt_pg_exec(d, "CREATE ROLE kt_limited LOGIN CONNECTION LIMIT 2"); /* the check's and one */
+    PQfinish(d);
+    char conninfo[256];
+    snprintf(conninfo, sizeof conninfo, "%s user=kt_limited", kt_env("KEEL_TEST_PG"));
+    keel_pg *pg = open_pg(conninfo, NULL, 10 * KT_S);
+    keel_pg_conn *c, *c2;
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &c), 0);
+    keel_set_log(capture_connect, KEEL_LOG_WARN, NULL);
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &c2), KEEL_EUNAVAIL);
+    keel_set_log(NULL, KEEL_LOG_WARN, NULL);
+    keel_pg_release(c);
+    char v[8];
+    value(pg, KEEL_PG_WRITE, "SELECT 1", v, sizeof v); /* the pooled connection serves */
+    ck_assert_str_eq(v, "1");
+    /* the log says why, on one line */
+    ck_assert_msg(strstr(connect_log, "53300") && !strchr(connect_log, '\n'), "logged: %s", connect_log);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
 static void *busy_client(void *arg)
 {
     keel_pg *pg = arg;
@@ -1031,6 +1066,7 @@ int main(void)
     tcase_add_test(tc, a_batch_is_one_pipeline_and_all_or_nothing);
     tcase_add_test(tc, a_batch_on_a_busy_connection_is_refused);
     tcase_add_test(tc, statements_are_prepared_again_when_the_server_forgets);
+    tcase_add_test(tc, a_connect_refused_for_the_connection_limit_leaves_the_host_up);
     tcase_add_test(tc, release_rolls_back_and_drops_what_it_cannot_reuse);
     tcase_add_test(tc, freed_statements_are_deallocated_where_they_were_prepared);
     tcase_add_test(tc, timeouts_client_and_server);

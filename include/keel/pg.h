@@ -24,7 +24,9 @@
  * lag is known to within a fraction of itself). Checks run in a
  * background thread every health_interval_ns, or only when the program
  * calls keel_pg_check() (manual_health). A connect that fails marks its
- * host down until a check finds it up (or for one interval); a
+ * host down until a check finds it up (or for one interval), except one
+ * refused for the server's connection limit (SQLSTATE 53300), which fails
+ * only its own call; a
  * connection lost in use retires the host's older connections and wakes
  * the health thread, but one killed backend does not make the host down.
  * An idle pooled connection whose session the server has already closed

@@ -152,6 +152,7 @@ static int connect_host(pghost *h, PGconn **out)
     if (!c)
         return KEEL_ENOMEM;
     uint64_t deadline = keel_now_ns() + pg->connect_timeout;
+    PQsetErrorVerbosity(c, PQERRORS_VERBOSE); /* a refusal's SQLSTATE, in the message */
     PostgresPollingStatusType st = PGRES_POLLING_WRITING;
     int rc = PQstatus(c) == CONNECTION_BAD ? KEEL_EUNAVAIL : 0;
     while (rc == 0 && st != PGRES_POLLING_OK) {
@@ -165,11 +166,15 @@ static int connect_host(pghost *h, PGconn **out)
     }
     if (rc) {
         atomic_fetch_add_explicit(&h->conn_failures, 1, memory_order_relaxed);
-        keel__log(KEEL_LOG_WARN, "pg", "%s: connect: %s", h->name,
-                  rc == KEEL_ETIMEDOUT ? "timed out" : PQerrorMessage(c));
+        const char *msg = rc == KEEL_ETIMEDOUT ? "timed out" : PQerrorMessage(c);
+        keel__log(KEEL_LOG_WARN, "pg", "%s: connect: %.*s", h->name, (int)strcspn(msg, "\n"), msg);
+        /* too_many_connections: the server is up and serving others (our
+         * own pooled connections, often); only this connection is refused */
+        rc = strstr(msg, ":  53300:") ? KEEL_EBUSY : KEEL_EUNAVAIL; /* a timeout: not there */
         PQfinish(c);
-        return KEEL_EUNAVAIL; /* a timeout too: the host is not there */
+        return rc;
     }
+    PQsetErrorVerbosity(c, PQERRORS_DEFAULT);
     atomic_fetch_add_explicit(&h->connects, 1, memory_order_relaxed);
     PQsetNoticeProcessor(c, notice, h);
     *out = c;
@@ -256,6 +261,8 @@ int keel__pg_conn_get(pghost *h, uint64_t timeout, keel_pg_conn **out)
         keel_pool_discard(h->pool, c); /* made before the host last failed, or closed by the server */
     if (rc == KEEL_EUNAVAIL)
         host_down(h);
+    else if (rc == KEEL_EBUSY) /* refused for its connection limit: the host stays up */
+        rc = KEEL_EUNAVAIL;
     if (rc == 0)
         *out = c;
     return rc;
