@@ -1244,11 +1244,13 @@ static void render_family(sink *o, keel_metrics *m, const family *f, child **cs,
                     snprintf(le, sizeof le, "+Inf");
                 put_sample(o, f->name, "_bucket", f, c, "le", le, (double)cum[b]);
             }
-            put_sample(o, f->name, "_count", f, c, NULL, NULL, (double)count);
             /* OpenMetrics: with a negative bucket bound the sum is no
-             * counter, and must not be exposed */
-            if (!om || !f->nbounds || f->bounds[0] >= 0)
+             * counter, and must not be exposed; _count goes with it, as
+             * OpenMetrics has _count if and only if _sum */
+            if (!om || !f->nbounds || f->bounds[0] >= 0) {
+                put_sample(o, f->name, "_count", f, c, NULL, NULL, (double)count);
                 put_sample(o, f->name, "_sum", f, c, NULL, NULL, v);
+            }
             if (om)
                 put_sample(o, f->name, "_created", f, c, NULL, NULL, c->created);
         }

@@ -619,8 +619,10 @@ START_TEST(numbers_keep_their_point_under_a_decimal_comma_locale)
 END_TEST
 
 /* OpenMetrics: a histogram with a negative bound has no _sum (it would
- * not be a counter); the Prometheus format keeps it. */
-START_TEST(openmetrics_leaves_out_the_sum_under_a_negative_bound)
+ * not be a counter), and so no _count either: OpenMetrics has _count "if
+ * and only if" _sum (its +Inf bucket still holds the count). The
+ * Prometheus format keeps both. */
+START_TEST(openmetrics_leaves_out_sum_and_count_under_a_negative_bound)
 {
     keel_metrics *m = registry();
     keel_histogram *neg, *pos;
@@ -629,11 +631,14 @@ START_TEST(openmetrics_leaves_out_the_sum_under_a_negative_bound)
     keel_histogram_observe(keel_histogram_with(neg), -0.5);
     keel_histogram_observe(keel_histogram_with(pos), 0.5);
     char *text = render(m, KEEL_METRICS_OPENMETRICS);
-    ck_assert_msg(!strstr(text, "neg_sum") && strstr(text, "neg_count 1\n") && strstr(text, "pos_sum 0.5\n"), "%s",
-                  text);
+    ck_assert_msg(!strstr(text, "neg_sum") && !strstr(text, "neg_count") &&
+                      strstr(text, "neg_bucket{le=\"+Inf\"} 1\n") && strstr(text, "pos_count 1\n") &&
+                      strstr(text, "pos_sum 0.5\n"),
+                  "%s", text);
     keel_free(text);
     text = render(m, KEEL_METRICS_PROMETHEUS);
-    ck_assert_msg(strstr(text, "neg_sum -0.5\n") && strstr(text, "pos_sum 0.5\n"), "%s", text);
+    ck_assert_msg(strstr(text, "neg_count 1\n") && strstr(text, "neg_sum -0.5\n") && strstr(text, "pos_sum 0.5\n"),
+                  "%s", text);
     keel_free(text);
     keel_metrics_destroy(m);
 }
@@ -996,7 +1001,7 @@ int main(void)
     tcase_add_test(tc, values_round_trip_and_le_is_canonical);
     tcase_add_test(tc, accept_headers_choose_the_format);
     tcase_add_test(tc, numbers_keep_their_point_under_a_decimal_comma_locale);
-    tcase_add_test(tc, openmetrics_leaves_out_the_sum_under_a_negative_bound);
+    tcase_add_test(tc, openmetrics_leaves_out_sum_and_count_under_a_negative_bound);
     tcase_add_test(tc, a_failing_writer_stops_the_rendering);
     tcase_add_test(tc, computed_series_and_the_visitor);
     tcase_add_test(tc, computed_series_are_whole_from_the_moment_they_show);
