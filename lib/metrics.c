@@ -340,6 +340,29 @@ static bool name_ok(const char *s, bool metric)
     return true;
 }
 
+/* Whether s is well-formed UTF-8 (no overlong forms, no surrogates,
+ * nothing past U+10FFFF): Prometheus refuses a scrape with anything else
+ * in a label value, and OpenMetrics allows only code points. */
+static bool utf8_ok(const char *s)
+{
+    for (const unsigned char *p = (const unsigned char *)s; *p;) {
+        unsigned c = *p++;
+        if (c < 0x80)
+            continue;
+        size_t n = c >= 0xc2 && c <= 0xdf ? 1 : c >= 0xe0 && c <= 0xef ? 2 : c >= 0xf0 && c <= 0xf4 ? 3 : 0;
+        if (n == 0)
+            return false;
+        unsigned lo = c == 0xe0 ? 0xa0 : c == 0xf0 ? 0x90 : 0x80; /* the second byte's range */
+        unsigned hi = c == 0xed ? 0x9f : c == 0xf4 ? 0x8f : 0xbf;
+        if (*p < lo || *p > hi)
+            return false;
+        for (p++; --n; p++)
+            if (*p < 0x80 || *p > 0xbf)
+                return false;
+    }
+    return true;
+}
+
 static bool label_name_ok(const char *s)
 {
     return name_ok(s, false) && strncmp(s, "__", 2) != 0 && strcmp(s, "le") != 0 &&
@@ -422,7 +445,7 @@ static int family_new(keel_metrics *m, keel_metric_type type, const char *name, 
 {
     if (!m || !out || !name_ok(name, true) || nlabels > MAX_LABELS || (nlabels && !labels) ||
         (type == KEEL_METRIC_COUNTER && (!ends_with(name, "_total") || strcmp(name, "_total") == 0)) ||
-        strlen(name) > 200)
+        strlen(name) > 200 || (help && !utf8_ok(help)))
         return KEEL_EINVAL;
     for (size_t i = 0; i < nlabels; i++) {
         if (!label_name_ok(labels[i]))
@@ -638,13 +661,13 @@ static void slots_zero(keel_metrics *m, size_t slot, size_t width)
     }
 }
 
-/* Whether n label values are there, none of them NULL. */
+/* Whether n label values are there, none of them NULL, all UTF-8. */
 static bool values_ok(const char *const *values, size_t n)
 {
     if (n && !values)
         return false;
     for (size_t i = 0; i < n; i++)
-        if (!values[i])
+        if (!values[i] || !utf8_ok(values[i]))
             return false;
     return true;
 }

@@ -27,6 +27,8 @@ static uint64_t fixed_wall(void *ud)
     return 1700000000ull * KT_S + 250 * KT_MS; /* 1700000000.25 */
 }
 
+static int promtool(const char *text, char *msg, size_t len);
+
 static keel_metrics *registry(void)
 {
     keel_metrics *m = NULL;
@@ -454,6 +456,34 @@ START_TEST(names_and_labels_are_validated)
     keel_counter_inc(NULL); /* harmless */
     keel_histogram_observe(NULL, 1);
     keel_gauge_set(NULL, 1);
+    keel_metrics_destroy(m);
+}
+END_TEST
+
+/* Label values and help texts are UTF-8: one series with a byte that is
+ * not would make Prometheus refuse the whole scrape ("invalid label
+ * value"), so they are refused when given. */
+START_TEST(label_values_and_help_must_be_utf8)
+{
+    keel_metrics *m = registry();
+    keel_gauge *g;
+    ck_assert_int_eq(keel_metrics_gauge(m, "bad_help", "\xff", NULL, 0, &g), KEEL_EINVAL);
+    ck_assert_int_eq(keel_metrics_gauge(m, "g", "d\xc3\xa9j\xc3\xa0 vu", (const char *[]){"k"}, 1, &g), 0);
+    const char *bad[] = {"\xff", "a\xc3\x28", "\xc0\xaf", "\xe0\x80\xaf", "\xed\xa0\x80",
+                         "\xe2\x82", "\xf4\x90\x80\x80", "\xf8\x88\x80\x80\x80", "\x80"};
+    keel_gauge_child *c;
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        ck_assert_msg(keel_gauge_get(g, (const char *[]){bad[i]}, 1, &c) == KEEL_EINVAL, "value %zu taken", i);
+        ck_assert_int_eq(keel_gauge_remove(g, (const char *[]){bad[i]}, 1), KEEL_EINVAL);
+    }
+    const char *good[] = {"", "plain", "\xc3\xbcn\xc3\xaf" "c\xc3\xb8" "d\xc3\xa9", "\xe2\x82\xac",
+                          "\xf0\x9f\x98\x80", "\xef\xbf\xbf", "\xf4\x8f\xbf\xbf", "\xed\x9f\xbf"};
+    for (size_t i = 0; i < sizeof good / sizeof good[0]; i++)
+        ck_assert_msg(keel_gauge_get(g, (const char *[]){good[i]}, 1, &c) == 0, "value %zu refused", i);
+    char *text = render(m, KEEL_METRICS_PROMETHEUS);
+    char msg[4096];
+    ck_assert_msg(promtool(text, msg, sizeof msg) == 0, "%s\n%s", msg, text);
+    keel_free(text);
     keel_metrics_destroy(m);
 }
 END_TEST
@@ -1006,6 +1036,7 @@ int main(void)
     tcase_add_test(tc, computed_series_and_the_visitor);
     tcase_add_test(tc, computed_series_are_whole_from_the_moment_they_show);
     tcase_add_test(tc, names_and_labels_are_validated);
+    tcase_add_test(tc, label_values_and_help_must_be_utf8);
     tcase_add_test(tc, children_are_bound_once_capped_and_removable);
     tcase_add_test(tc, a_child_on_reused_slots_starts_at_zero_whatever_threads_exit);
     tcase_set_timeout(tc, 20);

@@ -60,7 +60,7 @@ KEEL_API void keel_metrics_destroy(keel_metrics *m);
  * Names follow Prometheus: metric names [a-zA-Z_:][a-zA-Z0-9_:]* of at
  * most 200 bytes, label names [a-zA-Z_][a-zA-Z0-9_]* not starting with
  * "__" and not "le" or "quantile", each once; a counter's name ends in
- * "_total" (and is more than that); at most 16 labels. A name
+ * "_total" (and is more than that); at most 16 labels; help is UTF-8. A name
  * whose samples would collide with another family's (a histogram "x"
  * makes x_bucket, x_count, x_sum) is KEEL_EEXIST. Returns 0, KEEL_EINVAL,
  * KEEL_EEXIST or KEEL_ENOMEM. */
@@ -81,7 +81,8 @@ KEEL_API int keel_metrics_histogram(keel_metrics *m, const char *name, const cha
  *
  * The child for a tuple of label values (any UTF-8, copied), created on
  * first use and the same handle afterwards. The _get forms take an array
- * and say why they fail: KEEL_EINVAL (wrong count, NULL value), KEEL_EFULL
+ * and say why they fail: KEEL_EINVAL (wrong count, NULL value, a value
+ * that is not well-formed UTF-8), KEEL_EFULL
  * (the family holds max_children already), KEEL_ENOMEM. The _with forms
  * take exactly as many values as the family has labels and return NULL on
  * any failure. Both take the registry lock: bind once, keep the handle. */
