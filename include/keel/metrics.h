@@ -22,8 +22,13 @@
  * (examples/metrics.c serves /metrics with libmicrohttpd).
  *
  * Thread safety: everything is thread-safe; handles stay valid until the
- * registry is destroyed (a child until it is removed). The hot-path calls
- * never block; registration and rendering take the registry's lock.
+ * registry is destroyed (a child until it is removed, which its users
+ * must have stopped using). The hot-path calls never block, except a
+ * thread's first update through a registry, which takes the registry's
+ * lock to link the thread's block; registration and rendering take that
+ * lock too, and rendering holds it while write runs, so a slow writer
+ * delays registrations and threads' first updates (render to a buffer
+ * with keel_metrics_render_buf() and send that when the client is slow).
  */
 #ifndef KEEL_METRICS_H
 #define KEEL_METRICS_H
@@ -103,8 +108,8 @@ KEEL_API int keel_gauge_remove(keel_gauge *g, const char *const *values, size_t 
 KEEL_API int keel_histogram_remove(keel_histogram *h, const char *const *values, size_t n);
 
 /* ---- the hot path: never blocks, never allocates after a thread's first
- * use of a registry (that first use allocates the thread's block; without
- * memory for it, the update is dropped) ---- */
+ * use of a registry (that first use allocates the thread's block under the
+ * registry's lock; without memory for it, the update is dropped) ---- */
 KEEL_API void keel_counter_inc(keel_counter_child *c);
 KEEL_API void keel_counter_add(keel_counter_child *c, uint64_t n);
 /* Adds a non-negative amount; negative or NaN amounts are ignored. */
@@ -178,8 +183,10 @@ KEEL_API const char *keel_metrics_content_type(keel_metrics_format f);
  * deterministic order, with escaped label values and help texts, values
  * that round-trip, and (OpenMetrics) _created samples and the # EOF line.
  * write gets the text in pieces and returns 0 to go on; any other value
- * stops the rendering, which then returns that value. Returns 0,
- * KEEL_EINVAL or KEEL_ENOMEM. */
+ * stops the rendering, which then returns that value. write runs under
+ * the registry's lock and must not call into the registry (nor update a
+ * metric for the first time on its thread). Returns 0, KEEL_EINVAL or
+ * KEEL_ENOMEM. */
 typedef int (*keel_metrics_write_fn)(const char *buf, size_t len, void *ud);
 KEEL_API int keel_metrics_render(keel_metrics *m, keel_metrics_format f, keel_metrics_write_fn write,
                                  void *ud);
