@@ -1280,34 +1280,6 @@ static void render_family(sink *o, keel_metrics *m, const family *f, child **cs,
     }
 }
 
-KEEL_API int keel_metrics_render(keel_metrics *m, keel_metrics_format fmt, keel_metrics_write_fn write,
-                                 void *ud)
-{
-    if (!m || !write || (unsigned)fmt > KEEL_METRICS_OPENMETRICS)
-        return KEEL_EINVAL;
-    sink *o = keel__malloc(sizeof *o);
-    if (!o)
-        return KEEL_ENOMEM;
-    o->write = write;
-    o->ud = ud;
-    o->len = 0;
-    o->rc = 0;
-    pthread_mutex_lock(&m->mu);
-    family **fams;
-    child ***kids;
-    int rc = sorted(m, &fams, &kids);
-    for (size_t k = 0; rc == 0 && k < m->nfams && o->rc == 0; k++)
-        render_family(o, m, fams[k], kids[k], fmt == KEEL_METRICS_OPENMETRICS);
-    sorted_free(m, fams, kids);
-    pthread_mutex_unlock(&m->mu);
-    if (rc == 0 && fmt == KEEL_METRICS_OPENMETRICS)
-        puts_(o, "# EOF\n");
-    flush(o);
-    rc = rc ? rc : o->rc;
-    keel__free(o);
-    return rc;
-}
-
 typedef struct membuf {
     char *p;
     size_t len, cap;
@@ -1332,18 +1304,63 @@ static int to_mem(const char *buf, size_t len, void *ud)
     return 0;
 }
 
+/* The whole exposition into b (NUL-terminated, "" for an empty registry),
+ * under the registry's lock, which is held no longer than the rendering:
+ * the caller's writer, however slow, runs after. */
+static int render_mem(keel_metrics *m, keel_metrics_format fmt, membuf *b)
+{
+    if (!m || (unsigned)fmt > KEEL_METRICS_OPENMETRICS)
+        return KEEL_EINVAL;
+    sink *o = keel__malloc(sizeof *o);
+    if (!o)
+        return KEEL_ENOMEM;
+    o->write = to_mem;
+    o->ud = b;
+    o->len = 0;
+    o->rc = 0;
+    pthread_mutex_lock(&m->mu);
+    family **fams;
+    child ***kids;
+    int rc = sorted(m, &fams, &kids);
+    for (size_t k = 0; rc == 0 && k < m->nfams && o->rc == 0; k++)
+        render_family(o, m, fams[k], kids[k], fmt == KEEL_METRICS_OPENMETRICS);
+    sorted_free(m, fams, kids);
+    pthread_mutex_unlock(&m->mu);
+    if (rc == 0 && fmt == KEEL_METRICS_OPENMETRICS)
+        puts_(o, "# EOF\n");
+    flush(o);
+    rc = rc ? rc : o->rc;
+    keel__free(o);
+    if (rc == 0 && !b->p)
+        rc = to_mem("", 0, b); /* an empty registry renders "" */
+    if (rc) {
+        keel__free(b->p);
+        b->p = NULL;
+    }
+    return rc;
+}
+
+KEEL_API int keel_metrics_render(keel_metrics *m, keel_metrics_format fmt, keel_metrics_write_fn write,
+                                 void *ud)
+{
+    if (!write)
+        return KEEL_EINVAL;
+    membuf b = {NULL, 0, 0};
+    int rc = render_mem(m, fmt, &b);
+    for (size_t at = 0; rc == 0 && at < b.len; at += 16384) /* pieces a socket takes well */
+        rc = write(b.p + at, b.len - at < 16384 ? b.len - at : 16384, ud);
+    keel__free(b.p);
+    return rc;
+}
+
 KEEL_API int keel_metrics_render_buf(keel_metrics *m, keel_metrics_format f, char **out_, size_t *len)
 {
     if (!out_)
         return KEEL_EINVAL;
     membuf b = {NULL, 0, 0};
-    int rc = keel_metrics_render(m, f, to_mem, &b);
-    if (rc == 0 && !b.p)
-        rc = to_mem("", 0, &b); /* an empty registry renders "" */
-    if (rc) {
-        keel__free(b.p);
+    int rc = render_mem(m, f, &b);
+    if (rc)
         return rc;
-    }
     *out_ = b.p;
     if (len)
         *len = b.len;

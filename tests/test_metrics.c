@@ -692,6 +692,28 @@ START_TEST(a_failing_writer_stops_the_rendering)
 }
 END_TEST
 
+/* The writer runs after the registry's lock is released: it may take as
+ * long as its client, and call into the registry (once it deadlocked). */
+static int count_scrapes(const char *buf, size_t len, void *ud)
+{
+    (void)buf, (void)len;
+    keel_counter_inc(keel_counter_with(ud, "bytes"));
+    return 0;
+}
+
+START_TEST(the_writer_may_call_into_the_registry)
+{
+    keel_metrics *m = registry();
+    keel_counter *c;
+    ck_assert_int_eq(keel_metrics_counter(m, "scrape_writes_total", "", (const char *[]){"what"}, 1, &c), 0);
+    ck_assert_int_eq(keel_metrics_render(m, KEEL_METRICS_PROMETHEUS, count_scrapes, c), 0);
+    char *text = render(m, KEEL_METRICS_PROMETHEUS);
+    ck_assert_msg(strstr(text, "scrape_writes_total{what=\"bytes\"} 1\n"), "%s", text);
+    keel_free(text);
+    keel_metrics_destroy(m);
+}
+END_TEST
+
 static double forty_two(void *ud)
 {
     (void)ud;
@@ -1033,6 +1055,7 @@ int main(void)
     tcase_add_test(tc, numbers_keep_their_point_under_a_decimal_comma_locale);
     tcase_add_test(tc, openmetrics_leaves_out_sum_and_count_under_a_negative_bound);
     tcase_add_test(tc, a_failing_writer_stops_the_rendering);
+    tcase_add_test(tc, the_writer_may_call_into_the_registry);
     tcase_add_test(tc, computed_series_and_the_visitor);
     tcase_add_test(tc, computed_series_are_whole_from_the_moment_they_show);
     tcase_add_test(tc, names_and_labels_are_validated);

@@ -26,9 +26,8 @@
  * must have stopped using). The hot-path calls never block, except a
  * thread's first update through a registry, which takes the registry's
  * lock to link the thread's block; registration and rendering take that
- * lock too, and rendering holds it while write runs, so a slow writer
- * delays registrations and threads' first updates (render to a buffer
- * with keel_metrics_render_buf() and send that when the client is slow).
+ * lock too (rendering only while it builds the text, never while its
+ * writer runs).
  */
 #ifndef KEEL_METRICS_H
 #define KEEL_METRICS_H
@@ -183,10 +182,10 @@ KEEL_API const char *keel_metrics_content_type(keel_metrics_format f);
  * deterministic order, with escaped label values and help texts, values
  * that round-trip, and (OpenMetrics) _created samples and the # EOF line.
  * write gets the text in pieces and returns 0 to go on; any other value
- * stops the rendering, which then returns that value. write runs under
- * the registry's lock and must not call into the registry (nor update a
- * metric for the first time on its thread). Returns 0, KEEL_EINVAL or
- * KEEL_ENOMEM. */
+ * stops the rendering, which then returns that value. The text is built
+ * whole under the registry's lock and written after it is released, so
+ * write may be as slow as its client and may call into the registry.
+ * Returns 0, KEEL_EINVAL or KEEL_ENOMEM. */
 typedef int (*keel_metrics_write_fn)(const char *buf, size_t len, void *ud);
 KEEL_API int keel_metrics_render(keel_metrics *m, keel_metrics_format f, keel_metrics_write_fn write,
                                  void *ud);
