@@ -864,6 +864,67 @@ START_TEST(handlers_may_publish_but_a_worker_may_not_drain)
 }
 END_TEST
 
+/* on_error, told of a delivery dropped from a full queue, drains: the
+ * publisher's thread is no worker, so drain waits for the queue to be run,
+ * and the dropped delivery, already gone, must not hold it (it once waited
+ * for itself forever). */
+typedef struct drainer {
+    keel_bus *b;
+    gate *g;
+    _Atomic int entered, rc, done;
+} drainer;
+
+static void on_drop_drain(keel_bus_sub *s, const keel_bus_msg *m, int err, void *ud)
+{
+    (void)s, (void)m;
+    drainer *d = ud;
+    if (err != KEEL_EFULL || atomic_exchange(&d->entered, 1))
+        return;
+    atomic_store(&d->rc, keel_bus_drain(d->b));
+}
+
+static void *publish_past_full(void *arg)
+{
+    drainer *d = arg;
+    ck_assert_int_eq(pub(d->b, "q"), 0);
+    atomic_store(&d->done, 1);
+    return NULL;
+}
+
+START_TEST(on_error_of_a_dropped_delivery_may_drain)
+{
+    gate *g = calloc(1, sizeof *g);
+    atomic_store(&g->closed, 1);
+    drainer *d = calloc(1, sizeof *d);
+    atomic_store(&d->rc, 99);
+    keel_bus_opts o = {.workers = 1, .capacity = 2, .on_full = KEEL_BUS_DROP_OLDEST, .on_error = on_drop_drain,
+                       .ud = d};
+    ck_assert_int_eq(keel_bus_create(&d->b, &o), 0);
+    sub(d->b, "q", on_gate, g, KEEL_BUS_ASYNC, NULL);
+    ck_assert_int_eq(pub(d->b, "q"), 0);
+    while (atomic_load(&g->entered) == 0) /* the worker holds the first one */
+        nap(100 * 1000);
+    for (int i = 0; i < 2; i++)
+        ck_assert_int_eq(pub(d->b, "q"), 0);
+    pthread_t t;
+    pthread_create(&t, NULL, publish_past_full, d);
+    while (!atomic_load(&d->entered))
+        nap(100 * 1000);
+    atomic_store(&g->closed, 0); /* the queue can be run now */
+    uint64_t deadline = keel_now_ns() + 5 * S;
+    while (!atomic_load(&d->done) && keel_now_ns() < deadline)
+        nap(MS);
+    ck_assert_msg(atomic_load(&d->done), "drain from on_error waits for the dropped delivery forever");
+    pthread_join(t, NULL);
+    ck_assert_int_eq(atomic_load(&d->rc), 0);
+    ck_assert_int_eq(keel_bus_drain(d->b), 0);
+    ck_assert_uint_eq(atomic_load(&g->n), 3); /* the first, one queued, the last */
+    keel_bus_destroy(d->b);
+    free(d);
+    free(g);
+}
+END_TEST
+
 START_TEST(many_subscriptions_come_and_go)
 {
     keel_bus *b = bus_new(0, 0, KEEL_BUS_BLOCK);
@@ -1680,6 +1741,7 @@ int main(void)
     tcase_add_test(tc, a_blocked_publisher_goes_on_when_room_is_made);
     tcase_add_test(tc, a_timed_out_wait_that_finds_room_queues_once);
     tcase_add_test(tc, handlers_may_publish_but_a_worker_may_not_drain);
+    tcase_add_test(tc, on_error_of_a_dropped_delivery_may_drain);
     tcase_add_test(tc, many_subscriptions_come_and_go);
     tcase_add_test(tc, metrics_report_the_counters);
     tcase_add_test(tc, bad_input_is_refused);

@@ -744,13 +744,15 @@ static void deadline(uint64_t ns, struct timespec *ts)
     ts->tv_nsec = (long)(at % 1000000000u);
 }
 
-/* Pops the oldest delivery of a full queue and reports it. */
+/* Pops the oldest delivery of a full queue and reports it. Finished
+ * before the report: on_error may drain, which must not wait for it. */
 static void drop_oldest(keel_bus *bus, bworker *w)
 {
     bslot v;
     if (!ring_pop(w, bus->mask, &v))
         return;
     keel__stripe_add(&keel__bus_counters(bus)->dropped, 1);
+    finished(w, 1);
     if (enter(v.sub)) {
         bframe f = {v.sub, tl_frames};
         tl_frames = &f;
@@ -760,7 +762,6 @@ static void drop_oldest(keel_bus *bus, bworker *w)
     }
     keel__bus_sub_unref(v.sub);
     msg_unref(v.m);
-    finished(w, 1);
 }
 
 /* Queues one delivery; on failure the caller keeps its references. */
