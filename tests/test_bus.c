@@ -1644,6 +1644,54 @@ START_TEST(restarts_do_not_deliver_a_poison_message_again)
 }
 END_TEST
 
+/* The dead-letter stream lives on another node than the partition, and
+ * that node is down: burying fails there, not on the reader's connection.
+ * The entry stays pending and is tried again later; the reader goes on
+ * with new entries (it once reconnected for ever, re-reading its pending
+ * list and never reaching them), and buries the entry once the node is
+ * back. */
+START_TEST(a_dead_letter_node_down_does_not_stop_new_entries)
+{
+    char prefix[96], key[128], dead[128];
+    keel_redis *r = kt_redis_open(3, 300 * MS);
+    for (int i = 0;; i++) {
+        unique_prefix(prefix, sizeof prefix, "deadnode");
+        snprintf(prefix + strlen(prefix), sizeof prefix - strlen(prefix), "%d:", i);
+        snprintf(key, sizeof key, "%s0", prefix);
+        snprintf(dead, sizeof dead, "%sdead", prefix);
+        if (keel_redis_node_of(r, key, strlen(key)) != keel_redis_node_of(r, dead, strlen(dead)))
+            break;
+    }
+    char node[16];
+    snprintf(node, sizeof node, "redis%zu", keel_redis_node_of(r, dead, strlen(dead)) + 1);
+    poison *ps = calloc(1, sizeof *ps);
+    keel_bus *p = rbus(r, prefix, NULL, NULL, 1, 0, NULL, NULL);
+    keel_bus *b = rbus(r, prefix, "grp", "c1", 1, 100 * MS, on_buried, ps);
+    sub(b, "p.*", on_poison, ps, KEEL_BUS_SYNC, NULL);
+    ck_assert_int_eq(keel_bus_start(b), 0);
+    kt_server("stop-one", node);
+    ck_assert_int_eq(keel_bus_publish(p, "p.bad", "boom", 4, NULL, 0, NULL), 0);
+    wait_for(&ps->bad_calls, 3);
+    nap(1 * S); /* a real wait: the reader's tries at burying it fail meanwhile */
+    int buried = atomic_load(&ps->buried);
+    int prc = keel_bus_publish(p, "p.ok", "fine", 4, NULL, 0, NULL);
+    uint64_t deadline = keel_now_ns() + 5 * S;
+    while (atomic_load(&ps->ok_calls) < 1 && keel_now_ns() < deadline)
+        nap(20 * MS);
+    int ok_calls = atomic_load(&ps->ok_calls);
+    kt_server("start-one", node); /* before any assertion: the other tests need it */
+    ck_assert_int_eq(buried, 0);
+    ck_assert_int_eq(prc, 0);
+    ck_assert_int_eq(ok_calls, 1);
+    wait_for(&ps->buried, 1); /* tried again, now that the node is back */
+    ck_assert_int_eq(atomic_load(&ps->bad_calls), 3);
+    keel_bus_destroy(b);
+    keel_bus_destroy(p);
+    keel_redis_destroy(r);
+    free(ps);
+}
+END_TEST
+
 static int on_slow(const keel_bus_msg *m, void *ud)
 {
     nap(20 * MS); /* a slow handler, so that destroy comes mid-batch */
@@ -1757,6 +1805,7 @@ int main(void)
     tcase_add_test(rd, drain_waits_for_a_reader_busy_with_its_pending_entries);
     tcase_add_test(rd, restarts_do_not_deliver_a_poison_message_again);
     tcase_add_test(rd, a_poison_message_reaches_the_dead_letter_stream);
+    tcase_add_test(rd, a_dead_letter_node_down_does_not_stop_new_entries);
     tcase_add_test(rd, stopping_mid_batch_acknowledges_what_was_handled);
     tcase_add_test(rd, a_redis_restart_fails_publishes_then_consumers_resume);
     suite_add_tcase(s, rd);

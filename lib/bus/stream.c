@@ -269,13 +269,17 @@ static int handle(breader *rd, redisContext *c, const redisReply *entries, const
 /* ---- stuck entries ---- */
 
 /* Moves entry `id` to the dead-letter stream and acknowledges it; one
- * trimmed away meanwhile is only acknowledged. */
+ * trimmed away meanwhile is only acknowledged. The dead-letter stream may
+ * live on another node: when it cannot take the entry, the entry stays
+ * pending, to be tried again later, and 0 is returned, as this reader's
+ * own connection is fine and must go on reading. */
 static int bury(breader *rd, redisContext *c, const char *id)
 {
     bstream *s = rd->s;
     const char *key = s->keys[rd->part];
     const char *rargv[] = {"XRANGE", key, id, id};
     redisReply *got = NULL, *rep = NULL;
+    bool kept = false;
     int rc = cmd(c, 4, rargv, NULL, &got);
     const redisReply *e = rc == 0 && got->type == REDIS_REPLY_ARRAY && got->elements == 1 ? got->element[0] : NULL;
     const redisReply *f = e && e->type == REDIS_REPLY_ARRAY && e->elements == 2 &&
@@ -299,6 +303,9 @@ static int bury(breader *rd, redisContext *c, const char *id)
             rc = keel_redis_command(s->r, s->dead, strlen(s->dead), (int)argc, argv, lens, &rep);
             if (rep)
                 freeReplyObject(rep);
+            if ((kept = rc && rc != KEEL_ENOMEM))
+                keel__log(KEEL_LOG_WARN, "bus", "%s: entry %s left pending: %s: %s", key, id, s->dead,
+                          keel_strerror(rc));
         }
         keel__free(argv);
         keel__free(lens);
@@ -322,7 +329,7 @@ static int bury(breader *rd, redisContext *c, const char *id)
     }
     if (got)
         freeReplyObject(got);
-    return rc;
+    return kept ? 0 : rc;
 }
 
 /* Claims the entries named in argv[5..n-1] that are still idle, and
