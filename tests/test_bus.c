@@ -1692,6 +1692,64 @@ START_TEST(a_dead_letter_node_down_does_not_stop_new_entries)
 }
 END_TEST
 
+/* A user whose ACL refuses XPENDING: the consumer cannot count the
+ * deliveries of its own pending entries. That is an error reply while
+ * looking after stuck entries, logged and not fatal: a consumer restarted
+ * under its name delivers them uncounted and goes on with new entries (it
+ * once reconnected for ever on the refusal, delivering nothing). */
+START_TEST(an_acl_refusing_xpending_does_not_stop_a_restarted_consumer)
+{
+    char prefix[96], user[64], url[160], host[64];
+    int port;
+    unique_prefix(prefix, sizeof prefix, "acl");
+    snprintf(user, sizeof user, "kt-bus-%d", getpid());
+    keel_redis *admin = redis_nodes(1);
+    const char *acl[] = {"ACL", "SETUSER", user, "on", ">pw", "~*", "&*", "+@all", "-xpending"};
+    size_t lens[9];
+    for (int i = 0; i < 9; i++)
+        lens[i] = strlen(acl[i]);
+    redisReply *rep;
+    ck_assert_int_eq(keel_redis_command(admin, NULL, 0, 9, acl, lens, &rep), 0);
+    freeReplyObject(rep);
+    kt_redis_node(0, host, sizeof host, &port);
+    snprintf(url, sizeof url, "redis://%s:pw@%s:%d", user, host, port);
+    const char *nodes[] = {url};
+    keel_redis *r;
+    keel_redis_opts ro = {.nodes = nodes, .nnodes = 1, .connect_timeout_ns = 300 * MS,
+                          .command_timeout_ns = 1000 * MS, .fail_timeout_ns = 1};
+    ck_assert_int_eq(keel_redis_create(&r, &ro), 0);
+    keel_bus *p = rbus(admin, prefix, NULL, NULL, 1, 0, NULL, NULL);
+    holder *h = calloc(1, sizeof *h);
+    atomic_store(&h->drained, 1); /* on_hold: fail the first call, pass the others */
+    keel_bus *c = rbus(r, prefix, "grp", "same", 1, 3600 * S, NULL, NULL);
+    sub(c, "work.>", on_hold, h, KEEL_BUS_SYNC, NULL);
+    ck_assert_int_eq(keel_bus_start(c), 0);
+    ck_assert_int_eq(keel_bus_publish(p, "work.x", "x", 1, NULL, 0, NULL), 0);
+    ck_assert_int_eq(keel_bus_drain(c), 0);
+    ck_assert_int_eq(atomic_load(&h->calls), 1); /* failed: pending on "same" */
+    keel_bus_destroy(c);
+    c = rbus(r, prefix, "grp", "same", 1, 3600 * S, NULL, NULL);
+    sub(c, "work.>", on_hold, h, KEEL_BUS_SYNC, NULL);
+    ck_assert_int_eq(keel_bus_start(c), 0);
+    ck_assert_int_eq(keel_bus_publish(p, "work.y", "y", 1, NULL, 0, NULL), 0);
+    uint64_t deadline = keel_now_ns() + 5 * S;
+    while (atomic_load(&h->calls) < 3 && keel_now_ns() < deadline)
+        nap(20 * MS);
+    int calls = atomic_load(&h->calls);
+    keel_bus_destroy(c);
+    keel_redis_destroy(r);
+    const char *del[] = {"ACL", "DELUSER", user};
+    for (int i = 0; i < 3; i++)
+        lens[i] = strlen(del[i]);
+    ck_assert_int_eq(keel_redis_command(admin, NULL, 0, 3, del, lens, &rep), 0);
+    freeReplyObject(rep);
+    ck_assert_int_eq(calls, 3); /* the pending one again, and the new one */
+    keel_bus_destroy(p);
+    keel_redis_destroy(admin);
+    free(h);
+}
+END_TEST
+
 static int on_slow(const keel_bus_msg *m, void *ud)
 {
     nap(20 * MS); /* a slow handler, so that destroy comes mid-batch */
@@ -1806,6 +1864,7 @@ int main(void)
     tcase_add_test(rd, restarts_do_not_deliver_a_poison_message_again);
     tcase_add_test(rd, a_poison_message_reaches_the_dead_letter_stream);
     tcase_add_test(rd, a_dead_letter_node_down_does_not_stop_new_entries);
+    tcase_add_test(rd, an_acl_refusing_xpending_does_not_stop_a_restarted_consumer);
     tcase_add_test(rd, stopping_mid_batch_acknowledges_what_was_handled);
     tcase_add_test(rd, a_redis_restart_fails_publishes_then_consumers_resume);
     suite_add_tcase(s, rd);

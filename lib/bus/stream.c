@@ -499,8 +499,8 @@ static int consume(breader *rd, redisContext *c)
             bool *over = pending ? keel__calloc(entries->elements, sizeof *over) : NULL;
             if (pending && !over)
                 rc = KEEL_ENOMEM;
-            if (rc == 0 && over)
-                rc = count_own(rd, c, entries, over);
+            if (rc == 0 && over && (rc = count_own(rd, c, entries, over)) == KEEL_EBACKEND)
+                rc = 0; /* an error reply (an ACL), logged: they go uncounted */
             if (rc == 0)
                 rc = handle(rd, c, entries, over);
             keel__free(over);
