@@ -33,7 +33,8 @@
  * An entry is acknowledged (XACK) only once every matching handler
  * returned 0; entries matching no subscription are acknowledged and
  * skipped. Entries left pending longer than min_idle_ns (a consumer that
- * died, a handler that failed) are taken over with XCLAIM and
+ * died, a handler that failed, or a batch of read_count entries that took
+ * longer than that to handle: keep it well below) are taken over with XCLAIM and
  * delivered again, out of order; one delivered max_deliveries times goes
  * to the dead-letter stream (prefix + "dead") and is acknowledged, also
  * when its own consumer finds it pending after a restart. An
