@@ -767,6 +767,49 @@ START_TEST(redis_gcra_keeps_sub_microsecond_intervals)
 }
 END_TEST
 
+/* Node 0's TIME in microseconds. */
+static uint64_t node0_time_us(redisContext *c)
+{
+    redisReply *rep = redisCommand(c, "TIME");
+    ck_assert(rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == 2);
+    uint64_t us = strtoull(rep->element[0]->str, NULL, 10) * 1000000 + strtoull(rep->element[1]->str, NULL, 10);
+    freeReplyObject(rep);
+    return us;
+}
+
+/* A key a client has kept busy for a day keeps the base of its first use:
+ * the times the script compares are then a day of microseconds, whose
+ * doubles are 2^-16 us apart. A full bucket still passes its burst. */
+START_TEST(redis_gcra_stays_exact_for_a_key_busy_for_days)
+{
+    keel_redis *redis = redis_nodes(1);
+    char prefix[64], k1[96], host[64];
+    int port;
+    snprintf(prefix, sizeof prefix, "kt:days:%d:", getpid());
+    snprintf(k1, sizeof k1, "%s{#k}", prefix);
+    kt_redis_node(0, host, sizeof host, &port);
+    redisContext *c = redisConnect(host, port);
+    ck_assert(c && !c->err);
+    keel_limiter *l;
+    keel_limiter_opts o = {.algo = KEEL_LIMIT_GCRA, .limit = 3, .window_ns = 1 * S, .burst = 2,
+                           .redis = redis, .prefix = prefix};
+    ck_assert_int_eq(keel_limiter_create(&l, &o), 0);
+    /* first used 10^11 us ago; its bucket has just filled up again */
+    uint64_t base = node0_time_us(c) - 100000000000ull;
+    freeReplyObject(redisCommand(c, "HSET %s b %llu t 100000000000", k1, (unsigned long long)base));
+    freeReplyObject(redisCommand(c, "PEXPIRE %s 10000", k1));
+    keel_limit_result r;
+    ck_assert_int_eq(keel_limiter_take(l, "k", 1, 2, &r), 0);
+    ck_assert_int_eq(r.source, KEEL_LIMIT_SRC_REDIS);
+    ck_assert_msg(r.allowed, "a full bucket refused its burst (retry after %llu ns)",
+                  (unsigned long long)r.retry_after_ns);
+    ck_assert_uint_eq(r.remaining, 0);
+    keel_limiter_destroy(l);
+    redisFree(c);
+    keel_redis_destroy(redis);
+}
+END_TEST
+
 typedef struct busy_job {
     char host[64];
     int port;
@@ -1051,6 +1094,7 @@ int main(void)
     tcase_add_test(rd, requests_in_the_same_instant_all_count);
     tcase_add_test(rd, a_rejection_writes_nothing_to_redis);
     tcase_add_test(rd, redis_gcra_keeps_sub_microsecond_intervals);
+    tcase_add_test(rd, redis_gcra_stays_exact_for_a_key_busy_for_days);
     tcase_add_test(rd, a_log_refund_through_redis_leaves_nothing_that_never_expires);
     tcase_add_test(rd, a_busy_server_is_a_store_failure);
     tcase_add_test(rd, scripts_come_back_after_a_flush_and_a_restart);

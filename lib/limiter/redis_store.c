@@ -28,40 +28,40 @@
     "local now = tonumber(t[1]) * 1000000 + tonumber(t[2])\n"                                      \
     "local allowed, retry = 1, 0\n"
 
-/* Time is kept relative to the key's own start (field b, an exact integer)
- * so the arrival time (field t) stays a small double with ample precision;
- * absolute microseconds near 2^51 would be resolved only to 0.25 us. */
+/* Each write keeps the key's time (field b, an exact integer) and how far
+ * its arrival time runs ahead of it (field t), and a decision works on that
+ * lead alone: the doubles compared stay within the burst's time, with ample
+ * precision however long the key lives. Absolute microseconds near 2^51
+ * are resolved only to 0.25 us, and times kept from a key's first use lose
+ * as much once a client has kept it busy for days. */
 static const char LUA_GCRA[] = LUA_HEAD
     "local T = w / limit\n"
     "local cap = burst * T\n"
     "local s = redis.call('HMGET', KEYS[1], 'b', 't')\n"
-    "local base = tonumber(s[1]) or now\n"
-    "now = now - base\n"
-    "local tat = tonumber(s[2]) or 0\n"
-    "if tat < now then tat = now end\n"
+    "local d = 0\n"
+    "if s[1] then d = math.max((tonumber(s[2]) or 0) - (now - tonumber(s[1])), 0) end\n"
     "if op == 'refund' then\n"
-    "  tat = math.max(tat - cost * T, now)\n"
+    "  d = math.max(d - cost * T, 0)\n"
     "else\n"
-    "  local nxt = tat + cost * T\n"
-    "  if nxt - now > cap + 1e-6 then\n"
+    "  local nxt = d + cost * T\n"
+    "  if nxt > cap + 1e-6 then\n"
     "    allowed = 0\n"
-    "    if cost > burst then retry = -1 else retry = math.ceil(nxt - cap - now) end\n"
+    "    if cost > burst then retry = -1 else retry = math.ceil(nxt - cap) end\n"
     "  elseif op == 'take' then\n"
-    "    tat = nxt\n"
+    "    d = nxt\n"
     "  end\n"
     "end\n"
     "if op ~= 'peek' and allowed == 1 then\n"
-    "  if tat > now then\n"
-    "    redis.call('HSET', KEYS[1], 'b', string.format('%.0f', base), 't',"
-    " string.format('%.17g', tat))\n"
-    "    redis.call('PEXPIRE', KEYS[1], string.format('%.0f', math.ceil((tat - now) / 1000) + 1))\n"
+    "  if d > 0 then\n"
+    "    redis.call('HSET', KEYS[1], 'b', string.format('%.0f', now), 't', string.format('%.17g', d))\n"
+    "    redis.call('PEXPIRE', KEYS[1], string.format('%.0f', math.ceil(d / 1000) + 1))\n"
     "  else\n"
     "    redis.call('DEL', KEYS[1])\n"
     "  end\n"
     "end\n"
     "local rem = 0\n"
-    "if tat - now < cap then rem = math.floor((cap - (tat - now)) / T + 1e-9) end\n"
-    "return {allowed, rem, math.ceil(tat - now), retry, now + base}\n";
+    "if d < cap then rem = math.floor((cap - d) / T + 1e-9) end\n"
+    "return {allowed, rem, math.ceil(d), retry, now}\n";
 
 static const char LUA_WINDOW[] = LUA_HEAD
     "local k = math.floor(now / w)\n"
