@@ -810,6 +810,28 @@ START_TEST(redis_gcra_stays_exact_for_a_key_busy_for_days)
 }
 END_TEST
 
+/* 4 x 10^9 units a millisecond: a unit is 2.5e-7 us, under the margin
+ * the script allowed its doubles (1e-6 us), which let one unit over the
+ * burst through. */
+START_TEST(redis_gcra_never_passes_a_cost_over_the_burst)
+{
+    keel_redis *redis = redis_nodes(1);
+    char prefix[64];
+    snprintf(prefix, sizeof prefix, "kt:over:%d:", getpid());
+    keel_limiter *l;
+    keel_limiter_opts o = {.algo = KEEL_LIMIT_GCRA, .limit = 4000000000u, .window_ns = 1 * MS,
+                           .redis = redis, .prefix = prefix};
+    ck_assert_int_eq(keel_limiter_create(&l, &o), 0);
+    keel_limit_result r;
+    ck_assert_int_eq(keel_limiter_take(l, "k", 1, 4000000001u, &r), KEEL_ERANGE);
+    ck_assert_int_eq(r.source, KEEL_LIMIT_SRC_REDIS);
+    ck_assert(!r.allowed);
+    ck_assert_uint_eq(r.retry_after_ns, UINT64_MAX);
+    keel_limiter_destroy(l);
+    keel_redis_destroy(redis);
+}
+END_TEST
+
 typedef struct busy_job {
     char host[64];
     int port;
@@ -1095,6 +1117,7 @@ int main(void)
     tcase_add_test(rd, a_rejection_writes_nothing_to_redis);
     tcase_add_test(rd, redis_gcra_keeps_sub_microsecond_intervals);
     tcase_add_test(rd, redis_gcra_stays_exact_for_a_key_busy_for_days);
+    tcase_add_test(rd, redis_gcra_never_passes_a_cost_over_the_burst);
     tcase_add_test(rd, a_log_refund_through_redis_leaves_nothing_that_never_expires);
     tcase_add_test(rd, a_busy_server_is_a_store_failure);
     tcase_add_test(rd, scripts_come_back_after_a_flush_and_a_restart);

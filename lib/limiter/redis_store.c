@@ -37,6 +37,8 @@
 static const char LUA_GCRA[] = LUA_HEAD
     "local T = w / limit\n"
     "local cap = burst * T\n"
+    /* the doubles' rounding forgiven, which must stay under a unit */
+    "local eps = math.min(1e-6, T / 2)\n"
     "local s = redis.call('HMGET', KEYS[1], 'b', 't')\n"
     "local d = 0\n"
     "if s[1] then d = math.max((tonumber(s[2]) or 0) - (now - tonumber(s[1])), 0) end\n"
@@ -44,9 +46,9 @@ static const char LUA_GCRA[] = LUA_HEAD
     "  d = math.max(d - cost * T, 0)\n"
     "else\n"
     "  local nxt = d + cost * T\n"
-    "  if nxt > cap + 1e-6 then\n"
+    "  if nxt > cap + eps then\n"
     "    allowed = 0\n"
-    "    if cost > burst then retry = -1 else retry = math.ceil(nxt - cap) end\n"
+    "    if cost > burst then retry = -1 else retry = math.max(math.ceil(nxt - cap - eps), 1) end\n"
     "  elseif op == 'take' then\n"
     "    d = nxt\n"
     "  end\n"
@@ -61,7 +63,7 @@ static const char LUA_GCRA[] = LUA_HEAD
     "end\n"
     "local rem = 0\n"
     "if d < cap then rem = math.floor((cap - d) / T + 1e-9) end\n"
-    "return {allowed, rem, math.ceil(d), retry, now}\n";
+    "return {allowed, rem, math.max(math.ceil(d - eps), 0), retry, now}\n";
 
 static const char LUA_WINDOW[] = LUA_HEAD
     "local k = math.floor(now / w)\n"
