@@ -832,6 +832,38 @@ START_TEST(redis_gcra_never_passes_a_cost_over_the_burst)
 }
 END_TEST
 
+/* One unit a 10^15 us window: half a second of debt is 5e-10 of a unit,
+ * which rounding `remaining` up to the next unit took for nothing. What
+ * remains is what a take would pass. */
+START_TEST(redis_gcra_remaining_is_what_would_pass)
+{
+    keel_redis *redis = redis_nodes(1);
+    char prefix[64], k1[96], host[64];
+    int port;
+    snprintf(prefix, sizeof prefix, "kt:rem:%d:", getpid());
+    snprintf(k1, sizeof k1, "%s{#k}", prefix);
+    kt_redis_node(0, host, sizeof host, &port);
+    redisContext *c = redisConnect(host, port);
+    ck_assert(c && !c->err);
+    keel_limiter *l;
+    keel_limiter_opts o = {.algo = KEEL_LIMIT_GCRA, .limit = 1, .window_ns = 1000000000000000000ull,
+                           .redis = redis, .prefix = prefix};
+    ck_assert_int_eq(keel_limiter_create(&l, &o), 0);
+    /* the bucket refills in half a second */
+    freeReplyObject(redisCommand(c, "HSET %s b %llu t 500000", k1, (unsigned long long)node0_time_us(c)));
+    freeReplyObject(redisCommand(c, "PEXPIRE %s 10000", k1));
+    keel_limit_result r;
+    ck_assert_int_eq(keel_limiter_peek(l, "k", 1, 1, &r), 0);
+    ck_assert_int_eq(r.source, KEEL_LIMIT_SRC_REDIS);
+    ck_assert(!r.allowed);
+    ck_assert_uint_gt(r.retry_after_ns, 0);
+    ck_assert_msg(r.remaining == 0, "remaining %llu, but a take of 1 is refused", (unsigned long long)r.remaining);
+    keel_limiter_destroy(l);
+    redisFree(c);
+    keel_redis_destroy(redis);
+}
+END_TEST
+
 typedef struct busy_job {
     char host[64];
     int port;
@@ -1118,6 +1150,7 @@ int main(void)
     tcase_add_test(rd, redis_gcra_keeps_sub_microsecond_intervals);
     tcase_add_test(rd, redis_gcra_stays_exact_for_a_key_busy_for_days);
     tcase_add_test(rd, redis_gcra_never_passes_a_cost_over_the_burst);
+    tcase_add_test(rd, redis_gcra_remaining_is_what_would_pass);
     tcase_add_test(rd, a_log_refund_through_redis_leaves_nothing_that_never_expires);
     tcase_add_test(rd, a_busy_server_is_a_store_failure);
     tcase_add_test(rd, scripts_come_back_after_a_flush_and_a_restart);

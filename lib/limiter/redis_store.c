@@ -61,8 +61,10 @@ static const char LUA_GCRA[] = LUA_HEAD
     "    redis.call('DEL', KEYS[1])\n"
     "  end\n"
     "end\n"
-    "local rem = 0\n"
-    "if d < cap then rem = math.floor((cap - d) / T + 1e-9) end\n"
+    /* the most units that would pass now, by the decision's own test */
+    "local rem = math.max(math.floor((cap + eps - d) / T), 0)\n"
+    "if rem > 0 and d + rem * T > cap + eps then rem = rem - 1 end\n"
+    "if d + (rem + 1) * T <= cap + eps then rem = rem + 1 end\n"
     "return {allowed, rem, math.max(math.ceil(d - eps), 0), retry, now}\n";
 
 static const char LUA_WINDOW[] = LUA_HEAD
