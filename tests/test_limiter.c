@@ -864,6 +864,27 @@ START_TEST(redis_gcra_remaining_is_what_would_pass)
 }
 END_TEST
 
+/* 7 a day, 6 at once: a unit is 1.2e10 us, the burst 7.4e10 us, and the
+ * doubles of such times round by some 1e-5 us, over a fixed margin of
+ * 1e-6 us. A fresh key that takes 1 still holds 5 for the same instant. */
+START_TEST(redis_gcra_rounds_no_unit_away_over_long_windows)
+{
+    keel_redis *redis = redis_nodes(1);
+    char prefix[64];
+    snprintf(prefix, sizeof prefix, "kt:day:%d:", getpid());
+    keel_limiter *l;
+    keel_limiter_opts o = {.algo = KEEL_LIMIT_GCRA, .limit = 7, .window_ns = 86400 * S, .burst = 6,
+                           .redis = redis, .prefix = prefix};
+    ck_assert_int_eq(keel_limiter_create(&l, &o), 0);
+    keel_limit_result r;
+    ck_assert(take(l, "k", 1, &r));
+    ck_assert_int_eq(r.source, KEEL_LIMIT_SRC_REDIS);
+    ck_assert_uint_eq(r.remaining, 5);
+    keel_limiter_destroy(l);
+    keel_redis_destroy(redis);
+}
+END_TEST
+
 typedef struct busy_job {
     char host[64];
     int port;
@@ -1151,6 +1172,7 @@ int main(void)
     tcase_add_test(rd, redis_gcra_stays_exact_for_a_key_busy_for_days);
     tcase_add_test(rd, redis_gcra_never_passes_a_cost_over_the_burst);
     tcase_add_test(rd, redis_gcra_remaining_is_what_would_pass);
+    tcase_add_test(rd, redis_gcra_rounds_no_unit_away_over_long_windows);
     tcase_add_test(rd, a_log_refund_through_redis_leaves_nothing_that_never_expires);
     tcase_add_test(rd, a_busy_server_is_a_store_failure);
     tcase_add_test(rd, scripts_come_back_after_a_flush_and_a_restart);

@@ -37,8 +37,9 @@
 static const char LUA_GCRA[] = LUA_HEAD
     "local T = w / limit\n"
     "local cap = burst * T\n"
-    /* the doubles' rounding forgiven, which must stay under a unit */
-    "local eps = math.min(1e-6, T / 2)\n"
+    /* the doubles' rounding forgiven: a few thousand of their steps at the
+     * burst's time, at least 1e-6 us, and always under half a unit */
+    "local eps = math.min(math.max(1e-6, cap / 1099511627776), T / 2)\n"
     "local s = redis.call('HMGET', KEYS[1], 'b', 't')\n"
     "local d = 0\n"
     "if s[1] then d = math.max((tonumber(s[2]) or 0) - (now - tonumber(s[1])), 0) end\n"
