@@ -749,6 +749,39 @@ START_TEST(a_log_refund_through_redis_leaves_nothing_that_never_expires)
 }
 END_TEST
 
+/* The log's sum must never outlive the entries it counts: one that did
+ * would count units no entry holds, for as long as the client stays busy.
+ * Two PEXPIREs each read the server's clock, and now and then a
+ * millisecond ticks between them; both keys must share one deadline. */
+START_TEST(the_log_and_its_sum_expire_at_the_same_instant)
+{
+    keel_redis *redis = redis_nodes(1);
+    char prefix[64], k1[96], k2[96], host[64];
+    int port;
+    snprintf(prefix, sizeof prefix, "kt:ttl:%d:", getpid());
+    snprintf(k1, sizeof k1, "%s{#k}", prefix);
+    snprintf(k2, sizeof k2, "%s{#k}:s", prefix);
+    kt_redis_node(0, host, sizeof host, &port);
+    redisContext *c = redisConnect(host, port);
+    ck_assert(c && !c->err);
+    keel_limiter *l = remote(redis, KEEL_LIMIT_SLIDING_LOG, 1000000, 10 * S, prefix, KEEL_LIMIT_FAIL_CLOSED);
+    keel_limit_result r;
+    for (int i = 0; i < 10000; i++) {
+        ck_assert(take(l, "k", 1, &r));
+        ck_assert_int_eq(r.source, KEEL_LIMIT_SRC_REDIS);
+        redisReply *a = redisCommand(c, "PEXPIRETIME %s", k1), *b = redisCommand(c, "PEXPIRETIME %s", k2);
+        ck_assert(a && b && a->type == REDIS_REPLY_INTEGER && b->type == REDIS_REPLY_INTEGER);
+        ck_assert_msg(a->integer == b->integer, "take %d: the log expires at %lld, its sum at %lld", i,
+                      a->integer, b->integer);
+        freeReplyObject(a);
+        freeReplyObject(b);
+    }
+    keel_limiter_destroy(l);
+    redisFree(c);
+    keel_redis_destroy(redis);
+}
+END_TEST
+
 START_TEST(redis_gcra_keeps_sub_microsecond_intervals)
 {
     keel_redis *redis = redis_nodes(1);
@@ -1174,6 +1207,7 @@ int main(void)
     tcase_add_test(rd, redis_gcra_remaining_is_what_would_pass);
     tcase_add_test(rd, redis_gcra_rounds_no_unit_away_over_long_windows);
     tcase_add_test(rd, a_log_refund_through_redis_leaves_nothing_that_never_expires);
+    tcase_add_test(rd, the_log_and_its_sum_expire_at_the_same_instant);
     tcase_add_test(rd, a_busy_server_is_a_store_failure);
     tcase_add_test(rd, scripts_come_back_after_a_flush_and_a_restart);
     tcase_add_test(rd, each_failure_policy_does_what_it_says);

@@ -110,11 +110,13 @@ static const char LUA_WINDOW[] = LUA_HEAD
  * the entries that expired since the last call. */
 static const char LUA_LOG[] = LUA_HEAD
     /* both keys live a window past the last write: together, since the
-     * sum must never outlive the entries it counts, nor they it */
+     * sum must never outlive the entries it counts, nor they it; at one
+     * deadline, as two PEXPIREs each read the clock and a millisecond may
+     * tick between them */
     "local function keep()\n"
-    "  local ttl = string.format('%.0f', math.ceil(w / 1000) + 1)\n"
-    "  redis.call('PEXPIRE', KEYS[1], ttl)\n"
-    "  redis.call('PEXPIRE', KEYS[2], ttl)\n"
+    "  local at = string.format('%.0f', math.floor(now / 1000) + math.ceil(w / 1000) + 1)\n"
+    "  redis.call('PEXPIREAT', KEYS[1], at)\n"
+    "  redis.call('PEXPIREAT', KEYS[2], at)\n"
     "end\n"
     "local edge = string.format('%.0f', now - w)\n"
     "local old = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', edge)\n"
