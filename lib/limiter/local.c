@@ -277,15 +277,17 @@ static void evict_one(lstore *st, lshard *sh, uint64_t now)
 
 static lslot *insert(lstore *st, lshard *sh, uint64_t h, const void *key, size_t len, uint64_t now)
 {
+    char *out = NULL; /* first: no key is evicted for an insert that cannot be made */
+    if (len > sizeof ((lslot *)0)->k.in && !(out = keel__malloc(len)))
+        return NULL;
     if (sh->count >= sh->cap)
         evict_one(st, sh, now);
     else if (!sh->slots || (sh->count + 1) * 4 > ((size_t)sh->mask + 1) * 3) {
-        if (grow(sh) != 0)
+        if (grow(sh) != 0) {
+            keel__free(out);
             return NULL;
+        }
     }
-    char *out = NULL;
-    if (len > sizeof ((lslot *)0)->k.in && !(out = keel__malloc(len)))
-        return NULL;
     size_t pos;
     find(sh, h, key, len, &pos); /* the empty slot that ends its run */
     lslot *s = &sh->slots[pos];
