@@ -205,7 +205,8 @@ typedef struct keel_redis_node_stats {
     uint32_t fails;       /* failures in a row */
     uint64_t commands;    /* calls that reached a connection */
     uint64_t errors;      /* error replies */
-    uint64_t timeouts, unavailable;
+    uint64_t timeouts;    /* calls not answered within the command timeout */
+    uint64_t unavailable; /* calls that could not reach it (a connect timeout too) */
     uint64_t connects;    /* connections made */
 } keel_redis_node_stats;
 
