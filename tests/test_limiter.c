@@ -749,54 +749,70 @@ START_TEST(a_log_refund_through_redis_leaves_nothing_that_never_expires)
 }
 END_TEST
 
+/* A limiter on one Redis node, a connection of the test's own to it, and
+ * the names of key "k"'s log (or bucket) and sum. */
+typedef struct rfix {
+    keel_redis *redis;
+    keel_limiter *l;
+    redisContext *c;
+    char prefix[64], k1[96], k2[96];
+} rfix;
+
+static void rfix_open(rfix *f, const char *tag, keel_limiter_opts o)
+{
+    f->redis = redis_nodes(1);
+    snprintf(f->prefix, sizeof f->prefix, "kt:%s:%d:", tag, getpid());
+    snprintf(f->k1, sizeof f->k1, "%s{#k}", f->prefix);
+    snprintf(f->k2, sizeof f->k2, "%s{#k}:s", f->prefix);
+    char host[64];
+    int port;
+    kt_redis_node(0, host, sizeof host, &port);
+    f->c = redisConnect(host, port);
+    ck_assert(f->c && !f->c->err);
+    o.redis = f->redis;
+    o.prefix = f->prefix;
+    ck_assert_int_eq(keel_limiter_create(&f->l, &o), 0);
+}
+
+static void rfix_close(rfix *f)
+{
+    keel_limiter_destroy(f->l);
+    redisFree(f->c);
+    keel_redis_destroy(f->redis);
+}
+
 /* The log's sum must never outlive the entries it counts: one that did
  * would count units no entry holds, for as long as the client stays busy.
  * Two PEXPIREs each read the server's clock, and now and then a
  * millisecond ticks between them; both keys must share one deadline. */
 START_TEST(the_log_and_its_sum_expire_at_the_same_instant)
 {
-    keel_redis *redis = redis_nodes(1);
-    char prefix[64], k1[96], k2[96], host[64];
-    int port;
-    snprintf(prefix, sizeof prefix, "kt:ttl:%d:", getpid());
-    snprintf(k1, sizeof k1, "%s{#k}", prefix);
-    snprintf(k2, sizeof k2, "%s{#k}:s", prefix);
-    kt_redis_node(0, host, sizeof host, &port);
-    redisContext *c = redisConnect(host, port);
-    ck_assert(c && !c->err);
-    keel_limiter *l = remote(redis, KEEL_LIMIT_SLIDING_LOG, 1000000, 10 * S, prefix, KEEL_LIMIT_FAIL_CLOSED);
+    rfix f;
+    rfix_open(&f, "ttl", (keel_limiter_opts){.algo = KEEL_LIMIT_SLIDING_LOG, .limit = 1000000, .window_ns = 10 * S});
     keel_limit_result r;
     for (int i = 0; i < 10000; i++) {
-        ck_assert(take(l, "k", 1, &r));
+        ck_assert(take(f.l, "k", 1, &r));
         ck_assert_int_eq(r.source, KEEL_LIMIT_SRC_REDIS);
-        redisReply *a = redisCommand(c, "PEXPIRETIME %s", k1), *b = redisCommand(c, "PEXPIRETIME %s", k2);
+        redisReply *a = redisCommand(f.c, "PEXPIRETIME %s", f.k1), *b = redisCommand(f.c, "PEXPIRETIME %s", f.k2);
         ck_assert(a && b && a->type == REDIS_REPLY_INTEGER && b->type == REDIS_REPLY_INTEGER);
         ck_assert_msg(a->integer == b->integer, "take %d: the log expires at %lld, its sum at %lld", i,
                       a->integer, b->integer);
         freeReplyObject(a);
         freeReplyObject(b);
     }
-    keel_limiter_destroy(l);
-    redisFree(c);
-    keel_redis_destroy(redis);
+    rfix_close(&f);
 }
 END_TEST
 
 START_TEST(redis_gcra_keeps_sub_microsecond_intervals)
 {
-    keel_redis *redis = redis_nodes(1);
-    char prefix[64];
-    snprintf(prefix, sizeof prefix, "kt:fine:%d:", getpid());
-    keel_limiter *l;
-    keel_limiter_opts o = {.algo = KEEL_LIMIT_GCRA, .limit = 10000000, .window_ns = 1 * S,
-                           .burst = 10, .redis = redis, .prefix = prefix};
-    ck_assert_int_eq(keel_limiter_create(&l, &o), 0);
+    rfix f;
+    rfix_open(&f, "fine", (keel_limiter_opts){.algo = KEEL_LIMIT_GCRA, .limit = 10000000, .window_ns = 1 * S, .burst = 10});
     keel_limit_result r;
-    ck_assert(take(l, "fresh", 1, &r)); /* one unit is 0.1 us */
+    ck_assert(take(f.l, "fresh", 1, &r)); /* one unit is 0.1 us */
     ck_assert_int_eq(r.source, KEEL_LIMIT_SRC_REDIS);
     ck_assert_uint_eq(r.remaining, 9);
-    keel_limiter_destroy(l);
-    keel_redis_destroy(redis);
+    rfix_close(&f);
 }
 END_TEST
 
@@ -815,31 +831,19 @@ static uint64_t node0_time_us(redisContext *c)
  * doubles are 2^-16 us apart. A full bucket still passes its burst. */
 START_TEST(redis_gcra_stays_exact_for_a_key_busy_for_days)
 {
-    keel_redis *redis = redis_nodes(1);
-    char prefix[64], k1[96], host[64];
-    int port;
-    snprintf(prefix, sizeof prefix, "kt:days:%d:", getpid());
-    snprintf(k1, sizeof k1, "%s{#k}", prefix);
-    kt_redis_node(0, host, sizeof host, &port);
-    redisContext *c = redisConnect(host, port);
-    ck_assert(c && !c->err);
-    keel_limiter *l;
-    keel_limiter_opts o = {.algo = KEEL_LIMIT_GCRA, .limit = 3, .window_ns = 1 * S, .burst = 2,
-                           .redis = redis, .prefix = prefix};
-    ck_assert_int_eq(keel_limiter_create(&l, &o), 0);
+    rfix f;
+    rfix_open(&f, "days", (keel_limiter_opts){.algo = KEEL_LIMIT_GCRA, .limit = 3, .window_ns = 1 * S, .burst = 2});
     /* first used 10^11 us ago; its bucket has just filled up again */
-    uint64_t base = node0_time_us(c) - 100000000000ull;
-    freeReplyObject(redisCommand(c, "HSET %s b %llu t 100000000000", k1, (unsigned long long)base));
-    freeReplyObject(redisCommand(c, "PEXPIRE %s 10000", k1));
+    uint64_t base = node0_time_us(f.c) - 100000000000ull;
+    freeReplyObject(redisCommand(f.c, "HSET %s b %llu t 100000000000", f.k1, (unsigned long long)base));
+    freeReplyObject(redisCommand(f.c, "PEXPIRE %s 10000", f.k1));
     keel_limit_result r;
-    ck_assert_int_eq(keel_limiter_take(l, "k", 1, 2, &r), 0);
+    ck_assert_int_eq(keel_limiter_take(f.l, "k", 1, 2, &r), 0);
     ck_assert_int_eq(r.source, KEEL_LIMIT_SRC_REDIS);
     ck_assert_msg(r.allowed, "a full bucket refused its burst (retry after %llu ns)",
                   (unsigned long long)r.retry_after_ns);
     ck_assert_uint_eq(r.remaining, 0);
-    keel_limiter_destroy(l);
-    redisFree(c);
-    keel_redis_destroy(redis);
+    rfix_close(&f);
 }
 END_TEST
 
@@ -848,20 +852,14 @@ END_TEST
  * burst through. */
 START_TEST(redis_gcra_never_passes_a_cost_over_the_burst)
 {
-    keel_redis *redis = redis_nodes(1);
-    char prefix[64];
-    snprintf(prefix, sizeof prefix, "kt:over:%d:", getpid());
-    keel_limiter *l;
-    keel_limiter_opts o = {.algo = KEEL_LIMIT_GCRA, .limit = 4000000000u, .window_ns = 1 * MS,
-                           .redis = redis, .prefix = prefix};
-    ck_assert_int_eq(keel_limiter_create(&l, &o), 0);
+    rfix f;
+    rfix_open(&f, "over", (keel_limiter_opts){.algo = KEEL_LIMIT_GCRA, .limit = 4000000000u, .window_ns = 1 * MS});
     keel_limit_result r;
-    ck_assert_int_eq(keel_limiter_take(l, "k", 1, 4000000001u, &r), KEEL_ERANGE);
+    ck_assert_int_eq(keel_limiter_take(f.l, "k", 1, 4000000001u, &r), KEEL_ERANGE);
     ck_assert_int_eq(r.source, KEEL_LIMIT_SRC_REDIS);
     ck_assert(!r.allowed);
     ck_assert_uint_eq(r.retry_after_ns, UINT64_MAX);
-    keel_limiter_destroy(l);
-    keel_redis_destroy(redis);
+    rfix_close(&f);
 }
 END_TEST
 
@@ -870,30 +868,18 @@ END_TEST
  * remains is what a take would pass. */
 START_TEST(redis_gcra_remaining_is_what_would_pass)
 {
-    keel_redis *redis = redis_nodes(1);
-    char prefix[64], k1[96], host[64];
-    int port;
-    snprintf(prefix, sizeof prefix, "kt:rem:%d:", getpid());
-    snprintf(k1, sizeof k1, "%s{#k}", prefix);
-    kt_redis_node(0, host, sizeof host, &port);
-    redisContext *c = redisConnect(host, port);
-    ck_assert(c && !c->err);
-    keel_limiter *l;
-    keel_limiter_opts o = {.algo = KEEL_LIMIT_GCRA, .limit = 1, .window_ns = 1000000000000000000ull,
-                           .redis = redis, .prefix = prefix};
-    ck_assert_int_eq(keel_limiter_create(&l, &o), 0);
+    rfix f;
+    rfix_open(&f, "rem", (keel_limiter_opts){.algo = KEEL_LIMIT_GCRA, .limit = 1, .window_ns = 1000000000000000000ull});
     /* the bucket refills in half a second */
-    freeReplyObject(redisCommand(c, "HSET %s b %llu t 500000", k1, (unsigned long long)node0_time_us(c)));
-    freeReplyObject(redisCommand(c, "PEXPIRE %s 10000", k1));
+    freeReplyObject(redisCommand(f.c, "HSET %s b %llu t 500000", f.k1, (unsigned long long)node0_time_us(f.c)));
+    freeReplyObject(redisCommand(f.c, "PEXPIRE %s 10000", f.k1));
     keel_limit_result r;
-    ck_assert_int_eq(keel_limiter_peek(l, "k", 1, 1, &r), 0);
+    ck_assert_int_eq(keel_limiter_peek(f.l, "k", 1, 1, &r), 0);
     ck_assert_int_eq(r.source, KEEL_LIMIT_SRC_REDIS);
     ck_assert(!r.allowed);
     ck_assert_uint_gt(r.retry_after_ns, 0);
     ck_assert_msg(r.remaining == 0, "remaining %llu, but a take of 1 is refused", (unsigned long long)r.remaining);
-    keel_limiter_destroy(l);
-    redisFree(c);
-    keel_redis_destroy(redis);
+    rfix_close(&f);
 }
 END_TEST
 
@@ -902,19 +888,13 @@ END_TEST
  * 1e-6 us. A fresh key that takes 1 still holds 5 for the same instant. */
 START_TEST(redis_gcra_rounds_no_unit_away_over_long_windows)
 {
-    keel_redis *redis = redis_nodes(1);
-    char prefix[64];
-    snprintf(prefix, sizeof prefix, "kt:day:%d:", getpid());
-    keel_limiter *l;
-    keel_limiter_opts o = {.algo = KEEL_LIMIT_GCRA, .limit = 7, .window_ns = 86400 * S, .burst = 6,
-                           .redis = redis, .prefix = prefix};
-    ck_assert_int_eq(keel_limiter_create(&l, &o), 0);
+    rfix f;
+    rfix_open(&f, "day", (keel_limiter_opts){.algo = KEEL_LIMIT_GCRA, .limit = 7, .window_ns = 86400 * S, .burst = 6});
     keel_limit_result r;
-    ck_assert(take(l, "k", 1, &r));
+    ck_assert(take(f.l, "k", 1, &r));
     ck_assert_int_eq(r.source, KEEL_LIMIT_SRC_REDIS);
     ck_assert_uint_eq(r.remaining, 5);
-    keel_limiter_destroy(l);
-    keel_redis_destroy(redis);
+    rfix_close(&f);
 }
 END_TEST
 
