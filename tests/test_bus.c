@@ -1470,6 +1470,24 @@ static int on_hold(const keel_bus_msg *m, void *ud)
     return 0;
 }
 
+/* Consumer "same" of group "grp" fails the entry p publishes (on_hold's
+ * first call), so that it stays pending, and starts again under the same
+ * name: the consumer returned reads its pending list first. */
+static keel_bus *restart_with_one_pending(keel_redis *r, const char *prefix, keel_bus *p, holder *h)
+{
+    keel_bus *c = rbus(r, prefix, "grp", "same", 1, 3600 * S, NULL, NULL);
+    sub(c, "work.>", on_hold, h, KEEL_BUS_SYNC, NULL);
+    ck_assert_int_eq(keel_bus_start(c), 0);
+    ck_assert_int_eq(keel_bus_publish(p, "work.x", "x", 1, NULL, 0, NULL), 0);
+    ck_assert_int_eq(keel_bus_drain(c), 0);
+    ck_assert_int_eq(atomic_load(&h->calls), 1); /* failed: pending on "same" */
+    keel_bus_destroy(c);
+    c = rbus(r, prefix, "grp", "same", 1, 3600 * S, NULL, NULL);
+    sub(c, "work.>", on_hold, h, KEEL_BUS_SYNC, NULL);
+    ck_assert_int_eq(keel_bus_start(c), 0);
+    return c;
+}
+
 /* A reader busy with its pending entries after a (re)start has reached
  * Redis: drain waits for it rather than report it unreachable once an
  * unreachable reader's allowance (connect + command timeouts + block_ns,
@@ -1481,16 +1499,7 @@ START_TEST(drain_waits_for_a_reader_busy_with_its_pending_entries)
     keel_redis *r = kt_redis_open(1, 100 * MS);
     keel_bus *p = rbus(r, prefix, NULL, NULL, 1, 0, NULL, NULL);
     holder *h = calloc(1, sizeof *h);
-    keel_bus *c = rbus(r, prefix, "grp", "same", 1, 3600 * S, NULL, NULL);
-    sub(c, "work.>", on_hold, h, KEEL_BUS_SYNC, NULL);
-    ck_assert_int_eq(keel_bus_start(c), 0);
-    ck_assert_int_eq(keel_bus_publish(p, "work.x", "x", 1, NULL, 0, NULL), 0);
-    ck_assert_int_eq(keel_bus_drain(c), 0);
-    ck_assert_int_eq(atomic_load(&h->calls), 1); /* failed: pending on "same" */
-    keel_bus_destroy(c);
-    c = rbus(r, prefix, "grp", "same", 1, 3600 * S, NULL, NULL);
-    sub(c, "work.>", on_hold, h, KEEL_BUS_SYNC, NULL);
-    ck_assert_int_eq(keel_bus_start(c), 0);
+    keel_bus *c = restart_with_one_pending(r, prefix, p, h);
     while (!atomic_load(&h->entered)) /* its pending list gave the entry back */
         nap(MS);
     ck_assert_int_eq(keel_bus_drain(c), 0);
@@ -1721,16 +1730,7 @@ START_TEST(an_acl_refusing_xpending_does_not_stop_a_restarted_consumer)
     keel_bus *p = rbus(admin, prefix, NULL, NULL, 1, 0, NULL, NULL);
     holder *h = calloc(1, sizeof *h);
     atomic_store(&h->drained, 1); /* on_hold: fail the first call, pass the others */
-    keel_bus *c = rbus(r, prefix, "grp", "same", 1, 3600 * S, NULL, NULL);
-    sub(c, "work.>", on_hold, h, KEEL_BUS_SYNC, NULL);
-    ck_assert_int_eq(keel_bus_start(c), 0);
-    ck_assert_int_eq(keel_bus_publish(p, "work.x", "x", 1, NULL, 0, NULL), 0);
-    ck_assert_int_eq(keel_bus_drain(c), 0);
-    ck_assert_int_eq(atomic_load(&h->calls), 1); /* failed: pending on "same" */
-    keel_bus_destroy(c);
-    c = rbus(r, prefix, "grp", "same", 1, 3600 * S, NULL, NULL);
-    sub(c, "work.>", on_hold, h, KEEL_BUS_SYNC, NULL);
-    ck_assert_int_eq(keel_bus_start(c), 0);
+    keel_bus *c = restart_with_one_pending(r, prefix, p, h);
     ck_assert_int_eq(keel_bus_publish(p, "work.y", "y", 1, NULL, 0, NULL), 0);
     uint64_t deadline = keel_now_ns() + 5 * S;
     while (atomic_load(&h->calls) < 3 && keel_now_ns() < deadline)
