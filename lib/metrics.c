@@ -1088,32 +1088,32 @@ KEEL_API const char *keel_metrics_content_type(keel_metrics_format f)
                                          : "text/plain; version=0.0.4; charset=utf-8";
 }
 
+/* The exposition being built: one NUL-terminated buffer. */
 typedef struct sink {
-    keel_metrics_write_fn write;
-    void *ud;
-    char buf[8192];
-    size_t len;
-    int rc;
+    char *p;
+    size_t len, cap;
+    int rc; /* KEEL_ENOMEM once a growth failed */
 } sink;
-
-static void flush(sink *o)
-{
-    if (o->len && o->rc == 0)
-        o->rc = o->write(o->buf, o->len, o->ud);
-    o->len = 0;
-}
 
 static void put(sink *o, const char *s, size_t n)
 {
-    while (n && o->rc == 0) {
-        size_t k = sizeof o->buf - o->len < n ? sizeof o->buf - o->len : n;
-        memcpy(o->buf + o->len, s, k);
-        o->len += k;
-        s += k;
-        n -= k;
-        if (o->len == sizeof o->buf)
-            flush(o);
+    if (o->rc)
+        return;
+    if (o->len + n + 1 > o->cap) {
+        size_t cap = o->cap ? o->cap : 16384;
+        while (cap < o->len + n + 1)
+            cap *= 2;
+        char *p = keel__realloc(o->p, cap);
+        if (!p) {
+            o->rc = KEEL_ENOMEM;
+            return;
+        }
+        o->p = p;
+        o->cap = cap;
     }
+    memcpy(o->p + o->len, s, n);
+    o->len += n;
+    o->p[o->len] = '\0';
 }
 
 static void puts_(sink *o, const char *s) { put(o, s, strlen(s)); }
@@ -1280,44 +1280,13 @@ static void render_family(sink *o, keel_metrics *m, const family *f, child **cs,
     }
 }
 
-typedef struct membuf {
-    char *p;
-    size_t len, cap;
-} membuf;
-
-static int to_mem(const char *buf, size_t len, void *ud)
-{
-    membuf *b = ud;
-    if (b->len + len + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 16384;
-        while (cap < b->len + len + 1)
-            cap *= 2;
-        char *n = keel__realloc(b->p, cap);
-        if (!n)
-            return KEEL_ENOMEM;
-        b->p = n;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->len, buf, len);
-    b->len += len;
-    b->p[b->len] = '\0';
-    return 0;
-}
-
-/* The whole exposition into b (NUL-terminated, "" for an empty registry),
+/* The whole exposition into o (NUL-terminated, "" for an empty registry),
  * under the registry's lock, which is held no longer than the rendering:
  * the caller's writer, however slow, runs after. */
-static int render_mem(keel_metrics *m, keel_metrics_format fmt, membuf *b)
+static int render_mem(keel_metrics *m, keel_metrics_format fmt, sink *o)
 {
     if (!m || (unsigned)fmt > KEEL_METRICS_OPENMETRICS)
         return KEEL_EINVAL;
-    sink *o = keel__malloc(sizeof *o);
-    if (!o)
-        return KEEL_ENOMEM;
-    o->write = to_mem;
-    o->ud = b;
-    o->len = 0;
-    o->rc = 0;
     pthread_mutex_lock(&m->mu);
     family **fams;
     child ***kids;
@@ -1326,16 +1295,13 @@ static int render_mem(keel_metrics *m, keel_metrics_format fmt, membuf *b)
         render_family(o, m, fams[k], kids[k], fmt == KEEL_METRICS_OPENMETRICS);
     sorted_free(m, fams, kids);
     pthread_mutex_unlock(&m->mu);
-    if (rc == 0 && fmt == KEEL_METRICS_OPENMETRICS)
+    if (fmt == KEEL_METRICS_OPENMETRICS)
         puts_(o, "# EOF\n");
-    flush(o);
+    put(o, "", 0); /* an empty registry renders "" */
     rc = rc ? rc : o->rc;
-    keel__free(o);
-    if (rc == 0 && !b->p)
-        rc = to_mem("", 0, b); /* an empty registry renders "" */
     if (rc) {
-        keel__free(b->p);
-        b->p = NULL;
+        keel__free(o->p);
+        o->p = NULL;
     }
     return rc;
 }
@@ -1345,7 +1311,7 @@ KEEL_API int keel_metrics_render(keel_metrics *m, keel_metrics_format fmt, keel_
 {
     if (!write)
         return KEEL_EINVAL;
-    membuf b = {NULL, 0, 0};
+    sink b = {0};
     int rc = render_mem(m, fmt, &b);
     for (size_t at = 0; rc == 0 && at < b.len; at += 16384) /* pieces a socket takes well */
         rc = write(b.p + at, b.len - at < 16384 ? b.len - at : 16384, ud);
@@ -1357,7 +1323,7 @@ KEEL_API int keel_metrics_render_buf(keel_metrics *m, keel_metrics_format f, cha
 {
     if (!out_)
         return KEEL_EINVAL;
-    membuf b = {NULL, 0, 0};
+    sink b = {0};
     int rc = render_mem(m, f, &b);
     if (rc)
         return rc;
