@@ -607,6 +607,16 @@ static int run_batch(redisContext *c, void *arg)
     return rc;
 }
 
+/* Every command gets rc and no reply: a pipeline refused, or not yet sent. */
+static int set_all(keel_redis_cmd *cmds, size_t n, int rc)
+{
+    for (size_t i = 0; i < n; i++) {
+        cmds[i].reply = NULL;
+        cmds[i].rc = rc;
+    }
+    return rc;
+}
+
 KEEL_API int keel_redis_pipeline(keel_redis *r, keel_redis_cmd *cmds, size_t n)
 {
     if (!cmds && n)
@@ -614,23 +624,14 @@ KEEL_API int keel_redis_pipeline(keel_redis *r, keel_redis_cmd *cmds, size_t n)
     bool bad = !r;
     for (size_t i = 0; i < n && !bad; i++)
         bad = !args_ok(cmds[i].argc, cmds[i].argv, cmds[i].argvlen) || (!cmds[i].key && cmds[i].keylen);
-    if (bad) { /* nothing sent: every command says so */
-        for (size_t i = 0; i < n; i++) {
-            cmds[i].reply = NULL;
-            cmds[i].rc = KEEL_EINVAL;
-        }
-        return KEEL_EINVAL;
-    }
+    if (bad)
+        return set_all(cmds, n, KEEL_EINVAL);
     size_t *node_of = keel__malloc((n ? n : 1) * sizeof *node_of);
     unsigned char *used = keel__calloc(r->nnodes, sizeof *used); /* USED, IN_MULTI */
-    if (!node_of || !used) { /* nothing sent: every command says so */
+    if (!node_of || !used) {
         keel__free(node_of);
         keel__free(used);
-        for (size_t i = 0; i < n; i++) {
-            cmds[i].reply = NULL;
-            cmds[i].rc = KEEL_ENOMEM;
-        }
-        return KEEL_ENOMEM;
+        return set_all(cmds, n, KEEL_ENOMEM);
     }
     enum { USED = 1, IN_MULTI = 2 };
     for (size_t i = 0; i < n; i++) {
@@ -645,15 +646,12 @@ KEEL_API int keel_redis_pipeline(keel_redis *r, keel_redis_cmd *cmds, size_t n)
     }
     for (size_t node = 0; node < r->nnodes; node++)
         bad = bad || (used[node] & IN_MULTI); /* a transaction left open on a pooled connection */
-    for (size_t i = 0; i < n; i++) {
-        cmds[i].reply = NULL;
-        cmds[i].rc = bad ? KEEL_EINVAL : KEEL_EUNAVAIL; /* until a reply says otherwise */
-    }
-    if (bad) { /* nothing sent */
+    if (bad) {
         keel__free(node_of);
         keel__free(used);
-        return KEEL_EINVAL;
+        return set_all(cmds, n, KEEL_EINVAL);
     }
+    set_all(cmds, n, KEEL_EUNAVAIL); /* until a reply says otherwise */
     for (size_t node = 0; node < r->nnodes; node++) {
         if (!used[node])
             continue;
