@@ -919,15 +919,25 @@ static void capture_connect(keel_log_level level, const char *module, const char
         snprintf(connect_log, sizeof connect_log, "%s", msg);
 }
 
-START_TEST(a_connect_refused_for_the_connection_limit_leaves_the_host_up)
+/* A keel_pg on the primary as a role with room for two connections: the
+ * check's and one; *admin, when given, is a connection as the usual user. */
+static keel_pg *open_limited(PGconn **admin)
 {
     PGconn *d = kt_pg_connect(kt_env("KEEL_TEST_PG"));
     kt_pg_exec(d, "SET client_min_messages = warning; DROP ROLE IF EXISTS kt_limited");
-    kt_pg_exec(d, "CREATE ROLE kt_limited LOGIN CONNECTION LIMIT 2"); /* the check's and one */
-    PQfinish(d);
+    kt_pg_exec(d, "CREATE ROLE kt_limited LOGIN CONNECTION LIMIT 2");
+    if (admin)
+        *admin = d;
+    else
+        PQfinish(d);
     char conninfo[256];
     snprintf(conninfo, sizeof conninfo, "%s user=kt_limited", kt_env("KEEL_TEST_PG"));
-    keel_pg *pg = open_pg(conninfo, NULL, 10 * KT_S);
+    return open_pg(conninfo, NULL, 10 * KT_S);
+}
+
+START_TEST(a_connect_refused_for_the_connection_limit_leaves_the_host_up)
+{
+    keel_pg *pg = open_limited(NULL);
     keel_pg_conn *c, *c2;
     ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &c), 0);
     keel_set_log(capture_connect, KEEL_LOG_WARN, NULL);
@@ -939,6 +949,35 @@ START_TEST(a_connect_refused_for_the_connection_limit_leaves_the_host_up)
     ck_assert_str_eq(v, "1");
     /* the log says why, on one line */
     ck_assert_msg(strstr(connect_log, "53300") && !strchr(connect_log, '\n'), "logged: %s", connect_log);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
+/* So is the health check's own connect: a host whose check connection was
+ * lost, and whose connection limit is taken by the pool, stays what it was
+ * (a primary here) instead of going down. */
+START_TEST(a_check_refused_for_the_connection_limit_leaves_the_host_as_it_was)
+{
+    PGconn *d;
+    keel_pg *pg = open_limited(&d);
+    keel_pg_conn *c, *c2;
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &c), 0);
+    char sql[200]; /* every kt_limited session but c's: the check's (waiting until it is gone) */
+    snprintf(sql, sizeof sql,
+             "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE usename = 'kt_limited' AND pid <> %d",
+             PQbackendPID(keel_pg_conn_raw(c)));
+    kt_pg_exec(d, sql);
+    PQfinish(d);
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &c2), 0); /* the place the check had */
+    keel_pg_check(pg);
+    keel_pg_host_stats st;
+    keel_pg_host_stats_get(pg, 0, &st);
+    ck_assert_int_eq(st.role, KEEL_PG_ROLE_PRIMARY);
+    keel_pg_release(c2);
+    keel_pg_release(c);
+    char v[8];
+    value(pg, KEEL_PG_WRITE, "SELECT 1", v, sizeof v);
+    ck_assert_str_eq(v, "1");
     keel_pg_destroy(pg);
 }
 END_TEST
@@ -1067,6 +1106,7 @@ int main(void)
     tcase_add_test(tc, a_batch_on_a_busy_connection_is_refused);
     tcase_add_test(tc, statements_are_prepared_again_when_the_server_forgets);
     tcase_add_test(tc, a_connect_refused_for_the_connection_limit_leaves_the_host_up);
+    tcase_add_test(tc, a_check_refused_for_the_connection_limit_leaves_the_host_as_it_was);
     tcase_add_test(tc, release_rolls_back_and_drops_what_it_cannot_reuse);
     tcase_add_test(tc, freed_statements_are_deallocated_where_they_were_prepared);
     tcase_add_test(tc, timeouts_client_and_server);

@@ -26,8 +26,8 @@
  * calls keel_pg_check() (manual_health). A connect that fails marks its
  * host down until a check finds it up (or for one interval), except one
  * refused for the server's connection limit (SQLSTATE 53300), which fails
- * only its own call; a
- * connection lost in use retires the host's older connections and wakes
+ * only its own call (a check refused so leaves a host it had seen up as it
+ * was, at its last position); a connection lost in use retires the host's older connections and wakes
  * the health thread, but one killed backend does not make the host down.
  * An idle pooled connection whose session the server has already closed
  * is dropped when taken (a poll of its socket), so a call made after a

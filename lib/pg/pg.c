@@ -272,6 +272,7 @@ int keel__pg_conn_get(pghost *h, uint64_t timeout, keel_pg_conn **out)
 
 typedef struct probe {
     bool ok, recovery;
+    bool busy; /* not ok: the server refused a connection for its limit */
     uint64_t lsn;
     uint32_t timeline;
 } probe;
@@ -290,8 +291,11 @@ static void probe_host(pghost *h, probe *out)
      * check asks once more on a new one. */
     for (int attempt = 0; attempt < 2 && !out->ok; attempt++) {
         bool kept = h->hconn != NULL;
-        if (!h->hconn && connect_host(h, &h->hconn) != 0)
+        int crc = h->hconn ? 0 : connect_host(h, &h->hconn);
+        if (crc) {
+            out->busy = crc == KEEL_EBUSY;
             break;
+        }
         keel_pg_conn tmp = {.conn = h->hconn, .h = h};
         PGresult *r;
         int rc = keel__pg_run(&tmp, HEALTH_SQL, NULL, pg->connect_timeout, &r);
@@ -372,6 +376,15 @@ static int check_round(keel_pg *pg)
     uint64_t now = keel__clock_now(&pg->clock);
 
     pthread_mutex_lock(&pg->mu);
+    /* A host that refused the check's connection for its connection limit
+     * is up, serving others (the pool, often): it stays what it was, at the
+     * position it was last seen at. */
+    for (size_t i = 0; i < pg->nhosts; i++) {
+        const pghost *h = &pg->hosts[i];
+        if (pr[i].busy && h->role != KEEL_PG_ROLE_UNKNOWN && h->role != KEEL_PG_ROLE_DOWN)
+            pr[i] = (probe){.ok = true, .recovery = h->role == KEEL_PG_ROLE_REPLICA, .lsn = h->lsn,
+                            .timeline = h->timeline};
+    }
     /* not in recovery, newest timeline, first given; never on a timeline
      * older than one a write host was seen on: that is an old primary */
     size_t best = PG_NONE;
