@@ -90,7 +90,9 @@ typedef struct keel_pg_opts {
     size_t nreplicas;
     size_t conns_per_host;            /* 0 = 8 */
     uint64_t connect_timeout_ns;      /* 0 = 5 s (any value, unlike libpq's 2 s floor) */
-    uint64_t acquire_timeout_ns;      /* wait for a free connection; 0 = 5 s */
+    uint64_t acquire_timeout_ns;      /* wait for a free connection; 0 = 5 s
+                                       * (a READ: on each usable replica in
+                                       * turn, then on the write host) */
     uint64_t query_timeout_ns;        /* wait for an answer; 0 = no limit (the
                                        * server then stops what we dropped:
                                        * client_connection_check_interval) */
