@@ -761,6 +761,32 @@ START_TEST(a_handler_may_unsubscribe_its_own_listener)
 }
 END_TEST
 
+/* Only the server's own NOSCRIPT means the script is not loaded: a script
+ * that itself fails with an error starting so ran, and runs once. */
+START_TEST(a_script_failing_with_its_own_noscript_error_runs_once)
+{
+    keel_redis *r = connect_nodes(1, NULL);
+    const char *lua = "redis.call('INCR', KEYS[1]) return redis.error_reply('NOSCRIPT mine')";
+    keel_redis_script *s;
+    ck_assert_int_eq(keel_redis_script_create(r, lua, strlen(lua), &s), 0);
+    const void *key[1] = {"kt:noscript"};
+    size_t kl[1] = {11};
+    redisReply *rep;
+    ck_assert_int_eq(cmd(r, "kt:noscript", &rep, 2, "DEL", "kt:noscript"), 0);
+    freeReplyObject(rep);
+    for (int i = 0; i < 2; i++) { /* the first call may load it */
+        ck_assert_int_eq(keel_redis_eval(r, s, 1, key, kl, 0, NULL, NULL, NULL, 0, &rep), KEEL_EBACKEND);
+        ck_assert_str_eq(rep->str, "NOSCRIPT mine");
+        freeReplyObject(rep);
+    }
+    ck_assert_int_eq(cmd(r, "kt:noscript", &rep, 2, "GET", "kt:noscript"), 0);
+    ck_assert_str_eq(rep->str, "2");
+    freeReplyObject(rep);
+    keel_redis_script_free(s);
+    keel_redis_destroy(r);
+}
+END_TEST
+
 START_TEST(a_script_flushed_between_load_and_retry_still_runs)
 {
     keel_redis *r = connect_nodes(1, NULL);
@@ -1032,6 +1058,7 @@ int main(void)
     tcase_add_test(tc, a_message_among_the_confirmations_is_delivered);
     tcase_add_test(tc, a_handler_may_unsubscribe_its_own_listener);
     tcase_add_test(tc, a_script_flushed_between_load_and_retry_still_runs);
+    tcase_add_test(tc, a_script_failing_with_its_own_noscript_error_runs_once);
     tcase_add_test(tc, the_write_guard_swallows_our_sigpipe_and_keeps_the_programs);
     tcase_add_test(tc, a_restarted_server_is_survived);
     suite_add_tcase(s, tc);

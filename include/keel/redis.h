@@ -149,7 +149,8 @@ KEEL_API const char *keel_redis_script_sha(const keel_redis_script *s);
  * NULL, with length 0, for the first node). A server that lost the script
  * (NOSCRIPT: a restart, SCRIPT FLUSH) gets the call once more as EVAL with
  * the script's text, which caches it again and cannot answer NOSCRIPT:
- * callers never see it. Returns as keel_redis_command(). */
+ * callers never see it (an error the script raises itself is its answer,
+ * whatever its text). Returns as keel_redis_command(). */
 KEEL_API int keel_redis_eval(keel_redis *r, keel_redis_script *s, size_t nkeys,
                              const void *const *keys, const size_t *keylens, size_t nargs,
                              const char *const *args, const size_t *arglens, const void *route,

@@ -716,11 +716,15 @@ typedef struct evalcall {
     redisReply *reply;
 } evalcall;
 
+/* The server's own answer to an unknown script: a script may fail with an
+ * error of its own that starts "NOSCRIPT", and it ran then. */
+#define NOSCRIPT "NOSCRIPT No matching script"
+
 static int run_eval(redisContext *c, void *arg)
 {
     evalcall *e = arg;
     e->reply = redisCommandArgv(c, e->argc, e->argv, e->argvlen);
-    if (e->reply && e->reply->type == REDIS_REPLY_ERROR && strncmp(e->reply->str, "NOSCRIPT", 8) == 0) {
+    if (e->reply && e->reply->type == REDIS_REPLY_ERROR && strncmp(e->reply->str, NOSCRIPT, strlen(NOSCRIPT)) == 0) {
         /* the server forgot it (restart, SCRIPT FLUSH): once more with
          * EVAL and the body, which caches it again for later EVALSHAs and
          * cannot answer NOSCRIPT */
