@@ -233,6 +233,61 @@ START_TEST(set_and_del_go_through_every_tier)
 }
 END_TEST
 
+/* A sweep and a set of the same expired key at once: the sweep saw the
+ * row expired, the set makes it live again and commits while the sweep
+ * waits for its lock. The sweep deletes only what is still expired. */
+typedef struct sweeper_job {
+    keel_cache *c;
+    int rc;
+    size_t deleted;
+    atomic_bool done;
+} sweeper_job;
+
+static void *sweep_thread(void *arg)
+{
+    sweeper_job *j = arg;
+    j->rc = keel_cache_sweep(j->c, 10, &j->deleted);
+    atomic_store(&j->done, true);
+    return NULL;
+}
+
+START_TEST(a_sweep_spares_a_row_set_again_meanwhile)
+{
+    rig r;
+    rig_open(&r, false, true, 0, 0);
+    ck_assert_int_eq(keel_cache_set(r.c, "again", 5, "old", 3, 1 * MS, NULL, 0), 0);
+    kt_nap(20 * MS); /* the server's clock: the row expires */
+    PGconn *held = kt_pg_connect(kt_env("KEEL_TEST_PG")); /* a set of the key, not yet committed */
+    kt_pg_exec(held, "BEGIN");
+    char sql[300];
+    snprintf(sql, sizeof sql,
+             "UPDATE \"%s\" SET value = 'new'::bytea, expires_at = now() + interval '1 hour' WHERE key = 'again'::bytea",
+             r.table);
+    kt_pg_exec(held, sql);
+    sweeper_job j = {r.c, 99, 99, false};
+    pthread_t t;
+    pthread_create(&t, NULL, sweep_thread, &j);
+    PGconn *look = kt_pg_connect(kt_env("KEEL_TEST_PG"));
+    long long waiting = 0; /* real time: until the sweep waits for the row's lock */
+    for (int i = 0; i < 500 && !waiting; i++) {
+        waiting = kt_pg_number(look, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                     "AND query LIKE 'DELETE%'");
+        if (!waiting)
+            kt_nap(10 * MS);
+    }
+    ck_assert_int_eq(waiting, 1);
+    ck_assert(!atomic_load(&j.done));
+    kt_pg_exec(held, "COMMIT");
+    pthread_join(t, NULL);
+    ck_assert_int_eq(j.rc, 0);
+    ck_assert_uint_eq(j.deleted, 0);
+    ck_assert(in_l3(&r, "again", 5));
+    PQfinish(look);
+    PQfinish(held);
+    rig_close(&r);
+}
+END_TEST
+
 /* MGETs a Redis node has run so far (INFO commandstats), asked through a
  * connection of the test's own. */
 static long long mgets_on(int node)
@@ -1101,6 +1156,7 @@ int main(void)
     tcase_set_timeout(sv, 120);
     tcase_add_test(sv, a_miss_fills_every_tier_and_l1_ttl_is_capped);
     tcase_add_test(sv, set_and_del_go_through_every_tier);
+    tcase_add_test(sv, a_sweep_spares_a_row_set_again_meanwhile);
     tcase_add_test(sv, a_multi_get_asks_each_node_once);
     tcase_add_test(sv, only_an_invalidation_of_the_key_keeps_a_load_from_the_lower_tiers);
     tcase_add_test(sv, a_lease_makes_one_process_load);

@@ -1373,8 +1373,11 @@ static int prepare(keel_cache *c)
         {&c->st_del, "DELETE FROM \"%s\" WHERE key = $1"},
         {&c->st_del_tag, "DELETE FROM \"%s\" WHERE tags @> ARRAY[$1::text]"},
         {&c->st_del_prefix, "DELETE FROM \"%s\" WHERE key LIKE $1"},
+        /* expired again at the delete: a row set anew while the sweep
+         * waited for its lock is checked as it is now, not as the
+         * subquery saw it */
         {&c->st_sweep, "DELETE FROM \"%1$s\" WHERE key IN (SELECT key FROM \"%1$s\" WHERE expires_at <= now() "
-                       "LIMIT $1::bigint)"},
+                       "LIMIT $1::bigint) AND expires_at <= now()"},
     };
     for (size_t i = 0; i < sizeof s / sizeof s[0]; i++) {
         snprintf(sql, sizeof sql, s[i].fmt, t);
