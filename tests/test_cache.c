@@ -568,6 +568,35 @@ START_TEST(xfetch_leaves_an_entry_capped_by_l1_max_ttl_to_l2)
 }
 END_TEST
 
+/* An early refresh asks the loader, not L3, which holds the same value
+ * as near its expiry as L1's entry is. */
+START_TEST(xfetch_refreshes_from_the_loader_over_l3)
+{
+    rig r;
+    memset(&r, 0, sizeof r);
+    snprintf(r.table, sizeof r.table, "%s", uniq("xf"));
+    r.pg = open_pg();
+    r.ls.take_ns = 100 * MS; /* each load "takes" 100 ms on the fake clock */
+    keel_cache_opts o = {.pg = r.pg, .table = r.table, .loader = load, .loader_ud = &r.ls, .xfetch_beta = 1,
+                         .clock = kt_clock_now, .clock_ud = &clk};
+    ck_assert_int_eq(keel_cache_create(&r.c, &o), 0);
+    ck_assert_int_eq(keel_cache_create_schema(r.c), 0);
+    char v[64];
+    ck_assert_int_eq(get(r.c, "x", v, sizeof v), 0); /* loaded: 60 s in L1 and L3 */
+    ck_assert(in_l3(&r, "x", 1));
+    kt_clock_advance(&clk, 59990 * MS); /* 10 ms left in L1: nearly every get would refresh */
+    for (int i = 0; i < 20 && atomic_load(&r.ls.calls) == 1; i++) {
+        ck_assert_int_eq(get(r.c, "x", v, sizeof v), 0);
+        ck_assert_str_eq(v, "loaded:x");
+    }
+    ck_assert_int_eq(atomic_load(&r.ls.calls), 2);
+    keel_cache_stats st;
+    keel_cache_stats_get(r.c, &st);
+    ck_assert_uint_eq(st.hits_l3, 0);
+    rig_close(&r);
+}
+END_TEST
+
 /* Two caches (two processes, in effect: each has its own single-flight)
  * with a lease: one loads, the other waits for its value in L2. */
 typedef struct lease_getter {
@@ -1161,6 +1190,7 @@ int main(void)
     tcase_add_test(sv, only_an_invalidation_of_the_key_keeps_a_load_from_the_lower_tiers);
     tcase_add_test(sv, a_lease_makes_one_process_load);
     tcase_add_test(sv, xfetch_leaves_an_entry_capped_by_l1_max_ttl_to_l2);
+    tcase_add_test(sv, xfetch_refreshes_from_the_loader_over_l3);
     tcase_add_test(sv, another_process_invalidates_this_l1);
     tcase_add_test(sv, a_dropped_link_flushes_l1);
     tcase_add_test(sv, a_tag_goes_from_every_tier);

@@ -716,10 +716,12 @@ static bool l3_tags(const char *tt, decoded *d)
     return true;
 }
 
-/* The lower tiers (L2 unless the caller just asked it), then the loader,
- * for the flight f the caller leads; *out (malloc'd) is the value. */
-static int fill(keel_cache *c, flight *f, const void *key, size_t klen, uint64_t h, bool try_l2, void **out,
-                size_t *outlen)
+/* The lower tiers (L2 unless the caller just asked it, L3 unless it
+ * refreshes early: both hold the value as near its expiry as L1 did),
+ * then the loader, for the flight f the caller leads; *out (malloc'd) is
+ * the value. */
+static int fill(keel_cache *c, flight *f, const void *key, size_t klen, uint64_t h, bool try_l2, bool try_l3,
+                void **out, size_t *outlen)
 {
     uint64_t seen = atomic_load(&c->epoch);
     redisReply *r = NULL;
@@ -734,7 +736,7 @@ static int fill(keel_cache *c, flight *f, const void *key, size_t klen, uint64_t
         if (rc == KEEL_ENOMEM) /* not a miss: L2 may hold a value the loader does not */
             return rc;
     }
-    if (c->o.pg && tier_up(c, L3)) {
+    if (try_l3 && c->o.pg && tier_up(c, L3)) {
         PGresult *res = NULL;
         rc = tier_done(c, L3, l3_get(c, key, klen, &res));
         if (rc == KEEL_ENOMEM)
@@ -914,7 +916,7 @@ static int miss(keel_cache *c, const void *key, size_t klen, uint64_t h, bool tr
     }
     void *val = NULL;
     size_t vlen = 0;
-    rc = fill(c, f, key, klen, h, try_l2, &val, &vlen);
+    rc = fill(c, f, key, klen, h, try_l2, !stale_ok, &val, &vlen);
     sf_finish(c, f, rc, val, vlen);
     sf_leave(c, f);
     if (rc == 0)
