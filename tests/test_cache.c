@@ -514,6 +514,39 @@ START_TEST(an_absent_answer_is_cached_for_negative_ttl)
 }
 END_TEST
 
+/* A key given twice to one multi-get is loaded once: the second finds
+ * what the first put into L1, a value or an absence. */
+START_TEST(a_multi_get_loads_a_key_given_twice_once)
+{
+    rig r;
+    memset(&r, 0, sizeof r);
+    keel_cache_opts o = {.loader = load, .loader_ud = &r.ls, .clock = kt_clock_now, .clock_ud = &clk};
+    ck_assert_int_eq(keel_cache_create(&r.c, &o), 0);
+    char bufs[3][64];
+    keel_cache_item it[3] = {{"dup", 3, bufs[0], sizeof bufs[0], 0, 99},
+                             {"one", 3, bufs[1], sizeof bufs[1], 0, 99},
+                             {"dup", 3, bufs[2], sizeof bufs[2], 0, 99}};
+    ck_assert_int_eq(keel_cache_get_many(r.c, it, 3), 0);
+    for (int i = 0; i < 3; i += 2) {
+        ck_assert_int_eq(it[i].rc, 0);
+        ck_assert_uint_eq(it[i].len, strlen("loaded:dup"));
+        ck_assert_int_eq(memcmp(bufs[i], "loaded:dup", it[i].len), 0);
+    }
+    ck_assert_int_eq(atomic_load(&r.ls.calls), 2);
+    r.ls.absent = 1;
+    keel_cache_item gone[2] = {{"gone", 4, bufs[0], sizeof bufs[0], 0, 99},
+                               {"gone", 4, bufs[1], sizeof bufs[1], 0, 99}};
+    ck_assert_int_eq(keel_cache_get_many(r.c, gone, 2), KEEL_ENOTFOUND);
+    ck_assert_int_eq(gone[0].rc, KEEL_ENOTFOUND);
+    ck_assert_int_eq(gone[1].rc, KEEL_ENOTFOUND);
+    ck_assert_int_eq(atomic_load(&r.ls.calls), 3);
+    keel_cache_stats st;
+    keel_cache_stats_get(r.c, &st);
+    ck_assert_uint_eq(st.loads, 3);
+    keel_cache_destroy(r.c);
+}
+END_TEST
+
 START_TEST(xfetch_refreshes_early_near_expiry_only)
 {
     rig r;
@@ -1175,6 +1208,7 @@ int main(void)
     tcase_add_test(tc, eight_threads_missing_one_key_load_it_once);
     tcase_add_test(tc, only_an_invalidation_of_the_key_splits_its_flight);
     tcase_add_test(tc, an_absent_answer_is_cached_for_negative_ttl);
+    tcase_add_test(tc, a_multi_get_loads_a_key_given_twice_once);
     tcase_add_test(tc, xfetch_refreshes_early_near_expiry_only);
     tcase_add_test(tc, the_hot_set_survives_a_scan);
     tcase_add_test(tc, readers_go_on_while_the_table_grows);

@@ -991,6 +991,17 @@ static int l2_get_many(keel_cache *c, keel_cache_item *it, size_t n)
     return failed;
 }
 
+/* An item from L1: its rc, and *negative for a cached absence. */
+static int l1_item(keel_cache *c, keel_cache_item *x, bool *negative)
+{
+    l1_hit hit;
+    x->rc = keel__l1_get(c->l1, x->key, x->klen, key_hash(x->key, x->klen), x->buf, x->cap, &x->len, &hit);
+    *negative = (x->rc == 0 || x->rc == KEEL_ERANGE) && hit.negative;
+    if (*negative)
+        x->rc = KEEL_ENOTFOUND;
+    return x->rc;
+}
+
 KEEL_API int keel_cache_get_many(keel_cache *c, keel_cache_item *items, size_t n)
 {
     if (!c || (n && !items))
@@ -1003,11 +1014,10 @@ KEEL_API int keel_cache_get_many(keel_cache *c, keel_cache_item *items, size_t n
             x->len = 0;
             continue;
         }
-        l1_hit hit;
-        x->rc = keel__l1_get(c->l1, x->key, x->klen, key_hash(x->key, x->klen), x->buf, x->cap, &x->len, &hit);
-        if ((x->rc == 0 || x->rc == KEEL_ERANGE) && hit.negative) {
+        bool negative;
+        x->rc = l1_item(c, x, &negative);
+        if (negative) {
             keel__stripe_add(&my_stripe(c)->negative_hits, 1);
-            x->rc = KEEL_ENOTFOUND;
         } else if (x->rc == 0 || x->rc == KEEL_ERANGE) {
             keel__stripe_add(&my_stripe(c)->hits_l1, 1);
         } else {
@@ -1022,7 +1032,8 @@ KEEL_API int keel_cache_get_many(keel_cache *c, keel_cache_item *items, size_t n
     int first = 0;
     for (size_t i = 0; i < n; i++) {
         keel_cache_item *x = &items[i];
-        if (x->len == SIZE_MAX) /* L3 and the loader, one at a time */
+        bool negative; /* L1 again: a key given twice was found or loaded for the first */
+        if (x->len == SIZE_MAX && l1_item(c, x, &negative) == KEEL_ENOTFOUND && !negative)
             x->rc = miss(c, x->key, x->klen, key_hash(x->key, x->klen), l2 != 0, false, x->buf, x->cap, &x->len);
         if (x->rc != 0 && x->len == SIZE_MAX)
             x->len = 0;
