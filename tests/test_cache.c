@@ -561,9 +561,14 @@ START_TEST(xfetch_refreshes_early_near_expiry_only)
         ck_assert_int_eq(get(r.c, "x", v, sizeof v), 0);
     ck_assert_int_eq(atomic_load(&r.ls.calls), 1);
     kt_clock_advance(&clk, 9990 * MS); /* 10 ms left: nearly every get would refresh */
-    for (int i = 0; i < 20 && atomic_load(&r.ls.calls) == 1; i++)
+    int gets = 51;
+    for (int i = 0; i < 20 && atomic_load(&r.ls.calls) == 1; i++, gets++)
         ck_assert_int_eq(get(r.c, "x", v, sizeof v), 0);
     ck_assert_int_eq(atomic_load(&r.ls.calls), 2);
+    keel_cache_stats st; /* the get that refreshed found its value in L1 too: a hit */
+    keel_cache_stats_get(r.c, &st);
+    ck_assert_uint_eq(st.misses, 1);
+    ck_assert_uint_eq(st.hits_l1, (uint64_t)gets - 1);
     keel_cache_destroy(r.c);
 }
 END_TEST

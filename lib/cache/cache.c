@@ -881,10 +881,9 @@ KEEL_API int keel_cache_get(keel_cache *c, const void *key, size_t klen, void *b
             keel__stripe_add(&my_stripe(c)->negative_hits, 1);
             return KEEL_ENOTFOUND;
         }
-        if (rc != 0 || !refresh_early(c, &hit)) {
-            keel__stripe_add(&my_stripe(c)->hits_l1, 1);
+        keel__stripe_add(&my_stripe(c)->hits_l1, 1); /* a refresh too: the value is in buf */
+        if (rc != 0 || !refresh_early(c, &hit))
             return rc;
-        }
         stale_ok = true; /* refreshing early: the value in buf stands if that fails */
     } else {
         keel__stripe_add(&my_stripe(c)->misses, 1);
