@@ -229,6 +229,10 @@ START_TEST(set_and_del_go_through_every_tier)
     kt_nap(20 * MS); /* the server's clock: the row's time must really pass */
     ck_assert_int_eq(keel_cache_sweep(r.c, 10, &swept), 0);
     ck_assert_uint_eq(swept, 1);
+    ck_assert_int_eq(keel_cache_set(r.c, "short", 5, "x", 1, 1 * MS, NULL, 0), 0);
+    kt_nap(20 * MS);
+    ck_assert_int_eq(keel_cache_sweep(r.c, SIZE_MAX, &swept), 0); /* more than a bigint: no limit */
+    ck_assert_uint_eq(swept, 1);
     rig_close(&r);
 }
 END_TEST

@@ -1239,8 +1239,8 @@ KEEL_API int keel_cache_sweep(keel_cache *c, size_t batch, size_t *deleted)
         return KEEL_EINVAL;
     if (!c->o.pg)
         return 0;
-    char n[24];
-    snprintf(n, sizeof n, "%zu", batch ? batch : 1000);
+    char n[24]; /* LIMIT takes a bigint: a batch past it is no limit */
+    snprintf(n, sizeof n, "%llu", batch ? (unsigned long long)(batch < INT64_MAX ? batch : INT64_MAX) : 1000ull);
     return l3_one(c, c->st_sweep, n, -1, deleted);
 }
 
