@@ -292,6 +292,28 @@ START_TEST(a_sweep_spares_a_row_set_again_meanwhile)
 }
 END_TEST
 
+/* A sweep interval too long to add to the time is a wait forever, not a
+ * sweep after sweep. */
+START_TEST(a_sweep_interval_past_the_clock_never_comes)
+{
+    rig r;
+    memset(&r, 0, sizeof r);
+    snprintf(r.table, sizeof r.table, "%s", uniq("sw"));
+    r.pg = open_pg();
+    keel_cache_opts o = {.pg = r.pg, .table = r.table, .sweep_interval_ns = UINT64_MAX};
+    ck_assert_int_eq(keel_cache_create(&r.c, &o), 0);
+    ck_assert_int_eq(keel_cache_create_schema(r.c), 0);
+    ck_assert_int_eq(keel_cache_set(r.c, "short", 5, "x", 1, 1 * MS, NULL, 0), 0);
+    kt_nap(300 * MS); /* real time: the row expires, and a busy sweeper would take it */
+    PGconn *look = kt_pg_connect(kt_env("KEEL_TEST_PG"));
+    char sql[200];
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM \"%s\"", r.table);
+    ck_assert_int_eq(kt_pg_number(look, sql), 1);
+    PQfinish(look);
+    rig_close(&r);
+}
+END_TEST
+
 /* MGETs a Redis node has run so far (INFO commandstats), asked through a
  * connection of the test's own. */
 static long long mgets_on(int node)
@@ -1229,6 +1251,7 @@ int main(void)
     tcase_add_test(sv, a_miss_fills_every_tier_and_l1_ttl_is_capped);
     tcase_add_test(sv, set_and_del_go_through_every_tier);
     tcase_add_test(sv, a_sweep_spares_a_row_set_again_meanwhile);
+    tcase_add_test(sv, a_sweep_interval_past_the_clock_never_comes);
     tcase_add_test(sv, a_multi_get_asks_each_node_once);
     tcase_add_test(sv, only_an_invalidation_of_the_key_keeps_a_load_from_the_lower_tiers);
     tcase_add_test(sv, a_lease_makes_one_process_load);

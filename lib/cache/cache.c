@@ -1251,7 +1251,8 @@ static void *sweeper(void *arg)
     while (!c->stop) {
         struct timespec ts;
         clock_gettime(CLOCK_MONOTONIC, &ts);
-        uint64_t at = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec + c->o.sweep_interval_ns;
+        uint64_t now = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+        uint64_t at = c->o.sweep_interval_ns > UINT64_MAX - now ? UINT64_MAX : now + c->o.sweep_interval_ns;
         ts.tv_sec = (time_t)(at / 1000000000u);
         ts.tv_nsec = (long)(at % 1000000000u);
         if (pthread_cond_timedwait(&c->sweep_cv, &c->sweep_mu, &ts) == 0 || c->stop)
