@@ -29,9 +29,10 @@
  * for its value in L2 (until the lease is gone without one, at most
  * lease_ns, then they load too); the holder releases only its own lease.
  * With xfetch_beta > 0, a hit close to its expiry may be treated as a
- * miss (XFetch), so that one caller refreshes it early rather than all at
- * once (not an L1 entry cut short by l1_max_ttl over L2 or L3: that one
- * is filled again from them when it expires). A loader may answer
+ * miss (XFetch), so that one caller refreshes it early, from the loader
+ * (L2 and L3 hold it as near its expiry), rather than all at once (not an
+ * L1 entry cut short by l1_max_ttl over L2 or L3: that one is filled
+ * again from them when it expires). A loader may answer
  * KEEL_ENOTFOUND: that absence is cached in L1 for negative_ttl_ns.
  *
  * Invalidation. set, del, invalidate_tag and invalidate_prefix act on all
@@ -118,9 +119,9 @@ typedef struct keel_cache_opts {
 } keel_cache_opts;
 
 /* Returns 0, KEEL_EINVAL (a bad table name or Redis prefix, l1_max_bytes
- * under 64 KiB, max_key over 1024, max_value over 512 MiB) or
- * KEEL_ENOMEM. With redis, subscribes to
- * the invalidation channel (KEEL_EUNAVAIL if Redis cannot be reached, or
+ * under 64 KiB, max_key over 1024, max_value over 512 MiB, xfetch_beta
+ * negative or NaN) or KEEL_ENOMEM. With redis, subscribes to the
+ * invalidation channel (KEEL_EUNAVAIL if Redis cannot be reached, or
  * keel_redis_subscribe()'s other failures). */
 KEEL_API int keel_cache_create(keel_cache **out, const keel_cache_opts *opts);
 
@@ -156,8 +157,9 @@ typedef struct keel_cache_item {
 KEEL_API int keel_cache_get_many(keel_cache *c, keel_cache_item *items, size_t n);
 
 /* Writes through every tier; ttl_ns 0 = default_ttl_ns. tags: C strings
- * (at most 16, each 1..200 bytes). Returns 0, KEEL_EINVAL, KEEL_ENOMEM, or
- * the first tier error (the tiers that worked keep the value). */
+ * (at most 16, each 1..200 bytes without 0x1f). Returns 0, KEEL_EINVAL,
+ * KEEL_ENOMEM, or the first tier error (the tiers that worked keep the
+ * value). */
 KEEL_API int keel_cache_set(keel_cache *c, const void *key, size_t klen, const void *val, size_t vlen,
                             uint64_t ttl_ns, const char *const *tags, size_t ntags);
 
