@@ -599,6 +599,60 @@ START_TEST(xfetch_refreshes_early_near_expiry_only)
 }
 END_TEST
 
+/* An early refresh whose loader says the key is gone now: the caller that
+ * refreshed is told so, as every later caller is by the absence cached. */
+START_TEST(an_early_refresh_that_finds_the_key_gone_says_so)
+{
+    rig r;
+    memset(&r, 0, sizeof r);
+    r.ls.take_ns = 100 * MS;
+    keel_cache_opts o = {.loader = load, .loader_ud = &r.ls, .xfetch_beta = 1, .default_ttl_ns = 10 * S,
+                         .l1_max_ttl_ns = 10 * S, .clock = kt_clock_now, .clock_ud = &clk};
+    ck_assert_int_eq(keel_cache_create(&r.c, &o), 0);
+    char v[64];
+    ck_assert_int_eq(get(r.c, "x", v, sizeof v), 0);
+    kt_clock_advance(&clk, 9990 * MS); /* 10 ms left: nearly every get would refresh */
+    r.ls.absent = 1;
+    int rc = 0;
+    for (int i = 0; i < 20 && atomic_load(&r.ls.calls) == 1; i++)
+        rc = get(r.c, "x", v, sizeof v);
+    ck_assert_int_eq(atomic_load(&r.ls.calls), 2);
+    ck_assert_int_eq(rc, KEEL_ENOTFOUND);
+    ck_assert_int_eq(get(r.c, "x", v, sizeof v), KEEL_ENOTFOUND);
+    keel_cache_destroy(r.c);
+}
+END_TEST
+
+/* Without a loader there is nothing to refresh from: a value near its
+ * expiry (here from L2, with the load time another process measured) is
+ * a hit until it expires. */
+START_TEST(without_a_loader_a_value_near_expiry_is_a_hit)
+{
+    rig r;
+    memset(&r, 0, sizeof r);
+    snprintf(r.prefix, sizeof r.prefix, "%s:", uniq("xn"));
+    r.redis = kt_redis_open(kt_redis_nodes(), 500 * MS);
+    r.ls.take_ns = 100 * MS;
+    keel_cache_opts o = {.redis = r.redis, .redis_prefix = r.prefix, .loader = load, .loader_ud = &r.ls,
+                         .default_ttl_ns = 10 * S, .clock = kt_clock_now, .clock_ud = &clk};
+    ck_assert_int_eq(keel_cache_create(&r.c, &o), 0);
+    char v[64];
+    ck_assert_int_eq(get(r.c, "x", v, sizeof v), 0); /* loaded: 60 s in L2, with its load time */
+    keel_cache *reader;
+    keel_cache_opts ro = {.redis = r.redis, .redis_prefix = r.prefix, .xfetch_beta = 1, .l1_max_ttl_ns = 120 * S,
+                          .clock = kt_clock_now, .clock_ud = &clk};
+    ck_assert_int_eq(keel_cache_create(&reader, &ro), 0);
+    ck_assert_int_eq(get(reader, "x", v, sizeof v), 0); /* from L2 */
+    kt_clock_advance(&clk, 59990 * MS); /* 10 ms left in L1 (its TTL from L2's) */
+    for (int i = 0; i < 20; i++) {
+        ck_assert_int_eq(get(reader, "x", v, sizeof v), 0);
+        ck_assert_str_eq(v, "loaded:x");
+    }
+    keel_cache_destroy(reader);
+    rig_close(&r);
+}
+END_TEST
+
 /* XFetch refreshes a value near its own expiry. An L1 entry cut short by
  * l1_max_ttl expires while L2 still holds the value for long: it is
  * filled from L2 again then, never reloaded early by the loader. */
@@ -1241,6 +1295,7 @@ int main(void)
     tcase_add_test(tc, an_absent_answer_is_cached_for_negative_ttl);
     tcase_add_test(tc, a_multi_get_loads_a_key_given_twice_once);
     tcase_add_test(tc, xfetch_refreshes_early_near_expiry_only);
+    tcase_add_test(tc, an_early_refresh_that_finds_the_key_gone_says_so);
     tcase_add_test(tc, the_hot_set_survives_a_scan);
     tcase_add_test(tc, readers_go_on_while_the_table_grows);
     tcase_add_test(tc, hits_from_many_threads_are_all_counted);
@@ -1256,6 +1311,7 @@ int main(void)
     tcase_add_test(sv, only_an_invalidation_of_the_key_keeps_a_load_from_the_lower_tiers);
     tcase_add_test(sv, a_lease_makes_one_process_load);
     tcase_add_test(sv, xfetch_leaves_an_entry_capped_by_l1_max_ttl_to_l2);
+    tcase_add_test(sv, without_a_loader_a_value_near_expiry_is_a_hit);
     tcase_add_test(sv, xfetch_refreshes_from_the_loader_over_l3);
     tcase_add_test(sv, another_process_invalidates_this_l1);
     tcase_add_test(sv, a_dropped_link_flushes_l1);

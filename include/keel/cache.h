@@ -28,11 +28,13 @@
  * Redis lease (SET NX PX) makes one process load while the others wait
  * for its value in L2 (until the lease is gone without one, at most
  * lease_ns, then they load too); the holder releases only its own lease.
- * With xfetch_beta > 0, a hit close to its expiry may be treated as a
- * miss (XFetch), so that one caller refreshes it early, from the loader
- * (L2 and L3 hold it as near its expiry), rather than all at once (not an
- * L1 entry cut short by l1_max_ttl over L2 or L3: that one is filled
- * again from them when it expires). A loader may answer
+ * With xfetch_beta > 0 and a loader, a hit close to its expiry may be
+ * treated as a miss (XFetch), so that one caller refreshes it early from
+ * the loader (L2 and L3 hold it as near its expiry) rather than all at
+ * once; that caller keeps the value it had if the refresh fails, and gets
+ * KEEL_ENOTFOUND if the loader says the key is gone. An L1 entry cut short
+ * by l1_max_ttl over L2 or L3 is not refreshed early: it is filled again
+ * from them when it expires. A loader may answer
  * KEEL_ENOTFOUND: that absence is cached in L1 for negative_ttl_ns.
  *
  * Invalidation. set, del, invalidate_tag and invalidate_prefix act on all

@@ -853,7 +853,7 @@ KEEL_API int keel_cache_load_set(keel_cache_load *ld, const void *val, size_t vl
 /* XFetch: refresh early with probability rising as expiry nears. */
 static bool refresh_early(keel_cache *c, const l1_hit *hit)
 {
-    if (c->o.xfetch_beta <= 0 || !hit->delta)
+    if (c->o.xfetch_beta <= 0 || !hit->delta || !c->o.loader) /* no loader: nothing to refresh from */
         return false;
     double u = ((double)(keel__rand_next(&c->rand) >> 11) + 1.0) / 9007199254740993.0; /* (0, 1] */
     double gap = -(double)hit->delta * c->o.xfetch_beta * log(u);
@@ -920,7 +920,7 @@ static int miss(keel_cache *c, const void *key, size_t klen, uint64_t h, bool tr
     sf_leave(c, f);
     if (rc == 0)
         rc = copy_out(val, vlen, buf, cap, len);
-    else if (stale_ok)
+    else if (stale_ok && rc != KEEL_ENOTFOUND) /* gone now: so L1 says too */
         rc = 0;
     keel__free(val);
     return rc;
