@@ -170,8 +170,13 @@ KEEL_API int keel_bus_unsubscribe(keel_bus_sub *sub);
  * other deliveries were made), KEEL_ENOMEM (no delivery was made, so the
  * message may be published again). With Redis: appends; 0 only
  * once the entry is in the stream, else KEEL_EUNAVAIL, KEEL_ETIMEDOUT,
- * KEEL_EBACKEND, KEEL_EPROTO or KEEL_ENOMEM (then nothing was accepted).
- * Bad subject or headers (more than 64 of them too): KEEL_EINVAL. id (may be NULL) receives the
+ * KEEL_EBACKEND, KEEL_EPROTO or KEEL_ENOMEM. An error does not say that
+ * nothing was appended: KEEL_ETIMEDOUT, or a connection lost after the
+ * XADD went out (a server stopping: KEEL_EUNAVAIL, KEEL_EPROTO), leaves
+ * the outcome unknown, and the entry may be in the stream and be
+ * delivered; publishing again is at-least-once. An accepted entry lasts
+ * as long as Redis keeps it: a server restarted without persistence
+ * loses the entries not yet read. Bad subject or headers (more than 64 of them too): KEEL_EINVAL. id (may be NULL) receives the
  * message's id. */
 KEEL_API int keel_bus_publish(keel_bus *bus, const char *subject, const void *data, size_t len,
                               const keel_bus_header *headers, size_t nheaders,
