@@ -4,7 +4,8 @@
  * publishing; failure isolation; drain and destroy losing nothing; the
  * full-queue policies; bad input. Redis Streams on real servers: sharing a
  * group across processes, a consumer killed mid-batch, a poison entry
- * reaching the dead-letter stream, a server restarted mid-run. */
+ * reaching the dead-letter stream, a server restarted mid-run, and under
+ * a steady stream of publishes, with its data saved or not. */
 #define _GNU_SOURCE
 #include <malloc.h>
 #include <poll.h>
@@ -1825,6 +1826,139 @@ START_TEST(a_redis_restart_fails_publishes_then_consumers_resume)
 }
 END_TEST
 
+/* ---- a steady stream through a Redis restart ---- */
+
+enum { FLOW_N = 20000 };
+
+typedef struct tally {
+    pthread_mutex_t mu;
+    uint16_t got[FLOW_N]; /* deliveries of each message */
+    int rc[FLOW_N];       /* its publish's result */
+    keel_bus *p;
+    _Atomic int sent, end; /* end: where the publisher stops */
+} tally;
+
+static int on_tally(const keel_bus_msg *m, void *ud)
+{
+    tally *t = ud;
+    uint32_t v;
+    ck_assert_uint_eq(m->len, 4);
+    memcpy(&v, m->data, 4);
+    ck_assert_uint_lt(v, FLOW_N);
+    pthread_mutex_lock(&t->mu);
+    t->got[v]++;
+    pthread_mutex_unlock(&t->mu);
+    nap(2 * MS); /* slower than the publisher: a backlog, some of it pending */
+    return 0;
+}
+
+static void *publish_flow(void *arg)
+{
+    tally *t = arg;
+    for (uint32_t i = 0; i < (uint32_t)atomic_load(&t->end); i++) {
+        char subj[32];
+        snprintf(subj, sizeof subj, "work.%u", i % 5);
+        t->rc[i] = keel_bus_publish(t->p, subj, &i, 4, NULL, 0, NULL);
+        atomic_store(&t->sent, (int)i + 1);
+        nap(1 * MS); /* a steady stream */
+    }
+    return NULL;
+}
+
+/* Messages published from `from` on that were accepted and not yet
+ * delivered. */
+static int undelivered(tally *t, int from)
+{
+    int n = 0, sent = atomic_load(&t->sent);
+    pthread_mutex_lock(&t->mu);
+    for (int i = from; i < sent; i++)
+        n += t->rc[i] == 0 && t->got[i] == 0;
+    pthread_mutex_unlock(&t->mu);
+    return n;
+}
+
+/* Publishes messages from a thread while redis1 stops and starts (saving
+ * its data on the way when `persist`), and 200 more after, a consumer
+ * group reading. Returns the index of the first publish begun after the
+ * restart. */
+static int restart_mid_flow(tally *t, bool persist)
+{
+    char prefix[96];
+    unique_prefix(prefix, sizeof prefix, persist ? "saved" : "unsaved");
+    keel_redis *r = kt_redis_open(1, 300 * MS);
+    pthread_mutex_init(&t->mu, NULL);
+    atomic_store(&t->end, FLOW_N);
+    t->p = rbus(r, prefix, NULL, NULL, 2, 0, NULL, NULL);
+    keel_bus *b = rbus(r, prefix, "grp", "c1", 2, 1 * S, NULL, NULL);
+    sub(b, "work.>", on_tally, t, KEEL_BUS_SYNC, NULL);
+    ck_assert_int_eq(keel_bus_start(b), 0);
+    pthread_t th;
+    pthread_create(&th, NULL, publish_flow, t);
+    while (atomic_load(&t->sent) < 200)
+        nap(1 * MS);
+    if (persist) { /* the test servers save nothing: this shutdown saves */
+        const char *argv[] = {"CONFIG", "SET", "save", "3600 1"};
+        redisReply *rep;
+        ck_assert_int_eq(rcmd(r, "x", 4, argv, &rep), 0);
+        freeReplyObject(rep);
+    }
+    kt_server("stop-one", "redis1");
+    nap(200 * MS);
+    kt_server("start-one", "redis1");
+    int after = atomic_load(&t->sent) + 1;
+    atomic_store(&t->end, after + 200);
+    if (persist) {
+        char dump[600];
+        snprintf(dump, sizeof dump, "%s/redis1/dump.rdb", kt_env("KEEL_TEST_DIR"));
+        ck_assert_int_eq(unlink(dump), 0); /* the next restart starts empty again */
+    }
+    pthread_join(th, NULL);
+    uint64_t deadline = keel_now_ns() + 20 * S;
+    while (undelivered(t, after) && keel_now_ns() < deadline)
+        nap(20 * MS);
+    int rc = KEEL_EUNAVAIL;
+    for (int i = 0; i < 50 && rc; i++)
+        rc = keel_bus_drain(b);
+    ck_assert_int_eq(rc, 0);
+    keel_bus_destroy(b);
+    keel_bus_destroy(t->p);
+    keel_redis_destroy(r);
+    int failed = 0;
+    ck_assert_int_lt(after + 200, FLOW_N);
+    for (int i = 0; i < after + 200; i++) {
+        ck_assert_msg(t->rc[i] == 0 || t->rc[i] == KEEL_EUNAVAIL || t->rc[i] == KEEL_ETIMEDOUT ||
+                          t->rc[i] == KEEL_EPROTO || t->rc[i] == KEEL_EBACKEND /* LOADING */,
+                      "publish %d: %s", i, keel_strerror(t->rc[i]));
+        failed += t->rc[i] != 0;
+    }
+    ck_assert_int_gt(failed, 0); /* the outage was felt */
+    return after;
+}
+
+/* With the data saved across the restart, every accepted message is
+ * delivered, at least once. */
+START_TEST(a_saved_redis_restart_loses_no_accepted_message)
+{
+    tally *t = calloc(1, sizeof *t);
+    restart_mid_flow(t, true);
+    ck_assert_int_eq(undelivered(t, 0), 0);
+    free(t);
+}
+END_TEST
+
+/* Without persistence the restart loses the streams (entries accepted
+ * but not yet read go with them: Redis's durability, not the bus's); the
+ * consumer group is made again and every message accepted after the
+ * restart is delivered. */
+START_TEST(an_unsaved_redis_restart_delivers_everything_accepted_after_it)
+{
+    tally *t = calloc(1, sizeof *t);
+    int after = restart_mid_flow(t, false);
+    ck_assert_int_eq(undelivered(t, after), 0);
+    free(t);
+}
+END_TEST
+
 /* A publish to a frozen server times out, but the server still has the
  * XADD in its socket and runs it when it wakes up: KEEL_ETIMEDOUT leaves
  * the outcome unknown, and the message may well be delivered. */
@@ -1902,6 +2036,8 @@ int main(void)
     suite_add_tcase(s, rd);
     TCase *down = tcase_create("redis_restart"); /* a steady stream meets a stopped server */
     tcase_set_timeout(down, 90);
+    tcase_add_test(down, a_saved_redis_restart_loses_no_accepted_message);
+    tcase_add_test(down, an_unsaved_redis_restart_delivers_everything_accepted_after_it);
     tcase_add_test(down, a_publish_timed_out_on_a_frozen_server_may_still_be_delivered);
     suite_add_tcase(s, down);
     return kt_run(s);
