@@ -5,7 +5,9 @@
  * and on a real PostgreSQL: an append held open while another commits
  * (no projection skips or repeats an event), a projection process killed
  * mid-catch-up, queries on the replica with read-your-writes, the memory
- * and PostgreSQL stores agreeing, monthly partitions, a missing schema. */
+ * and PostgreSQL stores agreeing, monthly partitions, a missing schema;
+ * commands with idempotency keys and a projection through a restart of
+ * the primary, and an append that timed out sent again. */
 #define _GNU_SOURCE
 #include <libpq-fe.h>
 #include <pthread.h>
@@ -1038,6 +1040,168 @@ START_TEST(pg_a_projection_killed_mid_catch_up_resumes_exactly)
 }
 END_TEST
 
+/* ---- the primary stopped mid-stream ---- */
+
+/* A sender of idempotent commands that sends each one again, with its
+ * key, until it succeeds: what the header tells a caller to do. */
+typedef struct flow {
+    keel_cqrs *c;
+    int id, n;
+    _Atomic int sent;
+    int unknown, definite, repeats, hidden, gave_up;
+} flow;
+
+static void *send_flow(void *arg)
+{
+    flow *f = arg;
+    for (int i = 0; i < f->n; i++) {
+        char key[32], stream[8];
+        snprintf(key, sizeof key, "f%d-%d", f->id, i);
+        snprintf(stream, sizeof stream, "s%d", i % 5); /* both senders: conflicts too */
+        bool maybe = false; /* an attempt's outcome is unknown */
+        uint64_t deadline = keel_now_ns() + 30 * S;
+        for (;;) {
+            keel_cqrs_result res;
+            int rc = keel_cqrs_send(f->c, "inc", stream, strlen(stream), key, &res);
+            if (rc == 0) {
+                f->repeats += res.repeated;
+                f->hidden += res.repeated && !maybe; /* an error that took effect */
+                keel_cqrs_result_free(&res);
+                break;
+            }
+            if (rc == KEEL_ETIMEDOUT || rc == KEEL_EUNAVAIL) {
+                maybe = true;
+                f->unknown++;
+            } else {
+                f->definite++;
+            }
+            if (keel_now_ns() > deadline) {
+                f->gave_up++;
+                break;
+            }
+            nap(5 * MS);
+        }
+        atomic_store(&f->sent, i + 1);
+    }
+    return NULL;
+}
+
+/* Two threads send commands with idempotency keys while the primary is
+ * stopped and started, a projection following meanwhile. Every command
+ * sent again with its key until it succeeds appends exactly once; an
+ * error other than "outcome unknown" never took effect; the projection
+ * applies every event once. */
+START_TEST(pg_commands_and_a_projection_through_a_primary_restart)
+{
+    char prefix[64], sql[512];
+    snprintf(prefix, sizeof prefix, "%s", uniq("restart"));
+    keel_pg *pg;
+    keel_pg_opts po = {.primary = kt_env("KEEL_TEST_PG"), .connect_timeout_ns = 1 * S,
+                       .acquire_timeout_ns = 2 * S, .query_timeout_ns = 5 * S,
+                       .health_interval_ns = 50 * MS, .conns_per_host = 4};
+    ck_assert_int_eq(keel_pg_create(&pg, &po), 0);
+    app a = {0};
+    keel_cqrs *c = open_cqrs(pg, prefix, 0, &a);
+    PGconn *d = kt_pg_connect(kt_env("KEEL_TEST_PG"));
+    snprintf(sql, sizeof sql, "CREATE TABLE \"%srm\" (position bigint PRIMARY KEY, stream text, version bigint)",
+             prefix);
+    kt_pg_exec(d, sql);
+    PQfinish(d); /* the server goes away under it */
+    rm r = {.slow = 0};
+    snprintf(r.table, sizeof r.table, "\"%srm\"", prefix);
+    keel_cqrs_projection *p;
+    keel_cqrs_projection_opts pro = {.name = "rm", .handler = apply_row, .ud = &r, .batch = 7,
+                                     .follow_interval_ns = 20 * MS};
+    ck_assert_int_eq(keel_cqrs_projection_create(c, &pro, &p), 0);
+    enum { N = 150 };
+    flow f[2] = {{.c = c, .id = 0, .n = N}, {.c = c, .id = 1, .n = N}};
+    pthread_t t[2];
+    for (int i = 0; i < 2; i++)
+        pthread_create(&t[i], NULL, send_flow, &f[i]);
+    while (atomic_load(&f[0].sent) < N / 3)
+        nap(1 * MS);
+    kt_server("stop-one", "pg-primary");
+    nap(300 * MS); /* a real outage: the senders meet it */
+    kt_server("start-one", "pg-primary");
+    for (int i = 0; i < 2; i++)
+        pthread_join(t[i], NULL);
+    keel_cqrs_projection_destroy(p);
+    ck_assert_int_eq(keel_cqrs_projection_create(c, &pro, &p), 0);
+    ck_assert_int_eq(keel_cqrs_projection_run(p, NULL), 0);
+    for (int i = 0; i < 2; i++) {
+        ck_assert_int_eq(f[i].gave_up, 0);
+        ck_assert_int_eq(f[i].hidden, 0);
+    }
+    ck_assert_int_gt(f[0].unknown + f[1].unknown, 0); /* the outage was felt */
+    d = kt_pg_connect(kt_env("KEEL_TEST_PG"));
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM \"%sevents\"", prefix);
+    ck_assert_int_eq(kt_pg_number(d, sql), 2 * N); /* once per key */
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM \"%sidempotency\"", prefix);
+    ck_assert_int_eq(kt_pg_number(d, sql), 2 * N);
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM (SELECT stream_id FROM \"%sevents\" GROUP BY stream_id "
+             "HAVING max(version) <> count(*)) gaps",
+             prefix);
+    ck_assert_int_eq(kt_pg_number(d, sql), 0); /* dense versions */
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM \"%sevents\" e FULL JOIN \"%srm\" m USING (position) "
+             "WHERE m.position IS NULL OR e.position IS NULL OR e.stream_id <> m.stream OR e.version <> m.version",
+             prefix, prefix);
+    ck_assert_int_eq(kt_pg_number(d, sql), 0); /* the read model: every event, once */
+    PQfinish(d);
+    keel_cqrs_projection_destroy(p);
+    keel_cqrs_destroy(c);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
+/* A command whose append times out waiting for the append lock may still
+ * commit once the lock is free (the server finishes what it was sent):
+ * the header calls its outcome unknown. Sent again with its key, it
+ * appends once and returns the first reply. */
+START_TEST(pg_a_timed_out_append_sent_again_with_its_key_appends_once)
+{
+    char prefix[64], sql[512];
+    snprintf(prefix, sizeof prefix, "%s", uniq("late"));
+    keel_pg *pg;
+    keel_pg_opts po = {.primary = kt_env("KEEL_TEST_PG"), .connect_timeout_ns = 1 * S,
+                       .query_timeout_ns = 300 * MS, .manual_health = 1, .conns_per_host = 4};
+    ck_assert_int_eq(keel_pg_create(&pg, &po), 0);
+    app a = {0};
+    keel_cqrs *c = open_cqrs(pg, prefix, 0, &a);
+    ck_assert_int_eq(keel_cqrs_send(c, "inc", "x", 1, NULL, NULL), 0);
+    PGconn *held = kt_pg_connect(kt_env("KEEL_TEST_PG"));
+    kt_pg_exec(held, "BEGIN");
+    snprintf(sql, sizeof sql, "SELECT pg_advisory_xact_lock(%lld)", (long long)keel__cqrs_lock_key(prefix));
+    kt_pg_exec(held, sql);
+    keel_cqrs_result res;
+    ck_assert_int_eq(keel_cqrs_send(c, "inc", "x", 1, "k", &res), KEEL_ETIMEDOUT);
+    ck_assert_int_eq(keel_cqrs_send(c, "inc", "x", 1, "k", &res), KEEL_ETIMEDOUT);
+    kt_pg_exec(held, "COMMIT"); /* both waiting appends go on, on the server */
+    PQfinish(held);
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM \"%sevents\"", prefix);
+    PGconn *d = kt_pg_connect(kt_env("KEEL_TEST_PG"));
+    uint64_t deadline = keel_now_ns() + 5 * S;
+    while (kt_pg_number(d, sql) < 2 && keel_now_ns() < deadline)
+        nap(5 * MS);
+    int rc = KEEL_ETIMEDOUT;
+    for (int i = 0; i < 20 && rc == KEEL_ETIMEDOUT; i++)
+        rc = keel_cqrs_send(c, "inc", "x", 1, "k", &res);
+    ck_assert_int_eq(rc, 0);
+    ck_assert_int_eq(res.repeated, 1); /* the first attempt committed after all */
+    uint64_t v;
+    ck_assert_uint_eq(res.len, sizeof v);
+    memcpy(&v, res.reply, sizeof v);
+    ck_assert_uint_eq(v, 2);
+    keel_cqrs_result_free(&res);
+    nap(100 * MS); /* settle: the second attempt's append has ended on the server */
+    ck_assert_int_eq(kt_pg_number(d, sql), 2);
+    PQfinish(d);
+    keel_cqrs_destroy(c);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
 /* ---- queries ---- */
 
 typedef struct qctx {
@@ -1260,5 +1424,10 @@ int main(void)
     tcase_add_test(pg, pg_monthly_partitions);
     tcase_add_test(pg, pg_a_missing_schema_is_a_clear_error);
     suite_add_tcase(s, pg);
+    TCase *down = tcase_create("pg_faults"); /* the primary stopped, an append timed out */
+    tcase_set_timeout(down, 120);
+    tcase_add_test(down, pg_commands_and_a_projection_through_a_primary_restart);
+    tcase_add_test(down, pg_a_timed_out_append_sent_again_with_its_key_appends_once);
+    suite_add_tcase(s, down);
     return kt_run(s);
 }
