@@ -2,8 +2,9 @@
  * under the fake clock; flush and close with concurrent producers; each
  * full-queue policy; partial failure, backoff, dead letters; the
  * accounting invariant over two million items with random failures;
- * re-entrant adds; bad input; and rows into a real PostgreSQL that is
- * stopped mid-run. */
+ * re-entrant adds; bad input; rows into a real PostgreSQL that is
+ * stopped mid-run; and members into a Redis set through a restart, or
+ * dead-lettered, also by a close while the server is down. */
 #define _GNU_SOURCE
 #include <libpq-fe.h>
 #include <pthread.h>
@@ -12,10 +13,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <keel/backoff.h>
 #include <keel/batch.h>
 #include <keel/pg.h>
+#include <keel/redis.h>
 
 #include "harness.h"
 
@@ -883,6 +886,179 @@ START_TEST(rows_reach_postgresql_through_a_restart)
 }
 END_TEST
 
+/* ---- members into Redis ---- */
+
+enum { MEMBERS = 1500 };
+
+typedef struct members {
+    keel_redis *r;
+    char key[64];
+    pthread_mutex_t mu;
+    uint8_t handled[MEMBERS + 1], dead[MEMBERS + 1]; /* per item: successes, dead letters */
+} members;
+
+/* One SADD of the batch's ids. */
+static int sadd_items(void *const *items, size_t n, keel_batch_ctx *ctx, void *ud)
+{
+    (void)ctx;
+    members *m = ud;
+    const char *argv[2 + 64];
+    size_t lens[2 + 64];
+    char ids[64][24];
+    ck_assert_uint_le(n, 64);
+    argv[0] = "SADD";
+    argv[1] = m->key;
+    for (size_t i = 0; i < n; i++) {
+        snprintf(ids[i], sizeof ids[i], "%zu", ID(items[i]));
+        argv[2 + i] = ids[i];
+    }
+    for (size_t i = 0; i < 2 + n; i++)
+        lens[i] = strlen(argv[i]);
+    redisReply *rep = NULL;
+    int rc = keel_redis_command(m->r, m->key, strlen(m->key), (int)(2 + n), argv, lens, &rep);
+    if (rep)
+        freeReplyObject(rep);
+    pthread_mutex_lock(&m->mu);
+    for (size_t i = 0; rc == 0 && i < n; i++)
+        m->handled[ID(items[i])]++;
+    pthread_mutex_unlock(&m->mu);
+    return rc;
+}
+
+static void dead_members(void *const *items, size_t n, int err, void *ud)
+{
+    members *m = ud;
+    ck_assert(err == KEEL_EUNAVAIL || err == KEEL_ETIMEDOUT || err == KEEL_EPROTO);
+    pthread_mutex_lock(&m->mu);
+    for (size_t i = 0; i < n; i++)
+        m->dead[ID(items[i])]++;
+    pthread_mutex_unlock(&m->mu);
+}
+
+/* Moves the fake clock along while the test waits for a real server:
+ * linger and backoff pass quickly, in the batch's own time. */
+static _Atomic int ticking;
+
+static void *tick(void *arg)
+{
+    (void)arg;
+    while (atomic_load(&ticking)) {
+        kt_clock_advance(&clk, 1 * MS);
+        kt_nap(100000);
+    }
+    return NULL;
+}
+
+static keel_batch *members_batch(members *m, pthread_t *ticker)
+{
+    m->r = kt_redis_open(1, 300 * MS);
+    snprintf(m->key, sizeof m->key, "kt:batch:%d:%llu", (int)getpid(), (unsigned long long)keel_now_ns());
+    pthread_mutex_init(&m->mu, NULL);
+    keel_batch *b;
+    keel_batch_opts o = {.handler = sadd_items, .dead_letter = dead_members, .ud = m, .max_items = 50,
+                         .linger_ns = 2 * MS, .max_retries = 2, .retry_base_ns = 20 * MS,
+                         .retry_max_ns = 20 * MS, .clock = kt_clock_now, .clock_ud = &clk};
+    ck_assert_int_eq(keel_batch_create(&b, &o), 0);
+    atomic_store(&ticking, 1);
+    pthread_create(ticker, NULL, tick, NULL);
+    return b;
+}
+
+static void add_members(keel_batch *b, size_t from, size_t to)
+{
+    for (size_t i = from; i < to; i++) {
+        ck_assert_int_eq(keel_batch_add(b, ITEM(i), 8), 0);
+        kt_nap(200000); /* a steady stream */
+    }
+}
+
+/* Closes the batch, then checks each item's one outcome: handled once
+ * (and then in the set) or dead-lettered. Returns the dead letters. */
+static size_t close_members(keel_batch *b, members *m, pthread_t ticker, size_t n)
+{
+    ck_assert_int_eq(keel_batch_close(b), 0);
+    atomic_store(&ticking, 0);
+    pthread_join(ticker, NULL);
+    keel_batch_stats st;
+    keel_batch_stats_get(b, &st);
+    keel_batch_destroy(b);
+    ck_assert_uint_eq(st.accepted, n);
+    ck_assert_uint_eq(st.handled + st.dead_lettered, n);
+    ck_assert_uint_eq(st.dropped, 0);
+    const char *argv[] = {"SMEMBERS", m->key};
+    size_t lens[] = {8, strlen(m->key)};
+    redisReply *rep = NULL;
+    int rc = KEEL_EUNAVAIL;
+    for (int i = 0; i < 20 && rc; i++) { /* the node may still be skipped a moment */
+        if (rep)
+            freeReplyObject(rep);
+        if ((rc = keel_redis_command(m->r, m->key, strlen(m->key), 2, argv, lens, &rep)) != 0)
+            kt_nap(50 * MS);
+    }
+    ck_assert_int_eq(rc, 0);
+    static uint8_t stored[MEMBERS + 1];
+    memset(stored, 0, sizeof stored);
+    for (size_t i = 0; i < rep->elements; i++)
+        stored[strtoul(rep->element[i]->str, NULL, 10)] = 1;
+    freeReplyObject(rep);
+    size_t dead = 0;
+    for (size_t i = 1; i <= n; i++) {
+        ck_assert_msg(m->handled[i] + m->dead[i] == 1, "item %zu handled %d times, dead-lettered %d times", i,
+                      m->handled[i], m->dead[i]);
+        ck_assert_msg(!m->handled[i] || stored[i], "item %zu handled but not stored", i);
+        dead += m->dead[i];
+    }
+    ck_assert_uint_eq(dead, st.dead_lettered);
+    keel_redis_destroy(m->r);
+    return dead;
+}
+
+/* A handler adding members to a Redis set while the server stops and
+ * starts (its data saved on the way): batches that meet the outage are
+ * retried, then dead-lettered; every item is handled once or
+ * dead-lettered, and every handled one is in the set. */
+START_TEST(members_reach_redis_through_a_restart_or_the_dead_letter)
+{
+    members *m = calloc(1, sizeof *m);
+    pthread_t ticker;
+    keel_batch *b = members_batch(m, &ticker);
+    add_members(b, 1, 501);
+    ck_assert_int_eq(keel_batch_flush(b), 0);
+    const char *argv[] = {"CONFIG", "SET", "save", "3600 1"}; /* the test servers save nothing: this shutdown saves */
+    size_t lens[] = {6, 3, 4, 6};
+    redisReply *rep;
+    ck_assert_int_eq(keel_redis_command(m->r, m->key, strlen(m->key), 4, argv, lens, &rep), 0);
+    freeReplyObject(rep);
+    kt_server("stop-one", "redis1");
+    add_members(b, 501, 1001); /* accepted while the server is down */
+    kt_server("start-one", "redis1");
+    char dump[600];
+    snprintf(dump, sizeof dump, "%s/redis1/dump.rdb", kt_env("KEEL_TEST_DIR"));
+    ck_assert_int_eq(unlink(dump), 0); /* the next restart starts empty again */
+    add_members(b, 1001, MEMBERS + 1);
+    size_t dead = close_members(b, m, ticker, MEMBERS);
+    ck_assert_uint_gt(dead, 0); /* the outage was felt */
+    ck_assert_uint_lt(dead, 1000);
+    free(m);
+}
+END_TEST
+
+/* Closed while the server is down: close still runs the retries, then
+ * hands every item to the dead letter. */
+START_TEST(a_close_while_redis_is_down_dead_letters_every_item)
+{
+    members *m = calloc(1, sizeof *m);
+    pthread_t ticker;
+    keel_batch *b = members_batch(m, &ticker);
+    kt_server("stop-one", "redis1");
+    add_members(b, 1, 301);
+    ck_assert_int_eq(keel_batch_close(b), 0);
+    kt_server("start-one", "redis1"); /* before any assertion: the other tests need it */
+    ck_assert_uint_eq(close_members(b, m, ticker, 300), 300);
+    free(m);
+}
+END_TEST
+
 /* The smallest queue (one place) and "forever" limits
  * that must not wrap around to the past. */
 START_TEST(edge_sizes_and_forever)
@@ -946,5 +1122,10 @@ int main(void)
     tcase_set_timeout(pgc, 60);
     tcase_add_test(pgc, rows_reach_postgresql_through_a_restart);
     suite_add_tcase(s, pgc);
+    TCase *rdc = tcase_create("redis");
+    tcase_set_timeout(rdc, 60);
+    tcase_add_test(rdc, members_reach_redis_through_a_restart_or_the_dead_letter);
+    tcase_add_test(rdc, a_close_while_redis_is_down_dead_letters_every_item);
+    suite_add_tcase(s, rdc);
     return kt_run(s);
 }
