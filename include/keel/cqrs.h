@@ -27,9 +27,12 @@
  * order, which the "position" header shows); the store stays the source of
  * truth, so a crash between commit and publish loses nothing for
  * projections. A publish that fails after the commit (the bus out of
- * memory or full) is logged and not counted in `published`; the send
- * still returns 0, since the command took effect: subscribers that must
- * see every event read them from the store, as projections do.
+ * memory or full; with a Redis bus, Redis down or not answering, which
+ * holds the send up to keel_redis's command timeout per event, and after
+ * which the event may have gone out all the same) is logged and not
+ * counted in `published`; the send still returns 0, since the command
+ * took effect: subscribers that must see every event read them from the
+ * store, as projections do.
  *
  * Event types are subjects in keel_bus's sense (dot-separated tokens, no
  * wildcards); stream ids are 1..200 bytes of text without NUL. PostgreSQL
