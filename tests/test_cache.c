@@ -777,6 +777,44 @@ START_TEST(a_lease_makes_one_process_load)
 }
 END_TEST
 
+/* Redis failing while a cache waits on another process's lease is a
+ * failure of L2 like any other: counted, and told to the tier's breaker. */
+START_TEST(redis_failing_during_a_lease_wait_counts_against_l2)
+{
+    rig r;
+    memset(&r, 0, sizeof r);
+    snprintf(r.prefix, sizeof r.prefix, "%s:", uniq("lw"));
+    r.redis = kt_redis_open(1, 500 * MS);
+    r.ls.absent = 1; /* after the wait: no value to write to L2 */
+    keel_cache_opts o = {.redis = r.redis, .redis_prefix = r.prefix, .loader = load, .loader_ud = &r.ls,
+                         .lease = 1, .lease_ns = 30 * S};
+    ck_assert_int_eq(keel_cache_create(&r.c, &o), 0);
+    char lk[128]; /* another process holds the key's lease */
+    int n = snprintf(lk, sizeof lk, "%sl:k", r.prefix);
+    const char *a[5] = {"SET", lk, "other", "PX", "30000"};
+    size_t l[5] = {3, (size_t)n, 5, 2, 5};
+    redisReply *rep;
+    ck_assert_int_eq(keel_redis_command(r.redis, lk, (size_t)n, 5, a, l, &rep), 0);
+    freeReplyObject(rep);
+    lease_getter g = {r.c, "k", 99, ""};
+    pthread_t t;
+    pthread_create(&t, NULL, lease_get, &g);
+    keel_cache_stats st;
+    do {
+        kt_nap(1 * MS);
+        keel_cache_stats_get(r.c, &st);
+    } while (st.load_waits == 0);
+    ck_assert_uint_eq(st.errors_l2, 0);
+    kt_server("stop-one", "redis1");
+    pthread_join(t, NULL);
+    kt_server("start-one", "redis1"); /* before any assertion: the other tests need it */
+    ck_assert_int_eq(g.rc, KEEL_ENOTFOUND); /* the loader's answer, once the wait failed */
+    keel_cache_stats_get(r.c, &st);
+    ck_assert_uint_ge(st.errors_l2, 1);
+    rig_close(&r);
+}
+END_TEST
+
 /* ---- invalidation across processes ---- */
 
 /* Waits (real time: messages travel through Redis) until get gives want
@@ -1310,6 +1348,7 @@ int main(void)
     tcase_add_test(sv, a_multi_get_asks_each_node_once);
     tcase_add_test(sv, only_an_invalidation_of_the_key_keeps_a_load_from_the_lower_tiers);
     tcase_add_test(sv, a_lease_makes_one_process_load);
+    tcase_add_test(sv, redis_failing_during_a_lease_wait_counts_against_l2);
     tcase_add_test(sv, xfetch_leaves_an_entry_capped_by_l1_max_ttl_to_l2);
     tcase_add_test(sv, without_a_loader_a_value_near_expiry_is_a_hit);
     tcase_add_test(sv, xfetch_refreshes_from_the_loader_over_l3);

@@ -781,7 +781,7 @@ static int fill(keel_cache *c, flight *f, const void *key, size_t klen, uint64_t
         if (other) { /* another process loads: wait for its value */
             atomic_fetch_add_explicit(&c->st.load_waits, 1, memory_order_relaxed);
             r = NULL;
-            int wrc = lease_wait(c, key, klen, lk, lkl, &r);
+            int wrc = tier_up(c, L2) ? tier_done(c, L2, lease_wait(c, key, klen, lk, lkl, &r)) : KEEL_EUNAVAIL;
             if (l2_take(c, key, klen, h, wrc == 0 ? r : NULL, seen, out, outlen, &rc))
                 return rc;
         }
