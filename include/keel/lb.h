@@ -88,7 +88,10 @@ typedef struct keel_lb_opts {
      * (default "default") and peer=<peer name, or its id> in this
      * registry. */
     keel_metrics *metrics;
-    const char *metrics_name; /* "default" if NULL; taken twice in one registry: KEEL_EEXIST */
+    const char *metrics_name; /* "default" if NULL; create does not check it:
+                                 a peer name that already has series under
+                                 it (in this lb or another) is KEEL_EEXIST
+                                 from keel_lb_add() */
 } keel_lb_opts;
 
 typedef struct keel_lb_peer_opts {

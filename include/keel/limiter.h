@@ -133,7 +133,10 @@ KEEL_API int keel_limiter_peek(keel_limiter *l, const void *key, size_t len, uin
 KEEL_API int keel_limiter_refund(keel_limiter *l, const void *key, size_t len, uint64_t cost,
                                  keel_limit_result *r);
 
-/* Forgets a key: it starts afresh. */
+/* Forgets a key: it starts afresh. Returns 0, KEEL_EINVAL, or with Redis
+ * the command's error (KEEL_EUNAVAIL, KEEL_ETIMEDOUT, KEEL_EBACKEND,
+ * KEEL_EPROTO, KEEL_ENOMEM): no failure policy applies, and the key may
+ * still be held. */
 KEEL_API int keel_limiter_reset(keel_limiter *l, const void *key, size_t len);
 
 /* One request of a batch. */

@@ -217,7 +217,9 @@ typedef struct keel_pg_query {
  * and every other statement KEEL_EABORTED (those before it were rolled
  * back, those after it not run). Returns 0, the failing statement's
  * KEEL_EBACKEND, or the connection's failure (KEEL_EUNAVAIL: lost, the
- * batch may or may not have been committed; KEEL_ETIMEDOUT). */
+ * batch may or may not have been committed; KEEL_ETIMEDOUT), or
+ * KEEL_ESTATE on a connection already in pipeline mode or busy (nothing
+ * sent). */
 KEEL_API int keel_pg_conn_batch(keel_pg_conn *c, keel_pg_query *q, size_t n);
 
 /* The same on a write connection, given back afterwards. */

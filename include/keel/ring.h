@@ -101,7 +101,9 @@ KEEL_API int keel_ring_create(keel_ring **out, const keel_ring_opts *opts);
  * bytes, any bytes) is copied. Returns 0; KEEL_EEXIST for a name already
  * in the ring; KEEL_EINVAL for an empty or over-long name, a zero weight,
  * or a ring that would pass 16,777,216 points (CONTINUUM, KETAMA) or
- * buckets (JUMP), or more nodes than MAGLEV table entries; KEEL_ENOMEM.
+ * buckets (JUMP), or more nodes than MAGLEV table entries; KEEL_ENOMEM;
+ * KEEL_ESTATE inside one of libkeel's own read sections, where it would
+ * wait for itself (a guard: no callback of libkeel runs in one).
  * Blocks until lookups of the previous ring version have finished. */
 KEEL_API int keel_ring_add(keel_ring *r, const void *name, size_t len, uint32_t weight,
                            void *ud);
@@ -111,8 +113,8 @@ KEEL_API int keel_ring_add(keel_ring *r, const void *name, size_t len, uint32_t 
 KEEL_API int keel_ring_add_many(keel_ring *r, const keel_ring_node_spec *specs, size_t n);
 
 /* Removes a node. Returns 0, KEEL_ENOTFOUND, KEEL_EINVAL (NULL, or in JUMP
- * a node that was not added last) or KEEL_ENOMEM (the ring is unchanged).
- * Blocks like keel_ring_add(). */
+ * a node that was not added last), KEEL_ESTATE (as keel_ring_add()) or
+ * KEEL_ENOMEM (the ring is unchanged). Blocks like keel_ring_add(). */
 KEEL_API int keel_ring_remove(keel_ring *r, const void *name, size_t len);
 
 /* The node that owns key. Returns 0, KEEL_EUNAVAIL for an empty ring,
