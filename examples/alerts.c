@@ -4,8 +4,8 @@
  * An hour of simulated traffic (time is injected, the run takes
  * milliseconds): an error burst from minute 10 to 25, slow responses from
  * 30 to 40, a cold cache from 45 to 60, memory pressure from 50 to 55.
- * The rules are evaluated every 30 s; every change and every batch of
- * alerts for Alertmanager is printed. */
+ * The rules are evaluated every 30 s; every change is printed, and the
+ * first two batches of alerts for Alertmanager. */
 #include <stdio.h>
 #include <string.h>
 
@@ -37,22 +37,35 @@ int main(void)
 {
     keel_metrics *m;
     keel_metrics_opts mo = {.wall_clock = fake_wall};
-    keel_metrics_create(&m, &mo);
+    int rc = keel_metrics_create(&m, &mo);
+    if (rc) {
+        fprintf(stderr, "keel_metrics_create: %s\n", keel_strerror(rc));
+        return 1;
+    }
     keel_counter *req, *err, *lookups, *hits;
     keel_histogram *lat;
     keel_gauge *mem;
-    keel_metrics_counter(m, "http_requests_total", "Requests.", NULL, 0, &req);
-    keel_metrics_counter(m, "http_errors_total", "Failed requests.", NULL, 0, &err);
-    keel_metrics_histogram(m, "http_request_duration_seconds", "Latency.", NULL, 0, NULL, 0, &lat);
-    keel_metrics_counter(m, "cache_lookups_total", "Cache lookups.", NULL, 0, &lookups);
-    keel_metrics_counter(m, "cache_hits_total", "Cache hits.", NULL, 0, &hits);
-    keel_metrics_gauge(m, "memory_usage_ratio", "Used / available memory.", NULL, 0, &mem);
+    if ((rc = keel_metrics_counter(m, "http_requests_total", "Requests.", NULL, 0, &req)) ||
+        (rc = keel_metrics_counter(m, "http_errors_total", "Failed requests.", NULL, 0, &err)) ||
+        (rc = keel_metrics_histogram(m, "http_request_duration_seconds", "Latency.", NULL, 0, NULL, 0,
+                                     &lat)) ||
+        (rc = keel_metrics_counter(m, "cache_lookups_total", "Cache lookups.", NULL, 0, &lookups)) ||
+        (rc = keel_metrics_counter(m, "cache_hits_total", "Cache hits.", NULL, 0, &hits)) ||
+        (rc = keel_metrics_gauge(m, "memory_usage_ratio", "Used / available memory.", NULL, 0, &mem))) {
+        fprintf(stderr, "keel_metrics: %s\n", keel_strerror(rc));
+        keel_metrics_destroy(m);
+        return 1;
+    }
 
     keel_alerts *a;
     keel_alerts_opts ao = {.metrics = m, .eval_interval_ns = 30 * S, .on_change = changed,
                            .clock = fake_clock, .wall_clock = fake_wall,
                            .generator_url = "http://example/alerts"};
-    keel_alerts_create(&a, &ao);
+    if ((rc = keel_alerts_create(&a, &ao)) != 0) {
+        fprintf(stderr, "keel_alerts_create: %s\n", keel_strerror(rc));
+        keel_metrics_destroy(m);
+        return 1;
+    }
     const char *page[] = {"severity", "page"}, *warn[] = {"severity", "warn"};
     struct {
         const char *name, *rule, **labels, *summary;
@@ -71,14 +84,24 @@ int main(void)
     for (int i = 0; i < 4; i++) {
         size_t at;
         const char *ann[] = {"summary", rules[i].summary};
-        if (keel_alerts_add(a, rules[i].name, rules[i].rule, rules[i].labels, 1, ann, 1, &at) != 0)
-            printf("rule %s: syntax error at %zu\n", rules[i].name, at);
+        if ((rc = keel_alerts_add(a, rules[i].name, rules[i].rule, rules[i].labels, 1, ann, 1, &at))) {
+            fprintf(stderr, "rule %s: %s (at byte %zu)\n", rules[i].name, keel_strerror(rc), at);
+            keel_alerts_destroy(a);
+            keel_metrics_destroy(m);
+            return 1;
+        }
     }
 
     keel_counter_child *r = keel_counter_with(req), *e = keel_counter_with(err);
     keel_counter_child *l = keel_counter_with(lookups), *h = keel_counter_with(hits);
     keel_histogram_child *d = keel_histogram_with(lat);
     keel_gauge_child *g = keel_gauge_with(mem);
+    if (!r || !e || !l || !h || !d || !g) {
+        fprintf(stderr, "keel_*_with: out of memory\n");
+        keel_alerts_destroy(a);
+        keel_metrics_destroy(m);
+        return 1;
+    }
     printf("state changes:\n");
     int batches = 0;
     for (now_ns = 0; now_ns <= 60 * 60 * S; now_ns += S) { /* one tick a second */
@@ -90,10 +113,13 @@ int main(void)
         keel_counter_add(l, 20);
         keel_counter_add(h, minute >= 45 ? 10 : 19);
         keel_gauge_set(g, minute >= 50 && minute < 55 ? 0.95 : 0.6);
-        if (keel_alerts_tick(a) == 1) {
+        if ((rc = keel_alerts_tick(a)) < 0)
+            break;
+        if (rc == 1) {
             char *json;
             size_t len;
-            keel_alerts_to_send(a, &json, &len);
+            if ((rc = keel_alerts_to_send(a, &json, &len)) != 0)
+                break;
             if (len > 2 && batches++ < 2)
                 printf("  to Alertmanager: %.*s%s\n", len > 300 ? 300 : (int)len, json,
                        len > 300 ? "..." : "");
@@ -101,13 +127,16 @@ int main(void)
         }
     }
     char *text;
-    keel_metrics_render_buf(m, KEEL_METRICS_PROMETHEUS, &text, NULL);
-    printf("at the end, keel_alerts series:\n");
-    for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n"))
-        if (strncmp(line, "keel_alerts{", 12) == 0)
-            printf("  %s\n", line);
-    keel_free(text);
+    if (rc >= 0 && (rc = keel_metrics_render_buf(m, KEEL_METRICS_PROMETHEUS, &text, NULL)) == 0) {
+        printf("at the end, keel_alerts series:\n");
+        for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n"))
+            if (strncmp(line, "keel_alerts{", 12) == 0)
+                printf("  %s\n", line);
+        keel_free(text);
+    }
+    if (rc < 0)
+        fprintf(stderr, "alerts: %s\n", keel_strerror(rc));
     keel_alerts_destroy(a);
     keel_metrics_destroy(m);
-    return 0;
+    return rc < 0 ? 1 : 0;
 }

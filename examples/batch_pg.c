@@ -63,7 +63,11 @@ static void *produce(void *arg)
         event *e = &p->events[p->from + i];
         e->id = p->from + i + 1;
         snprintf(e->kind, sizeof e->kind, "%s", i % 3 ? "view" : "click");
-        keel_batch_add(p->b, e, sizeof *e); /* blocks while the queue is full */
+        int rc = keel_batch_add(p->b, e, sizeof *e); /* blocks while the queue is full */
+        if (rc != 0) {
+            fprintf(stderr, "keel_batch_add: %s\n", keel_strerror(rc));
+            break;
+        }
     }
     return NULL;
 }
@@ -79,32 +83,48 @@ int main(void)
     keel_pg_opts po = {.primary = conninfo, .manual_health = 1};
     if (keel_pg_create(&a.pg, &po) != 0)
         return 1;
-    PGresult *r;
-    keel_pg_exec(a.pg, KEEL_PG_WRITE, "CREATE TABLE IF NOT EXISTS demo_events "
-                                      "(id bigint PRIMARY KEY, kind text)", NULL, &r);
+    PGresult *r = NULL;
+    int rc = keel_pg_exec(a.pg, KEEL_PG_WRITE, "CREATE TABLE IF NOT EXISTS demo_events "
+                                               "(id bigint PRIMARY KEY, kind text)", NULL, &r);
     PQclear(r);
-    keel_pg_exec(a.pg, KEEL_PG_WRITE, "TRUNCATE demo_events", NULL, &r);
+    r = NULL;
+    if (rc == 0)
+        rc = keel_pg_exec(a.pg, KEEL_PG_WRITE, "TRUNCATE demo_events", NULL, &r);
     PQclear(r);
-    keel_pg_stmt_create(a.pg, "INSERT INTO demo_events VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
-                        0, NULL, &a.insert);
+    if (rc == 0)
+        rc = keel_pg_stmt_create(a.pg, "INSERT INTO demo_events VALUES ($1, $2) "
+                                       "ON CONFLICT (id) DO NOTHING", 0, NULL, &a.insert);
+    if (rc != 0) {
+        fprintf(stderr, "setting up demo_events: %s\n", keel_strerror(rc));
+        keel_pg_destroy(a.pg);
+        return 1;
+    }
 
     keel_batch *b;
     keel_batch_opts o = {.handler = insert_events, .dead_letter = given_up, .ud = &a,
                          .max_items = 500, .linger_ns = 2000000, .capacity = 8192,
                          .max_retries = 5, .retry_base_ns = 50000000};
-    if (keel_batch_create(&b, &o) != 0)
-        return 1;
     enum { THREADS = 4, EACH = 25000 };
     event *events = calloc(THREADS * EACH, sizeof *events);
+    if (!events || (rc = keel_batch_create(&b, &o)) != 0) {
+        fprintf(stderr, "keel_batch_create: %s\n", keel_strerror(events ? rc : KEEL_ENOMEM));
+        free(events);
+        keel_pg_stmt_free(a.insert);
+        keel_pg_destroy(a.pg);
+        return 1;
+    }
     pthread_t t[THREADS];
     producer p[THREADS];
-    for (int i = 0; i < THREADS; i++) {
-        p[i] = (producer){b, events, (long)i * EACH, EACH};
-        pthread_create(&t[i], NULL, produce, &p[i]);
+    int started = 0;
+    for (; started < THREADS; started++) {
+        p[started] = (producer){b, events, (long)started * EACH, EACH};
+        if (pthread_create(&t[started], NULL, produce, &p[started]) != 0)
+            break;
     }
-    for (int i = 0; i < THREADS; i++)
+    for (int i = 0; i < started; i++)
         pthread_join(t[i], NULL);
-    keel_batch_close(b); /* every accepted event handled or given up */
+    if ((rc = keel_batch_close(b)) != 0) /* every accepted event handled or given up */
+        fprintf(stderr, "keel_batch_close: %s\n", keel_strerror(rc));
 
     keel_batch_stats st;
     keel_batch_stats_get(b, &st);
@@ -113,14 +133,18 @@ int main(void)
            THREADS, (unsigned long long)st.accepted, (unsigned long long)st.handled,
            (unsigned long long)st.batches, (unsigned long long)st.retried,
            (unsigned long long)st.dead_lettered);
-    unsigned long long most = 0;
+    int top = 0; /* size[i] counts batches of 2^(i-1)+1 to 2^i items */
     for (int i = 0; i < KEEL_BATCH_BUCKETS; i++)
         if (st.size[i])
-            most = 1ull << i;
-    printf("largest batches: up to %llu events (max_items %zu)\n", most, (size_t)o.max_items);
-    keel_pg_exec(a.pg, KEEL_PG_WRITE, "SELECT count(*) FROM demo_events", NULL, &r);
-    printf("rows in demo_events: %s\n", r ? PQgetvalue(r, 0, 0) : "?");
-    int ok = r && atoll(PQgetvalue(r, 0, 0)) == (long long)st.handled &&
+            top = i;
+    printf("largest batches: %llu to %llu events (max_items %zu)\n",
+           top ? (1ull << (top - 1)) + 1 : 1, 1ull << top, (size_t)o.max_items);
+    r = NULL;
+    int crc = keel_pg_exec(a.pg, KEEL_PG_WRITE, "SELECT count(*) FROM demo_events", NULL, &r);
+    printf("rows in demo_events: %s\n", crc == 0 ? PQgetvalue(r, 0, 0) : keel_strerror(crc));
+    int ok = rc == 0 && started == THREADS && crc == 0 &&
+             atoll(PQgetvalue(r, 0, 0)) == (long long)st.handled &&
+             st.accepted == (unsigned long long)THREADS * EACH &&
              st.accepted == st.handled + st.dead_lettered + st.dropped;
     PQclear(r);
     keel_batch_destroy(b);

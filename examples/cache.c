@@ -25,7 +25,7 @@ static int load_profile(const void *key, size_t klen, keel_cache_load *ld, void 
     atomic_fetch_add(&loads, 1);
     struct timespec ts = {0, 50000000};
     nanosleep(&ts, NULL);
-    if (klen > 5 && memcmp(key, "user:", 5) != 0)
+    if (klen < 5 || memcmp(key, "user:", 5) != 0)
         return KEEL_ENOTFOUND; /* remembered as absent for a while */
     char v[64];
     int n = snprintf(v, sizeof v, "{\"id\":\"%.*s\",\"plan\":\"pro\"}", (int)klen, (const char *)key);
@@ -78,22 +78,35 @@ int main(void)
     printf("tiers: L1%s%s\n", redis ? " + L2 Redis" : "", pg ? " + L3 PostgreSQL" : "");
 
     pthread_t t[8]; /* a stampede on a cold key */
-    for (int i = 0; i < 8; i++)
-        pthread_create(&t[i], NULL, reader, c);
-    for (int i = 0; i < 8; i++)
+    int started = 0;
+    while (started < 8 && pthread_create(&t[started], NULL, reader, c) == 0)
+        started++;
+    for (int i = 0; i < started; i++)
         pthread_join(t[i], NULL);
     printf("8 threads asked for user:42 at once: the loader ran %d time(s)\n", atomic_load(&loads));
 
     char v[128];
     size_t len;
-    keel_cache_get(c, "user:42", 7, v, sizeof v, &len);
-    printf("user:42 -> %.*s\n", (int)len, v);
+    int bad = 0;
+    rc = keel_cache_get(c, "user:42", 7, v, sizeof v, &len);
+    bad |= rc != 0;
+    printf("user:42 -> %.*s\n", rc ? 0 : (int)len, rc ? keel_err_name(rc) : v);
     printf("order:7 -> %s (and cached as absent)\n", keel_err_name(keel_cache_get(c, "order:7", 7, v, sizeof v, &len)));
-    keel_cache_set(c, "user:43", 7, "{\"id\":\"user:43\"}", 16, 0, (const char *[]){"profiles"}, 1);
-    keel_cache_invalidate_tag(c, "profiles"); /* every tier, every process */
-    keel_cache_get(c, "user:42", 7, v, sizeof v, &len);
+    if ((rc = keel_cache_set(c, "user:43", 7, "{\"id\":\"user:43\"}", 16, 0, (const char *[]){"profiles"},
+                             1)) ||
+        (rc = keel_cache_invalidate_tag(c, "profiles"))) { /* every tier, every process */
+        fprintf(stderr, "set or invalidate: %s\n", keel_strerror(rc));
+        bad = 1;
+    }
+    if ((rc = keel_cache_get(c, "user:42", 7, v, sizeof v, &len)) != 0) {
+        fprintf(stderr, "user:42 again: %s\n", keel_strerror(rc));
+        bad = 1;
+    }
     printf("after invalidating the tag, user:42 was loaded again: %d loads\n", atomic_load(&loads));
-    keel_cache_invalidate_prefix(c, "user:", 5);
+    if ((rc = keel_cache_invalidate_prefix(c, "user:", 5)) != 0) {
+        fprintf(stderr, "invalidate prefix: %s\n", keel_strerror(rc));
+        bad = 1;
+    }
 
     keel_cache_stats st;
     keel_cache_stats_get(c, &st);
@@ -105,10 +118,13 @@ int main(void)
         char sql[128];
         snprintf(sql, sizeof sql, "DROP TABLE \"%s\"", table);
         PGresult *r = NULL;
-        keel_pg_exec(pg, KEEL_PG_WRITE, sql, NULL, &r);
+        if ((rc = keel_pg_exec(pg, KEEL_PG_WRITE, sql, NULL, &r)) != 0) {
+            fprintf(stderr, "%s: %s\n", sql, keel_strerror(rc));
+            bad = 1;
+        }
         PQclear(r);
     }
     keel_pg_destroy(pg);
     keel_redis_destroy(redis);
-    return atomic_load(&loads) == 3 ? 0 : 1;
+    return atomic_load(&loads) == 3 && !bad ? 0 : 1;
 }

@@ -80,20 +80,27 @@ int main(void)
     }
     char prefix[48];
     snprintf(prefix, sizeof prefix, "example_%ld_", (long)time(NULL));
-    keel_cqrs *c;
+    keel_cqrs *c = NULL;
     keel_cqrs_opts o = {.pg = pg, .prefix = prefix};
     int rc = keel_cqrs_create(&c, &o);
     if (rc == 0)
         rc = keel_cqrs_create_schema(c);
     if (rc) {
         fprintf(stderr, "keel_cqrs: %s\n", keel_strerror(rc));
+        keel_cqrs_destroy(c);
+        keel_pg_destroy(pg);
         return 1;
     }
     printf("event store: %s\n", pg ? "PostgreSQL" : "in memory");
     directory d = {PTHREAD_MUTEX_INITIALIZER, {{0}}, 0};
-    keel_cqrs_command(c, "register_user", register_user, NULL);
-    keel_cqrs_query(c, "count_users", count_users, &d);
-    keel_cqrs_use(c, KEEL_CQRS_COMMAND | KEEL_CQRS_QUERY, log_link, NULL);
+    if ((rc = keel_cqrs_command(c, "register_user", register_user, NULL)) ||
+        (rc = keel_cqrs_query(c, "count_users", count_users, &d)) ||
+        (rc = keel_cqrs_use(c, KEEL_CQRS_COMMAND | KEEL_CQRS_QUERY, log_link, NULL))) {
+        fprintf(stderr, "keel_cqrs: %s\n", keel_strerror(rc));
+        keel_cqrs_destroy(c);
+        keel_pg_destroy(pg);
+        return 1;
+    }
 
     keel_cqrs_result r;
     keel_cqrs_send(c, "register_user", "ada@example.org", 15, "signup-1", &r);
@@ -109,10 +116,12 @@ int main(void)
     keel_cqrs_projection *p;
     keel_cqrs_projection_opts po = {.name = "directory", .handler = index_user, .ud = &d};
     size_t applied = 0;
-    if (keel_cqrs_projection_create(c, &po, &p) == 0) {
-        keel_cqrs_projection_run(p, &applied);
+    if ((rc = keel_cqrs_projection_create(c, &po, &p)) == 0) {
+        rc = keel_cqrs_projection_run(p, &applied);
         keel_cqrs_projection_destroy(p);
     }
+    if (rc)
+        fprintf(stderr, "projection: %s\n", keel_strerror(rc));
     printf("projection applied %zu events; checkpoint kept for the next run\n", applied);
     if (keel_cqrs_ask(c, "count_users", NULL, 0, 0, &r) == 0)
         printf("  query answer: %s (%s, %s)\n", (const char *)r.reply, d.names[0], d.names[1]);

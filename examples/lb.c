@@ -37,7 +37,10 @@ int main(void)
     keel_lb_peer *peer[3];
     for (int i = 0; i < 3; i++) {
         keel_lb_peer_opts po = {.name = names[i], .weight = weights[i], .ud = (void *)(intptr_t)i};
-        keel_lb_add(lb, &po, &peer[i]);
+        if (keel_lb_add(lb, &po, &peer[i]) != 0) {
+            keel_lb_destroy(lb);
+            return 1;
+        }
     }
 
     printf("weights a=5 b=3 c=2; c fails from 10 s to 30 s\n");
@@ -77,7 +80,8 @@ int main(void)
     keel_breaker *br;
     keel_breaker_opts bo = {.window_size = 20, .minimum_calls = 10, .wait_open_ns = 5 * S,
                             .permitted_in_half_open = 3};
-    keel_breaker_create(&br, &bo);
+    if (keel_breaker_create(&br, &bo) != 0)
+        return 1;
     printf("\nbreaker in front of c (5 s open wait, 3 trial calls):\n");
     keel_breaker_state last = KEEL_BREAKER_CLOSED;
     int refused = 0;

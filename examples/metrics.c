@@ -44,6 +44,10 @@ static enum MHD_Result serve(void *cls, struct MHD_Connection *c, const char *ur
     /* libmicrohttpd frees with free(); keel_free uses the same allocator
      * here, but copy to stay honest about who owns what */
     char *body = malloc(len ? len : 1);
+    if (!body) {
+        keel_free(text);
+        return MHD_NO;
+    }
     memcpy(body, text, len);
     keel_free(text);
     struct MHD_Response *r = MHD_create_response_from_buffer(len, body, MHD_RESPMEM_MUST_FREE);
@@ -58,14 +62,17 @@ static void *work(void *arg)
     (void)arg;
     keel_counter *requests;
     keel_histogram *latency;
-    keel_metrics_counter(registry, "demo_requests_total", "Requests handled.",
-                         (const char *[]){"route", "code"}, 2, &requests);
-    keel_metrics_histogram(registry, "demo_request_duration_seconds", "Time to handle a request.",
-                           (const char *[]){"route"}, 1, NULL, 0, &latency);
+    if (keel_metrics_counter(registry, "demo_requests_total", "Requests handled.",
+                             (const char *[]){"route", "code"}, 2, &requests) != 0 ||
+        keel_metrics_histogram(registry, "demo_request_duration_seconds", "Time to handle a request.",
+                               (const char *[]){"route"}, 1, NULL, 0, &latency) != 0)
+        return NULL;
     /* bind the children once; the loop touches no strings and no locks */
     keel_counter_child *ok = keel_counter_with(requests, "/items", "200");
     keel_counter_child *miss = keel_counter_with(requests, "/items", "404");
     keel_histogram_child *lat = keel_histogram_with(latency, "/items");
+    if (!ok || !miss || !lat)
+        return NULL;
     unsigned x = 1;
     for (long i = 0; !atomic_load(&stop); i++) {
         x = x * 1103515245u + 12345u;
@@ -81,15 +88,22 @@ static void *work(void *arg)
 static void scrape(int port)
 {
     int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0) {
+        perror("socket");
+        return;
+    }
     struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
     sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     if (connect(fd, (struct sockaddr *)&sa, sizeof sa) != 0) {
         perror("connect");
+        close(fd);
         return;
     }
     const char *req = "GET /metrics HTTP/1.0\r\nAccept: application/openmetrics-text\r\n\r\n";
-    if (write(fd, req, strlen(req)) < 0)
+    if (write(fd, req, strlen(req)) < 0) {
+        close(fd);
         return;
+    }
     char buf[4096];
     ssize_t n = read(fd, buf, sizeof buf - 1);
     close(fd);
@@ -111,8 +125,13 @@ int main(int argc, char **argv)
         return 1;
     keel_pool *pool; /* a libkeel module reporting into the same registry */
     keel_pool_opts po = {.obj_size = 256, .metrics = registry, .metrics_name = "buffers"};
-    keel_pool_create(&pool, &po);
-    keel_pool_release(pool, keel_pool_acquire(pool));
+    if (keel_pool_create(&pool, &po) != 0) {
+        keel_metrics_destroy(registry);
+        return 1;
+    }
+    void *obj = keel_pool_acquire(pool);
+    if (obj)
+        keel_pool_release(pool, obj);
 
     struct MHD_Daemon *d = MHD_start_daemon(MHD_USE_INTERNAL_POLLING_THREAD, 0, NULL, NULL, serve,
                                             NULL, MHD_OPTION_SOCK_ADDR,
@@ -121,11 +140,18 @@ int main(int argc, char **argv)
                                             MHD_OPTION_END);
     if (!d) {
         fprintf(stderr, "cannot start the HTTP server\n");
+        keel_pool_destroy(pool);
+        keel_metrics_destroy(registry);
         return 1;
     }
     int port = MHD_get_daemon_info(d, MHD_DAEMON_INFO_BIND_PORT)->port;
     pthread_t t;
-    pthread_create(&t, NULL, work, NULL);
+    if (pthread_create(&t, NULL, work, NULL) != 0) {
+        MHD_stop_daemon(d);
+        keel_pool_destroy(pool);
+        keel_metrics_destroy(registry);
+        return 1;
+    }
     if (argc > 1) {
         printf("serving http://127.0.0.1:%d/metrics for %s s\n", port, argv[1]);
         sleep((unsigned)atoi(argv[1]));

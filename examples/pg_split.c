@@ -78,7 +78,10 @@ int main(void)
 
     /* A batch: 100 rows in one pipeline, one transaction. */
     keel_pg_stmt *ins;
-    keel_pg_stmt_create(pg, "INSERT INTO demo_orders (id, item) VALUES ($1, $2)", 0, NULL, &ins);
+    if (keel_pg_stmt_create(pg, "INSERT INTO demo_orders (id, item) VALUES ($1, $2)", 0, NULL, &ins)) {
+        keel_pg_destroy(pg);
+        return 1;
+    }
     static char ids[100][8];
     static const char *vals[100][2];
     keel_pg_query q[100];

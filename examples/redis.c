@@ -124,7 +124,11 @@ int main(void)
                               "return 0 end\n"
                               "return v";
     keel_redis_script *s;
-    keel_redis_script_create(r, lua, sizeof lua - 1, &s);
+    if ((rc = keel_redis_script_create(r, lua, sizeof lua - 1, &s)) != 0) {
+        fprintf(stderr, "keel_redis_script_create: %s\n", keel_strerror(rc));
+        keel_redis_destroy(r);
+        return 1;
+    }
     printf("script %.12s...: capped increments of seats:", keel_redis_script_sha(s));
     const void *key = "seats";
     size_t keylen = 5;

@@ -35,7 +35,10 @@ static void demo(keel_ring_algo algo, const char *title)
     if (keel_ring_create(&r, &opts) != 0)
         return;
     for (int i = 0; i < 5; i++) /* cache-e gets twice the share */
-        keel_ring_add(r, nodes[i], strlen(nodes[i]), i == 4 ? 2 : 1, (void *)(intptr_t)i);
+        if (keel_ring_add(r, nodes[i], strlen(nodes[i]), i == 4 ? 2 : 1, (void *)(intptr_t)i) != 0) {
+            keel_ring_destroy(r);
+            return;
+        }
 
     static int before[KEYS];
     int count[5] = {0};
@@ -73,12 +76,19 @@ int main(void)
     /* Bounded loads: a hot key spills over instead of overloading a node. */
     keel_ring *r;
     keel_ring_opts opts = {.load_epsilon = 0.25};
-    keel_ring_create(&r, &opts);
+    if (keel_ring_create(&r, &opts) != 0)
+        return 1;
     for (int i = 0; i < 5; i++)
-        keel_ring_add(r, nodes[i], strlen(nodes[i]), 1, (void *)(intptr_t)i);
+        if (keel_ring_add(r, nodes[i], strlen(nodes[i]), 1, (void *)(intptr_t)i) != 0) {
+            keel_ring_destroy(r);
+            return 1;
+        }
     keel_ring_node held[100];
     for (int i = 0; i < 100; i++)
-        keel_ring_assign(r, "hot-key", 7, &held[i]);
+        if (keel_ring_assign(r, "hot-key", 7, &held[i]) != 0) {
+            keel_ring_destroy(r);
+            return 1;
+        }
     printf("bounded loads (epsilon 0.25): 100 requests for one hot key land as");
     for (int i = 0; i < 5; i++) {
         keel_ring_node n = {.id = 0};
