@@ -33,7 +33,7 @@
 #include "internal.h"
 #include "rcu.h"
 
-#define NAME_MAX_LEN 1024
+#define NAME_MAX_LEN 1030 /* libmemcached's longest: a 1024-byte host, ":65535" */
 #define MAX_POINTS (1u << 24)
 #define PPW_DEFAULT 160
 #define PPW_MAX 10000

@@ -134,6 +134,36 @@ START_TEST(ketama_matches_libmemcached_after_a_removal)
 }
 END_TEST
 
+START_TEST(ketama_matches_libmemcached_with_the_longest_host_names)
+{
+    /* libmemcached takes host names up to 1024 bytes on any port, so a
+     * server's name, "host:port", reaches 1030 bytes. */
+    memcached_st *m = memcached_create(NULL);
+    memcached_behavior_set(m, MEMCACHED_BEHAVIOR_KETAMA_WEIGHTED, 1);
+    keel_ring *r = ring_new(KEEL_RING_KETAMA);
+    static const int ports[] = {11211, 11212, 65535};
+    for (int i = 0; i < 3; i++) {
+        char host[1025], name[1040];
+        memset(host, 'a' + i, 1024);
+        host[1024] = '\0';
+        ck_assert_int_eq(memcached_server_add_with_weight(m, host, (in_port_t)ports[i], 1),
+                         MEMCACHED_SUCCESS);
+        int len = ports[i] == 11211 ? snprintf(name, sizeof name, "%s", host)
+                                    : snprintf(name, sizeof name, "%s:%d", host, ports[i]);
+        ck_assert_int_eq(keel_ring_add(r, name, (size_t)len, 1, (void *)(intptr_t)i), 0);
+    }
+    for (int k = 0; k < 20000; k++) {
+        char key[32];
+        int len = snprintf(key, sizeof key, "k%d", k);
+        keel_ring_node nd;
+        ck_assert_int_eq(keel_ring_lookup(r, key, (size_t)len, &nd), 0);
+        ck_assert_uint_eq((uint32_t)(intptr_t)nd.ud, memcached_generate_hash(m, key, (size_t)len));
+    }
+    keel_ring_destroy(r);
+    memcached_free(m);
+}
+END_TEST
+
 /* ---- balance ---- */
 
 static double max_over_mean(keel_ring *r, int nodes, int keys)
@@ -634,7 +664,7 @@ START_TEST(bad_input_is_refused)
     ck_assert_int_eq(keel_ring_add(r, "a", 1, 0, NULL), KEEL_EINVAL);
     ck_assert_int_eq(keel_ring_add(r, "", 0, 1, NULL), KEEL_EINVAL);
     ck_assert_int_eq(keel_ring_add(r, NULL, 1, 1, NULL), KEEL_EINVAL);
-    char longname[1025];
+    char longname[1031];
     memset(longname, 'x', sizeof longname);
     ck_assert_int_eq(keel_ring_add(r, longname, sizeof longname, 1, NULL), KEEL_EINVAL);
     ck_assert_int_eq(keel_ring_add(r, "a\0b", 3, 1, NULL), 0); /* names are bytes */
@@ -696,6 +726,7 @@ int main(void)
     tcase_add_loop_test(tc, ketama_matches_libmemcached, 0,
                         (int)(sizeof ketama_cases / sizeof ketama_cases[0]));
     tcase_add_test(tc, ketama_matches_libmemcached_after_a_removal);
+    tcase_add_test(tc, ketama_matches_libmemcached_with_the_longest_host_names);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("large");

@@ -97,8 +97,9 @@ typedef struct keel_ring_node_spec {
  * in range, a negative or NaN epsilon) or KEEL_ENOMEM. */
 KEEL_API int keel_ring_create(keel_ring **out, const keel_ring_opts *opts);
 
-/* Adds a node with a weight (> 0) and a user pointer. The name (1..1024
- * bytes, any bytes) is copied. Returns 0; KEEL_EEXIST for a name already
+/* Adds a node with a weight (> 0) and a user pointer. The name (1..1030
+ * bytes, any bytes: room for libmemcached's "host:port" with a host of
+ * 1024) is copied. Returns 0; KEEL_EEXIST for a name already
  * in the ring; KEEL_EINVAL for an empty or over-long name, a zero weight,
  * or a ring that would pass 16,777,216 points (CONTINUUM, KETAMA) or
  * buckets (JUMP), or more nodes than MAGLEV table entries; KEEL_ENOMEM;
