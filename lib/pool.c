@@ -384,13 +384,14 @@ static bool caches_look_idle(keel_pool *p)
     return false;
 }
 
-/* Takes the idle objects of every thread cache into the depot. Caller holds
- * p->mu. Returns how many were moved: 0 also when the empty magazines the
- * exchange needs cannot be allocated (the objects then stay where they
- * are, and nothing is half done). */
-static size_t steal_all(keel_pool *p)
+/* Takes the idle objects of every thread cache into the depot and counts
+ * them in *moved. Caller holds p->mu. Returns 0, or KEEL_ENOMEM when the
+ * empty magazines the exchange needs cannot be allocated (the objects then
+ * stay where they are, and nothing is half done). */
+static int steal_all(keel_pool *p, size_t *moved_out)
 {
     size_t need = 0, have = 0;
+    *moved_out = 0;
     for (tcache *tc = p->tcs; tc; tc = tc->next)
         need += 2;
     for (mag *m = p->empty; m && have < need; m = m->next)
@@ -398,7 +399,7 @@ static size_t steal_all(keel_pool *p)
     for (; have < need; have++) {
         mag *m = mag_new(p);
         if (!m)
-            return 0;
+            return KEEL_ENOMEM;
         m->next = p->empty;
         p->empty = m;
     }
@@ -415,7 +416,8 @@ static size_t steal_all(keel_pool *p)
     atomic_fetch_sub_explicit(&p->gate, GATE_STEAL, memory_order_release);
     if (moved)
         p->steals++;
-    return moved;
+    *moved_out = moved;
+    return 0;
 }
 
 /* A thread with a cache for p exits: its magazines go to the depot. */
@@ -550,6 +552,7 @@ static int acquire_slow(keel_pool *p, tcache *tc, uint64_t timeout_ns, void **ou
 {
     int err = 0;
     bool stolen = false, waiting = false, timed_out = false;
+    bool steal_nomem = false; /* idle objects may sit where the steal could not reach */
     struct timespec deadline;
 
     *out = NULL;
@@ -594,7 +597,10 @@ static int acquire_slow(keel_pool *p, tcache *tc, uint64_t timeout_ns, void **ou
             /* Without a waiter's gate, skip the membarrier when no cache
              * seems to hold anything (a polling caller must not flood every
              * CPU with interrupts). */
-            if ((waiting || caches_look_idle(p)) && steal_all(p))
+            size_t moved = 0;
+            if (waiting || caches_look_idle(p))
+                steal_nomem = steal_all(p, &moved) != 0;
+            if (moved)
                 continue;
         }
         if (!waiting)
@@ -604,6 +610,8 @@ static int acquire_slow(keel_pool *p, tcache *tc, uint64_t timeout_ns, void **ou
                      : pthread_cond_timedwait(&p->cv, &p->mu, &deadline);
         timed_out = rc != 0; /* one more look at idle objects and capacity */
     }
+    if (!*out && err == KEEL_ETIMEDOUT && steal_nomem)
+        err = KEEL_ENOMEM; /* not "at capacity": it could not look */
     if (!*out && err == KEEL_ETIMEDOUT)
         p->timeouts++;
     if (waiting)
@@ -859,7 +867,8 @@ KEEL_API size_t keel_pool_trim(keel_pool *p)
     if (!p)
         return 0;
     pthread_mutex_lock(&p->mu);
-    steal_all(p);
+    size_t stolen;
+    steal_all(p, &stolen); /* without memory, the caches keep theirs */
     size_t n = finalise_depot(p);
     while (p->empty) { /* the caches keep theirs; spare magazines go */
         mag *m = p->empty;

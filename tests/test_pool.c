@@ -400,6 +400,33 @@ START_TEST(idle_objects_in_another_thread_are_not_lost_capacity)
 }
 END_TEST
 
+START_TEST(an_acquire_that_cannot_steal_for_memory_says_so)
+{
+    keel_pool *p;
+    keel_pool_opts o = {.obj_size = 64, .capacity = 4, .magazine_size = 4};
+    ck_assert_int_eq(keel_pool_create(&p, &o), 0);
+    void *mine = keel_pool_acquire(p); /* this thread's cache exists */
+    ck_assert_ptr_nonnull(mine);
+    parked pk = {0};
+    pthread_t t;
+    park_start(&pk, &t, p, 3); /* the other 3 idle in its magazines */
+    /* At capacity: the idle 3 need a steal, whose spare magazines (56
+     * bytes each) cannot be had. */
+    keel_allocator a = {no_magazines, calloc, realloc, free};
+    ck_assert_int_eq(keel_set_allocator(&a), 0);
+    void *x = (void *)1;
+    int rc = keel_pool_acquire_timeout(p, 0, &x);
+    keel_set_allocator(NULL);
+    ck_assert_int_eq(rc, KEEL_ENOMEM); /* not "full": objects are idle */
+    ck_assert_ptr_null(x);
+    ck_assert_int_eq(keel_pool_acquire_timeout(p, 0, &x), 0); /* with memory again */
+    keel_pool_release(p, x);
+    keel_pool_release(p, mine);
+    park_finish(&pk, t);
+    keel_pool_destroy(p);
+}
+END_TEST
+
 START_TEST(stats_count_every_idle_object_and_hit)
 {
     counts c = {0};
@@ -712,6 +739,7 @@ static Suite *pool_suite(void)
     tc = tcase_create("threads");
     tcase_set_timeout(tc, 20);
     tcase_add_test(tc, idle_objects_in_another_thread_are_not_lost_capacity);
+    tcase_add_test(tc, an_acquire_that_cannot_steal_for_memory_says_so);
     tcase_add_test(tc, stats_count_every_idle_object_and_hit);
     tcase_add_test(tc, exiting_thread_gives_its_magazines_back);
     tcase_add_test(tc, destroy_finalises_objects_idle_in_other_threads);
