@@ -445,8 +445,8 @@ static void prefer(const keel_ring *r, const snap *s, const void *key, size_t le
         break;
     }
     case KEEL_RING_JUMP: {
-        /* The key's own bucket, then buckets for rehashes of the key: where
-         * it would go if the nodes before were gone. */
+        /* The key's own bucket, then buckets for rehashes of the key (not
+         * where it would go if the nodes before were gone: see ring.h). */
         uint64_t h = keel__hash64(key, len, r->seed);
         size_t tries = 8 * s->n + 64;
         for (size_t k = 0; k < tries; k++)

@@ -122,9 +122,13 @@ KEEL_API int keel_ring_remove(keel_ring *r, const void *name, size_t len);
  * KEEL_EINVAL for NULL arguments (an empty key is a valid key). Lock-free. */
 KEEL_API int keel_ring_lookup(keel_ring *r, const void *key, size_t len, keel_ring_node *node);
 
-/* Up to n distinct nodes for key in preference order: the owner first,
- * then where the key would go if the nodes before were gone (the replica
- * set). *found is set to min(n, nodes in the ring). Returns 0,
+/* Up to n distinct nodes for key in preference order, the owner first
+ * (the replica set). With CONTINUUM and KETAMA the next node is where the
+ * key would go if the nodes before were gone; JUMP and MAGLEV cannot say
+ * that without a rebuild, and follow rehashes of the key (JUMP) or the
+ * table entries after the key's (MAGLEV) instead, so there the owner's
+ * removal moves its keys to a node of the set only by chance. *found is
+ * set to min(n, nodes in the ring). Returns 0,
  * KEEL_EUNAVAIL for an empty ring, KEEL_EINVAL, or KEEL_ENOMEM (n > 16
  * needs a small bitmap). */
 KEEL_API int keel_ring_lookup_n(keel_ring *r, const void *key, size_t len, size_t n,
