@@ -9,7 +9,10 @@
  *    the hash in front of the sorted points).
  *  KEEL_RING_KETAMA — bit-exact with libmemcached's weighted ketama (and so
  *    twemproxy with `hash: md5`), quirks included, for clusters shared with
- *    clients in other languages. To match, name each node exactly as
+ *    clients in other languages. That is MEMCACHED_BEHAVIOR_KETAMA_WEIGHTED,
+ *    which also hashes keys with MD5; MEMCACHED_BEHAVIOR_KETAMA alone keeps
+ *    the default key hash (and, all weights 1, 100 points a server) and
+ *    places keys differently. To match, name each node exactly as
  *    libmemcached formats the server: "host" when its port is 11211, and
  *    "host:port" otherwise (the name is hashed as "<name>-<n>"). Points
  *    depend on the number of nodes, so, as in libmemcached, removing one
