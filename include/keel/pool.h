@@ -45,8 +45,10 @@ typedef struct keel_pool_opts {
     /* Called on every release, in the releasing thread, before the object
      * becomes available to others. Must not fail. */
     void (*reset)(void *obj, void *ud);
-    /* Called once when an idle object's memory is finally returned: by
-     * keel_pool_trim() and keel_pool_destroy(). */
+    /* Called once when an object is given up: an idle one by
+     * keel_pool_trim() and keel_pool_destroy(), one given back by
+     * keel_pool_discard(), and one released when no memory is left to
+     * keep it (after its `reset`). */
     void (*fini)(void *obj, void *ud);
     void *ud;         /* passed to the three hooks, which must not call
                          functions of the same pool */
@@ -103,7 +105,8 @@ KEEL_API int keel_pool_acquire_timeout(keel_pool *p, uint64_t timeout_ns,
 
 /* Gives an object back: calls `reset`, then keeps it for the next acquire
  * (when no memory is left for the magazine that would hold it, the object
- * is finalised instead, freeing its capacity). Returns 0, or KEEL_EINVAL for NULL arguments. In debug mode also
+ * is finalised instead, freeing its capacity). Returns 0, or KEEL_EINVAL
+ * for NULL arguments. In debug mode also
  * KEEL_EINVAL, with a log message, for an object that is not out (a double
  * release) or that this pool never handed out; the pool is left unchanged.
  * Without debug mode such misuse is undefined behaviour. Never blocks. */
