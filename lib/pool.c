@@ -51,6 +51,7 @@
 
 #define MAX_ALIGN 4096
 #define SLAB_TARGET_BYTES (64 * 1024)
+#define SLAB_LARGE_BYTES (1024 * 1024) /* eight large objects a slab, up to this */
 #define MAG_DEFAULT 32
 #define MAG_MAX 4096
 
@@ -223,8 +224,10 @@ static size_t slab_find(keel_pool *p, const void *obj)
 static slab *slab_new(keel_pool *p)
 {
     size_t nobj = SLAB_TARGET_BYTES / p->stride;
-    if (nobj < 8)
-        nobj = 8;
+    if (nobj < 8) { /* large objects: a few a slab, one if they are huge */
+        nobj = SLAB_LARGE_BYTES / p->stride;
+        nobj = nobj > 8 ? 8 : nobj ? nobj : 1;
+    }
     if (nobj > UINT32_MAX)
         nobj = UINT32_MAX;
     if (p->capacity && nobj > p->capacity - p->slot_total)

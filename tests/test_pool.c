@@ -427,6 +427,23 @@ START_TEST(an_acquire_that_cannot_steal_for_memory_says_so)
 }
 END_TEST
 
+/* A slab holds many small objects, but large ones are not allocated eight
+ * at a time: the first acquire of a 4 MiB object takes 4 MiB. */
+START_TEST(large_objects_are_not_allocated_in_eights)
+{
+    keel_pool *p;
+    keel_pool_opts o = {.obj_size = (size_t)4 << 20};
+    ck_assert_int_eq(keel_pool_create(&p, &o), 0);
+    void *obj = keel_pool_acquire(p);
+    ck_assert_ptr_nonnull(obj);
+    keel_pool_stats st;
+    keel_pool_stats_get(p, &st);
+    ck_assert_uint_eq(st.slab_bytes, (uint64_t)4 << 20);
+    ck_assert_int_eq(keel_pool_release(p, obj), 0);
+    keel_pool_destroy(p);
+}
+END_TEST
+
 START_TEST(stats_count_every_idle_object_and_hit)
 {
     counts c = {0};
@@ -741,6 +758,7 @@ static Suite *pool_suite(void)
     tcase_add_test(tc, idle_objects_in_another_thread_are_not_lost_capacity);
     tcase_add_test(tc, an_acquire_that_cannot_steal_for_memory_says_so);
     tcase_add_test(tc, stats_count_every_idle_object_and_hit);
+    tcase_add_test(tc, large_objects_are_not_allocated_in_eights);
     tcase_add_test(tc, exiting_thread_gives_its_magazines_back);
     tcase_add_test(tc, destroy_finalises_objects_idle_in_other_threads);
     tcase_add_test(tc, a_reused_pool_id_does_not_confuse_a_live_thread);

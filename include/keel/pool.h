@@ -5,7 +5,9 @@
  * thread keeps two small magazines of idle objects (Bonwick & Adams, USENIX
  * 2001); acquire and release touch only them, with no lock and no shared
  * cache line, until a magazine runs empty or full and is exchanged with the
- * shared depot. Objects are carved from slabs of many objects each.
+ * shared depot. Objects are carved from slabs of many objects each (64 KiB
+ * or eight objects; past 128 KiB an object, as many as fit in 1 MiB, one
+ * at least).
  *
  * Capacity: a bounded pool never has more than `capacity` objects
  * constructed, so never more than `capacity` live. An idle object kept in
