@@ -280,8 +280,10 @@ void keel__log(keel_log_level level, const char *module, const char *fmt, ...)
         buf[--n] = '\0';
     for (char *p = buf; (p = strchr(p, '\n')) != NULL;)
         *p = ' ';
+    /* The hook may have changed since the check: the one read now must
+     * want this level too. */
     pthread_mutex_lock(&keel__log_mu);
-    keel_log_fn fn = keel__log_fn;
+    keel_log_fn fn = keel__log_enabled(level) ? keel__log_fn : NULL;
     void *ud = keel__log_ud;
     pthread_mutex_unlock(&keel__log_mu);
     if (fn)

@@ -11,6 +11,7 @@
 #include <keel.h>
 
 #include "harness.h"
+#include "internal.h"
 
 START_TEST(every_error_code_has_a_name_and_a_message)
 {
@@ -202,6 +203,48 @@ START_TEST(the_log_hook_gets_messages_up_to_its_level)
 }
 END_TEST
 
+/* A hook installed at one level never gets a message above it, even from
+ * a thread that was already logging when the hook changed. */
+static atomic_int too_verbose, quiet_calls;
+static atomic_bool logging_done;
+static void quiet_hook(keel_log_level lv, const char *mod, const char *msg, void *ud)
+{
+    (void)mod, (void)msg, (void)ud;
+    atomic_fetch_add(&quiet_calls, 1);
+    if (lv > KEEL_LOG_ERROR)
+        atomic_fetch_add(&too_verbose, 1);
+}
+static void chatty_hook(keel_log_level lv, const char *mod, const char *msg, void *ud)
+{
+    (void)lv, (void)mod, (void)msg, (void)ud;
+}
+
+static void *log_debug_lines(void *arg)
+{
+    (void)arg;
+    for (int i = 0; i < 200000 && !atomic_load(&too_verbose); i++)
+        keel__log(i % 2 ? KEEL_LOG_DEBUG : KEEL_LOG_ERROR, "test", "line %d of %s", i, "a debug run");
+    atomic_store(&logging_done, true);
+    return NULL;
+}
+
+START_TEST(a_new_hook_gets_nothing_above_its_level)
+{
+    pthread_t t;
+    keel_set_log(chatty_hook, KEEL_LOG_DEBUG, NULL);
+    ck_assert_int_eq(pthread_create(&t, NULL, log_debug_lines, NULL), 0);
+    while (!atomic_load(&logging_done)) {
+        keel_set_log(chatty_hook, KEEL_LOG_DEBUG, NULL);
+        keel_set_log(quiet_hook, KEEL_LOG_ERROR, NULL);
+    }
+    ck_assert_int_eq(pthread_join(t, NULL), 0);
+    keel_set_log(NULL, KEEL_LOG_ERROR, NULL);
+    ck_assert_int_gt((int)atomic_load(&quiet_calls), 0);
+    ck_assert_msg(atomic_load(&too_verbose) == 0, "a hook at KEEL_LOG_ERROR got %d debug lines",
+                  (int)atomic_load(&too_verbose));
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("common");
@@ -214,6 +257,7 @@ int main(void)
     tcase_add_test(tc, a_forked_child_draws_other_numbers);
     tcase_add_test(tc, all_memory_goes_through_the_allocator_hooks);
     tcase_add_test(tc, the_log_hook_gets_messages_up_to_its_level);
+    tcase_add_test(tc, a_new_hook_gets_nothing_above_its_level);
     suite_add_tcase(s, tc);
     return kt_run(s);
 }
