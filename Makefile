@@ -144,7 +144,7 @@ deps-check:
 	@tools/deps.sh check
 
 # ---- tests --------------------------------------------------------------------
-$(B)/obj/tests/%.o: tests/%.c tests/harness.h $(HEADERS)
+$(B)/obj/tests/%.o: tests/%.c tests/harness.h $(HEADERS) $(wildcard lib/*.h lib/*/*.h)
 	@mkdir -p $(dir $@)
 	$(call say,CC,$<)$(CC) $(KEEL_CFLAGS) -Wall -Wextra -Werror -Wno-missing-field-initializers \
 		$(CHECK_CFLAGS) $(CFLAGS) -Ilib -Itests -c $< -o $@
