@@ -12,6 +12,7 @@
 
 #include "harness.h"
 #include "internal.h"
+#include "rcu.h"
 
 START_TEST(every_error_code_has_a_name_and_a_message)
 {
@@ -245,6 +246,258 @@ START_TEST(a_new_hook_gets_nothing_above_its_level)
 }
 END_TEST
 
+/* ---- RCU (lib/rcu.h) ----
+ * A writer swaps the published node, waits for a grace period, marks the
+ * old node dead and frees it; readers check, inside their sections, that
+ * the node they loaded is alive at the start and at the end. A grace period
+ * that ended under a reader shows as a dead node (or, under a sanitizer,
+ * as a use after free). */
+
+#define NODE_ALIVE 0xa11c0de
+#define NODE_DEAD 0xdead
+
+typedef struct rnode {
+    _Atomic uint64_t magic;
+} rnode;
+
+typedef struct rcu_run {
+    _Atomic(rnode *) cur;
+    atomic_bool stop;
+    atomic_long bad, sections;
+    atomic_int running; /* reader threads that have read */
+    int writes;  /* grace periods the writer waits for */
+    bool churn;  /* readers are short-lived threads, some exiting inside */
+} rcu_run;
+
+static rnode *rnode_new(void)
+{
+    rnode *n = malloc(sizeof *n);
+    ck_assert_ptr_nonnull(n);
+    atomic_init(&n->magic, NODE_ALIVE);
+    return n;
+}
+
+/* One read section, nested once every few; true to leave it open. */
+static void read_once(rcu_run *r, unsigned i, bool leave_open)
+{
+    ck_assert_int_eq(keel__rcu_read_lock(), 0);
+    rnode *n = atomic_load_explicit(&r->cur, memory_order_acquire);
+    if (atomic_load_explicit(&n->magic, memory_order_relaxed) != NODE_ALIVE)
+        atomic_fetch_add(&r->bad, 1);
+    if (i % 4 == 0) { /* a nested section leaves the outer one open */
+        ck_assert_int_eq(keel__rcu_read_lock(), 0);
+        rnode *m = atomic_load_explicit(&r->cur, memory_order_acquire);
+        if (atomic_load_explicit(&m->magic, memory_order_relaxed) != NODE_ALIVE)
+            atomic_fetch_add(&r->bad, 1);
+        keel__rcu_read_unlock();
+    }
+    for (unsigned k = 0; k < i % 64; k++) /* a section of some length */
+        keel__cpu_relax();
+    if (i % 16 == 0)
+        sched_yield(); /* and one that loses the CPU inside */
+    if (atomic_load_explicit(&n->magic, memory_order_relaxed) != NODE_ALIVE)
+        atomic_fetch_add(&r->bad, 1);
+    atomic_fetch_add_explicit(&r->sections, 1, memory_order_relaxed);
+    if (!leave_open) {
+        keel__rcu_read_unlock();
+        ck_assert(!keel__rcu_in_read());
+    }
+}
+
+static void *rcu_reader(void *arg)
+{
+    rcu_run *r = arg;
+    read_once(r, 0, false);
+    atomic_fetch_add(&r->running, 1);
+    for (unsigned i = 1; !atomic_load(&r->stop); i++)
+        read_once(r, i, false);
+    return NULL;
+}
+
+/* Short-lived readers: each thread reads a few times and exits, one in
+ * three inside a read section; their slots are recycled while the writer
+ * scans them. */
+static void *rcu_short_reader(void *arg)
+{
+    rcu_run *r = arg;
+    static atomic_uint seq;
+    unsigned me = atomic_fetch_add(&seq, 1);
+    for (unsigned i = 1; i <= 8; i++)
+        read_once(r, me + i, i == 8 && me % 3 == 0);
+    return NULL;
+}
+
+static void *rcu_churner(void *arg)
+{
+    rcu_run *r = arg;
+    atomic_fetch_add(&r->running, 1);
+    while (!atomic_load(&r->stop)) {
+        pthread_t t;
+        ck_assert_int_eq(pthread_create(&t, NULL, rcu_short_reader, r), 0);
+        ck_assert_int_eq(pthread_join(t, NULL), 0);
+    }
+    return NULL;
+}
+
+/* A writer that never read: its first call is a synchronize. */
+static void *rcu_writer(void *arg)
+{
+    rcu_run *r = arg;
+    for (int i = 0; i < r->writes; i++) {
+        rnode *old = atomic_exchange_explicit(&r->cur, rnode_new(), memory_order_acq_rel);
+        keel__rcu_synchronize();
+        atomic_store_explicit(&old->magic, NODE_DEAD, memory_order_relaxed);
+        free(old);
+    }
+    atomic_store(&r->stop, true);
+    return NULL;
+}
+
+static void rcu_hammer(int readers, int churners, int writers, int writes)
+{
+    rcu_run r = {.writes = writes};
+    atomic_init(&r.cur, rnode_new());
+    pthread_t t[16];
+    int n = 0;
+    for (int i = 0; i < readers; i++)
+        ck_assert_int_eq(pthread_create(&t[n++], NULL, rcu_reader, &r), 0);
+    for (int i = 0; i < churners; i++)
+        ck_assert_int_eq(pthread_create(&t[n++], NULL, rcu_churner, &r), 0);
+    while (atomic_load(&r.running) < n) /* the writers start among readers */
+        sched_yield();
+    pthread_t w[4];
+    for (int i = 0; i < writers; i++)
+        ck_assert_int_eq(pthread_create(&w[i], NULL, rcu_writer, &r), 0);
+    for (int i = 0; i < writers; i++)
+        ck_assert_int_eq(pthread_join(w[i], NULL), 0);
+    for (int i = 0; i < n; i++)
+        ck_assert_int_eq(pthread_join(t[i], NULL), 0);
+    ck_assert_int_gt(atomic_load(&r.sections), 0);
+    ck_assert_msg(atomic_load(&r.bad) == 0, "%ld reads of a node freed under its reader",
+                  (long)atomic_load(&r.bad));
+    free(atomic_load(&r.cur));
+}
+
+START_TEST(rcu_grace_periods_wait_for_every_reader)
+{
+    rcu_hammer(3, 0, 2, 3000);
+}
+END_TEST
+
+START_TEST(rcu_recycles_slots_of_exited_threads_during_grace_periods)
+{
+    rcu_hammer(1, 2, 1, 3000);
+}
+END_TEST
+
+START_TEST(rcu_without_membarrier_the_readers_fence_themselves)
+{
+    /* As on a kernel without membarrier (the flag is settled before any
+     * thread reads: a reader and a writer disagreeing on it is not a state
+     * the library can be in). */
+    keel__fences_init();
+    bool had = keel__membarrier_ok;
+    keel__membarrier_ok = false;
+    rcu_hammer(2, 1, 1, 3000);
+    keel__membarrier_ok = had;
+}
+END_TEST
+
+/* A reader that stays in its section while a writer waits. */
+typedef struct rcu_hold {
+    atomic_int in, writer_started, writer_done, leave;
+    bool nested;
+} rcu_hold;
+
+static void *rcu_hold_reader(void *arg)
+{
+    rcu_hold *h = arg;
+    ck_assert_int_eq(keel__rcu_read_lock(), 0);
+    if (h->nested) { /* an inner section opened and closed: still inside */
+        ck_assert_int_eq(keel__rcu_read_lock(), 0);
+        keel__rcu_read_unlock();
+        ck_assert(keel__rcu_in_read());
+    }
+    atomic_store(&h->in, 1);
+    while (!atomic_load(&h->writer_started))
+        sched_yield();
+    /* The writer is in (or about to be in) its grace period; it must not
+     * end while this thread is inside, however long that is. */
+    for (int i = 0; i < 2000; i++) {
+        ck_assert_msg(!atomic_load(&h->writer_done), "a grace period ended under a reader");
+        sched_yield();
+    }
+    while (!atomic_load(&h->leave))
+        sched_yield();
+    keel__rcu_read_unlock();
+    return NULL;
+}
+
+static void *rcu_hold_writer(void *arg)
+{
+    rcu_hold *h = arg;
+    atomic_store(&h->writer_started, 1);
+    keel__rcu_synchronize();
+    atomic_store(&h->writer_done, 1);
+    return NULL;
+}
+
+static void rcu_hold_run(bool nested)
+{
+    rcu_hold h = {.nested = nested};
+    pthread_t r, w;
+    ck_assert_int_eq(pthread_create(&r, NULL, rcu_hold_reader, &h), 0);
+    while (!atomic_load(&h.in))
+        sched_yield();
+    ck_assert_int_eq(pthread_create(&w, NULL, rcu_hold_writer, &h), 0);
+    while (!atomic_load(&h.writer_started))
+        sched_yield();
+    atomic_store(&h.leave, 1);
+    ck_assert_int_eq(pthread_join(r, NULL), 0);
+    ck_assert_int_eq(pthread_join(w, NULL), 0);
+    ck_assert(atomic_load(&h.writer_done));
+}
+
+START_TEST(rcu_a_grace_period_outlasts_a_section_begun_before_it)
+{
+    rcu_hold_run(false);
+    rcu_hold_run(true);
+}
+END_TEST
+
+static void *read_and_exit_inside(void *arg)
+{
+    (void)arg;
+    ck_assert_int_eq(keel__rcu_read_lock(), 0);
+    ck_assert_int_eq(keel__rcu_read_lock(), 0);
+    return NULL; /* two sections deep */
+}
+
+static void *read_once_and_tell(void *arg)
+{
+    ck_assert_int_eq(keel__rcu_read_lock(), 0);
+    ck_assert_int_eq(keel__rcu_in_read(), true);
+    keel__rcu_read_unlock();
+    *(bool *)arg = keel__rcu_in_read();
+    return NULL;
+}
+
+START_TEST(rcu_a_thread_that_exits_inside_a_section_holds_nothing_back)
+{
+    for (int i = 0; i < 50; i++) {
+        pthread_t t;
+        ck_assert_int_eq(pthread_create(&t, NULL, read_and_exit_inside, NULL), 0);
+        ck_assert_int_eq(pthread_join(t, NULL), 0);
+        keel__rcu_synchronize(); /* returns: that slot is free again */
+        bool inside = true;
+        ck_assert_int_eq(pthread_create(&t, NULL, read_once_and_tell, &inside), 0);
+        ck_assert_int_eq(pthread_join(t, NULL), 0);
+        ck_assert(!inside); /* the recycled slot starts at depth 0 */
+    }
+    ck_assert(!keel__rcu_in_read());
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("common");
@@ -258,6 +511,15 @@ int main(void)
     tcase_add_test(tc, all_memory_goes_through_the_allocator_hooks);
     tcase_add_test(tc, the_log_hook_gets_messages_up_to_its_level);
     tcase_add_test(tc, a_new_hook_gets_nothing_above_its_level);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("rcu");
+    tcase_set_tags(tc, "stress");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, rcu_a_grace_period_outlasts_a_section_begun_before_it);
+    tcase_add_test(tc, rcu_a_thread_that_exits_inside_a_section_holds_nothing_back);
+    tcase_add_test(tc, rcu_grace_periods_wait_for_every_reader);
+    tcase_add_test(tc, rcu_recycles_slots_of_exited_threads_during_grace_periods);
+    tcase_add_test(tc, rcu_without_membarrier_the_readers_fence_themselves);
     suite_add_tcase(s, tc);
     return kt_run(s);
 }

@@ -401,6 +401,171 @@ START_TEST(two_threads_count_exactly)
 }
 END_TEST
 
+/* Short-lived threads: each counts, observes and exits, in waves, while
+ * a scraper reads the registry. A count must be in exactly one place at
+ * every scrape (the thread's block or `retired`): never lost when its
+ * thread exits, never counted twice, so every series only grows, and
+ * ends exact. */
+typedef struct churn {
+    keel_metrics *m;
+    keel_counter_child *c, *cf;
+    keel_histogram_child *h;
+    atomic_bool stop;
+    atomic_long scrapes, went_down;
+    double last[4];
+} churn;
+
+#define CHURN_WAVES 60
+#define CHURN_THREADS 6
+#define CHURN_N 500
+
+static void *churn_thread(void *arg)
+{
+    churn *ch = arg;
+    for (long i = 0; i < CHURN_N; i++) {
+        keel_counter_inc(ch->c);
+        keel_counter_add_f(ch->cf, 0.5);
+        keel_histogram_observe(ch->h, observed[i % (long)NOBSERVED]);
+    }
+    return NULL;
+}
+
+static void churn_sample(const keel_metrics_sample *s, void *ud)
+{
+    churn *ch = ud;
+    double now[4] = {-1, -1, -1, -1};
+    if (strcmp(s->name, "churn_total") == 0)
+        now[0] = s->value;
+    else if (strcmp(s->name, "churn_f_total") == 0)
+        now[1] = s->value;
+    else if (strcmp(s->name, "churn_seconds") == 0) {
+        now[2] = (double)s->count;
+        now[3] = s->value;
+    }
+    for (int i = 0; i < 4; i++)
+        if (now[i] >= 0) {
+            if (now[i] < ch->last[i])
+                atomic_fetch_add(&ch->went_down, 1);
+            ch->last[i] = now[i];
+        }
+}
+
+static void *churn_scraper(void *arg)
+{
+    churn *ch = arg;
+    while (!atomic_load(&ch->stop)) {
+        ck_assert_int_eq(keel_metrics_visit(ch->m, churn_sample, ch), 0);
+        atomic_fetch_add(&ch->scrapes, 1);
+    }
+    return NULL;
+}
+
+START_TEST(counts_of_exited_threads_are_kept_once)
+{
+    churn ch = {.m = registry()};
+    keel_counter *c, *cf;
+    keel_histogram *h;
+    ck_assert_int_eq(keel_metrics_counter(ch.m, "churn_total", "", NULL, 0, &c), 0);
+    ck_assert_int_eq(keel_metrics_counter(ch.m, "churn_f_total", "", NULL, 0, &cf), 0);
+    ck_assert_int_eq(keel_metrics_histogram(ch.m, "churn_seconds", "", NULL, 0, NULL, 0, &h), 0);
+    ch.c = keel_counter_with(c);
+    ch.cf = keel_counter_with(cf);
+    ch.h = keel_histogram_with(h);
+    pthread_t scraper;
+    ck_assert_int_eq(pthread_create(&scraper, NULL, churn_scraper, &ch), 0);
+    double sum = 0;
+    for (int w = 0; w < CHURN_WAVES; w++) {
+        pthread_t t[CHURN_THREADS];
+        for (int i = 0; i < CHURN_THREADS; i++)
+            ck_assert_int_eq(pthread_create(&t[i], NULL, churn_thread, &ch), 0);
+        for (int i = 0; i < CHURN_THREADS; i++)
+            ck_assert_int_eq(pthread_join(t[i], NULL), 0);
+    }
+    for (long i = 0; i < CHURN_N; i++)
+        sum += observed[i % (long)NOBSERVED];
+    atomic_store(&ch.stop, true);
+    ck_assert_int_eq(pthread_join(scraper, NULL), 0);
+    ck_assert_int_gt(atomic_load(&ch.scrapes), 0);
+    ck_assert_msg(atomic_load(&ch.went_down) == 0, "a series went down %ld times",
+                  (long)atomic_load(&ch.went_down));
+    const double n = (double)CHURN_WAVES * CHURN_THREADS * CHURN_N;
+    ck_assert_double_eq(sample_value(ch.m, "churn_total "), n);
+    ck_assert_double_eq(sample_value(ch.m, "churn_f_total "), n / 2);
+    ck_assert_double_eq(sample_value(ch.m, "churn_seconds_count "), n);
+    ck_assert_double_eq(sample_value(ch.m, "churn_seconds_sum "), sum * CHURN_WAVES * CHURN_THREADS);
+    keel_metrics_destroy(ch.m);
+}
+END_TEST
+
+/* A thread that outlives a registry keeps a stale entry for it; a new
+ * registry may get the same owner id. The thread's counts for the new one
+ * start from zero, and the old block is freed, not folded into the new. */
+typedef struct lingerer {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    keel_counter_child *c; /* what to count next; NULL: exit */
+    int step, done;
+} lingerer;
+
+static void *lingerer_main(void *arg)
+{
+    lingerer *l = arg;
+    pthread_mutex_lock(&l->mu);
+    for (;;) {
+        while (l->done == l->step)
+            pthread_cond_wait(&l->cv, &l->mu);
+        keel_counter_child *c = l->c;
+        if (c)
+            keel_counter_add(c, 7);
+        l->done = l->step;
+        pthread_cond_broadcast(&l->cv);
+        if (!c)
+            break;
+    }
+    pthread_mutex_unlock(&l->mu);
+    return NULL;
+}
+
+static void lingerer_count(lingerer *l, keel_counter_child *c)
+{
+    pthread_mutex_lock(&l->mu);
+    l->c = c;
+    l->step++;
+    pthread_cond_broadcast(&l->cv);
+    while (l->done != l->step)
+        pthread_cond_wait(&l->cv, &l->mu);
+    pthread_mutex_unlock(&l->mu);
+}
+
+START_TEST(a_thread_outliving_its_registry_counts_from_zero_in_the_next)
+{
+    lingerer l = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
+    pthread_t t;
+    ck_assert_int_eq(pthread_create(&t, NULL, lingerer_main, &l), 0);
+    for (int round = 0; round < 20; round++) {
+        keel_metrics *m = registry();
+        keel_counter *c;
+        ck_assert_int_eq(keel_metrics_counter(m, "lingering_total", "", NULL, 0, &c), 0);
+        keel_counter_child *cc = keel_counter_with(c);
+        lingerer_count(&l, cc);
+        keel_counter_inc(cc);
+        ck_assert_double_eq(sample_value(m, "lingering_total "), 8);
+        lingerer_count(&l, cc);
+        ck_assert_double_eq(sample_value(m, "lingering_total "), 15);
+        keel_metrics_destroy(m); /* the thread keeps its entry for it */
+    }
+    keel_metrics *m = registry();
+    keel_counter *c;
+    ck_assert_int_eq(keel_metrics_counter(m, "lingering_total", "", NULL, 0, &c), 0);
+    keel_counter_child *cc = keel_counter_with(c);
+    lingerer_count(&l, cc);
+    lingerer_count(&l, NULL); /* the thread exits, its block folded */
+    ck_assert_int_eq(pthread_join(t, NULL), 0);
+    ck_assert_double_eq(sample_value(m, "lingering_total "), 7);
+    keel_metrics_destroy(m);
+}
+END_TEST
+
 /* ---- validation, caps, removal ---- */
 
 START_TEST(names_and_labels_are_validated)
@@ -1070,6 +1235,8 @@ int main(void)
     tcase_set_tags(tc, "slow");
     tcase_set_timeout(tc, 30);
     tcase_add_test(tc, two_threads_count_exactly);
+    tcase_add_test(tc, counts_of_exited_threads_are_kept_once);
+    tcase_add_test(tc, a_thread_outliving_its_registry_counts_from_zero_in_the_next);
     suite_add_tcase(s, tc);
     return kt_run(s);
 }
