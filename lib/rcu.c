@@ -27,7 +27,11 @@ static void slot_release(void *arg)
 static bool exit_key_ok;
 
 /* In a child of fork() only the forking thread lives on: the slots of the
- * others would hold grace periods back forever. */
+ * others would hold grace periods back forever, and so would a writer's
+ * hold on sync_mu, which the fork waits for (no read section forks). */
+static void before_fork(void) { pthread_mutex_lock(&sync_mu); }
+static void after_fork_parent(void) { pthread_mutex_unlock(&sync_mu); }
+
 static void after_fork_child(void)
 {
     for (keel__rcu_slot *s = atomic_load(&slots); s; s = s->next)
@@ -35,12 +39,13 @@ static void after_fork_child(void)
             atomic_store(&s->ctr, 0);
             atomic_store(&s->in_use, 0);
         }
+    pthread_mutex_unlock(&sync_mu);
 }
 
 static void exit_key_create(void)
 {
     exit_key_ok = pthread_key_create(&exit_key, slot_release) == 0;
-    pthread_atfork(NULL, NULL, after_fork_child);
+    pthread_atfork(before_fork, after_fork_parent, after_fork_child);
     keel__fences_init();
 }
 
@@ -92,7 +97,7 @@ int keel__rcu_register(void)
 
 void keel__rcu_synchronize(void)
 {
-    keel__fences_init(); /* the readers' light fences rely on it */
+    pthread_once(&exit_once, exit_key_create); /* the fences, the fork handlers */
     pthread_mutex_lock(&sync_mu);
     /* Readers that entered before this increment hold an older number. */
     uint64_t gp = atomic_fetch_add(&keel__rcu_gp, 1) + 1;

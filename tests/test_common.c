@@ -2,6 +2,7 @@
  * version. */
 #define _GNU_SOURCE
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -498,6 +499,52 @@ START_TEST(rcu_a_thread_that_exits_inside_a_section_holds_nothing_back)
 }
 END_TEST
 
+/* A fork while another thread waits for a grace period: that thread does
+ * not exist in the child, and neither may its hold on the grace periods. */
+static void *rcu_fork_reader(void *arg)
+{
+    rcu_hold *h = arg;
+    ck_assert_int_eq(keel__rcu_read_lock(), 0);
+    atomic_store(&h->in, 1);
+    while (!atomic_load(&h->writer_started))
+        sched_yield();
+    for (int i = 0; i < 2000; i++) /* the writer waits meanwhile */
+        sched_yield();
+    keel__rcu_read_unlock();
+    return NULL;
+}
+
+START_TEST(rcu_a_forked_child_has_grace_periods)
+{
+    rcu_hold h = {0};
+    pthread_t r, w;
+    ck_assert_int_eq(pthread_create(&r, NULL, rcu_fork_reader, &h), 0);
+    while (!atomic_load(&h.in))
+        sched_yield();
+    ck_assert_int_eq(pthread_create(&w, NULL, rcu_hold_writer, &h), 0);
+    while (!atomic_load(&h.writer_started))
+        sched_yield();
+    for (int i = 0; i < 50; i++) /* into its synchronize */
+        sched_yield();
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        signal(SIGALRM, SIG_DFL); /* not Check's handler */
+        alarm(20); /* a child that hangs is killed: the test fails */
+        ck_assert_int_eq(keel__rcu_read_lock(), 0);
+        keel__rcu_read_unlock();
+        keel__rcu_synchronize();
+        _exit(0);
+    }
+    int status;
+    ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+                  "the child's grace period never ended (status %#x)", status);
+    ck_assert_int_eq(pthread_join(r, NULL), 0);
+    ck_assert_int_eq(pthread_join(w, NULL), 0);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("common");
@@ -520,6 +567,7 @@ int main(void)
     tcase_add_test(tc, rcu_grace_periods_wait_for_every_reader);
     tcase_add_test(tc, rcu_recycles_slots_of_exited_threads_during_grace_periods);
     tcase_add_test(tc, rcu_without_membarrier_the_readers_fence_themselves);
+    tcase_add_test(tc, rcu_a_forked_child_has_grace_periods);
     suite_add_tcase(s, tc);
     return kt_run(s);
 }
