@@ -832,6 +832,40 @@ START_TEST(a_timed_out_wait_that_finds_room_queues_once)
 }
 END_TEST
 
+/* block_timeout_ns bounds a publish's wait, however many of its async
+ * deliveries find a full queue: eight subscriptions on one full queue
+ * once made a publish wait eight times the limit. */
+START_TEST(a_blocked_publish_waits_its_timeout_once)
+{
+    gate *g = calloc(1, sizeof *g);
+    atomic_store(&g->closed, 1);
+    keel_bus *b;
+    keel_bus_opts o = {.workers = 1, .capacity = 2, .on_full = KEEL_BUS_BLOCK, .block_timeout_ns = 25 * MS};
+    ck_assert_int_eq(keel_bus_create(&b, &o), 0);
+    sub(b, "hold", on_gate, g, KEEL_BUS_ASYNC, NULL);
+    atomic_int calls = 0;
+    for (int i = 0; i < 8; i++)
+        sub(b, "q", count_call, &calls, KEEL_BUS_ASYNC, NULL);
+    ck_assert_int_eq(pub(b, "hold"), 0);
+    while (atomic_load(&g->entered) == 0) /* the worker holds it: the queue stays full */
+        nap(100 * 1000);
+    uint64_t t0 = keel_now_ns();
+    ck_assert_int_eq(pub(b, "q"), KEEL_ETIMEDOUT); /* two queued, six refused */
+    uint64_t waited = keel_now_ns() - t0;
+    ck_assert_uint_ge(waited, 24 * MS);
+    ck_assert_msg(waited < 100 * MS, "a publish waited %llu ms for a limit of 25",
+                  (unsigned long long)(waited / MS));
+    keel_bus_stats st;
+    keel_bus_stats_get(b, &st);
+    ck_assert_uint_eq(st.rejected, 6);
+    atomic_store(&g->closed, 0);
+    ck_assert_int_eq(keel_bus_drain(b), 0);
+    ck_assert_int_eq(atomic_load(&calls), 2);
+    keel_bus_destroy(b);
+    free(g);
+}
+END_TEST
+
 /* Handlers that call back into the bus: publish (sync and async), drain. */
 typedef struct reent {
     keel_bus *b;
@@ -2012,6 +2046,7 @@ int main(void)
     tcase_add_test(tc, destroy_runs_what_handlers_queue_meanwhile);
     tcase_add_test(tc, a_blocked_publisher_goes_on_when_room_is_made);
     tcase_add_test(tc, a_timed_out_wait_that_finds_room_queues_once);
+    tcase_add_test(tc, a_blocked_publish_waits_its_timeout_once);
     tcase_add_test(tc, handlers_may_publish_but_a_worker_may_not_drain);
     tcase_add_test(tc, on_error_of_a_dropped_delivery_may_drain);
     tcase_add_test(tc, many_subscriptions_come_and_go);

@@ -94,7 +94,7 @@ typedef enum keel_bus_mode { KEEL_BUS_SYNC = 0, KEEL_BUS_ASYNC = 1 } keel_bus_mo
 /* What an async publish does when a worker's queue is full (keel_batch's
  * policies). */
 typedef enum keel_bus_full {
-    KEEL_BUS_BLOCK = 0,      /* wait, at most block_timeout_ns, then KEEL_ETIMEDOUT;
+    KEEL_BUS_BLOCK = 0,      /* wait, at most block_timeout_ns a publish, then KEEL_ETIMEDOUT;
                                 from a handler (a worker or reader thread), which
                                 may be the one to make room: KEEL_EFULL at once */
     KEEL_BUS_REJECT = 1,     /* KEEL_EFULL at once */

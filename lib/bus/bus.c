@@ -764,8 +764,11 @@ static void drop_oldest(keel_bus *bus, bworker *w)
     msg_unref(v.m);
 }
 
-/* Queues one delivery; on failure the caller keeps its references. */
-static int enqueue(keel_bus *bus, keel_bus_sub *sub, bmsg *m, uint64_t subject_hash)
+/* Queues one delivery; on failure the caller keeps its references.
+ * *until is the publish's deadline for KEEL_BUS_BLOCK, set by its first
+ * wait (tv_sec -1 until then): the deliveries of one publish share one
+ * block_timeout_ns. */
+static int enqueue(keel_bus *bus, keel_bus_sub *sub, bmsg *m, uint64_t subject_hash, struct timespec *until)
 {
     bworker *w = &bus->workers[subject_hash % bus->nworkers];
     int rc = 0;
@@ -784,9 +787,8 @@ static int enqueue(keel_bus *bus, keel_bus_sub *sub, bmsg *m, uint64_t subject_h
             rc = KEEL_EFULL; /* a worker never blocks: it may be the one to make room */
             break;
         }
-        struct timespec ts;
-        if (bus->o.block_timeout_ns)
-            deadline(bus->o.block_timeout_ns, &ts);
+        if (bus->o.block_timeout_ns && until->tv_sec < 0)
+            deadline(bus->o.block_timeout_ns, until);
         pthread_mutex_lock(&w->mu);
         atomic_fetch_add(&w->space_waiters, 1);
         /* one push after the time is up: room made at the last moment is
@@ -799,7 +801,7 @@ static int enqueue(keel_bus *bus, keel_bus_sub *sub, bmsg *m, uint64_t subject_h
             if (!bus->o.block_timeout_ns)
                 pthread_cond_wait(&w->space, &w->mu);
             else
-                late = pthread_cond_timedwait(&w->space, &w->mu, &ts) != 0;
+                late = pthread_cond_timedwait(&w->space, &w->mu, until) != 0;
         }
         atomic_fetch_sub(&w->space_waiters, 1);
         pthread_mutex_unlock(&w->mu);
@@ -982,12 +984,13 @@ static int publish_local(keel_bus *bus, keel_bus_pub *p)
     }
     keel__stripe_add(&keel__bus_counters(bus)->published, 1);
     uint64_t sh = async ? keel__hash64(p->subject, slen, 0) : 0;
+    struct timespec until = {-1, 0};
     for (size_t i = 0; i < m.n; i++) {
         keel_bus_sub *s = m.subs[i];
         if (s->mode == KEEL_BUS_SYNC) {
             keel__bus_call(s, &v);
         } else {
-            int e = enqueue(bus, s, copy, sh);
+            int e = enqueue(bus, s, copy, sh, &until);
             if (e == 0)
                 continue; /* the worker drops both references */
             msg_unref(copy);
