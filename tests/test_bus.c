@@ -206,6 +206,267 @@ START_TEST(the_trie_agrees_with_the_table)
 }
 END_TEST
 
+/* ---- the trie against a brute-force model ---- */
+
+/* NATS matching on token arrays, written from the rules, not from the
+ * library's code. */
+static int model_match(char **p, int np, char **s, int ns)
+{
+    if (np == 0)
+        return ns == 0;
+    if (strcmp(p[0], ">") == 0)
+        return ns >= 1;
+    if (ns == 0)
+        return 0;
+    if (strcmp(p[0], "*") != 0 && strcmp(p[0], s[0]) != 0)
+        return 0;
+    return model_match(p + 1, np - 1, s + 1, ns - 1);
+}
+
+static int model_split(char *buf, char **tok)
+{
+    int n = 0;
+    for (char *t = strtok(buf, "."); t; t = strtok(NULL, "."))
+        tok[n++] = t;
+    return n;
+}
+
+static int model_matches(const char *pattern, const char *subject)
+{
+    char pb[128], sb[128], *pt[16], *st[16];
+    snprintf(pb, sizeof pb, "%s", pattern);
+    snprintf(sb, sizeof sb, "%s", subject);
+    return model_match(pt, model_split(pb, pt), st, model_split(sb, st));
+}
+
+static uint64_t model_rand(uint64_t *x)
+{
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    return *x;
+}
+
+/* A literal token: mostly from a few, sometimes from many (the tables of
+ * children grow, and leave tombstones when they shrink). */
+static void model_token(uint64_t *x, char *out, size_t n)
+{
+    unsigned r = (unsigned)(model_rand(x) % 100);
+    snprintf(out, n, "%s%u", r < 80 ? "t" : "u", r < 80 ? r % 3 : r % 40);
+}
+
+enum { MODEL_SUBS = 48 };
+
+typedef struct model_sub {
+    keel_bus_sub *s;
+    char pattern[96];
+    int group;  /* -1: none */
+    keel_bus_mode mode;
+    size_t seq; /* its place in the order of subscriptions */
+} model_sub;
+
+typedef struct model_log {
+    pthread_mutex_t mu;
+    int calls[MODEL_SUBS];
+    int sync_order[MODEL_SUBS * 2];
+    size_t nsync;
+} model_log;
+
+static model_log mlog = {PTHREAD_MUTEX_INITIALIZER, {0}, {0}, 0};
+static model_sub msubs[MODEL_SUBS];
+
+static int on_model(const keel_bus_msg *m, void *ud)
+{
+    (void)m;
+    int i = (int)(intptr_t)ud;
+    pthread_mutex_lock(&mlog.mu);
+    mlog.calls[i]++;
+    if (msubs[i].mode == KEEL_BUS_SYNC && mlog.nsync < MODEL_SUBS * 2)
+        mlog.sync_order[mlog.nsync++] = i;
+    pthread_mutex_unlock(&mlog.mu);
+    return 0;
+}
+
+/* Seeded random subscribes, unsubscribes and publishes: after each
+ * publish, every subscription outside a group was called once if the
+ * model says its pattern matches, else never; each group that has a
+ * matching member had exactly one of those called; the sync calls came in
+ * subscription order. */
+START_TEST(the_trie_agrees_with_a_model_over_random_changes)
+{
+    keel_bus *b = bus_new(2, 0, KEEL_BUS_BLOCK);
+    uint64_t x = 0x5eed0000u + (uint64_t)_i * 7919u;
+    size_t next_seq = 0, live = 0, published = 0;
+    memset(msubs, 0, sizeof msubs);
+    for (int step = 0; step < 4000; step++) {
+        unsigned op = (unsigned)(model_rand(&x) % 100);
+        int slot = (int)(model_rand(&x) % MODEL_SUBS);
+        if (op < 40 && !msubs[slot].s) {
+            model_sub *m = &msubs[slot];
+            int ntok = 1 + (int)(model_rand(&x) % 4);
+            m->pattern[0] = '\0';
+            for (int k = 0; k < ntok; k++) {
+                char tok[8];
+                unsigned r = (unsigned)(model_rand(&x) % 100);
+                if (r < 20)
+                    snprintf(tok, sizeof tok, "*");
+                else if (r < 30 && k == ntok - 1)
+                    snprintf(tok, sizeof tok, ">");
+                else
+                    model_token(&x, tok, sizeof tok);
+                if (k)
+                    strcat(m->pattern, ".");
+                strcat(m->pattern, tok);
+            }
+            unsigned g = (unsigned)(model_rand(&x) % 8);
+            m->group = g < 2 ? (int)g : -1;
+            m->mode = model_rand(&x) % 4 == 0 ? KEEL_BUS_ASYNC : KEEL_BUS_SYNC;
+            m->seq = next_seq++;
+            m->s = sub(b, m->pattern, on_model, (void *)(intptr_t)slot, m->mode,
+                       m->group < 0 ? NULL : m->group ? "g1" : "g0");
+            live++;
+        } else if (op < 65 && msubs[slot].s) {
+            ck_assert_int_eq(keel_bus_unsubscribe(msubs[slot].s), 0);
+            msubs[slot].s = NULL;
+            live--;
+        } else {
+            char subject[96] = "";
+            int ntok = 1 + (int)(model_rand(&x) % 5);
+            for (int k = 0; k < ntok; k++) {
+                char tok[8];
+                model_token(&x, tok, sizeof tok);
+                if (k)
+                    strcat(subject, ".");
+                strcat(subject, tok);
+            }
+            memset(mlog.calls, 0, sizeof mlog.calls);
+            mlog.nsync = 0;
+            ck_assert_int_eq(pub(b, subject), 0);
+            ck_assert_int_eq(keel_bus_drain(b), 0);
+            published++;
+            int group_calls[2] = {0, 0}, group_matches[2] = {0, 0};
+            for (int i = 0; i < MODEL_SUBS; i++) {
+                model_sub *m = &msubs[i];
+                int want = m->s ? model_matches(m->pattern, subject) : 0;
+                if (m->s)
+                    ck_assert_int_eq(keel_bus_match(m->pattern, subject), want);
+                if (m->s && m->group >= 0) {
+                    ck_assert_msg(mlog.calls[i] <= want, "step %d: %s got %s in a group", step, m->pattern,
+                                  subject);
+                    group_calls[m->group] += mlog.calls[i];
+                    group_matches[m->group] += want;
+                } else {
+                    ck_assert_msg(mlog.calls[i] == want, "step %d: %s got %s %d times, want %d", step,
+                                  m->pattern, subject, mlog.calls[i], want);
+                }
+            }
+            for (int g = 0; g < 2; g++)
+                ck_assert_msg(group_calls[g] == (group_matches[g] > 0), "step %d: group %d called %d times for %s",
+                              step, g, group_calls[g], subject);
+            for (size_t k = 1; k < mlog.nsync; k++)
+                ck_assert_msg(msubs[mlog.sync_order[k - 1]].seq < msubs[mlog.sync_order[k]].seq,
+                              "step %d: sync calls out of subscription order", step);
+        }
+        keel_bus_stats st;
+        keel_bus_stats_get(b, &st);
+        ck_assert_uint_eq(st.subscriptions, live);
+    }
+    ck_assert_uint_gt(published, 1000);
+    keel_bus_destroy(b);
+}
+END_TEST
+
+/* Publishers walk the trie while other threads keep changing it around
+ * the same nodes (tables of children growing, tombstones, pruning): the
+ * subscriptions that stay are called exactly once a matching publish. */
+typedef struct trie_churner {
+    keel_bus *b;
+    int id;
+    _Atomic int *stop;
+} trie_churner;
+
+static int on_bump(const keel_bus_msg *m, void *ud)
+{
+    (void)m;
+    atomic_fetch_add((_Atomic size_t *)ud, 1);
+    return 0;
+}
+
+static void *churn_trie(void *arg)
+{
+    trie_churner *c = arg;
+    _Atomic size_t sink = 0;
+    uint64_t x = 0x9e3779b97f4a7c15ull + (uint64_t)c->id;
+    keel_bus_sub *held[32] = {0};
+    while (!atomic_load(c->stop)) {
+        int slot = (int)(model_rand(&x) % 32);
+        if (held[slot]) {
+            ck_assert_int_eq(keel_bus_unsubscribe(held[slot]), 0);
+            held[slot] = NULL;
+            continue;
+        }
+        char pat[64];
+        unsigned r = (unsigned)(model_rand(&x) % 40);
+        static const char *const shapes[] = {"s.u%u", "s.t0.u%u", "s.*.u%u", "s.u%u.>", "u%u.x", "s.t0.x.u%u"};
+        snprintf(pat, sizeof pat, shapes[model_rand(&x) % 6], r);
+        held[slot] = sub(c->b, pat, on_bump, &sink, KEEL_BUS_SYNC, NULL);
+    }
+    for (int i = 0; i < 32; i++)
+        if (held[i])
+            ck_assert_int_eq(keel_bus_unsubscribe(held[i]), 0);
+    return NULL;
+}
+
+typedef struct trie_pub {
+    keel_bus *b;
+    _Atomic int *stop;
+    size_t n;
+} trie_pub;
+
+static void *publish_stable(void *arg)
+{
+    trie_pub *p = arg;
+    while (!atomic_load(p->stop) || p->n < 1000) {
+        ck_assert_int_eq(pub(p->b, "s.t0.x"), 0);
+        p->n++;
+    }
+    return NULL;
+}
+
+START_TEST(publishers_miss_nothing_while_the_trie_changes)
+{
+    keel_bus *b = bus_new(0, 0, KEEL_BUS_BLOCK);
+    static const char *const stable[] = {"s.t0.x", "s.*.x", "s.>", "*.t0.>", ">", "s.t0.*", "*.*.*"};
+    enum { NS = sizeof stable / sizeof stable[0] };
+    _Atomic size_t got[NS];
+    for (int i = 0; i < NS; i++) {
+        atomic_init(&got[i], 0);
+        sub(b, stable[i], on_bump, &got[i], KEEL_BUS_SYNC, NULL);
+    }
+    _Atomic int stop = 0;
+    trie_churner c[2] = {{b, 1, &stop}, {b, 2, &stop}};
+    trie_pub p[2] = {{b, &stop, 0}, {b, &stop, 0}};
+    pthread_t ct[2], pt[2];
+    for (int i = 0; i < 2; i++) {
+        pthread_create(&ct[i], NULL, churn_trie, &c[i]);
+        pthread_create(&pt[i], NULL, publish_stable, &p[i]);
+    }
+    nap(300 * MS);
+    atomic_store(&stop, 1);
+    for (int i = 0; i < 2; i++) {
+        pthread_join(ct[i], NULL);
+        pthread_join(pt[i], NULL);
+    }
+    for (int i = 0; i < NS; i++)
+        ck_assert_msg(atomic_load(&got[i]) == p[0].n + p[1].n, "%s: %zu of %zu", stable[i],
+                      (size_t)atomic_load(&got[i]), p[0].n + p[1].n);
+    keel_bus_stats st;
+    keel_bus_stats_get(b, &st);
+    ck_assert_uint_eq(st.subscriptions, NS);
+    keel_bus_destroy(b);
+}
+END_TEST
+
 START_TEST(a_group_member_keeps_its_place_in_the_order)
 {
     keel_bus *b = bus_new(0, 0, KEEL_BUS_BLOCK);
@@ -960,6 +1221,252 @@ START_TEST(on_error_of_a_dropped_delivery_may_drain)
 }
 END_TEST
 
+/* ---- more promises, checked ---- */
+
+/* An async handler of one subscription unsubscribes another, whose
+ * deliveries run meanwhile on the other worker, and frees its ud at once:
+ * a later call is a use after free (ASan) or a poisoned magic (here). */
+typedef struct killer {
+    keel_bus_sub *victim;
+    churn_ud *victim_ud;
+    _Atomic int done;
+} killer;
+
+static int on_kill(const keel_bus_msg *m, void *ud)
+{
+    (void)m;
+    killer *k = ud;
+    if (atomic_load(&k->done))
+        return 0;
+    ck_assert_int_eq(keel_bus_unsubscribe(k->victim), 0);
+    atomic_store(&k->victim_ud->magic, 0xdeadbeef);
+    free(k->victim_ud);
+    atomic_store(&k->done, 1);
+    return 0;
+}
+
+START_TEST(a_handler_unsubscribes_another_running_elsewhere_and_frees_its_ud)
+{
+    for (int round = 0; round < 20; round++) {
+        keel_bus *b = bus_new(2, 1 << 12, KEEL_BUS_BLOCK);
+        killer k = {0};
+        k.victim_ud = calloc(1, sizeof *k.victim_ud);
+        atomic_store(&k.victim_ud->magic, 0x600dcafe);
+        k.victim = sub(b, "v.>", on_churn, k.victim_ud, round % 2 ? KEEL_BUS_ASYNC : KEEL_BUS_SYNC, NULL);
+        sub(b, "v.kill", on_kill, &k, KEEL_BUS_ASYNC, NULL);
+        char subj[16];
+        for (int i = 0; i < 3000; i++) {
+            snprintf(subj, sizeof subj, "v.%d", i % 13);
+            ck_assert_int_eq(pub(b, i == 1500 ? "v.kill" : subj), 0);
+        }
+        ck_assert_int_eq(keel_bus_drain(b), 0);
+        ck_assert_int_eq(atomic_load(&k.done), 1);
+        keel_bus_destroy(b);
+    }
+}
+END_TEST
+
+/* A handler running on both workers unsubscribes itself on one of them
+ * and frees its ud before returning: the call in the other worker was
+ * waited for, and none follows. */
+typedef struct self_free {
+    keel_bus_sub *me;
+    _Atomic uint32_t magic;
+    _Atomic int calls;
+} self_free;
+
+static _Atomic int self_freed;
+
+static int on_self_free(const keel_bus_msg *m, void *ud)
+{
+    (void)m;
+    self_free *s = ud;
+    ck_assert_uint_eq(atomic_load(&s->magic), 0x600dcafe);
+    if (atomic_fetch_add(&s->calls, 1) == 500) {
+        if (keel_bus_unsubscribe(s->me) == 0) {
+            atomic_store(&s->magic, 0xdeadbeef);
+            free(s);
+            atomic_store(&self_freed, 1);
+        }
+        return 0;
+    }
+    nap(1000); /* overlap with the other worker */
+    ck_assert_uint_eq(atomic_load(&s->magic), 0x600dcafe);
+    return 0;
+}
+
+START_TEST(a_handler_may_free_its_ud_after_unsubscribing_itself)
+{
+    keel_bus *b = bus_new(2, 1 << 12, KEEL_BUS_BLOCK);
+    self_free *s = calloc(1, sizeof *s);
+    atomic_store(&s->magic, 0x600dcafe);
+    atomic_store(&self_freed, 0);
+    s->me = sub(b, "sf.*", on_self_free, s, KEEL_BUS_ASYNC, NULL);
+    char subj[16];
+    for (int i = 0; i < 2000; i++) {
+        snprintf(subj, sizeof subj, "sf.%d", i % 5);
+        ck_assert_int_eq(pub(b, subj), 0);
+    }
+    ck_assert_int_eq(keel_bus_drain(b), 0);
+    ck_assert_int_eq(atomic_load(&self_freed), 1);
+    keel_bus_destroy(b);
+}
+END_TEST
+
+/* Ids from several threads at once: all different, and each thread's in
+ * increasing order. */
+typedef struct idrun {
+    keel_bus *b;
+    char (*ids)[KEEL_BUS_ID_MAX];
+} idrun;
+
+static void *publish_ids(void *arg)
+{
+    idrun *r = arg;
+    for (int i = 0; i < 20000; i++)
+        ck_assert_int_eq(keel_bus_publish(r->b, "id.x", "x", 1, NULL, 0, r->ids[i]), 0);
+    return NULL;
+}
+
+static int cmp_id(const void *a, const void *b)
+{
+    unsigned long long am, as, bm, bs;
+    sscanf(a, "%llu-%llu", &am, &as);
+    sscanf(b, "%llu-%llu", &bm, &bs);
+    return am != bm ? (am > bm) - (am < bm) : (as > bs) - (as < bs);
+}
+
+START_TEST(ids_are_unique_and_ordered_across_threads)
+{
+    keel_bus *b = bus_new(0, 0, KEEL_BUS_BLOCK);
+    keel_bus *b2 = bus_new(0, 0, KEEL_BUS_BLOCK);
+    enum { T = 4, N = 20000 };
+    char (*ids)[KEEL_BUS_ID_MAX] = calloc(T * N, KEEL_BUS_ID_MAX);
+    idrun r[T];
+    pthread_t t[T];
+    for (int i = 0; i < T; i++) {
+        r[i] = (idrun){i % 2 ? b2 : b, ids + i * N};
+        pthread_create(&t[i], NULL, publish_ids, &r[i]);
+    }
+    for (int i = 0; i < T; i++)
+        pthread_join(t[i], NULL);
+    for (int i = 0; i < T; i++)
+        for (int k = 1; k < N; k++)
+            ck_assert_msg(cmp_id(ids[i * N + k - 1], ids[i * N + k]) < 0, "%s then %s", ids[i * N + k - 1],
+                          ids[i * N + k]);
+    qsort(ids, T * N, KEEL_BUS_ID_MAX, cmp_id);
+    for (int k = 1; k < T * N; k++)
+        ck_assert_msg(cmp_id(ids[k - 1], ids[k]) != 0, "%s twice", ids[k]);
+    free(ids);
+    keel_bus_destroy(b);
+    keel_bus_destroy(b2);
+}
+END_TEST
+
+/* Async deliveries see copies: the publisher's buffers may change at once. */
+START_TEST(async_deliveries_see_copies_of_data_and_headers)
+{
+    gate *g = calloc(1, sizeof *g);
+    atomic_store(&g->closed, 1);
+    keel_bus *b = bus_new(1, 0, KEEL_BUS_BLOCK);
+    look la = {0};
+    sub(b, "c", on_gate, g, KEEL_BUS_ASYNC, NULL); /* holds the worker */
+    sub(b, "c.*", on_look, &la, KEEL_BUS_ASYNC, NULL);
+    ck_assert_int_eq(pub(b, "c"), 0);
+    while (atomic_load(&g->entered) == 0)
+        nap(100 * 1000);
+    char subject[16] = "c.orig", data[8] = "payload", k[8] = "key", v[8] = "value";
+    keel_bus_header h[1] = {{k, v}};
+    ck_assert_int_eq(keel_bus_publish(b, subject, data, 7, h, 1, NULL), 0);
+    strcpy(subject, "c.XXXX");
+    memset(data, 'Z', sizeof data);
+    strcpy(k, "KKK");
+    strcpy(v, "VVVVV");
+    h[0].key = "other";
+    atomic_store(&g->closed, 0);
+    ck_assert_int_eq(keel_bus_drain(b), 0);
+    ck_assert_int_eq(la.calls, 1);
+    ck_assert_str_eq(la.subject, "c.orig");
+    ck_assert_int_eq(memcmp(la.data, "payload", 7), 0);
+    ck_assert_str_eq(la.hk, "key");
+    ck_assert_str_eq(la.hv, "value");
+    keel_bus_destroy(b);
+    free(g);
+}
+END_TEST
+
+/* DROP_OLDEST drops the oldest queued delivery: on_error sees it. */
+typedef struct dropped_log {
+    char data[16][4];
+    int n;
+} dropped_log;
+
+static void on_drop_log(keel_bus_sub *s, const keel_bus_msg *m, int err, void *ud)
+{
+    (void)s;
+    dropped_log *d = ud;
+    ck_assert_int_eq(err, KEEL_EFULL);
+    if (d->n < 16)
+        snprintf(d->data[d->n++], 4, "%.*s", (int)m->len, (const char *)m->data);
+}
+
+START_TEST(drop_oldest_drops_the_oldest)
+{
+    gate *g = calloc(1, sizeof *g);
+    atomic_store(&g->closed, 1);
+    dropped_log d = {0};
+    keel_bus *b;
+    keel_bus_opts o = {.workers = 1, .capacity = 4, .on_full = KEEL_BUS_DROP_OLDEST, .on_error = on_drop_log,
+                       .ud = &d};
+    ck_assert_int_eq(keel_bus_create(&b, &o), 0);
+    sub(b, "q", on_gate, g, KEEL_BUS_ASYNC, NULL);
+    ck_assert_int_eq(keel_bus_publish(b, "q", "0", 1, NULL, 0, NULL), 0);
+    while (atomic_load(&g->entered) == 0)
+        nap(100 * 1000);
+    char s[4];
+    for (int i = 1; i <= 7; i++) {
+        snprintf(s, sizeof s, "%d", i);
+        ck_assert_int_eq(keel_bus_publish(b, "q", s, strlen(s), NULL, 0, NULL), 0);
+    }
+    ck_assert_int_eq(d.n, 3);
+    ck_assert_str_eq(d.data[0], "1");
+    ck_assert_str_eq(d.data[1], "2");
+    ck_assert_str_eq(d.data[2], "3");
+    keel_bus_stats st;
+    keel_bus_stats_get(b, &st);
+    ck_assert_uint_eq(st.dropped, 3);
+    atomic_store(&g->closed, 0);
+    ck_assert_int_eq(keel_bus_drain(b), 0);
+    ck_assert_uint_eq(atomic_load(&g->n), 5);
+    keel_bus_destroy(b);
+    free(g);
+}
+END_TEST
+
+/* A queue group of sync and async members: each message to exactly one. */
+START_TEST(a_group_may_mix_sync_and_async_members)
+{
+    keel_bus *b = bus_new(2, 0, KEEL_BUS_BLOCK);
+    rec *m[4];
+    for (int i = 0; i < 4; i++) {
+        m[i] = rec_new(i, NULL);
+        sub(b, i % 2 ? "mix.*" : "mix.>", on_rec, m[i], i % 2 ? KEEL_BUS_ASYNC : KEEL_BUS_SYNC, "g");
+    }
+    for (int i = 0; i < 4000; i++)
+        ck_assert_int_eq(pub(b, i % 2 ? "mix.a" : "mix.b"), 0);
+    ck_assert_int_eq(keel_bus_drain(b), 0);
+    size_t sum = 0;
+    for (int i = 0; i < 4; i++) {
+        ck_assert_uint_ge(m[i]->n, 500);
+        sum += m[i]->n;
+    }
+    ck_assert_uint_eq(sum, 4000);
+    keel_bus_destroy(b);
+    for (int i = 0; i < 4; i++)
+        free(m[i]);
+}
+END_TEST
+
 START_TEST(many_subscriptions_come_and_go)
 {
     keel_bus *b = bus_new(0, 0, KEEL_BUS_BLOCK);
@@ -1043,6 +1550,37 @@ START_TEST(bad_input_is_refused)
     for (size_t i = 0; i < sizeof bad_subjects / sizeof bad_subjects[0]; i++)
         ck_assert_int_eq(pub(b, bad_subjects[i]), KEEL_EINVAL);
     ck_assert_int_eq(pub(b, NULL), KEEL_EINVAL);
+    /* the limits: 1024 bytes and 64 tokens, for subjects and patterns alike */
+    char big[1100];
+    memset(big, 'a', sizeof big);
+    big[1024] = '\0';
+    ck_assert_int_eq(pub(b, big), 0);
+    so = (keel_bus_sub_opts){.pattern = big, .handler = on_rec, .ud = r};
+    ck_assert_int_eq(keel_bus_subscribe(b, &so, &s), 0);
+    ck_assert_int_eq(pub(b, big), 0);
+    ck_assert_uint_eq(r->n, 1);
+    ck_assert_int_eq(keel_bus_unsubscribe(s), 0);
+    s = NULL;
+    big[1024] = 'a';
+    big[1025] = '\0';
+    ck_assert_int_eq(pub(b, big), KEEL_EINVAL);
+    ck_assert_int_eq(keel_bus_subscribe(b, &so, &s), KEEL_EINVAL);
+    char toks[200] = "";
+    for (int i = 0; i < 63; i++)
+        strcat(toks, i ? ".a" : "a");
+    strcat(toks, ".>");
+    so.pattern = toks;
+    ck_assert_int_eq(keel_bus_subscribe(b, &so, &s), 0); /* 64 tokens */
+    toks[strlen(toks) - 1] = 'a';
+    ck_assert_int_eq(pub(b, toks), 0);
+    ck_assert_uint_eq(r->n, 2);
+    ck_assert_int_eq(keel_bus_unsubscribe(s), 0);
+    s = NULL;
+    strcat(toks, ".a");
+    ck_assert_int_eq(pub(b, toks), KEEL_EINVAL);
+    toks[strlen(toks) - 1] = '>';
+    ck_assert_int_eq(keel_bus_subscribe(b, &so, &s), KEEL_EINVAL);
+    ck_assert_ptr_null(s);
     ck_assert_int_eq(keel_bus_publish(b, "a", NULL, 3, NULL, 0, NULL), KEEL_EINVAL);
     ck_assert_int_eq(keel_bus_publish(b, "a", NULL, 0, NULL, 0, NULL), 0); /* empty payload */
     keel_bus_header h[65] = {{NULL, "v"}};
@@ -2032,6 +2570,8 @@ int main(void)
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, the_wildcard_table);
     tcase_add_test(tc, the_trie_agrees_with_the_table);
+    tcase_add_loop_test(tc, the_trie_agrees_with_a_model_over_random_changes, 0, 4);
+    tcase_add_test(tc, publishers_miss_nothing_while_the_trie_changes);
     tcase_add_test(tc, sync_handlers_run_in_subscription_order);
     tcase_add_test(tc, a_group_member_keeps_its_place_in_the_order);
     tcase_add_test(tc, messages_carry_their_fields_and_ordered_ids);
@@ -2050,6 +2590,12 @@ int main(void)
     tcase_add_test(tc, handlers_may_publish_but_a_worker_may_not_drain);
     tcase_add_test(tc, on_error_of_a_dropped_delivery_may_drain);
     tcase_add_test(tc, many_subscriptions_come_and_go);
+    tcase_add_test(tc, a_handler_unsubscribes_another_running_elsewhere_and_frees_its_ud);
+    tcase_add_test(tc, a_handler_may_free_its_ud_after_unsubscribing_itself);
+    tcase_add_test(tc, ids_are_unique_and_ordered_across_threads);
+    tcase_add_test(tc, async_deliveries_see_copies_of_data_and_headers);
+    tcase_add_test(tc, drop_oldest_drops_the_oldest);
+    tcase_add_test(tc, a_group_may_mix_sync_and_async_members);
     tcase_add_test(tc, metrics_report_the_counters);
     tcase_add_test(tc, bad_input_is_refused);
     tcase_add_test(tc, a_group_outlives_a_member_left_in_the_trie_by_a_failed_unsubscribe);
