@@ -8,7 +8,9 @@
  * character. A subscription pattern may use NATS's wildcards as whole
  * tokens: `*` matches exactly one token, `>` one or more trailing tokens
  * and only as the last token ("foo.>" matches "foo.bar" and "foo.bar.baz",
- * not "foo"). A published subject has no wildcard.
+ * not "foo"). A published subject has no wildcard token. Inside a longer
+ * token a wildcard character is a literal ("foo*", in patterns and
+ * subjects alike).
  *
  * Matching walks a token trie (literal children hashed), so a publish
  * costs what its matching subscriptions cost, not what all of them do. The
@@ -21,7 +23,10 @@
  * Async messages wait in a bounded queue per worker, with keel_batch's
  * policies when full. Subscribers that share a queue group split the
  * messages: each message that matches members of a group goes to one
- * member (round robin).
+ * member (round robin). Members may mix sync and async; the one chosen
+ * runs as its mode says. A delivery chosen for a member that is
+ * unsubscribed before it runs (queued, or a publish racing the
+ * unsubscribe) is skipped like any other, not handed to another member.
  *
  * With redis: publish appends to a Redis Stream (XADD, approximate MAXLEN
  * trimming); subjects are spread over `partitions` streams by hash, so one
