@@ -1467,6 +1467,220 @@ START_TEST(a_group_may_mix_sync_and_async_members)
 }
 END_TEST
 
+/* ---- a queue group member that leaves with deliveries queued ---- */
+
+/* A member for the tests below: a message's data is its number, and
+ * seen[number] counts the calls it got in its group. While `hold` is set
+ * a call raises `held` and waits: the worker stops there and the group's
+ * later deliveries pile up in its queue. */
+typedef struct member {
+    pthread_mutex_t mu;
+    _Atomic int *seen;
+    _Atomic int hold, held;
+    pthread_t home;   /* the thread that publishes */
+    int calls, away;  /* away: calls run in another thread */
+    int last[2];      /* the last number run at home, away */
+    bool ordered;     /* in each of the two, the numbers increased */
+} member;
+
+static member *member_new(_Atomic int *seen, int hold)
+{
+    member *mb = calloc(1, sizeof *mb);
+    pthread_mutex_init(&mb->mu, NULL);
+    mb->seen = seen;
+    atomic_store(&mb->hold, hold);
+    mb->home = pthread_self();
+    mb->last[0] = mb->last[1] = -1;
+    mb->ordered = true;
+    return mb;
+}
+
+static int msg_number(const keel_bus_msg *m)
+{
+    char s[16];
+    snprintf(s, sizeof s, "%.*s", (int)m->len, (const char *)m->data);
+    return atoi(s);
+}
+
+static int on_member(const keel_bus_msg *m, void *ud)
+{
+    member *mb = ud;
+    int k = msg_number(m);
+    atomic_fetch_add(&mb->seen[k], 1);
+    pthread_mutex_lock(&mb->mu);
+    int away = !pthread_equal(pthread_self(), mb->home);
+    mb->calls++;
+    mb->away += away;
+    mb->ordered &= k > mb->last[away];
+    mb->last[away] = k;
+    pthread_mutex_unlock(&mb->mu);
+    if (atomic_load(&mb->hold)) {
+        atomic_store(&mb->held, 1);
+        while (atomic_load(&mb->hold))
+            nap(100 * 1000); /* a real-thread wait: the test lets go */
+    }
+    return 0;
+}
+
+static int pub_number(keel_bus *b, const char *subject, int k)
+{
+    char s[16];
+    snprintf(s, sizeof s, "%d", k);
+    return keel_bus_publish(b, subject, s, strlen(s), NULL, 0, NULL);
+}
+
+static void *unsubscribe_in_thread(void *arg)
+{
+    ck_assert_int_eq(keel_bus_unsubscribe(arg), 0);
+    return NULL;
+}
+
+/* Starts unsubscribing s, whose handler mb is held in a call, from
+ * another thread (which waits for that call), and returns once s is
+ * unsubscribed (the bus counts `left` subscriptions): let go of mb, then
+ * join *t. */
+static void leave_while_held(keel_bus *b, keel_bus_sub *s, member *mb, uint64_t left, pthread_t *t)
+{
+    while (!atomic_load(&mb->held))
+        nap(100 * 1000);
+    pthread_create(t, NULL, unsubscribe_in_thread, s);
+    for (keel_bus_stats st;;) {
+        keel_bus_stats_get(b, &st);
+        if (st.subscriptions == left)
+            break;
+        nap(100 * 1000);
+    }
+}
+
+/* Two async members split 1000 messages; the first holds its first one
+ * and leaves with the rest of its share queued (once 499 messages that
+ * reached nobody): the other member gets them, where they stood in the
+ * queue, so in publish order. */
+START_TEST(a_leaving_group_member_hands_its_queued_messages_to_the_others)
+{
+    enum { N = 1000 };
+    _Atomic int *seen = calloc(N, sizeof *seen);
+    keel_bus *b = bus_new(2, 0, KEEL_BUS_BLOCK);
+    member *a = member_new(seen, 1), *c = member_new(seen, 0);
+    keel_bus_sub *sa = sub(b, "grp.x", on_member, a, KEEL_BUS_ASYNC, "g");
+    sub(b, "grp.x", on_member, c, KEEL_BUS_ASYNC, "g");
+    for (int k = 0; k < N; k++)
+        ck_assert_int_eq(pub_number(b, "grp.x", k), 0); /* a: the even ones, c: the odd ones */
+    pthread_t t;
+    leave_while_held(b, sa, a, 1, &t);
+    atomic_store(&a->hold, 0);
+    pthread_join(t, NULL);
+    ck_assert_int_eq(keel_bus_drain(b), 0);
+    for (int k = 0; k < N; k++)
+        ck_assert_msg(atomic_load(&seen[k]) == 1, "message %d delivered %d times", k, atomic_load(&seen[k]));
+    ck_assert_int_eq(a->calls, 1);
+    ck_assert_int_eq(c->calls, N - 1);
+    ck_assert(c->ordered);
+    keel_bus_stats st;
+    keel_bus_stats_get(b, &st);
+    ck_assert_uint_eq(st.delivered, N);
+    ck_assert_uint_eq(st.dropped, 0);
+    keel_bus_destroy(b);
+    free(a);
+    free(c);
+    free(seen);
+}
+END_TEST
+
+typedef struct lost {
+    int n, numbers[16];
+    bool named;    /* an on_error call named a subscription */
+    int other;     /* calls with another err */
+} lost;
+
+static void on_lost(keel_bus_sub *s, const keel_bus_msg *m, int err, void *ud)
+{
+    lost *l = ud;
+    l->named |= s != NULL;
+    if (err != KEEL_ENOTFOUND)
+        l->other++;
+    else if (l->n < 16)
+        l->numbers[l->n++] = msg_number(m);
+}
+
+/* The last member of a group leaves with 9 deliveries queued: they are
+ * dropped, counted and reported (with no subscription: it is gone). A
+ * subscriber that takes the group's name meanwhile starts a new group,
+ * which they do not reach; the deliveries queued for a subscription
+ * outside any group that left are skipped without a word. */
+START_TEST(a_group_whose_last_member_leaves_drops_and_reports_its_queue)
+{
+    lost l = {0};
+    keel_bus *b;
+    keel_bus_opts o = {.workers = 1, .on_error = on_lost, .ud = &l};
+    ck_assert_int_eq(keel_bus_create(&b, &o), 0);
+    _Atomic int seen[3][10] = {{0}};
+    member *a = member_new(seen[0], 1), *c = member_new(seen[1], 0), *late = member_new(seen[2], 0);
+    keel_bus_sub *sa = sub(b, "grp.x", on_member, a, KEEL_BUS_ASYNC, "g");
+    keel_bus_sub *sc = sub(b, "grp.x", on_member, c, KEEL_BUS_ASYNC, NULL);
+    for (int k = 0; k < 10; k++)
+        ck_assert_int_eq(pub_number(b, "grp.x", k), 0);
+    while (!atomic_load(&a->held))
+        nap(100 * 1000);
+    ck_assert_int_eq(keel_bus_unsubscribe(sc), 0);
+    pthread_t t;
+    leave_while_held(b, sa, a, 0, &t);
+    sub(b, "grp.x", on_member, late, KEEL_BUS_ASYNC, "g");
+    atomic_store(&a->hold, 0);
+    pthread_join(t, NULL);
+    ck_assert_int_eq(keel_bus_drain(b), 0);
+    ck_assert_int_eq(a->calls, 1);
+    ck_assert_int_eq(c->calls, 0);
+    ck_assert_int_eq(late->calls, 0);
+    ck_assert_int_eq(l.n, 9);
+    for (int k = 1; k < 10; k++)
+        ck_assert_int_eq(l.numbers[k - 1], k);
+    ck_assert(!l.named);
+    ck_assert_int_eq(l.other, 0);
+    keel_bus_stats st;
+    keel_bus_stats_get(b, &st);
+    ck_assert_uint_eq(st.dropped, 9);
+    ck_assert_uint_eq(st.rejected, 0);
+    keel_bus_destroy(b);
+    free(a);
+    free(c);
+    free(late);
+}
+END_TEST
+
+/* An async member leaves a group whose other member is sync: its queued
+ * deliveries run that member's handler in the worker thread, in the order
+ * they were published. */
+START_TEST(a_sync_group_member_takes_deliveries_queued_for_one_that_left)
+{
+    enum { N = 100 };
+    _Atomic int seen[N] = {0};
+    keel_bus *b = bus_new(2, 0, KEEL_BUS_BLOCK);
+    member *a = member_new(seen, 1), *s = member_new(seen, 0);
+    keel_bus_sub *sa = sub(b, "grp.x", on_member, a, KEEL_BUS_ASYNC, "g");
+    sub(b, "grp.x", on_member, s, KEEL_BUS_SYNC, "g");
+    for (int k = 0; k < N; k++)
+        ck_assert_int_eq(pub_number(b, "grp.x", k), 0); /* s runs the odd ones here */
+    pthread_t t;
+    leave_while_held(b, sa, a, 1, &t);
+    atomic_store(&a->hold, 0);
+    pthread_join(t, NULL);
+    ck_assert_int_eq(keel_bus_drain(b), 0);
+    for (int k = 0; k < N; k++)
+        ck_assert_msg(atomic_load(&seen[k]) == 1, "message %d delivered %d times", k, atomic_load(&seen[k]));
+    ck_assert_int_eq(a->calls, 1);
+    ck_assert_int_eq(s->calls, N - 1);
+    ck_assert_int_eq(s->away, N / 2 - 1); /* 2, 4, ... 98, in the worker */
+    ck_assert(s->ordered);
+    keel_bus_stats st;
+    keel_bus_stats_get(b, &st);
+    ck_assert_uint_eq(st.dropped, 0);
+    keel_bus_destroy(b);
+    free(a);
+    free(s);
+}
+END_TEST
+
 START_TEST(many_subscriptions_come_and_go)
 {
     keel_bus *b = bus_new(0, 0, KEEL_BUS_BLOCK);
@@ -2596,6 +2810,9 @@ int main(void)
     tcase_add_test(tc, async_deliveries_see_copies_of_data_and_headers);
     tcase_add_test(tc, drop_oldest_drops_the_oldest);
     tcase_add_test(tc, a_group_may_mix_sync_and_async_members);
+    tcase_add_test(tc, a_leaving_group_member_hands_its_queued_messages_to_the_others);
+    tcase_add_test(tc, a_group_whose_last_member_leaves_drops_and_reports_its_queue);
+    tcase_add_test(tc, a_sync_group_member_takes_deliveries_queued_for_one_that_left);
     tcase_add_test(tc, metrics_report_the_counters);
     tcase_add_test(tc, bad_input_is_refused);
     tcase_add_test(tc, a_group_outlives_a_member_left_in_the_trie_by_a_failed_unsubscribe);

@@ -24,9 +24,19 @@
  * policies when full. Subscribers that share a queue group split the
  * messages: each message that matches members of a group goes to one
  * member (round robin). Members may mix sync and async; the one chosen
- * runs as its mode says. A delivery chosen for a member that is
- * unsubscribed before it runs (queued, or a publish racing the
- * unsubscribe) is skipped like any other, not handed to another member.
+ * runs as its mode says. An async member unsubscribed with deliveries
+ * still queued for it does not lose them for the group: each goes, when
+ * the worker reaches it, to another member that matches its subject
+ * (picked then, round robin; it may have joined after the publish) and
+ * runs in that worker thread, whatever that member's mode: an async
+ * member gets it where it stood in the queue, so in publish order with
+ * the subject's other messages to it; a sync member gets it after those
+ * it ran itself at their publish. With no member left the delivery is
+ * dropped: counted as dropped and passed to on_error (sub NULL,
+ * KEEL_ENOTFOUND). A group ends with its last member: a later subscriber
+ * taking its name starts a new group, which gets none of those. A sync
+ * member that a publish chose and that is unsubscribed before the call
+ * (racing it) is skipped, as an unsubscribed handler always is.
  *
  * With redis: publish appends to a Redis Stream (XADD, approximate MAXLEN
  * trimming); subjects are spread over `partitions` streams by hash, so one
@@ -114,8 +124,11 @@ typedef struct keel_bus_opts {
     keel_bus_full on_full;
     uint64_t block_timeout_ns;      /* KEEL_BUS_BLOCK: 0 = no limit */
     /* A handler failed (err: its return), or a delivery was dropped
-     * (KEEL_EFULL); sub is NULL for an entry moved to the dead-letter
-     * stream (err KEEL_ELIMIT). Runs where the event happened. */
+     * (KEEL_EFULL); sub is NULL for a queue group's delivery whose member
+     * left and that no other member could take (err KEEL_ENOTFOUND, or
+     * KEEL_ENOMEM: no memory to look for one), and for an entry moved to
+     * the dead-letter stream (err KEEL_ELIMIT). Runs where the event
+     * happened. */
     void (*on_error)(keel_bus_sub *sub, const keel_bus_msg *msg, int err, void *ud);
     void *ud;
     /* Redis Streams */
@@ -163,7 +176,8 @@ KEEL_API int keel_bus_subscribe(keel_bus *bus, const keel_bus_sub_opts *opts, ke
 
 /* Ends a subscription: waits for calls of its handler in other threads to
  * return (not for the caller's own, when called from that handler); its
- * queued async deliveries are skipped. Then the handler is never called
+ * queued async deliveries are skipped (a queue group member's go to the
+ * others: see the top). Then the handler is never called
  * again and no on_error names it. Two handlers that unsubscribe each other
  * from two threads at once wait for each other forever. Returns 0,
  * KEEL_EINVAL (NULL, or already being unsubscribed) or KEEL_ESTATE (inside
@@ -203,7 +217,7 @@ typedef struct keel_bus_pub {
 KEEL_API int keel_bus_publish_many(keel_bus *bus, keel_bus_pub *pubs, size_t n);
 
 /* Waits until every async delivery queued before the call has run (or
- * was dropped); with Redis, until each reader has handled its stream's
+ * was dropped), on another group member for one whose member left; with Redis, until each reader has handled its stream's
  * last entry as of the call, or found no new entry in a read begun after
  * it. Returns 0, KEEL_ESTATE from a worker or reader thread, KEEL_EINVAL;
  * with Redis also KEEL_EUNAVAIL (a reader cannot reach it) or the error of

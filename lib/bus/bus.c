@@ -20,6 +20,22 @@
  * checks `dead`. Both sides use sequentially consistent operations, so
  * either the call sees `dead` and does not run, or unsubscribe sees the
  * call and waits for it.
+ *
+ * A queue group member that leaves with async deliveries queued: each
+ * message went to that member alone (picked at publish), so skipping them
+ * as for any other subscription would lose them for the group. The worker
+ * re-routes them instead (regroup()): it matches the subject again, keeps
+ * the group's members (by the group's id: the member's group may be freed
+ * once it has left) and picks one as a publish does. The new member's
+ * handler runs there and then, in the worker: an async member's messages
+ * of that subject all go through this worker's queue, those before this
+ * one have run and those after it have not, so it gets the message in
+ * publish order, as if picked at the publish; nothing is queued again, so
+ * no full queue can refuse it and drain waits for it as for the delivery
+ * it replaces. A sync member runs it in the worker too, later than the
+ * messages it ran itself at their publish. No member left: the delivery is
+ * dropped, counted and reported (on_error with no subscription, which is
+ * gone, and KEEL_ENOTFOUND).
  */
 #define _GNU_SOURCE
 #include <stdio.h>
@@ -155,7 +171,7 @@ struct keel_bus {
     keel_bus_opts o;
     pthread_mutex_t mu; /* writers: the trie, groups, workers' start */
     bnode root;
-    uint64_t next_seq;
+    uint64_t next_seq, next_group;
     bgroup *groups;
     sarr *g_arrs;       /* garbage waiting for a grace period */
     bkids *g_kids;
@@ -476,7 +492,9 @@ static void pick_groups(bmatch *m)
     m->n = out;
 }
 
-int keel__bus_match(keel_bus *bus, const btoks *t, bmatch *m)
+/* The matches of a subject; with a group id, that group's members only
+ * (one of them after the pick). */
+static int match(keel_bus *bus, const btoks *t, bmatch *m, uint64_t group)
 {
     m->subs = m->local;
     m->n = 0;
@@ -485,6 +503,13 @@ int keel__bus_match(keel_bus *bus, const btoks *t, bmatch *m)
     if (rc)
         return rc;
     rc = collect(&bus->root, t, 0, m);
+    if (rc == 0 && group) {
+        size_t kept = 0;
+        for (size_t i = 0; i < m->n; i++)
+            if (m->subs[i]->group_id == group)
+                m->subs[kept++] = m->subs[i];
+        m->n = kept;
+    }
     if (rc == 0 && m->n) {
         if (m->n <= 16) { /* insertion sort: matches come nearly sorted */
             for (size_t i = 1; i < m->n; i++)
@@ -505,6 +530,8 @@ int keel__bus_match(keel_bus *bus, const btoks *t, bmatch *m)
         keel__bus_match_free(m);
     return rc;
 }
+
+int keel__bus_match(keel_bus *bus, const btoks *t, bmatch *m) { return match(bus, t, m, 0); }
 
 void keel__bus_match_free(bmatch *m)
 {
@@ -672,22 +699,58 @@ static void finished(bworker *w, uint64_t n)
         wake(w, &w->done_cv);
 }
 
+/* Runs msg, queued for a member of queue group `group` that has left, on
+ * another member that matches its subject, picked as a publish picks
+ * (see the top of the file); one that leaves before its call is replaced
+ * in turn. None left (or no memory to look): dropped and reported. */
+static void regroup(keel_bus *bus, uint64_t group, const keel_bus_msg *msg)
+{
+    btoks t;
+    bmatch m;
+    int rc = keel__bus_tokens(msg->subject, msg->subject_len, false, &t); /* published: cannot fail */
+    while (rc == 0 && (rc = match(bus, &t, &m, group)) == 0) {
+        keel_bus_sub *to = m.n ? m.subs[0] : NULL;
+        keel__bus_match_free(&m);
+        if (!to) {
+            rc = KEEL_ENOTFOUND;
+            break;
+        }
+        bool ran = enter(to);
+        if (ran) {
+            bframe f = {to, tl_frames};
+            tl_frames = &f;
+            call_entered(to, msg);
+            tl_frames = f.up;
+            leave(to);
+        }
+        keel__bus_sub_unref(to);
+        if (ran)
+            return;
+    }
+    keel__stripe_add(&keel__bus_counters(bus)->dropped, 1);
+    keel__bus_error(bus, NULL, msg, rc);
+}
+
 /* Delivers a run of queued messages for one subscription, entering it
  * once rather than once a message (the shared lines of a subscription
  * are what a delivery costs most); a handler that unsubscribes, or an
- * unsubscribe from elsewhere, stops the run. Drops the run's references. */
+ * unsubscribe from elsewhere, stops the run: the rest is skipped, or
+ * re-routed for a queue group's member. Drops the run's references. */
 static void deliver_run(bslot *run, size_t n)
 {
     keel_bus_sub *sub = run[0].sub;
+    size_t i = 0;
     if (enter(sub)) {
         bframe f = {sub, tl_frames};
         tl_frames = &f;
-        for (size_t i = 0; i < n && !atomic_load(&sub->dead); i++)
+        for (; i < n && !atomic_load(&sub->dead); i++)
             call_entered(sub, &run[i].m->v);
         tl_frames = f.up;
         leave(sub);
     }
-    for (size_t i = 0; i < n; i++)
+    for (; sub->group_id && i < n; i++)
+        regroup(sub->bus, sub->group_id, &run[i].m->v);
+    for (i = 0; i < n; i++)
         msg_unref(run[i].m);
     sub_unref_n(sub, n);
 }
@@ -1050,6 +1113,7 @@ static bgroup *group_get(keel_bus *bus, const char *name)
         keel__free(g);
         return NULL;
     }
+    g->id = ++bus->next_group;
     g->next = bus->groups;
     bus->groups = g;
     return g;
@@ -1106,8 +1170,10 @@ KEEL_API int keel_bus_subscribe(keel_bus *bus, const keel_bus_sub_opts *o, keel_
     int rc = s->mode == KEEL_BUS_ASYNC ? start_workers(bus) : 0;
     if (rc == 0 && o->group && !(s->group = group_get(bus, o->group)))
         rc = KEEL_ENOMEM;
-    if (s->group)
+    if (s->group) {
         s->group->members++;
+        s->group_id = s->group->id;
+    }
     s->seq = bus->next_seq++;
     if (rc == 0)
         rc = trie_change(bus, s, true);
@@ -1302,7 +1368,7 @@ KEEL_API int keel_bus_create(keel_bus **out, const keel_bus_opts *opts)
             {0, "keel_bus_published_total", "Messages published.", NULL, NULL, m_published},
             {0, "keel_bus_delivered_total", "Handler calls that succeeded.", NULL, NULL, m_delivered},
             {0, "keel_bus_failed_total", "Handler calls that failed.", NULL, NULL, m_failed},
-            {0, "keel_bus_dropped_total", "Async deliveries dropped from a full queue.", NULL, NULL, m_dropped},
+            {0, "keel_bus_dropped_total", "Async deliveries dropped: from a full queue, or left by a queue group with no member.", NULL, NULL, m_dropped},
             {0, "keel_bus_rejected_total", "Async deliveries refused by a full queue.", NULL, NULL, m_rejected},
             {1, "keel_bus_queued", "Async deliveries waiting.", NULL, NULL, m_queued},
             {0, "keel_bus_acked_total", "Stream entries acknowledged.", NULL, NULL, m_acked},

@@ -33,7 +33,8 @@ struct keel_bus_sub {
     keel_bus_handler handler;
     void *ud;
     keel_bus_mode mode;
-    struct bgroup *group;
+    struct bgroup *group;   /* read only while this is in the trie: a group goes with its last member */
+    uint64_t group_id;      /* the group's id, kept for re-routing once this has left */
     _Atomic int dead;
     struct keel_bus_sub *next_dead; /* the bus's list of subscriptions to free */
     _Atomic uint64_t refs __attribute__((aligned(KEEL__CACHELINE))); /* the trie's, queued deliveries', publishes in progress */
@@ -43,6 +44,8 @@ struct keel_bus_sub {
 /* A queue group: the subscriptions of a bus that share a name. */
 typedef struct bgroup {
     char *name;
+    uint64_t id; /* unique in the bus (from 1): a name taken again once its
+                    last member left is a new group */
     _Atomic uint64_t rr;
     size_t members; /* under the bus's writer lock */
     struct bgroup *next;
