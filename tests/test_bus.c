@@ -1681,6 +1681,58 @@ START_TEST(a_sync_group_member_takes_deliveries_queued_for_one_that_left)
 }
 END_TEST
 
+/* A publish chose a sync group member that an earlier handler of the same
+ * publish unsubscribes: the message goes to the group's other member (a
+ * sync one runs it in the publisher, an async one gets it queued), or is
+ * dropped and reported when there is none. */
+static int on_evict(const keel_bus_msg *m, void *ud)
+{
+    (void)m;
+    keel_bus_sub **victim = ud;
+    if (*victim)
+        ck_assert_int_eq(keel_bus_unsubscribe(*victim), 0);
+    *victim = NULL;
+    return 0;
+}
+
+START_TEST(a_sync_group_member_gone_before_its_call_leaves_the_message_to_the_others)
+{
+    for (int other = 0; other < 3; other++) { /* sync, async, none */
+        lost l = {0};
+        keel_bus *b;
+        keel_bus_opts o = {.workers = 1, .on_error = on_lost, .ud = &l};
+        ck_assert_int_eq(keel_bus_create(&b, &o), 0);
+        _Atomic int seen[1] = {0};
+        member *v = member_new(seen, 0), *w = member_new(seen, 0);
+        keel_bus_sub *victim = NULL;
+        sub(b, "grp.x", on_evict, &victim, KEEL_BUS_SYNC, NULL);
+        victim = sub(b, "grp.x", on_member, v, KEEL_BUS_SYNC, "g");
+        if (other < 2)
+            sub(b, "grp.x", on_member, w, (keel_bus_mode)other, "g");
+        ck_assert_int_eq(pub_number(b, "grp.x", 0), 0); /* chooses victim, then evicts it */
+        ck_assert_int_eq(keel_bus_drain(b), 0);
+        ck_assert_ptr_null(victim);
+        ck_assert_int_eq(v->calls, 0);
+        keel_bus_stats st;
+        keel_bus_stats_get(b, &st);
+        if (other < 2) {
+            ck_assert_int_eq(w->calls, 1);
+            ck_assert_int_eq(w->away, other); /* async: in the worker */
+            ck_assert_uint_eq(st.dropped, 0);
+            ck_assert_int_eq(l.n, 0);
+        } else {
+            ck_assert_uint_eq(st.dropped, 1);
+            ck_assert_int_eq(l.n, 1);
+            ck_assert(!l.named);
+        }
+        ck_assert_int_eq(l.other, 0);
+        keel_bus_destroy(b);
+        free(v);
+        free(w);
+    }
+}
+END_TEST
+
 START_TEST(many_subscriptions_come_and_go)
 {
     keel_bus *b = bus_new(0, 0, KEEL_BUS_BLOCK);
@@ -2813,6 +2865,7 @@ int main(void)
     tcase_add_test(tc, a_leaving_group_member_hands_its_queued_messages_to_the_others);
     tcase_add_test(tc, a_group_whose_last_member_leaves_drops_and_reports_its_queue);
     tcase_add_test(tc, a_sync_group_member_takes_deliveries_queued_for_one_that_left);
+    tcase_add_test(tc, a_sync_group_member_gone_before_its_call_leaves_the_message_to_the_others);
     tcase_add_test(tc, metrics_report_the_counters);
     tcase_add_test(tc, bad_input_is_refused);
     tcase_add_test(tc, a_group_outlives_a_member_left_in_the_trie_by_a_failed_unsubscribe);

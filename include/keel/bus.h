@@ -35,8 +35,10 @@
  * dropped: counted as dropped and passed to on_error (sub NULL,
  * KEEL_ENOTFOUND). A group ends with its last member: a later subscriber
  * taking its name starts a new group, which gets none of those. A sync
- * member that a publish chose and that is unsubscribed before the call
- * (racing it) is skipped, as an unsubscribed handler always is.
+ * member that a publish chose and that is unsubscribed before its call
+ * (racing it) leaves the message to another member too, picked by that
+ * publish: a sync one runs it in the publisher's thread, an async one
+ * gets it queued like the publish's other async deliveries.
  *
  * With redis: publish appends to a Redis Stream (XADD, approximate MAXLEN
  * trimming); subjects are spread over `partitions` streams by hash, so one
@@ -126,7 +128,7 @@ typedef struct keel_bus_opts {
     /* A handler failed (err: its return), or a delivery was dropped
      * (KEEL_EFULL); sub is NULL for a queue group's delivery whose member
      * left and that no other member could take (err KEEL_ENOTFOUND, or
-     * KEEL_ENOMEM: no memory to look for one), and for an entry moved to
+     * KEEL_ENOMEM: no memory to re-route it), and for an entry moved to
      * the dead-letter stream (err KEEL_ELIMIT). Runs where the event
      * happened. */
     void (*on_error)(keel_bus_sub *sub, const keel_bus_msg *msg, int err, void *ud);

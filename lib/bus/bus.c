@@ -35,7 +35,9 @@
  * it replaces. A sync member runs it in the worker too, later than the
  * messages it ran itself at their publish. No member left: the delivery is
  * dropped, counted and reported (on_error with no subscription, which is
- * gone, and KEEL_ENOTFOUND).
+ * gone, and KEEL_ENOTFOUND). A sync member a publish chose that leaves
+ * before its call is replaced the same way, by the publish itself
+ * (call_sync()): a sync one is called there, an async one queued.
  */
 #define _GNU_SOURCE
 #include <stdio.h>
@@ -597,16 +599,50 @@ static int call_entered(keel_bus_sub *sub, const keel_bus_msg *msg)
     return rc;
 }
 
-int keel__bus_call(keel_bus_sub *sub, const keel_bus_msg *msg)
+/* Calls sub's handler (its result in *rc); false if it was unsubscribed. */
+static bool call(keel_bus_sub *sub, const keel_bus_msg *msg, int *rc)
 {
     if (!enter(sub))
-        return 0;
+        return false;
     bframe f = {sub, tl_frames};
     tl_frames = &f;
-    int rc = call_entered(sub, msg);
+    *rc = call_entered(sub, msg);
     tl_frames = f.up;
     leave(sub);
+    return true;
+}
+
+int keel__bus_call(keel_bus_sub *sub, const keel_bus_msg *msg)
+{
+    int rc = 0;
+    call(sub, msg, &rc);
     return rc;
+}
+
+/* A queue group's delivery that no member takes: counted and reported
+ * with no subscription (the one it was for is gone). */
+static void group_lost(keel_bus *bus, const keel_bus_msg *msg, int err)
+{
+    keel__stripe_add(&keel__bus_counters(bus)->dropped, 1);
+    keel__bus_error(bus, NULL, msg, err);
+}
+
+/* Another member of queue group `group` that matches the subject t,
+ * picked as a publish picks, with a reference (see the top of the file);
+ * NULL, the delivery lost, when none is left or no memory to look. */
+static keel_bus_sub *repick(keel_bus *bus, uint64_t group, const btoks *t, const keel_bus_msg *msg)
+{
+    bmatch m;
+    int rc = match(bus, t, &m, group);
+    if (rc == 0) {
+        keel_bus_sub *to = m.n ? m.subs[0] : NULL;
+        keel__bus_match_free(&m);
+        if (to)
+            return to;
+        rc = KEEL_ENOTFOUND;
+    }
+    group_lost(bus, msg, rc);
+    return NULL;
 }
 
 bool keel__bus_in_worker(keel_bus *bus) { return tl_worker == bus; }
@@ -700,35 +736,19 @@ static void finished(bworker *w, uint64_t n)
 }
 
 /* Runs msg, queued for a member of queue group `group` that has left, on
- * another member that matches its subject, picked as a publish picks
- * (see the top of the file); one that leaves before its call is replaced
- * in turn. None left (or no memory to look): dropped and reported. */
+ * another member, here in the worker whatever its mode (see the top of
+ * the file); one that leaves before its call is replaced in turn. */
 static void regroup(keel_bus *bus, uint64_t group, const keel_bus_msg *msg)
 {
     btoks t;
-    bmatch m;
-    int rc = keel__bus_tokens(msg->subject, msg->subject_len, false, &t); /* published: cannot fail */
-    while (rc == 0 && (rc = match(bus, &t, &m, group)) == 0) {
-        keel_bus_sub *to = m.n ? m.subs[0] : NULL;
-        keel__bus_match_free(&m);
-        if (!to) {
-            rc = KEEL_ENOTFOUND;
-            break;
-        }
-        bool ran = enter(to);
-        if (ran) {
-            bframe f = {to, tl_frames};
-            tl_frames = &f;
-            call_entered(to, msg);
-            tl_frames = f.up;
-            leave(to);
-        }
+    (void)keel__bus_tokens(msg->subject, msg->subject_len, false, &t); /* published: valid */
+    int rc;
+    for (keel_bus_sub *to; (to = repick(bus, group, &t, msg));) {
+        bool ran = call(to, msg, &rc);
         keel__bus_sub_unref(to);
         if (ran)
             return;
     }
-    keel__stripe_add(&keel__bus_counters(bus)->dropped, 1);
-    keel__bus_error(bus, NULL, msg, rc);
 }
 
 /* Delivers a run of queued messages for one subscription, entering it
@@ -1023,6 +1043,24 @@ static bmsg *msg_copy(keel_bus *bus, const keel_bus_msg *v, size_t refs)
     return m;
 }
 
+/* Calls s, a sync subscription a publish chose, and drops its reference.
+ * If s left before the call and is a queue group's member, another member
+ * takes the message, picked as the publish would have: a sync one is
+ * called here in turn, an async one is returned (with a reference) for
+ * the publish to queue. NULL when done. */
+static keel_bus_sub *call_sync(keel_bus *bus, keel_bus_sub *s, const btoks *t, const keel_bus_msg *v)
+{
+    int rc;
+    while (!call(s, v, &rc) && s->group_id) {
+        keel_bus_sub *to = repick(bus, s->group_id, t, v);
+        keel__bus_sub_unref(s);
+        if (!(s = to) || s->mode == KEEL_BUS_ASYNC)
+            return s;
+    }
+    keel__bus_sub_unref(s);
+    return NULL;
+}
+
 static int publish_local(keel_bus *bus, keel_bus_pub *p)
 {
     btoks t;
@@ -1050,16 +1088,25 @@ static int publish_local(keel_bus *bus, keel_bus_pub *p)
     struct timespec until = {-1, 0};
     for (size_t i = 0; i < m.n; i++) {
         keel_bus_sub *s = m.subs[i];
+        bmsg *c = copy;
         if (s->mode == KEEL_BUS_SYNC) {
-            keel__bus_call(s, &v);
-        } else {
-            int e = enqueue(bus, s, copy, sh, &until);
-            if (e == 0)
-                continue; /* the worker drops both references */
-            msg_unref(copy);
-            if (!rc)
-                rc = e;
+            if (!(s = call_sync(bus, s, &t, &v)))
+                continue;
+            /* an async member takes it from a sync one that left: its own
+             * copy (`copy` may be gone with the deliveries it counted) */
+            sh = keel__hash64(p->subject, slen, 0);
+            if (!(c = msg_copy(bus, &v, 1))) {
+                group_lost(bus, &v, KEEL_ENOMEM);
+                keel__bus_sub_unref(s);
+                continue;
+            }
         }
+        int e = enqueue(bus, s, c, sh, &until);
+        if (e == 0)
+            continue; /* the worker drops both references */
+        msg_unref(c);
+        if (!rc)
+            rc = e;
         keel__bus_sub_unref(s);
     }
     keel__bus_match_free(&m);
