@@ -820,7 +820,8 @@ static int node_metrics(keel_redis *r, rnode *n, const char *name)
     keel__mfunc fs[] = {
         {0, "keel_redis_commands_total", "Calls that reached a connection.", "node", n->name, m_commands},
         {0, "keel_redis_error_replies_total", "Calls answered with an error reply.", "node", n->name, m_errors},
-        {0, "keel_redis_timeouts_total", "Calls the node did not answer within the command timeout.", "node", n->name, m_timeouts},
+        {0, "keel_redis_timeouts_total", "Calls the node did not answer within the command timeout.", "node", n->name,
+         m_timeouts},
         {0, "keel_redis_unavailable_total", "Calls that found the node down or skipped.", "node", n->name,
          m_unavailable},
         {0, "keel_redis_connects_total", "Connections made.", "node", n->name, m_connects},
