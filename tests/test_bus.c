@@ -2624,6 +2624,78 @@ START_TEST(stopping_mid_batch_acknowledges_what_was_handled)
 }
 END_TEST
 
+/* A reader matched an entry to a queue group's member that an earlier
+ * handler of the same entry unsubscribes: the group's other member takes
+ * it in the reader (sync or async alike) and it is acknowledged. With no
+ * member left here it stays pending, neither dropped nor reported, for
+ * another consumer of the service to claim: here one with a member. */
+static long long pending_count(keel_redis *r, const char *key)
+{
+    const char *argv[] = {"XPENDING", key, "grp"};
+    redisReply *rep;
+    ck_assert_int_eq(rcmd(r, key, 3, argv, &rep), 0);
+    long long n = rep->element[0]->integer;
+    freeReplyObject(rep);
+    return n;
+}
+
+START_TEST(a_stream_group_member_gone_before_its_call_leaves_the_entry_to_the_others)
+{
+    keel_redis *r = redis_nodes(1);
+    for (int other = 0; other < 3; other++) { /* sync, async, none */
+        char prefix[96], key[128];
+        unique_prefix(prefix, sizeof prefix, "regroup");
+        snprintf(key, sizeof key, "%s0", prefix);
+        lost l = {0};
+        keel_bus *b = rbus(r, prefix, "grp", "c1", 1, 3600 * S, on_lost, &l);
+        _Atomic int seen[1] = {0};
+        member *v = member_new(seen, 0), *w = member_new(seen, 0);
+        keel_bus_sub *victim = NULL;
+        sub(b, "grp.x", on_evict, &victim, KEEL_BUS_SYNC, NULL);
+        victim = sub(b, "grp.x", on_member, v, KEEL_BUS_SYNC, "g");
+        if (other < 2)
+            sub(b, "grp.x", on_member, w, (keel_bus_mode)other, "g");
+        ck_assert_int_eq(keel_bus_start(b), 0);
+        ck_assert_int_eq(pub_number(b, "grp.x", 0), 0); /* matched to victim, which is evicted */
+        ck_assert_int_eq(keel_bus_drain(b), 0);
+        ck_assert_ptr_null(victim);
+        ck_assert_int_eq(v->calls, 0);
+        keel_bus_stats st;
+        keel_bus_stats_get(b, &st);
+        ck_assert_uint_eq(st.dropped, 0);
+        ck_assert_uint_eq(st.failed, 0);
+        ck_assert_int_eq(l.n, 0);
+        ck_assert_int_eq(l.other, 0);
+        if (other < 2) {
+            ck_assert_int_eq(w->calls, 1);
+            ck_assert_int_eq(w->away, 1); /* in the reader */
+            ck_assert_uint_eq(st.acked, 1);
+            ck_assert_int_eq(pending_count(r, key), 0);
+        } else {
+            ck_assert_uint_eq(st.acked, 0);
+            ck_assert_int_eq(pending_count(r, key), 1);
+            /* Another consumer with a member claims it once idle (real
+             * time: Redis's clock), delivers and acknowledges it. */
+            keel_bus *b2 = rbus(r, prefix, "grp", "c2", 1, 100 * MS, NULL, NULL);
+            sub(b2, "grp.x", on_member, w, KEEL_BUS_SYNC, "g");
+            ck_assert_int_eq(keel_bus_start(b2), 0);
+            wait_for(&seen[0], 1);
+            ck_assert_int_eq(keel_bus_drain(b2), 0);
+            keel_bus_stats_get(b2, &st);
+            ck_assert_uint_eq(st.claimed, 1);
+            ck_assert_uint_eq(st.acked, 1);
+            ck_assert_int_eq(pending_count(r, key), 0);
+            keel_bus_destroy(b2);
+        }
+        ck_assert_int_eq(atomic_load(&seen[0]), 1);
+        keel_bus_destroy(b);
+        free(v);
+        free(w);
+    }
+    keel_redis_destroy(r);
+}
+END_TEST
+
 START_TEST(a_redis_restart_fails_publishes_then_consumers_resume)
 {
     char prefix[96];
@@ -2883,6 +2955,7 @@ int main(void)
     tcase_add_test(rd, a_dead_letter_node_down_does_not_stop_new_entries);
     tcase_add_test(rd, an_acl_refusing_xpending_does_not_stop_a_restarted_consumer);
     tcase_add_test(rd, stopping_mid_batch_acknowledges_what_was_handled);
+    tcase_add_test(rd, a_stream_group_member_gone_before_its_call_leaves_the_entry_to_the_others);
     tcase_add_test(rd, a_redis_restart_fails_publishes_then_consumers_resume);
     suite_add_tcase(s, rd);
     TCase *down = tcase_create("redis_restart"); /* a steady stream meets a stopped server */

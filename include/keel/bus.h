@@ -57,8 +57,18 @@
  * when its own consumer finds it pending after a restart. An
  * entry trimmed away while pending is acknowledged unread. Handlers run in
  * the reader threads, one entry at a time per partition, whatever their
- * mode; with several consumers in a group, each sees only its share. A
- * reader that runs out of memory acknowledges what it handled, then does
+ * mode; with several consumers in a group, each sees only its share.
+ * Queue groups apply among the process's own subscriptions, one member an
+ * entry. A member chosen for an entry and unsubscribed before its call
+ * (by an earlier handler of the entry, or racing it) leaves the entry to
+ * another member of its group, picked then as a publish picks and run in
+ * the reader whatever its mode. With no member of the group left in the
+ * process the entry is not acknowledged (logged; not counted as dropped or
+ * failed, no on_error): it stays pending as after a failure, for any
+ * consumer of `service` to claim after min_idle_ns (this one too: it is
+ * then delivered again to every matching handler, a new member of the
+ * group's name included), and goes to the dead-letter stream once
+ * delivered max_deliveries times. A reader that runs out of memory acknowledges what it handled, then does
  * as after a lost connection: reconnects after a backoff (logged) and
  * reads its pending entries again, so delivery is only delayed.
  *
@@ -127,8 +137,9 @@ typedef struct keel_bus_opts {
     uint64_t block_timeout_ns;      /* KEEL_BUS_BLOCK: 0 = no limit */
     /* A handler failed (err: its return), or a delivery was dropped
      * (KEEL_EFULL); sub is NULL for a queue group's delivery whose member
-     * left and that no other member could take (err KEEL_ENOTFOUND, or
-     * KEEL_ENOMEM: no memory to re-route it), and for an entry moved to
+     * left and that no other member could take (in process: err
+     * KEEL_ENOTFOUND, or KEEL_ENOMEM: no memory to re-route it; a stream
+     * entry stays pending instead), and for an entry moved to
      * the dead-letter stream (err KEEL_ELIMIT). Runs where the event
      * happened. */
     void (*on_error)(keel_bus_sub *sub, const keel_bus_msg *msg, int err, void *ud);

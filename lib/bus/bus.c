@@ -37,7 +37,10 @@
  * dropped, counted and reported (on_error with no subscription, which is
  * gone, and KEEL_ENOTFOUND). A sync member a publish chose that leaves
  * before its call is replaced the same way, by the publish itself
- * (call_sync()): a sync one is called there, an async one queued.
+ * (call_sync()): a sync one is called there, an async one queued. A Redis
+ * reader replaces one too (keel__bus_call()), calling the new member in
+ * the reader; with none left it keeps the stream entry pending, for
+ * another consumer, rather than drop it.
  */
 #define _GNU_SOURCE
 #include <stdio.h>
@@ -612,13 +615,6 @@ static bool call(keel_bus_sub *sub, const keel_bus_msg *msg, int *rc)
     return true;
 }
 
-int keel__bus_call(keel_bus_sub *sub, const keel_bus_msg *msg)
-{
-    int rc = 0;
-    call(sub, msg, &rc);
-    return rc;
-}
-
 /* A queue group's delivery that no member takes: counted and reported
  * with no subscription (the one it was for is gone). */
 static void group_lost(keel_bus *bus, const keel_bus_msg *msg, int err)
@@ -629,8 +625,9 @@ static void group_lost(keel_bus *bus, const keel_bus_msg *msg, int err)
 
 /* Another member of queue group `group` that matches the subject t,
  * picked as a publish picks, with a reference (see the top of the file);
- * NULL, the delivery lost, when none is left or no memory to look. */
-static keel_bus_sub *repick(keel_bus *bus, uint64_t group, const btoks *t, const keel_bus_msg *msg)
+ * NULL when none is left (*err KEEL_ENOTFOUND) or no memory to look
+ * (KEEL_ENOMEM). */
+static keel_bus_sub *pick(keel_bus *bus, uint64_t group, const btoks *t, int *err)
 {
     bmatch m;
     int rc = match(bus, t, &m, group);
@@ -641,8 +638,38 @@ static keel_bus_sub *repick(keel_bus *bus, uint64_t group, const btoks *t, const
             return to;
         rc = KEEL_ENOTFOUND;
     }
-    group_lost(bus, msg, rc);
+    *err = rc;
     return NULL;
+}
+
+/* pick(), the delivery lost when there is none. */
+static keel_bus_sub *repick(keel_bus *bus, uint64_t group, const btoks *t, const keel_bus_msg *msg)
+{
+    int rc;
+    keel_bus_sub *to = pick(bus, group, t, &rc);
+    if (!to)
+        group_lost(bus, msg, rc);
+    return to;
+}
+
+/* Runs msg on a member of queue group `group`, picked (and replaced in
+ * turn if it leaves before its call), here whatever its mode: true, its
+ * result in *rc; false, pick()'s error there, when none is left. */
+static bool call_member(keel_bus *bus, uint64_t group, const btoks *t, const keel_bus_msg *msg, int *rc)
+{
+    for (keel_bus_sub *to; (to = pick(bus, group, t, rc));) {
+        bool ran = call(to, msg, rc);
+        keel__bus_sub_unref(to);
+        if (ran)
+            return true;
+    }
+    return false;
+}
+
+bool keel__bus_call(keel_bus_sub *sub, const btoks *t, const keel_bus_msg *msg, int *rc)
+{
+    *rc = 0;
+    return call(sub, msg, rc) || !sub->group_id || call_member(sub->bus, sub->group_id, t, msg, rc);
 }
 
 bool keel__bus_in_worker(keel_bus *bus) { return tl_worker == bus; }
@@ -743,12 +770,8 @@ static void regroup(keel_bus *bus, uint64_t group, const keel_bus_msg *msg)
     btoks t;
     (void)keel__bus_tokens(msg->subject, msg->subject_len, false, &t); /* published: valid */
     int rc;
-    for (keel_bus_sub *to; (to = repick(bus, group, &t, msg));) {
-        bool ran = call(to, msg, &rc);
-        keel__bus_sub_unref(to);
-        if (ran)
-            return;
-    }
+    if (!call_member(bus, group, &t, msg, &rc))
+        group_lost(bus, msg, rc);
 }
 
 /* Delivers a run of queued messages for one subscription, entering it

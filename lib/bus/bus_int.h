@@ -62,9 +62,14 @@ typedef struct bmatch {
 int keel__bus_match(keel_bus *bus, const btoks *t, bmatch *m);
 void keel__bus_match_free(bmatch *m);
 
-/* Calls a subscription's handler unless it has been unsubscribed; counts,
- * reports a failure. Returns the handler's result (0 if skipped). */
-int keel__bus_call(keel_bus_sub *sub, const keel_bus_msg *msg);
+/* Calls a subscription's handler, msg's subject cut into t, unless it has
+ * been unsubscribed; counts, reports a failure. A queue group's member
+ * that has left is replaced by another member, picked as a publish picks
+ * and called here whatever its mode. Returns true, the handler's result
+ * in *rc (0 if skipped: not a group's member); false when the group has
+ * no member left to take msg (*rc KEEL_ENOTFOUND, or KEEL_ENOMEM: no
+ * memory to look), with nothing counted or reported. */
+bool keel__bus_call(keel_bus_sub *sub, const btoks *t, const keel_bus_msg *msg, int *rc);
 
 void keel__bus_sub_unref(keel_bus_sub *sub);
 void keel__bus_error(keel_bus *bus, keel_bus_sub *sub, const keel_bus_msg *msg, int err);

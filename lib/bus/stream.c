@@ -168,7 +168,9 @@ static void parse_fields(const redisReply *f, const char *id, keel_bus_msg *v, k
 
 /* Delivers one entry [id, fields] to the matching handlers. Returns 0 when
  * it may be acknowledged (handled, or one that cannot be: no fields, a bad
- * subject), 1 when a handler failed, or KEEL_ENOMEM. */
+ * subject), 1 when it must stay pending (a handler failed, or a queue
+ * group's member left and none of the group is left here to take it:
+ * another consumer may), or KEEL_ENOMEM. */
 static int deliver(bstream *s, const redisReply *e)
 {
     if (e->type != REDIS_REPLY_ARRAY || e->elements != 2 || e->element[0]->type != REDIS_REPLY_STRING)
@@ -190,7 +192,11 @@ static int deliver(bstream *s, const redisReply *e)
         return rc;
     bool failed = false;
     for (size_t i = 0; i < m.n; i++) {
-        failed |= keel__bus_call(m.subs[i], &v) != 0;
+        int hrc;
+        if (!keel__bus_call(m.subs[i], &t, &v, &hrc))
+            keel__log(KEEL_LOG_WARN, "bus", "entry %s (%s): no member of its queue group left here: left pending",
+                      v.id, v.subject);
+        failed |= hrc != 0;
         keel__bus_sub_unref(m.subs[i]);
     }
     keel__bus_match_free(&m);
