@@ -132,7 +132,9 @@ typedef struct keel_bus_opts {
     size_t workers;                 /* async workers; 0 = 2 */
     size_t capacity;                /* queued async deliveries per worker; 0 = 65536, up to 2^32;
                                        rounded up to a power of two, at least 2;
-                                       32 bytes each, from the first async subscription */
+                                       32 bytes each, from the first async subscription;
+                                       a worker also holds up to 64 it has taken to run,
+                                       which neither count here nor can be dropped */
     keel_bus_full on_full;
     uint64_t block_timeout_ns;      /* KEEL_BUS_BLOCK: 0 = no limit */
     /* A handler failed (err: its return), or a delivery was dropped
@@ -183,8 +185,8 @@ typedef struct keel_bus_sub_opts {
     const char *group;       /* a queue group; NULL: none */
 } keel_bus_sub_opts;
 
-/* Returns 0, KEEL_EINVAL (a bad pattern or mode, no handler) or
- * KEEL_ENOMEM. */
+/* Returns 0, KEEL_EINVAL (NULL arguments, a bad pattern or mode, no
+ * handler, an empty group name) or KEEL_ENOMEM. */
 KEEL_API int keel_bus_subscribe(keel_bus *bus, const keel_bus_sub_opts *opts, keel_bus_sub **out);
 
 /* Ends a subscription: waits for calls of its handler in other threads to
@@ -208,8 +210,8 @@ KEEL_API int keel_bus_unsubscribe(keel_bus_sub *sub);
  * the outcome unknown, and the entry may be in the stream and be
  * delivered; publishing again is at-least-once. An accepted entry lasts
  * as long as Redis keeps it: a server restarted without persistence
- * loses the entries not yet read. Bad subject or headers (more than 64 of them too): KEEL_EINVAL. id (may be NULL) receives the
- * message's id. */
+ * loses the entries not yet read. Bad subject or headers (more than 64
+ * of them too): KEEL_EINVAL. id (may be NULL) receives the message's id. */
 KEEL_API int keel_bus_publish(keel_bus *bus, const char *subject, const void *data, size_t len,
                               const keel_bus_header *headers, size_t nheaders,
                               char id[KEEL_BUS_ID_MAX]);
@@ -226,7 +228,9 @@ typedef struct keel_bus_pub {
 } keel_bus_pub;
 
 /* Publishes n messages; with Redis in one pipeline. Returns 0 when all
- * went through, else the first failure (see each rc). */
+ * went through, else the first failure (see each rc). In process each
+ * message is a publish of its own: under KEEL_BUS_BLOCK each may wait
+ * block_timeout_ns. */
 KEEL_API int keel_bus_publish_many(keel_bus *bus, keel_bus_pub *pubs, size_t n);
 
 /* Waits until every async delivery queued before the call has run (or
