@@ -1552,6 +1552,31 @@ static void leave_while_held(keel_bus *b, keel_bus_sub *s, member *mb, uint64_t 
     }
 }
 
+/* A group of an async member, which holds its first message, and one of
+ * `mode`, splits n messages (the async one takes the even ones); the first
+ * leaves with the rest of its share queued. Checks that every message ran
+ * once, in order on the other member, and returns the drained bus. */
+static keel_bus *one_of_two_leaves(_Atomic int *seen, int n, keel_bus_mode mode, member **left, member **other)
+{
+    keel_bus *b = bus_new(2, 0, KEEL_BUS_BLOCK);
+    member *a = *left = member_new(seen, 1), *o = *other = member_new(seen, 0);
+    keel_bus_sub *sa = sub(b, "grp.x", on_member, a, KEEL_BUS_ASYNC, "g");
+    sub(b, "grp.x", on_member, o, mode, "g");
+    for (int k = 0; k < n; k++)
+        ck_assert_int_eq(pub_number(b, "grp.x", k), 0);
+    pthread_t t;
+    leave_while_held(b, sa, a, 1, &t);
+    atomic_store(&a->hold, 0);
+    pthread_join(t, NULL);
+    ck_assert_int_eq(keel_bus_drain(b), 0);
+    for (int k = 0; k < n; k++)
+        ck_assert_msg(atomic_load(&seen[k]) == 1, "message %d delivered %d times", k, atomic_load(&seen[k]));
+    ck_assert_int_eq(a->calls, 1);
+    ck_assert_int_eq(o->calls, n - 1);
+    ck_assert(o->ordered);
+    return b;
+}
+
 /* Two async members split 1000 messages; the first holds its first one
  * and leaves with the rest of its share queued (once 499 messages that
  * reached nobody): the other member gets them, where they stood in the
@@ -1560,22 +1585,8 @@ START_TEST(a_leaving_group_member_hands_its_queued_messages_to_the_others)
 {
     enum { N = 1000 };
     _Atomic int *seen = calloc(N, sizeof *seen);
-    keel_bus *b = bus_new(2, 0, KEEL_BUS_BLOCK);
-    member *a = member_new(seen, 1), *c = member_new(seen, 0);
-    keel_bus_sub *sa = sub(b, "grp.x", on_member, a, KEEL_BUS_ASYNC, "g");
-    sub(b, "grp.x", on_member, c, KEEL_BUS_ASYNC, "g");
-    for (int k = 0; k < N; k++)
-        ck_assert_int_eq(pub_number(b, "grp.x", k), 0); /* a: the even ones, c: the odd ones */
-    pthread_t t;
-    leave_while_held(b, sa, a, 1, &t);
-    atomic_store(&a->hold, 0);
-    pthread_join(t, NULL);
-    ck_assert_int_eq(keel_bus_drain(b), 0);
-    for (int k = 0; k < N; k++)
-        ck_assert_msg(atomic_load(&seen[k]) == 1, "message %d delivered %d times", k, atomic_load(&seen[k]));
-    ck_assert_int_eq(a->calls, 1);
-    ck_assert_int_eq(c->calls, N - 1);
-    ck_assert(c->ordered);
+    member *a, *c;
+    keel_bus *b = one_of_two_leaves(seen, N, KEEL_BUS_ASYNC, &a, &c);
     keel_bus_stats st;
     keel_bus_stats_get(b, &st);
     ck_assert_uint_eq(st.delivered, N);
@@ -1655,23 +1666,9 @@ START_TEST(a_sync_group_member_takes_deliveries_queued_for_one_that_left)
 {
     enum { N = 100 };
     _Atomic int seen[N] = {0};
-    keel_bus *b = bus_new(2, 0, KEEL_BUS_BLOCK);
-    member *a = member_new(seen, 1), *s = member_new(seen, 0);
-    keel_bus_sub *sa = sub(b, "grp.x", on_member, a, KEEL_BUS_ASYNC, "g");
-    sub(b, "grp.x", on_member, s, KEEL_BUS_SYNC, "g");
-    for (int k = 0; k < N; k++)
-        ck_assert_int_eq(pub_number(b, "grp.x", k), 0); /* s runs the odd ones here */
-    pthread_t t;
-    leave_while_held(b, sa, a, 1, &t);
-    atomic_store(&a->hold, 0);
-    pthread_join(t, NULL);
-    ck_assert_int_eq(keel_bus_drain(b), 0);
-    for (int k = 0; k < N; k++)
-        ck_assert_msg(atomic_load(&seen[k]) == 1, "message %d delivered %d times", k, atomic_load(&seen[k]));
-    ck_assert_int_eq(a->calls, 1);
-    ck_assert_int_eq(s->calls, N - 1);
+    member *a, *s;
+    keel_bus *b = one_of_two_leaves(seen, N, KEEL_BUS_SYNC, &a, &s); /* s ran the odd ones at their publish */
     ck_assert_int_eq(s->away, N / 2 - 1); /* 2, 4, ... 98, in the worker */
-    ck_assert(s->ordered);
     keel_bus_stats st;
     keel_bus_stats_get(b, &st);
     ck_assert_uint_eq(st.dropped, 0);
