@@ -417,17 +417,20 @@ static void *churn_trie(void *arg)
     return NULL;
 }
 
-typedef struct trie_pub {
+/* A thread publishing `subject` until told to stop, and at least `min`
+ * times; n counts them. */
+typedef struct pub_loop {
     keel_bus *b;
     _Atomic int *stop;
-    size_t n;
-} trie_pub;
+    const char *subject;
+    size_t min, n;
+} pub_loop;
 
-static void *publish_stable(void *arg)
+static void *publish_until_stopped(void *arg)
 {
-    trie_pub *p = arg;
-    while (!atomic_load(p->stop) || p->n < 1000) {
-        ck_assert_int_eq(pub(p->b, "s.t0.x"), 0);
+    pub_loop *p = arg;
+    while (!atomic_load(p->stop) || p->n < p->min) {
+        ck_assert_int_eq(pub(p->b, p->subject), 0);
         p->n++;
     }
     return NULL;
@@ -445,11 +448,11 @@ START_TEST(publishers_miss_nothing_while_the_trie_changes)
     }
     _Atomic int stop = 0;
     trie_churner c[2] = {{b, 1, &stop}, {b, 2, &stop}};
-    trie_pub p[2] = {{b, &stop, 0}, {b, &stop, 0}};
+    pub_loop p[2] = {{b, &stop, "s.t0.x", 1000, 0}, {b, &stop, "s.t0.x", 1000, 0}};
     pthread_t ct[2], pt[2];
     for (int i = 0; i < 2; i++) {
         pthread_create(&ct[i], NULL, churn_trie, &c[i]);
-        pthread_create(&pt[i], NULL, publish_stable, &p[i]);
+        pthread_create(&pt[i], NULL, publish_until_stopped, &p[i]);
     }
     nap(300 * MS);
     atomic_store(&stop, 1);
@@ -735,30 +738,15 @@ static int on_churn(const keel_bus_msg *m, void *ud)
     return 0;
 }
 
-typedef struct churn_pub {
-    keel_bus *b;
-    _Atomic int *stop;
-    size_t n;
-} churn_pub;
-
-static void *churn_publisher(void *arg)
-{
-    churn_pub *p = arg;
-    while (!atomic_load(p->stop)) {
-        ck_assert_int_eq(pub(p->b, "churn.a.b"), 0);
-        p->n++;
-    }
-    return NULL;
-}
 
 START_TEST(unsubscribe_from_another_thread_while_publishing)
 {
     keel_bus *b = bus_new(2, 1 << 12, KEEL_BUS_BLOCK);
     _Atomic int stop = 0;
-    churn_pub p[2] = {{b, &stop, 0}, {b, &stop, 0}};
+    pub_loop p[2] = {{b, &stop, "churn.a.b", 0, 0}, {b, &stop, "churn.a.b", 0, 0}};
     pthread_t t[2];
     for (int i = 0; i < 2; i++)
-        pthread_create(&t[i], NULL, churn_publisher, &p[i]);
+        pthread_create(&t[i], NULL, publish_until_stopped, &p[i]);
     const char *pats[] = {"churn.>", "churn.*.b", "churn.a.b", ">"};
     size_t seen = 0;
     for (int i = 0; i < 200; i++) {
@@ -812,10 +800,10 @@ START_TEST(many_threads_unsubscribe_while_others_publish)
 {
     keel_bus *b = bus_new(0, 0, KEEL_BUS_BLOCK);
     _Atomic int stop = 0;
-    churn_pub p[2] = {{b, &stop, 0}, {b, &stop, 0}};
+    pub_loop p[2] = {{b, &stop, "churn.a.b", 0, 0}, {b, &stop, "churn.a.b", 0, 0}};
     pthread_t pt[2], st[3];
     for (int i = 0; i < 2; i++)
-        pthread_create(&pt[i], NULL, churn_publisher, &p[i]);
+        pthread_create(&pt[i], NULL, publish_until_stopped, &p[i]);
     churner c = {b, 300};
     for (int i = 0; i < 3; i++)
         pthread_create(&st[i], NULL, churn_subscriber, &c);
