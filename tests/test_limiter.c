@@ -462,6 +462,36 @@ START_TEST(at_max_keys_an_active_key_may_go_and_is_counted)
 }
 END_TEST
 
+/* A window key whose counts weigh nothing any more (its units refunded,
+ * or its last write a rejection in the window after its admissions) is
+ * in a fresh key's state whatever window it was written in: at max_keys it
+ * goes before a key that still holds units, and counts as idle. */
+START_TEST(at_max_keys_a_window_key_that_holds_nothing_goes_first)
+{
+    set_time(1000 * S);
+    keel_limiter *l;
+    keel_limiter_opts o = {.algo = KEEL_LIMIT_SLIDING_WINDOW, .limit = 1, .window_ns = S,
+                           .max_keys = 2, .clock = kt_clock_now, .clock_ud = &clk};
+    ck_assert_int_eq(keel_limiter_create(&l, &o), 0);
+    keel_limit_result r;
+    set_time(1001 * S + 500 * MS);
+    ck_assert(take(l, "b", 1, &r)); /* b holds its unit into the next window */
+    set_time(1002 * S + 50 * MS);
+    ck_assert(take(l, "a", 1, &r));
+    ck_assert_int_eq(keel_limiter_refund(l, "a", 1, 1, &r), 0); /* a holds nothing, written last */
+    ck_assert_uint_eq(r.remaining, 1);
+    ck_assert_uint_eq(r.reset_ns, 0);
+    set_time(1002 * S + 100 * MS);
+    ck_assert(take(l, "c", 1, &r)); /* a new key: one goes */
+    keel_limiter_stats st;
+    keel_limiter_stats_get(l, &st);
+    ck_assert_uint_eq(st.evicted_idle, 1);
+    ck_assert_uint_eq(st.evicted_active, 0);
+    ck_assert_msg(!take(l, "b", 1, &r), "b, still holding 0.9 of its unit, was dropped and got another");
+    keel_limiter_destroy(l);
+}
+END_TEST
+
 /* A request that can never pass (cost over the limit) changes nothing:
  * at max_keys, a new key's rejection must not push out a key that still
  * holds units, which would then get more than its due. */
@@ -1165,6 +1195,7 @@ int main(void)
     tcase_add_test(tc, keys_are_bytes);
     tcase_add_test(tc, two_threads_on_one_key_never_exceed_the_limit);
     tcase_add_test(tc, at_max_keys_an_active_key_may_go_and_is_counted);
+    tcase_add_test(tc, at_max_keys_a_window_key_that_holds_nothing_goes_first);
     tcase_add_test(tc, a_decision_with_an_older_clock_reading_stays_sane);
     tcase_add_test(tc, a_log_decision_with_an_older_clock_reading_stays_sane);
     tcase_add_test(tc, a_request_over_the_limit_pushes_out_no_key);

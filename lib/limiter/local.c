@@ -11,9 +11,10 @@
  *
  * At max_keys, a new key takes the place of an old one: of a sample of
  * slots, one whose state is that of a fresh key (GCRA: bucket full;
- * window: both windows over; log: every entry expired) — dropping it
- * loses nothing, since the key would start from the same state — else the
- * one least recently active (counted: it may then get more than its due).
+ * window: no count that still weighs; log: every entry expired) —
+ * dropping it loses nothing, since the key would start from the same
+ * state — else the one least recently active (counted: it may then get
+ * more than its due).
  *
  * Exactness: GCRA keeps its theoretical arrival time scaled by the limit
  * (time x limit, 128 bits), so an emission interval of window / limit is
@@ -232,9 +233,15 @@ static bool slot_idle(const lstore *st, const lslot *s, uint64_t now, uint64_t *
         *activity = divf(tat, &st->by_limit);
         return tat <= (u128)now * c->limit;
     }
-    case KEEL_LIMIT_SLIDING_WINDOW:
+    case KEEL_LIMIT_SLIDING_WINDOW: {
+        uint64_t k = ldivide(&st->by_window, now), prev = s->b >> 32, cur = (uint32_t)s->b;
         *activity = s->a;
-        return s->a == 0 || s->a + 1 <= ldivide(&st->by_window, now); /* stored index + 2 <= now's */
+        if (s->a == 0 || s->a + 1 <= k) /* stored index + 2 <= now's: both windows over */
+            return true;
+        /* else what still weighs: from the previous window, its current
+         * count; from this one (or a later one: the clock went back), both */
+        return s->a == k ? cur == 0 : prev == 0 && cur == 0;
+    }
     default: {
         const llog *g = (const llog *)(uintptr_t)s->a;
         if (!g || g->n == 0) {
