@@ -492,6 +492,28 @@ START_TEST(at_max_keys_a_window_key_that_holds_nothing_goes_first)
 }
 END_TEST
 
+/* A GCRA key whose bucket refills only after the clock's end (one unit
+ * in 2^60 ns, a burst of 16) is as active as a key can be: at max_keys it
+ * still makes room for a new one, and goes. */
+START_TEST(at_max_keys_a_key_busy_past_the_clock_s_end_can_go)
+{
+    set_time(1000 * S);
+    keel_limiter *l;
+    keel_limiter_opts o = {.algo = KEEL_LIMIT_GCRA, .limit = 1, .window_ns = (uint64_t)1 << 60, .burst = 16,
+                           .max_keys = 1, .clock = kt_clock_now, .clock_ud = &clk};
+    ck_assert_int_eq(keel_limiter_create(&l, &o), 0);
+    keel_limit_result r;
+    ck_assert(take(l, "a", 16, &r));
+    ck_assert(take(l, "b", 1, &r)); /* a goes */
+    keel_limiter_stats st;
+    keel_limiter_stats_get(l, &st);
+    ck_assert_uint_eq(st.keys, 1);
+    ck_assert_uint_eq(st.evicted_active, 1);
+    ck_assert_msg(take(l, "a", 16, &r), "a was not dropped");
+    keel_limiter_destroy(l);
+}
+END_TEST
+
 /* A request that can never pass (cost over the limit) changes nothing:
  * at max_keys, a new key's rejection must not push out a key that still
  * holds units, which would then get more than its due. */
@@ -1196,6 +1218,7 @@ int main(void)
     tcase_add_test(tc, two_threads_on_one_key_never_exceed_the_limit);
     tcase_add_test(tc, at_max_keys_an_active_key_may_go_and_is_counted);
     tcase_add_test(tc, at_max_keys_a_window_key_that_holds_nothing_goes_first);
+    tcase_add_test(tc, at_max_keys_a_key_busy_past_the_clock_s_end_can_go);
     tcase_add_test(tc, a_decision_with_an_older_clock_reading_stays_sane);
     tcase_add_test(tc, a_log_decision_with_an_older_clock_reading_stays_sane);
     tcase_add_test(tc, a_request_over_the_limit_pushes_out_no_key);

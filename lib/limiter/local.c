@@ -269,7 +269,9 @@ static void evict_one(lstore *st, lshard *sh, uint64_t now)
         seen++;
         uint64_t act;
         idle = slot_idle(st, &sh->slots[i], now, &act);
-        if (idle || act < best_act) {
+        /* the first one seen too: a GCRA key busy past the clock's end is
+         * as active as UINT64_MAX */
+        if (idle || best == SIZE_MAX || act < best_act) {
             best = i;
             best_act = act;
         }
