@@ -899,6 +899,45 @@ START_TEST(redis_gcra_stays_exact_for_a_key_busy_for_days)
 }
 END_TEST
 
+/* The log's keys expire at a deadline from the script's TIME, a window
+ * and at most 2 ms later: a script that runs past it (here trimming 50,000
+ * expired entries; a busy machine's scheduler does it too) has Redis drop
+ * both keys at its PEXPIREAT. Their entries had all expired by then, so
+ * nothing is lost, but the script must not read them after: that was an
+ * error (KEEL_EBACKEND) and the admission was answered as a rejection. */
+START_TEST(a_log_script_that_runs_past_its_keys_deadline_still_answers)
+{
+    enum { N = 50000 };
+    rfix f;
+    rfix_open(&f, "slow", (keel_limiter_opts){.algo = KEEL_LIMIT_SLIDING_LOG, .limit = 10, .window_ns = 1 * MS});
+    uint64_t old = node0_time_us(f.c) - 10000000; /* 10 s ago */
+    static const char *argv[2 + 2 * N];
+    static size_t lens[2 + 2 * N];
+    static char members[N][16];
+    char score[24];
+    snprintf(score, sizeof score, "%llu", (unsigned long long)old);
+    argv[0] = "ZADD", lens[0] = 4;
+    argv[1] = f.k1, lens[1] = strlen(f.k1);
+    for (int i = 0; i < N; i++) {
+        argv[2 + 2 * i] = score, lens[2 + 2 * i] = strlen(score);
+        lens[3 + 2 * i] = (size_t)snprintf(members[i], sizeof members[i], "%d:1", i + 1);
+        argv[3 + 2 * i] = members[i];
+    }
+    freeReplyObject(redisCommandArgv(f.c, 2 + 2 * N, argv, lens));
+    freeReplyObject(redisCommand(f.c, "HSET %s seq %d sum %d", f.k2, N, N));
+    freeReplyObject(redisCommand(f.c, "PEXPIRE %s 60000", f.k1));
+    freeReplyObject(redisCommand(f.c, "PEXPIRE %s 60000", f.k2));
+    keel_limit_result r;
+    int rc = keel_limiter_take(f.l, "k", 1, 3, &r);
+    ck_assert_msg(rc == 0, "take: %s", keel_strerror(rc));
+    ck_assert_int_eq(r.source, KEEL_LIMIT_SRC_REDIS);
+    ck_assert(r.allowed);
+    ck_assert_uint_eq(r.remaining, 7);
+    ck_assert_uint_eq(r.reset_ns, 1 * MS);
+    rfix_close(&f);
+}
+END_TEST
+
 /* 4 x 10^9 units a millisecond: a unit is 2.5e-7 us, under the margin
  * the script allowed its doubles (1e-6 us), which let one unit over the
  * burst through. */
@@ -1242,6 +1281,7 @@ int main(void)
     tcase_add_test(rd, redis_gcra_rounds_no_unit_away_over_long_windows);
     tcase_add_test(rd, a_log_refund_through_redis_leaves_nothing_that_never_expires);
     tcase_add_test(rd, the_log_and_its_sum_expire_at_the_same_instant);
+    tcase_add_test(rd, a_log_script_that_runs_past_its_keys_deadline_still_answers);
     tcase_add_test(rd, a_busy_server_is_a_store_failure);
     tcase_add_test(rd, scripts_come_back_after_a_flush_and_a_restart);
     tcase_add_test(rd, each_failure_policy_does_what_it_says);
