@@ -639,6 +639,648 @@ START_TEST(bad_input_is_refused)
 }
 END_TEST
 
+/* ---- model-based: seeded random sequences against brute-force models ----
+ *
+ * Each run draws a policy, then takes, peeks, refunds, resets and
+ * take_many() batches over keys of every shape (NUL bytes, at and past
+ * the 16 inline bytes, 4096 bytes), with costs 0, 1, the limit, just over
+ * it and near UINT64_MAX, and clock steps of 0, 1 ns, just under and over
+ * the window, the last retry_after or reset_ns exactly or 1 ns short, and
+ * huge ones. Every answer is compared field by field with a model that
+ * knows only what limiter.h says:
+ *  - the log: the admissions, net of refunds, in (t - W, t];
+ *  - the window: the count of each fixed window [kW, (k + 1)W), the
+ *    previous one weighted by the share (W - (t - kW)) / W of it that the
+ *    sliding window still covers, plus the current one;
+ *  - GCRA: a token bucket of `burst` units refilled at limit / W, its
+ *    tokens kept as tokens x W (exact);
+ * allowed is the model's test; remaining the most units that test passes
+ * now; reset_ns the first time every unit passes again and retry_after_ns
+ * the first time the same request passes, nothing else asked meanwhile,
+ * both found by searching the model's future, never by the store's
+ * formulas. The header text is checked for every answer. A failure names
+ * its seed and step; KT_LIMITER_SEED=n (with CK_RUN_CASE) replays that
+ * run alone, KT_LIMITER_RUNS=n runs n seeds instead of a test's few. */
+
+typedef unsigned __int128 u128;
+
+#define CLOCK_END ((uint64_t)1 << 62) /* the fake clock stays below */
+
+typedef struct mrng {
+    uint64_t s;
+} mrng;
+
+static mrng mrng_seed(uint64_t seed)
+{
+    uint64_t z = seed + 0x9e3779b97f4a7c15u; /* splitmix64, then never 0 */
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9u;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebu;
+    return (mrng){(z ^ (z >> 31)) | 1};
+}
+
+static uint64_t rnd(mrng *g) /* xorshift64* */
+{
+    g->s ^= g->s >> 12;
+    g->s ^= g->s << 25;
+    g->s ^= g->s >> 27;
+    return g->s * 0x2545f4914f6cdd1du;
+}
+
+static uint64_t below(mrng *g, uint64_t n) { return n ? rnd(g) % n : 0; }
+
+/* How many runs a test makes: KT_LIMITER_RUNS, or its own number. */
+static int m_runs(int n)
+{
+    const char *runs = getenv("KT_LIMITER_RUNS");
+    return runs ? atoi(runs) : n;
+}
+
+/* The seed of run i of a test: KT_LIMITER_SEED alone (*n becomes 1), or
+ * base + i. */
+static uint64_t m_seed(uint64_t base, int i, int *n)
+{
+    const char *only = getenv("KT_LIMITER_SEED");
+    if (!only)
+        return base + (uint64_t)i;
+    *n = 1;
+    return strtoull(only, NULL, 10);
+}
+
+/* Admissions of a key: when, and their units net of refunds. */
+typedef struct madm {
+    uint64_t t, units;
+} madm;
+
+typedef struct mlist {
+    madm *e;
+    size_t n, cap;
+} mlist;
+
+static void mlist_add(mlist *l, uint64_t t, uint64_t units)
+{
+    if (l->n == l->cap) {
+        l->cap = l->cap ? 2 * l->cap : 16;
+        l->e = realloc(l->e, l->cap * sizeof *l->e);
+        ck_assert_ptr_nonnull(l->e);
+    }
+    l->e[l->n++] = (madm){t, units};
+}
+
+/* Takes back up to `units` of the newest admissions at or after `from`. */
+static void mlist_refund(mlist *l, uint64_t from, uint64_t units)
+{
+    while (l->n && units && l->e[l->n - 1].t >= from) {
+        madm *e = &l->e[l->n - 1];
+        uint64_t back = e->units < units ? e->units : units;
+        e->units -= back;
+        units -= back;
+        if (e->units == 0)
+            l->n--;
+    }
+}
+
+typedef struct mkey {
+    const char *p;
+    size_t len;
+    mlist live;    /* log, window: the admissions that can still count */
+    mlist all;     /* GCRA: every admission, for the rate bound */
+    u128 tokens;   /* GCRA: tokens x W at `last`, once used */
+    uint64_t last; /* (else a full bucket) */
+    bool used;
+    uint64_t seen; /* the store's time of its last answer */
+} mkey;
+
+/* The model of one limiter. Times are in the store's unit: ns in process,
+ * us through Redis (`unit` ns each). B is what a cost may reach: GCRA's
+ * burst, else the limit. */
+typedef struct model {
+    keel_limit_algo algo;
+    uint64_t L, W, B, unit;
+    mkey *keys;
+    size_t nkeys;
+    uint64_t allowed, rejected;
+} model;
+
+static void mkey_forget(mkey *k)
+{
+    k->live.n = k->all.n = 0;
+    k->used = false;
+}
+
+static u128 m_tokens(const model *m, const mkey *k, u128 t)
+{
+    u128 full = (u128)m->B * m->W;
+    if (!k->used)
+        return full;
+    u128 v = k->tokens + (t - k->last) * m->L;
+    return v > full ? full : v;
+}
+
+/* The units admitted at times in [lo, hi). */
+static uint64_t m_units(const mkey *k, u128 lo, u128 hi)
+{
+    uint64_t sum = 0;
+    for (size_t i = 0; i < k->live.n; i++)
+        if (k->live.e[i].t >= lo && k->live.e[i].t < hi)
+            sum += k->live.e[i].units;
+    return sum;
+}
+
+static u128 m_after_window(const model *m, u128 t) { return t + 1 > m->W ? t + 1 - m->W : 0; }
+
+/* Whether `cost` units pass at t (0: whether the key is within its limit). */
+static bool m_passes(const model *m, const mkey *k, u128 t, uint64_t cost)
+{
+    u128 W = m->W;
+    switch (m->algo) {
+    case KEEL_LIMIT_SLIDING_LOG: return m_units(k, m_after_window(m, t), t + 1) + (u128)cost <= m->L;
+    case KEEL_LIMIT_SLIDING_WINDOW: {
+        u128 kw = t / W, f = t % W;
+        u128 prev = kw ? m_units(k, (kw - 1) * W, kw * W) : 0, cur = m_units(k, kw * W, (kw + 1) * W);
+        return prev * (W - f) + (cur + cost) * W <= (u128)m->L * W;
+    }
+    default: return m_tokens(m, k, t) >= (u128)cost * W;
+    }
+}
+
+/* The most units that pass at t. */
+static uint64_t m_remaining(const model *m, const mkey *k, u128 t)
+{
+    uint64_t lo = 0, hi = m->B;
+    while (lo < hi) {
+        uint64_t mid = hi - (hi - lo) / 2;
+        if (m_passes(m, k, t, mid))
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    return lo;
+}
+
+/* The first d >= from at which, nothing else asked meanwhile, `cost` units
+ * pass at now + d (cost B: every unit is free again); UINT64_MAX when
+ * there is none before. Passing is monotone in d: a binary search. */
+static uint64_t m_first(const model *m, const mkey *k, uint64_t now, uint64_t from, uint64_t cost)
+{
+    uint64_t lo = from, hi = UINT64_MAX - 1;
+    if (!m_passes(m, k, (u128)now + hi, cost))
+        return UINT64_MAX;
+    while (lo < hi) {
+        uint64_t mid = lo + (hi - lo) / 2;
+        if (m_passes(m, k, (u128)now + mid, cost))
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    return lo;
+}
+
+/* Drops the admissions that count no more at now or later. */
+static void m_prune(const model *m, mkey *k, uint64_t now)
+{
+    size_t kept = 0;
+    for (size_t i = 0; i < k->live.n; i++) {
+        uint64_t t = k->live.e[i].t;
+        if (m->algo == KEEL_LIMIT_SLIDING_LOG ? (u128)t + m->W > now : t / m->W + 1 >= now / m->W)
+            k->live.e[kept++] = k->live.e[i];
+    }
+    k->live.n = kept;
+}
+
+static void m_take(const model *m, mkey *k, uint64_t now, uint64_t cost)
+{
+    if (m->algo != KEEL_LIMIT_GCRA) {
+        mlist_add(&k->live, now, cost);
+        return;
+    }
+    k->tokens = m_tokens(m, k, now) - (u128)cost * m->W;
+    k->last = now;
+    k->used = true;
+    mlist_add(&k->all, now, cost);
+}
+
+/* A refund gives back the newest units: the log's (all in its window),
+ * those of the window's current fixed window, GCRA's (never over a full
+ * bucket). */
+static void m_refund(const model *m, mkey *k, uint64_t now, uint64_t cost)
+{
+    switch (m->algo) {
+    case KEEL_LIMIT_SLIDING_LOG: mlist_refund(&k->live, 0, cost); break;
+    case KEEL_LIMIT_SLIDING_WINDOW: mlist_refund(&k->live, now / m->W * m->W, cost); break;
+    default: {
+        u128 full = (u128)m->B * m->W, v = m_tokens(m, k, now) + (u128)(cost > m->B ? m->B : cost) * m->W;
+        k->tokens = v > full ? full : v;
+        k->last = now;
+        k->used = true;
+        mlist_refund(&k->all, 0, cost);
+    }
+    }
+}
+
+/* What limiter.h promises of the admissions, net of refunds, checked by
+ * brute force at each admission: the log's window holds at most the
+ * limit; the window's fixed window at most the limit and its sliding one
+ * twice that; GCRA passes over any [t, now] at most burst + (now - t) x
+ * limit / W units. */
+static void m_bounds(const model *m, const mkey *k, uint64_t now, const char *where)
+{
+    u128 W = m->W;
+    if (m->algo == KEEL_LIMIT_GCRA) {
+        u128 sum = 0;
+        for (size_t i = k->all.n; i-- > 0;) {
+            sum += k->all.e[i].units;
+            ck_assert_msg(sum * W <= (u128)m->B * W + (u128)(now - k->all.e[i].t) * m->L,
+                          "%s: %llu units in %llu", where, (unsigned long long)sum,
+                          (unsigned long long)(now - k->all.e[i].t));
+        }
+        return;
+    }
+    uint64_t sliding = m_units(k, m_after_window(m, now), (u128)now + 1);
+    uint64_t fixed = m_units(k, (u128)now / W * W, (u128)now / W * W + W);
+    if (m->algo == KEEL_LIMIT_SLIDING_LOG)
+        ck_assert_msg(sliding <= m->L, "%s: %llu units in one window", where, (unsigned long long)sliding);
+    else
+        ck_assert_msg(fixed <= m->L && sliding <= 2 * m->L, "%s: %llu units in a fixed window, %llu in a sliding one",
+                      where, (unsigned long long)fixed, (unsigned long long)sliding);
+}
+
+/* One run: the limiter, its model, the fake clock's time. */
+typedef struct mrun {
+    model m;
+    keel_limiter *l;
+    keel_limit_source src;
+    const char *name;   /* the policy's name in the header fields */
+    uint64_t window_ns; /* as given */
+    uint64_t seed;
+    int step;
+    uint64_t now;                    /* in process */
+    uint64_t last_retry, last_reset; /* of the latest answers, for clock steps */
+    char where[192];
+} mrun;
+
+static uint64_t m_ns(const mrun *x, uint64_t v)
+{
+    return v == UINT64_MAX ? v : v * x->m.unit; /* Redis: microseconds, small */
+}
+
+static unsigned long long m_secs(uint64_t ns) { return ns / S + (ns % S != 0); }
+
+/* The header fields of r, as limiter.h spells them. */
+static void m_headers(mrun *x, const keel_limit_result *r)
+{
+    char want[512], got[512], retry[48] = "";
+    if (!r->allowed && r->retry_after_ns != UINT64_MAX)
+        snprintf(retry, sizeof retry, "Retry-After: %llu\r\n", m_secs(r->retry_after_ns));
+    int n = snprintf(want, sizeof want,
+                     "X-RateLimit-Limit: %llu\r\nX-RateLimit-Remaining: %llu\r\nX-RateLimit-Reset: %llu\r\n%s"
+                     "RateLimit-Policy: \"%s\";q=%llu;w=%llu\r\nRateLimit: \"%s\";r=%llu;t=%llu\r\n",
+                     (unsigned long long)r->limit, (unsigned long long)r->remaining, m_secs(r->reset_ns), retry,
+                     x->name, (unsigned long long)x->m.L, m_secs(x->window_ns), x->name,
+                     (unsigned long long)r->remaining, m_secs(r->reset_ns));
+    size_t len = 0;
+    ck_assert_msg(keel_limiter_headers(x->l, r, got, sizeof got, &len) == 0 && strcmp(got, want) == 0 &&
+                      len == (size_t)n,
+                  "%s: headers\n%s\nwant\n%s", x->where, got, want);
+    ck_assert_int_eq(keel_limiter_headers(x->l, r, got, (size_t)n, &len), KEEL_ERANGE); /* no room for the NUL */
+    ck_assert_uint_eq(len, (size_t)n);
+    ck_assert_int_eq(keel_limiter_headers(x->l, r, NULL, 0, &len), KEEL_ERANGE);
+    ck_assert_uint_eq(len, (size_t)n);
+}
+
+/* Checks one answer to op on key k against the model, then applies the
+ * request to the model. */
+static void m_check(mrun *x, mkey *k, lop op, uint64_t cost, int rc, const keel_limit_result *r)
+{
+    static const char *const ops[] = {"take", "peek", "refund"};
+    model *m = &x->m;
+    uint64_t now = x->src == KEEL_LIMIT_SRC_REDIS ? r->now_ns / m->unit : x->now;
+    snprintf(x->where, sizeof x->where, "seed %llu, step %d: %s of key %d (%zu bytes), cost %llu, at %llu",
+             (unsigned long long)x->seed, x->step, ops[op], (int)(k - m->keys), k->len, (unsigned long long)cost,
+             (unsigned long long)now);
+    ck_assert_msg(r->now_ns == now * m->unit && r->source == x->src, "%s: now_ns %llu, source %d", x->where,
+                  (unsigned long long)r->now_ns, (int)r->source);
+    ck_assert_msg(now >= k->seen, "%s: the store's clock went back from %llu", x->where,
+                  (unsigned long long)k->seen);
+    k->seen = now;
+    m_prune(m, k, now);
+    uint64_t c = cost ? cost : 1;
+    bool over = c > m->B;
+    keel_limit_result e = {.allowed = 1, .limit = m->B};
+    int erc = over && op != OP_REFUND ? KEEL_ERANGE : 0;
+    if (op == OP_REFUND) {
+        m_refund(m, k, now, c);
+    } else {
+        e.allowed = !over && m_passes(m, k, now, c);
+        if (!e.allowed)
+            e.retry_after_ns = over ? UINT64_MAX : m_ns(x, m_first(m, k, now, 1, c));
+        if (op == OP_TAKE && e.allowed)
+            m_take(m, k, now, c);
+        if (op == OP_TAKE)
+            *(e.allowed ? &m->allowed : &m->rejected) += 1;
+    }
+    e.remaining = m_remaining(m, k, now);
+    e.reset_ns = m_ns(x, m_first(m, k, now, 0, m->B));
+    ck_assert_msg(rc == erc, "%s: rc %d, want %d", x->where, rc, erc);
+    ck_assert_msg(r->allowed == e.allowed && r->limit == e.limit && r->remaining == e.remaining &&
+                      r->reset_ns == e.reset_ns && r->retry_after_ns == e.retry_after_ns,
+                  "%s: allowed %d, limit %llu, remaining %llu, reset %llu, retry after %llu; the model: "
+                  "%d, %llu, %llu, %llu, %llu",
+                  x->where, r->allowed, (unsigned long long)r->limit, (unsigned long long)r->remaining,
+                  (unsigned long long)r->reset_ns, (unsigned long long)r->retry_after_ns, e.allowed,
+                  (unsigned long long)e.limit, (unsigned long long)e.remaining, (unsigned long long)e.reset_ns,
+                  (unsigned long long)e.retry_after_ns);
+    if (op == OP_TAKE && e.allowed)
+        m_bounds(m, k, now, x->where);
+    if (!e.allowed && !over)
+        x->last_retry = r->retry_after_ns / m->unit;
+    x->last_reset = r->reset_ns / m->unit;
+    m_headers(x, r);
+}
+
+static void m_stats(mrun *x)
+{
+    keel_limiter_stats st;
+    keel_limiter_stats_get(x->l, &st);
+    ck_assert_msg(st.allowed == x->m.allowed && st.rejected == x->m.rejected,
+                  "%s: stats say %llu allowed, %llu rejected; the model %llu, %llu", x->where,
+                  (unsigned long long)st.allowed, (unsigned long long)st.rejected,
+                  (unsigned long long)x->m.allowed, (unsigned long long)x->m.rejected);
+}
+
+/* Keys of every shape: NUL bytes, 16 bytes (inline) and 17, braces (a
+ * Redis hash tag), up to the longest, 4096 bytes. */
+static void m_keys(model *m)
+{
+    static char k16[2][16], k17[17], k300[300], k4096[2][4096];
+    memcpy(k16[0], "0123456789abcdef", 16);
+    memcpy(k16[1], "0123456789abcdeg", 16);
+    memcpy(k17, "0123456789abcdef", 16); /* then a NUL */
+    memset(k300, 'x', sizeof k300);
+    k300[150] = '\0';
+    memset(k4096, 'y', sizeof k4096);
+    k4096[1][4095] = 'z';
+    const struct {
+        const char *p;
+        size_t len;
+    } shapes[] = {{"a", 1},     {"b", 1},         {"a\0b", 3},        {"a\0c", 3},  {"\0", 1},
+                  {"\0\0", 2},  {k16[0], 16},     {k16[1], 16},       {k17, 17},    {k300, 300},
+                  {k4096[0], 4096}, {k4096[1], 4096}, {"}{", 2},      {"{x}", 3}};
+    m->nkeys = sizeof shapes / sizeof shapes[0];
+    m->keys = calloc(m->nkeys, sizeof *m->keys);
+    ck_assert_ptr_nonnull(m->keys);
+    for (size_t i = 0; i < m->nkeys; i++)
+        m->keys[i] = (mkey){.p = shapes[i].p, .len = shapes[i].len};
+}
+
+static void m_free(model *m)
+{
+    for (size_t i = 0; i < m->nkeys; i++) {
+        free(m->keys[i].live.e);
+        free(m->keys[i].all.e);
+    }
+    free(m->keys);
+}
+
+static uint64_t m_cost(mrng *g, uint64_t B)
+{
+    switch (below(g, 12)) {
+    case 0: return 0;
+    case 1:
+    case 2: return 1;
+    case 3: return B;
+    case 4: return B + 1;
+    case 5: return B + 2 + below(g, 1000);
+    case 6: return UINT64_MAX - below(g, 2);
+    case 7: return (uint64_t)1 << (32 + below(g, 32));
+    default: return 1 + below(g, B > 8 && below(g, 2) ? 8 : B);
+    }
+}
+
+/* A random take, peek, refund, reset or take_many() batch. */
+static void m_op(mrun *x, mrng *g)
+{
+    model *m = &x->m;
+    mkey *k = &m->keys[below(g, m->nkeys)];
+    uint64_t cost = m_cost(g, m->B);
+    keel_limit_result r;
+    int what = (int)below(g, 20);
+    if (what < 9) {
+        int rc = keel_limiter_take(x->l, k->p, k->len, cost, &r);
+        m_check(x, k, OP_TAKE, cost, rc, &r);
+    } else if (what < 12) {
+        int rc = keel_limiter_peek(x->l, k->p, k->len, cost, &r);
+        m_check(x, k, OP_PEEK, cost, rc, &r);
+    } else if (what < 15) {
+        int rc = keel_limiter_refund(x->l, k->p, k->len, cost, &r);
+        m_check(x, k, OP_REFUND, cost, rc, &r);
+    } else if (what < 16) {
+        ck_assert_int_eq(keel_limiter_reset(x->l, k->p, k->len), 0);
+        mkey_forget(k);
+    } else { /* a batch, keys repeated */
+        keel_limit_req q[24];
+        mkey *of[24];
+        size_t n = 1 + below(g, 24);
+        for (size_t i = 0; i < n; i++) {
+            of[i] = &m->keys[below(g, 2) ? below(g, 3) : below(g, m->nkeys)];
+            q[i] = (keel_limit_req){.key = of[i]->p, .len = of[i]->len, .cost = m_cost(g, m->B)};
+        }
+        ck_assert_int_eq(keel_limiter_take_many(x->l, q, n), 0);
+        for (size_t i = 0; i < n; i++)
+            m_check(x, of[i], OP_TAKE, q[i].cost, q[i].rc, &q[i].result);
+    }
+    m_stats(x);
+}
+
+/* ---- the in-process store under the model ---- */
+
+static void m_advance(mrun *x, uint64_t d)
+{
+    if (d <= CLOCK_END - x->now) {
+        x->now += d;
+        set_time(x->now);
+    }
+}
+
+static uint64_t m_step(mrun *x, mrng *g)
+{
+    uint64_t W = x->m.W, r = x->last_retry, z = x->last_reset;
+    switch (below(g, 16)) {
+    case 0:
+    case 1: return 0;
+    case 2: return 1;
+    case 3: return W - 1;
+    case 4: return W;
+    case 5: return W + 1;
+    case 6: return 2 * W - 1;
+    case 7: return below(g, W);
+    case 8: return below(g, 3 * W);
+    case 9: return r;
+    case 10: return r ? r - 1 : 0;
+    case 11: return z;
+    case 12: return z ? z - 1 : 0;
+    case 13: return (uint64_t)1 << below(g, 61);
+    default: return below(g, W / 8 + 2);
+    }
+}
+
+/* Takes a key until a rejection; then retried 1 ns before retry_after_ns
+ * it still fails, and exactly then it passes, nothing else asked
+ * meanwhile. After that take, every unit is back exactly at its reset_ns,
+ * and not 1 ns before. */
+static void m_probe(mrun *x, mrng *g)
+{
+    model *m = &x->m;
+    mkey *k = &m->keys[below(g, m->nkeys)];
+    uint64_t cost = 1 + below(g, m->B < 4 ? m->B : 4);
+    keel_limit_result r = {.allowed = 1};
+    for (int i = 0; i < 64 && r.allowed; i++)
+        m_check(x, k, OP_TAKE, cost, keel_limiter_take(x->l, k->p, k->len, cost, &r), &r);
+    uint64_t wait = r.retry_after_ns;
+    if (r.allowed || wait > CLOCK_END - x->now)
+        return;
+    m_advance(x, wait - 1);
+    m_check(x, k, OP_TAKE, cost, keel_limiter_take(x->l, k->p, k->len, cost, &r), &r);
+    ck_assert_msg(!r.allowed && r.retry_after_ns == 1, "%s: passed 1 ns before its retry_after", x->where);
+    m_advance(x, 1);
+    m_check(x, k, OP_TAKE, cost, keel_limiter_take(x->l, k->p, k->len, cost, &r), &r);
+    ck_assert_msg(r.allowed, "%s: refused at its retry_after", x->where);
+    wait = r.reset_ns;
+    if (wait == 0 || wait > CLOCK_END - x->now)
+        return;
+    m_advance(x, wait - 1);
+    m_check(x, k, OP_PEEK, m->B, keel_limiter_peek(x->l, k->p, k->len, m->B, &r), &r);
+    ck_assert_msg(!r.allowed && r.remaining < m->B, "%s: all back 1 ns before reset_ns", x->where);
+    m_advance(x, 1);
+    m_check(x, k, OP_PEEK, m->B, keel_limiter_peek(x->l, k->p, k->len, m->B, &r), &r);
+    ck_assert_msg(r.allowed && r.remaining == m->B && r.reset_ns == 0, "%s: not all back at reset_ns", x->where);
+    m_stats(x);
+}
+
+/* A policy for run `seed`, in process. */
+static void m_local_open(mrun *x, keel_limit_algo algo, mrng *g, size_t max_keys)
+{
+    static const uint64_t limits[] = {1, 2, 3, 7, 10, 100, 1000, UINT32_MAX};
+    static const uint64_t windows[] = {1, 2, 3, 1000, 999983, S, 60 * S, (uint64_t)1 << 60};
+    static const char *const names[] = {NULL, "api", "a-policy-name-of-the-longest-length-a-quoted-string-may-hold-63"};
+    uint64_t L = below(g, 4) ? limits[below(g, 8)] : 1 + below(g, UINT32_MAX);
+    uint64_t W = below(g, 4) ? windows[below(g, 8)] : 1 + below(g, (uint64_t)1 << 60);
+    uint64_t bursts[] = {0, 1, L, 1 + below(g, UINT32_MAX), UINT32_MAX};
+    uint64_t burst = algo == KEEL_LIMIT_GCRA ? bursts[below(g, 5)] : 0;
+    const char *name = names[below(g, 3)];
+    keel_limiter_opts o = {.algo = algo, .limit = L, .window_ns = W, .burst = burst, .name = name,
+                           .max_keys = max_keys, .clock = kt_clock_now, .clock_ud = &clk};
+    uint64_t starts[] = {0, 1, W - 1, 1000 * S, below(g, (uint64_t)1 << 61)};
+    x->now = starts[below(g, 5)];
+    set_time(x->now);
+    ck_assert_msg(keel_limiter_create(&x->l, &o) == 0, "seed %llu: create", (unsigned long long)x->seed);
+    x->m = (model){.algo = algo, .L = L, .W = W, .B = burst ? burst : L, .unit = 1};
+    x->src = KEEL_LIMIT_SRC_LOCAL;
+    x->name = name ? name : "default";
+    x->window_ns = W;
+}
+
+static void m_run_local(keel_limit_algo algo, uint64_t seed, int steps)
+{
+    mrng g = mrng_seed(seed);
+    mrun x = {.seed = seed};
+    m_local_open(&x, algo, &g, 0);
+    m_keys(&x.m);
+    for (x.step = 0; x.step < steps; x.step++) {
+        if (below(&g, 2))
+            m_advance(&x, m_step(&x, &g));
+        if (below(&g, 30) == 0)
+            m_probe(&x, &g);
+        else
+            m_op(&x, &g);
+    }
+    keel_limiter_destroy(x.l);
+    m_free(&x.m);
+}
+
+START_TEST(each_algorithm_answers_as_its_model)
+{
+    int n = m_runs(40);
+    for (int i = 0; i < n; i++)
+        m_run_local((keel_limit_algo)_i, m_seed(1000 * (uint64_t)(_i + 1), i, &n), 300);
+}
+END_TEST
+
+/* At max_keys, a key dropped as idle was in a fresh key's state: nothing
+ * visible changes, and the model, which forgets nothing, goes on agreeing.
+ * A key dropped while it held units is counted in evicted_active: after
+ * each such count, exactly that many keys the model says hold units
+ * answer as fresh keys, and from then on the model forgets them too. */
+static void m_run_evict(keel_limit_algo algo, uint64_t seed, int steps)
+{
+    mrng g = mrng_seed(seed);
+    mrun x = {.seed = seed};
+    size_t max_keys = 1 + below(&g, 200);
+    m_local_open(&x, algo, &g, max_keys);
+    model *m = &x.m;
+    m->nkeys = max_keys + 1 + below(&g, 2 * max_keys + 8);
+    m->keys = calloc(m->nkeys, sizeof *m->keys);
+    char *names = calloc(m->nkeys, 40);
+    ck_assert(m->keys && names);
+    for (size_t i = 0; i < m->nkeys; i++) { /* short, inline and not, NUL bytes */
+        char *p = names + 40 * i;
+        int n = snprintf(p, 40, "key-%zu", i);
+        m->keys[i] = (mkey){.p = p, .len = i % 3 == 0 ? 40 : i % 3 == 1 ? (size_t)n : (size_t)n + 1};
+    }
+    uint64_t active = 0;
+    for (x.step = 0; x.step < steps; x.step++) {
+        uint64_t W = m->W, steps_of[] = {0, 0, 1, below(&g, W / 4 + 1), W, 2 * W, W / 2 + 1};
+        if (below(&g, 3) == 0)
+            m_advance(&x, steps_of[below(&g, 7)]);
+        mkey *k = &m->keys[below(&g, m->nkeys)];
+        uint64_t cost = below(&g, 4) ? 1 + below(&g, m->B < 3 ? m->B : 3) : m_cost(&g, m->B);
+        keel_limit_result r;
+        int what = (int)below(&g, 20);
+        if (what < 14)
+            m_check(&x, k, OP_TAKE, cost, keel_limiter_take(x.l, k->p, k->len, cost, &r), &r);
+        else if (what < 16)
+            m_check(&x, k, OP_PEEK, cost, keel_limiter_peek(x.l, k->p, k->len, cost, &r), &r);
+        else if (what < 19)
+            m_check(&x, k, OP_REFUND, cost, keel_limiter_refund(x.l, k->p, k->len, cost, &r), &r);
+        else {
+            ck_assert_int_eq(keel_limiter_reset(x.l, k->p, k->len), 0);
+            mkey_forget(k);
+        }
+        m_stats(&x);
+        keel_limiter_stats st;
+        keel_limiter_stats_get(x.l, &st);
+        ck_assert_msg(st.keys <= max_keys, "%s: %llu keys held, max_keys %zu", x.where,
+                      (unsigned long long)st.keys, max_keys);
+        if (st.evicted_active == active)
+            continue;
+        uint64_t gone = 0;
+        for (size_t i = 0; i < m->nkeys; i++) {
+            mkey *o = &m->keys[i];
+            if (m_passes(m, o, x.now, m->B)) /* holds nothing */
+                continue;
+            keel_limiter_peek(x.l, o->p, o->len, 1, &r);
+            if (r.remaining == m->B && r.reset_ns == 0) { /* a fresh key's answer: dropped */
+                mkey_forget(o);
+                gone++;
+            }
+        }
+        ck_assert_msg(gone == st.evicted_active - active,
+                      "%s: %llu keys dropped while active, but %llu holding units answer as fresh",
+                      x.where, (unsigned long long)(st.evicted_active - active), (unsigned long long)gone);
+        active = st.evicted_active;
+    }
+    free(names);
+    keel_limiter_destroy(x.l);
+    m_free(&x.m);
+}
+
+START_TEST(a_key_dropped_at_max_keys_idle_loses_nothing)
+{
+    int n = m_runs(60);
+    for (int i = 0; i < n; i++)
+        m_run_evict((keel_limit_algo)_i, m_seed(5000 * (uint64_t)(_i + 1), i, &n), 500);
+}
+END_TEST
+
 /* ---- Redis ---- */
 
 static keel_redis *redis_nodes(int n) { return kt_redis_open(n, 500 * MS); }
@@ -1241,6 +1883,56 @@ START_TEST(processes_and_threads_never_exceed_the_limit_through_redis)
 }
 END_TEST
 
+/* The model against Redis. Its time cannot be set: each answer's now_ns is
+ * the server's TIME that the script decided on, and the model decides at
+ * that time, in microseconds (what the scripts count). Windows of 1 to
+ * 10 ms roll over a few times a run; GCRA's emission interval is a whole
+ * number of microseconds, so that the script's doubles are exact. */
+static void m_run_redis(keel_redis *redis, keel_limit_algo algo, uint64_t seed, int steps)
+{
+    static const uint64_t windows_us[] = {1000, 2000, 4000, 10000, 1000000};
+    static const uint64_t gcra_limits[] = {1, 2, 4, 5, 8, 10, 20, 25, 40, 50, 100, 125, 200, 250, 500, 1000};
+    static const uint64_t limits[] = {1, 2, 3, 5, 10, 100, 1000, UINT32_MAX};
+    static const uint64_t bursts[] = {0, 1, 2, 7, 100};
+    mrng g = mrng_seed(seed);
+    mrun x = {.seed = seed, .src = KEEL_LIMIT_SRC_REDIS};
+    uint64_t W = windows_us[below(&g, 5)], L, B = 0;
+    if (algo == KEEL_LIMIT_GCRA) {
+        L = gcra_limits[below(&g, 16)];
+        B = bursts[below(&g, 5)];
+    } else {
+        L = below(&g, 4) ? limits[below(&g, 8)] : 1 + below(&g, 100000);
+        if (3.0 * (double)L * (double)W >= 9007199254740992.0)
+            L = 1000;
+    }
+    char prefix[96];
+    snprintf(prefix, sizeof prefix, "kt:model:%d:%llu:", getpid(), (unsigned long long)seed);
+    keel_limiter_opts o = {.algo = algo, .limit = L, .window_ns = W * 1000, .burst = B, .redis = redis,
+                           .prefix = prefix, .name = below(&g, 2) ? "api" : NULL,
+                           .on_store_error = KEEL_LIMIT_FAIL_CLOSED};
+    ck_assert_msg(keel_limiter_create(&x.l, &o) == 0, "seed %llu: create", (unsigned long long)seed);
+    x.m = (model){.algo = algo, .L = L, .W = W, .B = B ? B : L, .unit = 1000};
+    x.name = o.name ? o.name : "default";
+    x.window_ns = o.window_ns;
+    m_keys(&x.m);
+    for (x.step = 0; x.step < steps; x.step++)
+        m_op(&x, &g);
+    for (size_t i = 0; i < x.m.nkeys; i++) /* leaves nothing behind */
+        ck_assert_int_eq(keel_limiter_reset(x.l, x.m.keys[i].p, x.m.keys[i].len), 0);
+    keel_limiter_destroy(x.l);
+    m_free(&x.m);
+}
+
+START_TEST(redis_answers_as_the_model)
+{
+    keel_redis *redis = redis_nodes(3);
+    int n = m_runs(20);
+    for (int i = 0; i < n; i++)
+        m_run_redis(redis, (keel_limit_algo)_i, m_seed(9000 * (uint64_t)(_i + 1), i, &n), 300);
+    keel_redis_destroy(redis);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("limiter");
@@ -1264,6 +1956,11 @@ int main(void)
     tcase_add_test(tc, header_fields);
     tcase_add_test(tc, bad_input_is_refused);
     suite_add_tcase(s, tc);
+    TCase *mo = tcase_create("model");
+    tcase_set_timeout(mo, 30); /* about a second each: room for valgrind */
+    tcase_add_loop_test(mo, each_algorithm_answers_as_its_model, 0, 3);
+    tcase_add_loop_test(mo, a_key_dropped_at_max_keys_idle_loses_nothing, 0, 3);
+    suite_add_tcase(s, mo);
     TCase *big = tcase_create("million");
     tcase_add_test(big, memory_stays_bounded_over_a_million_keys);
     tcase_set_tags(big, "slow"); /* a million decisions: not under valgrind */
@@ -1287,5 +1984,9 @@ int main(void)
     tcase_add_test(rd, each_failure_policy_does_what_it_says);
     tcase_add_test(rd, processes_and_threads_never_exceed_the_limit_through_redis);
     suite_add_tcase(s, rd);
+    TCase *rm = tcase_create("redis-model");
+    tcase_set_timeout(rm, 60);
+    tcase_add_loop_test(rm, redis_answers_as_the_model, 0, 3);
+    suite_add_tcase(s, rm);
     return kt_run(s);
 }
