@@ -129,7 +129,9 @@ KEEL_API int keel_limiter_peek(keel_limiter *l, const void *key, size_t len, uin
                                keel_limit_result *r);
 
 /* Gives back `cost` units taken earlier (a request that did not happen
- * after all); never more than the key holds. r may be NULL. */
+ * after all); never more than the key holds, and with the sliding window
+ * only from the current window's count (units taken in the previous
+ * window stay until it stops weighing). r may be NULL. */
 KEEL_API int keel_limiter_refund(keel_limiter *l, const void *key, size_t len, uint64_t cost,
                                  keel_limit_result *r);
 
