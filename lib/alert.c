@@ -581,7 +581,9 @@ static double gauge_over(const selector *s, ntype t, uint64_t now, uint64_t win)
     size_t from = window_from(s, now, win);
     if (from == s->n || s->width != 1)
         return NAN;
-    double acc = t == N_MIN ? INFINITY : t == N_MAX ? -INFINITY : 0;
+    /* fmin and fmax pass over NaN, and give NaN only when all are NaN, as
+     * min_over_time and max_over_time do */
+    double acc = t == N_MIN || t == N_MAX ? NAN : 0;
     for (size_t i = from; i < s->n; i++) {
         double v = s->v[i];
         acc = t == N_MIN ? fmin(acc, v) : t == N_MAX ? fmax(acc, v) : acc + v;

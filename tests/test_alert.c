@@ -10,6 +10,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <keel.h>
 
@@ -82,6 +84,38 @@ static keel_gauge_child *gauge(fixture *f, const char *name)
     keel_gauge *g;
     ck_assert_int_eq(keel_metrics_gauge(f->m, name, "", NULL, 0, &g), 0);
     return keel_gauge_with(g);
+}
+
+/* Runs `promtool test rules` over a rule file and its unit test (the
+ * real Prometheus semantics the expectations of a test are checked
+ * against); fails, not skips, without promtool. Returns its exit status,
+ * and its output in msg. */
+static int promtool_rules(const char *rules, const char *test, char *msg, size_t len)
+{
+    char dir[] = "/tmp/keel-alert-XXXXXX";
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    char path[2][64];
+    const char *text[2] = {rules, test};
+    for (int i = 0; i < 2; i++) {
+        snprintf(path[i], sizeof path[i], "%s/%s", dir, i ? "test.yml" : "rules.yml");
+        FILE *fp = fopen(path[i], "w");
+        ck_assert_ptr_nonnull(fp);
+        ck_assert(fputs(text[i], fp) >= 0);
+        ck_assert_int_eq(fclose(fp), 0);
+    }
+    char cmd[256];
+    snprintf(cmd, sizeof cmd, "cd %s && promtool test rules test.yml 2>&1", dir);
+    FILE *pr = popen(cmd, "r");
+    ck_assert_ptr_nonnull(pr);
+    size_t got = fread(msg, 1, len - 1, pr);
+    msg[got] = '\0';
+    int st = pclose(pr);
+    for (int i = 0; i < 2; i++)
+        unlink(path[i]);
+    rmdir(dir);
+    ck_assert_msg(st != -1 && WIFEXITED(st) && WEXITSTATUS(st) != 127,
+                  "promtool not found: install Debian's prometheus package");
+    return WEXITSTATUS(st);
 }
 
 START_TEST(pending_then_firing_after_for_then_resolved)
@@ -307,6 +341,50 @@ static double quantile_after(fixture *f, const char *rule, const double *obs, si
     keel_alerts_get(f->a, "Q", read_state, &in);
     return in.value;
 }
+
+/* A gauge that is NaN all over the window has no minimum and no maximum:
+ * min_over_time and max_over_time give NaN, which compares false, so
+ * neither alert fires (promtool agrees). */
+START_TEST(min_and_max_of_a_window_of_nan_are_nan)
+{
+    static const char rules[] = "groups:\n"
+                                "- name: g\n"
+                                "  rules:\n"
+                                "  - alert: Low\n"
+                                "    expr: min_over_time(ratio_now[3m]) > 0\n"
+                                "  - alert: High\n"
+                                "    expr: max_over_time(ratio_now[3m]) < 0\n";
+    static const char test[] = "rule_files: [rules.yml]\n"
+                               "evaluation_interval: 1m\n"
+                               "tests:\n"
+                               "- interval: 1m\n"
+                               "  input_series:\n"
+                               "  - series: ratio_now\n"
+                               "    values: NaN NaN NaN\n"
+                               "  alert_rule_test:\n"
+                               "  - {eval_time: 2m, alertname: Low, exp_alerts: []}\n"
+                               "  - {eval_time: 2m, alertname: High, exp_alerts: []}\n";
+    char msg[4096];
+    ck_assert_msg(promtool_rules(rules, test, msg, sizeof msg) == 0, "%s", msg);
+    fixture f;
+    setup(&f);
+    keel_gauge_child *g = gauge(&f, "ratio_now");
+    ck_assert_int_eq(keel_alerts_add(f.a, "Low", "min(ratio_now[3m]) > 0", NULL, 0, NULL, 0, NULL), 0);
+    ck_assert_int_eq(keel_alerts_add(f.a, "High", "max(ratio_now[3m]) < 0", NULL, 0, NULL, 0, NULL), 0);
+    keel_gauge_set(g, NAN);
+    for (int i = 0; i < 3; i++)
+        tick(&f);
+    ck_assert(isnan(value_of(&f, "Low")));
+    ck_assert(isnan(value_of(&f, "High")));
+    ck_assert_int_eq(state(&f, "Low"), KEEL_ALERT_INACTIVE);
+    ck_assert_int_eq(state(&f, "High"), KEEL_ALERT_INACTIVE);
+    keel_gauge_set(g, 2); /* one number among NaNs is the minimum and the maximum */
+    tick(&f);
+    ck_assert_double_eq(value_of(&f, "Low"), 2);
+    ck_assert_double_eq(value_of(&f, "High"), 2);
+    teardown(&f);
+}
+END_TEST
 
 START_TEST(quantiles_interpolate_as_prometheus)
 {
@@ -598,6 +676,7 @@ int main(void)
     tcase_add_test(tc, no_for_fires_at_once_and_keep_firing_for_holds_it);
     tcase_add_test(tc, rate_corrects_counter_resets_and_empty_windows_never_fire);
     tcase_add_test(tc, ratio_of_nothing_is_nan_and_never_fires);
+    tcase_add_test(tc, min_and_max_of_a_window_of_nan_are_nan);
     tcase_add_test(tc, quantiles_interpolate_as_prometheus);
     tcase_add_test(tc, malformed_rules_report_where);
     tcase_add_test(tc, selectors_add_up_matching_series_and_empty_matches_absent);
