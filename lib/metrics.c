@@ -1268,9 +1268,10 @@ static void render_family(sink *o, keel_metrics *m, const family *f, child **cs,
                 put_sample(o, f->name, "_bucket", f, c, "le", le, (double)cum[b]);
             }
             /* OpenMetrics: with a negative bucket bound the sum is no
-             * counter, and must not be exposed; _count goes with it, as
-             * OpenMetrics has _count if and only if _sum */
-            if (!om || !f->nbounds || f->bounds[0] >= 0) {
+             * counter, and must not be exposed, nor one that observations
+             * made negative or NaN; _count goes with it, as OpenMetrics
+             * has _count if and only if _sum */
+            if (!om || ((!f->nbounds || f->bounds[0] >= 0) && v >= 0)) {
                 put_sample(o, f->name, "_count", f, c, NULL, NULL, (double)count);
                 put_sample(o, f->name, "_sum", f, c, NULL, NULL, v);
             }

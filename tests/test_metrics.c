@@ -839,6 +839,34 @@ START_TEST(openmetrics_leaves_out_sum_and_count_under_a_negative_bound)
 }
 END_TEST
 
+/* The same for a sum that observations made negative or NaN under bounds
+ * that are not: OpenMetrics allows neither, so that child shows neither
+ * _sum nor _count there (until its sum is a counter's again). */
+START_TEST(openmetrics_leaves_out_a_sum_made_negative_or_nan)
+{
+    keel_metrics *m = registry();
+    keel_histogram *h;
+    const char *labels[1] = {"k"};
+    ck_assert_int_eq(keel_metrics_histogram(m, "h", "", labels, 1, (const double[]){0, 1}, 2, &h), 0);
+    keel_histogram_observe(keel_histogram_with(h, "neg"), -2);
+    keel_histogram_observe(keel_histogram_with(h, "nan"), INFINITY);
+    keel_histogram_observe(keel_histogram_with(h, "nan"), -INFINITY);
+    keel_histogram_observe(keel_histogram_with(h, "inf"), INFINITY);
+    keel_histogram_observe(keel_histogram_with(h, "ok"), 0.5);
+    char *text = render(m, KEEL_METRICS_OPENMETRICS);
+    ck_assert_msg(!strstr(text, "h_sum{k=\"neg\"}") && !strstr(text, "h_count{k=\"neg\"}") &&
+                      !strstr(text, "h_sum{k=\"nan\"}") && !strstr(text, "h_count{k=\"nan\"}") &&
+                      strstr(text, "h_sum{k=\"inf\"} +Inf\n") && strstr(text, "h_sum{k=\"ok\"} 0.5\n") &&
+                      strstr(text, "h_count{k=\"ok\"} 1\n") && strstr(text, "h_bucket{k=\"neg\",le=\"+Inf\"} 1\n"),
+                  "%s", text);
+    keel_free(text);
+    text = render(m, KEEL_METRICS_PROMETHEUS);
+    ck_assert_msg(strstr(text, "h_sum{k=\"neg\"} -2\n") && strstr(text, "h_sum{k=\"nan\"} NaN\n"), "%s", text);
+    keel_free(text);
+    keel_metrics_destroy(m);
+}
+END_TEST
+
 START_TEST(a_failing_writer_stops_the_rendering)
 {
     keel_metrics *m = registry();
@@ -1219,6 +1247,7 @@ int main(void)
     tcase_add_test(tc, accept_headers_choose_the_format);
     tcase_add_test(tc, numbers_keep_their_point_under_a_decimal_comma_locale);
     tcase_add_test(tc, openmetrics_leaves_out_sum_and_count_under_a_negative_bound);
+    tcase_add_test(tc, openmetrics_leaves_out_a_sum_made_negative_or_nan);
     tcase_add_test(tc, a_failing_writer_stops_the_rendering);
     tcase_add_test(tc, the_writer_may_call_into_the_registry);
     tcase_add_test(tc, computed_series_and_the_visitor);
