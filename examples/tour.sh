@@ -8,7 +8,11 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 fail=0
 for bin in "$@"; do
     name=$(basename "$bin")
-    title=$(sed -n '1s|^/\* *examples/[^ ]* — \(.*\)|\1|p' "$top/examples/$name.c" | sed 's| *\*/$||')
+    # the comment's first paragraph, on one line
+    title=$(awk 'NR == 1 { sub(/^\/\* *examples\/[^ ]* — /, "") }
+                 NR > 1 { if ($0 ~ /^ \*\/? *$/) exit; sub(/^ \* ?/, "") }
+                 { end = sub(/ *\*\/.*$/, ""); printf "%s%s", (NR > 1 ? " " : ""), $0; if (end) exit }' \
+        "$top/examples/$name.c")
     printf '\n==== %s: %s\n' "$name" "$title"
     if ! "$bin"; then
         echo "==== $name FAILED"
