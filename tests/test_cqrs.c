@@ -1336,6 +1336,42 @@ START_TEST(pg_a_missing_schema_is_a_clear_error)
 }
 END_TEST
 
+/* append: loads the stream the payload names and emits one event. */
+static int cmd_append(keel_cqrs_ctx *x, const void *payload, size_t len, void *ud)
+{
+    (void)ud;
+    char stream[64];
+    snprintf(stream, sizeof stream, "%.*s", (int)len, (const char *)payload);
+    const keel_cqrs_event *evs;
+    size_t n;
+    int rc = keel_cqrs_load(x, stream, &evs, &n);
+    return rc ? rc : keel_cqrs_emit(x, stream, "thing.happened", "d", 1, NULL, 0);
+}
+
+/* A stream whose first events were removed (archived, an old month's
+ * partition dropped) goes on from its last version, not its count. */
+START_TEST(pg_a_stream_missing_its_first_events_goes_on_from_its_last)
+{
+    char prefix[64], sql[512];
+    snprintf(prefix, sizeof prefix, "%s", uniq("gap"));
+    keel_pg *pg = open_pg();
+    app a = {0};
+    keel_cqrs *c = open_cqrs(pg, prefix, 0, &a);
+    ck_assert_int_eq(keel_cqrs_command(c, "append", cmd_append, NULL), 0);
+    for (int i = 0; i < 3; i++)
+        ck_assert_int_eq(keel_cqrs_send(c, "append", "g", 1, NULL, NULL), 0);
+    PGconn *d = kt_pg_connect(kt_env("KEEL_TEST_PG"));
+    snprintf(sql, sizeof sql, "DELETE FROM \"%sevents\" WHERE stream_id = 'g' AND version < 3", prefix);
+    kt_pg_exec(d, sql);
+    ck_assert_int_eq(keel_cqrs_send(c, "append", "g", 1, NULL, NULL), 0);
+    snprintf(sql, sizeof sql, "SELECT max(version) FROM \"%sevents\" WHERE stream_id = 'g'", prefix);
+    ck_assert_int_eq(kt_pg_number(d, sql), 4);
+    PQfinish(d);
+    keel_cqrs_destroy(c);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
 START_TEST(a_projection_follows_in_the_background)
 {
     app a = {0};
@@ -1423,6 +1459,7 @@ int main(void)
     tcase_add_test(pg, pg_queries_go_to_the_replica_and_read_their_writes);
     tcase_add_test(pg, pg_monthly_partitions);
     tcase_add_test(pg, pg_a_missing_schema_is_a_clear_error);
+    tcase_add_test(pg, pg_a_stream_missing_its_first_events_goes_on_from_its_last);
     suite_add_tcase(s, pg);
     TCase *down = tcase_create("pg_faults"); /* the primary stopped, an append timed out */
     tcase_set_timeout(down, 120);

@@ -182,7 +182,9 @@ typedef struct keel_cqrs_event {
 } keel_cqrs_event;
 
 /* A command handler reads a stream: its events in order (valid until the
- * handler returns) and, remembered, its version for the append. Returns
+ * handler returns) and, remembered, its version for the append (its last
+ * event's: new events follow it even when the stream's first events were
+ * removed, say with an old month's partition). Returns
  * 0, KEEL_EINVAL (bad id; not in a command), a store error. */
 KEEL_API int keel_cqrs_load(keel_cqrs_ctx *ctx, const char *stream, const keel_cqrs_event **events,
                             size_t *n);

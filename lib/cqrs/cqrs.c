@@ -431,7 +431,7 @@ KEEL_API int keel_cqrs_load(keel_cqrs_ctx *x, const char *stream, const keel_cqr
             x->nexp--;
             return rc;
         }
-        e->version = e->n;
+        e->version = e->n ? e->events[e->n - 1].version : 0; /* not n: its first events may be gone */
     }
     *events = e->events;
     *n = e->n;
