@@ -1372,6 +1372,68 @@ START_TEST(pg_a_stream_missing_its_first_events_goes_on_from_its_last)
 }
 END_TEST
 
+/* A process manager: a projection whose handler sends a command for each
+ * order, while a bus subscriber runs the projection on every event. */
+typedef struct saga {
+    keel_cqrs *c;
+    keel_cqrs_projection *p;
+    int applied, nested, nested_rc;
+} saga;
+
+static int apply_saga(keel_cqrs_ctx *x, const keel_cqrs_event *e, void *ud)
+{
+    (void)x;
+    saga *s = ud;
+    s->applied++;
+    return strcmp(e->stream, "orders") == 0 ? keel_cqrs_send(s->c, "append", "shipments", 9, NULL, NULL) : 0;
+}
+
+static int on_event_run(const keel_bus_msg *m, void *ud)
+{
+    (void)m;
+    saga *s = ud;
+    s->nested++;
+    int rc = keel_cqrs_projection_run(s->p, NULL);
+    if (rc)
+        s->nested_rc = rc;
+    return 0;
+}
+
+/* The run the shipment's event starts is inside the order's run, on the
+ * same thread: it must not wait for it (for ever), and the run in
+ * progress goes on to the shipment. */
+static void runs_itself(keel_pg *pg)
+{
+    keel_bus *bus;
+    ck_assert_int_eq(keel_bus_create(&bus, NULL), 0);
+    keel_cqrs *c;
+    keel_cqrs_opts o = {.pg = pg, .prefix = uniq("saga"), .bus = bus};
+    ck_assert_int_eq(keel_cqrs_create(&c, &o), 0);
+    ck_assert_int_eq(keel_cqrs_create_schema(c), 0);
+    ck_assert_int_eq(keel_cqrs_command(c, "append", cmd_append, NULL), 0);
+    saga s = {c, NULL, 0, 0, 0};
+    keel_bus_sub *sub;
+    keel_bus_sub_opts so = {.pattern = ">", .handler = on_event_run, .ud = &s};
+    ck_assert_int_eq(keel_bus_subscribe(bus, &so, &sub), 0);
+    keel_cqrs_projection_opts po = {.name = "saga", .handler = apply_saga, .ud = &s};
+    ck_assert_int_eq(keel_cqrs_projection_create(c, &po, &s.p), 0);
+    keel_cqrs_result r;
+    ck_assert_int_eq(keel_cqrs_send(c, "append", "orders", 6, NULL, &r), 0);
+    ck_assert_int_eq(s.nested, 2);
+    ck_assert_int_eq(s.nested_rc, 0);
+    ck_assert_int_eq(s.applied, 2); /* the order, then the shipment, each once */
+    ck_assert_uint_gt(keel_cqrs_projection_position(s.p), r.position);
+    keel_cqrs_projection_destroy(s.p);
+    keel_cqrs_destroy(c);
+    keel_bus_destroy(bus);
+}
+
+START_TEST(a_projection_run_from_its_own_handler_does_not_wait_for_itself) { runs_itself(NULL); }
+END_TEST
+
+START_TEST(pg_a_projection_run_from_its_own_handler_does_not_wait_for_itself) { with_pg(runs_itself); }
+END_TEST
+
 START_TEST(a_projection_follows_in_the_background)
 {
     app a = {0};
@@ -1442,6 +1504,7 @@ int main(void)
     tcase_add_test(tc, projections_keep_their_own_checkpoints);
     tcase_add_test(tc, a_projection_with_the_largest_batch_applies_everything);
     tcase_add_test(tc, a_run_with_nothing_left_reports_the_checkpoint);
+    tcase_add_test(tc, a_projection_run_from_its_own_handler_does_not_wait_for_itself);
     suite_add_tcase(s, tc);
     TCase *pg = tcase_create("pg");
     tcase_set_timeout(pg, 120);
@@ -1460,6 +1523,7 @@ int main(void)
     tcase_add_test(pg, pg_monthly_partitions);
     tcase_add_test(pg, pg_a_missing_schema_is_a_clear_error);
     tcase_add_test(pg, pg_a_stream_missing_its_first_events_goes_on_from_its_last);
+    tcase_add_test(pg, pg_a_projection_run_from_its_own_handler_does_not_wait_for_itself);
     suite_add_tcase(s, pg);
     TCase *down = tcase_create("pg_faults"); /* the primary stopped, an append timed out */
     tcase_set_timeout(down, 120);

@@ -222,7 +222,10 @@ KEEL_API int keel_cqrs_projection_create(keel_cqrs *c, const keel_cqrs_projectio
 /* Applies every event past the checkpoint, batch by batch; *applied (may
  * be NULL) counts them. A handler failure stops there (returned); with
  * PostgreSQL its batch is rolled back. Runs of one projection name take
- * turns, across processes with PostgreSQL. */
+ * turns, across processes with PostgreSQL. A run of a name this thread is
+ * already running (from its handler, say: a command it sends whose event
+ * a bus subscriber turns into a run) returns 0 at once, and the run in
+ * progress goes on to what came meanwhile. */
 KEEL_API int keel_cqrs_projection_run(keel_cqrs_projection *p, size_t *applied);
 
 /* The checkpoint: the last position applied. */

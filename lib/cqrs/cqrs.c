@@ -825,15 +825,34 @@ static int mem_project(keel_cqrs_projection *p, size_t *applied)
     return rc;
 }
 
+/* The projection runs this thread has in progress, innermost first: a
+ * handler may run its own projection again (a command it sends, whose
+ * event a bus subscriber turns into a run), which must not wait for the
+ * run it is part of. */
+typedef struct pframe {
+    keel_cqrs_projection *p;
+    bool again; /* such a run came: go on past a short batch */
+    struct pframe *up;
+} pframe;
+static __thread pframe *tl_runs;
+
 KEEL_API int keel_cqrs_projection_run(keel_cqrs_projection *p, size_t *applied)
 {
     if (applied)
         *applied = 0;
     if (!p)
         return KEEL_EINVAL;
+    for (pframe *f = tl_runs; f; f = f->up)
+        if (f->p->c == p->c && strcmp(f->p->name, p->name) == 0) { /* the same checkpoint */
+            f->again = true;
+            return 0;
+        }
     pthread_mutex_lock(&p->run_mu);
+    pframe f = {p, false, tl_runs};
+    tl_runs = &f;
     int rc = 0;
     while (!atomic_load(&p->stopping)) {
+        f.again = false;
         size_t n = 0;
         if (p->c->pg) {
             keel_cqrs_ctx x = {.c = p->c, .kind = CTX_PROJECTION};
@@ -848,9 +867,10 @@ KEEL_API int keel_cqrs_projection_run(keel_cqrs_projection *p, size_t *applied)
         atomic_fetch_add_explicit(&p->c->st.applied, n, memory_order_relaxed);
         if (applied)
             *applied += n;
-        if (rc || n < p->o.batch)
+        if (rc || (n < p->o.batch && !f.again))
             break;
     }
+    tl_runs = f.up;
     pthread_mutex_unlock(&p->run_mu);
     return rc;
 }
