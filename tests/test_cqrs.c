@@ -541,6 +541,13 @@ END_TEST
 
 /* ---- idempotency ---- */
 
+/* quiet: emits nothing; replies an empty reply when the payload says so */
+static int cmd_quiet(keel_cqrs_ctx *x, const void *payload, size_t len, void *ud)
+{
+    (void)ud;
+    return len && ((const char *)payload)[0] == 'e' ? keel_cqrs_reply(x, "", 0) : 0;
+}
+
 static void idempotent(keel_pg *pg)
 {
     app a = {0};
@@ -557,6 +564,16 @@ static void idempotent(keel_pg *pg)
     keel_cqrs_result_free(&r2);
     /* without the key: the stream exists, so a new registration conflicts */
     ck_assert_int_eq(keel_cqrs_send(c, "register", "ada", 3, NULL, NULL), KEEL_ECONFLICT);
+    /* no reply, or an empty one: NULL, the first time and on a repeat */
+    ck_assert_int_eq(keel_cqrs_command(c, "quiet", cmd_quiet, NULL), 0);
+    for (int i = 0; i < 4; i++) {
+        keel_cqrs_result r;
+        ck_assert_int_eq(keel_cqrs_send(c, "quiet", i < 2 ? "n" : "e", 1, i < 2 ? "q-none" : "q-empty", &r), 0);
+        ck_assert_int_eq(r.repeated, i % 2);
+        ck_assert_ptr_null(r.reply);
+        ck_assert_uint_eq(r.len, 0);
+        keel_cqrs_result_free(&r);
+    }
     keel_cqrs_destroy(c);
 }
 

@@ -143,7 +143,7 @@ KEEL_API const void *keel_cqrs_req_payload(const keel_cqrs_req *req, size_t *len
 /* ---- dispatch ---- */
 
 typedef struct keel_cqrs_result {
-    void *reply;      /* the handler's keel_cqrs_reply(), or NULL */
+    void *reply;      /* the handler's keel_cqrs_reply(); NULL when none or empty */
     size_t len;
     uint64_t lsn;     /* a command with PostgreSQL: the write position after it (for asks) */
     uint64_t position; /* a command: the position of its last event (0: none) */
@@ -154,7 +154,7 @@ typedef struct keel_cqrs_result {
  * be NULL. Returns
  * the handler's (or a middleware's) result, or KEEL_ENOTFOUND (no such
  * command), KEEL_ECONFLICT (a concurrent append, after the retries),
- * KEEL_EINVAL (bad name, payload over max_payload, bad events), a store
+ * KEEL_EINVAL (bad name, payload over max_payload), a store
  * error (KEEL_EUNAVAIL, KEEL_EBACKEND: e.g. a missing schema). */
 KEEL_API int keel_cqrs_send(keel_cqrs *c, const char *name, const void *payload, size_t len,
                             const char *idempotency_key, keel_cqrs_result *res);

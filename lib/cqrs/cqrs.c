@@ -310,7 +310,8 @@ static int mem_idem_get(mstore *m, const char *key, void **reply, size_t *len)
     uint64_t h;
     mkv *kv = *mem_idem(m, key, &h);
     int rc = kv ? 0 : KEEL_ENOTFOUND;
-    if (kv && !(*reply = dup_bytes(kv->val, kv->len)))
+    *reply = NULL; /* empty: NULL */
+    if (kv && kv->len && !(*reply = dup_bytes(kv->val, kv->len)))
         rc = KEEL_ENOMEM;
     if (kv)
         *len = kv->len;
@@ -473,8 +474,8 @@ KEEL_API int keel_cqrs_reply(keel_cqrs_ctx *x, const void *data, size_t len)
 {
     if (!x || (len && !data) || len > x->c->o.max_payload)
         return KEEL_EINVAL;
-    void *d = dup_bytes(data, len);
-    if (!d)
+    void *d = len ? dup_bytes(data, len) : NULL; /* empty: NULL, as a repeat gives it */
+    if (len && !d)
         return KEEL_ENOMEM;
     keel__free(x->reply);
     x->reply = d;

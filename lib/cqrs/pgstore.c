@@ -311,9 +311,10 @@ int keel__cqrs_pg_idem_get(cpg *s, const char *key, void **reply, size_t *len)
         rc = KEEL_ENOTFOUND;
     if (rc == 0) {
         *len = (size_t)PQgetlength(res, 0, 0);
-        if ((*reply = keel__malloc(*len ? *len : 1)))
+        *reply = NULL; /* empty: NULL */
+        if (*len && (*reply = keel__malloc(*len)))
             memcpy(*reply, PQgetvalue(res, 0, 0), *len);
-        else
+        else if (*len)
             rc = KEEL_ENOMEM;
     }
     PQclear(res);
