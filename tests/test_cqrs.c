@@ -852,6 +852,41 @@ END_TEST
 START_TEST(pg_a_projection_with_the_largest_batch_applies_everything) { with_pg(largest_batch); }
 END_TEST
 
+/* Deleting a projection's checkpoint row (a common way to reset it) makes
+ * its next run start again from the first event, not stop for good. */
+START_TEST(pg_a_projection_whose_checkpoint_row_was_deleted_starts_again)
+{
+    keel_pg *pg = open_pg();
+    app a = {0};
+    char prefix[64];
+    snprintf(prefix, sizeof prefix, "%s", uniq("reset"));
+    keel_cqrs *c = open_cqrs(pg, prefix, 0, &a);
+    for (int i = 0; i < 3; i++)
+        ck_assert_int_eq(keel_cqrs_send(c, "inc", "r", 1, NULL, NULL), 0);
+    seen *s = calloc(1, sizeof *s);
+    keel_cqrs_projection *p;
+    keel_cqrs_projection_opts po = {.name = "all", .handler = apply_seen, .ud = s};
+    ck_assert_int_eq(keel_cqrs_projection_create(c, &po, &p), 0);
+    size_t applied;
+    ck_assert_int_eq(keel_cqrs_projection_run(p, &applied), 0);
+    ck_assert_uint_eq(applied, 3);
+    uint64_t last = keel_cqrs_projection_position(p);
+    PGconn *d = kt_pg_connect(kt_env("KEEL_TEST_PG"));
+    char sql[160];
+    snprintf(sql, sizeof sql, "DELETE FROM \"%scheckpoints\" WHERE name = 'all'", prefix);
+    kt_pg_exec(d, sql);
+    PQfinish(d);
+    ck_assert_int_eq(keel_cqrs_projection_run(p, &applied), 0);
+    ck_assert_uint_eq(applied, 3);
+    ck_assert_uint_eq(s->n, 6);
+    ck_assert_uint_eq(keel_cqrs_projection_position(p), last);
+    keel_cqrs_projection_destroy(p);
+    keel_cqrs_destroy(c);
+    keel_pg_destroy(pg);
+    free(s);
+}
+END_TEST
+
 /* Two runners of one projection name (two processes, say, one of them
  * standing by): a run of the one that finds the other did the work
  * reports the checkpoint the other reached. */
@@ -1533,6 +1568,7 @@ int main(void)
     tcase_add_test(pg, pg_events_are_published_on_the_bus_after_commit);
     tcase_add_test(pg, pg_and_memory_stores_agree);
     tcase_add_test(pg, pg_a_projection_with_the_largest_batch_applies_everything);
+    tcase_add_test(pg, pg_a_projection_whose_checkpoint_row_was_deleted_starts_again);
     tcase_add_test(pg, pg_a_run_with_nothing_left_reports_the_checkpoint);
     tcase_add_test(pg, pg_an_append_held_open_is_not_skipped);
     tcase_add_test(pg, pg_a_projection_killed_mid_catch_up_resumes_exactly);

@@ -364,6 +364,15 @@ int keel__cqrs_pg_project(cpg *s, const char *name, size_t batch, keel_cqrs_ctx 
     keel_pg_params pp = {1, pv, NULL, NULL, NULL, 0};
     PGresult *pend = NULL;
     rc = keel_pg_conn_exec_stmt(c, s->pending, &pp, &pend);
+    if (rc == 0 && PQntuples(pend) == 0) { /* its row deleted (a reset): made again, at the start */
+        PQclear(pend);
+        pend = NULL;
+        PGresult *made = NULL;
+        rc = keel_pg_conn_exec_stmt(c, s->cp_make, &pp, &made);
+        PQclear(made);
+        if (rc == 0)
+            rc = keel_pg_conn_exec_stmt(c, s->pending, &pp, &pend);
+    }
     bool found = rc == 0 && PQntuples(pend) == 1;
     bool idle = rc == 0 && (!found || PQgetvalue(pend, 0, 1)[0] == 'f');
     /* another runner of the name may have moved it */
