@@ -17,12 +17,26 @@
 #include <keel/alert.h>
 #include <keel/metrics.h>
 
+#include "hash.h"
 #include "internal.h"
 
 #define MIN_NS 60000000000ull
 #define MAX_MATCHERS 8
 
 /* ---- selectors and their histories ---- */
+
+/* A series a counting selector matched at its last evaluation, so that the
+ * next one can tell its increase from its reset (see sum_increases). */
+typedef struct series {
+    char *key;          /* label name, value, name, value, ... each NUL-ended */
+    size_t keylen;
+    uint64_t hash;
+    double created, created_now; /* a new child of the same labels is a reset */
+    double *vals;       /* 2 width values: */
+    double *prev, *now; /* last evaluation's and this one's, swapped each time */
+    bool known;         /* prev holds a sample of an evaluation that completed */
+    bool seen;          /* matched in this evaluation */
+} series;
 
 typedef struct selector {
     char *name;
@@ -39,6 +53,16 @@ typedef struct selector {
     double *acc;
     size_t acc_width;
     bool matched;
+    /* counters and histograms: the history holds a running total of the
+     * increases of each series, not the plain sum (gauges) */
+    bool counting;
+    bool has_total;
+    double *total;      /* acc_width values: the last sample pushed */
+    series *ser;        /* the series matched at the last evaluation, then
+                           the new ones of this one */
+    size_t nser, ser_cap;
+    uint32_t *slot;     /* open addressing over ser: index + 1, 0 empty */
+    size_t nslot;       /* a power of two, 0 or more than 2 nser */
 } selector;
 
 /* ---- expressions ---- */
@@ -250,8 +274,27 @@ static char *quoted(parser *ps)
     return v;
 }
 
+static void series_free(series *se)
+{
+    keel__free(se->key);
+    keel__free(se->vals);
+}
+
+static void series_clear(selector *s)
+{
+    for (size_t i = 0; i < s->nser; i++)
+        series_free(&s->ser[i]);
+    s->nser = 0;
+    if (s->slot)
+        memset(s->slot, 0, s->nslot * sizeof *s->slot);
+}
+
 static void sel_free(selector *s)
 {
+    series_clear(s);
+    keel__free(s->ser);
+    keel__free(s->slot);
+    keel__free(s->total);
     keel__free(s->name);
     for (size_t i = 0; i < s->nm; i++) {
         keel__free(s->mk[i]);
@@ -412,7 +455,93 @@ static bool parse_rule(parser *ps, rule *r)
 
 /* ---- evaluation (caller holds a->mu) ---- */
 
-/* Matching series add up into the selector's sample being gathered. */
+static uint64_t series_hash(const keel_metrics_sample *s)
+{
+    uint64_t h = 0;
+    for (size_t i = 0; i < s->nlabels; i++)
+        h = keel__mix64(h ^ keel__hash64(s->label_values[i], strlen(s->label_values[i]), i));
+    return h;
+}
+
+static bool series_is(const series *se, uint64_t h, const keel_metrics_sample *s)
+{
+    if (se->hash != h)
+        return false;
+    const char *k = se->key, *end = se->key + se->keylen;
+    for (size_t i = 0; i < s->nlabels; i++) {
+        const char *pair[2] = {s->label_names[i], s->label_values[i]};
+        for (int j = 0; j < 2; j++) {
+            size_t n = strlen(pair[j]) + 1;
+            if ((size_t)(end - k) < n || memcmp(k, pair[j], n) != 0)
+                return false;
+            k += n;
+        }
+    }
+    return k == end;
+}
+
+/* Puts ser[i] in the slots (which have room). */
+static void slot_put(selector *sel, size_t i)
+{
+    size_t mask = sel->nslot - 1, j = (size_t)sel->ser[i].hash & mask;
+    while (sel->slot[j])
+        j = (j + 1) & mask;
+    sel->slot[j] = (uint32_t)(i + 1);
+}
+
+/* The state of the series of s in a counting selector, made (unknown) on
+ * its first match; NULL without memory. */
+static series *series_of(selector *sel, const keel_metrics_sample *s, size_t w)
+{
+    uint64_t h = series_hash(s);
+    size_t mask = sel->nslot - 1;
+    for (size_t j = (size_t)h & mask; sel->nslot && sel->slot[j]; j = (j + 1) & mask)
+        if (series_is(&sel->ser[sel->slot[j] - 1], h, s))
+            return &sel->ser[sel->slot[j] - 1];
+    if (sel->nser >= UINT32_MAX - 1)
+        return NULL;
+    if (2 * (sel->nser + 1) >= sel->nslot) { /* grow the slots, then place all again */
+        size_t n = sel->nslot ? 2 * sel->nslot : 16;
+        uint32_t *slot = keel__calloc(n, sizeof *slot);
+        if (!slot)
+            return NULL;
+        keel__free(sel->slot);
+        sel->slot = slot;
+        sel->nslot = n;
+        for (size_t i = 0; i < sel->nser; i++)
+            slot_put(sel, i);
+    }
+    if (sel->nser == sel->ser_cap) {
+        size_t cap = sel->ser_cap ? 2 * sel->ser_cap : 8;
+        series *ser = keel__realloc(sel->ser, cap * sizeof *ser);
+        if (!ser)
+            return NULL;
+        sel->ser = ser;
+        sel->ser_cap = cap;
+    }
+    series se = {.hash = h};
+    for (size_t i = 0; i < s->nlabels; i++)
+        se.keylen += strlen(s->label_names[i]) + strlen(s->label_values[i]) + 2;
+    se.key = keel__malloc(se.keylen ? se.keylen : 1);
+    se.vals = keel__malloc(2 * w * sizeof *se.vals);
+    if (!se.key || !se.vals) {
+        series_free(&se);
+        return NULL;
+    }
+    se.prev = se.vals;
+    se.now = se.vals + w;
+    char *k = se.key;
+    for (size_t i = 0; i < s->nlabels; i++) {
+        k = stpcpy(k, s->label_names[i]) + 1;
+        k = stpcpy(k, s->label_values[i]) + 1;
+    }
+    sel->ser[sel->nser] = se;
+    slot_put(sel, sel->nser);
+    return &sel->ser[sel->nser++];
+}
+
+/* Matching series add up into the selector's sample being gathered; for
+ * counters and histograms, each one's values are kept for sum_increases. */
 static void gather(const keel_metrics_sample *s, void *ud)
 {
     keel_alerts *a = ud;
@@ -431,15 +560,23 @@ static void gather(const keel_metrics_sample *s, void *ud)
         if (!match)
             continue;
         size_t w = s->type == KEEL_METRIC_HISTOGRAM ? 1 + s->nbuckets : 1;
+        bool counting = s->type != KEEL_METRIC_GAUGE;
         if (!sel->matched) {
-            if (sel->acc_width != w) {
+            if (sel->acc_width != w || sel->counting != counting) { /* a new shape or kind */
                 double *acc = keel__realloc(sel->acc, w * sizeof *acc);
-                if (!acc) {
+                double *total = acc ? keel__realloc(sel->total, w * sizeof *total) : NULL;
+                if (acc)
+                    sel->acc = acc;
+                if (!total) {
                     a->gather_failed = true;
                     continue;
                 }
-                sel->acc = acc;
+                sel->total = total;
                 sel->acc_width = w;
+                sel->counting = counting;
+                sel->has_total = false;
+                sel->width = 0; /* the history of the old one goes (history_room) */
+                series_clear(sel);
             }
             memset(sel->acc, 0, w * sizeof *sel->acc);
             if (w > 1 && !sel->bounds) {
@@ -450,16 +587,110 @@ static void gather(const keel_metrics_sample *s, void *ud)
             }
             sel->matched = true;
         }
-        if (w != sel->acc_width)
+        if (w != sel->acc_width || counting != sel->counting)
             continue; /* a family that changed shape: ignore it */
+        double *v = sel->acc;
+        if (counting) {
+            series *se = series_of(sel, s, w);
+            if (!se) {
+                a->gather_failed = true;
+                continue;
+            }
+            se->seen = true;
+            se->created_now = s->created;
+            v = se->now;
+            memset(v, 0, w * sizeof *v);
+        }
         if (w == 1) {
-            sel->acc[0] += s->value;
+            v[0] += s->value;
         } else {
-            sel->acc[0] += (double)s->count;
+            v[0] += (double)s->count;
             for (size_t b = 0; b < s->nbuckets; b++)
-                sel->acc[1 + b] += (double)s->cumulative[b];
+                v[1 + b] += (double)s->cumulative[b];
         }
     }
+}
+
+/* The sample of a counting selector: its last one plus each series'
+ * increase since the last evaluation (its whole value when it went down
+ * or is a new child of the same labels: its own reset). A series matched
+ * for the first time adds nothing, one gone adds nothing more, and a NaN
+ * or infinite value adds nothing; the first sample is the plain sum of
+ * the finite values, so that the extrapolation stops where the counters
+ * would reach zero. */
+static void sum_increases(selector *s)
+{
+    if (!s->matched || !s->counting)
+        return;
+    size_t w = s->acc_width;
+    for (size_t k = 0; k < w; k++)
+        s->acc[k] = s->has_total ? s->total[k] : 0;
+    for (size_t i = 0; i < s->nser; i++) {
+        const series *se = &s->ser[i];
+        if (!se->seen || (s->has_total && !se->known))
+            continue;
+        for (size_t k = 0; k < w; k++) {
+            double now = se->now[k], d = now;
+            if (s->has_total) {
+                d = now - se->prev[k];
+                if (d < 0 || se->created_now != se->created)
+                    d = now;
+            }
+            if (isfinite(d))
+                s->acc[k] += d;
+        }
+    }
+}
+
+/* Ends an evaluation for the series of s: they become what the next one
+ * compares against when it completed, or are as they were before it
+ * when it did not. Series not matched are forgotten. */
+static void series_settle(selector *s, bool completed)
+{
+    if (!s->counting)
+        return;
+    if (completed && s->matched) {
+        memcpy(s->total, s->acc, s->acc_width * sizeof *s->total);
+        s->has_total = true;
+    }
+    size_t n = 0;
+    for (size_t i = 0; i < s->nser; i++) {
+        series *se = &s->ser[i];
+        if (completed ? !se->seen : !se->known) {
+            series_free(se);
+            continue;
+        }
+        if (completed && se->seen) {
+            double *t = se->prev; /* this evaluation's values are the next one's previous */
+            se->prev = se->now;
+            se->now = t;
+            se->created = se->created_now;
+            se->known = true;
+        }
+        se->seen = false;
+        s->ser[n++] = *se;
+    }
+    s->nser = n;
+    if (n < s->ser_cap / 4) { /* give back what many series that went away took */
+        series *ser = keel__realloc(s->ser, (n ? 2 * n : 1) * sizeof *ser);
+        if (ser) {
+            s->ser = ser;
+            s->ser_cap = n ? 2 * n : 1;
+        }
+    }
+    size_t want = 16;
+    while (want <= 2 * n)
+        want *= 2;
+    uint32_t *slot = 4 * want <= s->nslot ? keel__calloc(want, sizeof *slot) : NULL;
+    if (slot) {
+        keel__free(s->slot);
+        s->slot = slot;
+        s->nslot = want;
+    }
+    if (s->slot)
+        memset(s->slot, 0, s->nslot * sizeof *s->slot);
+    for (size_t i = 0; s->slot && i < n; i++)
+        slot_put(s, i);
 }
 
 /* Makes room for the sample gathered into s. Returns 0 or KEEL_ENOMEM. */
@@ -718,12 +949,16 @@ static int evaluate(keel_alerts *a, uint64_t now, uint64_t wall)
     int rc = keel_metrics_visit(a->m, gather, a);
     if (rc == 0 && a->gather_failed)
         rc = KEEL_ENOMEM;
-    for (size_t i = 0; rc == 0 && i < a->nsels; i++)
+    for (size_t i = 0; rc == 0 && i < a->nsels; i++) {
+        sum_increases(&a->sels[i]);
         rc = history_room(a, &a->sels[i], now);
+    }
     change *ch = rc ? NULL : keel__malloc((2 * a->nrules + 1) * sizeof *ch);
     rule *next = ch ? keel__malloc((a->nrules ? a->nrules : 1) * sizeof *next) : NULL;
     if (!next) {
         keel__free(ch);
+        for (size_t i = 0; i < a->nsels; i++)
+            series_settle(&a->sels[i], false);
         return rc ? rc : KEEL_ENOMEM;
     }
     for (size_t i = 0; i < a->nsels; i++)
@@ -758,6 +993,8 @@ static int evaluate(keel_alerts *a, uint64_t now, uint64_t wall)
             a->on_change(&in, ch[i].from, ch[i].to, a->ud);
         }
     }
+    for (size_t i = 0; i < a->nsels; i++)
+        series_settle(&a->sels[i], rc == 0);
     keel__free(next);
     keel__free(ch);
     return rc;

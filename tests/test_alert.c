@@ -413,6 +413,135 @@ START_TEST(quantiles_interpolate_as_prometheus)
 }
 END_TEST
 
+/* A selector over a counter family judges resets per series: a child that
+ * is removed takes its count out of the sum, and that drop is no reset.
+ * Two children at 1000 count 5 a minute each; one is removed. Prometheus's
+ * sum(rate(req_total[5m])) is 1/6 just after and 1/12 once the removed one
+ * has left the window (promtool agrees, and nothing fires); keel's rate of
+ * the total of per-series increases extrapolates that total, not each
+ * series: 35 over 4 minutes, 5/4 of it over 300 s, then the same 1/12. */
+START_TEST(a_removed_counter_child_is_no_reset)
+{
+    static const char rules[] = "groups:\n"
+                                "- name: g\n"
+                                "  rules:\n"
+                                "  - alert: Busy\n"
+                                "    expr: sum(rate(req_total[5m])) > 1\n";
+    static const char test[] = "rule_files: [rules.yml]\n"
+                               "evaluation_interval: 1m\n"
+                               "tests:\n"
+                               "- interval: 1m\n"
+                               "  input_series:\n"
+                               "  - series: 'req_total{instance=\"a\"}'\n"
+                               "    values: 1000+5x8\n"
+                               "  - series: 'req_total{instance=\"b\"}'\n"
+                               "    values: 1000+5x3 stale\n"
+                               "  promql_expr_test:\n"
+                               "  - expr: sum(rate(req_total[5m]))\n"
+                               "    eval_time: 4m\n"
+                               "    exp_samples: [{labels: '{}', value: 0.16666666666666669}]\n"
+                               "  - expr: sum(rate(req_total[5m]))\n"
+                               "    eval_time: 8m\n"
+                               "    exp_samples: [{labels: '{}', value: 0.08333333333333334}]\n"
+                               "  alert_rule_test:\n"
+                               "  - {eval_time: 4m, alertname: Busy, exp_alerts: []}\n"
+                               "  - {eval_time: 8m, alertname: Busy, exp_alerts: []}\n";
+    char msg[4096];
+    ck_assert_msg(promtool_rules(rules, test, msg, sizeof msg) == 0, "%s", msg);
+    fixture f;
+    setup(&f);
+    keel_counter *c;
+    ck_assert_int_eq(keel_metrics_counter(f.m, "req_total", "", (const char *[]){"instance"}, 1, &c), 0);
+    keel_counter_child *a = keel_counter_with(c, "a"), *b = keel_counter_with(c, "b");
+    keel_counter_add(a, 1000);
+    keel_counter_add(b, 1000);
+    ck_assert_int_eq(keel_alerts_add(f.a, "Busy", "rate(req_total[5m]) > 1", NULL, 0, NULL, 0, NULL), 0);
+    for (int t = 0; t <= 8; t++) {
+        if (t) {
+            keel_counter_add(a, 5);
+            if (t < 4)
+                keel_counter_add(b, 5);
+        }
+        if (t == 4)
+            ck_assert_int_eq(keel_counter_remove(c, (const char *[]){"b"}, 1), 0);
+        tick(&f);
+        if (t == 4)
+            ck_assert_double_eq_tol(value_of(&f, "Busy"), 35.0 * 5 / 4 / 300, 1e-9);
+        if (t >= 4) {
+            double v = value_of(&f, "Busy");
+            ck_assert_msg(v > 0.08 && v < 0.17, "t=%dm: rate %g", t, v);
+        }
+        ck_assert_int_eq(state(&f, "Busy"), KEEL_ALERT_INACTIVE);
+    }
+    ck_assert_double_eq_tol(value_of(&f, "Busy"), 1.0 / 12, 1e-9);
+    /* a child removed and made again counts from 0: its new count is an
+     * increase (its own reset), even above the old one */
+    ck_assert_int_eq(keel_counter_remove(c, (const char *[]){"a"}, 1), 0);
+    a = keel_counter_with(c, "a");
+    keel_counter_add(a, 1100);
+    tick(&f);
+    ck_assert_double_eq_tol(value_of(&f, "Busy"), (1100.0 + 15) * 5 / 4 / 300, 1e-9);
+    teardown(&f);
+}
+END_TEST
+
+/* The same per bucket for histogram_quantile: removing one child's buckets
+ * is no reset of the sum's buckets. Everything observed in the window is
+ * 0.3 s, the middle of (0.1, 0.5]: the median stays 0.3. */
+START_TEST(a_removed_histogram_child_is_no_reset)
+{
+    fixture f;
+    setup(&f);
+    keel_histogram *h;
+    ck_assert_int_eq(keel_metrics_histogram(f.m, "lat_seconds", "", (const char *[]){"instance"}, 1,
+                                            (const double[]){0.1, 0.5, 1}, 3, &h), 0);
+    keel_histogram_child *a = keel_histogram_with(h, "a"), *b = keel_histogram_with(h, "b");
+    for (int i = 0; i < 1000; i++) {
+        keel_histogram_observe(a, 0.05);
+        keel_histogram_observe(b, 0.05);
+    }
+    ck_assert_int_eq(keel_alerts_add(f.a, "Fast", "quantile(0.5, lat_seconds[5m]) < 0.2", NULL, 0,
+                                     NULL, 0, NULL), 0);
+    for (int t = 0; t <= 8; t++) {
+        if (t) {
+            for (int i = 0; i < 10; i++) {
+                keel_histogram_observe(a, 0.3);
+                if (t < 4)
+                    keel_histogram_observe(b, 0.3);
+            }
+        }
+        if (t == 4)
+            ck_assert_int_eq(keel_histogram_remove(h, (const char *[]){"b"}, 1), 0);
+        tick(&f);
+        if (t)
+            ck_assert_msg(fabs(value_of(&f, "Fast") - 0.3) < 1e-9, "t=%dm: p50 %g", t,
+                          value_of(&f, "Fast"));
+        ck_assert_int_eq(state(&f, "Fast"), KEEL_ALERT_INACTIVE);
+    }
+    teardown(&f);
+}
+END_TEST
+
+/* Gauges are not counters: a selector over them is still the plain sum,
+ * and a removed child's value leaves it at once. */
+START_TEST(a_removed_gauge_child_leaves_the_sum)
+{
+    fixture f;
+    setup(&f);
+    keel_gauge *g;
+    ck_assert_int_eq(keel_metrics_gauge(f.m, "queue_depth", "", (const char *[]){"q"}, 1, &g), 0);
+    keel_gauge_set(keel_gauge_with(g, "a"), 3);
+    keel_gauge_set(keel_gauge_with(g, "b"), 4);
+    ck_assert_int_eq(keel_alerts_add(f.a, "Deep", "last(queue_depth[1m]) > 5", NULL, 0, NULL, 0, NULL), 0);
+    tick(&f);
+    ck_assert_double_eq(value_of(&f, "Deep"), 7);
+    ck_assert_int_eq(keel_gauge_remove(g, (const char *[]){"b"}, 1), 0);
+    tick(&f);
+    ck_assert_double_eq(value_of(&f, "Deep"), 3);
+    teardown(&f);
+}
+END_TEST
+
 START_TEST(malformed_rules_report_where)
 {
     fixture f;
@@ -678,6 +807,9 @@ int main(void)
     tcase_add_test(tc, ratio_of_nothing_is_nan_and_never_fires);
     tcase_add_test(tc, min_and_max_of_a_window_of_nan_are_nan);
     tcase_add_test(tc, quantiles_interpolate_as_prometheus);
+    tcase_add_test(tc, a_removed_counter_child_is_no_reset);
+    tcase_add_test(tc, a_removed_histogram_child_is_no_reset);
+    tcase_add_test(tc, a_removed_gauge_child_leaves_the_sum);
     tcase_add_test(tc, malformed_rules_report_where);
     tcase_add_test(tc, selectors_add_up_matching_series_and_empty_matches_absent);
     tcase_add_test(tc, alertmanager_json_parses_and_resends);

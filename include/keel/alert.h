@@ -28,6 +28,25 @@
  * empty value also matches a series without that label, as in Prometheus.
  * Comparisons with NaN are false, so an empty window never fires.
  *
+ * Over counters and histograms (each bucket, the count) resets are judged
+ * per series, not on the sum: at each evaluation the selector's sample is
+ * its previous one plus each matching series' increase since the previous
+ * evaluation — its whole value where it went down or is a new child of
+ * the same labels (its own reset). A series matched for the first time
+ * adds nothing until its next evaluation, a series that goes away (removed,
+ * or no longer matching) adds nothing more and takes nothing away, and a
+ * NaN or infinite value adds nothing. The first sample is the plain sum.
+ * rate() and quantile() then run Prometheus's reset correction and
+ * extrapolation on that total, so they are rate(sum(x)[w]) without false
+ * resets rather than sum(rate(x[w])): Prometheus extrapolates each series
+ * to the window's edges and stops each at its own zero, this extrapolates
+ * the total once. The two agree when every series has samples over the
+ * whole window and none is extrapolated down to its zero; a series that appears or goes in the window counts only
+ * the increases seen between its samples. Gauge selectors stay plain sums
+ * (and rate() over one corrects drops of the sum as counter resets). The
+ * state kept is one entry per matching series, freed at the first
+ * evaluation that does not see it.
+ *
  * State machine, exactly Prometheus's: a true condition makes the alert
  * pending, and firing once it has been true for `for` (at once with no
  * `for`); a false condition drops a pending alert silently and resolves a
