@@ -147,6 +147,12 @@ int keel__metrics_gauge_shared(keel_metrics *m, const char *name, const char *he
  * it. Returns 0 or the registry's error. */
 int keel__gauge_put(struct keel_gauge *g, const char *const *values, size_t n, double v);
 
+/* ---- text ---- */
+
+/* Whether s is well-formed UTF-8 (no overlong forms, no surrogates,
+ * nothing past U+10FFFF). */
+bool keel__utf8_ok(const char *s);
+
 /* ---- numbers in text ---- */
 
 /* strtod and snprintf in the C locale, whatever LC_NUMERIC the host

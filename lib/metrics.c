@@ -343,7 +343,7 @@ static bool name_ok(const char *s, bool metric)
 /* Whether s is well-formed UTF-8 (no overlong forms, no surrogates,
  * nothing past U+10FFFF): Prometheus refuses a scrape with anything else
  * in a label value, and OpenMetrics allows only code points. */
-static bool utf8_ok(const char *s)
+bool keel__utf8_ok(const char *s)
 {
     for (const unsigned char *p = (const unsigned char *)s; *p;) {
         unsigned c = *p++;
@@ -445,7 +445,7 @@ static int family_new(keel_metrics *m, keel_metric_type type, const char *name, 
 {
     if (!m || !out || !name_ok(name, true) || nlabels > MAX_LABELS || (nlabels && !labels) ||
         (type == KEEL_METRIC_COUNTER && (!ends_with(name, "_total") || strcmp(name, "_total") == 0)) ||
-        strlen(name) > 200 || (help && !utf8_ok(help)))
+        strlen(name) > 200 || (help && !keel__utf8_ok(help)))
         return KEEL_EINVAL;
     for (size_t i = 0; i < nlabels; i++) {
         if (!label_name_ok(labels[i]))
@@ -667,7 +667,7 @@ static bool values_ok(const char *const *values, size_t n)
     if (n && !values)
         return false;
     for (size_t i = 0; i < n; i++)
-        if (!values[i] || !utf8_ok(values[i]))
+        if (!values[i] || !keel__utf8_ok(values[i]))
             return false;
     return true;
 }

@@ -583,6 +583,22 @@ START_TEST(malformed_rules_report_where)
                      KEEL_EINVAL);
     ck_assert_int_eq(keel_alerts_add(f.a, "Big", "last(x[1m]) > 1", pair, SIZE_MAX, NULL, 0, NULL), KEEL_EINVAL);
     ck_assert_int_eq(keel_alerts_add(f.a, "Big", "last(x[1m]) > 1", pair, 1, pair, 1, NULL), 0);
+    /* labels Alertmanager would refuse, or that would make the JSON have a
+     * key twice: alertname is the rule's name, label names are
+     * [a-zA-Z_][a-zA-Z0-9_]* and once each, values (and the name) UTF-8 */
+    static const char *const bad_labels[][4] = {
+        {"alertname", "Other"},          {"", "x"},           {"1st", "x"},
+        {"sev-erity", "x"},              {"sévérité", "x"},  {"severity", "\xff"},
+        {"severity", "\xc3\x28"},      {"severity", "page", "severity", "info"},
+    };
+    for (size_t i = 0; i < sizeof bad_labels / sizeof bad_labels[0]; i++)
+        ck_assert_msg(keel_alerts_add(f.a, "Lbl", "last(x[1m]) > 1", bad_labels[i], bad_labels[i][2] ? 2 : 1,
+                                      NULL, 0, NULL) == KEEL_EINVAL,
+                      "labels %zu taken", i);
+    ck_assert_int_eq(keel_alerts_add(f.a, "Bad\xff", "last(x[1m]) > 1", NULL, 0, NULL, 0, NULL), KEEL_EINVAL);
+    ck_assert_int_eq(keel_alerts_add(f.a, "Lbl", "last(x[1m]) > 1",
+                                     (const char *[]){"_team9", "caf\xc3\xa9", "severity", ""}, 2, NULL, 0, NULL),
+                     0);
     ck_assert_int_eq(keel_alerts_tick(NULL), KEEL_EINVAL);
     keel_alerts *bad_a;
     keel_alerts_opts none = {0};
