@@ -767,6 +767,88 @@ START_TEST(a_handler_may_unsubscribe_its_own_listener)
 }
 END_TEST
 
+/* A stand-in server for one listener, on a loopback port of its own: it
+ * confirms the first connection's subscriptions, closes it when told, and
+ * answers the second one with two messages between the confirmations of
+ * SUBSCRIBE and of PSUBSCRIBE, as Redis can when other clients publish
+ * meanwhile. */
+typedef struct fake_pubsub {
+    int lfd, port;
+    atomic_bool close_first, second_gone;
+} fake_pubsub;
+
+static void send_all(int fd, const char *s)
+{
+    size_t n = strlen(s);
+    ck_assert_int_eq(write(fd, s, n), (ssize_t)n);
+}
+
+static void *fake_pubsub_serve(void *arg)
+{
+    fake_pubsub *f = arg;
+    static const char sub[] = "*3\r\n$9\r\nsubscribe\r\n$5\r\nkt:ch\r\n:1\r\n",
+                      psub[] = "*3\r\n$10\r\npsubscribe\r\n$4\r\nkt:*\r\n:2\r\n",
+                      msg[] = "*3\r\n$7\r\nmessage\r\n$5\r\nkt:ch\r\n$1\r\nm\r\n";
+    char buf[512];
+    int c1 = accept(f->lfd, NULL, NULL);
+    ck_assert_int_ge(c1, 0);
+    ck_assert_int_gt(read(c1, buf, sizeof buf), 0);
+    send_all(c1, sub);
+    send_all(c1, psub);
+    while (!atomic_load(&f->close_first))
+        kt_nap(MS);
+    close(c1); /* the listener reconnects */
+    int c2 = accept(f->lfd, NULL, NULL);
+    ck_assert_int_ge(c2, 0);
+    ck_assert_int_gt(read(c2, buf, sizeof buf), 0);
+    send_all(c2, sub);
+    send_all(c2, msg);
+    send_all(c2, msg);
+    send_all(c2, psub);
+    while (read(c2, buf, sizeof buf) > 0) /* until the listener hangs up */
+        ;
+    close(c2);
+    atomic_store(&f->second_gone, true);
+    return NULL;
+}
+
+/* A handler that unsubscribes its listener while it subscribes again after
+ * a reconnect: no message is delivered after that one (the rest of the
+ * confirmations were once read with their messages still delivered). */
+START_TEST(a_handler_unsubscribing_during_a_resubscription_is_the_last_one)
+{
+    fake_pubsub f = {.lfd = socket(AF_INET, SOCK_STREAM, 0)};
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t salen = sizeof sa;
+    ck_assert_int_eq(bind(f.lfd, (struct sockaddr *)&sa, sizeof sa), 0);
+    ck_assert_int_eq(listen(f.lfd, 4), 0);
+    ck_assert_int_eq(getsockname(f.lfd, (struct sockaddr *)&sa, &salen), 0);
+    char url[64];
+    snprintf(url, sizeof url, "redis://127.0.0.1:%d", ntohs(sa.sin_port));
+    const char *u[1] = {url};
+    keel_redis *r;
+    keel_redis_opts o = {.nodes = u, .nnodes = 1, .command_timeout_ns = 2 * KT_S};
+    ck_assert_int_eq(keel_redis_create(&r, &o), 0);
+    pthread_t t;
+    pthread_create(&t, NULL, fake_pubsub_serve, &f);
+    self_stop st = {0};
+    keel_redis_sub_opts so = {.channels = (const char *[]){"kt:ch"}, .nchannels = 1,
+                              .patterns = (const char *[]){"kt:*"}, .npatterns = 1,
+                              .on_message = stop_myself, .ud = &st, .heartbeat_ns = 10 * KT_S,
+                              .reconnect_min_ns = MS, .reconnect_max_ns = MS};
+    ck_assert_int_eq(keel_redis_subscribe(r, &so, &st.s), 0);
+    atomic_store(&f.close_first, true);
+    for (int i = 0; i < 1000 && !atomic_load(&f.second_gone); i++)
+        kt_nap(10 * MS);
+    ck_assert(atomic_load(&f.second_gone));
+    pthread_join(t, NULL);
+    close(f.lfd);
+    int calls = atomic_load(&st.calls);
+    ck_assert_int_eq(calls, 1);
+    keel_redis_destroy(r);
+}
+END_TEST
+
 /* Only the server's own NOSCRIPT means the script is not loaded: a script
  * that itself fails with an error starting so ran, and runs once. */
 START_TEST(a_script_failing_with_its_own_noscript_error_runs_once)
@@ -1063,6 +1145,7 @@ int main(void)
     tcase_add_test(tc, the_listener_reconnects_and_says_so);
     tcase_add_test(tc, a_message_among_the_confirmations_is_delivered);
     tcase_add_test(tc, a_handler_may_unsubscribe_its_own_listener);
+    tcase_add_test(tc, a_handler_unsubscribing_during_a_resubscription_is_the_last_one);
     tcase_add_test(tc, a_script_flushed_between_load_and_retry_still_runs);
     tcase_add_test(tc, a_script_failing_with_its_own_noscript_error_runs_once);
     tcase_add_test(tc, the_write_guard_swallows_our_sigpipe_and_keeps_the_programs);

@@ -54,7 +54,8 @@ static void sub_free(keel_redis_sub *s);
 
 /* SUBSCRIBE and PSUBSCRIBE, and their confirmations. A message may come
  * among them (Redis serves other clients' PUBLISH between the two commands
- * when it reads the second in parts): it is delivered. */
+ * when it reads the second in parts): it is delivered, unless a handler
+ * has unsubscribed the listener meanwhile. */
 static int subscribe_all(keel_redis_sub *s, redisContext *c)
 {
     size_t want = 0;
@@ -88,7 +89,7 @@ static int subscribe_all(keel_redis_sub *s, redisContext *c)
                        (strcmp(rep->element[0]->str, "message") == 0 ||
                         strcmp(rep->element[0]->str, "pmessage") == 0);
         bool pong = false;
-        if (message)
+        if (message && !stopping(s))
             deliver(s, rep, &pong);
         if (rep->type == REDIS_REPLY_ERROR)
             keel__log(KEEL_LOG_ERROR, "redis", "%s: subscribe: %s", s->node->name, rep->str);
