@@ -775,7 +775,7 @@ KEEL_API int keel_lb_peer_stats_get(keel_lb *lb, keel_lb_peer *p, keel_lb_peer_s
         st->ejections = p->ejections;
         lk_unlock(p);
         st->ewma_ns = ewma_now(lb, p, now);
-        st->available = available(lb, p, NULL, now, false);
+        st->available = available(lb, p, NULL, now, alone(lb, p));
     }
     pthread_mutex_unlock(&lb->wmu);
     return member ? 0 : KEEL_ENOTFOUND;

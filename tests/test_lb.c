@@ -253,6 +253,27 @@ START_TEST(a_group_of_one_is_never_marked_down)
 }
 END_TEST
 
+START_TEST(a_peer_left_alone_with_failures_is_available)
+{
+    fixture f;
+    setup(&f, (keel_lb_opts){.policy = KEEL_LB_ROUND_ROBIN, .max_fails = 1}, (uint32_t[]){1, 1}, 2, "ab");
+    keel_lb_peer *p;
+    keel_lb_pick(f.lb, NULL, &p);
+    ck_assert_ptr_eq(p, f.p[0]);
+    keel_lb_done(f.lb, p, 0, 0); /* a is out for fail_timeout */
+    ck_assert_int_eq(keel_lb_remove(f.lb, f.p[1]), 0);
+    /* alone now: never failed out, so a pick takes it, and stats say so */
+    keel_lb_peer_stats st;
+    keel_lb_peer_stats_get(f.lb, f.p[0], &st);
+    ck_assert_uint_eq(st.fails, 1);
+    ck_assert_int_eq(st.available, 1);
+    ck_assert_int_eq(keel_lb_pick(f.lb, NULL, &p), 0);
+    ck_assert_ptr_eq(p, f.p[0]);
+    keel_lb_done(f.lb, p, 1, 0);
+    keel_lb_destroy(f.lb);
+}
+END_TEST
+
 START_TEST(stats_count_picks_and_failures)
 {
     fixture f;
@@ -718,6 +739,7 @@ int main(void)
     tcase_add_test(tc, a_removed_peers_late_failure_counts_against_nothing);
     tcase_add_test(tc, tried_peers_are_skipped_by_retries);
     tcase_add_test(tc, stats_count_picks_and_failures);
+    tcase_add_test(tc, a_peer_left_alone_with_failures_is_available);
     tcase_add_test(tc, least_conn_prefers_idle_and_rotates_ties);
     suite_add_tcase(s, tc);
     tc = tcase_create("p2c");
