@@ -329,8 +329,13 @@ static long pick_checked(keel_lb *lb, snap *s, size_t from, size_t to, const kee
     size_t n = to - from;
     if (n == 0)
         return -1;
-    if (from == 0 && n == 1 && s->nb == 0) /* nginx: a lone peer is never failed out */
-        return available(lb, s->peers[0], t, now, true) ? 0 : -1;
+    if (from == 0 && n == 1 && s->nb == 0) { /* nginx: a lone peer is never failed out */
+        if (!available(lb, s->peers[0], t, now, true))
+            return -1;
+        if (lb->policy == KEEL_LB_ROUND_ROBIN && s->eff[0] < s->w[0]) /* as rr_all() does */
+            s->eff[0]++;
+        return 0;
+    }
     if (!lb->locked)
         return p2c_pick(lb, s, from, to, t, now, false);
     for (size_t i = 0; i < n; i++)

@@ -274,6 +274,28 @@ START_TEST(a_peer_left_alone_with_failures_is_available)
 }
 END_TEST
 
+START_TEST(a_lone_peers_effective_weight_grows_back_per_pick)
+{
+    fixture f;
+    setup(&f, (keel_lb_opts){.policy = KEEL_LB_ROUND_ROBIN, .max_fails = 3}, (uint32_t[]){3, 1}, 2, "ab");
+    keel_lb_peer *p;
+    keel_lb_pick(f.lb, NULL, &p);
+    ck_assert_ptr_eq(p, f.p[0]);
+    keel_lb_done(f.lb, p, 0, 0); /* effective 3 - 3/3 = 2, fails 1 of 3 */
+    ck_assert_int_eq(keel_lb_remove(f.lb, f.p[1]), 0);
+    keel_lb_peer_stats st;
+    keel_lb_peer_stats_get(f.lb, f.p[0], &st);
+    ck_assert_int_eq(st.effective_weight, 2);
+    /* a pick of it, with its failure still on record, as without one */
+    ck_assert_int_eq(keel_lb_pick(f.lb, NULL, &p), 0);
+    keel_lb_done(f.lb, p, 1, 0);
+    keel_lb_peer_stats_get(f.lb, f.p[0], &st);
+    ck_assert_uint_eq(st.fails, 1);
+    ck_assert_int_eq(st.effective_weight, 3);
+    keel_lb_destroy(f.lb);
+}
+END_TEST
+
 START_TEST(stats_count_picks_and_failures)
 {
     fixture f;
@@ -740,6 +762,7 @@ int main(void)
     tcase_add_test(tc, tried_peers_are_skipped_by_retries);
     tcase_add_test(tc, stats_count_picks_and_failures);
     tcase_add_test(tc, a_peer_left_alone_with_failures_is_available);
+    tcase_add_test(tc, a_lone_peers_effective_weight_grows_back_per_pick);
     tcase_add_test(tc, least_conn_prefers_idle_and_rotates_ties);
     suite_add_tcase(s, tc);
     tc = tcase_create("p2c");
