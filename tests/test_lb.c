@@ -3,6 +3,7 @@
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -578,6 +579,428 @@ START_TEST(ejection_never_passes_the_percentage_but_one_is_allowed)
 }
 END_TEST
 
+/* ---- model-based: seeded random sequences against nginx ----
+ *
+ * Each run draws an lb (ROUND_ROBIN or LEAST_CONN, max_fails and
+ * fail_timeout defaults) and drives it with picks (alone, or as retries of
+ * one request with its tried set), done() with successes and failures,
+ * clock steps (1 ns, a second, a fail_timeout exactly and 1 ns past it),
+ * adds of peers of any weight, flags, max_fails, fail_timeout and
+ * max_conns, removes and set_down. A model written from nginx's
+ * ngx_http_upstream_get_peer(), ngx_http_upstream_get_least_conn_peer()
+ * and ngx_http_upstream_free_round_robin_peer() gives every pick's answer,
+ * and after every step each peer's effective and current weight, fails,
+ * conns and availability, which the lb's must equal. A failure names its
+ * seed and step; KT_LB_SEED=n (with CK_RUN_CASE=model) replays that run
+ * alone, KT_LB_RUNS=n runs n seeds instead of the test's few. */
+
+typedef struct mrng {
+    uint64_t s;
+} mrng;
+
+static mrng mrng_seed(uint64_t seed)
+{
+    uint64_t z = seed + 0x9e3779b97f4a7c15u; /* splitmix64, then never 0 */
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9u;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebu;
+    return (mrng){(z ^ (z >> 31)) | 1};
+}
+
+static uint64_t rnd(mrng *g) /* xorshift64* */
+{
+    g->s ^= g->s >> 12;
+    g->s ^= g->s << 25;
+    g->s ^= g->s >> 27;
+    return g->s * 0x2545f4914f6cdd1du;
+}
+
+static uint64_t below(mrng *g, uint64_t n) { return n ? rnd(g) % n : 0; }
+
+#define M_PEERS 48 /* peers added in one run, at most */
+#define M_PICKS 24 /* picks in flight, at most */
+
+typedef struct mpeer {
+    keel_lb_peer *h;
+    uint32_t id; /* the lb gives ids in order from 1 */
+    bool in, down, backup;
+    uint32_t weight, max_fails, max_conns;
+    uint64_t fail_timeout;
+    int64_t cur, eff; /* nginx's current_weight, effective_weight */
+    uint32_t fails, conns;
+    uint64_t accessed, checked;
+} mpeer;
+
+typedef struct mlb {
+    mrng g;
+    uint64_t seed;
+    int step;
+    keel_lb_policy policy;
+    uint32_t max_fails;
+    uint64_t fail_timeout;
+    kt_clock clock;
+    keel_lb *lb;
+    mpeer peers[M_PEERS];
+    size_t n;
+    mpeer *picked[M_PICKS];
+    size_t npicked;
+    keel_lb_tried tried;
+} mlb;
+
+static bool m_tried(const keel_lb_tried *t, uint32_t id)
+{
+    for (uint32_t i = 0; t && i < t->n; i++)
+        if (t->ids[i] == id)
+            return true;
+    return false;
+}
+
+/* nginx's tests in ngx_http_upstream_get_peer(), in its order. */
+static bool m_eligible(const mpeer *p, uint64_t now, const keel_lb_tried *t)
+{
+    if (!p->in || p->down || m_tried(t, p->id))
+        return false;
+    if (p->max_fails != KEEL_LB_NO_MAX_FAILS && p->fails >= p->max_fails &&
+        now - p->checked <= p->fail_timeout)
+        return false;
+    return !(p->max_conns && p->conns >= p->max_conns);
+}
+
+/* The lone primary of nginx's peers->single (no other peer, no backup). */
+static mpeer *m_single(mlb *m)
+{
+    mpeer *one = NULL;
+    size_t in = 0;
+    for (size_t i = 0; i < m->n; i++)
+        if (m->peers[i].in) {
+            in++;
+            one = &m->peers[i];
+        }
+    return in == 1 && !one->backup ? one : NULL;
+}
+
+/* Smooth weighted round robin over the peers of the group marked in ok:
+ * each adds its effective weight, which then grows back by one; the
+ * highest current weight (the first on a tie) wins and loses the total. */
+static mpeer *m_rr(mlb *m, const bool *ok)
+{
+    mpeer *best = NULL;
+    int64_t total = 0;
+    for (size_t i = 0; i < m->n; i++) {
+        mpeer *p = &m->peers[i];
+        if (!ok[i])
+            continue;
+        p->cur += p->eff;
+        total += p->eff;
+        if (p->eff < (int64_t)p->weight)
+            p->eff++;
+        if (!best || p->cur > best->cur)
+            best = p;
+    }
+    if (best)
+        best->cur -= total;
+    return best;
+}
+
+/* One group (primaries or backups), as nginx's round robin or least_conn. */
+static mpeer *m_group(mlb *m, bool backup, uint64_t now, const keel_lb_tried *t)
+{
+    bool ok[M_PEERS];
+    for (size_t i = 0; i < m->n; i++)
+        ok[i] = m->peers[i].backup == backup && m_eligible(&m->peers[i], now, t);
+    if (m->policy == KEEL_LB_ROUND_ROBIN)
+        return m_rr(m, ok);
+    /* least_conn: the fewest conns per weight, cross-multiplied; several
+     * alike go by round robin among them, from the first of them on */
+    mpeer *best = NULL;
+    bool many = false;
+    for (size_t i = 0; i < m->n; i++) {
+        mpeer *p = &m->peers[i];
+        if (!ok[i])
+            continue;
+        uint64_t a = (uint64_t)p->conns * (best ? best->weight : 0);
+        uint64_t b = best ? (uint64_t)best->conns * p->weight : 0;
+        if (!best || a < b) {
+            best = p;
+            many = false;
+        } else if (a == b) {
+            many = true;
+        }
+    }
+    if (!best || !many)
+        return best;
+    for (size_t i = 0; i < m->n; i++)
+        ok[i] = ok[i] && &m->peers[i] >= best &&
+                (uint64_t)m->peers[i].conns * best->weight == (uint64_t)best->conns * m->peers[i].weight;
+    return m_rr(m, ok);
+}
+
+static mpeer *m_pick(mlb *m, keel_lb_tried *t)
+{
+    uint64_t now = kt_clock_now(&m->clock);
+    mpeer *p = m_single(m);
+    if (p) { /* nginx: a single peer is never failed out */
+        if (p->down || m_tried(t, p->id) || (p->max_conns && p->conns >= p->max_conns))
+            return NULL;
+        /* lb.h: its effective weight, lowered while it had company, grows
+         * back by one per round robin pick (its current weight gains and
+         * loses it); least_conn moves it only in rounds among equals */
+        if (m->policy == KEEL_LB_ROUND_ROBIN && p->eff < (int64_t)p->weight)
+            p->eff++;
+    } else if (!(p = m_group(m, false, now, t))) {
+        p = m_group(m, true, now, t); /* every primary unavailable */
+    }
+    if (!p)
+        return NULL;
+    if (now - p->checked > p->fail_timeout)
+        p->checked = now;
+    p->conns++;
+    if (t && t->n < 16)
+        t->ids[t->n++] = p->id;
+    return p;
+}
+
+/* ngx_http_upstream_free_round_robin_peer(). */
+static void m_done(mlb *m, mpeer *p, bool ok)
+{
+    uint64_t now = kt_clock_now(&m->clock);
+    if (!p->in || p->max_fails == KEEL_LB_NO_MAX_FAILS) {
+        /* a removed peer's result counts against nothing */
+    } else if (!ok) {
+        if (m_single(m) != p) { /* nginx counts no failure of a single peer */
+            p->fails++;
+            p->accessed = p->checked = now;
+            p->eff -= p->weight / p->max_fails;
+            if (p->eff < 0)
+                p->eff = 0;
+        }
+    } else if (p->accessed < p->checked) {
+        /* "mark peer live if check passed"; also a peer left alone with
+         * the count of its group (nginx's groups never change) */
+        p->fails = 0;
+    }
+    p->conns--;
+}
+
+#define M_CHECK(m, cond, ...)                                                                      \
+    do {                                                                                           \
+        if (!(cond)) {                                                                             \
+            char what_[256];                                                                       \
+            snprintf(what_, sizeof what_, __VA_ARGS__);                                            \
+            ck_abort_msg("seed %llu, step %d (%s): %s", (unsigned long long)(m)->seed, (m)->step, \
+                         (m)->policy == KEEL_LB_ROUND_ROBIN ? "round robin" : "least_conn",        \
+                         what_);                                                                   \
+        }                                                                                          \
+    } while (0)
+
+static void m_compare(mlb *m)
+{
+    uint64_t now = kt_clock_now(&m->clock);
+    size_t in = 0;
+    mpeer *single = m_single(m);
+    for (size_t i = 0; i < m->n; i++) {
+        mpeer *p = &m->peers[i];
+        if (!p->in)
+            continue;
+        in++;
+        keel_lb_peer_stats st;
+        M_CHECK(m, keel_lb_peer_stats_get(m->lb, p->h, &st) == 0, "stats of peer %u", p->id);
+        bool avail = p == single ? !p->down && !(p->max_conns && p->conns >= p->max_conns)
+                                 : m_eligible(p, now, NULL);
+        M_CHECK(m, st.effective_weight == p->eff && st.current_weight == p->cur,
+                "peer %u: effective %lld, current %lld; nginx %lld, %lld", p->id,
+                (long long)st.effective_weight, (long long)st.current_weight, (long long)p->eff,
+                (long long)p->cur);
+        M_CHECK(m, st.fails == p->fails && st.conns == p->conns, "peer %u: fails %u, conns %u; nginx %u, %u",
+                p->id, st.fails, st.conns, p->fails, p->conns);
+        M_CHECK(m, st.available == avail, "peer %u: available %d; nginx %d", p->id, st.available, avail);
+    }
+    M_CHECK(m, keel_lb_count(m->lb) == in, "count %zu, model %zu", keel_lb_count(m->lb), in);
+}
+
+static void m_add(mlb *m)
+{
+    if (m->n == M_PEERS)
+        return;
+    static const uint32_t weights[] = {0, 1, 1, 2, 3, 5, 7, 1000000};
+    static const uint32_t fails[] = {0, 0, 1, 2, 3, KEEL_LB_NO_MAX_FAILS};
+    mrng *g = &m->g;
+    keel_lb_peer_opts o = {.weight = weights[below(g, 8)],
+                           .flags = (below(g, 5) == 0 ? KEEL_LB_BACKUP : 0) |
+                                    (below(g, 8) == 0 ? KEEL_LB_DOWN : 0),
+                           .max_fails = fails[below(g, 6)],
+                           .fail_timeout_ns = below(g, 2) ? 0 : (1 + below(g, 3)) * S,
+                           .max_conns = below(g, 4) ? 0 : (uint32_t)below(g, 3) + 1};
+    mpeer *p = &m->peers[m->n];
+    M_CHECK(m, keel_lb_add(m->lb, &o, &p->h) == 0, "add");
+    p->id = (uint32_t)++m->n;
+    p->in = true;
+    p->down = o.flags & KEEL_LB_DOWN;
+    p->backup = o.flags & KEEL_LB_BACKUP;
+    p->weight = o.weight ? o.weight : 1;
+    p->max_fails = o.max_fails ? o.max_fails : m->max_fails;
+    p->fail_timeout = o.fail_timeout_ns ? o.fail_timeout_ns : m->fail_timeout;
+    p->max_conns = o.max_conns;
+    p->eff = p->weight;
+}
+
+/* A peer of the lb now, at random; NULL if none. */
+static mpeer *m_any(mlb *m)
+{
+    size_t in = 0;
+    for (size_t i = 0; i < m->n; i++)
+        in += m->peers[i].in;
+    if (in == 0)
+        return NULL;
+    size_t k = below(&m->g, in);
+    for (size_t i = 0; i < m->n; i++)
+        if (m->peers[i].in && k-- == 0)
+            return &m->peers[i];
+    return NULL;
+}
+
+/* The id of the peer of the lb with handle h, or 0. */
+static uint32_t m_id_of(const mlb *m, const keel_lb_peer *h)
+{
+    for (size_t i = 0; i < m->n; i++)
+        if (m->peers[i].in && m->peers[i].h == h)
+            return m->peers[i].id;
+    return 0;
+}
+
+static void m_step_pick(mlb *m)
+{
+    if (m->npicked == M_PICKS)
+        return;
+    bool retry = below(&m->g, 5) < 2;
+    keel_lb_tried want_t = m->tried;
+    keel_lb_peer *h = NULL;
+    int rc = keel_lb_pick(m->lb, retry ? &m->tried : NULL, &h);
+    mpeer *want = m_pick(m, retry ? &want_t : NULL);
+    M_CHECK(m, rc == (want ? 0 : KEEL_EUNAVAIL) && (rc == 0) == (h != NULL),
+            "pick%s returned %d, peer %u; nginx peer %u", retry ? " (retry)" : "", rc, m_id_of(m, h),
+            want ? want->id : 0);
+    M_CHECK(m, !want || h == want->h, "pick%s: peer %u, nginx peer %u", retry ? " (retry)" : "",
+            m_id_of(m, h), want->id);
+    M_CHECK(m, memcmp(&want_t, &m->tried, sizeof want_t) == 0, "the tried set differs");
+    if (want)
+        m->picked[m->npicked++] = want;
+}
+
+static void m_step_done(mlb *m)
+{
+    if (m->npicked == 0)
+        return;
+    size_t k = below(&m->g, m->npicked);
+    mpeer *p = m->picked[k];
+    bool ok = below(&m->g, 100) >= 30;
+    M_CHECK(m, keel_lb_done(m->lb, p->h, ok, 0) == 0, "done of peer %u", p->id);
+    m_done(m, p, ok);
+    m->picked[k] = m->picked[--m->npicked];
+}
+
+static void m_step_clock(mlb *m)
+{
+    mpeer *p = m_any(m);
+    uint64_t ft = p ? p->fail_timeout : m->fail_timeout, d;
+    switch (below(&m->g, 6)) {
+    case 0: d = 1; break;
+    case 1: d = S; break;
+    case 2: d = ft; break;
+    case 3: d = ft + 1; break;
+    case 4: /* to the end of a peer's window exactly, or 1 ns past it */
+        d = p && p->checked + ft > kt_clock_now(&m->clock)
+                ? p->checked + ft - kt_clock_now(&m->clock) + below(&m->g, 2)
+                : 1;
+        break;
+    default: d = below(&m->g, 3 * S); break;
+    }
+    kt_clock_advance(&m->clock, d);
+}
+
+/* remove, or set_down; never on a removed peer's handle, whose memory a
+ * later peer may reuse (fuzz_lb.c covers that). */
+static void m_step_peer(mlb *m, bool remove)
+{
+    mpeer *p = m_any(m);
+    if (!p)
+        return;
+    if (remove) {
+        M_CHECK(m, keel_lb_remove(m->lb, p->h) == 0, "remove of peer %u", p->id);
+        p->in = false;
+    } else {
+        bool down = below(&m->g, 2);
+        M_CHECK(m, keel_lb_set_down(m->lb, p->h, down) == 0, "set_down of peer %u", p->id);
+        p->down = down;
+    }
+}
+
+static void m_run(keel_lb_policy policy, uint64_t seed, int steps)
+{
+    static const uint32_t fails[] = {0, 1, 2, 3, KEEL_LB_NO_MAX_FAILS};
+    mlb *m = calloc(1, sizeof *m);
+    ck_assert_ptr_nonnull(m);
+    m->g = mrng_seed(seed);
+    m->seed = seed;
+    m->policy = policy;
+    kt_clock_advance(&m->clock, 1000 * S);
+    keel_lb_opts o = {.policy = policy, .max_fails = fails[below(&m->g, 5)],
+                      .fail_timeout_ns = below(&m->g, 3) ? (1 + below(&m->g, 4)) * S : 0,
+                      .clock = kt_clock_now, .clock_ud = &m->clock};
+    m->max_fails = o.max_fails ? o.max_fails : 1;
+    m->fail_timeout = o.fail_timeout_ns ? o.fail_timeout_ns : 10 * S;
+    M_CHECK(m, keel_lb_create(&m->lb, &o) == 0, "create");
+    for (int i = (int)below(&m->g, 6); i >= 0; i--)
+        m_add(m);
+    m_compare(m);
+    for (m->step = 1; m->step <= steps; m->step++) {
+        uint64_t op = below(&m->g, 100);
+        if (op < 36)
+            m_step_pick(m);
+        else if (op < 66)
+            m_step_done(m);
+        else if (op < 80)
+            m_step_clock(m);
+        else if (op < 85)
+            m_add(m);
+        else if (op < 88)
+            m_step_peer(m, true);
+        else if (op < 94)
+            m_step_peer(m, false);
+        else
+            memset(&m->tried, 0, sizeof m->tried); /* a new request */
+        m_compare(m);
+    }
+    while (m->npicked)
+        keel_lb_done(m->lb, m->picked[--m->npicked]->h, 1, 0);
+    keel_lb_destroy(m->lb);
+    free(m);
+}
+
+/* How many runs: KT_LB_RUNS, or n; the seed of run i: KT_LB_SEED alone
+ * (*n becomes 1), or base + i. */
+static int m_runs(int n)
+{
+    const char *runs = getenv("KT_LB_RUNS");
+    return runs ? atoi(runs) : n;
+}
+
+static uint64_t m_seed(uint64_t base, int i, int *n)
+{
+    const char *only = getenv("KT_LB_SEED");
+    if (!only)
+        return base + (uint64_t)i;
+    *n = 1;
+    return strtoull(only, NULL, 10);
+}
+
+START_TEST(every_pick_is_the_one_nginx_makes)
+{
+    int n = m_runs(300);
+    for (int i = 0; i < n; i++)
+        m_run((keel_lb_policy)_i, m_seed(1000 * (uint64_t)(_i + 1), i, &n), 400);
+}
+END_TEST
+
 /* ---- threads ---- */
 
 typedef struct picker {
@@ -776,6 +1199,9 @@ int main(void)
     tcase_add_test(tc, ejection_never_passes_the_percentage_but_one_is_allowed);
     tcase_add_test(tc, bad_input_is_refused);
     tcase_add_test(tc, a_peer_removed_while_it_is_added_leaves_no_series);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("model");
+    tcase_add_loop_test(tc, every_pick_is_the_one_nginx_makes, KEEL_LB_ROUND_ROBIN, KEEL_LB_LEAST_CONN + 1);
     suite_add_tcase(s, tc);
     tc = tcase_create("threads");
     tcase_set_tags(tc, "stress"); /* hundreds of grace periods: not under valgrind */
