@@ -23,12 +23,13 @@
  * peer and lowers its effective weight by weight / max_fails (it grows back
  * by one per pick); a peer with fails >= max_fails is skipped until
  * fail_timeout has passed since it was last checked, then gets one probe
- * per fail_timeout; a success resets the count only when it comes from a
- * pick made after the last failure's fail_timeout (a success inside the
- * window keeps the count); a group of one peer is never skipped for
- * failures. When every primary is unavailable the BACKUP peers are used;
- * when they are too, pick returns KEEL_EUNAVAIL. (No "quick recovery" of
- * all peers: nginx removed it in 1.11.5.)
+ * per fail_timeout; a success resets the count only when the peer has
+ * been picked as a probe since its last failure, whichever pick the
+ * success came from, as in nginx (a success inside the window keeps the
+ * count); a group of one peer is never skipped for failures. When every
+ * primary is unavailable the BACKUP peers are used; when they are too,
+ * pick returns KEEL_EUNAVAIL. (No "quick recovery" of all peers: nginx
+ * removed it in 1.11.5.)
  *
  * Outlier ejection, Envoy's consecutive-failures detector: after
  * eject_consecutive failures in a row a peer is ejected for
