@@ -1,8 +1,9 @@
 /* tests/test_batch.c — keel_batch: flushing by count, bytes and linger
  * under the fake clock; flush and close with concurrent producers; each
  * full-queue policy; partial failure, backoff, dead letters; the
- * accounting invariant over two million items with random failures;
- * re-entrant adds; bad input; rows into a real PostgreSQL that is
+ * accounting invariant over two million items with random failures; a
+ * seeded model of random options and operations (linger, backoff, order,
+ * drops, flush and close on the fake clock); re-entrant adds; bad input; rows into a real PostgreSQL that is
  * stopped mid-run; and members into a Redis set through a restart, or
  * dead-lettered, also by a close while the server is down. */
 #define _GNU_SOURCE
@@ -1088,6 +1089,627 @@ START_TEST(edge_sizes_and_forever)
 }
 END_TEST
 
+/* ---- a model of a whole batch: random options, random operations ----
+ *
+ * One thread (the test's) adds, moves the clock, flushes, waits and
+ * closes; the handler fails items as each item's fate says (decided at its
+ * add, so the outcome does not hang on how the items were batched). The
+ * callbacks check every call against the model; the test thread checks
+ * the model's expectations after each operation. KEEL_BATCH_SEED=<n> runs
+ * one seed; a failure names its seed. */
+
+#define M_IDS 320
+#define M_CALLS 2048
+#define M_NONE UINT64_MAX
+
+enum { M_QUEUED = 1, M_REJECTED, M_INFLIGHT, M_HANDLED, M_DEAD, M_DROPPED };
+
+typedef struct m_item {
+    size_t bytes;
+    uint64_t added;  /* the clock at its add */
+    uint8_t fails;   /* its first `fails` attempts fail */
+    bool whole;      /* its failure fails the whole call (a return, no marks) */
+    bool rc_too;     /* with marks, return its code too */
+    int code;        /* what a call it fails returns */
+    int status;
+    int call;        /* the last call that failed it */
+} m_item;
+
+typedef struct m_call {
+    uint32_t attempt;
+    size_t nfailed;
+    int rc;
+    uint64_t at; /* the clock when it began */
+} m_call;
+
+typedef struct model {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    unsigned long long seed;
+    _Atomic uint64_t now, tick; /* tick: every read moves the clock (flush, close) */
+    uint64_t rand_value;
+    keel_backoff_opts bo;
+    size_t max_items, max_bytes, capacity, workers;
+    uint32_t max_retries;
+    uint64_t linger;
+    keel_batch_full on_full;
+    pthread_t main;
+    m_item it[M_IDS];
+    uint32_t nids;
+    m_call calls[M_CALLS];
+    size_t ncalls;
+    bool flushing;          /* a flush or close runs: batches close early */
+    bool adding;            /* the test thread is in an add: an item it drops is out of the queue
+                               before the dead letter says so */
+    int64_t max_first;      /* the highest id a first attempt held */
+    int64_t last_drop, drop_floor;
+    int pending_retry, pending_dead; /* workers = 1: the call whose retry or dead letter comes next */
+    size_t nqueued, ninflight;
+    bool could_fill;        /* an add made the queued items enough to close a batch */
+    uint64_t accepted, handled, dead, dropped, retried, batches, rejected;
+    char fail[512]; /* the first thing a callback found wrong */
+} model;
+
+#define M_CHECK(m, cond, ...)                                                                   \
+    do {                                                                                        \
+        if (!(cond) && !(m)->fail[0])                                                           \
+            snprintf((m)->fail, sizeof (m)->fail, __VA_ARGS__);                                 \
+    } while (0)
+
+#define M_ASSERT(m, cond, fmt, ...)                                                             \
+    ck_assert_msg(cond, "seed %llu: " fmt, (m)->seed, __VA_ARGS__)
+
+static uint64_t m_clock(void *ud)
+{
+    model *m = ud;
+    uint64_t t = atomic_load(&m->tick);
+    return t ? atomic_fetch_add(&m->now, t) + t : atomic_load(&m->now);
+}
+
+static uint64_t m_rand(void *ud) { return ((model *)ud)->rand_value; }
+
+static uint64_t splitmix(uint64_t *s)
+{
+    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static uint32_t m_id(model *m, const void *p)
+{
+    const m_item *x = p;
+    if (x < m->it || x >= m->it + m->nids) {
+        M_CHECK(m, false, "an item that was never added: %p", p);
+        return 0;
+    }
+    return (uint32_t)(x - m->it);
+}
+
+/* Under mu: item id is not queued (or may not be: a drop in progress). */
+static bool m_gone(model *m, uint32_t id)
+{
+    int st = m->it[id].status;
+    return st == M_REJECTED || st == M_DROPPED ||
+           (st == M_QUEUED && m->adding && m->on_full == KEEL_BATCH_DROP_OLDEST);
+}
+
+/* Under mu: could the batch ending with item `last`, holding `bytes`, have
+ * closed because the next item would not fit? */
+static bool m_next_misfits(model *m, uint32_t last, size_t bytes)
+{
+    if (!m->max_bytes)
+        return false;
+    for (uint32_t id = last + 1; id < m->nids; id++) {
+        const m_item *x = &m->it[id];
+        if (x->status == M_REJECTED)
+            continue;
+        if (bytes >= m->max_bytes || x->bytes > m->max_bytes - bytes)
+            return true;
+        if (x->status != M_DROPPED)
+            break;
+    }
+    return false;
+}
+
+static void m_first_attempt(model *m, const uint32_t *ids, size_t n, uint64_t now)
+{
+    size_t bytes = 0;
+    for (size_t i = 0; i < n; i++) {
+        m_item *x = &m->it[ids[i]];
+        M_CHECK(m, x->status == M_QUEUED, "item %u in a first attempt with status %d", ids[i], x->status);
+        x->status = M_INFLIGHT;
+        bytes += x->bytes;
+        for (uint32_t id = i ? ids[i - 1] + 1 : ids[0]; id < ids[i]; id++) /* a batch is a run */
+            M_CHECK(m, m_gone(m, id),
+                    "items %u and %u in one batch, item %u between has status %d", ids[i - 1], ids[i], id,
+                    m->it[id].status);
+    }
+    m->nqueued -= n;
+    m->ninflight += n;
+    M_CHECK(m, !m->max_bytes || n == 1 || bytes <= m->max_bytes, "a batch of %zu items, %zu bytes, max_bytes %zu",
+            n, bytes, m->max_bytes);
+    if (m->workers <= 1) {
+        M_CHECK(m, (int64_t)ids[0] > m->max_first, "batch from item %u after item %lld", ids[0],
+                (long long)m->max_first);
+        for (int64_t id = m->max_first + 1; id < (int64_t)ids[0]; id++)
+            M_CHECK(m, m_gone(m, (uint32_t)id),
+                    "batch from item %u skips item %lld (status %d)", ids[0], (long long)id, m->it[id].status);
+        M_CHECK(m, m->pending_retry < 0 && m->pending_dead < 0,
+                "a new batch before the retry or dead letter of call %d/%d", m->pending_retry, m->pending_dead);
+    }
+    /* Closed by linger: its opener (at the earliest, the first item after
+     * the batches handed so far) has waited linger_ns. */
+    bool early = m->flushing || n == m->max_items || (m->max_bytes && bytes >= m->max_bytes) ||
+                 m_next_misfits(m, ids[n - 1], bytes);
+    if (!early) {
+        int64_t p = (int64_t)ids[0] - 1;
+        while (p >= 0 && (m->it[p].status == M_REJECTED || m->it[p].status == M_DROPPED ||
+                          m->it[p].status == M_QUEUED))
+            p--;
+        uint32_t o = (uint32_t)(p + 1);
+        while (m->it[o].status == M_REJECTED)
+            o++;
+        M_CHECK(m, now >= m->it[o].added + m->linger,
+                "batch of %zu items from item %u (%zu bytes) handed at %llu, before the linger of item %u "
+                "(added %llu, linger %llu) ended",
+                n, ids[0], bytes, (unsigned long long)now, o, (unsigned long long)m->it[o].added,
+                (unsigned long long)m->linger);
+    }
+    if ((int64_t)ids[n - 1] > m->max_first)
+        m->max_first = ids[n - 1];
+    m->batches++;
+}
+
+static void m_retry_attempt(model *m, const uint32_t *ids, size_t n, uint32_t attempt, uint64_t now)
+{
+    int c = m->it[ids[0]].call;
+    if (c < 0) {
+        M_CHECK(m, false, "item %u retried without a failure", ids[0]);
+        return;
+    }
+    const m_call *cl = &m->calls[c];
+    M_CHECK(m, cl->attempt + 1 == attempt && cl->nfailed == n, "attempt %u of %zu items after attempt %u failed %zu",
+            attempt, n, cl->attempt, cl->nfailed);
+    M_CHECK(m, attempt <= m->max_retries, "attempt %u, max_retries %u", attempt, m->max_retries);
+    for (size_t i = 0; i < n; i++)
+        M_CHECK(m, m->it[ids[i]].status == M_INFLIGHT && m->it[ids[i]].call == c,
+                "item %u in a retry of call %d: status %d, failed in call %d", ids[i], c, m->it[ids[i]].status,
+                m->it[ids[i]].call);
+    uint64_t delay = keel_backoff_delay(&m->bo, attempt - 1, 0);
+    M_CHECK(m, now >= cl->at + delay, "attempt %u at %llu, the failure at %llu, backoff %llu", attempt,
+            (unsigned long long)now, (unsigned long long)cl->at, (unsigned long long)delay);
+    if (m->workers <= 1) {
+        M_CHECK(m, m->pending_retry == c, "retry of call %d, expected call %d", c, m->pending_retry);
+        m->pending_retry = -1;
+    }
+}
+
+static int m_handler(void *const *items, size_t n, keel_batch_ctx *ctx, void *ud)
+{
+    model *m = ud;
+    uint32_t attempt = keel_batch_attempt(ctx);
+    uint64_t now = m_clock(m);
+    uint32_t ids[M_IDS];
+    pthread_mutex_lock(&m->mu);
+    M_CHECK(m, n >= 1 && n <= m->max_items, "a call of %zu items, max_items %zu", n, m->max_items);
+    if (n < 1 || n > m->max_items || m->ncalls == M_CALLS) {
+        M_CHECK(m, m->ncalls < M_CALLS, "too many calls");
+        pthread_mutex_unlock(&m->mu);
+        return 0;
+    }
+    for (size_t i = 0; i < n; i++) {
+        ids[i] = m_id(m, items[i]);
+        M_CHECK(m, i == 0 || ids[i] > ids[i - 1], "items %u then %u in one call", ids[i - 1], ids[i]);
+    }
+    if (attempt == 0)
+        m_first_attempt(m, ids, n, now);
+    else
+        m_retry_attempt(m, ids, n, attempt, now);
+    M_CHECK(m, keel_batch_fail(ctx, n) == KEEL_EINVAL, "keel_batch_fail of index n");
+    int lead = -1; /* the first item that fails now */
+    size_t nfail = 0;
+    for (size_t i = 0; i < n; i++)
+        if (m->it[ids[i]].fails > attempt) {
+            lead = lead < 0 ? (int)i : lead;
+            nfail++;
+        }
+    int rc = 0;
+    bool whole = lead >= 0 && m->it[ids[lead]].whole;
+    if (whole) {
+        rc = m->it[ids[lead]].code;
+        nfail = n;
+    } else if (lead >= 0) {
+        for (size_t i = 0; i < n; i++)
+            if (m->it[ids[i]].fails > attempt)
+                M_CHECK(m, keel_batch_fail(ctx, i) == 0, "keel_batch_fail(%zu) of %zu", i, n);
+        rc = m->it[ids[lead]].rc_too ? m->it[ids[lead]].code : 0;
+    }
+    int c = (int)m->ncalls++;
+    m->calls[c] = (m_call){attempt, nfail, rc, now};
+    for (size_t i = 0; i < n; i++) {
+        m_item *x = &m->it[ids[i]];
+        if (whole || x->fails > attempt) {
+            x->call = c;
+        } else {
+            x->status = M_HANDLED;
+            m->handled++;
+            m->ninflight--;
+        }
+    }
+    if (nfail && attempt >= m->max_retries) {
+        m->pending_dead = m->workers <= 1 ? c : -1;
+    } else if (nfail) {
+        m->retried += nfail;
+        m->pending_retry = m->workers <= 1 ? c : -1;
+    }
+    pthread_cond_broadcast(&m->cv);
+    pthread_mutex_unlock(&m->mu);
+    return rc;
+}
+
+static void m_dead_letter(void *const *items, size_t n, int err, void *ud)
+{
+    model *m = ud;
+    pthread_mutex_lock(&m->mu);
+    if (err == KEEL_EFULL) { /* dropped from a full queue */
+        uint32_t id = m_id(m, items[0]);
+        M_CHECK(m, m->on_full == KEEL_BATCH_DROP_OLDEST, "a drop under policy %d", (int)m->on_full);
+        M_CHECK(m, n == 1, "a drop of %zu items", n);
+        M_CHECK(m, pthread_equal(pthread_self(), m->main), "a drop outside the adding thread");
+        M_CHECK(m, m->it[id].status == M_QUEUED, "dropped item %u has status %d", id, m->it[id].status);
+        M_CHECK(m, (int64_t)id > m->last_drop && (int64_t)id > m->drop_floor,
+                "dropped item %u: not the oldest queued (last drop %lld, batches up to %lld)", id,
+                (long long)m->last_drop, (long long)m->drop_floor);
+        m->last_drop = id;
+        m->it[id].status = M_DROPPED;
+        m->nqueued--;
+        m->dropped++;
+    } else {
+        uint32_t id0 = m_id(m, items[0]);
+        int c = m->it[id0].call;
+        M_CHECK(m, c >= 0, "item %u dead-lettered without a failure", id0);
+        M_CHECK(m, !pthread_equal(pthread_self(), m->main), "a dead letter of retries in the adding thread");
+        if (c >= 0) {
+            const m_call *cl = &m->calls[c];
+            M_CHECK(m, cl->attempt == m->max_retries && cl->nfailed == n,
+                    "dead letter of %zu items after attempt %u failed %zu (max_retries %u)", n, cl->attempt,
+                    cl->nfailed, m->max_retries);
+            M_CHECK(m, err == (cl->rc ? cl->rc : KEEL_EBACKEND), "dead letter err %d, the last attempt returned %d",
+                    err, cl->rc);
+            for (size_t i = 0; i < n; i++) {
+                uint32_t id = m_id(m, items[i]);
+                M_CHECK(m, m->it[id].status == M_INFLIGHT && m->it[id].call == c,
+                        "dead item %u: status %d, call %d of %d", id, m->it[id].status, m->it[id].call, c);
+                m->it[id].status = M_DEAD;
+                m->dead++;
+                m->ninflight--;
+            }
+            if (m->workers <= 1) {
+                M_CHECK(m, m->pending_dead == c, "dead letter of call %d, expected %d", c, m->pending_dead);
+                m->pending_dead = -1;
+            }
+        }
+    }
+    pthread_cond_broadcast(&m->cv);
+    pthread_mutex_unlock(&m->mu);
+}
+
+static void m_ok(model *m)
+{
+    pthread_mutex_lock(&m->mu);
+    char fail[sizeof m->fail];
+    memcpy(fail, m->fail, sizeof fail);
+    pthread_mutex_unlock(&m->mu);
+    M_ASSERT(m, !fail[0], "%s", fail);
+}
+
+/* The stats against the model: exact where the test thread alone moves
+ * them, and all of them once everything is settled. */
+static void m_stats(model *m, keel_batch *b, bool settled)
+{
+    pthread_mutex_lock(&m->mu); /* first: nqueued can only shrink meanwhile */
+    struct {
+        uint64_t accepted, handled, dead, dropped, retried, batches;
+        size_t nqueued;
+    } c = {m->accepted, m->handled, m->dead, m->dropped, m->retried, m->batches, m->nqueued};
+    pthread_mutex_unlock(&m->mu);
+    keel_batch_stats s;
+    keel_batch_stats_get(b, &s);
+    M_ASSERT(m, s.accepted == c.accepted && s.dropped == c.dropped, "accepted %llu dropped %llu, model %llu %llu",
+             (unsigned long long)s.accepted, (unsigned long long)s.dropped, (unsigned long long)c.accepted,
+             (unsigned long long)c.dropped);
+    M_ASSERT(m, s.queued <= m->capacity && s.queued <= c.nqueued, "%llu queued, capacity %zu, model %zu",
+             (unsigned long long)s.queued, m->capacity, c.nqueued);
+    if (!settled)
+        return;
+    M_ASSERT(m, s.queued == 0 && s.accepted == s.handled + s.dead_lettered + s.dropped,
+             "queued %llu, accepted %llu != handled %llu + dead %llu + dropped %llu", (unsigned long long)s.queued,
+             (unsigned long long)s.accepted, (unsigned long long)s.handled, (unsigned long long)s.dead_lettered,
+             (unsigned long long)s.dropped);
+    M_ASSERT(m, s.handled == c.handled && s.dead_lettered == c.dead && s.retried == c.retried &&
+                    s.batches == c.batches,
+             "handled/dead/retried/batches %llu/%llu/%llu/%llu, model %llu/%llu/%llu/%llu",
+             (unsigned long long)s.handled, (unsigned long long)s.dead_lettered, (unsigned long long)s.retried,
+             (unsigned long long)s.batches, (unsigned long long)c.handled, (unsigned long long)c.dead,
+             (unsigned long long)c.retried, (unsigned long long)c.batches);
+    uint64_t sizes = 0, waits = 0;
+    for (int i = 0; i < KEEL_BATCH_BUCKETS; i++)
+        sizes += s.size[i], waits += s.wait[i];
+    M_ASSERT(m, sizes == s.batches && waits == s.batches, "histograms %llu/%llu, batches %llu",
+             (unsigned long long)sizes, (unsigned long long)waits, (unsigned long long)s.batches);
+}
+
+/* Under mu: every item before `upto` is settled. */
+static uint32_t m_unsettled(model *m, uint32_t upto)
+{
+    for (uint32_t id = 0; id < upto; id++)
+        if (m->it[id].status == M_QUEUED || m->it[id].status == M_INFLIGHT)
+            return id;
+    return UINT32_MAX;
+}
+
+/* Under mu: could the queued items close a batch by count or bytes? */
+static bool m_could_fill(model *m)
+{
+    size_t bytes = 0;
+    for (uint32_t id = 0; id < m->nids; id++)
+        if (m->it[id].status == M_QUEUED)
+            bytes += m->it[id].bytes;
+    return m->nqueued >= m->max_items || (m->max_bytes && bytes >= m->max_bytes);
+}
+
+static void m_add(model *m, keel_batch *b, size_t bytes, uint64_t *rs)
+{
+    if (m->nids == M_IDS)
+        return;
+    keel_batch_stats s;
+    keel_batch_stats_get(b, &s); /* only this thread adds: the queue can only shrink meanwhile */
+    uint64_t r = splitmix(rs);
+    pthread_mutex_lock(&m->mu);
+    uint32_t id = m->nids++;
+    m_item *x = &m->it[id];
+    unsigned fate = (unsigned)(r % 100);
+    *x = (m_item){.bytes = bytes, .added = atomic_load(&m->now),
+                  .fails = (uint8_t)(fate < 80 ? 0 : 1 + (r >> 8) % (m->max_retries + 1)),
+                  .whole = (r >> 16) & 1, .rc_too = (r >> 17) & 1,
+                  .code = ((r >> 18) & 1 ? 1 : -1) * (int)(1000 + (r >> 20) % 1000),
+                  .status = M_QUEUED, .call = -1};
+    m->drop_floor = m->max_first;
+    uint64_t dropped = m->dropped;
+    m->accepted++; /* before the add: the batcher may hand it on at once */
+    m->nqueued++;
+    m->adding = true;
+    m->could_fill = m->could_fill || m_could_fill(m); /* now: the batcher may take them at once */
+    pthread_mutex_unlock(&m->mu);
+    int rc = keel_batch_add(b, x, bytes);
+    pthread_mutex_lock(&m->mu);
+    m->adding = false;
+    bool full = s.queued >= m->capacity, drop = m->dropped != dropped;
+    if (rc != 0) {
+        M_CHECK(m, x->status == M_QUEUED, "refused item %u was seen: status %d", id, x->status);
+        x->status = M_REJECTED;
+        m->accepted--;
+        m->nqueued--;
+        m->rejected++;
+    }
+    pthread_mutex_unlock(&m->mu);
+    m_ok(m);
+    if (rc != 0)
+        M_ASSERT(m, full && ((rc == KEEL_EFULL && m->on_full == KEEL_BATCH_REJECT) ||
+                             (rc == KEEL_ETIMEDOUT && m->on_full == KEEL_BATCH_BLOCK)),
+                 "add of item %u returned %d, policy %d, %llu queued of %zu", id, rc, (int)m->on_full,
+                 (unsigned long long)s.queued, m->capacity);
+    else if (m->on_full == KEEL_BATCH_DROP_OLDEST)
+        M_ASSERT(m, (!drop || full) && m->dropped - dropped <= 1, "add of item %u: %llu dropped, %llu queued of %zu", id,
+                 (unsigned long long)(m->dropped - dropped), (unsigned long long)s.queued, m->capacity);
+}
+
+/* Waits (real time, a few seconds at most) until pred holds; the callbacks
+ * broadcast on every change. */
+static bool m_wait(model *m, bool (*pred)(model *, uint32_t), uint32_t arg)
+{
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += 5;
+    pthread_mutex_lock(&m->mu);
+    bool ok;
+    while (!(ok = pred(m, arg)) && pthread_cond_timedwait(&m->cv, &m->mu, &until) == 0)
+        ;
+    pthread_mutex_unlock(&m->mu);
+    return ok;
+}
+
+static bool m_taken(model *m, uint32_t id) { return m->it[id].status != M_QUEUED; }
+
+static uint32_t m_oldest_queued(model *m)
+{
+    for (uint32_t id = 0; id < m->nids; id++)
+        if (m->it[id].status == M_QUEUED)
+            return id;
+    return UINT32_MAX;
+}
+
+/* Flush or close, with a clock that moves at every read (backoffs end). */
+static int m_drain(model *m, keel_batch *b, bool close)
+{
+    pthread_mutex_lock(&m->mu);
+    m->flushing = true;
+    uint32_t upto = m->nids;
+    pthread_mutex_unlock(&m->mu);
+    atomic_store(&m->tick, m->bo.cap_ns);
+    int rc = close ? keel_batch_close(b) : keel_batch_flush(b);
+    atomic_store(&m->tick, 0);
+    pthread_mutex_lock(&m->mu);
+    m->flushing = false;
+    uint32_t left = m_unsettled(m, upto);
+    pthread_mutex_unlock(&m->mu);
+    m_ok(m);
+    M_ASSERT(m, rc == 0, "%s returned %d", close ? "close" : "flush", rc);
+    M_ASSERT(m, left == UINT32_MAX, "item %u not settled after %s", left, close ? "close" : "flush");
+    m_stats(m, b, true);
+    return rc;
+}
+
+static bool m_all_settled(model *m, uint32_t upto) { return m_unsettled(m, upto) == UINT32_MAX; }
+
+/* Moves the clock on until everything accepted is settled, without a
+ * flush: lingers and backoffs end by the clock alone. */
+static void m_quiesce(model *m, keel_batch *b)
+{
+    uint64_t step = m->linger + m->bo.cap_ns;
+    for (int i = 0;; i++) {
+        keel_batch_stats s;
+        keel_batch_stats_get(b, &s);
+        pthread_mutex_lock(&m->mu);
+        bool done = m_all_settled(m, m->nids) && s.accepted == s.handled + s.dead_lettered + s.dropped &&
+                    s.retried == m->retried;
+        pthread_mutex_unlock(&m->mu);
+        if (done)
+            break;
+        M_ASSERT(m, i < 5000, "nothing settles by the clock alone (%llu queued)", (unsigned long long)s.queued);
+        atomic_fetch_add(&m->now, step);
+        kt_nap(1000000);
+    }
+    m_ok(m);
+    m_stats(m, b, true);
+}
+
+static void model_run(unsigned long long seed)
+{
+    model *m = calloc(1, sizeof *m);
+    ck_assert_ptr_nonnull(m);
+    pthread_mutex_init(&m->mu, NULL);
+    pthread_cond_init(&m->cv, NULL);
+    m->seed = seed;
+    m->main = pthread_self();
+    m->max_first = m->last_drop = m->drop_floor = -1;
+    m->pending_retry = m->pending_dead = -1;
+    atomic_init(&m->now, 1000 * S);
+    atomic_init(&m->tick, 0);
+    uint64_t rs = seed * 0x2545f4914f6cdd1dull + 1;
+    m->rand_value = splitmix(&rs);
+
+    keel_batch_opts o = {.handler = m_handler, .dead_letter = m_dead_letter, .ud = m, .clock = m_clock,
+                         .clock_ud = m, .rand = m_rand, .rand_ud = m, .block_timeout_ns = MS};
+    o.max_items = splitmix(&rs) % 9; /* 0: the default */
+    o.capacity = splitmix(&rs) % 4 ? (o.max_items ? o.max_items : 1) + splitmix(&rs) % 24 : 0;
+    if (splitmix(&rs) % 8 == 0)
+        o.capacity = 128 + splitmix(&rs) % 200; /* chunks of 2 or more */
+    o.max_bytes = splitmix(&rs) % 3 ? 1 + splitmix(&rs) % 48 : 0;
+    o.linger_ns = (1 + splitmix(&rs) % 10) * MS;
+    o.on_full = (keel_batch_full)(splitmix(&rs) % 3);
+    o.workers = splitmix(&rs) % 3; /* 0 and 1: one */
+    o.max_retries = (uint32_t)(splitmix(&rs) % 4);
+    o.retry_base_ns = (1 + splitmix(&rs) % 5) * MS;
+    o.retry_max_ns = o.retry_base_ns * (1 + splitmix(&rs) % 8);
+    keel_batch *b = NULL;
+    int rc = keel_batch_create(&b, &o);
+    M_ASSERT(m, rc == 0, "create: %d", rc);
+    m->capacity = o.capacity ? o.capacity : 65536;
+    m->max_items = o.max_items ? o.max_items : m->capacity < 100 ? m->capacity : 100;
+    m->max_bytes = o.max_bytes;
+    m->linger = o.linger_ns;
+    m->on_full = o.on_full;
+    m->workers = o.workers;
+    m->max_retries = o.max_retries;
+    m->bo = (keel_backoff_opts){KEEL_BACKOFF_FULL_JITTER, o.retry_base_ns, o.retry_max_ns, m_rand, m};
+
+    /* What the model knows of the open batch's linger: exact (`lin_known`)
+     * while no batch can have closed by count or bytes at a time of its
+     * own; its start (M_NONE: the next add's time). */
+    bool lin_known = true;
+    uint64_t lin_open = M_NONE;
+    bool closed = false;
+    int nops = 80 + (int)(splitmix(&rs) % 120);
+    for (int op = 0; op < nops && !closed; op++) {
+        pthread_mutex_lock(&m->mu);
+        if (m->nqueued == 0) { /* the last batch took every item: the next add opens one */
+            lin_known = true;
+            lin_open = M_NONE;
+        }
+        pthread_mutex_unlock(&m->mu);
+        unsigned k = (unsigned)(splitmix(&rs) % 100);
+        if (k < 55) { /* adds: one, or a burst */
+            unsigned count = k < 40 ? 1 : 1 + (unsigned)(splitmix(&rs) % (2 * m->max_items + 2));
+            for (unsigned i = 0; i < count; i++) {
+                uint64_t r = splitmix(&rs);
+                size_t bytes = r % 8 == 0   ? 0
+                               : r % 8 == 1 && m->max_bytes ? m->max_bytes + 1 + (r >> 8) % 8
+                                                           : 1 + (r >> 8) % (m->max_bytes ? m->max_bytes : 64);
+                uint32_t before = m->nids;
+                m_add(m, b, bytes, &rs);
+                pthread_mutex_lock(&m->mu);
+                if (m->nids > before && m->it[before].status != M_REJECTED && lin_open == M_NONE)
+                    lin_open = m->it[before].added;
+                if (m->could_fill)
+                    lin_known = false;
+                m->could_fill = false;
+                pthread_mutex_unlock(&m->mu);
+                m_stats(m, b, false);
+            }
+        } else if (k < 85) { /* the clock: within a linger, or past one */
+            uint64_t r = splitmix(&rs);
+            atomic_fetch_add(&m->now, k < 72 ? r % m->linger : m->linger + r % (2 * m->linger));
+            /* A linger that has ended: its batch comes (nothing in flight
+             * holds up the batcher). */
+            pthread_mutex_lock(&m->mu);
+            uint32_t oldest = m_oldest_queued(m);
+            bool due = lin_known && lin_open != M_NONE && atomic_load(&m->now) >= lin_open + m->linger;
+            if (due && (oldest == UINT32_MAX || m->ninflight)) {
+                lin_known = false; /* it closes while the batcher is busy, or has closed: when is unknown */
+                due = false;
+            }
+            pthread_mutex_unlock(&m->mu);
+            if (due) {
+                bool came = m_wait(m, m_taken, oldest);
+                m_ok(m);
+                M_ASSERT(m, came, "item %u (added %llu, batch opened %llu, linger %llu) not handed at %llu",
+                         oldest, (unsigned long long)m->it[oldest].added, (unsigned long long)lin_open,
+                         (unsigned long long)m->linger, (unsigned long long)atomic_load(&m->now));
+                pthread_mutex_lock(&m->mu);
+                lin_open = m_oldest_queued(m) == UINT32_MAX ? M_NONE : atomic_load(&m->now);
+                pthread_mutex_unlock(&m->mu);
+            }
+        } else if (k < 92) {
+            m_drain(m, b, false);
+            lin_known = true;
+            lin_open = M_NONE;
+        } else if (k < 98 || op < 40) {
+            m_quiesce(m, b);
+            lin_known = true;
+            lin_open = M_NONE;
+        } else {
+            m_drain(m, b, true);
+            closed = true;
+        }
+        m_ok(m);
+    }
+    if (!closed)
+        m_drain(m, b, true);
+    static int sentinel;
+    M_ASSERT(m, keel_batch_add(b, &sentinel, 1) == KEEL_ECLOSED, "%s", "add after close");
+    M_ASSERT(m, keel_batch_close(b) == 0, "%s", "a second close");
+    m_stats(m, b, true);
+    keel_batch_destroy(b);
+    m_ok(m);
+    pthread_cond_destroy(&m->cv);
+    pthread_mutex_destroy(&m->mu);
+    free(m);
+}
+
+START_TEST(random_operations_agree_with_the_model)
+{
+    const char *one = getenv("KEEL_BATCH_SEED");
+    if (one) {
+        model_run(strtoull(one, NULL, 0));
+        return;
+    }
+    for (unsigned long long seed = 1; seed <= 120; seed++)
+        model_run(seed);
+}
+END_TEST
+
 int main(void)
 {
     atomic_store(&clk.ns, 1000 * S);
@@ -1111,6 +1733,10 @@ int main(void)
     tcase_add_test(tc, a_batch_memory_cannot_hold_fails_at_create);
     tcase_add_test(tc, a_drop_oldest_add_without_memory_drops_nothing);
     suite_add_tcase(s, tc);
+    TCase *mc = tcase_create("model");
+    tcase_set_timeout(mc, 60);
+    tcase_add_test(mc, random_operations_agree_with_the_model);
+    suite_add_tcase(s, mc);
     TCase *big = tcase_create("million");
     tcase_set_timeout(big, 120);
     tcase_add_test(big, two_million_items_all_accounted_for_one_worker);
