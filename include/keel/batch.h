@@ -16,8 +16,10 @@
  * from the add that opened the batch, or from when the batcher took items
  * that were waiting), or a flush or close asks.
  *
- * Order. Items added by one thread are handled in the order that thread
- * added them. Items added by different threads interleave in no promised
+ * Order. Items added by one thread are handed to the handler in the order
+ * that thread added them (first attempts: items a handler marks failed are
+ * retried after the rest of their batch counted as handled, and with
+ * workers = 1 before the next batch). Items added by different threads interleave in no promised
  * order, even when one add happens before the other (a thread that needs
  * its items handled before another thread's should flush first). With
  * workers = 1 the batcher runs the handler itself, one batch at a time,
