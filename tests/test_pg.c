@@ -745,6 +745,43 @@ START_TEST(statements_are_prepared_again_when_the_server_forgets)
 }
 END_TEST
 
+START_TEST(a_statement_whose_columns_changed_is_prepared_again)
+{
+    keel_pg *pg = open_shared();
+    write_sql(pg, "DROP TABLE IF EXISTS keel_reshaped");
+    write_sql(pg, "CREATE TABLE keel_reshaped (a int)");
+    write_sql(pg, "INSERT INTO keel_reshaped VALUES (1)");
+    keel_pg_stmt *s;
+    ck_assert_int_eq(keel_pg_stmt_create(pg, "SELECT * FROM keel_reshaped", 0, NULL, &s), 0);
+    keel_pg_conn *c;
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &c), 0);
+    PGresult *r;
+    ck_assert_int_eq(keel_pg_conn_exec_stmt(c, s, NULL, &r), 0);
+    ck_assert_int_eq(PQnfields(r), 1);
+    PQclear(r);
+    /* the table gains a column: the server refuses the plan it cached
+     * ("cached plan must not change result type") until it is prepared
+     * anew, which happens once, on this connection as in a batch */
+    ck_assert_int_eq(keel_pg_conn_exec(c, "ALTER TABLE keel_reshaped ADD COLUMN b int", NULL, &r), 0);
+    PQclear(r);
+    ck_assert_int_eq(keel_pg_conn_exec_stmt(c, s, NULL, &r), 0);
+    ck_assert_int_eq(PQnfields(r), 2);
+    PQclear(r);
+    ck_assert_int_eq(keel_pg_conn_exec(c, "ALTER TABLE keel_reshaped ADD COLUMN c int", NULL, &r), 0);
+    PQclear(r);
+    keel_pg_query q[2] = {{.stmt = s}, {.sql = "SELECT 1"}};
+    ck_assert_int_eq(keel_pg_conn_batch(c, q, 2), 0);
+    ck_assert_int_eq(q[0].rc, 0);
+    ck_assert_int_eq(PQnfields(q[0].res), 3);
+    PQclear(q[0].res);
+    PQclear(q[1].res);
+    keel_pg_release(c);
+    write_sql(pg, "DROP TABLE keel_reshaped");
+    keel_pg_stmt_free(s);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
 /* How many of this session's prepared statements have this name. */
 static int prepared_as(keel_pg_conn *c, const char *name)
 {
@@ -1117,6 +1154,7 @@ int main(void)
     tcase_add_test(tc, a_batch_is_one_pipeline_and_all_or_nothing);
     tcase_add_test(tc, a_batch_on_a_busy_connection_is_refused);
     tcase_add_test(tc, statements_are_prepared_again_when_the_server_forgets);
+    tcase_add_test(tc, a_statement_whose_columns_changed_is_prepared_again);
     tcase_add_test(tc, a_connect_refused_for_the_connection_limit_leaves_the_host_up);
     tcase_add_test(tc, a_check_refused_for_the_connection_limit_leaves_the_host_as_it_was);
     tcase_add_test(tc, release_rolls_back_and_drops_what_it_cannot_reuse);

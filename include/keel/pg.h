@@ -178,7 +178,9 @@ KEEL_API int keel_pg_conn_exec(keel_pg_conn *c, const char *sql, const keel_pg_p
 
 /* A statement prepared on each connection the first time it runs there,
  * and again on a connection opened later (after a reconnect, a failover)
- * or whose server forgot it. Its SQL is classified once for KEEL_PG_AUTO.
+ * or whose server forgot it or refuses the plan it cached since the
+ * statement's result columns changed (once, outside a transaction). Its
+ * SQL is classified once for KEEL_PG_AUTO.
  * Returns 0, KEEL_EINVAL or KEEL_ENOMEM.
  *
  * keel_pg_stmt_free: each connection that prepared the statement
@@ -212,7 +214,8 @@ typedef struct keel_pg_query {
  * Sync at the end), reading results as they come so neither side blocks.
  * Without an open transaction the batch is one transaction: all or
  * nothing (and, rolled back whole, it is run once more if the server had
- * forgotten one of its prepared statements). COPY is refused
+ * forgotten one of its prepared statements, or refused its cached plan).
+ * COPY is refused
  * (KEEL_ENOTSUP, the connection given up). When a statement fails, it gets KEEL_EBACKEND and its result,
  * and every other statement KEEL_EABORTED (those before it were rolled
  * back, those after it not run). Returns 0, the failing statement's

@@ -383,6 +383,40 @@ static int prepare(keel_pg_conn *c, keel_pg_stmt *s, PGresult **res)
     return rc;
 }
 
+/* Whether a prepared statement's error means it must be prepared again:
+ * the server forgot it (invalid_sql_statement_name: DISCARD ALL,
+ * DEALLOCATE, a pooler in between), or its tables changed the columns it
+ * returns ("cached plan must not change result type", which the server
+ * says on every run until the statement is prepared anew). */
+static bool stale(const keel_pg_stmt *s, const PGresult *r)
+{
+    const char *st = s ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
+    const char *fn = st ? PQresultErrorField(r, PG_DIAG_SOURCE_FUNCTION) : NULL;
+    return st && (strcmp(st, "26000") == 0 ||
+                  (strcmp(st, "0A000") == 0 && fn && strcmp(fn, "RevalidateCachedQuery") == 0));
+}
+
+/* Forgets s on this connection, and with dealloc on the server too (it
+ * may be gone there already), so that it is prepared anew when next run. */
+static int unprepare(keel_pg_conn *c, const keel_pg_stmt *s, bool dealloc)
+{
+    if (!is_prepared(c, s->id))
+        return 0;
+    if (!dealloc) {
+        mark_prepared(c, s->id, false);
+        return 0;
+    }
+    char sql[48];
+    snprintf(sql, sizeof sql, "DEALLOCATE %s", s->name);
+    PGresult *r = NULL;
+    int rc = keel__pg_run(c, sql, NULL, 0, &r);
+    PQclear(r);
+    if (rc && rc != KEEL_EBACKEND) /* an error reply: it was gone already */
+        return rc;
+    mark_prepared(c, s->id, false);
+    return 0;
+}
+
 KEEL_API int keel_pg_conn_exec_stmt(keel_pg_conn *c, keel_pg_stmt *s, const keel_pg_params *params,
                                     PGresult **res)
 {
@@ -397,13 +431,13 @@ KEEL_API int keel_pg_conn_exec_stmt(keel_pg_conn *c, keel_pg_stmt *s, const keel
     int rc = prepare(c, s, res);
     if (rc == 0)
         rc = run(c, NULL, s->name, p, 0, res);
-    if (rc == KEEL_EBACKEND && idle &&
-        strcmp(PQresultErrorField(*res, PG_DIAG_SQLSTATE), "26000") == 0) {
-        /* invalid_sql_statement_name: the server forgot it (DISCARD ALL,
-         * DEALLOCATE, a pooler in between): prepare again, once */
+    if (rc == KEEL_EBACKEND && idle && stale(s, *res)) { /* prepare again, once */
+        bool gone = strcmp(PQresultErrorField(*res, PG_DIAG_SQLSTATE), "26000") == 0;
         PQclear(*res);
-        mark_prepared(c, s->id, false);
-        rc = prepare(c, s, res);
+        *res = NULL;
+        rc = unprepare(c, s, !gone);
+        if (rc == 0)
+            rc = prepare(c, s, res);
         if (rc == 0)
             rc = run(c, NULL, s->name, p, 0, res);
     }
@@ -564,12 +598,12 @@ static int batch_once(keel_pg_conn *c, keel_pg_query *q, size_t n)
     return first;
 }
 
-/* Whether a statement of the batch failed because the server forgot it. */
+/* Whether a statement of the batch failed because it must be prepared
+ * again. */
 static bool forgotten(const keel_pg_query *q, size_t n)
 {
     for (size_t i = 0; i < n; i++)
-        if (q[i].stmt && q[i].rc == KEEL_EBACKEND &&
-            strcmp(PQresultErrorField(q[i].res, PG_DIAG_SQLSTATE), "26000") == 0)
+        if (q[i].rc == KEEL_EBACKEND && stale(q[i].stmt, q[i].res))
             return true;
     return false;
 }
@@ -598,13 +632,17 @@ KEEL_API int keel_pg_conn_batch(keel_pg_conn *c, keel_pg_query *q, size_t n)
     int rc = batch_once(c, q, n);
     if (rc == KEEL_EBACKEND && idle && forgotten(q, n)) {
         /* the batch was rolled back whole: prepare again, run it once more */
+        rc = 0;
         for (size_t i = 0; i < n; i++) {
             PQclear(q[i].res);
             q[i].res = NULL;
-            if (q[i].stmt)
-                mark_prepared(c, q[i].stmt->id, false);
+            if (q[i].stmt && rc == 0)
+                rc = unprepare(c, q[i].stmt, true); /* another's plan may be stale too */
         }
-        rc = batch_once(c, q, n);
+        for (size_t i = 0; rc && i < n; i++)
+            q[i].rc = rc;
+        if (rc == 0)
+            rc = batch_once(c, q, n);
     }
     return rc;
 }
