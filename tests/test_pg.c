@@ -745,6 +745,26 @@ START_TEST(statements_are_prepared_again_when_the_server_forgets)
 }
 END_TEST
 
+/* A one-call helper gives its connection back as soon as the statement
+ * has run, so it cannot carry a COPY: refused, with nothing copied, where
+ * it used to return 0 and drop the COPY with the connection. */
+START_TEST(a_one_call_copy_is_refused)
+{
+    keel_pg *pg = open_shared();
+    PGresult *r;
+    ck_assert_int_eq(keel_pg_exec(pg, KEEL_PG_WRITE, "CREATE TABLE IF NOT EXISTS kt_copy (v int)", NULL, &r), 0);
+    PQclear(r);
+    ck_assert_int_eq(keel_pg_exec(pg, KEEL_PG_WRITE, "COPY kt_copy FROM STDIN", NULL, &r), KEEL_ENOTSUP);
+    ck_assert_ptr_null(r);
+    ck_assert_int_eq(keel_pg_exec(pg, KEEL_PG_AUTO, "COPY (SELECT 1) TO STDOUT", NULL, &r), KEEL_ENOTSUP);
+    ck_assert_ptr_null(r);
+    char v[8];
+    value(pg, KEEL_PG_WRITE, "SELECT 1", v, sizeof v); /* the pool goes on */
+    ck_assert_str_eq(v, "1");
+    keel_pg_destroy(pg);
+}
+END_TEST
+
 START_TEST(a_statement_whose_columns_changed_is_prepared_again)
 {
     keel_pg *pg = open_shared();
@@ -1155,6 +1175,7 @@ int main(void)
     tcase_add_test(tc, a_batch_on_a_busy_connection_is_refused);
     tcase_add_test(tc, statements_are_prepared_again_when_the_server_forgets);
     tcase_add_test(tc, a_statement_whose_columns_changed_is_prepared_again);
+    tcase_add_test(tc, a_one_call_copy_is_refused);
     tcase_add_test(tc, a_connect_refused_for_the_connection_limit_leaves_the_host_up);
     tcase_add_test(tc, a_check_refused_for_the_connection_limit_leaves_the_host_as_it_was);
     tcase_add_test(tc, release_rolls_back_and_drops_what_it_cannot_reuse);

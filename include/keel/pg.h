@@ -168,7 +168,10 @@ typedef struct keel_pg_params {
 
 /* Runs one statement on a connection chosen by mode (KEEL_PG_AUTO:
  * classified), and gives the connection back. *res is set on 0 and on
- * KEEL_EBACKEND (free it with PQclear()), NULL otherwise. */
+ * KEEL_EBACKEND (free it with PQclear()), NULL otherwise. A COPY, which
+ * needs its connection kept (keel_pg_acquire() and PQputCopyData() on
+ * keel_pg_conn_raw()), is KEEL_ENOTSUP here: the connection is given up
+ * and nothing is copied. */
 KEEL_API int keel_pg_exec(keel_pg *pg, keel_pg_mode mode, const char *sql,
                           const keel_pg_params *params, PGresult **res);
 
@@ -215,10 +218,12 @@ typedef struct keel_pg_query {
  * Without an open transaction the batch is one transaction: all or
  * nothing (and, rolled back whole, it is run once more if the server had
  * forgotten one of its prepared statements, or refused its cached plan).
- * COPY is refused
- * (KEEL_ENOTSUP, the connection given up). When a statement fails, it gets KEEL_EBACKEND and its result,
- * and every other statement KEEL_EABORTED (those before it were rolled
- * back, those after it not run). Returns 0, the failing statement's
+ * COPY is refused (KEEL_ENOTSUP, the connection given up). When a
+ * statement fails, it gets KEEL_EBACKEND and its result, and every other
+ * statement KEEL_EABORTED (those before it were rolled back, those after
+ * it not run; a batch that commits by itself, with its own COMMIT, keeps
+ * what it committed before the failure, though those statements say
+ * KEEL_EABORTED too). Returns 0, the failing statement's
  * KEEL_EBACKEND, or the connection's failure (KEEL_EUNAVAIL: lost, the
  * batch may or may not have been committed; KEEL_ETIMEDOUT), or
  * KEEL_ESTATE on a connection already in pipeline mode or busy (nothing

@@ -647,6 +647,15 @@ static int exec_any(keel_pg *pg, keel_pg_mode mode, const char *sql, keel_pg_stm
         if (rc)
             return rc;
         rc = s ? keel_pg_conn_exec_stmt(c, s, p, res) : keel_pg_conn_exec(c, sql, p, res);
+        ExecStatusType st = rc == 0 ? PQresultStatus(*res) : PGRES_COMMAND_OK;
+        if (st == PGRES_COPY_IN || st == PGRES_COPY_OUT || st == PGRES_COPY_BOTH) {
+            /* the connection goes back now, so nobody could carry the COPY
+             * on: it is given up (the server ends the COPY, copying nothing) */
+            PQclear(*res);
+            *res = NULL;
+            c->broken = true;
+            rc = KEEL_ENOTSUP;
+        }
         /* a read that lost its connection goes once more, elsewhere (its
          * host is down now); a write never does */
         bool again = mode == KEEL_PG_READ && rc == KEEL_EUNAVAIL && c->broken && attempt == 0;
