@@ -671,7 +671,7 @@ static void series_settle(selector *s, bool completed)
         s->ser[n++] = *se;
     }
     s->nser = n;
-    if (n < s->ser_cap / 4) { /* give back what many series that went away took */
+    if (s->ser_cap > 64 && n < s->ser_cap / 4) { /* give back what many series that went away took */
         series *ser = keel__realloc(s->ser, (n ? 2 * n : 1) * sizeof *ser);
         if (ser) {
             s->ser = ser;
