@@ -4,7 +4,8 @@
  * invalidation across processes (a forked second cache), and an L1 flush
  * when the link drops; tags across tiers and processes; prefixes holding
  * glob and LIKE characters and NUL bytes; Redis and PostgreSQL stopped
- * mid-run; S3-FIFO keeping a hot set through a scan; XFetch; bad input. */
+ * mid-run; S3-FIFO keeping a hot set through a scan; XFetch; bad input;
+ * the L1 alone against a seeded model. */
 #define _GNU_SOURCE
 #include <libpq-fe.h>
 #include <pthread.h>
@@ -21,6 +22,7 @@
 #include <keel/redis.h>
 
 #include "harness.h"
+#include "hash.h" /* a key's L1 shard: keel_cache's hash, its top 5 bits */
 
 #define MS KT_MS
 #define S KT_S
@@ -1177,6 +1179,7 @@ START_TEST(the_hot_set_survives_a_scan)
 }
 END_TEST
 
+
 /* Readers go on while a writer makes the table double many times: every
  * key set before a read began is found, with its own value. */
 typedef struct grow_job {
@@ -1323,6 +1326,488 @@ START_TEST(bad_input_is_refused)
 }
 END_TEST
 
+/* ---- a model of the L1 alone ----
+ *
+ * Seeded random set, get, get_many, del, invalidate_tag,
+ * invalidate_prefix and clock steps on a cache without servers, checked
+ * against a map: a get returns exactly the last value set (or loaded)
+ * unless it expired (an entry set at t with TTL d lives while the clock
+ * is under t + d, the TTL capped by l1_max_ttl), was deleted, invalidated
+ * by tag or prefix, or evicted; an eviction only by a write into the
+ * key's shard that evicted (the evictions counter moved: the shard was
+ * over its bound); the bounds hold after every step. The loader answers
+ * by the key: a value, or absent (cached for negative_ttl_ns). A failure
+ * names its seed; KEEL_TEST_SEED replays one. */
+
+enum { MK = 40, MT = 7, MSTEPS = 600, M_TAGS = 17, M_TAGLEN = 200 };
+enum { M_ABSENT, M_VALUE, M_NEG };
+
+typedef struct mkey {
+    unsigned char b[1100];
+    size_t n;
+} mkey;
+
+typedef struct ment {
+    int state;
+    unsigned char val[3100];
+    size_t vlen;
+    uint64_t expires;
+    int tags[M_TAGS];
+    uint64_t tagver[M_TAGS];
+    size_t ntags;
+    bool maybe_gone;    /* perhaps too big for a shard */
+    uint64_t shard_ev;  /* the shard's evicting writes before its insert */
+} ment;
+
+typedef struct model {
+    unsigned long long seed;
+    uint64_t rng;
+    kt_clock clk;
+    keel_cache *c;
+    keel_cache_opts o;
+    size_t max_key, max_value, shard_bytes;
+    uint64_t default_ttl, negative_ttl, max_ttl;
+    mkey keys[MK];
+    ment m[MK];
+    char tagname[MT][M_TAGLEN + 2];
+    uint64_t tagver[MT];
+    uint64_t shard_ev[32];
+    _Atomic int calls;
+    int step;
+} model;
+
+#define MCHECK(md, cond, fmt, ...)                                                                          \
+    ck_assert_msg(cond, "seed %llu step %d: " fmt, (md)->seed, (md)->step, __VA_ARGS__)
+
+static uint64_t m_rand(model *md)
+{
+    md->rng = md->rng * 6364136223846793005ull + 1442695040888963407ull;
+    return md->rng >> 17;
+}
+static uint64_t m_below(model *md, uint64_t n) { return n ? m_rand(md) % n : 0; }
+static uint64_t m_now(model *md) { return atomic_load(&md->clk.ns); }
+static int m_shard(const void *k, size_t n) { return (int)(keel__hash64(k, n, 0x6b63) >> 59); }
+
+/* The loader's answer for a key: absent, or 'L', its length, the number
+ * of the call (so that a value loaded again is not the same) and its
+ * bytes. */
+static bool m_absent(const void *k, size_t n) { return (((const unsigned char *)k)[0] + n) % 3 == 0; }
+static size_t m_loaded(const void *k, size_t n, int call, unsigned char *out)
+{
+    size_t l = n < 30 ? n : 30;
+    out[0] = 'L';
+    out[1] = (unsigned char)n;
+    memcpy(out + 2, &call, sizeof call);
+    memcpy(out + 2 + sizeof call, k, l);
+    return l + 2 + sizeof call;
+}
+
+static int m_load(const void *key, size_t klen, keel_cache_load *ld, void *ud)
+{
+    model *md = ud;
+    int call = atomic_fetch_add(&md->calls, 1) + 1;
+    if (m_absent(key, klen))
+        return KEEL_ENOTFOUND;
+    unsigned char v[40];
+    return keel_cache_load_set(ld, v, m_loaded(key, klen, call, v), 0, NULL, 0);
+}
+
+static uint64_t m_expiry(model *md, uint64_t ttl)
+{
+    if (md->max_ttl && ttl > md->max_ttl)
+        ttl = md->max_ttl;
+    uint64_t now = m_now(md);
+    return ttl > UINT64_MAX - now ? UINT64_MAX : now + ttl;
+}
+
+static bool m_live(model *md, int i)
+{
+    ment *e = &md->m[i];
+    if (e->state == M_ABSENT || m_now(md) >= e->expires)
+        return false;
+    for (size_t t = 0; t < e->ntags; t++)
+        if (md->tagver[e->tags[t]] != e->tagver[t])
+            return false;
+    return true;
+}
+
+/* Whether key i may have been evicted (or never fitted) since its insert. */
+static bool m_may_be_gone(model *md, int i)
+{
+    ment *e = &md->m[i];
+    return e->maybe_gone || md->shard_ev[m_shard(md->keys[i].b, md->keys[i].n)] > e->shard_ev;
+}
+
+static uint64_t m_evictions(model *md)
+{
+    keel_cache_stats st;
+    keel_cache_stats_get(md->c, &st);
+    return st.evictions;
+}
+
+static void m_bounds(model *md)
+{
+    keel_cache_stats st;
+    keel_cache_stats_get(md->c, &st);
+    MCHECK(md, st.l1_bytes <= md->o.l1_max_bytes, "L1 holds %llu bytes, over %zu", (unsigned long long)st.l1_bytes,
+           md->o.l1_max_bytes);
+    MCHECK(md, !md->o.l1_max_items || st.l1_items <= md->o.l1_max_items, "L1 holds %llu items, over %zu",
+           (unsigned long long)st.l1_items, md->o.l1_max_items);
+}
+
+/* What a miss of key i gives: the loader's answer, now in the model. */
+static void m_loaded_into(model *md, int i, uint64_t ev_before, int call)
+{
+    ment *e = &md->m[i];
+    mkey *k = &md->keys[i];
+    e->ntags = 0;
+    e->maybe_gone = false;
+    e->shard_ev = ev_before;
+    if (m_absent(k->b, k->n)) {
+        e->state = M_NEG;
+        e->vlen = 0;
+        e->expires = m_expiry(md, md->negative_ttl);
+    } else {
+        e->state = M_VALUE;
+        e->vlen = m_loaded(k->b, k->n, call, e->val);
+        e->expires = m_expiry(md, md->default_ttl);
+    }
+}
+
+/* Checks one get's answer for key i against the model and updates it.
+ * loads: whether the loader was called for it (call: which call). */
+static void m_answer(model *md, int i, int rc, const void *buf, size_t cap, size_t len, bool loads, int call,
+                     uint64_t ev)
+{
+    ment *e = &md->m[i];
+    bool live = m_live(md, i);
+    if (live && !loads) {
+        if (e->state == M_NEG) {
+            MCHECK(md, rc == KEEL_ENOTFOUND, "key %d: cached absence answered %d", i, rc);
+            return;
+        }
+        MCHECK(md, rc == (e->vlen > cap ? KEEL_ERANGE : 0), "key %d: rc %d for a value of %zu in %zu", i, rc,
+               e->vlen, cap);
+        MCHECK(md, len == e->vlen, "key %d: len %zu, want %zu", i, len, e->vlen);
+        MCHECK(md, rc != 0 || len == 0 || memcmp(buf, e->val, len) == 0, "key %d: another value", i);
+        return;
+    }
+    MCHECK(md, loads, "key %d: not loaded though the model has it gone", i);
+    MCHECK(md, !live || m_may_be_gone(md, i), "key %d: loaded though live and not evictable", i);
+    m_loaded_into(md, i, ev, call);
+    if (e->state == M_NEG) {
+        MCHECK(md, rc == KEEL_ENOTFOUND, "key %d: loader said absent, get said %d", i, rc);
+        return;
+    }
+    MCHECK(md, rc == (e->vlen > cap ? KEEL_ERANGE : 0) && len == e->vlen, "key %d: loaded rc %d len %zu", i, rc, len);
+    MCHECK(md, rc != 0 || memcmp(buf, e->val, len) == 0, "key %d: another loaded value", i);
+}
+
+static bool m_key_ok(model *md, size_t n) { return n >= 1 && n <= md->max_key; }
+
+static void m_get(model *md)
+{
+    int i = (int)m_below(md, MK);
+    mkey *k = &md->keys[i];
+    static unsigned char buf[3200];
+    size_t cap = m_below(md, 4) == 0 ? m_below(md, 40) : sizeof buf, len = 12345;
+    int calls = atomic_load(&md->calls);
+    uint64_t ev = m_evictions(md), sev = md->shard_ev[m_shard(k->b, k->n)];
+    int rc = keel_cache_get(md->c, k->b, k->n, cap ? buf : NULL, cap, &len);
+    if (!m_key_ok(md, k->n)) {
+        MCHECK(md, rc == KEEL_EINVAL, "get of a key of %zu: %d", k->n, rc);
+        return;
+    }
+    bool loads = atomic_load(&md->calls) != calls;
+    MCHECK(md, atomic_load(&md->calls) - calls <= 1, "%d loads for one get", atomic_load(&md->calls) - calls);
+    if (m_evictions(md) != ev)
+        md->shard_ev[m_shard(k->b, k->n)]++;
+    m_answer(md, i, rc, buf, cap, len, loads, atomic_load(&md->calls), sev);
+}
+
+static void m_get_many(model *md)
+{
+    enum { N = 6 };
+    static unsigned char bufs[N][3200];
+    keel_cache_item it[N];
+    int idx[N];
+    size_t n = 1 + m_below(md, N);
+    for (size_t j = 0; j < n; j++) {
+        idx[j] = (int)m_below(md, MK);
+        if (j && m_below(md, 3) == 0)
+            idx[j] = idx[m_below(md, j)]; /* a key given twice */
+        bool twice = false;
+        for (size_t p = 0; p < j; p++)
+            twice |= idx[p] == idx[j];
+        /* an entry perhaps evicted (by the load of an item before) must
+         * show whether it was loaded again: no cached absence then, and
+         * room for the value */
+        mkey *k = &md->keys[idx[j]];
+        bool unsure = twice || (m_key_ok(md, k->n) && m_live(md, idx[j]) && m_may_be_gone(md, idx[j]));
+        if (unsure && m_key_ok(md, k->n) && (md->m[idx[j]].state == M_NEG || m_absent(k->b, k->n))) {
+            j--, n--;
+            continue;
+        }
+        size_t cap = m_below(md, 4) == 0 && !unsure ? m_below(md, 40) : sizeof bufs[j];
+        it[j] = (keel_cache_item){md->keys[idx[j]].b, md->keys[idx[j]].n, bufs[j], cap, 777, 999};
+    }
+    int calls = atomic_load(&md->calls);
+    uint64_t ev = m_evictions(md);
+    uint64_t sev[N];
+    for (size_t j = 0; j < n; j++)
+        sev[j] = md->shard_ev[m_shard(it[j].key, it[j].klen)];
+    int rc = keel_cache_get_many(md->c, it, n);
+    if (m_evictions(md) != ev) /* some load evicted: in any of their shards */
+        for (size_t j = 0; j < n; j++)
+            md->shard_ev[m_shard(it[j].key, it[j].klen)]++;
+    int first = 0, loads = 0;
+    /* in order: an item loaded is what a later one of its key finds */
+    for (size_t j = 0; j < n; j++) {
+        keel_cache_item *x = &it[j];
+        int i = idx[j];
+        if (!m_key_ok(md, x->klen)) {
+            MCHECK(md, x->rc == KEEL_EINVAL, "multi-get of a key of %zu: %d", x->klen, x->rc);
+        } else {
+            /* a load: the model has it gone, or evicted (its value not there) */
+            bool live = m_live(md, i), load;
+            if (!live) {
+                load = true;
+            } else if (md->m[i].state == M_VALUE) {
+                load = x->rc == KEEL_ENOTFOUND || x->len != md->m[i].vlen ||
+                       (x->rc == 0 && memcmp(x->buf, md->m[i].val, x->len) != 0);
+                load = load && m_may_be_gone(md, i);
+            } else {
+                load = false; /* a cached absence; a reload says absent too */
+            }
+            if (load)
+                loads++;
+            m_answer(md, i, x->rc, x->buf, x->cap, x->len, load, calls + loads, sev[j]);
+        }
+        if (!first)
+            first = x->rc;
+    }
+    MCHECK(md, rc == first, "multi-get returned %d, its first error is %d", rc, first);
+    int got = atomic_load(&md->calls) - calls;
+    MCHECK(md, got == loads, "multi-get: %d loads, the answers show %d", got, loads);
+}
+
+static void m_set(model *md)
+{
+    int i = (int)m_below(md, MK);
+    mkey *k = &md->keys[i];
+    static unsigned char v[3200];
+    size_t vlen;
+    switch (m_below(md, 5)) {
+    case 0: vlen = 0; break;
+    case 1: vlen = md->max_value + m_below(md, 2); break;
+    case 2: vlen = m_below(md, md->max_value + 1); break;
+    default: vlen = m_below(md, 24); break;
+    }
+    for (size_t j = 0; j < vlen; j++)
+        v[j] = (unsigned char)m_rand(md);
+    uint64_t ttl;
+    uint64_t now = m_now(md);
+    switch (m_below(md, 7)) {
+    case 0: ttl = 0; break;
+    case 1: ttl = 1; break;
+    case 2: ttl = UINT64_MAX; break;
+    case 3: ttl = UINT64_MAX - now + m_below(md, 3); break; /* now + ttl wraps, or just not */
+    case 4: ttl = md->max_ttl ? md->max_ttl + m_below(md, 3) - 1 : 1 + m_below(md, 5000); break;
+    default: ttl = 1 + m_below(md, 3000); break;
+    }
+    const char *tags[17];
+    int tix[17];
+    size_t ntags = m_below(md, 6) == 0 ? 16 + m_below(md, 2) : m_below(md, 4);
+    bool bad_tag = false;
+    for (size_t t = 0; t < ntags; t++) {
+        tix[t] = (int)m_below(md, MT);
+        tags[t] = md->tagname[tix[t]];
+        bad_tag |= tix[t] == MT - 1; /* over 200 bytes */
+    }
+    int calls = atomic_load(&md->calls);
+    uint64_t ev = m_evictions(md);
+    int sh = m_shard(k->b, k->n);
+    uint64_t sev = md->shard_ev[sh];
+    int rc = keel_cache_set(md->c, k->b, k->n, vlen ? v : NULL, vlen, ttl, tags, ntags);
+    MCHECK(md, atomic_load(&md->calls) == calls, "%s", "a set called the loader");
+    if (!m_key_ok(md, k->n) || vlen > md->max_value || ntags > 16 || bad_tag) {
+        MCHECK(md, rc == KEEL_EINVAL, "bad set (key %zu, value %zu, %zu tags, bad tag %d): %d", k->n, vlen, ntags,
+               bad_tag, rc);
+        return;
+    }
+    MCHECK(md, rc == 0, "set: %d", rc);
+    if (m_evictions(md) != ev)
+        md->shard_ev[sh]++;
+    ment *e = &md->m[i];
+    e->state = M_VALUE;
+    memcpy(e->val, v, vlen);
+    e->vlen = vlen;
+    e->expires = m_expiry(md, ttl ? ttl : md->default_ttl);
+    e->ntags = ntags;
+    for (size_t t = 0; t < ntags; t++) {
+        e->tags[t] = tix[t];
+        e->tagver[t] = md->tagver[tix[t]];
+    }
+    e->shard_ev = sev;
+    /* an entry: 31 bytes, key and value, 8-aligned, 16 of links, 16 a tag,
+     * 16 of allocator: certainly over a shard, or perhaps */
+    size_t least = 31 + k->n + vlen + 16 + 16 * ntags + 16, most = least + 8;
+    e->maybe_gone = most > md->shard_bytes;
+    if (least > md->shard_bytes)
+        e->state = M_ABSENT; /* too big for L1: the old value gone too */
+}
+
+static void m_del(model *md)
+{
+    int i = (int)m_below(md, MK);
+    mkey *k = &md->keys[i];
+    int rc = keel_cache_del(md->c, k->b, k->n);
+    if (!m_key_ok(md, k->n)) {
+        MCHECK(md, rc == KEEL_EINVAL, "del of a key of %zu: %d", k->n, rc);
+        return;
+    }
+    MCHECK(md, rc == 0, "del: %d", rc);
+    md->m[i].state = M_ABSENT;
+}
+
+static void m_tag(model *md)
+{
+    int t = (int)m_below(md, MT);
+    int rc = keel_cache_invalidate_tag(md->c, md->tagname[t]);
+    if (t == MT - 1) {
+        MCHECK(md, rc == KEEL_EINVAL, "a tag over 200 bytes: %d", rc);
+        return;
+    }
+    MCHECK(md, rc == 0, "invalidate_tag: %d", rc);
+    md->tagver[t]++;
+}
+
+static void m_prefix(model *md)
+{
+    mkey *k = &md->keys[m_below(md, MK)];
+    size_t len = m_below(md, 4) == 0 ? m_below(md, 3) : m_below(md, k->n + 1);
+    int rc = keel_cache_invalidate_prefix(md->c, len ? k->b : NULL, len);
+    if (len > md->max_key) {
+        MCHECK(md, rc == KEEL_EINVAL, "a prefix of %zu: %d", len, rc);
+        return;
+    }
+    MCHECK(md, rc == 0, "invalidate_prefix: %d", rc);
+    for (int i = 0; i < MK; i++)
+        if (md->keys[i].n >= len && memcmp(md->keys[i].b, k->b, len) == 0)
+            md->m[i].state = M_ABSENT;
+}
+
+/* Time: a little, or to a key's expiry exactly, a nanosecond before or
+ * after it. */
+static void m_time(model *md)
+{
+    uint64_t now = m_now(md), to = now;
+    ment *e = &md->m[m_below(md, MK)];
+    if (m_below(md, 3) == 0 || e->state == M_ABSENT || e->expires == UINT64_MAX || e->expires <= now + 1)
+        to = now + m_below(md, 50);
+    else
+        to = e->expires + m_below(md, 3) - 1;
+    kt_clock_advance(&md->clk, to - now);
+}
+
+static void m_bad(model *md)
+{
+    size_t len;
+    char b[4];
+    keel_cache_item it = {NULL, 3, b, sizeof b, 0, 0};
+    MCHECK(md, keel_cache_get(md->c, "k", 1, NULL, 4, &len) == KEEL_EINVAL, "%s", "get into NULL");
+    MCHECK(md, keel_cache_get(md->c, "k", 1, b, sizeof b, NULL) == KEEL_EINVAL, "%s", "get to a NULL len");
+    MCHECK(md, keel_cache_set(md->c, "k", 1, NULL, 3, 0, NULL, 0) == KEEL_EINVAL, "%s", "set of NULL");
+    MCHECK(md, keel_cache_set(md->c, "k", 1, "v", 1, 0, NULL, 2) == KEEL_EINVAL, "%s", "NULL tags");
+    MCHECK(md, keel_cache_get_many(md->c, &it, 1) == KEEL_EINVAL && it.rc == KEEL_EINVAL, "%s", "NULL item key");
+    MCHECK(md, keel_cache_get_many(md->c, NULL, 1) == KEEL_EINVAL, "%s", "NULL items");
+}
+
+static void model_run(unsigned long long seed)
+{
+    static model md_;
+    model *md = &md_;
+    memset(md, 0, sizeof *md);
+    md->seed = seed;
+    md->rng = seed * 0x9e3779b97f4a7c15ull + 1;
+    atomic_store(&md->clk.ns, 1000000 + m_below(md, 1000));
+    md->max_key = m_below(md, 2) ? 64 : 1024;
+    md->max_value = m_below(md, 2) ? 100 : 3000;
+    md->o = (keel_cache_opts){.l1_max_bytes = m_below(md, 3) ? (size_t)64 << 10 : (size_t)1 << 20,
+                              .l1_max_items = (size_t[]){0, 40, 100}[m_below(md, 3)],
+                              .l1_max_ttl_ns = m_below(md, 2) ? 0 : 5000,
+                              .max_key = md->max_key == 1024 && m_below(md, 2) ? 0 : md->max_key,
+                              .max_value = md->max_value,
+                              .default_ttl_ns = m_below(md, 3) ? 1000 : 0,
+                              .negative_ttl_ns = m_below(md, 3) ? 300 : 0,
+                              .loader = m_load, .loader_ud = md,
+                              .clock = kt_clock_now, .clock_ud = &md->clk};
+    md->shard_bytes = md->o.l1_max_bytes / 32;
+    md->max_ttl = md->o.l1_max_ttl_ns;
+    md->default_ttl = md->o.default_ttl_ns ? md->o.default_ttl_ns : 3600 * S;
+    md->negative_ttl = md->o.negative_ttl_ns ? md->o.negative_ttl_ns : 10 * S;
+    ck_assert_int_eq(keel_cache_create(&md->c, &md->o), 0);
+    for (int t = 0; t < MT - 1; t++)
+        snprintf(md->tagname[t], sizeof md->tagname[t], "t%d", t);
+    memset(md->tagname[MT - 1], 'x', M_TAGLEN + 1); /* one too long */
+    /* keys: binary, NUL bytes, many the prefix of another; a few empty or
+     * over max_key */
+    for (int i = 0; i < MK; i++) {
+        mkey *k = &md->keys[i];
+        size_t n;
+        switch (m_below(md, 8)) {
+        case 0: n = md->max_key + m_below(md, 2); break;
+        case 1: n = m_below(md, 10) == 0 ? 0 : 1; break;
+        default: n = 1 + m_below(md, 12); break;
+        }
+        k->n = n;
+        const mkey *p = i ? &md->keys[m_below(md, (uint64_t)i)] : NULL;
+        size_t from = p && m_below(md, 2) ? (p->n < n ? p->n : n) : 0;
+        if (from)
+            memcpy(k->b, p->b, from);
+        for (size_t j = from; j < n; j++)
+            k->b[j] = (unsigned char)(m_below(md, 3) == 0 ? 0 : m_rand(md) % 4);
+        for (int j = 0; n && j < i; j++) /* one map entry a key */
+            if (md->keys[j].n == n && memcmp(md->keys[j].b, k->b, n) == 0) {
+                k->b[n - 1] = (unsigned char)(m_rand(md) | 0x80);
+                j = -1;
+            }
+    }
+    for (md->step = 0; md->step < MSTEPS; md->step++) {
+        uint64_t r = m_below(md, 100);
+        if (r < 30)
+            m_get(md);
+        else if (r < 55)
+            m_set(md);
+        else if (r < 62)
+            m_get_many(md);
+        else if (r < 68)
+            m_del(md);
+        else if (r < 73)
+            m_tag(md);
+        else if (r < 77)
+            m_prefix(md);
+        else if (r < 78)
+            m_bad(md);
+        else
+            m_time(md);
+        m_bounds(md);
+    }
+    keel_cache_destroy(md->c);
+}
+
+START_TEST(l1_agrees_with_a_model)
+{
+    const char *one = getenv("KEEL_TEST_SEED");
+    if (one) {
+        model_run(strtoull(one, NULL, 10));
+        return;
+    }
+    for (unsigned long long seed = 1; seed <= 150; seed++)
+        model_run(seed);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("cache");
@@ -1338,6 +1823,7 @@ int main(void)
     tcase_add_test(tc, readers_go_on_while_the_table_grows);
     tcase_add_test(tc, hits_from_many_threads_are_all_counted);
     tcase_add_test(tc, bad_input_is_refused);
+    tcase_add_test(tc, l1_agrees_with_a_model);
     suite_add_tcase(s, tc);
     TCase *sv = tcase_create("servers");
     tcase_set_timeout(sv, 120);
