@@ -498,13 +498,15 @@ int keel__l1_set(l1 *c, const void *key, size_t klen, uint64_t h, const void *va
         e->main = 1;
         *g = 0;
     }
+    /* room first, as S3-FIFO does: the new entry is never the one evicted
+     * (it fits: its size was checked above) */
+    for (size_t steps = 0; s->bytes + charge > s->max_bytes || s->items + 1 > s->max_items; steps++)
+        evict_step(s, now, steps > 4 * s->items + 8);
     fifo_push(e->main ? &s->main : &s->small, e);
     s->bytes += charge;
     s->items++;
     atomic_store_explicit(&e->next, atomic_load_explicit(bucket_of(s, h), memory_order_relaxed), memory_order_relaxed);
     atomic_store_explicit(bucket_of(s, h), e, memory_order_release);
-    for (size_t steps = 0; s->bytes > s->max_bytes || s->items > s->max_items; steps++)
-        evict_step(s, now, steps > 4 * s->items + 8);
     if (s->items > (tab_of(s)->mask + 1) / 2 && !keel__rcu_in_read())
         grow(s);
     l1e *garbage = take_garbage(s, false);
