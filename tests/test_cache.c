@@ -1837,6 +1837,128 @@ START_TEST(l1_agrees_with_a_model)
 }
 END_TEST
 
+
+/* The same operations from four threads at once: no exact model, but no
+ * get ever returns a value that was not set (or loaded) for its key, and
+ * the bounds hold. A value carries its key and a pattern made from its
+ * number, checked whole on every hit. */
+enum { MT_KEYS = 24, MT_THREADS = 4, MT_OPS = 6000 };
+
+typedef struct mt_job {
+    keel_cache *c;
+    kt_clock *clk;
+    unsigned seed;
+    size_t max_items, max_bytes;
+} mt_job;
+
+static size_t mt_value(int key, uint64_t n, unsigned char *out)
+{
+    size_t len = 9 + n % 300;
+    out[0] = (unsigned char)key;
+    memcpy(out + 1, &n, sizeof n);
+    for (size_t j = 9; j < len; j++)
+        out[j] = (unsigned char)(key * 31 + n + j);
+    return len;
+}
+
+static void mt_check(int key, int rc, const unsigned char *buf, size_t cap, size_t len)
+{
+    ck_assert_msg(rc == 0 || rc == KEEL_ERANGE || rc == KEEL_ENOTFOUND, "key %d: rc %d", key, rc);
+    if (rc == KEEL_ENOTFOUND)
+        return;
+    ck_assert_msg(len >= 9 && len < 9 + 300, "key %d: a value of %zu bytes", key, len);
+    if (rc != 0)
+        return;
+    ck_assert_uint_le(len, cap);
+    uint64_t n;
+    memcpy(&n, buf + 1, sizeof n);
+    unsigned char want[320];
+    ck_assert_msg(buf[0] == key && mt_value(key, n, want) == len && memcmp(buf, want, len) == 0,
+                  "key %d: a value never set for it", key);
+}
+
+static int mt_load(const void *key, size_t klen, keel_cache_load *ld, void *ud)
+{
+    (void)ud;
+    int k = ((const unsigned char *)key)[0] * 4 + (int)klen;
+    if (k % 5 == 0)
+        return KEEL_ENOTFOUND;
+    unsigned char v[320];
+    return keel_cache_load_set(ld, v, mt_value(k, UINT64_MAX - (uint64_t)k, v), 0, NULL, 0);
+}
+
+static void *mt_thread(void *arg)
+{
+    mt_job *j = arg;
+    uint64_t x = j->seed;
+    for (int op = 0; op < MT_OPS; op++) {
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        uint64_t r = x >> 20;
+        unsigned char key[3] = {(unsigned char)(r % MT_KEYS), 0, 'k'}, buf[320];
+        size_t klen = 1 + (r >> 30) % 3;
+        int k = key[0] * 4 + (int)klen; /* the key's number, in its values */
+        size_t len = 0, cap = (r >> 8) % 4 ? sizeof buf : (r >> 12) % 40;
+        char tag[8];
+        snprintf(tag, sizeof tag, "mt%d", (int)((r >> 16) % 3));
+        const char *tags[1] = {tag};
+        switch ((r >> 24) % 16) {
+        case 0: case 1: case 2: case 3: case 4: {
+            int rc = keel_cache_get(j->c, key, klen, buf, cap, &len);
+            mt_check(k, rc, buf, cap, len);
+            break;
+        }
+        case 5: case 6: case 7: case 8: {
+            size_t vl = mt_value(k, (uint64_t)j->seed << 32 | (uint64_t)op, buf);
+            uint64_t ttl = (r >> 34) % 3 ? (r >> 36) % 5000 : 1;
+            ck_assert_int_eq(keel_cache_set(j->c, key, klen, buf, vl, ttl, tags, (r >> 40) % 2), 0);
+            break;
+        }
+        case 9: {
+            unsigned char kk[3][3], bb[3][320];
+            keel_cache_item it[3];
+            for (int i = 0; i < 3; i++) {
+                kk[i][0] = (unsigned char)((r >> (8 * i)) % MT_KEYS), kk[i][1] = 0, kk[i][2] = 'k';
+                it[i] = (keel_cache_item){kk[i], 1 + (r >> (30 + i)) % 3, bb[i], i ? sizeof bb[i] : cap, 0, 0};
+            }
+            keel_cache_get_many(j->c, it, 3);
+            for (int i = 0; i < 3; i++)
+                mt_check(kk[i][0] * 4 + (int)it[i].klen, it[i].rc, bb[i], it[i].cap, it[i].len);
+            break;
+        }
+        case 10: ck_assert_int_eq(keel_cache_del(j->c, key, klen), 0); break;
+        case 11: ck_assert_int_eq(keel_cache_invalidate_tag(j->c, tag), 0); break;
+        case 12: ck_assert_int_eq(keel_cache_invalidate_prefix(j->c, key, (r >> 30) % 2), 0); break;
+        default: kt_clock_advance(j->clk, (r >> 30) % 400); break;
+        }
+        if (op % 32 == 0) {
+            keel_cache_stats st;
+            keel_cache_stats_get(j->c, &st);
+            ck_assert_uint_le(st.l1_items, j->max_items);
+            ck_assert_uint_le(st.l1_bytes, j->max_bytes);
+        }
+    }
+    return NULL;
+}
+
+START_TEST(threads_never_get_a_value_not_set_for_the_key)
+{
+    static kt_clock mclk;
+    keel_cache *c;
+    keel_cache_opts o = {.l1_max_items = 40, .l1_max_bytes = 64 << 10, .loader = mt_load, .negative_ttl_ns = 300,
+                         .default_ttl_ns = 2000, .l1_max_ttl_ns = 3000, .clock = kt_clock_now, .clock_ud = &mclk};
+    ck_assert_int_eq(keel_cache_create(&c, &o), 0);
+    mt_job jobs[MT_THREADS];
+    pthread_t t[MT_THREADS];
+    for (int i = 0; i < MT_THREADS; i++) {
+        jobs[i] = (mt_job){c, &mclk, (unsigned)i + 1, o.l1_max_items, o.l1_max_bytes};
+        ck_assert_int_eq(pthread_create(&t[i], NULL, mt_thread, &jobs[i]), 0);
+    }
+    for (int i = 0; i < MT_THREADS; i++)
+        pthread_join(t[i], NULL);
+    keel_cache_destroy(c);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("cache");
@@ -1854,6 +1976,7 @@ int main(void)
     tcase_add_test(tc, hits_from_many_threads_are_all_counted);
     tcase_add_test(tc, bad_input_is_refused);
     tcase_add_test(tc, l1_agrees_with_a_model);
+    tcase_add_test(tc, threads_never_get_a_value_not_set_for_the_key);
     suite_add_tcase(s, tc);
     TCase *sv = tcase_create("servers");
     tcase_set_timeout(sv, 120);
