@@ -8,7 +8,9 @@
  * with S3-FIFO eviction (a small FIFO for new entries, a main FIFO for
  * those used again, a ghost list of recent evictions), which a hit only
  * marks with a counter, so one-pass scans do not push out the hot set.
- * Entries expire by the injectable clock, their TTL capped by l1_max_ttl.
+ * Entries expire by the injectable clock, their TTL capped by l1_max_ttl:
+ * one set at t with a TTL of d is served while the clock reads before
+ * t + d (t + d past the clock's end: never expires).
  * With the default clock a hit checks expiry against CLOCK_MONOTONIC_COARSE
  * (a precise read costs more than the rest of the hit and stalls the
  * loads after it), so an L1 entry may be served up to one kernel tick
