@@ -1384,6 +1384,8 @@ typedef struct ment {
     uint64_t tagver[M_TAGS];
     size_t ntags;
     bool maybe_gone;    /* perhaps too big for a shard */
+    bool present;       /* perhaps in the L1, expired or not */
+    size_t most;        /* then its charge at most */
     uint64_t shard_ev;  /* the shard's evicting writes before its insert */
 } ment;
 
@@ -1465,6 +1467,25 @@ static bool m_may_be_gone(model *md, int i)
     return e->maybe_gone || md->shard_ev[m_shard(md->keys[i].b, md->keys[i].n)] > e->shard_ev;
 }
 
+/* An entry: 31 bytes, key and value, 8-aligned, 16 of links, 16 a tag,
+ * 16 of allocator; at most. */
+static size_t m_charge(size_t klen, size_t vlen, size_t ntags) { return 31 + klen + vlen + 7 + 16 + 16 * ntags + 16; }
+
+/* Whether inserting `charge` for key i had to evict: its shard full by
+ * what may be in it (other keys: the old entry of i is replaced). */
+static bool m_full(model *md, int i, size_t charge)
+{
+    int sh = m_shard(md->keys[i].b, md->keys[i].n);
+    size_t n = md->o.l1_max_items, share = n / 32 + ((size_t)sh < n % 32), items = 0, bytes = 0;
+    size_t most = !n ? SIZE_MAX : share ? share : 1; /* as keel_cache_opts says */
+    for (int j = 0; j < MK; j++)
+        if (j != i && md->m[j].present && m_shard(md->keys[j].b, md->keys[j].n) == sh) {
+            items++;
+            bytes += md->m[j].most;
+        }
+    return items + 1 > most || bytes + charge > md->shard_bytes;
+}
+
 static uint64_t m_evictions(model *md)
 {
     keel_cache_stats st;
@@ -1490,6 +1511,7 @@ static void m_loaded_into(model *md, int i, uint64_t ev_before, int call)
     e->ntags = 0;
     e->maybe_gone = false;
     e->shard_ev = ev_before;
+    e->present = true;
     if (m_absent(k->b, k->n)) {
         e->state = M_NEG;
         e->vlen = 0;
@@ -1499,6 +1521,7 @@ static void m_loaded_into(model *md, int i, uint64_t ev_before, int call)
         e->vlen = m_loaded(k->b, k->n, call, e->val);
         e->expires = m_expiry(md, md->default_ttl);
     }
+    e->most = m_charge(k->n, e->vlen, 0);
 }
 
 /* Checks one get's answer for key i against the model and updates it.
@@ -1540,6 +1563,8 @@ static void m_get(model *md)
     size_t cap = m_below(md, 4) == 0 ? m_below(md, 40) : sizeof buf, len = 12345;
     int calls = atomic_load(&md->calls);
     uint64_t ev = m_evictions(md), sev = md->shard_ev[m_shard(k->b, k->n)];
+    unsigned char lv[40];
+    bool full = m_key_ok(md, k->n) && m_full(md, i, m_charge(k->n, m_loaded(k->b, k->n, 0, lv), 0));
     int rc = keel_cache_get(md->c, k->b, k->n, cap ? buf : NULL, cap, &len);
     if (!m_key_ok(md, k->n)) {
         MCHECK(md, rc == KEEL_EINVAL, "get of a key of %zu: %d", k->n, rc);
@@ -1547,8 +1572,10 @@ static void m_get(model *md)
     }
     bool loads = atomic_load(&md->calls) != calls;
     MCHECK(md, atomic_load(&md->calls) - calls <= 1, "%d loads for one get", atomic_load(&md->calls) - calls);
-    if (m_evictions(md) != ev)
+    if (m_evictions(md) != ev) {
+        MCHECK(md, loads && full, "key %d: a get evicted, its shard not full", i);
         md->shard_ev[m_shard(k->b, k->n)]++;
+    }
     sev = md->shard_ev[m_shard(k->b, k->n)]; /* a load evicts others only */
     m_answer(md, i, rc, buf, cap, len, loads, atomic_load(&md->calls), sev);
 }
@@ -1656,6 +1683,8 @@ static void m_set(model *md)
     uint64_t ev = m_evictions(md);
     int sh = m_shard(k->b, k->n);
     uint64_t sev = md->shard_ev[sh];
+    size_t most = m_charge(k->n, vlen, ntags);
+    bool full = m_key_ok(md, k->n) && m_full(md, i, most);
     int rc = keel_cache_set(md->c, k->b, k->n, vlen ? v : NULL, vlen, ttl, tags, ntags);
     MCHECK(md, atomic_load(&md->calls) == calls, "%s", "a set called the loader");
     if (!m_key_ok(md, k->n) || vlen > md->max_value || ntags > 16 || bad_tag) {
@@ -1664,8 +1693,10 @@ static void m_set(model *md)
         return;
     }
     MCHECK(md, rc == 0, "set: %d", rc);
-    if (m_evictions(md) != ev)
+    if (m_evictions(md) != ev) {
+        MCHECK(md, full, "key %d: a set evicted, its shard not full", i);
         md->shard_ev[sh]++;
+    }
     sev = md->shard_ev[sh]; /* its own insert evicts others only */
     ment *e = &md->m[i];
     e->state = M_VALUE;
@@ -1678,11 +1709,11 @@ static void m_set(model *md)
         e->tagver[t] = md->tagver[tix[t]];
     }
     e->shard_ev = sev;
-    /* an entry: 31 bytes, key and value, 8-aligned, 16 of links, 16 a tag,
-     * 16 of allocator: certainly over a shard, or perhaps */
-    size_t least = 31 + k->n + vlen + 16 + 16 * ntags + 16, most = least + 8;
+    /* certainly over a shard, or perhaps */
     e->maybe_gone = most > md->shard_bytes;
-    if (least > md->shard_bytes)
+    e->present = most - 7 <= md->shard_bytes;
+    e->most = most;
+    if (!e->present)
         e->state = M_ABSENT; /* too big for L1: the old value gone too */
 }
 
@@ -1697,6 +1728,7 @@ static void m_del(model *md)
     }
     MCHECK(md, rc == 0, "del: %d", rc);
     md->m[i].state = M_ABSENT;
+    md->m[i].present = false;
 }
 
 static void m_tag(model *md)
@@ -1722,8 +1754,10 @@ static void m_prefix(model *md)
     }
     MCHECK(md, rc == 0, "invalidate_prefix: %d", rc);
     for (int i = 0; i < MK; i++)
-        if (md->keys[i].n >= len && memcmp(md->keys[i].b, k->b, len) == 0)
+        if (md->keys[i].n >= len && memcmp(md->keys[i].b, k->b, len) == 0) {
             md->m[i].state = M_ABSENT;
+            md->m[i].present = false;
+        }
 }
 
 /* Time: a little, or to a key's expiry exactly, a nanosecond before or
