@@ -37,7 +37,8 @@
  * KEEL_ENOTFOUND if the loader says the key is gone. An L1 entry cut short
  * by l1_max_ttl over L2 or L3 is not refreshed early: it is filled again
  * from them when it expires. A loader may answer
- * KEEL_ENOTFOUND: that absence is cached in L1 for negative_ttl_ns.
+ * KEEL_ENOTFOUND: that absence is cached in L1 for negative_ttl_ns (at
+ * most l1_max_ttl_ns, like every L1 entry).
  *
  * Invalidation. set, del, invalidate_tag and invalidate_prefix act on all
  * tiers here and publish on the Redis channel redis_prefix + "inv"; every
