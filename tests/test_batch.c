@@ -1735,7 +1735,7 @@ int main(void)
     suite_add_tcase(s, tc);
     TCase *mc = tcase_create("model");
     tcase_set_timeout(mc, 60);
-    tcase_set_tags(mc, "slow"); /* 120 random runs: ASan, not valgrind, checks them */
+    tcase_set_tags(mc, "slow model"); /* 120 random runs: plain and ASan runs check them */
     tcase_add_test(mc, random_operations_agree_with_the_model);
     suite_add_tcase(s, mc);
     TCase *big = tcase_create("million");

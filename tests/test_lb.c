@@ -1201,6 +1201,7 @@ int main(void)
     tcase_add_test(tc, a_peer_removed_while_it_is_added_leaves_no_series);
     suite_add_tcase(s, tc);
     tc = tcase_create("model");
+    tcase_set_tags(tc, "model");
     tcase_add_loop_test(tc, every_pick_is_the_one_nginx_makes, KEEL_LB_ROUND_ROBIN, KEEL_LB_LEAST_CONN + 1);
     suite_add_tcase(s, tc);
     tc = tcase_create("threads");

@@ -1958,7 +1958,7 @@ int main(void)
     suite_add_tcase(s, tc);
     TCase *mo = tcase_create("model");
     tcase_set_timeout(mo, 30);
-    tcase_set_tags(mo, "slow"); /* thousands of random steps: ASan, not valgrind, checks them */
+    tcase_set_tags(mo, "slow model"); /* thousands of random steps: plain and ASan runs check them */
     tcase_add_loop_test(mo, each_algorithm_answers_as_its_model, 0, 3);
     tcase_add_loop_test(mo, a_key_dropped_at_max_keys_idle_loses_nothing, 0, 3);
     suite_add_tcase(s, mo);
@@ -1987,7 +1987,7 @@ int main(void)
     suite_add_tcase(s, rd);
     TCase *rm = tcase_create("redis-model");
     tcase_set_timeout(rm, 60);
-    tcase_set_tags(rm, "slow");
+    tcase_set_tags(rm, "slow model");
     tcase_add_loop_test(rm, redis_answers_as_the_model, 0, 3);
     suite_add_tcase(s, rm);
     return kt_run(s);
