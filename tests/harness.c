@@ -36,6 +36,39 @@ void kt_nap(uint64_t ns)
         ;
 }
 
+kt_rng kt_rng_seed(uint64_t seed)
+{
+    uint64_t z = seed + 0x9e3779b97f4a7c15u; /* splitmix64, then never 0 */
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9u;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebu;
+    return (kt_rng){(z ^ (z >> 31)) | 1};
+}
+
+uint64_t kt_rng_next(kt_rng *g)
+{
+    g->s ^= g->s >> 12;
+    g->s ^= g->s << 25;
+    g->s ^= g->s >> 27;
+    return g->s * 0x2545f4914f6cdd1du;
+}
+
+uint64_t kt_rng_below(kt_rng *g, uint64_t n) { return n ? kt_rng_next(g) % n : 0; }
+
+int kt_runs(const char *runs_env, int n)
+{
+    const char *runs = getenv(runs_env);
+    return runs ? atoi(runs) : n;
+}
+
+uint64_t kt_seed(const char *seed_env, uint64_t base, int i, int *n)
+{
+    const char *only = getenv(seed_env);
+    if (!only)
+        return base + (uint64_t)i;
+    *n = 1;
+    return strtoull(only, NULL, 10);
+}
+
 int kt_redis_nodes(void)
 {
     const char *v = kt_env("KEEL_TEST_REDIS");

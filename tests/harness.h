@@ -73,6 +73,19 @@ void kt_nap(uint64_t ns);
  * when it cannot. */
 void kt_decimal_comma(void);
 
+/* A seeded random source for randomized tests (xorshift64*, its state
+ * from splitmix64 of the seed), and the runs of such a test: `runs_env`
+ * (e.g. "KT_LB_RUNS") may ask for more than n; `seed_env` replays one seed
+ * alone (*n becomes 1), else run i has seed base + i. */
+typedef struct kt_rng {
+    uint64_t s;
+} kt_rng;
+kt_rng kt_rng_seed(uint64_t seed);
+uint64_t kt_rng_next(kt_rng *g);
+uint64_t kt_rng_below(kt_rng *g, uint64_t n); /* 0 for n 0 */
+int kt_runs(const char *runs_env, int n);
+uint64_t kt_seed(const char *seed_env, uint64_t base, int i, int *n);
+
 #define KT_MS (1000000ull)
 #define KT_S (1000000000ull)
 

@@ -594,28 +594,6 @@ END_TEST
  * seed and step; KT_LB_SEED=n (with CK_RUN_CASE=model) replays that run
  * alone, KT_LB_RUNS=n runs n seeds instead of the test's few. */
 
-typedef struct mrng {
-    uint64_t s;
-} mrng;
-
-static mrng mrng_seed(uint64_t seed)
-{
-    uint64_t z = seed + 0x9e3779b97f4a7c15u; /* splitmix64, then never 0 */
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9u;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebu;
-    return (mrng){(z ^ (z >> 31)) | 1};
-}
-
-static uint64_t rnd(mrng *g) /* xorshift64* */
-{
-    g->s ^= g->s >> 12;
-    g->s ^= g->s << 25;
-    g->s ^= g->s >> 27;
-    return g->s * 0x2545f4914f6cdd1du;
-}
-
-static uint64_t below(mrng *g, uint64_t n) { return n ? rnd(g) % n : 0; }
-
 #define M_PEERS 48 /* peers added in one run, at most */
 #define M_PICKS 24 /* picks in flight, at most */
 
@@ -631,7 +609,7 @@ typedef struct mpeer {
 } mpeer;
 
 typedef struct mlb {
-    mrng g;
+    kt_rng g;
     uint64_t seed;
     int step;
     keel_lb_policy policy;
@@ -823,13 +801,13 @@ static void m_add(mlb *m)
         return;
     static const uint32_t weights[] = {0, 1, 1, 2, 3, 5, 7, 1000000};
     static const uint32_t fails[] = {0, 0, 1, 2, 3, KEEL_LB_NO_MAX_FAILS};
-    mrng *g = &m->g;
-    keel_lb_peer_opts o = {.weight = weights[below(g, 8)],
-                           .flags = (below(g, 5) == 0 ? KEEL_LB_BACKUP : 0) |
-                                    (below(g, 8) == 0 ? KEEL_LB_DOWN : 0),
-                           .max_fails = fails[below(g, 6)],
-                           .fail_timeout_ns = below(g, 2) ? 0 : (1 + below(g, 3)) * S,
-                           .max_conns = below(g, 4) ? 0 : (uint32_t)below(g, 3) + 1};
+    kt_rng *g = &m->g;
+    keel_lb_peer_opts o = {.weight = weights[kt_rng_below(g, 8)],
+                           .flags = (kt_rng_below(g, 5) == 0 ? KEEL_LB_BACKUP : 0) |
+                                    (kt_rng_below(g, 8) == 0 ? KEEL_LB_DOWN : 0),
+                           .max_fails = fails[kt_rng_below(g, 6)],
+                           .fail_timeout_ns = kt_rng_below(g, 2) ? 0 : (1 + kt_rng_below(g, 3)) * S,
+                           .max_conns = kt_rng_below(g, 4) ? 0 : (uint32_t)kt_rng_below(g, 3) + 1};
     mpeer *p = &m->peers[m->n];
     M_CHECK(m, keel_lb_add(m->lb, &o, &p->h) == 0, "add");
     p->id = (uint32_t)++m->n;
@@ -851,7 +829,7 @@ static mpeer *m_any(mlb *m)
         in += m->peers[i].in;
     if (in == 0)
         return NULL;
-    size_t k = below(&m->g, in);
+    size_t k = kt_rng_below(&m->g, in);
     for (size_t i = 0; i < m->n; i++)
         if (m->peers[i].in && k-- == 0)
             return &m->peers[i];
@@ -871,7 +849,7 @@ static void m_step_pick(mlb *m)
 {
     if (m->npicked == M_PICKS)
         return;
-    bool retry = below(&m->g, 5) < 2;
+    bool retry = kt_rng_below(&m->g, 5) < 2;
     keel_lb_tried want_t = m->tried;
     keel_lb_peer *h = NULL;
     int rc = keel_lb_pick(m->lb, retry ? &m->tried : NULL, &h);
@@ -890,9 +868,9 @@ static void m_step_done(mlb *m)
 {
     if (m->npicked == 0)
         return;
-    size_t k = below(&m->g, m->npicked);
+    size_t k = kt_rng_below(&m->g, m->npicked);
     mpeer *p = m->picked[k];
-    bool ok = below(&m->g, 100) >= 30;
+    bool ok = kt_rng_below(&m->g, 100) >= 30;
     M_CHECK(m, keel_lb_done(m->lb, p->h, ok, 0) == 0, "done of peer %u", p->id);
     m_done(m, p, ok);
     m->picked[k] = m->picked[--m->npicked];
@@ -902,17 +880,17 @@ static void m_step_clock(mlb *m)
 {
     mpeer *p = m_any(m);
     uint64_t ft = p ? p->fail_timeout : m->fail_timeout, d;
-    switch (below(&m->g, 6)) {
+    switch (kt_rng_below(&m->g, 6)) {
     case 0: d = 1; break;
     case 1: d = S; break;
     case 2: d = ft; break;
     case 3: d = ft + 1; break;
     case 4: /* to the end of a peer's window exactly, or 1 ns past it */
         d = p && p->checked + ft > kt_clock_now(&m->clock)
-                ? p->checked + ft - kt_clock_now(&m->clock) + below(&m->g, 2)
+                ? p->checked + ft - kt_clock_now(&m->clock) + kt_rng_below(&m->g, 2)
                 : 1;
         break;
-    default: d = below(&m->g, 3 * S); break;
+    default: d = kt_rng_below(&m->g, 3 * S); break;
     }
     kt_clock_advance(&m->clock, d);
 }
@@ -928,7 +906,7 @@ static void m_step_peer(mlb *m, bool remove)
         M_CHECK(m, keel_lb_remove(m->lb, p->h) == 0, "remove of peer %u", p->id);
         p->in = false;
     } else {
-        bool down = below(&m->g, 2);
+        bool down = kt_rng_below(&m->g, 2);
         M_CHECK(m, keel_lb_set_down(m->lb, p->h, down) == 0, "set_down of peer %u", p->id);
         p->down = down;
     }
@@ -939,21 +917,21 @@ static void m_run(keel_lb_policy policy, uint64_t seed, int steps)
     static const uint32_t fails[] = {0, 1, 2, 3, KEEL_LB_NO_MAX_FAILS};
     mlb *m = calloc(1, sizeof *m);
     ck_assert_ptr_nonnull(m);
-    m->g = mrng_seed(seed);
+    m->g = kt_rng_seed(seed);
     m->seed = seed;
     m->policy = policy;
     kt_clock_advance(&m->clock, 1000 * S);
-    keel_lb_opts o = {.policy = policy, .max_fails = fails[below(&m->g, 5)],
-                      .fail_timeout_ns = below(&m->g, 3) ? (1 + below(&m->g, 4)) * S : 0,
+    keel_lb_opts o = {.policy = policy, .max_fails = fails[kt_rng_below(&m->g, 5)],
+                      .fail_timeout_ns = kt_rng_below(&m->g, 3) ? (1 + kt_rng_below(&m->g, 4)) * S : 0,
                       .clock = kt_clock_now, .clock_ud = &m->clock};
     m->max_fails = o.max_fails ? o.max_fails : 1;
     m->fail_timeout = o.fail_timeout_ns ? o.fail_timeout_ns : 10 * S;
     M_CHECK(m, keel_lb_create(&m->lb, &o) == 0, "create");
-    for (int i = (int)below(&m->g, 6); i >= 0; i--)
+    for (int i = (int)kt_rng_below(&m->g, 6); i >= 0; i--)
         m_add(m);
     m_compare(m);
     for (m->step = 1; m->step <= steps; m->step++) {
-        uint64_t op = below(&m->g, 100);
+        uint64_t op = kt_rng_below(&m->g, 100);
         if (op < 36)
             m_step_pick(m);
         else if (op < 66)
@@ -976,28 +954,11 @@ static void m_run(keel_lb_policy policy, uint64_t seed, int steps)
     free(m);
 }
 
-/* How many runs: KT_LB_RUNS, or n; the seed of run i: KT_LB_SEED alone
- * (*n becomes 1), or base + i. */
-static int m_runs(int n)
-{
-    const char *runs = getenv("KT_LB_RUNS");
-    return runs ? atoi(runs) : n;
-}
-
-static uint64_t m_seed(uint64_t base, int i, int *n)
-{
-    const char *only = getenv("KT_LB_SEED");
-    if (!only)
-        return base + (uint64_t)i;
-    *n = 1;
-    return strtoull(only, NULL, 10);
-}
-
 START_TEST(every_pick_is_the_one_nginx_makes)
 {
-    int n = m_runs(300);
+    int n = kt_runs("KT_LB_RUNS", 300);
     for (int i = 0; i < n; i++)
-        m_run((keel_lb_policy)_i, m_seed(1000 * (uint64_t)(_i + 1), i, &n), 400);
+        m_run((keel_lb_policy)_i, kt_seed("KT_LB_SEED", 1000 * (uint64_t)(_i + 1), i, &n), 400);
 }
 END_TEST
 

@@ -666,46 +666,6 @@ typedef unsigned __int128 u128;
 
 #define CLOCK_END ((uint64_t)1 << 62) /* the fake clock stays below */
 
-typedef struct mrng {
-    uint64_t s;
-} mrng;
-
-static mrng mrng_seed(uint64_t seed)
-{
-    uint64_t z = seed + 0x9e3779b97f4a7c15u; /* splitmix64, then never 0 */
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9u;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebu;
-    return (mrng){(z ^ (z >> 31)) | 1};
-}
-
-static uint64_t rnd(mrng *g) /* xorshift64* */
-{
-    g->s ^= g->s >> 12;
-    g->s ^= g->s << 25;
-    g->s ^= g->s >> 27;
-    return g->s * 0x2545f4914f6cdd1du;
-}
-
-static uint64_t below(mrng *g, uint64_t n) { return n ? rnd(g) % n : 0; }
-
-/* How many runs a test makes: KT_LIMITER_RUNS, or its own number. */
-static int m_runs(int n)
-{
-    const char *runs = getenv("KT_LIMITER_RUNS");
-    return runs ? atoi(runs) : n;
-}
-
-/* The seed of run i of a test: KT_LIMITER_SEED alone (*n becomes 1), or
- * base + i. */
-static uint64_t m_seed(uint64_t base, int i, int *n)
-{
-    const char *only = getenv("KT_LIMITER_SEED");
-    if (!only)
-        return base + (uint64_t)i;
-    *n = 1;
-    return strtoull(only, NULL, 10);
-}
-
 /* Admissions of a key: when, and their units net of refunds. */
 typedef struct madm {
     uint64_t t, units;
@@ -1041,29 +1001,29 @@ static void m_free(model *m)
     free(m->keys);
 }
 
-static uint64_t m_cost(mrng *g, uint64_t B)
+static uint64_t m_cost(kt_rng *g, uint64_t B)
 {
-    switch (below(g, 12)) {
+    switch (kt_rng_below(g, 12)) {
     case 0: return 0;
     case 1:
     case 2: return 1;
     case 3: return B;
     case 4: return B + 1;
-    case 5: return B + 2 + below(g, 1000);
-    case 6: return UINT64_MAX - below(g, 2);
-    case 7: return (uint64_t)1 << (32 + below(g, 32));
-    default: return 1 + below(g, B > 8 && below(g, 2) ? 8 : B);
+    case 5: return B + 2 + kt_rng_below(g, 1000);
+    case 6: return UINT64_MAX - kt_rng_below(g, 2);
+    case 7: return (uint64_t)1 << (32 + kt_rng_below(g, 32));
+    default: return 1 + kt_rng_below(g, B > 8 && kt_rng_below(g, 2) ? 8 : B);
     }
 }
 
 /* A random take, peek, refund, reset or take_many() batch. */
-static void m_op(mrun *x, mrng *g)
+static void m_op(mrun *x, kt_rng *g)
 {
     model *m = &x->m;
-    mkey *k = &m->keys[below(g, m->nkeys)];
+    mkey *k = &m->keys[kt_rng_below(g, m->nkeys)];
     uint64_t cost = m_cost(g, m->B);
     keel_limit_result r;
-    int what = (int)below(g, 20);
+    int what = (int)kt_rng_below(g, 20);
     if (what < 9) {
         int rc = keel_limiter_take(x->l, k->p, k->len, cost, &r);
         m_check(x, k, OP_TAKE, cost, rc, &r);
@@ -1079,9 +1039,9 @@ static void m_op(mrun *x, mrng *g)
     } else { /* a batch, keys repeated */
         keel_limit_req q[24];
         mkey *of[24];
-        size_t n = 1 + below(g, 24);
+        size_t n = 1 + kt_rng_below(g, 24);
         for (size_t i = 0; i < n; i++) {
-            of[i] = &m->keys[below(g, 2) ? below(g, 3) : below(g, m->nkeys)];
+            of[i] = &m->keys[kt_rng_below(g, 2) ? kt_rng_below(g, 3) : kt_rng_below(g, m->nkeys)];
             q[i] = (keel_limit_req){.key = of[i]->p, .len = of[i]->len, .cost = m_cost(g, m->B)};
         }
         ck_assert_int_eq(keel_limiter_take_many(x->l, q, n), 0);
@@ -1101,10 +1061,10 @@ static void m_advance(mrun *x, uint64_t d)
     }
 }
 
-static uint64_t m_step(mrun *x, mrng *g)
+static uint64_t m_step(mrun *x, kt_rng *g)
 {
     uint64_t W = x->m.W, r = x->last_retry, z = x->last_reset;
-    switch (below(g, 16)) {
+    switch (kt_rng_below(g, 16)) {
     case 0:
     case 1: return 0;
     case 2: return 1;
@@ -1112,14 +1072,14 @@ static uint64_t m_step(mrun *x, mrng *g)
     case 4: return W;
     case 5: return W + 1;
     case 6: return 2 * W - 1;
-    case 7: return below(g, W);
-    case 8: return below(g, 3 * W);
+    case 7: return kt_rng_below(g, W);
+    case 8: return kt_rng_below(g, 3 * W);
     case 9: return r;
     case 10: return r ? r - 1 : 0;
     case 11: return z;
     case 12: return z ? z - 1 : 0;
-    case 13: return (uint64_t)1 << below(g, 61);
-    default: return below(g, W / 8 + 2);
+    case 13: return (uint64_t)1 << kt_rng_below(g, 61);
+    default: return kt_rng_below(g, W / 8 + 2);
     }
 }
 
@@ -1127,11 +1087,11 @@ static uint64_t m_step(mrun *x, mrng *g)
  * it still fails, and exactly then it passes, nothing else asked
  * meanwhile. After that take, every unit is back exactly at its reset_ns,
  * and not 1 ns before. */
-static void m_probe(mrun *x, mrng *g)
+static void m_probe(mrun *x, kt_rng *g)
 {
     model *m = &x->m;
-    mkey *k = &m->keys[below(g, m->nkeys)];
-    uint64_t cost = 1 + below(g, m->B < 4 ? m->B : 4);
+    mkey *k = &m->keys[kt_rng_below(g, m->nkeys)];
+    uint64_t cost = 1 + kt_rng_below(g, m->B < 4 ? m->B : 4);
     keel_limit_result r = {.allowed = 1};
     for (int i = 0; i < 64 && r.allowed; i++)
         m_check(x, k, OP_TAKE, cost, keel_limiter_take(x->l, k->p, k->len, cost, &r), &r);
@@ -1157,20 +1117,20 @@ static void m_probe(mrun *x, mrng *g)
 }
 
 /* A policy for run `seed`, in process. */
-static void m_local_open(mrun *x, keel_limit_algo algo, mrng *g, size_t max_keys)
+static void m_local_open(mrun *x, keel_limit_algo algo, kt_rng *g, size_t max_keys)
 {
     static const uint64_t limits[] = {1, 2, 3, 7, 10, 100, 1000, UINT32_MAX};
     static const uint64_t windows[] = {1, 2, 3, 1000, 999983, S, 60 * S, (uint64_t)1 << 60};
     static const char *const names[] = {NULL, "api", "a-policy-name-of-the-longest-length-a-quoted-string-may-hold-63"};
-    uint64_t L = below(g, 4) ? limits[below(g, 8)] : 1 + below(g, UINT32_MAX);
-    uint64_t W = below(g, 4) ? windows[below(g, 8)] : 1 + below(g, (uint64_t)1 << 60);
-    uint64_t bursts[] = {0, 1, L, 1 + below(g, UINT32_MAX), UINT32_MAX};
-    uint64_t burst = algo == KEEL_LIMIT_GCRA ? bursts[below(g, 5)] : 0;
-    const char *name = names[below(g, 3)];
+    uint64_t L = kt_rng_below(g, 4) ? limits[kt_rng_below(g, 8)] : 1 + kt_rng_below(g, UINT32_MAX);
+    uint64_t W = kt_rng_below(g, 4) ? windows[kt_rng_below(g, 8)] : 1 + kt_rng_below(g, (uint64_t)1 << 60);
+    uint64_t bursts[] = {0, 1, L, 1 + kt_rng_below(g, UINT32_MAX), UINT32_MAX};
+    uint64_t burst = algo == KEEL_LIMIT_GCRA ? bursts[kt_rng_below(g, 5)] : 0;
+    const char *name = names[kt_rng_below(g, 3)];
     keel_limiter_opts o = {.algo = algo, .limit = L, .window_ns = W, .burst = burst, .name = name,
                            .max_keys = max_keys, .clock = kt_clock_now, .clock_ud = &clk};
-    uint64_t starts[] = {0, 1, W - 1, 1000 * S, below(g, (uint64_t)1 << 61)};
-    x->now = starts[below(g, 5)];
+    uint64_t starts[] = {0, 1, W - 1, 1000 * S, kt_rng_below(g, (uint64_t)1 << 61)};
+    x->now = starts[kt_rng_below(g, 5)];
     set_time(x->now);
     ck_assert_msg(keel_limiter_create(&x->l, &o) == 0, "seed %llu: create", (unsigned long long)x->seed);
     x->m = (model){.algo = algo, .L = L, .W = W, .B = burst ? burst : L, .unit = 1};
@@ -1181,14 +1141,14 @@ static void m_local_open(mrun *x, keel_limit_algo algo, mrng *g, size_t max_keys
 
 static void m_run_local(keel_limit_algo algo, uint64_t seed, int steps)
 {
-    mrng g = mrng_seed(seed);
+    kt_rng g = kt_rng_seed(seed);
     mrun x = {.seed = seed};
     m_local_open(&x, algo, &g, 0);
     m_keys(&x.m);
     for (x.step = 0; x.step < steps; x.step++) {
-        if (below(&g, 2))
+        if (kt_rng_below(&g, 2))
             m_advance(&x, m_step(&x, &g));
-        if (below(&g, 30) == 0)
+        if (kt_rng_below(&g, 30) == 0)
             m_probe(&x, &g);
         else
             m_op(&x, &g);
@@ -1199,9 +1159,9 @@ static void m_run_local(keel_limit_algo algo, uint64_t seed, int steps)
 
 START_TEST(each_algorithm_answers_as_its_model)
 {
-    int n = m_runs(40);
+    int n = kt_runs("KT_LIMITER_RUNS", 40);
     for (int i = 0; i < n; i++)
-        m_run_local((keel_limit_algo)_i, m_seed(1000 * (uint64_t)(_i + 1), i, &n), 300);
+        m_run_local((keel_limit_algo)_i, kt_seed("KT_LIMITER_SEED", 1000 * (uint64_t)(_i + 1), i, &n), 300);
 }
 END_TEST
 
@@ -1212,12 +1172,12 @@ END_TEST
  * answer as fresh keys, and from then on the model forgets them too. */
 static void m_run_evict(keel_limit_algo algo, uint64_t seed, int steps)
 {
-    mrng g = mrng_seed(seed);
+    kt_rng g = kt_rng_seed(seed);
     mrun x = {.seed = seed};
-    size_t max_keys = 1 + below(&g, 200);
+    size_t max_keys = 1 + kt_rng_below(&g, 200);
     m_local_open(&x, algo, &g, max_keys);
     model *m = &x.m;
-    m->nkeys = max_keys + 1 + below(&g, 2 * max_keys + 8);
+    m->nkeys = max_keys + 1 + kt_rng_below(&g, 2 * max_keys + 8);
     m->keys = calloc(m->nkeys, sizeof *m->keys);
     char *names = calloc(m->nkeys, 40);
     ck_assert(m->keys && names);
@@ -1228,13 +1188,13 @@ static void m_run_evict(keel_limit_algo algo, uint64_t seed, int steps)
     }
     uint64_t active = 0;
     for (x.step = 0; x.step < steps; x.step++) {
-        uint64_t W = m->W, steps_of[] = {0, 0, 1, below(&g, W / 4 + 1), W, 2 * W, W / 2 + 1};
-        if (below(&g, 3) == 0)
-            m_advance(&x, steps_of[below(&g, 7)]);
-        mkey *k = &m->keys[below(&g, m->nkeys)];
-        uint64_t cost = below(&g, 4) ? 1 + below(&g, m->B < 3 ? m->B : 3) : m_cost(&g, m->B);
+        uint64_t W = m->W, steps_of[] = {0, 0, 1, kt_rng_below(&g, W / 4 + 1), W, 2 * W, W / 2 + 1};
+        if (kt_rng_below(&g, 3) == 0)
+            m_advance(&x, steps_of[kt_rng_below(&g, 7)]);
+        mkey *k = &m->keys[kt_rng_below(&g, m->nkeys)];
+        uint64_t cost = kt_rng_below(&g, 4) ? 1 + kt_rng_below(&g, m->B < 3 ? m->B : 3) : m_cost(&g, m->B);
         keel_limit_result r;
-        int what = (int)below(&g, 20);
+        int what = (int)kt_rng_below(&g, 20);
         if (what < 14)
             m_check(&x, k, OP_TAKE, cost, keel_limiter_take(x.l, k->p, k->len, cost, &r), &r);
         else if (what < 16)
@@ -1275,9 +1235,9 @@ static void m_run_evict(keel_limit_algo algo, uint64_t seed, int steps)
 
 START_TEST(a_key_dropped_at_max_keys_idle_loses_nothing)
 {
-    int n = m_runs(60);
+    int n = kt_runs("KT_LIMITER_RUNS", 60);
     for (int i = 0; i < n; i++)
-        m_run_evict((keel_limit_algo)_i, m_seed(5000 * (uint64_t)(_i + 1), i, &n), 500);
+        m_run_evict((keel_limit_algo)_i, kt_seed("KT_LIMITER_SEED", 5000 * (uint64_t)(_i + 1), i, &n), 500);
 }
 END_TEST
 
@@ -1894,21 +1854,21 @@ static void m_run_redis(keel_redis *redis, keel_limit_algo algo, uint64_t seed, 
     static const uint64_t gcra_limits[] = {1, 2, 4, 5, 8, 10, 20, 25, 40, 50, 100, 125, 200, 250, 500, 1000};
     static const uint64_t limits[] = {1, 2, 3, 5, 10, 100, 1000, UINT32_MAX};
     static const uint64_t bursts[] = {0, 1, 2, 7, 100};
-    mrng g = mrng_seed(seed);
+    kt_rng g = kt_rng_seed(seed);
     mrun x = {.seed = seed, .src = KEEL_LIMIT_SRC_REDIS};
-    uint64_t W = windows_us[below(&g, 5)], L, B = 0;
+    uint64_t W = windows_us[kt_rng_below(&g, 5)], L, B = 0;
     if (algo == KEEL_LIMIT_GCRA) {
-        L = gcra_limits[below(&g, 16)];
-        B = bursts[below(&g, 5)];
+        L = gcra_limits[kt_rng_below(&g, 16)];
+        B = bursts[kt_rng_below(&g, 5)];
     } else {
-        L = below(&g, 4) ? limits[below(&g, 8)] : 1 + below(&g, 100000);
+        L = kt_rng_below(&g, 4) ? limits[kt_rng_below(&g, 8)] : 1 + kt_rng_below(&g, 100000);
         if (3.0 * (double)L * (double)W >= 9007199254740992.0)
             L = 1000;
     }
     char prefix[96];
     snprintf(prefix, sizeof prefix, "kt:model:%d:%llu:", getpid(), (unsigned long long)seed);
     keel_limiter_opts o = {.algo = algo, .limit = L, .window_ns = W * 1000, .burst = B, .redis = redis,
-                           .prefix = prefix, .name = below(&g, 2) ? "api" : NULL,
+                           .prefix = prefix, .name = kt_rng_below(&g, 2) ? "api" : NULL,
                            .on_store_error = KEEL_LIMIT_FAIL_CLOSED};
     ck_assert_msg(keel_limiter_create(&x.l, &o) == 0, "seed %llu: create", (unsigned long long)seed);
     x.m = (model){.algo = algo, .L = L, .W = W, .B = B ? B : L, .unit = 1000};
@@ -1926,9 +1886,9 @@ static void m_run_redis(keel_redis *redis, keel_limit_algo algo, uint64_t seed, 
 START_TEST(redis_answers_as_the_model)
 {
     keel_redis *redis = redis_nodes(3);
-    int n = m_runs(20);
+    int n = kt_runs("KT_LIMITER_RUNS", 20);
     for (int i = 0; i < n; i++)
-        m_run_redis(redis, (keel_limit_algo)_i, m_seed(9000 * (uint64_t)(_i + 1), i, &n), 300);
+        m_run_redis(redis, (keel_limit_algo)_i, kt_seed("KT_LIMITER_SEED", 9000 * (uint64_t)(_i + 1), i, &n), 300);
     keel_redis_destroy(redis);
 }
 END_TEST
