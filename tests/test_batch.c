@@ -1735,7 +1735,7 @@ int main(void)
     suite_add_tcase(s, tc);
     TCase *mc = tcase_create("model");
     tcase_set_timeout(mc, 60);
-    tcase_set_tags(mc, "slow model"); /* 120 random runs: plain and ASan runs check them */
+    tcase_set_tags(mc, "model"); /* 120 random runs: plain and ASan runs check them */
     tcase_add_test(mc, random_operations_agree_with_the_model);
     suite_add_tcase(s, mc);
     TCase *big = tcase_create("million");
@@ -1743,7 +1743,7 @@ int main(void)
     tcase_add_test(big, two_million_items_all_accounted_for_one_worker);
     tcase_add_test(big, two_million_items_all_accounted_for_three_workers);
     tcase_add_test(big, each_thread_keeps_its_order);
-    tcase_set_tags(big, "slow"); /* millions of items: not under valgrind */
+    tcase_set_tags(big, "stress"); /* millions of items: not under valgrind */
     suite_add_tcase(s, big);
     TCase *pgc = tcase_create("postgresql");
     tcase_set_timeout(pgc, 60);

@@ -369,6 +369,7 @@ int main(void)
     suite_add_tcase(s, tc);
     tc = tcase_create("threads");
     tcase_set_timeout(tc, 30);
+    tcase_set_tags(tc, "stress"); /* races: for the sanitizer runs, not valgrind's one thread at a time */
     tcase_add_test(tc, concurrent_callers_drive_it_through_every_state);
     tcase_add_test(tc, emptying_a_time_window_under_load_leaves_no_phantom_calls);
     suite_add_tcase(s, tc);

@@ -2006,12 +2006,20 @@ int main(void)
     tcase_add_test(tc, an_early_refresh_that_finds_the_key_gone_says_so);
     tcase_add_test(tc, the_hot_set_survives_a_scan);
     tcase_add_test(tc, a_set_is_not_evicted_by_its_own_insert);
-    tcase_add_test(tc, readers_go_on_while_the_table_grows);
     tcase_add_test(tc, hits_from_many_threads_are_all_counted);
     tcase_add_test(tc, bad_input_is_refused);
-    tcase_add_test(tc, l1_agrees_with_a_model);
-    tcase_add_test(tc, threads_never_get_a_value_not_set_for_the_key);
     suite_add_tcase(s, tc);
+    TCase *th = tcase_create("threads");
+    tcase_set_tags(th, "stress"); /* threads racing: not under valgrind */
+    tcase_set_timeout(th, 60);
+    tcase_add_test(th, readers_go_on_while_the_table_grows);
+    tcase_add_test(th, threads_never_get_a_value_not_set_for_the_key);
+    suite_add_tcase(s, th);
+    TCase *mo = tcase_create("model");
+    tcase_set_tags(mo, "model"); /* one thread, random steps: not under TSan or valgrind */
+    tcase_set_timeout(mo, 60);
+    tcase_add_test(mo, l1_agrees_with_a_model);
+    suite_add_tcase(s, mo);
     TCase *sv = tcase_create("servers");
     tcase_set_timeout(sv, 120);
     tcase_add_test(sv, a_miss_fills_every_tier_and_l1_ttl_is_capped);

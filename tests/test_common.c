@@ -208,7 +208,7 @@ END_TEST
 /* A hook installed at one level never gets a message above it, even from
  * a thread that was already logging when the hook changed. */
 static atomic_int too_verbose, quiet_calls;
-static atomic_bool logging_done;
+static atomic_bool logging_stop;
 static void quiet_hook(keel_log_level lv, const char *mod, const char *msg, void *ud)
 {
     (void)mod, (void)msg, (void)ud;
@@ -224,9 +224,8 @@ static void chatty_hook(keel_log_level lv, const char *mod, const char *msg, voi
 static void *log_debug_lines(void *arg)
 {
     (void)arg;
-    for (int i = 0; i < 200000 && !atomic_load(&too_verbose); i++)
+    for (int i = 0; !atomic_load(&logging_stop) && !atomic_load(&too_verbose); i++)
         keel__log(i % 2 ? KEEL_LOG_DEBUG : KEEL_LOG_ERROR, "test", "line %d of %s", i, "a debug run");
-    atomic_store(&logging_done, true);
     return NULL;
 }
 
@@ -235,10 +234,12 @@ START_TEST(a_new_hook_gets_nothing_above_its_level)
     pthread_t t;
     keel_set_log(chatty_hook, KEEL_LOG_DEBUG, NULL);
     ck_assert_int_eq(pthread_create(&t, NULL, log_debug_lines, NULL), 0);
-    while (!atomic_load(&logging_done)) {
+    /* until the quiet hook has had its share of the lines */
+    for (int i = 0; i < 100000 || atomic_load(&quiet_calls) < 1000; i++) {
         keel_set_log(chatty_hook, KEEL_LOG_DEBUG, NULL);
         keel_set_log(quiet_hook, KEEL_LOG_ERROR, NULL);
     }
+    atomic_store(&logging_stop, true);
     ck_assert_int_eq(pthread_join(t, NULL), 0);
     keel_set_log(NULL, KEEL_LOG_ERROR, NULL);
     ck_assert_int_gt((int)atomic_load(&quiet_calls), 0);
@@ -559,6 +560,10 @@ int main(void)
     tcase_add_test(tc, a_forked_child_draws_other_numbers);
     tcase_add_test(tc, all_memory_goes_through_the_allocator_hooks);
     tcase_add_test(tc, the_log_hook_gets_messages_up_to_its_level);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("log-race");
+    tcase_set_tags(tc, "stress");
+    tcase_set_timeout(tc, 60);
     tcase_add_test(tc, a_new_hook_gets_nothing_above_its_level);
     suite_add_tcase(s, tc);
     tc = tcase_create("rcu");

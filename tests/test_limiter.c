@@ -1918,13 +1918,13 @@ int main(void)
     suite_add_tcase(s, tc);
     TCase *mo = tcase_create("model");
     tcase_set_timeout(mo, 30);
-    tcase_set_tags(mo, "slow model"); /* thousands of random steps: plain and ASan runs check them */
+    tcase_set_tags(mo, "model"); /* thousands of random steps: plain and ASan runs check them */
     tcase_add_loop_test(mo, each_algorithm_answers_as_its_model, 0, 3);
     tcase_add_loop_test(mo, a_key_dropped_at_max_keys_idle_loses_nothing, 0, 3);
     suite_add_tcase(s, mo);
     TCase *big = tcase_create("million");
     tcase_add_test(big, memory_stays_bounded_over_a_million_keys);
-    tcase_set_tags(big, "slow"); /* a million decisions: not under valgrind */
+    tcase_set_tags(big, "slow"); /* a million decisions: plain runs only */
     tcase_set_timeout(big, 60);
     suite_add_tcase(s, big);
     TCase *rd = tcase_create("redis");
@@ -1947,7 +1947,7 @@ int main(void)
     suite_add_tcase(s, rd);
     TCase *rm = tcase_create("redis-model");
     tcase_set_timeout(rm, 60);
-    tcase_set_tags(rm, "slow model");
+    tcase_set_tags(rm, "model");
     tcase_add_loop_test(rm, redis_answers_as_the_model, 0, 3);
     suite_add_tcase(s, rm);
     return kt_run(s);

@@ -1261,7 +1261,7 @@ int main(void)
     tcase_add_test(tc, module_metrics_pass_promtool);
     suite_add_tcase(s, tc);
     tc = tcase_create("threads");
-    tcase_set_tags(tc, "slow");
+    tcase_set_tags(tc, "stress");
     tcase_set_timeout(tc, 30);
     tcase_add_test(tc, two_threads_count_exactly);
     tcase_add_test(tc, counts_of_exited_threads_are_kept_once);

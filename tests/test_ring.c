@@ -725,6 +725,9 @@ int main(void)
     tcase_set_timeout(tc, 30);
     tcase_add_loop_test(tc, ketama_matches_libmemcached, 0,
                         (int)(sizeof ketama_cases / sizeof ketama_cases[0]));
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("ketama-edges");
     tcase_add_test(tc, ketama_matches_libmemcached_after_a_removal);
     tcase_add_test(tc, ketama_matches_libmemcached_with_the_longest_host_names);
     suite_add_tcase(s, tc);
