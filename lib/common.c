@@ -233,8 +233,17 @@ static keel_log_fn keel__log_fn;
 static void *keel__log_ud;
 static atomic_int keel__log_max = -1;
 
+/* A fork while another thread holds the lock would leave it held for good
+ * in the child, whose first message would wait for ever. */
+static pthread_once_t keel__log_fork_once = PTHREAD_ONCE_INIT;
+static void log_before_fork(void) { pthread_mutex_lock(&keel__log_mu); }
+static void log_after_fork(void) { pthread_mutex_unlock(&keel__log_mu); }
+static void log_watch_forks(void) { pthread_atfork(log_before_fork, log_after_fork, log_after_fork); }
+
 KEEL_API void keel_set_log(keel_log_fn fn, keel_log_level max_level, void *ud)
 {
+    /* keel__log takes the lock only once a hook is set, so only here */
+    pthread_once(&keel__log_fork_once, log_watch_forks);
     pthread_mutex_lock(&keel__log_mu);
     keel__log_fn = fn;
     keel__log_ud = ud;

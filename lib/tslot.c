@@ -12,6 +12,7 @@ static pthread_mutex_t reg_mu = PTHREAD_MUTEX_INITIALIZER;
 static keel__towner **reg;
 static size_t reg_cap, reg_live;
 static uint64_t reg_gen;
+static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
 static pthread_key_t exit_key;
 static pthread_once_t exit_once = PTHREAD_ONCE_INIT;
 static bool exit_key_ok;
@@ -97,8 +98,17 @@ void keel__tslot_drop(keel__towner *o)
     table_free_if_empty(t);
 }
 
+/* A fork while another thread exits (which holds reg_mu while it hands
+ * its data back) would leave reg_mu held for good in the child, and the
+ * child's first pool, batch or registry would wait for ever. Under reg_mu
+ * only the owners' own locks are taken, none of them around a fork. */
+static void before_fork(void) { pthread_mutex_lock(&reg_mu); }
+static void after_fork(void) { pthread_mutex_unlock(&reg_mu); }
+static void watch_forks(void) { pthread_atfork(before_fork, after_fork, after_fork); }
+
 int keel__towner_register(keel__towner *o)
 {
+    pthread_once(&fork_once, watch_forks); /* nothing takes reg_mu before this */
     pthread_mutex_lock(&reg_mu);
     size_t id = 0;
     while (id < reg_cap && reg[id])

@@ -2,10 +2,13 @@
 #define _GNU_SOURCE
 #include <libpq-fe.h>
 #include <locale.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <keel/redis.h>
 
@@ -34,6 +37,20 @@ void kt_nap(uint64_t ns)
     struct timespec ts = {(time_t)(ns / 1000000000u), (long)(ns % 1000000000u)};
     while (nanosleep(&ts, &ts) != 0)
         ;
+}
+
+bool kt_in_child(int (*fn)(void *), void *arg, unsigned seconds)
+{
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        signal(SIGALRM, SIG_DFL); /* not Check's handler */
+        alarm(seconds);
+        _exit(fn(arg));
+    }
+    int status;
+    ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+    return WIFEXITED(status) && WEXITSTATUS(status) == 0;
 }
 
 kt_rng kt_rng_seed(uint64_t seed)

@@ -5,6 +5,7 @@
 
 #include <check.h>
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stdint.h>
 
 /* Check's ck_assert_msg, which every ck_assert_* goes through, reports each
@@ -77,6 +78,11 @@ void kt_clock_advance(kt_clock *c, uint64_t ns);
 /* Sleeps for real: for waits on real servers and threads, never for the
  * time of the code under test (that comes from a kt_clock). */
 void kt_nap(uint64_t ns);
+
+/* Runs fn(arg) in a forked child, which is killed when it has not exited
+ * within `seconds`; true when the child exited with status 0 (fn's return
+ * value is its exit status). */
+bool kt_in_child(int (*fn)(void *), void *arg, unsigned seconds);
 
 /* Makes the calling process write numbers with a decimal comma
  * (LC_NUMERIC), as a host program may have chosen: a locale of only that,

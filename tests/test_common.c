@@ -248,6 +248,49 @@ START_TEST(a_new_hook_gets_nothing_above_its_level)
 }
 END_TEST
 
+#if !defined(__SANITIZE_THREAD__) /* see main() */
+/* A fork while another thread is inside keel__log: the child's first
+ * message must not wait for a lock that thread took into the fork. */
+static atomic_long fork_log_lines;
+static void counting_hook(keel_log_level lv, const char *mod, const char *msg, void *ud)
+{
+    (void)lv, (void)mod, (void)msg, (void)ud;
+    atomic_fetch_add(&fork_log_lines, 1);
+}
+
+static void *log_until_stopped(void *arg)
+{
+    atomic_bool *stop = arg;
+    while (!atomic_load(stop))
+        keel__log(KEEL_LOG_ERROR, "test", "x");
+    return NULL;
+}
+
+static int log_a_line(void *arg)
+{
+    (void)arg;
+    keel__log(KEEL_LOG_ERROR, "child", "one line");
+    return 0;
+}
+
+START_TEST(a_child_forked_while_another_thread_logs_can_log)
+{
+    keel_set_log(counting_hook, KEEL_LOG_ERROR, NULL);
+    atomic_bool stop = false;
+    pthread_t t;
+    ck_assert_int_eq(pthread_create(&t, NULL, log_until_stopped, &stop), 0);
+    bool ok = true;
+    for (int i = 0; i < 300 && ok; i++)
+        ok = kt_in_child(log_a_line, NULL, 5);
+    atomic_store(&stop, true);
+    ck_assert_int_eq(pthread_join(t, NULL), 0);
+    keel_set_log(NULL, KEEL_LOG_ERROR, NULL);
+    ck_assert_msg(ok, "a forked child hung in its first keel__log");
+    ck_assert_int_gt(atomic_load(&fork_log_lines), 0);
+}
+END_TEST
+#endif
+
 /* ---- RCU (lib/rcu.h) ----
  * A writer swaps the published node, waits for a grace period, marks the
  * old node dead and frees it; readers check, inside their sections, that
@@ -565,6 +608,9 @@ int main(void)
     tcase_set_tags(tc, "stress");
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, a_new_hook_gets_nothing_above_its_level);
+#if !defined(__SANITIZE_THREAD__)
+    tcase_add_test(tc, a_child_forked_while_another_thread_logs_can_log); /* see below */
+#endif
     suite_add_tcase(s, tc);
     tc = tcase_create("rcu");
     tcase_set_tags(tc, "stress");

@@ -736,6 +736,61 @@ START_TEST(debug_mode_refuses_double_and_foreign_releases)
 }
 END_TEST
 
+#if !defined(__SANITIZE_THREAD__) /* see pool_suite() */
+/* A fork while another thread exits with a cache of a pool: the child's
+ * first pool must not wait for the lock that exit took into the fork. */
+enum { FORK_POOLS = 64 }; /* an exit hands back 64 caches: a wide window */
+
+static void *use_all_and_exit(void *arg)
+{
+    keel_pool **p = arg;
+    for (int i = 0; i < FORK_POOLS; i++)
+        keel_pool_release(p[i], keel_pool_acquire(p[i]));
+    return NULL;
+}
+
+static void *exit_threads_until_stopped(void *arg)
+{
+    void **a = arg;
+    while (!atomic_load((atomic_bool *)a[1])) {
+        pthread_t t;
+        if (pthread_create(&t, NULL, use_all_and_exit, a[0]) == 0)
+            pthread_join(t, NULL);
+    }
+    return NULL;
+}
+
+static int make_a_pool(void *arg)
+{
+    (void)arg;
+    keel_pool *q;
+    if (keel_pool_create(&q, &(keel_pool_opts){.obj_size = 8}) != 0)
+        return 2;
+    keel_pool_destroy(q);
+    return 0;
+}
+
+START_TEST(a_child_forked_while_a_thread_exits_can_make_a_pool)
+{
+    keel_pool *p[FORK_POOLS];
+    for (int i = 0; i < FORK_POOLS; i++)
+        ck_assert_int_eq(keel_pool_create(&p[i], &(keel_pool_opts){.obj_size = 64}), 0);
+    atomic_bool stop = false;
+    void *arg[2] = {p, &stop};
+    pthread_t t;
+    ck_assert_int_eq(pthread_create(&t, NULL, exit_threads_until_stopped, arg), 0);
+    bool ok = true;
+    for (int i = 0; i < 300 && ok; i++)
+        ok = kt_in_child(make_a_pool, NULL, 5);
+    atomic_store(&stop, true);
+    ck_assert_int_eq(pthread_join(t, NULL), 0);
+    for (int i = 0; i < FORK_POOLS; i++)
+        keel_pool_destroy(p[i]);
+    ck_assert_msg(ok, "a forked child could not make a pool");
+}
+END_TEST
+#endif
+
 static Suite *pool_suite(void)
 {
     Suite *s = suite_create("pool");
@@ -770,6 +825,15 @@ static Suite *pool_suite(void)
     tcase_add_test(tc, without_membarrier_the_fast_paths_fence_themselves);
     tcase_add_test(tc, hooks_may_use_other_pools_while_threads_exit);
     suite_add_tcase(s, tc);
+
+#if !defined(__SANITIZE_THREAD__)
+    /* ThreadSanitizer supports no fork of a threaded process */
+    tc = tcase_create("fork");
+    tcase_set_tags(tc, "stress"); /* threads racing a fork: not under valgrind */
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, a_child_forked_while_a_thread_exits_can_make_a_pool);
+    suite_add_tcase(s, tc);
+#endif
     return s;
 }
 
