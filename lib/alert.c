@@ -1038,15 +1038,15 @@ static int pairs_dup(const char *const *kv, size_t n, char ***out)
     return 0;
 }
 
-/* Whether n rule labels can go to Alertmanager beside alertname: names
- * [a-zA-Z_][a-zA-Z0-9_]*, each once and none "alertname" (the JSON would
- * have a key twice), values UTF-8. */
-static bool labels_ok(const char *const *kv, size_t n)
+/* Whether n rule labels (or annotations) can go to Alertmanager: names
+ * [a-zA-Z_][a-zA-Z0-9_]*, each once (the JSON would have a key twice),
+ * values UTF-8; no label "alertname", which is the rule's name. */
+static bool pairs_ok(const char *const *kv, size_t n, bool labels)
 {
     for (size_t i = 0; i < n; i++) {
         const char *k = kv[2 * i];
-        if (!k || !kv[2 * i + 1] || !*k || isdigit((unsigned char)*k) || strcmp(k, "alertname") == 0 ||
-            !keel__utf8_ok(kv[2 * i + 1]))
+        if (!k || !kv[2 * i + 1] || !*k || isdigit((unsigned char)*k) ||
+            (labels && strcmp(k, "alertname") == 0) || !keel__utf8_ok(kv[2 * i + 1]))
             return false;
         for (const char *p = k; *p; p++)
             if (!(isalnum((unsigned char)*p) && (unsigned char)*p < 0x80) && *p != '_')
@@ -1082,7 +1082,8 @@ KEEL_API int keel_alerts_add(keel_alerts *a, const char *name, const char *text,
         *err_pos = 0;
     if (!a || !name || !*name || !text || (nlabels && !labels) || (nannotations && !annotations) ||
         nlabels >= SIZE_MAX / 2 || nannotations >= SIZE_MAX / 2 || /* 2 n + 1 strings would wrap */
-        !keel__utf8_ok(name) || !labels_ok(labels, nlabels))
+        !keel__utf8_ok(name) || !pairs_ok(labels, nlabels, true) ||
+        !pairs_ok(annotations, nannotations, false))
         return KEEL_EINVAL;
     pthread_mutex_lock(&a->mu);
     for (size_t i = 0; i < a->nrules; i++)

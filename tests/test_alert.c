@@ -595,6 +595,15 @@ START_TEST(malformed_rules_report_where)
         ck_assert_msg(keel_alerts_add(f.a, "Lbl", "last(x[1m]) > 1", bad_labels[i], bad_labels[i][2] ? 2 : 1,
                                       NULL, 0, NULL) == KEEL_EINVAL,
                       "labels %zu taken", i);
+    /* annotations go into the same JSON: the same rules, but one may be
+     * named alertname (Alertmanager keeps annotations apart) */
+    for (size_t i = 1; i < sizeof bad_labels / sizeof bad_labels[0]; i++)
+        ck_assert_msg(keel_alerts_add(f.a, "Ann", "last(x[1m]) > 1", NULL, 0, bad_labels[i],
+                                      bad_labels[i][2] ? 2 : 1, NULL) == KEEL_EINVAL,
+                      "annotations %zu taken", i);
+    ck_assert_int_eq(keel_alerts_add(f.a, "Ann", "last(x[1m]) > 1", NULL, 0,
+                                     (const char *[]){"alertname", "x", "summary", "caf\xc3\xa9"}, 2, NULL),
+                     0);
     ck_assert_int_eq(keel_alerts_add(f.a, "Bad\xff", "last(x[1m]) > 1", NULL, 0, NULL, 0, NULL), KEEL_EINVAL);
     ck_assert_int_eq(keel_alerts_add(f.a, "Lbl", "last(x[1m]) > 1",
                                      (const char *[]){"_team9", "caf\xc3\xa9", "severity", ""}, 2, NULL, 0, NULL),

@@ -122,7 +122,8 @@ KEEL_API int keel_alerts_create(keel_alerts **out, const keel_alerts_opts *opts)
  * KEEL_EINVAL for NULL, an empty name or one that is not UTF-8, a pair
  * count of SIZE_MAX / 2 or more, a label named "alertname" (the rule's
  * name is that label) or named twice, a label name not matching
- * [a-zA-Z_][a-zA-Z0-9_]*, a label value that is not UTF-8, or a rule that
+ * [a-zA-Z_][a-zA-Z0-9_]*, a label value that is not UTF-8 (the same for
+ * annotations, but for alertname, which they may have), or a rule that
  * does not parse — then *err_pos (may be NULL) is the byte offset where
  * parsing stopped;
  * KEEL_EEXIST for a name in use; KEEL_ENOMEM. */
