@@ -45,12 +45,12 @@ for t in "$@"; do
     fi
     echo "== $name"
     t0=$(date +%s)
-    $wrap "$t"; rc=$?
-    case $rc in
-    0) pass=$((pass + 1)) ;;
-    *)  [ -z "$wrap" ] || [ $rc -ne 124 ] || echo "== $name: stopped after ${VALGRIND_TIMEOUT:-600} s"
-        fail=$((fail + 1)); failed="$failed $name" ;;
-    esac
+    if $wrap "$t"; then
+        pass=$((pass + 1))
+    else
+        [ $? -ne 124 ] || [ -z "$wrap" ] || echo "== $name: stopped after ${VALGRIND_TIMEOUT:-600} s"
+        fail=$((fail + 1)); failed="$failed $name"
+    fi
     echo "== $name: $(( $(date +%s) - t0 )) s"
 done
 echo "== $pass suites passed, $fail failed${failed:+:$failed}"
