@@ -2,11 +2,9 @@
  * version. */
 #define _GNU_SOURCE
 #include <pthread.h>
-#include <signal.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <keel.h>
@@ -118,26 +116,25 @@ static void cnt_free(void *p)
 }
 
 /* A forked child does not repeat its parent's numbers. */
+static int draw_in_child(void *arg)
+{
+    int *fds = arg;
+    uint64_t mine[4];
+    for (int i = 0; i < 4; i++)
+        mine[i] = keel_rand_u64(NULL);
+    return write(fds[1], mine, sizeof mine) == (ssize_t)sizeof mine ? 0 : 1;
+}
+
 START_TEST(a_forked_child_draws_other_numbers)
 {
     keel_rand_u64(NULL); /* seeded before the fork */
     int fds[2];
     ck_assert_int_eq(pipe(fds), 0);
-    pid_t pid = fork();
-    ck_assert_int_ge(pid, 0);
-    if (pid == 0) {
-        uint64_t mine[4];
-        for (int i = 0; i < 4; i++)
-            mine[i] = keel_rand_u64(NULL);
-        _exit(write(fds[1], mine, sizeof mine) == (ssize_t)sizeof mine ? 0 : 1);
-    }
+    ck_assert(kt_in_child(draw_in_child, fds, 5));
     uint64_t ours[4], theirs[4];
     for (int i = 0; i < 4; i++)
         ours[i] = keel_rand_u64(NULL);
     ck_assert_int_eq(read(fds[0], theirs, sizeof theirs), (ssize_t)sizeof theirs);
-    int status;
-    ck_assert_int_eq(waitpid(pid, &status, 0), pid);
-    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
     ck_assert_msg(memcmp(ours, theirs, sizeof ours) != 0, "the child drew the parent's numbers");
     close(fds[0]);
     close(fds[1]);
@@ -559,6 +556,16 @@ static void *rcu_fork_reader(void *arg)
     return NULL;
 }
 
+static int rcu_in_child(void *arg)
+{
+    (void)arg;
+    if (keel__rcu_read_lock() != 0)
+        return 1;
+    keel__rcu_read_unlock();
+    keel__rcu_synchronize();
+    return 0;
+}
+
 START_TEST(rcu_a_forked_child_has_grace_periods)
 {
     rcu_hold h = {0};
@@ -571,20 +578,7 @@ START_TEST(rcu_a_forked_child_has_grace_periods)
         sched_yield();
     for (int i = 0; i < 50; i++) /* into its synchronize */
         sched_yield();
-    pid_t pid = fork();
-    ck_assert_int_ge(pid, 0);
-    if (pid == 0) {
-        signal(SIGALRM, SIG_DFL); /* not Check's handler */
-        alarm(20); /* a child that hangs is killed: the test fails */
-        ck_assert_int_eq(keel__rcu_read_lock(), 0);
-        keel__rcu_read_unlock();
-        keel__rcu_synchronize();
-        _exit(0);
-    }
-    int status;
-    ck_assert_int_eq(waitpid(pid, &status, 0), pid);
-    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0,
-                  "the child's grace period never ended (status %#x)", status);
+    ck_assert_msg(kt_in_child(rcu_in_child, NULL, 20), "the child's grace period never ended");
     ck_assert_int_eq(pthread_join(r, NULL), 0);
     ck_assert_int_eq(pthread_join(w, NULL), 0);
 }
