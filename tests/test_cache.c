@@ -519,6 +519,98 @@ START_TEST(only_an_invalidation_of_the_key_keeps_a_load_from_the_lower_tiers)
 }
 END_TEST
 
+/* A clock that holds one thread at its second reading of it: a get that
+ * missed L1 reads it once to ask a tier (tier_up) and once when the
+ * tier has answered (tier_done), so it is held with the value read and
+ * not yet put into L1. */
+static struct {
+    _Atomic int armed, calls, held, go;
+    pthread_t who;
+} hold;
+
+static uint64_t holding_clock(void *ud)
+{
+    if (atomic_load(&hold.armed) && pthread_equal(pthread_self(), hold.who) && atomic_fetch_add(&hold.calls, 1) == 1) {
+        atomic_store(&hold.held, 1);
+        while (!atomic_load(&hold.go))
+            kt_nap(1 * MS);
+    }
+    return kt_clock_now(ud);
+}
+
+typedef struct held_getter {
+    keel_cache *c;
+    bool many;
+    int rc;
+    char v[64];
+} held_getter;
+
+static void *held_get_thread(void *arg)
+{
+    held_getter *g = arg;
+    hold.who = pthread_self();
+    atomic_store(&hold.armed, 1);
+    if (!g->many) {
+        g->rc = get(g->c, "k", g->v, sizeof g->v);
+    } else {
+        keel_cache_item it = {.key = "k", .klen = 1, .buf = g->v, .cap = sizeof g->v - 1};
+        g->rc = keel_cache_get_many(g->c, &it, 1);
+        g->v[g->rc == 0 ? it.len : 0] = '\0';
+    }
+    atomic_store(&hold.armed, 0);
+    return NULL;
+}
+
+/* A get (or multi-get) that read "k" from L2 or L3 just before a del, a
+ * set, or a tag or prefix invalidation of it returns what it read but
+ * does not put it into L1: the next get sees the invalidation. */
+START_TEST(a_value_read_below_before_an_invalidation_stays_out_of_l1)
+{
+    for (int round = 0; round < 16; round++) {
+        bool l2 = round % 2 == 0, many = round >= 8;
+        int kind = (round / 2) % 4; /* del, set, tag, prefix */
+        rig r;
+        rig_open(&r, l2, !l2, 0, 0);
+        keel_cache_destroy(r.c); /* again, on the holding clock */
+        keel_cache_opts o = {.redis = r.redis, .redis_prefix = r.prefix, .pg = r.pg, .table = r.table,
+                             .loader = load, .loader_ud = &r.ls, .clock = holding_clock, .clock_ud = &clk};
+        ck_assert_int_eq(keel_cache_create(&r.c, &o), 0);
+        keel_cache *peer = rig_peer(&r, l2); /* the value below only, not in this L1 */
+        const char *tags[1] = {"tg"};
+        ck_assert_int_eq(set(peer, "k", "old", tags, 1), 0);
+        keel_cache_stats st;
+        do /* its announcement came (and went) before the get */
+            keel_cache_stats_get(r.c, &st);
+        while (l2 && st.invalidations_received == 0 && (kt_nap(1 * MS), true));
+        atomic_store(&hold.calls, 0);
+        atomic_store(&hold.held, 0);
+        atomic_store(&hold.go, 0);
+        held_getter g = {r.c, many, 99, ""};
+        pthread_t t;
+        pthread_create(&t, NULL, held_get_thread, &g);
+        while (!atomic_load(&hold.held))
+            kt_nap(1 * MS);
+        if (kind == 0)
+            ck_assert_int_eq(keel_cache_del(r.c, "k", 1), 0);
+        else if (kind == 1)
+            ck_assert_int_eq(set(r.c, "k", "new", NULL, 0), 0);
+        else if (kind == 2)
+            ck_assert_int_eq(keel_cache_invalidate_tag(r.c, "tg"), 0);
+        else
+            ck_assert_int_eq(keel_cache_invalidate_prefix(r.c, "k", 1), 0);
+        atomic_store(&hold.go, 1);
+        pthread_join(t, NULL);
+        ck_assert_int_eq(g.rc, 0);
+        ck_assert_str_eq(g.v, "old"); /* read before the invalidation */
+        char v[64];
+        ck_assert_int_eq(get(r.c, "k", v, sizeof v), 0);
+        ck_assert_msg(strcmp(v, kind == 1 ? "new" : "loaded:k") == 0, "round %d: got \"%s\"", round, v);
+        keel_cache_destroy(peer);
+        rig_close(&r);
+    }
+}
+END_TEST
+
 START_TEST(an_absent_answer_is_cached_for_negative_ttl)
 {
     rig r;
@@ -2028,6 +2120,7 @@ int main(void)
     tcase_add_test(sv, a_sweep_interval_past_the_clock_never_comes);
     tcase_add_test(sv, a_multi_get_asks_each_node_once);
     tcase_add_test(sv, only_an_invalidation_of_the_key_keeps_a_load_from_the_lower_tiers);
+    tcase_add_test(sv, a_value_read_below_before_an_invalidation_stays_out_of_l1);
     tcase_add_test(sv, a_lease_makes_one_process_load);
     tcase_add_test(sv, redis_failing_during_a_lease_wait_counts_against_l2);
     tcase_add_test(sv, xfetch_leaves_an_entry_capped_by_l1_max_ttl_to_l2);
