@@ -611,6 +611,50 @@ START_TEST(a_value_read_below_before_an_invalidation_stays_out_of_l1)
 }
 END_TEST
 
+static void *held_set_thread(void *arg)
+{
+    held_getter *g = arg;
+    hold.who = pthread_self();
+    atomic_store(&hold.armed, 1);
+    g->rc = set(g->c, "k", "new", NULL, 0);
+    atomic_store(&hold.armed, 0);
+    return NULL;
+}
+
+/* A set held between its writes below and L1 while a del of the key
+ * runs: the del, the later of the two everywhere else, wins in L1 too
+ * (no value there that no tier has). */
+START_TEST(a_set_overtaken_by_a_del_leaves_no_value_in_l1)
+{
+    for (int round = 0; round < 2; round++) {
+        bool l2 = round == 0;
+        rig r;
+        rig_open(&r, l2, !l2, 0, 0);
+        keel_cache_destroy(r.c); /* again, on the holding clock */
+        keel_cache_opts o = {.redis = r.redis, .redis_prefix = r.prefix, .pg = r.pg, .table = r.table,
+                             .loader = load, .loader_ud = &r.ls, .clock = holding_clock, .clock_ud = &clk};
+        ck_assert_int_eq(keel_cache_create(&r.c, &o), 0);
+        atomic_store(&hold.calls, 0);
+        atomic_store(&hold.held, 0);
+        atomic_store(&hold.go, 0);
+        held_getter g = {r.c, false, 99, ""};
+        pthread_t t;
+        pthread_create(&t, NULL, held_set_thread, &g);
+        while (!atomic_load(&hold.held)) /* its value is below, not yet in L1 */
+            kt_nap(1 * MS);
+        ck_assert_int_eq(keel_cache_del(r.c, "k", 1), 0);
+        atomic_store(&hold.go, 1);
+        pthread_join(t, NULL);
+        ck_assert_int_eq(g.rc, 0);
+        ck_assert(l2 ? !in_l2(&r, "k", 1) : !in_l3(&r, "k", 1));
+        char v[64];
+        ck_assert_int_eq(get(r.c, "k", v, sizeof v), 0);
+        ck_assert_msg(strcmp(v, "loaded:k") == 0, "round %d: got \"%s\"", round, v);
+        rig_close(&r);
+    }
+}
+END_TEST
+
 START_TEST(an_absent_answer_is_cached_for_negative_ttl)
 {
     rig r;
@@ -2121,6 +2165,7 @@ int main(void)
     tcase_add_test(sv, a_multi_get_asks_each_node_once);
     tcase_add_test(sv, only_an_invalidation_of_the_key_keeps_a_load_from_the_lower_tiers);
     tcase_add_test(sv, a_value_read_below_before_an_invalidation_stays_out_of_l1);
+    tcase_add_test(sv, a_set_overtaken_by_a_del_leaves_no_value_in_l1);
     tcase_add_test(sv, a_lease_makes_one_process_load);
     tcase_add_test(sv, redis_failing_during_a_lease_wait_counts_against_l2);
     tcase_add_test(sv, xfetch_leaves_an_entry_capped_by_l1_max_ttl_to_l2);

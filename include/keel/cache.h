@@ -54,7 +54,9 @@
  * the lower tiers never overwrite a value set meanwhile (SET NX, an upsert
  * over expired rows only), and are skipped when an invalidation of that
  * key (a del, set, prefix or tag, here or announced) came during the
- * read. L3 is read on the primary.
+ * read. Likewise a set that an invalidation overtakes between its writes
+ * below and L1 leaves the key out of L1 (a del that ran meanwhile has
+ * removed it below). L3 is read on the primary.
  *
  * Tags. set may name tags. L1 entries record each tag's version at set;
  * invalidating a tag bumps its version (here and, through the channel, in

@@ -483,17 +483,18 @@ static bool sf_join(keel_cache *c, const void *key, size_t klen, uint64_t h, fli
  * removed). key: that key, or with `prefix` every key it starts; NULL:
  * every key. Other keys' loads go on gathering their callers. With no
  * load in flight (a flight counted after the epoch moved began its load
- * after it) writes take no shared lock. */
-static void invalidated(keel_cache *c, const void *key, size_t klen, bool prefix)
+ * after it) writes take no shared lock. Returns the epoch it made. */
+static uint64_t invalidated(keel_cache *c, const void *key, size_t klen, bool prefix)
 {
-    atomic_fetch_add(&c->epoch, 1);
+    uint64_t epoch = atomic_fetch_add(&c->epoch, 1) + 1;
     if (atomic_load(&c->nflights) == 0)
-        return;
+        return epoch;
     pthread_mutex_lock(&c->fl_mu);
     for (flight *f = c->flights; f; f = f->next)
         if (!key || ((prefix ? f->klen >= klen : f->klen == klen) && memcmp(f->key, key, klen) == 0))
             f->stale = true;
     pthread_mutex_unlock(&c->fl_mu);
+    return epoch;
 }
 
 static void sf_finish(keel_cache *c, flight *f, int rc, const void *val, size_t vlen)
@@ -574,19 +575,18 @@ static void l1_fill(keel_cache *c, const void *key, size_t klen, uint64_t h, con
                      &c->epoch, seen);
 }
 
-/* Every tier below L1, then L1 (with the epoch check when seen != 0). */
-/* L1 after a write: the new value, or (it does not fit, no memory) no
- * value at all, never the old one. With `check`, only if no invalidation
- * came since `seen`. */
+/* L1 after a write or a fill, only if no invalidation came since `seen`.
+ * A write leaves the new value or (it does not fit, no memory, an
+ * invalidation came) no value at all, never the old one. */
 static int l1_put(keel_cache *c, const void *key, size_t klen, uint64_t h, const void *val, size_t vlen,
-                  uint64_t ttl, uint64_t delta, const char *const *tags, size_t ntags, bool check, uint64_t seen)
+                  uint64_t ttl, uint64_t delta, const char *const *tags, size_t ntags, bool write, uint64_t seen)
 {
     l1_tagref refs[CACHE_MAX_TAGS];
     int rc = tag_refs(c, tags, ntags, refs) ? keel__l1_set(c->l1, key, klen, h, val, vlen, l1_expiry(c, ttl),
-                                                            l1_delta(c, ttl, delta), refs, ntags, false,
-                                                            check ? &c->epoch : NULL, seen)
+                                                            l1_delta(c, ttl, delta), refs, ntags, false, &c->epoch,
+                                                            seen)
                                              : KEEL_ENOMEM;
-    if (rc && rc != KEEL_ECONFLICT)
+    if (rc && (write || rc != KEEL_ECONFLICT))
         keel__l1_del(c->l1, key, klen, h);
     return rc == KEEL_ENOMEM ? rc : 0;
 }
@@ -594,7 +594,10 @@ static int l1_put(keel_cache *c, const void *key, size_t klen, uint64_t h, const
 /* A user's set: every tier, tried even when one was failing (a write
  * skipped would leave the old value there for later). The epoch moves
  * after the lower tiers have the value, so a get that read them before
- * cannot put the old one into L1 after ours. */
+ * cannot put the old one into L1 after ours; and L1 takes ours only if
+ * no invalidation came since that move: a del that ran meanwhile removed
+ * it from the tiers below, and would not be seen in this L1 until the
+ * value expired. */
 static int write_through(keel_cache *c, const void *key, size_t klen, uint64_t h, const void *val, size_t vlen,
                          uint64_t ttl, const char *const *tags, size_t ntags)
 {
@@ -603,8 +606,8 @@ static int write_through(keel_cache *c, const void *key, size_t klen, uint64_t h
         first = rc;
     if (c->o.pg && (rc = tier_done(c, L3, l3_put(c, key, klen, val, vlen, ttl, tags, ntags, false))) != 0 && !first)
         first = rc;
-    invalidated(c, key, klen, false);
-    rc = l1_put(c, key, klen, h, val, vlen, ttl, 0, tags, ntags, false, 0);
+    uint64_t seen = invalidated(c, key, klen, false);
+    rc = l1_put(c, key, klen, h, val, vlen, ttl, 0, tags, ntags, true, seen);
     return first ? first : rc;
 }
 
@@ -635,7 +638,7 @@ static void fill_through(keel_cache *c, flight *f, const void *key, size_t klen,
         tier_done(c, L2, l2_set_nx(c, key, klen, val, vlen, ttl, tags, ntags, delta));
     if (c->o.pg && tier_up(c, L3))
         tier_done(c, L3, l3_put(c, key, klen, val, vlen, ttl, tags, ntags, true));
-    l1_put(c, key, klen, h, val, vlen, ttl, delta, tags, ntags, true, seen);
+    l1_put(c, key, klen, h, val, vlen, ttl, delta, tags, ntags, false, seen);
 }
 
 /* Waits (real time: another process works) until the value is in L2, or
