@@ -1319,6 +1319,45 @@ static int m_shard(const void *k, size_t n) { return (int)(keel__hash64(k, n, 0x
 
 /* S3-FIFO makes room before it inserts: a value just set is not what its
  * own insert evicts, though the main FIFO holds older entries. */
+typedef struct setter {
+    keel_cache *c;
+    int id;
+    int lost; /* sets whose value a get right after did not find */
+} setter;
+
+static void *set_and_get(void *arg)
+{
+    setter *st = arg;
+    for (int i = 0; i < 20000; i++) {
+        char k[32], v[8];
+        size_t len;
+        int n = snprintf(k, sizeof k, "t%d-%d", st->id, i % 500);
+        ck_assert_int_eq(keel_cache_set(st->c, k, (size_t)n, "v", 1, 0, NULL, 0), 0);
+        st->lost += keel_cache_get(st->c, k, (size_t)n, v, sizeof v, &len) != 0;
+    }
+    return NULL;
+}
+
+/* With L1 alone a set is the only copy: other threads' sets of other keys
+ * (each an invalidation) must not keep it out. */
+START_TEST(an_l1_only_set_stays_whatever_other_keys_are_set_meanwhile)
+{
+    keel_cache *c;
+    ck_assert_int_eq(keel_cache_create(&c, NULL), 0);
+    setter st[3];
+    pthread_t t[3];
+    for (int i = 0; i < 3; i++) {
+        st[i] = (setter){c, i, 0};
+        ck_assert_int_eq(pthread_create(&t[i], NULL, set_and_get, &st[i]), 0);
+    }
+    for (int i = 0; i < 3; i++) {
+        pthread_join(t[i], NULL);
+        ck_assert_msg(st[i].lost == 0, "thread %d: %d sets lost", i, st[i].lost);
+    }
+    keel_cache_destroy(c);
+}
+END_TEST
+
 START_TEST(a_set_is_not_evicted_by_its_own_insert)
 {
     keel_cache *c;
@@ -2150,6 +2189,7 @@ int main(void)
     tcase_set_timeout(th, 60);
     tcase_add_test(th, readers_go_on_while_the_table_grows);
     tcase_add_test(th, threads_never_get_a_value_not_set_for_the_key);
+    tcase_add_test(th, an_l1_only_set_stays_whatever_other_keys_are_set_meanwhile);
     suite_add_tcase(s, th);
     TCase *mo = tcase_create("model");
     tcase_set_tags(mo, "model"); /* one thread, random steps: not under TSan or valgrind */

@@ -575,16 +575,17 @@ static void l1_fill(keel_cache *c, const void *key, size_t klen, uint64_t h, con
                      &c->epoch, seen);
 }
 
-/* L1 after a write or a fill, only if no invalidation came since `seen`.
- * A write leaves the new value or (it does not fit, no memory, an
- * invalidation came) no value at all, never the old one. */
+/* L1 after a write or a fill; with `check`, only if no invalidation came
+ * since `seen`. A write leaves the new value or (it does not fit, no
+ * memory, an invalidation came) no value at all, never the old one. */
 static int l1_put(keel_cache *c, const void *key, size_t klen, uint64_t h, const void *val, size_t vlen,
-                  uint64_t ttl, uint64_t delta, const char *const *tags, size_t ntags, bool write, uint64_t seen)
+                  uint64_t ttl, uint64_t delta, const char *const *tags, size_t ntags, bool write, bool check,
+                  uint64_t seen)
 {
     l1_tagref refs[CACHE_MAX_TAGS];
     int rc = tag_refs(c, tags, ntags, refs) ? keel__l1_set(c->l1, key, klen, h, val, vlen, l1_expiry(c, ttl),
-                                                            l1_delta(c, ttl, delta), refs, ntags, false, &c->epoch,
-                                                            seen)
+                                                            l1_delta(c, ttl, delta), refs, ntags, false,
+                                                            check ? &c->epoch : NULL, seen)
                                              : KEEL_ENOMEM;
     if (rc && (write || rc != KEEL_ECONFLICT))
         keel__l1_del(c->l1, key, klen, h);
@@ -594,10 +595,13 @@ static int l1_put(keel_cache *c, const void *key, size_t klen, uint64_t h, const
 /* A user's set: every tier, tried even when one was failing (a write
  * skipped would leave the old value there for later). The epoch moves
  * after the lower tiers have the value, so a get that read them before
- * cannot put the old one into L1 after ours; and L1 takes ours only if
- * no invalidation came since that move: a del that ran meanwhile removed
- * it from the tiers below, and would not be seen in this L1 until the
- * value expired. */
+ * cannot put the old one into L1 after ours; and with a tier below, L1
+ * takes ours only if no invalidation came since that move: a del that ran
+ * meanwhile removed it from the tiers below, and would not be seen in this
+ * L1 until the value expired. (Any key's invalidation counts: then the
+ * next get reads the value from below. With L1 alone, L1 holds the only
+ * copy, and a del and a set simply take effect in the order they reach
+ * its shard.) */
 static int write_through(keel_cache *c, const void *key, size_t klen, uint64_t h, const void *val, size_t vlen,
                          uint64_t ttl, const char *const *tags, size_t ntags)
 {
@@ -607,7 +611,7 @@ static int write_through(keel_cache *c, const void *key, size_t klen, uint64_t h
     if (c->o.pg && (rc = tier_done(c, L3, l3_put(c, key, klen, val, vlen, ttl, tags, ntags, false))) != 0 && !first)
         first = rc;
     uint64_t seen = invalidated(c, key, klen, false);
-    rc = l1_put(c, key, klen, h, val, vlen, ttl, 0, tags, ntags, true, seen);
+    rc = l1_put(c, key, klen, h, val, vlen, ttl, 0, tags, ntags, true, c->o.redis || c->o.pg, seen);
     return first ? first : rc;
 }
 
@@ -638,7 +642,7 @@ static void fill_through(keel_cache *c, flight *f, const void *key, size_t klen,
         tier_done(c, L2, l2_set_nx(c, key, klen, val, vlen, ttl, tags, ntags, delta));
     if (c->o.pg && tier_up(c, L3))
         tier_done(c, L3, l3_put(c, key, klen, val, vlen, ttl, tags, ntags, true));
-    l1_put(c, key, klen, h, val, vlen, ttl, delta, tags, ntags, false, seen);
+    l1_put(c, key, klen, h, val, vlen, ttl, delta, tags, ntags, false, true, seen);
 }
 
 /* Waits (real time: another process works) until the value is in L2, or
