@@ -48,11 +48,17 @@
  * by a previous run: give a stable consumer name for this to apply), then
  * new ones. A new group starts at the beginning of what the stream holds.
  * An entry is acknowledged (XACK) only once every matching handler
- * returned 0; entries matching no subscription are acknowledged and
- * skipped. Entries left pending longer than min_idle_ns (a consumer that
- * died, a handler that failed, or a batch of read_count entries that took
- * longer than that to handle: keep it well below) are taken over with XCLAIM and
- * delivered again, out of order; one delivered max_deliveries times goes
+ * returned 0. An entry matching no subscription of the process is handed
+ * back to the group, for a consumer that subscribes to it: left pending,
+ * its delivery count put back and its idle time set to min_idle_ns. One
+ * that no consumer of `service` subscribes to stays pending until
+ * trimmed, and every reader looks at it each min_idle/2: publish to a
+ * service's streams only what it consumes. Entries left pending longer
+ * than min_idle_ns (a consumer that died, a handler that failed, or a
+ * batch of read_count entries that took longer than that to handle: keep
+ * it well below) and matching a subscription of the process (read with
+ * XRANGE first, which counts no delivery; others are left untouched) are
+ * taken over with XCLAIM and delivered again, out of order; one delivered max_deliveries times goes
  * to the dead-letter stream (prefix + "dead") and is acknowledged, also
  * when its own consumer finds it pending after a restart. An
  * entry trimmed away while pending is acknowledged unread. Handlers run in
@@ -171,8 +177,8 @@ typedef struct keel_bus_opts {
 KEEL_API int keel_bus_create(keel_bus **out, const keel_bus_opts *opts);
 
 /* Redis: starts consuming (creates the group if needed, MKSTREAM). Add
- * the subscriptions first: entries matching none are acknowledged and
- * skipped. Returns 0, KEEL_ESTATE (no redis or service, or started),
+ * the subscriptions first: entries matching none are handed back to the
+ * group (see the top). Returns 0, KEEL_ESTATE (no redis or service, or started),
  * KEEL_EUNAVAIL, KEEL_ETIMEDOUT, KEEL_EBACKEND (Redis refused the group,
  * e.g. the key holds another type), KEEL_EPROTO or KEEL_ENOMEM. */
 KEEL_API int keel_bus_start(keel_bus *bus);

@@ -8,9 +8,13 @@
  * new ones (">"), and every min_idle/2 takes care of the group's stuck
  * entries, a page of XPENDING at a time: those delivered max_deliveries
  * times go to the dead-letter stream, the rest idle longer than min_idle
- * are claimed by id with XCLAIM (which skips any taken meanwhile) and
- * delivered again. Deciding on the counts of the same page keeps an entry
- * from being delivered more than max_deliveries times. A failed
+ * and matching a subscription here (XRANGE first: a consumer of the
+ * group may subscribe to subjects this one does not) are claimed by id
+ * with XCLAIM (which skips any taken meanwhile) and delivered again. An
+ * entry read that nothing here subscribes to is handed back: left
+ * pending, idle and with its delivery count as before, for the others.
+ * Deciding on the counts of the same page keeps an entry from being
+ * delivered more than max_deliveries times. A failed
  * connection is dropped and made again with jittered backoff; the pending
  * entries are read again then, since the last acknowledgements may not
  * have reached the server.
@@ -166,11 +170,37 @@ static void parse_fields(const redisReply *f, const char *id, keel_bus_msg *v, k
     v->time_ns = ms * 1000000u;
 }
 
+/* Whether entry [id, fields] (or NULL: not there) matches a subscription
+ * here: 1 also for one that is gone or has no valid subject (whoever
+ * takes it acknowledges it unread), 0, or KEEL_ENOMEM. */
+static int wanted(bstream *s, const redisReply *e)
+{
+    const redisReply *f = e && e->type == REDIS_REPLY_ARRAY && e->elements == 2 ? e->element[1] : NULL;
+    if (!f || f->type != REDIS_REPLY_ARRAY)
+        return 1;
+    keel_bus_header hdr[64];
+    keel_bus_msg v;
+    parse_fields(f, "0-0", &v, hdr);
+    btoks t;
+    bmatch m;
+    if (!v.subject || strlen(v.subject) != v.subject_len || keel__bus_tokens(v.subject, v.subject_len, false, &t))
+        return 1;
+    int rc = keel__bus_match(s->bus, &t, &m);
+    if (rc)
+        return rc;
+    for (size_t i = 0; i < m.n; i++)
+        keel__bus_sub_unref(m.subs[i]);
+    rc = m.n > 0;
+    keel__bus_match_free(&m);
+    return rc;
+}
+
 /* Delivers one entry [id, fields] to the matching handlers. Returns 0 when
  * it may be acknowledged (handled, or one that cannot be: no fields, a bad
  * subject), 1 when it must stay pending (a handler failed, or a queue
  * group's member left and none of the group is left here to take it:
- * another consumer may), or KEEL_ENOMEM. */
+ * another consumer may), 2 when nothing here subscribes to it (another
+ * consumer of the group may: it is handed back), or KEEL_ENOMEM. */
 static int deliver(bstream *s, const redisReply *e)
 {
     if (e->type != REDIS_REPLY_ARRAY || e->elements != 2 || e->element[0]->type != REDIS_REPLY_STRING)
@@ -190,6 +220,8 @@ static int deliver(bstream *s, const redisReply *e)
     int rc = keel__bus_match(s->bus, &t, &m);
     if (rc)
         return rc;
+    if (!m.n)
+        return 2;
     bool failed = false;
     for (size_t i = 0; i < m.n; i++) {
         int hrc;
@@ -214,18 +246,65 @@ static const char *entry_id(const redisReply *e)
                : NULL;
 }
 
-/* Delivers the entries of a reply array, acknowledges those handled, and
- * records the highest ID seen for drain. Entries marked in `over` (may be
- * NULL) go to the dead-letter stream instead. */
-static int handle(breader *rd, redisContext *c, const redisReply *entries, const bool *over)
+/* Hands entries that nothing here subscribes to back to the group: each
+ * stays pending, its delivery count put back to what it was before this
+ * consumer got it (prev[i]; NULL: 0, new entries) and its idle time to
+ * min_idle, so that a consumer that subscribes to it claims it at its
+ * next look at stuck entries, as if this one had never read it. */
+static int give_back(breader *rd, redisContext *c, const char **ids, const long long *prev, size_t n)
+{
+    bstream *s = rd->s;
+    const char **argv = keel__malloc((n + 11) * sizeof *argv);
+    bool *sent = keel__calloc(n ? n : 1, sizeof *sent);
+    int rc = argv && sent ? 0 : KEEL_ENOMEM;
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        if (sent[i])
+            continue;
+        long long pc = prev ? prev[i] : 0; /* one command for each count */
+        char count[24];
+        snprintf(count, sizeof count, "%lld", pc);
+        int argc = 0;
+        argv[argc++] = "XCLAIM", argv[argc++] = s->keys[rd->part], argv[argc++] = s->group;
+        argv[argc++] = s->consumer, argv[argc++] = "0";
+        for (size_t j = i; j < n; j++)
+            if (!sent[j] && (prev ? prev[j] : 0) == pc) {
+                sent[j] = true;
+                argv[argc++] = ids[j];
+            }
+        argv[argc++] = "IDLE", argv[argc++] = s->idle_s, argv[argc++] = "RETRYCOUNT", argv[argc++] = count;
+        argv[argc++] = "JUSTID";
+        redisReply *rep = NULL;
+        rc = cmd(c, argc, argv, NULL, &rep);
+        if (rep)
+            freeReplyObject(rep);
+    }
+    keel__free(argv);
+    keel__free(sent);
+    return rc;
+}
+
+/* Delivers the entries of a reply array, acknowledges those handled,
+ * gives back those that nothing here subscribes to, and records the
+ * highest ID seen for drain. Entries marked in `over` (may be NULL) go to
+ * the dead-letter stream instead. prev (may be NULL: 0 each) holds each
+ * entry's delivery count before this consumer got it, -1 for one no
+ * longer its own. */
+static int handle(breader *rd, redisContext *c, const redisReply *entries, const bool *over, const long long *prev)
 {
     bstream *s = rd->s;
     size_t n = entries->elements;
     if (!n)
         return 0;
     const char **argv = keel__malloc((n + 3) * sizeof *argv);
-    if (!argv)
+    const char **back = keel__malloc(n * sizeof *back);
+    long long *bprev = keel__malloc(n * sizeof *bprev);
+    if (!argv || !back || !bprev) {
+        keel__free(argv);
+        keel__free(back);
+        keel__free(bprev);
         return KEEL_ENOMEM;
+    }
+    size_t nback = 0;
     argv[0] = "XACK";
     argv[1] = s->keys[rd->part];
     argv[2] = s->group;
@@ -244,6 +323,10 @@ static int handle(breader *rd, redisContext *c, const redisReply *entries, const
             continue;
         if (rc == 0)
             argv[nack++] = id;
+        if (rc == 2 && (!prev || prev[i] >= 0)) {
+            back[nback] = id;
+            bprev[nback++] = prev ? prev[i] : 0;
+        }
         uint64_t ms, seq; /* handled, acknowledged or not: drain goes by it */
         if (parse_id(id, &ms, &seq) && (ms > top_ms || (ms == top_ms && seq > top_seq))) {
             top_ms = ms;
@@ -259,7 +342,11 @@ static int handle(breader *rd, redisContext *c, const redisReply *entries, const
         if (rep)
             freeReplyObject(rep);
     }
+    if (arc == 0 && nback)
+        arc = give_back(rd, c, back, bprev, nback);
     keel__free(argv);
+    keel__free(back);
+    keel__free(bprev);
     if (top_ms) {
         pthread_mutex_lock(&rd->mu);
         if (top_ms > rd->done_ms || (top_ms == rd->done_ms && top_seq > rd->done_seq)) {
@@ -339,20 +426,71 @@ static int bury(breader *rd, redisContext *c, const char *id)
 }
 
 /* Claims the entries named in argv[5..n-1] that are still idle, and
- * delivers them again. */
-static int claim(breader *rd, redisContext *c, int n, const char **argv)
+ * delivers them again; counts[i] is argv[5 + i]'s delivery count before. */
+static int claim(breader *rd, redisContext *c, int n, const char **argv, const long long *counts)
 {
     redisReply *rep = NULL;
+    long long *prev = NULL;
     int rc = cmd(c, n, argv, NULL, &rep);
     if (rc == 0 && rep->type == REDIS_REPLY_ARRAY) {
         uint64_t got = 0; /* nil: deleted while pending */
         for (size_t i = 0; i < rep->elements; i++)
             got += rep->element[i]->type == REDIS_REPLY_ARRAY;
         keel__stripe_add(&keel__bus_counters(rd->s->bus)->claimed, got);
-        rc = handle(rd, c, rep, NULL);
+        /* the reply keeps the order of the IDs asked for, skipping some */
+        if (!(prev = keel__malloc((rep->elements ? rep->elements : 1) * sizeof *prev)))
+            rc = KEEL_ENOMEM;
+        for (size_t i = 0, j = 5; rc == 0 && i < rep->elements; i++) {
+            const char *id = entry_id(rep->element[i]);
+            while (id && (int)j < n && strcmp(argv[j], id) != 0)
+                j++;
+            prev[i] = id && (int)j < n ? counts[j++ - 5] : -1;
+        }
+        if (rc == 0)
+            rc = handle(rd, c, rep, NULL, prev);
     }
+    keel__free(prev);
     if (rep)
         freeReplyObject(rep);
+    return rc;
+}
+
+/* Marks in keep[] which of the n entries named in ids a subscription here
+ * matches (their fields read with XRANGE, in one pipeline: nothing
+ * claimed, no delivery counted). */
+static int wanted_ids(breader *rd, redisContext *c, const char **ids, size_t n, bool *keep)
+{
+    const char *key = rd->s->keys[rd->part];
+    keel__sigpipe sp;
+    keel__sigpipe_block(&sp);
+    int rc = 0;
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        const char *argv[] = {"XRANGE", key, ids[i], ids[i]};
+        if (redisAppendCommandArgv(c, 4, argv, NULL) != REDIS_OK)
+            rc = keel__redis_ctx_error(c);
+    }
+    /* every reply is read, whatever the others were: the connection
+     * must be left in step */
+    bool sent = rc == 0;
+    for (size_t i = 0; sent && i < n; i++) {
+        redisReply *rep = NULL;
+        if (redisGetReply(c, (void **)&rep) != REDIS_OK || !rep) {
+            rc = keel__redis_ctx_error(c);
+            break;
+        }
+        int w = 0;
+        if (rep->type == REDIS_REPLY_ERROR) {
+            keel__log(KEEL_LOG_ERROR, "bus", "XRANGE %s: %s", key, rep->str);
+            w = KEEL_EBACKEND;
+        } else if (rc == 0) {
+            w = wanted(rd->s, rep->type == REDIS_REPLY_ARRAY && rep->elements == 1 ? rep->element[0] : NULL);
+        }
+        if (w < 0 && rc == 0)
+            rc = w;
+        keep[i] = w > 0;
+        freeReplyObject(rep);
+    }
+    keel__sigpipe_restore(&sp, c);
     return rc;
 }
 
@@ -364,8 +502,14 @@ static int reclaim(breader *rd, redisContext *c)
     const char *key = s->keys[rd->part];
     char from[KEEL_BUS_ID_MAX + 1] = "-";
     const char **cargv = keel__malloc((5 + s->count) * sizeof *cargv);
-    if (!cargv)
+    long long *counts = keel__malloc(s->count * sizeof *counts);
+    bool *keep = keel__malloc(s->count * sizeof *keep);
+    if (!cargv || !counts || !keep) {
+        keel__free(cargv);
+        keel__free(counts);
+        keel__free(keep);
         return KEEL_ENOMEM;
+    }
     int rc = 0;
     for (bool more = true; rc == 0 && more && !stopping(rd);) {
         const char *pargv[] = {"XPENDING", key, s->group, "IDLE", s->idle_s, from, "+", s->count_s};
@@ -385,14 +529,24 @@ static int reclaim(breader *rd, redisContext *c)
             if (p->element[3]->integer >= (long long)s->max_deliveries)
                 rc = bury(rd, c, p->element[0]->str);
             else
-                cargv[n++] = p->element[0]->str;
+                counts[n - 5] = p->element[3]->integer, cargv[n++] = p->element[0]->str;
         }
+        /* Only what a subscription here matches: another consumer's entry
+         * that nothing here takes stays where it is, its count unbumped. */
         if (rc == 0 && n > 5 && !stopping(rd))
-            rc = claim(rd, c, n, cargv);
+            rc = wanted_ids(rd, c, cargv + 5, (size_t)(n - 5), keep);
+        int k = 5;
+        for (int i = 5; rc == 0 && i < n; i++)
+            if (keep[i - 5])
+                counts[k - 5] = counts[i - 5], cargv[k++] = cargv[i];
+        if (rc == 0 && k > 5 && !stopping(rd))
+            rc = claim(rd, c, k, cargv, counts);
         if (rep)
             freeReplyObject(rep);
     }
     keel__free(cargv);
+    keel__free(counts);
+    keel__free(keep);
     return rc;
 }
 
@@ -401,7 +555,7 @@ static int reclaim(breader *rd, redisContext *c)
  * consumer restarted under its name reads them again, and Redis counts
  * each such read as a delivery: without this check every restart would
  * deliver a poison entry once more. */
-static int count_own(breader *rd, redisContext *c, const redisReply *entries, bool *over)
+static int count_own(breader *rd, redisContext *c, const redisReply *entries, bool *over, long long *prev)
 {
     bstream *s = rd->s;
     size_t n = entries->elements;
@@ -423,8 +577,10 @@ static int count_own(breader *rd, redisContext *c, const redisReply *entries, bo
         for (const char *eid; j < n; j++)
             if ((eid = entry_id(entries->element[j])) != NULL && strcmp(eid, p->element[0]->str) == 0)
                 break;
-        if (j < n)
+        if (j < n) {
+            prev[j] = p->element[3]->integer - 1; /* this read counted one */
             over[j++] = p->element[3]->integer > (long long)s->max_deliveries;
+        }
     }
     if (rep)
         freeReplyObject(rep);
@@ -503,13 +659,17 @@ static int consume(breader *rd, redisContext *c)
             if (pending && last)
                 snprintf(cursor, sizeof cursor, "%s", last);
             bool *over = pending ? keel__calloc(entries->elements, sizeof *over) : NULL;
-            if (pending && !over)
+            long long *prev = pending ? keel__malloc(entries->elements * sizeof *prev) : NULL;
+            if (pending && (!over || !prev))
                 rc = KEEL_ENOMEM;
-            if (rc == 0 && over && (rc = count_own(rd, c, entries, over)) == KEEL_EBACKEND)
+            for (size_t i = 0; rc == 0 && prev && i < entries->elements; i++)
+                prev[i] = -1; /* unknown: not given back */
+            if (rc == 0 && over && (rc = count_own(rd, c, entries, over, prev)) == KEEL_EBACKEND)
                 rc = 0; /* an error reply (an ACL), logged: they go uncounted */
             if (rc == 0)
-                rc = handle(rd, c, entries, over);
+                rc = handle(rd, c, entries, over, prev);
             keel__free(over);
+            keel__free(prev);
         } else if (rc == 0 && pending) {
             pending = false;
         } else if (rc == 0) {
