@@ -538,6 +538,19 @@ static uint64_t holding_clock(void *ud)
     return kt_clock_now(ud);
 }
 
+/* A rig over L2 or L3 whose cache reads the holding clock, not yet armed. */
+static void rig_open_held(rig *r, bool l2)
+{
+    rig_open(r, l2, !l2, 0, 0);
+    keel_cache_destroy(r->c); /* again, on the holding clock */
+    keel_cache_opts o = {.redis = r->redis, .redis_prefix = r->prefix, .pg = r->pg, .table = r->table,
+                         .loader = load, .loader_ud = &r->ls, .clock = holding_clock, .clock_ud = &clk};
+    ck_assert_int_eq(keel_cache_create(&r->c, &o), 0);
+    atomic_store(&hold.calls, 0);
+    atomic_store(&hold.held, 0);
+    atomic_store(&hold.go, 0);
+}
+
 typedef struct held_getter {
     keel_cache *c;
     bool many;
@@ -570,11 +583,7 @@ START_TEST(a_value_read_below_before_an_invalidation_stays_out_of_l1)
         bool l2 = round % 2 == 0, many = round >= 8;
         int kind = (round / 2) % 4; /* del, set, tag, prefix */
         rig r;
-        rig_open(&r, l2, !l2, 0, 0);
-        keel_cache_destroy(r.c); /* again, on the holding clock */
-        keel_cache_opts o = {.redis = r.redis, .redis_prefix = r.prefix, .pg = r.pg, .table = r.table,
-                             .loader = load, .loader_ud = &r.ls, .clock = holding_clock, .clock_ud = &clk};
-        ck_assert_int_eq(keel_cache_create(&r.c, &o), 0);
+        rig_open_held(&r, l2);
         keel_cache *peer = rig_peer(&r, l2); /* the value below only, not in this L1 */
         const char *tags[1] = {"tg"};
         ck_assert_int_eq(set(peer, "k", "old", tags, 1), 0);
@@ -582,9 +591,6 @@ START_TEST(a_value_read_below_before_an_invalidation_stays_out_of_l1)
         do /* its announcement came (and went) before the get */
             keel_cache_stats_get(r.c, &st);
         while (l2 && st.invalidations_received == 0 && (kt_nap(1 * MS), true));
-        atomic_store(&hold.calls, 0);
-        atomic_store(&hold.held, 0);
-        atomic_store(&hold.go, 0);
         held_getter g = {r.c, many, 99, ""};
         pthread_t t;
         pthread_create(&t, NULL, held_get_thread, &g);
@@ -629,14 +635,7 @@ START_TEST(a_set_overtaken_by_a_del_leaves_no_value_in_l1)
     for (int round = 0; round < 2; round++) {
         bool l2 = round == 0;
         rig r;
-        rig_open(&r, l2, !l2, 0, 0);
-        keel_cache_destroy(r.c); /* again, on the holding clock */
-        keel_cache_opts o = {.redis = r.redis, .redis_prefix = r.prefix, .pg = r.pg, .table = r.table,
-                             .loader = load, .loader_ud = &r.ls, .clock = holding_clock, .clock_ud = &clk};
-        ck_assert_int_eq(keel_cache_create(&r.c, &o), 0);
-        atomic_store(&hold.calls, 0);
-        atomic_store(&hold.held, 0);
-        atomic_store(&hold.go, 0);
+        rig_open_held(&r, l2);
         held_getter g = {r.c, false, 99, ""};
         pthread_t t;
         pthread_create(&t, NULL, held_set_thread, &g);
