@@ -2757,6 +2757,64 @@ START_TEST(a_consumer_without_a_subscriber_leaves_entries_to_one_with_it)
 }
 END_TEST
 
+/* A handler that holds its reader until b's handler ran once. */
+typedef struct slowpoke {
+    _Atomic int in, b_calls;
+} slowpoke;
+
+static int on_slowpoke(const keel_bus_msg *m, void *ud)
+{
+    (void)m;
+    slowpoke *sp = ud;
+    atomic_store(&sp->in, 1);
+    uint64_t deadline = keel_now_ns() + 10 * S;
+    while (atomic_load(&sp->b_calls) < 1 && keel_now_ns() < deadline)
+        nap(5 * MS);
+    return 0;
+}
+
+static int on_b_fails(const keel_bus_msg *m, void *ud)
+{
+    (void)m;
+    atomic_fetch_add(&((slowpoke *)ud)->b_calls, 1);
+    return -1;
+}
+
+/* a reads an entry it has no subscriber for in a batch it takes longer
+ * than min_idle over; b claims the entry meanwhile and fails it. a's
+ * hand-back must not take it back from b and put its delivery count back
+ * to 0: b would then be given it more than max_deliveries times. */
+START_TEST(a_late_hand_back_leaves_an_entry_another_consumer_claimed)
+{
+    char prefix[96];
+    unique_prefix(prefix, sizeof prefix, "lateback");
+    keel_redis *r = redis_nodes(1);
+    lost la = {0}, lb = {0};
+    slowpoke sp = {0};
+    keel_bus *a = rbus(r, prefix, "grp", "c1", 1, 100 * MS, on_lost, &la);
+    sub(a, "other.x", on_slowpoke, &sp, KEEL_BUS_SYNC, NULL);
+    ck_assert_int_eq(pub_number(a, "work.x", 0), 0); /* one batch for a: both */
+    ck_assert_int_eq(pub_number(a, "other.x", 1), 0);
+    ck_assert_int_eq(keel_bus_start(a), 0);
+    wait_for(&sp.in, 1);
+    keel_bus *b = rbus(r, prefix, "grp", "c2", 1, 100 * MS, on_lost, &lb);
+    sub(b, "work.*", on_b_fails, &sp, KEEL_BUS_SYNC, NULL);
+    ck_assert_int_eq(keel_bus_start(b), 0);
+    keel_bus_stats st = {0};
+    for (uint64_t deadline = keel_now_ns() + 20 * S; keel_now_ns() < deadline; nap(20 * MS)) {
+        keel_bus_stats_get(b, &st);
+        if (st.dead_lettered)
+            break;
+    }
+    ck_assert_uint_eq(st.dead_lettered, 1);
+    int calls = atomic_load(&sp.b_calls);
+    ck_assert_int_le(calls, 3); /* max_deliveries */
+    keel_bus_destroy(b);
+    keel_bus_destroy(a);
+    keel_redis_destroy(r);
+}
+END_TEST
+
 START_TEST(a_redis_restart_fails_publishes_then_consumers_resume)
 {
     char prefix[96];
@@ -3026,6 +3084,7 @@ int main(void)
     tcase_add_test(rd, stopping_mid_batch_acknowledges_what_was_handled);
     tcase_add_test(rd, a_stream_group_member_gone_before_its_call_leaves_the_entry_to_the_others);
     tcase_add_test(rd, a_consumer_without_a_subscriber_leaves_entries_to_one_with_it);
+    tcase_add_test(rd, a_late_hand_back_leaves_an_entry_another_consumer_claimed);
     tcase_add_test(rd, a_redis_restart_fails_publishes_then_consumers_resume);
     suite_add_tcase(s, rd);
     TCase *down = tcase_create("redis_restart"); /* a steady stream meets a stopped server */

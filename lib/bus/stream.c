@@ -250,10 +250,17 @@ static const char *entry_id(const redisReply *e)
  * stays pending, its delivery count put back to what it was before this
  * consumer got it (prev[i]; NULL: 0, new entries) and its idle time to
  * min_idle, so that a consumer that subscribes to it claims it at its
- * next look at stuck entries, as if this one had never read it. */
-static int give_back(breader *rd, redisContext *c, const char **ids, const long long *prev, size_t n)
+ * next look at stuck entries, as if this one had never read it. Only
+ * entries nobody touched since this consumer got them (its reply came at
+ * got_ns) are taken: Redis set their idle time before answering, so it is
+ * at least the time since, while one claimed meanwhile by another
+ * consumer (a batch that took longer than min_idle) is idle for less and
+ * stays its new owner's, its count as that owner left it. */
+static int give_back(breader *rd, redisContext *c, const char **ids, const long long *prev, size_t n, uint64_t got_ns)
 {
     bstream *s = rd->s;
+    char since[24];
+    snprintf(since, sizeof since, "%llu", (unsigned long long)((mono_ns() - got_ns) / 1000000u));
     const char **argv = keel__malloc((n + 11) * sizeof *argv);
     bool *sent = keel__calloc(n ? n : 1, sizeof *sent);
     int rc = argv && sent ? 0 : KEEL_ENOMEM;
@@ -265,7 +272,7 @@ static int give_back(breader *rd, redisContext *c, const char **ids, const long 
         snprintf(count, sizeof count, "%lld", pc);
         int argc = 0;
         argv[argc++] = "XCLAIM", argv[argc++] = s->keys[rd->part], argv[argc++] = s->group;
-        argv[argc++] = s->consumer, argv[argc++] = "0";
+        argv[argc++] = s->consumer, argv[argc++] = since;
         for (size_t j = i; j < n; j++)
             if (!sent[j] && (prev ? prev[j] : 0) == pc) {
                 sent[j] = true;
@@ -288,8 +295,9 @@ static int give_back(breader *rd, redisContext *c, const char **ids, const long 
  * highest ID seen for drain. Entries marked in `over` (may be NULL) go to
  * the dead-letter stream instead. prev (may be NULL: 0 each) holds each
  * entry's delivery count before this consumer got it, -1 for one no
- * longer its own. */
-static int handle(breader *rd, redisContext *c, const redisReply *entries, const bool *over, const long long *prev)
+ * longer its own; got_ns when the entries' reply came. */
+static int handle(breader *rd, redisContext *c, const redisReply *entries, const bool *over, const long long *prev,
+                  uint64_t got_ns)
 {
     bstream *s = rd->s;
     size_t n = entries->elements;
@@ -343,7 +351,7 @@ static int handle(breader *rd, redisContext *c, const redisReply *entries, const
             freeReplyObject(rep);
     }
     if (arc == 0 && nback)
-        arc = give_back(rd, c, back, bprev, nback);
+        arc = give_back(rd, c, back, bprev, nback, got_ns);
     keel__free(argv);
     keel__free(back);
     keel__free(bprev);
@@ -432,6 +440,7 @@ static int claim(breader *rd, redisContext *c, int n, const char **argv, const l
     redisReply *rep = NULL;
     long long *prev = NULL;
     int rc = cmd(c, n, argv, NULL, &rep);
+    uint64_t got_ns = mono_ns();
     if (rc == 0 && rep->type == REDIS_REPLY_ARRAY) {
         uint64_t got = 0; /* nil: deleted while pending */
         for (size_t i = 0; i < rep->elements; i++)
@@ -447,7 +456,7 @@ static int claim(breader *rd, redisContext *c, int n, const char **argv, const l
             prev[i] = id && (int)j < n ? counts[j++ - 5] : -1;
         }
         if (rc == 0)
-            rc = handle(rd, c, rep, NULL, prev);
+            rc = handle(rd, c, rep, NULL, prev, got_ns);
     }
     keel__free(prev);
     if (rep)
@@ -647,6 +656,7 @@ static int consume(breader *rd, redisContext *c)
             snprintf(cursor, sizeof cursor, "0");
             continue;
         }
+        uint64_t got_ns = mono_ns();
         if (rc == 0) /* Redis answered: so before handling what it gave, which may take long */
             set_healthy(rd);
         const redisReply *entries = NULL;
@@ -667,7 +677,7 @@ static int consume(breader *rd, redisContext *c)
             if (rc == 0 && over && (rc = count_own(rd, c, entries, over, prev)) == KEEL_EBACKEND)
                 rc = 0; /* an error reply (an ACL), logged: they go uncounted */
             if (rc == 0)
-                rc = handle(rd, c, entries, over, prev);
+                rc = handle(rd, c, entries, over, prev, got_ns);
             keel__free(over);
             keel__free(prev);
         } else if (rc == 0 && pending) {
