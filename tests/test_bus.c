@@ -2815,6 +2815,44 @@ START_TEST(a_late_hand_back_leaves_an_entry_another_consumer_claimed)
 }
 END_TEST
 
+static int on_count_ok(const keel_bus_msg *m, void *ud)
+{
+    (void)m;
+    atomic_fetch_add((_Atomic int *)ud, 1);
+    return 0;
+}
+
+/* A queue group's member fails an entry: the retry goes round robin, so
+ * to the other member, as it did before the stuck-entry pass looked at
+ * the entry's subject; the look must not take a turn of the group. */
+START_TEST(a_stream_retry_goes_to_the_next_member_of_a_queue_group)
+{
+    char prefix[96];
+    unique_prefix(prefix, sizeof prefix, "rrretry");
+    keel_redis *r = redis_nodes(1);
+    lost lb = {0};
+    slowpoke sp = {0};
+    _Atomic int ok = 0;
+    keel_bus *b = rbus(r, prefix, "grp", "c1", 1, 100 * MS, on_lost, &lb);
+    sub(b, "work.*", on_b_fails, &sp, KEEL_BUS_SYNC, "g"); /* picked first */
+    sub(b, "work.*", on_count_ok, &ok, KEEL_BUS_SYNC, "g");
+    ck_assert_int_eq(pub_number(b, "work.x", 0), 0);
+    ck_assert_int_eq(keel_bus_start(b), 0);
+    keel_bus_stats st = {0};
+    for (uint64_t deadline = keel_now_ns() + 20 * S; keel_now_ns() < deadline; nap(20 * MS)) {
+        keel_bus_stats_get(b, &st);
+        if (st.dead_lettered || atomic_load(&ok))
+            break;
+    }
+    ck_assert_uint_eq(st.dead_lettered, 0);
+    int calls = atomic_load(&sp.b_calls), got = atomic_load(&ok);
+    ck_assert_int_eq(calls, 1);
+    ck_assert_int_eq(got, 1);
+    keel_bus_destroy(b);
+    keel_redis_destroy(r);
+}
+END_TEST
+
 START_TEST(a_redis_restart_fails_publishes_then_consumers_resume)
 {
     char prefix[96];
@@ -3085,6 +3123,7 @@ int main(void)
     tcase_add_test(rd, a_stream_group_member_gone_before_its_call_leaves_the_entry_to_the_others);
     tcase_add_test(rd, a_consumer_without_a_subscriber_leaves_entries_to_one_with_it);
     tcase_add_test(rd, a_late_hand_back_leaves_an_entry_another_consumer_claimed);
+    tcase_add_test(rd, a_stream_retry_goes_to_the_next_member_of_a_queue_group);
     tcase_add_test(rd, a_redis_restart_fails_publishes_then_consumers_resume);
     suite_add_tcase(s, rd);
     TCase *down = tcase_create("redis_restart"); /* a steady stream meets a stopped server */

@@ -538,6 +538,20 @@ static int match(keel_bus *bus, const btoks *t, bmatch *m, uint64_t group)
 
 int keel__bus_match(keel_bus *bus, const btoks *t, bmatch *m) { return match(bus, t, m, 0); }
 
+int keel__bus_matches(keel_bus *bus, const btoks *t)
+{
+    bmatch m = {.cap = sizeof m.local / sizeof m.local[0]};
+    m.subs = m.local;
+    int rc = keel__rcu_read_lock();
+    if (rc)
+        return rc;
+    rc = collect(&bus->root, t, 0, &m); /* no pick_groups(): no group's turn taken */
+    keel__rcu_read_unlock();
+    size_t n = m.n;
+    keel__bus_match_free(&m);
+    return rc ? rc : n > 0;
+}
+
 void keel__bus_match_free(bmatch *m)
 {
     if (m->subs != m->local)

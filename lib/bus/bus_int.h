@@ -61,6 +61,10 @@ typedef struct bmatch {
 
 int keel__bus_match(keel_bus *bus, const btoks *t, bmatch *m);
 void keel__bus_match_free(bmatch *m);
+/* Whether a subscription matches: 1, 0 or KEEL_ENOMEM; unlike
+ * keel__bus_match, it picks no queue group member, so takes no turn of
+ * a group's round robin. */
+int keel__bus_matches(keel_bus *bus, const btoks *t);
 
 /* Calls a subscription's handler, msg's subject cut into t, unless it has
  * been unsubscribed; counts, reports a failure. A queue group's member

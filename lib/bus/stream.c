@@ -182,17 +182,9 @@ static int wanted(bstream *s, const redisReply *e)
     keel_bus_msg v;
     parse_fields(f, "0-0", &v, hdr);
     btoks t;
-    bmatch m;
     if (!v.subject || strlen(v.subject) != v.subject_len || keel__bus_tokens(v.subject, v.subject_len, false, &t))
         return 1;
-    int rc = keel__bus_match(s->bus, &t, &m);
-    if (rc)
-        return rc;
-    for (size_t i = 0; i < m.n; i++)
-        keel__bus_sub_unref(m.subs[i]);
-    rc = m.n > 0;
-    keel__bus_match_free(&m);
-    return rc;
+    return keel__bus_matches(s->bus, &t); /* deliver() picks the member */
 }
 
 /* Delivers one entry [id, fields] to the matching handlers. Returns 0 when
