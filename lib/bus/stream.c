@@ -534,12 +534,11 @@ static int reclaim(breader *rd, redisContext *c)
         }
         /* Only what a subscription here matches: another consumer's entry
          * that nothing here takes stays where it is, its count unbumped. */
-        if (rc == 0 && n > 5 && !stopping(rd))
-            rc = wanted_ids(rd, c, cargv + 5, (size_t)(n - 5), keep);
         int k = 5;
-        for (int i = 5; rc == 0 && i < n; i++)
-            if (keep[i - 5])
-                counts[k - 5] = counts[i - 5], cargv[k++] = cargv[i];
+        if (rc == 0 && n > 5 && !stopping(rd) && (rc = wanted_ids(rd, c, cargv + 5, (size_t)(n - 5), keep)) == 0)
+            for (int i = 5; i < n; i++)
+                if (keep[i - 5])
+                    counts[k - 5] = counts[i - 5], cargv[k++] = cargv[i];
         if (rc == 0 && k > 5 && !stopping(rd))
             rc = claim(rd, c, k, cargv, counts);
         if (rep)
