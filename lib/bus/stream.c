@@ -170,19 +170,28 @@ static void parse_fields(const redisReply *f, const char *id, keel_bus_msg *v, k
     v->time_ns = ms * 1000000u;
 }
 
+/* Reads entry [id, fields] into v (headers in hdr) and its subject's
+ * tokens into t; false for one deleted (trimmed) while pending, or without
+ * a valid subject. */
+static bool entry_parse(const redisReply *e, const char *id, keel_bus_msg *v, keel_bus_header *hdr, btoks *t)
+{
+    const redisReply *f = e->element[1];
+    if (f->type != REDIS_REPLY_ARRAY)
+        return false;
+    parse_fields(f, id, v, hdr);
+    return v->subject && strlen(v->subject) == v->subject_len &&
+           keel__bus_tokens(v->subject, v->subject_len, false, t) == 0;
+}
+
 /* Whether entry [id, fields] (or NULL: not there) matches a subscription
  * here: 1 also for one that is gone or has no valid subject (whoever
  * takes it acknowledges it unread), 0, or KEEL_ENOMEM. */
 static int wanted(bstream *s, const redisReply *e)
 {
-    const redisReply *f = e && e->type == REDIS_REPLY_ARRAY && e->elements == 2 ? e->element[1] : NULL;
-    if (!f || f->type != REDIS_REPLY_ARRAY)
-        return 1;
     keel_bus_header hdr[64];
     keel_bus_msg v;
-    parse_fields(f, "0-0", &v, hdr);
     btoks t;
-    if (!v.subject || strlen(v.subject) != v.subject_len || keel__bus_tokens(v.subject, v.subject_len, false, &t))
+    if (!e || e->type != REDIS_REPLY_ARRAY || e->elements != 2 || !entry_parse(e, "0-0", &v, hdr, &t))
         return 1;
     return keel__bus_matches(s->bus, &t); /* deliver() picks the member */
 }
@@ -197,15 +206,12 @@ static int deliver(bstream *s, const redisReply *e)
 {
     if (e->type != REDIS_REPLY_ARRAY || e->elements != 2 || e->element[0]->type != REDIS_REPLY_STRING)
         return 0;
-    const redisReply *f = e->element[1];
-    if (f->type != REDIS_REPLY_ARRAY) /* deleted (trimmed) while pending */
-        return 0;
     keel_bus_header hdr[64];
     keel_bus_msg v;
-    parse_fields(f, e->element[0]->str, &v, hdr);
     btoks t;
-    if (!v.subject || strlen(v.subject) != v.subject_len || keel__bus_tokens(v.subject, v.subject_len, false, &t)) {
-        keel__log(KEEL_LOG_WARN, "bus", "entry %s has no valid subject: acknowledged unread", v.id);
+    if (!entry_parse(e, e->element[0]->str, &v, hdr, &t)) {
+        if (e->element[1]->type == REDIS_REPLY_ARRAY) /* not one deleted (trimmed) while pending */
+            keel__log(KEEL_LOG_WARN, "bus", "entry %s has no valid subject: acknowledged unread", v.id);
         return 0;
     }
     bmatch m;
