@@ -54,7 +54,11 @@
  * the lower tiers never overwrite a value set meanwhile (SET NX, an upsert
  * over expired rows only), and are skipped when an invalidation of that
  * key (a del, set, prefix or tag, here or announced) came during the
- * read. Likewise a set that an invalidation overtakes between its writes
+ * read. (That check and the writes are not one step: a del that reaches
+ * L2 or L3 between them, or is announced after it, removes nothing there,
+ * and the loaded value stays until its TTL. A writer that changes the
+ * source and must not see the old value again sets the new one, which
+ * overwrites it, rather than deleting.) Likewise a set that an invalidation overtakes between its writes
  * below and L1 leaves the key out of L1 (a del that ran meanwhile has
  * removed it below). L3 is read on the primary.
  *
