@@ -183,7 +183,8 @@ KEEL_API int keel_pg_conn_exec(keel_pg_conn *c, const char *sql, const keel_pg_p
  * and again on a connection opened later (after a reconnect, a failover)
  * or whose server forgot it or refuses the plan it cached since the
  * statement's result columns changed (once, outside a transaction). Its
- * SQL is classified once for KEEL_PG_AUTO.
+ * SQL is classified once for KEEL_PG_AUTO; its parameter types are those
+ * given here (the types of the params it runs with are not used).
  * Returns 0, KEEL_EINVAL or KEEL_ENOMEM.
  *
  * keel_pg_stmt_free: each connection that prepared the statement
