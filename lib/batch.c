@@ -92,6 +92,7 @@ typedef struct lane {
     bblock *wblk;          /* the block being written, and where */
     size_t widx;
     size_t credit; /* places reserved in room */
+    bool making_room; /* in make_room: a dead letter it calls must not add */
     bblock *mine;  /* spares the producer has taken over */
     /* the batcher's line: written under mu */
     _Alignas(KEEL__CACHELINE) _Atomic uint64_t head; /* items taken */
@@ -771,13 +772,20 @@ KEEL_API int keel_batch_add(keel_batch *b, void *item, size_t bytes)
     lane *l = my_lane(b, &rc);
     if (!l)
         return rc;
+    if (KEEL__UNLIKELY(l->making_room)) /* from the dead letter of a drop for this thread's add */
+        return KEEL_EFULL;
     /* the block first: a place made by dropping an item must be used */
     bblock *k = l->wblk;
     if (KEEL__UNLIKELY(l->widx == BLOCK_ITEMS) && !(k = block_get(l)))
         return KEEL_ENOMEM;
-    if (KEEL__UNLIKELY(l->credit == 0) && (rc = make_room(b, l)) != 0) {
-        block_keep(l, k);
-        return rc;
+    if (KEEL__UNLIKELY(l->credit == 0)) {
+        l->making_room = true; /* the place a drop makes, and the block, are this add's */
+        rc = make_room(b, l);
+        l->making_room = false;
+        if (rc) {
+            block_keep(l, k);
+            return rc;
+        }
     }
     atomic_store_explicit(&l->busy, 1, memory_order_relaxed);
     keel__light_fence(); /* busy before closed: see keel_batch_close() */

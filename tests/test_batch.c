@@ -809,6 +809,50 @@ START_TEST(a_drop_oldest_add_without_memory_drops_nothing)
 }
 END_TEST
 
+/* A dead letter for a dropped item that adds to the batch again. */
+static _Atomic int readd_rc = -1;
+static void readd_dead_letter(void *const *items, size_t n, int err, void *ud)
+{
+    seen *s = ud;
+    dead_letter(items, n, err, ud);
+    atomic_store(&readd_rc, keel_batch_add(s->self, ITEM(1000), 1));
+}
+
+/* That dead letter runs inside the add that dropped the item, which holds
+ * the place the drop made: an add from it is turned away (KEEL_EFULL),
+ * and the first add goes on with its place and its block intact. */
+START_TEST(an_add_from_a_drop_s_dead_letter_is_turned_away)
+{
+    seen s;
+    seen_init(&s);
+    keel_batch *b;
+    keel_batch_opts o = {.handler = handler, .dead_letter = readd_dead_letter, .ud = &s, .clock = kt_clock_now,
+                         .clock_ud = &clk, .max_items = 1, .capacity = 8, .on_full = KEEL_BATCH_DROP_OLDEST};
+    ck_assert_int_eq(keel_batch_create(&b, &o), 0);
+    s.self = b;
+    for (int i = 1; i <= 246; i++) { /* into this thread's first block of 255 */
+        ck_assert_int_eq(keel_batch_add(b, ITEM(i), 1), 0);
+        ck_assert_int_eq(keel_batch_flush(b), 0);
+    }
+    s.block = 1; /* the handler holds 247; 248 to 255 fill the queue and the block */
+    ck_assert_int_eq(keel_batch_add(b, ITEM(247), 1), 0);
+    wait_for(&s, &s.entered, 247);
+    for (int i = 248; i <= 255; i++)
+        ck_assert_int_eq(keel_batch_add(b, ITEM(i), 1), 0);
+    ck_assert_int_eq(keel_batch_add(b, ITEM(256), 1), 0); /* drops 248 */
+    ck_assert_int_eq(atomic_load(&readd_rc), KEEL_EFULL);
+    unblock(&s);
+    ck_assert_int_eq(keel_batch_close(b), 0);
+    keel_batch_stats st;
+    keel_batch_stats_get(b, &st);
+    ck_assert_uint_eq(st.accepted, 256);
+    ck_assert_uint_eq(st.dropped, 1);
+    ck_assert_uint_eq(get(&s, &s.items), 255); /* all but 248, 256 among them */
+    check_invariant(b);
+    keel_batch_destroy(b);
+}
+END_TEST
+
 /* ---- rows into PostgreSQL ---- */
 
 typedef struct rows {
@@ -1732,6 +1776,7 @@ int main(void)
     tcase_add_test(tc, bad_input_is_refused);
     tcase_add_test(tc, a_batch_memory_cannot_hold_fails_at_create);
     tcase_add_test(tc, a_drop_oldest_add_without_memory_drops_nothing);
+    tcase_add_test(tc, an_add_from_a_drop_s_dead_letter_is_turned_away);
     suite_add_tcase(s, tc);
     TCase *mc = tcase_create("model");
     tcase_set_timeout(mc, 60);

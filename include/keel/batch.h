@@ -70,7 +70,9 @@
  * KEEL_ESTATE; destroy from a callback is refused, logged). The handler
  * runs in the batch's threads, one batch at a time per thread; dead_letter
  * also runs in adding threads (KEEL_BATCH_DROP_OLDEST), concurrently with
- * the handler and with itself: it must be thread-safe.
+ * the handler and with itself: it must be thread-safe. An add from that
+ * dead letter, in the thread whose add dropped the item, returns
+ * KEEL_EFULL at once: that add holds the place the drop made.
  */
 #ifndef KEEL_BATCH_H
 #define KEEL_BATCH_H
