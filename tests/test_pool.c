@@ -722,7 +722,13 @@ START_TEST(debug_mode_refuses_double_and_foreign_releases)
     ck_assert_int_eq(keel_pool_release(p, b + 1), KEEL_EINVAL); /* interior */
     ck_assert_int_eq(atomic_load(&log_count), 3);
     ck_assert_int_eq(atomic_load(&c.reset), 1); /* refused ones never reset */
-    /* The pool is intact: a and b come back once each. */
+    /* a's object trimmed away (b keeps their slab): its slot is the
+     * pool's, but no object there was handed out */
+    ck_assert_uint_eq(keel_pool_trim(p), 1);
+    ck_assert_int_eq(keel_pool_release(p, a), KEEL_EINVAL);
+    ck_assert_ptr_nonnull(strstr(log_last, "never handed out"));
+    ck_assert_int_eq(atomic_load(&log_count), 4);
+    /* The pool is intact: b comes back, and a's slot holds a new object. */
     ck_assert_int_eq(keel_pool_release(p, b), 0);
     char *x = keel_pool_acquire(p), *y = keel_pool_acquire(p);
     ck_assert((x == a && y == b) || (x == b && y == a));
