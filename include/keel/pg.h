@@ -89,7 +89,9 @@ typedef struct keel_pg_opts {
     const char *const *replicas;      /* conninfos; none to 63 */
     size_t nreplicas;
     size_t conns_per_host;            /* 0 = 8 */
-    uint64_t connect_timeout_ns;      /* 0 = 5 s (any value, unlike libpq's 2 s floor) */
+    uint64_t connect_timeout_ns;      /* 0 = 5 s (any value, unlike libpq's 2 s
+                                       * floor; a host name's lookup is not
+                                       * covered: it blocks as the resolver does) */
     uint64_t acquire_timeout_ns;      /* wait for a free connection; 0 = 5 s
                                        * (a READ: on each usable replica in
                                        * turn, then on the write host) */

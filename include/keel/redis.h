@@ -60,7 +60,8 @@ typedef struct keel_redis_sub keel_redis_sub;
 typedef struct keel_redis_opts {
     const char *const *nodes;   /* URLs; at least one, at most 4096 */
     size_t nnodes;
-    uint64_t connect_timeout_ns; /* 0 = 1 s */
+    uint64_t connect_timeout_ns; /* 0 = 1 s (a host name's lookup is not
+                                  * covered: it blocks as the resolver does) */
     uint64_t command_timeout_ns; /* 0 = 1 s */
     size_t conns_per_node;       /* 0 = 8 */
     uint32_t max_fails;          /* 0 = 3, <= 1000000 */
