@@ -46,8 +46,9 @@
  * or timed-out item is not accepted: the caller still owns it. Threads
  * reserve room a step at a time (capacity / 64 places, at least 1 and at
  * most 256), so with several threads adding, a full queue may turn an add
- * away while other threads hold up to a step each reserved but unused;
- * with one adding thread, or a capacity under 128, the bound is exact.
+ * away (or, under KEEL_BATCH_DROP_OLDEST, drop an item for it) while other
+ * threads hold up to a step each reserved but unused; with one adding
+ * thread, or a capacity under 128, the bound is exact.
  *
  * Memory. Each thread that adds gets a queue of 4 KiB blocks, grown to
  * what it keeps queued and reused after; when a thread exits its queue
