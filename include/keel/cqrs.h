@@ -58,7 +58,8 @@
  *
  * Queries. A query handler gets, through keel_cqrs_conn(), a keel_pg
  * connection in read mode (a replica when one keeps up); a query asked
- * with the lsn a command returned reads its writes (keel_pg's LSN wait).
+ * with the lsn a command returned reads its writes (keel_pg's LSN wait:
+ * up to 5 s for a replica to replay it, then on the primary).
  *
  * Thread safety: every function may be called from any thread; handlers
  * may run concurrently. Register handlers and middleware before
