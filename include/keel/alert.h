@@ -54,7 +54,10 @@
  * condition was last true; a resolved alert is kept (and re-sent) for 15
  * minutes, and a new true condition starts a new alert. Firing alerts are
  * sent again every resend delay (1 minute); each sent firing alert says
- * endsAt = now + 4 x max(eval interval, resend delay).
+ * endsAt = now + 4 x max(eval interval, resend delay). One departure: a
+ * send exactly one resend delay after the last is due here, while
+ * Prometheus waits until strictly after it (with an evaluation interval
+ * equal to the delay, it re-sends at every second evaluation).
  *
  * Rules are evaluated by keel_alerts_tick(), which does the work when an
  * eval_interval has passed on the injectable clock: no thread is started.
