@@ -144,7 +144,7 @@ static void block_free(void *data)
 {
     block *b = data;
     for (size_t i = 0; i < DIR; i++)
-        keel__free(atomic_load_explicit(&b->dir[i], memory_order_relaxed));
+        keel__aligned_free(atomic_load_explicit(&b->dir[i], memory_order_relaxed));
     keel__free(b);
 }
 
@@ -202,9 +202,10 @@ static __attribute__((noinline)) word *slot_slow(keel_metrics *m, size_t slot)
         }
     }
     word *ch = atomic_load_explicit(&b->dir[slot / CHUNK], memory_order_relaxed);
-    if (!ch) {
-        if (!(ch = keel__calloc(CHUNK, sizeof *ch)))
+    if (!ch) { /* whole lines: no thread's words share one with another's */
+        if (!(ch = keel__aligned_alloc(KEEL__CACHELINE, CHUNK * sizeof *ch)))
             return NULL;
+        memset(ch, 0, CHUNK * sizeof *ch);
         atomic_store_explicit(&b->dir[slot / CHUNK], ch, memory_order_release);
     }
     return &ch[slot % CHUNK];

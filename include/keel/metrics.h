@@ -107,9 +107,10 @@ KEEL_API int keel_counter_remove(keel_counter *c, const char *const *values, siz
 KEEL_API int keel_gauge_remove(keel_gauge *g, const char *const *values, size_t n);
 KEEL_API int keel_histogram_remove(keel_histogram *h, const char *const *values, size_t n);
 
-/* ---- the hot path: never blocks, never allocates after a thread's first
- * use of a registry (that first use allocates the thread's block under the
- * registry's lock; without memory for it, the update is dropped) ---- */
+/* ---- the hot path: never blocks; allocates only on a thread's first
+ * update in a registry (its block, under the registry's lock) and its
+ * first in each run of 512 series (4 KiB of cache-line-aligned counters);
+ * without memory for them, the update is dropped ---- */
 KEEL_API void keel_counter_inc(keel_counter_child *c);
 KEEL_API void keel_counter_add(keel_counter_child *c, uint64_t n);
 /* Adds a non-negative amount; negative or NaN amounts are ignored. */
