@@ -1,9 +1,10 @@
 /* examples/alerts.c — the four classic alert rules firing and resolving
  * on a simulated load.
  *
- * An hour of simulated traffic (time is injected, the run takes
+ * 75 minutes of simulated traffic (time is injected, the run takes
  * milliseconds): an error burst from minute 10 to 25, slow responses from
- * 30 to 40, a cold cache from 45 to 60, memory pressure from 50 to 55.
+ * 30 to 40, a cold cache from 45 to 60, memory pressure from 50 to 55;
+ * every alert has resolved by the end.
  * The rules are evaluated every 30 s; every change is printed, and the
  * first two batches of alerts for Alertmanager. */
 #include <stdio.h>
@@ -104,14 +105,14 @@ int main(void)
     }
     printf("state changes:\n");
     int batches = 0;
-    for (now_ns = 0; now_ns <= 60 * 60 * S; now_ns += S) { /* one tick a second */
+    for (now_ns = 0; now_ns <= 75 * 60 * S; now_ns += S) { /* one tick a second */
         double minute = (double)now_ns / 60 / S;
         keel_counter_add(r, 50);
         keel_counter_add(e, minute >= 10 && minute < 25 ? 5 : 0);
         for (int i = 0; i < 5; i++)
             keel_histogram_observe(d, minute >= 30 && minute < 40 ? 2.0 : 0.08);
         keel_counter_add(l, 20);
-        keel_counter_add(h, minute >= 45 ? 10 : 19);
+        keel_counter_add(h, minute >= 45 && minute < 60 ? 10 : 19);
         keel_gauge_set(g, minute >= 50 && minute < 55 ? 0.95 : 0.6);
         if ((rc = keel_alerts_tick(a)) < 0)
             break;
@@ -129,9 +130,12 @@ int main(void)
     char *text;
     if (rc >= 0 && (rc = keel_metrics_render_buf(m, KEEL_METRICS_PROMETHEUS, &text, NULL)) == 0) {
         printf("at the end, keel_alerts series:\n");
+        int active = 0;
         for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n"))
             if (strncmp(line, "keel_alerts{", 12) == 0)
-                printf("  %s\n", line);
+                printf("  %s\n", line), active++;
+        if (!active)
+            printf("  none: no alert is pending or firing\n");
         keel_free(text);
     }
     if (rc < 0)
