@@ -1048,16 +1048,25 @@ static const char *accept_ows(const char *p)
     return p;
 }
 
+static bool accept_is(const char *type, const char *end, const char *name)
+{
+    return (size_t)(end - type) == strlen(name) && strncasecmp(type, name, (size_t)(end - type)) == 0;
+}
+
 /* Media ranges are split at commas outside quoted strings; the type and
- * the "q" parameter's name are case-insensitive (RFC 9110 8.3.1, 12.4.2). */
+ * the "q" parameter's name are case-insensitive (RFC 9110 8.3.1, 12.4.2).
+ * The format whose media type has the highest q wins, the first named at
+ * equal q; wildcards name neither (as client_golang has it). */
 KEEL_API keel_metrics_format keel_metrics_negotiate(const char *accept)
 {
-    static const char om[] = "application/openmetrics-text";
+    keel_metrics_format f = KEEL_METRICS_PROMETHEUS;
+    double best = 0;
     for (const char *p = accept; p && *p;) {
         p = accept_ows(p);
         const char *type = p;
         p = accept_word(p);
-        bool is_om = (size_t)(p - type) == sizeof om - 1 && strncasecmp(type, om, sizeof om - 1) == 0;
+        bool is_om = accept_is(type, p, "application/openmetrics-text");
+        bool is_text = accept_is(type, p, "text/plain");
         double q = 1;
         while (*p && *p != ',') {
             if (*p != ';') { /* whitespace, stray text; a quoted string whole */
@@ -1075,12 +1084,14 @@ KEEL_API keel_metrics_format keel_metrics_negotiate(const char *accept)
             if (is_q)
                 q = keel__strtod(value, NULL);
         }
-        if (is_om && q > 0)
-            return KEEL_METRICS_OPENMETRICS;
+        if ((is_om || is_text) && q > best) {
+            best = q;
+            f = is_om ? KEEL_METRICS_OPENMETRICS : KEEL_METRICS_PROMETHEUS;
+        }
         if (*p == ',')
             p++;
     }
-    return KEEL_METRICS_PROMETHEUS;
+    return f;
 }
 
 KEEL_API const char *keel_metrics_content_type(keel_metrics_format f)

@@ -771,6 +771,17 @@ START_TEST(accept_headers_choose_the_format)
     ck_assert_int_eq(keel_metrics_negotiate("application/openmetrics-text;q=0,"
                                             "application/openmetrics-text;version=1.0.0;q=0.5"),
                      KEEL_METRICS_OPENMETRICS);
+    /* the higher q wins, as in client_golang; at equal q, the first named */
+    ck_assert_int_eq(keel_metrics_negotiate("application/openmetrics-text;q=0.5, text/plain;q=0.9"),
+                     KEEL_METRICS_PROMETHEUS);
+    ck_assert_int_eq(keel_metrics_negotiate("TEXT/plain;q=0.2, application/openmetrics-text;q=0.3"),
+                     KEEL_METRICS_OPENMETRICS);
+    ck_assert_int_eq(keel_metrics_negotiate("text/plain, application/openmetrics-text"),
+                     KEEL_METRICS_PROMETHEUS);
+    ck_assert_int_eq(keel_metrics_negotiate("application/openmetrics-text, text/plain"),
+                     KEEL_METRICS_OPENMETRICS);
+    ck_assert_int_eq(keel_metrics_negotiate("*/*;q=0.9, application/openmetrics-text;q=0.1"),
+                     KEEL_METRICS_OPENMETRICS); /* a wildcard names neither */
     ck_assert_str_eq(keel_metrics_content_type(KEEL_METRICS_PROMETHEUS),
                      "text/plain; version=0.0.4; charset=utf-8");
     ck_assert_str_eq(keel_metrics_content_type(KEEL_METRICS_OPENMETRICS),

@@ -172,9 +172,10 @@ typedef enum keel_metrics_format {
     KEEL_METRICS_OPENMETRICS = 1 /* OpenMetrics 1.0.0 */
 } keel_metrics_format;
 
-/* The format an HTTP Accept header asks for: OpenMetrics when one of its
- * media ranges is application/openmetrics-text (in any case, as HTTP has
- * it) with a q above 0, else Prometheus. NULL or "" gives Prometheus. */
+/* The format an HTTP Accept header asks for: OpenMetrics when
+ * application/openmetrics-text (in any case, as HTTP has it) has a q above
+ * 0 and above text/plain's (at equal q, the one named first), else
+ * Prometheus; wildcards count for neither. NULL or "" gives Prometheus. */
 KEEL_API keel_metrics_format keel_metrics_negotiate(const char *accept);
 
 /* The Content-Type header value for a format (a static string). */
