@@ -310,7 +310,7 @@ KEEL_API void keel_breaker_on_result(keel_breaker *b, uint64_t now, uint64_t dur
     keel_breaker_state s = st_of(w);
     if (s != KEEL_BREAKER_CLOSED && s != KEEL_BREAKER_HALF_OPEN)
         return; /* DISABLED records nothing; OPEN results are late */
-    unsigned out = OUT_PRESENT | (failed ? OUT_FAILED : 0) | (duration >= b->slow_ns ? OUT_SLOW : 0);
+    unsigned out = OUT_PRESENT | (failed ? OUT_FAILED : 0) | (duration > b->slow_ns ? OUT_SLOW : 0);
     if (out & OUT_FAILED)
         atomic_fetch_add_explicit(&b->failed, 1, memory_order_relaxed);
     if (out & OUT_SLOW)

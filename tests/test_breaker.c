@@ -77,9 +77,14 @@ START_TEST(slow_calls_trip_at_their_own_rate)
     keel_breaker *b = make((keel_breaker_opts){.window_size = 20, .minimum_calls = 20,
                                                .slow_call_ns = 1 * S, .slow_call_rate = 50});
     for (int i = 0; i < 19; i++)
-        call(b, 0, 0, i < 10 ? 2 * S : 10 * MS); /* 10 slow, none failed */
+        call(b, 0, 0, i < 10 ? 10 * MS : 2 * S); /* 10 fast, then 9 slow; none failed */
     ck_assert_int_eq(keel_breaker_state_get(b), KEEL_BREAKER_CLOSED);
-    call(b, 0, 0, 1 * S); /* exactly the threshold counts as slow */
+    call(b, 0, 0, 1 * S); /* exactly the threshold is not slow (resilience4j: >) */
+    ck_assert_int_eq(keel_breaker_state_get(b), KEEL_BREAKER_CLOSED); /* 9 of 20 */
+    keel_breaker_stats st;
+    keel_breaker_stats_get(b, &st);
+    ck_assert_uint_eq(st.window_slow, 9);
+    call(b, 0, 0, 1 * S + 1); /* one nanosecond more is; a fast call leaves: 10 of 20 */
     ck_assert_int_eq(keel_breaker_state_get(b), KEEL_BREAKER_OPEN);
     keel_breaker_destroy(b);
 }

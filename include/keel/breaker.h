@@ -62,7 +62,8 @@ typedef struct keel_breaker_opts {
     uint32_t minimum_calls; /* 0 = 100 */
     uint32_t failure_rate;  /* percent, 1..100; 0 = 50 */
     uint32_t slow_call_rate; /* percent, 1..100; 0 = 100 */
-    uint64_t slow_call_ns;  /* a call this long or longer is slow; 0 = 60 s */
+    uint64_t slow_call_ns;  /* a call longer than this is slow (not one
+                               exactly this long, as resilience4j); 0 = 60 s */
     uint32_t permitted_in_half_open; /* 0 = 10, <= 8191 */
     uint64_t wait_open_ns;  /* 0 = 60 s */
     /* Growth of the open wait: the n-th consecutive opening waits

@@ -233,7 +233,7 @@ static void m_result(state *st, uint64_t dur, bool failed)
     model *m = &st->m;
     if (m->state != KEEL_BREAKER_CLOSED && m->state != KEEL_BREAKER_HALF_OPEN)
         return;
-    bool slow = dur >= st->slow_ns;
+    bool slow = dur > st->slow_ns; /* resilience4j: strictly longer */
     m->failed += failed;
     m->slow += slow;
     if (m->state == KEEL_BREAKER_HALF_OPEN) {
