@@ -41,6 +41,7 @@ struct keel_breaker {
     /* configuration */
     keel_breaker_window kind;
     uint32_t size, min_calls, fr, sr, permitted;
+    uint32_t half_min; /* HALF_OPEN results that decide: min(minimum_calls, permitted) */
     uint64_t slow_ns, wait_ns, max_half_open_ns;
     keel_backoff_opts backoff;
     bool has_backoff;
@@ -284,7 +285,9 @@ KEEL_API void keel_breaker_release(keel_breaker *b)
             return;
 }
 
-/* Records a trial result; the one that completes the trials decides. */
+/* Records a trial result. As resilience4j's HALF_OPEN window (a count
+ * window of `permitted` calls), the thresholds are checked after every
+ * result once half_min are in, so the first such result decides. */
 static void half_open_result(keel_breaker *b, uint64_t w, unsigned out, uint64_t now)
 {
     const uint64_t M13 = 0x1fff;
@@ -296,9 +299,9 @@ static void half_open_result(keel_breaker *b, uint64_t w, unsigned out, uint64_t
         n = h + 1 + ((out & OUT_FAILED) ? UINT64_C(1) << 13 : 0) +
             ((out & OUT_SLOW) ? UINT64_C(1) << 26 : 0);
     } while (!atomic_compare_exchange_weak(&b->hwin, &h, n));
-    if ((n & M13) < b->permitted)
+    if ((n & M13) < b->half_min)
         return;
-    tally t = {b->permitted, (n >> 13) & M13, (n >> 26) & M13};
+    tally t = {n & M13, (n >> 13) & M13, (n >> 26) & M13};
     transition(b, w, over_threshold(b, t) ? KEEL_BREAKER_OPEN : KEEL_BREAKER_CLOSED, now, false);
 }
 
@@ -430,6 +433,9 @@ KEEL_API int keel_breaker_create(keel_breaker **out, const keel_breaker_opts *o)
     b->kind = o->window;
     b->size = size;
     b->min_calls = o->minimum_calls ? o->minimum_calls : 100;
+    /* from the option, not clamped to the CLOSED window: resilience4j
+     * clamps it to the HALF_OPEN window instead */
+    b->half_min = b->min_calls < permitted ? b->min_calls : permitted;
     if (b->kind == KEEL_BREAKER_COUNT && b->min_calls > size)
         b->min_calls = size; /* as resilience4j: never more than the window */
     b->fr = fr;

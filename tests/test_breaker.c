@@ -154,6 +154,55 @@ START_TEST(failing_trials_reopen_and_the_wait_grows)
 }
 END_TEST
 
+/* resilience4j's HALF_OPEN metrics are a count window of the permitted
+ * calls with minimum_calls = min(minimum_calls, permitted), checked after
+ * every result: it decides as soon as that many results are in, without
+ * waiting for the other permits. */
+START_TEST(half_open_decides_once_minimum_calls_are_in)
+{
+    keel_breaker_opts o = {.window_size = 10, .minimum_calls = 2, .permitted_in_half_open = 10,
+                           .wait_open_ns = 5 * S};
+    for (int fail = 0; fail < 2; fail++) {
+        keel_breaker *b = make(o);
+        call(b, 0, 1, MS);
+        call(b, 0, 1, MS);
+        ck_assert_int_eq(keel_breaker_state_get(b), KEEL_BREAKER_OPEN);
+        for (int i = 0; i < 3; i++) /* three of the ten trials go out */
+            ck_assert_int_eq(keel_breaker_try_acquire(b, 5 * S), 0);
+        keel_breaker_on_result(b, 5 * S, MS, fail);
+        ck_assert_int_eq(keel_breaker_state_get(b), KEEL_BREAKER_HALF_OPEN); /* 1 < 2 */
+        keel_breaker_on_result(b, 5 * S, MS, fail);
+        ck_assert_int_eq(keel_breaker_state_get(b), (fail ? KEEL_BREAKER_OPEN : KEEL_BREAKER_CLOSED));
+        /* the third trial ends after the change and counts in the state it
+         * finds: a failure in the fresh CLOSED window, nothing when OPEN */
+        keel_breaker_on_result(b, 5 * S, MS, 1);
+        keel_breaker_stats st;
+        keel_breaker_stats_get(b, &st);
+        ck_assert_uint_eq(st.failed, fail ? 4 : 3); /* 2 to open, the trials' */
+        if (!fail) {
+            ck_assert_uint_eq(st.window_calls, 1);
+            ck_assert_uint_eq(st.window_failed, 1);
+        }
+        ck_assert_int_eq(keel_breaker_state_get(b), (fail ? KEEL_BREAKER_OPEN : KEEL_BREAKER_CLOSED));
+        keel_breaker_destroy(b);
+    }
+    /* the half-open minimum is min(minimum_calls, permitted) as configured,
+     * not the CLOSED one clamped to a smaller count window (here 4) */
+    keel_breaker *b = make((keel_breaker_opts){.window_size = 4, .minimum_calls = 100,
+                                               .permitted_in_half_open = 6, .wait_open_ns = 5 * S});
+    for (int i = 0; i < 4; i++)
+        call(b, 0, 1, MS);
+    ck_assert_int_eq(keel_breaker_state_get(b), KEEL_BREAKER_OPEN);
+    for (int i = 0; i < 5; i++) {
+        ck_assert_int_eq(call(b, 5 * S, 0, MS), 0);
+        ck_assert_int_eq(keel_breaker_state_get(b), KEEL_BREAKER_HALF_OPEN);
+    }
+    ck_assert_int_eq(call(b, 5 * S, 0, MS), 0);
+    ck_assert_int_eq(keel_breaker_state_get(b), KEEL_BREAKER_CLOSED);
+    keel_breaker_destroy(b);
+}
+END_TEST
+
 START_TEST(a_time_window_evicts_by_the_second)
 {
     keel_breaker *b = make((keel_breaker_opts){.window = KEEL_BREAKER_TIME, .window_size = 10,
@@ -367,6 +416,7 @@ int main(void)
     tcase_add_test(tc, slow_calls_trip_at_their_own_rate);
     tcase_add_test(tc, half_open_admits_exactly_the_permitted_calls);
     tcase_add_test(tc, failing_trials_reopen_and_the_wait_grows);
+    tcase_add_test(tc, half_open_decides_once_minimum_calls_are_in);
     tcase_add_test(tc, a_time_window_evicts_by_the_second);
     tcase_add_test(tc, forced_states_and_the_callback);
     tcase_add_test(tc, half_open_gives_up_when_trial_results_never_come);

@@ -7,9 +7,13 @@
  *              may grow with every consecutive re-open (a keel_backoff
  *              schedule). The first try_acquire after the wait moves it to
  *              HALF_OPEN (lazily: there is no timer thread).
- *   HALF_OPEN  exactly permitted_in_half_open trial calls pass; when all
- *              their results are in, the same thresholds decide OPEN
- *              again or CLOSED (with an empty window).
+ *   HALF_OPEN  exactly permitted_in_half_open trial calls pass. As in
+ *              resilience4j, once min(minimum_calls as set, permitted)
+ *              trial results are in, the same thresholds are checked
+ *              after every result, so the first such result decides OPEN
+ *              again or CLOSED (with an empty window), without waiting
+ *              for the trials still out: those count in the state they
+ *              find (the CLOSED window, or nothing when OPEN).
  *   DISABLED, FORCED_OPEN   set by keel_breaker_force(): always pass and
  *              record nothing; always refuse.
  *
@@ -72,7 +76,7 @@ typedef struct keel_breaker_opts {
      * create. */
     const keel_backoff_opts *open_backoff;
     /* Longest stay in HALF_OPEN before going back to OPEN when trial
-     * results do not arrive; 0 = wait for all of them. */
+     * results do not arrive; 0 = wait for them for ever. */
     uint64_t max_half_open_ns;
     keel_breaker_state_fn on_state; /* called after every transition (a forced
                                        one to the same state too, as it resets

@@ -29,7 +29,8 @@
  * rate is at or above its threshold; OPEN refuses until its wait (the
  * backoff's n-th delay) ends, then the first try_acquire goes HALF_OPEN;
  * HALF_OPEN lets exactly the permitted trials through, releases give
- * them back, and the last trial result decides; DISABLED passes and
+ * them back, and the first result that brings the trial results to
+ * min(minimum_calls, permitted) decides; DISABLED passes and
  * records nothing, FORCED_OPEN refuses everything.
  */
 #include <keel/breaker.h>
@@ -64,7 +65,7 @@ typedef struct state {
     keel_breaker *b;
     /* effective options */
     keel_breaker_window kind;
-    uint32_t wsize, min_calls, fr, sr, permitted;
+    uint32_t wsize, min_calls, fr, sr, permitted, half_min;
     uint64_t slow_ns, wait_ns, mho_ns;
     bool has_backoff;
     keel_backoff_opts bo, model_bo;
@@ -242,7 +243,7 @@ static void m_result(state *st, uint64_t dur, bool failed)
         m->tcalls++;
         m->tfailed += failed;
         m->tslow += slow;
-        if (m->tcalls == st->permitted)
+        if (m->tcalls >= st->half_min)
             m_to(st, over(st, m->tcalls, m->tfailed, m->tslow) ? KEEL_BREAKER_OPEN
                                                                  : KEEL_BREAKER_CLOSED);
         return;
@@ -333,6 +334,10 @@ static bool breaker_create(state *st)
     st->fr = o.failure_rate ? o.failure_rate : 50;
     st->sr = o.slow_call_rate ? o.slow_call_rate : 100;
     st->permitted = o.permitted_in_half_open ? o.permitted_in_half_open : 10;
+    /* resilience4j: min(minimum_calls, permitted), the option unclamped */
+    st->half_min = o.minimum_calls ? o.minimum_calls : 100;
+    if (st->half_min > st->permitted)
+        st->half_min = st->permitted;
     st->slow_ns = o.slow_call_ns ? o.slow_call_ns : 60 * SECOND_NS;
     st->wait_ns = o.wait_open_ns ? o.wait_open_ns : 60 * SECOND_NS;
     st->mho_ns = o.max_half_open_ns;
