@@ -221,6 +221,43 @@ START_TEST(percent_budget_allows_its_share_plus_the_reserve)
 }
 END_TEST
 
+/* Finagle's RetryFilter deposits once per request and withdraws once per
+ * retry. Against a server where every attempt fails, that keeps retries
+ * to `percent` of the requests plus the reserve, in every window. */
+static int failing_requests(keel_retry_budget *b, int n, bool deposit_per_retry)
+{
+    int retries = 0;
+    for (int i = 0; i < n; i++) {
+        keel_retry_budget_on_request(b); /* the request; its attempt fails */
+        while (keel_retry_budget_try_retry(b) == 0) { /* and so does every retry */
+            retries++;
+            if (deposit_per_retry)
+                keel_retry_budget_on_request(b);
+        }
+    }
+    return retries;
+}
+
+START_TEST(percent_budget_deposits_once_per_request_under_total_failure)
+{
+    kt_clock clk = {0};
+    keel_retry_budget *b;
+    keel_retry_budget_opts o = {.kind = KEEL_BUDGET_PERCENT, .percent = 20,
+                                .window_ns = 10 * KT_S, .min_per_sec = 1,
+                                .clock = kt_clock_now, .clock_ud = &clk};
+    ck_assert_int_eq(keel_retry_budget_create(&b, &o), 0);
+    for (int w = 0; w < 3; w++) {
+        /* 20% of 1000 requests, plus the reserve of 1/s x 10 s */
+        ck_assert_int_eq(failing_requests(b, 1000, false), 200 + 10);
+        kt_clock_advance(&clk, 11 * KT_S); /* all of it expires */
+    }
+    /* Depositing for retries too, the retries would pay for themselves:
+     * r = 0.2 (n + r) + 10 gives r = 0.25 n + 12.5, 25% instead of 20%. */
+    ck_assert_int_eq(failing_requests(b, 1000, true), 262);
+    keel_retry_budget_destroy(b);
+}
+END_TEST
+
 /* A caller that read the clock, then stalled a whole window before taking
  * the budget's lock, brings a reading older than the deposits made since:
  * its own deposit is out of the window, and the newer ones stay. */
@@ -294,6 +331,7 @@ int main(void)
     tcase_add_test(tc, grpc_token_arithmetic);
     tcase_add_test(tc, token_updates_from_two_threads_stay_in_bounds);
     tcase_add_test(tc, percent_budget_allows_its_share_plus_the_reserve);
+    tcase_add_test(tc, percent_budget_deposits_once_per_request_under_total_failure);
     tcase_add_test(tc, a_stale_clock_reading_does_not_wipe_newer_deposits);
     tcase_add_test(tc, bad_budgets_are_refused);
     suite_add_tcase(s, tc);

@@ -20,10 +20,11 @@
  *                        each failure takes 1 (never below 0), each success
  *                        gives `ratio` (capped at max); a retry is allowed
  *                        only while tokens > max / 2. Integer milli-tokens.
- *   KEEL_BUDGET_PERCENT  Finagle's RetryBudget: every request deposits
- *                        `percent`% of a retry, a retry withdraws one,
- *                        both expire after `window` (counted in tenths of
- *                        it: 0.9 to 1 window later), and a reserve of
+ *   KEEL_BUDGET_PERCENT  Finagle's RetryBudget: every request (once, not
+ *                        per retry) deposits `percent`% of a retry, a
+ *                        retry withdraws one, both expire after `window`
+ *                        (counted in tenths of it: 0.9 to 1 window
+ *                        later), and a reserve of
  *                        `min_per_sec` x window-seconds retries is always
  *                        there, for clients with little traffic.
  *
@@ -122,9 +123,12 @@ typedef struct keel_retry_budget_opts {
  * KEEL_ENOMEM. */
 KEEL_API int keel_retry_budget_create(keel_retry_budget **out, const keel_retry_budget_opts *opts);
 
-/* A request is about to be sent (first attempt or retry). PERCENT deposits
- * its share of a retry; TOKENS ignores it. Lock-free (TOKENS) or a short
- * lock (PERCENT). */
+/* A new request is about to be sent: call it once per request, before its
+ * first attempt, not for retries (as Finagle's RetryFilter deposits once
+ * per request). PERCENT deposits its share of a retry; TOKENS ignores it.
+ * Called for retries too, the retries would pay for themselves: with
+ * every attempt failing, 20% would allow 25% (r = 0.2 (n + r)). Lock-free
+ * (TOKENS) or a short lock (PERCENT). */
 KEEL_API void keel_retry_budget_on_request(keel_retry_budget *b);
 
 /* An attempt ended. TOKENS: a failure takes one token, a success gives
