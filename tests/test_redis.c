@@ -544,8 +544,9 @@ typedef struct inbox {
     pthread_mutex_t mu;
     char last[64]; /* the bytes of the last message (and a NUL) */
     size_t last_len;
-    int messages, reconnects;
+    int messages, reconnects, disconnects;
     char last_pattern[32];
+    char events[16]; /* 'D' for each on_disconnect, 'R' for each on_reconnect */
 } inbox;
 
 static void got(const char *ch, size_t chlen, const char *msg, size_t len, const char *pattern, void *ud)
@@ -562,12 +563,45 @@ static void got(const char *ch, size_t chlen, const char *msg, size_t len, const
     pthread_mutex_unlock(&in->mu);
 }
 
+static void note_event(inbox *in, char e)
+{
+    size_t n = strlen(in->events);
+    if (n + 1 < sizeof in->events)
+        in->events[n] = e;
+}
+
 static void reconnected(void *ud)
 {
     inbox *in = ud;
     pthread_mutex_lock(&in->mu);
     in->reconnects++;
+    note_event(in, 'R');
     pthread_mutex_unlock(&in->mu);
+}
+
+static void disconnected(void *ud)
+{
+    inbox *in = ud;
+    pthread_mutex_lock(&in->mu);
+    in->disconnects++;
+    note_event(in, 'D');
+    pthread_mutex_unlock(&in->mu);
+}
+
+/* Waits until *count (under in->mu) reaches want or `ns` of real time
+ * passes; returns the count. Asserts nothing, so that a caller may first
+ * undo a fault it made. */
+static int wait_count(inbox *in, const int *count, int want, uint64_t ns)
+{
+    uint64_t deadline = keel_now_ns() + ns;
+    for (;;) {
+        pthread_mutex_lock(&in->mu);
+        int n = *count;
+        pthread_mutex_unlock(&in->mu);
+        if (n >= want || keel_now_ns() >= deadline)
+            return n;
+        kt_nap(5 * MS);
+    }
 }
 
 /* Publishes until the listener has seen `want` messages (a real wait on a
@@ -628,6 +662,63 @@ START_TEST(the_listener_reconnects_and_says_so)
     keel_redis_destroy(r);
 }
 END_TEST
+
+/* A server that goes silent (frozen: it accepts, never answers) sends no
+ * error and closes nothing: only the heartbeat notices. The listener PINGs
+ * after heartbeat_ns of silence, gives up after the command timeout, says
+ * so, and once the server answers again subscribes anew and says that.
+ * In a tcase of its own, whose teardown (in Check's parent process)
+ * resumes the server even when this test dies while it is frozen. */
+START_TEST(a_silent_server_is_noticed_by_the_heartbeat)
+{
+    node_urls(NULL);
+    keel_redis *r;
+    keel_redis_opts o = {.nodes = &url_ptrs[1], .nnodes = 1, .connect_timeout_ns = 300 * MS,
+                         .command_timeout_ns = 300 * MS, .fail_timeout_ns = 1};
+    ck_assert_int_eq(keel_redis_create(&r, &o), 0);
+    inbox in = {PTHREAD_MUTEX_INITIALIZER};
+    keel_redis_sub *s;
+    keel_redis_sub_opts so = {.channels = (const char *[]){"kt:hb"}, .nchannels = 1, .on_message = got,
+                              .on_reconnect = reconnected, .on_disconnect = disconnected, .ud = &in,
+                              .heartbeat_ns = 200 * MS, .reconnect_min_ns = 20 * MS,
+                              .reconnect_max_ns = 100 * MS};
+    ck_assert_int_eq(keel_redis_subscribe(r, &so, &s), 0);
+    publish_until(r, &in, "kt:hb", "before", 6, 1);
+    kt_nap(500 * MS); /* a few heartbeats, all answered */
+    pthread_mutex_lock(&in.mu);
+    ck_assert_str_eq(in.events, "");
+    pthread_mutex_unlock(&in.mu);
+
+    kt_server("pause-one", "redis2");
+    uint64_t t0 = keel_now_ns();
+    int down = wait_count(&in, &in.disconnects, 1, 3 * KT_S);
+    uint64_t took = keel_now_ns() - t0;
+    kt_nap(600 * MS); /* frozen on: its attempts to subscribe again fail quietly */
+    pthread_mutex_lock(&in.mu);
+    char frozen[sizeof in.events];
+    memcpy(frozen, in.events, sizeof frozen);
+    pthread_mutex_unlock(&in.mu);
+    kt_server("resume-one", "redis2");
+    ck_assert_msg(down == 1, "no on_disconnect within 3 s of the server freezing");
+    ck_assert_msg(took < 2 * KT_S, "on_disconnect after %llu ms", (unsigned long long)(took / MS));
+    ck_assert_str_eq(frozen, "D");
+
+    ck_assert_msg(wait_count(&in, &in.reconnects, 1, 5 * KT_S) == 1,
+                  "no on_reconnect within 5 s of the server resuming");
+    publish_until(r, &in, "kt:hb", "after", 5, 2); /* subscribed again */
+    pthread_mutex_lock(&in.mu);
+    ck_assert_str_eq(in.last, "after");
+    ck_assert_str_eq(in.events, "DR");
+    pthread_mutex_unlock(&in.mu);
+    keel_redis_unsubscribe(s);
+    pthread_mutex_lock(&in.mu);
+    ck_assert_str_eq(in.events, "DR"); /* not on unsubscribe */
+    pthread_mutex_unlock(&in.mu);
+    keel_redis_destroy(r);
+}
+END_TEST
+
+static void resume_redis2(void) { kt_server("resume-one", "redis2"); }
 
 typedef struct hammer {
     atomic_bool stop;
@@ -1151,5 +1242,13 @@ int main(void)
     tcase_add_test(tc, the_write_guard_swallows_our_sigpipe_and_keeps_the_programs);
     tcase_add_test(tc, a_restarted_server_is_survived);
     suite_add_tcase(s, tc);
+
+    /* real time against a 200 ms heartbeat: not under valgrind */
+    TCase *hb = tcase_create("heartbeat");
+    tcase_set_tags(hb, "stress");
+    tcase_set_timeout(hb, 30);
+    tcase_add_unchecked_fixture(hb, NULL, resume_redis2);
+    tcase_add_test(hb, a_silent_server_is_noticed_by_the_heartbeat);
+    suite_add_tcase(s, hb);
     return kt_run(s);
 }
