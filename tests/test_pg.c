@@ -1097,6 +1097,61 @@ START_TEST(the_health_thread_checks_by_itself)
 }
 END_TEST
 
+/* ---- waits bounded by the timeouts, in real time ---- */
+
+/* With every connection of a host leased, an acquire waits
+ * acquire_timeout_ns for one (a READ on the replica, then on the write
+ * host) and gives up with KEEL_ETIMEDOUT; a connection given back serves
+ * the next one. */
+START_TEST(an_acquire_with_every_connection_leased_times_out)
+{
+    const char *replicas[1] = {kt_env("KEEL_TEST_PG_REPLICA")};
+    keel_pg_opts o = {.primary = kt_env("KEEL_TEST_PG"), .replicas = replicas, .nreplicas = 1,
+                      .conns_per_host = 1, .acquire_timeout_ns = 50 * MS,
+                      .connect_timeout_ns = 2 * KT_S, .manual_health = 1, .clock = kt_clock_now,
+                      .clock_ud = &clk};
+    keel_pg *pg;
+    ck_assert_int_eq(keel_pg_create(&pg, &o), 0);
+    ck_assert_int_eq(keel_pg_check(pg), 0);
+    keel_pg_conn *w, *rd, *x = (keel_pg_conn *)&x;
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &w), 0);
+    ck_assert_uint_eq(keel_pg_conn_host(w), 0);
+    uint64_t t0 = keel_now_ns();
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &x), KEEL_ETIMEDOUT);
+    uint64_t took = keel_now_ns() - t0;
+    ck_assert_ptr_null(x);
+    ck_assert_uint_ge(took, 50 * MS);
+    ck_assert_uint_lt(took, 3 * KT_S);
+    PGresult *r;
+    ck_assert_int_eq(keel_pg_exec(pg, KEEL_PG_WRITE, "SELECT 1", NULL, &r), KEEL_ETIMEDOUT);
+    ck_assert_ptr_null(r);
+
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_READ, &rd), 0);
+    ck_assert_uint_eq(keel_pg_conn_host(rd), 1);
+    t0 = keel_now_ns();
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_READ, &x), KEEL_ETIMEDOUT);
+    took = keel_now_ns() - t0;
+    ck_assert_uint_ge(took, 100 * MS); /* the replica's wait, then the write host's */
+    ck_assert_uint_lt(took, 3 * KT_S);
+
+    /* a timed-out wait takes nothing down: a connection given back serves */
+    keel_pg_release(w);
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_READ, &x), 0);
+    ck_assert_uint_eq(keel_pg_conn_host(x), 0);
+    keel_pg_release(x);
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &x), 0);
+    ck_assert_uint_eq(keel_pg_conn_host(x), 0);
+    ck_assert_int_eq(in_recovery(x), 0);
+    keel_pg_release(x);
+    keel_pg_release(rd);
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_READ, &x), 0);
+    ck_assert_uint_eq(keel_pg_conn_host(x), 1);
+    ck_assert_int_eq(in_recovery(x), 1);
+    keel_pg_release(x);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
 /* ---- failover, on servers of its own ---- */
 
 static kt_private priv;
@@ -1191,5 +1246,10 @@ int main(void)
     tcase_add_unchecked_fixture(fo, priv_start, priv_stop);
     tcase_add_test(fo, writes_follow_a_promoted_replica);
     suite_add_tcase(s, fo);
+
+    TCase *tm = tcase_create("timeouts");
+    tcase_set_timeout(tm, 60);
+    tcase_add_test(tm, an_acquire_with_every_connection_leased_times_out);
+    suite_add_tcase(s, tm);
     return kt_run(s);
 }
