@@ -4,13 +4,17 @@
  * failover to a promoted replica, read-your-writes, pipeline batches,
  * prepared statements, parameters that stay data, bad conninfos. */
 #define _GNU_SOURCE
+#include <arpa/inet.h>
 #include <libpq-fe.h>
+#include <netinet/in.h>
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <keel/metrics.h>
 #include <keel/pg.h>
@@ -1152,6 +1156,69 @@ START_TEST(an_acquire_with_every_connection_leased_times_out)
 }
 END_TEST
 
+/* A host that takes the TCP connection and never says a word (a frozen
+ * server, a black hole behind a proxy): libpq would wait for ever for the
+ * answer to its startup packet; keel_pg gives up at connect_timeout_ns
+ * with KEEL_EUNAVAIL and skips the host for one health interval (of the
+ * library's clock), then tries it again. */
+START_TEST(a_host_that_never_answers_times_out_connecting)
+{
+    int lfd = socket(AF_INET, SOCK_STREAM, 0);
+    ck_assert_int_ge(lfd, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t salen = sizeof sa;
+    ck_assert_int_eq(bind(lfd, (struct sockaddr *)&sa, sizeof sa), 0);
+    ck_assert_int_eq(listen(lfd, 8), 0); /* never accepted: the kernel completes connects */
+    ck_assert_int_eq(getsockname(lfd, (struct sockaddr *)&sa, &salen), 0);
+    char conninfo[128];
+    snprintf(conninfo, sizeof conninfo, "host=127.0.0.1 port=%d user=keel dbname=postgres",
+             ntohs(sa.sin_port));
+    keel_pg_opts o = {.primary = conninfo, .connect_timeout_ns = 200 * MS,
+                      .acquire_timeout_ns = 5 * KT_S, .health_interval_ns = 1 * KT_S,
+                      .manual_health = 1, .clock = kt_clock_now, .clock_ud = &clk};
+    keel_pg *pg;
+    ck_assert_int_eq(keel_pg_create(&pg, &o), 0);
+    PGresult *r;
+    uint64_t t0 = keel_now_ns();
+    ck_assert_int_eq(keel_pg_exec(pg, KEEL_PG_WRITE, "SELECT 1", NULL, &r), KEEL_EUNAVAIL);
+    uint64_t took = keel_now_ns() - t0;
+    ck_assert_ptr_null(r);
+    ck_assert_uint_ge(took, 200 * MS);
+    ck_assert_uint_lt(took, 3 * KT_S);
+    keel_pg_host_stats st;
+    keel_pg_host_stats_get(pg, 0, &st);
+    ck_assert_uint_eq(st.conn_failures, 1);
+    ck_assert_uint_eq(st.connects, 0);
+
+    /* skipped now, at once, until the interval has passed */
+    t0 = keel_now_ns();
+    ck_assert_int_eq(keel_pg_exec(pg, KEEL_PG_WRITE, "SELECT 1", NULL, &r), KEEL_EUNAVAIL);
+    ck_assert_uint_lt(keel_now_ns() - t0, 150 * MS);
+    keel_pg_host_stats_get(pg, 0, &st);
+    ck_assert_uint_eq(st.conn_failures, 1);
+    kt_clock_advance(&clk, 1 * KT_S);
+    t0 = keel_now_ns();
+    ck_assert_int_eq(keel_pg_exec(pg, KEEL_PG_WRITE, "SELECT 1", NULL, &r), KEEL_EUNAVAIL);
+    took = keel_now_ns() - t0;
+    ck_assert_uint_ge(took, 200 * MS);
+    ck_assert_uint_lt(took, 3 * KT_S);
+    keel_pg_host_stats_get(pg, 0, &st);
+    ck_assert_uint_eq(st.conn_failures, 2);
+
+    /* the health check's own connect is bounded the same way */
+    t0 = keel_now_ns();
+    ck_assert_int_eq(keel_pg_check(pg), KEEL_EUNAVAIL);
+    took = keel_now_ns() - t0;
+    ck_assert_uint_ge(took, 200 * MS);
+    ck_assert_uint_lt(took, 3 * KT_S);
+    keel_pg_host_stats_get(pg, 0, &st);
+    ck_assert_int_eq(st.role, KEEL_PG_ROLE_DOWN);
+    ck_assert_uint_eq(st.check_failures, 1);
+    keel_pg_destroy(pg);
+    close(lfd);
+}
+END_TEST
+
 /* ---- failover, on servers of its own ---- */
 
 static kt_private priv;
@@ -1250,6 +1317,7 @@ int main(void)
     TCase *tm = tcase_create("timeouts");
     tcase_set_timeout(tm, 60);
     tcase_add_test(tm, an_acquire_with_every_connection_leased_times_out);
+    tcase_add_test(tm, a_host_that_never_answers_times_out_connecting);
     suite_add_tcase(s, tm);
     return kt_run(s);
 }
