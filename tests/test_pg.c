@@ -1,8 +1,10 @@
 /* tests/test_pg.c — keel_pg against a real PostgreSQL primary and
  * streaming replica from tests/servers.sh: routing proven with
  * pg_is_in_recovery(), SQL classification, replica lag, a stopped replica,
- * failover to a promoted replica, read-your-writes, pipeline batches,
- * prepared statements, parameters that stay data, bad conninfos. */
+ * failover to a promoted replica (by keel_pg_check() and by the health
+ * thread alone), read-your-writes, pipeline batches, prepared statements,
+ * parameters that stay data, acquire and connect timeouts, bad
+ * conninfos. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <libpq-fe.h>
@@ -1273,6 +1275,61 @@ START_TEST(writes_follow_a_promoted_replica)
 }
 END_TEST
 
+/* The health thread alone (nobody calls keel_pg_check()) sees the
+ * primary go and the replica promoted, and the next write goes to the
+ * promoted server. The test only reads the hosts' roles while it waits:
+ * no call of its own could wake the thread. */
+static bool wait_role(keel_pg *pg, size_t host, keel_pg_role role, uint64_t ns)
+{
+    uint64_t deadline = keel_now_ns() + ns;
+    keel_pg_host_stats st;
+    for (;;) {
+        keel_pg_host_stats_get(pg, host, &st);
+        if (st.role == role)
+            return true;
+        if (keel_now_ns() >= deadline)
+            return false;
+        kt_nap(10 * MS);
+    }
+}
+
+START_TEST(the_health_thread_alone_follows_a_promoted_replica)
+{
+    const char *replicas[1] = {priv.pg_replica};
+    keel_pg_opts o = {.primary = priv.pg, .replicas = replicas, .nreplicas = 1,
+                      .connect_timeout_ns = 2 * KT_S, .acquire_timeout_ns = 2 * KT_S,
+                      .query_timeout_ns = 5 * KT_S, .health_interval_ns = 50 * MS};
+    keel_pg *pg;
+    ck_assert_int_eq(keel_pg_create(&pg, &o), 0);
+    ck_assert_msg(wait_role(pg, 0, KEEL_PG_ROLE_PRIMARY, 10 * KT_S), "primary not seen in 10 s");
+    ck_assert_msg(wait_role(pg, 1, KEEL_PG_ROLE_REPLICA, 10 * KT_S), "replica not seen in 10 s");
+    write_sql(pg, "CREATE TABLE kt_afo (v int)");
+    write_sql(pg, "INSERT INTO kt_afo VALUES (1)");
+
+    kt_private_server(&priv, "stop-one", "pg-primary");
+    ck_assert_msg(wait_role(pg, 0, KEEL_PG_ROLE_DOWN, 10 * KT_S), "stopped primary not seen down in 10 s");
+    PGresult *r;
+    ck_assert_int_eq(keel_pg_exec(pg, KEEL_PG_WRITE, "INSERT INTO kt_afo VALUES (2)", NULL, &r),
+                     KEEL_EUNAVAIL); /* no write host, nothing promoted yet */
+
+    kt_private_server(&priv, "promote", "pg-replica");
+    ck_assert_msg(wait_role(pg, 1, KEEL_PG_ROLE_PRIMARY, 10 * KT_S),
+                  "promoted replica not seen as the primary in 10 s");
+    keel_pg_conn *c;
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &c), 0);
+    ck_assert_uint_eq(keel_pg_conn_host(c), 1);
+    ck_assert_int_eq(keel_pg_conn_exec(c, "INSERT INTO kt_afo VALUES (2) RETURNING pg_is_in_recovery()",
+                                       NULL, &r), 0);
+    ck_assert_str_eq(PQgetvalue(r, 0, 0), "f");
+    PQclear(r);
+    keel_pg_release(c);
+    char v[16];
+    value(pg, KEEL_PG_READ, "SELECT count(*) FROM kt_afo", v, sizeof v);
+    ck_assert_str_eq(v, "2");
+    keel_pg_destroy(pg);
+}
+END_TEST
+
 int main(void)
 {
     atomic_store(&clk.ns, 1000 * KT_S);
@@ -1319,5 +1376,12 @@ int main(void)
     tcase_add_test(tm, an_acquire_with_every_connection_leased_times_out);
     tcase_add_test(tm, a_host_that_never_answers_times_out_connecting);
     suite_add_tcase(s, tm);
+
+    /* its own servers again: the failover above used up the first pair */
+    TCase *afo = tcase_create("autofailover");
+    tcase_set_timeout(afo, 120);
+    tcase_add_unchecked_fixture(afo, priv_start, priv_stop);
+    tcase_add_test(afo, the_health_thread_alone_follows_a_promoted_replica);
+    suite_add_tcase(s, afo);
     return kt_run(s);
 }
