@@ -44,7 +44,8 @@
  * connection that was lost is tried once more on another host; a write is
  * never retried by libkeel, since it may have reached the server.
  *
- * Errors. KEEL_EUNAVAIL: no host could take the call, or the connection
+ * Errors. KEEL_EUNAVAIL: no host could take the call (one that does not
+ * answer within connect_timeout_ns counts as down), or the connection
  * was lost during it (a write's outcome is then unknown). KEEL_ETIMEDOUT:
  * no connection within acquire_timeout_ns, or no answer within
  * query_timeout_ns (the connection is dropped). KEEL_EBACKEND: the server
