@@ -148,9 +148,10 @@ static bool ejected(keel_lb *lb, keel_lb_peer *p, uint64_t now)
 }
 
 /* nginx: skipped while fails >= max_fails within fail_timeout of the last
- * check. `single`: a group of one is never skipped for failures. */
+ * check. `single`: a group of one is never skipped for failures or
+ * ejection. `panic`: ejection is ignored (see keel_lb_pick). */
 static bool available(keel_lb *lb, keel_lb_peer *p, const keel_lb_tried *t, uint64_t now,
-                      bool single)
+                      bool single, bool panic)
 {
     if ((atomic_load_explicit(&p->flags, memory_order_relaxed) & KEEL_LB_DOWN) ||
         tried_has(t, p->id))
@@ -162,7 +163,7 @@ static bool available(keel_lb *lb, keel_lb_peer *p, const keel_lb_tried *t, uint
         return false;
     if (p->max_conns && atomic_load_explicit(&p->conns, memory_order_relaxed) >= p->max_conns)
         return false;
-    return !ejected(lb, p, now);
+    return single || panic || !ejected(lb, p, now);
 }
 
 /* The probe: a pick after fail_timeout moves `checked`, so that this
@@ -285,7 +286,7 @@ static bool p2c_better(keel_lb *lb, keel_lb_peer *b, keel_lb_peer *a, uint64_t n
 }
 
 static long p2c_pick(keel_lb *lb, snap *s, size_t from, size_t to, const keel_lb_tried *t,
-                     uint64_t now, bool fast)
+                     uint64_t now, bool fast, bool panic)
 {
     size_t n = to - from;
     if (n == 0)
@@ -301,14 +302,14 @@ static long p2c_pick(keel_lb *lb, snap *s, size_t from, size_t to, const keel_lb
         /* random probes first (O(1) when most are available)... */
         for (int tries = 0; tries < 8 && c[1] < 0; tries++) {
             size_t i = from + keel__rand_upto(&lb->rand, n - 1);
-            if ((long)i != c[0] && available(lb, s->peers[i], t, now, false))
+            if ((long)i != c[0] && available(lb, s->peers[i], t, now, false, panic))
                 c[c[0] < 0 ? 0 : 1] = (long)i;
         }
         if (c[1] < 0) { /* ...then an honest scan from a random start */
             size_t start = keel__rand_upto(&lb->rand, n - 1);
             for (size_t k = 0; k < n && c[1] < 0; k++) {
                 size_t i = from + (start + k) % n;
-                if ((long)i != c[0] && available(lb, s->peers[i], t, now, false))
+                if ((long)i != c[0] && available(lb, s->peers[i], t, now, false, panic))
                     c[c[0] < 0 ? 0 : 1] = (long)i;
             }
         }
@@ -324,22 +325,22 @@ static long p2c_pick(keel_lb *lb, snap *s, size_t from, size_t to, const keel_lb
 
 /* A pick among peers [from, to) of s, checking each one's health. */
 static long pick_checked(keel_lb *lb, snap *s, size_t from, size_t to, const keel_lb_tried *t,
-                         uint64_t now)
+                         uint64_t now, bool panic)
 {
     size_t n = to - from;
     if (n == 0)
         return -1;
     if (from == 0 && n == 1 && s->nb == 0) { /* nginx: a lone peer is never failed out */
-        if (!available(lb, s->peers[0], t, now, true))
+        if (!available(lb, s->peers[0], t, now, true, panic))
             return -1;
         if (lb->policy == KEEL_LB_ROUND_ROBIN && s->eff[0] < s->w[0]) /* as rr_all() does */
             s->eff[0]++;
         return 0;
     }
     if (!lb->locked)
-        return p2c_pick(lb, s, from, to, t, now, false);
+        return p2c_pick(lb, s, from, to, t, now, false, panic);
     for (size_t i = 0; i < n; i++)
-        lb->ok[i] = available(lb, s->peers[from + i], t, now, false);
+        lb->ok[i] = available(lb, s->peers[from + i], t, now, false, panic);
     return lb->policy == KEEL_LB_ROUND_ROBIN ? rr_round(s, from, to, lb->ok)
                                              : lc_pick(s, from, to, lb->ok, lb->tie, lb->cc);
 }
@@ -365,13 +366,22 @@ KEEL_API int keel_lb_pick(keel_lb *lb, keel_lb_tried *tried, keel_lb_peer **out)
         else if (lb->policy == KEEL_LB_LEAST_CONN)
             at = lc_pick(s, 0, s->n, NULL, lb->tie, lb->cc);
         else
-            at = p2c_pick(lb, s, 0, s->n, NULL, 0, true);
+            at = p2c_pick(lb, s, 0, s->n, NULL, 0, true, false);
     } else {
         now = keel__clock_now(&lb->clock);
-        at = fast ? p2c_pick(lb, s, 0, s->n, NULL, now, true)
-                  : pick_checked(lb, s, 0, s->n, tried, now);
+        at = fast ? p2c_pick(lb, s, 0, s->n, NULL, now, true, false)
+                  : pick_checked(lb, s, 0, s->n, tried, now, false);
         if (at < 0)
-            at = pick_checked(lb, s, s->n, s->n + s->nb, tried, now);
+            at = pick_checked(lb, s, s->n, s->n + s->nb, tried, now, false);
+        /* Envoy's panic routing, at zero healthy only: when ejection alone
+         * leaves nothing to pick, the ejected peers are picked as if they
+         * were not, primaries first. Failures (max_fails), DOWN, max_conns
+         * and `tried` still count. */
+        if (at < 0 && atomic_load_explicit(&lb->nejected, memory_order_relaxed)) {
+            at = pick_checked(lb, s, 0, s->n, tried, now, true);
+            if (at < 0)
+                at = pick_checked(lb, s, s->n, s->n + s->nb, tried, now, true);
+        }
     }
     keel_lb_peer *p = at >= 0 ? s->peers[at] : NULL;
     if (p) {
@@ -424,7 +434,9 @@ static void maybe_eject(keel_lb *lb, keel_lb_peer *p, uint64_t now)
 static void on_failure(keel_lb *lb, keel_lb_peer *p, uint64_t now, bool alone)
 {
     atomic_fetch_add_explicit(&p->failures, 1, memory_order_relaxed);
-    if (p->max_fails != KEEL_LB_NO_MAX_FAILS && !alone) { /* nginx (not for a lone peer) */
+    if (alone) /* nginx keeps no accounting for a lone peer; an ejection would be ignored */
+        return;
+    if (p->max_fails != KEEL_LB_NO_MAX_FAILS) { /* nginx */
         atomic_store(&p->accessed, now);
         atomic_store(&p->checked, now);
         uint32_t f = atomic_load(&p->fails); /* saturating: never wraps to 0 */
@@ -780,7 +792,7 @@ KEEL_API int keel_lb_peer_stats_get(keel_lb *lb, keel_lb_peer *p, keel_lb_peer_s
         st->ejections = p->ejections;
         lk_unlock(p);
         st->ewma_ns = ewma_now(lb, p, now);
-        st->available = available(lb, p, NULL, now, alone(lb, p));
+        st->available = available(lb, p, NULL, now, alone(lb, p), false);
     }
     pthread_mutex_unlock(&lb->wmu);
     return member ? 0 : KEEL_ENOTFOUND;

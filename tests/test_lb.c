@@ -579,6 +579,109 @@ START_TEST(ejection_never_passes_the_percentage_but_one_is_allowed)
 }
 END_TEST
 
+/* Envoy's panic routing at zero healthy, nginx's lone peer: ejection alone
+ * never leaves a pick with nothing to choose. */
+START_TEST(a_lone_peer_is_never_ejected)
+{
+    fixture f;
+    setup(&f, (keel_lb_opts){.policy = (keel_lb_policy)_i, .eject_consecutive = 2},
+          (uint32_t[]){1}, 1, "a");
+    for (int i = 0; i < 10; i++) {
+        keel_lb_peer *p;
+        ck_assert_int_eq(keel_lb_pick(f.lb, NULL, &p), 0);
+        keel_lb_done(f.lb, p, 0, 0);
+    }
+    keel_lb_peer_stats st;
+    keel_lb_peer_stats_get(f.lb, f.p[0], &st);
+    ck_assert_int_eq(st.ejected, 0);
+    ck_assert_int_eq(st.available, 1);
+    keel_lb_destroy(f.lb);
+}
+END_TEST
+
+START_TEST(every_peer_ejected_still_leaves_them_to_pick)
+{
+    fixture f;
+    setup(&f, (keel_lb_opts){.policy = (keel_lb_policy)_i, .max_fails = KEEL_LB_NO_MAX_FAILS,
+                             .eject_consecutive = 1, .eject_max_percent = 100},
+          (uint32_t[]){1, 1}, 2, "ab");
+    keel_lb_peer_stats sa, sb;
+    for (int k = 0; k < 2; k++) {
+        keel_lb_tried t = {0};
+        t.ids[t.n++] = (uint32_t)(2 - k); /* the other one (ids from 1): only p[k] can be picked */
+        keel_lb_peer *p;
+        ck_assert_int_eq(keel_lb_pick(f.lb, &t, &p), 0);
+        ck_assert_ptr_eq(p, f.p[k]);
+        keel_lb_done(f.lb, p, 0, 0);
+    }
+    keel_lb_peer_stats_get(f.lb, f.p[0], &sa);
+    keel_lb_peer_stats_get(f.lb, f.p[1], &sb);
+    ck_assert_int_eq(sa.ejected, 1);
+    ck_assert_int_eq(sb.ejected, 1);
+    /* both out for 30 s, yet picks go on, to both */
+    bool seen[2] = {false, false};
+    for (int i = 0; i < 64; i++) {
+        keel_lb_peer *p;
+        ck_assert_int_eq(keel_lb_pick(f.lb, NULL, &p), 0);
+        seen[p == f.p[1]] = true;
+        keel_lb_done(f.lb, p, 1, 0);
+    }
+    ck_assert(seen[0] && seen[1]);
+    /* a DOWN peer stays out even so */
+    ck_assert_int_eq(keel_lb_set_down(f.lb, f.p[0], 1), 0);
+    for (int i = 0; i < 8; i++) {
+        keel_lb_peer *p;
+        ck_assert_int_eq(keel_lb_pick(f.lb, NULL, &p), 0);
+        ck_assert_ptr_eq(p, f.p[1]);
+        keel_lb_done(f.lb, p, 1, 0);
+    }
+    keel_lb_destroy(f.lb);
+}
+END_TEST
+
+START_TEST(ejected_primaries_go_to_a_backup_first)
+{
+    fixture f;
+    setup(&f, (keel_lb_opts){.policy = KEEL_LB_ROUND_ROBIN, .max_fails = KEEL_LB_NO_MAX_FAILS,
+                             .eject_consecutive = 1, .eject_max_percent = 100},
+          (uint32_t[]){1}, 1, "a");
+    keel_lb_peer *b, *p;
+    ck_assert_int_eq(keel_lb_add(f.lb, &(keel_lb_peer_opts){.name = "b", .flags = KEEL_LB_BACKUP}, &b), 0);
+    ck_assert_int_eq(keel_lb_pick(f.lb, NULL, &p), 0);
+    ck_assert_ptr_eq(p, f.p[0]);
+    keel_lb_done(f.lb, p, 0, 0); /* a ejected: not alone, it has a backup */
+    ck_assert_int_eq(keel_lb_pick(f.lb, NULL, &p), 0);
+    ck_assert_ptr_eq(p, b);
+    keel_lb_done(f.lb, p, 0, 0); /* and now b too */
+    ck_assert_int_eq(keel_lb_pick(f.lb, NULL, &p), 0);
+    ck_assert_ptr_eq(p, f.p[0]); /* the primaries first, as if none were ejected */
+    keel_lb_done(f.lb, p, 1, 0);
+    keel_lb_destroy(f.lb);
+}
+END_TEST
+
+START_TEST(a_peer_left_alone_while_ejected_is_picked)
+{
+    fixture f;
+    setup(&f, (keel_lb_opts){.policy = (keel_lb_policy)_i, .max_fails = KEEL_LB_NO_MAX_FAILS,
+                             .eject_consecutive = 1, .eject_max_percent = 50},
+          (uint32_t[]){1, 1}, 2, "ab");
+    keel_lb_tried t = {.n = 1, .ids = {2}};
+    keel_lb_peer *p;
+    ck_assert_int_eq(keel_lb_pick(f.lb, &t, &p), 0);
+    ck_assert_ptr_eq(p, f.p[0]);
+    keel_lb_done(f.lb, p, 0, 0);
+    ck_assert_int_eq(keel_lb_remove(f.lb, f.p[1]), 0);
+    keel_lb_peer_stats st;
+    keel_lb_peer_stats_get(f.lb, f.p[0], &st);
+    ck_assert_int_eq(st.available, 1);
+    ck_assert_int_eq(keel_lb_pick(f.lb, NULL, &p), 0);
+    ck_assert_ptr_eq(p, f.p[0]);
+    keel_lb_done(f.lb, p, 1, 0);
+    keel_lb_destroy(f.lb);
+}
+END_TEST
+
 /* ---- model-based: seeded random sequences against nginx ----
  *
  * Each run draws an lb (ROUND_ROBIN or LEAST_CONN, max_fails and
@@ -1158,6 +1261,12 @@ int main(void)
     tc = tcase_create("ejection");
     tcase_add_test(tc, ejection_time_grows_with_each_ejection_and_caps);
     tcase_add_test(tc, ejection_never_passes_the_percentage_but_one_is_allowed);
+    tcase_add_loop_test(tc, a_lone_peer_is_never_ejected, KEEL_LB_ROUND_ROBIN, KEEL_LB_PEAK_EWMA + 1);
+    tcase_add_loop_test(tc, every_peer_ejected_still_leaves_them_to_pick, KEEL_LB_ROUND_ROBIN,
+                        KEEL_LB_PEAK_EWMA + 1);
+    tcase_add_test(tc, ejected_primaries_go_to_a_backup_first);
+    tcase_add_loop_test(tc, a_peer_left_alone_while_ejected_is_picked, KEEL_LB_ROUND_ROBIN,
+                        KEEL_LB_PEAK_EWMA + 1);
     tcase_add_test(tc, bad_input_is_refused);
     tcase_add_test(tc, a_peer_removed_while_it_is_added_leaves_no_series);
     suite_add_tcase(s, tc);

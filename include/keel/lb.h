@@ -36,6 +36,11 @@
  * eject_base x (its number of ejections), at most eject_max; never more
  * than eject_max_percent of the peers at once (but at least one); the
  * number of ejections decays by one per eject_decay spent healthy.
+ * Ejection alone never leaves nothing to pick: a lone peer is never
+ * ejected, and when every peer a pick could take is ejected it takes them
+ * as if they were not (primaries first, then backups; DOWN, max_fails,
+ * max_conns and `tried` still count), as Envoy's panic routing does at
+ * zero healthy.
  *
  * Thread safety: every function is thread-safe except destroy; peers may
  * be added and removed while other threads pick. ROUND_ROBIN and
