@@ -138,6 +138,8 @@ static bool ejected(keel_lb *lb, keel_lb_peer *p, uint64_t now)
     if (now < until)
         return true;
     if (atomic_compare_exchange_strong(&p->ejected_until, &until, 0)) {
+        /* Envoy: failures of picks that ended while it was out start over */
+        atomic_store(&p->consecutive, 0);
         lk_lock(p);
         p->healthy_since = until;
         lk_unlock(p);
@@ -415,14 +417,21 @@ static void maybe_eject(keel_lb *lb, keel_lb_peer *p, uint64_t now)
     uint32_t npeers = atomic_load_explicit(&lb->npeers, memory_order_relaxed);
     uint32_t ej = atomic_load(&lb->nejected);
     do { /* never more than the percentage, but always at least one */
-        if (ej > 0 && (uint64_t)(ej + 1) * 100 > (uint64_t)lb->eject_pct * npeers)
+        if (ej > 0 && (uint64_t)(ej + 1) * 100 > (uint64_t)lb->eject_pct * npeers) {
+            atomic_store(&p->consecutive, 0); /* Envoy: reset after ejectHost(), refused or not */
             return;
+        }
     } while (!atomic_compare_exchange_weak(&lb->nejected, &ej, ej + 1));
     if (p->ejections && p->healthy_since && now > p->healthy_since) { /* decay while healthy */
         uint64_t steps = (now - p->healthy_since) / lb->eject_decay;
         p->ejections = steps >= p->ejections ? 0 : p->ejections - (uint32_t)steps;
     }
-    p->ejections++;
+    /* Envoy's ejectHost(): the multiplier grows only while base x it <
+     * max + base (that is, base x (it - 1) < max), so it stops at about
+     * max / base + 1 and a peer that recovers decays from there. */
+    if (p->ejections == 0 ||
+        (p->ejections < UINT32_MAX && p->ejections - 1 <= (lb->eject_max - 1) / lb->eject_base))
+        p->ejections++;
     uint64_t span = p->ejections > lb->eject_max / lb->eject_base ? lb->eject_max
                                                                    : lb->eject_base * p->ejections;
     atomic_store(&p->consecutive, 0);
@@ -786,8 +795,8 @@ KEEL_API int keel_lb_peer_stats_get(keel_lb *lb, keel_lb_peer *p, keel_lb_peer_s
         st->conns = atomic_load(&p->conns);
         st->picks = atomic_load(&p->picks);
         st->failures = atomic_load(&p->failures);
+        st->ejected = ejected(lb, p, now); /* first: ending one resets the count */
         st->consecutive_failures = atomic_load(&p->consecutive);
-        st->ejected = ejected(lb, p, now);
         lk_lock(p);
         st->ejections = p->ejections;
         lk_unlock(p);

@@ -579,6 +579,100 @@ START_TEST(ejection_never_passes_the_percentage_but_one_is_allowed)
 }
 END_TEST
 
+/* Envoy's ejectHost(): the multiplier grows only while base x multiplier <
+ * max + base, so it stops at max / base + 1 (11 here) and a peer that
+ * recovers decays from there, not from its whole history. */
+START_TEST(the_ejection_multiplier_stops_where_envoys_does)
+{
+    fixture f;
+    setup(&f, (keel_lb_opts){.policy = KEEL_LB_ROUND_ROBIN, .max_fails = KEEL_LB_NO_MAX_FAILS,
+                             .eject_consecutive = 1, .eject_base_ns = 30 * S,
+                             .eject_max_ns = 300 * S, .eject_max_percent = 50,
+                             .eject_decay_ns = 10 * S},
+          (uint32_t[]){1, 1}, 2, "ab");
+    keel_lb_peer_stats st;
+    for (uint64_t k = 1; k <= 100; k++) { /* back to back: each at the end of the last */
+        fail_n(&f, f.p[0], 1);
+        keel_lb_peer_stats_get(f.lb, f.p[0], &st);
+        ck_assert_int_eq(st.ejected, 1);
+        kt_clock_advance(&f.clock, (k < 10 ? k : 10) * 30 * S);
+    }
+    keel_lb_peer_stats_get(f.lb, f.p[0], &st);
+    ck_assert_int_eq(st.ejected, 0);
+    ck_assert_uint_eq(st.ejections, 11);
+    /* healthy for 100 s: 11 - 10 = 1, so the next ejection is the
+     * second's, 60 s (uncapped: 100 - 10 + 1 = 91, and 300 s) */
+    kt_clock_advance(&f.clock, 100 * S);
+    fail_n(&f, f.p[0], 1);
+    keel_lb_peer_stats_get(f.lb, f.p[0], &st);
+    ck_assert_uint_eq(st.ejections, 2);
+    kt_clock_advance(&f.clock, 60 * S - 1);
+    keel_lb_peer_stats_get(f.lb, f.p[0], &st);
+    ck_assert_int_eq(st.ejected, 1);
+    kt_clock_advance(&f.clock, 1);
+    keel_lb_peer_stats_get(f.lb, f.p[0], &st);
+    ck_assert_int_eq(st.ejected, 0);
+    keel_lb_destroy(f.lb);
+}
+END_TEST
+
+/* Envoy resets the consecutive count after ejectHost() whether or not the
+ * percentage let the ejection happen: one more failure is not enough. */
+START_TEST(a_refused_ejection_resets_the_consecutive_count)
+{
+    fixture f;
+    setup(&f, (keel_lb_opts){.policy = KEEL_LB_ROUND_ROBIN, .max_fails = KEEL_LB_NO_MAX_FAILS,
+                             .eject_consecutive = 2, .eject_max_percent = 10},
+          (uint32_t[]){1, 1, 1, 1}, 4, "abcd");
+    fail_n(&f, f.p[0], 2);
+    fail_n(&f, f.p[1], 2); /* refused: a second would be 50% */
+    keel_lb_peer_stats st;
+    keel_lb_peer_stats_get(f.lb, f.p[1], &st);
+    ck_assert_int_eq(st.ejected, 0);
+    ck_assert_uint_eq(st.consecutive_failures, 0);
+    kt_clock_advance(&f.clock, 30 * S); /* a is back: room for one */
+    fail_n(&f, f.p[1], 1);
+    keel_lb_peer_stats_get(f.lb, f.p[1], &st);
+    ck_assert_int_eq(st.ejected, 0);
+    ck_assert_uint_eq(st.consecutive_failures, 1);
+    fail_n(&f, f.p[1], 1);
+    keel_lb_peer_stats_get(f.lb, f.p[1], &st);
+    ck_assert_int_eq(st.ejected, 1);
+    keel_lb_destroy(f.lb);
+}
+END_TEST
+
+/* Envoy resets the count when an ejection ends too: failures of picks that
+ * were in flight while the peer was out do not count towards the next. */
+START_TEST(the_consecutive_count_starts_over_when_an_ejection_ends)
+{
+    fixture f;
+    setup(&f, (keel_lb_opts){.policy = KEEL_LB_ROUND_ROBIN, .max_fails = KEEL_LB_NO_MAX_FAILS,
+                             .eject_consecutive = 2, .eject_max_percent = 50},
+          (uint32_t[]){1, 1}, 2, "ab");
+    keel_lb_peer *held[3];
+    for (int i = 0; i < 3; i++) {
+        keel_lb_tried t = {.n = 1, .ids = {2}};
+        ck_assert_int_eq(keel_lb_pick(f.lb, &t, &held[i]), 0);
+        ck_assert_ptr_eq(held[i], f.p[0]);
+    }
+    keel_lb_done(f.lb, held[0], 0, 0);
+    keel_lb_done(f.lb, held[1], 0, 0); /* ejected */
+    keel_lb_done(f.lb, held[2], 0, 0); /* late, while out */
+    keel_lb_peer_stats st;
+    keel_lb_peer_stats_get(f.lb, f.p[0], &st);
+    ck_assert_int_eq(st.ejected, 1);
+    kt_clock_advance(&f.clock, 30 * S);
+    keel_lb_peer_stats_get(f.lb, f.p[0], &st);
+    ck_assert_int_eq(st.ejected, 0);
+    ck_assert_uint_eq(st.consecutive_failures, 0);
+    fail_n(&f, f.p[0], 1);
+    keel_lb_peer_stats_get(f.lb, f.p[0], &st);
+    ck_assert_int_eq(st.ejected, 0);
+    keel_lb_destroy(f.lb);
+}
+END_TEST
+
 /* Envoy's panic routing at zero healthy, nginx's lone peer: ejection alone
  * never leaves a pick with nothing to choose. */
 START_TEST(a_lone_peer_is_never_ejected)
@@ -1261,6 +1355,9 @@ int main(void)
     tc = tcase_create("ejection");
     tcase_add_test(tc, ejection_time_grows_with_each_ejection_and_caps);
     tcase_add_test(tc, ejection_never_passes_the_percentage_but_one_is_allowed);
+    tcase_add_test(tc, the_ejection_multiplier_stops_where_envoys_does);
+    tcase_add_test(tc, a_refused_ejection_resets_the_consecutive_count);
+    tcase_add_test(tc, the_consecutive_count_starts_over_when_an_ejection_ends);
     tcase_add_loop_test(tc, a_lone_peer_is_never_ejected, KEEL_LB_ROUND_ROBIN, KEEL_LB_PEAK_EWMA + 1);
     tcase_add_loop_test(tc, every_peer_ejected_still_leaves_them_to_pick, KEEL_LB_ROUND_ROBIN,
                         KEEL_LB_PEAK_EWMA + 1);

@@ -35,7 +35,11 @@
  * eject_consecutive failures in a row a peer is ejected for
  * eject_base x (its number of ejections), at most eject_max; never more
  * than eject_max_percent of the peers at once (but at least one); the
- * number of ejections decays by one per eject_decay spent healthy.
+ * number of ejections grows only while eject_base x it < eject_max +
+ * eject_base (it stops at eject_max / eject_base + 1) and decays by one
+ * per eject_decay spent healthy. The count of consecutive failures starts
+ * over at an ejection, at one the percentage refused, and when an
+ * ejection ends.
  * Ejection alone never leaves nothing to pick: a lone peer is never
  * ejected, and when every peer a pick could take is ejected it takes them
  * as if they were not (primaries first, then backups; DOWN, max_fails,
@@ -124,7 +128,7 @@ typedef struct keel_lb_peer_stats {
     uint32_t fails;    /* failures counted against max_fails */
     uint32_t conns;    /* picks not yet done */
     uint32_t consecutive_failures;
-    uint32_t ejections;
+    uint32_t ejections; /* the ejection multiplier: capped, decays while healthy */
     int ejected;       /* ejected now */
     int available;     /* would be considered by a pick now */
     double ewma_ns;    /* PEAK_EWMA latency estimate */
