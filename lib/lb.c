@@ -24,6 +24,7 @@
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <keel/lb.h>
@@ -69,6 +70,8 @@ typedef struct snap {
     keel_lb_peer **peers;  /* primaries, then backups */
     int64_t *cur, *eff;    /* nginx rotation state, under lb->mu */
     int64_t *w;            /* weights, as int64 for the arithmetic */
+    uint32_t *ord;         /* weighted P2C draws, per group (primaries, */
+    uint64_t *cum;         /* backups): see draw_table() */
     bool equal_weights;    /* among primaries */
     bool simple;           /* no DOWN, no max_conns among primaries */
 } snap;
@@ -287,6 +290,16 @@ static bool p2c_better(keel_lb *lb, keel_lb_peer *b, keel_lb_peer *a, uint64_t n
     return b->weight / pow((double)(cb + 1), lb->bias) > a->weight / pow((double)(ca + 1), lb->bias);
 }
 
+/* One weighted draw over [from, to), from draw_table()'s: the high half
+ * of r x n picks the bucket, the low half (uniform in steps of n) tosses
+ * its coin. */
+static long draw(keel_lb *lb, const snap *s, size_t from, size_t to)
+{
+    unsigned __int128 x = (unsigned __int128)keel__rand_next(&lb->rand) * (to - from);
+    size_t i = from + (size_t)(x >> 64);
+    return (uint64_t)x < s->cum[i] ? (long)i : (long)s->ord[i];
+}
+
 static long p2c_pick(keel_lb *lb, snap *s, size_t from, size_t to, const keel_lb_tried *t,
                      uint64_t now, bool fast, bool panic)
 {
@@ -294,7 +307,22 @@ static long p2c_pick(keel_lb *lb, snap *s, size_t from, size_t to, const keel_lb
     if (n == 0)
         return -1;
     long c[2] = {-1, -1};
-    if (fast) { /* all available: two distinct random peers */
+    /* equal_weights is about the primaries; backups alone also start at 0 */
+    bool equal = from == 0 && to == s->n && s->equal_weights;
+    if (lb->policy == KEEL_LB_P2C && !equal) {
+        /* weighted: two independent draws (the same peer twice is a pick
+         * of it), the first two available ones; a scan if 8 find none */
+        for (int tries = 0; tries < 8 && c[1] < 0; tries++) {
+            long i = draw(lb, s, from, to);
+            if (fast || available(lb, s->peers[i], t, now, false, panic))
+                c[c[0] < 0 ? 0 : 1] = i;
+        }
+        if (c[0] >= 0 && c[1] < 0)
+            return c[0];
+    }
+    if (c[0] >= 0) {
+        /* drawn */
+    } else if (fast) { /* all available: two distinct random peers */
         c[0] = (long)(from + keel__rand_upto(&lb->rand, n - 1));
         if (n > 1) {
             size_t j = keel__rand_upto(&lb->rand, n - 2);
@@ -318,8 +346,6 @@ static long p2c_pick(keel_lb *lb, snap *s, size_t from, size_t to, const keel_lb
     }
     if (c[1] < 0)
         return c[0];
-    /* equal_weights is about the primaries; backups alone also start at 0 */
-    bool equal = from == 0 && to == s->n && s->equal_weights;
     return p2c_better(lb, s->peers[c[1]], s->peers[c[0]], now, equal) ? c[1] : c[0];
 }
 
@@ -526,6 +552,8 @@ static void snap_free(snap *s)
         keel__free(s->cur);
         keel__free(s->eff);
         keel__free(s->w);
+        keel__free(s->ord);
+        keel__free(s->cum);
         keel__free(s);
     }
 }
@@ -539,8 +567,10 @@ static snap *snap_new(size_t total)
         s->cur = keel__calloc(m, sizeof *s->cur);
         s->eff = keel__calloc(m, sizeof *s->eff);
         s->w = keel__calloc(m, sizeof *s->w);
+        s->ord = keel__calloc(m, sizeof *s->ord);
+        s->cum = keel__calloc(m, sizeof *s->cum);
     }
-    if (!s || !s->peers || !s->cur || !s->eff || !s->w) {
+    if (!s || !s->peers || !s->cur || !s->eff || !s->w || !s->ord || !s->cum) {
         snap_free(s);
         return NULL;
     }
@@ -575,6 +605,66 @@ static void sweep(keel_lb *lb)
     }
 }
 
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* The table of weighted P2C's draws over peers [from, to) of s. Two
+ * candidates drawn at random, the one of higher weight / (active + 1)^bias
+ * wins; at rest that is the heavier, so each peer must be drawn with a
+ * probability that makes the heavier of two draws come out in proportion
+ * to weight (Envoy's weighted least request spreads by weight; uniform
+ * draws gave {100,1,1} 67/17/17%). With peers sorted by weight, heaviest
+ * first, the winner is among the first k when either draw is: so the
+ * first k must have mass Q_k = 1 - sqrt(1 - W_k / W), W_k their weight.
+ * Peers of equal weight share their group's mass equally (a tie goes to
+ * the first draw, uniform within the group). The masses go into an alias
+ * table (Vose), for draws in O(1): bucket i keeps peer from + i with
+ * probability cum[i] / 2^64, else gives ord[i]. `mass` and `stk` are
+ * scratch of to - from places. */
+static void draw_table(snap *s, size_t from, size_t to, double *mass, uint32_t *stk)
+{
+    size_t n = to - from;
+    if (n == 0)
+        return;
+    uint64_t total = 0;
+    for (size_t i = 0; i < n; i++) { /* heaviest first, then in order (cum as scratch) */
+        s->cum[from + i] = (uint64_t)(MAX_WEIGHT - (uint64_t)s->w[from + i]) << 32 | i;
+        total += (uint64_t)s->w[from + i];
+    }
+    uint64_t *key = s->cum + from;
+    qsort(key, n, sizeof *key, cmp_u64);
+    uint64_t wk = 0;
+    double q0 = 0;
+    for (size_t g = 0; g < n;) { /* one group of equal weight: [g, e) */
+        uint64_t w = MAX_WEIGHT - (key[g] >> 32);
+        size_t e = g;
+        while (e < n && key[e] >> 32 == key[g] >> 32)
+            e++, wk += w;
+        double q1 = e == n ? 1.0 : 1.0 - sqrt(1.0 - (double)wk / (double)total);
+        for (size_t i = g; i < e; i++)
+            mass[(uint32_t)key[i]] = (q1 - q0) / (double)(e - g) * (double)n;
+        q0 = q1;
+        g = e;
+    }
+    size_t ns = 0, nl = n; /* small ones from the front of stk, large from the back */
+    for (uint32_t i = 0; i < n; i++)
+        stk[mass[i] < 1.0 ? ns++ : --nl] = i;
+    while (ns > 0 && nl < n) {
+        uint32_t a = stk[--ns], b = stk[nl++];
+        s->cum[from + a] = (uint64_t)(mass[a] * 0x1p64); /* mass < 1: fits */
+        s->ord[from + a] = (uint32_t)(from + b);
+        mass[b] -= 1.0 - mass[a];
+        stk[mass[b] < 1.0 ? ns++ : --nl] = b;
+    }
+    while (ns > 0) /* rounding leaves these at about 1 */
+        s->cum[from + stk[--ns]] = UINT64_MAX;
+    while (nl < n)
+        s->cum[from + stk[nl++]] = UINT64_MAX;
+}
+
 /* Publishes a snapshot with peer `add` added, or `drop` removed, or
  * `flip`'s flags replaced by `flags`, keeping the rotation state of the
  * peers that stay; then waits out the old one. Caller holds lb->wmu. */
@@ -587,11 +677,16 @@ static int rebuild(keel_lb *lb, keel_lb_peer *add, keel_lb_peer *drop, keel_lb_p
     bool *ok = keel__calloc(total ? total : 1, sizeof *ok);
     bool *tie = keel__calloc(total ? total : 1, sizeof *tie);
     uint64_t *cc = keel__calloc(total ? total : 1, sizeof *cc);
-    if (!s || !ok || !tie || !cc) {
+    bool p2c = lb->policy == KEEL_LB_P2C; /* scratch for draw_table() */
+    double *mass = p2c ? keel__calloc(total ? total : 1, sizeof *mass) : NULL;
+    uint32_t *stk = p2c ? keel__calloc(total ? total : 1, sizeof *stk) : NULL;
+    if (!s || !ok || !tie || !cc || (p2c && (!mass || !stk))) {
         snap_free(s);
         keel__free(ok);
         keel__free(tie);
         keel__free(cc);
+        keel__free(mass);
+        keel__free(stk);
         return KEEL_ENOMEM;
     }
     s->equal_weights = s->simple = true;
@@ -622,6 +717,12 @@ static int rebuild(keel_lb *lb, keel_lb_peer *add, keel_lb_peer *drop, keel_lb_p
                 s->simple &= !(f & KEEL_LB_DOWN) && !p->max_conns;
             }
         }
+    }
+    if (p2c) {
+        draw_table(s, 0, s->n, mass, stk);
+        draw_table(s, s->n, s->n + s->nb, mass, stk);
+        keel__free(mass);
+        keel__free(stk);
     }
     if (flip)
         atomic_store(&flip->flags, flags);

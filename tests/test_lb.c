@@ -434,7 +434,7 @@ END_TEST
 START_TEST(weighted_p2c_compares_weight_over_load)
 {
     fixture f;
-    chooser ch = {2, 0, 1, 0}; /* always the pair (a, b) */
+    chooser ch = {10, 0, 9, 0}; /* always the pair (a, b): draws go by weight */
     setup(&f, (keel_lb_opts){.policy = KEEL_LB_P2C, .rand = choose, .rand_ud = &ch},
           (uint32_t[]){4, 1}, 2, "ab");
     /* a: 4/(c+1) against b: 1/1 — a wins until it has 4 in flight */
@@ -455,10 +455,48 @@ START_TEST(weighted_p2c_compares_weight_over_load)
 }
 END_TEST
 
+static uint64_t rng_next(void *ud) { return kt_rng_next(ud); }
+
+/* At rest (nothing in flight) a weighted P2C spreads picks by weight, as
+ * Envoy's weighted least request does: {100,1,1} gives 98.04% / 0.98% /
+ * 0.98%, not the 67/17/17 of two uniform candidates. 100k picks with a
+ * seeded source: the bounds are about 7 standard deviations wide. */
+START_TEST(weighted_p2c_spreads_picks_by_weight_at_rest)
+{
+    static const struct {
+        uint32_t w[3];
+        int n;
+        int lo[3], hi[3];
+    } cases[] = {
+        {{100, 1, 1}, 3, {97740, 830, 830}, {98340, 1130, 1130}},
+        {{2, 1}, 2, {65900, 32600}, {67400, 34100}},
+        {{1, 3, 2}, 3, {15550, 49300, 32600}, {17750, 50700, 34100}},
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        fixture f;
+        kt_rng g = kt_rng_seed(42 + c);
+        setup(&f, (keel_lb_opts){.policy = KEEL_LB_P2C, .rand = rng_next, .rand_ud = &g},
+              cases[c].w, cases[c].n, "abc");
+        int got[3] = {0, 0, 0};
+        for (int i = 0; i < 100000; i++) {
+            keel_lb_peer *p;
+            ck_assert_int_eq(keel_lb_pick(f.lb, NULL, &p), 0);
+            got[(char)(intptr_t)keel_lb_peer_ud(p) - 'a']++;
+            keel_lb_done(f.lb, p, 1, 0);
+        }
+        for (int k = 0; k < cases[c].n; k++) {
+            ck_assert_msg(got[k] >= cases[c].lo[k] && got[k] <= cases[c].hi[k],
+                          "case %zu: peer %d got %d picks of 100000", c, k, got[k]);
+        }
+        keel_lb_destroy(f.lb);
+    }
+}
+END_TEST
+
 START_TEST(weighted_p2c_among_backups_alone_still_weighs)
 {
     keel_lb *lb;
-    chooser ch = {2, 0, 1, 0}; /* always the pair (a, b) */
+    chooser ch = {10, 0, 9, 0}; /* always the pair (a, b): draws go by weight */
     keel_lb_opts o = {.policy = KEEL_LB_P2C, .rand = choose, .rand_ud = &ch};
     ck_assert_int_eq(keel_lb_create(&lb, &o), 0);
     keel_lb_peer *a, *b, *held[5];
@@ -1350,6 +1388,7 @@ int main(void)
     tcase_add_test(tc, p2c_never_picks_the_busier_of_two);
     tcase_add_test(tc, weighted_p2c_compares_weight_over_load);
     tcase_add_test(tc, weighted_p2c_among_backups_alone_still_weighs);
+    tcase_add_test(tc, weighted_p2c_spreads_picks_by_weight_at_rest);
     tcase_add_test(tc, peak_ewma_moves_away_from_a_slow_peer_and_back);
     suite_add_tcase(s, tc);
     tc = tcase_create("ejection");

@@ -13,7 +13,10 @@
  *   KEEL_LB_P2C           power of two choices (Envoy's least request): of
  *                         two random eligible peers, the one with fewer
  *                         requests in flight; with unequal weights, the
- *                         higher weight / (active + 1)^bias.
+ *                         higher weight / (active + 1)^bias, the two drawn
+ *                         (independently, O(log n)) so that with nothing
+ *                         in flight each peer gets its weight's share of
+ *                         the picks, as in Envoy.
  *   KEEL_LB_PEAK_EWMA     Finagle's peak EWMA: of two random peers, the
  *                         lower latency estimate x (active + 1), where the
  *                         estimate jumps to any higher latency at once and
