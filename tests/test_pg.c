@@ -808,6 +808,120 @@ START_TEST(a_statement_whose_columns_changed_is_prepared_again)
 }
 END_TEST
 
+/* Rows in a table, counted on a session of its own. */
+static long long rows_in(const char *table)
+{
+    PGconn *d = kt_pg_connect(kt_env("KEEL_TEST_PG"));
+    char sql[96];
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM %s", table);
+    long long n = kt_pg_number(d, sql);
+    PQfinish(d);
+    return n;
+}
+
+/* The re-run of a batch whose prepared statement went stale assumed the
+ * whole batch had been rolled back; a COMMIT (or any transaction control)
+ * before the stale statement had already committed what came before it,
+ * which the re-run then committed twice. Such a batch is not run again:
+ * the stale statement's error comes back, and the next call prepares it
+ * anew. A batch of plain statements before it still runs again. */
+START_TEST(a_batch_that_committed_before_a_stale_statement_is_not_run_again)
+{
+    keel_pg *pg = open_shared();
+    write_sql(pg, "DROP TABLE IF EXISTS kt_twice");
+    write_sql(pg, "DROP TABLE IF EXISTS kt_twice_b");
+    write_sql(pg, "CREATE TABLE kt_twice (v int)");
+    write_sql(pg, "CREATE TABLE kt_twice_b (a int)");
+    keel_pg_stmt *s;
+    ck_assert_int_eq(keel_pg_stmt_create(pg, "SELECT * FROM kt_twice_b", 0, NULL, &s), 0);
+    PGconn *d = kt_pg_connect(kt_env("KEEL_TEST_PG"));
+    kt_pg_exec(d, "CREATE OR REPLACE PROCEDURE kt_noop() LANGUAGE sql AS $$ SELECT 1 $$");
+    /* each with whether it commits the INSERT before it, and how many rows
+     * the same batch adds when run again on the same connection (-1: not
+     * tried; it fails by itself, or leaves a failed transaction) */
+    static const struct {
+        const char *sql;
+        bool commits;
+        int again;
+    } enders[] = {
+        {"COMMIT", true, 1}, {"end", true, 1}, {"/* c */ commit and no chain", true, 1},
+        {"BEGIN", false, -1}, {"SAVEPOINT x", false, -1},
+        {"ROLLBACK", false, 0}, {"CALL kt_noop()", false, 1},
+    };
+    long long expect = 0;
+    char alter[64];
+    for (size_t k = 0; k < sizeof enders / sizeof enders[0] + 1; k++) {
+        bool plain = k == sizeof enders / sizeof enders[0];
+        keel_pg_conn *c;
+        ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &c), 0);
+        PGresult *r;
+        ck_assert_int_eq(keel_pg_conn_exec_stmt(c, s, NULL, &r), 0); /* prepared here */
+        PQclear(r);
+        /* another session changes its columns: the plan is refused */
+        snprintf(alter, sizeof alter, "ALTER TABLE kt_twice_b ADD COLUMN c%zu int", k);
+        kt_pg_exec(d, alter);
+        keel_pg_query q[3] = {{.sql = "INSERT INTO kt_twice VALUES (1)"},
+                              {.sql = plain ? "SELECT 1" : enders[k].sql},
+                              {.stmt = s}};
+        int rc = keel_pg_conn_batch(c, q, 3);
+        if (plain) { /* rolled back whole: run once more */
+            ck_assert_int_eq(rc, 0);
+            ck_assert_int_eq(PQnfields(q[2].res), (int)k + 2);
+            expect++;
+        } else {
+            ck_assert_msg(rc != 0, "%s: run again", enders[k].sql);
+            ck_assert_msg(q[2].rc == KEEL_EBACKEND || q[1].rc == KEEL_EBACKEND, "%s", enders[k].sql);
+            if (q[2].rc == KEEL_EBACKEND) { /* the stale statement's own error */
+                ck_assert_str_eq(PQresultErrorField(q[2].res, PG_DIAG_SQLSTATE), "0A000");
+                if (enders[k].commits)
+                    expect++; /* committed by the batch's own COMMIT, once */
+            }
+        }
+        for (int i = 0; i < 3; i++)
+            PQclear(q[i].res);
+        if (!plain && enders[k].again >= 0) { /* prepared anew for the next batch */
+            rc = keel_pg_conn_batch(c, q, 3);
+            ck_assert_msg(rc == 0, "%s again: %s (%s %s)", enders[k].sql, keel_strerror(rc),
+                          q[1].res ? PQresultErrorMessage(q[1].res) : "",
+                          q[2].res ? PQresultErrorMessage(q[2].res) : "");
+            ck_assert_int_eq(PQnfields(q[2].res), (int)k + 2);
+            for (int i = 0; i < 3; i++)
+                PQclear(q[i].res);
+            expect += enders[k].again;
+        }
+        keel_pg_release(c);
+        ck_assert_msg(rows_in("kt_twice") == expect, "%s: %lld rows, not %lld",
+                      plain ? "plain" : enders[k].sql, rows_in("kt_twice"), expect);
+        /* and the statement runs again at the next call */
+        ck_assert_int_eq(keel_pg_exec_stmt(pg, KEEL_PG_WRITE, s, NULL, &r), 0);
+        ck_assert_int_eq(PQnfields(r), (int)k + 2);
+        PQclear(r);
+    }
+    /* forgotten by the server (26000) after a COMMIT: the same */
+    keel_pg_conn *c;
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &c), 0);
+    PGresult *r;
+    ck_assert_int_eq(keel_pg_conn_exec_stmt(c, s, NULL, &r), 0);
+    PQclear(r);
+    PQclear(PQexec(keel_pg_conn_raw(c), "DEALLOCATE ALL"));
+    keel_pg_query q[3] = {{.sql = "INSERT INTO kt_twice VALUES (1)"}, {.sql = "COMMIT"}, {.stmt = s}};
+    ck_assert_int_eq(keel_pg_conn_batch(c, q, 3), KEEL_EBACKEND);
+    ck_assert_str_eq(PQresultErrorField(q[2].res, PG_DIAG_SQLSTATE), "26000");
+    for (int i = 0; i < 3; i++)
+        PQclear(q[i].res);
+    ck_assert_int_eq(rows_in("kt_twice"), expect + 1);
+    ck_assert_int_eq(keel_pg_conn_exec_stmt(c, s, NULL, &r), 0);
+    PQclear(r);
+    keel_pg_release(c);
+    kt_pg_exec(d, "DROP PROCEDURE kt_noop()");
+    PQfinish(d);
+    write_sql(pg, "DROP TABLE kt_twice");
+    write_sql(pg, "DROP TABLE kt_twice_b");
+    keel_pg_stmt_free(s);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
 /* How many of this session's prepared statements have this name. */
 static int prepared_as(keel_pg_conn *c, const char *name)
 {
@@ -1354,6 +1468,7 @@ int main(void)
     tcase_add_test(tc, a_batch_on_a_busy_connection_is_refused);
     tcase_add_test(tc, statements_are_prepared_again_when_the_server_forgets);
     tcase_add_test(tc, a_statement_whose_columns_changed_is_prepared_again);
+    tcase_add_test(tc, a_batch_that_committed_before_a_stale_statement_is_not_run_again);
     tcase_add_test(tc, a_one_call_copy_is_refused);
     tcase_add_test(tc, a_connect_refused_for_the_connection_limit_leaves_the_host_up);
     tcase_add_test(tc, a_check_refused_for_the_connection_limit_leaves_the_host_as_it_was);

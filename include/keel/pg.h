@@ -221,7 +221,13 @@ typedef struct keel_pg_query {
  * Sync at the end), reading results as they come so neither side blocks.
  * Without an open transaction the batch is one transaction: all or
  * nothing (and, rolled back whole, it is run once more if the server had
- * forgotten one of its prepared statements, or refused its cached plan).
+ * forgotten one of its prepared statements, or refused its cached plan;
+ * not when a statement before that one may have ended the transaction,
+ * that is any but a SELECT, VALUES, TABLE, WITH, SHOW, INSERT, UPDATE,
+ * DELETE or MERGE, such as COMMIT, BEGIN or CALL: what it committed would
+ * be committed twice. The statement's error is then returned, and it is
+ * prepared anew at the next call, or, when the batch left a failed
+ * transaction, the one after).
  * COPY is refused (KEEL_ENOTSUP, the connection given up). When a
  * statement fails, it gets KEEL_EBACKEND and its result, and every other
  * statement KEEL_EABORTED (those before it were rolled back, those after

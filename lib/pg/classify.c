@@ -323,6 +323,27 @@ static int statement(const char **pp)
     return 0;
 }
 
+/* Statements that run inside the transaction they find and cannot end it
+ * (a function they call cannot commit; only CALL and DO can). */
+static const char *const in_xact[] = {"select", "values", "table", "with", "show", "insert",
+                                      "update", "delete", "merge", NULL};
+
+bool keel__pg_keeps_xact(const char *sql)
+{
+    if (!sql)
+        return false;
+    const char *p = sql;
+    tok t = next(&p);
+    while (t.k == T_LPAREN) /* (SELECT ...) UNION (SELECT ...) */
+        t = next(&p);
+    if (!is_any(t, in_xact))
+        return false;
+    skip_statement(&p);
+    for (t = next(&p); t.k == T_SEMI; t = next(&p))
+        ;
+    return t.k == T_END; /* one statement: what follows is not looked at */
+}
+
 KEEL_API keel_pg_mode keel_pg_classify(const char *sql)
 {
     if (!sql)

@@ -598,14 +598,26 @@ static int batch_once(keel_pg_conn *c, keel_pg_query *q, size_t n)
     return first;
 }
 
-/* Whether a statement of the batch failed because it must be prepared
- * again. */
-static bool forgotten(const keel_pg_query *q, size_t n)
+/* The statement of the batch that failed because it must be prepared
+ * again, or n. */
+static size_t forgotten(const keel_pg_query *q, size_t n)
 {
     for (size_t i = 0; i < n; i++)
         if (q[i].rc == KEEL_EBACKEND && stale(q[i].stmt, q[i].res))
-            return true;
-    return false;
+            return i;
+    return n;
+}
+
+/* Whether the statements before the i-th surely left the batch's implicit
+ * transaction open, so that the i-th's failure rolled them all back. One
+ * that may have ended it (COMMIT, BEGIN, a VACUUM, a CALL, ...) committed
+ * what came before it, which a second run would commit again. */
+static bool one_transaction(const keel_pg_query *q, size_t i)
+{
+    for (size_t j = 0; j < i; j++)
+        if (!keel__pg_keeps_xact(q[j].stmt ? q[j].stmt->sql : q[j].sql))
+            return false;
+    return true;
 }
 
 KEEL_API int keel_pg_conn_batch(keel_pg_conn *c, keel_pg_query *q, size_t n)
@@ -630,7 +642,15 @@ KEEL_API int keel_pg_conn_batch(keel_pg_conn *c, keel_pg_query *q, size_t n)
         return KEEL_ESTATE;
     bool idle = PQtransactionStatus(c->conn) == PQTRANS_IDLE;
     int rc = batch_once(c, q, n);
-    if (rc == KEEL_EBACKEND && idle && forgotten(q, n)) {
+    size_t bad = rc == KEEL_EBACKEND && idle ? forgotten(q, n) : n;
+    if (bad < n && !one_transaction(q, bad)) {
+        /* not run again: its error stands, and it is prepared anew at the
+         * next call (outside a transaction; else by a later one) */
+        if (PQtransactionStatus(c->conn) == PQTRANS_IDLE) {
+            bool gone = strcmp(PQresultErrorField(q[bad].res, PG_DIAG_SQLSTATE), "26000") == 0;
+            unprepare(c, q[bad].stmt, !gone); /* a lost connection says so at the next call */
+        }
+    } else if (bad < n) {
         /* the batch was rolled back whole: prepare again, run it once more */
         rc = 0;
         for (size_t i = 0; i < n; i++) {

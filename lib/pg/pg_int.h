@@ -128,4 +128,10 @@ int keel__pg_run(keel_pg_conn *c, const char *sql, const keel_pg_params *p, uint
 /* "16/B374D848" to a number; 0 for NULL or garbage. */
 uint64_t keel__pg_lsn_parse(const char *s);
 
+/* classify.c */
+/* Whether sql is one statement that surely leaves the transaction it runs
+ * in open (a read or DML); false for transaction control, CALL, DO,
+ * VACUUM and anything else that might commit or roll back. */
+bool keel__pg_keeps_xact(const char *sql);
+
 #endif
