@@ -1037,6 +1037,93 @@ START_TEST(timeouts_client_and_server)
 }
 END_TEST
 
+/* A setting of a leased connection, as the server has it, and where from. */
+static void setting(keel_pg_conn *c, const char *name, char *value, size_t vlen, char *source,
+                    size_t slen)
+{
+    const char *v[1] = {name};
+    PGresult *r = PQexecParams(keel_pg_conn_raw(c),
+                               "SELECT current_setting($1), source FROM pg_settings WHERE name = $1",
+                               1, NULL, v, NULL, NULL, 0);
+    ck_assert_int_eq(PQresultStatus(r), PGRES_TUPLES_OK);
+    ck_assert_int_eq(PQntuples(r), 1);
+    snprintf(value, vlen, "%s", PQgetvalue(r, 0, 0));
+    snprintf(source, slen, "%s", PQgetvalue(r, 0, 1));
+    PQclear(r);
+}
+
+/* client_connection_check_interval used to be a startup option, which a
+ * server before 14, or one not on Linux, answers with a FATAL: every
+ * connection refused, the host down. It is set once connected now (its
+ * source "session", not "client"), and still takes effect. */
+START_TEST(a_query_timeout_sets_the_client_check_after_connecting)
+{
+    keel_pg *pg = open_pg(kt_env("KEEL_TEST_PG"), NULL, 200 * MS);
+    keel_pg_conn *c;
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &c), 0);
+    char v[32], src[32];
+    setting(c, "client_connection_check_interval", v, sizeof v, src, sizeof src);
+    ck_assert_str_eq(v, "200ms");
+    ck_assert_str_eq(src, "session");
+    keel_pg_release(c);
+    keel_pg_destroy(pg);
+    pg = open_pg(kt_env("KEEL_TEST_PG"), NULL, 10 * KT_S); /* at most a second apart */
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &c), 0);
+    setting(c, "client_connection_check_interval", v, sizeof v, src, sizeof src);
+    ck_assert_str_eq(v, "1s");
+    keel_pg_release(c);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
+static _Atomic int check_logs;
+static void count_check_logs(keel_log_level level, const char *module, const char *msg, void *ud)
+{
+    (void)level, (void)module, (void)ud;
+    if (strstr(msg, "client_connection_check_interval") || strstr(msg, "set_config"))
+        check_logs++;
+}
+
+/* A server that answers the setting with an error (as one on another
+ * platform does; here, a role that may not call set_config()) still gives
+ * connections: the check goes without, said once. */
+START_TEST(a_server_that_refuses_the_client_check_still_connects)
+{
+    PGconn *d = kt_pg_connect(kt_env("KEEL_TEST_PG"));
+    kt_pg_exec(d, "CREATE DATABASE kt_nocheck");
+    kt_pg_exec(d, "CREATE ROLE kt_plain LOGIN");
+    char ci[512];
+    snprintf(ci, sizeof ci, "%s dbname=kt_nocheck", kt_env("KEEL_TEST_PG"));
+    PGconn *db = kt_pg_connect(ci);
+    kt_pg_exec(db, "REVOKE EXECUTE ON FUNCTION set_config(text, text, boolean) FROM PUBLIC");
+    PQfinish(db);
+    snprintf(ci, sizeof ci, "%s dbname=kt_nocheck user=kt_plain", kt_env("KEEL_TEST_PG"));
+
+    keel_set_log(count_check_logs, KEEL_LOG_WARN, NULL);
+    keel_pg *pg = open_pg(ci, NULL, 200 * MS);
+    keel_pg_conn *c[2];
+    for (int i = 0; i < 2; i++) /* two connections, each told no */
+        ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &c[i]), 0);
+    for (int i = 0; i < 2; i++) {
+        char v[32], src[32];
+        setting(c[i], "client_connection_check_interval", v, sizeof v, src, sizeof src);
+        ck_assert_str_eq(v, "0"); /* without, but usable */
+    }
+    for (int i = 0; i < 2; i++)
+        keel_pg_release(c[i]);
+    keel_pg_host_stats st;
+    keel_pg_host_stats_get(pg, 0, &st);
+    ck_assert_uint_eq(st.conn_failures, 0);
+    ck_assert_uint_eq(st.errors, 0); /* not a statement of the caller's */
+    keel_set_log(NULL, KEEL_LOG_ERROR, NULL);
+    ck_assert_int_eq(check_logs, 1);
+    keel_pg_destroy(pg);
+    kt_pg_exec(d, "DROP DATABASE kt_nocheck WITH (FORCE)");
+    kt_pg_exec(d, "DROP ROLE kt_plain");
+    PQfinish(d);
+}
+END_TEST
+
 START_TEST(a_stopped_replica_is_skipped)
 {
     keel_pg *pg = open_shared();
@@ -1475,6 +1562,8 @@ int main(void)
     tcase_add_test(tc, release_rolls_back_and_drops_what_it_cannot_reuse);
     tcase_add_test(tc, freed_statements_are_deallocated_where_they_were_prepared);
     tcase_add_test(tc, timeouts_client_and_server);
+    tcase_add_test(tc, a_query_timeout_sets_the_client_check_after_connecting);
+    tcase_add_test(tc, a_server_that_refuses_the_client_check_still_connects);
     tcase_add_test(tc, a_stopped_replica_is_skipped);
     tcase_add_test(tc, a_check_whose_connection_was_killed_asks_again);
     tcase_add_test(tc, the_health_thread_checks_by_itself);

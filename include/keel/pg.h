@@ -98,7 +98,11 @@ typedef struct keel_pg_opts {
                                        * turn, then on the write host) */
     uint64_t query_timeout_ns;        /* wait for an answer; 0 = no limit (the
                                        * server then stops what we dropped:
-                                       * client_connection_check_interval) */
+                                       * client_connection_check_interval, set
+                                       * on each pooled connection once made;
+                                       * a server before 14, or one that
+                                       * refuses it (not on Linux), goes
+                                       * without, logged once per host) */
     uint64_t statement_timeout_ns;    /* the server's statement_timeout; 0 = unset */
     uint64_t health_interval_ns;      /* 0 = 1 s */
     uint64_t max_replica_lag_ns;      /* 0 = 5 s */

@@ -107,6 +107,8 @@ static int result_rc(keel_pg_conn *c, PGresult **res)
         keel__log(KEEL_LOG_WARN, "pg", "%s: %s", c->h->name, PQresultErrorMessage(r));
         rc = KEEL_EINVAL;
     } else {
+        if (c->quiet)
+            return KEEL_EBACKEND;
         atomic_fetch_add_explicit(&c->h->errors, 1, memory_order_relaxed);
         if (keel__log_enabled(KEEL_LOG_WARN)) {
             const char *msg = PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY);

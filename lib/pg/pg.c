@@ -67,11 +67,8 @@ static int add_param(pghost *h, size_t *n, const char *k, const char *v)
 }
 
 /* The conninfo's parameters, plus libkeel's: a fallback application name
- * and, added to `options`, the statement timeout and, with a query
- * timeout, client_connection_check_interval (so that the server notices
- * a connection we dropped in the middle of a query and stops it). */
-static int host_params(pghost *h, const char *conninfo, uint64_t statement_timeout,
-                       uint64_t query_timeout)
+ * and, added to `options`, the statement timeout. */
+static int host_params(pghost *h, const char *conninfo, uint64_t statement_timeout)
 {
     char *err = NULL;
     PQconninfoOption *opts = PQconninfoParse(conninfo, &err);
@@ -91,11 +88,6 @@ static int host_params(pghost *h, const char *conninfo, uint64_t statement_timeo
     if (statement_timeout)
         snprintf(st, sizeof st, "-c statement_timeout=%llu",
                  (unsigned long long)((statement_timeout + 999999u) / 1000000u));
-    if (query_timeout) {
-        uint64_t ms = (query_timeout + 999999u) / 1000000u;
-        snprintf(st + strlen(st), sizeof st - strlen(st), "%s-c client_connection_check_interval=%llu",
-                 st[0] ? " " : "", (unsigned long long)(ms < 1000 ? ms : 1000));
-    }
     const char *host = NULL, *hostaddr = NULL, *port = NULL;
     bool have_options = false;
     size_t n = 0;
@@ -181,6 +173,51 @@ static int connect_host(pghost *h, PGconn **out)
     return 0;
 }
 
+/* The host goes without the client check: said once. */
+static void no_check_interval(pghost *h, const char *why)
+{
+    if (!atomic_exchange(&h->no_check_interval, true))
+        keel__log(KEEL_LOG_WARN, "pg",
+                  "%s: client_connection_check_interval not set (%.*s): a query dropped for its"
+                  " timeout runs on there until it ends", h->name, (int)strcspn(why, "\n"), why);
+}
+
+/* With a query timeout, the server checks every so often that the client
+ * is still there (client_connection_check_interval), and so stops a query
+ * whose connection we dropped. Set once connected, never as a startup
+ * option: a server before 14 does not know it, and one not on Linux takes
+ * only 0; either would refuse every connection. They go without. */
+static int set_check_interval(keel_pg_conn *c)
+{
+    keel_pg *pg = c->h->pg;
+    if (!pg->query_timeout)
+        return 0;
+    int version = PQserverVersion(c->conn);
+    if (version < 140000) {
+        char why[32];
+        snprintf(why, sizeof why, "server version %d", version);
+        no_check_interval(c->h, why);
+        return 0;
+    }
+    uint64_t ms = (pg->query_timeout + 999999u) / 1000000u;
+    char v[24];
+    snprintf(v, sizeof v, "%llu", (unsigned long long)(ms < 1000 ? ms : 1000));
+    const char *vp = v;
+    keel_pg_params p = {.n = 1, .values = &vp};
+    PGresult *r;
+    c->quiet = true; /* refused: the warning below says it, once */
+    int rc = keel__pg_run(c, "SELECT set_config('client_connection_check_interval', $1, false)",
+                          &p, pg->connect_timeout, &r);
+    c->quiet = false;
+    if (rc == KEEL_EBACKEND) {
+        const char *msg = PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY);
+        no_check_interval(c->h, msg ? msg : "refused");
+        rc = 0;
+    }
+    PQclear(r);
+    return rc ? KEEL_EUNAVAIL : 0; /* lost or silent: as a connect that failed */
+}
+
 static int conn_init(void *obj, void *ud)
 {
     pghost *h = ud;
@@ -188,7 +225,13 @@ static int conn_init(void *obj, void *ud)
     memset(c, 0, sizeof *c);
     c->h = h;
     c->gen = atomic_load(&h->gen);
-    return connect_host(h, &c->conn);
+    int rc = connect_host(h, &c->conn);
+    if (rc == 0 && (rc = set_check_interval(c)) != 0) {
+        atomic_fetch_add_explicit(&h->conn_failures, 1, memory_order_relaxed);
+        PQfinish(c->conn);
+        c->conn = NULL;
+    }
+    return rc;
 }
 
 static void conn_fini(void *obj, void *ud)
@@ -860,7 +903,7 @@ static int add_host(keel_pg *pg, size_t i, const char *conninfo, const keel_pg_o
     h->lb_down = true;
     if (!conninfo)
         return KEEL_EINVAL;
-    int rc = host_params(h, conninfo, o->statement_timeout_ns, o->query_timeout_ns);
+    int rc = host_params(h, conninfo, o->statement_timeout_ns);
     for (size_t k = 0; rc == 0 && k < i; k++)
         if (strcmp(pg->hosts[k].name, h->name) == 0) {
             keel__log(KEEL_LOG_ERROR, "pg", "%s is given twice", h->name);

@@ -27,6 +27,7 @@ struct keel_pg_conn {
     size_t nwords;
     uint64_t freed_seen; /* pg->nfreed when last deallocated */
     bool broken;        /* lost, timed out or left in an unknown state */
+    bool quiet;         /* an error reply is expected: neither logged nor counted */
 };
 
 struct pghost {
@@ -39,6 +40,7 @@ struct pghost {
     bool lb_down; /* as last set in the lb, under pg->check_mu */
     _Atomic uint64_t gen;        /* bumped when the host fails: older connections are dropped */
     _Atomic uint64_t down_until; /* clock ns; UINT64_MAX: until a check says otherwise */
+    _Atomic bool no_check_interval; /* the server would not take it: said once */
     /* health, under pg->mu */
     keel_pg_role role;
     bool readable;
