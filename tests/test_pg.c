@@ -982,6 +982,116 @@ START_TEST(freed_statements_are_deallocated_where_they_were_prepared)
 }
 END_TEST
 
+/* The highest id among this session's prepared statements (keel_<id>),
+ * or -1 for none. */
+static long highest_prepared(keel_pg_conn *c)
+{
+    PGresult *r = PQexec(keel_pg_conn_raw(c),
+                         "SELECT coalesce(max(substr(name, 6)::bigint), -1)"
+                         " FROM pg_prepared_statements WHERE name LIKE 'keel\\_%'");
+    ck_assert_int_eq(PQresultStatus(r), PGRES_TUPLES_OK);
+    long v = atol(PQgetvalue(r, 0, 0));
+    PQclear(r);
+    return v;
+}
+
+/* The one statement of this session prepared by libkeel, by name. */
+static void only_prepared(keel_pg_conn *c, char *name, size_t len)
+{
+    PGresult *r = PQexec(keel_pg_conn_raw(c), "SELECT name FROM pg_prepared_statements");
+    ck_assert_int_eq(PQntuples(r), 1);
+    snprintf(name, len, "%s", PQgetvalue(r, 0, 0));
+    PQclear(r);
+}
+
+static void runs_as(keel_pg_conn *c, keel_pg_stmt *s, const char *want)
+{
+    PGresult *r;
+    ck_assert_int_eq(keel_pg_conn_exec_stmt(c, s, NULL, &r), 0);
+    ck_assert_str_eq(PQgetvalue(r, 0, 0), want);
+    PQclear(r);
+}
+
+/* Statement ids came from a counter that only grew: a service making and
+ * freeing statements at runtime grew every connection's bitset, and the
+ * freed set each release scans, without end. The id of a freed statement
+ * is used again once no connection holds it prepared; never before, so a
+ * connection that prepared the old statement under its name never runs
+ * the old SQL for the new one. */
+START_TEST(freed_statement_ids_are_used_again_once_deallocated)
+{
+    keel_pg *pg = NULL;
+    keel_pg_opts o = {.primary = kt_env("KEEL_TEST_PG"), .conns_per_host = 2, .manual_health = 1};
+    ck_assert_int_eq(keel_pg_create(&pg, &o), 0);
+    ck_assert_int_eq(keel_pg_check(pg), 0);
+    keel_pg_conn *c1, *c2;
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &c1), 0);
+    keel_pg_stmt *s1, *s2, *s3;
+    ck_assert_int_eq(keel_pg_stmt_create(pg, "SELECT 'one'", 0, NULL, &s1), 0);
+    runs_as(c1, s1, "one");
+    char old[32], name[32];
+    only_prepared(c1, old, sizeof old);
+    int pid = PQbackendPID(keel_pg_conn_raw(c1));
+    keel_pg_stmt_free(s1); /* c1, out, still holds it prepared */
+    ck_assert_int_eq(keel_pg_stmt_create(pg, "SELECT 'two'", 0, NULL, &s2), 0);
+    runs_as(c1, s2, "two");
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &c2), 0);
+    runs_as(c2, s2, "two");
+    keel_pg_release(c1); /* deallocates s1's: its id is free now */
+    ck_assert_int_eq(keel_pg_stmt_create(pg, "SELECT 'three'", 0, NULL, &s3), 0);
+    runs_as(c2, s3, "three");
+    keel_pg_release(c2);
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &c1), 0);
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &c2), 0);
+    keel_pg_conn *had = PQbackendPID(keel_pg_conn_raw(c1)) == pid ? c1 : c2; /* ran s1 */
+    ck_assert_int_eq(PQbackendPID(keel_pg_conn_raw(had)), pid);
+    ck_assert_int_eq(prepared_as(had, old), 0);
+    runs_as(had, s3, "three");
+    runs_as(had, s2, "two");
+    PGresult *r = PQexec(keel_pg_conn_raw(had), "SELECT name FROM pg_prepared_statements"
+                                                " WHERE statement LIKE '%three%'");
+    ck_assert_int_eq(PQntuples(r), 1);
+    snprintf(name, sizeof name, "%s", PQgetvalue(r, 0, 0));
+    PQclear(r);
+    ck_assert_str_eq(name, old); /* used again: the case above is the one it must be */
+    keel_pg_release(c1);
+    keel_pg_release(c2);
+    keel_pg_stmt_free(s2);
+    keel_pg_stmt_free(s3);
+
+    /* made and freed at runtime, on either connection, in a batch or
+     * not, freed while out or after: the ids stay few */
+    long high = -1;
+    for (int i = 0; i < 400; i++) {
+        char sql[48];
+        snprintf(sql, sizeof sql, "SELECT %d", i);
+        keel_pg_stmt *s;
+        ck_assert_int_eq(keel_pg_stmt_create(pg, sql, 0, NULL, &s), 0);
+        keel_pg_conn *c;
+        ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &c), 0);
+        char want[16];
+        snprintf(want, sizeof want, "%d", i);
+        if (i % 3 == 0) {
+            keel_pg_query q[1] = {{.stmt = s}};
+            ck_assert_int_eq(keel_pg_conn_batch(c, q, 1), 0);
+            ck_assert_str_eq(PQgetvalue(q[0].res, 0, 0), want);
+            PQclear(q[0].res);
+        } else {
+            runs_as(c, s, want);
+        }
+        long h = highest_prepared(c);
+        high = h > high ? h : high;
+        if (i % 2)
+            keel_pg_stmt_free(s);
+        keel_pg_release(c);
+        if (i % 2 == 0)
+            keel_pg_stmt_free(s);
+    }
+    ck_assert_int_lt(high, 8);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
 START_TEST(release_rolls_back_and_drops_what_it_cannot_reuse)
 {
     keel_pg *pg = open_shared();
@@ -1561,6 +1671,7 @@ int main(void)
     tcase_add_test(tc, a_check_refused_for_the_connection_limit_leaves_the_host_as_it_was);
     tcase_add_test(tc, release_rolls_back_and_drops_what_it_cannot_reuse);
     tcase_add_test(tc, freed_statements_are_deallocated_where_they_were_prepared);
+    tcase_add_test(tc, freed_statement_ids_are_used_again_once_deallocated);
     tcase_add_test(tc, timeouts_client_and_server);
     tcase_add_test(tc, a_query_timeout_sets_the_client_check_after_connecting);
     tcase_add_test(tc, a_server_that_refuses_the_client_check_still_connects);

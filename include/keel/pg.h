@@ -195,11 +195,14 @@ KEEL_API int keel_pg_conn_exec(keel_pg_conn *c, const char *sql, const keel_pg_p
  * Returns 0, KEEL_EINVAL or KEEL_ENOMEM.
  *
  * keel_pg_stmt_free: each connection that prepared the statement
- * deallocates it when next released (one DEALLOCATE round trip then), so
- * statements made and freed at runtime do not pile up on the server
- * (without memory to note it freed, the statement stays prepared on them
- * until they close). Free a statement before destroying its keel_pg, and
- * not while a call uses it. NULL is a no-op. */
+ * deallocates it when next released (one DEALLOCATE round trip then; one
+ * whose DEALLOCATE fails otherwise than for a statement already gone is
+ * closed), so statements made and freed at runtime do not pile up on the
+ * server. Its name (keel_<n>) is given to a later statement once no
+ * connection holds it prepared, so names, and the memory that tracks
+ * them, stay as many as the statements alive and not yet deallocated.
+ * Free a statement before destroying its keel_pg, and not while a call
+ * uses it. NULL is a no-op. */
 KEEL_API int keel_pg_stmt_create(keel_pg *pg, const char *sql, int ntypes, const Oid *types,
                                  keel_pg_stmt **out);
 KEEL_API void keel_pg_stmt_free(keel_pg_stmt *s);

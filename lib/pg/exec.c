@@ -300,15 +300,30 @@ int keel__pg_bit_room(uint64_t **words, size_t *nwords, uint32_t id)
     return 0;
 }
 
-/* Setting a bit needs keel__pg_bit_room() first. */
+/* Setting a bit needs keel__pg_bit_room() first. The id's holders are
+ * counted: a freed id is used again only when no connection holds it
+ * prepared, so that its name never runs the old statement's SQL. */
 static void mark_prepared(keel_pg_conn *c, uint32_t id, bool on)
 {
-    if (id / 64 >= c->nwords)
+    if (id / 64 >= c->nwords || is_prepared(c, id) == on)
         return;
+    c->prepared[id / 64] ^= (uint64_t)1 << (id % 64);
+    keel_pg *pg = c->h->pg;
+    pthread_mutex_lock(&pg->freed_mu);
     if (on)
-        c->prepared[id / 64] |= (uint64_t)1 << (id % 64);
+        pg->holders[id]++;
     else
-        c->prepared[id / 64] &= ~((uint64_t)1 << (id % 64));
+        keel__pg_let_go(pg, id);
+    pthread_mutex_unlock(&pg->freed_mu);
+}
+
+/* Whether a DEALLOCATE's error says there was no such statement. Any
+ * other leaves it maybe prepared, under a name a later statement may be
+ * given. */
+static bool forgot(const PGresult *r)
+{
+    const char *st = PQresultErrorField(r, PG_DIAG_SQLSTATE);
+    return st && strcmp(st, "26000") == 0;
 }
 
 int keel__pg_forget_freed(keel_pg_conn *c, uint64_t timeout)
@@ -327,8 +342,9 @@ int keel__pg_forget_freed(keel_pg_conn *c, uint64_t timeout)
             snprintf(sql, sizeof sql, "DEALLOCATE keel_%u", id);
             PGresult *r = NULL;
             int rc = keel__pg_run(c, sql, NULL, timeout, &r);
+            bool absent = rc == KEEL_EBACKEND && forgot(r); /* it was gone already */
             PQclear(r);
-            if (rc && rc != KEEL_EBACKEND) /* an error reply: it was gone already */
+            if (rc && !absent) /* maybe still there: the session must go */
                 return rc;
             mark_prepared(c, id, false);
         }
@@ -399,7 +415,8 @@ static bool stale(const keel_pg_stmt *s, const PGresult *r)
 }
 
 /* Forgets s on this connection, and with dealloc on the server too (it
- * may be gone there already), so that it is prepared anew when next run. */
+ * may be gone there already), so that it is prepared anew when next run.
+ * A DEALLOCATE refused otherwise gives the connection up: KEEL_EUNAVAIL. */
 static int unprepare(keel_pg_conn *c, const keel_pg_stmt *s, bool dealloc)
 {
     if (!is_prepared(c, s->id))
@@ -412,9 +429,12 @@ static int unprepare(keel_pg_conn *c, const keel_pg_stmt *s, bool dealloc)
     snprintf(sql, sizeof sql, "DEALLOCATE %s", s->name);
     PGresult *r = NULL;
     int rc = keel__pg_run(c, sql, NULL, 0, &r);
+    bool gone = rc == KEEL_EBACKEND && forgot(r); /* it was gone already */
     PQclear(r);
-    if (rc && rc != KEEL_EBACKEND) /* an error reply: it was gone already */
-        return rc;
+    if (rc && !gone) { /* maybe still there: the session must go */
+        c->broken = true;
+        return rc == KEEL_EBACKEND ? KEEL_EUNAVAIL : rc;
+    }
     mark_prepared(c, s->id, false);
     return 0;
 }

@@ -236,9 +236,14 @@ static int conn_init(void *obj, void *ud)
 
 static void conn_fini(void *obj, void *ud)
 {
-    (void)ud;
+    keel_pg *pg = ((pghost *)ud)->pg;
     keel_pg_conn *c = obj;
-    PQfinish(c->conn);
+    PQfinish(c->conn); /* the session's statements go with it */
+    pthread_mutex_lock(&pg->freed_mu);
+    for (size_t i = 0; i < c->nwords; i++)
+        for (uint64_t w = c->prepared[i]; w; w &= w - 1)
+            keel__pg_let_go(pg, (uint32_t)(i * 64 + (size_t)__builtin_ctzll(w)));
+    pthread_mutex_unlock(&pg->freed_mu);
     keel__free(c->prepared);
 }
 
@@ -777,6 +782,47 @@ KEEL_API int keel_pg_write_lsn(keel_pg *pg, uint64_t *lsn)
 
 /* ---- statements ---- */
 
+void keel__pg_let_go(keel_pg *pg, uint32_t id)
+{
+    uint64_t bit = (uint64_t)1 << (id % 64);
+    if (--pg->holders[id] == 0 && (pg->freed[id / 64] & bit)) {
+        pg->freed[id / 64] &= ~bit;
+        pg->spare[pg->nspare++] = id;
+    }
+}
+
+/* Under freed_mu: a spare id, else a new one, with room for it in every
+ * table an id indexes, so that neither preparing nor freeing a statement
+ * needs memory. */
+static int new_id(keel_pg *pg, uint32_t *id)
+{
+    if (pg->nspare) {
+        *id = pg->spare[--pg->nspare];
+        return 0;
+    }
+    uint32_t n = pg->next_stmt;
+    if (n == UINT32_MAX)
+        return KEEL_ENOMEM;
+    if (n >= pg->ids_cap) {
+        size_t cap = pg->ids_cap ? pg->ids_cap * 2 : 64;
+        uint32_t *h = keel__realloc(pg->holders, cap * sizeof *h);
+        if (!h)
+            return KEEL_ENOMEM;
+        pg->holders = h; /* bigger already; ids_cap says so once spare is too */
+        uint32_t *sp = keel__realloc(pg->spare, cap * sizeof *sp);
+        if (!sp)
+            return KEEL_ENOMEM;
+        pg->spare = sp;
+        pg->ids_cap = cap;
+    }
+    if (keel__pg_bit_room(&pg->freed, &pg->freed_words, n))
+        return KEEL_ENOMEM;
+    pg->holders[n] = 0;
+    pg->next_stmt = n + 1;
+    *id = n;
+    return 0;
+}
+
 KEEL_API int keel_pg_stmt_create(keel_pg *pg, const char *sql, int ntypes, const Oid *types,
                                  keel_pg_stmt **out)
 {
@@ -792,23 +838,32 @@ KEEL_API int keel_pg_stmt_create(keel_pg *pg, const char *sql, int ntypes, const
     }
     if (ntypes)
         memcpy(s->types, types, (size_t)ntypes * sizeof *types);
+    pthread_mutex_lock(&pg->freed_mu);
+    int rc = new_id(pg, &s->id);
+    pthread_mutex_unlock(&pg->freed_mu);
+    if (rc) {
+        keel_pg_stmt_free(s);
+        return rc;
+    }
     s->pg = pg;
     s->ntypes = ntypes;
-    s->id = atomic_fetch_add(&pg->next_stmt, 1);
     snprintf(s->name, sizeof s->name, "keel_%u", s->id);
     s->mode = keel_pg_classify(sql);
     *out = s;
     return 0;
 }
 
-/* The id joins pg->freed; each connection that prepared it deallocates
- * it when next released. Out of memory, it stays prepared. */
+/* An id no connection holds is spare at once; else it joins pg->freed,
+ * each connection that prepared it deallocates it when next released, and
+ * the last of them makes it spare. */
 KEEL_API void keel_pg_stmt_free(keel_pg_stmt *s)
 {
     keel_pg *pg = s ? s->pg : NULL;
     if (pg) {
         pthread_mutex_lock(&pg->freed_mu);
-        if (keel__pg_bit_room(&pg->freed, &pg->freed_words, s->id) == 0) {
+        if (pg->holders[s->id] == 0) {
+            pg->spare[pg->nspare++] = s->id;
+        } else {
             pg->freed[s->id / 64] |= (uint64_t)1 << (s->id % 64);
             atomic_fetch_add(&pg->nfreed, 1);
         }
@@ -993,6 +1048,8 @@ KEEL_API void keel_pg_destroy(keel_pg *pg)
     pthread_mutex_destroy(&pg->check_mu);
     pthread_mutex_destroy(&pg->freed_mu);
     keel__free(pg->freed);
+    keel__free(pg->holders);
+    keel__free(pg->spare);
     pthread_mutex_destroy(&pg->tmu);
     pthread_cond_destroy(&pg->tcv);
     keel__free(pg);

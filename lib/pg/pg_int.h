@@ -77,11 +77,17 @@ struct keel_pg {
     pthread_mutex_t tmu;
     pthread_cond_t tcv;
 
-    _Atomic uint32_t next_stmt;
+    /* Statement ids, under freed_mu. A freed id is used again once no
+     * connection holds it prepared, so that the ids, and the bitsets they
+     * index, stay as few as the statements alive and not yet deallocated. */
     pthread_mutex_t freed_mu;
-    uint64_t *freed;          /* bitset of freed statement ids, under freed_mu */
+    uint32_t next_stmt;       /* ids made so far */
+    uint32_t *holders;        /* per id: connections that hold it prepared */
+    uint32_t *spare;          /* freed ids nobody holds: handed out first */
+    size_t nspare, ids_cap;   /* ids_cap: room in holders and spare */
+    uint64_t *freed;          /* bitset: freed ids some connection still holds */
     size_t freed_words;
-    _Atomic uint64_t nfreed;  /* statements freed, ever */
+    _Atomic uint64_t nfreed;  /* statements freed while held, ever */
     _Atomic size_t rotor; /* where the next read-after-LSN starts */
 };
 
@@ -96,6 +102,10 @@ struct keel_pg_stmt {
 };
 
 /* pg.c */
+/* Under freed_mu: a connection no longer holds id prepared (it has
+ * deallocated it, the server forgot it, or it closed); the last one to
+ * let a freed id go makes it spare. */
+void keel__pg_let_go(keel_pg *pg, uint32_t id);
 /* A connection of h, waiting up to timeout for a free one (0: none). */
 int keel__pg_conn_get(pghost *h, uint64_t timeout, keel_pg_conn **out);
 /* A connection of h was lost: the host's other connections, made before,
