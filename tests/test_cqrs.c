@@ -5,7 +5,8 @@
  * and on a real PostgreSQL: an append held open while another commits
  * (no projection skips or repeats an event), a projection process killed
  * mid-catch-up, queries on the replica with read-your-writes, the memory
- * and PostgreSQL stores agreeing, monthly partitions, a missing schema;
+ * and PostgreSQL stores agreeing, monthly partitions (made a month ahead
+ * by ordinary use; a saga across a month's end), a missing schema;
  * commands with idempotency keys and a projection through a restart of
  * the primary, and an append that timed out sent again. */
 #define _GNU_SOURCE
@@ -1536,6 +1537,126 @@ START_TEST(a_projection_following_at_the_longest_interval_waits)
 }
 END_TEST
 
+/* ---- monthly partitions made ahead ---- */
+
+/* Whether the events partition of month y-m exists. */
+static bool has_month(PGconn *d, const char *prefix, int y, int m)
+{
+    char sql[256];
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM pg_class WHERE relname = '%sevents_%04d_%02d'", prefix, y, m);
+    return kt_pg_number(d, sql) == 1;
+}
+
+static void drop_month(PGconn *d, const char *prefix, int y, int m)
+{
+    char sql[256];
+    snprintf(sql, sizeof sql, "DROP TABLE \"%sevents_%04d_%02d\"", prefix, y, m);
+    kt_pg_exec(d, sql);
+}
+
+#define DAY (86400 * S)
+
+/* Appends and projection runs make the next month's partition ahead of
+ * time, once its time comes by the clock, and cost nothing before. */
+START_TEST(pg_next_months_partition_is_made_by_ordinary_use)
+{
+    char prefix[64];
+    snprintf(prefix, sizeof prefix, "%s", uniq("ahead"));
+    keel_pg *pg = open_pg();
+    kt_clock clk = {0};
+    keel_cqrs *c;
+    keel_cqrs_opts o = {.pg = pg, .prefix = prefix, .partition_by_month = 1, .clock = kt_clock_now, .clock_ud = &clk};
+    ck_assert_int_eq(keel_cqrs_create(&c, &o), 0);
+    ck_assert_int_eq(keel_cqrs_create_schema(c), 0);
+    ck_assert_int_eq(keel_cqrs_command(c, "append", cmd_append, NULL), 0);
+    keel_cqrs_projection *p;
+    keel_cqrs_projection_opts po = {.name = "noop", .handler = apply_nothing};
+    ck_assert_int_eq(keel_cqrs_projection_create(c, &po, &p), 0);
+    PGconn *d = kt_pg_connect(kt_env("KEEL_TEST_PG"));
+    int y, m;
+    server_month(d, &y, &m);
+    int ny = m == 12 ? y + 1 : y, nm = m == 12 ? 1 : m + 1;
+    ck_assert(has_month(d, prefix, ny, nm));
+    /* as when the month has turned and the one after has no partition */
+    drop_month(d, prefix, ny, nm);
+    ck_assert_int_eq(keel_cqrs_send(c, "append", "a", 1, NULL, NULL), 0);
+    ck_assert(!has_month(d, prefix, ny, nm)); /* known to be there until the month's end: not asked */
+    kt_clock_advance(&clk, 32 * DAY);
+    ck_assert_int_eq(keel_cqrs_send(c, "append", "a", 1, NULL, NULL), 0);
+    ck_assert(has_month(d, prefix, ny, nm)); /* the append made it */
+    drop_month(d, prefix, ny, nm);
+    kt_clock_advance(&clk, 32 * DAY);
+    size_t applied;
+    ck_assert_int_eq(keel_cqrs_projection_run(p, &applied), 0);
+    ck_assert_uint_eq(applied, 2);
+    ck_assert(has_month(d, prefix, ny, nm)); /* and so did the run */
+    PQfinish(d);
+    keel_cqrs_projection_destroy(p);
+    keel_cqrs_destroy(c);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
+/* A projection that sends a command for each order (a saga), when the
+ * month has turned and its partition is missing. ahead: the clock says
+ * it is time to look (the run makes the partition before its batch);
+ * else the append finds it missing and must not wait on the run's own
+ * transaction for ever (the DDL would). */
+static void saga_at_a_months_end(bool ahead)
+{
+    char prefix[64], sql[1024];
+    snprintf(prefix, sizeof prefix, "%s", uniq("turn"));
+    keel_pg *pg = open_pg(); /* queries time out after 20 s */
+    kt_clock clk = {0};
+    keel_cqrs *c;
+    keel_cqrs_opts o = {.pg = pg, .prefix = prefix, .partition_by_month = 1, .clock = kt_clock_now, .clock_ud = &clk};
+    ck_assert_int_eq(keel_cqrs_create(&c, &o), 0);
+    ck_assert_int_eq(keel_cqrs_create_schema(c), 0);
+    ck_assert_int_eq(keel_cqrs_command(c, "append", cmd_append, NULL), 0);
+    PGconn *d = kt_pg_connect(kt_env("KEEL_TEST_PG"));
+    /* an order placed in an old month */
+    snprintf(sql, sizeof sql,
+             "CREATE TABLE \"%sevents_old\" PARTITION OF \"%sevents\" FOR VALUES FROM ('2001-01-01') TO ('2001-02-01');"
+             "INSERT INTO \"%sversions\" VALUES ('orders', 1);"
+             "INSERT INTO \"%sevents\" (stream_id, version, type, data, metadata, created_at) "
+             "VALUES ('orders', 1, 'order.placed', '\\x01', '', '2001-01-15')",
+             prefix, prefix, prefix, prefix);
+    kt_pg_exec(d, sql);
+    int y, m;
+    server_month(d, &y, &m);
+    drop_month(d, prefix, y, m); /* this month's partition: not there yet */
+    saga s = {c, NULL, 0, 0, 0};
+    keel_cqrs_projection_opts po = {.name = "saga", .handler = apply_saga, .ud = &s};
+    ck_assert_int_eq(keel_cqrs_projection_create(c, &po, &s.p), 0);
+    size_t applied;
+    if (ahead) {
+        kt_clock_advance(&clk, 32 * DAY);
+        ck_assert_int_eq(keel_cqrs_projection_run(s.p, &applied), 0);
+    } else {
+        uint64_t t0 = keel_now_ns();
+        ck_assert_int_eq(keel_cqrs_projection_run(s.p, &applied), KEEL_ETIMEDOUT);
+        ck_assert_uint_lt(keel_now_ns() - t0, 10 * S); /* the lock wait's bound, not the query timeout */
+        ck_assert_uint_eq(applied, 0);
+        ck_assert_int_eq(keel_cqrs_projection_run(s.p, &applied), 0); /* the next run makes it first */
+    }
+    ck_assert_uint_eq(applied, 1);
+    ck_assert_int_eq(keel_cqrs_projection_run(s.p, &applied), 0);
+    ck_assert_uint_eq(applied, 1); /* the shipment */
+    ck_assert(has_month(d, prefix, y, m));
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM \"%sevents\" WHERE stream_id = 'shipments'", prefix);
+    ck_assert_int_eq(kt_pg_number(d, sql), 1);
+    PQfinish(d);
+    keel_cqrs_projection_destroy(s.p);
+    keel_cqrs_destroy(c);
+    keel_pg_destroy(pg);
+}
+
+START_TEST(pg_a_saga_across_a_months_end_completes) { saga_at_a_months_end(true); }
+END_TEST
+
+START_TEST(pg_a_saga_that_finds_its_month_missing_fails_fast_then_goes_on) { saga_at_a_months_end(false); }
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("cqrs");
@@ -1577,6 +1698,9 @@ int main(void)
     tcase_add_test(pg, pg_a_missing_schema_is_a_clear_error);
     tcase_add_test(pg, pg_a_stream_missing_its_first_events_goes_on_from_its_last);
     tcase_add_test(pg, pg_a_projection_run_from_its_own_handler_does_not_wait_for_itself);
+    tcase_add_test(pg, pg_next_months_partition_is_made_by_ordinary_use);
+    tcase_add_test(pg, pg_a_saga_across_a_months_end_completes);
+    tcase_add_test(pg, pg_a_saga_that_finds_its_month_missing_fails_fast_then_goes_on);
     suite_add_tcase(s, pg);
     TCase *down = tcase_create("pg_faults"); /* the primary stopped, an append timed out */
     tcase_set_timeout(down, 120);

@@ -89,7 +89,7 @@ struct keel_bus;
 typedef struct keel_cqrs_opts {
     struct keel_pg *pg;         /* NULL: the in-memory store */
     const char *prefix;         /* table names; NULL = "keel_" ([a-z0-9_], up to 40) */
-    int partition_by_month;     /* PostgreSQL: events partitioned by month */
+    int partition_by_month;     /* PostgreSQL: events partitioned by month (see create_schema) */
     struct keel_bus *bus;       /* events published here after commit; may be NULL */
     const char *subject_prefix; /* NULL = "cqrs."; under 512 bytes */
     uint32_t max_retries;       /* re-runs of a command on KEEL_ECONFLICT */
@@ -98,6 +98,8 @@ typedef struct keel_cqrs_opts {
     size_t max_payload;         /* payloads, replies, event data; 0 = 1 MiB */
     keel_metrics *metrics;      /* keel_cqrs_* series; may be NULL */
     const char *metrics_name; /* "default" if NULL; taken twice in one registry: KEEL_EEXIST */
+    keel_clock_fn clock;        /* partition_by_month: when to look ahead again; NULL = keel_now_ns */
+    void *clock_ud;
 } keel_cqrs_opts;
 
 /* Returns 0, KEEL_EINVAL (a bad prefix or subject prefix, max_payload
@@ -108,8 +110,17 @@ KEEL_API int keel_cqrs_create(keel_cqrs **out, const keel_cqrs_opts *opts);
 /* PostgreSQL: creates the tables if missing (idempotent): prefix+events,
  * prefix+idempotency, prefix+checkpoints; with partition_by_month, the
  * partitions of this month and the next by the server's clock, which
- * created_at follows (an append into a month without
- * one creates it and tries again).
+ * created_at follows. After that the partitions are made a month ahead:
+ * once the clock option says the server's month has turned since it last
+ * looked, the next append or projection run (before its transaction)
+ * makes this month's and the next month's, waiting at most 500 ms for the
+ * events table's lock, which any open transaction that read the table
+ * holds (a failure is logged and tried again a minute later). A store left
+ * unused for more than a month: the append that finds its month missing
+ * makes it the same way and tries again, and if the lock is held (a
+ * projection's batch, say: a saga's command sent from its handler) fails
+ * with KEEL_ETIMEDOUT instead of waiting for it; the next run or append
+ * makes the partition before its own transaction.
  * The in-memory store: nothing to do. */
 KEEL_API int keel_cqrs_create_schema(keel_cqrs *c);
 

@@ -606,6 +606,17 @@ static int idem_get(keel_cqrs *c, const char *key, keel_cqrs_result *res)
     return 0;
 }
 
+/* The projection runs this thread has in progress, innermost first: a
+ * handler may run its own projection again (a command it sends, whose
+ * event a bus subscriber turns into a run), which must not wait for the
+ * run it is part of; nor may it make partitions (see pgstore.c). */
+typedef struct pframe {
+    keel_cqrs_projection *p;
+    bool again; /* such a run came: go on past a short batch */
+    struct pframe *up;
+} pframe;
+static __thread pframe *tl_runs;
+
 /* The end of a command's chain: idempotency, the handler, the append. */
 static int run_command(keel_cqrs_req *q)
 {
@@ -652,7 +663,7 @@ static int run_command(keel_cqrs_req *q)
         }
         cappend a = {x.ev, x.nev, q->key ? key : NULL, x.reply, x.reply_len};
         rc = !done.positions || !done.times ? KEEL_ENOMEM
-             : c->pg                        ? keel__cqrs_pg_append(c->pg, &a, &done, c->o.read_your_writes)
+             : c->pg                        ? keel__cqrs_pg_append(c->pg, &a, &done, c->o.read_your_writes, !tl_runs)
                                             : mem_append(c->mem, &a, &done);
         if (rc == 0) {
             atomic_fetch_add_explicit(&c->st.appended, x.nev, memory_order_relaxed);
@@ -826,17 +837,6 @@ static int mem_project(keel_cqrs_projection *p, size_t *applied)
     return rc;
 }
 
-/* The projection runs this thread has in progress, innermost first: a
- * handler may run its own projection again (a command it sends, whose
- * event a bus subscriber turns into a run), which must not wait for the
- * run it is part of. */
-typedef struct pframe {
-    keel_cqrs_projection *p;
-    bool again; /* such a run came: go on past a short batch */
-    struct pframe *up;
-} pframe;
-static __thread pframe *tl_runs;
-
 KEEL_API int keel_cqrs_projection_run(keel_cqrs_projection *p, size_t *applied)
 {
     if (applied)
@@ -848,6 +848,7 @@ KEEL_API int keel_cqrs_projection_run(keel_cqrs_projection *p, size_t *applied)
             f->again = true;
             return 0;
         }
+    bool ahead = !tl_runs; /* no batch of another projection open on this thread */
     pthread_mutex_lock(&p->run_mu);
     pframe f = {p, false, tl_runs};
     tl_runs = &f;
@@ -858,7 +859,7 @@ KEEL_API int keel_cqrs_projection_run(keel_cqrs_projection *p, size_t *applied)
         if (p->c->pg) {
             keel_cqrs_ctx x = {.c = p->c, .kind = CTX_PROJECTION};
             uint64_t cp = 0;
-            rc = keel__cqrs_pg_project(p->c->pg, p->name, p->o.batch, &x, p->o.handler, p->o.ud, &n, &cp);
+            rc = keel__cqrs_pg_project(p->c->pg, p->name, p->o.batch, &x, p->o.handler, p->o.ud, &n, &cp, ahead);
             ctx_free(&x);
             if (rc == 0 && cp != UINT64_MAX)
                 atomic_store(&p->position, cp);
@@ -1042,7 +1043,7 @@ KEEL_API int keel_cqrs_create(keel_cqrs **out, const keel_cqrs_opts *opts)
     pthread_mutex_init(&c->links_mu, NULL);
     int rc = c->prefix && c->subject_prefix ? 0 : KEEL_ENOMEM;
     if (rc == 0 && o.pg) {
-        rc = keel__cqrs_pg_create(o.pg, c->prefix, o.partition_by_month, &c->pg);
+        rc = keel__cqrs_pg_create(o.pg, c->prefix, o.partition_by_month, o.clock, o.clock_ud, &c->pg);
     } else if (rc == 0) {
         if ((c->mem = keel__calloc(1, sizeof *c->mem))) {
             pthread_mutex_init(&c->mem->mu, NULL);

@@ -61,23 +61,28 @@ typedef struct cappended {
 
 typedef struct cpg cpg;
 
-int keel__cqrs_pg_create(struct keel_pg *pg, const char *prefix, int partitioned, cpg **out);
+int keel__cqrs_pg_create(struct keel_pg *pg, const char *prefix, int partitioned, keel_clock_fn clock,
+                         void *clock_ud, cpg **out);
 void keel__cqrs_pg_destroy(cpg *s);
 int keel__cqrs_pg_schema(cpg *s);
 /* The events of a stream by version; *owner is freed with
  * keel__cqrs_pg_free_owner. */
 int keel__cqrs_pg_load(cpg *s, const char *stream, keel_cqrs_event **evs, size_t *n, void **owner);
 void keel__cqrs_pg_free_owner(void *owner);
-/* KEEL_ECONFLICT: a stream moved; KEEL_EEXIST: the key was used meanwhile. */
-int keel__cqrs_pg_append(cpg *s, const cappend *a, cappended *out, int want_lsn);
+/* KEEL_ECONFLICT: a stream moved; KEEL_EEXIST: the key was used meanwhile;
+ * KEEL_ETIMEDOUT: also this month's partition missing and not made in
+ * time. ahead: no transaction on the events table is open on this thread,
+ * so the months may be made first when it is time (see pgstore.c). */
+int keel__cqrs_pg_append(cpg *s, const cappend *a, cappended *out, int want_lsn, int ahead);
 /* 0 and the stored reply (malloc'd through the hooks), or KEEL_ENOTFOUND. */
 int keel__cqrs_pg_idem_get(cpg *s, const char *key, void **reply, size_t *len);
 /* One projection batch in a transaction on a write connection: the
  * checkpoint locked, events past it read, apply() called per event with
- * ctx->conn set, the checkpoint moved; rolled back on a failure. */
+ * ctx->conn set, the checkpoint moved; rolled back on a failure. ahead:
+ * as for keel__cqrs_pg_append. */
 int keel__cqrs_pg_project(cpg *s, const char *name, size_t batch, keel_cqrs_ctx *ctx,
                           int (*apply)(keel_cqrs_ctx *, const keel_cqrs_event *, void *), void *ud,
-                          size_t *applied, uint64_t *checkpoint);
+                          size_t *applied, uint64_t *checkpoint, int ahead);
 int keel__cqrs_pg_checkpoint(cpg *s, const char *name, uint64_t *pos);
 /* The advisory lock key appends take (for tests that must hold it). */
 int64_t keel__cqrs_lock_key(const char *prefix);

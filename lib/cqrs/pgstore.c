@@ -16,6 +16,14 @@
  * turns a lost race into 23505, reported as KEEL_ECONFLICT. The lock makes
  * positions follow commit order (see keel/cqrs.h).
  *
+ * Monthly partitions are made a month ahead: an append or a projection
+ * run, before its transaction, makes this month's and the next month's
+ * when the clock says the server's month may have turned since it last
+ * looked. CREATE TABLE ... PARTITION OF waits for every transaction that
+ * read the events table, a projection's batch among them, maybe one on
+ * this very thread (a saga's send): so that DDL waits MONTH_LOCK_WAIT at
+ * most, and a try that fails is tried again LOOK_AGAIN_NS later.
+ *
  * Values travel in binary: bytea as is, bigint as 8 big-endian bytes.
  */
 #define _GNU_SOURCE
@@ -37,7 +45,12 @@ struct cpg {
     char events[64], idem[64], cps[64], versions[64];
     char lock_s[24];
     keel_pg_stmt *load, *idem_get, *ins_event, *ins_version, *ins_idem, *lock, *cp_get, *cp_make, *pending;
+    keel__clock clock;
+    _Atomic uint64_t look_at; /* the clock's time to make sure of the months again; 0: now */
 };
+
+#define MONTH_LOCK_WAIT "500ms"
+#define LOOK_AGAIN_NS (60 * 1000000000ull)
 
 int64_t keel__cqrs_lock_key(const char *prefix)
 {
@@ -62,7 +75,8 @@ static int stmt(keel_pg *pg, keel_pg_stmt **out, const char *fmt, const char *ta
 #define COLS "position, stream_id, version, type, data, metadata, " \
              "(extract(epoch from created_at) * 1000000)::bigint"
 
-int keel__cqrs_pg_create(keel_pg *pg, const char *prefix, int partitioned, cpg **out)
+int keel__cqrs_pg_create(keel_pg *pg, const char *prefix, int partitioned, keel_clock_fn clock, void *clock_ud,
+                         cpg **out)
 {
     cpg *s = keel__calloc(1, sizeof *s);
     if (!s || !(s->prefix = keel__strdup(prefix))) {
@@ -71,6 +85,7 @@ int keel__cqrs_pg_create(keel_pg *pg, const char *prefix, int partitioned, cpg *
     }
     s->pg = pg;
     s->partitioned = partitioned;
+    s->clock = (keel__clock){clock, clock_ud};
     snprintf(s->events, sizeof s->events, "\"%sevents\"", prefix);
     snprintf(s->idem, sizeof s->idem, "\"%sidempotency\"", prefix);
     snprintf(s->cps, sizeof s->cps, "\"%scheckpoints\"", prefix);
@@ -113,10 +128,99 @@ void keel__cqrs_pg_destroy(cpg *s)
     keel__free(s);
 }
 
+/* The server's month (created_at takes now(), and the client's clock may
+ * be on the other side of a month's end) and the time left in it. */
+static int server_month(cpg *s, int *year, int *month, uint64_t *left_ns)
+{
+    PGresult *r = NULL;
+    int rc = keel_pg_exec(s->pg, KEEL_PG_WRITE,
+                          "SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY MM'), extract(epoch from "
+                          "date_trunc('month', now() AT TIME ZONE 'UTC') + interval '1 month' - "
+                          "(now() AT TIME ZONE 'UTC'))::bigint",
+                          NULL, &r);
+    long long left = -1;
+    if (rc == 0 && (PQntuples(r) != 1 || PQnfields(r) != 2 ||
+                    sscanf(PQgetvalue(r, 0, 0), "%d %d", year, month) != 2 || *month < 1 || *month > 12 ||
+                    sscanf(PQgetvalue(r, 0, 1), "%lld", &left) != 1 || left < 0))
+        rc = KEEL_EPROTO;
+    PQclear(r);
+    *left_ns = rc == 0 ? (uint64_t)left * 1000000000u : 0;
+    return rc;
+}
+
+/* CREATE TABLE IF NOT EXISTS of the partition k months after year-month. */
+static void month_sql(cpg *s, char *sql, size_t len, int year, int month, int k)
+{
+    int y = year, m = month + k;
+    for (; m > 12; m -= 12)
+        y++;
+    int ny = m == 12 ? y + 1 : y, nm = m == 12 ? 1 : m + 1;
+    snprintf(sql, len,
+             "CREATE TABLE IF NOT EXISTS \"%sevents_%04d_%02d\" PARTITION OF %s FOR VALUES "
+             "FROM ('%04d-%02d-01 00:00:00+00') TO ('%04d-%02d-01 00:00:00+00')",
+             s->prefix, y, m, s->events, y, m, ny, nm);
+}
+
+/* The months are there until the server's month ends: look again then
+ * (a minute on, at the soonest, should the clocks' rates differ). */
+static void made_months(cpg *s, uint64_t left_ns)
+{
+    atomic_store(&s->look_at, keel__clock_now(&s->clock) + (left_ns > LOOK_AGAIN_NS ? left_ns : LOOK_AGAIN_NS));
+}
+
+/* This month's partition and the next month's, waiting MONTH_LOCK_WAIT
+ * at most for the events table's lock. KEEL_ETIMEDOUT: a transaction that
+ * read the table held it. */
+static int make_months(cpg *s)
+{
+    int year = 0, month = 0;
+    uint64_t left = 0;
+    int rc = server_month(s, &year, &month, &left);
+    if (rc)
+        return rc;
+    char sql[3][768];
+    snprintf(sql[0], sizeof sql[0], "SELECT set_config('lock_timeout', '%s', true)", MONTH_LOCK_WAIT);
+    for (int k = 0; k < 2; k++)
+        month_sql(s, sql[1 + k], sizeof sql[0], year, month, k);
+    keel_pg_query q[3];
+    memset(q, 0, sizeof q);
+    for (size_t i = 0; i < 3; i++)
+        q[i].sql = sql[i];
+    rc = keel_pg_batch(s->pg, q, 3);
+    for (size_t i = 0; i < 3; i++) {
+        const char *state = q[i].rc == KEEL_EBACKEND ? PQresultErrorField(q[i].res, PG_DIAG_SQLSTATE) : NULL;
+        if (state && strcmp(state, "55P03") == 0) /* lock_not_available */
+            rc = KEEL_ETIMEDOUT;
+        PQclear(q[i].res);
+    }
+    if (rc == 0)
+        made_months(s, left);
+    return rc;
+}
+
+/* Before an append or a projection's batch, never inside a transaction
+ * on the events table: the months, when it is time to look again. One
+ * thread looks; a failure is logged and tried again later (a month of
+ * chances before the next month's partition is needed). */
+static void look_ahead(cpg *s)
+{
+    if (!s->partitioned)
+        return;
+    uint64_t now = keel__clock_now(&s->clock), at = atomic_load(&s->look_at);
+    if (now < at || !atomic_compare_exchange_strong(&s->look_at, &at, now + LOOK_AGAIN_NS))
+        return; /* not yet, or another thread looks */
+    int rc = make_months(s);
+    if (rc)
+        keel__log(KEEL_LOG_WARN, "cqrs", "%s: next month's partition not made (%s): trying again later", s->events,
+                  keel_strerror(rc));
+}
+
 int keel__cqrs_pg_schema(cpg *s)
 {
     char sql[10][768];
     size_t n = 0;
+    int year = 0, month = 0;
+    uint64_t left = 0;
     snprintf(sql[n++], sizeof sql[0], "SELECT pg_advisory_xact_lock(%s)", s->lock_s); /* one creator at a time */
     if (!s->partitioned) {
         snprintf(sql[n++], sizeof sql[0],
@@ -134,28 +238,11 @@ int keel__cqrs_pg_schema(cpg *s)
         snprintf(sql[n++], sizeof sql[0],
                  "CREATE TABLE IF NOT EXISTS %s (stream_id text, version bigint, PRIMARY KEY (stream_id, version))",
                  s->versions);
-        /* The server's month, which created_at's now() will use: the
-         * client's clock may be on the other side of a month's end. */
-        PGresult *r = NULL;
-        int rc = keel_pg_exec(s->pg, KEEL_PG_WRITE,
-                              "SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY MM')", NULL, &r);
-        int year = 0, month = 0;
-        if (rc == 0 && (PQntuples(r) != 1 || sscanf(PQgetvalue(r, 0, 0), "%d %d", &year, &month) != 2 ||
-                        month < 1 || month > 12))
-            rc = KEEL_EPROTO;
-        PQclear(r);
+        int rc = server_month(s, &year, &month, &left);
         if (rc)
             return rc;
-        for (int k = 0; k < 2; k++) { /* this month and the next */
-            int y = year, m = month + k;
-            if (m > 12)
-                m -= 12, y++;
-            int ny = m == 12 ? y + 1 : y, nm = m == 12 ? 1 : m + 1;
-            snprintf(sql[n++], sizeof sql[0],
-                     "CREATE TABLE IF NOT EXISTS \"%sevents_%04d_%02d\" PARTITION OF %s FOR VALUES "
-                     "FROM ('%04d-%02d-01 00:00:00+00') TO ('%04d-%02d-01 00:00:00+00')",
-                     s->prefix, y, m, s->events, y, m, ny, nm);
-        }
+        for (int k = 0; k < 2; k++) /* this month and the next */
+            month_sql(s, sql[n++], sizeof sql[0], year, month, k);
         snprintf(sql[n++], sizeof sql[0], "CREATE INDEX IF NOT EXISTS \"%sevents_stream\" ON %s (stream_id, version)",
                  s->prefix, s->events);
     }
@@ -170,6 +257,8 @@ int keel__cqrs_pg_schema(cpg *s)
     int rc = keel_pg_batch(s->pg, q, n);
     for (size_t i = 0; i < n; i++)
         PQclear(q[i].res);
+    if (rc == 0 && s->partitioned)
+        made_months(s, left);
     return rc;
 }
 
@@ -285,12 +374,16 @@ static int append_once(cpg *s, const cappend *a, cappended *out)
     return rc;
 }
 
-int keel__cqrs_pg_append(cpg *s, const cappend *a, cappended *out, int want_lsn)
+int keel__cqrs_pg_append(cpg *s, const cappend *a, cappended *out, int want_lsn, int ahead)
 {
+    if (ahead)
+        look_ahead(s);
     int rc = append_once(s, a, out);
-    if (rc == KEEL_ENOTFOUND) { /* the month's partition, made now, and once more */
+    if (rc == KEEL_ENOTFOUND) { /* the month's partition (unused for a month), made now, and once more */
         keel__log(KEEL_LOG_WARN, "cqrs", "%s: no partition for this month: creating it", s->events);
-        rc = keel__cqrs_pg_schema(s);
+        rc = make_months(s);
+        if (rc) /* the next append or run looks again before its transaction */
+            atomic_store(&s->look_at, 0);
         rc = rc ? rc : append_once(s, a, out);
         if (rc == KEEL_ENOTFOUND)
             rc = KEEL_EBACKEND;
@@ -350,9 +443,11 @@ static int run(keel_pg_conn *c, const char *sql, const keel_pg_params *p, PGresu
 
 int keel__cqrs_pg_project(cpg *s, const char *name, size_t batch, keel_cqrs_ctx *ctx,
                           int (*apply)(keel_cqrs_ctx *, const keel_cqrs_event *, void *), void *ud,
-                          size_t *applied, uint64_t *checkpoint)
+                          size_t *applied, uint64_t *checkpoint, int ahead)
 {
     *applied = 0;
+    if (ahead) /* before the batch's connection: a pool of one must not wait on itself */
+        look_ahead(s);
     keel_pg_conn *c;
     int rc = keel_pg_acquire(s->pg, KEEL_PG_WRITE, &c);
     if (rc)
