@@ -6,7 +6,8 @@
  * (no projection skips or repeats an event), a projection process killed
  * mid-catch-up, queries on the replica with read-your-writes, the memory
  * and PostgreSQL stores agreeing, monthly partitions (made a month ahead
- * by ordinary use; a saga across a month's end), a missing schema;
+ * by ordinary use; a saga across a month's end; a stream whose month was
+ * dropped goes on), a missing schema;
  * commands with idempotency keys and a projection through a restart of
  * the primary, and an append that timed out sent again. */
 #define _GNU_SOURCE
@@ -1657,6 +1658,40 @@ END_TEST
 START_TEST(pg_a_saga_that_finds_its_month_missing_fails_fast_then_goes_on) { saga_at_a_months_end(false); }
 END_TEST
 
+/* Dropping an old month's partition leaves its versions in the
+ * uniqueness guard: a stream whose last events were in it goes on from
+ * its last version, not from nothing. */
+START_TEST(pg_a_stream_whose_month_was_dropped_goes_on_from_its_last_version)
+{
+    char prefix[64], sql[512];
+    snprintf(prefix, sizeof prefix, "%s", uniq("drop"));
+    keel_pg *pg = open_pg();
+    keel_cqrs *c;
+    keel_cqrs_opts o = {.pg = pg, .prefix = prefix, .partition_by_month = 1};
+    ck_assert_int_eq(keel_cqrs_create(&c, &o), 0);
+    ck_assert_int_eq(keel_cqrs_create_schema(c), 0);
+    ck_assert_int_eq(keel_cqrs_command(c, "append", cmd_append, NULL), 0);
+    for (int i = 0; i < 2; i++)
+        ck_assert_int_eq(keel_cqrs_send(c, "append", "u", 1, NULL, NULL), 0);
+    PGconn *d = kt_pg_connect(kt_env("KEEL_TEST_PG"));
+    int y, m;
+    server_month(d, &y, &m);
+    snprintf(sql, sizeof sql, "ALTER TABLE \"%sevents\" DETACH PARTITION \"%sevents_%04d_%02d\"", prefix, prefix, y, m);
+    kt_pg_exec(d, sql); /* archived */
+    drop_month(d, prefix, y, m);
+    keel_cqrs_result r;
+    ck_assert_int_eq(keel_cqrs_send(c, "append", "u", 1, NULL, &r), 0);
+    snprintf(sql, sizeof sql, "SELECT version FROM \"%sevents\" WHERE stream_id = 'u'", prefix);
+    ck_assert_int_eq(kt_pg_number(d, sql), 3);
+    ck_assert_int_eq(keel_cqrs_send(c, "append", "u", 1, NULL, NULL), 0);
+    snprintf(sql, sizeof sql, "SELECT max(version) FROM \"%sevents\" WHERE stream_id = 'u'", prefix);
+    ck_assert_int_eq(kt_pg_number(d, sql), 4);
+    PQfinish(d);
+    keel_cqrs_destroy(c);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("cqrs");
@@ -1701,6 +1736,7 @@ int main(void)
     tcase_add_test(pg, pg_next_months_partition_is_made_by_ordinary_use);
     tcase_add_test(pg, pg_a_saga_across_a_months_end_completes);
     tcase_add_test(pg, pg_a_saga_that_finds_its_month_missing_fails_fast_then_goes_on);
+    tcase_add_test(pg, pg_a_stream_whose_month_was_dropped_goes_on_from_its_last_version);
     suite_add_tcase(s, pg);
     TCase *down = tcase_create("pg_faults"); /* the primary stopped, an append timed out */
     tcase_set_timeout(down, 120);

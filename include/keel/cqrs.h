@@ -108,8 +108,10 @@ typedef struct keel_cqrs_opts {
 KEEL_API int keel_cqrs_create(keel_cqrs **out, const keel_cqrs_opts *opts);
 
 /* PostgreSQL: creates the tables if missing (idempotent): prefix+events,
- * prefix+idempotency, prefix+checkpoints; with partition_by_month, the
- * partitions of this month and the next by the server's clock, which
+ * prefix+idempotency, prefix+checkpoints; with partition_by_month also
+ * prefix+versions, the uniqueness guard of (stream, version), which keeps
+ * a row per event ever appended (dropping a partition leaves them), and
+ * the partitions of this month and the next by the server's clock, which
  * created_at follows. After that the partitions are made a month ahead:
  * once the clock option says the server's month has turned since it last
  * looked, the next append or projection run (before its transaction)
@@ -195,9 +197,10 @@ typedef struct keel_cqrs_event {
 } keel_cqrs_event;
 
 /* A command handler reads a stream: its events in order (valid until the
- * handler returns) and, remembered, its version for the append (its last
- * event's: new events follow it even when the stream's first events were
- * removed, say with an old month's partition). Returns
+ * handler returns) and, remembered, its version for the append: its last
+ * event's, or with partition_by_month the largest in prefix+versions, so
+ * new events follow it even when the stream's first events, or all of
+ * them, were removed, say with an old month's partition. Returns
  * 0, KEEL_EINVAL (bad id; not in a command), a store error. */
 KEEL_API int keel_cqrs_load(keel_cqrs_ctx *ctx, const char *stream, const keel_cqrs_event **events,
                             size_t *n);

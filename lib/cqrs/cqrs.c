@@ -425,7 +425,8 @@ KEEL_API int keel_cqrs_load(keel_cqrs_ctx *x, const char *stream, const keel_cqr
     if (!e) {
         if (!(e = add_exp(x, stream)))
             return KEEL_ENOMEM;
-        int rc = x->c->pg ? keel__cqrs_pg_load(x->c->pg, stream, &e->events, &e->n, &e->owner)
+        uint64_t guard = 0;
+        int rc = x->c->pg ? keel__cqrs_pg_load(x->c->pg, stream, &e->events, &e->n, &e->owner, &guard)
                           : mem_load(x->c->mem, stream, &e->events, &e->n);
         if (rc) {
             keel__free(e->stream);
@@ -433,6 +434,8 @@ KEEL_API int keel_cqrs_load(keel_cqrs_ctx *x, const char *stream, const keel_cqr
             return rc;
         }
         e->version = e->n ? e->events[e->n - 1].version : 0; /* not n: its first events may be gone */
+        if (guard > e->version) /* its last ones too (a dropped partition), not their versions */
+            e->version = guard;
     }
     *events = e->events;
     *n = e->n;

@@ -66,8 +66,10 @@ int keel__cqrs_pg_create(struct keel_pg *pg, const char *prefix, int partitioned
 void keel__cqrs_pg_destroy(cpg *s);
 int keel__cqrs_pg_schema(cpg *s);
 /* The events of a stream by version; *owner is freed with
- * keel__cqrs_pg_free_owner. */
-int keel__cqrs_pg_load(cpg *s, const char *stream, keel_cqrs_event **evs, size_t *n, void **owner);
+ * keel__cqrs_pg_free_owner. *version: the largest the uniqueness guard
+ * holds when it outlives events (partitioned), else 0. */
+int keel__cqrs_pg_load(cpg *s, const char *stream, keel_cqrs_event **evs, size_t *n, void **owner,
+                       uint64_t *version);
 void keel__cqrs_pg_free_owner(void *owner);
 /* KEEL_ECONFLICT: a stream moved; KEEL_EEXIST: the key was used meanwhile;
  * KEEL_ETIMEDOUT: also this month's partition missing and not made in

@@ -6,6 +6,9 @@
  *                  (partitioned by month: the uniqueness moves to
  *                  p_versions, since a partitioned table's unique keys
  *                  must hold the partition key)
+ *   p_versions     stream_id, version: a row per event ever appended, kept
+ *                  when its partition is dropped, so a stream's version
+ *                  is its largest here, not its last event left
  *   p_idempotency  key primary key, reply
  *   p_checkpoints  name primary key, position
  *
@@ -44,7 +47,7 @@ struct cpg {
     int partitioned;
     char events[64], idem[64], cps[64], versions[64];
     char lock_s[24];
-    keel_pg_stmt *load, *idem_get, *ins_event, *ins_version, *ins_idem, *lock, *cp_get, *cp_make, *pending;
+    keel_pg_stmt *load, *last_version, *idem_get, *ins_event, *ins_version, *ins_idem, *lock, *cp_get, *cp_make, *pending;
     keel__clock clock;
     _Atomic uint64_t look_at; /* the clock's time to make sure of the months again; 0: now */
 };
@@ -98,6 +101,8 @@ int keel__cqrs_pg_create(keel_pg *pg, const char *prefix, int partitioned, keel_
              s->events, s->cps);
     int rc = 0;
     rc = rc ? rc : stmt(pg, &s->load, "SELECT " COLS " FROM %s WHERE stream_id = $1 ORDER BY version", s->events);
+    if (partitioned)
+        rc = rc ? rc : stmt(pg, &s->last_version, "SELECT max(version) FROM %s WHERE stream_id = $1", s->versions);
     rc = rc ? rc : stmt(pg, &s->idem_get, "SELECT reply FROM %s WHERE key = $1", s->idem);
     rc = rc ? rc
             : stmt(pg, &s->ins_event,
@@ -120,8 +125,8 @@ int keel__cqrs_pg_create(keel_pg *pg, const char *prefix, int partitioned, keel_
 
 void keel__cqrs_pg_destroy(cpg *s)
 {
-    keel_pg_stmt *all[] = {s->load,   s->idem_get, s->ins_event, s->ins_version, s->ins_idem,
-                           s->lock,   s->cp_get,   s->cp_make,   s->pending};
+    keel_pg_stmt *all[] = {s->load, s->last_version, s->idem_get, s->ins_event, s->ins_version,
+                           s->ins_idem, s->lock, s->cp_get, s->cp_make, s->pending};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
         keel_pg_stmt_free(all[i]);
     keel__free(s->prefix);
@@ -291,19 +296,27 @@ static int to_events(PGresult *res, keel_cqrs_event **evs, size_t *n)
     return 0;
 }
 
-int keel__cqrs_pg_load(cpg *s, const char *stream, keel_cqrs_event **evs, size_t *n, void **owner)
+int keel__cqrs_pg_load(cpg *s, const char *stream, keel_cqrs_event **evs, size_t *n, void **owner,
+                       uint64_t *version)
 {
     const char *v[1] = {stream};
-    keel_pg_params p = {1, v, NULL, NULL, NULL, 1};
-    PGresult *res = NULL;
-    int rc = keel_pg_exec_stmt(s->pg, KEEL_PG_WRITE, s->load, &p, &res); /* the primary: the version must be current */
+    keel_pg_query q[2] = {{.stmt = s->load, .params = {1, v, NULL, NULL, NULL, 1}},
+                          {.stmt = s->last_version, .params = {1, v, NULL, NULL, NULL, 0}}};
+    /* the primary: the version must be current; partitioned, the guard's
+     * version too, in the same round trip */
+    int rc = s->partitioned ? keel_pg_batch(s->pg, q, 2)
+                            : keel_pg_exec_stmt(s->pg, KEEL_PG_WRITE, s->load, &q[0].params, &q[0].res);
+    *version = 0;
+    if (rc == 0 && s->partitioned && !PQgetisnull(q[1].res, 0, 0))
+        *version = strtoull(PQgetvalue(q[1].res, 0, 0), NULL, 10);
+    PQclear(q[1].res);
     if (rc == 0)
-        rc = to_events(res, evs, n);
+        rc = to_events(q[0].res, evs, n);
     if (rc) {
-        PQclear(res);
+        PQclear(q[0].res);
         return rc;
     }
-    *owner = res;
+    *owner = q[0].res;
     return 0;
 }
 
