@@ -7,7 +7,8 @@
  * mid-catch-up, queries on the replica with read-your-writes, the memory
  * and PostgreSQL stores agreeing, monthly partitions (made a month ahead
  * by ordinary use; a saga across a month's end; a stream whose month was
- * dropped goes on), a missing schema;
+ * dropped goes on), a missing schema; two runners of one projection at
+ * once, each event applied once;
  * commands with idempotency keys and a projection through a restart of
  * the primary, and an append that timed out sent again. */
 #define _GNU_SOURCE
@@ -1692,6 +1693,93 @@ START_TEST(pg_a_stream_whose_month_was_dropped_goes_on_from_its_last_version)
 }
 END_TEST
 
+/* ---- two runners of one projection ---- */
+
+typedef struct runner {
+    keel_cqrs_projection *p;
+    const char *table;
+    uint64_t last;
+    size_t applied;
+    int failures, rc;
+} runner;
+
+/* Records the event's position: a second apply of it breaks the key. */
+static int apply_once_by_position(keel_cqrs_ctx *x, const keel_cqrs_event *e, void *ud)
+{
+    runner *r = ud;
+    char sql[128], pos[24];
+    snprintf(sql, sizeof sql, "INSERT INTO %s (position) VALUES ($1::bigint)", r->table);
+    snprintf(pos, sizeof pos, "%llu", (unsigned long long)e->position);
+    const char *v[1] = {pos};
+    keel_pg_params p = {1, v, NULL, NULL, NULL, 0};
+    PGresult *res = NULL;
+    keel_pg_conn *c = keel_cqrs_conn(x);
+    int rc = c ? keel_pg_conn_exec(c, sql, &p, &res) : KEEL_ESTATE;
+    PQclear(res);
+    return rc;
+}
+
+static void *run_until_last(void *arg)
+{
+    runner *r = arg;
+    for (int i = 0; i < 2000 && keel_cqrs_projection_position(r->p) < r->last; i++) {
+        size_t n = 0;
+        int rc = keel_cqrs_projection_run(r->p, &n);
+        r->applied += n;
+        if (rc)
+            r->failures++, r->rc = rc;
+    }
+    return NULL;
+}
+
+/* Runs of one name take turns across handles (the checkpoint's row
+ * lock): two at once apply every event exactly once between them. */
+START_TEST(pg_two_runners_of_one_projection_apply_each_event_once)
+{
+    char prefix[64], table[96], sql[256];
+    snprintf(prefix, sizeof prefix, "%s", uniq("twice"));
+    snprintf(table, sizeof table, "\"%srm\"", prefix);
+    keel_pg *pg = open_pg();
+    keel_cqrs *c;
+    keel_cqrs_opts o = {.pg = pg, .prefix = prefix};
+    ck_assert_int_eq(keel_cqrs_create(&c, &o), 0);
+    ck_assert_int_eq(keel_cqrs_create_schema(c), 0);
+    ck_assert_int_eq(keel_cqrs_command(c, "append", cmd_append, NULL), 0);
+    PGconn *d = kt_pg_connect(kt_env("KEEL_TEST_PG"));
+    snprintf(sql, sizeof sql, "CREATE TABLE %s (position bigint PRIMARY KEY)", table);
+    kt_pg_exec(d, sql);
+    keel_cqrs_result res;
+    for (int i = 0; i < 500; i++) {
+        char s[16];
+        int l = snprintf(s, sizeof s, "s%d", i);
+        ck_assert_int_eq(keel_cqrs_send(c, "append", s, (size_t)l, NULL, &res), 0);
+    }
+    runner r[2];
+    pthread_t th[2];
+    for (int i = 0; i < 2; i++) {
+        r[i] = (runner){.table = table, .last = res.position};
+        keel_cqrs_projection_opts po = {.name = "shared", .handler = apply_once_by_position, .ud = &r[i], .batch = 10};
+        ck_assert_int_eq(keel_cqrs_projection_create(c, &po, &r[i].p), 0);
+    }
+    for (int i = 0; i < 2; i++)
+        ck_assert_int_eq(pthread_create(&th[i], NULL, run_until_last, &r[i]), 0);
+    for (int i = 0; i < 2; i++)
+        pthread_join(th[i], NULL);
+    for (int i = 0; i < 2; i++) {
+        ck_assert_msg(r[i].failures == 0, "runner %d: %d runs failed, the last with %s", i, r[i].failures,
+                      keel_err_name(r[i].rc));
+        ck_assert_uint_eq(keel_cqrs_projection_position(r[i].p), res.position);
+        keel_cqrs_projection_destroy(r[i].p);
+    }
+    ck_assert_uint_eq(r[0].applied + r[1].applied, 500);
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM %s", table);
+    ck_assert_int_eq(kt_pg_number(d, sql), 500);
+    PQfinish(d);
+    keel_cqrs_destroy(c);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("cqrs");
@@ -1738,6 +1826,11 @@ int main(void)
     tcase_add_test(pg, pg_a_saga_that_finds_its_month_missing_fails_fast_then_goes_on);
     tcase_add_test(pg, pg_a_stream_whose_month_was_dropped_goes_on_from_its_last_version);
     suite_add_tcase(s, pg);
+    TCase *race = tcase_create("pg_stress");
+    tcase_set_timeout(race, 120);
+    tcase_set_tags(race, "stress"); /* threads racing: not under valgrind */
+    tcase_add_test(race, pg_two_runners_of_one_projection_apply_each_event_once);
+    suite_add_tcase(s, race);
     TCase *down = tcase_create("pg_faults"); /* the primary stopped, an append timed out */
     tcase_set_timeout(down, 120);
     tcase_add_test(down, pg_commands_and_a_projection_through_a_primary_restart);
