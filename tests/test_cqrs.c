@@ -8,7 +8,7 @@
  * and PostgreSQL stores agreeing, monthly partitions (made a month ahead
  * by ordinary use; a saga across a month's end; a stream whose month was
  * dropped goes on), a missing schema; two runners of one projection at
- * once, each event applied once;
+ * once, each event applied once; names at and over their limits;
  * commands with idempotency keys and a projection through a restart of
  * the primary, and an append that timed out sent again. */
 #define _GNU_SOURCE
@@ -1780,6 +1780,82 @@ START_TEST(pg_two_runners_of_one_projection_apply_each_event_once)
 }
 END_TEST
 
+/* ---- names at and over their limits ---- */
+
+/* The payload: how long a stream id to use (at its limit, or one over). */
+static int cmd_long_stream(keel_cqrs_ctx *x, const void *payload, size_t len, void *ud)
+{
+    (void)ud;
+    ck_assert_uint_eq(len, sizeof(size_t));
+    size_t n;
+    memcpy(&n, payload, sizeof n);
+    char id[KEEL_CQRS_STREAM_MAX + 2];
+    memset(id, 's', n);
+    id[n] = '\0';
+    const keel_cqrs_event *e;
+    size_t got;
+    if (n > KEEL_CQRS_STREAM_MAX) {
+        ck_assert_int_eq(keel_cqrs_load(x, id, &e, &got), KEEL_EINVAL);
+        ck_assert_int_eq(keel_cqrs_emit(x, id, "t", "", 0, NULL, 0), KEEL_EINVAL);
+        return 0;
+    }
+    ck_assert_int_eq(keel_cqrs_load(x, "", &e, &got), KEEL_EINVAL);
+    ck_assert_int_eq(keel_cqrs_load(x, NULL, &e, &got), KEEL_EINVAL);
+    ck_assert_int_eq(keel_cqrs_load(x, id, &e, &got), 0);
+    ck_assert_int_eq(keel_cqrs_emit(x, id, "t", "", 0, NULL, 0), 0);
+    return 0;
+}
+
+static void names_at_their_limits(keel_pg *pg)
+{
+    app a = {0};
+    keel_cqrs *c = open_cqrs(pg, pg ? uniq("names") : NULL, 0, &a);
+    ck_assert_int_eq(keel_cqrs_command(c, "long", cmd_long_stream, NULL), 0);
+    size_t n = KEEL_CQRS_STREAM_MAX + 1;
+    keel_cqrs_result r;
+    ck_assert_int_eq(keel_cqrs_send(c, "long", &n, sizeof n, NULL, &r), 0);
+    ck_assert_uint_eq(r.position, 0); /* nothing emitted */
+    n = KEEL_CQRS_STREAM_MAX;
+    ck_assert_int_eq(keel_cqrs_send(c, "long", &n, sizeof n, NULL, &r), 0);
+    ck_assert_uint_gt(r.position, 0);
+    char key[KEEL_CQRS_NAME_MAX + 2];
+    memset(key, 'k', sizeof key - 1);
+    key[sizeof key - 1] = '\0'; /* 129 bytes */
+    ck_assert_int_eq(keel_cqrs_send(c, "inc", "s", 1, key, &r), KEEL_EINVAL);
+    ck_assert_int_eq(atomic_load(&a.calls), 0);
+    key[KEEL_CQRS_NAME_MAX] = '\0';
+    ck_assert_int_eq(keel_cqrs_send(c, "inc", "s", 1, key, &r), 0);
+    ck_assert_int_eq(keel_cqrs_send(c, "inc", "s", 1, key, &r), 0);
+    ck_assert_int_eq(r.repeated, 1);
+    ck_assert_int_eq(atomic_load(&a.calls), 1);
+    keel_cqrs_result_free(&r);
+    char name[KEEL_CQRS_NAME_MAX + 2];
+    memset(name, 'p', sizeof name - 1);
+    name[sizeof name - 1] = '\0';
+    keel_cqrs_projection *p = NULL;
+    keel_cqrs_projection_opts po = {.name = name, .handler = apply_nothing};
+    ck_assert_int_eq(keel_cqrs_projection_create(c, &po, &p), KEEL_EINVAL); /* 129 bytes */
+    po.name = "";
+    ck_assert_int_eq(keel_cqrs_projection_create(c, &po, &p), KEEL_EINVAL);
+    po.name = NULL;
+    ck_assert_int_eq(keel_cqrs_projection_create(c, &po, &p), KEEL_EINVAL);
+    ck_assert_ptr_null(p);
+    name[KEEL_CQRS_NAME_MAX] = '\0';
+    po.name = name;
+    ck_assert_int_eq(keel_cqrs_projection_create(c, &po, &p), 0);
+    size_t applied;
+    ck_assert_int_eq(keel_cqrs_projection_run(p, &applied), 0);
+    ck_assert_uint_eq(applied, 2);
+    keel_cqrs_projection_destroy(p);
+    keel_cqrs_destroy(c);
+}
+
+START_TEST(names_over_their_limits_are_refused) { names_at_their_limits(NULL); }
+END_TEST
+
+START_TEST(pg_names_over_their_limits_are_refused) { with_pg(names_at_their_limits); }
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("cqrs");
@@ -1801,6 +1877,7 @@ int main(void)
     tcase_add_test(tc, a_projection_with_the_largest_batch_applies_everything);
     tcase_add_test(tc, a_run_with_nothing_left_reports_the_checkpoint);
     tcase_add_test(tc, a_projection_run_from_its_own_handler_does_not_wait_for_itself);
+    tcase_add_test(tc, names_over_their_limits_are_refused);
     suite_add_tcase(s, tc);
     TCase *pg = tcase_create("pg");
     tcase_set_timeout(pg, 120);
@@ -1825,6 +1902,7 @@ int main(void)
     tcase_add_test(pg, pg_a_saga_across_a_months_end_completes);
     tcase_add_test(pg, pg_a_saga_that_finds_its_month_missing_fails_fast_then_goes_on);
     tcase_add_test(pg, pg_a_stream_whose_month_was_dropped_goes_on_from_its_last_version);
+    tcase_add_test(pg, pg_names_over_their_limits_are_refused);
     suite_add_tcase(s, pg);
     TCase *race = tcase_create("pg_stress");
     tcase_set_timeout(race, 120);

@@ -225,13 +225,15 @@ KEEL_API struct keel_pg_conn *keel_cqrs_conn(keel_cqrs_ctx *ctx);
 typedef int (*keel_cqrs_apply)(keel_cqrs_ctx *ctx, const keel_cqrs_event *ev, void *ud);
 
 typedef struct keel_cqrs_projection_opts {
-    const char *name;             /* required; its checkpoint's key */
+    const char *name;             /* required, 1..128 bytes; its checkpoint's key */
     keel_cqrs_apply handler;      /* required; 0 = applied */
     void *ud;
     size_t batch;                 /* events per transaction; 0 = 100 */
     uint64_t follow_interval_ns;  /* 0: no thread, call keel_cqrs_projection_run() */
 } keel_cqrs_projection_opts;
 
+/* Returns 0, KEEL_EINVAL (no handler, a bad name), KEEL_ENOMEM or a
+ * store error (PostgreSQL: its checkpoint row made or read). */
 KEEL_API int keel_cqrs_projection_create(keel_cqrs *c, const keel_cqrs_projection_opts *opts,
                                          keel_cqrs_projection **out);
 
