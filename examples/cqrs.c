@@ -33,7 +33,12 @@ static int register_user(keel_cqrs_ctx *x, const void *payload, size_t len, void
     return rc ? rc : keel_cqrs_reply(x, "welcome", 7);
 }
 
-/* Projection: each event into the directory, exactly once. */
+/* Projection: each event into the directory. The directory lives in this
+ * process, the checkpoint (on PostgreSQL) in the database: a restarted
+ * process would go on past events its new, empty directory never saw. A
+ * read model that must outlast the process is written in the database
+ * through keel_cqrs_conn(), in the batch's transaction with the
+ * checkpoint: then each event is applied exactly once. */
 static int index_user(keel_cqrs_ctx *x, const keel_cqrs_event *ev, void *ud)
 {
     (void)x;
