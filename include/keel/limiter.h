@@ -6,7 +6,8 @@
  * keys (a client, a route: 1 to 4096 bytes, NUL allowed). Each request
  * has a cost in units (default 1). A rejected request changes nothing (as
  * nginx's limit_req): a client that keeps retrying above the limit still
- * gets its `limit` units per window.
+ * gets its `limit` units per window (limit - 1 with the sliding window
+ * counter once the previous window weighs in: see below).
  *
  * Algorithms:
  *  - KEEL_LIMIT_SLIDING_LOG: exact. In no window of length window_ns are
@@ -18,7 +19,9 @@
  *    `limit` units in one fixed window, never more than 2 x limit in any
  *    sliding window (the bound is reached only by a burst at the very end
  *    of a window; traffic spread evenly stays within a few percent of
- *    `limit`).
+ *    `limit`). An estimate, it errs both ways: a client retrying steadily
+ *    above the limit gets limit - 1 units in a window that follows a full
+ *    one.
  *  - KEEL_LIMIT_GCRA: the generic cell rate algorithm (redis-cell's): a
  *    token bucket of `burst` units refilled at limit / window_ns, stored as
  *    one "theoretical arrival time" per key. It bounds the rate, not a
@@ -163,7 +166,8 @@ KEEL_API int keel_limiter_take_many(keel_limiter *l, keel_limit_req *reqs, size_
  *   X-RateLimit-Limit, X-RateLimit-Remaining, X-RateLimit-Reset (seconds
  *   from now, rounded up), Retry-After (seconds, rounded up; only when
  *   rejected and it can ever pass), and the IETF draft's
- *   RateLimit-Policy: "name";q=limit;w=window-seconds and
+ *   RateLimit-Policy: "name";q=limit;w=window-seconds (GCRA: q=burst and
+ *   w the seconds to earn it back, burst x window / limit) and
  *   RateLimit: "name";r=remaining;t=reset-seconds.
  * Returns 0 with *len the length written (a NUL follows), or KEEL_ERANGE
  * with *len the size needed (without the NUL). */

@@ -153,7 +153,7 @@ static int on_failure(keel_limiter *l, keel_limit_req *q, lop op)
         r->remaining = r->limit; /* unknown: nothing to hold the client back */
     } else {
         r->source = KEEL_LIMIT_SRC_CLOSED;
-        r->retry_after_ns = l->cfg.window; /* unknown: try again a window later */
+        r->retry_after_ns = r->reset_ns = l->cfg.window; /* unknown: try again a window later */
     }
     return 0;
 }
@@ -286,7 +286,10 @@ KEEL_API int keel_limiter_headers(const keel_limiter *l, const keel_limit_result
 {
     if (!l || !r || (!buf && size) || !len)
         return KEEL_EINVAL;
-    unsigned long long reset = seconds_up(r->reset_ns), window = seconds_up(l->cfg.window);
+    /* the quota is the burst (the limit but for GCRA), earned back in
+     * burst x window / limit: so the policy agrees with what remains */
+    unsigned __int128 w = ((unsigned __int128)l->cfg.window * l->cfg.burst + l->cfg.limit - 1) / l->cfg.limit;
+    unsigned long long reset = seconds_up(r->reset_ns), window = seconds_up(w > UINT64_MAX ? UINT64_MAX : (uint64_t)w);
     char retry[48] = "";
     if (!r->allowed && r->retry_after_ns != UINT64_MAX)
         snprintf(retry, sizeof retry, "Retry-After: %llu\r\n", seconds_up(r->retry_after_ns));
@@ -298,7 +301,7 @@ KEEL_API int keel_limiter_headers(const keel_limiter *l, const keel_limit_result
                      "RateLimit-Policy: \"%s\";q=%llu;w=%llu\r\n"
                      "RateLimit: \"%s\";r=%llu;t=%llu\r\n",
                      (unsigned long long)r->limit, (unsigned long long)r->remaining, reset, retry,
-                     l->name, (unsigned long long)l->cfg.limit, window, l->name,
+                     l->name, (unsigned long long)l->cfg.burst, window, l->name,
                      (unsigned long long)r->remaining, reset);
     *len = (size_t)n;
     return (size_t)n < size ? 0 : KEEL_ERANGE;
