@@ -64,6 +64,7 @@ typedef struct point {
 typedef struct snap {
     size_t n;
     node **nodes; /* insertion order, so also ascending id */
+    uint64_t wsum; /* their weights */
     /* CONTINUUM, KETAMA */
     size_t npoints;
     point *pts;
@@ -387,6 +388,8 @@ static int snap_build(const keel_ring *r, node **nodes, size_t n, snap **out)
         return KEEL_ENOMEM;
     s->nodes = nodes;
     s->n = n;
+    for (size_t i = 0; i < n; i++)
+        s->wsum += nodes[i]->weight;
     int rc = 0;
     if (n > 0) {
         switch (r->algo) {
@@ -579,16 +582,21 @@ KEEL_API int keel_ring_lookup_n(keel_ring *r, const void *key, size_t len, size_
 /* ---- bounded loads ---- */
 
 typedef struct bounded {
-    uint64_t cap;
+    double per_weight; /* (1 + eps) x m / total weight */
     const node *chosen;
 } bounded;
 
+/* A node's capacity is its weight's share, as HAProxy's
+ * hash-balance-factor scales each server's: at least 1. */
 static bool take_if_room(const snap *s, uint32_t idx, void *ud)
 {
     bounded *b = ud;
     node *nd = s->nodes[idx];
+    uint64_t cap = (uint64_t)ceil(b->per_weight * nd->weight);
+    if (cap == 0)
+        cap = 1;
     uint64_t l = atomic_load_explicit(&nd->load, memory_order_relaxed);
-    while (!(l & LOAD_REMOVED) && l < b->cap) {
+    while (!(l & LOAD_REMOVED) && l < cap) {
         if (atomic_compare_exchange_weak(&nd->load, &l, l + 1)) {
             b->chosen = nd;
             return true;
@@ -611,7 +619,7 @@ KEEL_API int keel_ring_assign(keel_ring *r, const void *key, size_t len, keel_ri
     bounded b = {0, NULL};
     for (int attempt = 0; attempt < 8 && !b.chosen; attempt++) {
         uint64_t m = atomic_fetch_add(&r->total, 1) + 1;
-        b.cap = (uint64_t)ceil((1.0 + r->eps) * (double)m / (double)s->n);
+        b.per_weight = (1.0 + r->eps) * (double)m / (double)s->wsum;
         prefer(r, s, key, len, take_if_room, &b);
         if (!b.chosen) /* others filled the nodes meanwhile: retry */
             atomic_fetch_sub(&r->total, 1);

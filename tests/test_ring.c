@@ -462,6 +462,34 @@ START_TEST(bounded_loads_never_exceed_the_cap_under_skew)
 }
 END_TEST
 
+/* Capacities follow weight, as HAProxy's hash-balance-factor scales each
+ * server's: a node of weight 1 beside one of 9 holds at most
+ * ceil((1 + eps) x m / 10) assignments, not (1 + eps) x m / 2. */
+START_TEST(bounded_loads_follow_weights)
+{
+    keel_ring_algo algos[] = {KEEL_RING_CONTINUUM, KEEL_RING_KETAMA, KEEL_RING_JUMP, KEEL_RING_MAGLEV};
+    for (int a = 0; a < 4; a++) {
+        keel_ring *r = NULL;
+        keel_ring_opts o = {.algo = algos[a], .load_epsilon = 0.25};
+        ck_assert_int_eq(keel_ring_create(&r, &o), 0);
+        ck_assert_int_eq(keel_ring_add(r, "big", 3, 9, (void *)(intptr_t)9), 0);
+        ck_assert_int_eq(keel_ring_add(r, "small", 5, 1, (void *)(intptr_t)1), 0);
+        keel_ring_node nd, big = {0}, small = {0};
+        for (int m = 1; m <= 10000; m++) {
+            char key[16];
+            int len = snprintf(key, sizeof key, "k%d", m);
+            ck_assert_int_eq(keel_ring_assign(r, key, (size_t)len, &nd), 0);
+            *((intptr_t)nd.ud == 9 ? &big : &small) = nd;
+            uint64_t cap = (uint64_t)ceil(1.25 * m * (double)(intptr_t)nd.ud / 10.0);
+            ck_assert_uint_le(keel_ring_load(r, &nd), cap < 1 ? 1 : cap);
+        }
+        ck_assert_uint_le(keel_ring_load(r, &small), 1250);
+        ck_assert_uint_ge(keel_ring_load(r, &big), 8750);
+        keel_ring_destroy(r);
+    }
+}
+END_TEST
+
 START_TEST(assignments_end_with_a_removed_node)
 {
     keel_ring *r = ring_new(KEEL_RING_CONTINUUM);
@@ -559,17 +587,24 @@ END_TEST
 START_TEST(a_ketama_node_without_points_still_serves_as_a_replica)
 {
     /* weight 1 against 1000: libmemcached gives it no point at all */
-    keel_ring *r = ring_new(KEEL_RING_KETAMA);
+    keel_ring *r;
+    keel_ring_opts o = {.algo = KEEL_RING_KETAMA, .load_epsilon = 1e-9};
+    ck_assert_int_eq(keel_ring_create(&r, &o), 0);
     ck_assert_int_eq(keel_ring_add(r, "big", 3, 1000, (void *)0), 0);
     ck_assert_int_eq(keel_ring_add(r, "small", 5, 1, (void *)1), 0);
-    keel_ring_node rep[2], a[3];
+    keel_ring_node rep[2], a;
     size_t found;
     ck_assert_int_eq(keel_ring_lookup_n(r, "k", 1, 2, rep, &found), 0);
     ck_assert_uint_eq(found, 2);
     ck_assert_ptr_eq(rep[1].ud, (void *)1);
-    for (int i = 0; i < 3; i++) /* cap ceil(1.25 * m / 2): the third must spill */
-        ck_assert_int_eq(keel_ring_assign(r, "k", 1, &a[i]), 0);
-    ck_assert_ptr_eq(a[2].ud, (void *)1);
+    /* big's capacity, ceil(m x 1000 / 1001) (epsilon all but 0), first
+     * falls short of m at the 1002nd: that one spills to small */
+    int m = 0;
+    do
+        ck_assert_int_eq(keel_ring_assign(r, "k", 1, &a), 0);
+    while (++m < 2000 && a.ud == (void *)0);
+    ck_assert_int_eq(m, 1002);
+    ck_assert_ptr_eq(a.ud, (void *)1);
     keel_ring_destroy(r);
 }
 END_TEST
@@ -749,6 +784,7 @@ int main(void)
     tcase_add_test(tc, replicas_are_distinct_stable_and_start_with_the_owner);
     tcase_add_test(tc, continuum_replica_set_survives_an_unrelated_removal);
     tcase_add_test(tc, bounded_loads_never_exceed_the_cap_under_skew);
+    tcase_add_test(tc, bounded_loads_follow_weights);
     tcase_add_test(tc, assignments_end_with_a_removed_node);
     tcase_add_test(tc, bad_input_is_refused);
     tcase_add_test(tc, a_ketama_node_without_points_still_serves_as_a_replica);

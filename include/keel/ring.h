@@ -139,9 +139,12 @@ KEEL_API int keel_ring_lookup_n(keel_ring *r, const void *key, size_t len, size_
 
 /* Bounded loads (Mirrokni, Thorup & Zadimoghaddam): assigns key to the
  * first node in its preference order holding fewer than
- * ceil((1 + epsilon) * m / N) assignments, where m counts the assignments
- * including this one, and counts it there. Pair each success with one
- * keel_ring_unassign(). The average is over nodes, whatever their weight.
+ * ceil((1 + epsilon) * m * w / W) assignments (at least 1), where m counts
+ * the assignments including this one, w is the node's weight and W the
+ * ring's total (so N nodes of equal weight get ceil((1 + epsilon) * m / N)
+ * each, and a heavier node its share, as HAProxy's hash-balance-factor
+ * scales servers), and counts it there. Pair each success with one
+ * keel_ring_unassign().
  * Returns 0, KEEL_EUNAVAIL (empty ring), KEEL_EINVAL, or KEEL_EBUSY when
  * other threads kept every node full through several attempts. Lock-free. */
 KEEL_API int keel_ring_assign(keel_ring *r, const void *key, size_t len, keel_ring_node *node);
