@@ -1398,7 +1398,9 @@ START_TEST(a_log_refund_through_redis_leaves_nothing_that_never_expires)
     snprintf(prefix, sizeof prefix, "kt:refund:%d:", getpid());
     snprintf(k1, sizeof k1, "%s{#k}", prefix);
     snprintf(k2, sizeof k2, "%s{#k}:s", prefix);
-    keel_limiter *l = remote(redis, KEEL_LIMIT_SLIDING_LOG, 3, 5 * MS, prefix, KEEL_LIMIT_FAIL_CLOSED);
+    /* a window the take and the refund fit in even under valgrind on a
+     * busy machine (Redis keeps time on its own clock) */
+    keel_limiter *l = remote(redis, KEEL_LIMIT_SLIDING_LOG, 3, 200 * MS, prefix, KEEL_LIMIT_FAIL_CLOSED);
     keel_limit_result r;
     ck_assert_int_eq(keel_limiter_refund(l, "k", 1, 1, &r), 0); /* nothing to give back */
     ck_assert_int_eq(node0_number("EXISTS", k1) + node0_number("EXISTS", k2), 0);
@@ -1407,13 +1409,13 @@ START_TEST(a_log_refund_through_redis_leaves_nothing_that_never_expires)
     ck_assert_uint_eq(r.remaining, 1);
     ck_assert_int_ne(node0_number("PTTL", k1), -1); /* -1: a key without expiry */
     ck_assert_int_ne(node0_number("PTTL", k2), -1);
-    /* the sum expires (about 6 ms): then a burst gets the limit, not more */
+    /* the sum expires (about 201 ms): then a burst gets the limit, not more */
     for (int i = 0; i < 2000 && node0_number("EXISTS", k2); i++)
         kt_nap(1 * MS); /* Redis expires it on its own clock */
     ck_assert_int_eq(node0_number("EXISTS", k2), 0);
     keel_limit_req q[3] = {{.key = "k", .len = 1, .cost = 3}, {.key = "k", .len = 1, .cost = 2},
                            {.key = "k", .len = 1, .cost = 1}};
-    ck_assert_int_eq(keel_limiter_take_many(l, q, 3), 0); /* one round trip, well within 5 ms */
+    ck_assert_int_eq(keel_limiter_take_many(l, q, 3), 0); /* one round trip, well within the window */
     for (int i = 0; i < 3; i++) {
         ck_assert_int_eq(q[i].rc, 0);
         ck_assert_int_eq(q[i].result.source, KEEL_LIMIT_SRC_REDIS);
@@ -1967,8 +1969,12 @@ int main(void)
     tcase_add_test(rd, a_busy_server_is_a_store_failure);
     tcase_add_test(rd, scripts_come_back_after_a_flush_and_a_restart);
     tcase_add_test(rd, each_failure_policy_does_what_it_says);
-    tcase_add_test(rd, processes_and_threads_never_exceed_the_limit_through_redis);
     suite_add_tcase(s, rd);
+    TCase *rs = tcase_create("redis-race");
+    tcase_set_timeout(rs, 60);
+    tcase_set_tags(rs, "stress"); /* processes x threads racing: not under valgrind */
+    tcase_add_test(rs, processes_and_threads_never_exceed_the_limit_through_redis);
+    suite_add_tcase(s, rs);
     TCase *rm = tcase_create("redis-model");
     tcase_set_timeout(rm, 60);
     tcase_set_tags(rm, "model");
