@@ -1707,6 +1707,24 @@ START_TEST(scripts_come_back_after_a_flush_and_a_restart)
         ck_assert_int_eq(q[i].rc, 0);
         ck_assert_int_eq(q[i].result.source, KEEL_LIMIT_SRC_REDIS);
     }
+    /* a batch the server refuses whole: the script is loaded once, and
+     * the rest go again in one pipeline, not one round trip each */
+    ck_assert_int_eq(keel_redis_command(redis, NULL, 0, 2, flush, fl, &rep), 0);
+    freeReplyObject(rep);
+    keel_limit_req many[50];
+    char names[50][8];
+    for (int i = 0; i < 50; i++)
+        many[i] = (keel_limit_req){.key = names[i], .len = (size_t)snprintf(names[i], sizeof names[i], "m%d", i)};
+    keel_redis_node_stats before, after;
+    ck_assert_int_eq(keel_redis_node_stats_get(redis, 0, &before), 0);
+    ck_assert_int_eq(keel_limiter_take_many(l, many, 50), 0);
+    ck_assert_int_eq(keel_redis_node_stats_get(redis, 0, &after), 0);
+    for (int i = 0; i < 50; i++) {
+        ck_assert_int_eq(many[i].rc, 0);
+        ck_assert_int_eq(many[i].result.source, KEEL_LIMIT_SRC_REDIS);
+        ck_assert(many[i].result.allowed);
+    }
+    ck_assert_uint_le(after.commands - before.commands, 4);
     kt_server("stop-one", "redis1");
     kt_server("start-one", "redis1");
     int redis_answered = 0;

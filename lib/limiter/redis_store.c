@@ -284,6 +284,55 @@ static bool unavailable(int rc, const redisReply *rep)
     return false;
 }
 
+/* Requests a server refused with NOSCRIPT (a restart, SCRIPT FLUSH): the
+ * first of them runs with EVAL, which loads the script on its node, and
+ * the others go again in one pipeline, in order; repeated while some
+ * remain (another node that lost it too). Each turn ends at least one
+ * (EVAL never says NOSCRIPT). Without memory for a turn's pipeline, they
+ * go one at a time. */
+static void reload(rstore *s, keel_redis_cmd *cmds, size_t n)
+{
+    for (;;) {
+        size_t first = n, left = 0;
+        for (size_t i = 0; i < n; i++)
+            if (error_is(cmds[i].rc, cmds[i].reply, "NOSCRIPT")) {
+                first = first == n ? i : first;
+                left++;
+            }
+        if (first == n)
+            return;
+        keel_redis_cmd *c = &cmds[first];
+        int k = s->nkeys;
+        const void *keys[2] = {c->argv[3], k == 2 ? c->argv[4] : NULL};
+        size_t keylens[2] = {c->argvlen[3], k == 2 ? c->argvlen[4] : 0};
+        freeReplyObject(c->reply);
+        c->reply = NULL;
+        c->rc = keel_redis_eval(s->r, s->script, (size_t)k, keys, keylens, 5, c->argv + 3 + k, c->argvlen + 3 + k,
+                                NULL, 0, &c->reply);
+        if (--left == 0)
+            continue;
+        keel_redis_cmd *again = keel__malloc(left * sizeof *again);
+        size_t *at = keel__malloc(left * sizeof *at);
+        size_t m = 0;
+        for (size_t i = first + 1; again && at && i < n; i++)
+            if (error_is(cmds[i].rc, cmds[i].reply, "NOSCRIPT")) {
+                freeReplyObject(cmds[i].reply);
+                again[m] = cmds[i];
+                again[m].reply = NULL;
+                at[m++] = i;
+            }
+        if (m) {
+            keel_redis_pipeline(s->r, again, m);
+            for (size_t j = 0; j < m; j++) {
+                cmds[at[j]].rc = again[j].rc;
+                cmds[at[j]].reply = again[j].reply;
+            }
+        }
+        keel__free(again);
+        keel__free(at);
+    }
+}
+
 void keel__rstore_decide(rstore *s, keel_limit_req *reqs, size_t n, lop op)
 {
     static const char *const ops[] = {"take", "peek", "refund"};
@@ -327,20 +376,11 @@ void keel__rstore_decide(rstore *s, keel_limit_req *reqs, size_t n, lop op)
         cmds[i] = (keel_redis_cmd){.key = k1, .keylen = l[3], .argc = c, .argv = a, .argvlen = l};
     }
     keel_redis_pipeline(s->r, cmds, n);
+    reload(s, cmds, n);
     for (size_t i = 0; i < n; i++) {
         keel_limit_req *q = &reqs[i];
         redisReply *rep = cmds[i].reply;
         int rc = cmds[i].rc;
-        if (error_is(rc, rep, "NOSCRIPT")) { /* a restarted server: load it again, once */
-            freeReplyObject(rep);
-            const char **a = argv + i * ARGS;
-            size_t *l = lens + i * ARGS;
-            const void *keys[2] = {a[3], a[4]};
-            size_t keylens[2] = {l[3], l[4]};
-            int k = s->nkeys;
-            rc = keel_redis_eval(s->r, s->script, (size_t)k, keys, keylens, 5,
-                                 (const char *const *)a + 3 + k, l + 3 + k, NULL, 0, &rep);
-        }
         if (unavailable(rc, rep))
             rc = KEEL_EUNAVAIL;
         q->rc = rc ? rc : parse(s, rep, q->cost, &q->result);
