@@ -283,23 +283,45 @@ static int build_jump(snap *s)
 }
 
 typedef struct rank_ctx {
-    const double *rem;    /* by remainder when set, */
-    const uint64_t *quota; /* else by quota */
+    const double *rem;     /* by remainder when set, */
+    const uint64_t *quota; /* else by quota; */
+    const uint32_t *pos;   /* ties by place in the canonical order */
 } rank_ctx;
 
 static int rank_desc(const void *a, const void *b, void *ud)
 {
     const rank_ctx *c = ud;
     uint32_t i = *(const uint32_t *)a, j = *(const uint32_t *)b;
+    int tie = (c->pos[i] > c->pos[j]) - (c->pos[i] < c->pos[j]);
     if (c->rem)
-        return c->rem[i] < c->rem[j] ? 1 : c->rem[i] > c->rem[j] ? -1 : (i > j) - (i < j);
-    return c->quota[i] < c->quota[j] ? 1 : c->quota[i] > c->quota[j] ? -1 : (i > j) - (i < j);
+        return c->rem[i] < c->rem[j] ? 1 : c->rem[i] > c->rem[j] ? -1 : tie;
+    return c->quota[i] < c->quota[j] ? 1 : c->quota[i] > c->quota[j] ? -1 : tie;
+}
+
+typedef struct canon_ctx {
+    const snap *s;
+    const uint64_t *h;
+} canon_ctx;
+
+/* Nodes by the hash of their name, then the name: an order that does not
+ * depend on the order they were added in. */
+static int canon_cmp(const void *a, const void *b, void *ud)
+{
+    const canon_ctx *c = ud;
+    uint32_t i = *(const uint32_t *)a, j = *(const uint32_t *)b;
+    if (c->h[i] != c->h[j])
+        return c->h[i] < c->h[j] ? -1 : 1;
+    const node *x = c->s->nodes[i], *y = c->s->nodes[j];
+    int d = memcmp(x->name, y->name, x->len < y->len ? x->len : y->len);
+    return d ? d : (x->len > y->len) - (x->len < y->len);
 }
 
 /* Maglev population, weighted: each node gets a quota of entries in
  * proportion to its weight (at least one; largest remainders settle the
  * sum), then nodes with quota left take turns claiming the next free entry
- * of their permutation. O(table + nodes) turns whatever the weights. */
+ * of their permutation. O(table + nodes) turns whatever the weights. Turns
+ * and ties follow the nodes' names, not the order they were added in, so
+ * that processes that learned the nodes in different orders agree. */
 static int build_maglev(const keel_ring *r, snap *s)
 {
     uint32_t m = r->msize;
@@ -312,9 +334,11 @@ static int build_maglev(const keel_ring *r, snap *s)
     uint64_t *quota = keel__malloc(n * sizeof *quota);
     double *rem = keel__malloc(n * sizeof *rem);
     uint32_t *turn = keel__malloc(n * sizeof *turn);
+    uint32_t *canon = keel__malloc(n * sizeof *canon), *pos = keel__malloc(n * sizeof *pos);
+    uint64_t *hs = keel__malloc(n * sizeof *hs);
     s->table = keel__malloc((size_t)m * sizeof *s->table);
     int rc = 0;
-    if (!offset || !skip || !next || !quota || !rem || !turn || !s->table) {
+    if (!offset || !skip || !next || !quota || !rem || !turn || !canon || !pos || !hs || !s->table) {
         rc = KEEL_ENOMEM;
         goto out;
     }
@@ -323,7 +347,7 @@ static int build_maglev(const keel_ring *r, snap *s)
         wsum += s->nodes[i]->weight;
     for (size_t i = 0; i < n; i++) {
         const node *nd = s->nodes[i];
-        uint64_t h = keel__hash64(nd->name, nd->len, r->seed);
+        uint64_t h = hs[i] = keel__hash64(nd->name, nd->len, r->seed);
         offset[i] = h % m;
         skip[i] = keel__mix64(h) % (m - 1) + 1;
         double exact = (double)m * nd->weight / (double)wsum;
@@ -339,9 +363,14 @@ static int build_maglev(const keel_ring *r, snap *s)
      * than n entries), or take back from the largest quotas (only the
      * minimum of one can overshoot, by fewer than n). */
     for (size_t i = 0; i < n; i++)
-        turn[i] = (uint32_t)i;
+        canon[i] = (uint32_t)i;
+    canon_ctx cc = {s, hs};
+    qsort_r(canon, n, sizeof *canon, canon_cmp, &cc);
+    for (size_t k = 0; k < n; k++)
+        pos[canon[k]] = (uint32_t)k;
+    memcpy(turn, canon, n * sizeof *turn);
     if (given != m) {
-        rank_ctx ctx = {given < m ? rem : NULL, quota};
+        rank_ctx ctx = {given < m ? rem : NULL, quota, pos};
         qsort_r(turn, n, sizeof *turn, rank_desc, &ctx);
     }
     for (size_t k = 0; given < m; k = (k + 1) % n, given++)
@@ -353,8 +382,7 @@ static int build_maglev(const keel_ring *r, snap *s)
         }
     memset(s->table, 0xff, (size_t)m * sizeof *s->table);
     size_t active = n;
-    for (size_t i = 0; i < n; i++)
-        turn[i] = (uint32_t)i;
+    memcpy(turn, canon, n * sizeof *turn);
     for (uint32_t filled = 0; filled < m;) {
         for (size_t k = 0; k < active;) {
             uint32_t i = turn[k];
@@ -377,6 +405,9 @@ out:
     keel__free(quota);
     keel__free(rem);
     keel__free(turn);
+    keel__free(canon);
+    keel__free(pos);
+    keel__free(hs);
     return rc;
 }
 

@@ -337,6 +337,31 @@ END_TEST
  * leaves room for a change of hash but not for a real reshuffle. */
 #define MAGLEV_BETWEEN_PCT 1.5
 
+/* Two processes that learned the same nodes (weights differing too) in
+ * different orders must agree on every key: JUMP aside, whose buckets
+ * are its order. */
+START_TEST(the_order_nodes_were_added_in_does_not_move_keys)
+{
+    keel_ring_algo algos[] = {KEEL_RING_CONTINUUM, KEEL_RING_KETAMA, KEEL_RING_MAGLEV};
+    for (int a = 0; a < 3; a++) {
+        keel_ring *fwd = ring_new(algos[a]), *rev = ring_new(algos[a]);
+        for (int i = 0; i < 10; i++) {
+            char name[16];
+            int j = 9 - i, len = snprintf(name, sizeof name, "node-%d", i);
+            ck_assert_int_eq(keel_ring_add(fwd, name, (size_t)len, (uint32_t)(1 + i % 3), (void *)(intptr_t)i), 0);
+            len = snprintf(name, sizeof name, "node-%d", j);
+            ck_assert_int_eq(keel_ring_add(rev, name, (size_t)len, (uint32_t)(1 + j % 3), (void *)(intptr_t)j), 0);
+        }
+        int differ = 0;
+        for (int k = 0; k < 100000; k++)
+            differ += owner(fwd, k) != owner(rev, k);
+        ck_assert_msg(differ == 0, "algorithm %d: %d of 100000 keys differ", (int)algos[a], differ);
+        keel_ring_destroy(fwd);
+        keel_ring_destroy(rev);
+    }
+}
+END_TEST
+
 START_TEST(maglev_removal_moves_the_removed_nodes_keys_and_few_others)
 {
     int survivors;
@@ -775,6 +800,7 @@ int main(void)
     tcase_add_test(tc, adding_a_node_moves_about_one_in_n_plus_one_all_to_it);
     tcase_add_test(tc, ketama_removal_also_moves_keys_between_survivors);
     tcase_add_test(tc, maglev_removal_moves_the_removed_nodes_keys_and_few_others);
+    tcase_add_test(tc, the_order_nodes_were_added_in_does_not_move_keys);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("distribution");

@@ -24,8 +24,9 @@
  *    end.
  *  KEEL_RING_MAGLEV — Google's Maglev table (NSDI 2016): a prime-size table
  *    (65537 entries unless set; keep it above 100 x nodes) filled from each
- *    node's permutation; O(1) lookups, near-perfect balance, little
- *    movement on change.
+ *    node's permutation (nodes taking turns in the order of their names'
+ *    hashes, not the order they were added in); O(1) lookups,
+ *    near-perfect balance, little movement on change.
  *
  * Concurrency: lookups (lookup, lookup_n, assign, unassign, nodes) never
  * take a lock and never wait for a writer; each sees the ring as it was
