@@ -2016,7 +2016,8 @@ START_TEST(streams_deliver_in_subject_order_across_partitions_and_nodes)
     pthread_mutex_unlock(&seen->mu);
     keel_bus_stats st;
     keel_bus_stats_get(c, &st);
-    ck_assert_uint_eq(st.acked, PER * SUBJ); /* the unmatched one is left to consumers that want it */
+    ck_assert_uint_eq(st.acked, PER * SUBJ + 1);
+    ck_assert_uint_eq(st.skipped, 1); /* the unmatched one: no consumer of the group wants it */
     keel_bus_stats_get(p, &st);
     ck_assert_uint_eq(st.published, PER * SUBJ + 1);
     keel_bus_destroy(c);
@@ -2704,6 +2705,25 @@ static int on_picky(const keel_bus_msg *m, void *ud)
     return fail ? -1 : 0;
 }
 
+/* Writes consumer `name`'s field of group grp's registry as a consumer's
+ * start does: the server's time plus ttl_ms, then its patterns. */
+static void register_consumer(keel_redis *r, const char *prefix, const char *name, const char *patterns,
+                              long long ttl_ms)
+{
+    char key[160];
+    snprintf(key, sizeof key, "%ssubs:grp", prefix);
+    const char *argv[] = {"TIME"};
+    redisReply *rep;
+    ck_assert_int_eq(rcmd(r, key, 1, argv, &rep), 0);
+    long long now = atoll(rep->element[0]->str) * 1000 + atoll(rep->element[1]->str) / 1000;
+    freeReplyObject(rep);
+    char v[256];
+    snprintf(v, sizeof v, "%lld %s", now + ttl_ms, patterns);
+    const char *hargv[] = {"HSET", key, name, v};
+    ck_assert_int_eq(rcmd(r, key, 4, hargv, &rep), 0);
+    freeReplyObject(rep);
+}
+
 START_TEST(a_consumer_without_a_subscriber_leaves_entries_to_one_with_it)
 {
     char prefix[96], key[128];
@@ -2717,7 +2737,11 @@ START_TEST(a_consumer_without_a_subscriber_leaves_entries_to_one_with_it)
     _Atomic int none[1] = {0};
     member *other = member_new(none, 0);
     /* a reads first (nothing else is reading yet) and has no subscriber
-     * for "work.*": each of those entries is b's to handle */
+     * for "work.*": each of those entries is b's to handle. b is in the
+     * group's registry already (as between its start's registration and
+     * its readers' first read), so a hands them back rather than
+     * acknowledging them as wanted by nobody. */
+    register_consumer(r, prefix, "c2", "work.*", 3600 * 1000);
     keel_bus *a = rbus(r, prefix, "grp", "c1", 1, 100 * MS, on_lost, &la);
     sub(a, "other.x", on_member, other, KEEL_BUS_SYNC, NULL);
     ck_assert_int_eq(keel_bus_start(a), 0);
@@ -2744,6 +2768,7 @@ START_TEST(a_consumer_without_a_subscriber_leaves_entries_to_one_with_it)
     ck_assert_uint_eq(st.dead_lettered, 0);
     keel_bus_stats_get(b, &st);
     ck_assert_uint_eq(st.dead_lettered, 0);
+    ck_assert_uint_eq(st.skipped, 0);
     ck_assert_int_eq(la.n + la.other + lb.n, 0);
     ck_assert_int_eq(lb.other, 30); /* b's failures, no dead letter */
     ck_assert_int_eq(pending_count(r, key), 0);
@@ -2821,6 +2846,198 @@ static int on_count_ok(const keel_bus_msg *m, void *ud)
     atomic_fetch_add((_Atomic int *)ud, 1);
     return 0;
 }
+
+/* The group's only consumer subscribes to "order.>"; most entries are
+ * another service's: each is acknowledged and counted as skipped, none
+ * left pending for every reader to look at again. */
+START_TEST(entries_no_consumer_of_the_group_subscribes_to_are_skipped)
+{
+    char prefix[96], key[128];
+    unique_prefix(prefix, sizeof prefix, "skip");
+    snprintf(key, sizeof key, "%s0", prefix);
+    keel_redis *r = redis_nodes(1);
+    _Atomic int got = 0;
+    keel_bus *a = rbus(r, prefix, "grp", "c1", 1, 100 * MS, NULL, NULL);
+    sub(a, "order.>", on_count_ok, &got, KEEL_BUS_SYNC, NULL);
+    enum { N = 200 };
+    int orders = 0;
+    for (int i = 0; i < N; i++) { /* some before the start, most after */
+        if (i == 50)
+            ck_assert_int_eq(keel_bus_start(a), 0);
+        bool order = i % 10 == 3;
+        orders += order;
+        ck_assert_int_eq(pub_number(a, order ? "order.eu.paid" : "user.created", i), 0);
+    }
+    ck_assert_int_eq(keel_bus_drain(a), 0);
+    ck_assert_int_eq(atomic_load(&got), orders);
+    keel_bus_stats st;
+    keel_bus_stats_get(a, &st);
+    ck_assert_uint_eq(st.skipped, N - orders);
+    ck_assert_uint_eq(st.acked, N);
+    ck_assert_uint_eq(st.claimed, 0);
+    ck_assert_int_eq(pending_count(r, key), 0);
+    keel_bus_destroy(a);
+    keel_redis_destroy(r);
+}
+END_TEST
+
+/* Two live consumers, each subscribing to what the other does not: a
+ * hands b's entries back, b handles every one, nothing is skipped. */
+START_TEST(an_entry_another_live_consumer_wants_is_handed_back_not_skipped)
+{
+    char prefix[96], key[128];
+    unique_prefix(prefix, sizeof prefix, "handback");
+    snprintf(key, sizeof key, "%s0", prefix);
+    keel_redis *r = redis_nodes(1);
+    _Atomic int none[1] = {0};
+    member *other = member_new(none, 0);
+    picky *pk = calloc(1, sizeof *pk);
+    pthread_mutex_init(&pk->mu, NULL);
+    pk->fail_from = 64; /* none fails */
+    keel_bus *a = rbus(r, prefix, "grp", "c1", 1, 100 * MS, NULL, NULL);
+    keel_bus *b = rbus(r, prefix, "grp", "c2", 1, 100 * MS, NULL, NULL);
+    sub(a, "other.x", on_member, other, KEEL_BUS_SYNC, NULL);
+    sub(b, "work.*", on_picky, pk, KEEL_BUS_SYNC, NULL);
+    ck_assert_int_eq(keel_bus_start(a), 0);
+    ck_assert_int_eq(keel_bus_start(b), 0);
+    for (int i = 0; i < 40; i++)
+        ck_assert_int_eq(pub_number(a, i % 4 ? "work.x" : "other.x", i), 0);
+    wait_for(&pk->distinct, 30);
+    ck_assert_int_eq(keel_bus_drain(a), 0);
+    ck_assert_int_eq(keel_bus_drain(b), 0);
+    for (int i = 0; i < 40; i++)
+        ck_assert_int_eq(pk->calls[i], i % 4 ? 1 : 0);
+    pthread_mutex_lock(&other->mu);
+    ck_assert_int_eq(other->calls, 10);
+    pthread_mutex_unlock(&other->mu);
+    keel_bus_stats sa, sb;
+    keel_bus_stats_get(a, &sa);
+    keel_bus_stats_get(b, &sb);
+    ck_assert_uint_eq(sa.skipped + sb.skipped, 0);
+    ck_assert_uint_eq(sa.dead_lettered + sb.dead_lettered, 0);
+    ck_assert_int_eq(pending_count(r, key), 0);
+    keel_bus_destroy(b);
+    keel_bus_destroy(a);
+    keel_redis_destroy(r);
+    pthread_mutex_destroy(&pk->mu);
+    free(pk);
+    free(other);
+}
+END_TEST
+
+/* b leaves cleanly: its registration goes with it, and a skips the
+ * entries only b wanted. A registration left by a consumer that died
+ * counts until its time runs out, then no longer. */
+START_TEST(a_consumer_gone_leaves_its_subjects_to_be_skipped)
+{
+    char prefix[96], key[128];
+    unique_prefix(prefix, sizeof prefix, "gone");
+    snprintf(key, sizeof key, "%s0", prefix);
+    keel_redis *r = redis_nodes(1);
+    _Atomic int got = 0, gotb = 0;
+    keel_bus *a = rbus(r, prefix, "grp", "c1", 1, 100 * MS, NULL, NULL);
+    keel_bus *b = rbus(r, prefix, "grp", "c2", 1, 100 * MS, NULL, NULL);
+    sub(a, "other.x", on_count_ok, &got, KEEL_BUS_SYNC, NULL);
+    sub(b, "work.*", on_count_ok, &gotb, KEEL_BUS_SYNC, NULL);
+    ck_assert_int_eq(keel_bus_start(a), 0);
+    ck_assert_int_eq(keel_bus_start(b), 0);
+    keel_bus_destroy(b);
+    for (int i = 0; i < 10; i++)
+        ck_assert_int_eq(pub_number(a, "work.x", i), 0);
+    ck_assert_int_eq(pub_number(a, "other.x", 10), 0);
+    ck_assert_int_eq(keel_bus_drain(a), 0);
+    keel_bus_stats st;
+    keel_bus_stats_get(a, &st);
+    ck_assert_uint_eq(st.skipped, 10);
+    ck_assert_int_eq(atomic_load(&got), 1);
+    ck_assert_int_eq(pending_count(r, key), 0);
+    /* a dead consumer's registration, alive for a few more seconds: its
+     * entries are handed back to it, and once its time is up a's look at
+     * stuck entries acknowledges them */
+    register_consumer(r, prefix, "dead", "late.*", 1500);
+    for (int i = 0; i < 5; i++)
+        ck_assert_int_eq(pub_number(a, "late.x", i), 0);
+    ck_assert_int_eq(keel_bus_drain(a), 0);
+    keel_bus_stats_get(a, &st);
+    ck_assert_uint_eq(st.skipped, 10);
+    ck_assert_int_eq(pending_count(r, key), 5);
+    for (uint64_t deadline = keel_now_ns() + 20 * S; keel_now_ns() < deadline && pending_count(r, key);)
+        nap(20 * MS);
+    keel_bus_stats_get(a, &st);
+    ck_assert_uint_eq(st.skipped, 15);
+    ck_assert_int_eq(pending_count(r, key), 0);
+    ck_assert_int_eq(atomic_load(&gotb), 0);
+    keel_bus_destroy(a);
+    keel_redis_destroy(r);
+}
+END_TEST
+
+/* Waits (real time: the reader's thread writes it) until consumer
+ * name's field in group grp's registry does (or does not) hold pattern. */
+static void wait_registered(keel_redis *r, const char *prefix, const char *name, const char *pattern, bool in)
+{
+    char key[160], word[64];
+    snprintf(key, sizeof key, "%ssubs:grp", prefix);
+    snprintf(word, sizeof word, " %s", pattern);
+    bool found = !in;
+    for (uint64_t deadline = keel_now_ns() + 20 * S; keel_now_ns() < deadline; nap(10 * MS)) {
+        const char *argv[] = {"HGET", key, name};
+        redisReply *rep;
+        ck_assert_int_eq(rcmd(r, key, 3, argv, &rep), 0);
+        found = rep->type == REDIS_REPLY_STRING && strstr(rep->str, word) != NULL;
+        freeReplyObject(rep);
+        if (found == in)
+            break;
+    }
+    ck_assert_int_eq(found, in);
+}
+
+/* b subscribes while started: once its reader wrote the registry, a hands
+ * b's entries back; once b unsubscribed, a skips them. */
+START_TEST(subscriptions_made_while_started_reach_the_registry)
+{
+    char prefix[96], key[128];
+    unique_prefix(prefix, sizeof prefix, "resub");
+    snprintf(key, sizeof key, "%s0", prefix);
+    keel_redis *r = redis_nodes(1);
+    _Atomic int got = 0, gotb = 0;
+    keel_bus *a = rbus(r, prefix, "grp", "c1", 1, 100 * MS, NULL, NULL);
+    keel_bus *b = rbus(r, prefix, "grp", "c2", 1, 100 * MS, NULL, NULL);
+    sub(a, "other.x", on_count_ok, &got, KEEL_BUS_SYNC, NULL);
+    sub(b, "idle.x", on_count_ok, &gotb, KEEL_BUS_SYNC, NULL);
+    ck_assert_int_eq(keel_bus_start(a), 0);
+    ck_assert_int_eq(keel_bus_start(b), 0);
+    keel_bus_sub *w = sub(b, "work.*", on_count_ok, &gotb, KEEL_BUS_SYNC, NULL);
+    wait_registered(r, prefix, "c2", "work.*", true);
+    for (int i = 0; i < 20; i++)
+        ck_assert_int_eq(pub_number(a, "work.x", i), 0);
+    wait_for(&gotb, 20);
+    ck_assert_int_eq(keel_bus_drain(a), 0);
+    ck_assert_int_eq(keel_bus_drain(b), 0);
+    keel_bus_stats st;
+    keel_bus_stats_get(a, &st);
+    ck_assert_uint_eq(st.skipped, 0);
+    ck_assert_int_eq(pending_count(r, key), 0);
+    ck_assert_int_eq(keel_bus_unsubscribe(w), 0);
+    wait_registered(r, prefix, "c2", "work.*", false);
+    wait_registered(r, prefix, "c2", "idle.x", true); /* its other pattern stays */
+    for (int i = 0; i < 20; i++)
+        ck_assert_int_eq(pub_number(a, "work.x", i), 0);
+    ck_assert_int_eq(keel_bus_drain(a), 0);
+    ck_assert_int_eq(keel_bus_drain(b), 0);
+    for (uint64_t deadline = keel_now_ns() + 20 * S; keel_now_ns() < deadline && pending_count(r, key);)
+        nap(20 * MS);
+    ck_assert_int_eq(pending_count(r, key), 0);
+    keel_bus_stats sb;
+    keel_bus_stats_get(a, &st);
+    keel_bus_stats_get(b, &sb);
+    ck_assert_uint_eq(st.skipped + sb.skipped, 20);
+    ck_assert_int_eq(atomic_load(&gotb), 20);
+    keel_bus_destroy(b);
+    keel_bus_destroy(a);
+    keel_redis_destroy(r);
+}
+END_TEST
 
 /* A queue group's member fails an entry: the retry goes round robin, so
  * to the other member, as it did before the stuck-entry pass looked at
@@ -3122,6 +3339,10 @@ int main(void)
     tcase_add_test(rd, stopping_mid_batch_acknowledges_what_was_handled);
     tcase_add_test(rd, a_stream_group_member_gone_before_its_call_leaves_the_entry_to_the_others);
     tcase_add_test(rd, a_consumer_without_a_subscriber_leaves_entries_to_one_with_it);
+    tcase_add_test(rd, entries_no_consumer_of_the_group_subscribes_to_are_skipped);
+    tcase_add_test(rd, an_entry_another_live_consumer_wants_is_handed_back_not_skipped);
+    tcase_add_test(rd, a_consumer_gone_leaves_its_subjects_to_be_skipped);
+    tcase_add_test(rd, subscriptions_made_while_started_reach_the_registry);
     tcase_add_test(rd, a_stream_retry_goes_to_the_next_member_of_a_queue_group);
     tcase_add_test(rd, a_redis_restart_fails_publishes_then_consumers_resume);
     suite_add_tcase(s, rd);

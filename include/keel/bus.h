@@ -48,16 +48,28 @@
  * by a previous run: give a stable consumer name for this to apply), then
  * new ones. A new group starts at the beginning of what the stream holds.
  * An entry is acknowledged (XACK) only once every matching handler
- * returned 0. An entry matching no subscription of the process is handed
- * back to the group, for a consumer that subscribes to it: left pending,
- * its delivery count put back and its idle time set to min_idle_ns. One
- * that no consumer of `service` subscribes to stays pending until
- * trimmed, and every reader looks at it each min_idle/2: publish to a
- * service's streams only what it consumes. Entries left pending longer
+ * returned 0. An entry matching no subscription of the process goes by
+ * the group's registry, the hash prefix + "subs:" + service: field the
+ * consumer, value the Redis server's time in ms at which the field
+ * expires, then each pattern after a space. It is written by
+ * keel_bus_start() before the readers begin, again each min_idle/2 and
+ * before a reader's next read after a subscribe or unsubscribe, lives
+ * 3 x min_idle_ns by the server's clock (a killed process's field
+ * expires), and is removed by keel_bus_destroy(). If another live
+ * consumer of `service` has a matching pattern, the entry is handed back
+ * to the group for it: left pending, its delivery count put back and its
+ * idle time set to min_idle_ns. Else it is acknowledged unread and
+ * counted as skipped. The registry is read again when the reader's copy
+ * is min_idle/2 old, and before skipping an entry less than a second
+ * older than the copy unless the copy was read after the entry; one that
+ * cannot be read means handing back, never skipping. A subscription made
+ * while started may miss entries other consumers read before its reader
+ * writes it (within one read, block_ns). Entries left pending longer
  * than min_idle_ns (a consumer that died, a handler that failed, or a
  * batch of read_count entries that took longer than that to handle: keep
  * it well below) and matching a subscription of the process (read with
- * XRANGE first, which counts no delivery; others are left untouched) are
+ * XRANGE first, which counts no delivery; others are left untouched when
+ * a live consumer of the registry wants them, else skipped) are
  * taken over with XCLAIM and delivered again, out of order; one delivered max_deliveries times goes
  * to the dead-letter stream (prefix + "dead") and is acknowledged, also
  * when its own consumer finds it pending after a restart. An
@@ -176,11 +188,14 @@ typedef struct keel_bus_opts {
  * 100,000) or KEEL_ENOMEM. */
 KEEL_API int keel_bus_create(keel_bus **out, const keel_bus_opts *opts);
 
-/* Redis: starts consuming (creates the group if needed, MKSTREAM). Add
- * the subscriptions first: entries matching none are handed back to the
- * group (see the top). Returns 0, KEEL_ESTATE (no redis or service, or started),
- * KEEL_EUNAVAIL, KEEL_ETIMEDOUT, KEEL_EBACKEND (Redis refused the group,
- * e.g. the key holds another type), KEEL_EPROTO or KEEL_ENOMEM. */
+/* Redis: starts consuming (creates the group if needed, MKSTREAM) and
+ * registers the subscriptions' patterns in the group's registry. Add the
+ * subscriptions first: entries matching none are handed back to the
+ * group, or skipped when no consumer of it wants them (see the top).
+ * Returns 0, KEEL_ESTATE (no redis or service, or started),
+ * KEEL_EUNAVAIL, KEEL_ETIMEDOUT, KEEL_EBACKEND (Redis refused the group or
+ * the registry, e.g. the key holds another type), KEEL_EPROTO or
+ * KEEL_ENOMEM. */
 KEEL_API int keel_bus_start(keel_bus *bus);
 
 typedef struct keel_bus_sub_opts {
@@ -256,6 +271,7 @@ KEEL_API void keel_bus_destroy(keel_bus *bus);
 typedef struct keel_bus_stats {
     uint64_t published, delivered, failed, dropped, rejected, queued;
     uint64_t acked, claimed, dead_lettered; /* Redis */
+    uint64_t skipped; /* Redis: of the acked, entries no consumer of the group subscribes to */
     uint64_t subscriptions;
 } keel_bus_stats;
 

@@ -1250,6 +1250,11 @@ KEEL_API int keel_bus_subscribe(keel_bus *bus, const keel_bus_sub_opts *o, keel_
     s->ud = o->ud;
     s->mode = bus->stream ? KEEL_BUS_SYNC : o->mode;
     atomic_init(&s->refs, 1);
+    if (bus->stream && keel__bus_stream_pattern(bus->stream, s->pattern, true) != 0) {
+        keel__free(s->pattern);
+        keel__aligned_free(s);
+        return KEEL_ENOMEM;
+    }
     pthread_mutex_lock(&bus->mu);
     int rc = s->mode == KEEL_BUS_ASYNC ? start_workers(bus) : 0;
     if (rc == 0 && o->group && !(s->group = group_get(bus, o->group)))
@@ -1270,6 +1275,8 @@ KEEL_API int keel_bus_subscribe(keel_bus *bus, const keel_bus_sub_opts *o, keel_
     if (gc || rc)
         collect_garbage(bus, false);
     if (rc) {
+        if (bus->stream)
+            keel__bus_stream_pattern(bus->stream, s->pattern, false);
         keel__free(s->pattern);
         keel__aligned_free(s);
         return rc;
@@ -1304,6 +1311,8 @@ KEEL_API int keel_bus_unsubscribe(keel_bus_sub *sub)
         group_leave(bus, sub->group);
     atomic_fetch_sub_explicit(&bus->nsubs, 1, memory_order_relaxed);
     pthread_mutex_unlock(&bus->mu);
+    if (bus->stream) /* never called again, left in the trie or not */
+        keel__bus_stream_pattern(bus->stream, sub->pattern, false);
     collect_garbage(bus, true); /* after this no reader can take a new reference */
     size_t mine = own_calls(sub);
     for (unsigned spin = 0; atomic_load(&sub->calls) > mine; spin++) {
@@ -1378,6 +1387,7 @@ KEEL_API void keel_bus_stats_get(keel_bus *bus, keel_bus_stats *st)
         st->acked += atomic_load_explicit(&c->acked, memory_order_relaxed);
         st->claimed += atomic_load_explicit(&c->claimed, memory_order_relaxed);
         st->dead_lettered += atomic_load_explicit(&c->dead, memory_order_relaxed);
+        st->skipped += atomic_load_explicit(&c->skipped, memory_order_relaxed);
     }
     st->subscriptions = atomic_load_explicit(&bus->nsubs, memory_order_relaxed);
     for (size_t i = 0; i < bus->nworkers; i++) {
@@ -1396,6 +1406,7 @@ KEEL__STAT_FN(m_queued, keel_bus_stats, keel_bus_stats_get, queued)
 KEEL__STAT_FN(m_acked, keel_bus_stats, keel_bus_stats_get, acked)
 KEEL__STAT_FN(m_claimed, keel_bus_stats, keel_bus_stats_get, claimed)
 KEEL__STAT_FN(m_dead, keel_bus_stats, keel_bus_stats_get, dead_lettered)
+KEEL__STAT_FN(m_skipped, keel_bus_stats, keel_bus_stats_get, skipped)
 KEEL__STAT_FN(m_subs, keel_bus_stats, keel_bus_stats_get, subscriptions)
 
 static bool plain_name(const char *s)
@@ -1460,6 +1471,8 @@ KEEL_API int keel_bus_create(keel_bus **out, const keel_bus_opts *opts)
             {0, "keel_bus_acked_total", "Stream entries acknowledged.", NULL, NULL, m_acked},
             {0, "keel_bus_claimed_total", "Stream entries taken over from idle consumers.", NULL, NULL, m_claimed},
             {0, "keel_bus_dead_lettered_total", "Stream entries moved to the dead-letter stream.", NULL, NULL, m_dead},
+            {0, "keel_bus_skipped_total", "Stream entries acknowledged unread: no consumer of the group subscribes.",
+             NULL, NULL, m_skipped},
             {1, "keel_bus_subscriptions", "Live subscriptions.", NULL, NULL, m_subs},
         };
         rc = keel__metrics_funcs(o.metrics, "bus", o.metrics_name, fs, sizeof fs / sizeof fs[0], bus);

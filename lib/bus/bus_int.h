@@ -88,11 +88,14 @@ void keel__bus_stream_stop(bstream *s);   /* joins the readers */
 void keel__bus_stream_destroy(bstream *s);
 int keel__bus_stream_publish(bstream *s, keel_bus_pub *pubs, size_t n);
 int keel__bus_stream_drain(bstream *s);
+/* A subscription's pattern added or removed, for the group's registry:
+ * 0 or KEEL_ENOMEM (add only). */
+int keel__bus_stream_pattern(bstream *s, const char *pattern, bool add);
 
 /* ---- counters (bus.c) ---- */
 
 typedef struct bcounters { /* one stripe of them (internal.h) */
-    _Atomic uint64_t published, delivered, failed, dropped, rejected, acked, claimed, dead;
+    _Atomic uint64_t published, delivered, failed, dropped, rejected, acked, claimed, dead, skipped;
 } __attribute__((aligned(KEEL__CACHELINE))) bcounters;
 
 /* The calling thread's stripe of the counters. */

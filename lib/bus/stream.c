@@ -11,8 +11,10 @@
  * and matching a subscription here (XRANGE first: a consumer of the
  * group may subscribe to subjects this one does not) are claimed by id
  * with XCLAIM (which skips any taken meanwhile) and delivered again. An
- * entry read that nothing here subscribes to is handed back: left
- * pending, idle and with its delivery count as before, for the others.
+ * entry read that nothing here subscribes to is handed back when another
+ * live consumer of the group's registry does (left pending, idle and with
+ * its delivery count as before, for the others), else acknowledged:
+ * skipped; so is a stuck one that no consumer here or there wants.
  * Deciding on the counts of the same page keeps an entry from being
  * delivered more than max_deliveries times. A failed
  * connection is dropped and made again with jittered backoff; the pending
@@ -38,6 +40,12 @@
 #include "bus_int.h"
 
 #define KEY_MAX 300
+
+/* A pattern subscribed to here, and how many subscriptions use it. */
+typedef struct bpat {
+    char *p;
+    size_t refs;
+} bpat;
 
 typedef struct breader {
     bstream *s;
@@ -68,6 +76,17 @@ struct bstream {
     pthread_mutex_t start_mu; /* start, and drain's look at started */
     breader *readers;
     bool started;
+    /* The group's registry (see "the group's registry" below). */
+    char *subs_key;
+    keel_redis_script *reg_put_lua, *reg_get_lua;
+    pthread_mutex_t pat_mu; /* pats, dirty, next_put */
+    bpat *pats;
+    size_t npats, cap_pats;
+    bool dirty;        /* pats changed since they were last written */
+    uint64_t next_put; /* when a reader writes them again */
+    pthread_mutex_t reg_mu; /* the cache */
+    redisReply *cache; /* [server ms, [consumer, value]...], values cut at spaces; NULL: none */
+    uint64_t cache_ms, cache_at; /* its server time; when it was asked for (mono_ns) */
 };
 
 static bool stopping(breader *rd) { return atomic_load_explicit(&rd->stop, memory_order_relaxed); }
@@ -141,6 +160,207 @@ static int create_group(bstream *s, size_t part, redisContext *c)
         rc = 0; /* other error replies were logged on the way */
     if (rep)
         freeReplyObject(rep);
+    return rc;
+}
+
+/* ---- the group's registry ----
+ *
+ * Streams are shared by every service, so an entry may match no
+ * subscription of any consumer of a group: left pending, it would stay so
+ * until trimmed, and every reader would look at it again each min_idle/2.
+ * So each consumer registers its patterns in a hash per group (prefix +
+ * "subs:" + service; field: the consumer, value: the server's time in ms
+ * at which the field expires, then the patterns, each after a space,
+ * which neither may contain). A reader with an entry that nothing here
+ * subscribes to hands it back only when a live consumer of the group
+ * subscribes to it, else acknowledges it (skipped). Expiry is by the
+ * server's clock (TIME, in the scripts), so hosts' clocks do not matter;
+ * a field lives 3 x min_idle and is written again each min_idle/2, or
+ * soon after a subscription changes. A registry that cannot be read means
+ * handing back, as before it existed: never acknowledged on doubt. */
+
+/* Writes this consumer's field, and drops those of consumers whose time
+ * is up; the hash lives as long as its longest-lived field. */
+static const char reg_put_lua[] =
+    "local t = redis.call('TIME')\n"
+    "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
+    "local all = redis.call('HGETALL', KEYS[1])\n"
+    "for i = 1, #all, 2 do\n"
+    "  local exp = tonumber(string.match(all[i + 1], '^%d+'))\n"
+    "  if all[i] ~= ARGV[1] and (not exp or exp <= now) then redis.call('HDEL', KEYS[1], all[i]) end\n"
+    "end\n"
+    "local ttl = tonumber(ARGV[2])\n"
+    "redis.call('HSET', KEYS[1], ARGV[1], string.format('%.0f', now + ttl) .. ARGV[3])\n"
+    "if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end\n"
+    "return now\n";
+
+/* The server's time in ms and the hash, read at once. */
+static const char reg_get_lua[] =
+    "local t = redis.call('TIME')\n"
+    "return {tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), redis.call('HGETALL', KEYS[1])}\n";
+
+/* Writes this consumer's field with the patterns subscribed to now. */
+static int reg_put(bstream *s)
+{
+    pthread_mutex_lock(&s->pat_mu);
+    size_t len = 1;
+    for (size_t i = 0; i < s->npats; i++)
+        len += 1 + strlen(s->pats[i].p);
+    char *v = keel__malloc(len);
+    if (v) {
+        char *w = v;
+        for (size_t i = 0; i < s->npats; i++)
+            w += sprintf(w, " %s", s->pats[i].p);
+        *w = '\0';
+    }
+    bool was = s->dirty;
+    s->dirty = false; /* a change from now on is written by the next put */
+    pthread_mutex_unlock(&s->pat_mu);
+    int rc = KEEL_ENOMEM;
+    if (v) {
+        char ttl[24];
+        snprintf(ttl, sizeof ttl, "%llu", (unsigned long long)(3 * (s->min_idle / 1000000u) + 1));
+        const void *keys[] = {s->subs_key};
+        size_t klen[] = {strlen(s->subs_key)};
+        const char *args[] = {s->consumer, ttl, v};
+        size_t alen[] = {strlen(s->consumer), strlen(ttl), strlen(v)};
+        redisReply *rep = NULL;
+        rc = keel_redis_eval(s->r, s->reg_put_lua, 1, keys, klen, 3, args, alen, NULL, 0, &rep);
+        if (rc == KEEL_EBACKEND && rep && rep->type == REDIS_REPLY_ERROR)
+            keel__log(KEEL_LOG_ERROR, "bus", "%s: registering: %s", s->subs_key, rep->str);
+        if (rep)
+            freeReplyObject(rep);
+        keel__free(v);
+    }
+    if (rc) {
+        pthread_mutex_lock(&s->pat_mu);
+        s->dirty |= was;
+        pthread_mutex_unlock(&s->pat_mu);
+    }
+    return rc;
+}
+
+/* Whether it is time for a reader to write the field again: each
+ * min_idle/2, or after a subscription changed. One reader takes each turn. */
+static bool reg_due(bstream *s)
+{
+    uint64_t now = mono_ns();
+    pthread_mutex_lock(&s->pat_mu);
+    bool due = s->dirty || now >= s->next_put;
+    if (due)
+        s->next_put = now + s->min_idle / 2;
+    pthread_mutex_unlock(&s->pat_mu);
+    return due;
+}
+
+/* Reads the registry into the cache; under reg_mu. */
+static int reg_get(bstream *s)
+{
+    if (s->cache)
+        freeReplyObject(s->cache);
+    s->cache = NULL;
+    const void *keys[] = {s->subs_key};
+    size_t klen[] = {strlen(s->subs_key)};
+    redisReply *rep = NULL;
+    uint64_t at = mono_ns();
+    int rc = keel_redis_eval(s->r, s->reg_get_lua, 1, keys, klen, 0, NULL, NULL, NULL, 0, &rep);
+    if (rc == 0 && (rep->type != REDIS_REPLY_ARRAY || rep->elements != 2 ||
+                    rep->element[0]->type != REDIS_REPLY_INTEGER || rep->element[1]->type != REDIS_REPLY_ARRAY))
+        rc = KEEL_EPROTO;
+    if (rc) {
+        if (rc == KEEL_EBACKEND && rep && rep->type == REDIS_REPLY_ERROR)
+            keel__log(KEEL_LOG_ERROR, "bus", "%s: reading: %s", s->subs_key, rep->str);
+        if (rep)
+            freeReplyObject(rep);
+        return rc;
+    }
+    const redisReply *h = rep->element[1];
+    for (size_t i = 1; i < h->elements; i += 2)
+        if (h->element[i]->type == REDIS_REPLY_STRING)
+            for (size_t j = 0; j < h->element[i]->len; j++)
+                if (h->element[i]->str[j] == ' ')
+                    h->element[i]->str[j] = '\0';
+    s->cache = rep;
+    s->cache_ms = (uint64_t)rep->element[0]->integer;
+    s->cache_at = at;
+    return 0;
+}
+
+/* Whether a live consumer of the group other than this one subscribes to
+ * subject (an entry of time ms, read at got_ns): 1, 0, or an error (the
+ * registry could not be read). The cache is read again when older than
+ * min_idle/2, and for an entry not a second older than its server time
+ * (the streams may live on other nodes, with other clocks) unless read
+ * after the entry was: a consumer registers before its readers start, so
+ * one publishing after that is in any registry read after the entry. */
+static int others_want(bstream *s, const char *subject, uint64_t ms, uint64_t got_ns)
+{
+    pthread_mutex_lock(&s->reg_mu);
+    int rc = 0;
+    if (!s->cache || mono_ns() >= s->cache_at + s->min_idle / 2 || (ms + 1000 > s->cache_ms && s->cache_at < got_ns))
+        rc = reg_get(s);
+    const redisReply *h = rc == 0 ? s->cache->element[1] : NULL;
+    for (size_t i = 0; h && rc == 0 && i + 1 < h->elements; i += 2) {
+        const redisReply *k = h->element[i], *v = h->element[i + 1];
+        if (k->type != REDIS_REPLY_STRING || v->type != REDIS_REPLY_STRING || strcmp(k->str, s->consumer) == 0)
+            continue;
+        char *end;
+        if (strtoull(v->str, &end, 10) <= s->cache_ms || end == v->str)
+            continue; /* its time is up: gone without a word */
+        for (const char *p = end; rc == 0 && p < v->str + v->len; p += strlen(p) + 1)
+            if (*p && keel_bus_match(p, subject) == 1)
+                rc = 1;
+    }
+    pthread_mutex_unlock(&s->reg_mu);
+    return rc;
+}
+
+/* Removes this consumer's field: its entries are no longer handed back
+ * for it. One left by a failure expires. */
+static void reg_del(bstream *s)
+{
+    const char *argv[] = {"HDEL", s->subs_key, s->consumer};
+    redisReply *rep = NULL;
+    int rc = pooled(s, s->subs_key, 3, argv, &rep);
+    if (rc)
+        keel__log(KEEL_LOG_WARN, "bus", "%s: removing %s: %s", s->subs_key, s->consumer, keel_strerror(rc));
+    if (rep)
+        freeReplyObject(rep);
+}
+
+/* Adds (or removes) a subscription's pattern; written to the registry by
+ * a reader before its next read. */
+int keel__bus_stream_pattern(bstream *s, const char *pattern, bool add)
+{
+    int rc = 0;
+    pthread_mutex_lock(&s->pat_mu);
+    size_t i = 0;
+    while (i < s->npats && strcmp(s->pats[i].p, pattern) != 0)
+        i++;
+    if (add && i < s->npats) {
+        s->pats[i].refs++;
+    } else if (add) {
+        if (s->npats == s->cap_pats) {
+            size_t cap = s->cap_pats ? 2 * s->cap_pats : 8;
+            bpat *np = keel__realloc(s->pats, cap * sizeof *np);
+            if (np) {
+                s->pats = np;
+                s->cap_pats = cap;
+            }
+        }
+        char *copy = s->npats < s->cap_pats ? keel__strdup(pattern) : NULL;
+        if (copy) {
+            s->pats[s->npats++] = (bpat){copy, 1};
+            s->dirty = true;
+        } else {
+            rc = KEEL_ENOMEM;
+        }
+    } else if (i < s->npats && --s->pats[i].refs == 0) {
+        keel__free(s->pats[i].p);
+        s->pats[i] = s->pats[--s->npats];
+        s->dirty = true;
+    }
+    pthread_mutex_unlock(&s->pat_mu);
     return rc;
 }
 
@@ -304,10 +524,12 @@ static int handle(breader *rd, redisContext *c, const redisReply *entries, const
     const char **argv = keel__malloc((n + 3) * sizeof *argv);
     const char **back = keel__malloc(n * sizeof *back);
     long long *bprev = keel__malloc(n * sizeof *bprev);
-    if (!argv || !back || !bprev) {
+    const redisReply **bent = keel__malloc(n * sizeof *bent);
+    if (!argv || !back || !bprev || !bent) {
         keel__free(argv);
         keel__free(back);
         keel__free(bprev);
+        keel__free(bent);
         return KEEL_ENOMEM;
     }
     size_t nback = 0;
@@ -330,6 +552,7 @@ static int handle(breader *rd, redisContext *c, const redisReply *entries, const
         if (rc == 0)
             argv[nack++] = id;
         if (rc == 2 && (!prev || prev[i] >= 0)) {
+            bent[nback] = e;
             back[nback] = id;
             bprev[nback++] = prev ? prev[i] : 0;
         }
@@ -339,20 +562,40 @@ static int handle(breader *rd, redisContext *c, const redisReply *entries, const
             top_seq = seq;
         }
     }
+    /* Decided once the batch is through, with the registry as it is
+     * then: those another consumer wants go back, the rest are skipped. */
+    size_t nkeep = 0;
+    int nskip = 0;
+    for (size_t i = 0; i < nback; i++) {
+        keel_bus_header hdr[64];
+        keel_bus_msg v;
+        uint64_t ms, seq;
+        parse_fields(bent[i]->element[1], back[i], &v, hdr);
+        if (parse_id(back[i], &ms, &seq) && others_want(s, v.subject, ms, got_ns) == 0) {
+            argv[nack++] = back[i];
+            nskip++;
+        } else {
+            back[nkeep] = back[i];
+            bprev[nkeep++] = bprev[i];
+        }
+    }
     int arc = 0;
     if (nack > 3) {
         redisReply *rep = NULL;
         arc = cmd(c, nack, argv, NULL, &rep);
-        if (arc == 0)
+        if (arc == 0) {
             keel__stripe_add(&keel__bus_counters(s->bus)->acked, (uint64_t)(nack - 3));
+            keel__stripe_add(&keel__bus_counters(s->bus)->skipped, (uint64_t)nskip);
+        }
         if (rep)
             freeReplyObject(rep);
     }
-    if (arc == 0 && nback)
-        arc = give_back(rd, c, back, bprev, nback, got_ns);
+    if (arc == 0 && nkeep)
+        arc = give_back(rd, c, back, bprev, nkeep, got_ns);
     keel__free(argv);
     keel__free(back);
     keel__free(bprev);
+    keel__free(bent);
     if (top_ms) {
         pthread_mutex_lock(&rd->mu);
         if (top_ms > rd->done_ms || (top_ms == rd->done_ms && top_seq > rd->done_seq)) {
@@ -463,11 +706,13 @@ static int claim(breader *rd, redisContext *c, int n, const char **argv, const l
 }
 
 /* Marks in keep[] which of the n entries named in ids a subscription here
- * matches (their fields read with XRANGE, in one pipeline: nothing
- * claimed, no delivery counted). */
-static int wanted_ids(breader *rd, redisContext *c, const char **ids, size_t n, bool *keep)
+ * matches (1), and which none of the group's live consumers subscribes
+ * to (-1: to be skipped); their fields read with XRANGE, in one
+ * pipeline: nothing claimed, no delivery counted. */
+static int wanted_ids(breader *rd, redisContext *c, const char **ids, size_t n, signed char *keep)
 {
     const char *key = rd->s->keys[rd->part];
+    uint64_t asked_ns = mono_ns(); /* a registry read after this is after the entries' publish */
     keel__sigpipe sp;
     keel__sigpipe_block(&sp);
     int rc = 0;
@@ -486,15 +731,23 @@ static int wanted_ids(breader *rd, redisContext *c, const char **ids, size_t n, 
             break;
         }
         int w = 0;
+        bool skip = false;
         if (rep->type == REDIS_REPLY_ERROR) {
             keel__log(KEEL_LOG_ERROR, "bus", "XRANGE %s: %s", key, rep->str);
             w = KEEL_EBACKEND;
         } else if (rc == 0) {
-            w = wanted(rd->s, rep->type == REDIS_REPLY_ARRAY && rep->elements == 1 ? rep->element[0] : NULL);
+            const redisReply *e = rep->type == REDIS_REPLY_ARRAY && rep->elements == 1 ? rep->element[0] : NULL;
+            if ((w = wanted(rd->s, e)) == 0) { /* so e is an entry with a valid subject */
+                keel_bus_header hdr[64];
+                keel_bus_msg v;
+                uint64_t ms, seq;
+                parse_fields(e->element[1], ids[i], &v, hdr);
+                skip = parse_id(ids[i], &ms, &seq) && others_want(rd->s, v.subject, ms, asked_ns) == 0;
+            }
         }
         if (w < 0 && rc == 0)
             rc = w;
-        keep[i] = w > 0;
+        keep[i] = w > 0 ? 1 : skip ? -1 : 0;
         freeReplyObject(rep);
     }
     keel__sigpipe_restore(&sp, c);
@@ -509,14 +762,17 @@ static int reclaim(breader *rd, redisContext *c)
     const char *key = s->keys[rd->part];
     char from[KEEL_BUS_ID_MAX + 1] = "-";
     const char **cargv = keel__malloc((5 + s->count) * sizeof *cargv);
+    const char **aargv = keel__malloc((3 + s->count) * sizeof *aargv);
     long long *counts = keel__malloc(s->count * sizeof *counts);
-    bool *keep = keel__malloc(s->count * sizeof *keep);
-    if (!cargv || !counts || !keep) {
+    signed char *keep = keel__malloc(s->count * sizeof *keep);
+    if (!cargv || !aargv || !counts || !keep) {
         keel__free(cargv);
+        keel__free(aargv);
         keel__free(counts);
         keel__free(keep);
         return KEEL_ENOMEM;
     }
+    aargv[0] = "XACK", aargv[1] = key, aargv[2] = s->group;
     int rc = 0;
     for (bool more = true; rc == 0 && more && !stopping(rd);) {
         const char *pargv[] = {"XPENDING", key, s->group, "IDLE", s->idle_s, from, "+", s->count_s};
@@ -539,18 +795,32 @@ static int reclaim(breader *rd, redisContext *c)
                 counts[n - 5] = p->element[3]->integer, cargv[n++] = p->element[0]->str;
         }
         /* Only what a subscription here matches: another consumer's entry
-         * that nothing here takes stays where it is, its count unbumped. */
-        int k = 5;
+         * that nothing here takes stays where it is, its count unbumped;
+         * one no live consumer of the group wants is skipped. */
+        int k = 5, na = 3;
         if (rc == 0 && n > 5 && !stopping(rd) && (rc = wanted_ids(rd, c, cargv + 5, (size_t)(n - 5), keep)) == 0)
-            for (int i = 5; i < n; i++)
-                if (keep[i - 5])
+            for (int i = 5; i < n; i++) {
+                if (keep[i - 5] > 0)
                     counts[k - 5] = counts[i - 5], cargv[k++] = cargv[i];
+                else if (keep[i - 5] < 0)
+                    aargv[na++] = cargv[i];
+            }
+        if (rc == 0 && na > 3) {
+            redisReply *arep = NULL;
+            if ((rc = cmd(c, na, aargv, NULL, &arep)) == 0 && arep->type == REDIS_REPLY_INTEGER) {
+                keel__stripe_add(&keel__bus_counters(s->bus)->acked, (uint64_t)arep->integer);
+                keel__stripe_add(&keel__bus_counters(s->bus)->skipped, (uint64_t)arep->integer);
+            }
+            if (arep)
+                freeReplyObject(arep);
+        }
         if (rc == 0 && k > 5 && !stopping(rd))
             rc = claim(rd, c, k, cargv, counts);
         if (rep)
             freeReplyObject(rep);
     }
     keel__free(cargv);
+    keel__free(aargv);
     keel__free(counts);
     keel__free(keep);
     return rc;
@@ -615,6 +885,13 @@ static int consume(breader *rd, redisContext *c)
     uint64_t next_reclaim = 0;
     int rc = 0;
     while (rc == 0 && !stopping(rd)) {
+        if (reg_due(s) && (rc = reg_put(s)) != 0) {
+            /* tried again at the next turn; meanwhile the field lives
+             * on, 3 x min_idle from its last writing */
+            keel__log(KEEL_LOG_WARN, "bus", "%s: registering %s: %s", s->subs_key, s->consumer,
+                      keel_strerror(rc));
+            rc = 0;
+        }
         if (!pending && mono_ns() >= next_reclaim) {
             /* An error reply here (an ACL, an old server) must not keep
              * the reader from new entries: logged, tried again later.
@@ -754,6 +1031,8 @@ int keel__bus_stream_create(keel_bus *bus, const keel_bus_opts *o, bstream **out
     s->bus = bus;
     s->r = o->redis;
     pthread_mutex_init(&s->start_mu, NULL);
+    pthread_mutex_init(&s->pat_mu, NULL);
+    pthread_mutex_init(&s->reg_mu, NULL);
     s->parts = o->partitions ? o->partitions : 1;
     s->count = o->read_count ? o->read_count : 100;
     s->min_idle = o->min_idle_ns ? o->min_idle_ns : 30 * 1000000000ull;
@@ -768,7 +1047,12 @@ int keel__bus_stream_create(keel_bus *bus, const keel_bus_opts *o, bstream **out
     s->prefix = keel__strdup(o->prefix ? o->prefix : "keel:bus:");
     s->consumer = o->consumer ? keel__strdup(o->consumer) : NULL; /* default: at start */
     s->group = o->service ? keel__strdup(o->service) : NULL;
-    if (!s->prefix || (o->consumer && !s->consumer) || (o->service && !s->group)) {
+    if (s->prefix && s->group && (s->subs_key = keel__malloc(strlen(s->prefix) + strlen(s->group) + 6)))
+        sprintf(s->subs_key, "%ssubs:%s", s->prefix, s->group);
+    int src = s->group ? keel_redis_script_create(s->r, reg_put_lua, sizeof reg_put_lua - 1, &s->reg_put_lua) : 0;
+    if (src == 0 && s->group)
+        src = keel_redis_script_create(s->r, reg_get_lua, sizeof reg_get_lua - 1, &s->reg_get_lua);
+    if (!s->prefix || (o->consumer && !s->consumer) || (o->service && (!s->group || !s->subs_key)) || src) {
         keel__bus_stream_destroy(s);
         return KEEL_ENOMEM;
     }
@@ -823,8 +1107,18 @@ static int start_locked(bstream *s)
         if (rc)
             return rc;
     }
-    if (!(s->readers = keel__calloc(s->parts, sizeof *s->readers)))
+    /* registered before any reader reads: an entry published from now on
+     * is not skipped by another consumer for want of this one */
+    int rrc = reg_put(s);
+    if (rrc)
+        return rrc;
+    pthread_mutex_lock(&s->pat_mu);
+    s->next_put = mono_ns() + s->min_idle / 2;
+    pthread_mutex_unlock(&s->pat_mu);
+    if (!(s->readers = keel__calloc(s->parts, sizeof *s->readers))) {
+        reg_del(s);
         return KEEL_ENOMEM;
+    }
     size_t started = 0;
     for (; started < s->parts; started++) {
         breader *rd = &s->readers[started];
@@ -841,6 +1135,7 @@ static int start_locked(bstream *s)
             pthread_mutex_destroy(&rd->mu);
             pthread_cond_destroy(&rd->cv);
             stop_readers(s, started);
+            reg_del(s);
             return KEEL_ENOMEM;
         }
     }
@@ -860,14 +1155,26 @@ int keel__bus_stream_start(bstream *s)
 
 void keel__bus_stream_stop(bstream *s)
 {
-    if (s->started)
+    if (s->started) {
         stop_readers(s, s->parts);
+        reg_del(s);
+    }
     s->started = false;
 }
 
 void keel__bus_stream_destroy(bstream *s)
 {
     pthread_mutex_destroy(&s->start_mu);
+    pthread_mutex_destroy(&s->pat_mu);
+    pthread_mutex_destroy(&s->reg_mu);
+    for (size_t i = 0; i < s->npats; i++)
+        keel__free(s->pats[i].p);
+    keel__free(s->pats);
+    if (s->cache)
+        freeReplyObject(s->cache);
+    keel_redis_script_free(s->reg_put_lua);
+    keel_redis_script_free(s->reg_get_lua);
+    keel__free(s->subs_key);
     keel__free(s->prefix);
     keel__free(s->consumer);
     keel__free(s->group);
