@@ -4,8 +4,9 @@
  * invalidation across processes (a forked second cache), and an L1 flush
  * when the link drops; tags across tiers and processes; prefixes holding
  * glob and LIKE characters and NUL bytes; Redis and PostgreSQL stopped
- * mid-run; S3-FIFO keeping a hot set through a scan; XFetch; bad input;
- * the L1 alone against a seeded model. */
+ * mid-run, and one Redis node of three; S3-FIFO keeping a hot set
+ * through a scan; XFetch; bad input; the L1 alone against a seeded
+ * model. */
 #define _GNU_SOURCE
 #include <libpq-fe.h>
 #include <pthread.h>
@@ -1183,6 +1184,18 @@ END_TEST
 
 /* ---- tiers down ---- */
 
+/* A key whose L2 value lives on the given node: k<tag><i>. */
+static void key_on(rig *r, int node, const char *tag, char *out, size_t cap)
+{
+    for (int i = 0;; i++) {
+        char rk[128];
+        snprintf(out, cap, "k%s%d", tag, i);
+        int n = snprintf(rk, sizeof rk, "%sv:%s", r->prefix, out);
+        if ((int)keel_redis_node_of(r->redis, rk, (size_t)n) == node)
+            return;
+    }
+}
+
 START_TEST(redis_down_then_back)
 {
     rig r;
@@ -1197,25 +1210,32 @@ START_TEST(redis_down_then_back)
     ck_assert_int_eq(get(r.c, "b", v, sizeof v), 0); /* L2 fails: L3 misses, the loader */
     ck_assert_str_eq(v, "loaded:b");
     keel_cache_stats st, st0;
+    int nodes = kt_redis_nodes();
+    char k[32];
+    for (int node = 0; node < nodes; node++) { /* each node fails once (maybe for "a" or "b" already) */
+        key_on(&r, node, "c", k, sizeof k);
+        ck_assert_int_eq(get(r.c, k, v, sizeof v), 0);
+    }
     keel_cache_stats_get(r.c, &st0);
-    ck_assert_uint_eq(st0.errors_l2, 1);
+    ck_assert_uint_eq(st0.errors_l2, (uint64_t)nodes);
     for (int i = 0; i < 5; i++) { /* skipped now: no more errors, no more timeouts */
-        char k[8];
         snprintf(k, sizeof k, "c%d", i);
         ck_assert_int_eq(get(r.c, k, v, sizeof v), 0);
     }
     keel_cache_stats_get(r.c, &st);
-    ck_assert_uint_eq(st.errors_l2, 1);
+    ck_assert_uint_eq(st.errors_l2, (uint64_t)nodes);
     ck_assert_uint_eq(st.hits_l3, st0.hits_l3);
     ck_assert(in_l3(&r, "c4", 2)); /* the loads went to L3 */
-    kt_clock_advance(&clk, 2 * S); /* past tier_retry, still down: one get probes, and fails */
-    for (int i = 0; i < 3; i++) {
-        char k[8];
-        snprintf(k, sizeof k, "p%d", i);
-        ck_assert_int_eq(get(r.c, k, v, sizeof v), 0);
-        keel_cache_stats_get(r.c, &st);
-        ck_assert_uint_eq(st.errors_l2, 2); /* the probe's, then skipped again */
-    }
+    kt_clock_advance(&clk, 2 * S); /* past tier_retry, still down: one get a node probes, and fails */
+    for (int node = 0; node < nodes; node++)
+        for (int i = 0; i < 3; i++) {
+            char p[8];
+            snprintf(p, sizeof p, "p%d", i);
+            key_on(&r, node, p, k, sizeof k);
+            ck_assert_int_eq(get(r.c, k, v, sizeof v), 0);
+            keel_cache_stats_get(r.c, &st);
+            ck_assert_uint_eq(st.errors_l2, (uint64_t)(nodes + node + 1)); /* the probe's, then skipped again */
+        }
     kt_server("start-one", "redis1");
     kt_server("start-one", "redis2");
     kt_server("start-one", "redis3");
@@ -1236,6 +1256,78 @@ START_TEST(redis_down_then_back)
     keel_cache_stats_get(r.c, &st);
     ck_assert_uint_eq(st.hits_l2, st0.hits_l2 + 1);
     keel_cache_destroy(peer);
+    rig_close(&r);
+}
+END_TEST
+
+/* One Redis node down costs only its own keys: the others' keys are
+ * still read from L2, by gets and multi-gets, again and again across
+ * tier_retry; the dead node's keys fall to L3. */
+START_TEST(one_redis_node_down_costs_only_its_keys)
+{
+    rig r;
+    rig_open(&r, true, true, 0, 0);
+    int nodes = kt_redis_nodes();
+    ck_assert_int_ge(nodes, 2);
+    enum { N = 60, ROUNDS = 3 };
+    char keys[N][12];
+    int node[N];
+    for (int i = 0; i < N; i++) {
+        snprintf(keys[i], sizeof keys[i], "n%d", i);
+        ck_assert_int_eq(set(r.c, keys[i], keys[i], NULL, 0), 0);
+        char rk[128];
+        int n = snprintf(rk, sizeof rk, "%sv:%s", r.prefix, keys[i]);
+        node[i] = (int)keel_redis_node_of(r.redis, rk, (size_t)n);
+    }
+    char chan[128];
+    snprintf(chan, sizeof chan, "%sinv", r.prefix);
+    int victim = ((int)keel_redis_node_of(r.redis, chan, strlen(chan)) + 1) % nodes; /* not the link's */
+    int healthy = 0;
+    for (int i = 0; i < N; i++)
+        healthy += node[i] != victim;
+    ck_assert_int_gt(healthy, 0);
+    ck_assert_int_lt(healthy, N);
+    char name[24];
+    snprintf(name, sizeof name, "redis%d", victim + 1);
+    kt_server("stop-one", name);
+    keel_cache *c; /* another process's cache: an empty L1 that keeps entries 1 s */
+    keel_cache_opts o = {.redis = r.redis, .redis_prefix = r.prefix, .pg = r.pg, .table = r.table,
+                         .l1_max_ttl_ns = 1 * S, .clock = kt_clock_now, .clock_ud = &clk};
+    int crc = keel_cache_create(&c, &o);
+    uint64_t l2[2 * ROUNDS] = {0}, l3[2 * ROUNDS] = {0};
+    int bad = 0;
+    for (int round = 0; crc == 0 && round < 2 * ROUNDS; round++) {
+        keel_cache_stats st0, st;
+        keel_cache_stats_get(c, &st0);
+        if (round % 2 == 0) { /* single gets */
+            for (int i = 0; i < N; i++) {
+                char v[32];
+                if (get(c, keys[i], v, sizeof v) != 0 || strcmp(v, keys[i]) != 0)
+                    bad++;
+            }
+        } else { /* one multi-get */
+            char bufs[N][32];
+            keel_cache_item it[N];
+            for (int i = 0; i < N; i++)
+                it[i] = (keel_cache_item){keys[i], strlen(keys[i]), bufs[i], sizeof bufs[i], 0, 99};
+            if (keel_cache_get_many(c, it, N) != 0)
+                bad++;
+            for (int i = 0; i < N; i++)
+                bad += it[i].rc != 0 || it[i].len != strlen(keys[i]) || memcmp(bufs[i], keys[i], it[i].len) != 0;
+        }
+        keel_cache_stats_get(c, &st);
+        l2[round] = st.hits_l2 - st0.hits_l2;
+        l3[round] = st.hits_l3 - st0.hits_l3;
+        kt_clock_advance(&clk, 2 * S); /* past tier_retry and L1's TTL */
+    }
+    keel_cache_destroy(c);
+    kt_server("start-one", name); /* before any assertion: the other tests need it */
+    ck_assert_int_eq(crc, 0);
+    ck_assert_int_eq(bad, 0);
+    for (int round = 0; round < 2 * ROUNDS; round++) {
+        ck_assert_uint_eq(l2[round], (uint64_t)healthy);
+        ck_assert_uint_eq(l3[round], (uint64_t)(N - healthy));
+    }
     rig_close(&r);
 }
 END_TEST
@@ -2217,6 +2309,7 @@ int main(void)
     tcase_add_test(sv, foreign_tags_too_long_are_not_values_of_ours);
     tcase_add_test(sv, redis_down_then_back);
     tcase_add_test(sv, postgres_down_then_back);
+    tcase_add_test(sv, one_redis_node_down_costs_only_its_keys);
     suite_add_tcase(s, sv);
     return kt_run(s);
 }

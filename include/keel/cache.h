@@ -71,10 +71,11 @@
  * Degraded mode: a tier that fails (down, timed out; not an error reply)
  * is counted and skipped by gets for tier_retry_ns; they are served by
  * the others and the loader. Then one get probes it while the others
- * still skip it, and its success ends the skip (a keel_breaker(3) per
- * tier). Writes and invalidations still try a failing tier (one skipped
- * would leave an old value there), count its errors and return the
- * first.
+ * still skip it, and its success ends the skip (a keel_breaker(3) for L3
+ * and one per Redis node: a node that fails costs only its own keys, the
+ * others' are still read from L2). Writes and invalidations still try a
+ * failing tier (one skipped would leave an old value there), count its
+ * errors and return the first.
  *
  * Thread safety: every function may be called from any thread. Calls
  * block on the servers they use, and L1 writers now and then on an RCU
@@ -161,8 +162,10 @@ typedef struct keel_cache_item {
 } keel_cache_item;
 
 /* Gets n keys: L1 first, then one MGET per Redis node for the misses
- * (batches of 512), then each key still missing through L3 and the loader
- * as keel_cache_get() does (through L2 too when the MGETs failed). Returns
+ * (batches of 512; a node that fails or is skipped is passed over for the
+ * others), then each key still missing through L3 and the loader as
+ * keel_cache_get() does (through L2 too when its node's MGET failed or
+ * was skipped, or lacked memory). Returns
  * 0 when every item has its value, else the error of the first item
  * without one (see each rc). */
 KEEL_API int keel_cache_get_many(keel_cache *c, keel_cache_item *items, size_t n);

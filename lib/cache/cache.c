@@ -87,7 +87,9 @@ struct keel_cache {
     flight *flights;
     _Atomic size_t nflights; /* on the list: invalidations skip fl_mu at 0 */
     _Atomic uint64_t epoch;
-    keel_breaker *tier[2]; /* L2, L3 health */
+    keel_breaker **l2h; /* each Redis node's health, as seen by this cache */
+    size_t nl2;
+    keel_breaker *l3h;
     keel_redis_sub *sub;
     keel_redis_script *release; /* a lease's compare-and-delete */
     keel_pg_stmt *st_get, *st_put, *st_fill, *st_del, *st_del_tag, *st_del_prefix, *st_sweep;
@@ -159,35 +161,53 @@ static bool tag_refs(keel_cache *c, const char *const *tags, size_t n, l1_tagref
 
 /* ---- tiers' health ----
  *
- * A keel_breaker per tier: one failure trips it, it stays OPEN for
- * tier_retry_ns, then one get probes the tier. Gets take a permit with
- * tier_up() and give every permit back through tier_done(). Writes are
- * tried even on a failing tier, with no permit, and report too: a failed
- * write trips the breaker as a failed get does, and a write that a server
- * answers during HALF_OPEN counts as the probe. */
+ * A keel_breaker per Redis node and one for L3: one failure trips it, it
+ * stays OPEN for tier_retry_ns, then one get probes the node or the tier.
+ * Per node, since keel_redis fails a dead node's keys at once and serves
+ * the others': one breaker for all of L2 would let a dead node turn off
+ * every node's keys, and the probes that land on it keep them off. Gets
+ * take a permit with tier_up() and give every permit back through
+ * tier_done(). Writes are tried even on a failing node, with no permit,
+ * and report too: a failed write trips the breaker as a failed get does,
+ * and a write that a server answers during HALF_OPEN counts as the probe.
+ * `node`: for L2, the node the call went to; ignored for L3. */
 
-static bool tier_up(keel_cache *c, int t)
+static keel_breaker *health(keel_cache *c, int t, size_t node) { return t == L3 ? c->l3h : c->l2h[node]; }
+
+static bool tier_up(keel_cache *c, int t, size_t node)
 {
-    return keel_breaker_try_acquire(c->tier[t], now_ns(c)) == 0;
+    return keel_breaker_try_acquire(health(c, t, node), now_ns(c)) == 0;
 }
 
 /* The outcome of a call on tier t; returns rc. Answers (found or not, an
  * error reply) and our own errors are not failures of the tier. */
-static int tier_done(keel_cache *c, int t, int rc)
+static int tier_done(keel_cache *c, int t, size_t node, int rc)
 {
     bool down = rc && rc != KEEL_ENOTFOUND && rc != KEEL_EBACKEND && rc != KEEL_ENOMEM && rc != KEEL_EINVAL;
     if (rc && rc != KEEL_ENOTFOUND)
         atomic_fetch_add_explicit(&c->st.errors[t], 1, memory_order_relaxed);
     if (down)
         keel__log(KEEL_LOG_DEBUG, "cache", "%s: %s", t == L2 ? "L2 (Redis)" : "L3 (PostgreSQL)", keel_strerror(rc));
-    keel_breaker_on_result(c->tier[t], now_ns(c), 0, down);
+    keel_breaker_on_result(health(c, t, node), now_ns(c), 0, down);
     return rc;
+}
+
+/* An L2 call made with node held's permit that failed on node `at` (a
+ * pipeline's other command, on another node): held answered. */
+static int l2_done(keel_cache *c, size_t held, size_t at, int rc)
+{
+    if (at != held)
+        keel_breaker_on_result(c->l2h[held], now_ns(c), 0, false);
+    return tier_done(c, L2, at, rc);
 }
 
 static void tier_state(keel_breaker *b, keel_breaker_state from, keel_breaker_state to, void *ud)
 {
     keel_cache *c = ud;
-    const char *name = b == c->tier[L2] ? "L2 (Redis)" : "L3 (PostgreSQL)";
+    char name[400] = "L3 (PostgreSQL)";
+    for (size_t i = 0; i < c->nl2; i++)
+        if (b == c->l2h[i])
+            snprintf(name, sizeof name, "L2 (Redis %s)", c->o.redis->nodes[i].name);
     if (to == KEEL_BREAKER_OPEN && from == KEEL_BREAKER_CLOSED)
         keel__log(KEEL_LOG_WARN, "cache", "%s failed: skipped by gets for %llu ms at a time", name,
                   (unsigned long long)(c->o.tier_retry_ns / 1000000));
@@ -206,6 +226,23 @@ static size_t rkey(const keel_cache *c, char kind, const void *k, size_t n, char
     buf[p + 1] = ':';
     memcpy(buf + p + 2, k, n);
     return p + 2 + n;
+}
+
+/* The Redis node of a key of ours (kind 'v' for the value, 'l' a lease). */
+static size_t node_of(const keel_cache *c, char kind, const void *k, size_t n)
+{
+    char buf[RKEY_MAX];
+    return keel_redis_node_of(c->o.redis, buf, rkey(c, kind, k, n, buf));
+}
+
+/* The node of the first command of a failed pipeline that its node left
+ * unanswered (rc: what keel_redis_pipeline() returned); else dflt. */
+static size_t failed_node(const keel_cache *c, const keel_redis_cmd *cmds, size_t n, int rc, size_t dflt)
+{
+    for (size_t i = 0; rc && i < n; i++)
+        if (cmds[i].rc == rc && !cmds[i].reply)
+            return keel_redis_node_of(c->o.redis, cmds[i].key, cmds[i].keylen);
+    return dflt;
 }
 
 static uint64_t wall_ms(void)
@@ -303,16 +340,18 @@ static int l2_get(keel_cache *c, const void *key, size_t klen, redisReply **val)
     return rc;
 }
 
-/* SET (NX: only where nothing is, for fills) with the tag sets. */
+/* SET (NX: only where nothing is, for fills) with the tag sets. *at: the
+ * node that failed (the value's when none did). */
 static int l2_put(keel_cache *c, const void *key, size_t klen, const void *val, size_t vlen, uint64_t ttl,
-                  const char *const *tags, size_t ntags, uint64_t delta, bool nx)
+                  const char *const *tags, size_t ntags, uint64_t delta, bool nx, size_t *at)
 {
+    char k[RKEY_MAX], tk[CACHE_MAX_TAGS][TKEY_MAX], ms[24];
+    size_t kl = rkey(c, 'v', key, klen, k), tkl[CACHE_MAX_TAGS];
+    *at = keel_redis_node_of(c->o.redis, k, kl);
     size_t elen;
     void *enc = l2_encode(val, vlen, tags, ntags, delta, ttl, &elen);
     if (!enc)
         return KEEL_ENOMEM;
-    char k[RKEY_MAX], tk[CACHE_MAX_TAGS][TKEY_MAX], ms[24];
-    size_t kl = rkey(c, 'v', key, klen, k), tkl[CACHE_MAX_TAGS];
     snprintf(ms, sizeof ms, "%llu", (unsigned long long)(ttl / 1000000u ? ttl / 1000000u : 1));
     const char *sa[6] = {"SET", k, enc, "PX", ms, "NX"};
     size_t sl[6] = {3, kl, elen, 2, strlen(ms), 2};
@@ -336,6 +375,7 @@ static int l2_put(keel_cache *c, const void *key, size_t klen, const void *val, 
             cmds[n++] = (keel_redis_cmd){tk[i], tkl[i], 4, pa[g][i], pl[g][i], 0, NULL};
         }
     int rc = keel_redis_pipeline(c->o.redis, cmds, n);
+    *at = failed_node(c, cmds, n, rc, *at);
     for (size_t i = 0; i < n; i++) {
         if (rc == 0 && cmds[i].rc)
             rc = cmds[i].rc;
@@ -346,16 +386,16 @@ static int l2_put(keel_cache *c, const void *key, size_t klen, const void *val, 
     return rc;
 }
 
-static int l2_set(keel_cache *c, const void *key, size_t klen, const void *val, size_t vlen, uint64_t ttl,
-                  const char *const *tags, size_t ntags, uint64_t delta)
+/* A fill of L2 (SET NX) or, `over`, a SET over what is there, if the
+ * value's node is not being skipped. */
+static void l2_fill(keel_cache *c, const void *key, size_t klen, const void *val, size_t vlen, uint64_t ttl,
+                    const char *const *tags, size_t ntags, uint64_t delta, bool over)
 {
-    return l2_put(c, key, klen, val, vlen, ttl, tags, ntags, delta, false);
-}
-
-static int l2_set_nx(keel_cache *c, const void *key, size_t klen, const void *val, size_t vlen, uint64_t ttl,
-                     const char *const *tags, size_t ntags, uint64_t delta)
-{
-    return l2_put(c, key, klen, val, vlen, ttl, tags, ntags, delta, true);
+    size_t node = node_of(c, 'v', key, klen), at;
+    if (!tier_up(c, L2, node))
+        return;
+    int rc = l2_put(c, key, klen, val, vlen, ttl, tags, ntags, delta, !over, &at);
+    l2_done(c, node, at, rc);
 }
 
 static int l2_del(keel_cache *c, const void *key, size_t klen)
@@ -606,9 +646,13 @@ static int write_through(keel_cache *c, const void *key, size_t klen, uint64_t h
                          uint64_t ttl, const char *const *tags, size_t ntags)
 {
     int first = 0, rc;
-    if (c->o.redis && (rc = tier_done(c, L2, l2_set(c, key, klen, val, vlen, ttl, tags, ntags, 0))) != 0)
-        first = rc;
-    if (c->o.pg && (rc = tier_done(c, L3, l3_put(c, key, klen, val, vlen, ttl, tags, ntags, false))) != 0 && !first)
+    if (c->o.redis) {
+        size_t at;
+        rc = l2_put(c, key, klen, val, vlen, ttl, tags, ntags, 0, false, &at);
+        if ((rc = tier_done(c, L2, at, rc)) != 0)
+            first = rc;
+    }
+    if (c->o.pg && (rc = tier_done(c, L3, 0, l3_put(c, key, klen, val, vlen, ttl, tags, ntags, false))) != 0 && !first)
         first = rc;
     uint64_t seen = invalidated(c, key, klen, false);
     rc = l1_put(c, key, klen, h, val, vlen, ttl, 0, tags, ntags, true, c->o.redis || c->o.pg, seen);
@@ -638,17 +682,19 @@ static void fill_through(keel_cache *c, flight *f, const void *key, size_t klen,
 {
     if (flight_stale(c, f, seen))
         return;
-    if (c->o.redis && tier_up(c, L2))
-        tier_done(c, L2, l2_set_nx(c, key, klen, val, vlen, ttl, tags, ntags, delta));
-    if (c->o.pg && tier_up(c, L3))
-        tier_done(c, L3, l3_put(c, key, klen, val, vlen, ttl, tags, ntags, true));
+    if (c->o.redis)
+        l2_fill(c, key, klen, val, vlen, ttl, tags, ntags, delta, false);
+    if (c->o.pg && tier_up(c, L3, 0))
+        tier_done(c, L3, 0, l3_put(c, key, klen, val, vlen, ttl, tags, ntags, true));
     l1_put(c, key, klen, h, val, vlen, ttl, delta, tags, ntags, false, true, seen);
 }
 
 /* Waits (real time: another process works) until the value is in L2, or
  * the lease `lk` is gone without one (that holder failed or found
- * nothing: the caller loads), or lease_ns passed. */
-static int lease_wait(keel_cache *c, const void *key, size_t klen, const char *lk, size_t lkl, redisReply **val)
+ * nothing: the caller loads), or lease_ns passed. *at: the node that
+ * failed, if one did. */
+static int lease_wait(keel_cache *c, const void *key, size_t klen, const char *lk, size_t lkl, redisReply **val,
+                      size_t *at)
 {
     char k[RKEY_MAX];
     size_t kl = rkey(c, 'v', key, klen, k);
@@ -659,6 +705,7 @@ static int lease_wait(keel_cache *c, const void *key, size_t klen, const char *l
         size_t n1[2] = {3, kl}, n2[2] = {6, lkl};
         keel_redis_cmd cmds[2] = {{k, kl, 2, a1, n1, 0, NULL}, {lk, lkl, 2, a2, n2, 0, NULL}};
         int rc = keel_redis_pipeline(c->o.redis, cmds, 2);
+        *at = failed_node(c, cmds, 2, rc, *at);
         bool got = rc == 0 && cmds[0].rc == 0 && cmds[0].reply->type == REDIS_REPLY_STRING;
         bool gone = rc == 0 && cmds[1].rc == 0 && cmds[1].reply->type == REDIS_REPLY_INTEGER &&
                     cmds[1].reply->integer == 0;
@@ -734,8 +781,9 @@ static int fill(keel_cache *c, flight *f, const void *key, size_t klen, uint64_t
     redisReply *r = NULL;
     uint64_t ttl = 0;
     int rc;
-    if (try_l2 && c->o.redis && tier_up(c, L2)) {
-        rc = tier_done(c, L2, l2_get(c, key, klen, &r));
+    size_t vnode = c->o.redis ? node_of(c, 'v', key, klen) : 0;
+    if (try_l2 && c->o.redis && tier_up(c, L2, vnode)) {
+        rc = tier_done(c, L2, vnode, l2_get(c, key, klen, &r));
         if (l2_take(c, key, klen, h, rc == 0 ? r : NULL, seen, out, outlen, &rc)) {
             atomic_fetch_add_explicit(&c->st.hits_l2, 1, memory_order_relaxed);
             return rc;
@@ -743,9 +791,9 @@ static int fill(keel_cache *c, flight *f, const void *key, size_t klen, uint64_t
         if (rc == KEEL_ENOMEM) /* not a miss: L2 may hold a value the loader does not */
             return rc;
     }
-    if (try_l3 && c->o.pg && tier_up(c, L3)) {
+    if (try_l3 && c->o.pg && tier_up(c, L3, 0)) {
         PGresult *res = NULL;
-        rc = tier_done(c, L3, l3_get(c, key, klen, &res));
+        rc = tier_done(c, L3, 0, l3_get(c, key, klen, &res));
         if (rc == KEEL_ENOMEM)
             return rc;
         decoded d;
@@ -760,8 +808,8 @@ static int fill(keel_cache *c, flight *f, const void *key, size_t klen, uint64_t
             uint64_t ms_left;
             memcpy(&ms_left, PQgetvalue(res, 0, 2), 8);
             ttl = be64toh(ms_left) * 1000000u;
-            if (c->o.redis && !flight_stale(c, f, seen) && tier_up(c, L2))
-                tier_done(c, L2, l2_set_nx(c, key, klen, val, vlen, ttl, d.tags, d.ntags, 0));
+            if (c->o.redis && !flight_stale(c, f, seen))
+                l2_fill(c, key, klen, val, vlen, ttl, d.tags, d.ntags, 0, false);
             l1_fill(c, key, klen, h, val, vlen, ttl, 0, d.tags, d.ntags, seen);
             rc = dup_out(val, vlen, out, outlen);
             PQclear(res);
@@ -773,13 +821,14 @@ static int fill(keel_cache *c, flight *f, const void *key, size_t klen, uint64_t
     char lk[RKEY_MAX];
     size_t lkl = 0;
     bool leased = false;
-    if (c->o.lease && c->o.redis && tier_up(c, L2)) {
+    size_t lnode = c->o.redis ? node_of(c, 'l', key, klen) : 0;
+    if (c->o.lease && c->o.redis && tier_up(c, L2, lnode)) {
         lkl = rkey(c, 'l', key, klen, lk);
         char ms[24];
         snprintf(ms, sizeof ms, "%llu", (unsigned long long)(c->o.lease_ns / 1000000u ? c->o.lease_ns / 1000000u : 1));
         const char *a[6] = {"SET", lk, (const char *)c->self, "NX", "PX", ms};
         size_t l[6] = {3, lkl, ID_LEN, 2, 2, strlen(ms)};
-        rc = tier_done(c, L2, keel_redis_command(c->o.redis, lk, lkl, 6, a, l, &r));
+        rc = tier_done(c, L2, lnode, keel_redis_command(c->o.redis, lk, lkl, 6, a, l, &r));
         leased = rc == 0 && r->type == REDIS_REPLY_STATUS;
         bool other = rc == 0 && r->type == REDIS_REPLY_NIL;
         if (r)
@@ -788,7 +837,12 @@ static int fill(keel_cache *c, flight *f, const void *key, size_t klen, uint64_t
         if (other) { /* another process loads: wait for its value */
             atomic_fetch_add_explicit(&c->st.load_waits, 1, memory_order_relaxed);
             r = NULL;
-            int wrc = tier_up(c, L2) ? tier_done(c, L2, lease_wait(c, key, klen, lk, lkl, &r)) : KEEL_EUNAVAIL;
+            size_t at = vnode;
+            int wrc = KEEL_EUNAVAIL;
+            if (tier_up(c, L2, vnode)) {
+                wrc = lease_wait(c, key, klen, lk, lkl, &r, &at);
+                l2_done(c, vnode, at, wrc);
+            }
             if (l2_take(c, key, klen, h, wrc == 0 ? r : NULL, seen, out, outlen, &rc))
                 return rc;
         }
@@ -933,9 +987,11 @@ static int miss(keel_cache *c, const void *key, size_t klen, uint64_t h, bool tr
     return rc;
 }
 
-/* L2 for the items still missing (rc KEEL_ENOTFOUND, len SIZE_MAX): one
- * MGET per node, at most 512 keys each. Returns 0 or the first failure,
- * which ends it. */
+/* L2 for the items still missing (len SIZE_MAX): one MGET per node, at
+ * most 512 keys each, for the nodes not being skipped. A node that fails
+ * is passed over for the others; its items, and those of a node skipped,
+ * keep rc KEEL_EUNAVAIL, while those asked for in vain get
+ * KEEL_ENOTFOUND. Returns 0 or KEEL_ENOMEM. */
 static int l2_get_many(keel_cache *c, keel_cache_item *it, size_t n)
 {
     int failed = 0;
@@ -962,18 +1018,20 @@ static int l2_get_many(keel_cache *c, keel_cache_item *it, size_t n)
                 lens[k + 1] = kl;
                 idx[k++] = from;
             }
-            if (!k)
+            if (!k || !tier_up(c, L2, node))
                 break;
             redisReply *r = NULL;
             int rc = keel__redis_command_on(c->o.redis, node, (int)k + 1, argv, lens, &r);
             if (rc == 0 && (r->type != REDIS_REPLY_ARRAY || r->elements != k))
                 rc = KEEL_EPROTO;
+            tier_done(c, L2, node, rc);
             for (size_t j = 0; rc == 0 && j < k; j++) {
                 decoded d;
                 redisReply *e = r->element[j];
+                keel_cache_item *x = &it[idx[j]];
+                x->rc = KEEL_ENOTFOUND; /* asked: a miss, unless below */
                 if (e->type != REDIS_REPLY_STRING || !l2_decode(e->str, e->len, &d))
                     continue;
-                keel_cache_item *x = &it[idx[j]];
                 atomic_fetch_add_explicit(&c->st.hits_l2, 1, memory_order_relaxed);
                 l1_fill(c, x->key, x->klen, key_hash(x->key, x->klen), d.val, d.vlen, d.ttl, d.delta, d.tags,
                         d.ntags, seen);
@@ -981,11 +1039,8 @@ static int l2_get_many(keel_cache *c, keel_cache_item *it, size_t n)
             }
             if (r)
                 freeReplyObject(r);
-            if (rc) {
-                failed = rc;
-                node = nodes;
+            if (rc) /* this node's other batches too: they would fail alike */
                 break;
-            }
         }
     }
     if (!argv || !lens || !idx || !keys)
@@ -1029,18 +1084,23 @@ KEEL_API int keel_cache_get_many(keel_cache *c, keel_cache_item *items, size_t n
         } else {
             keel__stripe_add(&my_stripe(c)->misses, 1);
             x->len = SIZE_MAX; /* still to find */
+            x->rc = KEEL_EUNAVAIL; /* not asked of L2 yet */
             missing++;
         }
     }
-    int l2 = 0; /* the MGETs failed: each key still missing asks L2 again alone */
-    if (missing && c->o.redis && tier_up(c, L2))
-        l2 = tier_done(c, L2, l2_get_many(c, items, n));
+    if (missing && c->o.redis && l2_get_many(c, items, n) != 0)
+        for (size_t i = 0; i < n; i++) /* no memory for the MGETs: each key asks alone */
+            if (items[i].len == SIZE_MAX)
+                items[i].rc = KEEL_EUNAVAIL;
     int first = 0;
     for (size_t i = 0; i < n; i++) {
         keel_cache_item *x = &items[i];
-        bool negative; /* L1 again: a key given twice was found or loaded for the first */
+        /* L2 alone for a key its node's MGET did not answer (skipped nodes
+         * are skipped again at once) */
+        bool asked = x->rc == KEEL_ENOTFOUND, negative;
+        /* L1 again: a key given twice was found or loaded for the first */
         if (x->len == SIZE_MAX && l1_item(c, x, &negative) == KEEL_ENOTFOUND && !negative)
-            x->rc = miss(c, x->key, x->klen, key_hash(x->key, x->klen), l2 != 0, false, x->buf, x->cap, &x->len);
+            x->rc = miss(c, x->key, x->klen, key_hash(x->key, x->klen), !asked, false, x->buf, x->cap, &x->len);
         if (x->rc != 0 && x->len == SIZE_MAX)
             x->len = 0;
         if (!first)
@@ -1068,9 +1128,9 @@ KEEL_API int keel_cache_del(keel_cache *c, const void *key, size_t klen)
     invalidated(c, key, klen, false);
     keel__l1_del(c->l1, key, klen, h);
     int first = 0, rc; /* tried even when failing: a delete must not be skipped */
-    if (c->o.redis && (rc = tier_done(c, L2, l2_del(c, key, klen))) != 0)
+    if (c->o.redis && (rc = tier_done(c, L2, node_of(c, 'v', key, klen), l2_del(c, key, klen))) != 0)
         first = rc;
-    if (c->o.pg && (rc = tier_done(c, L3, l3_one(c, c->st_del, key, (int)klen, NULL))) != 0 && !first)
+    if (c->o.pg && (rc = tier_done(c, L3, 0, l3_one(c, c->st_del, key, (int)klen, NULL))) != 0 && !first)
         first = rc;
     invalidated(c, key, klen, false); /* and again: a get that read a lower tier meanwhile */
     keel__l1_del(c->l1, key, klen, h);
@@ -1078,11 +1138,13 @@ KEEL_API int keel_cache_del(keel_cache *c, const void *key, size_t klen)
     return first;
 }
 
-/* L2: the keys of a tag's set, deleted with the set. */
-static int l2_del_tag(keel_cache *c, const char *tag)
+/* L2: the keys of a tag's set, deleted with the set. *at: the node that
+ * failed (the set's when none did). */
+static int l2_del_tag(keel_cache *c, const char *tag, size_t *at)
 {
     char tk[TKEY_MAX];
     size_t tkl = rkey(c, 't', tag, strlen(tag), tk);
+    *at = keel_redis_node_of(c->o.redis, tk, tkl);
     const char *a[2] = {"SMEMBERS", tk};
     size_t l[2] = {8, tkl};
     redisReply *m = NULL;
@@ -1110,6 +1172,7 @@ static int l2_del_tag(keel_cache *c, const char *tag)
         srem[0] = "SREM", srem[1] = tk;
         sreml[0] = 4, sreml[1] = tkl;
         rc = keel_redis_pipeline(c->o.redis, cmds, n);
+        *at = failed_node(c, cmds, n, rc, *at);
         for (size_t i = 0; rc == 0 && i < n; i++)
             rc = cmds[i].rc;
         if (rc == 0) {
@@ -1148,16 +1211,22 @@ KEEL_API int keel_cache_invalidate_tag(keel_cache *c, const char *tag)
         return KEEL_EINVAL;
     bump_tag(c, tag, true);
     int first = 0, rc;
-    if (c->o.redis && (rc = tier_done(c, L2, l2_del_tag(c, tag))) != 0)
-        first = rc;
-    if (c->o.pg && (rc = tier_done(c, L3, l3_one(c, c->st_del_tag, tag, -1, NULL))) != 0 && !first)
+    if (c->o.redis) {
+        size_t at;
+        rc = l2_del_tag(c, tag, &at);
+        if ((rc = tier_done(c, L2, at, rc)) != 0)
+            first = rc;
+    }
+    if (c->o.pg && (rc = tier_done(c, L3, 0, l3_one(c, c->st_del_tag, tag, -1, NULL))) != 0 && !first)
         first = rc;
     bump_tag(c, tag, true); /* a get that read a lower tier meanwhile */
     announce(c, 'T', tag, strlen(tag));
     return first;
 }
 
-/* L2: SCAN each node for prefix* (glob characters escaped), DEL them. */
+/* L2: SCAN each node for prefix* (glob characters escaped), DEL them; a
+ * node that fails is passed over for the others. Returns the first
+ * failure. */
 static int l2_del_prefix(keel_cache *c, const void *prefix, size_t len)
 {
     char raw[1400], pat[2900];
@@ -1168,8 +1237,9 @@ static int l2_del_prefix(keel_cache *c, const void *prefix, size_t len)
         pat[pl++] = raw[i];
     }
     pat[pl++] = '*';
-    int rc = 0;
-    for (size_t node = 0; rc == 0 && node < keel_redis_nodes(c->o.redis); node++) {
+    int first = 0;
+    for (size_t node = 0; node < keel_redis_nodes(c->o.redis); node++) {
+        int rc = 0;
         char cursor[32] = "0";
         do {
             const char *a[6] = {"SCAN", cursor, "MATCH", pat, "COUNT", "1000"};
@@ -1204,8 +1274,10 @@ static int l2_del_prefix(keel_cache *c, const void *prefix, size_t len)
             if (r)
                 freeReplyObject(r);
         } while (rc == 0 && strcmp(cursor, "0") != 0);
+        if (tier_done(c, L2, node, rc) && !first)
+            first = rc;
     }
-    return rc;
+    return first;
 }
 
 KEEL_API int keel_cache_invalidate_prefix(keel_cache *c, const void *prefix, size_t len)
@@ -1217,7 +1289,7 @@ KEEL_API int keel_cache_invalidate_prefix(keel_cache *c, const void *prefix, siz
     invalidated(c, prefix, len, true);
     keel__l1_del_prefix(c->l1, prefix, len);
     int first = 0, rc;
-    if (c->o.redis && (rc = tier_done(c, L2, l2_del_prefix(c, prefix, len))) != 0)
+    if (c->o.redis && (rc = l2_del_prefix(c, prefix, len)) != 0)
         first = rc;
     if (c->o.pg) {
         unsigned char pat[2 * 1024 + 1]; /* LIKE: \, % and _ escaped, then % */
@@ -1229,7 +1301,7 @@ KEEL_API int keel_cache_invalidate_prefix(keel_cache *c, const void *prefix, siz
             pat[pl++] = ch;
         }
         pat[pl++] = '%';
-        if ((rc = tier_done(c, L3, l3_one(c, c->st_del_prefix, pat, (int)pl, NULL))) != 0 && !first)
+        if ((rc = tier_done(c, L3, 0, l3_one(c, c->st_del_prefix, pat, (int)pl, NULL))) != 0 && !first)
             first = rc;
     }
     invalidated(c, prefix, len, true);
@@ -1481,8 +1553,15 @@ KEEL_API int keel_cache_create(keel_cache **out, const keel_cache_opts *opts)
     keel_breaker_opts health = {.window = KEEL_BREAKER_COUNT, .window_size = 1, .minimum_calls = 1,
                                 .failure_rate = 100, .permitted_in_half_open = 1,
                                 .wait_open_ns = o.tier_retry_ns, .on_state = tier_state, .ud = c};
-    for (int t = L2; rc == 0 && t <= L3; t++)
-        rc = keel_breaker_create(&c->tier[t], &health);
+    if (rc == 0)
+        rc = keel_breaker_create(&c->l3h, &health);
+    if (rc == 0 && o.redis) {
+        size_t n = keel_redis_nodes(o.redis);
+        if (!(c->l2h = keel__calloc(n, sizeof *c->l2h)))
+            rc = KEEL_ENOMEM;
+        for (; rc == 0 && c->nl2 < n; c->nl2++)
+            rc = keel_breaker_create(&c->l2h[c->nl2], &health);
+    }
     if (rc == 0 && o.pg)
         rc = prepare(c);
     static const char release[] =
@@ -1559,8 +1638,10 @@ KEEL_API void keel_cache_destroy(keel_cache *c)
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
         keel_pg_stmt_free(all[i]);
     keel__l1_destroy(c->l1);
-    keel_breaker_destroy(c->tier[L2]);
-    keel_breaker_destroy(c->tier[L3]);
+    for (size_t i = 0; i < c->nl2; i++)
+        keel_breaker_destroy(c->l2h[i]);
+    keel__free(c->l2h);
+    keel_breaker_destroy(c->l3h);
     for (size_t b = 0; b < 256; b++)
         for (ctag *t = c->tags[b], *n; t; t = n) {
             n = t->next;
