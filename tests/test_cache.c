@@ -1574,6 +1574,70 @@ START_TEST(hits_from_many_threads_are_all_counted)
 }
 END_TEST
 
+/* One tag per key, over far more keys than L1 holds: a tag's record
+ * lives as long as entries carry the tag, so their number stays bounded
+ * by L1's entries (and those awaiting their grace period, at most 128 a
+ * shard); none is left once L1 is empty. Tags invalidated after their
+ * records were freed and made again still make their entries miss. */
+START_TEST(tag_records_live_as_long_as_their_entries)
+{
+    keel_cache *c;
+    keel_cache_opts o = {.l1_max_items = 320, .clock = kt_clock_now, .clock_ud = &clk};
+    ck_assert_int_eq(keel_cache_create(&c, &o), 0);
+    keel_cache_stats st;
+    char k[32], v[64];
+    for (int i = 0; i < 20000; i++) {
+        snprintf(k, sizeof k, "user:%d", i);
+        const char *tags[2] = {k, "all"};
+        ck_assert_int_eq(set(c, k, "v", tags, 2), 0);
+        if (i % 1000 == 999) {
+            keel_cache_stats_get(c, &st);
+            ck_assert_uint_le(st.l1_items, 320);
+            ck_assert_uint_le(st.tags, 1 + 320 + 32 * 128);
+        }
+    }
+    ck_assert_int_eq(keel_cache_invalidate_prefix(c, "", 0), 0); /* L1 empty, its garbage freed */
+    keel_cache_stats_get(c, &st);
+    ck_assert_uint_eq(st.l1_items, 0);
+    ck_assert_uint_eq(st.tags, 0);
+    /* entries set before an invalidation, their records made again */
+    const char *t1[1] = {"t1"}, *t2[1] = {"t2"};
+    ck_assert_int_eq(set(c, "a", "A", t1, 1), 0);
+    ck_assert_int_eq(set(c, "b", "B", t1, 1), 0);
+    ck_assert_int_eq(set(c, "c", "C", t2, 1), 0);
+    keel_cache_stats_get(c, &st);
+    ck_assert_uint_eq(st.tags, 2);
+    ck_assert_int_eq(keel_cache_invalidate_tag(c, "t1"), 0);
+    ck_assert_int_eq(get(c, "a", v, sizeof v), KEEL_ENOTFOUND);
+    ck_assert_int_eq(get(c, "b", v, sizeof v), KEEL_ENOTFOUND);
+    ck_assert_int_eq(get(c, "c", v, sizeof v), 0);
+    /* a tag invalidated with no record, then set again: a hit */
+    ck_assert_int_eq(keel_cache_invalidate_tag(c, "t3"), 0);
+    const char *t3[1] = {"t3"};
+    ck_assert_int_eq(set(c, "d", "D", t3, 1), 0);
+    ck_assert_int_eq(get(c, "d", v, sizeof v), 0);
+    ck_assert_str_eq(v, "D");
+    ck_assert_int_eq(keel_cache_invalidate_tag(c, "t3"), 0);
+    ck_assert_int_eq(get(c, "d", v, sizeof v), KEEL_ENOTFOUND);
+    /* t1's record freed with its last entry, made again by a new one */
+    ck_assert_int_eq(keel_cache_invalidate_prefix(c, "", 0), 0);
+    ck_assert_int_eq(set(c, "a", "A2", t1, 1), 0);
+    ck_assert_int_eq(get(c, "a", v, sizeof v), 0);
+    ck_assert_str_eq(v, "A2");
+    ck_assert_int_eq(set(c, "e", "E", t1, 1), 0);
+    ck_assert_int_eq(keel_cache_invalidate_tag(c, "t1"), 0);
+    ck_assert_int_eq(get(c, "a", v, sizeof v), KEEL_ENOTFOUND);
+    ck_assert_int_eq(get(c, "e", v, sizeof v), KEEL_ENOTFOUND);
+    /* an entry replaced gives its tags back */
+    ck_assert_int_eq(set(c, "f", "F", t2, 1), 0);
+    ck_assert_int_eq(set(c, "f", "F2", NULL, 0), 0);
+    ck_assert_int_eq(keel_cache_invalidate_prefix(c, "", 0), 0);
+    keel_cache_stats_get(c, &st);
+    ck_assert_uint_eq(st.tags, 0);
+    keel_cache_destroy(c);
+}
+END_TEST
+
 START_TEST(bad_input_is_refused)
 {
     keel_cache *c;
@@ -2274,6 +2338,7 @@ int main(void)
     tcase_add_test(tc, a_set_is_not_evicted_by_its_own_insert);
     tcase_add_test(tc, hits_from_many_threads_are_all_counted);
     tcase_add_test(tc, bad_input_is_refused);
+    tcase_add_test(tc, tag_records_live_as_long_as_their_entries);
     suite_add_tcase(s, tc);
     TCase *th = tcase_create("threads");
     tcase_set_tags(th, "stress"); /* threads racing: not under valgrind */

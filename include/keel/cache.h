@@ -64,7 +64,8 @@
  *
  * Tags. set may name tags. L1 entries record each tag's version at set;
  * invalidating a tag bumps its version (here and, through the channel, in
- * every process), which makes those entries miss. L2 keeps a set of keys
+ * every process), which makes those entries miss. A tag's record lives as
+ * long as L1 entries carry the tag (stats: tags). L2 keeps a set of keys
  * per tag (redis_prefix + "t:" + tag; PEXPIRE NX/GT: Redis 7.0 or later)
  * whose keys are deleted; L3 deletes the rows whose tags contain it.
  *
@@ -196,6 +197,8 @@ typedef struct keel_cache_stats {
     uint64_t evictions, expirations, invalidations_received, flushes;
     uint64_t errors_l2, errors_l3;
     uint64_t l1_items, l1_bytes;
+    uint64_t tags; /* tag records: one per distinct tag of L1's entries
+                      (those awaiting their RCU grace period too) */
 } keel_cache_stats;
 
 KEEL_API void keel_cache_stats_get(keel_cache *c, keel_cache_stats *st);

@@ -81,8 +81,7 @@ struct keel_cache {
     keel__clock clock;
     keel__rand rand;
     l1 *l1;
-    pthread_mutex_t tags_mu;
-    ctag *tags[256];
+    tag_stripe *tags; /* TAG_STRIPES */
     pthread_mutex_t fl_mu;
     flight *flights;
     _Atomic size_t nflights; /* on the list: invalidations skip fl_mu at 0 */
@@ -110,31 +109,146 @@ static lookup_stats *my_stripe(keel_cache *c) { return &c->lk[keel__stripe()]; }
 static uint64_t now_ns(keel_cache *c) { return keel__clock_now(&c->clock); }
 static uint64_t key_hash(const void *k, size_t n) { return keel__hash64(k, n, 0x6b63); }
 
-/* ---- tags ---- */
+/* ---- tags ----
+ *
+ * The records of the tags L1's entries carry (cache_int.h), in hash
+ * tables striped by the hash's top bits, each under its own mutex and
+ * doubled when it holds two records a bucket. */
 
-/* A tag's record; with `create`, made when missing (NULL: no memory). */
-static ctag *tag_lookup(keel_cache *c, const char *name, bool create)
+#define TAG_STRIPES 16
+#define TAG_MIN_BUCKETS 16
+
+struct tag_stripe {
+    pthread_mutex_t mu;
+    ctag **b;
+    size_t mask, n;
+} __attribute__((aligned(KEEL__CACHELINE)));
+
+static uint64_t tag_hash(const char *name) { return keel__hash64(name, strlen(name), 0x7467); }
+
+static int tags_create(tag_stripe **out)
 {
-    size_t b = keel__hash64(name, strlen(name), 0) % 256;
-    pthread_mutex_lock(&c->tags_mu);
-    ctag *t = c->tags[b];
-    while (t && strcmp(t->name, name) != 0)
-        t = t->next;
-    if (!t && create && (t = keel__calloc(1, sizeof *t))) {
-        if ((t->name = keel__strdup(name))) {
-            t->next = c->tags[b];
-            c->tags[b] = t;
-        } else {
-            keel__free(t);
-            t = NULL;
-        }
+    tag_stripe *t = keel__aligned_alloc(KEEL__CACHELINE, TAG_STRIPES * sizeof *t);
+    if (!t)
+        return KEEL_ENOMEM;
+    memset(t, 0, TAG_STRIPES * sizeof *t);
+    int rc = 0;
+    for (size_t i = 0; i < TAG_STRIPES; i++) {
+        pthread_mutex_init(&t[i].mu, NULL);
+        t[i].mask = TAG_MIN_BUCKETS - 1;
+        if (!(t[i].b = keel__calloc(TAG_MIN_BUCKETS, sizeof *t[i].b)))
+            rc = KEEL_ENOMEM;
     }
-    pthread_mutex_unlock(&c->tags_mu);
+    *out = t;
+    return rc;
+}
+
+/* After L1 (whose entries give their references back). */
+static void tags_destroy(tag_stripe *t)
+{
+    for (size_t i = 0; t && i < TAG_STRIPES; i++) {
+        for (size_t b = 0; t[i].b && b <= t[i].mask; b++)
+            for (ctag *x = t[i].b[b], *n; x; x = n) {
+                n = x->next;
+                keel__free(x);
+            }
+        keel__free(t[i].b);
+        pthread_mutex_destroy(&t[i].mu);
+    }
+    keel__aligned_free(t);
+}
+
+static tag_stripe *stripe_of(keel_cache *c, uint64_t h) { return &c->tags[h >> 60]; }
+
+/* Under s's mutex. */
+static ctag *tag_locate(tag_stripe *s, const char *name, uint64_t h)
+{
+    ctag *t = s->b[h & s->mask];
+    while (t && (t->h != h || strcmp(t->name, name) != 0))
+        t = t->next;
     return t;
 }
 
-static ctag *tag_get(keel_cache *c, const char *name) { return tag_lookup(c, name, true); }
-static ctag *tag_find(keel_cache *c, const char *name) { return tag_lookup(c, name, false); }
+/* Doubles s's buckets, under its mutex; on no memory they stay. */
+static void tags_grow(tag_stripe *s)
+{
+    size_t n = (s->mask + 1) * 2;
+    ctag **b = keel__calloc(n, sizeof *b);
+    if (!b)
+        return;
+    for (size_t i = 0; i <= s->mask; i++)
+        for (ctag *t = s->b[i], *next; t; t = next) {
+            next = t->next;
+            t->next = b[t->h & (n - 1)];
+            b[t->h & (n - 1)] = t;
+        }
+    keel__free(s->b);
+    s->b = b;
+    s->mask = n - 1;
+}
+
+/* A reference to a tag's record, made when missing (NULL: no memory). */
+static ctag *tag_get(keel_cache *c, const char *name)
+{
+    uint64_t h = tag_hash(name);
+    tag_stripe *s = stripe_of(c, h);
+    pthread_mutex_lock(&s->mu);
+    ctag *t = tag_locate(s, name, h);
+    if (t) {
+        t->refs++;
+    } else if ((t = keel__malloc(sizeof *t + strlen(name) + 1))) {
+        atomic_init(&t->version, 0);
+        t->home = s;
+        t->refs = 1;
+        t->h = h;
+        strcpy(t->name, name);
+        t->next = s->b[h & s->mask];
+        s->b[h & s->mask] = t;
+        if (++s->n > 2 * (s->mask + 1))
+            tags_grow(s);
+    }
+    pthread_mutex_unlock(&s->mu);
+    return t;
+}
+
+void keel__ctag_put(ctag *t)
+{
+    tag_stripe *s = t->home;
+    pthread_mutex_lock(&s->mu);
+    if (--t->refs == 0) {
+        ctag **pp = &s->b[t->h & s->mask];
+        while (*pp != t)
+            pp = &(*pp)->next;
+        *pp = t->next;
+        s->n--;
+        keel__free(t);
+    }
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* Bumps a tag's version, if it has a record (without one, no L1 entry
+ * carries it). Under the mutex: the record cannot go meanwhile. */
+static void tag_bump(keel_cache *c, const char *name)
+{
+    uint64_t h = tag_hash(name);
+    tag_stripe *s = stripe_of(c, h);
+    pthread_mutex_lock(&s->mu);
+    ctag *t = tag_locate(s, name, h);
+    if (t)
+        atomic_fetch_add(&t->version, 1);
+    pthread_mutex_unlock(&s->mu);
+}
+
+static uint64_t tags_count(keel_cache *c)
+{
+    uint64_t n = 0;
+    for (size_t i = 0; i < TAG_STRIPES; i++) {
+        pthread_mutex_lock(&c->tags[i].mu);
+        n += c->tags[i].n;
+        pthread_mutex_unlock(&c->tags[i].mu);
+    }
+    return n;
+}
 
 static bool good_tags(const char *const *tags, size_t n)
 {
@@ -148,12 +262,16 @@ static bool good_tags(const char *const *tags, size_t n)
     return true;
 }
 
-/* Each tag with its current version; false when out of memory. */
+/* Each tag with its current version, a reference taken on each (for
+ * keel__l1_set); false when out of memory (none taken). */
 static bool tag_refs(keel_cache *c, const char *const *tags, size_t n, l1_tagref *out)
 {
     for (size_t i = 0; i < n; i++) {
-        if (!(out[i].tag = tag_get(c, tags[i])))
+        if (!(out[i].tag = tag_get(c, tags[i]))) {
+            while (i > 0)
+                keel__ctag_put(out[--i].tag);
             return false;
+        }
         out[i].version = atomic_load(&out[i].tag->version);
     }
     return true;
@@ -1193,23 +1311,20 @@ static int l2_del_tag(keel_cache *c, const char *tag, size_t *at)
     return rc;
 }
 
-/* Makes L1's entries carrying the tag miss. `create`: a tag this process
- * may not know yet (an announced one only matters if some entry has it). */
-static void bump_tag(keel_cache *c, const char *tag, bool create)
+/* Makes L1's entries carrying the tag miss. The epoch moves first: a
+ * value read below before it, whose tags' versions are taken after the
+ * bump, stays out of L1 all the same. */
+static void bump_tag(keel_cache *c, const char *tag)
 {
-    ctag *t = create ? tag_get(c, tag) : tag_find(c, tag);
     invalidated(c, NULL, 0, false);
-    if (t)
-        atomic_fetch_add(&t->version, 1);
-    else if (create) /* no memory to remember the tag: forget everything instead */
-        keel__l1_flush(c->l1);
+    tag_bump(c, tag);
 }
 
 KEEL_API int keel_cache_invalidate_tag(keel_cache *c, const char *tag)
 {
     if (!c || !good_tags(&tag, 1))
         return KEEL_EINVAL;
-    bump_tag(c, tag, true);
+    bump_tag(c, tag);
     int first = 0, rc;
     if (c->o.redis) {
         size_t at;
@@ -1219,7 +1334,7 @@ KEEL_API int keel_cache_invalidate_tag(keel_cache *c, const char *tag)
     }
     if (c->o.pg && (rc = tier_done(c, L3, 0, l3_one(c, c->st_del_tag, tag, -1, NULL))) != 0 && !first)
         first = rc;
-    bump_tag(c, tag, true); /* a get that read a lower tier meanwhile */
+    bump_tag(c, tag); /* a get that read a lower tier meanwhile */
     announce(c, 'T', tag, strlen(tag));
     return first;
 }
@@ -1366,7 +1481,7 @@ static void on_message(const char *channel, size_t chlen, const char *msg, size_
         char tag[CACHE_MAX_TAG + 1];
         memcpy(tag, p, n);
         tag[n] = '\0';
-        bump_tag(c, tag, false);
+        bump_tag(c, tag);
     } else if (msg[ID_LEN] == 'P') {
         invalidated(c, p, n, true);
         keel__l1_del_prefix(c->l1, p, n);
@@ -1415,6 +1530,7 @@ KEEL_API void keel_cache_stats_get(keel_cache *c, keel_cache_stats *st)
     st->expirations = ls.expirations;
     st->l1_items = ls.items;
     st->l1_bytes = ls.bytes;
+    st->tags = tags_count(c);
 }
 
 KEEL__STAT_FN(m_hits_l1, keel_cache_stats, keel_cache_stats_get, hits_l1)
@@ -1530,7 +1646,6 @@ KEEL_API int keel_cache_create(keel_cache **out, const keel_cache_opts *opts)
     memset(c, 0, sizeof *c);
     c->o = o;
     c->clock = (keel__clock){o.clock, o.clock_ud};
-    pthread_mutex_init(&c->tags_mu, NULL);
     pthread_mutex_init(&c->fl_mu, NULL);
     pthread_mutex_init(&c->sweep_mu, NULL);
     pthread_condattr_t ca;
@@ -1549,7 +1664,9 @@ KEEL_API int keel_cache_create(keel_cache **out, const keel_cache_opts *opts)
     memcpy(c->self, mix, ID_LEN);
     c->rprefix = keel__strdup(o.redis_prefix ? o.redis_prefix : "kc:");
     c->table = keel__strdup(o.table ? o.table : "keel_cache");
-    int rc = c->rprefix && c->table ? keel__l1_create(&c->l1, o.l1_max_bytes, o.l1_max_items, &c->clock) : KEEL_ENOMEM;
+    int rc = c->rprefix && c->table ? tags_create(&c->tags) : KEEL_ENOMEM;
+    if (rc == 0)
+        rc = keel__l1_create(&c->l1, o.l1_max_bytes, o.l1_max_items, &c->clock);
     keel_breaker_opts health = {.window = KEEL_BREAKER_COUNT, .window_size = 1, .minimum_calls = 1,
                                 .failure_rate = 100, .permitted_in_half_open = 1,
                                 .wait_open_ns = o.tier_retry_ns, .on_state = tier_state, .ud = c};
@@ -1642,13 +1759,7 @@ KEEL_API void keel_cache_destroy(keel_cache *c)
         keel_breaker_destroy(c->l2h[i]);
     keel__free(c->l2h);
     keel_breaker_destroy(c->l3h);
-    for (size_t b = 0; b < 256; b++)
-        for (ctag *t = c->tags[b], *n; t; t = n) {
-            n = t->next;
-            keel__free(t->name);
-            keel__free(t);
-        }
-    pthread_mutex_destroy(&c->tags_mu);
+    tags_destroy(c->tags);
     pthread_mutex_destroy(&c->fl_mu);
     keel__free(c->rprefix);
     keel__free(c->table);

@@ -12,13 +12,26 @@
 #define CACHE_MAX_TAGS 16
 #define CACHE_MAX_TAG 200
 
-/* A tag's version: bumped by each invalidation, here or announced by
- * another process. Tags live as long as the cache. */
+/* A tag's record: its version, bumped by each invalidation, here or
+ * announced by another process. Counted references pin it: one for each
+ * L1 entry that carries the tag (given back when the entry is freed,
+ * after its grace period) and one for each caller between tag lookup and
+ * keel__l1_set. L1 readers reach a record only through an entry they
+ * can still see, so the last reference gone, no reader holds it: it is
+ * freed at once. A tag without a record has no entry to make miss; one
+ * made again starts a new count of versions, which no entry has seen. */
+typedef struct tag_stripe tag_stripe;
 typedef struct ctag {
-    char *name;
     _Atomic uint64_t version;
-    struct ctag *next;
+    struct ctag *next; /* its bucket, under its stripe's mutex */
+    tag_stripe *home;
+    size_t refs;       /* under home's mutex */
+    uint64_t h;
+    char name[];
 } ctag;
+
+/* Gives a reference back; the last frees the record. */
+void keel__ctag_put(ctag *t);
 
 typedef struct l1_tagref {
     ctag *tag;
@@ -46,7 +59,8 @@ int keel__l1_get(l1 *c, const void *key, size_t klen, uint64_t h, void *buf, siz
 /* Inserts (replacing) unless *epoch moved past `seen` (an invalidation
  * arrived meanwhile: the value may be stale). Returns 0, KEEL_ENOMEM,
  * KEEL_ECONFLICT (skipped) or KEEL_ERANGE (larger than an L1 shard, a
- * 32nd of the L1). */
+ * 32nd of the L1). Takes the tags' references in every case (the entry
+ * keeps them, or they are given back). */
 int keel__l1_set(l1 *c, const void *key, size_t klen, uint64_t h, const void *val, size_t vlen, uint64_t expires,
                  uint64_t delta, const l1_tagref *tags, size_t ntags, bool negative, _Atomic uint64_t *epoch,
                  uint64_t seen);

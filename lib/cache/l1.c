@@ -167,12 +167,25 @@ int keel__l1_create(l1 **out, size_t max_bytes, size_t max_items, const keel__cl
     return 0;
 }
 
+static void put_tags(const l1_tagref *t, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        keel__ctag_put(t[i].tag);
+}
+
+/* Frees an entry no reader can see, with its tags' references. */
+static void free_entry(l1e *e)
+{
+    put_tags(cold(e)->tags, e->ntags);
+    keel__free(e);
+}
+
 static void free_list(l1e *e)
 {
     while (e) {
         l1e *x = e;
         e = cold(e)->qnext;
-        keel__free(x);
+        free_entry(x);
     }
 }
 
@@ -186,7 +199,7 @@ void keel__l1_destroy(l1 *c)
         for (size_t b = 0; t && b <= t->mask; b++)
             for (l1e *e = atomic_load_explicit(&t->b[b], memory_order_relaxed), *n; e; e = n) {
                 n = next_of(e);
-                keel__free(e);
+                free_entry(e);
             }
         free_list(s->garbage);
         keel__free(t);
@@ -459,14 +472,14 @@ int keel__l1_set(l1 *c, const void *key, size_t klen, uint64_t h, const void *va
                  uint64_t seen)
 {
     shard *s = shard_of(c, h);
-    if (klen > UINT16_MAX || vlen > UINT32_MAX || ntags > UINT8_MAX) /* the entry's fields */
-        return KEEL_ERANGE;
     size_t size = entry_size(klen, vlen, ntags, delta != 0);
-    if (size + 16 > s->max_bytes)
-        return KEEL_ERANGE;
-    l1e *e = keel__malloc(size);
-    if (!e)
-        return KEEL_ENOMEM;
+    /* the entry's fields, and a shard's bytes */
+    int rc = klen > UINT16_MAX || vlen > UINT32_MAX || ntags > UINT8_MAX || size + 16 > s->max_bytes ? KEEL_ERANGE : 0;
+    l1e *e = rc ? NULL : keel__malloc(size);
+    if (!e) {
+        put_tags(tags, ntags);
+        return rc ? rc : KEEL_ENOMEM;
+    }
     memset(e, 0, sizeof *e);
     e->h = (uint32_t)h;
     e->expires = expires;
@@ -487,7 +500,7 @@ int keel__l1_set(l1 *c, const void *key, size_t klen, uint64_t h, const void *va
     pthread_mutex_lock(&s->mu);
     if (epoch && atomic_load(epoch) != seen) { /* an invalidation came while the value was read */
         pthread_mutex_unlock(&s->mu);
-        keel__free(e);
+        free_entry(e);
         return KEEL_ECONFLICT;
     }
     l1e *old = find_locked(s, key, klen, h);
