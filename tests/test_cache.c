@@ -37,6 +37,8 @@ typedef struct loader_state {
     uint64_t sleep_ns;   /* really wait (for the single-flight test) */
     _Atomic int hold;    /* wait while set: the test releases the load */
     const char *tag;
+    const char *val;     /* the value, if not "loaded:" and the key */
+    uint64_t ttl;        /* 0: 60 s */
 } loader_state;
 
 static int load(const void *key, size_t klen, keel_cache_load *ld, void *ud)
@@ -52,9 +54,10 @@ static int load(const void *key, size_t klen, keel_cache_load *ld, void *ud)
     if (s->absent)
         return KEEL_ENOTFOUND;
     char v[64];
-    int n = snprintf(v, sizeof v, "loaded:%.*s", (int)klen, (const char *)key);
+    int n = s->val ? snprintf(v, sizeof v, "%s", s->val)
+                   : snprintf(v, sizeof v, "loaded:%.*s", (int)klen, (const char *)key);
     const char *tags[1] = {s->tag};
-    return keel_cache_load_set(ld, v, (size_t)n, 60 * S, tags, s->tag ? 1 : 0);
+    return keel_cache_load_set(ld, v, (size_t)n, s->ttl ? s->ttl : 60 * S, tags, s->tag ? 1 : 0);
 }
 
 static char *uniq(const char *what)
@@ -849,6 +852,49 @@ START_TEST(xfetch_refreshes_from_the_loader_over_l3)
     keel_cache_stats st;
     keel_cache_stats_get(r.c, &st);
     ck_assert_uint_eq(st.hits_l3, 0);
+    rig_close(&r);
+}
+END_TEST
+
+/* An early refresh is for every process: the value it loads replaces the
+ * old one in L2 and L3 (with its new TTL), so the others do not all miss
+ * at the old expiry. */
+START_TEST(an_early_refresh_overwrites_l2_and_l3)
+{
+    rig r;
+    rig_open(&r, true, true, 0, 0);
+    keel_cache_destroy(r.c);
+    r.ls.take_ns = 100 * MS; /* each load "takes" 100 ms on the fake clock */
+    keel_cache_opts o = {.redis = r.redis, .redis_prefix = r.prefix, .pg = r.pg, .table = r.table, .loader = load,
+                         .loader_ud = &r.ls, .xfetch_beta = 1, .clock = kt_clock_now, .clock_ud = &clk};
+    ck_assert_int_eq(keel_cache_create(&r.c, &o), 0);
+    char v[64];
+    ck_assert_int_eq(get(r.c, "x", v, sizeof v), 0); /* loaded: 60 s in every tier */
+    ck_assert_str_eq(v, "loaded:x");
+    kt_clock_advance(&clk, 59990 * MS); /* 10 ms left in L1: nearly every get would refresh */
+    r.ls.val = "fresh";
+    r.ls.ttl = 600 * S;
+    for (int i = 0; i < 20 && atomic_load(&r.ls.calls) == 1; i++)
+        ck_assert_int_eq(get(r.c, "x", v, sizeof v), 0);
+    ck_assert_int_eq(atomic_load(&r.ls.calls), 2);
+    ck_assert_int_eq(get(r.c, "x", v, sizeof v), 0);
+    ck_assert_str_eq(v, "fresh");
+    char k[128]; /* L2: the new value, with its new TTL (Redis counts real time: the old had 60 s) */
+    int n = snprintf(k, sizeof k, "%sv:x", r.prefix);
+    const char *a[2] = {"PTTL", k};
+    size_t l[2] = {4, (size_t)n};
+    redisReply *rep;
+    ck_assert_int_eq(keel_redis_command(r.redis, k, (size_t)n, 2, a, l, &rep), 0);
+    ck_assert_int_gt(rep->integer, 120 * 1000);
+    freeReplyObject(rep);
+    keel_cache *peer = rig_peer(&r, true); /* another process: L2 */
+    ck_assert_int_eq(get(peer, "x", v, sizeof v), 0);
+    ck_assert_str_eq(v, "fresh");
+    keel_cache_destroy(peer);
+    peer = rig_peer(&r, false); /* and one with L3 only */
+    ck_assert_int_eq(get(peer, "x", v, sizeof v), 0);
+    ck_assert_str_eq(v, "fresh");
+    keel_cache_destroy(peer);
     rig_close(&r);
 }
 END_TEST
@@ -2367,6 +2413,7 @@ int main(void)
     tcase_add_test(sv, xfetch_leaves_an_entry_capped_by_l1_max_ttl_to_l2);
     tcase_add_test(sv, without_a_loader_a_value_near_expiry_is_a_hit);
     tcase_add_test(sv, xfetch_refreshes_from_the_loader_over_l3);
+    tcase_add_test(sv, an_early_refresh_overwrites_l2_and_l3);
     tcase_add_test(sv, another_process_invalidates_this_l1);
     tcase_add_test(sv, a_dropped_link_flushes_l1);
     tcase_add_test(sv, a_tag_goes_from_every_tier);

@@ -33,12 +33,14 @@
  * With xfetch_beta > 0 and a loader, a hit close to its expiry may be
  * treated as a miss (XFetch), so that one caller refreshes it early from
  * the loader (L2 and L3 hold it as near its expiry) rather than all at
- * once; that caller keeps the value it had if the refresh fails, and gets
- * KEEL_ENOTFOUND if the loader says the key is gone. An L1 entry cut short
- * by l1_max_ttl over L2 or L3 is not refreshed early: it is filled again
- * from them when it expires. A loader may answer
- * KEEL_ENOTFOUND: that absence is cached in L1 for negative_ttl_ns (at
- * most l1_max_ttl_ns, like every L1 entry).
+ * once, and writes the new value over the old one in L2 and L3 (unless an
+ * invalidation of the key came during the load), so that the other
+ * processes do not miss at the old expiry either; that caller keeps the
+ * value it had if the refresh fails, and gets KEEL_ENOTFOUND if the
+ * loader says the key is gone. An L1 entry cut short by l1_max_ttl over
+ * L2 or L3 is not refreshed early: it is filled again from them when it
+ * expires. A loader may answer KEEL_ENOTFOUND: that absence is cached in
+ * L1 for negative_ttl_ns (at most l1_max_ttl_ns, like every L1 entry).
  *
  * Invalidation. set, del, invalidate_tag and invalidate_prefix act on all
  * tiers here and publish on the Redis channel redis_prefix + "inv"; every
@@ -52,7 +54,8 @@
  * loaded) while any invalidation arrived is returned but not put into L1,
  * so a late reply never brings back what was just invalidated; fills of
  * the lower tiers never overwrite a value set meanwhile (SET NX, an upsert
- * over expired rows only), and are skipped when an invalidation of that
+ * over expired rows only; an early refresh overwrites, as it must), and
+ * are skipped when an invalidation of that
  * key (a del, set, prefix or tag, here or announced) came during the
  * read. (That check and the writes are not one step: a del that reaches
  * L2 or L3 between them, or is announced after it, removes nothing there,

@@ -790,20 +790,22 @@ static bool flight_stale(keel_cache *c, flight *f, uint64_t seen)
 }
 
 /* A loaded value: the lower tiers only where nothing newer is (SET NX, an
- * upsert over expired rows only), and only if no invalidation of the key
- * came during the load (one of another key does not keep it from the
- * processes waiting on the lease); L1 only if no invalidation at all came
- * (keel__l1_set checks that under the shard's mutex). */
+ * upsert over expired rows only), or with `refresh` (XFetch) over the
+ * value they hold, which is the one being refreshed (else the other
+ * processes would still miss at its expiry); and only if no invalidation
+ * of the key came during the load (one of another key does not keep it
+ * from the processes waiting on the lease); L1 only if no invalidation at
+ * all came (keel__l1_set checks that under the shard's mutex). */
 static void fill_through(keel_cache *c, flight *f, const void *key, size_t klen, uint64_t h, const void *val,
                          size_t vlen, uint64_t ttl, const char *const *tags, size_t ntags, uint64_t delta,
-                         uint64_t seen)
+                         uint64_t seen, bool refresh)
 {
     if (flight_stale(c, f, seen))
         return;
     if (c->o.redis)
-        l2_fill(c, key, klen, val, vlen, ttl, tags, ntags, delta, false);
+        l2_fill(c, key, klen, val, vlen, ttl, tags, ntags, delta, refresh);
     if (c->o.pg && tier_up(c, L3, 0))
-        tier_done(c, L3, 0, l3_put(c, key, klen, val, vlen, ttl, tags, ntags, true));
+        tier_done(c, L3, 0, l3_put(c, key, klen, val, vlen, ttl, tags, ntags, !refresh));
     l1_put(c, key, klen, h, val, vlen, ttl, delta, tags, ntags, false, true, seen);
 }
 
@@ -888,13 +890,14 @@ static bool l3_tags(const char *tt, decoded *d)
     return true;
 }
 
-/* The lower tiers (L2 unless the caller just asked it, L3 unless it
+/* The lower tiers (L2 unless the caller just asked it; neither when it
  * refreshes early: both hold the value as near its expiry as L1 did),
  * then the loader, for the flight f the caller leads; *out (malloc'd) is
  * the value. */
-static int fill(keel_cache *c, flight *f, const void *key, size_t klen, uint64_t h, bool try_l2, bool try_l3,
+static int fill(keel_cache *c, flight *f, const void *key, size_t klen, uint64_t h, bool try_l2, bool refresh,
                 void **out, size_t *outlen)
 {
+    bool try_l3 = !refresh;
     uint64_t seen = atomic_load(&c->epoch);
     redisReply *r = NULL;
     uint64_t ttl = 0;
@@ -977,7 +980,7 @@ static int fill(keel_cache *c, flight *f, const void *key, size_t klen, uint64_t
                      seen);
     } else if (rc == 0) {
         uint64_t lttl = ld.ttl ? ld.ttl : c->o.default_ttl_ns;
-        fill_through(c, f, key, klen, h, ld.val, ld.vlen, lttl, ld.tags, ld.ntags, delta, seen);
+        fill_through(c, f, key, klen, h, ld.val, ld.vlen, lttl, ld.tags, ld.ntags, delta, seen, refresh);
         *out = ld.val;
         *outlen = ld.vlen;
         ld.val = NULL;
@@ -1094,7 +1097,7 @@ static int miss(keel_cache *c, const void *key, size_t klen, uint64_t h, bool tr
     }
     void *val = NULL;
     size_t vlen = 0;
-    rc = fill(c, f, key, klen, h, try_l2, !stale_ok, &val, &vlen);
+    rc = fill(c, f, key, klen, h, try_l2, stale_ok, &val, &vlen);
     sf_finish(c, f, rc, val, vlen);
     sf_leave(c, f);
     if (rc == 0)
