@@ -320,6 +320,58 @@ START_TEST(a_sweep_interval_past_the_clock_never_comes)
 }
 END_TEST
 
+/* The sweeper thread deletes expired rows, batch after batch, and spares
+ * live ones. Real time: it waits on CLOCK_MONOTONIC, and rows expire by
+ * the server's clock. */
+START_TEST(the_sweeper_deletes_expired_rows)
+{
+    rig r;
+    memset(&r, 0, sizeof r);
+    snprintf(r.table, sizeof r.table, "%s", uniq("sw"));
+    r.pg = open_pg();
+    keel_cache_opts o = {.pg = r.pg, .table = r.table, .sweep_interval_ns = 20 * MS};
+    ck_assert_int_eq(keel_cache_create(&r.c, &o), 0);
+    ck_assert_int_eq(keel_cache_create_schema(r.c), 0);
+    ck_assert_int_eq(keel_cache_set(r.c, "live", 4, "x", 1, 3600 * S, NULL, 0), 0);
+    PGconn *look = kt_pg_connect(kt_env("KEEL_TEST_PG"));
+    char sql[300]; /* more than two of the sweeper's batches of 1000 */
+    snprintf(sql, sizeof sql,
+             "INSERT INTO \"%s\" SELECT convert_to('old' || g, 'UTF8'), 'v'::bytea, now() - interval '1 second', "
+             "NULL FROM generate_series(1, 2500) g",
+             r.table);
+    kt_pg_exec(look, sql);
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM \"%s\"", r.table);
+    long long rows = -1;
+    for (int i = 0; i < 500 && (rows = kt_pg_number(look, sql)) != 1; i++)
+        kt_nap(20 * MS); /* at most 10 s */
+    ck_assert_int_eq(rows, 1);
+    ck_assert(in_l3(&r, "live", 4));
+    PQfinish(look);
+    rig_close(&r);
+}
+END_TEST
+
+/* L3's table is UNLOGGED unless l3_logged. */
+START_TEST(the_l3_table_is_unlogged_unless_asked)
+{
+    PGconn *look = kt_pg_connect(kt_env("KEEL_TEST_PG"));
+    for (int logged = 0; logged < 2; logged++) {
+        rig r;
+        memset(&r, 0, sizeof r);
+        snprintf(r.table, sizeof r.table, "%s", uniq("lg"));
+        r.pg = open_pg();
+        keel_cache_opts o = {.pg = r.pg, .table = r.table, .l3_logged = logged};
+        ck_assert_int_eq(keel_cache_create(&r.c, &o), 0);
+        ck_assert_int_eq(keel_cache_create_schema(r.c), 0);
+        char sql[200];
+        snprintf(sql, sizeof sql, "SELECT ascii(relpersistence) FROM pg_class WHERE relname = '%s'", r.table);
+        ck_assert_int_eq(kt_pg_number(look, sql), logged ? 'p' : 'u');
+        rig_close(&r);
+    }
+    PQfinish(look);
+}
+END_TEST
+
 /* MGETs a Redis node has run so far (INFO commandstats), asked through a
  * connection of the test's own. */
 static long long mgets_on(int node)
@@ -2404,6 +2456,8 @@ int main(void)
     tcase_add_test(sv, set_and_del_go_through_every_tier);
     tcase_add_test(sv, a_sweep_spares_a_row_set_again_meanwhile);
     tcase_add_test(sv, a_sweep_interval_past_the_clock_never_comes);
+    tcase_add_test(sv, the_sweeper_deletes_expired_rows);
+    tcase_add_test(sv, the_l3_table_is_unlogged_unless_asked);
     tcase_add_test(sv, a_multi_get_asks_each_node_once);
     tcase_add_test(sv, only_an_invalidation_of_the_key_keeps_a_load_from_the_lower_tiers);
     tcase_add_test(sv, a_value_read_below_before_an_invalidation_stays_out_of_l1);
