@@ -2889,8 +2889,8 @@ START_TEST(an_entry_another_live_consumer_wants_is_handed_back_not_skipped)
     unique_prefix(prefix, sizeof prefix, "handback");
     snprintf(key, sizeof key, "%s0", prefix);
     keel_redis *r = redis_nodes(1);
-    _Atomic int none[1] = {0};
-    member *other = member_new(none, 0);
+    _Atomic int seen[40] = {0}; /* on_member counts by message number */
+    member *other = member_new(seen, 0);
     picky *pk = calloc(1, sizeof *pk);
     pthread_mutex_init(&pk->mu, NULL);
     pk->fail_from = 64; /* none fails */

@@ -1818,9 +1818,11 @@ static void names_at_their_limits(keel_pg *pg)
     keel_cqrs_result r;
     ck_assert_int_eq(keel_cqrs_send(c, "long", &n, sizeof n, NULL, &r), 0);
     ck_assert_uint_eq(r.position, 0); /* nothing emitted */
+    keel_cqrs_result_free(&r);
     n = KEEL_CQRS_STREAM_MAX;
     ck_assert_int_eq(keel_cqrs_send(c, "long", &n, sizeof n, NULL, &r), 0);
     ck_assert_uint_gt(r.position, 0);
+    keel_cqrs_result_free(&r);
     char key[KEEL_CQRS_NAME_MAX + 2];
     memset(key, 'k', sizeof key - 1);
     key[sizeof key - 1] = '\0'; /* 129 bytes */
@@ -1828,6 +1830,7 @@ static void names_at_their_limits(keel_pg *pg)
     ck_assert_int_eq(atomic_load(&a.calls), 0);
     key[KEEL_CQRS_NAME_MAX] = '\0';
     ck_assert_int_eq(keel_cqrs_send(c, "inc", "s", 1, key, &r), 0);
+    keel_cqrs_result_free(&r);
     ck_assert_int_eq(keel_cqrs_send(c, "inc", "s", 1, key, &r), 0);
     ck_assert_int_eq(r.repeated, 1);
     ck_assert_int_eq(atomic_load(&a.calls), 1);
