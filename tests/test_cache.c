@@ -1763,6 +1763,9 @@ START_TEST(bad_input_is_refused)
     ck_assert_int_eq(keel_cache_set(c, "k", 1, "v", 1, 0, sep, 1), KEEL_EINVAL);
     ck_assert_int_eq(keel_cache_set(c, "k", 1, "v", 1, 0, empty, 1), KEEL_EINVAL);
     ck_assert_int_eq(keel_cache_set(c, "k", 1, "v", 1, 0, null, 1), KEEL_EINVAL);
+    const char *latin1[1] = {"caf\xe9"}; /* tags are text: L3 keeps them as such */
+    ck_assert_int_eq(keel_cache_set(c, "k", 1, "v", 1, 0, latin1, 1), KEEL_EINVAL);
+    ck_assert_int_eq(keel_cache_invalidate_tag(c, latin1[0]), KEEL_EINVAL);
     ck_assert_int_eq(keel_cache_invalidate_tag(c, NULL), KEEL_EINVAL);
     ck_assert_int_eq(keel_cache_invalidate_prefix(c, NULL, 2), KEEL_EINVAL);
     ck_assert_int_eq(keel_cache_del(c, NULL, 0), KEEL_EINVAL);

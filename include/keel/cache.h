@@ -175,7 +175,7 @@ typedef struct keel_cache_item {
 KEEL_API int keel_cache_get_many(keel_cache *c, keel_cache_item *items, size_t n);
 
 /* Writes through every tier; ttl_ns 0 = default_ttl_ns. tags: C strings
- * (at most 16, each 1..200 bytes without 0x1f). Returns 0, KEEL_EINVAL,
+ * (at most 16, each 1..200 bytes of UTF-8 without 0x1f). Returns 0, KEEL_EINVAL,
  * KEEL_ENOMEM, or the first tier error (the tiers that worked keep the
  * value). */
 KEEL_API int keel_cache_set(keel_cache *c, const void *key, size_t klen, const void *val, size_t vlen,

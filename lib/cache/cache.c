@@ -256,8 +256,8 @@ static bool good_tags(const char *const *tags, size_t n)
         return false;
     for (size_t i = 0; i < n; i++) {
         size_t l = tags[i] ? strnlen(tags[i], CACHE_MAX_TAG + 1) : 0;
-        if (l == 0 || l > CACHE_MAX_TAG || memchr(tags[i], '\x1f', l))
-            return false;
+        if (l == 0 || l > CACHE_MAX_TAG || memchr(tags[i], '\x1f', l) || !keel__utf8_ok(tags[i]))
+            return false; /* L3 keeps them as text */
     }
     return true;
 }
