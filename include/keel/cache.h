@@ -61,9 +61,13 @@
  * L2 or L3 between them, or is announced after it, removes nothing there,
  * and the loaded value stays until its TTL. A writer that changes the
  * source and must not see the old value again sets the new one, which
- * overwrites it, rather than deleting.) Likewise a set that an invalidation overtakes between its writes
- * below and L1 leaves the key out of L1 (a del that ran meanwhile has
- * removed it below). L3 is read on the primary.
+ * overwrites what a fill left, rather than deleting; only an early
+ * refresh, which overwrites too, can still put its older value over a set
+ * that lands in that same window.) Likewise a set that an invalidation
+ * overtakes after it moved the epoch (just after its writes below) leaves
+ * the key out of L1; a del that ran entirely between its last write below
+ * and that move is not seen, and this L1 keeps the set's value until it
+ * expires. L3 is read on the primary.
  *
  * Tags. set may name tags. L1 entries record each tag's version at set;
  * invalidating a tag bumps its version (here and, through the channel, in
