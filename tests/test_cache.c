@@ -545,6 +545,45 @@ START_TEST(only_an_invalidation_of_the_key_splits_its_flight)
 END_TEST
 
 /* A write of another key while "hot" loads does not keep the loaded
+ * value out of L1 (many processes writing other keys would otherwise keep
+ * every load out); a delete of "hot" itself does. */
+START_TEST(only_an_invalidation_of_the_key_keeps_a_load_out_of_l1)
+{
+    rig r;
+    rig_open(&r, false, false, 0, 0);
+    for (int round = 0; round < 2; round++) {
+        int calls = atomic_load(&r.ls.calls);
+        atomic_store(&r.ls.hold, 1);
+        getter g = {r.c, 99, ""};
+        pthread_t t;
+        pthread_create(&t, NULL, get_thread, &g);
+        while (atomic_load(&r.ls.calls) == calls) /* it loads */
+            kt_nap(1 * MS);
+        if (round == 0) {
+            ck_assert_int_eq(set(r.c, "other", "o", NULL, 0), 0);
+            ck_assert_int_eq(keel_cache_del(r.c, "other2", 6), 0);
+        } else {
+            ck_assert_int_eq(keel_cache_del(r.c, "hot", 3), 0);
+        }
+        atomic_store(&r.ls.hold, 0);
+        pthread_join(t, NULL);
+        ck_assert_int_eq(g.rc, 0);
+        ck_assert_str_eq(g.v, "loaded:hot");
+        keel_cache_stats a, b;
+        keel_cache_stats_get(r.c, &a);
+        char v[64];
+        size_t len;
+        ck_assert_int_eq(keel_cache_get(r.c, "hot", 3, v, sizeof v, &len), 0);
+        keel_cache_stats_get(r.c, &b);
+        ck_assert_uint_eq(b.hits_l1 - a.hits_l1, round == 0); /* in L1 only when another key moved */
+        ck_assert_int_eq(atomic_load(&r.ls.calls), calls + 1 + (round == 1));
+        ck_assert_int_eq(keel_cache_del(r.c, "hot", 3), 0);
+    }
+    rig_close(&r);
+}
+END_TEST
+
+/* A write of another key while "hot" loads does not keep the loaded
  * value from L2 and L3, where other processes wait for it; a delete of
  * "hot" itself does. */
 START_TEST(only_an_invalidation_of_the_key_keeps_a_load_from_the_lower_tiers)
@@ -2431,6 +2470,7 @@ int main(void)
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, eight_threads_missing_one_key_load_it_once);
     tcase_add_test(tc, only_an_invalidation_of_the_key_splits_its_flight);
+    tcase_add_test(tc, only_an_invalidation_of_the_key_keeps_a_load_out_of_l1);
     tcase_add_test(tc, an_absent_answer_is_cached_for_negative_ttl);
     tcase_add_test(tc, a_multi_get_loads_a_key_given_twice_once);
     tcase_add_test(tc, xfetch_refreshes_early_near_expiry_only);

@@ -51,7 +51,9 @@
  * invalidations may have been missed (during the outage L1 fills as usual
  * from L3 and the loader, and may serve what other processes change
  * meanwhile: l1_max_ttl_ns bounds that). A value read from L2 or L3 (or
- * loaded) while any invalidation arrived is returned but not put into L1,
+ * loaded) while an invalidation of its key arrived (or of a prefix or a
+ * tag, or a flush; keys are told apart by 1024 stripes of their hash, so
+ * now and then another key's counts too) is returned but not put into L1,
  * so a late reply never brings back what was just invalidated; fills of
  * the lower tiers never overwrite a value set meanwhile (SET NX, an upsert
  * over expired rows only; an early refresh overwrites, as it must), and

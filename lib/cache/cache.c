@@ -3,9 +3,12 @@
  *
  * The invalidation epoch: every invalidation this process applies (its
  * own or one announced by another process, a flush after the link came
- * back) bumps c->epoch before it touches L1. A value read from a lower
- * tier or loaded goes into L1 only if the epoch is still what it was when
- * the read began, checked under the L1 shard's mutex (keel__l1_set), and
+ * back) moves an epoch before it touches L1: one key's, the stripe of
+ * c->kepoch its hash picks; a prefix's, a tag's or a flush's, c->epoch,
+ * which every key's includes. A key's epoch is the sum of the two (both
+ * only grow, so the sum moves when either does). A value read from a lower
+ * tier or loaded goes into L1 only if its key's epoch is still what it
+ * was when the read began, checked under the L1 shard's mutex (keel__l1_set), and
  * invalidations delete under that same mutex: so a reply that was already
  * on its way when an invalidation came never lands in L1 after it. The
  * loads in flight of the keys an invalidation covers stop taking callers
@@ -38,6 +41,7 @@
 
 enum { L2 = 0, L3 = 1 };
 #define ID_LEN 16
+#define KEY_EPOCHS 1024 /* stripes of the keys' invalidation epochs */
 #define PREFIX_MAX 200
 #define RKEY_MAX (PREFIX_MAX + 2 + 1024)        /* prefix, "v:", a key */
 #define TKEY_MAX (PREFIX_MAX + 2 + CACHE_MAX_TAG) /* prefix, "t:", a tag */
@@ -85,7 +89,8 @@ struct keel_cache {
     pthread_mutex_t fl_mu;
     flight *flights;
     _Atomic size_t nflights; /* on the list: invalidations skip fl_mu at 0 */
-    _Atomic uint64_t epoch;
+    _Atomic uint64_t epoch;               /* every key's: prefixes, tags, flushes */
+    _Atomic uint64_t kepoch[KEY_EPOCHS]; /* one key's, by stripe of its hash */
     keel_breaker **l2h; /* each Redis node's health, as seen by this cache */
     size_t nl2;
     keel_breaker *l3h;
@@ -108,6 +113,14 @@ static lookup_stats *my_stripe(keel_cache *c) { return &c->lk[keel__stripe()]; }
 
 static uint64_t now_ns(keel_cache *c) { return keel__clock_now(&c->clock); }
 static uint64_t key_hash(const void *k, size_t n) { return keel__hash64(k, n, 0x6b63); }
+
+static _Atomic uint64_t *kepoch_of(keel_cache *c, uint64_t h) { return &c->kepoch[h >> 54]; }
+
+/* The epoch of the key of hash h (see the top of this file). */
+static uint64_t seen_of(keel_cache *c, uint64_t h)
+{
+    return atomic_load(&c->epoch) + atomic_load(kepoch_of(c, h));
+}
 
 /* ---- tags ----
  *
@@ -641,10 +654,17 @@ static bool sf_join(keel_cache *c, const void *key, size_t klen, uint64_t h, fli
  * removed). key: that key, or with `prefix` every key it starts; NULL:
  * every key. Other keys' loads go on gathering their callers. With no
  * load in flight (a flight counted after the epoch moved began its load
- * after it) writes take no shared lock. Returns the epoch it made. */
+ * after it) writes take no shared lock. Returns the epoch it made: of the
+ * key, for a single key. */
 static uint64_t invalidated(keel_cache *c, const void *key, size_t klen, bool prefix)
 {
-    uint64_t epoch = atomic_fetch_add(&c->epoch, 1) + 1;
+    uint64_t epoch;
+    if (key && !prefix) { /* c->epoch read first: one that moves meanwhile is not in it */
+        uint64_t all = atomic_load(&c->epoch);
+        epoch = all + atomic_fetch_add(kepoch_of(c, key_hash(key, klen)), 1) + 1;
+    } else {
+        epoch = atomic_fetch_add(&c->epoch, 1) + 1;
+    }
     if (atomic_load(&c->nflights) == 0)
         return epoch;
     pthread_mutex_lock(&c->fl_mu);
@@ -730,7 +750,7 @@ static void l1_fill(keel_cache *c, const void *key, size_t klen, uint64_t h, con
     l1_tagref refs[CACHE_MAX_TAGS];
     if (tag_refs(c, tags, ntags, refs))
         keel__l1_set(c->l1, key, klen, h, val, vlen, l1_expiry(c, ttl), l1_delta(c, ttl, delta), refs, ntags, false,
-                     &c->epoch, seen);
+                     &c->epoch, kepoch_of(c, h), seen);
 }
 
 /* L1 after a write or a fill; with `check`, only if no invalidation came
@@ -743,7 +763,7 @@ static int l1_put(keel_cache *c, const void *key, size_t klen, uint64_t h, const
     l1_tagref refs[CACHE_MAX_TAGS];
     int rc = tag_refs(c, tags, ntags, refs) ? keel__l1_set(c->l1, key, klen, h, val, vlen, l1_expiry(c, ttl),
                                                             l1_delta(c, ttl, delta), refs, ntags, false,
-                                                            check ? &c->epoch : NULL, seen)
+                                                            check ? &c->epoch : NULL, kepoch_of(c, h), seen)
                                              : KEEL_ENOMEM;
     if (rc && (write || rc != KEEL_ECONFLICT))
         keel__l1_del(c->l1, key, klen, h);
@@ -756,8 +776,9 @@ static int l1_put(keel_cache *c, const void *key, size_t klen, uint64_t h, const
  * cannot put the old one into L1 after ours; and with a tier below, L1
  * takes ours only if no invalidation came since that move: a del that ran
  * meanwhile removed it from the tiers below, and would not be seen in this
- * L1 until the value expired. (Any key's invalidation counts: then the
- * next get reads the value from below. With L1 alone, L1 holds the only
+ * L1 until the value expired. (An invalidation of another key of the same
+ * epoch stripe, or of a prefix or tag, counts too: then the next get reads
+ * the value from below. With L1 alone, L1 holds the only
  * copy, and a del and a set simply take effect in the order they reach
  * its shard.) */
 static int write_through(keel_cache *c, const void *key, size_t klen, uint64_t h, const void *val, size_t vlen,
@@ -778,11 +799,12 @@ static int write_through(keel_cache *c, const void *key, size_t klen, uint64_t h
 }
 
 /* Whether an invalidation of the flight's key came since it began; with
- * no flight (no memory for one), whether any came since `seen`. */
-static bool flight_stale(keel_cache *c, flight *f, uint64_t seen)
+ * no flight (no memory for one), whether the epoch of the key (hash h)
+ * moved since `seen`. */
+static bool flight_stale(keel_cache *c, flight *f, uint64_t h, uint64_t seen)
 {
     if (!f)
-        return atomic_load(&c->epoch) != seen;
+        return seen_of(c, h) != seen;
     pthread_mutex_lock(&c->fl_mu);
     bool stale = f->stale;
     pthread_mutex_unlock(&c->fl_mu);
@@ -794,13 +816,13 @@ static bool flight_stale(keel_cache *c, flight *f, uint64_t seen)
  * value they hold, which is the one being refreshed (else the other
  * processes would still miss at its expiry); and only if no invalidation
  * of the key came during the load (one of another key does not keep it
- * from the processes waiting on the lease); L1 only if no invalidation at
- * all came (keel__l1_set checks that under the shard's mutex). */
+ * from the processes waiting on the lease); L1 only if the key's epoch did
+ * not move (keel__l1_set checks that under the shard's mutex). */
 static void fill_through(keel_cache *c, flight *f, const void *key, size_t klen, uint64_t h, const void *val,
                          size_t vlen, uint64_t ttl, const char *const *tags, size_t ntags, uint64_t delta,
                          uint64_t seen, bool refresh)
 {
-    if (flight_stale(c, f, seen))
+    if (flight_stale(c, f, h, seen))
         return;
     if (c->o.redis)
         l2_fill(c, key, klen, val, vlen, ttl, tags, ntags, delta, refresh);
@@ -898,7 +920,7 @@ static int fill(keel_cache *c, flight *f, const void *key, size_t klen, uint64_t
                 void **out, size_t *outlen)
 {
     bool try_l3 = !refresh;
-    uint64_t seen = atomic_load(&c->epoch);
+    uint64_t seen = seen_of(c, h);
     redisReply *r = NULL;
     uint64_t ttl = 0;
     int rc;
@@ -929,7 +951,7 @@ static int fill(keel_cache *c, flight *f, const void *key, size_t klen, uint64_t
             uint64_t ms_left;
             memcpy(&ms_left, PQgetvalue(res, 0, 2), 8);
             ttl = be64toh(ms_left) * 1000000u;
-            if (c->o.redis && !flight_stale(c, f, seen))
+            if (c->o.redis && !flight_stale(c, f, h, seen))
                 l2_fill(c, key, klen, val, vlen, ttl, d.tags, d.ntags, 0, false);
             l1_fill(c, key, klen, h, val, vlen, ttl, 0, d.tags, d.ntags, seen);
             rc = dup_out(val, vlen, out, outlen);
@@ -977,7 +999,7 @@ static int fill(keel_cache *c, flight *f, const void *key, size_t klen, uint64_t
         rc = KEEL_EPROTO; /* said yes, gave nothing */
     if (rc == KEEL_ENOTFOUND) {
         keel__l1_set(c->l1, key, klen, h, NULL, 0, l1_expiry(c, c->o.negative_ttl_ns), 0, NULL, 0, true, &c->epoch,
-                     seen);
+                     kepoch_of(c, h), seen);
     } else if (rc == 0) {
         uint64_t lttl = ld.ttl ? ld.ttl : c->o.default_ttl_ns;
         fill_through(c, f, key, klen, h, ld.val, ld.vlen, lttl, ld.tags, ld.ntags, delta, seen, refresh);
@@ -1116,13 +1138,13 @@ static int miss(keel_cache *c, const void *key, size_t klen, uint64_t h, bool tr
 static int l2_get_many(keel_cache *c, keel_cache_item *it, size_t n)
 {
     int failed = 0;
-    uint64_t seen = atomic_load(&c->epoch);
     size_t nodes = keel_redis_nodes(c->o.redis);
     size_t most = n < 512 ? n : 512; /* keys in one MGET */
     const char **argv = keel__malloc((most + 1) * sizeof *argv);
     size_t *lens = keel__malloc((most + 1) * sizeof *lens), *idx = keel__malloc(most * sizeof *idx);
+    uint64_t *seen = keel__malloc(most * sizeof *seen), *hs = keel__malloc(most * sizeof *hs);
     char *keys = keel__malloc(most * RKEY_MAX);
-    for (size_t node = 0; argv && lens && idx && keys && node < nodes; node++) {
+    for (size_t node = 0; argv && lens && idx && seen && hs && keys && node < nodes; node++) {
         size_t from = 0;
         while (from < n) {
             size_t k = 0;
@@ -1137,6 +1159,8 @@ static int l2_get_many(keel_cache *c, keel_cache_item *it, size_t n)
                     continue;
                 argv[k + 1] = kb;
                 lens[k + 1] = kl;
+                hs[k] = key_hash(it[from].key, it[from].klen);
+                seen[k] = seen_of(c, hs[k]); /* before the read */
                 idx[k++] = from;
             }
             if (!k || !tier_up(c, L2, node))
@@ -1154,8 +1178,7 @@ static int l2_get_many(keel_cache *c, keel_cache_item *it, size_t n)
                 if (e->type != REDIS_REPLY_STRING || !l2_decode(e->str, e->len, &d))
                     continue;
                 atomic_fetch_add_explicit(&c->st.hits_l2, 1, memory_order_relaxed);
-                l1_fill(c, x->key, x->klen, key_hash(x->key, x->klen), d.val, d.vlen, d.ttl, d.delta, d.tags,
-                        d.ntags, seen);
+                l1_fill(c, x->key, x->klen, hs[j], d.val, d.vlen, d.ttl, d.delta, d.tags, d.ntags, seen[j]);
                 x->rc = copy_out(d.val, d.vlen, x->buf, x->cap, &x->len);
             }
             if (r)
@@ -1164,11 +1187,13 @@ static int l2_get_many(keel_cache *c, keel_cache_item *it, size_t n)
                 break;
         }
     }
-    if (!argv || !lens || !idx || !keys)
+    if (!argv || !lens || !idx || !seen || !hs || !keys)
         failed = KEEL_ENOMEM;
     keel__free(argv);
     keel__free(lens);
     keel__free(idx);
+    keel__free(seen);
+    keel__free(hs);
     keel__free(keys);
     return failed;
 }

@@ -56,14 +56,14 @@ void keel__l1_destroy(l1 *c);
 /* 0: a hit, the value copied (or KEEL_ERANGE, *len the size); KEEL_ENOTFOUND:
  * a miss (expired, or a tag invalidated since). */
 int keel__l1_get(l1 *c, const void *key, size_t klen, uint64_t h, void *buf, size_t cap, size_t *len, l1_hit *hit);
-/* Inserts (replacing) unless *epoch moved past `seen` (an invalidation
- * arrived meanwhile: the value may be stale). Returns 0, KEEL_ENOMEM,
+/* Inserts (replacing) unless *epoch + *kepoch moved past `seen` (an
+ * invalidation of the key arrived meanwhile: the value may be stale). Returns 0, KEEL_ENOMEM,
  * KEEL_ECONFLICT (skipped) or KEEL_ERANGE (larger than an L1 shard, a
  * 32nd of the L1). Takes the tags' references in every case (the entry
  * keeps them, or they are given back). */
 int keel__l1_set(l1 *c, const void *key, size_t klen, uint64_t h, const void *val, size_t vlen, uint64_t expires,
                  uint64_t delta, const l1_tagref *tags, size_t ntags, bool negative, _Atomic uint64_t *epoch,
-                 uint64_t seen);
+                 _Atomic uint64_t *kepoch, uint64_t seen);
 void keel__l1_del(l1 *c, const void *key, size_t klen, uint64_t h);
 void keel__l1_del_prefix(l1 *c, const void *prefix, size_t len);
 void keel__l1_flush(l1 *c);

@@ -469,7 +469,7 @@ static void evict_step(shard *s, uint64_t now, bool force)
 
 int keel__l1_set(l1 *c, const void *key, size_t klen, uint64_t h, const void *val, size_t vlen, uint64_t expires,
                  uint64_t delta, const l1_tagref *tags, size_t ntags, bool negative, _Atomic uint64_t *epoch,
-                 uint64_t seen)
+                 _Atomic uint64_t *kepoch, uint64_t seen)
 {
     shard *s = shard_of(c, h);
     size_t size = entry_size(klen, vlen, ntags, delta != 0);
@@ -498,7 +498,7 @@ int keel__l1_set(l1 *c, const void *key, size_t klen, uint64_t h, const void *va
     size_t charge = charge_of(e);
     uint64_t now = keel__clock_now(&c->clock);
     pthread_mutex_lock(&s->mu);
-    if (epoch && atomic_load(epoch) != seen) { /* an invalidation came while the value was read */
+    if (epoch && atomic_load(epoch) + atomic_load(kepoch) != seen) { /* an invalidation came while it was read */
         pthread_mutex_unlock(&s->mu);
         free_entry(e);
         return KEEL_ECONFLICT;
