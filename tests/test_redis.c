@@ -255,7 +255,8 @@ START_TEST(commands_that_would_change_a_pooled_connection_are_refused)
         {"SELECT", "5"}, {"select", "5"}, {"MULTI"}, {"multi"}, {"WATCH", "kt:tx"},
         {"SUBSCRIBE", "kt:ch"}, {"PSUBSCRIBE", "kt:*"}, {"SSUBSCRIBE", "kt:ch"}, {"MONITOR"},
         {"HELLO", "3"}, {"RESET"}, {"QUIT"}, {"AUTH", "x"}, {"CLIENT", "REPLY", "OFF"},
-        {"client", "tracking", "on"}};
+        {"client", "tracking", "on"}, {"CLIENT", "SETNAME", "kt"}, {"CLIENT", "NO-EVICT", "on"},
+        {"CLIENT", "NO-TOUCH", "on"}, {"READONLY"}, {"READWRITE"}};
     for (size_t i = 0; i < sizeof refused / sizeof refused[0]; i++) {
         int argc = refused[i][2] ? 3 : refused[i][1] ? 2 : 1;
         size_t lens[3];

@@ -500,20 +500,24 @@ static bool is_cmd(const char *a, size_t n, const char *name)
 
 /* Whether a command would change its pooled connection for whoever takes
  * it next (the database, the protocol, a subscription, replies switched
- * off, a watch). MULTI is judged by the caller. */
+ * off, a watch, its name, eviction or LRU flags, cluster reads). MULTI is
+ * judged by the caller. */
 static bool changes_conn(int argc, const char *const *argv, const size_t *argvlen)
 {
     static const char *const names[] = {"SELECT", "AUTH", "HELLO", "RESET", "QUIT", "WATCH",
                                         "MONITOR", "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE",
-                                        "SYNC", "PSYNC"};
+                                        "SYNC", "PSYNC", "READONLY", "READWRITE"};
+    static const char *const client[] = {"REPLY", "TRACKING", "SETNAME", "NO-EVICT", "NO-TOUCH"};
     size_t n = argvlen[0];
     if (n < 4 || n > 11)
         return false;
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         if (is_cmd(argv[0], n, names[i]))
             return true;
-    return argc > 1 && is_cmd(argv[0], n, "CLIENT") &&
-           (is_cmd(argv[1], argvlen[1], "REPLY") || is_cmd(argv[1], argvlen[1], "TRACKING"));
+    for (size_t i = 0; argc > 1 && is_cmd(argv[0], n, "CLIENT") && i < sizeof client / sizeof client[0]; i++)
+        if (is_cmd(argv[1], argvlen[1], client[i]))
+            return true;
+    return false;
 }
 
 static bool args_ok(int argc, const char *const *argv, const size_t *argvlen)
