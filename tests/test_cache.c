@@ -133,7 +133,7 @@ static int set(keel_cache *c, const char *key, const char *val, const char *cons
     return keel_cache_set(c, key, strlen(key), val, strlen(val), 0, tags, ntags);
 }
 
-/* Whether Redis holds the value key (prefix "v:" key). */
+/* Whether Redis holds a value for key (prefix "v:" key; not an absence). */
 static bool in_l2(rig *r, const void *key, size_t klen)
 {
     char k[256];
@@ -141,11 +141,11 @@ static bool in_l2(rig *r, const void *key, size_t klen)
     memcpy(k, r->prefix, pl);
     memcpy(k + pl, "v:", 2);
     memcpy(k + pl + 2, key, klen);
-    const char *a[2] = {"EXISTS", k};
-    size_t l[2] = {6, pl + 2 + klen};
+    const char *a[2] = {"GET", k};
+    size_t l[2] = {3, pl + 2 + klen};
     redisReply *rep;
     ck_assert_int_eq(keel_redis_command(r->redis, k, l[1], 2, a, l, &rep), 0);
-    bool yes = rep->integer == 1;
+    bool yes = rep->type == REDIS_REPLY_STRING && rep->len > 0 && rep->str[0] == 'K'; /* not an absence, 'N' */
     freeReplyObject(rep);
     return yes;
 }
@@ -1027,8 +1027,8 @@ START_TEST(a_lease_makes_one_process_load)
         ck_assert_str_eq(g[i].v, "loaded:leased");
     }
     ck_assert_int_eq(atomic_load(&r.ls.calls), 1);
-    /* a holder that finds nothing releases its lease (and only its own):
-     * the other sees it gone and asks the loader itself */
+    /* a holder that finds nothing says so in L2 and releases its lease
+     * (only its own): the other reads the absence there, asking no loader */
     r.ls.absent = 1;
     lease_getter h[2] = {{c2[0], "nothing", 99, ""}, {c2[1], "nothing", 99, ""}};
     for (int i = 0; i < 2; i++)
@@ -1037,7 +1037,20 @@ START_TEST(a_lease_makes_one_process_load)
         pthread_join(t[i], NULL);
         ck_assert_int_eq(h[i].rc, KEEL_ENOTFOUND);
     }
-    ck_assert_int_eq(atomic_load(&r.ls.calls), 3);
+    ck_assert_int_eq(atomic_load(&r.ls.calls), 2);
+    /* and a third process, without the lease, for negative_ttl_ns */
+    keel_cache *c3;
+    keel_cache_opts o3 = {.redis = r.redis, .redis_prefix = r.prefix, .loader = load, .loader_ud = &r.ls};
+    ck_assert_int_eq(keel_cache_create(&c3, &o3), 0);
+    char v[16];
+    ck_assert_int_eq(get(c3, "nothing", v, sizeof v), KEEL_ENOTFOUND);
+    keel_cache_item many[1] = {{.key = "nothing", .klen = 7, .buf = v, .cap = sizeof v}};
+    keel_cache_destroy(c3);
+    ck_assert_int_eq(keel_cache_create(&c3, &o3), 0); /* an empty L1: get_many reads L2 */
+    ck_assert_int_eq(keel_cache_get_many(c3, many, 1), KEEL_ENOTFOUND);
+    ck_assert_int_eq(many[0].rc, KEEL_ENOTFOUND);
+    keel_cache_destroy(c3);
+    ck_assert_int_eq(atomic_load(&r.ls.calls), 2);
     char lk[128];
     int n = snprintf(lk, sizeof lk, "%sl:nothing", r.prefix);
     const char *a[2] = {"EXISTS", lk};

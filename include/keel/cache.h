@@ -28,8 +28,9 @@
  * loader once; the others wait for its result (a miss after an
  * invalidation of that key starts a load of its own). With `lease`, a
  * Redis lease (SET NX PX) makes one process load while the others wait
- * for its value in L2 (until the lease is gone without one, at most
- * lease_ns, then they load too); the holder releases only its own lease.
+ * for its value, or its absence, in L2 (until the lease is gone without
+ * either, at most lease_ns, then they load too); the holder releases only
+ * its own lease.
  * With xfetch_beta > 0 and a loader, a hit close to its expiry may be
  * treated as a miss (XFetch), so that one caller refreshes it early from
  * the loader (L2 and L3 hold it as near its expiry) rather than all at
@@ -40,7 +41,9 @@
  * loader says the key is gone. An L1 entry cut short by l1_max_ttl over
  * L2 or L3 is not refreshed early: it is filled again from them when it
  * expires. A loader may answer KEEL_ENOTFOUND: that absence is cached in
- * L1 for negative_ttl_ns (at most l1_max_ttl_ns, like every L1 entry).
+ * L1 for negative_ttl_ns (at most l1_max_ttl_ns, like every L1 entry) and,
+ * with L2, in Redis for as long where nothing is (a set overwrites it),
+ * so that other processes see it without asking their loaders.
  *
  * Invalidation. set, del, invalidate_tag and invalidate_prefix act on all
  * tiers here and publish on the Redis channel redis_prefix + "inv"; every

@@ -16,7 +16,8 @@
  * go on, so that one load still serves every miss of a key.
  *
  * Redis keys: prefix + "v:" + key (the value, with a small header: its
- * tags and the time it took to load, for XFetch), prefix + "t:" + tag (a
+ * tags and the time it took to load, for XFetch; or 'N' and an expiry:
+ * the loader said absent), prefix + "t:" + tag (a
  * set of value keys), prefix + "l:" + key (a load lease). Messages on
  * prefix + "inv": 16 bytes naming the sending cache, then 'K' and a key,
  * 'T' and a tag, or 'P' and a prefix. A cache ignores its own messages.
@@ -415,6 +416,7 @@ static void *l2_encode(const void *val, size_t vlen, const char *const *tags, si
 }
 
 typedef struct decoded {
+    bool negative; /* the loader said absent: no value */
     const char *val;
     size_t vlen;
     uint64_t delta, ttl; /* ttl: what is left of it now */
@@ -425,10 +427,20 @@ typedef struct decoded {
 
 static bool l2_decode(const char *b, size_t n, decoded *d)
 {
+    uint64_t v, e, now = wall_ms();
+    d->negative = n == 1 + 8 && b[0] == 'N'; /* an absence: 'N', its expiry */
+    if (d->negative) {
+        memcpy(&e, b + 1, 8);
+        e = be64toh(e);
+        d->ttl = e > now ? (e - now) * 1000000u : 1000000u;
+        d->val = NULL;
+        d->vlen = d->ntags = 0;
+        d->delta = 0;
+        return true;
+    }
     if (n < L2_HEAD || b[0] != 'K' || (unsigned char)b[1] > CACHE_MAX_TAGS)
         return false;
     d->ntags = (unsigned char)b[1];
-    uint64_t v, e, now = wall_ms();
     memcpy(&v, b + 2, 8);
     memcpy(&e, b + 10, 8);
     d->delta = be64toh(v);
@@ -527,6 +539,29 @@ static void l2_fill(keel_cache *c, const void *key, size_t klen, const void *val
         return;
     int rc = l2_put(c, key, klen, val, vlen, ttl, tags, ntags, delta, !over, &at);
     l2_done(c, node, at, rc);
+}
+
+/* An absence the loader reported, for the other processes (those waiting
+ * on the lease among them): for negative_ttl_ns, where nothing is. */
+static void l2_absent(keel_cache *c, const void *key, size_t klen)
+{
+    size_t node = node_of(c, 'v', key, klen);
+    if (!tier_up(c, L2, node))
+        return;
+    char k[RKEY_MAX], v[9], ms[24];
+    size_t kl = rkey(c, 'v', key, klen, k);
+    uint64_t ttl_ms = c->o.negative_ttl_ns / 1000000u ? c->o.negative_ttl_ns / 1000000u : 1;
+    uint64_t e = htobe64(wall_ms() + ttl_ms);
+    v[0] = 'N';
+    memcpy(v + 1, &e, 8);
+    snprintf(ms, sizeof ms, "%llu", (unsigned long long)ttl_ms);
+    const char *a[6] = {"SET", k, v, "PX", ms, "NX"};
+    size_t l[6] = {3, kl, sizeof v, 2, strlen(ms), 2};
+    redisReply *r = NULL;
+    int rc = keel_redis_command(c->o.redis, k, kl, 6, a, l, &r);
+    if (r)
+        freeReplyObject(r);
+    tier_done(c, L2, node, rc);
 }
 
 static int l2_del(keel_cache *c, const void *key, size_t klen)
@@ -885,7 +920,11 @@ static bool l2_take(keel_cache *c, const void *key, size_t klen, uint64_t h, red
 {
     decoded d;
     bool ok = r && l2_decode(r->str, r->len, &d);
-    if (ok) {
+    if (ok && d.negative) { /* another process's loader said absent */
+        keel__l1_set(c->l1, key, klen, h, NULL, 0, l1_expiry(c, d.ttl), 0, NULL, 0, true, &c->epoch,
+                     kepoch_of(c, h), seen);
+        *rc = KEEL_ENOTFOUND;
+    } else if (ok) {
         l1_fill(c, key, klen, h, d.val, d.vlen, d.ttl, d.delta, d.tags, d.ntags, seen);
         *rc = dup_out(d.val, d.vlen, out, outlen);
     }
@@ -928,7 +967,8 @@ static int fill(keel_cache *c, flight *f, const void *key, size_t klen, uint64_t
     if (try_l2 && c->o.redis && tier_up(c, L2, vnode)) {
         rc = tier_done(c, L2, vnode, l2_get(c, key, klen, &r));
         if (l2_take(c, key, klen, h, rc == 0 ? r : NULL, seen, out, outlen, &rc)) {
-            atomic_fetch_add_explicit(&c->st.hits_l2, 1, memory_order_relaxed);
+            if (rc != KEEL_ENOTFOUND)
+                atomic_fetch_add_explicit(&c->st.hits_l2, 1, memory_order_relaxed);
             return rc;
         }
         if (rc == KEEL_ENOMEM) /* not a miss: L2 may hold a value the loader does not */
@@ -998,6 +1038,8 @@ static int fill(keel_cache *c, flight *f, const void *key, size_t klen, uint64_t
     if (rc == 0 && !ld.set)
         rc = KEEL_EPROTO; /* said yes, gave nothing */
     if (rc == KEEL_ENOTFOUND) {
+        if (c->o.redis && !flight_stale(c, f, h, seen))
+            l2_absent(c, key, klen);
         keel__l1_set(c->l1, key, klen, h, NULL, 0, l1_expiry(c, c->o.negative_ttl_ns), 0, NULL, 0, true, &c->epoch,
                      kepoch_of(c, h), seen);
     } else if (rc == 0) {
@@ -1177,6 +1219,12 @@ static int l2_get_many(keel_cache *c, keel_cache_item *it, size_t n)
                 x->rc = KEEL_ENOTFOUND; /* asked: a miss, unless below */
                 if (e->type != REDIS_REPLY_STRING || !l2_decode(e->str, e->len, &d))
                     continue;
+                if (d.negative) { /* another process's loader said absent: so it is here */
+                    keel__l1_set(c->l1, x->key, x->klen, hs[j], NULL, 0, l1_expiry(c, d.ttl), 0, NULL, 0, true,
+                                 &c->epoch, kepoch_of(c, hs[j]), seen[j]);
+                    x->len = 0;
+                    continue;
+                }
                 atomic_fetch_add_explicit(&c->st.hits_l2, 1, memory_order_relaxed);
                 l1_fill(c, x->key, x->klen, hs[j], d.val, d.vlen, d.ttl, d.delta, d.tags, d.ntags, seen[j]);
                 x->rc = copy_out(d.val, d.vlen, x->buf, x->cap, &x->len);
