@@ -199,7 +199,8 @@ static const char reg_get_lua[] =
     "local t = redis.call('TIME')\n"
     "return {tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), redis.call('HGETALL', KEYS[1])}\n";
 
-/* Writes this consumer's field with the patterns subscribed to now. */
+/* Writes this consumer's field with the patterns subscribed to now; the
+ * next writing is due min_idle/2 later. */
 static int reg_put(bstream *s)
 {
     pthread_mutex_lock(&s->pat_mu);
@@ -209,8 +210,12 @@ static int reg_put(bstream *s)
     char *v = keel__malloc(len);
     if (v) {
         char *w = v;
-        for (size_t i = 0; i < s->npats; i++)
-            w += sprintf(w, " %s", s->pats[i].p);
+        for (size_t i = 0; i < s->npats; i++) {
+            size_t l = strlen(s->pats[i].p);
+            *w++ = ' ';
+            memcpy(w, s->pats[i].p, l);
+            w += l;
+        }
         *w = '\0';
     }
     bool was = s->dirty;
@@ -232,11 +237,12 @@ static int reg_put(bstream *s)
             freeReplyObject(rep);
         keel__free(v);
     }
-    if (rc) {
-        pthread_mutex_lock(&s->pat_mu);
+    pthread_mutex_lock(&s->pat_mu);
+    if (rc)
         s->dirty |= was;
-        pthread_mutex_unlock(&s->pat_mu);
-    }
+    else
+        s->next_put = mono_ns() + s->min_idle / 2;
+    pthread_mutex_unlock(&s->pat_mu);
     return rc;
 }
 
@@ -403,6 +409,18 @@ static bool entry_parse(const redisReply *e, const char *id, keel_bus_msg *v, ke
            keel__bus_tokens(v->subject, v->subject_len, false, t) == 0;
 }
 
+/* Whether entry e ([id, fields], with a valid subject, read at got_ns)
+ * is for no live consumer of the group: to be skipped. On doubt (the
+ * registry cannot be read), not. */
+static bool nobody_wants(bstream *s, const redisReply *e, const char *id, uint64_t got_ns)
+{
+    keel_bus_header hdr[64];
+    keel_bus_msg v;
+    uint64_t ms, seq;
+    parse_fields(e->element[1], id, &v, hdr);
+    return v.subject && parse_id(id, &ms, &seq) && others_want(s, v.subject, ms, got_ns) == 0;
+}
+
 /* Whether entry [id, fields] (or NULL: not there) matches a subscription
  * here: 1 also for one that is gone or has no valid subject (whoever
  * takes it acknowledges it unread), 0, or KEEL_ENOMEM. */
@@ -567,11 +585,7 @@ static int handle(breader *rd, redisContext *c, const redisReply *entries, const
     size_t nkeep = 0;
     int nskip = 0;
     for (size_t i = 0; i < nback; i++) {
-        keel_bus_header hdr[64];
-        keel_bus_msg v;
-        uint64_t ms, seq;
-        parse_fields(bent[i]->element[1], back[i], &v, hdr);
-        if (parse_id(back[i], &ms, &seq) && others_want(s, v.subject, ms, got_ns) == 0) {
+        if (nobody_wants(s, bent[i], back[i], got_ns)) {
             argv[nack++] = back[i];
             nskip++;
         } else {
@@ -737,13 +751,8 @@ static int wanted_ids(breader *rd, redisContext *c, const char **ids, size_t n, 
             w = KEEL_EBACKEND;
         } else if (rc == 0) {
             const redisReply *e = rep->type == REDIS_REPLY_ARRAY && rep->elements == 1 ? rep->element[0] : NULL;
-            if ((w = wanted(rd->s, e)) == 0) { /* so e is an entry with a valid subject */
-                keel_bus_header hdr[64];
-                keel_bus_msg v;
-                uint64_t ms, seq;
-                parse_fields(e->element[1], ids[i], &v, hdr);
-                skip = parse_id(ids[i], &ms, &seq) && others_want(rd->s, v.subject, ms, asked_ns) == 0;
-            }
+            if ((w = wanted(rd->s, e)) == 0) /* so e is an entry with a valid subject */
+                skip = nobody_wants(rd->s, e, ids[i], asked_ns);
         }
         if (w < 0 && rc == 0)
             rc = w;
@@ -1047,8 +1056,9 @@ int keel__bus_stream_create(keel_bus *bus, const keel_bus_opts *o, bstream **out
     s->prefix = keel__strdup(o->prefix ? o->prefix : "keel:bus:");
     s->consumer = o->consumer ? keel__strdup(o->consumer) : NULL; /* default: at start */
     s->group = o->service ? keel__strdup(o->service) : NULL;
-    if (s->prefix && s->group && (s->subs_key = keel__malloc(strlen(s->prefix) + strlen(s->group) + 6)))
-        sprintf(s->subs_key, "%ssubs:%s", s->prefix, s->group);
+    size_t sklen = s->prefix && s->group ? strlen(s->prefix) + strlen(s->group) + 6 : 0;
+    if (sklen && (s->subs_key = keel__malloc(sklen)))
+        snprintf(s->subs_key, sklen, "%ssubs:%s", s->prefix, s->group);
     int src = s->group ? keel_redis_script_create(s->r, reg_put_lua, sizeof reg_put_lua - 1, &s->reg_put_lua) : 0;
     if (src == 0 && s->group)
         src = keel_redis_script_create(s->r, reg_get_lua, sizeof reg_get_lua - 1, &s->reg_get_lua);
@@ -1112,9 +1122,6 @@ static int start_locked(bstream *s)
     int rrc = reg_put(s);
     if (rrc)
         return rrc;
-    pthread_mutex_lock(&s->pat_mu);
-    s->next_put = mono_ns() + s->min_idle / 2;
-    pthread_mutex_unlock(&s->pat_mu);
     if (!(s->readers = keel__calloc(s->parts, sizeof *s->readers))) {
         reg_del(s);
         return KEEL_ENOMEM;

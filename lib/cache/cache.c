@@ -205,17 +205,19 @@ static void tags_grow(tag_stripe *s)
 static ctag *tag_get(keel_cache *c, const char *name)
 {
     uint64_t h = tag_hash(name);
+    size_t len = strnlen(name, CACHE_MAX_TAG); /* good_tags() checked it */
     tag_stripe *s = stripe_of(c, h);
     pthread_mutex_lock(&s->mu);
     ctag *t = tag_locate(s, name, h);
     if (t) {
         t->refs++;
-    } else if ((t = keel__malloc(sizeof *t + strlen(name) + 1))) {
+    } else if ((t = keel__malloc(sizeof *t + len + 1))) {
         atomic_init(&t->version, 0);
         t->home = s;
         t->refs = 1;
         t->h = h;
-        strcpy(t->name, name);
+        memcpy(t->name, name, len);
+        t->name[len] = '\0';
         t->next = s->b[h & s->mask];
         s->b[h & s->mask] = t;
         if (++s->n > 2 * (s->mask + 1))
@@ -788,6 +790,13 @@ static void l1_fill(keel_cache *c, const void *key, size_t klen, uint64_t h, con
                      &c->epoch, kepoch_of(c, h), seen);
 }
 
+/* An absence in L1 for ttl, unless an invalidation of the key came since
+ * `seen`. */
+static void l1_absent(keel_cache *c, const void *key, size_t klen, uint64_t h, uint64_t ttl, uint64_t seen)
+{
+    keel__l1_set(c->l1, key, klen, h, NULL, 0, l1_expiry(c, ttl), 0, NULL, 0, true, &c->epoch, kepoch_of(c, h), seen);
+}
+
 /* L1 after a write or a fill; with `check`, only if no invalidation came
  * since `seen`. A write leaves the new value or (it does not fit, no
  * memory, an invalidation came) no value at all, never the old one. */
@@ -921,8 +930,7 @@ static bool l2_take(keel_cache *c, const void *key, size_t klen, uint64_t h, red
     decoded d;
     bool ok = r && l2_decode(r->str, r->len, &d);
     if (ok && d.negative) { /* another process's loader said absent */
-        keel__l1_set(c->l1, key, klen, h, NULL, 0, l1_expiry(c, d.ttl), 0, NULL, 0, true, &c->epoch,
-                     kepoch_of(c, h), seen);
+        l1_absent(c, key, klen, h, d.ttl, seen);
         *rc = KEEL_ENOTFOUND;
     } else if (ok) {
         l1_fill(c, key, klen, h, d.val, d.vlen, d.ttl, d.delta, d.tags, d.ntags, seen);
@@ -1040,8 +1048,7 @@ static int fill(keel_cache *c, flight *f, const void *key, size_t klen, uint64_t
     if (rc == KEEL_ENOTFOUND) {
         if (c->o.redis && !flight_stale(c, f, h, seen))
             l2_absent(c, key, klen);
-        keel__l1_set(c->l1, key, klen, h, NULL, 0, l1_expiry(c, c->o.negative_ttl_ns), 0, NULL, 0, true, &c->epoch,
-                     kepoch_of(c, h), seen);
+        l1_absent(c, key, klen, h, c->o.negative_ttl_ns, seen);
     } else if (rc == 0) {
         uint64_t lttl = ld.ttl ? ld.ttl : c->o.default_ttl_ns;
         fill_through(c, f, key, klen, h, ld.val, ld.vlen, lttl, ld.tags, ld.ntags, delta, seen, refresh);
@@ -1220,8 +1227,7 @@ static int l2_get_many(keel_cache *c, keel_cache_item *it, size_t n)
                 if (e->type != REDIS_REPLY_STRING || !l2_decode(e->str, e->len, &d))
                     continue;
                 if (d.negative) { /* another process's loader said absent: so it is here */
-                    keel__l1_set(c->l1, x->key, x->klen, hs[j], NULL, 0, l1_expiry(c, d.ttl), 0, NULL, 0, true,
-                                 &c->epoch, kepoch_of(c, hs[j]), seen[j]);
+                    l1_absent(c, x->key, x->klen, hs[j], d.ttl, seen[j]);
                     x->len = 0;
                     continue;
                 }
