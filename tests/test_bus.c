@@ -2691,6 +2691,20 @@ typedef struct picky {
     int fail_from;
 } picky;
 
+static picky *picky_new(int fail_from)
+{
+    picky *p = calloc(1, sizeof *p);
+    pthread_mutex_init(&p->mu, NULL);
+    p->fail_from = fail_from;
+    return p;
+}
+
+static void picky_free(picky *p)
+{
+    pthread_mutex_destroy(&p->mu);
+    free(p);
+}
+
 static int on_picky(const keel_bus_msg *m, void *ud)
 {
     picky *p = ud;
@@ -2731,9 +2745,7 @@ START_TEST(a_consumer_without_a_subscriber_leaves_entries_to_one_with_it)
     snprintf(key, sizeof key, "%s0", prefix);
     keel_redis *r = redis_nodes(1);
     lost la = {0}, lb = {0};
-    picky *pk = calloc(1, sizeof *pk);
-    pthread_mutex_init(&pk->mu, NULL);
-    pk->fail_from = 10;
+    picky *pk = picky_new(10);
     _Atomic int none[1] = {0};
     member *other = member_new(none, 0);
     /* a reads first (nothing else is reading yet) and has no subscriber
@@ -2776,8 +2788,7 @@ START_TEST(a_consumer_without_a_subscriber_leaves_entries_to_one_with_it)
     keel_bus_destroy(b);
     keel_bus_destroy(a);
     keel_redis_destroy(r);
-    pthread_mutex_destroy(&pk->mu);
-    free(pk);
+    picky_free(pk);
     free(other);
 }
 END_TEST
@@ -2891,9 +2902,7 @@ START_TEST(an_entry_another_live_consumer_wants_is_handed_back_not_skipped)
     keel_redis *r = redis_nodes(1);
     _Atomic int seen[40] = {0}; /* on_member counts by message number */
     member *other = member_new(seen, 0);
-    picky *pk = calloc(1, sizeof *pk);
-    pthread_mutex_init(&pk->mu, NULL);
-    pk->fail_from = 64; /* none fails */
+    picky *pk = picky_new(64); /* none fails */
     keel_bus *a = rbus(r, prefix, "grp", "c1", 1, 100 * MS, NULL, NULL);
     keel_bus *b = rbus(r, prefix, "grp", "c2", 1, 100 * MS, NULL, NULL);
     sub(a, "other.x", on_member, other, KEEL_BUS_SYNC, NULL);
@@ -2919,8 +2928,7 @@ START_TEST(an_entry_another_live_consumer_wants_is_handed_back_not_skipped)
     keel_bus_destroy(b);
     keel_bus_destroy(a);
     keel_redis_destroy(r);
-    pthread_mutex_destroy(&pk->mu);
-    free(pk);
+    picky_free(pk);
     free(other);
 }
 END_TEST
