@@ -554,7 +554,7 @@ static void *take_idle(keel_pool *p, tcache *tc)
 static int acquire_slow(keel_pool *p, tcache *tc, uint64_t timeout_ns, void **out)
 {
     int err = 0;
-    bool stolen = false, waiting = false, timed_out = false;
+    bool stolen = false, waiting = false, slept = false, timed_out = false;
     bool steal_nomem = false; /* idle objects may sit where the steal could not reach */
     struct timespec deadline;
 
@@ -592,7 +592,6 @@ static int acquire_slow(keel_pool *p, tcache *tc, uint64_t timeout_ns, void **ou
             atomic_fetch_add(&p->gate, GATE_WAITER);
             waiting = true;
             deadline_ts(timeout_ns, &deadline);
-            p->waits++;
             stolen = false;
         }
         if (!stolen) {
@@ -608,6 +607,10 @@ static int acquire_slow(keel_pool *p, tcache *tc, uint64_t timeout_ns, void **ou
         }
         if (!waiting)
             break;
+        if (!slept) { /* a steal that served was no wait */
+            p->waits++;
+            slept = true;
+        }
         int rc = timeout_ns == KEEL_POOL_WAIT_FOREVER
                      ? pthread_cond_wait(&p->cv, &p->mu)
                      : pthread_cond_timedwait(&p->cv, &p->mu, &deadline);

@@ -400,6 +400,26 @@ START_TEST(idle_objects_in_another_thread_are_not_lost_capacity)
 }
 END_TEST
 
+/* A timed acquire served by a steal never waited: `waits` says so. */
+START_TEST(an_acquire_served_by_a_steal_is_not_a_wait)
+{
+    keel_pool *p;
+    keel_pool_opts o = {.obj_size = 64, .capacity = 4, .magazine_size = 4};
+    ck_assert_int_eq(keel_pool_create(&p, &o), 0);
+    parked pk = {0};
+    pthread_t t;
+    park_start(&pk, &t, p, 4); /* at capacity, all 4 idle over there */
+    void *x = NULL;
+    ck_assert_int_eq(keel_pool_acquire_timeout(p, KEEL_POOL_WAIT_FOREVER, &x), 0);
+    keel_pool_stats st = stats(p);
+    ck_assert_uint_ge(st.steals, 1);
+    ck_assert_uint_eq(st.waits, 0);
+    keel_pool_release(p, x);
+    park_finish(&pk, t);
+    keel_pool_destroy(p);
+}
+END_TEST
+
 START_TEST(an_acquire_that_cannot_steal_for_memory_says_so)
 {
     keel_pool *p;
@@ -817,6 +837,7 @@ static Suite *pool_suite(void)
     tc = tcase_create("threads");
     tcase_set_timeout(tc, 20);
     tcase_add_test(tc, idle_objects_in_another_thread_are_not_lost_capacity);
+    tcase_add_test(tc, an_acquire_served_by_a_steal_is_not_a_wait);
     tcase_add_test(tc, an_acquire_that_cannot_steal_for_memory_says_so);
     tcase_add_test(tc, stats_count_every_idle_object_and_hit);
     tcase_add_test(tc, large_objects_are_not_allocated_in_eights);

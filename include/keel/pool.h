@@ -17,8 +17,10 @@
  *
  * Thread safety: every function may be called from any thread at once,
  * except keel_pool_destroy(), which must not run concurrently with any other
- * call on the same pool. Only keel_pool_acquire_timeout() blocks, and only
- * for as long as its timeout.
+ * call on the same pool. Apart from the user's hooks (`init`, which runs in
+ * an acquire, may block to connect; `fini` runs in discard, trim, destroy
+ * and a release short of memory), only keel_pool_acquire_timeout() blocks,
+ * and only for as long as its timeout.
  */
 #ifndef KEEL_POOL_H
 #define KEEL_POOL_H
