@@ -1,7 +1,8 @@
 #!/bin/sh
 # tests/install.sh — installs libkeel into a temporary DESTDIR, then builds
 # and runs an outside program with nothing but `pkg-config keel`: once
-# against the shared library, once (with only libkeel.a installed) static.
+# against the shared library, once with libkeel.a linked in beside it (as
+# the README says), and once with only libkeel.a installed.
 set -eu
 top=$(cd "$(dirname "$0")/.." && pwd)
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/keel-install.XXXXXX")
@@ -24,14 +25,19 @@ LD_LIBRARY_PATH="$libdir" ./shared
 LD_LIBRARY_PATH="$libdir" ldd ./shared | grep -q "libkeel.so.[0-9]* => $libdir/" ||
     { echo "install: shared consumer does not use the installed libkeel.so" >&2; exit 1; }
 
-# Static: only the archive is left, and --static brings the private deps.
-rm -f "$libdir"/libkeel.so*
-$CC -std=c11 -Wall -Werror consumer.c $(pc --static --cflags --libs) -o static
+# Static: --static brings the private deps; with the .so installed too the
+# archive must be named, or the linker takes the .so.
+$CC -std=c11 -Wall -Werror consumer.c $(pc --static --cflags --libs | sed 's/-lkeel\>/-l:libkeel.a/') -o static
 ./static
-if ldd ./static | grep -q libkeel; then
-    echo "install: static consumer still needs libkeel.so" >&2
-    exit 1
-fi
+rm -f "$libdir"/libkeel.so*
+$CC -std=c11 -Wall -Werror consumer.c $(pc --static --cflags --libs) -o static2
+./static2
+for p in static static2; do
+    if ldd ./$p | grep -q libkeel; then
+        echo "install: static consumer $p still needs libkeel.so" >&2
+        exit 1
+    fi
+done
 
 # Headers, man pages and their links are where the GNU variables say.
 for f in include/keel.h include/keel/common.h include/keel/pool.h share/man/man7/keel.7 \
