@@ -37,6 +37,17 @@ else
     wrap=""
 fi
 
+# A name in TESTS that no suite has is a typo: fail rather than pass
+# having run nothing.
+for w in $(echo "${TESTS:-}" | tr ',' ' '); do
+    found=""
+    for t in "$@"; do
+        name=$(basename "$t")
+        if [ "${name#test_}" = "$w" ] || [ "$name" = "$w" ]; then found=1; fi
+    done
+    [ -n "$found" ] || { echo "run.sh: TESTS names '$w', which is not one of the suites run here" >&2; exit 2; }
+done
+
 pass=0; fail=0; failed=""
 for t in "$@"; do
     name=$(basename "$t")

@@ -139,7 +139,6 @@ start_all() {
     DIR=$(mktemp -d "${TMPDIR:-/tmp}/keel-test.XXXXXX")
     chmod 755 "$DIR"
     TAKEN=""
-    trap 'stop_all' ERR
     local redis="" i p
 
     for i in $(seq 1 "$NODES"); do
@@ -173,7 +172,6 @@ export KEEL_TEST_REDIS='$redis'
 export KEEL_TEST_PG='host=127.0.0.1 port=$pport user=keel dbname=postgres'
 export KEEL_TEST_PG_REPLICA='host=127.0.0.1 port=$rport user=keel dbname=postgres'
 EOF
-    trap - ERR
 }
 
 stop_all() {
@@ -213,7 +211,12 @@ run)
     exit $?
     ;;
 start)
+    # A start that fails half way stops what it started (die exits, which
+    # an ERR trap would not see).
+    trap 'stop_all' EXIT
+    trap 'exit 130' INT TERM
     start_all
+    trap - EXIT INT TERM
     echo "$DIR"
     ;;
 stop) need_dir; stop_all ;;

@@ -1,7 +1,10 @@
 #!/bin/sh
 # tools/deps.sh install|check — the Debian packages libkeel builds and tests
 # with. `install` installs the missing ones when run as root (apt-get) and
-# otherwise prints the exact command and fails; `check` only prints.
+# otherwise prints the exact command and fails. `check` (before a plain
+# build) asks pkg-config, so libraries built from source or another
+# package providing them do too, and names the Debian packages only when
+# pkg-config cannot find a library.
 set -u
 mode=${1:-check}
 
@@ -15,13 +18,19 @@ TEST="check redis-server redis-tools postgresql libmemcached-dev prometheus libm
 
 if [ "$mode" = check ]; then want=$BUILD; else want="$BUILD $TEST"; fi
 
+found_all() {
+    command -v pkg-config >/dev/null 2>&1 || return 1
+    for pc in hiredis libpq libxxhash libmd; do
+        pkg-config --exists "$pc" 2>/dev/null || return 1
+    done
+}
+[ "$mode" = check ] && found_all && exit 0
+
 if ! command -v dpkg-query >/dev/null 2>&1; then
     # Not Debian: say what is needed in terms any system understands.
-    for pc in hiredis libpq libxxhash libmd; do
-        pkg-config --exists "$pc" 2>/dev/null ||
-            { echo "deps: pkg-config cannot find $pc; install its development package" >&2; exit 1; }
-    done
-    exit 0
+    found_all && exit 0
+    echo "deps: pkg-config cannot find all of hiredis, libpq, libxxhash, libmd; install their development packages" >&2
+    exit 1
 fi
 
 missing=""
