@@ -168,7 +168,8 @@ static bool available(keel_lb *lb, keel_lb_peer *p, const keel_lb_tried *t, uint
         return false;
     if (p->max_conns && atomic_load_explicit(&p->conns, memory_order_relaxed) >= p->max_conns)
         return false;
-    return single || panic || !ejected(lb, p, now);
+    bool out = ejected(lb, p, now); /* first: a lone peer's ejection ends on time too */
+    return single || panic || !out;
 }
 
 /* The probe: a pick after fail_timeout moves `checked`, so that this
@@ -708,7 +709,10 @@ static int rebuild(keel_lb *lb, keel_lb_peer *add, keel_lb_peer *drop, keel_lb_p
                 continue;
             size_t at = pass ? s->n + s->nb++ : s->n++;
             s->peers[at] = p;
-            s->w[at] = p->weight;
+            /* P2C's draw table takes no DOWN peer (P2C compares the
+             * peers' own weights; only round robin and least_conn keep
+             * s->w as nginx's) */
+            s->w[at] = p2c && (f & KEEL_LB_DOWN) ? 0 : p->weight;
             s->cur[at] = p == add ? 0 : old->cur[i];
             s->eff[at] = p == add ? p->weight : old->eff[i];
             p->slot = (uint32_t)at;
@@ -738,7 +742,11 @@ static int rebuild(keel_lb *lb, keel_lb_peer *add, keel_lb_peer *drop, keel_lb_p
 
 static double m_in_flight(void *ud) { return atomic_load(&((keel_lb_peer *)ud)->conns); }
 static double m_failures(void *ud) { return (double)atomic_load(&((keel_lb_peer *)ud)->failures); }
-static double m_ejected(void *ud) { return atomic_load(&((keel_lb_peer *)ud)->ejected_until) != 0; }
+static double m_ejected(void *ud)
+{
+    keel_lb_peer *p = ud; /* one whose time is up and nobody picked since */
+    return ejected(p->lb, p, keel__clock_now(&p->lb->clock));
+}
 static double m_fails(void *ud) { return atomic_load(&((keel_lb_peer *)ud)->fails); }
 
 /* Registered before the peer is published and removed before it leaves,

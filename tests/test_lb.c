@@ -493,6 +493,29 @@ START_TEST(weighted_p2c_spreads_picks_by_weight_at_rest)
 }
 END_TEST
 
+/* A DOWN peer has no share: the others split its part by their weights,
+ * {4,2,1} with the 2 down going 80/20 (redrawing a draw that lands on it
+ * would give 73/27). Bounds about 7 standard deviations wide. */
+START_TEST(weighted_p2c_leaves_a_down_peer_out_of_the_shares)
+{
+    fixture f;
+    kt_rng g = kt_rng_seed(7);
+    setup(&f, (keel_lb_opts){.policy = KEEL_LB_P2C, .rand = rng_next, .rand_ud = &g},
+          (uint32_t[]){4, 2, 1}, 3, "abc");
+    ck_assert_int_eq(keel_lb_set_down(f.lb, f.p[1], 1), 0);
+    int got[3] = {0, 0, 0};
+    for (int i = 0; i < 100000; i++) {
+        keel_lb_peer *p;
+        ck_assert_int_eq(keel_lb_pick(f.lb, NULL, &p), 0);
+        got[(char)(intptr_t)keel_lb_peer_ud(p) - 'a']++;
+        keel_lb_done(f.lb, p, 1, 0);
+    }
+    ck_assert_int_eq(got[1], 0);
+    ck_assert_msg(got[0] >= 79100 && got[0] <= 80900, "a got %d of 100000", got[0]);
+    keel_lb_destroy(f.lb);
+}
+END_TEST
+
 START_TEST(weighted_p2c_among_backups_alone_still_weighs)
 {
     keel_lb *lb;
@@ -728,6 +751,36 @@ START_TEST(a_lone_peer_is_never_ejected)
     ck_assert_int_eq(st.ejected, 0);
     ck_assert_int_eq(st.available, 1);
     keel_lb_destroy(f.lb);
+}
+END_TEST
+
+/* An ejection that began while the peer had company ends on time when
+ * it is left alone: the gauge drops and picks leave the slow path. */
+START_TEST(a_lone_peers_ejection_still_ends)
+{
+    keel_metrics *m;
+    ck_assert_int_eq(keel_metrics_create(&m, NULL), 0);
+    fixture f;
+    setup(&f, (keel_lb_opts){.policy = (keel_lb_policy)_i, .max_fails = KEEL_LB_NO_MAX_FAILS,
+                             .eject_consecutive = 1, .eject_max_percent = 50, .metrics = m},
+          (uint32_t[]){1, 1}, 2, "ab");
+    keel_lb_tried t = {.n = 1, .ids = {2}};
+    keel_lb_peer *p;
+    ck_assert_int_eq(keel_lb_pick(f.lb, &t, &p), 0);
+    ck_assert_ptr_eq(p, f.p[0]);
+    keel_lb_done(f.lb, p, 0, 0); /* a is ejected */
+    ck_assert_int_eq(keel_lb_remove(f.lb, f.p[1]), 0);
+    kt_clock_advance(&f.clock, 3600 * S);
+    for (int i = 0; i < 10; i++) {
+        ck_assert_int_eq(keel_lb_pick(f.lb, NULL, &p), 0);
+        keel_lb_done(f.lb, p, 1, 0);
+    }
+    char *text;
+    ck_assert_int_eq(keel_metrics_render_buf(m, KEEL_METRICS_PROMETHEUS, &text, NULL), 0);
+    ck_assert_msg(strstr(text, "keel_lb_peer_ejected{lb=\"default\",peer=\"a\"} 0\n"), "%s", text);
+    keel_free(text);
+    keel_lb_destroy(f.lb);
+    keel_metrics_destroy(m);
 }
 END_TEST
 
@@ -1387,6 +1440,7 @@ int main(void)
     tc = tcase_create("p2c");
     tcase_add_test(tc, p2c_never_picks_the_busier_of_two);
     tcase_add_test(tc, weighted_p2c_compares_weight_over_load);
+    tcase_add_test(tc, weighted_p2c_leaves_a_down_peer_out_of_the_shares);
     tcase_add_test(tc, weighted_p2c_among_backups_alone_still_weighs);
     tcase_add_test(tc, weighted_p2c_spreads_picks_by_weight_at_rest);
     tcase_add_test(tc, peak_ewma_moves_away_from_a_slow_peer_and_back);
@@ -1398,6 +1452,7 @@ int main(void)
     tcase_add_test(tc, a_refused_ejection_resets_the_consecutive_count);
     tcase_add_test(tc, the_consecutive_count_starts_over_when_an_ejection_ends);
     tcase_add_loop_test(tc, a_lone_peer_is_never_ejected, KEEL_LB_ROUND_ROBIN, KEEL_LB_PEAK_EWMA + 1);
+    tcase_add_loop_test(tc, a_lone_peers_ejection_still_ends, KEEL_LB_ROUND_ROBIN, KEEL_LB_PEAK_EWMA + 1);
     tcase_add_loop_test(tc, every_peer_ejected_still_leaves_them_to_pick, KEEL_LB_ROUND_ROBIN,
                         KEEL_LB_PEAK_EWMA + 1);
     tcase_add_test(tc, ejected_primaries_go_to_a_backup_first);

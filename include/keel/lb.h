@@ -14,13 +14,15 @@
  *                         two random eligible peers, the one with fewer
  *                         requests in flight; with unequal weights, the
  *                         higher weight / (active + 1)^bias, the two drawn
- *                         (independently, O(log n)) so that with nothing
- *                         in flight each peer gets its weight's share of
- *                         the picks, as in Envoy.
+ *                         (independently, O(1) from an alias table) so
+ *                         that with nothing in flight each peer gets its
+ *                         weight's share of the picks, as in Envoy; a DOWN
+ *                         peer's share goes to the others by weight.
  *   KEEL_LB_PEAK_EWMA     Finagle's peak EWMA: of two random peers, the
  *                         lower latency estimate x (active + 1), where the
  *                         estimate jumps to any higher latency at once and
  *                         decays towards lower ones with time constant tau.
+ *                         Weights play no part; every pick reads the clock.
  *
  * Passive health, nginx's semantics exactly: a failure counts against a
  * peer and lowers its effective weight by weight / max_fails (it grows back
@@ -131,7 +133,8 @@ typedef struct keel_lb_peer_stats {
     uint32_t fails;    /* failures counted against max_fails */
     uint32_t conns;    /* picks not yet done */
     uint32_t consecutive_failures;
-    uint32_t ejections; /* the ejection multiplier: capped, decays while healthy */
+    uint32_t ejections; /* the ejection multiplier: capped; the decay for time
+                         * spent healthy is applied at the next ejection */
     int ejected;       /* ejected now */
     int available;     /* would be considered by a pick now */
     double ewma_ns;    /* PEAK_EWMA latency estimate */
