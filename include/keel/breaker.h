@@ -5,8 +5,9 @@
  *              or a slow-call rate >= slow_call_rate trips it OPEN.
  *   OPEN       calls are refused (KEEL_EUNAVAIL) for the open wait, which
  *              may grow with every consecutive re-open (a keel_backoff
- *              schedule). The first try_acquire after the wait moves it to
- *              HALF_OPEN (lazily: there is no timer thread).
+ *              schedule). The first try_acquire at or after the wait's
+ *              end moves it to HALF_OPEN (lazily: there is no timer
+ *              thread).
  *   HALF_OPEN  exactly permitted_in_half_open trial calls pass. As in
  *              resilience4j, once min(minimum_calls as set, permitted)
  *              trial results are in, the same thresholds are checked
@@ -29,7 +30,9 @@
  * path (try_acquire and on_result) takes no lock: atomic loads and a few
  * atomic increments; with a TIME window, the one call a second that moves
  * the window on does it under a short internal lock, as do state changes. A result
- * is counted in the state current when it arrives, as resilience4j does.
+ * is counted in the state current when it arrives, as resilience4j does; so
+ * is a release (a permit taken while CLOSED and released in HALF_OPEN gives
+ * one more trial, and such a call's result counts as a trial's).
  */
 #ifndef KEEL_BREAKER_H
 #define KEEL_BREAKER_H
@@ -102,8 +105,9 @@ typedef struct keel_breaker_stats {
     uint32_t open_count;    /* consecutive openings (the backoff step) */
 } keel_breaker_stats;
 
-/* Returns 0, KEEL_EINVAL (NULL, unknown window kind, values out of range)
- * or KEEL_ENOMEM. */
+/* Returns 0, KEEL_EINVAL (NULL, unknown window kind, values out of range,
+ * an open_backoff with an unknown policy, no base or cap, or cap < base) or
+ * KEEL_ENOMEM. */
 KEEL_API int keel_breaker_create(keel_breaker **out, const keel_breaker_opts *opts);
 
 /* May a call go ahead? 0, or KEEL_EUNAVAIL when the breaker refuses it
