@@ -1431,6 +1431,72 @@ START_TEST(drop_oldest_drops_the_oldest)
 }
 END_TEST
 
+/* DROP_OLDEST and a delivery queued for a subscription that left: a
+ * queue group's goes to on_error with no subscription (its member is
+ * gone, none other takes it); another's is skipped as the worker would
+ * have skipped it, neither counted nor reported. */
+typedef struct drop_who {
+    keel_bus_sub *sub[8];
+    char data[8][4];
+    int n;
+} drop_who;
+
+static void on_drop_who(keel_bus_sub *s, const keel_bus_msg *m, int err, void *ud)
+{
+    drop_who *d = ud;
+    ck_assert_int_eq(err, KEEL_EFULL);
+    ck_assert_int_lt(d->n, 8);
+    d->sub[d->n] = s;
+    snprintf(d->data[d->n++], 4, "%.*s", (int)m->len, (const char *)m->data);
+}
+
+START_TEST(drop_oldest_reports_a_left_members_delivery_with_no_subscription)
+{
+    gate *g = calloc(1, sizeof *g);
+    atomic_store(&g->closed, 1);
+    drop_who d = {0};
+    keel_bus *b;
+    keel_bus_opts o = {.workers = 1, .capacity = 2, .on_full = KEEL_BUS_DROP_OLDEST, .on_error = on_drop_who,
+                       .ud = &d};
+    ck_assert_int_eq(keel_bus_create(&b, &o), 0);
+    sub(b, "block", on_gate, g, KEEL_BUS_ASYNC, NULL);
+    rec *ra = rec_new(0, NULL), *rb = rec_new(1, NULL), *rc = rec_new(2, NULL);
+    keel_bus_sub *a = sub(b, "g.x", on_rec, ra, KEEL_BUS_ASYNC, "g");
+    keel_bus_sub *m = sub(b, "g.x", on_rec, rb, KEEL_BUS_ASYNC, "g");
+    keel_bus_sub *c = sub(b, "c.x", on_rec, rc, KEEL_BUS_ASYNC, NULL);
+    ck_assert_int_eq(pub(b, "block"), 0);
+    while (atomic_load(&g->entered) == 0)
+        nap(100 * 1000);
+    ck_assert_int_eq(keel_bus_publish(b, "g.x", "1", 1, NULL, 0, NULL), 0); /* a's turn */
+    ck_assert_int_eq(keel_bus_publish(b, "g.x", "2", 1, NULL, 0, NULL), 0); /* m's */
+    ck_assert_int_eq(keel_bus_unsubscribe(a), 0);
+    ck_assert_int_eq(keel_bus_publish(b, "g.x", "3", 1, NULL, 0, NULL), 0); /* drops 1: a's, gone */
+    ck_assert_int_eq(keel_bus_publish(b, "c.x", "4", 1, NULL, 0, NULL), 0); /* drops 2 */
+    ck_assert_int_eq(keel_bus_unsubscribe(c), 0);
+    ck_assert_int_eq(keel_bus_publish(b, "g.x", "5", 1, NULL, 0, NULL), 0); /* drops 3 */
+    ck_assert_int_eq(keel_bus_publish(b, "g.x", "6", 1, NULL, 0, NULL), 0); /* drops 4: c's, gone */
+    ck_assert_int_eq(d.n, 3);
+    ck_assert_ptr_null(d.sub[0]);
+    ck_assert_str_eq(d.data[0], "1");
+    ck_assert_ptr_eq(d.sub[1], m);
+    ck_assert_str_eq(d.data[1], "2");
+    ck_assert_ptr_eq(d.sub[2], m);
+    ck_assert_str_eq(d.data[2], "3");
+    keel_bus_stats st;
+    keel_bus_stats_get(b, &st);
+    ck_assert_uint_eq(st.dropped, 3);
+    atomic_store(&g->closed, 0);
+    ck_assert_int_eq(keel_bus_drain(b), 0);
+    ck_assert_uint_eq(rb->n, 2); /* 5 and 6 */
+    ck_assert_uint_eq(ra->n + rc->n, 0);
+    keel_bus_destroy(b);
+    free(ra);
+    free(rb);
+    free(rc);
+    free(g);
+}
+END_TEST
+
 /* A queue group of sync and async members: each message to exactly one. */
 START_TEST(a_group_may_mix_sync_and_async_members)
 {
@@ -3309,6 +3375,7 @@ int main(void)
     tcase_add_test(tc, a_handler_may_free_its_ud_after_unsubscribing_itself);
     tcase_add_test(tc, async_deliveries_see_copies_of_data_and_headers);
     tcase_add_test(tc, drop_oldest_drops_the_oldest);
+    tcase_add_test(tc, drop_oldest_reports_a_left_members_delivery_with_no_subscription);
     tcase_add_test(tc, a_group_may_mix_sync_and_async_members);
     tcase_add_test(tc, a_leaving_group_member_hands_its_queued_messages_to_the_others);
     tcase_add_test(tc, a_group_whose_last_member_leaves_drops_and_reports_its_queue);

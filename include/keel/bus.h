@@ -143,7 +143,9 @@ typedef enum keel_bus_full {
                                 from a handler (a worker or reader thread), which
                                 may be the one to make room: KEEL_EFULL at once */
     KEEL_BUS_REJECT = 1,     /* KEEL_EFULL at once */
-    KEEL_BUS_DROP_OLDEST = 2 /* the oldest queued delivery goes to on_error (KEEL_EFULL) */
+    KEEL_BUS_DROP_OLDEST = 2 /* the oldest queued delivery goes to on_error (KEEL_EFULL): sub
+                                NULL for a queue group's whose member left; one for another
+                                subscription that left is only skipped, not counted */
 } keel_bus_full;
 
 typedef struct keel_bus_opts {
@@ -159,7 +161,8 @@ typedef struct keel_bus_opts {
      * (KEEL_EFULL); sub is NULL for a queue group's delivery whose member
      * left and that no other member could take (in process: err
      * KEEL_ENOTFOUND, or KEEL_ENOMEM: no memory to re-route it; a stream
-     * entry stays pending instead), and for an entry moved to
+     * entry stays pending instead) or that KEEL_BUS_DROP_OLDEST dropped
+     * (KEEL_EFULL), and for an entry moved to
      * the dead-letter stream (err KEEL_ELIMIT). Runs where the event
      * happened. */
     void (*on_error)(keel_bus_sub *sub, const keel_bus_msg *msg, int err, void *ud);

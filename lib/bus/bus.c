@@ -865,20 +865,26 @@ static void deadline(uint64_t ns, struct timespec *ts)
 }
 
 /* Pops the oldest delivery of a full queue and reports it. Finished
- * before the report: on_error may drain, which must not wait for it. */
+ * before the report: on_error may drain, which must not wait for it.
+ * One for a subscription that left is what the worker would have done
+ * with it: a queue group's, which it would have re-routed, is dropped
+ * and reported with no subscription (as when no member is left);
+ * another's, which it would have skipped, is only skipped. */
 static void drop_oldest(keel_bus *bus, bworker *w)
 {
     bslot v;
     if (!ring_pop(w, bus->mask, &v))
         return;
-    keel__stripe_add(&keel__bus_counters(bus)->dropped, 1);
     finished(w, 1);
     if (enter(v.sub)) {
+        keel__stripe_add(&keel__bus_counters(bus)->dropped, 1);
         bframe f = {v.sub, tl_frames};
         tl_frames = &f;
         keel__bus_error(bus, v.sub, &v.m->v, KEEL_EFULL);
         tl_frames = f.up;
         leave(v.sub);
+    } else if (v.sub->group_id) {
+        group_lost(bus, &v.m->v, KEEL_EFULL);
     }
     keel__bus_sub_unref(v.sub);
     msg_unref(v.m);
