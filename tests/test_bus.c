@@ -570,6 +570,7 @@ START_TEST(messages_carry_their_fields_and_ordered_ids)
         clock_gettime(CLOCK_REALTIME, &ts);
         uint64_t now = (uint64_t)ts.tv_sec * S + (uint64_t)ts.tv_nsec;
         ck_assert(l->time_ns <= now && l->time_ns + 60 * S > now);
+        ck_assert_uint_eq(l->time_ns, strtoull(l->id, NULL, 10) * MS); /* the id's milliseconds */
     }
     keel_bus_destroy(b);
 }
@@ -1316,6 +1317,14 @@ static void *publish_ids(void *arg)
     return NULL;
 }
 
+/* Counts messages whose time is not their id's millisecond. */
+static int on_id_time(const keel_bus_msg *m, void *ud)
+{
+    if (m->time_ns != strtoull(m->id, NULL, 10) * MS)
+        atomic_fetch_add((_Atomic size_t *)ud, 1);
+    return 0;
+}
+
 static int cmp_id(const void *a, const void *b)
 {
     unsigned long long am, as, bm, bs;
@@ -1330,6 +1339,9 @@ START_TEST(ids_are_unique_and_ordered_across_threads)
     keel_bus *b2 = bus_new(0, 0, KEEL_BUS_BLOCK);
     enum { T = 4, N = 20000 };
     char (*ids)[KEEL_BUS_ID_MAX] = calloc(T * N, KEEL_BUS_ID_MAX);
+    _Atomic size_t off = 0; /* time and id agree, whichever thread moved the id on */
+    sub(b, "id.x", on_id_time, &off, KEEL_BUS_SYNC, NULL);
+    sub(b2, "id.x", on_id_time, &off, KEEL_BUS_SYNC, NULL);
     idrun r[T];
     pthread_t t[T];
     for (int i = 0; i < T; i++) {
@@ -1345,6 +1357,7 @@ START_TEST(ids_are_unique_and_ordered_across_threads)
     qsort(ids, T * N, KEEL_BUS_ID_MAX, cmp_id);
     for (int k = 1; k < T * N; k++)
         ck_assert_msg(cmp_id(ids[k - 1], ids[k]) != 0, "%s twice", ids[k]);
+    ck_assert_uint_eq(atomic_load(&off), 0);
     free(ids);
     keel_bus_destroy(b);
     keel_bus_destroy(b2);

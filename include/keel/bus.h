@@ -128,8 +128,9 @@ typedef struct keel_bus_msg {
     const keel_bus_header *headers;
     size_t nheaders;
     const char *id;      /* "ms-seq", time-ordered, unique in the process (with Redis: the entry's ID) */
-    uint64_t time_ns;    /* wall-clock time of the publish, to the kernel tick (1-10 ms:
-                            CLOCK_REALTIME_COARSE; with Redis: milliseconds) */
+    uint64_t time_ns;    /* wall-clock time of the publish in whole milliseconds, the id's
+                            (in id order it never goes back); in process as of the kernel
+                            tick (1-10 ms: CLOCK_REALTIME_COARSE) */
 } keel_bus_msg;
 
 typedef int (*keel_bus_handler)(const keel_bus_msg *msg, void *ud);

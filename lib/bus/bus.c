@@ -1013,7 +1013,9 @@ static _Atomic uint64_t idstate;
 /* A time-ordered id, unique in the process: milliseconds, then a sequence
  * within them (20 bits; one that overflows borrows the next millisecond).
  * The time is the coarse clock's, as of the last kernel tick: a precise
- * read cost a fifth of an asynchronous delivery. */
+ * read cost a fifth of an asynchronous delivery. *time_ns is the id's
+ * millisecond, not this thread's reading: another thread may have moved
+ * the id past it, and a message's time must not go back in id order. */
 static void make_id(char id[KEEL_BUS_ID_MAX], uint64_t *time_ns)
 {
     struct timespec ts;
@@ -1025,7 +1027,7 @@ static void make_id(char id[KEEL_BUS_ID_MAX], uint64_t *time_ns)
         next = want > cur ? want : cur + 1;
     while (!atomic_compare_exchange_weak_explicit(&idstate, &cur, next, memory_order_relaxed,
                                                   memory_order_relaxed));
-    *time_ns = ns;
+    *time_ns = (next >> 20) * 1000000u;
     static __thread uint64_t tl_ms = UINT64_MAX; /* the last millisecond written, as text */
     static __thread char tl_text[24];
     static __thread size_t tl_len;
