@@ -2689,6 +2689,103 @@ START_TEST(stopping_mid_batch_acknowledges_what_was_handled)
 }
 END_TEST
 
+/* Each partition is a stream of its own, whose IDs may equal another's:
+ * with several partitions an id names the partition too, so that ids stay
+ * unique; publishers and handlers see the same one. Here every stream
+ * holds an entry from an hour ahead, so each next entry of every stream
+ * gets the same ID, <that ms>-1, -2... With one partition the id is the
+ * entry's ID. */
+typedef struct pids {
+    pthread_mutex_t mu;
+    char id[16][KEEL_BUS_ID_MAX];
+    uint64_t time_ns[16];
+    int n;
+} pids;
+
+static int on_pid(const keel_bus_msg *m, void *ud)
+{
+    pids *p = ud;
+    int i = m->subject[2] - 'a';
+    pthread_mutex_lock(&p->mu);
+    snprintf(p->id[i], KEEL_BUS_ID_MAX, "%s", m->id);
+    p->time_ns[i] = m->time_ns;
+    p->n++;
+    pthread_mutex_unlock(&p->mu);
+    return 0;
+}
+
+START_TEST(ids_are_unique_across_partitions)
+{
+    keel_redis *r = redis_nodes(3);
+    char prefix[96], key[128], ahead[48];
+    unique_prefix(prefix, sizeof prefix, "pids");
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now); /* as the server's clock, near enough: an hour ahead of both */
+    unsigned long long t = (unsigned long long)now.tv_sec * 1000 + 3600 * 1000;
+    snprintf(ahead, sizeof ahead, "%llu-0", t);
+    enum { PARTS = 4, N = 16 };
+    for (int i = 0; i < PARTS; i++) {
+        snprintf(key, sizeof key, "%s%d", prefix, i);
+        const char *argv[] = {"XADD", key, ahead, "s", "ahead", "d", ""};
+        redisReply *rep;
+        ck_assert_int_eq(rcmd(r, key, 7, argv, &rep), 0);
+        freeReplyObject(rep);
+    }
+    keel_bus *c = rbus(r, prefix, "svc", "c1", PARTS, 0, NULL, NULL);
+    pids *got = calloc(1, sizeof *got);
+    pthread_mutex_init(&got->mu, NULL);
+    sub(c, "t.*", on_pid, got, KEEL_BUS_SYNC, NULL);
+    ck_assert_int_eq(keel_bus_start(c), 0);
+    keel_bus *p = rbus(r, prefix, NULL, NULL, PARTS, 0, NULL, NULL);
+    keel_bus_pub pubs[N];
+    char subj[N][8];
+    for (int i = 0; i < N; i++) {
+        snprintf(subj[i], sizeof subj[i], "t.%c", 'a' + i);
+        pubs[i] = (keel_bus_pub){.subject = subj[i], .data = "x", .len = 1};
+    }
+    ck_assert_int_eq(keel_bus_publish_many(p, pubs, N), 0);
+    bool parts[PARTS] = {false};
+    for (int i = 0; i < N; i++) {
+        unsigned long long ms, seq;
+        unsigned part;
+        int end = 0;
+        ck_assert_int_eq(sscanf(pubs[i].id, "%llu-%llu-%u%n", &ms, &seq, &part, &end), 3);
+        ck_assert_int_eq(pubs[i].id[end], '\0');
+        ck_assert_uint_eq(ms, t);
+        ck_assert_uint_lt(part, PARTS);
+        parts[part] = true;
+        for (int k = 0; k < i; k++)
+            ck_assert_msg(strcmp(pubs[i].id, pubs[k].id) != 0, "%s twice", pubs[i].id);
+    }
+    int used = 0;
+    for (int i = 0; i < PARTS; i++)
+        used += parts[i];
+    ck_assert_int_ge(used, 2); /* so some IDs of different streams were equal */
+    ck_assert_int_eq(keel_bus_drain(c), 0);
+    ck_assert_int_eq(got->n, N);
+    for (int i = 0; i < N; i++) {
+        ck_assert_str_eq(got->id[i], pubs[i].id);
+        ck_assert_uint_eq(got->time_ns[i], t * MS);
+    }
+    keel_bus_destroy(p);
+    /* one partition: the entry's ID as it is */
+    unique_prefix(prefix, sizeof prefix, "pid1");
+    snprintf(key, sizeof key, "%s0", prefix);
+    p = rbus(r, prefix, NULL, NULL, 1, 0, NULL, NULL);
+    char id[KEEL_BUS_ID_MAX];
+    ck_assert_int_eq(keel_bus_publish(p, "t.a", "x", 1, NULL, 0, id), 0);
+    const char *argv[] = {"XREVRANGE", key, "+", "-", "COUNT", "1"};
+    redisReply *rep;
+    ck_assert_int_eq(rcmd(r, key, 6, argv, &rep), 0);
+    ck_assert_str_eq(id, rep->element[0]->element[0]->str);
+    freeReplyObject(rep);
+    keel_bus_destroy(p);
+    keel_bus_destroy(c);
+    free(got);
+    keel_redis_destroy(r);
+}
+END_TEST
+
 /* A reader matched an entry to a queue group's member that an earlier
  * handler of the same entry unsubscribes: the group's other member takes
  * it in the reader (sync or async alike) and it is acknowledged. With no
@@ -3415,6 +3512,7 @@ int main(void)
     TCase *rd = tcase_create("redis");
     tcase_set_timeout(rd, 90);
     tcase_add_test(rd, streams_deliver_in_subject_order_across_partitions_and_nodes);
+    tcase_add_test(rd, ids_are_unique_across_partitions);
     tcase_add_test(rd, two_threads_starting_at_once_start_one_set_of_readers);
     tcase_add_test(rd, two_processes_share_a_group_and_miss_nothing);
     tcase_add_test(rd, a_consumer_killed_mid_batch_is_taken_over);

@@ -42,7 +42,12 @@
  *
  * With redis: publish appends to a Redis Stream (XADD, approximate MAXLEN
  * trimming); subjects are spread over `partitions` streams by hash, so one
- * subject's entries are stored in order. keel_bus_start() starts one
+ * subject's entries are stored in order. Two streams may give an entry
+ * the same ID (the server's ms, then a sequence per stream), so with
+ * several partitions a message's id is the ID, then "-" and the
+ * partition. Ids are in time order within a partition, and across
+ * partitions only as far as the clocks of the servers holding the
+ * streams agree, and not within a millisecond. keel_bus_start() starts one
  * reader thread per partition, consuming through the consumer group
  * `service` as `consumer`: that consumer's own pending entries first (left
  * by a previous run: give a stable consumer name for this to apply), then
@@ -127,7 +132,9 @@ typedef struct keel_bus_msg {
     size_t len;
     const keel_bus_header *headers;
     size_t nheaders;
-    const char *id;      /* "ms-seq", time-ordered, unique in the process (with Redis: the entry's ID) */
+    const char *id;      /* "ms-seq", time-ordered, unique in the process; with Redis, unique in
+                            the streams of a prefix: the entry's ID, then "-" and the partition
+                            when there are several ("ms-seq-p"; see the top) */
     uint64_t time_ns;    /* wall-clock time of the publish in whole milliseconds, the id's
                             (in id order it never goes back); in process as of the kernel
                             tick (1-10 ms: CLOCK_REALTIME_COARSE) */

@@ -119,6 +119,26 @@ static bool parse_id(const char *id, uint64_t *ms, uint64_t *seq)
     return end != p && *end == '\0';
 }
 
+/* The id publishers and handlers see for entry `id` of partition part:
+ * the entry's ID, then "-" and the partition when there are several, as
+ * each partition is a stream of its own and two of them may give the
+ * same ID. Only ever shown: the streams are always given their own IDs.
+ * False when it does not fit (an ID is at most 41 bytes: it does). */
+static bool ext_id(const bstream *s, size_t part, const char *id, size_t len, char out[KEEL_BUS_ID_MAX])
+{
+    if (len + (s->parts > 1 ? 3 : 0) >= KEEL_BUS_ID_MAX)
+        return false;
+    memcpy(out, id, len);
+    if (s->parts > 1) { /* part < 64 */
+        out[len++] = '-';
+        if (part >= 10)
+            out[len++] = (char)('0' + part / 10);
+        out[len++] = (char)('0' + part % 10);
+    }
+    out[len] = '\0';
+    return true;
+}
+
 /* One command on the reader's own connection. */
 static int cmd(redisContext *c, int argc, const char **argv, const size_t *lens, redisReply **out)
 {
@@ -440,18 +460,23 @@ static int wanted(bstream *s, const redisReply *e)
  * group's member left and none of the group is left here to take it:
  * another consumer may), 2 when nothing here subscribes to it (another
  * consumer of the group may: it is handed back), or KEEL_ENOMEM. */
-static int deliver(bstream *s, const redisReply *e)
+static int deliver(breader *rd, const redisReply *e)
 {
+    bstream *s = rd->s;
     if (e->type != REDIS_REPLY_ARRAY || e->elements != 2 || e->element[0]->type != REDIS_REPLY_STRING)
         return 0;
     keel_bus_header hdr[64];
     keel_bus_msg v;
     btoks t;
+    char id[KEEL_BUS_ID_MAX];
+    if (!ext_id(s, rd->part, e->element[0]->str, e->element[0]->len, id))
+        return 0; /* not a Redis entry ID */
     if (!entry_parse(e, e->element[0]->str, &v, hdr, &t)) {
         if (e->element[1]->type == REDIS_REPLY_ARRAY) /* not one deleted (trimmed) while pending */
             keel__log(KEEL_LOG_WARN, "bus", "entry %s has no valid subject: acknowledged unread", v.id);
         return 0;
     }
+    v.id = id;
     bmatch m;
     int rc = keel__bus_match(s->bus, &t, &m);
     if (rc)
@@ -563,7 +588,7 @@ static int handle(breader *rd, redisContext *c, const redisReply *entries, const
                 break;
             continue;
         }
-        rc = deliver(s, e);
+        rc = deliver(rd, e);
         const char *id = entry_id(e);
         if (rc < 0 || !id)
             continue;
@@ -677,6 +702,9 @@ static int bury(breader *rd, redisContext *c, const char *id)
         keel_bus_header hdr[64];
         keel_bus_msg v;
         parse_fields(f, id, &v, hdr);
+        char xid[KEEL_BUS_ID_MAX];
+        if (ext_id(s, rd->part, id, strlen(id), xid))
+            v.id = xid;
         if (!v.subject)
             v.subject = "";
         keel__log(KEEL_LOG_WARN, "bus", "%s: entry %s delivered %u times: moved to %s", key, id,
@@ -1190,6 +1218,12 @@ void keel__bus_stream_destroy(bstream *s)
 
 /* ---- publish ---- */
 
+/* The partition of a subject: its stream. */
+static size_t part_of(const bstream *s, const char *subject)
+{
+    return (size_t)(keel__hash64(subject, strlen(subject), 0) % s->parts);
+}
+
 int keel__bus_stream_publish(bstream *s, keel_bus_pub *pubs, size_t n)
 {
     size_t ncmd = 0, nargs = 0, hbytes = 0;
@@ -1222,7 +1256,7 @@ int keel__bus_stream_publish(bstream *s, keel_bus_pub *pubs, size_t n)
         keel_bus_pub *p = &pubs[i];
         if (p->rc)
             continue;
-        const char *key = s->keys[keel__hash64(p->subject, strlen(p->subject), 0) % s->parts];
+        const char *key = s->keys[part_of(s, p->subject)];
         keel_redis_cmd *k = &cmds[c++];
         k->key = key;
         k->keylen = strlen(key);
@@ -1256,8 +1290,8 @@ int keel__bus_stream_publish(bstream *s, keel_bus_pub *pubs, size_t n)
             continue;
         keel_redis_cmd *k = &cmds[c++];
         p->rc = k->rc;
-        if (k->rc == 0 && k->reply && k->reply->type == REDIS_REPLY_STRING && k->reply->len < KEEL_BUS_ID_MAX) {
-            memcpy(p->id, k->reply->str, k->reply->len + 1);
+        if (k->rc == 0 && k->reply && k->reply->type == REDIS_REPLY_STRING &&
+            ext_id(s, part_of(s, p->subject), k->reply->str, k->reply->len, p->id)) {
             ok++;
         } else if (k->rc == 0) { /* no reply: the pipeline failed before it got there */
             p->rc = k->reply ? KEEL_EPROTO : prc ? prc : KEEL_EPROTO;
