@@ -2914,6 +2914,71 @@ static void register_consumer(keel_redis *r, const char *prefix, const char *nam
     freeReplyObject(rep);
 }
 
+/* Every subscription an entry matched is unsubscribed before its call:
+ * no handler ran, so the entry goes by the registry as one that matched
+ * nothing, and another live consumer that wants it gets it handed back,
+ * not acknowledged. The reader is held inside its match (at the
+ * allocation of a 17th match) until all 17 are unsubscribed. */
+static keel_bus *window_bus;
+static _Atomic int window_armed;
+static __thread bool window_mine; /* the test's own threads pass */
+
+static void *window_malloc(size_t n)
+{
+    if (!window_mine && n == 32 * sizeof(void *) && atomic_exchange(&window_armed, 0)) {
+        keel_bus_stats st;
+        for (keel_bus_stats_get(window_bus, &st); st.subscriptions; keel_bus_stats_get(window_bus, &st))
+            nap(100 * 1000); /* real threads: the unsubscribers */
+    }
+    return malloc(n);
+}
+
+static void *unsubscribe_one(void *arg)
+{
+    window_mine = true;
+    ck_assert_int_eq(keel_bus_unsubscribe(arg), 0);
+    return NULL;
+}
+
+START_TEST(an_entry_whose_matches_all_left_before_their_calls_goes_by_the_registry)
+{
+    window_mine = true;
+    keel_allocator a = {window_malloc, calloc, realloc, free};
+    ck_assert_int_eq(keel_set_allocator(&a), 0);
+    char prefix[96], key[128];
+    unique_prefix(prefix, sizeof prefix, "window");
+    snprintf(key, sizeof key, "%s0", prefix);
+    keel_redis *r = redis_nodes(1);
+    register_consumer(r, prefix, "other", "t.>", 3600 * 1000);
+    keel_bus *b = window_bus = rbus(r, prefix, "grp", "c1", 1, 3600 * S, NULL, NULL);
+    enum { N = 17 };
+    rec *h = rec_new(0, NULL);
+    keel_bus_sub *subs[N];
+    for (int i = 0; i < N; i++)
+        subs[i] = sub(b, "t.x", on_rec, h, KEEL_BUS_SYNC, NULL);
+    ck_assert_int_eq(keel_bus_start(b), 0);
+    atomic_store(&window_armed, 1);
+    ck_assert_int_eq(pub(b, "t.x"), 0);
+    while (atomic_load(&window_armed))
+        nap(100 * 1000);
+    pthread_t th[N];
+    for (int i = 0; i < N; i++)
+        pthread_create(&th[i], NULL, unsubscribe_one, subs[i]);
+    for (int i = 0; i < N; i++)
+        pthread_join(th[i], NULL);
+    ck_assert_int_eq(keel_bus_drain(b), 0);
+    keel_bus_stats st;
+    keel_bus_stats_get(b, &st);
+    ck_assert_uint_eq(h->n, 0);
+    ck_assert_uint_eq(st.acked, 0);
+    ck_assert_int_eq(pending_count(r, key), 1); /* handed back for "other" */
+    keel_bus_destroy(b);
+    keel_redis_destroy(r);
+    keel_set_allocator(NULL);
+    free(h);
+}
+END_TEST
+
 START_TEST(a_consumer_without_a_subscriber_leaves_entries_to_one_with_it)
 {
     char prefix[96], key[128];
@@ -3525,6 +3590,7 @@ int main(void)
     tcase_add_test(rd, stopping_mid_batch_acknowledges_what_was_handled);
     tcase_add_test(rd, a_stream_group_member_gone_before_its_call_leaves_the_entry_to_the_others);
     tcase_add_test(rd, a_consumer_without_a_subscriber_leaves_entries_to_one_with_it);
+    tcase_add_test(rd, an_entry_whose_matches_all_left_before_their_calls_goes_by_the_registry);
     tcase_add_test(rd, entries_no_consumer_of_the_group_subscribes_to_are_skipped);
     tcase_add_test(rd, an_entry_another_live_consumer_wants_is_handed_back_not_skipped);
     tcase_add_test(rd, a_consumer_gone_leaves_its_subjects_to_be_skipped);

@@ -53,7 +53,8 @@
  * by a previous run: give a stable consumer name for this to apply), then
  * new ones. A new group starts at the beginning of what the stream holds.
  * An entry is acknowledged (XACK) only once every matching handler
- * returned 0. An entry matching no subscription of the process goes by
+ * returned 0. An entry matching no subscription of the process (or whose
+ * matches were all unsubscribed before their calls, racing them) goes by
  * the group's registry, the hash prefix + "subs:" + service: field the
  * consumer, value the Redis server's time in ms at which the field
  * expires, then each pattern after a space. It is written by

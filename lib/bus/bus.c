@@ -680,10 +680,14 @@ static bool call_member(keel_bus *bus, uint64_t group, const btoks *t, const kee
     return false;
 }
 
-bool keel__bus_call(keel_bus_sub *sub, const btoks *t, const keel_bus_msg *msg, int *rc)
+int keel__bus_call(keel_bus_sub *sub, const btoks *t, const keel_bus_msg *msg, int *rc)
 {
     *rc = 0;
-    return call(sub, msg, rc) || !sub->group_id || call_member(sub->bus, sub->group_id, t, msg, rc);
+    if (call(sub, msg, rc))
+        return 1;
+    if (!sub->group_id)
+        return 0;
+    return call_member(sub->bus, sub->group_id, t, msg, rc) ? 1 : -1;
 }
 
 bool keel__bus_in_worker(keel_bus *bus) { return tl_worker == bus; }

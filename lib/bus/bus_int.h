@@ -69,11 +69,12 @@ int keel__bus_matches(keel_bus *bus, const btoks *t);
 /* Calls a subscription's handler, msg's subject cut into t, unless it has
  * been unsubscribed; counts, reports a failure. A queue group's member
  * that has left is replaced by another member, picked as a publish picks
- * and called here whatever its mode. Returns true, the handler's result
- * in *rc (0 if skipped: not a group's member); false when the group has
- * no member left to take msg (*rc KEEL_ENOTFOUND, or KEEL_ENOMEM: no
- * memory to look), with nothing counted or reported. */
-bool keel__bus_call(keel_bus_sub *sub, const btoks *t, const keel_bus_msg *msg, int *rc);
+ * and called here whatever its mode. Returns 1 when a handler ran, its
+ * result in *rc; 0 when none did, the subscription having left (not a
+ * group's member), *rc 0; -1 when the group has no member left to take
+ * msg (*rc KEEL_ENOTFOUND, or KEEL_ENOMEM: no memory to look), with
+ * nothing counted or reported. */
+int keel__bus_call(keel_bus_sub *sub, const btoks *t, const keel_bus_msg *msg, int *rc);
 
 void keel__bus_sub_unref(keel_bus_sub *sub);
 void keel__bus_error(keel_bus *bus, keel_bus_sub *sub, const keel_bus_msg *msg, int err);

@@ -458,8 +458,9 @@ static int wanted(bstream *s, const redisReply *e)
  * it may be acknowledged (handled, or one that cannot be: no fields, a bad
  * subject), 1 when it must stay pending (a handler failed, or a queue
  * group's member left and none of the group is left here to take it:
- * another consumer may), 2 when nothing here subscribes to it (another
- * consumer of the group may: it is handed back), or KEEL_ENOMEM. */
+ * another consumer may), 2 when nothing here subscribes to it, or every
+ * match left before its call (another consumer of the group may: it is
+ * handed back), or KEEL_ENOMEM. */
 static int deliver(breader *rd, const redisReply *e)
 {
     bstream *s = rd->s;
@@ -483,17 +484,20 @@ static int deliver(breader *rd, const redisReply *e)
         return rc;
     if (!m.n)
         return 2;
-    bool failed = false;
+    bool failed = false, ran = false;
     for (size_t i = 0; i < m.n; i++) {
-        int hrc;
-        if (!keel__bus_call(m.subs[i], &t, &v, &hrc))
+        int hrc, called = keel__bus_call(m.subs[i], &t, &v, &hrc);
+        if (called < 0)
             keel__log(KEEL_LOG_WARN, "bus", "entry %s (%s): no member of its queue group left here: left pending",
                       v.id, v.subject);
         failed |= hrc != 0;
+        ran |= called > 0;
         keel__bus_sub_unref(m.subs[i]);
     }
     keel__bus_match_free(&m);
-    return failed;
+    /* every match left before its call (racing it): as if none had
+     * matched, another consumer of the group may want the entry */
+    return failed ? 1 : ran ? 0 : 2;
 }
 
 static int bury(breader *rd, redisContext *c, const char *id);
