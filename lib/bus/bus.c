@@ -921,6 +921,11 @@ static int enqueue(keel_bus *bus, keel_bus_sub *sub, bmsg *m, uint64_t subject_h
             deadline(bus->o.block_timeout_ns, until);
         pthread_mutex_lock(&w->mu);
         atomic_fetch_add(&w->space_waiters, 1);
+        /* The count before the ring's loads: the worker stores a slot,
+         * fences, then loads the count (worker_main), so one of the two
+         * sees the other. A seq_cst RMW alone does not order the acquire
+         * loads after it in C11: a fence does, and the wait is slow anyway. */
+        KEEL__FULL_FENCE();
         /* one push after the time is up: room made at the last moment is
          * taken, and a push that succeeded is never tried again */
         for (bool late = false; !ring_push(w, bus->mask, sub, m);) {
