@@ -743,7 +743,10 @@ static size_t window_from(const selector *s, uint64_t now, uint64_t win)
     return i;
 }
 
-/* Prometheus's extrapolatedRate() for value k of each sample, as a rate. */
+/* Prometheus 3's extrapolatedRate() for value k of each sample, as a rate:
+ * a gap to the start beyond 1.1 x the average interval counts as half an
+ * interval, and only then is the start capped at the counter's zero (the
+ * order Prometheus 2 had the other way round). */
 static double rate_of(const selector *s, size_t k, uint64_t now, uint64_t win)
 {
     size_t from = window_from(s, now, win), n = s->n - from;
@@ -759,14 +762,17 @@ static double rate_of(const selector *s, size_t k, uint64_t now, uint64_t win)
     double range_start = ((double)now - (double)win) / 1e9, range_end = (double)now / 1e9;
     double to_start = t_first - range_start, to_end = range_end - t_last;
     double sampled = t_last - t_first, avg = sampled / (double)(n - 1);
+    double threshold = avg * 1.1;
+    if (to_start >= threshold)
+        to_start = avg / 2;
     if (result > 0 && first >= 0) { /* a counter does not go below zero */
         double to_zero = sampled * (first / result);
         if (to_zero < to_start)
             to_start = to_zero;
     }
-    double threshold = avg * 1.1, extrapolate = sampled;
-    extrapolate += to_start < threshold ? to_start : avg / 2;
-    extrapolate += to_end < threshold ? to_end : avg / 2;
+    if (to_end >= threshold)
+        to_end = avg / 2;
+    double extrapolate = sampled + to_start + to_end;
     result *= extrapolate / sampled;
     return result / ((double)win / 1e9);
 }

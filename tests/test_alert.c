@@ -79,6 +79,13 @@ static keel_alert_state state(fixture *f, const char *name)
     return in.state;
 }
 
+static double value_of(fixture *f, const char *name)
+{
+    keel_alert_info in;
+    ck_assert_int_eq(keel_alerts_get(f->a, name, read_state, &in), 0);
+    return in.value;
+}
+
 static keel_gauge_child *gauge(fixture *f, const char *name)
 {
     keel_gauge *g;
@@ -89,7 +96,10 @@ static keel_gauge_child *gauge(fixture *f, const char *name)
 /* Runs `promtool test rules` over a rule file and its unit test (the
  * real Prometheus semantics the expectations of a test are checked
  * against); fails, not skips, without promtool. Returns its exit status,
- * and its output in msg. */
+ * and its output in msg. Debian's promtool is 2.42, while keel follows
+ * Prometheus 3 (a left-open window, and rate()'s start extrapolation
+ * capped at the counter's zero only after the threshold test): the cases
+ * checked with it are ones where the two versions agree. */
 static int promtool_rules(const char *rules, const char *test, char *msg, size_t len)
 {
     char dir[] = "/tmp/keel-alert-XXXXXX";
@@ -248,6 +258,32 @@ START_TEST(rate_corrects_counter_resets_and_empty_windows_never_fire)
 }
 END_TEST
 
+/* Prometheus 3's extrapolatedRate: the gap to the window's start is
+ * judged against 1.1 x the average interval first, and only then capped
+ * at the counter's zero. x_total = 40, 90, 140 at 0, 1m, 2m; at 2m the
+ * window (-3m, 2m] holds all three: an increase of 100 over 120 s, 60 s
+ * between samples. 180 s to the start is beyond 66 s, so half an interval
+ * (30 s); the zero lies 120 x 40/100 = 48 s back, farther, so 30 s stays;
+ * the end is 0 s away. 100 x 150/120 / 300 s = 0.41667. (Prometheus 2,
+ * as promtool 2.42, capped first: 48 s, under 66 s, gives 0.46667.) */
+START_TEST(rate_extrapolates_as_prometheus_3)
+{
+    fixture f;
+    setup(&f);
+    keel_counter *c;
+    ck_assert_int_eq(keel_metrics_counter(f.m, "x_total", "", NULL, 0, &c), 0);
+    keel_counter_child *x = keel_counter_with(c);
+    ck_assert_int_eq(keel_alerts_add(f.a, "R", "rate(x_total[5m]) > 0.45", NULL, 0, NULL, 0, NULL), 0);
+    for (int i = 0; i < 3; i++) {
+        keel_counter_add(x, i ? 50 : 40);
+        tick(&f);
+    }
+    ck_assert_double_eq_tol(value_of(&f, "R"), 100.0 * 150 / 120 / 300, 1e-12);
+    ck_assert_int_eq(state(&f, "R"), KEEL_ALERT_INACTIVE);
+    teardown(&f);
+}
+END_TEST
+
 START_TEST(ratio_of_nothing_is_nan_and_never_fires)
 {
     fixture f;
@@ -278,13 +314,6 @@ START_TEST(ratio_of_nothing_is_nan_and_never_fires)
     teardown(&f);
 }
 END_TEST
-
-static double value_of(fixture *f, const char *name)
-{
-    keel_alert_info in;
-    ck_assert_int_eq(keel_alerts_get(f->a, name, read_state, &in), 0);
-    return in.value;
-}
 
 /* A selector adds up the series whose labels match; as in Prometheus, a
  * matcher with an empty value also matches series without that label. */
@@ -829,6 +858,7 @@ int main(void)
     tcase_add_test(tc, a_condition_that_clears_while_pending_is_dropped_silently);
     tcase_add_test(tc, no_for_fires_at_once_and_keep_firing_for_holds_it);
     tcase_add_test(tc, rate_corrects_counter_resets_and_empty_windows_never_fire);
+    tcase_add_test(tc, rate_extrapolates_as_prometheus_3);
     tcase_add_test(tc, ratio_of_nothing_is_nan_and_never_fires);
     tcase_add_test(tc, min_and_max_of_a_window_of_nan_are_nan);
     tcase_add_test(tc, quantiles_interpolate_as_prometheus);

@@ -16,7 +16,8 @@
  *   expr     = "rate(" sel "[" dur "])"              per-second increase of a
  *                                                    counter, reset-corrected
  *                                                    and extrapolated as
- *                                                    Prometheus's rate()
+ *                                                    Prometheus 3's rate()
+ *                                                    over (now - dur, now]
  *            | "ratio(" expr "," expr ")"            a / b; 0/0 is NaN
  *            | "quantile(" number "," sel "[" dur "])"  histogram_quantile
  *                                                    over the window's rate
