@@ -406,8 +406,19 @@ static expr *parse_expr(parser *ps, int depth)
         if (i < sizeof fns / sizeof fns[0]) {
             e->t = fns[i].t;
             need(ps, "(");
+            ws(ps);
+            const char *at = ps->p;
             if (!ps->bad)
                 e->sel = selector_window(ps, &e->win);
+            /* over a counter or histogram the history is a running total
+             * of increases, not the value (gauge_over): refused when the
+             * family is known to be one now, NaN when it becomes one */
+            int type = e->t == N_RATE || ps->bad ? -1
+                                                  : keel__metrics_type(ps->a->m, ps->a->sels[e->sel].name);
+            if (type == KEEL_METRIC_COUNTER || type == KEEL_METRIC_HISTOGRAM) {
+                ps->p = at;
+                ps->bad = true;
+            }
             need(ps, ")");
         } else {
             e->t = N_NUM;
@@ -816,7 +827,7 @@ static double quantile_of(const selector *s, double q, uint64_t now, uint64_t wi
 static double gauge_over(const selector *s, ntype t, uint64_t now, uint64_t win)
 {
     size_t from = window_from(s, now, win);
-    if (from == s->n || s->width != 1)
+    if (from == s->n || s->width != 1 || s->counting) /* counting: no values, increases */
         return NAN;
     /* fmin and fmax pass over NaN, and give NaN only when all are NaN, as
      * min_over_time and max_over_time do */

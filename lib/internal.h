@@ -147,6 +147,10 @@ int keel__metrics_gauge_shared(keel_metrics *m, const char *name, const char *he
  * it. Returns 0 or the registry's error. */
 int keel__gauge_put(struct keel_gauge *g, const char *const *values, size_t n, double v);
 
+/* The type (a keel_metric_type) of the family named name, or -1 when the
+ * registry has none. Takes the registry lock. */
+int keel__metrics_type(keel_metrics *m, const char *name);
+
 /* ---- text ---- */
 
 /* Whether s is well-formed UTF-8 (no overlong forms, no surrogates,

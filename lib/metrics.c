@@ -894,6 +894,15 @@ int keel__metrics_gauge_shared(keel_metrics *m, const char *name, const char *he
     return 0;
 }
 
+int keel__metrics_type(keel_metrics *m, const char *name)
+{
+    pthread_mutex_lock(&m->mu);
+    family *f = family_find(m, name);
+    int t = f ? (int)f->type : -1;
+    pthread_mutex_unlock(&m->mu);
+    return t;
+}
+
 int keel__gauge_put(struct keel_gauge *g, const char *const *values, size_t n, double v)
 {
     child *c;

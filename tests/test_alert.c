@@ -571,6 +571,52 @@ START_TEST(a_removed_gauge_child_leaves_the_sum)
 }
 END_TEST
 
+/* avg, min, max and last are over a gauge's values: over a counter or a
+ * histogram the selector's samples are a running total of increases, not
+ * the value (a counter at 100, removed and made again with 5, would read
+ * 105 where Prometheus's last_over_time reads 5). A family already
+ * registered as one is refused at once, where its selector starts; one
+ * registered later makes them NaN, which never fires. */
+START_TEST(gauge_functions_refuse_counting_families)
+{
+    fixture f;
+    setup(&f);
+    keel_counter *c;
+    ck_assert_int_eq(keel_metrics_counter(f.m, "x_total", "", (const char *[]){"k"}, 1, &c), 0);
+    keel_histogram *h;
+    ck_assert_int_eq(keel_metrics_histogram(f.m, "lat_seconds", "", NULL, 0, NULL, 0, &h), 0);
+    static const struct {
+        const char *rule;
+        size_t pos;
+    } bad[] = {
+        {"last(x_total[1m]) > 50", 5},
+        {"avg(x_total{k=\"a\"}[1m]) > 50", 4},
+        {"rate(x_total[5m]) > 1 and min( x_total[1m]) > 50", 31},
+        {"ratio(max(lat_seconds[1m]), 2) > 1", 10},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        size_t pos = 99;
+        ck_assert_msg(keel_alerts_add(f.a, "R", bad[i].rule, NULL, 0, NULL, 0, &pos) == KEEL_EINVAL,
+                      "%s taken", bad[i].rule);
+        ck_assert_msg(pos == bad[i].pos, "\"%s\": error at %zu, want %zu", bad[i].rule, pos, bad[i].pos);
+    }
+    ck_assert_int_eq(keel_alerts_add(f.a, "Rate", "rate(x_total[5m]) >= 0", NULL, 0, NULL, 0, NULL), 0);
+    /* made after the rule: known only when evaluated */
+    ck_assert_int_eq(keel_alerts_add(f.a, "Late", "last(y_total[1m]) > 50", NULL, 0, NULL, 0, NULL), 0);
+    keel_counter *y;
+    ck_assert_int_eq(keel_metrics_counter(f.m, "y_total", "", (const char *[]){"k"}, 1, &y), 0);
+    keel_counter_add(keel_counter_with(y, "a"), 100);
+    tick(&f);
+    ck_assert(isnan(value_of(&f, "Late")));
+    ck_assert_int_eq(keel_counter_remove(y, (const char *[]){"a"}, 1), 0);
+    keel_counter_add(keel_counter_with(y, "a"), 5);
+    tick(&f);
+    ck_assert(isnan(value_of(&f, "Late")));
+    ck_assert_int_eq(state(&f, "Late"), KEEL_ALERT_INACTIVE);
+    teardown(&f);
+}
+END_TEST
+
 START_TEST(malformed_rules_report_where)
 {
     fixture f;
@@ -866,6 +912,7 @@ int main(void)
     tcase_add_test(tc, a_removed_histogram_child_is_no_reset);
     tcase_add_test(tc, a_removed_gauge_child_leaves_the_sum);
     tcase_add_test(tc, malformed_rules_report_where);
+    tcase_add_test(tc, gauge_functions_refuse_counting_families);
     tcase_add_test(tc, selectors_add_up_matching_series_and_empty_matches_absent);
     tcase_add_test(tc, alertmanager_json_parses_and_resends);
     tcase_add_test(tc, resolved_alerts_are_resent_every_resend_delay_for_15_minutes);

@@ -22,6 +22,11 @@
  *            | "quantile(" number "," sel "[" dur "])"  histogram_quantile
  *                                                    over the window's rate
  *            | ("avg"|"min"|"max"|"last") "(" sel "[" dur "])"  a gauge
+ *                                                    (over a counter or
+ *                                                    histogram family:
+ *                                                    refused if it is one
+ *                                                    when the rule is
+ *                                                    added, else NaN)
  *            | number
  *   sel      = name [ "{" label "=" "\"value\"" { "," ... } "}" ]
  *   dur      = number ( "ms" | "s" | "m" | "h" | "d" )
@@ -128,8 +133,9 @@ KEEL_API int keel_alerts_create(keel_alerts **out, const keel_alerts_opts *opts)
  * name is that label) or named twice, a label name not matching
  * [a-zA-Z_][a-zA-Z0-9_]*, a label value that is not UTF-8 (the same for
  * annotations, but for alertname, which they may have), or a rule that
- * does not parse — then *err_pos (may be NULL) is the byte offset where
- * parsing stopped;
+ * does not parse or applies avg, min, max or last to a family the
+ * registry has as a counter or histogram — then *err_pos (may be NULL)
+ * is the byte offset where parsing stopped (that selector's start);
  * KEEL_EEXIST for a name in use; KEEL_ENOMEM. */
 KEEL_API int keel_alerts_add(keel_alerts *a, const char *name, const char *rule,
                              const char *const *labels, size_t nlabels,
