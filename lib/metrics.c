@@ -59,6 +59,7 @@ typedef struct child {
     family *fam;
     size_t slot;       /* counters and histograms */
     word gauge;        /* gauges: the bits of a double */
+    _Atomic bool went_negative; /* histograms: observed a value below 0 */
     double created;    /* seconds since the epoch */
     keel_metrics_value_fn fn; /* series computed at render time */
     void *ud;
@@ -324,6 +325,10 @@ KEEL_API void keel_histogram_observe(keel_histogram_child *h, double v)
         word_add(w, 1);
         word_add_d(w + (n + 1 - i), v); /* the sum, in the same chunk */
     }
+    /* the sum went down: no OpenMetrics _sum from now on (render_family);
+     * written once, so that the child's line stays shared afterwards */
+    if (v < 0 && !atomic_load_explicit(&h->c.went_negative, memory_order_relaxed))
+        atomic_store_explicit(&h->c.went_negative, true, memory_order_relaxed);
 }
 
 /* ---- names ---- */
@@ -1289,10 +1294,13 @@ static void render_family(sink *o, keel_metrics *m, const family *f, child **cs,
                 put_sample(o, f->name, "_bucket", f, c, "le", le, (double)cum[b]);
             }
             /* OpenMetrics: with a negative bucket bound the sum is no
-             * counter, and must not be exposed, nor one that observations
-             * made negative or NaN; _count goes with it, as OpenMetrics
-             * has _count if and only if _sum */
-            if (!om || ((!f->nbounds || f->bounds[0] >= 0) && v >= 0)) {
+             * counter, and must not be exposed, nor once a negative
+             * observation made it go down (for good: a counter that went
+             * down once is none), nor a NaN one; _count goes with it, as
+             * OpenMetrics has _count if and only if _sum */
+            bool sum_counts = (!f->nbounds || f->bounds[0] >= 0) && v >= 0 &&
+                              !atomic_load_explicit(&c->went_negative, memory_order_relaxed);
+            if (!om || sum_counts) {
                 put_sample(o, f->name, "_count", f, c, NULL, NULL, (double)count);
                 put_sample(o, f->name, "_sum", f, c, NULL, NULL, v);
             }

@@ -850,9 +850,10 @@ START_TEST(openmetrics_leaves_out_sum_and_count_under_a_negative_bound)
 }
 END_TEST
 
-/* The same for a sum that observations made negative or NaN under bounds
- * that are not: OpenMetrics allows neither, so that child shows neither
- * _sum nor _count there (until its sum is a counter's again). */
+/* The same for a child that observed a negative value under bounds that
+ * are not: its sum went down, and an OpenMetrics _sum is a counter, so
+ * that child shows neither _sum nor _count from then on, even once its
+ * sum is back above zero ("back"), as for a negative bound. */
 START_TEST(openmetrics_leaves_out_a_sum_made_negative_or_nan)
 {
     keel_metrics *m = registry();
@@ -864,7 +865,13 @@ START_TEST(openmetrics_leaves_out_a_sum_made_negative_or_nan)
     keel_histogram_observe(keel_histogram_with(h, "nan"), -INFINITY);
     keel_histogram_observe(keel_histogram_with(h, "inf"), INFINITY);
     keel_histogram_observe(keel_histogram_with(h, "ok"), 0.5);
+    keel_histogram_observe(keel_histogram_with(h, "back"), 3);
+    keel_histogram_observe(keel_histogram_with(h, "back"), -1);
+    keel_histogram_observe(keel_histogram_with(h, "back"), 5);
     char *text = render(m, KEEL_METRICS_OPENMETRICS);
+    ck_assert_msg(!strstr(text, "h_sum{k=\"back\"}") && !strstr(text, "h_count{k=\"back\"}") &&
+                      strstr(text, "h_bucket{k=\"back\",le=\"+Inf\"} 3\n"),
+                  "%s", text);
     ck_assert_msg(!strstr(text, "h_sum{k=\"neg\"}") && !strstr(text, "h_count{k=\"neg\"}") &&
                       !strstr(text, "h_sum{k=\"nan\"}") && !strstr(text, "h_count{k=\"nan\"}") &&
                       strstr(text, "h_sum{k=\"inf\"} +Inf\n") && strstr(text, "h_sum{k=\"ok\"} 0.5\n") &&
@@ -872,7 +879,9 @@ START_TEST(openmetrics_leaves_out_a_sum_made_negative_or_nan)
                   "%s", text);
     keel_free(text);
     text = render(m, KEEL_METRICS_PROMETHEUS);
-    ck_assert_msg(strstr(text, "h_sum{k=\"neg\"} -2\n") && strstr(text, "h_sum{k=\"nan\"} NaN\n"), "%s", text);
+    ck_assert_msg(strstr(text, "h_sum{k=\"neg\"} -2\n") && strstr(text, "h_sum{k=\"nan\"} NaN\n") &&
+                      strstr(text, "h_sum{k=\"back\"} 7\n"),
+                  "%s", text);
     keel_free(text);
     keel_metrics_destroy(m);
 }

@@ -76,8 +76,10 @@ KEEL_API int keel_metrics_gauge(keel_metrics *m, const char *name, const char *h
  * defaults in seconds (0.005 .. 10). A +Inf bucket is always added. With
  * a negative bound, OpenMetrics exposes no _sum (its rule: that sum is no
  * counter) and so no _count (it has _count if and only if _sum; the +Inf
- * bucket holds the count); nor for a child whose observations made its
- * sum negative or NaN. The Prometheus format always has both. */
+ * bucket holds the count); nor for a child from its first negative
+ * observation on (its sum went down: no counter, even once back above
+ * zero), nor while its sum is NaN. The Prometheus format always has
+ * both. */
 KEEL_API int keel_metrics_histogram(keel_metrics *m, const char *name, const char *help,
                                     const char *const *labels, size_t nlabels,
                                     const double *bounds, size_t nbounds, keel_histogram **out);
