@@ -1067,10 +1067,36 @@ static bool accept_is(const char *type, const char *end, const char *name)
     return (size_t)(end - type) == strlen(name) && strncasecmp(type, name, (size_t)(end - type)) == 0;
 }
 
+/* A parameter value [v, end) into buf, unquoted and unescaped if it is a
+ * quoted string; one too long for buf reads as "?", which is no q and no
+ * version. */
+static void accept_value(const char *v, const char *end, char *buf, size_t size)
+{
+    bool quoted = v < end && *v == '"';
+    if (quoted) {
+        v++;
+        if (end > v && end[-1] == '"')
+            end--;
+    }
+    size_t n = 0;
+    for (; v < end; v++) {
+        if (quoted && *v == '\\' && v + 1 < end)
+            v++;
+        if (n + 1 == size) {
+            snprintf(buf, size, "?");
+            return;
+        }
+        buf[n++] = *v;
+    }
+    buf[n] = '\0';
+}
+
 /* Media ranges are split at commas outside quoted strings; the type and
- * the "q" parameter's name are case-insensitive (RFC 9110 8.3.1, 12.4.2).
- * The format whose media type has the highest q wins, the first named at
- * equal q; wildcards name neither (as client_golang has it). */
+ * parameter names are case-insensitive (RFC 9110 8.3.1, 12.4.2), and
+ * parameter values may be quoted strings. The format whose media type has
+ * the highest q wins, the first named at equal q; wildcards name neither,
+ * nor does OpenMetrics of a version other than 1.0.0 or 0.0.1 (as
+ * client_golang has it: keel writes 1.0.0, which 0.0.1 readers read). */
 KEEL_API keel_metrics_format keel_metrics_negotiate(const char *accept)
 {
     keel_metrics_format f = KEEL_METRICS_PROMETHEUS;
@@ -1089,14 +1115,18 @@ KEEL_API keel_metrics_format keel_metrics_negotiate(const char *accept)
             }
             const char *name = accept_ows(p + 1);
             p = accept_word(name);
-            bool is_q = p - name == 1 && (*name == 'q' || *name == 'Q');
+            bool is_q = accept_is(name, p, "q"), is_version = accept_is(name, p, "version");
             p = accept_ows(p);
             if (*p != '=')
                 continue;
             const char *value = accept_ows(p + 1);
             p = accept_word(value);
+            char v[64];
+            accept_value(value, p, v, sizeof v);
             if (is_q)
-                q = keel__strtod(value, NULL);
+                q = keel__strtod(v, NULL);
+            else if (is_version && is_om && strcmp(v, "1.0.0") != 0 && strcmp(v, "0.0.1") != 0 && *v)
+                is_om = false;
         }
         if ((is_om || is_text) && q > best) {
             best = q;

@@ -782,6 +782,25 @@ START_TEST(accept_headers_choose_the_format)
                      KEEL_METRICS_OPENMETRICS);
     ck_assert_int_eq(keel_metrics_negotiate("*/*;q=0.9, application/openmetrics-text;q=0.1"),
                      KEEL_METRICS_OPENMETRICS); /* a wildcard names neither */
+    /* OpenMetrics of a version keel does not write names nothing; 0.0.1,
+     * 1.0.0 or none are taken, as client_golang takes them */
+    ck_assert_int_eq(keel_metrics_negotiate("application/openmetrics-text;version=2.0.0"),
+                     KEEL_METRICS_PROMETHEUS);
+    ck_assert_int_eq(keel_metrics_negotiate("application/openmetrics-text;version=2.0.0, text/plain;q=0.1"),
+                     KEEL_METRICS_PROMETHEUS);
+    ck_assert_int_eq(keel_metrics_negotiate("application/openmetrics-text;version=2.0.0,"
+                                            "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;q=0.4"),
+                     KEEL_METRICS_OPENMETRICS);
+    ck_assert_int_eq(keel_metrics_negotiate("application/openmetrics-text;Version=0.0.1;q=0.5,text/plain;q=0.4"),
+                     KEEL_METRICS_OPENMETRICS);
+    ck_assert_int_eq(keel_metrics_negotiate("application/openmetrics-text;version=1.0.01"),
+                     KEEL_METRICS_PROMETHEUS);
+    /* a parameter value may be a quoted string (RFC 9110 5.6.6) */
+    ck_assert_int_eq(keel_metrics_negotiate("application/openmetrics-text;version=\"1.0.0\";q=\"0.5\","
+                                            "text/plain;q=0.4"),
+                     KEEL_METRICS_OPENMETRICS);
+    ck_assert_int_eq(keel_metrics_negotiate("application/openmetrics-text;version=\"2.0.0\""),
+                     KEEL_METRICS_PROMETHEUS);
     ck_assert_str_eq(keel_metrics_content_type(KEEL_METRICS_PROMETHEUS),
                      "text/plain; version=0.0.4; charset=utf-8");
     ck_assert_str_eq(keel_metrics_content_type(KEEL_METRICS_OPENMETRICS),

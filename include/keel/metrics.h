@@ -177,7 +177,9 @@ typedef enum keel_metrics_format {
 /* The format an HTTP Accept header asks for: OpenMetrics when
  * application/openmetrics-text (in any case, as HTTP has it) has a q above
  * 0 and above text/plain's (at equal q, the one named first), else
- * Prometheus; wildcards count for neither. NULL or "" gives Prometheus. */
+ * Prometheus; wildcards count for neither, nor does OpenMetrics with a
+ * version parameter other than 1.0.0 or 0.0.1 (as client_golang has it).
+ * Parameter values may be quoted ("0.5"). NULL or "" gives Prometheus. */
 KEEL_API keel_metrics_format keel_metrics_negotiate(const char *accept);
 
 /* The Content-Type header value for a format (a static string). */
