@@ -1309,8 +1309,8 @@ static uint64_t wall_ns(void *ud)
 
 KEEL_API int keel_alerts_create(keel_alerts **out, const keel_alerts_opts *o)
 {
-    if (!out || !o || !o->metrics)
-        return KEEL_EINVAL;
+    if (!out || !o || !o->metrics || (o->generator_url && !keel__utf8_ok(o->generator_url)))
+        return KEEL_EINVAL; /* the URL goes into the JSON, which is UTF-8 */
     keel_alerts *a = keel__calloc(1, sizeof *a);
     if (!a)
         return KEEL_ENOMEM;

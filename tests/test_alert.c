@@ -687,6 +687,12 @@ START_TEST(malformed_rules_report_where)
     keel_alerts *bad_a;
     keel_alerts_opts none = {0};
     ck_assert_int_eq(keel_alerts_create(&bad_a, &none), KEEL_EINVAL);
+    /* the generator URL goes into the JSON too */
+    keel_alerts_opts bad_url = {.metrics = f.m, .generator_url = "http://svc/\xc3\x28"};
+    ck_assert_int_eq(keel_alerts_create(&bad_a, &bad_url), KEEL_EINVAL);
+    bad_url.generator_url = "http://svc/caf\xc3\xa9";
+    ck_assert_int_eq(keel_alerts_create(&bad_a, &bad_url), 0);
+    keel_alerts_destroy(bad_a);
     teardown(&f);
 }
 END_TEST

@@ -113,7 +113,7 @@ typedef struct keel_alerts_opts {
     uint64_t eval_interval_ns;   /* 0 = 1 minute */
     uint64_t resend_delay_ns;    /* 0 = 1 minute */
     uint64_t resolved_keep_ns;   /* 0 = 15 minutes */
-    const char *generator_url;   /* for the JSON; may be NULL */
+    const char *generator_url;   /* for the JSON (UTF-8, copied); may be NULL */
     keel_alert_change_fn on_change; /* every state change; may be NULL */
     void *ud;
     keel_clock_fn clock;         /* monotonic; NULL = keel_now_ns */
@@ -121,9 +121,9 @@ typedef struct keel_alerts_opts {
     void *clock_ud;              /* passed to both */
 } keel_alerts_opts;
 
-/* Returns 0, KEEL_EINVAL (NULL, no registry), KEEL_EEXIST (the registry
- * has a keel_alerts family of another shape) or KEEL_ENOMEM. The registry
- * must outlive the alerts. */
+/* Returns 0, KEEL_EINVAL (NULL, no registry, a generator_url that is not
+ * UTF-8), KEEL_EEXIST (the registry has a keel_alerts family of another
+ * shape) or KEEL_ENOMEM. The registry must outlive the alerts. */
 KEEL_API int keel_alerts_create(keel_alerts **out, const keel_alerts_opts *opts);
 
 /* Adds a rule. labels and annotations are name/value pairs (n pairs each;
