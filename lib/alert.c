@@ -178,38 +178,60 @@ static double number(parser *ps)
     return v;
 }
 
-/* A duration: a positive number and a unit, 0 too when zero_ok (a "for"
- * of 0 fires at once, as in Prometheus; a window of 0 holds nothing). */
+/* Whether c could go on a number or a word: "5mx" is no duration. */
+static bool in_number(char c)
+{
+    return isalnum((unsigned char)c) || c == '_' || c == '.';
+}
+
+/* A duration as Prometheus writes one (model.ParseDuration): integers
+ * with units, largest first and each once, as 1h30m; "0" alone too. It
+ * must be positive, or 0 when zero_ok (a "for" of 0 fires at once, as in
+ * Prometheus; a window of 0 holds nothing). */
 static uint64_t duration(parser *ps, bool zero_ok)
 {
     if (ps->bad)
         return 0;
     ws(ps);
-    char *end;
-    double v = keel__strtod(ps->p, &end);
-    if (end == ps->p || !(v > 0 || (zero_ok && v == 0))) {
+    static const struct {
+        const char *unit;
+        uint64_t ms;
+    } units[] = {{"y", 365 * 86400000ull}, {"w", 7 * 86400000ull}, {"d", 86400000}, {"h", 3600000},
+                 {"ms", 1}, {"m", 60000}, {"s", 1000}}; /* "ms" before "m" to be seen */
+    static const int rank[] = {0, 1, 2, 3, 6, 4, 5};    /* the order they must come in */
+    const uint64_t max_ms = 1000000000000ull;           /* 1e18 ns: about 31 years */
+    const char *start = ps->p;
+    uint64_t ms = 0;
+    int next = 0; /* the rank the next unit may have at least */
+    bool zero_alone = ps->p[0] == '0' && !in_number(ps->p[1]);
+    for (ps->p += zero_alone; !zero_alone && (ps->p == start || isdigit((unsigned char)*ps->p));) {
+        uint64_t n = 0;
+        const char *digits = ps->p;
+        for (; isdigit((unsigned char)*ps->p); ps->p++)
+            n = n > max_ms ? n : n * 10 + (uint64_t)(*ps->p - '0'); /* past the cap is refused */
+        size_t u = sizeof units / sizeof units[0];
+        if (ps->p > digits)
+            for (u = 0; u < sizeof units / sizeof units[0]; u++)
+                if (strncmp(ps->p, units[u].unit, strlen(units[u].unit)) == 0)
+                    break;
+        if (u == sizeof units / sizeof units[0] || rank[u] < next) {
+            ps->bad = true;
+            return 0;
+        }
+        ps->p += strlen(units[u].unit);
+        next = rank[u] + 1;
+        ms = n > max_ms / units[u].ms ? max_ms + 1 : ms + n * units[u].ms;
+    }
+    if (in_number(*ps->p)) { /* "5mx", "1.5m" */
         ps->bad = true;
         return 0;
     }
-    ps->p = end;
-    static const struct {
-        const char *unit;
-        double ns;
-    } units[] = {{"ms", 1e6}, {"s", 1e9}, {"m", 60e9}, {"h", 3600e9}, {"d", 86400e9}};
-    for (size_t i = 0; i < sizeof units / sizeof units[0]; i++) {
-        size_t n = strlen(units[i].unit);
-        if (strncmp(ps->p, units[i].unit, n) == 0 && !isalpha((unsigned char)ps->p[n])) {
-            ps->p += n;
-            double ns = v * units[i].ns;
-            if (ns > 1e18 || (ns < 1 && v != 0)) { /* about 31 years; not even a nanosecond */
-                ps->bad = true;
-                return 0;
-            }
-            return (uint64_t)ns;
-        }
+    if (ms > max_ms || (ms == 0 && !zero_ok)) {
+        ps->p = start;
+        ps->bad = true;
+        return 0;
     }
-    ps->bad = true;
-    return 0;
+    return ms * 1000000;
 }
 
 /* [a-zA-Z_:][a-zA-Z0-9_:]* into a new string */

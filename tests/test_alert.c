@@ -167,7 +167,7 @@ START_TEST(rules_read_a_point_under_a_decimal_comma_locale)
     fixture f;
     setup(&f);
     keel_gauge_child *mem = gauge(&f, "memory_usage_ratio");
-    ck_assert_int_eq(keel_alerts_add(f.a, "MemoryHigh", "last(memory_usage_ratio[1.5m]) > 0.9", NULL, 0, NULL, 0,
+    ck_assert_int_eq(keel_alerts_add(f.a, "MemoryHigh", "last(memory_usage_ratio[90s]) > 0.9", NULL, 0, NULL, 0,
                                      NULL), 0);
     keel_gauge_set(mem, 0.5); /* over 0 (what a comma reading of 0.9 gives), under 0.9 */
     tick(&f);
@@ -177,6 +177,26 @@ START_TEST(rules_read_a_point_under_a_decimal_comma_locale)
     ck_assert_int_eq(state(&f, "MemoryHigh"), KEEL_ALERT_FIRING);
     teardown(&f);
     setlocale(LC_NUMERIC, "C");
+}
+END_TEST
+
+/* A compound duration adds up its parts: 1h30m is 90 minutes. */
+START_TEST(compound_durations_add_up)
+{
+    fixture f;
+    setup(&f);
+    keel_gauge_child *g = gauge(&f, "queue_depth");
+    ck_assert_int_eq(keel_alerts_add(f.a, "Deep", "last(queue_depth[1m]) > 0 for 1h30m", NULL, 0, NULL, 0,
+                                     NULL), 0);
+    ck_assert_int_eq(keel_alerts_add(f.a, "Brief", "last(queue_depth[1m]) > 0 for 1m30s", NULL, 0, NULL, 0,
+                                     NULL), 0);
+    keel_gauge_set(g, 1);
+    for (int t = 0; t <= 90; t++) {
+        tick(&f);
+        ck_assert_msg(state(&f, "Deep") == (t < 90 ? KEEL_ALERT_PENDING : KEEL_ALERT_FIRING), "t=%dm", t);
+        ck_assert_msg(state(&f, "Brief") == (t < 2 ? KEEL_ALERT_PENDING : KEEL_ALERT_FIRING), "t=%dm", t);
+    }
+    teardown(&f);
 }
 END_TEST
 
@@ -627,8 +647,25 @@ START_TEST(malformed_rules_report_where)
     } bad[] = {
         {"rate(x[5m]) >", 13},
         {"rate(x[5q]) > 1", 8},
-        {"rate(x[1e-300ms]) > 1", 15}, /* rounds to no window at all */
         {"rate(x[0s]) > 1", 7},
+        /* durations are Prometheus's: integers and units, largest first */
+        {"rate(x[1e-300ms]) > 1", 8},
+        {"rate(x[0x10m]) > 1", 8},
+        {"rate(x[+5m]) > 1", 7},
+        {"rate(x[1e3s]) > 1", 8},
+        {"rate(x[1.5m]) > 1", 8},
+        {"rate(x[5 m]) > 1", 9},
+        {"rate(x[5m1h]) > 1", 10},
+        {"rate(x[1m1m]) > 1", 10},
+        {"rate(x[30s1ms5m]) > 1", 14},
+        {"rate(x[5mx]) > 1", 9},
+        {"rate(x[5m_]) > 1", 9},
+        {"rate(x[0]) > 1", 7},
+        {"rate(x[0ms]) > 1", 7},
+        {"rate(x[32y]) > 1", 7}, /* past about 31 years */
+        {"rate(x[99999999999999999999999s]) > 1", 7},
+        {"last(x[1m]) > 1 for 5m3", 23},
+        {"last(x[1m]) > 1 for -5m", 20},
         {"rate(x[5m] > 1", 11},
         {"foo(x[5m]) > 1", 0},
         {"last(x[1m]) > 1 for", 19},
@@ -640,7 +677,8 @@ START_TEST(malformed_rules_report_where)
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         size_t pos = 99;
-        ck_assert_int_eq(keel_alerts_add(f.a, "Bad", bad[i].rule, NULL, 0, NULL, 0, &pos), KEEL_EINVAL);
+        ck_assert_msg(keel_alerts_add(f.a, "Bad", bad[i].rule, NULL, 0, NULL, 0, &pos) == KEEL_EINVAL, "%s taken",
+                      bad[i].rule);
         ck_assert_msg(pos == bad[i].pos, "\"%s\": error at %zu, want %zu", bad[i].rule, pos, bad[i].pos);
     }
     ck_assert_int_eq(keel_alerts_add(f.a, "Ok", "max(x{a=\"b\",c=\"d\"}[90s]) <= 1.5e3 and last(y[1h]) != 0",
@@ -648,6 +686,16 @@ START_TEST(malformed_rules_report_where)
     ck_assert_int_eq(keel_alerts_add(f.a, "Ok", "last(x[1m]) > 1", NULL, 0, NULL, 0, NULL), KEEL_EEXIST);
     ck_assert_int_eq(keel_alerts_add(f.a, "Now", "last(x[1m]) > 1 for 0s keep_firing_for 0m", NULL, 0, NULL, 0,
                                      NULL), 0); /* fires at once, as in Prometheus */
+    static const char *const good[] = {
+        "last(x[1y]) > 1", "last(x[2w]) > 1", "last(x[1d12h]) > 1", "last(x[1500ms]) > 1",
+        "last(x[1y2w3d4h5m6s7ms]) > 1", "last(x[1m0s]) > 1", "last(x[05m]) > 1",
+        "last(x[31y]) > 1", "last(x[1m]) > 1 for 0 keep_firing_for 0",
+    };
+    for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
+        char name[16];
+        snprintf(name, sizeof name, "Good%zu", i);
+        ck_assert_msg(keel_alerts_add(f.a, name, good[i], NULL, 0, NULL, 0, NULL) == 0, "%s refused", good[i]);
+    }
     ck_assert_int_eq(keel_alerts_add(NULL, "x", "last(x[1m]) > 1", NULL, 0, NULL, 0, NULL), KEEL_EINVAL);
     /* pair counts whose name-and-value count overflows (once one wrapped
      * to an empty list, was taken, and crashed keel_alerts_to_send()) */
@@ -908,6 +956,7 @@ int main(void)
     tcase_add_test(tc, pending_then_firing_after_for_then_resolved);
     tcase_add_test(tc, rules_read_a_point_under_a_decimal_comma_locale);
     tcase_add_test(tc, a_condition_that_clears_while_pending_is_dropped_silently);
+    tcase_add_test(tc, compound_durations_add_up);
     tcase_add_test(tc, no_for_fires_at_once_and_keep_firing_for_holds_it);
     tcase_add_test(tc, rate_corrects_counter_resets_and_empty_windows_never_fire);
     tcase_add_test(tc, rate_extrapolates_as_prometheus_3);

@@ -29,7 +29,11 @@
  *                                                    added, else NaN)
  *            | number
  *   sel      = name [ "{" label "=" "\"value\"" { "," ... } "}" ]
- *   dur      = number ( "ms" | "s" | "m" | "h" | "d" )
+ *   dur      = digits unit { digits unit } | "0"
+ *   unit     = "y" | "w" | "d" | "h" | "m" | "s" | "ms"
+ *              Prometheus's durations: units largest first and each once
+ *              (1h30m), a year 365 days; 1 ms to about 31 years (0 too
+ *              for "for" and "keep_firing_for")
  * A selector adds up every series of the family whose labels match; an
  * empty value also matches a series without that label, as in Prometheus.
  * Comparisons with NaN are false, so an empty window never fires.
