@@ -25,7 +25,9 @@
  * waits until no lane is busy. So either the add sees the close and
  * accepts nothing, or close sees the add and waits for its item to be
  * published: an item is accepted if and only if its add returned 0, and
- * every accepted item is counted by the final drain.
+ * every accepted item is counted by the final drain. An add that drops
+ * (KEEL_BATCH_DROP_OLDEST) sets `busy` before it drops and clears it when
+ * its own item is published, so that a close never comes between the two.
  *
  * The consumer side (the batcher taking items, a producer dropping the
  * oldest one, the list of batches in flight, flush and close) is
@@ -273,8 +275,9 @@ static void room_give(keel_batch *b, uint64_t n)
 
 /* Under mu: moves items of lane l into j, until it holds `limit` or the
  * next item would not fit in max_bytes (*bytes so far; then returns
- * true). */
-static bool take(keel_batch *b, lane *l, bjob *j, size_t *bytes, size_t limit)
+ * true). Their places go back to room, unless `keep` (a drop: the place
+ * is the dropping add's). */
+static bool take(keel_batch *b, lane *l, bjob *j, size_t *bytes, size_t limit, bool keep)
 {
     uint64_t h = atomic_load_explicit(&l->head, memory_order_relaxed);
     uint64_t t = atomic_load_explicit(&l->tail, memory_order_acquire);
@@ -311,7 +314,8 @@ static bool take(keel_batch *b, lane *l, bjob *j, size_t *bytes, size_t limit)
     }
     if (took) {
         atomic_store_explicit(&l->head, h, memory_order_release);
-        room_give(b, took);
+        if (!keep)
+            room_give(b, took);
     }
     return full;
 }
@@ -548,7 +552,7 @@ static bool fill(keel_batch *b, bjob *j, size_t *bytes)
     lane *start = b->rr ? b->rr : b->lanes, *l = start;
     bool full = false;
     do {
-        full = take(b, l, j, bytes, b->o.max_items);
+        full = take(b, l, j, bytes, b->o.max_items, false);
         l = l->next ? l->next : b->lanes;
     } while (!full && j->n < b->o.max_items && l != start);
     b->rr = start->next ? start->next : b->lanes;
@@ -677,37 +681,92 @@ static void *batcher_main(void *arg)
 
 /* ---- producers ---- */
 
-/* Takes the oldest item queued by the caller's thread (or, when it has
- * none queued, another thread's oldest) out and dead-letters it
- * (KEEL_EFULL). */
-static void drop_oldest(keel_batch *b, lane *mine)
+static KEEL__COLD void wake_batcher(keel_batch *b)
 {
     pthread_mutex_lock(&b->mu);
-    if (atomic_load(&b->closed)) { /* closing: the add fails anyway, drop nothing */
-        pthread_mutex_unlock(&b->mu);
-        return;
-    }
-    lane *l = mine;
-    for (lane *x = b->lanes; x && !lane_queued(l); x = x->next)
-        l = x;
-    if (!lane_queued(l)) { /* taken meanwhile: room came back */
-        pthread_mutex_unlock(&b->mu);
-        return;
-    }
-    void *item;
-    bjob d = {.n = 0, .items = &item};
-    size_t bytes = 0;
-    live_add(b, &d);
-    take(b, l, &d, &bytes, 1);
-    atomic_fetch_add_explicit(&b->dropped, 1, memory_order_relaxed);
+    pthread_cond_signal(&b->batcher_cv);
     pthread_mutex_unlock(&b->mu);
-    keel_batch *outer = in_callback;
-    in_callback = b; /* a flush from the callback would wait for itself */
-    dead_letter(b, &item, 1, KEEL_EFULL);
-    in_callback = outer;
-    pthread_mutex_lock(&b->mu);
-    live_remove(b, &d);
-    pthread_mutex_unlock(&b->mu);
+}
+
+/* Writes the item into lane l and publishes it: the caller has set
+ * `busy`, seen `closed` clear, holds a place (credit) and block k. */
+static inline void publish(keel_batch *b, lane *l, bblock *k, void *item, size_t bytes)
+{
+    if (k != l->wblk) {
+        atomic_store_explicit(&l->wblk->next, k, memory_order_release);
+        l->wblk = k;
+        l->widx = 0;
+    }
+    k->it[l->widx++] = (bitem){item, bytes};
+    uint64_t t = atomic_load_explicit(&l->tail, memory_order_relaxed) + 1;
+    atomic_store_explicit(&l->tail, t, memory_order_release);
+    atomic_store_explicit(&l->busy, 0, memory_order_release);
+    l->credit--;
+    keel__light_fence(); /* the publish before the loads below: see form() and wait_items() */
+    if (atomic_load_explicit(&b->opened, memory_order_relaxed) == UNSTAMPED) { /* this add opens a batch */
+        uint64_t now = keel__clock_now(&b->clock), want = UNSTAMPED;
+        if (atomic_load(&l->head) < t) /* not taken already (a late stamp would shorten the next linger) */
+            atomic_compare_exchange_strong(&b->opened, &want, now == UNSTAMPED ? now - 1 : now);
+    }
+    uint64_t need = atomic_load_explicit(&b->wake_need, memory_order_relaxed);
+    if (KEEL__UNLIKELY(need != NOT_WAITING) && t - atomic_load_explicit(&l->head, memory_order_relaxed) >= need)
+        wake_batcher(b);
+}
+
+/* KEEL_BATCH_DROP_OLDEST with a full queue: takes the oldest item queued
+ * by the caller's thread (or, when it has none queued, another thread's
+ * oldest) out, keeps its place for this add, publishes the item, and only
+ * then dead-letters the dropped one (KEEL_EFULL). Under mu the lane is
+ * marked busy before `closed` is read: a close either turns the add away
+ * before anything is dropped, or waits until the item is published (the
+ * dropped item is in flight meanwhile, so flushes wait for its dead
+ * letter). The place goes straight to this add, so one add drops at most
+ * one item. Returns 0 or KEEL_ECLOSED. */
+static KEEL__COLD int add_dropping(keel_batch *b, lane *mine, bblock *k, void *item, size_t bytes)
+{
+    void *old;
+    bjob d = {.n = 0, .items = &old};
+    for (;;) {
+        pthread_mutex_lock(&b->mu);
+        atomic_store_explicit(&mine->busy, 1, memory_order_relaxed);
+        keel__light_fence(); /* busy before closed: see keel_batch_close() */
+        if (atomic_load_explicit(&b->closed, memory_order_relaxed)) {
+            atomic_store_explicit(&mine->busy, 0, memory_order_release);
+            pthread_mutex_unlock(&b->mu);
+            return KEEL_ECLOSED;
+        }
+        if (reserve(b, mine)) { /* room came back meanwhile: nothing to drop */
+            pthread_mutex_unlock(&b->mu);
+            break;
+        }
+        lane *l = mine;
+        for (lane *x = b->lanes; x && !lane_queued(l); x = x->next)
+            l = x;
+        if (lane_queued(l)) {
+            size_t nbytes = 0;
+            live_add(b, &d);
+            take(b, l, &d, &nbytes, 1, true);
+            mine->credit++;
+            atomic_fetch_add_explicit(&b->dropped, 1, memory_order_relaxed);
+            pthread_mutex_unlock(&b->mu);
+            break;
+        }
+        /* nothing queued: other threads hold every place, reserved; they use it or leave */
+        atomic_store_explicit(&mine->busy, 0, memory_order_release);
+        pthread_mutex_unlock(&b->mu);
+        sched_yield();
+    }
+    publish(b, mine, k, item, bytes);
+    if (d.n) {
+        keel_batch *outer = in_callback;
+        in_callback = b; /* a flush from the callback would wait for itself */
+        dead_letter(b, &old, 1, KEEL_EFULL);
+        in_callback = outer;
+        pthread_mutex_lock(&b->mu);
+        live_remove(b, &d);
+        pthread_mutex_unlock(&b->mu);
+    }
+    return 0;
 }
 
 /* Waits for room (KEEL_BATCH_BLOCK): 0 to try again, or KEEL_ETIMEDOUT. */
@@ -735,15 +794,10 @@ static int wait_space(keel_batch *b, uint64_t deadline)
     return rc;
 }
 
-static KEEL__COLD void wake_batcher(keel_batch *b)
-{
-    pthread_mutex_lock(&b->mu);
-    pthread_cond_signal(&b->batcher_cv);
-    pthread_mutex_unlock(&b->mu);
-}
-
-/* The slow part of an add: a place in a full queue, by policy. */
-static KEEL__COLD int make_room(keel_batch *b, lane *l)
+/* The slow part of an add: a place in a full queue, by policy. Returns 0
+ * (a place is reserved), 1 (accepted by a drop: the item is published)
+ * or an error. */
+static KEEL__COLD int make_room(keel_batch *b, lane *l, bblock *k, void *item, size_t bytes)
 {
     uint64_t deadline = 0;
     while (!reserve(b, l)) {
@@ -752,8 +806,8 @@ static KEEL__COLD int make_room(keel_batch *b, lane *l)
         if (in_callback == b || b->o.on_full == KEEL_BATCH_REJECT)
             return KEEL_EFULL; /* from a handler, waiting would wait for ourselves */
         if (b->o.on_full == KEEL_BATCH_DROP_OLDEST) {
-            drop_oldest(b, l);
-            continue;
+            int rc = add_dropping(b, l, k, item, bytes);
+            return rc ? rc : 1;
         }
         if (b->o.block_timeout_ns && !deadline)
             deadline = sat_add(keel_now_ns(), b->o.block_timeout_ns);
@@ -780,12 +834,12 @@ KEEL_API int keel_batch_add(keel_batch *b, void *item, size_t bytes)
         return KEEL_ENOMEM;
     if (KEEL__UNLIKELY(l->credit == 0)) {
         l->making_room = true; /* the place a drop makes, and the block, are this add's */
-        rc = make_room(b, l);
+        rc = make_room(b, l, k, item, bytes);
         l->making_room = false;
-        if (rc) {
+        if (rc < 0)
             block_keep(l, k);
-            return rc;
-        }
+        if (rc)
+            return rc < 0 ? rc : 0; /* refused, or accepted by a drop */
     }
     atomic_store_explicit(&l->busy, 1, memory_order_relaxed);
     keel__light_fence(); /* busy before closed: see keel_batch_close() */
@@ -794,25 +848,7 @@ KEEL_API int keel_batch_add(keel_batch *b, void *item, size_t bytes)
         block_keep(l, k);
         return KEEL_ECLOSED;
     }
-    if (k != l->wblk) {
-        atomic_store_explicit(&l->wblk->next, k, memory_order_release);
-        l->wblk = k;
-        l->widx = 0;
-    }
-    k->it[l->widx++] = (bitem){item, bytes};
-    uint64_t t = atomic_load_explicit(&l->tail, memory_order_relaxed) + 1;
-    atomic_store_explicit(&l->tail, t, memory_order_release);
-    atomic_store_explicit(&l->busy, 0, memory_order_release);
-    l->credit--;
-    keel__light_fence(); /* the publish before the loads below: see form() and wait_items() */
-    if (atomic_load_explicit(&b->opened, memory_order_relaxed) == UNSTAMPED) { /* this add opens a batch */
-        uint64_t now = keel__clock_now(&b->clock), want = UNSTAMPED;
-        if (atomic_load(&l->head) < t) /* not taken already (a late stamp would shorten the next linger) */
-            atomic_compare_exchange_strong(&b->opened, &want, now == UNSTAMPED ? now - 1 : now);
-    }
-    uint64_t need = atomic_load_explicit(&b->wake_need, memory_order_relaxed);
-    if (KEEL__UNLIKELY(need != NOT_WAITING) && t - atomic_load_explicit(&l->head, memory_order_relaxed) >= need)
-        wake_batcher(b);
+    publish(b, l, k, item, bytes);
     return 0;
 }
 

@@ -9,6 +9,7 @@
 #define _GNU_SOURCE
 #include <libpq-fe.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -818,9 +819,9 @@ static void readd_dead_letter(void *const *items, size_t n, int err, void *ud)
     atomic_store(&readd_rc, keel_batch_add(s->self, ITEM(1000), 1));
 }
 
-/* That dead letter runs inside the add that dropped the item, which holds
- * the place the drop made: an add from it is turned away (KEEL_EFULL),
- * and the first add goes on with its place and its block intact. */
+/* That dead letter runs inside the add that dropped the item: an add from
+ * it is turned away (KEEL_EFULL; it would drop another item, for ever),
+ * and the first add keeps its place and its block. */
 START_TEST(an_add_from_a_drop_s_dead_letter_is_turned_away)
 {
     seen s;
@@ -850,6 +851,112 @@ START_TEST(an_add_from_a_drop_s_dead_letter_is_turned_away)
     ck_assert_uint_eq(get(&s, &s.items), 255); /* all but 248, 256 among them */
     check_invariant(b);
     keel_batch_destroy(b);
+}
+END_TEST
+
+/* ---- drops racing close ---- */
+
+enum { RACE_PRODUCERS = 2, RACE_ROUNDS = 300 };
+
+typedef struct race {
+    keel_batch *b;
+    _Atomic int gate;          /* the handler waits while it is 0 */
+    _Atomic size_t handled, drops;
+    _Atomic size_t refused_dropping, dropped_twice; /* adds that did what they must not */
+    _Atomic size_t ok, ok_dropping, other_rc;
+    _Atomic int done;          /* producers that saw KEEL_ECLOSED */
+} race;
+
+static _Thread_local size_t race_drops_here; /* drops made by this thread's current add */
+
+static int race_handler(void *const *items, size_t n, keel_batch_ctx *ctx, void *ud)
+{
+    (void)items, (void)ctx;
+    race *r = ud;
+    while (!atomic_load(&r->gate)) /* the queue fills meanwhile: adds drop */
+        sched_yield();
+    atomic_fetch_add(&r->handled, n);
+    return 0;
+}
+
+static void race_dead_letter(void *const *items, size_t n, int err, void *ud)
+{
+    (void)items;
+    race *r = ud;
+    if (err == KEEL_EFULL) { /* a drop: it runs in the adding thread */
+        race_drops_here += n;
+        atomic_fetch_add(&r->drops, n);
+    }
+}
+
+static void *race_add(void *arg)
+{
+    race *r = arg;
+    for (size_t i = 1;; i++) {
+        race_drops_here = 0;
+        int rc = keel_batch_add(r->b, ITEM(i), 1);
+        if (rc != 0 && race_drops_here)
+            atomic_fetch_add(&r->refused_dropping, 1);
+        if (race_drops_here > 1)
+            atomic_fetch_add(&r->dropped_twice, 1);
+        if (rc == 0) {
+            atomic_fetch_add(&r->ok, 1);
+            atomic_fetch_add(&r->ok_dropping, race_drops_here);
+        } else if (rc != KEEL_ECLOSED) {
+            atomic_fetch_add(&r->other_rc, 1);
+        } else {
+            atomic_fetch_add(&r->done, 1);
+            return NULL;
+        }
+    }
+}
+
+static void *race_close(void *arg)
+{
+    keel_batch_close(arg);
+    return NULL;
+}
+
+/* KEEL_BATCH_DROP_OLDEST with adds racing close: an add drops at most one
+ * item, and only when it then accepts its own; an add refused by the close
+ * drops nothing (the item it would have dropped was accepted, and close
+ * hands it to the handler). */
+START_TEST(a_drop_oldest_add_refused_by_close_drops_nothing)
+{
+    for (int round = 0; round < RACE_ROUNDS; round++) {
+        race *r = calloc(1, sizeof *r);
+        ck_assert_ptr_nonnull(r);
+        keel_batch_opts o = {.handler = race_handler, .dead_letter = race_dead_letter, .ud = r, .max_items = 4,
+                             .capacity = 16, .on_full = KEEL_BATCH_DROP_OLDEST, .linger_ns = 1000};
+        ck_assert_int_eq(keel_batch_create(&r->b, &o), 0);
+        pthread_t t[RACE_PRODUCERS], closer;
+        for (int i = 0; i < RACE_PRODUCERS; i++)
+            ck_assert_int_eq(pthread_create(&t[i], NULL, race_add, r), 0);
+        size_t want = 1 + (size_t)round % 64; /* close while they drop, a little later each round */
+        while (atomic_load(&r->drops) < want)
+            sched_yield();
+        ck_assert_int_eq(pthread_create(&closer, NULL, race_close, r->b), 0);
+        while (atomic_load(&r->done) < RACE_PRODUCERS) /* refused: the close has begun */
+            sched_yield();
+        atomic_store(&r->gate, 1); /* its drain can go on */
+        pthread_join(closer, NULL);
+        for (int i = 0; i < RACE_PRODUCERS; i++)
+            pthread_join(t[i], NULL);
+        keel_batch_stats st;
+        keel_batch_stats_get(r->b, &st);
+        ck_assert_msg(atomic_load(&r->refused_dropping) == 0, "round %d: %zu adds dropped an item, then were refused",
+                      round, atomic_load(&r->refused_dropping));
+        ck_assert_msg(atomic_load(&r->dropped_twice) == 0, "round %d: %zu adds dropped more than one item", round,
+                      atomic_load(&r->dropped_twice));
+        ck_assert_uint_eq(atomic_load(&r->other_rc), 0);
+        ck_assert_uint_eq(atomic_load(&r->drops), atomic_load(&r->ok_dropping));
+        ck_assert_uint_eq(st.dropped, atomic_load(&r->drops));
+        ck_assert_uint_eq(st.accepted, atomic_load(&r->ok));
+        ck_assert_uint_eq(st.handled, atomic_load(&r->handled));
+        check_invariant(r->b);
+        keel_batch_destroy(r->b);
+        free(r);
+    }
 }
 END_TEST
 
@@ -1790,6 +1897,11 @@ int main(void)
     tcase_add_test(big, each_thread_keeps_its_order);
     tcase_set_tags(big, "stress"); /* millions of items: not under valgrind */
     suite_add_tcase(s, big);
+    TCase *race = tcase_create("drop_close");
+    tcase_set_timeout(race, 60);
+    tcase_add_test(race, a_drop_oldest_add_refused_by_close_drops_nothing);
+    tcase_set_tags(race, "stress"); /* threads racing close */
+    suite_add_tcase(s, race);
     TCase *pgc = tcase_create("postgresql");
     tcase_set_timeout(pgc, 60);
     tcase_add_test(pgc, rows_reach_postgresql_through_a_restart);

@@ -41,8 +41,10 @@
  * block_timeout_ns, then KEEL_ETIMEDOUT; 0 waits for ever);
  * KEEL_BATCH_REJECT returns KEEL_EFULL at once; KEEL_BATCH_DROP_OLDEST
  * takes the oldest item the adding thread has queued (or, when it has
- * none, another thread's oldest) out, hands it to dead_letter (err
- * KEEL_EFULL, in the adding thread) and counts it as dropped. A rejected
+ * none, another thread's oldest) out, accepts the new one in its place,
+ * then hands the dropped one to dead_letter (err KEEL_EFULL, in the adding
+ * thread) and counts it as dropped: one drop at most per add, and none for
+ * an add that close turns away. A rejected
  * or timed-out item is not accepted: the caller still owns it. Threads
  * reserve room a step at a time (capacity / 64 places, at least 1 and at
  * most 256), so with several threads adding, a full queue may turn an add
@@ -73,7 +75,7 @@
  * also runs in adding threads (KEEL_BATCH_DROP_OLDEST), concurrently with
  * the handler and with itself: it must be thread-safe. An add from that
  * dead letter, in the thread whose add dropped the item, returns
- * KEEL_EFULL at once: that add holds the place the drop made.
+ * KEEL_EFULL at once (it would drop another item, for ever).
  */
 #ifndef KEEL_BATCH_H
 #define KEEL_BATCH_H
