@@ -50,6 +50,10 @@
  * producer a system call per batch: it looks every STREAM_NS, until a
  * look finds nothing new.
  *
+ * Time: linger, backoff and the block timeout read the clock option; a
+ * clock of the caller's is looked at every POLL_NS of real time (see
+ * real_wait()), the default one is waited on directly.
+ *
  * Linger: the first add after a batch was taken stamps the time the next
  * batch opened (`opened`, UNSTAMPED until then, set by compare-and-swap),
  * so only one add per batch reads the clock.
@@ -769,7 +773,8 @@ static KEEL__COLD int add_dropping(keel_batch *b, lane *mine, bblock *k, void *i
     return 0;
 }
 
-/* Waits for room (KEEL_BATCH_BLOCK): 0 to try again, or KEEL_ETIMEDOUT. */
+/* Waits for room (KEEL_BATCH_BLOCK) until `deadline` by the clock option
+ * (0: no limit): 0 to try again, or KEEL_ETIMEDOUT. */
 static int wait_space(keel_batch *b, uint64_t deadline)
 {
     int rc = 0;
@@ -778,12 +783,12 @@ static int wait_space(keel_batch *b, uint64_t deadline)
     /* places come back under mu: none now means a wake-up comes */
     while (!b->closing && atomic_load(&b->room) == 0) {
         if (deadline) {
-            uint64_t now = keel_now_ns();
-            if (now >= deadline) {
+            uint64_t ns = real_wait(b, deadline); /* a clock of the caller's: looked at every POLL_NS */
+            if (ns == 0) {
                 rc = KEEL_ETIMEDOUT;
                 break;
             }
-            struct timespec ts = abs_in(deadline - now);
+            struct timespec ts = abs_in(ns);
             pthread_cond_timedwait(&b->space_cv, &b->mu, &ts);
         } else {
             pthread_cond_wait(&b->space_cv, &b->mu);
@@ -810,7 +815,7 @@ static KEEL__COLD int make_room(keel_batch *b, lane *l, bblock *k, void *item, s
             return rc ? rc : 1;
         }
         if (b->o.block_timeout_ns && !deadline)
-            deadline = sat_add(keel_now_ns(), b->o.block_timeout_ns);
+            deadline = sat_add(keel__clock_now(&b->clock), b->o.block_timeout_ns);
         int rc = wait_space(b, deadline);
         if (rc)
             return rc;

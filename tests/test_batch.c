@@ -289,6 +289,41 @@ START_TEST(flush_and_close_wait_for_everything_accepted_before)
 }
 END_TEST
 
+typedef struct pending_add {
+    keel_batch *b;
+    void *item;
+    _Atomic int rc; /* 1 while the add runs */
+} pending_add;
+
+static void *add_pending(void *arg)
+{
+    pending_add *a = arg;
+    atomic_store(&a->rc, keel_batch_add(a->b, a->item, 1));
+    return NULL;
+}
+
+/* Under KEEL_BATCH_BLOCK an add waits while the clock option stands
+ * still, however long in real time, and times out once that clock has
+ * moved block_timeout_ns. */
+static int blocked_add_times_out_by_the_clock(seen *s, keel_batch *b, void *item)
+{
+    pending_add a = {b, item, 1};
+    pthread_t t;
+    ck_assert_int_eq(pthread_create(&t, NULL, add_pending, &a), 0);
+    settle();
+    ck_assert_int_eq(atomic_load(&a.rc), 1);
+    kt_clock_advance(&clk, 3600 * S - 1);
+    settle();
+    ck_assert_int_eq(atomic_load(&a.rc), 1); /* 1 ns short */
+    kt_clock_advance(&clk, 1);
+    for (int i = 0; i < 5000 && atomic_load(&a.rc) == 1; i++)
+        kt_nap(MS);
+    if (atomic_load(&a.rc) == 1)
+        unblock(s); /* not timed out: let it end, to fail below */
+    pthread_join(t, NULL);
+    return atomic_load(&a.rc);
+}
+
 START_TEST(each_full_queue_policy)
 {
     for (int policy = 0; policy < 3; policy++) {
@@ -297,12 +332,13 @@ START_TEST(each_full_queue_policy)
         s.block = 1; /* the handler holds item 1; the queue holds 8 */
         keel_batch *b = make(&s, (keel_batch_opts){.max_items = 1, .capacity = 8,
                                                    .on_full = (keel_batch_full)policy,
-                                                   .block_timeout_ns = 50 * MS});
+                                                   .block_timeout_ns = 3600 * S});
         ck_assert_int_eq(keel_batch_add(b, ITEM(1), 1), 0);
         wait_for(&s, &s.entered, 1); /* item 1 is taken */
         for (int i = 2; i <= 9; i++)
             ck_assert_int_eq(keel_batch_add(b, ITEM(i), 1), 0);
-        int rc = keel_batch_add(b, ITEM(10), 1);
+        int rc = policy == KEEL_BATCH_BLOCK ? blocked_add_times_out_by_the_clock(&s, b, ITEM(10))
+                                            : keel_batch_add(b, ITEM(10), 1);
         keel_batch_stats st;
         keel_batch_stats_get(b, &st);
         if (policy == KEEL_BATCH_BLOCK) {
@@ -1633,10 +1669,14 @@ static void m_add(model *m, keel_batch *b, size_t bytes, uint64_t *rs)
     m->adding = true;
     m->could_fill = m->could_fill || m_could_fill(m); /* now: the batcher may take them at once */
     pthread_mutex_unlock(&m->mu);
+    bool full = s.queued >= m->capacity;
+    if (full && m->on_full == KEEL_BATCH_BLOCK) /* it may wait: the clock moves, its timeout ends */
+        atomic_store(&m->tick, MS);
     int rc = keel_batch_add(b, x, bytes);
+    atomic_store(&m->tick, 0);
     pthread_mutex_lock(&m->mu);
     m->adding = false;
-    bool full = s.queued >= m->capacity, drop = m->dropped != dropped;
+    bool drop = m->dropped != dropped;
     if (rc != 0) {
         M_CHECK(m, x->status == M_QUEUED, "refused item %u was seen: status %d", id, x->status);
         x->status = M_REJECTED;

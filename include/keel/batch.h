@@ -58,9 +58,9 @@
  * order). So a batch holds about 16 bytes per item queued, a block per
  * thread that has added, and max_items pointers per batch in flight.
  *
- * Time. linger and backoff read the clock option; with one given (a test's
- * fake clock) the threads look at it at least every millisecond. The block
- * timeout is real time. A batch full by max_bytes is noticed within a
+ * Time. linger, backoff and the block timeout read the clock option; with
+ * one given (a test's fake clock) the threads, and an add waiting for
+ * room, look at it at least every millisecond. A batch full by max_bytes is noticed within a
  * millisecond (producers wake the batcher by count only), and so is one
  * full by count when several threads add. While batches keep filling up,
  * the batcher is not woken by producers at all: it looks every 50
@@ -112,7 +112,7 @@ typedef struct keel_batch_opts {
     uint64_t linger_ns;           /* 0 = 5 ms */
     size_t capacity;              /* queued items, at most; 0 = 65536; up to 2^40 */
     keel_batch_full on_full;
-    uint64_t block_timeout_ns;    /* KEEL_BATCH_BLOCK: 0 = no limit */
+    uint64_t block_timeout_ns;    /* KEEL_BATCH_BLOCK, by the clock option: 0 = no limit */
     size_t workers;               /* handler threads; 0 = 1 (order kept) */
     uint32_t max_retries;         /* retries after the first attempt; 0 = none */
     uint64_t retry_base_ns;       /* 0 = 100 ms */
