@@ -802,6 +802,72 @@ START_TEST(a_batch_memory_cannot_hold_fails_at_create)
 }
 END_TEST
 
+/* A dead letter that keeps the ids it was given. */
+static _Atomic size_t last_dead_id;
+static void id_dead_letter(void *const *items, size_t n, int err, void *ud)
+{
+    dead_letter(items, n, err, ud);
+    atomic_store(&last_dead_id, ID(items[n - 1]));
+}
+
+typedef struct holder {
+    keel_batch *b;
+    size_t from, n;
+    _Atomic int release; /* the thread stays (and keeps its queue) until this is set */
+    _Atomic int added;
+} holder;
+
+static void *add_and_hold(void *arg)
+{
+    holder *h = arg;
+    for (size_t i = 0; i < h->n; i++)
+        ck_assert_int_eq(keel_batch_add(h->b, ITEM(h->from + i), 1), 0);
+    atomic_store(&h->added, 1);
+    while (!atomic_load(&h->release))
+        kt_nap(MS);
+    return NULL;
+}
+
+/* KEEL_BATCH_DROP_OLDEST drops the adding thread's own oldest item, though
+ * another thread's queued item is older; a thread with none queued drops
+ * the oldest item of some other thread's queue. */
+START_TEST(a_drop_takes_the_adding_thread_s_own_oldest_item)
+{
+    seen s;
+    seen_init(&s);
+    s.block = 1; /* the handler holds item 1; the queue holds 8 */
+    keel_batch *b;
+    keel_batch_opts o = {.handler = handler, .dead_letter = id_dead_letter, .ud = &s, .clock = kt_clock_now,
+                         .clock_ud = &clk, .max_items = 1, .capacity = 8, .on_full = KEEL_BATCH_DROP_OLDEST};
+    ck_assert_int_eq(keel_batch_create(&b, &o), 0);
+    ck_assert_int_eq(keel_batch_add(b, ITEM(1), 1), 0);
+    wait_for(&s, &s.entered, 1); /* item 1 is taken */
+    holder h = {b, 2, 2, 0, 0};
+    pthread_t t;
+    ck_assert_int_eq(pthread_create(&t, NULL, add_and_hold, &h), 0);
+    while (!atomic_load(&h.added)) /* 2 and 3, the oldest queued, in its queue */
+        kt_nap(MS);
+    for (int i = 4; i <= 9; i++)
+        ck_assert_int_eq(keel_batch_add(b, ITEM(i), 1), 0);
+    ck_assert_int_eq(keel_batch_add(b, ITEM(10), 1), 0);
+    ck_assert_uint_eq(atomic_load(&last_dead_id), 4); /* this thread's oldest, not 2 */
+    holder u = {b, 11, 1, 1, 0}; /* a new thread, nothing queued of its own */
+    pthread_t tu;
+    ck_assert_int_eq(pthread_create(&tu, NULL, add_and_hold, &u), 0);
+    pthread_join(tu, NULL);
+    size_t d = atomic_load(&last_dead_id);
+    ck_assert_msg(d == 2 || d == 5, "dropped %zu: the oldest of no queue", d);
+    atomic_store(&h.release, 1);
+    pthread_join(t, NULL);
+    unblock(&s);
+    ck_assert_int_eq(keel_batch_close(b), 0);
+    ck_assert_uint_eq(get(&s, &s.dead), 2);
+    ck_assert_uint_eq(get(&s, &s.items), 9);
+    check_invariant(b);
+    keel_batch_destroy(b);
+}
+END_TEST
+
 /* An allocator that gives nothing while `starved` is set. */
 static _Atomic int starved;
 static void *starve_malloc(size_t n) { return atomic_load(&starved) ? NULL : malloc(n); }
@@ -1922,6 +1988,7 @@ int main(void)
     tcase_add_test(tc, a_thread_joining_a_filling_batch_does_not_leave_it_waiting);
     tcase_add_test(tc, bad_input_is_refused);
     tcase_add_test(tc, a_batch_memory_cannot_hold_fails_at_create);
+    tcase_add_test(tc, a_drop_takes_the_adding_thread_s_own_oldest_item);
     tcase_add_test(tc, a_drop_oldest_add_without_memory_drops_nothing);
     tcase_add_test(tc, an_add_from_a_drop_s_dead_letter_is_turned_away);
     suite_add_tcase(s, tc);

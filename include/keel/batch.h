@@ -40,12 +40,14 @@
  * Full queue (capacity items): KEEL_BATCH_BLOCK waits for room (at most
  * block_timeout_ns, then KEEL_ETIMEDOUT; 0 waits for ever);
  * KEEL_BATCH_REJECT returns KEEL_EFULL at once; KEEL_BATCH_DROP_OLDEST
- * takes the oldest item the adding thread has queued (or, when it has
- * none, another thread's oldest) out, accepts the new one in its place,
- * then hands the dropped one to dead_letter (err KEEL_EFULL, in the adding
- * thread) and counts it as dropped: one drop at most per add, and none for
- * an add that close turns away. A rejected
- * or timed-out item is not accepted: the caller still owns it. Threads
+ * takes the oldest item the adding thread has queued out (its own, not the
+ * oldest of the whole queue: another thread's may be older; when it has
+ * none queued, the oldest item of the first other thread's queue found
+ * holding one, in no promised order of threads), accepts the new one in
+ * its place, then hands the dropped one to dead_letter (err KEEL_EFULL,
+ * in the adding thread) and counts it as dropped: one drop at most per
+ * add, and none for an add that close turns away. A rejected or
+ * timed-out item is not accepted: the caller still owns it. Threads
  * reserve room a step at a time (capacity / 64 places, at least 1 and at
  * most 256), so with several threads adding, a full queue may turn an add
  * away (or, under KEEL_BATCH_DROP_OLDEST, drop an item for it) while other
