@@ -170,7 +170,13 @@ typedef struct keel_batch_stats {
     uint64_t accepted, handled, retried, dead_lettered, dropped, batches;
     uint64_t queued;      /* in the queue now */
     uint64_t size[KEEL_BATCH_BUCKETS]; /* items per batch (first attempts) */
-    uint64_t wait[KEEL_BATCH_BUCKETS]; /* ns a batch's oldest item waited for the handler */
+    /* ns from a batch's opening to its first handler call, by the clock
+     * option. A batch opens at the add of its first item, or, when items
+     * were already waiting as the batch before it closed (a full batch, a
+     * busy handler), at that close: the time those items spent queued
+     * before it is not counted, so under backlog this understates how long
+     * items waited since their add. */
+    uint64_t wait[KEEL_BATCH_BUCKETS];
 } keel_batch_stats;
 
 KEEL_API void keel_batch_stats_get(keel_batch *b, keel_batch_stats *st);
