@@ -761,6 +761,11 @@ START_TEST(bad_input_is_refused)
     ck_assert_int_eq(keel_batch_create(&b, &(keel_batch_opts){.handler = handler, .max_items = 100,
                                                                .capacity = 16}),
                      KEEL_EINVAL);
+    ck_assert_int_eq(keel_batch_create(&b, &(keel_batch_opts){.handler = handler,
+                                                               .capacity = ((size_t)1 << 40) + 1}),
+                     KEEL_EINVAL);
+    ck_assert_int_eq(keel_batch_create(&b, &(keel_batch_opts){.handler = handler, .capacity = (size_t)1 << 40}), 0);
+    keel_batch_destroy(b); /* 2^40 itself is fine */
     seen s;
     seen_init(&s);
     /* the default max_items is 100, or the capacity when that is smaller */

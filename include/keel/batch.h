@@ -128,8 +128,8 @@ typedef struct keel_batch_opts {
 } keel_batch_opts;
 
 /* Starts the batcher (and worker) threads. Returns 0, KEEL_EINVAL (no
- * handler, an unknown policy, more than 1024 workers or max_items over
- * capacity) or KEEL_ENOMEM (also when the first batch, max_items
+ * handler, an unknown policy, more than 1024 workers, a capacity over
+ * 2^40 or max_items over capacity) or KEEL_ENOMEM (also when the first batch, max_items
  * pointers, cannot be allocated). */
 KEEL_API int keel_batch_create(keel_batch **out, const keel_batch_opts *opts);
 
