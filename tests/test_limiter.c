@@ -17,6 +17,7 @@
 #include <keel/redis.h>
 
 #include "harness.h"
+#include "hash.h"
 #include "limiter/limiter_int.h"
 
 #define MS KT_MS
@@ -288,6 +289,42 @@ END_TEST
  * reads the clock once for 16: its answers must be those of the same
  * requests taken one at a time, with keys repeated inside a batch and
  * tables growing under it. */
+/* Keys come from clients. Hashed with one seed known to all, keys found
+ * offline all land in one shard and one run of its slots, and every
+ * decision on them walks that run under the shard's lock. Each limiter
+ * hashes with its own random seed: keys that collide under the old public
+ * seed spread over the shards, and two limiters place the same key apart. */
+/* Out of line: inlined on a short array, XXH3's longer paths warn. */
+static __attribute__((noinline)) uint64_t old_hash(const void *key, size_t len)
+{
+    return keel__hash64(key, len, 0x6b65656c6c696d);
+}
+
+START_TEST(each_limiter_hashes_keys_with_its_own_seed)
+{
+    keel_limiter *a = local(KEEL_LIMIT_GCRA, 100, 1 * S, 0), *b = local(KEEL_LIMIT_GCRA, 100, 1 * S, 0);
+    bool shard_hit[64] = {false};
+    int found = 0, differ = 0, shards = 0;
+    for (unsigned c = 0; found < 256; c++) {
+        char k[24];
+        int n = snprintf(k, sizeof k, "ip-%u", c);
+        if (old_hash(k, (size_t)n) >> 58 != 0)
+            continue; /* shard 0 under the old seed */
+        found++;
+        uint64_t ha = keel__lstore_hash(a->local, k, (size_t)n, false);
+        ck_assert_uint_eq(ha, keel__lstore_hash(a->local, k, (size_t)n, true)); /* stable */
+        differ += ha != keel__lstore_hash(b->local, k, (size_t)n, false);
+        shard_hit[ha >> 58] = true; /* 1,000,000 keys: 64 shards, the top 6 bits */
+    }
+    for (int i = 0; i < 64; i++)
+        shards += shard_hit[i];
+    ck_assert_int_eq(differ, 256);
+    ck_assert_int_ge(shards, 48); /* 256 keys into 64 shards at random: about 63 */
+    keel_limiter_destroy(a);
+    keel_limiter_destroy(b);
+}
+END_TEST
+
 START_TEST(take_many_answers_as_one_at_a_time)
 {
     enum { N = 600 };
@@ -1949,6 +1986,7 @@ int main(void)
     tcase_add_test(tc, a_client_retrying_above_the_limit_still_gets_its_share);
     tcase_add_test(tc, peek_refund_and_reset);
     tcase_add_test(tc, take_many_answers_as_one_at_a_time);
+    tcase_add_test(tc, each_limiter_hashes_keys_with_its_own_seed);
     tcase_add_test(tc, keys_are_bytes);
     tcase_add_test(tc, two_threads_on_one_key_never_exceed_the_limit);
     tcase_add_test(tc, at_max_keys_an_active_key_may_go_and_is_counted);

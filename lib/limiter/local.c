@@ -16,6 +16,11 @@
  * state — else the one least recently active (counted: it may then get
  * more than its due).
  *
+ * Keys come from clients, and the hash chooses both the shard and the
+ * home slot: with a seed known to all, keys found offline would all land
+ * in one shard and one run of slots, each decision walking that run under
+ * the shard's lock. So each store hashes with its own random seed.
+ *
  * Exactness: GCRA keeps its theoretical arrival time scaled by the limit
  * (time x limit, 128 bits), so an emission interval of window / limit is
  * exact; the window compares limit x window with the weighted counts, also
@@ -24,6 +29,7 @@
 #define _GNU_SOURCE
 #include <sched.h>
 #include <string.h>
+#include <sys/random.h>
 
 #include "../hash.h"
 #include "limiter_int.h"
@@ -65,6 +71,7 @@ struct lstore {
     lshard *shards;
     unsigned shift;
     size_t nshards;
+    uint64_t seed; /* the hash's: keys come from clients */
 };
 
 /* ---- locking ---- */
@@ -490,6 +497,9 @@ int keel__lstore_create(lstore **out, const lcfg *cfg, size_t max_keys, const ke
     st->by_limit = keel__ldivisor(cfg->limit);
     st->by_window = keel__ldivisor(cfg->window);
     st->clock = *clock;
+    /* never blocks: early in boot, time and address still differ per store */
+    if (getrandom(&st->seed, sizeof st->seed, GRND_NONBLOCK) != (ssize_t)sizeof st->seed)
+        st->seed = keel_now_ns() ^ keel_wall_ns() ^ (uint64_t)(uintptr_t)st;
     size_t n = 64;
     while (n > 1 && max_keys / n < 64) /* small limiters: fewer, fuller shards */
         n /= 2;
@@ -530,7 +540,7 @@ static lshard *shard_of(lstore *st, uint64_t h) { return &st->shards[st->shift =
 
 uint64_t keel__lstore_hash(lstore *st, const void *key, size_t len, bool prefetch)
 {
-    uint64_t h = keel__hash64(key, len, 0x6b65656c6c696d);
+    uint64_t h = keel__hash64(key, len, st->seed);
     if (h == 0)
         h = 1;
     if (prefetch) { /* a stale table (grown meanwhile) only wastes it */
