@@ -615,6 +615,38 @@ START_TEST(a_log_decision_with_an_older_clock_reading_stays_sane)
 }
 END_TEST
 
+/* Near the clock's end, t + window wraps past zero: the log compared
+ * t + W <= now and let every entry expire at once (10 of 10 admitted at
+ * 1 per 1000 ns), and eviction took a key that still held units for an
+ * idle one. Times are compared by their difference. */
+START_TEST(the_log_expires_nothing_early_near_the_clock_s_end)
+{
+    set_time(UINT64_MAX - 500);
+    keel_limiter *l = local(KEEL_LIMIT_SLIDING_LOG, 1, 1000, 0);
+    keel_limit_result r;
+    int admitted = 0;
+    for (int i = 0; i < 10; i++, kt_clock_advance(&clk, 10))
+        admitted += take(l, "k", 1, &r);
+    ck_assert_int_eq(admitted, 1);
+    ck_assert_uint_eq(r.retry_after_ns, 1000 - 90);
+    ck_assert_uint_eq(r.reset_ns, 1000 - 90);
+    keel_limiter_destroy(l);
+    /* one key at most: the second pushes out the first, which holds a unit */
+    keel_limiter_opts o = {.algo = KEEL_LIMIT_SLIDING_LOG, .limit = 1, .window_ns = 1000, .max_keys = 1,
+                           .clock = kt_clock_now, .clock_ud = &clk};
+    ck_assert_int_eq(keel_limiter_create(&l, &o), 0);
+    set_time(UINT64_MAX - 500);
+    ck_assert(take(l, "a", 1, &r));
+    kt_clock_advance(&clk, 10);
+    ck_assert(take(l, "b", 1, &r));
+    keel_limiter_stats st;
+    keel_limiter_stats_get(l, &st);
+    ck_assert_uint_eq(st.evicted_active, 1);
+    ck_assert_uint_eq(st.evicted_idle, 0);
+    keel_limiter_destroy(l);
+}
+END_TEST
+
 START_TEST(header_fields)
 {
     set_time(1000 * S);
@@ -1994,6 +2026,7 @@ int main(void)
     tcase_add_test(tc, at_max_keys_a_key_busy_past_the_clock_s_end_can_go);
     tcase_add_test(tc, a_decision_with_an_older_clock_reading_stays_sane);
     tcase_add_test(tc, a_log_decision_with_an_older_clock_reading_stays_sane);
+    tcase_add_test(tc, the_log_expires_nothing_early_near_the_clock_s_end);
     tcase_add_test(tc, a_request_over_the_limit_pushes_out_no_key);
     tcase_add_test(tc, header_fields);
     tcase_add_test(tc, bad_input_is_refused);

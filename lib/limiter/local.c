@@ -257,7 +257,7 @@ static bool slot_idle(const lstore *st, const lslot *s, uint64_t now, uint64_t *
         }
         uint64_t newest = g->e[(g->head + g->n - 1) % g->cap].t;
         *activity = newest;
-        return newest + c->window <= now;
+        return now >= newest && now - newest >= c->window; /* newest + window wraps */
     }
     }
 }
@@ -434,7 +434,9 @@ static int slog(const lcfg *c, lshard *sh, lslot *s, uint64_t now, uint64_t cost
 {
     llog *g = (llog *)(uintptr_t)s->a;
     uint64_t W = c->window, L = c->limit;
-    while (g && g->n && LOG_AT(g, 0).t + W <= now) { /* (now - W, now] only */
+    /* (now - W, now] only; by difference, as t + W wraps near the
+     * clock's end; an entry from a later reading than now stays */
+    while (g && g->n && now >= LOG_AT(g, 0).t && now - LOG_AT(g, 0).t >= W) {
         g->sum -= LOG_AT(g, 0).cost;
         g->head = (g->head + 1) % g->cap;
         g->n--;
