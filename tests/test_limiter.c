@@ -1685,6 +1685,49 @@ START_TEST(redis_gcra_rounds_no_unit_away_over_long_windows)
 }
 END_TEST
 
+/* GCRA's times in Redis reach burst x window / limit microseconds, which
+ * the doubles hold exactly only under 2^53: such a policy is refused. A
+ * key's lead stored by an earlier, slower policy under the same prefix can
+ * still exceed it; the answer's times saturate, as in process, never wrap
+ * (x 1000 into nanoseconds) nor overflow Lua's conversion to an integer. */
+START_TEST(redis_gcra_times_saturate_and_too_long_a_bucket_is_refused)
+{
+    rfix f;
+    /* 1 a day, burst 100,000: 8.64e15 us to earn it back, under 2^53 */
+    rfix_open(&f, "sat", (keel_limiter_opts){.algo = KEEL_LIMIT_GCRA, .limit = 1, .window_ns = 86400 * S,
+                                              .burst = 100000});
+    keel_limit_result r;
+    ck_assert_int_eq(keel_limiter_take(f.l, "k", 1, 100000, &r), 0);
+    ck_assert(r.allowed);
+    ck_assert_uint_le(r.reset_ns, 8640000000000000000ull); /* less the rounding forgiven, 2^-40 of it */
+    ck_assert_uint_ge(r.reset_ns, 8640000000000000000ull - 8 * S);
+    ck_assert_int_eq(keel_limiter_reset(f.l, "k", 1), 0);
+    static const char *const leads[] = {"1e17", "1e19", "1e300"};
+    for (size_t i = 0; i < sizeof leads / sizeof leads[0]; i++) {
+        freeReplyObject(redisCommand(f.c, "HSET %s b %llu t %s", f.k1, (unsigned long long)node0_time_us(f.c),
+                                     leads[i]));
+        freeReplyObject(redisCommand(f.c, "PEXPIRE %s 10000", f.k1));
+        ck_assert_int_eq(keel_limiter_peek(f.l, "k", 1, 1, &r), 0);
+        ck_assert_int_eq(r.source, KEEL_LIMIT_SRC_REDIS);
+        ck_assert(!r.allowed);
+        ck_assert_msg(r.reset_ns == UINT64_MAX, "lead %s us: reset_ns %llu", leads[i],
+                      (unsigned long long)r.reset_ns);
+        ck_assert_msg(r.retry_after_ns == UINT64_MAX, "lead %s us: retry_after_ns %llu", leads[i],
+                      (unsigned long long)r.retry_after_ns);
+        ck_assert_uint_eq(r.remaining, 0);
+    }
+    /* 1 a day, burst 1,000,000: 8.64e16 us */
+    keel_limiter *l;
+    keel_limiter_opts o = {.algo = KEEL_LIMIT_GCRA, .limit = 1, .window_ns = 86400 * S, .burst = 1000000,
+                           .redis = f.redis, .prefix = f.prefix};
+    ck_assert_int_eq(keel_limiter_create(&l, &o), KEEL_EINVAL);
+    o.redis = NULL; /* in process, 128-bit integers: fine */
+    ck_assert_int_eq(keel_limiter_create(&l, &o), 0);
+    keel_limiter_destroy(l);
+    rfix_close(&f);
+}
+END_TEST
+
 typedef struct busy_job {
     char host[64];
     int port;
@@ -2052,6 +2095,7 @@ int main(void)
     tcase_add_test(rd, redis_gcra_never_passes_a_cost_over_the_burst);
     tcase_add_test(rd, redis_gcra_remaining_is_what_would_pass);
     tcase_add_test(rd, redis_gcra_rounds_no_unit_away_over_long_windows);
+    tcase_add_test(rd, redis_gcra_times_saturate_and_too_long_a_bucket_is_refused);
     tcase_add_test(rd, a_log_refund_through_redis_leaves_nothing_that_never_expires);
     tcase_add_test(rd, the_log_and_its_sum_expire_at_the_same_instant);
     tcase_add_test(rd, a_log_script_that_runs_past_its_keys_deadline_still_answers);

@@ -78,7 +78,8 @@ typedef struct keel_limiter_opts {
     keel_limit_algo algo;
     uint64_t limit;        /* units per window; 1..2^32-1 */
     uint64_t window_ns;    /* required, at most 2^60; with Redis at least 1 ms (it counts
-                            * microseconds) and 3 x limit x window_us under 2^53 */
+                            * microseconds), 3 x limit x window_us under 2^53 and, for
+                            * GCRA, burst x window_us / limit under 2^53 */
     uint64_t burst;        /* GCRA: units that may pass at once; 0 = limit */
     const char *name;      /* the policy's name in the RateLimit fields (up to 63
                               bytes); NULL = "default" */
@@ -107,8 +108,9 @@ typedef struct keel_limit_result {
 } keel_limit_result;
 
 /* Returns 0, KEEL_EINVAL (no window, a limit or a burst over 2^32-1, a
- * limit of 0, a prefix with '{', an unknown algorithm or policy) or
- * KEEL_ENOMEM. With Redis, loads nothing yet. */
+ * limit of 0, a prefix with '{', an unknown algorithm or policy, a window
+ * or a GCRA bucket Redis cannot count: see window_ns) or KEEL_ENOMEM.
+ * With Redis, loads nothing yet. */
 KEEL_API int keel_limiter_create(keel_limiter **out, const keel_limiter_opts *opts);
 KEEL_API void keel_limiter_destroy(keel_limiter *l);
 

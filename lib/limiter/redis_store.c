@@ -40,6 +40,10 @@ static const char LUA_GCRA[] = LUA_HEAD
     /* the doubles' rounding forgiven: a few thousand of their steps at the
      * burst's time, at least 1e-6 us, and always under half a unit */
     "local eps = math.min(math.max(1e-6, cap / 1099511627776), T / 2)\n"
+    /* a lead stored by an earlier, slower policy may pass the bound
+     * keel_limiter_create sets: its times are capped at 2^62, which an
+     * integer reply holds and parse() saturates */
+    "local big = 4611686018427387904\n"
     "local s = redis.call('HMGET', KEYS[1], 'b', 't')\n"
     "local d = 0\n"
     "if s[1] then d = math.max((tonumber(s[2]) or 0) - (now - tonumber(s[1])), 0) end\n"
@@ -49,7 +53,7 @@ static const char LUA_GCRA[] = LUA_HEAD
     "  local nxt = d + cost * T\n"
     "  if nxt > cap + eps then\n"
     "    allowed = 0\n"
-    "    if cost > burst then retry = -1 else retry = math.max(math.ceil(nxt - cap - eps), 1) end\n"
+    "    if cost > burst then retry = -1 else retry = math.min(math.max(math.ceil(nxt - cap - eps), 1), big) end\n"
     "  elseif op == 'take' then\n"
     "    d = nxt\n"
     "  end\n"
@@ -66,7 +70,7 @@ static const char LUA_GCRA[] = LUA_HEAD
     "local rem = math.max(math.floor((cap + eps - d) / T), 0)\n"
     "if rem > 0 and d + rem * T > cap + eps then rem = rem - 1 end\n"
     "if d + (rem + 1) * T <= cap + eps then rem = rem + 1 end\n"
-    "return {allowed, rem, math.max(math.ceil(d - eps), 0), retry, now}\n";
+    "return {allowed, rem, math.min(math.max(math.ceil(d - eps), 0), big), retry, now}\n";
 
 static const char LUA_WINDOW[] = LUA_HEAD
     "local k = math.floor(now / w)\n"
@@ -243,6 +247,15 @@ static size_t build_key(const rstore *s, const void *key, size_t len, bool seq, 
     return (size_t)(p - buf);
 }
 
+/* Microseconds from a script into nanoseconds, saturated as the
+ * in-process store's times are. */
+static uint64_t us_to_ns(long long us)
+{
+    if (us <= 0)
+        return 0;
+    return (uint64_t)us > UINT64_MAX / 1000u ? UINT64_MAX : (uint64_t)us * 1000u;
+}
+
 /* The script's answer into a result. */
 static int parse(const rstore *s, const redisReply *rep, uint64_t cost, keel_limit_result *r)
 {
@@ -259,9 +272,9 @@ static int parse(const rstore *s, const redisReply *rep, uint64_t cost, keel_lim
     r->source = KEEL_LIMIT_SRC_REDIS;
     r->limit = s->cfg.algo == KEEL_LIMIT_GCRA ? s->cfg.burst : s->cfg.limit;
     r->remaining = v[1] > 0 ? (uint64_t)v[1] : 0;
-    r->reset_ns = v[2] > 0 ? (uint64_t)v[2] * 1000u : 0;
-    r->retry_after_ns = r->allowed ? 0 : v[3] < 0 ? UINT64_MAX : (uint64_t)v[3] * 1000u;
-    r->now_ns = v[4] > 0 ? (uint64_t)v[4] * 1000u : 0;
+    r->reset_ns = us_to_ns(v[2]);
+    r->retry_after_ns = r->allowed ? 0 : v[3] < 0 ? UINT64_MAX : us_to_ns(v[3]);
+    r->now_ns = us_to_ns(v[4]);
     return cost > r->limit && !r->allowed ? KEEL_ERANGE : 0;
 }
 
