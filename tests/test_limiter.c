@@ -669,7 +669,14 @@ START_TEST(header_fields)
     ck_assert_uint_eq(len, strlen(buf));
     ck_assert(!take(l, "k", 1, &r));
     ck_assert_int_eq(keel_limiter_headers(l, &r, buf, sizeof buf, &len), 0);
-    ck_assert_ptr_nonnull(strstr(buf, "Retry-After: 59\r\n")); /* 58.5 s, rounded up */
+    /* Retry-After 58.5 s, rounded up, and RateLimit's t the same time (the
+     * draft's SHOULD); X-RateLimit-Reset stays until all units are back */
+    ck_assert_str_eq(buf, "X-RateLimit-Limit: 3\r\n"
+                          "X-RateLimit-Remaining: 0\r\n"
+                          "X-RateLimit-Reset: 60\r\n"
+                          "Retry-After: 59\r\n"
+                          "RateLimit-Policy: \"per-client\";q=3;w=60\r\n"
+                          "RateLimit: \"per-client\";r=0;t=59\r\n");
     ck_assert_int_eq(keel_limiter_headers(l, &r, buf, 10, &len), KEEL_ERANGE);
     ck_assert_uint_gt(len, 100);
     keel_limiter_destroy(l);
@@ -685,6 +692,20 @@ START_TEST(header_fields)
                           "X-RateLimit-Reset: 1\r\n"
                           "RateLimit-Policy: \"api\";q=200;w=120\r\n"
                           "RateLimit: \"api\";r=199;t=1\r\n");
+    take(l, "k", 199, &r);
+    ck_assert(!take(l, "k", 1, &r)); /* a unit back in 0.6 s, all 200 in 120 s */
+    ck_assert_int_eq(keel_limiter_headers(l, &r, buf, sizeof buf, &len), 0);
+    ck_assert_str_eq(buf, "X-RateLimit-Limit: 200\r\n"
+                          "X-RateLimit-Remaining: 0\r\n"
+                          "X-RateLimit-Reset: 120\r\n"
+                          "Retry-After: 1\r\n"
+                          "RateLimit-Policy: \"api\";q=200;w=120\r\n"
+                          "RateLimit: \"api\";r=0;t=1\r\n");
+    /* a cost that never passes has no Retry-After: t stays the reset */
+    ck_assert_int_eq(keel_limiter_take(l, "k", 1, 201, &r), KEEL_ERANGE);
+    ck_assert_int_eq(keel_limiter_headers(l, &r, buf, sizeof buf, &len), 0);
+    ck_assert_ptr_null(strstr(buf, "Retry-After"));
+    ck_assert_ptr_nonnull(strstr(buf, "RateLimit: \"api\";r=0;t=120\r\n"));
     keel_limiter_destroy(l);
 }
 END_TEST
@@ -981,14 +1002,15 @@ static uint64_t policy_ns(const mrun *x)
 static void m_headers(mrun *x, const keel_limit_result *r)
 {
     char want[512], got[512], retry[48] = "";
+    unsigned long long t = m_secs(r->reset_ns); /* with Retry-After, the same time */
     if (!r->allowed && r->retry_after_ns != UINT64_MAX)
-        snprintf(retry, sizeof retry, "Retry-After: %llu\r\n", m_secs(r->retry_after_ns));
+        snprintf(retry, sizeof retry, "Retry-After: %llu\r\n", t = m_secs(r->retry_after_ns));
     int n = snprintf(want, sizeof want,
                      "X-RateLimit-Limit: %llu\r\nX-RateLimit-Remaining: %llu\r\nX-RateLimit-Reset: %llu\r\n%s"
                      "RateLimit-Policy: \"%s\";q=%llu;w=%llu\r\nRateLimit: \"%s\";r=%llu;t=%llu\r\n",
                      (unsigned long long)r->limit, (unsigned long long)r->remaining, m_secs(r->reset_ns), retry,
                      x->name, (unsigned long long)x->m.B, m_secs(policy_ns(x)), x->name,
-                     (unsigned long long)r->remaining, m_secs(r->reset_ns));
+                     (unsigned long long)r->remaining, t);
     size_t len = 0;
     ck_assert_msg(keel_limiter_headers(x->l, r, got, sizeof got, &len) == 0 && strcmp(got, want) == 0 &&
                       len == (size_t)n,

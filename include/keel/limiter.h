@@ -170,7 +170,9 @@ KEEL_API int keel_limiter_take_many(keel_limiter *l, keel_limit_req *reqs, size_
  *   rejected and it can ever pass), and the IETF draft's
  *   RateLimit-Policy: "name";q=limit;w=window-seconds (GCRA: q=burst and
  *   w the seconds to earn it back, burst x window / limit) and
- *   RateLimit: "name";r=remaining;t=reset-seconds.
+ *   RateLimit: "name";r=remaining;t=reset-seconds (with Retry-After,
+ *   the draft asks that t be the same time: it is then Retry-After's,
+ *   while X-RateLimit-Reset stays the time until all units are back).
  * Returns 0 with *len the length written (a NUL follows), or KEEL_ERANGE
  * with *len the size needed (without the NUL). */
 KEEL_API int keel_limiter_headers(const keel_limiter *l, const keel_limit_result *r, char *buf,

@@ -293,8 +293,13 @@ KEEL_API int keel_limiter_headers(const keel_limiter *l, const keel_limit_result
     unsigned __int128 w = ((unsigned __int128)l->cfg.window * l->cfg.burst + l->cfg.limit - 1) / l->cfg.limit;
     unsigned long long reset = seconds_up(r->reset_ns), window = seconds_up(w > UINT64_MAX ? UINT64_MAX : (uint64_t)w);
     char retry[48] = "";
-    if (!r->allowed && r->retry_after_ns != UINT64_MAX)
-        snprintf(retry, sizeof retry, "Retry-After: %llu\r\n", seconds_up(r->retry_after_ns));
+    unsigned long long t = reset;
+    if (!r->allowed && r->retry_after_ns != UINT64_MAX) {
+        /* the draft: with Retry-After, RateLimit's t SHOULD be the same
+         * time; X-RateLimit-Reset stays until all units are back */
+        t = seconds_up(r->retry_after_ns);
+        snprintf(retry, sizeof retry, "Retry-After: %llu\r\n", t);
+    }
     int n = snprintf(buf, size,
                      "X-RateLimit-Limit: %llu\r\n"
                      "X-RateLimit-Remaining: %llu\r\n"
@@ -304,7 +309,7 @@ KEEL_API int keel_limiter_headers(const keel_limiter *l, const keel_limit_result
                      "RateLimit: \"%s\";r=%llu;t=%llu\r\n",
                      (unsigned long long)r->limit, (unsigned long long)r->remaining, reset, retry,
                      l->name, (unsigned long long)l->cfg.burst, window, l->name,
-                     (unsigned long long)r->remaining, reset);
+                     (unsigned long long)r->remaining, t);
     *len = (size_t)n;
     return (size_t)n < size ? 0 : KEEL_ERANGE;
 }
