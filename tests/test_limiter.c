@@ -1750,6 +1750,36 @@ START_TEST(redis_gcra_times_saturate_and_too_long_a_bucket_is_refused)
 }
 END_TEST
 
+/* A key that holds another type: Redis refuses the script, and the
+ * rejection says the limit and a window to wait, as fail-closed does, not
+ * "X-RateLimit-Limit: 0" and "Retry-After: 0". */
+START_TEST(a_refused_script_is_a_rejection_headers_can_carry)
+{
+    static const char *const tags[] = {"wt-log", "wt-window", "wt-gcra"};
+    for (int algo = 0; algo < 3; algo++) {
+        rfix f;
+        rfix_open(&f, tags[algo], (keel_limiter_opts){.algo = (keel_limit_algo)algo, .limit = 3, .window_ns = 10 * S});
+        freeReplyObject(redisCommand(f.c, "SET %s x EX 60", f.k1));
+        keel_limit_result r;
+        keel_limit_req q = {.key = "k", .len = 1, .cost = 1};
+        for (int i = 0; i < 2; i++) { /* alone and in a batch */
+            int rc = i ? (keel_limiter_take_many(f.l, &q, 1), q.rc) : keel_limiter_take(f.l, "k", 1, 1, &r);
+            if (i)
+                r = q.result;
+            ck_assert_int_eq(rc, KEEL_EBACKEND);
+            ck_assert(!r.allowed);
+            ck_assert_int_eq(r.source, KEEL_LIMIT_SRC_REDIS);
+            ck_assert_uint_eq(r.limit, 3);
+            ck_assert_uint_eq(r.remaining, 0);
+            ck_assert_uint_eq(r.retry_after_ns, 10 * S);
+            ck_assert_uint_eq(r.reset_ns, 10 * S);
+        }
+        freeReplyObject(redisCommand(f.c, "DEL %s", f.k1));
+        rfix_close(&f);
+    }
+}
+END_TEST
+
 typedef struct busy_job {
     char host[64];
     int port;
@@ -2122,6 +2152,7 @@ int main(void)
     tcase_add_test(rd, the_log_and_its_sum_expire_at_the_same_instant);
     tcase_add_test(rd, a_log_script_that_runs_past_its_keys_deadline_still_answers);
     tcase_add_test(rd, a_busy_server_is_a_store_failure);
+    tcase_add_test(rd, a_refused_script_is_a_rejection_headers_can_carry);
     tcase_add_test(rd, scripts_come_back_after_a_flush_and_a_restart);
     tcase_add_test(rd, each_failure_policy_does_what_it_says);
     suite_add_tcase(s, rd);

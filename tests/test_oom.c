@@ -528,10 +528,17 @@ static void limiter_scenario_algo(keel_limit_algo algo, keel_metrics *m)
     keel_limit_result r;
     for (int i = 0; i < 3; i++) { /* a failed take consumes nothing: retried, 3 units in all */
         uint64_t keys = limiter_keys(l);
+        /* and answered as a rejection headers can carry: the limit, and a
+         * window to wait (not "Retry-After: 0"), as fail-closed does */
         CALL_THEN(0, keel_limiter_take(l, long_key, sizeof long_key, 1, &r),
                   oom_assert(!r.allowed && limiter_keys(l) == keys &&
                                  remaining(l, long_key, sizeof long_key) == 5u - (unsigned)i,
-                             "a failed take was kept"));
+                             "a failed take was kept");
+                  oom_assert(r.limit == 5 && r.remaining == 0 && r.retry_after_ns == KT_S && r.reset_ns == KT_S &&
+                                 r.source == KEEL_LIMIT_SRC_LOCAL,
+                             "failed take: limit %llu, remaining %llu, retry %llu, reset %llu",
+                             (unsigned long long)r.limit, (unsigned long long)r.remaining,
+                             (unsigned long long)r.retry_after_ns, (unsigned long long)r.reset_ns));
         oom_assert(r.allowed, "take %d refused", i);
         kt_clock_advance(&clock, KT_MS); /* a new entry in the sliding log each time */
     }

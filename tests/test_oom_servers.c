@@ -469,6 +469,7 @@ static void limiter_scenario_algo(keel_limit_algo algo)
     for (int i = 0; i < N; i++) {
         snprintf(names[i], sizeof names[i], "k%d", i);
         reqs[i] = (keel_limit_req){.key = names[i], .len = strlen(names[i]), .cost = 1};
+        memset(&reqs[i].result, 0x5a, sizeof reqs[i].result); /* not what an answer says by chance */
     }
     long seen = failures_here;
     oom_assert(keel_limiter_take_many(l, reqs, N) == 0, "take_many failed");
@@ -481,6 +482,11 @@ static void limiter_scenario_algo(keel_limit_algo algo)
         oom_assert(failures_here != seen && ((reqs[i].rc == 0 && reqs[i].result.source == KEEL_LIMIT_SRC_CLOSED) ||
                                              reqs[i].rc == KEEL_ENOMEM),
                    "request %d: %s, source %d", i, keel_err_name(reqs[i].rc), reqs[i].result.source);
+        /* either way a rejection the headers can carry, as fail-closed's */
+        oom_assert(!reqs[i].result.allowed && reqs[i].result.limit == 5 &&
+                       reqs[i].result.retry_after_ns == 60 * KT_S && reqs[i].result.reset_ns == 60 * KT_S,
+                   "request %d: allowed %d, limit %llu, retry %llu", i, reqs[i].result.allowed,
+                   (unsigned long long)reqs[i].result.limit, (unsigned long long)reqs[i].result.retry_after_ns);
         decide(l, keel_limiter_take, names[i], 1);
     }
     for (int i = 0; i < N; i++) {

@@ -121,9 +121,11 @@ KEEL_API void keel_limiter_destroy(keel_limiter *l);
  * or one over 4096 bytes); with Redis, KEEL_EBACKEND when Redis refused
  * the script (the key holds another type), logged, with *r a rejection;
  * in process, KEEL_ENOMEM when the key's state could not be stored (*r a
- * rejection; nothing was consumed). A store failure is not an error: see
- * source. With Redis, a request that runs out of memory on its way there
- * is a store failure too (nothing was consumed). */
+ * rejection; nothing was consumed). Those two rejections carry the limit
+ * and, the key's state being unknown, retry_after_ns and reset_ns of one
+ * window, as KEEL_LIMIT_FAIL_CLOSED answers. A store failure is not an
+ * error: see source. With Redis, a request that runs out of memory on its
+ * way there is a store failure too (nothing was consumed). */
 KEEL_API int keel_limiter_take(keel_limiter *l, const void *key, size_t len, uint64_t cost,
                                keel_limit_result *r);
 
@@ -160,7 +162,8 @@ typedef struct keel_limit_req {
  * memory together, which over many keys (slots out of the CPU's caches)
  * makes each decision several times cheaper than alone. Returns 0 when every request got an answer (see each
  * rc: with Redis, KEEL_ENOMEM in every one, nothing decided, when there is
- * no memory for the batch itself), else KEEL_EINVAL for bad arguments,
+ * no memory for the batch itself, each result then such a rejection,
+ * source KEEL_LIMIT_SRC_REDIS), else KEEL_EINVAL for bad arguments,
  * checked before anything. */
 KEEL_API int keel_limiter_take_many(keel_limiter *l, keel_limit_req *reqs, size_t n);
 

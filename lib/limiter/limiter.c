@@ -196,9 +196,13 @@ static void decide(keel_limiter *l, keel_limit_req *reqs, size_t n, lop op)
         return;
     }
     uint64_t one[1], *given = n == 1 ? one : keel__malloc(n * sizeof *given);
-    if (!given) { /* the costs could not be put back: decide nothing */
-        for (size_t i = 0; i < n; i++)
+    if (!given) { /* the costs could not be put back: decide nothing, and
+                   * answer a rejection the headers can carry, as fail-closed */
+        for (size_t i = 0; i < n; i++) {
             reqs[i].rc = KEEL_ENOMEM;
+            reqs[i].result = (keel_limit_result){.source = KEEL_LIMIT_SRC_REDIS, .limit = l->cfg.burst,
+                                                 .retry_after_ns = l->cfg.window, .reset_ns = l->cfg.window};
+        }
         return;
     }
     for (size_t i = 0; i < n; i++)

@@ -587,7 +587,12 @@ int keel__lstore_decide(lstore *st, const void *key, size_t len, uint64_t h, uin
         }
     }
     if (rc == KEEL_ENOMEM) {
+        /* a rejection the headers can carry: the limit, and a window to
+         * wait (the state is unknown), as fail-closed answers */
         r->allowed = 0;
+        r->limit = st->cfg.burst;
+        r->remaining = 0;
+        r->retry_after_ns = r->reset_ns = st->cfg.window;
         if (inserted && s) /* a new key whose sliding log could not start */
             remove_at(st, sh, (size_t)(s - sh->slots));
     }

@@ -403,6 +403,8 @@ void keel__rstore_decide(rstore *s, keel_limit_req *reqs, size_t n, lop op)
             memset(&q->result, 0, sizeof q->result);
             q->result.source = KEEL_LIMIT_SRC_REDIS;
             q->result.limit = s->cfg.algo == KEEL_LIMIT_GCRA ? s->cfg.burst : s->cfg.limit;
+            /* the state is unknown: a window to wait, as fail-closed */
+            q->result.retry_after_ns = q->result.reset_ns = s->cfg.window;
         }
         if (rep)
             freeReplyObject(rep);
