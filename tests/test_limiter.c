@@ -1780,6 +1780,29 @@ START_TEST(a_refused_script_is_a_rejection_headers_can_carry)
 }
 END_TEST
 
+/* The window's refund of a key that holds nothing stored p = 0, c = 0
+ * with an expiry: a key made for nothing, by any client that can refund. */
+START_TEST(a_window_refund_through_redis_stores_no_empty_key)
+{
+    rfix f;
+    rfix_open(&f, "wrefund", (keel_limiter_opts){.algo = KEEL_LIMIT_SLIDING_WINDOW, .limit = 5, .window_ns = 10 * S});
+    keel_limit_result r;
+    ck_assert_int_eq(keel_limiter_refund(f.l, "k", 1, 1, &r), 0);
+    ck_assert_int_eq(r.source, KEEL_LIMIT_SRC_REDIS);
+    ck_assert_uint_eq(r.remaining, 5);
+    ck_assert_int_eq(node0_number("EXISTS", f.k1), 0);
+    /* nor a key whose units all went back */
+    ck_assert(take(f.l, "k", 2, &r));
+    ck_assert_int_eq(node0_number("EXISTS", f.k1), 1);
+    ck_assert_int_eq(keel_limiter_refund(f.l, "k", 1, 2, &r), 0);
+    ck_assert_uint_eq(r.remaining, 5);
+    ck_assert_int_eq(node0_number("EXISTS", f.k1), 0);
+    ck_assert(take(f.l, "k", 5, &r));
+    ck_assert(!take(f.l, "k", 1, &r));
+    rfix_close(&f);
+}
+END_TEST
+
 typedef struct busy_job {
     char host[64];
     int port;
@@ -2152,6 +2175,7 @@ int main(void)
     tcase_add_test(rd, the_log_and_its_sum_expire_at_the_same_instant);
     tcase_add_test(rd, a_log_script_that_runs_past_its_keys_deadline_still_answers);
     tcase_add_test(rd, a_busy_server_is_a_store_failure);
+    tcase_add_test(rd, a_window_refund_through_redis_stores_no_empty_key);
     tcase_add_test(rd, a_refused_script_is_a_rejection_headers_can_carry);
     tcase_add_test(rd, scripts_come_back_after_a_flush_and_a_restart);
     tcase_add_test(rd, each_failure_policy_does_what_it_says);
