@@ -32,7 +32,10 @@
  * at most max_keys; time from the clock option. Through Redis (opts.redis):
  * one atomic Lua script per decision, run by EVALSHA with the Redis
  * server's TIME (so the clocks of application servers do not matter), keys
- * `prefix{#key}` so that one key's state stays on one node. When Redis is
+ * `prefix{#key}` so that one key's state stays on one node; Redis must
+ * never evict them (maxmemory-policy noeviction: every key the limiter
+ * writes has an expiry, so volatile-* policies may take them too; see
+ * keel_limiter(3)). When Redis is
  * unreachable or says it cannot serve (BUSY, LOADING, OOM, READONLY...),
  * on_store_error decides: fail open, fail closed, or decide in process
  * (this process's requests only: with N processes, up to N times the
