@@ -23,7 +23,7 @@
 #include <keel/redis.h>
 
 #include "harness.h"
-#include "hash.h" /* a key's L1 shard: keel_cache's hash, its top 5 bits */
+#include "cache/cache_int.h" /* a key's L1 shard: keel_cache's hash, its top 5 bits */
 
 #define MS KT_MS
 #define S KT_S
@@ -1556,7 +1556,7 @@ START_TEST(the_hot_set_survives_a_scan)
 }
 END_TEST
 
-static int m_shard(const void *k, size_t n) { return (int)(keel__hash64(k, n, 0x6b63) >> 59); }
+static int m_shard(keel_cache *c, const void *k, size_t n) { return (int)(keel__cache_key_hash(c, k, n) >> 59); }
 
 /* S3-FIFO makes room before it inserts: a value just set is not what its
  * own insert evicts, though the main FIFO holds older entries. */
@@ -1610,7 +1610,7 @@ START_TEST(a_set_is_not_evicted_by_its_own_insert)
     int i = 0;
     do
         snprintf(b, sizeof b, "b%d", i++);
-    while (m_shard(b, strlen(b)) != m_shard(a, 1));
+    while (m_shard(c, b, strlen(b)) != m_shard(c, a, 1));
     ck_assert_int_eq(keel_cache_set(c, a, 1, "old", 3, 0, NULL, 0), 0);
     ck_assert_int_eq(keel_cache_get(c, a, 1, v, sizeof v, &len), 0); /* used: it goes to the main FIFO */
     ck_assert_int_eq(keel_cache_set(c, b, strlen(b), "new", 3, 0, NULL, 0), 0);
@@ -1947,7 +1947,7 @@ static bool m_live(model *md, int i)
 static bool m_may_be_gone(model *md, int i)
 {
     ment *e = &md->m[i];
-    return e->maybe_gone || md->shard_ev[m_shard(md->keys[i].b, md->keys[i].n)] > e->shard_ev;
+    return e->maybe_gone || md->shard_ev[m_shard(md->c, md->keys[i].b, md->keys[i].n)] > e->shard_ev;
 }
 
 /* An entry: 31 bytes, key and value, 8-aligned, 16 of links, 16 a tag,
@@ -1958,11 +1958,11 @@ static size_t m_charge(size_t klen, size_t vlen, size_t ntags) { return 31 + kle
  * what may be in it (other keys: the old entry of i is replaced). */
 static bool m_full(model *md, int i, size_t charge)
 {
-    int sh = m_shard(md->keys[i].b, md->keys[i].n);
+    int sh = m_shard(md->c, md->keys[i].b, md->keys[i].n);
     size_t n = md->o.l1_max_items, share = n / 32 + ((size_t)sh < n % 32), items = 0, bytes = 0;
     size_t most = !n ? SIZE_MAX : share ? share : 1; /* as keel_cache_opts says */
     for (int j = 0; j < MK; j++)
-        if (j != i && md->m[j].present && m_shard(md->keys[j].b, md->keys[j].n) == sh) {
+        if (j != i && md->m[j].present && m_shard(md->c, md->keys[j].b, md->keys[j].n) == sh) {
             items++;
             bytes += md->m[j].most;
         }
@@ -2045,7 +2045,7 @@ static void m_get(model *md)
     static unsigned char buf[3200];
     size_t cap = m_below(md, 4) == 0 ? m_below(md, 40) : sizeof buf, len = 12345;
     int calls = atomic_load(&md->calls);
-    uint64_t ev = m_evictions(md), sev = md->shard_ev[m_shard(k->b, k->n)];
+    uint64_t ev = m_evictions(md), sev = md->shard_ev[m_shard(md->c, k->b, k->n)];
     unsigned char lv[40];
     bool full = m_key_ok(md, k->n) && m_full(md, i, m_charge(k->n, m_loaded(k->b, k->n, 0, lv), 0));
     int rc = keel_cache_get(md->c, k->b, k->n, cap ? buf : NULL, cap, &len);
@@ -2057,9 +2057,9 @@ static void m_get(model *md)
     MCHECK(md, atomic_load(&md->calls) - calls <= 1, "%d loads for one get", atomic_load(&md->calls) - calls);
     if (m_evictions(md) != ev) {
         MCHECK(md, loads && full, "key %d: a get evicted, its shard not full", i);
-        md->shard_ev[m_shard(k->b, k->n)]++;
+        md->shard_ev[m_shard(md->c, k->b, k->n)]++;
     }
-    sev = md->shard_ev[m_shard(k->b, k->n)]; /* a load evicts others only */
+    sev = md->shard_ev[m_shard(md->c, k->b, k->n)]; /* a load evicts others only */
     m_answer(md, i, rc, buf, cap, len, loads, atomic_load(&md->calls), sev);
 }
 
@@ -2093,11 +2093,11 @@ static void m_get_many(model *md)
     uint64_t ev = m_evictions(md);
     uint64_t sev[N];
     for (size_t j = 0; j < n; j++)
-        sev[j] = md->shard_ev[m_shard(it[j].key, it[j].klen)];
+        sev[j] = md->shard_ev[m_shard(md->c, it[j].key, it[j].klen)];
     int rc = keel_cache_get_many(md->c, it, n);
     if (m_evictions(md) != ev) /* some load evicted: in any of their shards */
         for (size_t j = 0; j < n; j++)
-            md->shard_ev[m_shard(it[j].key, it[j].klen)]++;
+            md->shard_ev[m_shard(md->c, it[j].key, it[j].klen)]++;
     int first = 0, loads = 0;
     /* in order: an item loaded is what a later one of its key finds */
     for (size_t j = 0; j < n; j++) {
@@ -2164,7 +2164,7 @@ static void m_set(model *md)
     }
     int calls = atomic_load(&md->calls);
     uint64_t ev = m_evictions(md);
-    int sh = m_shard(k->b, k->n);
+    int sh = m_shard(md->c, k->b, k->n);
     uint64_t sev = md->shard_ev[sh];
     size_t most = m_charge(k->n, vlen, ntags);
     bool full = m_key_ok(md, k->n) && m_full(md, i, most);

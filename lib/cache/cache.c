@@ -108,12 +108,16 @@ struct keel_cache {
         _Atomic uint64_t invalidations_received, flushes, errors[2];
     } st;
     lookup_stats lk[KEEL__STRIPES];
+    uint64_t seed; /* key_hash()'s */
 };
 
 static lookup_stats *my_stripe(keel_cache *c) { return &c->lk[keel__stripe()]; }
 
 static uint64_t now_ns(keel_cache *c) { return keel__clock_now(&c->clock); }
-static uint64_t key_hash(const void *k, size_t n) { return keel__hash64(k, n, 0x6b63); }
+/* Keys may come from clients, and the hash chooses L1's shard and bucket:
+ * with a seed known to all, keys found offline would share one chain. */
+static uint64_t key_hash(const keel_cache *c, const void *k, size_t n) { return keel__hash64(k, n, c->seed); }
+uint64_t keel__cache_key_hash(const keel_cache *c, const void *key, size_t klen) { return key_hash(c, key, klen); }
 
 static _Atomic uint64_t *kepoch_of(keel_cache *c, uint64_t h) { return &c->kepoch[h >> 54]; }
 
@@ -698,7 +702,7 @@ static uint64_t invalidated(keel_cache *c, const void *key, size_t klen, bool pr
     uint64_t epoch;
     if (key && !prefix) { /* c->epoch read first: one that moves meanwhile is not in it */
         uint64_t all = atomic_load(&c->epoch);
-        epoch = all + atomic_fetch_add(kepoch_of(c, key_hash(key, klen)), 1) + 1;
+        epoch = all + atomic_fetch_add(kepoch_of(c, key_hash(c, key, klen)), 1) + 1;
     } else {
         epoch = atomic_fetch_add(&c->epoch, 1) + 1;
     }
@@ -1125,7 +1129,7 @@ KEEL_API int keel_cache_get(keel_cache *c, const void *key, size_t klen, void *b
 {
     if (!c || !key_ok(c, key, klen) || !len || (cap && !buf))
         return KEEL_EINVAL;
-    uint64_t h = key_hash(key, klen);
+    uint64_t h = key_hash(c, key, klen);
     l1_hit hit;
     int rc = keel__l1_get(c->l1, key, klen, h, buf, cap, len, &hit);
     bool stale_ok = false;
@@ -1208,7 +1212,7 @@ static int l2_get_many(keel_cache *c, keel_cache_item *it, size_t n)
                     continue;
                 argv[k + 1] = kb;
                 lens[k + 1] = kl;
-                hs[k] = key_hash(it[from].key, it[from].klen);
+                hs[k] = key_hash(c, it[from].key, it[from].klen);
                 seen[k] = seen_of(c, hs[k]); /* before the read */
                 idx[k++] = from;
             }
@@ -1256,7 +1260,7 @@ static int l2_get_many(keel_cache *c, keel_cache_item *it, size_t n)
 static int l1_item(keel_cache *c, keel_cache_item *x, bool *negative)
 {
     l1_hit hit;
-    x->rc = keel__l1_get(c->l1, x->key, x->klen, key_hash(x->key, x->klen), x->buf, x->cap, &x->len, &hit);
+    x->rc = keel__l1_get(c->l1, x->key, x->klen, key_hash(c, x->key, x->klen), x->buf, x->cap, &x->len, &hit);
     *negative = (x->rc == 0 || x->rc == KEEL_ERANGE) && hit.negative;
     if (*negative)
         x->rc = KEEL_ENOTFOUND;
@@ -1300,7 +1304,7 @@ KEEL_API int keel_cache_get_many(keel_cache *c, keel_cache_item *items, size_t n
         bool asked = x->rc == KEEL_ENOTFOUND, negative;
         /* L1 again: a key given twice was found or loaded for the first */
         if (x->len == SIZE_MAX && l1_item(c, x, &negative) == KEEL_ENOTFOUND && !negative)
-            x->rc = miss(c, x->key, x->klen, key_hash(x->key, x->klen), !asked, false, x->buf, x->cap, &x->len);
+            x->rc = miss(c, x->key, x->klen, key_hash(c, x->key, x->klen), !asked, false, x->buf, x->cap, &x->len);
         if (x->rc != 0 && x->len == SIZE_MAX)
             x->len = 0;
         if (!first)
@@ -1314,7 +1318,7 @@ KEEL_API int keel_cache_set(keel_cache *c, const void *key, size_t klen, const v
 {
     if (!c || !key_ok(c, key, klen) || (vlen && !val) || vlen > c->o.max_value || !good_tags(tags, ntags))
         return KEEL_EINVAL;
-    uint64_t h = key_hash(key, klen);
+    uint64_t h = key_hash(c, key, klen);
     int rc = write_through(c, key, klen, h, val, vlen, ttl_ns ? ttl_ns : c->o.default_ttl_ns, tags, ntags);
     announce(c, 'K', key, klen);
     return rc;
@@ -1324,7 +1328,7 @@ KEEL_API int keel_cache_del(keel_cache *c, const void *key, size_t klen)
 {
     if (!c || !key_ok(c, key, klen))
         return KEEL_EINVAL;
-    uint64_t h = key_hash(key, klen);
+    uint64_t h = key_hash(c, key, klen);
     invalidated(c, key, klen, false);
     keel__l1_del(c->l1, key, klen, h);
     int first = 0, rc; /* tried even when failing: a delete must not be skipped */
@@ -1558,7 +1562,7 @@ static void on_message(const char *channel, size_t chlen, const char *msg, size_
     atomic_fetch_add_explicit(&c->st.invalidations_received, 1, memory_order_relaxed);
     if (msg[ID_LEN] == 'K' && n) {
         invalidated(c, p, n, false);
-        keel__l1_del(c->l1, p, n, key_hash(p, n));
+        keel__l1_del(c->l1, p, n, key_hash(c, p, n));
     } else if (msg[ID_LEN] == 'T' && n && n <= CACHE_MAX_TAG) {
         char tag[CACHE_MAX_TAG + 1];
         memcpy(tag, p, n);
@@ -1728,6 +1732,7 @@ KEEL_API int keel_cache_create(keel_cache **out, const keel_cache_opts *opts)
     memset(c, 0, sizeof *c);
     c->o = o;
     c->clock = (keel__clock){o.clock, o.clock_ud};
+    c->seed = keel_rand_u64(NULL); /* seeded from getrandom(2) */
     pthread_mutex_init(&c->fl_mu, NULL);
     pthread_mutex_init(&c->sweep_mu, NULL);
     pthread_condattr_t ca;

@@ -69,4 +69,8 @@ void keel__l1_del_prefix(l1 *c, const void *prefix, size_t len);
 void keel__l1_flush(l1 *c);
 void keel__l1_stats(l1 *c, l1_stats *st);
 
+/* A key's hash in cache c (its own random seed): L1's shard is the top
+ * five bits. For the tests' model. */
+uint64_t keel__cache_key_hash(const keel_cache *c, const void *key, size_t klen);
+
 #endif

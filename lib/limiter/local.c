@@ -29,7 +29,6 @@
 #define _GNU_SOURCE
 #include <sched.h>
 #include <string.h>
-#include <sys/random.h>
 
 #include "../hash.h"
 #include "limiter_int.h"
@@ -499,9 +498,7 @@ int keel__lstore_create(lstore **out, const lcfg *cfg, size_t max_keys, const ke
     st->by_limit = keel__ldivisor(cfg->limit);
     st->by_window = keel__ldivisor(cfg->window);
     st->clock = *clock;
-    /* never blocks: early in boot, time and address still differ per store */
-    if (getrandom(&st->seed, sizeof st->seed, GRND_NONBLOCK) != (ssize_t)sizeof st->seed)
-        st->seed = keel_now_ns() ^ keel_wall_ns() ^ (uint64_t)(uintptr_t)st;
+    st->seed = keel_rand_u64(NULL); /* seeded from getrandom(2) */
     size_t n = 64;
     while (n > 1 && max_keys / n < 64) /* small limiters: fewer, fuller shards */
         n /= 2;
