@@ -1080,16 +1080,78 @@ START_TEST(a_restarted_server_is_survived)
     kt_server("stop-one", "redis1");
     kt_server("start-one", "redis1");
     redisReply *rep;
-    /* the first call finds its connection dead and skips the node... */
-    ck_assert_int_eq(cmd(r, "k", &rep, 1, "PING"), KEEL_EUNAVAIL);
-    ck_assert_int_eq(cmd(r, "k", &rep, 1, "PING"), KEEL_EUNAVAIL);
-    /* ...and the probe after fail_timeout does not take another stale
-     * connection: it connects afresh and the node is back */
-    kt_clock_advance(&clk, 11 * KT_S);
+    /* the server closed the four on its way down: none is taken, the first
+     * call connects afresh, and the node was never failed (max_fails 1,
+     * and the clock stands still: a skip would last) */
     for (int i = 0; i < 10; i++) {
         ck_assert_int_eq(cmd(r, "k", &rep, 1, "PING"), 0);
         freeReplyObject(rep);
     }
+    keel_redis_node_stats_get(r, 0, &st);
+    ck_assert_uint_eq(st.unavailable, 0);
+    ck_assert_uint_eq(st.connects, 5);
+    keel_redis_destroy(r);
+}
+END_TEST
+
+/* Normal clients connected to a node, seen from a raw context (itself
+ * included). */
+static long long clients_on(redisContext *c)
+{
+    redisReply *rep = redisCommand(c, "CLIENT LIST TYPE normal");
+    ck_assert(rep && rep->type == REDIS_REPLY_STRING);
+    long long n = 0;
+    for (const char *p = rep->str; (p = strchr(p, '\n')) != NULL; p++)
+        n++;
+    freeReplyObject(rep);
+    return n;
+}
+
+/* A server closes idle clients (its `timeout`, CLIENT KILL, a NAT that
+ * forgets the link): the pool must not hand out a socket the server closed
+ * and count the node failed for it, nor call a write unavailable that
+ * never ran. */
+START_TEST(idle_connections_the_server_closed_are_not_failures)
+{
+    node_urls(NULL);
+    keel_redis *r;
+    keel_redis_opts o = {.nodes = url_ptrs, .nnodes = 1, .command_timeout_ns = 300 * MS,
+                         .max_fails = 1};
+    ck_assert_int_eq(keel_redis_create(&r, &o), 0);
+    redisReply *rep;
+    pthread_barrier_t b;
+    pthread_barrier_init(&b, NULL, 4);
+    pthread_t t[4];
+    warm_job j = {r, &b};
+    for (int i = 0; i < 4; i++)
+        pthread_create(&t[i], NULL, hold_one, &j);
+    for (int i = 0; i < 4; i++)
+        pthread_join(t[i], NULL);
+    pthread_barrier_destroy(&b);
+    keel_redis_node_stats st;
+    keel_redis_node_stats_get(r, 0, &st);
+    ck_assert_uint_eq(st.connects, 4);
+
+    redisContext *c = direct(0);
+    freeReplyObject(redisCommand(c, "DEL kt:idle"));
+    ck_assert_int_eq(clients_on(c), 5);
+    freeReplyObject(redisCommand(c, "CLIENT KILL TYPE normal SKIPME yes"));
+    for (int i = 0; clients_on(c) > 1; i++) {
+        ck_assert_int_lt(i, 1000);
+        kt_nap(MS);
+    }
+    redisFree(c);
+    for (int i = 1; i <= 4; i++) {
+        int rc = cmd(r, "kt:idle", &rep, 2, "INCR", "kt:idle");
+        ck_assert_msg(rc == 0, "INCR %d: %s", i, keel_strerror(rc));
+        ck_assert_int_eq(rep->integer, i); /* each ran, and once */
+        freeReplyObject(rep);
+    }
+    keel_redis_node_stats_get(r, 0, &st);
+    ck_assert_uint_eq(st.unavailable, 0);
+    ck_assert_uint_eq(st.fails, 0);
+    ck_assert_int_eq(st.skipped, 0);
+    ck_assert_uint_eq(st.connects, 5); /* the dead four dropped, one new one */
     keel_redis_destroy(r);
 }
 END_TEST
@@ -1242,6 +1304,7 @@ int main(void)
     tcase_add_test(tc, a_script_failing_with_its_own_noscript_error_runs_once);
     tcase_add_test(tc, the_write_guard_swallows_our_sigpipe_and_keeps_the_programs);
     tcase_add_test(tc, a_restarted_server_is_survived);
+    tcase_add_test(tc, idle_connections_the_server_closed_are_not_failures);
     suite_add_tcase(s, tc);
 
     /* real time against a 200 ms heartbeat: not under valgrind */

@@ -24,7 +24,9 @@
  * a count window of max_fails calls tripping at 100% failures, one
  * half-open permit. Before any node is skipped, connections
  * made before its last failure are dropped unused, so the probe after a
- * restart connects afresh. A server that does not answer within the
+ * restart connects afresh. An idle connection that the server closed (its
+ * `timeout`, CLIENT KILL, a restart) is dropped when next taken, unused
+ * and not counted as a failure: the call takes another or connects. A server that does not answer within the
  * command timeout gives KEEL_ETIMEDOUT; an error reply gives KEEL_EBACKEND,
  * with the reply (and so its text) returned and the text logged. A new
  * connection whose AUTH or SELECT is refused makes the node unusable:

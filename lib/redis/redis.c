@@ -20,6 +20,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <poll.h>
 #include <pthread.h>
 #include <sha1.h>
 #include <signal.h>
@@ -336,6 +337,7 @@ static int conn_init(void *obj, void *ud)
     rnode *n = ud;
     rconn *c = obj;
     c->gen = atomic_load(&n->gen);
+    c->used = false;
     int rc = keel__redis_connect(n, &c->c);
     return rc == KEEL_ETIMEDOUT ? SETUP_TIMEOUT : rc;
 }
@@ -379,6 +381,17 @@ static void node_result(rnode *n, int rc)
     keel_breaker_on_result(n->health, keel__clock_now(&n->r->clock), 0, failed);
 }
 
+/* An idle connection the server closed (its `timeout`, CLIENT KILL, a
+ * restart): with RESP2 and no pub/sub on pooled connections the server
+ * says nothing unasked, so a readable idle socket can only be at its end
+ * or in error. Only idle ones are asked: a fresh one that a server closed
+ * at once (maxclients) must fail its call, not be made again forever. */
+static bool idle_conn_closed(const rconn *c)
+{
+    struct pollfd p = {.fd = c->c->fd, .events = POLLIN};
+    return c->used && poll(&p, 1, 0) != 0; /* -1 (EINTR) as well: say dead, make another */
+}
+
 /* Runs fn(context, arg) on a connection of n: the whole life of one call. */
 static int with_conn(rnode *n, int (*fn)(redisContext *c, void *arg), void *arg)
 {
@@ -390,9 +403,10 @@ static int with_conn(rnode *n, int (*fn)(redisContext *c, void *arg), void *arg)
     rconn *c;
     int rc;
     /* A connection made before the node last failed is dropped unused:
-     * after a restart, the probe must not fail on a stale socket. */
+     * after a restart, the probe must not fail on a stale socket. One the
+     * server closed while it idled is no failure of the node either. */
     while ((rc = keel_pool_acquire_timeout(n->pool, r->cmd_timeout, (void **)&c)) == 0 &&
-           c->gen != atomic_load(&n->gen))
+           (c->gen != atomic_load(&n->gen) || idle_conn_closed(c)))
         keel_pool_discard(n->pool, c);
     if (rc) { /* every connection busy (ETIMEDOUT), or a connect failed */
         if (rc == SETUP_TIMEOUT) {
@@ -409,6 +423,7 @@ static int with_conn(rnode *n, int (*fn)(redisContext *c, void *arg), void *arg)
     rc = fn(c->c, arg);
     keel__sigpipe_restore(&sp, c->c);
     atomic_fetch_add_explicit(&n->commands, 1, memory_order_relaxed);
+    c->used = true;
     if (c->c->err) /* the context saw an error: never reuse it */
         keel_pool_discard(n->pool, c);
     else

@@ -23,6 +23,7 @@ typedef struct keel__rurl {
 typedef struct rconn {
     redisContext *c;
     uint64_t gen; /* the node's generation when connected */
+    bool used;    /* went back to the pool after a call: may have idled */
 } rconn;
 
 typedef struct rnode {
