@@ -1187,6 +1187,38 @@ START_TEST(a_unix_socket_and_a_database)
 }
 END_TEST
 
+/* AUTH over a unix socket: unix://user:password@/path. */
+START_TEST(auth_over_a_unix_socket)
+{
+    redisContext *c = direct(0);
+    freeReplyObject(redisCommand(c, "ACL SETUSER kt-unix on >kt-unix-pw ~* &* +@all"));
+    char url[2][300];
+    const char *u[2] = {url[0], url[1]};
+    snprintf(url[0], sizeof url[0], "unix://kt-unix:kt-unix%%2Dpw@%s/redis1/redis.sock", kt_env("KEEL_TEST_DIR"));
+    snprintf(url[1], sizeof url[1], "unix://kt-unix:wrong@%s/redis1/redis.sock", kt_env("KEEL_TEST_DIR"));
+    for (int i = 0; i < 2; i++) {
+        keel_redis *r;
+        keel_redis_opts o = {.nodes = &u[i], .nnodes = 1, .command_timeout_ns = 500 * MS};
+        ck_assert_int_eq(keel_redis_create(&r, &o), 0);
+        redisReply *rep = NULL;
+        keel_set_log(capture_log, KEEL_LOG_ERROR, NULL);
+        int rc = cmd(r, NULL, &rep, 2, "ACL", "WHOAMI");
+        keel_set_log(NULL, KEEL_LOG_ERROR, NULL);
+        if (i == 0) {
+            ck_assert_msg(rc == 0, "%s", keel_strerror(rc));
+            ck_assert_str_eq(rep->str, "kt-unix"); /* not the default user */
+            freeReplyObject(rep);
+        } else {
+            ck_assert_int_eq(rc, KEEL_EUNAVAIL);
+            ck_assert_ptr_null(rep);
+        }
+        keel_redis_destroy(r);
+    }
+    freeReplyObject(redisCommand(c, "ACL DELUSER kt-unix"));
+    redisFree(c);
+}
+END_TEST
+
 START_TEST(malformed_urls_are_refused)
 {
     const char *bad[] = {
@@ -1226,6 +1258,32 @@ START_TEST(malformed_urls_are_refused)
     ck_assert_str_eq(u.user, "u:x");
     ck_assert_str_eq(u.pass, "p%");
     keel__redis_url_free(&u);
+    /* a unix socket takes credentials too, and its path is percent-decoded */
+    ck_assert_int_eq(keel__redis_url("unix://u%40x:p%2F@/tmp/a%20b.sock?db=3", &u), 0);
+    ck_assert_str_eq(u.user, "u@x");
+    ck_assert_str_eq(u.pass, "p/");
+    ck_assert_str_eq(u.path, "/tmp/a b.sock");
+    ck_assert_int_eq(u.db, 3);
+    keel__redis_url_free(&u);
+    ck_assert_int_eq(keel__redis_url("unix://:p@ss@/tmp/s", &u), 0);
+    ck_assert_ptr_null(u.user);
+    ck_assert_str_eq(u.pass, "p@ss");
+    ck_assert_str_eq(u.path, "/tmp/s");
+    keel__redis_url_free(&u);
+    ck_assert_int_eq(keel__redis_url("unix://secret@/tmp/s", &u), 0);
+    ck_assert_ptr_null(u.user);
+    ck_assert_str_eq(u.pass, "secret");
+    keel__redis_url_free(&u);
+    ck_assert_int_eq(keel__redis_url("unix://:@/tmp/s", &u), 0);
+    ck_assert_ptr_null(u.pass);
+    ck_assert_str_eq(u.path, "/tmp/s");
+    keel__redis_url_free(&u);
+    const char *bad_unix[] = {"unix://pw/tmp/s", "unix://:pw@tmp/s", "unix://:pw@", "unix:///tmp/a%00b",
+                              "unix:///tmp/%zz", "unix://:p%00@/tmp/s", "unix://:p@/", "unix://:p@/tmp/s?db=x"};
+    for (size_t i = 0; i < sizeof bad_unix / sizeof bad_unix[0]; i++) {
+        ck_assert_msg(keel__redis_url(bad_unix[i], &u) == KEEL_EINVAL, "accepted %s", bad_unix[i]);
+        keel__redis_url_free(&u);
+    }
     const char *dup[] = {"redis://h:1", "redis://h:1"};
     keel_redis_opts od = {.nodes = dup, .nnodes = 2};
     ck_assert_int_eq(keel_redis_create(&r, &od), KEEL_EINVAL);
@@ -1285,6 +1343,7 @@ int main(void)
     tcase_add_test(tc, malformed_urls_are_refused);
     tcase_add_test(tc, a_script_with_a_null_key_or_argument_is_refused);
     tcase_add_test(tc, a_unix_socket_and_a_database);
+    tcase_add_test(tc, auth_over_a_unix_socket);
     tcase_add_test(tc, binary_keys_and_values_round_trip);
     tcase_add_test(tc, keys_land_on_the_node_the_ring_says);
     tcase_add_test(tc, pipeline_replies_come_back_in_order);

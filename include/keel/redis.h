@@ -4,7 +4,9 @@
  * skipped while they fail.
  *
  * Nodes are given as URLs: redis://[[user]:password@]host[:port][/db]
- * (port 6379 and db 0 by default) or unix:///path/to/socket[?db=N]. With
+ * (port 6379 and db 0 by default) or
+ * unix://[[user]:password@]/path/to/socket[?db=N]; user, password and
+ * socket path are percent-decoded (%40 for @, %3F for ?; %00 refused). With
  * several nodes, the routing key of each command picks the node through a
  * consistent hash ring (KEEL_RING_CONTINUUM, node names "host:port",
  * weight 1; keel_redis_node_of() says which); a key with a hash tag,

@@ -82,7 +82,7 @@ static int hex_digit(char c)
                                   : -1;
 }
 
-/* Percent-decoding for the user and password parts: %XX with two hex
+/* Percent-decoding for the user, password and socket path: %XX with two hex
  * digits, never %00 (they travel as C strings). KEEL_EINVAL for a bad
  * escape. */
 static int dup_decoded(const char *s, size_t n, char **out)
@@ -119,22 +119,46 @@ static bool host_ok(const char *h, size_t n)
     return n > 0;
 }
 
+/* The credentials p[0..auth_end): [user]:password or password alone. */
+static int parse_auth(const char *p, const char *auth_end, keel__rurl *u)
+{
+    const char *colon = memchr(p, ':', (size_t)(auth_end - p));
+    const char *pw = colon ? colon + 1 : p;
+    int rc = 0;
+    if (colon && colon > p)
+        rc = dup_decoded(p, (size_t)(colon - p), &u->user);
+    if (rc == 0 && (u->user || auth_end > pw)) /* ":@" alone: no AUTH */
+        rc = dup_decoded(pw, (size_t)(auth_end - pw), &u->pass);
+    return rc;
+}
+
+/* unix://[[user]:password@]/path[?db=N]: the path begins at the first '/',
+ * so the credentials end at the '@' right before it. */
+static int parse_unix(const char *p, keel__rurl *u)
+{
+    const char *path = strchr(p, '/');
+    if (!path || (path > p && path[-1] != '@'))
+        return KEEL_EINVAL; /* no path, or something else before it */
+    int rc = path > p ? parse_auth(p, path - 1, u) : 0;
+    if (rc)
+        return rc;
+    const char *q = strchr(path, '?');
+    if (q && (strncmp(q, "?db=", 4) != 0 || (u->db = (int)parse_num(q + 4, strlen(q + 4), 0, 65535)) < 0))
+        return KEEL_EINVAL;
+    if ((rc = dup_decoded(path, q ? (size_t)(q - path) : strlen(path), &u->path)) != 0)
+        return rc;
+    if (strlen(u->path) < 2 || strlen(u->path) >= sizeof(((struct sockaddr_un *)0)->sun_path))
+        return KEEL_EINVAL; /* "/" is no socket; a longer path would be cut short by the connect */
+    return 0;
+}
+
 int keel__redis_url(const char *url, keel__rurl *u)
 {
     memset(u, 0, sizeof *u);
     if (!url)
         return KEEL_EINVAL;
-    if (strncmp(url, "unix://", 7) == 0) {
-        const char *path = url + 7, *q = strchr(path, '?');
-        size_t plen = q ? (size_t)(q - path) : strlen(path);
-        if (plen == 0 || path[0] != '/' || plen >= sizeof(((struct sockaddr_un *)0)->sun_path))
-            return KEEL_EINVAL; /* a longer path would be cut short by the connect */
-        if (q) {
-            if (strncmp(q, "?db=", 4) != 0 || (u->db = (int)parse_num(q + 4, strlen(q + 4), 0, 65535)) < 0)
-                return KEEL_EINVAL;
-        }
-        return (u->path = dup_n(path, plen)) ? 0 : KEEL_ENOMEM;
-    }
+    if (strncmp(url, "unix://", 7) == 0)
+        return parse_unix(url + 7, u);
     if (strncmp(url, "redis://", 8) != 0)
         return KEEL_EINVAL;
     const char *p = url + 8, *end = p + strlen(p);
@@ -144,13 +168,7 @@ int keel__redis_url(const char *url, keel__rurl *u)
         if (*q == '@')
             auth_end = q;
     if (auth_end) { /* [user]:password@ or password@ */
-        const char *colon = memchr(p, ':', (size_t)(auth_end - p));
-        const char *pw = colon ? colon + 1 : p;
-        int rc = 0;
-        if (colon && colon > p)
-            rc = dup_decoded(p, (size_t)(colon - p), &u->user);
-        if (rc == 0 && (u->user || auth_end > pw)) /* ":@" alone: no AUTH */
-            rc = dup_decoded(pw, (size_t)(auth_end - pw), &u->pass);
+        int rc = parse_auth(p, auth_end, u);
         if (rc)
             return rc;
         p = auth_end + 1;
