@@ -273,8 +273,26 @@ static void redis_scenario_nodes(int nodes, keel_metrics *m)
     keel_redis_destroy(r);
 }
 
+/* URLs are parsed with no server: every piece a copy, a malformed one
+ * refused as such only when memory allowed looking at it. */
+static void redis_urls_scenario(void)
+{
+    const char *urls[] = {"redis://u%3A:p%40@[::1]:7000/2", "unix://u:p%2F@/tmp/a%20b.sock?db=1"};
+    keel_redis_opts o = {.nodes = urls, .nnodes = 2};
+    keel_redis *r = NULL;
+    CALL(0, keel_redis_create(&r, &o));
+    keel_redis_destroy(r);
+    const char *bad[] = {"redis://[::1]x", "redis://[:]"};
+    for (int i = 0; i < 2; i++) {
+        o.nodes = &bad[i];
+        o.nnodes = 1;
+        CALL(KEEL_EINVAL, keel_redis_create(&r, &o));
+    }
+}
+
 static void redis_scenario(void)
 {
+    redis_urls_scenario();
     keel_metrics *m = registry(true);
     redis_scenario_nodes(1, m);
     redis_scenario_nodes(3, NULL);

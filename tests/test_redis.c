@@ -1226,7 +1226,9 @@ START_TEST(malformed_urls_are_refused)
         "redis://host:12ab", "redis://host:6379/x", "redis://host:6379/99999999", "unix://relative/path",
         "unix://", "unix:///tmp/s?db=x", "redis://[::1", "redis://[]:6379", "", NULL,
         "redis://:%zz@h", "redis://:%-1@h", "redis://:p%00x@h", "redis://:p%4@h", "redis://h st:6379",
-        "redis://[not-an-ip]:6379", "redis://h%41:1",
+        "redis://[not-an-ip]:6379", "redis://h%41:1", "redis://[:]", "redis://[:]:6379", "redis://[1::2::3]",
+        "redis://[fe80::1%25eth0]:6379", "redis://[::1]x", "redis://[::1]:", "redis://h/65536",
+        "redis://h/00000065536",
         "unix:///tmp/a-socket-path-longer-than-a-sockaddr_un-holds/.............................................................x.sock",
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
@@ -1257,6 +1259,15 @@ START_TEST(malformed_urls_are_refused)
     ck_assert_int_eq(keel__redis_url("redis://u%3Ax:p%25@h", &u), 0);
     ck_assert_str_eq(u.user, "u:x");
     ck_assert_str_eq(u.pass, "p%");
+    keel__redis_url_free(&u);
+    /* bracketed hosts are IPv6 addresses; numbers may have leading zeros */
+    ck_assert_int_eq(keel__redis_url("redis://[::ffff:1.2.3.4]:0006379/0000000000003", &u), 0);
+    ck_assert_str_eq(u.host, "::ffff:1.2.3.4");
+    ck_assert_int_eq(u.port, 6379);
+    ck_assert_int_eq(u.db, 3);
+    keel__redis_url_free(&u);
+    ck_assert_int_eq(keel__redis_url("unix:///tmp/s?db=0000000000065535", &u), 0);
+    ck_assert_int_eq(u.db, 65535);
     keel__redis_url_free(&u);
     /* a unix socket takes credentials too, and its path is percent-decoded */
     ck_assert_int_eq(keel__redis_url("unix://u%40x:p%2F@/tmp/a%20b.sock?db=3", &u), 0);

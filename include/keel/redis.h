@@ -6,7 +6,9 @@
  * Nodes are given as URLs: redis://[[user]:password@]host[:port][/db]
  * (port 6379 and db 0 by default) or
  * unix://[[user]:password@]/path/to/socket[?db=N]; user, password and
- * socket path are percent-decoded (%40 for @, %3F for ?; %00 refused). With
+ * socket path are percent-decoded (%40 for @, %3F for ?; %00 refused), a
+ * bracketed host must be an IPv6 address without a zone (no %25eth0),
+ * and the db is 0..65535 (leading zeros allowed). With
  * several nodes, the routing key of each command picks the node through a
  * consistent hash ring (KEEL_RING_CONTINUUM, node names "host:port",
  * weight 1; keel_redis_node_of() says which); a key with a hash tag,
@@ -155,8 +157,11 @@ KEEL_API const char *keel_redis_script_sha(const keel_redis_script *s);
  * NULL, with length 0, for the first node). A server that lost the script
  * (NOSCRIPT: a restart, SCRIPT FLUSH) gets the call once more as EVAL with
  * the script's text, which caches it again and cannot answer NOSCRIPT:
- * callers never see it (an error the script raises itself is its answer,
- * whatever its text). Returns as keel_redis_command(). */
+ * callers never see it. An error the script raises itself is its answer,
+ * unless its text begins as the server's own "NOSCRIPT No matching
+ * script": then the script runs a second time, as EVAL (the rest of the
+ * server's message is not compared, so that another wording of it is
+ * still understood). Returns as keel_redis_command(). */
 KEEL_API int keel_redis_eval(keel_redis *r, keel_redis_script *s, size_t nkeys,
                              const void *const *keys, const size_t *keylens, size_t nargs,
                              const char *const *args, const size_t *arglens, const void *route,

@@ -19,6 +19,7 @@
  * not probe it together.
  */
 #define _GNU_SOURCE
+#include <arpa/inet.h>
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
@@ -53,10 +54,15 @@ static bool all_digits(const char *s, size_t n)
     return true;
 }
 
-/* A decimal in [lo, hi] made of s[0..n), else -1. */
+/* A decimal in [lo, hi] made of s[0..n), else -1. Leading zeros are
+ * dropped first: only nine significant digits fit. */
 static long parse_num(const char *s, size_t n, long lo, long hi)
 {
-    if (!all_digits(s, n) || n > 9)
+    if (!all_digits(s, n))
+        return -1;
+    while (n > 1 && *s == '0')
+        s++, n--;
+    if (n > 9)
         return -1;
     long v = 0;
     for (size_t i = 0; i < n; i++)
@@ -174,14 +180,15 @@ int keel__redis_url(const char *url, keel__rurl *u)
         p = auth_end + 1;
     }
     const char *hend = slash ? slash : end, *port = NULL;
-    if (*p == '[') { /* [IPv6] */
+    if (*p == '[') { /* [IPv6], without a zone (no %25eth0) */
         const char *rb = memchr(p, ']', (size_t)(hend - p));
-        if (!rb || !memchr(p + 1, ':', (size_t)(rb - p - 1)))
+        struct in6_addr a6;
+        if (!rb)
+            return KEEL_EINVAL;
+        if (!(u->host = dup_n(p + 1, (size_t)(rb - p - 1))))
+            return KEEL_ENOMEM;
+        if (inet_pton(AF_INET6, u->host, &a6) != 1)
             return KEEL_EINVAL; /* not an IPv6 address */
-        for (const char *q = p + 1; q < rb; q++)
-            if (hex_digit(*q) < 0 && *q != ':' && *q != '.')
-                return KEEL_EINVAL;
-        u->host = dup_n(p + 1, (size_t)(rb - p - 1));
         if (rb + 1 < hend) {
             if (rb[1] != ':')
                 return KEEL_EINVAL;
