@@ -13,8 +13,9 @@
  * reuses its record, so memory grows only with the number of distinct
  * names a ring has ever held.
  *
- * CONTINUUM and KETAMA share the continuum: 32-bit points sorted by (value,
- * node index), and an index of the top `bits` bits of the hash that gives
+ * CONTINUUM and KETAMA share the continuum: 32-bit points sorted by value,
+ * ties by a rank of their nodes fixed at build time (see build_continuum),
+ * and an index of the top `bits` bits of the hash that gives
  * the first point of each bucket, so that a lookup reads one index entry
  * and scans, on average, less than one point.
  */
@@ -197,6 +198,35 @@ static int build_index(snap *s)
     return 0;
 }
 
+typedef struct canon_ctx {
+    const snap *s;
+    const uint64_t *h;
+} canon_ctx;
+
+/* Nodes by the hash of their name, then the name: an order that does not
+ * depend on the order they were added in. */
+static int canon_cmp(const void *a, const void *b, void *ud)
+{
+    const canon_ctx *c = ud;
+    uint32_t i = *(const uint32_t *)a, j = *(const uint32_t *)b;
+    if (c->h[i] != c->h[j])
+        return c->h[i] < c->h[j] ? -1 : 1;
+    const node *x = c->s->nodes[i], *y = c->s->nodes[j];
+    int d = memcmp(x->name, y->name, x->len < y->len ? x->len : y->len);
+    return d ? d : (x->len > y->len) - (x->len < y->len);
+}
+
+/* canon[k] is the k-th node in that order; hs[i] gets node i's hash. */
+static void canon_order(const keel_ring *r, const snap *s, uint64_t *hs, uint32_t *canon)
+{
+    for (size_t i = 0; i < s->n; i++) {
+        hs[i] = keel__hash64(s->nodes[i]->name, s->nodes[i]->len, r->seed);
+        canon[i] = (uint32_t)i;
+    }
+    canon_ctx cc = {s, hs};
+    qsort_r(canon, s->n, sizeof *canon, canon_cmp, &cc);
+}
+
 /* Points per node for libmemcached's weighted ketama, in float as it does,
  * so that the same cluster sizes lose the same points (156, not 160, at
  * 25, 50, 100 nodes). */
@@ -226,8 +256,26 @@ static int build_continuum(const keel_ring *r, snap *s)
         return KEEL_EINVAL;
     if (total == 0) /* ketama: weights so small that nobody gets a point */
         return KEEL_EINVAL;
-    if (!(s->pts = keel__malloc(total * sizeof *s->pts)))
-        return KEEL_ENOMEM;
+    /* Points that share a value are sorted by the rank of their node:
+     * KETAMA's, as libmemcached's, is the order of addition; CONTINUUM's
+     * the canonical order, so that the order of addition does not matter.
+     * The sort sees ranks in place of node indexes; byrank maps back. */
+    uint32_t *byrank = keel__malloc(s->n * sizeof *byrank);
+    uint32_t *rank = keel__malloc(s->n * sizeof *rank);
+    uint64_t *hs = keel__malloc(s->n * sizeof *hs);
+    s->pts = keel__malloc(total * sizeof *s->pts);
+    int rc = 0;
+    if (!byrank || !rank || !hs || !s->pts) {
+        rc = KEEL_ENOMEM;
+        goto out;
+    }
+    if (r->algo == KEEL_RING_KETAMA)
+        for (size_t i = 0; i < s->n; i++)
+            byrank[i] = (uint32_t)i;
+    else
+        canon_order(r, s, hs, byrank);
+    for (size_t k = 0; k < s->n; k++)
+        rank[byrank[k]] = (uint32_t)k;
     size_t at = 0;
     for (size_t i = 0; i < s->n; i++) {
         const node *nd = s->nodes[i];
@@ -246,23 +294,30 @@ static int build_continuum(const keel_ring *r, snap *s)
                     const uint8_t *b = d + 4 * w;
                     s->pts[at].val = (uint32_t)b[0] | (uint32_t)b[1] << 8 |
                                      (uint32_t)b[2] << 16 | (uint32_t)b[3] << 24;
-                    s->pts[at].idx = (uint32_t)i;
+                    s->pts[at].idx = rank[i];
                 }
             }
         } else {
             /* The node's own points only: a splitmix64 sequence seeded by
              * the hash of its name. */
-            uint64_t h = keel__hash64(nd->name, nd->len, r->seed);
             size_t pts = (size_t)nd->weight * r->ppw;
             for (size_t p = 0; p < pts; p++, at++) {
-                s->pts[at].val = (uint32_t)(keel__mix64(h + p * 0x9e3779b97f4a7c15ull) >> 32);
-                s->pts[at].idx = (uint32_t)i;
+                s->pts[at].val = (uint32_t)(keel__mix64(hs[i] + p * 0x9e3779b97f4a7c15ull) >> 32);
+                s->pts[at].idx = rank[i];
             }
         }
     }
     s->npoints = total;
-    int rc = sort_points(s->pts, total);
-    return rc ? rc : build_index(s);
+    if ((rc = sort_points(s->pts, total)))
+        goto out;
+    for (size_t k = 0; k < total; k++)
+        s->pts[k].idx = byrank[s->pts[k].idx];
+    rc = build_index(s);
+out:
+    keel__free(byrank);
+    keel__free(rank);
+    keel__free(hs);
+    return rc;
 }
 
 static int build_jump(snap *s)
@@ -298,24 +353,6 @@ static int rank_desc(const void *a, const void *b, void *ud)
     return c->quota[i] < c->quota[j] ? 1 : c->quota[i] > c->quota[j] ? -1 : tie;
 }
 
-typedef struct canon_ctx {
-    const snap *s;
-    const uint64_t *h;
-} canon_ctx;
-
-/* Nodes by the hash of their name, then the name: an order that does not
- * depend on the order they were added in. */
-static int canon_cmp(const void *a, const void *b, void *ud)
-{
-    const canon_ctx *c = ud;
-    uint32_t i = *(const uint32_t *)a, j = *(const uint32_t *)b;
-    if (c->h[i] != c->h[j])
-        return c->h[i] < c->h[j] ? -1 : 1;
-    const node *x = c->s->nodes[i], *y = c->s->nodes[j];
-    int d = memcmp(x->name, y->name, x->len < y->len ? x->len : y->len);
-    return d ? d : (x->len > y->len) - (x->len < y->len);
-}
-
 /* Maglev population, weighted: each node gets a quota of entries in
  * proportion to its weight (at least one; largest remainders settle the
  * sum), then nodes with quota left take turns claiming the next free entry
@@ -342,12 +379,13 @@ static int build_maglev(const keel_ring *r, snap *s)
         rc = KEEL_ENOMEM;
         goto out;
     }
+    canon_order(r, s, hs, canon);
     uint64_t wsum = 0, given = 0;
     for (size_t i = 0; i < n; i++)
         wsum += s->nodes[i]->weight;
     for (size_t i = 0; i < n; i++) {
         const node *nd = s->nodes[i];
-        uint64_t h = hs[i] = keel__hash64(nd->name, nd->len, r->seed);
+        uint64_t h = hs[i];
         offset[i] = h % m;
         skip[i] = keel__mix64(h) % (m - 1) + 1;
         double exact = (double)m * nd->weight / (double)wsum;
@@ -362,10 +400,6 @@ static int build_maglev(const keel_ring *r, snap *s)
     /* Settle the sum at m: hand the rest out by largest remainder (fewer
      * than n entries), or take back from the largest quotas (only the
      * minimum of one can overshoot, by fewer than n). */
-    for (size_t i = 0; i < n; i++)
-        canon[i] = (uint32_t)i;
-    canon_ctx cc = {s, hs};
-    qsort_r(canon, n, sizeof *canon, canon_cmp, &cc);
     for (size_t k = 0; k < n; k++)
         pos[canon[k]] = (uint32_t)k;
     memcpy(turn, canon, n * sizeof *turn);

@@ -5,8 +5,10 @@
  *  KEEL_RING_CONTINUUM (the default) — a hash ring with points per node in
  *    proportion to its weight alone, hashed with XXH3. Removing a node moves
  *    only the keys it owned; adding one moves about 1/(N+1) of the keys, all
- *    to the new node. Lookup is O(1) on average (an index of the top bits of
- *    the hash in front of the sorted points).
+ *    to the new node. A point two nodes share goes to the one whose name
+ *    hashes lower, so the order nodes were added in does not matter.
+ *    Lookup is O(1) on average (an index of the top bits of the hash in
+ *    front of the sorted points).
  *  KEEL_RING_KETAMA — bit-exact with libmemcached's weighted ketama (and so
  *    twemproxy with `hash: md5`), quirks included, for clusters shared with
  *    clients in other languages. That is MEMCACHED_BEHAVIOR_KETAMA_WEIGHTED,
