@@ -51,6 +51,7 @@ typedef struct node {
     bool live;      /* in the ring (else retired); under r->mu */
     bool created;   /* allocated by the add_many call under way */
     uint64_t stamp; /* the add_many call that claimed it; under r->mu */
+    uint64_t seq;   /* when the name was first added: KETAMA's tie-break */
     _Atomic uint64_t load; /* assignments; LOAD_REMOVED once removed */
     uint64_t hash;  /* of the name, for the name table */
     size_t len;
@@ -88,6 +89,7 @@ struct keel_ring {
     _Atomic size_t count; /* cur's nodes: keel_ring_count() needs no read section */
     pthread_mutex_t mu; /* writers */
     uint64_t next_id;
+    uint64_t next_seq; /* of new name records */
     _Atomic uint64_t total; /* assignments on nodes in the ring */
     /* Every node record the ring has held, live or retired, by name (open
      * addressing). Retired records stay so that name pointers handed out
@@ -227,6 +229,13 @@ static void canon_order(const keel_ring *r, const snap *s, uint64_t *hs, uint32_
     qsort_r(canon, s->n, sizeof *canon, canon_cmp, &cc);
 }
 
+static int seq_cmp(const void *a, const void *b, void *ud)
+{
+    const snap *s = ud;
+    uint64_t x = s->nodes[*(const uint32_t *)a]->seq, y = s->nodes[*(const uint32_t *)b]->seq;
+    return (x > y) - (x < y);
+}
+
 /* Points per node for libmemcached's weighted ketama, in float as it does,
  * so that the same cluster sizes lose the same points (156, not 160, at
  * 25, 50, 100 nodes). */
@@ -256,10 +265,12 @@ static int build_continuum(const keel_ring *r, snap *s)
         return KEEL_EINVAL;
     if (total == 0) /* ketama: weights so small that nobody gets a point */
         return KEEL_EINVAL;
-    /* Points that share a value are sorted by the rank of their node:
-     * KETAMA's, as libmemcached's, is the order of addition; CONTINUUM's
-     * the canonical order, so that the order of addition does not matter.
-     * The sort sees ranks in place of node indexes; byrank maps back. */
+    /* Points that share a value are sorted by the rank of their node.
+     * KETAMA's is the order in which names were first added: libmemcached
+     * breaks ties by a server's place in its list, which an ejected server
+     * keeps when it comes back. CONTINUUM's is the canonical order, so that
+     * the order of addition does not matter. The sort sees ranks in place
+     * of node indexes; byrank maps back. */
     uint32_t *byrank = keel__malloc(s->n * sizeof *byrank);
     uint32_t *rank = keel__malloc(s->n * sizeof *rank);
     uint64_t *hs = keel__malloc(s->n * sizeof *hs);
@@ -269,10 +280,11 @@ static int build_continuum(const keel_ring *r, snap *s)
         rc = KEEL_ENOMEM;
         goto out;
     }
-    if (r->algo == KEEL_RING_KETAMA)
+    if (r->algo == KEEL_RING_KETAMA) {
         for (size_t i = 0; i < s->n; i++)
             byrank[i] = (uint32_t)i;
-    else
+        qsort_r(byrank, s->n, sizeof *byrank, seq_cmp, s);
+    } else
         canon_order(r, s, hs, byrank);
     for (size_t k = 0; k < s->n; k++)
         rank[byrank[k]] = (uint32_t)k;
@@ -907,6 +919,7 @@ KEEL_API int keel_ring_add_many(keel_ring *r, const keel_ring_node_spec *specs, 
             }
             nd->live = false;
             nd->created = true;
+            nd->seq = r->next_seq++; /* kept for good: a removed record stays */
             nd->hash = h;
             nd->len = specs[i].name_len;
             memcpy(nd->name, specs[i].name, nd->len);

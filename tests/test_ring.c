@@ -4,6 +4,7 @@
 #define _GNU_SOURCE
 #include <libmemcached/memcached.h>
 #include <math.h>
+#include <md5.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -129,6 +130,68 @@ START_TEST(ketama_matches_libmemcached_after_a_removal)
         keel_ring_lookup(r, key, (size_t)len, &nd);
         ck_assert_int_eq((int)nd.name_len, (int)strlen(memcached_server_name(want)));
         ck_assert(memcmp(nd.name, memcached_server_name(want), nd.name_len) == 0);
+    }
+    keel_ring_destroy(r);
+    memcached_free(m);
+}
+END_TEST
+
+/* The value of every point of a ketama node named `name` (libmemcached's
+ * "<name>-<n>" MD5 words); returns how many. */
+static int ketama_point_values(const char *name, int points, uint32_t *v)
+{
+    for (int q = 0; q < points / 4; q++) {
+        char b[96];
+        int l = snprintf(b, sizeof b, "%s-%d", name, q);
+        uint8_t d[MD5_DIGEST_LENGTH];
+        MD5_CTX c;
+        MD5Init(&c);
+        MD5Update(&c, (const uint8_t *)b, (size_t)l);
+        MD5Final(d, &c);
+        for (int w = 0; w < 4; w++)
+            v[4 * q + w] = (uint32_t)d[4 * w] | (uint32_t)d[4 * w + 1] << 8 |
+                           (uint32_t)d[4 * w + 2] << 16 | (uint32_t)d[4 * w + 3] << 24;
+    }
+    return points / 4 * 4;
+}
+
+START_TEST(ketama_keeps_a_returning_nodes_place_as_libmemcached)
+{
+    /* Of these 100 servers, c23-43 and c23-86 share a point, which goes
+     * to the one added first. libmemcached keeps an ejected server's
+     * place in its list, so when c23-43 comes back it wins the tie again;
+     * so must keel after a remove and an add of the same name. */
+    memcached_st *m = memcached_create(NULL);
+    memcached_behavior_set(m, MEMCACHED_BEHAVIOR_KETAMA_WEIGHTED, 1);
+    keel_ring *r = ring_new(KEEL_RING_KETAMA);
+    for (int i = 0; i < 100; i++) {
+        char host[32];
+        snprintf(host, sizeof host, "c23-%d.example", i);
+        ck_assert_int_eq(memcached_server_add_with_weight(m, host, 11211, 1), MEMCACHED_SUCCESS);
+        ck_assert_int_eq(keel_ring_add(r, host, strlen(host), 1, (void *)(intptr_t)i), 0);
+    }
+    uint32_t a[156], b[156]; /* 156 points each at 100 nodes */
+    int shared = 0;
+    for (int i = 0, n = ketama_point_values("c23-43.example", 156, a); i < n; i++)
+        for (int j = 0, k = ketama_point_values("c23-86.example", 156, b); j < k; j++)
+            shared += a[i] == b[j];
+    ck_assert_int_eq(shared, 1);
+    ck_assert_int_eq(keel_ring_remove(r, "c23-43.example", 14), 0);
+    ck_assert_int_eq(keel_ring_add(r, "c23-43.example", 14, 1, (void *)43), 0);
+    /* keys on the shared point (found by search), then ordinary keys */
+    static const char *const on_it[] = {"k212177", "k486425", "k671665", "k856859",
+                                        "k891710", "k896539", "k989495", "k1092408"};
+    for (int k = 0; k < 8 + 20000; k++) {
+        char key[32];
+        int len = k < 8 ? snprintf(key, sizeof key, "%s", on_it[k])
+                        : snprintf(key, sizeof key, "user:%d", k);
+        uint32_t want = memcached_generate_hash(m, key, (size_t)len);
+        if (k < 8)
+            ck_assert_uint_eq(want, 43);
+        keel_ring_node nd;
+        ck_assert_int_eq(keel_ring_lookup(r, key, (size_t)len, &nd), 0);
+        ck_assert_msg((uint32_t)(intptr_t)nd.ud == want, "%s: keel %d, libmemcached %u", key,
+                      (int)(intptr_t)nd.ud, want);
     }
     keel_ring_destroy(r);
     memcached_free(m);
@@ -849,6 +912,7 @@ int main(void)
     tc = tcase_create("ketama-edges");
     tcase_add_test(tc, ketama_matches_libmemcached_after_a_removal);
     tcase_add_test(tc, ketama_matches_libmemcached_with_the_longest_host_names);
+    tcase_add_test(tc, ketama_keeps_a_returning_nodes_place_as_libmemcached);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("large");
