@@ -136,6 +136,34 @@ START_TEST(ketama_matches_libmemcached_after_a_removal)
 }
 END_TEST
 
+START_TEST(ketama_matches_libmemcached_with_port_0_a_unix_socket_and_weight_0)
+{
+    /* named and weighted as keel_ring(3) says: port 0 is 11211, a socket
+     * is "path:0", weight 0 is 1 */
+    memcached_st *m = memcached_create(NULL);
+    memcached_behavior_set(m, MEMCACHED_BEHAVIOR_KETAMA_WEIGHTED, 1);
+    ck_assert_int_eq(memcached_server_add_with_weight(m, "a.example", 0, 1), MEMCACHED_SUCCESS);
+    ck_assert_int_eq(memcached_server_add_unix_socket_with_weight(m, "/tmp/mc.sock", 2),
+                     MEMCACHED_SUCCESS);
+    ck_assert_int_eq(memcached_server_add_with_weight(m, "b.example", 11212, 0), MEMCACHED_SUCCESS);
+    keel_ring *r = ring_new(KEEL_RING_KETAMA);
+    static const char *const names[] = {"a.example", "/tmp/mc.sock:0", "b.example:11212"};
+    static const uint32_t weights[] = {1, 2, 1};
+    for (int i = 0; i < 3; i++)
+        ck_assert_int_eq(
+            keel_ring_add(r, names[i], strlen(names[i]), weights[i], (void *)(intptr_t)i), 0);
+    for (int k = 0; k < 20000; k++) {
+        char key[32];
+        int len = snprintf(key, sizeof key, "k%d", k);
+        keel_ring_node nd;
+        ck_assert_int_eq(keel_ring_lookup(r, key, (size_t)len, &nd), 0);
+        ck_assert_uint_eq((uint32_t)(intptr_t)nd.ud, memcached_generate_hash(m, key, (size_t)len));
+    }
+    keel_ring_destroy(r);
+    memcached_free(m);
+}
+END_TEST
+
 /* The value of every point of a ketama node named `name` (libmemcached's
  * "<name>-<n>" MD5 words); returns how many. */
 static int ketama_point_values(const char *name, int points, uint32_t *v)
@@ -913,6 +941,7 @@ int main(void)
     tcase_add_test(tc, ketama_matches_libmemcached_after_a_removal);
     tcase_add_test(tc, ketama_matches_libmemcached_with_the_longest_host_names);
     tcase_add_test(tc, ketama_keeps_a_returning_nodes_place_as_libmemcached);
+    tcase_add_test(tc, ketama_matches_libmemcached_with_port_0_a_unix_socket_and_weight_0);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("large");
