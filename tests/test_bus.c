@@ -3092,6 +3092,54 @@ START_TEST(a_late_hand_back_leaves_an_entry_another_consumer_claimed)
 }
 END_TEST
 
+/* As above, but when a decides, b's registry field reads as out of date
+ * (b slow to write it again, on a loaded machine), so a takes the entry
+ * for nobody's. It must not acknowledge it: b has claimed it, and b's
+ * retries and dead letter must go on. */
+typedef struct staler {
+    slowpoke sp;
+    keel_redis *r;
+    const char *prefix;
+} staler;
+
+static int on_slowpoke_staling(const keel_bus_msg *m, void *ud)
+{
+    staler *st = ud;
+    on_slowpoke(m, &st->sp);
+    register_consumer(st->r, st->prefix, "c2", "work.*", -1000); /* expired a second ago */
+    return 0;
+}
+
+START_TEST(a_skip_leaves_an_entry_another_consumer_claimed)
+{
+    char prefix[96];
+    unique_prefix(prefix, sizeof prefix, "lateskip");
+    keel_redis *r = redis_nodes(1);
+    lost la = {0}, lb = {0};
+    staler st = {.r = r, .prefix = prefix};
+    keel_bus *a = rbus(r, prefix, "grp", "c1", 1, 100 * MS, on_lost, &la);
+    sub(a, "other.x", on_slowpoke_staling, &st, KEEL_BUS_SYNC, NULL);
+    ck_assert_int_eq(pub_number(a, "work.x", 0), 0); /* one batch for a: both */
+    ck_assert_int_eq(pub_number(a, "other.x", 1), 0);
+    ck_assert_int_eq(keel_bus_start(a), 0);
+    wait_for(&st.sp.in, 1);
+    keel_bus *b = rbus(r, prefix, "grp", "c2", 1, 100 * MS, on_lost, &lb);
+    sub(b, "work.*", on_b_fails, &st.sp, KEEL_BUS_SYNC, NULL);
+    ck_assert_int_eq(keel_bus_start(b), 0);
+    keel_bus_stats bs = {0};
+    for (uint64_t deadline = keel_now_ns() + 60 * S; keel_now_ns() < deadline; nap(20 * MS)) {
+        keel_bus_stats_get(b, &bs);
+        if (bs.dead_lettered)
+            break;
+    }
+    ck_assert_uint_eq(bs.dead_lettered, 1);
+    ck_assert_int_le(atomic_load(&st.sp.b_calls), 3); /* max_deliveries */
+    keel_bus_destroy(b);
+    keel_bus_destroy(a);
+    keel_redis_destroy(r);
+}
+END_TEST
+
 static int on_count_ok(const keel_bus_msg *m, void *ud)
 {
     (void)m;
@@ -3605,6 +3653,7 @@ int main(void)
     tcase_set_tags(race, "stress");
     tcase_set_timeout(race, 90);
     tcase_add_test(race, a_late_hand_back_leaves_an_entry_another_consumer_claimed);
+    tcase_add_test(race, a_skip_leaves_an_entry_another_consumer_claimed);
     suite_add_tcase(s, race);
     TCase *down = tcase_create("redis_restart"); /* a steady stream meets a stopped server */
     tcase_set_timeout(down, 90);

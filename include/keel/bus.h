@@ -65,7 +65,8 @@
  * consumer of `service` has a matching pattern, the entry is handed back
  * to the group for it: left pending, its delivery count put back and its
  * idle time set to min_idle_ns. Else it is acknowledged unread and
- * counted as skipped. The registry is read again when the reader's copy
+ * counted as skipped (unless another consumer claimed it meanwhile: it
+ * stays that consumer's). The registry is read again when the reader's copy
  * is min_idle/2 old, and before skipping an entry less than a second
  * older than the copy unless the copy was read after the entry; one that
  * cannot be read means handing back, never skipping. A subscription made

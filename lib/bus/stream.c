@@ -193,7 +193,8 @@ static int create_group(bstream *s, size_t part, redisContext *c)
  * at which the field expires, then the patterns, each after a space,
  * which neither may contain). A reader with an entry that nothing here
  * subscribes to hands it back only when a live consumer of the group
- * subscribes to it, else acknowledges it (skipped). Expiry is by the
+ * subscribes to it, else acknowledges it (skipped) if it is still where
+ * this one found it (see skip_ids()). Expiry is by the
  * server's clock (TIME, in the scripts), so hosts' clocks do not matter;
  * a field lives 3 x min_idle and is written again each min_idle/2, or
  * soon after a subscription changes. A registry that cannot be read means
@@ -555,6 +556,43 @@ static int give_back(breader *rd, redisContext *c, const char **ids, const long 
     return rc;
 }
 
+/* Acknowledges entries no live consumer of the group wants (skipped),
+ * but only those still where this consumer found them: XCLAIM with a
+ * minimum idle time (idle_ms, at least the time since they were read or
+ * found stuck) takes only those nobody claimed since, and only those are
+ * acknowledged. One claimed meanwhile by a consumer whose registry field
+ * read as out of date (it was slow to write it again) stays its own. */
+static int skip_ids(breader *rd, redisContext *c, const char *idle_ms, const char **ids, size_t n)
+{
+    bstream *s = rd->s;
+    const char **argv = keel__malloc((n + 6) * sizeof *argv);
+    if (!argv)
+        return KEEL_ENOMEM;
+    int argc = 0;
+    argv[argc++] = "XCLAIM", argv[argc++] = s->keys[rd->part], argv[argc++] = s->group;
+    argv[argc++] = s->consumer, argv[argc++] = idle_ms;
+    for (size_t i = 0; i < n; i++)
+        argv[argc++] = ids[i];
+    argv[argc++] = "JUSTID"; /* no delivery counted */
+    redisReply *rep = NULL, *arep = NULL;
+    int rc = cmd(c, argc, argv, NULL, &rep);
+    argc = 3; /* XACK key group, the same first three */
+    argv[0] = "XACK";
+    for (size_t i = 0; rc == 0 && rep->type == REDIS_REPLY_ARRAY && i < rep->elements; i++)
+        if (rep->element[i]->type == REDIS_REPLY_STRING)
+            argv[argc++] = rep->element[i]->str;
+    if (argc > 3 && (rc = cmd(c, argc, argv, NULL, &arep)) == 0 && arep->type == REDIS_REPLY_INTEGER) {
+        keel__stripe_add(&keel__bus_counters(s->bus)->acked, (uint64_t)arep->integer);
+        keel__stripe_add(&keel__bus_counters(s->bus)->skipped, (uint64_t)arep->integer);
+    }
+    if (arep)
+        freeReplyObject(arep);
+    if (rep)
+        freeReplyObject(rep);
+    keel__free(argv);
+    return rc;
+}
+
 /* Delivers the entries of a reply array, acknowledges those handled,
  * gives back those that nothing here subscribes to, and records the
  * highest ID seen for drain. Entries marked in `over` (may be NULL) go to
@@ -569,7 +607,7 @@ static int handle(breader *rd, redisContext *c, const redisReply *entries, const
     if (!n)
         return 0;
     const char **argv = keel__malloc((n + 3) * sizeof *argv);
-    const char **back = keel__malloc(n * sizeof *back);
+    const char **back = keel__malloc(2 * n * sizeof *back), **skip = back + n;
     long long *bprev = keel__malloc(n * sizeof *bprev);
     const redisReply **bent = keel__malloc(n * sizeof *bent);
     if (!argv || !back || !bprev || !bent) {
@@ -611,12 +649,10 @@ static int handle(breader *rd, redisContext *c, const redisReply *entries, const
     }
     /* Decided once the batch is through, with the registry as it is
      * then: those another consumer wants go back, the rest are skipped. */
-    size_t nkeep = 0;
-    int nskip = 0;
+    size_t nkeep = 0, nskip = 0;
     for (size_t i = 0; i < nback; i++) {
         if (nobody_wants(s, bent[i], back[i], got_ns)) {
-            argv[nack++] = back[i];
-            nskip++;
+            skip[nskip++] = back[i];
         } else {
             back[nkeep] = back[i];
             bprev[nkeep++] = bprev[i];
@@ -626,12 +662,15 @@ static int handle(breader *rd, redisContext *c, const redisReply *entries, const
     if (nack > 3) {
         redisReply *rep = NULL;
         arc = cmd(c, nack, argv, NULL, &rep);
-        if (arc == 0) {
+        if (arc == 0)
             keel__stripe_add(&keel__bus_counters(s->bus)->acked, (uint64_t)(nack - 3));
-            keel__stripe_add(&keel__bus_counters(s->bus)->skipped, (uint64_t)nskip);
-        }
         if (rep)
             freeReplyObject(rep);
+    }
+    if (arc == 0 && nskip) {
+        char since[24];
+        snprintf(since, sizeof since, "%llu", (unsigned long long)((mono_ns() - got_ns) / 1000000u));
+        arc = skip_ids(rd, c, since, skip, nskip);
     }
     if (arc == 0 && nkeep)
         arc = give_back(rd, c, back, bprev, nkeep, got_ns);
@@ -803,17 +842,16 @@ static int reclaim(breader *rd, redisContext *c)
     const char *key = s->keys[rd->part];
     char from[KEEL_BUS_ID_MAX + 1] = "-";
     const char **cargv = keel__malloc((5 + s->count) * sizeof *cargv);
-    const char **aargv = keel__malloc((3 + s->count) * sizeof *aargv);
+    const char **skip = keel__malloc(s->count * sizeof *skip);
     long long *counts = keel__malloc(s->count * sizeof *counts);
     signed char *keep = keel__malloc(s->count * sizeof *keep);
-    if (!cargv || !aargv || !counts || !keep) {
+    if (!cargv || !skip || !counts || !keep) {
         keel__free(cargv);
-        keel__free(aargv);
+        keel__free(skip);
         keel__free(counts);
         keel__free(keep);
         return KEEL_ENOMEM;
     }
-    aargv[0] = "XACK", aargv[1] = key, aargv[2] = s->group;
     int rc = 0;
     for (bool more = true; rc == 0 && more && !stopping(rd);) {
         const char *pargv[] = {"XPENDING", key, s->group, "IDLE", s->idle_s, from, "+", s->count_s};
@@ -838,30 +876,24 @@ static int reclaim(breader *rd, redisContext *c)
         /* Only what a subscription here matches: another consumer's entry
          * that nothing here takes stays where it is, its count unbumped;
          * one no live consumer of the group wants is skipped. */
-        int k = 5, na = 3;
+        int k = 5;
+        size_t ns = 0;
         if (rc == 0 && n > 5 && !stopping(rd) && (rc = wanted_ids(rd, c, cargv + 5, (size_t)(n - 5), keep)) == 0)
             for (int i = 5; i < n; i++) {
                 if (keep[i - 5] > 0)
                     counts[k - 5] = counts[i - 5], cargv[k++] = cargv[i];
                 else if (keep[i - 5] < 0)
-                    aargv[na++] = cargv[i];
+                    skip[ns++] = cargv[i];
             }
-        if (rc == 0 && na > 3) {
-            redisReply *arep = NULL;
-            if ((rc = cmd(c, na, aargv, NULL, &arep)) == 0 && arep->type == REDIS_REPLY_INTEGER) {
-                keel__stripe_add(&keel__bus_counters(s->bus)->acked, (uint64_t)arep->integer);
-                keel__stripe_add(&keel__bus_counters(s->bus)->skipped, (uint64_t)arep->integer);
-            }
-            if (arep)
-                freeReplyObject(arep);
-        }
+        if (rc == 0 && ns) /* only those still stuck: not claimed since XPENDING */
+            rc = skip_ids(rd, c, s->idle_s, skip, ns);
         if (rc == 0 && k > 5 && !stopping(rd))
             rc = claim(rd, c, k, cargv, counts);
         if (rep)
             freeReplyObject(rep);
     }
     keel__free(cargv);
-    keel__free(aargv);
+    keel__free(skip);
     keel__free(counts);
     keel__free(keep);
     return rc;
