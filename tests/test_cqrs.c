@@ -10,7 +10,8 @@
  * dropped goes on), a missing schema; two runners of one projection at
  * once, each event applied once; names at and over their limits;
  * commands with idempotency keys and a projection through a restart of
- * the primary, and an append that timed out sent again. */
+ * the primary, and an append that timed out sent again; a partitioned
+ * load that sees a writer's events and version together. */
 #define _GNU_SOURCE
 #include <libpq-fe.h>
 #include <pthread.h>
@@ -99,11 +100,15 @@ static void with_pg(void (*scenario)(keel_pg *pg))
     keel_pg_destroy(pg);
 }
 
+/* partition_by_month for the stores open_cqrs makes */
+static int partitioned;
+
 /* A cqrs over the memory store (pg NULL) or PostgreSQL with its schema. */
 static keel_cqrs *open_cqrs(keel_pg *pg, const char *prefix, uint32_t retries, app *a)
 {
     keel_cqrs *c;
-    keel_cqrs_opts o = {.pg = pg, .prefix = prefix, .max_retries = retries, .read_your_writes = 1};
+    keel_cqrs_opts o = {.pg = pg, .prefix = prefix, .max_retries = retries, .read_your_writes = 1,
+                        .partition_by_month = partitioned};
     ck_assert_int_eq(keel_cqrs_create(&c, &o), 0);
     ck_assert_int_eq(keel_cqrs_create_schema(c), 0);
     ck_assert_int_eq(keel_cqrs_command(c, "inc", cmd_inc, a), 0);
@@ -425,8 +430,11 @@ END_TEST
 START_TEST(pg_two_threads_on_one_stream_one_winner_per_version)
 {
     keel_pg *pg = open_pg();
-    two_threads(pg, 0);
-    two_threads(pg, 1000);
+    for (partitioned = 0; partitioned < 2; partitioned++) { /* the unique key, then the versions table */
+        two_threads(pg, 0);
+        two_threads(pg, 1000);
+    }
+    partitioned = 0;
     keel_pg_destroy(pg);
 }
 END_TEST
@@ -536,8 +544,86 @@ END_TEST
 START_TEST(pg_a_conflicting_append_is_retried_on_a_fresh_read)
 {
     keel_pg *pg = open_pg();
-    forced_conflict(pg, 0);
-    forced_conflict(pg, 3);
+    for (partitioned = 0; partitioned < 2; partitioned++) {
+        forced_conflict(pg, 0);
+        forced_conflict(pg, 3);
+    }
+    partitioned = 0;
+    keel_pg_destroy(pg);
+}
+END_TEST
+
+/* Until another session waits for a lock d's session holds. pg_locks,
+ * not pg_stat_activity: that one is read once per transaction, and d's
+ * is open. */
+static void wait_blocked_by(PGconn *d)
+{
+    while (kt_pg_number(d, "SELECT count(*) FROM pg_locks WHERE NOT granted AND "
+                           "pg_backend_pid() = ANY(pg_blocking_pids(pid))") == 0)
+        nap(1 * MS);
+}
+
+typedef struct inc_arg {
+    keel_cqrs *c;
+    int rc;
+    uint64_t next; /* the inc's reply: what it saw, plus one */
+} inc_arg;
+
+static void *inc_s(void *arg)
+{
+    inc_arg *a = arg;
+    keel_cqrs_result r;
+    a->rc = keel_cqrs_send(a->c, "inc", "s", 1, NULL, &r);
+    if (a->rc == 0 && r.len == sizeof a->next)
+        memcpy(&a->next, r.reply, sizeof a->next);
+    if (a->rc == 0)
+        keel_cqrs_result_free(&r);
+    return NULL;
+}
+
+/* Partitioned, a load reads the stream's events and its largest version
+ * in prefix+versions: a writer that commits while the load reads must be
+ * in both or in neither, or the command decides on the old history and
+ * appends after the new version without a conflict. The load is held on
+ * the versions table's lock while the writer commits version 2. */
+START_TEST(pg_a_partitioned_load_reads_events_and_versions_at_once)
+{
+    keel_pg *pg; /* one connection: the load's statement is prepared on it before the lock */
+    keel_pg_opts po = {.primary = kt_env("KEEL_TEST_PG"), .manual_health = 1, .conns_per_host = 1};
+    ck_assert_int_eq(keel_pg_create(&pg, &po), 0);
+    ck_assert_int_eq(keel_pg_check(pg), 0);
+    app a = {0};
+    char prefix[64], sql[512];
+    snprintf(prefix, sizeof prefix, "%s", uniq("guard"));
+    partitioned = 1;
+    keel_cqrs *c = open_cqrs(pg, prefix, 0, &a);
+    partitioned = 0;
+    ck_assert_int_eq(keel_cqrs_send(c, "inc", "s", 1, NULL, NULL), 0); /* version 1; statements prepared */
+    PGconn *d = kt_pg_connect(kt_env("KEEL_TEST_PG"));
+    kt_pg_exec(d, "BEGIN");
+    snprintf(sql, sizeof sql, "LOCK TABLE \"%sversions\" IN ACCESS EXCLUSIVE MODE", prefix);
+    kt_pg_exec(d, sql);
+    inc_arg ia = {c, -1, 0};
+    pthread_t t;
+    pthread_create(&t, NULL, inc_s, &ia);
+    wait_blocked_by(d); /* the load waits for the versions table */
+    snprintf(sql, sizeof sql, "INSERT INTO \"%sversions\" VALUES ('s', 2)", prefix);
+    kt_pg_exec(d, sql);
+    snprintf(sql, sizeof sql,
+             "INSERT INTO \"%sevents\" (stream_id, version, type, data, metadata) "
+             "VALUES ('s', 2, 'counter.incremented', '\\x0200000000000000', '')",
+             prefix);
+    kt_pg_exec(d, sql);
+    kt_pg_exec(d, "COMMIT");
+    pthread_join(t, NULL);
+    if (ia.rc == 0)
+        ck_assert_uint_eq(ia.next, 3); /* it saw both events */
+    else
+        ck_assert_int_eq(ia.rc, KEEL_ECONFLICT);
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM \"%sevents\" WHERE stream_id = 's'", prefix);
+    ck_assert_int_eq(kt_pg_number(d, sql), ia.rc == 0 ? 3 : 2);
+    PQfinish(d);
+    keel_cqrs_destroy(c);
     keel_pg_destroy(pg);
 }
 END_TEST
@@ -1889,6 +1975,7 @@ int main(void)
     tcase_set_timeout(pg, 120);
     tcase_add_test(pg, pg_two_threads_on_one_stream_one_winner_per_version);
     tcase_add_test(pg, pg_a_conflicting_append_is_retried_on_a_fresh_read);
+    tcase_add_test(pg, pg_a_partitioned_load_reads_events_and_versions_at_once);
     tcase_add_test(pg, pg_an_idempotent_repeat_returns_the_first_result);
     tcase_add_test(pg, pg_idempotency_holds_across_processes);
     tcase_add_test(pg, pg_a_repeat_refused_by_its_handler_returns_the_first_result);

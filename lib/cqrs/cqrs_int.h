@@ -67,7 +67,8 @@ void keel__cqrs_pg_destroy(cpg *s);
 int keel__cqrs_pg_schema(cpg *s);
 /* The events of a stream by version; *owner is freed with
  * keel__cqrs_pg_free_owner. *version: the largest the uniqueness guard
- * holds when it outlives events (partitioned), else 0. */
+ * holds when it outlives events (partitioned; from the events' snapshot),
+ * else 0. */
 int keel__cqrs_pg_load(cpg *s, const char *stream, keel_cqrs_event **evs, size_t *n, void **owner,
                        uint64_t *version);
 void keel__cqrs_pg_free_owner(void *owner);

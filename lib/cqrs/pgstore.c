@@ -8,7 +8,8 @@
  *                  must hold the partition key)
  *   p_versions     stream_id, version: a row per event ever appended, kept
  *                  when its partition is dropped, so a stream's version
- *                  is its largest here, not its last event left
+ *                  is its largest here, not its last event left (read
+ *                  with the events in one statement: one snapshot)
  *   p_idempotency  key primary key, reply
  *   p_checkpoints  name primary key, position
  *
@@ -47,7 +48,7 @@ struct cpg {
     int partitioned;
     char events[64], idem[64], cps[64], versions[64];
     char lock_s[24];
-    keel_pg_stmt *load, *last_version, *idem_get, *ins_event, *ins_version, *ins_idem, *lock, *cp_get, *cp_make, *pending;
+    keel_pg_stmt *load, *idem_get, *ins_event, *ins_version, *ins_idem, *lock, *cp_get, *cp_make, *pending;
     keel__clock clock;
     _Atomic uint64_t look_at; /* the clock's time to make sure of the months again; 0: now */
 };
@@ -100,9 +101,16 @@ int keel__cqrs_pg_create(keel_pg *pg, const char *prefix, int partitioned, keel_
              "SELECT c.position, EXISTS (SELECT 1 FROM %s e WHERE e.position > c.position) FROM %s c WHERE c.name = $1",
              s->events, s->cps);
     int rc = 0;
-    rc = rc ? rc : stmt(pg, &s->load, "SELECT " COLS " FROM %s WHERE stream_id = $1 ORDER BY version", s->events);
-    if (partitioned)
-        rc = rc ? rc : stmt(pg, &s->last_version, "SELECT max(version) FROM %s WHERE stream_id = $1", s->versions);
+    if (!partitioned) {
+        rc = stmt(pg, &s->load, "SELECT " COLS " FROM %s WHERE stream_id = $1 ORDER BY version", s->events);
+    } else { /* the guard and the events in one statement: one snapshot (see keel__cqrs_pg_load) */
+        char load[512];
+        snprintf(load, sizeof load,
+                 "WITH g AS (SELECT max(version) AS v FROM %s WHERE stream_id = $1) "
+                 "SELECT " COLS ", g.v FROM g LEFT JOIN %s ON stream_id = $1 ORDER BY version",
+                 s->versions, s->events);
+        rc = keel_pg_stmt_create(pg, load, 0, NULL, &s->load);
+    }
     rc = rc ? rc : stmt(pg, &s->idem_get, "SELECT reply FROM %s WHERE key = $1", s->idem);
     rc = rc ? rc
             : stmt(pg, &s->ins_event,
@@ -125,7 +133,7 @@ int keel__cqrs_pg_create(keel_pg *pg, const char *prefix, int partitioned, keel_
 
 void keel__cqrs_pg_destroy(cpg *s)
 {
-    keel_pg_stmt *all[] = {s->load, s->last_version, s->idem_get, s->ins_event, s->ins_version,
+    keel_pg_stmt *all[] = {s->load, s->idem_get, s->ins_event, s->ins_version,
                            s->ins_idem, s->lock, s->cp_get, s->cp_make, s->pending};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
         keel_pg_stmt_free(all[i]);
@@ -267,12 +275,15 @@ int keel__cqrs_pg_schema(cpg *s)
     return rc;
 }
 
-/* The rows of res (COLS, binary) as events pointing into it. */
-static int to_events(PGresult *res, keel_cqrs_event **evs, size_t *n)
+/* The rows of res (COLS, binary, then `extra` more columns) as events
+ * pointing into it; a row of NULLs (a left join's, no event) is none. */
+static int to_events(PGresult *res, int extra, keel_cqrs_event **evs, size_t *n)
 {
     int rows = PQntuples(res);
-    if (PQnfields(res) != 7 || PQfformat(res, 0) != 1)
+    if (PQnfields(res) != 7 + extra || PQfformat(res, 0) != 1)
         return KEEL_EPROTO;
+    if (rows == 1 && PQgetisnull(res, 0, 0))
+        rows = 0;
     for (int r = 0; r < rows; r++) /* bigints are 8 bytes, or the table is not ours */
         if (PQgetlength(res, r, 0) != 8 || PQgetlength(res, r, 2) != 8 || PQgetlength(res, r, 6) != 8)
             return KEEL_EPROTO;
@@ -299,24 +310,33 @@ static int to_events(PGresult *res, keel_cqrs_event **evs, size_t *n)
 int keel__cqrs_pg_load(cpg *s, const char *stream, keel_cqrs_event **evs, size_t *n, void **owner,
                        uint64_t *version)
 {
+    /* The primary: the version must be current. Partitioned, the guard's
+     * version comes in the same statement, so from the same snapshot as
+     * the events: a writer that commits meanwhile is in both or in
+     * neither. Two statements would each take their own snapshot at READ
+     * COMMITTED, and a writer committing between them would give the
+     * handler the old events with the new version, so its append would
+     * follow an event it never saw without a conflict. */
     const char *v[1] = {stream};
-    keel_pg_query q[2] = {{.stmt = s->load, .params = {1, v, NULL, NULL, NULL, 1}},
-                          {.stmt = s->last_version, .params = {1, v, NULL, NULL, NULL, 0}}};
-    /* the primary: the version must be current; partitioned, the guard's
-     * version too, in the same round trip */
-    int rc = s->partitioned ? keel_pg_batch(s->pg, q, 2)
-                            : keel_pg_exec_stmt(s->pg, KEEL_PG_WRITE, s->load, &q[0].params, &q[0].res);
+    keel_pg_params p = {1, v, NULL, NULL, NULL, 1};
+    PGresult *res = NULL;
+    int rc = keel_pg_exec_stmt(s->pg, KEEL_PG_WRITE, s->load, &p, &res);
     *version = 0;
-    if (rc == 0 && s->partitioned && !PQgetisnull(q[1].res, 0, 0))
-        *version = strtoull(PQgetvalue(q[1].res, 0, 0), NULL, 10);
-    PQclear(q[1].res);
     if (rc == 0)
-        rc = to_events(q[0].res, evs, n);
+        rc = to_events(res, s->partitioned ? 1 : 0, evs, n);
+    if (rc == 0 && s->partitioned && PQntuples(res) > 0 && !PQgetisnull(res, 0, 7)) {
+        if (PQgetlength(res, 0, 7) == 8) {
+            *version = be64(PQgetvalue(res, 0, 7));
+        } else {
+            keel__free(*evs);
+            rc = KEEL_EPROTO;
+        }
+    }
     if (rc) {
-        PQclear(q[0].res);
+        PQclear(res);
         return rc;
     }
-    *owner = q[0].res;
+    *owner = res;
     return 0;
 }
 
@@ -514,7 +534,7 @@ int keel__cqrs_pg_project(cpg *s, const char *name, size_t batch, keel_cqrs_ctx 
     keel_cqrs_event *list = NULL;
     size_t n = 0;
     if (rc == 0)
-        rc = to_events(evs, &list, &n);
+        rc = to_events(evs, 0, &list, &n);
     ctx->conn = c;
     size_t done = 0;
     for (; rc == 0 && done < n; done++)
