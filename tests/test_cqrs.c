@@ -11,7 +11,8 @@
  * once, each event applied once; names at and over their limits;
  * commands with idempotency keys and a projection through a restart of
  * the primary, and an append that timed out sent again; a partitioned
- * load that sees a writer's events and version together. */
+ * load that sees a writer's events and version together; a reset during
+ * a run. */
 #define _GNU_SOURCE
 #include <libpq-fe.h>
 #include <pthread.h>
@@ -969,6 +970,64 @@ START_TEST(pg_a_projection_whose_checkpoint_row_was_deleted_starts_again)
     ck_assert_uint_eq(applied, 3);
     ck_assert_uint_eq(s->n, 6);
     ck_assert_uint_eq(keel_cqrs_projection_position(p), last);
+    keel_cqrs_projection_destroy(p);
+    keel_cqrs_destroy(c);
+    keel_pg_destroy(pg);
+    free(s);
+}
+END_TEST
+
+typedef struct run_arg {
+    keel_cqrs_projection *p;
+    int rc;
+    size_t applied;
+} run_arg;
+
+static void *run_once(void *arg)
+{
+    run_arg *r = arg;
+    r->rc = keel_cqrs_projection_run(r->p, &r->applied);
+    return NULL;
+}
+
+/* A reset committed while a run waits for the checkpoint row's lock: the
+ * run finds no row, and must not apply a batch it cannot record (the next
+ * run would make the row at 0 and apply those events again). Every event
+ * is applied once after the reset, as with a reset between runs. */
+START_TEST(pg_a_reset_during_a_run_applies_each_event_once_more)
+{
+    keel_pg *pg = open_pg();
+    app a = {0};
+    char prefix[64], sql[160];
+    snprintf(prefix, sizeof prefix, "%s", uniq("rreset"));
+    keel_cqrs *c = open_cqrs(pg, prefix, 0, &a);
+    for (int i = 0; i < 5; i++)
+        ck_assert_int_eq(keel_cqrs_send(c, "inc", "r", 1, NULL, NULL), 0);
+    seen *s = calloc(1, sizeof *s);
+    keel_cqrs_projection *p;
+    keel_cqrs_projection_opts po = {.name = "all", .handler = apply_seen, .ud = s};
+    ck_assert_int_eq(keel_cqrs_projection_create(c, &po, &p), 0); /* its row, at 0 */
+    PGconn *d = kt_pg_connect(kt_env("KEEL_TEST_PG"));
+    kt_pg_exec(d, "BEGIN");
+    snprintf(sql, sizeof sql, "DELETE FROM \"%scheckpoints\" WHERE name = 'all'", prefix);
+    kt_pg_exec(d, sql); /* the reset, not committed yet: the row stays locked */
+    run_arg r = {p, -1, 0};
+    pthread_t t;
+    pthread_create(&t, NULL, run_once, &r);
+    wait_blocked_by(d); /* the run saw the row and waits for its lock */
+    kt_pg_exec(d, "COMMIT");
+    pthread_join(t, NULL);
+    ck_assert_int_eq(r.rc, 0);
+    size_t more = 0;
+    ck_assert_int_eq(keel_cqrs_projection_run(p, &more), 0);
+    ck_assert_uint_eq(r.applied + more, 5);
+    ck_assert_uint_eq(s->n, 5); /* each event once */
+    for (size_t i = 0; i < s->n; i++)
+        ck_assert_uint_eq(s->pos[i], i + 1);
+    snprintf(sql, sizeof sql, "SELECT position FROM \"%scheckpoints\" WHERE name = 'all'", prefix);
+    ck_assert_int_eq(kt_pg_number(d, sql), 5);
+    ck_assert_uint_eq(keel_cqrs_projection_position(p), 5);
+    PQfinish(d);
     keel_cqrs_projection_destroy(p);
     keel_cqrs_destroy(c);
     keel_pg_destroy(pg);
@@ -1983,6 +2042,7 @@ int main(void)
     tcase_add_test(pg, pg_and_memory_stores_agree);
     tcase_add_test(pg, pg_a_projection_with_the_largest_batch_applies_everything);
     tcase_add_test(pg, pg_a_projection_whose_checkpoint_row_was_deleted_starts_again);
+    tcase_add_test(pg, pg_a_reset_during_a_run_applies_each_event_once_more);
     tcase_add_test(pg, pg_a_run_with_nothing_left_reports_the_checkpoint);
     tcase_add_test(pg, pg_an_append_held_open_is_not_skipped);
     tcase_add_test(pg, pg_a_projection_killed_mid_catch_up_resumes_exactly);

@@ -54,7 +54,8 @@
  * applied before a handler failure stay applied. A background thread can
  * follow new events (follow_interval_ns); an idle poll on PostgreSQL is
  * one read outside any transaction. Deleting a projection's checkpoint
- * row resets it: the next run applies every event again from the first.
+ * row resets it: the next run applies every event again from the first,
+ * once (a run waiting for the row's lock when it goes starts over).
  *
  * Queries. A query handler gets, through keel_cqrs_conn(), a keel_pg
  * connection in read mode (a replica when one keeps up); a query asked

@@ -474,9 +474,13 @@ static int run(keel_pg_conn *c, const char *sql, const keel_pg_params *p, PGresu
     return rc;
 }
 
-int keel__cqrs_pg_project(cpg *s, const char *name, size_t batch, keel_cqrs_ctx *ctx,
-                          int (*apply)(keel_cqrs_ctx *, const keel_cqrs_event *, void *), void *ud,
-                          size_t *applied, uint64_t *checkpoint, int ahead)
+/* project_once's: the checkpoint row went away while the run waited for
+ * its lock (not a KEEL_ code: those are negative). */
+#define ROW_GONE 1
+
+static int project_once(cpg *s, const char *name, size_t batch, keel_cqrs_ctx *ctx,
+                        int (*apply)(keel_cqrs_ctx *, const keel_cqrs_event *, void *), void *ud, size_t *applied,
+                        uint64_t *checkpoint, int ahead)
 {
     *applied = 0;
     if (ahead) /* before the batch's connection: a pool of one must not wait on itself */
@@ -521,7 +525,13 @@ int keel__cqrs_pg_project(cpg *s, const char *name, size_t batch, keel_cqrs_ctx 
         snprintf(sql, sizeof sql, "SELECT position FROM %s WHERE name = $1 FOR UPDATE", s->cps);
         rc = run(c, sql, &p1, &cp);
     }
-    uint64_t at = rc == 0 && PQntuples(cp) == 1 ? be64(PQgetvalue(cp, 0, 0)) : 0;
+    /* No row: a reset deleted it while we waited for its lock. A batch
+     * from 0 now could not be recorded (the UPDATE finds nothing), and the
+     * next run would make the row at 0 and apply it again: roll back and
+     * start over, which makes the row again first. */
+    if (rc == 0 && PQntuples(cp) != 1)
+        rc = ROW_GONE;
+    uint64_t at = rc == 0 ? be64(PQgetvalue(cp, 0, 0)) : 0;
     if (rc == 0) {
         snprintf(from, sizeof from, "%llu", (unsigned long long)at);
         snprintf(limit, sizeof limit, "%zu", batch < INT64_MAX ? batch : (size_t)INT64_MAX); /* bigint's */
@@ -562,6 +572,20 @@ int keel__cqrs_pg_project(cpg *s, const char *name, size_t batch, keel_cqrs_ctx 
     if (rc == 0) {
         *applied = n;
         *checkpoint = at;
+    }
+    return rc;
+}
+
+int keel__cqrs_pg_project(cpg *s, const char *name, size_t batch, keel_cqrs_ctx *ctx,
+                          int (*apply)(keel_cqrs_ctx *, const keel_cqrs_event *, void *), void *ud,
+                          size_t *applied, uint64_t *checkpoint, int ahead)
+{
+    int rc = ROW_GONE;
+    for (int tries = 0; rc == ROW_GONE && tries < 3; tries++, ahead = 0)
+        rc = project_once(s, name, batch, ctx, apply, ud, applied, checkpoint, ahead);
+    if (rc == ROW_GONE) { /* reset again and again: nothing done, the next run goes on */
+        *checkpoint = UINT64_MAX;
+        rc = 0;
     }
     return rc;
 }
