@@ -12,7 +12,7 @@
  * commands with idempotency keys and a projection through a restart of
  * the primary, and an append that timed out sent again; a partitioned
  * load that sees a writer's events and version together; a reset during
- * a run. */
+ * a run; a hash seed per memory store. */
 #define _GNU_SOURCE
 #include <libpq-fe.h>
 #include <pthread.h>
@@ -151,6 +151,20 @@ static int cmd_bad_events(keel_cqrs_ctx *x, const void *payload, size_t len, voi
     ck_assert_int_eq(keel_cqrs_reply(x, big, 100), KEEL_EINVAL);
     return 0;
 }
+
+/* Stream ids and idempotency keys come from clients: each memory store
+ * hashes them with its own seed, so colliding ids found offline for one
+ * store (or one build) share no chain in another. */
+START_TEST(each_memory_store_hashes_with_its_own_seed)
+{
+    keel_cqrs *c[2];
+    for (int i = 0; i < 2; i++)
+        ck_assert_int_eq(keel_cqrs_create(&c[i], NULL), 0);
+    ck_assert(keel__cqrs_mem_seed(c[0]) != keel__cqrs_mem_seed(c[1]));
+    for (int i = 0; i < 2; i++)
+        keel_cqrs_destroy(c[i]);
+}
+END_TEST
 
 START_TEST(registration_and_dispatch_errors)
 {
@@ -2013,6 +2027,7 @@ int main(void)
     TCase *tc = tcase_create("memory");
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, registration_and_dispatch_errors);
+    tcase_add_test(tc, each_memory_store_hashes_with_its_own_seed);
     tcase_add_test(tc, middleware_runs_in_order_and_can_stop_a_dispatch);
     tcase_add_test(tc, two_threads_on_one_stream_one_winner_per_version);
     tcase_add_test(tc, the_retry_option_runs_a_command_again);

@@ -62,6 +62,7 @@ typedef struct mstore {
     size_t icap, icount;
     mkv *checkpoints; /* pos: the checkpoint; len: 1 while a run has it */
     pthread_cond_t cp_cv;
+    uint64_t seed; /* the tables' hash seed: stream ids and keys come from clients */
 } mstore;
 
 struct keel_cqrs {
@@ -140,7 +141,7 @@ static bool good_name(const char *s, size_t max)
 
 static mstream *mem_stream(mstore *m, const char *id, bool create)
 {
-    uint64_t h = keel__hash64(id, strlen(id), 0);
+    uint64_t h = keel__hash64(id, strlen(id), m->seed);
     for (mstream *s = m->scap ? m->streams[h & (m->scap - 1)] : NULL; s; s = s->next)
         if (s->h == h && strcmp(s->id, id) == 0)
             return s;
@@ -163,7 +164,7 @@ static mstream *mem_stream(mstore *m, const char *id, bool create)
 static mkv **mem_idem(mstore *m, const char *key, uint64_t *hash)
 {
     static mkv *none;
-    uint64_t h = keel__hash64(key, strlen(key), 1);
+    uint64_t h = keel__hash64(key, strlen(key), m->seed);
     *hash = h;
     if (!m->icap)
         return &none;
@@ -349,6 +350,8 @@ static void mem_free(mstore *m)
     pthread_cond_destroy(&m->cp_cv);
     keel__free(m);
 }
+
+uint64_t keel__cqrs_mem_seed(const keel_cqrs *c) { return c && c->mem ? c->mem->seed : 0; }
 
 /* ---- the handler context ---- */
 
@@ -1051,6 +1054,9 @@ KEEL_API int keel_cqrs_create(keel_cqrs **out, const keel_cqrs_opts *opts)
         if ((c->mem = keel__calloc(1, sizeof *c->mem))) {
             pthread_mutex_init(&c->mem->mu, NULL);
             pthread_cond_init(&c->mem->cp_cv, NULL);
+            /* a seed of its own: with one known to all, ids found offline
+             * would share one chain, each insert and lookup walking it */
+            c->mem->seed = keel_rand_u64(NULL);
         } else
             rc = KEEL_ENOMEM;
     }

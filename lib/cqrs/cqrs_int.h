@@ -87,6 +87,8 @@ int keel__cqrs_pg_project(cpg *s, const char *name, size_t batch, keel_cqrs_ctx 
                           int (*apply)(keel_cqrs_ctx *, const keel_cqrs_event *, void *), void *ud,
                           size_t *applied, uint64_t *checkpoint, int ahead);
 int keel__cqrs_pg_checkpoint(cpg *s, const char *name, uint64_t *pos);
+/* The memory store's hash seed (for tests). */
+uint64_t keel__cqrs_mem_seed(const keel_cqrs *c);
 /* The advisory lock key appends take (for tests that must hold it). */
 int64_t keel__cqrs_lock_key(const char *prefix);
 
