@@ -12,7 +12,8 @@
  * commands with idempotency keys and a projection through a restart of
  * the primary, and an append that timed out sent again; a partitioned
  * load that sees a writer's events and version together; a reset during
- * a run; a hash seed per memory store. */
+ * a run; a store opened with the other partitioning refused; a hash seed
+ * per memory store. */
 #define _GNU_SOURCE
 #include <libpq-fe.h>
 #include <pthread.h>
@@ -1553,6 +1554,37 @@ START_TEST(pg_a_missing_schema_is_a_clear_error)
 }
 END_TEST
 
+/* A store's events table is partitioned or not for good: a dispatcher
+ * with the other partition_by_month would write without the guard the
+ * store's versions need (no versions rows; or, partitioned, no unique
+ * key on the events), so keel_cqrs_create refuses it, and so does
+ * keel_cqrs_create_schema when the other kind appeared after create. */
+START_TEST(pg_a_store_opened_with_the_other_partitioning_is_refused)
+{
+    keel_pg *pg = open_pg();
+    for (int part = 0; part < 2; part++) {
+        char prefix[64];
+        snprintf(prefix, sizeof prefix, "%s", uniq("kind"));
+        keel_cqrs *c, *other, *same;
+        keel_cqrs_opts o = {.pg = pg, .prefix = prefix, .partition_by_month = part};
+        keel_cqrs_opts x = {.pg = pg, .prefix = prefix, .partition_by_month = !part};
+        ck_assert_int_eq(keel_cqrs_create(&c, &o), 0); /* no tables yet: either kind */
+        ck_assert_int_eq(keel_cqrs_create(&other, &x), 0);
+        ck_assert_int_eq(keel_cqrs_create_schema(c), 0);
+        ck_assert_int_eq(keel_cqrs_create_schema(other), KEEL_EINVAL);
+        keel_cqrs_destroy(other);
+        other = NULL;
+        ck_assert_int_eq(keel_cqrs_create(&other, &x), KEEL_EINVAL);
+        ck_assert_ptr_null(other);
+        ck_assert_int_eq(keel_cqrs_create(&same, &o), 0);
+        ck_assert_int_eq(keel_cqrs_create_schema(same), 0);
+        keel_cqrs_destroy(same);
+        keel_cqrs_destroy(c);
+    }
+    keel_pg_destroy(pg);
+}
+END_TEST
+
 /* append: loads the stream the payload names and emits one event. */
 static int cmd_append(keel_cqrs_ctx *x, const void *payload, size_t len, void *ud)
 {
@@ -2064,6 +2096,7 @@ int main(void)
     tcase_add_test(pg, pg_queries_go_to_the_replica_and_read_their_writes);
     tcase_add_test(pg, pg_monthly_partitions);
     tcase_add_test(pg, pg_a_missing_schema_is_a_clear_error);
+    tcase_add_test(pg, pg_a_store_opened_with_the_other_partitioning_is_refused);
     tcase_add_test(pg, pg_a_stream_missing_its_first_events_goes_on_from_its_last);
     tcase_add_test(pg, pg_a_projection_run_from_its_own_handler_does_not_wait_for_itself);
     tcase_add_test(pg, pg_next_months_partition_is_made_by_ordinary_use);

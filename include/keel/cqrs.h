@@ -105,7 +105,11 @@ typedef struct keel_cqrs_opts {
 
 /* Returns 0, KEEL_EINVAL (a bad prefix or subject prefix, max_payload
  * over 1 GiB) or KEEL_ENOMEM.
- * With PostgreSQL the schema must exist (keel_cqrs_create_schema). */
+ * With PostgreSQL the schema must exist (keel_cqrs_create_schema). Create
+ * asks the primary whether prefix+events exists and is partitioned: one
+ * that does not match partition_by_month is KEEL_EINVAL (logged), since
+ * such a writer would append without the store's version guard; the
+ * primary's errors (KEEL_EUNAVAIL, KEEL_EBACKEND, ...) are returned. */
 KEEL_API int keel_cqrs_create(keel_cqrs **out, const keel_cqrs_opts *opts);
 
 /* PostgreSQL: creates the tables if missing (idempotent): prefix+events,
@@ -123,7 +127,9 @@ KEEL_API int keel_cqrs_create(keel_cqrs **out, const keel_cqrs_opts *opts);
  * makes it the same way and tries again, and if the lock is held (a
  * projection's batch, say: a saga's command sent from its handler) fails
  * with KEEL_ETIMEDOUT instead of waiting for it; the next run or append
- * makes the partition before its own transaction.
+ * makes the partition before its own transaction. An existing
+ * prefix+events of the other kind (partitioned or not) than the option
+ * says: KEEL_EINVAL, nothing created.
  * The in-memory store: nothing to do. */
 KEEL_API int keel_cqrs_create_schema(keel_cqrs *c);
 

@@ -79,6 +79,28 @@ static int stmt(keel_pg *pg, keel_pg_stmt **out, const char *fmt, const char *ta
 #define COLS "position, stream_id, version, type, data, metadata, " \
              "(extract(epoch from created_at) * 1000000)::bigint"
 
+/* Whether prefix+events, if there, is of the kind the option says: a
+ * writer without partition_by_month on a partitioned store writes no
+ * versions rows and finds no UNIQUE (stream_id, version) on the events
+ * (a version appended twice); one with it on a plain store finds no
+ * versions table. KEEL_EINVAL, logged, on a mismatch. */
+static int check_kind(cpg *s)
+{
+    char sql[160];
+    snprintf(sql, sizeof sql, "SELECT relkind FROM pg_class WHERE oid = to_regclass('%s')", s->events);
+    PGresult *r = NULL;
+    int rc = keel_pg_exec(s->pg, KEEL_PG_WRITE, sql, NULL, &r);
+    char want = s->partitioned ? 'p' : 'r';
+    if (rc == 0 && PQntuples(r) == 1 && PQgetvalue(r, 0, 0)[0] != want) {
+        keel__log(KEEL_LOG_ERROR, "cqrs", "%s is %s, but partition_by_month is %s: refused", s->events,
+                  PQgetvalue(r, 0, 0)[0] == 'p' ? "partitioned" : "not a partitioned table",
+                  s->partitioned ? "set" : "not set");
+        rc = KEEL_EINVAL;
+    }
+    PQclear(r);
+    return rc;
+}
+
 int keel__cqrs_pg_create(keel_pg *pg, const char *prefix, int partitioned, keel_clock_fn clock, void *clock_ud,
                          cpg **out)
 {
@@ -123,6 +145,7 @@ int keel__cqrs_pg_create(keel_pg *pg, const char *prefix, int partitioned, keel_
     rc = rc ? rc : stmt(pg, &s->cp_get, "SELECT position FROM %s WHERE name = $1", s->cps);
     rc = rc ? rc : stmt(pg, &s->cp_make, "INSERT INTO %s (name, position) VALUES ($1, 0) ON CONFLICT DO NOTHING", s->cps);
     rc = rc ? rc : stmt(pg, &s->pending, "%s", pending);
+    rc = rc ? rc : check_kind(s);
     if (rc) {
         keel__cqrs_pg_destroy(s);
         return rc;
@@ -234,6 +257,9 @@ int keel__cqrs_pg_schema(cpg *s)
     size_t n = 0;
     int year = 0, month = 0;
     uint64_t left = 0;
+    int krc = check_kind(s); /* CREATE ... IF NOT EXISTS would pass over the other kind */
+    if (krc)
+        return krc;
     snprintf(sql[n++], sizeof sql[0], "SELECT pg_advisory_xact_lock(%s)", s->lock_s); /* one creator at a time */
     if (!s->partitioned) {
         snprintf(sql[n++], sizeof sql[0],
