@@ -1554,11 +1554,41 @@ START_TEST(pg_a_missing_schema_is_a_clear_error)
 }
 END_TEST
 
+/* append: loads the stream the payload names and emits one event. */
+static int cmd_append(keel_cqrs_ctx *x, const void *payload, size_t len, void *ud)
+{
+    (void)ud;
+    char stream[64];
+    snprintf(stream, sizeof stream, "%.*s", (int)len, (const char *)payload);
+    const keel_cqrs_event *evs;
+    size_t n;
+    int rc = keel_cqrs_load(x, stream, &evs, &n);
+    return rc ? rc : keel_cqrs_emit(x, stream, "thing.happened", "d", 1, NULL, 0);
+}
+
+/* keel_pg connects lazily, and so does create: with the primary not
+ * there it succeeds, and a command fails with the primary's error. */
+START_TEST(pg_create_does_not_need_the_primary)
+{
+    keel_pg *pg;
+    keel_pg_opts po = {.primary = "host=127.0.0.1 port=1 user=keel dbname=postgres", .manual_health = 1};
+    ck_assert_int_eq(keel_pg_create(&pg, &po), 0);
+    keel_cqrs *c;
+    keel_cqrs_opts o = {.pg = pg, .prefix = "kt_down_"};
+    ck_assert_int_eq(keel_cqrs_create(&c, &o), 0);
+    ck_assert_int_eq(keel_cqrs_command(c, "append", cmd_append, NULL), 0);
+    ck_assert_int_eq(keel_cqrs_send(c, "append", "s", 1, NULL, NULL), KEEL_EUNAVAIL);
+    keel_cqrs_destroy(c);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
 /* A store's events table is partitioned or not for good: a dispatcher
  * with the other partition_by_month would write without the guard the
  * store's versions need (no versions rows; or, partitioned, no unique
  * key on the events), so keel_cqrs_create refuses it, and so does
- * keel_cqrs_create_schema when the other kind appeared after create. */
+ * keel_cqrs_create_schema when the other kind appeared after create, and
+ * so does the first append of one made before the tables were. */
 START_TEST(pg_a_store_opened_with_the_other_partitioning_is_refused)
 {
     keel_pg *pg = open_pg();
@@ -1571,6 +1601,8 @@ START_TEST(pg_a_store_opened_with_the_other_partitioning_is_refused)
         ck_assert_int_eq(keel_cqrs_create(&c, &o), 0); /* no tables yet: either kind */
         ck_assert_int_eq(keel_cqrs_create(&other, &x), 0);
         ck_assert_int_eq(keel_cqrs_create_schema(c), 0);
+        ck_assert_int_eq(keel_cqrs_command(other, "append", cmd_append, NULL), 0);
+        ck_assert_int_eq(keel_cqrs_send(other, "append", "s1", 2, NULL, NULL), KEEL_EINVAL);
         ck_assert_int_eq(keel_cqrs_create_schema(other), KEEL_EINVAL);
         keel_cqrs_destroy(other);
         other = NULL;
@@ -1584,18 +1616,6 @@ START_TEST(pg_a_store_opened_with_the_other_partitioning_is_refused)
     keel_pg_destroy(pg);
 }
 END_TEST
-
-/* append: loads the stream the payload names and emits one event. */
-static int cmd_append(keel_cqrs_ctx *x, const void *payload, size_t len, void *ud)
-{
-    (void)ud;
-    char stream[64];
-    snprintf(stream, sizeof stream, "%.*s", (int)len, (const char *)payload);
-    const keel_cqrs_event *evs;
-    size_t n;
-    int rc = keel_cqrs_load(x, stream, &evs, &n);
-    return rc ? rc : keel_cqrs_emit(x, stream, "thing.happened", "d", 1, NULL, 0);
-}
 
 /* A stream whose first events were removed (archived, an old month's
  * partition dropped) goes on from its last version, not its count. */
@@ -2097,6 +2117,7 @@ int main(void)
     tcase_add_test(pg, pg_monthly_partitions);
     tcase_add_test(pg, pg_a_missing_schema_is_a_clear_error);
     tcase_add_test(pg, pg_a_store_opened_with_the_other_partitioning_is_refused);
+    tcase_add_test(pg, pg_create_does_not_need_the_primary);
     tcase_add_test(pg, pg_a_stream_missing_its_first_events_goes_on_from_its_last);
     tcase_add_test(pg, pg_a_projection_run_from_its_own_handler_does_not_wait_for_itself);
     tcase_add_test(pg, pg_next_months_partition_is_made_by_ordinary_use);

@@ -108,8 +108,11 @@ typedef struct keel_cqrs_opts {
  * With PostgreSQL the schema must exist (keel_cqrs_create_schema). Create
  * asks the primary whether prefix+events exists and is partitioned: one
  * that does not match partition_by_month is KEEL_EINVAL (logged), since
- * such a writer would append without the store's version guard; the
- * primary's errors (KEEL_EUNAVAIL, KEEL_EBACKEND, ...) are returned. */
+ * such a writer would append without the store's version guard. When
+ * the primary does not answer or the tables are not there yet, a
+ * command's first load or append asks, and fails (KEEL_EINVAL, or the
+ * primary's error) until the answer is right: create connects lazily,
+ * as keel_pg does. */
 KEEL_API int keel_cqrs_create(keel_cqrs **out, const keel_cqrs_opts *opts);
 
 /* PostgreSQL: creates the tables if missing (idempotent): prefix+events,

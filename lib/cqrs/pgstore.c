@@ -51,6 +51,7 @@ struct cpg {
     keel_pg_stmt *load, *idem_get, *ins_event, *ins_version, *ins_idem, *lock, *cp_get, *cp_make, *pending;
     keel__clock clock;
     _Atomic uint64_t look_at; /* the clock's time to make sure of the months again; 0: now */
+    atomic_bool kind_ok;      /* check_kind() passed */
 };
 
 #define MONTH_LOCK_WAIT "500ms"
@@ -97,8 +98,17 @@ static int check_kind(cpg *s)
                   s->partitioned ? "set" : "not set");
         rc = KEEL_EINVAL;
     }
+    if (rc == 0 && PQntuples(r) == 1) /* no table yet: ask again once there is */
+        atomic_store(&s->kind_ok, true);
     PQclear(r);
     return rc;
+}
+
+/* Before a command's first load or append: a check create could not make
+ * (the primary did not answer, or the tables were not there yet). */
+static int kind_checked(cpg *s)
+{
+    return atomic_load(&s->kind_ok) ? 0 : check_kind(s);
 }
 
 int keel__cqrs_pg_create(keel_pg *pg, const char *prefix, int partitioned, keel_clock_fn clock, void *clock_ud,
@@ -145,7 +155,8 @@ int keel__cqrs_pg_create(keel_pg *pg, const char *prefix, int partitioned, keel_
     rc = rc ? rc : stmt(pg, &s->cp_get, "SELECT position FROM %s WHERE name = $1", s->cps);
     rc = rc ? rc : stmt(pg, &s->cp_make, "INSERT INTO %s (name, position) VALUES ($1, 0) ON CONFLICT DO NOTHING", s->cps);
     rc = rc ? rc : stmt(pg, &s->pending, "%s", pending);
-    rc = rc ? rc : check_kind(s);
+    if (rc == 0 && check_kind(s) == KEEL_EINVAL) /* primary not there: the first append asks */
+        rc = KEEL_EINVAL;
     if (rc) {
         keel__cqrs_pg_destroy(s);
         return rc;
@@ -343,6 +354,9 @@ int keel__cqrs_pg_load(cpg *s, const char *stream, keel_cqrs_event **evs, size_t
      * COMMITTED, and a writer committing between them would give the
      * handler the old events with the new version, so its append would
      * follow an event it never saw without a conflict. */
+    int krc = kind_checked(s);
+    if (krc)
+        return krc;
     const char *v[1] = {stream};
     keel_pg_params p = {1, v, NULL, NULL, NULL, 1};
     PGresult *res = NULL;
@@ -435,6 +449,9 @@ static int append_once(cpg *s, const cappend *a, cappended *out)
 
 int keel__cqrs_pg_append(cpg *s, const cappend *a, cappended *out, int want_lsn, int ahead)
 {
+    int krc = kind_checked(s);
+    if (krc)
+        return krc;
     if (ahead)
         look_ahead(s);
     int rc = append_once(s, a, out);
