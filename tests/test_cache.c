@@ -614,6 +614,55 @@ START_TEST(only_an_invalidation_of_the_key_keeps_a_load_from_the_lower_tiers)
 }
 END_TEST
 
+/* An invalidation of a tag the loaded value does not carry, while "hot"
+ * loads, neither splits its flight nor keeps the value from L2 and L3:
+ * the callers that miss after it wait for the one load. One of the
+ * value's own tag does split it: a caller that joined after it loads
+ * again, since the value may be from before it. */
+START_TEST(only_a_tag_the_value_carries_splits_its_flight)
+{
+    rig r;
+    rig_open(&r, true, true, 0, 0);
+    r.ls.tag = "mine";
+    for (int round = 0; round < 2; round++) {
+        ck_assert_int_eq(keel_cache_del(r.c, "hot", 3), 0);
+        int calls = atomic_load(&r.ls.calls);
+        keel_cache_stats st0;
+        keel_cache_stats_get(r.c, &st0);
+        atomic_store(&r.ls.hold, 1);
+        getter g[4];
+        pthread_t t[4];
+        g[0] = (getter){r.c, 99, ""};
+        pthread_create(&t[0], NULL, get_thread, &g[0]);
+        while (atomic_load(&r.ls.calls) == calls) /* the first caller loads */
+            kt_nap(1 * MS);
+        ck_assert_int_eq(keel_cache_invalidate_tag(r.c, round == 0 ? "unrelated" : "mine"), 0);
+        for (int i = 1; i < 4; i++) {
+            g[i] = (getter){r.c, 99, ""};
+            pthread_create(&t[i], NULL, get_thread, &g[i]);
+        }
+        keel_cache_stats st;
+        do { /* the three join the load in flight, or (the bug) start their own */
+            kt_nap(1 * MS);
+            keel_cache_stats_get(r.c, &st);
+        } while (st.load_waits - st0.load_waits + (uint64_t)(atomic_load(&r.ls.calls) - calls - 1) < 3);
+        atomic_store(&r.ls.hold, 0);
+        for (int i = 0; i < 4; i++) {
+            pthread_join(t[i], NULL);
+            ck_assert_int_eq(g[i].rc, 0);
+            ck_assert_str_eq(g[i].v, "loaded:hot");
+        }
+        if (round == 0) {
+            ck_assert_int_eq(atomic_load(&r.ls.calls), calls + 1);
+            ck_assert(in_l2(&r, "hot", 3) && in_l3(&r, "hot", 3));
+        } else {
+            ck_assert_int_eq(atomic_load(&r.ls.calls), calls + 2); /* the three joined after it: one load more */
+        }
+    }
+    rig_close(&r);
+}
+END_TEST
+
 /* A clock that holds one thread at its second reading of it: a get that
  * missed L1 reads it once to ask a tier (tier_up) and once when the
  * tier has answered (tier_done), so it is held with the value read and
@@ -2516,6 +2565,7 @@ int main(void)
     tcase_add_test(sv, the_l3_table_is_unlogged_unless_asked);
     tcase_add_test(sv, a_multi_get_asks_each_node_once);
     tcase_add_test(sv, only_an_invalidation_of_the_key_keeps_a_load_from_the_lower_tiers);
+    tcase_add_test(sv, only_a_tag_the_value_carries_splits_its_flight);
     tcase_add_test(sv, a_value_read_below_before_an_invalidation_stays_out_of_l1);
     tcase_add_test(sv, a_set_overtaken_by_a_del_leaves_no_value_in_l1);
     tcase_add_test(sv, a_lease_makes_one_process_load);

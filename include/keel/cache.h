@@ -26,7 +26,10 @@
  *
  * Single-flight: concurrent misses of one key in one process call the
  * loader once; the others wait for its result (a miss after an
- * invalidation of that key starts a load of its own). With `lease`, a
+ * invalidation of that key starts a load of its own, and so does one
+ * after an invalidation of a tag the loaded value turns out to carry,
+ * once that value is in; an invalidation of another key or tag splits no
+ * load). With `lease`, a
  * Redis lease (SET NX PX) makes one process load while the others wait
  * for its value, or its absence, in L2 (until the lease is gone without
  * either, at most lease_ns, then they load too); the holder releases only
@@ -61,8 +64,8 @@
  * the lower tiers never overwrite a value set meanwhile (SET NX, an upsert
  * over expired rows only; an early refresh overwrites, as it must), and
  * are skipped when an invalidation of that
- * key (a del, set, prefix or tag, here or announced) came during the
- * read. (That check and the writes are not one step: a del that reaches
+ * key (a del, set or prefix, or of a tag the value carries; here or
+ * announced) came during the read. (That check and the writes are not one step: a del that reaches
  * L2 or L3 between them, or is announced after it, removes nothing there,
  * and the loaded value stays until its TTL. A writer that changes the
  * source and must not see the old value again sets the new one, which

@@ -13,7 +13,10 @@
  * on its way when an invalidation came never lands in L1 after it. The
  * loads in flight of the keys an invalidation covers stop taking callers
  * (a get after it waits for no value read before it); those of other keys
- * go on, so that one load still serves every miss of a key.
+ * go on, so that one load still serves every miss of a key. A tag's
+ * invalidation cannot know the keys it covers before their values are
+ * in: each flight notes it, and its value, if it carries the tag, goes
+ * neither to the lower tiers nor to the callers that joined after it.
  *
  * Redis keys: prefix + "v:" + key (the value, with a small header: its
  * tags and the time it took to load, for XFetch; or 'N' and an expiry:
@@ -63,6 +66,9 @@ typedef struct lookup_stats {
     _Atomic uint64_t hits_l1, negative_hits, misses;
 } __attribute__((aligned(KEEL__CACHELINE))) lookup_stats;
 
+/* The tag invalidations a flight remembers; past them, any tag counts. */
+#define FLIGHT_TAGS 8
+
 /* One in-process load of a key; the callers that missed meanwhile wait. */
 typedef struct flight {
     uint64_t h;
@@ -73,6 +79,11 @@ typedef struct flight {
     size_t vlen;
     bool done;
     bool stale; /* an invalidation of the key came: later callers start a load of their own */
+    /* Tags invalidated during the load, in order (the first FLIGHT_TAGS
+     * hashes kept): a value carrying one of them is from before it. */
+    size_t ntags;
+    uint64_t tags[FLIGHT_TAGS];
+    size_t tainted; /* done: the first of them the value's tags meet (SIZE_MAX: none); callers that joined after it load again */
     unsigned refs;
     pthread_cond_t cv;
     struct flight *next;
@@ -658,14 +669,16 @@ static int l3_one(keel_cache *c, keel_pg_stmt *s, const void *arg, int len, size
 
 /* ---- read-through ---- */
 
-/* Joins the flight of key, or starts one (true: the caller leads it). */
-static bool sf_join(keel_cache *c, const void *key, size_t klen, uint64_t h, flight **out)
+/* Joins the flight of key, or starts one (true: the caller leads it).
+ * *joined: the tag invalidations the flight had seen when joined. */
+static bool sf_join(keel_cache *c, const void *key, size_t klen, uint64_t h, flight **out, size_t *joined)
 {
     pthread_mutex_lock(&c->fl_mu);
     for (flight *f = c->flights; f; f = f->next)
         if (f->h == h && !f->stale && f->klen == klen && memcmp(f->key, key, klen) == 0) {
             f->refs++;
             *out = f;
+            *joined = f->ntags;
             pthread_mutex_unlock(&c->fl_mu);
             return false;
         }
@@ -716,7 +729,40 @@ static uint64_t invalidated(keel_cache *c, const void *key, size_t klen, bool pr
     return epoch;
 }
 
-static void sf_finish(keel_cache *c, flight *f, int rc, const void *val, size_t vlen)
+/* Under fl_mu: the index of the first of the flight's tag invalidations
+ * that the value's tags (hashes th) meet; SIZE_MAX if none does. */
+static size_t flight_tainted(const flight *f, const uint64_t *th, size_t nth)
+{
+    for (size_t i = 0; i < f->ntags && i < FLIGHT_TAGS; i++)
+        for (size_t j = 0; j < nth; j++)
+            if (f->tags[i] == th[j])
+                return i;
+    return nth && f->ntags > FLIGHT_TAGS ? FLIGHT_TAGS : SIZE_MAX; /* those not kept may be the value's */
+}
+
+/* A tag is invalidated: each flight notes it, so that its value, if it
+ * carries the tag, stays out of the lower tiers and from the callers that
+ * joined after (flight_tainted); flights of other keys go on. */
+static void flights_tag(keel_cache *c, const char *tag)
+{
+    if (atomic_load(&c->nflights) == 0)
+        return;
+    uint64_t th = tag_hash(tag);
+    pthread_mutex_lock(&c->fl_mu);
+    for (flight *f = c->flights; f; f = f->next)
+        if (f->ntags++ < FLIGHT_TAGS)
+            f->tags[f->ntags - 1] = th;
+    pthread_mutex_unlock(&c->fl_mu);
+}
+
+static void tag_hashes(const char *const *tags, size_t ntags, uint64_t *th)
+{
+    for (size_t i = 0; i < ntags; i++)
+        th[i] = tag_hash(tags[i]);
+}
+
+/* th, nth: the hashes of the value's tags. */
+static void sf_finish(keel_cache *c, flight *f, int rc, const void *val, size_t vlen, const uint64_t *th, size_t nth)
 {
     if (!f)
         return;
@@ -733,6 +779,7 @@ static void sf_finish(keel_cache *c, flight *f, int rc, const void *val, size_t 
             break;
         }
     f->rc = rc;
+    f->tainted = rc == 0 ? flight_tainted(f, th, nth) : SIZE_MAX;
     f->val = copy;
     f->vlen = vlen;
     f->done = true;
@@ -846,15 +893,17 @@ static int write_through(keel_cache *c, const void *key, size_t klen, uint64_t h
     return first ? first : rc;
 }
 
-/* Whether an invalidation of the flight's key came since it began; with
- * no flight (no memory for one), whether the epoch of the key (hash h)
- * moved since `seen`. */
-static bool flight_stale(keel_cache *c, flight *f, uint64_t h, uint64_t seen)
+/* Whether an invalidation of the flight's key, or of one of the value's
+ * tags, came since it began; with no flight (no memory for one), whether
+ * the epoch of the key (hash h) moved since `seen`. */
+static bool flight_stale(keel_cache *c, flight *f, uint64_t h, uint64_t seen, const char *const *tags, size_t ntags)
 {
     if (!f)
         return seen_of(c, h) != seen;
+    uint64_t th[CACHE_MAX_TAGS];
+    tag_hashes(tags, ntags, th);
     pthread_mutex_lock(&c->fl_mu);
-    bool stale = f->stale;
+    bool stale = f->stale || flight_tainted(f, th, ntags) != SIZE_MAX;
     pthread_mutex_unlock(&c->fl_mu);
     return stale;
 }
@@ -870,7 +919,7 @@ static void fill_through(keel_cache *c, flight *f, const void *key, size_t klen,
                          size_t vlen, uint64_t ttl, const char *const *tags, size_t ntags, uint64_t delta,
                          uint64_t seen, bool refresh)
 {
-    if (flight_stale(c, f, h, seen))
+    if (flight_stale(c, f, h, seen, tags, ntags))
         return;
     if (c->o.redis)
         l2_fill(c, key, klen, val, vlen, ttl, tags, ntags, delta, refresh);
@@ -926,10 +975,11 @@ static int dup_out(const void *val, size_t vlen, void **out, size_t *outlen)
     return 0;
 }
 
-/* An L2 reply in hand: decoded into L1 and *out, the reply freed. false
- * (the reply freed too) when it is not a value of ours. */
+/* An L2 reply in hand: decoded into L1 and *out (th, *nth: the hashes
+ * of its tags), the reply freed. false (the reply freed too) when it is
+ * not a value of ours. */
 static bool l2_take(keel_cache *c, const void *key, size_t klen, uint64_t h, redisReply *r, uint64_t seen, void **out,
-                    size_t *outlen, int *rc)
+                    size_t *outlen, uint64_t *th, size_t *nth, int *rc)
 {
     decoded d;
     bool ok = r && l2_decode(r->str, r->len, &d);
@@ -938,6 +988,8 @@ static bool l2_take(keel_cache *c, const void *key, size_t klen, uint64_t h, red
         *rc = KEEL_ENOTFOUND;
     } else if (ok) {
         l1_fill(c, key, klen, h, d.val, d.vlen, d.ttl, d.delta, d.tags, d.ntags, seen);
+        tag_hashes(d.tags, d.ntags, th);
+        *nth = d.ntags;
         *rc = dup_out(d.val, d.vlen, out, outlen);
     }
     if (r)
@@ -966,9 +1018,9 @@ static bool l3_tags(const char *tt, decoded *d)
 /* The lower tiers (L2 unless the caller just asked it; neither when it
  * refreshes early: both hold the value as near its expiry as L1 did),
  * then the loader, for the flight f the caller leads; *out (malloc'd) is
- * the value. */
+ * the value, th and *nth the hashes of its tags (CACHE_MAX_TAGS). */
 static int fill(keel_cache *c, flight *f, const void *key, size_t klen, uint64_t h, bool try_l2, bool refresh,
-                void **out, size_t *outlen)
+                void **out, size_t *outlen, uint64_t *th, size_t *nth)
 {
     bool try_l3 = !refresh;
     uint64_t seen = seen_of(c, h);
@@ -978,7 +1030,7 @@ static int fill(keel_cache *c, flight *f, const void *key, size_t klen, uint64_t
     size_t vnode = c->o.redis ? node_of(c, 'v', key, klen) : 0;
     if (try_l2 && c->o.redis && tier_up(c, L2, vnode)) {
         rc = tier_done(c, L2, vnode, l2_get(c, key, klen, &r));
-        if (l2_take(c, key, klen, h, rc == 0 ? r : NULL, seen, out, outlen, &rc)) {
+        if (l2_take(c, key, klen, h, rc == 0 ? r : NULL, seen, out, outlen, th, nth, &rc)) {
             if (rc != KEEL_ENOTFOUND)
                 atomic_fetch_add_explicit(&c->st.hits_l2, 1, memory_order_relaxed);
             return rc;
@@ -1003,9 +1055,11 @@ static int fill(keel_cache *c, flight *f, const void *key, size_t klen, uint64_t
             uint64_t ms_left;
             memcpy(&ms_left, PQgetvalue(res, 0, 2), 8);
             ttl = be64toh(ms_left) * 1000000u;
-            if (c->o.redis && !flight_stale(c, f, h, seen))
+            if (c->o.redis && !flight_stale(c, f, h, seen, d.tags, d.ntags))
                 l2_fill(c, key, klen, val, vlen, ttl, d.tags, d.ntags, 0, false);
             l1_fill(c, key, klen, h, val, vlen, ttl, 0, d.tags, d.ntags, seen);
+            tag_hashes(d.tags, d.ntags, th);
+            *nth = d.ntags;
             rc = dup_out(val, vlen, out, outlen);
             PQclear(res);
             return rc;
@@ -1038,7 +1092,7 @@ static int fill(keel_cache *c, flight *f, const void *key, size_t klen, uint64_t
                 wrc = lease_wait(c, key, klen, lk, lkl, &r, &at);
                 l2_done(c, vnode, at, wrc);
             }
-            if (l2_take(c, key, klen, h, wrc == 0 ? r : NULL, seen, out, outlen, &rc))
+            if (l2_take(c, key, klen, h, wrc == 0 ? r : NULL, seen, out, outlen, th, nth, &rc))
                 return rc;
         }
     }
@@ -1050,12 +1104,14 @@ static int fill(keel_cache *c, flight *f, const void *key, size_t klen, uint64_t
     if (rc == 0 && !ld.set)
         rc = KEEL_EPROTO; /* said yes, gave nothing */
     if (rc == KEEL_ENOTFOUND) {
-        if (c->o.redis && !flight_stale(c, f, h, seen))
+        if (c->o.redis && !flight_stale(c, f, h, seen, NULL, 0))
             l2_absent(c, key, klen);
         l1_absent(c, key, klen, h, c->o.negative_ttl_ns, seen);
     } else if (rc == 0) {
         uint64_t lttl = ld.ttl ? ld.ttl : c->o.default_ttl_ns;
         fill_through(c, f, key, klen, h, ld.val, ld.vlen, lttl, ld.tags, ld.ntags, delta, seen, refresh);
+        tag_hashes(ld.tags, ld.ntags, th);
+        *nth = ld.ntags;
         *out = ld.val;
         *outlen = ld.vlen;
         ld.val = NULL;
@@ -1155,7 +1211,8 @@ static int miss(keel_cache *c, const void *key, size_t klen, uint64_t h, bool tr
 {
     int rc;
     flight *f;
-    bool leader = sf_join(c, key, klen, h, &f);
+    size_t joined = 0;
+    bool leader = sf_join(c, key, klen, h, &f, &joined);
     if (!leader && stale_ok) { /* someone refreshes it already: ours stands */
         sf_leave(c, f);
         return 0;
@@ -1166,14 +1223,19 @@ static int miss(keel_cache *c, const void *key, size_t klen, uint64_t h, bool tr
         while (!f->done)
             pthread_cond_wait(&f->cv, &c->fl_mu);
         pthread_mutex_unlock(&c->fl_mu);
+        if (f->rc == 0 && f->tainted < joined) { /* we came after a tag of the value went */
+            sf_leave(c, f);
+            return miss(c, key, klen, h, true, false, buf, cap, len);
+        }
         rc = f->rc == 0 ? copy_out(f->val, f->vlen, buf, cap, len) : f->rc;
         sf_leave(c, f);
         return rc;
     }
     void *val = NULL;
-    size_t vlen = 0;
-    rc = fill(c, f, key, klen, h, try_l2, stale_ok, &val, &vlen);
-    sf_finish(c, f, rc, val, vlen);
+    size_t vlen = 0, nth = 0;
+    uint64_t th[CACHE_MAX_TAGS];
+    rc = fill(c, f, key, klen, h, try_l2, stale_ok, &val, &vlen, th, &nth);
+    sf_finish(c, f, rc, val, vlen, th, nth);
     sf_leave(c, f);
     if (rc == 0)
         rc = copy_out(val, vlen, buf, cap, len);
@@ -1399,10 +1461,13 @@ static int l2_del_tag(keel_cache *c, const char *tag, size_t *at)
 
 /* Makes L1's entries carrying the tag miss. The epoch moves first: a
  * value read below before it, whose tags' versions are taken after the
- * bump, stays out of L1 all the same. */
+ * bump, stays out of L1 all the same. The loads in flight go on taking
+ * callers: only those whose value carries the tag are kept from the
+ * lower tiers and from the callers that came after it (flights_tag). */
 static void bump_tag(keel_cache *c, const char *tag)
 {
-    invalidated(c, NULL, 0, false);
+    atomic_fetch_add(&c->epoch, 1);
+    flights_tag(c, tag);
     tag_bump(c, tag);
 }
 
