@@ -8,6 +8,7 @@
  * through a scan; XFetch; bad input; the L1 alone against a seeded
  * model. */
 #define _GNU_SOURCE
+#include <endian.h>
 #include <libpq-fe.h>
 #include <pthread.h>
 #include <stdbool.h>
@@ -1334,6 +1335,76 @@ START_TEST(prefixes_with_glob_and_like_characters_and_nul)
 }
 END_TEST
 
+static uint64_t wall_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+/* An L2 value as keel_cache encodes it ('K' or, absent, 'N'; its expiry
+ * in wall-clock ms), put by hand. */
+static void l2_put_raw(rig *r, const char *key, bool absent, uint64_t expiry_ms)
+{
+    char k[256], v[18 + 1] = {'K', 0};
+    int kl = snprintf(k, sizeof k, "%sv:%s", r->prefix, key);
+    uint64_t e = htobe64(expiry_ms);
+    size_t vl = 18 + 1;
+    if (absent) {
+        v[0] = 'N';
+        memcpy(v + 1, &e, 8);
+        vl = 9;
+    } else {
+        memset(v + 2, 0, 8);
+        memcpy(v + 10, &e, 8);
+        v[18] = 'x';
+    }
+    const char *a[5] = {"SET", k, v, "PX", "600000"};
+    size_t l[5] = {3, (size_t)kl, vl, 2, 6};
+    redisReply *rep;
+    ck_assert_int_eq(keel_redis_command(r->redis, k, (size_t)kl, 5, a, l, &rep), 0);
+    freeReplyObject(rep);
+}
+
+/* A TTL of UINT64_MAX ns ("never expires") written by a process whose
+ * wall clock is ahead of ours, and a row whose expiry is far off, keep
+ * L1's copy as long as they say: the time left, in ns, saturates rather
+ * than wrapping to a fraction of a millisecond. */
+START_TEST(a_far_expiry_read_below_does_not_wrap_to_a_short_one)
+{
+    rig r;
+    rig_open(&r, true, true, 0, 0);
+    uint64_t forever_ms = UINT64_MAX / 1000000u; /* what a writer adds for ttl UINT64_MAX */
+    l2_put_raw(&r, "val", false, wall_ms() + forever_ms + 1000); /* its clock 1 s ahead */
+    l2_put_raw(&r, "gone", true, wall_ms() + forever_ms + 1000);
+    char sql[300];
+    snprintf(sql, sizeof sql,
+             "INSERT INTO \"%s\" (key, value, expires_at, tags) VALUES ('row', 'y', now() + interval '100000 years', NULL)",
+             r.table);
+    PGresult *res;
+    ck_assert_int_eq(keel_pg_exec(r.pg, KEEL_PG_WRITE, sql, NULL, &res), 0);
+    PQclear(res);
+    char v[16];
+    ck_assert_int_eq(get(r.c, "val", v, sizeof v), 0);
+    ck_assert_str_eq(v, "x");
+    ck_assert_int_eq(get(r.c, "gone", v, sizeof v), KEEL_ENOTFOUND);
+    ck_assert_int_eq(get(r.c, "row", v, sizeof v), 0);
+    ck_assert_str_eq(v, "y");
+    kt_clock_advance(&clk, 3600 * S);
+    keel_cache_stats a, b;
+    keel_cache_stats_get(r.c, &a);
+    ck_assert_int_eq(get(r.c, "val", v, sizeof v), 0);
+    ck_assert_int_eq(get(r.c, "gone", v, sizeof v), KEEL_ENOTFOUND);
+    ck_assert_int_eq(get(r.c, "row", v, sizeof v), 0);
+    keel_cache_stats_get(r.c, &b);
+    ck_assert_uint_eq(b.hits_l1 - a.hits_l1, 2); /* an hour on: still in L1 */
+    ck_assert_uint_eq(b.negative_hits - a.negative_hits, 1);
+    ck_assert_uint_eq(b.hits_l2 + b.hits_l3, a.hits_l2 + a.hits_l3);
+    ck_assert_int_eq(atomic_load(&r.ls.calls), 0);
+    rig_close(&r);
+}
+END_TEST
+
 /* Values in L2 and rows in L3 that keel_cache did not write (another
  * program under the prefix, a row put by hand) are not values of ours
  * when their tags do not fit: the loader answers, nothing overflows. */
@@ -2579,6 +2650,7 @@ int main(void)
     tcase_add_test(sv, a_tag_goes_from_every_tier);
     tcase_add_test(sv, prefixes_with_glob_and_like_characters_and_nul);
     tcase_add_test(sv, foreign_tags_too_long_are_not_values_of_ours);
+    tcase_add_test(sv, a_far_expiry_read_below_does_not_wrap_to_a_short_one);
     tcase_add_test(sv, redis_down_then_back);
     tcase_add_test(sv, postgres_down_then_back);
     tcase_add_test(sv, one_redis_node_down_costs_only_its_keys);

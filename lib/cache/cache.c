@@ -432,6 +432,11 @@ static void *l2_encode(const void *val, size_t vlen, const char *const *tags, si
     return b;
 }
 
+/* ms as ns, UINT64_MAX past it: a TTL of UINT64_MAX ns ("never") comes
+ * back from below as slightly more ms than that holds when the writer's
+ * clock is ahead, and must not wrap to a short one. */
+static uint64_t ms_to_ns(uint64_t ms) { return ms > UINT64_MAX / 1000000u ? UINT64_MAX : ms * 1000000u; }
+
 typedef struct decoded {
     bool negative; /* the loader said absent: no value */
     const char *val;
@@ -449,7 +454,7 @@ static bool l2_decode(const char *b, size_t n, decoded *d)
     if (d->negative) {
         memcpy(&e, b + 1, 8);
         e = be64toh(e);
-        d->ttl = e > now ? (e - now) * 1000000u : 1000000u;
+        d->ttl = ms_to_ns(e > now ? e - now : 1);
         d->val = NULL;
         d->vlen = d->ntags = 0;
         d->delta = 0;
@@ -462,7 +467,7 @@ static bool l2_decode(const char *b, size_t n, decoded *d)
     memcpy(&e, b + 10, 8);
     d->delta = be64toh(v);
     e = be64toh(e);
-    d->ttl = e > now ? (e - now) * 1000000u : 1000000u;
+    d->ttl = ms_to_ns(e > now ? e - now : 1);
     size_t at = L2_HEAD;
     char *tb = d->tagbuf;
     for (size_t i = 0; i < d->ntags; i++) {
@@ -1054,7 +1059,7 @@ static int fill(keel_cache *c, flight *f, const void *key, size_t klen, uint64_t
             const char *val = PQgetvalue(res, 0, 0);
             uint64_t ms_left;
             memcpy(&ms_left, PQgetvalue(res, 0, 2), 8);
-            ttl = be64toh(ms_left) * 1000000u;
+            ttl = ms_to_ns(be64toh(ms_left));
             if (c->o.redis && !flight_stale(c, f, h, seen, d.tags, d.ntags))
                 l2_fill(c, key, klen, val, vlen, ttl, d.tags, d.ntags, 0, false);
             l1_fill(c, key, klen, h, val, vlen, ttl, 0, d.tags, d.ntags, seen);
