@@ -1169,6 +1169,36 @@ static bool eventually(keel_cache *c, const char *key, const char *want)
     return false;
 }
 
+/* An early refresh whose loader says the key is gone removes it from L2
+ * and L3 and from the other processes' L1, as a del would: they do not
+ * go on serving the old value. */
+START_TEST(an_early_refresh_that_finds_the_key_gone_removes_it_everywhere)
+{
+    rig r;
+    rig_open(&r, true, true, 0, 0);
+    keel_cache_destroy(r.c);
+    r.ls.take_ns = 100 * MS;
+    keel_cache_opts o = {.redis = r.redis, .redis_prefix = r.prefix, .pg = r.pg, .table = r.table, .loader = load,
+                         .loader_ud = &r.ls, .xfetch_beta = 1, .clock = kt_clock_now, .clock_ud = &clk};
+    ck_assert_int_eq(keel_cache_create(&r.c, &o), 0);
+    char v[64];
+    ck_assert_int_eq(get(r.c, "x", v, sizeof v), 0); /* loaded: 60 s in every tier */
+    keel_cache *peer = rig_peer(&r, true);
+    ck_assert_int_eq(get(peer, "x", v, sizeof v), 0); /* in the peer's L1 */
+    kt_clock_advance(&clk, 59990 * MS); /* 10 ms left in L1: nearly every get would refresh */
+    r.ls.absent = 1;
+    int rc = 0;
+    for (int i = 0; i < 20 && atomic_load(&r.ls.calls) == 1; i++)
+        rc = get(r.c, "x", v, sizeof v);
+    ck_assert_int_eq(atomic_load(&r.ls.calls), 2);
+    ck_assert_int_eq(rc, KEEL_ENOTFOUND);
+    ck_assert(!in_l2(&r, "x", 1) && !in_l3(&r, "x", 1));
+    ck_assert(eventually(peer, "x", NULL));
+    keel_cache_destroy(peer);
+    rig_close(&r);
+}
+END_TEST
+
 START_TEST(another_process_invalidates_this_l1)
 {
     char prefix[80];
@@ -2645,6 +2675,7 @@ int main(void)
     tcase_add_test(sv, without_a_loader_a_value_near_expiry_is_a_hit);
     tcase_add_test(sv, xfetch_refreshes_from_the_loader_over_l3);
     tcase_add_test(sv, an_early_refresh_overwrites_l2_and_l3);
+    tcase_add_test(sv, an_early_refresh_that_finds_the_key_gone_removes_it_everywhere);
     tcase_add_test(sv, another_process_invalidates_this_l1);
     tcase_add_test(sv, a_dropped_link_flushes_l1);
     tcase_add_test(sv, a_tag_goes_from_every_tier);

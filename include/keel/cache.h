@@ -41,7 +41,9 @@
  * invalidation of the key came during the load), so that the other
  * processes do not miss at the old expiry either; that caller keeps the
  * value it had if the refresh fails, and gets KEEL_ENOTFOUND if the
- * loader says the key is gone. An L1 entry cut short by l1_max_ttl over
+ * loader says the key is gone, which then goes, as by a del, from L2 (the
+ * absence written over it), L3 and the other processes' L1 (unless an
+ * invalidation of the key came during the load). An L1 entry cut short by l1_max_ttl over
  * L2 or L3 is not refreshed early: it is filled again from them when it
  * expires. A loader may answer KEEL_ENOTFOUND: that absence is cached in
  * L1 for negative_ttl_ns (at most l1_max_ttl_ns, like every L1 entry) and,

@@ -564,8 +564,9 @@ static void l2_fill(keel_cache *c, const void *key, size_t klen, const void *val
 }
 
 /* An absence the loader reported, for the other processes (those waiting
- * on the lease among them): for negative_ttl_ns, where nothing is. */
-static void l2_absent(keel_cache *c, const void *key, size_t klen)
+ * on the lease among them): for negative_ttl_ns, where nothing is or,
+ * `over`, over the value there (an early refresh found the key gone). */
+static void l2_absent(keel_cache *c, const void *key, size_t klen, bool over)
 {
     size_t node = node_of(c, 'v', key, klen);
     if (!tier_up(c, L2, node))
@@ -580,7 +581,7 @@ static void l2_absent(keel_cache *c, const void *key, size_t klen)
     const char *a[6] = {"SET", k, v, "PX", ms, "NX"};
     size_t l[6] = {3, kl, sizeof v, 2, strlen(ms), 2};
     redisReply *r = NULL;
-    int rc = keel_redis_command(c->o.redis, k, kl, 6, a, l, &r);
+    int rc = keel_redis_command(c->o.redis, k, kl, over ? 5 : 6, a, l, &r);
     if (r)
         freeReplyObject(r);
     tier_done(c, L2, node, rc);
@@ -1109,8 +1110,15 @@ static int fill(keel_cache *c, flight *f, const void *key, size_t klen, uint64_t
     if (rc == 0 && !ld.set)
         rc = KEEL_EPROTO; /* said yes, gave nothing */
     if (rc == KEEL_ENOTFOUND) {
-        if (c->o.redis && !flight_stale(c, f, h, seen, NULL, 0))
-            l2_absent(c, key, klen);
+        /* a refresh found the key gone: as a del, from every tier and
+         * process, unless an invalidation (a set among them) came meanwhile */
+        bool fresh = !flight_stale(c, f, h, seen, NULL, 0);
+        if (c->o.redis && fresh)
+            l2_absent(c, key, klen, refresh);
+        if (refresh && fresh && c->o.pg && tier_up(c, L3, 0))
+            tier_done(c, L3, 0, l3_one(c, c->st_del, key, (int)klen, NULL));
+        if (refresh && fresh)
+            announce(c, 'K', key, klen);
         l1_absent(c, key, klen, h, c->o.negative_ttl_ns, seen);
     } else if (rc == 0) {
         uint64_t lttl = ld.ttl ? ld.ttl : c->o.default_ttl_ns;
