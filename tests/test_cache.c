@@ -855,6 +855,57 @@ START_TEST(a_multi_get_loads_a_key_given_twice_once)
 }
 END_TEST
 
+/* A loader whose value L1 cannot keep (bigger than an L1 shard) or that
+ * fails. */
+static struct {
+    _Atomic int calls;
+    size_t size;
+    int rc;
+} unkept;
+
+static int unkept_load(const void *key, size_t klen, keel_cache_load *ld, void *ud)
+{
+    (void)key, (void)klen, (void)ud;
+    atomic_fetch_add(&unkept.calls, 1);
+    if (unkept.rc)
+        return unkept.rc;
+    static char big[4096];
+    memset(big, 'b', sizeof big);
+    return keel_cache_load_set(ld, big, unkept.size, 60 * S, NULL, 0);
+}
+
+/* A key given twice is loaded once even when L1 cannot keep its value for
+ * the second copy to find: the copies share the one result, each in its
+ * own buffer (KEEL_ERANGE for one too small). */
+START_TEST(a_multi_get_loads_a_key_given_twice_once_even_when_l1_cannot_keep_it)
+{
+    keel_cache *c;
+    keel_cache_opts o = {.l1_max_bytes = 64 << 10, .loader = unkept_load, .clock = kt_clock_now, .clock_ud = &clk};
+    ck_assert_int_eq(keel_cache_create(&c, &o), 0); /* shards of 2 KiB */
+    static char bufs[3][4096];
+    unkept.size = 3000;
+    keel_cache_item it[3] = {{"dup", 3, bufs[0], 100, 0, 99},
+                             {"dup", 3, bufs[1], sizeof bufs[1], 0, 99},
+                             {"dup", 3, bufs[2], sizeof bufs[2], 0, 99}};
+    ck_assert_int_eq(keel_cache_get_many(c, it, 3), KEEL_ERANGE);
+    ck_assert_int_eq(it[0].rc, KEEL_ERANGE);
+    ck_assert_uint_eq(it[0].len, 3000);
+    for (int i = 1; i < 3; i++) {
+        ck_assert_int_eq(it[i].rc, 0);
+        ck_assert_uint_eq(it[i].len, 3000);
+        ck_assert(bufs[i][0] == 'b' && bufs[i][2999] == 'b');
+    }
+    ck_assert_int_eq(atomic_load(&unkept.calls), 1);
+    unkept.rc = KEEL_EUNAVAIL; /* an error, which L1 does not keep either */
+    keel_cache_item bad[2] = {{"bad", 3, bufs[0], 64, 0, 99}, {"bad", 3, bufs[1], 64, 0, 99}};
+    ck_assert_int_eq(keel_cache_get_many(c, bad, 2), KEEL_EUNAVAIL);
+    ck_assert_int_eq(bad[0].rc, KEEL_EUNAVAIL);
+    ck_assert_int_eq(bad[1].rc, KEEL_EUNAVAIL);
+    ck_assert_int_eq(atomic_load(&unkept.calls), 2);
+    keel_cache_destroy(c);
+}
+END_TEST
+
 START_TEST(xfetch_refreshes_early_near_expiry_only)
 {
     rig r;
@@ -2636,6 +2687,7 @@ int main(void)
     tcase_add_test(tc, only_an_invalidation_of_the_key_keeps_a_load_out_of_l1);
     tcase_add_test(tc, an_absent_answer_is_cached_for_negative_ttl);
     tcase_add_test(tc, a_multi_get_loads_a_key_given_twice_once);
+    tcase_add_test(tc, a_multi_get_loads_a_key_given_twice_once_even_when_l1_cannot_keep_it);
     tcase_add_test(tc, xfetch_refreshes_early_near_expiry_only);
     tcase_add_test(tc, an_early_refresh_that_finds_the_key_gone_says_so);
     tcase_add_test(tc, the_hot_set_survives_a_scan);

@@ -183,7 +183,9 @@ typedef struct keel_cache_item {
  * (batches of 512; a node that fails or is skipped is passed over for the
  * others), then each key still missing through L3 and the loader as
  * keel_cache_get() does (through L2 too when its node's MGET failed or
- * was skipped, or lacked memory). Returns
+ * was skipped, or lacked memory). A key given more than once is asked
+ * for once: every copy gets that one result in its own buffer
+ * (KEEL_ERANGE for one too small). Returns
  * 0 when every item has its value, else the error of the first item
  * without one (see each rc). */
 KEEL_API int keel_cache_get_many(keel_cache *c, keel_cache_item *items, size_t n);

@@ -1342,15 +1342,112 @@ static int l1_item(keel_cache *c, keel_cache_item *x, bool *negative)
     return x->rc;
 }
 
+/* One item of a multi-get, for the copies of a key given more than once:
+ * the first copy asks for them all (L1 may not keep the value, or an
+ * error, for a second to find), into the largest of their buffers. */
+typedef struct same_key {
+    uint64_t h;
+    size_t i;
+    size_t first; /* the copy that asks (i itself for it) */
+    void *buf;    /* the item's own buffer, while the first borrows another */
+    size_t cap;
+} same_key;
+
+static int by_hash(const void *a, const void *b)
+{
+    const same_key *x = a, *y = b;
+    return x->h != y->h ? (x->h < y->h ? -1 : 1) : (x->i > y->i) - (x->i < y->i);
+}
+
+static bool good_item(const keel_cache *c, const keel_cache_item *x)
+{
+    return key_ok(c, x->key, x->klen) && (!x->cap || x->buf);
+}
+
+/* Finds the copies (by hash, then bytes) and lends each first copy the
+ * largest buffer among its own; indexed by item. NULL when there are none
+ * or no memory (each copy then asks alone, as before). */
+static same_key *same_keys(keel_cache *c, keel_cache_item *it, size_t n)
+{
+    same_key *s = n > 1 ? keel__malloc(n * sizeof *s) : NULL, *byi = s ? keel__malloc(n * sizeof *byi) : NULL;
+    if (!byi) {
+        keel__free(s);
+        return NULL;
+    }
+    for (size_t i = 0; i < n; i++)
+        s[i] = (same_key){good_item(c, &it[i]) ? key_hash(c, it[i].key, it[i].klen) : 0, i, i, it[i].buf, it[i].cap};
+    qsort(s, n, sizeof *s, by_hash);
+    bool any = false;
+    for (size_t a = 0; a < n; a++) { /* each copy's first: the earliest of its run with the same bytes */
+        const keel_cache_item *x = &it[s[a].i];
+        for (size_t b = a; b-- > 0 && s[b].h == s[a].h;)
+            if (s[b].first == s[b].i && good_item(c, x) && good_item(c, &it[s[b].i]) &&
+                it[s[b].i].klen == x->klen && memcmp(it[s[b].i].key, x->key, x->klen) == 0) {
+                s[a].first = s[b].i;
+                any = true;
+                break;
+            }
+    }
+    for (size_t a = 0; a < n; a++)
+        byi[s[a].i] = s[a];
+    keel__free(s);
+    if (!any) {
+        keel__free(byi);
+        return NULL;
+    }
+    for (size_t i = 0; i < n; i++) { /* the first asks into the largest buffer */
+        keel_cache_item *f = &it[byi[i].first];
+        if (it[i].cap > f->cap) {
+            f->buf = it[i].buf;
+            f->cap = it[i].cap;
+        }
+    }
+    return byi;
+}
+
+/* Gives each copy its first's result, in its own buffer, and the first
+ * its own buffer back. */
+static void same_results(keel_cache_item *it, size_t n, same_key *sk)
+{
+    for (size_t i = 0; i < n; i++) {
+        keel_cache_item *x = &it[i], *f = &it[sk[i].first];
+        if (sk[i].first == i)
+            continue;
+        x->rc = f->rc;
+        x->len = f->rc == 0 || f->rc == KEEL_ERANGE ? f->len : 0;
+        if (f->rc == 0 && f->len > x->cap)
+            x->rc = KEEL_ERANGE;
+        else if (f->rc == 0 && f->len && x->buf != f->buf)
+            memmove(x->buf, f->buf, f->len);
+    }
+    for (size_t i = 0; i < n; i++) {
+        keel_cache_item *f = &it[i];
+        if (sk[i].first != i || f->buf == sk[i].buf)
+            continue;
+        if (f->rc == 0 && f->len > sk[i].cap)
+            f->rc = KEEL_ERANGE;
+        else if (f->rc == 0 && f->len)
+            memmove(sk[i].buf, f->buf, f->len);
+        f->buf = sk[i].buf;
+        f->cap = sk[i].cap;
+    }
+}
+
 KEEL_API int keel_cache_get_many(keel_cache *c, keel_cache_item *items, size_t n)
 {
     if (!c || (n && !items))
         return KEEL_EINVAL;
+    same_key *sk = same_keys(c, items, n);
     size_t missing = 0;
     for (size_t i = 0; i < n; i++) {
         keel_cache_item *x = &items[i];
-        if (!key_ok(c, x->key, x->klen) || (x->cap && !x->buf)) {
+        if (!good_item(c, x)) {
             x->rc = KEEL_EINVAL;
+            x->len = 0;
+            continue;
+        }
+        if (sk && sk[i].first != i) { /* its first copy asks */
+            x->rc = 0;
             x->len = 0;
             continue;
         }
@@ -1371,20 +1468,23 @@ KEEL_API int keel_cache_get_many(keel_cache *c, keel_cache_item *items, size_t n
         for (size_t i = 0; i < n; i++) /* no memory for the MGETs: each key asks alone */
             if (items[i].len == SIZE_MAX)
                 items[i].rc = KEEL_EUNAVAIL;
-    int first = 0;
     for (size_t i = 0; i < n; i++) {
         keel_cache_item *x = &items[i];
         /* L2 alone for a key its node's MGET did not answer (skipped nodes
          * are skipped again at once) */
         bool asked = x->rc == KEEL_ENOTFOUND, negative;
-        /* L1 again: a key given twice was found or loaded for the first */
+        /* L1 again: another item's load may have brought the key */
         if (x->len == SIZE_MAX && l1_item(c, x, &negative) == KEEL_ENOTFOUND && !negative)
             x->rc = miss(c, x->key, x->klen, key_hash(c, x->key, x->klen), !asked, false, x->buf, x->cap, &x->len);
         if (x->rc != 0 && x->len == SIZE_MAX)
             x->len = 0;
-        if (!first)
-            first = x->rc;
     }
+    if (sk)
+        same_results(items, n, sk);
+    keel__free(sk);
+    int first = 0;
+    for (size_t i = 0; i < n && !first; i++)
+        first = items[i].rc;
     return first;
 }
 
