@@ -1486,6 +1486,67 @@ START_TEST(a_far_expiry_read_below_does_not_wrap_to_a_short_one)
 }
 END_TEST
 
+/* A get that missed L2 just before another process filled it (and let
+ * go of its lease) and then wins the lease looks in L2 again before it
+ * calls the loader, and lets go of the lease. */
+START_TEST(a_lease_holder_looks_in_l2_again_before_loading)
+{
+    rig r;
+    rig_open(&r, true, false, 0, 0);
+    keel_cache_destroy(r.c); /* again, with a lease and on the holding clock */
+    keel_cache_opts o = {.redis = r.redis, .redis_prefix = r.prefix, .loader = load, .loader_ud = &r.ls,
+                         .lease = 1, .clock = holding_clock, .clock_ud = &clk};
+    ck_assert_int_eq(keel_cache_create(&r.c, &o), 0);
+    atomic_store(&hold.calls, 0);
+    atomic_store(&hold.held, 0);
+    atomic_store(&hold.go, 0);
+    held_getter g = {r.c, false, 99, ""};
+    pthread_t t;
+    pthread_create(&t, NULL, held_get_thread, &g);
+    while (!atomic_load(&hold.held)) /* it missed L2 */
+        kt_nap(1 * MS);
+    l2_put_raw(&r, "k", false, wall_ms() + 60000); /* another process's load lands, its lease gone */
+    atomic_store(&hold.go, 1);
+    pthread_join(t, NULL);
+    ck_assert_int_eq(g.rc, 0);
+    ck_assert_str_eq(g.v, "x");
+    ck_assert_int_eq(atomic_load(&r.ls.calls), 0);
+    char k[128];
+    int n = snprintf(k, sizeof k, "%sl:k", r.prefix);
+    const char *a[2] = {"EXISTS", k};
+    size_t l[2] = {6, (size_t)n};
+    redisReply *rep;
+    ck_assert_int_eq(keel_redis_command(r.redis, k, (size_t)n, 2, a, l, &rep), 0);
+    ck_assert_int_eq(rep->integer, 0); /* the lease let go */
+    freeReplyObject(rep);
+    rig_close(&r);
+}
+END_TEST
+
+/* An early refresh that takes the lease does not take the value it
+ * refreshes back from L2 for a new one: it asks the loader. */
+START_TEST(an_early_refresh_under_a_lease_asks_the_loader)
+{
+    rig r;
+    rig_open(&r, true, false, 0, 0);
+    keel_cache_destroy(r.c);
+    r.ls.take_ns = 100 * MS;
+    keel_cache_opts o = {.redis = r.redis, .redis_prefix = r.prefix, .loader = load, .loader_ud = &r.ls,
+                         .lease = 1, .xfetch_beta = 1, .clock = kt_clock_now, .clock_ud = &clk};
+    ck_assert_int_eq(keel_cache_create(&r.c, &o), 0);
+    char v[64];
+    ck_assert_int_eq(get(r.c, "x", v, sizeof v), 0);
+    kt_clock_advance(&clk, 59990 * MS); /* 10 ms left in L1: nearly every get would refresh */
+    r.ls.val = "fresh";
+    for (int i = 0; i < 20 && atomic_load(&r.ls.calls) == 1; i++)
+        ck_assert_int_eq(get(r.c, "x", v, sizeof v), 0);
+    ck_assert_int_eq(atomic_load(&r.ls.calls), 2);
+    ck_assert_int_eq(get(r.c, "x", v, sizeof v), 0);
+    ck_assert_str_eq(v, "fresh");
+    rig_close(&r);
+}
+END_TEST
+
 /* Values in L2 and rows in L3 that keel_cache did not write (another
  * program under the prefix, a row put by hand) are not values of ours
  * when their tags do not fit: the loader answers, nothing overflows. */
@@ -2722,6 +2783,8 @@ int main(void)
     tcase_add_test(sv, a_value_read_below_before_an_invalidation_stays_out_of_l1);
     tcase_add_test(sv, a_set_overtaken_by_a_del_leaves_no_value_in_l1);
     tcase_add_test(sv, a_lease_makes_one_process_load);
+    tcase_add_test(sv, a_lease_holder_looks_in_l2_again_before_loading);
+    tcase_add_test(sv, an_early_refresh_under_a_lease_asks_the_loader);
     tcase_add_test(sv, redis_failing_during_a_lease_wait_counts_against_l2);
     tcase_add_test(sv, xfetch_leaves_an_entry_capped_by_l1_max_ttl_to_l2);
     tcase_add_test(sv, without_a_loader_a_value_near_expiry_is_a_hit);

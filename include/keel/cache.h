@@ -32,8 +32,9 @@
  * load). With `lease`, a
  * Redis lease (SET NX PX) makes one process load while the others wait
  * for its value, or its absence, in L2 (until the lease is gone without
- * either, at most lease_ns, then they load too); the holder releases only
- * its own lease.
+ * either, at most lease_ns, then they load too); the holder looks in L2
+ * once more before it loads (another process may have filled it, and let
+ * go of its lease, since the miss) and releases only its own lease.
  * With xfetch_beta > 0 and a loader, a hit close to its expiry may be
  * treated as a miss (XFetch), so that one caller refreshes it early from
  * the loader (L2 and L3 hold it as near its expiry) rather than all at

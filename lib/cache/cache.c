@@ -969,6 +969,19 @@ static int lease_wait(keel_cache *c, const void *key, size_t klen, const char *l
     return KEEL_ENOTFOUND;
 }
 
+/* Lets go of our lease lk, and only ours: it may have expired and gone
+ * to another process. */
+static void lease_release(keel_cache *c, const char *lk, size_t lkl)
+{
+    const void *keys[1] = {lk};
+    const char *args[1] = {(const char *)c->self};
+    size_t ks[1] = {lkl}, as[1] = {ID_LEN};
+    redisReply *r = NULL;
+    keel_redis_eval(c->o.redis, c->release, 1, keys, ks, 1, args, as, NULL, 0, &r);
+    if (r)
+        freeReplyObject(r);
+}
+
 /* *out: a copy of the value (through the hooks). */
 static int dup_out(const void *val, size_t vlen, void **out, size_t *outlen)
 {
@@ -1089,6 +1102,20 @@ static int fill(keel_cache *c, flight *f, const void *key, size_t klen, uint64_t
         if (r)
             freeReplyObject(r);
         r = NULL;
+        /* L2 once more: another process may have filled it, and let go of
+         * its lease, since we looked (not for a refresh: L2 holds the
+         * value being refreshed) */
+        if (leased && !refresh && tier_up(c, L2, vnode)) {
+            rc = tier_done(c, L2, vnode, l2_get(c, key, klen, &r));
+            if (l2_take(c, key, klen, h, rc == 0 ? r : NULL, seen, out, outlen, th, nth, &rc) ||
+                rc == KEEL_ENOMEM) {
+                if (rc == 0)
+                    atomic_fetch_add_explicit(&c->st.hits_l2, 1, memory_order_relaxed);
+                lease_release(c, lk, lkl);
+                return rc;
+            }
+            r = NULL;
+        }
         if (other) { /* another process loads: wait for its value */
             atomic_fetch_add_explicit(&c->st.load_waits, 1, memory_order_relaxed);
             r = NULL;
@@ -1129,15 +1156,8 @@ static int fill(keel_cache *c, flight *f, const void *key, size_t klen, uint64_t
         *outlen = ld.vlen;
         ld.val = NULL;
     }
-    if (leased) { /* ours only: it may have expired and gone to another process */
-        const void *keys[1] = {lk};
-        const char *args[1] = {(const char *)c->self};
-        size_t ks[1] = {lkl}, as[1] = {ID_LEN};
-        r = NULL;
-        keel_redis_eval(c->o.redis, c->release, 1, keys, ks, 1, args, as, NULL, 0, &r);
-        if (r)
-            freeReplyObject(r);
-    }
+    if (leased)
+        lease_release(c, lk, lkl);
     keel__free(ld.val);
     keel__free(ld.tagcopy);
     return rc;
