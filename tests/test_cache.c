@@ -2054,9 +2054,14 @@ START_TEST(bad_input_is_refused)
 {
     keel_cache *c;
     keel_cache_opts bad[] = {{.table = "Bad-Name"}, {.l1_max_bytes = 1}, {.max_key = 4096},
-                             {.max_value = (size_t)1 << 30}, {.redis_prefix = ""}, {.xfetch_beta = -1}};
+                             {.max_value = (size_t)1 << 30}, {.redis_prefix = ""}, {.xfetch_beta = -1},
+                             /* its L2 encoding, with 16 tags of 200 bytes, would pass Redis's 512 MiB */
+                             {.max_value = (size_t)512 << 20}};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
         ck_assert_int_eq(keel_cache_create(&c, &bad[i]), KEEL_EINVAL);
+    keel_cache_opts most = {.max_value = ((size_t)512 << 20) - 18 - 16 * 201}; /* the largest that fits */
+    ck_assert_int_eq(keel_cache_create(&c, &most), 0);
+    keel_cache_destroy(c);
     ck_assert_int_eq(keel_cache_create(NULL, NULL), KEEL_EINVAL);
     keel_cache_opts o = {.max_key = 8, .max_value = 16};
     ck_assert_int_eq(keel_cache_create(&c, &o), 0);

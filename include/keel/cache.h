@@ -128,7 +128,9 @@ typedef struct keel_cache_opts {
                                    shards, one each at least (so 32 at least) */
     uint64_t l1_max_ttl_ns;     /* 0 = no cap */
     size_t max_key;             /* bytes; 0 = 1024 (the most) */
-    size_t max_value;           /* bytes; 0 = 1 MiB */
+    size_t max_value;           /* bytes; 0 = 1 MiB; at most 512 MiB - 3234
+                                   (with its header and tags, a Redis bulk
+                                   string) */
     uint64_t default_ttl_ns;    /* a set or load without a TTL; 0 = 1 hour */
     struct keel_redis *redis;   /* L2; NULL: none */
     const char *redis_prefix;   /* NULL = "kc:"; up to 200 bytes */
@@ -150,7 +152,7 @@ typedef struct keel_cache_opts {
 } keel_cache_opts;
 
 /* Returns 0, KEEL_EINVAL (a bad table name or Redis prefix, l1_max_bytes
- * under 64 KiB, max_key over 1024, max_value over 512 MiB, xfetch_beta
+ * under 64 KiB, max_key over 1024, max_value over 512 MiB - 3234, xfetch_beta
  * negative or NaN) or KEEL_ENOMEM. With redis, subscribes to the
  * invalidation channel (KEEL_EUNAVAIL if Redis cannot be reached, or
  * keel_redis_subscribe()'s other failures). */

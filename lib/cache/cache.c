@@ -405,6 +405,10 @@ static uint64_t wall_ms(void)
  * bytes: what L1 may keep it for, without asking Redis for a PTTL), tags
  * (length byte + bytes), value. */
 #define L2_HEAD 18
+/* The largest value whose encoding, with every tag at its longest, fits
+ * in a Redis bulk string (proto-max-bulk-len, 512 MiB by default): past
+ * it Redis answers the SET with a protocol error and drops the link. */
+#define VALUE_MAX (((size_t)512 << 20) - L2_HEAD - CACHE_MAX_TAGS * (1 + CACHE_MAX_TAG))
 static void *l2_encode(const void *val, size_t vlen, const char *const *tags, size_t ntags, uint64_t delta,
                        uint64_t ttl, size_t *len)
 {
@@ -1906,7 +1910,7 @@ KEEL_API int keel_cache_create_schema(keel_cache *c)
 KEEL_API int keel_cache_create(keel_cache **out, const keel_cache_opts *opts)
 {
     keel_cache_opts o = opts ? *opts : (keel_cache_opts){0};
-    if (!out || (o.table && !good_table(o.table)) || o.max_value > ((size_t)512 << 20) || o.max_key > 1024 ||
+    if (!out || (o.table && !good_table(o.table)) || o.max_value > VALUE_MAX || o.max_key > 1024 ||
         (o.l1_max_bytes && o.l1_max_bytes < ((size_t)64 << 10)) ||
         (o.redis_prefix && (!o.redis_prefix[0] || strlen(o.redis_prefix) > PREFIX_MAX)) || !(o.xfetch_beta >= 0))
         return KEEL_EINVAL;
