@@ -2050,6 +2050,29 @@ START_TEST(tag_records_live_as_long_as_their_entries)
 }
 END_TEST
 
+static int says_yes(const void *key, size_t klen, keel_cache_load *ld, void *ud)
+{
+    (void)key, (void)klen, (void)ld;
+    atomic_fetch_add((_Atomic int *)ud, 1);
+    return 0; /* but sets nothing */
+}
+
+/* A loader that returns 0 without keel_cache_load_set() gives
+ * KEEL_EPROTO, and nothing is cached: the next get asks it again. */
+START_TEST(a_loader_that_sets_nothing_is_a_protocol_error)
+{
+    _Atomic int calls = 0;
+    keel_cache *c;
+    keel_cache_opts o = {.loader = says_yes, .loader_ud = &calls, .clock = kt_clock_now, .clock_ud = &clk};
+    ck_assert_int_eq(keel_cache_create(&c, &o), 0);
+    char v[16];
+    ck_assert_int_eq(get(c, "k", v, sizeof v), KEEL_EPROTO);
+    ck_assert_int_eq(get(c, "k", v, sizeof v), KEEL_EPROTO);
+    ck_assert_int_eq(atomic_load(&calls), 2);
+    keel_cache_destroy(c);
+}
+END_TEST
+
 START_TEST(bad_input_is_refused)
 {
     keel_cache *c;
@@ -2760,6 +2783,7 @@ int main(void)
     tcase_add_test(tc, a_set_is_not_evicted_by_its_own_insert);
     tcase_add_test(tc, hits_from_many_threads_are_all_counted);
     tcase_add_test(tc, bad_input_is_refused);
+    tcase_add_test(tc, a_loader_that_sets_nothing_is_a_protocol_error);
     tcase_add_test(tc, tag_records_live_as_long_as_their_entries);
     suite_add_tcase(s, tc);
     TCase *th = tcase_create("threads");

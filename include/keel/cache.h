@@ -117,7 +117,8 @@ struct keel_pg;
 
 /* Fills a miss: calls keel_cache_load_set() and returns 0, or returns
  * KEEL_ENOTFOUND (absent, cached negatively) or another error (returned to
- * every caller waiting for it, nothing cached). */
+ * every caller waiting for it, nothing cached). 0 without a value set is
+ * KEEL_EPROTO to the callers. */
 typedef int (*keel_cache_loader)(const void *key, size_t klen, keel_cache_load *ld, void *ud);
 
 typedef struct keel_cache_opts {
@@ -153,7 +154,8 @@ typedef struct keel_cache_opts {
 
 /* Returns 0, KEEL_EINVAL (a bad table name or Redis prefix, l1_max_bytes
  * under 64 KiB, max_key over 1024, max_value over 512 MiB - 3234, xfetch_beta
- * negative or NaN) or KEEL_ENOMEM. With redis, subscribes to the
+ * negative or NaN), KEEL_EEXIST (metrics_name taken in that registry) or
+ * KEEL_ENOMEM. With redis, subscribes to the
  * invalidation channel (KEEL_EUNAVAIL if Redis cannot be reached, or
  * keel_redis_subscribe()'s other failures). */
 KEEL_API int keel_cache_create(keel_cache **out, const keel_cache_opts *opts);
@@ -168,7 +170,8 @@ KEEL_API void keel_cache_destroy(keel_cache *c);
  * KEEL_ENOTFOUND (absent everywhere, or the loader said so); KEEL_EINVAL
  * (bad arguments, key over max_key); KEEL_ENOMEM (also when L2 or L3
  * could not be read for want of memory: unlike a tier that is down, it is
- * not passed over for the loader, whose value may not be the tier's); a
+ * not passed over for the loader, whose value may not be the tier's);
+ * KEEL_EPROTO (the loader returned 0 without keel_cache_load_set()); a
  * loader's error. */
 KEEL_API int keel_cache_get(keel_cache *c, const void *key, size_t klen, void *buf, size_t cap, size_t *len);
 
