@@ -138,8 +138,9 @@ typedef struct keel_bus_msg {
                             the streams of a prefix: the entry's ID, then "-" and the partition
                             when there are several ("ms-seq-p"; see the top) */
     uint64_t time_ns;    /* wall-clock time of the publish in whole milliseconds, the id's
-                            (in id order it never goes back); in process as of the kernel
-                            tick (1-10 ms: CLOCK_REALTIME_COARSE) */
+                            (in id order it never goes back, but after the clock stepped
+                            back); in process as of the kernel tick (1-10 ms:
+                            CLOCK_REALTIME_COARSE) */
 } keel_bus_msg;
 
 typedef int (*keel_bus_handler)(const keel_bus_msg *msg, void *ud);

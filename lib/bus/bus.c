@@ -1023,8 +1023,11 @@ static _Atomic uint64_t idstate;
  * within them (20 bits; one that overflows borrows the next millisecond).
  * The time is the coarse clock's, as of the last kernel tick: a precise
  * read cost a fifth of an asynchronous delivery. *time_ns is the id's
- * millisecond, not this thread's reading: another thread may have moved
- * the id past it, and a message's time must not go back in id order. */
+ * millisecond, not this thread's reading, when the two are a tick apart
+ * at most: another thread may have moved the id past it, and a message's
+ * time must not go back in id order. Further apart, the clock stepped
+ * back (ids count on from where they were): the reading, as a time an
+ * hour ahead would be wrong for as long as the step. */
 static void make_id(char id[KEEL_BUS_ID_MAX], uint64_t *time_ns)
 {
     struct timespec ts;
@@ -1036,7 +1039,8 @@ static void make_id(char id[KEEL_BUS_ID_MAX], uint64_t *time_ns)
         next = want > cur ? want : cur + 1;
     while (!atomic_compare_exchange_weak_explicit(&idstate, &cur, next, memory_order_relaxed,
                                                   memory_order_relaxed));
-    *time_ns = (next >> 20) * 1000000u;
+    uint64_t id_ms = next >> 20, ms = ns / 1000000u;
+    *time_ns = id_ms - ms <= 10 ? id_ms * 1000000u : ns; /* a coarse tick: 1-10 ms */
     static __thread uint64_t tl_ms = UINT64_MAX; /* the last millisecond written, as text */
     static __thread char tl_text[24];
     static __thread size_t tl_len;
