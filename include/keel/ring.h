@@ -20,9 +20,10 @@
  *    counts there as 11211 (so "host"), a unix socket is "path:0", and a
  *    weight of 0 counts as 1, which keel refuses: add such a node with
  *    weight 1. Where two nodes share a point, the one whose name was
- *    first added to the ring earlier takes it, as in libmemcached: a node
- *    removed and added again keeps its place, as an ejected server does
- *    there. Points
+ *    first added to the ring earlier takes it, as in libmemcached with
+ *    glibc's qsort (its comparator looks at points only): a node removed
+ *    and added again keeps its place, as an ejected server does there.
+ *    Points
  *    depend on the number of nodes, so, as in libmemcached, removing one
  *    node also moves a few keys between the nodes that stay.
  *  KEEL_RING_JUMP — Lamping & Veach's jump consistent hash over XXH3: no
