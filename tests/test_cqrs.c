@@ -1050,6 +1050,37 @@ START_TEST(pg_a_reset_during_a_run_applies_each_event_once_more)
 }
 END_TEST
 
+/* A handler's failure is a failure whatever its value, 1 included: the
+ * run returns it at once, the handler called once. */
+static _Atomic int one_calls;
+static int apply_returns_one(keel_cqrs_ctx *x, const keel_cqrs_event *ev, void *ud)
+{
+    (void)x, (void)ev, (void)ud;
+    atomic_fetch_add(&one_calls, 1);
+    return 1;
+}
+
+START_TEST(pg_a_handler_returning_one_fails_its_run)
+{
+    keel_pg *pg = open_pg();
+    app a = {0};
+    keel_cqrs *c = open_cqrs(pg, uniq("one"), 0, &a);
+    ck_assert_int_eq(keel_cqrs_send(c, "inc", "r", 1, NULL, NULL), 0);
+    keel_cqrs_projection *p;
+    keel_cqrs_projection_opts po = {.name = "ones", .handler = apply_returns_one};
+    ck_assert_int_eq(keel_cqrs_projection_create(c, &po, &p), 0);
+    atomic_store(&one_calls, 0);
+    size_t applied = 99;
+    ck_assert_int_eq(keel_cqrs_projection_run(p, &applied), 1);
+    ck_assert_int_eq(atomic_load(&one_calls), 1);
+    ck_assert_uint_eq(applied, 0);
+    ck_assert_uint_eq(keel_cqrs_projection_position(p), 0);
+    keel_cqrs_projection_destroy(p);
+    keel_cqrs_destroy(c);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
 /* Two runners of one projection name (two processes, say, one of them
  * standing by): a run of the one that finds the other did the work
  * reports the checkpoint the other reached. */
@@ -2110,6 +2141,7 @@ int main(void)
     tcase_add_test(pg, pg_a_projection_with_the_largest_batch_applies_everything);
     tcase_add_test(pg, pg_a_projection_whose_checkpoint_row_was_deleted_starts_again);
     tcase_add_test(pg, pg_a_reset_during_a_run_applies_each_event_once_more);
+    tcase_add_test(pg, pg_a_handler_returning_one_fails_its_run);
     tcase_add_test(pg, pg_a_run_with_nothing_left_reports_the_checkpoint);
     tcase_add_test(pg, pg_an_append_held_open_is_not_skipped);
     tcase_add_test(pg, pg_a_projection_killed_mid_catch_up_resumes_exactly);

@@ -111,8 +111,8 @@ typedef struct keel_cqrs_opts {
  * such a writer would append without the store's version guard. When
  * the primary does not answer or the tables are not there yet, a
  * command's first load or append asks, and fails (KEEL_EINVAL, or the
- * primary's error) until the answer is right: create connects lazily,
- * as keel_pg does. */
+ * primary's error) until the answer is right: create tries the primary
+ * once (up to keel_pg's connect timeout) but does not need it. */
 KEEL_API int keel_cqrs_create(keel_cqrs **out, const keel_cqrs_opts *opts);
 
 /* PostgreSQL: creates the tables if missing (idempotent): prefix+events,

@@ -517,15 +517,15 @@ static int run(keel_pg_conn *c, const char *sql, const keel_pg_params *p, PGresu
     return rc;
 }
 
-/* project_once's: the checkpoint row went away while the run waited for
- * its lock (not a KEEL_ code: those are negative). */
-#define ROW_GONE 1
-
+/* One batch. *gone: the checkpoint row went away while the run waited
+ * for its lock (told apart from the return value, which may be any
+ * handler's). */
 static int project_once(cpg *s, const char *name, size_t batch, keel_cqrs_ctx *ctx,
                         int (*apply)(keel_cqrs_ctx *, const keel_cqrs_event *, void *), void *ud, size_t *applied,
-                        uint64_t *checkpoint, int ahead)
+                        uint64_t *checkpoint, int ahead, bool *gone)
 {
     *applied = 0;
+    *gone = false;
     if (ahead) /* before the batch's connection: a pool of one must not wait on itself */
         look_ahead(s);
     keel_pg_conn *c;
@@ -572,8 +572,10 @@ static int project_once(cpg *s, const char *name, size_t batch, keel_cqrs_ctx *c
      * from 0 now could not be recorded (the UPDATE finds nothing), and the
      * next run would make the row at 0 and apply it again: roll back and
      * start over, which makes the row again first. */
-    if (rc == 0 && PQntuples(cp) != 1)
-        rc = ROW_GONE;
+    if (rc == 0 && PQntuples(cp) != 1) {
+        *gone = true;
+        rc = KEEL_ENOTFOUND;
+    }
     uint64_t at = rc == 0 ? be64(PQgetvalue(cp, 0, 0)) : 0;
     if (rc == 0) {
         snprintf(from, sizeof from, "%llu", (unsigned long long)at);
@@ -623,10 +625,11 @@ int keel__cqrs_pg_project(cpg *s, const char *name, size_t batch, keel_cqrs_ctx 
                           int (*apply)(keel_cqrs_ctx *, const keel_cqrs_event *, void *), void *ud,
                           size_t *applied, uint64_t *checkpoint, int ahead)
 {
-    int rc = ROW_GONE;
-    for (int tries = 0; rc == ROW_GONE && tries < 3; tries++, ahead = 0)
-        rc = project_once(s, name, batch, ctx, apply, ud, applied, checkpoint, ahead);
-    if (rc == ROW_GONE) { /* reset again and again: nothing done, the next run goes on */
+    bool gone = true;
+    int rc = 0;
+    for (int tries = 0; gone && tries < 3; tries++, ahead = 0)
+        rc = project_once(s, name, batch, ctx, apply, ud, applied, checkpoint, ahead, &gone);
+    if (gone) { /* reset again and again: nothing done, the next run goes on */
         *checkpoint = UINT64_MAX;
         rc = 0;
     }
