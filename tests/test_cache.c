@@ -855,6 +855,49 @@ START_TEST(a_multi_get_loads_a_key_given_twice_once)
 }
 END_TEST
 
+/* Many copies of one key among a few others: each copy gets the one
+ * load's value (KEEL_ERANGE in a buffer too small), each other key its
+ * own, a bad item KEEL_EINVAL. Correctness only; dupes used to be matched
+ * by a walk back over every earlier copy, quadratic in the copies. */
+START_TEST(a_multi_get_with_many_copies_of_a_key_answers_each)
+{
+    enum { N = 50000 };
+    rig r;
+    memset(&r, 0, sizeof r);
+    keel_cache_opts o = {.loader = load, .loader_ud = &r.ls, .clock = kt_clock_now, .clock_ud = &clk};
+    ck_assert_int_eq(keel_cache_create(&r.c, &o), 0);
+    keel_cache_item *it = calloc(N, sizeof *it);
+    char(*bufs)[16] = calloc(N, sizeof *bufs);
+    ck_assert(it && bufs);
+    for (size_t i = 0; i < N; i++) {
+        const char *k = i % 10007 == 3 ? "one" : i % 10007 == 5 ? "two" : "dup";
+        it[i] = (keel_cache_item){k, strlen(k), bufs[i], i % 7 == 1 ? 4 : sizeof bufs[i], 0, 99};
+        if (i % 12345 == 9)
+            it[i].klen = 0; /* bad */
+    }
+    keel_cache_get_many(r.c, it, N);
+    for (size_t i = 0; i < N; i++) {
+        if (i % 12345 == 9) {
+            ck_assert_int_eq(it[i].rc, KEEL_EINVAL);
+            continue;
+        }
+        char want[16];
+        int wl = snprintf(want, sizeof want, "loaded:%s", (const char *)it[i].key);
+        ck_assert_uint_eq(it[i].len, (size_t)wl);
+        if (i % 7 == 1) {
+            ck_assert_int_eq(it[i].rc, KEEL_ERANGE);
+        } else {
+            ck_assert_int_eq(it[i].rc, 0);
+            ck_assert_int_eq(memcmp(bufs[i], want, (size_t)wl), 0);
+        }
+    }
+    ck_assert_int_eq(atomic_load(&r.ls.calls), 3);
+    free(it);
+    free(bufs);
+    keel_cache_destroy(r.c);
+}
+END_TEST
+
 /* A loader whose value L1 cannot keep (bigger than an L1 shard) or that
  * fails. */
 static struct {
@@ -2777,6 +2820,7 @@ int main(void)
     tcase_add_test(tc, an_absent_answer_is_cached_for_negative_ttl);
     tcase_add_test(tc, a_multi_get_loads_a_key_given_twice_once);
     tcase_add_test(tc, a_multi_get_loads_a_key_given_twice_once_even_when_l1_cannot_keep_it);
+    tcase_add_test(tc, a_multi_get_with_many_copies_of_a_key_answers_each);
     tcase_add_test(tc, xfetch_refreshes_early_near_expiry_only);
     tcase_add_test(tc, an_early_refresh_that_finds_the_key_gone_says_so);
     tcase_add_test(tc, the_hot_set_survives_a_scan);

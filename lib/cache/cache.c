@@ -1373,6 +1373,7 @@ typedef struct same_key {
     uint64_t h;
     size_t i;
     size_t first; /* the copy that asks (i itself for it) */
+    size_t back;  /* while sorted: the previous first of its hash run */
     void *buf;    /* the item's own buffer, while the first borrows another */
     size_t cap;
 } same_key;
@@ -1388,6 +1389,11 @@ static bool good_item(const keel_cache *c, const keel_cache_item *x)
     return key_ok(c, x->key, x->klen) && (!x->cap || x->buf);
 }
 
+static bool same_bytes(const keel_cache_item *x, const keel_cache_item *y)
+{
+    return x->klen == y->klen && memcmp(x->key, y->key, x->klen) == 0;
+}
+
 /* Finds the copies (by hash, then bytes) and lends each first copy the
  * largest buffer among its own; indexed by item. NULL when there are none
  * or no memory (each copy then asks alone, as before). */
@@ -1399,18 +1405,35 @@ static same_key *same_keys(keel_cache *c, keel_cache_item *it, size_t n)
         return NULL;
     }
     for (size_t i = 0; i < n; i++)
-        s[i] = (same_key){good_item(c, &it[i]) ? key_hash(c, it[i].key, it[i].klen) : 0, i, i, it[i].buf, it[i].cap};
+        s[i] = (same_key){good_item(c, &it[i]) ? key_hash(c, it[i].key, it[i].klen) : 0, i, i, SIZE_MAX, it[i].buf,
+                          it[i].cap};
     qsort(s, n, sizeof *s, by_hash);
     bool any = false;
-    for (size_t a = 0; a < n; a++) { /* each copy's first: the earliest of its run with the same bytes */
+    /* each copy's first: the earliest of its hash run with the same bytes.
+     * Linear in the copies (keys may come from clients): a copy of the
+     * item before it takes that one's first; any other is compared with
+     * the run's distinct firsts only, chained through back. */
+    size_t last = SIZE_MAX; /* the run's latest first */
+    for (size_t a = 0; a < n; a++) {
         const keel_cache_item *x = &it[s[a].i];
-        for (size_t b = a; b-- > 0 && s[b].h == s[a].h;)
-            if (s[b].first == s[b].i && good_item(c, x) && good_item(c, &it[s[b].i]) &&
-                it[s[b].i].klen == x->klen && memcmp(it[s[b].i].key, x->key, x->klen) == 0) {
+        bool run = a > 0 && s[a - 1].h == s[a].h;
+        if (!run)
+            last = SIZE_MAX;
+        if (!good_item(c, x))
+            continue; /* asks for nothing, and is no one's first */
+        if (run && s[a - 1].first != s[a - 1].i && same_bytes(&it[s[a - 1].i], x)) {
+            s[a].first = s[a - 1].first;
+            continue;
+        }
+        for (size_t b = last; b != SIZE_MAX && s[a].first == s[a].i; b = s[b].back)
+            if (same_bytes(&it[s[b].i], x)) {
                 s[a].first = s[b].i;
                 any = true;
-                break;
             }
+        if (s[a].first == s[a].i) {
+            s[a].back = last;
+            last = a;
+        }
     }
     for (size_t a = 0; a < n; a++)
         byi[s[a].i] = s[a];
