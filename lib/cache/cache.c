@@ -568,12 +568,14 @@ static void l2_fill(keel_cache *c, const void *key, size_t klen, const void *val
 }
 
 /* An absence the loader reported, for the other processes (those waiting
- * on the lease among them): for negative_ttl_ns, where nothing is or,
- * `over`, over the value there (an early refresh found the key gone). */
+ * on the lease among them): for negative_ttl_ns, where nothing is, if the
+ * node is not being skipped; or, `over`, over the value there (an early
+ * refresh found the key gone): a write, tried even on a failing node, as
+ * a del is (one skipped would leave the old value there for later). */
 static void l2_absent(keel_cache *c, const void *key, size_t klen, bool over)
 {
     size_t node = node_of(c, 'v', key, klen);
-    if (!tier_up(c, L2, node))
+    if (!over && !tier_up(c, L2, node))
         return;
     char k[RKEY_MAX], v[9], ms[24];
     size_t kl = rkey(c, 'v', key, klen, k);
@@ -1146,7 +1148,7 @@ static int fill(keel_cache *c, flight *f, const void *key, size_t klen, uint64_t
         bool fresh = !flight_stale(c, f, h, seen, NULL, 0);
         if (c->o.redis && fresh)
             l2_absent(c, key, klen, refresh);
-        if (refresh && fresh && c->o.pg && tier_up(c, L3, 0))
+        if (refresh && fresh && c->o.pg) /* tried even when failing, as by a del */
             tier_done(c, L3, 0, l3_one(c, c->st_del, key, (int)klen, NULL));
         if (refresh && fresh)
             announce(c, 'K', key, klen);
