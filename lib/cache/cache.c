@@ -1150,9 +1150,12 @@ static int fill(keel_cache *c, flight *f, const void *key, size_t klen, uint64_t
             l2_absent(c, key, klen, refresh);
         if (refresh && fresh && c->o.pg) /* tried even when failing, as by a del */
             tier_done(c, L3, 0, l3_one(c, c->st_del, key, (int)klen, NULL));
+        if (refresh && fresh) /* the key's epoch moves, as by a del: a get that
+                                 read the old value below keeps it out of L1 */
+            seen = invalidated(c, key, klen, false);
+        l1_absent(c, key, klen, h, c->o.negative_ttl_ns, seen);
         if (refresh && fresh)
             announce(c, 'K', key, klen);
-        l1_absent(c, key, klen, h, c->o.negative_ttl_ns, seen);
     } else if (rc == 0) {
         uint64_t lttl = ld.ttl ? ld.ttl : c->o.default_ttl_ns;
         fill_through(c, f, key, klen, h, ld.val, ld.vlen, lttl, ld.tags, ld.ntags, delta, seen, refresh);
