@@ -681,12 +681,14 @@ static int l3_one(keel_cache *c, keel_pg_stmt *s, const void *arg, int len, size
 
 /* ---- read-through ---- */
 
-/* Joins the flight of key, or starts one (true: the caller leads it).
- * *joined: the tag invalidations the flight had seen when joined. */
-static bool sf_join(keel_cache *c, const void *key, size_t klen, uint64_t h, flight **out, size_t *joined)
+/* Joins the flight of key, or starts one (true: the caller leads it);
+ * with `lead`, always starts one. *joined: the tag invalidations the
+ * flight had seen when joined. */
+static bool sf_join(keel_cache *c, const void *key, size_t klen, uint64_t h, bool lead, flight **out,
+                    size_t *joined)
 {
     pthread_mutex_lock(&c->fl_mu);
-    for (flight *f = c->flights; f; f = f->next)
+    for (flight *f = lead ? NULL : c->flights; f; f = f->next)
         if (f->h == h && !f->stale && f->klen == klen && memcmp(f->key, key, klen) == 0) {
             f->refs++;
             *out = f;
@@ -1254,7 +1256,7 @@ static int miss(keel_cache *c, const void *key, size_t klen, uint64_t h, bool tr
     int rc;
     flight *f;
     size_t joined = 0;
-    bool leader = sf_join(c, key, klen, h, &f, &joined);
+    bool leader = sf_join(c, key, klen, h, false, &f, &joined);
     if (!leader && stale_ok) { /* someone refreshes it already: ours stands */
         sf_leave(c, f);
         return 0;
@@ -1265,13 +1267,17 @@ static int miss(keel_cache *c, const void *key, size_t klen, uint64_t h, bool tr
         while (!f->done)
             pthread_cond_wait(&f->cv, &c->fl_mu);
         pthread_mutex_unlock(&c->fl_mu);
-        if (f->rc == 0 && f->tainted < joined) { /* we came after a tag of the value went */
+        if (f->rc != 0 || f->tainted >= joined) {
+            rc = f->rc == 0 ? copy_out(f->val, f->vlen, buf, cap, len) : f->rc;
             sf_leave(c, f);
-            return miss(c, key, klen, h, true, false, buf, cap, len);
+            return rc;
         }
-        rc = f->rc == 0 ? copy_out(f->val, f->vlen, buf, cap, len) : f->rc;
+        /* we came after a tag of the value went: a load of our own, not
+         * another flight (a hot tag may taint that one too), so a caller
+         * waits for at most one load besides its own */
         sf_leave(c, f);
-        return rc;
+        sf_join(c, key, klen, h, true, &f, &joined);
+        try_l2 = true;
     }
     void *val = NULL;
     size_t vlen = 0, nth = 0;
