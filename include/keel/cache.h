@@ -191,7 +191,8 @@ typedef struct keel_cache_item {
  * keel_cache_get() does (through L2 too when its node's MGET failed or
  * was skipped, or lacked memory). A key given more than once is asked
  * for once: every copy gets that one result in its own buffer
- * (KEEL_ERANGE for one too small). Returns
+ * (KEEL_ERANGE for one too small); without memory for the bookkeeping,
+ * each copy asks on its own. Returns
  * 0 when every item has its value, else the error of the first item
  * without one (see each rc). */
 KEEL_API int keel_cache_get_many(keel_cache *c, keel_cache_item *items, size_t n);
