@@ -48,6 +48,12 @@ static inline bool keel__mul_ok(size_t a, size_t b, size_t *out)
 {
     return !__builtin_mul_overflow(a, b, out);
 }
+/* a * b, UINT64_MAX when it overflows (times: "never" stays never). */
+static inline uint64_t keel__sat_mul(uint64_t a, uint64_t b)
+{
+    uint64_t r;
+    return __builtin_mul_overflow(a, b, &r) ? UINT64_MAX : r;
+}
 
 /* ---- logging ---- */
 /* true when a message at `level` would reach a hook: lets callers skip

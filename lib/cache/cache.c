@@ -439,7 +439,7 @@ static void *l2_encode(const void *val, size_t vlen, const char *const *tags, si
 /* ms as ns, UINT64_MAX past it: a TTL of UINT64_MAX ns ("never") comes
  * back from below as slightly more ms than that holds when the writer's
  * clock is ahead, and must not wrap to a short one. */
-static uint64_t ms_to_ns(uint64_t ms) { return ms > UINT64_MAX / 1000000u ? UINT64_MAX : ms * 1000000u; }
+static uint64_t ms_to_ns(uint64_t ms) { return keel__sat_mul(ms, 1000000u); }
 
 typedef struct decoded {
     bool negative; /* the loader said absent: no value */

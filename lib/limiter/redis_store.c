@@ -258,7 +258,7 @@ static uint64_t us_to_ns(long long us)
 {
     if (us <= 0)
         return 0;
-    return (uint64_t)us > UINT64_MAX / 1000u ? UINT64_MAX : (uint64_t)us * 1000u;
+    return keel__sat_mul((uint64_t)us, 1000u);
 }
 
 /* The script's answer into a result. */
