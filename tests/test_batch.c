@@ -71,7 +71,7 @@ static void wait_for(seen *s, size_t *field, size_t want)
  * happen: a slow machine can only make such a check pass, not fail. */
 static void settle(void)
 {
-    nanosleep(&(struct timespec){0, 30 * MS}, NULL);
+    kt_nap(30 * MS);
 }
 
 /* Waits until the batch has counted `n` retries: its backoff has begun. */
@@ -82,7 +82,7 @@ static void wait_retried(keel_batch *b, uint64_t n)
         keel_batch_stats_get(b, &st);
         if (st.retried >= n)
             return;
-        nanosleep(&(struct timespec){0, 1000000}, NULL);
+        kt_nap(MS);
     }
     ck_abort_msg("no retry came");
 }
@@ -689,7 +689,7 @@ static void wait_stat(keel_batch *b, _Atomic size_t *handled, size_t want_handle
         keel_batch_stats_get(b, &st);
         if (want_empty ? st.accepted && !st.queued : atomic_load(handled) >= want_handled)
             return;
-        nanosleep(&(struct timespec){0, 1000000}, NULL);
+        kt_nap(MS);
     }
     ck_abort_msg("waited 10 s: %zu handled, %llu queued", atomic_load(handled), (unsigned long long)st.queued);
 }
