@@ -512,6 +512,14 @@ static const char *entry_id(const redisReply *e)
                : NULL;
 }
 
+/* XCLAIM's minimum idle time for entries read at got_ns: the ms since,
+ * at most what Redis counts for one nobody touched since (it set their
+ * idle time before it answered). Taken just before the command. */
+static void since_ms(uint64_t got_ns, char out[24])
+{
+    snprintf(out, 24, "%llu", (unsigned long long)((mono_ns() - got_ns) / 1000000u));
+}
+
 /* Hands entries that nothing here subscribes to back to the group: each
  * stays pending, its delivery count put back to what it was before this
  * consumer got it (prev[i]; NULL: 0, new entries) and its idle time to
@@ -526,7 +534,7 @@ static int give_back(breader *rd, redisContext *c, const char **ids, const long 
 {
     bstream *s = rd->s;
     char since[24];
-    snprintf(since, sizeof since, "%llu", (unsigned long long)((mono_ns() - got_ns) / 1000000u));
+    since_ms(got_ns, since);
     const char **argv = keel__malloc((n + 11) * sizeof *argv);
     bool *sent = keel__calloc(n ? n : 1, sizeof *sent);
     int rc = argv && sent ? 0 : KEEL_ENOMEM;
@@ -669,7 +677,7 @@ static int handle(breader *rd, redisContext *c, const redisReply *entries, const
     }
     if (arc == 0 && nskip) {
         char since[24];
-        snprintf(since, sizeof since, "%llu", (unsigned long long)((mono_ns() - got_ns) / 1000000u));
+        since_ms(got_ns, since);
         arc = skip_ids(rd, c, since, skip, nskip);
     }
     if (arc == 0 && nkeep)
