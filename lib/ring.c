@@ -66,6 +66,8 @@ typedef struct point {
 typedef struct snap {
     size_t n;
     node **nodes; /* insertion order, so also ascending id */
+    keel_ring_node *view; /* what lookups hand out, by the same index: one
+                           * dense array, so a lookup reads no node record */
     uint64_t wsum; /* their weights */
     /* CONTINUUM, KETAMA */
     size_t npoints;
@@ -140,6 +142,7 @@ static void snap_free(snap *s)
     if (!s)
         return;
     keel__free(s->nodes);
+    keel__free(s->view);
     keel__free(s->pts);
     keel__free(s->index);
     keel__free(s->bucket_node);
@@ -147,38 +150,44 @@ static void snap_free(snap *s)
     keel__free(s);
 }
 
-/* Sorts points by (val, idx): LSD radix sort on the 64-bit pair, skipping
- * the byte positions where every key agrees. */
+/* Byte d of a point's sort key, the 64-bit pair (val, idx): 0 to 3 are
+ * idx's, 4 to 7 val's, least significant first. */
+static inline unsigned point_byte(point p, unsigned d)
+{
+    return (d < 4 ? p.idx >> 8 * d : p.val >> 8 * (d - 4)) & 0xff;
+}
+
+/* Sorts points by (val, idx): LSD radix sort, skipping the byte positions
+ * where every key agrees. One pass counts every byte position; n is at
+ * most MAX_POINTS, so the counts fit 32 bits. */
 static int sort_points(point *pts, size_t n)
 {
-    uint64_t *a = keel__malloc(n * sizeof *a), *b = keel__malloc(n * sizeof *b);
-    if (!a || !b) {
-        keel__free(a);
-        keel__free(b);
+    _Static_assert(MAX_POINTS <= UINT32_MAX, "counts are 32-bit");
+    point *tmp = keel__malloc(n * sizeof *tmp), *a = pts, *b = tmp;
+    if (!tmp)
         return KEEL_ENOMEM;
-    }
+    uint32_t count[8][256] = {{0}};
     for (size_t i = 0; i < n; i++)
-        a[i] = (uint64_t)pts[i].val << 32 | pts[i].idx;
-    for (unsigned shift = 0; shift < 64; shift += 8) {
-        size_t count[257] = {0};
-        for (size_t i = 0; i < n; i++)
-            count[((a[i] >> shift) & 0xff) + 1]++;
-        if (count[((a[0] >> shift) & 0xff) + 1] == n)
+        for (unsigned d = 0; d < 8; d++)
+            count[d][point_byte(pts[i], d)]++;
+    for (unsigned d = 0; d < 8; d++) {
+        uint32_t *c = count[d];
+        if (c[point_byte(a[0], d)] == n)
             continue; /* one value in this byte: nothing to do */
-        for (int k = 0; k < 256; k++)
-            count[k + 1] += count[k];
+        for (uint32_t v = 0, sum = 0; v < 256; v++) { /* counts become starts */
+            uint32_t here = c[v];
+            c[v] = sum;
+            sum += here;
+        }
         for (size_t i = 0; i < n; i++)
-            b[count[(a[i] >> shift) & 0xff]++] = a[i];
-        uint64_t *t = a;
+            b[c[point_byte(a[i], d)]++] = a[i];
+        point *t = a;
         a = b;
         b = t;
     }
-    for (size_t i = 0; i < n; i++) {
-        pts[i].val = (uint32_t)(a[i] >> 32);
-        pts[i].idx = (uint32_t)a[i];
-    }
-    keel__free(a);
-    keel__free(b);
+    if (a != pts)
+        memcpy(pts, a, n * sizeof *pts);
+    keel__free(tmp);
     return 0;
 }
 
@@ -188,15 +197,16 @@ static int build_index(snap *s)
     while (bits < 24 && ((size_t)1 << bits) < s->npoints)
         bits++;
     size_t nb = (size_t)1 << bits;
-    if (!(s->index = keel__malloc((nb + 1) * sizeof *s->index)))
+    if (!(s->index = keel__calloc(nb + 1, sizeof *s->index)))
         return KEEL_ENOMEM;
-    s->shift = 32 - bits;
-    size_t i = 0;
-    for (size_t t = 0; t <= nb; t++) {
-        while (i < s->npoints && (size_t)(s->pts[i].val >> s->shift) < t)
-            i++;
-        s->index[t] = (uint32_t)i;
-    }
+    /* index[t] = how many points lie in buckets before t: a count per
+     * bucket, then sums, with no branch on the points' values. */
+    unsigned shift = s->shift = 32 - bits;
+    uint32_t *index = s->index;
+    for (size_t i = 0; i < s->npoints; i++)
+        index[(s->pts[i].val >> shift) + 1]++;
+    for (size_t t = 1; t <= nb; t++)
+        index[t] += index[t - 1];
     return 0;
 }
 
@@ -249,6 +259,19 @@ static uint32_t ketama_points(uint32_t weight, uint64_t total_weight, size_t liv
     return (uint32_t)(floor(x) * 4);
 }
 
+/* Writes v in decimal, as "%u" does, and returns the length. */
+static size_t put_decimal(char *out, uint32_t v)
+{
+    char tmp[10];
+    size_t n = 0;
+    do
+        tmp[n++] = (char)('0' + v % 10);
+    while ((v /= 10) != 0);
+    for (size_t k = 0; k < n; k++)
+        out[k] = tmp[n - 1 - k];
+    return n;
+}
+
 static int build_continuum(const keel_ring *r, snap *s)
 {
     size_t total = 0;
@@ -295,8 +318,9 @@ static int build_continuum(const keel_ring *r, snap *s)
             uint32_t pts = ketama_points(nd->weight, total_weight, s->n);
             char buf[NAME_MAX_LEN + 16];
             memcpy(buf, nd->name, nd->len);
+            buf[nd->len] = '-';
             for (uint32_t p = 0; p < pts / 4; p++) {
-                size_t len = nd->len + (size_t)snprintf(buf + nd->len, 16, "-%u", p);
+                size_t len = nd->len + 1 + put_decimal(buf + nd->len + 1, p);
                 MD5_CTX ctx;
                 uint8_t d[MD5_DIGEST_LENGTH];
                 MD5Init(&ctx);
@@ -377,9 +401,8 @@ static int build_maglev(const keel_ring *r, snap *s)
     size_t n = s->n;
     if (n > m)
         return KEEL_EINVAL;
-    uint64_t *offset = keel__malloc(n * sizeof *offset);
+    uint64_t *offset = keel__malloc(n * sizeof *offset); /* then: the next try */
     uint64_t *skip = keel__malloc(n * sizeof *skip);
-    uint64_t *next = keel__calloc(n, sizeof *next);
     uint64_t *quota = keel__malloc(n * sizeof *quota);
     double *rem = keel__malloc(n * sizeof *rem);
     uint32_t *turn = keel__malloc(n * sizeof *turn);
@@ -387,7 +410,7 @@ static int build_maglev(const keel_ring *r, snap *s)
     uint64_t *hs = keel__malloc(n * sizeof *hs);
     s->table = keel__malloc((size_t)m * sizeof *s->table);
     int rc = 0;
-    if (!offset || !skip || !next || !quota || !rem || !turn || !canon || !pos || !hs || !s->table) {
+    if (!offset || !skip || !quota || !rem || !turn || !canon || !pos || !hs || !s->table) {
         rc = KEEL_ENOMEM;
         goto out;
     }
@@ -433,9 +456,11 @@ static int build_maglev(const keel_ring *r, snap *s)
         for (size_t k = 0; k < active;) {
             uint32_t i = turn[k];
             uint64_t c;
-            do
-                c = (offset[i] + next[i]++ * skip[i]) % m;
-            while (s->table[c] != NO_NODE);
+            do { /* (offset + j x skip) mod m for j = 0, 1, ..., by steps */
+                c = offset[i];
+                if ((offset[i] += skip[i]) >= m)
+                    offset[i] -= m;
+            } while (s->table[c] != NO_NODE);
             s->table[c] = i;
             filled++;
             if (--quota[i] == 0)
@@ -447,7 +472,6 @@ static int build_maglev(const keel_ring *r, snap *s)
 out:
     keel__free(offset);
     keel__free(skip);
-    keel__free(next);
     keel__free(quota);
     keel__free(rem);
     keel__free(turn);
@@ -455,6 +479,15 @@ out:
     keel__free(pos);
     keel__free(hs);
     return rc;
+}
+
+static void node_out(const node *nd, keel_ring_node *out)
+{
+    out->name = nd->name;
+    out->name_len = nd->len;
+    out->weight = nd->weight;
+    out->ud = nd->ud;
+    out->id = nd->id;
 }
 
 /* A snapshot over `nodes`, which it owns on success only. */
@@ -468,7 +501,11 @@ static int snap_build(const keel_ring *r, node **nodes, size_t n, snap **out)
     for (size_t i = 0; i < n; i++)
         s->wsum += nodes[i]->weight;
     int rc = 0;
-    if (n > 0) {
+    if (n > 0 && !(s->view = keel__malloc(n * sizeof *s->view)))
+        rc = KEEL_ENOMEM;
+    for (size_t i = 0; i < n && !rc; i++)
+        node_out(nodes[i], &s->view[i]);
+    if (n > 0 && !rc) {
         switch (r->algo) {
         case KEEL_RING_CONTINUUM:
         case KEEL_RING_KETAMA: rc = build_continuum(r, s); break;
@@ -486,6 +523,13 @@ static int snap_build(const keel_ring *r, node **nodes, size_t n, snap **out)
 }
 
 /* ---- lookups ---- */
+
+/* A key's table entry: the high half of hash x size, uniform as the
+ * remainder is and without a division. */
+static uint32_t maglev_entry(const keel_ring *r, const void *key, size_t len)
+{
+    return (uint32_t)((unsigned __int128)keel__hash64(key, len, r->seed) * r->msize >> 64);
+}
 
 static size_t continuum_find(const snap *s, uint32_t h)
 {
@@ -515,7 +559,7 @@ static void prefer(const keel_ring *r, const snap *s, const void *key, size_t le
         break;
     }
     case KEEL_RING_MAGLEV: {
-        uint64_t i = keel__hash64(key, len, r->seed) % r->msize;
+        uint32_t i = maglev_entry(r, key, len);
         for (uint32_t k = 0; k < r->msize; k++) {
             if (take(s, s->table[i], ud))
                 return;
@@ -540,15 +584,6 @@ static void prefer(const keel_ring *r, const snap *s, const void *key, size_t le
     for (size_t k = 0; k < s->n; k++)
         if (take(s, (uint32_t)k, ud))
             return;
-}
-
-static void node_out(const node *nd, keel_ring_node *out)
-{
-    out->name = nd->name;
-    out->name_len = nd->len;
-    out->weight = nd->weight;
-    out->ud = nd->ud;
-    out->id = nd->id;
 }
 
 /* Enters a read of r and returns the current version: a read section, or,
@@ -599,9 +634,9 @@ KEEL_API int keel_ring_lookup(keel_ring *r, const void *key, size_t len, keel_ri
     case KEEL_RING_CONTINUUM:
     case KEEL_RING_KETAMA: idx = s->pts[continuum_find(s, key_hash32(r, key, len))].idx; break;
     case KEEL_RING_JUMP: idx = s->bucket_node[jump(keel__hash64(key, len, r->seed), s->nbuckets)]; break;
-    default: idx = s->table[keel__hash64(key, len, r->seed) % r->msize]; break;
+    default: idx = s->table[maglev_entry(r, key, len)]; break;
     }
-    node_out(s->nodes[idx], node_out_);
+    *node_out_ = s->view[idx];
     read_leave(r, locked);
     return 0;
 }
@@ -626,7 +661,7 @@ static bool take_distinct(const snap *s, uint32_t idx, void *ud)
                 return false;
         c->small[c->got] = idx;
     }
-    node_out(s->nodes[idx], &c->out[c->got++]);
+    c->out[c->got++] = s->view[idx];
     return c->got == c->want;
 }
 
@@ -796,7 +831,7 @@ KEEL_API int keel_ring_nodes(keel_ring *r, keel_ring_visit_fn fn, void *ud)
         }
     }
     for (size_t i = 0; i < n; i++)
-        node_out(s->nodes[i], &nodes[i]); /* node records outlive the version */
+        nodes[i] = s->view[i]; /* node records outlive the version */
     read_leave(r, locked);
     for (size_t i = 0; i < n; i++) /* outside the read section: fn may do anything */
         fn(&nodes[i], share[i], ud);
