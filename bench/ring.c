@@ -114,7 +114,7 @@ int main(void)
             if (a == KEEL_RING_MAGLEV) {
                 double mx = 0;
                 keel_ring_nodes(r, share_max, &mx);
-                printf("%-44s %8.4f     (table entries of the fullest node / average; goal < 1.01)\n",
+                printf("%-44s %8.5f    (table entries of the fullest node / average; goal < 1.01)\n",
                        "  maglev max/mean share", mx * n);
             }
             keel_ring_destroy(r);
