@@ -1641,6 +1641,79 @@ START_TEST(the_health_thread_alone_follows_a_promoted_replica)
 }
 END_TEST
 
+/* ---- option values at their limits ---- */
+
+/* Timeouts of any length (the header says so) are deadlines that saturate,
+ * never ones that wrap into the past: a connect with UINT64_MAX to spare
+ * still connects, and a query timeout that long still sets the client
+ * check to its one-second cap. */
+START_TEST(timeouts_of_any_length_do_not_wrap)
+{
+    keel_pg *pg;
+    keel_pg_opts o = {.primary = kt_env("KEEL_TEST_PG"), .manual_health = 1,
+                      .connect_timeout_ns = UINT64_MAX};
+    ck_assert_int_eq(keel_pg_create(&pg, &o), 0);
+    ck_assert_int_eq(keel_pg_check(pg), 0);
+    char v[32], src[32];
+    value(pg, KEEL_PG_WRITE, "SELECT 1", v, sizeof v);
+    ck_assert_str_eq(v, "1");
+    keel_pg_destroy(pg);
+
+    o = (keel_pg_opts){.primary = kt_env("KEEL_TEST_PG"), .manual_health = 1,
+                       .query_timeout_ns = UINT64_MAX};
+    ck_assert_int_eq(keel_pg_create(&pg, &o), 0);
+    ck_assert_int_eq(keel_pg_check(pg), 0);
+    keel_pg_conn *c;
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &c), 0);
+    setting(c, "client_connection_check_interval", v, sizeof v, src, sizeof src);
+    ck_assert_str_eq(v, "1s");
+    keel_pg_release(c);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
+/* A host whose connect failed is skipped for one interval, however long:
+ * with UINT64_MAX, until a check finds it up (not tried again at once
+ * because now + interval wrapped). */
+START_TEST(a_down_host_is_skipped_for_an_interval_of_any_length)
+{
+    keel_pg *pg;
+    keel_pg_opts o = {.primary = "host=127.0.0.1 port=1 dbname=x", .manual_health = 1,
+                      .connect_timeout_ns = 200 * MS, .acquire_timeout_ns = 200 * MS,
+                      .health_interval_ns = UINT64_MAX, .clock = kt_clock_now, .clock_ud = &clk};
+    ck_assert_int_eq(keel_pg_create(&pg, &o), 0);
+    keel_pg_conn *c;
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &c), KEEL_EUNAVAIL);
+    kt_clock_advance(&clk, 3600 * KT_S);
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &c), KEEL_EUNAVAIL);
+    keel_pg_host_stats st;
+    ck_assert_int_eq(keel_pg_host_stats_get(pg, 0, &st), 0);
+    ck_assert_uint_eq(st.conn_failures, 1); /* the second acquire did not try it */
+    keel_pg_destroy(pg);
+}
+END_TEST
+
+/* The health thread with an interval of UINT64_MAX checks once and then
+ * waits, rather than finding every check due at once. */
+START_TEST(the_health_thread_waits_an_interval_of_any_length)
+{
+    keel_pg *pg;
+    keel_pg_opts o = {.primary = "host=127.0.0.1 port=1 dbname=x", .connect_timeout_ns = 200 * MS,
+                      .health_interval_ns = UINT64_MAX};
+    ck_assert_int_eq(keel_pg_create(&pg, &o), 0);
+    keel_pg_host_stats st = {0};
+    for (int i = 0; i < 500 && st.checks < 1; i++) { /* the first check, 10 s at most */
+        kt_nap(20 * MS);
+        keel_pg_host_stats_get(pg, 0, &st);
+    }
+    ck_assert_uint_eq(st.checks, 1);
+    kt_nap(300 * MS);
+    keel_pg_host_stats_get(pg, 0, &st);
+    ck_assert_uint_eq(st.checks, 1);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
 int main(void)
 {
     atomic_store(&clk.ns, 1000 * KT_S);
@@ -1649,6 +1722,13 @@ int main(void)
     tcase_add_test(offline, sql_is_classified_better_than_by_its_first_word);
     tcase_add_test(offline, malformed_conninfos_are_refused);
     suite_add_tcase(s, offline);
+
+    TCase *opt = tcase_create("options");
+    tcase_set_timeout(opt, 60);
+    tcase_add_test(opt, timeouts_of_any_length_do_not_wrap);
+    tcase_add_test(opt, a_down_host_is_skipped_for_an_interval_of_any_length);
+    tcase_add_test(opt, the_health_thread_waits_an_interval_of_any_length);
+    suite_add_tcase(s, opt);
 
     TCase *tc = tcase_create("servers");
     tcase_set_timeout(tc, 60);

@@ -39,6 +39,14 @@ static const char HEALTH_SQL[] =
     " CASE WHEN pg_is_in_recovery() THEN NULL"
     " ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END";
 
+/* a + b, or UINT64_MAX when that would wrap: a time plus an interval of
+ * any length is a time in the future. */
+static uint64_t sat_add(uint64_t a, uint64_t b)
+{
+    uint64_t r;
+    return __builtin_add_overflow(a, b, &r) ? UINT64_MAX : r;
+}
+
 /* ---- connection parameters ---- */
 
 static void free_params(pghost *h)
@@ -143,7 +151,7 @@ static int connect_host(pghost *h, PGconn **out)
     PGconn *c = PQconnectStartParams(h->kw, h->val, 0);
     if (!c)
         return KEEL_ENOMEM;
-    uint64_t deadline = keel_now_ns() + pg->connect_timeout;
+    uint64_t deadline = keel__pg_deadline(pg, pg->connect_timeout);
     PQsetErrorVerbosity(c, PQERRORS_VERBOSE); /* a refusal's SQLSTATE, in the message */
     PostgresPollingStatusType st = PGRES_POLLING_WRITING;
     int rc = PQstatus(c) == CONNECTION_BAD ? KEEL_EUNAVAIL : 0;
@@ -199,7 +207,7 @@ static int set_check_interval(keel_pg_conn *c)
         no_check_interval(c->h, why);
         return 0;
     }
-    uint64_t ms = (pg->query_timeout + 999999u) / 1000000u;
+    uint64_t ms = pg->query_timeout / 1000000u + (pg->query_timeout % 1000000u != 0); /* up */
     char v[24];
     snprintf(v, sizeof v, "%llu", (unsigned long long)(ms < 1000 ? ms : 1000));
     const char *vp = v;
@@ -269,7 +277,7 @@ static void host_down(pghost *h)
 {
     keel_pg *pg = h->pg;
     atomic_fetch_add(&h->gen, 1);
-    uint64_t until = keel__clock_now(&pg->clock) + pg->interval;
+    uint64_t until = sat_add(keel__clock_now(&pg->clock), pg->interval);
     uint64_t cur = atomic_load(&h->down_until);
     while (cur < until && !atomic_compare_exchange_weak(&h->down_until, &cur, until))
         ;
@@ -516,13 +524,16 @@ static void *health_main(void *arg)
          * failed), but not more than ten times a second */
         uint64_t soon = pg->interval < 100000000u ? pg->interval : 100000000u;
         for (;;) {
-            uint64_t due = started + (pg->kick ? soon : pg->interval);
+            uint64_t due = sat_add(started, pg->kick ? soon : pg->interval);
             uint64_t now = keel_now_ns();
             if (pg->stop || now >= due)
                 break;
+            /* at most an hour at a time: a far deadline must not wrap the
+             * absolute time, and the loop waits again */
+            uint64_t wait = due - now < 3600000000000u ? due - now : 3600000000000u;
             struct timespec ts;
             clock_gettime(CLOCK_MONOTONIC, &ts);
-            uint64_t at = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec + (due - now);
+            uint64_t at = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec + wait;
             ts.tv_sec = (time_t)(at / 1000000000u);
             ts.tv_nsec = (long)(at % 1000000000u);
             pthread_cond_timedwait(&pg->tcv, &pg->tmu, &ts);
