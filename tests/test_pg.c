@@ -7,6 +7,7 @@
  * conninfos. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
+#include <limits.h>
 #include <libpq-fe.h>
 #include <netinet/in.h>
 #include <pthread.h>
@@ -1714,6 +1715,38 @@ START_TEST(the_health_thread_waits_an_interval_of_any_length)
 }
 END_TEST
 
+/* The server takes statement_timeout in whole milliseconds up to INT_MAX:
+ * more is KEEL_EINVAL at create (the server would refuse every connection,
+ * and UINT64_MAX rounded up used to wrap to 0, no limit); less than a
+ * millisecond is rounded up, not down to 0. */
+START_TEST(a_statement_timeout_is_whole_milliseconds_up_to_int_max)
+{
+    const uint64_t max = (uint64_t)INT_MAX * MS;
+    const uint64_t over[] = {max + 1, max + MS, (uint64_t)UINT32_MAX * MS, UINT64_MAX};
+    for (size_t i = 0; i < sizeof over / sizeof over[0]; i++) {
+        keel_pg *pg = (keel_pg *)0x1;
+        keel_pg_opts o = {.primary = "host=h", .manual_health = 1, .statement_timeout_ns = over[i]};
+        ck_assert_msg(keel_pg_create(&pg, &o) == KEEL_EINVAL, "accepted %llu ns",
+                      (unsigned long long)over[i]);
+        ck_assert_ptr_null(pg);
+    }
+    const struct {
+        uint64_t ns;
+        const char *shown;
+    } ok[] = {{max, "2147483647ms"}, {1, "1ms"}};
+    for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
+        keel_pg *pg;
+        keel_pg_opts o = {.primary = kt_env("KEEL_TEST_PG"), .manual_health = 1,
+                          .statement_timeout_ns = ok[i].ns};
+        ck_assert_int_eq(keel_pg_create(&pg, &o), 0);
+        char v[32];
+        value(pg, KEEL_PG_WRITE, "SHOW statement_timeout", v, sizeof v);
+        ck_assert_str_eq(v, ok[i].shown);
+        keel_pg_destroy(pg);
+    }
+}
+END_TEST
+
 int main(void)
 {
     atomic_store(&clk.ns, 1000 * KT_S);
@@ -1728,6 +1761,7 @@ int main(void)
     tcase_add_test(opt, timeouts_of_any_length_do_not_wrap);
     tcase_add_test(opt, a_down_host_is_skipped_for_an_interval_of_any_length);
     tcase_add_test(opt, the_health_thread_waits_an_interval_of_any_length);
+    tcase_add_test(opt, a_statement_timeout_is_whole_milliseconds_up_to_int_max);
     suite_add_tcase(s, opt);
 
     TCase *tc = tcase_create("servers");

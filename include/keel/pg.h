@@ -103,7 +103,9 @@ typedef struct keel_pg_opts {
                                        * a server before 14, or one that
                                        * refuses it (not on Linux), goes
                                        * without, logged once per host) */
-    uint64_t statement_timeout_ns;    /* the server's statement_timeout; 0 = unset */
+    uint64_t statement_timeout_ns;    /* the server's statement_timeout; 0 = unset;
+                                       * whole ms rounded up, at most INT_MAX
+                                       * ms (~24.8 days): more is KEEL_EINVAL */
     uint64_t health_interval_ns;      /* 0 = 1 s */
     uint64_t max_replica_lag_ns;      /* 0 = 5 s */
     int manual_health;                /* no thread: only keel_pg_check() checks */
@@ -116,7 +118,8 @@ typedef struct keel_pg_opts {
 /* Parses the conninfos and prepares the pools; connects lazily (the health
  * thread, unless manual_health, starts checking at once). Returns 0,
  * KEEL_EINVAL (no primary, a malformed conninfo, whose libpq message is
- * logged; a host given twice) or KEEL_ENOMEM. */
+ * logged; a host given twice; a statement timeout over INT_MAX ms) or
+ * KEEL_ENOMEM. */
 KEEL_API int keel_pg_create(keel_pg **out, const keel_pg_opts *opts);
 
 /* Stops the health thread and closes every connection. NULL is a no-op.

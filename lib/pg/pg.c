@@ -19,6 +19,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <limits.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -45,6 +46,13 @@ static uint64_t sat_add(uint64_t a, uint64_t b)
 {
     uint64_t r;
     return __builtin_add_overflow(a, b, &r) ? UINT64_MAX : r;
+}
+
+/* Nanoseconds in whole milliseconds, rounded up (without adding first,
+ * which wraps near UINT64_MAX): the server's unit for its timeouts. */
+static uint64_t ms_up(uint64_t ns)
+{
+    return ns / 1000000u + (ns % 1000000u != 0);
 }
 
 /* ---- connection parameters ---- */
@@ -95,7 +103,7 @@ static int host_params(pghost *h, const char *conninfo, uint64_t statement_timeo
     char st[128] = "";
     if (statement_timeout)
         snprintf(st, sizeof st, "-c statement_timeout=%llu",
-                 (unsigned long long)((statement_timeout + 999999u) / 1000000u));
+                 (unsigned long long)ms_up(statement_timeout));
     const char *host = NULL, *hostaddr = NULL, *port = NULL;
     bool have_options = false;
     size_t n = 0;
@@ -207,7 +215,7 @@ static int set_check_interval(keel_pg_conn *c)
         no_check_interval(c->h, why);
         return 0;
     }
-    uint64_t ms = pg->query_timeout / 1000000u + (pg->query_timeout % 1000000u != 0); /* up */
+    uint64_t ms = ms_up(pg->query_timeout);
     char v[24];
     snprintf(v, sizeof v, "%llu", (unsigned long long)(ms < 1000 ? ms : 1000));
     const char *vp = v;
@@ -993,6 +1001,10 @@ KEEL_API int keel_pg_create(keel_pg **out, const keel_pg_opts *o)
     if (out)
         *out = NULL;
     if (!out || !o || !o->primary || (o->nreplicas && !o->replicas) || o->nreplicas > 63)
+        return KEEL_EINVAL;
+    /* the server takes an int of milliseconds, and refuses every connection
+     * that asks for more */
+    if (ms_up(o->statement_timeout_ns) > INT_MAX)
         return KEEL_EINVAL;
     keel_pg *pg = keel__calloc(1, sizeof *pg);
     if (!pg)
