@@ -1747,6 +1747,40 @@ START_TEST(a_statement_timeout_is_whole_milliseconds_up_to_int_max)
 }
 END_TEST
 
+/* Values libpq parses but would refuse at every connect are refused at
+ * create, as a malformed conninfo is: not a host marked down at each call. */
+START_TEST(conninfo_values_libpq_would_refuse_are_refused)
+{
+    const char *bad[] = {"port=abc", "port=0", "port=65536", "port=5432x", "port=-1",
+                         "postgresql://h:99999/db", "host=a sslmode=bogus",
+                         "target_session_attrs=nonsense", "host=a,b port=1,2,3",
+                         "host=a,b,c port=1,2", "host=a,b port=1,x",
+                         "host=a hostaddr=127.0.0.1,127.0.0.2", "host=a,b port='1, '",
+                         "port=99999999999999999999", NULL};
+    for (size_t i = 0; bad[i]; i++) {
+        keel_pg *pg = (keel_pg *)0x1;
+        keel_pg_opts o = {.primary = bad[i], .manual_health = 1};
+        ck_assert_msg(keel_pg_create(&pg, &o) == KEEL_EINVAL, "accepted %s", bad[i]);
+        ck_assert_ptr_null(pg);
+        const char *replicas[1] = {bad[i]};
+        o = (keel_pg_opts){.primary = "host=p", .replicas = replicas, .nreplicas = 1,
+                           .manual_health = 1};
+        ck_assert_msg(keel_pg_create(&pg, &o) == KEEL_EINVAL, "accepted replica %s", bad[i]);
+    }
+    const char *good[] = {"port=1", "port=65535", "port=", "host=a,b port=1", "host=a,b port=1,2",
+                          "host=a,b port=1,", "host=a,b port=' 1, 2 '", "postgresql://h1:5433,h2:5434/db",
+                          "postgresql://h1,h2:5434/db", "hostaddr=127.0.0.1,127.0.0.2 port=7",
+                          "host=a sslmode=verify-full target_session_attrs=prefer-standby",
+                          "sslmode=disable target_session_attrs=read-write", NULL};
+    for (size_t i = 0; good[i]; i++) {
+        keel_pg *pg;
+        keel_pg_opts o = {.primary = good[i], .manual_health = 1};
+        ck_assert_msg(keel_pg_create(&pg, &o) == 0, "refused %s", good[i]);
+        keel_pg_destroy(pg);
+    }
+}
+END_TEST
+
 int main(void)
 {
     atomic_store(&clk.ns, 1000 * KT_S);
@@ -1762,6 +1796,7 @@ int main(void)
     tcase_add_test(opt, a_down_host_is_skipped_for_an_interval_of_any_length);
     tcase_add_test(opt, the_health_thread_waits_an_interval_of_any_length);
     tcase_add_test(opt, a_statement_timeout_is_whole_milliseconds_up_to_int_max);
+    tcase_add_test(opt, conninfo_values_libpq_would_refuse_are_refused);
     suite_add_tcase(s, opt);
 
     TCase *tc = tcase_create("servers");

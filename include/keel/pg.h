@@ -118,7 +118,9 @@ typedef struct keel_pg_opts {
 /* Parses the conninfos and prepares the pools; connects lazily (the health
  * thread, unless manual_health, starts checking at once). Returns 0,
  * KEEL_EINVAL (no primary, a malformed conninfo, whose libpq message is
- * logged; a host given twice; a statement timeout over INT_MAX ms) or
+ * logged, or one libpq would refuse at every connect: a port not from 1
+ * to 65535, an unknown sslmode or target_session_attrs, lists of hosts
+ * and ports that do not match; a host given twice; a statement timeout over INT_MAX ms) or
  * KEEL_ENOMEM. */
 KEEL_API int keel_pg_create(keel_pg **out, const keel_pg_opts *opts);
 

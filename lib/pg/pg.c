@@ -82,6 +82,87 @@ static int add_param(pghost *h, size_t *n, const char *k, const char *v)
     return 0;
 }
 
+/* Elements of a comma-separated list, as libpq counts them. */
+static size_t list_len(const char *s)
+{
+    size_t n = 1;
+    for (; *s; s++)
+        n += *s == ',';
+    return n;
+}
+
+/* Whether every element of a port list is empty (the default port) or a
+ * number from 1 to 65535, spaces around it allowed as libpq allows them. */
+static bool ports_ok(const char *s)
+{
+    for (;;) {
+        size_t len = strcspn(s, ","), i = 0, digits = 0;
+        unsigned v = 0;
+        while (i < len && s[i] == ' ')
+            i++;
+        for (; i < len && s[i] >= '0' && s[i] <= '9' && v <= 65535; i++, digits++)
+            v = v * 10 + (unsigned)(s[i] - '0');
+        while (i < len && s[i] == ' ')
+            i++;
+        if (len && (i < len || !digits || v < 1 || v > 65535))
+            return false;
+        if (!s[len])
+            return true;
+        s += len + 1;
+    }
+}
+
+static bool among(const char *v, const char *const *set)
+{
+    for (; *set; set++)
+        if (strcmp(v, *set) == 0)
+            return true;
+    return false;
+}
+
+/* Whether libpq would take the values it parsed without complaint but
+ * refuse at every connect (connectOptions2 in libpq 15): bad ports, an
+ * unknown sslmode or target_session_attrs, lists of hosts and ports that
+ * do not match. Refused at create, they are KEEL_EINVAL, not a host down
+ * at each call. An empty value is libpq's default. */
+static bool values_ok(const PQconninfoOption *opts)
+{
+    static const char *const sslmodes[] = {"disable", "allow", "prefer", "require",
+                                           "verify-ca", "verify-full", NULL};
+    static const char *const attrs[] = {"any", "read-write", "read-only", "primary",
+                                        "standby", "prefer-standby", NULL};
+    const char *host = "", *hostaddr = "", *port = "", *sslmode = "", *attr = "";
+    for (const PQconninfoOption *o = opts; o->keyword; o++) {
+        const char *v = o->val ? o->val : "";
+        if (strcmp(o->keyword, "host") == 0)
+            host = v;
+        else if (strcmp(o->keyword, "hostaddr") == 0)
+            hostaddr = v;
+        else if (strcmp(o->keyword, "port") == 0)
+            port = v;
+        else if (strcmp(o->keyword, "sslmode") == 0)
+            sslmode = v;
+        else if (strcmp(o->keyword, "target_session_attrs") == 0)
+            attr = v;
+    }
+    /* libpq counts the hosts in hostaddr if given, else in host */
+    size_t nhosts = hostaddr[0] ? list_len(hostaddr) : host[0] ? list_len(host) : 1;
+    const char *why = NULL;
+    if (port[0] && !ports_ok(port))
+        why = "invalid port";
+    else if (port[0] && list_len(port) != 1 && list_len(port) != nhosts)
+        why = "port numbers do not match the hosts";
+    else if (host[0] && hostaddr[0] && list_len(host) != nhosts)
+        why = "host names do not match the hostaddr values";
+    else if (sslmode[0] && !among(sslmode, sslmodes))
+        why = "invalid sslmode";
+    else if (attr[0] && !among(attr, attrs))
+        why = "invalid target_session_attrs";
+    if (why)
+        keel__log(KEEL_LOG_ERROR, "pg", "malformed conninfo: %s", why);
+    return !why;
+}
+
 /* The conninfo's parameters, plus libkeel's: a fallback application name
  * and, added to `options`, the statement timeout. */
 static int host_params(pghost *h, const char *conninfo, uint64_t statement_timeout)
@@ -93,6 +174,10 @@ static int host_params(pghost *h, const char *conninfo, uint64_t statement_timeo
         int rc = err ? KEEL_EINVAL : KEEL_ENOMEM;
         PQfreemem(err);
         return rc;
+    }
+    if (!values_ok(opts)) {
+        PQconninfoFree(opts);
+        return KEEL_EINVAL;
     }
     size_t count = 0;
     for (PQconninfoOption *o = opts; o->keyword; o++)
