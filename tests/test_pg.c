@@ -1781,6 +1781,32 @@ START_TEST(conninfo_values_libpq_would_refuse_are_refused)
 }
 END_TEST
 
+/* Hosts are told apart by their whole name and port, however long (a DNS
+ * name has up to 253 bytes, a socket directory more), and so named. */
+START_TEST(long_host_names_are_kept_whole)
+{
+    char a[300], b[300], ca[320], cb[320];
+    memset(a, 'h', sizeof a - 2);
+    memcpy(b, a, sizeof b - 2);
+    strcpy(a + sizeof a - 2, "1");
+    strcpy(b + sizeof b - 2, "2");
+    snprintf(ca, sizeof ca, "host=%s port=7", a);
+    snprintf(cb, sizeof cb, "host=%s port=7", b);
+    const char *replicas[1] = {cb};
+    keel_pg *pg;
+    keel_pg_opts o = {.primary = ca, .replicas = replicas, .nreplicas = 1, .manual_health = 1};
+    ck_assert_int_eq(keel_pg_create(&pg, &o), 0);
+    char want[320];
+    keel_pg_host_stats st;
+    keel_pg_host_stats_get(pg, 1, &st);
+    snprintf(want, sizeof want, "%s:7", b);
+    ck_assert_str_eq(st.name, want);
+    keel_pg_destroy(pg);
+    replicas[0] = ca; /* the same host twice: still refused */
+    ck_assert_int_eq(keel_pg_create(&pg, &o), KEEL_EINVAL);
+}
+END_TEST
+
 int main(void)
 {
     atomic_store(&clk.ns, 1000 * KT_S);
@@ -1797,6 +1823,7 @@ int main(void)
     tcase_add_test(opt, the_health_thread_waits_an_interval_of_any_length);
     tcase_add_test(opt, a_statement_timeout_is_whole_milliseconds_up_to_int_max);
     tcase_add_test(opt, conninfo_values_libpq_would_refuse_are_refused);
+    tcase_add_test(opt, long_host_names_are_kept_whole);
     suite_add_tcase(s, opt);
 
     TCase *tc = tcase_create("servers");

@@ -65,7 +65,9 @@ static void free_params(pghost *h)
     }
     keel__free(h->kw);
     keel__free(h->val);
+    keel__free(h->name);
     h->kw = h->val = NULL;
+    h->name = NULL;
 }
 
 static int add_param(pghost *h, size_t *n, const char *k, const char *v)
@@ -222,9 +224,18 @@ static int host_params(pghost *h, const char *conninfo, uint64_t statement_timeo
     if (rc == 0)
         rc = add_param(h, &n, "fallback_application_name", "libkeel");
     PQconninfoFree(opts);
-    snprintf(h->name, sizeof h->name, "%s:%s", host ? host : hostaddr ? hostaddr : "localhost",
-             port ? port : "5432");
-    return rc;
+    if (rc)
+        return rc;
+    /* empty: libpq's default */
+    h->host = host && host[0] ? host : hostaddr && hostaddr[0] ? hostaddr : "localhost";
+    h->port = port && port[0] ? port : "5432";
+    /* as long as it needs: a DNS name has up to 253 bytes, a socket
+     * directory and a list of hosts more */
+    size_t len = strlen(h->host) + strlen(h->port) + 2;
+    if (!(h->name = keel__malloc(len)))
+        return KEEL_ENOMEM;
+    snprintf(h->name, len, "%s:%s", h->host, h->port);
+    return 0;
 }
 
 /* ---- connecting ---- */
@@ -1064,7 +1075,7 @@ static int add_host(keel_pg *pg, size_t i, const char *conninfo, const keel_pg_o
         return KEEL_EINVAL;
     int rc = host_params(h, conninfo, o->statement_timeout_ns);
     for (size_t k = 0; rc == 0 && k < i; k++)
-        if (strcmp(pg->hosts[k].name, h->name) == 0) {
+        if (strcmp(pg->hosts[k].host, h->host) == 0 && strcmp(pg->hosts[k].port, h->port) == 0) {
             keel__log(KEEL_LOG_ERROR, "pg", "%s is given twice", h->name);
             rc = KEEL_EINVAL;
         }

@@ -33,7 +33,8 @@ struct keel_pg_conn {
 struct pghost {
     keel_pg *pg;
     size_t idx;
-    char name[160];
+    char *name;                 /* "host:port", for logs, stats and labels */
+    const char *host, *port;    /* what tells hosts apart: in val, or defaults */
     const char **kw, **val; /* connection parameters, NULL-terminated */
     keel_pool *pool;
     keel_lb_peer *peer;
