@@ -1807,6 +1807,28 @@ START_TEST(long_host_names_are_kept_whole)
 }
 END_TEST
 
+/* The caller's fallback_application_name is the one the server sees;
+ * libkeel's is only the fallback's fallback. */
+START_TEST(the_callers_fallback_application_name_wins)
+{
+    const struct {
+        const char *extra, *want;
+    } cases[] = {{"", "libkeel"}, {" fallback_application_name=kt_app", "kt_app"},
+                 {" application_name=kt_named", "kt_named"}};
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char ci[512];
+        snprintf(ci, sizeof ci, "%s%s", kt_env("KEEL_TEST_PG"), cases[i].extra);
+        keel_pg *pg = open_pg(ci, NULL, 0);
+        char v[64];
+        value(pg, KEEL_PG_WRITE,
+              "SELECT application_name FROM pg_stat_activity WHERE pid = pg_backend_pid()", v,
+              sizeof v);
+        ck_assert_str_eq(v, cases[i].want);
+        keel_pg_destroy(pg);
+    }
+}
+END_TEST
+
 int main(void)
 {
     atomic_store(&clk.ns, 1000 * KT_S);
@@ -1824,6 +1846,7 @@ int main(void)
     tcase_add_test(opt, a_statement_timeout_is_whole_milliseconds_up_to_int_max);
     tcase_add_test(opt, conninfo_values_libpq_would_refuse_are_refused);
     tcase_add_test(opt, long_host_names_are_kept_whole);
+    tcase_add_test(opt, the_callers_fallback_application_name_wins);
     suite_add_tcase(s, opt);
 
     TCase *tc = tcase_create("servers");

@@ -6,7 +6,8 @@
  * Hosts. The primary and each replica are libpq conninfo strings
  * ("host=... port=... dbname=..." or "postgresql://..."); each gets a
  * keel_pool of connections, opened when first needed. Host 0 is the
- * configured primary, hosts 1..n the replicas, in the order given.
+ * configured primary, hosts 1..n the replicas, in the order given. A
+ * conninfo without a fallback_application_name gets "libkeel".
  *
  * Health. A check asks every host whether it is in recovery and how far
  * its WAL is (one query on a connection of its own, made again once when

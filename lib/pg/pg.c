@@ -166,7 +166,8 @@ static bool values_ok(const PQconninfoOption *opts)
 }
 
 /* The conninfo's parameters, plus libkeel's: a fallback application name
- * and, added to `options`, the statement timeout. */
+ * unless the conninfo has one (libpq takes the last value given) and,
+ * added to `options`, the statement timeout. */
 static int host_params(pghost *h, const char *conninfo, uint64_t statement_timeout)
 {
     char *err = NULL;
@@ -192,7 +193,7 @@ static int host_params(pghost *h, const char *conninfo, uint64_t statement_timeo
         snprintf(st, sizeof st, "-c statement_timeout=%llu",
                  (unsigned long long)ms_up(statement_timeout));
     const char *host = NULL, *hostaddr = NULL, *port = NULL;
-    bool have_options = false;
+    bool have_options = false, have_fallback = false;
     size_t n = 0;
     for (PQconninfoOption *o = opts; rc == 0 && o->keyword; o++) {
         if (!o->val)
@@ -218,10 +219,12 @@ static int host_params(pghost *h, const char *conninfo, uint64_t statement_timeo
             hostaddr = h->val[n - 1];
         else if (strcmp(o->keyword, "port") == 0)
             port = h->val[n - 1];
+        else if (strcmp(o->keyword, "fallback_application_name") == 0)
+            have_fallback = o->val[0] != '\0'; /* empty: unset, to libpq */
     }
     if (rc == 0 && st[0] && !have_options)
         rc = add_param(h, &n, "options", st);
-    if (rc == 0)
+    if (rc == 0 && !have_fallback)
         rc = add_param(h, &n, "fallback_application_name", "libkeel");
     PQconninfoFree(opts);
     if (rc)
