@@ -1829,6 +1829,27 @@ START_TEST(the_callers_fallback_application_name_wins)
 }
 END_TEST
 
+/* queries counts the caller's statements, not libkeel's own: health
+ * checks, the client check's set_config, a release's ROLLBACK. */
+START_TEST(queries_counts_the_callers_statements_only)
+{
+    keel_pg *pg = open_pg(kt_env("KEEL_TEST_PG"), NULL, 10 * KT_S); /* one check */
+    char v[8];
+    value(pg, KEEL_PG_WRITE, "SELECT 1", v, sizeof v); /* after a set_config */
+    keel_pg_conn *c;
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_WRITE, &c), 0);
+    PGresult *r;
+    ck_assert_int_eq(keel_pg_conn_exec(c, "BEGIN", NULL, &r), 0);
+    PQclear(r);
+    keel_pg_release(c); /* rolled back */
+    ck_assert_int_eq(keel_pg_check(pg), 0);
+    keel_pg_host_stats st;
+    keel_pg_host_stats_get(pg, 0, &st);
+    ck_assert_uint_eq(st.queries, 2);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
 int main(void)
 {
     atomic_store(&clk.ns, 1000 * KT_S);
@@ -1847,6 +1868,7 @@ int main(void)
     tcase_add_test(opt, conninfo_values_libpq_would_refuse_are_refused);
     tcase_add_test(opt, long_host_names_are_kept_whole);
     tcase_add_test(opt, the_callers_fallback_application_name_wins);
+    tcase_add_test(opt, queries_counts_the_callers_statements_only);
     suite_add_tcase(s, opt);
 
     TCase *tc = tcase_create("servers");

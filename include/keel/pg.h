@@ -296,6 +296,8 @@ typedef struct keel_pg_host_stats {
     int readable;          /* a READ may use it now */
     uint64_t lsn;          /* WAL position at the last check (replayed, on a replica) */
     uint64_t lag_ns;       /* replicas */
+    /* queries: the caller's statements sent, not libkeel's own (checks,
+     * ROLLBACK, DEALLOCATE, set_config) */
     uint64_t checks, check_failures, connects, conn_failures, queries, errors;
 } keel_pg_host_stats;
 

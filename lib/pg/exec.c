@@ -229,9 +229,10 @@ static int send_one(keel_pg_conn *c, const char *sql, const char *name, const ke
 }
 
 /* One statement, start to end: send, flush, await, classify; timeout 0:
- * the query timeout. */
+ * the query timeout. Only the caller's statements count in queries, not
+ * libkeel's own (checks, ROLLBACK, DEALLOCATE, set_config...). */
 static int run(keel_pg_conn *c, const char *sql, const char *name, const keel_pg_params *p,
-               uint64_t timeout, PGresult **res)
+               uint64_t timeout, bool callers, PGresult **res)
 {
     *res = NULL;
     if (c->broken || PQstatus(c->conn) != CONNECTION_OK)
@@ -245,21 +246,22 @@ static int run(keel_pg_conn *c, const char *sql, const char *name, const keel_pg
         rc = await(c, deadline, res);
     if (!c->broken)
         PQsetnonblocking(c->conn, 0);
-    atomic_fetch_add_explicit(&c->h->queries, 1, memory_order_relaxed);
+    if (callers)
+        atomic_fetch_add_explicit(&c->h->queries, 1, memory_order_relaxed);
     return rc ? rc : result_rc(c, res);
 }
 
 int keel__pg_run(keel_pg_conn *c, const char *sql, const keel_pg_params *p, uint64_t timeout,
                  PGresult **res)
 {
-    return run(c, sql, NULL, p ? p : &no_params, timeout, res);
+    return run(c, sql, NULL, p ? p : &no_params, timeout, false, res);
 }
 
 int keel__pg_query_bool(keel_pg_conn *c, const char *sql, const char *param)
 {
     keel_pg_params p = {.n = param ? 1 : 0, .values = &param};
     PGresult *r;
-    int rc = run(c, sql, NULL, &p, 0, &r);
+    int rc = run(c, sql, NULL, &p, 0, false, &r);
     if (rc == KEEL_EBACKEND)
         PQclear(r);
     if (rc)
@@ -276,7 +278,7 @@ KEEL_API int keel_pg_conn_exec(keel_pg_conn *c, const char *sql, const keel_pg_p
         *res = NULL;
     if (!c || !sql || !res || (params && !keel__pg_params_ok(params)))
         return KEEL_EINVAL;
-    return run(c, sql, NULL, params ? params : &no_params, 0, res);
+    return run(c, sql, NULL, params ? params : &no_params, 0, true, res);
 }
 
 /* ---- prepared statements ---- */
@@ -452,7 +454,7 @@ KEEL_API int keel_pg_conn_exec_stmt(keel_pg_conn *c, keel_pg_stmt *s, const keel
     bool idle = PQtransactionStatus(c->conn) == PQTRANS_IDLE;
     int rc = prepare(c, s, res);
     if (rc == 0)
-        rc = run(c, NULL, s->name, p, 0, res);
+        rc = run(c, NULL, s->name, p, 0, true, res);
     if (rc == KEEL_EBACKEND && idle && stale(s, *res)) { /* prepare again, once */
         bool gone = strcmp(PQresultErrorField(*res, PG_DIAG_SQLSTATE), "26000") == 0;
         PQclear(*res);
@@ -461,7 +463,7 @@ KEEL_API int keel_pg_conn_exec_stmt(keel_pg_conn *c, keel_pg_stmt *s, const keel
         if (rc == 0)
             rc = prepare(c, s, res);
         if (rc == 0)
-            rc = run(c, NULL, s->name, p, 0, res);
+            rc = run(c, NULL, s->name, p, 0, true, res);
     }
     return rc;
 }

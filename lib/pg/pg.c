@@ -1054,7 +1054,7 @@ static int host_metrics(keel_pg *pg, pghost *h, const char *name)
         {1, "keel_pg_host_primary", "1 for the host that takes writes.", "host", h->name, m_primary},
         {1, "keel_pg_host_readable", "1 while the host may serve reads.", "host", h->name, m_readable},
         {1, "keel_pg_replica_lag_seconds", "Replay lag behind the write host.", "host", h->name, m_lag},
-        {0, "keel_pg_queries_total", "Statements sent.", "host", h->name, m_queries},
+        {0, "keel_pg_queries_total", "The caller's statements sent.", "host", h->name, m_queries},
         {0, "keel_pg_errors_total", "Statements the server refused.", "host", h->name, m_errors},
         {0, "keel_pg_connects_total", "Connections made.", "host", h->name, m_connects},
         {0, "keel_pg_connect_failures_total", "Connections that failed.", "host", h->name,
