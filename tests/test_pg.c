@@ -1587,6 +1587,56 @@ START_TEST(writes_follow_a_promoted_replica)
 }
 END_TEST
 
+/* A replica over the lag limit when the primary went: while no host takes
+ * writes its lag used to stay as it was, so once it had replayed all the
+ * primary ever flushed it still served no read for the whole outage. Its
+ * lag is measured against the positions remembered before, and only goes
+ * down: the time passing with no write host is no lag. */
+START_TEST(a_replica_that_catches_up_with_no_write_host_serves_reads)
+{
+    keel_pg *pg = open_pg(priv.pg, priv.pg_replica, 5 * KT_S);
+    PGconn *rep = kt_pg_connect(priv.pg_replica);
+    kt_pg_exec(rep, "SELECT pg_wal_replay_pause()");
+    PGconn *prim = kt_pg_connect(priv.pg);
+    kt_pg_exec(prim, "SET synchronous_commit = on; CREATE TABLE kt_nw (v int);"
+                     " INSERT INTO kt_nw VALUES (1)");
+    PQfinish(prim);
+    ck_assert_int_eq(keel_pg_check(pg), 0);
+    kt_clock_advance(&clk, 3 * KT_S);
+    ck_assert_int_eq(keel_pg_check(pg), 0);
+    keel_pg_host_stats st;
+    keel_pg_host_stats_get(pg, 1, &st);
+    ck_assert_uint_ge(st.lag_ns, 3 * KT_S);
+    ck_assert_int_eq(st.readable, 0);
+
+    kt_private_server(&priv, "stop-one", "pg-primary");
+    ck_assert_int_eq(keel_pg_check(pg), KEEL_EUNAVAIL);
+    keel_pg_host_stats_get(pg, 1, &st);
+    ck_assert_uint_ge(st.lag_ns, 3 * KT_S); /* still behind what it was behind */
+    ck_assert_int_eq(st.readable, 0);
+
+    kt_pg_exec(rep, "SELECT pg_wal_replay_resume()");
+    for (int i = 0; i < 200 && !st.readable; i++) { /* replays in real time: 10 s at most */
+        kt_nap(50 * MS);
+        ck_assert_int_eq(keel_pg_check(pg), KEEL_EUNAVAIL);
+        keel_pg_host_stats_get(pg, 1, &st);
+    }
+    ck_assert_msg(st.readable, "lag %llu ns after replaying all", (unsigned long long)st.lag_ns);
+    ck_assert_uint_eq(st.lag_ns, 0);
+    char v[16];
+    value(pg, KEEL_PG_READ, "SELECT count(*) FROM kt_nw", v, sizeof v);
+    ck_assert_str_eq(v, "1");
+    /* a minute with no write host: no position to be behind, no lag */
+    kt_clock_advance(&clk, 60 * KT_S);
+    ck_assert_int_eq(keel_pg_check(pg), KEEL_EUNAVAIL);
+    keel_pg_host_stats_get(pg, 1, &st);
+    ck_assert_uint_eq(st.lag_ns, 0);
+    ck_assert_int_eq(st.readable, 1);
+    PQfinish(rep);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
 /* The health thread alone (nobody calls keel_pg_check()) sees the
  * primary go and the replica promoted, and the next write goes to the
  * promoted server. The test only reads the hosts' roles while it waits:
@@ -1912,6 +1962,13 @@ int main(void)
     tcase_add_test(tm, an_acquire_with_every_connection_leased_times_out);
     tcase_add_test(tm, a_host_that_never_answers_times_out_connecting);
     suite_add_tcase(s, tm);
+
+    /* servers of its own: the primary is stopped */
+    TCase *nw = tcase_create("nowriter");
+    tcase_set_timeout(nw, 120);
+    tcase_add_unchecked_fixture(nw, priv_start, priv_stop);
+    tcase_add_test(nw, a_replica_that_catches_up_with_no_write_host_serves_reads);
+    suite_add_tcase(s, nw);
 
     /* its own servers again: the failover above used up the first pair */
     TCase *afo = tcase_create("autofailover");

@@ -12,7 +12,8 @@
  * Lag. At each check the write host's WAL insert position is remembered
  * with the time (only when it moved: the earliest time of a position is
  * the one that counts). A replica's lag is the time since the oldest
- * remembered position it has not replayed; none: zero.
+ * remembered position it has not replayed; none: zero. With no write
+ * host, nothing new is remembered and a lag only goes down.
  *
  * Locks: check_mu (one check at a time) before mu; keel_lb's own lock is
  * taken outside mu; the metrics registry's lock before mu.
@@ -574,10 +575,16 @@ static int check_round(keel_pg *pg)
         atomic_store(&h->down_until, 0);
         h->lsn = pr[i].lsn;
         h->timeline = pr[i].timeline;
-        if (!pr[i].recovery)
+        if (!pr[i].recovery) {
             h->lag_ns = 0;
-        else if (best != PG_NONE) /* with no write host, lags stay as they were */
+        } else if (best != PG_NONE) {
             h->lag_ns = lag_of(pg, pr[i].lsn, now);
+        } else { /* no write host: behind what it had not replayed, or less
+                  * (the time without one is no lag) */
+            uint64_t lag = lag_of(pg, pr[i].lsn, now);
+            if (lag < h->lag_ns)
+                h->lag_ns = lag;
+        }
         h->role = pr[i].recovery ? KEEL_PG_ROLE_REPLICA
                   : i == best    ? KEEL_PG_ROLE_PRIMARY
                                  : KEEL_PG_ROLE_FENCED;
