@@ -11,6 +11,7 @@
 #include <libpq-fe.h>
 #include <netinet/in.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -568,6 +569,75 @@ START_TEST(read_your_writes_with_no_free_replica_connection_uses_the_primary_at_
         keel_pg_release(c);
     }
     keel_pg_release(held);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
+/* Resumes a backend stopped with SIGSTOP after a while, unless told to
+ * before: a test that would block for ever fails instead. */
+typedef struct thaw {
+    int pid;
+    atomic_bool done;
+} thaw;
+
+static void *thaw_later(void *arg)
+{
+    thaw *t = arg;
+    for (int i = 0; i < 1000 && !atomic_load(&t->done); i++) /* 10 s */
+        kt_nap(10 * MS);
+    kill(t->pid, SIGCONT);
+    return NULL;
+}
+
+/* Every client backend of the shared replica goes on (an unchecked
+ * teardown, in Check's parent: also after a test that failed with one
+ * stopped). */
+static void resume_replica_backends(void)
+{
+    const char *ci = getenv("KEEL_TEST_PG_REPLICA");
+    PGconn *d = ci ? PQconnectdb(ci) : NULL;
+    PGresult *r = d ? PQexec(d, "SELECT pid FROM pg_stat_activity"
+                                " WHERE backend_type = 'client backend'") : NULL;
+    for (int i = 0; PQresultStatus(r) == PGRES_TUPLES_OK && i < PQntuples(r); i++)
+        kill(atoi(PQgetvalue(r, i, 0)), SIGCONT);
+    PQclear(r);
+    PQfinish(d);
+}
+
+/* A replica that takes the question "have you replayed it?" and never
+ * answers (here its backend is stopped): the question used to wait for
+ * the query timeout, none by default, so the read blocked for ever. It
+ * is bounded by the wait asked for, and the write host serves. */
+START_TEST(read_your_writes_waits_no_longer_than_asked_on_a_silent_replica)
+{
+    const char *replicas[1] = {kt_env("KEEL_TEST_PG_REPLICA")};
+    keel_pg_opts o = {.primary = kt_env("KEEL_TEST_PG"), .replicas = replicas, .nreplicas = 1,
+                      .conns_per_host = 1, .connect_timeout_ns = 5 * KT_S, .manual_health = 1,
+                      .clock = kt_clock_now, .clock_ud = &clk}; /* no query timeout */
+    keel_pg *pg;
+    ck_assert_int_eq(keel_pg_create(&pg, &o), 0);
+    ck_assert_int_eq(keel_pg_check(pg), 0);
+    keel_pg_conn *c;
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_READ, &c), 0);
+    ck_assert_uint_eq(keel_pg_conn_host(c), 1);
+    thaw t = {.pid = PQbackendPID(keel_pg_conn_raw(c))}; /* the replica's one connection */
+    keel_pg_release(c);
+    write_sql(pg, "CREATE TABLE IF NOT EXISTS kt_silent (v int)");
+    uint64_t lsn;
+    ck_assert_int_eq(keel_pg_write_lsn(pg, &lsn), 0); /* newer than the check saw */
+    ck_assert_int_eq(kill(t.pid, SIGSTOP), 0);
+    pthread_t th;
+    pthread_create(&th, NULL, thaw_later, &t);
+    uint64_t t0 = keel_now_ns();
+    int rc = keel_pg_acquire_after(pg, lsn, 1 * KT_S, &c);
+    uint64_t took = keel_now_ns() - t0;
+    atomic_store(&t.done, true);
+    pthread_join(th, NULL);
+    ck_assert_int_eq(rc, 0);
+    ck_assert_msg(took < 2500 * MS, "took %llu ms for a wait of 1 s",
+                  (unsigned long long)(took / MS));
+    ck_assert_uint_eq(keel_pg_conn_host(c), 0);
+    keel_pg_release(c);
     keel_pg_destroy(pg);
 }
 END_TEST
@@ -1962,6 +2032,12 @@ int main(void)
     tcase_add_test(tm, an_acquire_with_every_connection_leased_times_out);
     tcase_add_test(tm, a_host_that_never_answers_times_out_connecting);
     suite_add_tcase(s, tm);
+
+    TCase *fz = tcase_create("frozen");
+    tcase_set_timeout(fz, 60);
+    tcase_add_unchecked_fixture(fz, NULL, resume_replica_backends);
+    tcase_add_test(fz, read_your_writes_waits_no_longer_than_asked_on_a_silent_replica);
+    suite_add_tcase(s, fz);
 
     /* servers of its own: the primary is stopped */
     TCase *nw = tcase_create("nowriter");

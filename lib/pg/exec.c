@@ -257,11 +257,11 @@ int keel__pg_run(keel_pg_conn *c, const char *sql, const keel_pg_params *p, uint
     return run(c, sql, NULL, p ? p : &no_params, timeout, false, res);
 }
 
-int keel__pg_query_bool(keel_pg_conn *c, const char *sql, const char *param)
+int keel__pg_query_bool(keel_pg_conn *c, const char *sql, const char *param, uint64_t timeout)
 {
     keel_pg_params p = {.n = param ? 1 : 0, .values = &param};
     PGresult *r;
-    int rc = run(c, sql, NULL, &p, 0, false, &r);
+    int rc = run(c, sql, NULL, &p, timeout, false, &r);
     if (rc == KEEL_EBACKEND)
         PQclear(r);
     if (rc)

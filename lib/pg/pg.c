@@ -668,18 +668,19 @@ static int get_write(keel_pg *pg, keel_pg_conn **out)
 }
 
 /* Whether the connection's host has replayed lsn: known from the last
- * check, else asked. */
-static bool has_replayed(keel_pg_conn *c, uint64_t lsn)
+ * check, else asked, waiting at most timeout. 1, 0 or a negative code
+ * (no answer in time: the connection is given up). */
+static int has_replayed(keel_pg_conn *c, uint64_t lsn, uint64_t timeout)
 {
     keel_pg *pg = c->h->pg;
     pthread_mutex_lock(&pg->mu);
     bool known = c->h->lsn >= lsn;
     pthread_mutex_unlock(&pg->mu);
     if (known)
-        return true;
+        return 1;
     char text[32];
     snprintf(text, sizeof text, "%X/%X", (unsigned)(lsn >> 32), (unsigned)lsn);
-    return keel__pg_query_bool(c, "SELECT pg_last_wal_replay_lsn() >= $1::pg_lsn", text) == 1;
+    return keel__pg_query_bool(c, "SELECT pg_last_wal_replay_lsn() >= $1::pg_lsn", text, timeout);
 }
 
 /* A replica that may serve reads, round robin: KEEL_EUNAVAIL when none. */
@@ -700,10 +701,13 @@ static int get_replica(keel_pg *pg, keel_pg_conn **out)
 }
 
 /* A replica that has replayed lsn, whatever its lag otherwise (that lsn
- * is all the read needs). KEEL_EBUSY when the replicas that answered are
+ * is all the read needs). Each is asked within connect_timeout and, once
+ * the wait's deadline (keel_now_ns) is near, only until then: a replica
+ * that takes the question and never answers must not hold the caller past
+ * the wait it asked for. KEEL_EBUSY when the replicas that answered are
  * all behind it (waiting may help); KEEL_EUNAVAIL when none answered or
  * had a connection free. */
-static int get_replica_after(keel_pg *pg, uint64_t lsn, keel_pg_conn **out)
+static int get_replica_after(keel_pg *pg, uint64_t lsn, uint64_t deadline, keel_pg_conn **out)
 {
     uint64_t now = keel__clock_now(&pg->clock);
     size_t start = atomic_fetch_add(&pg->rotor, 1);
@@ -716,12 +720,19 @@ static int get_replica_after(keel_pg *pg, uint64_t lsn, keel_pg_conn **out)
         keel_pg_conn *c; /* none free now: not one to wait for */
         if (!replica || !usable(h, now) || keel__pg_conn_get(h, 0, &c) != 0)
             continue;
-        if (has_replayed(c, lsn)) {
+        /* with no wait left (none asked for), connect_timeout still: one
+         * look at each replica is always taken */
+        uint64_t t = keel_now_ns(), timeout = pg->connect_timeout;
+        if (deadline > t && deadline - t < timeout)
+            timeout = deadline - t;
+        int yes = has_replayed(c, lsn, timeout);
+        if (yes == 1) {
             *out = c;
             return 0;
         }
         keel_pg_release(c);
-        rc = KEEL_EBUSY;
+        if (yes == 0) /* silent or lost: not one to wait for */
+            rc = KEEL_EBUSY;
     }
     return rc;
 }
@@ -746,7 +757,7 @@ KEEL_API int keel_pg_acquire_after(keel_pg *pg, uint64_t lsn, uint64_t wait_ns, 
     uint64_t now = keel_now_ns(), pause = 1000000u;
     uint64_t deadline = wait_ns > UINT64_MAX - now ? UINT64_MAX : now + wait_ns;
     for (;;) {
-        int rc = get_replica_after(pg, lsn, out);
+        int rc = get_replica_after(pg, lsn, deadline, out);
         if (rc == 0)
             return 0;
         if (rc != KEEL_EBUSY) /* no replica to wait for */

@@ -121,9 +121,10 @@ void keel__pg_conn_lost(pghost *h);
 int keel__pg_wait_fd(int fd, short events, uint64_t deadline);
 /* A deadline query_timeout from now, or 0 (none). */
 uint64_t keel__pg_deadline(const keel_pg *pg, uint64_t timeout);
-/* Runs sql with at most one text parameter and returns its one boolean
- * value: 1, 0 (false or NULL) or a negative code. */
-int keel__pg_query_bool(keel_pg_conn *c, const char *sql, const char *param);
+/* Runs sql with at most one text parameter, waiting at most timeout (0:
+ * the query timeout), and returns its one boolean value: 1, 0 (false or
+ * NULL) or a negative code. */
+int keel__pg_query_bool(keel_pg_conn *c, const char *sql, const char *param, uint64_t timeout);
 /* Runs sql and returns its result as keel_pg_conn_exec() does, waiting
  * at most timeout (0: the query timeout). */
 /* Room for bit id in a bitset of *nwords words (zeroed as it grows):
