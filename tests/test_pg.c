@@ -822,6 +822,69 @@ START_TEST(statements_are_prepared_again_when_the_server_forgets)
 }
 END_TEST
 
+/* Ends, from a session of its own, the backend running a statement
+ * tagged so once `ready` (SQL) holds; gives up after 10 s. */
+typedef struct killer {
+    const char *conninfo, *tag, *ready;
+    long long killed;
+} killer;
+
+static void *kill_mid_statement(void *arg)
+{
+    killer *k = arg;
+    PGconn *d = kt_pg_connect(k->conninfo);
+    char sql[512];
+    snprintf(sql, sizeof sql,
+             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE state = 'active'"
+             " AND query LIKE '%%%s%%' AND pid <> pg_backend_pid() AND %s", k->tag, k->ready);
+    for (int i = 0; i < 1000 && !(k->killed = kt_pg_number(d, sql)); i++)
+        kt_nap(10 * MS);
+    PQfinish(d);
+    return NULL;
+}
+
+/* A statement whose connection is lost while it runs: a read is run once
+ * more, on a new connection, and succeeds; a write is not, since it may
+ * have done its work (here a nextval, which no rollback undoes): it runs
+ * once and the caller gets KEEL_EUNAVAIL. */
+START_TEST(a_read_that_lost_its_connection_runs_again_and_a_write_never)
+{
+    keel_pg *pg = open_shared();
+    char v[8];
+    value(pg, KEEL_PG_READ, "SELECT 1", v, sizeof v); /* the replica's pooled connection */
+    keel_pg_host_stats before, after;
+    keel_pg_host_stats_get(pg, 1, &before);
+    killer k = {kt_env("KEEL_TEST_PG_REPLICA"), "kt_read_again", "true", 0};
+    pthread_t t;
+    pthread_create(&t, NULL, kill_mid_statement, &k);
+    PGresult *r;
+    int rc = keel_pg_exec(pg, KEEL_PG_READ,
+                          "SELECT pg_is_in_recovery(), pg_sleep(1)::text || 'kt_read_again'", NULL, &r);
+    pthread_join(t, NULL);
+    ck_assert_int_eq(k.killed, 1);
+    ck_assert_msg(rc == 0, "read: %s", keel_strerror(rc));
+    ck_assert_str_eq(PQgetvalue(r, 0, 0), "t");
+    PQclear(r);
+    keel_pg_host_stats_get(pg, 1, &after);
+    ck_assert_uint_eq(after.connects, before.connects + 1); /* the second run's */
+
+    write_sql(pg, "DROP SEQUENCE IF EXISTS kt_once");
+    write_sql(pg, "CREATE SEQUENCE kt_once");
+    killer w = {kt_env("KEEL_TEST_PG"), "kt_write_once", "(SELECT is_called FROM kt_once)", 0};
+    pthread_create(&t, NULL, kill_mid_statement, &w);
+    rc = keel_pg_exec(pg, KEEL_PG_WRITE,
+                      "SELECT nextval('kt_once'), pg_sleep(1)::text || 'kt_write_once'", NULL, &r);
+    pthread_join(t, NULL);
+    ck_assert_int_eq(w.killed, 1);
+    ck_assert_msg(rc == KEEL_EUNAVAIL, "write: %s", keel_strerror(rc));
+    ck_assert_ptr_null(r);
+    PGconn *d = kt_pg_connect(kt_env("KEEL_TEST_PG"));
+    ck_assert_int_eq(kt_pg_number(d, "SELECT last_value FROM kt_once"), 1); /* one nextval */
+    PQfinish(d);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
 /* A one-call helper gives its connection back as soon as the statement
  * has run, so it cannot carry a COPY: refused, with nothing copied, where
  * it used to return 0 and drop the COPY with the connection. */
@@ -2008,6 +2071,7 @@ int main(void)
     tcase_add_test(tc, a_statement_whose_columns_changed_is_prepared_again);
     tcase_add_test(tc, a_batch_that_committed_before_a_stale_statement_is_not_run_again);
     tcase_add_test(tc, a_one_call_copy_is_refused);
+    tcase_add_test(tc, a_read_that_lost_its_connection_runs_again_and_a_write_never);
     tcase_add_test(tc, a_connect_refused_for_the_connection_limit_leaves_the_host_up);
     tcase_add_test(tc, a_check_refused_for_the_connection_limit_leaves_the_host_as_it_was);
     tcase_add_test(tc, release_rolls_back_and_drops_what_it_cannot_reuse);
