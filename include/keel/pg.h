@@ -42,8 +42,10 @@
  * protocol: PQsendQueryParams, PQsendQueryPrepared), so one call runs one
  * statement and a value can never become SQL. Results are libpq's
  * PGresult, which the caller frees with PQclear(). A failed read on a
- * connection that was lost is tried once more on another host; a write is
- * never retried by libkeel, since it may have reached the server.
+ * connection that was lost is tried once more on a new connection, chosen
+ * as for any read (maybe on the same host: one lost connection does not
+ * make its host down); a write is never retried by libkeel, since it may
+ * have reached the server.
  *
  * Errors. KEEL_EUNAVAIL: no host could take the call (one that does not
  * answer within connect_timeout_ns counts as down), or the connection

@@ -840,8 +840,9 @@ static int exec_any(keel_pg *pg, keel_pg_mode mode, const char *sql, keel_pg_stm
             c->broken = true;
             rc = KEEL_ENOTSUP;
         }
-        /* a read that lost its connection goes once more, elsewhere (its
-         * host is down now); a write never does */
+        /* a read that lost its connection goes once more, on a new one
+         * (maybe of the same host: a lost connection does not make it
+         * down); a write never does */
         bool again = mode == KEEL_PG_READ && rc == KEEL_EUNAVAIL && c->broken && attempt == 0;
         keel_pg_release(c);
         if (!again)
