@@ -1417,6 +1417,39 @@ START_TEST(a_check_whose_connection_was_killed_asks_again)
 }
 END_TEST
 
+/* The check's own connection is no pooled one: when it is lost, the
+ * check asks again on a new one, and the host's pooled connections,
+ * healthy, stay (they used to be retired, as if a pooled one was lost). */
+START_TEST(a_lost_check_connection_leaves_the_pool_alone)
+{
+    char conninfo[256];
+    snprintf(conninfo, sizeof conninfo, "%s application_name=kt_hc_pool", kt_env("KEEL_TEST_PG"));
+    keel_pg *pg = open_pg(conninfo, NULL, 10 * KT_S);
+    char v[8];
+    value(pg, KEEL_PG_WRITE, "SELECT 1", v, sizeof v); /* one pooled connection */
+    keel_pg_host_stats before, st;
+    keel_pg_host_stats_get(pg, 0, &before);
+    PGconn *d = kt_pg_connect(kt_env("KEEL_TEST_PG"));
+    const char *check = "application_name = 'kt_hc_pool' AND query LIKE 'SELECT pg_is_in_recovery()%'";
+    char sql[256];
+    snprintf(sql, sizeof sql, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE %s",
+             check);
+    ck_assert_int_eq(kt_pg_number(d, sql), 1);
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM pg_stat_activity WHERE %s", check);
+    for (int i = 0; i < 500 && kt_pg_number(d, sql) != 0; i++)
+        kt_nap(10 * MS);
+    PQfinish(d);
+    kt_nap(50 * MS); /* the backend has gone: its socket closes as it exits */
+    ck_assert_int_eq(keel_pg_check(pg), 0);
+    keel_pg_host_stats_get(pg, 0, &st);
+    ck_assert_uint_eq(st.connects, before.connects + 1); /* the check's new one */
+    value(pg, KEEL_PG_WRITE, "SELECT 1", v, sizeof v);
+    keel_pg_host_stats_get(pg, 0, &st);
+    ck_assert_uint_eq(st.connects, before.connects + 1); /* the pooled one, kept */
+    keel_pg_destroy(pg);
+}
+END_TEST
+
 /* A connect refused for the server's connection limit (too_many_connections)
  * fails only that call: the server is up, serving the pool's other
  * connections, so the host is not taken down and writes go on. */
@@ -2082,6 +2115,7 @@ int main(void)
     tcase_add_test(tc, a_server_that_refuses_the_client_check_still_connects);
     tcase_add_test(tc, a_stopped_replica_is_skipped);
     tcase_add_test(tc, a_check_whose_connection_was_killed_asks_again);
+    tcase_add_test(tc, a_lost_check_connection_leaves_the_pool_alone);
     tcase_add_test(tc, the_health_thread_checks_by_itself);
     suite_add_tcase(s, tc);
 

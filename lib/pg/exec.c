@@ -61,7 +61,8 @@ static void lost(keel_pg_conn *c, const char *what)
     c->broken = true;
     keel__log(KEEL_LOG_WARN, "pg", "%s: %s: %s", c->h->name, what,
               c->conn ? PQerrorMessage(c->conn) : "no connection");
-    keel__pg_conn_lost(c->h);
+    if (!c->unpooled) /* the check decides about its own host itself */
+        keel__pg_conn_lost(c->h);
 }
 
 /* Whether an error means the session is gone (class 08, or the server

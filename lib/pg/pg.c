@@ -460,7 +460,7 @@ static void probe_host(pghost *h, probe *out)
             out->busy = crc == KEEL_EBUSY;
             break;
         }
-        keel_pg_conn tmp = {.conn = h->hconn, .h = h};
+        keel_pg_conn tmp = {.conn = h->hconn, .h = h, .unpooled = true};
         PGresult *r;
         int rc = keel__pg_run(&tmp, HEALTH_SQL, NULL, pg->connect_timeout, &r);
         if (rc == 0 && PQntuples(r) == 1 && PQnfields(r) == 3) {

@@ -28,6 +28,7 @@ struct keel_pg_conn {
     uint64_t freed_seen; /* pg->nfreed when last deallocated */
     bool broken;        /* lost, timed out or left in an unknown state */
     bool quiet;         /* an error reply is expected: neither logged nor counted */
+    bool unpooled;      /* the health check's own: its loss retires no pooled one */
 };
 
 struct pghost {
