@@ -474,6 +474,42 @@ START_TEST(a_replica_lag_is_measured_after_many_checks)
 }
 END_TEST
 
+static void *write_for_a_while(void *arg)
+{
+    atomic_bool *stop = arg;
+    PGconn *d = kt_pg_connect(kt_env("KEEL_TEST_PG"));
+    kt_pg_exec(d, "SET synchronous_commit = on");
+    while (!atomic_load(stop))
+        kt_pg_exec(d, "INSERT INTO kt_busy_w SELECT generate_series(1, 50)");
+    PQfinish(d);
+    return NULL;
+}
+
+/* A replica past the write host's position is taken for one with a
+ * history of its own; under writes a healthy one gets there too, when the
+ * primary, asked first, moved on while the replica was asked: that is no
+ * divergence. (The clock stands still: no lag either.) */
+START_TEST(a_replica_keeping_up_under_writes_stays_readable)
+{
+    keel_pg *pg = open_shared();
+    write_sql(pg, "CREATE TABLE IF NOT EXISTS kt_busy_w (v int)");
+    atomic_bool stop = false;
+    pthread_t t;
+    pthread_create(&t, NULL, write_for_a_while, &stop);
+    int unreadable = 0;
+    for (int i = 0; i < 300; i++) {
+        ck_assert_int_eq(keel_pg_check(pg), 0);
+        keel_pg_host_stats st;
+        keel_pg_host_stats_get(pg, 1, &st);
+        unreadable += !st.readable;
+    }
+    atomic_store(&stop, true);
+    pthread_join(t, NULL);
+    ck_assert_int_eq(unreadable, 0);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
 typedef struct after_job {
     keel_pg *pg;
     uint64_t lsn, wait;
@@ -1803,6 +1839,87 @@ START_TEST(a_replica_that_catches_up_with_no_write_host_serves_reads)
 }
 END_TEST
 
+/* The old primary, restarted as a standby of the promoted replica without
+ * pg_rewind, is in recovery on a history of its own: it went on past the
+ * point where the replica was promoted, and never follows the new
+ * timeline. It used to be taken for a replica with no lag (its position
+ * is past the new primary's), served reads of rows the new primary never
+ * had, and read-your-writes trusted it. A replica on another timeline
+ * than the write host's, or ahead of it, serves nothing. */
+START_TEST(a_diverged_standby_serves_no_reads)
+{
+    keel_pg *pg = open_pg(priv.pg, priv.pg_replica, 5 * KT_S);
+    write_sql(pg, "CREATE TABLE kt_dv (v int)");
+    write_sql(pg, "INSERT INTO kt_dv VALUES (1)");
+    uint64_t lsn;
+    ck_assert_int_eq(keel_pg_write_lsn(pg, &lsn), 0);
+    keel_pg_conn *c;
+    ck_assert_int_eq(keel_pg_acquire_after(pg, lsn, 20 * KT_S, &c), 0);
+    ck_assert_uint_eq(keel_pg_conn_host(c), 1); /* the replica has the row */
+    keel_pg_release(c);
+    /* the replica is cut off, the primary goes on alone, then dies */
+    PGconn *rep = kt_pg_connect(priv.pg_replica);
+    kt_pg_exec(rep, "ALTER SYSTEM SET primary_conninfo = ''");
+    kt_pg_exec(rep, "SELECT pg_reload_conf()");
+    for (int i = 0; i < 500 && kt_pg_number(rep, "SELECT count(*) FROM pg_stat_wal_receiver"); i++)
+        kt_nap(20 * MS);
+    ck_assert_int_eq(kt_pg_number(rep, "SELECT count(*) FROM pg_stat_wal_receiver"), 0);
+    PQfinish(rep);
+    PGconn *prim = kt_pg_connect(priv.pg);
+    kt_pg_exec(prim, "SET synchronous_commit = on; INSERT INTO kt_dv SELECT generate_series(2, 100)");
+    PQfinish(prim);
+    kt_private_server(&priv, "stop-one", "pg-primary");
+    kt_private_server(&priv, "promote", "pg-replica");
+    /* and comes back as a standby of the new primary, not rewound */
+    char path[700];
+    snprintf(path, sizeof path, "%s/pg-primary/data/standby.signal", priv.dir);
+    FILE *f = fopen(path, "w");
+    ck_assert_ptr_nonnull(f);
+    fclose(f);
+    snprintf(path, sizeof path, "%s/pg-primary/data/postgresql.auto.conf", priv.dir);
+    ck_assert_ptr_nonnull(f = fopen(path, "a"));
+    fprintf(f, "primary_conninfo = '%s'\n", priv.pg_replica);
+    fclose(f);
+    kt_private_server(&priv, "start-one", "pg-primary");
+
+    ck_assert_int_eq(keel_pg_check(pg), 0);
+    keel_pg_host_stats old, now;
+    keel_pg_host_stats_get(pg, 0, &old);
+    keel_pg_host_stats_get(pg, 1, &now);
+    ck_assert_int_eq(now.role, KEEL_PG_ROLE_PRIMARY);
+    ck_assert_int_eq(old.role, KEEL_PG_ROLE_REPLICA);
+    ck_assert_uint_gt(old.lsn, now.lsn); /* ahead of the write host... */
+    ck_assert_int_eq(old.readable, 0);   /* ...so on a history of its own */
+    char v[16];
+    value(pg, KEEL_PG_READ, "SELECT count(*) FROM kt_dv", v, sizeof v);
+    ck_assert_str_eq(v, "1"); /* the write host's rows, not the old primary's 100 */
+    write_sql(pg, "INSERT INTO kt_dv VALUES (-1)");
+    ck_assert_int_eq(keel_pg_write_lsn(pg, &lsn), 0);
+    ck_assert_int_eq(keel_pg_acquire_after(pg, lsn, 1 * KT_S, &c), 0);
+    ck_assert_uint_eq(keel_pg_conn_host(c), 1);
+    keel_pg_release(c);
+
+    /* the new primary goes past the old one's position: its timeline
+     * still tells it apart */
+    for (int i = 0; i < 100 && now.lsn <= old.lsn; i++) {
+        write_sql(pg, "INSERT INTO kt_dv SELECT generate_series(1, 1000)");
+        ck_assert_int_eq(keel_pg_check(pg), 0);
+        keel_pg_host_stats_get(pg, 0, &old);
+        keel_pg_host_stats_get(pg, 1, &now);
+    }
+    ck_assert_uint_gt(now.lsn, old.lsn);
+    ck_assert_int_eq(old.role, KEEL_PG_ROLE_REPLICA);
+    ck_assert_int_eq(old.readable, 0);
+    value(pg, KEEL_PG_READ, "SELECT pg_is_in_recovery()", v, sizeof v);
+    ck_assert_str_eq(v, "f");
+    ck_assert_int_eq(keel_pg_write_lsn(pg, &lsn), 0);
+    ck_assert_int_eq(keel_pg_acquire_after(pg, old.lsn, 1 * KT_S, &c), 0);
+    ck_assert_uint_eq(keel_pg_conn_host(c), 1);
+    keel_pg_release(c);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
 /* The health thread alone (nobody calls keel_pg_check()) sees the
  * primary go and the replica promoted, and the next write goes to the
  * promoted server. The test only reads the hosts' roles while it waits:
@@ -2095,6 +2212,7 @@ int main(void)
     tcase_add_test(tc, a_wrong_parameter_count_is_refused_and_the_connection_kept);
     tcase_add_test(tc, a_lagging_replica_sends_reads_to_the_primary);
     tcase_add_test(tc, a_replica_lag_is_measured_after_many_checks);
+    tcase_add_test(tc, a_replica_keeping_up_under_writes_stays_readable);
     tcase_add_test(tc, read_your_writes_waits_for_the_replica_or_uses_the_primary);
     tcase_add_test(tc, read_your_writes_with_no_replica_up_uses_the_primary_at_once);
     tcase_add_test(tc, read_your_writes_with_no_free_replica_connection_uses_the_primary_at_once);
@@ -2143,6 +2261,13 @@ int main(void)
     tcase_add_unchecked_fixture(nw, priv_start, priv_stop);
     tcase_add_test(nw, a_replica_that_catches_up_with_no_write_host_serves_reads);
     suite_add_tcase(s, nw);
+
+    /* servers of its own: a failover, the old primary not rewound */
+    TCase *dv = tcase_create("diverged");
+    tcase_set_timeout(dv, 120);
+    tcase_add_unchecked_fixture(dv, priv_start, priv_stop);
+    tcase_add_test(dv, a_diverged_standby_serves_no_reads);
+    suite_add_tcase(s, dv);
 
     /* its own servers again: the failover above used up the first pair */
     TCase *afo = tcase_create("autofailover");

@@ -18,7 +18,14 @@
  * an old primary that comes back on its old timeline is fenced (used for
  * nothing, even when no other host is writable: a host on a timeline older
  * than one a write host was seen on never takes writes). A replica is used for reads while it answers and its lag is at
- * most max_replica_lag_ns. Lag is measured in time with the library's
+ * most max_replica_lag_ns, and never while it holds WAL the write host
+ * never had: on another timeline than the write host's, or past its
+ * position (an old primary made a standby without pg_rewind); neither
+ * does keel_pg_acquire_after() use it. A replica's timeline is the one
+ * its WAL receiver asks for, which the check sees with pg_read_all_stats
+ * (pg_monitor); without, that of its last restartpoint, which after a
+ * failover trails until the replica's next restartpoint, so that until
+ * then a replica that did follow is not read either. Lag is measured in time with the library's
  * clock: a replica is as far behind as the oldest position the write
  * host had flushed at a check that it has not replayed yet (zero when it
  * has replayed all of them; older positions are thinned out, so a long

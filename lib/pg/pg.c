@@ -31,14 +31,19 @@
 
 #include "pg_int.h"
 
-/* One round trip tells a host's role, WAL position and timeline (from the
- * current WAL file's name, which starts with it). A primary's position is
- * what it has flushed: all a replica can ever receive. */
+/* One round trip tells a host's role, WAL position and timeline, in hex.
+ * A primary's timeline starts its current WAL file's name, and its
+ * position is what it has flushed: all a replica can ever receive. A
+ * replica's timeline is the one its WAL receiver asks for (seen with
+ * pg_read_all_stats), else that of its last restartpoint (which, after a
+ * failover, trails until its next one). */
 static const char HEALTH_SQL[] =
     "SELECT pg_is_in_recovery(),"
     " CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
     " ELSE pg_current_wal_flush_lsn() END,"
-    " CASE WHEN pg_is_in_recovery() THEN NULL"
+    " CASE WHEN pg_is_in_recovery() THEN to_hex(coalesce("
+    "(SELECT received_tli FROM pg_stat_wal_receiver),"
+    " (SELECT timeline_id FROM pg_control_checkpoint())))"
     " ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END";
 
 /* a + b, or UINT64_MAX when that would wrap: a time plus an interval of
@@ -467,7 +472,7 @@ static void probe_host(pghost *h, probe *out)
             out->ok = true;
             out->recovery = PQgetvalue(r, 0, 0)[0] == 't';
             out->lsn = keel__pg_lsn_parse(PQgetisnull(r, 0, 1) ? NULL : PQgetvalue(r, 0, 1));
-            out->timeline = (uint32_t)strtoul(PQgetvalue(r, 0, 2), NULL, 16);
+            out->timeline = (uint32_t)strtoul(PQgetvalue(r, 0, 2), NULL, 16); /* NULL: 0 */
         }
         PQclear(r);
         if (!out->ok) {
@@ -521,6 +526,18 @@ static uint64_t lag_of(const keel_pg *pg, uint64_t lsn, uint64_t now)
     return 0;
 }
 
+/* Under mu: whether a replica holds what the write host never had, so
+ * that it serves nothing: it is on another timeline than the write host
+ * (with none, on one older than a write host was seen on: it did not
+ * follow a promotion), or past upto, the write host's position after it
+ * was asked. A timeline it does not tell is not held against it. */
+static bool diverged(const keel_pg *pg, const probe *p, size_t best, uint64_t upto)
+{
+    if (p->timeline && p->timeline != pg->timeline && (best != PG_NONE || p->timeline < pg->timeline))
+        return true;
+    return best != PG_NONE && p->lsn > upto;
+}
+
 static int check_round(keel_pg *pg)
 {
     pthread_mutex_lock(&pg->check_mu);
@@ -537,6 +554,19 @@ static int check_round(keel_pg *pg)
     for (size_t i = 0; i < pg->nhosts; i++)
         if (i != w)
             probe_host(&pg->hosts[i], &pr[i]);
+    /* A replica past the write host's position is on a history of its own
+     * (an old primary made a standby without pg_rewind), unless the write
+     * host moved on while the replicas were asked: it is asked again then,
+     * and a replica still past that is. */
+    uint64_t upto = w != PG_NONE && pr[w].ok && !pr[w].recovery ? pr[w].lsn : UINT64_MAX;
+    for (size_t i = 0; i < pg->nhosts && upto != UINT64_MAX; i++)
+        if (pr[i].ok && pr[i].recovery && pr[i].lsn > upto) {
+            probe again;
+            probe_host(&pg->hosts[w], &again);
+            if (again.ok && !again.recovery && again.timeline == pr[w].timeline)
+                upto = again.lsn;
+            break;
+        }
     uint64_t now = keel__clock_now(&pg->clock);
 
     pthread_mutex_lock(&pg->mu);
@@ -588,7 +618,8 @@ static int check_round(keel_pg *pg)
         h->role = pr[i].recovery ? KEEL_PG_ROLE_REPLICA
                   : i == best    ? KEEL_PG_ROLE_PRIMARY
                                  : KEEL_PG_ROLE_FENCED;
-        h->readable = pr[i].recovery && h->lag_ns <= pg->max_lag;
+        h->diverged = pr[i].recovery && diverged(pg, &pr[i], best, best == w ? upto : UINT64_MAX);
+        h->readable = pr[i].recovery && !h->diverged && h->lag_ns <= pg->max_lag;
     }
     if (best != PG_NONE && best != pg->last_writer) {
         if (pg->last_writer != PG_NONE) {
@@ -715,7 +746,7 @@ static int get_replica_after(keel_pg *pg, uint64_t lsn, uint64_t deadline, keel_
     for (size_t k = 0; k < pg->nhosts; k++) {
         pghost *h = &pg->hosts[(start + k) % pg->nhosts];
         pthread_mutex_lock(&pg->mu);
-        bool replica = h->role == KEEL_PG_ROLE_REPLICA;
+        bool replica = h->role == KEEL_PG_ROLE_REPLICA && !h->diverged;
         pthread_mutex_unlock(&pg->mu);
         keel_pg_conn *c; /* none free now: not one to wait for */
         if (!replica || !usable(h, now) || keel__pg_conn_get(h, 0, &c) != 0)

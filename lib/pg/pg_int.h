@@ -46,6 +46,7 @@ struct pghost {
     /* health, under pg->mu */
     keel_pg_role role;
     bool readable;
+    bool diverged; /* a replica with WAL the write host never had: no reads */
     uint64_t lsn, lag_ns;
     uint32_t timeline;
     /* the health check's own connection, under pg->check_mu */
