@@ -260,6 +260,8 @@ static long lc_pick(snap *s, size_t from, size_t to, const bool *ok, bool *tie, 
 
 /* ---- P2C and peak EWMA (no lock) ---- */
 
+/* The estimate decayed to now, without storing it: for stats, which must
+ * not change what later results are compared with. */
 static double ewma_now(keel_lb *lb, keel_lb_peer *p, uint64_t now)
 {
     lk_lock(p);
@@ -271,6 +273,29 @@ static double ewma_now(keel_lb *lb, keel_lb_peer *p, uint64_t now)
     return e;
 }
 
+/* Finagle's PeakEwma observe(rtt): a higher rtt replaces the estimate at
+ * once, a lower one is blended in with weight 1 - exp(-td / tau), td the
+ * time since the last observation. A pick's look at a peer is observe(0),
+ * as in Finagle's load: it stores the decay, so that a result is compared
+ * with the estimate as of that look, not with an older peak. Time never
+ * goes back here: another thread may have observed at a later now. */
+static double ewma_observe(keel_lb *lb, keel_lb_peer *p, uint64_t now, double rtt)
+{
+    lk_lock(p);
+    uint64_t td = now > p->ewma_stamp ? now - p->ewma_stamp : 0;
+    if (rtt > p->ewma) {
+        p->ewma = rtt;
+    } else if (td && p->ewma > 0) {
+        double w = exp(-(double)td / lb->tau);
+        p->ewma = p->ewma * w + rtt * (1 - w);
+    }
+    if (td)
+        p->ewma_stamp = now;
+    double e = p->ewma;
+    lk_unlock(p);
+    return e;
+}
+
 /* Whether b is a better choice than a (strictly). */
 static bool p2c_better(keel_lb *lb, keel_lb_peer *b, keel_lb_peer *a, uint64_t now, bool equal)
 {
@@ -279,7 +304,7 @@ static bool p2c_better(keel_lb *lb, keel_lb_peer *b, keel_lb_peer *a, uint64_t n
     if (lb->policy == KEEL_LB_PEAK_EWMA) {
         /* cost = estimate x (active + 1); no estimate yet but busy:
          * Finagle's penalty */
-        double ea = ewma_now(lb, a, now), eb = ewma_now(lb, b, now);
+        double ea = ewma_observe(lb, a, now, 0), eb = ewma_observe(lb, b, now, 0);
         double xa = ea == 0 && ca ? 1e18 + (double)ca : ea * (double)(ca + 1);
         double xb = eb == 0 && cb ? 1e18 + (double)cb : eb * (double)(cb + 1);
         return xb < xa;
@@ -529,14 +554,8 @@ KEEL_API int keel_lb_done(keel_lb *lb, keel_lb_peer *p, int ok, uint64_t latency
     } else {
         on_failure(lb, p, now, alone(lb, p));
     }
-    if (ewma) { /* Finagle's peak EWMA: up at once, down with decay */
-        lk_lock(p);
-        double w = now > p->ewma_stamp ? exp(-(double)(now - p->ewma_stamp) / lb->tau) : 1.0;
-        p->ewma = (double)latency > p->ewma ? (double)latency
-                                             : p->ewma * w + (double)latency * (1 - w);
-        p->ewma_stamp = now;
-        lk_unlock(p);
-    }
+    if (ewma)
+        ewma_observe(lb, p, now, (double)latency);
     /* The last touch: after it a removed peer may be freed. */
     while (c > 0 && !atomic_compare_exchange_weak_explicit(&p->conns, &c, c - 1, memory_order_release,
                                                            memory_order_relaxed))

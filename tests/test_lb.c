@@ -567,9 +567,43 @@ START_TEST(peak_ewma_moves_away_from_a_slow_peer_and_back)
     }
     ck_assert_uint_gt(first_a, 40 * S);
     ck_assert_uint_lt(first_a, 52 * S);
-    /* and one fast answer brings its estimate near b's (200 ms x 1% + 2 ms x 99%) */
+    /* and one fast answer brings its estimate to b's: the pick stored its
+     * decay to just under b's 2 ms, and a higher result replaces that */
     keel_lb_peer_stats_get(f.lb, f.p[0], &st);
-    ck_assert(st.ewma_ns > 2e6 && st.ewma_ns < 5e6);
+    ck_assert_msg(st.ewma_ns == 2e6, "ewma %.0f", st.ewma_ns);
+    keel_lb_destroy(f.lb);
+}
+END_TEST
+
+/* Finagle's PeakEwma: a pick's look at a peer's cost stores its decay
+ * (observe(0)), and a later result is compared with that. After 100 ms and
+ * 30 s idle (tau 10 s) the cost is 100 ms x e^-3 = 4.98 ms; a 50 ms result
+ * then sets it to 50 ms, not the 52.49 ms of a blend with the old peak. */
+START_TEST(peak_ewma_compares_a_result_with_the_decayed_estimate)
+{
+    fixture f;
+    setup(&f, (keel_lb_opts){.policy = KEEL_LB_PEAK_EWMA, .ewma_tau_ns = 10 * S}, (uint32_t[]){1, 1}, 2,
+          "ab");
+    keel_lb_peer *p = pick_only(&f, 2, 0);
+    keel_lb_done(f.lb, p, 1, 100 * MS);
+    p = pick_only(&f, 2, 1); /* b slower, so that the look below picks a */
+    keel_lb_done(f.lb, p, 1, 200 * MS);
+    kt_clock_advance(&f.clock, 30 * S);
+    keel_lb_peer_stats st;
+    keel_lb_peer_stats_get(f.lb, f.p[0], &st);
+    ck_assert_msg(st.ewma_ns > 4.978e6 && st.ewma_ns < 4.979e6, "ewma %.0f", st.ewma_ns);
+    ck_assert_int_eq(keel_lb_pick(f.lb, NULL, &p), 0); /* compares a and b */
+    ck_assert_ptr_eq(p, f.p[0]);
+    keel_lb_done(f.lb, p, 1, 50 * MS);
+    keel_lb_peer_stats_get(f.lb, f.p[0], &st);
+    ck_assert_msg(st.ewma_ns == 50e6, "ewma %.0f, Finagle's is 50000000", st.ewma_ns);
+    /* a lower result blends in by the time since the last look: 10 s
+     * later, 10 ms gives 50 ms x e^-1 + 10 ms x (1 - e^-1) = 24.715 ms */
+    p = pick_only(&f, 2, 0); /* no comparison, so no look */
+    kt_clock_advance(&f.clock, 10 * S);
+    keel_lb_done(f.lb, p, 1, 10 * MS);
+    keel_lb_peer_stats_get(f.lb, f.p[0], &st);
+    ck_assert_msg(st.ewma_ns > 24.714e6 && st.ewma_ns < 24.716e6, "ewma %.0f", st.ewma_ns);
     keel_lb_destroy(f.lb);
 }
 END_TEST
@@ -1444,6 +1478,7 @@ int main(void)
     tcase_add_test(tc, weighted_p2c_among_backups_alone_still_weighs);
     tcase_add_test(tc, weighted_p2c_spreads_picks_by_weight_at_rest);
     tcase_add_test(tc, peak_ewma_moves_away_from_a_slow_peer_and_back);
+    tcase_add_test(tc, peak_ewma_compares_a_result_with_the_decayed_estimate);
     suite_add_tcase(s, tc);
     tc = tcase_create("ejection");
     tcase_add_test(tc, ejection_time_grows_with_each_ejection_and_caps);

@@ -22,6 +22,10 @@
  *                         lower latency estimate x (active + 1), where the
  *                         estimate jumps to any higher latency at once and
  *                         decays towards lower ones with time constant tau.
+ *                         As in Finagle, comparing two peers decays and
+ *                         keeps each one's estimate, so a result is
+ *                         compared with the decayed value (100 ms, 30 s
+ *                         idle, a pick: 4.98 ms; then 50 ms gives 50 ms).
  *                         Weights play no part; every pick reads the clock.
  *
  * Passive health, nginx's semantics exactly: a failure counts against a
@@ -137,7 +141,8 @@ typedef struct keel_lb_peer_stats {
                          * spent healthy is applied at the next ejection */
     int ejected;       /* ejected now */
     int available;     /* would be considered by a pick now */
-    double ewma_ns;    /* PEAK_EWMA latency estimate */
+    double ewma_ns;    /* PEAK_EWMA latency estimate, decayed to now (reading
+                          it changes nothing) */
     uint64_t picks, failures;
 } keel_lb_peer_stats;
 
