@@ -384,7 +384,9 @@ static long pick_checked(keel_lb *lb, snap *s, size_t from, size_t to, const kee
     size_t n = to - from;
     if (n == 0)
         return -1;
-    if (from == 0 && n == 1 && s->nb == 0) { /* nginx: a lone peer is never failed out */
+    /* nginx: a lone peer is never failed out; a backup left alone (its
+     * primaries removed) is as lone, or one failure would leave nothing */
+    if (s->n + s->nb == 1) {
         if (!available(lb, s->peers[0], t, now, true, panic))
             return -1;
         if (lb->policy == KEEL_LB_ROUND_ROBIN && s->eff[0] < s->w[0]) /* as rr_all() does */
@@ -525,11 +527,12 @@ static void on_failure(keel_lb *lb, keel_lb_peer *p, uint64_t now, bool alone)
 }
 
 /* Whether p is the lb's only peer (nginx keeps no failure accounting for
- * it, and never fails it out): a member, a primary, and one peer in all.
- * From the count, not a read section, which could find no memory. */
+ * it, and never fails it out): a member and one peer in all, a primary or
+ * a backup. From the count, not a read section, which could find no
+ * memory. */
 static bool alone(keel_lb *lb, keel_lb_peer *p)
 {
-    return atomic_load(&lb->npeers) == 1 && !p->backup && !atomic_load(&p->removed);
+    return atomic_load(&lb->npeers) == 1 && !atomic_load(&p->removed);
 }
 
 KEEL_API int keel_lb_done(keel_lb *lb, keel_lb_peer *p, int ok, uint64_t latency)

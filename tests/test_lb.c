@@ -254,6 +254,33 @@ START_TEST(a_group_of_one_is_never_marked_down)
 }
 END_TEST
 
+/* The lb's only peer is a backup (its primaries removed): it is as lone
+ * as a lone primary, so failures never take it out. */
+START_TEST(a_lone_backup_is_never_failed_out)
+{
+    keel_lb *lb;
+    kt_clock clk = {0};
+    kt_clock_advance(&clk, 1000 * S);
+    keel_lb_opts o = {.policy = (keel_lb_policy)_i, .clock = kt_clock_now, .clock_ud = &clk};
+    ck_assert_int_eq(keel_lb_create(&lb, &o), 0);
+    keel_lb_peer *a, *b, *p;
+    keel_lb_add(lb, &(keel_lb_peer_opts){.name = "a"}, &a);
+    keel_lb_add(lb, &(keel_lb_peer_opts){.name = "b", .flags = KEEL_LB_BACKUP}, &b);
+    ck_assert_int_eq(keel_lb_remove(lb, a), 0);
+    for (int i = 0; i < 3; i++) {
+        ck_assert_int_eq(keel_lb_pick(lb, NULL, &p), 0);
+        ck_assert_ptr_eq(p, b);
+        keel_lb_done(lb, p, 0, 0); /* max_fails 1 */
+        kt_clock_advance(&clk, 1);
+    }
+    keel_lb_peer_stats st;
+    keel_lb_peer_stats_get(lb, b, &st);
+    ck_assert_uint_eq(st.fails, 0); /* nginx keeps no accounting for it */
+    ck_assert_int_eq(st.available, 1);
+    keel_lb_destroy(lb);
+}
+END_TEST
+
 START_TEST(a_peer_left_alone_with_failures_is_available)
 {
     fixture f;
@@ -965,7 +992,8 @@ static bool m_eligible(const mpeer *p, uint64_t now, const keel_lb_tried *t)
     return !(p->max_conns && p->conns >= p->max_conns);
 }
 
-/* The lone primary of nginx's peers->single (no other peer, no backup). */
+/* The lone peer of nginx's peers->single (no other peer, no backup), or
+ * a backup left alone: never failed out either. */
 static mpeer *m_single(mlb *m)
 {
     mpeer *one = NULL;
@@ -975,7 +1003,7 @@ static mpeer *m_single(mlb *m)
             in++;
             one = &m->peers[i];
         }
-    return in == 1 && !one->backup ? one : NULL;
+    return in == 1 ? one : NULL;
 }
 
 /* Smooth weighted round robin over the peers of the group marked in ok:
@@ -1468,6 +1496,7 @@ int main(void)
     tcase_add_test(tc, tried_peers_are_skipped_by_retries);
     tcase_add_test(tc, stats_count_picks_and_failures);
     tcase_add_test(tc, a_peer_left_alone_with_failures_is_available);
+    tcase_add_loop_test(tc, a_lone_backup_is_never_failed_out, KEEL_LB_ROUND_ROBIN, KEEL_LB_PEAK_EWMA + 1);
     tcase_add_test(tc, a_lone_peers_effective_weight_grows_back_per_pick);
     tcase_add_test(tc, least_conn_prefers_idle_and_rotates_ties);
     suite_add_tcase(s, tc);

@@ -35,7 +35,8 @@
  * per fail_timeout; a success resets the count only when the peer has
  * been picked as a probe since its last failure, whichever pick the
  * success came from, as in nginx (a success inside the window keeps the
- * count); a group of one peer is never skipped for failures. When every
+ * count); a lone peer (the only one in the lb, a primary or a backup
+ * whose primaries were removed) is never skipped for failures. When every
  * primary is unavailable the BACKUP peers are used; when they are too,
  * pick returns KEEL_EUNAVAIL. (No "quick recovery" of all peers: nginx
  * removed it in 1.11.5.)
