@@ -337,18 +337,18 @@ static long p2c_pick(keel_lb *lb, snap *s, size_t from, size_t to, const keel_lb
     bool equal = from == 0 && to == s->n && s->equal_weights;
     if (lb->policy == KEEL_LB_P2C && !equal) {
         /* weighted: two independent draws (the same peer twice is a pick
-         * of it), the first two available ones; a scan if 8 find none */
+         * of it), the first two available ones; when 8 find fewer, the
+         * probes and scan below look for the rest, so that one found is
+         * still compared with another */
         for (int tries = 0; tries < 8 && c[1] < 0; tries++) {
             long i = draw(lb, s, from, to);
             if (fast || available(lb, s->peers[i], t, now, false, panic))
                 c[c[0] < 0 ? 0 : 1] = i;
         }
-        if (c[0] >= 0 && c[1] < 0)
-            return c[0];
     }
-    if (c[0] >= 0) {
+    if (c[1] >= 0) {
         /* drawn */
-    } else if (fast) { /* all available: two distinct random peers */
+    } else if (fast && c[0] < 0) { /* all available: two distinct random peers */
         c[0] = (long)(from + keel__rand_upto(&lb->rand, n - 1));
         if (n > 1) {
             size_t j = keel__rand_upto(&lb->rand, n - 2);
@@ -713,6 +713,7 @@ static int rebuild(keel_lb *lb, keel_lb_peer *add, keel_lb_peer *drop, keel_lb_p
         return KEEL_ENOMEM;
     }
     s->equal_weights = s->simple = true;
+    uint32_t w0 = 0; /* the first weight of a primary not DOWN */
     pthread_mutex_lock(&lb->mu); /* the rotation state must not move meanwhile */
     keel__free(lb->ok);
     keel__free(lb->tie);
@@ -739,7 +740,12 @@ static int rebuild(keel_lb *lb, keel_lb_peer *add, keel_lb_peer *drop, keel_lb_p
             s->eff[at] = p == add ? p->weight : old->eff[i];
             p->slot = (uint32_t)at;
             if (!pass) {
-                s->equal_weights &= p->weight == s->peers[0]->weight;
+                /* a DOWN peer is never a candidate: its weight must not
+                 * turn the others' plain P2C into weighted draws */
+                if (!(f & KEEL_LB_DOWN)) {
+                    w0 = w0 ? w0 : p->weight;
+                    s->equal_weights &= p->weight == w0;
+                }
                 s->simple &= !(f & KEEL_LB_DOWN) && !p->max_conns;
             }
         }

@@ -543,6 +543,53 @@ START_TEST(weighted_p2c_leaves_a_down_peer_out_of_the_shares)
 }
 END_TEST
 
+/* {100,5,5} with the 100 failed out and b busy: when the draws find b
+ * alone (here: a, b, then a for ever), a second available peer is looked
+ * for and the two compared, so the idle c is picked, not b unseen. */
+START_TEST(weighted_p2c_compares_when_the_draws_find_one_peer)
+{
+    fixture f;
+    chooser ch = {3, 0, 0, 0};
+    setup(&f, (keel_lb_opts){.policy = KEEL_LB_P2C, .rand = choose, .rand_ud = &ch},
+          (uint32_t[]){100, 5, 5}, 3, "abc");
+    keel_lb_peer *p = pick_only(&f, 3, 0);
+    keel_lb_done(f.lb, p, 0, 0); /* a out for fail_timeout (max_fails 1) */
+    keel_lb_peer *held[3];
+    for (int i = 0; i < 3; i++)
+        held[i] = pick_only(&f, 3, 1);
+    for (int i = 0; i < 10; i++) {
+        ch = (chooser){3, 0, 1, 0};
+        ck_assert_int_eq(keel_lb_pick(f.lb, NULL, &p), 0);
+        ck_assert_ptr_eq(p, f.p[2]);
+        keel_lb_done(f.lb, p, 1, 0);
+    }
+    for (int i = 0; i < 3; i++)
+        keel_lb_done(f.lb, held[i], 1, 0);
+    keel_lb_destroy(f.lb);
+}
+END_TEST
+
+/* With the 100 of {100,5,5} DOWN the others weigh the same: P2C between
+ * two distinct peers, so the busy b is never picked over the idle c (the
+ * weighted draws, the same peer twice being a pick of it, gave b 25%). */
+START_TEST(p2c_weights_are_equal_when_only_a_down_peer_differs)
+{
+    fixture f;
+    kt_rng g = kt_rng_seed(11);
+    setup(&f, (keel_lb_opts){.policy = KEEL_LB_P2C, .rand = rng_next, .rand_ud = &g},
+          (uint32_t[]){100, 5, 5}, 3, "abc");
+    ck_assert_int_eq(keel_lb_set_down(f.lb, f.p[0], 1), 0);
+    keel_lb_peer *held = pick_only(&f, 3, 1), *p;
+    for (int i = 0; i < 1000; i++) {
+        ck_assert_int_eq(keel_lb_pick(f.lb, NULL, &p), 0);
+        ck_assert_ptr_eq(p, f.p[2]);
+        keel_lb_done(f.lb, p, 1, 0);
+    }
+    keel_lb_done(f.lb, held, 1, 0);
+    keel_lb_destroy(f.lb);
+}
+END_TEST
+
 START_TEST(weighted_p2c_among_backups_alone_still_weighs)
 {
     keel_lb *lb;
@@ -1505,6 +1552,8 @@ int main(void)
     tcase_add_test(tc, weighted_p2c_compares_weight_over_load);
     tcase_add_test(tc, weighted_p2c_leaves_a_down_peer_out_of_the_shares);
     tcase_add_test(tc, weighted_p2c_among_backups_alone_still_weighs);
+    tcase_add_test(tc, weighted_p2c_compares_when_the_draws_find_one_peer);
+    tcase_add_test(tc, p2c_weights_are_equal_when_only_a_down_peer_differs);
     tcase_add_test(tc, weighted_p2c_spreads_picks_by_weight_at_rest);
     tcase_add_test(tc, peak_ewma_moves_away_from_a_slow_peer_and_back);
     tcase_add_test(tc, peak_ewma_compares_a_result_with_the_decayed_estimate);

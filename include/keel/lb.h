@@ -17,7 +17,15 @@
  *                         (independently, O(1) from an alias table) so
  *                         that with nothing in flight each peer gets its
  *                         weight's share of the picks, as in Envoy; a DOWN
- *                         peer's share goes to the others by weight.
+ *                         peer's share goes to the others by weight (and
+ *                         weights equal but for DOWN peers' are equal).
+ *                         The shares of peers failed out, ejected, at
+ *                         max_conns or tried are not spread that way:
+ *                         draws landing on them are drawn again (8 at
+ *                         most, then a scan finds a second peer to
+ *                         compare), which favours the heavier of the
+ *                         rest. The same peer drawn twice is a pick of
+ *                         it, however busy.
  *   KEEL_LB_PEAK_EWMA     Finagle's peak EWMA: of two random peers, the
  *                         lower latency estimate x (active + 1), where the
  *                         estimate jumps to any higher latency at once and
