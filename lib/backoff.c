@@ -35,8 +35,10 @@ KEEL_API uint64_t keel_backoff_delay(const keel_backoff_opts *o, uint32_t attemp
     case KEEL_BACKOFF_FULL_JITTER:
         return keel__rand_upto(&rnd, expo(o, attempt));
     case KEEL_BACKOFF_EQUAL_JITTER:
+        /* e/2 + U(0, e/2) in integers: the half rounded up, plus up to
+         * the half rounded down, so [ceil(e/2), e] (1 never gives 0) */
         e = expo(o, attempt);
-        return e / 2 + keel__rand_upto(&rnd, e - e / 2);
+        return (e - e / 2) + keel__rand_upto(&rnd, e / 2);
     case KEEL_BACKOFF_DECORRELATED: {
         uint64_t prev = prev_ns ? prev_ns : o->base_ns;
         uint64_t hi = prev > UINT64_MAX / 3 ? UINT64_MAX : prev * 3;

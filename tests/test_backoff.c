@@ -99,6 +99,31 @@ START_TEST(equal_jitter_keeps_at_least_half)
 }
 END_TEST
 
+/* In integers: ceil(e/2) + U{0, floor(e/2)}, so never below half of e
+ * (e = 1 never gives 0) and never above e. */
+START_TEST(equal_jitter_of_an_odd_delay_rounds_half_up)
+{
+    const uint64_t lo = 0, hi = UINT64_MAX;
+    static const struct {
+        uint64_t base;
+        uint32_t attempt;
+        uint64_t at_lo, at_hi;
+    } cases[] = {
+        {1, 0, 1, 1},
+        {3, 0, 2, 3},
+        {2, 0, 1, 2},
+        {5, 1, 5, 10},
+        {1, 70, UINT64_MAX / 2 + 1, UINT64_MAX}, /* e = UINT64_MAX, no cap */
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        script s = {(uint64_t[]){lo, hi}, 2, 0};
+        keel_backoff_opts o = {KEEL_BACKOFF_EQUAL_JITTER, cases[c].base, 0, scripted, &s};
+        ck_assert_uint_eq(keel_backoff_delay(&o, cases[c].attempt, 0), cases[c].at_lo);
+        ck_assert_uint_eq(keel_backoff_delay(&o, cases[c].attempt, 0), cases[c].at_hi);
+    }
+}
+END_TEST
+
 START_TEST(decorrelated_stays_between_base_and_three_times_previous)
 {
     keel_backoff r = make(KEEL_BACKOFF_DECORRELATED, 10 * MS, 2000 * MS, NULL);
@@ -324,6 +349,7 @@ int main(void)
     tcase_add_test(tc, growth_stops_at_the_cap_without_overflow);
     tcase_add_test(tc, full_jitter_spans_zero_to_the_exponential);
     tcase_add_test(tc, equal_jitter_keeps_at_least_half);
+    tcase_add_test(tc, equal_jitter_of_an_odd_delay_rounds_half_up);
     tcase_add_test(tc, decorrelated_stays_between_base_and_three_times_previous);
     tcase_add_test(tc, bad_schedules_are_refused);
     suite_add_tcase(s, tc);

@@ -9,7 +9,9 @@
  *   KEEL_BACKOFF_DECORRELATED  min(cap, U(base, 3 * previous delay))
  *
  * (the formulas of Marc Brooker's "Exponential Backoff And Jitter", AWS
- * Architecture Blog, 2015; U(a, b) is uniform on [a, b]). Jittered
+ * Architecture Blog, 2015; U(a, b) is uniform on [a, b]; in integer
+ * nanoseconds, EQUAL_JITTER is ceil(e/2) + U(0, floor(e/2)), within
+ * [ceil(e/2), e], so a delay of 1 ns stays 1). Jittered
  * schedules spread the retries of many clients so that they stop
  * arriving together.
  *

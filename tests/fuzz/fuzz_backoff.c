@@ -118,7 +118,7 @@ static void schedules(const uint8_t *d, size_t size)
             lo = 0, hi = e;
             break;
         case KEEL_BACKOFF_EQUAL_JITTER:
-            lo = e / 2, hi = e;
+            lo = e - e / 2, hi = e; /* ceil(e/2): e = 1 never gives 0 */
             break;
         default: { /* DECORRELATED */
             uint64_t p = prev ? prev : base;
