@@ -275,6 +275,12 @@ KEEL_API int keel_breaker_try_acquire(keel_breaker *b, uint64_t now)
     return KEEL_EUNAVAIL;
 }
 
+/* A release names no permit, so one taken in an earlier generation (or
+ * while CLOSED) gives the current HALF_OPEN a trial: documented, not
+ * guarded. Ignoring releases once this generation's results cover its
+ * permits would catch only some; and ignoring a current trial's release
+ * in place of a stale one would lose a permit for good, which with no
+ * max_half_open_ns could leave HALF_OPEN waiting for ever. */
 KEEL_API void keel_breaker_release(keel_breaker *b)
 {
     if (!b)

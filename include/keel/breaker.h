@@ -8,7 +8,8 @@
  *              schedule). The first try_acquire at or after the wait's
  *              end moves it to HALF_OPEN (lazily: there is no timer
  *              thread).
- *   HALF_OPEN  exactly permitted_in_half_open trial calls pass. As in
+ *   HALF_OPEN  exactly permitted_in_half_open trial calls pass (but see
+ *              late releases below). As in
  *              resilience4j, once min(minimum_calls as set, permitted)
  *              trial results are in, the same thresholds are checked
  *              after every result, so the first such result decides OPEN
@@ -32,7 +33,15 @@
  * the window on does it under a short internal lock, as do state changes. A result
  * is counted in the state current when it arrives, as resilience4j does; so
  * is a release (a permit taken while CLOSED and released in HALF_OPEN gives
- * one more trial, and such a call's result counts as a trial's).
+ * one more trial, and such a call's result counts as a trial's). So is a
+ * trial permit of an earlier HALF_OPEN released after the breaker opened
+ * and half-opened again: a release names no permit, so it cannot be told
+ * from a current trial's, and it gives the new HALF_OPEN one more trial
+ * (resilience4j's releasePermission() also adds one in any HALF_OPEN).
+ * Releases never raise the permits left above permitted_in_half_open, but
+ * such late ones can let more than that many trials run in one HALF_OPEN;
+ * release a permit promptly, before the call's time could outlast an open
+ * wait, to keep the count exact.
  */
 #ifndef KEEL_BREAKER_H
 #define KEEL_BREAKER_H
