@@ -14,11 +14,16 @@
  * queued items stay queued, in order).
  *
  * Capacity. `room` counts free places; a producer reserves them in steps
- * of `chunk` and spends its reserve one item at a time, and the batcher
- * gives places back as it takes items: one shared atomic per chunk, not
- * per item. With one producing thread, or chunk 1 (capacity under 128),
- * the bound is exact; otherwise up to chunk - 1 places per other thread
- * may sit reserved but unused.
+ * of `step` and spends its reserve (`credit`) one item at a time, and the
+ * batcher gives places back as it takes items: one shared atomic per
+ * step, not per item. The step shrinks as lanes are made, so that the
+ * reserves stay under half the capacity. An add that finds room empty
+ * takes, under mu, every other lane's reserve back (steal()) before its
+ * policy applies, so the policy applies only to a queue that holds
+ * capacity items. A lane's credit changes only while its `busy` is set
+ * or under mu; steal() flags the lane (`reclaim`), runs a heavy fence and
+ * waits while it is busy: the add in progress ends before its credit is
+ * taken, and a later add sees the flag and gets its place under mu.
  *
  * Close. An add sets its lane's `busy`, runs a light fence and looks at
  * `closed`; close sets `closed`, runs a heavy fence (membarrier) and
@@ -97,7 +102,8 @@ typedef struct lane {
     _Atomic int busy;      /* publishing (see close) */
     bblock *wblk;          /* the block being written, and where */
     size_t widx;
-    size_t credit; /* places reserved in room */
+    size_t credit; /* places reserved in room; see steal() */
+    _Atomic int reclaim; /* set under mu: credit is being, or was, taken back */
     bool making_room; /* in make_room: a dead letter it calls must not add */
     bblock *mine;  /* spares the producer has taken over */
     /* the batcher's line: written under mu */
@@ -129,7 +135,7 @@ struct keel_batch_ctx {
 struct keel_batch {
     keel_batch_opts o;
     keel__clock clock;
-    size_t chunk;          /* places a producer reserves at a time */
+    size_t chunk;          /* places a producer reserves at a time, with one lane */
     keel__towner owner;    /* each thread's lane */
     bool registered;
 
@@ -137,6 +143,7 @@ struct keel_batch {
     /* read by every add, written seldom */
     _Alignas(KEEL__CACHELINE) _Atomic uint64_t opened; /* when the open batch's first item came; UNSTAMPED */
     _Atomic uint64_t wake_need; /* a lane holding this many wakes the batcher */
+    _Atomic size_t step;        /* places a producer reserves at a time */
     _Atomic int closed;
 
     _Alignas(KEEL__CACHELINE) pthread_mutex_t mu;
@@ -366,6 +373,9 @@ static KEEL__COLD lane *lane_attach(keel_batch *b, int *rc)
             l->next = b->lanes;
             b->lanes = l;
             b->nlanes++;
+            size_t share = b->o.capacity / (2 * b->nlanes); /* reserves under half the capacity */
+            size_t step = b->chunk < share ? b->chunk : share ? share : 1;
+            atomic_store_explicit(&b->step, step, memory_order_relaxed);
             if (atomic_load(&b->wake_need) != NOT_WAITING) /* its share was for fewer lanes */
                 pthread_cond_signal(&b->batcher_cv);
         } else {
@@ -388,12 +398,14 @@ static inline lane *my_lane(keel_batch *b, int *rc)
     return KEEL__LIKELY(l != NULL) ? l : lane_attach(b, rc);
 }
 
-/* Reserves places for lane l: false when the queue is full. */
+/* Reserves places for lane l, whose `busy` is set or under mu: false
+ * when room is empty. */
 static bool reserve(keel_batch *b, lane *l)
 {
     uint64_t r = atomic_load_explicit(&b->room, memory_order_relaxed);
+    uint64_t step = atomic_load_explicit(&b->step, memory_order_relaxed);
     while (r) {
-        uint64_t k = r < b->chunk ? r : b->chunk;
+        uint64_t k = r < step ? r : step;
         if (atomic_compare_exchange_weak_explicit(&b->room, &r, r - k, memory_order_relaxed,
                                                   memory_order_relaxed)) {
             l->credit += k;
@@ -401,6 +413,39 @@ static bool reserve(keel_batch *b, lane *l)
         }
     }
     return false;
+}
+
+/* Under mu, with room empty: takes back the places the lanes other than
+ * l hold reserved. Each is flagged, then (a heavy fence) waited for while
+ * busy: an add in progress may still use its reserve, one that starts
+ * later sees the flag and comes to make_room(), so after the wait no
+ * other lane's credit can change until mu is released. A flagged lane
+ * holds no credit (it clears its flag under mu, to get some): when every
+ * lane is flagged there is nothing to take, and no fence. Returns whether
+ * any place came back. */
+static KEEL__COLD bool steal(keel_batch *b, lane *l)
+{
+    bool flagged = false;
+    for (lane *x = b->lanes; x; x = x->next)
+        if (x != l && !atomic_load_explicit(&x->reclaim, memory_order_relaxed)) {
+            atomic_store_explicit(&x->reclaim, 1, memory_order_relaxed);
+            flagged = true;
+        }
+    if (!flagged)
+        return false;
+    keel__heavy_fence(); /* reclaim before busy: see keel_batch_add() */
+    uint64_t got = 0;
+    for (lane *x = b->lanes; x; x = x->next) {
+        if (x == l)
+            continue;
+        while (atomic_load_explicit(&x->busy, memory_order_acquire))
+            sched_yield();
+        got += x->credit;
+        x->credit = 0;
+    }
+    if (got)
+        room_give(b, got);
+    return got != 0;
 }
 
 /* ---- jobs in flight ---- */
@@ -693,7 +738,8 @@ static KEEL__COLD void wake_batcher(keel_batch *b)
 }
 
 /* Writes the item into lane l and publishes it: the caller has set
- * `busy`, seen `closed` clear, holds a place (credit) and block k. */
+ * `busy`, seen `closed` and `reclaim` clear (or holds a place made under
+ * mu), holds a place (credit) and block k. */
 static inline void publish(keel_batch *b, lane *l, bblock *k, void *item, size_t bytes)
 {
     if (k != l->wblk) {
@@ -702,10 +748,10 @@ static inline void publish(keel_batch *b, lane *l, bblock *k, void *item, size_t
         l->widx = 0;
     }
     k->it[l->widx++] = (bitem){item, bytes};
+    l->credit--; /* while busy: a steal waits for it */
     uint64_t t = atomic_load_explicit(&l->tail, memory_order_relaxed) + 1;
     atomic_store_explicit(&l->tail, t, memory_order_release);
     atomic_store_explicit(&l->busy, 0, memory_order_release);
-    l->credit--;
     keel__light_fence(); /* the publish before the loads below: see form() and wait_items() */
     if (atomic_load_explicit(&b->opened, memory_order_relaxed) == UNSTAMPED) { /* this add opens a batch */
         uint64_t now = keel__clock_now(&b->clock), want = UNSTAMPED;
@@ -717,68 +763,46 @@ static inline void publish(keel_batch *b, lane *l, bblock *k, void *item, size_t
         wake_batcher(b);
 }
 
-/* KEEL_BATCH_DROP_OLDEST with a full queue: takes the oldest item queued
- * by the caller's thread (or, when it has none queued, another thread's
+/* KEEL_BATCH_DROP_OLDEST with a full queue, under mu, with the lane
+ * marked busy and `closed` seen clear: takes the oldest item queued by
+ * the caller's thread (or, when it has none queued, another thread's
  * oldest) out, keeps its place for this add, publishes the item, and only
- * then dead-letters the dropped one (KEEL_EFULL). Under mu the lane is
- * marked busy before `closed` is read: a close either turns the add away
- * before anything is dropped, or waits until the item is published (the
- * dropped item is in flight meanwhile, so flushes wait for its dead
- * letter). The place goes straight to this add, so one add drops at most
- * one item. Returns 0 or KEEL_ECLOSED. */
-static KEEL__COLD int add_dropping(keel_batch *b, lane *mine, bblock *k, void *item, size_t bytes)
+ * then dead-letters the dropped one (KEEL_EFULL). A close waits until the
+ * item is published (the dropped item is in flight meanwhile, so flushes
+ * wait for its dead letter). The place goes straight to this add, so one
+ * add drops at most one item. Returns false, still under mu, when no lane
+ * holds an item; else true, with mu released. */
+static KEEL__COLD bool add_dropping(keel_batch *b, lane *mine, bblock *k, void *item, size_t bytes)
 {
     void *old;
     bjob d = {.n = 0, .items = &old};
-    for (;;) {
-        pthread_mutex_lock(&b->mu);
-        atomic_store_explicit(&mine->busy, 1, memory_order_relaxed);
-        keel__light_fence(); /* busy before closed: see keel_batch_close() */
-        if (atomic_load_explicit(&b->closed, memory_order_relaxed)) {
-            atomic_store_explicit(&mine->busy, 0, memory_order_release);
-            pthread_mutex_unlock(&b->mu);
-            return KEEL_ECLOSED;
-        }
-        if (reserve(b, mine)) { /* room came back meanwhile: nothing to drop */
-            pthread_mutex_unlock(&b->mu);
-            break;
-        }
-        lane *l = mine;
-        for (lane *x = b->lanes; x && !lane_queued(l); x = x->next)
-            l = x;
-        if (lane_queued(l)) {
-            size_t nbytes = 0;
-            live_add(b, &d);
-            take(b, l, &d, &nbytes, 1, true);
-            mine->credit++;
-            atomic_fetch_add_explicit(&b->dropped, 1, memory_order_relaxed);
-            pthread_mutex_unlock(&b->mu);
-            break;
-        }
-        /* nothing queued: other threads hold every place, reserved; they use it or leave */
-        atomic_store_explicit(&mine->busy, 0, memory_order_release);
-        pthread_mutex_unlock(&b->mu);
-        sched_yield();
-    }
+    lane *l = mine;
+    for (lane *x = b->lanes; x && !lane_queued(l); x = x->next)
+        l = x;
+    if (!lane_queued(l))
+        return false;
+    size_t nbytes = 0;
+    live_add(b, &d);
+    take(b, l, &d, &nbytes, 1, true);
+    mine->credit++;
+    atomic_fetch_add_explicit(&b->dropped, 1, memory_order_relaxed);
+    pthread_mutex_unlock(&b->mu);
     publish(b, mine, k, item, bytes);
-    if (d.n) {
-        keel_batch *outer = in_callback;
-        in_callback = b; /* a flush from the callback would wait for itself */
-        dead_letter(b, &old, 1, KEEL_EFULL);
-        in_callback = outer;
-        pthread_mutex_lock(&b->mu);
-        live_remove(b, &d);
-        pthread_mutex_unlock(&b->mu);
-    }
-    return 0;
+    keel_batch *outer = in_callback;
+    in_callback = b; /* a flush from the callback would wait for itself */
+    dead_letter(b, &old, 1, KEEL_EFULL);
+    in_callback = outer;
+    pthread_mutex_lock(&b->mu);
+    live_remove(b, &d);
+    pthread_mutex_unlock(&b->mu);
+    return true;
 }
 
-/* Waits for room (KEEL_BATCH_BLOCK) until `deadline` by the clock option
- * (0: no limit): 0 to try again, or KEEL_ETIMEDOUT. */
+/* Under mu: waits for room (KEEL_BATCH_BLOCK) until `deadline` by the
+ * clock option (0: no limit): 0 to try again, or KEEL_ETIMEDOUT. */
 static int wait_space(keel_batch *b, uint64_t deadline)
 {
     int rc = 0;
-    pthread_mutex_lock(&b->mu);
     b->space_waiters++;
     /* places come back under mu: none now means a wake-up comes */
     while (!b->closing && atomic_load(&b->room) == 0) {
@@ -795,32 +819,55 @@ static int wait_space(keel_batch *b, uint64_t deadline)
         }
     }
     b->space_waiters--;
-    pthread_mutex_unlock(&b->mu);
     return rc;
 }
 
-/* The slow part of an add: a place in a full queue, by policy. Returns 0
- * (a place is reserved), 1 (accepted by a drop: the item is published)
+/* The slow part of an add, for lane l with no place of its own (none
+ * left, or taken back): under mu, a place from room or from the other
+ * lanes' reserves, else the policy. Returns 0 with a place and `busy`
+ * set (the caller publishes at once, so the place cannot be stolen
+ * before it is used), 1 when accepted by a drop (the item is published),
  * or an error. */
 static KEEL__COLD int make_room(keel_batch *b, lane *l, bblock *k, void *item, size_t bytes)
 {
     uint64_t deadline = 0;
-    while (!reserve(b, l)) {
-        if (atomic_load(&b->closed))
-            return KEEL_ECLOSED;
-        if (in_callback == b || b->o.on_full == KEEL_BATCH_REJECT)
-            return KEEL_EFULL; /* from a handler, waiting would wait for ourselves */
-        if (b->o.on_full == KEEL_BATCH_DROP_OLDEST) {
-            int rc = add_dropping(b, l, k, item, bytes);
-            return rc ? rc : 1;
+    int rc = 0;
+    pthread_mutex_lock(&b->mu);
+    for (;;) {
+        atomic_store_explicit(&l->busy, 1, memory_order_relaxed);
+        keel__light_fence(); /* busy before closed: see keel_batch_close() */
+        if (atomic_load_explicit(&b->closed, memory_order_relaxed)) {
+            rc = KEEL_ECLOSED;
+            break;
         }
+        atomic_store_explicit(&l->reclaim, 0, memory_order_relaxed); /* steals hold mu: none now */
+        if (l->credit || reserve(b, l) || (steal(b, l) && reserve(b, l))) {
+            pthread_mutex_unlock(&b->mu);
+            return 0;
+        }
+        if (in_callback == b || b->o.on_full == KEEL_BATCH_REJECT) {
+            rc = KEEL_EFULL; /* from a handler, waiting would wait for ourselves */
+            break;
+        }
+        if (b->o.on_full == KEEL_BATCH_DROP_OLDEST) {
+            if (add_dropping(b, l, k, item, bytes))
+                return 1;
+            /* unreachable: with every reserve taken, the queue holds capacity items */
+            atomic_store_explicit(&l->busy, 0, memory_order_release);
+            pthread_mutex_unlock(&b->mu);
+            sched_yield();
+            pthread_mutex_lock(&b->mu);
+            continue;
+        }
+        atomic_store_explicit(&l->busy, 0, memory_order_release); /* a close waits for busy lanes */
         if (b->o.block_timeout_ns && !deadline)
             deadline = sat_add(keel__clock_now(&b->clock), b->o.block_timeout_ns);
-        int rc = wait_space(b, deadline);
-        if (rc)
-            return rc;
+        if ((rc = wait_space(b, deadline)) != 0)
+            break;
     }
-    return 0;
+    atomic_store_explicit(&l->busy, 0, memory_order_release);
+    pthread_mutex_unlock(&b->mu);
+    return rc;
 }
 
 KEEL_API int keel_batch_add(keel_batch *b, void *item, size_t bytes)
@@ -837,7 +884,16 @@ KEEL_API int keel_batch_add(keel_batch *b, void *item, size_t bytes)
     bblock *k = l->wblk;
     if (KEEL__UNLIKELY(l->widx == BLOCK_ITEMS) && !(k = block_get(l)))
         return KEEL_ENOMEM;
-    if (KEEL__UNLIKELY(l->credit == 0)) {
+    atomic_store_explicit(&l->busy, 1, memory_order_relaxed);
+    keel__light_fence(); /* busy before closed and reclaim: see keel_batch_close(), steal() */
+    if (atomic_load_explicit(&b->closed, memory_order_relaxed)) {
+        atomic_store_explicit(&l->busy, 0, memory_order_release);
+        block_keep(l, k);
+        return KEEL_ECLOSED;
+    }
+    if (KEEL__UNLIKELY(atomic_load_explicit(&l->reclaim, memory_order_relaxed) ||
+                       (l->credit == 0 && !reserve(b, l)))) {
+        atomic_store_explicit(&l->busy, 0, memory_order_release);
         l->making_room = true; /* the place a drop makes, and the block, are this add's */
         rc = make_room(b, l, k, item, bytes);
         l->making_room = false;
@@ -845,13 +901,6 @@ KEEL_API int keel_batch_add(keel_batch *b, void *item, size_t bytes)
             block_keep(l, k);
         if (rc)
             return rc < 0 ? rc : 0; /* refused, or accepted by a drop */
-    }
-    atomic_store_explicit(&l->busy, 1, memory_order_relaxed);
-    keel__light_fence(); /* busy before closed: see keel_batch_close() */
-    if (atomic_load_explicit(&b->closed, memory_order_relaxed)) {
-        atomic_store_explicit(&l->busy, 0, memory_order_release);
-        block_keep(l, k);
-        return KEEL_ECLOSED;
     }
     publish(b, l, k, item, bytes);
     return 0;
@@ -996,6 +1045,7 @@ KEEL_API int keel_batch_create(keel_batch **out, const keel_batch_opts *o)
     b->o.capacity = o->capacity ? o->capacity : 65536;
     b->o.max_items = o->max_items ? o->max_items : b->o.capacity < 100 ? b->o.capacity : 100;
     b->chunk = b->o.capacity / 64 > CHUNK_MAX ? CHUNK_MAX : b->o.capacity / 64 ? b->o.capacity / 64 : 1;
+    atomic_init(&b->step, b->chunk);
     if (b->o.max_items > b->o.capacity) {
         keel__aligned_free(b);
         return KEEL_EINVAL;

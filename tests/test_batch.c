@@ -961,6 +961,115 @@ START_TEST(an_add_from_a_drop_s_dead_letter_is_turned_away)
 }
 END_TEST
 
+/* ---- reserves ---- */
+
+enum { IDLE_THREADS = 64, IDLE_CAPACITY = 16384 };
+
+/* Threads reserve places a step at a time. Threads that added once and
+ * went idle hold their reserves; a new add takes them back before the
+ * policy applies: under each policy, the queue takes exactly its capacity
+ * before it refuses, drops or waits. */
+START_TEST(idle_threads_reserves_do_not_make_the_queue_full)
+{
+    int policies[] = {KEEL_BATCH_REJECT, KEEL_BATCH_DROP_OLDEST, KEEL_BATCH_BLOCK};
+    for (int k = 0; k < 3; k++) {
+        int policy = policies[k];
+        seen s;
+        seen_init(&s);
+        s.block = 1; /* the handler holds item 1; the queue holds the rest */
+        keel_batch *b = make(&s, (keel_batch_opts){.max_items = 1, .capacity = IDLE_CAPACITY,
+                                                   .on_full = policy, .block_timeout_ns = 3600 * S});
+        ck_assert_int_eq(keel_batch_add(b, ITEM(1), 1), 0);
+        wait_for(&s, &s.entered, 1); /* item 1 is taken */
+        holder h[IDLE_THREADS];
+        pthread_t t[IDLE_THREADS];
+        for (size_t i = 0; i < IDLE_THREADS; i++) { /* each adds one and keeps its reserve */
+            h[i] = (holder){b, 1000 + i, 1, 0, 0};
+            ck_assert_int_eq(pthread_create(&t[i], NULL, add_and_hold, &h[i]), 0);
+        }
+        for (size_t i = 0; i < IDLE_THREADS; i++)
+            while (!atomic_load(&h[i].added))
+                kt_nap(MS);
+        size_t n = 0;
+        for (; n < IDLE_CAPACITY - IDLE_THREADS; n++) {
+            int rc = keel_batch_add(b, ITEM(100000 + n), 1);
+            ck_assert_msg(rc == 0, "policy %d: add %zu of %d into a queue holding %zu: %s", policy, n + 1,
+                          IDLE_CAPACITY - IDLE_THREADS, IDLE_THREADS + n, keel_err_name(rc));
+        }
+        keel_batch_stats st;
+        keel_batch_stats_get(b, &st);
+        ck_assert_uint_eq(st.queued, IDLE_CAPACITY);
+        ck_assert_uint_eq(st.dropped, 0);
+        if (policy == KEEL_BATCH_REJECT)
+            ck_assert_int_eq(keel_batch_add(b, ITEM(99), 1), KEEL_EFULL);
+        else if (policy == KEEL_BATCH_DROP_OLDEST)
+            ck_assert_int_eq(keel_batch_add(b, ITEM(99), 1), 0);
+        else
+            ck_assert_int_eq(blocked_add_times_out_by_the_clock(&s, b, ITEM(99)), KEEL_ETIMEDOUT);
+        keel_batch_stats_get(b, &st);
+        ck_assert_uint_eq(st.queued, IDLE_CAPACITY);
+        ck_assert_uint_eq(st.dropped, policy == KEEL_BATCH_DROP_OLDEST);
+        for (size_t i = 0; i < IDLE_THREADS; i++) {
+            atomic_store(&h[i].release, 1);
+            pthread_join(t[i], NULL);
+        }
+        unblock(&s);
+        ck_assert_int_eq(keel_batch_close(b), 0);
+        check_invariant(b);
+        keel_batch_destroy(b);
+    }
+}
+END_TEST
+
+enum { FILLERS = 8 };
+
+typedef struct filler {
+    keel_batch *b;
+    size_t base, ok;
+    int rc; /* the answer that stopped it */
+} filler;
+
+static void *add_until_full(void *arg)
+{
+    filler *f = arg;
+    while ((f->rc = keel_batch_add(f->b, ITEM(f->base + f->ok + 1), 1)) == 0)
+        f->ok++;
+    return NULL;
+}
+
+/* Threads racing to fill the queue: a refusal comes only when the queue
+ * holds capacity items, whatever the others hold reserved at that moment. */
+START_TEST(threads_filling_the_queue_fill_it_exactly)
+{
+    for (int round = 0; round < 20; round++) {
+        seen s;
+        seen_init(&s);
+        s.block = 1;
+        keel_batch *b = make(&s, (keel_batch_opts){.max_items = 1, .capacity = IDLE_CAPACITY,
+                                                   .on_full = KEEL_BATCH_REJECT});
+        ck_assert_int_eq(keel_batch_add(b, ITEM(1), 1), 0);
+        wait_for(&s, &s.entered, 1);
+        filler f[FILLERS];
+        pthread_t t[FILLERS];
+        for (size_t i = 0; i < FILLERS; i++) {
+            f[i] = (filler){b, (i + 1) << 20, 0, 0};
+            ck_assert_int_eq(pthread_create(&t[i], NULL, add_until_full, &f[i]), 0);
+        }
+        size_t ok = 0;
+        for (size_t i = 0; i < FILLERS; i++) {
+            pthread_join(t[i], NULL);
+            ck_assert_int_eq(f[i].rc, KEEL_EFULL);
+            ok += f[i].ok;
+        }
+        ck_assert_uint_eq(ok, IDLE_CAPACITY);
+        unblock(&s);
+        ck_assert_int_eq(keel_batch_close(b), 0);
+        check_invariant(b);
+        keel_batch_destroy(b);
+    }
+}
+END_TEST
+
 /* ---- drops racing close ---- */
 
 enum { RACE_PRODUCERS = 2, RACE_ROUNDS = 300 };
@@ -1996,7 +2105,13 @@ int main(void)
     tcase_add_test(tc, a_drop_takes_the_adding_thread_s_own_oldest_item);
     tcase_add_test(tc, a_drop_oldest_add_without_memory_drops_nothing);
     tcase_add_test(tc, an_add_from_a_drop_s_dead_letter_is_turned_away);
+    tcase_add_test(tc, idle_threads_reserves_do_not_make_the_queue_full);
     suite_add_tcase(s, tc);
+    TCase *fill = tcase_create("fill");
+    tcase_set_timeout(fill, 60);
+    tcase_add_test(fill, threads_filling_the_queue_fill_it_exactly);
+    tcase_set_tags(fill, "stress"); /* threads racing for the last places */
+    suite_add_tcase(s, fill);
     TCase *mc = tcase_create("model");
     tcase_set_timeout(mc, 60);
     tcase_set_tags(mc, "model"); /* 120 random runs: plain and ASan runs check them */

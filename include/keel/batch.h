@@ -47,12 +47,14 @@
  * its place, then hands the dropped one to dead_letter (err KEEL_EFULL,
  * in the adding thread) and counts it as dropped: one drop at most per
  * add, and none for an add that close turns away. A rejected or
- * timed-out item is not accepted: the caller still owns it. Threads
- * reserve room a step at a time (capacity / 64 places, at least 1 and at
- * most 256), so with several threads adding, a full queue may turn an add
- * away (or, under KEEL_BATCH_DROP_OLDEST, drop an item for it) while other
- * threads hold up to a step each reserved but unused; with one adding
- * thread, or a capacity under 128, the bound is exact.
+ * timed-out item is not accepted: the caller still owns it. The bound is
+ * exact: threads reserve room a step at a time (capacity / 64 places, at
+ * least 1, at most 256, and at most capacity / (2 * threads that have
+ * added)), but an add that finds no room left takes the other threads'
+ * unused reserves back (waiting for an add in progress to finish) before
+ * the policy applies, so each policy applies only while the queue holds
+ * capacity items. Near full, that costs the taking add a fence across the
+ * process's threads, and the others one lock each on their next add.
  *
  * Memory. Each thread that adds gets a queue of 4 KiB blocks, grown to
  * what it keeps queued and reused after; when a thread exits its queue
