@@ -170,7 +170,24 @@ struct keel_batch {
     _Atomic uint64_t size_hist[KEEL_BATCH_BUCKETS], wait_hist[KEEL_BATCH_BUCKETS];
 };
 
-static _Thread_local keel_batch *in_callback; /* the batch whose callback runs here */
+/* The callbacks running in this thread, innermost first (callbacks of
+ * different batches nest: a handler adds to another batch, whose drop
+ * runs its dead letter here). A flush, close, destroy or waiting add of
+ * any of their batches would wait for this thread. */
+typedef struct cb_frame {
+    const keel_batch *b;
+    struct cb_frame *outer;
+} cb_frame;
+
+static _Thread_local cb_frame *callbacks;
+
+static bool in_callback(const keel_batch *b)
+{
+    for (const cb_frame *f = callbacks; f; f = f->outer)
+        if (f->b == b)
+            return true;
+    return false;
+}
 
 /* ---- small helpers ---- */
 
@@ -518,8 +535,8 @@ static void dead_letter(keel_batch *b, void *const *items, size_t n, int err)
 /* Handles a job to the end: retries with backoff, then the dead letter. */
 static void run_job(keel_batch *b, bjob *j)
 {
-    keel_batch *outer = in_callback;
-    in_callback = b;
+    cb_frame frame = {b, callbacks};
+    callbacks = &frame;
     uint64_t now = keel__clock_now(&b->clock);
     atomic_fetch_add_explicit(&b->wait_hist[bucket(now > j->opened ? now - j->opened : 0)], 1,
                               memory_order_relaxed);
@@ -556,7 +573,7 @@ static void run_job(keel_batch *b, bjob *j)
         atomic_fetch_add_explicit(&b->retried, n, memory_order_release);
         sleep_until(b, until);
     }
-    in_callback = outer;
+    callbacks = frame.outer;
     pthread_mutex_lock(&b->mu);
     live_remove(b, j);
     j->next = b->spare;
@@ -788,10 +805,10 @@ static KEEL__COLD bool add_dropping(keel_batch *b, lane *mine, bblock *k, void *
     atomic_fetch_add_explicit(&b->dropped, 1, memory_order_relaxed);
     pthread_mutex_unlock(&b->mu);
     publish(b, mine, k, item, bytes);
-    keel_batch *outer = in_callback;
-    in_callback = b; /* a flush from the callback would wait for itself */
+    cb_frame frame = {b, callbacks}; /* a flush from the callback would wait for itself */
+    callbacks = &frame;
     dead_letter(b, &old, 1, KEEL_EFULL);
-    in_callback = outer;
+    callbacks = frame.outer;
     pthread_mutex_lock(&b->mu);
     live_remove(b, &d);
     pthread_mutex_unlock(&b->mu);
@@ -845,7 +862,7 @@ static KEEL__COLD int make_room(keel_batch *b, lane *l, bblock *k, void *item, s
             pthread_mutex_unlock(&b->mu);
             return 0;
         }
-        if (in_callback == b || b->o.on_full == KEEL_BATCH_REJECT) {
+        if (in_callback(b) || b->o.on_full == KEEL_BATCH_REJECT) {
             rc = KEEL_EFULL; /* from a handler, waiting would wait for ourselves */
             break;
         }
@@ -929,7 +946,7 @@ KEEL_API int keel_batch_flush(keel_batch *b)
 {
     if (!b)
         return KEEL_EINVAL;
-    if (in_callback == b)
+    if (in_callback(b))
         return KEEL_ESTATE;
     pthread_mutex_lock(&b->mu);
     drain(b);
@@ -941,7 +958,7 @@ KEEL_API int keel_batch_close(keel_batch *b)
 {
     if (!b)
         return KEEL_EINVAL;
-    if (in_callback == b)
+    if (in_callback(b))
         return KEEL_ESTATE;
     atomic_store(&b->closed, 1);
     keel__heavy_fence(); /* closed before busy: see keel_batch_add() */
@@ -1113,7 +1130,7 @@ KEEL_API void keel_batch_destroy(keel_batch *b)
 {
     if (!b)
         return;
-    if (in_callback == b) { /* its threads run us: freeing it would pull the floor away */
+    if (in_callback(b)) { /* its threads run us: freeing it would pull the floor away */
         keel__log(KEEL_LOG_ERROR, "batch", "keel_batch_destroy from its own callback: ignored");
         return;
     }

@@ -961,6 +961,68 @@ START_TEST(an_add_from_a_drop_s_dead_letter_is_turned_away)
 }
 END_TEST
 
+/* Two batches whose callbacks nest: A's handler adds to B, whose queue is
+ * full, and B's dead letter for the dropped item runs inside A's handler.
+ * There, flush and close of A, and an add that would wait for A's room,
+ * would wait for the thread they run on. */
+static keel_batch *nest_a, *nest_b;
+static _Atomic int nest_flush_rc = 1, nest_close_rc = 1, nest_add_rc = 1, nest_fill_rc = 1;
+
+static int nest_a_handler(void *const *items, size_t n, keel_batch_ctx *ctx, void *ud)
+{
+    (void)ctx;
+    (void)ud;
+    for (size_t i = 0; i < n; i++)
+        if (ID(items[i]) == 3)
+            ck_assert_int_eq(keel_batch_add(nest_b, ITEM(9), 1), 0); /* drops 2 */
+    return 0;
+}
+
+static void nest_b_dead_letter(void *const *items, size_t n, int err, void *ud)
+{
+    dead_letter(items, n, err, ud);
+    atomic_store(&nest_flush_rc, keel_batch_flush(nest_a));
+    atomic_store(&nest_close_rc, keel_batch_close(nest_a));
+    atomic_store(&nest_fill_rc, keel_batch_add(nest_a, ITEM(4), 1)); /* A's one place */
+    atomic_store(&nest_add_rc, keel_batch_add(nest_a, ITEM(5), 1));
+    keel_batch_destroy(nest_a); /* logged, ignored */
+}
+
+START_TEST(nested_callbacks_of_two_batches_do_not_wait_for_themselves)
+{
+    seen s;
+    seen_init(&s);
+    s.block = 1; /* B's handler holds item 1 */
+    keel_batch_opts ob = {.handler = handler, .dead_letter = nest_b_dead_letter, .ud = &s, .clock = kt_clock_now,
+                          .clock_ud = &clk, .max_items = 1, .capacity = 1, .on_full = KEEL_BATCH_DROP_OLDEST};
+    ck_assert_int_eq(keel_batch_create(&nest_b, &ob), 0);
+    ck_assert_int_eq(keel_batch_add(nest_b, ITEM(1), 1), 0);
+    wait_for(&s, &s.entered, 1);
+    ck_assert_int_eq(keel_batch_add(nest_b, ITEM(2), 1), 0); /* B is full */
+    _Atomic size_t handled = 0;
+    keel_batch_opts oa = {.handler = nest_a_handler, .ud = &handled, .clock = kt_clock_now, .clock_ud = &clk,
+                          .max_items = 1, .capacity = 1};
+    ck_assert_int_eq(keel_batch_create(&nest_a, &oa), 0);
+    ck_assert_int_eq(keel_batch_add(nest_a, ITEM(3), 1), 0);
+    wait_for(&s, &s.dead, 1);
+    for (int i = 0; i < 10000 && atomic_load(&nest_add_rc) == 1; i++)
+        kt_nap(MS);
+    int flush_rc = atomic_load(&nest_flush_rc), close_rc = atomic_load(&nest_close_rc);
+    int fill_rc = atomic_load(&nest_fill_rc), add_rc = atomic_load(&nest_add_rc);
+    ck_assert_int_eq(flush_rc, KEEL_ESTATE); /* 1: it never returned */
+    ck_assert_int_eq(close_rc, KEEL_ESTATE);
+    ck_assert_int_eq(fill_rc, 0);
+    ck_assert_int_eq(add_rc, KEEL_EFULL);
+    ck_assert_int_eq(keel_batch_close(nest_a), 0);
+    unblock(&s);
+    ck_assert_int_eq(keel_batch_close(nest_b), 0);
+    check_invariant(nest_a);
+    check_invariant(nest_b);
+    keel_batch_destroy(nest_a);
+    keel_batch_destroy(nest_b);
+}
+END_TEST
+
 /* ---- reserves ---- */
 
 enum { IDLE_THREADS = 64, IDLE_CAPACITY = 16384 };
@@ -2106,6 +2168,7 @@ int main(void)
     tcase_add_test(tc, a_drop_oldest_add_without_memory_drops_nothing);
     tcase_add_test(tc, an_add_from_a_drop_s_dead_letter_is_turned_away);
     tcase_add_test(tc, idle_threads_reserves_do_not_make_the_queue_full);
+    tcase_add_test(tc, nested_callbacks_of_two_batches_do_not_wait_for_themselves);
     suite_add_tcase(s, tc);
     TCase *fill = tcase_create("fill");
     tcase_set_timeout(fill, 60);

@@ -74,7 +74,10 @@
  * including from the handler (an add from a handler never blocks: with a
  * full queue it behaves as KEEL_BATCH_REJECT, since the batcher it would
  * wait for is the caller; flush and close from a handler give
- * KEEL_ESTATE; destroy from a callback is refused, logged). The handler
+ * KEEL_ESTATE; destroy from a callback is refused, logged). The same
+ * holds wherever a callback of the batch is running in the calling thread,
+ * also beneath a callback of another batch (a handler adding to a second
+ * batch, whose drop runs its dead letter there). The handler
  * runs in the batch's threads, one batch at a time per thread; dead_letter
  * also runs in adding threads (KEEL_BATCH_DROP_OLDEST), concurrently with
  * the handler and with itself: it must be thread-safe. An add from that
