@@ -554,7 +554,7 @@ static void run_job(keel_batch *b, bjob *j)
             memset(j->failed, 1, n);
             nf = n;
         }
-        atomic_fetch_add_explicit(&b->handled, n - nf, memory_order_relaxed);
+        atomic_fetch_add_explicit(&b->handled, n - nf, memory_order_release); /* see keel_batch_stats_get() */
         if (nf == 0)
             break;
         size_t k = 0; /* keep the failed items, in order */
@@ -564,7 +564,7 @@ static void run_job(keel_batch *b, bjob *j)
         n = k;
         if (attempt >= b->o.max_retries) {
             dead_letter(b, j->items, n, rc ? rc : KEEL_EBACKEND);
-            atomic_fetch_add_explicit(&b->dead, n, memory_order_relaxed);
+            atomic_fetch_add_explicit(&b->dead, n, memory_order_release);
             break;
         }
         /* the wait starts now; only then is the retry counted (so a test
@@ -802,7 +802,7 @@ static KEEL__COLD bool add_dropping(keel_batch *b, lane *mine, bblock *k, void *
     live_add(b, &d);
     take(b, l, &d, &nbytes, 1, true);
     mine->credit++;
-    atomic_fetch_add_explicit(&b->dropped, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&b->dropped, 1, memory_order_release);
     pthread_mutex_unlock(&b->mu);
     publish(b, mine, k, item, bytes);
     cb_frame frame = {b, callbacks}; /* a flush from the callback would wait for itself */
@@ -1013,16 +1013,20 @@ KEEL_API void keel_batch_stats_get(keel_batch *b, keel_batch_stats *st)
     memset(st, 0, sizeof *st);
     if (!b)
         return;
+    /* The outcomes first (acquire, against their release increments):
+     * every item they count had been taken, so the heads and tails read
+     * after them cover it, and finished + queued <= accepted. */
+    st->handled = atomic_load_explicit(&b->handled, memory_order_acquire);
+    st->dead_lettered = atomic_load_explicit(&b->dead, memory_order_acquire);
+    st->dropped = atomic_load_explicit(&b->dropped, memory_order_acquire);
+    st->retried = atomic_load(&b->retried);
     pthread_mutex_lock(&b->mu);
     for (lane *l = b->lanes; l; l = l->next) {
-        st->accepted += atomic_load_explicit(&l->tail, memory_order_acquire);
-        st->queued += lane_queued(l);
+        uint64_t t = atomic_load_explicit(&l->tail, memory_order_acquire); /* once: accepted and queued agree */
+        st->accepted += t;
+        st->queued += t - atomic_load_explicit(&l->head, memory_order_relaxed);
     }
     pthread_mutex_unlock(&b->mu);
-    st->handled = atomic_load(&b->handled);
-    st->retried = atomic_load(&b->retried);
-    st->dead_lettered = atomic_load(&b->dead);
-    st->dropped = atomic_load(&b->dropped);
     st->batches = atomic_load(&b->batches);
     for (int i = 0; i < KEEL_BATCH_BUCKETS; i++) {
         st->size[i] = atomic_load(&b->size_hist[i]);

@@ -1132,6 +1132,43 @@ START_TEST(threads_filling_the_queue_fill_it_exactly)
 }
 END_TEST
 
+/* ---- statistics ---- */
+
+static void *add_many(void *arg)
+{
+    producer *p = arg;
+    for (size_t i = 0; i < p->n; i++)
+        ck_assert_int_eq(keel_batch_add(p->b, ITEM(p->from + i), 1), 0);
+    return NULL;
+}
+
+/* A snapshot taken while items flow never shows more items finished or
+ * queued than accepted. */
+START_TEST(a_snapshot_never_shows_more_finished_than_accepted)
+{
+    _Atomic size_t handled = 0;
+    keel_batch *b;
+    keel_batch_opts o = {.handler = count_items, .ud = &handled, .max_items = 256, .linger_ns = 100000};
+    ck_assert_int_eq(keel_batch_create(&b, &o), 0);
+    producer p = {b, 1, 3000000, NULL};
+    pthread_t t;
+    ck_assert_int_eq(pthread_create(&t, NULL, add_many, &p), 0);
+    size_t bad = 0, looks = 0;
+    keel_batch_stats st;
+    do {
+        keel_batch_stats_get(b, &st);
+        looks++;
+        if (st.handled + st.dead_lettered + st.dropped + st.queued > st.accepted)
+            bad++;
+    } while (st.accepted < p.n);
+    pthread_join(t, NULL);
+    ck_assert_msg(bad == 0, "%zu of %zu snapshots: more finished or queued than accepted", bad, looks);
+    ck_assert_int_eq(keel_batch_close(b), 0);
+    check_invariant(b);
+    keel_batch_destroy(b);
+}
+END_TEST
+
 /* ---- drops racing close ---- */
 
 enum { RACE_PRODUCERS = 2, RACE_ROUNDS = 300 };
@@ -2185,6 +2222,7 @@ int main(void)
     tcase_add_test(big, two_million_items_all_accounted_for_one_worker);
     tcase_add_test(big, two_million_items_all_accounted_for_three_workers);
     tcase_add_test(big, each_thread_keeps_its_order);
+    tcase_add_test(big, a_snapshot_never_shows_more_finished_than_accepted);
     tcase_set_tags(big, "stress"); /* millions of items: not under valgrind */
     suite_add_tcase(s, big);
     TCase *race = tcase_create("drop_close");
