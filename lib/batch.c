@@ -895,18 +895,18 @@ KEEL_API int keel_batch_add(keel_batch *b, void *item, size_t bytes)
     lane *l = my_lane(b, &rc);
     if (!l)
         return rc;
-    if (KEEL__UNLIKELY(l->making_room)) /* from the dead letter of a drop for this thread's add */
-        return KEEL_EFULL;
-    /* the block first: a place made by dropping an item must be used */
-    bblock *k = l->wblk;
-    if (KEEL__UNLIKELY(l->widx == BLOCK_ITEMS) && !(k = block_get(l)))
-        return KEEL_ENOMEM;
     atomic_store_explicit(&l->busy, 1, memory_order_relaxed);
     keel__light_fence(); /* busy before closed and reclaim: see keel_batch_close(), steal() */
-    if (atomic_load_explicit(&b->closed, memory_order_relaxed)) {
+    bblock *k = l->wblk;
+    if (KEEL__UNLIKELY(atomic_load_explicit(&b->closed, memory_order_relaxed)))
+        rc = KEEL_ECLOSED; /* first: a closed batch answers so, whatever else stands in the way */
+    else if (KEEL__UNLIKELY(l->making_room))
+        rc = KEEL_EFULL; /* from the dead letter of a drop for this thread's add */
+    else if (KEEL__UNLIKELY(l->widx == BLOCK_ITEMS) && !(k = block_get(l)))
+        rc = KEEL_ENOMEM; /* the block before a place: a place made by dropping an item must be used */
+    if (KEEL__UNLIKELY(rc)) {
         atomic_store_explicit(&l->busy, 0, memory_order_release);
-        block_keep(l, k);
-        return KEEL_ECLOSED;
+        return rc;
     }
     if (KEEL__UNLIKELY(atomic_load_explicit(&l->reclaim, memory_order_relaxed) ||
                        (l->credit == 0 && !reserve(b, l)))) {

@@ -961,6 +961,87 @@ START_TEST(an_add_from_a_drop_s_dead_letter_is_turned_away)
 }
 END_TEST
 
+/* After close an add answers KEEL_ECLOSED, even one that would need
+ * memory for its queue's next block, which there is none of. */
+START_TEST(an_add_after_close_is_closed_even_without_memory)
+{
+    keel_allocator starving = {starve_malloc, starve_calloc, starve_realloc, free};
+    ck_assert_int_eq(keel_set_allocator(&starving), 0);
+    seen s;
+    seen_init(&s);
+    keel_batch *b = make(&s, (keel_batch_opts){.max_items = 100});
+    for (int i = 1; i <= 255; i++) /* this thread's first block, full */
+        ck_assert_int_eq(keel_batch_add(b, ITEM(i), 1), 0);
+    ck_assert_int_eq(keel_batch_close(b), 0);
+    atomic_store(&starved, 1);
+    int rc = keel_batch_add(b, ITEM(256), 1);
+    atomic_store(&starved, 0);
+    ck_assert_int_eq(rc, KEEL_ECLOSED);
+    check_invariant(b);
+    keel_batch_destroy(b);
+    ck_assert_int_eq(keel_set_allocator(NULL), 0);
+}
+END_TEST
+
+static void *close_batch(void *arg);
+
+/* A drop's dead letter that starts a close in another thread, then adds
+ * again. */
+static _Atomic int closer_started;
+static pthread_t closer;
+static void closing_dead_letter(void *const *items, size_t n, int err, void *ud)
+{
+    seen *s = ud;
+    dead_letter(items, n, err, ud);
+    ck_assert_int_eq(pthread_create(&closer, NULL, close_batch, s->self), 0);
+    while (!atomic_load(&closer_started))
+        kt_nap(MS);
+    int rc = KEEL_EFULL;
+    for (int i = 0; i < 2000 && rc == KEEL_EFULL; i++) { /* until close has begun */
+        rc = keel_batch_add(s->self, ITEM(1000), 1);
+        if (rc == KEEL_EFULL)
+            kt_nap(MS);
+    }
+    atomic_store(&readd_rc, rc);
+}
+
+static void *close_batch(void *arg)
+{
+    atomic_store(&closer_started, 1);
+    ck_assert_int_eq(keel_batch_close(arg), 0);
+    return NULL;
+}
+
+/* An add from a drop's dead letter is turned away with KEEL_EFULL while
+ * the batch is open, with KEEL_ECLOSED once a close has begun. */
+START_TEST(an_add_from_a_drop_s_dead_letter_after_close_is_closed)
+{
+    seen s;
+    seen_init(&s);
+    s.block = 1; /* the handler holds item 1 */
+    keel_batch *b;
+    keel_batch_opts o = {.handler = handler, .dead_letter = closing_dead_letter, .ud = &s, .clock = kt_clock_now,
+                         .clock_ud = &clk, .max_items = 1, .capacity = 1, .on_full = KEEL_BATCH_DROP_OLDEST};
+    ck_assert_int_eq(keel_batch_create(&b, &o), 0);
+    s.self = b;
+    ck_assert_int_eq(keel_batch_add(b, ITEM(1), 1), 0);
+    wait_for(&s, &s.entered, 1);
+    ck_assert_int_eq(keel_batch_add(b, ITEM(2), 1), 0); /* the queue is full */
+    atomic_store(&readd_rc, -1);
+    ck_assert_int_eq(keel_batch_add(b, ITEM(3), 1), 0); /* drops 2; close waits for its dead letter */
+    int rc = atomic_load(&readd_rc);
+    ck_assert_int_eq(rc, KEEL_ECLOSED);
+    unblock(&s);
+    pthread_join(closer, NULL);
+    keel_batch_stats st;
+    keel_batch_stats_get(b, &st);
+    ck_assert_uint_eq(st.accepted, 3);
+    ck_assert_uint_eq(st.dropped, 1);
+    check_invariant(b);
+    keel_batch_destroy(b);
+}
+END_TEST
+
 /* Two batches whose callbacks nest: A's handler adds to B, whose queue is
  * full, and B's dead letter for the dropped item runs inside A's handler.
  * There, flush and close of A, and an add that would wait for A's room,
@@ -2206,6 +2287,8 @@ int main(void)
     tcase_add_test(tc, an_add_from_a_drop_s_dead_letter_is_turned_away);
     tcase_add_test(tc, idle_threads_reserves_do_not_make_the_queue_full);
     tcase_add_test(tc, nested_callbacks_of_two_batches_do_not_wait_for_themselves);
+    tcase_add_test(tc, an_add_after_close_is_closed_even_without_memory);
+    tcase_add_test(tc, an_add_from_a_drop_s_dead_letter_after_close_is_closed);
     suite_add_tcase(s, tc);
     TCase *fill = tcase_create("fill");
     tcase_set_timeout(fill, 60);

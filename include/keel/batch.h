@@ -138,9 +138,11 @@ typedef struct keel_batch_opts {
  * pointers, cannot be allocated). */
 KEEL_API int keel_batch_create(keel_batch **out, const keel_batch_opts *opts);
 
-/* Accepts an item: 0; KEEL_EFULL, KEEL_ETIMEDOUT (full queue, by policy);
- * KEEL_ECLOSED after close; KEEL_EINVAL for NULL b or item; KEEL_ENOMEM
- * when the thread's queue cannot grow (its first add, or a new block). */
+/* Accepts an item: 0; KEEL_EFULL, KEEL_ETIMEDOUT (full queue, by policy;
+ * KEEL_EFULL also from a drop's dead letter, see above); KEEL_ECLOSED
+ * once close has begun, whatever else would stand in the way;
+ * KEEL_EINVAL for NULL b or item; KEEL_ENOMEM when the thread's queue
+ * cannot grow (its first add, or a new block). */
 KEEL_API int keel_batch_add(keel_batch *b, void *item, size_t bytes);
 
 /* Returns once every item accepted before the call has been handled,
