@@ -16,17 +16,20 @@
  * from the add that opened the batch, or from when the batcher took items
  * that were waiting), or a flush or close asks.
  *
- * Order. Items added by one thread are handed to the handler in the order
- * that thread added them (first attempts: items a handler marks failed are
- * retried after the rest of their batch counted as handled, and with
- * workers = 1 before the next batch). Items added by different threads interleave in no promised
- * order, even when one add happens before the other (a thread that needs
- * its items handled before another thread's should flush first). With
- * workers = 1 the batcher runs the handler itself, one batch at a time,
- * so that order holds across batches. With workers > 1, batches go to
- * that many threads: items within a batch keep their order, batches may be
- * handled out of order, and a batch being retried holds up only its own
- * thread.
+ * Order. Batches are formed in the order of the items: within a batch,
+ * one thread's items come in the order that thread added them, and its
+ * later items go into the same or a later batch. Items added by
+ * different threads interleave in no promised order, even when one add
+ * happens before the other (a thread that needs its items handled before
+ * another thread's should flush first). With workers = 1 the batcher runs
+ * the handler itself, one batch at a time, so one thread's items reach
+ * the handler in the order it added them (first attempts: items a handler
+ * marks failed are retried after the rest of their batch counted as
+ * handled, before the next batch). With workers > 1, batches are queued
+ * in the order they were formed and taken by that many threads, which
+ * run the handler concurrently: handler calls for different batches may
+ * start, as well as finish, in any order, so only the order within a
+ * batch is kept; a batch being retried holds up only its own thread.
  *
  * Failures. The handler returns 0 for success. It may mark single items
  * failed with keel_batch_fail(); then only those are retried (and the
