@@ -54,6 +54,12 @@ static inline uint64_t keel__sat_mul(uint64_t a, uint64_t b)
     uint64_t r;
     return __builtin_mul_overflow(a, b, &r) ? UINT64_MAX : r;
 }
+/* a + b, UINT64_MAX when it overflows (a deadline "never" stays never). */
+static inline uint64_t keel__sat_add(uint64_t a, uint64_t b)
+{
+    uint64_t r;
+    return __builtin_add_overflow(a, b, &r) ? UINT64_MAX : r;
+}
 
 /* ---- logging ---- */
 /* true when a message at `level` would reach a hook: lets callers skip

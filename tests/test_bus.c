@@ -2605,6 +2605,55 @@ START_TEST(a_dead_letter_node_down_does_not_stop_new_entries)
 }
 END_TEST
 
+static int on_count_ok(const keel_bus_msg *m, void *ud)
+{
+    (void)m;
+    atomic_fetch_add((_Atomic int *)ud, 1);
+    return 0;
+}
+
+/* Warnings the bus logs about its readers. */
+static _Atomic int reader_warnings;
+
+static void on_bus_log(keel_log_level level, const char *module, const char *msg, void *ud)
+{
+    (void)level, (void)ud;
+    if (strcmp(module, "bus") == 0 && strstr(msg, "reader:"))
+        atomic_fetch_add(&reader_warnings, 1);
+}
+
+/* Commands that never time out (command_timeout_ns UINT64_MAX): the
+ * reader's socket waits for that plus a blocking read, a sum that once
+ * wrapped round to just under the read's own wait, so that every read that
+ * found nothing timed out and reconnected. */
+START_TEST(a_reader_whose_commands_never_time_out_waits_out_its_reads)
+{
+    char prefix[96];
+    unique_prefix(prefix, sizeof prefix, "forever");
+    keel_redis *r;
+    keel_redis_opts ro = {.nodes = kt_redis_urls(1), .nnodes = 1, .connect_timeout_ns = 300 * MS,
+                          .command_timeout_ns = UINT64_MAX};
+    ck_assert_int_eq(keel_redis_create(&r, &ro), 0);
+    keel_set_log(on_bus_log, KEEL_LOG_WARN, NULL);
+    keel_bus *p = rbus(r, prefix, NULL, NULL, 1, 0, NULL, NULL);
+    keel_bus *b = rbus(r, prefix, "grp", "c1", 1, 0, NULL, NULL); /* 50 ms reads */
+    _Atomic int got = 0;
+    sub(b, "x.>", on_count_ok, &got, KEEL_BUS_SYNC, NULL);
+    ck_assert_int_eq(keel_bus_start(b), 0);
+    for (int i = 1; i <= 3; i++) {
+        nap(300 * MS); /* a real wait: reads that find nothing come and go */
+        ck_assert_int_eq(keel_bus_publish(p, "x.y", "x", 1, NULL, 0, NULL), 0);
+        wait_for(&got, i);
+    }
+    keel_bus_destroy(b);
+    keel_bus_destroy(p);
+    keel_set_log(NULL, KEEL_LOG_WARN, NULL);
+    keel_redis_destroy(r);
+    int warnings = atomic_load(&reader_warnings);
+    ck_assert_int_eq(warnings, 0); /* no read timed out */
+}
+END_TEST
+
 /* A user whose ACL refuses XPENDING: the consumer cannot count the
  * deliveries of its own pending entries. That is an error reply while
  * looking after stuck entries, logged and not fatal: a consumer restarted
@@ -3129,13 +3178,6 @@ START_TEST(a_skip_leaves_an_entry_another_consumer_claimed)
 }
 END_TEST
 
-static int on_count_ok(const keel_bus_msg *m, void *ud)
-{
-    (void)m;
-    atomic_fetch_add((_Atomic int *)ud, 1);
-    return 0;
-}
-
 /* The group's only consumer subscribes to "order.>"; most entries are
  * another service's: each is acknowledged and counted as skipped, none
  * left pending for every reader to look at again. */
@@ -3624,6 +3666,7 @@ int main(void)
     tcase_add_test(rd, a_poison_message_reaches_the_dead_letter_stream);
     tcase_add_test(rd, a_dead_letter_node_down_does_not_stop_new_entries);
     tcase_add_test(rd, an_acl_refusing_xpending_does_not_stop_a_restarted_consumer);
+    tcase_add_test(rd, a_reader_whose_commands_never_time_out_waits_out_its_reads);
     tcase_add_test(rd, stopping_mid_batch_acknowledges_what_was_handled);
     tcase_add_test(rd, a_stream_group_member_gone_before_its_call_leaves_the_entry_to_the_others);
     tcase_add_test(rd, a_consumer_without_a_subscriber_leaves_entries_to_one_with_it);

@@ -1071,8 +1071,10 @@ static void *reader_main(void *arg)
         redisContext *c = NULL;
         int rc = keel__redis_connect(rd->node, &c);
         if (rc == 0 && !stopping(rd)) {
-            /* the socket waits for a blocking read plus a command's time */
-            redisSetTimeout(c, keel__tv(s->r->cmd_timeout + s->block_ns));
+            /* the socket waits for a blocking read plus a command's time
+             * (saturated: a command timeout of UINT64_MAX must not wrap
+             * round to less than the read) */
+            redisSetTimeout(c, keel__tv(keel__sat_add(s->r->cmd_timeout, s->block_ns)));
             set_ctx(rd, c);
             set_waiting(rd, true); /* nothing to lose: stop may cut it short */
             rc = stopping(rd) ? KEEL_ESTATE : create_group(s, rd->part, c);
@@ -1391,7 +1393,8 @@ int keel__bus_stream_drain(bstream *s)
                 continue;
             }
             if (!down_until)
-                down_until = mono_ns() + s->r->connect_timeout + s->r->cmd_timeout + s->block_ns;
+                down_until = keel__sat_add(keel__sat_add(mono_ns(), s->r->connect_timeout),
+                                           keel__sat_add(s->r->cmd_timeout, s->block_ns));
             struct timespec ts = {(time_t)(down_until / 1000000000u), (long)(down_until % 1000000000u)};
             if (pthread_cond_timedwait(&rd->cv, &rd->mu, &ts) != 0 && !rd->healthy)
                 rc = KEEL_EUNAVAIL;
