@@ -737,7 +737,7 @@ static int history_room(keel_alerts *a, selector *s, uint64_t now)
     }
     /* drop what no window reaches any more (one interval of slack) */
     size_t drop = 0;
-    while (drop < s->n && s->t[drop] + s->keep + a->interval < now)
+    while (drop < s->n && keel__sat_add(keel__sat_add(s->t[drop], s->keep), a->interval) < now)
         drop++;
     if (drop) {
         memmove(s->t, s->t + drop, (s->n - drop) * sizeof *s->t);
@@ -943,7 +943,8 @@ static void step(keel_alerts *a, size_t idx, rule *r, bool active, uint64_t now,
     if (!active && r->state != from)
         ch[(*nch)++] = (change){idx, from, r->state};
     uint64_t delta = a->interval > a->resend ? a->interval : a->resend;
-    r->valid_until_wall = wall + 4 * delta;
+    /* saturated: a wrapped endsAt (resend 2^62: = startsAt) would resolve it */
+    r->valid_until_wall = keel__sat_add(wall, keel__sat_mul(4, delta));
 }
 
 /* The keel_alerts series of an alert in each state (none when inactive or
@@ -1265,13 +1266,15 @@ static void jpairs(jbuf *b, const char *key, char **kv, size_t n, const char *fi
     jput(b, "}", 1);
 }
 
-/* Whether r's alert is to be sent (again) at now. */
+/* Whether r's alert is to be sent (again) at now. The next send saturates:
+ * a resend delay that overflows it means never again, not at once. */
 static bool due(const keel_alerts *a, const rule *r, uint64_t now)
 {
+    bool again = keel__sat_add(r->last_sent_mono, a->resend) <= now;
     if (r->state == KEEL_ALERT_FIRING)
-        return !r->sent || r->last_sent_mono + a->resend <= now;
+        return !r->sent || again;
     if (r->state == KEEL_ALERT_RESOLVED) /* sent at once, then every resend */
-        return !r->sent || r->resolved_mono > r->last_sent_mono || r->last_sent_mono + a->resend <= now;
+        return !r->sent || r->resolved_mono > r->last_sent_mono || again;
     return false;
 }
 

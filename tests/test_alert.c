@@ -871,6 +871,39 @@ START_TEST(resolved_alerts_are_resent_every_resend_delay_for_15_minutes)
 }
 END_TEST
 
+/* A resend delay so long that 4 x it, or the last send plus it, passes
+ * UINT64_MAX: endsAt stays at the largest time (2^62 once wrapped it to
+ * startsAt, which Alertmanager resolves at once) and the alert is not
+ * sent again (UINT64_MAX once re-sent it at every evaluation). */
+START_TEST(a_resend_delay_too_long_to_add_means_never)
+{
+    const uint64_t delays[] = {1ull << 62, UINT64_MAX};
+    for (size_t k = 0; k < 2; k++) {
+        fixture f;
+        setup_resend(&f, delays[k]);
+        keel_gauge_child *g = gauge(&f, "temperature_celsius");
+        ck_assert_int_eq(keel_alerts_add(f.a, "Hot", "last(temperature_celsius[1m]) > 30", NULL, 0, NULL, 0,
+                                         NULL), 0);
+        keel_gauge_set(g, 35);
+        kt_clock_advance(&f.clock, MIN); /* a send at 0 plus UINT64_MAX would not wrap */
+        tick(&f); /* fires at t=1m */
+        char *json;
+        ck_assert_int_eq(keel_alerts_to_send(f.a, &json, NULL), 0);
+        ck_assert_ptr_nonnull(strstr(json, "\"startsAt\":\"2026-11-26T00:01:00.000Z\""));
+        ck_assert_msg(strstr(json, "\"endsAt\":\"2554-07-21T23:34:33.709Z\""), /* UINT64_MAX ns */
+                      "delay %zu: %s", k, json);
+        keel_free(json);
+        for (int t = 1; t <= 3; t++) {
+            tick(&f);
+            ck_assert_int_eq(keel_alerts_to_send(f.a, &json, NULL), 0);
+            ck_assert_msg(strcmp(json, "[]") == 0, "delay %zu, t=%dm: sent again %s", k, t, json);
+            keel_free(json);
+        }
+        teardown(&f);
+    }
+}
+END_TEST
+
 START_TEST(active_alerts_show_as_keel_alerts_series)
 {
     fixture f;
@@ -971,6 +1004,7 @@ int main(void)
     tcase_add_test(tc, selectors_add_up_matching_series_and_empty_matches_absent);
     tcase_add_test(tc, alertmanager_json_parses_and_resends);
     tcase_add_test(tc, resolved_alerts_are_resent_every_resend_delay_for_15_minutes);
+    tcase_add_test(tc, a_resend_delay_too_long_to_add_means_never);
     tcase_add_test(tc, active_alerts_show_as_keel_alerts_series);
     suite_add_tcase(s, tc);
     tc = tcase_create("threads");

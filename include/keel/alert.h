@@ -63,8 +63,10 @@
  * firing one, unless keep_firing_for keeps it firing that long after the
  * condition was last true; a resolved alert is kept (and re-sent) for 15
  * minutes, and a new true condition starts a new alert. Firing alerts are
- * sent again every resend delay (1 minute); each sent firing alert says
- * endsAt = now + 4 x max(eval interval, resend delay). One departure: a
+ * sent again every resend delay (1 minute; one too long to add to the
+ * last send, as UINT64_MAX, means never again); each sent firing alert
+ * says endsAt = now + 4 x max(eval interval, resend delay), at most the
+ * largest time (2554-07-21T23:34:33.709Z). One departure: a
  * send exactly one resend delay after the last is due here, while
  * Prometheus waits until strictly after it (with an evaluation interval
  * equal to the delay, it re-sends at every second evaluation).
