@@ -103,7 +103,8 @@
  * Thread safety: every function may be called from any thread, including
  * from inside a handler (keel_bus_destroy excepted). Once
  * keel_bus_unsubscribe() returns, that subscription's handler is never
- * called again, and its ud may be freed.
+ * called again, its ud may be freed, and the handle is invalid (but inside
+ * a call of its handler: see keel_bus_unsubscribe()).
  */
 #ifndef KEEL_BUS_H
 #define KEEL_BUS_H
@@ -230,8 +231,12 @@ KEEL_API int keel_bus_subscribe(keel_bus *bus, const keel_bus_sub_opts *opts, ke
  * others: see the top). Then the handler is never called
  * again and no on_error names it. Two handlers that unsubscribe each other
  * from two threads at once wait for each other forever. Returns 0,
- * KEEL_EINVAL (NULL, or already being unsubscribed) or KEEL_ESTATE (inside
- * a libkeel read section, where it would wait for itself). */
+ * KEEL_EINVAL (NULL, or a subscription already unsubscribed, asked from
+ * inside a call of its own handler, which keeps the handle alive until it
+ * returns) or KEEL_ESTATE (inside a libkeel read section, where it would
+ * wait for itself). Elsewhere the handle is invalid once the first call
+ * returns, like a pointer after free(): a second call, or one racing the
+ * first from another thread, is a use after free, not KEEL_EINVAL. */
 KEEL_API int keel_bus_unsubscribe(keel_bus_sub *sub);
 
 /* Publishes. In process: runs the sync handlers, queues the async ones;
