@@ -1312,6 +1312,41 @@ START_TEST(malformed_urls_are_refused)
 }
 END_TEST
 
+/* A server given twice is refused however it is spelled: host names
+ * ignore case (RFC 4343) and an IPv6 address is compared as one, not as
+ * text. Nodes that differ are still taken. */
+START_TEST(a_server_given_twice_in_another_spelling_is_refused)
+{
+    const char *same[][2] = {
+        {"redis://h", "redis://H"},
+        {"redis://Cache.Example:7000", "redis://cache.example:7000/2"},
+        {"redis://[::1]", "redis://[0::1]"},
+        {"redis://[2001:db8::1]:7000", "redis://[2001:DB8:0:0:0:0:0:1]:7000"},
+        {"redis://[::ffff:1.2.3.4]", "redis://[::ffff:102:304]"},
+    };
+    for (size_t i = 0; i < sizeof same / sizeof same[0]; i++) {
+        keel_redis *r = (keel_redis *)0x1;
+        keel_redis_opts o = {.nodes = same[i], .nnodes = 2};
+        ck_assert_msg(keel_redis_create(&r, &o) == KEEL_EINVAL, "accepted %s and %s", same[i][0], same[i][1]);
+        ck_assert_ptr_eq(r, (keel_redis *)0x1);
+    }
+    const char *other[][2] = {
+        {"redis://h", "redis://h:6380"},
+        {"redis://h", "redis://hh"},
+        {"redis://[::1]", "redis://[::2]"},
+        {"redis://[::1]:7000", "redis://[::1]:7001"},
+        {"redis://[::1]", "redis://localhost"},
+    };
+    for (size_t i = 0; i < sizeof other / sizeof other[0]; i++) {
+        keel_redis *r = NULL;
+        keel_redis_opts o = {.nodes = other[i], .nnodes = 2};
+        ck_assert_msg(keel_redis_create(&r, &o) == 0, "refused %s and %s", other[i][0], other[i][1]);
+        ck_assert_uint_eq(keel_redis_nodes(r), 2);
+        keel_redis_destroy(r);
+    }
+}
+END_TEST
+
 /* Bad input is KEEL_EINVAL, never a crash: a key or an argument of a
  * script given as NULL with a length is refused like one of a command. */
 START_TEST(a_script_with_a_null_key_or_argument_is_refused)
@@ -1352,6 +1387,7 @@ int main(void)
     TCase *tc = tcase_create("redis");
     tcase_set_timeout(tc, 30);
     tcase_add_test(tc, malformed_urls_are_refused);
+    tcase_add_test(tc, a_server_given_twice_in_another_spelling_is_refused);
     tcase_add_test(tc, a_script_with_a_null_key_or_argument_is_refused);
     tcase_add_test(tc, a_unix_socket_and_a_database);
     tcase_add_test(tc, auth_over_a_unix_socket);

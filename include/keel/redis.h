@@ -86,7 +86,9 @@ typedef struct keel_redis_opts {
 
 /* Parses the URLs and prepares the pools; connects lazily. Returns 0,
  * KEEL_EINVAL (no node, a malformed URL: bad scheme, port, db or empty
- * host, a server given twice, even with two databases; max_fails over
+ * host, a server given twice, even with two databases, a host name in
+ * another case or an IPv6 address spelled otherwise ([::1], [0::1]); a
+ * name and an address of one host are not told apart; max_fails over
  * 1000000) or KEEL_ENOMEM. */
 KEEL_API int keel_redis_create(keel_redis **out, const keel_redis_opts *opts);
 

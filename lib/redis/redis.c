@@ -182,13 +182,13 @@ int keel__redis_url(const char *url, keel__rurl *u)
     const char *hend = slash ? slash : end, *port = NULL;
     if (*p == '[') { /* [IPv6], without a zone (no %25eth0) */
         const char *rb = memchr(p, ']', (size_t)(hend - p));
-        struct in6_addr a6;
         if (!rb)
             return KEEL_EINVAL;
         if (!(u->host = dup_n(p + 1, (size_t)(rb - p - 1))))
             return KEEL_ENOMEM;
-        if (inet_pton(AF_INET6, u->host, &a6) != 1)
+        if (inet_pton(AF_INET6, u->host, u->addr6) != 1)
             return KEEL_EINVAL; /* not an IPv6 address */
+        u->ip6 = true;
         if (rb + 1 < hend) {
             if (rb[1] != ':')
                 return KEEL_EINVAL;
@@ -876,6 +876,21 @@ static int node_metrics(keel_redis *r, rnode *n, const char *name)
 
 /* ---- create, destroy ---- */
 
+/* Whether two parsed URLs name one server, whatever the database: a host
+ * name's case does not count (RFC 4343), and an IPv6 address is compared
+ * as its 16 bytes ([::1] is [0::1]). A name and an address of one host
+ * cannot be told apart without resolving, which create does not do. */
+static bool same_server(const keel__rurl *a, const keel__rurl *b)
+{
+    if (a->path || b->path)
+        return a->path && b->path && strcmp(a->path, b->path) == 0;
+    if (a->port != b->port)
+        return false;
+    if (a->ip6 || b->ip6) /* a host name has no ':', so never equals one */
+        return a->ip6 && b->ip6 && memcmp(a->addr6, b->addr6, sizeof a->addr6) == 0;
+    return strcasecmp(a->host, b->host) == 0;
+}
+
 KEEL_API int keel_redis_create(keel_redis **out, const keel_redis_opts *o)
 {
     if (!out || !o || !o->nodes || o->nnodes == 0 || o->nnodes > 4096)
@@ -910,7 +925,7 @@ KEEL_API int keel_redis_create(keel_redis **out, const keel_redis_opts *o)
         else
             snprintf(n->name, sizeof n->name, "%s:%d", n->url.host, n->url.port);
         for (size_t k = 0; k < i; k++)
-            if (strcmp(r->nodes[k].name, n->name) == 0)
+            if (same_server(&r->nodes[k].url, &n->url))
                 rc = KEEL_EINVAL; /* the same server twice, whatever the database */
         keel_pool_opts po = {.obj_size = sizeof(rconn),
                              .capacity = o->conns_per_node ? o->conns_per_node : 8,

@@ -18,6 +18,8 @@ typedef struct keel__rurl {
     char *path; /* a unix socket */
     int port, db;
     char *user, *pass;
+    bool ip6;                /* host is a bracketed IPv6 address: */
+    unsigned char addr6[16]; /* its bytes, to compare spellings */
 } keel__rurl;
 
 typedef struct rconn {
