@@ -461,6 +461,8 @@ static int family_new(keel_metrics *m, keel_metric_type type, const char *name, 
                 return KEEL_EINVAL;
     }
     if (type == KEEL_METRIC_HISTOGRAM) {
+        if (!bounds && nbounds)
+            return KEEL_EINVAL; /* a count of no bounds: a caller's mistake, not the defaults */
         if (!bounds) {
             bounds = default_bounds;
             nbounds = sizeof default_bounds / sizeof default_bounds[0];

@@ -592,6 +592,10 @@ START_TEST(names_and_labels_are_validated)
                      KEEL_EINVAL);
     ck_assert_int_eq(keel_metrics_histogram(m, "h", "", NULL, 0, (const double[]){NAN}, 1, &h),
                      KEEL_EINVAL);
+    /* bounds and their count go together: one without the other is refused
+     * (NULL with a count once took the defaults silently) */
+    ck_assert_int_eq(keel_metrics_histogram(m, "h", "", NULL, 0, NULL, 3, &h), KEEL_EINVAL);
+    ck_assert_int_eq(keel_metrics_histogram(m, "h", "", NULL, 0, (const double[]){1}, 0, &h), KEEL_EINVAL);
     ck_assert_int_eq(keel_metrics_gauge(m, "ns:ok_name", "", NULL, 0, &g), 0);
     ck_assert_int_eq(keel_metrics_gauge(m, "ns:ok_name", "", NULL, 0, &g), KEEL_EEXIST);
     ck_assert_int_eq(keel_metrics_histogram(m, "lat", "", NULL, 0, NULL, 0, &h), 0);

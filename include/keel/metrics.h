@@ -72,8 +72,9 @@ KEEL_API int keel_metrics_counter(keel_metrics *m, const char *name, const char 
                                   const char *const *labels, size_t nlabels, keel_counter **out);
 KEEL_API int keel_metrics_gauge(keel_metrics *m, const char *name, const char *help,
                                 const char *const *labels, size_t nlabels, keel_gauge **out);
-/* bounds: strictly increasing, finite, at most 256; NULL = the Prometheus
- * defaults in seconds (0.005 .. 10). A +Inf bucket is always added. With
+/* bounds: strictly increasing, finite, 1..256 of them; NULL with nbounds 0
+ * = the Prometheus defaults in seconds (0.005 .. 10); NULL with a count,
+ * or bounds with none, is KEEL_EINVAL. A +Inf bucket is always added. With
  * a negative bound, OpenMetrics exposes no _sum (its rule: that sum is no
  * counter) and so no _count (it has _count if and only if _sum; the +Inf
  * bucket holds the count); nor for a child from its first negative

@@ -84,9 +84,9 @@ static int family_add(keel_metrics *m, family *f, input *in, const char **labels
         return keel_metrics_counter(m, name, help, labels, in->nlabels, &f->counter);
     if (f->type == 1)
         return keel_metrics_gauge(m, name, help, labels, in->nlabels, &f->gauge);
-    const double *bounds = (in->flags & 1) ? NULL : in->bounds;
-    return keel_metrics_histogram(m, name, help, labels, in->nlabels, bounds, in->nbounds,
-                                  &f->histogram);
+    bool defaults = in->flags & 1; /* NULL bounds go with a count of 0 */
+    return keel_metrics_histogram(m, name, help, labels, in->nlabels, defaults ? NULL : in->bounds,
+                                  defaults ? 0 : in->nbounds, &f->histogram);
 }
 
 static void child_feed(family *f, const char *const *values, size_t n, size_t c, double v)
