@@ -1043,8 +1043,9 @@ KEEL_API int keel_metrics_visit(keel_metrics *m, keel_metrics_visit_fn fn, void 
 
 /* ---- exposition ---- */
 
-/* Past a token, or a quoted string with its escapes, of an Accept header. */
-static const char *accept_word(const char *p)
+/* Past a token, or a quoted string with its escapes, of an Accept header;
+ * *open is set when a quoted string runs to the end unterminated. */
+static const char *accept_word(const char *p, bool *open)
 {
     if (*p != '"') {
         while (*p && !strchr(",;= \t\"", *p))
@@ -1054,7 +1055,23 @@ static const char *accept_word(const char *p)
     for (p++; *p && *p != '"'; p++)
         if (*p == '\\' && p[1])
             p++;
+    if (!*p)
+        *open = true;
     return *p ? p + 1 : p;
+}
+
+/* RFC 9110 12.4.2's qvalue: ( "0" [ "." 0*3DIGIT ] ) / ( "1" [ "." 0*3("0") ] ).
+ * Anything else (2, 1e999, nan, 0x1) is no weight. */
+static bool accept_q(const char *v, double *q)
+{
+    if (v[0] != '0' && v[0] != '1')
+        return false;
+    bool dot = v[1] == '.';
+    size_t n = dot ? strspn(v + 2, v[0] == '1' ? "0" : "0123456789") : 0;
+    if (n > 3 || v[dot ? 2 + n : 1] != '\0')
+        return false;
+    *q = keel__strtod(v, NULL);
+    return true;
 }
 
 static const char *accept_ows(const char *p)
@@ -1095,7 +1112,9 @@ static void accept_value(const char *v, const char *end, char *buf, size_t size)
 
 /* Media ranges are split at commas outside quoted strings; the type and
  * parameter names are case-insensitive (RFC 9110 8.3.1, 12.4.2), and
- * parameter values may be quoted strings. The format whose media type has
+ * parameter values may be quoted strings. A range with a weight that is
+ * no qvalue, or with a quoted string left open, is malformed: it names
+ * neither format, whatever it says. The format whose media type has
  * the highest q wins, the first named at equal q; wildcards name neither,
  * nor does OpenMetrics of a version other than 1.0.0 or 0.0.1 (as
  * client_golang has it: keel writes 1.0.0, which 0.0.1 readers read). */
@@ -1106,31 +1125,32 @@ KEEL_API keel_metrics_format keel_metrics_negotiate(const char *accept)
     for (const char *p = accept; p && *p;) {
         p = accept_ows(p);
         const char *type = p;
-        p = accept_word(p);
+        bool bad = false;
+        p = accept_word(p, &bad);
         bool is_om = accept_is(type, p, "application/openmetrics-text");
         bool is_text = accept_is(type, p, "text/plain");
         double q = 1;
         while (*p && *p != ',') {
             if (*p != ';') { /* whitespace, stray text; a quoted string whole */
-                p = *p == '"' ? accept_word(p) : p + 1;
+                p = *p == '"' ? accept_word(p, &bad) : p + 1;
                 continue;
             }
             const char *name = accept_ows(p + 1);
-            p = accept_word(name);
+            p = accept_word(name, &bad);
             bool is_q = accept_is(name, p, "q"), is_version = accept_is(name, p, "version");
             p = accept_ows(p);
             if (*p != '=')
                 continue;
             const char *value = accept_ows(p + 1);
-            p = accept_word(value);
+            p = accept_word(value, &bad);
             char v[64];
             accept_value(value, p, v, sizeof v);
-            if (is_q)
-                q = keel__strtod(v, NULL);
+            if (is_q && !accept_q(v, &q))
+                bad = true;
             else if (is_version && is_om && strcmp(v, "1.0.0") != 0 && strcmp(v, "0.0.1") != 0 && *v)
                 is_om = false;
         }
-        if ((is_om || is_text) && q > best) {
+        if (!bad && (is_om || is_text) && q > best) {
             best = q;
             f = is_om ? KEEL_METRICS_OPENMETRICS : KEEL_METRICS_PROMETHEUS;
         }

@@ -805,6 +805,28 @@ START_TEST(accept_headers_choose_the_format)
                      KEEL_METRICS_OPENMETRICS);
     ck_assert_int_eq(keel_metrics_negotiate("application/openmetrics-text;version=\"2.0.0\""),
                      KEEL_METRICS_PROMETHEUS);
+    /* a weight that is no qvalue (above 1, a number past double's range,
+     * not a number) makes the range count for nothing (RFC 9110 12.4.2
+     * allows 0 to 1 only), and so does an unterminated quoted string */
+    ck_assert_int_eq(keel_metrics_negotiate("application/openmetrics-text;q=2, text/plain;q=0.5"),
+                     KEEL_METRICS_PROMETHEUS);
+    ck_assert_int_eq(keel_metrics_negotiate("application/openmetrics-text;q=1e999, text/plain;q=0.5"),
+                     KEEL_METRICS_PROMETHEUS);
+    ck_assert_int_eq(keel_metrics_negotiate("application/openmetrics-text;q=-1, text/plain;q=0.5"),
+                     KEEL_METRICS_PROMETHEUS);
+    ck_assert_int_eq(keel_metrics_negotiate("application/openmetrics-text;q=nan"), KEEL_METRICS_PROMETHEUS);
+    ck_assert_int_eq(keel_metrics_negotiate("application/openmetrics-text;q=0x1"), KEEL_METRICS_PROMETHEUS);
+    ck_assert_int_eq(keel_metrics_negotiate("application/openmetrics-text;q=1.000, text/plain;q=0.999"),
+                     KEEL_METRICS_OPENMETRICS);
+    ck_assert_int_eq(keel_metrics_negotiate("text/plain;q=0.5, application/openmetrics-text;q=2"),
+                     KEEL_METRICS_PROMETHEUS);
+    ck_assert_int_eq(keel_metrics_negotiate("application/openmetrics-text;version=\"1.0.0"),
+                     KEEL_METRICS_PROMETHEUS);
+    ck_assert_int_eq(keel_metrics_negotiate("application/openmetrics-text;version=\"1.0.0\\\""),
+                     KEEL_METRICS_PROMETHEUS);
+    ck_assert_int_eq(keel_metrics_negotiate("application/openmetrics-text;q=\"0.5"), KEEL_METRICS_PROMETHEUS);
+    ck_assert_int_eq(keel_metrics_negotiate("application/openmetrics-text;foo=\"x, text/plain;q=0.1"),
+                     KEEL_METRICS_PROMETHEUS); /* the quote runs to the end: one range, ignored */
     ck_assert_str_eq(keel_metrics_content_type(KEEL_METRICS_PROMETHEUS),
                      "text/plain; version=0.0.4; charset=utf-8");
     ck_assert_str_eq(keel_metrics_content_type(KEEL_METRICS_OPENMETRICS),

@@ -180,7 +180,10 @@ typedef enum keel_metrics_format {
  * 0 and above text/plain's (at equal q, the one named first), else
  * Prometheus; wildcards count for neither, nor does OpenMetrics with a
  * version parameter other than 1.0.0 or 0.0.1 (as client_golang has it).
- * Parameter values may be quoted ("0.5"). NULL or "" gives Prometheus. */
+ * Parameter values may be quoted ("0.5"). A media range whose q is no
+ * qvalue of RFC 9110 (0 to 1 with at most three decimals: not 2, 1e999 or
+ * nan), or with an unterminated quoted string, counts for neither. NULL
+ * or "" gives Prometheus. */
 KEEL_API keel_metrics_format keel_metrics_negotiate(const char *accept);
 
 /* The Content-Type header value for a format (a static string). */
