@@ -34,6 +34,8 @@
  *              Prometheus's durations: units largest first and each once
  *              (1h30m), a year 365 days; 1 ms to about 31 years (0 too
  *              for "for" and "keep_firing_for")
+ * Limits: 8 conditions per rule, 8 label matchers per selector, ratio()
+ * nested 16 deep; past them keel_alerts_add() is KEEL_EINVAL.
  * A selector adds up every series of the family whose labels match; an
  * empty value also matches a series without that label, as in Prometheus.
  * Comparisons with NaN are false, so an empty window never fires.

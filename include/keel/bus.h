@@ -199,8 +199,9 @@ typedef struct keel_bus_opts {
 
 /* opts may be NULL (in process, the defaults). Returns 0, KEEL_EINVAL
  * (more than 1024 workers or 64 partitions, an unknown policy, a consumer
- * or service empty or with spaces, an empty prefix, a read_count over
- * 100,000) or KEEL_ENOMEM. */
+ * or service empty or with spaces, an empty prefix, with redis a prefix
+ * over 292 bytes (in process it is not used), a read_count over 100,000)
+ * or KEEL_ENOMEM. */
 KEEL_API int keel_bus_create(keel_bus **out, const keel_bus_opts *opts);
 
 /* Redis: starts consuming (creates the group if needed, MKSTREAM) and

@@ -128,7 +128,8 @@ typedef struct keel_cache_opts {
     size_t l1_max_items;        /* 0 = no limit but bytes; split over 32
                                    shards, one each at least (so 32 at least) */
     uint64_t l1_max_ttl_ns;     /* 0 = no cap */
-    size_t max_key;             /* bytes; 0 = 1024 (the most) */
+    size_t max_key;             /* bytes; 0 = 1024 (the most); a key is 1..max_key
+                                   bytes: NULL or empty is KEEL_EINVAL */
     size_t max_value;           /* bytes; 0 = 1 MiB; at most 512 MiB - 3234
                                    (with its header and tags, a Redis bulk
                                    string) */
@@ -168,9 +169,10 @@ KEEL_API void keel_cache_destroy(keel_cache *c);
 /* Copies the value of key into buf (cap bytes) and sets *len. Returns 0;
  * KEEL_ERANGE (buf too small: *len is the size needed; call again);
  * KEEL_ENOTFOUND (absent everywhere, or the loader said so); KEEL_EINVAL
- * (bad arguments, key over max_key); KEEL_ENOMEM (also when L2 or L3
- * could not be read for want of memory: unlike a tier that is down, it is
- * not passed over for the loader, whose value may not be the tier's);
+ * (bad arguments, an empty key (NULL or klen 0), key over max_key);
+ * KEEL_ENOMEM (also when L2 or L3 could not be read for want of memory:
+ * unlike a tier that is down, it is not passed over for the loader, whose
+ * value may not be the tier's);
  * KEEL_EPROTO (the loader returned 0 without keel_cache_load_set()); a
  * loader's error. */
 KEEL_API int keel_cache_get(keel_cache *c, const void *key, size_t klen, void *buf, size_t cap, size_t *len);

@@ -35,9 +35,10 @@
  * store, as projections do.
  *
  * Event types are subjects in keel_bus's sense (dot-separated tokens, no
- * wildcards); stream ids are 1..200 bytes of text without NUL. PostgreSQL
- * also wants names, ids, types and keys to be valid UTF-8 (else
- * KEEL_EBACKEND); the memory store takes any bytes.
+ * wildcards) of 1..128 bytes (KEEL_CQRS_NAME_MAX); stream ids are 1..200
+ * bytes of text without NUL. PostgreSQL also wants names, ids, types and
+ * keys to be valid UTF-8 (else KEEL_EBACKEND); the memory store takes any
+ * bytes.
  *
  * Global order. Every event has a position. Appends take one lock (a
  * PostgreSQL transaction-level advisory lock, held until commit), so
