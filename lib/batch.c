@@ -197,17 +197,6 @@ static unsigned bucket(uint64_t v)
     return i < KEEL_BATCH_BUCKETS ? i : KEEL_BATCH_BUCKETS - 1;
 }
 
-/* a + b, or UINT64_MAX (a timeout of "forever" must not wrap to the past) */
-static uint64_t sat_add(uint64_t a, uint64_t b) { return b > UINT64_MAX - a ? UINT64_MAX : a + b; }
-
-/* An absolute CLOCK_MONOTONIC time `ns` from now (keel_now_ns's clock). */
-static struct timespec abs_in(uint64_t ns)
-{
-    uint64_t at = sat_add(keel_now_ns(), ns);
-    if (at / 1000000000u > (uint64_t)INT32_MAX) /* far enough: a wait that ends on a wake-up */
-        at = (uint64_t)INT32_MAX * 1000000000u;
-    return (struct timespec){(time_t)(at / 1000000000u), (long)(at % 1000000000u)};
-}
 
 /* Real time to wait for the option clock to reach `until`: with a clock of
  * the caller's, no more than a poll interval. */
@@ -569,7 +558,7 @@ static void run_job(keel_batch *b, bjob *j)
         }
         /* the wait starts now; only then is the retry counted (so a test
          * that sees the count may move its clock) */
-        uint64_t until = sat_add(keel__clock_now(&b->clock), keel_backoff_next(&bo));
+        uint64_t until = keel__sat_add(keel__clock_now(&b->clock), keel_backoff_next(&bo));
         atomic_fetch_add_explicit(&b->retried, n, memory_order_release);
         sleep_until(b, until);
     }
@@ -601,7 +590,8 @@ static void wait_items(keel_batch *b, uint64_t need, uint64_t ns)
     keel__heavy_fence();
     if (queued(b) < need) {
         if (ns) {
-            struct timespec ts = abs_in(ns);
+            struct timespec ts;
+            keel__abstime_in(ns, &ts);
             pthread_cond_timedwait(&b->batcher_cv, &b->mu, &ts);
         } else {
             pthread_cond_wait(&b->batcher_cv, &b->mu);
@@ -660,7 +650,7 @@ static bjob *form(keel_batch *b)
         }
         if (j->n == had)
             b->streaming = false; /* a look found nothing: be woken again */
-        uint64_t due = sat_add(j->opened, b->o.linger_ns);
+        uint64_t due = keel__sat_add(j->opened, b->o.linger_ns);
         uint64_t ns = real_wait(b, due);
         if (ns == 0) {
             b->streaming = false;
@@ -669,7 +659,8 @@ static bjob *form(keel_batch *b)
         if (b->o.max_bytes && ns > POLL_NS)
             ns = POLL_NS; /* producers cannot tell when bytes fill it: look */
         if (b->streaming) { /* batches fill by count: look again soon, unwoken */
-            struct timespec ts = abs_in(ns < STREAM_NS ? ns : STREAM_NS);
+            struct timespec ts;
+            keel__abstime_in(ns < STREAM_NS ? ns : STREAM_NS, &ts);
             pthread_cond_timedwait(&b->batcher_cv, &b->mu, &ts);
         } else {
             wait_items(b, b->o.max_items - j->n, ns);
@@ -829,7 +820,8 @@ static int wait_space(keel_batch *b, uint64_t deadline)
                 rc = KEEL_ETIMEDOUT;
                 break;
             }
-            struct timespec ts = abs_in(ns);
+            struct timespec ts;
+            keel__abstime_in(ns, &ts);
             pthread_cond_timedwait(&b->space_cv, &b->mu, &ts);
         } else {
             pthread_cond_wait(&b->space_cv, &b->mu);
@@ -878,7 +870,7 @@ static KEEL__COLD int make_room(keel_batch *b, lane *l, bblock *k, void *item, s
         }
         atomic_store_explicit(&l->busy, 0, memory_order_release); /* a close waits for busy lanes */
         if (b->o.block_timeout_ns && !deadline)
-            deadline = sat_add(keel__clock_now(&b->clock), b->o.block_timeout_ns);
+            deadline = keel__sat_add(keel__clock_now(&b->clock), b->o.block_timeout_ns);
         if ((rc = wait_space(b, deadline)) != 0)
             break;
     }

@@ -74,8 +74,6 @@ static inline uint64_t mkword(keel_breaker_state s, uint64_t gen, uint32_t permi
     return (uint64_t)s | (gen & GEN_MASK) << 3 | (uint64_t)permits << 32;
 }
 
-static uint64_t add_sat(uint64_t a, uint64_t b) { return a > UINT64_MAX - b ? UINT64_MAX : a + b; }
-
 /* ---- the window ---- */
 
 typedef struct tally {
@@ -210,13 +208,13 @@ static void transition(keel_breaker *b, uint64_t expect, keel_breaker_state to, 
                                        : b->wait_ns;
         b->open_count++;
         b->prev_wait = wait;
-        until = add_sat(now, wait);
+        until = keel__sat_add(now, wait);
         break;
     }
     case KEEL_BREAKER_HALF_OPEN:
         permits = b->permitted;
         if (b->max_half_open_ns)
-            until = add_sat(now, b->max_half_open_ns);
+            until = keel__sat_add(now, b->max_half_open_ns);
         /* the trials of this generation start from zero, before anyone can
          * take a permit of it */
         atomic_store(&b->hwin, ((gen_of(w) + 1) & 0xffffff) << 39);

@@ -182,6 +182,15 @@ KEEL_API uint64_t keel_now_ns(void) { return keel__clock_ns(CLOCK_MONOTONIC); }
 KEEL_API uint64_t keel_wall_ns(void) { return keel__clock_ns(CLOCK_REALTIME); }
 uint64_t keel__coarse_now_ns(void) { return keel__clock_ns(CLOCK_MONOTONIC_COARSE); }
 
+void keel__abstime_in(uint64_t ns, struct timespec *ts)
+{
+    uint64_t at = keel__sat_add(keel_now_ns(), ns);
+    if (at / 1000000000u > (uint64_t)INT32_MAX)
+        at = (uint64_t)INT32_MAX * 1000000000u;
+    ts->tv_sec = (time_t)(at / 1000000000u);
+    ts->tv_nsec = (long)(at % 1000000000u);
+}
+
 /* ---- striped counters ---- */
 
 __thread unsigned keel__stripe_tl __attribute__((tls_model("initial-exec")));

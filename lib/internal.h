@@ -85,6 +85,13 @@ static inline uint64_t keel__clock_now(const keel__clock *c)
  * serializing TSC read: loads after it need not wait. */
 uint64_t keel__coarse_now_ns(void);
 
+/* The CLOCK_MONOTONIC time (keel_now_ns's clock) `ns` from now, for
+ * pthread_cond_timedwait on a condition variable set to that clock.
+ * Saturated, and at most 2^31 s after boot: a wait of any length ends in
+ * the future, never in the past (the caller loops on what it waits for). */
+struct timespec;
+void keel__abstime_in(uint64_t ns, struct timespec *ts);
+
 /* For checks on a hot path that may run late by a tick (an expiry): the
  * coarse clock, unless a clock was injected, which is used as it is. */
 static inline uint64_t keel__clock_coarse(const keel__clock *c)

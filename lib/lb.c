@@ -490,7 +490,7 @@ static void maybe_eject(keel_lb *lb, keel_lb_peer *p, uint64_t now)
                                                                    : lb->eject_base * p->ejections;
     atomic_store(&p->consecutive, 0);
     suspect_add(lb, p, 1);
-    atomic_store_explicit(&p->ejected_until, now > UINT64_MAX - span ? UINT64_MAX : now + span,
+    atomic_store_explicit(&p->ejected_until, keel__sat_add(now, span),
                           memory_order_release);
 }
 

@@ -510,14 +510,6 @@ static int debug_mark(keel_pool *p, void *obj, int from, int to)
 
 /* ---- acquire ---- */
 
-static void deadline_ts(uint64_t timeout_ns, struct timespec *ts)
-{
-    uint64_t now = keel_now_ns();
-    uint64_t at = UINT64_MAX - now < timeout_ns ? UINT64_MAX : now + timeout_ns;
-    ts->tv_sec = (time_t)(at / 1000000000u);
-    ts->tv_nsec = (long)(at % 1000000000u);
-}
-
 /* An idle object for the caller, from its own cache or the depot. Caller
  * holds p->mu; tc may be NULL. */
 static void *take_idle(keel_pool *p, tcache *tc)
@@ -591,7 +583,7 @@ static int acquire_slow(keel_pool *p, tcache *tc, uint64_t timeout_ns, void **ou
         if (timeout_ns && !waiting && err == KEEL_ETIMEDOUT) {
             atomic_fetch_add(&p->gate, GATE_WAITER);
             waiting = true;
-            deadline_ts(timeout_ns, &deadline);
+            keel__abstime_in(timeout_ns, &deadline);
             stolen = false;
         }
         if (!stolen) {

@@ -859,15 +859,6 @@ static void *worker_main(void *arg)
     return NULL;
 }
 
-static void deadline(uint64_t ns, struct timespec *ts)
-{
-    clock_gettime(CLOCK_MONOTONIC, ts);
-    uint64_t at = (uint64_t)ts->tv_sec * 1000000000u + (uint64_t)ts->tv_nsec;
-    at = ns > UINT64_MAX - at ? UINT64_MAX : at + ns;
-    ts->tv_sec = (time_t)(at / 1000000000u);
-    ts->tv_nsec = (long)(at % 1000000000u);
-}
-
 /* Pops the oldest delivery of a full queue and reports it. Finished
  * before the report: on_error may drain, which must not wait for it.
  * One for a subscription that left is what the worker would have done
@@ -918,7 +909,7 @@ static int enqueue(keel_bus *bus, keel_bus_sub *sub, bmsg *m, uint64_t subject_h
             break;
         }
         if (bus->o.block_timeout_ns && until->tv_sec < 0)
-            deadline(bus->o.block_timeout_ns, until);
+            keel__abstime_in(bus->o.block_timeout_ns, until);
         pthread_mutex_lock(&w->mu);
         atomic_fetch_add(&w->space_waiters, 1);
         /* The count before the ring's loads: the worker stores a slot,

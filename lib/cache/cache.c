@@ -831,7 +831,7 @@ static uint64_t l1_expiry(keel_cache *c, uint64_t ttl)
     if (c->o.l1_max_ttl_ns && ttl > c->o.l1_max_ttl_ns)
         ttl = c->o.l1_max_ttl_ns;
     uint64_t now = now_ns(c);
-    return ttl > UINT64_MAX - now ? UINT64_MAX : now + ttl;
+    return keel__sat_add(now, ttl);
 }
 
 /* The load time an L1 entry keeps for XFetch: none when l1_max_ttl cuts
@@ -1766,11 +1766,7 @@ static void *sweeper(void *arg)
     pthread_mutex_lock(&c->sweep_mu);
     while (!c->stop) {
         struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        uint64_t now = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-        uint64_t at = c->o.sweep_interval_ns > UINT64_MAX - now ? UINT64_MAX : now + c->o.sweep_interval_ns;
-        ts.tv_sec = (time_t)(at / 1000000000u);
-        ts.tv_nsec = (long)(at % 1000000000u);
+        keel__abstime_in(c->o.sweep_interval_ns, &ts);
         if (pthread_cond_timedwait(&c->sweep_cv, &c->sweep_mu, &ts) == 0 || c->stop)
             continue;
         pthread_mutex_unlock(&c->sweep_mu);

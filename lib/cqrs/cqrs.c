@@ -894,11 +894,7 @@ static void *follow(void *arg)
             keel__log(KEEL_LOG_WARN, "cqrs", "projection %s stopped at %llu: %s", p->name,
                       (unsigned long long)atomic_load(&p->position), keel_strerror(rc));
         struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        uint64_t now = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-        uint64_t at = p->o.follow_interval_ns > UINT64_MAX - now ? UINT64_MAX : now + p->o.follow_interval_ns;
-        ts.tv_sec = (time_t)(at / 1000000000u);
-        ts.tv_nsec = (long)(at % 1000000000u);
+        keel__abstime_in(p->o.follow_interval_ns, &ts);
         pthread_mutex_lock(&p->mu);
         while (!p->stop && pthread_cond_timedwait(&p->cv, &p->mu, &ts) == 0)
             ;

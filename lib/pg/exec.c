@@ -43,7 +43,7 @@ uint64_t keel__pg_deadline(const keel_pg *pg, uint64_t timeout)
 {
     (void)pg;
     uint64_t now = keel_now_ns();
-    return !timeout ? 0 : timeout > UINT64_MAX - now ? UINT64_MAX : now + timeout;
+    return !timeout ? 0 : keel__sat_add(now, timeout);
 }
 
 uint64_t keel__pg_lsn_parse(const char *s)

@@ -46,14 +46,6 @@ static const char HEALTH_SQL[] =
     " (SELECT timeline_id FROM pg_control_checkpoint())))"
     " ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END";
 
-/* a + b, or UINT64_MAX when that would wrap: a time plus an interval of
- * any length is a time in the future. */
-static uint64_t sat_add(uint64_t a, uint64_t b)
-{
-    uint64_t r;
-    return __builtin_add_overflow(a, b, &r) ? UINT64_MAX : r;
-}
-
 /* Nanoseconds in whole milliseconds, rounded up (without adding first,
  * which wraps near UINT64_MAX): the server's unit for its timeouts. */
 static uint64_t ms_up(uint64_t ns)
@@ -390,7 +382,7 @@ static void host_down(pghost *h)
 {
     keel_pg *pg = h->pg;
     atomic_fetch_add(&h->gen, 1);
-    uint64_t until = sat_add(keel__clock_now(&pg->clock), pg->interval);
+    uint64_t until = keel__sat_add(keel__clock_now(&pg->clock), pg->interval);
     uint64_t cur = atomic_load(&h->down_until);
     while (cur < until && !atomic_compare_exchange_weak(&h->down_until, &cur, until))
         ;
@@ -669,18 +661,12 @@ static void *health_main(void *arg)
          * failed), but not more than ten times a second */
         uint64_t soon = pg->interval < 100000000u ? pg->interval : 100000000u;
         for (;;) {
-            uint64_t due = sat_add(started, pg->kick ? soon : pg->interval);
+            uint64_t due = keel__sat_add(started, pg->kick ? soon : pg->interval);
             uint64_t now = keel_now_ns();
             if (pg->stop || now >= due)
                 break;
-            /* at most an hour at a time: a far deadline must not wrap the
-             * absolute time, and the loop waits again */
-            uint64_t wait = due - now < 3600000000000u ? due - now : 3600000000000u;
             struct timespec ts;
-            clock_gettime(CLOCK_MONOTONIC, &ts);
-            uint64_t at = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec + wait;
-            ts.tv_sec = (time_t)(at / 1000000000u);
-            ts.tv_nsec = (long)(at % 1000000000u);
+            keel__abstime_in(due - now, &ts);
             pthread_cond_timedwait(&pg->tcv, &pg->tmu, &ts);
         }
     }
@@ -786,7 +772,7 @@ KEEL_API int keel_pg_acquire_after(keel_pg *pg, uint64_t lsn, uint64_t wait_ns, 
     if (!pg || !out)
         return KEEL_EINVAL;
     uint64_t now = keel_now_ns(), pause = 1000000u;
-    uint64_t deadline = wait_ns > UINT64_MAX - now ? UINT64_MAX : now + wait_ns;
+    uint64_t deadline = keel__sat_add(now, wait_ns);
     for (;;) {
         int rc = get_replica_after(pg, lsn, deadline, out);
         if (rc == 0)
