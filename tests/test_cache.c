@@ -657,7 +657,13 @@ START_TEST(only_a_tag_the_value_carries_splits_its_flight)
             ck_assert_int_eq(atomic_load(&r.ls.calls), calls + 1);
             ck_assert(in_l2(&r, "hot", 3) && in_l3(&r, "hot", 3));
         } else {
-            ck_assert_int_eq(atomic_load(&r.ls.calls), calls + 2); /* the three joined after it: one load more */
+            /* the three joined after it: each loads again, on its own
+             * (a caller waits for at most one load besides its own); one
+             * that comes after another's load finds the value in L2, so
+             * one to three loads more, as the threads happen to run */
+            int more = atomic_load(&r.ls.calls) - calls - 1;
+            ck_assert_int_ge(more, 1);
+            ck_assert_int_le(more, 3);
         }
     }
     rig_close(&r);
