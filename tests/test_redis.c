@@ -5,6 +5,7 @@
 #include <arpa/inet.h>
 #include <hiredis/hiredis.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -1381,6 +1382,143 @@ START_TEST(a_script_with_a_null_key_or_argument_is_refused)
 }
 END_TEST
 
+/* A stand-in Redis on a loopback port of its own, serving one connection
+ * at a time, for faults a real server does not make: to every read it
+ * answers `reply` (at once, or a byte every `trickle` ns), then closes the
+ * connection if `hang_up`. */
+typedef struct fake_redis {
+    int lfd, port;
+    const char *reply;
+    uint64_t trickle;
+    bool hang_up;
+    atomic_int accepts;
+    atomic_bool stop;
+    pthread_t t;
+    char url[64];
+} fake_redis;
+
+static void *fake_redis_serve(void *arg)
+{
+    fake_redis *f = arg;
+    while (!atomic_load(&f->stop)) {
+        struct pollfd p = {.fd = f->lfd, .events = POLLIN};
+        if (poll(&p, 1, 10) != 1)
+            continue;
+        int c = accept(f->lfd, NULL, NULL);
+        if (c < 0)
+            continue;
+        atomic_fetch_add(&f->accepts, 1);
+        char buf[512];
+        bool up = true;
+        while (up && !atomic_load(&f->stop) && read(c, buf, sizeof buf) > 0) {
+            size_t n = strlen(f->reply);
+            for (size_t i = 0; up && i < n; i += f->trickle ? 1 : n) {
+                up = send(c, f->reply + i, f->trickle ? 1 : n, MSG_NOSIGNAL) > 0;
+                if (f->trickle)
+                    kt_nap(f->trickle);
+            }
+            up = up && !f->hang_up;
+        }
+        close(c);
+    }
+    return NULL;
+}
+
+static void fake_redis_start(fake_redis *f)
+{
+    f->lfd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t salen = sizeof sa;
+    ck_assert_int_eq(bind(f->lfd, (struct sockaddr *)&sa, sizeof sa), 0);
+    ck_assert_int_eq(listen(f->lfd, 16), 0);
+    ck_assert_int_eq(getsockname(f->lfd, (struct sockaddr *)&sa, &salen), 0);
+    f->port = ntohs(sa.sin_port);
+    snprintf(f->url, sizeof f->url, "redis://127.0.0.1:%d", f->port);
+    ck_assert_int_eq(pthread_create(&f->t, NULL, fake_redis_serve, f), 0);
+}
+
+static void fake_redis_stop(fake_redis *f)
+{
+    atomic_store(&f->stop, true);
+    pthread_join(f->t, NULL);
+    close(f->lfd);
+}
+
+static keel_redis *fake_redis_client(fake_redis *f, size_t conns, uint64_t cmd_timeout)
+{
+    const char *u[1] = {f->url};
+    keel_redis *r = NULL;
+    keel_redis_opts o = {.nodes = u, .nnodes = 1, .conns_per_node = conns, .connect_timeout_ns = 300 * MS,
+                         .command_timeout_ns = cmd_timeout, .max_fails = 2};
+    ck_assert_int_eq(keel_redis_create(&r, &o), 0);
+    return r;
+}
+
+/* UNSUBSCRIBE a b c is answered once per channel: two replies were left on
+ * the pooled connection, and the next callers got them for their GETs. */
+START_TEST(unsubscribing_on_a_pooled_connection_is_refused)
+{
+    node_urls(NULL);
+    keel_redis *r = NULL;
+    keel_redis_opts o = {.nodes = url_ptrs, .nnodes = 1, .conns_per_node = 1,
+                         .connect_timeout_ns = 300 * MS, .command_timeout_ns = 300 * MS};
+    ck_assert_int_eq(keel_redis_create(&r, &o), 0);
+    redisReply *rep;
+    ck_assert_int_eq(cmd(r, "kt:un", &rep, 3, "SET", "kt:un", "value"), 0);
+    freeReplyObject(rep);
+    static const char *const names[] = {"UNSUBSCRIBE", "punsubscribe", "SUNSUBSCRIBE"};
+    for (size_t i = 0; i < 3; i++) {
+        rep = (redisReply *)0x1;
+        ck_assert_int_eq(cmd(r, NULL, &rep, 4, names[i], "a", "b", "c"), KEEL_EINVAL);
+        ck_assert_ptr_null(rep);
+        const char *argv[4] = {names[i], "a", "b", "c"}, *get[2] = {"GET", "kt:un"};
+        size_t al[4] = {strlen(names[i]), 1, 1, 1}, gl[2] = {3, 5};
+        keel_redis_cmd p[2] = {{NULL, 0, 4, argv, al}, {"kt:un", 5, 2, get, gl}};
+        ck_assert_int_eq(keel_redis_pipeline(r, p, 2), KEEL_EINVAL);
+        ck_assert_int_eq(p[1].rc, KEEL_EINVAL);
+        ck_assert_int_eq(cmd(r, "kt:un", &rep, 2, "GET", "kt:un"), 0);
+        ck_assert_int_eq(rep->type, REDIS_REPLY_STRING);
+        ck_assert_str_eq(rep->str, "value");
+        freeReplyObject(rep);
+    }
+    keel_redis_destroy(r);
+}
+END_TEST
+
+/* A connection with replies left unread after a call (here a server that
+ * answers more than asked) is not handed to the next caller: it would get
+ * them for its own command. Dropping it is no failure of the node. */
+START_TEST(a_connection_with_unread_replies_is_dropped)
+{
+    fake_redis f = {.reply = "+A\r\n+B\r\n+C\r\n"};
+    fake_redis_start(&f);
+    keel_redis *r = fake_redis_client(&f, 1, 300 * MS);
+    redisReply *rep;
+    for (int i = 0; i < 3; i++) {
+        ck_assert_int_eq(cmd(r, "kt:x", &rep, 2, "GET", "kt:x"), 0);
+        ck_assert_str_eq(rep->str, "A");
+        freeReplyObject(rep);
+    }
+    const char *get[2] = {"GET", "kt:x"};
+    size_t gl[2] = {3, 4};
+    keel_redis_cmd p[2] = {{"kt:x", 4, 2, get, gl}, {"kt:x", 4, 2, get, gl}};
+    for (int i = 0; i < 2; i++) {
+        ck_assert_int_eq(keel_redis_pipeline(r, p, 2), 0);
+        ck_assert_str_eq(p[0].reply->str, "A");
+        ck_assert_str_eq(p[1].reply->str, "B");
+        freeReplyObject(p[0].reply);
+        freeReplyObject(p[1].reply);
+    }
+    ck_assert_int_eq(atomic_load(&f.accepts), 5);
+    keel_redis_node_stats st;
+    ck_assert_int_eq(keel_redis_node_stats_get(r, 0, &st), 0);
+    ck_assert_uint_eq(st.fails, 0);
+    ck_assert_int_eq(st.skipped, 0);
+    keel_redis_destroy(r);
+    fake_redis_stop(&f);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("redis");
@@ -1412,6 +1550,13 @@ int main(void)
     tcase_add_test(tc, a_restarted_server_is_survived);
     tcase_add_test(tc, idle_connections_the_server_closed_are_not_failures);
     suite_add_tcase(s, tc);
+
+    /* stand-in servers for faults, and what a pooled connection must not keep */
+    TCase *fl = tcase_create("faults");
+    tcase_set_timeout(fl, 30);
+    tcase_add_test(fl, unsubscribing_on_a_pooled_connection_is_refused);
+    tcase_add_test(fl, a_connection_with_unread_replies_is_dropped);
+    suite_add_tcase(s, fl);
 
     /* real time against a 200 ms heartbeat: not under valgrind */
     TCase *hb = tcase_create("heartbeat");

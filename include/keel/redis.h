@@ -108,10 +108,13 @@ KEEL_API size_t keel_redis_node_of(keel_redis *r, const void *key, size_t len);
  * Connections are pooled, so a command that would change its connection
  * for the next caller is KEEL_EINVAL: SELECT (the database comes from the
  * URL), AUTH, HELLO, RESET, QUIT, WATCH, MONITOR, SUBSCRIBE, PSUBSCRIBE,
- * SSUBSCRIBE (use keel_redis_subscribe()), SYNC, PSYNC, READONLY,
+ * SSUBSCRIBE (use keel_redis_subscribe()), UNSUBSCRIBE, PUNSUBSCRIBE and
+ * SUNSUBSCRIBE (answered once per channel, subscribed or not: the replies
+ * past the first would go to the next caller), SYNC, PSYNC, READONLY,
  * READWRITE, CLIENT REPLY, TRACKING, SETNAME, NO-EVICT and NO-TOUCH, and
  * MULTI outside a pipeline that ends it with EXEC or DISCARD on the same
- * node. */
+ * node. A connection left with replies unread after a call all the same
+ * (a server answering more than asked) is dropped, not reused. */
 KEEL_API int keel_redis_command(keel_redis *r, const void *key, size_t keylen, int argc,
                                 const char *const *argv, const size_t *argvlen,
                                 redisReply **reply);

@@ -417,6 +417,14 @@ static bool idle_conn_closed(const rconn *c)
     return c->used && poll(&p, 1, 0) != 0; /* -1 (EINTR) as well: say dead, make another */
 }
 
+/* Bytes that hiredis has read but no call has taken: replies to nobody
+ * (a server answering more than asked), which the next caller would get
+ * for its own command. */
+static bool unread_replies(const redisContext *c)
+{
+    return c->reader->pos < c->reader->len;
+}
+
 /* Runs fn(context, arg) on a connection of n: the whole life of one call. */
 static int with_conn(rnode *n, int (*fn)(redisContext *c, void *arg), void *arg)
 {
@@ -431,7 +439,7 @@ static int with_conn(rnode *n, int (*fn)(redisContext *c, void *arg), void *arg)
      * after a restart, the probe must not fail on a stale socket. One the
      * server closed while it idled is no failure of the node either. */
     while ((rc = keel_pool_acquire_timeout(n->pool, r->cmd_timeout, (void **)&c)) == 0 &&
-           (c->gen != atomic_load(&n->gen) || idle_conn_closed(c)))
+           (c->gen != atomic_load(&n->gen) || idle_conn_closed(c) || unread_replies(c->c)))
         keel_pool_discard(n->pool, c);
     if (rc) { /* every connection busy (ETIMEDOUT), or a connect failed */
         if (rc == SETUP_TIMEOUT) {
@@ -449,10 +457,14 @@ static int with_conn(rnode *n, int (*fn)(redisContext *c, void *arg), void *arg)
     keel__sigpipe_restore(&sp, c->c);
     atomic_fetch_add_explicit(&n->commands, 1, memory_order_relaxed);
     c->used = true;
-    if (c->c->err) /* the context saw an error: never reuse it */
+    if (c->c->err) { /* the context saw an error: never reuse it */
         keel_pool_discard(n->pool, c);
-    else
+    } else if (unread_replies(c->c)) { /* the call has its answer; the node is fine */
+        keel__log(KEEL_LOG_WARN, "redis", "%s: replies left unread: connection dropped", n->name);
+        keel_pool_discard(n->pool, c);
+    } else {
         keel_pool_release(n->pool, c);
+    }
     node_result(n, rc);
     return rc;
 }
@@ -540,16 +552,18 @@ static bool is_cmd(const char *a, size_t n, const char *name)
 
 /* Whether a command would change its pooled connection for whoever takes
  * it next (the database, the protocol, a subscription, replies switched
- * off, a watch, its name, eviction or LRU flags, cluster reads). MULTI is
- * judged by the caller. */
+ * off, a watch, its name, eviction or LRU flags, cluster reads), or leave
+ * replies unread on it (the UNSUBSCRIBEs answer once per channel, even
+ * when not subscribed). MULTI is judged by the caller. */
 static bool changes_conn(int argc, const char *const *argv, const size_t *argvlen)
 {
     static const char *const names[] = {"SELECT", "AUTH", "HELLO", "RESET", "QUIT", "WATCH",
                                         "MONITOR", "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE",
+                                        "UNSUBSCRIBE", "PUNSUBSCRIBE", "SUNSUBSCRIBE",
                                         "SYNC", "PSYNC", "READONLY", "READWRITE"};
     static const char *const client[] = {"REPLY", "TRACKING", "SETNAME", "NO-EVICT", "NO-TOUCH"};
     size_t n = argvlen[0];
-    if (n < 4 || n > 11)
+    if (n < 4 || n > 12)
         return false;
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         if (is_cmd(argv[0], n, names[i]))
