@@ -1519,6 +1519,37 @@ START_TEST(a_connection_with_unread_replies_is_dropped)
 }
 END_TEST
 
+/* The command timeout bounds the whole call: hiredis's socket timeout
+ * bounds each read alone, and a server trickling a byte every 100 ms held
+ * a GET with a 300 ms timeout for 2.6 s. */
+START_TEST(a_trickling_server_times_out_within_the_command_timeout)
+{
+    fake_redis f = {.reply = "$20\r\n01234567890123456789\r\n", .trickle = 100 * MS};
+    fake_redis_start(&f);
+    keel_redis *r = fake_redis_client(&f, 1, 300 * MS);
+    redisReply *rep = (redisReply *)0x1;
+    uint64_t t0 = keel_now_ns();
+    int rc = cmd(r, "kt:x", &rep, 2, "GET", "kt:x");
+    uint64_t took = keel_now_ns() - t0;
+    ck_assert_int_eq(rc, KEEL_ETIMEDOUT);
+    ck_assert_ptr_null(rep);
+    ck_assert_uint_ge(took, 250 * MS);
+    ck_assert_uint_lt(took, 600 * MS);
+    const char *get[2] = {"GET", "kt:x"};
+    size_t gl[2] = {3, 4};
+    keel_redis_cmd p[1] = {{"kt:x", 4, 2, get, gl}};
+    t0 = keel_now_ns();
+    rc = keel_redis_pipeline(r, p, 1);
+    took = keel_now_ns() - t0;
+    ck_assert_int_eq(rc, KEEL_ETIMEDOUT);
+    ck_assert_ptr_null(p[0].reply);
+    ck_assert_uint_lt(took, 600 * MS);
+    ck_assert_int_eq(atomic_load(&f.accepts), 2); /* the first connection was dropped */
+    keel_redis_destroy(r);
+    fake_redis_stop(&f);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("redis");
@@ -1556,6 +1587,7 @@ int main(void)
     tcase_set_timeout(fl, 30);
     tcase_add_test(fl, unsubscribing_on_a_pooled_connection_is_refused);
     tcase_add_test(fl, a_connection_with_unread_replies_is_dropped);
+    tcase_add_test(fl, a_trickling_server_times_out_within_the_command_timeout);
     suite_add_tcase(s, fl);
 
     /* real time against a 200 ms heartbeat: not under valgrind */

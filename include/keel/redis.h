@@ -46,7 +46,9 @@
  * node's pool for its duration. A call waits at most the command timeout
  * for a free connection and, for a new one, the connect timeout (and the
  * command timeout for each of its AUTH and SELECT), then makes
- * one round trip per node, each bounded by the command timeout
+ * one round trip per node, each bounded by the command timeout as a whole
+ * (sending, waiting and reading every byte of the replies: a server that
+ * trickles its answer times out too, and the connection is dropped)
  * (keel_redis_eval makes two when the server has forgotten the script).
  */
 #ifndef KEEL_REDIS_H

@@ -285,14 +285,94 @@ struct timeval keel__tv(uint64_t ns)
     return (struct timeval){(time_t)(ns / 1000000000u), (suseconds_t)(ns % 1000000000u / 1000u)};
 }
 
+/* ---- replies by a deadline ---- */
+
+/* c in error as after a read that timed out (keel__redis_ctx_error() says
+ * KEEL_ETIMEDOUT), so that its connection is discarded. */
+static void timed_out(redisContext *c)
+{
+    c->err = REDIS_ERR_IO;
+    snprintf(c->errstr, sizeof c->errstr, "Reply timed out");
+    errno = EAGAIN;
+}
+
+/* Nanoseconds left before deadline (keel_now_ns), or 0 with c timed out. */
+static uint64_t time_left(redisContext *c, uint64_t deadline)
+{
+    uint64_t now = keel_now_ns();
+    if (now >= deadline) {
+        timed_out(c);
+        return 0;
+    }
+    return deadline - now;
+}
+
+/* Waits for c's socket to be readable by deadline: the read after it
+ * cannot block, whatever the socket timeout. */
+static bool readable_by(redisContext *c, uint64_t deadline)
+{
+    for (;;) {
+        uint64_t left = time_left(c, deadline);
+        if (!left)
+            return false;
+        struct pollfd p = {.fd = c->fd, .events = POLLIN};
+        struct timespec ts = {(time_t)(left / 1000000000u), (long)(left % 1000000000u)};
+        int n = ppoll(&p, 1, &ts, NULL);
+        if (n > 0)
+            return true; /* data, end of file or an error: the read tells */
+        if (n < 0 && errno != EINTR) {
+            c->err = REDIS_ERR_IO;
+            snprintf(c->errstr, sizeof c->errstr, "poll: %s", strerror(errno));
+            return false;
+        }
+    }
+}
+
+int keel__redis_reply(redisContext *c, uint64_t deadline, void **reply)
+{
+    *reply = NULL;
+    if (redisGetReplyFromReader(c, reply) != REDIS_OK || *reply)
+        return *reply ? REDIS_OK : REDIS_ERR;
+    int done = sdslen(c->obuf) == 0; /* nothing queued: no socket option to set */
+    while (!done) {
+        /* a write blocks while the server reads nothing: bound it by the
+         * time left too (SO_SNDTIMEO; ppoll cannot, a write may be large) */
+        uint64_t left = time_left(c, deadline);
+        struct timeval tv = keel__tv(left);
+        if (!left)
+            return REDIS_ERR;
+        if (setsockopt(c->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) != 0) {
+            c->err = REDIS_ERR_IO;
+            snprintf(c->errstr, sizeof c->errstr, "setsockopt: %s", strerror(errno));
+            return REDIS_ERR;
+        }
+        if (redisBufferWrite(c, &done) != REDIS_OK)
+            return REDIS_ERR;
+    }
+    while (!*reply)
+        if (!readable_by(c, deadline) || redisBufferRead(c) != REDIS_OK ||
+            redisGetReplyFromReader(c, reply) != REDIS_OK)
+            return REDIS_ERR;
+    return REDIS_OK;
+}
+
+int keel__redis_call(redisContext *c, int argc, const char *const *argv, const size_t *argvlen,
+                     uint64_t deadline, redisReply **reply)
+{
+    *reply = NULL;
+    if (redisAppendCommandArgv(c, argc, (const char **)argv, argvlen) != REDIS_OK)
+        return REDIS_ERR;
+    return keel__redis_reply(c, deadline, (void **)reply);
+}
+
 /* ---- connections ---- */
 
 /* One setup command. A refusal (a wrong password, a db out of range)
  * makes the node unusable: KEEL_EUNAVAIL, with the server's text logged. */
 static int setup_command(rnode *n, redisContext *c, int argc, const char **argv)
 {
-    redisReply *rep = redisCommandArgv(c, argc, argv, NULL);
-    if (!rep)
+    redisReply *rep;
+    if (keel__redis_call(c, argc, argv, NULL, keel_now_ns() + n->r->cmd_timeout, &rep) != REDIS_OK)
         return keel__redis_ctx_error(c);
     int rc = 0;
     if (rep->type == REDIS_REPLY_ERROR) {
@@ -426,7 +506,7 @@ static bool unread_replies(const redisContext *c)
 }
 
 /* Runs fn(context, arg) on a connection of n: the whole life of one call. */
-static int with_conn(rnode *n, int (*fn)(redisContext *c, void *arg), void *arg)
+static int with_conn(rnode *n, int (*fn)(redisContext *c, uint64_t timeout, void *arg), void *arg)
 {
     keel_redis *r = n->r;
     if (keel_breaker_try_acquire(n->health, keel__clock_now(&r->clock)) != 0) {
@@ -453,7 +533,7 @@ static int with_conn(rnode *n, int (*fn)(redisContext *c, void *arg), void *arg)
     }
     keel__sigpipe sp;
     keel__sigpipe_block(&sp);
-    rc = fn(c->c, arg);
+    rc = fn(c->c, r->cmd_timeout, arg);
     keel__sigpipe_restore(&sp, c->c);
     atomic_fetch_add_explicit(&n->commands, 1, memory_order_relaxed);
     c->used = true;
@@ -527,11 +607,12 @@ static int reply_rc(rnode *n, const redisReply *rep)
     return 0;
 }
 
-static int run_one(redisContext *c, void *arg)
+static int run_one(redisContext *c, uint64_t timeout, void *arg)
 {
     one *o = arg;
-    o->reply = redisCommandArgv(c, o->argc, (const char **)o->argv, o->argvlen);
-    return o->reply ? 0 : keel__redis_ctx_error(c);
+    if (keel__redis_call(c, o->argc, o->argv, o->argvlen, keel_now_ns() + timeout, &o->reply) != REDIS_OK)
+        return keel__redis_ctx_error(c);
+    return 0;
 }
 
 /* n byte strings, none NULL with a length (NULL lists for n == 0). */
@@ -640,11 +721,12 @@ typedef struct batch {
 } batch;
 
 /* Sends every command of the batch for this node, then reads the replies
- * in order. A reply that fails to come ends the batch: the rest get the
- * context's error. */
-static int run_batch(redisContext *c, void *arg)
+ * in order, all within one command timeout. A reply that fails to come
+ * ends the batch: the rest get the context's error. */
+static int run_batch(redisContext *c, uint64_t timeout, void *arg)
 {
     batch *b = arg;
+    uint64_t deadline = keel_now_ns() + timeout;
     for (size_t i = 0; i < b->n; i++) {
         keel_redis_cmd *cmd = &b->cmds[i];
         if (b->node_of[i] == b->node &&
@@ -657,7 +739,7 @@ static int run_batch(redisContext *c, void *arg)
         if (b->node_of[i] != b->node)
             continue;
         void *rep = NULL;
-        if (rc == 0 && redisGetReply(c, &rep) != REDIS_OK)
+        if (rc == 0 && keel__redis_reply(c, deadline, &rep) != REDIS_OK)
             rc = keel__redis_ctx_error(c);
         cmd->reply = rep;
         cmd->rc = rc;
@@ -778,20 +860,22 @@ typedef struct evalcall {
  * error of its own that starts "NOSCRIPT", and it ran then. */
 #define NOSCRIPT "NOSCRIPT No matching script"
 
-static int run_eval(redisContext *c, void *arg)
+static int run_eval(redisContext *c, uint64_t timeout, void *arg)
 {
     evalcall *e = arg;
-    e->reply = redisCommandArgv(c, e->argc, e->argv, e->argvlen);
-    if (e->reply && e->reply->type == REDIS_REPLY_ERROR && strncmp(e->reply->str, NOSCRIPT, strlen(NOSCRIPT)) == 0) {
+    if (keel__redis_call(c, e->argc, e->argv, e->argvlen, keel_now_ns() + timeout, &e->reply) != REDIS_OK)
+        return keel__redis_ctx_error(c);
+    if (e->reply->type == REDIS_REPLY_ERROR && strncmp(e->reply->str, NOSCRIPT, strlen(NOSCRIPT)) == 0) {
         /* the server forgot it (restart, SCRIPT FLUSH): once more with
          * EVAL and the body, which caches it again for later EVALSHAs and
          * cannot answer NOSCRIPT */
         freeReplyObject(e->reply);
         e->argv[0] = "EVAL", e->argvlen[0] = 4;
         e->argv[1] = e->s->lua, e->argvlen[1] = e->s->len;
-        e->reply = redisCommandArgv(c, e->argc, e->argv, e->argvlen);
+        if (keel__redis_call(c, e->argc, e->argv, e->argvlen, keel_now_ns() + timeout, &e->reply) != REDIS_OK)
+            return keel__redis_ctx_error(c);
     }
-    return e->reply ? 0 : keel__redis_ctx_error(c);
+    return 0;
 }
 
 KEEL_API int keel_redis_eval(keel_redis *r, keel_redis_script *s, size_t nkeys,

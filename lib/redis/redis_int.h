@@ -68,6 +68,15 @@ void keel__sigpipe_block(keel__sigpipe *s);
  * takes back a SIGPIPE they raised (c->err set) and the old mask. */
 void keel__sigpipe_restore(const keel__sigpipe *s, const redisContext *c);
 struct timeval keel__tv(uint64_t ns);
+/* One reply on c, sending first what is queued, all by deadline
+ * (keel_now_ns): hiredis's socket timeout bounds each read alone, so a
+ * server trickling bytes would hold a call for ever. As redisGetReply():
+ * REDIS_ERR with c->err set, a missed deadline as a timeout. */
+int keel__redis_reply(redisContext *c, uint64_t deadline, void **reply);
+/* Appends a command and takes its reply by deadline (argvlen may be NULL
+ * for C strings). */
+int keel__redis_call(redisContext *c, int argc, const char *const *argv, const size_t *argvlen,
+                     uint64_t deadline, redisReply **reply);
 /* A new connection to n, authenticated and on its db. */
 int keel__redis_connect(rnode *n, redisContext **out);
 size_t keel__redis_route(keel_redis *r, const void *key, size_t len);

@@ -1,8 +1,8 @@
 /* lib/redis/sub.c — the pub/sub listener: one thread, one connection.
  *
- * The thread subscribes, then reads with the socket timeout set to the
- * heartbeat: a silent connection gets a PING, which must be answered within
- * the command timeout, so a connection that died without a word (a
+ * The thread subscribes, then waits for each push at most the heartbeat:
+ * a silent connection gets a PING, which must be answered within the
+ * command timeout, so a connection that died without a word (a
  * network partition, a frozen server) is noticed. After any failure it
  * reconnects with jittered backoff, subscribes again and calls
  * on_reconnect, because messages published meanwhile were lost.
@@ -76,9 +76,10 @@ static int subscribe_all(keel_redis_sub *s, redisContext *c)
             return KEEL_ENOMEM;
         want += n;
     }
+    uint64_t deadline = keel_now_ns() + s->r->cmd_timeout;
     for (size_t got = 0; got < want;) {
         redisReply *rep = NULL;
-        if (redisGetReply(c, (void **)&rep) != REDIS_OK)
+        if (keel__redis_reply(c, deadline, (void **)&rep) != REDIS_OK)
             return keel__redis_ctx_error(c);
         bool kind = rep->type == REDIS_REPLY_ARRAY && rep->elements >= 3 &&
                     rep->element[0]->type == REDIS_REPLY_STRING;
@@ -123,11 +124,14 @@ static void listen_loop(keel_redis_sub *s, redisContext *c)
 {
     keel_redis *r = s->r;
     bool waiting_pong = false;
+    uint64_t pong_by = 0; /* a PING's answer, messages before it or not */
     while (!stopping(s)) {
         redisReply *rep = NULL;
+        uint64_t deadline = waiting_pong ? pong_by : keel_now_ns() + s->o.heartbeat_ns;
         keel__sigpipe sp;
         keel__sigpipe_block(&sp);
-        int ok = redisGetReply(c, (void **)&rep);
+        int ok = keel__redis_reply(c, deadline, (void **)&rep); /* sends a queued PING too */
+        int rc = ok == REDIS_OK ? 0 : keel__redis_ctx_error(c);
         keel__sigpipe_restore(&sp, c);
         if (ok == REDIS_OK) {
             bool pong = false;
@@ -135,29 +139,21 @@ static void listen_loop(keel_redis_sub *s, redisContext *c)
             freeReplyObject(rep);
             if (!sane)
                 return;
-            if (pong) {
+            if (pong)
                 waiting_pong = false;
-                redisSetTimeout(c, keel__tv(s->o.heartbeat_ns));
-            }
             continue;
         }
-        if (keel__redis_ctx_error(c) != KEEL_ETIMEDOUT || waiting_pong)
+        if (rc != KEEL_ETIMEDOUT || waiting_pong)
             return; /* dead, or the heartbeat went unanswered */
         /* Silence for a heartbeat: ask, and give the answer the command
          * timeout. hiredis keeps its error until cleared. */
         c->err = 0;
         c->errstr[0] = '\0';
         const char *ping[1] = {"PING"};
-        keel__sigpipe_block(&sp);
-        ok = redisAppendCommandArgv(c, 1, ping, NULL);
-        int done = 0;
-        while (ok == REDIS_OK && !done)
-            ok = redisBufferWrite(c, &done);
-        keel__sigpipe_restore(&sp, c);
-        if (ok != REDIS_OK)
+        if (redisAppendCommandArgv(c, 1, ping, NULL) != REDIS_OK)
             return;
         waiting_pong = true;
-        redisSetTimeout(c, keel__tv(r->cmd_timeout));
+        pong_by = keel_now_ns() + r->cmd_timeout;
     }
 }
 
@@ -173,7 +169,6 @@ static void *run(void *arg)
         redisContext *c = NULL;
         int rc = keel__redis_connect(s->node, &c);
         if (rc == 0) {
-            redisSetTimeout(c, keel__tv(s->r->cmd_timeout));
             keel__sigpipe sp;
             keel__sigpipe_block(&sp);
             rc = subscribe_all(s, c);
@@ -194,7 +189,6 @@ static void *run(void *arg)
                 s->o.on_reconnect(s->o.ud);
         }
         if (rc == 0) {
-            redisSetTimeout(c, keel__tv(s->o.heartbeat_ns));
             set_ctx(s, c);
             listen_loop(s, c);
             set_ctx(s, NULL);
