@@ -1550,6 +1550,40 @@ START_TEST(a_trickling_server_times_out_within_the_command_timeout)
 }
 END_TEST
 
+/* A blocking command that waits longer than the command timeout says
+ * nothing of the node: three BLPOPs timing out once made a healthy node
+ * skipped. Their connections are still dropped (the server would answer
+ * them later). */
+START_TEST(a_blocking_command_timing_out_is_no_node_failure)
+{
+    node_urls(NULL);
+    keel_redis *r = NULL;
+    keel_redis_opts o = {.nodes = url_ptrs, .nnodes = 1, .connect_timeout_ns = 300 * MS,
+                         .command_timeout_ns = 200 * MS, .max_fails = 2, .fail_timeout_ns = 10 * KT_S};
+    ck_assert_int_eq(keel_redis_create(&r, &o), 0);
+    redisReply *rep;
+    keel_redis_node_stats st;
+    for (int i = 0; i < 3; i++) {
+        ck_assert_int_eq(cmd(r, "kt:nolist", &rep, 3, "BLPOP", "kt:nolist", "1"), KEEL_ETIMEDOUT);
+        ck_assert_int_eq(cmd(r, "kt:nolist", &rep, 3, "bzpopmin", "kt:nolist", "1"), KEEL_ETIMEDOUT);
+        ck_assert_int_eq(cmd(r, "kt:nostream", &rep, 6, "XREAD", "BLOCK", "1000", "STREAMS", "kt:nostream", "$"),
+                         KEEL_ETIMEDOUT);
+    }
+    const char *bl[3] = {"BRPOP", "kt:nolist", "1"};
+    size_t bll[3] = {5, 9, 1};
+    keel_redis_cmd p[1] = {{"kt:nolist", 9, 3, bl, bll}};
+    ck_assert_int_eq(keel_redis_pipeline(r, p, 1), KEEL_ETIMEDOUT);
+    ck_assert_int_eq(keel_redis_node_stats_get(r, 0, &st), 0);
+    ck_assert_int_eq(st.skipped, 0);
+    ck_assert_uint_eq(st.fails, 0);
+    ck_assert_uint_eq(st.timeouts, 10);
+    ck_assert_uint_eq(st.connects, 10); /* each timed-out connection was dropped */
+    ck_assert_int_eq(cmd(r, "kt:nolist", &rep, 1, "PING"), 0);
+    freeReplyObject(rep);
+    keel_redis_destroy(r);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("redis");
@@ -1588,6 +1622,7 @@ int main(void)
     tcase_add_test(fl, unsubscribing_on_a_pooled_connection_is_refused);
     tcase_add_test(fl, a_connection_with_unread_replies_is_dropped);
     tcase_add_test(fl, a_trickling_server_times_out_within_the_command_timeout);
+    tcase_add_test(fl, a_blocking_command_timing_out_is_no_node_failure);
     suite_add_tcase(s, fl);
 
     /* real time against a 200 ms heartbeat: not under valgrind */

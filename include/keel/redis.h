@@ -28,7 +28,13 @@
  * a count window of max_fails calls tripping at 100% failures, one
  * half-open permit. Before any node is skipped, connections
  * made before its last failure are dropped unused, so the probe after a
- * restart connects afresh. An idle connection that the server closed (its
+ * restart connects afresh. A blocking command (BLPOP, BRPOP, BLMOVE,
+ * BRPOPLPUSH, BZPOPMIN, BZPOPMAX, BLMPOP, BZMPOP, XREAD and XREADGROUP with
+ * BLOCK, WAIT, WAITAOF) is bounded by the command timeout like any other:
+ * give it a server-side timeout shorter than that (BLPOP key 0 waits for
+ * ever at the server). When it times out all the same, the call gives
+ * KEEL_ETIMEDOUT and its connection is dropped, but the node is not
+ * counted as failing (a pipeline holding one such command likewise). An idle connection that the server closed (its
  * `timeout`, CLIENT KILL, a restart) is dropped when next taken, unused
  * and not counted as a failure: the call takes another or connects. A server that does not answer within the
  * command timeout gives KEEL_ETIMEDOUT; an error reply gives KEEL_EBACKEND,

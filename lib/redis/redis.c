@@ -505,8 +505,12 @@ static bool unread_replies(const redisContext *c)
     return c->reader->pos < c->reader->len;
 }
 
-/* Runs fn(context, arg) on a connection of n: the whole life of one call. */
-static int with_conn(rnode *n, int (*fn)(redisContext *c, uint64_t timeout, void *arg), void *arg)
+/* Runs fn(context, arg) on a connection of n: the whole life of one call.
+ * With `blocking`, the call may wait at the server as long as the caller
+ * asked (BLPOP and the like): its timeout drops the connection but is no
+ * sign of the node failing. */
+static int with_conn(rnode *n, int (*fn)(redisContext *c, uint64_t timeout, void *arg), void *arg,
+                     bool blocking)
 {
     keel_redis *r = n->r;
     if (keel_breaker_try_acquire(n->health, keel__clock_now(&r->clock)) != 0) {
@@ -544,6 +548,11 @@ static int with_conn(rnode *n, int (*fn)(redisContext *c, uint64_t timeout, void
         keel_pool_discard(n->pool, c);
     } else {
         keel_pool_release(n->pool, c);
+    }
+    if (rc == KEEL_ETIMEDOUT && blocking) {
+        atomic_fetch_add_explicit(&n->timeouts, 1, memory_order_relaxed);
+        keel_breaker_release(n->health);
+        return rc;
     }
     node_result(n, rc);
     return rc;
@@ -655,6 +664,29 @@ static bool changes_conn(int argc, const char *const *argv, const size_t *argvle
     return false;
 }
 
+/* Whether a command waits at the server for as long as its caller says
+ * (XREAD and XREADGROUP only with BLOCK, before STREAMS and its keys). */
+static bool is_blocking(int argc, const char *const *argv, const size_t *argvlen)
+{
+    static const char *const names[] = {"BLPOP", "BRPOP", "BLMOVE", "BRPOPLPUSH", "BZPOPMIN",
+                                        "BZPOPMAX", "BLMPOP", "BZMPOP", "WAIT", "WAITAOF"};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if (is_cmd(argv[0], argvlen[0], names[i]))
+            return true;
+    int from = is_cmd(argv[0], argvlen[0], "XREAD")        ? 1
+               : is_cmd(argv[0], argvlen[0], "XREADGROUP") ? 4 /* after GROUP group consumer */
+                                                           : argc;
+    for (int i = from; i < argc; i++) {
+        if (is_cmd(argv[i], argvlen[i], "STREAMS"))
+            break;
+        if (is_cmd(argv[i], argvlen[i], "BLOCK"))
+            return true;
+        if (is_cmd(argv[i], argvlen[i], "COUNT"))
+            i++; /* its number */
+    }
+    return false;
+}
+
 static bool args_ok(int argc, const char *const *argv, const size_t *argvlen)
 {
     return argc > 0 && argv && argvlen && bytes_ok((size_t)argc, (const void *const *)argv, argvlen) &&
@@ -672,7 +704,7 @@ static int command_on(keel_redis *r, size_t node, int argc, const char *const *a
 {
     rnode *n = &r->nodes[node];
     one o = {argc, argv, argvlen, NULL};
-    int rc = with_conn(n, run_one, &o);
+    int rc = with_conn(n, run_one, &o, is_blocking(argc, argv, argvlen));
     if (rc == 0)
         rc = reply_rc(n, o.reply);
     *reply = o.reply;
@@ -796,7 +828,10 @@ KEEL_API int keel_redis_pipeline(keel_redis *r, keel_redis_cmd *cmds, size_t n)
         if (!used[node])
             continue;
         batch b = {cmds, node_of, n, node};
-        int rc = with_conn(&r->nodes[node], run_batch, &b);
+        bool blocking = false;
+        for (size_t i = 0; i < n && !blocking; i++)
+            blocking = node_of[i] == node && is_blocking(cmds[i].argc, cmds[i].argv, cmds[i].argvlen);
+        int rc = with_conn(&r->nodes[node], run_batch, &b, blocking);
         for (size_t i = 0; i < n; i++) {
             if (node_of[i] != node)
                 continue;
@@ -912,7 +947,7 @@ KEEL_API int keel_redis_eval(keel_redis *r, keel_redis_script *s, size_t nkeys,
         argv[3 + nkeys + i] = args[i], lens[3 + nkeys + i] = arglens[i];
     evalcall e = {s, argc, argv, lens, NULL};
     rnode *n = &r->nodes[node];
-    int rc = with_conn(n, run_eval, &e);
+    int rc = with_conn(n, run_eval, &e, false); /* a script's commands never block */
     if (rc == 0)
         rc = reply_rc(n, e.reply);
     keel__free(argv);
