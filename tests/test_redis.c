@@ -1584,6 +1584,29 @@ START_TEST(a_blocking_command_timing_out_is_no_node_failure)
 }
 END_TEST
 
+/* hiredis 0.14 parses replies nested at most 7 deep: a deeper one is
+ * KEEL_EPROTO, the caller's reply and not the node's health (three of them
+ * once made a healthy node skipped). The connection, its parser in error,
+ * is dropped. */
+START_TEST(a_reply_too_deep_for_hiredis_is_no_node_failure)
+{
+    keel_redis *r = connect_nodes(1, NULL); /* max_fails 2 */
+    redisReply *rep = (redisReply *)0x1;
+    keel_redis_node_stats st;
+    for (int i = 0; i < 3; i++) {
+        ck_assert_int_eq(cmd(r, "kt:deep", &rep, 3, "EVAL", "return {{{{{{{{{1}}}}}}}}}", "0"), KEEL_EPROTO);
+        ck_assert_ptr_null(rep);
+    }
+    ck_assert_int_eq(keel_redis_node_stats_get(r, 0, &st), 0);
+    ck_assert_int_eq(st.skipped, 0);
+    ck_assert_uint_eq(st.fails, 0);
+    ck_assert_uint_eq(st.connects, 3);
+    ck_assert_int_eq(cmd(r, "kt:deep", &rep, 3, "EVAL", "return {{{{{{{1}}}}}}}", "0"), 0);
+    freeReplyObject(rep);
+    keel_redis_destroy(r);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("redis");
@@ -1623,6 +1646,7 @@ int main(void)
     tcase_add_test(fl, a_connection_with_unread_replies_is_dropped);
     tcase_add_test(fl, a_trickling_server_times_out_within_the_command_timeout);
     tcase_add_test(fl, a_blocking_command_timing_out_is_no_node_failure);
+    tcase_add_test(fl, a_reply_too_deep_for_hiredis_is_no_node_failure);
     suite_add_tcase(s, fl);
 
     /* real time against a 200 ms heartbeat: not under valgrind */

@@ -17,6 +17,9 @@
  *
  * Replies are hiredis's redisReply (hiredis 0.14, RESP2): the caller frees
  * every reply it receives with freeReplyObject(), including error replies.
+ * hiredis 0.14 parses arrays nested at most 7 levels deep: a deeper reply
+ * (a script returning {{{{{{{{1}}}}}}}}, some COMMAND DOCS) is KEEL_EPROTO,
+ * its connection dropped, and not counted as a failure of the node.
  * Command arguments are passed as argv/argvlen and are binary-safe; nothing
  * is ever formatted into a command string.
  *

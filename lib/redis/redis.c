@@ -9,7 +9,8 @@
  *
  * Node health is a keel_breaker per node set to nginx's max_fails /
  * fail_timeout: a count window of max_fails calls that trips when all of
- * them failed (connect errors, I/O errors, timeouts; not error replies),
+ * them failed (connect errors, I/O errors, timeouts; not error replies,
+ * replies hiredis cannot parse, nor timeouts of blocking commands),
  * that is after max_fails failures in a row; OPEN for fail_timeout; then
  * HALF_OPEN with one permit, so exactly one call probes the node while
  * the others still skip it, and its success closes the breaker. With
@@ -542,6 +543,8 @@ static int with_conn(rnode *n, int (*fn)(redisContext *c, uint64_t timeout, void
     atomic_fetch_add_explicit(&n->commands, 1, memory_order_relaxed);
     c->used = true;
     if (c->c->err) { /* the context saw an error: never reuse it */
+        if (rc == KEEL_EPROTO)
+            keel__log(KEEL_LOG_WARN, "redis", "%s: %s: connection dropped", n->name, c->c->errstr);
         keel_pool_discard(n->pool, c);
     } else if (unread_replies(c->c)) { /* the call has its answer; the node is fine */
         keel__log(KEEL_LOG_WARN, "redis", "%s: replies left unread: connection dropped", n->name);
@@ -551,6 +554,11 @@ static int with_conn(rnode *n, int (*fn)(redisContext *c, uint64_t timeout, void
     }
     if (rc == KEEL_ETIMEDOUT && blocking) {
         atomic_fetch_add_explicit(&n->timeouts, 1, memory_order_relaxed);
+        keel_breaker_release(n->health);
+        return rc;
+    }
+    if (rc == KEEL_EPROTO) { /* a reply hiredis cannot parse (nested past its
+                              * 7 levels): the caller's, not the node's health */
         keel_breaker_release(n->health);
         return rc;
     }
