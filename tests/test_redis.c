@@ -1607,6 +1607,41 @@ START_TEST(a_reply_too_deep_for_hiredis_is_no_node_failure)
 }
 END_TEST
 
+static void ignore_message(const char *ch, size_t chlen, const char *msg, size_t len, const char *pattern,
+                           void *ud)
+{
+    (void)ch, (void)chlen, (void)msg, (void)len, (void)pattern, (void)ud;
+}
+
+static void count_reconnect(void *ud) { atomic_fetch_add((atomic_int *)ud, 1); }
+
+/* A server that confirms the subscription and hangs up at once: the
+ * listener's backoff was reset at every resubscription, so it reconnected
+ * every U(0, reconnect_min) and called on_reconnect as often (a cache
+ * flushing its L1 hundreds of times a second). The backoff now grows. */
+START_TEST(a_server_dropping_the_listener_at_once_is_not_hammered)
+{
+    fake_redis f = {.reply = "*3\r\n$9\r\nsubscribe\r\n$5\r\nkt:ch\r\n:1\r\n", .hang_up = true};
+    fake_redis_start(&f);
+    keel_redis *r = fake_redis_client(&f, 1, 300 * MS);
+    atomic_int reconnects = 0;
+    keel_redis_sub *sub;
+    keel_redis_sub_opts so = {.channels = (const char *[]){"kt:ch"}, .nchannels = 1,
+                              .on_message = ignore_message, .on_reconnect = count_reconnect,
+                              .ud = &reconnects, .heartbeat_ns = 10 * KT_S,
+                              .reconnect_min_ns = 10 * MS, .reconnect_max_ns = 200 * MS};
+    ck_assert_int_eq(keel_redis_subscribe(r, &so, &sub), 0);
+    kt_nap(1 * KT_S);
+    keel_redis_unsubscribe(sub);
+    int n = atomic_load(&reconnects);
+    /* waits of U(0, 10, 20, 40 .. 200 ms): about a dozen in a second */
+    ck_assert_int_ge(n, 2);
+    ck_assert_int_lt(n, 30);
+    keel_redis_destroy(r);
+    fake_redis_stop(&f);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("redis");
@@ -1647,6 +1682,7 @@ int main(void)
     tcase_add_test(fl, a_trickling_server_times_out_within_the_command_timeout);
     tcase_add_test(fl, a_blocking_command_timing_out_is_no_node_failure);
     tcase_add_test(fl, a_reply_too_deep_for_hiredis_is_no_node_failure);
+    tcase_add_test(fl, a_server_dropping_the_listener_at_once_is_not_hammered);
     suite_add_tcase(s, fl);
 
     /* real time against a 200 ms heartbeat: not under valgrind */

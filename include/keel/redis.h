@@ -205,7 +205,9 @@ typedef struct keel_redis_sub_opts {
     void *ud;
     uint64_t heartbeat_ns;        /* PING when silent this long; 0 = 1 s */
     uint64_t reconnect_min_ns;    /* backoff with full jitter; 0 = 50 ms */
-    uint64_t reconnect_max_ns;    /* 0 = 2 s */
+    uint64_t reconnect_max_ns;    /* 0 = 2 s; the backoff starts again from
+                                   * reconnect_min only after a connection
+                                   * that lasted this long */
 } keel_redis_sub_opts;
 
 /* Starts a listener thread with its own connection; it subscribes, calls

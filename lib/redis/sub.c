@@ -184,14 +184,19 @@ static void *run(void *arg)
             pthread_mutex_unlock(&s->mu);
             first = false;
         } else if (rc == 0) {
-            keel_backoff_reset(&bo);
             if (s->o.on_reconnect && !stopping(s))
                 s->o.on_reconnect(s->o.ud);
         }
         if (rc == 0) {
+            uint64_t up = keel_now_ns();
             set_ctx(s, c);
             listen_loop(s, c);
             set_ctx(s, NULL);
+            /* Only a connection that lasted resets the backoff: one a
+             * server drops at once, confirmed or not, must not make the
+             * next attempt (and its on_reconnect) come at once again. */
+            if (keel_now_ns() - up >= s->o.reconnect_max_ns)
+                keel_backoff_reset(&bo);
             if (s->o.on_disconnect && !stopping(s))
                 s->o.on_disconnect(s->o.ud);
         }
