@@ -116,7 +116,9 @@ KEEL_API size_t keel_redis_node_of(keel_redis *r, const void *key, size_t len);
  * hold argc arguments. Returns 0 with *reply set; KEEL_EBACKEND with *reply
  * set to the error reply; KEEL_EUNAVAIL (node down or skipped),
  * KEEL_ETIMEDOUT, KEEL_EPROTO, KEEL_EINVAL or KEEL_ENOMEM with *reply
- * NULL.
+ * NULL. Only an error reply at the top counts: errors inside an array
+ * (EXEC's results, a script returning redis.pcall()'s error in a table)
+ * come back with rc 0, and the caller must look at the elements.
  *
  * Connections are pooled, so a command that would change its connection
  * for the next caller is KEEL_EINVAL: SELECT (the database comes from the
@@ -151,7 +153,12 @@ typedef struct keel_redis_cmd {
 } keel_redis_cmd;
 
 /* Sends n commands with one round trip per node involved, replies matched
- * to commands in order. Returns 0 when every command got a reply (error
+ * to commands in order. The nodes are visited one after the other in
+ * node-index order, not in the order given: commands on one node run in
+ * the order given, commands on different nodes in no order the caller can
+ * rely on. EVALSHA in a pipeline gets no NOSCRIPT reload (its reply is
+ * the NOSCRIPT error): run scripts with keel_redis_eval(). Errors nested
+ * in a reply (EXEC's results) are as for keel_redis_command(). Returns 0 when every command got a reply (error
  * replies included: see each rc), or, when some node failed (its commands
  * left unanswered have rc set to its failure and no reply; those it
  * answered first keep theirs), the rc of the first such command in the
