@@ -207,10 +207,7 @@ static void *run(void *arg)
         /* back off before the next attempt, waking at once on stop */
         uint64_t wait = keel_backoff_next(&bo);
         struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        uint64_t at = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec + wait;
-        ts.tv_sec = (time_t)(at / 1000000000u);
-        ts.tv_nsec = (long)(at % 1000000000u);
+        keel__abstime_in(wait, &ts);
         pthread_mutex_lock(&s->mu);
         while (!s->stop && pthread_cond_timedwait(&s->cv, &s->mu, &ts) == 0)
             ;
