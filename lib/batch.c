@@ -16,8 +16,10 @@
  * Capacity. `room` counts free places; a producer reserves them in steps
  * of `step` and spends its reserve (`credit`) one item at a time, and the
  * batcher gives places back as it takes items: one shared atomic per
- * step, not per item. The step shrinks as lanes are made, so that the
- * reserves stay under half the capacity. An add that finds room empty
+ * step, not per item. The step shrinks as lanes are made (capacity over
+ * twice the lanes), so that reserves taken at it stay under half the
+ * capacity; one taken at an earlier, larger step is kept until spent or
+ * taken back, so together they may hold more. An add that finds room empty
  * takes, under mu, every other lane's reserve back (steal()) before its
  * policy applies, so the policy applies only to a queue that holds
  * capacity items. A lane's credit changes only while its `busy` is set
@@ -379,7 +381,7 @@ static KEEL__COLD lane *lane_attach(keel_batch *b, int *rc)
             l->next = b->lanes;
             b->lanes = l;
             b->nlanes++;
-            size_t share = b->o.capacity / (2 * b->nlanes); /* reserves under half the capacity */
+            size_t share = b->o.capacity / (2 * b->nlanes); /* see "Capacity" above */
             size_t step = b->chunk < share ? b->chunk : share ? share : 1;
             atomic_store_explicit(&b->step, step, memory_order_relaxed);
             if (atomic_load(&b->wake_need) != NOT_WAITING) /* its share was for fewer lanes */
@@ -806,29 +808,28 @@ static KEEL__COLD bool add_dropping(keel_batch *b, lane *mine, bblock *k, void *
     return true;
 }
 
-/* Under mu: waits for room (KEEL_BATCH_BLOCK) until `deadline` by the
- * clock option (0: no limit): 0 to try again, or KEEL_ETIMEDOUT. */
+/* Under mu: waits once for room (KEEL_BATCH_BLOCK) until `deadline` by
+ * the clock option (0: no limit): 0 to try again, or KEEL_ETIMEDOUT when
+ * the deadline had passed. Once, not until room shows: what came back may
+ * already sit in another add's reserve, which the caller takes back. */
 static int wait_space(keel_batch *b, uint64_t deadline)
 {
-    int rc = 0;
-    b->space_waiters++;
     /* places come back under mu: none now means a wake-up comes */
-    while (!b->closing && atomic_load(&b->room) == 0) {
-        if (deadline) {
-            uint64_t ns = real_wait(b, deadline); /* a clock of the caller's: looked at every POLL_NS */
-            if (ns == 0) {
-                rc = KEEL_ETIMEDOUT;
-                break;
-            }
-            struct timespec ts;
-            keel__abstime_in(ns, &ts);
-            pthread_cond_timedwait(&b->space_cv, &b->mu, &ts);
-        } else {
-            pthread_cond_wait(&b->space_cv, &b->mu);
-        }
+    if (b->closing || atomic_load(&b->room) != 0)
+        return 0;
+    uint64_t ns = deadline ? real_wait(b, deadline) : 0; /* a clock of the caller's: looked at every POLL_NS */
+    if (deadline && ns == 0)
+        return KEEL_ETIMEDOUT;
+    b->space_waiters++;
+    if (deadline) {
+        struct timespec ts;
+        keel__abstime_in(ns, &ts);
+        pthread_cond_timedwait(&b->space_cv, &b->mu, &ts);
+    } else {
+        pthread_cond_wait(&b->space_cv, &b->mu);
     }
     b->space_waiters--;
-    return rc;
+    return 0;
 }
 
 /* The slow part of an add, for lane l with no place of its own (none

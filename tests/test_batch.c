@@ -42,6 +42,7 @@ typedef struct seen {
     int dead_err;
     int fail_mode;          /* 0 none, 1 odd ids on the first attempt, 2 always */
     int block;              /* the handler waits while this is set */
+    size_t gate;            /* if set, handler calls from this one on wait */
     keel_batch *self;       /* for re-entrant adds */
 } seen;
 
@@ -108,9 +109,9 @@ static int handler(void *const *items, size_t n, keel_batch_ctx *ctx, void *ud)
 {
     seen *s = ud;
     pthread_mutex_lock(&s->mu);
-    s->entered++;
+    size_t call = ++s->entered;
     pthread_cond_broadcast(&s->cv);
-    while (s->block)
+    while (s->block || (s->gate && call >= s->gate))
         pthread_cond_wait(&s->cv, &s->mu);
     uint32_t attempt = keel_batch_attempt(ctx);
     if (s->attempts < 16)
@@ -1161,6 +1162,52 @@ START_TEST(idle_threads_reserves_do_not_make_the_queue_full)
         check_invariant(b);
         keel_batch_destroy(b);
     }
+}
+END_TEST
+
+/* Two adds wait on a full queue (KEEL_BATCH_BLOCK) and one batch of 8
+ * leaves it. The add that wins the first place reserves the other seven:
+ * the other add takes them back, and does not wait on while the queue has
+ * room for it. */
+START_TEST(a_blocked_add_takes_back_places_another_add_reserved)
+{
+    seen s;
+    seen_init(&s);
+    s.gate = 1; /* the handler holds the first batch */
+    keel_batch *b = make(&s, (keel_batch_opts){.max_items = 8, .capacity = 1024, .linger_ns = 3600 * S,
+                                               .on_full = KEEL_BATCH_BLOCK, .block_timeout_ns = 3600 * S});
+    for (size_t i = 0; i < 8; i++)
+        ck_assert_int_eq(keel_batch_add(b, ITEM(1 + i), 1), 0);
+    wait_for(&s, &s.entered, 1);
+    for (size_t i = 0; i < 1024; i++)
+        ck_assert_int_eq(keel_batch_add(b, ITEM(100 + i), 1), 0);
+    holder h[2] = {{b, 5000, 1, 0, 0}, {b, 6000, 1, 0, 0}};
+    pthread_t t[2];
+    for (int i = 0; i < 2; i++)
+        ck_assert_int_eq(pthread_create(&t[i], NULL, add_and_hold, &h[i]), 0);
+    settle(); /* both wait for room (a slow machine can only make this pass) */
+    pthread_mutex_lock(&s.mu);
+    s.gate = 2; /* the first batch ends; the handler holds the second: 8 places */
+    pthread_cond_broadcast(&s.cv);
+    pthread_mutex_unlock(&s.mu);
+    for (int i = 0; i < 10000 && !(atomic_load(&h[0].added) && atomic_load(&h[1].added)); i++)
+        kt_nap(MS);
+    ck_assert_msg(atomic_load(&h[0].added) && atomic_load(&h[1].added),
+                  "an add waits on while another thread holds the places it needs");
+    keel_batch_stats st;
+    keel_batch_stats_get(b, &st);
+    ck_assert_uint_eq(st.queued, 1024 - 8 + 2);
+    for (int i = 0; i < 2; i++) {
+        atomic_store(&h[i].release, 1);
+        pthread_join(t[i], NULL);
+    }
+    pthread_mutex_lock(&s.mu);
+    s.gate = 0;
+    pthread_cond_broadcast(&s.cv);
+    pthread_mutex_unlock(&s.mu);
+    ck_assert_int_eq(keel_batch_close(b), 0);
+    check_invariant(b);
+    keel_batch_destroy(b);
 }
 END_TEST
 
@@ -2286,6 +2333,7 @@ int main(void)
     tcase_add_test(tc, a_drop_oldest_add_without_memory_drops_nothing);
     tcase_add_test(tc, an_add_from_a_drop_s_dead_letter_is_turned_away);
     tcase_add_test(tc, idle_threads_reserves_do_not_make_the_queue_full);
+    tcase_add_test(tc, a_blocked_add_takes_back_places_another_add_reserved);
     tcase_add_test(tc, nested_callbacks_of_two_batches_do_not_wait_for_themselves);
     tcase_add_test(tc, an_add_after_close_is_closed_even_without_memory);
     tcase_add_test(tc, an_add_from_a_drop_s_dead_letter_after_close_is_closed);
