@@ -1359,6 +1359,20 @@ END_TEST
 
 static keel_redis *redis_nodes(int n) { return kt_redis_open(n, 500 * MS); }
 
+/* The Redis names of key's record (k1) and the log's sum (k2) under the
+ * options, as keel_limiter(3) documents them. */
+static void rkeys(const keel_limiter_opts *o, const char *key, char *k1, char *k2, size_t size)
+{
+    static const char *const algos[] = {"log", "window", "gcra"};
+    char text[128];
+    uint64_t burst = o->algo == KEEL_LIMIT_GCRA && o->burst ? o->burst : o->limit;
+    int n = snprintf(text, sizeof text, "%llu %llu %llu %s", (unsigned long long)o->limit,
+                     (unsigned long long)o->window_ns, (unsigned long long)burst, o->name ? o->name : "default");
+    unsigned long long h = keel__hash64(text, (size_t)n, 0) >> 32;
+    snprintf(k1, size, "%s%s:%08llx:{#%s}", o->prefix ? o->prefix : "keel:rl:", algos[o->algo], h, key);
+    snprintf(k2, size, "%s:s", k1);
+}
+
 static keel_limiter *remote(keel_redis *redis, keel_limit_algo algo, uint64_t limit,
                             uint64_t window, const char *prefix, keel_limit_on_error on_error)
 {
@@ -1410,6 +1424,61 @@ START_TEST(redis_decides_like_the_local_store)
 }
 END_TEST
 
+/* Limiters of distinct policies on one Redis, each with the default
+ * prefix, for one client key: each keeps its own record. They shared one:
+ * a GCRA limiter's writes (PEXPIRE, DEL) wiped a window limiter's counts,
+ * and a log limiter next to a GCRA one got WRONGTYPE on every request.
+ * Instances of one policy (other processes of the service) still share. */
+START_TEST(only_limiters_of_one_policy_share_a_key_through_redis)
+{
+    keel_redis *redis = redis_nodes(3);
+    char key[32];
+    size_t len = (size_t)snprintf(key, sizeof key, "client:%d", getpid());
+    keel_limiter_opts opts[] = {
+        {.algo = KEEL_LIMIT_GCRA, .limit = 3, .window_ns = 60 * S},
+        {.algo = KEEL_LIMIT_SLIDING_WINDOW, .limit = 3, .window_ns = 60 * S},
+        {.algo = KEEL_LIMIT_SLIDING_LOG, .limit = 3, .window_ns = 60 * S},
+        {.algo = KEEL_LIMIT_SLIDING_LOG, .limit = 4, .window_ns = 60 * S},
+        {.algo = KEEL_LIMIT_SLIDING_LOG, .limit = 3, .window_ns = 30 * S},
+        {.algo = KEEL_LIMIT_GCRA, .limit = 3, .window_ns = 60 * S, .burst = 2},
+        {.algo = KEEL_LIMIT_GCRA, .limit = 3, .window_ns = 60 * S, .name = "other"},
+    };
+    enum { N = sizeof opts / sizeof opts[0] };
+    keel_limiter *l[N], *twin[N];
+    for (int i = 0; i < N; i++) {
+        opts[i].redis = redis;
+        opts[i].on_store_error = KEEL_LIMIT_FAIL_CLOSED;
+        ck_assert_int_eq(keel_limiter_create(&l[i], &opts[i]), 0);
+        ck_assert_int_eq(keel_limiter_create(&twin[i], &opts[i]), 0);
+        ck_assert_int_eq(keel_limiter_reset(l[i], key, len), 0);
+    }
+    keel_limit_result r;
+    for (int i = 0; i < N; i++) { /* each gets its whole quota, whatever the others did */
+        uint64_t quota = opts[i].burst ? opts[i].burst : opts[i].limit;
+        for (uint64_t k = 0; k < quota; k++) {
+            int rc = keel_limiter_take(l[i], key, len, 1, &r);
+            ck_assert_msg(rc == 0, "policy %d, take %llu: %s", i, (unsigned long long)k, keel_strerror(rc));
+            ck_assert_int_eq(r.source, KEEL_LIMIT_SRC_REDIS);
+            ck_assert_msg(r.allowed, "policy %d: take %llu of %llu refused", i, (unsigned long long)k + 1,
+                          (unsigned long long)quota);
+        }
+    }
+    for (int i = 0; i < N; i++) { /* and none lost its state to another's writes */
+        ck_assert_int_eq(keel_limiter_peek(l[i], key, len, 1, &r), 0);
+        ck_assert_msg(!r.allowed, "policy %d: its record was wiped", i);
+        ck_assert_int_eq(keel_limiter_take(twin[i], key, len, 1, &r), 0); /* the same policy: shared */
+        ck_assert_int_eq(r.source, KEEL_LIMIT_SRC_REDIS);
+        ck_assert_msg(!r.allowed, "policy %d: a second instance does not share its record", i);
+    }
+    for (int i = 0; i < N; i++) {
+        ck_assert_int_eq(keel_limiter_reset(l[i], key, len), 0);
+        keel_limiter_destroy(l[i]);
+        keel_limiter_destroy(twin[i]);
+    }
+    keel_redis_destroy(redis);
+}
+END_TEST
+
 /* The bytes of a key's state, as DUMP gives them (empty: no key). */
 static void dump(const char *key, size_t len, char *out, size_t size, size_t *n)
 {
@@ -1433,10 +1502,10 @@ START_TEST(a_rejection_writes_nothing_to_redis)
 {
     keel_redis *redis = redis_nodes(1);
     for (int algo = 0; algo < 3; algo++) {
-        char prefix[64], k1[96], k2[96];
+        char prefix[64], k1[128], k2[128];
         snprintf(prefix, sizeof prefix, "kt:rej:%d:%d:", getpid(), algo);
-        snprintf(k1, sizeof k1, "%s{#k}", prefix);
-        snprintf(k2, sizeof k2, "%s{#k}:s", prefix);
+        rkeys(&(keel_limiter_opts){.algo = (keel_limit_algo)algo, .limit = 3, .window_ns = 60 * S, .prefix = prefix},
+              "k", k1, k2, sizeof k1);
         keel_limiter *l = remote(redis, (keel_limit_algo)algo, 3, 60 * S, prefix, KEEL_LIMIT_FAIL_CLOSED);
         keel_limit_result r;
         for (int i = 0; i < 3; i++)
@@ -1485,10 +1554,10 @@ static long long node0_number(const char *cmd, const char *key)
 START_TEST(a_log_refund_through_redis_leaves_nothing_that_never_expires)
 {
     keel_redis *redis = redis_nodes(1);
-    char prefix[64], k1[96], k2[96];
+    char prefix[64], k1[128], k2[128];
     snprintf(prefix, sizeof prefix, "kt:refund:%d:", getpid());
-    snprintf(k1, sizeof k1, "%s{#k}", prefix);
-    snprintf(k2, sizeof k2, "%s{#k}:s", prefix);
+    rkeys(&(keel_limiter_opts){.algo = KEEL_LIMIT_SLIDING_LOG, .limit = 3, .window_ns = 200 * MS, .prefix = prefix},
+          "k", k1, k2, sizeof k1);
     /* a window the take and the refund fit in even under valgrind on a
      * busy machine (Redis keeps time on its own clock) */
     keel_limiter *l = remote(redis, KEEL_LIMIT_SLIDING_LOG, 3, 200 * MS, prefix, KEEL_LIMIT_FAIL_CLOSED);
@@ -1525,15 +1594,13 @@ typedef struct rfix {
     keel_redis *redis;
     keel_limiter *l;
     redisContext *c;
-    char prefix[64], k1[96], k2[96];
+    char prefix[64], k1[128], k2[128];
 } rfix;
 
 static void rfix_open(rfix *f, const char *tag, keel_limiter_opts o)
 {
     f->redis = redis_nodes(1);
     snprintf(f->prefix, sizeof f->prefix, "kt:%s:%d:", tag, getpid());
-    snprintf(f->k1, sizeof f->k1, "%s{#k}", f->prefix);
-    snprintf(f->k2, sizeof f->k2, "%s{#k}:s", f->prefix);
     char host[64];
     int port;
     kt_redis_node(0, host, sizeof host, &port);
@@ -1541,6 +1608,7 @@ static void rfix_open(rfix *f, const char *tag, keel_limiter_opts o)
     ck_assert(f->c && !f->c->err);
     o.redis = f->redis;
     o.prefix = f->prefix;
+    rkeys(&o, "k", f->k1, f->k2, sizeof f->k1);
     ck_assert_int_eq(keel_limiter_create(&f->l, &o), 0);
 }
 
@@ -1709,8 +1777,7 @@ END_TEST
 
 /* GCRA's times in Redis reach burst x window / limit microseconds, which
  * the doubles hold exactly only under 2^53: such a policy is refused. A
- * key's lead stored by an earlier, slower policy under the same prefix can
- * still exceed it; the answer's times saturate, as in process, never wrap
+ * lead written by hand can still exceed it; the answer's times saturate, as in process, never wrap
  * (x 1000 into nanoseconds) nor overflow Lua's conversion to an integer. */
 START_TEST(redis_gcra_times_saturate_and_too_long_a_bucket_is_refused)
 {
@@ -2164,6 +2231,7 @@ int main(void)
     tcase_set_timeout(rd, 60);
     tcase_add_test(rd, redis_decides_like_the_local_store);
     tcase_add_test(rd, requests_in_the_same_instant_all_count);
+    tcase_add_test(rd, only_limiters_of_one_policy_share_a_key_through_redis);
     tcase_add_test(rd, a_rejection_writes_nothing_to_redis);
     tcase_add_test(rd, redis_gcra_keeps_sub_microsecond_intervals);
     tcase_add_test(rd, redis_gcra_stays_exact_for_a_key_busy_for_days);

@@ -32,7 +32,15 @@
  * at most max_keys; time from the clock option. Through Redis (opts.redis):
  * one atomic Lua script per decision, run by EVALSHA with the Redis
  * server's TIME (so the clocks of application servers do not matter), keys
- * `prefix{#key}` so that one key's state stays on one node; Redis must
+ *     prefix algo ":" policy ":{#" key "}"
+ * (the log adds the same name followed by ":s"): algo is "log", "window"
+ * or "gcra"; policy is 8 lowercase hex digits, the top 32 bits of
+ * XXH3_64bits (seed 0) of the text "limit window_ns burst name" (decimal,
+ * one space apart; burst is the limit but for GCRA, name "default" if
+ * NULL). So limiters of distinct policies never share a key's record,
+ * while every instance of one policy (any process) does; changing a
+ * policy starts its keys afresh. The hash tag keeps one key's state on
+ * one node. Redis must
  * never evict them (maxmemory-policy noeviction: every key the limiter
  * writes has an expiry, so volatile-* policies may take them too; see
  * keel_limiter(3)). When Redis is
@@ -90,7 +98,8 @@ typedef struct keel_limiter_opts {
                             * shards holds its share: eviction may begin a little
                             * before max_keys keys in all */
     struct keel_redis *redis; /* NULL: in process */
-    const char *prefix;    /* Redis keys; NULL = "keel:rl:"; no '{', up to 256 bytes */
+    const char *prefix;    /* of Redis keys (see above); NULL = "keel:rl:"; no '{', up to
+                            * 256 bytes */
     keel_limit_on_error on_store_error;
     keel_clock_fn clock;   /* in process; NULL = keel_now_ns */
     void *clock_ud;

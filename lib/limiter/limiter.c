@@ -75,7 +75,7 @@ KEEL_API int keel_limiter_create(keel_limiter **out, const keel_limiter_opts *o)
     if (!o->redis || o->on_store_error == KEEL_LIMIT_FALL_BACK)
         rc = keel__lstore_create(&l->local, &l->cfg, o->max_keys ? o->max_keys : 1000000, &l->clock);
     if (rc == 0 && o->redis)
-        rc = keel__rstore_create(&l->remote, &l->cfg, o->redis, prefix);
+        rc = keel__rstore_create(&l->remote, &l->cfg, o->redis, prefix, l->name);
     if (rc == 0 && l->metrics) {
         keel__mfunc fs[] = {
             {0, "keel_limiter_allowed_total", "Requests allowed.", NULL, NULL, m_allowed},

@@ -54,7 +54,9 @@ void keel__lstore_stats(lstore *s, keel_limiter_stats *out);
 
 typedef struct rstore rstore;
 
-int keel__rstore_create(rstore **out, const lcfg *cfg, struct keel_redis *redis, const char *prefix);
+/* Keys are named from prefix, the policy and its name (see limiter.h). */
+int keel__rstore_create(rstore **out, const lcfg *cfg, struct keel_redis *redis, const char *prefix,
+                        const char *name);
 void keel__rstore_destroy(rstore *s);
 /* Decides for n keys in one pipeline; each gets rc 0, KEEL_ERANGE,
  * KEEL_EBACKEND, or a store failure (KEEL_EUNAVAIL, KEEL_ETIMEDOUT,

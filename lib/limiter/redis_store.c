@@ -1,9 +1,10 @@
 /* lib/limiter/redis_store.c — keel_limiter's Redis store: one Lua script
  * per algorithm, run by EVALSHA, atomic, with the Redis server's TIME.
  *
- * Keys are prefix "{#" key "}" (and, for the log, the same with ":s" for
- * its sequence): the hash tag is never empty, whatever the key's bytes, so
- * both keys of one limiter key share a node. Time is in microseconds (what
+ * Keys are prefix algo ":" policy ":{#" key "}" (and, for the log, the
+ * same with ":s" for its sum and sequence; see policy_prefix()): the hash
+ * tag is never empty, whatever the key's bytes, so both keys of one
+ * limiter key share a node. Time is in microseconds (what
  * TIME gives); Lua numbers are doubles, exact below 2^53, which
  * keel_limiter_create checks the policy stays under. Numbers that Redis
  * stores are formatted with string.format, never with Lua's default 14
@@ -18,6 +19,7 @@
 
 #include <keel/redis.h>
 
+#include "../hash.h"
 #include "limiter_int.h"
 
 /* ARGV: op ("take", "peek", "refund"), cost, limit, window_us, burst. */
@@ -40,9 +42,9 @@ static const char LUA_GCRA[] = LUA_HEAD
     /* the doubles' rounding forgiven: a few thousand of their steps at the
      * burst's time, at least 1e-6 us, and always under half a unit */
     "local eps = math.min(math.max(1e-6, cap / 1099511627776), T / 2)\n"
-    /* a lead stored by an earlier, slower policy may pass the bound
-     * keel_limiter_create sets: its times are capped at 2^62, which an
-     * integer reply holds and parse() saturates */
+    /* a lead not written by this policy (keys name their policy, so only
+     * by hand) may pass the bound keel_limiter_create sets: its times are
+     * capped at 2^62, which an integer reply holds and parse() saturates */
     "local big = 4611686018427387904\n"
     "local s = redis.call('HMGET', KEYS[1], 'b', 't')\n"
     "local d = 0\n"
@@ -199,16 +201,34 @@ struct rstore {
     char limit_s[24], window_s[24], burst_s[24];
 };
 
-int keel__rstore_create(rstore **out, const lcfg *cfg, keel_redis *redis, const char *prefix)
+/* prefix, the algorithm and the policy's hash: limiters of distinct
+ * policies on one Redis never read each other's records (another
+ * algorithm's is another type, or fields that mean something else), while
+ * every instance of one policy, in any process, shares them. */
+static char *policy_prefix(const lcfg *cfg, const char *prefix, const char *name)
+{
+    static const char *const algos[] = {"log", "window", "gcra"};
+    char text[128];
+    int n = snprintf(text, sizeof text, "%llu %llu %llu %s", (unsigned long long)cfg->limit,
+                     (unsigned long long)cfg->window, (unsigned long long)cfg->burst, name);
+    uint64_t h = keel__hash64(text, (size_t)n, 0);
+    size_t size = strlen(prefix) + 32;
+    char *p = keel__malloc(size);
+    if (p)
+        snprintf(p, size, "%s%s:%08llx:", prefix, algos[cfg->algo], (unsigned long long)(h >> 32));
+    return p;
+}
+
+int keel__rstore_create(rstore **out, const lcfg *cfg, keel_redis *redis, const char *prefix, const char *name)
 {
     rstore *s = keel__calloc(1, sizeof *s);
-    if (!s || !(s->prefix = keel__strdup(prefix))) {
+    if (!s || !(s->prefix = policy_prefix(cfg, prefix, name))) {
         keel__free(s);
         return KEEL_ENOMEM;
     }
     s->cfg = *cfg;
     s->r = redis;
-    s->plen = strlen(prefix);
+    s->plen = strlen(s->prefix);
     s->nkeys = cfg->algo == KEEL_LIMIT_SLIDING_LOG ? 2 : 1;
     snprintf(s->limit_s, sizeof s->limit_s, "%llu", (unsigned long long)cfg->limit);
     snprintf(s->window_s, sizeof s->window_s, "%llu", (unsigned long long)(cfg->window / 1000));
