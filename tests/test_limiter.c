@@ -1916,6 +1916,121 @@ START_TEST(a_busy_server_is_a_store_failure)
 }
 END_TEST
 
+/* A field of node 0's INFO, as a number (-1: absent). */
+static long long info_field(redisContext *c, const char *section, const char *field)
+{
+    redisReply *rep = redisCommand(c, "INFO %s", section);
+    ck_assert(rep && rep->type == REDIS_REPLY_STRING);
+    char want[64];
+    snprintf(want, sizeof want, "\n%s:", field);
+    const char *at = strstr(rep->str, want);
+    long long v = at ? strtoll(at + strlen(want), NULL, 10) : -1;
+    freeReplyObject(rep);
+    return v;
+}
+
+/* A snapshot that fails (its child killed) with save points set makes
+ * Redis refuse every write with MISCONF until one succeeds: an error reply
+ * that says the server cannot serve, as BUSY or OOM do. It was a
+ * KEEL_EBACKEND rejection whatever the policy, logged for each request,
+ * not counted in store_errors. */
+START_TEST(a_server_that_stopped_writes_is_a_store_failure)
+{
+    char host[64];
+    int port;
+    kt_redis_node(0, host, sizeof host, &port);
+    redisContext *c = redisConnect(host, port);
+    ck_assert(c && !c->err);
+    redisReply *rep = redisCommand(c, "CONFIG GET save");
+    ck_assert(rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == 2);
+    char save[128];
+    snprintf(save, sizeof save, "%s", rep->element[1]->str);
+    freeReplyObject(rep);
+    int pid = (int)info_field(c, "server", "process_id");
+    freeReplyObject(redisCommand(c, "SET kt:misconf:%d x", getpid())); /* a key to save slowly */
+    freeReplyObject(redisCommand(c, "CONFIG SET rdb-key-save-delay 1000000"));
+    freeReplyObject(redisCommand(c, "BGSAVE"));
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/task/%d/children", pid, pid);
+    int child = 0;
+    for (int i = 0; i < 500 && child <= 0; i++) {
+        FILE *fp = fopen(path, "r");
+        if (!fp || fscanf(fp, "%d", &child) != 1)
+            kt_nap(2 * MS);
+        if (fp)
+            fclose(fp);
+    }
+    ck_assert_int_gt(child, 0);
+    kill(child, SIGKILL);
+    for (int i = 0; i < 1000 && info_field(c, "persistence", "rdb_bgsave_in_progress") != 0; i++)
+        kt_nap(2 * MS);
+    freeReplyObject(redisCommand(c, "CONFIG SET save %s", "3600 1"));
+    keel_redis *redis = redis_nodes(1);
+    int rc[3], allowed[3], source[3];
+    keel_limiter_stats st[3];
+    for (int algo = 0; algo < 3; algo++) {
+        keel_limiter *l = remote(redis, (keel_limit_algo)algo, 10, 1 * S, "kt:misconf:", KEEL_LIMIT_FAIL_OPEN);
+        keel_limit_result r;
+        rc[algo] = keel_limiter_take(l, "k", 1, 1, &r);
+        allowed[algo] = r.allowed;
+        source[algo] = (int)r.source;
+        keel_limiter_stats_get(l, &st[algo]);
+        keel_limiter_destroy(l);
+    }
+    keel_redis_destroy(redis);
+    /* writes back before any assertion: the other tests need them */
+    freeReplyObject(redisCommand(c, "CONFIG SET rdb-key-save-delay 0"));
+    freeReplyObject(redisCommand(c, "CONFIG SET save %s", save));
+    freeReplyObject(redisCommand(c, "BGSAVE"));
+    for (int i = 0; i < 1000 && info_field(c, "persistence", "rdb_bgsave_in_progress") != 0; i++)
+        kt_nap(2 * MS);
+    freeReplyObject(redisCommand(c, "DEL kt:misconf:%d", getpid()));
+    redisFree(c);
+    for (int algo = 0; algo < 3; algo++) {
+        ck_assert_msg(rc[algo] == 0, "algo %d: %s", algo, keel_strerror(rc[algo]));
+        ck_assert_int_eq(source[algo], KEEL_LIMIT_SRC_OPEN);
+        ck_assert(allowed[algo]);
+        ck_assert_uint_eq(st[algo].store_errors, 1);
+    }
+}
+END_TEST
+
+/* Redis 6 wraps an error a script's command met in one of its own ("ERR
+ * Error running script ... -OOM ..."): the inner code decides. Every
+ * error but WRONGTYPE (the key holds another type: a request that will
+ * never pass there) goes to the failure policy. */
+START_TEST(error_replies_are_told_apart_by_their_code)
+{
+    static const struct {
+        const char *text;
+        bool failure;
+    } cases[] = {
+        {"WRONGTYPE Operation against a key holding the wrong kind of value script: 1f, on @user_script:47.", false},
+        {"ERR Error running script (call to f_1f): @user_script:47: @user_script: 47: -WRONGTYPE Operation "
+         "against a key holding the wrong kind of value",
+         false},
+        {"ERR Error running script (call to f_1f): @user_script:63: @user_script: 63: -OOM command not allowed "
+         "when used memory > 'maxmemory'.",
+         true},
+        {"ERR Error running script (call to f_1f): @user_script:63: @user_script: 63: -MISCONF Redis is "
+         "configured to save RDB snapshots",
+         true},
+        {"MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist to disk.", true},
+        {"ERR max number of clients reached", true},
+        {"NOPERM this user has no permissions to run the 'evalsha' command", true},
+        {"BUSY Redis is busy running a script.", true},
+        {"OOM command not allowed when used memory > 'maxmemory'. script: 1f, on @user_script:63.", true},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        redisReply rep = {.type = REDIS_REPLY_ERROR, .str = (char *)cases[i].text, .len = strlen(cases[i].text)};
+        ck_assert_msg(keel__rstore_failure(KEEL_EBACKEND, &rep) == cases[i].failure, "%s", cases[i].text);
+    }
+    ck_assert(keel__rstore_failure(KEEL_EUNAVAIL, NULL));
+    ck_assert(keel__rstore_failure(KEEL_ETIMEDOUT, NULL));
+    ck_assert(!keel__rstore_failure(0, NULL));
+}
+END_TEST
+
 START_TEST(requests_in_the_same_instant_all_count)
 {
     keel_redis *redis = redis_nodes(3);
@@ -2243,6 +2358,8 @@ int main(void)
     tcase_add_test(rd, the_log_and_its_sum_expire_at_the_same_instant);
     tcase_add_test(rd, a_log_script_that_runs_past_its_keys_deadline_still_answers);
     tcase_add_test(rd, a_busy_server_is_a_store_failure);
+    tcase_add_test(rd, a_server_that_stopped_writes_is_a_store_failure);
+    tcase_add_test(rd, error_replies_are_told_apart_by_their_code);
     tcase_add_test(rd, a_window_refund_through_redis_stores_no_empty_key);
     tcase_add_test(rd, a_refused_script_is_a_rejection_headers_can_carry);
     tcase_add_test(rd, scripts_come_back_after_a_flush_and_a_restart);

@@ -44,10 +44,12 @@
  * never evict them (maxmemory-policy noeviction: every key the limiter
  * writes has an expiry, so volatile-* policies may take them too; see
  * keel_limiter(3)). When Redis is
- * unreachable or says it cannot serve (BUSY, LOADING, OOM, READONLY...),
- * on_store_error decides: fail open, fail closed, or decide in process
- * (this process's requests only: with N processes, up to N times the
- * limit) — and the answer says which happened.
+ * unreachable or answers any error but WRONGTYPE (BUSY, LOADING, OOM,
+ * MISCONF, READONLY, NOPERM, too many clients..., also when Redis 6 wraps
+ * them in a script error), on_store_error decides: fail open, fail
+ * closed, or decide in process (this process's requests only: with N
+ * processes, up to N times the limit) — and the answer says which
+ * happened.
  *
  * Thread safety: every call may be made from any number of threads.
  */
@@ -131,7 +133,8 @@ KEEL_API void keel_limiter_destroy(keel_limiter *l);
  * rejection with retry_after_ns UINT64_MAX, when cost exceeds the limit
  * (GCRA: the burst), whatever the store; KEEL_EINVAL (NULL, an empty key
  * or one over 4096 bytes); with Redis, KEEL_EBACKEND when Redis refused
- * the script (the key holds another type), logged, with *r a rejection;
+ * the script with WRONGTYPE (the key holds another type: not a failure of
+ * the server, so no policy applies), logged, with *r a rejection;
  * in process, KEEL_ENOMEM when the key's state could not be stored (*r a
  * rejection; nothing was consumed). Those two rejections carry the limit
  * and, the key's state being unknown, retry_after_ns and reset_ns of one

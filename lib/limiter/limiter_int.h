@@ -63,6 +63,10 @@ void keel__rstore_destroy(rstore *s);
  * KEEL_EPROTO, KEEL_ENOMEM) for the caller's policy. */
 void keel__rstore_decide(rstore *s, keel_limit_req *reqs, size_t n, lop op);
 int keel__rstore_reset(rstore *s, const void *key, size_t len);
+/* Whether a command's outcome (rc and reply) is a store failure for the
+ * caller's policy, rather than an answer or a refusal. */
+struct redisReply;
+bool keel__rstore_failure(int rc, const struct redisReply *rep);
 /* The script's SHA1 (for benchmarks comparing against redis-benchmark). */
 const char *keel__rstore_sha(const rstore *s);
 

@@ -309,17 +309,32 @@ static bool error_is(int rc, const redisReply *rep, const char *prefix)
            strncmp(rep->str, prefix, strlen(prefix)) == 0;
 }
 
-/* Error replies that say the server cannot serve now (busy with a script,
- * loading its data, out of memory, a read-only replica...) are store
- * failures for the policy; others (WRONGTYPE, a script error) are not. */
-static bool unavailable(int rc, const redisReply *rep)
+/* Whether an error reply says the key holds another type: in Redis 7's
+ * form, or inside Redis 6's wrap of an error a script's command met ("ERR
+ * Error running script (...): @user_script: 47: -WRONGTYPE ..."). */
+static bool wrong_type(const redisReply *rep)
 {
-    static const char *const codes[] = {"BUSY", "LOADING", "OOM", "READONLY", "MASTERDOWN",
-                                        "NOREPLICAS", "CLUSTERDOWN", "TRYAGAIN", NULL};
-    for (const char *const *c = codes; *c; c++)
-        if (error_is(rc, rep, *c))
-            return true;
-    return false;
+    const char *code = rep->str;
+    static const char wrap[] = "ERR Error running script";
+    if (strncmp(code, wrap, sizeof wrap - 1) == 0) {
+        const char *inner = strstr(code, ": -");
+        if (!inner)
+            return false; /* a Lua error: no code of Redis's */
+        code = inner + 3;
+    }
+    return strncmp(code, "WRONGTYPE", 9) == 0 && (code[9] == ' ' || code[9] == '\0');
+}
+
+/* A key of another type refuses every request there, whatever the
+ * server's health: that is an answer (KEEL_EBACKEND, a rejection). Any
+ * other error reply (BUSY, LOADING, OOM, MISCONF, NOPERM, "ERR max number
+ * of clients reached", a Lua error on a record we cannot read...) says
+ * the server cannot serve this request now, which the policy is for. */
+bool keel__rstore_failure(int rc, const redisReply *rep)
+{
+    if (rc == KEEL_EBACKEND)
+        return !(rep && rep->type == REDIS_REPLY_ERROR && rep->str && wrong_type(rep));
+    return rc == KEEL_EUNAVAIL || rc == KEEL_ETIMEDOUT || rc == KEEL_EPROTO || rc == KEEL_ENOMEM;
 }
 
 /* Requests a server refused with NOSCRIPT (a restart, SCRIPT FLUSH): the
@@ -419,10 +434,10 @@ void keel__rstore_decide(rstore *s, keel_limit_req *reqs, size_t n, lop op)
         keel_limit_req *q = &reqs[i];
         redisReply *rep = cmds[i].reply;
         int rc = cmds[i].rc;
-        if (unavailable(rc, rep))
+        if (rc == KEEL_EBACKEND && keel__rstore_failure(rc, rep))
             rc = KEEL_EUNAVAIL;
         q->rc = rc ? rc : parse(s, rep, q->cost, &q->result);
-        if (q->rc == KEEL_EBACKEND) { /* refused: a rejection, and the text logged */
+        if (q->rc == KEEL_EBACKEND) { /* another type: a rejection, and the text logged */
             keel__log(KEEL_LOG_ERROR, "limiter", "redis refused the script: %s",
                       rep && rep->type == REDIS_REPLY_ERROR ? rep->str : "?");
             memset(&q->result, 0, sizeof q->result);
