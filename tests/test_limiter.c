@@ -479,6 +479,35 @@ START_TEST(memory_stays_bounded_over_a_million_keys)
 }
 END_TEST
 
+/* A rejected request learns when it could pass from the oldest entries
+ * that must expire first: walked one by one, under the shard's lock, a
+ * cost of the limit over a million entries took milliseconds a rejection.
+ * Found by bisection, the times are exact and the work a few dozen steps. */
+START_TEST(a_rejected_log_request_finds_its_retry_time_without_a_walk)
+{
+    enum { L = 1000000 };
+    set_time(1000 * S);
+    keel_limiter *l = local(KEEL_LIMIT_SLIDING_LOG, L, 60 * S, 0);
+    keel_limit_result r;
+    for (int i = 0; i < L; i++) { /* entry i at 1000 s + 10 i ns */
+        ck_assert(take(l, "k", 1, &r));
+        kt_clock_advance(&clk, 10);
+    }
+    uint64_t now = 1000 * S + 10ull * L, t0 = keel_now_ns();
+    for (int i = 0; i < 100; i++) {
+        ck_assert(!take(l, "k", L, &r)); /* every entry must go: the newest last */
+        ck_assert_uint_eq(r.retry_after_ns, 1000 * S + 10ull * (L - 1) + 60 * S - now);
+        ck_assert(!take(l, "k", L / 2, &r)); /* half of them */
+        ck_assert_uint_eq(r.retry_after_ns, 1000 * S + 10ull * (L / 2 - 1) + 60 * S - now);
+        ck_assert(!take(l, "k", 1, &r)); /* the oldest */
+        ck_assert_uint_eq(r.retry_after_ns, 60 * S - 10ull * L);
+    }
+    uint64_t took = keel_now_ns() - t0;
+    ck_assert_msg(took < 50 * MS, "300 rejections took %.1f ms", (double)took / 1e6);
+    keel_limiter_destroy(l);
+}
+END_TEST
+
 START_TEST(at_max_keys_an_active_key_may_go_and_is_counted)
 {
     set_time(1000 * S);
@@ -1699,18 +1728,18 @@ START_TEST(a_log_script_that_runs_past_its_keys_deadline_still_answers)
     uint64_t old = node0_time_us(f.c) - 10000000; /* 10 s ago */
     static const char *argv[2 + 2 * N];
     static size_t lens[2 + 2 * N];
-    static char members[N][16];
+    static char members[N][24];
     char score[24];
     snprintf(score, sizeof score, "%llu", (unsigned long long)old);
     argv[0] = "ZADD", lens[0] = 4;
     argv[1] = f.k1, lens[1] = strlen(f.k1);
     for (int i = 0; i < N; i++) {
         argv[2 + 2 * i] = score, lens[2 + 2 * i] = strlen(score);
-        lens[3 + 2 * i] = (size_t)snprintf(members[i], sizeof members[i], "%d:1", i + 1);
+        lens[3 + 2 * i] = (size_t)snprintf(members[i], sizeof members[i], "%016d:1", i + 1);
         argv[3 + 2 * i] = members[i];
     }
     freeReplyObject(redisCommandArgv(f.c, 2 + 2 * N, argv, lens));
-    freeReplyObject(redisCommand(f.c, "HSET %s seq %d sum %d", f.k2, N, N));
+    freeReplyObject(redisCommand(f.c, "HSET %s tot %d sum %d", f.k2, N, N));
     freeReplyObject(redisCommand(f.c, "PEXPIRE %s 60000", f.k1));
     freeReplyObject(redisCommand(f.c, "PEXPIRE %s 60000", f.k2));
     keel_limit_result r;
@@ -1992,6 +2021,91 @@ START_TEST(a_server_that_stopped_writes_is_a_store_failure)
         ck_assert(allowed[algo]);
         ck_assert_uint_eq(st[algo].store_errors, 1);
     }
+}
+END_TEST
+
+/* The calls of one command node 0 has served (INFO commandstats). */
+static long long command_calls(redisContext *c, const char *cmd)
+{
+    redisReply *rep = redisCommand(c, "INFO commandstats");
+    ck_assert(rep && rep->type == REDIS_REPLY_STRING);
+    char want[64];
+    snprintf(want, sizeof want, "cmdstat_%s:calls=", cmd);
+    const char *at = strstr(rep->str, want);
+    long long v = at ? strtoll(at + strlen(want), NULL, 10) : 0;
+    freeReplyObject(rep);
+    return v;
+}
+
+/* The log's script found a rejection's retry time walking the oldest
+ * entries, 100 a ZRANGE: a cost of the limit over 200,000 entries held
+ * Redis for half a second. Found by bisection over running totals, it
+ * reads a few dozen entries, and answers the same. */
+START_TEST(a_rejected_log_request_through_redis_reads_a_few_entries)
+{
+    enum { L = 20000 };
+    rfix f;
+    rfix_open(&f, "bisect", (keel_limiter_opts){.algo = KEEL_LIMIT_SLIDING_LOG, .limit = L, .window_ns = 60 * S});
+    static keel_limit_req q[1000];
+    for (int i = 0; i < L / 1000; i++) {
+        for (int j = 0; j < 1000; j++)
+            q[j] = (keel_limit_req){.key = "k", .len = 1, .cost = 1};
+        ck_assert_int_eq(keel_limiter_take_many(f.l, q, 1000), 0);
+        for (int j = 0; j < 1000; j++)
+            ck_assert(q[j].rc == 0 && q[j].result.allowed);
+    }
+    redisReply *first = redisCommand(f.c, "ZRANGE %s 0 0 WITHSCORES", f.k1),
+               *mid = redisCommand(f.c, "ZRANGE %s %d %d WITHSCORES", f.k1, L / 2 - 1, L / 2 - 1);
+    ck_assert(first && first->elements == 2 && mid && mid->elements == 2);
+    uint64_t t_first = strtoull(first->element[1]->str, NULL, 10), t_mid = strtoull(mid->element[1]->str, NULL, 10);
+    freeReplyObject(first);
+    freeReplyObject(mid);
+    long long before = command_calls(f.c, "zrange");
+    keel_limit_result r;
+    ck_assert(!take(f.l, "k", L, &r)); /* every entry must go */
+    ck_assert_int_eq(r.source, KEEL_LIMIT_SRC_REDIS);
+    ck_assert_uint_eq(r.retry_after_ns, r.reset_ns);
+    ck_assert(!take(f.l, "k", L / 2, &r)); /* the older half */
+    ck_assert_uint_eq(r.retry_after_ns, t_mid * 1000 + 60 * S - r.now_ns);
+    ck_assert(!take(f.l, "k", 1, &r)); /* the oldest */
+    ck_assert_uint_eq(r.retry_after_ns, t_first * 1000 + 60 * S - r.now_ns);
+    long long calls = command_calls(f.c, "zrange") - before;
+    ck_assert_msg(calls <= 3 * 20, "3 rejections read the log with %lld ZRANGEs", calls);
+    ck_assert_int_eq(keel_limiter_reset(f.l, "k", 1), 0);
+    rfix_close(&f);
+}
+END_TEST
+
+/* The log's running totals are doubles in the script: past 2^52 they
+ * are numbered again from the oldest entry, and answers do not change. */
+START_TEST(the_log_s_running_totals_are_renumbered_before_doubles_lose_them)
+{
+    const unsigned long long T = 4503599627370496ull; /* 2^52 */
+    rfix f;
+    rfix_open(&f, "renumber", (keel_limiter_opts){.algo = KEEL_LIMIT_SLIDING_LOG, .limit = 5, .window_ns = 10 * S});
+    unsigned long long t = node0_time_us(f.c) - 1000;
+    freeReplyObject(redisCommand(f.c, "ZADD %s %llu %016llu:1 %llu %016llu:1 %llu %016llu:1", f.k1, t, T - 2, t,
+                                 T - 1, t, T));
+    freeReplyObject(redisCommand(f.c, "HSET %s tot %llu sum 3", f.k2, T));
+    freeReplyObject(redisCommand(f.c, "PEXPIRE %s 60000", f.k1));
+    freeReplyObject(redisCommand(f.c, "PEXPIRE %s 60000", f.k2));
+    keel_limit_result r;
+    ck_assert(take(f.l, "k", 1, &r));
+    ck_assert_int_eq(r.source, KEEL_LIMIT_SRC_REDIS);
+    ck_assert_uint_eq(r.remaining, 1);
+    redisReply *rep = redisCommand(f.c, "ZRANGE %s 0 -1", f.k1);
+    ck_assert(rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == 4);
+    for (int i = 0; i < 4; i++) {
+        char want[32];
+        snprintf(want, sizeof want, "%016d:1", i + 1);
+        ck_assert_str_eq(rep->element[i]->str, want);
+    }
+    freeReplyObject(rep);
+    ck_assert(!take(f.l, "k", 2, &r)); /* the oldest must go first */
+    ck_assert_uint_eq(r.retry_after_ns, t * 1000 + 10 * S - r.now_ns);
+    ck_assert(take(f.l, "k", 1, &r));
+    ck_assert_uint_eq(r.remaining, 0);
+    rfix_close(&f);
 }
 END_TEST
 
@@ -2339,6 +2453,7 @@ int main(void)
     suite_add_tcase(s, mo);
     TCase *big = tcase_create("million");
     tcase_add_test(big, memory_stays_bounded_over_a_million_keys);
+    tcase_add_test(big, a_rejected_log_request_finds_its_retry_time_without_a_walk);
     tcase_set_tags(big, "slow"); /* a million decisions: plain runs only */
     tcase_set_timeout(big, 60);
     suite_add_tcase(s, big);
@@ -2360,6 +2475,8 @@ int main(void)
     tcase_add_test(rd, a_busy_server_is_a_store_failure);
     tcase_add_test(rd, a_server_that_stopped_writes_is_a_store_failure);
     tcase_add_test(rd, error_replies_are_told_apart_by_their_code);
+    tcase_add_test(rd, a_rejected_log_request_through_redis_reads_a_few_entries);
+    tcase_add_test(rd, the_log_s_running_totals_are_renumbered_before_doubles_lose_them);
     tcase_add_test(rd, a_window_refund_through_redis_stores_no_empty_key);
     tcase_add_test(rd, a_refused_script_is_a_rejection_headers_can_carry);
     tcase_add_test(rd, scripts_come_back_after_a_flush_and_a_restart);

@@ -12,7 +12,8 @@
  * Algorithms:
  *  - KEEL_LIMIT_SLIDING_LOG: exact. In no window of length window_ns are
  *    more than `limit` units admitted; the log keeps one entry per
- *    admission (its time and units).
+ *    admission (its time and a running total of units), and a decision,
+ *    allowed or rejected, costs O(log n) of them.
  *  - KEEL_LIMIT_SLIDING_WINDOW: Cloudflare's two counters: the previous
  *    fixed window's count weighted by how much of it the sliding window
  *    still covers, plus the current count. O(1) state. Never more than

@@ -46,12 +46,16 @@ typedef struct lslot {
     } k;
 } lslot;
 
-/* A sliding log: admissions (time, units), oldest first, in a ring. */
+/* A sliding log: admissions oldest first, in a ring, each with its time
+ * and the running total of units through it (mod 2^64; differences, at
+ * most the limit, are exact), so that the entries a rejection waits for
+ * are found by bisection. base is the total before the oldest entry, tot
+ * through the newest: the log holds tot - base units. */
 typedef struct llog {
     uint32_t cap, head, n;
-    uint64_t sum;
+    uint64_t base, tot;
     struct {
-        uint64_t t, cost;
+        uint64_t t, cum;
     } e[];
 } llog;
 
@@ -417,15 +421,32 @@ static llog *log_reserve(lshard *sh, lslot *s, uint64_t limit)
     ng->cap = (uint32_t)cap;
     ng->head = 0;
     ng->n = 0;
-    ng->sum = 0;
+    ng->base = ng->tot = 0;
     for (uint32_t i = 0; g && i < g->n; i++)
         ng->e[ng->n++] = LOG_AT(g, i);
-    if (g)
-        ng->sum = g->sum;
+    if (g) {
+        ng->base = g->base;
+        ng->tot = g->tot;
+    }
     sh->bytes += log_bytes(ng) - log_bytes(g);
     keel__free(g);
     s->a = (uintptr_t)ng;
     return ng;
+}
+
+/* The oldest entry that takes the log's running total to at least need
+ * units: O(log n). */
+static uint32_t log_find(const llog *g, uint64_t need)
+{
+    uint32_t lo = 0, hi = g->n - 1;
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (LOG_AT(g, mid).cum - g->base >= need)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    return lo;
 }
 
 static int slog(const lcfg *c, lshard *sh, lslot *s, uint64_t now, uint64_t cost, lop op,
@@ -436,19 +457,20 @@ static int slog(const lcfg *c, lshard *sh, lslot *s, uint64_t now, uint64_t cost
     /* (now - W, now] only; by difference, as t + W wraps near the
      * clock's end; an entry from a later reading than now stays */
     while (g && g->n && now >= LOG_AT(g, 0).t && now - LOG_AT(g, 0).t >= W) {
-        g->sum -= LOG_AT(g, 0).cost;
+        g->base = LOG_AT(g, 0).cum;
         g->head = (g->head + 1) % g->cap;
         g->n--;
     }
-    uint64_t sum = g ? g->sum : 0;
+    uint64_t sum = g ? g->tot - g->base : 0;
     r->allowed = 1;
     if (op == OP_REFUND) {
         for (uint64_t left = cost; g && g->n && left;) { /* the newest first */
-            uint64_t *e = &LOG_AT(g, g->n - 1).cost, take = *e < left ? *e : left;
+            uint64_t *e = &LOG_AT(g, g->n - 1).cum, prev = g->n > 1 ? LOG_AT(g, g->n - 2).cum : g->base;
+            uint64_t units = *e - prev, take = units < left ? units : left;
             *e -= take;
-            g->sum -= take;
+            g->tot -= take;
             left -= take;
-            if (*e == 0)
+            if (*e == prev)
                 g->n--;
         }
     } else {
@@ -459,28 +481,21 @@ static int slog(const lcfg *c, lshard *sh, lslot *s, uint64_t now, uint64_t cost
              * the log in time order, which the expiry, retry_after_ns and
              * reset_ns rely on, and holds the units no shorter */
             if (g && g->n && LOG_AT(g, g->n - 1).t >= now) {
-                LOG_AT(g, g->n - 1).cost += cost;
+                LOG_AT(g, g->n - 1).cum += cost;
             } else {
                 if (!(g = log_reserve(sh, s, L)))
                     return KEEL_ENOMEM;
                 LOG_AT(g, g->n).t = now;
-                LOG_AT(g, g->n).cost = cost;
+                LOG_AT(g, g->n).cum = g->tot + cost;
                 g->n++;
             }
-            g->sum += cost;
+            g->tot += cost;
         } else if (!r->allowed) {
-            r->retry_after_ns = UINT64_MAX;
-            uint64_t need = sum + cost - L, freed = 0;
-            for (uint32_t i = 0; cost <= L && i < g->n; i++) {
-                freed += LOG_AT(g, i).cost;
-                if (freed >= need) {
-                    r->retry_after_ns = LOG_AT(g, i).t + W - now;
-                    break;
-                }
-            }
+            /* the oldest entries holding sum + cost - L units must go */
+            r->retry_after_ns = cost > L ? UINT64_MAX : LOG_AT(g, log_find(g, sum + cost - L)).t + W - now;
         }
     }
-    sum = g ? g->sum : 0;
+    sum = g ? g->tot - g->base : 0;
     r->limit = L;
     r->remaining = L - sum;
     r->reset_ns = g && g->n ? LOG_AT(g, g->n - 1).t + W - now : 0;

@@ -115,11 +115,19 @@ static const char LUA_WINDOW[] = LUA_HEAD
     "if c > 0 then reset = 2 * w - f elseif p > 0 then reset = w - f end\n"
     "return {allowed, rem, reset, retry, now}\n";
 
-/* One member per admission, named "seq:cost" (the sequence in KEYS[2], so
- * requests in the same microsecond all count); KEYS[2] also holds the sum
- * of the units in the log, kept as entries expire. A take costs O(1) plus
- * the entries that expired since the last call. */
+/* One member per admission, named "total:units": total, the running sum
+ * of units admitted through it (16 digits, zero-padded, so that members
+ * of one instant sort in order), is unique, so requests in the same
+ * microsecond all count, and lets a rejection find the entries it waits
+ * for by bisection. KEYS[2] holds the total through the newest entry
+ * ('tot') and the units in the log ('sum'). A take costs O(log n), as a
+ * rejection does, plus the entries that expired since the last call
+ * (removed by Redis, not read). An entry's score is never below the
+ * newest's (a clock stepped back joins it), so the totals rise with the
+ * ranks. */
 static const char LUA_LOG[] = LUA_HEAD
+    "local function total(m) return tonumber(string.match(m, '^(%d+):')) end\n"
+    "local function member(c, u) return string.format('%016.0f', c) .. ':' .. string.format('%.0f', u) end\n"
     /* both keys live a window past the last write: together, since the
      * sum must never outlive the entries it counts, nor they it; at one
      * deadline, as two PEXPIREs each read the clock and a millisecond may
@@ -129,31 +137,31 @@ static const char LUA_LOG[] = LUA_HEAD
     "  redis.call('PEXPIREAT', KEYS[1], at)\n"
     "  redis.call('PEXPIREAT', KEYS[2], at)\n"
     "end\n"
+    "local h = redis.call('HMGET', KEYS[2], 'tot', 'sum')\n"
+    "local tot, n, wrote = tonumber(h[1] or '0'), tonumber(h[2] or '0'), false\n"
     "local edge = string.format('%.0f', now - w)\n"
-    "local old = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', edge)\n"
-    "if #old > 0 then\n"
-    "  local freed = 0\n"
-    "  for _, m in ipairs(old) do freed = freed + tonumber(string.match(m, ':(%d+)$')) end\n"
+    "local gone = redis.call('ZREVRANGEBYSCORE', KEYS[1], edge, '-inf', 'LIMIT', 0, 1)\n"
+    "if #gone > 0 then\n"
     "  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', edge)\n"
-    "  redis.call('HINCRBY', KEYS[2], 'sum', -freed)\n"
+    "  n = tot - total(gone[1])\n"
+    "  redis.call('HSET', KEYS[2], 'sum', string.format('%.0f', n))\n"
     "end\n"
-    "local n, wrote = tonumber(redis.call('HGET', KEYS[2], 'sum') or '0'), false\n"
     "if op == 'refund' then\n"
     "  local left = math.min(cost, n)\n"
     "  if left > 0 then\n"
-    "    n = n - left\n"
+    "    n, tot = n - left, tot - left\n"
     "    while left > 0 do\n"
     "      local e = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')\n"
-    "      local seq, c = string.match(e[1], '^(%d+):(%d+)$')\n"
-    "      c = tonumber(c)\n"
+    "      local c, u = string.match(e[1], '^(%d+):(%d+)$')\n"
+    "      c, u = tonumber(c), tonumber(u)\n"
     "      redis.call('ZREM', KEYS[1], e[1])\n"
-    "      if c > left then\n"
-    "        redis.call('ZADD', KEYS[1], e[2], seq .. ':' .. string.format('%.0f', c - left))\n"
-    "        c = left\n"
+    "      if u > left then\n"
+    "        redis.call('ZADD', KEYS[1], e[2], member(c - left, u - left))\n"
+    "        u = left\n"
     "      end\n"
-    "      left = left - c\n"
+    "      left = left - u\n"
     "    end\n"
-    "    redis.call('HSET', KEYS[2], 'sum', string.format('%.0f', n))\n"
+    "    redis.call('HSET', KEYS[2], 'sum', string.format('%.0f', n), 'tot', string.format('%.0f', tot))\n"
     /* the ZREM of a last member deletes the set and the ZADD makes a new
      * one, without expiry */
     "    wrote = true\n"
@@ -162,22 +170,33 @@ static const char LUA_LOG[] = LUA_HEAD
     "  allowed = 0\n"
     "  if cost > limit then retry = -1\n"
     "  else\n"
-    "    local need, freed, i = n + cost - limit, 0, 0\n"
-    "    while freed < need do\n"
-    "      local e = redis.call('ZRANGE', KEYS[1], i, i + 99, 'WITHSCORES')\n"
-    "      if #e == 0 then break end\n"
-    "      for k = 1, #e, 2 do\n"
-    "        freed = freed + tonumber(string.match(e[k], ':(%d+)$'))\n"
-    "        if freed >= need then retry = tonumber(e[k + 1]) + w - now break end\n"
-    "      end\n"
-    "      i = i + 100\n"
+    /* the oldest entry whose total reaches tot + cost - limit: once it
+     * and those before it expire, the request fits */
+    "    local want, lo, hi = tot + cost - limit, 0, redis.call('ZCARD', KEYS[1]) - 1\n"
+    "    while lo < hi do\n"
+    "      local mid = math.floor((lo + hi) / 2)\n"
+    "      if total(redis.call('ZRANGE', KEYS[1], mid, mid)[1]) >= want then hi = mid else lo = mid + 1 end\n"
     "    end\n"
+    "    local e = redis.call('ZRANGE', KEYS[1], lo, lo, 'WITHSCORES')\n"
+    "    if e[2] then retry = tonumber(e[2]) + w - now else retry = w end\n"
     "  end\n"
     "elseif op == 'take' then\n"
-    "  local seq = redis.call('HINCRBY', KEYS[2], 'seq', 1)\n"
-    "  redis.call('ZADD', KEYS[1], string.format('%.0f', now),"
-    " string.format('%.0f', seq) .. ':' .. string.format('%.0f', cost))\n"
-    "  n = redis.call('HINCRBY', KEYS[2], 'sum', cost)\n"
+    /* totals stay exact in doubles: past 2^52, numbered again from the
+     * oldest entry's (rare: at least 2^20 admissions apart) */
+    "  if tot + cost > 4503599627370496 then\n"
+    "    local base, all = tot - n, redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')\n"
+    "    redis.call('DEL', KEYS[1])\n"
+    "    for k = 1, #all, 2 do\n"
+    "      local c, u = string.match(all[k], '^(%d+):(%d+)$')\n"
+    "      redis.call('ZADD', KEYS[1], all[k + 1], member(tonumber(c) - base, tonumber(u)))\n"
+    "    end\n"
+    "    tot = n\n"
+    "  end\n"
+    "  local at, e = now, redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')\n"
+    "  if e[2] and tonumber(e[2]) > now then at = tonumber(e[2]) end\n"
+    "  tot, n = tot + cost, n + cost\n"
+    "  redis.call('ZADD', KEYS[1], string.format('%.0f', at), member(tot, cost))\n"
+    "  redis.call('HSET', KEYS[2], 'sum', string.format('%.0f', n), 'tot', string.format('%.0f', tot))\n"
     "  wrote = true\n"
     "end\n"
     "local reset = 0\n"
