@@ -2109,6 +2109,42 @@ START_TEST(the_log_s_running_totals_are_renumbered_before_doubles_lose_them)
 }
 END_TEST
 
+/* Records written before Redis's clock stepped back hold times ahead of
+ * its TIME: they must live until those times are a window old, not a
+ * window from now. The step itself cannot be made (TIME is the host's),
+ * so the records are written as it would leave them. */
+START_TEST(records_from_before_a_clock_step_back_expire_no_earlier)
+{
+    rfix f;
+    rfix_open(&f, "stepl", (keel_limiter_opts){.algo = KEEL_LIMIT_SLIDING_LOG, .limit = 5, .window_ns = 1 * S});
+    unsigned long long ahead = node0_time_us(f.c) + 5000000; /* an entry 5 s ahead */
+    freeReplyObject(redisCommand(f.c, "ZADD %s %llu %016d:1", f.k1, ahead, 1));
+    freeReplyObject(redisCommand(f.c, "HSET %s tot 1 sum 1", f.k2));
+    keel_limit_result r;
+    ck_assert(take(f.l, "k", 1, &r));
+    ck_assert_uint_eq(r.remaining, 3);
+    for (int k = 0; k < 2; k++) {
+        redisReply *rep = redisCommand(f.c, "PEXPIRETIME %s", k ? f.k2 : f.k1);
+        ck_assert(rep && rep->type == REDIS_REPLY_INTEGER);
+        ck_assert_msg((unsigned long long)rep->integer * 1000 >= ahead + 1000000,
+                      "the log expires at %lld ms, its newest entry at %llu us", rep->integer, ahead + 1000000);
+        freeReplyObject(rep);
+    }
+    rfix_close(&f);
+    rfix_open(&f, "stepw", (keel_limiter_opts){.algo = KEEL_LIMIT_SLIDING_WINDOW, .limit = 5, .window_ns = 1 * S});
+    unsigned long long k = node0_time_us(f.c) / 1000000 + 3; /* a window 3 ahead */
+    freeReplyObject(redisCommand(f.c, "HSET %s k %llu p 0 c 1", f.k1, k));
+    ck_assert(take(f.l, "k", 1, &r));
+    ck_assert_uint_eq(r.remaining, 3);
+    redisReply *rep = redisCommand(f.c, "PEXPIRETIME %s", f.k1);
+    ck_assert(rep && rep->type == REDIS_REPLY_INTEGER);
+    ck_assert_msg((unsigned long long)rep->integer >= (k + 2) * 1000, "the window expires at %lld ms, its counts weigh until %llu ms",
+                  rep->integer, (k + 2) * 1000);
+    freeReplyObject(rep);
+    rfix_close(&f);
+}
+END_TEST
+
 /* Redis 6 wraps an error a script's command met in one of its own ("ERR
  * Error running script ... -OOM ..."): the inner code decides. Every
  * error but WRONGTYPE (the key holds another type: a request that will
@@ -2477,6 +2513,7 @@ int main(void)
     tcase_add_test(rd, error_replies_are_told_apart_by_their_code);
     tcase_add_test(rd, a_rejected_log_request_through_redis_reads_a_few_entries);
     tcase_add_test(rd, the_log_s_running_totals_are_renumbered_before_doubles_lose_them);
+    tcase_add_test(rd, records_from_before_a_clock_step_back_expire_no_earlier);
     tcase_add_test(rd, a_window_refund_through_redis_stores_no_empty_key);
     tcase_add_test(rd, a_refused_script_is_a_rejection_headers_can_carry);
     tcase_add_test(rd, scripts_come_back_after_a_flush_and_a_restart);

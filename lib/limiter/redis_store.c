@@ -100,14 +100,16 @@ static const char LUA_WINDOW[] = LUA_HEAD
     "elseif op == 'take' then\n"
     "  c = c + cost\n"
     "end\n"
-    /* no counts is a fresh key's state: a refund stores no empty key */
+    /* no counts is a fresh key's state: a refund stores no empty key;
+     * the counts weigh until window k + 1 ends, which is the deadline
+     * (not 2 windows from now: k may be ahead of a clock stepped back) */
     "if op ~= 'peek' and allowed == 1 then\n"
     "  if p == 0 and c == 0 then\n"
     "    redis.call('DEL', KEYS[1])\n"
     "  else\n"
     "    redis.call('HSET', KEYS[1], 'k', string.format('%.0f', k), 'p', string.format('%.0f', p),"
     " 'c', string.format('%.0f', c))\n"
-    "    redis.call('PEXPIRE', KEYS[1], string.format('%.0f', math.ceil(2 * w / 1000) + 1))\n"
+    "    redis.call('PEXPIREAT', KEYS[1], string.format('%.0f', math.ceil((k + 2) * w / 1000) + 1))\n"
     "  end\n"
     "end\n"
     "local used, rem, reset = p * (w - f) + c * w, 0, 0\n"
@@ -128,12 +130,13 @@ static const char LUA_WINDOW[] = LUA_HEAD
 static const char LUA_LOG[] = LUA_HEAD
     "local function total(m) return tonumber(string.match(m, '^(%d+):')) end\n"
     "local function member(c, u) return string.format('%016.0f', c) .. ':' .. string.format('%.0f', u) end\n"
-    /* both keys live a window past the last write: together, since the
-     * sum must never outlive the entries it counts, nor they it; at one
-     * deadline, as two PEXPIREs each read the clock and a millisecond may
-     * tick between them */
-    "local function keep()\n"
-    "  local at = string.format('%.0f', math.floor(now / 1000) + math.ceil(w / 1000) + 1)\n"
+    /* both keys live a window past their newest entry (or now, if later;
+     * an entry ahead of now was written before the clock stepped back):
+     * together, since the sum must never outlive the entries it counts,
+     * nor they it; at one deadline, as two PEXPIREs each read the clock
+     * and a millisecond may tick between them */
+    "local function keep(t)\n"
+    "  local at = string.format('%.0f', math.floor(t / 1000) + math.ceil(w / 1000) + 1)\n"
     "  redis.call('PEXPIREAT', KEYS[1], at)\n"
     "  redis.call('PEXPIREAT', KEYS[2], at)\n"
     "end\n"
@@ -199,15 +202,15 @@ static const char LUA_LOG[] = LUA_HEAD
     "  redis.call('HSET', KEYS[2], 'sum', string.format('%.0f', n), 'tot', string.format('%.0f', tot))\n"
     "  wrote = true\n"
     "end\n"
-    "local reset = 0\n"
+    "local reset, newest = 0, now\n"
     "if n > 0 then\n"
     "  local e = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')\n"
-    "  reset = tonumber(e[2]) + w - now\n"
+    "  reset, newest = tonumber(e[2]) + w - now, math.max(now, tonumber(e[2]))\n"
     "end\n"
     /* last: a script that ran past the deadline (a long trim, a busy
      * machine) has Redis drop both keys here, at once; their entries have
      * all expired by then, but nothing may read them after */
-    "if wrote then keep() end\n"
+    "if wrote then keep(newest) end\n"
     "return {allowed, limit - n, reset, retry, now}\n";
 
 struct rstore {
