@@ -2145,6 +2145,22 @@ START_TEST(records_from_before_a_clock_step_back_expire_no_earlier)
 }
 END_TEST
 
+/* Redis counts whole microseconds: a window of 1,000,999 ns sent as
+ * 1000 us let an entry stop counting 999 ns early, and four admissions of
+ * a limit of 3 fit in one window. Rounded up, an entry counts at least a
+ * window. */
+START_TEST(a_window_of_a_fraction_of_a_microsecond_is_rounded_up_in_redis)
+{
+    rfix f;
+    rfix_open(&f, "trunc", (keel_limiter_opts){.algo = KEEL_LIMIT_SLIDING_LOG, .limit = 3, .window_ns = 1000999});
+    keel_limit_result r;
+    ck_assert(take(f.l, "k", 3, &r));
+    ck_assert_int_eq(r.source, KEEL_LIMIT_SRC_REDIS);
+    ck_assert_uint_eq(r.reset_ns, 1001000); /* counts until a whole window is over */
+    rfix_close(&f);
+}
+END_TEST
+
 /* Redis 6 wraps an error a script's command met in one of its own ("ERR
  * Error running script ... -OOM ..."): the inner code decides. Every
  * error but WRONGTYPE (the key holds another type: a request that will
@@ -2514,6 +2530,7 @@ int main(void)
     tcase_add_test(rd, a_rejected_log_request_through_redis_reads_a_few_entries);
     tcase_add_test(rd, the_log_s_running_totals_are_renumbered_before_doubles_lose_them);
     tcase_add_test(rd, records_from_before_a_clock_step_back_expire_no_earlier);
+    tcase_add_test(rd, a_window_of_a_fraction_of_a_microsecond_is_rounded_up_in_redis);
     tcase_add_test(rd, a_window_refund_through_redis_stores_no_empty_key);
     tcase_add_test(rd, a_refused_script_is_a_rejection_headers_can_carry);
     tcase_add_test(rd, scripts_come_back_after_a_flush_and_a_restart);

@@ -91,8 +91,9 @@ typedef enum keel_limit_source {
 typedef struct keel_limiter_opts {
     keel_limit_algo algo;
     uint64_t limit;        /* units per window; 1..2^32-1 */
-    uint64_t window_ns;    /* required, at most 2^60; with Redis at least 1 ms (it counts
-                            * microseconds), 3 x limit x window_us under 2^53 and, for
+    uint64_t window_ns;    /* required, at most 2^60; with Redis at least 1 ms, rounded up
+                            * to whole microseconds (what it counts: a little stricter,
+                            * never looser), 3 x limit x window_us under 2^53 and, for
                             * GCRA, burst x window_us / limit under 2^53 */
     uint64_t burst;        /* GCRA: units that may pass at once; 0 = limit */
     const char *name;      /* the policy's name in the RateLimit fields (up to 63

@@ -56,8 +56,9 @@ KEEL_API int keel_limiter_create(keel_limiter **out, const keel_limiter_opts *o)
         return KEEL_EINVAL;
     /* Redis counts microseconds in doubles: exact while the window's
      * comparisons (up to 3 x limit x window) and GCRA's bucket (burst x
-     * window / limit, its longest reset) stay under 2^53 */
-    double w_us = (double)(o->window_ns / 1000), burst = (double)(o->burst ? o->burst : o->limit);
+     * window / limit, its longest reset) stay under 2^53; the window is
+     * sent rounded up to whole microseconds */
+    double w_us = (double)((o->window_ns + 999) / 1000), burst = (double)(o->burst ? o->burst : o->limit);
     if (o->redis && (o->window_ns < 1000000 || 3.0 * (double)o->limit * w_us >= 9007199254740992.0 ||
                      (o->algo == KEEL_LIMIT_GCRA && burst * w_us / (double)o->limit >= 9007199254740992.0)))
         return KEEL_EINVAL;

@@ -253,7 +253,9 @@ int keel__rstore_create(rstore **out, const lcfg *cfg, keel_redis *redis, const 
     s->plen = strlen(s->prefix);
     s->nkeys = cfg->algo == KEEL_LIMIT_SLIDING_LOG ? 2 : 1;
     snprintf(s->limit_s, sizeof s->limit_s, "%llu", (unsigned long long)cfg->limit);
-    snprintf(s->window_s, sizeof s->window_s, "%llu", (unsigned long long)(cfg->window / 1000));
+    /* whole microseconds, rounded up: an entry counts at least a window,
+     * as limiter.h promises (truncated, 999 ns short) */
+    snprintf(s->window_s, sizeof s->window_s, "%llu", (unsigned long long)((cfg->window + 999) / 1000));
     snprintf(s->burst_s, sizeof s->burst_s, "%llu", (unsigned long long)cfg->burst);
     const char *lua = cfg->algo == KEEL_LIMIT_GCRA              ? LUA_GCRA
                       : cfg->algo == KEEL_LIMIT_SLIDING_WINDOW ? LUA_WINDOW
