@@ -1870,6 +1870,10 @@ START_TEST(a_refused_script_is_a_rejection_headers_can_carry)
             ck_assert_uint_eq(r.retry_after_ns, 10 * S);
             ck_assert_uint_eq(r.reset_ns, 10 * S);
         }
+        keel_limiter_stats st; /* rejections, counted as in process */
+        keel_limiter_stats_get(f.l, &st);
+        ck_assert_uint_eq(st.rejected, 2);
+        ck_assert_uint_eq(st.allowed, 0);
         freeReplyObject(redisCommand(f.c, "DEL %s", f.k1));
         rfix_close(&f);
     }

@@ -201,7 +201,8 @@ KEEL_API int keel_limiter_headers(const keel_limiter *l, const keel_limit_result
 typedef struct keel_limiter_stats {
     uint64_t keys;            /* in process */
     uint64_t bytes;           /* in process: tables, long keys and logs */
-    uint64_t allowed, rejected;
+    uint64_t allowed, rejected; /* takes; rejected counts every refusal, those of
+                                 * KEEL_EBACKEND and KEEL_ENOMEM included */
     uint64_t evicted_idle;    /* keys dropped at max_keys that held nothing */
     uint64_t evicted_active;  /* keys dropped at max_keys that still held units */
     uint64_t store_errors;    /* Redis failures handled by on_store_error */

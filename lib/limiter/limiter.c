@@ -204,6 +204,8 @@ static void decide(keel_limiter *l, keel_limit_req *reqs, size_t n, lop op)
             reqs[i].result = (keel_limit_result){.source = KEEL_LIMIT_SRC_REDIS, .limit = l->cfg.burst,
                                                  .retry_after_ns = l->cfg.window, .reset_ns = l->cfg.window};
         }
+        if (op == OP_TAKE)
+            atomic_fetch_add_explicit(&l->remote_rejected, n, memory_order_relaxed);
         return;
     }
     for (size_t i = 0; i < n; i++)
@@ -215,8 +217,10 @@ static void decide(keel_limiter *l, keel_limit_req *reqs, size_t n, lop op)
         keel_limit_req *q = &reqs[i];
         if (store_failure(q->rc))
             q->rc = on_failure(l, q, op);
-        if (q->result.source != KEEL_LIMIT_SRC_FALLBACK && (q->rc == 0 || q->rc == KEEL_ERANGE) &&
-            op == OP_TAKE) /* the fallback store counts its own */
+        /* the fallback store counts its own; a refusal (KEEL_EBACKEND) is
+         * a rejection too, as in process one without memory is */
+        if (q->result.source != KEEL_LIMIT_SRC_FALLBACK &&
+            (q->rc == 0 || q->rc == KEEL_ERANGE || q->rc == KEEL_EBACKEND) && op == OP_TAKE)
             atomic_fetch_add_explicit(q->result.allowed ? &l->remote_allowed : &l->remote_rejected, 1,
                                       memory_order_relaxed);
     }
