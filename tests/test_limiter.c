@@ -1389,7 +1389,7 @@ END_TEST
 static keel_redis *redis_nodes(int n) { return kt_redis_open(n, 500 * MS); }
 
 /* The Redis names of key's record (k1) and the log's sum (k2) under the
- * options, as keel_limiter(3) documents them. */
+ * options, as keel_limiter(3) documents them (key without '%' or '}'). */
 static void rkeys(const keel_limiter_opts *o, const char *key, char *k1, char *k2, size_t size)
 {
     static const char *const algos[] = {"log", "window", "gcra"};
@@ -1398,7 +1398,7 @@ static void rkeys(const keel_limiter_opts *o, const char *key, char *k1, char *k
     int n = snprintf(text, sizeof text, "%llu %llu %llu %s", (unsigned long long)o->limit,
                      (unsigned long long)o->window_ns, (unsigned long long)burst, o->name ? o->name : "default");
     unsigned long long h = keel__hash64(text, (size_t)n, 0) >> 32;
-    snprintf(k1, size, "%s%s:%08llx:{#%s}", o->prefix ? o->prefix : "keel:rl:", algos[o->algo], h, key);
+    snprintf(k1, size, "%s%s:%08llx:{%s}", o->prefix ? o->prefix : "keel:rl:", algos[o->algo], h, key);
     snprintf(k2, size, "%s:s", k1);
 }
 
@@ -2165,6 +2165,64 @@ START_TEST(a_window_of_a_fraction_of_a_microsecond_is_rounded_up_in_redis)
 }
 END_TEST
 
+/* Keys of Redis names matching pattern on node i. */
+static size_t node_keys(int i, const char *pattern)
+{
+    char host[64];
+    int port;
+    kt_redis_node(i, host, sizeof host, &port);
+    redisContext *c = redisConnect(host, port);
+    ck_assert(c && !c->err);
+    size_t n = 0;
+    char cursor[32] = "0";
+    do {
+        redisReply *rep = redisCommand(c, "SCAN %s MATCH %s COUNT 1000", cursor, pattern);
+        ck_assert(rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == 2);
+        snprintf(cursor, sizeof cursor, "%s", rep->element[0]->str);
+        n += rep->element[1]->elements;
+        freeReplyObject(rep);
+    } while (strcmp(cursor, "0") != 0);
+    redisFree(c);
+    return n;
+}
+
+/* The hash tag is the whole client key: keys that began with '}' all had
+ * the tag "#" (the tag ends at the first '}') and all went to one node. */
+START_TEST(keys_that_begin_with_a_brace_spread_over_the_nodes)
+{
+    keel_redis *redis = redis_nodes(3);
+    char prefix[64], pattern[80];
+    snprintf(prefix, sizeof prefix, "kt:brace:%d:", getpid());
+    snprintf(pattern, sizeof pattern, "%s*", prefix);
+    keel_limiter *l = remote(redis, KEEL_LIMIT_SLIDING_LOG, 5, 60 * S, prefix, KEEL_LIMIT_FAIL_CLOSED);
+    char key[16];
+    for (int i = 0; i < 60; i++) {
+        keel_limit_result r;
+        int n = snprintf(key, sizeof key, "}%d%%}", i);
+        ck_assert_int_eq(keel_limiter_take(l, key, (size_t)n, 5, &r), 0);
+        ck_assert(r.allowed && r.source == KEEL_LIMIT_SRC_REDIS);
+        ck_assert_int_eq(keel_limiter_take(l, key, (size_t)n, 1, &r), 0);
+        ck_assert(!r.allowed && r.source == KEEL_LIMIT_SRC_REDIS);
+    }
+    size_t total = 0, nodes = 0;
+    for (int i = 0; i < 3; i++) {
+        size_t n = node_keys(i, pattern);
+        ck_assert_uint_eq(n % 2, 0); /* a log's two keys on one node */
+        total += n;
+        nodes += n > 0;
+    }
+    ck_assert_uint_eq(total, 120);
+    ck_assert_msg(nodes == 3, "60 keys on %zu node(s) of 3", nodes);
+    for (int i = 0; i < 60; i++) {
+        int n = snprintf(key, sizeof key, "}%d%%}", i);
+        ck_assert_int_eq(keel_limiter_reset(l, key, (size_t)n), 0);
+    }
+    ck_assert_uint_eq(node_keys(0, pattern) + node_keys(1, pattern) + node_keys(2, pattern), 0);
+    keel_limiter_destroy(l);
+    keel_redis_destroy(redis);
+}
+END_TEST
+
 /* Redis 6 wraps an error a script's command met in one of its own ("ERR
  * Error running script ... -OOM ..."): the inner code decides. Every
  * error but WRONGTYPE (the key holds another type: a request that will
@@ -2535,6 +2593,7 @@ int main(void)
     tcase_add_test(rd, the_log_s_running_totals_are_renumbered_before_doubles_lose_them);
     tcase_add_test(rd, records_from_before_a_clock_step_back_expire_no_earlier);
     tcase_add_test(rd, a_window_of_a_fraction_of_a_microsecond_is_rounded_up_in_redis);
+    tcase_add_test(rd, keys_that_begin_with_a_brace_spread_over_the_nodes);
     tcase_add_test(rd, a_window_refund_through_redis_stores_no_empty_key);
     tcase_add_test(rd, a_refused_script_is_a_rejection_headers_can_carry);
     tcase_add_test(rd, scripts_come_back_after_a_flush_and_a_restart);

@@ -33,15 +33,16 @@
  * at most max_keys; time from the clock option. Through Redis (opts.redis):
  * one atomic Lua script per decision, run by EVALSHA with the Redis
  * server's TIME (so the clocks of application servers do not matter), keys
- *     prefix algo ":" policy ":{#" key "}"
- * (the log adds the same name followed by ":s"): algo is "log", "window"
+ *     prefix algo ":" policy ":{" key "}"
+ * (the log adds the same name followed by ":s"), with '%' and '}' in the
+ * key written "%25" and "%7D", so that the hash tag is the whole key (one
+ * key's state on one node, keys spread over nodes): algo is "log", "window"
  * or "gcra"; policy is 8 lowercase hex digits, the top 32 bits of
  * XXH3_64bits (seed 0) of the text "limit window_ns burst name" (decimal,
  * one space apart; burst is the limit but for GCRA, name "default" if
  * NULL). So limiters of distinct policies never share a key's record,
  * while every instance of one policy (any process) does; changing a
- * policy starts its keys afresh. The hash tag keeps one key's state on
- * one node. Redis must
+ * policy starts its keys afresh. Redis must
  * never evict them (maxmemory-policy noeviction: every key the limiter
  * writes has an expiry, so volatile-* policies may take them too; see
  * keel_limiter(3)). When Redis is

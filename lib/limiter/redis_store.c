@@ -1,14 +1,14 @@
 /* lib/limiter/redis_store.c — keel_limiter's Redis store: one Lua script
  * per algorithm, run by EVALSHA, atomic, with the Redis server's TIME.
  *
- * Keys are prefix algo ":" policy ":{#" key "}" (and, for the log, the
- * same with ":s" for its sum and sequence; see policy_prefix()): the hash
- * tag is never empty, whatever the key's bytes, so both keys of one
- * limiter key share a node. Time is in microseconds (what
- * TIME gives); Lua numbers are doubles, exact below 2^53, which
- * keel_limiter_create checks the policy stays under. Numbers that Redis
- * stores are formatted with string.format, never with Lua's default 14
- * digits.
+ * Keys are prefix algo ":" policy ":{" key "}" (and, for the log, the
+ * same with ":s" for its sum and totals; see policy_prefix()), the key
+ * percent-encoded so that the hash tag is the whole of it (build_key()):
+ * both keys of one limiter key share a node, and distinct keys spread.
+ * Time is in microseconds (what TIME gives); Lua numbers are doubles,
+ * exact below 2^53, which keel_limiter_create checks the policy stays
+ * under. Numbers that Redis stores are formatted with string.format,
+ * never with Lua's default 14 digits.
  *
  * Every script answers {allowed, remaining, reset_us, retry_us (-1:
  * never), now_us}, and writes nothing for a rejected request.
@@ -278,16 +278,30 @@ void keel__rstore_destroy(rstore *s)
     }
 }
 
-/* prefix "{#" key "}" [":s"] into buf; returns its length. */
+/* The most bytes a key takes in a Redis name: '%' and '}' become 3. */
+#define ENC_MAX(len) (3 * (len))
+
+/* prefix "{" key "}" [":s"] into buf (s->plen + ENC_MAX(len) + 4 bytes);
+ * returns its length. '}' would end the hash tag within the key (every
+ * key that begins with one had the tag "#", on one node), so the key is
+ * percent-encoded: '%' as "%25", '}' as "%7D", nothing else; the tag is
+ * the whole key, never empty, and distinct keys keep distinct names. */
 static size_t build_key(const rstore *s, const void *key, size_t len, bool seq, char *buf)
 {
     char *p = buf;
+    const unsigned char *k = key;
     memcpy(p, s->prefix, s->plen);
     p += s->plen;
     *p++ = '{';
-    *p++ = '#';
-    memcpy(p, key, len);
-    p += len;
+    for (size_t i = 0; i < len; i++) {
+        if (k[i] == '%' || k[i] == '}') {
+            *p++ = '%';
+            *p++ = k[i] == '%' ? '2' : '7';
+            *p++ = k[i] == '%' ? '5' : 'D';
+        } else {
+            *p++ = (char)k[i];
+        }
+    }
     *p++ = '}';
     if (seq) {
         *p++ = ':';
@@ -418,7 +432,7 @@ void keel__rstore_decide(rstore *s, keel_limit_req *reqs, size_t n, lop op)
      * keys and its cost as text, sized by its key */
     size_t fixed = sizeof(keel_redis_cmd) + ARGS * (sizeof(char *) + sizeof(size_t)), text_len = 0;
     for (size_t i = 0; i < n; i++)
-        text_len += 2 * (s->plen + reqs[i].len + 8) + 24; /* keys are <= 4096 bytes: no overflow */
+        text_len += 2 * (s->plen + ENC_MAX(reqs[i].len) + 8) + 24; /* keys are <= 4096 bytes: no overflow */
     size_t total;
     char *mem = keel__mul_ok(n, fixed, &total) && total <= SIZE_MAX - text_len
                     ? keel__malloc(total + text_len)
@@ -436,7 +450,7 @@ void keel__rstore_decide(rstore *s, keel_limit_req *reqs, size_t n, lop op)
         keel_limit_req *q = &reqs[i];
         const char **a = argv + i * ARGS;
         size_t *l = lens + i * ARGS;
-        char *k1 = text, *k2 = k1 + s->plen + q->len + 8, *cost = k2 + s->plen + q->len + 8;
+        char *k1 = text, *k2 = k1 + s->plen + ENC_MAX(q->len) + 8, *cost = k2 + s->plen + ENC_MAX(q->len) + 8;
         text = cost + 24;
         int c = 0;
         a[c] = "EVALSHA", l[c++] = 7;
@@ -483,7 +497,7 @@ const char *keel__rstore_sha(const rstore *s)
 
 int keel__rstore_reset(rstore *s, const void *key, size_t len)
 {
-    size_t keymax = s->plen + LIM_MAX_KEY + 8;
+    size_t keymax = s->plen + ENC_MAX(LIM_MAX_KEY) + 8;
     char *buf = keel__malloc(2 * keymax);
     if (!buf)
         return KEEL_ENOMEM;
