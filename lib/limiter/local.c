@@ -4,7 +4,8 @@
  * open-addressing table with linear probing, backward-shift deletion and
  * a spinlock held only for one decision (tens of nanoseconds). A slot is
  * 48 bytes: the hash, two words of state and the key (inline up to 16
- * bytes); with tables at most 3/4 full, 80 to 120 bytes a key. Tables grow by doubling up to what the shard's share of
+ * bytes); tables grow by doubling when 3/4 full, so they are 3/8 to 3/4
+ * full and hold 64 to 128 bytes a key, up to what the shard's share of
  * max_keys needs. A batch prefetches each key's home slot before taking
  * the lock (keel__lstore_hash()): the table and its mask are read there
  * without the lock, so they are stored atomically.
