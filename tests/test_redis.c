@@ -218,6 +218,30 @@ START_TEST(pipeline_replies_come_back_in_order)
 }
 END_TEST
 
+/* A command timeout of UINT64_MAX ("never") is a deadline in the future:
+ * once it was added to the clock and wrapped, and every call timed out at
+ * once. */
+START_TEST(a_command_timeout_of_any_length_does_not_wrap)
+{
+    node_urls(NULL);
+    keel_redis *r = NULL;
+    keel_redis_opts o = {.nodes = url_ptrs, .nnodes = 1, .command_timeout_ns = UINT64_MAX};
+    ck_assert_int_eq(keel_redis_create(&r, &o), 0);
+    redisReply *rep;
+    ck_assert_int_eq(cmd(r, "kt:forever", &rep, 3, "SET", "kt:forever", "1"), 0);
+    freeReplyObject(rep);
+    const char *argv[2] = {"INCR", "kt:forever"};
+    size_t lens[2] = {4, 10};
+    keel_redis_cmd cmds[2] = {{"kt:forever", 10, 2, argv, lens}, {"kt:forever", 10, 2, argv, lens}};
+    ck_assert_int_eq(keel_redis_pipeline(r, cmds, 2), 0);
+    ck_assert_int_eq(cmds[1].rc, 0);
+    ck_assert_int_eq(cmds[1].reply->integer, 3);
+    for (int i = 0; i < 2; i++)
+        freeReplyObject(cmds[i].reply);
+    keel_redis_destroy(r);
+}
+END_TEST
+
 /* A pipeline refused for a bad command sends nothing and says so in every
  * command, as it does when out of memory: no rc left at a value that reads
  * as success, no reply pointer left from an earlier use of the array (once
@@ -1683,6 +1707,7 @@ int main(void)
     tcase_add_test(tc, binary_keys_and_values_round_trip);
     tcase_add_test(tc, keys_land_on_the_node_the_ring_says);
     tcase_add_test(tc, pipeline_replies_come_back_in_order);
+    tcase_add_test(tc, a_command_timeout_of_any_length_does_not_wrap);
     tcase_add_test(tc, a_refused_pipeline_says_so_in_every_command);
     tcase_add_test(tc, commands_that_would_change_a_pooled_connection_are_refused);
     tcase_add_test(tc, scripts_survive_script_flush_and_a_restart);

@@ -373,7 +373,7 @@ int keel__redis_call(redisContext *c, int argc, const char *const *argv, const s
 static int setup_command(rnode *n, redisContext *c, int argc, const char **argv)
 {
     redisReply *rep;
-    if (keel__redis_call(c, argc, argv, NULL, keel_now_ns() + n->r->cmd_timeout, &rep) != REDIS_OK)
+    if (keel__redis_call(c, argc, argv, NULL, keel__redis_by(n->r->cmd_timeout), &rep) != REDIS_OK)
         return keel__redis_ctx_error(c);
     int rc = 0;
     if (rep->type == REDIS_REPLY_ERROR) {
@@ -629,7 +629,7 @@ static int reply_rc(rnode *n, const redisReply *rep)
 static int run_one(redisContext *c, uint64_t timeout, void *arg)
 {
     one *o = arg;
-    if (keel__redis_call(c, o->argc, o->argv, o->argvlen, keel_now_ns() + timeout, &o->reply) != REDIS_OK)
+    if (keel__redis_call(c, o->argc, o->argv, o->argvlen, keel__redis_by(timeout), &o->reply) != REDIS_OK)
         return keel__redis_ctx_error(c);
     return 0;
 }
@@ -768,7 +768,7 @@ typedef struct batch {
 static int run_batch(redisContext *c, uint64_t timeout, void *arg)
 {
     batch *b = arg;
-    uint64_t deadline = keel_now_ns() + timeout;
+    uint64_t deadline = keel__redis_by(timeout);
     for (size_t i = 0; i < b->n; i++) {
         keel_redis_cmd *cmd = &b->cmds[i];
         if (b->node_of[i] == b->node &&
@@ -908,7 +908,7 @@ typedef struct evalcall {
 static int run_eval(redisContext *c, uint64_t timeout, void *arg)
 {
     evalcall *e = arg;
-    if (keel__redis_call(c, e->argc, e->argv, e->argvlen, keel_now_ns() + timeout, &e->reply) != REDIS_OK)
+    if (keel__redis_call(c, e->argc, e->argv, e->argvlen, keel__redis_by(timeout), &e->reply) != REDIS_OK)
         return keel__redis_ctx_error(c);
     if (e->reply->type == REDIS_REPLY_ERROR && strncmp(e->reply->str, NOSCRIPT, strlen(NOSCRIPT)) == 0) {
         /* the server forgot it (restart, SCRIPT FLUSH): once more with
@@ -917,7 +917,7 @@ static int run_eval(redisContext *c, uint64_t timeout, void *arg)
         freeReplyObject(e->reply);
         e->argv[0] = "EVAL", e->argvlen[0] = 4;
         e->argv[1] = e->s->lua, e->argvlen[1] = e->s->len;
-        if (keel__redis_call(c, e->argc, e->argv, e->argvlen, keel_now_ns() + timeout, &e->reply) != REDIS_OK)
+        if (keel__redis_call(c, e->argc, e->argv, e->argvlen, keel__redis_by(timeout), &e->reply) != REDIS_OK)
             return keel__redis_ctx_error(c);
     }
     return 0;

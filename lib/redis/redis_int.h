@@ -73,6 +73,9 @@ struct timeval keel__tv(uint64_t ns);
  * server trickling bytes would hold a call for ever. As redisGetReply():
  * REDIS_ERR with c->err set, a missed deadline as a timeout. */
 int keel__redis_reply(redisContext *c, uint64_t deadline, void **reply);
+/* The deadline ns from now, saturated: a timeout of any length (UINT64_MAX
+ * included) lies in the future. */
+static inline uint64_t keel__redis_by(uint64_t ns) { return keel__sat_add(keel_now_ns(), ns); }
 /* Appends a command and takes its reply by deadline (argvlen may be NULL
  * for C strings). */
 int keel__redis_call(redisContext *c, int argc, const char *const *argv, const size_t *argvlen,

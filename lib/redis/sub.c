@@ -76,7 +76,7 @@ static int subscribe_all(keel_redis_sub *s, redisContext *c)
             return KEEL_ENOMEM;
         want += n;
     }
-    uint64_t deadline = keel_now_ns() + s->r->cmd_timeout;
+    uint64_t deadline = keel__redis_by(s->r->cmd_timeout);
     for (size_t got = 0; got < want;) {
         redisReply *rep = NULL;
         if (keel__redis_reply(c, deadline, (void **)&rep) != REDIS_OK)
@@ -127,7 +127,7 @@ static void listen_loop(keel_redis_sub *s, redisContext *c)
     uint64_t pong_by = 0; /* a PING's answer, messages before it or not */
     while (!stopping(s)) {
         redisReply *rep = NULL;
-        uint64_t deadline = waiting_pong ? pong_by : keel_now_ns() + s->o.heartbeat_ns;
+        uint64_t deadline = waiting_pong ? pong_by : keel__redis_by(s->o.heartbeat_ns);
         keel__sigpipe sp;
         keel__sigpipe_block(&sp);
         int ok = keel__redis_reply(c, deadline, (void **)&rep); /* sends a queued PING too */
@@ -153,7 +153,7 @@ static void listen_loop(keel_redis_sub *s, redisContext *c)
         if (redisAppendCommandArgv(c, 1, ping, NULL) != REDIS_OK)
             return;
         waiting_pong = true;
-        pong_by = keel_now_ns() + r->cmd_timeout;
+        pong_by = keel__redis_by(r->cmd_timeout);
     }
 }
 
