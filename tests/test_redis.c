@@ -1631,6 +1631,28 @@ START_TEST(a_reply_too_deep_for_hiredis_is_no_node_failure)
 }
 END_TEST
 
+/* A server that does not speak Redis is the node's failure: its replies
+ * are no protocol hiredis knows, and after max_fails of them the node is
+ * skipped (once every KEEL_EPROTO was let off, and such a node was never
+ * skipped, each call opening a connection to it). */
+START_TEST(a_server_that_speaks_no_redis_is_a_node_failure)
+{
+    fake_redis f = {.reply = "HTTP/1.1 400 Bad Request\r\n\r\n"};
+    fake_redis_start(&f);
+    keel_redis *r = fake_redis_client(&f, 1, 300 * MS); /* max_fails 2 */
+    redisReply *rep;
+    ck_assert_int_eq(cmd(r, "kt:x", &rep, 2, "GET", "kt:x"), KEEL_EPROTO);
+    ck_assert_int_eq(cmd(r, "kt:x", &rep, 2, "GET", "kt:x"), KEEL_EPROTO);
+    ck_assert_int_eq(cmd(r, "kt:x", &rep, 2, "GET", "kt:x"), KEEL_EUNAVAIL);
+    keel_redis_node_stats st;
+    ck_assert_int_eq(keel_redis_node_stats_get(r, 0, &st), 0);
+    ck_assert_int_eq(st.skipped, 1);
+    ck_assert_uint_eq(st.fails, 2);
+    keel_redis_destroy(r);
+    fake_redis_stop(&f);
+}
+END_TEST
+
 static void ignore_message(const char *ch, size_t chlen, const char *msg, size_t len, const char *pattern,
                            void *ud)
 {
@@ -1735,6 +1757,7 @@ int main(void)
     tcase_add_test(fl, a_trickling_server_times_out_within_the_command_timeout);
     tcase_add_test(fl, a_blocking_command_timing_out_is_no_node_failure);
     tcase_add_test(fl, a_reply_too_deep_for_hiredis_is_no_node_failure);
+    tcase_add_test(fl, a_server_that_speaks_no_redis_is_a_node_failure);
     tcase_add_test(fl, a_server_dropping_the_listener_at_once_is_not_hammered);
     tcase_add_test(fl, a_null_key_routes_as_the_empty_key);
     suite_add_tcase(s, fl);

@@ -309,18 +309,22 @@ static uint64_t time_left(redisContext *c, uint64_t deadline)
 }
 
 /* Waits for c's socket to be readable by deadline: the read after it
- * cannot block, whatever the socket timeout. */
+ * cannot block, whatever the socket timeout. Past the deadline it still
+ * looks once without waiting: an answer that came while the caller was
+ * busy elsewhere (the listener's handlers) is taken, not timed out. */
 static bool readable_by(redisContext *c, uint64_t deadline)
 {
     for (;;) {
-        uint64_t left = time_left(c, deadline);
-        if (!left)
-            return false;
+        uint64_t now = keel_now_ns(), left = now < deadline ? deadline - now : 0;
         struct pollfd p = {.fd = c->fd, .events = POLLIN};
         struct timespec ts = {(time_t)(left / 1000000000u), (long)(left % 1000000000u)};
         int n = ppoll(&p, 1, &ts, NULL);
         if (n > 0)
             return true; /* data, end of file or an error: the read tells */
+        if (n == 0 && !left) {
+            timed_out(c);
+            return false;
+        }
         if (n < 0 && errno != EINTR) {
             c->err = REDIS_ERR_IO;
             snprintf(c->errstr, sizeof c->errstr, "poll: %s", strerror(errno));
@@ -542,6 +546,9 @@ static int with_conn(rnode *n, int (*fn)(redisContext *c, uint64_t timeout, void
     keel__sigpipe_restore(&sp, c->c);
     atomic_fetch_add_explicit(&n->commands, 1, memory_order_relaxed);
     c->used = true;
+    /* a reply nested past hiredis's 7 levels: the caller's, not the node's
+     * health (any other protocol error is: the server speaks no Redis) */
+    bool too_deep = rc == KEEL_EPROTO && strstr(c->c->errstr, "nested multi bulk") != NULL;
     if (c->c->err) { /* the context saw an error: never reuse it */
         if (rc == KEEL_EPROTO)
             keel__log(KEEL_LOG_WARN, "redis", "%s: %s: connection dropped", n->name, c->c->errstr);
@@ -557,8 +564,7 @@ static int with_conn(rnode *n, int (*fn)(redisContext *c, uint64_t timeout, void
         keel_breaker_release(n->health);
         return rc;
     }
-    if (rc == KEEL_EPROTO) { /* a reply hiredis cannot parse (nested past its
-                              * 7 levels): the caller's, not the node's health */
+    if (too_deep) {
         keel_breaker_release(n->health);
         return rc;
     }

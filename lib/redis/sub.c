@@ -135,12 +135,15 @@ static void listen_loop(keel_redis_sub *s, redisContext *c)
         keel__sigpipe_restore(&sp, c);
         if (ok == REDIS_OK) {
             bool pong = false;
+            uint64_t t0 = keel_now_ns();
             bool sane = deliver(s, rep, &pong);
             freeReplyObject(rep);
             if (!sane)
                 return;
             if (pong)
                 waiting_pong = false;
+            else if (waiting_pong) /* the handler's time is not the server's */
+                pong_by = keel__sat_add(pong_by, keel_now_ns() - t0);
             continue;
         }
         if (rc != KEEL_ETIMEDOUT || waiting_pong)
