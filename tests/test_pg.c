@@ -625,9 +625,9 @@ static void *thaw_later(void *arg)
     return NULL;
 }
 
-/* Every client backend of the shared replica goes on (an unchecked
- * teardown, in Check's parent: also after a test that failed with one
- * stopped). */
+/* Every client backend of the shared replica goes on, and its replay (an
+ * unchecked teardown, in Check's parent: also after a test that failed
+ * with one stopped). */
 static void resume_replica_backends(void)
 {
     const char *ci = getenv("KEEL_TEST_PG_REPLICA");
@@ -637,6 +637,8 @@ static void resume_replica_backends(void)
     for (int i = 0; PQresultStatus(r) == PGRES_TUPLES_OK && i < PQntuples(r); i++)
         kill(atoi(PQgetvalue(r, i, 0)), SIGCONT);
     PQclear(r);
+    if (d)
+        PQclear(PQexec(d, "SELECT pg_wal_replay_resume()"));
     PQfinish(d);
 }
 
@@ -671,6 +673,71 @@ START_TEST(read_your_writes_waits_no_longer_than_asked_on_a_silent_replica)
     pthread_join(th, NULL);
     ck_assert_int_eq(rc, 0);
     ck_assert_msg(took < 2500 * MS, "took %llu ms for a wait of 1 s",
+                  (unsigned long long)(took / MS));
+    ck_assert_uint_eq(keel_pg_conn_host(c), 0);
+    keel_pg_release(c);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
+/* Stops a backend `at` after the thread starts, and resumes it when told
+ * to or after 10 s. */
+typedef struct freeze {
+    int pid;
+    uint64_t at;
+    atomic_bool done;
+} freeze;
+
+static void *freeze_at(void *arg)
+{
+    freeze *f = arg;
+    kt_nap(f->at);
+    kill(f->pid, SIGSTOP);
+    for (int i = 0; i < 1000 && !atomic_load(&f->done); i++)
+        kt_nap(10 * MS);
+    kill(f->pid, SIGCONT);
+    return NULL;
+}
+
+/* A replica behind the position is looked at again after each pause; the
+ * last pause ends at the deadline, and the look taken then had all of
+ * connect_timeout: a replica gone silent late held the caller that much
+ * past its wait (5 s here). After the wait no replica is looked at. */
+START_TEST(read_your_writes_takes_no_look_after_its_wait)
+{
+    const char *replicas[1] = {kt_env("KEEL_TEST_PG_REPLICA")};
+    keel_pg_opts o = {.primary = kt_env("KEEL_TEST_PG"), .replicas = replicas, .nreplicas = 1,
+                      .conns_per_host = 1, .connect_timeout_ns = 5 * KT_S, .manual_health = 1,
+                      .clock = kt_clock_now, .clock_ud = &clk};
+    keel_pg *pg;
+    ck_assert_int_eq(keel_pg_create(&pg, &o), 0);
+    ck_assert_int_eq(keel_pg_check(pg), 0);
+    keel_pg_conn *c;
+    ck_assert_int_eq(keel_pg_acquire(pg, KEEL_PG_READ, &c), 0);
+    ck_assert_uint_eq(keel_pg_conn_host(c), 1);
+    /* The looks, answered "not yet" in well under a millisecond, come
+     * after pauses of 1, 2, 4, ... 64 ms: at ~130 ms + k * 64 ms, the last
+     * at ~970 ms, and the pause after it ends at the deadline (1030 ms).
+     * The backend stops in the middle of that pause. */
+    freeze f = {.pid = PQbackendPID(keel_pg_conn_raw(c)), .at = 1000 * MS};
+    keel_pg_release(c);
+    PGconn *rep = kt_pg_connect(kt_env("KEEL_TEST_PG_REPLICA"));
+    kt_pg_exec(rep, "SELECT pg_wal_replay_pause()");
+    write_sql(pg, "CREATE TABLE IF NOT EXISTS kt_late (v int)");
+    write_sql(pg, "INSERT INTO kt_late VALUES (1)");
+    uint64_t lsn;
+    ck_assert_int_eq(keel_pg_write_lsn(pg, &lsn), 0);
+    pthread_t th;
+    pthread_create(&th, NULL, freeze_at, &f);
+    uint64_t t0 = keel_now_ns();
+    int rc = keel_pg_acquire_after(pg, lsn, 1030 * MS, &c);
+    uint64_t took = keel_now_ns() - t0;
+    atomic_store(&f.done, true);
+    pthread_join(th, NULL);
+    kt_pg_exec(rep, "SELECT pg_wal_replay_resume()");
+    PQfinish(rep);
+    ck_assert_int_eq(rc, 0);
+    ck_assert_msg(took < 1500 * MS, "took %llu ms for a wait of 1030 ms",
                   (unsigned long long)(took / MS));
     ck_assert_uint_eq(keel_pg_conn_host(c), 0);
     keel_pg_release(c);
@@ -2253,6 +2320,7 @@ int main(void)
     tcase_set_timeout(fz, 60);
     tcase_add_unchecked_fixture(fz, NULL, resume_replica_backends);
     tcase_add_test(fz, read_your_writes_waits_no_longer_than_asked_on_a_silent_replica);
+    tcase_add_test(fz, read_your_writes_takes_no_look_after_its_wait);
     suite_add_tcase(s, fz);
 
     /* servers of its own: the primary is stopped */

@@ -718,13 +718,14 @@ static int get_replica(keel_pg *pg, keel_pg_conn **out)
 }
 
 /* A replica that has replayed lsn, whatever its lag otherwise (that lsn
- * is all the read needs). Each is asked within connect_timeout and, once
- * the wait's deadline (keel_now_ns) is near, only until then: a replica
- * that takes the question and never answers must not hold the caller past
- * the wait it asked for. KEEL_EBUSY when the replicas that answered are
- * all behind it (waiting may help); KEEL_EUNAVAIL when none answered or
- * had a connection free. */
-static int get_replica_after(keel_pg *pg, uint64_t lsn, uint64_t deadline, keel_pg_conn **out)
+ * is all the read needs). With no wait (once), each is asked within
+ * connect_timeout; else only until the wait's deadline (keel_now_ns), and
+ * none once it has passed: a replica that takes the question and never
+ * answers must not hold the caller past the wait it asked for.
+ * KEEL_EBUSY when the replicas that answered are all behind it (waiting
+ * may help); KEEL_EUNAVAIL when none answered or had a connection free. */
+static int get_replica_after(keel_pg *pg, uint64_t lsn, uint64_t deadline, bool once,
+                             keel_pg_conn **out)
 {
     uint64_t now = keel__clock_now(&pg->clock);
     size_t start = atomic_fetch_add(&pg->rotor, 1);
@@ -737,10 +738,12 @@ static int get_replica_after(keel_pg *pg, uint64_t lsn, uint64_t deadline, keel_
         keel_pg_conn *c; /* none free now: not one to wait for */
         if (!replica || !usable(h, now) || keel__pg_conn_get(h, 0, &c) != 0)
             continue;
-        /* with no wait left (none asked for), connect_timeout still: one
-         * look at each replica is always taken */
         uint64_t t = keel_now_ns(), timeout = pg->connect_timeout;
-        if (deadline > t && deadline - t < timeout)
+        if (!once && t >= deadline) {
+            keel_pg_release(c);
+            break;
+        }
+        if (!once && deadline - t < timeout)
             timeout = deadline - t;
         int yes = has_replayed(c, lsn, timeout);
         if (yes == 1) {
@@ -774,7 +777,7 @@ KEEL_API int keel_pg_acquire_after(keel_pg *pg, uint64_t lsn, uint64_t wait_ns, 
     uint64_t now = keel_now_ns(), pause = 1000000u;
     uint64_t deadline = keel__sat_add(now, wait_ns);
     for (;;) {
-        int rc = get_replica_after(pg, lsn, deadline, out);
+        int rc = get_replica_after(pg, lsn, deadline, wait_ns == 0, out);
         if (rc == 0)
             return 0;
         if (rc != KEEL_EBUSY) /* no replica to wait for */
@@ -786,6 +789,8 @@ KEEL_API int keel_pg_acquire_after(keel_pg *pg, uint64_t lsn, uint64_t wait_ns, 
             pause = deadline - now;
         struct timespec ts = {(time_t)(pause / 1000000000u), (long)(pause % 1000000000u)};
         nanosleep(&ts, NULL);
+        if (keel_now_ns() >= deadline) /* the wait is over: no look after it */
+            break;
         if (pause < 50000000u)
             pause *= 2;
     }
