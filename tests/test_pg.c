@@ -566,6 +566,40 @@ START_TEST(read_your_writes_waits_for_the_replica_or_uses_the_primary)
 }
 END_TEST
 
+/* A wait shorter than a round trip: each look was bounded by what was
+ * left of it, so the question timed out and the replica's pooled
+ * connection was dropped at every call, and the write host served. A
+ * look gets at least min(connect_timeout, 50 ms). */
+START_TEST(read_your_writes_with_a_short_wait_keeps_the_replica_connection)
+{
+    keel_pg *pg = open_shared();
+    write_sql(pg, "CREATE TABLE IF NOT EXISTS kt_short (v int)");
+    PGconn *rep = kt_pg_connect(kt_env("KEEL_TEST_PG_REPLICA"));
+    keel_pg_host_stats before, after;
+    for (int i = 0; i < 10; i++) {
+        write_sql(pg, "INSERT INTO kt_short VALUES (1)");
+        uint64_t lsn;
+        ck_assert_int_eq(keel_pg_write_lsn(pg, &lsn), 0);
+        char q[128]; /* caught up, but the check has not seen it */
+        snprintf(q, sizeof q, "SELECT (pg_last_wal_replay_lsn() >= '%X/%X')::int",
+                 (unsigned)(lsn >> 32), (unsigned)lsn);
+        for (int j = 0; j < 500 && !kt_pg_number(rep, q); j++)
+            kt_nap(10 * MS);
+        ck_assert_int_eq(kt_pg_number(rep, q), 1);
+        if (i == 1) /* the first call made the connection */
+            keel_pg_host_stats_get(pg, 1, &before);
+        keel_pg_conn *c;
+        ck_assert_int_eq(keel_pg_acquire_after(pg, lsn, 5000, &c), 0); /* 5 us */
+        ck_assert_uint_eq(keel_pg_conn_host(c), 1);
+        keel_pg_release(c);
+    }
+    keel_pg_host_stats_get(pg, 1, &after);
+    ck_assert_uint_eq(after.connects, before.connects);
+    PQfinish(rep);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
 /* Nothing to wait for: no replica configured, or the one there is down.
  * The wait asked for is an hour, past the case's timeout. */
 START_TEST(read_your_writes_with_no_replica_up_uses_the_primary_at_once)
@@ -2281,6 +2315,7 @@ int main(void)
     tcase_add_test(tc, a_replica_lag_is_measured_after_many_checks);
     tcase_add_test(tc, a_replica_keeping_up_under_writes_stays_readable);
     tcase_add_test(tc, read_your_writes_waits_for_the_replica_or_uses_the_primary);
+    tcase_add_test(tc, read_your_writes_with_a_short_wait_keeps_the_replica_connection);
     tcase_add_test(tc, read_your_writes_with_no_replica_up_uses_the_primary_at_once);
     tcase_add_test(tc, read_your_writes_with_no_free_replica_connection_uses_the_primary_at_once);
     tcase_add_test(tc, a_batch_is_one_pipeline_and_all_or_nothing);

@@ -158,10 +158,12 @@ KEEL_API int keel_pg_acquire(keel_pg *pg, keel_pg_mode mode, keel_pg_conn **out)
  * wait_ns for one to catch up, else on the write host; at once on the
  * write host when no replica is up to wait for (none configured, all
  * down, none with a free connection). A replica asked its position
- * answers within connect_timeout_ns and the rest of the wait, else it is
- * given up, and none is asked once the wait is over (with no wait, each
- * is asked once, within connect_timeout_ns); the query timeout does not
- * apply. */
+ * answers within connect_timeout_ns and the rest of the wait, but never
+ * less than min(connect_timeout_ns, 50 ms), so a short wait does not
+ * give up a replica for being a round trip away (a call may end up to
+ * that much past its wait for each replica it asked), else it is given
+ * up; none is asked once the wait is over (with no wait, each is asked
+ * once, within connect_timeout_ns); the query timeout does not apply. */
 KEEL_API int keel_pg_acquire_after(keel_pg *pg, uint64_t lsn, uint64_t wait_ns,
                                    keel_pg_conn **out);
 

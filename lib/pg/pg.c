@@ -717,13 +717,19 @@ static int get_replica(keel_pg *pg, keel_pg_conn **out)
     return KEEL_EUNAVAIL;
 }
 
+/* How long a replica asked its position has at least, past the wait if
+ * need be: a look cut shorter than a round trip would drop a healthy
+ * pooled connection, and its host's reads with it. */
+#define LOOK_FLOOR 50000000u
+
 /* A replica that has replayed lsn, whatever its lag otherwise (that lsn
- * is all the read needs). With no wait (once), each is asked within
- * connect_timeout; else only until the wait's deadline (keel_now_ns), and
- * none once it has passed: a replica that takes the question and never
- * answers must not hold the caller past the wait it asked for.
- * KEEL_EBUSY when the replicas that answered are all behind it (waiting
- * may help); KEEL_EUNAVAIL when none answered or had a connection free. */
+ * is all the read needs). Each is asked once: with no wait (once), within
+ * connect_timeout; else until the wait's deadline (keel_now_ns), or for
+ * min(connect_timeout, LOOK_FLOOR) if that ends later: a replica that
+ * takes the question and never answers must not hold the caller past the
+ * wait it asked for by more than that floor. KEEL_EBUSY when the
+ * replicas that answered are all behind it (waiting may help);
+ * KEEL_EUNAVAIL when none answered or had a connection free. */
 static int get_replica_after(keel_pg *pg, uint64_t lsn, uint64_t deadline, bool once,
                              keel_pg_conn **out)
 {
@@ -739,12 +745,10 @@ static int get_replica_after(keel_pg *pg, uint64_t lsn, uint64_t deadline, bool 
         if (!replica || !usable(h, now) || keel__pg_conn_get(h, 0, &c) != 0)
             continue;
         uint64_t t = keel_now_ns(), timeout = pg->connect_timeout;
-        if (!once && t >= deadline) {
-            keel_pg_release(c);
-            break;
-        }
-        if (!once && deadline - t < timeout)
-            timeout = deadline - t;
+        uint64_t left = deadline > t ? deadline - t : 0;
+        uint64_t least = timeout < LOOK_FLOOR ? timeout : LOOK_FLOOR;
+        if (!once && left < timeout)
+            timeout = left > least ? left : least;
         int yes = has_replayed(c, lsn, timeout);
         if (yes == 1) {
             *out = c;
