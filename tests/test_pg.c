@@ -1940,6 +1940,71 @@ START_TEST(a_replica_that_catches_up_with_no_write_host_serves_reads)
 }
 END_TEST
 
+/* A replica down while the primary wrote, back while no host takes
+ * writes: it kept the lag it had before it went down, and with no write
+ * host a lag only went down (min of the old and the new), so it served a
+ * minute-old table although the limit is 1 s. Its lag is measured against
+ * the positions remembered, as of the last check that saw a write host.
+ * A replica never seen beside a write host has no lag to tell: unknown
+ * (UINT64_MAX), not readable. */
+START_TEST(a_replica_back_with_no_write_host_keeps_its_lag)
+{
+    keel_pg *pg = open_pg(priv.pg, priv.pg_replica, 5 * KT_S);
+    PGconn *prim = kt_pg_connect(priv.pg);
+    kt_pg_exec(prim, "SET synchronous_commit = on; CREATE TABLE kt_st (v int);"
+                     " INSERT INTO kt_st VALUES (1)");
+    PGconn *rep = kt_pg_connect(priv.pg_replica);
+    for (int i = 0; i < 500 && !kt_pg_number(rep, "SELECT count(*) FROM pg_class"
+                                                 " WHERE relname = 'kt_st'"); i++)
+        kt_nap(10 * MS);
+    PQfinish(rep);
+    ck_assert_int_eq(keel_pg_check(pg), 0);
+    keel_pg_host_stats st;
+    keel_pg_host_stats_get(pg, 1, &st);
+    ck_assert_int_eq(st.readable, 1);
+
+    kt_private_server(&priv, "stop-one", "pg-replica");
+    ck_assert_int_eq(keel_pg_check(pg), 0);
+    for (int i = 0; i < 12; i++) { /* a minute of writes the replica misses */
+        kt_pg_exec(prim, "INSERT INTO kt_st SELECT generate_series(1, 100)");
+        kt_clock_advance(&clk, 5 * KT_S);
+        ck_assert_int_eq(keel_pg_check(pg), 0);
+    }
+    PQfinish(prim);
+    kt_private_server(&priv, "stop-one", "pg-primary");
+    kt_private_server(&priv, "start-one", "pg-replica");
+    ck_assert_int_eq(keel_pg_check(pg), KEEL_EUNAVAIL);
+    keel_pg_host_stats_get(pg, 1, &st);
+    ck_assert_int_eq(st.role, KEEL_PG_ROLE_REPLICA);
+    ck_assert_uint_ge(st.lag_ns, 50 * KT_S);
+    ck_assert_int_eq(st.readable, 0);
+    kt_clock_advance(&clk, 60 * KT_S); /* the time with no write host is no lag */
+    ck_assert_int_eq(keel_pg_check(pg), KEEL_EUNAVAIL);
+    keel_pg_host_stats_get(pg, 1, &st);
+    ck_assert_uint_ge(st.lag_ns, 50 * KT_S);
+    ck_assert_uint_lt(st.lag_ns, 65 * KT_S);
+    PGresult *r;
+    ck_assert_int_eq(keel_pg_exec(pg, KEEL_PG_READ, "SELECT count(*) FROM kt_st", NULL, &r),
+                     KEEL_EUNAVAIL);
+    keel_pg_destroy(pg);
+
+    /* first seen during the outage */
+    const char *replicas[1] = {priv.pg_replica};
+    keel_pg_opts o = {.primary = priv.pg, .replicas = replicas, .nreplicas = 1,
+                      .connect_timeout_ns = 2 * KT_S, .manual_health = 1,
+                      .clock = kt_clock_now, .clock_ud = &clk};
+    ck_assert_int_eq(keel_pg_create(&pg, &o), 0);
+    ck_assert_int_eq(keel_pg_check(pg), KEEL_EUNAVAIL);
+    keel_pg_host_stats_get(pg, 1, &st);
+    ck_assert_int_eq(st.role, KEEL_PG_ROLE_REPLICA);
+    ck_assert_uint_eq(st.lag_ns, UINT64_MAX);
+    ck_assert_int_eq(st.readable, 0);
+    ck_assert_int_eq(keel_pg_exec(pg, KEEL_PG_READ, "SELECT count(*) FROM kt_st", NULL, &r),
+                     KEEL_EUNAVAIL);
+    keel_pg_destroy(pg);
+}
+END_TEST
+
 /* The old primary, restarted as a standby of the promoted replica without
  * pg_rewind, is in recovery on a history of its own: it went on past the
  * point where the replica was promoted, and never follows the new
@@ -2364,6 +2429,13 @@ int main(void)
     tcase_add_unchecked_fixture(nw, priv_start, priv_stop);
     tcase_add_test(nw, a_replica_that_catches_up_with_no_write_host_serves_reads);
     suite_add_tcase(s, nw);
+
+    /* servers of its own: both stopped in turn */
+    TCase *st = tcase_create("stale");
+    tcase_set_timeout(st, 120);
+    tcase_add_unchecked_fixture(st, priv_start, priv_stop);
+    tcase_add_test(st, a_replica_back_with_no_write_host_keeps_its_lag);
+    suite_add_tcase(s, st);
 
     /* servers of its own: a failover, the old primary not rewound */
     TCase *dv = tcase_create("diverged");

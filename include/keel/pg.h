@@ -29,7 +29,12 @@
  * clock: a replica is as far behind as the oldest position the write
  * host had flushed at a check that it has not replayed yet (zero when it
  * has replayed all of them; older positions are thinned out, so a long
- * lag is known to within a fraction of itself). Checks run in a
+ * lag is known to within a fraction of itself). With no write host, a
+ * lag is measured as of the last check that saw one: it does not grow
+ * with the outage, and a replica down while the write host went on stays
+ * behind what it missed; a replica never seen at a check that also saw a
+ * write host has an unknown lag (UINT64_MAX) and serves no reads until one
+ * is seen. Checks run in a
  * background thread every health_interval_ns, or only when the program
  * calls keel_pg_check() (manual_health). A connect that fails marks its
  * host down until a check finds it up (or for one interval), except one
@@ -310,7 +315,7 @@ typedef struct keel_pg_host_stats {
     keel_pg_role role;
     int readable;          /* a READ may use it now */
     uint64_t lsn;          /* WAL position at the last check (replayed, on a replica) */
-    uint64_t lag_ns;       /* replicas */
+    uint64_t lag_ns;       /* replicas; UINT64_MAX: unknown (see Health) */
     /* queries: the caller's statements sent, not libkeel's own (checks,
      * ROLLBACK, DEALLOCATE, set_config) */
     uint64_t checks, check_failures, connects, conn_failures, queries, errors;

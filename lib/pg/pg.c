@@ -13,7 +13,10 @@
  * with the time (only when it moved: the earliest time of a position is
  * the one that counts). A replica's lag is the time since the oldest
  * remembered position it has not replayed; none: zero. With no write
- * host, nothing new is remembered and a lag only goes down.
+ * host, nothing new is remembered, and a lag is measured as of the last
+ * check that had one (the time without one is no lag, and a replica down
+ * since is still behind what it missed); a replica never seen beside a
+ * write host has no lag to tell: UINT64_MAX, over any limit.
  *
  * Locks: check_mu (one check at a time) before mu; keel_lb's own lock is
  * taken outside mu; the metrics registry's lock before mu.
@@ -21,6 +24,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <limits.h>
+#include <math.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -583,6 +587,7 @@ static int check_round(keel_pg *pg)
             pg->nhist = 0; /* another primary: its positions only */
         pg->timeline = pr[best].timeline;
         remember(pg, now, pr[best].lsn);
+        pg->writer_at = now;
     }
     for (size_t i = 0; i < pg->nhosts; i++) {
         pghost *h = &pg->hosts[i];
@@ -601,12 +606,12 @@ static int check_round(keel_pg *pg)
             h->lag_ns = 0;
         } else if (best != PG_NONE) {
             h->lag_ns = lag_of(pg, pr[i].lsn, now);
-        } else { /* no write host: behind what it had not replayed, or less
-                  * (the time without one is no lag) */
-            uint64_t lag = lag_of(pg, pr[i].lsn, now);
-            if (lag < h->lag_ns)
-                h->lag_ns = lag;
+        } else if (h->measured) { /* no write host: as of the last check with one */
+            h->lag_ns = lag_of(pg, pr[i].lsn, pg->writer_at);
+        } else { /* nothing it was ever measured against: unknown */
+            h->lag_ns = UINT64_MAX;
         }
+        h->measured = h->measured || best != PG_NONE;
         h->role = pr[i].recovery ? KEEL_PG_ROLE_REPLICA
                   : i == best    ? KEEL_PG_ROLE_PRIMARY
                                  : KEEL_PG_ROLE_FENCED;
@@ -1076,7 +1081,7 @@ static double m_stat(pghost *h, int which)
                    st.role == KEEL_PG_ROLE_FENCED;
     case 1: return st.role == KEEL_PG_ROLE_PRIMARY;
     case 2: return st.readable;
-    default: return (double)st.lag_ns / 1e9;
+    default: return st.lag_ns == UINT64_MAX ? INFINITY : (double)st.lag_ns / 1e9;
     }
 }
 static double m_up(void *ud) { return m_stat(ud, 0); }

@@ -47,6 +47,7 @@ struct pghost {
     keel_pg_role role;
     bool readable;
     bool diverged; /* a replica with WAL the write host never had: no reads */
+    bool measured; /* answered a check that saw a write host: its lag is known */
     uint64_t lsn, lag_ns;
     uint32_t timeline;
     /* the health check's own connection, under pg->check_mu */
@@ -69,6 +70,7 @@ struct keel_pg {
     } hist[PG_HIST];
     size_t nhist;        /* entries, oldest first */
     uint32_t timeline;   /* the newest a write host was seen on */
+    uint64_t writer_at;  /* when a check last saw a write host */
     size_t last_writer;  /* the last known write host */
     uint64_t failovers;
 
