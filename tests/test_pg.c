@@ -2280,6 +2280,58 @@ START_TEST(conninfo_values_libpq_would_refuse_are_refused)
 }
 END_TEST
 
+/* Two hosts are refused as one only when both name the address and the
+ * port themselves: a service (expanded by libpq at connect, from
+ * pg_service.conf) or PGHOST/PGPORT may make two conninfos that look
+ * alike different servers, and they used to be refused as one server
+ * given twice; so were two hostaddrs under one host name. Hosts whose
+ * names are alike get names apart, for logs and metric labels. */
+static int create_pair(const char *a, const char *b, keel_metrics *m, keel_pg **out)
+{
+    const char *replicas[1] = {b};
+    keel_pg_opts o = {.primary = a, .replicas = replicas, .nreplicas = 1, .manual_health = 1,
+                      .metrics = m};
+    return keel_pg_create(out, &o);
+}
+
+START_TEST(hosts_that_may_differ_are_not_refused_as_one)
+{
+    const char *const differ[][2] = {
+        {"service=prim dbname=postgres", "service=rep dbname=postgres"},
+        {"postgresql:///postgres?service=prim", "postgresql:///postgres?service=rep"},
+        {"host=db1 port=5432 service=prim", "host=db1 port=5432 service=rep"},
+        {"host=db.example hostaddr=10.0.0.1", "host=db.example hostaddr=10.0.0.2"},
+        {"host=db.example hostaddr=10.0.0.1 port=5432", "host=db.example hostaddr=10.0.0.2 port=5432"},
+        {"host=db1", "host=db1 dbname=x"}, /* PGPORT may tell them apart... */
+        {"port=5432", "port=5432 dbname=x"}, /* ...or PGHOST */
+        {"dbname=a", "dbname=b"},
+    };
+    keel_metrics *m;
+    ck_assert_int_eq(keel_metrics_create(&m, &(keel_metrics_opts){0}), 0);
+    for (size_t i = 0; i < sizeof differ / sizeof differ[0]; i++) {
+        keel_pg *pg;
+        ck_assert_msg(create_pair(differ[i][0], differ[i][1], m, &pg) == 0, "refused %s | %s",
+                      differ[i][0], differ[i][1]);
+        keel_pg_host_stats a, b;
+        keel_pg_host_stats_get(pg, 0, &a);
+        keel_pg_host_stats_get(pg, 1, &b);
+        ck_assert_str_ne(a.name, b.name);
+        keel_pg_destroy(pg);
+    }
+    keel_metrics_destroy(m);
+    const char *const same[][2] = {
+        {"host=h port=1", "host=h port=1 dbname=x"},
+        {"hostaddr=10.0.0.1 port=5432", "host=db hostaddr=10.0.0.1 port=5432"},
+        {"postgresql://h:5433/a", "host=h port=5433 dbname=b"},
+    };
+    for (size_t i = 0; i < sizeof same / sizeof same[0]; i++) {
+        keel_pg *pg;
+        ck_assert_msg(create_pair(same[i][0], same[i][1], NULL, &pg) == KEEL_EINVAL,
+                      "accepted %s | %s", same[i][0], same[i][1]);
+    }
+}
+END_TEST
+
 /* Hosts are told apart by their whole name and port, however long (a DNS
  * name has up to 253 bytes, a socket directory more), and so named. */
 START_TEST(long_host_names_are_kept_whole)
@@ -2365,6 +2417,7 @@ int main(void)
     tcase_add_test(opt, the_health_thread_waits_an_interval_of_any_length);
     tcase_add_test(opt, a_statement_timeout_is_whole_milliseconds_up_to_int_max);
     tcase_add_test(opt, conninfo_values_libpq_would_refuse_are_refused);
+    tcase_add_test(opt, hosts_that_may_differ_are_not_refused_as_one);
     tcase_add_test(opt, long_host_names_are_kept_whole);
     tcase_add_test(opt, the_callers_fallback_application_name_wins);
     tcase_add_test(opt, queries_counts_the_callers_statements_only);

@@ -7,7 +7,11 @@
  * ("host=... port=... dbname=..." or "postgresql://..."); each gets a
  * keel_pool of connections, opened when first needed. Host 0 is the
  * configured primary, hosts 1..n the replicas, in the order given. A
- * conninfo without a fallback_application_name gets "libkeel".
+ * conninfo without a fallback_application_name gets "libkeel". Two hosts
+ * are one server given twice only when both write the address (hostaddr
+ * when given, else host) and the port, the same, and name no service: a
+ * service or PGHOST/PGPORT, which libpq reads only when it connects, may
+ * tell apart conninfos that look alike.
  *
  * Health. A check asks every host whether it is in recovery and how far
  * its WAL is (one query on a connection of its own, made again once when
@@ -135,7 +139,8 @@ typedef struct keel_pg_opts {
  * KEEL_EINVAL (no primary, a malformed conninfo, whose libpq message is
  * logged, or one libpq would refuse at every connect: a port not from 1
  * to 65535, an unknown sslmode or target_session_attrs, lists of hosts
- * and ports that do not match; a host given twice; a statement timeout over INT_MAX ms) or
+ * and ports that do not match; a host given twice (see Hosts); a
+ * statement timeout over INT_MAX ms) or
  * KEEL_ENOMEM. */
 KEEL_API int keel_pg_create(keel_pg **out, const keel_pg_opts *opts);
 
@@ -311,7 +316,9 @@ typedef enum keel_pg_role {
 } keel_pg_role;
 
 typedef struct keel_pg_host_stats {
-    const char *name;      /* "host:port" */
+    const char *name;      /* "host:port" ("service=name[:port]" for a
+                            * service with no host; "#index" added when
+                            * alike an earlier host's) */
     keel_pg_role role;
     int readable;          /* a READ may use it now */
     uint64_t lsn;          /* WAL position at the last check (replayed, on a replica) */

@@ -194,7 +194,7 @@ static int host_params(pghost *h, const char *conninfo, uint64_t statement_timeo
     if (statement_timeout)
         snprintf(st, sizeof st, "-c statement_timeout=%llu",
                  (unsigned long long)ms_up(statement_timeout));
-    const char *host = NULL, *hostaddr = NULL, *port = NULL;
+    const char *host = "", *hostaddr = "", *port = "", *service = "";
     bool have_options = false, have_fallback = false;
     size_t n = 0;
     for (PQconninfoOption *o = opts; rc == 0 && o->keyword; o++) {
@@ -221,6 +221,8 @@ static int host_params(pghost *h, const char *conninfo, uint64_t statement_timeo
             hostaddr = h->val[n - 1];
         else if (strcmp(o->keyword, "port") == 0)
             port = h->val[n - 1];
+        else if (strcmp(o->keyword, "service") == 0)
+            service = h->val[n - 1];
         else if (strcmp(o->keyword, "fallback_application_name") == 0)
             have_fallback = o->val[0] != '\0'; /* empty: unset, to libpq */
     }
@@ -231,15 +233,22 @@ static int host_params(pghost *h, const char *conninfo, uint64_t statement_timeo
     PQconninfoFree(opts);
     if (rc)
         return rc;
-    /* empty: libpq's default */
-    h->host = host && host[0] ? host : hostaddr && hostaddr[0] ? hostaddr : "localhost";
-    h->port = port && port[0] ? port : "5432";
+    /* Empty: libpq's default, which a service or PGHOST/PGPORT may set
+     * (libpq reads them only when it connects): the server is known only
+     * from an address and a port both written, and no service. The
+     * address connected to is hostaddr, when given. */
+    const char *shown = host[0] ? host : hostaddr[0] ? hostaddr : NULL;
+    h->addr = service[0] || !port[0] ? NULL : hostaddr[0] ? hostaddr : shown;
+    h->port = port;
     /* as long as it needs: a DNS name has up to 253 bytes, a socket
-     * directory and a list of hosts more */
-    size_t len = strlen(h->host) + strlen(h->port) + 2;
+     * directory and a list of hosts more; room for add_host's "#<index>" */
+    size_t len = strlen(shown ? shown : "localhost") + strlen(service) + strlen(port) + 40;
     if (!(h->name = keel__malloc(len)))
         return KEEL_ENOMEM;
-    snprintf(h->name, len, "%s:%s", h->host, h->port);
+    if (!shown && service[0])
+        snprintf(h->name, len, "service=%s%s%s", service, port[0] ? ":" : "", port);
+    else
+        snprintf(h->name, len, "%s:%s", shown ? shown : "localhost", port[0] ? port : "5432");
     return 0;
 }
 
@@ -1127,11 +1136,18 @@ static int add_host(keel_pg *pg, size_t i, const char *conninfo, const keel_pg_o
     if (!conninfo)
         return KEEL_EINVAL;
     int rc = host_params(h, conninfo, o->statement_timeout_ns);
-    for (size_t k = 0; rc == 0 && k < i; k++)
-        if (strcmp(pg->hosts[k].host, h->host) == 0 && strcmp(pg->hosts[k].port, h->port) == 0) {
+    bool alike = false;
+    for (size_t k = 0; rc == 0 && k < i; k++) {
+        const pghost *g = &pg->hosts[k];
+        if (h->addr && g->addr && strcmp(g->addr, h->addr) == 0 && strcmp(g->port, h->port) == 0) {
             keel__log(KEEL_LOG_ERROR, "pg", "%s is given twice", h->name);
             rc = KEEL_EINVAL;
         }
+        alike = alike || strcmp(g->name, h->name) == 0;
+    }
+    /* maybe two servers (a service, PGHOST): told apart in logs and labels */
+    if (rc == 0 && alike)
+        snprintf(h->name + strlen(h->name), 24, "#%zu", i); /* host_params kept room */
     keel_pool_opts po = {.obj_size = sizeof(keel_pg_conn),
                          .capacity = o->conns_per_host ? o->conns_per_host : 8,
                          .init = conn_init, .fini = conn_fini, .ud = h};

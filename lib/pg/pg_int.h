@@ -35,7 +35,8 @@ struct pghost {
     keel_pg *pg;
     size_t idx;
     char *name;                 /* "host:port", for logs, stats and labels */
-    const char *host, *port;    /* what tells hosts apart: in val, or defaults */
+    const char *addr, *port; /* in val: the server, when both are written and
+                              * no service is given (addr NULL otherwise) */
     const char **kw, **val; /* connection parameters, NULL-terminated */
     keel_pool *pool;
     keel_lb_peer *peer;
