@@ -2250,12 +2250,17 @@ END_TEST
  * create, as a malformed conninfo is: not a host marked down at each call. */
 START_TEST(conninfo_values_libpq_would_refuse_are_refused)
 {
+    /* libpq 15 reads a port as strtol does, spaces around it allowed (an
+     * error ends the connect when it reaches that host), and skips a host
+     * whose port is out of range: refused only when no host is reached
+     * with a port it can use */
     const char *bad[] = {"port=abc", "port=0", "port=65536", "port=5432x", "port=-1",
                          "postgresql://h:99999/db", "host=a sslmode=bogus",
                          "target_session_attrs=nonsense", "host=a,b port=1,2,3",
-                         "host=a,b,c port=1,2", "host=a,b port=1,x",
-                         "host=a hostaddr=127.0.0.1,127.0.0.2", "host=a,b port='1, '",
-                         "port=99999999999999999999", NULL};
+                         "host=a,b,c port=1,2", "host=a,b port=x,1",
+                         "host=a hostaddr=127.0.0.1,127.0.0.2", "port=' '", "port='+ 1'",
+                         "host=a,b port=0,99999", "host=a,b,c port=0,x,3",
+                         "port=99999999999999999999", "port=2147483648", NULL};
     for (size_t i = 0; bad[i]; i++) {
         keel_pg *pg = (keel_pg *)0x1;
         keel_pg_opts o = {.primary = bad[i], .manual_health = 1};
@@ -2270,7 +2275,10 @@ START_TEST(conninfo_values_libpq_would_refuse_are_refused)
                           "host=a,b port=1,", "host=a,b port=' 1, 2 '", "postgresql://h1:5433,h2:5434/db",
                           "postgresql://h1,h2:5434/db", "hostaddr=127.0.0.1,127.0.0.2 port=7",
                           "host=a sslmode=verify-full target_session_attrs=prefer-standby",
-                          "sslmode=disable target_session_attrs=read-write", NULL};
+                          "sslmode=disable target_session_attrs=read-write", "port=+24330",
+                          "port='24330\t'", "port='\t24330 '", "host=a,b port=24330,99999",
+                          "host=a,b port=99999,24330", "host=a,b port=1,x", "host=a,b port='1, '",
+                          "postgresql://a,b:99999/db", NULL};
     for (size_t i = 0; good[i]; i++) {
         keel_pg *pg;
         keel_pg_opts o = {.primary = good[i], .manual_health = 1};

@@ -137,8 +137,10 @@ typedef struct keel_pg_opts {
 /* Parses the conninfos and prepares the pools; connects lazily (the health
  * thread, unless manual_health, starts checking at once). Returns 0,
  * KEEL_EINVAL (no primary, a malformed conninfo, whose libpq message is
- * logged, or one libpq would refuse at every connect: a port not from 1
- * to 65535, an unknown sslmode or target_session_attrs, lists of hosts
+ * logged, or one libpq would refuse at every connect: no host it reaches
+ * with a usable port (libpq 15 skips a host whose port is not from 1 to
+ * 65535, and stops at one whose port is no integer, spaces around it
+ * allowed), an unknown sslmode or target_session_attrs, lists of hosts
  * and ports that do not match; a host given twice (see Hosts); a
  * statement timeout over INT_MAX ms) or
  * KEEL_ENOMEM. */

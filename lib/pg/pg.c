@@ -95,23 +95,50 @@ static size_t list_len(const char *s)
     return n;
 }
 
-/* Whether every element of a port list is empty (the default port) or a
- * number from 1 to 65535, spaces around it allowed as libpq allows them. */
+static bool c_space(char c)
+{
+    return c == ' ' || c == '\t' || c == '\n' || c == '\v' || c == '\f' || c == '\r';
+}
+
+/* One element of a port list as libpq 15 reads it when it gets to its
+ * host (parse_int_param, then PQconnectPoll's range check): strtol's
+ * number, spaces around it allowed. 1: usable (empty: the default port);
+ * 0: out of range, the host is skipped; -1: not an int, the connect ends
+ * there. */
+static int port_use(const char *s, size_t len)
+{
+    size_t i = 0;
+    if (!len)
+        return 1;
+    while (i < len && c_space(s[i]))
+        i++;
+    bool neg = i < len && s[i] == '-';
+    if (i < len && (s[i] == '-' || s[i] == '+'))
+        i++;
+    size_t digits = 0;
+    uint64_t v = 0;
+    for (; i < len && s[i] >= '0' && s[i] <= '9'; i++, digits++)
+        if (v <= (uint64_t)INT_MAX + 1) /* past it stays past it */
+            v = v * 10 + (uint64_t)(s[i] - '0');
+    while (i < len && c_space(s[i]))
+        i++;
+    if (i < len || !digits || v > (uint64_t)INT_MAX + neg)
+        return -1;
+    return !neg && v >= 1 && v <= 65535;
+}
+
+/* Whether libpq would reach a host with a usable port: it tries them in
+ * order, skips one whose port is out of range and gives up at one whose
+ * port is no number. One port serves every host. */
 static bool ports_ok(const char *s)
 {
     for (;;) {
-        size_t len = strcspn(s, ","), i = 0, digits = 0;
-        unsigned v = 0;
-        while (i < len && s[i] == ' ')
-            i++;
-        for (; i < len && s[i] >= '0' && s[i] <= '9' && v <= 65535; i++, digits++)
-            v = v * 10 + (unsigned)(s[i] - '0');
-        while (i < len && s[i] == ' ')
-            i++;
-        if (len && (i < len || !digits || v < 1 || v > 65535))
-            return false;
+        size_t len = strcspn(s, ",");
+        int use = port_use(s, len);
+        if (use)
+            return use > 0;
         if (!s[len])
-            return true;
+            return false;
         s += len + 1;
     }
 }
@@ -125,7 +152,7 @@ static bool among(const char *v, const char *const *set)
 }
 
 /* Whether libpq would take the values it parsed without complaint but
- * refuse at every connect (connectOptions2 in libpq 15): bad ports, an
+ * refuse at every connect (connectOptions2 in libpq 15): no usable port, an
  * unknown sslmode or target_session_attrs, lists of hosts and ports that
  * do not match. Refused at create, they are KEEL_EINVAL, not a host down
  * at each call. An empty value is libpq's default. */
@@ -152,10 +179,10 @@ static bool values_ok(const PQconninfoOption *opts)
     /* libpq counts the hosts in hostaddr if given, else in host */
     size_t nhosts = hostaddr[0] ? list_len(hostaddr) : host[0] ? list_len(host) : 1;
     const char *why = NULL;
-    if (port[0] && !ports_ok(port))
-        why = "invalid port";
-    else if (port[0] && list_len(port) != 1 && list_len(port) != nhosts)
+    if (port[0] && list_len(port) != 1 && list_len(port) != nhosts)
         why = "port numbers do not match the hosts";
+    else if (port[0] && !ports_ok(port))
+        why = "no host with a valid port";
     else if (host[0] && hostaddr[0] && list_len(host) != nhosts)
         why = "host names do not match the hostaddr values";
     else if (sslmode[0] && !among(sslmode, sslmodes))
