@@ -1505,6 +1505,48 @@ START_TEST(a_server_that_refuses_the_client_check_still_connects)
 }
 END_TEST
 
+/* Without pg_read_all_stats a check cannot see the timeline the
+ * replica's WAL receiver follows, and takes that of its last restartpoint,
+ * which after a failover trails for up to checkpoint_timeout: said once
+ * per host, with what to grant. */
+static _Atomic int tli_logs;
+static void count_tli_logs(keel_log_level level, const char *module, const char *msg, void *ud)
+{
+    (void)module, (void)ud;
+    if (level == KEEL_LOG_WARN && strstr(msg, "pg_monitor"))
+        tli_logs++;
+}
+
+START_TEST(a_replica_that_hides_its_timeline_is_said_once)
+{
+    PGconn *prim = kt_pg_connect(kt_env("KEEL_TEST_PG"));
+    kt_pg_exec(prim, "DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'kt_low')"
+                     " THEN CREATE ROLE kt_low LOGIN; END IF; END$$");
+    kt_pg_exec(prim, "SET synchronous_commit = on; SELECT 1");
+    PQfinish(prim);
+    PGconn *rep = kt_pg_connect(kt_env("KEEL_TEST_PG_REPLICA"));
+    for (int i = 0; i < 500 && !kt_pg_number(rep, "SELECT count(*) FROM pg_roles"
+                                                 " WHERE rolname = 'kt_low'"); i++)
+        kt_nap(10 * MS);
+    PQfinish(rep);
+    for (int low = 0; low < 2; low++) {
+        char p[256], r[256];
+        snprintf(p, sizeof p, "%s%s", kt_env("KEEL_TEST_PG"), low ? " user=kt_low" : "");
+        snprintf(r, sizeof r, "%s%s", kt_env("KEEL_TEST_PG_REPLICA"), low ? " user=kt_low" : "");
+        tli_logs = 0;
+        keel_set_log(count_tli_logs, KEEL_LOG_WARN, NULL);
+        keel_pg *pg = open_pg(p, r, 5 * KT_S);
+        ck_assert_int_eq(keel_pg_check(pg), 0);
+        keel_set_log(NULL, KEEL_LOG_ERROR, NULL);
+        keel_pg_host_stats st;
+        keel_pg_host_stats_get(pg, 1, &st);
+        ck_assert_int_eq(st.role, KEEL_PG_ROLE_REPLICA);
+        ck_assert_int_eq(tli_logs, low ? 1 : 0);
+        keel_pg_destroy(pg);
+    }
+}
+END_TEST
+
 START_TEST(a_stopped_replica_is_skipped)
 {
     keel_pg *pg = open_shared();
@@ -2459,6 +2501,7 @@ int main(void)
     tcase_add_test(tc, timeouts_client_and_server);
     tcase_add_test(tc, a_query_timeout_sets_the_client_check_after_connecting);
     tcase_add_test(tc, a_server_that_refuses_the_client_check_still_connects);
+    tcase_add_test(tc, a_replica_that_hides_its_timeline_is_said_once);
     tcase_add_test(tc, a_stopped_replica_is_skipped);
     tcase_add_test(tc, a_check_whose_connection_was_killed_asks_again);
     tcase_add_test(tc, a_lost_check_connection_leaves_the_pool_alone);

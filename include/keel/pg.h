@@ -28,8 +28,11 @@
  * does keel_pg_acquire_after() use it. A replica's timeline is the one
  * its WAL receiver asks for, which the check sees with pg_read_all_stats
  * (pg_monitor); without, that of its last restartpoint, which after a
- * failover trails until the replica's next restartpoint, so that until
- * then a replica that did follow is not read either. Lag is measured in time with the library's
+ * failover trails until the replica's next restartpoint (up to
+ * checkpoint_timeout), so that until then a replica that did follow is
+ * not read either: grant pg_monitor (or pg_read_all_stats) to the user
+ * the replicas' conninfos name. Without, a warning is logged once per
+ * replica the first time a check finds it hidden. Lag is measured in time with the library's
  * clock: a replica is as far behind as the oldest position the write
  * host had flushed at a check that it has not replayed yet (zero when it
  * has replayed all of them; older positions are thinned out, so a long

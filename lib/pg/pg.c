@@ -40,7 +40,8 @@
  * position is what it has flushed: all a replica can ever receive. A
  * replica's timeline is the one its WAL receiver asks for (seen with
  * pg_read_all_stats), else that of its last restartpoint (which, after a
- * failover, trails until its next one). */
+ * failover, trails until its next one); the last column says when the
+ * receiver runs but hides it (its row shows only its pid). */
 static const char HEALTH_SQL[] =
     "SELECT pg_is_in_recovery(),"
     " CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
@@ -48,7 +49,8 @@ static const char HEALTH_SQL[] =
     " CASE WHEN pg_is_in_recovery() THEN to_hex(coalesce("
     "(SELECT received_tli FROM pg_stat_wal_receiver),"
     " (SELECT timeline_id FROM pg_control_checkpoint())))"
-    " ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END";
+    " ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END,"
+    " EXISTS (SELECT FROM pg_stat_wal_receiver WHERE received_tli IS NULL)";
 
 /* Nanoseconds in whole milliseconds, rounded up (without adding first,
  * which wraps near UINT64_MAX): the server's unit for its timeouts. */
@@ -474,6 +476,7 @@ int keel__pg_conn_get(pghost *h, uint64_t timeout, keel_pg_conn **out)
 typedef struct probe {
     bool ok, recovery;
     bool busy; /* not ok: the server refused a connection for its limit */
+    bool tli_hidden; /* a replica's receiver timeline, not shown to our user */
     uint64_t lsn;
     uint32_t timeline;
 } probe;
@@ -500,11 +503,12 @@ static void probe_host(pghost *h, probe *out)
         keel_pg_conn tmp = {.conn = h->hconn, .h = h, .unpooled = true};
         PGresult *r;
         int rc = keel__pg_run(&tmp, HEALTH_SQL, NULL, pg->connect_timeout, &r);
-        if (rc == 0 && PQntuples(r) == 1 && PQnfields(r) == 3) {
+        if (rc == 0 && PQntuples(r) == 1 && PQnfields(r) == 4) {
             out->ok = true;
             out->recovery = PQgetvalue(r, 0, 0)[0] == 't';
             out->lsn = keel__pg_lsn_parse(PQgetisnull(r, 0, 1) ? NULL : PQgetvalue(r, 0, 1));
             out->timeline = (uint32_t)strtoul(PQgetvalue(r, 0, 2), NULL, 16); /* NULL: 0 */
+            out->tli_hidden = out->recovery && PQgetvalue(r, 0, 3)[0] == 't';
         }
         PQclear(r);
         if (!out->ok) {
@@ -516,6 +520,13 @@ static void probe_host(pghost *h, probe *out)
     }
     if (!out->ok)
         atomic_fetch_add_explicit(&h->check_failures, 1, memory_order_relaxed);
+    if (out->tli_hidden && !h->tli_hidden_said) { /* once: it stays so until granted */
+        h->tli_hidden_said = true;
+        keel__log(KEEL_LOG_WARN, "pg",
+                  "%s: the WAL receiver's timeline is hidden from this user; after a failover"
+                  " the replica serves no reads until its next restartpoint: grant pg_monitor"
+                  " (or pg_read_all_stats)", h->name);
+    }
 }
 
 /* How much dropping history entry j would blur the lags it tells: the

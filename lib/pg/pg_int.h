@@ -53,6 +53,7 @@ struct pghost {
     uint32_t timeline;
     /* the health check's own connection, under pg->check_mu */
     PGconn *hconn;
+    bool tli_hidden_said; /* the receiver's hidden timeline was logged */
     _Atomic uint64_t checks, check_failures, connects, conn_failures, queries, errors;
 };
 
