@@ -492,8 +492,8 @@ static int family_new(keel_metrics *m, keel_metric_type type, const char *name, 
     if (ok && type == KEEL_METRIC_HISTOGRAM) {
         f->nbounds = nbounds;
         ok = (f->bounds = keel__malloc(nbounds * sizeof *f->bounds)) != NULL;
-        if (ok)
-            memcpy(f->bounds, bounds, nbounds * sizeof *f->bounds);
+        for (size_t i = 0; ok && i < nbounds; i++) /* a -0 bound is 0: le="0", not "-0" */
+            f->bounds[i] = bounds[i] == 0 ? 0 : bounds[i];
     }
     f->width = func ? 0 : type == KEEL_METRIC_COUNTER ? 2 : type == KEEL_METRIC_HISTOGRAM ? f->nbounds + 2 : 0;
     if (!ok) {
@@ -1225,8 +1225,8 @@ static void fmt_number(double v, char *buf, size_t size, bool om_canonical)
         snprintf(buf, size, v > 0 ? "+Inf" : "-Inf");
         return;
     }
-    if (v == 0) {
-        snprintf(buf, size, om_canonical ? "0.0" : "0");
+    if (v == 0) { /* -0 keeps its sign, as Go's %g: it must read back as -0 */
+        snprintf(buf, size, "%s%s", signbit(v) ? "-" : "", om_canonical ? "0.0" : "0");
         return;
     }
     char e[40];

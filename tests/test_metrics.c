@@ -285,8 +285,10 @@ START_TEST(values_round_trip_and_le_is_canonical)
         if (isnan(vals[i]))
             ck_assert(strncmp(at + strlen(pat), "NaN\n", 4) == 0);
         else
-            ck_assert_msg(back == vals[i], "%.17g came back as %.17g", vals[i], back);
+            ck_assert_msg(back == vals[i] && !signbit(back) == !signbit(vals[i]),
+                          "%.17g came back as %.17g", vals[i], back);
     }
+    ck_assert_ptr_nonnull(strstr(text, "v{k=\"07\"} -0\n")); /* Go's %g keeps the sign */
     ck_assert_ptr_nonnull(strstr(text, "v{k=\"10\"} +Inf\n"));
     ck_assert_ptr_nonnull(strstr(text, "v{k=\"11\"} -Inf\n"));
     ck_assert_ptr_nonnull(strstr(text, "v{k=\"02\"} 1e-05\n")); /* Go's %g */
@@ -306,6 +308,16 @@ START_TEST(values_round_trip_and_le_is_canonical)
         snprintf(pat, sizeof pat, "h_bucket{le=\"%s\"} 0\n", les[i]);
         ck_assert_msg(strstr(text, pat) != NULL, "missing %s", pat);
     }
+    keel_free(text);
+    /* a bound of -0 is the bound 0, whose le has no sign */
+    keel_histogram *z;
+    ck_assert_int_eq(keel_metrics_histogram(m, "z", "", NULL, 0, (const double[]){-0.0}, 1, &z), 0);
+    keel_histogram_observe(keel_histogram_with(z), -0.0);
+    text = render(m, KEEL_METRICS_PROMETHEUS);
+    ck_assert_ptr_nonnull(strstr(text, "z_bucket{le=\"0\"} 1\n"));
+    keel_free(text);
+    text = render(m, KEEL_METRICS_OPENMETRICS);
+    ck_assert_ptr_nonnull(strstr(text, "z_bucket{le=\"0.0\"} 1\n"));
     keel_free(text);
     keel_metrics_destroy(m);
 }
