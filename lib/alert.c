@@ -358,10 +358,8 @@ static size_t selector_window(parser *ps, uint64_t *win)
         bool same = strcmp(o->name, s.name) == 0 && o->nm == s.nm;
         for (size_t k = 0; same && k < s.nm; k++)
             same = strcmp(o->mk[k], s.mk[k]) == 0 && strcmp(o->mv[k], s.mv[k]) == 0;
-        if (same) {
+        if (same) { /* its keep grows only with the rule taken (keeps_raise) */
             sel_free(&s);
-            if (*win > o->keep)
-                o->keep = *win;
             return i;
         }
     }
@@ -450,6 +448,20 @@ static expr *parse_expr(parser *ps, int depth)
     if (e->t != N_NUM && e->t != N_RATIO && e->win > ps->longest)
         ps->longest = e->win;
     return e;
+}
+
+/* Makes the selectors of a rule just taken keep history as long as its
+ * windows over them reach. Not while parsing: a rule refused after it
+ * named a selector another rule has would leave that one keeping, say, a
+ * year of samples for nothing. */
+static void keeps_raise(keel_alerts *a, const expr *e)
+{
+    if (!e)
+        return;
+    if (e->t != N_NUM && e->t != N_RATIO && e->win > a->sels[e->sel].keep)
+        a->sels[e->sel].keep = e->win;
+    keeps_raise(a, e->a);
+    keeps_raise(a, e->b);
 }
 
 static bool parse_rule(parser *ps, rule *r)
@@ -1157,6 +1169,8 @@ KEEL_API int keel_alerts_add(keel_alerts *a, const char *name, const char *text,
         }
     }
     if (rc == 0) {
+        for (size_t k = 0; k < r.nconds; k++)
+            keeps_raise(a, r.conds[k].lhs);
         a->rules[a->nrules++] = r;
     } else {
         rule_free(&r);

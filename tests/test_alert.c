@@ -4,6 +4,7 @@
 #define _GNU_SOURCE
 #include <ctype.h>
 #include <locale.h>
+#include <malloc.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdbool.h>
@@ -637,6 +638,65 @@ START_TEST(gauge_functions_refuse_counting_families)
 }
 END_TEST
 
+/* Bytes libkeel holds, counted by an allocator over malloc. */
+static _Atomic long live_bytes;
+static void *count_malloc(size_t n)
+{
+    void *p = malloc(n);
+    if (p)
+        live_bytes += (long)malloc_usable_size(p);
+    return p;
+}
+static void *count_calloc(size_t n, size_t size)
+{
+    void *p = calloc(n, size);
+    if (p)
+        live_bytes += (long)malloc_usable_size(p);
+    return p;
+}
+static void *count_realloc(void *old, size_t n)
+{
+    long before = old ? (long)malloc_usable_size(old) : 0;
+    void *p = realloc(old, n);
+    if (p)
+        live_bytes += (long)malloc_usable_size(p) - before;
+    return p;
+}
+static void count_free(void *p)
+{
+    live_bytes -= p ? (long)malloc_usable_size(p) : 0;
+    free(p);
+}
+
+/* A rule refused after it named a selector another rule has (here with a
+ * window of a year) leaves that selector's history as long as it was:
+ * otherwise the refused rule would keep a year of samples for good. */
+START_TEST(a_refused_rule_keeps_no_history)
+{
+    static const keel_allocator counting = {count_malloc, count_calloc, count_realloc, count_free};
+    ck_assert_int_eq(keel_set_allocator(&counting), 0);
+    fixture f;
+    setup(&f);
+    keel_gauge_child *g = gauge(&f, "load");
+    keel_gauge_set(g, 1);
+    ck_assert_int_eq(keel_alerts_add(f.a, "Short", "avg(load[2m]) > 1000", NULL, 0, NULL, 0, NULL), 0);
+    const char *refused[] = {"avg(load[1y]) > 1 fro 5m", "max(load[1y]) > 1 and last(x_total[1m]) > 1"};
+    keel_counter *c;
+    ck_assert_int_eq(keel_metrics_counter(f.m, "x_total", "", NULL, 0, &c), 0);
+    for (size_t i = 0; i < 2; i++)
+        ck_assert_int_eq(keel_alerts_add(f.a, "Refused", refused[i], NULL, 0, NULL, 0, NULL),
+                         KEEL_EINVAL);
+    for (int i = 0; i < 20; i++)
+        tick(&f);
+    long settled = live_bytes;
+    for (int i = 0; i < 500; i++)
+        tick(&f);
+    ck_assert_msg(live_bytes <= settled, "%ld bytes more after 500 evaluations", live_bytes - settled);
+    teardown(&f);
+    ck_assert_int_eq(keel_set_allocator(NULL), 0);
+}
+END_TEST
+
 START_TEST(malformed_rules_report_where)
 {
     fixture f;
@@ -1001,6 +1061,7 @@ int main(void)
     tcase_add_test(tc, a_removed_gauge_child_leaves_the_sum);
     tcase_add_test(tc, malformed_rules_report_where);
     tcase_add_test(tc, gauge_functions_refuse_counting_families);
+    tcase_add_test(tc, a_refused_rule_keeps_no_history);
     tcase_add_test(tc, selectors_add_up_matching_series_and_empty_matches_absent);
     tcase_add_test(tc, alertmanager_json_parses_and_resends);
     tcase_add_test(tc, resolved_alerts_are_resent_every_resend_delay_for_15_minutes);
