@@ -91,7 +91,8 @@ KEEL_API int keel_metrics_histogram(keel_metrics *m, const char *name, const cha
  * first use and the same handle afterwards. The _get forms take an array
  * and say why they fail: KEEL_EINVAL (wrong count, NULL value, a value
  * that is not well-formed UTF-8), KEEL_EFULL
- * (the family holds max_children already), KEEL_ENOMEM. The _with forms
+ * (the family holds max_children already, or the registry's 524,288 value
+ * slots are taken), KEEL_ENOMEM. The _with forms
  * take exactly as many values as the family has labels and return NULL on
  * any failure. Both take the registry lock: bind once, keep the handle. */
 KEEL_API int keel_counter_get(keel_counter *c, const char *const *values, size_t n,
