@@ -259,6 +259,66 @@ static char *ident(parser *ps, bool metric)
     return id;
 }
 
+/* The value of one hex digit, or -1. */
+static int hexval(char c)
+{
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
+                                     : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+}
+
+/* One escape at r (past its backslash) into v at *k, as Go's
+ * strconv.Unquote has them in a "..." string, which PromQL's are: \a \b
+ * \f \n \r \t \v \\ \", \xhh and \ooo (a byte), \uhhhh and \Uhhhhhhhh (a
+ * code point, no surrogate, as UTF-8); none of them NUL, which no label
+ * value holds. Returns past the escape, or NULL when it is none of them. No escape writes more bytes than it takes. */
+static const char *unescape(const char *r, char *v, size_t *k)
+{
+    static const char simple[] = "a\ab\bf\fn\nr\rt\tv\v\\\\\"\"";
+    for (const char *e = simple; *e; e += 2)
+        if (*r == e[0]) {
+            v[(*k)++] = e[1];
+            return r + 1;
+        }
+    unsigned long cp = 0;
+    int digits = *r == 'x' ? 2 : *r == 'u' ? 4 : *r == 'U' ? 8 : 0;
+    if (digits) {
+        for (int i = 1; i <= digits; i++) {
+            int h = hexval(r[i]);
+            if (h < 0)
+                return NULL;
+            cp = cp << 4 | (unsigned long)h;
+        }
+        if (*r == 'x') {
+            if (cp == 0) /* a C string ends there: it would match a prefix */
+                return NULL;
+            v[(*k)++] = (char)cp;
+            return r + 3;
+        }
+    } else if (*r >= '0' && *r <= '7') {
+        for (int i = 0; i < 3; i++) {
+            if (r[i] < '0' || r[i] > '7')
+                return NULL;
+            cp = cp << 3 | (unsigned long)(r[i] - '0');
+        }
+        if (cp > 255 || cp == 0)
+            return NULL;
+        v[(*k)++] = (char)cp;
+        return r + 3;
+    } else {
+        return NULL;
+    }
+    if (cp == 0 || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
+        return NULL;
+    unsigned char *o = (unsigned char *)v + *k;
+    size_t n = cp < 0x80 ? 1 : cp < 0x800 ? 2 : cp < 0x10000 ? 3 : 4;
+    static const unsigned char lead[] = {0, 0, 0xc0, 0xe0, 0xf0};
+    for (size_t i = n - 1; i > 0; i--, cp >>= 6)
+        o[i] = (unsigned char)(0x80 | (cp & 0x3f));
+    o[0] = (unsigned char)(lead[n] | cp);
+    *k += n;
+    return r + 1 + digits;
+}
+
 static char *quoted(parser *ps)
 {
     if (ps->bad)
@@ -269,27 +329,32 @@ static char *quoted(parser *ps)
         return NULL;
     }
     const char *q = ++ps->p;
-    size_t n = 0;
-    for (; *q && *q != '"'; q++, n++)
+    for (; *q && *q != '"'; q++)
         if (*q == '\\' && q[1])
             q++;
     if (*q != '"') {
         ps->bad = true;
         return NULL;
     }
-    char *v = keel__malloc(n + 1);
+    char *v = keel__malloc((size_t)(q - ps->p) + 1);
     if (!v) {
         out_of_memory(ps);
         return NULL;
     }
     size_t k = 0;
-    for (const char *r = ps->p; r < q; r++) {
-        if (*r == '\\' && r + 1 < q) {
-            r++;
-            v[k++] = *r == 'n' ? '\n' : *r;
-        } else {
-            v[k++] = *r;
+    for (const char *r = ps->p; r < q;) {
+        if (*r != '\\') {
+            v[k++] = *r++;
+            continue;
         }
+        const char *past = unescape(r + 1, v, &k);
+        if (!past || past > q) { /* no escape; or its digits ran into the quote */
+            keel__free(v);
+            ps->p = r;
+            ps->bad = true;
+            return NULL;
+        }
+        r = past;
     }
     v[k] = '\0';
     ps->p = q + 1;

@@ -697,6 +697,52 @@ START_TEST(a_refused_rule_keeps_no_history)
 }
 END_TEST
 
+/* Matcher values are PromQL strings: Go's escapes, and no others. */
+START_TEST(matcher_values_unescape_as_promql)
+{
+    fixture f;
+    setup(&f);
+    keel_gauge *g;
+    ck_assert_int_eq(keel_metrics_gauge(f.m, "g", "", (const char *[]){"p"}, 1, &g), 0);
+    static const struct {
+        const char *value, *escaped;
+        double v;
+    } cases[] = {
+        {"a\tb", "a\\tb", 1},          {"atb", "atb", 2},         {"a\rb\x07\v\f\b", "a\\rb\\a\\v\\f\\b", 3},
+        {"A\xc3\xa9", "\\x41\\u00e9", 4}, {"A\xf0\x9f\x98\x80", "\\101\\U0001F600", 5}, {"q\"\\", "q\\\"\\\\", 6},
+        {"l\nm", "l\\nm", 7},
+    };
+    size_t n = sizeof cases / sizeof cases[0];
+    for (size_t i = 0; i < n; i++)
+        keel_gauge_set(keel_gauge_with(g, cases[i].value), cases[i].v);
+    for (size_t i = 0; i < n; i++) {
+        char rule[128], name[8];
+        snprintf(rule, sizeof rule, "last(g{p=\"%s\"}[1m]) > 0", cases[i].escaped);
+        snprintf(name, sizeof name, "R%zu", i);
+        ck_assert_msg(keel_alerts_add(f.a, name, rule, NULL, 0, NULL, 0, NULL) == 0, "%s refused", rule);
+    }
+    tick(&f);
+    for (size_t i = 0; i < n; i++) {
+        char name[8];
+        snprintf(name, sizeof name, "R%zu", i);
+        ck_assert_msg(value_of(&f, name) == cases[i].v, "%s: %g, want %g", cases[i].escaped,
+                      value_of(&f, name), cases[i].v);
+    }
+    /* no such escape, one cut short, a surrogate, past U+10FFFF, octal past
+     * 255, \' in "", NUL (no label value has one: it would match "a") */
+    const char *bad[] = {"\\q",   "\\x4", "\\u00e", "\\ud800", "\\U00110000",
+                         "\\400", "\\'",  "\\x00",  "\\000",  "\\u0000"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        char rule[128];
+        snprintf(rule, sizeof rule, "last(g{p=\"a%s\"}[1m]) > 0", bad[i]);
+        size_t pos = 0;
+        ck_assert_msg(keel_alerts_add(f.a, "Bad", rule, NULL, 0, NULL, 0, &pos) == KEEL_EINVAL, "%s taken", rule);
+        ck_assert_msg(pos == 11, "%s: error at %zu, want 11", rule, pos);
+    }
+    teardown(&f);
+}
+END_TEST
+
 START_TEST(malformed_rules_report_where)
 {
     fixture f;
@@ -1062,6 +1108,7 @@ int main(void)
     tcase_add_test(tc, malformed_rules_report_where);
     tcase_add_test(tc, gauge_functions_refuse_counting_families);
     tcase_add_test(tc, a_refused_rule_keeps_no_history);
+    tcase_add_test(tc, matcher_values_unescape_as_promql);
     tcase_add_test(tc, selectors_add_up_matching_series_and_empty_matches_absent);
     tcase_add_test(tc, alertmanager_json_parses_and_resends);
     tcase_add_test(tc, resolved_alerts_are_resent_every_resend_delay_for_15_minutes);

@@ -38,6 +38,9 @@
  * nested 16 deep; past them keel_alerts_add() is KEEL_EINVAL.
  * A selector adds up every series of the family whose labels match; an
  * empty value also matches a series without that label, as in Prometheus.
+ * A value is a PromQL string: \a \b \f \n \r \t \v \\ \", \xhh and
+ * \ooo (a byte), \uhhhh and \Uhhhhhhhh (a code point); any other escape,
+ * or one that makes a NUL, is KEEL_EINVAL at its backslash.
  * Comparisons with NaN are false, so an empty window never fires.
  *
  * Over counters and histograms (each bucket, the count) resets are judged
