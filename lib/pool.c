@@ -547,6 +547,7 @@ static int acquire_slow(keel_pool *p, tcache *tc, uint64_t timeout_ns, void **ou
 {
     int err = 0;
     bool stolen = false, waiting = false, slept = false, timed_out = false;
+    bool init_failed = false; /* err is init's: not the pool's to recount */
     bool steal_nomem = false; /* idle objects may sit where the steal could not reach */
     struct timespec deadline;
 
@@ -572,6 +573,7 @@ static int acquire_slow(keel_pool *p, tcache *tc, uint64_t timeout_ns, void **ou
             }
             slot_unreserve(p, obj); /* capacity freed: let a waiter retry */
             pthread_cond_broadcast(&p->cv);
+            init_failed = true;
             break;
         }
         /* At capacity (ETIMEDOUT) or out of memory for a slab (ENOMEM):
@@ -608,9 +610,11 @@ static int acquire_slow(keel_pool *p, tcache *tc, uint64_t timeout_ns, void **ou
                      : pthread_cond_timedwait(&p->cv, &p->mu, &deadline);
         timed_out = rc != 0; /* one more look at idle objects and capacity */
     }
-    if (!*out && err == KEEL_ETIMEDOUT && steal_nomem)
+    /* An init that fails with KEEL_ETIMEDOUT (a connect that timed out)
+     * is neither "at capacity" nor a timeout of the pool's. */
+    if (!*out && !init_failed && err == KEEL_ETIMEDOUT && steal_nomem)
         err = KEEL_ENOMEM; /* not "at capacity": it could not look */
-    if (!*out && err == KEEL_ETIMEDOUT)
+    if (!*out && !init_failed && err == KEEL_ETIMEDOUT)
         p->timeouts++;
     if (waiting)
         atomic_fetch_sub(&p->gate, GATE_WAITER);

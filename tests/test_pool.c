@@ -19,6 +19,7 @@
 typedef struct counts {
     atomic_int init, reset, fini;
     int fail_init_at; /* the n-th init fails (1-based); 0 = never */
+    int fail_rc;      /* with this code; 0 = KEEL_EBACKEND */
 } counts;
 
 static int count_init(void *obj, void *ud)
@@ -26,7 +27,7 @@ static int count_init(void *obj, void *ud)
     counts *c = ud;
     int n = atomic_fetch_add(&c->init, 1) + 1;
     if (c->fail_init_at && n == c->fail_init_at)
-        return KEEL_EBACKEND;
+        return c->fail_rc ? c->fail_rc : KEEL_EBACKEND;
     memset(obj, 0xAB, 8);
     return 0;
 }
@@ -447,6 +448,54 @@ START_TEST(an_acquire_that_cannot_steal_for_memory_says_so)
 }
 END_TEST
 
+/* An init that fails with KEEL_ETIMEDOUT (a connect that timed out) is
+ * the init's failure, not the pool's: its code comes back as it is, even
+ * after a steal that found no memory, and the pool counts no timeout. */
+static void *wait_forever(void *arg)
+{
+    void **args = arg;
+    *(int *)args[1] = keel_pool_acquire_timeout(args[0], KEEL_POOL_WAIT_FOREVER, &args[2]);
+    return NULL;
+}
+
+START_TEST(an_init_that_times_out_is_not_a_pool_timeout)
+{
+    counts c = {.fail_init_at = 3, .fail_rc = KEEL_ETIMEDOUT};
+    keel_pool *p;
+    keel_pool_opts o = {.obj_size = 64, .capacity = 2, .magazine_size = 4,
+                        .init = count_init, .fini = count_fini, .ud = &c};
+    ck_assert_int_eq(keel_pool_create(&p, &o), 0);
+    void *mine = keel_pool_acquire(p);
+    ck_assert_ptr_nonnull(mine);
+    parked pk = {0};
+    pthread_t t, w;
+    park_start(&pk, &t, p, 1); /* at capacity, one idle over there */
+    /* The waiter's steal cannot have its magazines: it waits instead. */
+    keel_allocator a = {no_magazines, calloc, realloc, free};
+    ck_assert_int_eq(keel_set_allocator(&a), 0);
+    int rc = 1;
+    void *args[3] = {p, &rc, (void *)1};
+    ck_assert_int_eq(pthread_create(&w, NULL, wait_forever, args), 0);
+    while (stats(p).waits == 0)
+        sched_yield();
+    ck_assert_int_eq(keel_pool_discard(p, mine), 0); /* room: the waiter creates */
+    pthread_join(w, NULL);
+    keel_set_allocator(NULL);
+    ck_assert_int_eq(atomic_load(&c.init), 3);
+    ck_assert_int_eq(rc, KEEL_ETIMEDOUT); /* init's code, not ENOMEM */
+    ck_assert_ptr_null(args[2]);
+    ck_assert_uint_eq(stats(p).timeouts, 0);
+
+    void *x = (void *)1; /* and without a steal in the way */
+    c.fail_init_at = 4;
+    ck_assert_int_eq(keel_pool_acquire_timeout(p, 0, &x), KEEL_ETIMEDOUT);
+    ck_assert_ptr_null(x);
+    ck_assert_uint_eq(stats(p).timeouts, 0);
+    park_finish(&pk, t);
+    keel_pool_destroy(p);
+}
+END_TEST
+
 /* A slab holds many small objects, but large ones are not allocated eight
  * at a time: the first acquire of a 4 MiB object takes 4 MiB. */
 START_TEST(large_objects_are_not_allocated_in_eights)
@@ -839,6 +888,7 @@ static Suite *pool_suite(void)
     tcase_add_test(tc, idle_objects_in_another_thread_are_not_lost_capacity);
     tcase_add_test(tc, an_acquire_served_by_a_steal_is_not_a_wait);
     tcase_add_test(tc, an_acquire_that_cannot_steal_for_memory_says_so);
+    tcase_add_test(tc, an_init_that_times_out_is_not_a_pool_timeout);
     tcase_add_test(tc, stats_count_every_idle_object_and_hit);
     tcase_add_test(tc, large_objects_are_not_allocated_in_eights);
     tcase_add_test(tc, exiting_thread_gives_its_magazines_back);
