@@ -510,6 +510,15 @@ static int debug_mark(keel_pool *p, void *obj, int from, int to)
 
 /* ---- acquire ---- */
 
+/* Runs init on a new object. Callers of the library test for failure
+ * with `rc < 0`, so a positive return (an errno, a 1) is a failure too,
+ * reported as a backend error rather than passed on as a success. */
+static int run_init(keel_pool *p, void *obj)
+{
+    int rc = p->init ? p->init(obj, p->ud) : 0;
+    return rc > 0 ? KEEL_EBACKEND : rc;
+}
+
 /* An idle object for the caller, from its own cache or the depot. Caller
  * holds p->mu; tc may be NULL. */
 static void *take_idle(keel_pool *p, tcache *tc)
@@ -565,7 +574,7 @@ static int acquire_slow(keel_pool *p, tcache *tc, uint64_t timeout_ns, void **ou
         obj = slot_reserve(p, &err);
         if (obj) {
             pthread_mutex_unlock(&p->mu);
-            err = p->init ? p->init(obj, p->ud) : 0;
+            err = run_init(p, obj);
             pthread_mutex_lock(&p->mu);
             if (err == 0) {
                 *out = obj;
@@ -1013,7 +1022,7 @@ KEEL_API int keel_pool_create(keel_pool **out, const keel_pool_opts *opts)
         pthread_mutex_unlock(&p->mu);
         if (!obj)
             break;
-        rc = p->init ? p->init(obj, p->ud) : 0;
+        rc = run_init(p, obj);
         pthread_mutex_lock(&p->mu);
         if (rc) {
             slot_unreserve(p, obj);

@@ -169,6 +169,29 @@ START_TEST(failing_init_fails_the_acquire_and_loses_nothing)
 }
 END_TEST
 
+/* Every call of the library fails with a negative code: an init that
+ * returns a positive number (an errno, a 1) must not make an acquire or a
+ * create look successful to a caller testing `rc < 0`. */
+START_TEST(an_init_returning_a_positive_number_fails_with_a_negative_code)
+{
+    counts c = {.fail_init_at = 1, .fail_rc = 111 /* ECONNREFUSED */};
+    keel_pool *p = counted_pool(&c, 4, 0);
+    void *x = (void *)1;
+    ck_assert_int_eq(keel_pool_acquire_timeout(p, 0, &x), KEEL_EBACKEND);
+    ck_assert_ptr_null(x);
+    ck_assert_uint_eq(stats(p).created, 0);
+    keel_pool_destroy(p);
+
+    counts f = {.fail_init_at = 2, .fail_rc = 1};
+    keel_pool *q = (keel_pool *)0x1;
+    keel_pool_opts o = {.obj_size = 64, .prealloc = 4, .init = count_init,
+                        .fini = count_fini, .ud = &f};
+    ck_assert_int_eq(keel_pool_create(&q, &o), KEEL_EBACKEND);
+    ck_assert_ptr_eq(q, (keel_pool *)0x1);
+    ck_assert_int_eq(atomic_load(&f.fini), 1);
+}
+END_TEST
+
 START_TEST(prealloc_creates_up_front_and_failure_cleans_up)
 {
     counts c = {0};
@@ -875,6 +898,7 @@ static Suite *pool_suite(void)
     tcase_add_test(tc, objects_are_distinct_aligned_and_usable);
     tcase_add_test(tc, hooks_run_exactly_once_per_event);
     tcase_add_test(tc, failing_init_fails_the_acquire_and_loses_nothing);
+    tcase_add_test(tc, an_init_returning_a_positive_number_fails_with_a_negative_code);
     tcase_add_test(tc, prealloc_creates_up_front_and_failure_cleans_up);
     tcase_add_test(tc, capacity_is_a_hard_bound);
     tcase_add_test(tc, trim_finalises_idle_objects_and_frees_slabs);

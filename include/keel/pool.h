@@ -42,9 +42,9 @@ typedef struct keel_pool_opts {
                              automatic (32, capacity/16 for small bounded
                              pools) */
     /* Called once when an object is created, from the acquiring thread.
-     * Returns 0, or an error code that the acquire fails with (the slot is
-     * returned to the pool, nothing leaks). May block: it runs outside
-     * every pool lock. */
+     * Returns 0, or a negative error code that the acquire fails with (the
+     * slot is returned to the pool, nothing leaks); a positive return fails
+     * it with KEEL_EBACKEND. May block: it runs outside every pool lock. */
     int (*init)(void *obj, void *ud);
     /* Called on every release, in the releasing thread, before the object
      * becomes available to others. Must not fail. */
