@@ -124,7 +124,9 @@ KEEL_API int keel_pool_discard(keel_pool *p, void *obj);
 
 /* Takes every idle object back from the threads' magazines and the depot,
  * calls `fini` on each, and frees the slabs left empty. Live objects are
- * untouched. Returns the number of objects finalised. */
+ * untouched. Returns the number of objects finalised. Taking objects from
+ * the threads needs two spare magazines per thread: without the memory for
+ * them the threads keep theirs and only the depot is finalised. */
 KEEL_API size_t keel_pool_trim(keel_pool *p);
 
 /* Fills *st. Counters are summed without stopping other threads, so they
