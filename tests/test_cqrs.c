@@ -311,6 +311,36 @@ START_TEST(a_link_may_run_the_rest_of_the_chain_twice)
 }
 END_TEST
 
+/* A link that lets the command run, then fails the dispatch (an audit
+ * that could not be written, say). */
+static int link_fail_after(keel_cqrs_req *q, void *ud)
+{
+    (void)ud;
+    int rc = keel_cqrs_next(q);
+    return rc ? rc : KEEL_ESTATE;
+}
+
+/* A failed dispatch leaves nothing of the run in res: no reply, and no
+ * position, lsn or repeated flag the caller could take for an outcome. */
+START_TEST(a_failed_dispatch_leaves_res_empty)
+{
+    app a = {0};
+    keel_cqrs *c = open_cqrs(NULL, NULL, 0, &a);
+    ck_assert_int_eq(keel_cqrs_send(c, "inc", "f", 1, "key-1", NULL), 0);
+    ck_assert_int_eq(keel_cqrs_use(c, KEEL_CQRS_COMMAND, link_fail_after, NULL), 0);
+    keel_cqrs_result r;
+    ck_assert_int_eq(keel_cqrs_send(c, "inc", "f", 1, NULL, &r), KEEL_ESTATE); /* appended, then failed */
+    ck_assert_ptr_null(r.reply);
+    ck_assert_uint_eq(r.len, 0);
+    ck_assert_uint_eq(r.position, 0);
+    ck_assert_int_eq(keel_cqrs_send(c, "inc", "f", 1, "key-1", &r), KEEL_ESTATE); /* a repeat, then failed */
+    ck_assert_ptr_null(r.reply);
+    ck_assert_int_eq(r.repeated, 0);
+    ck_assert_uint_eq(r.position, 0);
+    keel_cqrs_destroy(c);
+}
+END_TEST
+
 START_TEST(idempotency_keys_belong_to_their_command)
 {
     app a = {0};
@@ -2121,6 +2151,7 @@ int main(void)
     tcase_add_test(tc, a_projection_follows_in_the_background);
     tcase_add_test(tc, a_projection_following_at_the_longest_interval_waits);
     tcase_add_test(tc, a_link_may_run_the_rest_of_the_chain_twice);
+    tcase_add_test(tc, a_failed_dispatch_leaves_res_empty);
     tcase_add_test(tc, idempotency_keys_belong_to_their_command);
     tcase_add_test(tc, projections_keep_their_own_checkpoints);
     tcase_add_test(tc, a_projection_with_the_largest_batch_applies_everything);

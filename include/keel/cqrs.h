@@ -177,7 +177,8 @@ typedef struct keel_cqrs_result {
 } keel_cqrs_result;
 
 /* Runs a command. idempotency_key (1..128 bytes) may be NULL. res may
- * be NULL. Returns
+ * be NULL; on a failure it is left zeroed (a middleware link that fails
+ * a command which took effect leaves no reply, position or lsn). Returns
  * the handler's (or a middleware's) result, or KEEL_ENOTFOUND (no such
  * command), KEEL_ECONFLICT (a concurrent append, after the retries),
  * KEEL_EINVAL (bad name, payload over max_payload), a store

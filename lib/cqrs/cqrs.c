@@ -762,9 +762,11 @@ static int dispatch(keel_cqrs *c, keel_cqrs_kind kind, const char *name, const v
     keel_cqrs_req q = {c,   kind, name, payload, len, key, after_lsn, h, 0,
                        atomic_load_explicit(&c->nlinks, memory_order_acquire), res};
     int rc = keel_cqrs_next(&q);
-    if (rc) {
+    if (rc) { /* a link may fail a run that succeeded: none of its result stays */
         atomic_fetch_add_explicit(&c->st.failed, 1, memory_order_relaxed);
         keel_cqrs_result_free(res);
+        if (res)
+            memset(res, 0, sizeof *res);
     }
     return rc;
 }
