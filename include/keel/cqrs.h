@@ -181,8 +181,8 @@ typedef struct keel_cqrs_result {
  * a command which took effect leaves no reply, position or lsn). Returns
  * the handler's (or a middleware's) result, or KEEL_ENOTFOUND (no such
  * command), KEEL_ECONFLICT (a concurrent append, after the retries),
- * KEEL_EINVAL (bad name, payload over max_payload), a store
- * error (KEEL_EUNAVAIL, KEEL_EBACKEND: e.g. a missing schema). */
+ * KEEL_EINVAL (bad name or key, payload over max_payload), KEEL_ENOMEM,
+ * a store error (KEEL_EUNAVAIL, KEEL_EBACKEND: e.g. a missing schema). */
 KEEL_API int keel_cqrs_send(keel_cqrs *c, const char *name, const void *payload, size_t len,
                             const char *idempotency_key, keel_cqrs_result *res);
 
@@ -213,7 +213,7 @@ typedef struct keel_cqrs_event {
  * event's, or with partition_by_month the largest in prefix+versions, so
  * new events follow it even when the stream's first events, or all of
  * them, were removed, say with an old month's partition. Returns
- * 0, KEEL_EINVAL (bad id; not in a command), a store error. */
+ * 0, KEEL_EINVAL (bad id; not in a command), KEEL_ENOMEM, a store error. */
 KEEL_API int keel_cqrs_load(keel_cqrs_ctx *ctx, const char *stream, const keel_cqrs_event **events,
                             size_t *n);
 
