@@ -1688,34 +1688,6 @@ START_TEST(a_server_dropping_the_listener_at_once_is_not_hammered)
 }
 END_TEST
 
-/* A NULL key of length 0 is the empty key: it went to node 0 while ""
- * went where the ring said, so {NULL, ""} was refused as spanning nodes. */
-START_TEST(a_null_key_routes_as_the_empty_key)
-{
-    bool away = false;
-    for (int base = 1; base < 100 && !away; base += 3) {
-        char u[3][40];
-        const char *up[3] = {u[0], u[1], u[2]};
-        for (int i = 0; i < 3; i++)
-            snprintf(u[i], sizeof u[i], "redis://127.0.0.1:%d", base + i); /* nothing listens */
-        keel_redis *r;
-        keel_redis_opts o = {.nodes = up, .nnodes = 3, .connect_timeout_ns = 100 * MS};
-        ck_assert_int_eq(keel_redis_create(&r, &o), 0);
-        size_t node = keel_redis_node_of(r, "", 0);
-        away = node != 0; /* else the test proves nothing: other names */
-        ck_assert_uint_eq(keel_redis_node_of(r, NULL, 0), node);
-        const void *keys[2] = {NULL, ""};
-        size_t lens[2] = {0, 0};
-        const char *argv[1] = {"PING"};
-        size_t al[1] = {4};
-        redisReply *rep;
-        ck_assert_int_ne(keel_redis_command_keys(r, keys, lens, 2, 1, argv, al, &rep), KEEL_EINVAL);
-        keel_redis_destroy(r);
-    }
-    ck_assert(away);
-}
-END_TEST
-
 int main(void)
 {
     Suite *s = suite_create("redis");
@@ -1759,7 +1731,6 @@ int main(void)
     tcase_add_test(fl, a_reply_too_deep_for_hiredis_is_no_node_failure);
     tcase_add_test(fl, a_server_that_speaks_no_redis_is_a_node_failure);
     tcase_add_test(fl, a_server_dropping_the_listener_at_once_is_not_hammered);
-    tcase_add_test(fl, a_null_key_routes_as_the_empty_key);
     suite_add_tcase(s, fl);
 
     /* real time against a 200 ms heartbeat: not under valgrind */

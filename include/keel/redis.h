@@ -107,12 +107,10 @@ KEEL_API int keel_redis_create(keel_redis **out, const keel_redis_opts *opts);
  * other calls on r; subscriptions must be stopped first. */
 KEEL_API void keel_redis_destroy(keel_redis *r);
 
-/* The node index a key routes to (hash tags honoured; NULL as the empty
- * key); 0..nnodes-1. */
+/* The node index a key routes to (hash tags honoured); 0..nnodes-1. */
 KEEL_API size_t keel_redis_node_of(keel_redis *r, const void *key, size_t len);
 
-/* One command on the node of `key` (NULL, with length 0, routes as the
- * empty key, which is not always the first node). argv/argvlen
+/* One command on the node of `key` (NULL: the first node). argv/argvlen
  * hold argc arguments. Returns 0 with *reply set; KEEL_EBACKEND with *reply
  * set to the error reply; KEEL_EUNAVAIL (node down or skipped),
  * KEEL_ETIMEDOUT, KEEL_EPROTO, KEEL_EINVAL or KEEL_ENOMEM with *reply
@@ -179,7 +177,7 @@ KEEL_API const char *keel_redis_script_sha(const keel_redis_script *s);
 
 /* Runs a script with EVALSHA on the node of keys[0] (all keys must route
  * there, else KEEL_EINVAL; with no keys, the node of `route`, which may be
- * NULL, with length 0: the empty key's node). A server that lost the script
+ * NULL, with length 0, for the first node). A server that lost the script
  * (NOSCRIPT: a restart, SCRIPT FLUSH) gets the call once more as EVAL with
  * the script's text, which caches it again and cannot answer NOSCRIPT:
  * callers never see it. An error the script raises itself is its answer,

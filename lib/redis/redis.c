@@ -593,10 +593,8 @@ static void hash_tag(const void *key, size_t len, const void **tag, size_t *tagl
 
 size_t keel__redis_route(keel_redis *r, const void *key, size_t len)
 {
-    if (r->nnodes == 1)
+    if (r->nnodes == 1 || !key)
         return 0;
-    if (!key) /* the empty key, wherever the ring puts it: {NULL, ""} is one node */
-        key = "", len = 0;
     const void *tag;
     size_t taglen;
     hash_tag(key, len, &tag, &taglen);
