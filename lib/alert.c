@@ -259,13 +259,6 @@ static char *ident(parser *ps, bool metric)
     return id;
 }
 
-/* The value of one hex digit, or -1. */
-static int hexval(char c)
-{
-    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
-                                     : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
-}
-
 /* One escape at r (past its backslash) into v at *k, as Go's
  * strconv.Unquote has them in a "..." string, which PromQL's are: \a \b
  * \f \n \r \t \v \\ \", \xhh and \ooo (a byte), \uhhhh and \Uhhhhhhhh (a
@@ -283,7 +276,7 @@ static const char *unescape(const char *r, char *v, size_t *k)
     int digits = *r == 'x' ? 2 : *r == 'u' ? 4 : *r == 'U' ? 8 : 0;
     if (digits) {
         for (int i = 1; i <= digits; i++) {
-            int h = hexval(r[i]);
+            int h = keel__hex_digit(r[i]);
             if (h < 0)
                 return NULL;
             cp = cp << 4 | (unsigned long)h;

@@ -176,6 +176,15 @@ int keel__metrics_type(keel_metrics *m, const char *name);
  * nothing past U+10FFFF). */
 bool keel__utf8_ok(const char *s);
 
+/* The value of one hex digit, or -1. */
+static inline int keel__hex_digit(char c)
+{
+    return c >= '0' && c <= '9'   ? c - '0'
+           : c >= 'a' && c <= 'f' ? c - 'a' + 10
+           : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                  : -1;
+}
+
 /* ---- numbers in text ---- */
 
 /* strtod and snprintf in the C locale, whatever LC_NUMERIC the host

@@ -81,14 +81,6 @@ static char *dup_n(const char *s, size_t n)
     return d;
 }
 
-static int hex_digit(char c)
-{
-    return c >= '0' && c <= '9' ? c - '0'
-           : c >= 'a' && c <= 'f' ? c - 'a' + 10
-           : c >= 'A' && c <= 'F' ? c - 'A' + 10
-                                  : -1;
-}
-
 /* Percent-decoding for the user, password and socket path: %XX with two hex
  * digits, never %00 (they travel as C strings). KEEL_EINVAL for a bad
  * escape. */
@@ -103,8 +95,8 @@ static int dup_decoded(const char *s, size_t n, char **out)
             d[k++] = s[i];
             continue;
         }
-        int hi = i + 2 < n ? hex_digit(s[i + 1]) : -1;
-        int lo = hi >= 0 ? hex_digit(s[i + 2]) : -1;
+        int hi = i + 2 < n ? keel__hex_digit(s[i + 1]) : -1;
+        int lo = hi >= 0 ? keel__hex_digit(s[i + 2]) : -1;
         if (lo < 0 || (hi | lo) == 0) {
             keel__free(d);
             return KEEL_EINVAL;
