@@ -2451,6 +2451,17 @@ START_TEST(queries_counts_the_callers_statements_only)
 }
 END_TEST
 
+/* A tcase on a primary and replica of its own (its test stops or
+ * promotes them), in the suite s. */
+static TCase *own_servers(Suite *s, const char *name)
+{
+    TCase *tc = tcase_create(name);
+    tcase_set_timeout(tc, 120);
+    tcase_add_unchecked_fixture(tc, priv_start, priv_stop);
+    suite_add_tcase(s, tc);
+    return tc;
+}
+
 int main(void)
 {
     atomic_store(&clk.ns, 1000 * KT_S);
@@ -2508,11 +2519,7 @@ int main(void)
     tcase_add_test(tc, the_health_thread_checks_by_itself);
     suite_add_tcase(s, tc);
 
-    TCase *fo = tcase_create("failover");
-    tcase_set_timeout(fo, 120);
-    tcase_add_unchecked_fixture(fo, priv_start, priv_stop);
-    tcase_add_test(fo, writes_follow_a_promoted_replica);
-    suite_add_tcase(s, fo);
+    tcase_add_test(own_servers(s, "failover"), writes_follow_a_promoted_replica);
 
     TCase *tm = tcase_create("timeouts");
     tcase_set_timeout(tm, 60);
@@ -2528,31 +2535,15 @@ int main(void)
     suite_add_tcase(s, fz);
 
     /* servers of its own: the primary is stopped */
-    TCase *nw = tcase_create("nowriter");
-    tcase_set_timeout(nw, 120);
-    tcase_add_unchecked_fixture(nw, priv_start, priv_stop);
-    tcase_add_test(nw, a_replica_that_catches_up_with_no_write_host_serves_reads);
-    suite_add_tcase(s, nw);
+    tcase_add_test(own_servers(s, "nowriter"), a_replica_that_catches_up_with_no_write_host_serves_reads);
 
     /* servers of its own: both stopped in turn */
-    TCase *st = tcase_create("stale");
-    tcase_set_timeout(st, 120);
-    tcase_add_unchecked_fixture(st, priv_start, priv_stop);
-    tcase_add_test(st, a_replica_back_with_no_write_host_keeps_its_lag);
-    suite_add_tcase(s, st);
+    tcase_add_test(own_servers(s, "stale"), a_replica_back_with_no_write_host_keeps_its_lag);
 
     /* servers of its own: a failover, the old primary not rewound */
-    TCase *dv = tcase_create("diverged");
-    tcase_set_timeout(dv, 120);
-    tcase_add_unchecked_fixture(dv, priv_start, priv_stop);
-    tcase_add_test(dv, a_diverged_standby_serves_no_reads);
-    suite_add_tcase(s, dv);
+    tcase_add_test(own_servers(s, "diverged"), a_diverged_standby_serves_no_reads);
 
     /* its own servers again: the failover above used up the first pair */
-    TCase *afo = tcase_create("autofailover");
-    tcase_set_timeout(afo, 120);
-    tcase_add_unchecked_fixture(afo, priv_start, priv_stop);
-    tcase_add_test(afo, the_health_thread_alone_follows_a_promoted_replica);
-    suite_add_tcase(s, afo);
+    tcase_add_test(own_servers(s, "autofailover"), the_health_thread_alone_follows_a_promoted_replica);
     return kt_run(s);
 }
